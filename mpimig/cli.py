@@ -1,0 +1,68 @@
+"""The ``mpimig`` command line.
+
+Each subcommand lives in the module that does its job; that module has a
+``register(subparsers)`` function that adds its parser and sets ``func``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ._version import __version__
+from .errors import MpimigError
+
+# Modules that add subcommands, in the order --help lists them.
+COMMAND_MODULES = [
+    "mpimig.launcher",      # run
+    "mpimig.control",       # migrate, status
+    "mpimig.inspect",       # inspect
+    "mpimig.bench",         # bench checkpoint|comm|migrate
+    "mpimig.lab",           # lab up|status|kill|down, lab slurm up|down
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpimig",
+        description="Live migration and fault tolerance for mpi4py programs.",
+    )
+    parser.add_argument("--version", action="version", version=f"mpimig {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # module not written yet
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+        format="mpimig: %(levelname)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except MpimigError as exc:
+        print(f"mpimig {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"mpimig {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Shared test helpers.
+
+Every MPI job a test starts runs through :func:`run_job` (or ``run_cmd``): under
+a timeout, in its own process group that is killed on timeout, and the caller
+judges success by output and result files, never by mpiexec's exit code alone.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+APPS = ROOT / "apps"
+
+
+def base_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMPI_MCA_btl", "^ofi")
+    env.setdefault("OMPI_MCA_coll", "^han")
+    if os.geteuid() == 0:
+        env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
+        env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_cmd(cmd, timeout=120, env=None, cwd=None, check_rc=None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in a new process group; on timeout kill the group and fail."""
+    cmd = [str(c) for c in cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env or base_env(), cwd=cwd or ROOT,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n--- stdout\n{out[-4000:]}\n--- stderr\n{err[-4000:]}")
+    res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if check_rc is not None and res.returncode != check_rc:
+        pytest.fail(f"exit {res.returncode} (wanted {check_rc}): {' '.join(cmd)}\n--- stdout\n{out[-4000:]}\n--- stderr\n{err[-4000:]}")
+    return res
+
+
+def mpimig_cmd(*args) -> list:
+    return [sys.executable, "-m", "mpimig", *map(str, args)]
+
+
+@pytest.fixture
+def env():
+    return base_env()
