@@ -1,0 +1,346 @@
+"""A real Slurm over the lab hosts: munged, slurmctld, one slurmd per host.
+
+* munged runs as user ``munge`` (``setpriv``, no fork) with a lab-private key
+  and socket in ``STATE/slurm/munge``.
+* slurmctld runs in the root network namespace, listening on the bridge
+  address, in its own UTS namespace named ``labctl`` (``SlurmctldHost`` must
+  name the host it runs on; this keeps it independent of the machine's name).
+* slurmd for node hN runs "on" lab host hN (its network namespace and a UTS
+  namespace named hN), so every node has its own hostname and address and
+  ``MPI_Get_processor_name`` tells nodes apart.
+* Nodes are named like the lab hosts (``NodeName=h1 NodeAddr=10.231.84.11``),
+  so ``--host h1:2`` and Slurm's node list speak of the same machines.
+* The configuration is ``STATE/slurm/slurm.conf``; ``/etc/slurm/slurm.conf``
+  is made a symlink to it when there is none, so plain ``sbatch``/``srun``/
+  ``squeue``/``scontrol`` work. If a foreign one exists it is left alone and
+  ``SLURM_CONF`` must be exported (``up`` says so).
+* ``srun --mpi=pmix`` needs Debian's libpmix2 and an unversioned
+  ``libpmix.so`` in its lib dir; ``up`` installs and links it (and ``down``
+  removes the link if ``up`` made it).
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+from . import _sys, hosts
+from ._sys import LabError, Proc, say
+
+CTL_NAME = "labctl"
+CTL_PORT = 6817
+SLURMD_PORT = 6818
+ETC_CONF = Path("/etc/slurm/slurm.conf")
+PMIX_LIBDIR = Path("/usr/lib/x86_64-linux-gnu/pmix2/lib")
+TOOLS = {"slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "sbatch": "slurm-wlm",
+         "srun": "slurm-wlm", "scontrol": "slurm-wlm", "munged": "munge", "munge": "munge",
+         "setpriv": "util-linux"}
+
+
+def _state_file(sdir: Path) -> Path:
+    return sdir / "slurm.json"
+
+
+def current_state(sdir: Path) -> Optional[dict]:
+    return _sys.read_json(_state_file(sdir))
+
+
+class SlurmCluster:
+    """The lab's Slurm, as recorded by ``up``."""
+
+    def __init__(self, sdir: Path, state: dict):
+        self.state_dir = sdir
+        self.nodes: List[str] = state["nodes"]
+        self.conf = Path(state["conf"])
+        self.etc_link: bool = bool(state.get("etc_link"))
+        self._state = state
+
+    def env(self, base: Optional[dict] = None) -> dict:
+        """Environment for Slurm commands (``SLURM_CONF`` set to the lab's config)."""
+        env = dict(os.environ if base is None else base)
+        env["SLURM_CONF"] = str(self.conf)
+        return env
+
+    def describe(self) -> str:
+        lines = [f"slurm: controller {CTL_NAME} on {self._state['ctl_addr']}:{CTL_PORT}, "
+                 f"nodes {','.join(self.nodes)} (partition lab), config {self.conf}"]
+        if not self.etc_link:
+            lines.append(f"  {ETC_CONF} is not the lab's: export SLURM_CONF={self.conf}")
+        res = _sys.run(["sinfo", "-N", "-h", "-o", "%N %t %c"], env=self.env(), check=False, timeout=20)
+        lines += ["  " + line for line in res.stdout.splitlines()]
+        return "\n".join(lines)
+
+
+def current(path: Union[str, Path, None] = None) -> Optional[SlurmCluster]:
+    sdir = hosts.state_dir(path)
+    state = current_state(sdir)
+    if not state or not state.get("complete"):
+        return None
+    return SlurmCluster(sdir, state)
+
+
+def status_line(sdir: Path) -> Optional[str]:
+    state = current_state(sdir)
+    if state is None:
+        return None
+    daemons = {"munged": state.get("munged"), "slurmctld": state.get("slurmctld")}
+    alive = ", ".join(f"{k} {'up' if v and Proc.from_json(v).alive() else 'DEAD'}" for k, v in daemons.items())
+    return f"slurm: {alive}; nodes {','.join(state['nodes'])}; config {state['conf']}"
+
+
+# --------------------------------------------------------------------------- config
+
+def slurm_conf(sdir: Path, ctl_addr: str, nodes: Dict[str, str]) -> str:
+    d = sdir / "slurm"
+    node_lines = "".join(f"NodeName={n} NodeAddr={ip} CPUs=4 State=UNKNOWN\n" for n, ip in nodes.items())
+    return f"""\
+# Written by 'mpimig lab slurm up'; removed by 'mpimig lab slurm down'.
+ClusterName=mpimiglab
+SlurmctldHost={CTL_NAME}({ctl_addr})
+SlurmctldPort={CTL_PORT}
+SlurmdPort={SLURMD_PORT}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={d}/munge/munge.socket
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={d}/ctld
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmctldLogFile={d}/logs/slurmctld.log
+SlurmdSpoolDir={d}/spool_%n
+SlurmdPidFile={d}/slurmd_%n.pid
+SlurmdLogFile={d}/logs/slurmd_%n.log
+TmpFS={d}/tmp_%n
+SlurmdParameters=config_overrides
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SwitchType=switch/none
+MpiDefault=none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+SlurmdTimeout=10
+SlurmctldTimeout=10
+MessageTimeout=10
+InactiveLimit=0
+KillWait=5
+Waittime=0
+MinJobAge=600
+{node_lines}PartitionName=lab Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+# --------------------------------------------------------------------------- up
+
+def up(n: int, path: Union[str, Path, None] = None, subnet: Optional[str] = None) -> SlurmCluster:
+    """Start Slurm with ``n`` nodes on lab hosts h1..hN (bringing the lab up if none is)."""
+    _sys.require_root()
+    sdir = hosts.state_dir(path)
+    lab = hosts.current(sdir)
+    if lab is None:
+        lab = hosts.up(n, sdir, subnet=subnet)
+    if len(lab.hosts) < n:
+        raise LabError(f"the lab has {len(lab.hosts)} hosts but Slurm wants {n} nodes; "
+                       f"'mpimig lab down', then 'mpimig lab slurm up --nodes {n}'")
+    with _sys.locked(hosts._lock_path(sdir)):
+        if _state_file(sdir).exists():
+            raise LabError(f"the lab's Slurm is already up (state {_state_file(sdir)}); "
+                           "run 'mpimig lab slurm down' first")
+        _sys.ensure_tools(TOOLS, "the lab's Slurm needs slurm-wlm and munge")
+        if _sys.port_listeners(CTL_PORT):
+            raise LabError(f"port {CTL_PORT} (slurmctld) is busy in the root namespace: "
+                           "another slurmctld? stop it first")
+        t0 = time.monotonic()
+        nodes = {h: lab.ips[h] for h in lab.hosts[:n]}
+        state = {"nodes": list(nodes), "ctl_addr": lab.bridge_ip, "complete": False,
+                 "conf": str(sdir / "slurm" / "slurm.conf"), "slurmd": {}}
+        save = lambda: _sys.write_json(_state_file(sdir), state)  # noqa: E731
+        save()
+        try:
+            _build(sdir, lab, state, save, nodes)
+        except BaseException as exc:
+            say(f"slurm up failed ({exc}); removing what was created")
+            down_locked(sdir)
+            raise
+        say(f"slurm up: {n} nodes in {time.monotonic() - t0:.1f}s")
+        return SlurmCluster(sdir, state)
+
+
+def _pmix_link(state: dict, save) -> None:
+    """Give Slurm's mpi_pmix plugin the unversioned libpmix.so it dlopens (Debian lacks it)."""
+    try:
+        _sys.apt_install([] if (PMIX_LIBDIR / "libpmix.so.2").exists() else ["libpmix2"],
+                         "srun --mpi=pmix needs libpmix2")
+    except LabError as exc:  # optional: mpiexec inside sbatch does not need it
+        say(f"srun --mpi=pmix will not work: {exc}")
+        return
+    link = PMIX_LIBDIR / "libpmix.so"
+    if not link.exists() and not link.is_symlink() and (PMIX_LIBDIR / "libpmix.so.2").exists():
+        state["pmix_link"] = str(link)
+        save()
+        link.symlink_to("libpmix.so.2")
+
+
+def _spawn(sdir: Path, name: str, argv, env) -> Proc:
+    proc = _sys.spawn_daemon(argv, sdir / "slurm" / "logs" / f"{name}.out", env=env)
+    return proc
+
+
+def _build(sdir: Path, lab, state: dict, save, nodes: Dict[str, str]) -> None:
+    d = sdir / "slurm"
+    d.mkdir(mode=0o755)
+    (d / "logs").mkdir()
+    (d / "ctld").mkdir()
+    for node in nodes:
+        (d / f"spool_{node}").mkdir()
+        (d / f"tmp_{node}").mkdir()
+    conf = Path(state["conf"])
+    conf.write_text(slurm_conf(sdir, lab.bridge_ip, nodes))
+    if not ETC_CONF.exists() and not ETC_CONF.is_symlink():
+        state["etc_link"] = str(ETC_CONF)
+        save()
+        ETC_CONF.parent.mkdir(parents=True, exist_ok=True)
+        ETC_CONF.symlink_to(conf)
+    elif ETC_CONF.resolve() != conf:
+        say(f"{ETC_CONF} exists and is not the lab's: export SLURM_CONF={conf} for Slurm commands")
+    _pmix_link(state, save)
+    env = dict(os.environ, SLURM_CONF=str(conf))
+
+    # munge, as user munge, with a private key and socket
+    munge = pwd.getpwnam("munge")
+    mdir = d / "munge"
+    mdir.mkdir(mode=0o700)
+    key = mdir / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    for p in (mdir, key):
+        os.chown(p, munge.pw_uid, munge.pw_gid)
+    sock = mdir / "munge.socket"
+    say("starting munged")
+    state["munged"] = _spawn(sdir, "munged", [
+        "setpriv", f"--reuid={munge.pw_uid}", f"--regid={munge.pw_gid}", "--init-groups", "--",
+        _sys.which("munged"), "-F", "--force", f"--socket={sock}", f"--key-file={key}",
+        f"--pid-file={mdir}/munged.pid", f"--log-file={mdir}/munged.log",
+        f"--seed-file={mdir}/munged.seed"], env).to_json()
+    save()
+    munged = Proc.from_json(state["munged"])
+    _sys.wait_for(lambda: sock.exists(), 15, "munged socket",
+                  fail=lambda: None if munged.alive() else "munged exited: " + _log(mdir / "munged.log", d / "logs" / "munged.out"))
+    cred = _sys.run(["munge", "-n", "-S", sock], what="munge -n (credential test)").stdout
+    _sys.run(["unmunge", "-S", sock], input=cred, what="unmunge (credential test)")
+
+    say(f"starting slurmctld ({CTL_NAME} on {lab.bridge_ip}:{CTL_PORT})")
+    ctl_argv = ["unshare", "--uts", "--", "sh", "-c", f'hostname {CTL_NAME} && exec "$@"', "sh",
+                _sys.which("slurmctld"), "-D", "-i", "-f", conf]
+    state["slurmctld"] = _spawn(sdir, "slurmctld", ctl_argv, env).to_json()
+    save()
+    ctl = Proc.from_json(state["slurmctld"])
+    _sys.wait_for(lambda: _sys.run(["scontrol", "ping"], env=env, check=False, timeout=15).stdout.find("UP") >= 0,
+                  30, "slurmctld", fail=lambda: None if ctl.alive() else "slurmctld exited: " + _log(d / "logs" / "slurmctld.log", d / "logs" / "slurmctld.out"))
+
+    say(f"starting slurmd on {', '.join(nodes)}")
+    for node in nodes:
+        state["slurmd"][node] = _spawn_slurmd(sdir, lab, node, env).to_json()
+        save()
+    say("waiting for the nodes to register (idle)")
+
+    def idle() -> bool:
+        res = _sys.run(["sinfo", "-N", "-h", "-o", "%N %t"], env=env, check=False, timeout=15)
+        states = dict(line.split() for line in res.stdout.splitlines() if len(line.split()) == 2)
+        return all(states.get(n, "").startswith("idle") for n in nodes)
+
+    def dead() -> Optional[str]:
+        for node, pj in state["slurmd"].items():
+            if not Proc.from_json(pj).alive():
+                return f"slurmd on {node} exited: " + _log(d / "logs" / f"slurmd_{node}.log", d / "logs" / f"slurmd_{node}.out")
+        return None
+
+    _sys.wait_for(idle, 60, "slurm nodes idle", fail=dead)
+    state["complete"] = True
+    save()
+
+
+def _spawn_slurmd(sdir: Path, lab, node: str, env) -> Proc:
+    argv = hosts.daemon_argv(lab.netns(node), node,
+                             [_sys.which("slurmd"), "-D", "-N", node, "-f", env["SLURM_CONF"]])
+    return _spawn(sdir, f"slurmd_{node}", argv, env)
+
+
+def _log(*paths: Path) -> str:
+    return " | ".join(t for t in (hosts._tail(p, 8) for p in paths) if t) or "(no log)"
+
+
+def revive_node(sdir: Path, node: str) -> bool:
+    """Restart the slurmd of ``node`` if Slurm is up and it is dead (caller holds the lock)."""
+    state = current_state(sdir)
+    if not state or node not in state.get("slurmd", {}):
+        return False
+    if Proc.from_json(state["slurmd"][node]).alive():
+        return False
+    lab = hosts.current(sdir)
+    env = dict(os.environ, SLURM_CONF=state["conf"])
+    state["slurmd"][node] = _spawn_slurmd(sdir, lab, node, env).to_json()
+    _sys.write_json(_state_file(sdir), state)
+    return True
+
+
+# --------------------------------------------------------------------------- down
+
+def down(path: Union[str, Path, None] = None) -> bool:
+    """Stop the lab's Slurm and remove its files; the lab hosts stay. False if none was up."""
+    _sys.require_root()
+    sdir = hosts.state_dir(path)
+    with _sys.locked(hosts._lock_path(sdir)):
+        return down_locked(sdir)
+
+
+def down_locked(sdir: Path) -> bool:
+    state = current_state(sdir)
+    if state is None:
+        return False
+    env = dict(os.environ, SLURM_CONF=state["conf"])
+    ctl = Proc.from_json(state["slurmctld"]) if state.get("slurmctld") else None
+    if ctl is not None and ctl.alive():
+        # cancel every job of this cluster so its steps end with it
+        jobs = _sys.run(["squeue", "-h", "-o", "%i"], env=env, check=False, timeout=15).stdout.split()
+        if jobs:
+            _sys.run(["scancel", "--full", "-s", "KILL", *jobs], env=env, check=False, timeout=15)
+    daemons = [Proc.from_json(p) for p in state.get("slurmd", {}).values()]
+    _sys.kill_and_wait(daemons, timeout=5)
+    # job steps (slurmstepd and its children) left on the lab hosts
+    lab_state = _sys.read_json(sdir / "state.json") or {}
+    steps = []
+    for host in lab_state.get("hosts", []):
+        pids = _sys.netns_pids(host["netns"])
+        tree = {p: _sys.proc_ppid(p) for p in pids}
+        roots = {p for p in pids if _sys.proc_comm(p) == "slurmstepd"}
+        for p in pids:
+            q, seen = p, 0
+            while q and seen < 64:
+                if q in roots:
+                    steps.append(Proc.of(p))
+                    break
+                q, seen = tree.get(q), seen + 1
+    _sys.kill_and_wait(steps, timeout=2)
+    _sys.kill_and_wait([p for p in (ctl,) if p is not None], timeout=5)
+    if state.get("munged"):
+        _sys.kill_and_wait([Proc.from_json(state["munged"])], timeout=5)
+    if state.get("etc_link"):
+        link = Path(state["etc_link"])
+        if link.is_symlink() and Path(os.readlink(link)) == Path(state["conf"]):
+            link.unlink()
+    if state.get("pmix_link"):
+        link = Path(state["pmix_link"])
+        if link.is_symlink():
+            link.unlink()
+    shutil.rmtree(sdir / "slurm", ignore_errors=True)
+    _state_file(sdir).unlink()
+    return True
