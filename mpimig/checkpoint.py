@@ -30,6 +30,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -57,6 +58,7 @@ MANIFEST = "MANIFEST.json"
 _EPOCH_RE = re.compile(r"^epoch-(\d+)$")
 _TMP_RE = re.compile(r"^epoch-(\d+)\.tmp$")
 _RANK_RE = re.compile(r"^rank-(\d+)\.h5$")
+_TRASH_RE = re.compile(r"^epoch-\d+(\.tmp)?\.(deleting|replaced)-[0-9a-f]+$")
 
 #: Bytes per pwrite/crc step of the bulk data path.
 IO_BLOCK = 64 << 20
@@ -227,11 +229,12 @@ def _native_ok(dtype: np.dtype) -> bool:
 
 
 def _prepare(arrays: Mapping[str, np.ndarray], objects: Mapping[str, Any],
-             extra: Mapping[str, Any] | None, snapshot: bool) -> _Prepared:
+             extra: Mapping[str, Any] | None, snapshot=None) -> _Prepared:
     """Validate and encode state into items; raises StateError naming the item.
 
-    With ``snapshot`` every native array is copied (the async path), otherwise
-    C-contiguous arrays are written from the caller's memory without a copy.
+    With ``snapshot`` (a function ``(path, shape, dtype) -> empty C array``)
+    every native array is copied into a buffer it gives (the async path);
+    otherwise C-contiguous arrays are written from the caller's memory.
     """
     items: list[_Item] = []
     groups: dict[str, dict[str, Any]] = {}
@@ -257,7 +260,7 @@ def _prepare(arrays: Mapping[str, np.ndarray], objects: Mapping[str, Any],
     return _Prepared(items, groups)
 
 
-def _encode_array(key: str, path: str, arr: Any, base: dict, snapshot: bool) -> _Item:
+def _encode_array(key: str, path: str, arr: Any, base: dict, snapshot) -> _Item:
     if not isinstance(arr, np.ndarray):
         raise StateError(f"array {key!r} is a {type(arr).__module__}.{type(arr).__qualname__}, "
                          "not a numpy.ndarray; register it as an object instead")
@@ -265,7 +268,13 @@ def _encode_array(key: str, path: str, arr: Any, base: dict, snapshot: bool) -> 
     if plain and _native_ok(arr.dtype):
         order = "F" if arr.ndim > 1 and arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
         # (np.ascontiguousarray would turn a 0-d array into shape (1,))
-        data = arr if arr.flags.c_contiguous and not snapshot else np.array(arr, order="C", copy=True)
+        if snapshot is not None:
+            data = snapshot(path, arr.shape, arr.dtype)
+            np.copyto(data, arr, casting="no")
+        elif arr.flags.c_contiguous:
+            data = arr
+        else:
+            data = np.array(arr, order="C", copy=True)
         if type(data) is not np.ndarray:
             data = data.view(np.ndarray)
         return _Item(path, data, {**base, "encoding": NATIVE, "order": order})
@@ -476,6 +485,10 @@ class CheckpointStore:
         self.keep = int(keep)
         self.create = create
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._deleter: concurrent.futures.ThreadPoolExecutor | None = None
+        self._deletions: list[concurrent.futures.Future] = []
+        self._lock = threading.Lock()
+        self._snapshots: dict[str, np.ndarray] = {}   # async snapshot buffers, by dataset path
 
     def __repr__(self) -> str:
         return f"CheckpointStore({str(self.directory)!r}, job_id={self.job_id!r}, keep={self.keep})"
@@ -508,7 +521,7 @@ class CheckpointStore:
         a failed write leaves no rank file behind.
         """
         self._check_ids(epoch, rank, size)
-        prepared = _prepare(arrays, objects, extra, snapshot=False)
+        prepared = _prepare(arrays, objects, extra)
         return self._write_prepared(epoch, rank, size, step, prepared, time.time())
 
     def write_rank_async(self, epoch: int, rank: int, size: int, step: int,
@@ -519,24 +532,62 @@ class CheckpointStore:
         Native arrays are copied (memcpy) and objects pickled in the calling
         thread, so the caller may modify its state as soon as this returns;
         the file is written by a background thread (one per store, writes in
-        call order). Needs memory for a second copy of the arrays. StateError
-        is raised here; I/O errors by :meth:`PendingWrite.wait`.
+        call order). Needs memory for a second copy of the arrays: the copy
+        buffers are kept and reused by the next call (``release_buffers``
+        frees them). StateError is raised here; I/O errors by
+        :meth:`PendingWrite.wait`.
         """
         self._check_ids(epoch, rank, size)
         t0 = time.perf_counter()
         now = time.time()
-        prepared = _prepare(arrays, objects, extra, snapshot=True)
+        taken: dict[str, np.ndarray] = {}
+
+        def buffer(path: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
+            with self._lock:
+                buf = self._snapshots.pop(path, None)
+            if buf is None or buf.shape != shape or buf.dtype != dtype:
+                buf = np.empty(shape, dtype)
+            taken[path] = buf
+            return buf
+
+        try:
+            prepared = _prepare(arrays, objects, extra, snapshot=buffer)
+        except BaseException:
+            self._give_back(taken)
+            raise
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="mpimig-ckpt-writer")
-        fut = self._executor.submit(self._write_prepared, epoch, rank, size, step, prepared, now)
+
+        def job() -> int:
+            try:
+                return self._write_prepared(epoch, rank, size, step, prepared, now)
+            finally:
+                self._give_back(taken)
+        fut = self._executor.submit(job)
         return PendingWrite(fut, time.perf_counter() - t0)
 
+    def _give_back(self, buffers: dict[str, np.ndarray]) -> None:
+        # Reused by the next snapshot: a fresh buffer costs page faults that
+        # make the copy 3-5x slower than a memcpy into touched memory.
+        with self._lock:
+            self._snapshots.update(buffers)
+
+    def release_buffers(self) -> None:
+        """Free the snapshot buffers kept for the next :meth:`write_rank_async`."""
+        with self._lock:
+            self._snapshots.clear()
+
     def close(self) -> None:
-        """Wait for asynchronous writes and stop the writer thread."""
+        """Wait for asynchronous writes and background pruning; stop the threads."""
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        self.wait_pruned()
+        with self._lock:
+            deleter, self._deleter = self._deleter, None
+        if deleter is not None:
+            deleter.shutdown(wait=True)
 
     def __enter__(self):
         return self
@@ -577,15 +628,30 @@ class CheckpointStore:
             "time_iso": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
             "checksum_algorithm": CHECKSUM_ALGORITHM,
             "pickle_protocol": PICKLE_PROTOCOL,
+            "write_id": uuid.uuid4().hex,
         }
         root_attrs.update({f"version_{k}": v for k, v in library_versions().items()})
+        sidecar = tmp / _sidecar_name(rank)
         try:
+            _remove(sidecar)
             _write_file(part, prepared, root_attrs)
             os.replace(part, final)
             _fsync_dir(tmp)
             nbytes = final.stat().st_size
+            entry = {"rank": int(rank), "file": final.name, "bytes": nbytes,
+                     "epoch": int(epoch), "size": int(size), "job_id": self.job_id,
+                     "format_version": FORMAT_VERSION,
+                     "write_id": root_attrs["write_id"], "host": root_attrs["host"],
+                     "step": int(step), "time": float(now),
+                     "datasets": {it.path: {"crc32": it.crc, "nbytes": it.nbytes}
+                                  for it in prepared.items}}
+            # The sidecar only carries this to the committing rank, which
+            # copies it into the fsync'd manifest: no fsync needed here.
+            side_part = sidecar.with_name(sidecar.name + ".tmp")
+            side_part.write_text(json.dumps(entry))
+            os.replace(side_part, sidecar)
         except (OSError, RuntimeError, ValueError) as exc:
-            for p in (part, final):
+            for p in (part, final, sidecar):
                 try:
                     p.unlink()
                 except OSError:
@@ -616,16 +682,15 @@ class CheckpointStore:
         if newer:
             raise CheckpointError(f"{where}: epoch {max(newer)} is already committed; "
                                   "epochs must be committed in increasing order")
-        missing = [r for r in range(size) if not (tmp / self.rank_file_name(r)).is_file()]
+        missing = [r for r in range(size) if not (tmp / self.rank_file_name(r)).is_file()
+                   or not (tmp / _sidecar_name(r)).is_file()]
         if missing:
-            raise CheckpointError(f"{where}: rank file(s) missing for rank(s) "
+            raise CheckpointError(f"{where}: rank file(s) missing or incomplete for rank(s) "
                                   f"{_ranges(missing)} in {tmp}")
-        ranks = []
-        for r in range(size):
-            ranks.append(self._manifest_entry(tmp, epoch, r, size, where))
-        for p in tmp.iterdir():  # leftovers of failed attempts, ranks >= size
+        ranks = [self._manifest_entry(tmp, epoch, r, size, where) for r in range(size)]
+        for p in tmp.iterdir():  # sidecars, leftovers of failed attempts, ranks >= size
             m = _RANK_RE.match(p.name)
-            if p.name != MANIFEST and not (m and int(m.group(1)) < size):
+            if not (m and int(m.group(1)) < size):
                 _remove(p)
         now = time.time()
         try:
@@ -644,52 +709,44 @@ class CheckpointStore:
             "meta": meta_json,
             "ranks": ranks,
         }
+        old = None
         try:
-            part = tmp / (MANIFEST + ".tmp")
-            with open(part, "w") as fh:
+            # The manifest needs no rename of its own: the directory it is in
+            # becomes visible as committed only by the rename below.
+            with open(tmp / MANIFEST, "w") as fh:
                 json.dump(manifest, fh, indent=1)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(part, tmp / MANIFEST)
             _fsync_dir(tmp)
-            old = None
             if final.exists():  # the latest epoch committed again: replace it
-                old = self.directory / f"{final.name}.replaced-{os.getpid()}"
+                old = self.directory / f"{final.name}.replaced-{uuid.uuid4().hex[:8]}"
                 os.replace(final, old)
             os.replace(tmp, final)
             _fsync_dir(self.directory)
         except OSError as exc:
             raise CheckpointError(f"{where}: {exc}") from exc
         if old is not None:
-            _remove(old)
+            self._delete_later(old)
         self._prune(epoch)
         log.info("committed epoch %d (%d ranks, step %d) in %s", epoch, size, step, self.directory)
 
     def _manifest_entry(self, tmp: Path, epoch: int, rank: int, size: int, where: str) -> dict:
+        side = tmp / _sidecar_name(rank)
         path = tmp / self.rank_file_name(rank)
         try:
-            with h5py.File(path, "r", locking=False) as f:
-                a = {k: _attr_value(v) for k, v in f.attrs.items()}
-                got = {k: a.get(k) for k in ("format_version", "job_id", "epoch", "rank", "size")}
-                want = {"format_version": FORMAT_VERSION, "job_id": self.job_id,
-                        "epoch": epoch, "rank": rank, "size": size}
-                if got != want:
-                    bad = {k: got[k] for k in want if got[k] != want[k]}
-                    raise CheckpointError(f"{where}: rank {rank}: {path} has {bad}, expected "
-                                          f"{ {k: want[k] for k in bad} }")
-                datasets = {}
-                for dpath, ds in _walk_datasets(f):
-                    if "crc32" not in ds.attrs:
-                        raise CheckpointError(f"{where}: rank {rank}: dataset /{dpath} in "
-                                              f"{path} has no crc32 attribute")
-                    datasets[dpath] = {"crc32": int(ds.attrs["crc32"]),
-                                       "nbytes": int(ds.attrs["nbytes"])}
-            return {"rank": rank, "file": path.name, "bytes": path.stat().st_size,
-                    "host": a.get("host"), "step": a.get("step"), "datasets": datasets}
-        except CheckpointError:
-            raise
-        except (OSError, KeyError, RuntimeError) as exc:
-            raise CheckpointError(f"{where}: rank {rank}: cannot read {path}: {exc}") from exc
+            entry = json.loads(side.read_text())
+            nbytes = path.stat().st_size
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{where}: rank {rank}: cannot read {side}: {exc}") from exc
+        got = {k: entry.get(k) for k in ("format_version", "job_id", "epoch", "rank", "size", "bytes")}
+        want = {"format_version": FORMAT_VERSION, "job_id": self.job_id,
+                "epoch": epoch, "rank": rank, "size": size, "bytes": nbytes}
+        if got != want:
+            bad = {k: got[k] for k in want if got[k] != want[k]}
+            raise CheckpointError(f"{where}: rank {rank}: {path} was written with {bad}, "
+                                  f"expected { {k: want[k] for k in bad} }")
+        return {k: entry[k] for k in ("rank", "file", "bytes", "host", "step", "time",
+                                      "write_id", "datasets")}
 
     def _prune(self, epoch: int) -> None:
         committed = self.committed_epochs()
@@ -699,20 +756,42 @@ class CheckpointStore:
             m = _TMP_RE.match(p.name)
             if m and int(m.group(1)) <= epoch:
                 self._discard(p)
+            elif _TRASH_RE.match(p.name):  # left by a process that died while deleting
+                self._delete_later(p)
 
-    def _discard(self, path: Path) -> None:
-        """Rename (atomic: stops being listed) then delete, best effort."""
-        trash = self.directory / f"{path.name}.deleting-{os.getpid()}"
+    def _discard(self, path: Path, wait: bool = False) -> None:
+        """Rename (atomic: stops being listed), then delete in the background
+        (unlinking gigabytes takes long enough to matter), best effort."""
+        trash = self.directory / f"{path.name}.deleting-{uuid.uuid4().hex[:8]}"
         try:
             os.replace(path, trash)
+        except FileNotFoundError:
+            return
         except OSError as exc:
             log.warning("cannot remove %s: %s", path, exc)
             return
-        _remove(trash)
+        if wait:
+            _remove(trash)
+        else:
+            self._delete_later(trash)
+
+    def _delete_later(self, path: Path) -> None:
+        with self._lock:
+            if self._deleter is None:
+                self._deleter = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="mpimig-ckpt-prune")
+            self._deletions.append(self._deleter.submit(_remove, path))
+
+    def wait_pruned(self) -> None:
+        """Wait until the background deletion of pruned epochs has finished."""
+        with self._lock:
+            pending, self._deletions = self._deletions, []
+        for fut in pending:
+            fut.result()
 
     def abort(self, epoch: int) -> None:
         """Remove ``epoch``'s .tmp dir (best effort; after a failed vote)."""
-        self._discard(self.tmp_dir(int(epoch))) if self.tmp_dir(int(epoch)).exists() else None
+        self._discard(self.tmp_dir(int(epoch)), wait=True)
 
     def discard_uncommitted(self) -> list[int]:
         """Remove every .tmp dir (call once at job start, before any write, so
@@ -721,7 +800,7 @@ class CheckpointStore:
         for p in self._list():
             m = _TMP_RE.match(p.name)
             if m:
-                self._discard(p)
+                self._discard(p, wait=True)
                 gone.append(int(m.group(1)))
         return sorted(gone)
 
@@ -850,6 +929,10 @@ class CheckpointStore:
         out["bytes"] = sum(r.get("bytes", 0) for r in ranks)
         out["problems"] = problems
         return out
+
+
+def _sidecar_name(rank: int) -> str:
+    return f"rank-{rank:05d}.json"
 
 
 def _ranges(nums: list[int]) -> str:
@@ -1010,7 +1093,10 @@ def _describe_file(path: Path, epoch: int, rank: int, entry: dict, verify: bool,
         with h5py.File(path, "r", locking=False) as f:
             a = {k: _attr_value(v) for k, v in f.attrs.items()}
             info["attrs"] = a
-            for key, want in (("epoch", epoch), ("rank", rank)):
+            checks = [("epoch", epoch), ("rank", rank)]
+            if entry.get("write_id"):
+                checks.append(("write_id", entry["write_id"]))
+            for key, want in checks:
                 if a.get(key) != want:
                     problems.append(f"{where}: {path} attribute {key}={a.get(key)!r}, expected {want}")
             datasets = []

@@ -1,0 +1,40 @@
+"""``mpimig bench``: measurements that compare mpimig with the plain way.
+
+Each benchmark is a submodule listed in :data:`BENCH_MODULES` with a
+``register(bench_subparsers)`` function that adds its parser and sets ``func``
+(returning the exit code). A module that does not exist yet is skipped, so a
+new benchmark only has to be written and listed here.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# Submodules that add `mpimig bench NAME`, in the order --help lists them.
+BENCH_MODULES = [
+    "mpimig.bench.checkpoint",   # checkpoint: store vs raw h5py, stall per checkpoint
+    "mpimig.bench.comm",         # comm: facade vs plain mpi4py
+    "mpimig.bench.migrate",      # migrate: strategies, freeze time, bytes moved
+]
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "bench", help="run a benchmark (checkpoint, comm, migrate)",
+        description="Benchmarks that measure mpimig against the plain way of doing the same "
+                    "thing, in the same run.")
+    bench_sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    for name in BENCH_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # benchmark not written yet
+                continue
+            raise
+        mod.register(bench_sub)
+
+    def no_benchmark(args) -> int:
+        parser.print_help()
+        return 2
+    parser.set_defaults(func=no_benchmark)
+    return parser

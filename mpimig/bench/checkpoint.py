@@ -1,0 +1,240 @@
+"""``mpimig bench checkpoint``: the checkpoint store against raw h5py.
+
+For every size, the same arrays are written, alternating, through
+:class:`mpimig.checkpoint.CheckpointStore` (``write_rank`` + ``commit``: rank
+file, CRC-32 per dataset, manifest, atomic rename, pruning) and through raw
+h5py (one contiguous dataset per array, ``flush`` + ``os.fsync``). Both fsync.
+Reported per size, as medians of the repeats: throughput of each, the ratio
+mpimig/raw, and the stall — how long the caller is blocked per checkpoint.
+With ``--async`` (default) the asynchronous mode is measured too: the caller
+is blocked only for the snapshot (memcpy), a background thread writes.
+
+Runs as one process; no MPI needed (the runtime does the collective part).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..checkpoint import CheckpointStore
+from ..errors import UsageError
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '512KiB', '1.5G', '4096' -> bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
+    if not m:
+        raise UsageError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix "
+                         "(binary units), e.g. 64M,256M,1G")
+    n = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if n <= 0:
+        raise UsageError(f"bad size {text!r}: must be positive")
+    return n
+
+
+def fmt_size(n: int) -> str:
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div and n % (div // 4) == 0:
+            return f"{n / div:g} {unit}"
+    return f"{n} B"
+
+
+def make_arrays(total: int, count: int) -> dict[str, np.ndarray]:
+    """``count`` float64 arrays adding up to ``total`` bytes (rounded down to 8).
+    Filled with a cheap non-zero pattern: contents do not change the cost of an
+    uncompressed write or of a CRC."""
+    count = max(1, min(count, total // 8))
+    per = total // count // 8
+    arrays = {}
+    for i in range(count):
+        a = np.empty(per, dtype=np.float64)
+        a[:] = np.arange(per, dtype=np.float64)
+        a *= 1.0 + i * 1e-3
+        arrays[f"a{i}"] = a
+    return arrays
+
+
+def write_raw(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """The baseline: one contiguous dataset per array, flush, fsync."""
+    with h5py.File(path, "w") as f:
+        for name, a in arrays.items():
+            f.create_dataset(name, data=a)
+        f.flush()
+        os.fsync(f.id.get_vfd_handle())
+
+
+def _fs_type(path: Path) -> str:
+    """Filesystem type of ``path`` from /proc/mounts (Linux), '' if unknown."""
+    try:
+        best, fstype = "", ""
+        real = str(path.resolve())
+        with open("/proc/mounts") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 3 and (real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")) \
+                        and len(parts[1]) >= len(best):
+                    best, fstype = parts[1], parts[2]
+        return fstype
+    except OSError:
+        return ""
+
+
+def crc_speed(nbytes: int = 64 << 20) -> float:
+    buf = np.ones(nbytes // 8)
+    t = time.perf_counter()
+    zlib.crc32(buf)
+    return nbytes / (time.perf_counter() - t)
+
+
+def run(sizes: list[int], repeat: int, directory: Path, n_arrays: int = 4,
+        do_async: bool = True, out=print) -> dict:
+    """Run the benchmark; prints a line per size through ``out``; returns the results."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fstype = _fs_type(directory)
+    out(f"mpimig bench checkpoint: dir {directory} ({fstype or 'unknown fs'}), "
+        f"{repeat} repeat(s), median; zlib.crc32 {crc_speed() / 1e9:.2f} GB/s here")
+    if fstype in ("tmpfs", "ramfs"):
+        out("warning: the directory is in memory (tmpfs): fsync costs nothing, "
+            "use --dir on a disk to measure a checkpoint")
+    raw_dir = directory / "raw"
+    raw_dir.mkdir(exist_ok=True)
+    store = CheckpointStore(directory / "store", job_id="bench", keep=1)
+    results = {"dir": str(directory), "fs": fstype, "repeat": repeat, "sizes": []}
+    epoch = store.next_epoch()
+    try:
+        # warm-up: imports, first file creation, page-cache state
+        warm = make_arrays(8 << 20, 2)
+        write_raw(raw_dir / "warm.h5", warm)
+        store.write_rank(epoch, 0, 1, 0, warm, {"step": 0})
+        store.commit(epoch, 1, 0)
+        epoch += 1
+        for size in sizes:
+            out(f"  {fmt_size(size)}/rank: preparing {n_arrays} array(s) ...")
+            arrays = make_arrays(size, n_arrays)
+            nbytes = sum(a.nbytes for a in arrays.values())
+            t_raw, t_mig, t_async, stall_async = [], [], [], []
+            for r in range(repeat):
+                order = ("raw", "mpimig") if r % 2 == 0 else ("mpimig", "raw")
+                for which in order:
+                    if which == "raw":
+                        path = raw_dir / f"raw-{r}.h5"
+                        t0 = time.perf_counter()
+                        write_raw(path, arrays)
+                        t_raw.append(time.perf_counter() - t0)
+                        path.unlink()
+                    else:
+                        t0 = time.perf_counter()
+                        store.write_rank(epoch, 0, 1, r, arrays, {"step": r})
+                        store.commit(epoch, 1, r)
+                        t_mig.append(time.perf_counter() - t0)
+                        store.wait_pruned()   # like raw's unlink: outside the timing
+                        epoch += 1
+                if do_async:
+                    t0 = time.perf_counter()
+                    pending = store.write_rank_async(epoch, 0, 1, r, arrays, {"step": r})
+                    stall_async.append(pending.stall)
+                    pending.wait()
+                    store.commit(epoch, 1, r)
+                    t_async.append(time.perf_counter() - t0)
+                    store.wait_pruned()
+                    epoch += 1
+            row = {
+                "size": size, "bytes": nbytes, "arrays": len(arrays),
+                "raw_s": statistics.median(t_raw), "mpimig_s": statistics.median(t_mig),
+                "raw_all_s": t_raw, "mpimig_all_s": t_mig,
+            }
+            row["raw_gbps"] = nbytes / row["raw_s"] / 1e9
+            row["mpimig_gbps"] = nbytes / row["mpimig_s"] / 1e9
+            row["ratio"] = row["mpimig_gbps"] / row["raw_gbps"]
+            row["stall_s"] = row["mpimig_s"]          # synchronous: blocked for all of it
+            line = (f"  {fmt_size(size)}/rank: raw h5py {row['raw_gbps']:.3f} GB/s, "
+                    f"mpimig {row['mpimig_gbps']:.3f} GB/s, ratio mpimig/raw {row['ratio']:.2f}x; "
+                    f"stall {row['stall_s'] * 1e3:.0f} ms")
+            if do_async:
+                row["async_s"] = statistics.median(t_async)
+                row["async_gbps"] = nbytes / row["async_s"] / 1e9
+                row["async_stall_s"] = statistics.median(stall_async)
+                line += (f"; async: stall {row['async_stall_s'] * 1e3:.0f} ms (snapshot), "
+                         f"{row['async_gbps']:.3f} GB/s to commit")
+            out(line)
+            results["sizes"].append(row)
+            del arrays
+    finally:
+        store.close()
+    return results
+
+
+def _print_table(results: dict, out=print) -> None:
+    has_async = any("async_s" in r for r in results["sizes"])
+    head = f"{'size/rank':>10} {'raw GB/s':>9} {'mpimig GB/s':>12} {'ratio':>6} {'stall ms':>9}"
+    if has_async:
+        head += f" {'async stall ms':>15} {'async GB/s':>11}"
+    out("")
+    out(head)
+    for r in results["sizes"]:
+        line = (f"{fmt_size(r['size']):>10} {r['raw_gbps']:9.3f} {r['mpimig_gbps']:12.3f} "
+                f"{r['ratio']:5.2f}x {r['stall_s'] * 1e3:9.0f}")
+        if has_async:
+            line += f" {r['async_stall_s'] * 1e3:15.1f} {r['async_gbps']:11.3f}"
+        out(line)
+
+
+def main(args) -> int:
+    sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    if not sizes:
+        raise UsageError("--sizes needs at least one size")
+    if args.repeat < 1:
+        raise UsageError("--repeat must be at least 1")
+    if args.arrays < 1:
+        raise UsageError("--arrays must be at least 1")
+    out = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else \
+        (lambda s: print(s, flush=True))
+    if args.dir:
+        base = Path(args.dir)
+        base.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="mpimig-bench-ckpt-", dir=base))
+    else:
+        work = Path(tempfile.mkdtemp(prefix="mpimig-bench-ckpt-"))
+    try:
+        results = run(sizes, args.repeat, work, args.arrays, not args.no_async, out)
+    finally:
+        if not args.keep_files:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        _print_table(results)
+    return 0
+
+
+def register(bench_subparsers) -> argparse.ArgumentParser:
+    p = bench_subparsers.add_parser(
+        "checkpoint", help="checkpoint store vs raw h5py: throughput, ratio, stall",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="64M,256M,1G",
+                   help="bytes per rank, comma-separated, binary units (default 64M,256M,1G)")
+    p.add_argument("--repeat", type=int, default=3, help="repeats per size; medians are shown (default 3)")
+    p.add_argument("--dir", help="directory to write in (a temporary subdirectory is made and "
+                                 "removed; default: $TMPDIR). Use the filesystem checkpoints go to.")
+    p.add_argument("--arrays", type=int, default=4,
+                   help="number of float64 arrays the size is split into (default 4)")
+    p.add_argument("--no-async", action="store_true", help="skip the asynchronous mode")
+    p.add_argument("--json", action="store_true", help="print the results as JSON (progress on stderr)")
+    p.add_argument("--keep-files", action="store_true", help="leave the written files in place")
+    p.set_defaults(func=main)
+    return p
