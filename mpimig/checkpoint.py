@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "FORMAT_VERSION", "CheckpointStore", "RankState", "PendingWrite",
-    "crc32_of", "library_versions",
+    "crc32_of", "library_versions", "describe_file",
 ]
 
 #: Version of the on-disk layout (root attribute ``format_version``, manifest
@@ -162,7 +162,9 @@ def _attr_value(v):
 
 
 def _dt_str(dtype: np.dtype) -> str:
-    return dtype.str if dtype.names is None else str(dtype.descr)
+    if dtype.names is None:
+        return dtype.str
+    return "{" + ", ".join(f"{n}: {_dt_str(dtype.fields[n][0])}" for n in dtype.names) + "}"
 
 
 # ----------------------------------------------------------------- data model
@@ -211,8 +213,13 @@ def _encode_object(where: str, key: str, obj: Any) -> tuple[bytes, str]:
             f"dill failed ({type(exc2).__name__}: {exc2})") from exc2
 
 
+_V1 = np.dtype("V1")
+
+
 def _opaque(payload: bytes) -> np.ndarray:
-    return np.frombuffer(payload, dtype="V1")
+    # An HDF5 opaque type with an empty tag: a non-empty tag would make
+    # h5py's ds[()] fail ("no appropriate function for conversion path").
+    return np.frombuffer(payload, dtype=_V1)
 
 
 @functools.lru_cache(maxsize=256)
@@ -862,9 +869,14 @@ class CheckpointStore:
         path = self.epoch_dir(epoch) / MANIFEST
         try:
             with open(path) as fh:
-                return json.load(fh)
+                man = json.load(fh)
         except (OSError, ValueError) as exc:
             raise CorruptCheckpoint(f"epoch {epoch}: cannot read manifest {path}: {exc}") from exc
+        if not isinstance(man, dict) or not isinstance(man.get("size"), int) \
+                or not isinstance(man.get("ranks"), list) or len(man["ranks"]) != man["size"]:
+            raise CorruptCheckpoint(f"epoch {epoch}: manifest {path} is malformed "
+                                    "(needs 'size' and one 'ranks' entry per rank)")
+        return man
 
     def read_rank(self, epoch: int | None, rank: int, verify: bool = True) -> RankState:
         """Read one rank's state from a committed epoch (latest if None).
@@ -923,8 +935,8 @@ class CheckpointStore:
         ranks = []
         for r in range(int(man.get("size", 0))):
             entry = man["ranks"][r] if r < len(man.get("ranks", [])) else {}
-            ranks.append(_describe_file(self.rank_path(epoch, r), epoch, r, entry,
-                                        verify, problems))
+            ranks.append(describe_file(self.rank_path(epoch, r), verify, entry, epoch, r,
+                                       problems))
         out["ranks"] = ranks
         out["bytes"] = sum(r.get("bytes", 0) for r in ranks)
         out["problems"] = problems
@@ -1077,28 +1089,49 @@ def _file_crc(fd: int, ds: h5py.Dataset) -> int:
     return value & 0xFFFFFFFF
 
 
-def _describe_file(path: Path, epoch: int, rank: int, entry: dict, verify: bool,
-                   problems: list[str]) -> dict:
-    where = f"epoch {epoch} rank {rank}"
+def describe_file(path, verify: bool = True, entry: dict | None = None,
+                  epoch: int | None = None, rank: int | None = None,
+                  problems: list[str] | None = None) -> dict:
+    """Describe one rank file: attributes and datasets, and with ``verify``
+    the CRC-32 of every dataset's bytes in the file against its ``crc32``
+    attribute. ``entry`` is the file's manifest entry when it belongs to a
+    committed epoch (its sizes, write id and checksums are compared too);
+    without it the file is checked on its own (e.g. a file of a .tmp dir).
+    Problems, each naming epoch, rank and dataset, go to ``problems`` and to
+    the ``problems`` key of the result."""
+    path = Path(path)
+    problems = [] if problems is None else problems
+    first = len(problems)
+    where = f"epoch {epoch} rank {rank}" if epoch is not None else str(path)
     info: dict[str, Any] = {"rank": rank, "file": str(path)}
+
+    def done() -> dict:
+        info["problems"] = problems[first:]
+        return info
     try:
         info["bytes"] = path.stat().st_size
     except OSError as exc:
         problems.append(f"{where}: rank file {path} is missing: {exc}")
-        return info
-    if entry.get("bytes") is not None and entry["bytes"] != info["bytes"]:
+        return done()
+    if entry is not None and entry.get("bytes") is not None and entry["bytes"] != info["bytes"]:
         problems.append(f"{where}: {path} has {info['bytes']} bytes, manifest says {entry['bytes']}")
-    expected = entry.get("datasets", {})
+    expected = (entry or {}).get("datasets", {})
     try:
         with h5py.File(path, "r", locking=False) as f:
             a = {k: _attr_value(v) for k, v in f.attrs.items()}
             info["attrs"] = a
-            checks = [("epoch", epoch), ("rank", rank)]
-            if entry.get("write_id"):
+            if epoch is None:
+                where = f"epoch {a.get('epoch')} rank {a.get('rank')}"
+                info["rank"] = a.get("rank")
+            checks = [] if entry is None else [("epoch", epoch), ("rank", rank)]
+            if entry is not None and entry.get("write_id"):
                 checks.append(("write_id", entry["write_id"]))
             for key, want in checks:
                 if a.get(key) != want:
                     problems.append(f"{where}: {path} attribute {key}={a.get(key)!r}, expected {want}")
+            if int(a.get("format_version", 0) or 0) > FORMAT_VERSION:
+                problems.append(f"{where}: {path} has format version {a.get('format_version')}, "
+                                f"this mpimig reads up to {FORMAT_VERSION}")
             datasets = []
             fd = os.open(path, os.O_RDONLY) if verify else -1
             try:
@@ -1107,16 +1140,24 @@ def _describe_file(path: Path, epoch: int, rank: int, entry: dict, verify: bool,
                          "encoding": _attr_value(ds.attrs.get("encoding", NATIVE)),
                          "dtype": _dt_str(ds.dtype), "shape": list(ds.shape),
                          "nbytes": int(ds.size * ds.dtype.itemsize)}
+                    if "array_dtype" in ds.attrs:
+                        d["array_dtype"] = _attr_value(ds.attrs["array_dtype"])
+                        d["array_shape"] = _attr_value(ds.attrs["array_shape"])
+                    plist = ds.id.get_create_plist()
+                    if plist.get_layout() != h5py.h5d.CONTIGUOUS or plist.get_nfilters():
+                        d["layout"] = "not contiguous or filtered"
                     stored = ds.attrs.get("crc32")
                     d["crc32"] = None if stored is None else f"{int(stored):08x}"
                     if stored is None:
                         problems.append(f"{where} dataset /{dpath}: no crc32 attribute")
-                    want = expected.get(dpath)
-                    if want is None:
-                        problems.append(f"{where} dataset /{dpath}: not listed in the manifest")
-                    elif stored is not None and int(want["crc32"]) != int(stored):
-                        problems.append(f"{where} dataset /{dpath}: crc32 attribute {int(stored):08x} "
-                                        f"differs from manifest {int(want['crc32']):08x}")
+                    if entry is not None:
+                        want = expected.get(dpath)
+                        if want is None:
+                            problems.append(f"{where} dataset /{dpath}: not listed in the manifest")
+                        elif stored is not None and int(want["crc32"]) != int(stored):
+                            problems.append(f"{where} dataset /{dpath}: crc32 attribute "
+                                            f"{int(stored):08x} differs from the manifest's "
+                                            f"{int(want['crc32']):08x}")
                     if verify:
                         crc = _file_crc(fd, ds)
                         ok = stored is not None and crc == int(stored)
@@ -1134,4 +1175,4 @@ def _describe_file(path: Path, epoch: int, rank: int, entry: dict, verify: bool,
                 problems.append(f"{where} dataset /{dpath}: listed in the manifest but missing")
     except (OSError, RuntimeError, KeyError, ValueError) as exc:
         problems.append(f"{where}: cannot read {path}: {exc}")
-    return info
+    return done()
