@@ -24,6 +24,7 @@ import itertools
 import os
 import re
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
@@ -382,3 +383,36 @@ class SlurmJob:
         """Ask Slurm to requeue this job (it restarts with ``SLURM_RESTART_COUNT`` + 1)."""
         _slurm_cmd(["scontrol", "requeue", self.job_id], env=self.env or None)
 
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m mpimig.slurm info|hosts K [--nodes M]`` for job scripts."""
+    import argparse
+    import json
+    p = argparse.ArgumentParser(prog="python -m mpimig.slurm",
+                                description="What mpimig sees of the Slurm job it runs in.")
+    sub = p.add_subparsers(dest="what", required=True)
+    sub.add_parser("info", help="job id, nodes, down and spare nodes, time left, restart count (JSON)")
+    h = sub.add_parser("hosts", help="host spec 'n1:K,n2:K' of the usable nodes, for mpimig run --hosts")
+    h.add_argument("k", type=int, help="ranks per node")
+    h.add_argument("--nodes", type=int, help="use only the first M usable nodes")
+    args = p.parse_args(argv)
+    try:
+        job = SlurmJob.from_env()
+        if args.what == "info":
+            down = job.down_nodes()
+            print(json.dumps({"job_id": job.job_id, "nodes": job.nodes, "down": down,
+                              "usable": [n for n in job.nodes if n not in down],
+                              "tasks_per_node": job.tasks_per_node, "restart_count": job.restart_count,
+                              "time_left": job.time_left(), "this_node": job.this_node}))
+        else:
+            nodes = job.usable_nodes()[:args.nodes]
+            print(",".join(f"{n}:{args.k}" for n in nodes))
+    except SlurmError as exc:
+        print(f"python -m mpimig.slurm: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

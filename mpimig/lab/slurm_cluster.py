@@ -34,6 +34,9 @@ from ._sys import LabError, Proc, say
 CTL_NAME = "labctl"
 CTL_PORT = 6817
 SLURMD_PORT = 6818
+# Slurm holds a requeued job back for cred_expire + 1 s (default 120: ~2 min per
+# requeue); 20 s keeps requeue experiments short and is ample for one machine.
+CRED_EXPIRE = 20
 ETC_CONF = Path("/etc/slurm/slurm.conf")
 PMIX_LIBDIR = Path("/usr/lib/x86_64-linux-gnu/pmix2/lib")
 TOOLS = {"slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "sbatch": "slurm-wlm",
@@ -105,7 +108,7 @@ SlurmctldPort={CTL_PORT}
 SlurmdPort={SLURMD_PORT}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={d}/munge/munge.socket
+AuthInfo=socket={d}/munge/munge.socket,cred_expire={CRED_EXPIRE}
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={d}/ctld
