@@ -380,20 +380,67 @@ def _pwrite_all(fd: int, mv: memoryview, offset: int, flusher: _Flusher) -> None
         flusher.kick()
 
 
+#: h5py File objects whose flush or close failed inside HDF5. HDF5 2.0 can
+#: corrupt its heap when such a file is closed again (also by the garbage
+#: collector), so they are kept here, never touched again.
+_UNCLOSABLE: list = []
+_libc = None
+
+
+def _fallocate(fd: int, length: int) -> bool:
+    """Allocate disk blocks for bytes [0, length) of ``fd`` (Linux fallocate(2),
+    mode 0). Returns False where the filesystem cannot (nothing reserved);
+    raises OSError when it can but there is no room (ENOSPC, EDQUOT, EFBIG).
+    Not os.posix_fallocate: glibc emulates that by writing zeros."""
+    global _libc
+    if not sys.platform.startswith("linux") or length <= 0:
+        return False
+    if _libc is None:
+        import ctypes
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    import ctypes
+    if _libc.fallocate(fd, 0, 0, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, f"cannot reserve {length} bytes: {os.strerror(err)}")
+
+
+def _size_estimate(prepared: _Prepared) -> int:
+    """Generous upper bound of a rank file's size: data, plus HDF5 metadata
+    (root attributes, groups, about 2 KiB per dataset in practice)."""
+    n = len(prepared.items) + len(prepared.groups)
+    return sum(it.nbytes for it in prepared.items) + (1 << 20) + 8192 * n
+
+
 def _write_file(path: Path, prepared: _Prepared, root_attrs: Mapping[str, Any]) -> None:
     """Write one rank file and fsync it.
 
-    Order: create every dataset (contiguous, space allocated at creation, no
-    fill) and write the small ones through h5py; flush; then write the big
-    ones with os.pwrite straight at their file offset while one thread
-    computes their CRC-32 and another fsyncs behind the writer; then store the
-    checksums as attributes, close, fsync.
+    1. Create the HDF5 file and reserve disk blocks for all of it
+       (fallocate), so that running out of space, quota or file size limit
+       fails here, before HDF5 has anything to write: HDF5 cannot recover
+       from a failed metadata write.
+    2. Create every dataset (contiguous, space allocated at creation, no fill,
+       a crc32 attribute to be filled in) and write the small ones through
+       h5py; flush. From here on HDF5 writes only metadata, in place.
+    3. Write the big datasets with os.pwrite straight at their file offsets,
+       while one thread computes their CRC-32 and another fsyncs behind the
+       writer (both release the GIL).
+    4. Store the checksums, close, fsync.
     """
-    f = h5py.File(path, "w", locking=False)
-    fd = -1
+    with h5py.File(path, "w", locking=False):
+        pass                                  # superblock and root group, ~1 KiB
+    fd = os.open(path, os.O_RDWR)
     crc_pool = None
     flusher = None
+    f = None
+    phase = "reserve"
     try:
+        _fallocate(fd, _size_estimate(prepared))
+        phase = "hdf5"
+        f = h5py.File(path, "r+", locking=False)   # HDF5 ignores the reserved tail
         for key, value in root_attrs.items():
             f.attrs[key] = value
         for g in GROUPS:
@@ -409,6 +456,7 @@ def _write_file(path: Path, prepared: _Prepared, root_attrs: Mapping[str, Any]) 
             for key, value in item.attrs.items():
                 ds.attrs[key] = value
             ds.attrs["nbytes"] = np.uint64(item.nbytes)
+            ds.attrs["crc32"] = np.uint32(0)           # placeholder, rewritten in place
             offset = ds.id.get_offset()
             if (item.nbytes >= DIRECT_MIN and offset is not None
                     and ds.id.get_type().get_size() == item.data.dtype.itemsize):
@@ -417,10 +465,8 @@ def _write_file(path: Path, prepared: _Prepared, root_attrs: Mapping[str, Any]) 
                 if item.nbytes:
                     ds.id.write(h5py.h5s.ALL, h5py.h5s.ALL, item.data)
                 item.crc = crc32_of(item.data)
-        # HDF5 has written all the raw data it will ever write; from here on
-        # the library only touches metadata, so pwrite into the data regions.
         f.flush()
-        fd = os.open(path, os.O_WRONLY)
+        phase = "data"
         flusher = _Flusher(fd)
         flusher.start()
         if direct:
@@ -432,9 +478,11 @@ def _write_file(path: Path, prepared: _Prepared, root_attrs: Mapping[str, Any]) 
                 item.crc = fut.result()
         flusher.finish()
         flusher = None
+        phase = "hdf5"
         for item in prepared.items:
             f[item.path].attrs["crc32"] = np.uint32(item.crc)
         f.close()
+        phase = "closed"
         os.fsync(fd)
     finally:
         if flusher is not None:
@@ -444,13 +492,15 @@ def _write_file(path: Path, prepared: _Prepared, root_attrs: Mapping[str, Any]) 
                 pass
         if crc_pool is not None:
             crc_pool.shutdown(wait=True)
-        if f.id.valid:
-            try:
-                f.close()
-            except Exception:  # pragma: no cover - already failing
-                pass
-        if fd >= 0:
-            os.close(fd)
+        if f is not None and f.id.valid:
+            if phase == "data":               # our write failed; HDF5 is fine
+                try:
+                    f.close()
+                except Exception:  # pragma: no cover - already failing
+                    _UNCLOSABLE.append(f)
+            else:                             # HDF5 itself failed: leave it alone
+                _UNCLOSABLE.append(f)
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------- store
@@ -815,7 +865,7 @@ class CheckpointStore:
     def _list(self) -> list[Path]:
         try:
             return list(self.directory.iterdir())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
         except OSError as exc:
             raise CheckpointError(f"cannot list checkpoint directory {self.directory}: {exc}") from exc
@@ -845,6 +895,8 @@ class CheckpointStore:
     def _no_epoch(self) -> NoCommittedEpoch:
         if not self.directory.exists():
             why = "the directory does not exist"
+        elif not self.directory.is_dir():
+            why = "it is not a directory"
         else:
             tmps = self.uncommitted_epochs()
             why = (f"only uncommitted epoch(s) {tmps} (.tmp dirs) are present" if tmps
