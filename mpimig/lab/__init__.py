@@ -41,8 +41,6 @@ Python API for launchers::
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 
 from ._sys import LabError, capability_problem
@@ -75,7 +73,11 @@ def _print_status(lab: Lab) -> None:
 def _cmd_status(args) -> int:
     lab = current()
     if lab is None:
-        print(f"no lab is up (state directory {state_dir()})")
+        if (state_dir() / "state.json").exists():
+            print(f"a partial lab (an 'up' that failed or was killed) is recorded in {state_dir()}; "
+                  "'mpimig lab down' removes it")
+        else:
+            print(f"no lab is up (state directory {state_dir()})")
         return 1
     _print_status(lab)
     from . import slurm_cluster

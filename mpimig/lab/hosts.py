@@ -139,6 +139,10 @@ class Lab:
         MPICH: ``-launcher ssh -launcher-exec WRAPPER -iface BRIDGE -hosts h1:K,...``.
         Environment reaches remote daemons and ranks through ssh (see the
         package docstring); MPICH's hydra also forwards the whole environment.
+
+        Inside a job of the lab's Slurm these arguments are harmless: Open MPI
+        then starts its daemons with srun (under slurmstepd) whatever the ssh
+        agent says (measured), and ``--host`` still picks the nodes.
         """
         hosts = ",".join(f"{h}:{n}" for h, n in self.slots(hosts_spec).items())
         if flavour == "openmpi":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Union
@@ -193,8 +192,7 @@ def _pmix_link(state: dict, save) -> None:
 
 
 def _spawn(sdir: Path, name: str, argv, env) -> Proc:
-    proc = _sys.spawn_daemon(argv, sdir / "slurm" / "logs" / f"{name}.out", env=env)
-    return proc
+    return _sys.spawn_daemon(argv, sdir / "slurm" / "logs" / f"{name}.out", env=env)
 
 
 def _build(sdir: Path, lab, state: dict, save, nodes: Dict[str, str]) -> None:

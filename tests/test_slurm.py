@@ -1,0 +1,185 @@
+"""A real Slurm over the lab: job scripts run to a verified result, mpimig.slurm
+reads real allocations, a node failure is survived by requeue + restart, and
+'slurm down' / 'lab down' leave nothing behind.
+
+Needs root and network namespaces (skips with the reason otherwise); installs
+slurm-wlm and munge with apt-get when missing.
+"""
+import json
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytest.register_assert_rewrite("lab_fixtures")
+from lab_fixtures import EMPTY_FOOTPRINT, ROOT, VENV_BIN, lab_env, lab_footprint, mpimig_cmd, run_cmd
+
+pytest_plugins = ["lab_fixtures"]
+pytestmark = pytest.mark.slurm
+
+
+def slurm_env(cluster, **extra) -> dict:
+    env = cluster.env(lab_env(**extra))
+    env["PYTHON"] = sys.executable
+    env["MPIEXEC"] = str(VENV_BIN / "mpiexec")
+    env["MPIMIG"] = str(VENV_BIN / "mpimig")
+    return env
+
+
+def scontrol_job(cluster, job_id) -> dict:
+    out = run_cmd(["scontrol", "-o", "show", "job", job_id], env=cluster.env(), timeout=20).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def wait_job_done(cluster, job_id, timeout, on_poll=None) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = scontrol_job(cluster, job_id)
+        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return info
+        if on_poll:
+            on_poll(info)
+        assert time.monotonic() < deadline, f"job {job_id} not done after {timeout}s: {info}"
+        time.sleep(0.5)
+
+
+def wait_nodes_idle(cluster, timeout=60):
+    deadline = time.monotonic() + timeout
+    while True:
+        out = run_cmd(["sinfo", "-h", "-N", "-o", "%N %t"], env=cluster.env(), timeout=20).stdout
+        states = dict(line.split() for line in out.splitlines())
+        if all(states.get(n) == "idle" for n in cluster.nodes):
+            return
+        assert time.monotonic() < deadline, f"nodes not idle after {timeout}s: {states}"
+        time.sleep(0.5)
+
+
+def sbatch(cluster, args, env, timeout=30) -> str:
+    res = run_cmd(["sbatch", "--parsable", *map(str, args)], env=env, timeout=timeout)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip().split(";")[0]
+
+
+def test_hello_sbatch_runs_on_every_node(slurm, tmp_path):
+    wait_nodes_idle(slurm)
+    job = sbatch(slurm, ["-N", len(slurm.nodes), "--ntasks-per-node=2", "-D", tmp_path,
+                         "-o", tmp_path / "hello-%j.out", ROOT / "jobs" / "hello.sbatch"], slurm_env(slurm))
+    info = wait_job_done(slurm, job, timeout=90)
+    text = (tmp_path / f"hello-{job}.out").read_text()
+    ranks = {int(m[0]): (m[1], int(m[2])) for m in re.findall(r"hello rank (\d+)/\d+ on (\S+) sum=(\d+)", text)}
+    n = 2 * len(slurm.nodes)
+    assert sorted(ranks) == list(range(n)), text
+    assert all(ranks[r] == (slurm.nodes[r // 2], n * (n - 1) // 2) for r in ranks), text
+    assert "done" in text and info["JobState"] == "COMPLETED", (info, text)
+
+
+def test_srun_pmix_launches_openmpi_ranks(slurm):
+    prog = "from mpi4py import MPI; c = MPI.COMM_WORLD; print('R', c.rank, c.size, MPI.Get_processor_name(), flush=True)"
+    res = run_cmd(["srun", "--mpi=pmix", "-N", len(slurm.nodes), "--ntasks-per-node=1", sys.executable, "-c", prog],
+                  env=slurm_env(slurm, PMIX_MCA_psec="native"), timeout=90)
+    lines = sorted(l.split() for l in res.stdout.splitlines() if l.startswith("R "))
+    assert [l[3] for l in lines] == slurm.nodes, res.stdout + res.stderr
+    assert all(l[2] == str(len(slurm.nodes)) for l in lines)
+
+
+def test_slurmjob_sees_a_real_allocation_and_its_draining_node(slurm, tmp_path):
+    """mpimig.slurm inside a real job: nodes, time left, restart count, and a
+    node drained while the job runs shows up as not usable (and out of the plan)."""
+    wait_nodes_idle(slurm)
+    flag = tmp_path / "go"
+    script = tmp_path / "view.sbatch"
+    script.write_text(f"""#!/bin/bash
+for i in $(seq 300); do [ -e {flag} ] && break; sleep 0.1; done
+"$PYTHON" -m mpimig.slurm info
+"$PYTHON" -c 'from mpimig.slurm import SlurmJob; import json; j = SlurmJob.from_env(); print("PLAN", json.dumps(j.mpiexec_args("openmpi", 2, n_nodes=1)))'
+""")
+    job = sbatch(slurm, ["-N", len(slurm.nodes), "--time=5", "-D", tmp_path, "-o", tmp_path / "view.out", script],
+                 slurm_env(slurm))
+    drained = slurm.nodes[-1]
+    try:
+        deadline = time.monotonic() + 30
+        while scontrol_job(slurm, job).get("JobState") != "RUNNING":
+            assert time.monotonic() < deadline, "job did not start"
+            time.sleep(0.2)
+        run_cmd(["scontrol", "update", f"NodeName={drained}", "State=DRAIN", "Reason=mpimig-test"],
+                env=slurm.env(), timeout=20, check_rc=0)
+        flag.touch()
+        wait_job_done(slurm, job, timeout=60)
+    finally:
+        run_cmd(["scontrol", "update", f"NodeName={drained}", "State=RESUME"], env=slurm.env(), timeout=20)
+    text = (tmp_path / "view.out").read_text()
+    info = json.loads(next(l for l in text.splitlines() if l.startswith("{")))
+    assert info["job_id"] == job and info["nodes"] == slurm.nodes, text
+    assert info["down"] == [drained] and info["usable"] == slurm.nodes[:-1], text
+    assert 0 < info["time_left"] <= 300 and info["restart_count"] == 0, text
+    plan = json.loads(text.split("PLAN ", 1)[1].splitlines()[0])
+    spares = ",".join(f"{n}:2" for n in slurm.nodes[1:-1])
+    assert plan == ["-n", "2", "--host", f"{slurm.nodes[0]}:2,{spares}", "--map-by", "ppr:2:node:OVERSUBSCRIBE"]
+
+
+def _mpimig_run_available() -> str:
+    res = subprocess.run([sys.executable, "-m", "mpimig", "run", "--help"], capture_output=True, text=True, timeout=60)
+    return "" if res.returncode == 0 else (res.stderr.strip().splitlines() or ["exit %d" % res.returncode])[-1]
+
+
+def test_requeue_sbatch_survives_a_node_failure(slurm, lab, tmp_path):
+    """jobs/requeue.sbatch: kill a node of the running job; the job requeues,
+    restarts on healthy nodes from the last committed epoch, and the result is
+    bit for bit the serial reference."""
+    missing = _mpimig_run_available()
+    if missing:
+        pytest.skip(f"'mpimig run' is not available: {missing}")
+    wait_nodes_idle(slurm)
+    n, steps = 64, 300
+    env = slurm_env(slurm, MPIMIG_APPS=ROOT / "apps", JOB_DIR=tmp_path / "job", HEAT_N=n,
+                    HEAT_STEPS=steps, HEAT_WORK_MS=10, CKPT_EVERY=10)
+    job = sbatch(slurm, ["-N", 2, "--ntasks-per-node=2", "-D", tmp_path, "-o", tmp_path / "rq.out",
+                         ROOT / "jobs" / "requeue.sbatch"], env)
+    ckpt = tmp_path / "job" / "ckpt"
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith("epoch-") for p in (ckpt.iterdir() if ckpt.exists() else [])):
+        assert time.monotonic() < deadline, (tmp_path / "rq.out").read_text()
+        time.sleep(0.1)
+    info = scontrol_job(slurm, job)
+    from mpimig.slurm import expand_hostlist
+    victim = next(h for h in expand_hostlist(info["NodeList"]) if h != info["BatchHost"])
+    lab.kill(victim)
+    killed_at = time.monotonic()
+
+    def hurry(info):   # Slurm holds a requeued job for cred_expire+1 s; start it at once
+        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+            run_cmd(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env(), timeout=20)
+
+    try:
+        final = wait_job_done(slurm, job, timeout=150, on_poll=hurry)
+        recovered_in = time.monotonic() - killed_at
+    finally:
+        run_cmd(mpimig_cmd("lab", "revive", victim), env=lab_env(), timeout=60)
+    text = (tmp_path / "rq.out").read_text()
+    assert final["JobState"] == "COMPLETED", (final, text)
+    assert "=== start: job %s restart 0" % job in text and "=== start: job %s restart 1" % job in text, text
+    assert re.search(r"resuming from epoch \d+", text) and "=== done: restart 1" in text, text
+    second = text.split("restart 1 on ", 1)[1].split()[0]
+    assert victim not in expand_hostlist(second), text
+    ref = tmp_path / "ref.npy"
+    run_cmd([sys.executable, ROOT / "apps" / "heat2d.py", "--serial", "--n", n, "--steps", steps, "--out", ref],
+            env=lab_env(), timeout=120, check_rc=0)
+    assert np.array_equal(np.load(tmp_path / "job" / "result.npy"), np.load(ref)), "restarted result differs"
+    print(f"node killed -> job completed: {recovered_in:.1f}s")
+    wait_nodes_idle(slurm, timeout=60)    # the revived node is back (ReturnToService=2)
+
+
+def test_slurm_down_then_lab_down_leave_nothing(slurm, lab):
+    assert lab_footprint()["daemons"]
+    res = run_cmd(mpimig_cmd("lab", "slurm", "down"), env=lab_env(), timeout=60)
+    assert "slurm down in" in res.stdout, res.stdout + res.stderr
+    left = lab_footprint()
+    assert left["netns"] and not left["slurm_conf_link"], left      # the hosts stay
+    assert not [d for d in left["daemons"] if "sshd" not in d], left
+    assert "no lab Slurm is up" in run_cmd(mpimig_cmd("lab", "slurm", "down"), env=lab_env(), timeout=60).stdout
+    res = run_cmd(mpimig_cmd("lab", "down"), env=lab_env(), timeout=60)
+    assert "lab down in" in res.stdout, res.stdout + res.stderr
+    assert lab_footprint() == EMPTY_FOOTPRINT
