@@ -251,7 +251,7 @@ def current(path: Union[str, Path, None] = None) -> Optional[Lab]:
 
 def _check_subnet(subnet: ipaddress.IPv4Network) -> None:
     for where, net in _sys.addresses_in_use():
-        if net.overlaps(subnet) and not (where == BRIDGE):
+        if net.overlaps(subnet):
             raise LabError(f"subnet {subnet} is already in use ({where}: {net}); "
                            "choose another with --subnet or MPIMIG_LAB_SUBNET")
 
