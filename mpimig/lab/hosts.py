@@ -39,8 +39,8 @@ FIRST_HOST_OFFSET = 10          # hN gets host address 10+N of the subnet
 MAX_HOSTS = 200
 
 # Environment that travels over the lab's ssh to prted / hydra_pmi_proxy and so
-# to the ranks (ssh SendEnv + sshd AcceptEnv): the search paths, MPI tuning and
-# mpimig's own settings.
+# to the ranks (ssh SendEnv + sshd AcceptEnv): MPI tuning, Python and mpimig
+# settings. PATH and LD_LIBRARY_PATH travel separately (see SSH_WRAPPER).
 FORWARDED_ENV = ["VIRTUAL_ENV", "PYTHON*", "OPAL_*", "OMPI_*",
                  "PRTE_*", "PMIX_*", "MPIMIG_*", "MPIR_CVAR_*", "MPICH_*", "HYDRA_*",
                  "FI_*", "UCX_*", "TMPDIR", "LANG", "LC_*"]
