@@ -133,6 +133,17 @@ def _mpi_library_version() -> str:
     return "unknown (mpi4py.MPI not loaded)"
 
 
+def _h5file(path, mode: str) -> h5py.File:
+    """h5py.File without HDF5's file locks: every rank file has one writer and
+    is immutable once renamed, and locks fail on some shared filesystems."""
+    try:
+        return h5py.File(path, mode, locking=False)
+    except ValueError as exc:          # HDF5 older than 1.10.7 / 1.12.1
+        if "locking" not in str(exc):
+            raise
+        return h5py.File(path, mode)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -430,7 +441,7 @@ def _write_file(path: Path, prepared: _Prepared, root_attrs: Mapping[str, Any]) 
        writer (both release the GIL).
     4. Store the checksums, close, fsync.
     """
-    with h5py.File(path, "w", locking=False):
+    with _h5file(path, "w"):
         pass                                  # superblock and root group, ~1 KiB
     fd = os.open(path, os.O_RDWR)
     crc_pool = None
@@ -440,7 +451,7 @@ def _write_file(path: Path, prepared: _Prepared, root_attrs: Mapping[str, Any]) 
     try:
         _fallocate(fd, _size_estimate(prepared))
         phase = "hdf5"
-        f = h5py.File(path, "r+", locking=False)   # HDF5 ignores the reserved tail
+        f = _h5file(path, "r+")   # HDF5 ignores the reserved tail
         for key, value in root_attrs.items():
             f.attrs[key] = value
         for g in GROUPS:
@@ -1048,7 +1059,7 @@ def _decode_pickled(raw: bytes, enc: str, where: str):
 def _read_file(path: Path, where: str, expected: dict | None) -> RankState:
     """Read a rank file; with ``expected`` (manifest datasets) verify CRCs,
     overlapping the CRC of one dataset with reading the next."""
-    with h5py.File(path, "r", locking=False) as f:
+    with _h5file(path, "r") as f:
         attrs = {k: _attr_value(v) for k, v in f.attrs.items()}
         if int(attrs.get("format_version", 0)) > FORMAT_VERSION:
             raise CorruptCheckpoint(f"{where}: {path} has format version "
@@ -1169,7 +1180,7 @@ def describe_file(path, verify: bool = True, entry: dict | None = None,
         problems.append(f"{where}: {path} has {info['bytes']} bytes, manifest says {entry['bytes']}")
     expected = (entry or {}).get("datasets", {})
     try:
-        with h5py.File(path, "r", locking=False) as f:
+        with _h5file(path, "r") as f:
             a = {k: _attr_value(v) for k, v in f.attrs.items()}
             info["attrs"] = a
             if epoch is None:

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -381,6 +382,38 @@ def test_crash_between_manifest_and_rename_leaves_previous_latest(tmp_path, monk
     store.write_rank(2, 0, 1, 2, {"a": np.arange(3) * 2}, {})
     store.commit(2, 1, 2)
     assert store.read_rank(None, 0).arrays["a"].tolist() == [0, 2, 4]
+
+
+def test_durability_order_of_write_and_commit(tmp_path, monkeypatch):
+    """fsync the data before the rename that publishes it; fsync the parent after."""
+    import mpimig.checkpoint as ck
+    events = []
+    real_fsync, real_replace, real_fsync_dir = os.fsync, os.replace, ck._fsync_dir
+
+    def fsync(fd):
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):          # directories: see fsync_dir
+            events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", Path(src).name, Path(dst).name))
+        return real_replace(src, dst)
+
+    def fsync_dir(path):
+        events.append(("fsync_dir", Path(path).name))
+        return real_fsync_dir(path)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(ck, "_fsync_dir", fsync_dir)
+    store = CheckpointStore(tmp_path / "ck")
+    store.write_rank(1, 0, 1, 0, {"a": np.ones(DIRECT_MIN)}, {})
+    w = [e for e in events if e[0] != "fsync" or e[1].startswith("rank")]
+    i = w.index(("rename", "rank-00000.h5.tmp", "rank-00000.h5"))
+    assert ("fsync", "rank-00000.h5.tmp") in w[:i] and w[i + 1] == ("fsync_dir", "epoch-000001.tmp")
+    events.clear()
+    store.commit(1, 1, 0)
+    assert events[:4] == [("fsync", "MANIFEST.json"), ("fsync_dir", "epoch-000001.tmp"),
+                          ("rename", "epoch-000001.tmp", "epoch-000001"), ("fsync_dir", "ck")]
 
 
 WRITER = textwrap.dedent("""

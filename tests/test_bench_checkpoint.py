@@ -1,0 +1,46 @@
+"""Smoke test of `mpimig bench checkpoint` with tiny sizes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mpimig import cli
+from mpimig.bench.checkpoint import fmt_size, parse_size
+from mpimig.errors import UsageError
+
+
+def test_parse_size():
+    assert parse_size("64M") == 64 << 20 and parse_size("1G") == 1 << 30
+    assert parse_size("512KiB") == 512 << 10 and parse_size("1.5g") == 3 << 29
+    assert parse_size("4096") == 4096 and fmt_size(256 << 20) == "256 MiB"
+    for bad in ("", "12X", "-1M", "0"):
+        with pytest.raises(UsageError, match="bad size"):
+            parse_size(bad)
+
+
+def test_bench_checkpoint_runs_and_reports(tmp_path, capsys):
+    rc = cli.main(["bench", "checkpoint", "--sizes", "1M,2M", "--repeat", "2",
+                   "--arrays", "2", "--dir", str(tmp_path), "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    res = json.loads(out)
+    assert [r["size"] for r in res["sizes"]] == [1 << 20, 2 << 20]
+    for r in res["sizes"]:
+        assert r["bytes"] == r["size"] and r["arrays"] == 2
+        assert len(r["raw_all_s"]) == len(r["mpimig_all_s"]) == 2
+        assert r["raw_gbps"] > 0 and r["mpimig_gbps"] > 0 and r["async_gbps"] > 0
+        assert r["ratio"] == pytest.approx(r["mpimig_gbps"] / r["raw_gbps"])
+        assert 0 <= r["async_stall_s"] <= r["async_s"]
+    assert "1 MiB/rank: raw h5py" in err and "ratio mpimig/raw" in err   # progress lines
+    assert list(tmp_path.iterdir()) == []                                  # cleaned up
+
+
+def test_bench_table_and_bad_arguments(tmp_path, capsys):
+    rc = cli.main(["bench", "checkpoint", "--sizes", "1M", "--repeat", "1", "--no-async",
+                   "--dir", str(tmp_path)])
+    out, _ = capsys.readouterr()
+    assert rc == 0 and "size/rank" in out and "ratio" in out and "async" not in out.split("\n\n")[-1]
+    assert cli.main(["bench", "checkpoint", "--sizes", "1Q"]) == 1
+    assert "bad size" in capsys.readouterr().err
+    assert cli.main(["bench"]) == 2
