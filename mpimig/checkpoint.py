@@ -304,9 +304,13 @@ def _encode_array(key: str, path: str, arr: Any, base: dict, snapshot) -> _Item:
 
 
 def _is_message_queue(value: Any) -> bool:
+    """A list of (source, tag, kind, payload) tuples that the native queue
+    encoding stores exactly (int64 source and tag, kind without NUL)."""
+    lim = 1 << 63
     return isinstance(value, list) and all(
         type(m) is tuple and len(m) == 4 and type(m[0]) is int and type(m[1]) is int
-        and type(m[2]) is str and type(m[3]) is bytes for m in value)
+        and -lim <= m[0] < lim and -lim <= m[1] < lim
+        and type(m[2]) is str and "\0" not in m[2] and type(m[3]) is bytes for m in value)
 
 
 def _encode_queue(path: str, queue: list) -> tuple[dict, list[_Item]]:
@@ -647,10 +651,12 @@ class CheckpointStore:
             self._snapshots.clear()
 
     def close(self) -> None:
-        """Wait for asynchronous writes and background pruning; stop the threads."""
+        """Wait for asynchronous writes and background pruning; stop the
+        threads and free the snapshot buffers. The store stays usable."""
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        self.release_buffers()
         self.wait_pruned()
         with self._lock:
             deleter, self._deleter = self._deleter, None

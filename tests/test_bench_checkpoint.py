@@ -6,7 +6,7 @@ import json
 import pytest
 
 from mpimig import cli
-from mpimig.bench.checkpoint import fmt_size, parse_size
+from mpimig.bench.checkpoint import effective_repeats, fmt_size, parse_size
 from mpimig.errors import UsageError
 
 
@@ -14,6 +14,8 @@ def test_parse_size():
     assert parse_size("64M") == 64 << 20 and parse_size("1G") == 1 << 30
     assert parse_size("512KiB") == 512 << 10 and parse_size("1.5g") == 3 << 29
     assert parse_size("4096") == 4096 and fmt_size(256 << 20) == "256 MiB"
+    assert effective_repeats(5, 1 << 30) == 5 and effective_repeats(5, 64 << 20) == 20
+    assert effective_repeats(3, 128 << 20) == 6 and effective_repeats(2, 1 << 20) == 8
     for bad in ("", "12X", "-1M", "0"):
         with pytest.raises(UsageError, match="bad size"):
             parse_size(bad)
@@ -28,7 +30,7 @@ def test_bench_checkpoint_runs_and_reports(tmp_path, capsys):
     assert [r["size"] for r in res["sizes"]] == [1 << 20, 2 << 20]
     for r in res["sizes"]:
         assert r["bytes"] == r["size"] and r["arrays"] == 2
-        assert len(r["raw_all_s"]) == len(r["mpimig_all_s"]) == 2
+        assert len(r["raw_all_s"]) == len(r["mpimig_all_s"]) == r["repeats"] == 8
         assert r["raw_gbps"] > 0 and r["mpimig_gbps"] > 0 and r["async_gbps"] > 0
         assert r["ratio"] == pytest.approx(r["mpimig_gbps"] / r["raw_gbps"])
         assert 0 <= r["async_stall_s"] <= r["async_s"]

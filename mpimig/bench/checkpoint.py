@@ -4,6 +4,8 @@ For every size, the same arrays are written, alternating, through
 :class:`mpimig.checkpoint.CheckpointStore` (``write_rank`` + ``commit``: rank
 file, CRC-32 per dataset, manifest, atomic rename, pruning) and through raw
 h5py (one contiguous dataset per array, ``flush`` + ``os.fsync``). Both fsync.
+Sizes under 256 MiB are repeated more (up to 4x ``--repeat``, so that each
+size writes about as much as 256 MiB x repeat): small writes are the noisiest.
 Reported per size, as medians of the repeats: throughput of each, the ratio
 mpimig/raw, and the stall — how long the caller is blocked per checkpoint.
 With ``--async`` (default) the asynchronous mode is measured too: the caller
@@ -68,6 +70,11 @@ def make_arrays(total: int, count: int) -> dict[str, np.ndarray]:
     return arrays
 
 
+def effective_repeats(repeat: int, size: int) -> int:
+    """More repeats for small sizes (noisier): up to 4x, about 256 MiB x repeat per size."""
+    return repeat * max(1, min(4, (256 << 20) // max(size, 1)))
+
+
 def write_raw(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """The baseline: one contiguous dataset per array, flush, fsync."""
     with h5py.File(path, "w") as f:
@@ -106,7 +113,7 @@ def run(sizes: list[int], repeat: int, directory: Path, n_arrays: int = 4,
     directory.mkdir(parents=True, exist_ok=True)
     fstype = _fs_type(directory)
     out(f"mpimig bench checkpoint: dir {directory} ({fstype or 'unknown fs'}), "
-        f"{repeat} repeat(s), median; zlib.crc32 {crc_speed() / 1e9:.2f} GB/s here")
+        f"{repeat}+ repeat(s), median; zlib.crc32 {crc_speed() / 1e9:.2f} GB/s here")
     if fstype in ("tmpfs", "ramfs"):
         out("warning: the directory is in memory (tmpfs): fsync costs nothing, "
             "use --dir on a disk to measure a checkpoint")
@@ -127,7 +134,8 @@ def run(sizes: list[int], repeat: int, directory: Path, n_arrays: int = 4,
             arrays = make_arrays(size, n_arrays)
             nbytes = sum(a.nbytes for a in arrays.values())
             t_raw, t_mig, t_async, stall_async = [], [], [], []
-            for r in range(repeat):
+            reps = effective_repeats(repeat, size)
+            for r in range(reps):
                 order = ("raw", "mpimig") if r % 2 == 0 else ("mpimig", "raw")
                 for which in order:
                     if which == "raw":
@@ -153,7 +161,7 @@ def run(sizes: list[int], repeat: int, directory: Path, n_arrays: int = 4,
                     store.wait_pruned()
                     epoch += 1
             row = {
-                "size": size, "bytes": nbytes, "arrays": len(arrays),
+                "size": size, "bytes": nbytes, "arrays": len(arrays), "repeats": reps,
                 "raw_s": statistics.median(t_raw), "mpimig_s": statistics.median(t_mig),
                 "raw_all_s": t_raw, "mpimig_all_s": t_mig,
             }
@@ -170,7 +178,7 @@ def run(sizes: list[int], repeat: int, directory: Path, n_arrays: int = 4,
                 row["async_stall_s"] = statistics.median(stall_async)
                 line += (f"; async: stall {row['async_stall_s'] * 1e3:.0f} ms (snapshot), "
                          f"{row['async_gbps']:.3f} GB/s to commit")
-            out(line)
+            out(line + f" [{reps} repeats]")
             results["sizes"].append(row)
             del arrays
     finally:
@@ -228,7 +236,8 @@ def register(bench_subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="64M,256M,1G",
                    help="bytes per rank, comma-separated, binary units (default 64M,256M,1G)")
-    p.add_argument("--repeat", type=int, default=3, help="repeats per size; medians are shown (default 3)")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="repeats per size (x2..4 under 256 MiB); medians are shown (default 5)")
     p.add_argument("--dir", help="directory to write in (a temporary subdirectory is made and "
                                  "removed; default: $TMPDIR). Use the filesystem checkpoints go to.")
     p.add_argument("--arrays", type=int, default=4,
