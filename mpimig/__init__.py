@@ -1,7 +1,42 @@
-"""mpimig: live migration and fault tolerance for mpi4py programs."""
+"""mpimig: live migration and fault tolerance for mpi4py programs.
+
+Public API (importing it does not initialise MPI until a name that needs
+mpi4py.MPI is used)::
+
+    import mpimig
+    mpimig.run(main)             # main(ctx): ctx.comm, ctx.state(...), ctx.checkpoint_point()
+"""
 from ._version import __version__
 from .errors import (MpimigError, StateError, CheckpointError, NoCommittedEpoch,
-                     CorruptCheckpoint, CommError, MigrationError, LaunchError)
+                     CorruptCheckpoint, CommError, MigrationError, LaunchError, UsageError)
 
 import logging as _logging
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
+_LAZY = {
+    "run": "runtime", "Context": "runtime",
+    "Comm": "comm", "Request": "comm", "ANY_SOURCE": "comm", "ANY_TAG": "comm", "PROC_NULL": "comm",
+    "State": "state", "Config": "config",
+    "CheckpointStore": "checkpoint",
+}
+
+__all__ = [
+    "__version__", "run", "Context", "State", "Comm", "Request", "Config", "CheckpointStore",
+    "ANY_SOURCE", "ANY_TAG", "PROC_NULL",
+    "MpimigError", "StateError", "CheckpointError", "NoCommittedEpoch", "CorruptCheckpoint",
+    "CommError", "MigrationError", "LaunchError", "UsageError",
+]
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'mpimig' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)

@@ -1,0 +1,572 @@
+"""The logical communicator programs use instead of ``MPI.COMM_WORLD``.
+
+Logical ranks stay the same across migrations and restarts. Underneath, the
+communicator wraps an ordinary MPI intracommunicator (``self._c``) whose rank
+*i* is the process that currently hosts logical rank *i*; a migration builds a
+new one and swaps it in (step 7, *re-pointing channels*). So point-to-point
+calls and collectives go straight to MPI with no translation.
+
+What mpimig adds is a local queue of *held messages* (step 3, *queueing*): at a
+safe point where state is captured (a checkpoint or a migration), every rank
+sends an end-of-epoch marker to every other rank and drains the old
+communicator until it has seen all markers (:meth:`Comm._flush`). MPI keeps
+messages from one sender in order, so after the drain every message that was
+in flight sits in its receiver's queue, in order. The queue travels with the
+rank's state and is matched before anything that arrives later. Nothing is
+lost, duplicated or reordered.
+
+Receives posted with ``Irecv``/``irecv`` are *lazy*: they are matched (queue
+first, then ``Improbe``/``Mrecv``) in posting order when a request is tested or
+waited, which keeps MPI's ordering rule and means that no MPI-level receive is
+ever posted across a safe point.
+
+The names and semantics are mpi4py's: capitalised methods take buffers,
+lowercase methods take pickled objects.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from collections import deque
+from typing import Any, List, Optional
+
+from mpi4py import MPI
+
+from .errors import CommError
+
+ANY_SOURCE = MPI.ANY_SOURCE
+ANY_TAG = MPI.ANY_TAG
+PROC_NULL = MPI.PROC_NULL
+
+#: Tags at or above this value are mpimig's own (markers); user tags must be below.
+N_RESERVED_TAGS = 16
+
+
+def _tag_ub(comm) -> int:
+    ub = comm.Get_attr(MPI.TAG_UB)
+    return int(ub) if ub else 32767
+
+
+def _as_bytes_view(buf) -> memoryview:
+    """Writable byte view of the data part of an mpi4py buffer spec."""
+    data = buf[0] if isinstance(buf, (list, tuple)) else buf
+    mv = memoryview(data)
+    if not mv.contiguous:
+        raise CommError("receive buffer must be contiguous")
+    return mv.cast("B")
+
+
+class _Held:
+    """A message held in the local queue: (source, tag, payload bytes)."""
+    __slots__ = ("source", "tag", "payload")
+
+    def __init__(self, source: int, tag: int, payload) -> None:
+        self.source = source
+        self.tag = tag
+        self.payload = payload
+
+    def matches(self, source: int, tag: int) -> bool:
+        return ((source == ANY_SOURCE or source == self.source)
+                and (tag == ANY_TAG or tag == self.tag))
+
+
+def _fill_status(status: Optional[MPI.Status], source: int, tag: int, nbytes: int) -> None:
+    if status is not None:
+        status.Set_source(source)
+        status.Set_tag(tag)
+        status.Set_elements(MPI.BYTE, nbytes)
+        status.Set_error(MPI.SUCCESS)
+
+
+class Request:
+    """A request of the logical communicator (mpi4py's ``Request`` API).
+
+    Sends wrap an MPI request. Receives are lazy and are matched in posting
+    order by the communicator's progress engine. A pickled-object receive
+    (``irecv``) can be kept in registered state across a checkpoint point.
+    """
+
+    __slots__ = ("_comm", "_kind", "_mpi", "_buf", "source", "tag", "_done", "_value", "_st")
+
+    def __init__(self, comm: "Comm", kind: str, source: int = ANY_SOURCE, tag: int = ANY_TAG,
+                 buf=None, mpi_req: Optional[MPI.Request] = None) -> None:
+        self._comm = comm
+        self._kind = kind            # 'send', 'Recv', 'recv'
+        self._mpi = mpi_req
+        self._buf = buf
+        self.source = source
+        self.tag = tag
+        self._done = False
+        self._value = None
+        self._st = (MPI.PROC_NULL, MPI.ANY_TAG, 0)
+
+    # -- completion --------------------------------------------------------
+    def _complete(self, value, source, tag, nbytes) -> None:
+        self._done = True
+        self._value = value
+        self._st = (source, tag, nbytes)
+
+    def _poll(self) -> bool:
+        if self._done:
+            return True
+        if self._kind == "send":
+            if self._mpi.Test():
+                self._done = True
+            return self._done
+        self._comm._progress()
+        return self._done
+
+    def _block(self) -> None:
+        if self._done:
+            return
+        if self._kind == "send":
+            self._mpi.Wait()
+            self._done = True
+            return
+        self._comm._wait_recv(self)
+
+    def _status(self, status) -> None:
+        if status is not None and self._kind != "send":
+            _fill_status(status, *self._st)
+
+    def Wait(self, status: Optional[MPI.Status] = None) -> bool:
+        self._block()
+        self._status(status)
+        return True
+
+    def wait(self, status: Optional[MPI.Status] = None) -> Any:
+        self._block()
+        self._status(status)
+        return self._value
+
+    def Test(self, status: Optional[MPI.Status] = None) -> bool:
+        flag = self._poll()
+        if flag:
+            self._status(status)
+        return flag
+
+    def test(self, status: Optional[MPI.Status] = None):
+        flag = self._poll()
+        if flag:
+            self._status(status)
+        return flag, (self._value if flag else None)
+
+    def Get_status(self, status: Optional[MPI.Status] = None) -> bool:
+        return self.Test(status)
+
+    def __bool__(self) -> bool:  # like MPI.Request: true while not REQUEST_NULL
+        return True
+
+    # -- many requests ---------------------------------------------------
+    @staticmethod
+    def Waitall(requests, statuses=None) -> bool:
+        for i, r in enumerate(requests):
+            r.Wait(statuses[i] if statuses is not None else None)
+        return True
+
+    @staticmethod
+    def waitall(requests, statuses=None) -> List[Any]:
+        return [r.wait(statuses[i] if statuses is not None else None) for i, r in enumerate(requests)]
+
+    @staticmethod
+    def Testall(requests, statuses=None) -> bool:
+        return all([r.Test(statuses[i] if statuses is not None else None)
+                    for i, r in enumerate(requests)])
+
+    @staticmethod
+    def testall(requests, statuses=None):
+        flags = [r.Test() for r in requests]
+        if all(flags):
+            return True, [r.wait() for r in requests]
+        return False, None
+
+    @staticmethod
+    def Waitany(requests, status=None) -> int:
+        while True:
+            for i, r in enumerate(requests):
+                if r.Test(status):
+                    return i
+            _idle()
+
+    @staticmethod
+    def waitany(requests, status=None):
+        i = Request.Waitany(requests, status)
+        return i, requests[i].wait()
+
+    # -- kept in registered state -----------------------------------------
+    def __reduce__(self):
+        if self._kind == "Recv" and not self._done:
+            raise pickle.PicklingError(
+                f"a pending Irecv(source={self.source}, tag={self.tag}) cannot be kept across a "
+                "checkpoint point: complete buffer receives before ctx.checkpoint_point(), or use irecv")
+        if self._kind == "send" and not self._done:
+            # every send completes during the safe point's drain; wait for it
+            self._block()
+        return (_restore_request, (self._kind, self.source, self.tag, self._done, self._value, self._st))
+
+
+_current_comm: Optional["Comm"] = None
+
+
+def _restore_request(kind, source, tag, done, value, st):
+    comm = _current_comm
+    if comm is None:
+        raise CommError("a request was restored outside an mpimig job")
+    r = Request(comm, kind, source, tag)
+    if done:
+        r._complete(value, *st)
+    else:
+        comm._pending.append(r)
+    return r
+
+
+_spins = 0
+
+
+def _idle() -> None:
+    """Back-off in polling loops: stay hot briefly, then yield the core
+    (2 cores, often oversubscribed: spinning would slow the ranks we wait for)."""
+    global _spins
+    _spins += 1
+    if _spins > 64:
+        os.sched_yield()
+
+
+class Comm:
+    """mpi4py-compatible communicator over logical ranks."""
+
+    def __init__(self, mpicomm: MPI.Intracomm) -> None:
+        global _current_comm
+        self._c = mpicomm
+        self._queue: deque = deque()          # held messages (_Held), oldest first
+        self._pending: List[Request] = []     # lazy receives, in posting order
+        self._sends: List[Request] = []       # outstanding sends (for the drain)
+        self._marker_tag = _tag_ub(mpicomm)   # highest tag: end-of-epoch marker
+        self.tag_limit = self._marker_tag - N_RESERVED_TAGS + 1
+        _current_comm = self
+
+    # -- identity ------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self._c.Get_rank()
+
+    @property
+    def size(self) -> int:
+        return self._c.Get_size()
+
+    def Get_rank(self) -> int:
+        return self._c.Get_rank()
+
+    def Get_size(self) -> int:
+        return self._c.Get_size()
+
+    @property
+    def mpi(self) -> MPI.Intracomm:
+        """The MPI communicator behind this one right now (changes on migration)."""
+        return self._c
+
+    def __repr__(self) -> str:
+        return f"<mpimig.Comm rank {self.rank} of {self.size}, {len(self._queue)} held>"
+
+    def _check_tag(self, tag: int) -> None:
+        if tag >= self.tag_limit:
+            raise CommError(f"tag {tag} is reserved by mpimig (user tags must be < {self.tag_limit})")
+
+    # -- point to point: sends go straight to MPI ------------------------------
+    def Send(self, buf, dest: int, tag: int = 0) -> None:
+        self._c.Send(buf, dest, tag)
+
+    def Ssend(self, buf, dest: int, tag: int = 0) -> None:
+        self._c.Ssend(buf, dest, tag)
+
+    def send(self, obj: Any, dest: int, tag: int = 0) -> None:
+        self._c.send(obj, dest, tag)
+
+    def ssend(self, obj: Any, dest: int, tag: int = 0) -> None:
+        self._c.ssend(obj, dest, tag)
+
+    def Isend(self, buf, dest: int, tag: int = 0) -> Request:
+        r = Request(self, "send", dest, tag, mpi_req=self._c.Isend(buf, dest, tag))
+        self._track_send(r)
+        return r
+
+    def isend(self, obj: Any, dest: int, tag: int = 0) -> Request:
+        r = Request(self, "send", dest, tag, mpi_req=self._c.isend(obj, dest, tag))
+        self._track_send(r)
+        return r
+
+    def Issend(self, buf, dest: int, tag: int = 0) -> Request:
+        r = Request(self, "send", dest, tag, mpi_req=self._c.Issend(buf, dest, tag))
+        self._track_send(r)
+        return r
+
+    def _track_send(self, r: Request) -> None:
+        s = self._sends
+        if len(s) > 256:   # forget completed ones now and then
+            self._sends = s = [x for x in s if not x._done and not (x._mpi is not None and x._mpi.Test())]
+        s.append(r)
+
+    # -- point to point: receives ------------------------------------------------
+    def _take_held(self, source: int, tag: int) -> Optional[_Held]:
+        q = self._queue
+        for i, m in enumerate(q):
+            if m.matches(source, tag):
+                del q[i]
+                return m
+        return None
+
+    def Recv(self, buf, source: int = ANY_SOURCE, tag: int = ANY_TAG,
+             status: Optional[MPI.Status] = None) -> None:
+        if not self._queue and not self._pending:
+            self._c.Recv(buf, source, tag, status)
+            return
+        r = Request(self, "Recv", source, tag, buf=buf)
+        self._pending.append(r)
+        r.Wait(status)
+
+    def recv(self, buf=None, source: int = ANY_SOURCE, tag: int = ANY_TAG,
+             status: Optional[MPI.Status] = None) -> Any:
+        if not self._queue and not self._pending:
+            return self._c.recv(buf, source, tag, status)
+        r = Request(self, "recv", source, tag)
+        self._pending.append(r)
+        return r.wait(status)
+
+    def Irecv(self, buf, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
+        r = Request(self, "Recv", source, tag, buf=buf)
+        self._pending.append(r)
+        return r
+
+    def irecv(self, buf=None, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
+        r = Request(self, "recv", source, tag)
+        self._pending.append(r)
+        return r
+
+    def Sendrecv(self, sendbuf, dest: int, sendtag: int = 0, recvbuf=None,
+                 source: int = ANY_SOURCE, recvtag: int = ANY_TAG,
+                 status: Optional[MPI.Status] = None) -> None:
+        if not self._queue and not self._pending:
+            self._c.Sendrecv(sendbuf, dest, sendtag, recvbuf, source, recvtag, status)
+            return
+        s = self.Isend(sendbuf, dest, sendtag)
+        self.Recv(recvbuf, source, recvtag, status)
+        s.Wait()
+
+    def sendrecv(self, sendobj: Any, dest: int, sendtag: int = 0, recvbuf=None,
+                 source: int = ANY_SOURCE, recvtag: int = ANY_TAG,
+                 status: Optional[MPI.Status] = None) -> Any:
+        if not self._queue and not self._pending:
+            return self._c.sendrecv(sendobj, dest, sendtag, recvbuf, source, recvtag, status)
+        s = self.isend(sendobj, dest, sendtag)
+        obj = self.recv(None, source, recvtag, status)
+        s.Wait()
+        return obj
+
+    def Probe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG,
+              status: Optional[MPI.Status] = None) -> bool:
+        while not self.Iprobe(source, tag, status):
+            _idle()
+        return True
+
+    probe = Probe
+
+    def Iprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG,
+               status: Optional[MPI.Status] = None) -> bool:
+        for m in self._queue:
+            if m.matches(source, tag):
+                _fill_status(status, m.source, m.tag, len(m.payload))
+                return True
+        return bool(self._c.Iprobe(source, tag, status))
+
+    iprobe = Iprobe
+
+    # -- the progress engine for lazy receives -----------------------------------
+    def _match(self, r: Request) -> bool:
+        """Try to complete one receive: held messages first, then MPI."""
+        m = self._take_held(r.source, r.tag) if self._queue else None
+        if m is not None:
+            n = len(m.payload)
+            if r._kind == "recv":
+                value = pickle.loads(m.payload)
+            else:
+                view = _as_bytes_view(r._buf)
+                if n > len(view):
+                    raise CommError(f"message of {n} bytes from rank {m.source} (tag {m.tag}) "
+                                    f"truncated: receive buffer holds {len(view)} bytes")
+                view[:n] = m.payload
+                value = None
+            r._complete(value, m.source, m.tag, n)
+            return True
+        st = MPI.Status()
+        msg = self._c.improbe(r.source, r.tag, st)
+        if msg is None:
+            return False
+        if r._kind == "recv":
+            value = msg.recv()
+        else:
+            msg.Recv(r._buf)
+            value = None
+        r._complete(value, st.Get_source(), st.Get_tag(), st.Get_count(MPI.BYTE))
+        return True
+
+    def _progress(self) -> bool:
+        """Match pending receives in posting order; returns whether any completed."""
+        made = False
+        pend = self._pending
+        i = 0
+        while i < len(pend):
+            r = pend[i]
+            if self._match(r):
+                del pend[i]
+                made = True
+            else:
+                i += 1
+        return made
+
+    def _wait_recv(self, r: Request) -> None:
+        while not r._done:
+            if not self._progress():
+                _idle()
+
+    # -- collectives: straight to MPI ----------------------------------------------
+    def Barrier(self) -> None:
+        self._c.Barrier()
+
+    def barrier(self) -> None:
+        self._c.Barrier()
+
+    def Bcast(self, buf, root: int = 0) -> None:
+        self._c.Bcast(buf, root)
+
+    def bcast(self, obj: Any = None, root: int = 0) -> Any:
+        return self._c.bcast(obj, root)
+
+    def Reduce(self, sendbuf, recvbuf, op=MPI.SUM, root: int = 0) -> None:
+        self._c.Reduce(sendbuf, recvbuf, op, root)
+
+    def reduce(self, sendobj: Any, op=MPI.SUM, root: int = 0) -> Any:
+        return self._c.reduce(sendobj, op, root)
+
+    def Allreduce(self, sendbuf, recvbuf, op=MPI.SUM) -> None:
+        self._c.Allreduce(sendbuf, recvbuf, op)
+
+    def allreduce(self, sendobj: Any, op=MPI.SUM) -> Any:
+        return self._c.allreduce(sendobj, op)
+
+    def Gather(self, sendbuf, recvbuf, root: int = 0) -> None:
+        self._c.Gather(sendbuf, recvbuf, root)
+
+    def Gatherv(self, sendbuf, recvbuf, root: int = 0) -> None:
+        self._c.Gatherv(sendbuf, recvbuf, root)
+
+    def gather(self, sendobj: Any, root: int = 0) -> Any:
+        return self._c.gather(sendobj, root)
+
+    def Scatter(self, sendbuf, recvbuf, root: int = 0) -> None:
+        self._c.Scatter(sendbuf, recvbuf, root)
+
+    def Scatterv(self, sendbuf, recvbuf, root: int = 0) -> None:
+        self._c.Scatterv(sendbuf, recvbuf, root)
+
+    def scatter(self, sendobj: Any, root: int = 0) -> Any:
+        return self._c.scatter(sendobj, root)
+
+    def Allgather(self, sendbuf, recvbuf) -> None:
+        self._c.Allgather(sendbuf, recvbuf)
+
+    def Allgatherv(self, sendbuf, recvbuf) -> None:
+        self._c.Allgatherv(sendbuf, recvbuf)
+
+    def allgather(self, sendobj: Any) -> Any:
+        return self._c.allgather(sendobj)
+
+    def Alltoall(self, sendbuf, recvbuf) -> None:
+        self._c.Alltoall(sendbuf, recvbuf)
+
+    def Alltoallv(self, sendbuf, recvbuf) -> None:
+        self._c.Alltoallv(sendbuf, recvbuf)
+
+    def alltoall(self, sendobj: Any) -> Any:
+        return self._c.alltoall(sendobj)
+
+    def Scan(self, sendbuf, recvbuf, op=MPI.SUM) -> None:
+        self._c.Scan(sendbuf, recvbuf, op)
+
+    def scan(self, sendobj: Any, op=MPI.SUM) -> Any:
+        return self._c.scan(sendobj, op)
+
+    def Exscan(self, sendbuf, recvbuf, op=MPI.SUM) -> None:
+        self._c.Exscan(sendbuf, recvbuf, op)
+
+    def exscan(self, sendobj: Any, op=MPI.SUM) -> Any:
+        return self._c.exscan(sendobj, op)
+
+    def Reduce_scatter_block(self, sendbuf, recvbuf, op=MPI.SUM) -> None:
+        self._c.Reduce_scatter_block(sendbuf, recvbuf, op)
+
+    # -- anything else ----------------------------------------------------------
+    def __getattr__(self, name: str):
+        if hasattr(MPI.Intracomm, name):
+            raise CommError(
+                f"mpimig.Comm does not support {name}() yet: a call that is not listed in "
+                "docs/protocol.md could break across a migration. Use ctx.comm.mpi for the "
+                "current MPI communicator if you know the call completes before the next "
+                "checkpoint point.")
+        raise AttributeError(name)
+
+    # -- safe points: flush, export, import (used by the runtime) ------------------
+    def _flush(self) -> int:
+        """Collective over the communicator: hold every in-flight message.
+
+        Every rank sends an end-of-epoch marker to every other rank and drains
+        until it has all markers. Returns the number of messages newly held.
+        """
+        c = self._c
+        me, n = c.Get_rank(), c.Get_size()
+        marker = self._marker_tag
+        empty = bytearray(0)
+        reqs = [c.Isend([empty, 0, MPI.BYTE], d, marker) for d in range(n) if d != me]
+        seen = 0
+        held = 0
+        st = MPI.Status()
+        while seen < n - 1:
+            msg = c.mprobe(ANY_SOURCE, ANY_TAG, st)
+            src, tag = st.Get_source(), st.Get_tag()
+            nbytes = st.Get_count(MPI.BYTE)
+            data = bytearray(nbytes)
+            msg.Recv([data, nbytes, MPI.BYTE])
+            if tag == marker:
+                seen += 1
+            else:
+                self._queue.append(_Held(src, tag, data))
+                held += 1
+        MPI.Request.Waitall(reqs)
+        # everything we sent has been drained by its receiver: sends are complete
+        for r in self._sends:
+            if not r._done:
+                r._mpi.Wait()
+                r._done = True
+        self._sends = []
+        # lazy receives may now match held messages
+        self._progress()
+        return held
+
+    def _export(self) -> dict:
+        """The communication state that moves with the rank (after a flush)."""
+        pending_buf = [r for r in self._pending if r._kind == "Recv"]
+        if pending_buf:
+            r = pending_buf[0]
+            raise CommError(
+                f"rank {self.rank}: a pending Irecv(source={r.source}, tag={r.tag}) cannot be kept "
+                "across a checkpoint point: complete buffer receives before ctx.checkpoint_point(), "
+                "or use irecv")
+        return {"queue": [(m.source, m.tag, bytes(m.payload)) for m in self._queue]}
+
+    def _import(self, data: dict) -> None:
+        self._queue = deque(_Held(s, t, bytearray(p)) for s, t, p in data.get("queue", []))
+
+    def _swap(self, mpicomm: MPI.Intracomm) -> None:
+        """Re-point the channels at a new MPI communicator (after a flush)."""
+        self._c = mpicomm
+        self._marker_tag = _tag_ub(mpicomm)
+        self.tag_limit = self._marker_tag - N_RESERVED_TAGS + 1

@@ -1,0 +1,77 @@
+"""Job configuration handed from ``mpimig run`` to the ranks through the environment.
+
+Plain ``mpiexec -n 4 python app.py`` works too: with no ``MPIMIG_*`` variables
+the job runs without checkpoints, unless the program sets them itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from .errors import UsageError
+
+RESTART_MODES = ("auto", "always", "never")
+
+
+def parse_schedule(items) -> List[Tuple[int, int, str]]:
+    """Parse ``STEP:RANK:HOST`` migration schedule entries."""
+    out = []
+    for item in items or []:
+        for part in str(item).replace(",", " ").split():
+            bits = part.split(":")
+            if len(bits) not in (3, 4) or not bits[0].isdigit() or not bits[1].isdigit() or not bits[2]:
+                raise UsageError(f"bad migration schedule entry {part!r}: expected STEP:RANK:HOST[:STRATEGY]")
+            out.append((int(bits[0]), int(bits[1]), bits[2]) + ((bits[3],) if len(bits) == 4 else ()))
+    return out
+
+
+@dataclasses.dataclass
+class Config:
+    job_dir: Optional[Path] = None
+    ckpt_dir: Optional[Path] = None
+    ckpt_every: int = 0            # checkpoint every N checkpoint points (0: off)
+    ckpt_seconds: float = 0.0      # or every S seconds (rank 0's clock, agreed by all)
+    keep: int = 2                  # committed epochs kept
+    restart: str = "auto"          # auto | always | never
+    run_id: str = ""
+    schedule: list = dataclasses.field(default_factory=list)   # [(point, rank, host[, strategy])]
+    coordinator: bool = False
+
+    @classmethod
+    def from_env(cls, env=None) -> "Config":
+        env = os.environ if env is None else env
+        job_dir = env.get("MPIMIG_JOB_DIR")
+        ckpt_dir = env.get("MPIMIG_CKPT_DIR") or (str(Path(job_dir) / "ckpt") if job_dir else None)
+        restart = env.get("MPIMIG_RESTART", "auto")
+        if restart not in RESTART_MODES:
+            raise UsageError(f"MPIMIG_RESTART={restart!r}: expected one of {', '.join(RESTART_MODES)}")
+        sched = parse_schedule([env.get("MPIMIG_MIGRATE", "")])
+        return cls(
+            job_dir=Path(job_dir) if job_dir else None,
+            ckpt_dir=Path(ckpt_dir) if ckpt_dir else None,
+            ckpt_every=int(env.get("MPIMIG_CKPT_EVERY", "0") or 0),
+            ckpt_seconds=float(env.get("MPIMIG_CKPT_SECONDS", "0") or 0),
+            keep=int(env.get("MPIMIG_KEEP", "2") or 2),
+            restart=restart,
+            run_id=env.get("MPIMIG_RUN_ID", ""),
+            schedule=sched,
+            coordinator=env.get("MPIMIG_COORDINATOR", "0") == "1" or bool(sched),
+        )
+
+    def to_env(self) -> dict:
+        env = {}
+        if self.job_dir:
+            env["MPIMIG_JOB_DIR"] = str(self.job_dir)
+        if self.ckpt_dir:
+            env["MPIMIG_CKPT_DIR"] = str(self.ckpt_dir)
+        env["MPIMIG_CKPT_EVERY"] = str(self.ckpt_every)
+        env["MPIMIG_CKPT_SECONDS"] = str(self.ckpt_seconds)
+        env["MPIMIG_KEEP"] = str(self.keep)
+        env["MPIMIG_RESTART"] = self.restart
+        env["MPIMIG_RUN_ID"] = self.run_id
+        if self.schedule:
+            env["MPIMIG_MIGRATE"] = " ".join(":".join(map(str, s)) for s in self.schedule)
+        env["MPIMIG_COORDINATOR"] = "1" if self.coordinator else "0"
+        return env

@@ -1,0 +1,386 @@
+"""The coordinator: a process of its own (J rank 0) that runs migrations.
+
+It holds the routing table (logical rank -> process, host, J rank, moves),
+takes requests from the operator (Unix socket), from ranks (self-migration)
+and from the schedule, and drives each migration through the eight steps of
+:class:`mpimig.protocol.Step`. ``mpimig run`` starts it as the first program of
+an MPMD launch::
+
+    mpiexec -n 1 python -m mpimig.coordinator : -n N python app.py ...
+
+See docs/protocol.md.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from mpi4py import MPI
+
+from . import migration
+from .config import Config
+from .control import STATUS_FILE, ControlServer
+from .protocol import (TAG_ASSIGN, TAG_CANCEL, TAG_DONE, TAG_END, TAG_FINISHING, TAG_GO, TAG_HELLO, TAG_PLAN,
+                       TAG_REPLY, TAG_REPORT, TAG_REQUEST, Move, Plan, Step)
+
+log = logging.getLogger(__name__)
+
+
+class Migration:
+    """One migration's record; ``state`` is the step it is in (a :class:`Step` label)."""
+
+    def __init__(self, mid: int, rank: int, to: str, at_point: int, strategy: str, origin: str) -> None:
+        self.id = mid
+        self.rank = rank
+        self.to = to
+        self.at_point = at_point
+        self.strategy = strategy
+        self.origin = origin             # operator | self | schedule
+        self.state = Step.NEGOTIATION.label
+        self.src: Optional[str] = None
+        self.t: Dict[str, float] = {"requested": time.time()}
+        self.timings: Dict[str, float] = {}
+        self.bridge: Optional[MPI.Intracomm] = None
+        self.waiters: List = []          # reply functions waiting for completion
+        self.stalls: Dict[int, float] = {}
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "rank": self.rank, "from": self.src, "to": self.to,
+                "state": self.state, "origin": self.origin, "strategy": self.strategy,
+                "at_point": self.at_point, "timings": dict(self.timings),
+                "stalls": {str(k): v for k, v in sorted(self.stalls.items())}}
+
+
+class Coordinator:
+    def __init__(self, J: MPI.Intracomm, cfg: Config, hello: dict) -> None:
+        self.J = J
+        self.cfg = cfg
+        self.size = hello["size"]
+        self.argv: List[str] = hello["argv"]
+        self.cwd: str = hello["cwd"]
+        self.routing = [{"rank": r, "host": h, "pid": p, "jrank": r + 1, "moves": 0, "state": "running"}
+                        for r, (h, p) in enumerate(hello["procs"])]
+        hosts = [h for h in os.environ.get("MPIMIG_HOSTS", "").split(",") if h]
+        self.hosts = hosts or sorted({r["host"] for r in self.routing} | {MPI.Get_processor_name()})
+        self.migrations: List[Migration] = []
+        self.queue: List[Migration] = []     # accepted, waiting for a target process
+        self.ready: List[Migration] = []     # target spawned, waiting for a plan
+        self.plan: Optional[Plan] = None     # sent, waiting for GO
+        self.plan_migs: List[Migration] = []
+        self.in_switch: List[Migration] = []  # switched, waiting for reports
+        self.reports: Dict[int, Dict[int, dict]] = {}
+        self.next_plan = 1
+        self.done: Dict[int, dict] = {}
+        self.finishing = False
+        self.finished = False
+        self.retired: List[tuple] = []        # (merged comm, J rank) of old processes, told at the end
+        self.server: Optional[ControlServer] = None
+        if cfg.job_dir is not None:
+            self.server = ControlServer(cfg.job_dir, cfg.run_id)
+        for entry in cfg.schedule:
+            point, rank, host = entry[0], entry[1], entry[2]
+            strategy = entry[3] if len(entry) > 3 else "stop-and-copy"
+            err = self.validate(rank, host, scheduled=True)
+            if err:
+                log.error("schedule entry %s:%s:%s ignored: %s", point, rank, host, err)
+                continue
+            self.accept(rank, host, point, strategy, "schedule")
+        self.write_status()
+
+    # -- step 1: negotiation ------------------------------------------------------
+    def validate(self, rank: Any, host: Any, scheduled: bool = False) -> Optional[str]:
+        if self.finishing or self.finished:
+            return "the job has finished"
+        if not isinstance(rank, int) or not 0 <= rank < self.size:
+            return f"unknown rank {rank!r}: the job has ranks 0..{self.size - 1}"
+        if not isinstance(host, str) or not host:
+            return f"bad host {host!r}"
+        if host not in self.hosts:
+            try:
+                socket.getaddrinfo(host, None)
+            except OSError:
+                return f"unknown host {host!r} (it does not resolve); the job's hosts are {', '.join(self.hosts)}"
+            return f"host {host!r} is outside the job's allocation ({', '.join(self.hosts)})"
+        if not scheduled:
+            busy = [m for m in self.queue + self.ready + self.plan_migs + self.in_switch if m.rank == rank]
+            if busy:
+                return f"rank {rank} is already migrating (migration {busy[0].id}, {busy[0].state})"
+        return None
+
+    def accept(self, rank: int, host: str, at_point: int, strategy: str, origin: str) -> Migration:
+        m = Migration(len(self.migrations) + 1, rank, host, at_point, strategy, origin)
+        m.t["accepted"] = time.time()
+        self.migrations.append(m)
+        self.queue.append(m)
+        self.queue.sort(key=lambda x: (x.at_point, x.id))
+        return m
+
+    # -- step 5: creation ------------------------------------------------------------
+    def spawn(self, m: Migration) -> Optional[str]:
+        m.state = Step.CREATION.label
+        t0 = time.perf_counter()
+        info = MPI.Info.Create()
+        info.Set("host", m.to)
+        info.Set("wdir", self.cwd)
+        try:
+            inter = MPI.COMM_SELF.Spawn(self.argv[0], self.argv[1:], 1, info=info)
+            migration.track(inter)
+            m.bridge = migration.track(inter.Merge(high=False))
+        except MPI.Exception as exc:
+            return f"could not start a process on {m.to}: {exc}"
+        finally:
+            info.Free()
+        m.timings["spawn"] = time.perf_counter() - t0
+        return None
+
+    # -- plans ---------------------------------------------------------------------------
+    def send_plan(self) -> None:
+        point = self.ready[0].at_point
+        group = [m for m in self.ready if m.at_point == point]
+        seen = set()
+        batch = []
+        for m in group:          # one move per rank per plan
+            if m.rank not in seen:
+                seen.add(m.rank)
+                batch.append(m)
+        moves = [Move(m.rank, m.to, k, self.routing[m.rank]["jrank"], m.strategy) for k, m in enumerate(batch)]
+        plan = Plan(self.next_plan, moves, at_point=point, jsize=self.J.Get_size())
+        self.next_plan += 1
+        for m in batch:
+            self.ready.remove(m)
+            m.src = self.routing[m.rank]["host"]
+            m.t["plan_sent"] = time.time()
+            m.state = Step.SUSPENSION.label
+            self.routing[m.rank]["state"] = "migrating"
+        for jr in range(1, self.J.Get_size()):
+            self.J.send(plan, dest=jr, tag=TAG_PLAN)
+        self.plan, self.plan_migs = plan, batch
+
+    def execute(self) -> None:
+        """GO arrived: the ranks are at the safe point. Join targets, re-point (steps 5-7)."""
+        plan, batch = self.plan, self.plan_migs
+        t0 = time.perf_counter()
+        for m in batch:
+            m.t["go"] = time.time()
+            m.state = Step.TRANSFER.label
+        for mv, m in zip(plan.moves, batch):
+            m.bridge.send({"plan": plan, "target": mv.target, "rank": mv.rank,
+                           "config": self.cfg.to_env()}, dest=1, tag=TAG_ASSIGN)
+        Jc = migration.join(self.J, len(plan.moves), bridges=[m.bridge for m in batch])
+        _, Jn = migration.split(Jc, logical=None, leaving=False)
+        # new J ranks: members of Jc in order, without the processes that left
+        leaving = {mv.src_jrank for mv in plan.moves}
+        order = [jr for jr in range(Jc.Get_size()) if jr not in leaving]
+        newj = {old: new for new, old in enumerate(order)}
+        for r in self.routing:
+            if r["rank"] not in {mv.rank for mv in plan.moves}:
+                r["jrank"] = newj[r["jrank"]]
+        for mv, m in zip(plan.moves, batch):
+            r = self.routing[mv.rank]
+            r["jrank"] = newj[migration.target_jrank(plan, mv)]
+            r["host"] = mv.host
+            r["moves"] += 1
+            m.timings["switch"] = time.perf_counter() - t0
+            m.state = Step.RESUMPTION.label
+        self.J = Jn
+        self.retired.extend((Jc, mv.src_jrank) for mv in plan.moves)
+        self.plan, self.plan_migs = None, []
+        self.in_switch.extend(batch)
+        self.reports.setdefault(plan.id, {})
+        for m in batch:
+            m.plan_id = plan.id
+
+    def on_report(self, src: int, rep: dict) -> None:
+        pid = rep["plan"]
+        reps = self.reports.setdefault(pid, {})
+        reps[rep["rank"]] = rep
+        if len(reps) < self.size:
+            return
+        batch = [m for m in self.in_switch if getattr(m, "plan_id", None) == pid]
+        for m in batch:
+            tr = reps[m.rank]
+            self.routing[m.rank]["pid"] = tr["pid"]
+            self.routing[m.rank]["host"] = tr["host"]
+            self.routing[m.rank]["state"] = "running"
+            m.timings.update({k: v for k, v in tr.items() if k in ("downtime", "transfer", "restore")})
+            m.timings["bytes"] = tr.get("bytes", 0)
+            m.stalls = {r: v["stall"] for r, v in reps.items() if r not in {x.rank for x in batch}}
+            if m.stalls:
+                m.timings["others_stall_max"] = max(m.stalls.values())
+            m.timings["total"] = time.time() - m.t["requested"]
+            m.state = "done"
+            self.in_switch.remove(m)
+            for w in m.waiters:
+                w({"ok": True, "migration": m.as_dict()})
+            m.waiters = []
+            log.info("migration %d: rank %d -> %s done, downtime %.4f s", m.id, m.rank, m.to,
+                     m.timings.get("downtime", -1))
+        del self.reports[pid]
+        self.write_status()
+
+    # -- the end ---------------------------------------------------------------------
+    def cancel_all(self, why: str) -> None:
+        for m in self.queue + self.ready + self.plan_migs:
+            if m.bridge is not None:
+                m.bridge.send({"cancel": why}, dest=1, tag=TAG_CANCEL)
+            m.state = f"cancelled: {why}"
+            self.routing[m.rank]["state"] = "running"
+            for w in m.waiters:
+                w({"ok": False, "error": f"migration {m.id} of rank {m.rank} cancelled: {why}",
+                   "migration": m.as_dict()})
+            m.waiters = []
+        self.queue, self.ready, self.plan, self.plan_migs = [], [], None, []
+
+    # -- status ----------------------------------------------------------------------
+    def status(self) -> dict:
+        epoch = None
+        if self.cfg.ckpt_dir is not None and self.cfg.ckpt_dir.exists():
+            try:
+                from .checkpoint import CheckpointStore
+                epoch = CheckpointStore(self.cfg.ckpt_dir).latest()
+            except Exception:   # noqa: BLE001 - status must not fail on a store problem
+                epoch = None
+        return {"run_id": self.cfg.run_id, "size": self.size, "finished": self.finished,
+                "hosts": self.hosts, "epoch": epoch, "routing": self.routing,
+                "migrations": [m.as_dict() for m in self.migrations], "spares": {},
+                "coordinator": {"host": MPI.Get_processor_name(), "pid": os.getpid()}}
+
+    def write_status(self) -> None:
+        if self.cfg.job_dir is None:
+            return
+        path = self.cfg.job_dir / STATUS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.status(), indent=1))
+        os.replace(tmp, path)
+
+    # -- requests ---------------------------------------------------------------------
+    def on_request(self, req: dict, reply) -> None:
+        op = req.get("op")
+        if op == "status":
+            reply(self.status())
+            return
+        if op != "migrate":
+            reply({"ok": False, "error": f"unknown request {op!r}: expected 'status' or 'migrate'"})
+            return
+        rank, host = req.get("rank"), req.get("to")
+        err = self.validate(rank, host)
+        if err is None and req.get("strategy", "stop-and-copy") not in ("stop-and-copy",):
+            err = f"unknown strategy {req.get('strategy')!r}; known: stop-and-copy"
+        if err:
+            reply({"ok": False, "error": err})
+            return
+        m = self.accept(rank, host, 0, req.get("strategy", "stop-and-copy"), req.get("origin", "operator"))
+        if req.get("wait", True):
+            m.waiters.append(reply)
+        else:
+            reply({"ok": True, "migration": m.as_dict()})
+        self.write_status()
+
+    # -- the loop ------------------------------------------------------------------------
+    def loop(self) -> None:
+        st = MPI.Status()
+        idle = 0
+        while not self.finished:
+            busy = False
+            if self.server is not None:
+                try:
+                    req, reply = self.server.requests.get_nowait()
+                    self.on_request(req, reply)
+                    busy = True
+                except queue.Empty:
+                    pass
+            while self.J.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, st):
+                busy = True
+                src, tag = st.Get_source(), st.Get_tag()
+                msg = self.J.recv(source=src, tag=tag)
+                if tag == TAG_GO:
+                    if self.plan is not None and msg == self.plan.id:
+                        self.execute()
+                        self.write_status()
+                elif tag == TAG_REPORT:
+                    self.on_report(src, msg)
+                elif tag == TAG_REQUEST:
+                    box = {}
+                    self.on_request(dict(msg, wait=False, origin="self"), box.update)
+                    self.J.send(box, dest=src, tag=TAG_REPLY)
+                elif tag == TAG_FINISHING:
+                    self.finishing = True
+                    self.cancel_all("the job finished first")
+                elif tag == TAG_DONE:
+                    self.done[msg["rank"]] = msg
+                    if len(self.done) == self.size:
+                        self.finished = True
+                else:
+                    log.warning("unexpected message with tag %d from J rank %d", tag, src)
+            if self.finished:
+                break
+            if self.queue and not self.finishing:
+                m = self.queue.pop(0)
+                err = self.spawn(m)
+                if err:
+                    m.state = f"failed: {err}"
+                    for w in m.waiters:
+                        w({"ok": False, "error": err, "migration": m.as_dict()})
+                    m.waiters = []
+                else:
+                    self.ready.append(m)
+                    self.ready.sort(key=lambda x: (x.at_point, x.id))
+                self.write_status()
+                busy = True
+            if self.plan is None and self.ready and not self.finishing:
+                self.send_plan()
+                self.write_status()
+                busy = True
+            if busy:
+                idle = 0
+            else:
+                idle += 1
+                time.sleep(0.0005 if idle < 100 else 0.002)   # a polling daemon, not synchronisation
+        # the job is over
+        self.cancel_all("the job finished first")
+        for m in self.in_switch:
+            for w in m.waiters:
+                w({"ok": False, "error": "the job finished before the migration was confirmed"})
+        self.write_status()
+        for Jc, jr in self.retired:
+            Jc.send(None, dest=jr, tag=TAG_END)
+        if self.server is not None:
+            while True:
+                try:
+                    _, reply = self.server.requests.get_nowait()
+                    reply({"ok": False, "error": "the job has finished"})
+                except queue.Empty:
+                    break
+            self.server.close()
+        migration.free_all()
+
+
+def main() -> int:
+    level = os.environ.get("MPIMIG_LOG")
+    if level:
+        logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                            format="mpimig[coordinator]: %(levelname)s: %(message)s")
+    J = migration.track(MPI.COMM_WORLD.Dup())
+    J.Split(MPI.UNDEFINED, 0)              # the ranks build A; the coordinator is not in it
+    try:
+        cfg = Config.from_env()
+        hello = J.recv(source=1, tag=TAG_HELLO)
+        Coordinator(J, cfg, hello).loop()
+    except BaseException:  # noqa: BLE001 - never leave the ranks hanging
+        import traceback
+        sys.stderr.write("mpimig: coordinator failed, aborting the job\n")
+        traceback.print_exc()
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

