@@ -58,6 +58,9 @@ def main(argv=None) -> int:
     except MpimigError as exc:
         print(f"mpimig {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:     # e.g. mpimig inspect ... | head
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"mpimig {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -4,9 +4,10 @@ It holds the routing table (logical rank -> process, host, J rank, moves),
 takes requests from the operator (Unix socket), from ranks (self-migration)
 and from the schedule, and drives each migration through the eight steps of
 :class:`mpimig.protocol.Step`. ``mpimig run`` starts it as the first program of
-an MPMD launch::
-
-    mpiexec -n 1 python -m mpimig.coordinator : -n N python app.py ...
+world rank 0 of ``mpiexec -n N+1 python app.py``: ``mpimig.run`` in
+that process serves as the coordinator instead of calling ``main``. (An MPMD
+launch, ``-n 1 python -m mpimig.coordinator : -n N ...``, would be tidier, but
+with Open MPI 5.0 spawning onto another host then fails with "Error code: -1".)
 
 See docs/protocol.md.
 """
@@ -362,7 +363,8 @@ class Coordinator:
         migration.free_all()
 
 
-def main() -> int:
+def serve(cfg: Optional[Config] = None) -> None:
+    """Be the coordinator (world rank 0) until the job ends; never returns."""
     level = os.environ.get("MPIMIG_LOG")
     if level:
         logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
@@ -370,7 +372,7 @@ def main() -> int:
     J = migration.track(MPI.COMM_WORLD.Dup())
     J.Split(MPI.UNDEFINED, 0)              # the ranks build A; the coordinator is not in it
     try:
-        cfg = Config.from_env()
+        cfg = cfg or Config.from_env()
         hello = J.recv(source=1, tag=TAG_HELLO)
         Coordinator(J, cfg, hello).loop()
     except BaseException:  # noqa: BLE001 - never leave the ranks hanging
@@ -379,8 +381,11 @@ def main() -> int:
         traceback.print_exc()
         sys.stderr.flush()
         MPI.COMM_WORLD.Abort(1)
-    return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    MPI.Finalize()
+    os._exit(0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    serve()

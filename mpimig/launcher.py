@@ -72,9 +72,12 @@ def build_command(flavour: str, n: int, program: List[str], *, hosts: Optional[s
         if ft:
             cmd += ["--with-ft", "ulfm"]
         if oversubscribe is None:
-            oversubscribe = n > (os.cpu_count() or 1) or hosts is None
+            # spawning needs free slots, and dead ranks' slots are not released (PLATFORM.md)
+            oversubscribe = True
         if oversubscribe:
-            cmd += ["--oversubscribe"]
+            # with a host list, --oversubscribe packs every rank on the first host;
+            # slot mapping with OVERSUBSCRIBE spreads them and still allows spawning
+            cmd += ["--map-by", "slot:OVERSUBSCRIBE"] if hosts else ["--oversubscribe"]
         if hosts:
             lab = _lab()
             if lab is not None:
@@ -96,9 +99,8 @@ def build_command(flavour: str, n: int, program: List[str], *, hosts: Optional[s
         if env_names:
             cmd += ["-genvlist", ",".join(env_names)]
     cmd += list(extra or [])
-    if coordinator:   # MPMD: the coordinator is J rank 0 (docs/protocol.md)
-        cmd += ["-n", "1", sys.executable, "-m", "mpimig.coordinator", ":"]
-    cmd += ["-n", str(n)]
+    # with a coordinator, world rank 0 is the coordinator (docs/protocol.md)
+    cmd += ["-n", str(n + 1 if coordinator else n)]
     cmd += program
     return cmd
 
@@ -167,6 +169,18 @@ def read_record(cfg: Config) -> Optional[dict]:
     return rec
 
 
+def _kill_job(proc: subprocess.Popen) -> None:
+    """Stop mpiexec (it stops its ranks); SIGKILL it if it does not go in 10 s."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def launch(cfg: Config, n: int, program: List[str], *, hosts=None, ft=False, timeout=None,
            extra=None, dry_run=False, quiet=False) -> int:
     """Run the job once; return 0 if it left its completion record, 1 if not."""
@@ -184,21 +198,26 @@ def launch(cfg: Config, n: int, program: List[str], *, hosts=None, ft=False, tim
     if dry_run:
         return 0
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    # mpiexec stays in our process group, so whoever kills our group kills the job too
+    proc = subprocess.Popen(cmd, env=env)
+
+    def _terminate(signum, frame):
+        _kill_job(proc)
+        raise SystemExit(128 + signum)
+
+    old = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _kill_job(proc)
         print(f"mpimig: job killed after the --timeout of {timeout} s", file=sys.stderr)
         rc = None
     except KeyboardInterrupt:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_job(proc)
         raise
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
     rec = read_record(cfg)
     dt = time.monotonic() - t0
     if rec is None:
@@ -209,6 +228,16 @@ def launch(cfg: Config, n: int, program: List[str], *, hosts=None, ft=False, tim
         print(f"mpimig: job completed: {rec['size']} ranks, {rec['points']} checkpoint points, "
               f"epoch {rec['epoch']}, {dt:.1f} s", file=sys.stderr)
     return 0
+
+
+def slurm_hosts() -> Optional[str]:
+    """Inside a Slurm allocation: its usable nodes (down and drained ones left
+    out), each with the allocation's tasks per node, as a ``--hosts`` spec."""
+    from . import slurm
+    if not slurm.SlurmJob.in_job():
+        return None
+    plan = slurm.SlurmJob.from_env().plan()
+    return ",".join(f"{h}:{plan.ranks_per_node}" for h in plan.nodes + plan.spares)
 
 
 def cmd_run(args) -> int:
@@ -228,6 +257,10 @@ def cmd_run(args) -> int:
     cfg.coordinator = bool(cfg.schedule) or args.coordinator
     if cfg.keep < 1:
         raise UsageError("--keep must be at least 1")
+    if not args.hosts:
+        args.hosts = slurm_hosts()
+        if args.hosts:
+            print(f"mpimig: in Slurm job {os.environ.get('SLURM_JOB_ID')}: hosts {args.hosts}", file=sys.stderr)
     allowed = host_names(args.hosts)
     for entry in cfg.schedule:
         if entry[1] >= args.n:

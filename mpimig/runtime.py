@@ -296,6 +296,7 @@ def _write_completion(ctx: Context, result: Any, t_start: float) -> None:
         "wall_seconds": time.time() - t_start,
         "result": res,
         "stats": ctx.stats,
+        "ranks": getattr(ctx, "_procs", None),
     }
     path = cfg.job_dir / "complete.json"
     tmp = path.with_suffix(".json.tmp")
@@ -343,6 +344,7 @@ def _start_target(parent: MPI.Intercomm) -> Optional[Context]:
     """A process spawned as a migration target: join, receive state (steps 5-8)."""
     migration.track(parent)
     B = migration.track(parent.Merge(high=True))
+    from . import checkpoint  # noqa: F401 - import h5py now, not during the freeze
     st = MPI.Status()
     while not B.Iprobe(0, MPI.ANY_TAG, st):
         time.sleep(0.002)        # idle until needed: a warm process must not steal the cores
@@ -376,7 +378,9 @@ def _start_target(parent: MPI.Intercomm) -> Optional[Context]:
 
 
 def _finish(ctx: Context, result: Any, t_start: float) -> None:
-    ctx.comm.mpi.Barrier()
+    procs = ctx.comm.mpi.gather({"rank": ctx.rank, "host": ctx.host, "pid": os.getpid(),
+                                 "role": ctx.role}, root=0)
+    ctx._procs = procs
     if ctx._J is not None:
         if ctx.rank == 0:
             ctx._J.send(None, dest=0, tag=TAG_FINISHING)
@@ -406,7 +410,11 @@ def run(main: Callable[[Context], Any], config: Optional[Config] = None) -> Any:
             if ctx is None:
                 _leave()
         else:
-            ctx = _start_initial(config or Config.from_env())
+            cfg = config or Config.from_env()
+            if cfg.coordinator and world.Get_rank() == 0:
+                from .coordinator import serve
+                serve(cfg)                      # world rank 0 is the coordinator
+            ctx = _start_initial(cfg)
             ctx._restore_from_store()
         abort_comm = ctx._J or ctx.comm.mpi
         result = main(ctx)
