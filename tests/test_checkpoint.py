@@ -478,6 +478,16 @@ def test_keep_prunes_old_epochs_and_stale_tmp_dirs(tmp_path):
         CheckpointStore(tmp_path, keep=0)
 
 
+def test_discard_uncommitted_at_job_start(tmp_path):
+    store = CheckpointStore(tmp_path)
+    commit_one(store, 1, {"a": np.arange(2)})
+    store.write_rank(2, 0, 1, 0, {}, {})
+    store.write_rank(5, 0, 1, 0, {}, {})
+    assert store.discard_uncommitted() == [2, 5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-000001"]
+    assert store.next_epoch() == 2
+
+
 def test_epochs_commit_in_order_and_latest_can_be_recommitted(tmp_path):
     store = CheckpointStore(tmp_path, keep=3)
     commit_one(store, 1, {"a": np.array([1])})
