@@ -372,56 +372,111 @@ class Comm:
 
     def Iprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG,
                status: Optional[MPI.Status] = None) -> bool:
+        # A message that a pending (lazy) receive matches belongs to that receive, as
+        # in MPI, where it would have been matched on arrival: probe only what is left.
+        if self._pending:
+            self._progress()
         for m in self._queue:
             if m.matches(source, tag):
                 _fill_status(status, m.source, m.tag, len(m.payload))
                 return True
-        return bool(self._c.Iprobe(source, tag, status))
+        st = MPI.Status()
+        while self._c.iprobe(source, tag, st):
+            src, tg = st.Get_source(), st.Get_tag()
+            if not any((r.source == ANY_SOURCE or r.source == src) and (r.tag == ANY_TAG or r.tag == tg)
+                       for r in self._pending):
+                if status is not None:
+                    _fill_status(status, src, tg, st.Get_count(MPI.BYTE))
+                return True
+            self._progress()            # it arrived since: let its receive take it, look again
+        return False
 
     iprobe = Iprobe
 
     # -- the progress engine for lazy receives -----------------------------------
-    def _match(self, r: Request) -> bool:
-        """Try to complete one receive: held messages first, then MPI."""
-        m = self._take_held(r.source, r.tag) if self._queue else None
-        if m is not None:
-            n = len(m.payload)
-            if r._kind == "recv":
-                value = pickle.loads(m.payload)
-            else:
-                view = _as_bytes_view(r._buf)
-                if n > len(view):
-                    raise CommError(f"message of {n} bytes from rank {m.source} (tag {m.tag}) "
-                                    f"truncated: receive buffer holds {len(view)} bytes")
-                view[:n] = m.payload
-                value = None
-            r._complete(value, m.source, m.tag, n)
-            return True
-        st = MPI.Status()
-        msg = self._c.improbe(r.source, r.tag, st)
-        if msg is None:
-            return False
+    def _complete_held(self, r: Request, m: _Held) -> None:
+        n = len(m.payload)
+        if r._kind == "recv":
+            value = pickle.loads(m.payload)
+        else:
+            view = _as_bytes_view(r._buf)
+            if n > len(view):
+                raise CommError(f"message of {n} bytes from rank {m.source} (tag {m.tag}) "
+                                f"truncated: receive buffer holds {len(view)} bytes")
+            view[:n] = m.payload
+            value = None
+        r._complete(value, m.source, m.tag, n)
+
+    def _complete_mpi(self, r: Request, msg: MPI.Message, st: MPI.Status) -> None:
         if r._kind == "recv":
             value = msg.recv()
         else:
             msg.Recv(r._buf)
             value = None
         r._complete(value, st.Get_source(), st.Get_tag(), st.Get_count(MPI.BYTE))
+
+    def _match(self, r: Request) -> bool:
+        """Try to complete one receive: held messages first, then MPI.
+
+        Only for a receive with no earlier pending receive (see _progress)."""
+        m = self._take_held(r.source, r.tag) if self._queue else None
+        if m is not None:
+            self._complete_held(r, m)
+            return True
+        st = MPI.Status()
+        msg = self._c.improbe(r.source, r.tag, st)
+        if msg is None:
+            return False
+        self._complete_mpi(r, msg, st)
         return True
 
     def _progress(self) -> bool:
-        """Match pending receives in posting order; returns whether any completed."""
+        """Match pending receives in posting order; returns whether any completed.
+
+        MPI's rule: a message goes to the *earliest posted* pending receive that
+        matches it. A receive that found nothing may be passed by a later one
+        only with a message it does not match: a message can arrive between the
+        two probes, so a later receive looks (``iprobe``) before it takes
+        (``improbe`` of exactly that source and tag), and if an earlier pending
+        receive matches what it saw, the scan starts again from the front.
+        """
         made = False
         pend = self._pending
         i = 0
         while i < len(pend):
             r = pend[i]
-            if self._match(r):
+            if i == 0:
+                done = self._match(r)
+            else:
+                done = self._match_after(r, pend, i)
+                if done is None:          # an earlier receive owns that message: rescan
+                    i = 0
+                    continue
+            if done:
                 del pend[i]
                 made = True
             else:
                 i += 1
         return made
+
+    def _match_after(self, r: Request, pend: List[Request], i: int) -> Optional[bool]:
+        """_match for pend[i] when pend[:i] found nothing; None: rescan from the front."""
+        m = self._take_held(r.source, r.tag) if self._queue else None
+        if m is not None:      # earlier receives found no held message they match
+            self._complete_held(r, m)
+            return True
+        st = MPI.Status()
+        if not self._c.iprobe(r.source, r.tag, st):
+            return False
+        src, tag = st.Get_source(), st.Get_tag()
+        for e in pend[:i]:
+            if (e.source == ANY_SOURCE or e.source == src) and (e.tag == ANY_TAG or e.tag == tag):
+                return None
+        msg = self._c.improbe(src, tag, st)     # the first from src with tag: the one seen
+        if msg is None:                         # cannot happen (single-threaded); be safe
+            return False
+        self._complete_mpi(r, msg, st)
+        return True
 
     def _wait_recv(self, r: Request) -> None:
         while not r._done:
