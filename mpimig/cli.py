@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "mpimig.inspect",       # inspect
     "mpimig.bench",         # bench checkpoint|comm|migrate
     "mpimig.lab",           # lab up|status|kill|down, lab slurm up|down
+    "mpimig.storm",         # storm
     "mpimig.demo",          # demo
 ]
 

@@ -1,0 +1,300 @@
+"""``mpimig storm``: the message storm under random migrations, seed after seed.
+
+For each seed it draws a migration schedule (random points and ranks, onto this
+machine or the given hosts; sometimes two ranks at the same point, sometimes
+one rank twice), sometimes a checkpoint interval, runs ``apps/storm.py`` with
+``mpimig run``, and reads the job's result file (message totals) and
+``status.json`` (what became of each migration). It prints a line per seed
+and a totals table, and exits non-zero if any seed failed or any message was
+lost, duplicated, reordered or corrupted.
+
+    mpimig storm --seeds 100 -n 4
+    mpimig storm --seeds 3 -n 4 --steps 40 --migrations 3 --job-root /tmp/storm
+
+Even with one host, a migration moves the rank into a new (spawned) process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from .errors import UsageError
+
+MSG_KEYS = ("sent", "received", "lost", "duplicated", "out_of_order", "corrupted", "unexpected",
+            "collective_errors")
+BAD_KEYS = ("lost", "duplicated", "out_of_order", "corrupted", "unexpected", "collective_errors")
+
+
+def default_program() -> Path:
+    return Path(__file__).resolve().parent.parent / "apps" / "storm.py"
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def make_schedule(seed: int, n: int, steps: int, k: int, hosts: List[str]) -> Tuple[List[tuple], Optional[int]]:
+    """The migrations (point, rank, host) and the checkpoint interval (or None) of a seed.
+
+    Points are drawn from the first 60% of the run so the moves happen before
+    it ends. Even seeds put two ranks at one point, seeds divisible by 3 move
+    one rank twice (so seed 0, 6, 12, ... have both); other seeds do either
+    sometimes.
+    """
+    rnd = random.Random(f"mpimig-storm-{seed}")
+    lo, hi = 2, max(3, int(steps * 0.6))
+    migs = [[rnd.randint(lo, hi), rnd.randrange(n), rnd.choice(hosts)] for _ in range(k)]
+    if k >= 2 and n >= 2 and (seed % 2 == 0 or rnd.random() < 0.3):
+        a, b = rnd.sample(range(k), 2)                      # two ranks at the same point
+        migs[b][0] = migs[a][0]
+        if migs[b][1] == migs[a][1]:
+            migs[b][1] = (migs[a][1] + 1 + rnd.randrange(n - 1)) % n
+    if k >= 2 and (seed % 3 == 0 or rnd.random() < 0.3):
+        pairs = [(a, b) for a in range(k) for b in range(k)
+                 if a != b and migs[a][0] != migs[b][0]]
+        if not pairs:
+            pairs = [(a, b) for a in range(k) for b in range(k) if a != b]
+        a, b = rnd.choice(pairs)                            # one rank twice
+        # keep a same-point pair intact: move b's rank only if b is not in one
+        same = [i for i in range(k) if i != b and migs[i][0] == migs[b][0]]
+        if same and migs[a][1] in {migs[i][1] for i in same}:
+            a, b = b, a
+        migs[b][1] = migs[a][1]
+    ckpt = rnd.randint(2, 6) if rnd.random() < 0.35 else None
+    migs.sort()
+    return [tuple(m) for m in migs], ckpt
+
+
+def schedule_facts(migrations: List[dict]) -> Dict[str, bool]:
+    """From status.json's migrations: were two ranks moved at one point, one rank twice?"""
+    done = [m for m in migrations if m.get("state") == "done"]
+    by_point: Dict[int, set] = {}
+    by_rank: Dict[int, int] = {}
+    for m in done:
+        by_point.setdefault(m.get("at_point"), set()).add(m.get("rank"))
+        by_rank[m.get("rank")] = by_rank.get(m.get("rank"), 0) + 1
+    return {"same_point": any(len(v) >= 2 for v in by_point.values()),
+            "rank_twice": any(v >= 2 for v in by_rank.values())}
+
+
+def job_env(local_only: bool) -> dict:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    if local_only:
+        # one machine: keep Open MPI's TCP traffic (between spawned processes) on loopback,
+        # so interfaces that come and go (other jobs' lab bridges) cannot break a run
+        env.setdefault("OMPI_MCA_btl_tcp_if_include", "lo")
+    return env
+
+
+def run_seed(seed: int, args, program: Path, hosts: List[str], job_root: Path) -> dict:
+    """Run one seed; return its record (never raises for a failed job)."""
+    jd = job_root / f"seed-{seed:04d}"
+    if jd.exists():
+        shutil.rmtree(jd)
+    jd.mkdir(parents=True)
+    migs, ckpt = make_schedule(seed, args.n, args.steps, args.migrations, hosts)
+    if args.no_ckpt:
+        ckpt = None
+    out = jd / "result.json"
+    cmd = [sys.executable, "-m", "mpimig", "run", "-n", str(args.n), "--job-dir", str(jd),
+           "--restart", "never", "--timeout", str(args.timeout)]
+    if args.hosts:
+        cmd += ["--hosts", args.hosts]
+    if ckpt:
+        cmd += ["--ckpt-every", str(ckpt)]
+    for p, r, h in migs:
+        cmd += ["--migrate", f"{p}:{r}:{h}"]
+    cmd += [str(program), "--seed", str(seed), "--steps", str(args.steps), "--msgs", str(args.msgs),
+            "--work-ms", str(args.work_ms), "--out", str(out)]
+    rec = {"seed": seed, "schedule": [list(m) for m in migs], "ckpt_every": ckpt, "ok": False,
+           "error": None, "dir": str(jd)}
+    t0 = time.monotonic()
+    log = open(jd / "output.log", "w")
+    log.write(" ".join(cmd) + "\n")
+    log.flush()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(program.parent.parent),
+                            env=job_env(not args.hosts), start_new_session=True)
+    try:
+        rc = proc.wait(timeout=args.timeout + 60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rc = None
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    finally:
+        log.close()
+    rec["seconds"] = round(time.monotonic() - t0, 1)
+    rec["rc"] = rc
+    try:
+        res = json.loads(out.read_text())
+    except (OSError, ValueError):
+        res = None
+    try:
+        status = json.loads((jd / "status.json").read_text())
+    except (OSError, ValueError):
+        status = {}
+    migrations = status.get("migrations", [])
+    rec["migrations"] = [{k: m.get(k) for k in ("id", "rank", "at_point", "to", "state")} for m in migrations]
+    rec["done"] = sum(1 for m in migrations if m.get("state") == "done")
+    rec["cancelled"] = sum(1 for m in migrations if str(m.get("state", "")).startswith("cancelled"))
+    rec["unfinished"] = len(migrations) - rec["done"] - rec["cancelled"]
+    rec["missing"] = max(0, len(migs) - len(migrations))
+    rec.update(schedule_facts(migrations))
+    if res is not None:
+        for k in MSG_KEYS + ("held_total", "kept_requests", "wildcard", "probe", "deferred"):
+            rec[k] = int(res.get(k, 0))
+        rec["notes"] = res.get("notes", [])[:10]
+    if rc is None:
+        rec["error"] = f"timed out after {args.timeout + 60:.0f} s (hang?)"
+    elif res is None:
+        rec["error"] = f"no result file (mpimig run exit status {rc}); see {jd / 'output.log'}"
+    elif not res.get("ok") or any(res.get(k, 0) for k in BAD_KEYS) or res.get("sent") != res.get("expected"):
+        rec["error"] = "message errors: " + ", ".join(f"{k}={res.get(k)}" for k in BAD_KEYS if res.get(k))
+    elif rc != 0:
+        rec["error"] = f"mpimig run exit status {rc}; see {jd / 'output.log'}"
+    elif rec["unfinished"] or rec["missing"]:
+        rec["error"] = (f"{rec['unfinished']} migrations left unfinished, {rec['missing']} missing: "
+                        + ", ".join(f"{m['id']}:{m['state']}" for m in migrations
+                                    if m.get("state") != "done" and not str(m.get("state")).startswith("cancelled")))
+    else:
+        rec["ok"] = True
+    if rec["ok"] and not args.keep_dirs:
+        shutil.rmtree(jd / "ckpt", ignore_errors=True)
+    return rec
+
+
+def format_line(rec: dict) -> str:
+    if "sent" in rec:
+        msg = (f"sent {rec['sent']:6d} recv {rec['received']:6d} lost {rec['lost']} dup {rec['duplicated']} "
+               f"ooo {rec['out_of_order']} corrupt {rec['corrupted']}")
+    else:
+        msg = "no result"
+    extra = []
+    if rec.get("same_point"):
+        extra.append("2 ranks at one point")
+    if rec.get("rank_twice"):
+        extra.append("a rank twice")
+    line = (f"seed {rec['seed']:4d}  {'ok  ' if rec['ok'] else 'FAIL'}  {msg}  migrations {rec['done']} done "
+            f"{rec['cancelled']} cancelled  ckpt {rec['ckpt_every'] or '-'}  {rec['seconds']:.1f} s"
+            + (f"  [{', '.join(extra)}]" if extra else ""))
+    if rec.get("error"):
+        line += f"\n      error: {rec['error']}"
+        for n in rec.get("notes", [])[:5]:
+            line += f"\n      {n}"
+    return line
+
+
+def totals(recs: List[dict]) -> dict:
+    t = {"seeds": len(recs), "failures": sum(1 for r in recs if not r["ok"]),
+         "failed_seeds": [r["seed"] for r in recs if not r["ok"]]}
+    for k in MSG_KEYS + ("done", "cancelled", "unfinished", "held_total"):
+        t[k] = sum(int(r.get(k, 0)) for r in recs)
+    t["migrations"] = sum(len(r["schedule"]) for r in recs)
+    t["with_checkpoints"] = sum(1 for r in recs if r.get("ckpt_every"))
+    t["same_point_runs"] = sum(1 for r in recs if r.get("same_point"))
+    t["rank_twice_runs"] = sum(1 for r in recs if r.get("rank_twice"))
+    t["seconds"] = round(sum(r.get("seconds", 0) for r in recs), 1)
+    t["ok"] = t["failures"] == 0 and not any(t[k] for k in BAD_KEYS)
+    return t
+
+
+def format_totals(t: dict) -> str:
+    rows = [
+        ("seeds run", t["seeds"]),
+        ("  with checkpoints", t["with_checkpoints"]),
+        ("messages sent", t["sent"]),
+        ("messages received", t["received"]),
+        ("lost", t["lost"]),
+        ("duplicated", t["duplicated"]),
+        ("out of order", t["out_of_order"]),
+        ("corrupted", t["corrupted"]),
+        ("unexpected matches", t["unexpected"]),
+        ("collective errors", t["collective_errors"]),
+        ("held at safe points", t["held_total"]),
+        ("migrations scheduled", t["migrations"]),
+        ("migrations done", t["done"]),
+        ("migrations cancelled", t["cancelled"]),
+        ("migrations unfinished", t["unfinished"]),
+        ("runs: 2 ranks at one point", t["same_point_runs"]),
+        ("runs: a rank moved twice", t["rank_twice_runs"]),
+        ("failures", t["failures"]),
+        ("seconds", t["seconds"]),
+    ]
+    w = max(len(a) for a, _ in rows)
+    out = ["totals:"] + [f"  {a:<{w}}  {b}" for a, b in rows]
+    if t["failed_seeds"]:
+        out.append(f"  failed seeds: {', '.join(map(str, t['failed_seeds']))}")
+    out.append("RESULT: " + ("OK" if t["ok"] else "FAILED"))
+    return "\n".join(out)
+
+
+def cmd_storm(args) -> int:
+    if args.n < 2:
+        raise UsageError("-n must be at least 2 (a storm needs senders and receivers)")
+    if args.seeds < 1 or args.steps < 4 or args.migrations < 0:
+        raise UsageError("--seeds must be >= 1, --steps >= 4, --migrations >= 0")
+    program = Path(args.program).resolve() if args.program else default_program()
+    if not program.exists():
+        raise UsageError(f"storm program {program} not found (give --program PATH/TO/apps/storm.py)")
+    if args.hosts:
+        hosts = [h.split(":")[0] for h in args.hosts.split(",") if h.strip()]
+    else:
+        hosts = [this_host()]
+    job_root = Path(args.job_root or Path("mpimig-jobs") / "storm").resolve()
+    job_root.mkdir(parents=True, exist_ok=True)
+    print(f"mpimig storm: {args.seeds} seeds from {args.first_seed}, {args.n} ranks, {args.steps} steps, "
+          f"{args.msgs} messages per step per rank, {args.migrations} migrations per seed onto "
+          f"{', '.join(hosts)}; jobs in {job_root}", flush=True)
+    recs = []
+    try:
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            rec = run_seed(seed, args, program, hosts, job_root)
+            recs.append(rec)
+            print(format_line(rec), flush=True)
+            if args.stop_on_failure and not rec["ok"]:
+                break
+    except KeyboardInterrupt:
+        print("mpimig storm: interrupted", file=sys.stderr)
+    t = totals(recs)
+    print(format_totals(t), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"totals": t, "seeds": recs}, indent=1))
+    return 0 if t["ok"] and len(recs) == args.seeds else 1
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "storm", help="message storm under random migrations, many seeds",
+        description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, default=100, help="how many seeds (default 100)")
+    p.add_argument("--first-seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("-n", "--np", dest="n", type=int, default=4, help="ranks (default 4)")
+    p.add_argument("--steps", type=int, default=50, help="checkpoint points per run (default 50)")
+    p.add_argument("--msgs", type=int, default=12, help="messages per step per rank (default 12)")
+    p.add_argument("--work-ms", type=float, default=40.0,
+                   help="extra milliseconds per step, so scheduled migrations happen (default 40)")
+    p.add_argument("--migrations", type=int, default=3, help="migrations per seed (default 3)")
+    p.add_argument("--hosts", help="host list for mpimig run (h1:2,h2:2); targets are drawn from it "
+                                   "(default: this machine)")
+    p.add_argument("--no-ckpt", action="store_true", help="never add --ckpt-every")
+    p.add_argument("--job-root", help="where the job directories go (default mpimig-jobs/storm)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per run (default 300)")
+    p.add_argument("--program", help="the storm program (default apps/storm.py of this checkout)")
+    p.add_argument("--keep-dirs", action="store_true", help="keep checkpoints of successful runs")
+    p.add_argument("--stop-on-failure", action="store_true")
+    p.add_argument("--json", metavar="FILE", help="write totals and per-seed records here")
+    p.set_defaults(func=cmd_storm)
