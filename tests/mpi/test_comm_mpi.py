@@ -1,0 +1,665 @@
+"""Semantics of ``mpimig.Comm`` inside a real MPI job (docs/protocol.md).
+
+Run under MPI only (``tests/test_mpi_suite.py`` does it for 1, 2 and 4 ranks)::
+
+    mpiexec -n 4 python -m pytest --with-mpi tests/mpi
+
+Every test runs on every rank, in the same order. Tests never skip or branch
+on the rank before a collective: rank-dependent code is point-to-point only,
+and every assertion that could differ between ranks comes after the test's
+last collective, so a failure on one rank cannot leave the others waiting.
+The fixture's teardown is itself a check: a flush (collective) that must find
+no message left in flight, and an empty held queue.
+"""
+from __future__ import annotations
+
+import pickle
+import time
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+import mpimig
+from mpimig.comm import Comm
+from mpimig.errors import CommError
+
+pytestmark = pytest.mark.mpi
+
+
+def _new_comm() -> Comm:
+    return mpimig.Comm(MPI.COMM_WORLD.Dup())
+
+
+def _close(c: Comm) -> tuple:
+    """Collective: flush, report what was left over, free the MPI communicator.
+
+    The barrier first makes sure no rank is still in a test's body (with an
+    ANY_TAG receive) when the markers go out: see
+    test_flush_markers_never_reach_user_receives for why that matters."""
+    c.mpi.Barrier()
+    stray = c._flush()
+    left = (stray, len(c._queue), len(c._pending))
+    c._queue.clear()
+    c._pending.clear()
+    c.mpi.Free()
+    return left
+
+
+@pytest.fixture
+def comm():
+    c = _new_comm()
+    yield c
+    stray, queued, pending = _close(c)
+    assert (stray, queued, pending) == (0, 0, 0), \
+        f"test left {stray} message(s) in flight, {queued} held, {pending} pending receive(s)"
+
+
+def ring(c: Comm):
+    me, n = c.rank, c.size
+    return me, n, (me + 1) % n, (me - 1) % n
+
+
+def status_of(st: MPI.Status) -> tuple:
+    return st.Get_source(), st.Get_tag(), st.Get_count(MPI.BYTE)
+
+
+# -- identity -------------------------------------------------------------------
+
+def test_rank_size_and_underlying_comm(comm):
+    world = MPI.COMM_WORLD
+    assert comm.rank == comm.Get_rank() == world.Get_rank()
+    assert comm.size == comm.Get_size() == world.Get_size()
+    assert MPI.Comm.Compare(comm.mpi, world) == MPI.CONGRUENT
+    assert comm.tag_limit < comm._marker_tag
+
+
+# -- point to point --------------------------------------------------------------
+
+def test_send_recv_pickled(comm):
+    me, n, right, left = ring(comm)
+    comm.send({"from": me, "data": list(range(me + 3))}, dest=right, tag=11)   # small: eager
+    st = MPI.Status()
+    got = comm.recv(source=left, tag=11, status=st)
+    assert got == {"from": left, "data": list(range(left + 3))}
+    assert (st.Get_source(), st.Get_tag()) == (left, 11)
+
+
+def test_Send_Recv_numpy(comm):
+    me, n, right, left = ring(comm)
+    a = np.arange(10, dtype="f8") + 100 * me
+    b = np.full(10, -1.0)
+    comm.Send(a, dest=right, tag=12)
+    st = MPI.Status()
+    comm.Recv(b, source=left, tag=12, status=st)
+    assert b.tobytes() == (np.arange(10, dtype="f8") + 100 * left).tobytes()
+    assert status_of(st) == (left, 12, 80)
+
+
+def test_Sendrecv_buffers_and_proc_null(comm):
+    me, n, right, left = ring(comm)
+    out = np.full(4, me, dtype=np.int64)
+    inn = np.full(4, -1, dtype=np.int64)
+    st = MPI.Status()
+    comm.Sendrecv(out, right, 13, inn, left, 13, st)
+    assert inn.tolist() == [left] * 4
+    assert status_of(st) == (left, 13, 32)
+    # PROC_NULL on both sides (what heat2d does at the boundary): nothing changes
+    keep = np.full(4, 7, dtype=np.int64)
+    comm.Sendrecv(out, MPI.PROC_NULL, 14, keep, MPI.PROC_NULL, 14)
+    assert keep.tolist() == [7] * 4
+
+
+def test_sendrecv_pickled(comm):
+    me, n, right, left = ring(comm)
+    st = MPI.Status()
+    got = comm.sendrecv(("x", me), dest=right, sendtag=15, source=left, recvtag=15, status=st)
+    assert got == ("x", left)
+    assert (st.Get_source(), st.Get_tag()) == (left, 15)
+
+
+def test_isend_irecv(comm):
+    me, n, right, left = ring(comm)
+    r = comm.irecv(source=left, tag=16)
+    s = comm.isend([me] * 3, dest=right, tag=16)
+    st = MPI.Status()
+    got = r.wait(st)
+    assert s.wait() is None
+    assert got == [left] * 3
+    assert (st.Get_source(), st.Get_tag()) == (left, 16)
+    assert r.test() == (True, [left] * 3)          # a completed request stays completed
+
+
+def test_Isend_Irecv_and_Issend(comm):
+    me, n, right, left = ring(comm)
+    big = np.arange(300_000, dtype="f8") + me      # 2.4 MB: beyond the eager limit
+    got = np.empty_like(big)
+    r = comm.Irecv(got, source=left, tag=17)
+    s = comm.Isend(big, dest=right, tag=17)
+    st = MPI.Status()
+    assert r.Wait(st) is True
+    s.Wait()
+    assert got.tobytes() == (np.arange(300_000, dtype="f8") + left).tobytes()
+    assert status_of(st) == (left, 17, big.nbytes)
+    # synchronous send completes once matched
+    small = np.array([me], dtype="i4")
+    rcv = np.array([-1], dtype="i4")
+    s = comm.Issend(small, dest=right, tag=18)
+    comm.Recv(rcv, source=left, tag=18)
+    s.Wait()
+    assert rcv[0] == left
+
+
+@pytest.mark.mpi(min_size=2)
+def test_any_source_any_tag_status(comm):
+    me, n, right, left = ring(comm)
+    if me != 0:
+        comm.send(("p", me), dest=0, tag=100 + me)
+        comm.Send(np.full(me + 1, me, dtype="i8"), dest=0, tag=200 + me)
+    seen_p, seen_b = {}, {}
+    if me == 0:
+        for _ in range(n - 1):
+            st = MPI.Status()
+            obj = comm.recv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=st)
+            seen_p[st.Get_source()] = (st.Get_tag(), obj)
+            # the same sender's buffer message comes next from that source
+            src = st.Get_source()
+            buf = np.zeros(n, dtype="i8")
+            st2 = MPI.Status()
+            comm.Recv(buf, source=src, tag=MPI.ANY_TAG, status=st2)
+            seen_b[src] = (st2.Get_source(), st2.Get_tag(), st2.Get_count(MPI.BYTE), buf[:src + 1].tolist())
+    comm.Barrier()
+    if me == 0:
+        assert seen_p == {r: (100 + r, ("p", r)) for r in range(1, n)}
+        assert seen_b == {r: (r, 200 + r, 8 * (r + 1), [r] * (r + 1)) for r in range(1, n)}
+
+
+def test_probe_and_iprobe(comm):
+    me, n, right, left = ring(comm)
+    comm.Send(np.arange(5, dtype="i4"), dest=right, tag=31)
+    st = MPI.Status()
+    assert comm.probe(source=left, tag=31, status=st)
+    assert status_of(st) == (left, 31, 20)
+    st2 = MPI.Status()
+    assert comm.Iprobe(source=MPI.ANY_SOURCE, tag=31, status=st2)
+    assert status_of(st2) == (left, 31, 20)
+    assert not comm.iprobe(source=left, tag=32)          # nothing is ever sent with tag 32
+    buf = np.empty(5, dtype="i4")
+    comm.Recv(buf, source=left, tag=31)
+    assert buf.tolist() == list(range(5))
+
+
+# -- collectives -------------------------------------------------------------------
+
+def test_pickled_collectives(comm):
+    me, n, right, left = ring(comm)
+    comm.barrier()
+    comm.Barrier()
+    b = comm.bcast({"root": "data"} if me == 0 else None, root=0)
+    red = comm.reduce(me + 1, op=MPI.SUM, root=0)
+    allred = comm.allreduce(me + 1, op=MPI.MAX)
+    gat = comm.gather(("g", me), root=0)
+    sca = comm.scatter([("s", r) for r in range(n)] if me == 0 else None, root=0)
+    allg = comm.allgather(me * me)
+    a2a = comm.alltoall([(me, d) for d in range(n)])
+    scan = comm.scan(me + 1)
+    exscan = comm.exscan(me + 1)
+    assert b == {"root": "data"}
+    assert red == (n * (n + 1) // 2 if me == 0 else None)
+    assert allred == n
+    assert gat == ([("g", r) for r in range(n)] if me == 0 else None)
+    assert sca == ("s", me)
+    assert allg == [r * r for r in range(n)]
+    assert a2a == [(s, me) for s in range(n)]
+    assert scan == (me + 1) * (me + 2) // 2
+    if me > 0:
+        assert exscan == me * (me + 1) // 2
+
+
+def test_buffer_collectives(comm):
+    me, n, right, left = ring(comm)
+    x = np.arange(3, dtype="f8") if me == 0 else np.zeros(3)
+    comm.Bcast(x, root=0)
+    mine = np.full(2, me + 1, dtype="i8")
+    red = np.zeros(2, dtype="i8")
+    comm.Reduce(mine, red, op=MPI.SUM, root=0)
+    allred = np.zeros(2, dtype="i8")
+    comm.Allreduce(mine, allred, op=MPI.SUM)
+    inplace = mine.copy()
+    comm.Allreduce(MPI.IN_PLACE, inplace, op=MPI.MAX)
+    gat = np.zeros((n, 2), dtype="i8")
+    comm.Gather(mine, gat, root=0)
+    counts = [r + 1 for r in range(n)]
+    displs = [sum(counts[:r]) for r in range(n)]
+    gv = np.zeros(sum(counts), dtype="i8")
+    comm.Gatherv(np.full(me + 1, me, dtype="i8"), [gv, counts, displs, MPI.INT64_T], root=0)
+    sc_src = np.arange(2 * n, dtype="i8").reshape(n, 2)
+    sc = np.zeros(2, dtype="i8")
+    comm.Scatter(sc_src, sc, root=0)
+    scv = np.zeros(me + 1, dtype="i8")
+    comm.Scatterv([np.arange(sum(counts), dtype="i8"), counts, displs, MPI.INT64_T], scv, root=0)
+    ag = np.zeros((n, 2), dtype="i8")
+    comm.Allgather(mine, ag)
+    agv = np.zeros(sum(counts), dtype="i8")
+    comm.Allgatherv(np.full(me + 1, me, dtype="i8"), [agv, counts, displs, MPI.INT64_T])
+    a2a_src = np.array([100 * me + d for d in range(n)], dtype="i8")
+    a2a = np.zeros(n, dtype="i8")
+    comm.Alltoall(a2a_src, a2a)
+    # Alltoallv: rank me sends d+1 copies of (me) to rank d
+    scounts = [d + 1 for d in range(n)]
+    sdispl = [sum(scounts[:d]) for d in range(n)]
+    rcounts = [me + 1] * n
+    rdispl = [s * (me + 1) for s in range(n)]
+    a2av_src = np.full(sum(scounts), me, dtype="i8")
+    a2av = np.zeros(n * (me + 1), dtype="i8")
+    comm.Alltoallv([a2av_src, scounts, sdispl, MPI.INT64_T], [a2av, rcounts, rdispl, MPI.INT64_T])
+    scan = np.zeros(1, dtype="i8")
+    comm.Scan(np.array([me + 1], dtype="i8"), scan)
+    exs = np.full(1, -7, dtype="i8")
+    comm.Exscan(np.array([me + 1], dtype="i8"), exs)
+    rsb = np.zeros(1, dtype="i8")
+    comm.Reduce_scatter_block(np.arange(n, dtype="i8") * (me + 1), rsb, op=MPI.SUM)
+
+    assert x.tolist() == [0.0, 1.0, 2.0]
+    if me == 0:
+        assert red.tolist() == [n * (n + 1) // 2] * 2
+        assert gat.tolist() == [[r + 1, r + 1] for r in range(n)]
+        assert gv.tolist() == [r for r in range(n) for _ in range(r + 1)]
+    assert allred.tolist() == [n * (n + 1) // 2] * 2
+    assert inplace.tolist() == [n, n]
+    assert sc.tolist() == [2 * me, 2 * me + 1]
+    assert scv.tolist() == list(range(displs[me], displs[me] + me + 1))
+    assert ag.tolist() == [[r + 1, r + 1] for r in range(n)]
+    assert agv.tolist() == [r for r in range(n) for _ in range(r + 1)]
+    assert a2a.tolist() == [100 * s + me for s in range(n)]
+    assert a2av.tolist() == [s for s in range(n) for _ in range(me + 1)]
+    assert scan[0] == (me + 1) * (me + 2) // 2
+    if me > 0:
+        assert exs[0] == me * (me + 1) // 2
+    assert rsb[0] == me * n * (n + 1) // 2
+
+
+# -- many requests -----------------------------------------------------------------
+
+def test_Waitall_with_statuses(comm):
+    me, n, right, left = ring(comm)
+    bufs = [np.full(3, -1, dtype="i8") for _ in range(2)]
+    reqs = [comm.Irecv(bufs[0], source=left, tag=41), comm.Irecv(bufs[1], source=left, tag=42)]
+    reqs += [comm.Isend(np.full(3, me, dtype="i8"), dest=right, tag=42),
+             comm.Isend(np.full(3, me + 10, dtype="i8"), dest=right, tag=41)]
+    sts = [MPI.Status() for _ in reqs]
+    assert mpimig.Request.Waitall(reqs, sts) is True
+    assert bufs[0].tolist() == [left + 10] * 3 and bufs[1].tolist() == [left] * 3
+    assert status_of(sts[0]) == (left, 41, 24) and status_of(sts[1]) == (left, 42, 24)
+
+
+def test_waitall_and_testall(comm):
+    me, n, right, left = ring(comm)
+    recvs = [comm.irecv(source=left, tag=43), comm.irecv(source=left, tag=44)]
+    flag, values = mpimig.Request.testall(recvs)
+    early = (flag, values)                      # nothing was sent yet on this rank's channel
+    comm.Barrier()                              # ... by anyone: sends start after this
+    sends = [comm.isend("a%d" % me, dest=right, tag=44), comm.isend("b%d" % me, dest=right, tag=43)]
+    deadline = time.monotonic() + 30
+    while not mpimig.Request.Testall(sends + recvs):
+        assert time.monotonic() < deadline, "Testall never became true"
+    flag, values = mpimig.Request.testall(recvs)
+    assert mpimig.Request.waitall(sends) == [None, None]
+    assert early == (False, None)
+    assert flag is True and values == ["b%d" % left, "a%d" % left]
+    assert mpimig.Request.waitall(recvs) == ["b%d" % left, "a%d" % left]
+
+
+def test_Waitany_and_waitany(comm):
+    me, n, right, left = ring(comm)
+    b41 = np.zeros(1, dtype="i8")
+    b42 = np.zeros(1, dtype="i8")
+    r41 = comm.Irecv(b41, source=left, tag=45)
+    r42 = comm.Irecv(b42, source=left, tag=46)
+    comm.Send(np.array([me], dtype="i8"), dest=right, tag=46)     # only tag 46 for now
+    st = MPI.Status()
+    first = mpimig.Request.Waitany([r41, r42], st)
+    first_status = status_of(st)
+    early41 = r41.Test()
+    comm.Barrier()                                                 # everyone has its tag 46
+    comm.Send(np.array([me + 5], dtype="i8"), dest=right, tag=45)
+    second = mpimig.Request.Waitany([r41])
+    r3 = comm.irecv(source=left, tag=47)
+    comm.send(("w", me), dest=right, tag=47)
+    i, value = mpimig.Request.waitany([r3])
+    assert first == 1 and first_status == (left, 46, 8)
+    assert early41 is False
+    assert second == 0 and b41[0] == left + 5 and b42[0] == left
+    assert (i, value) == (0, ("w", left))
+
+
+# -- lazy receives keep MPI's matching order ---------------------------------------------
+
+def test_lazy_Irecv_completes_in_posting_order(comm):
+    me, n, right, left = ring(comm)
+    first = np.zeros(4, dtype="i8")
+    second = np.zeros(4, dtype="i8")
+    ra = comm.Irecv(first, source=left, tag=51)
+    rb = comm.Irecv(second, source=left, tag=51)
+    comm.Send(np.full(4, 1000 + me, dtype="i8"), dest=right, tag=51)
+    comm.Send(np.full(4, 2000 + me, dtype="i8"), dest=right, tag=51)
+    sb = MPI.Status()
+    rb.Wait(sb)                                       # the second one is waited first
+    sa = MPI.Status()
+    ra.Wait(sa)
+    assert first.tolist() == [1000 + left] * 4
+    assert second.tolist() == [2000 + left] * 4
+    assert status_of(sa) == status_of(sb) == (left, 51, 32)
+
+
+def test_lazy_irecv_completes_in_posting_order(comm):
+    me, n, right, left = ring(comm)
+    ra = comm.irecv(source=left, tag=52)
+    rb = comm.irecv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG)
+    comm.send(("first", me), dest=right, tag=52)
+    comm.send(("second", me), dest=right, tag=53)
+    st = MPI.Status()
+    got_b = rb.wait(st)
+    got_a = ra.wait()
+    assert got_a == ("first", left)
+    assert got_b == ("second", left) and (st.Get_source(), st.Get_tag()) == (left, 53)
+
+
+def test_blocking_recv_waits_behind_pending_irecv(comm):
+    me, n, right, left = ring(comm)
+    r = comm.irecv(source=left, tag=54)
+    comm.send(1, dest=right, tag=54)
+    comm.send(2, dest=right, tag=54)
+    second = comm.recv(source=left, tag=54)           # must not overtake the posted irecv
+    assert (r.wait(), second) == (1, 2)
+
+
+# -- the flush: messages in flight at a safe point are held ------------------------------
+
+@pytest.mark.mpi(min_size=3)
+def test_flush_markers_never_reach_user_receives(comm):
+    """A safe point is collective "like a barrier": a rank may enter it while
+    another rank still runs program code. The program must be correct with
+    ``comm.Barrier()`` in its place, and a barrier's traffic is never seen by a
+    user's ``recv(ANY_SOURCE, ANY_TAG)``: the flush's markers must not be
+    either (else the receive gets an empty message and that rank's flush waits
+    for a marker that never comes).
+
+    Rank 2 enters the safe point first. Rank 1 has a receive from any source
+    with any tag pending and waits (at most 3 s) until something from rank 2
+    is in MPI, before rank 0 sends the message it waits for."""
+    me = comm.rank
+    stolen = None
+    data = None
+    if me == 1:
+        r = comm.irecv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG)
+        deadline = time.monotonic() + 3.0
+        while not comm.mpi.Iprobe(2, MPI.ANY_TAG) and time.monotonic() < deadline:
+            pass
+        st = MPI.Status()
+        flag, value = r.test(st)
+        if flag:
+            stolen = (st.Get_source(), st.Get_tag(), value)
+            if st.Get_tag() == comm._marker_tag:
+                # give this rank's flush the marker it lost, so the job does not hang
+                comm.mpi.Send([bytearray(0), 0, MPI.BYTE], dest=me, tag=comm._marker_tag)
+        comm.send("go", dest=0, tag=8)
+        data = comm.recv(source=0, tag=5) if flag else r.wait()
+    elif me == 0:
+        comm.recv(source=1, tag=8)
+        comm.send("data", dest=1, tag=5)
+    comm._flush()
+    assert stolen is None, f"rank 1: recv(ANY_SOURCE, ANY_TAG) got (source, tag, value) = {stolen}"
+    if me == 1:
+        assert data == "data"
+
+
+def _send_batch(c: Comm, k: int, big: int = 0) -> list:
+    """Nonblocking sends to every other rank: k pickled (tag 61), k buffers (tag 62),
+    and optionally one big buffer (tag 63) that needs the rendezvous protocol."""
+    me, n = c.rank, c.size
+    reqs = []
+    for d in range(n):
+        if d == me:
+            continue
+        for i in range(k):
+            reqs.append(c.isend(("p", me, d, i), dest=d, tag=61))
+            reqs.append(c.Isend(np.full(7, 10 * me + i, dtype="f8"), dest=d, tag=62))
+        if big:
+            reqs.append(c.Isend(np.full(big, me, dtype="u1"), dest=d, tag=63))
+    return reqs
+
+
+def test_flush_holds_every_message_in_flight(comm):
+    me, n, right, left = ring(comm)
+    k, big = 3, 4 << 20
+    sends = _send_batch(comm, k, big)
+    held = comm._flush()
+    sends_done = [r.Test() for r in sends]            # the drain completed every send
+    in_mpi = comm.mpi.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)
+    queue = [(m.source, m.tag) for m in comm._queue]
+    got_p, got_b, got_big = [], [], []
+    for s in range(n):
+        if s == me:
+            continue
+        for i in range(k):
+            st = MPI.Status()
+            got_p.append((comm.recv(source=s, tag=61, status=st), st.Get_source(), st.Get_tag()))
+        for i in range(k):
+            buf = np.zeros(7)
+            st = MPI.Status()
+            comm.Recv(buf, source=s, tag=62, status=st)
+            got_b.append((buf.tolist(), status_of(st)))
+        buf = np.zeros(big, dtype="u1")
+        st = MPI.Status()
+        comm.Recv(buf, source=s, tag=63, status=st)
+        got_big.append((bool((buf == s).all()), status_of(st)))
+    others = [s for s in range(n) if s != me]
+    assert held == (n - 1) * (2 * k + 1)
+    assert all(sends_done) and not in_mpi
+    # per source, held in send order
+    for s in others:
+        assert [t for (src, t) in queue if src == s] == [61, 62] * k + [63]
+    assert got_p == [(("p", s, me, i), s, 61) for s in others for i in range(k)]
+    assert got_b == [([10.0 * s + i] * 7, (s, 62, 56)) for s in others for i in range(k)]
+    assert got_big == [(True, (s, 63, big)) for s in others]
+
+
+def test_flush_holds_messages_a_rank_sent_to_itself(comm):
+    """A message to self is in flight like any other: the flush must hold it
+    (else a checkpoint taken now loses it)."""
+    me = comm.rank
+    s = comm.isend(("self", me), dest=me, tag=64)
+    comm._flush()
+    held = [(src, tag) for src, tag, _ in comm._export()["queue"]]
+    still_in_mpi = comm.mpi.Iprobe(me, 64)
+    value = comm.recv(source=me, tag=64)              # receive it either way: leave nothing behind
+    s.wait()
+    assert value == ("self", me)
+    assert held == [(me, 64)] and not still_in_mpi, \
+        f"rank {me}: the message to itself was not held by the flush (held {held}, still in MPI: {still_in_mpi})"
+
+
+@pytest.mark.mpi(min_size=2)
+def test_held_messages_any_source_probe_and_order(comm):
+    me, n, right, left = ring(comm)
+    comm.send(("before", me), dest=right, tag=65)
+    comm.Send(np.array([me, 1], dtype="i4"), dest=right, tag=66)
+    comm._flush()
+    comm.send(("after", me), dest=right, tag=65)      # sent after the safe point: comes after
+    st = MPI.Status()
+    probed = comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, st)
+    probed_status = status_of(st)
+    st1 = MPI.Status()
+    v1 = comm.recv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=st1)
+    st2 = MPI.Status()
+    b = np.zeros(2, dtype="i4")
+    comm.Recv(b, source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=st2)
+    st3 = MPI.Status()
+    v3 = comm.recv(source=left, tag=65, status=st3)
+    assert probed and probed_status[:2] == (left, 65)
+    assert (v1, st1.Get_source(), st1.Get_tag()) == (("before", left), left, 65)
+    assert (b.tolist(), status_of(st2)) == ([left, 1], (left, 66, 8))
+    assert (v3, st3.Get_source(), st3.Get_tag()) == (("after", left), left, 65)
+
+
+def test_pending_irecv_matches_held_messages_first(comm):
+    me, n, right, left = ring(comm)
+    r = comm.irecv(source=left, tag=67)
+    buf = np.zeros(3, dtype="i8")
+    R = comm.Irecv(buf, source=left, tag=68)
+    comm.send("old", dest=right, tag=67)
+    comm.Send(np.full(3, me, dtype="i8"), dest=right, tag=68)
+    comm._flush()                 # held, and the pending receives may match them now
+    comm.send("new", dest=right, tag=67)
+    newer = comm.recv(source=left, tag=67)
+    assert r.wait() == "old" and newer == "new"
+    assert R.Wait() and buf.tolist() == [left] * 3
+
+
+@pytest.mark.mpi(min_size=2)
+def test_held_message_too_big_for_buffer_is_an_error(comm):
+    me, n, right, left = ring(comm)
+    comm.Send(np.arange(8, dtype="i8"), dest=right, tag=69)
+    comm._flush()
+    small = np.zeros(2, dtype="i8")
+    with pytest.raises(CommError, match="truncated"):
+        comm.Recv(small, source=left, tag=69)
+    # like MPI_ERR_TRUNCATE, the failed receive is over: it must not stay posted
+    # and take the next message that matches it
+    comm.Send(np.arange(8, dtype="i8") + 100, dest=right, tag=69)
+    full = np.zeros(8, dtype="i8")
+    try:
+        comm.Recv(full, source=left, tag=69)
+        err = None
+    except Exception as exc:      # noqa: BLE001 - reported below
+        err = exc
+    finally:
+        stale = len(comm._pending)
+        comm._pending.clear()
+        comm._queue.clear()
+        comm.mpi.Barrier()
+        while comm.mpi.Iprobe(left, 69):   # drain what a failed receive left in MPI
+            comm.mpi.recv(source=left, tag=69)
+    assert err is None and full.tolist() == list(range(100, 108)), \
+        f"the receive after a truncation error failed: {err!r} ({stale} stale pending request(s))"
+
+
+def test_sendrecv_with_held_messages_keeps_order(comm):
+    me, n, right, left = ring(comm)
+    comm.Send(np.array([1, me], dtype="i8"), dest=right, tag=70)
+    comm._flush()
+    got = np.zeros(2, dtype="i8")
+    comm.Sendrecv(np.array([2, me], dtype="i8"), right, 70, got, left, 70)
+    later = np.zeros(2, dtype="i8")
+    comm.Recv(later, source=left, tag=70)
+    obj_first = None
+    comm.send("o1", dest=right, tag=71)
+    comm._flush()
+    obj_first = comm.sendrecv("o2", dest=right, sendtag=71, source=left, recvtag=71)
+    obj_later = comm.recv(source=left, tag=71)
+    assert got.tolist() == [1, left] and later.tolist() == [2, left]
+    assert (obj_first, obj_later) == ("o1", "o2")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_export_import_round_trip_into_a_fresh_comm(comm):
+    me, n, right, left = ring(comm)
+    comm.send(("q", me, 0), dest=right, tag=72)
+    comm.Send(np.full(5, me, dtype="f4"), dest=right, tag=73)
+    comm.send(("q", me, 1), dest=right, tag=72)
+    comm._flush()
+    exported = comm._export()
+    blob = pickle.dumps(exported, protocol=5)         # it is stored in a checkpoint
+    comm._queue.clear()                               # this process "dies"
+    fresh = _new_comm()
+    try:
+        fresh._import(pickle.loads(blob))
+        fresh.send(("q", me, 2), dest=right, tag=72)  # sent after the restart
+        st = [MPI.Status() for _ in range(4)]
+        a = fresh.recv(source=left, tag=72, status=st[0])
+        buf = np.zeros(5, dtype="f4")
+        fresh.Recv(buf, source=MPI.ANY_SOURCE, tag=73, status=st[1])
+        b = fresh.recv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=st[2])
+        c = fresh.recv(source=left, tag=72, status=st[3])
+    finally:
+        leftover = _close(fresh)
+    assert [(s, t) for s, t, _ in exported["queue"]] == [(left, 72), (left, 73), (left, 72)]
+    assert (a, b, c) == (("q", left, 0), ("q", left, 1), ("q", left, 2))
+    assert buf.tolist() == [float(left)] * 5
+    assert [status_of(s)[:2] for s in st] == [(left, 72), (left, 73), (left, 72), (left, 72)]
+    assert status_of(st[1])[2] == 20
+    assert leftover == (0, 0, 0)
+
+
+def test_pending_buffer_Irecv_cannot_be_exported(comm):
+    me, n, right, left = ring(comm)
+    buf = np.zeros(1, dtype="i8")
+    r = comm.Irecv(buf, source=left, tag=74)
+    with pytest.raises(CommError, match=r"Irecv\(source=%d, tag=74\)" % left):
+        comm._export()
+    comm.Send(np.array([me]), dest=right, tag=74)
+    r.Wait()
+    assert buf[0] == left
+
+
+def test_pending_irecv_survives_pickling_into_a_fresh_comm(comm):
+    me, n, right, left = ring(comm)
+    r = comm.irecv(source=left, tag=75)
+    blob = pickle.dumps(r)
+    comm._pending.remove(r)                           # the old process is gone
+    fresh = _new_comm()
+    try:
+        r2 = pickle.loads(blob)                       # re-posted on the current communicator
+        fresh.send(("kept", me), dest=right, tag=75)
+        st = MPI.Status()
+        value = r2.wait(st)
+    finally:
+        leftover = _close(fresh)
+    assert value == ("kept", left) and (st.Get_source(), st.Get_tag()) == (left, 75)
+    assert leftover == (0, 0, 0)
+
+
+# -- misuse -----------------------------------------------------------------------------
+
+def test_reserved_tags_are_refused(comm):
+    """Tags >= comm.tag_limit are mpimig's (the flush marker is the highest):
+    a user message with such a tag would be taken for a marker."""
+    me = comm.rank
+    one = np.zeros(1, dtype="u1")
+    sends = {
+        "send": lambda t: comm.send("x", dest=me, tag=t),
+        "isend": lambda t: comm.isend("x", dest=me, tag=t),
+        "Send": lambda t: comm.Send(one, dest=me, tag=t),
+        "Isend": lambda t: comm.Isend(one, dest=me, tag=t),
+        "Issend": lambda t: comm.Issend(one, dest=me, tag=t),
+    }
+    problems = []
+    for tag in (comm.tag_limit, comm._marker_tag):
+        for name, fn in sends.items():
+            try:
+                req = fn(tag)
+            except CommError as exc:
+                if str(tag) not in str(exc) or "reserved" not in str(exc):
+                    problems.append(f"{name}(tag={tag}): CommError without the tag: {exc}")
+                continue
+            # not refused: the message is in flight; take it back so nothing is left behind
+            comm.mpi.Recv(bytearray(256), source=me, tag=tag)
+            if req is not None:
+                req.Wait()
+            problems.append(f"{name}(tag={tag}) was accepted")
+    # the highest user tag still works
+    comm.isend("ok", dest=me, tag=comm.tag_limit - 1)
+    ok = comm.recv(source=me, tag=comm.tag_limit - 1)
+    assert ok == "ok"
+    assert not problems, "; ".join(problems)
+
+
+def test_unsupported_methods_raise_comm_error_naming_them(comm):
+    for name in ("Create_cart", "Split", "Ibarrier", "Dup"):
+        with pytest.raises(CommError, match=name):
+            getattr(comm, name)
+    with pytest.raises(CommError, match="Create_cart"):
+        comm.Create_cart([comm.size])
+    with pytest.raises(AttributeError):
+        comm.no_such_method
