@@ -1,0 +1,283 @@
+"""``mpimig bench migrate``: what one live migration costs, against raw Send/Recv.
+
+For every state size, runs ``mpimig/bench/migrate_app.py`` (4 ranks, one
+registered array of that size per rank, a halo exchange with both ring
+neighbours and a checkpoint point every step) with
+``mpimig run -n 4 --migrate STEP:1:HOST`` (HOST: this machine), and reads the
+job's status.json: the migrating rank's downtime (freeze: from entering the
+safe point to the state restored in the new process), the switch, the state
+transfer (time and bandwidth), the restore, and the other ranks' stall in the
+safe point (max and median). The spawn of the new process is shown apart: it
+happens before the safe point, while the program computes. The program's own
+step times show what the others really waited: the safe-point stall plus
+waiting at the next halo exchange for the resumed rank ("others wait").
+
+STEP comes from a time budget (--before seconds of steps before the earliest
+migration point, --after seconds after it, at --work-ms per step): the
+program is not told to wait for the migration. A migration that the job
+outlived is reported as cancelled.
+
+In the same run, alternating with the migrations, the baseline: plain
+``Send``/``Recv`` of the same bytes between two processes of one mpiexec
+(warm: into a touched buffer; cold: into a fresh one, as a target receives
+state). Transfer efficiency = (bytes / transfer time) / warm raw bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from ..errors import LaunchError, UsageError
+from .checkpoint import fmt_size, parse_size
+
+APP = Path(__file__).with_name("migrate_app.py")
+RANKS = 4
+MOVING = 1                  # the rank that moves; its neighbours are 0 and 2
+STEP_OVERHEAD_S = 0.002     # halo exchange + safe point per step, roughly (2 cores, 5 processes)
+
+
+def plan_steps(before: float, after: float, work_ms: float) -> tuple:
+    """(STEP, total steps) for the time budget."""
+    per = work_ms / 1000.0 + STEP_OVERHEAD_S
+    at = max(2, math.ceil(before / per))
+    return at, at + max(5, math.ceil(after / per))
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def others_wait(result: dict, moved: int) -> Optional[dict]:
+    """What the other ranks really waited around the migration, from their step times.
+
+    For each rank that did not move: the time above its median step in the
+    steps around the one whose safe point ran the migration (that step and
+    the next two: the safe-point stall, then the halo from the resumed rank).
+    """
+    ranks = {r["rank"]: r for r in result.get("ranks", [])}
+    mover = ranks.get(moved)
+    if not mover or not mover.get("resumed_at"):
+        return None
+    s = mover["resumed_at"][0]           # steps done when it moved: step index s-1 held the safe point
+    waits = {}
+    for r, rec in ranks.items():
+        t = rec["times"]
+        base = statistics.median(t)
+        win = t[max(0, s - 1):s + 2]
+        waits[r] = sum(max(0.0, x - base) for x in win)
+    others = [v for r, v in waits.items() if r != moved]
+    return {"step": s, "mover_s": waits[moved], "others_max_s": max(others),
+            "others_median_s": statistics.median(others), "per_rank_s": waits}
+
+
+def run_migration(size: int, at: int, steps: int, work_ms: float, host: str, work: Path,
+                  tag: str, timeout: float) -> dict:
+    """One job with one scheduled migration; the numbers from status.json and the program."""
+    job = work / f"job-{tag}"
+    cmd = [sys.executable, "-m", "mpimig", "run", "-n", str(RANKS), "--job-dir", str(job),
+           "--restart", "never", "--timeout", str(timeout), "--migrate", f"{at}:{MOVING}:{host}",
+           str(APP), "--bytes", str(size), "--steps", str(steps), "--work-ms", str(work_ms)]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 60)
+    wall = time.monotonic() - t0
+    rec = {"wall_s": wall, "rc": proc.returncode, "at_point": at, "steps": steps}
+    try:
+        status = json.loads((job / "status.json").read_text())
+        complete = json.loads((job / "complete.json").read_text())
+    except (OSError, ValueError) as exc:
+        rec["state"] = f"failed: job did not complete ({exc.__class__.__name__})"
+        rec["log"] = (proc.stdout + proc.stderr)[-3000:]
+        shutil.rmtree(job, ignore_errors=True)
+        return rec
+    migs = status.get("migrations") or []
+    m = migs[0] if migs else {"state": "missing", "timings": {}, "stalls": {}}
+    t = m.get("timings", {})
+    rec["state"] = m.get("state", "?")
+    for k in ("spawn", "switch", "downtime", "transfer", "restore", "bytes"):
+        rec[k] = t.get(k)
+    stalls = [float(v) for v in (m.get("stalls") or {}).values()]
+    rec["stalls"] = m.get("stalls") or {}
+    rec["stall_max"] = max(stalls) if stalls else None
+    rec["stall_median"] = statistics.median(stalls) if stalls else None
+    if rec.get("transfer") and rec.get("bytes"):
+        rec["transfer_gbps"] = rec["bytes"] / rec["transfer"] / 1e9
+    wait = others_wait(complete.get("result") or {}, MOVING)
+    if wait:
+        rec["moved_after_step"] = wait["step"]
+        rec["others_wait_max"] = wait["others_max_s"]
+        rec["others_wait_median"] = wait["others_median_s"]
+        rec["mover_step_excess"] = wait["mover_s"]
+    shutil.rmtree(job, ignore_errors=True)
+    return rec
+
+
+def run_raw(size: int, repeat: int, work: Path, timeout: float) -> dict:
+    """Plain Send/Recv of ``size`` bytes between the 2 processes of one mpiexec."""
+    from ..launcher import build_command, mpi_env, mpi_flavour
+    flavour = mpi_flavour()
+    env = dict(os.environ)
+    env.update(mpi_env(flavour))
+    out = work / f"raw-{size}.json"
+    prog = [sys.executable, str(APP), "--raw-bandwidth", str(size), "--repeat", str(repeat),
+            "--out", str(out)]
+    cmd = build_command(flavour, 2, prog, oversubscribe=(os.cpu_count() or 1) < 2)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                              start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"raw baseline for {fmt_size(size)} did not finish in {timeout} s") from None
+    try:
+        res = json.loads(out.read_text())
+    except (OSError, ValueError):
+        raise LaunchError(f"raw baseline for {fmt_size(size)} failed (exit {proc.returncode}): "
+                          f"{(proc.stdout + proc.stderr)[-2000:]}") from None
+    out.unlink()
+    return res
+
+
+def summarise(size: int, runs: list, raws: list) -> dict:
+    done = [r for r in runs if r.get("state") == "done"]
+    row = {"size": size, "runs": runs, "raw": raws, "done": len(done), "of": len(runs),
+           "states": sorted({r.get("state", "?") for r in runs})}
+    for k in ("downtime", "spawn", "switch", "transfer", "restore", "bytes", "transfer_gbps",
+              "stall_max", "stall_median", "others_wait_max", "others_wait_median", "mover_step_excess"):
+        row[k] = _median([r.get(k) for r in done])
+    row["raw_warm_gbps"] = _median([r["warm_gbps"] for r in raws])
+    row["raw_cold_gbps"] = _median([r["cold_gbps"] for r in raws])
+    row["fresh_touch_gbps"] = _median([r.get("touch_gbps") for r in raws])
+    if row["transfer_gbps"] and row["raw_warm_gbps"]:
+        row["efficiency"] = row["transfer_gbps"] / row["raw_warm_gbps"]
+        row["efficiency_cold"] = row["transfer_gbps"] / row["raw_cold_gbps"]
+    else:
+        row["efficiency"] = row["efficiency_cold"] = None
+    return row
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x * 1e3:.1f}"
+
+
+def _num(x, fmt="{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def format_table(rows: list) -> list:
+    head = (f"{'size':>9} {'downtime':>9} {'spawn*':>8} {'switch':>7} {'transfer':>9} {'GB/s':>6} "
+            f"{'raw GB/s':>13} {'eff':>11} {'restore':>8} {'stall max':>9} {'stall med':>9} "
+            f"{'others wait':>11} {'done':>5}")
+    lines = [head, f"{'':>9} {'ms':>9} {'ms':>8} {'ms':>7} {'ms':>9} {'':>6} {'warm/cold':>13} "
+                   f"{'warm/cold':>11} {'ms':>8} {'ms':>9} {'ms':>9} {'max ms':>11}"]
+    for r in rows:
+        raw = f"{_num(r['raw_warm_gbps'])}/{_num(r['raw_cold_gbps'])}"
+        eff = f"{_num(r['efficiency'])}/{_num(r['efficiency_cold'])}"
+        lines.append(
+            f"{fmt_size(r['size']):>9} {_ms(r['downtime']):>9} {_ms(r['spawn']):>8} {_ms(r['switch']):>7} "
+            f"{_ms(r['transfer']):>9} {_num(r['transfer_gbps']):>6} {raw:>13} {eff:>11} "
+            f"{_ms(r['restore']):>8} {_ms(r['stall_max']):>9} {_ms(r['stall_median']):>9} "
+            f"{_ms(r['others_wait_max']):>11} {r['done']:>2}/{r['of']:<2}")
+    lines.append("")
+    lines.append("* spawn is off the critical path (before the safe point, while the program computes); "
+                 "downtime = migrating rank frozen (safe point entered -> state restored); "
+                 "stall = other ranks in the safe point (status.json); others wait = their step time "
+                 "above median around the move (stall + waiting for the resumed rank's halo); "
+                 "eff = transfer GB/s / raw Send/Recv GB/s (warm: touched buffer; cold: fresh buffer)")
+    for r in rows:
+        bad = [s for s in r["states"] if s != "done"]
+        if bad:
+            lines.append(f"{fmt_size(r['size'])}: {r['of'] - r['done']} of {r['of']} migration(s) not done: "
+                         + "; ".join(bad) + (" (raise --after or --before)" if any("cancel" in s for s in bad)
+                                             else ""))
+    return lines
+
+
+def run(args, out=print) -> dict:
+    sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    if not sizes:
+        raise UsageError("--sizes needs at least one size")
+    if args.repeat < 1:
+        raise UsageError("--repeat must be at least 1")
+    if args.work_ms < 0 or args.before <= 0 or args.after <= 0:
+        raise UsageError("--work-ms must be >= 0, --before and --after > 0")
+    host = args.host or socket.gethostname()
+    at, steps = plan_steps(args.before, args.after, args.work_ms)
+    base = Path(args.dir) if args.dir else None
+    if base:
+        base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="mpimig-bench-migrate-", dir=base))
+    out(f"mpimig bench migrate: {RANKS} ranks, rank {MOVING} -> {host} at step {at} of {steps} "
+        f"({args.work_ms:g} ms/step: {args.before:g} s before, {args.after:g} s after), "
+        f"{args.repeat} repeat(s) per size alternating with raw Send/Recv, medians")
+    results = {"host": host, "ranks": RANKS, "moving_rank": MOVING, "at_point": at, "steps": steps,
+               "work_ms": args.work_ms, "repeat": args.repeat, "sizes": []}
+    try:
+        for size in sizes:
+            runs, raws = [], []
+            raw_rep = 3 if size >= (256 << 20) else 5
+            for i in range(args.repeat):
+                order = ("mig", "raw") if i % 2 == 0 else ("raw", "mig")
+                for what in order:
+                    if what == "raw":
+                        raws.append(run_raw(size, raw_rep, work, args.timeout))
+                    else:
+                        runs.append(run_migration(size, at, steps, args.work_ms, host, work,
+                                                  f"{size}-{i}", args.timeout))
+            row = summarise(size, runs, raws)
+            results["sizes"].append(row)
+            if row["done"]:
+                out(f"  {fmt_size(size)}: downtime {_ms(row['downtime'])} ms, transfer {_ms(row['transfer'])} ms "
+                    f"({_num(row['transfer_gbps'])} GB/s; raw Send/Recv {_num(row['raw_warm_gbps'])} GB/s warm, "
+                    f"{_num(row['raw_cold_gbps'])} cold), spawn {_ms(row['spawn'])} ms, others stall max "
+                    f"{_ms(row['stall_max'])} ms, wait max {_ms(row['others_wait_max'])} ms "
+                    f"[{row['done']}/{row['of']} done]")
+            else:
+                out(f"  {fmt_size(size)}: no migration done: {'; '.join(row['states'])}")
+                for r in runs:
+                    if r.get("log"):
+                        out("    " + r["log"].strip().replace("\n", "\n    ")[-1500:])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def main(args) -> int:
+    res = run(args)
+    print("")
+    for line in format_table(res["sizes"]):
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+        print(f"results written to {args.json}")
+    return 0 if all(r["done"] for r in res["sizes"]) else 1
+
+
+def register(bench_subparsers) -> argparse.ArgumentParser:
+    p = bench_subparsers.add_parser(
+        "migrate", help="one live migration: downtime, transfer vs raw Send/Recv, others' stall",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1M,16M,256M,1G",
+                   help="registered bytes per rank, comma-separated, binary units (default 1M,16M,256M,1G)")
+    p.add_argument("--repeat", type=int, default=3, help="migrations per size; medians are shown (default 3)")
+    p.add_argument("--work-ms", type=float, default=20.0, help="sleep per step in the program, ms (default 20)")
+    p.add_argument("--before", type=float, default=2.0,
+                   help="seconds of steps before the earliest migration point (default 2)")
+    p.add_argument("--after", type=float, default=3.0,
+                   help="seconds of steps after it: room for a late spawn (default 3)")
+    p.add_argument("--host", help="target host (default: this machine's hostname)")
+    p.add_argument("--dir", help="where job directories go (a temporary subdirectory, removed)")
+    p.add_argument("--timeout", type=float, default=300.0, help="per job, seconds (default 300)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.set_defaults(func=main)
+    return p

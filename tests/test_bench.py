@@ -1,0 +1,103 @@
+"""Smoke tests of `mpimig bench comm` and `mpimig bench migrate` (issue 4).
+
+Benchmarks are commands, not timed tests: these check that both run end to end
+on tiny settings, print their table rows and give positive ratios. The goals
+(latency <= 1.25x, bandwidth >= 0.95x) are not asserted here.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import mpimig_cmd, run_cmd
+from mpimig.bench import comm as bcomm
+from mpimig.bench import migrate as bmig
+
+NUM = r"(\d+(?:\.\d+)?)"
+
+
+def test_bench_comm_smoke(tmp_path):
+    out = tmp_path / "comm.json"
+    res = run_cmd(mpimig_cmd("bench", "comm", "--sizes", "4M", "--iters", "400", "--rounds", "10",
+                             "--bw-rounds", "4", "--json", out), timeout=120, check_rc=0)
+    text = res.stdout
+    rows = {}
+    for op, size in (("Send/Recv", "8 B"), ("send/recv dict", None), ("Send/Recv", "4 MiB")):
+        pat = re.escape(op) + r"\s+" + (re.escape(size) if size else r"\d+ B") + \
+            rf"\s+{NUM} (us|GB/s)\s+{NUM} (us|GB/s)\s+{NUM}x\s+{NUM}-{NUM}"
+        m = re.search(pat, text)
+        assert m, f"no table row for {op} {size}:\n{text}"
+        raw, mig, ratio = float(m.group(1)), float(m.group(3)), float(m.group(5))
+        assert raw > 0 and mig > 0 and ratio > 0
+        rows[(op, size)] = ratio
+    assert re.search(r"goal latency .*: (met|MISSED)", text) and re.search(r"goal bandwidth .*: (met|MISSED)", text)
+    data = json.loads(out.read_text())
+    assert [r["kind"] for r in data["rows"]] == ["latency", "latency", "bandwidth"]
+    for r in data["rows"]:
+        assert r["raw"] > 0 and r["mpimig"] > 0 and r["ratio"] > 0 and isinstance(r["met"], bool)
+        assert len(r["raw_all"]) == len(r["mpimig_all"])
+    assert data["rows"][2]["bytes"] == 4 << 20
+    assert set(data["calls"]) == {"Send", "Recv", "send", "recv"}
+
+
+def test_bench_migrate_smoke(tmp_path):
+    out = tmp_path / "migrate.json"
+    res = run_cmd(mpimig_cmd("bench", "migrate", "--sizes", "1M", "--repeat", "1", "--dir", tmp_path,
+                             "--json", out), timeout=150)
+    text = res.stdout
+    assert res.returncode == 0, f"{text}\n{res.stderr[-3000:]}"
+    assert re.search(r"1 MiB: downtime [\d.]+ ms", text), text                 # progress line
+    m = re.search(rf"^\s+1 MiB\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}/{NUM}\s+{NUM}/{NUM}\s",
+                  text, re.M)
+    assert m, f"no table row for 1 MiB:\n{text}"
+    assert all(float(x) > 0 for x in m.groups()), m.groups()
+    data = json.loads(out.read_text())
+    row = data["sizes"][0]
+    assert row["size"] == 1 << 20 and row["done"] == row["of"] == 1
+    assert row["bytes"] == 1 << 20                                                  # the array moved
+    for k in ("downtime", "spawn", "switch", "transfer", "transfer_gbps", "raw_warm_gbps", "efficiency",
+              "stall_max", "stall_median", "others_wait_max"):
+        assert row[k] is not None and row[k] > 0, k
+    assert row["downtime"] >= row["transfer"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["migrate.json"]          # job dirs removed
+
+
+def test_plan_steps_and_others_wait():
+    at, steps = bmig.plan_steps(2.0, 3.0, 20.0)
+    assert at == 91 and steps == 91 + 137
+    assert bmig.plan_steps(0.01, 0.01, 0.0)[0] == 5 and bmig.plan_steps(0.01, 0.01, 0.0)[1] == 10
+    base = [0.02] * 10
+    ranks = [{"rank": r, "times": list(base), "resumed_at": []} for r in range(4)]
+    ranks[1]["resumed_at"] = [5]
+    ranks[1]["times"][4] = 0.52                 # the step whose safe point moved rank 1
+    for r in (0, 2):
+        ranks[r]["times"][4] = 0.05             # safe-point stall
+        ranks[r]["times"][5] = 0.45             # waiting for the halo from the resumed rank
+    ranks[3]["times"][5] = 0.30
+    w = bmig.others_wait({"ranks": ranks}, 1)
+    assert w["step"] == 5 and w["mover_s"] == pytest.approx(0.5)
+    assert w["others_max_s"] == pytest.approx(0.46) and w["others_median_s"] == pytest.approx(0.46)
+    assert bmig.others_wait({"ranks": [{"rank": 1, "times": base, "resumed_at": []}]}, 1) is None
+
+
+def test_comm_goals_and_table():
+    res = {"rows": [
+        {"op": "Send/Recv", "kind": "latency", "bytes": 8, "raw": 2e-6, "mpimig": 2.6e-6},
+        {"op": "send/recv dict", "kind": "latency", "bytes": 58, "raw": 6e-6, "mpimig": 6.3e-6},
+        {"op": "Send/Recv", "kind": "bandwidth", "bytes": 4 << 20, "raw": 1e-3, "mpimig": 1e-3 / 0.975,
+         "raw_gbps": 4.0, "mpimig_gbps": 3.9},
+        {"op": "Send/Recv", "kind": "bandwidth", "bytes": 16 << 20, "raw": 4e-3, "mpimig": 4e-3,
+         "raw_gbps": 4.0, "mpimig_gbps": 4.0, "time_ratio": 1.0 / 0.94, "time_ratio_q1": 1.0,
+         "time_ratio_q3": 1.25}],
+        "calls": {k: {"raw_ns": 100.0, "mpimig_ns": 300.0, "extra_ns": 200.0} for k in ("Send", "Recv", "send", "recv")}}
+    bcomm.summarise(res)
+    assert [r["met"] for r in res["rows"]] == [False, True, True, False]
+    assert res["goals"]["latency"]["met"] is False and res["goals"]["bandwidth"]["met"] is False
+    assert res["rows"][3]["ratio"] == pytest.approx(0.94) and res["rows"][3]["ratio_iqr"] == (0.8, 1.0)
+    assert res["rows"][0]["ratio"] == pytest.approx(1.3)           # no paired ratio: ratio of medians
+    text = "\n".join(bcomm.format_table(res))
+    assert "1.300x  1.300-1.300  <= 1.25x MISSED" in text and "0.975x  0.975-0.975  >= 0.95x met" in text
+    assert "0.940x  0.800-1.000  >= 0.95x MISSED (goal inside the IQR: within noise)" in text
+    assert "latency goal missed for Send/Recv: +600 ns" in text and "+400 ns per pair" in text
