@@ -169,7 +169,7 @@ def main(ctx, args):
         unchecked=[],                   # (post index, src, tag, sseq) completed, not yet order-checked
         c=dict(sent=0, received=0, expected=0, duplicated=0, out_of_order=0, corrupted=0,
                unexpected=0, collective_errors=0, pickled=0, buffer=0, wildcard=0, kept_requests=0,
-               deferred=0, probe=0, held_max=0, held_total=0),
+               deferred=0, probe=0, held_max=0, held_total=0, held_restored=0),
         notes=[],
     )
     c = st.c
@@ -177,6 +177,9 @@ def main(ctx, args):
     held_at_start = len(getattr(comm, "_queue", ()))
     c["held_max"] = max(c["held_max"], held_at_start)
     c["held_total"] += held_at_start
+    if ctx.role == "restarted":         # held messages picked up from the checkpoint
+        c["held_restored"] += held_at_start
+    start_step = st.step
 
     def note(text):
         if len(st.notes) < 20:
@@ -612,19 +615,20 @@ def main(ctx, args):
         c["duplicated"] += stray
         note(f"{stray} stray messages at the end")
     lost = c["expected"] - c["received"]
-    mine = dict(c, lost=max(lost, 0), stray=stray, held_at_start=held_at_start,
+    mine = dict(c, lost=max(lost, 0), stray=stray, held_at_start=held_at_start, start_step=start_step,
                 pid_role=ctx.role, notes=list(st.notes))
     every = comm.gather(mine, root=0)
     if me != 0:
         return None
     keys = ["sent", "received", "expected", "lost", "duplicated", "out_of_order", "corrupted",
             "unexpected", "collective_errors", "pickled", "buffer", "wildcard", "kept_requests",
-            "deferred", "probe", "stray", "held_total"]
+            "deferred", "probe", "stray", "held_total", "held_restored"]
     res = {k: sum(int(e[k]) for e in every) for k in keys}
     res.update(seed=seed, steps=steps, size=size, msgs=msgs,
                held_max=max(e["held_max"] for e in every),
                held_at_start=sum(e["held_at_start"] for e in every),
                restarted=any(e["pid_role"] == "restarted" for e in every),
+               start_step=min(e["start_step"] for e in every),
                migrated_ranks=sorted(r for r, e in enumerate(every) if e["pid_role"] == "migrated"),
                notes=[n for e in every for n in e["notes"]][:40])
     res["errors"] = (res["lost"] + res["duplicated"] + res["out_of_order"] + res["corrupted"]
