@@ -283,7 +283,8 @@ def cmd_run(args) -> int:
             raise UsageError(f"--migrate {':'.join(map(str, entry))}: host {entry[2]} is not in --hosts "
                              f"({', '.join(allowed)})")
     program = program_argv(args.program, args.args)
-    prepare_job_dir(cfg)
+    if not args.dry_run:    # a dry run only prints: it must not delete epochs or the record
+        prepare_job_dir(cfg)
     return launch(cfg, args.n, program, hosts=args.hosts, ft=args.ft, timeout=args.timeout,
                   extra=args.mpiexec_arg, dry_run=args.dry_run)
 
