@@ -135,9 +135,8 @@ def test_empty_or_missing_directory(tmp_path, capsys):
 
 def test_command_line_exit_code(ckpt):
     """The real command: exit status and messages, as a user sees them."""
-    res = run_cmd(mpimig_cmd("inspect", ckpt.directory), timeout=120)
-    assert res.returncode == 0, res.stdout + res.stderr
     flip(ckpt.rank_path(1, 1), "arrays/field", 100)
     res = run_cmd(mpimig_cmd("inspect", ckpt.directory, "--epoch", 1), timeout=120)
     assert res.returncode == 1
     assert "epoch 1 rank 1 dataset /arrays/field: checksum mismatch" in res.stderr
+    assert "epoch 1: job insp" in res.stdout and "BAD" in res.stdout

@@ -114,13 +114,20 @@ def run(sizes: list[int], repeat: int, directory: Path, n_arrays: int = 4,
     fstype = _fs_type(directory)
     out(f"mpimig bench checkpoint: dir {directory} ({fstype or 'unknown fs'}), "
         f"{repeat}+ repeat(s), median; zlib.crc32 {crc_speed() / 1e9:.2f} GB/s here")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cores = os.cpu_count() or 1
+    results_load = {"loadavg": load, "cores": cores}
+    if load > cores:
+        out(f"warning: load average {load:.1f} on {cores} core(s): other work competes for the "
+            "CPU and the disk; compare ratios, and rerun on a quiet machine")
     if fstype in ("tmpfs", "ramfs"):
         out("warning: the directory is in memory (tmpfs): fsync costs nothing, "
             "use --dir on a disk to measure a checkpoint")
     raw_dir = directory / "raw"
     raw_dir.mkdir(exist_ok=True)
     store = CheckpointStore(directory / "store", job_id="bench", keep=1)
-    results = {"dir": str(directory), "fs": fstype, "repeat": repeat, "sizes": []}
+    results = {"dir": str(directory), "fs": fstype, "repeat": repeat, **results_load,
+               "sizes": []}
     epoch = store.next_epoch()
     try:
         # warm-up: imports, first file creation, page-cache state
