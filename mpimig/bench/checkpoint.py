@@ -1,15 +1,14 @@
 """``mpimig bench checkpoint``: the checkpoint store against raw h5py.
 
-For every size, the same arrays are written, alternating, through
-:class:`mpimig.checkpoint.CheckpointStore` (``write_rank`` + ``commit``: rank
-file, CRC-32 per dataset, manifest, atomic rename, pruning) and through raw
-h5py (one contiguous dataset per array, ``flush`` + ``os.fsync``). Both fsync.
-Sizes under 256 MiB are repeated more (up to 4x ``--repeat``, so that each
-size writes about as much as 256 MiB x repeat): small writes are the noisiest.
-Reported per size, as medians of the repeats: throughput of each, the ratio
-mpimig/raw, and the stall — how long the caller is blocked per checkpoint.
-With ``--async`` (default) the asynchronous mode is measured too: the caller
-is blocked only for the snapshot (memcpy), a background thread writes.
+For every size, the same arrays are written, alternating, through mpimig's
+CheckpointStore (write_rank + commit: rank file, CRC-32 per dataset, manifest,
+atomic rename, pruning) and through raw h5py (one contiguous dataset per array,
+flush + os.fsync). Both fsync. Sizes under 256 MiB are repeated more (up to 4x
+--repeat): small writes are the noisiest. Reported per size, as medians of the
+repeats: throughput of each, the ratio mpimig/raw, and the stall (how long the
+caller is blocked per checkpoint). Unless --no-async, the asynchronous mode is
+measured too: the caller is blocked only for the snapshot (a memcpy) while a
+background thread writes.
 
 Runs as one process; no MPI needed (the runtime does the collective part).
 """
