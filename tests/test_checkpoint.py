@@ -154,6 +154,7 @@ def test_objects_and_unusual_arrays_round_trip(tmp_path):
         "uni": np.array(["héllo", "w"]),
         "when": np.array(["2024-01-01T00:00:00", "NaT"], dtype="datetime64[s]"),
         "masked": np.ma.masked_array([1.0, 2.0, 3.0], mask=[False, True, False]),
+        "obj0": np.array(None, dtype=object),
     }
     store = CheckpointStore(tmp_path)
     commit_one(store, 1, arrays, objects)
@@ -164,6 +165,7 @@ def test_objects_and_unusual_arrays_round_trip(tmp_path):
     assert list(st_.arrays["obj"]) == list(arrays["obj"]) and st_.arrays["obj"].dtype == object
     assert same_array(st_.arrays["uni"], arrays["uni"])
     assert same_array(st_.arrays["when"], arrays["when"])
+    assert st_.arrays["obj0"].shape == () and st_.arrays["obj0"].item() is None
     m = st_.arrays["masked"]
     assert isinstance(m, np.ma.MaskedArray) and m.mask.tolist() == [False, True, False]
     with h5py.File(store.rank_path(1, 0), "r") as f:      # documented encodings
