@@ -203,9 +203,11 @@ def launch(cfg: Config, n: int, program: List[str], *, hosts=None, ft=False, tim
     env.update(cfg.to_env())
     if hosts:
         env["MPIMIG_HOSTS"] = ",".join(host_names(hosts))
-    names = sorted(k for k in env if k.startswith(("MPIMIG_", "OMPI_MCA_", "PYTHON")))
+    # No -x: remote daemons get MPIMIG_*/OMPI_* through ssh (the lab's SendEnv) or Slurm
+    # (--export=ALL), and ranks inherit their daemon's environment. With Open MPI 5.0
+    # and the lab, any -x made ~half of the launches lose the first remote daemon.
     cmd = build_command(flavour, n, program, hosts=hosts, ft=ft, extra=extra,
-                        env_names=names if hosts else None, coordinator=cfg.coordinator)
+                        coordinator=cfg.coordinator)
     shown = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(mpi_env(flavour, ft).items()))
     print(f"mpimig: running: {shown} {shlex.join(cmd)}", file=sys.stderr, flush=True)
     if dry_run:

@@ -142,19 +142,25 @@ def no_lab(lab_session):
 
 @pytest.fixture(scope="session")
 def mpich_bin(tmp_path_factory) -> Path:
-    """bin/ of a virtual environment with the MPICH wheel and mpi4py.
+    """bin/ of a virtual environment with the MPICH wheel, mpi4py and this mpimig.
 
     ``MPIMIG_MPICH_VENV`` or /tmp/venv-mpich if it has them; otherwise one is
-    made with pip (about 15 s). Skips with pip's message if that fails.
+    made with pip (about 20 s). Skips with pip's message if that fails.
     """
     root = Path(os.environ.get("MPIMIG_MPICH_VENV", "/tmp/venv-mpich"))
     py = root / "bin" / "python"
+    src = Path(__file__).resolve().parent.parent
+    check = ("import mpi4py, numpy, h5py, dill, mpimig, sys; "
+             f"sys.exit(0 if mpimig.__file__.startswith({str(src)!r}) else 1)")
     ok = lambda: py.exists() and (root / "bin" / "mpiexec").exists() and subprocess.run(  # noqa: E731
-        [py, "-c", "import mpi4py, numpy"], capture_output=True, timeout=60).returncode == 0
+        [py, "-c", check], capture_output=True, timeout=60).returncode == 0
     if not ok():
         res = subprocess.run([sys.executable, "-m", "venv", root], capture_output=True, text=True, timeout=120)
         if res.returncode == 0:
-            res = subprocess.run([py, "-m", "pip", "install", "-q", "mpi4py", "mpich", "numpy"],
+            res = subprocess.run([py, "-m", "pip", "install", "-q", "mpi4py", "mpich", "numpy", "h5py", "dill"],
+                                 capture_output=True, text=True, timeout=600)
+        if res.returncode == 0:
+            res = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "-e", str(src)],
                                  capture_output=True, text=True, timeout=600)
         if res.returncode != 0 or not ok():
             pytest.skip(f"no MPICH environment at {root} and pip could not make one: {res.stderr[-500:]}")
