@@ -35,7 +35,7 @@ def test_in_mpi_suite(n, tmp_path):
     for k in [k for k in env if k.startswith("MPIMIG_") and k != "MPIMIG_SUITE_REPORT_DIR"]:
         del env[k]
     res = run_cmd([MPIEXEC, "--oversubscribe", "-n", n, sys.executable, "-m", "pytest", "--with-mpi",
-                   "-q", "--color=no", "-p", "no:cacheprovider", "-o", "addopts=",
+                   "-q", "--color=no", "-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-o", "addopts=",
                    "--timeout=60", "--timeout-method=thread", "tests/mpi"],
                   timeout=120, env=env, cwd=ROOT)
     out = res.stdout + res.stderr
