@@ -18,9 +18,12 @@ program is not told to wait for the migration. A migration that the job
 outlived is reported as cancelled.
 
 In the same run, alternating with the migrations, the baseline: plain
-``Send``/``Recv`` of the same bytes between two processes of one mpiexec
-(warm: into a touched buffer; cold: into a fresh one, as a target receives
-state). Transfer efficiency = (bytes / transfer time) / warm raw bandwidth.
+``Send``/``Recv`` of the same bytes between the two processes of one mpiexec,
+and between a process and one it spawned (that is how a migration's old and
+new process are connected; Open MPI uses TCP between processes of different
+jobs even on one host). Transfer efficiency = (bytes / transfer time) / raw
+bandwidth. The JSON also has "cold" figures (receiving into a fresh buffer,
+page faults included, as a target receives state).
 """
 from __future__ import annotations
 
@@ -123,16 +126,20 @@ def run_migration(size: int, at: int, steps: int, work_ms: float, host: str, wor
     return rec
 
 
-def run_raw(size: int, repeat: int, work: Path, timeout: float) -> dict:
-    """Plain Send/Recv of ``size`` bytes between the 2 processes of one mpiexec."""
+def run_raw(size: int, repeat: int, work: Path, timeout: float, spawned: bool = False) -> dict:
+    """Plain Send/Recv of ``size`` bytes between the 2 processes of one mpiexec, or
+    (``spawned``) between a process and one it spawned, as in a migration."""
     from ..launcher import build_command, mpi_env, mpi_flavour
     flavour = mpi_flavour()
     env = dict(os.environ)
     env.update(mpi_env(flavour))
-    out = work / f"raw-{size}.json"
+    out = work / f"raw-{size}{'-spawned' if spawned else ''}.json"
     prog = [sys.executable, str(APP), "--raw-bandwidth", str(size), "--repeat", str(repeat),
-            "--out", str(out)]
-    cmd = build_command(flavour, 2, prog, oversubscribe=(os.cpu_count() or 1) < 2)
+            "--out", str(out)] + (["--spawned"] if spawned else [])
+    if spawned:
+        cmd = build_command(flavour, 1, prog, oversubscribe=True)
+    else:
+        cmd = build_command(flavour, 2, prog, oversubscribe=(os.cpu_count() or 1) < 2)
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
                               start_new_session=True)
@@ -147,9 +154,9 @@ def run_raw(size: int, repeat: int, work: Path, timeout: float) -> dict:
     return res
 
 
-def summarise(size: int, runs: list, raws: list) -> dict:
+def summarise(size: int, runs: list, raws: list, spawned: list) -> dict:
     done = [r for r in runs if r.get("state") == "done"]
-    row = {"size": size, "runs": runs, "raw": raws, "done": len(done), "of": len(runs),
+    row = {"size": size, "runs": runs, "raw": raws, "raw_spawned": spawned, "done": len(done), "of": len(runs),
            "states": sorted({r.get("state", "?") for r in runs})}
     for k in ("downtime", "spawn", "switch", "transfer", "restore", "bytes", "transfer_gbps",
               "stall_max", "stall_median", "others_wait_max", "others_wait_median", "mover_step_excess"):
@@ -157,11 +164,12 @@ def summarise(size: int, runs: list, raws: list) -> dict:
     row["raw_warm_gbps"] = _median([r["warm_gbps"] for r in raws])
     row["raw_cold_gbps"] = _median([r["cold_gbps"] for r in raws])
     row["fresh_touch_gbps"] = _median([r.get("touch_gbps") for r in raws])
-    if row["transfer_gbps"] and row["raw_warm_gbps"]:
-        row["efficiency"] = row["transfer_gbps"] / row["raw_warm_gbps"]
-        row["efficiency_cold"] = row["transfer_gbps"] / row["raw_cold_gbps"]
-    else:
-        row["efficiency"] = row["efficiency_cold"] = None
+    row["spawned_warm_gbps"] = _median([r["warm_gbps"] for r in spawned])
+    row["spawned_cold_gbps"] = _median([r["cold_gbps"] for r in spawned])
+    for key, base in (("efficiency", "raw_warm_gbps"), ("efficiency_cold", "raw_cold_gbps"),
+                      ("efficiency_spawned", "spawned_warm_gbps"),
+                      ("efficiency_spawned_cold", "spawned_cold_gbps")):
+        row[key] = row["transfer_gbps"] / row[base] if row["transfer_gbps"] and row[base] else None
     return row
 
 
@@ -175,24 +183,26 @@ def _num(x, fmt="{:.2f}") -> str:
 
 def format_table(rows: list) -> list:
     head = (f"{'size':>9} {'downtime':>9} {'spawn*':>8} {'switch':>7} {'transfer':>9} {'GB/s':>6} "
-            f"{'raw GB/s':>13} {'eff':>11} {'restore':>8} {'stall max':>9} {'stall med':>9} "
-            f"{'others wait':>11} {'done':>5}")
-    lines = [head, f"{'':>9} {'ms':>9} {'ms':>8} {'ms':>7} {'ms':>9} {'':>6} {'warm/cold':>13} "
-                   f"{'warm/cold':>11} {'ms':>8} {'ms':>9} {'ms':>9} {'max ms':>11}"]
+            f"{'raw GB/s':>9} {'eff':>5} {'spawned':>8} {'eff':>5} {'restore':>8} {'stall max':>9} "
+            f"{'stall med':>9} {'others wait':>11} {'done':>5}")
+    lines = [head, f"{'':>9} {'ms':>9} {'ms':>8} {'ms':>7} {'ms':>9} {'':>6} {'same job':>9} {'':>5} "
+                   f"{'GB/s':>8} {'':>5} {'ms':>8} {'ms':>9} {'ms':>9} {'max ms':>11}"]
     for r in rows:
-        raw = f"{_num(r['raw_warm_gbps'])}/{_num(r['raw_cold_gbps'])}"
-        eff = f"{_num(r['efficiency'])}/{_num(r['efficiency_cold'])}"
         lines.append(
             f"{fmt_size(r['size']):>9} {_ms(r['downtime']):>9} {_ms(r['spawn']):>8} {_ms(r['switch']):>7} "
-            f"{_ms(r['transfer']):>9} {_num(r['transfer_gbps']):>6} {raw:>13} {eff:>11} "
+            f"{_ms(r['transfer']):>9} {_num(r['transfer_gbps']):>6} {_num(r['raw_warm_gbps']):>9} "
+            f"{_num(r['efficiency']):>5} {_num(r['spawned_warm_gbps']):>8} {_num(r['efficiency_spawned']):>5} "
             f"{_ms(r['restore']):>8} {_ms(r['stall_max']):>9} {_ms(r['stall_median']):>9} "
             f"{_ms(r['others_wait_max']):>11} {r['done']:>2}/{r['of']:<2}")
     lines.append("")
-    lines.append("* spawn is off the critical path (before the safe point, while the program computes); "
-                 "downtime = migrating rank frozen (safe point entered -> state restored); "
-                 "stall = other ranks in the safe point (status.json); others wait = their step time "
-                 "above median around the move (stall + waiting for the resumed rank's halo); "
-                 "eff = transfer GB/s / raw Send/Recv GB/s (warm: touched buffer; cold: fresh buffer)")
+    lines.append("* spawn is off the critical path (before the safe point, while the program computes)")
+    lines.append("downtime: migrating rank frozen (safe point entered -> state restored in the new process); "
+                 "transfer GB/s = state bytes / transfer time")
+    lines.append("raw GB/s: plain Send/Recv between the 2 ranks of one mpiexec (touched buffers); spawned: "
+                 "the same between a process and one it spawned (how old and new process are connected); "
+                 "eff = transfer GB/s / that")
+    lines.append("stall: other ranks in the safe point (status.json); others wait: their step time above "
+                 "median around the move (stall + waiting for the resumed rank's halo)")
     for r in rows:
         bad = [s for s in r["states"] if s != "done"]
         if bad:
@@ -223,22 +233,24 @@ def run(args, out=print) -> dict:
                "work_ms": args.work_ms, "repeat": args.repeat, "sizes": []}
     try:
         for size in sizes:
-            runs, raws = [], []
+            runs, raws, spawned = [], [], []
             raw_rep = 3 if size >= (256 << 20) else 5
             for i in range(args.repeat):
-                order = ("mig", "raw") if i % 2 == 0 else ("raw", "mig")
+                order = ("mig", "raw", "spawned") if i % 2 == 0 else ("spawned", "raw", "mig")
                 for what in order:
                     if what == "raw":
                         raws.append(run_raw(size, raw_rep, work, args.timeout))
+                    elif what == "spawned":
+                        spawned.append(run_raw(size, raw_rep, work, args.timeout, spawned=True))
                     else:
                         runs.append(run_migration(size, at, steps, args.work_ms, host, work,
                                                   f"{size}-{i}", args.timeout))
-            row = summarise(size, runs, raws)
+            row = summarise(size, runs, raws, spawned)
             results["sizes"].append(row)
             if row["done"]:
                 out(f"  {fmt_size(size)}: downtime {_ms(row['downtime'])} ms, transfer {_ms(row['transfer'])} ms "
-                    f"({_num(row['transfer_gbps'])} GB/s; raw Send/Recv {_num(row['raw_warm_gbps'])} GB/s warm, "
-                    f"{_num(row['raw_cold_gbps'])} cold), spawn {_ms(row['spawn'])} ms, others stall max "
+                    f"({_num(row['transfer_gbps'])} GB/s; raw Send/Recv {_num(row['raw_warm_gbps'])} GB/s, "
+                    f"spawned pair {_num(row['spawned_warm_gbps'])} GB/s), spawn {_ms(row['spawn'])} ms, others stall max "
                     f"{_ms(row['stall_max'])} ms, wait max {_ms(row['others_wait_max'])} ms "
                     f"[{row['done']}/{row['of']} done]")
             else:

@@ -19,6 +19,7 @@ As a plain MPI program on 2 ranks (the baseline: raw ``Send``/``Recv`` of
 the same bytes between two processes)::
 
     mpiexec -n 2 python mpimig/bench/migrate_app.py --raw-bandwidth 256M --repeat 5 --out raw.json
+    mpiexec -n 1 python mpimig/bench/migrate_app.py --raw-bandwidth 256M --spawned --out raw.json
 
 ``warm``: into a preallocated, already touched buffer (the best case).
 ``cold``: into a freshly allocated buffer each time, as a migration target
@@ -93,13 +94,29 @@ def app(ctx, args):
     return None
 
 
-def raw_bandwidth(size: int, repeat: int, out: str) -> int:
-    """Plain mpi4py on 2 ranks: rank 0 sends ``size`` bytes to rank 1, which acknowledges."""
+def raw_bandwidth(size: int, repeat: int, out: str, spawned: bool = False) -> int:
+    """Plain mpi4py: rank 0 sends ``size`` bytes to rank 1, which acknowledges.
+
+    Default: the 2 ranks of one mpiexec. ``spawned``: one process that spawns
+    the other and merges with it, as a migration's old process and target are
+    connected (Open MPI connects processes of different jobs with TCP even on
+    one host: no shared memory between them).
+    """
     from mpi4py import MPI
-    world = MPI.COMM_WORLD
+    inter = None
+    if spawned:
+        parent = MPI.Comm.Get_parent()
+        if parent == MPI.COMM_NULL:
+            inter = MPI.COMM_SELF.Spawn(sys.executable, [__file__] + sys.argv[1:], 1)
+            world = inter.Merge(high=False)
+        else:
+            inter = parent
+            world = parent.Merge(high=True)
+    else:
+        world = MPI.COMM_WORLD
     me = world.Get_rank()
     if world.Get_size() != 2:
-        sys.stderr.write("--raw-bandwidth needs exactly 2 ranks\n")
+        sys.stderr.write("--raw-bandwidth needs exactly 2 ranks (or 1 with --spawned)\n")
         return 2
     ack = np.zeros(1, dtype=np.uint8)
     src = np.ones(size, dtype=np.uint8) if me == 0 else None
@@ -139,8 +156,12 @@ def raw_bandwidth(size: int, repeat: int, out: str) -> int:
                "warm_all_s": t_warm, "cold_all_s": t_cold}
         res["warm_gbps"] = size / res["warm_s"] / 1e9
         res["cold_gbps"] = size / res["cold_s"] / 1e9
+        res["spawned"] = spawned
         with open(out, "w") as f:
             json.dump(res, f)
+    if inter is not None:
+        world.Free()
+        inter.Disconnect()
     return 0
 
 
@@ -152,6 +173,8 @@ def parse(argv):
     p.add_argument("--raw-bandwidth", type=_size, metavar="SIZE",
                    help="measure plain Send/Recv of SIZE bytes instead (plain mpiexec -n 2)")
     p.add_argument("--repeat", type=int, default=5, help="repeats of the raw measurement (default 5)")
+    p.add_argument("--spawned", action="store_true",
+                   help="with --raw-bandwidth: between a process and one it spawned (plain mpiexec -n 1)")
     p.add_argument("--out", help="JSON results of --raw-bandwidth go here")
     args = p.parse_args(argv)
     if args.raw_bandwidth is not None and not args.out:
@@ -164,7 +187,7 @@ def parse(argv):
 if __name__ == "__main__":
     args = parse(sys.argv[1:])
     if args.raw_bandwidth is not None:
-        sys.exit(raw_bandwidth(args.raw_bandwidth, max(1, args.repeat), args.out))
+        sys.exit(raw_bandwidth(args.raw_bandwidth, max(1, args.repeat), args.out, args.spawned))
     import mpimig
     res = mpimig.run(lambda ctx: app(ctx, args))
     if res is not None:
