@@ -134,18 +134,6 @@ def test_missing_executable_is_named(tmp_path):
     assert res.returncode == 1
 
 
-def test_restart_always_without_a_committed_epoch(in_tmp, capsys):
-    job = in_tmp / "job"
-    rc, out, err = run_main(["run", "-n", "2", "--restart", "always", "--job-dir", job, RING], capsys)
-    assert rc == 1
-    assert "no committed epoch" in err and str(job / "ckpt") in err
-    assert "running:" not in err                    # nothing was started
-    # an uncommitted (.tmp) epoch does not count either
-    (job / "ckpt" / "epoch-000001.tmp").mkdir(parents=True)
-    rc, out, err = run_main(["run", "-n", "2", "--restart", "always", "--job-dir", job, RING], capsys)
-    assert rc == 1 and "no committed epoch" in err and str(job / "ckpt") in err
-
-
 def test_dry_run_prints_the_mpiexec_command(in_tmp, capsys, monkeypatch):
     for k in [k for k in os.environ if k.startswith("OMPI_MCA_")]:
         monkeypatch.delenv(k)
