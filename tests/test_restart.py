@@ -190,6 +190,31 @@ def record(job_dir: Path) -> dict:
     return json.loads((job_dir / "complete.json").read_text())
 
 
+# -- the first checkpoint of a new job: every rank creates the directory ----------------------
+
+def test_first_checkpoint_tolerates_another_rank_creating_the_directory(tmp_path, monkeypatch):
+    """All ranks of a new job create the checkpoint directory at their first
+    checkpoint. Replays the interleaving seen in a real 2-rank run: this rank
+    finds no directory, another rank creates it right then, this rank goes on.
+    The write must succeed (the directory exists, as wanted)."""
+    ckpt = tmp_path / "job" / "ckpt"
+    store = CheckpointStore(ckpt)
+    real_is_dir = Path.is_dir
+
+    def is_dir_then_another_rank_creates_it(self):
+        found = real_is_dir(self)
+        if self == ckpt and not found and not ckpt.exists():
+            ckpt.mkdir(parents=True)            # the other rank, between our check and our mkdir
+        return found
+
+    monkeypatch.setattr(Path, "is_dir", is_dir_then_another_rank_creates_it)
+    store.write_rank(1, 0, 1, 5, {"u": np.arange(3.0)}, {"step": 5})
+    monkeypatch.undo()
+    store.commit(1, 1, 5)
+    assert store.committed_epochs() == [1]
+    assert store.read_rank(1, 0).arrays["u"].tolist() == [0.0, 1.0, 2.0]
+
+
 # -- (a) kill the whole job after checkpoints, restart ----------------------------------------
 
 def test_heat2d_killed_after_checkpoints_restarts_bit_identical(tmp_path, jobs):
