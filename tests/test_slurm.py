@@ -138,9 +138,10 @@ def test_requeue_sbatch_survives_a_node_failure(slurm, lab, tmp_path):
                     HEAT_STEPS=steps, HEAT_WORK_MS=10, CKPT_EVERY=10)
     job = sbatch(slurm, ["-N", 2, "--ntasks-per-node=2", "-D", tmp_path, "-o", tmp_path / "rq.out",
                          ROOT / "jobs" / "requeue.sbatch"], env)
+    from mpimig.checkpoint import CheckpointStore
     ckpt = tmp_path / "job" / "ckpt"
     deadline = time.monotonic() + 60
-    while not any(p.name.startswith("epoch-") for p in (ckpt.iterdir() if ckpt.exists() else [])):
+    while not (ckpt.exists() and CheckpointStore(ckpt).committed_epochs()):   # committed, not .tmp
         assert time.monotonic() < deadline, (tmp_path / "rq.out").read_text()
         time.sleep(0.1)
     info = scontrol_job(slurm, job)
