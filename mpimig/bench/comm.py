@@ -266,6 +266,11 @@ def run(args, out=print) -> dict:
         # latency gets worse); oversubscribe only on a 1-core machine
         cmd = build_command(flavour, 2, prog, oversubscribe=(os.cpu_count() or 1) < 2)
         out(f"mpimig bench comm: {shlex.join(cmd)}")
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        cores = os.cpu_count() or 1
+        if load > cores:
+            out(f"warning: load average {load:.1f} on {cores} core(s): other work competes for the "
+                "CPU; compare the ratios (paired, same run), and rerun on a quiet machine")
         out(f"  latency: {args.iters} round trips per op and side in {min(args.rounds, args.iters)} "
             f"alternating blocks; bandwidth: {args.bw_rounds} alternating blocks of >= 16 MiB each way; "
             f"raw/mpimig: medians of the blocks; ratio: median of the paired ratios of adjacent blocks")
@@ -283,6 +288,7 @@ def run(args, out=print) -> dict:
         os.unlink(tmp)
     res["command"] = cmd
     res["flavour"] = flavour
+    res["loadavg"] = [load, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0]
     return summarise(res)
 
 

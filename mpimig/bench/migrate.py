@@ -93,7 +93,12 @@ def run_migration(size: int, at: int, steps: int, work_ms: float, host: str, wor
            "--restart", "never", "--timeout", str(timeout), "--migrate", f"{at}:{MOVING}:{host}",
            str(APP), "--bytes", str(size), "--steps", str(steps), "--work-ms", str(work_ms)]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 60)
+    try:       # mpimig run --timeout kills the job itself; this is a backstop
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 60)
+    except subprocess.TimeoutExpired as exc:
+        shutil.rmtree(job, ignore_errors=True)
+        return {"state": f"failed: mpimig run did not return in {timeout + 60:.0f} s",
+                "log": str(exc.stderr or "")[-3000:], "at_point": at, "steps": steps}
     wall = time.monotonic() - t0
     rec = {"wall_s": wall, "rc": proc.returncode, "at_point": at, "steps": steps}
     try:
@@ -229,8 +234,14 @@ def run(args, out=print) -> dict:
     out(f"mpimig bench migrate: {RANKS} ranks, rank {MOVING} -> {host} at step {at} of {steps} "
         f"({args.work_ms:g} ms/step: {args.before:g} s before, {args.after:g} s after), "
         f"{args.repeat} repeat(s) per size alternating with raw Send/Recv, medians")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cores = os.cpu_count() or 1
+    if load > cores:
+        out(f"warning: load average {load:.1f} on {cores} core(s): other work competes for the "
+            "CPU; compare with the baselines of the same run, and rerun on a quiet machine")
     results = {"host": host, "ranks": RANKS, "moving_rank": MOVING, "at_point": at, "steps": steps,
-               "work_ms": args.work_ms, "repeat": args.repeat, "sizes": []}
+               "work_ms": args.work_ms, "repeat": args.repeat, "loadavg_start": load, "cores": cores,
+               "sizes": []}
     try:
         for size in sizes:
             runs, raws, spawned = [], [], []
@@ -260,6 +271,7 @@ def run(args, out=print) -> dict:
                         out("    " + r["log"].strip().replace("\n", "\n    ")[-1500:])
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    results["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return results
 
 
