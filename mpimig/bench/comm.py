@@ -147,8 +147,9 @@ def worker(args) -> int:
     for size in sizes:
         buf = np.ones(size, dtype=np.uint8)          # touched: no page faults in the timing
         k = max(1, (16 << 20) // size)
-        bw = _alternate(sync, lambda w: _pp_buf(comms[w], buf, k, me, clock), args.bw_rounds)
-        row = {"op": "Send/Recv", "kind": "bandwidth", "bytes": size, "per_block": k, **bw}
+        nr = args.bw_rounds * max(1, min(4, (64 << 20) // size))    # short blocks: more of them
+        bw = _alternate(sync, lambda w: _pp_buf(comms[w], buf, k, me, clock), nr)
+        row = {"op": "Send/Recv", "kind": "bandwidth", "bytes": size, "per_block": k, "rounds": nr, **bw}
         for w in ("raw", "mpimig"):
             row[w + "_gbps"] = size / row[w] / 1e9
         rows.append(row)
@@ -272,7 +273,7 @@ def run(args, out=print) -> dict:
             out(f"warning: load average {load:.1f} on {cores} core(s): other work competes for the "
                 "CPU; compare the ratios (paired, same run), and rerun on a quiet machine")
         out(f"  latency: {args.iters} round trips per op and side in {min(args.rounds, args.iters)} "
-            f"alternating blocks; bandwidth: {args.bw_rounds} alternating blocks of >= 16 MiB each way; "
+            f"alternating blocks; bandwidth: {args.bw_rounds} (x4 under 64 MiB) alternating blocks of >= 16 MiB each way; "
             f"raw/mpimig: medians of the blocks; ratio: median of the paired ratios of adjacent blocks")
         Path(tmp).write_text("")
         try:
@@ -314,7 +315,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="alternating blocks (samples) per latency op and side; short blocks let the "
                         "median skip the ones another process preempted (default 100)")
     p.add_argument("--bw-rounds", type=int, default=40,
-                   help="alternating blocks (samples, >= 16 MiB each way) per bandwidth size and side (default 40)")
+                   help="alternating blocks (samples, >= 16 MiB each way) per bandwidth size and side, x4 "
+                        "for sizes under 64 MiB (default 40)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--timeout", type=float, default=600.0, help="kill mpiexec after this many seconds")
 
