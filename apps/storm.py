@@ -171,6 +171,7 @@ def main(ctx, args):
                unexpected=0, collective_errors=0, pickled=0, buffer=0, wildcard=0, kept_requests=0,
                deferred=0, probe=0, held_max=0, held_total=0, held_restored=0),
         notes=[],
+        moves=[],                       # points at which this rank arrived in a new process
     )
     c = st.c
     # diagnostics: messages held by the communicator (in flight at a safe point)
@@ -180,6 +181,8 @@ def main(ctx, args):
     if ctx.role == "restarted":         # held messages picked up from the checkpoint
         c["held_restored"] += held_at_start
     start_step = st.step
+    if ctx.role == "migrated":
+        st.moves.append(ctx.point)
 
     def note(text):
         if len(st.notes) < 20:
@@ -615,7 +618,7 @@ def main(ctx, args):
         c["duplicated"] += stray
         note(f"{stray} stray messages at the end")
     lost = c["expected"] - c["received"]
-    mine = dict(c, lost=max(lost, 0), stray=stray, held_at_start=held_at_start, start_step=start_step,
+    mine = dict(c, moves=list(st.moves), lost=max(lost, 0), stray=stray, held_at_start=held_at_start, start_step=start_step,
                 pid_role=ctx.role, notes=list(st.notes))
     every = comm.gather(mine, root=0)
     if me != 0:
@@ -630,6 +633,7 @@ def main(ctx, args):
                restarted=any(e["pid_role"] == "restarted" for e in every),
                start_step=min(e["start_step"] for e in every),
                migrated_ranks=sorted(r for r, e in enumerate(every) if e["pid_role"] == "migrated"),
+               moves={str(r): e["moves"] for r, e in enumerate(every) if e["moves"]},
                notes=[n for e in every for n in e["notes"]][:40])
     res["errors"] = (res["lost"] + res["duplicated"] + res["out_of_order"] + res["corrupted"]
                      + res["unexpected"] + res["collective_errors"] + abs(res["sent"] - res["expected"]))

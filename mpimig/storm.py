@@ -75,16 +75,15 @@ def make_schedule(seed: int, n: int, steps: int, k: int, hosts: List[str]) -> Tu
     return [tuple(m) for m in migs], ckpt
 
 
-def schedule_facts(migrations: List[dict]) -> Dict[str, bool]:
-    """From status.json's migrations: were two ranks moved at one point, one rank twice?"""
-    done = [m for m in migrations if m.get("state") == "done"]
-    by_point: Dict[int, set] = {}
-    by_rank: Dict[int, int] = {}
-    for m in done:
-        by_point.setdefault(m.get("at_point"), set()).add(m.get("rank"))
-        by_rank[m.get("rank")] = by_rank.get(m.get("rank"), 0) + 1
-    return {"same_point": any(len(v) >= 2 for v in by_point.values()),
-            "rank_twice": any(v >= 2 for v in by_rank.values())}
+def move_facts(moves: Dict[str, List[int]]) -> Dict[str, bool]:
+    """From the program's own record (rank -> points at which it arrived in a new
+    process): were two ranks moved at one point (in one plan), one rank twice?"""
+    by_point: Dict[int, int] = {}
+    for pts in moves.values():
+        for p in pts:
+            by_point[p] = by_point.get(p, 0) + 1
+    return {"same_point": any(v >= 2 for v in by_point.values()),
+            "rank_twice": any(len(v) >= 2 for v in moves.values())}
 
 
 def job_env(local_only: bool) -> dict:
@@ -103,6 +102,10 @@ def run_seed(seed: int, args, program: Path, hosts: List[str], job_root: Path) -
     if jd.exists():
         shutil.rmtree(jd)
     jd.mkdir(parents=True)
+    # The checkpoint directory exists before the ranks start: every rank creating it at
+    # its first checkpoint is a race in mpimig/checkpoint.py (CheckpointStore._write_prepared,
+    # is_dir() then exists(); tests/test_storm.py::test_first_checkpoint_directory_race).
+    (jd / "ckpt").mkdir()
     migs, ckpt = make_schedule(seed, args.n, args.steps, args.migrations, hosts)
     if args.no_ckpt:
         ckpt = None
@@ -113,6 +116,7 @@ def run_seed(seed: int, args, program: Path, hosts: List[str], job_root: Path) -
         cmd += ["--hosts", args.hosts]
     if ckpt:
         cmd += ["--ckpt-every", str(ckpt)]
+    cmd += list(args.run_arg or [])
     for p, r, h in migs:
         cmd += ["--migrate", f"{p}:{r}:{h}"]
     cmd += [str(program), "--seed", str(seed), "--steps", str(args.steps), "--msgs", str(args.msgs),
@@ -153,8 +157,11 @@ def run_seed(seed: int, args, program: Path, hosts: List[str], job_root: Path) -
     rec["cancelled"] = sum(1 for m in migrations if str(m.get("state", "")).startswith("cancelled"))
     rec["unfinished"] = len(migrations) - rec["done"] - rec["cancelled"]
     rec["missing"] = max(0, len(migs) - len(migrations))
-    rec.update(schedule_facts(migrations))
+    rec["moved"] = 0
     if res is not None:
+        moves = res.get("moves", {})
+        rec["moved"] = sum(len(v) for v in moves.values())
+        rec.update(move_facts(moves))
         for k in MSG_KEYS + ("held_total", "kept_requests", "wildcard", "probe", "deferred"):
             rec[k] = int(res.get(k, 0))
         rec["notes"] = res.get("notes", [])[:10]
@@ -166,6 +173,9 @@ def run_seed(seed: int, args, program: Path, hosts: List[str], job_root: Path) -
         rec["error"] = "message errors: " + ", ".join(f"{k}={res.get(k)}" for k in BAD_KEYS if res.get(k))
     elif rc != 0:
         rec["error"] = f"mpimig run exit status {rc}; see {jd / 'output.log'}"
+    elif rec["moved"] != rec["done"]:
+        rec["error"] = (f"status.json has {rec['done']} migrations done, the program saw "
+                        f"{rec['moved']} moves into new processes")
     elif rec["unfinished"] or rec["missing"]:
         rec["error"] = (f"{rec['unfinished']} migrations left unfinished, {rec['missing']} missing: "
                         + ", ".join(f"{m['id']}:{m['state']}" for m in migrations
@@ -185,7 +195,7 @@ def format_line(rec: dict) -> str:
         msg = "no result"
     extra = []
     if rec.get("same_point"):
-        extra.append("2 ranks at one point")
+        extra.append("2 ranks in one plan")
     if rec.get("rank_twice"):
         extra.append("a rank twice")
     line = (f"seed {rec['seed']:4d}  {'ok  ' if rec['ok'] else 'FAIL'}  {msg}  migrations {rec['done']} done "
@@ -201,7 +211,7 @@ def format_line(rec: dict) -> str:
 def totals(recs: List[dict]) -> dict:
     t = {"seeds": len(recs), "failures": sum(1 for r in recs if not r["ok"]),
          "failed_seeds": [r["seed"] for r in recs if not r["ok"]]}
-    for k in MSG_KEYS + ("done", "cancelled", "unfinished", "held_total"):
+    for k in MSG_KEYS + ("done", "cancelled", "unfinished", "moved", "held_total"):
         t[k] = sum(int(r.get(k, 0)) for r in recs)
     t["migrations"] = sum(len(r["schedule"]) for r in recs)
     t["with_checkpoints"] = sum(1 for r in recs if r.get("ckpt_every"))
@@ -229,7 +239,8 @@ def format_totals(t: dict) -> str:
         ("migrations done", t["done"]),
         ("migrations cancelled", t["cancelled"]),
         ("migrations unfinished", t["unfinished"]),
-        ("runs: 2 ranks at one point", t["same_point_runs"]),
+        ("moves seen by the program", t["moved"]),
+        ("runs: 2 ranks moved in one plan", t["same_point_runs"]),
         ("runs: a rank moved twice", t["rank_twice_runs"]),
         ("failures", t["failures"]),
         ("seconds", t["seconds"]),
@@ -291,6 +302,8 @@ def register(sub) -> None:
     p.add_argument("--hosts", help="host list for mpimig run (h1:2,h2:2); targets are drawn from it "
                                    "(default: this machine)")
     p.add_argument("--no-ckpt", action="store_true", help="never add --ckpt-every")
+    p.add_argument("--run-arg", action="append", metavar="ARG",
+                   help="extra argument for mpimig run, e.g. --run-arg=--mpiexec-arg=... (repeatable)")
     p.add_argument("--job-root", help="where the job directories go (default mpimig-jobs/storm)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per run (default 300)")
     p.add_argument("--program", help="the storm program (default apps/storm.py of this checkout)")
