@@ -38,6 +38,7 @@ class Config:
     run_id: str = ""
     schedule: list = dataclasses.field(default_factory=list)   # [(point, rank, host[, strategy])]
     coordinator: bool = False
+    spares: int = 0                # warm spare processes started with the job
 
     @classmethod
     def from_env(cls, env=None) -> "Config":
@@ -57,7 +58,9 @@ class Config:
             restart=restart,
             run_id=env.get("MPIMIG_RUN_ID", ""),
             schedule=sched,
-            coordinator=env.get("MPIMIG_COORDINATOR", "0") == "1" or bool(sched),
+            coordinator=env.get("MPIMIG_COORDINATOR", "0") == "1" or bool(sched)
+            or int(env.get("MPIMIG_SPARES", "0") or 0) > 0,
+            spares=int(env.get("MPIMIG_SPARES", "0") or 0),
         )
 
     def to_env(self) -> dict:
@@ -74,4 +77,5 @@ class Config:
         if self.schedule:
             env["MPIMIG_MIGRATE"] = " ".join(":".join(map(str, s)) for s in self.schedule)
         env["MPIMIG_COORDINATOR"] = "1" if self.coordinator else "0"
+        env["MPIMIG_SPARES"] = str(self.spares)
         return env

@@ -29,7 +29,8 @@ from . import migration
 from .config import Config
 from .control import STATUS_FILE, ControlServer
 from .protocol import (TAG_ASSIGN, TAG_CANCEL, TAG_DONE, TAG_END, TAG_FINISHING, TAG_GO, TAG_HELLO, TAG_PLAN,
-                       TAG_REPLY, TAG_REPORT, TAG_REQUEST, Move, Plan, Step)
+                       TAG_REPLY, TAG_REPORT, TAG_REQUEST, TAG_SPARE, TAG_WAKE, Move, Plan,
+                       Step)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Migration:
         self.t: Dict[str, float] = {"requested": time.time()}
         self.timings: Dict[str, float] = {}
         self.bridge: Optional[MPI.Intracomm] = None
+        self.spare: int = -1             # J rank of the warm spare that takes the rank
         self.waiters: List = []          # reply functions waiting for completion
         self.stalls: Dict[int, float] = {}
 
@@ -82,6 +84,11 @@ class Coordinator:
         self.finishing = False
         self.finished = False
         self.retired: List[tuple] = []        # (merged comm, J rank) of old processes, told at the end
+        self.spares: Dict[str, List[int]] = {}  # host -> J ranks of idle warm spares
+        for _ in range(cfg.spares):
+            st = MPI.Status()
+            info = J.recv(source=MPI.ANY_SOURCE, tag=TAG_SPARE, status=st)
+            self.spares.setdefault(info["host"], []).append(st.Get_source())
         self.server: Optional[ControlServer] = None
         if cfg.job_dir is not None:
             self.server = ControlServer(cfg.job_dir, cfg.run_id)
@@ -126,6 +133,10 @@ class Coordinator:
     # -- step 5: creation ------------------------------------------------------------
     def spawn(self, m: Migration) -> Optional[str]:
         m.state = Step.CREATION.label
+        if self.spares.get(m.to):
+            m.spare = self.spares[m.to].pop(0)     # a warm spare: nothing to start
+            m.timings["spawn"] = 0.0
+            return None
         t0 = time.perf_counter()
         info = MPI.Info.Create()
         info.Set("host", m.to)
@@ -151,7 +162,13 @@ class Coordinator:
             if m.rank not in seen:
                 seen.add(m.rank)
                 batch.append(m)
-        moves = [Move(m.rank, m.to, k, self.routing[m.rank]["jrank"], m.strategy) for k, m in enumerate(batch)]
+        moves, k = [], 0
+        for m in batch:
+            if m.spare >= 0:
+                moves.append(Move(m.rank, m.to, -1, self.routing[m.rank]["jrank"], m.strategy, m.spare))
+            else:
+                moves.append(Move(m.rank, m.to, k, self.routing[m.rank]["jrank"], m.strategy))
+                k += 1
         plan = Plan(self.next_plan, moves, at_point=point, jsize=self.J.Get_size())
         self.next_plan += 1
         for m in batch:
@@ -160,8 +177,8 @@ class Coordinator:
             m.t["plan_sent"] = time.time()
             m.state = Step.SUSPENSION.label
             self.routing[m.rank]["state"] = "migrating"
-        for jr in range(1, self.J.Get_size()):
-            self.J.send(plan, dest=jr, tag=TAG_PLAN)
+        for r in self.routing:
+            self.J.send(plan, dest=r["jrank"], tag=TAG_PLAN)
         self.plan, self.plan_migs = plan, batch
 
     def execute(self) -> None:
@@ -172,9 +189,14 @@ class Coordinator:
             m.t["go"] = time.time()
             m.state = Step.TRANSFER.label
         for mv, m in zip(plan.moves, batch):
-            m.bridge.send({"plan": plan, "target": mv.target, "rank": mv.rank,
-                           "config": self.cfg.to_env()}, dest=1, tag=TAG_ASSIGN)
-        Jc = migration.join(self.J, len(plan.moves), bridges=[m.bridge for m in batch])
+            if m.bridge is not None:
+                m.bridge.send({"plan": plan, "target": mv.target, "rank": mv.rank,
+                               "config": self.cfg.to_env()}, dest=1, tag=TAG_ASSIGN)
+        # every warm spare is in J, idle or promised to a later plan: all join the switch
+        reserved = [m.spare for m in self.queue + self.ready + batch if m.spare >= 0]
+        for jr in [jr for jrs in self.spares.values() for jr in jrs] + reserved:
+            self.J.send({"plan": plan}, dest=jr, tag=TAG_WAKE)
+        Jc = migration.join(self.J, plan.nspawned, bridges=[m.bridge for m in batch if m.bridge is not None])
         _, Jn = migration.split(Jc, logical=None, leaving=False)
         # new J ranks: members of Jc in order, without the processes that left
         leaving = {mv.src_jrank for mv in plan.moves}
@@ -183,6 +205,10 @@ class Coordinator:
         for r in self.routing:
             if r["rank"] not in {mv.rank for mv in plan.moves}:
                 r["jrank"] = newj[r["jrank"]]
+        self.spares = {h: [newj[jr] for jr in jrs] for h, jrs in self.spares.items()}
+        for m in self.queue + self.ready:
+            if m.spare >= 0:
+                m.spare = newj[m.spare]
         for mv, m in zip(plan.moves, batch):
             r = self.routing[mv.rank]
             r["jrank"] = newj[migration.target_jrank(plan, mv)]
@@ -231,6 +257,9 @@ class Coordinator:
         for m in self.queue + self.ready + self.plan_migs:
             if m.bridge is not None:
                 m.bridge.send({"cancel": why}, dest=1, tag=TAG_CANCEL)
+            if m.spare >= 0:
+                self.spares.setdefault(m.to, []).append(m.spare)   # back to the pool
+                m.spare = -1
             m.state = f"cancelled: {why}"
             self.routing[m.rank]["state"] = "running"
             for w in m.waiters:
@@ -250,7 +279,8 @@ class Coordinator:
                 epoch = None
         return {"run_id": self.cfg.run_id, "size": self.size, "finished": self.finished,
                 "hosts": self.hosts, "epoch": epoch, "routing": self.routing,
-                "migrations": [m.as_dict() for m in self.migrations], "spares": {},
+                "migrations": [m.as_dict() for m in self.migrations],
+                "spares": {h: len(j) for h, j in self.spares.items() if j},
                 "coordinator": {"host": MPI.Get_processor_name(), "pid": os.getpid()}}
 
     def write_status(self) -> None:
@@ -322,6 +352,13 @@ class Coordinator:
                     log.warning("unexpected message with tag %d from J rank %d", tag, src)
             if self.finished:
                 break
+            while (self.queue and not self.finishing and self.spares.get(self.queue[0].to)
+                   and self.plan is None):
+                m = self.queue.pop(0)          # a warm spare is there: no waiting
+                self.spawn(m)
+                self.ready.append(m)
+                self.ready.sort(key=lambda x: (x.at_point, x.id))
+                busy = True
             if self.queue and not self.finishing:
                 m = self.queue.pop(0)
                 err = self.spawn(m)
@@ -352,6 +389,9 @@ class Coordinator:
         self.write_status()
         for Jc, jr in self.retired:
             Jc.send(None, dest=jr, tag=TAG_END)
+        for jrs in self.spares.values():
+            for jr in jrs:
+                self.J.send(None, dest=jr, tag=TAG_END)
         if self.server is not None:
             while True:
                 try:

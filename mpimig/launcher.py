@@ -78,7 +78,7 @@ def mpi_env(flavour: str, ft: bool = False) -> dict:
 def build_command(flavour: str, n: int, program: List[str], *, hosts: Optional[str] = None,
                   ft: bool = False, oversubscribe: Optional[bool] = None,
                   extra: Optional[List[str]] = None, env_names: Optional[List[str]] = None,
-                  coordinator: bool = False) -> List[str]:
+                  coordinator: bool = False, spares: int = 0) -> List[str]:
     """The mpiexec command line for ``n`` ranks of ``program``."""
     cmd = [find_mpiexec() or "mpiexec"]
     if flavour == "openmpi":
@@ -112,8 +112,9 @@ def build_command(flavour: str, n: int, program: List[str], *, hosts: Optional[s
         if env_names:
             cmd += ["-genvlist", ",".join(env_names)]
     cmd += list(extra or [])
-    # with a coordinator, world rank 0 is the coordinator (docs/protocol.md)
-    cmd += ["-n", str(n + 1 if coordinator else n)]
+    # with a coordinator, world rank 0 is the coordinator and warm spares come
+    # after the ranks (docs/protocol.md)
+    cmd += ["-n", str(n + 1 + spares if coordinator else n)]
     cmd += program
     return cmd
 
@@ -182,6 +183,10 @@ def read_record(cfg: Config) -> Optional[dict]:
     return rec
 
 
+class _Interrupted(Exception):
+    """SIGTERM or SIGHUP reached ``mpimig run``."""
+
+
 def _kill_job(proc: subprocess.Popen) -> None:
     """Stop mpiexec (it stops its ranks); SIGKILL it if it does not go in 10 s."""
     if proc.poll() is not None:
@@ -207,7 +212,7 @@ def launch(cfg: Config, n: int, program: List[str], *, hosts=None, ft=False, tim
     # (--export=ALL), and ranks inherit their daemon's environment. With Open MPI 5.0
     # and the lab, any -x made ~half of the launches lose the first remote daemon.
     cmd = build_command(flavour, n, program, hosts=hosts, ft=ft, extra=extra,
-                        coordinator=cfg.coordinator)
+                        coordinator=cfg.coordinator, spares=cfg.spares)
     shown = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(mpi_env(flavour, ft).items()))
     print(f"mpimig: running: {shown} {shlex.join(cmd)}", file=sys.stderr, flush=True)
     if dry_run:
@@ -217,8 +222,8 @@ def launch(cfg: Config, n: int, program: List[str], *, hosts=None, ft=False, tim
     proc = subprocess.Popen(cmd, env=env)
 
     def _terminate(signum, frame):
-        _kill_job(proc)
-        raise SystemExit(128 + signum)
+        # no waiting here: we may be inside proc.wait(), which holds Popen's lock
+        raise _Interrupted(signum)
 
     old = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -230,6 +235,9 @@ def launch(cfg: Config, n: int, program: List[str], *, hosts=None, ft=False, tim
     except KeyboardInterrupt:
         _kill_job(proc)
         raise
+    except _Interrupted as sig:
+        _kill_job(proc)
+        raise SystemExit(128 + sig.args[0]) from None
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
@@ -269,7 +277,10 @@ def cmd_run(args) -> int:
         run_id=uuid.uuid4().hex[:12],
         schedule=parse_schedule(args.migrate),
     )
-    cfg.coordinator = bool(cfg.schedule) or args.coordinator
+    if args.spares < 0:
+        raise UsageError("--spares must be >= 0")
+    cfg.spares = args.spares
+    cfg.coordinator = bool(cfg.schedule) or args.coordinator or args.spares > 0
     if cfg.keep < 1:
         raise UsageError("--keep must be at least 1")
     if not args.hosts:
@@ -312,6 +323,9 @@ def register(sub) -> None:
                    help="migrate RANK to HOST at checkpoint point STEP (repeatable)")
     p.add_argument("--coordinator", action="store_true",
                    help="start the coordinator even without a schedule (for mpimig migrate)")
+    p.add_argument("--spares", type=int, default=0, metavar="K",
+                   help="start K warm spare processes with the job (placed after the ranks on the "
+                        "host list); a migration to a spare's host uses it instead of spawning")
     p.add_argument("--ft", action="store_true", help="online fault tolerance (Open MPI ULFM)")
     p.add_argument("--timeout", type=float, help="kill the job after this many seconds")
     p.add_argument("--mpiexec-arg", action="append", metavar="ARG", help="extra mpiexec argument")

@@ -114,5 +114,8 @@ def recv_state(Jc: MPI.Intracomm, source: int) -> dict:
 
 
 def target_jrank(plan: Plan, move) -> int:
-    """J rank of a move's target in the merged communicator."""
+    """J rank of a move's target in the merged communicator: a warm spare keeps
+    its J rank; spawned targets are appended after J's members."""
+    if move.spare_jrank >= 0:
+        return move.spare_jrank
     return plan.jsize + move.target

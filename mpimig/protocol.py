@@ -35,7 +35,9 @@ TAG_REPLY = 105       # coordinator -> rank: answer to a request
 TAG_DONE = 106        # ranks -> coordinator: the program returned
 TAG_HELLO = 107       # rank 0 -> coordinator at start: program argv, cwd, host list
 TAG_FINISHING = 108   # rank 0 -> coordinator: ranks are finishing; drop any plan
-TAG_END = 109         # coordinator -> old processes of migrated ranks: the job is over, finalize
+TAG_END = 109         # coordinator -> old processes of migrated ranks, spares: the job is over
+TAG_SPARE = 110       # warm spare -> coordinator at start: host, pid
+TAG_WAKE = 111        # coordinator -> warm spares: a plan is executed now, join the switch
 TAG_JOIN = 200        # + round: Intercomm_create tags
 TAG_STATE = 300       # old -> target: state transfer (pkl5)
 
@@ -48,9 +50,10 @@ TAG_CANCEL = 2        # coordinator -> target: not needed any more, exit
 class Move:
     rank: int            # logical rank
     host: str            # target host
-    target: int          # index of the target in the plan's join order
+    target: int          # index of a spawned target in the plan's join order (-1: a warm spare)
     src_jrank: int       # J rank of the process that holds the rank now
     strategy: str = "stop-and-copy"
+    spare_jrank: int = -1  # J rank of the warm spare that takes the rank (-1: a spawned target)
 
 
 @dataclasses.dataclass
@@ -59,6 +62,11 @@ class Plan:
     moves: List[Move]
     at_point: int = 0    # execute at the first safe point >= this
     jsize: int = 0       # size of J before the targets join
+
+    @property
+    def nspawned(self) -> int:
+        """Spawned targets that join J in this plan (warm spares are in J already)."""
+        return sum(1 for m in self.moves if m.spare_jrank < 0)
 
     def move_of(self, rank: int) -> Optional[Move]:
         for m in self.moves:

@@ -30,7 +30,7 @@ from .comm import Comm
 from .config import Config
 from .errors import CheckpointError, MigrationError, MpimigError, NoCommittedEpoch
 from .protocol import (TAG_ASSIGN, TAG_CANCEL, TAG_DONE, TAG_END, TAG_FINISHING, TAG_GO, TAG_HELLO, TAG_PLAN,
-                       TAG_REPLY, TAG_REPORT, TAG_REQUEST, Plan)
+                       TAG_REPLY, TAG_REPORT, TAG_REQUEST, TAG_SPARE, Plan)
 from .state import State
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class Context:
         comm = self.comm
         comm._flush()                                              # step 3: queueing
         move = plan.move_of(self.rank)
-        Jc = migration.join(self._J, len(plan.moves))              # step 5: targets join
+        Jc = migration.join(self._J, plan.nspawned)                # step 5: targets join
         A, Jn = migration.split(Jc, logical=self.rank, leaving=move is not None)   # step 7
         if move is not None:                                       # steps 4 and 6
             st = self._state if self._state is not None else State()
@@ -325,12 +325,21 @@ def _leave(Jc: Optional[MPI.Intracomm] = None) -> None:
     os._exit(0)
 
 
-def _start_initial(cfg: Config) -> Context:
+def _start_initial(cfg: Config) -> Optional[Context]:
     world = MPI.COMM_WORLD
     if not cfg.coordinator:
         return Context(Comm(migration.track(world.Dup())), cfg)
     J = migration.track(world.Dup())             # coordinator is J rank 0
-    A = migration.track(J.Split(0, J.Get_rank() - 1))
+    nranks = J.Get_size() - 1 - cfg.spares
+    if nranks < 1:
+        raise MigrationError(f"{J.Get_size()} processes cannot hold a coordinator, {cfg.spares} "
+                             "spares and at least one rank")
+    me = J.Get_rank()
+    is_rank = 1 <= me <= nranks
+    A = J.Split(0 if is_rank else MPI.UNDEFINED, me - 1)
+    if not is_rank:                              # a warm spare (world ranks after the ranks)
+        return _serve_spare(J, cfg)
+    migration.track(A)
     ctx = Context(Comm(A), cfg)
     ctx._J = J
     procs = A.gather((ctx.host, os.getpid()), root=0)
@@ -338,6 +347,31 @@ def _start_initial(cfg: Config) -> Context:
         J.send({"size": A.Get_size(), "argv": [sys.executable] + sys.argv, "cwd": os.getcwd(),
                 "procs": procs}, dest=0, tag=TAG_HELLO)
     return ctx
+
+
+def _serve_spare(J: MPI.Intracomm, cfg: Config) -> Optional[Context]:
+    """A warm spare: a process started with the job that idles (in J, not in A)
+    until a plan gives it a rank, so a migration to its host spawns nothing."""
+    from . import checkpoint  # noqa: F401 - import h5py now, not during the freeze
+    J.send({"host": hostname(), "pid": os.getpid()}, dest=0, tag=TAG_SPARE)
+    st = MPI.Status()
+    while True:
+        while not J.Iprobe(0, MPI.ANY_TAG, st):
+            time.sleep(0.002)    # idle: a warm process must not steal the cores
+        tag = st.Get_tag()
+        msg = J.recv(source=0, tag=tag)
+        if tag == TAG_END:
+            return None
+        plan = msg["plan"]
+        me = J.Get_rank()
+        move = next((m for m in plan.moves if m.spare_jrank == me), None)
+        t0 = time.perf_counter()
+        Jc = migration.join(J, plan.nspawned)
+        A, Jn = migration.split(Jc, logical=move.rank if move else None, leaving=False)
+        if move is None:
+            J = Jn
+            continue
+        return _adopt(plan, move, Jc, A, Jn, cfg, t0)
 
 
 def _start_target(parent: MPI.Intercomm) -> Optional[Context]:
@@ -354,11 +388,17 @@ def _start_target(parent: MPI.Intercomm) -> Optional[Context]:
     plan, k, rank = msg["plan"], msg["target"], msg["rank"]
     cfg = Config.from_env({**os.environ, **msg["config"]})
     t0 = time.perf_counter()
-    Jc = migration.join(None, len(plan.moves), my_target=k, bridge=B)
+    Jc = migration.join(None, plan.nspawned, my_target=k, bridge=B)
     A, Jn = migration.split(Jc, logical=rank, leaving=False)
+    return _adopt(plan, plan.move_of(rank), Jc, A, Jn, cfg, t0)
+
+
+def _adopt(plan: Plan, move, Jc, A, Jn, cfg: Config, t0: float) -> Context:
+    """Take over a logical rank: receive its state and resume (steps 6 and 8)."""
+    rank = move.rank
     comm = Comm(A)
     t1 = time.perf_counter()
-    state = migration.recv_state(Jc, plan.moves[k].src_jrank)
+    state = migration.recv_state(Jc, move.src_jrank)
     t2 = time.perf_counter()
     arrays, objects, extra = migration.unpack_state(state)
     comm._import(extra["comm"])
@@ -415,7 +455,10 @@ def run(main: Callable[[Context], Any], config: Optional[Config] = None) -> Any:
                 from .coordinator import serve
                 serve(cfg)                      # world rank 0 is the coordinator
             ctx = _start_initial(cfg)
-            ctx._restore_from_store()
+            if ctx is None:                     # a warm spare that was not needed
+                _leave()
+            if ctx.role == "initial":
+                ctx._restore_from_store()
         abort_comm = ctx._J or ctx.comm.mpi
         result = main(ctx)
         _finish(ctx, result, t_start)

@@ -168,3 +168,39 @@ def test_heat2d_migrates_across_lab_hosts(lab, mpich_bin, tmp_path):
                                                             3: "initial"}
     status = read(job, "status.json")
     assert [m["state"] for m in status["migrations"]] == ["done"] * 3, status["migrations"]
+
+
+def test_warm_spares_take_ranks_without_spawning(tmp_path):
+    """Two warm spares take two moves at once; the third move spawns. Bit-identical."""
+    job, out = tmp_path / "job", tmp_path / "out.npy"
+    res = run_cmd(mpimig_cmd("run", "-n", 4, "--spares", 2, "--job-dir", job,
+                             "--migrate", f"6:1:{HOST}", "--migrate", f"6:2:{HOST}",
+                             "--migrate", f"14:1:{HOST}",
+                             APPS / "heat2d.py", "--n", 64, "--steps", 40, "--work-ms", 40,
+                             "--out", out), timeout=180)
+    assert "job completed" in res.stderr, res.stderr
+    assert np.load(out).tobytes() == heat_ref(tmp_path, 64, 40)
+    migs = read(job, "status.json")["migrations"]
+    assert [(m["rank"], m["state"]) for m in migs] == [(1, "done"), (2, "done"), (1, "done")], migs
+    assert migs[0]["timings"]["spawn"] == 0.0 and migs[1]["timings"]["spawn"] == 0.0
+    assert migs[2]["timings"]["spawn"] > 0.0          # the pool was empty: a process was spawned
+    assert read(job, "status.json")["spares"] == {}
+
+
+@pytest.mark.lab
+def test_openmpi_migrates_across_lab_hosts_with_warm_spares(lab, tmp_path):
+    """Open MPI: ranks move to warm spares on another lab host (no remote spawn)."""
+    job, out = tmp_path / "job", tmp_path / "out.npy"
+    h1, h2, h3 = lab.hosts[:3]
+    # world ranks fill slots in order: coordinator + rank 0 on h1, ranks 1-3 on h2, 3 spares on h3
+    spec = f"{h1}:2,{h2}:3,{h3}:3"
+    res = run_cmd(mpimig_cmd("run", "-n", 4, "--spares", 3, "--hosts", spec, "--job-dir", job,
+                             "--migrate", f"6:1:{h3}", "--migrate", f"6:2:{h3}", "--migrate", f"14:3:{h3}",
+                             APPS / "heat2d.py", "--n", 64, "--steps", 40, "--work-ms", 60, "--out", out),
+                  timeout=240)
+    assert "job completed" in res.stderr, res.stderr[-3000:]
+    assert np.load(out).tobytes() == heat_ref(tmp_path, 64, 40)
+    ranks = read(job, "complete.json")["ranks"]
+    assert [r["host"] for r in ranks] == [h1, h3, h3, h3], ranks
+    assert [r["role"] for r in ranks] == ["initial", "migrated", "migrated", "migrated"]
+    assert [m["state"] for m in read(job, "status.json")["migrations"]] == ["done"] * 3
