@@ -274,28 +274,37 @@ class Comm:
 
     # -- point to point: sends go straight to MPI ------------------------------
     def Send(self, buf, dest: int, tag: int = 0) -> None:
+        if tag >= self.tag_limit:
+            self._check_tag(tag)
         self._c.Send(buf, dest, tag)
 
     def Ssend(self, buf, dest: int, tag: int = 0) -> None:
+        self._check_tag(tag)
         self._c.Ssend(buf, dest, tag)
 
     def send(self, obj: Any, dest: int, tag: int = 0) -> None:
+        if tag >= self.tag_limit:
+            self._check_tag(tag)
         self._c.send(obj, dest, tag)
 
     def ssend(self, obj: Any, dest: int, tag: int = 0) -> None:
+        self._check_tag(tag)
         self._c.ssend(obj, dest, tag)
 
     def Isend(self, buf, dest: int, tag: int = 0) -> Request:
+        self._check_tag(tag)
         r = Request(self, "send", dest, tag, mpi_req=self._c.Isend(buf, dest, tag))
         self._track_send(r)
         return r
 
     def isend(self, obj: Any, dest: int, tag: int = 0) -> Request:
+        self._check_tag(tag)
         r = Request(self, "send", dest, tag, mpi_req=self._c.isend(obj, dest, tag))
         self._track_send(r)
         return r
 
     def Issend(self, buf, dest: int, tag: int = 0) -> Request:
+        self._check_tag(tag)
         r = Request(self, "send", dest, tag, mpi_req=self._c.Issend(buf, dest, tag))
         self._track_send(r)
         return r
@@ -345,6 +354,7 @@ class Comm:
     def Sendrecv(self, sendbuf, dest: int, sendtag: int = 0, recvbuf=None,
                  source: int = ANY_SOURCE, recvtag: int = ANY_TAG,
                  status: Optional[MPI.Status] = None) -> None:
+        self._check_tag(sendtag)
         if not self._queue and not self._pending:
             self._c.Sendrecv(sendbuf, dest, sendtag, recvbuf, source, recvtag, status)
             return
@@ -355,6 +365,7 @@ class Comm:
     def sendrecv(self, sendobj: Any, dest: int, sendtag: int = 0, recvbuf=None,
                  source: int = ANY_SOURCE, recvtag: int = ANY_TAG,
                  status: Optional[MPI.Status] = None) -> Any:
+        self._check_tag(sendtag)
         if not self._queue and not self._pending:
             return self._c.sendrecv(sendobj, dest, sendtag, recvbuf, source, recvtag, status)
         s = self.isend(sendobj, dest, sendtag)
@@ -445,13 +456,17 @@ class Comm:
         i = 0
         while i < len(pend):
             r = pend[i]
-            if i == 0:
-                done = self._match(r)
-            else:
-                done = self._match_after(r, pend, i)
-                if done is None:          # an earlier receive owns that message: rescan
-                    i = 0
-                    continue
+            try:
+                if i == 0:
+                    done = self._match(r)
+                else:
+                    done = self._match_after(r, pend, i)
+            except BaseException:
+                del pend[i]               # a failed receive (e.g. truncation) is not pending any more
+                raise
+            if done is None:              # an earlier receive owns that message: rescan
+                i = 0
+                continue
             if done:
                 del pend[i]
                 made = True
@@ -577,14 +592,18 @@ class Comm:
         until it has all markers. Returns the number of messages newly held.
         """
         c = self._c
-        me, n = c.Get_rank(), c.Get_size()
+        n = c.Get_size()
         marker = self._marker_tag
         empty = bytearray(0)
-        reqs = [c.Isend([empty, 0, MPI.BYTE], d, marker) for d in range(n) if d != me]
+        # Everyone must be here before any marker flies: a rank still in a
+        # receive with ANY_TAG would take a marker for a message.
+        c.Barrier()
+        # A marker to self too: messages a rank sent to itself are held as well.
+        reqs = [c.Isend([empty, 0, MPI.BYTE], d, marker) for d in range(n)]
         seen = 0
         held = 0
         st = MPI.Status()
-        while seen < n - 1:
+        while seen < n:
             msg = c.mprobe(ANY_SOURCE, ANY_TAG, st)
             src, tag = st.Get_source(), st.Get_tag()
             nbytes = st.Get_count(MPI.BYTE)
