@@ -741,11 +741,13 @@ class CheckpointStore:
         part = final.with_name(final.name + ".tmp")
         where = f"rank {rank} epoch {epoch}"
         try:
-            if not self.directory.is_dir():
-                if not self.create or self.directory.exists():
-                    raise FileNotFoundError(errno.ENOENT, "checkpoint directory does not exist "
-                                            "or is not a directory", str(self.directory))
+            if self.create:
+                # All ranks of a new job get here at once: exist_ok makes the
+                # race harmless (FileExistsError only if it is not a directory).
                 self.directory.mkdir(parents=True, exist_ok=True)
+            elif not self.directory.is_dir():
+                raise FileNotFoundError(errno.ENOENT, "checkpoint directory does not exist "
+                                        "or is not a directory", str(self.directory))
             tmp.mkdir(exist_ok=True)
         except OSError as exc:
             raise CheckpointError(f"{where}: cannot create {tmp}: {exc}") from exc

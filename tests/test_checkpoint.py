@@ -541,6 +541,56 @@ def test_missing_directory_with_create_false(tmp_path):
         store.latest() or store.read_rank(None, 0)
 
 
+def test_first_write_when_another_rank_creates_the_directory(tmp_path, monkeypatch):
+    """All ranks create the directory at their first checkpoint: another rank
+    creating it just before this one must not fail the write (replayed)."""
+    d = tmp_path / "job" / "ckpt"
+    real_mkdir, real_is_dir = Path.mkdir, Path.is_dir
+
+    def other_rank_first(self, *args, **kwargs):
+        if self == d and not d.exists():
+            os.makedirs(d)                       # the other rank wins the race
+        return real_mkdir(self, *args, **kwargs)
+
+    def looked_just_before(self):                # ... right after this rank looked
+        found = real_is_dir(self)
+        if self == d and not found and not d.exists():
+            os.makedirs(d)
+        return found
+    monkeypatch.setattr(Path, "mkdir", other_rank_first)
+    monkeypatch.setattr(Path, "is_dir", looked_just_before)
+    store = CheckpointStore(d)
+    assert store.write_rank(1, 0, 1, 0, {"a": np.arange(3)}, {}) > 0
+    monkeypatch.undo()
+    store.commit(1, 1, 0)
+    assert store.latest() == 1
+
+
+def test_many_ranks_write_their_first_checkpoint_at_once(tmp_path):
+    import threading
+    d = tmp_path / "new" / "ckpt"
+    n = 8
+    start = threading.Barrier(n)
+    errors = []
+
+    def rank(r):
+        store = CheckpointStore(d)
+        start.wait()
+        try:
+            store.write_rank(1, r, n, 0, {"a": np.full(10, r)}, {})
+        except Exception as exc:                 # noqa: BLE001 - collected and asserted
+            errors.append((r, exc))
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    store = CheckpointStore(d)
+    store.commit(1, n, 0)
+    assert [store.read_rank(1, r).arrays["a"][0] for r in range(n)] == list(range(n))
+
+
 def test_tmp_path_blocked_by_a_file_keeps_previous_epoch(tmp_path):
     store = CheckpointStore(tmp_path)
     commit_one(store, 1, {"a": np.arange(5)})
