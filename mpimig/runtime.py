@@ -197,7 +197,10 @@ class Context:
         err = ""
         nbytes = 0
         try:
-            extra = {"comm": comm._export(), "point": self.point, "host": self.host}
+            # held messages as a native table (docs/checkpoint-format.md), not a pickle
+            held = comm._export()["queue"]
+            extra = {"queue": [(src, tag, "bytes", bytes(p)) for src, tag, p in held],
+                     "point": self.point, "host": self.host}
             nbytes = self._store.write_rank(epoch, self.rank, self.size,
                                             int(getattr(st, "step", self.point)) if "step" in st else self.point,
                                             arrays, objects, extra)
@@ -257,7 +260,7 @@ class Context:
             raise CheckpointError(f"epoch {latest} in {cfg.ckpt_dir} was written by {saved_size} ranks; "
                                   f"this job has {self.size}")
         self._restored = (rs.arrays, rs.objects)
-        self.comm._import(rs.extra.get("comm", {}))
+        self.comm._import({"queue": [(m[0], m[1], m[3]) for m in rs.extra.get("queue", [])]})
         self.point = int(rs.extra.get("point", 0))
         self.epoch = latest
         self.role = "restarted"

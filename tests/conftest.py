@@ -19,6 +19,12 @@ from mpimig._proc import kill_session, session_pids  # noqa: F401 - for tests: s
 ROOT = Path(__file__).resolve().parent.parent
 APPS = ROOT / "apps"
 
+# The suite runs in one Python environment (CI: a fresh venv that is not
+# activated): its bin/ (mpiexec from the MPI wheel, mpimig) comes first.
+_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
+
 
 def base_env(**extra) -> dict:
     env = dict(os.environ)

@@ -261,7 +261,7 @@ def test_ring_killed_with_messages_in_flight_restarts_correctly(tmp_path, jobs):
     assert not out.exists()
     store = CheckpointStore(job_dir / "ckpt")
     latest = store.latest()
-    held = [store.read_rank(latest, r).extra["comm"]["queue"] for r in range(ranks)]
+    held = [store.read_rank(latest, r).extra["queue"] for r in range(ranks)]   # native table
     assert all(len(q) == 1 for q in held), f"each rank should hold its side message: {held}"
     assert [q[0][:2] for q in held] == [((r - 1) % ranks, 7) for r in range(ranks)]
 
