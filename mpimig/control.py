@@ -69,13 +69,7 @@ class ControlServer:
         with conn:
             try:
                 conn.settimeout(10)
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                req = json.loads(data.decode() or "{}")
+                req = json.loads(_recv_line(conn).decode() or "{}")
             except (OSError, ValueError) as exc:
                 _send(conn, {"ok": False, "error": f"bad request: {exc}"})
                 return
@@ -108,6 +102,17 @@ class ControlServer:
                     pass
 
 
+def _recv_line(conn: socket.socket) -> bytes:
+    """Read one JSON line (the whole request or reply)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def _send(conn: socket.socket, obj: dict) -> None:
     try:
         conn.sendall((json.dumps(obj) + "\n").encode())
@@ -131,12 +136,7 @@ def request(job_dir, req: dict, timeout: Optional[float] = 60.0) -> dict:
     try:
         s.connect(info["socket"])
         s.sendall((json.dumps(req) + "\n").encode())
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = _recv_line(s)
     except FileNotFoundError:
         raise MigrationError(f"the job in {job_dir} is not running (its control socket is gone)") from None
     except ConnectionRefusedError:

@@ -27,7 +27,8 @@ if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
 
 
 def base_env(**extra) -> dict:
-    env = dict(os.environ)
+    """This environment for a test's job: Open MPI settings, no MPIMIG_* from the caller's shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MPIMIG_")}
     env.setdefault("OMPI_MCA_btl", "^ofi")
     env.setdefault("OMPI_MCA_coll", "^han")
     if os.geteuid() == 0:

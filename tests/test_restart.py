@@ -31,13 +31,7 @@ RING = APPS / "ring.py"
 FAULTS = ROOT / "tests" / "progs" / "heat_faults.py"
 
 
-def job_env(**extra) -> dict:
-    """base_env with mpiexec on PATH and no MPIMIG_* settings from the caller's shell."""
-    env = base_env(**extra)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    for k in [k for k in env if k.startswith("MPIMIG_") and k not in extra]:
-        del env[k]
-    return env
+job_env = base_env    # mpiexec of this environment first on PATH, no MPIMIG_* from the shell
 
 
 @functools.lru_cache(maxsize=None)
