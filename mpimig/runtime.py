@@ -467,7 +467,7 @@ def run(main: Callable[[Context], Any], config: Optional[Config] = None) -> Any:
         _finish(ctx, result, t_start)
         return result
     except _Retired as r:
-        _leave(r.args[0] if r.args else None)
+        retired = r.args[0] if r.args else None
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - any failure must abort the whole job
@@ -480,3 +480,8 @@ def run(main: Callable[[Context], Any], config: Optional[Config] = None) -> Any:
         sys.stderr.flush()
         abort_comm.Abort(1)
         raise
+    # The old process of a migrated rank: outside the except block, so that no
+    # traceback keeps main's frames (and the program's arrays) alive.
+    import gc
+    gc.collect()
+    _leave(retired)
