@@ -14,6 +14,8 @@ between bursts. Some messages cross a safe point:
 * *pre-posted* (P) messages are sent in step k+1 and received by an ``irecv``
   posted in step k and kept (pending) in registered state across the point.
 
+A few messages go from a rank to itself (always with a nonblocking send).
+
 The traffic matrix of step k is drawn from a generator seeded by
 (seed, k), which every rank evaluates the same way, so every receiver knows
 exactly how many messages to expect from whom on which tag. Every message
@@ -87,7 +89,7 @@ def make_plan(seed: int, step: int, size: int, msgs: int, steps: int):
     for src in range(size):
         n = int(rng.integers(msgs // 2, msgs + msgs // 2 + 1)) if size > 1 else 0
         w = rng.random(size) ** 2 + 0.05
-        w[src] = 0.0
+        w[src] = 0.04                           # now and then a message to itself
         cw = np.cumsum(w / w.sum())
         # every random draw of the sender's n messages at once (vectorised: cheap)
         dsts = np.minimum(np.searchsorted(cw, rng.random(n), side="right"), size - 1)
@@ -98,8 +100,6 @@ def make_plan(seed: int, step: int, size: int, msgs: int, steps: int):
         ptypes = rng.integers(0, 3, n)
         for i in range(n):
             dst = int(dsts[i])
-            if dst == src:                      # rounding at the edge: next rank
-                dst = (src + 1) % size
             if u[i] < 0.18 and step + 1 < steps:
                 cls = "D"
             elif u[i] < 0.30 and step >= 1:
@@ -125,6 +125,8 @@ def make_plan(seed: int, step: int, size: int, msgs: int, steps: int):
             else:
                 choices = ("Isend", "Issend") + (("Send", "Send") if small else ())
             how = choices[int(uhow[i] * len(choices))]
+            if dst == src and how in ("send", "Send"):
+                how = {"send": "isend", "Send": "Isend"}[how]   # to itself: never a blocking send
             pre = bool(cls == "D" and kind == "obj" and upre[i] < 0.5)
             plan.append(Msg(src, dst, cls, tag, kind, nbytes, ptype, how, pre))
     ncoll = int(rng.integers(1, 4))
@@ -147,7 +149,42 @@ def coll_value(seed: int, step: int, rank: int, k: int, n: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # the program
 # --------------------------------------------------------------------------------------
+def watchdog(rank: int, stall: float) -> list:
+    """Name what a rank is stuck in: a lost message shows up as a receive that never
+    completes. Returns a one-item list the program keeps its current phase in; if
+    the phase does not change for ``stall`` seconds, one line goes to stderr."""
+    phase = ["start"]
+    if stall <= 0:
+        return phase
+    import threading
+
+    def watch():
+        last, since, told = None, time.monotonic(), False
+        while True:
+            time.sleep(min(1.0, stall / 4))     # a watchdog's tick, not synchronisation
+            cur = phase[0]
+            if cur is None:
+                return
+            if cur is not last:
+                last, since, told = cur, time.monotonic(), False
+            elif not told and time.monotonic() - since > stall:
+                sys.stderr.write(f"storm: rank {rank} (pid {os.getpid()}) stuck for {stall:.0f} s "
+                                 f"in {cur}\n")
+                sys.stderr.flush()
+                told = True
+    threading.Thread(target=watch, name="storm-watchdog", daemon=True).start()
+    return phase
+
+
 def main(ctx, args):
+    phase = watchdog(ctx.comm.rank, args.stall_seconds)
+    try:
+        return storm(ctx, args, phase)
+    finally:
+        phase[0] = None          # done, or this process's rank moved away: stop watching
+
+
+def storm(ctx, args, phase):
     import mpimig
     from mpi4py import MPI
     comm = ctx.comm
@@ -169,7 +206,7 @@ def main(ctx, args):
         unchecked=[],                   # (post index, src, tag, sseq) completed, not yet order-checked
         c=dict(sent=0, received=0, expected=0, duplicated=0, out_of_order=0, corrupted=0,
                unexpected=0, collective_errors=0, pickled=0, buffer=0, wildcard=0, kept_requests=0,
-               deferred=0, probe=0, held_max=0, held_total=0, held_restored=0),
+               deferred=0, probe=0, held_max=0, held_total=0, held_restored=0, to_self=0),
         notes=[],
         moves=[],                       # points at which this rank arrived in a new process
     )
@@ -283,6 +320,7 @@ def main(ctx, args):
 
     def recv_one(src, tag, kind, how, allowed):
         """One blocking receive (or Probe + receive); returns the (src, tag) it got."""
+        phase[0] = f"step {st.step}: {how} receive (source {src}, tag {tag})"
         s = MPI.Status()
         if how == "probe":
             c["probe"] += 1
@@ -312,6 +350,8 @@ def main(ctx, args):
         n = len(reqs)
         if n == 0:
             return got
+        phase[0] = (f"step {st.step}: {mode} of {n} receives "
+                    + ", ".join(f"({r.source}, {r.tag})" for r in reqs[:8]))
         stats = [MPI.Status() for _ in range(n)]
         values = [None] * n
         if mode == "waitall":
@@ -362,6 +402,8 @@ def main(ctx, args):
         data = payload_bytes(seed, me, dst, pseq, m.nbytes)
         crc = zlib.crc32(data)
         c["sent"] += 1
+        if dst == me:
+            c["to_self"] += 1
         if m.kind == "obj":
             if m.ptype == "array":
                 pl = np.frombuffer(data, dtype=np.uint8).copy()
@@ -486,6 +528,7 @@ def main(ctx, args):
                 nb.append(post_nb(src, tag, "obj" if tag in OBJ_TAGS else "buf"))
 
         # the sends of this step
+        phase[0] = f"step {k}: sends"
         sreqs, dreqs = [], []
         for m in plan:
             if m.src != me:
@@ -515,6 +558,7 @@ def main(ctx, args):
             for p in due_pre:
                 st.pre.remove(p)
             reqs = [p[1] for p in due_pre]
+            phase[0] = (f"step {k}: kept receives " + ", ".join(f"({p[1].source}, {p[1].tag})" for p in due_pre))
             stats = [MPI.Status() for _ in reqs]
             vals = Request.waitall(reqs, stats)
             for p, v, s in zip(due_pre, vals, stats):
@@ -571,6 +615,7 @@ def main(ctx, args):
         finish_pre(True)
 
         # our own sends complete (receivers have taken them this step)
+        phase[0] = f"step {k}: completing {len(sreqs)} sends and {len(st.sreqs)} deferred sends"
         if sreqs:
             mode = str(rng.choice(["waitall", "Waitall", "Testall", "each"]))
             if mode == "waitall":
@@ -589,17 +634,20 @@ def main(ctx, args):
             (Request.Waitall if rng.random() < 0.5 else Request.waitall)(st.sreqs)
         st.sreqs = dreqs
 
+        phase[0] = f"step {k}: collectives {colls}"
         collectives(k, colls)
         check_order()
         st.step = k + 1
         if args.work_ms:
             time.sleep(args.work_ms / 1000.0)
+        phase[0] = f"checkpoint point after step {k}"
         ctx.checkpoint_point()
         held = len(getattr(comm, "_queue", ()))
         c["held_max"] = max(c["held_max"], held)
         c["held_total"] += held
 
     # the end: nothing may be left over
+    phase[0] = "the end"
     if st.sreqs:
         Request.Waitall(st.sreqs)
         st.sreqs = []
@@ -625,7 +673,7 @@ def main(ctx, args):
         return None
     keys = ["sent", "received", "expected", "lost", "duplicated", "out_of_order", "corrupted",
             "unexpected", "collective_errors", "pickled", "buffer", "wildcard", "kept_requests",
-            "deferred", "probe", "stray", "held_total", "held_restored"]
+            "deferred", "probe", "stray", "held_total", "held_restored", "to_self"]
     res = {k: sum(int(e[k]) for e in every) for k in keys}
     res.update(seed=seed, steps=steps, size=size, msgs=msgs,
                held_max=max(e["held_max"] for e in every),
@@ -653,6 +701,8 @@ def parse(argv):
     p.add_argument("--msgs", type=int, default=12, help="messages per step per rank (mean, default 12)")
     p.add_argument("--work-ms", type=float, default=0.0, help="extra milliseconds per step")
     p.add_argument("--out", help="rank 0 writes the totals here (JSON)")
+    p.add_argument("--stall-seconds", type=float, default=60.0,
+                   help="report a rank stuck this long in one place to stderr (0: off; default 60)")
     return p.parse_args(argv)
 
 

@@ -102,10 +102,6 @@ def run_seed(seed: int, args, program: Path, hosts: List[str], job_root: Path) -
     if jd.exists():
         shutil.rmtree(jd)
     jd.mkdir(parents=True)
-    # The checkpoint directory exists before the ranks start: every rank creating it at
-    # its first checkpoint is a race in mpimig/checkpoint.py (CheckpointStore._write_prepared,
-    # is_dir() then exists(); tests/test_storm.py::test_first_checkpoint_directory_race).
-    (jd / "ckpt").mkdir()
     migs, ckpt = make_schedule(seed, args.n, args.steps, args.migrations, hosts)
     if args.no_ckpt:
         ckpt = None
@@ -165,6 +161,12 @@ def run_seed(seed: int, args, program: Path, hosts: List[str], job_root: Path) -
         for k in MSG_KEYS + ("held_total", "kept_requests", "wildcard", "probe", "deferred"):
             rec[k] = int(res.get(k, 0))
         rec["notes"] = res.get("notes", [])[:10]
+    if res is None:      # what the job said about itself: stuck ranks, errors
+        try:
+            lines = (jd / "output.log").read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        rec["notes"] = [x for x in lines if x.startswith(("storm: rank", "mpimig: rank", "mpimig: job"))][:10]
     if rc is None:
         rec["error"] = f"timed out after {args.timeout + 60:.0f} s (hang?)"
     elif res is None:
