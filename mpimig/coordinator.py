@@ -19,6 +19,7 @@ import os
 import queue
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -83,6 +84,7 @@ class Coordinator:
         self.done: Dict[int, dict] = {}
         self.finishing = False
         self.finished = False
+        self.spawn_timeout = float(os.environ.get("MPIMIG_SPAWN_TIMEOUT", "120"))
         self.retired: List[tuple] = []        # (merged comm, J rank) of old processes, told at the end
         self.spares: Dict[str, List[int]] = {}  # host -> J ranks of idle warm spares
         for _ in range(cfg.spares):
@@ -141,6 +143,11 @@ class Coordinator:
         info = MPI.Info.Create()
         info.Set("host", m.to)
         info.Set("wdir", self.cwd)
+        # MPI_Comm_spawn never returns if the new process dies before MPI_Init
+        # (e.g. the program fails to import there): fail the job loudly instead of hanging.
+        watchdog = threading.Timer(self.spawn_timeout, self._spawn_hung, args=(m,))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             inter = MPI.COMM_SELF.Spawn(self.argv[0], self.argv[1:], 1, info=info)
             migration.track(inter)
@@ -148,9 +155,22 @@ class Coordinator:
         except MPI.Exception as exc:
             return f"could not start a process on {m.to}: {exc}"
         finally:
+            watchdog.cancel()
             info.Free()
         m.timings["spawn"] = time.perf_counter() - t0
         return None
+
+    def _spawn_hung(self, m: Migration) -> None:
+        msg = (f"the target process for rank {m.rank} on {m.to} did not start within "
+               f"{self.spawn_timeout:.0f} s (MPIMIG_SPAWN_TIMEOUT; it may have died before MPI_Init: "
+               "see its output above); aborting the job")
+        m.state = f"failed: {msg}"
+        try:
+            self.write_status()
+        finally:
+            sys.stderr.write(f"mpimig: coordinator: {msg}\n")
+            sys.stderr.flush()
+            MPI.COMM_WORLD.Abort(3)
 
     # -- plans ---------------------------------------------------------------------------
     def send_plan(self) -> None:

@@ -224,12 +224,9 @@ if not os.environ.get("PMIX_NAMESPACE", "@1").endswith("@1"):
 '''
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mpimig/coordinator.py Coordinator.spawn: MPI.COMM_SELF.Spawn never returns when the "
-    "spawned process exits before MPI_Init (e.g. the program fails to import), so the "
-    "coordinator serves nothing more and MPI_Finalize of the ranks waits for it: the job "
-    "hangs until --timeout"))
 def test_target_dying_before_mpi_init_does_not_hang_the_job(tmp_path):
+    """MPI_Comm_spawn never returns when the spawned process exits before MPI_Init:
+    the coordinator's watchdog fails the job loudly instead of hanging."""
     from mpimig.launcher import mpi_flavour
     if mpi_flavour() != "openmpi":
         pytest.skip("the spawned-process test hook reads Open MPI's PMIx namespace")
@@ -238,8 +235,9 @@ def test_target_dying_before_mpi_init_does_not_hang_the_job(tmp_path):
     jd = tmp_path / "job"
     res = run_cmd(mpimig_cmd("run", "-n", 2, "--job-dir", jd, "--timeout", 20,
                              "--migrate", f"3:1:{HOST}", prog, "--laps", 40, "--work-ms", 25),
-                  timeout=90, env=storm_env())
+                  timeout=90, env=storm_env(MPIMIG_SPAWN_TIMEOUT=6))
     assert "dies before MPI_Init" in res.stderr          # the hook fired
+    assert "did not start within 6 s" in res.stderr, res.stderr[-2000:]
     assert "killed after the --timeout" not in res.stderr, res.stderr[-2000:]
     status = json.loads((jd / "status.json").read_text())
     assert status["migrations"][0]["state"].startswith(("failed", "cancelled")), status["migrations"]
