@@ -25,7 +25,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from .config import RESTART_MODES, Config, parse_schedule
 from .errors import LaunchError, NoCommittedEpoch, UsageError
@@ -263,6 +263,33 @@ def slurm_hosts() -> Optional[str]:
     return ",".join(f"{h}:{plan.ranks_per_node}" for h in plan.nodes + plan.spares)
 
 
+def host_alive(host: str, timeout: float = 10.0) -> bool:
+    """Can we still start processes on ``host``? (a trivial command over ssh)"""
+    lab = _lab()
+    if lab is not None and host in lab.hosts:
+        cmd = [str(lab.ssh_wrapper), host, "true"]
+    else:
+        cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(timeout)}", host, "true"]
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=timeout).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def surviving_hosts(spec: Optional[str]) -> Tuple[Optional[str], List[str]]:
+    """(the host spec without lost hosts, the lost hosts)."""
+    if not spec:
+        return spec, []
+    keep, lost = [], []
+    for item in spec.split(","):
+        name = item.split(":")[0]
+        if host_alive(name):
+            keep.append(item)
+        else:
+            lost.append(name)
+    return ",".join(keep), lost
+
+
 def cmd_run(args) -> int:
     if args.n < 1:
         raise UsageError("-n must be at least 1")
@@ -296,10 +323,38 @@ def cmd_run(args) -> int:
             raise UsageError(f"--migrate {':'.join(map(str, entry))}: host {entry[2]} is not in --hosts "
                              f"({', '.join(allowed)})")
     program = program_argv(args.program, args.args)
-    if not args.dry_run:    # a dry run only prints: it must not delete epochs or the record
-        prepare_job_dir(cfg)
-    return launch(cfg, args.n, program, hosts=args.hosts, ft=args.ft, timeout=args.timeout,
-                  extra=args.mpiexec_arg, dry_run=args.dry_run)
+    if args.dry_run:    # a dry run only prints: it must not delete epochs or the record
+        return launch(cfg, args.n, program, hosts=args.hosts, ft=args.ft, timeout=args.timeout,
+                      extra=args.mpiexec_arg, dry_run=True)
+    if args.relaunch < 0:
+        raise UsageError("--relaunch must be >= 0")
+    prepare_job_dir(cfg)
+    rc = launch(cfg, args.n, program, hosts=args.hosts, ft=args.ft, timeout=args.timeout,
+                extra=args.mpiexec_arg)
+    hosts = args.hosts
+    for attempt in range(1, args.relaunch + 1):
+        if rc == 0:
+            break
+        # Host loss: Open MPI loses the whole job (shared/PLATFORM.md). Relaunch on the
+        # hosts that still answer, from the last committed epoch.
+        from .checkpoint import CheckpointStore
+        latest = CheckpointStore(cfg.ckpt_dir).latest() if cfg.ckpt_dir.exists() else None
+        hosts, lost = surviving_hosts(hosts)
+        if hosts == "":
+            print("mpimig: relaunch impossible: no host of the job answers", file=sys.stderr)
+            break
+        cfg.schedule = [e for e in cfg.schedule if e[2] not in lost]
+        cfg.restart = "always" if latest is not None else "never"
+        cfg.run_id = uuid.uuid4().hex[:12]
+        print(f"mpimig: relaunch {attempt}/{args.relaunch}: "
+              + (f"lost host(s) {', '.join(lost)}; " if lost else "")
+              + (f"resuming from epoch {latest}" if latest is not None else "no committed epoch: from the start")
+              + (f" on {hosts}" if hosts else ""), file=sys.stderr, flush=True)
+        if latest is None:
+            prepare_job_dir(cfg)
+        rc = launch(cfg, args.n, program, hosts=hosts, ft=args.ft, timeout=args.timeout,
+                    extra=args.mpiexec_arg)
+    return rc
 
 
 def register(sub) -> None:
@@ -327,6 +382,9 @@ def register(sub) -> None:
                    help="start K warm spare processes with the job (placed after the ranks on the "
                         "host list); a migration to a spare's host uses it instead of spawning")
     p.add_argument("--ft", action="store_true", help="online fault tolerance (Open MPI ULFM)")
+    p.add_argument("--relaunch", type=int, default=0, metavar="K",
+                   help="if the job does not complete (e.g. a host died), relaunch it up to K times "
+                        "on the hosts that still answer, from the last committed epoch")
     p.add_argument("--timeout", type=float, help="kill the job after this many seconds")
     p.add_argument("--mpiexec-arg", action="append", metavar="ARG", help="extra mpiexec argument")
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
