@@ -180,8 +180,10 @@ def lab_footprint() -> dict:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
+        # a daemon that is still on its way to exec (nsenter/unshare/sh) counts too
         if str(mhosts.state_dir()) in cmdline and Path(exe).name in (
-                "sshd", "slurmd", "slurmctld", "munged", "slurmstepd"):
+                "sshd", "slurmd", "slurmctld", "munged", "slurmstepd", "nsenter", "unshare", "sh", "dash",
+                "bash"):
             daemons.append(f"{pid} {cmdline[:120]}")
     return {
         "netns": [l.split()[0] for l in netns.splitlines() if l.startswith(mhosts.NS_PREFIX)],

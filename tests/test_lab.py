@@ -227,9 +227,12 @@ def test_failed_up_leaves_nothing(no_lab, monkeypatch, how):
     with pytest.raises(LabError, match="injected failure"):
         mhosts.up(3)
     monkeypatch.undo()
-    if how == "left for down":
-        left = lab_footprint()
-        assert left["netns"] and left["hosts_lines"] and left["daemons"], left
-        res = run_cmd(mpimig_cmd("lab", "down"), env=lab_env(), timeout=60)
-        assert "lab down in" in res.stdout, res.stdout + res.stderr
-    assert lab_footprint() == EMPTY_FOOTPRINT
+    try:
+        if how == "left for down":
+            left = lab_footprint()
+            assert left["netns"] and left["hosts_lines"] and left["daemons"], left
+            res = run_cmd(mpimig_cmd("lab", "down"), env=lab_env(), timeout=60)
+            assert "lab down in" in res.stdout, res.stdout + res.stderr
+        assert lab_footprint() == EMPTY_FOOTPRINT
+    finally:   # never leave a lab behind for the tests that follow
+        run_cmd(mpimig_cmd("lab", "down"), env=lab_env(), timeout=60)
