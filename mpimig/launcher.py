@@ -208,6 +208,10 @@ def launch(cfg: Config, n: int, program: List[str], *, hosts=None, ft=False, tim
     env.update(cfg.to_env())
     if hosts:
         env["MPIMIG_HOSTS"] = ",".join(host_names(hosts))
+    elif flavour == "openmpi" and "OMPI_MCA_btl_tcp_if_include" not in os.environ:
+        # One host: processes of different jobs (spawned targets) talk TCP; keep it on
+        # loopback so that interfaces that come and go (bridges) cannot break a run.
+        env["OMPI_MCA_btl_tcp_if_include"] = "lo"
     # No -x: remote daemons get MPIMIG_*/OMPI_* through ssh (the lab's SendEnv) or Slurm
     # (--export=ALL), and ranks inherit their daemon's environment. With Open MPI 5.0
     # and the lab, any -x made ~half of the launches lose the first remote daemon.
