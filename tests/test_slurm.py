@@ -120,18 +120,10 @@ for i in $(seq 300); do [ -e {flag} ] && break; sleep 0.1; done
     assert plan == ["-n", "2", "--host", f"{slurm.nodes[0]}:2,{spares}", "--map-by", "ppr:2:node:OVERSUBSCRIBE"]
 
 
-def _mpimig_run_available() -> str:
-    res = subprocess.run([sys.executable, "-m", "mpimig", "run", "--help"], capture_output=True, text=True, timeout=60)
-    return "" if res.returncode == 0 else (res.stderr.strip().splitlines() or ["exit %d" % res.returncode])[-1]
-
-
 def test_requeue_sbatch_survives_a_node_failure(slurm, lab, tmp_path):
     """jobs/requeue.sbatch: kill a node of the running job; the job requeues,
     restarts on healthy nodes from the last committed epoch, and the result is
     bit for bit the serial reference."""
-    missing = _mpimig_run_available()
-    if missing:
-        pytest.skip(f"'mpimig run' is not available: {missing}")
     wait_nodes_idle(slurm)
     n, steps = 64, 300
     env = slurm_env(slurm, MPIMIG_APPS=ROOT / "apps", JOB_DIR=tmp_path / "job", HEAT_N=n,
