@@ -14,7 +14,7 @@ import socket
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
 from .errors import MigrationError, UsageError
 

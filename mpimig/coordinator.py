@@ -21,7 +21,6 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from mpi4py import MPI

@@ -2,9 +2,7 @@
 live migration, and verified bit for bit against a serial run."""
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys

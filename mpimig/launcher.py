@@ -77,7 +77,7 @@ def mpi_env(flavour: str, ft: bool = False) -> dict:
 
 def build_command(flavour: str, n: int, program: List[str], *, hosts: Optional[str] = None,
                   ft: bool = False, oversubscribe: Optional[bool] = None,
-                  extra: Optional[List[str]] = None, env_names: Optional[List[str]] = None,
+                  extra: Optional[List[str]] = None,
                   coordinator: bool = False, spares: int = 0) -> List[str]:
     """The mpiexec command line for ``n`` ranks of ``program``."""
     cmd = [find_mpiexec() or "mpiexec"]
@@ -93,24 +93,14 @@ def build_command(flavour: str, n: int, program: List[str], *, hosts: Optional[s
             cmd += ["--map-by", "slot:OVERSUBSCRIBE"] if hosts else ["--oversubscribe"]
         if hosts:
             lab = _lab()
-            if lab is not None:
-                cmd += lab.mpiexec_args("openmpi", hosts)
-            else:
-                cmd += ["--host", hosts]
-        for name in env_names or []:
-            cmd += ["-x", name]
+            cmd += lab.mpiexec_args("openmpi", hosts) if lab is not None else ["--host", hosts]
     else:
         if ft:
             raise UsageError("--ft needs Open MPI's ULFM (mpiexec --with-ft ulfm); the installed MPI is "
                              "MPICH, which has no fault tolerance: use relaunch instead")
         if hosts:
             lab = _lab()
-            if lab is not None:
-                cmd += lab.mpiexec_args("mpich", hosts)
-            else:
-                cmd += ["-hosts", hosts]
-        if env_names:
-            cmd += ["-genvlist", ",".join(env_names)]
+            cmd += lab.mpiexec_args("mpich", hosts) if lab is not None else ["-hosts", hosts]
     cmd += list(extra or [])
     # with a coordinator, world rank 0 is the coordinator and warm spares come
     # after the ranks (docs/protocol.md)

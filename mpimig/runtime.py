@@ -29,7 +29,7 @@ from . import migration
 from .comm import Comm
 from .config import Config
 from .errors import CheckpointError, MigrationError, MpimigError, NoCommittedEpoch
-from .protocol import (TAG_ASSIGN, TAG_CANCEL, TAG_DONE, TAG_END, TAG_FINISHING, TAG_GO, TAG_HELLO, TAG_PLAN,
+from .protocol import (TAG_CANCEL, TAG_DONE, TAG_END, TAG_FINISHING, TAG_GO, TAG_HELLO, TAG_PLAN,
                        TAG_REPLY, TAG_REPORT, TAG_REQUEST, TAG_SPARE, Plan)
 from .state import State
 

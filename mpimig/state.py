@@ -7,7 +7,6 @@ Everything else is a Python object, pickled (protocol 5, dill as fallback).
 """
 from __future__ import annotations
 
-import io
 import pickle
 from typing import Any, Dict, Iterator, Tuple
 

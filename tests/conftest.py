@@ -7,7 +7,6 @@ judges success by output and result files, never by mpiexec's exit code alone.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path

@@ -7,7 +7,6 @@ and is judged by its result files, never by mpiexec's exit status alone.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 

@@ -7,7 +7,6 @@ slurm-wlm and munge with apt-get when missing.
 """
 import json
 import re
-import subprocess
 import sys
 import time
 
