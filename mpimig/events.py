@@ -1,0 +1,74 @@
+"""The job's event log: ``JOB_DIR/events.jsonl``, one JSON object per line.
+
+Written by the launcher, the ranks and the coordinator; read by fault-injection
+reports (``mpimig inject``) and benchmarks to time detection, recovery and
+resumption. Each line has ``t`` (wall-clock seconds, time.time()), ``event``
+and ``run_id``, plus fields of its own. Lines are short and appended with one
+``write`` on a file opened with O_APPEND, so lines from several processes on
+one file system do not interleave.
+
+Events (fields besides t, event, run_id):
+
+=================  ====================================================================
+``launch``         launcher: ``attempt`` (0 = first), ``n``, ``hosts``, ``restart``
+``job_lost``       launcher: ``attempt``, ``returncode``, ``reason``
+``relaunch``       launcher: ``attempt``, ``hosts``, ``lost_hosts``, ``epoch``
+``started``        rank 0: ``role`` (initial | restarted), ``epoch``, ``point``
+``epoch``          rank 0: ``epoch``, ``point``, ``seconds`` (a committed checkpoint)
+``failure``        first process to see a failure: ``by`` (logical rank, -1: coordinator,
+                   -2: spare), ``point``, ``error``
+``recovered``      new rank 0 after online recovery: ``failed`` (logical ranks),
+                   ``coordinator_failed``, ``epoch``, ``point`` (rolled back to),
+                   ``failed_point`` (highest point reached), ``replaced_by``
+                   ({rank: "spare"|"spawn"}), ``restore`` ("buddy"|"disk"),
+                   ``t_detect``, ``t_shrink``, ``t_replace``, ``t_restore`` (seconds)
+``migrated``       coordinator: ``id``, ``rank``, ``to``, ``strategy``, ``downtime``
+``finished``       rank 0: ``points``, ``epoch``
+=================  ====================================================================
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator, List, Optional, Union
+
+EVENTS_FILE = "events.jsonl"
+
+
+def emit(job_dir: Optional[Union[str, Path]], event: str, run_id: str = "", **fields: Any) -> None:
+    """Append one event; never raises (the log must not break the job)."""
+    if job_dir is None:
+        return
+    rec = {"t": time.time(), "event": event, "run_id": run_id}
+    rec.update(fields)
+    try:
+        line = (json.dumps(rec, default=str) + "\n").encode()
+        fd = os.open(os.path.join(str(job_dir), EVENTS_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def read(job_dir: Union[str, Path]) -> List[dict]:
+    """All events of a job directory, in file order (a torn last line is skipped)."""
+    return list(iter_events(job_dir))
+
+
+def iter_events(job_dir: Union[str, Path]) -> Iterator[dict]:
+    path = Path(job_dir) / EVENTS_FILE
+    if not path.exists():
+        return
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue
