@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from mpi4py import MPI
 
-from . import migration
+from . import events, migration
 from .comm import Comm
 from .config import Config
 from .errors import CheckpointError, MigrationError, MpimigError, NoCommittedEpoch
@@ -234,6 +234,8 @@ class Context:
         self.stats["ckpt_bytes"] += nbytes
         self._last_ckpt_time = time.monotonic()
         if self.rank == 0:
+            events.emit(self.config.job_dir, "epoch", self.config.run_id, epoch=epoch, point=self.point,
+                        seconds=round(dt, 6))
             log.info("epoch %d committed at point %d (%d ranks, %.1f MB on rank 0, %.3f s)",
                      epoch, self.point, self.size, nbytes / 1e6, dt)
         return epoch
@@ -430,6 +432,7 @@ def _finish(ctx: Context, result: Any, t_start: float) -> None:
         ctx._J.send({"rank": ctx.rank, "stats": ctx.stats}, dest=0, tag=TAG_DONE)
     if ctx.rank == 0:
         _write_completion(ctx, result, t_start)
+        events.emit(ctx.config.job_dir, "finished", ctx.config.run_id, points=ctx.point, epoch=ctx.epoch)
     ctx.comm.mpi.Barrier()
     migration.free_all()
 
@@ -462,6 +465,9 @@ def run(main: Callable[[Context], Any], config: Optional[Config] = None) -> Any:
                 _leave()
             if ctx.role == "initial":
                 ctx._restore_from_store()
+                if ctx.rank == 0:
+                    events.emit(cfg.job_dir, "started", cfg.run_id, role=ctx.role, epoch=ctx.epoch,
+                                point=ctx.point, size=ctx.size)
         abort_comm = ctx._J or ctx.comm.mpi
         result = main(ctx)
         _finish(ctx, result, t_start)
