@@ -25,6 +25,8 @@ from mpimig import events
 from mpimig.errors import UsageError
 from mpimig.inject import parse_fault, random_schedule
 
+pytest_plugins = ["lab_fixtures"]      # mpich_bin: a venv with the MPICH wheel (no lab needed)
+
 N, STEPS, EVERY = 32, 40, 5
 
 
@@ -89,3 +91,31 @@ def test_random_schedules_are_seeded_and_within_the_run():
     assert [f["spec"] for f in a] == [f["spec"] for f in b]
     assert len({f["point"] for f in a}) == 3 and all(6 <= f["point"] < 45 for f in a)
     assert sum(f["kind"] == "host" for f in a) <= 1      # one host per job: the others stay for the relaunch
+
+
+
+
+
+def test_mpich_ft_says_online_recovery_is_off_and_relaunches(mpich_bin, tmp_path):
+    """MPICH has no ULFM: `--ft` is refused as online recovery, said plainly, and the
+    killed rank is survived by relaunch from the last committed epoch."""
+    from conftest import base_env
+    job = tmp_path / "job"
+    env = base_env(PATH=f"{mpich_bin}:{base_env()['PATH']}")
+    res = run_cmd([mpich_bin / "mpimig", "inject", "--kill", "rank:2@point:17", "-n", 4, "--ft",
+                   "--ckpt-every", EVERY, "--job-dir", job, APPS / "heat2d.py", "--n", N, "--steps", STEPS,
+                   "--out", "{job}/out.npy"], timeout=300, env=env)
+    err = (job / "inject" / "run.err").read_text()
+    assert res.returncode == 0, res.stdout[-3000:] + err[-3000:]
+    assert "(mpich) has no fault tolerance" in err and "online recovery is OFF" in err, err[-3000:]
+    assert "--with-ft" not in err
+    evs = events.read(job)
+    launch = [e for e in evs if e["event"] == "launch"]
+    lost = [e for e in evs if e["event"] == "job_lost"]
+    restarted = [e for e in evs if e["event"] == "started" and e["role"] == "restarted"]
+    assert [e["mpi"] for e in launch] == ["mpich", "mpich"] and not any(e["ft"] for e in launch)
+    assert len(lost) == 1 and restarted[0]["epoch"] == 3 and restarted[0]["point"] == 15, evs
+    ref = tmp_path / "ref.npy"
+    run_cmd([sys.executable, APPS / "heat2d.py", "--serial", "--n", N, "--steps", STEPS, "--out", ref],
+            check_rc=0)
+    assert np.load(job / "out.npy").tobytes() == np.load(ref).tobytes()
