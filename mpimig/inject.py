@@ -250,7 +250,7 @@ def run_experiment(args, run_args: List[str], faults: List[dict], job_dir: Path,
     proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
     status = _Status(job_dir)
     samples: List[list] = []
-    seen = 0
+    tail = [0, b""]          # events.jsonl: bytes read, partial last line
     run_id = None
     t_started = None
     fired: Dict[int, dict] = {}
@@ -263,8 +263,8 @@ def run_experiment(args, run_args: List[str], faults: List[dict], job_dir: Path,
             if time.monotonic() > deadline:
                 timed_out = True
                 break
-            evs = events.read(job_dir)
-            for ev in evs[seen:]:
+            new, tail = _read_new(job_dir / events.EVENTS_FILE, tail)
+            for ev in new:
                 if ev["event"] == "launch":
                     run_id = ev["run_id"]
                 if ev["event"] == "started" and t_started is None:
@@ -272,7 +272,6 @@ def run_experiment(args, run_args: List[str], faults: List[dict], job_dir: Path,
                 if ev["event"] in ("injected", "job_lost", "relaunch", "started", "failure", "recovered",
                                    "finished"):
                     say("  " + describe_event(ev, t_launch))
-            seen = len(evs)
             pr = read_progress(report_dir)
             if pr and (not samples or samples[-1][:3] != [pr[1], pr[0], pr[2]]):
                 samples.append([pr[1], pr[0], pr[2]])
@@ -293,7 +292,7 @@ def run_experiment(args, run_args: List[str], faults: List[dict], job_dir: Path,
                 last_print = time.monotonic()
                 pt = f"point {pr[0]}, epoch {pr[3]}" if pr else "starting"
                 say(f"  {time.time() - t_launch:6.1f} s  {pt}")
-            time.sleep(0.005)     # polling the job's files against the deadline
+            time.sleep(0.01)      # polling the job's files against the deadline
     finally:
         if proc.poll() is None:
             from ._proc import kill_session
@@ -337,6 +336,25 @@ def run_experiment(args, run_args: List[str], faults: List[dict], job_dir: Path,
         report["png_error"] = f"{type(exc).__name__}: {exc}"
     (report_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
     return report
+
+
+def _read_new(path: Path, tail: list):
+    """Events appended to ``path`` since the last call (``tail``: offset, partial line)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(tail[0])
+            data = fh.read()
+    except OSError:
+        return [], tail
+    buf = tail[1] + data
+    lines = buf.split(b"\n")
+    out = []
+    for line in lines[:-1]:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out, [tail[0] + len(data), lines[-1]]
 
 
 def _fire(f: dict, status: _Status, run_id: Optional[str], pr) -> Optional[dict]:
