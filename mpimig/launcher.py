@@ -301,7 +301,8 @@ def cmd_run(args) -> int:
     if args.spares < 0:
         raise UsageError("--spares must be >= 0")
     cfg.spares = args.spares
-    cfg.coordinator = bool(cfg.schedule) or args.coordinator or args.spares > 0
+    cfg.ft = args.ft
+    cfg.coordinator = bool(cfg.schedule) or args.coordinator or args.spares > 0 or args.ft
     if cfg.keep < 1:
         raise UsageError("--keep must be at least 1")
     if not args.hosts:
