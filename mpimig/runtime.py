@@ -26,7 +26,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import events, migration, recovery
-from .comm import Comm
+from .comm import Comm, FTComm
 from .config import Config
 from .errors import CheckpointError, MigrationError, MpimigError, NoCommittedEpoch
 from .protocol import (TAG_CANCEL, TAG_DONE, TAG_END, TAG_FINISHING, TAG_GO, TAG_HELLO, TAG_PLAN,
@@ -36,6 +36,10 @@ from .state import State
 log = logging.getLogger(__name__)
 
 ROLES = ("initial", "restarted", "migrated", "survivor", "replacement")
+
+
+def _comm(cfg: Config, mpicomm: MPI.Intracomm) -> Comm:
+    return FTComm(mpicomm) if cfg.ft else Comm(mpicomm)
 
 
 def hostname() -> str:
@@ -368,7 +372,7 @@ def _leave(Jc: Optional[MPI.Intracomm] = None) -> None:
 def _start_initial(cfg: Config) -> Optional[Context]:
     world = MPI.COMM_WORLD
     if not cfg.coordinator:
-        return Context(Comm(migration.track(world.Dup())), cfg)
+        return Context(_comm(cfg, migration.track(world.Dup())), cfg)
     J = migration.track(world.Dup())             # coordinator is J rank 0
     nranks = J.Get_size() - 1 - cfg.spares
     if nranks < 1:
@@ -380,7 +384,7 @@ def _start_initial(cfg: Config) -> Optional[Context]:
     if not is_rank:                              # a warm spare (world ranks after the ranks)
         return _serve_spare(J, cfg, nranks)
     migration.track(A)
-    ctx = Context(Comm(A), cfg)
+    ctx = Context(_comm(cfg, A), cfg)
     ctx._J = J
     procs = A.gather((ctx.host, os.getpid()), root=0)
     if ctx.rank == 0:
@@ -452,7 +456,7 @@ def _start_target(parent: MPI.Intercomm) -> Optional[Context]:
 def _adopt(plan: Plan, move, Jc, A, Jn, cfg: Config, t0: float) -> Context:
     """Take over a logical rank: receive its state and resume (steps 6 and 8)."""
     rank = move.rank
-    comm = Comm(A)
+    comm = _comm(cfg, A)
     t1 = time.perf_counter()
     state = migration.recv_state(Jc, move.src_jrank)
     t2 = time.perf_counter()
@@ -497,9 +501,9 @@ def _after_recovery(out, cfg: Config, ctx: Optional[Context] = None) -> Optional
         raise MigrationError(f"recovery gave this process the role {out.kind!r} outside a spare's loop")
     from .state import loads
     if ctx is None:
-        ctx = Context(Comm(out.A), cfg)
+        ctx = Context(_comm(cfg, out.A), cfg)
     else:
-        ctx.comm = Comm(out.A)
+        ctx.comm = _comm(cfg, out.A)
     ctx._J = out.J
     ctx._plan = None
     ctx._state = None
