@@ -39,6 +39,7 @@ class Config:
     schedule: list = dataclasses.field(default_factory=list)   # [(point, rank, host[, strategy])]
     coordinator: bool = False
     spares: int = 0                # warm spare processes started with the job
+    ft: bool = False               # online recovery (ULFM): implies a coordinator
 
     @classmethod
     def from_env(cls, env=None) -> "Config":
@@ -49,7 +50,7 @@ class Config:
         if restart not in RESTART_MODES:
             raise UsageError(f"MPIMIG_RESTART={restart!r}: expected one of {', '.join(RESTART_MODES)}")
         sched = parse_schedule([env.get("MPIMIG_MIGRATE", "")])
-        return cls(
+        cfg = cls(
             job_dir=Path(job_dir) if job_dir else None,
             ckpt_dir=Path(ckpt_dir) if ckpt_dir else None,
             ckpt_every=int(env.get("MPIMIG_CKPT_EVERY", "0") or 0),
@@ -61,7 +62,11 @@ class Config:
             coordinator=env.get("MPIMIG_COORDINATOR", "0") == "1" or bool(sched)
             or int(env.get("MPIMIG_SPARES", "0") or 0) > 0,
             spares=int(env.get("MPIMIG_SPARES", "0") or 0),
+            ft=env.get("MPIMIG_FT", "0") == "1",
         )
+        if cfg.ft:
+            cfg.coordinator = True
+        return cfg
 
     def to_env(self) -> dict:
         env = {}
@@ -78,4 +83,5 @@ class Config:
             env["MPIMIG_MIGRATE"] = " ".join(":".join(map(str, s)) for s in self.schedule)
         env["MPIMIG_COORDINATOR"] = "1" if self.coordinator else "0"
         env["MPIMIG_SPARES"] = str(self.spares)
+        env["MPIMIG_FT"] = "1" if self.ft else "0"
         return env

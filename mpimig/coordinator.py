@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 
 from mpi4py import MPI
 
-from . import migration
+from . import events, migration, recovery
 from .config import Config
 from .control import STATUS_FILE, ControlServer
 from .protocol import (TAG_ASSIGN, TAG_CANCEL, TAG_DONE, TAG_END, TAG_FINISHING, TAG_GO, TAG_HELLO, TAG_PLAN,
@@ -62,7 +62,7 @@ class Migration:
 
 
 class Coordinator:
-    def __init__(self, J: MPI.Intracomm, cfg: Config, hello: dict) -> None:
+    def __init__(self, J: MPI.Intracomm, cfg: Config, hello: dict, recovered=None) -> None:
         self.J = J
         self.cfg = cfg
         self.size = hello["size"]
@@ -86,13 +86,18 @@ class Coordinator:
         self.spawn_timeout = float(os.environ.get("MPIMIG_SPAWN_TIMEOUT", "120"))
         self.retired: List[tuple] = []        # (merged comm, J rank) of old processes, told at the end
         self.spares: Dict[str, List[int]] = {}  # host -> J ranks of idle warm spares
-        for _ in range(cfg.spares):
-            st = MPI.Status()
-            info = J.recv(source=MPI.ANY_SOURCE, tag=TAG_SPARE, status=st)
-            self.spares.setdefault(info["host"], []).append(st.Get_source())
+        self.recoveries: List[dict] = []
+        if recovered is None:
+            for _ in range(cfg.spares):
+                st = MPI.Status()
+                info = J.recv(source=MPI.ANY_SOURCE, tag=TAG_SPARE, status=st)
+                self.spares.setdefault(info["host"], []).append(st.Get_source())
         self.server: Optional[ControlServer] = None
         if cfg.job_dir is not None:
             self.server = ControlServer(cfg.job_dir, cfg.run_id)
+        if recovered is not None:       # a new coordinator after the old one died
+            self.adopt(recovered)
+            return
         for entry in cfg.schedule:
             point, rank, host = entry[0], entry[1], entry[2]
             strategy = entry[3] if len(entry) > 3 else "stop-and-copy"
@@ -271,6 +276,46 @@ class Coordinator:
         del self.reports[pid]
         self.write_status()
 
+    # -- failures (docs/protocol.md, online recovery) -----------------------------------
+    def recover(self, exc: BaseException) -> None:
+        """A failure was seen on J: take part in the recovery collective."""
+        events.emit(self.cfg.job_dir, "failure", self.cfg.run_id, by=-1, point=-1,
+                    error=exc.Get_error_string() if isinstance(exc, MPI.Exception) else str(exc))
+        me = recovery.member("coordinator", hosts=[r["host"] for r in self.routing])
+        out = recovery.recover(self.J, me, size=self.size, ckpt_dir=self.cfg.ckpt_dir,
+                               config_env=self.cfg.to_env())
+        self.adopt(out)
+
+    def adopt(self, out) -> None:
+        """Rebuild the routing table and the spare pool from a recovery's census;
+        migrations in progress are cancelled (their processes may be gone)."""
+        self.J = out.J
+        for m in self.in_switch:
+            m.state = "cancelled: failure recovery"
+            for w in m.waiters:
+                w({"ok": False, "error": f"migration {m.id} of rank {m.rank} cancelled by a failure recovery",
+                   "migration": m.as_dict()})
+            m.waiters = []
+        self.in_switch, self.reports = [], {}
+        self.cancel_all("failure recovery")
+        moves = {r["rank"]: r["moves"] for r in self.routing}
+        self.routing = [None] * self.size
+        self.spares = {}
+        for jr, mem in enumerate(out.members):
+            if mem["kind"] == "rank":
+                self.routing[mem["rank"]] = {"rank": mem["rank"], "host": mem["host"], "pid": mem["pid"],
+                                             "jrank": jr, "moves": moves.get(mem["rank"], 0),
+                                             "state": "running"}
+            elif mem["kind"] == "spare":
+                self.spares.setdefault(mem["host"], []).append(jr)
+        rec = {"dead": out.plan["dead"], "coordinator_failed": out.plan["coordinator_failed"],
+               "replaced_by": {str(r): a[0] for r, a in out.plan["assign"].items()},
+               "epoch": out.epoch, "t": time.time()}
+        self.recoveries.append(rec)
+        log.info("recovered from the loss of rank(s) %s%s; rolled back to epoch %s", out.plan["dead"],
+                 " and the coordinator" if out.plan["coordinator_failed"] else "", out.epoch)
+        self.write_status()
+
     # -- the end ---------------------------------------------------------------------
     def cancel_all(self, why: str) -> None:
         for m in self.queue + self.ready + self.plan_migs:
@@ -300,6 +345,7 @@ class Coordinator:
                 "hosts": self.hosts, "epoch": epoch, "routing": self.routing,
                 "migrations": [m.as_dict() for m in self.migrations],
                 "spares": {h: len(j) for h, j in self.spares.items() if j},
+                "recoveries": self.recoveries,
                 "coordinator": {"host": MPI.Get_processor_name(), "pid": os.getpid()}}
 
     def write_status(self) -> None:
@@ -338,79 +384,95 @@ class Coordinator:
         st = MPI.Status()
         idle = 0
         while not self.finished:
-            busy = False
-            if self.server is not None:
-                try:
-                    req, reply = self.server.requests.get_nowait()
-                    self.on_request(req, reply)
-                    busy = True
-                except queue.Empty:
-                    pass
-            while self.J.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, st):
-                busy = True
-                src, tag = st.Get_source(), st.Get_tag()
-                msg = self.J.recv(source=src, tag=tag)
-                if tag == TAG_GO:
-                    if self.plan is not None and msg == self.plan.id:
-                        self.execute()
-                        self.write_status()
-                elif tag == TAG_REPORT:
-                    self.on_report(src, msg)
-                elif tag == TAG_REQUEST:
-                    box = {}
-                    self.on_request(dict(msg, wait=False, origin="self"), box.update)
-                    self.J.send(box, dest=src, tag=TAG_REPLY)
-                elif tag == TAG_FINISHING:
-                    self.finishing = True
-                    self.cancel_all("the job finished first")
-                elif tag == TAG_DONE:
-                    self.done[msg["rank"]] = msg
-                    if len(self.done) == self.size:
-                        self.finished = True
-                else:
-                    log.warning("unexpected message with tag %d from J rank %d", tag, src)
-            if self.finished:
-                break
-            while (self.queue and not self.finishing and self.spares.get(self.queue[0].to)
-                   and self.plan is None):
-                m = self.queue.pop(0)          # a warm spare is there: no waiting
-                self.spawn(m)
-                self.ready.append(m)
-                self.ready.sort(key=lambda x: (x.at_point, x.id))
-                busy = True
-            if self.queue and not self.finishing:
-                m = self.queue.pop(0)
-                err = self.spawn(m)
-                if err:
-                    m.state = f"failed: {err}"
-                    for w in m.waiters:
-                        w({"ok": False, "error": err, "migration": m.as_dict()})
-                    m.waiters = []
-                else:
-                    self.ready.append(m)
-                    self.ready.sort(key=lambda x: (x.at_point, x.id))
-                self.write_status()
-                busy = True
-            if self.plan is None and self.ready and not self.finishing:
-                self.send_plan()
-                self.write_status()
+            try:
+                busy = self.step(st)
+            except MPI.Exception as exc:
+                if not (self.cfg.ft and recovery.is_failure(exc)):
+                    raise
+                self.recover(exc)
                 busy = True
             if busy:
                 idle = 0
             else:
                 idle += 1
                 time.sleep(0.0005 if idle < 100 else 0.002)   # a polling daemon, not synchronisation
-        # the job is over
+        self.wrap_up()
+
+    def step(self, st: MPI.Status) -> bool:
+        """One round of the loop: requests, messages on J, spawns, plans. True if busy."""
+        busy = False
+        if self.server is not None:
+            try:
+                req, reply = self.server.requests.get_nowait()
+                self.on_request(req, reply)
+                busy = True
+            except queue.Empty:
+                pass
+        while self.J.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, st):
+            busy = True
+            src, tag = st.Get_source(), st.Get_tag()
+            msg = self.J.recv(source=src, tag=tag)
+            if tag == TAG_GO:
+                if self.plan is not None and msg == self.plan.id:
+                    self.execute()
+                    self.write_status()
+            elif tag == TAG_REPORT:
+                self.on_report(src, msg)
+            elif tag == TAG_REQUEST:
+                box = {}
+                self.on_request(dict(msg, wait=False, origin="self"), box.update)
+                self.J.send(box, dest=src, tag=TAG_REPLY)
+            elif tag == TAG_FINISHING:
+                self.finishing = True
+                self.cancel_all("the job finished first")
+            elif tag == TAG_DONE:
+                self.done[msg["rank"]] = msg
+                if len(self.done) == self.size:
+                    self.finished = True
+            else:
+                log.warning("unexpected message with tag %d from J rank %d", tag, src)
+        if self.finished:
+            return True
+        while (self.queue and not self.finishing and self.spares.get(self.queue[0].to)
+               and self.plan is None):
+            m = self.queue.pop(0)          # a warm spare is there: no waiting
+            self.spawn(m)
+            self.ready.append(m)
+            self.ready.sort(key=lambda x: (x.at_point, x.id))
+            busy = True
+        if self.queue and not self.finishing:
+            m = self.queue.pop(0)
+            err = self.spawn(m)
+            if err:
+                m.state = f"failed: {err}"
+                for w in m.waiters:
+                    w({"ok": False, "error": err, "migration": m.as_dict()})
+                m.waiters = []
+            else:
+                self.ready.append(m)
+                self.ready.sort(key=lambda x: (x.at_point, x.id))
+            self.write_status()
+            busy = True
+        if self.plan is None and self.ready and not self.finishing:
+            self.send_plan()
+            self.write_status()
+            busy = True
+        return busy
+
+    def wrap_up(self) -> None:
+        """The job is over: cancel what is left, release old processes and spares."""
         self.cancel_all("the job finished first")
         for m in self.in_switch:
             for w in m.waiters:
                 w({"ok": False, "error": "the job finished before the migration was confirmed"})
         self.write_status()
-        for Jc, jr in self.retired:
-            Jc.send(None, dest=jr, tag=TAG_END)
-        for jrs in self.spares.values():
-            for jr in jrs:
-                self.J.send(None, dest=jr, tag=TAG_END)
+        ends = [(Jc, jr) for Jc, jr in self.retired] + [(self.J, jr) for jrs in self.spares.values() for jr in jrs]
+        for comm, jr in ends:
+            try:
+                comm.send(None, dest=jr, tag=TAG_END)
+            except MPI.Exception:
+                if not self.cfg.ft:     # under ULFM the process may be gone: nothing to release
+                    raise
         if self.server is not None:
             while True:
                 try:
@@ -422,18 +484,36 @@ class Coordinator:
         migration.free_all()
 
 
-def serve(cfg: Optional[Config] = None) -> None:
-    """Be the coordinator (world rank 0) until the job ends; never returns."""
+def _setup_logging() -> None:
     level = os.environ.get("MPIMIG_LOG")
     if level:
         logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                             format="mpimig[coordinator]: %(levelname)s: %(message)s")
+
+
+def serve(cfg: Optional[Config] = None) -> None:
+    """Be the coordinator (world rank 0) until the job ends; never returns."""
+    _setup_logging()
     J = migration.track(MPI.COMM_WORLD.Dup())
     J.Split(MPI.UNDEFINED, 0)              # the ranks build A; the coordinator is not in it
+    _run(lambda: Coordinator(J, cfg or Config.from_env(), J.recv(source=1, tag=TAG_HELLO)))
+
+
+def serve_recovered(out, cfg: Config) -> None:
+    """Be the new coordinator after a recovery in which the old one died; never returns."""
+    _setup_logging()
+    procs = [(m["host"], m["pid"]) for m in sorted((m for m in out.members if m["kind"] == "rank"),
+                                                   key=lambda m: m["rank"])]
+    hello = {"size": out.plan["size"], "argv": out.table[0]["argv"], "cwd": out.table[0]["cwd"],
+             "procs": procs}
+    _run(lambda: Coordinator(out.J, cfg, hello, recovered=out))
+
+
+def _run(make) -> None:
     try:
-        cfg = cfg or Config.from_env()
-        hello = J.recv(source=1, tag=TAG_HELLO)
-        Coordinator(J, cfg, hello).loop()
+        coord = make()
+        coord.loop()
+        ft = coord.cfg.ft
     except BaseException:  # noqa: BLE001 - never leave the ranks hanging
         import traceback
         sys.stderr.write("mpimig: coordinator failed, aborting the job\n")
@@ -442,6 +522,9 @@ def serve(cfg: Optional[Config] = None) -> None:
         MPI.COMM_WORLD.Abort(1)
     sys.stdout.flush()
     sys.stderr.flush()
+    if ft:
+        from .runtime import _finalize_watchdog
+        _finalize_watchdog()
     MPI.Finalize()
     os._exit(0)
 

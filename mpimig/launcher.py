@@ -383,7 +383,8 @@ def cmd_run(args) -> int:
     if args.spares < 0:
         raise UsageError("--spares must be >= 0")
     cfg.spares = args.spares
-    cfg.coordinator = bool(cfg.schedule) or args.coordinator or args.spares > 0
+    cfg.ft = args.ft
+    cfg.coordinator = bool(cfg.schedule) or args.coordinator or args.spares > 0 or args.ft
     if cfg.keep < 1:
         raise UsageError("--keep must be at least 1")
     if not args.hosts:
@@ -407,7 +408,7 @@ def cmd_run(args) -> int:
         print(f"mpimig: --ft: the installed MPI ({mpi_flavour()}) has no fault tolerance (ULFM is Open "
               f"MPI's): online recovery is OFF; a lost job is relaunched from the last committed epoch "
               f"instead (--relaunch {args.relaunch})", file=sys.stderr, flush=True)
-        ft = False
+        ft = cfg.ft = False
     if args.dry_run:    # a dry run only prints: it must not delete epochs or the record
         return launch(cfg, args.n, program, hosts=args.hosts, ft=ft, timeout=args.timeout,
                       extra=args.mpiexec_arg, dry_run=True)

@@ -20,13 +20,13 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import numpy as np
 from mpi4py import MPI
 
-from . import events, migration
-from .comm import Comm
+from . import events, migration, recovery
+from .comm import Comm, FTComm
 from .config import Config
 from .errors import CheckpointError, MigrationError, MpimigError, NoCommittedEpoch
 from .protocol import (TAG_CANCEL, TAG_DONE, TAG_END, TAG_FINISHING, TAG_GO, TAG_HELLO, TAG_PLAN,
@@ -35,7 +35,11 @@ from .state import State
 
 log = logging.getLogger(__name__)
 
-ROLES = ("initial", "restarted", "migrated", "replacement")
+ROLES = ("initial", "restarted", "migrated", "survivor", "replacement")
+
+
+def _comm(cfg: Config, mpicomm: MPI.Intracomm) -> Comm:
+    return FTComm(mpicomm) if cfg.ft else Comm(mpicomm)
 
 
 def hostname() -> str:
@@ -61,6 +65,10 @@ class Context:
         self._plan: Optional[Plan] = None
         self._t_point = 0.0
         self.stats = {"checkpoints": 0, "ckpt_seconds": 0.0, "ckpt_bytes": 0}
+        self.recoveries = 0                   # online recoveries this process took part in
+        self._own: Optional[recovery.Copy] = None     # --ft: my state at the last epoch, in memory
+        self._buddy: Optional[recovery.Copy] = None   # --ft: another rank's state, in memory
+        self._hosts: List[str] = []           # host of each logical rank (at the last checkpoint)
         if config.ckpt_dir is not None:
             from .checkpoint import CheckpointStore
             self._store = CheckpointStore(config.ckpt_dir, job_id=config.run_id or "job",
@@ -208,7 +216,10 @@ class Context:
             err = str(exc)
         except OSError as exc:
             err = f"{type(exc).__name__}: {exc}"
-        errors = comm.mpi.allgather(err)               # the vote: every rank learns every outcome
+        if self.config.ft:      # collective: every rank takes part, also after a failed write
+            err = self._keep_copies(epoch, arrays, objects, None if err else extra) or err
+        # the vote: every rank learns every outcome (buffer collectives: ULFM interrupts them)
+        errors = recovery.allgather_obj(comm.mpi, err)
         bad = [(r, e) for r, e in enumerate(errors) if e]
         if not bad and self.rank == 0:
             try:
@@ -217,7 +228,7 @@ class Context:
             except (MpimigError, OSError) as exc:
                 err = f"commit failed: {exc}"
         if not bad:
-            err0 = comm.mpi.bcast(err if self.rank == 0 else None, root=0)
+            err0 = recovery.bcast_obj(comm.mpi, err if self.rank == 0 else None, root=0)
             if err0:
                 bad = [(0, err0)]
         if bad:
@@ -234,11 +245,34 @@ class Context:
         self.stats["ckpt_bytes"] += nbytes
         self._last_ckpt_time = time.monotonic()
         if self.rank == 0:
-            events.emit(self.config.job_dir, "epoch", self.config.run_id, epoch=epoch, point=self.point,
-                        seconds=round(dt, 6))
             log.info("epoch %d committed at point %d (%d ranks, %.1f MB on rank 0, %.3f s)",
                      epoch, self.point, self.size, nbytes / 1e6, dt)
+            events.emit(self.config.job_dir, "epoch", self.config.run_id, epoch=epoch, point=self.point,
+                        seconds=dt, buddy_bytes=self.stats.get("buddy_bytes", 0))
         return epoch
+
+    def _keep_copies(self, epoch: int, arrays: dict, objects: dict, extra: dict) -> str:
+        """--ft: keep this epoch's state in my memory and in my buddy's (collective over A).
+
+        Returns an error string for the vote ("" when all went well)."""
+        from .state import dumps
+        mine, err = None, ""
+        if extra is not None:
+            try:
+                mine = recovery.Copy(self.rank, epoch, {k: np.array(a, copy=True) for k, a in arrays.items()},
+                                     {k: dumps(k, v) for k, v in objects.items()},
+                                     {"queue": [(m[0], m[1], m[3]) for m in extra["queue"]],
+                                      "point": self.point})
+            except MpimigError as exc:
+                err = str(exc)
+        self._hosts = recovery.allgather_obj(self.comm.mpi, self.host)
+        self._buddy = None                # the old copies go before the new ones arrive
+        self._own = None
+        self._buddy = recovery.exchange_buddies(self.comm.mpi, mine, self._hosts)
+        self._own = mine
+        self.stats["buddy_bytes"] = ((mine.nbytes() if mine else 0)
+                                     + (self._buddy.nbytes() if self._buddy else 0))
+        return err
 
     # -- restart -------------------------------------------------------------------
     def _restore_from_store(self) -> None:
@@ -322,9 +356,14 @@ def _leave(Jc: Optional[MPI.Intracomm] = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     if Jc is not None:
-        while not Jc.Iprobe(0, TAG_END):
-            time.sleep(0.01)
-        Jc.recv(source=0, tag=TAG_END)
+        try:
+            while not Jc.Iprobe(0, TAG_END):
+                time.sleep(0.01)
+            Jc.recv(source=0, tag=TAG_END)
+        except MPI.Exception as exc:
+            if not recovery.is_failure(exc):
+                raise
+            os._exit(0)             # ULFM: the coordinator that would release us is gone
     migration.free_all()
     MPI.Finalize()
     os._exit(0)
@@ -333,7 +372,7 @@ def _leave(Jc: Optional[MPI.Intracomm] = None) -> None:
 def _start_initial(cfg: Config) -> Optional[Context]:
     world = MPI.COMM_WORLD
     if not cfg.coordinator:
-        return Context(Comm(migration.track(world.Dup())), cfg)
+        return Context(_comm(cfg, migration.track(world.Dup())), cfg)
     J = migration.track(world.Dup())             # coordinator is J rank 0
     nranks = J.Get_size() - 1 - cfg.spares
     if nranks < 1:
@@ -343,9 +382,9 @@ def _start_initial(cfg: Config) -> Optional[Context]:
     is_rank = 1 <= me <= nranks
     A = J.Split(0 if is_rank else MPI.UNDEFINED, me - 1)
     if not is_rank:                              # a warm spare (world ranks after the ranks)
-        return _serve_spare(J, cfg)
+        return _serve_spare(J, cfg, nranks)
     migration.track(A)
-    ctx = Context(Comm(A), cfg)
+    ctx = Context(_comm(cfg, A), cfg)
     ctx._J = J
     procs = A.gather((ctx.host, os.getpid()), root=0)
     if ctx.rank == 0:
@@ -354,29 +393,42 @@ def _start_initial(cfg: Config) -> Optional[Context]:
     return ctx
 
 
-def _serve_spare(J: MPI.Intracomm, cfg: Config) -> Optional[Context]:
+def _serve_spare(J: MPI.Intracomm, cfg: Config, size: int) -> Optional[Context]:
     """A warm spare: a process started with the job that idles (in J, not in A)
-    until a plan gives it a rank, so a migration to its host spawns nothing."""
+    until a plan gives it a rank, so a migration to its host spawns nothing.
+    Under ``--ft`` it also takes part in recoveries, where it may become a
+    replacement rank or the new coordinator."""
     from . import checkpoint  # noqa: F401 - import h5py now, not during the freeze
     J.send({"host": hostname(), "pid": os.getpid()}, dest=0, tag=TAG_SPARE)
     st = MPI.Status()
     while True:
-        while not J.Iprobe(0, MPI.ANY_TAG, st):
-            time.sleep(0.002)    # idle: a warm process must not steal the cores
-        tag = st.Get_tag()
-        msg = J.recv(source=0, tag=tag)
-        if tag == TAG_END:
-            return None
-        plan = msg["plan"]
-        me = J.Get_rank()
-        move = next((m for m in plan.moves if m.spare_jrank == me), None)
-        t0 = time.perf_counter()
-        Jc = migration.join(J, plan.nspawned)
-        A, Jn = migration.split(Jc, logical=move.rank if move else None, leaving=False)
-        if move is None:
-            J = Jn
-            continue
-        return _adopt(plan, move, Jc, A, Jn, cfg, t0)
+        try:
+            while not J.Iprobe(0, MPI.ANY_TAG, st):
+                time.sleep(0.002)    # idle: a warm process must not steal the cores
+            tag = st.Get_tag()
+            msg = J.recv(source=0, tag=tag)
+            if tag == TAG_END:
+                return None
+            plan = msg["plan"]
+            me = J.Get_rank()
+            move = next((m for m in plan.moves if m.spare_jrank == me), None)
+            t0 = time.perf_counter()
+            Jc = migration.join(J, plan.nspawned)
+            A, Jn = migration.split(Jc, logical=move.rank if move else None, leaving=False)
+            if move is None:
+                J = Jn
+                continue
+            return _adopt(plan, move, Jc, A, Jn, cfg, t0)
+        except MPI.Exception as exc:
+            if not (cfg.ft and recovery.is_failure(exc)):
+                raise
+            events.emit(cfg.job_dir, "failure", cfg.run_id, by=-2, point=-1, error=exc.Get_error_string())
+            out = recovery.recover(J, recovery.member("spare"), size=size, ckpt_dir=cfg.ckpt_dir,
+                                   config_env=cfg.to_env())
+            if out.kind == "spare":
+                J = out.J
+                continue
+            return _after_recovery(out, cfg)
 
 
 def _start_target(parent: MPI.Intercomm) -> Optional[Context]:
@@ -390,6 +442,9 @@ def _start_target(parent: MPI.Intercomm) -> Optional[Context]:
     msg = B.recv(source=0, tag=st.Get_tag())
     if st.Get_tag() == TAG_CANCEL:
         return None
+    if "recover" in msg:         # spawned by a recovery: a replacement rank or coordinator
+        cfg = Config.from_env({**os.environ, **msg["config"]})
+        return _after_recovery(recovery.join_spawned(B, msg, cfg.ckpt_dir), cfg)
     plan, k, rank = msg["plan"], msg["target"], msg["rank"]
     cfg = Config.from_env({**os.environ, **msg["config"]})
     t0 = time.perf_counter()
@@ -401,7 +456,7 @@ def _start_target(parent: MPI.Intercomm) -> Optional[Context]:
 def _adopt(plan: Plan, move, Jc, A, Jn, cfg: Config, t0: float) -> Context:
     """Take over a logical rank: receive its state and resume (steps 6 and 8)."""
     rank = move.rank
-    comm = Comm(A)
+    comm = _comm(cfg, A)
     t1 = time.perf_counter()
     state = migration.recv_state(Jc, move.src_jrank)
     t2 = time.perf_counter()
@@ -422,9 +477,72 @@ def _adopt(plan: Plan, move, Jc, A, Jn, cfg: Config, t0: float) -> Context:
     return ctx
 
 
+def _recover(ctx: Context, exc: BaseException) -> Context:
+    """A rank saw a failure: take part in the recovery and resume as a survivor."""
+    cfg = ctx.config
+    detected = time.time()
+    events.emit(cfg.job_dir, "failure", cfg.run_id, by=ctx.rank, point=ctx.point,
+                error=exc.Get_error_string())
+    log.warning("rank %d: failure seen at point %d (%s): recovering", ctx.rank, ctx.point,
+                exc.Get_error_string())
+    me = recovery.member("rank", ctx.rank, ctx.host, ctx.point, ctx._own, ctx._buddy, detected, ctx._hosts)
+    out = recovery.recover(ctx._J, me, A=ctx.comm.mpi, size=ctx.size, ckpt_dir=cfg.ckpt_dir,
+                           own=ctx._own, buddy=ctx._buddy, config_env=cfg.to_env())
+    return _after_recovery(out, cfg, ctx)
+
+
+def _after_recovery(out, cfg: Config, ctx: Optional[Context] = None) -> Optional[Context]:
+    """Turn a recovery's outcome into this process's new life: a rank that resumes
+    from the rolled-back epoch, the new coordinator (never returns), or a spare."""
+    if out.kind == "coordinator":
+        from .coordinator import serve_recovered
+        serve_recovered(out, cfg)
+    if out.kind != "rank":
+        raise MigrationError(f"recovery gave this process the role {out.kind!r} outside a spare's loop")
+    from .state import loads
+    if ctx is None:
+        ctx = Context(_comm(cfg, out.A), cfg)
+    else:
+        ctx.comm = _comm(cfg, out.A)
+    ctx._J = out.J
+    ctx._plan = None
+    ctx._state = None
+    ctx.role = "replacement" if out.replacement else "survivor"
+    ctx.recoveries += 1
+    cp = out.restored
+    if cp is not None:
+        ctx._restored = ({k: np.array(a, copy=True) for k, a in cp.arrays.items()},
+                         {k: loads(k, v) for k, v in cp.objects.items()})
+        ctx.comm._import({"queue": cp.extra["queue"]})
+        ctx.point = int(cp.extra["point"])
+        ctx.epoch = int(out.epoch)
+        ctx._own = cp
+    else:                        # no committed epoch: start over
+        ctx._restored = None
+        ctx.point = 0
+        ctx.epoch = 0
+        ctx._own = None
+    if out.replacement:
+        ctx._buddy = None
+    info = recovery.allgather_obj(out.A, (out.restore_kind, out.timings["t_restore"]))
+    if ctx.rank == 0:
+        t = out.timings
+        events.emit(cfg.job_dir, "recovered", cfg.run_id, failed=out.plan["dead"],
+                    coordinator_failed=out.plan["coordinator_failed"], epoch=out.epoch, point=ctx.point,
+                    failed_point=out.plan["failed_point"],
+                    replaced_by={str(r): a[0] for r, a in out.plan["assign"].items()},
+                    restore=sorted({k for k, _ in info if k != "memory"}) or ["memory"],
+                    restore_kinds=[k for k, _ in info], detected_at=out.plan["detected"],
+                    t_detect=0.0, t_shrink=t["t_shrink"], t_replace=t["t_replace"],
+                    t_restore=max(v for _, v in info))
+        log.warning("recovered: rank(s) %s replaced, rolled back to epoch %s (point %d)",
+                    out.plan["dead"], out.epoch, ctx.point)
+    return ctx
+
+
 def _finish(ctx: Context, result: Any, t_start: float) -> None:
-    procs = ctx.comm.mpi.gather({"rank": ctx.rank, "host": ctx.host, "pid": os.getpid(),
-                                 "role": ctx.role}, root=0)
+    procs = recovery.allgather_obj(ctx.comm.mpi, {"rank": ctx.rank, "host": ctx.host, "pid": os.getpid(),
+                                                  "role": ctx.role})
     ctx._procs = procs
     if ctx._J is not None:
         if ctx.rank == 0:
@@ -432,9 +550,26 @@ def _finish(ctx: Context, result: Any, t_start: float) -> None:
         ctx._J.send({"rank": ctx.rank, "stats": ctx.stats}, dest=0, tag=TAG_DONE)
     if ctx.rank == 0:
         _write_completion(ctx, result, t_start)
-        events.emit(ctx.config.job_dir, "finished", ctx.config.run_id, points=ctx.point, epoch=ctx.epoch)
+        events.emit(ctx.config.job_dir, "finished", ctx.config.run_id, points=ctx.point, epoch=ctx.epoch,
+                    recoveries=ctx.recoveries)
     ctx.comm.mpi.Barrier()
     migration.free_all()
+    if ctx.config.ft:
+        _finalize_watchdog()
+
+
+def _finalize_watchdog(seconds: float = 20.0) -> None:
+    """After a failure MPI_Finalize can hang (shared/PLATFORM.md, ompi#11404): the job's
+    result is recorded by now, so a process still finalizing after ``seconds`` exits."""
+    import threading
+
+    def bail() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    t = threading.Timer(seconds, bail)
+    t.daemon = True
+    t.start()
 
 
 def run(main: Callable[[Context], Any], config: Optional[Config] = None) -> Any:
@@ -468,10 +603,16 @@ def run(main: Callable[[Context], Any], config: Optional[Config] = None) -> Any:
                 if ctx.rank == 0:
                     events.emit(cfg.job_dir, "started", cfg.run_id, role=ctx.role, epoch=ctx.epoch,
                                 point=ctx.point, size=ctx.size)
-        abort_comm = ctx._J or ctx.comm.mpi
-        result = main(ctx)
-        _finish(ctx, result, t_start)
-        return result
+        while True:
+            abort_comm = ctx._J or ctx.comm.mpi
+            try:
+                result = main(ctx)
+                _finish(ctx, result, t_start)
+                return result
+            except MPI.Exception as exc:
+                if not (ctx.config.ft and recovery.is_failure(exc)):
+                    raise
+                ctx = _recover(ctx, exc)        # roll back and run main again
     except _Retired as r:
         retired = r.args[0] if r.args else None
     except SystemExit:

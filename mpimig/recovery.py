@@ -1,0 +1,334 @@
+"""Online recovery after process failures (Open MPI ULFM), docs/protocol.md.
+
+One collective, :func:`recover`, is run by every live process of the job —
+coordinator, ranks, idle warm spares, and processes it spawns — after any of
+them sees a failure: revoke, shrink, census, a deterministic recovery plan
+(:func:`decide`), replacements (spares first, then one spawn), re-pointing
+(new J and A by ``Split``), roll back to the latest committed epoch (from the
+in-memory own copy, a buddy copy, or the disk). The callers (runtime,
+coordinator) turn its :class:`Outcome` into a running rank, coordinator or spare.
+
+mpimig's own collectives here use buffer (uppercase) calls only: ULFM
+interrupts those reliably (pickle-based lowercase collectives are not used).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+from mpi4py import MPI
+from mpi4py.util import pkl5
+
+from . import migration
+from .protocol import TAG_ASSIGN
+
+log = logging.getLogger(__name__)
+
+TAG_BUDDY = 400          # on A: buddy copies at a checkpoint
+TAG_RESTORE = 401        # on the new J: a buddy copy sent to a replacement
+
+_FAILURE_CLASSES = {getattr(MPI, n) for n in ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED")
+                    if hasattr(MPI, n)}
+
+MAX_ATTEMPTS = 5
+
+
+def is_failure(exc: BaseException) -> bool:
+    """True for the errors ULFM raises when a process died or a comm was revoked."""
+    return isinstance(exc, MPI.Exception) and exc.Get_error_class() in _FAILURE_CLASSES
+
+
+# -- object collectives over buffer calls ------------------------------------------
+def allgather_obj(comm: MPI.Intracomm, obj: Any) -> List[Any]:
+    data = pickle.dumps(obj, protocol=5)
+    sizes = np.empty(comm.Get_size(), dtype=np.int64)
+    comm.Allgather(np.array([len(data)], dtype=np.int64), sizes)
+    displs = np.zeros_like(sizes)
+    displs[1:] = np.cumsum(sizes)[:-1]
+    buf = bytearray(int(sizes.sum()))
+    comm.Allgatherv([data, MPI.BYTE], [buf, (sizes, displs), MPI.BYTE])
+    return [pickle.loads(buf[d:d + s]) for d, s in zip(displs.tolist(), sizes.tolist())]
+
+
+def bcast_obj(comm: MPI.Intracomm, obj: Any, root: int = 0) -> Any:
+    me = comm.Get_rank() == root
+    data = pickle.dumps(obj, protocol=5) if me else b""
+    n = np.array([len(data)], dtype=np.int64)
+    comm.Bcast(n, root=root)
+    buf = bytearray(data) if me else bytearray(int(n[0]))
+    comm.Bcast([buf, MPI.BYTE], root=root)
+    return obj if me else pickle.loads(buf)
+
+
+# -- buddy copies ---------------------------------------------------------------------
+def buddy_of(rank: int, hosts: List[str]) -> int:
+    """The rank that keeps ``rank``'s in-memory copy: the next one in ring order on
+    another host, or the next one when every rank shares a host."""
+    n = len(hosts)
+    for k in range(1, n):
+        q = (rank + k) % n
+        if hosts[q] != hosts[rank]:
+            return q
+    return (rank + 1) % n
+
+
+@dataclasses.dataclass
+class Copy:
+    """A rank's state at one epoch, held in memory (its own, or a buddy's)."""
+    rank: int
+    epoch: int
+    arrays: Dict[str, np.ndarray]
+    objects: Dict[str, bytes]        # pickled (state.dumps)
+    extra: Dict[str, Any]            # held queue, point
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values()) + sum(len(b) for b in self.objects.values())
+
+
+def exchange_buddies(A: MPI.Intracomm, mine: Copy, hosts: List[str]) -> Optional[Copy]:
+    """Send my copy to my buddy, receive the copy I keep for another rank (collective over A)."""
+    n = A.Get_size()
+    if n < 2:
+        return None
+    r = A.Get_rank()
+    to = buddy_of(r, hosts)
+    frm = [q for q in range(n) if buddy_of(q, hosts) == r]
+    c = pkl5.Intracomm(A)
+    req = c.isend(mine, to, TAG_BUDDY)
+    got = None
+    for q in frm:            # ring order gives exactly one; several if hosts are uneven
+        cp = c.recv(source=q, tag=TAG_BUDDY)
+        if got is None:
+            got = cp
+    req.wait()
+    return got
+
+
+# -- the census and the plan ------------------------------------------------------------
+def member(kind: str, rank: int = -1, host: str = "", point: int = 0, own: Optional[Copy] = None,
+           buddy: Optional[Copy] = None, detected: float = 0.0, hosts: Optional[List[str]] = None) -> dict:
+    """What a process tells the others in the census."""
+    return {"kind": kind, "rank": rank, "host": host or MPI.Get_processor_name(), "pid": os.getpid(),
+            "point": point, "own_epoch": own.epoch if own else -1,
+            "buddy_rank": buddy.rank if buddy else -1, "buddy_epoch": buddy.epoch if buddy else -1,
+            "detected": detected or time.time(), "hosts": hosts or [],
+            "argv": [sys.executable] + sys.argv, "cwd": os.getcwd()}
+
+
+def decide(table: List[dict], size: int) -> dict:
+    """The recovery plan, computed identically by every survivor from the census.
+
+    ``assign[r]`` says who takes dead logical rank r: ("spare", S rank) or
+    ("spawn", k); ``coord`` says who coordinates: ("alive", S rank),
+    ("spare", S rank) or ("spawn", k); ``spawn_hosts[k]`` is where spawn k runs.
+    """
+    alive = {m["rank"] for m in table if m["kind"] == "rank"}
+    dead = [r for r in range(size) if r not in alive]
+    coords = [i for i, m in enumerate(table) if m["kind"] == "coordinator"]
+    spares = [i for i, m in enumerate(table) if m["kind"] == "spare"]
+    rank_hosts = next((m["hosts"] for m in table if len(m["hosts"]) == size), [])
+    failed_hosts = {rank_hosts[r] for r in dead} if rank_hosts else set()
+    live_hosts = sorted({m["host"] for m in table})
+    load = {h: 0 for h in live_hosts}
+    for m in table:
+        if m["kind"] == "rank":
+            load[m["host"]] += 1
+    assign: Dict[int, Tuple[str, int]] = {}
+    spawn_hosts: List[str] = []
+
+    def spawn_host() -> str:
+        pool = [h for h in live_hosts if h not in failed_hosts] or live_hosts
+        h = min(pool, key=lambda x: (load[x], x))
+        load[h] += 1
+        return h
+
+    for r in dead:
+        away = [i for i in spares if table[i]["host"] not in failed_hosts]
+        pick = (away or spares)[:1]
+        if pick:
+            spares.remove(pick[0])
+            assign[r] = ("spare", pick[0])
+        else:
+            assign[r] = ("spawn", len(spawn_hosts))
+            spawn_hosts.append(spawn_host())
+    if coords:
+        coord = ("alive", coords[0])
+    elif spares:
+        coord = ("spare", spares.pop(0))
+    else:
+        coord = ("spawn", len(spawn_hosts))
+        spawn_hosts.append(spawn_host())
+    return {"dead": dead, "coordinator_failed": not coords, "assign": assign, "coord": coord,
+            "spawn_hosts": spawn_hosts, "size": size,
+            "failed_point": max([m["point"] for m in table] or [0]),
+            "detected": min(m["detected"] for m in table)}
+
+
+def role_in_plan(plan: dict, table: List[dict], s_rank: int = -1, spawn_k: int = -1) -> Tuple[str, int]:
+    """(kind, logical rank) of a member after the recovery (S rank, or spawn index)."""
+    if spawn_k >= 0:
+        if plan["coord"] == ("spawn", spawn_k):
+            return "coordinator", -1
+        r = next(r for r, a in plan["assign"].items() if a == ("spawn", spawn_k))
+        return "rank", r
+    if plan["coord"] in (("alive", s_rank), ("spare", s_rank)):
+        return "coordinator", -1
+    for r, a in plan["assign"].items():
+        if a == ("spare", s_rank):
+            return "rank", r
+    m = table[s_rank]
+    return m["kind"], m["rank"]
+
+
+@dataclasses.dataclass
+class Outcome:
+    J: MPI.Intracomm
+    A: Optional[MPI.Intracomm]
+    kind: str                      # coordinator | rank | spare
+    rank: int                      # logical rank (-1 if not a rank)
+    replacement: bool
+    plan: dict
+    table: List[dict]              # the census (S order)
+    members: List[dict]            # the new J in order: kind, rank, host, pid
+    epoch: Optional[int]           # rolled back to (None: start over)
+    restored: Optional[Copy]       # the state to resume from (ranks)
+    restore_kind: str              # memory | buddy | disk | none
+    timings: Dict[str, float]
+
+
+def _spawn(S: MPI.Intracomm, plan: dict, argv: List[str], cwd: str) -> MPI.Intracomm:
+    """Start the plan's new processes (collective over S) and merge with them."""
+    k = len(plan["spawn_hosts"])
+    info = MPI.Info.Create()
+    hosts = plan["spawn_hosts"]
+    if len(set(hosts)) == 1:
+        info.Set("host", hosts[0])
+    else:
+        info.Set("host", ",".join(hosts))
+    info.Set("wdir", cwd)
+    try:
+        inter = S.Spawn(argv[0], argv[1:], k, info=info, root=0)
+    finally:
+        info.Free()
+    migration.track(inter)
+    return migration.track(inter.Merge(high=False))
+
+
+def recover(J: MPI.Intracomm, me: dict, *, A: Optional[MPI.Intracomm] = None, size: int,
+            ckpt_dir=None, own: Optional[Copy] = None, buddy: Optional[Copy] = None,
+            config_env: Optional[dict] = None) -> Outcome:
+    """The recovery collective for a process that was in J when the failure happened."""
+    t_detect = me["detected"]
+    S = None
+    for attempt in range(MAX_ATTEMPTS):
+        for c in (J, A):
+            if c is not None:
+                try:
+                    c.Revoke()
+                except MPI.Exception:
+                    pass
+        try:
+            S = migration.track(J.Shrink())
+            t_shrunk = time.time()
+            table = allgather_obj(S, me)
+            plan = decide(table, size)
+        except MPI.Exception as exc:
+            if not is_failure(exc):
+                raise
+            log.warning("failure during recovery (attempt %d): %s; again", attempt + 1, exc)
+            if S is not None:
+                J, A, S = S, None, None
+            continue
+        break
+    else:
+        raise RuntimeError(f"recovery failed {MAX_ATTEMPTS} times in a row")
+    s_rank = S.Get_rank()
+    M = S
+    if plan["spawn_hosts"]:
+        argv = table[0]["argv"]
+        M = _spawn(S, plan, argv, table[0]["cwd"])
+        if s_rank == 0:
+            for k in range(len(plan["spawn_hosts"])):
+                M.send({"recover": plan, "table": table, "k": k, "config": config_env or {}},
+                       dest=S.Get_size() + k, tag=TAG_ASSIGN)
+    kind, rank = role_in_plan(plan, table, s_rank=s_rank)
+    replacement = me["kind"] != "rank"
+    return _finish(M, plan, table, kind, rank, replacement, ckpt_dir, own, buddy, t_detect, t_shrunk,
+                   me)
+
+
+def join_spawned(B: MPI.Intracomm, msg: dict, ckpt_dir) -> Outcome:
+    """A process spawned by a recovery: take its role and finish the collective."""
+    plan, table, k = msg["recover"], msg["table"], msg["k"]
+    kind, rank = role_in_plan(plan, table, spawn_k=k)
+    me = member(kind, rank)
+    return _finish(B, plan, table, kind, rank, True, ckpt_dir, None, None, plan["detected"], time.time(), me)
+
+
+def _finish(M: MPI.Intracomm, plan: dict, table: List[dict], kind: str, rank: int, replacement: bool,
+            ckpt_dir, own: Optional[Copy], buddy: Optional[Copy], t_detect: float, t_shrunk: float,
+            me: dict) -> Outcome:
+    size = plan["size"]
+    key = 0 if kind == "coordinator" else (1 + rank if kind == "rank" else 1 + size + M.Get_rank())
+    Jn = migration.track(M.Split(0, key))
+    A = Jn.Split(0 if kind == "rank" else MPI.UNDEFINED, rank if kind == "rank" else 0)
+    A = None if A == MPI.COMM_NULL else migration.track(A)
+    t_replaced = time.time()
+    members = allgather_obj(Jn, {"kind": kind, "rank": rank, "host": MPI.Get_processor_name(),
+                                 "pid": os.getpid(), "replacement": replacement})
+    # roll back: the latest committed epoch, decided by the coordinator (new J rank 0)
+    epoch = None
+    if Jn.Get_rank() == 0 and ckpt_dir is not None:
+        from .checkpoint import CheckpointStore
+        try:
+            store = CheckpointStore(ckpt_dir, create=False)
+            store.discard_uncommitted()
+            epoch = store.latest()
+        except Exception as exc:   # noqa: BLE001 - no store: start over, and say so
+            log.warning("no checkpoint store to roll back to (%s): starting over", exc)
+            epoch = None
+    epoch = bcast_obj(Jn, epoch, root=0)
+    # buddy copies for replacements: holder -> replacement (J rank 1 + r)
+    restored, how = None, "none"
+    if epoch is not None:
+        holders = {}
+        for i, m in enumerate(table):
+            if m["buddy_epoch"] == epoch and m["buddy_rank"] in plan["dead"]:
+                holders.setdefault(m["buddy_rank"], i)
+        c = pkl5.Intracomm(Jn)
+        if buddy is not None and buddy.epoch == epoch and holders.get(buddy.rank) == _s_index(table, me):
+            c.send(buddy, 1 + buddy.rank, TAG_RESTORE)
+        if kind == "rank":
+            if not replacement and own is not None and own.epoch == epoch:
+                restored, how = own, "memory"
+            elif replacement and rank in holders:
+                restored, how = c.recv(source=MPI.ANY_SOURCE, tag=TAG_RESTORE), "buddy"
+            else:
+                restored, how = _read_disk(ckpt_dir, epoch, rank), "disk"
+    t_restored = time.time()
+    timings = {"detected_at": t_detect, "t_shrink": t_shrunk - t_detect, "t_replace": t_replaced - t_shrunk,
+               "t_restore": t_restored - t_replaced}
+    return Outcome(Jn, A, kind, rank, replacement and kind == "rank", plan, table, members, epoch, restored,
+                   how, timings)
+
+
+def _s_index(table: List[dict], me: dict) -> int:
+    for i, m in enumerate(table):
+        if m["pid"] == me["pid"] and m["host"] == me["host"]:
+            return i
+    return -1
+
+
+def _read_disk(ckpt_dir, epoch: int, rank: int) -> Copy:
+    from .checkpoint import CheckpointStore
+    from .state import dumps
+    rs = CheckpointStore(ckpt_dir, create=False).read_rank(epoch, rank)
+    return Copy(rank, epoch, rs.arrays, {k: dumps(k, v) for k, v in rs.objects.items()},
+                {"queue": [(m[0], m[1], m[3]) for m in rs.extra.get("queue", [])],
+                 "point": int(rs.extra.get("point", 0))})

@@ -1,0 +1,72 @@
+"""heat2d (apps/heat2d.py) that kills processes of its own job, for the fault-tolerance tests.
+
+    mpimig run -n 4 --ft --ckpt-every 5 tests/progs/heat_kill.py --kill 2@12 --n 64 --steps 30 --out r.npy
+
+Options of its own (the others go to heat2d); each fault happens once, in the
+job's first life (a process that resumed after a recovery does not repeat it):
+  --kill R@P            rank R SIGKILLs itself right after checkpoint point P (repeatable)
+  --kill-coordinator P  rank 0 SIGKILLs the coordinator (pid from JOB_DIR/status.json) after point P
+  --kill-in-ckpt R@E    rank R SIGKILLs itself when it starts writing its file of epoch E
+"""
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "apps"))
+import heat2d  # noqa: E402
+
+
+def pair(text):
+    a, b = text.split("@")
+    return int(a), int(b)
+
+
+def main(ctx, own, args):
+    first_life = ctx.role in ("initial", "restarted")
+    if first_life:
+        point = ctx.checkpoint_point
+        rank = ctx.comm.rank
+
+        def checkpoint_point():
+            point()
+            if ctx.role not in ("initial", "restarted"):
+                return
+            for r, p in own.kill:
+                if r == rank and ctx.point == p:
+                    print(f"killing rank {r} at point {p}", flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            if own.kill_coordinator == ctx.point and rank == 0:
+                pid = json.loads((ctx.config.job_dir / "status.json").read_text())["coordinator"]["pid"]
+                print(f"killing the coordinator (pid {pid}) at point {ctx.point}", flush=True)
+                os.kill(pid, signal.SIGKILL)
+        ctx.checkpoint_point = checkpoint_point
+        for r, e in own.kill_in_ckpt:
+            if r == rank:
+                write = ctx._store.write_rank
+
+                def write_rank(epoch, *a, _e=e, **k):
+                    if epoch == _e and ctx.role in ("initial", "restarted"):
+                        print(f"killing rank {rank} while it writes epoch {epoch}", flush=True)
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return write(epoch, *a, **k)
+                ctx._store.write_rank = write_rank
+    res = heat2d.main(ctx, args)
+    if res is not None:
+        res["role"] = ctx.role
+    return res
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--kill", type=pair, action="append", default=[])
+    p.add_argument("--kill-coordinator", type=int, default=-1)
+    p.add_argument("--kill-in-ckpt", type=pair, action="append", default=[])
+    own, rest = p.parse_known_args()
+    args = heat2d.parse(rest)
+    import mpimig
+    res = mpimig.run(lambda ctx: main(ctx, own, args))
+    if res is not None:
+        print(f"heat2d n={args.n} steps={args.steps} checksum={res['checksum']!r} role={res['role']}")

@@ -1,0 +1,110 @@
+"""Online recovery under ULFM (`mpimig run --ft`, issue 6 items 1-3): ranks, the
+coordinator, or a rank in the middle of a checkpoint write are SIGKILLed; the
+job revokes, shrinks, replaces, rolls back to the last committed epoch and ends
+bit-identical to the serial reference. The kills are made by the program itself
+(tests/progs/heat_kill.py), at a checkpoint point chosen here, so the epoch the
+job must roll back to is known in advance: with --ckpt-every 5, a kill after
+point P rolls back to epoch P // 5 (the epoch at point 5 * (P // 5))."""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import APPS, ROOT, base_env, mpimig_cmd, run_cmd
+
+KILL = ROOT / "tests" / "progs" / "heat_kill.py"
+N, STEPS, EVERY = 64, 30, 5
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    ref = tmp_path_factory.mktemp("ref") / "ref.npy"
+    run_cmd([sys.executable, APPS / "heat2d.py", "--serial", "--n", N, "--steps", STEPS, "--out", ref],
+            check_rc=0)
+    return np.load(ref).tobytes()
+
+
+def run_ft(tmp_path, *faults, spares=0):
+    job, out = tmp_path / "job", tmp_path / "out.npy"
+    cmd = mpimig_cmd("run", "-n", 4, "--ft", "--ckpt-every", EVERY, "--spares", spares, "--job-dir", job,
+                     "--timeout", 150, KILL, *faults, "--n", N, "--steps", STEPS, "--out", out)
+    res = run_cmd(cmd, timeout=180, env=base_env(), cwd=ROOT)
+    events = [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines()]
+    assert (job / "complete.json").exists(), res.stdout[-3000:] + res.stderr[-3000:]
+    assert "job completed" in res.stderr, res.stderr[-3000:]
+    return res, events, np.load(out).tobytes(), json.loads((job / "complete.json").read_text())
+
+
+def recovered(events):
+    recs = [e for e in events if e["event"] == "recovered"]
+    assert recs, [e["event"] for e in events]
+    return recs
+
+
+def test_killed_rank_is_replaced_online_and_result_is_bit_identical(tmp_path, reference):
+    res, events, result, done = run_ft(tmp_path, "--kill", "2@12")
+    assert "killing rank 2 at point 12" in res.stdout
+    (rec,) = recovered(events)
+    assert rec["failed"] == [2] and not rec["coordinator_failed"]
+    assert rec["epoch"] == 12 // EVERY and rec["point"] == EVERY * (12 // EVERY)
+    assert rec["failed_point"] >= 12
+    assert rec["replaced_by"] == {"2": "spawn"}
+    # survivors roll back from their own memory, the replacement from its buddy's
+    assert rec["restore_kinds"] == ["memory", "memory", "buddy", "memory"]
+    assert result == reference
+    roles = {r["rank"]: r["role"] for r in done["ranks"]}
+    assert roles == {0: "survivor", 1: "survivor", 2: "replacement", 3: "survivor"}
+    assert done["epoch"] == STEPS // EVERY
+
+
+def test_warm_spare_replaces_a_killed_rank(tmp_path, reference):
+    res, events, result, done = run_ft(tmp_path, "--kill", "1@7", spares=1)
+    (rec,) = recovered(events)
+    assert rec["failed"] == [1] and rec["replaced_by"] == {"1": "spare"}
+    assert rec["epoch"] == 1
+    assert result == reference
+
+
+def test_two_ranks_killed_at_once(tmp_path, reference):
+    # ranks 1 and 2 are each other's buddies' neighbours: rank 1's copy is on rank 2
+    # (dead too), so rank 1 comes back from disk and rank 2 from rank 3's memory
+    res, events, result, done = run_ft(tmp_path, "--kill", "1@12", "--kill", "2@12")
+    recs = recovered(events)
+    assert sorted(set(sum((r["failed"] for r in recs), []))) == [1, 2]
+    assert recs[-1]["epoch"] == 2
+    kinds = recs[-1]["restore_kinds"] if len(recs) == 1 else None
+    if kinds is not None:
+        assert kinds[1] == "disk" and kinds[2] == "buddy"
+    assert result == reference
+
+
+def test_killed_coordinator_is_replaced(tmp_path, reference):
+    res, events, result, done = run_ft(tmp_path, "--kill-coordinator", "12")
+    assert "killing the coordinator" in res.stdout
+    (rec,) = recovered(events)
+    assert rec["coordinator_failed"] and rec["failed"] == []
+    assert result == reference
+    # the new coordinator took over: status.json names another pid and records the recovery
+    status = json.loads((tmp_path / "job" / "status.json").read_text())
+    pid_killed = int(res.stdout.split("killing the coordinator (pid ")[1].split(")")[0])
+    assert status["coordinator"]["pid"] != pid_killed
+    assert status["recoveries"] and status["recoveries"][0]["coordinator_failed"]
+
+
+def test_rank_killed_while_writing_a_checkpoint_rolls_back_to_the_previous_epoch(tmp_path, reference):
+    res, events, result, done = run_ft(tmp_path, "--kill-in-ckpt", "3@3")
+    assert "killing rank 3 while it writes epoch 3" in res.stdout
+    (rec,) = recovered(events)
+    assert rec["failed"] == [3]
+    assert rec["epoch"] == 2          # epoch 3 was never committed
+    assert result == reference
+    # the uncommitted epoch's files were discarded; epochs 3.. were written again
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_failure_before_any_epoch_starts_over(tmp_path, reference):
+    res, events, result, done = run_ft(tmp_path, "--kill", "0@3")
+    (rec,) = recovered(events)
+    assert rec["failed"] == [0] and rec["epoch"] is None and rec["point"] == 0
+    assert result == reference
