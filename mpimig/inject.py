@@ -413,8 +413,12 @@ def describe_event(ev: dict, t0: float) -> str:
     if e == "failure":
         return f"{t:6.1f} s  failure seen by {ev.get('by')} at point {ev.get('point')}: {ev.get('error')}"
     if e == "recovered":
-        return (f"{t:6.1f} s  recovered online: ranks {ev.get('failed')} back at point {ev.get('point')} "
-                f"(restore from {ev.get('restore')})")
+        restore = ev.get("restore")
+        restore = "+".join(restore) if isinstance(restore, list) else restore
+        who = f"ranks {ev.get('failed')}" if ev.get("failed") else ""
+        who += (" and " if who else "") + "the coordinator" if ev.get("coordinator_failed") else ""
+        return (f"{t:6.1f} s  recovered online ({who or 'nothing lost'}): back at point {ev.get('point')}, "
+                f"epoch {ev.get('epoch')}, restore from {restore}, replaced by {ev.get('replaced_by')}")
     if e == "finished":
         return f"{t:6.1f} s  finished: {ev.get('points')} points, epoch {ev.get('epoch')}"
     return f"{t:6.1f} s  {e}"
@@ -447,13 +451,14 @@ def analyse(evs: List[dict], faults: List[dict], samples: List[list], t0: float,
         rec = first("recovered", ti)
         if rec is not None and (lost is None or rec["t"] < lost["t"]):
             row["path"] = "online"
-            fail = first("failure", ti - 1.0)
-            row["detect_s"] = rec.get("t_detect") if rec.get("t_detect") is not None else (
-                round(fail["t"] - ti, 3) if fail else None)
+            # detection: the first process that saw the failure (its ``failure`` event)
+            fail = first("failure", ti)
+            row["detect_s"] = round(fail["t"] - ti, 3) if fail is not None and fail["t"] <= rec["t"] else None
             row["recover_s"] = round(rec["t"] - ti, 3)
             row["restored_point"] = rec.get("point")
             row["epoch"] = rec.get("epoch")
-            row["restore"] = rec.get("restore")
+            restore = rec.get("restore")
+            row["restore"] = "+".join(restore) if isinstance(restore, list) else restore
             row["failed_point"] = rec.get("failed_point")
             t_rec = rec["t"]
             for k in ("t_detect", "t_shrink", "t_replace", "t_restore"):
