@@ -9,7 +9,8 @@ One job carries two faults, to keep CI lean:
 * later, rank 1 is killed right after point 22: the job must resume from
   epoch 4 (point 20).
 Without ``--ft`` Open MPI ends the whole job at each kill: both are survived
-by relaunch (the --ft variant comes with online recovery).
+by relaunch. With ``--ft`` a killed rank and a killed coordinator are
+recovered online (ULFM), and MPICH with ``--ft`` falls back to relaunch.
 """
 from __future__ import annotations
 
@@ -71,6 +72,36 @@ def test_inject_kills_a_rank_in_a_checkpoint_write_and_another_later(tmp_path):
     assert np.load(job / "out.npy").tobytes() == np.load(ref).tobytes()
     assert (job / "inject" / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "faults injected 2, survived 2" in res.stdout and "bit-identical" in res.stdout
+
+
+def test_inject_ft_recovers_a_rank_and_the_coordinator_online(tmp_path):
+    """--ft: a killed rank and, later, the killed coordinator are recovered online
+    (no relaunch); the report's times and points are those of the event log."""
+    job = tmp_path / "job"
+    res = run_cmd(mpimig_cmd("inject", "--kill", "rank:1@point:12", "--kill", "coordinator@point:27", "--ft",
+                             "--spares", 1, "-n", 4, "--ckpt-every", EVERY, "--job-dir", job,
+                             APPS / "heat2d.py", "--n", N, "--steps", STEPS, "--work-ms", 20,
+                             "--out", "{job}/out.npy"), timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + (job / "inject" / "run.err").read_text()[-3000:]
+    rep = json.loads((job / "inject" / "report.json").read_text())
+    evs = events.read(job)
+    inj = {e["id"]: e for e in evs if e["event"] == "injected"}
+    rec = [e for e in evs if e["event"] == "recovered"]
+    assert not [e for e in evs if e["event"] in ("job_lost", "relaunch")], evs
+    assert len(rec) == 2 and rec[0]["failed"] == [1] and rec[1]["coordinator_failed"] is True, rec
+    assert rec[0]["point"] == 2 * EVERY and rec[1]["point"] == 5 * EVERY, rec
+    for f, i, r in zip(rep["faults"], (inj[1], inj[2]), rec):
+        fail = next(e for e in evs if e["event"] == "failure" and e["t"] >= i["t"])
+        assert f["path"] == "online" and f["survived"] is True
+        assert f["detect_s"] == pytest.approx(fail["t"] - i["t"], abs=2e-3)
+        assert f["recover_s"] == pytest.approx(r["t"] - i["t"], abs=2e-3)
+        assert f["restored_point"] == r["point"] and f["failed_point"] == r["failed_point"]
+        assert f["work_lost_points"] == r["failed_point"] - r["point"]
+    assert rep["online_recoveries"] == 2 and rep["relaunches"] == 0 and rep["verified"] is True
+    ref = tmp_path / "ref.npy"
+    run_cmd([sys.executable, APPS / "heat2d.py", "--serial", "--n", N, "--steps", STEPS, "--out", ref],
+            check_rc=0)
+    assert np.load(job / "out.npy").tobytes() == np.load(ref).tobytes()
 
 
 def test_fault_specs():
