@@ -41,8 +41,8 @@ two ``.npy`` results must be equal bit for bit.
 
 Without ``--ft`` (online recovery), a killed rank or coordinator makes Open
 MPI end the whole job, and ``--relaunch`` brings it back from the last
-committed epoch; inject sets ``--relaunch`` to the number of faults + 1 when
-it is not given.
+committed epoch; a lost host ends the job even with ``--ft``. inject sets
+``--relaunch`` to the number of faults + 1 when it is not given.
 """
 from __future__ import annotations
 
@@ -684,7 +684,7 @@ def cmd_inject(args) -> int:
         ns.program = program
         ns.job_dir = str(job_dir)
         ns.restart = "never"
-        if not ns.relaunch and not ns.ft:
+        if not ns.relaunch:       # a lost host loses the job even with --ft
             ns.relaunch = len(faults) + 1
         if ns.timeout is None:
             ns.timeout = args.experiment_timeout / 2
