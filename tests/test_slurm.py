@@ -289,7 +289,17 @@ def test_drain_sbatch_requeues_on_the_warning_signal(slurm, tmp_path):
     def hurry(info):   # Slurm holds a requeued job for cred_expire+1 s; start it at once
         if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
             run_cmd(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env(), timeout=20)
-    final = wait_job_done(slurm, job, timeout=300, on_poll=hurry)
+    # While Slurm requeues the job, scontrol can show it FAILED (the old batch
+    # shell was killed) before it is PENDING again: only the restarted job's end counts.
+    deadline = time.monotonic() + 300
+    while True:
+        final = scontrol_job(slurm, job)
+        hurry(final)
+        if int(final.get("Restarts", "0")) >= 1 and final.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED",
+                                                                            "TIMEOUT", "NODE_FAIL"):
+            break
+        assert time.monotonic() < deadline, (final, out.read_text())
+        time.sleep(0.5)
     text = out.read_text()
     assert final["JobState"] == "COMPLETED", (final, text)
     assert "=== USR1" in text and re.search(r"epoch (\d+) committed: stopping the job, requeue", text), text
