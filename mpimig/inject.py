@@ -290,7 +290,12 @@ def run_experiment(args, run_args: List[str], faults: List[dict], job_dir: Path,
                                     target=f["target"], by="injector", **rec)
             if not quiet and time.monotonic() - last_print > 2.0:
                 last_print = time.monotonic()
-                pt = f"point {pr[0]}, epoch {pr[3]}" if pr else "starting"
+                if pr is None:
+                    pt = "starting"
+                elif time.time() - pr[1] > 2.0:
+                    pt = f"point {pr[0]}, epoch {pr[3]}: no new point for {time.time() - pr[1]:.0f} s"
+                else:
+                    pt = f"point {pr[0]}, epoch {pr[3]}"
                 say(f"  {time.time() - t_launch:6.1f} s  {pt}")
             time.sleep(0.01)      # polling the job's files against the deadline
     finally:
