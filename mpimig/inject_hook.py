@@ -8,7 +8,8 @@ running process:
 * ``Context.checkpoint_point``: logical rank 0 writes its progress (point,
   time, run id) to ``INJECT_DIR/progress`` after every point, so that the
   injector can kill at a point from outside and time the resumption; it emits
-  a ``resumed`` event at its first point after a start or a roll-back. A
+  a ``resumed`` event at its first point after a start, a roll-back or an
+  online recovery. A
   ``rank`` fault whose rank and point match kills this process (SIGKILL)
   right after the point.
 * ``CheckpointStore.write_rank``: a ``ckpt-write`` fault kills its rank after
@@ -36,6 +37,7 @@ from . import events
 _faults: List[dict] = []
 _dir: Optional[str] = None
 _last_point = -1
+_seen_recoveries = [0]
 _progress_fd: Optional[int] = None
 
 
@@ -80,7 +82,11 @@ def install(runtime_module) -> None:
         orig_point(self)
         cfg = self.config
         if self.rank == 0:
-            if self.point <= _last_point or _last_point < 0:
+            # a start, a roll-back, or an online recovery (which may restore the
+            # point it failed at: the coordinator's death loses no rank state)
+            recoveries = getattr(self, "recoveries", 0)
+            if self.point <= _last_point or _last_point < 0 or recoveries != _seen_recoveries[0]:
+                _seen_recoveries[0] = recoveries
                 events.emit(cfg.job_dir, "resumed", cfg.run_id, point=self.point, epoch=self.epoch,
                             role=self.role)
             _last_point = self.point
