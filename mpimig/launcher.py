@@ -302,6 +302,7 @@ def cmd_run(args) -> int:
         raise UsageError("--spares must be >= 0")
     cfg.spares = args.spares
     cfg.ft = args.ft
+    cfg.buddy = not args.no_buddy
     cfg.coordinator = bool(cfg.schedule) or args.coordinator or args.spares > 0 or args.ft
     if cfg.keep < 1:
         raise UsageError("--keep must be at least 1")
@@ -358,7 +359,8 @@ def register(sub) -> None:
         description="Run PROGRAM on N ranks under mpimig: checkpoints, automatic restart, "
                     "migrations. Success is judged by the job's completion record.",
         epilog=__doc__.split("Restart policy", 1)[1].join(["Restart policy", ""]),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False)   # the program's own options (--n 64) must never match ours
     p.add_argument("-n", "--np", dest="n", type=int, required=True, help="number of ranks")
     p.add_argument("--hosts", help="host list, e.g. h1:2,h2:2 (lab hosts or cluster nodes)")
     p.add_argument("--job-dir", help="job directory (default mpimig-jobs/<program name>)")
@@ -376,7 +378,12 @@ def register(sub) -> None:
     p.add_argument("--spares", type=int, default=0, metavar="K",
                    help="start K warm spare processes with the job (placed after the ranks on the "
                         "host list); a migration to a spare's host uses it instead of spawning")
-    p.add_argument("--ft", action="store_true", help="online fault tolerance (Open MPI ULFM)")
+    p.add_argument("--ft", action="store_true",
+                   help="online recovery from failed ranks and coordinator (Open MPI ULFM): revoke, "
+                        "shrink, replace (warm spare or spawn), roll back to the last committed epoch")
+    p.add_argument("--no-buddy", action="store_true",
+                   help="with --ft: keep no in-memory copies of checkpoints (own and buddy's); "
+                        "recovery then reads the disk epoch")
     p.add_argument("--relaunch", type=int, default=0, metavar="K",
                    help="if the job does not complete (e.g. a host died), relaunch it up to K times "
                         "on the hosts that still answer, from the last committed epoch")

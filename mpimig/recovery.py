@@ -312,6 +312,7 @@ def _finish(M: MPI.Intracomm, plan: dict, table: List[dict], kind: str, rank: in
             else:
                 restored, how = _read_disk(ckpt_dir, epoch, rank), "disk"
     t_restored = time.time()
+    t_detect = plan["detected"]          # the first detection, over every survivor
     timings = {"detected_at": t_detect, "t_shrink": t_shrunk - t_detect, "t_replace": t_replaced - t_shrunk,
                "t_restore": t_restored - t_replaced}
     return Outcome(Jn, A, kind, rank, replacement and kind == "rank", plan, table, members, epoch, restored,

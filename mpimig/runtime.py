@@ -216,7 +216,7 @@ class Context:
             err = str(exc)
         except OSError as exc:
             err = f"{type(exc).__name__}: {exc}"
-        if self.config.ft:      # collective: every rank takes part, also after a failed write
+        if self.config.ft and self.config.buddy:   # collective: every rank, also after a failed write
             err = self._keep_copies(epoch, arrays, objects, None if err else extra) or err
         # the vote: every rank learns every outcome (buffer collectives: ULFM interrupts them)
         errors = recovery.allgather_obj(comm.mpi, err)
@@ -531,9 +531,8 @@ def _after_recovery(out, cfg: Config, ctx: Optional[Context] = None) -> Optional
                     coordinator_failed=out.plan["coordinator_failed"], epoch=out.epoch, point=ctx.point,
                     failed_point=out.plan["failed_point"],
                     replaced_by={str(r): a[0] for r, a in out.plan["assign"].items()},
-                    restore=sorted({k for k, _ in info if k != "memory"}) or ["memory"],
-                    restore_kinds=[k for k, _ in info], detected_at=out.plan["detected"],
-                    t_detect=0.0, t_shrink=t["t_shrink"], t_replace=t["t_replace"],
+                    restore_kinds=[k for k, _ in info], detected_at=t["detected_at"],
+                    t_shrink=t["t_shrink"], t_replace=t["t_replace"],
                     t_restore=max(v for _, v in info))
         log.warning("recovered: rank(s) %s replaced, rolled back to epoch %s (point %d)",
                     out.plan["dead"], out.epoch, ctx.point)
