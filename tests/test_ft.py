@@ -116,3 +116,11 @@ def test_without_buddy_copies_every_rank_rolls_back_from_disk(tmp_path, referenc
     assert rec["restore_kinds"] == ["disk"] * 4
     assert all(e["buddy_bytes"] == 0 for e in events if e["event"] == "epoch")
     assert result == reference
+
+
+def test_second_failure_after_a_recovery_is_survived_too(tmp_path, reference):
+    # rank 1 dies at point 12 (job life 0); after the recovery rank 2 dies at point 22 (life 1)
+    res, events, result, done = run_ft(tmp_path, "--kill", "1@12", "--kill", "2@22@1")
+    recs = recovered(events)
+    assert [(r["recovery"], r["failed"], r["epoch"]) for r in recs] == [(1, [1], 2), (2, [2], 4)]
+    assert result == reference
