@@ -40,6 +40,7 @@ class Config:
     coordinator: bool = False
     spares: int = 0                # warm spare processes started with the job
     ft: bool = False               # online recovery (ULFM): implies a coordinator
+    buddy: bool = True             # with ft: in-memory own + buddy copies at each checkpoint
 
     @classmethod
     def from_env(cls, env=None) -> "Config":
@@ -63,6 +64,7 @@ class Config:
             or int(env.get("MPIMIG_SPARES", "0") or 0) > 0,
             spares=int(env.get("MPIMIG_SPARES", "0") or 0),
             ft=env.get("MPIMIG_FT", "0") == "1",
+            buddy=env.get("MPIMIG_BUDDY", "1") != "0",
         )
         if cfg.ft:
             cfg.coordinator = True
@@ -84,4 +86,5 @@ class Config:
         env["MPIMIG_COORDINATOR"] = "1" if self.coordinator else "0"
         env["MPIMIG_SPARES"] = str(self.spares)
         env["MPIMIG_FT"] = "1" if self.ft else "0"
+        env["MPIMIG_BUDDY"] = "1" if self.buddy else "0"
         return env

@@ -281,7 +281,8 @@ class Coordinator:
         """A failure was seen on J: take part in the recovery collective."""
         events.emit(self.cfg.job_dir, "failure", self.cfg.run_id, by=-1, point=-1,
                     error=exc.Get_error_string() if isinstance(exc, MPI.Exception) else str(exc))
-        me = recovery.member("coordinator", hosts=[r["host"] for r in self.routing])
+        me = recovery.member("coordinator", hosts=[r["host"] for r in self.routing],
+                             recoveries=len(self.recoveries))
         out = recovery.recover(self.J, me, size=self.size, ckpt_dir=self.cfg.ckpt_dir,
                                config_env=self.cfg.to_env())
         self.adopt(out)
@@ -481,6 +482,9 @@ class Coordinator:
                 except queue.Empty:
                     break
             self.server.close()
+        if self.cfg.ft:
+            from .runtime import _finalize_watchdog
+            _finalize_watchdog()
         migration.free_all()
 
 
@@ -513,7 +517,6 @@ def _run(make) -> None:
     try:
         coord = make()
         coord.loop()
-        ft = coord.cfg.ft
     except BaseException:  # noqa: BLE001 - never leave the ranks hanging
         import traceback
         sys.stderr.write("mpimig: coordinator failed, aborting the job\n")
@@ -522,9 +525,6 @@ def _run(make) -> None:
         MPI.COMM_WORLD.Abort(1)
     sys.stdout.flush()
     sys.stderr.flush()
-    if ft:
-        from .runtime import _finalize_watchdog
-        _finalize_watchdog()
     MPI.Finalize()
     os._exit(0)
 

@@ -18,21 +18,26 @@ Events (fields besides t, event, run_id):
 ``relaunch``       launcher (old run's id): ``attempt``, ``hosts``, ``lost_hosts``, ``epoch``
                    (resumed from; None: from the start), ``new_run_id``
 ``started``        rank 0: ``role`` (initial | restarted), ``epoch``, ``point``
-``epoch``          rank 0: ``epoch``, ``point``, ``seconds`` (a committed checkpoint)
-``failure``        first process to see a failure: ``by`` (logical rank, -1: coordinator,
+``epoch``          rank 0: ``epoch``, ``point``, ``seconds`` (a committed checkpoint),
+                   ``buddy_bytes`` (--ft: memory of rank 0's own + buddy copies)
+``failure``        each process that sees a failure: ``by`` (logical rank; -1: coordinator,
                    -2: spare), ``point``, ``error``
-``recovered``      new rank 0 after online recovery: ``failed`` (logical ranks),
-                   ``coordinator_failed``, ``epoch``, ``point`` (rolled back to),
-                   ``failed_point`` (highest point reached), ``replaced_by``
-                   ({rank: "spare"|"spawn"}), ``restore`` ("buddy"|"disk"),
-                   ``t_detect``, ``t_shrink``, ``t_replace``, ``t_restore`` (seconds)
+``recovered``      rank 0 after an online recovery, when every rank has its state back:
+                   ``failed`` (logical ranks lost), ``coordinator_failed``, ``epoch``
+                   (rolled back to; null: started over), ``point`` (of that epoch),
+                   ``failed_point`` (highest point any survivor reached), ``replaced_by``
+                   ({rank: "spare"|"spawn"}), ``restore_kinds`` (per rank: memory | buddy |
+                   disk | none), ``detected_at`` (wall time of the first detection),
+                   ``t_shrink`` (detection -> shrunk), ``t_replace`` (-> new J and A),
+                   ``t_restore`` (-> slowest rank restored). The event's ``t`` is when
+                   the job resumes; time to detect = detected_at - the kill's time.
 ``migrated``       coordinator: ``id``, ``rank``, ``to``, ``strategy``, ``downtime``
-``finished``       rank 0: ``points``, ``epoch``
+``finished``       rank 0: ``points``, ``epoch``, ``recoveries``
 ``injected``       mpimig inject (``by``: injector) or the dying process (``by``: process):
                    ``id``, ``kind``, ``target``, ``pids``, ``point``; a checkpoint-write
                    fault adds ``epoch``, ``tmp_dir``, ``tmp_dir_seen``, ``committed``
 ``resumed``        rank 0, only under mpimig inject: the first point passed after a start
-                   or a roll-back: ``point``, ``epoch``, ``role``
+                   a roll-back or an online recovery: ``point``, ``epoch``, ``role``
 =================  ====================================================================
 """
 from __future__ import annotations

@@ -402,6 +402,17 @@ def _remote_kill(host: str, pid: int) -> List[int]:
 
 # ------------------------------------------------------------------ analysis
 
+def restore_of(rec: dict) -> str:
+    """Where a recovery restored state from: the kinds other than a survivor's own
+    memory copy (e.g. "buddy", "buddy+disk"), else "memory"."""
+    kinds = rec.get("restore_kinds")
+    if kinds is None:
+        kinds = rec.get("restore") or []
+        kinds = kinds if isinstance(kinds, list) else [kinds]
+    other = sorted({k for k in kinds if k not in ("memory", "none")})
+    return "+".join(other) if other else ("memory" if "memory" in kinds else "none")
+
+
 def describe_event(ev: dict, t0: float) -> str:
     t = ev["t"] - t0
     e = ev["event"]
@@ -418,8 +429,7 @@ def describe_event(ev: dict, t0: float) -> str:
     if e == "failure":
         return f"{t:6.1f} s  failure seen by {ev.get('by')} at point {ev.get('point')}: {ev.get('error')}"
     if e == "recovered":
-        restore = ev.get("restore")
-        restore = "+".join(restore) if isinstance(restore, list) else restore
+        restore = restore_of(ev)
         who = f"ranks {ev.get('failed')}" if ev.get("failed") else ""
         who += (" and " if who else "") + "the coordinator" if ev.get("coordinator_failed") else ""
         return (f"{t:6.1f} s  recovered online ({who or 'nothing lost'}): back at point {ev.get('point')}, "
@@ -456,14 +466,17 @@ def analyse(evs: List[dict], faults: List[dict], samples: List[list], t0: float,
         rec = first("recovered", ti)
         if rec is not None and (lost is None or rec["t"] < lost["t"]):
             row["path"] = "online"
-            # detection: the first process that saw the failure (its ``failure`` event)
+            # detection: the first process that saw the failure (the recovery's
+            # detected_at, else the first ``failure`` event)
             fail = first("failure", ti)
-            row["detect_s"] = round(fail["t"] - ti, 3) if fail is not None and fail["t"] <= rec["t"] else None
+            if rec.get("detected_at"):
+                row["detect_s"] = round(rec["detected_at"] - ti, 3)
+            else:
+                row["detect_s"] = round(fail["t"] - ti, 3) if fail is not None and fail["t"] <= rec["t"] else None
             row["recover_s"] = round(rec["t"] - ti, 3)
             row["restored_point"] = rec.get("point")
             row["epoch"] = rec.get("epoch")
-            restore = rec.get("restore")
-            row["restore"] = "+".join(restore) if isinstance(restore, list) else restore
+            row["restore"] = restore_of(rec)
             row["failed_point"] = rec.get("failed_point")
             t_rec = rec["t"]
             for k in ("t_detect", "t_shrink", "t_replace", "t_restore"):
@@ -767,7 +780,8 @@ def register(sub) -> None:
     from .launcher import add_run_arguments
     p = sub.add_parser(
         "inject", help="fault-injection experiment: run a job, kill parts of it, report recovery",
-        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False)   # the program's own options (--n 64) must never match ours
     g = p.add_argument_group("faults and report")
     g.add_argument("--kill", action="append", metavar="WHAT@WHEN",
                    help="a fault to inject (repeatable; see above)")

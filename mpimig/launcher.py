@@ -384,6 +384,7 @@ def cmd_run(args) -> int:
         raise UsageError("--spares must be >= 0")
     cfg.spares = args.spares
     cfg.ft = args.ft
+    cfg.buddy = not args.no_buddy
     cfg.coordinator = bool(cfg.schedule) or args.coordinator or args.spares > 0 or args.ft
     if cfg.keep < 1:
         raise UsageError("--keep must be at least 1")
@@ -451,7 +452,8 @@ def cmd_run(args) -> int:
 
 def add_run_arguments(p: argparse.ArgumentParser) -> List[argparse.Action]:
     """The options of ``mpimig run`` (also taken by ``mpimig inject``); returns
-    the actions added, for :func:`run_argv`."""
+    the actions added, for :func:`run_argv`. Parsers that take them need
+    ``allow_abbrev=False``: the program's own options (--n 64) must never match ours."""
     before = len(p._actions)
     p.add_argument("-n", "--np", dest="n", type=int, required=True, help="number of ranks")
     p.add_argument("--hosts", help="host list, e.g. h1:2,h2:2 (lab hosts or cluster nodes)")
@@ -471,8 +473,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> List[argparse.Action]:
                    help="start K warm spare processes with the job (placed after the ranks on the "
                         "host list); a migration to a spare's host uses it instead of spawning")
     p.add_argument("--ft", action="store_true",
-                   help="online fault tolerance (Open MPI ULFM, mpiexec --with-ft ulfm); with MPICH, "
-                        "which has none, relaunch is used instead (--relaunch, default 3)")
+                   help="online recovery from failed ranks and coordinator (Open MPI ULFM): revoke, "
+                        "shrink, replace (warm spare or spawn), roll back to the last committed epoch; "
+                        "with MPICH, which has none, relaunch is used instead (--relaunch, default 3)")
+    p.add_argument("--no-buddy", action="store_true",
+                   help="with --ft: keep no in-memory copies of checkpoints (own and buddy's); "
+                        "recovery then reads the disk epoch")
     p.add_argument("--relaunch", type=int, default=0, metavar="K",
                    help="if the job does not complete (a host died, a rank was killed), relaunch it up to K times "
                         "on the hosts that still answer, from the last committed epoch")
@@ -512,6 +518,7 @@ def register(sub) -> None:
         description="Run PROGRAM on N ranks under mpimig: checkpoints, automatic restart, "
                     "migrations. Success is judged by the job's completion record.",
         epilog=__doc__.split("Restart policy", 1)[1].join(["Restart policy", ""]),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False)   # the program's own options (--n 64) must never match ours
     add_run_arguments(p)
     p.set_defaults(func=cmd_run)

@@ -112,9 +112,11 @@ def exchange_buddies(A: MPI.Intracomm, mine: Copy, hosts: List[str]) -> Optional
 
 # -- the census and the plan ------------------------------------------------------------
 def member(kind: str, rank: int = -1, host: str = "", point: int = 0, own: Optional[Copy] = None,
-           buddy: Optional[Copy] = None, detected: float = 0.0, hosts: Optional[List[str]] = None) -> dict:
+           buddy: Optional[Copy] = None, detected: float = 0.0, hosts: Optional[List[str]] = None,
+           recoveries: int = 0) -> dict:
     """What a process tells the others in the census."""
     return {"kind": kind, "rank": rank, "host": host or MPI.Get_processor_name(), "pid": os.getpid(),
+            "recoveries": recoveries,
             "point": point, "own_epoch": own.epoch if own else -1,
             "buddy_rank": buddy.rank if buddy else -1, "buddy_epoch": buddy.epoch if buddy else -1,
             "detected": detected or time.time(), "hosts": hosts or [],
@@ -167,6 +169,7 @@ def decide(table: List[dict], size: int) -> dict:
     return {"dead": dead, "coordinator_failed": not coords, "assign": assign, "coord": coord,
             "spawn_hosts": spawn_hosts, "size": size,
             "failed_point": max([m["point"] for m in table] or [0]),
+            "recovery": 1 + max(m["recoveries"] for m in table),     # the job's count, this one included
             "detected": min(m["detected"] for m in table)}
 
 
@@ -312,6 +315,7 @@ def _finish(M: MPI.Intracomm, plan: dict, table: List[dict], kind: str, rank: in
             else:
                 restored, how = _read_disk(ckpt_dir, epoch, rank), "disk"
     t_restored = time.time()
+    t_detect = plan["detected"]          # the first detection, over every survivor
     timings = {"detected_at": t_detect, "t_shrink": t_shrunk - t_detect, "t_replace": t_replaced - t_shrunk,
                "t_restore": t_restored - t_replaced}
     return Outcome(Jn, A, kind, rank, replacement and kind == "rank", plan, table, members, epoch, restored,

@@ -65,7 +65,7 @@ class Context:
         self._plan: Optional[Plan] = None
         self._t_point = 0.0
         self.stats = {"checkpoints": 0, "ckpt_seconds": 0.0, "ckpt_bytes": 0}
-        self.recoveries = 0                   # online recoveries this process took part in
+        self.recoveries = 0                   # online recoveries of the job so far
         self._own: Optional[recovery.Copy] = None     # --ft: my state at the last epoch, in memory
         self._buddy: Optional[recovery.Copy] = None   # --ft: another rank's state, in memory
         self._hosts: List[str] = []           # host of each logical rank (at the last checkpoint)
@@ -216,7 +216,7 @@ class Context:
             err = str(exc)
         except OSError as exc:
             err = f"{type(exc).__name__}: {exc}"
-        if self.config.ft:      # collective: every rank takes part, also after a failed write
+        if self.config.ft and self.config.buddy:   # collective: every rank, also after a failed write
             err = self._keep_copies(epoch, arrays, objects, None if err else extra) or err
         # the vote: every rank learns every outcome (buffer collectives: ULFM interrupts them)
         errors = recovery.allgather_obj(comm.mpi, err)
@@ -485,7 +485,8 @@ def _recover(ctx: Context, exc: BaseException) -> Context:
                 error=exc.Get_error_string())
     log.warning("rank %d: failure seen at point %d (%s): recovering", ctx.rank, ctx.point,
                 exc.Get_error_string())
-    me = recovery.member("rank", ctx.rank, ctx.host, ctx.point, ctx._own, ctx._buddy, detected, ctx._hosts)
+    me = recovery.member("rank", ctx.rank, ctx.host, ctx.point, ctx._own, ctx._buddy, detected, ctx._hosts,
+                         ctx.recoveries)
     out = recovery.recover(ctx._J, me, A=ctx.comm.mpi, size=ctx.size, ckpt_dir=cfg.ckpt_dir,
                            own=ctx._own, buddy=ctx._buddy, config_env=cfg.to_env())
     return _after_recovery(out, cfg, ctx)
@@ -508,7 +509,7 @@ def _after_recovery(out, cfg: Config, ctx: Optional[Context] = None) -> Optional
     ctx._plan = None
     ctx._state = None
     ctx.role = "replacement" if out.replacement else "survivor"
-    ctx.recoveries += 1
+    ctx.recoveries = out.plan["recovery"]     # the job's count: replacements learn it too
     cp = out.restored
     if cp is not None:
         ctx._restored = ({k: np.array(a, copy=True) for k, a in cp.arrays.items()},
@@ -527,13 +528,12 @@ def _after_recovery(out, cfg: Config, ctx: Optional[Context] = None) -> Optional
     info = recovery.allgather_obj(out.A, (out.restore_kind, out.timings["t_restore"]))
     if ctx.rank == 0:
         t = out.timings
-        events.emit(cfg.job_dir, "recovered", cfg.run_id, failed=out.plan["dead"],
+        events.emit(cfg.job_dir, "recovered", cfg.run_id, recovery=out.plan["recovery"], failed=out.plan["dead"],
                     coordinator_failed=out.plan["coordinator_failed"], epoch=out.epoch, point=ctx.point,
                     failed_point=out.plan["failed_point"],
                     replaced_by={str(r): a[0] for r, a in out.plan["assign"].items()},
-                    restore=sorted({k for k, _ in info if k != "memory"}) or ["memory"],
-                    restore_kinds=[k for k, _ in info], detected_at=out.plan["detected"],
-                    t_detect=0.0, t_shrink=t["t_shrink"], t_replace=t["t_replace"],
+                    restore_kinds=[k for k, _ in info], detected_at=t["detected_at"],
+                    t_shrink=t["t_shrink"], t_replace=t["t_replace"],
                     t_restore=max(v for _, v in info))
         log.warning("recovered: rank(s) %s replaced, rolled back to epoch %s (point %d)",
                     out.plan["dead"], out.epoch, ctx.point)
@@ -552,10 +552,10 @@ def _finish(ctx: Context, result: Any, t_start: float) -> None:
         _write_completion(ctx, result, t_start)
         events.emit(ctx.config.job_dir, "finished", ctx.config.run_id, points=ctx.point, epoch=ctx.epoch,
                     recoveries=ctx.recoveries)
-    ctx.comm.mpi.Barrier()
-    migration.free_all()
+    ctx.comm.mpi.Barrier()              # the completion record is written
     if ctx.config.ft:
         _finalize_watchdog()
+    migration.free_all()
 
 
 def _finalize_watchdog(seconds: float = 20.0) -> None:

@@ -25,9 +25,9 @@ def reference(tmp_path_factory):
     return np.load(ref).tobytes()
 
 
-def run_ft(tmp_path, *faults, spares=0):
+def run_ft(tmp_path, *faults, spares=0, opts=()):
     job, out = tmp_path / "job", tmp_path / "out.npy"
-    cmd = mpimig_cmd("run", "-n", 4, "--ft", "--ckpt-every", EVERY, "--spares", spares, "--job-dir", job,
+    cmd = mpimig_cmd("run", "-n", 4, "--ft", *opts, "--ckpt-every", EVERY, "--spares", spares, "--job-dir", job,
                      "--timeout", 150, KILL, *faults, "--n", N, "--steps", STEPS, "--out", out)
     res = run_cmd(cmd, timeout=180, env=base_env(), cwd=ROOT)
     events = [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines()]
@@ -107,4 +107,20 @@ def test_failure_before_any_epoch_starts_over(tmp_path, reference):
     res, events, result, done = run_ft(tmp_path, "--kill", "0@3")
     (rec,) = recovered(events)
     assert rec["failed"] == [0] and rec["epoch"] is None and rec["point"] == 0
+    assert result == reference
+
+
+def test_without_buddy_copies_every_rank_rolls_back_from_disk(tmp_path, reference):
+    res, events, result, done = run_ft(tmp_path, "--kill", "2@12", opts=("--no-buddy",))
+    (rec,) = recovered(events)
+    assert rec["restore_kinds"] == ["disk"] * 4
+    assert all(e["buddy_bytes"] == 0 for e in events if e["event"] == "epoch")
+    assert result == reference
+
+
+def test_second_failure_after_a_recovery_is_survived_too(tmp_path, reference):
+    # rank 1 dies at point 12 (job life 0); after the recovery rank 2 dies at point 22 (life 1)
+    res, events, result, done = run_ft(tmp_path, "--kill", "1@12", "--kill", "2@22@1")
+    recs = recovered(events)
+    assert [(r["recovery"], r["failed"], r["epoch"]) for r in recs] == [(1, [1], 2), (2, [2], 4)]
     assert result == reference

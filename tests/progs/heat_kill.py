@@ -4,7 +4,8 @@
 
 Options of its own (the others go to heat2d); each fault happens once, in the
 job's first life (a process that resumed after a recovery does not repeat it):
-  --kill R@P            rank R SIGKILLs itself right after checkpoint point P (repeatable)
+  --kill R@P[@L]        rank R SIGKILLs itself right after checkpoint point P (repeatable);
+                        with L, in the job's life L instead (after L online recoveries)
   --kill-coordinator P  rank 0 SIGKILLs the coordinator (pid from JOB_DIR/status.json) after point P
   --kill-in-ckpt R@E    rank R SIGKILLs itself when it starts writing its file of epoch E
 """
@@ -24,25 +25,28 @@ def pair(text):
     return int(a), int(b)
 
 
+def kill_spec(text):
+    bits = [int(x) for x in text.split("@")]
+    return bits[0], bits[1], bits[2] if len(bits) > 2 else 0
+
+
 def main(ctx, own, args):
     first_life = ctx.role in ("initial", "restarted")
-    if first_life:
-        point = ctx.checkpoint_point
-        rank = ctx.comm.rank
+    point = ctx.__dict__.setdefault("_unwrapped_point", ctx.checkpoint_point)   # main runs again after a recovery
+    rank = ctx.comm.rank
 
-        def checkpoint_point():
-            point()
-            if ctx.role not in ("initial", "restarted"):
-                return
-            for r, p in own.kill:
-                if r == rank and ctx.point == p:
-                    print(f"killing rank {r} at point {p}", flush=True)
-                    os.kill(os.getpid(), signal.SIGKILL)
-            if own.kill_coordinator == ctx.point and rank == 0:
-                pid = json.loads((ctx.config.job_dir / "status.json").read_text())["coordinator"]["pid"]
-                print(f"killing the coordinator (pid {pid}) at point {ctx.point}", flush=True)
-                os.kill(pid, signal.SIGKILL)
-        ctx.checkpoint_point = checkpoint_point
+    def checkpoint_point():
+        point()
+        for r, p, life in own.kill:
+            if r == rank and ctx.point == p and ctx.recoveries == life:
+                print(f"killing rank {r} at point {p}" + (f" in life {life}" if life else ""), flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+        if ctx.role in ("initial", "restarted") and own.kill_coordinator == ctx.point and rank == 0:
+            pid = json.loads((ctx.config.job_dir / "status.json").read_text())["coordinator"]["pid"]
+            print(f"killing the coordinator (pid {pid}) at point {ctx.point}", flush=True)
+            os.kill(pid, signal.SIGKILL)
+    ctx.checkpoint_point = checkpoint_point
+    if first_life:
         for r, e in own.kill_in_ckpt:
             if r == rank:
                 write = ctx._store.write_rank
@@ -61,7 +65,7 @@ def main(ctx, own, args):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--kill", type=pair, action="append", default=[])
+    p.add_argument("--kill", type=kill_spec, action="append", default=[])
     p.add_argument("--kill-coordinator", type=int, default=-1)
     p.add_argument("--kill-in-ckpt", type=pair, action="append", default=[])
     own, rest = p.parse_known_args()
