@@ -222,7 +222,9 @@ def test_ft_sbatch_kills_a_rank_and_a_node_and_verifies(slurm, lab, tmp_path):
     assert inj[2]["kind"] == "host" and inj[2]["target"] == victim and inj[2]["pids"], evs
     lost = [e for e in evs if e["event"] == "job_lost"]
     relaunch = [e for e in evs if e["event"] == "relaunch"]
-    assert any("lost communication with a remote daemon" in e["reason"] for e in lost), lost
+    # (under --with-ft ulfm, mpiexec does not always print PRRTE's lost-daemon
+    # message: the host's loss shows in the relaunch, which found it unreachable)
+    assert lost and lost[-1]["t"] > inj[2]["t"], lost
     assert relaunch[-1]["lost_hosts"] == [victim] and victim not in relaunch[-1]["hosts"], relaunch
     assert [f["survived"] for f in rep["faults"]] == [True, True] and rep["verified"] is True, rep
     ref = tmp_path / "ref.npy"
@@ -290,13 +292,14 @@ def test_drain_sbatch_requeues_on_the_warning_signal(slurm, tmp_path):
         if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
             run_cmd(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env(), timeout=20)
     # While Slurm requeues the job, scontrol can show it FAILED (the old batch
-    # shell was killed) before it is PENDING again: only the restarted job's end counts.
+    # shell was killed), even with Restarts=1, before it is PENDING again: only the
+    # end of the restarted job (its start line is in the output) counts.
     deadline = time.monotonic() + 300
     while True:
         final = scontrol_job(slurm, job)
         hurry(final)
-        if int(final.get("Restarts", "0")) >= 1 and final.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED",
-                                                                            "TIMEOUT", "NODE_FAIL"):
+        started_again = f"=== start: job {job} restart 1" in out.read_text()
+        if started_again and final.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
             break
         assert time.monotonic() < deadline, (final, out.read_text())
         time.sleep(0.5)
