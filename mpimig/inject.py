@@ -374,30 +374,13 @@ def _fire(f: dict, status: _Status, run_id: Optional[str], pr) -> Optional[dict]
     st = status.read(run_id)
     if st is None:
         return None
+    # pids are this machine's: lab hosts are network namespaces, not pid namespaces
     if f["kind"] == "coordinator":
         pid = st["coordinator"]["pid"]
-        if st["coordinator"].get("host") not in (None, "", os.uname().nodename):
-            pids = _remote_kill(st["coordinator"]["host"], pid)
-        else:
-            pids = [pid] if _kill(pid) else []
-        return {"pids": pids, "point": point, "host": st["coordinator"].get("host")}
-    pids = []
-    for r in f["ranks"]:
-        row = st["routing"][r]
-        if row.get("host") not in (None, "", os.uname().nodename):
-            pids += _remote_kill(row["host"], row["pid"])
-        else:
-            pids += [row["pid"]] if _kill(row["pid"]) else []
-    return {"pids": pids, "point": point}
-
-
-def _remote_kill(host: str, pid: int) -> List[int]:
-    """Kill ``pid`` on lab host ``host`` (pids are the machine's: the lab's hosts
-    are network namespaces, not pid namespaces)."""
-    lab = _lab()
-    if lab is not None and host in lab.hosts and pid in lab.pids(host):
-        return [pid] if _kill(pid) else []
-    return [pid] if _kill(pid) else []
+        return {"pids": [pid] if _kill(pid) else [], "point": point, "host": st["coordinator"].get("host")}
+    pids = [st["routing"][r]["pid"] for r in f["ranks"]]
+    return {"pids": [p for p in pids if _kill(p)], "point": point,
+            "hosts": [st["routing"][r].get("host") for r in f["ranks"]]}
 
 
 # ------------------------------------------------------------------ analysis
