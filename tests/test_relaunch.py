@@ -49,7 +49,9 @@ def test_lost_host_relaunch_resumes_on_the_others(lab, tmp_path):
     lost = [e for e in evs if e["event"] == "job_lost"]
     relaunch = [e for e in evs if e["event"] == "relaunch"]
     restarted = [e for e in evs if e["event"] == "started" and e["role"] == "restarted"]
-    assert lost and "lost communication with a remote daemon" in lost[0]["reason"], lost
+    # mpiexec usually prints PRRTE's "lost communication with a remote daemon", but
+    # sometimes only exits 255: the relaunch's host check is what names the lost host
+    assert lost and lost[0]["reason"] and lost[0]["t"] < relaunch[0]["t"], lost
     assert relaunch[0]["lost_hosts"] == [h3] and relaunch[0]["hosts"] == f"{h1}:2,{h2}:2", relaunch
     assert relaunch[0]["epoch"] >= 2 and restarted[0]["epoch"] == relaunch[0]["epoch"], (relaunch, restarted)
     assert restarted[0]["point"] == 10 * relaunch[0]["epoch"]
