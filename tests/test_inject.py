@@ -44,7 +44,12 @@ def test_inject_kills_a_rank_in_a_checkpoint_write_and_another_later(tmp_path):
     lost = [e for e in evs if e["event"] == "job_lost"]
     relaunch = [e for e in evs if e["event"] == "relaunch"]
     restarted = [e for e in evs if e["event"] == "started" and e["role"] == "restarted"]
-    assert len(inj) == 2 and len(lost) == 2 and len(relaunch) == 2 and len(restarted) == 2, evs
+    # (a relaunch can itself fail to start under load, Open MPI's launcher flake:
+    # then there is one more job_lost/relaunch pair, so match each kill with the
+    # first loss and the first restarted job after it)
+    assert len(inj) == 2 and len(lost) >= 2 and len(relaunch) >= 2 and len(restarted) == 2, evs
+    lost = [next(e for e in lost if e["t"] > inj[k]["t"]) for k in (1, 2)]
+    relaunch = [next(e for e in relaunch if e["t"] > lo["t"]) for lo in lost]
 
     # the rank died while its epoch-3 file was in epoch-3.tmp, before any commit of epoch 3
     assert inj[1]["kind"] == "ckpt-write" and inj[1]["tmp_dir_seen"] is True and inj[1]["committed"] is False
