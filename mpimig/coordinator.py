@@ -221,7 +221,11 @@ class Coordinator:
         for jr in [jr for jrs in self.spares.values() for jr in jrs] + reserved:
             self.J.send({"plan": plan}, dest=jr, tag=TAG_WAKE)
         Jc = migration.join(self.J, plan.nspawned, bridges=[m.bridge for m in batch if m.bridge is not None])
+        if self.cfg.ft:
+            self.J = Jc         # a failure from here on is recovered over the switch comm
         _, Jn = migration.split(Jc, logical=None, leaving=False)
+        if self.cfg.ft:
+            recovery.agree(Jc)
         # new J ranks: members of Jc in order, without the processes that left
         leaving = {mv.src_jrank for mv in plan.moves}
         order = [jr for jr in range(Jc.Get_size()) if jr not in leaving]
@@ -283,7 +287,8 @@ class Coordinator:
                     error=exc.Get_error_string() if isinstance(exc, MPI.Exception) else str(exc))
         me = recovery.member("coordinator", hosts=[r["host"] for r in self.routing],
                              recoveries=len(self.recoveries))
-        out = recovery.recover(self.J, me, size=self.size, ckpt_dir=self.cfg.ckpt_dir,
+        me["size"] = self.size
+        out = recovery.recover(self.J, me, ckpt_dir=self.cfg.ckpt_dir,
                                config_env=self.cfg.to_env())
         self.adopt(out)
 

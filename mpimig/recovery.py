@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 TAG_BUDDY = 400          # on A: buddy copies at a checkpoint
 TAG_RESTORE = 401        # on the new J: a buddy copy sent to a replacement
+TAG_HANDSHAKE = 402      # on a switch comm: target -> source before the state transfer
 
 _FAILURE_CLASSES = {getattr(MPI, n) for n in ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED")
                     if hasattr(MPI, n)}
@@ -64,6 +65,36 @@ def bcast_obj(comm: MPI.Intracomm, obj: Any, root: int = 0) -> Any:
     buf = bytearray(data) if me else bytearray(int(n[0]))
     comm.Bcast([buf, MPI.BYTE], root=root)
     return obj if me else pickle.loads(buf)
+
+
+def agree(comm: MPI.Intracomm) -> None:
+    """Uniform agreement that a switch went through (ULFM ``MPI_Comm_agree``): either
+    every survivor returns, or every survivor gets a failure error, so no process
+    goes on with the new communicators while another recovers on the old ones."""
+    comm.Agree(1)
+
+
+def handshake(comm: MPI.Intracomm, peer: int, source: bool) -> None:
+    """Before a state transfer: the target sends the source one empty message.
+
+    A spawned process learns of a failure in the parent job only when a
+    connection to the dead process breaks (Open MPI 5.0.11; ULFM's notices do
+    not reach spawned jobs, open-mpi/ompi#13325). Without a connection to the
+    source, a target waiting for state would wait forever after the source died;
+    with one, its receive fails and the job recovers."""
+    if source:
+        comm.Recv([bytearray(0), 0, MPI.BYTE], source=peer, tag=TAG_HANDSHAKE)
+    else:
+        comm.Send([bytearray(0), 0, MPI.BYTE], dest=peer, tag=TAG_HANDSHAKE)
+
+
+class SwitchFailed(Exception):
+    """A failure during a migration switch: recover over the switch communicator."""
+
+    def __init__(self, comm: MPI.Intracomm, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.comm = comm
+        self.exc = exc
 
 
 # -- buddy copies ---------------------------------------------------------------------
@@ -113,23 +144,24 @@ def exchange_buddies(A: MPI.Intracomm, mine: Copy, hosts: List[str]) -> Optional
 # -- the census and the plan ------------------------------------------------------------
 def member(kind: str, rank: int = -1, host: str = "", point: int = 0, own: Optional[Copy] = None,
            buddy: Optional[Copy] = None, detected: float = 0.0, hosts: Optional[List[str]] = None,
-           recoveries: int = 0) -> dict:
-    """What a process tells the others in the census."""
+           recoveries: int = 0, size: int = 0) -> dict:
+    """What a process tells the others in the census (``size``: ranks in the job, 0 if unknown)."""
     return {"kind": kind, "rank": rank, "host": host or MPI.Get_processor_name(), "pid": os.getpid(),
-            "recoveries": recoveries,
+            "recoveries": recoveries, "size": size,
             "point": point, "own_epoch": own.epoch if own else -1,
             "buddy_rank": buddy.rank if buddy else -1, "buddy_epoch": buddy.epoch if buddy else -1,
             "detected": detected or time.time(), "hosts": hosts or [],
             "argv": [sys.executable] + sys.argv, "cwd": os.getcwd()}
 
 
-def decide(table: List[dict], size: int) -> dict:
+def decide(table: List[dict]) -> dict:
     """The recovery plan, computed identically by every survivor from the census.
 
     ``assign[r]`` says who takes dead logical rank r: ("spare", S rank) or
     ("spawn", k); ``coord`` says who coordinates: ("alive", S rank),
     ("spare", S rank) or ("spawn", k); ``spawn_hosts[k]`` is where spawn k runs.
     """
+    size = max(m["size"] for m in table)
     alive = {m["rank"] for m in table if m["kind"] == "rank"}
     dead = [r for r in range(size) if r not in alive]
     coords = [i for i, m in enumerate(table) if m["kind"] == "coordinator"]
@@ -223,8 +255,7 @@ def _spawn(S: MPI.Intracomm, plan: dict, argv: List[str], cwd: str) -> MPI.Intra
     return migration.track(inter.Merge(high=False))
 
 
-def recover(J: MPI.Intracomm, me: dict, *, A: Optional[MPI.Intracomm] = None, size: int,
-            ckpt_dir=None, own: Optional[Copy] = None, buddy: Optional[Copy] = None,
+def recover(J: MPI.Intracomm, me: dict, *, A: Optional[MPI.Intracomm] = None, ckpt_dir=None, own: Optional[Copy] = None, buddy: Optional[Copy] = None,
             config_env: Optional[dict] = None) -> Outcome:
     """The recovery collective for a process that was in J when the failure happened."""
     t_detect = me["detected"]
@@ -240,7 +271,7 @@ def recover(J: MPI.Intracomm, me: dict, *, A: Optional[MPI.Intracomm] = None, si
             S = migration.track(J.Shrink())
             t_shrunk = time.time()
             table = allgather_obj(S, me)
-            plan = decide(table, size)
+            plan = decide(table)
         except MPI.Exception as exc:
             if not is_failure(exc):
                 raise

@@ -176,6 +176,8 @@ class Context:
         comm._flush()                                              # step 3: queueing
         move = plan.move_of(self.rank)
         Jc = migration.join(self._J, plan.nspawned)                # step 5: targets join
+        if self.config.ft:
+            self._J = Jc        # a failure from here on is recovered over the switch comm
         A, Jn = migration.split(Jc, logical=self.rank, leaving=move is not None)   # step 7
         if move is not None:                                       # steps 4 and 6
             st = self._state if self._state is not None else State()
@@ -183,10 +185,16 @@ class Context:
             extra = {"comm": comm._export(), "point": self.point, "epoch": self.epoch,
                      "t_suspend": self._t_point_wall, "stats": self.stats, "from": self.host}
             msg = migration.pack_state(arrays, objects, extra)
+            if self.config.ft:
+                recovery.handshake(Jc, migration.target_jrank(plan, move), source=True)
             migration.send_state(Jc, migration.target_jrank(plan, move), msg)
             del msg, arrays, objects
+            if self.config.ft:
+                recovery.agree(Jc)
             self._state = None
             raise _Retired(Jc)
+        if self.config.ft:
+            recovery.agree(Jc)
         comm._swap(A)
         self._J = Jn
         Jn.send({"plan": plan.id, "rank": self.rank, "stall": time.perf_counter() - self._t_point,
@@ -393,13 +401,14 @@ def _start_initial(cfg: Config) -> Optional[Context]:
     return ctx
 
 
-def _serve_spare(J: MPI.Intracomm, cfg: Config, size: int) -> Optional[Context]:
+def _serve_spare(J: MPI.Intracomm, cfg: Config, size: int = 0, announce: bool = True) -> Optional[Context]:
     """A warm spare: a process started with the job that idles (in J, not in A)
     until a plan gives it a rank, so a migration to its host spawns nothing.
     Under ``--ft`` it also takes part in recoveries, where it may become a
     replacement rank or the new coordinator."""
     from . import checkpoint  # noqa: F401 - import h5py now, not during the freeze
-    J.send({"host": hostname(), "pid": os.getpid()}, dest=0, tag=TAG_SPARE)
+    if announce:
+        J.send({"host": hostname(), "pid": os.getpid()}, dest=0, tag=TAG_SPARE)
     st = MPI.Status()
     while True:
         try:
@@ -414,21 +423,35 @@ def _serve_spare(J: MPI.Intracomm, cfg: Config, size: int) -> Optional[Context]:
             move = next((m for m in plan.moves if m.spare_jrank == me), None)
             t0 = time.perf_counter()
             Jc = migration.join(J, plan.nspawned)
+            if cfg.ft:
+                J = Jc          # a failure from here on is recovered over the switch comm
             A, Jn = migration.split(Jc, logical=move.rank if move else None, leaving=False)
             if move is None:
+                if cfg.ft:
+                    recovery.agree(Jc)
                 J = Jn
                 continue
             return _adopt(plan, move, Jc, A, Jn, cfg, t0)
-        except MPI.Exception as exc:
+        except (MPI.Exception, recovery.SwitchFailed) as exc:
+            if isinstance(exc, recovery.SwitchFailed):
+                J, exc = exc.comm, exc.exc
             if not (cfg.ft and recovery.is_failure(exc)):
                 raise
-            events.emit(cfg.job_dir, "failure", cfg.run_id, by=-2, point=-1, error=exc.Get_error_string())
-            out = recovery.recover(J, recovery.member("spare"), size=size, ckpt_dir=cfg.ckpt_dir,
-                                   config_env=cfg.to_env())
-            if out.kind == "spare":
-                J = out.J
-                continue
-            return _after_recovery(out, cfg)
+            ctx = _spare_recovers(J, exc, cfg, size)
+            if isinstance(ctx, Context):
+                return ctx
+            J = ctx
+
+
+def _spare_recovers(J: MPI.Intracomm, exc: BaseException, cfg: Config, size: int = 0):
+    """A process without a rank (warm spare, migration target) saw a failure: take part
+    in the recovery. Returns a Context if it became a rank, else the new J (still a spare)."""
+    events.emit(cfg.job_dir, "failure", cfg.run_id, by=-2, point=-1, error=exc.Get_error_string())
+    out = recovery.recover(J, recovery.member("spare", size=size), ckpt_dir=cfg.ckpt_dir,
+                           config_env=cfg.to_env())
+    if out.kind == "spare":
+        return out.J
+    return _after_recovery(out, cfg)
 
 
 def _start_target(parent: MPI.Intercomm) -> Optional[Context]:
@@ -449,8 +472,19 @@ def _start_target(parent: MPI.Intercomm) -> Optional[Context]:
     cfg = Config.from_env({**os.environ, **msg["config"]})
     t0 = time.perf_counter()
     Jc = migration.join(None, plan.nspawned, my_target=k, bridge=B)
-    A, Jn = migration.split(Jc, logical=rank, leaving=False)
-    return _adopt(plan, plan.move_of(rank), Jc, A, Jn, cfg, t0)
+    try:
+        A, Jn = migration.split(Jc, logical=rank, leaving=False)
+        return _adopt(plan, plan.move_of(rank), Jc, A, Jn, cfg, t0)
+    except (MPI.Exception, recovery.SwitchFailed) as exc:
+        J = Jc
+        if isinstance(exc, recovery.SwitchFailed):
+            J, exc = exc.comm, exc.exc
+        if not (cfg.ft and recovery.is_failure(exc)):
+            raise
+        ctx = _spare_recovers(J, exc, cfg)
+        if isinstance(ctx, Context):
+            return ctx
+        return _serve_spare(ctx, cfg, announce=False)    # a spare of the job now
 
 
 def _adopt(plan: Plan, move, Jc, A, Jn, cfg: Config, t0: float) -> Context:
@@ -458,7 +492,16 @@ def _adopt(plan: Plan, move, Jc, A, Jn, cfg: Config, t0: float) -> Context:
     rank = move.rank
     comm = _comm(cfg, A)
     t1 = time.perf_counter()
-    state = migration.recv_state(Jc, move.src_jrank)
+    try:
+        if cfg.ft:
+            recovery.handshake(Jc, move.src_jrank, source=False)
+        state = migration.recv_state(Jc, move.src_jrank)
+        if cfg.ft:
+            recovery.agree(Jc)
+    except MPI.Exception as exc:
+        if not (cfg.ft and recovery.is_failure(exc)):
+            raise
+        raise recovery.SwitchFailed(Jc, exc) from None
     t2 = time.perf_counter()
     arrays, objects, extra = migration.unpack_state(state)
     comm._import(extra["comm"])
@@ -486,8 +529,8 @@ def _recover(ctx: Context, exc: BaseException) -> Context:
     log.warning("rank %d: failure seen at point %d (%s): recovering", ctx.rank, ctx.point,
                 exc.Get_error_string())
     me = recovery.member("rank", ctx.rank, ctx.host, ctx.point, ctx._own, ctx._buddy, detected, ctx._hosts,
-                         ctx.recoveries)
-    out = recovery.recover(ctx._J, me, A=ctx.comm.mpi, size=ctx.size, ckpt_dir=cfg.ckpt_dir,
+                         ctx.recoveries, ctx.size)
+    out = recovery.recover(ctx._J, me, A=ctx.comm.mpi, ckpt_dir=cfg.ckpt_dir,
                            own=ctx._own, buddy=ctx._buddy, config_env=cfg.to_env())
     return _after_recovery(out, cfg, ctx)
 

@@ -17,18 +17,28 @@ KILL = ROOT / "tests" / "progs" / "heat_kill.py"
 N, STEPS, EVERY = 64, 30, 5
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def serial(tmp_path_factory, steps):
     ref = tmp_path_factory.mktemp("ref") / "ref.npy"
-    run_cmd([sys.executable, APPS / "heat2d.py", "--serial", "--n", N, "--steps", STEPS, "--out", ref],
+    run_cmd([sys.executable, APPS / "heat2d.py", "--serial", "--n", N, "--steps", steps, "--out", ref],
             check_rc=0)
     return np.load(ref).tobytes()
 
 
-def run_ft(tmp_path, *faults, spares=0, opts=()):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return serial(tmp_path_factory, STEPS)
+
+
+@pytest.fixture(scope="module")
+def reference_long(tmp_path_factory):
+    return serial(tmp_path_factory, 60)
+
+
+def run_ft(tmp_path, *faults, spares=0, opts=(), steps=STEPS, work_ms=0):
     job, out = tmp_path / "job", tmp_path / "out.npy"
     cmd = mpimig_cmd("run", "-n", 4, "--ft", *opts, "--ckpt-every", EVERY, "--spares", spares, "--job-dir", job,
-                     "--timeout", 150, KILL, *faults, "--n", N, "--steps", STEPS, "--out", out)
+                     "--timeout", 150, KILL, *faults, "--n", N, "--steps", steps, "--work-ms", work_ms,
+                     "--out", out)
     res = run_cmd(cmd, timeout=180, env=base_env(), cwd=ROOT)
     events = [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines()]
     assert (job / "complete.json").exists(), res.stdout[-3000:] + res.stderr[-3000:]
@@ -124,3 +134,24 @@ def test_second_failure_after_a_recovery_is_survived_too(tmp_path, reference):
     recs = recovered(events)
     assert [(r["recovery"], r["failed"], r["epoch"]) for r in recs] == [(1, [1], 2), (2, [2], 4)]
     assert result == reference
+
+
+@pytest.mark.parametrize("who", ["source", "target"])
+def test_kill_during_a_migration(tmp_path, reference_long, who):
+    # rank 1 moves at point 12 (its target is spawned meanwhile, so the job runs slowly
+    # enough to reach the switch); the source dies before it sends its state, or the
+    # target before it receives it. Every process recovers over the switch communicator.
+    res, events, result, done = run_ft(tmp_path, "--kill-migrating", who, opts=("--migrate", "12:1:" + _host()),
+                                       steps=60, work_ms=40)
+    assert f"killing the migration {who}" in res.stdout
+    (rec,) = recovered(events)
+    if who == "source":      # rank 1 is lost: its target (in J by now) takes it over as a spare
+        assert rec["failed"] == [1] and rec["replaced_by"] == {"1": "spare"}
+    else:                    # no rank is lost: rank 1 stays where it was
+        assert rec["failed"] == [] and rec["replaced_by"] == {}
+    assert result == reference_long
+
+
+def _host():
+    import socket
+    return socket.gethostname()

@@ -8,6 +8,9 @@ job's first life (a process that resumed after a recovery does not repeat it):
                         with L, in the job's life L instead (after L online recoveries)
   --kill-coordinator P  rank 0 SIGKILLs the coordinator (pid from JOB_DIR/status.json) after point P
   --kill-in-ckpt R@E    rank R SIGKILLs itself when it starts writing its file of epoch E
+  --kill-migrating WHO  in the first migration, the source (WHO=source) SIGKILLs itself
+                        before it sends its state, or the target (WHO=target) before it
+                        receives it
 """
 import argparse
 import json
@@ -68,7 +71,16 @@ if __name__ == "__main__":
     p.add_argument("--kill", type=kill_spec, action="append", default=[])
     p.add_argument("--kill-coordinator", type=int, default=-1)
     p.add_argument("--kill-in-ckpt", type=pair, action="append", default=[])
+    p.add_argument("--kill-migrating", choices=["source", "target"])
     own, rest = p.parse_known_args()
+    if own.kill_migrating:
+        from mpimig import migration
+        name = "send_state" if own.kill_migrating == "source" else "recv_state"
+
+        def dying(*a, **k):
+            print(f"killing the migration {own.kill_migrating} (pid {os.getpid()})", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        setattr(migration, name, dying)
     args = heat2d.parse(rest)
     import mpimig
     res = mpimig.run(lambda ctx: main(ctx, own, args))
