@@ -215,7 +215,7 @@ def storm(ctx, args, phase):
     held_at_start = len(getattr(comm, "_queue", ()))
     c["held_max"] = max(c["held_max"], held_at_start)
     c["held_total"] += held_at_start
-    if ctx.role == "restarted":         # held messages picked up from the checkpoint
+    if ctx.role in ("restarted", "survivor", "replacement"):   # held messages picked up from an epoch
         c["held_restored"] += held_at_start
     start_step = st.step
     if ctx.role == "migrated":

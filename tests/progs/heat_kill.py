@@ -33,7 +33,8 @@ def kill_spec(text):
     return bits[0], bits[1], bits[2] if len(bits) > 2 else 0
 
 
-def main(ctx, own, args):
+def install_faults(ctx, own):
+    """Arm the faults of ``own`` (from add_fault_options) on this process."""
     first_life = ctx.role in ("initial", "restarted")
     point = ctx.__dict__.setdefault("_unwrapped_point", ctx.checkpoint_point)   # main runs again after a recovery
     rank = ctx.comm.rank
@@ -60,19 +61,17 @@ def main(ctx, own, args):
                         os.kill(os.getpid(), signal.SIGKILL)
                     return write(epoch, *a, **k)
                 ctx._store.write_rank = write_rank
-    res = heat2d.main(ctx, args)
-    if res is not None:
-        res["role"] = ctx.role
-    return res
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(add_help=False)
+def add_fault_options(p):
     p.add_argument("--kill", type=kill_spec, action="append", default=[])
     p.add_argument("--kill-coordinator", type=int, default=-1)
     p.add_argument("--kill-in-ckpt", type=pair, action="append", default=[])
     p.add_argument("--kill-migrating", choices=["source", "target"])
-    own, rest = p.parse_known_args()
+
+
+def arm_migration_kill(own):
+    """--kill-migrating: replace the state transfer's send or receive by a suicide."""
     if own.kill_migrating:
         from mpimig import migration
         name = "send_state" if own.kill_migrating == "source" else "recv_state"
@@ -81,6 +80,21 @@ if __name__ == "__main__":
             print(f"killing the migration {own.kill_migrating} (pid {os.getpid()})", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         setattr(migration, name, dying)
+
+
+def main(ctx, own, args):
+    install_faults(ctx, own)
+    res = heat2d.main(ctx, args)
+    if res is not None:
+        res["role"] = ctx.role
+    return res
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(add_help=False)
+    add_fault_options(p)
+    own, rest = p.parse_known_args()
+    arm_migration_kill(own)
     args = heat2d.parse(rest)
     import mpimig
     res = mpimig.run(lambda ctx: main(ctx, own, args))
