@@ -67,7 +67,7 @@ class Context:
         self.stats = {"checkpoints": 0, "ckpt_seconds": 0.0, "ckpt_bytes": 0}
         self.recoveries = 0                   # online recoveries of the job so far
         self._own: Optional[recovery.Copy] = None     # --ft: my state at the last epoch, in memory
-        self._buddy: Optional[recovery.Copy] = None   # --ft: another rank's state, in memory
+        self._buddies: List[recovery.Copy] = []       # --ft: other ranks' states, in memory
         self._hosts: List[str] = []           # host of each logical rank (at the last checkpoint)
         if config.ckpt_dir is not None:
             from .checkpoint import CheckpointStore
@@ -274,12 +274,11 @@ class Context:
             except MpimigError as exc:
                 err = str(exc)
         self._hosts = recovery.allgather_obj(self.comm.mpi, self.host)
-        self._buddy = None                # the old copies go before the new ones arrive
+        self._buddies = []                # the old copies go before the new ones arrive
         self._own = None
-        self._buddy = recovery.exchange_buddies(self.comm.mpi, mine, self._hosts)
+        self._buddies = recovery.exchange_buddies(self.comm.mpi, mine, self._hosts)
         self._own = mine
-        self.stats["buddy_bytes"] = ((mine.nbytes() if mine else 0)
-                                     + (self._buddy.nbytes() if self._buddy else 0))
+        self.stats["buddy_bytes"] = (mine.nbytes() if mine else 0) + sum(b.nbytes() for b in self._buddies)
         return err
 
     # -- restart -------------------------------------------------------------------
@@ -528,10 +527,10 @@ def _recover(ctx: Context, exc: BaseException) -> Context:
                 error=exc.Get_error_string())
     log.warning("rank %d: failure seen at point %d (%s): recovering", ctx.rank, ctx.point,
                 exc.Get_error_string())
-    me = recovery.member("rank", ctx.rank, ctx.host, ctx.point, ctx._own, ctx._buddy, detected, ctx._hosts,
+    me = recovery.member("rank", ctx.rank, ctx.host, ctx.point, ctx._own, ctx._buddies, detected, ctx._hosts,
                          ctx.recoveries, ctx.size)
     out = recovery.recover(ctx._J, me, A=ctx.comm.mpi, ckpt_dir=cfg.ckpt_dir,
-                           own=ctx._own, buddy=ctx._buddy, config_env=cfg.to_env())
+                           own=ctx._own, buddies=ctx._buddies, config_env=cfg.to_env())
     return _after_recovery(out, cfg, ctx)
 
 
@@ -567,7 +566,7 @@ def _after_recovery(out, cfg: Config, ctx: Optional[Context] = None) -> Optional
         ctx.epoch = 0
         ctx._own = None
     if out.replacement:
-        ctx._buddy = None
+        ctx._buddies = []
     info = recovery.allgather_obj(out.A, (out.restore_kind, out.timings["t_restore"]))
     if ctx.rank == 0:
         t = out.timings
