@@ -167,7 +167,7 @@ class Context:
         ready = 0
         if plan is not None and plan.kind == "switch":
             move = plan.move_of(self.rank)
-            if move is not None and move.strategy == "pre-copy":
+            if move is not None and move.strategy == "pre-copy" and self.point >= plan.at_point:
                 if self._precopy is None:       # the target is in J: start the rounds
                     self._precopy = strategies.PreCopySource(
                         J, migration.target_jrank(plan, move), self._state, self.rank)
