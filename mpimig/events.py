@@ -23,6 +23,7 @@ Events (fields besides t, event, run_id):
                    ({rank: "spare"|"spawn"}), ``restore`` ("buddy"|"disk"),
                    ``t_detect``, ``t_shrink``, ``t_replace``, ``t_restore`` (seconds)
 ``migrated``       coordinator: ``id``, ``rank``, ``to``, ``strategy``, ``downtime``
+``spare_refilled`` coordinator: ``host``, ``seconds`` (a used warm spare replaced by a spawn)
 ``finished``       rank 0: ``points``, ``epoch``
 =================  ====================================================================
 """

@@ -159,17 +159,14 @@ def _wait_status(job: Path, proc, cond, timeout=120):
     pytest.fail(f"condition not reached in {job}/status.json\n{out[-3000:]}\n{err[-3000:]}")
 
 
-def test_postcopy_source_killed_mid_push_recovers(tmp_path):
-    """The push is slowed down (MPIMIG_POSTCOPY_PACE) so that the old process is
-    still needed when it is SIGKILLed. The job cannot go on with missing chunks:
-    it is lost, relaunched from the last committed epoch, and bit-identical."""
+def _postcopy_source_lost(tmp_path, sig):
     job, out = tmp_path / "job", tmp_path / "out.npy"
     n, steps = 512, 40
     cmd = mpimig_cmd("run", "-n", 4, "--job-dir", job, "--ckpt-every", 4, "--relaunch", 1, "--timeout", 200,
                      "--migrate", f"10:1:{HOST}:post-copy",
                      APPS / "heat2d.py", "--n", n, "--steps", steps, "--work-ms", 30, "--out", out)
     proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env(MPIMIG_POSTCOPY_PACE=0.1, MPIMIG_FETCH_TIMEOUT=60), cwd=ROOT,
+                            env=env(MPIMIG_POSTCOPY_PACE=0.1, MPIMIG_FETCH_TIMEOUT=4), cwd=ROOT,
                             start_new_session=True)
     try:
         st = _wait_status(job, proc, lambda s: s["migrations"] and s["migrations"][0]["state"]
@@ -178,7 +175,7 @@ def test_postcopy_source_killed_mid_push_recovers(tmp_path):
         assert "residual" not in m["timings"], m          # the push is not finished
         victim = m["src_pid"]
         assert isinstance(victim, int) and victim > 0, m
-        os.kill(victim, signal.SIGKILL)
+        os.kill(victim, sig)
         _, err = proc.communicate(timeout=300)
     finally:
         kill_session(proc.pid)
@@ -187,6 +184,23 @@ def test_postcopy_source_killed_mid_push_recovers(tmp_path):
     assert np.load(out).tobytes() == heat_ref(tmp_path, n, steps)
     rec = read(job, "complete.json")
     assert rec["role"] == "restarted", rec
+    return victim, err
+
+
+def test_postcopy_source_killed_mid_push_recovers(tmp_path):
+    """The push is slowed down (MPIMIG_POSTCOPY_PACE) so that the old process is
+    still needed when it is SIGKILLed. The job cannot go on with missing chunks:
+    it is lost, relaunched from the last committed epoch, and bit-identical."""
+    _postcopy_source_lost(tmp_path, signal.SIGKILL)
+
+
+def test_postcopy_source_stuck_times_out(tmp_path):
+    """An old process that stops answering (SIGSTOP) is not noticed by MPI: the
+    target's wait for its chunks gives up after MPIMIG_FETCH_TIMEOUT with an error
+    naming the rank and the old process, the job aborts and is relaunched."""
+    victim, err = _postcopy_source_lost(tmp_path, signal.SIGSTOP)
+    assert f"did not arrive from its old process (pid {victim} on" in err, err[-3000:]
+    assert "MPIMIG_FETCH_TIMEOUT" in err
 
 
 def test_spare_pool_refills(tmp_path):

@@ -131,6 +131,7 @@ def run_one(strategy: str, size: int, dirty: float, at: int, steps: int, args, h
     rec["downtime"] = t.get("downtime")
     rec["spawn"] = t.get("spawn")
     rec["stats"] = s
+    rec["timings"] = t
     down = rec["downtime"] or 0.0
     if strategy == "pre-copy":
         rec["bytes_moved"] = s.get("bytes_total")
