@@ -655,6 +655,8 @@ def storm(ctx, args, phase):
         collectives(k, colls)
         check_order()
         if args.ballast:
+            if k % 7 == 3:      # now and then the program replaces the array (a new object)
+                st.bal = st.bal.copy()
             st.balsum += ballast_step(st.bal, k, me)
         st.step = k + 1
         if args.work_ms:

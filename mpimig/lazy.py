@@ -208,7 +208,8 @@ def _plain(x):
     return x
 
 
-_META = frozenset({"shape", "dtype", "ndim", "size", "itemsize", "nbytes", "strides", "flags", "_lz",
+# attributes that read no data (and this class's own helpers): no wait
+_META = frozenset({"shape", "dtype", "ndim", "size", "itemsize", "nbytes", "strides", "flags", "_lz", "_touch",
                    "__class__", "__array_finalize__", "__array_ufunc__", "__array_function__",
                    "__array_priority__", "__getitem__", "__setitem__", "__len__", "base", "__dict__"})
 

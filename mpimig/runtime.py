@@ -170,7 +170,7 @@ class Context:
             if move is not None and move.strategy == "pre-copy" and self.point >= plan.at_point:
                 if self._precopy is None:       # the target is in J: start the rounds
                     self._precopy = strategies.PreCopySource(
-                        J, migration.target_jrank(plan, move), self._state, self.rank)
+                        J, migration.target_jrank(plan, move), self, self.rank)
                 ready = 1 if self._precopy.step() else 0
         votes = plan is not None and self.point >= plan.at_point
         v = np.array([1 if votes else 0, plan.id if votes else 0, ready], dtype=np.int64)

@@ -178,14 +178,15 @@ class PreCopySource:
     digests were 2x slower than the compare and not exact.)
     """
 
-    def __init__(self, J: MPI.Intracomm, dest: int, state, rank: int) -> None:
-        self.J, self.dest, self.rank = J, dest, rank
+    def __init__(self, J: MPI.Intracomm, dest: int, ctx, rank: int) -> None:
+        self.J, self.dest, self.rank, self.ctx = J, dest, rank, ctx
         self.C = chunk_bytes()
-        arrays, _ = state.split() if state is not None else ({}, {})
-        self.live = {k: v for k, v in arrays.items() if _chunkable(v)}
-        self.total = sum(v.nbytes for v in self.live.values())
+        self.live: Dict[str, np.ndarray] = {}
         self.shadow: Dict[str, np.ndarray] = {}
         self.sends: Dict[str, np.ndarray] = {}     # chunk send counts
+        self.new_meta: Dict[str, tuple] = {}
+        self._refresh()
+        self.total = sum(v.nbytes for v in self.live.values())
         self.reqs: List[MPI.Request] = []
         self.rounds: List[int] = []               # bytes per round
         self.ready = False
@@ -194,6 +195,26 @@ class PreCopySource:
         self.max_rounds = int(os.environ.get("MPIMIG_PRECOPY_ROUNDS", "8") or 8)
         self.t_start = time.time()
         self.scan_s = 0.0
+
+    def _refresh(self, arrays: Optional[Dict[str, np.ndarray]] = None) -> None:
+        """Follow the registered arrays: one the program replaced (``st.a = new``) or
+        added starts again as all dirty; one it dropped is forgotten."""
+        if arrays is None:
+            st = self.ctx._state if self.ctx is not None else None
+            arrays = st.split()[0] if st is not None else {}
+        cur = {k: v for k, v in arrays.items() if _chunkable(v)}
+        for k in list(self.live):
+            if k not in cur:
+                del self.live[k]
+                self.shadow.pop(k, None)
+                self.sends.pop(k, None)
+        for k, a in cur.items():
+            if self.live.get(k) is not a:
+                self.live[k] = a
+                self.shadow.pop(k, None)
+                self.sends.pop(k, None)
+                self.new_meta[k] = (a.shape, a.dtype.str)
+        self.total = sum(v.nbytes for v in self.live.values())
 
     def _nchunks(self, a: np.ndarray) -> int:
         return -(-a.nbytes // self.C)
@@ -231,9 +252,10 @@ class PreCopySource:
         if self.reqs and not MPI.Request.Testall(self.reqs):
             return False                  # the previous round is still on its way
         self.reqs = []
+        self._refresh()
         dirty = self._all_dirty()
         nbytes = self._count(dirty)
-        if self.rounds:
+        if self.rounds and not self.new_meta:
             if nbytes <= self.small:
                 self.reason = "small"
             elif nbytes >= self.rounds[-1]:
@@ -244,17 +266,16 @@ class PreCopySource:
                 self.ready = True         # the rest goes at the switch, with the rank frozen
                 self.pending_dirty = nbytes
                 return True
-        first = not self.rounds
         runs = []
         for k, m in dirty.items():
             a = self.live[k]
-            if first:
+            if k not in self.shadow:
                 self.shadow[k] = np.empty_like(a)
                 self.sends[k] = np.zeros(self._nchunks(a), dtype=np.int32)
             self.sends[k] += m
             for lo, hi in _runs(m, a.nbytes, self.C):
                 runs.append((k, lo, hi))
-        meta = {k: (v.shape, v.dtype.str) for k, v in self.live.items()} if first else None
+        meta, self.new_meta = self.new_meta, {}
         self.J.send({"round": len(self.rounds) + 1, "arrays": meta, "runs": runs}, self.dest, TAG_PRECOPY)
         for k, lo, hi in runs:
             L, S = flat_bytes(self.live[k]), flat_bytes(self.shadow[k])
@@ -268,6 +289,7 @@ class PreCopySource:
         if self.reqs:
             MPI.Request.Waitall(self.reqs)
         t0 = time.perf_counter()
+        self._refresh(arrays)            # the state at the switch is what counts
         dirty = self._all_dirty()
         for k, m in dirty.items():
             if k in self.sends:
@@ -305,8 +327,8 @@ class PreCopyTarget:
 
     def on_round(self, J: MPI.Intracomm, source: int) -> None:
         hdr = J.recv(source=source, tag=TAG_PRECOPY)
-        if hdr["arrays"] is not None:
-            self.arrays = {k: np.empty(shape, dtype=np.dtype(dt)) for k, (shape, dt) in hdr["arrays"].items()}
+        for k, (shape, dt) in hdr["arrays"].items():      # new (or replaced) arrays
+            self.arrays[k] = np.empty(shape, dtype=np.dtype(dt))
         for k, lo, hi in hdr["runs"]:
             J.Recv([flat_bytes(self.arrays[k])[lo:hi], MPI.BYTE], source, TAG_PRECOPY_DATA)
         self.rounds += 1
@@ -319,7 +341,7 @@ class PreCopy(Strategy):
     def send(self, ctx, Jc, dest, arrays, objects, extra, plan, move):
         src = getattr(ctx, "_precopy", None)
         if src is None:                      # no rounds were possible: everything now
-            src = PreCopySource(Jc, dest, ctx._state, move.rank)
+            src = PreCopySource(Jc, dest, ctx, move.rank)
             src.reason = "no-rounds"
         src.finish(Jc, dest, arrays, objects, extra)
         ctx._precopy = None

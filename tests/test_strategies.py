@@ -231,3 +231,24 @@ def test_spare_pool_refills(tmp_path):
     assert np.load(out).tobytes() == heat_ref(tmp_path, n, steps)
     ranks = read(job, "complete.json")["ranks"]
     assert [r["role"] for r in ranks] == ["initial", "migrated", "migrated", "initial"]
+
+
+def test_lazy_array_waits_only_for_touched_chunks():
+    """mpimig.lazy in one process: an access waits for the chunks of its byte range
+    only; a chunk that never comes ends in a named error after MPIMIG_FETCH_TIMEOUT
+    (never in a read of memory that did not arrive); a Comm buffer call with a lazy
+    array waits for it; completed arrays index to plain ndarrays."""
+    res = run_cmd(["mpiexec", "-n", 1, sys.executable, ROOT / "tests" / "progs" / "lazy_unit.py"],
+                  timeout=60, env=env())
+    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+    assert line, res.stdout + res.stderr
+    r = json.loads(line[0][7:])
+    assert r["type"] == "LazyArray"
+    assert r["row10"] == [640.0, 641.0, 642.0]
+    assert r["after_row10"] == [0, 1, 0, 0, 0, 0, 0, 0]        # only chunk 1 was needed
+    assert r["after_write"] == [0, 1, 0, 0, 0, 0, 0, 1]        # the write waited for chunk 7 ...
+    assert r["u60"] == [3840.0, -1.0, 3842.0]                  # ... and the push did not overwrite it
+    assert r["timeout"].startswith("rank ?: post-copy: 1 chunk(s) of its state did not arrive from its old "
+                                   "process (pid 1 on h) within 0.5 s (MPIMIG_FETCH_TIMEOUT)")
+    assert r["demanded_timeout"] == [0]                        # it asked the old process for chunk 0
+    assert r["guard_equal"] and r["complete"] and r["plain_after"] == "ndarray"
