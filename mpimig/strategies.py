@@ -383,6 +383,16 @@ class PostCopy(Strategy):
 
     def receive(self, Jc, source, cfg, rx=None):
         from .lazy import LazySession
+        # the old process is what the rank depends on from now on: do not wait for it forever
+        timeout = float(os.environ.get("MPIMIG_FETCH_TIMEOUT", "120") or 120)
+        t0 = time.perf_counter()
+        while not Jc.Iprobe(source, TAG_STATE):
+            if time.perf_counter() - t0 > timeout:
+                raise MigrationError(f"post-copy: the old process (J rank {source}) sent no state within "
+                                     f"{timeout:g} s (MPIMIG_FETCH_TIMEOUT); it is gone or stuck. The job "
+                                     "aborts; mpimig run --relaunch K / --restart brings it back from the "
+                                     "last committed epoch")
+            time.sleep(0.0002)
         hdr = pkl5.Intracomm(Jc).recv(source=source, tag=TAG_STATE)
         sess = LazySession(Jc, source, hdr)
         arrays = dict(sess.arrays)

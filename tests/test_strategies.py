@@ -169,10 +169,10 @@ def _postcopy_source_lost(tmp_path, sig):
                             env=env(MPIMIG_POSTCOPY_PACE=0.1, MPIMIG_FETCH_TIMEOUT=4), cwd=ROOT,
                             start_new_session=True)
     try:
-        st = _wait_status(job, proc, lambda s: s["migrations"] and s["migrations"][0]["state"]
-                          in ("resumption", "done"))
+        # the new process has resumed (its report is in) and the push is not finished
+        st = _wait_status(job, proc, lambda s: s["migrations"] and s["migrations"][0]["state"] == "done")
         m = st["migrations"][0]
-        assert "residual" not in m["timings"], m          # the push is not finished
+        assert "residual" not in m["timings"], m
         victim = m["src_pid"]
         assert isinstance(victim, int) and victim > 0, m
         os.kill(victim, sig)
