@@ -479,6 +479,9 @@ def _adopt(plan: Plan, move, Jc, A, Jn, cfg: Config, t0: float, rx=None) -> Cont
 
 def _finish(ctx: Context, result: Any, t_start: float) -> None:
     ctx._complete_lazy()
+    if ctx._precopy is not None and ctx._precopy.reqs:
+        # a pre-copy that the job outlived: let the target (still in J) take the last round
+        MPI.Request.Waitall(ctx._precopy.reqs)
     procs = ctx.comm.mpi.gather({"rank": ctx.rank, "host": ctx.host, "pid": os.getpid(),
                                  "role": ctx.role}, root=0)
     ctx._procs = procs
