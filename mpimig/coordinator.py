@@ -97,7 +97,13 @@ class Coordinator:
         # processes that wait on their bridge (refill), as migration targets do
         self.pool_size = {h: len(j) for h, j in self.spares.items()}
         self.pool: Dict[str, List[MPI.Intracomm]] = {}
-        self.refill = os.environ.get("MPIMIG_SPARE_REFILL", "1") != "0"
+        # local (default): refill only spares of the coordinator's host: with Open MPI 5.0.11,
+        # spawning onto another host crashes that host's prted about half of the time
+        # (docs/protocol.md, Limits); all: every host (MPICH); 0: never
+        self.refill = os.environ.get("MPIMIG_SPARE_REFILL", "local")
+        if self.refill not in ("local", "all", "0"):
+            log.warning("MPIMIG_SPARE_REFILL=%s: expected local, all or 0; using local", self.refill)
+            self.refill = "local"
         self.server: Optional[ControlServer] = None
         if cfg.job_dir is not None:
             self.server = ControlServer(cfg.job_dir, cfg.run_id)
@@ -180,7 +186,10 @@ class Coordinator:
     def refill_pool(self) -> bool:
         """Warm spares: replace one used spare (a process for that host that waits on
         its bridge). Only between plans: the spawn blocks the coordinator ~0.3 s."""
+        me = MPI.Get_processor_name()
         for host, size in self.pool_size.items():
+            if self.refill == "local" and host != me:
+                continue
             if len(self.spares.get(host, [])) + len(self.pool.get(host, [])) < size:
                 t0 = time.perf_counter()
                 try:
@@ -490,7 +499,7 @@ class Coordinator:
                 self.send_plan()
                 self.write_status()
                 busy = True
-            elif (self.refill and self.plan is None and not self.queue and not self.ready
+            elif (self.refill != "0" and self.plan is None and not self.queue and not self.ready
                   and not self.finishing and self.refill_pool()):
                 self.write_status()
                 busy = True
