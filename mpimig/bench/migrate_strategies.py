@@ -261,13 +261,13 @@ def plot(results: dict, path: Path) -> None:
     styles = ["-", "--", ":", "-."]
     dirties = sorted({r["dirty"] for r in rows})
     for ax, (key, label, scale) in zip(axes, panels):
-        for strat in results["strategies"]:
+        for j, strat in enumerate(results["strategies"]):
             for i, d in enumerate(dirties):
                 pts = sorted((r["size"], r[key]) for r in rows
                              if r["strategy"] == strat and r["dirty"] == d and r.get(key) is not None)
                 if pts:
                     ax.plot([p[0] / (1 << 20) for p in pts], [p[1] * scale for p in pts],
-                            styles[i % len(styles)], marker="o",
+                            styles[i % len(styles)], marker="o", color=f"C{j}",
                             label=f"{strat}, {d * 100:g}% dirty")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
