@@ -403,8 +403,9 @@ def register(sub) -> None:
                    help="checkpoint every S seconds (default: off)")
     p.add_argument("--keep", type=int, default=2, help="committed epochs to keep (default 2)")
     p.add_argument("--restart", choices=RESTART_MODES, default="auto", help="restart policy (below)")
-    p.add_argument("--migrate", action="append", metavar="STEP:RANK:HOST",
-                   help="migrate RANK to HOST at checkpoint point STEP (repeatable)")
+    p.add_argument("--migrate", action="append", metavar="STEP:RANK:HOST[:STRATEGY]",
+                   help="migrate RANK to HOST at checkpoint point STEP (repeatable); STRATEGY: "
+                        "stop-and-copy (default), pre-copy, post-copy or file-server")
     p.add_argument("--coordinator", action="store_true",
                    help="start the coordinator even without a schedule (for mpimig migrate)")
     p.add_argument("--spares", type=int, default=0, metavar="K",

@@ -221,6 +221,8 @@ def run(args, out=print) -> dict:
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     if not sizes:
         raise UsageError("--sizes needs at least one size")
+    if args.repeat is None:
+        args.repeat = 3
     if args.repeat < 1:
         raise UsageError("--repeat must be at least 1")
     if args.work_ms < 0 or args.before <= 0 or args.after <= 0:
@@ -276,6 +278,9 @@ def run(args, out=print) -> dict:
 
 
 def main(args) -> int:
+    if args.strategies:
+        from . import migrate_strategies
+        return migrate_strategies.main(args)
     res = run(args)
     print("")
     for line in format_table(res["sizes"]):
@@ -293,7 +298,8 @@ def register(bench_subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1M,16M,256M,1G",
                    help="registered bytes per rank, comma-separated, binary units (default 1M,16M,256M,1G)")
-    p.add_argument("--repeat", type=int, default=3, help="migrations per size; medians are shown (default 3)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="migrations per size; medians are shown (default 3; with --strategies 1)")
     p.add_argument("--work-ms", type=float, default=20.0, help="sleep per step in the program, ms (default 20)")
     p.add_argument("--before", type=float, default=2.0,
                    help="seconds of steps before the earliest migration point (default 2)")
@@ -302,6 +308,17 @@ def register(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", help="target host (default: this machine's hostname)")
     p.add_argument("--dir", help="where job directories go (a temporary subdirectory, removed)")
     p.add_argument("--timeout", type=float, default=300.0, help="per job, seconds (default 300)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE "
+                   "(with --strategies: default migrate-strategies.json)")
+    g = p.add_argument_group("strategies side by side (mpimig/bench/migrate_strategies.py)")
+    g.add_argument("--strategies", metavar="LIST",
+                   help="'all' or a comma-separated list of stop-and-copy, pre-copy, post-copy, file-server: "
+                        "run every strategy x size x --dirty; print a table, write JSON and a PNG plot")
+    g.add_argument("--dirty", default="0,1%,10%",
+                   help="with --strategies: fractions of the array the program changes per step "
+                        "(default 0,1%%,10%%)")
+    g.add_argument("--no-spare", dest="spares", action="store_false",
+                   help="with --strategies: spawn the target instead of using a warm spare")
+    g.add_argument("--png", metavar="FILE", help="with --strategies: the plot (default: the JSON's name, .png)")
     p.set_defaults(func=main)
     return p
