@@ -177,3 +177,17 @@ def test_storm_messages_in_flight_at_the_epoch_survive_two_recoveries(tmp_path):
     assert killed["held_restored"] > 0       # the epochs rolled back to had messages in flight
     events = [json.loads(line) for line in (tmp_path / "killed" / "events.jsonl").read_text().splitlines()]
     assert [r["failed"] for r in recovered(events)] == [[1], [3]]
+
+
+@pytest.mark.parametrize("strategy", ["stop-and-copy", "pre-copy", "post-copy", "file-server"])
+def test_every_strategy_under_ft_then_a_kill(tmp_path, reference_long, strategy):
+    """A migration with each strategy in an --ft job (handshake and agreement around
+    the transfer), then rank 2 dies after it: the moved rank takes part in the recovery."""
+    res, events, result, done = run_ft(tmp_path, "--kill", "2@40",
+                                       opts=("--migrate", f"12:1:{_host()}:{strategy}"), steps=60, work_ms=30)
+    status = json.loads((tmp_path / "job" / "status.json").read_text())
+    (mig,) = status["migrations"]
+    assert mig["state"] == "done" and mig["strategy"] == strategy, mig
+    (rec,) = recovered(events)
+    assert rec["failed"] == [2]
+    assert result == reference_long
