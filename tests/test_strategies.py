@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import APPS, ROOT, base_env, kill_session, mpimig_cmd, run_cmd
+from conftest import APPS, ROOT, base_env, heat_ref, kill_session, mpimig_cmd, read, run_cmd
 from mpimig.control import request
 
 HOST = socket.gethostname()
@@ -38,17 +38,6 @@ CHUNK = 16384
 def env(**extra):
     # one machine: Open MPI's TCP (between spawned processes) on loopback only
     return base_env(OMPI_MCA_btl_tcp_if_include="lo", MPIMIG_CHUNK=CHUNK, **extra)
-
-
-def heat_ref(tmp_path, n, steps) -> bytes:
-    ref = tmp_path / f"ref-{n}-{steps}.npy"
-    run_cmd([sys.executable, APPS / "heat2d.py", "--serial", "--n", n, "--steps", steps, "--out", ref],
-            check_rc=0)
-    return np.load(ref).tobytes()
-
-
-def read(job: Path, name: str) -> dict:
-    return json.loads((job / name).read_text())
 
 
 def test_registry_and_unknown_strategy(tmp_path):

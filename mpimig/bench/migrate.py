@@ -85,6 +85,19 @@ def others_wait(result: dict, moved: int) -> Optional[dict]:
             "others_median_s": statistics.median(others), "per_rank_s": waits}
 
 
+def job_records(job, proc, rec: dict):
+    """(status.json, complete.json) of a benchmark job, or None after noting the failure in rec
+    (the job directory is removed then)."""
+    try:
+        return (json.loads((job / "status.json").read_text()),
+                json.loads((job / "complete.json").read_text()))
+    except (OSError, ValueError) as exc:
+        rec["state"] = f"failed: job did not complete ({exc.__class__.__name__})"
+        rec["log"] = (proc.stdout + proc.stderr)[-3000:]
+        shutil.rmtree(job, ignore_errors=True)
+        return None
+
+
 def run_migration(size: int, at: int, steps: int, work_ms: float, host: str, work: Path,
                   tag: str, timeout: float) -> dict:
     """One job with one scheduled migration; the numbers from status.json and the program."""
@@ -101,14 +114,10 @@ def run_migration(size: int, at: int, steps: int, work_ms: float, host: str, wor
                 "log": str(exc.stderr or "")[-3000:], "at_point": at, "steps": steps}
     wall = time.monotonic() - t0
     rec = {"wall_s": wall, "rc": proc.returncode, "at_point": at, "steps": steps}
-    try:
-        status = json.loads((job / "status.json").read_text())
-        complete = json.loads((job / "complete.json").read_text())
-    except (OSError, ValueError) as exc:
-        rec["state"] = f"failed: job did not complete ({exc.__class__.__name__})"
-        rec["log"] = (proc.stdout + proc.stderr)[-3000:]
-        shutil.rmtree(job, ignore_errors=True)
+    records = job_records(job, proc, rec)
+    if records is None:
         return rec
+    status, complete = records
     migs = status.get("migrations") or []
     m = migs[0] if migs else {"state": "missing", "timings": {}, "stalls": {}}
     t = m.get("timings", {})

@@ -42,7 +42,7 @@ from typing import List, Optional
 from ..errors import UsageError
 from ..protocol import STRATEGIES, check_strategy
 from .checkpoint import fmt_size, parse_size
-from .migrate import APP, MOVING, RANKS, _median, others_wait, plan_steps, run_raw
+from .migrate import APP, MOVING, RANKS, _median, job_records, others_wait, plan_steps, run_raw
 
 GOAL_SC = 1.5          # stop-and-copy downtime / (bytes / Send bandwidth)
 GOAL_PRE = 0.1         # pre-copy downtime / stop-and-copy downtime, >= 1 GiB, <= 2% dirty
@@ -114,16 +114,10 @@ def run_one(strategy: str, size: int, dirty: float, at: int, steps: int, args, h
         shutil.rmtree(job, ignore_errors=True)
         rec["state"] = f"failed: mpimig run did not return in {args.timeout + 60:.0f} s"
         return rec
-    try:
-        status = json.loads((job / "status.json").read_text())
-        complete = json.loads((job / "complete.json").read_text())
-    except (OSError, ValueError) as exc:
-        rec["state"] = f"failed: job did not complete ({exc.__class__.__name__})"
-        rec["log"] = (proc.stdout + proc.stderr)[-3000:]
-        shutil.rmtree(job, ignore_errors=True)
+    records = job_records(job, proc, rec)
+    if records is None:
         return rec
-    finally:
-        pass
+    status, complete = records
     migs = status.get("migrations") or []
     m = migs[0] if migs else {"state": "missing", "timings": {}, "strategy_stats": {}}
     t, s = m.get("timings", {}), m.get("strategy_stats", {}) or {}
