@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "mpimig.bench",         # bench checkpoint|comm|migrate
     "mpimig.lab",           # lab up|status|kill|down, lab slurm up|down
     "mpimig.storm",         # storm
+    "mpimig.inject",        # inject
     "mpimig.demo",          # demo
 ]
 

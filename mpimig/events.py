@@ -10,9 +10,13 @@ one file system do not interleave.
 Events (fields besides t, event, run_id):
 
 =================  ====================================================================
-``launch``         launcher: ``attempt`` (0 = first), ``n``, ``hosts``, ``restart``
-``job_lost``       launcher: ``attempt``, ``returncode``, ``reason``
-``relaunch``       launcher: ``attempt``, ``hosts``, ``lost_hosts``, ``epoch``
+``launch``         launcher: ``attempt`` (0 = first), ``n``, ``hosts``, ``restart``, ``ft``,
+                   ``mpi`` (openmpi | mpich), ``pid`` (of mpimig run)
+``job_lost``       launcher: ``attempt``, ``returncode``, ``reason`` (from mpiexec's output:
+                   "host lost: ...", "a rank was killed by a signal: ...", "timeout", ...),
+                   ``seconds`` (the attempt's wall time)
+``relaunch``       launcher (old run's id): ``attempt``, ``hosts``, ``lost_hosts``, ``epoch``
+                   (resumed from; None: from the start), ``new_run_id``
 ``started``        rank 0: ``role`` (initial | restarted), ``epoch``, ``point``
 ``epoch``          rank 0: ``epoch``, ``point``, ``seconds`` (a committed checkpoint),
                    ``buddy_bytes`` (--ft: memory of rank 0's own + buddy copies)
@@ -30,6 +34,11 @@ Events (fields besides t, event, run_id):
 ``migrated``       coordinator: ``id``, ``rank``, ``to``, ``strategy``, ``downtime``
 ``spare_refilled`` coordinator: ``host``, ``seconds`` (a used warm spare replaced by a spawn)
 ``finished``       rank 0: ``points``, ``epoch``, ``recoveries``
+``injected``       mpimig inject (``by``: injector) or the dying process (``by``: process):
+                   ``id``, ``kind``, ``target``, ``pids``, ``point``; a checkpoint-write
+                   fault adds ``epoch``, ``tmp_dir``, ``tmp_dir_seen``, ``committed``
+``resumed``        rank 0, only under mpimig inject: the first point passed after a start
+                   a roll-back or an online recovery: ``point``, ``epoch``, ``role``
 =================  ====================================================================
 """
 from __future__ import annotations

@@ -17,16 +17,19 @@ import argparse
 import functools
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from . import events
 from .config import RESTART_MODES, Config, parse_schedule
 from .errors import LaunchError, NoCommittedEpoch, UsageError
 
@@ -221,9 +224,75 @@ def _kill_job(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+# What mpiexec prints when a job is lost, and the reason recorded in the
+# ``job_lost`` event (first match wins; PLATFORM.md: mpiexec may still exit 0).
+LOSS_PATTERNS = [
+    ("lost communication with a remote daemon", "host lost: PRRTE lost communication with a remote daemon"),
+    ("lost connection to the remote daemon", "host lost: lost connection to a remote daemon"),
+    ("exited on signal", "a rank was killed by a signal"),
+    ("killed by signal", "a rank was killed by a signal"),
+    ("terminated by signal", "a rank was killed by a signal"),
+    ("BAD TERMINATION", "a rank was killed (MPICH: bad termination)"),
+    ("MPI_ABORT was invoked", "a rank called MPI_Abort"),
+    ("Abort(", "a rank called MPI_Abort"),
+    ("proc_failed", "a process failed (ULFM)"),
+]
+
+
+_SIGNALLED = re.compile(r"process rank (\d+) with PID (\d+) on node (\S+) exited on signal (\d+)")
+
+
+def loss_reason(output: str, returncode: Optional[int], timed_out: bool = False) -> str:
+    """Why a job left no completion record, from mpiexec's output and exit status."""
+    if timed_out:
+        return "timeout"
+    flat = " ".join(output.split())         # Open MPI wraps its messages at 72 columns
+    m = _SIGNALLED.search(flat)
+    if m:
+        return (f"a rank was killed by a signal: world rank {m.group(1)} (pid {m.group(2)}) on "
+                f"{m.group(3)} exited on signal {m.group(4)}")
+    for pat, reason in LOSS_PATTERNS:
+        if pat in flat:
+            return reason
+    if returncode is not None and returncode < 0:
+        return f"mpiexec killed by signal {-returncode}"
+    return f"no completion record (mpiexec exit status {returncode})"
+
+
+class _Tee:
+    """Copy a child's stream to ours line by line, keeping the last lines for
+    :func:`loss_reason`."""
+
+    def __init__(self, src, dst, keep: int = 200) -> None:
+        self.lines: List[str] = []
+        self.keep = keep
+        self.thread = threading.Thread(target=self._run, args=(src, dst), daemon=True)
+        self.thread.start()
+
+    def _run(self, src, dst) -> None:
+        for raw in iter(src.readline, b""):
+            try:
+                dst.buffer.write(raw)
+                dst.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+            self.lines.append(raw.decode(errors="replace"))
+            if len(self.lines) > self.keep:
+                del self.lines[: len(self.lines) - self.keep]
+        src.close()
+
+    def text(self, timeout: float = 5.0) -> str:
+        self.thread.join(timeout)
+        return "".join(self.lines)
+
+
 def launch(cfg: Config, n: int, program: List[str], *, hosts=None, ft=False, timeout=None,
-           extra=None, dry_run=False, quiet=False) -> int:
-    """Run the job once; return 0 if it left its completion record, 1 if not."""
+           extra=None, dry_run=False, quiet=False, attempt: int = 0) -> int:
+    """Run the job once; return 0 if it left its completion record, 1 if not.
+
+    Events (mpimig/events.py): ``launch`` before, ``job_lost`` (with the
+    reason) when there is no completion record.
+    """
     flavour = mpi_flavour()
     env = dict(os.environ)
     env.update(mpi_env(flavour, ft))
@@ -243,21 +312,27 @@ def launch(cfg: Config, n: int, program: List[str], *, hosts=None, ft=False, tim
     print(f"mpimig: running: {shown} {shlex.join(cmd)}", file=sys.stderr, flush=True)
     if dry_run:
         return 0
+    events.emit(cfg.job_dir, "launch", cfg.run_id, attempt=attempt, n=n, hosts=hosts or "",
+                restart=cfg.restart, ft=bool(ft), mpi=flavour, pid=os.getpid())
     t0 = time.monotonic()
-    # mpiexec stays in our process group, so whoever kills our group kills the job too
-    proc = subprocess.Popen(cmd, env=env)
+    # mpiexec stays in our process group, so whoever kills our group kills the job too.
+    # Its output is copied through, and kept to tell why a job was lost.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tees = [_Tee(proc.stdout, sys.stdout), _Tee(proc.stderr, sys.stderr)]
 
     def _terminate(signum, frame):
         # no waiting here: we may be inside proc.wait(), which holds Popen's lock
         raise _Interrupted(signum)
 
     old = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    timed_out = False
     try:
         rc = _wait(proc, cfg, timeout)
     except subprocess.TimeoutExpired:
         _kill_job(proc)
         print(f"mpimig: job killed after the --timeout of {timeout} s", file=sys.stderr)
         rc = None
+        timed_out = True
     except KeyboardInterrupt:
         _kill_job(proc)
         raise
@@ -267,11 +342,15 @@ def launch(cfg: Config, n: int, program: List[str], *, hosts=None, ft=False, tim
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
+    output = "".join(t.text() for t in tees)
     rec = read_record(cfg)
     dt = time.monotonic() - t0
     if rec is None:
+        reason = loss_reason(output, rc, timed_out)
+        events.emit(cfg.job_dir, "job_lost", cfg.run_id, attempt=attempt, returncode=rc, reason=reason,
+                    seconds=round(dt, 3))
         print(f"mpimig: job did not complete: no completion record in {cfg.job_dir} "
-              f"(mpiexec exit status {rc}, {dt:.1f} s)", file=sys.stderr)
+              f"(mpiexec exit status {rc}, {dt:.1f} s; {reason})", file=sys.stderr)
         return 1
     if not quiet:
         print(f"mpimig: job completed: {rec['size']} ranks, {rec['points']} checkpoint points, "
@@ -316,6 +395,9 @@ def surviving_hosts(spec: Optional[str]) -> Tuple[Optional[str], List[str]]:
     return ",".join(keep), lost
 
 
+DEFAULT_RELAUNCH = 3     # relaunches when --ft asks for recovery the installed MPI cannot do online
+
+
 def cmd_run(args) -> int:
     if args.n < 1:
         raise UsageError("-n must be at least 1")
@@ -351,48 +433,60 @@ def cmd_run(args) -> int:
             raise UsageError(f"--migrate {':'.join(map(str, entry))}: host {entry[2]} is not in --hosts "
                              f"({', '.join(allowed)})")
     program = program_argv(args.program, args.args)
+    ft = args.ft
+    if ft and mpi_flavour() != "openmpi":
+        # MPICH has no ULFM (PLATFORM.md): a dead rank aborts the job or hangs it
+        if args.relaunch == 0:
+            args.relaunch = DEFAULT_RELAUNCH
+        print(f"mpimig: --ft: the installed MPI ({mpi_flavour()}) has no fault tolerance (ULFM is Open "
+              f"MPI's): online recovery is OFF; a lost job is relaunched from the last committed epoch "
+              f"instead (--relaunch {args.relaunch})", file=sys.stderr, flush=True)
+        ft = cfg.ft = False
     if args.dry_run:    # a dry run only prints: it must not delete epochs or the record
-        return launch(cfg, args.n, program, hosts=args.hosts, ft=args.ft, timeout=args.timeout,
+        return launch(cfg, args.n, program, hosts=args.hosts, ft=ft, timeout=args.timeout,
                       extra=args.mpiexec_arg, dry_run=True)
     if args.relaunch < 0:
         raise UsageError("--relaunch must be >= 0")
     prepare_job_dir(cfg)
-    rc = launch(cfg, args.n, program, hosts=args.hosts, ft=args.ft, timeout=args.timeout,
+    rc = launch(cfg, args.n, program, hosts=args.hosts, ft=ft, timeout=args.timeout,
                 extra=args.mpiexec_arg)
     hosts = args.hosts
     for attempt in range(1, args.relaunch + 1):
         if rc == 0:
             break
-        # Host loss: Open MPI loses the whole job (shared/PLATFORM.md). Relaunch on the
-        # hosts that still answer, from the last committed epoch.
+        # Host loss: Open MPI loses the whole job (shared/PLATFORM.md); a killed rank
+        # without --ft aborts it too. Relaunch on the hosts that still answer, from the
+        # last committed epoch.
         from .checkpoint import CheckpointStore
         latest = CheckpointStore(cfg.ckpt_dir).latest() if cfg.ckpt_dir.exists() else None
         hosts, lost = surviving_hosts(hosts)
         if hosts == "":
             print("mpimig: relaunch impossible: no host of the job answers", file=sys.stderr)
+            events.emit(cfg.job_dir, "relaunch", cfg.run_id, attempt=attempt, hosts="", lost_hosts=lost,
+                        epoch=latest, impossible="no host of the job answers")
             break
         cfg.schedule = [e for e in cfg.schedule if e[2] not in lost]
         cfg.restart = "always" if latest is not None else "never"
+        old_run = cfg.run_id
         cfg.run_id = uuid.uuid4().hex[:12]
         print(f"mpimig: relaunch {attempt}/{args.relaunch}: "
               + (f"lost host(s) {', '.join(lost)}; " if lost else "")
               + (f"resuming from epoch {latest}" if latest is not None else "no committed epoch: from the start")
               + (f" on {hosts}" if hosts else ""), file=sys.stderr, flush=True)
+        events.emit(cfg.job_dir, "relaunch", old_run, attempt=attempt, hosts=hosts or "", lost_hosts=lost,
+                    epoch=latest, new_run_id=cfg.run_id)
         if latest is None:
             prepare_job_dir(cfg)
-        rc = launch(cfg, args.n, program, hosts=hosts, ft=args.ft, timeout=args.timeout,
-                    extra=args.mpiexec_arg)
+        rc = launch(cfg, args.n, program, hosts=hosts, ft=ft, timeout=args.timeout,
+                    extra=args.mpiexec_arg, attempt=attempt)
     return rc
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "run", help="run an mpi4py program under mpimig",
-        description="Run PROGRAM on N ranks under mpimig: checkpoints, automatic restart, "
-                    "migrations. Success is judged by the job's completion record.",
-        epilog=__doc__.split("Restart policy", 1)[1].join(["Restart policy", ""]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False)   # the program's own options (--n 64) must never match ours
+def add_run_arguments(p: argparse.ArgumentParser) -> List[argparse.Action]:
+    """The options of ``mpimig run`` (also taken by ``mpimig inject``); returns
+    the actions added, for :func:`run_argv`. Parsers that take them need
+    ``allow_abbrev=False``: the program's own options (--n 64) must never match ours."""
+    before = len(p._actions)
     p.add_argument("-n", "--np", dest="n", type=int, required=True, help="number of ranks")
     p.add_argument("--hosts", help="host list, e.g. h1:2,h2:2 (lab hosts or cluster nodes)")
     p.add_argument("--job-dir", help="job directory (default mpimig-jobs/<program name>)")
@@ -413,16 +507,51 @@ def register(sub) -> None:
                         "host list); a migration to a spare's host uses it instead of spawning")
     p.add_argument("--ft", action="store_true",
                    help="online recovery from failed ranks and coordinator (Open MPI ULFM): revoke, "
-                        "shrink, replace (warm spare or spawn), roll back to the last committed epoch")
+                        "shrink, replace (warm spare or spawn), roll back to the last committed epoch; "
+                        "with MPICH, which has none, relaunch is used instead (--relaunch, default 3)")
     p.add_argument("--no-buddy", action="store_true",
                    help="with --ft: keep no in-memory copies of checkpoints (own and buddy's); "
                         "recovery then reads the disk epoch")
     p.add_argument("--relaunch", type=int, default=0, metavar="K",
-                   help="if the job does not complete (e.g. a host died), relaunch it up to K times "
+                   help="if the job does not complete (a host died, a rank was killed), relaunch it up to K times "
                         "on the hosts that still answer, from the last committed epoch")
     p.add_argument("--timeout", type=float, help="kill the job after this many seconds")
     p.add_argument("--mpiexec-arg", action="append", metavar="ARG", help="extra mpiexec argument")
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     p.add_argument("program", help="the program (a .py file calling mpimig.run, or an executable)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the program's arguments")
+    return p._actions[before:]
+
+
+def run_argv(args: argparse.Namespace, actions: List[argparse.Action]) -> List[str]:
+    """The ``mpimig run`` arguments that give ``args`` (the values of ``actions``)."""
+    out: List[str] = []
+    positional: List[str] = []
+    for a in actions:
+        v = getattr(args, a.dest)
+        if not a.option_strings:
+            positional += [v] if isinstance(v, str) else list(v or [])
+            continue
+        opt = a.option_strings[-1] if a.option_strings[-1].startswith("--") else a.option_strings[0]
+        if isinstance(a, argparse._StoreTrueAction):
+            out += [opt] if v else []
+        elif isinstance(a, argparse._AppendAction):
+            for item in v or []:
+                out += [opt, str(item)]
+        elif v is not None and v != a.default:
+            out += [opt, str(v)]
+        elif a.required:
+            out += [opt, str(v)]
+    return out + [str(x) for x in positional]
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "run", help="run an mpi4py program under mpimig",
+        description="Run PROGRAM on N ranks under mpimig: checkpoints, automatic restart, "
+                    "migrations. Success is judged by the job's completion record.",
+        epilog=__doc__.split("Restart policy", 1)[1].join(["Restart policy", ""]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False)   # the program's own options (--n 64) must never match ours
+    add_run_arguments(p)
     p.set_defaults(func=cmd_run)

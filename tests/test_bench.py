@@ -132,3 +132,25 @@ def test_bench_migrate_strategies_smoke(tmp_path):
     assert fs["source_free"] < fs["downtime"]
     assert png.stat().st_size > 10000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "s.png"]      # job dirs removed
+
+
+def test_bench_recovery_smoke(tmp_path):
+    """`mpimig bench recovery` on a tiny job: each mode recovered the way it says
+    (online under --ft with the buddy copy, by relaunch without, from disk when
+    the buddy died too), every result bit-identical, the ratio printed. The 5x
+    goal is not asserted here."""
+    out = tmp_path / "rec.json"
+    res = run_cmd(mpimig_cmd("bench", "recovery", "--repeat", "1", "--n", "64", "--steps", "30",
+                             "--ckpt-every", "5", "--kill-point", "12", "--work-ms", "20", "--dir", tmp_path,
+                             "--json", out), timeout=400, check_rc=0)
+    data = json.loads(out.read_text())
+    modes = {r["mode"]: r for r in data["runs"]}
+    assert set(modes) == {"online", "relaunch", "disk"}, data["runs"]
+    assert all(r["ok"] and r["verified"] is True for r in data["runs"]), data["runs"]
+    assert modes["online"]["path"] == "online" and modes["online"]["restore"] == "buddy"
+    assert modes["relaunch"]["path"] == "relaunch" and modes["relaunch"]["restore"] == "disk"
+    assert modes["disk"]["path"] == "online" and "disk" in modes["disk"]["restore"]
+    assert data["ratio"] == pytest.approx(data["median_relaunch_s"] / data["median_online_s"])
+    assert re.search(rf"ratio relaunch/online: {NUM}x \(goal >= 5x: (met|MISSED)\)", res.stdout), res.stdout
+    assert re.search(rf"restore from buddy copy: {NUM} ms", res.stdout) and \
+        re.search(rf"restore from disk epoch: {NUM} ms", res.stdout), res.stdout

@@ -43,3 +43,16 @@ def test_lost_host_relaunch_resumes_on_the_others(lab, tmp_path):
     ref = tmp_path / "ref.npy"
     run_cmd([sys.executable, APPS / "heat2d.py", "--serial", "--n", n, "--steps", steps, "--out", ref], check_rc=0)
     assert np.load(out).tobytes() == np.load(ref).tobytes()
+    # the job's event log says why the job was lost and where the relaunch resumed
+    from mpimig import events
+    evs = events.read(job)
+    lost = [e for e in evs if e["event"] == "job_lost"]
+    relaunch = [e for e in evs if e["event"] == "relaunch"]
+    restarted = [e for e in evs if e["event"] == "started" and e["role"] == "restarted"]
+    # mpiexec usually prints PRRTE's "lost communication with a remote daemon", but
+    # sometimes only exits 255: the relaunch's host check is what names the lost host
+    assert lost and lost[0]["reason"] and lost[0]["t"] < relaunch[0]["t"], lost
+    assert relaunch[0]["lost_hosts"] == [h3] and relaunch[0]["hosts"] == f"{h1}:2,{h2}:2", relaunch
+    assert relaunch[0]["epoch"] >= 2 and restarted[0]["epoch"] == relaunch[0]["epoch"], (relaunch, restarted)
+    assert restarted[0]["point"] == 10 * relaunch[0]["epoch"]
+    assert [e["event"] for e in evs][-1] == "finished"

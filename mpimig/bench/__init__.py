@@ -15,12 +15,13 @@ BENCH_MODULES = [
     "mpimig.bench.checkpoint",   # checkpoint: store vs raw h5py, stall per checkpoint
     "mpimig.bench.comm",         # comm: facade vs plain mpi4py
     "mpimig.bench.migrate",      # migrate: strategies, freeze time, bytes moved
+    "mpimig.bench.recovery",     # recovery: kill -> resumed, online (--ft) vs relaunch
 ]
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "bench", help="run a benchmark (checkpoint, comm, migrate)",
+        "bench", help="run a benchmark (checkpoint, comm, migrate, recovery)",
         description="Benchmarks that measure mpimig against the plain way of doing the same "
                     "thing, in the same run.")
     bench_sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
