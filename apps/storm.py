@@ -176,6 +176,21 @@ def watchdog(rank: int, stall: float) -> list:
     return phase
 
 
+def ballast_initial(me: int, nbytes: int) -> np.ndarray:
+    """--ballast: a registered array (bulk state that strategies move in chunks)."""
+    return np.arange(max(nbytes // 8, 64), dtype=np.int64) * (me + 1)
+
+
+def ballast_step(bal, k: int, me: int) -> int:
+    """One step's use of the ballast: read a block, write another (a small dirty set)."""
+    n = bal.shape[0]
+    r = (k * 104729 * 64 + 4096) % (n - 63)
+    got = int(bal[r:r + 64].sum())
+    w = (k * 7919 * 64) % (n - 63)
+    bal[w:w + 64] = k + 1000 * me
+    return got
+
+
 def main(ctx, args):
     phase = watchdog(ctx.comm.rank, args.stall_seconds)
     try:
@@ -209,13 +224,15 @@ def storm(ctx, args, phase):
                deferred=0, probe=0, held_max=0, held_total=0, held_restored=0, to_self=0),
         notes=[],
         moves=[],                       # points at which this rank arrived in a new process
+        bal=ballast_initial(me, args.ballast) if ctx.role == "initial" else None,  # bulk state
+        balsum=0,                       # running sum of ballast reads
     )
     c = st.c
     # diagnostics: messages held by the communicator (in flight at a safe point)
     held_at_start = len(getattr(comm, "_queue", ()))
     c["held_max"] = max(c["held_max"], held_at_start)
     c["held_total"] += held_at_start
-    if ctx.role == "restarted":         # held messages picked up from the checkpoint
+    if ctx.role in ("restarted", "survivor", "replacement"):   # held messages picked up from an epoch
         c["held_restored"] += held_at_start
     start_step = st.step
     if ctx.role == "migrated":
@@ -637,6 +654,10 @@ def storm(ctx, args, phase):
         phase[0] = f"step {k}: collectives {colls}"
         collectives(k, colls)
         check_order()
+        if args.ballast:
+            if k % 7 == 3:      # now and then the program replaces the array (a new object)
+                st.bal = st.bal.copy()
+            st.balsum += ballast_step(st.bal, k, me)
         st.step = k + 1
         if args.work_ms:
             time.sleep(args.work_ms / 1000.0)
@@ -655,6 +676,12 @@ def storm(ctx, args, phase):
         c["unexpected"] += 1
         note(f"a kept receive {p[2]} of step {p[3]} is left over at the end")
     check_order()
+    if args.ballast:            # the bulk state moved with the rank, chunk for chunk
+        want = ballast_initial(me, args.ballast)
+        wsum = sum(ballast_step(want, k, me) for k in range(steps))
+        if not np.array_equal(np.asarray(st.bal[...]), want) or st.balsum != wsum:
+            c["corrupted"] += 1
+            note("the ballast array is not what its steps wrote")
     comm.Barrier()
     stray = 0
     s = MPI.Status()
@@ -701,6 +728,9 @@ def parse(argv):
     p.add_argument("--msgs", type=int, default=12, help="messages per step per rank (mean, default 12)")
     p.add_argument("--work-ms", type=float, default=0.0, help="extra milliseconds per step")
     p.add_argument("--out", help="rank 0 writes the totals here (JSON)")
+    p.add_argument("--ballast", type=int, default=0, metavar="BYTES",
+                   help="also register an int64 array of BYTES per rank, read and written a little "
+                        "every step and checked at the end (bulk state for migration strategies)")
     p.add_argument("--stall-seconds", type=float, default=60.0,
                    help="report a rank stuck this long in one place to stderr (0: off; default 60)")
     return p.parse_args(argv)

@@ -23,6 +23,11 @@ def parse_schedule(items) -> List[Tuple[int, int, str]]:
             bits = part.split(":")
             if len(bits) not in (3, 4) or not bits[0].isdigit() or not bits[1].isdigit() or not bits[2]:
                 raise UsageError(f"bad migration schedule entry {part!r}: expected STEP:RANK:HOST[:STRATEGY]")
+            if len(bits) == 4:
+                from .protocol import check_strategy
+                err = check_strategy(bits[3])
+                if err:
+                    raise UsageError(f"bad migration schedule entry {part!r}: {err}")
             out.append((int(bits[0]), int(bits[1]), bits[2]) + ((bits[3],) if len(bits) == 4 else ()))
     return out
 

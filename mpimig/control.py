@@ -164,6 +164,9 @@ def format_status(st: dict) -> str:
                                                       if isinstance(v, (int, float))))
     if st.get("spares"):
         lines.append("warm spares: " + ", ".join(f"{h}:{n}" for h, n in st["spares"].items()))
+    for h, p in sorted((st.get("spare_pool") or {}).items()):
+        lines.append(f"spare pool {h}: {p['in_job']} in the job + {p['spawned']} refilled "
+                     f"(size {p['size']})")
     return "\n".join(lines)
 
 
@@ -208,7 +211,9 @@ def register(sub) -> None:
     p.add_argument("job", metavar="JOB", help="the job directory (mpimig run --job-dir)")
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--to", required=True, metavar="HOST")
-    p.add_argument("--strategy", default="stop-and-copy")
+    p.add_argument("--strategy", default="stop-and-copy",
+                   help="how the state moves: stop-and-copy (default), pre-copy, post-copy, "
+                        "file-server (docs/protocol.md, Strategies)")
     p.add_argument("--no-wait", action="store_true", help="return once accepted, not when done")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", action="store_true")

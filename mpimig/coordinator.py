@@ -29,8 +29,8 @@ from . import events, migration, recovery
 from .config import Config
 from .control import STATUS_FILE, ControlServer
 from .protocol import (TAG_ASSIGN, TAG_CANCEL, TAG_DONE, TAG_END, TAG_FINISHING, TAG_GO, TAG_HELLO, TAG_PLAN,
-                       TAG_REPLY, TAG_REPORT, TAG_REQUEST, TAG_SPARE, TAG_WAKE, Move, Plan,
-                       Step)
+                       TAG_REPLY, TAG_REPORT, TAG_REQUEST, TAG_RESIDUAL, TAG_SPARE, TAG_WAKE, Move,
+                       Plan, Step, check_strategy)
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,14 @@ class Migration:
         self.spare: int = -1             # J rank of the warm spare that takes the rank
         self.waiters: List = []          # reply functions waiting for completion
         self.stalls: Dict[int, float] = {}
+        self.src_pid: Optional[int] = None   # the old process (post-copy: needed until the push is done)
+        self.stats: Dict[str, Any] = {}      # the strategy's own figures (rounds, residual, ...)
 
     def as_dict(self) -> dict:
         return {"id": self.id, "rank": self.rank, "from": self.src, "to": self.to,
                 "state": self.state, "origin": self.origin, "strategy": self.strategy,
-                "at_point": self.at_point, "timings": dict(self.timings),
+                "at_point": self.at_point, "timings": dict(self.timings), "src_pid": self.src_pid,
+                "strategy_stats": dict(self.stats),
                 "stalls": {str(k): v for k, v in sorted(self.stalls.items())}}
 
 
@@ -92,6 +95,17 @@ class Coordinator:
                 st = MPI.Status()
                 info = J.recv(source=MPI.ANY_SOURCE, tag=TAG_SPARE, status=st)
                 self.spares.setdefault(info["host"], []).append(st.Get_source())
+        # the pool's size per host; used spares are replaced in the background by spawned
+        # processes that wait on their bridge (refill), as migration targets do
+        self.pool_size = {h: len(j) for h, j in self.spares.items()}
+        self.pool: Dict[str, List[MPI.Intracomm]] = {}
+        # local (default): refill only spares of the coordinator's host: with Open MPI 5.0.11,
+        # spawning onto another host crashes that host's prted about half of the time
+        # (docs/protocol.md, Limits); all: every host (MPICH); 0: never
+        self.refill = os.environ.get("MPIMIG_SPARE_REFILL", "local")
+        if self.refill not in ("local", "all", "0"):
+            log.warning("MPIMIG_SPARE_REFILL=%s: expected local, all or 0; using local", self.refill)
+            self.refill = "local"
         self.server: Optional[ControlServer] = None
         if cfg.job_dir is not None:
             self.server = ControlServer(cfg.job_dir, cfg.run_id)
@@ -101,7 +115,7 @@ class Coordinator:
         for entry in cfg.schedule:
             point, rank, host = entry[0], entry[1], entry[2]
             strategy = entry[3] if len(entry) > 3 else "stop-and-copy"
-            err = self.validate(rank, host, scheduled=True)
+            err = self.validate(rank, host, scheduled=True) or check_strategy(strategy)
             if err:
                 log.error("schedule entry %s:%s:%s ignored: %s", point, rank, host, err)
                 continue
@@ -143,28 +157,66 @@ class Coordinator:
             m.spare = self.spares[m.to].pop(0)     # a warm spare: nothing to start
             m.timings["spawn"] = 0.0
             return None
+        if self.pool.get(m.to):
+            m.bridge = self.pool[m.to].pop(0)      # a refilled spare, waiting on its bridge
+            m.timings["spawn"] = 0.0
+            m.stats["refilled_spare"] = True
+            return None
         t0 = time.perf_counter()
+        try:
+            m.bridge = self._spawn_process(m.to, m)
+        except MPI.Exception as exc:
+            return f"could not start a process on {m.to}: {exc}"
+        m.timings["spawn"] = time.perf_counter() - t0
+        return None
+
+    def _spawn_process(self, host: str, m: Optional["Migration"] = None) -> MPI.Intracomm:
+        """MPI_Comm_spawn one process of the program on ``host``; returns the bridge."""
         info = MPI.Info.Create()
-        info.Set("host", m.to)
+        info.Set("host", host)
         info.Set("wdir", self.cwd)
         # MPI_Comm_spawn never returns if the new process dies before MPI_Init
         # (e.g. the program fails to import there): fail the job loudly instead of hanging.
-        watchdog = threading.Timer(self.spawn_timeout, self._spawn_hung, args=(m,))
+        watchdog = threading.Timer(self.spawn_timeout, self._spawn_hung, args=(m, host))
         watchdog.daemon = True
         watchdog.start()
         try:
             inter = MPI.COMM_SELF.Spawn(self.argv[0], self.argv[1:], 1, info=info)
             migration.track(inter)
-            m.bridge = migration.track(inter.Merge(high=False))
-        except MPI.Exception as exc:
-            return f"could not start a process on {m.to}: {exc}"
+            return migration.track(inter.Merge(high=False))
         finally:
             watchdog.cancel()
             info.Free()
-        m.timings["spawn"] = time.perf_counter() - t0
-        return None
 
-    def _spawn_hung(self, m: Migration) -> None:
+    def refill_pool(self) -> bool:
+        """Warm spares: replace one used spare (a process for that host that waits on
+        its bridge). Only between plans: the spawn blocks the coordinator ~0.3 s."""
+        me = MPI.Get_processor_name()
+        for host, size in self.pool_size.items():
+            if self.refill == "local" and host != me:
+                continue
+            if len(self.spares.get(host, [])) + len(self.pool.get(host, [])) < size:
+                t0 = time.perf_counter()
+                try:
+                    b = self._spawn_process(host)
+                except MPI.Exception as exc:
+                    log.warning("spare pool: could not refill on %s: %s", host, exc)
+                    self.pool_size[host] = 0
+                    return False
+                self.pool.setdefault(host, []).append(b)
+                log.info("spare pool: refilled %s in %.3f s", host, time.perf_counter() - t0)
+                events.emit(self.cfg.job_dir, "spare_refilled", self.cfg.run_id, host=host,
+                            seconds=time.perf_counter() - t0)
+                return True
+        return False
+
+    def _spawn_hung(self, m: Optional[Migration], host: str = "") -> None:
+        if m is None:
+            msg = (f"a warm spare spawned on {host} did not start within {self.spawn_timeout:.0f} s "
+                   "(MPIMIG_SPAWN_TIMEOUT); aborting the job")
+            sys.stderr.write(f"mpimig: coordinator: {msg}\n")
+            sys.stderr.flush()
+            MPI.COMM_WORLD.Abort(3)
         msg = (f"the target process for rank {m.rank} on {m.to} did not start within "
                f"{self.spawn_timeout:.0f} s (MPIMIG_SPAWN_TIMEOUT; it may have died before MPI_Init: "
                "see its output above); aborting the job")
@@ -180,6 +232,20 @@ class Coordinator:
     def send_plan(self) -> None:
         point = self.ready[0].at_point
         group = [m for m in self.ready if m.at_point == point]
+        # pre-copy rounds need the target in J: a spawned one joins first (an enlist plan,
+        # executed at the next safe point; A does not change), then waits there like a spare
+        enlist = [m for m in group if m.strategy == "pre-copy" and m.bridge is not None]
+        if enlist:
+            moves = [Move(m.rank, m.to, k, self.routing[m.rank]["jrank"], m.strategy)
+                     for k, m in enumerate(enlist)]
+            plan = Plan(self.next_plan, moves, at_point=0, jsize=self.J.Get_size(), kind="enlist")
+            self.next_plan += 1
+            for m in enlist:
+                self.ready.remove(m)
+            for r in self.routing:
+                self.J.send(plan, dest=r["jrank"], tag=TAG_PLAN)
+            self.plan, self.plan_migs = plan, enlist
+            return
         seen = set()
         batch = []
         for m in group:          # one move per rank per plan
@@ -198,6 +264,7 @@ class Coordinator:
         for m in batch:
             self.ready.remove(m)
             m.src = self.routing[m.rank]["host"]
+            m.src_pid = self.routing[m.rank]["pid"]
             m.t["plan_sent"] = time.time()
             m.state = Step.SUSPENSION.label
             self.routing[m.rank]["state"] = "migrating"
@@ -208,6 +275,9 @@ class Coordinator:
     def execute(self) -> None:
         """GO arrived: the ranks are at the safe point. Join targets, re-point (steps 5-7)."""
         plan, batch = self.plan, self.plan_migs
+        if plan.kind == "enlist":
+            self.enlist(plan, batch)
+            return
         t0 = time.perf_counter()
         for m in batch:
             m.t["go"] = time.time()
@@ -221,7 +291,11 @@ class Coordinator:
         for jr in [jr for jrs in self.spares.values() for jr in jrs] + reserved:
             self.J.send({"plan": plan}, dest=jr, tag=TAG_WAKE)
         Jc = migration.join(self.J, plan.nspawned, bridges=[m.bridge for m in batch if m.bridge is not None])
+        if self.cfg.ft:
+            self.J = Jc         # a failure from here on is recovered over the switch comm
         _, Jn = migration.split(Jc, logical=None, leaving=False)
+        if self.cfg.ft:
+            recovery.agree(Jc)
         # new J ranks: members of Jc in order, without the processes that left
         leaving = {mv.src_jrank for mv in plan.moves}
         order = [jr for jr in range(Jc.Get_size()) if jr not in leaving]
@@ -248,6 +322,32 @@ class Coordinator:
         for m in batch:
             m.plan_id = plan.id
 
+    def enlist(self, plan: Plan, batch: List[Migration]) -> None:
+        """Spawned pre-copy targets join J (as reserved spares); the switch plan follows."""
+        for mv, m in zip(plan.moves, batch):
+            m.bridge.send({"plan": plan, "target": mv.target, "rank": mv.rank,
+                           "config": self.cfg.to_env()}, dest=1, tag=TAG_ASSIGN)
+        reserved = [m.spare for m in self.queue + self.ready if m.spare >= 0]
+        for jr in [jr for jrs in self.spares.values() for jr in jrs] + reserved:
+            self.J.send({"plan": plan}, dest=jr, tag=TAG_WAKE)
+        jsize = self.J.Get_size()
+        self.J = migration.join(self.J, plan.nspawned, bridges=[m.bridge for m in batch])
+        for mv, m in zip(plan.moves, batch):
+            m.spare = jsize + mv.target
+            m.bridge = None
+        self.ready = sorted(batch + self.ready, key=lambda x: (x.at_point, x.id))
+        self.plan, self.plan_migs = None, []
+
+    def on_residual(self, msg: dict) -> None:
+        """Post-copy: the target has every chunk; the old process may leave."""
+        m = next((x for x in self.migrations if x.rank == msg["rank"]
+                  and getattr(x, "plan_id", None) == msg.get("plan")), None)
+        if m is None:
+            return
+        m.timings["residual"] = msg["residual"]
+        m.stats.update({k: v for k, v in msg.items() if k not in ("rank", "plan")})
+        self.write_status()
+
     def on_report(self, src: int, rep: dict) -> None:
         pid = rep["plan"]
         reps = self.reports.setdefault(pid, {})
@@ -262,6 +362,7 @@ class Coordinator:
             self.routing[m.rank]["state"] = "running"
             m.timings.update({k: v for k, v in tr.items() if k in ("downtime", "transfer", "restore")})
             m.timings["bytes"] = tr.get("bytes", 0)
+            m.stats.update(tr.get("strategy_stats") or {})
             m.stalls = {r: v["stall"] for r, v in reps.items() if r not in {x.rank for x in batch}}
             if m.stalls:
                 m.timings["others_stall_max"] = max(m.stalls.values())
@@ -271,8 +372,10 @@ class Coordinator:
             for w in m.waiters:
                 w({"ok": True, "migration": m.as_dict()})
             m.waiters = []
-            log.info("migration %d: rank %d -> %s done, downtime %.4f s", m.id, m.rank, m.to,
-                     m.timings.get("downtime", -1))
+            log.info("migration %d: rank %d -> %s done (%s), downtime %.4f s", m.id, m.rank, m.to,
+                     m.strategy, m.timings.get("downtime", -1))
+            events.emit(self.cfg.job_dir, "migrated", self.cfg.run_id, id=m.id, rank=m.rank, to=m.to,
+                        strategy=m.strategy, downtime=m.timings.get("downtime"))
         del self.reports[pid]
         self.write_status()
 
@@ -283,7 +386,8 @@ class Coordinator:
                     error=exc.Get_error_string() if isinstance(exc, MPI.Exception) else str(exc))
         me = recovery.member("coordinator", hosts=[r["host"] for r in self.routing],
                              recoveries=len(self.recoveries))
-        out = recovery.recover(self.J, me, size=self.size, ckpt_dir=self.cfg.ckpt_dir,
+        me["size"] = self.size
+        out = recovery.recover(self.J, me, ckpt_dir=self.cfg.ckpt_dir,
                                config_env=self.cfg.to_env())
         self.adopt(out)
 
@@ -347,6 +451,9 @@ class Coordinator:
                 "migrations": [m.as_dict() for m in self.migrations],
                 "spares": {h: len(j) for h, j in self.spares.items() if j},
                 "recoveries": self.recoveries,
+                "spare_pool": {h: {"size": n, "in_job": len(self.spares.get(h, [])),
+                                   "spawned": len(self.pool.get(h, []))}
+                               for h, n in self.pool_size.items()},
                 "coordinator": {"host": MPI.Get_processor_name(), "pid": os.getpid()}}
 
     def write_status(self) -> None:
@@ -368,8 +475,8 @@ class Coordinator:
             return
         rank, host = req.get("rank"), req.get("to")
         err = self.validate(rank, host)
-        if err is None and req.get("strategy", "stop-and-copy") not in ("stop-and-copy",):
-            err = f"unknown strategy {req.get('strategy')!r}; known: stop-and-copy"
+        if err is None:
+            err = check_strategy(req.get("strategy", "stop-and-copy"))
         if err:
             reply({"ok": False, "error": err})
             return
@@ -419,6 +526,8 @@ class Coordinator:
                     self.write_status()
             elif tag == TAG_REPORT:
                 self.on_report(src, msg)
+            elif tag == TAG_RESIDUAL:
+                self.on_residual(msg)
             elif tag == TAG_REQUEST:
                 box = {}
                 self.on_request(dict(msg, wait=False, origin="self"), box.update)
@@ -434,8 +543,8 @@ class Coordinator:
                 log.warning("unexpected message with tag %d from J rank %d", tag, src)
         if self.finished:
             return True
-        while (self.queue and not self.finishing and self.spares.get(self.queue[0].to)
-               and self.plan is None):
+        while (self.queue and not self.finishing and self.plan is None
+               and (self.spares.get(self.queue[0].to) or self.pool.get(self.queue[0].to))):
             m = self.queue.pop(0)          # a warm spare is there: no waiting
             self.spawn(m)
             self.ready.append(m)
@@ -458,6 +567,10 @@ class Coordinator:
             self.send_plan()
             self.write_status()
             busy = True
+        elif (self.refill != "0" and self.plan is None and not self.queue and not self.ready
+              and not self.finishing and self.refill_pool()):
+            self.write_status()
+            busy = True
         return busy
 
     def wrap_up(self) -> None:
@@ -474,6 +587,13 @@ class Coordinator:
             except MPI.Exception:
                 if not self.cfg.ft:     # under ULFM the process may be gone: nothing to release
                     raise
+        for bridges in self.pool.values():
+            for b in bridges:
+                try:
+                    b.send({"cancel": "the job is over"}, dest=1, tag=TAG_CANCEL)
+                except MPI.Exception:
+                    if not self.cfg.ft:
+                        raise
         if self.server is not None:
             while True:
                 try:

@@ -32,6 +32,7 @@ Events (fields besides t, event, run_id):
                    ``t_restore`` (-> slowest rank restored). The event's ``t`` is when
                    the job resumes; time to detect = detected_at - the kill's time.
 ``migrated``       coordinator: ``id``, ``rank``, ``to``, ``strategy``, ``downtime``
+``spare_refilled`` coordinator: ``host``, ``seconds`` (a used warm spare replaced by a spawn)
 ``finished``       rank 0: ``points``, ``epoch``, ``recoveries``
 ``injected``       mpimig inject (``by``: injector) or the dying process (``by``: process):
                    ``id``, ``kind``, ``target``, ``pids``, ``point``; a checkpoint-write

@@ -180,6 +180,38 @@ class _Interrupted(Exception):
     """SIGTERM or SIGHUP reached ``mpimig run``."""
 
 
+EXIT_GRACE = 30.0     # seconds a job may take to exit after its completion record is written
+
+
+def _wait(proc: subprocess.Popen, cfg: Config, timeout: Optional[float]) -> Optional[int]:
+    """Wait for mpiexec; raise TimeoutExpired after ``timeout``.
+
+    After failures, MPI_Finalize can hang and PRRTE can fail to notice that a
+    job with spawned processes is over (ompi#11404; "LAUNCHER JOB OBJECT NOT
+    FOUND"). The job's result is safe once its completion record is written,
+    so if mpiexec is still there EXIT_GRACE seconds later it is stopped.
+    """
+    t0 = time.monotonic()
+    done_at = None
+    while True:
+        try:
+            return proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if timeout is not None and now - t0 >= timeout:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        if done_at is None:
+            if read_record(cfg) is not None:
+                done_at = now
+        elif now - done_at >= EXIT_GRACE:
+            print(f"mpimig: the job completed but its processes did not all exit within "
+                  f"{EXIT_GRACE:.0f} s (an MPI_Finalize hang after failures); stopping them",
+                  file=sys.stderr, flush=True)
+            _kill_job(proc)
+            return proc.returncode
+
+
 def _kill_job(proc: subprocess.Popen) -> None:
     """Stop mpiexec (it stops its ranks); SIGKILL it if it does not go in 10 s."""
     if proc.poll() is not None:
@@ -295,7 +327,7 @@ def launch(cfg: Config, n: int, program: List[str], *, hosts=None, ft=False, tim
     old = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     timed_out = False
     try:
-        rc = proc.wait(timeout=timeout)
+        rc = _wait(proc, cfg, timeout)
     except subprocess.TimeoutExpired:
         _kill_job(proc)
         print(f"mpimig: job killed after the --timeout of {timeout} s", file=sys.stderr)
@@ -465,8 +497,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> List[argparse.Action]:
                    help="checkpoint every S seconds (default: off)")
     p.add_argument("--keep", type=int, default=2, help="committed epochs to keep (default 2)")
     p.add_argument("--restart", choices=RESTART_MODES, default="auto", help="restart policy (below)")
-    p.add_argument("--migrate", action="append", metavar="STEP:RANK:HOST",
-                   help="migrate RANK to HOST at checkpoint point STEP (repeatable)")
+    p.add_argument("--migrate", action="append", metavar="STEP:RANK:HOST[:STRATEGY]",
+                   help="migrate RANK to HOST at checkpoint point STEP (repeatable); STRATEGY: "
+                        "stop-and-copy (default), pre-copy, post-copy or file-server")
     p.add_argument("--coordinator", action="store_true",
                    help="start the coordinator even without a schedule (for mpimig migrate)")
     p.add_argument("--spares", type=int, default=0, metavar="K",

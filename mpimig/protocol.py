@@ -26,6 +26,18 @@ class Step(enum.Enum):
         return self.name.lower()
 
 
+# The migration strategies (the seed's algorithms; classes in mpimig/strategies.py,
+# REGISTRY). Named here, without MPI, so that the launcher can check a schedule.
+STRATEGIES = ("stop-and-copy", "pre-copy", "post-copy", "file-server")
+
+
+def check_strategy(name) -> Optional[str]:
+    """An error naming the known strategies, or None if ``name`` is one."""
+    if name in STRATEGIES:
+        return None
+    return f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}"
+
+
 # Tags on J (coordinator <-> processes). Application traffic never uses J.
 TAG_PLAN = 101        # coordinator -> ranks: a migration plan
 TAG_GO = 102          # rank 0 -> coordinator: ranks agreed to execute plan k now
@@ -38,8 +50,14 @@ TAG_FINISHING = 108   # rank 0 -> coordinator: ranks are finishing; drop any pla
 TAG_END = 109         # coordinator -> old processes of migrated ranks, spares: the job is over
 TAG_SPARE = 110       # warm spare -> coordinator at start: host, pid
 TAG_WAKE = 111        # coordinator -> warm spares: a plan is executed now, join the switch
+TAG_RESIDUAL = 112    # post-copy target -> coordinator: the source is not needed any more
 TAG_JOIN = 200        # + round: Intercomm_create tags
 TAG_STATE = 300       # old -> target: state transfer (pkl5)
+TAG_PRECOPY = 310     # pre-copy source -> target (on J): header of a round
+TAG_PRECOPY_DATA = 311  # pre-copy source -> target (on J, and on the merged comm at the switch): chunk runs
+TAG_PC_DEMAND = 320   # post-copy target -> old process: chunks wanted now
+TAG_PC_ACK = 321      # post-copy target -> old process: every chunk arrived, you may leave
+TAG_PC_DATA = 10000   # + global chunk index: post-copy chunks (old process -> target)
 
 # On the bridge B (coordinator <-> one spawned target)
 TAG_ASSIGN = 1        # coordinator -> target: what it is for (plan, logical rank)
@@ -62,6 +80,11 @@ class Plan:
     moves: List[Move]
     at_point: int = 0    # execute at the first safe point >= this
     jsize: int = 0       # size of J before the targets join
+    kind: str = "switch"  # switch: ranks move; enlist: spawned targets only join J (pre-copy needs them there)
+
+    def precopy_sources(self) -> int:
+        """Moves whose source must report its pre-copy rounds converged before the switch."""
+        return sum(1 for m in self.moves if m.strategy == "pre-copy") if self.kind == "switch" else 0
 
     @property
     def nspawned(self) -> int:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 TAG_BUDDY = 400          # on A: buddy copies at a checkpoint
 TAG_RESTORE = 401        # on the new J: a buddy copy sent to a replacement
+TAG_HANDSHAKE = 402      # on a switch comm: target -> source before the state transfer
 
 _FAILURE_CLASSES = {getattr(MPI, n) for n in ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED")
                     if hasattr(MPI, n)}
@@ -66,6 +67,36 @@ def bcast_obj(comm: MPI.Intracomm, obj: Any, root: int = 0) -> Any:
     return obj if me else pickle.loads(buf)
 
 
+def agree(comm: MPI.Intracomm) -> None:
+    """Uniform agreement that a switch went through (ULFM ``MPI_Comm_agree``): either
+    every survivor returns, or every survivor gets a failure error, so no process
+    goes on with the new communicators while another recovers on the old ones."""
+    comm.Agree(1)
+
+
+def handshake(comm: MPI.Intracomm, peer: int, source: bool) -> None:
+    """Before a state transfer: the target sends the source one empty message.
+
+    A spawned process learns of a failure in the parent job only when a
+    connection to the dead process breaks (Open MPI 5.0.11; ULFM's notices do
+    not reach spawned jobs, open-mpi/ompi#13325). Without a connection to the
+    source, a target waiting for state would wait forever after the source died;
+    with one, its receive fails and the job recovers."""
+    if source:
+        comm.Recv([bytearray(0), 0, MPI.BYTE], source=peer, tag=TAG_HANDSHAKE)
+    else:
+        comm.Send([bytearray(0), 0, MPI.BYTE], dest=peer, tag=TAG_HANDSHAKE)
+
+
+class SwitchFailed(Exception):
+    """A failure during a migration switch: recover over the switch communicator."""
+
+    def __init__(self, comm: MPI.Intracomm, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.comm = comm
+        self.exc = exc
+
+
 # -- buddy copies ---------------------------------------------------------------------
 def buddy_of(rank: int, hosts: List[str]) -> int:
     """The rank that keeps ``rank``'s in-memory copy: the next one in ring order on
@@ -91,45 +122,42 @@ class Copy:
         return sum(a.nbytes for a in self.arrays.values()) + sum(len(b) for b in self.objects.values())
 
 
-def exchange_buddies(A: MPI.Intracomm, mine: Copy, hosts: List[str]) -> Optional[Copy]:
-    """Send my copy to my buddy, receive the copy I keep for another rank (collective over A)."""
+def exchange_buddies(A: MPI.Intracomm, mine: Optional[Copy], hosts: List[str]) -> List[Copy]:
+    """Send my copy to my buddy, receive the copies I keep for others (collective over A).
+
+    Ring order gives each rank one copy to keep; with uneven hosts a rank may keep several."""
     n = A.Get_size()
     if n < 2:
-        return None
+        return []
     r = A.Get_rank()
-    to = buddy_of(r, hosts)
-    frm = [q for q in range(n) if buddy_of(q, hosts) == r]
     c = pkl5.Intracomm(A)
-    req = c.isend(mine, to, TAG_BUDDY)
-    got = None
-    for q in frm:            # ring order gives exactly one; several if hosts are uneven
-        cp = c.recv(source=q, tag=TAG_BUDDY)
-        if got is None:
-            got = cp
+    req = c.isend(mine, buddy_of(r, hosts), TAG_BUDDY)
+    got = [c.recv(source=q, tag=TAG_BUDDY) for q in range(n) if buddy_of(q, hosts) == r]
     req.wait()
-    return got
+    return [cp for cp in got if cp is not None]
 
 
 # -- the census and the plan ------------------------------------------------------------
 def member(kind: str, rank: int = -1, host: str = "", point: int = 0, own: Optional[Copy] = None,
-           buddy: Optional[Copy] = None, detected: float = 0.0, hosts: Optional[List[str]] = None,
-           recoveries: int = 0) -> dict:
-    """What a process tells the others in the census."""
+           buddies: Optional[List[Copy]] = None, detected: float = 0.0, hosts: Optional[List[str]] = None,
+           recoveries: int = 0, size: int = 0) -> dict:
+    """What a process tells the others in the census (``size``: ranks in the job, 0 if unknown)."""
     return {"kind": kind, "rank": rank, "host": host or MPI.Get_processor_name(), "pid": os.getpid(),
-            "recoveries": recoveries,
+            "recoveries": recoveries, "size": size,
             "point": point, "own_epoch": own.epoch if own else -1,
-            "buddy_rank": buddy.rank if buddy else -1, "buddy_epoch": buddy.epoch if buddy else -1,
+            "buddies": [(b.rank, b.epoch) for b in buddies or []],
             "detected": detected or time.time(), "hosts": hosts or [],
             "argv": [sys.executable] + sys.argv, "cwd": os.getcwd()}
 
 
-def decide(table: List[dict], size: int) -> dict:
+def decide(table: List[dict]) -> dict:
     """The recovery plan, computed identically by every survivor from the census.
 
     ``assign[r]`` says who takes dead logical rank r: ("spare", S rank) or
     ("spawn", k); ``coord`` says who coordinates: ("alive", S rank),
     ("spare", S rank) or ("spawn", k); ``spawn_hosts[k]`` is where spawn k runs.
     """
+    size = max(m["size"] for m in table)
     alive = {m["rank"] for m in table if m["kind"] == "rank"}
     dead = [r for r in range(size) if r not in alive]
     coords = [i for i, m in enumerate(table) if m["kind"] == "coordinator"]
@@ -223,8 +251,8 @@ def _spawn(S: MPI.Intracomm, plan: dict, argv: List[str], cwd: str) -> MPI.Intra
     return migration.track(inter.Merge(high=False))
 
 
-def recover(J: MPI.Intracomm, me: dict, *, A: Optional[MPI.Intracomm] = None, size: int,
-            ckpt_dir=None, own: Optional[Copy] = None, buddy: Optional[Copy] = None,
+def recover(J: MPI.Intracomm, me: dict, *, A: Optional[MPI.Intracomm] = None, ckpt_dir=None, own: Optional[Copy] = None,
+            buddies: Optional[List[Copy]] = None,
             config_env: Optional[dict] = None) -> Outcome:
     """The recovery collective for a process that was in J when the failure happened."""
     t_detect = me["detected"]
@@ -240,7 +268,7 @@ def recover(J: MPI.Intracomm, me: dict, *, A: Optional[MPI.Intracomm] = None, si
             S = migration.track(J.Shrink())
             t_shrunk = time.time()
             table = allgather_obj(S, me)
-            plan = decide(table, size)
+            plan = decide(table)
         except MPI.Exception as exc:
             if not is_failure(exc):
                 raise
@@ -262,7 +290,7 @@ def recover(J: MPI.Intracomm, me: dict, *, A: Optional[MPI.Intracomm] = None, si
                        dest=S.Get_size() + k, tag=TAG_ASSIGN)
     kind, rank = role_in_plan(plan, table, s_rank=s_rank)
     replacement = me["kind"] != "rank"
-    return _finish(M, plan, table, kind, rank, replacement, ckpt_dir, own, buddy, t_detect, t_shrunk,
+    return _finish(M, plan, table, kind, rank, replacement, ckpt_dir, own, buddies, t_detect, t_shrunk,
                    me)
 
 
@@ -275,7 +303,7 @@ def join_spawned(B: MPI.Intracomm, msg: dict, ckpt_dir) -> Outcome:
 
 
 def _finish(M: MPI.Intracomm, plan: dict, table: List[dict], kind: str, rank: int, replacement: bool,
-            ckpt_dir, own: Optional[Copy], buddy: Optional[Copy], t_detect: float, t_shrunk: float,
+            ckpt_dir, own: Optional[Copy], buddies: Optional[List[Copy]], t_detect: float, t_shrunk: float,
             me: dict) -> Outcome:
     size = plan["size"]
     key = 0 if kind == "coordinator" else (1 + rank if kind == "rank" else 1 + size + M.Get_rank())
@@ -302,11 +330,13 @@ def _finish(M: MPI.Intracomm, plan: dict, table: List[dict], kind: str, rank: in
     if epoch is not None:
         holders = {}
         for i, m in enumerate(table):
-            if m["buddy_epoch"] == epoch and m["buddy_rank"] in plan["dead"]:
-                holders.setdefault(m["buddy_rank"], i)
+            for q, e in m["buddies"]:
+                if e == epoch and q in plan["dead"]:
+                    holders.setdefault(q, i)
         c = pkl5.Intracomm(Jn)
-        if buddy is not None and buddy.epoch == epoch and holders.get(buddy.rank) == _s_index(table, me):
-            c.send(buddy, 1 + buddy.rank, TAG_RESTORE)
+        mine = _s_index(table, me)
+        reqs = [c.isend(b, 1 + b.rank, TAG_RESTORE) for b in buddies or []
+                if b.epoch == epoch and holders.get(b.rank) == mine]
         if kind == "rank":
             if not replacement and own is not None and own.epoch == epoch:
                 restored, how = own, "memory"
@@ -314,6 +344,8 @@ def _finish(M: MPI.Intracomm, plan: dict, table: List[dict], kind: str, rank: in
                 restored, how = c.recv(source=MPI.ANY_SOURCE, tag=TAG_RESTORE), "buddy"
             else:
                 restored, how = _read_disk(ckpt_dir, epoch, rank), "disk"
+        for q in reqs:
+            q.wait()
     t_restored = time.time()
     t_detect = plan["detected"]          # the first detection, over every survivor
     timings = {"detected_at": t_detect, "t_shrink": t_shrunk - t_detect, "t_replace": t_replaced - t_shrunk,

@@ -25,12 +25,12 @@ from typing import Any, Callable, List, Optional
 import numpy as np
 from mpi4py import MPI
 
-from . import events, migration, recovery
+from . import events, migration, recovery, strategies
 from .comm import Comm, FTComm
 from .config import Config
 from .errors import CheckpointError, MigrationError, MpimigError, NoCommittedEpoch
 from .protocol import (TAG_CANCEL, TAG_DONE, TAG_END, TAG_FINISHING, TAG_GO, TAG_HELLO, TAG_PLAN,
-                       TAG_REPLY, TAG_REPORT, TAG_REQUEST, TAG_SPARE, Plan)
+                       TAG_PRECOPY, TAG_REPLY, TAG_REPORT, TAG_REQUEST, TAG_SPARE, Plan)
 from .state import State
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,12 @@ class Context:
         self._J: Optional[MPI.Intracomm] = None     # job comm with the coordinator (J rank 0)
         self._plan: Optional[Plan] = None
         self._t_point = 0.0
+        self._lazy = None                 # post-copy: chunks still arriving (mpimig.lazy.LazySession)
+        self._precopy = None              # pre-copy: rounds of this rank's move (strategies.PreCopySource)
         self.stats = {"checkpoints": 0, "ckpt_seconds": 0.0, "ckpt_bytes": 0}
         self.recoveries = 0                   # online recoveries of the job so far
         self._own: Optional[recovery.Copy] = None     # --ft: my state at the last epoch, in memory
-        self._buddy: Optional[recovery.Copy] = None   # --ft: another rank's state, in memory
+        self._buddies: List[recovery.Copy] = []       # --ft: other ranks' states, in memory
         self._hosts: List[str] = []           # host of each logical rank (at the last checkpoint)
         if config.ckpt_dir is not None:
             from .checkpoint import CheckpointStore
@@ -120,6 +122,8 @@ class Context:
         self._t_point = time.perf_counter()
         self._t_point_wall = time.time()
         self.point += 1
+        if self._lazy is not None:
+            self._lazy.progress()         # post-copy: note chunks that arrived
         cfg = self.config
         due = bool(self._want_ckpt)
         if cfg.ckpt_every and self.point % cfg.ckpt_every == 0:
@@ -137,7 +141,7 @@ class Context:
             self._migration_point()
 
     # -- migration (docs/protocol.md) -------------------------------------------------
-    def migrate(self, host: str, strategy: str = "stop-and-copy") -> int:
+    def migrate(self, host: str, strategy: str = strategies.DEFAULT) -> int:
         """Self-migration: ask the coordinator to move this rank to ``host``.
 
         Returns the migration id once the request is accepted; the move
@@ -146,6 +150,9 @@ class Context:
         if self._J is None:
             raise MigrationError("this job has no coordinator: start it with mpimig run "
                                  "(--coordinator or --migrate) to migrate ranks")
+        err = strategies.check(strategy)
+        if err:
+            raise MigrationError(f"rank {self.rank}: {err}")
         self._J.send({"op": "migrate", "rank": self.rank, "to": host, "strategy": strategy},
                      dest=0, tag=TAG_REQUEST)
         rep = self._J.recv(source=0, tag=TAG_REPLY)
@@ -154,17 +161,35 @@ class Context:
         return int(rep["migration"]["id"])
 
     def _migration_point(self) -> None:
-        """Step 2 (suspension): agree whether a plan is executed at this point."""
+        """Step 2 (suspension): agree whether a plan is executed at this point.
+
+        One ``Allreduce SUM`` of (ranks voting, sum of their plan ids, pre-copy
+        sources ready): a plan runs when some rank holds it past its point and
+        every pre-copy source of it says its rounds have converged. Only one
+        plan is outstanding at a time, so the voters hold the same plan.
+        """
         J = self._J
         if self._plan is None and J.Iprobe(0, TAG_PLAN):
             self._plan = J.recv(source=0, tag=TAG_PLAN)
-        vote = self._plan.id if (self._plan is not None and self.point >= self._plan.at_point) else 0
-        v = np.array([vote], dtype=np.int64)
-        self.comm.mpi.Allreduce(MPI.IN_PLACE, v, op=MPI.MAX)
+        plan = self._plan
+        ready = 0
+        if plan is not None and plan.kind == "switch":
+            move = plan.move_of(self.rank)
+            if move is not None and move.strategy == "pre-copy" and self.point >= plan.at_point:
+                if self._precopy is None:       # the target is in J: start the rounds
+                    self._precopy = strategies.PreCopySource(
+                        J, migration.target_jrank(plan, move), self, self.rank)
+                ready = 1 if self._precopy.step() else 0
+        votes = plan is not None and self.point >= plan.at_point
+        v = np.array([1 if votes else 0, plan.id if votes else 0, ready], dtype=np.int64)
+        self.comm.mpi.Allreduce(MPI.IN_PLACE, v, op=MPI.SUM)
         if not v[0]:
             return
-        while self._plan is None or self._plan.id != v[0]:
+        pid = int(v[1] // v[0])
+        while self._plan is None or self._plan.id != pid:
             self._plan = J.recv(source=0, tag=TAG_PLAN)     # already in flight
+        if v[2] < self._plan.precopy_sources():
+            return                          # a pre-copy source is still copying: keep computing
         plan, self._plan = self._plan, None
         if self.rank == 0:
             J.send(plan.id, dest=0, tag=TAG_GO)
@@ -172,25 +197,52 @@ class Context:
 
     def _execute(self, plan: Plan) -> None:
         """Steps 3-8 on an application rank (the old process of a moving rank leaves)."""
+        if plan.kind == "enlist":           # spawned targets join J; nothing moves yet
+            self._J = migration.join(self._J, plan.nspawned)
+            return
         comm = self.comm
-        comm._flush()                                              # step 3: queueing
         move = plan.move_of(self.rank)
+        if move is not None:
+            self._complete_lazy()           # a rank still receiving post-copy chunks moves again
+        comm._flush()                                              # step 3: queueing
         Jc = migration.join(self._J, plan.nspawned)                # step 5: targets join
+        if self.config.ft:
+            self._J = Jc        # a failure from here on is recovered over the switch comm
         A, Jn = migration.split(Jc, logical=self.rank, leaving=move is not None)   # step 7
         if move is not None:                                       # steps 4 and 6
             st = self._state if self._state is not None else State()
             arrays, objects = st.split()
             extra = {"comm": comm._export(), "point": self.point, "epoch": self.epoch,
                      "t_suspend": self._t_point_wall, "stats": self.stats, "from": self.host}
-            msg = migration.pack_state(arrays, objects, extra)
-            migration.send_state(Jc, migration.target_jrank(plan, move), msg)
-            del msg, arrays, objects
+            dest = migration.target_jrank(plan, move)
+            if self.config.ft:
+                recovery.handshake(Jc, dest, source=True)
+            rest = strategies.get(move.strategy).send(self, Jc, dest, arrays, objects, extra, plan, move)
+            del arrays, objects
+            if self.config.ft:
+                recovery.agree(Jc)
+            if rest is not None:     # post-copy: the background push, after the switch
+                try:
+                    rest()
+                except MPI.Exception as exc:
+                    # --ft: the new process died during the push; the job recovers without
+                    # this process (it left the job's communicators at the switch)
+                    if not (self.config.ft and recovery.is_failure(exc)):
+                        raise
+                    log.warning("rank %d: post-copy push stopped: %s", self.rank, exc.Get_error_string())
             self._state = None
             raise _Retired(Jc)
+        if self.config.ft:
+            recovery.agree(Jc)
         comm._swap(A)
         self._J = Jn
         Jn.send({"plan": plan.id, "rank": self.rank, "stall": time.perf_counter() - self._t_point,
                  "pid": os.getpid(), "host": self.host}, dest=0, tag=TAG_REPORT)
+
+    def _complete_lazy(self) -> None:
+        """Post-copy: every chunk must be here before state is captured."""
+        if self._lazy is not None:
+            self._lazy.complete_all()
 
     def checkpoint(self) -> int:
         """Write a coordinated checkpoint now (collective). Returns the epoch committed."""
@@ -198,6 +250,7 @@ class Context:
             raise CheckpointError("no checkpoint directory configured (set MPIMIG_CKPT_DIR or use mpimig run)")
         t0 = time.perf_counter()
         comm = self.comm
+        self._complete_lazy()
         comm._flush()                                   # step 3: hold messages in flight
         epoch = self.epoch + 1
         st = self._state if self._state is not None else State()
@@ -266,12 +319,11 @@ class Context:
             except MpimigError as exc:
                 err = str(exc)
         self._hosts = recovery.allgather_obj(self.comm.mpi, self.host)
-        self._buddy = None                # the old copies go before the new ones arrive
+        self._buddies = []                # the old copies go before the new ones arrive
         self._own = None
-        self._buddy = recovery.exchange_buddies(self.comm.mpi, mine, self._hosts)
+        self._buddies = recovery.exchange_buddies(self.comm.mpi, mine, self._hosts)
         self._own = mine
-        self.stats["buddy_bytes"] = ((mine.nbytes() if mine else 0)
-                                     + (self._buddy.nbytes() if self._buddy else 0))
+        self.stats["buddy_bytes"] = (mine.nbytes() if mine else 0) + sum(b.nbytes() for b in self._buddies)
         return err
 
     # -- restart -------------------------------------------------------------------
@@ -393,42 +445,68 @@ def _start_initial(cfg: Config) -> Optional[Context]:
     return ctx
 
 
-def _serve_spare(J: MPI.Intracomm, cfg: Config, size: int) -> Optional[Context]:
+def _serve_spare(J: MPI.Intracomm, cfg: Config, size: int = 0, announce: bool = True) -> Optional[Context]:
     """A warm spare: a process started with the job that idles (in J, not in A)
     until a plan gives it a rank, so a migration to its host spawns nothing.
-    Under ``--ft`` it also takes part in recoveries, where it may become a
-    replacement rank or the new coordinator."""
+    A pre-copy target waits here too (it joined J by an *enlist* plan, or was a
+    spare), receiving the rounds of its source. Under ``--ft`` it also takes part
+    in recoveries, where it may become a replacement rank or the new coordinator."""
     from . import checkpoint  # noqa: F401 - import h5py now, not during the freeze
-    J.send({"host": hostname(), "pid": os.getpid()}, dest=0, tag=TAG_SPARE)
+    if announce:
+        J.send({"host": hostname(), "pid": os.getpid()}, dest=0, tag=TAG_SPARE)
     st = MPI.Status()
+    rx: dict = {}                # pre-copy rounds received, by source J rank
     while True:
         try:
-            while not J.Iprobe(0, MPI.ANY_TAG, st):
+            while not J.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, st):
                 time.sleep(0.002)    # idle: a warm process must not steal the cores
-            tag = st.Get_tag()
+            tag, src = st.Get_tag(), st.Get_source()
+            if src != 0:
+                if tag == TAG_PRECOPY:
+                    rx.setdefault(src, strategies.PreCopyTarget()).on_round(J, src)
+                    continue
+                raise MigrationError(f"warm spare: unexpected message with tag {tag} from J rank {src}")
             msg = J.recv(source=0, tag=tag)
             if tag == TAG_END:
                 return None
             plan = msg["plan"]
+            if plan.kind == "enlist":
+                J = migration.join(J, plan.nspawned)
+                continue
             me = J.Get_rank()
             move = next((m for m in plan.moves if m.spare_jrank == me), None)
             t0 = time.perf_counter()
             Jc = migration.join(J, plan.nspawned)
+            if cfg.ft:
+                J = Jc          # a failure from here on is recovered over the switch comm
             A, Jn = migration.split(Jc, logical=move.rank if move else None, leaving=False)
             if move is None:
+                if cfg.ft:
+                    recovery.agree(Jc)
                 J = Jn
                 continue
-            return _adopt(plan, move, Jc, A, Jn, cfg, t0)
-        except MPI.Exception as exc:
+            return _adopt(plan, move, Jc, A, Jn, cfg, t0, rx.get(move.src_jrank))
+        except (MPI.Exception, recovery.SwitchFailed) as exc:
+            if isinstance(exc, recovery.SwitchFailed):
+                J, exc = exc.comm, exc.exc
             if not (cfg.ft and recovery.is_failure(exc)):
                 raise
-            events.emit(cfg.job_dir, "failure", cfg.run_id, by=-2, point=-1, error=exc.Get_error_string())
-            out = recovery.recover(J, recovery.member("spare"), size=size, ckpt_dir=cfg.ckpt_dir,
-                                   config_env=cfg.to_env())
-            if out.kind == "spare":
-                J = out.J
-                continue
-            return _after_recovery(out, cfg)
+            rx = {}
+            ctx = _spare_recovers(J, exc, cfg, size)
+            if isinstance(ctx, Context):
+                return ctx
+            J = ctx
+
+
+def _spare_recovers(J: MPI.Intracomm, exc: BaseException, cfg: Config, size: int = 0):
+    """A process without a rank (warm spare, migration target) saw a failure: take part
+    in the recovery. Returns a Context if it became a rank, else the new J (still a spare)."""
+    events.emit(cfg.job_dir, "failure", cfg.run_id, by=-2, point=-1, error=exc.Get_error_string())
+    out = recovery.recover(J, recovery.member("spare", size=size), ckpt_dir=cfg.ckpt_dir,
+                           config_env=cfg.to_env())
+    if out.kind == "spare":
+        return out.J
+    return _after_recovery(out, cfg)
 
 
 def _start_target(parent: MPI.Intercomm) -> Optional[Context]:
@@ -449,18 +527,39 @@ def _start_target(parent: MPI.Intercomm) -> Optional[Context]:
     cfg = Config.from_env({**os.environ, **msg["config"]})
     t0 = time.perf_counter()
     Jc = migration.join(None, plan.nspawned, my_target=k, bridge=B)
-    A, Jn = migration.split(Jc, logical=rank, leaving=False)
-    return _adopt(plan, plan.move_of(rank), Jc, A, Jn, cfg, t0)
+    if plan.kind == "enlist":    # joined J ahead of the switch (pre-copy): wait there like a spare
+        return _serve_spare(Jc, cfg, announce=False)
+    try:
+        A, Jn = migration.split(Jc, logical=rank, leaving=False)
+        return _adopt(plan, plan.move_of(rank), Jc, A, Jn, cfg, t0)
+    except (MPI.Exception, recovery.SwitchFailed) as exc:
+        J = Jc
+        if isinstance(exc, recovery.SwitchFailed):
+            J, exc = exc.comm, exc.exc
+        if not (cfg.ft and recovery.is_failure(exc)):
+            raise
+        ctx = _spare_recovers(J, exc, cfg)
+        if isinstance(ctx, Context):
+            return ctx
+        return _serve_spare(ctx, cfg, announce=False)    # a spare of the job now
 
 
-def _adopt(plan: Plan, move, Jc, A, Jn, cfg: Config, t0: float) -> Context:
+def _adopt(plan: Plan, move, Jc, A, Jn, cfg: Config, t0: float, rx=None) -> Context:
     """Take over a logical rank: receive its state and resume (steps 6 and 8)."""
     rank = move.rank
     comm = _comm(cfg, A)
     t1 = time.perf_counter()
-    state = migration.recv_state(Jc, move.src_jrank)
+    try:
+        if cfg.ft:
+            recovery.handshake(Jc, move.src_jrank, source=False)
+        arrays, objects, extra, lazy = strategies.get(move.strategy).receive(Jc, move.src_jrank, cfg, rx)
+        if cfg.ft:
+            recovery.agree(Jc)
+    except MPI.Exception as exc:
+        if not (cfg.ft and recovery.is_failure(exc)):
+            raise
+        raise recovery.SwitchFailed(Jc, exc) from None
     t2 = time.perf_counter()
-    arrays, objects, extra = migration.unpack_state(state)
     comm._import(extra["comm"])
     ctx = Context(comm, cfg, role="migrated")
     ctx._J = Jn
@@ -468,12 +567,20 @@ def _adopt(plan: Plan, move, Jc, A, Jn, cfg: Config, t0: float) -> Context:
     ctx.point = int(extra["point"])
     ctx.epoch = int(extra["epoch"])
     ctx.stats = extra.get("stats", ctx.stats)
+    if lazy is not None:                    # post-copy: arrays still arriving
+        from .lazy import LazyGuardComm
+        lazy.ctx = ctx
+        lazy.plan_id = plan.id
+        ctx._lazy = lazy
+        comm.__class__ = LazyGuardComm
     nbytes = sum(a.nbytes for a in arrays.values())
     Jn.send({"plan": plan.id, "rank": rank, "stall": 0.0, "pid": os.getpid(), "host": ctx.host,
              "downtime": time.time() - extra["t_suspend"], "transfer": t2 - t1,
-             "restore": time.perf_counter() - t2, "join": t1 - t0, "bytes": nbytes},
+             "restore": time.perf_counter() - t2, "join": t1 - t0, "bytes": nbytes,
+             "strategy": move.strategy, "strategy_stats": extra.get("strategy_stats", {})},
             dest=0, tag=TAG_REPORT)
-    log.info("rank %d resumed on %s after migration from %s", rank, ctx.host, extra.get("from"))
+    log.info("rank %d resumed on %s after migration from %s (%s)", rank, ctx.host, extra.get("from"),
+             move.strategy)
     return ctx
 
 
@@ -485,10 +592,10 @@ def _recover(ctx: Context, exc: BaseException) -> Context:
                 error=exc.Get_error_string())
     log.warning("rank %d: failure seen at point %d (%s): recovering", ctx.rank, ctx.point,
                 exc.Get_error_string())
-    me = recovery.member("rank", ctx.rank, ctx.host, ctx.point, ctx._own, ctx._buddy, detected, ctx._hosts,
-                         ctx.recoveries)
-    out = recovery.recover(ctx._J, me, A=ctx.comm.mpi, size=ctx.size, ckpt_dir=cfg.ckpt_dir,
-                           own=ctx._own, buddy=ctx._buddy, config_env=cfg.to_env())
+    me = recovery.member("rank", ctx.rank, ctx.host, ctx.point, ctx._own, ctx._buddies, detected, ctx._hosts,
+                         ctx.recoveries, ctx.size)
+    out = recovery.recover(ctx._J, me, A=ctx.comm.mpi, ckpt_dir=cfg.ckpt_dir,
+                           own=ctx._own, buddies=ctx._buddies, config_env=cfg.to_env())
     return _after_recovery(out, cfg, ctx)
 
 
@@ -508,6 +615,8 @@ def _after_recovery(out, cfg: Config, ctx: Optional[Context] = None) -> Optional
     ctx._J = out.J
     ctx._plan = None
     ctx._state = None
+    ctx._lazy = None             # a post-copy in progress is void: the state comes from the epoch
+    ctx._precopy = None
     ctx.role = "replacement" if out.replacement else "survivor"
     ctx.recoveries = out.plan["recovery"]     # the job's count: replacements learn it too
     cp = out.restored
@@ -524,7 +633,7 @@ def _after_recovery(out, cfg: Config, ctx: Optional[Context] = None) -> Optional
         ctx.epoch = 0
         ctx._own = None
     if out.replacement:
-        ctx._buddy = None
+        ctx._buddies = []
     info = recovery.allgather_obj(out.A, (out.restore_kind, out.timings["t_restore"]))
     if ctx.rank == 0:
         t = out.timings
@@ -541,6 +650,10 @@ def _after_recovery(out, cfg: Config, ctx: Optional[Context] = None) -> Optional
 
 
 def _finish(ctx: Context, result: Any, t_start: float) -> None:
+    ctx._complete_lazy()
+    if ctx._precopy is not None and ctx._precopy.reqs:
+        # a pre-copy that the job outlived: let the target (still in J) take the last round
+        MPI.Request.Waitall(ctx._precopy.reqs)
     procs = recovery.allgather_obj(ctx.comm.mpi, {"rank": ctx.rank, "host": ctx.host, "pid": os.getpid(),
                                                   "role": ctx.role})
     ctx._procs = procs

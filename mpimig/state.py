@@ -82,8 +82,9 @@ class State:
         """Replace items by restored values (arrays keep their identity when shapes match)."""
         for k, v in arrays.items():
             cur = self._items.get(k)
-            if (type(cur) is np.ndarray and cur.shape == v.shape and cur.dtype == v.dtype
-                    and cur.flags.writeable):
+            # (a post-copy LazyArray replaces the item: copying it would read chunks not there yet)
+            if (type(cur) is np.ndarray and type(v) is np.ndarray and cur.shape == v.shape
+                    and cur.dtype == v.dtype and cur.flags.writeable):
                 cur[...] = v
             else:
                 self._items[k] = v

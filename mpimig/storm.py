@@ -114,9 +114,11 @@ def run_seed(seed: int, args, program: Path, hosts: List[str], job_root: Path) -
         cmd += ["--ckpt-every", str(ckpt)]
     cmd += list(args.run_arg or [])
     for p, r, h in migs:
-        cmd += ["--migrate", f"{p}:{r}:{h}"]
+        cmd += ["--migrate", f"{p}:{r}:{h}" + (f":{args.strategy}" if args.strategy else "")]
     cmd += [str(program), "--seed", str(seed), "--steps", str(args.steps), "--msgs", str(args.msgs),
             "--work-ms", str(args.work_ms), "--out", str(out)]
+    if args.ballast:
+        cmd += ["--ballast", str(args.ballast)]
     rec = {"seed": seed, "schedule": [list(m) for m in migs], "ckpt_every": ckpt, "ok": False,
            "error": None, "dir": str(jd)}
     t0 = time.monotonic()
@@ -148,7 +150,7 @@ def run_seed(seed: int, args, program: Path, hosts: List[str], job_root: Path) -
     except (OSError, ValueError):
         status = {}
     migrations = status.get("migrations", [])
-    rec["migrations"] = [{k: m.get(k) for k in ("id", "rank", "at_point", "to", "state")} for m in migrations]
+    rec["migrations"] = [{k: m.get(k) for k in ("id", "rank", "at_point", "to", "state", "strategy")} for m in migrations]
     rec["done"] = sum(1 for m in migrations if m.get("state") == "done")
     rec["cancelled"] = sum(1 for m in migrations if str(m.get("state", "")).startswith("cancelled"))
     rec["unfinished"] = len(migrations) - rec["done"] - rec["cancelled"]
@@ -258,6 +260,11 @@ def format_totals(t: dict) -> str:
 def cmd_storm(args) -> int:
     if args.n < 2:
         raise UsageError("-n must be at least 2 (a storm needs senders and receivers)")
+    if args.strategy:
+        from .protocol import check_strategy
+        err = check_strategy(args.strategy)
+        if err:
+            raise UsageError(f"--strategy: {err}")
     if args.seeds < 1 or args.steps < 4 or args.migrations < 0:
         raise UsageError("--seeds must be >= 1, --steps >= 4, --migrations >= 0")
     program = Path(args.program).resolve() if args.program else default_program()
@@ -304,6 +311,9 @@ def register(sub) -> None:
     p.add_argument("--hosts", help="host list for mpimig run (h1:2,h2:2); targets are drawn from it "
                                    "(default: this machine)")
     p.add_argument("--no-ckpt", action="store_true", help="never add --ckpt-every")
+    p.add_argument("--strategy", help="migration strategy of every move (default: stop-and-copy)")
+    p.add_argument("--ballast", type=int, default=0, metavar="BYTES",
+                   help="bulk state per rank for the program (apps/storm.py --ballast)")
     p.add_argument("--run-arg", action="append", metavar="ARG",
                    help="extra argument for mpimig run, e.g. --run-arg=--mpiexec-arg=... (repeatable)")
     p.add_argument("--job-root", help="where the job directories go (default mpimig-jobs/storm)")

@@ -6,6 +6,7 @@ judges success by output and result files, never by mpiexec's exit code alone.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -80,3 +81,17 @@ def mpimig_cmd(*args) -> list:
 @pytest.fixture
 def env():
     return base_env()
+
+
+def heat_ref(tmp_path, n, steps) -> bytes:
+    """apps/heat2d.py's serial reference grid (bytes), for bit-for-bit comparisons."""
+    import numpy as np
+    ref = tmp_path / f"ref-{n}-{steps}.npy"
+    run_cmd([sys.executable, APPS / "heat2d.py", "--serial", "--n", n, "--steps", steps, "--out", ref],
+            check_rc=0)
+    return np.load(ref).tobytes()
+
+
+def read(job: Path, name: str) -> dict:
+    """A JSON record of a job directory (status.json, complete.json)."""
+    return json.loads((job / name).read_text())

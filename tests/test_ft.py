@@ -17,18 +17,28 @@ KILL = ROOT / "tests" / "progs" / "heat_kill.py"
 N, STEPS, EVERY = 64, 30, 5
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def serial(tmp_path_factory, steps):
     ref = tmp_path_factory.mktemp("ref") / "ref.npy"
-    run_cmd([sys.executable, APPS / "heat2d.py", "--serial", "--n", N, "--steps", STEPS, "--out", ref],
+    run_cmd([sys.executable, APPS / "heat2d.py", "--serial", "--n", N, "--steps", steps, "--out", ref],
             check_rc=0)
     return np.load(ref).tobytes()
 
 
-def run_ft(tmp_path, *faults, spares=0, opts=()):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return serial(tmp_path_factory, STEPS)
+
+
+@pytest.fixture(scope="module")
+def reference_long(tmp_path_factory):
+    return serial(tmp_path_factory, 60)
+
+
+def run_ft(tmp_path, *faults, spares=0, opts=(), steps=STEPS, work_ms=0):
     job, out = tmp_path / "job", tmp_path / "out.npy"
     cmd = mpimig_cmd("run", "-n", 4, "--ft", *opts, "--ckpt-every", EVERY, "--spares", spares, "--job-dir", job,
-                     "--timeout", 150, KILL, *faults, "--n", N, "--steps", STEPS, "--out", out)
+                     "--timeout", 150, KILL, *faults, "--n", N, "--steps", steps, "--work-ms", work_ms,
+                     "--out", out)
     res = run_cmd(cmd, timeout=180, env=base_env(), cwd=ROOT)
     events = [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines()]
     assert (job / "complete.json").exists(), res.stdout[-3000:] + res.stderr[-3000:]
@@ -124,3 +134,60 @@ def test_second_failure_after_a_recovery_is_survived_too(tmp_path, reference):
     recs = recovered(events)
     assert [(r["recovery"], r["failed"], r["epoch"]) for r in recs] == [(1, [1], 2), (2, [2], 4)]
     assert result == reference
+
+
+@pytest.mark.parametrize("who", ["source", "target"])
+def test_kill_during_a_migration(tmp_path, reference_long, who):
+    # rank 1 moves at point 12 (its target is spawned meanwhile, so the job runs slowly
+    # enough to reach the switch); the source dies before it sends its state, or the
+    # target before it receives it. Every process recovers over the switch communicator.
+    res, events, result, done = run_ft(tmp_path, "--kill-migrating", who, opts=("--migrate", "12:1:" + _host()),
+                                       steps=60, work_ms=40)
+    assert f"killing the migration {who}" in res.stdout
+    (rec,) = recovered(events)
+    if who == "source":      # rank 1 is lost: its target (in J by now) takes it over as a spare
+        assert rec["failed"] == [1] and rec["replaced_by"] == {"1": "spare"}
+    else:                    # no rank is lost: rank 1 stays where it was
+        assert rec["failed"] == [] and rec["replaced_by"] == {}
+    assert result == reference_long
+
+
+def _host():
+    import socket
+    return socket.gethostname()
+
+
+def test_storm_messages_in_flight_at_the_epoch_survive_two_recoveries(tmp_path):
+    """The storm keeps messages in flight across every checkpoint point; after each
+    roll back they must arrive exactly once and in order, and the totals must equal
+    a failure-free run of the same seed."""
+    storm_kill = ROOT / "tests" / "progs" / "storm_kill.py"
+    totals = {}
+    for name, faults in (("clean", ()), ("killed", ("--kill", "1@13", "--kill", "3@21@1"))):
+        job, out = tmp_path / name, tmp_path / f"{name}.json"
+        res = run_cmd(mpimig_cmd("run", "-n", 4, "--ft", "--ckpt-every", EVERY, "--job-dir", job, "--timeout", 150,
+                                 storm_kill, *faults, "--seed", 3, "--steps", 30, "--out", out),
+                      timeout=180, env=base_env(), cwd=ROOT)
+        assert "job completed" in res.stderr and out.exists(), res.stdout[-2000:] + res.stderr[-3000:]
+        totals[name] = json.loads(out.read_text())
+    clean, killed = totals["clean"], totals["killed"]
+    for key in ("lost", "duplicated", "out_of_order", "corrupted", "unexpected", "collective_errors"):
+        assert killed[key] == 0, (key, killed)
+    assert killed["sent"] == killed["received"] == clean["sent"] > 0
+    assert killed["held_restored"] > 0       # the epochs rolled back to had messages in flight
+    events = [json.loads(line) for line in (tmp_path / "killed" / "events.jsonl").read_text().splitlines()]
+    assert [r["failed"] for r in recovered(events)] == [[1], [3]]
+
+
+@pytest.mark.parametrize("strategy", ["stop-and-copy", "pre-copy", "post-copy", "file-server"])
+def test_every_strategy_under_ft_then_a_kill(tmp_path, reference_long, strategy):
+    """A migration with each strategy in an --ft job (handshake and agreement around
+    the transfer), then rank 2 dies after it: the moved rank takes part in the recovery."""
+    res, events, result, done = run_ft(tmp_path, "--kill", "2@40",
+                                       opts=("--migrate", f"12:1:{_host()}:{strategy}"), steps=60, work_ms=30)
+    status = json.loads((tmp_path / "job" / "status.json").read_text())
+    (mig,) = status["migrations"]
+    assert mig["state"] == "done" and mig["strategy"] == strategy, mig
+    (rec,) = recovered(events)
+    assert rec["failed"] == [2]
+    assert result == reference_long

@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,20 +14,9 @@ import numpy as np
 import pytest
 
 from mpimig.control import request
-from conftest import APPS, ROOT, base_env, kill_session, mpimig_cmd, run_cmd
+from conftest import APPS, ROOT, base_env, heat_ref, kill_session, mpimig_cmd, read, run_cmd
 
 HOST = socket.gethostname()
-
-
-def heat_ref(tmp_path, n, steps) -> bytes:
-    ref = tmp_path / f"ref-{n}-{steps}.npy"
-    run_cmd([sys.executable, APPS / "heat2d.py", "--serial", "--n", n, "--steps", steps, "--out", ref],
-            check_rc=0)
-    return np.load(ref).tobytes()
-
-
-def read(job: Path, name: str) -> dict:
-    return json.loads((job / name).read_text())
 
 
 def test_heat2d_three_migrations_bit_identical(tmp_path):

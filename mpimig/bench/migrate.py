@@ -85,6 +85,19 @@ def others_wait(result: dict, moved: int) -> Optional[dict]:
             "others_median_s": statistics.median(others), "per_rank_s": waits}
 
 
+def job_records(job, proc, rec: dict):
+    """(status.json, complete.json) of a benchmark job, or None after noting the failure in rec
+    (the job directory is removed then)."""
+    try:
+        return (json.loads((job / "status.json").read_text()),
+                json.loads((job / "complete.json").read_text()))
+    except (OSError, ValueError) as exc:
+        rec["state"] = f"failed: job did not complete ({exc.__class__.__name__})"
+        rec["log"] = (proc.stdout + proc.stderr)[-3000:]
+        shutil.rmtree(job, ignore_errors=True)
+        return None
+
+
 def run_migration(size: int, at: int, steps: int, work_ms: float, host: str, work: Path,
                   tag: str, timeout: float) -> dict:
     """One job with one scheduled migration; the numbers from status.json and the program."""
@@ -101,14 +114,10 @@ def run_migration(size: int, at: int, steps: int, work_ms: float, host: str, wor
                 "log": str(exc.stderr or "")[-3000:], "at_point": at, "steps": steps}
     wall = time.monotonic() - t0
     rec = {"wall_s": wall, "rc": proc.returncode, "at_point": at, "steps": steps}
-    try:
-        status = json.loads((job / "status.json").read_text())
-        complete = json.loads((job / "complete.json").read_text())
-    except (OSError, ValueError) as exc:
-        rec["state"] = f"failed: job did not complete ({exc.__class__.__name__})"
-        rec["log"] = (proc.stdout + proc.stderr)[-3000:]
-        shutil.rmtree(job, ignore_errors=True)
+    records = job_records(job, proc, rec)
+    if records is None:
         return rec
+    status, complete = records
     migs = status.get("migrations") or []
     m = migs[0] if migs else {"state": "missing", "timings": {}, "stalls": {}}
     t = m.get("timings", {})
@@ -221,6 +230,8 @@ def run(args, out=print) -> dict:
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     if not sizes:
         raise UsageError("--sizes needs at least one size")
+    if args.repeat is None:
+        args.repeat = 3
     if args.repeat < 1:
         raise UsageError("--repeat must be at least 1")
     if args.work_ms < 0 or args.before <= 0 or args.after <= 0:
@@ -276,6 +287,9 @@ def run(args, out=print) -> dict:
 
 
 def main(args) -> int:
+    if args.strategies:
+        from . import migrate_strategies
+        return migrate_strategies.main(args)
     res = run(args)
     print("")
     for line in format_table(res["sizes"]):
@@ -293,7 +307,8 @@ def register(bench_subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1M,16M,256M,1G",
                    help="registered bytes per rank, comma-separated, binary units (default 1M,16M,256M,1G)")
-    p.add_argument("--repeat", type=int, default=3, help="migrations per size; medians are shown (default 3)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="migrations per size; medians are shown (default 3; with --strategies 1)")
     p.add_argument("--work-ms", type=float, default=20.0, help="sleep per step in the program, ms (default 20)")
     p.add_argument("--before", type=float, default=2.0,
                    help="seconds of steps before the earliest migration point (default 2)")
@@ -302,6 +317,17 @@ def register(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", help="target host (default: this machine's hostname)")
     p.add_argument("--dir", help="where job directories go (a temporary subdirectory, removed)")
     p.add_argument("--timeout", type=float, default=300.0, help="per job, seconds (default 300)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE "
+                   "(with --strategies: default migrate-strategies.json)")
+    g = p.add_argument_group("strategies side by side (mpimig/bench/migrate_strategies.py)")
+    g.add_argument("--strategies", metavar="LIST",
+                   help="'all' or a comma-separated list of stop-and-copy, pre-copy, post-copy, file-server: "
+                        "run every strategy x size x --dirty; print a table, write JSON and a PNG plot")
+    g.add_argument("--dirty", default="0,1%,10%",
+                   help="with --strategies: fractions of the array the program changes per step "
+                        "(default 0,1%%,10%%)")
+    g.add_argument("--no-spare", dest="spares", action="store_false",
+                   help="with --strategies: spawn the target instead of using a warm spare")
+    g.add_argument("--png", metavar="FILE", help="with --strategies: the plot (default: the JSON's name, .png)")
     p.set_defaults(func=main)
     return p

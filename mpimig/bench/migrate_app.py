@@ -58,7 +58,8 @@ def app(ctx, args):
     comm = ctx.comm
     me, n = comm.rank, comm.size
     left, right = (me - 1) % n, (me + 1) % n
-    nel = max(args.bytes // 8, 2 * HALO)
+    nbytes = args.bytes if args.big_rank < 0 or me == args.big_rank else min(args.bytes, 1 << 20)
+    nel = max(nbytes // 8, 2 * HALO)
     if ctx.role == "initial":
         a0 = np.empty(nel, dtype=np.float64)
         a0.fill(float(me))                  # touched: real memory, like a real program's state
@@ -77,10 +78,18 @@ def app(ctx, args):
         st.t0 = time.time()
         comm.Sendrecv(a[:HALO], left, TAG_HALO_L, from_right, right, TAG_HALO_L)
         comm.Sendrecv(a[-HALO:], right, TAG_HALO_R, from_left, left, TAG_HALO_R)
-        k = st.step % nchunks
-        seg = a[k * CHUNK:(k + 1) * CHUNK]
-        seg *= 0.5
-        seg += 0.25 * (from_left.mean() + from_right.mean())
+        if args.dirty < 0:
+            k = st.step % nchunks
+            seg = a[k * CHUNK:(k + 1) * CHUNK]
+            seg *= 0.5
+            seg += 0.25 * (from_left.mean() + from_right.mean())
+        elif args.dirty > 0:            # --dirty: this fraction of the array changes every step
+            blk = max(1, int(nel * args.dirty))
+            lo = (st.step * blk) % nel
+            for s0, s1 in ((lo, min(nel, lo + blk)), (0, max(0, lo + blk - nel))):
+                if s1 > s0:
+                    seg = a[s0:s1]
+                    seg += 1.0
         if args.work_ms:
             time.sleep(args.work_ms / 1000.0)
         st.step += 1
@@ -170,6 +179,11 @@ def parse(argv):
     p.add_argument("--bytes", type=_size, default=1 << 20, help="bytes of the registered array per rank")
     p.add_argument("--steps", type=int, default=100, help="steps (checkpoint points) to run")
     p.add_argument("--work-ms", type=float, default=20.0, help="sleep per step, ms (default 20)")
+    p.add_argument("--dirty", type=float, default=-1.0,
+                   help="fraction of the array written every step (default: a 256 KiB chunk and a "
+                        "little compute)")
+    p.add_argument("--big-rank", type=int, default=-1,
+                   help="only this rank gets --bytes (the others 1 MiB at most); default: every rank")
     p.add_argument("--raw-bandwidth", type=_size, metavar="SIZE",
                    help="measure plain Send/Recv of SIZE bytes instead (plain mpiexec -n 2)")
     p.add_argument("--repeat", type=int, default=5, help="repeats of the raw measurement (default 5)")

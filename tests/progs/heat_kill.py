@@ -8,6 +8,9 @@ job's first life (a process that resumed after a recovery does not repeat it):
                         with L, in the job's life L instead (after L online recoveries)
   --kill-coordinator P  rank 0 SIGKILLs the coordinator (pid from JOB_DIR/status.json) after point P
   --kill-in-ckpt R@E    rank R SIGKILLs itself when it starts writing its file of epoch E
+  --kill-migrating WHO  in the first migration, the source (WHO=source) SIGKILLs itself
+                        before it sends its state, or the target (WHO=target) before it
+                        receives it
 """
 import argparse
 import json
@@ -30,7 +33,8 @@ def kill_spec(text):
     return bits[0], bits[1], bits[2] if len(bits) > 2 else 0
 
 
-def main(ctx, own, args):
+def install_faults(ctx, own):
+    """Arm the faults of ``own`` (from add_fault_options) on this process."""
     first_life = ctx.role in ("initial", "restarted")
     point = ctx.__dict__.setdefault("_unwrapped_point", ctx.checkpoint_point)   # main runs again after a recovery
     rank = ctx.comm.rank
@@ -57,6 +61,29 @@ def main(ctx, own, args):
                         os.kill(os.getpid(), signal.SIGKILL)
                     return write(epoch, *a, **k)
                 ctx._store.write_rank = write_rank
+
+
+def add_fault_options(p):
+    p.add_argument("--kill", type=kill_spec, action="append", default=[])
+    p.add_argument("--kill-coordinator", type=int, default=-1)
+    p.add_argument("--kill-in-ckpt", type=pair, action="append", default=[])
+    p.add_argument("--kill-migrating", choices=["source", "target"])
+
+
+def arm_migration_kill(own):
+    """--kill-migrating: replace the state transfer's send or receive by a suicide."""
+    if own.kill_migrating:
+        from mpimig import migration
+        name = "send_state" if own.kill_migrating == "source" else "recv_state"
+
+        def dying(*a, **k):
+            print(f"killing the migration {own.kill_migrating} (pid {os.getpid()})", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        setattr(migration, name, dying)
+
+
+def main(ctx, own, args):
+    install_faults(ctx, own)
     res = heat2d.main(ctx, args)
     if res is not None:
         res["role"] = ctx.role
@@ -65,10 +92,9 @@ def main(ctx, own, args):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--kill", type=kill_spec, action="append", default=[])
-    p.add_argument("--kill-coordinator", type=int, default=-1)
-    p.add_argument("--kill-in-ckpt", type=pair, action="append", default=[])
+    add_fault_options(p)
     own, rest = p.parse_known_args()
+    arm_migration_kill(own)
     args = heat2d.parse(rest)
     import mpimig
     res = mpimig.run(lambda ctx: main(ctx, own, args))

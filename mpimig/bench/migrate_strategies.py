@@ -1,0 +1,364 @@
+"""``mpimig bench migrate --strategies ...``: the seed's migration algorithms side by side.
+
+For every strategy x state size x dirty fraction, one job of
+``mpimig/bench/migrate_app.py`` (4 ranks, halo exchange with both ring
+neighbours, a checkpoint point every step) moves rank 1 to this machine with
+``--migrate STEP:1:HOST:STRATEGY``. Rank 1 holds one float64 array of the
+size (the other ranks 1 MiB); ``--dirty F`` makes the program change that
+fraction of the array every step. With ``--spares 1`` (default) the target is
+a warm spare (started with the job: no spawn, and the same shared-memory
+transport as the baseline).
+
+Per combination, from the job's status.json and the program's step times:
+downtime (freeze of the migrating rank: safe point entered -> state restored
+in the new process), total migration time (pre-copy: rounds + freeze;
+post-copy: freeze + residual dependency; others: the freeze), bytes moved
+(pre-copy: every round + the final copy; file-server: bytes written to the
+shared file), rounds, residual dependency (post-copy: until the last chunk
+arrived), when the old process was free (from the freeze), the moved rank's
+slowdown after resuming (its step time above its median, 5 steps after the
+move: demand fetches), and the other ranks' stall in the safe point.
+
+Baseline in the same run: plain Send/Recv of the same bytes between the two
+ranks of one mpiexec (touched and fresh receive buffers). Goals (issue 5):
+stop-and-copy downtime <= 1.5x bytes / Send bandwidth; pre-copy downtime <=
+0.1x stop-and-copy at >= 1 GiB with <= 2% dirty per step; post-copy downtime
+<= 50 ms at every size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from ..errors import UsageError
+from ..protocol import STRATEGIES, check_strategy
+from .checkpoint import fmt_size, parse_size
+from .migrate import APP, MOVING, RANKS, _median, job_records, others_wait, plan_steps, run_raw
+
+GOAL_SC = 1.5          # stop-and-copy downtime / (bytes / Send bandwidth)
+GOAL_PRE = 0.1         # pre-copy downtime / stop-and-copy downtime, >= 1 GiB, <= 2% dirty
+GOAL_POST_S = 0.050    # post-copy downtime, every size
+
+
+def parse_strategies(text: str) -> List[str]:
+    if text.strip() == "all":
+        return list(STRATEGIES)
+    out = [s.strip() for s in text.split(",") if s.strip()]
+    for s in out:
+        err = check_strategy(s)
+        if err:
+            raise UsageError(f"--strategies: {err} (or 'all')")
+    if not out:
+        raise UsageError("--strategies needs at least one strategy (or 'all')")
+    return out
+
+
+def parse_dirty(text: str) -> List[float]:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            v = float(part[:-1]) / 100.0 if part.endswith("%") else float(part)
+        except ValueError:
+            raise UsageError(f"--dirty: bad fraction {part!r} (e.g. 0, 1%, 0.1)") from None
+        if not 0.0 <= v <= 1.0:
+            raise UsageError(f"--dirty: {part!r} is not between 0 and 100%")
+        out.append(v)
+    if not out:
+        raise UsageError("--dirty needs at least one fraction")
+    return out
+
+
+def mover_slowdown(result: dict, moved: int, after: int = 5) -> Optional[float]:
+    """Seconds above the moved rank's median step (before the move) in the
+    ``after`` steps it ran after resuming."""
+    ranks = {r["rank"]: r for r in result.get("ranks", [])}
+    mover = ranks.get(moved)
+    if not mover or not mover.get("resumed_at"):
+        return None
+    s = mover["resumed_at"][0]
+    t = mover["times"]
+    before = [x for x in t[:max(1, s - 1)] if x]
+    if not before:
+        return None
+    base = statistics.median(before)
+    return sum(max(0.0, x - base) for x in t[s:s + after])
+
+
+def run_one(strategy: str, size: int, dirty: float, at: int, steps: int, args, host: str,
+            work: Path, tag: str) -> dict:
+    job = work / f"job-{tag}"
+    cmd = [sys.executable, "-m", "mpimig", "run", "-n", str(RANKS), "--job-dir", str(job),
+           "--restart", "never", "--timeout", str(args.timeout),
+           "--migrate", f"{at}:{MOVING}:{host}:{strategy}"]
+    if args.spares:
+        cmd += ["--spares", "1"]
+    cmd += [str(APP), "--bytes", str(size), "--steps", str(steps), "--work-ms", str(args.work_ms),
+            "--dirty", repr(dirty), "--big-rank", str(MOVING)]
+    rec = {"strategy": strategy, "size": size, "dirty": dirty, "at_point": at, "steps": steps}
+    env = dict(os.environ)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout + 60, env=env)
+    except subprocess.TimeoutExpired:
+        shutil.rmtree(job, ignore_errors=True)
+        rec["state"] = f"failed: mpimig run did not return in {args.timeout + 60:.0f} s"
+        return rec
+    records = job_records(job, proc, rec)
+    if records is None:
+        return rec
+    status, complete = records
+    migs = status.get("migrations") or []
+    m = migs[0] if migs else {"state": "missing", "timings": {}, "strategy_stats": {}}
+    t, s = m.get("timings", {}), m.get("strategy_stats", {}) or {}
+    rec["state"] = m.get("state", "?")
+    rec["downtime"] = t.get("downtime")
+    rec["spawn"] = t.get("spawn")
+    rec["stats"] = s
+    rec["timings"] = t
+    down = rec["downtime"] or 0.0
+    if strategy == "pre-copy":
+        rec["bytes_moved"] = s.get("bytes_total")
+        rec["rounds"] = s.get("rounds", 0) + 1
+        rec["total"] = s.get("precopy_s", 0.0) + down
+        rec["residual"] = 0.0
+        rec["source_free"] = down
+    elif strategy == "post-copy":
+        rec["bytes_moved"] = t.get("bytes")
+        rec["rounds"] = 1
+        rec["residual"] = t.get("residual", s.get("residual"))
+        rec["total"] = down + (rec["residual"] or 0.0)
+        rec["source_free"] = rec["total"]
+    elif strategy == "file-server":
+        rec["bytes_moved"] = s.get("file_bytes")
+        rec["rounds"] = 1
+        rec["residual"] = 0.0
+        rec["total"] = down
+        rec["source_free"] = s.get("source_freed_s")
+    else:
+        rec["bytes_moved"] = t.get("bytes")
+        rec["rounds"] = 1
+        rec["residual"] = 0.0
+        rec["total"] = down
+        rec["source_free"] = down
+    stalls = [float(v) for v in (m.get("stalls") or {}).values()]
+    rec["stall_max"] = max(stalls) if stalls else None
+    res = complete.get("result") or {}
+    rec["slowdown"] = mover_slowdown(res, MOVING)
+    w = others_wait(res, MOVING)
+    rec["others_wait_max"] = w["others_max_s"] if w else None
+    shutil.rmtree(job, ignore_errors=True)
+    return rec
+
+
+def evaluate(results: dict) -> dict:
+    rows = results["rows"]
+    raws = {r["bytes"]: r for r in results["raw"]}
+    goals = {"stop_and_copy": [], "pre_copy": [], "post_copy": []}
+    for r in rows:
+        if r.get("state") != "done":
+            continue
+        raw = raws.get(r["size"])
+        if r["strategy"] == "stop-and-copy" and raw and raw.get("warm_gbps"):
+            ideal = r["size"] / (raw["warm_gbps"] * 1e9)
+            ideal_cold = r["size"] / (raw["cold_gbps"] * 1e9)
+            ratio = r["downtime"] / ideal
+            goals["stop_and_copy"].append({"size": r["size"], "dirty": r["dirty"], "ratio": ratio,
+                                           "ratio_cold": r["downtime"] / ideal_cold,
+                                           "met": ratio <= GOAL_SC})
+        if r["strategy"] == "post-copy":
+            goals["post_copy"].append({"size": r["size"], "dirty": r["dirty"], "downtime": r["downtime"],
+                                       "met": r["downtime"] <= GOAL_POST_S})
+        if r["strategy"] == "pre-copy" and r["size"] >= (1 << 30) and r["dirty"] <= 0.02:
+            sc = [x for x in rows if x["strategy"] == "stop-and-copy" and x["size"] == r["size"]
+                  and x["dirty"] == r["dirty"] and x.get("state") == "done"]
+            if sc:
+                ratio = r["downtime"] / sc[0]["downtime"]
+                goals["pre_copy"].append({"size": r["size"], "dirty": r["dirty"], "ratio": ratio,
+                                          "met": ratio <= GOAL_PRE})
+    return goals
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x * 1e3:.1f}"
+
+
+def _mb(x) -> str:
+    return "-" if x is None else f"{x / (1 << 20):.1f}"
+
+
+def format_table(results: dict) -> List[str]:
+    head = (f"{'strategy':<14} {'size':>8} {'dirty':>6} {'downtime':>9} {'total':>9} {'moved':>9} "
+            f"{'rounds':>6} {'residual':>9} {'src free':>9} {'slowdown':>9} {'stall':>8} {'others':>8}")
+    unit = (f"{'':<14} {'':>8} {'/step':>6} {'ms':>9} {'ms':>9} {'MiB':>9} {'':>6} {'ms':>9} {'ms':>9} "
+            f"{'ms':>9} {'max ms':>8} {'wait ms':>8}")
+    lines = [head, unit]
+    for r in results["rows"]:
+        if r.get("state") != "done":
+            lines.append(f"{r['strategy']:<14} {fmt_size(r['size']):>8} {r['dirty'] * 100:>5.1f}% "
+                         f"{r.get('state')}")
+            continue
+        lines.append(
+            f"{r['strategy']:<14} {fmt_size(r['size']):>8} {r['dirty'] * 100:>5.1f}% {_ms(r['downtime']):>9} "
+            f"{_ms(r['total']):>9} {_mb(r['bytes_moved']):>9} {r['rounds']:>6} {_ms(r['residual']):>9} "
+            f"{_ms(r['source_free']):>9} {_ms(r['slowdown']):>9} {_ms(r['stall_max']):>8} "
+            f"{_ms(r['others_wait_max']):>8}")
+    lines.append("")
+    lines.append("baseline: plain Send/Recv between the 2 ranks of one mpiexec, same run")
+    for raw in results["raw"]:
+        lines.append(f"  {fmt_size(raw['bytes']):>8}: {raw['warm_gbps']:.2f} GB/s (touched buffer), "
+                     f"{raw['cold_gbps']:.2f} GB/s (fresh buffer) -> bytes/bandwidth "
+                     f"{raw['bytes'] / raw['warm_gbps'] / 1e6:.1f} ms / {raw['bytes'] / raw['cold_gbps'] / 1e6:.1f} ms")
+    g = results["goals"]
+    lines.append("")
+    lines.append("goals:")
+    for x in g["stop_and_copy"]:
+        lines.append(f"  stop-and-copy {fmt_size(x['size'])} dirty {x['dirty'] * 100:.0f}%: downtime = "
+                     f"{x['ratio']:.2f}x bytes/Send bandwidth ({x['ratio_cold']:.2f}x fresh-buffer bandwidth), "
+                     f"goal <= {GOAL_SC}x: {'met' if x['met'] else 'MISSED'}")
+    for x in g["pre_copy"]:
+        lines.append(f"  pre-copy {fmt_size(x['size'])} dirty {x['dirty'] * 100:.0f}%: downtime = "
+                     f"{x['ratio']:.3f}x stop-and-copy, goal <= {GOAL_PRE}x: {'met' if x['met'] else 'MISSED'}")
+    if not g["pre_copy"]:
+        lines.append("  pre-copy: no run at >= 1 GiB with <= 2% dirty: goal not evaluated")
+    for x in g["post_copy"]:
+        lines.append(f"  post-copy {fmt_size(x['size'])} dirty {x['dirty'] * 100:.0f}%: downtime "
+                     f"{x['downtime'] * 1e3:.1f} ms, goal <= {GOAL_POST_S * 1e3:.0f} ms: "
+                     f"{'met' if x['met'] else 'MISSED'}")
+    lines.append("")
+    lines.append("downtime: the moving rank frozen; total: pre-copy rounds + freeze, post-copy freeze + "
+                 "residual; moved: bytes sent (pre-copy: all rounds + final; file-server: file size); "
+                 "src free: old process no longer needed, from the freeze; slowdown: moved rank's step "
+                 "time above its median in 5 steps after resuming; stall: others in the safe point; "
+                 "others wait: their step time above median around the move")
+    return lines
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in results["rows"] if r.get("state") == "done"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    panels = (("downtime", "downtime (freeze), ms", 1e3), ("bytes_moved", "bytes moved, MiB", 1 / (1 << 20)),
+              ("source_free", "old process needed for, ms", 1e3))
+    styles = ["-", "--", ":", "-."]
+    dirties = sorted({r["dirty"] for r in rows})
+    for ax, (key, label, scale) in zip(axes, panels):
+        for j, strat in enumerate(results["strategies"]):
+            for i, d in enumerate(dirties):
+                pts = sorted((r["size"], r[key]) for r in rows
+                             if r["strategy"] == strat and r["dirty"] == d and r.get(key) is not None)
+                if pts:
+                    ax.plot([p[0] / (1 << 20) for p in pts], [p[1] * scale for p in pts],
+                            styles[i % len(styles)], marker="o", color=f"C{j}",
+                            label=f"{strat}, {d * 100:g}% dirty")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("state of the moving rank, MiB")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("mpimig bench migrate: strategies side by side (same run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(args, out=print) -> dict:
+    strategies = parse_strategies(args.strategies)
+    sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    if not sizes:
+        raise UsageError("--sizes needs at least one size")
+    dirties = parse_dirty(args.dirty)
+    if args.repeat is None:
+        args.repeat = 1
+    if args.repeat < 1:
+        raise UsageError("--repeat must be at least 1")
+    host = args.host or socket.gethostname()
+    at, steps = plan_steps(args.before, args.after, args.work_ms)
+    base = Path(args.dir) if args.dir else None
+    if base:
+        base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="mpimig-bench-strategies-", dir=base))
+    combos = [(s, z, d) for z in sizes for d in dirties for s in strategies]
+    total = len(combos) * args.repeat
+    out(f"mpimig bench migrate: strategies {', '.join(strategies)}; sizes "
+        f"{', '.join(fmt_size(z) for z in sizes)}; dirty {', '.join(f'{d * 100:g}%' for d in dirties)} per step; "
+        f"rank {MOVING} of {RANKS} -> {host} at step {at} of {steps}"
+        f"{' (a warm spare)' if args.spares else ''}; {total} jobs + baselines")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    results = {"host": host, "ranks": RANKS, "moving_rank": MOVING, "at_point": at, "steps": steps,
+               "work_ms": args.work_ms, "repeat": args.repeat, "spares": bool(args.spares),
+               "strategies": strategies, "sizes": sizes, "dirty": dirties, "loadavg_start": load,
+               "cores": os.cpu_count(), "chunk": int(os.environ.get("MPIMIG_CHUNK", 1 << 20)),
+               "rows": [], "raw": []}
+    t0 = time.monotonic()
+    k = 0
+    try:
+        for size in sizes:
+            raw = run_raw(size, 3 if size >= (256 << 20) else 5, work, args.timeout)
+            results["raw"].append(raw)
+            out(f"  baseline {fmt_size(size)}: Send/Recv {raw['warm_gbps']:.2f} GB/s touched, "
+                f"{raw['cold_gbps']:.2f} GB/s fresh buffer")
+            for dirty in dirties:
+                for strat in strategies:
+                    runs = []
+                    for i in range(args.repeat):
+                        k += 1
+                        r = run_one(strat, size, dirty, at, steps, args, host, work,
+                                    f"{strat}-{size}-{dirty}-{i}")
+                        runs.append(r)
+                        el = time.monotonic() - t0
+                        eta = el / k * (total - k)
+                        if r.get("state") == "done":
+                            out(f"  [{k}/{total}] {strat} {fmt_size(size)} {dirty * 100:g}%: downtime "
+                                f"{_ms(r['downtime'])} ms, moved {_mb(r['bytes_moved'])} MiB, total "
+                                f"{_ms(r['total'])} ms  ({el:.0f} s, ~{eta:.0f} s left)")
+                        else:
+                            out(f"  [{k}/{total}] {strat} {fmt_size(size)} {dirty * 100:g}%: {r.get('state')}"
+                                + (f"\n    {r['log'][-1500:]}" if r.get("log") else ""))
+                    results["rows"].append(_combine(runs))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["goals"] = evaluate(results)
+    results["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return results
+
+
+def _combine(runs: List[dict]) -> dict:
+    """Medians over repeats (the first run's other fields)."""
+    done = [r for r in runs if r.get("state") == "done"]
+    if not done:
+        return runs[0]
+    row = dict(done[0])
+    for key in ("downtime", "total", "bytes_moved", "residual", "source_free", "slowdown", "stall_max",
+                "others_wait_max"):
+        row[key] = _median([r.get(key) for r in done])
+    row["done"], row["of"] = len(done), len(runs)
+    row["runs"] = runs
+    return row
+
+
+def main(args) -> int:
+    res = run(args)
+    print("")
+    for line in format_table(res):
+        print(line)
+    js = Path(args.json) if args.json else Path("migrate-strategies.json")
+    js.write_text(json.dumps(res, indent=1))
+    print(f"results written to {js}")
+    png = Path(args.png) if args.png else js.with_suffix(".png")
+    plot(res, png)
+    print(f"plot written to {png}")
+    return 0 if all(r.get("state") == "done" for r in res["rows"]) else 1

@@ -1,0 +1,317 @@
+"""Post-copy on the target: arrays that arrive while the program already runs.
+
+After a post-copy switch the new process has its objects, counters and held
+messages, but its arrays are still in the old process. :class:`LazySession`
+allocates each array (``np.empty``) and pre-posts one ``Irecv`` per chunk
+(tag ``TAG_PC_DATA`` + global chunk index) straight into the array's memory;
+the old process pushes every chunk once (``strategies.push``), demanded ones
+first. The program gets :class:`LazyArray` objects (an ``ndarray`` subclass):
+
+* ``a[idx]`` / ``a[idx] = v`` with basic indexing: the byte range of the view
+  (``byte_bounds``) names the chunks touched; only those are waited for
+  (after a *demand* message so that the old process sends them next). The
+  result is a plain ``ndarray`` view.
+* ufuncs (``a + 1``, ``a *= 2``, ``a.sum()``), NumPy functions (``np.dot(a,
+  ...)``) and every other method or data attribute wait for the whole array.
+* ``mpimig.Comm`` buffer calls with a lazy array (``comm.Send(a, ...)``) wait
+  for the chunks of that buffer: while lazy arrays exist, the rank's ``Comm``
+  is switched to :class:`LazyGuardComm` (no cost once they are complete).
+* At each checkpoint point the session makes progress (``Testsome``); a point
+  that captures state (checkpoint, another migration) completes it first.
+
+When every chunk is there, the state's items become plain arrays again, the
+target tells the old process it may leave (``TAG_PC_ACK``) and reports the
+residual dependency to the coordinator.
+
+Limits (documented in docs/protocol.md): C code that reads the memory of a
+lazy array without going through the hooks above sees chunks that have not
+arrived: ``plain[...] = lazy`` (NumPy reads the right-hand side directly),
+``np.asarray(lazy)`` (a plain view), ``memoryview(lazy)`` and raw
+``ctx.comm.mpi`` calls. Waits for chunks give up after ``MPIMIG_FETCH_TIMEOUT``
+seconds (default 120) with an error naming the rank and its old process; the
+job then aborts and ``mpimig run --relaunch K`` / ``--restart`` brings it back
+from the last committed epoch.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+from mpi4py import MPI
+
+from .comm import Comm
+from .errors import MigrationError
+from .protocol import TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND, TAG_RESIDUAL
+
+try:
+    from numpy.lib.array_utils import byte_bounds
+except ImportError:   # NumPy < 2
+    byte_bounds = np.byte_bounds
+
+_BASIC = (int, np.integer, slice, type(Ellipsis), type(None))
+
+
+def _is_basic(idx) -> bool:
+    if isinstance(idx, tuple):
+        return all(isinstance(i, _BASIC) and not isinstance(i, bool) for i in idx)
+    return isinstance(idx, _BASIC) and not isinstance(idx, bool)
+
+
+class LazySession:
+    """The chunks of one post-copy move that have not arrived yet."""
+
+    def __init__(self, Jc: MPI.Intracomm, source: int, hdr: dict) -> None:
+        self.Jc, self.source = Jc, source
+        self.src_info = hdr.get("source", {})
+        self.C = hdr["chunk"]
+        self.t_resume = time.perf_counter()
+        self.timeout = float(os.environ.get("MPIMIG_FETCH_TIMEOUT", "120") or 120)
+        self.arrays: Dict[str, "LazyArray"] = {}
+        self.reqs: List[MPI.Request] = []
+        self.done = bytearray()
+        self.spans = []                  # (start address, end address, first global chunk)
+        n = 0
+        for name, shape, dt, nbytes, base, nch in hdr["layout"]:
+            a = np.empty(shape, dtype=np.dtype(dt))
+            flat = a.reshape(-1).view(np.uint8)
+            for i in range(nch):
+                lo, hi = i * self.C, min((i + 1) * self.C, nbytes)
+                self.reqs.append(Jc.Irecv([flat[lo:hi], MPI.BYTE], source, TAG_PC_DATA + base + i))
+            addr = a.ctypes.data
+            self.spans.append((addr, addr + nbytes, base))
+            la = a.view(LazyArray)
+            la._lz = self
+            self.arrays[name] = la
+            n = max(n, base + nch)
+        self.nchunks = n
+        self.done = bytearray(n)
+        self.left = n
+        self.fetches = 0
+        self.fetch_s: List[float] = []
+        self.complete = n == 0
+        self.ctx = None
+        self.plan_id = 0
+        self.t_complete: Optional[float] = None
+
+    # -- which chunks ----------------------------------------------------------
+    def _chunks(self, lo: int, hi: int) -> range:
+        for a0, a1, base in self.spans:
+            if a0 <= lo < a1:
+                hi = min(hi, a1)
+                return range(base + (lo - a0) // self.C, base + (hi - 1 - a0) // self.C + 1)
+        return range(0)
+
+    def _all_of(self, arr: np.ndarray) -> range:
+        lo, hi = byte_bounds(np.ndarray.view(arr, np.ndarray))
+        return self._chunks(lo, hi) if hi > lo else range(0)
+
+    # -- waiting -----------------------------------------------------------------
+    def ensure_bytes(self, lo: int, hi: int) -> None:
+        if self.complete or hi <= lo:
+            return
+        self.ensure(self._chunks(lo, hi))
+
+    def ensure(self, chunks) -> None:
+        missing = [c for c in chunks if not self.done[c]]
+        if not missing:
+            return
+        if MPI.Request.Testall([self.reqs[c] for c in missing]):   # arrived meanwhile: no fetch
+            self._mark(missing)
+            return
+        missing = [c for c in missing if not self.reqs[c].Test()] or missing
+        t0 = time.perf_counter()
+        self.Jc.send(missing, dest=self.source, tag=TAG_PC_DEMAND)
+        reqs = [self.reqs[c] for c in missing]
+        spins = 0
+        while not MPI.Request.Testall(reqs):
+            spins += 1
+            if spins > 64:
+                if time.perf_counter() - t0 > self.timeout:
+                    self._give_up(missing)
+                time.sleep(0.0001)
+        self.fetches += 1
+        self.fetch_s.append(time.perf_counter() - t0)
+        self._mark(chunks)
+
+    def _mark(self, chunks) -> None:
+        for c in chunks:
+            if not self.done[c] and self.reqs[c].Test():
+                self.done[c] = 1
+                self.left -= 1
+        if self.left == 0 and not self.complete:
+            self._finish()
+
+    def _give_up(self, missing) -> None:
+        rank = self.ctx.rank if self.ctx is not None else "?"
+        s = self.src_info
+        raise MigrationError(
+            f"rank {rank}: post-copy: {len(missing)} chunk(s) of its state did not arrive from its old "
+            f"process (pid {s.get('pid')} on {s.get('host')}) within {self.timeout:g} s "
+            "(MPIMIG_FETCH_TIMEOUT); the old process is gone or stuck. The job cannot go on with missing "
+            "state: it aborts; mpimig run --relaunch K / --restart brings it back from the last "
+            "committed epoch")
+
+    def progress(self) -> None:
+        """Non-blocking: note chunks that arrived (at checkpoint points)."""
+        if self.complete:
+            return
+        idx = [c for c in range(self.nchunks) if not self.done[c]]
+        got = MPI.Request.Testsome([self.reqs[c] for c in idx]) or []
+        for i in got:
+            self.done[idx[i]] = 1
+            self.left -= 1
+        if self.left == 0:
+            self._finish()
+
+    def complete_all(self) -> None:
+        if not self.complete:
+            self.ensure(range(self.nchunks))
+
+    def _finish(self) -> None:
+        self.complete = True
+        self.t_complete = time.perf_counter()
+        for a in self.arrays.values():
+            a._lz = None
+        ctx = self.ctx
+        if ctx is not None:
+            st = ctx._state
+            if st is not None:
+                for k, v in list(st.items()):
+                    if isinstance(v, LazyArray):
+                        st._items[k] = np.ndarray.view(v, np.ndarray)
+            if type(ctx.comm) is LazyGuardComm:
+                ctx.comm.__class__ = Comm
+            ctx._lazy = None
+        residual = self.t_complete - self.t_resume
+        self.Jc.send({"residual_s": residual}, dest=self.source, tag=TAG_PC_ACK)
+        if ctx is not None and ctx._J is not None:
+            ctx._J.send({"rank": ctx.rank, "plan": self.plan_id, "residual": residual, "demand_fetches": self.fetches,
+                         "fetch_ms_median": (float(np.median(self.fetch_s)) * 1e3) if self.fetch_s else 0.0,
+                         "fetch_ms_max": (max(self.fetch_s) * 1e3) if self.fetch_s else 0.0,
+                         "chunks": self.nchunks}, dest=0, tag=TAG_RESIDUAL)
+
+
+def _ensure_arr(a) -> None:
+    lz = a._lz if isinstance(a, LazyArray) else None
+    if lz is not None and not lz.complete:
+        lz.ensure(lz._all_of(a))
+
+
+def _plain(x):
+    if isinstance(x, LazyArray):
+        _ensure_arr(x)
+        return np.ndarray.view(x, np.ndarray)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_plain(i) for i in x)
+    return x
+
+
+# attributes that read no data (and this class's own helpers): no wait
+_META = frozenset({"shape", "dtype", "ndim", "size", "itemsize", "nbytes", "strides", "flags", "_lz", "_touch",
+                   "__class__", "__array_finalize__", "__array_ufunc__", "__array_function__",
+                   "__array_priority__", "__getitem__", "__setitem__", "__len__", "base", "__dict__"})
+
+
+class LazyArray(np.ndarray):
+    """An array whose chunks may still be on their way (see the module docstring)."""
+
+    _lz: Optional[LazySession] = None
+
+    def __array_finalize__(self, obj):
+        self._lz = getattr(obj, "_lz", None)
+
+    def __getattribute__(self, name):
+        if name not in _META:
+            lz = object.__getattribute__(self, "_lz")
+            if lz is not None and not lz.complete:
+                lz.ensure(lz._all_of(self))
+        return super().__getattribute__(name)
+
+    def _touch(self, lz: LazySession, idx) -> None:
+        """Wait for the chunks that ``self[idx]`` reads or writes."""
+        plain = np.ndarray.view(self, np.ndarray)
+        if _is_basic(idx):
+            t = idx if isinstance(idx, tuple) else (idx,)
+            if not any(i is Ellipsis for i in t):
+                t = t + (Ellipsis,)           # a 0-d view even for a single element
+            v = plain[t]
+            lo, hi = byte_bounds(v)
+            lz.ensure_bytes(lo, hi)
+        else:
+            lz.ensure(lz._all_of(self))
+
+    def __getitem__(self, idx):
+        lz = self._lz
+        if lz is not None and not lz.complete:
+            self._touch(lz, idx)
+        return np.ndarray.view(self, np.ndarray)[idx]
+
+    def __setitem__(self, idx, value):
+        lz = self._lz
+        if lz is not None and not lz.complete:
+            self._touch(lz, idx)
+        np.ndarray.view(self, np.ndarray)[idx] = _plain(value)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        inputs = tuple(_plain(x) for x in inputs)
+        if "out" in kwargs:
+            kwargs["out"] = tuple(_plain(x) for x in kwargs["out"])
+        return getattr(ufunc, method)(*inputs, **kwargs)
+
+    def __array_function__(self, func, types, args, kwargs):
+        if func in (np.empty_like, np.shape, np.ndim, np.size):   # no data read
+            args = tuple(np.ndarray.view(a, np.ndarray) if isinstance(a, LazyArray) else a for a in args)
+        else:
+            args = tuple(_plain(a) for a in args)
+            kwargs = {k: _plain(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+    def __iter__(self):
+        _ensure_arr(self)
+        return iter(np.ndarray.view(self, np.ndarray))
+
+    def __repr__(self):
+        _ensure_arr(self)
+        return repr(np.ndarray.view(self, np.ndarray))
+
+    __str__ = __repr__
+
+    def __reduce_ex__(self, protocol):
+        _ensure_arr(self)
+        return np.ndarray.view(self, np.ndarray).__reduce_ex__(protocol)
+
+
+def _guard(x) -> None:
+    if isinstance(x, LazyArray):
+        _ensure_arr(x)
+    elif isinstance(x, (list, tuple)) and x and isinstance(x[0], LazyArray):
+        _ensure_arr(x[0])
+
+
+def _guarded(name):
+    base = getattr(Comm, name)
+
+    def method(self, *args, **kwargs):
+        for a in args:
+            _guard(a)
+        for a in kwargs.values():
+            _guard(a)
+        return base(self, *args, **kwargs)
+    method.__name__ = name
+    method.__doc__ = base.__doc__
+    return method
+
+
+class LazyGuardComm(Comm):
+    """``mpimig.Comm`` while lazy arrays exist: buffer calls wait for the chunks of
+    lazy buffers first. The rank's communicator is switched back to ``Comm`` as
+    soon as every chunk arrived, so the hot path costs nothing afterwards."""
+
+
+for _n in ("Send", "Ssend", "Isend", "Issend", "Recv", "Irecv", "Sendrecv", "Bcast", "Reduce",
+           "Allreduce", "Gather", "Gatherv", "Scatter", "Scatterv", "Allgather", "Allgatherv",
+           "Alltoall", "Alltoallv", "Scan", "Exscan", "Reduce_scatter_block"):
+    setattr(LazyGuardComm, _n, _guarded(_n))
+del _n

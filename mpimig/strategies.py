@@ -1,0 +1,484 @@
+"""Migration strategies: the seed's algorithms (MISSION.md, part 4.1) side by side.
+
+A strategy decides *when* a moving rank's registered state travels (steps 4
+and 6, *extraction* and *transfer*); everything else of a migration (the
+agreement at a safe point, the flush, the join, the re-pointing split, the
+held queue) is shared (docs/protocol.md, "Strategies"). ``REGISTRY`` maps each
+name to its class; :func:`get` refuses an unknown name and lists the known ones.
+
+==================  ==========================================================
+``stop-and-copy``   greedy copy: the rank freezes, all state moves, it resumes.
+``pre-copy``        arrays are copied in rounds while the rank keeps computing
+                    (only chunks changed since the previous round); the rank
+                    freezes when the dirty set is small, stops shrinking or a
+                    round limit is reached, and the rest moves at the switch.
+``post-copy``       lazy copy with demand fetching: the rank resumes with its
+                    objects and held messages only; arrays arrive chunk by chunk,
+                    on first access (demand) and pushed in the background. The
+                    old process stays until every chunk arrived (residual
+                    dependency). See :mod:`mpimig.lazy`.
+``file-server``     the state goes to shared storage in the checkpoint format
+                    (HDF5 epoch under JOB_DIR/migrations/); the old process
+                    leaves at once, the target reads it.
+==================  ==========================================================
+
+Each class has ``send`` (the old process, after the switch) and ``receive``
+(the new process, in ``runtime._adopt``). Pre-copy also has the rounds before
+the switch: :class:`PreCopySource` (the rank, at each safe point while its
+plan is held) and :class:`PreCopyTarget` (the idle target in J).
+
+Chunks are ``MPIMIG_CHUNK`` bytes (default 1 MiB) of an array's memory.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+from mpi4py import MPI
+from mpi4py.util import pkl5
+
+from . import migration
+from .errors import MigrationError, UsageError
+from .protocol import STRATEGIES, check_strategy, TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND, TAG_PRECOPY, TAG_PRECOPY_DATA, TAG_STATE
+from .state import dumps, loads
+
+DEFAULT = "stop-and-copy"
+MAX_MSG = 256 << 20          # largest single chunk-run message (MPI counts are ints)
+
+
+def chunk_bytes() -> int:
+    c = int(os.environ.get("MPIMIG_CHUNK", str(1 << 20)) or (1 << 20))
+    if c < 4096:
+        raise UsageError(f"MPIMIG_CHUNK={c}: chunks must be at least 4096 bytes")
+    return c
+
+
+def flat_bytes(a: np.ndarray) -> np.ndarray:
+    """The array's memory as a flat uint8 array (C-contiguous arrays only)."""
+    return a.reshape(-1).view(np.uint8) if a.size else np.empty(0, np.uint8)
+
+
+def _chunkable(a: np.ndarray) -> bool:
+    return a.flags.c_contiguous and a.nbytes > 0
+
+
+def _runs(mask: np.ndarray, nbytes: int, C: int) -> List[Tuple[int, int]]:
+    """Byte ranges [lo, hi) of consecutive True chunks, each at most MAX_MSG bytes."""
+    out: List[Tuple[int, int]] = []
+    idx = np.flatnonzero(mask)
+    if idx.size == 0:
+        return out
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    starts = np.concatenate(([idx[0]], idx[breaks + 1]))
+    ends = np.concatenate((idx[breaks], [idx[-1]])) + 1
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        lo, hi = s * C, min(e * C, nbytes)
+        while lo < hi:
+            out.append((lo, min(hi, lo + MAX_MSG)))
+            lo += MAX_MSG
+    return out
+
+
+def _split_state(arrays: Dict[str, np.ndarray]):
+    """(chunked arrays, eager arrays): non-contiguous or empty arrays travel with the header."""
+    chunked = {k: v for k, v in arrays.items() if _chunkable(v)}
+    eager = {k: np.ascontiguousarray(v) for k, v in arrays.items() if k not in chunked}
+    return chunked, eager
+
+
+class Strategy:
+    """One way to move a rank's state (base class: the interface)."""
+    name = ""
+    summary = ""
+
+    def send(self, ctx, Jc: MPI.Intracomm, dest: int, arrays: Dict[str, np.ndarray],
+             objects: Dict[str, Any], extra: Dict[str, Any], plan, move):
+        """The old process, after the switch: steps 4 and 6 on its side.
+
+        Returns None, or a function to call once the switch is agreed (``--ft``):
+        the part of the transfer that goes on after the new process has resumed
+        (post-copy's background push)."""
+        raise NotImplementedError
+
+    def receive(self, Jc: MPI.Intracomm, source: int, cfg, rx=None):
+        """The new process: returns (arrays, objects, extra, lazy session or None)."""
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------
+class StopAndCopy(Strategy):
+    name = "stop-and-copy"
+    summary = "freeze, send all state as raw buffers (pkl5), resume"
+
+    def send(self, ctx, Jc, dest, arrays, objects, extra, plan, move):
+        msg = migration.pack_state(arrays, objects, extra)
+        migration.send_state(Jc, dest, msg)
+
+    def receive(self, Jc, source, cfg, rx=None):
+        arrays, objects, extra = migration.unpack_state(migration.recv_state(Jc, source))
+        return arrays, objects, extra, None
+
+
+# ------------------------------------------------------------------------------------------
+class FileServer(Strategy):
+    name = "file-server"
+    summary = "old process writes the state to shared storage (checkpoint format) and leaves; target reads it"
+
+    @staticmethod
+    def directory(cfg, plan_id: int, rank: int) -> Path:
+        base = cfg.job_dir if cfg.job_dir is not None else (cfg.ckpt_dir.parent if cfg.ckpt_dir else None)
+        if base is None:
+            raise MigrationError("the file-server strategy needs a job directory on shared storage "
+                                 "(mpimig run --job-dir, or MPIMIG_JOB_DIR)")
+        return Path(base) / "migrations" / f"plan-{plan_id:05d}-rank-{rank:05d}"
+
+    def send(self, ctx, Jc, dest, arrays, objects, extra, plan, move):
+        from .checkpoint import CheckpointStore
+        t0 = time.perf_counter()
+        d = self.directory(ctx.config, plan.id, move.rank)
+        store = CheckpointStore(d, job_id=ctx.config.run_id or "job", keep=1)
+        nbytes = store.write_rank(1, 0, 1, int(extra.get("point", 0)), arrays, objects,
+                                  {"point": extra.get("point", 0), "rank": move.rank})
+        store.commit(1, 1, int(extra.get("point", 0)), {"migration_plan": plan.id, "rank": move.rank})
+        t_write = time.perf_counter() - t0
+        extra = dict(extra, strategy_stats={"write_s": t_write, "file_bytes": nbytes,
+                                            "source_freed_s": time.time() - extra["t_suspend"]})
+        # the header is small: it leaves eagerly and the old process is free at once
+        pkl5.Intracomm(Jc).send({"path": str(d), "extra": extra}, dest, TAG_STATE)
+
+    def receive(self, Jc, source, cfg, rx=None):
+        from .checkpoint import CheckpointStore
+        hdr = pkl5.Intracomm(Jc).recv(source=source, tag=TAG_STATE)
+        t0 = time.perf_counter()
+        store = CheckpointStore(hdr["path"], create=False)
+        rs = store.read_rank(1, 0)
+        extra = hdr["extra"]
+        extra["strategy_stats"]["read_s"] = time.perf_counter() - t0
+        shutil.rmtree(hdr["path"], ignore_errors=True)      # read: the storage is free again
+        return dict(rs.arrays), dict(rs.objects), extra, None
+
+
+# ------------------------------------------------------------------------------------------
+def _precopy_small(total: int, C: int) -> int:
+    env = os.environ.get("MPIMIG_PRECOPY_SMALL")
+    if env:
+        return int(env)
+    return max(4 * C, total // 32)
+
+
+class PreCopySource:
+    """The moving rank's side of pre-copy rounds (before the switch).
+
+    Dirty tracking is exact: each round copies the chunks it sends into a
+    shadow copy and sends *from the shadow*; the next round compares the live
+    array with the shadow chunk by chunk (as integers, so -0.0/NaN changes
+    count). A chunk whose bytes differ is dirty. Memory cost: one shadow byte
+    per registered byte. (Linux soft-dirty page bits would make the scan
+    unnecessary, but this kernel does not have CONFIG_MEM_SOFT_DIRTY; CRC-32
+    digests were 2x slower than the compare and not exact.)
+    """
+
+    def __init__(self, J: MPI.Intracomm, dest: int, ctx, rank: int) -> None:
+        self.J, self.dest, self.rank, self.ctx = J, dest, rank, ctx
+        self.C = chunk_bytes()
+        self.live: Dict[str, np.ndarray] = {}
+        self.shadow: Dict[str, np.ndarray] = {}
+        self.sends: Dict[str, np.ndarray] = {}     # chunk send counts
+        self.new_meta: Dict[str, tuple] = {}
+        self._refresh()
+        self.total = sum(v.nbytes for v in self.live.values())
+        self.reqs: List[MPI.Request] = []
+        self.rounds: List[int] = []               # bytes per round
+        self.ready = False
+        self.reason = ""
+        self.small = _precopy_small(self.total, self.C)
+        self.max_rounds = int(os.environ.get("MPIMIG_PRECOPY_ROUNDS", "8") or 8)
+        self.t_start = time.time()
+        self.scan_s = 0.0
+
+    def _refresh(self, arrays: Optional[Dict[str, np.ndarray]] = None) -> None:
+        """Follow the registered arrays: one the program replaced (``st.a = new``) or
+        added starts again as all dirty; one it dropped is forgotten."""
+        if arrays is None:
+            st = self.ctx._state if self.ctx is not None else None
+            arrays = st.split()[0] if st is not None else {}
+        cur = {k: v for k, v in arrays.items() if _chunkable(v)}
+        for k in list(self.live):
+            if k not in cur:
+                del self.live[k]
+                self.shadow.pop(k, None)
+                self.sends.pop(k, None)
+        for k, a in cur.items():
+            if self.live.get(k) is not a:
+                self.live[k] = a
+                self.shadow.pop(k, None)
+                self.sends.pop(k, None)
+                self.new_meta[k] = (a.shape, a.dtype.str)
+        self.total = sum(v.nbytes for v in self.live.values())
+
+    def _nchunks(self, a: np.ndarray) -> int:
+        return -(-a.nbytes // self.C)
+
+    def _dirty(self, name: str, a: np.ndarray) -> np.ndarray:
+        """Chunks of ``a`` that differ from the shadow (all when there is none yet)."""
+        n = self._nchunks(a)
+        sh = self.shadow.get(name)
+        if sh is None or sh.shape != a.shape or sh.dtype != a.dtype or not a.flags.c_contiguous:
+            return np.ones(n, dtype=bool)
+        t0 = time.perf_counter()
+        L, S = flat_bytes(a), flat_bytes(sh)
+        C = self.C
+        if C % 8 == 0 and a.nbytes % 8 == 0 and L.ctypes.data % 8 == 0 and S.ctypes.data % 8 == 0:
+            L, S, C = L.view(np.uint64), S.view(np.uint64), C // 8
+        out = np.empty(n, dtype=bool)
+        for i in range(n):
+            out[i] = not np.array_equal(L[i * C:(i + 1) * C], S[i * C:(i + 1) * C])
+        self.scan_s += time.perf_counter() - t0
+        return out
+
+    def _all_dirty(self) -> Dict[str, np.ndarray]:
+        return {k: self._dirty(k, v) for k, v in self.live.items()}
+
+    def _count(self, dirty: Dict[str, np.ndarray]) -> int:
+        tot = 0
+        for k, m in dirty.items():
+            tot += sum(hi - lo for lo, hi in _runs(m, self.live[k].nbytes, self.C))
+        return tot
+
+    def step(self) -> bool:
+        """At a safe point while the plan is held: maybe one more round. Returns ready."""
+        if self.ready:
+            return True
+        if self.reqs and not MPI.Request.Testall(self.reqs):
+            return False                  # the previous round is still on its way
+        self.reqs = []
+        self._refresh()
+        dirty = self._all_dirty()
+        nbytes = self._count(dirty)
+        if self.rounds and not self.new_meta:
+            if nbytes <= self.small:
+                self.reason = "small"
+            elif nbytes >= self.rounds[-1]:
+                self.reason = "not-shrinking"
+            elif len(self.rounds) >= self.max_rounds:
+                self.reason = "max-rounds"
+            if self.reason:
+                self.ready = True         # the rest goes at the switch, with the rank frozen
+                self.pending_dirty = nbytes
+                return True
+        runs = []
+        for k, m in dirty.items():
+            a = self.live[k]
+            if k not in self.shadow:
+                self.shadow[k] = np.empty_like(a)
+                self.sends[k] = np.zeros(self._nchunks(a), dtype=np.int32)
+            self.sends[k] += m
+            for lo, hi in _runs(m, a.nbytes, self.C):
+                runs.append((k, lo, hi))
+        meta, self.new_meta = self.new_meta, {}
+        self.J.send({"round": len(self.rounds) + 1, "arrays": meta, "runs": runs}, self.dest, TAG_PRECOPY)
+        for k, lo, hi in runs:
+            L, S = flat_bytes(self.live[k]), flat_bytes(self.shadow[k])
+            S[lo:hi] = L[lo:hi]            # send from the shadow: later writes cannot tear it
+            self.reqs.append(self.J.Isend([S[lo:hi], MPI.BYTE], self.dest, TAG_PRECOPY_DATA))
+        self.rounds.append(sum(hi - lo for _, lo, hi in runs))
+        return False
+
+    def finish(self, Jc: MPI.Intracomm, dest: int, arrays, objects, extra) -> None:
+        """At the switch (rank frozen): the chunks still dirty, objects, held queue."""
+        if self.reqs:
+            MPI.Request.Waitall(self.reqs)
+        t0 = time.perf_counter()
+        self._refresh(arrays)            # the state at the switch is what counts
+        dirty = self._all_dirty()
+        for k, m in dirty.items():
+            if k in self.sends:
+                self.sends[k] += m
+        runs = [(k, lo, hi) for k, m in dirty.items() for lo, hi in _runs(m, self.live[k].nbytes, self.C)]
+        final = sum(hi - lo for _, lo, hi in runs)
+        resent = 0
+        for k, cnt in self.sends.items():
+            a = self.live[k]
+            sizes = np.full(cnt.size, self.C, dtype=np.int64)
+            sizes[-1] = a.nbytes - self.C * (cnt.size - 1)
+            resent += int(((np.maximum(cnt, 1) - 1) * sizes).sum())
+        eager = {k: np.ascontiguousarray(v) for k, v in arrays.items() if k not in self.live}
+        stats = {"rounds": len(self.rounds), "round_bytes": list(self.rounds), "final_bytes": final,
+                 "bytes_total": int(sum(self.rounds) + final), "bytes_resent": resent,
+                 "state_bytes": self.total, "reason": self.reason or "switched-early",
+                 "final_scan_s": time.perf_counter() - t0, "scan_s": self.scan_s,
+                 "precopy_s": extra["t_suspend"] - self.t_start}
+        extra = dict(extra, strategy_stats=stats)
+        hdr = {"final": True, "runs": runs, "eager": eager,
+               "meta": {k: (v.shape, v.dtype.str) for k, v in self.live.items()},
+               "objects": {k: dumps(k, v) for k, v in objects.items()}, "extra": extra}
+        pkl5.Intracomm(Jc).send(hdr, dest, TAG_STATE)
+        for k, lo, hi in runs:
+            Jc.Send([flat_bytes(self.live[k])[lo:hi], MPI.BYTE], dest, TAG_PRECOPY_DATA)
+        self.shadow.clear()
+
+
+class PreCopyTarget:
+    """The target's side of pre-copy rounds: preallocated arrays filled round by round."""
+
+    def __init__(self) -> None:
+        self.arrays: Dict[str, np.ndarray] = {}
+        self.rounds = 0
+
+    def on_round(self, J: MPI.Intracomm, source: int) -> None:
+        hdr = J.recv(source=source, tag=TAG_PRECOPY)
+        for k, (shape, dt) in hdr["arrays"].items():      # new (or replaced) arrays
+            self.arrays[k] = np.empty(shape, dtype=np.dtype(dt))
+        for k, lo, hi in hdr["runs"]:
+            J.Recv([flat_bytes(self.arrays[k])[lo:hi], MPI.BYTE], source, TAG_PRECOPY_DATA)
+        self.rounds += 1
+
+
+class PreCopy(Strategy):
+    name = "pre-copy"
+    summary = "copy arrays in rounds while the rank computes (changed chunks only), then freeze for the rest"
+
+    def send(self, ctx, Jc, dest, arrays, objects, extra, plan, move):
+        src = getattr(ctx, "_precopy", None)
+        if src is None:                      # no rounds were possible: everything now
+            src = PreCopySource(Jc, dest, ctx, move.rank)
+            src.reason = "no-rounds"
+        src.finish(Jc, dest, arrays, objects, extra)
+        ctx._precopy = None
+
+    def receive(self, Jc, source, cfg, rx=None):
+        hdr = pkl5.Intracomm(Jc).recv(source=source, tag=TAG_STATE)
+        arrays = rx.arrays if rx is not None else {}
+        for k, (shape, dt) in hdr["meta"].items():
+            a = arrays.get(k)
+            if a is None or a.shape != tuple(shape) or a.dtype != np.dtype(dt):
+                arrays[k] = np.empty(shape, dtype=np.dtype(dt))
+        for k, lo, hi in hdr["runs"]:
+            Jc.Recv([flat_bytes(arrays[k])[lo:hi], MPI.BYTE], source, TAG_PRECOPY_DATA)
+        arrays.update(hdr["eager"])
+        objects = {k: loads(k, v) for k, v in hdr["objects"].items()}
+        if rx is not None:
+            hdr["extra"]["strategy_stats"]["target_rounds"] = rx.rounds
+        return arrays, objects, hdr["extra"], None
+
+
+# ------------------------------------------------------------------------------------------
+class PostCopy(Strategy):
+    name = "post-copy"
+    summary = "resume with objects only; arrays fetched on demand per chunk and pushed in the background"
+
+    def send(self, ctx, Jc, dest, arrays, objects, extra, plan, move):
+        C = chunk_bytes()
+        chunked, eager = _split_state(arrays)
+        layout, base = [], 0
+        for k, a in chunked.items():
+            n = -(-a.nbytes // C)
+            layout.append((k, a.shape, a.dtype.str, a.nbytes, base, n))
+            base += n
+        hdr = {"layout": layout, "chunk": C, "eager": eager,
+               "objects": {k: dumps(k, v) for k, v in objects.items()}, "extra": extra,
+               "source": {"pid": os.getpid(), "host": ctx.host, "jrank": Jc.Get_rank()}}
+        pkl5.Intracomm(Jc).send(hdr, dest, TAG_STATE)
+        return lambda: push(Jc, dest, [(flat_bytes(chunked[k]), b, n) for k, _, _, _, b, n in layout],
+                            C, base)
+
+    def receive(self, Jc, source, cfg, rx=None):
+        from .lazy import LazySession
+        # the old process is what the rank depends on from now on: do not wait for it forever
+        timeout = float(os.environ.get("MPIMIG_FETCH_TIMEOUT", "120") or 120)
+        t0 = time.perf_counter()
+        while not Jc.Iprobe(source, TAG_STATE):
+            if time.perf_counter() - t0 > timeout:
+                raise MigrationError(f"post-copy: the old process (J rank {source}) sent no state within "
+                                     f"{timeout:g} s (MPIMIG_FETCH_TIMEOUT); it is gone or stuck. The job "
+                                     "aborts; mpimig run --relaunch K / --restart brings it back from the "
+                                     "last committed epoch")
+            time.sleep(0.0002)
+        hdr = pkl5.Intracomm(Jc).recv(source=source, tag=TAG_STATE)
+        sess = LazySession(Jc, source, hdr)
+        arrays = dict(sess.arrays)
+        arrays.update(hdr["eager"])
+        objects = {k: loads(k, v) for k, v in hdr["objects"].items()}
+        return arrays, objects, hdr["extra"], (sess if sess.nchunks else None)
+
+
+def push(Jc: MPI.Intracomm, dest: int, parts, C: int, nchunks: int) -> dict:
+    """The old process of a post-copy move: push every chunk once, demanded ones first,
+    with a small window of outstanding sends; stay until the target says it has all."""
+    from collections import deque
+    pace = float(os.environ.get("MPIMIG_POSTCOPY_PACE", "0") or 0)
+    window = int(os.environ.get("MPIMIG_POSTCOPY_WINDOW", "4") or 4)
+    where = []                            # global chunk -> (flat bytes, lo, hi)
+    for flat, base, n in parts:
+        for i in range(n):
+            where.append((flat, i * C, min((i + 1) * C, flat.size)))
+    todo = deque(range(nchunks))
+    prio: deque = deque()
+    sent = bytearray(nchunks)
+    inflight: List[MPI.Request] = []
+    st = MPI.Status()
+    nsent = 0
+    demanded = 0
+    t0 = time.perf_counter()
+    while nsent < nchunks or inflight:
+        busy = False
+        while Jc.Iprobe(dest, TAG_PC_DEMAND, st):
+            want = Jc.recv(source=dest, tag=TAG_PC_DEMAND)
+            for c in reversed(want):
+                if not sent[c]:
+                    prio.appendleft(c)
+                    demanded += 1
+            busy = True
+        if inflight:
+            done = MPI.Request.Testsome(inflight)
+            if done:
+                for i in sorted(done, reverse=True):
+                    del inflight[i]
+                busy = True
+        while len(inflight) < window and (prio or todo):
+            c = prio.popleft() if prio else todo.popleft()
+            if sent[c]:
+                continue
+            if pace:
+                time.sleep(pace)          # MPIMIG_POSTCOPY_PACE: a slow push, for tests
+            flat, lo, hi = where[c]
+            inflight.append(Jc.Isend([flat[lo:hi], MPI.BYTE], dest, TAG_PC_DATA + c))
+            sent[c] = 1
+            nsent += 1
+            busy = True
+        if not busy:
+            time.sleep(0.0002)
+    t_pushed = time.perf_counter() - t0
+    while not Jc.Iprobe(dest, TAG_PC_ACK, st):
+        if Jc.Iprobe(dest, TAG_PC_DEMAND, st):
+            Jc.recv(source=dest, tag=TAG_PC_DEMAND)     # everything is sent already
+        time.sleep(0.001)
+    Jc.recv(source=dest, tag=TAG_PC_ACK)
+    return {"pushed_s": t_pushed, "demanded_chunks": demanded}
+
+
+# ------------------------------------------------------------------------------------------
+REGISTRY: Dict[str, type] = {c.name: c for c in (StopAndCopy, PreCopy, PostCopy, FileServer)}
+
+
+assert tuple(REGISTRY) == STRATEGIES, "protocol.STRATEGIES must name the registry's strategies"
+
+
+def known() -> List[str]:
+    return list(REGISTRY)
+
+
+def check(name: Any) -> Optional[str]:
+    """An error message naming the known strategies, or None if ``name`` is one."""
+    return check_strategy(name)
+
+
+def get(name: str) -> Strategy:
+    err = check(name)
+    if err:
+        raise UsageError(err)
+    return REGISTRY[name]()

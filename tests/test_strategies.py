@@ -1,0 +1,243 @@
+"""Migration strategies (issue 5): stop-and-copy, pre-copy, post-copy, file-server.
+
+* each strategy moves heat2d ranks (two at once, one twice) and the result is
+  bit-identical to the serial reference; each leaves its own figures;
+* each strategy passes a message storm whose ranks also carry bulk state (a
+  ballast array read and written every step, checked at the end); pre-copy
+  converges there (small dirty set) and falls back to a final full copy on
+  heat2d (which changes every byte every step);
+* post-copy with its old process killed in the middle of the push: the job is
+  lost, relaunched from the last committed epoch, and still bit-identical;
+* the warm spare pool refills in the background and shows in ``mpimig status``;
+* an unknown strategy name is refused with the list of known ones.
+
+Chunks are 16 KiB here (MPIMIG_CHUNK) so that small states have many chunks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import APPS, ROOT, base_env, heat_ref, kill_session, mpimig_cmd, read, run_cmd
+from mpimig.control import request
+
+HOST = socket.gethostname()
+STRATEGIES = ["stop-and-copy", "pre-copy", "post-copy", "file-server"]
+CHUNK = 16384
+
+
+def env(**extra):
+    # one machine: Open MPI's TCP (between spawned processes) on loopback only
+    return base_env(OMPI_MCA_btl_tcp_if_include="lo", MPIMIG_CHUNK=CHUNK, **extra)
+
+
+def test_registry_and_unknown_strategy(tmp_path):
+    from mpimig import strategies
+    from mpimig.errors import UsageError
+    assert list(strategies.REGISTRY) == STRATEGIES
+    for name, cls in strategies.REGISTRY.items():
+        assert cls.name == name and cls.summary
+    with pytest.raises(UsageError, match="unknown strategy 'teleport'; known: stop-and-copy, pre-copy, "
+                                         "post-copy, file-server"):
+        strategies.get("teleport")
+    res = run_cmd(mpimig_cmd("run", "-n", 2, "--job-dir", tmp_path / "job", "--migrate", f"3:1:{HOST}:teleport",
+                             APPS / "ring.py"), timeout=60)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    assert "unknown strategy 'teleport'; known: stop-and-copy, pre-copy, post-copy, file-server" in res.stderr
+    res = run_cmd(mpimig_cmd("storm", "--seeds", 1, "--strategy", "lazy"), timeout=60)
+    assert res.returncode != 0 and "unknown strategy 'lazy'" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_heat2d_bit_identical(tmp_path, strategy):
+    """Two ranks in one plan, then one of them again, all with one strategy."""
+    job, out = tmp_path / "job", tmp_path / "out.npy"
+    n, steps = 256, 40
+    res = run_cmd(mpimig_cmd("run", "-n", 4, "--job-dir", job,
+                             "--migrate", f"6:1:{HOST}:{strategy}", "--migrate", f"6:2:{HOST}:{strategy}",
+                             "--migrate", f"14:1:{HOST}:{strategy}",
+                             APPS / "heat2d.py", "--n", n, "--steps", steps, "--work-ms", 60, "--out", out),
+                  timeout=240, env=env())
+    assert "job completed" in res.stderr, res.stderr[-3000:]
+    assert np.load(out).tobytes() == heat_ref(tmp_path, n, steps)
+    migs = read(job, "status.json")["migrations"]
+    assert [(m["rank"], m["state"], m["strategy"]) for m in migs] == \
+        [(1, "done", strategy), (2, "done", strategy), (1, "done", strategy)], migs
+    rec = read(job, "complete.json")
+    assert {r["rank"]: r["role"] for r in rec["ranks"]} == {0: "initial", 1: "migrated", 2: "migrated",
+                                                            3: "initial"}
+    state_bytes = (n // 2 + 2) ** 2 * 8          # a 128x128 block with its halo
+    for m in migs:
+        s, t = m["strategy_stats"], m["timings"]
+        assert t["downtime"] > 0
+        if strategy == "stop-and-copy":
+            assert t["bytes"] == state_bytes
+        elif strategy == "pre-copy":
+            # heat2d changes every byte every step: the rounds cannot converge, the
+            # final copy at the switch is a full stop-and-copy of the (all dirty) state
+            assert s["reason"] == "not-shrinking", s
+            assert s["rounds"] >= 1 and s["round_bytes"][0] == state_bytes
+            assert s["final_bytes"] == state_bytes
+            assert s["bytes_total"] == (s["rounds"] + 1) * state_bytes
+            assert s["bytes_resent"] == s["rounds"] * state_bytes
+        elif strategy == "post-copy":
+            assert s["chunks"] == -(-state_bytes // CHUNK)
+            assert 0 < s["residual"] and s["demand_fetches"] >= 0
+        else:
+            assert s["write_s"] > 0 and s["read_s"] > 0
+            assert 0 < s["source_freed_s"] < t["downtime"]    # the source left before the target resumed
+    if strategy == "file-server":
+        assert list((job / "migrations").iterdir()) == []     # read, then removed
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_storm_with_bulk_state(tmp_path, strategy):
+    """Seed 0 moves two ranks at one point and one rank twice; each rank also
+    carries a 2 MB array with a small dirty set (a 512-byte write per step)."""
+    out = tmp_path / "totals.json"
+    res = run_cmd(mpimig_cmd("storm", "--seeds", 1, "--first-seed", 0, "-n", 4, "--steps", 40,
+                             "--migrations", 3, "--work-ms", 40, "--msgs", 8, "--no-ckpt",
+                             "--strategy", strategy, "--ballast", 2_000_000, "--keep-dirs",
+                             "--job-root", tmp_path / "jobs", "--timeout", 150, "--json", out),
+                  timeout=300, env=env())
+    assert out.exists(), res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    t, seed = data["totals"], data["seeds"][0]
+    assert t["failures"] == 0, res.stdout[-3000:]
+    for k in ("lost", "duplicated", "out_of_order", "corrupted", "unexpected", "collective_errors"):
+        assert t[k] == 0, (k, res.stdout[-3000:])
+    assert t["sent"] == t["received"] > 500
+    assert seed["done"] == 3 and seed["moved"] == 3, seed
+    assert seed["same_point"] and seed["rank_twice"], seed
+    assert {m["strategy"] for m in seed["migrations"]} == {strategy}
+    status = json.loads((Path(seed["dir"]) / "status.json").read_text())
+    for m in status["migrations"]:
+        s = m["strategy_stats"]
+        if strategy == "pre-copy":
+            # a 512-byte write per step dirties one 16 KiB chunk: the rounds converge and
+            # the freeze sends a small part of the 2 MB state
+            assert s["reason"] == "small", s
+            assert s["final_bytes"] <= 4 * CHUNK < s["state_bytes"] // 8, s
+        elif strategy == "post-copy":
+            assert s["chunks"] == -(-2_000_000 // CHUNK) and s["residual"] > 0, s
+
+
+def _wait_status(job: Path, proc, cond, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            st = json.loads((job / "status.json").read_text())
+            if cond(st):
+                return st
+        except (OSError, ValueError):
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)            # polling the job's status file, not MPI synchronisation
+    kill_session(proc.pid)
+    out, err = proc.communicate()
+    pytest.fail(f"condition not reached in {job}/status.json\n{out[-3000:]}\n{err[-3000:]}")
+
+
+def _postcopy_source_lost(tmp_path, sig):
+    job, out = tmp_path / "job", tmp_path / "out.npy"
+    n, steps = 512, 40
+    cmd = mpimig_cmd("run", "-n", 4, "--job-dir", job, "--ckpt-every", 4, "--relaunch", 1, "--timeout", 200,
+                     "--migrate", f"10:1:{HOST}:post-copy",
+                     APPS / "heat2d.py", "--n", n, "--steps", steps, "--work-ms", 30, "--out", out)
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env(MPIMIG_POSTCOPY_PACE=0.1, MPIMIG_FETCH_TIMEOUT=4), cwd=ROOT,
+                            start_new_session=True)
+    try:
+        # the new process has resumed (its report is in) and the push is not finished
+        st = _wait_status(job, proc, lambda s: s["migrations"] and s["migrations"][0]["state"] == "done")
+        m = st["migrations"][0]
+        assert "residual" not in m["timings"], m
+        victim = m["src_pid"]
+        assert isinstance(victim, int) and victim > 0, m
+        os.kill(victim, sig)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        kill_session(proc.pid)
+    assert "relaunch 1/1" in err and "resuming from epoch" in err, err[-3000:]
+    assert "job completed" in err, err[-3000:]
+    assert np.load(out).tobytes() == heat_ref(tmp_path, n, steps)
+    rec = read(job, "complete.json")
+    assert rec["role"] == "restarted", rec
+    return victim, err
+
+
+def test_postcopy_source_killed_mid_push_recovers(tmp_path):
+    """The push is slowed down (MPIMIG_POSTCOPY_PACE) so that the old process is
+    still needed when it is SIGKILLed. The job cannot go on with missing chunks:
+    it is lost, relaunched from the last committed epoch, and bit-identical."""
+    _postcopy_source_lost(tmp_path, signal.SIGKILL)
+
+
+def test_postcopy_source_stuck_times_out(tmp_path):
+    """An old process that stops answering (SIGSTOP) is not noticed by MPI: the
+    target's wait for its chunks gives up after MPIMIG_FETCH_TIMEOUT with an error
+    naming the rank and the old process, the job aborts and is relaunched."""
+    victim, err = _postcopy_source_lost(tmp_path, signal.SIGSTOP)
+    assert f"did not arrive from its old process (pid {victim} on" in err, err[-3000:]
+    assert "MPIMIG_FETCH_TIMEOUT" in err
+
+
+def test_spare_pool_refills(tmp_path):
+    """--spares 1: the first move uses the spare; the pool refills in the background
+    (a spawned process for that host); the second move uses it, spawning nothing."""
+    job, out = tmp_path / "job", tmp_path / "out.npy"
+    n, steps = 64, 300
+    proc = subprocess.Popen([str(c) for c in mpimig_cmd(
+        "run", "-n", 4, "--spares", 1, "--coordinator", "--job-dir", job,
+        APPS / "heat2d.py", "--n", n, "--steps", steps, "--work-ms", 30, "--out", out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT, start_new_session=True)
+    try:
+        st = _wait_status(job, proc, lambda s: s.get("spare_pool", {}).get(HOST, {}).get("in_job") == 1)
+        assert st["spare_pool"][HOST] == {"size": 1, "in_job": 1, "spawned": 0}
+        r1 = request(job, {"op": "migrate", "rank": 1, "to": HOST, "strategy": "stop-and-copy"}, timeout=120)
+        assert r1["ok"] and r1["migration"]["timings"]["spawn"] == 0.0, r1
+        st = _wait_status(job, proc, lambda s: s["spare_pool"][HOST]["spawned"] == 1)
+        assert st["spare_pool"][HOST]["in_job"] == 0
+        txt = run_cmd(mpimig_cmd("status", job), timeout=60)
+        assert f"spare pool {HOST}: 0 in the job + 1 refilled (size 1)" in txt.stdout, txt.stdout
+        r2 = request(job, {"op": "migrate", "rank": 2, "to": HOST, "strategy": "post-copy"}, timeout=120)
+        assert r2["ok"] and r2["migration"]["timings"]["spawn"] == 0.0, r2
+        assert r2["migration"]["strategy_stats"].get("refilled_spare") is True
+        _, err = proc.communicate(timeout=240)
+    finally:
+        kill_session(proc.pid)
+    assert "job completed" in err, err[-3000:]
+    assert np.load(out).tobytes() == heat_ref(tmp_path, n, steps)
+    ranks = read(job, "complete.json")["ranks"]
+    assert [r["role"] for r in ranks] == ["initial", "migrated", "migrated", "initial"]
+
+
+def test_lazy_array_waits_only_for_touched_chunks():
+    """mpimig.lazy in one process: an access waits for the chunks of its byte range
+    only; a chunk that never comes ends in a named error after MPIMIG_FETCH_TIMEOUT
+    (never in a read of memory that did not arrive); a Comm buffer call with a lazy
+    array waits for it; completed arrays index to plain ndarrays."""
+    res = run_cmd(["mpiexec", "-n", 1, sys.executable, ROOT / "tests" / "progs" / "lazy_unit.py"],
+                  timeout=60, env=env())
+    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+    assert line, res.stdout + res.stderr
+    r = json.loads(line[0][7:])
+    assert r["type"] == "LazyArray"
+    assert r["row10"] == [640.0, 641.0, 642.0]
+    assert r["after_row10"] == [0, 1, 0, 0, 0, 0, 0, 0]        # only chunk 1 was needed
+    assert r["after_write"] == [0, 1, 0, 0, 0, 0, 0, 1]        # the write waited for chunk 7 ...
+    assert r["u60"] == [3840.0, -1.0, 3842.0]                  # ... and the push did not overwrite it
+    assert r["timeout"].startswith("rank ?: post-copy: 1 chunk(s) of its state did not arrive from its old "
+                                   "process (pid 1 on h) within 0.5 s (MPIMIG_FETCH_TIMEOUT)")
+    assert r["demanded_timeout"] == [0]                        # it asked the old process for chunk 0
+    assert r["guard_equal"] and r["complete"] and r["plain_after"] == "ndarray"
