@@ -180,7 +180,7 @@ class _Interrupted(Exception):
     """SIGTERM or SIGHUP reached ``mpimig run``."""
 
 
-EXIT_GRACE = 30.0     # seconds a job may take to exit after its completion record is written
+EXIT_GRACE = 15.0     # seconds a job may take to exit after its completion record is written
 
 
 def _wait(proc: subprocess.Popen, cfg: Config, timeout: Optional[float]) -> Optional[int]:

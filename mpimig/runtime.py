@@ -671,7 +671,7 @@ def _finish(ctx: Context, result: Any, t_start: float) -> None:
     migration.free_all()
 
 
-def _finalize_watchdog(seconds: float = 20.0) -> None:
+def _finalize_watchdog(seconds: float = 10.0) -> None:
     """After a failure MPI_Finalize can hang (shared/PLATFORM.md, ompi#11404): the job's
     result is recorded by now, so a process still finalizing after ``seconds`` exits."""
     import threading

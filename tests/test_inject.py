@@ -160,3 +160,23 @@ def test_mpich_ft_says_online_recovery_is_off_and_relaunches(mpich_bin, tmp_path
     run_cmd([sys.executable, APPS / "heat2d.py", "--serial", "--n", N, "--steps", STEPS, "--out", ref],
             check_rc=0)
     assert np.load(job / "out.npy").tobytes() == np.load(ref).tobytes()
+
+
+@pytest.mark.lab
+def test_twenty_seeded_random_kills_are_all_survived(lab, tmp_path):
+    """Issue 6: >= 20 seeded random kills of ranks, hosts and the coordinator, one per
+    job, with online recovery where it applies (--ft) and relaunch for lost hosts;
+    every fault survived and every result bit-identical to the serial reference."""
+    h1, h2, h3 = lab.hosts[:3]
+    out = tmp_path / "totals.json"
+    res = run_cmd(mpimig_cmd("inject", "--seeds", 20, "--random", 1, "--kinds", "rank,host,coordinator",
+                             "-n", 4, "--hosts", f"{h1}:2,{h2}:2,{h3}:2", "--ckpt-every", EVERY,
+                             "--ft", "--spares", 1, "--timeout", 120, "--report", tmp_path / "jobs",
+                             "--json", out, APPS / "heat2d.py", "--n", N, "--steps", STEPS,
+                             "--work-ms", 20, "--out", "{job}/out.npy"), timeout=1500)
+    t = json.loads(out.read_text())["totals"]
+    assert t["jobs"] == 20 and t["faults_injected"] == 20, res.stdout[-3000:]
+    assert t["faults_survived"] == 20 and t["jobs_verified"] == 20 and t["ok"], res.stdout[-4000:]
+    assert set(t["by_kind"]) <= {"rank", "host", "coordinator"} and len(t["by_kind"]) >= 2
+    assert t["online_recoveries"] > 0          # ranks and the coordinator: recovered online
+    assert res.returncode == 0
