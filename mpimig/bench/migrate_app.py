@@ -134,12 +134,17 @@ def raw_bandwidth(size: int, repeat: int, out: str, spawned: bool = False) -> in
     def once(fresh: bool) -> float:
         world.Barrier()
         t0 = time.perf_counter()
+        # pieces of at most 1 GiB: Open MPI 5.0 has no large-count Send (a count
+        # above 2**31-1 is MPI_ERR_ARG), so a 4 GiB baseline goes in 4 messages
+        piece = 1 << 30
         if me == 0:
-            world.Send(src, 1, 1)
+            for lo in range(0, size, piece):
+                world.Send(src[lo:lo + piece], 1, 1)
             world.Recv(ack, 1, 2)
         else:
             buf = np.empty(size, dtype=np.uint8) if fresh else warm
-            world.Recv(buf, 0, 1)
+            for lo in range(0, size, piece):
+                world.Recv(buf[lo:lo + piece], 0, 1)
             world.Send(ack, 0, 2)
             del buf
         return time.perf_counter() - t0
