@@ -9,10 +9,9 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import List
 
 
-def session_pids(sid: int) -> List[int]:
+def session_pids(sid: int) -> list[int]:
     out = []
     for d in os.listdir("/proc"):
         if not d.isdigit():

@@ -33,7 +33,8 @@ import time
 import uuid
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 import h5py
 import numpy as np

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import pickle
 from collections import deque
-from typing import Any, List, Optional
+from typing import Any
 
 from mpi4py import MPI
 
@@ -70,7 +70,7 @@ class _Held:
                 and (tag == ANY_TAG or tag == self.tag))
 
 
-def _fill_status(status: Optional[MPI.Status], source: int, tag: int, nbytes: int) -> None:
+def _fill_status(status: MPI.Status | None, source: int, tag: int, nbytes: int) -> None:
     if status is not None:
         status.Set_source(source)
         status.Set_tag(tag)
@@ -88,8 +88,8 @@ class Request:
 
     __slots__ = ("_comm", "_kind", "_mpi", "_buf", "source", "tag", "_done", "_value", "_st")
 
-    def __init__(self, comm: "Comm", kind: str, source: int = ANY_SOURCE, tag: int = ANY_TAG,
-                 buf=None, mpi_req: Optional[MPI.Request] = None) -> None:
+    def __init__(self, comm: Comm, kind: str, source: int = ANY_SOURCE, tag: int = ANY_TAG,
+                 buf=None, mpi_req: MPI.Request | None = None) -> None:
         self._comm = comm
         self._kind = kind            # 'send', 'Recv', 'recv'
         self._mpi = mpi_req
@@ -129,29 +129,29 @@ class Request:
         if status is not None and self._kind != "send":
             _fill_status(status, *self._st)
 
-    def Wait(self, status: Optional[MPI.Status] = None) -> bool:
+    def Wait(self, status: MPI.Status | None = None) -> bool:
         self._block()
         self._status(status)
         return True
 
-    def wait(self, status: Optional[MPI.Status] = None) -> Any:
+    def wait(self, status: MPI.Status | None = None) -> Any:
         self._block()
         self._status(status)
         return self._value
 
-    def Test(self, status: Optional[MPI.Status] = None) -> bool:
+    def Test(self, status: MPI.Status | None = None) -> bool:
         flag = self._poll()
         if flag:
             self._status(status)
         return flag
 
-    def test(self, status: Optional[MPI.Status] = None):
+    def test(self, status: MPI.Status | None = None):
         flag = self._poll()
         if flag:
             self._status(status)
         return flag, (self._value if flag else None)
 
-    def Get_status(self, status: Optional[MPI.Status] = None) -> bool:
+    def Get_status(self, status: MPI.Status | None = None) -> bool:
         return self.Test(status)
 
     def __bool__(self) -> bool:  # like MPI.Request: true while not REQUEST_NULL
@@ -165,7 +165,7 @@ class Request:
         return True
 
     @staticmethod
-    def waitall(requests, statuses=None) -> List[Any]:
+    def waitall(requests, statuses=None) -> list[Any]:
         return [r.wait(statuses[i] if statuses is not None else None) for i, r in enumerate(requests)]
 
     @staticmethod
@@ -205,7 +205,7 @@ class Request:
         return (_restore_request, (self._kind, self.source, self.tag, self._done, self._value, self._st))
 
 
-_current_comm: Optional["Comm"] = None
+_current_comm: Comm | None = None
 
 
 def _restore_request(kind, source, tag, done, value, st):
@@ -239,8 +239,8 @@ class Comm:
         global _current_comm
         self._c = mpicomm
         self._queue: deque = deque()          # held messages (_Held), oldest first
-        self._pending: List[Request] = []     # lazy receives, in posting order
-        self._sends: List[Request] = []       # outstanding sends (for the drain)
+        self._pending: list[Request] = []     # lazy receives, in posting order
+        self._sends: list[Request] = []       # outstanding sends (for the drain)
         self._marker_tag = _tag_ub(mpicomm)   # highest tag: end-of-epoch marker
         self.tag_limit = self._marker_tag - N_RESERVED_TAGS + 1
         _current_comm = self
@@ -316,7 +316,7 @@ class Comm:
         s.append(r)
 
     # -- point to point: receives ------------------------------------------------
-    def _take_held(self, source: int, tag: int) -> Optional[_Held]:
+    def _take_held(self, source: int, tag: int) -> _Held | None:
         q = self._queue
         for i, m in enumerate(q):
             if m.matches(source, tag):
@@ -325,7 +325,7 @@ class Comm:
         return None
 
     def Recv(self, buf, source: int = ANY_SOURCE, tag: int = ANY_TAG,
-             status: Optional[MPI.Status] = None) -> None:
+             status: MPI.Status | None = None) -> None:
         if not self._queue and not self._pending:
             self._c.Recv(buf, source, tag, status)
             return
@@ -334,7 +334,7 @@ class Comm:
         r.Wait(status)
 
     def recv(self, buf=None, source: int = ANY_SOURCE, tag: int = ANY_TAG,
-             status: Optional[MPI.Status] = None) -> Any:
+             status: MPI.Status | None = None) -> Any:
         if not self._queue and not self._pending:
             return self._c.recv(buf, source, tag, status)
         r = Request(self, "recv", source, tag)
@@ -353,7 +353,7 @@ class Comm:
 
     def Sendrecv(self, sendbuf, dest: int, sendtag: int = 0, recvbuf=None,
                  source: int = ANY_SOURCE, recvtag: int = ANY_TAG,
-                 status: Optional[MPI.Status] = None) -> None:
+                 status: MPI.Status | None = None) -> None:
         self._check_tag(sendtag)
         if not self._queue and not self._pending:
             self._c.Sendrecv(sendbuf, dest, sendtag, recvbuf, source, recvtag, status)
@@ -364,7 +364,7 @@ class Comm:
 
     def sendrecv(self, sendobj: Any, dest: int, sendtag: int = 0, recvbuf=None,
                  source: int = ANY_SOURCE, recvtag: int = ANY_TAG,
-                 status: Optional[MPI.Status] = None) -> Any:
+                 status: MPI.Status | None = None) -> Any:
         self._check_tag(sendtag)
         if not self._queue and not self._pending:
             return self._c.sendrecv(sendobj, dest, sendtag, recvbuf, source, recvtag, status)
@@ -374,7 +374,7 @@ class Comm:
         return obj
 
     def Probe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG,
-              status: Optional[MPI.Status] = None) -> bool:
+              status: MPI.Status | None = None) -> bool:
         while not self.Iprobe(source, tag, status):
             _idle()
         return True
@@ -382,7 +382,7 @@ class Comm:
     probe = Probe
 
     def Iprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG,
-               status: Optional[MPI.Status] = None) -> bool:
+               status: MPI.Status | None = None) -> bool:
         # A message that a pending (lazy) receive matches belongs to that receive, as
         # in MPI, where it would have been matched on arrival: probe only what is left.
         if self._pending:
@@ -474,7 +474,7 @@ class Comm:
                 i += 1
         return made
 
-    def _match_after(self, r: Request, pend: List[Request], i: int) -> Optional[bool]:
+    def _match_after(self, r: Request, pend: list[Request], i: int) -> bool | None:
         """_match for pend[i] when pend[:i] found nothing; None: rescan from the front."""
         m = self._take_held(r.source, r.tag) if self._queue else None
         if m is not None:      # earlier receives found no held message they match
@@ -645,7 +645,7 @@ def _unsupported(name: str):
             "current MPI communicator if you know the call completes before the next "
             "checkpoint point.")
     stub.__name__ = name
-    stub.__doc__ = f"Not supported by mpimig.Comm: raises CommError."
+    stub.__doc__ = "Not supported by mpimig.Comm: raises CommError."
     return stub
 
 
@@ -670,7 +670,7 @@ class FTComm(Comm):
 
     def Sendrecv(self, sendbuf, dest: int, sendtag: int = 0, recvbuf=None,
                  source: int = ANY_SOURCE, recvtag: int = ANY_TAG,
-                 status: Optional[MPI.Status] = None) -> None:
+                 status: MPI.Status | None = None) -> None:
         self._check_tag(sendtag)
         s = self.Isend(sendbuf, dest, sendtag)
         self.Recv(recvbuf, source, recvtag, status)

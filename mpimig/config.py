@@ -8,14 +8,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 from .errors import UsageError
 
 RESTART_MODES = ("auto", "always", "never")
 
 
-def parse_schedule(items) -> List[Tuple[int, int, str]]:
+def parse_schedule(items) -> list[tuple[int, int, str]]:
     """Parse ``STEP:RANK:HOST`` migration schedule entries."""
     out = []
     for item in items or []:
@@ -34,8 +33,8 @@ def parse_schedule(items) -> List[Tuple[int, int, str]]:
 
 @dataclasses.dataclass
 class Config:
-    job_dir: Optional[Path] = None
-    ckpt_dir: Optional[Path] = None
+    job_dir: Path | None = None
+    ckpt_dir: Path | None = None
     ckpt_every: int = 0            # checkpoint every N checkpoint points (0: off)
     ckpt_seconds: float = 0.0      # or every S seconds (rank 0's clock, agreed by all)
     keep: int = 2                  # committed epochs kept
@@ -48,7 +47,7 @@ class Config:
     buddy: bool = True             # with ft: in-memory own + buddy copies at each checkpoint
 
     @classmethod
-    def from_env(cls, env=None) -> "Config":
+    def from_env(cls, env=None) -> Config:
         env = os.environ if env is None else env
         job_dir = env.get("MPIMIG_JOB_DIR")
         ckpt_dir = env.get("MPIMIG_CKPT_DIR") or (str(Path(job_dir) / "ckpt") if job_dir else None)

@@ -14,7 +14,6 @@ import socket
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional
 
 from .errors import MigrationError, UsageError
 
@@ -30,7 +29,7 @@ class ControlServer:
     """
 
     def __init__(self, job_dir: Path, run_id: str) -> None:
-        self.requests: "queue.Queue[tuple]" = queue.Queue()
+        self.requests: queue.Queue[tuple] = queue.Queue()
         self.job_dir = Path(job_dir)
         path = self.job_dir / "control.sock"
         self._tmpdir = None
@@ -120,7 +119,7 @@ def _send(conn: socket.socket, obj: dict) -> None:
         pass
 
 
-def request(job_dir, req: dict, timeout: Optional[float] = 60.0) -> dict:
+def request(job_dir, req: dict, timeout: float | None = 60.0) -> dict:
     """Send one request to a running job's coordinator and return its reply."""
     job_dir = Path(job_dir)
     ctl = job_dir / CONTROL_FILE

@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from mpi4py import MPI
 
@@ -46,15 +46,15 @@ class Migration:
         self.strategy = strategy
         self.origin = origin             # operator | self | schedule
         self.state = Step.NEGOTIATION.label
-        self.src: Optional[str] = None
-        self.t: Dict[str, float] = {"requested": time.time()}
-        self.timings: Dict[str, float] = {}
-        self.bridge: Optional[MPI.Intracomm] = None
+        self.src: str | None = None
+        self.t: dict[str, float] = {"requested": time.time()}
+        self.timings: dict[str, float] = {}
+        self.bridge: MPI.Intracomm | None = None
         self.spare: int = -1             # J rank of the warm spare that takes the rank
-        self.waiters: List = []          # reply functions waiting for completion
-        self.stalls: Dict[int, float] = {}
-        self.src_pid: Optional[int] = None   # the old process (post-copy: needed until the push is done)
-        self.stats: Dict[str, Any] = {}      # the strategy's own figures (rounds, residual, ...)
+        self.waiters: list = []          # reply functions waiting for completion
+        self.stalls: dict[int, float] = {}
+        self.src_pid: int | None = None   # the old process (post-copy: needed until the push is done)
+        self.stats: dict[str, Any] = {}      # the strategy's own figures (rounds, residual, ...)
 
     def as_dict(self) -> dict:
         return {"id": self.id, "rank": self.rank, "from": self.src, "to": self.to,
@@ -69,27 +69,27 @@ class Coordinator:
         self.J = J
         self.cfg = cfg
         self.size = hello["size"]
-        self.argv: List[str] = hello["argv"]
+        self.argv: list[str] = hello["argv"]
         self.cwd: str = hello["cwd"]
         self.routing = [{"rank": r, "host": h, "pid": p, "jrank": r + 1, "moves": 0, "state": "running"}
                         for r, (h, p) in enumerate(hello["procs"])]
         hosts = [h for h in os.environ.get("MPIMIG_HOSTS", "").split(",") if h]
         self.hosts = hosts or sorted({r["host"] for r in self.routing} | {MPI.Get_processor_name()})
-        self.migrations: List[Migration] = []
-        self.queue: List[Migration] = []     # accepted, waiting for a target process
-        self.ready: List[Migration] = []     # target spawned, waiting for a plan
-        self.plan: Optional[Plan] = None     # sent, waiting for GO
-        self.plan_migs: List[Migration] = []
-        self.in_switch: List[Migration] = []  # switched, waiting for reports
-        self.reports: Dict[int, Dict[int, dict]] = {}
+        self.migrations: list[Migration] = []
+        self.queue: list[Migration] = []     # accepted, waiting for a target process
+        self.ready: list[Migration] = []     # target spawned, waiting for a plan
+        self.plan: Plan | None = None     # sent, waiting for GO
+        self.plan_migs: list[Migration] = []
+        self.in_switch: list[Migration] = []  # switched, waiting for reports
+        self.reports: dict[int, dict[int, dict]] = {}
         self.next_plan = 1
-        self.done: Dict[int, dict] = {}
+        self.done: dict[int, dict] = {}
         self.finishing = False
         self.finished = False
         self.spawn_timeout = float(os.environ.get("MPIMIG_SPAWN_TIMEOUT", "120"))
-        self.retired: List[tuple] = []        # (merged comm, J rank) of old processes, told at the end
-        self.spares: Dict[str, List[int]] = {}  # host -> J ranks of idle warm spares
-        self.recoveries: List[dict] = []
+        self.retired: list[tuple] = []        # (merged comm, J rank) of old processes, told at the end
+        self.spares: dict[str, list[int]] = {}  # host -> J ranks of idle warm spares
+        self.recoveries: list[dict] = []
         if recovered is None:
             for _ in range(cfg.spares):
                 st = MPI.Status()
@@ -98,7 +98,7 @@ class Coordinator:
         # the pool's size per host; used spares are replaced in the background by spawned
         # processes that wait on their bridge (refill), as migration targets do
         self.pool_size = {h: len(j) for h, j in self.spares.items()}
-        self.pool: Dict[str, List[MPI.Intracomm]] = {}
+        self.pool: dict[str, list[MPI.Intracomm]] = {}
         # local (default): refill only spares of the coordinator's host: with Open MPI 5.0.11,
         # spawning onto another host crashes that host's prted about half of the time
         # (docs/protocol.md, Limits); all: every host (MPICH); 0: never
@@ -106,7 +106,7 @@ class Coordinator:
         if self.refill not in ("local", "all", "0"):
             log.warning("MPIMIG_SPARE_REFILL=%s: expected local, all or 0; using local", self.refill)
             self.refill = "local"
-        self.server: Optional[ControlServer] = None
+        self.server: ControlServer | None = None
         if cfg.job_dir is not None:
             self.server = ControlServer(cfg.job_dir, cfg.run_id)
         if recovered is not None:       # a new coordinator after the old one died
@@ -123,7 +123,7 @@ class Coordinator:
         self.write_status()
 
     # -- step 1: negotiation ------------------------------------------------------
-    def validate(self, rank: Any, host: Any, scheduled: bool = False) -> Optional[str]:
+    def validate(self, rank: Any, host: Any, scheduled: bool = False) -> str | None:
         if self.finishing or self.finished:
             return "the job has finished"
         if not isinstance(rank, int) or not 0 <= rank < self.size:
@@ -151,7 +151,7 @@ class Coordinator:
         return m
 
     # -- step 5: creation ------------------------------------------------------------
-    def spawn(self, m: Migration) -> Optional[str]:
+    def spawn(self, m: Migration) -> str | None:
         m.state = Step.CREATION.label
         if self.spares.get(m.to):
             m.spare = self.spares[m.to].pop(0)     # a warm spare: nothing to start
@@ -170,7 +170,7 @@ class Coordinator:
         m.timings["spawn"] = time.perf_counter() - t0
         return None
 
-    def _spawn_process(self, host: str, m: Optional["Migration"] = None) -> MPI.Intracomm:
+    def _spawn_process(self, host: str, m: Migration | None = None) -> MPI.Intracomm:
         """MPI_Comm_spawn one process of the program on ``host``; returns the bridge."""
         info = MPI.Info.Create()
         info.Set("host", host)
@@ -210,7 +210,7 @@ class Coordinator:
                 return True
         return False
 
-    def _spawn_hung(self, m: Optional[Migration], host: str = "") -> None:
+    def _spawn_hung(self, m: Migration | None, host: str = "") -> None:
         if m is None:
             msg = (f"a warm spare spawned on {host} did not start within {self.spawn_timeout:.0f} s "
                    "(MPIMIG_SPAWN_TIMEOUT); aborting the job")
@@ -322,7 +322,7 @@ class Coordinator:
         for m in batch:
             m.plan_id = plan.id
 
-    def enlist(self, plan: Plan, batch: List[Migration]) -> None:
+    def enlist(self, plan: Plan, batch: list[Migration]) -> None:
         """Spawned pre-copy targets join J (as reserved spares); the switch plan follows."""
         for mv, m in zip(plan.moves, batch):
             m.bridge.send({"plan": plan, "target": mv.target, "rank": mv.rank,
@@ -615,7 +615,7 @@ def _setup_logging() -> None:
                             format="mpimig[coordinator]: %(levelname)s: %(message)s")
 
 
-def serve(cfg: Optional[Config] = None) -> None:
+def serve(cfg: Config | None = None) -> None:
     """Be the coordinator (world rank 0) until the job ends; never returns."""
     _setup_logging()
     J = migration.track(MPI.COMM_WORLD.Dup())

@@ -67,7 +67,7 @@ def cmd_demo(args) -> int:
          f"rank 1 migrates to a new process on {host} on the way")
     i = run.index(str(app))
     again = run[:i] + ["--migrate", f"{(store.latest() or 0) * 10 + 30}:1:{host}"] + run[i:]
-    res = subprocess.run(again, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
+    res = subprocess.run(again, capture_output=True, text=True, timeout=600)
     sys.stderr.write("".join(l + "\n" for l in res.stderr.splitlines() if l.startswith("mpimig:")))
     import json
     try:

@@ -47,12 +47,13 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Union
+from typing import Any
+from collections.abc import Iterator
 
 EVENTS_FILE = "events.jsonl"
 
 
-def emit(job_dir: Optional[Union[str, Path]], event: str, run_id: str = "", **fields: Any) -> None:
+def emit(job_dir: str | Path | None, event: str, run_id: str = "", **fields: Any) -> None:
     """Append one event; never raises (the log must not break the job)."""
     if job_dir is None:
         return
@@ -69,12 +70,12 @@ def emit(job_dir: Optional[Union[str, Path]], event: str, run_id: str = "", **fi
         pass
 
 
-def read(job_dir: Union[str, Path]) -> List[dict]:
+def read(job_dir: str | Path) -> list[dict]:
     """All events of a job directory, in file order (a torn last line is skipped)."""
     return list(iter_events(job_dir))
 
 
-def iter_events(job_dir: Union[str, Path]) -> Iterator[dict]:
+def iter_events(job_dir: str | Path) -> Iterator[dict]:
     path = Path(job_dir) / EVENTS_FILE
     if not path.exists():
         return

@@ -56,7 +56,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
 
 from . import events
 from .errors import UsageError
@@ -122,8 +121,8 @@ def parse_fault(spec: str, fid: int) -> dict:
     return f
 
 
-def random_schedule(seed: int, k: int, kinds: List[str], n: int, span: int, ckpt_every: int,
-                    hosts: List[str]) -> List[dict]:
+def random_schedule(seed: int, k: int, kinds: list[str], n: int, span: int, ckpt_every: int,
+                    hosts: list[str]) -> list[dict]:
     """K faults drawn from ``kinds`` at distinct random points (seeded)."""
     rnd = random.Random(f"mpimig-inject-{seed}")
     lo = max(2, ckpt_every + 1)
@@ -153,7 +152,7 @@ def random_schedule(seed: int, k: int, kinds: List[str], n: int, span: int, ckpt
 
 # ------------------------------------------------------------------- the job
 
-def _opt_value(args: List[str], name: str) -> Optional[str]:
+def _opt_value(args: list[str], name: str) -> str | None:
     for i, a in enumerate(args):
         if a == name and i + 1 < len(args):
             return args[i + 1]
@@ -162,7 +161,7 @@ def _opt_value(args: List[str], name: str) -> Optional[str]:
     return None
 
 
-def _replace_opt(args: List[str], name: str, value: str) -> List[str]:
+def _replace_opt(args: list[str], name: str, value: str) -> list[str]:
     out = list(args)
     for i, a in enumerate(out):
         if a == name and i + 1 < len(out):
@@ -174,7 +173,7 @@ def _replace_opt(args: List[str], name: str, value: str) -> List[str]:
     return out + [name, value]
 
 
-def reference(program: str, prog_args: List[str], cache_dir: Path) -> Path:
+def reference(program: str, prog_args: list[str], cache_dir: Path) -> Path:
     """The ``--serial`` result of ``program`` with the same arguments (cached)."""
     key = "_".join(a.replace("/", "_") for a in prog_args if "{job}" not in a)[:150]
     path = cache_dir / f"reference-{Path(program).stem}-{abs(hash(tuple(prog_args))) % 10**8}.npy"
@@ -200,7 +199,7 @@ class _Status:
     def __init__(self, job_dir: Path):
         self.path = job_dir / "status.json"
 
-    def read(self, run_id: Optional[str]) -> Optional[dict]:
+    def read(self, run_id: str | None) -> dict | None:
         try:
             st = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -226,8 +225,8 @@ def _lab():
         return None
 
 
-def run_experiment(args, run_args: List[str], faults: List[dict], job_dir: Path, report_dir: Path,
-                   program: str, prog_args: List[str], quiet: bool = False) -> dict:
+def run_experiment(args, run_args: list[str], faults: list[dict], job_dir: Path, report_dir: Path,
+                   program: str, prog_args: list[str], quiet: bool = False) -> dict:
     """Start the job, inject ``faults``, wait for the end, verify; return the report."""
     for p in (job_dir / "events.jsonl", job_dir / "complete.json", job_dir / "status.json"):
         if p.exists():
@@ -249,12 +248,12 @@ def run_experiment(args, run_args: List[str], faults: List[dict], job_dir: Path,
     t_launch = time.time()
     proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
     status = _Status(job_dir)
-    samples: List[list] = []
+    samples: list[list] = []
     tail = [0, b""]          # events.jsonl: bytes read, partial last line
     run_id = None
     t_started = None
-    fired: Dict[int, dict] = {}
-    killed_hosts: List[str] = []
+    fired: dict[int, dict] = {}
+    killed_hosts: list[str] = []
     deadline = time.monotonic() + args.experiment_timeout
     last_print = 0.0
     timed_out = False
@@ -362,7 +361,7 @@ def _read_new(path: Path, tail: list):
     return out, [tail[0] + len(data), lines[-1]]
 
 
-def _fire(f: dict, status: _Status, run_id: Optional[str], pr) -> Optional[dict]:
+def _fire(f: dict, status: _Status, run_id: str | None, pr) -> dict | None:
     """Kill what ``f`` names, found by the job's records; None if not yet possible."""
     point = pr[0] if pr else None
     if f["kind"] == "host":
@@ -422,15 +421,15 @@ def describe_event(ev: dict, t0: float) -> str:
     return f"{t:6.1f} s  {e}"
 
 
-def analyse(evs: List[dict], faults: List[dict], samples: List[list], t0: float, t1: float,
-            completed: bool, verified: Optional[bool]) -> dict:
+def analyse(evs: list[dict], faults: list[dict], samples: list[list], t0: float, t1: float,
+            completed: bool, verified: bool | None) -> dict:
     """Match each injected fault with the loss, the recovery and the resumption after it."""
     def first(name, after, pred=lambda e: True):
         return next((e for e in evs if e["event"] == name and e["t"] >= after and pred(e)), None)
 
     rows = []
     injected = sorted((e for e in evs if e["event"] == "injected"), key=lambda e: e["t"])
-    by_id: Dict[int, List[dict]] = {}
+    by_id: dict[int, list[dict]] = {}
     for e in injected:
         by_id.setdefault(e.get("id"), []).append(e)
     for f in faults:
@@ -525,13 +524,13 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def timeline_png(report: dict, evs: List[dict], samples: List[list], t0: float, path: Path) -> None:
+def timeline_png(report: dict, evs: list[dict], samples: list[list], t0: float, path: Path) -> None:
     """Checkpoint point over time (per run), epochs, faults and recoveries."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    runs: Dict[str, List[list]] = {}
+    runs: dict[str, list[list]] = {}
     for s in samples:
         runs.setdefault(s[2], []).append(s)
     for i, (rid, ss) in enumerate(runs.items()):
@@ -568,9 +567,9 @@ def timeline_png(report: dict, evs: List[dict], samples: List[list], t0: float, 
 
 # ------------------------------------------------------------------ seeds
 
-def totals(reports: List[dict]) -> dict:
+def totals(reports: list[dict]) -> dict:
     rows = [r for rep in reports for r in rep["faults"] if r["fired"]]
-    by_kind: Dict[str, Dict[str, int]] = {}
+    by_kind: dict[str, dict[str, int]] = {}
     for r in rows:
         k = by_kind.setdefault(r["kind"], {"injected": 0, "survived": 0})
         k["injected"] += 1
@@ -619,7 +618,7 @@ def format_totals(t: dict) -> str:
     return "\n".join(out)
 
 
-def totals_png(reports: List[dict], path: Path) -> None:
+def totals_png(reports: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -646,7 +645,7 @@ def totals_png(reports: List[dict], path: Path) -> None:
 
 # ------------------------------------------------------------------ command
 
-def _span(prog_args: List[str], given: Optional[int]) -> int:
+def _span(prog_args: list[str], given: int | None) -> int:
     if given:
         return given
     v = _opt_value(prog_args, "--steps")
@@ -678,7 +677,7 @@ def cmd_inject(args) -> int:
     if args.verify == "auto":
         args.verify = "serial" if _opt_value(args.args, "--out") else "none"
 
-    def one(seed: Optional[int], faults: List[dict], job_dir: Path, report_dir: Path, quiet: bool) -> dict:
+    def one(seed: int | None, faults: list[dict], job_dir: Path, report_dir: Path, quiet: bool) -> dict:
         prog_args = [a.replace("{job}", str(job_dir)) for a in args.args]
         ns = argparse.Namespace(**vars(args))
         ns.args = prog_args

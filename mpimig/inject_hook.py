@@ -30,15 +30,14 @@ import json
 import os
 import signal
 import time
-from typing import List, Optional
 
 from . import events
 
-_faults: List[dict] = []
-_dir: Optional[str] = None
+_faults: list[dict] = []
+_dir: str | None = None
 _last_point = -1
 _seen_recoveries = [0]
-_progress_fd: Optional[int] = None
+_progress_fd: int | None = None
 
 
 def _claim(fault: dict, rank: int) -> bool:
@@ -126,7 +125,7 @@ def install(runtime_module) -> None:
     wrap_migration("recv_state", "migration-target")
 
 
-def read_progress(inject_dir) -> Optional[tuple]:
+def read_progress(inject_dir) -> tuple | None:
     """(point, t, run_id, epoch) last written by rank 0, or None."""
     try:
         with open(os.path.join(str(inject_dir), "progress"), "rb") as f:

@@ -27,14 +27,13 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 from . import events
 from .config import RESTART_MODES, Config, parse_schedule
 from .errors import LaunchError, NoCommittedEpoch, UsageError
 
 
-def find_mpiexec() -> Optional[str]:
+def find_mpiexec() -> str | None:
     """mpiexec of this Python environment (the MPI wheels put it next to
     python) if there is one, else the first on PATH."""
     here = Path(sys.executable).parent / "mpiexec"
@@ -43,7 +42,7 @@ def find_mpiexec() -> Optional[str]:
     return shutil.which("mpiexec")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mpi_flavour(mpiexec: str = "mpiexec") -> str:
     """'openmpi' or 'mpich', from ``mpiexec --version``."""
     exe = find_mpiexec() if mpiexec == "mpiexec" else shutil.which(mpiexec)
@@ -78,10 +77,10 @@ def mpi_env(flavour: str, ft: bool = False) -> dict:
     return {k: v for k, v in env.items() if k not in os.environ or k == "PATH"}
 
 
-def build_command(flavour: str, n: int, program: List[str], *, hosts: Optional[str] = None,
-                  ft: bool = False, oversubscribe: Optional[bool] = None,
-                  extra: Optional[List[str]] = None,
-                  coordinator: bool = False, spares: int = 0) -> List[str]:
+def build_command(flavour: str, n: int, program: list[str], *, hosts: str | None = None,
+                  ft: bool = False, oversubscribe: bool | None = None,
+                  extra: list[str] | None = None,
+                  coordinator: bool = False, spares: int = 0) -> list[str]:
     """The mpiexec command line for ``n`` ranks of ``program``."""
     cmd = [find_mpiexec() or "mpiexec"]
     if flavour == "openmpi":
@@ -112,7 +111,7 @@ def build_command(flavour: str, n: int, program: List[str], *, hosts: Optional[s
     return cmd
 
 
-def host_names(spec: Optional[str]) -> List[str]:
+def host_names(spec: str | None) -> list[str]:
     """Host names of a ``h1:2,h2:2`` spec."""
     return [h.split(":")[0] for h in (spec or "").split(",") if h.strip()]
 
@@ -125,7 +124,7 @@ def _lab():
     return lab.current() if hasattr(lab, "current") else None
 
 
-def program_argv(program: str, args: List[str]) -> List[str]:
+def program_argv(program: str, args: list[str]) -> list[str]:
     if program.endswith(".py"):
         if not Path(program).exists():
             raise UsageError(f"program {program} not found")
@@ -165,7 +164,7 @@ def prepare_job_dir(cfg: Config) -> None:
         cfg.restart = "always"
 
 
-def read_record(cfg: Config) -> Optional[dict]:
+def read_record(cfg: Config) -> dict | None:
     path = cfg.job_dir / "complete.json"
     try:
         rec = json.loads(path.read_text())
@@ -183,7 +182,7 @@ class _Interrupted(Exception):
 EXIT_GRACE = 15.0     # seconds a job may take to exit after its completion record is written
 
 
-def _wait(proc: subprocess.Popen, cfg: Config, timeout: Optional[float]) -> Optional[int]:
+def _wait(proc: subprocess.Popen, cfg: Config, timeout: float | None) -> int | None:
     """Wait for mpiexec; raise TimeoutExpired after ``timeout``.
 
     After failures, MPI_Finalize can hang and PRRTE can fail to notice that a
@@ -242,7 +241,7 @@ LOSS_PATTERNS = [
 _SIGNALLED = re.compile(r"process rank (\d+) with PID (\d+) on node (\S+) exited on signal (\d+)")
 
 
-def loss_reason(output: str, returncode: Optional[int], timed_out: bool = False) -> str:
+def loss_reason(output: str, returncode: int | None, timed_out: bool = False) -> str:
     """Why a job left no completion record, from mpiexec's output and exit status."""
     if timed_out:
         return "timeout"
@@ -264,7 +263,7 @@ class _Tee:
     :func:`loss_reason`."""
 
     def __init__(self, src, dst, keep: int = 200) -> None:
-        self.lines: List[str] = []
+        self.lines: list[str] = []
         self.keep = keep
         self.thread = threading.Thread(target=self._run, args=(src, dst), daemon=True)
         self.thread.start()
@@ -286,7 +285,7 @@ class _Tee:
         return "".join(self.lines)
 
 
-def launch(cfg: Config, n: int, program: List[str], *, hosts=None, ft=False, timeout=None,
+def launch(cfg: Config, n: int, program: list[str], *, hosts=None, ft=False, timeout=None,
            extra=None, dry_run=False, quiet=False, attempt: int = 0) -> int:
     """Run the job once; return 0 if it left its completion record, 1 if not.
 
@@ -358,7 +357,7 @@ def launch(cfg: Config, n: int, program: List[str], *, hosts=None, ft=False, tim
     return 0
 
 
-def slurm_hosts() -> Optional[str]:
+def slurm_hosts() -> str | None:
     """Inside a Slurm allocation: its usable nodes (down and drained ones left
     out), each with the allocation's tasks per node, as a ``--hosts`` spec."""
     from . import slurm
@@ -381,7 +380,7 @@ def host_alive(host: str, timeout: float = 10.0) -> bool:
         return False
 
 
-def surviving_hosts(spec: Optional[str]) -> Tuple[Optional[str], List[str]]:
+def surviving_hosts(spec: str | None) -> tuple[str | None, list[str]]:
     """(the host spec without lost hosts, the lost hosts)."""
     if not spec:
         return spec, []
@@ -482,7 +481,7 @@ def cmd_run(args) -> int:
     return rc
 
 
-def add_run_arguments(p: argparse.ArgumentParser) -> List[argparse.Action]:
+def add_run_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
     """The options of ``mpimig run`` (also taken by ``mpimig inject``); returns
     the actions added, for :func:`run_argv`. Parsers that take them need
     ``allow_abbrev=False``: the program's own options (--n 64) must never match ours."""
@@ -523,10 +522,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> List[argparse.Action]:
     return p._actions[before:]
 
 
-def run_argv(args: argparse.Namespace, actions: List[argparse.Action]) -> List[str]:
+def run_argv(args: argparse.Namespace, actions: list[argparse.Action]) -> list[str]:
     """The ``mpimig run`` arguments that give ``args`` (the values of ``actions``)."""
-    out: List[str] = []
-    positional: List[str] = []
+    out: list[str] = []
+    positional: list[str] = []
     for a in actions:
         v = getattr(args, a.dest)
         if not a.option_strings:
@@ -538,9 +537,7 @@ def run_argv(args: argparse.Namespace, actions: List[argparse.Action]) -> List[s
         elif isinstance(a, argparse._AppendAction):
             for item in v or []:
                 out += [opt, str(item)]
-        elif v is not None and v != a.default:
-            out += [opt, str(v)]
-        elif a.required:
+        elif v is not None and v != a.default or a.required:
             out += [opt, str(v)]
     return out + [str(x) for x in positional]
 

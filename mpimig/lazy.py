@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List, Optional
 
 import numpy as np
 from mpi4py import MPI
@@ -68,8 +67,8 @@ class LazySession:
         self.C = hdr["chunk"]
         self.t_resume = time.perf_counter()
         self.timeout = float(os.environ.get("MPIMIG_FETCH_TIMEOUT", "120") or 120)
-        self.arrays: Dict[str, "LazyArray"] = {}
-        self.reqs: List[MPI.Request] = []
+        self.arrays: dict[str, LazyArray] = {}
+        self.reqs: list[MPI.Request] = []
         self.done = bytearray()
         self.spans = []                  # (start address, end address, first global chunk)
         n = 0
@@ -89,11 +88,11 @@ class LazySession:
         self.done = bytearray(n)
         self.left = n
         self.fetches = 0
-        self.fetch_s: List[float] = []
+        self.fetch_s: list[float] = []
         self.complete = n == 0
         self.ctx = None
         self.plan_id = 0
-        self.t_complete: Optional[float] = None
+        self.t_complete: float | None = None
 
     # -- which chunks ----------------------------------------------------------
     def _chunks(self, lo: int, hi: int) -> range:
@@ -217,7 +216,7 @@ _META = frozenset({"shape", "dtype", "ndim", "size", "itemsize", "nbytes", "stri
 class LazyArray(np.ndarray):
     """An array whose chunks may still be on their way (see the module docstring)."""
 
-    _lz: Optional[LazySession] = None
+    _lz: LazySession | None = None
 
     def __array_finalize__(self, obj):
         self._lz = getattr(obj, "_lz", None)

@@ -12,7 +12,7 @@ sent as they are, never as in-band pickles).
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
@@ -22,7 +22,7 @@ from .protocol import TAG_JOIN, TAG_STATE, Plan
 from .state import dumps, loads
 
 
-_comms: List[MPI.Comm] = []
+_comms: list[MPI.Comm] = []
 
 
 def track(comm):
@@ -49,8 +49,8 @@ def free_all() -> None:
             pass
 
 
-def join(J: Optional[MPI.Intracomm], ntargets: int, *, bridges: Optional[List[MPI.Intracomm]] = None,
-         my_target: Optional[int] = None, bridge: Optional[MPI.Intracomm] = None) -> MPI.Intracomm:
+def join(J: MPI.Intracomm | None, ntargets: int, *, bridges: list[MPI.Intracomm] | None = None,
+         my_target: int | None = None, bridge: MPI.Intracomm | None = None) -> MPI.Intracomm:
     """Append the plan's targets to J, one per round (step 5, creation).
 
     Called by every member of J (the coordinator, J rank 0, passes the
@@ -75,7 +75,7 @@ def join(J: Optional[MPI.Intracomm], ntargets: int, *, bridges: Optional[List[MP
     return Jc
 
 
-def split(Jc: MPI.Intracomm, *, logical: Optional[int], leaving: bool) -> Tuple[Optional[MPI.Intracomm], Optional[MPI.Intracomm]]:
+def split(Jc: MPI.Intracomm, *, logical: int | None, leaving: bool) -> tuple[MPI.Intracomm | None, MPI.Intracomm | None]:
     """Build the new A (app processes, key = logical rank) and the new J (step 7).
 
     ``logical`` is None for the coordinator; ``leaving`` is true for old
@@ -87,7 +87,7 @@ def split(Jc: MPI.Intracomm, *, logical: Optional[int], leaving: bool) -> Tuple[
     return (None if A == MPI.COMM_NULL else track(A)), (None if Jn == MPI.COMM_NULL else track(Jn))
 
 
-def pack_state(arrays: Dict[str, np.ndarray], objects: Dict[str, Any], extra: Dict[str, Any]) -> dict:
+def pack_state(arrays: dict[str, np.ndarray], objects: dict[str, Any], extra: dict[str, Any]) -> dict:
     """The message that carries a rank's state (objects pre-pickled, dill as fallback)."""
     return {
         "arrays": {k: np.ascontiguousarray(v) for k, v in arrays.items()},
@@ -96,12 +96,12 @@ def pack_state(arrays: Dict[str, np.ndarray], objects: Dict[str, Any], extra: Di
     }
 
 
-def unpack_state(msg: dict) -> Tuple[Dict[str, np.ndarray], Dict[str, Any], Dict[str, Any]]:
+def unpack_state(msg: dict) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
     objects = {k: loads(k, v) for k, v in msg["objects"].items()}
     return msg["arrays"], objects, msg["extra"]
 
 
-def send_state(Jc: MPI.Intracomm, dest: int, msg: dict) -> Tuple[int, float]:
+def send_state(Jc: MPI.Intracomm, dest: int, msg: dict) -> tuple[int, float]:
     """Send the state (step 6); returns (bytes of arrays, seconds)."""
     t0 = time.perf_counter()
     pkl5.Intracomm(Jc).send(msg, dest, TAG_STATE)

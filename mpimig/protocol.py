@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import List, Optional
 
 
 class Step(enum.Enum):
@@ -31,7 +30,7 @@ class Step(enum.Enum):
 STRATEGIES = ("stop-and-copy", "pre-copy", "post-copy", "file-server")
 
 
-def check_strategy(name) -> Optional[str]:
+def check_strategy(name) -> str | None:
     """An error naming the known strategies, or None if ``name`` is one."""
     if name in STRATEGIES:
         return None
@@ -77,7 +76,7 @@ class Move:
 @dataclasses.dataclass
 class Plan:
     id: int
-    moves: List[Move]
+    moves: list[Move]
     at_point: int = 0    # execute at the first safe point >= this
     jsize: int = 0       # size of J before the targets join
     kind: str = "switch"  # switch: ranks move; enlist: spawned targets only join J (pre-copy needs them there)
@@ -91,7 +90,7 @@ class Plan:
         """Spawned targets that join J in this plan (warm spares are in J already)."""
         return sum(1 for m in self.moves if m.spare_jrank < 0)
 
-    def move_of(self, rank: int) -> Optional[Move]:
+    def move_of(self, rank: int) -> Move | None:
         for m in self.moves:
             if m.rank == rank:
                 return m

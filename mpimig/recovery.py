@@ -19,7 +19,7 @@ import os
 import pickle
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
@@ -46,7 +46,7 @@ def is_failure(exc: BaseException) -> bool:
 
 
 # -- object collectives over buffer calls ------------------------------------------
-def allgather_obj(comm: MPI.Intracomm, obj: Any) -> List[Any]:
+def allgather_obj(comm: MPI.Intracomm, obj: Any) -> list[Any]:
     data = pickle.dumps(obj, protocol=5)
     sizes = np.empty(comm.Get_size(), dtype=np.int64)
     comm.Allgather(np.array([len(data)], dtype=np.int64), sizes)
@@ -98,7 +98,7 @@ class SwitchFailed(Exception):
 
 
 # -- buddy copies ---------------------------------------------------------------------
-def buddy_of(rank: int, hosts: List[str]) -> int:
+def buddy_of(rank: int, hosts: list[str]) -> int:
     """The rank that keeps ``rank``'s in-memory copy: the next one in ring order on
     another host, or the next one when every rank shares a host."""
     n = len(hosts)
@@ -114,15 +114,15 @@ class Copy:
     """A rank's state at one epoch, held in memory (its own, or a buddy's)."""
     rank: int
     epoch: int
-    arrays: Dict[str, np.ndarray]
-    objects: Dict[str, bytes]        # pickled (state.dumps)
-    extra: Dict[str, Any]            # held queue, point
+    arrays: dict[str, np.ndarray]
+    objects: dict[str, bytes]        # pickled (state.dumps)
+    extra: dict[str, Any]            # held queue, point
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values()) + sum(len(b) for b in self.objects.values())
 
 
-def exchange_buddies(A: MPI.Intracomm, mine: Optional[Copy], hosts: List[str]) -> List[Copy]:
+def exchange_buddies(A: MPI.Intracomm, mine: Copy | None, hosts: list[str]) -> list[Copy]:
     """Send my copy to my buddy, receive the copies I keep for others (collective over A).
 
     Ring order gives each rank one copy to keep; with uneven hosts a rank may keep several."""
@@ -138,8 +138,8 @@ def exchange_buddies(A: MPI.Intracomm, mine: Optional[Copy], hosts: List[str]) -
 
 
 # -- the census and the plan ------------------------------------------------------------
-def member(kind: str, rank: int = -1, host: str = "", point: int = 0, own: Optional[Copy] = None,
-           buddies: Optional[List[Copy]] = None, detected: float = 0.0, hosts: Optional[List[str]] = None,
+def member(kind: str, rank: int = -1, host: str = "", point: int = 0, own: Copy | None = None,
+           buddies: list[Copy] | None = None, detected: float = 0.0, hosts: list[str] | None = None,
            recoveries: int = 0, size: int = 0) -> dict:
     """What a process tells the others in the census (``size``: ranks in the job, 0 if unknown)."""
     return {"kind": kind, "rank": rank, "host": host or MPI.Get_processor_name(), "pid": os.getpid(),
@@ -150,7 +150,7 @@ def member(kind: str, rank: int = -1, host: str = "", point: int = 0, own: Optio
             "argv": [sys.executable] + sys.argv, "cwd": os.getcwd()}
 
 
-def decide(table: List[dict]) -> dict:
+def decide(table: list[dict]) -> dict:
     """The recovery plan, computed identically by every survivor from the census.
 
     ``assign[r]`` says who takes dead logical rank r: ("spare", S rank) or
@@ -169,8 +169,8 @@ def decide(table: List[dict]) -> dict:
     for m in table:
         if m["kind"] == "rank":
             load[m["host"]] += 1
-    assign: Dict[int, Tuple[str, int]] = {}
-    spawn_hosts: List[str] = []
+    assign: dict[int, tuple[str, int]] = {}
+    spawn_hosts: list[str] = []
 
     def spawn_host() -> str:
         pool = [h for h in live_hosts if h not in failed_hosts] or live_hosts
@@ -201,7 +201,7 @@ def decide(table: List[dict]) -> dict:
             "detected": min(m["detected"] for m in table)}
 
 
-def role_in_plan(plan: dict, table: List[dict], s_rank: int = -1, spawn_k: int = -1) -> Tuple[str, int]:
+def role_in_plan(plan: dict, table: list[dict], s_rank: int = -1, spawn_k: int = -1) -> tuple[str, int]:
     """(kind, logical rank) of a member after the recovery (S rank, or spawn index)."""
     if spawn_k >= 0:
         if plan["coord"] == ("spawn", spawn_k):
@@ -220,20 +220,20 @@ def role_in_plan(plan: dict, table: List[dict], s_rank: int = -1, spawn_k: int =
 @dataclasses.dataclass
 class Outcome:
     J: MPI.Intracomm
-    A: Optional[MPI.Intracomm]
+    A: MPI.Intracomm | None
     kind: str                      # coordinator | rank | spare
     rank: int                      # logical rank (-1 if not a rank)
     replacement: bool
     plan: dict
-    table: List[dict]              # the census (S order)
-    members: List[dict]            # the new J in order: kind, rank, host, pid
-    epoch: Optional[int]           # rolled back to (None: start over)
-    restored: Optional[Copy]       # the state to resume from (ranks)
+    table: list[dict]              # the census (S order)
+    members: list[dict]            # the new J in order: kind, rank, host, pid
+    epoch: int | None           # rolled back to (None: start over)
+    restored: Copy | None       # the state to resume from (ranks)
     restore_kind: str              # memory | buddy | disk | none
-    timings: Dict[str, float]
+    timings: dict[str, float]
 
 
-def _spawn(S: MPI.Intracomm, plan: dict, argv: List[str], cwd: str) -> MPI.Intracomm:
+def _spawn(S: MPI.Intracomm, plan: dict, argv: list[str], cwd: str) -> MPI.Intracomm:
     """Start the plan's new processes (collective over S) and merge with them."""
     k = len(plan["spawn_hosts"])
     info = MPI.Info.Create()
@@ -251,9 +251,9 @@ def _spawn(S: MPI.Intracomm, plan: dict, argv: List[str], cwd: str) -> MPI.Intra
     return migration.track(inter.Merge(high=False))
 
 
-def recover(J: MPI.Intracomm, me: dict, *, A: Optional[MPI.Intracomm] = None, ckpt_dir=None, own: Optional[Copy] = None,
-            buddies: Optional[List[Copy]] = None,
-            config_env: Optional[dict] = None) -> Outcome:
+def recover(J: MPI.Intracomm, me: dict, *, A: MPI.Intracomm | None = None, ckpt_dir=None, own: Copy | None = None,
+            buddies: list[Copy] | None = None,
+            config_env: dict | None = None) -> Outcome:
     """The recovery collective for a process that was in J when the failure happened."""
     t_detect = me["detected"]
     S = None
@@ -302,8 +302,8 @@ def join_spawned(B: MPI.Intracomm, msg: dict, ckpt_dir) -> Outcome:
     return _finish(B, plan, table, kind, rank, True, ckpt_dir, None, None, plan["detected"], time.time(), me)
 
 
-def _finish(M: MPI.Intracomm, plan: dict, table: List[dict], kind: str, rank: int, replacement: bool,
-            ckpt_dir, own: Optional[Copy], buddies: Optional[List[Copy]], t_detect: float, t_shrunk: float,
+def _finish(M: MPI.Intracomm, plan: dict, table: list[dict], kind: str, rank: int, replacement: bool,
+            ckpt_dir, own: Copy | None, buddies: list[Copy] | None, t_detect: float, t_shrunk: float,
             me: dict) -> Outcome:
     size = plan["size"]
     key = 0 if kind == "coordinator" else (1 + rank if kind == "rank" else 1 + size + M.Get_rank())
@@ -354,7 +354,7 @@ def _finish(M: MPI.Intracomm, plan: dict, table: List[dict], kind: str, rank: in
                    how, timings)
 
 
-def _s_index(table: List[dict], me: dict) -> int:
+def _s_index(table: list[dict], me: dict) -> int:
     for i, m in enumerate(table):
         if m["pid"] == me["pid"] and m["host"] == me["host"]:
             return i

@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable
 
 import numpy as np
 from mpi4py import MPI
@@ -56,21 +56,21 @@ class Context:
         self.point = 0                    # checkpoint points passed so far
         self.epoch = 0                    # last committed checkpoint epoch (0: none)
         self.host = hostname()
-        self._state: Optional[State] = None
-        self._restored: Optional[tuple] = None   # (arrays, objects) waiting for ctx.state()
+        self._state: State | None = None
+        self._restored: tuple | None = None   # (arrays, objects) waiting for ctx.state()
         self._store = None
         self._want_ckpt = False
         self._last_ckpt_time = time.monotonic()
-        self._J: Optional[MPI.Intracomm] = None     # job comm with the coordinator (J rank 0)
-        self._plan: Optional[Plan] = None
+        self._J: MPI.Intracomm | None = None     # job comm with the coordinator (J rank 0)
+        self._plan: Plan | None = None
         self._t_point = 0.0
         self._lazy = None                 # post-copy: chunks still arriving (mpimig.lazy.LazySession)
         self._precopy = None              # pre-copy: rounds of this rank's move (strategies.PreCopySource)
         self.stats = {"checkpoints": 0, "ckpt_seconds": 0.0, "ckpt_bytes": 0}
         self.recoveries = 0                   # online recoveries of the job so far
-        self._own: Optional[recovery.Copy] = None     # --ft: my state at the last epoch, in memory
-        self._buddies: List[recovery.Copy] = []       # --ft: other ranks' states, in memory
-        self._hosts: List[str] = []           # host of each logical rank (at the last checkpoint)
+        self._own: recovery.Copy | None = None     # --ft: my state at the last epoch, in memory
+        self._buddies: list[recovery.Copy] = []       # --ft: other ranks' states, in memory
+        self._hosts: list[str] = []           # host of each logical rank (at the last checkpoint)
         if config.ckpt_dir is not None:
             from .checkpoint import CheckpointStore
             self._store = CheckpointStore(config.ckpt_dir, job_id=config.run_id or "job",
@@ -399,7 +399,7 @@ def _write_completion(ctx: Context, result: Any, t_start: float) -> None:
     os.replace(tmp, path)
 
 
-def _leave(Jc: Optional[MPI.Intracomm] = None) -> None:
+def _leave(Jc: MPI.Intracomm | None = None) -> None:
     """The old process of a migrated rank (step 8): it holds no state and is in
     no communicator the job uses. Open MPI's MPI_Finalize disconnects
     dynamically connected processes collectively (ompi_dpm_dyn_finalize), so
@@ -421,7 +421,7 @@ def _leave(Jc: Optional[MPI.Intracomm] = None) -> None:
     os._exit(0)
 
 
-def _start_initial(cfg: Config) -> Optional[Context]:
+def _start_initial(cfg: Config) -> Context | None:
     world = MPI.COMM_WORLD
     if not cfg.coordinator:
         return Context(_comm(cfg, migration.track(world.Dup())), cfg)
@@ -445,7 +445,7 @@ def _start_initial(cfg: Config) -> Optional[Context]:
     return ctx
 
 
-def _serve_spare(J: MPI.Intracomm, cfg: Config, size: int = 0, announce: bool = True) -> Optional[Context]:
+def _serve_spare(J: MPI.Intracomm, cfg: Config, size: int = 0, announce: bool = True) -> Context | None:
     """A warm spare: a process started with the job that idles (in J, not in A)
     until a plan gives it a rank, so a migration to its host spawns nothing.
     A pre-copy target waits here too (it joined J by an *enlist* plan, or was a
@@ -509,7 +509,7 @@ def _spare_recovers(J: MPI.Intracomm, exc: BaseException, cfg: Config, size: int
     return _after_recovery(out, cfg)
 
 
-def _start_target(parent: MPI.Intercomm) -> Optional[Context]:
+def _start_target(parent: MPI.Intercomm) -> Context | None:
     """A process spawned as a migration target: join, receive state (steps 5-8)."""
     migration.track(parent)
     B = migration.track(parent.Merge(high=True))
@@ -599,7 +599,7 @@ def _recover(ctx: Context, exc: BaseException) -> Context:
     return _after_recovery(out, cfg, ctx)
 
 
-def _after_recovery(out, cfg: Config, ctx: Optional[Context] = None) -> Optional[Context]:
+def _after_recovery(out, cfg: Config, ctx: Context | None = None) -> Context | None:
     """Turn a recovery's outcome into this process's new life: a rank that resumes
     from the rolled-back epoch, the new coordinator (never returns), or a spare."""
     if out.kind == "coordinator":
@@ -685,7 +685,7 @@ def _finalize_watchdog(seconds: float = 10.0) -> None:
     t.start()
 
 
-def run(main: Callable[[Context], Any], config: Optional[Config] = None) -> Any:
+def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
     """Run ``main(ctx)`` as an mpimig job on every rank and return its result.
 
     An unhandled exception on any rank prints the rank's traceback and aborts

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from .errors import LaunchError
 
@@ -41,7 +41,7 @@ class SlurmError(LaunchError):
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
-def _split_top(text: str) -> List[str]:
+def _split_top(text: str) -> list[str]:
     """Split on commas (and whitespace) that are not inside brackets."""
     items, depth, cur = [], 0, []
     for ch in text:
@@ -64,7 +64,7 @@ def _split_top(text: str) -> List[str]:
     return items
 
 
-def _expand_ranges(body: str, whole: str) -> List[str]:
+def _expand_ranges(body: str, whole: str) -> list[str]:
     out = []
     for part in body.split(","):
         m = _RANGE.match(part.strip())
@@ -82,8 +82,8 @@ def _expand_ranges(body: str, whole: str) -> List[str]:
     return out
 
 
-def _expand_item(item: str, whole: str) -> List[str]:
-    pieces: List[List[str]] = []
+def _expand_item(item: str, whole: str) -> list[str]:
+    pieces: list[list[str]] = []
     pos = 0
     for m in re.finditer(r"\[([^\[\]]*)\]", item):
         pieces.append([item[pos:m.start()]])
@@ -95,7 +95,7 @@ def _expand_item(item: str, whole: str) -> List[str]:
     return ["".join(combo) for combo in itertools.product(*pieces)]
 
 
-def expand_hostlist(text: str) -> List[str]:
+def expand_hostlist(text: str) -> list[str]:
     """Expand Slurm hostlist syntax, keeping order and duplicates as written.
 
     >>> expand_hostlist("n[1-3,5],m[01-02]")
@@ -103,7 +103,7 @@ def expand_hostlist(text: str) -> List[str]:
     """
     if text is None:
         return []
-    out: List[str] = []
+    out: list[str] = []
     for item in _split_top(text.strip()):
         out.extend(_expand_item(item, text))
     return out
@@ -122,7 +122,7 @@ def compress_hostlist(names: Iterable[str]) -> str:
     >>> compress_hostlist(["n1", "n2", "n3", "n5", "m01", "m02"])
     'n[1-3,5],m[01-02]'
     """
-    groups: Dict[tuple, List[str]] = {}   # (prefix, suffix) -> numbers; (name, None) -> literal
+    groups: dict[tuple, list[str]] = {}   # (prefix, suffix) -> numbers; (name, None) -> literal
     for name in dict.fromkeys(names):
         m = _TAIL_NUM.match(name)
         key = (m.group(1), m.group(3)) if m else (name, None)
@@ -135,7 +135,7 @@ def compress_hostlist(names: Iterable[str]) -> str:
             parts.append(prefix)
             continue
         nums = sorted(set(numbers), key=lambda s: (int(s), len(s)))
-        runs: List[List[str]] = []
+        runs: list[list[str]] = []
         for s in nums:
             if runs:
                 run = runs[-1]
@@ -152,9 +152,9 @@ def compress_hostlist(names: Iterable[str]) -> str:
     return ",".join(parts)
 
 
-def expand_counts(text: str) -> List[int]:
+def expand_counts(text: str) -> list[int]:
     """Expand Slurm's per-node counts: ``'2(x3),1'`` -> ``[2, 2, 2, 1]``."""
-    out: List[int] = []
+    out: list[int] = []
     for part in (text or "").split(","):
         part = part.strip()
         if not part:
@@ -166,7 +166,7 @@ def expand_counts(text: str) -> List[int]:
     return out
 
 
-def parse_duration(text: str) -> Optional[float]:
+def parse_duration(text: str) -> float | None:
     """Seconds in a Slurm duration (``squeue %L``, time limits); None when unlimited.
 
     Accepts ``D-HH:MM:SS``, ``D-HH:MM``, ``D-HH``, ``HH:MM:SS``, ``MM:SS``, ``MM``.
@@ -211,7 +211,7 @@ def state_is_usable(state: str) -> bool:
 
 # --------------------------------------------------------------------------- the job
 
-def _slurm_cmd(cmd: Sequence[str], timeout: float = 15, env: Optional[Mapping] = None) -> str:
+def _slurm_cmd(cmd: Sequence[str], timeout: float = 15, env: Mapping | None = None) -> str:
     try:
         res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
                              env=dict(env) if env is not None else None, stdin=subprocess.DEVNULL)
@@ -227,8 +227,8 @@ def _slurm_cmd(cmd: Sequence[str], timeout: float = 15, env: Optional[Mapping] =
 @dataclass
 class LaunchPlan:
     """Where ranks go in an allocation: ``nodes`` get ``ranks_per_node`` each, ``spares`` none."""
-    nodes: List[str]
-    spares: List[str]
+    nodes: list[str]
+    spares: list[str]
     ranks_per_node: int
     oversubscribe: bool = True
 
@@ -236,7 +236,7 @@ class LaunchPlan:
     def nranks(self) -> int:
         return self.ranks_per_node * len(self.nodes)
 
-    def mpiexec_args(self, flavour: str = "openmpi") -> List[str]:
+    def mpiexec_args(self, flavour: str = "openmpi") -> list[str]:
         """``mpiexec`` arguments including ``-n``.
 
         Open MPI: ``-n N --host a:K,b:K,spare:K --map-by ppr:K:node[:OVERSUBSCRIBE]``;
@@ -259,25 +259,25 @@ class LaunchPlan:
 class SlurmJob:
     """A Slurm job, read from ``SLURM_*`` variables (see :meth:`from_env`)."""
     job_id: str
-    nodes: List[str]
-    tasks_per_node: List[int] = field(default_factory=list)
-    cpus_per_node: List[int] = field(default_factory=list)
-    ntasks: Optional[int] = None
+    nodes: list[str]
+    tasks_per_node: list[int] = field(default_factory=list)
+    cpus_per_node: list[int] = field(default_factory=list)
+    ntasks: int | None = None
     restart_count: int = 0
-    end_time: Optional[float] = None
-    this_node: Optional[str] = None
-    job_name: Optional[str] = None
-    partition: Optional[str] = None
-    submit_dir: Optional[str] = None
+    end_time: float | None = None
+    this_node: str | None = None
+    job_name: str | None = None
+    partition: str | None = None
+    submit_dir: str | None = None
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @staticmethod
-    def in_job(env: Optional[Mapping[str, str]] = None) -> bool:
+    def in_job(env: Mapping[str, str] | None = None) -> bool:
         env = os.environ if env is None else env
         return bool(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID"))
 
     @classmethod
-    def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "SlurmJob":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SlurmJob:
         """Read the job from ``env`` (default ``os.environ``); raises :class:`SlurmError` outside a job."""
         env = dict(os.environ if env is None else env)
         job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
@@ -305,11 +305,11 @@ class SlurmJob:
 
     # ---------------------------------------------------------------- queries
 
-    def node_states(self) -> Dict[str, str]:
+    def node_states(self) -> dict[str, str]:
         """``{node: state}`` for the allocation's nodes, from ``sinfo -N %N %T``."""
         out = _slurm_cmd(["sinfo", "-h", "-N", "-n", compress_hostlist(self.nodes), "-o", "%N %T"],
                          env=self.env or None)
-        states: Dict[str, str] = {}
+        states: dict[str, str] = {}
         for line in out.splitlines():
             parts = line.split()
             if len(parts) == 2:
@@ -318,24 +318,24 @@ class SlurmJob:
                     states[parts[0]] = parts[1]
         return states
 
-    def down_nodes(self) -> List[str]:
+    def down_nodes(self) -> list[str]:
         """Nodes of the allocation that are down, draining/drained, failing or not responding."""
         states = self.node_states()
         return [n for n in self.nodes if not state_is_usable(states.get(n, "unknown"))]
 
-    def usable_nodes(self, exclude_down: bool = True) -> List[str]:
+    def usable_nodes(self, exclude_down: bool = True) -> list[str]:
         """The allocation's nodes in order, without the down ones if ``exclude_down``."""
         if not exclude_down:
             return list(self.nodes)
         bad = set(self.down_nodes())
         return [n for n in self.nodes if n not in bad]
 
-    def spare_nodes(self, used: Iterable[str], exclude_down: bool = True) -> List[str]:
+    def spare_nodes(self, used: Iterable[str], exclude_down: bool = True) -> list[str]:
         """Usable nodes of the allocation that no rank uses."""
         used = set(used)
         return [n for n in self.usable_nodes(exclude_down) if n not in used]
 
-    def time_left(self, query: bool = True) -> Optional[float]:
+    def time_left(self, query: bool = True) -> float | None:
         """Seconds until the job's time limit; None when unlimited or unknown.
 
         Asks ``squeue -h -j ID -o %L`` (which follows limit changes) when
@@ -355,7 +355,7 @@ class SlurmJob:
 
     # ---------------------------------------------------------------- launching
 
-    def plan(self, ranks_per_node: Optional[int] = None, n_nodes: Optional[int] = None,
+    def plan(self, ranks_per_node: int | None = None, n_nodes: int | None = None,
              exclude_down: bool = True, oversubscribe: bool = True) -> LaunchPlan:
         """Ranks on the first ``n_nodes`` usable nodes, the other usable nodes as spares.
 
@@ -374,8 +374,8 @@ class SlurmJob:
             ranks_per_node = int(per) if per and per.isdigit() else (self.tasks_per_node or [1])[0]
         return LaunchPlan(nodes[:n_nodes], nodes[n_nodes:], int(ranks_per_node), oversubscribe)
 
-    def mpiexec_args(self, flavour: str = "openmpi", ranks_per_node: Optional[int] = None,
-                     n_nodes: Optional[int] = None, exclude_down: bool = True) -> List[str]:
+    def mpiexec_args(self, flavour: str = "openmpi", ranks_per_node: int | None = None,
+                     n_nodes: int | None = None, exclude_down: bool = True) -> list[str]:
         """Shortcut for ``self.plan(...).mpiexec_args(flavour)``."""
         return self.plan(ranks_per_node, n_nodes, exclude_down).mpiexec_args(flavour)
 
@@ -385,7 +385,7 @@ class SlurmJob:
 
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """``python -m mpimig.slurm info|hosts K [--nodes M]`` for job scripts."""
     import argparse
     import json

@@ -8,7 +8,8 @@ Everything else is a Python object, pickled (protocol 5, dill as fallback).
 from __future__ import annotations
 
 import pickle
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -67,10 +68,10 @@ class State:
     def items(self):
         return self._items.items()
 
-    def split(self) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+    def split(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Split into (arrays, objects): arrays are non-object-dtype ndarrays."""
-        arrays: Dict[str, np.ndarray] = {}
-        objects: Dict[str, Any] = {}
+        arrays: dict[str, np.ndarray] = {}
+        objects: dict[str, Any] = {}
         for k, v in self._items.items():
             if type(v) is np.ndarray and v.dtype != object:
                 arrays[k] = v
@@ -78,7 +79,7 @@ class State:
                 objects[k] = v
         return arrays, objects
 
-    def update_from(self, arrays: Dict[str, np.ndarray], objects: Dict[str, Any]) -> None:
+    def update_from(self, arrays: dict[str, np.ndarray], objects: dict[str, Any]) -> None:
         """Replace items by restored values (arrays keep their identity when shapes match)."""
         for k, v in arrays.items():
             cur = self._items.get(k)

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 from .errors import UsageError
 
@@ -43,7 +42,7 @@ def this_host() -> str:
     return socket.gethostname()
 
 
-def make_schedule(seed: int, n: int, steps: int, k: int, hosts: List[str]) -> Tuple[List[tuple], Optional[int]]:
+def make_schedule(seed: int, n: int, steps: int, k: int, hosts: list[str]) -> tuple[list[tuple], int | None]:
     """The migrations (point, rank, host) and the checkpoint interval (or None) of a seed.
 
     Points are drawn from the first 60% of the run so the moves happen before
@@ -75,10 +74,10 @@ def make_schedule(seed: int, n: int, steps: int, k: int, hosts: List[str]) -> Tu
     return [tuple(m) for m in migs], ckpt
 
 
-def move_facts(moves: Dict[str, List[int]]) -> Dict[str, bool]:
+def move_facts(moves: dict[str, list[int]]) -> dict[str, bool]:
     """From the program's own record (rank -> points at which it arrived in a new
     process): were two ranks moved at one point (in one plan), one rank twice?"""
-    by_point: Dict[int, int] = {}
+    by_point: dict[int, int] = {}
     for pts in moves.values():
         for p in pts:
             by_point[p] = by_point.get(p, 0) + 1
@@ -96,7 +95,7 @@ def job_env(local_only: bool) -> dict:
     return env
 
 
-def run_seed(seed: int, args, program: Path, hosts: List[str], job_root: Path) -> dict:
+def run_seed(seed: int, args, program: Path, hosts: list[str], job_root: Path) -> dict:
     """Run one seed; return its record (never raises for a failed job)."""
     jd = job_root / f"seed-{seed:04d}"
     if jd.exists():
@@ -212,7 +211,7 @@ def format_line(rec: dict) -> str:
     return line
 
 
-def totals(recs: List[dict]) -> dict:
+def totals(recs: list[dict]) -> dict:
     t = {"seeds": len(recs), "failures": sum(1 for r in recs if not r["ok"]),
          "failed_seeds": [r["seed"] for r in recs if not r["ok"]]}
     for k in MSG_KEYS + ("done", "cancelled", "unfinished", "moved", "held_total"):

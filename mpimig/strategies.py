@@ -35,7 +35,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
@@ -66,9 +66,9 @@ def _chunkable(a: np.ndarray) -> bool:
     return a.flags.c_contiguous and a.nbytes > 0
 
 
-def _runs(mask: np.ndarray, nbytes: int, C: int) -> List[Tuple[int, int]]:
+def _runs(mask: np.ndarray, nbytes: int, C: int) -> list[tuple[int, int]]:
     """Byte ranges [lo, hi) of consecutive True chunks, each at most MAX_MSG bytes."""
-    out: List[Tuple[int, int]] = []
+    out: list[tuple[int, int]] = []
     idx = np.flatnonzero(mask)
     if idx.size == 0:
         return out
@@ -83,7 +83,7 @@ def _runs(mask: np.ndarray, nbytes: int, C: int) -> List[Tuple[int, int]]:
     return out
 
 
-def _split_state(arrays: Dict[str, np.ndarray]):
+def _split_state(arrays: dict[str, np.ndarray]):
     """(chunked arrays, eager arrays): non-contiguous or empty arrays travel with the header."""
     chunked = {k: v for k, v in arrays.items() if _chunkable(v)}
     eager = {k: np.ascontiguousarray(v) for k, v in arrays.items() if k not in chunked}
@@ -95,8 +95,8 @@ class Strategy:
     name = ""
     summary = ""
 
-    def send(self, ctx, Jc: MPI.Intracomm, dest: int, arrays: Dict[str, np.ndarray],
-             objects: Dict[str, Any], extra: Dict[str, Any], plan, move):
+    def send(self, ctx, Jc: MPI.Intracomm, dest: int, arrays: dict[str, np.ndarray],
+             objects: dict[str, Any], extra: dict[str, Any], plan, move):
         """The old process, after the switch: steps 4 and 6 on its side.
 
         Returns None, or a function to call once the switch is agreed (``--ft``):
@@ -185,14 +185,14 @@ class PreCopySource:
     def __init__(self, J: MPI.Intracomm, dest: int, ctx, rank: int) -> None:
         self.J, self.dest, self.rank, self.ctx = J, dest, rank, ctx
         self.C = chunk_bytes()
-        self.live: Dict[str, np.ndarray] = {}
-        self.shadow: Dict[str, np.ndarray] = {}
-        self.sends: Dict[str, np.ndarray] = {}     # chunk send counts
-        self.new_meta: Dict[str, tuple] = {}
+        self.live: dict[str, np.ndarray] = {}
+        self.shadow: dict[str, np.ndarray] = {}
+        self.sends: dict[str, np.ndarray] = {}     # chunk send counts
+        self.new_meta: dict[str, tuple] = {}
         self._refresh()
         self.total = sum(v.nbytes for v in self.live.values())
-        self.reqs: List[MPI.Request] = []
-        self.rounds: List[int] = []               # bytes per round
+        self.reqs: list[MPI.Request] = []
+        self.rounds: list[int] = []               # bytes per round
         self.ready = False
         self.reason = ""
         self.small = _precopy_small(self.total, self.C)
@@ -200,7 +200,7 @@ class PreCopySource:
         self.t_start = time.time()
         self.scan_s = 0.0
 
-    def _refresh(self, arrays: Optional[Dict[str, np.ndarray]] = None) -> None:
+    def _refresh(self, arrays: dict[str, np.ndarray] | None = None) -> None:
         """Follow the registered arrays: one the program replaced (``st.a = new``) or
         added starts again as all dirty; one it dropped is forgotten."""
         if arrays is None:
@@ -240,10 +240,10 @@ class PreCopySource:
         self.scan_s += time.perf_counter() - t0
         return out
 
-    def _all_dirty(self) -> Dict[str, np.ndarray]:
+    def _all_dirty(self) -> dict[str, np.ndarray]:
         return {k: self._dirty(k, v) for k, v in self.live.items()}
 
-    def _count(self, dirty: Dict[str, np.ndarray]) -> int:
+    def _count(self, dirty: dict[str, np.ndarray]) -> int:
         tot = 0
         for k, m in dirty.items():
             tot += sum(hi - lo for lo, hi in _runs(m, self.live[k].nbytes, self.C))
@@ -326,7 +326,7 @@ class PreCopyTarget:
     """The target's side of pre-copy rounds: preallocated arrays filled round by round."""
 
     def __init__(self) -> None:
-        self.arrays: Dict[str, np.ndarray] = {}
+        self.arrays: dict[str, np.ndarray] = {}
         self.rounds = 0
 
     def on_round(self, J: MPI.Intracomm, source: int) -> None:
@@ -419,7 +419,7 @@ def push(Jc: MPI.Intracomm, dest: int, parts, C: int, nchunks: int) -> dict:
     todo = deque(range(nchunks))
     prio: deque = deque()
     sent = bytearray(nchunks)
-    inflight: List[MPI.Request] = []
+    inflight: list[MPI.Request] = []
     st = MPI.Status()
     nsent = 0
     demanded = 0
@@ -462,17 +462,17 @@ def push(Jc: MPI.Intracomm, dest: int, parts, C: int, nchunks: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
-REGISTRY: Dict[str, type] = {c.name: c for c in (StopAndCopy, PreCopy, PostCopy, FileServer)}
+REGISTRY: dict[str, type] = {c.name: c for c in (StopAndCopy, PreCopy, PostCopy, FileServer)}
 
 
 assert tuple(REGISTRY) == STRATEGIES, "protocol.STRATEGIES must name the registry's strategies"
 
 
-def known() -> List[str]:
+def known() -> list[str]:
     return list(REGISTRY)
 
 
-def check(name: Any) -> Optional[str]:
+def check(name: Any) -> str | None:
     """An error message naming the known strategies, or None if ``name`` is one."""
     return check_strategy(name)
 

@@ -49,7 +49,7 @@ def test_bench_migrate_smoke(tmp_path):
     text = res.stdout
     assert res.returncode == 0, f"{text}\n{res.stderr[-3000:]}"
     assert re.search(r"1 MiB: downtime [\d.]+ ms", text), text                 # progress line
-    m = re.search(rf"^\s+1 MiB" + rf"\s+{NUM}" * 13 + r"\s+1/1", text, re.M)
+    m = re.search(r"^\s+1 MiB" + rf"\s+{NUM}" * 13 + r"\s+1/1", text, re.M)
     assert m, f"no table row for 1 MiB:\n{text}"
     assert all(float(x) > 0 for x in m.groups()), m.groups()
     data = json.loads(out.read_text())

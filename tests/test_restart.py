@@ -34,7 +34,7 @@ FAULTS = ROOT / "tests" / "progs" / "heat_faults.py"
 job_env = base_env    # mpiexec of this environment first on PATH, no MPIMIG_* from the shell
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def serial_reference(n: int, steps: int, tmp: str) -> bytes:
     out = Path(tmp) / f"serial-{n}-{steps}.npy"
     res = run_cmd([sys.executable, HEAT, "--serial", "--n", n, "--steps", steps, "--out", out],

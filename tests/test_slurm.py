@@ -152,7 +152,7 @@ def test_requeue_sbatch_survives_a_node_failure(slurm, lab, tmp_path):
         run_cmd(mpimig_cmd("lab", "revive", victim), env=lab_env(), timeout=60)
     text = (tmp_path / "rq.out").read_text()
     assert final["JobState"] == "COMPLETED", (final, text)
-    assert "=== start: job %s restart 0" % job in text and "=== start: job %s restart 1" % job in text, text
+    assert "=== start: job {} restart 0".format(job) in text and "=== start: job {} restart 1".format(job) in text, text
     assert re.search(r"resuming from epoch \d+", text) and "=== done: restart 1" in text, text
     second = text.split("restart 1 on ", 1)[1].split()[0]
     assert victim not in expand_hostlist(second), text

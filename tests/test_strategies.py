@@ -91,7 +91,7 @@ def test_heat2d_bit_identical(tmp_path, strategy):
             assert s["bytes_resent"] == s["rounds"] * state_bytes
         elif strategy == "post-copy":
             assert s["chunks"] == -(-state_bytes // CHUNK)
-            assert 0 < s["residual"] and s["demand_fetches"] >= 0
+            assert s["residual"] > 0 and s["demand_fetches"] >= 0
         else:
             assert s["write_s"] > 0 and s["read_s"] > 0
             assert 0 < s["source_freed_s"] < t["downtime"]    # the source left before the target resumed

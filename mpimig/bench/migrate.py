@@ -39,7 +39,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 from ..errors import LaunchError, UsageError
 from .checkpoint import fmt_size, parse_size
@@ -62,7 +61,7 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
-def others_wait(result: dict, moved: int) -> Optional[dict]:
+def others_wait(result: dict, moved: int) -> dict | None:
     """What the other ranks really waited around the migration, from their step times.
 
     For each rank that did not move: the time above its median step in the

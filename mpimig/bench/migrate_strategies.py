@@ -37,7 +37,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional
 
 from ..errors import UsageError
 from ..protocol import STRATEGIES, check_strategy
@@ -49,7 +48,7 @@ GOAL_PRE = 0.1         # pre-copy downtime / stop-and-copy downtime, >= 1 GiB, <
 GOAL_POST_S = 0.050    # post-copy downtime, every size
 
 
-def parse_strategies(text: str) -> List[str]:
+def parse_strategies(text: str) -> list[str]:
     if text.strip() == "all":
         return list(STRATEGIES)
     out = [s.strip() for s in text.split(",") if s.strip()]
@@ -62,7 +61,7 @@ def parse_strategies(text: str) -> List[str]:
     return out
 
 
-def parse_dirty(text: str) -> List[float]:
+def parse_dirty(text: str) -> list[float]:
     out = []
     for part in text.split(","):
         part = part.strip()
@@ -80,7 +79,7 @@ def parse_dirty(text: str) -> List[float]:
     return out
 
 
-def mover_slowdown(result: dict, moved: int, after: int = 5) -> Optional[float]:
+def mover_slowdown(result: dict, moved: int, after: int = 5) -> float | None:
     """Seconds above the moved rank's median step (before the move) in the
     ``after`` steps it ran after resuming."""
     ranks = {r["rank"]: r for r in result.get("ranks", [])}
@@ -197,7 +196,7 @@ def _mb(x) -> str:
     return "-" if x is None else f"{x / (1 << 20):.1f}"
 
 
-def format_table(results: dict) -> List[str]:
+def format_table(results: dict) -> list[str]:
     head = (f"{'strategy':<14} {'size':>8} {'dirty':>6} {'downtime':>9} {'total':>9} {'moved':>9} "
             f"{'rounds':>6} {'residual':>9} {'src free':>9} {'slowdown':>9} {'stall':>8} {'others':>8}")
     unit = (f"{'':<14} {'':>8} {'/step':>6} {'ms':>9} {'ms':>9} {'MiB':>9} {'':>6} {'ms':>9} {'ms':>9} "
@@ -336,7 +335,7 @@ def run(args, out=print) -> dict:
     return results
 
 
-def _combine(runs: List[dict]) -> dict:
+def _combine(runs: list[dict]) -> dict:
     """Medians over repeats (the first run's other fields)."""
     done = [r for r in runs if r.get("state") == "done"]
     if not done:

@@ -29,12 +29,11 @@ import shutil
 import statistics
 import tempfile
 from pathlib import Path
-from typing import List, Optional
 
 APP = Path(__file__).resolve().parents[2] / "apps" / "heat2d.py"
 
 
-def _median(xs: List[float]) -> Optional[float]:
+def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 

@@ -19,7 +19,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable
+from collections.abc import Iterable
 
 from ..errors import MpimigError
 
@@ -37,14 +38,14 @@ def say(msg: str) -> None:
 
 # --------------------------------------------------------------------------- commands
 
-def which(name: str) -> Optional[str]:
+def which(name: str) -> str | None:
     """``shutil.which`` that also looks in the sbin directories."""
     path = os.environ.get("PATH", "") + ":" + SBIN_PATH
     return shutil.which(name, path=path)
 
 
-def run(cmd, timeout: float = 60, check: bool = True, input: Optional[str] = None,
-        env: Optional[dict] = None, what: Optional[str] = None) -> subprocess.CompletedProcess:
+def run(cmd, timeout: float = 60, check: bool = True, input: str | None = None,
+        env: dict | None = None, what: str | None = None) -> subprocess.CompletedProcess:
     """Run ``cmd``; on failure raise :class:`LabError` naming the command and its stderr."""
     cmd = [str(c) for c in cmd]
     try:
@@ -62,7 +63,7 @@ def run(cmd, timeout: float = 60, check: bool = True, input: Optional[str] = Non
 
 # --------------------------------------------------------------------------- capability
 
-def capability_problem() -> Optional[str]:
+def capability_problem() -> str | None:
     """Why this machine cannot host a lab (None when it can).
 
     Checks what the lab needs and nothing else: root, the ``ip`` tool, and that
@@ -154,7 +155,7 @@ class Proc:
     start: int
 
     @classmethod
-    def of(cls, pid: int) -> "Proc":
+    def of(cls, pid: int) -> Proc:
         return cls(pid, proc_start(pid) or 0)
 
     def alive(self) -> bool:
@@ -171,11 +172,11 @@ class Proc:
         return [self.pid, self.start]
 
     @classmethod
-    def from_json(cls, v) -> "Proc":
+    def from_json(cls, v) -> Proc:
         return cls(int(v[0]), int(v[1]))
 
 
-def _stat_fields(pid: int) -> Optional[list]:
+def _stat_fields(pid: int) -> list | None:
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -185,17 +186,17 @@ def _stat_fields(pid: int) -> Optional[list]:
     return rest  # rest[0] is state (field 3), rest[1] ppid, rest[19] starttime (field 22)
 
 
-def proc_start(pid: int) -> Optional[int]:
+def proc_start(pid: int) -> int | None:
     f = _stat_fields(pid)
     return int(f[19]) if f else None
 
 
-def proc_state(pid: int) -> Optional[str]:
+def proc_state(pid: int) -> str | None:
     f = _stat_fields(pid)
     return f[0] if f else None
 
 
-def proc_ppid(pid: int) -> Optional[int]:
+def proc_ppid(pid: int) -> int | None:
     f = _stat_fields(pid)
     return int(f[1]) if f else None
 
@@ -215,7 +216,7 @@ def proc_environ_keys(pid: int) -> set:
     return {item.split(b"=", 1)[0].decode(errors="replace") for item in raw.split(b"\0") if item}
 
 
-def spawn_daemon(argv, log: Path, env: Optional[dict] = None) -> Proc:
+def spawn_daemon(argv, log: Path, env: dict | None = None) -> Proc:
     """Start ``argv`` detached (own session, reparented to init), output to ``log``.
 
     A short-lived helper starts it and exits, so a long-lived caller (a pytest
@@ -236,7 +237,7 @@ def spawn_daemon(argv, log: Path, env: Optional[dict] = None) -> Proc:
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.05,
-             fail: Optional[Callable[[], Optional[str]]] = None) -> None:
+             fail: Callable[[], str | None] | None = None) -> None:
     """Poll ``cond`` until true; ``fail`` may return a reason to stop early."""
     deadline = time.monotonic() + timeout
     while True:

@@ -24,7 +24,8 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Union
+from collections.abc import Sequence
 
 from . import _sys
 from ._sys import LabError, Proc, say
@@ -51,7 +52,7 @@ LAUNCHERS = {"sshd", "prted", "prte", "prterun", "mpiexec", "mpirun", "ompirun_w
 RANK_ENV = {"PMIX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"}
 
 
-def state_dir(path: Union[str, Path, None] = None) -> Path:
+def state_dir(path: str | Path | None = None) -> Path:
     return Path(path or os.environ.get("MPIMIG_LAB_DIR") or DEFAULT_DIR)
 
 
@@ -59,7 +60,7 @@ def _lock_path(sdir: Path) -> Path:
     return sdir.parent / (sdir.name + ".lock")
 
 
-HostsSpec = Union[None, int, str, Sequence[str], Dict[str, int]]
+HostsSpec = Union[None, int, str, Sequence[str], dict[str, int]]
 
 
 class Lab:
@@ -77,8 +78,8 @@ class Lab:
     def __init__(self, sdir: Path, state: dict):
         self.state_dir = sdir
         self._state = state
-        self.hosts: List[str] = [h["name"] for h in state["hosts"]]
-        self.ips: Dict[str, str] = {h["name"]: h["ip"] for h in state["hosts"]}
+        self.hosts: list[str] = [h["name"] for h in state["hosts"]]
+        self.ips: dict[str, str] = {h["name"]: h["ip"] for h in state["hosts"]}
         self.bridge: str = state["bridge"]
         self.bridge_ip: str = state["bridge_ip"]
         self.subnet: str = state["subnet"]
@@ -98,7 +99,7 @@ class Lab:
                 return h
         raise LabError(f"no lab host named {host!r} (lab hosts: {', '.join(self.hosts)})")
 
-    def slots(self, hosts_spec: HostsSpec = None, default_slots: int = 1) -> Dict[str, int]:
+    def slots(self, hosts_spec: HostsSpec = None, default_slots: int = 1) -> dict[str, int]:
         """Normalise a host spec to ``{host: slots}``.
 
         ``hosts_spec`` may be None (every host, ``default_slots`` each), an int
@@ -118,7 +119,7 @@ class Lab:
             for item in hosts_spec:
                 name, _, n = item.strip().partition(":")
                 items.append((name, int(n) if n else default_slots))
-        out: Dict[str, int] = {}
+        out: dict[str, int] = {}
         unknown = [name for name, _ in items if name not in self.ips]
         if unknown:
             raise LabError(f"not lab hosts: {', '.join(unknown)} (lab hosts: {', '.join(self.hosts)})")
@@ -126,7 +127,7 @@ class Lab:
             out[name] = out.get(name, 0) + int(n)
         return out
 
-    def mpiexec_args(self, flavour: str, hosts_spec: HostsSpec = None) -> List[str]:
+    def mpiexec_args(self, flavour: str, hosts_spec: HostsSpec = None) -> list[str]:
         """Extra ``mpiexec`` arguments that launch over the lab's ssh onto ``hosts_spec``.
 
         Args:
@@ -177,11 +178,11 @@ class Lab:
 
     # ---------------------------------------------------------------- processes
 
-    def pids(self, host: str) -> List[int]:
+    def pids(self, host: str) -> list[int]:
         """Every pid on ``host`` (its network namespace)."""
         return _sys.netns_pids(self.netns(host))
 
-    def rank_pids(self, host: str) -> List[int]:
+    def rank_pids(self, host: str) -> list[int]:
         """Pids of MPI ranks on ``host``.
 
         A rank is a process that carries a rank variable set by its launcher
@@ -200,7 +201,7 @@ class Lab:
                 out.append(pid)
         return out
 
-    def kill(self, host: str, ranks_only: bool = False, sig: int = signal.SIGKILL) -> List[int]:
+    def kill(self, host: str, ranks_only: bool = False, sig: int = signal.SIGKILL) -> list[int]:
         """Kill the whole host (every process in its namespace) or only its ranks.
 
         Returns the pids signalled.
@@ -219,7 +220,7 @@ class Lab:
     def sshd(self, host: str) -> Proc:
         return Proc.from_json(self._host(host)["sshd"])
 
-    def status(self) -> List[dict]:
+    def status(self) -> list[dict]:
         """One dict per host: name, ip, netns, sshd alive, process count (and slurmd if Slurm is up)."""
         from . import slurm_cluster
         slurm = slurm_cluster.current_state(self.state_dir)
@@ -239,7 +240,7 @@ class Lab:
         return _sys.run([str(self.ssh_wrapper), host, command], timeout=timeout, check=False)
 
 
-def current(path: Union[str, Path, None] = None) -> Optional[Lab]:
+def current(path: str | Path | None = None) -> Lab | None:
     """The lab that is up (state in ``MPIMIG_LAB_DIR`` or /run/mpimig-lab), or None."""
     sdir = state_dir(path)
     state = _sys.read_json(sdir / "state.json")
@@ -342,7 +343,7 @@ Host *
     state["ssh_key"] = str(ssh / "id_ed25519")
 
 
-def daemon_argv(netns: str, hostname: str, argv: Sequence[str]) -> List[str]:
+def daemon_argv(netns: str, hostname: str, argv: Sequence[str]) -> list[str]:
     """Argv that runs ``argv`` "on" a lab host: its network namespace, a UTS namespace with its name."""
     script = f'hostname {hostname} && exec "$@"'
     return ["nsenter", f"--net=/run/netns/{netns}", "unshare", "--uts", "--",
@@ -356,7 +357,7 @@ def _tail(path: Path, n: int = 15) -> str:
         return ""
 
 
-def up(n: int, path: Union[str, Path, None] = None, subnet: Optional[str] = None) -> Lab:
+def up(n: int, path: str | Path | None = None, subnet: str | None = None) -> Lab:
     """Bring up ``n`` lab hosts h1..hN; returns the :class:`Lab`.
 
     On failure everything created so far is removed again and the error says
@@ -424,7 +425,7 @@ def _wait_sshd(sdir: Path, host: dict, timeout: float = 20) -> None:
                   fail=lambda: None if proc.alive() else f"sshd exited: {_tail(log)}")
 
 
-def revive(lab: Lab, host: str) -> List[str]:
+def revive(lab: Lab, host: str) -> list[str]:
     """Restart the dead daemons of ``host`` after ``kill``: sshd, and slurmd if Slurm is up.
 
     Returns the names of the daemons started.
@@ -504,7 +505,7 @@ def _build(sdir: Path, state: dict, save, names, addrs, net) -> None:
 
 # --------------------------------------------------------------------------- down
 
-def down(path: Union[str, Path, None] = None) -> bool:
+def down(path: str | Path | None = None) -> bool:
     """Remove everything ``up`` recorded (also after a partial ``up``). Returns False if no lab was up."""
     _sys.require_root()
     sdir = state_dir(path)

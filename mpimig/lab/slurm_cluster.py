@@ -25,7 +25,6 @@ import pwd
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Union
 
 from . import _sys, hosts
 from ._sys import LabError, Proc, say
@@ -47,7 +46,7 @@ def _state_file(sdir: Path) -> Path:
     return sdir / "slurm.json"
 
 
-def current_state(sdir: Path) -> Optional[dict]:
+def current_state(sdir: Path) -> dict | None:
     return _sys.read_json(_state_file(sdir))
 
 
@@ -56,12 +55,12 @@ class SlurmCluster:
 
     def __init__(self, sdir: Path, state: dict):
         self.state_dir = sdir
-        self.nodes: List[str] = state["nodes"]
+        self.nodes: list[str] = state["nodes"]
         self.conf = Path(state["conf"])
         self.etc_link: bool = bool(state.get("etc_link"))
         self._state = state
 
-    def env(self, base: Optional[dict] = None) -> dict:
+    def env(self, base: dict | None = None) -> dict:
         """Environment for Slurm commands (``SLURM_CONF`` set to the lab's config)."""
         env = dict(os.environ if base is None else base)
         env["SLURM_CONF"] = str(self.conf)
@@ -77,7 +76,7 @@ class SlurmCluster:
         return "\n".join(lines)
 
 
-def current(path: Union[str, Path, None] = None) -> Optional[SlurmCluster]:
+def current(path: str | Path | None = None) -> SlurmCluster | None:
     sdir = hosts.state_dir(path)
     state = current_state(sdir)
     if not state or not state.get("complete"):
@@ -85,7 +84,7 @@ def current(path: Union[str, Path, None] = None) -> Optional[SlurmCluster]:
     return SlurmCluster(sdir, state)
 
 
-def status_line(sdir: Path) -> Optional[str]:
+def status_line(sdir: Path) -> str | None:
     state = current_state(sdir)
     if state is None:
         return None
@@ -96,7 +95,7 @@ def status_line(sdir: Path) -> Optional[str]:
 
 # --------------------------------------------------------------------------- config
 
-def slurm_conf(sdir: Path, ctl_addr: str, nodes: Dict[str, str]) -> str:
+def slurm_conf(sdir: Path, ctl_addr: str, nodes: dict[str, str]) -> str:
     d = sdir / "slurm"
     node_lines = "".join(f"NodeName={n} NodeAddr={ip} CPUs=4 State=UNKNOWN\n" for n, ip in nodes.items())
     return f"""\
@@ -142,7 +141,7 @@ MinJobAge=600
 
 # --------------------------------------------------------------------------- up
 
-def up(n: int, path: Union[str, Path, None] = None, subnet: Optional[str] = None) -> SlurmCluster:
+def up(n: int, path: str | Path | None = None, subnet: str | None = None) -> SlurmCluster:
     """Start Slurm with ``n`` nodes on lab hosts h1..hN (bringing the lab up if none is)."""
     _sys.require_root()
     sdir = hosts.state_dir(path)
@@ -195,7 +194,7 @@ def _spawn(sdir: Path, name: str, argv, env) -> Proc:
     return _sys.spawn_daemon(argv, sdir / "slurm" / "logs" / f"{name}.out", env=env)
 
 
-def _build(sdir: Path, lab, state: dict, save, nodes: Dict[str, str]) -> None:
+def _build(sdir: Path, lab, state: dict, save, nodes: dict[str, str]) -> None:
     d = sdir / "slurm"
     d.mkdir(mode=0o755)
     (d / "logs").mkdir()
@@ -258,7 +257,7 @@ def _build(sdir: Path, lab, state: dict, save, nodes: Dict[str, str]) -> None:
         states = dict(line.split() for line in res.stdout.splitlines() if len(line.split()) == 2)
         return all(states.get(n, "").startswith("idle") for n in nodes)
 
-    def dead() -> Optional[str]:
+    def dead() -> str | None:
         for node, pj in state["slurmd"].items():
             if not Proc.from_json(pj).alive():
                 return f"slurmd on {node} exited: " + _log(d / "logs" / f"slurmd_{node}.log", d / "logs" / f"slurmd_{node}.out")
@@ -295,7 +294,7 @@ def revive_node(sdir: Path, node: str) -> bool:
 
 # --------------------------------------------------------------------------- down
 
-def down(path: Union[str, Path, None] = None) -> bool:
+def down(path: str | Path | None = None) -> bool:
     """Stop the lab's Slurm and remove its files; the lab hosts stay. False if none was up."""
     _sys.require_root()
     sdir = hosts.state_dir(path)

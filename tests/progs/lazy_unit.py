@@ -2,8 +2,6 @@
 which chunks each access waits for, what a wait that never ends does, and the
 communicator guard. Prints one JSON line; tests/test_strategies.py judges it."""
 import json
-import os
-import sys
 
 import numpy as np
 from mpi4py import MPI
