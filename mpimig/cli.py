@@ -15,13 +15,13 @@ from .errors import MpimigError
 
 # Modules that add subcommands, in the order --help lists them.
 COMMAND_MODULES = [
-    "mpimig.launcher",      # run
-    "mpimig.control",       # migrate, status
-    "mpimig.inspect",       # inspect
+    "mpimig.launch.launcher",  # run
+    "mpimig.migration.control",  # migrate, status
+    "mpimig.checkpoint.reader",  # inspect
     "mpimig.bench",         # bench checkpoint|comm|migrate
     "mpimig.lab",           # lab up|status|kill|down, lab slurm up|down
-    "mpimig.storm",         # storm
-    "mpimig.inject",        # inject
+    "mpimig.verify.storm",   # storm
+    "mpimig.ft.inject",      # inject
     "mpimig.demo",          # demo
 ]
 

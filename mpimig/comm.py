@@ -265,6 +265,11 @@ class Comm:
         """The MPI communicator behind this one right now (changes on migration)."""
         return self._c
 
+    @property
+    def held_count(self) -> int:
+        """How many messages are held for delivery (caught in flight at safe points)."""
+        return len(self._queue)
+
     def __repr__(self) -> str:
         return f"<mpimig.Comm rank {self.rank} of {self.size}, {len(self._queue)} held>"
 

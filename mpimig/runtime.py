@@ -25,11 +25,14 @@ from typing import Any, Callable
 import numpy as np
 from mpi4py import MPI
 
-from . import events, migration, recovery, strategies
+from . import events
+from .migration import transport as migration
+from .ft import recovery
+from .migration import strategies
 from .comm import Comm, FTComm
-from .config import Config
+from .launch.config import Config
 from .errors import CheckpointError, MigrationError, MpimigError, NoCommittedEpoch
-from .protocol import (TAG_CANCEL, TAG_DONE, TAG_END, TAG_FINISHING, TAG_GO, TAG_HELLO, TAG_PLAN,
+from .migration.protocol import (TAG_CANCEL, TAG_DONE, TAG_END, TAG_FINISHING, TAG_GO, TAG_HELLO, TAG_PLAN,
                        TAG_PRECOPY, TAG_REPLY, TAG_REPORT, TAG_REQUEST, TAG_SPARE, Plan)
 from .state import State
 
@@ -64,7 +67,7 @@ class Context:
         self._J: MPI.Intracomm | None = None     # job comm with the coordinator (J rank 0)
         self._plan: Plan | None = None
         self._t_point = 0.0
-        self._lazy = None                 # post-copy: chunks still arriving (mpimig.lazy.LazySession)
+        self._lazy = None                 # post-copy: chunks still arriving (mpimig.migration.lazy.LazySession)
         self._precopy = None              # pre-copy: rounds of this rank's move (strategies.PreCopySource)
         self.stats = {"checkpoints": 0, "ckpt_seconds": 0.0, "ckpt_bytes": 0}
         self.recoveries = 0                   # online recoveries of the job so far
@@ -72,7 +75,7 @@ class Context:
         self._buddies: list[recovery.Copy] = []       # --ft: other ranks' states, in memory
         self._hosts: list[str] = []           # host of each logical rank (at the last checkpoint)
         if config.ckpt_dir is not None:
-            from .checkpoint import CheckpointStore
+            from .checkpoint.store import CheckpointStore
             self._store = CheckpointStore(config.ckpt_dir, job_id=config.run_id or "job",
                                           keep=config.keep)
 
@@ -451,7 +454,7 @@ def _serve_spare(J: MPI.Intracomm, cfg: Config, size: int = 0, announce: bool = 
     A pre-copy target waits here too (it joined J by an *enlist* plan, or was a
     spare), receiving the rounds of its source. Under ``--ft`` it also takes part
     in recoveries, where it may become a replacement rank or the new coordinator."""
-    from . import checkpoint  # noqa: F401 - import h5py now, not during the freeze
+    from .checkpoint import store as checkpoint  # noqa: F401 - import h5py now, not during the freeze
     if announce:
         J.send({"host": hostname(), "pid": os.getpid()}, dest=0, tag=TAG_SPARE)
     st = MPI.Status()
@@ -513,7 +516,7 @@ def _start_target(parent: MPI.Intercomm) -> Context | None:
     """A process spawned as a migration target: join, receive state (steps 5-8)."""
     migration.track(parent)
     B = migration.track(parent.Merge(high=True))
-    from . import checkpoint  # noqa: F401 - import h5py now, not during the freeze
+    from .checkpoint import store as checkpoint  # noqa: F401 - import h5py now, not during the freeze
     st = MPI.Status()
     while not B.Iprobe(0, MPI.ANY_TAG, st):
         time.sleep(0.002)        # idle until needed: a warm process must not steal the cores
@@ -568,7 +571,7 @@ def _adopt(plan: Plan, move, Jc, A, Jn, cfg: Config, t0: float, rx=None) -> Cont
     ctx.epoch = int(extra["epoch"])
     ctx.stats = extra.get("stats", ctx.stats)
     if lazy is not None:                    # post-copy: arrays still arriving
-        from .lazy import LazyGuardComm
+        from .migration.lazy import LazyGuardComm
         lazy.ctx = ctx
         lazy.plan_id = plan.id
         ctx._lazy = lazy
@@ -603,7 +606,7 @@ def _after_recovery(out, cfg: Config, ctx: Context | None = None) -> Context | N
     """Turn a recovery's outcome into this process's new life: a rank that resumes
     from the rolled-back epoch, the new coordinator (never returns), or a spare."""
     if out.kind == "coordinator":
-        from .coordinator import serve_recovered
+        from .migration.coordinator import serve_recovered
         serve_recovered(out, cfg)
     if out.kind != "rank":
         raise MigrationError(f"recovery gave this process the role {out.kind!r} outside a spare's loop")
@@ -706,7 +709,7 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
         else:
             cfg = config or Config.from_env()
             if cfg.coordinator and world.Get_rank() == 0:
-                from .coordinator import serve
+                from .migration.coordinator import serve
                 serve(cfg)                      # world rank 0 is the coordinator
             ctx = _start_initial(cfg)
             if ctx is None:                     # a warm spare that was not needed
@@ -748,5 +751,5 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
 
 
 if os.environ.get("MPIMIG_INJECT"):         # mpimig inject: faults at exact places (inject_hook.py)
-    from . import inject_hook
+    from .ft import hooks as inject_hook
     inject_hook.install(sys.modules[__name__])

@@ -1,4 +1,4 @@
-"""Tests of the checkpoint store (mpimig/checkpoint.py) and of its format doc."""
+"""Tests of the checkpoint store (mpimig/checkpoint/store.py) and of its format doc."""
 from __future__ import annotations
 
 import datetime
@@ -388,7 +388,7 @@ def test_crash_between_manifest_and_rename_leaves_previous_latest(tmp_path, monk
 
 def test_durability_order_of_write_and_commit(tmp_path, monkeypatch):
     """fsync the data before the rename that publishes it; fsync the parent after."""
-    import mpimig.checkpoint as ck
+    import mpimig.checkpoint.store as ck
     events = []
     real_fsync, real_replace, real_fsync_dir = os.fsync, os.replace, ck._fsync_dir
 

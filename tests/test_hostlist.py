@@ -2,7 +2,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mpimig.slurm import (LaunchPlan, SlurmError, SlurmJob, compress_hostlist, expand_counts,
+from mpimig.launch.slurm import (LaunchPlan, SlurmError, SlurmJob, compress_hostlist, expand_counts,
                           expand_hostlist, parse_duration, state_is_usable)
 
 

@@ -1,6 +1,6 @@
-"""The pure parts of online recovery (mpimig/recovery.py): where buddy copies go and
+"""The pure parts of online recovery (mpimig/ft/recovery.py): where buddy copies go and
 the recovery plan every survivor computes from the census."""
-from mpimig.recovery import buddy_of, decide, role_in_plan
+from mpimig.ft.recovery import buddy_of, decide, role_in_plan
 
 
 def census(*members):

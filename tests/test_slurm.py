@@ -1,4 +1,4 @@
-"""A real Slurm over the lab: job scripts run to a verified result, mpimig.slurm
+"""A real Slurm over the lab: job scripts run to a verified result, mpimig.launch.slurm
 reads real allocations, a node failure is survived by requeue + restart, and
 'slurm down' / 'lab down' leave nothing behind.
 
@@ -85,15 +85,15 @@ def test_srun_pmix_launches_openmpi_ranks(slurm):
 
 
 def test_slurmjob_sees_a_real_allocation_and_its_draining_node(slurm, tmp_path):
-    """mpimig.slurm inside a real job: nodes, time left, restart count, and a
+    """mpimig.launch.slurm inside a real job: nodes, time left, restart count, and a
     node drained while the job runs shows up as not usable (and out of the plan)."""
     wait_nodes_idle(slurm)
     flag = tmp_path / "go"
     script = tmp_path / "view.sbatch"
     script.write_text(f"""#!/bin/bash
 for i in $(seq 300); do [ -e {flag} ] && break; sleep 0.1; done
-"$PYTHON" -m mpimig.slurm info
-"$PYTHON" -c 'from mpimig.slurm import SlurmJob; import json; j = SlurmJob.from_env(); print("PLAN", json.dumps(j.mpiexec_args("openmpi", 2, n_nodes=1)))'
+"$PYTHON" -m mpimig.launch.slurm info
+"$PYTHON" -c 'from mpimig.launch.slurm import SlurmJob; import json; j = SlurmJob.from_env(); print("PLAN", json.dumps(j.mpiexec_args("openmpi", 2, n_nodes=1)))'
 """)
     job = sbatch(slurm, ["-N", len(slurm.nodes), "--time=5", "-D", tmp_path, "-o", tmp_path / "view.out", script],
                  slurm_env(slurm))
@@ -136,7 +136,7 @@ def test_requeue_sbatch_survives_a_node_failure(slurm, lab, tmp_path):
         assert time.monotonic() < deadline, (tmp_path / "rq.out").read_text()
         time.sleep(0.1)
     info = scontrol_job(slurm, job)
-    from mpimig.slurm import expand_hostlist
+    from mpimig.launch.slurm import expand_hostlist
     victim = next(h for h in expand_hostlist(info["NodeList"]) if h != info["BatchHost"])
     lab.kill(victim)
     killed_at = time.monotonic()
@@ -181,7 +181,7 @@ def test_migrate_sbatch_moves_ranks_to_another_node(slurm, mpich_bin, tmp_path):
     final = wait_job_done(slurm, job, timeout=240)
     text = out.read_text()
     assert final["JobState"] == "COMPLETED", (final, text)
-    from mpimig.slurm import expand_hostlist
+    from mpimig.launch.slurm import expand_hostlist
     target = expand_hostlist(final["NodeList"])[-1]
     ranks = json.loads((tmp_path / "job" / "complete.json").read_text())["ranks"]
     assert [(r["host"], r["role"]) for r in ranks[1:3]] == [(target, "migrated")] * 2, text

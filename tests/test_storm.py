@@ -227,7 +227,7 @@ if not os.environ.get("PMIX_NAMESPACE", "@1").endswith("@1"):
 def test_target_dying_before_mpi_init_does_not_hang_the_job(tmp_path):
     """MPI_Comm_spawn never returns when the spawned process exits before MPI_Init:
     the coordinator's watchdog fails the job loudly instead of hanging."""
-    from mpimig.launcher import mpi_flavour
+    from mpimig.launch.launcher import mpi_flavour
     if mpi_flavour() != "openmpi":
         pytest.skip("the spawned-process test hook reads Open MPI's PMIx namespace")
     prog = tmp_path / "ring_dies.py"

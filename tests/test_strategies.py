@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from conftest import APPS, ROOT, base_env, heat_ref, kill_session, mpimig_cmd, read, run_cmd
-from mpimig.control import request
+from mpimig.migration.control import request
 
 HOST = socket.gethostname()
 STRATEGIES = ["stop-and-copy", "pre-copy", "post-copy", "file-server"]
@@ -41,7 +41,7 @@ def env(**extra):
 
 
 def test_registry_and_unknown_strategy(tmp_path):
-    from mpimig import strategies
+    from mpimig.migration import strategies
     from mpimig.errors import UsageError
     assert list(strategies.REGISTRY) == STRATEGIES
     for name, cls in strategies.REGISTRY.items():
@@ -223,7 +223,7 @@ def test_spare_pool_refills(tmp_path):
 
 
 def test_lazy_array_waits_only_for_touched_chunks():
-    """mpimig.lazy in one process: an access waits for the chunks of its byte range
+    """mpimig.migration.lazy in one process: an access waits for the chunks of its byte range
     only; a chunk that never comes ends in a named error after MPIMIG_FETCH_TIMEOUT
     (never in a read of memory that did not arrive); a Comm buffer call with a lazy
     array waits for it; completed arrays index to plain ndarrays."""

@@ -247,7 +247,7 @@ def format_table(res: dict) -> list:
 
 def run(args, out=print) -> dict:
     """Start the measurement under mpiexec -n 2 and return the summarised results."""
-    from ..launcher import build_command, mpi_env, mpi_flavour
+    from ..launch.launcher import build_command, mpi_env, mpi_flavour
 
     flavour = mpi_flavour()
     env = dict(os.environ)

@@ -142,7 +142,7 @@ def run_migration(size: int, at: int, steps: int, work_ms: float, host: str, wor
 def run_raw(size: int, repeat: int, work: Path, timeout: float, spawned: bool = False) -> dict:
     """Plain Send/Recv of ``size`` bytes between the 2 processes of one mpiexec, or
     (``spawned``) between a process and one it spawned, as in a migration."""
-    from ..launcher import build_command, mpi_env, mpi_flavour
+    from ..launch.launcher import build_command, mpi_env, mpi_flavour
     flavour = mpi_flavour()
     env = dict(os.environ)
     env.update(mpi_env(flavour))

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from ..errors import UsageError
-from ..protocol import STRATEGIES, check_strategy
+from ..migration.protocol import STRATEGIES, check_strategy
 from .checkpoint import fmt_size, parse_size
 from .migrate import APP, MOVING, RANKS, _median, job_records, others_wait, plan_steps, run_raw
 

@@ -73,7 +73,7 @@ def add_fault_options(p):
 def arm_migration_kill(own):
     """--kill-migrating: replace the state transfer's send or receive by a suicide."""
     if own.kill_migrating:
-        from mpimig import migration
+        from mpimig.migration import transport as migration
         name = "send_state" if own.kill_migrating == "source" else "recv_state"
 
         def dying(*a, **k):

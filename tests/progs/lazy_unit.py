@@ -1,4 +1,4 @@
-"""mpimig.lazy in one process (the old process is this process itself, over COMM_SELF):
+"""mpimig.migration.lazy in one process (the old process is this process itself, over COMM_SELF):
 which chunks each access waits for, what a wait that never ends does, and the
 communicator guard. Prints one JSON line; tests/test_strategies.py judges it."""
 import json
@@ -6,10 +6,10 @@ import json
 import numpy as np
 from mpi4py import MPI
 
-from mpimig import lazy
+from mpimig.migration import lazy
 from mpimig.comm import Comm
 from mpimig.errors import MigrationError
-from mpimig.protocol import TAG_PC_DATA, TAG_PC_DEMAND
+from mpimig.migration.protocol import TAG_PC_DATA, TAG_PC_DEMAND
 
 C = 4096
 comm = MPI.COMM_SELF

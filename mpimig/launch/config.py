@@ -9,7 +9,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
 
 RESTART_MODES = ("auto", "always", "never")
 
@@ -23,7 +23,7 @@ def parse_schedule(items) -> list[tuple[int, int, str]]:
             if len(bits) not in (3, 4) or not bits[0].isdigit() or not bits[1].isdigit() or not bits[2]:
                 raise UsageError(f"bad migration schedule entry {part!r}: expected STEP:RANK:HOST[:STRATEGY]")
             if len(bits) == 4:
-                from .protocol import check_strategy
+                from ..migration.protocol import check_strategy
                 err = check_strategy(bits[3])
                 if err:
                     raise UsageError(f"bad migration schedule entry {part!r}: {err}")

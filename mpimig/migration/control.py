@@ -15,7 +15,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .errors import MigrationError, UsageError
+from ..errors import MigrationError, UsageError
 
 CONTROL_FILE = "control.json"
 STATUS_FILE = "status.json"

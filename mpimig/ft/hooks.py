@@ -31,7 +31,7 @@ import os
 import signal
 import time
 
-from . import events
+from .. import events
 
 _faults: list[dict] = []
 _dir: str | None = None
@@ -72,7 +72,8 @@ def install(runtime_module) -> None:
         return
     _dir = os.environ.get("MPIMIG_INJECT_DIR") or "."
     _faults = json.loads(os.environ.get("MPIMIG_INJECT") or "[]")
-    from . import checkpoint, migration
+    from ..checkpoint import store as checkpoint
+    from ..migration import transport as migration
     Context = runtime_module.Context
     orig_point = Context.checkpoint_point
 

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
 
 MSG_KEYS = ("sent", "received", "lost", "duplicated", "out_of_order", "corrupted", "unexpected",
             "collective_errors")
@@ -35,7 +35,7 @@ BAD_KEYS = ("lost", "duplicated", "out_of_order", "corrupted", "unexpected", "co
 
 
 def default_program() -> Path:
-    return Path(__file__).resolve().parent.parent / "apps" / "storm.py"
+    return Path(__file__).resolve().parents[2] / "apps" / "storm.py"
 
 
 def this_host() -> str:
@@ -260,7 +260,7 @@ def cmd_storm(args) -> int:
     if args.n < 2:
         raise UsageError("-n must be at least 2 (a storm needs senders and receivers)")
     if args.strategy:
-        from .protocol import check_strategy
+        from ..migration.protocol import check_strategy
         err = check_strategy(args.strategy)
         if err:
             raise UsageError(f"--strategy: {err}")

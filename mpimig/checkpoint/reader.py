@@ -13,8 +13,8 @@ import re
 import sys
 from pathlib import Path
 
-from .checkpoint import MANIFEST, CheckpointStore, describe_file
-from .errors import NoCommittedEpoch, UsageError
+from .store import MANIFEST, CheckpointStore, describe_file
+from ..errors import NoCommittedEpoch, UsageError
 
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)(\.tmp)?$")
 

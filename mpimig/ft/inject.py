@@ -32,7 +32,7 @@ S --random K`` (K faults of ``--kinds``), and ``--seeds N``: N jobs, seeds
 Processes are found by the job's own records, never by name: the
 coordinator's ``status.json`` (logical rank -> pid, the coordinator's pid),
 the lab's namespaces for hosts; exact-place faults are fired inside the
-process (mpimig/inject_hook.py). The job always runs with a coordinator.
+process (mpimig/ft/hooks.py). The job always runs with a coordinator.
 
 ``{job}`` in the program's arguments becomes the job directory. With
 ``--verify serial`` (the default when the program has ``--out FILE``) the
@@ -57,9 +57,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import events
-from .errors import UsageError
-from .inject_hook import read_progress
+from .. import events
+from ..errors import UsageError
+from .hooks import read_progress
 
 KINDS = ("rank", "host", "coordinator", "ckpt-write", "migration-source", "migration-target")
 RANDOM_KINDS = ("rank", "ranks", "host", "coordinator", "ckpt-write")
@@ -219,7 +219,7 @@ def _kill(pid: int) -> bool:
 
 def _lab():
     try:
-        from . import lab
+        from .. import lab
         return lab.current()
     except Exception:  # noqa: BLE001 - no lab on this machine
         return None
@@ -299,7 +299,7 @@ def run_experiment(args, run_args: list[str], faults: list[dict], job_dir: Path,
             time.sleep(0.01)      # polling the job's files against the deadline
     finally:
         if proc.poll() is None:
-            from ._proc import kill_session
+            from .._proc import kill_session
             kill_session(proc.pid)
         proc.wait()
         out.close()
@@ -307,7 +307,7 @@ def run_experiment(args, run_args: list[str], faults: list[dict], job_dir: Path,
         lab = _lab()
         for h in killed_hosts:
             if lab is not None:
-                from .lab.hosts import revive
+                from ..lab.hosts import revive
                 try:
                     revive(lab, h)
                 except Exception as exc:  # noqa: BLE001 - report, do not hide the experiment
@@ -656,7 +656,7 @@ def _span(prog_args: list[str], given: int | None) -> int:
 
 
 def cmd_inject(args) -> int:
-    from .launcher import run_argv
+    from ..launch.launcher import run_argv
     actions = args._run_actions
     if args.seeds and args.kill:
         raise UsageError("--seeds draws random faults: do not combine it with --kill")
@@ -759,7 +759,7 @@ def cmd_inject(args) -> int:
 
 
 def register(sub) -> None:
-    from .launcher import add_run_arguments
+    from ..launch.launcher import add_run_arguments
     p = sub.add_parser(
         "inject", help="fault-injection experiment: run a job, kill parts of it, report recovery",
         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,

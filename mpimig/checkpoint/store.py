@@ -39,8 +39,8 @@ from collections.abc import Iterable, Mapping
 import h5py
 import numpy as np
 
-from ._version import __version__
-from .errors import CheckpointError, CorruptCheckpoint, NoCommittedEpoch, StateError
+from .._version import __version__
+from ..errors import CheckpointError, CorruptCheckpoint, NoCommittedEpoch, StateError
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from .comm import Comm
-from .errors import MigrationError
+from ..comm import Comm
+from ..errors import MigrationError
 from .protocol import TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND, TAG_RESIDUAL
 
 try:

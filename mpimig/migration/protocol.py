@@ -25,7 +25,7 @@ class Step(enum.Enum):
         return self.name.lower()
 
 
-# The migration strategies (the seed's algorithms; classes in mpimig/strategies.py,
+# The migration strategies (the seed's algorithms; classes in mpimig/migration/strategies.py,
 # REGISTRY). Named here, without MPI, so that the launcher can check a schedule.
 STRATEGIES = ("stop-and-copy", "pre-copy", "post-copy", "file-server")
 

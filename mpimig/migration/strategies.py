@@ -16,7 +16,7 @@ name to its class; :func:`get` refuses an unknown name and lists the known ones.
                     objects and held messages only; arrays arrive chunk by chunk,
                     on first access (demand) and pushed in the background. The
                     old process stays until every chunk arrived (residual
-                    dependency). See :mod:`mpimig.lazy`.
+                    dependency). See :mod:`mpimig.migration.lazy`.
 ``file-server``     the state goes to shared storage in the checkpoint format
                     (HDF5 epoch under JOB_DIR/migrations/); the old process
                     leaves at once, the target reads it.
@@ -41,10 +41,10 @@ import numpy as np
 from mpi4py import MPI
 from mpi4py.util import pkl5
 
-from . import migration
-from .errors import MigrationError, UsageError
+from . import transport as migration
+from ..errors import MigrationError, UsageError
 from .protocol import STRATEGIES, check_strategy, TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND, TAG_PRECOPY, TAG_PRECOPY_DATA, TAG_STATE
-from .state import dumps, loads
+from ..state import dumps, loads
 
 DEFAULT = "stop-and-copy"
 MAX_MSG = 256 << 20          # largest single chunk-run message (MPI counts are ints)
@@ -137,7 +137,7 @@ class FileServer(Strategy):
         return Path(base) / "migrations" / f"plan-{plan_id:05d}-rank-{rank:05d}"
 
     def send(self, ctx, Jc, dest, arrays, objects, extra, plan, move):
-        from .checkpoint import CheckpointStore
+        from ..checkpoint.store import CheckpointStore
         t0 = time.perf_counter()
         d = self.directory(ctx.config, plan.id, move.rank)
         store = CheckpointStore(d, job_id=ctx.config.run_id or "job", keep=1)
@@ -151,7 +151,7 @@ class FileServer(Strategy):
         pkl5.Intracomm(Jc).send({"path": str(d), "extra": extra}, dest, TAG_STATE)
 
     def receive(self, Jc, source, cfg, rx=None):
-        from .checkpoint import CheckpointStore
+        from ..checkpoint.store import CheckpointStore
         hdr = pkl5.Intracomm(Jc).recv(source=source, tag=TAG_STATE)
         t0 = time.perf_counter()
         store = CheckpointStore(hdr["path"], create=False)

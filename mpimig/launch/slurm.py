@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from collections.abc import Iterable, Mapping, Sequence
 
-from .errors import LaunchError
+from ..errors import LaunchError
 
 
 class SlurmError(LaunchError):
@@ -386,10 +386,10 @@ class SlurmJob:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m mpimig.slurm info|hosts K [--nodes M]`` for job scripts."""
+    """``python -m mpimig.launch.slurm info|hosts K [--nodes M]`` for job scripts."""
     import argparse
     import json
-    p = argparse.ArgumentParser(prog="python -m mpimig.slurm",
+    p = argparse.ArgumentParser(prog="python -m mpimig.launch.slurm",
                                 description="What mpimig sees of the Slurm job it runs in.")
     sub = p.add_subparsers(dest="what", required=True)
     sub.add_parser("info", help="job id, nodes, down and spare nodes, time left, restart count (JSON)")
@@ -409,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             nodes = job.usable_nodes()[:args.nodes]
             print(",".join(f"{n}:{args.k}" for n in nodes))
     except SlurmError as exc:
-        print(f"python -m mpimig.slurm: error: {exc}", file=sys.stderr)
+        print(f"python -m mpimig.launch.slurm: error: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -28,9 +28,9 @@ import time
 import uuid
 from pathlib import Path
 
-from . import events
+from .. import events
 from .config import RESTART_MODES, Config, parse_schedule
-from .errors import LaunchError, NoCommittedEpoch, UsageError
+from ..errors import LaunchError, NoCommittedEpoch, UsageError
 
 
 def find_mpiexec() -> str | None:
@@ -118,7 +118,7 @@ def host_names(spec: str | None) -> list[str]:
 
 def _lab():
     try:
-        from . import lab
+        from .. import lab
     except ImportError:
         return None
     return lab.current() if hasattr(lab, "current") else None
@@ -137,7 +137,7 @@ def prepare_job_dir(cfg: Config) -> None:
     assert cfg.job_dir is not None and cfg.ckpt_dir is not None
     cfg.job_dir.mkdir(parents=True, exist_ok=True)
     record = cfg.job_dir / "complete.json"
-    from .checkpoint import CheckpointStore
+    from ..checkpoint.store import CheckpointStore
     store = CheckpointStore(cfg.ckpt_dir, job_id=cfg.run_id, keep=cfg.keep)
     latest = store.latest() if cfg.ckpt_dir.exists() else None
     finished = record.exists()
@@ -456,7 +456,7 @@ def cmd_run(args) -> int:
         # Host loss: Open MPI loses the whole job (shared/PLATFORM.md); a killed rank
         # without --ft aborts it too. Relaunch on the hosts that still answer, from the
         # last committed epoch.
-        from .checkpoint import CheckpointStore
+        from ..checkpoint.store import CheckpointStore
         latest = CheckpointStore(cfg.ckpt_dir).latest() if cfg.ckpt_dir.exists() else None
         hosts, lost = surviving_hosts(hosts)
         if hosts == "":

@@ -3,10 +3,10 @@
 It holds the routing table (logical rank -> process, host, J rank, moves),
 takes requests from the operator (Unix socket), from ranks (self-migration)
 and from the schedule, and drives each migration through the eight steps of
-:class:`mpimig.protocol.Step`. ``mpimig run`` starts it as the first program of
+:class:`mpimig.migration.protocol.Step`. ``mpimig run`` starts it as the first program of
 world rank 0 of ``mpiexec -n N+1 python app.py``: ``mpimig.run`` in
 that process serves as the coordinator instead of calling ``main``. (An MPMD
-launch, ``-n 1 python -m mpimig.coordinator : -n N ...``, would be tidier, but
+launch, ``-n 1 python -m mpimig.migration.coordinator : -n N ...``, would be tidier, but
 with Open MPI 5.0 spawning onto another host then fails with "Error code: -1".)
 
 See docs/protocol.md.
@@ -25,8 +25,10 @@ from typing import Any
 
 from mpi4py import MPI
 
-from . import events, migration, recovery
-from .config import Config
+from .. import events
+from . import transport as migration
+from ..ft import recovery
+from ..launch.config import Config
 from .control import STATUS_FILE, ControlServer
 from .protocol import (TAG_ASSIGN, TAG_CANCEL, TAG_DONE, TAG_END, TAG_FINISHING, TAG_GO, TAG_HELLO, TAG_PLAN,
                        TAG_REPLY, TAG_REPORT, TAG_REQUEST, TAG_RESIDUAL, TAG_SPARE, TAG_WAKE, Move,
@@ -442,7 +444,7 @@ class Coordinator:
         epoch = None
         if self.cfg.ckpt_dir is not None and self.cfg.ckpt_dir.exists():
             try:
-                from .checkpoint import CheckpointStore
+                from ..checkpoint.store import CheckpointStore
                 epoch = CheckpointStore(self.cfg.ckpt_dir).latest()
             except Exception:   # noqa: BLE001 - status must not fail on a store problem
                 epoch = None
@@ -603,7 +605,7 @@ class Coordinator:
                     break
             self.server.close()
         if self.cfg.ft:
-            from .runtime import _finalize_watchdog
+            from ..runtime import _finalize_watchdog
             _finalize_watchdog()
         migration.free_all()
 

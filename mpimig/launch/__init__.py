@@ -1,0 +1,8 @@
+"""Starting jobs: ``mpimig run``, MPI flavours, the job configuration, Slurm.
+
+Owns building and supervising the ``mpiexec`` command (``launcher``), the
+``MPIMIG_*`` job configuration that launched processes read (``config``) and
+Slurm allocations, node lists and job scripts' helpers (``slurm``). May import
+:mod:`mpimig.checkpoint`, :mod:`mpimig.events`, :mod:`mpimig.errors`; never
+MPI itself (the launcher runs outside the job).
+"""
