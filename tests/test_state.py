@@ -7,8 +7,9 @@ import socket
 import numpy as np
 import pytest
 
+from mpimig.checkpoint.format import dumps, loads
 from mpimig.errors import StateError
-from mpimig.state import State, dumps, loads
+from mpimig.state import State
 
 
 def test_attribute_and_item_access():

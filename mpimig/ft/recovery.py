@@ -363,7 +363,7 @@ def _s_index(table: list[dict], me: dict) -> int:
 
 def _read_disk(ckpt_dir, epoch: int, rank: int) -> Copy:
     from ..checkpoint.store import CheckpointStore
-    from ..state import dumps
+    from ..checkpoint.format import dumps
     rs = CheckpointStore(ckpt_dir, create=False).read_rank(epoch, rank)
     return Copy(rank, epoch, rs.arrays, {k: dumps(k, v) for k, v in rs.objects.items()},
                 {"queue": [(m[0], m[1], m[3]) for m in rs.extra.get("queue", [])],

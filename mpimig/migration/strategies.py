@@ -44,7 +44,7 @@ from mpi4py.util import pkl5
 from . import transport as migration
 from ..errors import MigrationError, UsageError
 from .protocol import STRATEGIES, check_strategy, TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND, TAG_PRECOPY, TAG_PRECOPY_DATA, TAG_STATE
-from ..state import dumps, loads
+from ..checkpoint.format import dumps, loads
 
 DEFAULT = "stop-and-copy"
 MAX_MSG = 256 << 20          # largest single chunk-run message (MPI counts are ints)
