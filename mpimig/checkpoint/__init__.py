@@ -10,8 +10,9 @@ Owns the on-disk format (docs/checkpoint-format.md) in four modules:
 * :mod:`.reader` -- reading, verifying and describing what is on disk, and the
   ``mpimig inspect`` command.
 
-May import :mod:`mpimig.errors` and :mod:`mpimig._version` only: the
-checkpoint layer knows nothing of MPI processes, migrations or launches. The
+May import :mod:`mpimig.errors` and :mod:`mpimig._version` only (and
+numpy, h5py, dill; of mpi4py only the version strings, never ``mpi4py.MPI``):
+the checkpoint layer knows nothing of MPI processes, migrations or launches. The
 names below are loaded on first use, so that importing :mod:`.format` (the
 codec, on every migration path) does not import h5py.
 """

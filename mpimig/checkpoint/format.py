@@ -41,7 +41,7 @@ __all__ = [
     "NATIVE", "PICKLE", "DILL", "QUEUE", "BYTES", "PICKLE_PROTOCOL", "DILL_TAG",
     "crc32_of", "bytes_view", "encode_object", "decode_object", "dumps", "loads",
     "Item", "Prepared", "prepare", "decode_queue", "h5file",
-    "epoch_dir_name", "rank_file_name", "sidecar_name", "committed_epochs", "uncommitted_epochs",
+    "epoch_dir_name", "rank_file_name", "sidecar_name", "list_entries", "committed_epochs", "uncommitted_epochs",
     "no_epoch_error", "resolve_epoch",
 ]
 

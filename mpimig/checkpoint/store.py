@@ -56,7 +56,8 @@ class CheckpointStore:
             False, a missing directory is an error.
     """
 
-    def __init__(self, directory, job_id: str = "job", keep: int = 2, create: bool = True):
+    def __init__(self, directory: str | os.PathLike[str], job_id: str = "job", keep: int = 2,
+                 create: bool = True):
         if int(keep) < 1:
             raise ValueError(f"keep must be at least 1, not {keep!r}")
         self.directory = Path(directory)
