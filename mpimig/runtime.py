@@ -75,7 +75,7 @@ class Context:
         self._buddies: list[recovery.Copy] = []       # --ft: other ranks' states, in memory
         self._hosts: list[str] = []           # host of each logical rank (at the last checkpoint)
         if config.ckpt_dir is not None:
-            from .checkpoint.store import CheckpointStore
+            from .checkpoint import CheckpointStore
             self._store = CheckpointStore(config.ckpt_dir, job_id=config.run_id or "job",
                                           keep=config.keep)
 

@@ -807,3 +807,20 @@ def test_a_main_function_restores_in_another_program(tmp_path):
     assert rs.arrays["w"].view("<u8").tolist() == [0x7FF8000000000001, 0x8000000000000000]
     assert rs.objects["scale"](5) == 15
     assert loads("scale", (tmp_path / "msg.bin").read_bytes())(5) == 15
+
+
+def test_the_package_imports_nothing_of_mpi_migration_or_launch():
+    """mpimig/checkpoint/__init__.py: the layer may import errors and _version
+    only; and the codec (format), imported on every migration path, does not
+    pull in h5py."""
+    probe = textwrap.dedent("""
+        import sys
+        import mpimig.checkpoint.format
+        print("h5py" in sys.modules)
+        import mpimig.checkpoint.reader, mpimig.checkpoint.store, mpimig.checkpoint.writer
+        from mpimig.checkpoint import CheckpointStore
+        print(sorted(m for m in sys.modules if m == "mpi4py.MPI" or (m.startswith("mpimig.") and
+              m.split(".")[1] not in ("checkpoint", "errors", "_version"))))
+    """)
+    res = run_cmd([sys.executable, "-c", probe], timeout=60)
+    assert res.stdout.split("\n")[:2] == ["False", "[]"], res.stdout + res.stderr

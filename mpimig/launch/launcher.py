@@ -137,7 +137,7 @@ def prepare_job_dir(cfg: Config) -> None:
     assert cfg.job_dir is not None and cfg.ckpt_dir is not None
     cfg.job_dir.mkdir(parents=True, exist_ok=True)
     record = cfg.job_dir / "complete.json"
-    from ..checkpoint.store import CheckpointStore
+    from ..checkpoint import CheckpointStore
     store = CheckpointStore(cfg.ckpt_dir, job_id=cfg.run_id, keep=cfg.keep)
     latest = store.latest() if cfg.ckpt_dir.exists() else None
     finished = record.exists()
@@ -456,7 +456,7 @@ def cmd_run(args) -> int:
         # Host loss: Open MPI loses the whole job (shared/PLATFORM.md); a killed rank
         # without --ft aborts it too. Relaunch on the hosts that still answer, from the
         # last committed epoch.
-        from ..checkpoint.store import CheckpointStore
+        from ..checkpoint import CheckpointStore
         latest = CheckpointStore(cfg.ckpt_dir).latest() if cfg.ckpt_dir.exists() else None
         hosts, lost = surviving_hosts(hosts)
         if hosts == "":
