@@ -75,7 +75,7 @@ class Context:
         self._buddies: list[recovery.Copy] = []       # --ft: other ranks' states, in memory
         self._hosts: list[str] = []           # host of each logical rank (at the last checkpoint)
         if config.ckpt_dir is not None:
-            from .checkpoint.store import CheckpointStore
+            from .checkpoint import CheckpointStore
             self._store = CheckpointStore(config.ckpt_dir, job_id=config.run_id or "job",
                                           keep=config.keep)
 
@@ -311,7 +311,7 @@ class Context:
         """--ft: keep this epoch's state in my memory and in my buddy's (collective over A).
 
         Returns an error string for the vote ("" when all went well)."""
-        from .state import dumps
+        from .checkpoint.format import dumps
         mine, err = None, ""
         if extra is not None:
             try:
@@ -610,7 +610,7 @@ def _after_recovery(out, cfg: Config, ctx: Context | None = None) -> Context | N
         serve_recovered(out, cfg)
     if out.kind != "rank":
         raise MigrationError(f"recovery gave this process the role {out.kind!r} outside a spare's loop")
-    from .state import loads
+    from .checkpoint.format import loads
     if ctx is None:
         ctx = Context(_comm(cfg, out.A), cfg)
     else:

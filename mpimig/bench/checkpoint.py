@@ -30,7 +30,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..checkpoint.store import CheckpointStore
+from ..checkpoint import CheckpointStore
 from ..errors import UsageError
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

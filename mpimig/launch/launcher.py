@@ -126,7 +126,7 @@ def _latest_epoch(ckpt_dir: Path) -> int | None:
     """The latest committed epoch in ``ckpt_dir`` (None if there is none or no directory)."""
     # imported here: the checkpoint store brings h5py (slow to import), which only
     # a run that prepares or resumes a job directory needs
-    from ..checkpoint.store import CheckpointStore
+    from ..checkpoint import CheckpointStore
     return CheckpointStore(ckpt_dir).latest() if ckpt_dir.exists() else None
 
 

@@ -44,7 +44,7 @@ from mpi4py.util import pkl5
 from . import transport as migration
 from ..errors import MigrationError, UsageError
 from .protocol import STRATEGIES, check_strategy, TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND, TAG_PRECOPY, TAG_PRECOPY_DATA, TAG_STATE
-from ..state import dumps, loads
+from ..checkpoint.format import dumps, loads
 
 DEFAULT = "stop-and-copy"
 MAX_MSG = 256 << 20          # largest single chunk-run message (MPI counts are ints)
@@ -137,7 +137,7 @@ class FileServer(Strategy):
         return Path(base) / "migrations" / f"plan-{plan_id:05d}-rank-{rank:05d}"
 
     def send(self, ctx, Jc, dest, arrays, objects, extra, plan, move):
-        from ..checkpoint.store import CheckpointStore
+        from ..checkpoint import CheckpointStore
         t0 = time.perf_counter()
         d = self.directory(ctx.config, plan.id, move.rank)
         store = CheckpointStore(d, job_id=ctx.config.run_id or "job", keep=1)
@@ -151,7 +151,7 @@ class FileServer(Strategy):
         pkl5.Intracomm(Jc).send({"path": str(d), "extra": extra}, dest, TAG_STATE)
 
     def receive(self, Jc, source, cfg, rx=None):
-        from ..checkpoint.store import CheckpointStore
+        from ..checkpoint import CheckpointStore
         hdr = pkl5.Intracomm(Jc).recv(source=source, tag=TAG_STATE)
         t0 = time.perf_counter()
         store = CheckpointStore(hdr["path"], create=False)

@@ -19,7 +19,7 @@ from mpi4py import MPI
 from mpi4py.util import pkl5
 
 from .protocol import TAG_JOIN, TAG_STATE, Plan
-from ..state import dumps, loads
+from ..checkpoint.format import dumps, loads
 
 
 _comms: list[MPI.Comm] = []
