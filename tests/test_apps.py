@@ -107,3 +107,49 @@ def test_ring_plain_mpiexec(ranks, tmp_path):
     got = json.loads(out.read_text())
     assert got == {"token_total": laps * ranks * (ranks - 1) // 2, "received": laps, "laps": laps,
                    "size": ranks}
+
+
+# The installed copies (mpimig.apps): what `mpimig demo` and `mpimig bench recovery` run
+# without a source checkout. Same command line and output, the same bits.
+
+def test_installed_heat2d_serial_equals_the_script(heat_reference, tmp_path):
+    out = tmp_path / "mod.npy"
+    res = run_cmd([sys.executable, "-m", "mpimig.apps.heat2d", "--serial", "--n", N, "--steps", STEPS,
+                   "--out", out], timeout=60, env=job_env(), cwd=tmp_path)
+    assert out.exists(), res.stderr
+    assert same_bits(np.load(out), heat_reference)
+    assert f"heat2d serial n={N} steps={STEPS} checksum={float(heat_reference.sum())!r}" in res.stdout
+
+
+def test_installed_heat2d_under_plain_mpiexec(heat_reference, tmp_path):
+    out = tmp_path / "par.npy"
+    res = run_cmd([MPIEXEC, "--oversubscribe", "-n", 3, sys.executable, "-m", "mpimig.apps.heat2d",
+                   "--n", N, "--steps", STEPS, "--out", out], timeout=120, env=job_env(), cwd=tmp_path)
+    assert out.exists(), f"no result file\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+    assert same_bits(np.load(out), heat_reference), "python -m mpimig.apps.heat2d differs from --serial"
+    assert f"heat2d n={N} steps={STEPS} checksum={float(heat_reference.sum())!r}" in res.stdout
+
+
+def test_installed_heat2d_file_under_mpimig_run(heat_reference, tmp_path):
+    """`mpimig run` takes the installed module's file, as `mpimig demo` gives it."""
+    import mpimig.apps.heat2d as mod
+    job = tmp_path / "job"
+    out = tmp_path / "par.npy"
+    res = run_cmd(mpimig_cmd("run", "-n", 2, "--ckpt-every", 7, "--job-dir", job, mod.__file__,
+                             "--n", N, "--steps", STEPS, "--out", out),
+                  timeout=120, env=job_env(), cwd=tmp_path)
+    assert out.exists() and (job / "complete.json").exists(), f"{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+    assert same_bits(np.load(out), heat_reference)
+    rec = json.loads((job / "complete.json").read_text())
+    assert rec["status"] == "ok" and rec["epoch"] == STEPS // 7
+
+
+def test_installed_ring_under_plain_mpiexec(tmp_path):
+    laps, ranks = 7, 3
+    out = tmp_path / "ring.json"
+    res = run_cmd([MPIEXEC, "--oversubscribe", "-n", ranks, sys.executable, "-m", "mpimig.apps.ring",
+                   "--laps", laps, "--out", out], timeout=120, env=job_env(), cwd=tmp_path)
+    assert out.exists(), f"no result file\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+    assert json.loads(out.read_text()) == {"token_total": laps * ranks * (ranks - 1) // 2, "received": laps,
+                                           "laps": laps, "size": ranks}
+    assert "OK" in res.stdout and "WRONG" not in res.stdout
