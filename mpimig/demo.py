@@ -10,25 +10,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import apps
 from ._proc import kill_session
-from .errors import LaunchError
-
-APP = Path(__file__).resolve().parent.parent / "apps" / "heat2d.py"
 
 
 def _say(msg: str) -> None:
     print(f"demo: {msg}", flush=True)
 
 
-def _app() -> Path:
-    if APP.exists():
-        return APP
-    raise LaunchError(f"the demo needs apps/heat2d.py from the mpimig source tree (looked in {APP})")
-
-
 def cmd_demo(args) -> int:
     import numpy as np
-    app = _app()
+    app = apps.path("heat2d")       # the installed program: no source tree needed
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="mpimig-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     job = work / "job"
@@ -57,7 +49,8 @@ def cmd_demo(args) -> int:
     if len(epochs) < 2:
         kill_session(proc.pid)
         proc.wait()
-        _say(f"FAILED: the job did not commit 2 epochs (stderr: {proc.stderr.read()[-2000:]})")
+        err = proc.stderr.read() if proc.stderr else ""
+        _say(f"FAILED: the job did not commit 2 epochs (stderr: {err[-2000:]})")
         return 1
     kill_session(proc.pid)      # the launcher, mpiexec and every rank
     proc.wait()
@@ -68,7 +61,7 @@ def cmd_demo(args) -> int:
     i = run.index(str(app))
     again = run[:i] + ["--migrate", f"{(store.latest() or 0) * 10 + 30}:1:{host}"] + run[i:]
     res = subprocess.run(again, capture_output=True, text=True, timeout=600)
-    sys.stderr.write("".join(l + "\n" for l in res.stderr.splitlines() if l.startswith("mpimig:")))
+    sys.stderr.write("".join(line + "\n" for line in res.stderr.splitlines() if line.startswith("mpimig:")))
     import json
     try:
         rec = json.loads((job / "complete.json").read_text())

@@ -10,3 +10,16 @@ mpimig changes (marked ``# mpimig``) and takes the rest from here.
 May import: numpy, mpi4py (inside functions: ``--serial`` runs without MPI)
 and ``mpimig`` (its public API, when run).
 """
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+
+def path(name: str) -> Path:
+    """The installed file of example program ``name`` (``heat2d``, ``ring``), without importing it:
+    what a command passes to ``mpimig run``, which takes a program as a ``.py`` file."""
+    spec = importlib.util.find_spec(f"{__name__}.{name}")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"no example program {__name__}.{name}", name=f"{__name__}.{name}")
+    return Path(spec.origin)

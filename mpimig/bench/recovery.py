@@ -1,7 +1,7 @@
 """``mpimig bench recovery``: time from a killed rank to resumed computation,
 online recovery (``--ft``, Open MPI ULFM) against relaunch + restore.
 
-The same heat2d job (apps/heat2d.py, 4 ranks, a checkpoint every
+The same heat2d job (mpimig.apps.heat2d, 4 ranks, a checkpoint every
 ``--ckpt-every`` points) runs ``--repeat`` times in each mode, the modes
 alternating in one run; each time rank 1 is killed (SIGKILL, inside the
 process, right after point ``--kill-point``; ``mpimig inject``). The online
@@ -30,7 +30,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-APP = Path(__file__).resolve().parents[2] / "apps" / "heat2d.py"
+from .. import apps
 
 
 def _median(xs: list[float]) -> float | None:
@@ -49,11 +49,12 @@ def run_one(mode: str, i: int, args, root: Path) -> dict:
                 "--restart", "never", "--timeout", str(args.timeout), "--job-dir", str(job)]
     if mode in ("online", "disk"):
         run_args += ["--ft", "--spares", str(args.spares)]
-    run_args += [str(APP), *prog_args]
+    app = str(apps.path("heat2d"))     # the installed program: no source tree needed
+    run_args += [app, *prog_args]
     ns = argparse.Namespace(experiment_timeout=2 * args.timeout + 60, verify="serial",
                             reference_dir=str(root))
     fault = parse_fault(f"{'ranks:1+2' if mode == 'disk' else 'rank:1'}@point:{args.kill_point}", 1)
-    rep = run_experiment(ns, run_args, [fault], job, job / "inject", str(APP), prog_args, quiet=True)
+    rep = run_experiment(ns, run_args, [fault], job, job / "inject", app, prog_args, quiet=True)
     f = rep["faults"][0]
     return {"mode": mode, "i": i, "path": f.get("path"), "resume_s": f.get("resume_s"),
             "detect_s": f.get("detect_s"), "recover_s": f.get("recover_s"), "restore": f.get("restore"),
