@@ -38,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .._plots import import_pyplot
 from ..errors import UsageError
 from ..migration.protocol import STRATEGIES, check_strategy
 from .checkpoint import fmt_size, parse_size
@@ -46,6 +47,7 @@ from .migrate import APP, MOVING, RANKS, _median, job_records, others_wait, plan
 GOAL_SC = 1.5          # stop-and-copy downtime / (bytes / Send bandwidth)
 GOAL_PRE = 0.1         # pre-copy downtime / stop-and-copy downtime, >= 1 GiB, <= 2% dirty
 GOAL_POST_S = 0.050    # post-copy downtime, every size
+PLOT_NEEDS = "mpimig bench migrate --strategies (it draws its results)"
 
 
 def parse_strategies(text: str) -> list[str]:
@@ -244,9 +246,7 @@ def format_table(results: dict) -> list[str]:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = import_pyplot(PLOT_NEEDS)
     rows = [r for r in results["rows"] if r.get("state") == "done"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
     panels = (("downtime", "downtime (freeze), ms", 1e3), ("bytes_moved", "bytes moved, MiB", 1 / (1 << 20)),
@@ -350,6 +350,7 @@ def _combine(runs: list[dict]) -> dict:
 
 
 def main(args) -> int:
+    import_pyplot(PLOT_NEEDS)      # before the jobs, not after an hour of them
     res = run(args)
     print("")
     for line in format_table(res):
