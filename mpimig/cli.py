@@ -2,6 +2,7 @@
 
 Each subcommand lives in the module that does its job; that module has a
 ``register(subparsers)`` function that adds its parser and sets ``func``.
+A listed module that cannot be imported makes the command line fail, naming it.
 """
 from __future__ import annotations
 
@@ -36,14 +37,30 @@ def build_parser() -> argparse.ArgumentParser:
                         help="more log output (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # module not written yet
-                continue
-            raise
-        mod.register(sub)
+        register_commands(sub, name)
     return parser
+
+
+class CommandModuleError(ImportError):
+    """A module listed in :data:`COMMAND_MODULES` cannot be imported: the command line is broken,
+    and says which module broke it (its commands are never left out silently)."""
+
+
+def register_commands(sub, name: str) -> None:
+    """Import command module ``name`` and let it add its subcommands to ``sub``.
+
+    Optional dependencies (matplotlib, h5py) are imported by the commands when they run,
+    so an import error here is a broken installation or a bug, never a reason to skip.
+
+    Raises:
+        CommandModuleError: the module (or something it imports) cannot be imported.
+    """
+    try:
+        mod = importlib.import_module(name)
+    except ImportError as exc:
+        raise CommandModuleError(f"mpimig: command module {name} cannot be imported: "
+                                 f"{type(exc).__name__}: {exc}", name=name) from exc
+    mod.register(sub)
 
 
 def main(argv=None) -> int:

@@ -170,3 +170,39 @@ def test_dry_run_changes_nothing_on_disk(in_tmp, capsys, restart):
     after = sorted(p.relative_to(job) for p in job.rglob("*"))
     assert after == before, f"--dry-run --restart {restart} changed the job directory:\n{err}"
     assert CheckpointStore(job / "ckpt").committed_epochs() == [1, 2]
+
+
+# A command module that cannot be imported must break the command line loudly,
+# naming the module: never make its commands disappear from --help.
+
+@pytest.mark.parametrize("bad", ["mpimig.no_such_command_module", "cmd_needs_a_missing_dependency"])
+def test_a_broken_command_module_fails_help_and_names_it(bad, tmp_path, monkeypatch, capsys):
+    import mpimig.cli as cli
+    (tmp_path / "cmd_needs_a_missing_dependency.py").write_text(
+        "import no_such_dependency_xyz  # noqa: F401\n\ndef register(sub):\n    sub.add_parser('broken')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, bad])
+    with pytest.raises(ImportError) as info:
+        main(["--help"])
+    assert f"command module {bad} cannot be imported" in str(info.value)
+    assert info.value.name == bad
+    assert "usage: mpimig" not in capsys.readouterr().out      # no help that quietly lacks a command
+
+
+def test_a_broken_command_module_fails_the_real_command(tmp_path):
+    """The console script exits non-zero with the module's name (a traceback is fine: it is a bug)."""
+    code = ("import sys, mpimig.cli as c; c.COMMAND_MODULES.append('mpimig.no_such_command_module'); "
+            "sys.exit(c.main(['--help']))")
+    res = run_cmd([sys.executable, "-c", code], timeout=60, env=cli_env(), cwd=tmp_path)
+    assert res.returncode != 0
+    assert "mpimig.no_such_command_module" in res.stderr and "usage: mpimig" not in res.stdout
+
+
+def test_every_listed_command_module_registers_a_command():
+    """Each module of COMMAND_MODULES adds at least one command (none is a leftover that adds nothing)."""
+    import mpimig.cli as cli
+    for name in cli.COMMAND_MODULES:
+        parser = argparse.ArgumentParser()
+        sub = parser.add_subparsers()
+        cli.register_commands(sub, name)
+        assert sub.choices, f"{name} registered no command"

@@ -2,8 +2,8 @@
 
 Each benchmark is a submodule listed in :data:`BENCH_MODULES` with a
 ``register(bench_subparsers)`` function that adds its parser and sets ``func``
-(returning the exit code). A module that does not exist yet is skipped, so a
-new benchmark only has to be written and listed here.
+(returning the exit code). A module listed here that cannot be imported makes
+the command line fail, naming it: a benchmark never disappears silently.
 """
 from __future__ import annotations
 
@@ -26,12 +26,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "thing, in the same run.")
     bench_sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     for name in BENCH_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # benchmark not written yet
-                continue
-            raise
+        mod = importlib.import_module(name)     # a broken benchmark module breaks the command line loudly
         mod.register(bench_sub)
 
     def no_benchmark(args) -> int:
