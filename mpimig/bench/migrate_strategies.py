@@ -42,7 +42,7 @@ from .._plots import import_pyplot
 from ..errors import UsageError
 from ..migration.protocol import STRATEGIES, check_strategy
 from .checkpoint import fmt_size, parse_size
-from .migrate import APP, MOVING, RANKS, _median, job_records, others_wait, plan_steps, run_raw
+from ._common import APP, MOVING, RANKS, job_records, median, others_wait, plan_steps, run_raw
 
 GOAL_SC = 1.5          # stop-and-copy downtime / (bytes / Send bandwidth)
 GOAL_PRE = 0.1         # pre-copy downtime / stop-and-copy downtime, >= 1 GiB, <= 2% dirty
@@ -343,7 +343,7 @@ def _combine(runs: list[dict]) -> dict:
     row = dict(done[0])
     for key in ("downtime", "total", "bytes_moved", "residual", "source_free", "slowdown", "stall_max",
                 "others_wait_max"):
-        row[key] = _median([r.get(key) for r in done])
+        row[key] = median([r.get(key) for r in done])
     row["done"], row["of"] = len(done), len(runs)
     row["runs"] = runs
     return row
