@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import atexit
 import fcntl
+import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +38,8 @@ from mpimig.lab import hosts as mhosts, slurm_cluster
 LAB_HOSTS = 3
 VENV_BIN = Path(sys.executable).parent
 MPIEXEC = VENV_BIN / "mpiexec"          # the Open MPI wheel's, next to this python
+# Machine-wide on purpose: the lab (network namespaces, /etc/hosts) is one per machine,
+# so every test session on the machine, from any checkout, takes turns through this lock.
 SESSION_LOCK = Path("/run/mpimig-lab.tests.lock")
 
 
@@ -140,30 +144,74 @@ def no_lab(lab_session):
     return lab_session
 
 
-@pytest.fixture(scope="session")
-def mpich_bin(tmp_path_factory) -> Path:
-    """bin/ of a virtual environment with the MPICH wheel, mpi4py and this mpimig.
+def mpich_venv_dir(src: Path = ROOT, base: Path | None = None) -> Path:
+    """Where the MPICH venv of checkout ``src`` is kept: ``MPIMIG_MPICH_VENV`` if set, else one
+    per checkout in the temporary directory (``base``), named after a hash of the checkout's path.
 
-    ``MPIMIG_MPICH_VENV`` or /tmp/venv-mpich if it has them; otherwise one is
-    made with pip (about 20 s). Skips with pip's message if that fails.
+    Two clones on one machine never share one: a venv's editable install points into the
+    checkout that made it, which may be gone (CI clones afresh and deletes the clone).
     """
-    root = Path(os.environ.get("MPIMIG_MPICH_VENV", "/tmp/venv-mpich"))
+    given = os.environ.get("MPIMIG_MPICH_VENV")
+    if given:
+        return Path(given)
+    key = hashlib.sha256(str(Path(src).resolve()).encode()).hexdigest()[:16]
+    return Path(base or tempfile.gettempdir()) / f"mpimig-venv-mpich-{key}"
+
+
+# The dependencies import, and mpimig comes from the checkout given as argv[1].
+_HAS_CHECKOUT = ("import pathlib, sys; import mpi4py, numpy, h5py, dill, mpimig; "
+                 "here = pathlib.Path(mpimig.__file__).resolve().parent; "
+                 "want = pathlib.Path(sys.argv[1]).resolve() / 'mpimig'; "
+                 "print(here); sys.exit(0 if here == want else 1)")
+
+
+def venv_has_checkout(python: Path, src: Path) -> bool:
+    """Whether ``python`` has the dependencies and imports mpimig from checkout ``src``.
+
+    Run from ``/`` without PYTHONPATH: ``python -c`` puts its working directory first on
+    sys.path, so run from a checkout it would import that checkout's mpimig whatever the
+    venv has installed (how a stale venv passed this check before).
+    """
+    if not Path(python).exists():
+        return False
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([str(python), "-c", _HAS_CHECKOUT, str(src)], capture_output=True, cwd="/", env=env,
+                         timeout=60)
+    return res.returncode == 0
+
+
+def mpich_venv_ready(root: Path, src: Path) -> bool:
+    """The venv at ``root`` has MPICH's mpiexec and imports mpimig from checkout ``src``."""
+    return (root / "bin" / "mpiexec").exists() and venv_has_checkout(root / "bin" / "python", src)
+
+
+def make_mpich_venv(root: Path, src: Path) -> str:
+    """A venv at ``root`` with the MPICH wheel, mpi4py, the dependencies and checkout ``src``
+    (editable); pip's error output, "" when it worked."""
     py = root / "bin" / "python"
-    src = Path(__file__).resolve().parent.parent
-    check = ("import mpi4py, numpy, h5py, dill, mpimig, sys; "
-             f"sys.exit(0 if mpimig.__file__.startswith({str(src)!r}) else 1)")
-    ok = lambda: py.exists() and (root / "bin" / "mpiexec").exists() and subprocess.run(  # noqa: E731
-        [py, "-c", check], capture_output=True, timeout=60).returncode == 0
-    if not ok():
-        res = subprocess.run([sys.executable, "-m", "venv", root], capture_output=True, text=True, timeout=120)
-        if res.returncode == 0:
-            res = subprocess.run([py, "-m", "pip", "install", "-q", "mpi4py", "mpich", "numpy", "h5py", "dill"],
-                                 capture_output=True, text=True, timeout=600)
-        if res.returncode == 0:
-            res = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "-e", str(src)],
-                                 capture_output=True, text=True, timeout=600)
-        if res.returncode != 0 or not ok():
-            pytest.skip(f"no MPICH environment at {root} and pip could not make one: {res.stderr[-500:]}")
+    steps = [[sys.executable, "-m", "venv", root],
+             [py, "-m", "pip", "install", "-q", "mpi4py", "mpich", "numpy", "h5py", "dill"],
+             [py, "-m", "pip", "install", "-q", "--no-deps", "-e", src]]
+    for cmd in steps:
+        res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600)
+        if res.returncode != 0:
+            return res.stderr[-500:] or f"exit {res.returncode}"
+    return ""
+
+
+@pytest.fixture(scope="session")
+def mpich_bin() -> Path:
+    """bin/ of a virtual environment with the MPICH wheel, mpi4py and this checkout's mpimig.
+
+    Kept between sessions per checkout (:func:`mpich_venv_dir`) and used only while it still
+    imports mpimig from this checkout; otherwise made (again) with pip (about 20 s). Skips
+    with pip's message if that fails.
+    """
+    root = mpich_venv_dir(ROOT)
+    if not mpich_venv_ready(root, ROOT):
+        problem = make_mpich_venv(root, ROOT)
+        if problem or not mpich_venv_ready(root, ROOT):
+            pytest.skip(f"no MPICH environment at {root} and pip could not make one: {problem}")
     return root / "bin"
 
 
@@ -186,10 +234,10 @@ def lab_footprint() -> dict:
                 "bash"):
             daemons.append(f"{pid} {cmdline[:120]}")
     return {
-        "netns": [l.split()[0] for l in netns.splitlines() if l.startswith(mhosts.NS_PREFIX)],
-        "links": [l.split(":")[1].strip() for l in links.splitlines()
-                  if mhosts.BRIDGE in l or mhosts.VETH_PREFIX in l],
-        "hosts_lines": [l for l in Path("/etc/hosts").read_text().splitlines() if mhosts.HOSTS_MARK in l],
+        "netns": [ln.split()[0] for ln in netns.splitlines() if ln.startswith(mhosts.NS_PREFIX)],
+        "links": [ln.split(":")[1].strip() for ln in links.splitlines()
+                  if mhosts.BRIDGE in ln or mhosts.VETH_PREFIX in ln],
+        "hosts_lines": [ln for ln in Path("/etc/hosts").read_text().splitlines() if mhosts.HOSTS_MARK in ln],
         "daemons": daemons,
         "state_dir": mhosts.state_dir().exists(),
         "slurm_conf_link": slurm_cluster.ETC_CONF.is_symlink()

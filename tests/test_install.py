@@ -4,6 +4,10 @@ A non-editable install into a fresh virtual environment runs ``mpimig demo``
 from an empty directory: the programs the commands run are part of the
 package. matplotlib is an optional extra (``plots``): without it the package
 and every command's help work, and a command that draws says how to install it.
+
+The suite's own setup keeps no machine-wide state (item 7): the MPICH venv
+that the lab tests use is kept per checkout, and its freshness check cannot be
+fooled by the directory it runs in.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import json
 import shutil
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +24,16 @@ from conftest import ROOT, base_env, run_cmd
 
 # what a source distribution of mpimig is made of (tests/, apps/, docs/ are not installed)
 SOURCES = ["setup.cfg", "pyproject.toml", "README.md", "mpimig"]
+
+
+def clone(dst: Path) -> None:
+    """A copy of this checkout's sources at ``dst`` (pip writes build files into what it installs)."""
+    dst.mkdir(parents=True)
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, dst / name)
 
 
 def fresh_venv(where: Path) -> Path:
@@ -40,12 +55,7 @@ def installed(tmp_path_factory) -> Path:
     """bin/ of a fresh venv with mpimig installed from a copy of this checkout, NOT editable."""
     base = tmp_path_factory.mktemp("install")
     src = base / "src"
-    src.mkdir()
-    for name in SOURCES:
-        if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(ROOT / name, src / name)
+    clone(src)
     py = fresh_venv(base / "venv")
     # --no-deps: the dependencies are this environment's (above); the build backend comes from
     # the pip cache or the package index, as for any pip install
@@ -114,3 +124,38 @@ def test_import_pyplot_gives_the_agg_backend():
     plt = import_pyplot("a test")
     import matplotlib
     assert matplotlib.get_backend().lower() == "agg" and hasattr(plt, "subplots")
+
+
+# --- the suite's setup from two clones on one machine (issue 10, item 7) ---
+
+def test_two_clones_do_not_share_the_mpich_venv(tmp_path, monkeypatch):
+    """CI clones afresh each run. The first clone's session leaves an MPICH venv with an
+    editable install of that clone; the second clone's session must not take it for its own,
+    even though it runs from its own checkout, and after the first clone is deleted."""
+    import lab_fixtures as lf
+    monkeypatch.delenv("MPIMIG_MPICH_VENV", raising=False)
+    first, second = tmp_path / "ci-1" / "mpimig", tmp_path / "ci-2" / "mpimig"
+    clone(first)
+    clone(second)
+    v1, v2 = lf.mpich_venv_dir(first, tmp_path), lf.mpich_venv_dir(second, tmp_path)
+    assert v1 != v2 and v1 == lf.mpich_venv_dir(first, tmp_path)       # per checkout, reused by it
+    default = lf.mpich_venv_dir(first)
+    assert default.parent == Path(tempfile.gettempdir()) and default != lf.mpich_venv_dir(second)
+
+    # the first session: a venv with the dependencies and the first clone, editable
+    py = fresh_venv(v1)
+    run_cmd([py, "-m", "pip", "install", "-q", "--no-deps", "-e", first], timeout=600, cwd=tmp_path, check_rc=0)
+    assert lf.venv_has_checkout(py, first)
+
+    # the second session runs from its own checkout: there `python -c` imports the second
+    # clone's mpimig from the working directory (what fooled the old check) ...
+    res = run_cmd([py, "-c", "import mpimig; print(mpimig.__file__)"], timeout=60, cwd=second, check_rc=0)
+    assert Path(res.stdout.strip()).is_relative_to(second)
+    # ... but the check runs from "/" and sees the first clone's install
+    monkeypatch.chdir(second)
+    assert not lf.venv_has_checkout(py, second)
+    assert not lf.mpich_venv_ready(v2, second)          # so it makes its own, at its own path
+
+    # the first clone is deleted, as CI does: its venv now fails the check for it too
+    shutil.rmtree(first.parent)
+    assert not lf.venv_has_checkout(py, first)
