@@ -67,10 +67,12 @@ def _run_cmd(cmd, timeout=120, env=None, cwd=None, check_rc=None) -> subprocess.
     except subprocess.TimeoutExpired:
         kill_session(proc.pid)
         out, err = proc.communicate()
-        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n--- stdout\n{out[-4000:]}\n--- stderr\n{err[-4000:]}")
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n--- stdout\n{out[-4000:]}\n"
+                    f"--- stderr\n{err[-4000:]}")
     res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if check_rc is not None and res.returncode != check_rc:
-        pytest.fail(f"exit {res.returncode} (wanted {check_rc}): {' '.join(cmd)}\n--- stdout\n{out[-4000:]}\n--- stderr\n{err[-4000:]}")
+        pytest.fail(f"exit {res.returncode} (wanted {check_rc}): {' '.join(cmd)}\n--- stdout\n{out[-4000:]}\n"
+                    f"--- stderr\n{err[-4000:]}")
     return res
 
 

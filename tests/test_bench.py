@@ -90,7 +90,8 @@ def test_comm_goals_and_table():
         {"op": "Send/Recv", "kind": "bandwidth", "bytes": 16 << 20, "raw": 4e-3, "mpimig": 4e-3,
          "raw_gbps": 4.0, "mpimig_gbps": 4.0, "time_ratio": 1.0 / 0.94, "time_ratio_q1": 1.0,
          "time_ratio_q3": 1.25}],
-        "calls": {k: {"raw_ns": 100.0, "mpimig_ns": 300.0, "extra_ns": 200.0} for k in ("Send", "Recv", "send", "recv")}}
+        "calls": {k: {"raw_ns": 100.0, "mpimig_ns": 300.0, "extra_ns": 200.0}
+                  for k in ("Send", "Recv", "send", "recv")}}
     bcomm.summarise(res)
     assert [r["met"] for r in res["rows"]] == [False, True, True, False]
     assert res["goals"]["latency"]["met"] is False and res["goals"]["bandwidth"]["met"] is False

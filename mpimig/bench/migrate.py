@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from ..errors import UsageError
 from . import migrate_strategies
@@ -60,13 +61,13 @@ def run_migration(size: int, at: int, steps: int, work_ms: float, host: str, wor
         return {"state": f"failed: mpimig run did not return in {timeout + 60:.0f} s",
                 "log": str(exc.stderr or "")[-3000:], "at_point": at, "steps": steps}
     wall = time.monotonic() - t0
-    rec = {"wall_s": wall, "rc": proc.returncode, "at_point": at, "steps": steps}
+    rec: dict[str, Any] = {"wall_s": wall, "rc": proc.returncode, "at_point": at, "steps": steps}
     records = job_records(job, proc, rec)
     if records is None:
         return rec
     status, complete = records
     migs = status.get("migrations") or []
-    m = migs[0] if migs else {"state": "missing", "timings": {}, "stalls": {}}
+    m: dict[str, Any] = migs[0] if migs else {"state": "missing", "timings": {}, "stalls": {}}
     t = m.get("timings", {})
     rec["state"] = m.get("state", "?")
     for k in ("spawn", "switch", "downtime", "transfer", "restore", "bytes"):
@@ -91,8 +92,8 @@ def run_migration(size: int, at: int, steps: int, work_ms: float, host: str, wor
 
 def summarise(size: int, runs: list, raws: list, spawned: list) -> dict:
     done = [r for r in runs if r.get("state") == "done"]
-    row = {"size": size, "runs": runs, "raw": raws, "raw_spawned": spawned, "done": len(done), "of": len(runs),
-           "states": sorted({r.get("state", "?") for r in runs})}
+    row: dict[str, Any] = {"size": size, "runs": runs, "raw": raws, "raw_spawned": spawned, "done": len(done),
+                           "of": len(runs), "states": sorted({r.get("state", "?") for r in runs})}
     for k in ("downtime", "spawn", "switch", "transfer", "restore", "bytes", "transfer_gbps",
               "stall_max", "stall_median", "others_wait_max", "others_wait_median", "mover_step_excess"):
         row[k] = median([r.get(k) for r in done])

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from .._plots import import_pyplot
 from ..errors import UsageError
@@ -107,7 +108,7 @@ def run_one(strategy: str, size: int, dirty: float, at: int, steps: int, args, h
         cmd += ["--spares", "1"]
     cmd += [str(APP), "--bytes", str(size), "--steps", str(steps), "--work-ms", str(args.work_ms),
             "--dirty", repr(dirty), "--big-rank", str(MOVING)]
-    rec = {"strategy": strategy, "size": size, "dirty": dirty, "at_point": at, "steps": steps}
+    rec: dict[str, Any] = {"strategy": strategy, "size": size, "dirty": dirty, "at_point": at, "steps": steps}
     env = dict(os.environ)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout + 60, env=env)
@@ -120,7 +121,7 @@ def run_one(strategy: str, size: int, dirty: float, at: int, steps: int, args, h
         return rec
     status, complete = records
     migs = status.get("migrations") or []
-    m = migs[0] if migs else {"state": "missing", "timings": {}, "strategy_stats": {}}
+    m: dict[str, Any] = migs[0] if migs else {"state": "missing", "timings": {}, "strategy_stats": {}}
     t, s = m.get("timings", {}), m.get("strategy_stats", {}) or {}
     rec["state"] = m.get("state", "?")
     rec["downtime"] = t.get("downtime")
@@ -165,7 +166,7 @@ def run_one(strategy: str, size: int, dirty: float, at: int, steps: int, args, h
 def evaluate(results: dict) -> dict:
     rows = results["rows"]
     raws = {r["bytes"]: r for r in results["raw"]}
-    goals = {"stop_and_copy": [], "pre_copy": [], "post_copy": []}
+    goals: dict[str, list[dict]] = {"stop_and_copy": [], "pre_copy": [], "post_copy": []}
     for r in rows:
         if r.get("state") != "done":
             continue

@@ -29,6 +29,7 @@ import shutil
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .. import apps
 
@@ -62,25 +63,27 @@ def run_one(mode: str, i: int, args, root: Path) -> dict:
             "ok": bool(rep["ok"]), "verified": rep["verified"], "report": rep["report_dir"]}
 
 
-def main(args) -> int:
-    root = Path(tempfile.mkdtemp(prefix="mpimig-bench-recovery-", dir=args.dir))
+def run_all(args, root: Path) -> list[dict]:
+    """``--repeat`` rounds of (online, relaunch), alternating which goes first, and disk; one line each."""
     rows = []
-    print(f"mpimig bench recovery: heat2d {args.n}x{args.n}, {args.steps} steps, 4 ranks, checkpoint every "
-          f"{args.ckpt_every}, rank 1 killed after point {args.kill_point}; {args.repeat} x (online, relaunch)",
-          flush=True)
-    try:
-        for i in range(args.repeat):
-            modes = ("online", "relaunch") if i % 2 == 0 else ("relaunch", "online")
-            for mode in modes + (("disk",) if args.disk else ()):
-                r = run_one(mode, i, args, root)
-                rows.append(r)
-                rs = f"{r['resume_s']:.3f} s" if r["resume_s"] is not None else "did not resume"
-                print(f"  {mode:8s} #{i}: kill -> resumed {rs} (by {r['path']}, restore {r['restore']}, "
-                      f"lost {r['work_lost_points']} points, result "
-                      f"{'bit-identical' if r['verified'] else 'NOT verified'})", flush=True)
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
+    for i in range(args.repeat):
+        modes = ("online", "relaunch") if i % 2 == 0 else ("relaunch", "online")
+        for mode in modes + (("disk",) if args.disk else ()):
+            r = run_one(mode, i, args, root)
+            rows.append(r)
+            rs = f"{r['resume_s']:.3f} s" if r["resume_s"] is not None else "did not resume"
+            print(f"  {mode:8s} #{i}: kill -> resumed {rs} (by {r['path']}, restore {r['restore']}, "
+                  f"lost {r['work_lost_points']} points, result "
+                  f"{'bit-identical' if r['verified'] else 'NOT verified'})", flush=True)
+    return rows
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def summarise(rows: list[dict]) -> dict[str, Any]:
+    """Medians and ratios of the runs (what --json writes)."""
     online = [r["resume_s"] for r in rows if r["mode"] == "online" and r["ok"] and r["path"] == "online"]
     relaunch = [r["resume_s"] for r in rows if r["mode"] == "relaunch" and r["ok"]]
     # t_restore of an online recovery is the slowest rank's restore: with one rank
@@ -91,35 +94,60 @@ def main(args) -> int:
     disk = [r["t_restore"] for r in rows if r["mode"] == "disk" and r["path"] == "online"
             and "disk" in str(r["restore"]) and r["t_restore"] is not None]
     mo, mr = _median(online), _median(relaunch)
-    res = {"online_resume_s": online, "relaunch_resume_s": relaunch, "median_online_s": mo,
-           "median_relaunch_s": mr, "ratio": (mr / mo) if (mo and mr) else None,
-           "buddy_restore_s": buddy, "disk_restore_s": disk,
-           "restore_ratio": (_median(disk) / _median(buddy)) if (buddy and disk) else None,
-           "runs": rows, "failed": [r for r in rows if not r["ok"]]}
-    print("results (medians):")
-    print(f"  relaunch + restore: kill -> resumed {mr:.3f} s (n={len(relaunch)})" if mr is not None
-          else "  relaunch + restore: no run resumed")
+    return {"online_resume_s": online, "relaunch_resume_s": relaunch, "median_online_s": mo,
+            "median_relaunch_s": mr, "ratio": _ratio(mr, mo),
+            "buddy_restore_s": buddy, "disk_restore_s": disk,
+            "restore_ratio": _ratio(_median(disk), _median(buddy)),
+            "runs": rows, "failed": [r for r in rows if not r["ok"]]}
+
+
+def format_results(res: dict[str, Any]) -> list[str]:
+    """The lines printed after the runs."""
+    mo: float | None = res["median_online_s"]
+    mr: float | None = res["median_relaunch_s"]
+    ratio: float | None = res["ratio"]
+    buddy, disk = _median(res["buddy_restore_s"]), _median(res["disk_restore_s"])
+    lines = ["results (medians):"]
+    lines.append(f"  relaunch + restore: kill -> resumed {mr:.3f} s (n={len(res['relaunch_resume_s'])})"
+                 if mr is not None else "  relaunch + restore: no run resumed")
     if mo is not None:
-        print(f"  online recovery:    kill -> resumed {mo:.3f} s (n={len(online)})")
-        print(f"  ratio relaunch/online: {res['ratio']:.1f}x (goal >= 5x: {'met' if res['ratio'] >= 5 else 'MISSED'})")
+        lines.append(f"  online recovery:    kill -> resumed {mo:.3f} s (n={len(res['online_resume_s'])})")
+        lines.append(f"  ratio relaunch/online: {ratio:.1f}x (goal >= 5x: {'met' if ratio >= 5 else 'MISSED'})"
+                     if ratio is not None else "  ratio relaunch/online: none (no relaunch run resumed)")
     else:
-        paths = sorted({str(r["path"]) for r in rows if r["mode"] == "online"})
-        print(f"  online recovery:    none: --ft runs were recovered by {', '.join(paths)} "
-              "(online recovery is not available in this installation)")
-    if buddy or disk:
-        print(f"  restore from buddy copy: {_median(buddy) * 1e3:.2f} ms (n={len(buddy)})" if buddy
-              else "  restore from buddy copy: no run")
-        print(f"  restore from disk epoch: {_median(disk) * 1e3:.2f} ms (n={len(disk)})" if disk
-              else "  restore from disk epoch: no run")
+        paths = sorted({str(r["path"]) for r in res["runs"] if r["mode"] == "online"})
+        lines.append(f"  online recovery:    none: --ft runs were recovered by {', '.join(paths)} "
+                     "(online recovery is not available in this installation)")
+    if buddy is not None or disk is not None:
+        lines.append(f"  restore from buddy copy: {buddy * 1e3:.2f} ms (n={len(res['buddy_restore_s'])})"
+                     if buddy is not None else "  restore from buddy copy: no run")
+        lines.append(f"  restore from disk epoch: {disk * 1e3:.2f} ms (n={len(res['disk_restore_s'])})"
+                     if disk is not None else "  restore from disk epoch: no run")
         if res["restore_ratio"]:
-            print(f"  ratio disk/buddy: {res['restore_ratio']:.1f}x")
+            lines.append(f"  ratio disk/buddy: {res['restore_ratio']:.1f}x")
     else:
-        print("  buddy vs disk restore: no online recovery reported t_restore")
+        lines.append("  buddy vs disk restore: no online recovery reported t_restore")
     if res["failed"]:
-        print(f"  FAILED runs: {', '.join(r['mode'] + ' #' + str(r['i']) for r in res['failed'])}")
+        lines.append(f"  FAILED runs: {', '.join(r['mode'] + ' #' + str(r['i']) for r in res['failed'])}")
+    return lines
+
+
+def main(args) -> int:
+    root = Path(tempfile.mkdtemp(prefix="mpimig-bench-recovery-", dir=args.dir))
+    print(f"mpimig bench recovery: heat2d {args.n}x{args.n}, {args.steps} steps, 4 ranks, checkpoint every "
+          f"{args.ckpt_every}, rank 1 killed after point {args.kill_point}; {args.repeat} x (online, relaunch)",
+          flush=True)
+    try:
+        rows = run_all(args, root)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    res = summarise(rows)
+    for line in format_results(res):
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
-    return 1 if res["failed"] or mr is None else 0
+    return 1 if res["failed"] or res["median_relaunch_s"] is None else 0
 
 
 def register(bench_subparsers) -> argparse.ArgumentParser:
