@@ -8,7 +8,9 @@ to read and copy: each holds its ``main(ctx, args)`` with the lines a port to
 mpimig changes (marked ``# mpimig``) and takes the rest from here.
 
 May import: numpy, mpi4py (inside functions: ``--serial`` runs without MPI)
-and ``mpimig`` (its public API, when run).
+and ``mpimig`` (its public API, when run). Run as a file (``mpimig run``
+takes a ``.py`` path), this directory comes first on ``sys.path``: a module
+here must not be named like any other module a program imports.
 """
 from __future__ import annotations
 
