@@ -78,6 +78,7 @@ def run_bad(tmp_path, *args):
 
 def run_main(argv, capsys):
     """``mpimig ARGV`` in this process (fast); an uncaught exception fails the test."""
+    rc: int | str | None
     try:
         rc = main([str(a) for a in argv])
     except SystemExit as exc:
