@@ -22,6 +22,7 @@ import atexit
 import fcntl
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -185,6 +186,25 @@ def mpich_venv_ready(root: Path, src: Path) -> bool:
     return (root / "bin" / "mpiexec").exists() and venv_has_checkout(root / "bin" / "python", src)
 
 
+CHECKOUT_MARK = "mpimig-checkout"     # in a cached venv: the path of the checkout it was made for
+
+
+def prune_mpich_venvs(base: Path | None = None) -> list[Path]:
+    """Remove the cached MPICH venvs (in ``base``, default the temporary directory) of checkouts
+    that no longer exist (CI deletes its clones), so that per-checkout caches do not pile up.
+    Returns the removed directories."""
+    gone = []
+    for root in Path(base or tempfile.gettempdir()).glob("mpimig-venv-mpich-*"):
+        try:
+            checkout = Path((root / CHECKOUT_MARK).read_text().strip())
+        except OSError:
+            continue                    # not made by make_mpich_venv (or still being made)
+        if not checkout.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            gone.append(root)
+    return gone
+
+
 def make_mpich_venv(root: Path, src: Path) -> str:
     """A venv at ``root`` with the MPICH wheel, mpi4py, the dependencies and checkout ``src``
     (editable); pip's error output, "" when it worked."""
@@ -196,6 +216,7 @@ def make_mpich_venv(root: Path, src: Path) -> str:
         res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
             return res.stderr[-500:] or f"exit {res.returncode}"
+    (root / CHECKOUT_MARK).write_text(f"{Path(src).resolve()}\n")
     return ""
 
 
@@ -208,6 +229,8 @@ def mpich_bin() -> Path:
     with pip's message if that fails.
     """
     root = mpich_venv_dir(ROOT)
+    if "MPIMIG_MPICH_VENV" not in os.environ:
+        prune_mpich_venvs()
     if not mpich_venv_ready(root, ROOT):
         problem = make_mpich_venv(root, ROOT)
         if problem or not mpich_venv_ready(root, ROOT):

@@ -156,6 +156,13 @@ def test_two_clones_do_not_share_the_mpich_venv(tmp_path, monkeypatch):
     assert not lf.venv_has_checkout(py, second)
     assert not lf.mpich_venv_ready(v2, second)          # so it makes its own, at its own path
 
-    # the first clone is deleted, as CI does: its venv now fails the check for it too
+    # the first clone is deleted, as CI does: its venv now fails the check for it too,
+    # and the next session removes it (a cache per checkout must not pile up on the machine)
+    (v1 / lf.CHECKOUT_MARK).write_text(f"{first.resolve()}\n")
+    v2.mkdir()
+    (v2 / lf.CHECKOUT_MARK).write_text(f"{second.resolve()}\n")
+    assert lf.prune_mpich_venvs(tmp_path) == []
     shutil.rmtree(first.parent)
     assert not lf.venv_has_checkout(py, first)
+    assert lf.prune_mpich_venvs(tmp_path) == [v1]
+    assert not v1.exists() and v2.exists()
