@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 
 from .. import events, lab
+from ..ft import relaunch
 from . import slurm
 from .config import RESTART_MODES, Config, parse_schedule
 from ..errors import LaunchError, NoCommittedEpoch, UsageError
@@ -122,14 +123,6 @@ def _lab() -> lab.Lab | None:
     return lab.current()
 
 
-def _latest_epoch(ckpt_dir: Path) -> int | None:
-    """The latest committed epoch in ``ckpt_dir`` (None if there is none or no directory)."""
-    # imported here: the checkpoint store brings h5py (slow to import), which only
-    # a run that prepares or resumes a job directory needs
-    from ..checkpoint import CheckpointStore
-    return CheckpointStore(ckpt_dir).latest() if ckpt_dir.exists() else None
-
-
 def program_argv(program: str, args: list[str]) -> list[str]:
     if program.endswith(".py"):
         if not Path(program).exists():
@@ -143,7 +136,7 @@ def prepare_job_dir(cfg: Config) -> None:
     assert cfg.job_dir is not None and cfg.ckpt_dir is not None
     cfg.job_dir.mkdir(parents=True, exist_ok=True)
     record = cfg.job_dir / "complete.json"
-    latest = _latest_epoch(cfg.ckpt_dir)
+    latest = relaunch.latest_epoch(cfg.ckpt_dir)
     finished = record.exists()
     if cfg.restart == "always":
         if latest is None:
@@ -373,33 +366,6 @@ def slurm_hosts() -> str | None:
     return ",".join(f"{h}:{plan.ranks_per_node}" for h in plan.nodes + plan.spares)
 
 
-def host_alive(host: str, timeout: float = 10.0) -> bool:
-    """Can we still start processes on ``host``? (a trivial command over ssh)"""
-    lab = _lab()
-    if lab is not None and host in lab.hosts:
-        cmd = [str(lab.ssh_wrapper), host, "true"]
-    else:
-        cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(timeout)}", host, "true"]
-    try:
-        return subprocess.run(cmd, capture_output=True, timeout=timeout).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def surviving_hosts(spec: str | None) -> tuple[str | None, list[str]]:
-    """(the host spec without lost hosts, the lost hosts)."""
-    if not spec:
-        return spec, []
-    keep, lost = [], []
-    for item in spec.split(","):
-        name = item.split(":")[0]
-        if host_alive(name):
-            keep.append(item)
-        else:
-            lost.append(name)
-    return ",".join(keep), lost
-
-
 DEFAULT_RELAUNCH = 3     # relaunches when --ft asks for recovery the installed MPI cannot do online
 
 
@@ -420,7 +386,13 @@ def cmd_run(args) -> int:
     prepare_job_dir(cfg)
     rc = launch(cfg, args.n, program, hosts=args.hosts, ft=ft, timeout=args.timeout,
                 extra=args.mpiexec_arg)
-    return _relaunch(args, cfg, program, ft, rc)
+    # a host lost (Open MPI loses the whole job) or a rank killed without --ft:
+    # relaunch on the hosts that still answer, from the last committed epoch
+    return relaunch.relaunch(
+        cfg, args.relaunch, args.hosts, rc,
+        launch_once=lambda hosts, attempt: launch(cfg, args.n, program, hosts=hosts, ft=ft, timeout=args.timeout,
+                                                  extra=args.mpiexec_arg, attempt=attempt),
+        start_fresh=prepare_job_dir)
 
 
 def _config(args) -> Config:
@@ -474,40 +446,6 @@ def _online_ft(args, cfg: Config) -> bool:
           f"instead (--relaunch {args.relaunch})", file=sys.stderr, flush=True)
     cfg.ft = False
     return False
-
-
-def _relaunch(args, cfg: Config, program: list[str], ft: bool, rc: int) -> int:
-    """Relaunch a job that did not complete, up to ``--relaunch`` times; returns the last result."""
-    hosts = args.hosts
-    assert cfg.ckpt_dir is not None
-    for attempt in range(1, args.relaunch + 1):
-        if rc == 0:
-            break
-        # Host loss: Open MPI loses the whole job (shared/PLATFORM.md); a killed rank
-        # without --ft aborts it too. Relaunch on the hosts that still answer, from the
-        # last committed epoch.
-        latest = _latest_epoch(cfg.ckpt_dir)
-        hosts, lost = surviving_hosts(hosts)
-        if hosts == "":
-            print("mpimig: relaunch impossible: no host of the job answers", file=sys.stderr)
-            events.emit(cfg.job_dir, "relaunch", cfg.run_id, attempt=attempt, hosts="", lost_hosts=lost,
-                        epoch=latest, impossible="no host of the job answers")
-            break
-        cfg.schedule = [e for e in cfg.schedule if e[2] not in lost]
-        cfg.restart = "always" if latest is not None else "never"
-        old_run = cfg.run_id
-        cfg.run_id = uuid.uuid4().hex[:12]
-        print(f"mpimig: relaunch {attempt}/{args.relaunch}: "
-              + (f"lost host(s) {', '.join(lost)}; " if lost else "")
-              + (f"resuming from epoch {latest}" if latest is not None else "no committed epoch: from the start")
-              + (f" on {hosts}" if hosts else ""), file=sys.stderr, flush=True)
-        events.emit(cfg.job_dir, "relaunch", old_run, attempt=attempt, hosts=hosts or "", lost_hosts=lost,
-                    epoch=latest, new_run_id=cfg.run_id)
-        if latest is None:
-            prepare_job_dir(cfg)
-        rc = launch(cfg, args.n, program, hosts=hosts, ft=ft, timeout=args.timeout,
-                    extra=args.mpiexec_arg, attempt=attempt)
-    return rc
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
