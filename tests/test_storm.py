@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -23,9 +24,13 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import APPS, ROOT, base_env, mpimig_cmd, run_cmd
+
+from mpimig.verify.checker import COUNTS, Checker
+from mpimig.verify.plan import Msg, buf_message, make_plan, obj_message
 
 STORM = APPS / "storm.py"
 HOST = socket.gethostname()
@@ -162,11 +167,6 @@ def _latest_epoch(ckpt: Path) -> int:
 def test_storm_kill_and_restart(tmp_path):
     """Checkpoints every 4 points; one rank is SIGKILLed after epoch 2; the rerun
     resumes from the latest epoch with the messages that were held in it."""
-    sys.path.insert(0, str(APPS))
-    try:
-        import storm as storm_app
-    finally:
-        sys.path.remove(str(APPS))
     jd = tmp_path / "job"
     out = tmp_path / "result.json"
     seed, steps = 11, 50
@@ -206,7 +206,7 @@ def test_storm_kill_and_restart(tmp_path):
     # last step before it that no irecv had been posted for
     k = r["start_step"] - 1
     assert k >= 7 and (k + 1) % 4 == 0, r["start_step"]
-    plan, _ = storm_app.make_plan(seed, k, 4, 10, steps)
+    plan, _ = make_plan(seed, k, 4, 10, steps)
     want = sum(1 for m in plan if m.cls == "D" and not m.pre)
     assert want > 0
     assert r["held_restored"] == want, (r["held_restored"], want)
@@ -241,3 +241,131 @@ def test_target_dying_before_mpi_init_does_not_hang_the_job(tmp_path):
     assert "killed after the --timeout" not in res.stderr, res.stderr[-2000:]
     status = json.loads((jd / "status.json").read_text())
     assert status["migrations"][0]["state"].startswith(("failed", "cancelled")), status["migrations"]
+
+
+# ------------------------------------------------------------------------------------------
+# the workload's parts without MPI: the checker
+# ------------------------------------------------------------------------------------------
+ME, SEED = 0, 42
+CLEAN = dict.fromkeys(COUNTS, 0)
+
+
+def _stream(n, kind="obj", ptype="bytes", src=1, cls="B", step=3):
+    """``n`` messages from ``src`` to rank ``ME`` on one (src, tag) stream, as sent (pseq = sseq = i)."""
+    tag = 1 if kind == "obj" else 4
+    m = Msg(src, ME, cls, tag, kind, 700, ptype if kind == "obj" else "raw", "isend", False)
+    build = obj_message if kind == "obj" else buf_message
+    return [(build(m, SEED, step, i, i), tag) for i in range(n)]
+
+
+def _feed(check, msgs, src=1, allowed=(("B", 3),)):
+    """Receive ``msgs`` in this order (posting index = position); then check the order."""
+    got = [check.account(v, src, tag, v.nbytes if isinstance(v, np.ndarray) else 0, i, set(allowed))
+           for i, (v, tag) in enumerate(msgs)]
+    check.check_order()
+    return got
+
+
+@pytest.mark.parametrize("kind,ptype", [("obj", "bytes"), ("obj", "array"), ("obj", "dict"), ("buf", "raw")])
+def test_checker_counts_nothing_on_a_clean_stream(kind, ptype):
+    check = Checker(ME, 2, SEED)
+    check.expect(5)
+    assert _feed(check, _stream(5, kind, ptype)) == [(1, 1 if kind == "obj" else 4)] * 5
+    counter = "pickled" if kind == "obj" else "buffer"
+    assert check.c == dict(CLEAN, expected=5, received=5, **{counter: 5}) and check.lost == 0
+    assert check.notes == []
+
+
+def test_checker_takes_a_pickled_message_received_as_raw_bytes():
+    [(obj, tag)] = _stream(1)
+    raw = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
+    check = Checker(ME, 2, SEED)
+    check.expect(1)
+    buf = np.zeros(raw.nbytes + 100, dtype=np.uint8)
+    buf[:raw.nbytes] = raw
+    assert check.account(buf, 1, tag, raw.nbytes, 0, {("B", 3)}) == (1, tag)
+    assert check.c == dict(CLEAN, expected=1, received=1, pickled=1)
+
+
+@pytest.mark.parametrize("kind", ["obj", "buf"])
+def test_checker_counts_a_duplicated_message(kind):
+    msgs = _stream(3, kind)
+    check = Checker(ME, 2, SEED)
+    check.expect(3)
+    got = _feed(check, [msgs[0], msgs[1], msgs[1], msgs[2]])
+    assert got[2] is None
+    counter = "pickled" if kind == "obj" else "buffer"
+    assert check.c == dict(CLEAN, expected=3, received=3, duplicated=1, **{counter: 4})
+    assert check.lost == 0
+    assert check.notes == [f"rank {ME} step 0: duplicate: src 1 pseq 1 tag {msgs[1][1]}"]
+
+
+def test_checker_counts_a_reordered_message():
+    """Two receives on one stream posted in order get stream numbers 1, 0: MPI's
+    non-overtaking rule is broken once; the stream then continues at 2."""
+    msgs = _stream(3)
+    check = Checker(ME, 2, SEED)
+    check.expect(3)
+    _feed(check, [msgs[1], msgs[0], msgs[2]])
+    assert check.c == dict(CLEAN, expected=3, received=3, pickled=3, out_of_order=1)
+    assert check.notes == [f"rank {ME} step 0: out of order: stream (1, 1) got 1, expected 0"]
+
+
+def test_checker_leaves_receives_after_the_mark_for_later():
+    """Receives posted after a still pending one are not ordered yet (it may take an earlier message)."""
+    msgs = _stream(2)
+    check = Checker(ME, 2, SEED)
+    check.account(msgs[1][0], 1, 1, 0, 5, {("B", 3)})
+    check.check_order(mark=4)
+    assert check.c["out_of_order"] == 0 and len(check.unchecked) == 1
+    check.account(msgs[0][0], 1, 1, 0, 4, {("B", 3)})
+    check.check_order()
+    assert check.c["out_of_order"] == 0 and check.sseq_in == {(1, 1): 2}
+
+
+@pytest.mark.parametrize("how", ["payload", "header", "status tag", "status source", "size", "garbage"])
+def test_checker_counts_a_corrupted_message(how):
+    """Each way a message can be wrong is counted as corrupted (a decodable one also as
+    received: it arrived, wrong), and the stream's order is not charged for it."""
+    [(obj, tag)] = _stream(1, "obj")
+    [(buf, btag)] = _stream(1, "buf")
+    src, also = 1, {"received": 1}
+    if how == "payload":             # one flipped bit of a buffer's payload
+        value = buf.copy()
+        value[-1] ^= 1
+        tag, count, also["buffer"] = btag, value.nbytes, 1
+    elif how == "header":            # a pickled message that says it is for rank 5
+        value, count, also["pickled"] = (obj[0], obj[1], 5) + obj[3:], 0, 1
+    elif how == "status tag":        # a buffer message that came on another buffer tag
+        value, tag, count, also["buffer"] = buf, 5, buf.nbytes, 1
+    elif how == "status source":
+        value, src, count, also["pickled"] = obj, 2, 0, 1
+    elif how == "size":              # the status says one byte less than the header
+        value, tag, count, also["buffer"] = buf, btag, buf.nbytes - 1, 1
+    else:                            # not a storm message at all
+        value, count, also = ("not", "a", "message"), 0, {}
+    check = Checker(ME, 3, SEED)
+    check.expect(1)
+    assert check.account(value, src, tag, count, 0, {("B", 3)}) is None
+    check.check_order()
+    assert check.c == dict(CLEAN, expected=1, corrupted=1, **also)
+    assert len(check.notes) == 1 and ("corrupted message" in check.notes[0]) == (how != "garbage")
+
+
+def test_checker_counts_an_unexpected_match_and_a_lost_message():
+    msgs = _stream(2, cls="D", step=2)
+    check = Checker(ME, 2, SEED)
+    check.expect(3)
+    _feed(check, msgs[:1], allowed={("B", 3), ("D", 2)})
+    _feed(check, msgs[1:], allowed={("B", 3)})      # a receive for bursts got a deferred message
+    assert check.c == dict(CLEAN, expected=3, received=2, pickled=2, unexpected=1)
+    assert check.lost == 1 and check.totals()["lost"] == 1
+
+
+def test_checker_keeps_twenty_notes_and_travels_as_state():
+    check = Checker(ME, 2, SEED)
+    for i in range(25):
+        check.flag("duplicated", f"stray {i}")
+    assert check.c["duplicated"] == 25 and len(check.notes) == 20
+    back = pickle.loads(pickle.dumps(check))           # registered state is pickled
+    assert back.c == check.c and back.notes == check.notes and back.seen == check.seen
