@@ -29,6 +29,9 @@ import pytest
 
 from conftest import APPS, ROOT, base_env, mpimig_cmd, run_cmd
 
+from mpimig.ft import inject
+from mpimig.verify import campaign
+from mpimig.verify import storm as storm_cmd
 from mpimig.verify.checker import COUNTS, Checker
 from mpimig.verify.plan import Msg, buf_message, make_plan, obj_message
 
@@ -244,7 +247,7 @@ def test_target_dying_before_mpi_init_does_not_hang_the_job(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# the workload's parts without MPI: the checker
+# the workload's parts without MPI: the checker, the shared seed-campaign totals
 # ------------------------------------------------------------------------------------------
 ME, SEED = 0, 42
 CLEAN = dict.fromkeys(COUNTS, 0)
@@ -369,3 +372,155 @@ def test_checker_keeps_twenty_notes_and_travels_as_state():
     assert check.c["duplicated"] == 25 and len(check.notes) == 20
     back = pickle.loads(pickle.dumps(check))           # registered state is pickled
     assert back.c == check.c and back.notes == check.notes and back.seen == check.seen
+
+
+# the same records, before the seed-campaign code was shared, printed these tables
+STORM_RECS = [
+    {"seed": 0, "schedule": [[3, 1, "h"], [3, 2, "h"], [9, 1, "h"]], "ckpt_every": 4, "ok": True, "error": None,
+     "seconds": 12.34, "rc": 0, "done": 3, "cancelled": 0, "unfinished": 0, "missing": 0, "moved": 3,
+     "same_point": True, "rank_twice": True, "sent": 1210, "received": 1210, "lost": 0, "duplicated": 0,
+     "out_of_order": 0, "corrupted": 0, "unexpected": 0, "collective_errors": 0, "held_total": 17,
+     "kept_requests": 40, "wildcard": 300, "probe": 50, "deferred": 120, "notes": []},
+    {"seed": 1, "schedule": [[5, 0, "h"]], "ckpt_every": None, "ok": False,
+     "error": "message errors: lost=2", "seconds": 20.0, "rc": 1, "done": 1, "cancelled": 1, "unfinished": 0,
+     "missing": 0, "moved": 1, "same_point": False, "rank_twice": False, "sent": 998, "received": 996,
+     "lost": 2, "duplicated": 0, "out_of_order": 1, "corrupted": 0, "unexpected": 0, "collective_errors": 0,
+     "held_total": 4, "kept_requests": 30, "wildcard": 200, "probe": 40, "deferred": 100,
+     "notes": ["rank 2 step 7: out of order: stream (1, 4) got 3, expected 2"]},
+    {"seed": 2, "schedule": [[4, 3, "h"]], "ckpt_every": None, "ok": False,
+     "error": "timed out after 210 s (hang?)", "seconds": 210.0, "rc": None, "done": 0, "cancelled": 0,
+     "unfinished": 1, "missing": 0, "moved": 0, "notes": ["storm: rank 1 (pid 7) stuck for 60 s in the end"]},
+]
+
+def _fault(id, kind, target, fired=True, survived=True, resume=None, detect=None, recover=None, lost=None,
+           path="online"):
+    r = {"id": id, "spec": f"{kind}:{target}@point:{10 + id}", "kind": kind, "target": target, "fired": fired,
+         "survived": survived if fired else None}
+    if fired:
+        r.update(path=path, detect_s=detect, recover_s=recover, resume_s=resume, work_lost_points=lost)
+    return r
+
+
+INJECT_REPS = [
+    {"seed": 0, "ok": True, "completed": True, "verified": True, "relaunches": 0, "online_recoveries": 1,
+     "not_fired": 0, "wall_seconds": 30.25,
+     "faults": [_fault(1, "rank", "1", resume=1.5, detect=0.25, recover=1.0, lost=0)]},
+    {"seed": 1, "ok": True, "completed": True, "verified": True, "relaunches": 1, "online_recoveries": 0,
+     "not_fired": 0, "wall_seconds": 41.5,
+     "faults": [_fault(1, "host", "h2", resume=6.125, detect=2.0, recover=5.5, lost=3, path="relaunch"),
+                _fault(2, "rank", "0", resume=2.0, detect=0.5, recover=1.75, lost=1)]},
+    {"seed": 2, "ok": False, "completed": False, "verified": False, "relaunches": 2, "online_recoveries": 0,
+     "not_fired": 1, "wall_seconds": 90.0,
+     "faults": [_fault(1, "coordinator", "coordinator", survived=False, detect=1.0),
+                _fault(2, "rank", "3", fired=False)]},
+]
+
+
+STORM_TABLE = """\
+totals:
+  seeds run                        3
+    with checkpoints               1
+  messages sent                    2208
+  messages received                2206
+  lost                             2
+  duplicated                       0
+  out of order                     1
+  corrupted                        0
+  unexpected matches               0
+  collective errors                0
+  held at safe points              21
+  migrations scheduled             5
+  migrations done                  4
+  migrations cancelled             1
+  migrations unfinished            1
+  moves seen by the program        4
+  runs: 2 ranks moved in one plan  1
+  runs: a rank moved twice         1
+  failures                         2
+  seconds                          242.3
+  failed seeds: 1, 2
+RESULT: FAILED"""
+
+INJECT_TABLE = """\
+totals:
+  jobs run                 3
+  faults injected          4
+  faults survived          3
+    coordinator            0/1 survived
+    host                   1/1 survived
+    rank                   2/2 survived
+  faults that never fired  1
+  jobs completed           2
+  results bit-identical    2
+  relaunches               3
+  online recoveries        1
+  detect time (s)          mean 0.938, max 2.0 (n=4)
+  recover time (s)         mean 2.75, max 5.5 (n=3)
+  resume time (s)          mean 3.208, max 6.125 (n=3)
+  work lost (points)       total 4, mean 1.333, max 3
+  seconds                  161.8
+  failed seeds: 2
+RESULT: FAILED"""
+
+STORM_LINES = (
+    "seed    0  ok    sent   1210 recv   1210 lost 0 dup 0 ooo 0 corrupt 0  migrations 3 done 0 canc"
+    "elled  ckpt 4  12.3 s  [2 ranks in one plan, a rank twice]\n"
+    "seed    1  FAIL  sent    998 recv    996 lost 2 dup 0 ooo 1 corrupt 0  migrations 1 done 1 canc"
+    "elled  ckpt -  20.0 s\n"
+    "      error: message errors: lost=2\n"
+    "      rank 2 step 7: out of order: stream (1, 4) got 3, expected 2\n"
+    "seed    2  FAIL  no result  migrations 0 done 0 cancelled  ckpt -  210.0 s\n"
+    "      error: timed out after 210 s (hang?)\n"
+    "      storm: rank 1 (pid 7) stuck for 60 s in the end"
+)
+
+
+def test_storm_totals_table_is_the_campaign_with_storm_rows():
+    t = storm_cmd.totals(STORM_RECS)
+    assert t == campaign.totals(STORM_RECS, storm_cmd.CAMPAIGN)
+    assert storm_cmd.format_totals(t) == STORM_TABLE
+    assert t["seeds"] == 3 and t["failures"] == 2 and t["failed_seeds"] == [1, 2] and not t["ok"]
+    assert t["sent"] == 2208 and t["migrations"] == 5 and t["with_checkpoints"] == 1 and t["seconds"] == 242.3
+    assert "\n".join(storm_cmd.format_line(r) for r in STORM_RECS) == STORM_LINES
+    ok = storm_cmd.totals(STORM_RECS[:1])
+    assert ok["ok"] and storm_cmd.format_totals(ok).endswith("  seconds                          12.3\nRESULT: OK")
+
+
+def test_inject_totals_table_is_the_campaign_with_inject_rows():
+    t = inject.totals(INJECT_REPS)
+    assert t == campaign.totals(INJECT_REPS, inject.CAMPAIGN)
+    assert inject.format_totals(t) == INJECT_TABLE
+    assert t["jobs"] == 3 and t["faults_injected"] == 4 and t["faults_survived"] == 3
+    assert t["by_kind"] == {"rank": {"injected": 2, "survived": 2}, "host": {"injected": 1, "survived": 1},
+                            "coordinator": {"injected": 1, "survived": 0}}
+    assert t["detect_s"] == {"n": 4, "mean": 0.938, "max": 2.0} and t["seconds"] == 161.8
+    assert t["failed_seeds"] == [2] and not t["ok"]
+    ok = inject.totals(INJECT_REPS[:2])
+    assert ok["ok"] and inject.format_totals(ok).endswith(
+        "RESULT: OK: every fault survived, every result bit-identical")
+
+
+def test_one_campaign_runs_seeds_and_stops_on_request(capsys):
+    recs = campaign.run_seeds(range(5, 9), lambda s: {"seed": s, "ok": s != 6}, lambda r: f"seed {r['seed']}",
+                              name="x", stop=lambda r: not r["ok"])
+    assert [r["seed"] for r in recs] == [5, 6]
+    assert capsys.readouterr().out == "seed 5\nseed 6\n"
+
+
+def test_totals_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)       # import matplotlib fails
+    with pytest.raises(ImportError, match=r"pip install 'mpimig\[plots\]'"):
+        inject.totals_png(INJECT_REPS, tmp_path / "t.png")
+    assert not (tmp_path / "t.png").exists()
+
+
+def test_storm_command_runs_the_installed_workload_without_starting_mpi():
+    """mpimig storm's default program is the package's own file (not apps/ of a checkout),
+    found without importing it (which would initialise MPI in the command's process)."""
+    code = ("import sys; from mpimig.verify import storm; p = storm.default_program(); "
+            "print(p); print('mpi4py.MPI' in sys.modules)")
+    res = run_cmd([sys.executable, "-c", code], timeout=60, check_rc=0)
+    path, mpi = res.stdout.split()
+    import mpimig.verify
+    assert Path(path) == Path(mpimig.verify.__file__).resolve().parent / "workload.py" and Path(path).is_file()
+    assert mpi == "False"
