@@ -345,6 +345,11 @@ class Storm:
         self._complete_sends(k, sreqs, dreqs)
         self._phase(f"step {k}: collectives {colls}")
         self.collectives(k, colls)
+        # no rank sends step k+1's bursts before every rank has done step k's receives:
+        # burst tags repeat every step, so a wildcard receive of step k could otherwise take
+        # a fast sender's step k+1 message (not every collective synchronises, nor does a
+        # safe point without a checkpoint or migration)
+        self.comm.Barrier()
         self.check.check_order(self._order_mark())
         self._use_ballast(k)
         self.st.step = k + 1
