@@ -130,12 +130,15 @@ def test_comm_matching_rules(tmp_path):
 # the storm under random migrations
 # ------------------------------------------------------------------------------------------
 def test_storm_random_migrations(tmp_path):
-    """Seeds 0-2 (seed 0 moves two ranks at one point and one rank twice)."""
+    """Seeds 0-2 (seed 0 moves two ranks at one point and one rank twice), run from an
+    empty directory: the command runs the package's own workload, not apps/ of a checkout."""
     out = tmp_path / "totals.json"
+    empty = tmp_path / "empty"
+    empty.mkdir()
     res = run_cmd(mpimig_cmd("storm", "--seeds", 3, "--first-seed", 0, "-n", 4, "--steps", 40,
                              "--migrations", 3, "--work-ms", 40, "--msgs", 10,
                              "--job-root", tmp_path / "jobs", "--timeout", 150, "--json", out),
-                  timeout=600, env=storm_env())
+                  timeout=600, env=storm_env(), cwd=empty)
     assert out.exists(), res.stdout + res.stderr
     data = json.loads(out.read_text())
     t, seeds = data["totals"], data["seeds"]
@@ -156,6 +159,9 @@ def test_storm_random_migrations(tmp_path):
     assert any(s["rank_twice"] for s in seeds), "no run moved one rank twice"
     assert res.returncode == 0, detail
     assert "RESULT: OK" in res.stdout
+    log = (tmp_path / "jobs" / "seed-0000" / "output.log").read_text().splitlines()[0]
+    assert str(Path(campaign.__file__).with_name("workload.py")) in log.split(), log
+    assert list(empty.iterdir()) == []
 
 
 def _latest_epoch(ckpt: Path) -> int:

@@ -3,8 +3,8 @@
 For each seed it draws a migration schedule (random points and ranks, onto this
 machine or the given hosts; sometimes two ranks at the same point, sometimes
 one rank twice), sometimes a checkpoint interval, runs the storm workload
-(:mod:`mpimig.verify.workload`, the installed file; ``--program`` for a copy of
-your own) with ``mpimig run``, and reads the job's result file (message totals) and
+(mpimig/verify/workload.py of this installation, or your own copy of
+apps/storm.py with --program) with ``mpimig run``, and reads the job's result file (message totals) and
 ``status.json`` (what became of each migration). It prints a line per seed
 and a totals table, and exits non-zero if any seed failed or any message was
 lost, duplicated, reordered or corrupted.
