@@ -56,9 +56,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from .. import events
 from ..errors import UsageError
+from ..verify import campaign
 from .hooks import read_progress
 
 KINDS = ("rank", "host", "coordinator", "ckpt-write", "migration-source", "migration-target")
@@ -570,7 +572,8 @@ def timeline_png(report: dict, evs: list[dict], samples: list[list], t0: float, 
 
 # ------------------------------------------------------------------ seeds
 
-def totals(reports: list[dict]) -> dict:
+def fault_totals(reports: list[dict]) -> dict:
+    """The faults of ``--seeds`` jobs: injected, survived (per kind) and their times."""
     rows = [r for rep in reports for r in rep["faults"] if r["fired"]]
     by_kind: dict[str, dict[str, int]] = {}
     for r in rows:
@@ -578,72 +581,82 @@ def totals(reports: list[dict]) -> dict:
         k["injected"] += 1
         k["survived"] += int(bool(r.get("survived")))
 
-    def stat(key):
-        xs = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
-        return {"n": len(xs), "mean": round(sum(xs) / len(xs), 3), "max": round(max(xs), 3)} if xs else None
+    def stat(key: str) -> dict | None:
+        return campaign.stat([r[key] for r in rows if isinstance(r.get(key), (int, float))])
 
-    t = {"jobs": len(reports), "faults_injected": len(rows),
-         "faults_survived": sum(1 for r in rows if r.get("survived")),
-         "not_fired": sum(rep["not_fired"] for rep in reports),
-         "by_kind": by_kind, "jobs_completed": sum(1 for rep in reports if rep["completed"]),
-         "jobs_verified": sum(1 for rep in reports if rep["verified"]),
-         "relaunches": sum(rep["relaunches"] for rep in reports),
-         "online_recoveries": sum(rep["online_recoveries"] for rep in reports),
-         "detect_s": stat("detect_s"), "recover_s": stat("recover_s"), "resume_s": stat("resume_s"),
-         "work_lost_points": {"total": sum(r.get("work_lost_points") or 0 for r in rows),
-                              **(stat("work_lost_points") or {})},
-         "failed_seeds": [rep["seed"] for rep in reports if not rep["ok"]],
-         "seconds": round(sum(rep["wall_seconds"] for rep in reports), 1)}
-    t["ok"] = not t["failed_seeds"] and t["faults_injected"] == t["faults_survived"] and t["faults_injected"] > 0
-    return t
+    return {"faults_injected": len(rows), "faults_survived": sum(1 for r in rows if r.get("survived")),
+            "by_kind": by_kind,
+            "detect_s": stat("detect_s"), "recover_s": stat("recover_s"), "resume_s": stat("resume_s"),
+            "work_lost_points": {"total": sum(r.get("work_lost_points") or 0 for r in rows),
+                                 **(stat("work_lost_points") or {})}}
+
+
+def _kind_rows(t: dict) -> list[tuple[str, str]]:
+    return [(f"  {k}", f"{v['survived']}/{v['injected']} survived") for k, v in sorted(t["by_kind"].items())]
+
+
+def _time_row(key: str) -> campaign.Row:
+    def text(t: dict) -> str:
+        s = t[key]
+        return f"mean {s['mean']}, max {s['max']} (n={s['n']})" if s else "-"
+    return (f"{key[:-2]} time (s)", text)
+
+
+def _work_lost(t: dict) -> str:
+    wl = t["work_lost_points"]
+    return f"total {wl['total']}" + (f", mean {wl['mean']}, max {wl['max']}" if "mean" in wl else "")
+
+
+#: how ``mpimig inject --seeds`` totals its jobs and what its table shows
+CAMPAIGN = campaign.Campaign(
+    count_key="jobs", seconds_key="wall_seconds",
+    sums=("not_fired", "relaunches", "online_recoveries"),
+    counts=(("jobs_completed", lambda rep: rep["completed"]), ("jobs_verified", lambda rep: rep["verified"])),
+    extra=fault_totals,
+    ok=lambda t: not t["failed_seeds"] and t["faults_injected"] == t["faults_survived"] and t["faults_injected"] > 0,
+    ok_text="OK: every fault survived, every result bit-identical",
+    rows=(("jobs run", "jobs"), ("faults injected", "faults_injected"), ("faults survived", "faults_survived"),
+          _kind_rows,
+          ("faults that never fired", "not_fired"), ("jobs completed", "jobs_completed"),
+          ("results bit-identical", "jobs_verified"), ("relaunches", "relaunches"),
+          ("online recoveries", "online_recoveries"),
+          _time_row("detect_s"), _time_row("recover_s"), _time_row("resume_s"),
+          ("work lost (points)", _work_lost), ("seconds", "seconds")))
+
+
+def totals(reports: list[dict]) -> dict:
+    return campaign.totals(reports, CAMPAIGN)
 
 
 def format_totals(t: dict) -> str:
-    rows = [("jobs run", t["jobs"]), ("faults injected", t["faults_injected"]),
-            ("faults survived", t["faults_survived"])]
-    for k, v in sorted(t["by_kind"].items()):
-        rows.append((f"  {k}", f"{v['survived']}/{v['injected']} survived"))
-    rows += [("faults that never fired", t["not_fired"]), ("jobs completed", t["jobs_completed"]),
-             ("results bit-identical", t["jobs_verified"]), ("relaunches", t["relaunches"]),
-             ("online recoveries", t["online_recoveries"])]
-    for k in ("detect_s", "recover_s", "resume_s"):
-        s = t[k]
-        rows.append((f"{k[:-2]} time (s)", f"mean {s['mean']}, max {s['max']} (n={s['n']})" if s else "-"))
-    wl = t["work_lost_points"]
-    rows.append(("work lost (points)", f"total {wl['total']}" + (f", mean {wl['mean']}, max {wl['max']}"
-                                                                  if "mean" in wl else "")))
-    rows.append(("seconds", t["seconds"]))
-    w = max(len(a) for a, _ in rows)
-    out = ["totals:"] + [f"  {a:<{w}}  {b}" for a, b in rows]
-    if t["failed_seeds"]:
-        out.append(f"  failed seeds: {', '.join(map(str, t['failed_seeds']))}")
-    out.append("RESULT: " + ("OK: every fault survived, every result bit-identical" if t["ok"] else "FAILED"))
-    return "\n".join(out)
+    return campaign.format_totals(t, CAMPAIGN)
+
+
+FAULT_COLORS = {"rank": "tab:blue", "host": "tab:red", "coordinator": "tab:green", "ckpt-write": "tab:purple",
+                "migration-source": "tab:orange", "migration-target": "tab:brown"}
 
 
 def totals_png(reports: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(9, 4))
-    colors = {"rank": "tab:blue", "host": "tab:red", "coordinator": "tab:green", "ckpt-write": "tab:purple",
-              "migration-source": "tab:orange", "migration-target": "tab:brown"}
-    seen = set()
-    for rep in reports:
-        for r in rep["faults"]:
-            if r.get("resume_s") is None:
-                continue
-            lab = r["kind"] if r["kind"] not in seen else None
-            seen.add(r["kind"])
-            ax.scatter(rep["seed"], r["resume_s"], color=colors.get(r["kind"], "k"), label=lab,
-                       marker="o" if r.get("survived") else "x")
-    ax.set_xlabel("seed")
-    ax.set_ylabel("kill -> resumed computation (s)")
-    ax.set_title("mpimig inject: time to resume per fault (x: not survived)", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Time to resume per fault, per seed (x: not survived)."""
+    points = [campaign.Point(rep["seed"], r["resume_s"], r["kind"], bool(r.get("survived")))
+              for rep in reports for r in rep["faults"] if r.get("resume_s") is not None]
+    campaign.seeds_png(points, path, ylabel="kill -> resumed computation (s)",
+                       title="mpimig inject: time to resume per fault (x: not survived)", colors=FAULT_COLORS)
+
+
+def seed_line(rep: dict) -> str:
+    """The progress line of one ``--seeds`` job (and where to look when it failed)."""
+    parts = []
+    for r in rep["faults"]:
+        parts.append(f"{r['spec']} -> " + (
+            f"{r.get('path')} resumed {r['resume_s']:.2f} s lost {r.get('work_lost_points')} pts"
+            if r.get("resume_s") is not None else ("not fired" if not r["fired"] else "NOT RECOVERED")))
+    v = {True: "bit-identical", False: "DIFFERENT", None: "unverified"}[rep["verified"]]
+    line = (f"seed {rep['seed']:4d}  {'ok  ' if rep['ok'] else 'FAIL'}  {'; '.join(parts)}  result {v}  "
+            f"{rep['wall_seconds']:.1f} s")
+    if not rep["ok"]:
+        line += f"\n      report {rep['report_dir']}/report.json, output {rep['report_dir']}/run.err"
+    return line
 
 
 # ------------------------------------------------------------------ command
@@ -721,40 +734,34 @@ def cmd_inject(args) -> int:
               + (f", timeline {rep['png']}" if rep.get("png") else f" (no PNG: {rep.get('png_error')})"))
         return 0 if rep["ok"] else 1
 
+    return _cmd_seeds(args, one, kinds, hosts, base_job)
+
+
+def _cmd_seeds(args, one: Callable[..., dict], kinds: list[str], hosts: list[str], base_job: Path) -> int:
+    """``--seeds N``: a job per seed with a random schedule, a line per job, the totals and their plot."""
     root = Path(args.report).resolve() if args.report else base_job
     root.mkdir(parents=True, exist_ok=True)
     span = _span(args.args, args.span)
     print(f"mpimig inject: {args.seeds} seeds from {args.first_seed}, {args.random} fault(s) per job of "
           f"{', '.join(kinds)}; {args.n} ranks{' on ' + args.hosts if args.hosts else ''}; "
           f"{'online recovery (--ft)' if args.ft else 'relaunch'}; reports in {root}", flush=True)
-    reports = []
-    try:
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            faults = random_schedule(seed, args.random, kinds, args.n, span, args.ckpt_every, hosts)
-            job_dir = root / f"seed-{seed}"
-            rep = one(seed, faults, job_dir, job_dir / "inject", quiet=True)
-            reports.append(rep)
-            parts = []
-            for r in rep["faults"]:
-                parts.append(f"{r['spec']} -> " + (
-                    f"{r.get('path')} resumed {r['resume_s']:.2f} s lost {r.get('work_lost_points')} pts"
-                    if r.get("resume_s") is not None else ("not fired" if not r["fired"] else "NOT RECOVERED")))
-            v = {True: "bit-identical", False: "DIFFERENT", None: "unverified"}[rep["verified"]]
-            print(f"seed {seed:4d}  {'ok  ' if rep['ok'] else 'FAIL'}  {'; '.join(parts)}  result {v}  "
-                  f"{rep['wall_seconds']:.1f} s", flush=True)
-            if not rep["ok"]:
-                print(f"      report {rep['report_dir']}/report.json, output {rep['report_dir']}/run.err", flush=True)
-    except KeyboardInterrupt:
-        print("mpimig inject: interrupted", file=sys.stderr)
+
+    def one_seed(seed: int) -> dict:
+        faults = random_schedule(seed, args.random, kinds, args.n, span, args.ckpt_every, hosts)
+        job_dir = root / f"seed-{seed}"
+        return one(seed, faults, job_dir, job_dir / "inject", quiet=True)
+
+    reports = campaign.run_seeds(range(args.first_seed, args.first_seed + args.seeds), one_seed, seed_line,
+                                 name="mpimig inject")
     t = totals(reports)
     t["command"] = sys.argv
     t["seeds_run"] = [r["seed"] for r in reports]
     path = Path(args.json).resolve() if args.json else root / "inject-totals.json"
     path.write_text(json.dumps({"totals": t, "jobs": reports}, indent=1, default=str))
+    png: Path | str = root / "inject-totals.png"
     try:
         totals_png(reports, root / "inject-totals.png")
-        png = root / "inject-totals.png"
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - the totals stand without the picture (e.g. no matplotlib)
         png = f"(no PNG: {exc})"
     print(format_totals(t), flush=True)
     print(f"mpimig inject: totals {path}, plot {png}", flush=True)

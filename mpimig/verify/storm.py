@@ -2,8 +2,9 @@
 
 For each seed it draws a migration schedule (random points and ranks, onto this
 machine or the given hosts; sometimes two ranks at the same point, sometimes
-one rank twice), sometimes a checkpoint interval, runs ``apps/storm.py`` with
-``mpimig run``, and reads the job's result file (message totals) and
+one rank twice), sometimes a checkpoint interval, runs the storm workload
+(mpimig/verify/workload.py of this installation, or your own copy of
+apps/storm.py with --program) with ``mpimig run``, and reads the job's result file (message totals) and
 ``status.json`` (what became of each migration). It prints a line per seed
 and a totals table, and exits non-zero if any seed failed or any message was
 lost, duplicated, reordered or corrupted.
@@ -16,6 +17,7 @@ Even with one host, a migration moves the rank into a new (spawned) process.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -26,8 +28,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ..errors import UsageError
+from . import campaign
 
 MSG_KEYS = ("sent", "received", "lost", "duplicated", "out_of_order", "corrupted", "unexpected",
             "collective_errors")
@@ -35,7 +39,11 @@ BAD_KEYS = ("lost", "duplicated", "out_of_order", "corrupted", "unexpected", "co
 
 
 def default_program() -> Path:
-    return Path(__file__).resolve().parents[2] / "apps" / "storm.py"
+    """The installed storm workload's file (found without importing it: that would start MPI here)."""
+    spec = importlib.util.find_spec("mpimig.verify.workload")
+    if spec is None or spec.origin is None:
+        raise UsageError("mpimig.verify.workload is missing from this installation")
+    return Path(spec.origin).resolve()
 
 
 def this_host() -> str:
@@ -52,7 +60,7 @@ def make_schedule(seed: int, n: int, steps: int, k: int, hosts: list[str]) -> tu
     """
     rnd = random.Random(f"mpimig-storm-{seed}")
     lo, hi = 2, max(3, int(steps * 0.6))
-    migs = [[rnd.randint(lo, hi), rnd.randrange(n), rnd.choice(hosts)] for _ in range(k)]
+    migs: list[list[Any]] = [[rnd.randint(lo, hi), rnd.randrange(n), rnd.choice(hosts)] for _ in range(k)]
     if k >= 2 and n >= 2 and (seed % 2 == 0 or rnd.random() < 0.3):
         a, b = rnd.sample(range(k), 2)                      # two ranks at the same point
         migs[b][0] = migs[a][0]
@@ -95,16 +103,8 @@ def job_env(local_only: bool) -> dict:
     return env
 
 
-def run_seed(seed: int, args, program: Path, hosts: list[str], job_root: Path) -> dict:
-    """Run one seed; return its record (never raises for a failed job)."""
-    jd = job_root / f"seed-{seed:04d}"
-    if jd.exists():
-        shutil.rmtree(jd)
-    jd.mkdir(parents=True)
-    migs, ckpt = make_schedule(seed, args.n, args.steps, args.migrations, hosts)
-    if args.no_ckpt:
-        ckpt = None
-    out = jd / "result.json"
+def seed_command(seed: int, args, program: Path, migs: list[tuple], ckpt: int | None, jd: Path) -> list[str]:
+    """The ``mpimig run`` command line of one seed."""
     cmd = [sys.executable, "-m", "mpimig", "run", "-n", str(args.n), "--job-dir", str(jd),
            "--restart", "never", "--timeout", str(args.timeout)]
     if args.hosts:
@@ -115,45 +115,56 @@ def run_seed(seed: int, args, program: Path, hosts: list[str], job_root: Path) -
     for p, r, h in migs:
         cmd += ["--migrate", f"{p}:{r}:{h}" + (f":{args.strategy}" if args.strategy else "")]
     cmd += [str(program), "--seed", str(seed), "--steps", str(args.steps), "--msgs", str(args.msgs),
-            "--work-ms", str(args.work_ms), "--out", str(out)]
+            "--work-ms", str(args.work_ms), "--out", str(jd / "result.json")]
     if args.ballast:
         cmd += ["--ballast", str(args.ballast)]
-    rec = {"seed": seed, "schedule": [list(m) for m in migs], "ckpt_every": ckpt, "ok": False,
-           "error": None, "dir": str(jd)}
-    t0 = time.monotonic()
-    log = open(jd / "output.log", "w")
-    log.write(" ".join(cmd) + "\n")
-    log.flush()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(program.parent.parent),
-                            env=job_env(not args.hosts), start_new_session=True)
+    return cmd
+
+
+def run_job(cmd: list[str], jd: Path, timeout: float, local_only: bool) -> int | None:
+    """Run ``cmd`` in its own session with output in ``jd/output.log``; its exit
+    status, or None if it was killed after ``timeout`` seconds.
+
+    The job runs in its job directory: ``python -m mpimig`` there imports the
+    same mpimig as this process, never a checkout's from the current directory.
+    """
+    with open(jd / "output.log", "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(jd),
+                                env=job_env(local_only), start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
+        except KeyboardInterrupt:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+
+
+def _read_json(path: Path) -> dict | None:
     try:
-        rc = proc.wait(timeout=args.timeout + 60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        rc = None
-    except KeyboardInterrupt:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-    finally:
-        log.close()
-    rec["seconds"] = round(time.monotonic() - t0, 1)
-    rec["rc"] = rc
-    try:
-        res = json.loads(out.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
-        res = None
-    try:
-        status = json.loads((jd / "status.json").read_text())
-    except (OSError, ValueError):
-        status = {}
-    migrations = status.get("migrations", [])
-    rec["migrations"] = [{k: m.get(k) for k in ("id", "rank", "at_point", "to", "state", "strategy")} for m in migrations]
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _migration_facts(rec: dict, migrations: list[dict], scheduled: int) -> None:
+    """What status.json says became of the scheduled migrations."""
+    rec["migrations"] = [{k: m.get(k) for k in ("id", "rank", "at_point", "to", "state", "strategy")}
+                         for m in migrations]
     rec["done"] = sum(1 for m in migrations if m.get("state") == "done")
     rec["cancelled"] = sum(1 for m in migrations if str(m.get("state", "")).startswith("cancelled"))
     rec["unfinished"] = len(migrations) - rec["done"] - rec["cancelled"]
-    rec["missing"] = max(0, len(migs) - len(migrations))
+    rec["missing"] = max(0, scheduled - len(migrations))
+
+
+def _result_facts(rec: dict, res: dict | None, jd: Path) -> None:
+    """The program's own totals (or, without a result, what the job said about itself)."""
     rec["moved"] = 0
     if res is not None:
         moves = res.get("moves", {})
@@ -162,29 +173,58 @@ def run_seed(seed: int, args, program: Path, hosts: list[str], job_root: Path) -
         for k in MSG_KEYS + ("held_total", "kept_requests", "wildcard", "probe", "deferred"):
             rec[k] = int(res.get(k, 0))
         rec["notes"] = res.get("notes", [])[:10]
-    if res is None:      # what the job said about itself: stuck ranks, errors
-        try:
-            lines = (jd / "output.log").read_text(errors="replace").splitlines()
-        except OSError:
-            lines = []
-        rec["notes"] = [x for x in lines if x.startswith(("storm: rank", "mpimig: rank", "mpimig: job"))][:10]
+        return
+    try:      # stuck ranks, errors
+        lines = (jd / "output.log").read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    rec["notes"] = [x for x in lines if x.startswith(("storm: rank", "mpimig: rank", "mpimig: job"))][:10]
+
+
+def judge(rec: dict, res: dict | None, rc: int | None, migrations: list[dict], timeout: float) -> str | None:
+    """What went wrong with a seed (the first thing of: hang, no result, message errors,
+    exit status, moves the program did not see, unfinished migrations), or None."""
+    log = Path(rec["dir"]) / "output.log"
     if rc is None:
-        rec["error"] = f"timed out after {args.timeout + 60:.0f} s (hang?)"
-    elif res is None:
-        rec["error"] = f"no result file (mpimig run exit status {rc}); see {jd / 'output.log'}"
-    elif not res.get("ok") or any(res.get(k, 0) for k in BAD_KEYS) or res.get("sent") != res.get("expected"):
-        rec["error"] = "message errors: " + ", ".join(f"{k}={res.get(k)}" for k in BAD_KEYS if res.get(k))
-    elif rc != 0:
-        rec["error"] = f"mpimig run exit status {rc}; see {jd / 'output.log'}"
-    elif rec["moved"] != rec["done"]:
-        rec["error"] = (f"status.json has {rec['done']} migrations done, the program saw "
-                        f"{rec['moved']} moves into new processes")
-    elif rec["unfinished"] or rec["missing"]:
-        rec["error"] = (f"{rec['unfinished']} migrations left unfinished, {rec['missing']} missing: "
-                        + ", ".join(f"{m['id']}:{m['state']}" for m in migrations
-                                    if m.get("state") != "done" and not str(m.get("state")).startswith("cancelled")))
-    else:
-        rec["ok"] = True
+        return f"timed out after {timeout:.0f} s (hang?)"
+    if res is None:
+        return f"no result file (mpimig run exit status {rc}); see {log}"
+    if not res.get("ok") or any(res.get(k, 0) for k in BAD_KEYS) or res.get("sent") != res.get("expected"):
+        return "message errors: " + ", ".join(f"{k}={res.get(k)}" for k in BAD_KEYS if res.get(k))
+    if rc != 0:
+        return f"mpimig run exit status {rc}; see {log}"
+    if rec["moved"] != rec["done"]:
+        return (f"status.json has {rec['done']} migrations done, the program saw "
+                f"{rec['moved']} moves into new processes")
+    if rec["unfinished"] or rec["missing"]:
+        return (f"{rec['unfinished']} migrations left unfinished, {rec['missing']} missing: "
+                + ", ".join(f"{m['id']}:{m['state']}" for m in migrations
+                            if m.get("state") != "done" and not str(m.get("state")).startswith("cancelled")))
+    return None
+
+
+def run_seed(seed: int, args, program: Path, hosts: list[str], job_root: Path) -> dict:
+    """Run one seed; return its record (never raises for a failed job)."""
+    jd = job_root / f"seed-{seed:04d}"
+    if jd.exists():
+        shutil.rmtree(jd)
+    jd.mkdir(parents=True)
+    migs, ckpt = make_schedule(seed, args.n, args.steps, args.migrations, hosts)
+    if args.no_ckpt:
+        ckpt = None
+    cmd = seed_command(seed, args, program, migs, ckpt, jd)
+    rec: dict[str, Any] = {"seed": seed, "schedule": [list(m) for m in migs], "ckpt_every": ckpt, "ok": False,
+                           "error": None, "dir": str(jd)}
+    t0 = time.monotonic()
+    rc = run_job(cmd, jd, args.timeout + 60, local_only=not args.hosts)
+    rec["seconds"] = round(time.monotonic() - t0, 1)
+    rec["rc"] = rc
+    res = _read_json(jd / "result.json")
+    migrations = (_read_json(jd / "status.json") or {}).get("migrations", [])
+    _migration_facts(rec, migrations, len(migs))
+    _result_facts(rec, res, jd)
+    rec["error"] = judge(rec, res, rc, migrations, args.timeout + 60)
+    rec["ok"] = rec["error"] is None
     if rec["ok"] and not args.keep_dirs:
         shutil.rmtree(jd / "ckpt", ignore_errors=True)
     return rec
@@ -211,52 +251,51 @@ def format_line(rec: dict) -> str:
     return line
 
 
+def _flag(key: str) -> Any:
+    return lambda r: bool(r.get(key))
+
+
+#: how ``mpimig storm`` totals its seeds and what its table shows
+CAMPAIGN = campaign.Campaign(
+    count_key="seeds", failures_key="failures",
+    sums=MSG_KEYS + ("done", "cancelled", "unfinished", "moved", "held_total"),
+    extra=lambda recs: {"migrations": sum(len(r["schedule"]) for r in recs)},
+    counts=(("with_checkpoints", _flag("ckpt_every")), ("same_point_runs", _flag("same_point")),
+            ("rank_twice_runs", _flag("rank_twice"))),
+    ok=lambda t: t["failures"] == 0 and not any(t[k] for k in BAD_KEYS),
+    rows=(
+        ("seeds run", "seeds"),
+        ("  with checkpoints", "with_checkpoints"),
+        ("messages sent", "sent"),
+        ("messages received", "received"),
+        ("lost", "lost"),
+        ("duplicated", "duplicated"),
+        ("out of order", "out_of_order"),
+        ("corrupted", "corrupted"),
+        ("unexpected matches", "unexpected"),
+        ("collective errors", "collective_errors"),
+        ("held at safe points", "held_total"),
+        ("migrations scheduled", "migrations"),
+        ("migrations done", "done"),
+        ("migrations cancelled", "cancelled"),
+        ("migrations unfinished", "unfinished"),
+        ("moves seen by the program", "moved"),
+        ("runs: 2 ranks moved in one plan", "same_point_runs"),
+        ("runs: a rank moved twice", "rank_twice_runs"),
+        ("failures", "failures"),
+        ("seconds", "seconds"),
+    ))
+
+
 def totals(recs: list[dict]) -> dict:
-    t = {"seeds": len(recs), "failures": sum(1 for r in recs if not r["ok"]),
-         "failed_seeds": [r["seed"] for r in recs if not r["ok"]]}
-    for k in MSG_KEYS + ("done", "cancelled", "unfinished", "moved", "held_total"):
-        t[k] = sum(int(r.get(k, 0)) for r in recs)
-    t["migrations"] = sum(len(r["schedule"]) for r in recs)
-    t["with_checkpoints"] = sum(1 for r in recs if r.get("ckpt_every"))
-    t["same_point_runs"] = sum(1 for r in recs if r.get("same_point"))
-    t["rank_twice_runs"] = sum(1 for r in recs if r.get("rank_twice"))
-    t["seconds"] = round(sum(r.get("seconds", 0) for r in recs), 1)
-    t["ok"] = t["failures"] == 0 and not any(t[k] for k in BAD_KEYS)
-    return t
+    return campaign.totals(recs, CAMPAIGN)
 
 
 def format_totals(t: dict) -> str:
-    rows = [
-        ("seeds run", t["seeds"]),
-        ("  with checkpoints", t["with_checkpoints"]),
-        ("messages sent", t["sent"]),
-        ("messages received", t["received"]),
-        ("lost", t["lost"]),
-        ("duplicated", t["duplicated"]),
-        ("out of order", t["out_of_order"]),
-        ("corrupted", t["corrupted"]),
-        ("unexpected matches", t["unexpected"]),
-        ("collective errors", t["collective_errors"]),
-        ("held at safe points", t["held_total"]),
-        ("migrations scheduled", t["migrations"]),
-        ("migrations done", t["done"]),
-        ("migrations cancelled", t["cancelled"]),
-        ("migrations unfinished", t["unfinished"]),
-        ("moves seen by the program", t["moved"]),
-        ("runs: 2 ranks moved in one plan", t["same_point_runs"]),
-        ("runs: a rank moved twice", t["rank_twice_runs"]),
-        ("failures", t["failures"]),
-        ("seconds", t["seconds"]),
-    ]
-    w = max(len(a) for a, _ in rows)
-    out = ["totals:"] + [f"  {a:<{w}}  {b}" for a, b in rows]
-    if t["failed_seeds"]:
-        out.append(f"  failed seeds: {', '.join(map(str, t['failed_seeds']))}")
-    out.append("RESULT: " + ("OK" if t["ok"] else "FAILED"))
-    return "\n".join(out)
+    return campaign.format_totals(t, CAMPAIGN)
 
 
-def cmd_storm(args) -> int:
+def _check_args(args) -> None:
     if args.n < 2:
         raise UsageError("-n must be at least 2 (a storm needs senders and receivers)")
     if args.strategy:
@@ -266,28 +305,23 @@ def cmd_storm(args) -> int:
             raise UsageError(f"--strategy: {err}")
     if args.seeds < 1 or args.steps < 4 or args.migrations < 0:
         raise UsageError("--seeds must be >= 1, --steps >= 4, --migrations >= 0")
+
+
+def cmd_storm(args) -> int:
+    _check_args(args)
     program = Path(args.program).resolve() if args.program else default_program()
     if not program.exists():
-        raise UsageError(f"storm program {program} not found (give --program PATH/TO/apps/storm.py)")
-    if args.hosts:
-        hosts = [h.split(":")[0] for h in args.hosts.split(",") if h.strip()]
-    else:
-        hosts = [this_host()]
+        raise UsageError(f"storm program {program} not found (give --program PATH/TO/storm.py)")
+    hosts = [h.split(":")[0] for h in args.hosts.split(",") if h.strip()] if args.hosts else [this_host()]
     job_root = Path(args.job_root or Path("mpimig-jobs") / "storm").resolve()
     job_root.mkdir(parents=True, exist_ok=True)
     print(f"mpimig storm: {args.seeds} seeds from {args.first_seed}, {args.n} ranks, {args.steps} steps, "
           f"{args.msgs} messages per step per rank, {args.migrations} migrations per seed onto "
           f"{', '.join(hosts)}; jobs in {job_root}", flush=True)
-    recs = []
-    try:
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            rec = run_seed(seed, args, program, hosts, job_root)
-            recs.append(rec)
-            print(format_line(rec), flush=True)
-            if args.stop_on_failure and not rec["ok"]:
-                break
-    except KeyboardInterrupt:
-        print("mpimig storm: interrupted", file=sys.stderr)
+    recs = campaign.run_seeds(range(args.first_seed, args.first_seed + args.seeds),
+                              lambda seed: run_seed(seed, args, program, hosts, job_root), format_line,
+                              name="mpimig storm",
+                              stop=(lambda rec: not rec["ok"]) if args.stop_on_failure else None)
     t = totals(recs)
     print(format_totals(t), flush=True)
     if args.json:
@@ -312,12 +346,13 @@ def register(sub) -> None:
     p.add_argument("--no-ckpt", action="store_true", help="never add --ckpt-every")
     p.add_argument("--strategy", help="migration strategy of every move (default: stop-and-copy)")
     p.add_argument("--ballast", type=int, default=0, metavar="BYTES",
-                   help="bulk state per rank for the program (apps/storm.py --ballast)")
+                   help="bulk state per rank for the program (its --ballast)")
     p.add_argument("--run-arg", action="append", metavar="ARG",
                    help="extra argument for mpimig run, e.g. --run-arg=--mpiexec-arg=... (repeatable)")
     p.add_argument("--job-root", help="where the job directories go (default mpimig-jobs/storm)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per run (default 300)")
-    p.add_argument("--program", help="the storm program (default apps/storm.py of this checkout)")
+    p.add_argument("--program", help="a storm program of your own, e.g. a copy of apps/storm.py "
+                                     "(default: the installed mpimig/verify/workload.py)")
     p.add_argument("--keep-dirs", action="store_true", help="keep checkpoints of successful runs")
     p.add_argument("--stop-on-failure", action="store_true")
     p.add_argument("--json", metavar="FILE", help="write totals and per-seed records here")

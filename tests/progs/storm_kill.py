@@ -1,19 +1,18 @@
-"""The message storm (apps/storm.py) with the faults of heat_kill.py, for the
+"""The message storm (mpimig.verify.workload) with the faults of heat_kill.py, for the
 fault-tolerance tests: messages in flight at the epoch a job rolls back to must
 be delivered once, in order, after an online recovery.
 
     mpimig run -n 4 --ft --ckpt-every 5 tests/progs/storm_kill.py --kill 2@12 --seed 3 --steps 30 --out r.json
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parents[1] / "apps"))
 import heat_kill  # noqa: E402
-import storm  # noqa: E402
+
+from mpimig.verify import workload as storm  # noqa: E402
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(add_help=False)
@@ -28,7 +27,5 @@ if __name__ == "__main__":
         return storm.main(ctx, args)
     res = mpimig.run(main)
     if res is not None:
-        short = {k: res[k] for k in ("sent", "received", "lost", "duplicated", "out_of_order",
-                                     "corrupted", "unexpected", "collective_errors")}
-        print("storm", json.dumps(short), "OK" if res["ok"] else "ERRORS")
+        print(storm.summary(res, notes=0))
         sys.exit(0 if res["ok"] else 1)
