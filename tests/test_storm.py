@@ -29,6 +29,7 @@ import pytest
 
 from conftest import APPS, ROOT, base_env, mpimig_cmd, run_cmd
 
+from mpimig.errors import UsageError
 from mpimig.ft import inject
 from mpimig.verify import campaign
 from mpimig.verify import storm as storm_cmd
@@ -515,7 +516,7 @@ def test_one_campaign_runs_seeds_and_stops_on_request(capsys):
 
 def test_totals_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)       # import matplotlib fails
-    with pytest.raises(ImportError, match=r"pip install 'mpimig\[plots\]'"):
+    with pytest.raises(UsageError, match=r"pip install 'mpimig\[plots\]'"):
         inject.totals_png(INJECT_REPS, tmp_path / "t.png")
     assert not (tmp_path / "t.png").exists()
 

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import events
+from .._plots import import_pyplot
 from ..errors import UsageError
 from ..verify import campaign
 from .hooks import read_progress
@@ -531,9 +532,7 @@ def format_table(report: dict) -> str:
 
 def timeline_png(report: dict, evs: list[dict], samples: list[list], t0: float, path: Path) -> None:
     """Checkpoint point over time (per run), epochs, faults and recoveries."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = import_pyplot("the timeline plot")
     fig, ax = plt.subplots(figsize=(9, 4.5))
     runs: dict[str, list[list]] = {}
     for s in samples:

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Union
 
+from .._plots import import_pyplot
+
 #: a row of the totals table: (label, key of the totals) or (label, function of the totals
 #: giving the printed value), or a function of the totals giving several (label, value) rows
 Row = Union[tuple[str, str], tuple[str, Callable[[dict], Any]], Callable[[dict], list[tuple[str, Any]]]]
 
-PLOTS_HINT = "pip install 'mpimig[plots]'"
 
 
 @dataclass(frozen=True)
@@ -121,17 +122,6 @@ def stat(xs: Sequence[float]) -> dict | None:
     return {"n": len(xs), "mean": round(sum(xs) / len(xs), 3), "max": round(max(xs), 3)}
 
 
-def pyplot(what: str) -> Any:
-    """matplotlib's pyplot (Agg backend), or an ImportError that says how to install it."""
-    try:
-        import matplotlib
-    except ModuleNotFoundError as exc:
-        raise ImportError(f"{what} needs matplotlib, which is not installed: {PLOTS_HINT}") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 @dataclass(frozen=True)
 class Point:
     """One marker of a per-seed plot."""
@@ -145,7 +135,7 @@ class Point:
 def seeds_png(points: list[Point], path: Path, *, ylabel: str, title: str,
               colors: dict[str, str] | None = None) -> None:
     """A value per seed (several per seed allowed), coloured by group; ``x`` marks the bad ones."""
-    plt = pyplot("the totals plot")
+    plt = import_pyplot("the totals plot")
     colors = colors or {}
     fig, ax = plt.subplots(figsize=(9, 4))
     seen = set()
