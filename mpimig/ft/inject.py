@@ -47,6 +47,8 @@ committed epoch; a lost host ends the job even with ``--ft``. inject sets
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import random
@@ -76,6 +78,18 @@ def parse_fault(spec: str, fid: int) -> dict:
     what, _, when = spec.partition("@")
     kind, _, target = what.partition(":")
     f: dict = {"id": fid, "spec": spec}
+    _parse_what(f, kind, target)
+    if kind in ("migration-source", "migration-target"):
+        if when:
+            raise UsageError(f"--kill {spec}: a migration fault happens at the migration (no @WHEN)")
+        return f
+    _parse_when(f, when)
+    return f
+
+
+def _parse_what(f: dict, kind: str, target: str) -> None:
+    """The ``WHAT`` of a fault: its kind and target (``ranks`` for rank faults)."""
+    spec = f["spec"]
     if kind in ("rank", "ranks"):
         try:
             f["ranks"] = [int(x) for x in target.replace(",", "+").split("+") if x != ""]
@@ -99,17 +113,18 @@ def parse_fault(spec: str, fid: int) -> dict:
     else:
         raise UsageError(f"--kill {spec}: unknown fault {kind!r}; one of rank, ranks, host, coordinator, "
                          "ckpt-write, migration-source, migration-target")
+
+
+def _parse_when(f: dict, when: str) -> None:
+    """The ``WHEN`` of a fault: ``epoch`` for a checkpoint write, else ``point`` or ``time``."""
+    spec = f["spec"]
     wkind, _, wval = when.partition(":")
-    if kind in ("migration-source", "migration-target"):
-        if when:
-            raise UsageError(f"--kill {spec}: a migration fault happens at the migration (no @WHEN)")
-        return f
-    if kind == "ckpt-write":
+    if f["kind"] == "ckpt-write":
         if wkind not in ("", "epoch"):
             raise UsageError(f"--kill {spec}: a checkpoint-write fault takes @epoch:E")
         f["epoch"] = int(wval or 2)
         f["when"] = f"epoch {f['epoch']}"
-        return f
+        return
     try:
         if wkind in ("point", "step"):
             f["point"] = int(wval)
@@ -121,7 +136,6 @@ def parse_fault(spec: str, fid: int) -> dict:
             raise ValueError
     except ValueError:
         raise UsageError(f"--kill {spec}: say when: @point:P (or @step:P) or @time:S") from None
-    return f
 
 
 def random_schedule(seed: int, k: int, kinds: list[str], n: int, span: int, ckpt_every: int,
@@ -228,9 +242,56 @@ def _lab():
         return None
 
 
-def run_experiment(args, run_args: list[str], faults: list[dict], job_dir: Path, report_dir: Path,
-                   program: str, prog_args: list[str], quiet: bool = False) -> dict:
+class _Watch:
+    """What the injector has seen of one job so far, and the faults it fired."""
+
+    def __init__(self, job_dir: Path, report_dir: Path, faults: list[dict], t_launch: float,
+                 say: Callable[[str], None], quiet: bool):
+        self.job_dir, self.report_dir, self.faults = job_dir, report_dir, faults
+        self.t_launch, self.say, self.quiet = t_launch, say, quiet
+        self.status = _Status(job_dir)
+        self.samples: list[list] = []
+        self.tail: list = [0, b""]          # events.jsonl: bytes read, partial last line
+        self.run_id: str | None = None
+        self.t_started: float | None = None
+        self.fired: dict[int, dict] = {}
+        self.killed_hosts: list[str] = []
+        self.last_print = 0.0
+
+
+def run_experiment(args: argparse.Namespace, run_args: list[str], faults: list[dict], job_dir: Path,
+                   report_dir: Path, program: str, prog_args: list[str], quiet: bool = False) -> dict:
     """Start the job, inject ``faults``, wait for the end, verify; return the report."""
+    _fresh_dirs(job_dir, report_dir)
+    cmd = [sys.executable, "-m", "mpimig", "run", *run_args]
+    say: Callable[[str], None] = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
+    say(f"mpimig inject: {len(faults)} fault(s): {', '.join(f['spec'] for f in faults) or 'none'}")
+    say(f"mpimig inject: job {job_dir}; run output in {report_dir}/run.err")
+    # the job's output files stay open while it runs; closed once it has ended
+    with open(report_dir / "run.out", "w") as out, open(report_dir / "run.err", "w") as err:
+        t_launch = time.time()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=_job_env(faults, report_dir),
+                                start_new_session=True)
+        w = _Watch(job_dir, report_dir, faults, t_launch, say, quiet)
+        try:
+            timed_out = _watch(proc, w, time.monotonic() + args.experiment_timeout)
+        finally:
+            _stop(proc, w)
+    t_end = time.time()
+    evs = events.read(job_dir)
+    completed = _completed(job_dir, proc)
+    out_path = _opt_value(prog_args, "--out")
+    verified, ref_path = _verify(args, completed, program, prog_args, out_path, report_dir)
+    report = analyse(evs, faults, w.samples, t_launch, t_end, completed, verified)
+    report.update({"command": cmd, "job_dir": str(job_dir), "report_dir": str(report_dir),
+                   "result": out_path, "reference": str(ref_path) if ref_path else None,
+                   "timed_out": timed_out, "returncode": proc.returncode})
+    _write_report(report, evs, w)
+    return report
+
+
+def _fresh_dirs(job_dir: Path, report_dir: Path) -> None:
+    """No records of an earlier run in the job directory; an empty report directory."""
     for p in (job_dir / "events.jsonl", job_dir / "complete.json", job_dir / "status.json"):
         if p.exists():
             p.unlink()
@@ -238,114 +299,123 @@ def run_experiment(args, run_args: list[str], faults: list[dict], job_dir: Path,
         shutil.rmtree(report_dir)
     report_dir.mkdir(parents=True)
     job_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _fired_in_process(f: dict) -> bool:
+    """Faults the job's own processes fire at an exact place (mpimig/ft/hooks.py)."""
+    return f["kind"] in IN_PROCESS or (f["kind"] == "rank" and "point" in f)
+
+
+def _job_env(faults: list[dict], report_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env["MPIMIG_INJECT"] = json.dumps([f for f in faults if f["kind"] in IN_PROCESS
-                                       or (f["kind"] == "rank" and "point" in f)])
+    env["MPIMIG_INJECT"] = json.dumps([f for f in faults if _fired_in_process(f)])
     env["MPIMIG_INJECT_DIR"] = str(report_dir)
-    cmd = [sys.executable, "-m", "mpimig", "run", *run_args]
-    say = (lambda *a: None) if quiet else (lambda msg: print(msg, flush=True))
-    say(f"mpimig inject: {len(faults)} fault(s): {', '.join(f['spec'] for f in faults) or 'none'}")
-    say(f"mpimig inject: job {job_dir}; run output in {report_dir}/run.err")
-    out = open(report_dir / "run.out", "w")
-    err = open(report_dir / "run.err", "w")
-    t_launch = time.time()
-    proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
-    status = _Status(job_dir)
-    samples: list[list] = []
-    tail = [0, b""]          # events.jsonl: bytes read, partial last line
-    run_id = None
-    t_started = None
-    fired: dict[int, dict] = {}
-    killed_hosts: list[str] = []
-    deadline = time.monotonic() + args.experiment_timeout
-    last_print = 0.0
-    timed_out = False
-    try:
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                timed_out = True
-                break
-            new, tail = _read_new(job_dir / events.EVENTS_FILE, tail)
-            for ev in new:
-                if ev["event"] == "launch":
-                    run_id = ev["run_id"]
-                if ev["event"] == "started" and t_started is None:
-                    t_started = ev["t"]
-                if ev["event"] in ("injected", "job_lost", "relaunch", "started", "failure", "recovered",
-                                   "finished"):
-                    say("  " + describe_event(ev, t_launch))
-            pr = read_progress(report_dir)
-            if pr and (not samples or samples[-1][:3] != [pr[1], pr[0], pr[2]]):
-                samples.append([pr[1], pr[0], pr[2]])
-            for f in faults:
-                if f["id"] in fired or f["kind"] in IN_PROCESS or (f["kind"] == "rank" and "point" in f):
-                    continue
-                due = (("point" in f and pr is not None and pr[0] >= f["point"] and pr[2] == run_id)
-                       or ("time" in f and t_started is not None and time.time() - t_started >= f["time"]))
-                if due:
-                    # the time of the fault is taken before the kill: the launcher may log
-                    # the job's loss before this event is written
-                    t_fire = time.time()
-                    rec = _fire(f, status, run_id, pr)
-                    if rec is not None:
-                        fired[f["id"]] = rec
-                        if f["kind"] == "host":
-                            killed_hosts.append(f["target"])
-                        events.emit(job_dir, "injected", run_id or "", id=f["id"], kind=f["kind"],
-                                    target=f["target"], by="injector", t=t_fire, **rec)
-            if not quiet and time.monotonic() - last_print > 2.0:
-                last_print = time.monotonic()
-                if pr is None:
-                    pt = "starting"
-                elif time.time() - pr[1] > 2.0:
-                    pt = f"point {pr[0]}, epoch {pr[3]}: no new point for {time.time() - pr[1]:.0f} s"
-                else:
-                    pt = f"point {pr[0]}, epoch {pr[3]}"
-                say(f"  {time.time() - t_launch:6.1f} s  {pt}")
-            time.sleep(0.01)      # polling the job's files against the deadline
-    finally:
-        if proc.poll() is None:
-            from .._proc import kill_session
-            kill_session(proc.pid)
-        proc.wait()
-        out.close()
-        err.close()
-        lab = _lab()
-        for h in killed_hosts:
-            if lab is not None:
-                from ..lab.hosts import revive
-                try:
-                    revive(lab, h)
-                except Exception as exc:  # noqa: BLE001 - report, do not hide the experiment
-                    say(f"mpimig inject: could not revive {h}: {exc}")
-    t_end = time.time()
-    evs = events.read(job_dir)
+    return env
+
+
+def _watch(proc: subprocess.Popen, w: _Watch, deadline: float) -> bool:
+    """Follow the job until it ends, firing the faults that are due; True if it hit ``deadline``."""
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            return True
+        _take_events(w)
+        pr = read_progress(w.report_dir)
+        if pr and (not w.samples or w.samples[-1][:3] != [pr[1], pr[0], pr[2]]):
+            w.samples.append([pr[1], pr[0], pr[2]])
+        _fire_due(w, pr)
+        if not w.quiet and time.monotonic() - w.last_print > 2.0:
+            w.last_print = time.monotonic()
+            w.say(f"  {time.time() - w.t_launch:6.1f} s  {_progress_text(pr)}")
+        time.sleep(0.01)      # polling the job's files against the deadline
+    return False
+
+
+def _take_events(w: _Watch) -> None:
+    """Read the job's new events: the run id, when it started computing; print the telling ones."""
+    new, w.tail = _read_new(w.job_dir / events.EVENTS_FILE, w.tail)
+    for ev in new:
+        if ev["event"] == "launch":
+            w.run_id = ev["run_id"]
+        if ev["event"] == "started" and w.t_started is None:
+            w.t_started = ev["t"]
+        if ev["event"] in ("injected", "job_lost", "relaunch", "started", "failure", "recovered", "finished"):
+            w.say("  " + describe_event(ev, w.t_launch))
+
+
+def _is_due(f: dict, w: _Watch, pr: tuple | None) -> bool:
+    return (("point" in f and pr is not None and pr[0] >= f["point"] and pr[2] == w.run_id)
+            or ("time" in f and w.t_started is not None and time.time() - w.t_started >= f["time"]))
+
+
+def _fire_due(w: _Watch, pr: tuple | None) -> None:
+    """Fire the faults fired from outside the job whose point or time has come."""
+    for f in w.faults:
+        if f["id"] in w.fired or _fired_in_process(f) or not _is_due(f, w, pr):
+            continue
+        # the time of the fault is taken before the kill: the launcher may log
+        # the job's loss before this event is written
+        t_fire = time.time()
+        rec = _fire(f, w.status, w.run_id, pr)
+        if rec is not None:
+            w.fired[f["id"]] = rec
+            if f["kind"] == "host":
+                w.killed_hosts.append(f["target"])
+            events.emit(w.job_dir, "injected", w.run_id or "", id=f["id"], kind=f["kind"],
+                        target=f["target"], by="injector", t=t_fire, **rec)
+
+
+def _progress_text(pr: tuple | None) -> str:
+    if pr is None:
+        return "starting"
+    if time.time() - pr[1] > 2.0:
+        return f"point {pr[0]}, epoch {pr[3]}: no new point for {time.time() - pr[1]:.0f} s"
+    return f"point {pr[0]}, epoch {pr[3]}"
+
+
+def _stop(proc: subprocess.Popen, w: _Watch) -> None:
+    """End the job if it still runs (its session, by pid) and bring back the hosts it killed."""
+    if proc.poll() is None:
+        from .._proc import kill_session
+        kill_session(proc.pid)
+    proc.wait()
+    lab = _lab()
+    for h in w.killed_hosts:
+        if lab is not None:
+            from ..lab.hosts import revive
+            try:
+                revive(lab, h)
+            except Exception as exc:  # noqa: BLE001 - report, do not hide the experiment
+                w.say(f"mpimig inject: could not revive {h}: {exc}")
+
+
+def _completed(job_dir: Path, proc: subprocess.Popen) -> bool:
+    """The job says it completed (complete.json) and its launcher ended well."""
     rec = None
-    try:
+    with contextlib.suppress(OSError, ValueError):
         rec = json.loads((job_dir / "complete.json").read_text())
-    except (OSError, ValueError):
-        pass
-    completed = bool(rec and rec.get("status") == "ok" and proc.returncode == 0)
-    verified = None
-    ref_path = None
-    out_path = _opt_value(prog_args, "--out")
-    if args.verify == "serial" and out_path and completed:
-        ref_path = reference(program, [a for a in prog_args], Path(args.reference_dir or report_dir.parent))
-        verified = Path(out_path).exists() and same_bits(Path(out_path), ref_path)
-    elif args.verify == "serial" and out_path:
-        verified = False
-    report = analyse(evs, faults, samples, t_launch, t_end, completed, verified)
-    report.update({"command": cmd, "job_dir": str(job_dir), "report_dir": str(report_dir),
-                   "result": out_path, "reference": str(ref_path) if ref_path else None,
-                   "timed_out": timed_out, "returncode": proc.returncode})
-    (report_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    return bool(rec and rec.get("status") == "ok" and proc.returncode == 0)
+
+
+def _verify(args: argparse.Namespace, completed: bool, program: str, prog_args: list[str], out_path: str | None,
+            report_dir: Path) -> tuple[bool | None, Path | None]:
+    """With ``--verify serial``: is the job's ``--out`` bit-identical to the reference (and where that is)."""
+    if args.verify != "serial" or not out_path:
+        return None, None
+    if not completed:
+        return False, None
+    ref_path = reference(program, list(prog_args), Path(args.reference_dir or report_dir.parent))
+    return Path(out_path).exists() and same_bits(Path(out_path), ref_path), ref_path
+
+
+def _write_report(report: dict, evs: list[dict], w: _Watch) -> None:
+    """report.json, then the timeline PNG (or why there is none) and report.json again."""
+    (w.report_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
     try:
-        timeline_png(report, evs, samples, t_launch, report_dir / "timeline.png")
-        report["png"] = str(report_dir / "timeline.png")
+        timeline_png(report, evs, w.samples, w.t_launch, w.report_dir / "timeline.png")
+        report["png"] = str(w.report_dir / "timeline.png")
     except Exception as exc:  # noqa: BLE001 - the JSON report stands without the picture
         report["png_error"] = f"{type(exc).__name__}: {exc}"
-    (report_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    return report
+    (w.report_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
 
 
 def _read_new(path: Path, tail: list):
@@ -360,10 +430,8 @@ def _read_new(path: Path, tail: list):
     lines = buf.split(b"\n")
     out = []
     for line in lines[:-1]:
-        try:
+        with contextlib.suppress(ValueError):    # a line that is not JSON is skipped
             out.append(json.loads(line))
-        except ValueError:
-            pass
     return out, [tail[0] + len(data), lines[-1]]
 
 
@@ -437,7 +505,9 @@ def analyse(evs: list[dict], faults: list[dict], samples: list[list], t0: float,
     injected = sorted((e for e in evs if e["event"] == "injected"), key=lambda e: e["t"])
     by_id: dict[int, list[dict]] = {}
     for e in injected:
-        by_id.setdefault(e.get("id"), []).append(e)
+        fid = e.get("id")
+        if fid is not None:       # an injected event without a fault id matches no fault
+            by_id.setdefault(fid, []).append(e)
     for f in faults:
         inj = by_id.get(f["id"], [])
         row = {"id": f["id"], "spec": f["spec"], "kind": f["kind"], "target": f["target"],
@@ -560,9 +630,10 @@ def timeline_png(report: dict, evs: list[dict], samples: list[list], t0: float, 
     ax.set_xlabel("seconds since launch")
     ax.set_ylabel("checkpoint point (rank 0)")
     ok = "survived" if report["ok"] else "NOT survived"
-    ax.set_title(f"{report['injected']} fault(s), {report['survived']} survived; result "
-                 f"{'bit-identical' if report['verified'] else 'not verified' if report['verified'] is None else 'DIFFERENT'}"
-                 f" ({ok})", fontsize=9)
+    result = ("bit-identical" if report["verified"] else "not verified" if report["verified"] is None
+              else "DIFFERENT")
+    ax.set_title(f"{report['injected']} fault(s), {report['survived']} survived; result {result} ({ok})",
+                 fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -670,70 +741,84 @@ def _span(prog_args: list[str], given: int | None) -> int:
     return int(v)
 
 
-def cmd_inject(args) -> int:
-    from ..launch.launcher import run_argv
-    actions = args._run_actions
+def cmd_inject(args: argparse.Namespace) -> int:
     if args.seeds and args.kill:
         raise UsageError("--seeds draws random faults: do not combine it with --kill")
     if args.n < 1:
         raise UsageError("-n must be at least 1")
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in RANDOM_KINDS]
-    if bad:
-        raise UsageError(f"--kinds: unknown {', '.join(bad)}; use {', '.join(RANDOM_KINDS)}")
     hosts = [h.split(":")[0] for h in (args.hosts or "").split(",") if h.strip()]
-    if "host" in kinds and (args.seeds or args.seed is not None) and (len(hosts) < 2 or _lab() is None):
-        if args.kinds_given:
-            raise UsageError("--kinds host needs the lab (mpimig lab up) and at least 2 hosts in --hosts")
-        kinds = [k for k in kinds if k != "host"]
+    kinds = _kinds(args, hosts)
     program = str(Path(args.program).resolve()) if args.program.endswith(".py") else args.program
     args.coordinator = True             # status.json: the pids of ranks and coordinator
     base_job = Path(args.job_dir or Path("mpimig-jobs") / f"inject-{Path(args.program).stem}").resolve()
     if args.verify == "auto":
         args.verify = "serial" if _opt_value(args.args, "--out") else "none"
+    one = functools.partial(_one_job, args, program)
+    if args.seeds:
+        return _cmd_seeds(args, one, kinds, hosts, base_job)
 
-    def one(seed: int | None, faults: list[dict], job_dir: Path, report_dir: Path, quiet: bool) -> dict:
-        prog_args = [a.replace("{job}", str(job_dir)) for a in args.args]
-        ns = argparse.Namespace(**vars(args))
-        ns.args = prog_args
-        ns.program = program
-        ns.job_dir = str(job_dir)
-        ns.restart = "never"
-        if not ns.relaunch:       # a lost host loses the job even with --ft
-            ns.relaunch = len(faults) + 1
-        if ns.timeout is None:
-            ns.timeout = args.experiment_timeout / 2
-        rep = run_experiment(args, run_argv(ns, actions), faults, job_dir, report_dir, program, prog_args,
-                             quiet=quiet)
-        rep["seed"] = seed
-        rep["schedule"] = [f["spec"] for f in faults]
-        (report_dir / "report.json").write_text(json.dumps(rep, indent=1, default=str))
-        return rep
+    faults = _schedule(args, kinds, hosts)
+    report_dir = Path(args.report).resolve() if args.report else base_job / "inject"
+    rep = one(args.seed, faults, base_job, report_dir, quiet=False)
+    print(format_table(rep), flush=True)
+    print(f"mpimig inject: report {report_dir / 'report.json'}"
+          + (f", timeline {rep['png']}" if rep.get("png") else f" (no PNG: {rep.get('png_error')})"))
+    return 0 if rep["ok"] else 1
 
-    if not args.seeds:
-        if args.seed is not None:
-            faults = random_schedule(args.seed, args.random, kinds, args.n, _span(args.args, args.span),
-                                     args.ckpt_every, hosts)
-        else:
-            faults = [parse_fault(s, i + 1) for i, s in enumerate(args.kill or [])]
-        if not faults:
-            raise UsageError("no fault to inject: give --kill WHAT@WHEN, --seed S, or --seeds N")
-        for f in faults:
-            for r in f.get("ranks", []):
-                if not 0 <= r < args.n:
-                    raise UsageError(f"--kill {f['spec']}: rank {r} does not exist (ranks 0..{args.n - 1})")
-            if f["kind"] == "host" and hosts and f["target"] not in hosts:
-                raise UsageError(f"--kill {f['spec']}: host {f['target']} is not in --hosts ({', '.join(hosts)})")
-            if f["kind"].startswith("migration") and not args.migrate:
-                raise UsageError(f"--kill {f['spec']}: the job has no migration: add --migrate STEP:RANK:HOST")
-        report_dir = Path(args.report).resolve() if args.report else base_job / "inject"
-        rep = one(args.seed, faults, base_job, report_dir, quiet=False)
-        print(format_table(rep), flush=True)
-        print(f"mpimig inject: report {report_dir / 'report.json'}"
-              + (f", timeline {rep['png']}" if rep.get("png") else f" (no PNG: {rep.get('png_error')})"))
-        return 0 if rep["ok"] else 1
 
-    return _cmd_seeds(args, one, kinds, hosts, base_job)
+def _kinds(args: argparse.Namespace, hosts: list[str]) -> list[str]:
+    """The kinds a random schedule draws from (``host`` only with the lab and 2+ hosts)."""
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in RANDOM_KINDS]
+    if bad:
+        raise UsageError(f"--kinds: unknown {', '.join(bad)}; use {', '.join(RANDOM_KINDS)}")
+    if "host" in kinds and (args.seeds or args.seed is not None) and (len(hosts) < 2 or _lab() is None):
+        if args.kinds_given:
+            raise UsageError("--kinds host needs the lab (mpimig lab up) and at least 2 hosts in --hosts")
+        kinds = [k for k in kinds if k != "host"]
+    return kinds
+
+
+def _schedule(args: argparse.Namespace, kinds: list[str], hosts: list[str]) -> list[dict]:
+    """The faults of one job: ``--seed``'s random schedule or the ``--kill`` list, checked against the job."""
+    if args.seed is not None:
+        faults = random_schedule(args.seed, args.random, kinds, args.n, _span(args.args, args.span),
+                                 args.ckpt_every, hosts)
+    else:
+        faults = [parse_fault(s, i + 1) for i, s in enumerate(args.kill or [])]
+    if not faults:
+        raise UsageError("no fault to inject: give --kill WHAT@WHEN, --seed S, or --seeds N")
+    for f in faults:
+        for r in f.get("ranks", []):
+            if not 0 <= r < args.n:
+                raise UsageError(f"--kill {f['spec']}: rank {r} does not exist (ranks 0..{args.n - 1})")
+        if f["kind"] == "host" and hosts and f["target"] not in hosts:
+            raise UsageError(f"--kill {f['spec']}: host {f['target']} is not in --hosts ({', '.join(hosts)})")
+        if f["kind"].startswith("migration") and not args.migrate:
+            raise UsageError(f"--kill {f['spec']}: the job has no migration: add --migrate STEP:RANK:HOST")
+    return faults
+
+
+def _one_job(args: argparse.Namespace, program: str, seed: int | None, faults: list[dict], job_dir: Path,
+             report_dir: Path, quiet: bool) -> dict:
+    """Run one job with ``faults`` (``mpimig run`` with the command's options) and write its report."""
+    from ..launch.launcher import run_argv
+    prog_args = [a.replace("{job}", str(job_dir)) for a in args.args]
+    ns = argparse.Namespace(**vars(args))
+    ns.args = prog_args
+    ns.program = program
+    ns.job_dir = str(job_dir)
+    ns.restart = "never"
+    if not ns.relaunch:       # a lost host loses the job even with --ft
+        ns.relaunch = len(faults) + 1
+    if ns.timeout is None:
+        ns.timeout = args.experiment_timeout / 2
+    rep = run_experiment(args, run_argv(ns, args._run_actions), faults, job_dir, report_dir, program, prog_args,
+                         quiet=quiet)
+    rep["seed"] = seed
+    rep["schedule"] = [f["spec"] for f in faults]
+    (report_dir / "report.json").write_text(json.dumps(rep, indent=1, default=str))
+    return rep
 
 
 def _cmd_seeds(args, one: Callable[..., dict], kinds: list[str], hosts: list[str], base_job: Path) -> int:
