@@ -58,7 +58,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .. import events
 from ..errors import UsageError
@@ -75,6 +75,9 @@ from .report import (
     totals,
     totals_png,
 )
+
+if TYPE_CHECKING:
+    from ..lab.hosts import Lab
 
 KINDS = ("rank", "host", "coordinator", "ckpt-write", "migration-source", "migration-target")
 RANDOM_KINDS = ("rank", "ranks", "host", "coordinator", "ckpt-write")
@@ -244,7 +247,7 @@ def _kill(pid: int) -> bool:
         return False
 
 
-def _lab():
+def _lab() -> Lab | None:
     try:
         from .. import lab
         return lab.current()
@@ -428,7 +431,7 @@ def _write_report(report: dict, evs: list[dict], w: _Watch) -> None:
     (w.report_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
 
 
-def _read_new(path: Path, tail: list):
+def _read_new(path: Path, tail: list) -> tuple[list[dict], list]:
     """Events appended to ``path`` since the last call (``tail``: offset, partial line)."""
     try:
         with open(path, "rb") as fh:
@@ -445,7 +448,7 @@ def _read_new(path: Path, tail: list):
     return out, [tail[0] + len(data), lines[-1]]
 
 
-def _fire(f: dict, status: _Status, run_id: str | None, pr) -> dict | None:
+def _fire(f: dict, status: _Status, run_id: str | None, pr: tuple | None) -> dict | None:
     """Kill what ``f`` names, found by the job's records; None if not yet possible."""
     point = pr[0] if pr else None
     if f["kind"] == "host":
@@ -558,7 +561,8 @@ def _one_job(args: argparse.Namespace, program: str, seed: int | None, faults: l
     return rep
 
 
-def _cmd_seeds(args, one: Callable[..., dict], kinds: list[str], hosts: list[str], base_job: Path) -> int:
+def _cmd_seeds(args: argparse.Namespace, one: Callable[..., dict], kinds: list[str], hosts: list[str],
+               base_job: Path) -> int:
     """``--seeds N``: a job per seed with a random schedule, a line per job, the totals and their plot."""
     root = Path(args.report).resolve() if args.report else base_job
     root.mkdir(parents=True, exist_ok=True)
@@ -621,7 +625,7 @@ def register(sub) -> None:
     p.set_defaults(func=_dispatch, _run_actions=actions)
 
 
-def _dispatch(args) -> int:
+def _dispatch(args: argparse.Namespace) -> int:
     args.kinds_given = args.kinds is not None
     if args.kinds is None:
         args.kinds = "rank,ranks,coordinator,ckpt-write,host"
