@@ -25,6 +25,7 @@ from conftest import APPS, mpimig_cmd, run_cmd
 from mpimig import events
 from mpimig.errors import UsageError
 from mpimig.ft.inject import parse_fault, random_schedule
+from mpimig.ft.report import analyse, format_table
 
 pytest_plugins = ["lab_fixtures"]      # mpich_bin: a venv with the MPICH wheel (no lab needed)
 
@@ -134,7 +135,49 @@ def test_random_schedules_are_seeded_and_within_the_run():
     assert sum(f["kind"] == "host" for f in a) <= 1      # one host per job: the others stay for the relaunch
 
 
+def _ev(event: str, t: float, run_id: str = "r1", **kw) -> dict:
+    return {"event": event, "t": t, "run_id": run_id, **kw}
 
+
+def test_report_matches_a_fault_with_the_first_loss_and_restart_after_it():
+    """The analysis alone, on an event log written here: fault 1 is survived by relaunch,
+    fault 2 never fired, and an injected event without a fault id matches no fault."""
+    evs = [_ev("launch", 100.0), _ev("epoch", 101.0, point=5),
+           _ev("injected", 102.0, id=1, kind="rank", target="1", point=7, pids=[11]),
+           _ev("injected", 102.1, kind="rank", target="2", pids=[12]),
+           _ev("job_lost", 102.5, reason="signal 9"), _ev("relaunch", 103.0, "r2", epoch=1, lost_hosts=[]),
+           _ev("started", 104.0, "r2", role="restarted", point=5, epoch=1), _ev("resumed", 104.5, "r2")]
+    faults = [parse_fault("rank:1@point:7", 1), parse_fault("rank:2@point:30", 2)]
+    samples = [[101.5, 6, "r1"], [102.2, 8, "r1"], [104.2, 6, "r2"]]
+    rep = analyse(evs, faults, samples, 100.0, 110.0, True, True)
+    f1, f2 = rep["faults"]
+    assert f1 == {"id": 1, "spec": "rank:1@point:7", "kind": "rank", "target": "1", "fired": True,
+                  "t_inject": 2.0, "pids": [11], "run_id": "r1", "tmp_dir_seen": None, "path": "relaunch",
+                  "detect_s": 0.5, "reason": "signal 9", "epoch": 1, "lost_hosts": [], "recover_s": 2.0,
+                  "restored_point": 5, "restore": "disk", "failed_point": 8, "resume_s": 2.5,
+                  "work_lost_points": 3, "survived": True}
+    assert f2 == {"id": 2, "spec": "rank:2@point:30", "kind": "rank", "target": "2", "fired": False,
+                  "survived": None}
+    assert {k: rep[k] for k in ("injected", "survived", "not_fired", "relaunches", "online_recoveries",
+                                "wall_seconds", "ok")} == {"injected": 1, "survived": 1, "not_fired": 1,
+                                                           "relaunches": 1, "online_recoveries": 0,
+                                                           "wall_seconds": 10.0, "ok": True}
+    # a result that differs from the reference: nothing is survived
+    assert analyse(evs, faults, samples, 100.0, 110.0, True, False)["survived"] == 0
+    table = format_table(rep)
+    assert "relaunch" in table and "not fired" in table and "survived 1" in table
+
+
+def test_report_of_an_online_recovery():
+    evs = [_ev("launch", 100.0), _ev("injected", 102.0, id=1, kind="rank", target="1", point=7, pids=[11]),
+           _ev("failure", 102.2, by=0, point=7), _ev("resumed", 102.5),
+           _ev("recovered", 103.0, detected_at=102.1, point=5, epoch=1, failed_point=7,
+               restore_kinds=["memory", "buddy"]), _ev("resumed", 103.4)]
+    rep = analyse(evs, [parse_fault("rank:1@point:7", 1)], [], 100.0, 105.0, True, True)
+    r = rep["faults"][0]
+    assert (r["path"], r["detect_s"], r["recover_s"], r["resume_s"]) == ("online", 0.1, 1.0, 1.4)
+    assert (r["restore"], r["restored_point"], r["work_lost_points"], r["survived"]) == ("buddy", 5, 2, True)
+    assert rep["online_recoveries"] == 1 and rep["relaunches"] == 0 and rep["ok"]
 
 
 def test_mpich_ft_says_online_recovery_is_off_and_relaunches(mpich_bin, tmp_path):
