@@ -25,7 +25,7 @@ import numpy as np
 from mpi4py import MPI
 from mpi4py.util import pkl5
 
-from ..migration import transport as migration
+from ..migration import transport
 from ..migration.protocol import TAG_ASSIGN
 
 log = logging.getLogger(__name__)
@@ -247,8 +247,8 @@ def _spawn(S: MPI.Intracomm, plan: dict, argv: list[str], cwd: str) -> MPI.Intra
         inter = S.Spawn(argv[0], argv[1:], k, info=info, root=0)
     finally:
         info.Free()
-    migration.track(inter)
-    return migration.track(inter.Merge(high=False))
+    transport.track(inter)
+    return transport.track(inter.Merge(high=False))
 
 
 def recover(J: MPI.Intracomm, me: dict, *, A: MPI.Intracomm | None = None, ckpt_dir=None, own: Copy | None = None,
@@ -265,7 +265,7 @@ def recover(J: MPI.Intracomm, me: dict, *, A: MPI.Intracomm | None = None, ckpt_
                 except MPI.Exception:
                     pass
         try:
-            S = migration.track(J.Shrink())
+            S = transport.track(J.Shrink())
             t_shrunk = time.time()
             table = allgather_obj(S, me)
             plan = decide(table)
@@ -307,9 +307,9 @@ def _finish(M: MPI.Intracomm, plan: dict, table: list[dict], kind: str, rank: in
             me: dict) -> Outcome:
     size = plan["size"]
     key = 0 if kind == "coordinator" else (1 + rank if kind == "rank" else 1 + size + M.Get_rank())
-    Jn = migration.track(M.Split(0, key))
+    Jn = transport.track(M.Split(0, key))
     A = Jn.Split(0 if kind == "rank" else MPI.UNDEFINED, rank if kind == "rank" else 0)
-    A = None if A == MPI.COMM_NULL else migration.track(A)
+    A = None if A == MPI.COMM_NULL else transport.track(A)
     t_replaced = time.time()
     members = allgather_obj(Jn, {"kind": kind, "rank": rank, "host": MPI.Get_processor_name(),
                                  "pid": os.getpid(), "replacement": replacement})
@@ -368,3 +368,17 @@ def _read_disk(ckpt_dir, epoch: int, rank: int) -> Copy:
     return Copy(rank, epoch, rs.arrays, {k: dumps(k, v) for k, v in rs.objects.items()},
                 {"queue": [(m[0], m[1], m[3]) for m in rs.extra.get("queue", [])],
                  "point": int(rs.extra.get("point", 0))})
+
+
+def finalize_watchdog(seconds: float = 10.0) -> None:
+    """After a failure MPI_Finalize can hang (shared/PLATFORM.md, ompi#11404): the job's
+    result is recorded by now, so a process still finalizing after ``seconds`` exits."""
+    import threading
+
+    def bail() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    t = threading.Timer(seconds, bail)
+    t.daemon = True
+    t.start()

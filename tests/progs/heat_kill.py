@@ -71,15 +71,14 @@ def add_fault_options(p):
 
 
 def arm_migration_kill(own):
-    """--kill-migrating: replace the state transfer's send or receive by a suicide."""
+    """--kill-migrating: a suicide at the migration-source (or -target) hook point."""
     if own.kill_migrating:
-        from mpimig.migration import transport as migration
-        name = "send_state" if own.kill_migrating == "source" else "recv_state"
+        from mpimig.ft import hooks
 
-        def dying(*a, **k):
+        def dying(**info):
             print(f"killing the migration {own.kill_migrating} (pid {os.getpid()})", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        setattr(migration, name, dying)
+        hooks.register(f"migration-{own.kill_migrating}", dying)
 
 
 def main(ctx, own, args):
