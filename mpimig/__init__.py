@@ -16,8 +16,8 @@ _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 _LAZY = {
     "run": "runtime", "Context": "runtime",
     "Comm": "comm", "Request": "comm", "ANY_SOURCE": "comm", "ANY_TAG": "comm", "PROC_NULL": "comm",
-    "State": "state", "Config": "config",
-    "CheckpointStore": "checkpoint",
+    "State": "state", "Config": "launch.config",
+    "CheckpointStore": "checkpoint.store",
 }
 
 __all__ = [

@@ -110,7 +110,7 @@ class Request:
         if self._done:
             return True
         if self._kind == "send":
-            if self._mpi.Test():
+            if self._mpi is None or self._mpi.Test():
                 self._done = True
             return self._done
         self._comm._progress()
@@ -120,7 +120,8 @@ class Request:
         if self._done:
             return
         if self._kind == "send":
-            self._mpi.Wait()
+            if self._mpi is not None:
+                self._mpi.Wait()
             self._done = True
             return
         self._comm._wait_recv(self)
@@ -477,10 +478,7 @@ class Comm:
         while i < len(pend):
             r = pend[i]
             try:
-                if i == 0:
-                    done = self._match(r)
-                else:
-                    done = self._match_after(r, pend, i)
+                done = self._match(r) if i == 0 else self._match_after(r, pend, i)
             except BaseException:
                 del pend[i]               # a failed receive (e.g. truncation) is not pending any more
                 raise
@@ -656,7 +654,8 @@ class Comm:
         # everything we sent has been drained by its receiver: sends are complete
         for r in self._sends:
             if not r._done:
-                r._mpi.Wait()
+                if r._mpi is not None:
+                    r._mpi.Wait()
                 r._done = True
         self._sends = []
         # lazy receives may now match held messages

@@ -10,6 +10,11 @@ restored state makes the loop carry on from where it stopped.
 
 A checkpoint point is collective, like a barrier: a program must be correct
 with ``comm.Barrier()`` in its place.
+
+This module keeps the user API and the life of each process (initial rank,
+warm spare, spawned target, retired old process, recovery); the migration
+protocol's steps are in :mod:`mpimig.migration.source` (the ranks' side) and
+:mod:`mpimig.migration.target` (the new process's side), called from here.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 from mpi4py import MPI
@@ -226,7 +231,7 @@ class Context:
                         seconds=dt, buddy_bytes=self.stats.get("buddy_bytes", 0))
         return epoch
 
-    def _keep_copies(self, epoch: int, arrays: dict, objects: dict, extra: dict) -> str:
+    def _keep_copies(self, epoch: int, arrays: dict, objects: dict, extra: dict | None) -> str:
         """--ft: keep this epoch's state in my memory and in my buddy's (collective over A).
 
         Returns an error string for the vote ("" when all went well)."""
@@ -315,7 +320,7 @@ def _write_completion(ctx: Context, result: Any, t_start: float) -> None:
     os.replace(tmp, path)
 
 
-def _leave(Jc: MPI.Intracomm | None = None) -> None:
+def _leave(Jc: MPI.Intracomm | None = None) -> NoReturn:
     """The old process of a migrated rank (step 8): it holds no state and is in
     no communicator the job uses. Open MPI's MPI_Finalize disconnects
     dynamically connected processes collectively (ompi_dpm_dyn_finalize), so
@@ -433,7 +438,7 @@ def _start_target(parent: MPI.Intercomm) -> Context | None:
         return _serve_spare(ctx, cfg, announce=False)    # a spare of the job now
 
 
-def _recover(ctx: Context, exc: BaseException) -> Context:
+def _recover(ctx: Context, exc: MPI.Exception) -> Context:
     """A rank saw a failure: take part in the recovery and resume as a survivor."""
     cfg = ctx.config
     detected = time.time()
@@ -448,7 +453,7 @@ def _recover(ctx: Context, exc: BaseException) -> Context:
     return _after_recovery(out, cfg, ctx)
 
 
-def _after_recovery(out, cfg: Config, ctx: Context | None = None) -> Context | None:
+def _after_recovery(out: Any, cfg: Config, ctx: Context | None = None) -> Context:
     """Turn a recovery's outcome into this process's new life: a rank that resumes
     from the rolled-back epoch, the new coordinator (never returns), or a spare."""
     if out.kind == "coordinator":
@@ -527,7 +532,7 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
     t_start = time.time()
     world = MPI.COMM_WORLD
     _setup_logging(world.Get_rank())
-    abort_comm = world
+    abort_comm: MPI.Comm = world
     try:
         parent = MPI.Comm.Get_parent()
         if parent != MPI.COMM_NULL:

@@ -13,6 +13,7 @@ interrupts those reliably (pickle-based lowercase collectives are not used).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -162,7 +163,7 @@ def decide(table: list[dict]) -> dict:
     dead = [r for r in range(size) if r not in alive]
     coords = [i for i, m in enumerate(table) if m["kind"] == "coordinator"]
     spares = [i for i, m in enumerate(table) if m["kind"] == "spare"]
-    rank_hosts = next((m["hosts"] for m in table if len(m["hosts"]) == size), [])
+    rank_hosts: list[str] = next((m["hosts"] for m in table if len(m["hosts"]) == size), [])
     failed_hosts = {rank_hosts[r] for r in dead} if rank_hosts else set()
     live_hosts = sorted({m["host"] for m in table})
     load = {h: 0 for h in live_hosts}
@@ -260,10 +261,8 @@ def recover(J: MPI.Intracomm, me: dict, *, A: MPI.Intracomm | None = None, ckpt_
     for attempt in range(MAX_ATTEMPTS):
         for c in (J, A):
             if c is not None:
-                try:
+                with contextlib.suppress(MPI.Exception):
                     c.Revoke()
-                except MPI.Exception:
-                    pass
         try:
             S = transport.track(J.Shrink())
             t_shrunk = time.time()
@@ -328,7 +327,7 @@ def _finish(M: MPI.Intracomm, plan: dict, table: list[dict], kind: str, rank: in
     # buddy copies for replacements: holder -> replacement (J rank 1 + r)
     restored, how = None, "none"
     if epoch is not None:
-        holders = {}
+        holders: dict[int, int] = {}
         for i, m in enumerate(table):
             for q, e in m["buddies"]:
                 if e == epoch and q in plan["dead"]:

@@ -3,9 +3,15 @@
 It holds the routing table (logical rank -> process, host, J rank, moves),
 takes requests from the operator (Unix socket), from ranks (self-migration)
 and from the schedule, and drives each migration through the eight steps of
-:class:`mpimig.migration.protocol.Step`. ``mpimig run`` starts it as the first program of
-world rank 0 of ``mpiexec -n N+1 python app.py``: ``mpimig.run`` in
-that process serves as the coordinator instead of calling ``main``. (An MPMD
+:class:`mpimig.migration.protocol.Step`: its methods are named after them
+(``request``, ``negotiate``, ``create_target`` (started early, so the spawn is
+not in the freeze), ``suspend``, ``switch`` -> ``join_targets`` / ``repoint``,
+``resume``, ``retire_source``); the ranks' side is
+:mod:`mpimig.migration.source`, the new process's :mod:`mpimig.migration.target`.
+
+``mpimig run`` starts it as the first program of world rank 0 of ``mpiexec
+-n N+1 python app.py``: ``mpimig.run`` in that process serves as the
+coordinator instead of calling ``main``. (An MPMD
 launch, ``-n 1 python -m mpimig.migration.coordinator : -n N ...``, would be tidier, but
 with Open MPI 5.0 spawning onto another host then fails with "Error code: -1".)
 
@@ -21,14 +27,15 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, NoReturn
 
 from mpi4py import MPI
 
 from .. import events
-from . import transport
+from ..errors import MigrationError
 from ..ft import recovery
 from ..launch.config import Config
+from . import transport
 from .control import STATUS_FILE, ControlServer
 from .protocol import (TAG_ASSIGN, TAG_CANCEL, TAG_DONE, TAG_END, TAG_FINISHING, TAG_GO, TAG_HELLO, TAG_PLAN,
                        TAG_REPLY, TAG_REPORT, TAG_REQUEST, TAG_RESIDUAL, TAG_SPARE, TAG_WAKE, Move,
@@ -137,7 +144,7 @@ class Coordinator:
             return
         rank, host = req.get("rank"), req.get("to")
         err = self.negotiate(rank, host, req.get("strategy", "stop-and-copy"))
-        if err:
+        if err or not isinstance(rank, int) or not isinstance(host, str):
             reply({"ok": False, "error": err})
             return
         m = self.accept(rank, host, 0, req.get("strategy", "stop-and-copy"), req.get("origin", "operator"))
@@ -309,6 +316,8 @@ class Coordinator:
         """GO arrived: the ranks are at the safe point, holding. Join the targets (step 5);
         the ranks transfer the state (step 6); re-point the routing (step 7)."""
         plan, batch = self.plan, self.plan_migs
+        if plan is None:
+            return
         if plan.kind == "enlist":
             self.enlist(plan, batch)
             return
@@ -320,14 +329,18 @@ class Coordinator:
 
     def enlist(self, plan: Plan, batch: list[Migration]) -> None:
         """Spawned pre-copy targets join J (as reserved spares); the switch plan follows."""
+        bridges = []
         for mv, m in zip(plan.moves, batch):
+            if m.bridge is None:
+                raise MigrationError(f"migration {m.id}: an enlist plan for a target without a bridge")
             m.bridge.send({"plan": plan, "target": mv.target, "rank": mv.rank,
                            "config": self.cfg.to_env()}, dest=1, tag=TAG_ASSIGN)
+            bridges.append(m.bridge)
         reserved = [m.spare for m in self.queue + self.ready if m.spare >= 0]
         for jr in [jr for jrs in self.spares.values() for jr in jrs] + reserved:
             self.J.send({"plan": plan}, dest=jr, tag=TAG_WAKE)
         jsize = self.J.Get_size()
-        self.J = transport.join(self.J, plan.nspawned, bridges=[m.bridge for m in batch])
+        self.J = transport.join(self.J, plan.nspawned, bridges=bridges)
         for mv, m in zip(plan.moves, batch):
             m.spare = jsize + mv.target
             m.bridge = None
@@ -356,6 +369,8 @@ class Coordinator:
     def repoint(self, plan: Plan, batch: list[Migration], Jc: MPI.Intracomm, t0: float) -> None:
         """The new J without the old processes; the routing table points at the new ones."""
         _, Jn = transport.split(Jc, logical=None, leaving=False)
+        if Jn is None:
+            raise MigrationError(f"plan {plan.id}: the switch left the coordinator outside J")
         if self.cfg.ft:
             recovery.agree(Jc)
         # new J ranks: members of Jc in order, without the processes that left
@@ -452,15 +467,18 @@ class Coordinator:
         self.in_switch, self.reports = [], {}
         self.cancel_all("failure recovery")
         moves = {r["rank"]: r["moves"] for r in self.routing}
-        self.routing = [None] * self.size
+        table: dict[int, dict[str, Any]] = {}
         self.spares = {}
         for jr, mem in enumerate(out.members):
             if mem["kind"] == "rank":
-                self.routing[mem["rank"]] = {"rank": mem["rank"], "host": mem["host"], "pid": mem["pid"],
-                                             "jrank": jr, "moves": moves.get(mem["rank"], 0),
-                                             "state": "running"}
+                table[mem["rank"]] = {"rank": mem["rank"], "host": mem["host"], "pid": mem["pid"],
+                                      "jrank": jr, "moves": moves.get(mem["rank"], 0), "state": "running"}
             elif mem["kind"] == "spare":
                 self.spares.setdefault(mem["host"], []).append(jr)
+        missing = [r for r in range(self.size) if r not in table]
+        if missing:
+            raise MigrationError(f"recovery {len(self.recoveries) + 1}: no process holds rank(s) {missing}")
+        self.routing = [table[r] for r in range(self.size)]
         rec = {"dead": out.plan["dead"], "coordinator_failed": out.plan["coordinator_failed"],
                "replaced_by": {str(r): a[0] for r, a in out.plan["assign"].items()},
                "epoch": out.epoch, "t": time.time()}
@@ -533,49 +551,61 @@ class Coordinator:
 
     def step(self, st: MPI.Status) -> bool:
         """One round of the loop: requests, messages on J, spawns, plans. True if busy."""
-        busy = False
-        if self.server is not None:
-            try:
-                req, reply = self.server.requests.get_nowait()
-                self.request(req, reply)
-                busy = True
-            except queue.Empty:
-                pass
+        busy = self._operator_request()
         while self.J.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, st):
             busy = True
             src, tag = st.Get_source(), st.Get_tag()
-            msg = self.J.recv(source=src, tag=tag)
-            if tag == TAG_GO:
-                if self.plan is not None and msg == self.plan.id:
-                    self.switch()
-                    self.write_status()
-            elif tag == TAG_REPORT:
-                self.resume(src, msg)
-            elif tag == TAG_RESIDUAL:
-                self.retire_source(msg)
-            elif tag == TAG_REQUEST:
-                box = {}
-                self.request(dict(msg, wait=False, origin="self"), box.update)
-                self.J.send(box, dest=src, tag=TAG_REPLY)
-            elif tag == TAG_FINISHING:
-                self.finishing = True
-                self.cancel_all("the job finished first")
-            elif tag == TAG_DONE:
-                self.done[msg["rank"]] = msg
-                if len(self.done) == self.size:
-                    self.finished = True
-            else:
-                log.warning("unexpected message with tag %d from J rank %d", tag, src)
+            self.on_message(src, tag, self.J.recv(source=src, tag=tag))
         if self.finished:
             return True
-        while (self.queue and not self.finishing and self.plan is None
+        return self._advance() or busy
+
+    def _operator_request(self) -> bool:
+        if self.server is None:
+            return False
+        try:
+            req, reply = self.server.requests.get_nowait()
+        except queue.Empty:
+            return False
+        self.request(req, reply)
+        return True
+
+    def on_message(self, src: int, tag: int, msg: Any) -> None:
+        """A message on J, handed to the step it belongs to."""
+        if tag == TAG_GO:
+            if self.plan is not None and msg == self.plan.id:
+                self.switch()
+                self.write_status()
+        elif tag == TAG_REPORT:
+            self.resume(src, msg)
+        elif tag == TAG_RESIDUAL:
+            self.retire_source(msg)
+        elif tag == TAG_REQUEST:
+            box: dict[str, Any] = {}
+            self.request(dict(msg, wait=False, origin="self"), box.update)
+            self.J.send(box, dest=src, tag=TAG_REPLY)
+        elif tag == TAG_FINISHING:
+            self.finishing = True
+            self.cancel_all("the job finished first")
+        elif tag == TAG_DONE:
+            self.done[msg["rank"]] = msg
+            if len(self.done) == self.size:
+                self.finished = True
+        else:
+            log.warning("unexpected message with tag %d from J rank %d", tag, src)
+
+    def _advance(self) -> bool:
+        """Move accepted migrations on: targets (step 5, early), then the next plan (step 3)."""
+        if self.finishing:
+            return False
+        busy = False
+        while (self.queue and self.plan is None
                and (self.spares.get(self.queue[0].to) or self.pool.get(self.queue[0].to))):
             m = self.queue.pop(0)          # a warm spare is there: no waiting
             self.create_target(m)
-            self.ready.append(m)
-            self.ready.sort(key=lambda x: (x.at_point, x.id))
+            self._ready(m)
             busy = True
-        if self.queue and not self.finishing:
+        if self.queue:
             m = self.queue.pop(0)
             err = self.create_target(m)
             if err:
@@ -584,19 +614,21 @@ class Coordinator:
                     w({"ok": False, "error": err, "migration": m.as_dict()})
                 m.waiters = []
             else:
-                self.ready.append(m)
-                self.ready.sort(key=lambda x: (x.at_point, x.id))
+                self._ready(m)
             self.write_status()
             busy = True
-        if self.plan is None and self.ready and not self.finishing:
+        if self.plan is None and self.ready:
             self.suspend()
             self.write_status()
             busy = True
-        elif (self.refill != "0" and self.plan is None and not self.queue and not self.ready
-              and not self.finishing and self.refill_pool()):
+        elif self.refill != "0" and self.plan is None and not self.queue and not self.ready and self.refill_pool():
             self.write_status()
             busy = True
         return busy
+
+    def _ready(self, m: Migration) -> None:
+        self.ready.append(m)
+        self.ready.sort(key=lambda x: (x.at_point, x.id))
 
     def wrap_up(self) -> None:
         """The job is over: cancel what is left, release old processes and spares."""
@@ -639,7 +671,7 @@ def _setup_logging() -> None:
                             format="mpimig[coordinator]: %(levelname)s: %(message)s")
 
 
-def serve(cfg: Config | None = None) -> None:
+def serve(cfg: Config | None = None) -> NoReturn:
     """Be the coordinator (world rank 0) until the job ends; never returns."""
     _setup_logging()
     J = transport.track(MPI.COMM_WORLD.Dup())
@@ -647,7 +679,7 @@ def serve(cfg: Config | None = None) -> None:
     _run(lambda: Coordinator(J, cfg or Config.from_env(), J.recv(source=1, tag=TAG_HELLO)))
 
 
-def serve_recovered(out, cfg: Config) -> None:
+def serve_recovered(out: Any, cfg: Config) -> NoReturn:
     """Be the new coordinator after a recovery in which the old one died; never returns."""
     _setup_logging()
     procs = [(m["host"], m["pid"]) for m in sorted((m for m in out.members if m["kind"] == "rank"),
@@ -657,7 +689,7 @@ def serve_recovered(out, cfg: Config) -> None:
     _run(lambda: Coordinator(out.J, cfg, hello, recovered=out))
 
 
-def _run(make) -> None:
+def _run(make: Callable[[], Coordinator]) -> NoReturn:
     try:
         coord = make()
         coord.loop()

@@ -45,12 +45,12 @@ import numpy as np
 from mpi4py import MPI
 
 from ..errors import MigrationError
-from .protocol import TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND, TAG_RESIDUAL
+from .protocol import TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND
 
 try:
     from numpy.lib.array_utils import byte_bounds
 except ImportError:   # NumPy < 2
-    byte_bounds = np.byte_bounds
+    byte_bounds = np.byte_bounds  # type: ignore[attr-defined]  # NumPy < 2 only; stubs are NumPy 2
 
 _BASIC = (int, np.integer, slice, type(Ellipsis), type(None))
 

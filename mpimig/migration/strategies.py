@@ -423,52 +423,80 @@ class PostCopy(Strategy):
         return arrays, objects, hdr["extra"], (sess if sess.nchunks else None)
 
 
+class _Push:
+    """Post-copy's push on the old process: every chunk once, demanded ones first."""
+
+    def __init__(self, tx: Transfer, parts: list[tuple[np.ndarray, int, int]], C: int, nchunks: int) -> None:
+        self.tx = tx
+        self.pace = float(os.environ.get("MPIMIG_POSTCOPY_PACE", "0") or 0)
+        self.window = int(os.environ.get("MPIMIG_POSTCOPY_WINDOW", "4") or 4)
+        self.where = []                   # global chunk -> (flat bytes, lo, hi)
+        for flat, _base, n in parts:
+            for i in range(n):
+                self.where.append((flat, i * C, min((i + 1) * C, flat.size)))
+        self.nchunks = nchunks
+        self.todo = deque(range(nchunks))
+        self.prio: deque = deque()
+        self.sent = bytearray(nchunks)
+        self.inflight: list[MPI.Request] = []
+        self.nsent = 0
+        self.demanded = 0
+        self.st = MPI.Status()
+
+    def take_demands(self) -> bool:
+        """Chunks the target waits for go first."""
+        tx, busy = self.tx, False
+        while tx.comm.Iprobe(tx.peer, TAG_PC_DEMAND, self.st):
+            want = tx.comm.recv(source=tx.peer, tag=TAG_PC_DEMAND)
+            for c in reversed(want):
+                if not self.sent[c]:
+                    self.prio.appendleft(c)
+                    self.demanded += 1
+            busy = True
+        return busy
+
+    def reap(self) -> bool:
+        done = MPI.Request.Testsome(self.inflight) if self.inflight else None
+        if not done:
+            return False
+        for i in sorted(done, reverse=True):
+            del self.inflight[i]
+        return True
+
+    def fill(self) -> bool:
+        """Keep ``window`` sends outstanding."""
+        busy = False
+        while len(self.inflight) < self.window and (self.prio or self.todo):
+            c = self.prio.popleft() if self.prio else self.todo.popleft()
+            if self.sent[c]:
+                continue
+            if self.pace:
+                time.sleep(self.pace)     # MPIMIG_POSTCOPY_PACE: a slow push, for tests
+            flat, lo, hi = self.where[c]
+            self.inflight.append(self.tx.Isend(flat[lo:hi], TAG_PC_DATA + c))
+            self.sent[c] = 1
+            self.nsent += 1
+            busy = True
+        return busy
+
+    def run(self) -> None:
+        while self.nsent < self.nchunks or self.inflight:
+            busy = self.take_demands()
+            busy = self.reap() or busy
+            busy = self.fill() or busy
+            if not busy:
+                time.sleep(0.0002)
+
+
 def push(tx: Transfer, parts: list[tuple[np.ndarray, int, int]], C: int, nchunks: int) -> dict:
     """The old process of a post-copy move: push every chunk once, demanded ones first,
     with a small window of outstanding sends; stay until the target says it has all."""
     Jc, dest = tx.comm, tx.peer
-    pace = float(os.environ.get("MPIMIG_POSTCOPY_PACE", "0") or 0)
-    window = int(os.environ.get("MPIMIG_POSTCOPY_WINDOW", "4") or 4)
-    where = []                            # global chunk -> (flat bytes, lo, hi)
-    for flat, base, n in parts:
-        for i in range(n):
-            where.append((flat, i * C, min((i + 1) * C, flat.size)))
-    todo = deque(range(nchunks))
-    prio: deque = deque()
-    sent = bytearray(nchunks)
-    inflight: list[MPI.Request] = []
     st = MPI.Status()
-    nsent = 0
-    demanded = 0
     t0 = time.perf_counter()
-    while nsent < nchunks or inflight:
-        busy = False
-        while Jc.Iprobe(dest, TAG_PC_DEMAND, st):
-            want = Jc.recv(source=dest, tag=TAG_PC_DEMAND)
-            for c in reversed(want):
-                if not sent[c]:
-                    prio.appendleft(c)
-                    demanded += 1
-            busy = True
-        if inflight:
-            done = MPI.Request.Testsome(inflight)
-            if done:
-                for i in sorted(done, reverse=True):
-                    del inflight[i]
-                busy = True
-        while len(inflight) < window and (prio or todo):
-            c = prio.popleft() if prio else todo.popleft()
-            if sent[c]:
-                continue
-            if pace:
-                time.sleep(pace)          # MPIMIG_POSTCOPY_PACE: a slow push, for tests
-            flat, lo, hi = where[c]
-            inflight.append(tx.Isend(flat[lo:hi], TAG_PC_DATA + c))
-            sent[c] = 1
-            nsent += 1
-            busy = True
-        if not busy:
-            time.sleep(0.0002)
+    p = _Push(tx, parts, C, nchunks)
+    p.run()
+    demanded = p.demanded
     t_pushed = time.perf_counter() - t0
     while not Jc.Iprobe(dest, TAG_PC_ACK, st):
         if Jc.Iprobe(dest, TAG_PC_DEMAND, st):

@@ -107,7 +107,8 @@ class Spare:
         self.rx: dict[int, strategies.PreCopyTarget] = {}    # pre-copy rounds received, by source J rank
         _preload()
         if announce:
-            J.send({"host": MPI.Get_processor_name() or socket.gethostname(), "pid": os.getpid()}, dest=0, tag=TAG_SPARE)
+            host = MPI.Get_processor_name() or socket.gethostname()
+            J.send({"host": host, "pid": os.getpid()}, dest=0, tag=TAG_SPARE)
 
     def wait(self) -> Arrival | None:
         """Idle until a plan uses this process (returns the arrival) or the job ends (None)."""

@@ -23,6 +23,7 @@ import numpy as np
 from mpi4py import MPI
 from mpi4py.util import pkl5
 
+from ..errors import MigrationError
 from ..ft import hooks
 from ..state import dumps, loads
 from .protocol import TAG_JOIN, TAG_STATE, Move, Plan
@@ -70,25 +71,35 @@ def join(J: MPI.Intracomm | None, ntargets: int, *, bridges: list[MPI.Intracomm]
         if my_target is not None and k < my_target:
             continue
         if my_target == k:
+            if bridge is None:
+                raise MigrationError(f"join: target {k} has no bridge to the coordinator")
             X = MPI.COMM_SELF.Create_intercomm(0, bridge, 0, tag)
             Jc = track(X.Merge(high=True))
         else:
-            leader = Jc.Get_rank() == 0
-            peer = bridges[k] if leader else Jc
+            if Jc is None:
+                raise MigrationError(f"join: round {k} needs the job communicator")
+            peer = Jc
+            if Jc.Get_rank() == 0:          # the coordinator leads, over the target's bridge
+                if bridges is None:
+                    raise MigrationError(f"join: the coordinator has no bridge to target {k}")
+                peer = bridges[k]
             X = Jc.Create_intercomm(0, peer, 1, tag)
             Jc = track(X.Merge(high=False))
         X.Free()
+    if Jc is None:
+        raise MigrationError("join: no job communicator and no target to join")
     return Jc
 
 
-def split(Jc: MPI.Intracomm, *, logical: int | None, leaving: bool) -> tuple[MPI.Intracomm | None, MPI.Intracomm | None]:
+def split(Jc: MPI.Intracomm, *, logical: int | None,
+          leaving: bool) -> tuple[MPI.Intracomm | None, MPI.Intracomm | None]:
     """Build the new A (app processes, key = logical rank) and the new J (step 7).
 
     ``logical`` is None for the coordinator; ``leaving`` is true for old
     processes whose rank moved away. Returns (A, J), COMM_NULL -> None.
     """
     in_a = logical is not None and not leaving
-    A = Jc.Split(0 if in_a else MPI.UNDEFINED, logical if in_a else 0)
+    A = Jc.Split(0 if in_a else MPI.UNDEFINED, logical if logical is not None and in_a else 0)
     Jn = Jc.Split(MPI.UNDEFINED if leaving else 0, Jc.Get_rank())
     return (None if A == MPI.COMM_NULL else track(A)), (None if Jn == MPI.COMM_NULL else track(Jn))
 

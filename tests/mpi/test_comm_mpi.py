@@ -299,15 +299,15 @@ def test_waitall_and_testall(comm):
     flag, values = mpimig.Request.testall(recvs)
     early = (flag, values)                      # nothing was sent yet on this rank's channel
     comm.Barrier()                              # ... by anyone: sends start after this
-    sends = [comm.isend("a%d" % me, dest=right, tag=44), comm.isend("b%d" % me, dest=right, tag=43)]
+    sends = [comm.isend(f"a{me}", dest=right, tag=44), comm.isend(f"b{me}", dest=right, tag=43)]
     deadline = time.monotonic() + 30
     while not mpimig.Request.Testall(sends + recvs):
         assert time.monotonic() < deadline, "Testall never became true"
     flag, values = mpimig.Request.testall(recvs)
     assert mpimig.Request.waitall(sends) == [None, None]
     assert early == (False, None)
-    assert flag is True and values == ["b%d" % left, "a%d" % left]
-    assert mpimig.Request.waitall(recvs) == ["b%d" % left, "a%d" % left]
+    assert flag is True and values == [f"b{left}", f"a{left}"]
+    assert mpimig.Request.waitall(recvs) == [f"b{left}", f"a{left}"]
 
 
 def test_Waitany_and_waitany(comm):
@@ -442,10 +442,10 @@ def test_flush_holds_every_message_in_flight(comm):
     for s in range(n):
         if s == me:
             continue
-        for i in range(k):
+        for _ in range(k):
             st = MPI.Status()
             got_p.append((comm.recv(source=s, tag=61, status=st), st.Get_source(), st.Get_tag()))
-        for i in range(k):
+        for _ in range(k):
             buf = np.zeros(7)
             st = MPI.Status()
             comm.Recv(buf, source=s, tag=62, status=st)
@@ -595,7 +595,7 @@ def test_pending_buffer_Irecv_cannot_be_exported(comm):
     me, n, right, left = ring(comm)
     buf = np.zeros(1, dtype="i8")
     r = comm.Irecv(buf, source=left, tag=74)
-    with pytest.raises(CommError, match=r"Irecv\(source=%d, tag=74\)" % left):
+    with pytest.raises(CommError, match=rf"Irecv\(source={left}, tag=74\)"):
         comm.export_held()
     comm.Send(np.array([me]), dest=right, tag=74)
     r.Wait()
@@ -661,4 +661,4 @@ def test_unsupported_methods_raise_comm_error_naming_them(comm):
     with pytest.raises(CommError, match="Create_cart"):
         comm.Create_cart([comm.size])
     with pytest.raises(AttributeError):
-        comm.no_such_method
+        comm.no_such_method  # noqa: B018 - the attribute lookup is what is tested
