@@ -17,7 +17,7 @@ _LAZY = {
     "run": "runtime", "Context": "runtime",
     "Comm": "comm", "Request": "comm", "ANY_SOURCE": "comm", "ANY_TAG": "comm", "PROC_NULL": "comm",
     "State": "state", "Config": "launch.config",
-    "CheckpointStore": "checkpoint.store",
+    "CheckpointStore": "checkpoint",
 }
 
 __all__ = [

@@ -6,6 +6,7 @@ session (``setsid``) it was started in, and that is what we kill.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -35,10 +36,8 @@ def kill_session(sid: int, timeout: float = 30.0) -> None:
         if not pids:
             return
         for p in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         if time.monotonic() > deadline:
             raise TimeoutError(f"processes of session {sid} survive SIGKILL: {pids}")
         time.sleep(0.01)

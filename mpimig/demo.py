@@ -45,7 +45,7 @@ def cmd_demo(args) -> int:
     _say(f"2/4 start on {args.ranks} ranks with a checkpoint every 10 steps; kill it after 2 epochs")
     proc = subprocess.Popen(run, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
-    from .checkpoint.store import CheckpointStore
+    from .checkpoint import CheckpointStore
     store = CheckpointStore(job / "ckpt")
     deadline = time.monotonic() + 120
     epochs = []

@@ -54,7 +54,10 @@ EVENTS_FILE = "events.jsonl"
 
 
 def emit(job_dir: str | Path | None, event: str, run_id: str = "", **fields: Any) -> None:
-    """Append one event; never raises (the log must not break the job)."""
+    """Append one event; never raises (the log must not break the job).
+
+    ``t`` in ``fields`` overrides the time stamp (an event recorded after the
+    fact, e.g. a kill whose time was taken before it was done)."""
     if job_dir is None:
         return
     rec = {"t": time.time(), "event": event, "run_id": run_id}

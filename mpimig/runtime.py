@@ -37,7 +37,8 @@ from .ft import hooks, recovery
 from .launch.config import Config
 from .migration import source, target, transport
 from .migration.protocol import DEFAULT_STRATEGY, TAG_DONE, TAG_END, TAG_FINISHING, TAG_HELLO, Link
-from .state import State, loads
+from .checkpoint.format import loads
+from .state import State
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class Context:
         self._hosts: list[str] = []           # host of each logical rank (at the last checkpoint)
         self._procs: list[dict] | None = None   # every rank's host, pid and role (at the end)
         if config.ckpt_dir is not None:
-            from .checkpoint.store import CheckpointStore
+            from .checkpoint import CheckpointStore
             self._store = CheckpointStore(config.ckpt_dir, job_id=config.run_id or "job",
                                           keep=config.keep)
 
@@ -235,7 +236,7 @@ class Context:
         """--ft: keep this epoch's state in my memory and in my buddy's (collective over A).
 
         Returns an error string for the vote ("" when all went well)."""
-        from .state import dumps
+        from .checkpoint.format import dumps
         mine, err = None, ""
         if extra is not None:
             try:

@@ -3,17 +3,22 @@
 A program hands its state to mpimig with ``ctx.state(name=value, ...)``; the
 returned :class:`State` is an attribute container. NumPy arrays are the bulk
 state: they are written as native HDF5 datasets and moved as raw buffers.
-Everything else is a Python object, pickled (protocol 5, dill as fallback).
+Everything else is a Python object, encoded by the one object codec of
+:mod:`mpimig.checkpoint.format` (pickle protocol 5, dill as fallback) in
+checkpoints and migrations alike. ``dumps``/``loads`` are re-exported here
+for code that still imports them from this module.
 """
 from __future__ import annotations
 
-import pickle
 from typing import Any
 from collections.abc import Iterator
 
 import numpy as np
 
+from .checkpoint.format import dumps, loads
 from .errors import StateError
+
+__all__ = ["State", "dumps", "loads"]
 
 _RESERVED = {"_items"}
 
@@ -94,31 +99,3 @@ class State:
     def nbytes(self) -> int:
         arrays, _ = self.split()
         return sum(a.nbytes for a in arrays.values())
-
-
-def dumps(name: str, obj: Any) -> bytes:
-    """Serialise one object: pickle protocol 5 first, dill as fallback.
-
-    Raises StateError naming the item when neither can.
-    """
-    try:
-        return pickle.dumps(obj, protocol=5)
-    except Exception as exc_pickle:  # noqa: BLE001 - any pickling failure falls back to dill
-        try:
-            import dill
-            return b"DILL" + dill.dumps(obj, protocol=5, recurse=True)
-        except Exception as exc_dill:  # noqa: BLE001
-            raise StateError(
-                f"state item {name!r} of type {type(obj).__name__} cannot be stored: "
-                f"pickle said {exc_pickle!r}; dill said {exc_dill!r}") from exc_dill
-
-
-def loads(name: str, data: bytes) -> Any:
-    """Inverse of :func:`dumps`."""
-    try:
-        if data[:4] == b"DILL":
-            import dill
-            return dill.loads(bytes(data[4:]))
-        return pickle.loads(data)
-    except Exception as exc:  # noqa: BLE001
-        raise StateError(f"state item {name!r} cannot be restored: {exc!r}") from exc

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from mpimig.checkpoint import (DIRECT_MIN, FORMAT_VERSION, CheckpointStore, crc32_of)
+from mpimig.checkpoint.format import DILL_TAG, decode_object, dumps, loads
 from mpimig.errors import CheckpointError, CorruptCheckpoint, NoCommittedEpoch, StateError
 
 from conftest import ROOT, base_env, run_cmd
@@ -747,3 +748,79 @@ def test_store_under_mpiexec(tmp_path):
                    script, ck], timeout=120)
     assert "RESULT [2, 3] True True" in res.stdout, res.stdout + res.stderr
     assert sorted(p.name for p in ck.iterdir()) == ["epoch-000002", "epoch-000003"]
+
+
+# ------------------------------------------------------- one object codec
+def test_migration_payload_and_checkpoint_blob_share_one_codec(tmp_path):
+    """A migration's object payload (format.dumps) and a checkpoint's object
+    dataset are the same bytes from the same codec: pickle for what pickle
+    stores, dill for what only dill stores; each side reads the other's."""
+    bits = np.array([0x7FF8000000000001, 0x8000000000000000, 0x3FF0000000000001], dtype="<u8")
+    weights = bits.view("<f8")        # a NaN payload, -0.0, 1+ulp: bit for bit or not at all
+    k = 3
+    objects = {"params": {"w": weights, "n": 2},
+               "stepper": {"fn": lambda x: x * k, "w": weights}}   # pickle refuses a local lambda
+    store = CheckpointStore(tmp_path / "ck")
+    commit_one(store, 1, {}, objects)
+    with h5py.File(store.rank_path(1, 0), "r") as f:
+        blobs = {name: (f[f"objects/{name}"][()].tobytes(), f[f"objects/{name}"].attrs["encoding"])
+                 for name in objects}
+    assert blobs["params"][1] == "pickle" and blobs["stepper"][1] == "dill"
+    for name, obj in objects.items():
+        blob, encoding = blobs[name]
+        assert dumps(name, obj) == (DILL_TAG + blob if encoding == "dill" else blob), name
+    from_checkpoint = store.read_rank(1, 0).objects
+    from_message = {name: loads(name, dumps(name, obj)) for name, obj in objects.items()}
+    from_blob = {name: decode_object(blob, encoding, name) for name, (blob, encoding) in blobs.items()}
+    for got in (from_checkpoint, from_message, from_blob):
+        assert got["params"]["n"] == 2 and got["params"]["w"].view("<u8").tolist() == bits.tolist()
+        assert got["stepper"]["w"].view("<u8").tolist() == bits.tolist()
+        assert got["stepper"]["fn"](5) == 15
+
+
+MAIN_WRITER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from mpimig.checkpoint import CheckpointStore
+    from mpimig.checkpoint.format import dumps
+    k = 3
+    scale = lambda x: x * k          # a global of __main__: pickle cannot find it by name
+    w = np.array([0x7FF8000000000001, 0x8000000000000000], dtype="<u8").view("<f8")
+    store = CheckpointStore(sys.argv[1])
+    store.write_rank(1, 0, 1, 1, {"w": w}, {"scale": scale})
+    store.commit(1, 1, 1)
+    with open(sys.argv[2], "wb") as fh:
+        fh.write(dumps("scale", scale))
+    print("written")
+""")
+
+
+def test_a_main_function_restores_in_another_program(tmp_path):
+    """What dill stores carries the globals it uses (recurse=True), in a
+    checkpoint as in a migration: a lambda of one program's __main__ works
+    in a process whose __main__ is another program (this test)."""
+    script = tmp_path / "writer.py"
+    script.write_text(MAIN_WRITER)
+    res = run_cmd([sys.executable, script, tmp_path / "ck", tmp_path / "msg.bin"], timeout=60)
+    assert res.stdout.split() == ["written"], res.stdout + res.stderr
+    rs = CheckpointStore(tmp_path / "ck").read_rank(1, 0)
+    assert rs.arrays["w"].view("<u8").tolist() == [0x7FF8000000000001, 0x8000000000000000]
+    assert rs.objects["scale"](5) == 15
+    assert loads("scale", (tmp_path / "msg.bin").read_bytes())(5) == 15
+
+
+def test_the_package_imports_nothing_of_mpi_migration_or_launch():
+    """mpimig/checkpoint/__init__.py: the layer may import errors and _version
+    only; and the codec (format), imported on every migration path, does not
+    pull in h5py."""
+    probe = textwrap.dedent("""
+        import sys
+        import mpimig.checkpoint.format
+        print("h5py" in sys.modules)
+        import mpimig.checkpoint.reader, mpimig.checkpoint.store, mpimig.checkpoint.writer
+        from mpimig.checkpoint import CheckpointStore
+        print(sorted(m for m in sys.modules if m == "mpi4py.MPI" or (m.startswith("mpimig.") and
+              m.split(".")[1] not in ("checkpoint", "errors", "_version"))))
+    """)
+    res = run_cmd([sys.executable, "-c", probe], timeout=60)
+    assert res.stdout.split("\n")[:2] == ["False", "[]"], res.stdout + res.stderr

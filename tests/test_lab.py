@@ -11,12 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 pytest.register_assert_rewrite("lab_fixtures")
-from lab_fixtures import EMPTY_FOOTPRINT, MPIEXEC, lab_env, lab_footprint, mpimig_cmd, run_cmd
-from mpimig.lab import LabError, hosts as mhosts
+# the two imports below come after register_assert_rewrite, so lab_fixtures' asserts are rewritten
+from lab_fixtures import EMPTY_FOOTPRINT, MPIEXEC, lab_env, lab_footprint, mpimig_cmd, run_cmd  # noqa: E402
+from mpimig.lab import LabError, hosts as mhosts  # noqa: E402
 
 pytest_plugins = ["lab_fixtures"]
 pytestmark = pytest.mark.lab
@@ -160,8 +162,8 @@ def test_killing_a_hosts_ranks_is_seen_by_survivors(lab, tmp_path):
     failed = [line for line in text.splitlines() if line.startswith("FAILED ")]
     survivors = 2 * (len(lab.hosts) - 1)
     assert len(failed) == survivors, text
-    assert all("class=PROC_FAILED" in l or "class=REVOKED" in l for l in failed), text
-    assert not any(f"host={victim}" in l for l in failed) and "NOFAIL" not in text, text
+    assert all("class=PROC_FAILED" in line or "class=REVOKED" in line for line in failed), text
+    assert not any(f"host={victim}" in line for line in failed) and "NOFAIL" not in text, text
     assert lab.sshd(victim).alive()                 # --ranks-only spared the daemons
     assert lab.rank_pids(victim) == []
 
@@ -175,7 +177,7 @@ def test_kill_whole_host_then_revive(lab):
         time.sleep(0.05)
     assert lab.pids(victim) == []
     status = run_cmd(mpimig_cmd("lab", "status"), env=lab_env(), timeout=30).stdout
-    row = next(l for l in status.splitlines() if l.startswith(victim + " "))
+    row = next(line for line in status.splitlines() if line.startswith(victim + " "))
     assert "DEAD" in row and row.split()[-1] == "0", status
     assert lab.ssh(victim, "hostname", timeout=15).returncode != 0
     res = run_cmd(mpimig_cmd("lab", "revive", victim), env=lab_env(), timeout=60)
@@ -183,7 +185,7 @@ def test_kill_whole_host_then_revive(lab):
     assert lab.ssh(victim, "hostname", timeout=15).stdout.strip() == victim
     status = run_cmd(mpimig_cmd("lab", "status"), env=lab_env(), timeout=30).stdout
     for h in lab.hosts:
-        row = next(l for l in status.splitlines() if l.startswith(h + " "))
+        row = next(line for line in status.splitlines() if line.startswith(h + " "))
         assert lab.ips[h] in row and " up " in row, status
 
 
@@ -197,13 +199,13 @@ def test_up_twice_is_refused_with_a_reason(lab):
 def test_down_leaves_nothing_and_can_repeat(lab):
     # a stray process on a host: down must find it through the namespace
     lab.ssh("h1", "nohup sleep 300 >/dev/null 2>&1 &")
-    stray = [p for p in lab.pids("h1") if open(f"/proc/{p}/comm").read().strip() == "sleep"]
+    stray = [p for p in lab.pids("h1") if Path(f"/proc/{p}/comm").read_text().strip() == "sleep"]
     assert stray
     assert lab_footprint()["netns"]
     res = run_cmd(mpimig_cmd("lab", "down"), env=lab_env(), timeout=60)
     assert "lab down in" in res.stdout, res.stdout + res.stderr
     assert lab_footprint() == EMPTY_FOOTPRINT
-    assert all(not os.path.exists(f"/proc/{p}") or open(f"/proc/{p}/stat").read().split()[2] == "Z"
+    assert all(not os.path.exists(f"/proc/{p}") or Path(f"/proc/{p}/stat").read_text().split()[2] == "Z"
                for p in stray)
     res = run_cmd(mpimig_cmd("lab", "down"), env=lab_env(), timeout=60)
     assert res.returncode == 0 and "no lab is up" in res.stdout

@@ -8,6 +8,7 @@ reference; ring's result is analytic.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -84,7 +85,7 @@ class Job:
         self.marker = f"MPIMIG_TEST_JOB={self.id}\0".encode()
         env = dict(env, MPIMIG_TEST_JOB=self.id)
         self.log = log
-        self._out = open(log, "wb")
+        self._out = open(log, "wb")     # noqa: SIM115 -- open while the job runs; kill() closes it
         self.proc = subprocess.Popen([str(c) for c in cmd], stdout=self._out, stderr=subprocess.STDOUT,
                                      cwd=cwd, env=env, start_new_session=True)
         self.seen: set = {self.proc.pid}
@@ -106,10 +107,8 @@ class Job:
     def signal(self, sig) -> set:
         pids = self.pids()
         for p in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(p, sig)
-            except ProcessLookupError:
-                pass
         return pids
 
     def freeze(self) -> set:
@@ -128,22 +127,16 @@ class Job:
     def kill(self, timeout: float = 20.0) -> set:
         """Freeze, SIGKILL and wait for every process of the job; returns survivors."""
         self.freeze()
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         self.signal(signal.SIGKILL)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
         deadline = time.monotonic() + timeout
         while (left := self.pids()) and time.monotonic() < deadline:
             for p in left:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             time.sleep(0.02)
         self._out.close()
         return self.pids()

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 pytest.register_assert_rewrite("lab_fixtures")
-from lab_fixtures import EMPTY_FOOTPRINT, ROOT, VENV_BIN, lab_env, lab_footprint, mpimig_cmd, run_cmd
+# after register_assert_rewrite, so lab_fixtures' asserts are rewritten
+from lab_fixtures import EMPTY_FOOTPRINT, ROOT, VENV_BIN, lab_env, lab_footprint, mpimig_cmd, run_cmd  # noqa: E402
 
 pytest_plugins = ["lab_fixtures"]
 pytestmark = pytest.mark.slurm
@@ -76,12 +77,13 @@ def test_hello_sbatch_runs_on_every_node(slurm, tmp_path):
 
 
 def test_srun_pmix_launches_openmpi_ranks(slurm):
-    prog = "from mpi4py import MPI; c = MPI.COMM_WORLD; print('R', c.rank, c.size, MPI.Get_processor_name(), flush=True)"
+    prog = ("from mpi4py import MPI; c = MPI.COMM_WORLD; "
+            "print('R', c.rank, c.size, MPI.Get_processor_name(), flush=True)")
     res = run_cmd(["srun", "--mpi=pmix", "-N", len(slurm.nodes), "--ntasks-per-node=1", sys.executable, "-c", prog],
                   env=slurm_env(slurm, PMIX_MCA_psec="native"), timeout=90)
-    lines = sorted(l.split() for l in res.stdout.splitlines() if l.startswith("R "))
-    assert [l[3] for l in lines] == slurm.nodes, res.stdout + res.stderr
-    assert all(l[2] == str(len(slurm.nodes)) for l in lines)
+    lines = sorted(line.split() for line in res.stdout.splitlines() if line.startswith("R "))
+    assert [f[3] for f in lines] == slurm.nodes, res.stdout + res.stderr
+    assert all(f[2] == str(len(slurm.nodes)) for f in lines)
 
 
 def test_slurmjob_sees_a_real_allocation_and_its_draining_node(slurm, tmp_path):
@@ -90,10 +92,12 @@ def test_slurmjob_sees_a_real_allocation_and_its_draining_node(slurm, tmp_path):
     wait_nodes_idle(slurm)
     flag = tmp_path / "go"
     script = tmp_path / "view.sbatch"
+    plan = ('from mpimig.launch.slurm import SlurmJob; import json; j = SlurmJob.from_env(); '
+            'print("PLAN", json.dumps(j.mpiexec_args("openmpi", 2, n_nodes=1)))')
     script.write_text(f"""#!/bin/bash
 for i in $(seq 300); do [ -e {flag} ] && break; sleep 0.1; done
 "$PYTHON" -m mpimig.launch.slurm info
-"$PYTHON" -c 'from mpimig.launch.slurm import SlurmJob; import json; j = SlurmJob.from_env(); print("PLAN", json.dumps(j.mpiexec_args("openmpi", 2, n_nodes=1)))'
+"$PYTHON" -c '{plan}'
 """)
     job = sbatch(slurm, ["-N", len(slurm.nodes), "--time=5", "-D", tmp_path, "-o", tmp_path / "view.out", script],
                  slurm_env(slurm))
@@ -110,7 +114,7 @@ for i in $(seq 300); do [ -e {flag} ] && break; sleep 0.1; done
     finally:
         run_cmd(["scontrol", "update", f"NodeName={drained}", "State=RESUME"], env=slurm.env(), timeout=20)
     text = (tmp_path / "view.out").read_text()
-    info = json.loads(next(l for l in text.splitlines() if l.startswith("{")))
+    info = json.loads(next(line for line in text.splitlines() if line.startswith("{")))
     assert info["job_id"] == job and info["nodes"] == slurm.nodes, text
     assert info["down"] == [drained] and info["usable"] == slurm.nodes[:-1], text
     assert 0 < info["time_left"] <= 300 and info["restart_count"] == 0, text
@@ -152,7 +156,7 @@ def test_requeue_sbatch_survives_a_node_failure(slurm, lab, tmp_path):
         run_cmd(mpimig_cmd("lab", "revive", victim), env=lab_env(), timeout=60)
     text = (tmp_path / "rq.out").read_text()
     assert final["JobState"] == "COMPLETED", (final, text)
-    assert "=== start: job {} restart 0".format(job) in text and "=== start: job {} restart 1".format(job) in text, text
+    assert f"=== start: job {job} restart 0" in text and f"=== start: job {job} restart 1" in text, text
     assert re.search(r"resuming from epoch \d+", text) and "=== done: restart 1" in text, text
     second = text.split("restart 1 on ", 1)[1].split()[0]
     assert victim not in expand_hostlist(second), text

@@ -25,11 +25,12 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 
-from ..checkpoint.store import CheckpointStore
+from ..checkpoint import CheckpointStore
 from ..errors import UsageError
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -102,7 +103,7 @@ def _fs_type(path: Path) -> str:
 def crc_speed(nbytes: int = 64 << 20) -> float:
     buf = np.ones(nbytes // 8)
     t = time.perf_counter()
-    zlib.crc32(buf)
+    zlib.crc32(buf.data)
     return nbytes / (time.perf_counter() - t)
 
 
@@ -125,8 +126,8 @@ def run(sizes: list[int], repeat: int, directory: Path, n_arrays: int = 4,
     raw_dir = directory / "raw"
     raw_dir.mkdir(exist_ok=True)
     store = CheckpointStore(directory / "store", job_id="bench", keep=1)
-    results = {"dir": str(directory), "fs": fstype, "repeat": repeat, **results_load,
-               "sizes": []}
+    results: dict[str, Any] = {"dir": str(directory), "fs": fstype, "repeat": repeat, **results_load,
+                               "sizes": []}
     epoch = store.next_epoch()
     try:
         # warm-up: imports, first file creation, page-cache state
@@ -139,7 +140,10 @@ def run(sizes: list[int], repeat: int, directory: Path, n_arrays: int = 4,
             out(f"  {fmt_size(size)}/rank: preparing {n_arrays} array(s) ...")
             arrays = make_arrays(size, n_arrays)
             nbytes = sum(a.nbytes for a in arrays.values())
-            t_raw, t_mig, t_async, stall_async = [], [], [], []
+            t_raw: list[float] = []
+            t_mig: list[float] = []
+            t_async: list[float] = []
+            stall_async: list[float] = []
             reps = effective_repeats(repeat, size)
             for r in range(reps):
                 order = ("raw", "mpimig") if r % 2 == 0 else ("mpimig", "raw")
@@ -166,7 +170,7 @@ def run(sizes: list[int], repeat: int, directory: Path, n_arrays: int = 4,
                     t_async.append(time.perf_counter() - t0)
                     store.wait_pruned()
                     epoch += 1
-            row = {
+            row: dict[str, Any] = {
                 "size": size, "bytes": nbytes, "arrays": len(arrays), "repeats": reps,
                 "raw_s": statistics.median(t_raw), "mpimig_s": statistics.median(t_mig),
                 "raw_all_s": t_raw, "mpimig_all_s": t_mig,

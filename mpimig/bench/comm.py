@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import shlex
 import socket
 import statistics
@@ -25,8 +26,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
 
 from ..errors import LaunchError, UsageError
+from ..launch.launcher import build_command, mpi_env, mpi_flavour
 from .checkpoint import fmt_size, parse_size
 
 LATENCY_GOAL = 1.25      # mpimig/raw half round trip, at most
@@ -82,7 +87,8 @@ def _call_cost(c, kind: str, buf, obj, n: int, null: int, clock) -> float:
     return (clock() - t0) / n
 
 
-def _alternate(sync, measure, rounds: int, warm: int = 1) -> dict:
+def _alternate(sync: Callable[[], None], measure: Callable[[str], float], rounds: int,
+               warm: int = 1) -> dict[str, Any]:
     """Measure raw and mpimig alternately (ABBA...), ``rounds`` samples each.
 
     Returns the medians and the median of the paired ratios mpimig/raw of the
@@ -92,13 +98,16 @@ def _alternate(sync, measure, rounds: int, warm: int = 1) -> dict:
     for _ in range(warm):
         measure("raw")
         measure("mpimig")
-    samples = {"raw": [], "mpimig": []}
+    samples: dict[str, list[float]] = {"raw": [], "mpimig": []}
     for r in range(rounds):
         for which in (("raw", "mpimig") if r % 2 == 0 else ("mpimig", "raw")):
             sync()
             samples[which].append(measure(which))
     pairs = sorted(m / r for m, r in zip(samples["mpimig"], samples["raw"]))
-    q = (lambda f: pairs[min(len(pairs) - 1, int(f * len(pairs)))])
+
+    def q(f: float) -> float:
+        return pairs[min(len(pairs) - 1, int(f * len(pairs)))]
+
     return {"raw": statistics.median(samples["raw"]), "mpimig": statistics.median(samples["mpimig"]),
             "time_ratio": statistics.median(pairs), "time_ratio_q1": q(0.25), "time_ratio_q3": q(0.75),
             "raw_all": samples["raw"], "mpimig_all": samples["mpimig"]}
@@ -106,9 +115,8 @@ def _alternate(sync, measure, rounds: int, warm: int = 1) -> dict:
 
 def worker(args) -> int:
     """Both ranks run this; rank 0 prints progress and writes the results to ``args.out``."""
-    import pickle
-
-    import numpy as np
+    # imported here: importing mpi4py's MPI initialises MPI, which only the ranks
+    # (inside mpiexec) may do; the command that starts them runs without MPI
     from mpi4py import MPI
 
     from ..comm import Comm
@@ -119,7 +127,9 @@ def worker(args) -> int:
         if me == 0:
             sys.stderr.write(f"mpimig bench comm: needs exactly 2 ranks, got {n}\n")
         return 2
-    comms = {"raw": world, "mpimig": Comm(world.Dup())}
+    wrapped = Comm(world.Dup())
+    # the same loops drive both: Comm keeps mpi4py's method names (a facade, not a subclass)
+    comms: dict[str, Any] = {"raw": world, "mpimig": wrapped}
     clock = time.perf_counter
     sync = world.Barrier
 
@@ -148,21 +158,25 @@ def worker(args) -> int:
         buf = np.ones(size, dtype=np.uint8)          # touched: no page faults in the timing
         k = max(1, (16 << 20) // size)
         nr = args.bw_rounds * max(1, min(4, (64 << 20) // size))    # short blocks: more of them
-        bw = _alternate(sync, lambda w: _pp_buf(comms[w], buf, k, me, clock), nr)
+
+        def pingpong(w: str, buf: np.ndarray = buf, k: int = k) -> float:
+            return _pp_buf(comms[w], buf, k, me, clock)
+
+        bw = _alternate(sync, pingpong, nr)
         row = {"op": "Send/Recv", "kind": "bandwidth", "bytes": size, "per_block": k, "rounds": nr, **bw}
         for w in ("raw", "mpimig"):
             row[w + "_gbps"] = size / row[w] / 1e9
         rows.append(row)
         say(f"  bandwidth Send/Recv {fmt_size(size)}: raw {row['raw_gbps']:.2f} GB/s, "
             f"mpimig {row['mpimig_gbps']:.2f} GB/s")
-        del buf
+        del buf, pingpong     # free this size's buffer before the next one is allocated
 
     # the wrapper's own cost per call: PROC_NULL, no message (each rank alone). Pure CPU
     # work, so noise only adds: the best block is the estimate
     calls = {}
     block = max(200, min(5000, args.iters // 4))
     for kind in ("Send", "Recv", "send", "recv"):
-        best = {"raw": [], "mpimig": []}
+        best: dict[str, list[float]] = {"raw": [], "mpimig": []}
         for r in range(30):
             for w in (("raw", "mpimig") if r % 2 == 0 else ("mpimig", "raw")):
                 best[w].append(_call_cost(comms[w], kind, buf8, SMALL_DICT, block, MPI.PROC_NULL, clock))
@@ -176,7 +190,7 @@ def worker(args) -> int:
                "mpi4py": __import__("mpi4py").__version__, "host": socket.gethostname(),
                "cores": os.cpu_count()}
         Path(args.out).write_text(json.dumps(res))
-    comms["mpimig"].mpi.Free()
+    wrapped.mpi.Free()
     return 0
 
 
@@ -247,8 +261,6 @@ def format_table(res: dict) -> list:
 
 def run(args, out=print) -> dict:
     """Start the measurement under mpiexec -n 2 and return the summarised results."""
-    from ..launch.launcher import build_command, mpi_env, mpi_flavour
-
     flavour = mpi_flavour()
     env = dict(os.environ)
     env.update(mpi_env(flavour))
@@ -273,7 +285,8 @@ def run(args, out=print) -> dict:
             out(f"warning: load average {load:.1f} on {cores} core(s): other work competes for the "
                 "CPU; compare the ratios (paired, same run), and rerun on a quiet machine")
         out(f"  latency: {args.iters} round trips per op and side in {min(args.rounds, args.iters)} "
-            f"alternating blocks; bandwidth: {args.bw_rounds} (x4 under 64 MiB) alternating blocks of >= 16 MiB each way; "
+            f"alternating blocks; bandwidth: {args.bw_rounds} (x4 under 64 MiB) alternating blocks "
+            "of >= 16 MiB each way; "
             f"raw/mpimig: medians of the blocks; ratio: median of the paired ratios of adjacent blocks")
         Path(tmp).write_text("")
         try:

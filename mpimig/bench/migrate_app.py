@@ -35,6 +35,9 @@ import sys
 import time
 
 import numpy as np
+from mpi4py import MPI
+
+import mpimig
 
 HALO = 1024            # float64 elements per halo (8 KiB)
 CHUNK = 32768          # float64 elements updated per step (256 KiB)
@@ -111,7 +114,6 @@ def raw_bandwidth(size: int, repeat: int, out: str, spawned: bool = False) -> in
     connected (Open MPI connects processes of different jobs with TCP even on
     one host: no shared memory between them).
     """
-    from mpi4py import MPI
     inter = None
     if spawned:
         parent = MPI.Comm.Get_parent()
@@ -138,11 +140,13 @@ def raw_bandwidth(size: int, repeat: int, out: str, spawned: bool = False) -> in
         # above 2**31-1 is MPI_ERR_ARG), so a 4 GiB baseline goes in 4 messages
         piece = 1 << 30
         if me == 0:
+            assert src is not None
             for lo in range(0, size, piece):
                 world.Send(src[lo:lo + piece], 1, 1)
             world.Recv(ack, 1, 2)
         else:
             buf = np.empty(size, dtype=np.uint8) if fresh else warm
+            assert buf is not None
             for lo in range(0, size, piece):
                 world.Recv(buf[lo:lo + piece], 0, 1)
             world.Send(ack, 0, 2)
@@ -150,26 +154,28 @@ def raw_bandwidth(size: int, repeat: int, out: str, spawned: bool = False) -> in
         return time.perf_counter() - t0
 
     once(False)                              # first contact, registration
-    t_warm, t_cold = [], []
+    t_warm: list[float] = []
+    t_cold: list[float] = []
     for i in range(repeat):
         for fresh in ((False, True) if i % 2 == 0 else (True, False)):
             (t_cold if fresh else t_warm).append(once(fresh))
-    touch = []
     if me == 1:          # the floor for a fresh receive buffer: allocate and touch every page
+        touch = []
         for _ in range(repeat):
             t0 = time.perf_counter()
             b = np.empty(size, dtype=np.uint8)
             b[::4096] = 0
             touch.append(time.perf_counter() - t0)
             del b
-        world.send(statistics.median(touch), 0, 3)
+        touch_s = statistics.median(touch)
+        world.send(touch_s, 0, 3)
     else:
-        touch = world.recv(source=1, tag=3)
+        touch_s = world.recv(source=1, tag=3)
     if me == 0:
-        res = {"bytes": size, "touch_gbps": size / touch / 1e9, "warm_s": statistics.median(t_warm), "cold_s": statistics.median(t_cold),
-               "warm_all_s": t_warm, "cold_all_s": t_cold}
-        res["warm_gbps"] = size / res["warm_s"] / 1e9
-        res["cold_gbps"] = size / res["cold_s"] / 1e9
+        warm_s, cold_s = statistics.median(t_warm), statistics.median(t_cold)
+        res = {"bytes": size, "touch_gbps": size / touch_s / 1e9, "warm_s": warm_s, "cold_s": cold_s,
+               "warm_all_s": t_warm, "cold_all_s": t_cold,
+               "warm_gbps": size / warm_s / 1e9, "cold_gbps": size / cold_s / 1e9}
         res["spawned"] = spawned
         with open(out, "w") as f:
             json.dump(res, f)
@@ -207,7 +213,6 @@ if __name__ == "__main__":
     args = parse(sys.argv[1:])
     if args.raw_bandwidth is not None:
         sys.exit(raw_bandwidth(args.raw_bandwidth, max(1, args.repeat), args.out, args.spawned))
-    import mpimig
     res = mpimig.run(lambda ctx: app(ctx, args))
     if res is not None:
         print(f"migrate_app: {res['steps']} steps, {res['bytes']} bytes per rank, resumed: "

@@ -1,24 +1,406 @@
-"""``mpimig inspect PATH``: list and verify checkpoints.
+"""Reading what is on disk: epochs, manifests, rank files; verify, describe;
+and ``mpimig inspect PATH``.
 
-PATH is a checkpoint directory, one epoch directory in it, or a single rank
-file. Lists epochs, ranks, datasets and sizes, recomputes every dataset's
-CRC-32 from the bytes in the file, and exits non-zero naming the epoch, rank
-and dataset of every problem found (exit 1: problems, 0: all fine).
+The functions take the checkpoint directory and never write to it;
+:class:`~mpimig.checkpoint.store.CheckpointStore` uses them for its reading
+methods. ``mpimig inspect`` is described by :data:`INSPECT_DESCRIPTION`.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import dataclasses
+import errno
 import json
-import re
+import os
 import sys
+import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .store import MANIFEST, CheckpointStore, describe_file
-from ..errors import NoCommittedEpoch, UsageError
+import h5py
+import numpy as np
 
-_EPOCH_DIR = re.compile(r"^epoch-(\d+)(\.tmp)?$")
+from ..errors import CheckpointError, CorruptCheckpoint, NoCommittedEpoch, StateError, UsageError
+from .format import (EPOCH_DIR_RE, FORMAT_VERSION, GROUPS, IO_BLOCK, MANIFEST, NATIVE, QUEUE, bytes_view,
+                     committed_epochs, crc32_of, decode_object, decode_queue, epoch_dir_name, h5file,
+                     no_epoch_error, rank_file_name, resolve_epoch, uncommitted_epochs)
+
+INSPECT_DESCRIPTION = """\
+PATH is a checkpoint directory, one epoch directory in it, or a single rank
+file. Lists epochs, ranks, datasets and sizes, recomputes every dataset's
+CRC-32 from the bytes in the file, and exits non-zero naming the epoch, rank
+and dataset of every problem found (exit 1: problems, 0: all fine)."""
+
+__all__ = ["RankState", "read_manifest", "read_rank", "read_file", "describe_epoch", "describe_file", "register"]
 
 
+@dataclasses.dataclass
+class RankState:
+    """One rank's state as read back from a committed epoch."""
+    arrays: dict[str, np.ndarray]
+    objects: dict[str, Any]
+    extra: dict[str, Any]
+    attrs: dict[str, Any]
+
+
+def _attr_value(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+def _dt_str(dtype: np.dtype) -> str:
+    if dtype.names is None or dtype.fields is None:
+        return str(dtype.str)
+    return "{" + ", ".join(f"{n}: {_dt_str(dtype.fields[n][0])}" for n in dtype.names) + "}"
+
+
+# ------------------------------------------------------------------- epochs
+def read_manifest(directory: Path, epoch: int | None = None) -> dict[str, Any]:
+    """The parsed MANIFEST.json of a committed epoch (latest if None)."""
+    epoch = resolve_epoch(directory, epoch)
+    path = directory / epoch_dir_name(epoch) / MANIFEST
+    try:
+        with open(path) as fh:
+            man = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise CorruptCheckpoint(f"epoch {epoch}: cannot read manifest {path}: {exc}") from exc
+    if not isinstance(man, dict) or not isinstance(man.get("size"), int) \
+            or not isinstance(man.get("ranks"), list) or len(man["ranks"]) != man["size"]:
+        raise CorruptCheckpoint(f"epoch {epoch}: manifest {path} is malformed "
+                                "(needs 'size' and one 'ranks' entry per rank)")
+    return man
+
+
+def read_rank(directory: Path, epoch: int | None, rank: int, verify: bool = True) -> RankState:
+    """One rank's state from a committed epoch (latest if None); with
+    ``verify`` every dataset's CRC-32 is checked against the manifest."""
+    epoch = resolve_epoch(directory, epoch)
+    man = read_manifest(directory, epoch)
+    if not 0 <= int(rank) < man["size"]:
+        raise CheckpointError(f"rank {rank} is not in epoch {epoch} of {directory} (size {man['size']})")
+    path = directory / epoch_dir_name(epoch) / rank_file_name(rank)
+    where = f"epoch {epoch} rank {rank}"
+    expected = man["ranks"][rank]["datasets"]
+    try:
+        return read_file(path, where, expected if verify else None)
+    except (CorruptCheckpoint, StateError):
+        raise
+    except (OSError, KeyError, RuntimeError, ValueError) as exc:
+        raise CorruptCheckpoint(f"{where}: cannot read {path}: {exc}") from exc
+
+
+def describe_epoch(directory: Path, epoch: int, verify: bool = True) -> dict[str, Any]:
+    """A JSON-serialisable description of a committed epoch: manifest
+    fields, and per rank its file, attributes and datasets (with checksum
+    status when ``verify``), plus a list of problems."""
+    epoch = resolve_epoch(directory, epoch)
+    problems: list[str] = []
+    try:
+        man = read_manifest(directory, epoch)
+    except CorruptCheckpoint as exc:
+        return {"epoch": epoch, "ranks": [], "problems": [str(exc)]}
+    out = {k: man.get(k) for k in ("epoch", "size", "step", "job_id", "time_iso", "format_version", "meta")}
+    out["path"] = str(directory / epoch_dir_name(epoch))
+    if man.get("epoch") != epoch:
+        problems.append(f"epoch {epoch}: manifest says epoch {man.get('epoch')}")
+    ranks = []
+    for r in range(int(man.get("size", 0))):
+        entry = man["ranks"][r] if r < len(man.get("ranks", [])) else {}
+        ranks.append(describe_file(directory / epoch_dir_name(epoch) / rank_file_name(r), verify, entry,
+                                   epoch, r, problems))
+    out["ranks"] = ranks
+    out["bytes"] = sum(r.get("bytes", 0) for r in ranks)
+    out["problems"] = problems
+    return out
+
+
+# --------------------------------------------------------------- rank files
+def _walk_datasets(f: h5py.File) -> list[tuple[str, h5py.Dataset]]:
+    """(path without leading '/', dataset) of every dataset under the data groups."""
+    out: list[tuple[str, h5py.Dataset]] = []
+
+    def visit(name: str, obj: Any, group: str) -> None:     # (a non-None return stops visititems)
+        if isinstance(obj, h5py.Dataset):
+            out.append((f"{group}/{name}", obj))
+    for g in GROUPS:
+        if g in f:
+            f[g].visititems(lambda name, obj, g=g: visit(name, obj, g))
+    return out
+
+
+def _ordered(group: h5py.Group) -> list[tuple[str, Any]]:
+    members = list(group.items())
+    return sorted(members, key=lambda m: int(m[1].attrs.get("index", 0)))
+
+
+class _CrcChain:
+    """CRC-32 of blocks fed in order (by a single-thread executor)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def add(self, block: memoryview) -> None:
+        self.value = zlib.crc32(block, self.value)
+
+    def result(self) -> int:
+        return self.value & 0xFFFFFFFF
+
+
+def _direct_offset(ds: h5py.Dataset) -> int | None:
+    """File offset of a dataset whose file bytes are exactly its numpy bytes
+    (contiguous, allocated, no filters), else None."""
+    if ds.size == 0:
+        return None
+    offset = ds.id.get_offset()
+    plist = ds.id.get_create_plist()
+    if (offset is None or plist.get_layout() != h5py.h5d.CONTIGUOUS or plist.get_nfilters()
+            or ds.id.get_type().get_size() != ds.dtype.itemsize
+            or ds.id.get_storage_size() != ds.size * ds.dtype.itemsize):
+        return None
+    return int(offset)
+
+
+class _FileReader:
+    """Reads a rank file's datasets; with ``expected`` (the manifest's
+    datasets) a thread checksums each block as soon as it is read.
+
+    Contiguous datasets are read with os.preadv straight into the result
+    array in blocks of IO_BLOCK bytes; others go through h5py."""
+
+    def __init__(self, path: Path, where: str, expected: dict[str, Any] | None):
+        self.path, self.where, self.expected = path, where, expected
+        self.pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mpimig-crc")
+                     if expected is not None else None)
+        self.checks: list[tuple[str, h5py.Dataset, concurrent.futures.Future[int]]] = []
+        #: (target, name, bytes, encoding, description) unpickled only after every checksum passed
+        self.pending: list[tuple[dict[str, Any], str, np.ndarray, str, str]] = []
+        self.fd = -1
+
+    def load(self, dpath: str, ds: h5py.Dataset) -> np.ndarray:
+        data = np.empty(ds.shape, dtype=ds.dtype)
+        chain = _CrcChain()
+        offset = _direct_offset(ds)
+        if offset is not None:
+            mv = bytes_view(data)
+            pos = 0
+            while pos < len(mv):
+                end = min(pos + IO_BLOCK, len(mv))
+                while pos < end:
+                    n = os.preadv(self.fd, [mv[pos:end]], offset + pos)
+                    if n <= 0:
+                        raise CorruptCheckpoint(f"{self.where} dataset /{dpath}: {self.path} ends "
+                                                "inside the dataset's data")
+                    if self.pool is not None:
+                        self.pool.submit(chain.add, mv[pos:pos + n])
+                    pos += n
+        elif data.size:
+            ds.read_direct(data)
+            if self.pool is not None:
+                self.pool.submit(chain.add, bytes_view(data))
+        if self.pool is not None:
+            self.checks.append((dpath, ds, self.pool.submit(chain.result)))
+        return data
+
+    def read_group(self, f: h5py.File, g: str, target: dict[str, Any]) -> None:
+        for link, obj in _ordered(f[g]):
+            name = _attr_value(obj.attrs.get("name", link))
+            enc = _attr_value(obj.attrs.get("encoding", NATIVE))
+            item = f"{self.where} {g[:-1] if g != 'extra' else 'extra'} {name!r}"
+            if isinstance(obj, h5py.Group):
+                if enc != QUEUE:
+                    raise CorruptCheckpoint(f"{item}: unexpected group /{g}/{link}")
+                target[name] = decode_queue(self.load(f"{g}/{link}/index", obj["index"]),
+                                            self.load(f"{g}/{link}/payload", obj["payload"]))
+                continue
+            data = self.load(f"{g}/{link}", obj)
+            if enc == NATIVE:
+                if _attr_value(obj.attrs.get("order", "C")) == "F":
+                    data = np.asfortranarray(data)
+                target[name] = data
+            else:
+                target[name] = None
+                self.pending.append((target, name, data, enc, item))
+
+    def check(self) -> None:
+        """Compare every checksum with the file's and the manifest's."""
+        if self.expected is None:
+            return
+        for dpath, ds, fut in self.checks:
+            _check_crc(self.where, dpath, ds, fut.result(), self.expected)
+        missing = set(self.expected) - {c[0] for c in self.checks}
+        if missing:
+            raise CorruptCheckpoint(f"{self.where}: dataset(s) {sorted(missing)} listed in "
+                                    f"the manifest are missing from {self.path}")
+
+    def read(self, f: h5py.File, state: RankState) -> None:
+        self.fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for g, target in (("arrays", state.arrays), ("objects", state.objects), ("extra", state.extra)):
+                if g in f:
+                    self.read_group(f, g, target)
+            self.check()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+            os.close(self.fd)
+        for target, name, data, enc, item in self.pending:
+            target[name] = decode_object(data.tobytes(), enc, item)
+
+
+def read_file(path: Path, where: str, expected: dict[str, Any] | None) -> RankState:
+    """Read a rank file; with ``expected`` (manifest datasets) verify CRCs,
+    so verifying costs little more than reading."""
+    with h5file(path, "r") as f:
+        attrs = {k: _attr_value(v) for k, v in f.attrs.items()}
+        if int(attrs.get("format_version", 0)) > FORMAT_VERSION:
+            raise CorruptCheckpoint(f"{where}: {path} has format version "
+                                    f"{attrs['format_version']}, this mpimig reads up to {FORMAT_VERSION}")
+        state = RankState({}, {}, {}, attrs)
+        _FileReader(path, where, expected).read(f, state)
+        return state
+
+
+def _check_crc(where: str, dpath: str, ds: h5py.Dataset, crc: int, expected: dict[str, Any] | None) -> None:
+    stored = ds.attrs.get("crc32")
+    if stored is None:
+        raise CorruptCheckpoint(f"{where} dataset /{dpath}: no crc32 attribute")
+    if int(stored) != crc:
+        raise CorruptCheckpoint(f"{where} dataset /{dpath}: checksum mismatch (stored crc32 "
+                                f"{int(stored):08x}, data has {crc:08x})")
+    if expected is not None:
+        want = expected.get(dpath)
+        if want is None:
+            raise CorruptCheckpoint(f"{where} dataset /{dpath}: not listed in the manifest")
+        if int(want["crc32"]) != crc:
+            raise CorruptCheckpoint(f"{where} dataset /{dpath}: checksum mismatch (manifest "
+                                    f"crc32 {int(want['crc32']):08x}, data has {crc:08x})")
+
+
+def _file_crc(fd: int, ds: h5py.Dataset) -> int:
+    """CRC-32 of a dataset's bytes read straight from the file when it is
+    contiguous (bounded memory), else through h5py."""
+    offset = ds.id.get_offset()
+    nbytes = int(ds.id.get_storage_size())
+    if offset is None or nbytes != ds.size * ds.dtype.itemsize:
+        if ds.size == 0:
+            return 0
+        return crc32_of(np.ascontiguousarray(ds[()]))
+    value = 0
+    pos = 0
+    while pos < nbytes:
+        block = os.pread(fd, min(IO_BLOCK, nbytes - pos), offset + pos)
+        if not block:
+            raise OSError(errno.EIO, f"file ends inside dataset {ds.name}")
+        value = zlib.crc32(block, value)
+        pos += len(block)
+    return value & 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------- describing
+def _check_root(where: str, path: Path, a: dict[str, Any], entry: dict[str, Any] | None,
+                epoch: int | None, rank: int | None, problems: list[str]) -> None:
+    checks: list[tuple[str, Any]] = [] if entry is None else [("epoch", epoch), ("rank", rank)]
+    if entry is not None and entry.get("write_id"):
+        checks.append(("write_id", entry["write_id"]))
+    for key, want in checks:
+        if a.get(key) != want:
+            problems.append(f"{where}: {path} attribute {key}={a.get(key)!r}, expected {want}")
+    if int(a.get("format_version", 0) or 0) > FORMAT_VERSION:
+        problems.append(f"{where}: {path} has format version {a.get('format_version')}, "
+                        f"this mpimig reads up to {FORMAT_VERSION}")
+
+
+def _describe_dataset(where: str, path: Path, dpath: str, ds: h5py.Dataset, fd: int,
+                      expected: dict[str, Any] | None, problems: list[str]) -> dict[str, Any]:
+    """One dataset's entry; ``fd`` >= 0 recomputes its checksum, ``expected``
+    (the manifest's datasets, None outside a committed epoch) is compared."""
+    d: dict[str, Any] = {"path": "/" + dpath, "name": _attr_value(ds.attrs.get("name", dpath)),
+                         "encoding": _attr_value(ds.attrs.get("encoding", NATIVE)),
+                         "dtype": _dt_str(ds.dtype), "shape": list(ds.shape),
+                         "nbytes": int(ds.size * ds.dtype.itemsize)}
+    if "array_dtype" in ds.attrs:
+        d["array_dtype"] = _attr_value(ds.attrs["array_dtype"])
+        d["array_shape"] = _attr_value(ds.attrs["array_shape"])
+    plist = ds.id.get_create_plist()
+    if plist.get_layout() != h5py.h5d.CONTIGUOUS or plist.get_nfilters():
+        d["layout"] = "not contiguous or filtered"
+    stored = ds.attrs.get("crc32")
+    d["crc32"] = None if stored is None else f"{int(stored):08x}"
+    if stored is None:
+        problems.append(f"{where} dataset /{dpath}: no crc32 attribute")
+    if expected is not None:
+        want = expected.get(dpath)
+        if want is None:
+            problems.append(f"{where} dataset /{dpath}: not listed in the manifest")
+        elif stored is not None and int(want["crc32"]) != int(stored):
+            problems.append(f"{where} dataset /{dpath}: crc32 attribute {int(stored):08x} differs "
+                            f"from the manifest's {int(want['crc32']):08x}")
+    if fd >= 0:
+        crc = _file_crc(fd, ds)
+        ok = stored is not None and crc == int(stored)
+        d["checksum"] = "ok" if ok else "BAD"
+        if stored is not None and not ok:
+            problems.append(f"{where} dataset /{dpath}: checksum mismatch (stored crc32 "
+                            f"{int(stored):08x}, data has {crc:08x}) in {path}")
+    return d
+
+
+def describe_file(path: str | Path, verify: bool = True, entry: dict[str, Any] | None = None,
+                  epoch: int | None = None, rank: int | None = None,
+                  problems: list[str] | None = None) -> dict[str, Any]:
+    """Describe one rank file: attributes and datasets, and with ``verify``
+    the CRC-32 of every dataset's bytes in the file against its ``crc32``
+    attribute. ``entry`` is the file's manifest entry when it belongs to a
+    committed epoch (its sizes, write id and checksums are compared too);
+    without it the file is checked on its own (e.g. a file of a .tmp dir).
+    Problems, each naming epoch, rank and dataset, go to ``problems`` and to
+    the ``problems`` key of the result."""
+    path = Path(path)
+    problems = [] if problems is None else problems
+    first = len(problems)
+    where = f"epoch {epoch} rank {rank}" if epoch is not None else str(path)
+    info: dict[str, Any] = {"rank": rank, "file": str(path)}
+    try:
+        info["bytes"] = path.stat().st_size
+    except OSError as exc:
+        problems.append(f"{where}: rank file {path} is missing: {exc}")
+        info["problems"] = problems[first:]
+        return info
+    if entry is not None and entry.get("bytes") is not None and entry["bytes"] != info["bytes"]:
+        problems.append(f"{where}: {path} has {info['bytes']} bytes, manifest says {entry['bytes']}")
+    expected = (entry or {}).get("datasets", {})
+    try:
+        with h5file(path, "r") as f:
+            a = {k: _attr_value(v) for k, v in f.attrs.items()}
+            info["attrs"] = a
+            if epoch is None:
+                where = f"epoch {a.get('epoch')} rank {a.get('rank')}"
+                info["rank"] = a.get("rank")
+            _check_root(where, path, a, entry, epoch, rank, problems)
+            fd = os.open(path, os.O_RDONLY) if verify else -1
+            try:
+                datasets = [_describe_dataset(where, path, dpath, ds, fd, None if entry is None else expected,
+                                              problems) for dpath, ds in _walk_datasets(f)]
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+            info["datasets"] = datasets
+            for dpath in sorted(set(expected) - {d["path"][1:] for d in datasets}):
+                problems.append(f"{where} dataset /{dpath}: listed in the manifest but missing")
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        problems.append(f"{where}: cannot read {path}: {exc}")
+    info["problems"] = problems[first:]
+    return info
+
+
+# ------------------------------------------------------------- mpimig inspect
 def human(n: int | None) -> str:
     if n is None:
         return "?"
@@ -28,14 +410,14 @@ def human(n: int | None) -> str:
     return f"{n} B"
 
 
-def collect(path: Path, epoch: int | None = None, verify: bool = True) -> dict:
+def collect(path: Path, epoch: int | None = None, verify: bool = True) -> dict[str, Any]:
     """Everything `mpimig inspect` shows, as a JSON-serialisable dict with a
     ``problems`` list. Raises NoCommittedEpoch for a directory without epochs."""
     if path.is_file():
         info = describe_file(path, verify)
         return {"kind": "file", "path": str(path), "files": [info], "epochs": [],
                 "problems": list(info["problems"])}
-    m = _EPOCH_DIR.match(path.name)
+    m = EPOCH_DIR_RE.match(path.name)
     if m and path.is_dir() and (m.group(2) or not (path / MANIFEST).is_file()):
         # an uncommitted epoch: check each rank file on its own
         files = [describe_file(p, verify) for p in sorted(path.glob("rank-*.h5"))]
@@ -44,24 +426,23 @@ def collect(path: Path, epoch: int | None = None, verify: bool = True) -> dict:
     if m and path.is_dir():
         if epoch is not None and epoch != int(m.group(1)):
             raise UsageError(f"{path} is epoch {int(m.group(1))}, not --epoch {epoch}")
-        store, epochs = CheckpointStore(path.parent), [int(m.group(1))]
+        directory, epochs = path.parent, [int(m.group(1))]
     else:
-        store = CheckpointStore(path)
-        committed = store.committed_epochs()
+        directory = path
+        committed = committed_epochs(directory)
         if not committed:
-            raise store._no_epoch()
+            raise no_epoch_error(directory)
         epochs = committed if epoch is None else [epoch]
-    out = {"kind": "directory", "path": str(store.directory),
-           "committed": store.committed_epochs(), "uncommitted": store.uncommitted_epochs(),
-           "epochs": [], "problems": []}
-    for e in epochs:
-        d = store.describe(e, verify)
-        out["epochs"].append(d)
-        out["problems"].extend(d["problems"])
-    return out
+    described = [describe_epoch(directory, e, verify) for e in epochs]
+    return {"kind": "directory", "path": str(directory),
+            "committed": committed_epochs(directory), "uncommitted": uncommitted_epochs(directory),
+            "epochs": described, "problems": [p for d in described for p in d["problems"]]}
 
 
-def _print_file(info: dict, indent: str, out) -> None:
+Out = Callable[[str], Any]
+
+
+def _print_file(info: dict[str, Any], indent: str, out: Out) -> None:
     a = info.get("attrs", {})
     out(f"{indent}rank {info.get('rank')}: {human(info.get('bytes'))}, host {a.get('host', '?')}, "
         f"step {a.get('step', '?')}, written {a.get('time_iso', '?')}  {info['file']}")
@@ -78,7 +459,7 @@ def _print_file(info: dict, indent: str, out) -> None:
             f"crc32 {d['crc32']} {status}")
 
 
-def render(report: dict, out=print) -> None:
+def render(report: dict[str, Any], out: Out = print) -> None:
     if report["kind"] == "directory":
         out(f"checkpoint directory {report['path']}")
         out(f"  committed epochs: {', '.join(map(str, report['committed'])) or 'none'}"
@@ -96,7 +477,7 @@ def render(report: dict, out=print) -> None:
             _print_file(info, "  ", out)
 
 
-def main(args) -> int:
+def main(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.exists():
         raise NoCommittedEpoch(f"no committed epoch in checkpoint directory {path}: "
@@ -122,10 +503,10 @@ def main(args) -> int:
     return 1 if report["problems"] else 0
 
 
-def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = subparsers.add_parser(
         "inspect", help="list and verify checkpoints (epochs, ranks, datasets, checksums)",
-        description=__doc__.split("\n\n")[1])
+        description=INSPECT_DESCRIPTION)
     p.add_argument("path", metavar="PATH",
                    help="checkpoint directory, epoch directory, or rank file")
     p.add_argument("--epoch", type=int, help="only this committed epoch (default: all)")

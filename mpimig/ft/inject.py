@@ -280,13 +280,16 @@ def run_experiment(args, run_args: list[str], faults: list[dict], job_dir: Path,
                 due = (("point" in f and pr is not None and pr[0] >= f["point"] and pr[2] == run_id)
                        or ("time" in f and t_started is not None and time.time() - t_started >= f["time"]))
                 if due:
+                    # the time of the fault is taken before the kill: the launcher may log
+                    # the job's loss before this event is written
+                    t_fire = time.time()
                     rec = _fire(f, status, run_id, pr)
                     if rec is not None:
                         fired[f["id"]] = rec
                         if f["kind"] == "host":
                             killed_hosts.append(f["target"])
                         events.emit(job_dir, "injected", run_id or "", id=f["id"], kind=f["kind"],
-                                    target=f["target"], by="injector", **rec)
+                                    target=f["target"], by="injector", t=t_fire, **rec)
             if not quiet and time.monotonic() - last_print > 2.0:
                 last_print = time.monotonic()
                 if pr is None:

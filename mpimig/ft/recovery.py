@@ -315,7 +315,7 @@ def _finish(M: MPI.Intracomm, plan: dict, table: list[dict], kind: str, rank: in
     # roll back: the latest committed epoch, decided by the coordinator (new J rank 0)
     epoch = None
     if Jn.Get_rank() == 0 and ckpt_dir is not None:
-        from ..checkpoint.store import CheckpointStore
+        from ..checkpoint import CheckpointStore
         try:
             store = CheckpointStore(ckpt_dir, create=False)
             store.discard_uncommitted()
@@ -361,8 +361,8 @@ def _s_index(table: list[dict], me: dict) -> int:
 
 
 def _read_disk(ckpt_dir, epoch: int, rank: int) -> Copy:
-    from ..checkpoint.store import CheckpointStore
-    from ..state import dumps
+    from ..checkpoint import CheckpointStore
+    from ..checkpoint.format import dumps
     rs = CheckpointStore(ckpt_dir, create=False).read_rank(epoch, rank)
     return Copy(rank, epoch, rs.arrays, {k: dumps(k, v) for k, v in rs.objects.items()},
                 {"queue": [(m[0], m[1], m[3]) for m in rs.extra.get("queue", [])],

@@ -43,8 +43,9 @@ from __future__ import annotations
 
 import time
 
+from . import slurm_cluster
 from ._sys import LabError, capability_problem
-from .hosts import Lab, current, up, down, state_dir
+from .hosts import Lab, current, down, revive, state_dir, up
 
 __all__ = ["Lab", "LabError", "current", "up", "down", "capability_problem", "register"]
 
@@ -80,7 +81,6 @@ def _cmd_status(args) -> int:
             print(f"no lab is up (state directory {state_dir()})")
         return 1
     _print_status(lab)
-    from . import slurm_cluster
     info = slurm_cluster.status_line(lab.state_dir)
     if info:
         print(info)
@@ -97,7 +97,6 @@ def _cmd_kill(args) -> int:
 
 def _cmd_revive(args) -> int:
     lab = _need_lab()
-    from .hosts import revive
     started = revive(lab, args.host)
     print(f"{args.host}: started {', '.join(started) or 'nothing (all daemons alive)'}")
     return 0
@@ -113,7 +112,6 @@ def _cmd_down(args) -> int:
 
 
 def _cmd_slurm_up(args) -> int:
-    from . import slurm_cluster
     t0 = time.monotonic()
     cluster = slurm_cluster.up(args.nodes, subnet=args.subnet)
     print(cluster.describe())
@@ -122,7 +120,6 @@ def _cmd_slurm_up(args) -> int:
 
 
 def _cmd_slurm_down(args) -> int:
-    from . import slurm_cluster
     t0 = time.monotonic()
     if not slurm_cluster.down():
         print("no lab Slurm is up; nothing to do")

@@ -19,12 +19,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-from collections.abc import Iterable
+from typing import Callable, Union
+from collections.abc import Iterable, Iterator, Sequence
 
 from ..errors import MpimigError
 
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
+
+Arg = Union[str, Path]     # an argument of a command line we run
 
 
 class LabError(MpimigError):
@@ -42,6 +44,14 @@ def which(name: str) -> str | None:
     """``shutil.which`` that also looks in the sbin directories."""
     path = os.environ.get("PATH", "") + ":" + SBIN_PATH
     return shutil.which(name, path=path)
+
+
+def tool(name: str) -> str:
+    """Absolute path of command ``name`` (also looked for in sbin); :class:`LabError` if it is missing."""
+    path = which(name)
+    if path is None:
+        raise LabError(f"command not found: {name} (searched PATH and {SBIN_PATH})")
+    return path
 
 
 def run(cmd, timeout: float = 60, check: bool = True, input: str | None = None,
@@ -216,7 +226,7 @@ def proc_environ_keys(pid: int) -> set:
     return {item.split(b"=", 1)[0].decode(errors="replace") for item in raw.split(b"\0") if item}
 
 
-def spawn_daemon(argv, log: Path, env: dict | None = None) -> Proc:
+def spawn_daemon(argv: Sequence[Arg], log: Path, env: dict[str, str] | None = None) -> Proc:
     """Start ``argv`` detached (own session, reparented to init), output to ``log``.
 
     A short-lived helper starts it and exits, so a long-lived caller (a pytest
@@ -234,6 +244,21 @@ def spawn_daemon(argv, log: Path, env: dict | None = None) -> Proc:
     if proc.start == 0:  # died at once; let the caller read the log
         return Proc(pid, 0)
     return proc
+
+
+def daemon_argv(netns: str, hostname: str, argv: Sequence[Arg]) -> list[Arg]:
+    """Argv that runs ``argv`` "on" a lab host: its network namespace, a UTS namespace with its name."""
+    script = f'hostname {hostname} && exec "$@"'
+    return ["nsenter", f"--net=/run/netns/{netns}", "unshare", "--uts", "--",
+            "sh", "-c", script, "sh", *argv]
+
+
+def tail(path: Path, n: int = 15) -> str:
+    """The last ``n`` lines of a log file ("" if it cannot be read)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.05,
@@ -343,8 +368,13 @@ def read_json(path: Path):
                        "remove what it lists by hand, then delete it") from exc
 
 
+def lock_path(sdir: Path) -> Path:
+    """The lock file that serialises changes to the lab in state directory ``sdir``."""
+    return sdir.parent / (sdir.name + ".lock")
+
+
 @contextlib.contextmanager
-def locked(path: Path, timeout: float = 300, what: str = "lab"):
+def locked(path: Path, timeout: float = 300, what: str = "lab") -> Iterator[None]:
     """Exclusive lock on ``path`` (created if missing) so two ``up``/``down`` never interleave."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -357,7 +387,7 @@ def locked(path: Path, timeout: float = 300, what: str = "lab"):
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise LabError(f"{what}: {path} is locked by another mpimig lab command "
-                                   f"for more than {timeout:g}s")
+                                   f"for more than {timeout:g}s") from None
                 time.sleep(0.2)
         yield
     finally:

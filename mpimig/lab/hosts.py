@@ -17,6 +17,7 @@ route, so nothing a lab host sends can leave the machine.
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -24,10 +25,10 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 from collections.abc import Sequence
 
-from . import _sys
+from . import _slurmd, _sys
 from ._sys import LabError, Proc, say
 
 DEFAULT_DIR = "/run/mpimig-lab"
@@ -54,10 +55,6 @@ RANK_ENV = {"PMIX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"}
 
 def state_dir(path: str | Path | None = None) -> Path:
     return Path(path or os.environ.get("MPIMIG_LAB_DIR") or DEFAULT_DIR)
-
-
-def _lock_path(sdir: Path) -> Path:
-    return sdir.parent / (sdir.name + ".lock")
 
 
 HostsSpec = Union[None, int, str, Sequence[str], dict[str, int]]
@@ -117,8 +114,8 @@ class Lab:
                 hosts_spec = [s for s in hosts_spec.split(",") if s.strip()]
             items = []
             for item in hosts_spec:
-                name, _, n = item.strip().partition(":")
-                items.append((name, int(n) if n else default_slots))
+                name, _, count = item.strip().partition(":")
+                items.append((name, int(count) if count else default_slots))
         out: dict[str, int] = {}
         unknown = [name for name, _ in items if name not in self.ips]
         if unknown:
@@ -211,10 +208,8 @@ class Lab:
             # a rank's own children (e.g. a subprocess) go too
             pids = pids + [p for p in self.pids(host) if _sys.proc_ppid(p) in pids and p not in pids]
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         return pids
 
     def sshd(self, host: str) -> Proc:
@@ -222,8 +217,7 @@ class Lab:
 
     def status(self) -> list[dict]:
         """One dict per host: name, ip, netns, sshd alive, process count (and slurmd if Slurm is up)."""
-        from . import slurm_cluster
-        slurm = slurm_cluster.current_state(self.state_dir)
+        slurm = _slurmd.current_state(self.state_dir)
         rows = []
         for h in self._state["hosts"]:
             row = {"host": h["name"], "ip": h["ip"], "netns": h["netns"],
@@ -335,26 +329,12 @@ Host *
     bindir = sdir / "bin"
     bindir.mkdir()
     wrapper = bindir / "ssh"      # named ssh so launchers treat it as ssh
-    wrapper.write_text(SSH_WRAPPER.format(ssh=_sys.which("ssh"), config=ssh / "config"))
+    wrapper.write_text(SSH_WRAPPER.format(ssh=_sys.tool("ssh"), config=ssh / "config"))
     (bindir / "remote-shell").write_text(REMOTE_SHELL)
     for script in (wrapper, bindir / "remote-shell"):
         script.chmod(0o755)
     state["ssh_wrapper"] = str(wrapper)
     state["ssh_key"] = str(ssh / "id_ed25519")
-
-
-def daemon_argv(netns: str, hostname: str, argv: Sequence[str]) -> list[str]:
-    """Argv that runs ``argv`` "on" a lab host: its network namespace, a UTS namespace with its name."""
-    script = f'hostname {hostname} && exec "$@"'
-    return ["nsenter", f"--net=/run/netns/{netns}", "unshare", "--uts", "--",
-            "sh", "-c", script, "sh", *argv]
-
-
-def _tail(path: Path, n: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
 
 
 def up(n: int, path: str | Path | None = None, subnet: str | None = None) -> Lab:
@@ -370,7 +350,7 @@ def up(n: int, path: str | Path | None = None, subnet: str | None = None) -> Lab
     if problem:
         raise LabError(problem)
     sdir = state_dir(path)
-    with _sys.locked(_lock_path(sdir)):
+    with _sys.locked(_sys.lock_path(sdir)):
         if (sdir / "state.json").exists():
             old = _sys.read_json(sdir / "state.json") or {}
             raise LabError(f"a lab is already up ({len(old.get('hosts', []))} hosts, state in {sdir}); "
@@ -380,6 +360,8 @@ def up(n: int, path: str | Path | None = None, subnet: str | None = None) -> Lab
         _sys.ensure_tools({"sshd": "openssh-server", "ssh": "openssh-client",
                            "ssh-keygen": "openssh-client"}, "lab hosts need sshd and ssh")
         net = ipaddress.ip_network(subnet or os.environ.get("MPIMIG_LAB_SUBNET") or DEFAULT_SUBNET)
+        if not isinstance(net, ipaddress.IPv4Network):
+            raise LabError(f"subnet {net}: the lab needs an IPv4 subnet")
         if net.num_addresses < FIRST_HOST_OFFSET + n + 2:
             raise LabError(f"subnet {net} is too small for {n} hosts")
         if _sys.run(["ip", "link", "show", BRIDGE], check=False).returncode == 0:
@@ -396,9 +378,10 @@ def up(n: int, path: str | Path | None = None, subnet: str | None = None) -> Lab
         sdir.mkdir(parents=True, exist_ok=True)
         sdir.chmod(0o755)
         addrs = list(net.hosts())
-        state = {"version": 1, "complete": False, "bridge": BRIDGE, "subnet": str(net),
-                 "bridge_ip": str(addrs[0]), "prefixlen": net.prefixlen, "hosts": [],
-                 "hosts_lines": [], "made_run_sshd": False, "created": time.time()}
+        state: dict[str, Any] = {
+            "version": 1, "complete": False, "bridge": BRIDGE, "subnet": str(net),
+            "bridge_ip": str(addrs[0]), "prefixlen": net.prefixlen, "hosts": [],
+            "hosts_lines": [], "made_run_sshd": False, "created": time.time()}
         save = lambda: _sys.write_json(sdir / "state.json", state)  # noqa: E731
         save()
         try:
@@ -413,8 +396,8 @@ def up(n: int, path: str | Path | None = None, subnet: str | None = None) -> Lab
 
 
 def _spawn_sshd(sdir: Path, host: dict) -> Proc:
-    argv = daemon_argv(host["netns"], host["name"],
-                       [_sys.which("sshd"), "-D", "-e", "-f", sdir / "ssh" / "sshd_config"])
+    argv = _sys.daemon_argv(host["netns"], host["name"],
+                            [_sys.tool("sshd"), "-D", "-e", "-f", sdir / "ssh" / "sshd_config"])
     return _sys.spawn_daemon(argv, sdir / "logs" / f"sshd_{host['name']}.log")
 
 
@@ -422,7 +405,7 @@ def _wait_sshd(sdir: Path, host: dict, timeout: float = 20) -> None:
     proc = Proc.from_json(host["sshd"])
     log = sdir / "logs" / f"sshd_{host['name']}.log"
     _sys.wait_for(lambda: _sys.tcp_open(host["ip"], 22), timeout, f"sshd on {host['name']} ({host['ip']}:22)",
-                  fail=lambda: None if proc.alive() else f"sshd exited: {_tail(log)}")
+                  fail=lambda: None if proc.alive() else f"sshd exited: {_sys.tail(log)}")
 
 
 def revive(lab: Lab, host: str) -> list[str]:
@@ -433,7 +416,7 @@ def revive(lab: Lab, host: str) -> list[str]:
     _sys.require_root()
     lab._host(host)  # names the lab hosts if ``host`` is not one
     started = []
-    with _sys.locked(_lock_path(lab.state_dir)):
+    with _sys.locked(_sys.lock_path(lab.state_dir)):
         state = _sys.read_json(lab.state_dir / "state.json")
         entry = next(h for h in state["hosts"] if h["name"] == host)
         if not (entry.get("sshd") and Proc.from_json(entry["sshd"]).alive()):
@@ -441,8 +424,7 @@ def revive(lab: Lab, host: str) -> list[str]:
             _sys.write_json(lab.state_dir / "state.json", state)
             _wait_sshd(lab.state_dir, entry)
             started.append("sshd")
-        from . import slurm_cluster
-        if slurm_cluster.revive_node(lab.state_dir, host):
+        if _slurmd.revive_node(lab.state_dir, host, entry["netns"]):
             started.append("slurmd")
     return started
 
@@ -509,7 +491,7 @@ def down(path: str | Path | None = None) -> bool:
     """Remove everything ``up`` recorded (also after a partial ``up``). Returns False if no lab was up."""
     _sys.require_root()
     sdir = state_dir(path)
-    with _sys.locked(_lock_path(sdir)):
+    with _sys.locked(_sys.lock_path(sdir)):
         return _down_locked(sdir)
 
 
@@ -517,8 +499,7 @@ def _down_locked(sdir: Path) -> bool:
     state = _sys.read_json(sdir / "state.json")
     if state is None:
         return False
-    from . import slurm_cluster
-    slurm_cluster.down_locked(sdir)
+    _slurmd.down_locked(sdir)
     problems = []
     sshds = [Proc.from_json(h["sshd"]) for h in state["hosts"] if h.get("sshd")]
     _sys.kill_and_wait(sshds, timeout=2)
@@ -538,10 +519,8 @@ def _down_locked(sdir: Path) -> bool:
             problems.append(f"ip link del {state['bridge']}: {res.stderr.strip()}")
     _sys.hosts_remove(state.get("hosts_lines", []))
     if state.get("made_run_sshd"):
-        try:
+        with contextlib.suppress(OSError):
             Path("/run/sshd").rmdir()
-        except OSError:
-            pass
     if problems:
         raise LabError("lab down left things behind: " + "; ".join(problems))
     shutil.rmtree(sdir, ignore_errors=True)

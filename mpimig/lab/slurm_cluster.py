@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import time
 from pathlib import Path
 
-from . import _sys, hosts
+from . import _slurmd, _sys, hosts
+from ._slurmd import current_state, down_locked
 from ._sys import LabError, Proc, say
 
 CTL_NAME = "labctl"
@@ -40,14 +40,6 @@ PMIX_LIBDIR = Path("/usr/lib/x86_64-linux-gnu/pmix2/lib")
 TOOLS = {"slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "sbatch": "slurm-wlm",
          "srun": "slurm-wlm", "scontrol": "slurm-wlm", "munged": "munge", "munge": "munge",
          "setpriv": "util-linux"}
-
-
-def _state_file(sdir: Path) -> Path:
-    return sdir / "slurm.json"
-
-
-def current_state(sdir: Path) -> dict | None:
-    return _sys.read_json(_state_file(sdir))
 
 
 class SlurmCluster:
@@ -151,9 +143,9 @@ def up(n: int, path: str | Path | None = None, subnet: str | None = None) -> Slu
     if len(lab.hosts) < n:
         raise LabError(f"the lab has {len(lab.hosts)} hosts but Slurm wants {n} nodes; "
                        f"'mpimig lab down', then 'mpimig lab slurm up --nodes {n}'")
-    with _sys.locked(hosts._lock_path(sdir)):
-        if _state_file(sdir).exists():
-            raise LabError(f"the lab's Slurm is already up (state {_state_file(sdir)}); "
+    with _sys.locked(_sys.lock_path(sdir)):
+        if _slurmd.state_file(sdir).exists():
+            raise LabError(f"the lab's Slurm is already up (state {_slurmd.state_file(sdir)}); "
                            "run 'mpimig lab slurm down' first")
         _sys.ensure_tools(TOOLS, "the lab's Slurm needs slurm-wlm and munge")
         if _sys.port_listeners(CTL_PORT):
@@ -163,7 +155,7 @@ def up(n: int, path: str | Path | None = None, subnet: str | None = None) -> Slu
         nodes = {h: lab.ips[h] for h in lab.hosts[:n]}
         state = {"nodes": list(nodes), "ctl_addr": lab.bridge_ip, "complete": False,
                  "conf": str(sdir / "slurm" / "slurm.conf"), "slurmd": {}}
-        save = lambda: _sys.write_json(_state_file(sdir), state)  # noqa: E731
+        save = lambda: _sys.write_json(_slurmd.state_file(sdir), state)  # noqa: E731
         save()
         try:
             _build(sdir, lab, state, save, nodes)
@@ -188,10 +180,6 @@ def _pmix_link(state: dict, save) -> None:
         state["pmix_link"] = str(link)
         save()
         link.symlink_to("libpmix.so.2")
-
-
-def _spawn(sdir: Path, name: str, argv, env) -> Proc:
-    return _sys.spawn_daemon(argv, sdir / "slurm" / "logs" / f"{name}.out", env=env)
 
 
 def _build(sdir: Path, lab, state: dict, save, nodes: dict[str, str]) -> None:
@@ -225,30 +213,31 @@ def _build(sdir: Path, lab, state: dict, save, nodes: dict[str, str]) -> None:
         os.chown(p, munge.pw_uid, munge.pw_gid)
     sock = mdir / "munge.socket"
     say("starting munged")
-    state["munged"] = _spawn(sdir, "munged", [
+    state["munged"] = _slurmd.spawn(sdir, "munged", [
         "setpriv", f"--reuid={munge.pw_uid}", f"--regid={munge.pw_gid}", "--init-groups", "--",
-        _sys.which("munged"), "-F", "--force", f"--socket={sock}", f"--key-file={key}",
+        _sys.tool("munged"), "-F", "--force", f"--socket={sock}", f"--key-file={key}",
         f"--pid-file={mdir}/munged.pid", f"--log-file={mdir}/munged.log",
         f"--seed-file={mdir}/munged.seed"], env).to_json()
     save()
     munged = Proc.from_json(state["munged"])
     _sys.wait_for(lambda: sock.exists(), 15, "munged socket",
-                  fail=lambda: None if munged.alive() else "munged exited: " + _log(mdir / "munged.log", d / "logs" / "munged.out"))
+                  fail=lambda: _exited(munged, "munged", mdir / "munged.log", d / "logs" / "munged.out"))
     cred = _sys.run(["munge", "-n", "-S", sock], what="munge -n (credential test)").stdout
     _sys.run(["unmunge", "-S", sock], input=cred, what="unmunge (credential test)")
 
     say(f"starting slurmctld ({CTL_NAME} on {lab.bridge_ip}:{CTL_PORT})")
-    ctl_argv = ["unshare", "--uts", "--", "sh", "-c", f'hostname {CTL_NAME} && exec "$@"', "sh",
-                _sys.which("slurmctld"), "-D", "-i", "-f", conf]
-    state["slurmctld"] = _spawn(sdir, "slurmctld", ctl_argv, env).to_json()
+    ctl_argv: list[_sys.Arg] = ["unshare", "--uts", "--", "sh", "-c", f'hostname {CTL_NAME} && exec "$@"', "sh",
+                                _sys.tool("slurmctld"), "-D", "-i", "-f", conf]
+    state["slurmctld"] = _slurmd.spawn(sdir, "slurmctld", ctl_argv, env).to_json()
     save()
     ctl = Proc.from_json(state["slurmctld"])
     _sys.wait_for(lambda: _sys.run(["scontrol", "ping"], env=env, check=False, timeout=15).stdout.find("UP") >= 0,
-                  30, "slurmctld", fail=lambda: None if ctl.alive() else "slurmctld exited: " + _log(d / "logs" / "slurmctld.log", d / "logs" / "slurmctld.out"))
+                  30, "slurmctld",
+                  fail=lambda: _exited(ctl, "slurmctld", d / "logs" / "slurmctld.log", d / "logs" / "slurmctld.out"))
 
     say(f"starting slurmd on {', '.join(nodes)}")
     for node in nodes:
-        state["slurmd"][node] = _spawn_slurmd(sdir, lab, node, env).to_json()
+        state["slurmd"][node] = _slurmd.spawn_slurmd(sdir, lab.netns(node), node, env).to_json()
         save()
     say("waiting for the nodes to register (idle)")
 
@@ -259,8 +248,10 @@ def _build(sdir: Path, lab, state: dict, save, nodes: dict[str, str]) -> None:
 
     def dead() -> str | None:
         for node, pj in state["slurmd"].items():
-            if not Proc.from_json(pj).alive():
-                return f"slurmd on {node} exited: " + _log(d / "logs" / f"slurmd_{node}.log", d / "logs" / f"slurmd_{node}.out")
+            why = _exited(Proc.from_json(pj), f"slurmd on {node}",
+                          d / "logs" / f"slurmd_{node}.log", d / "logs" / f"slurmd_{node}.out")
+            if why:
+                return why
         return None
 
     _sys.wait_for(idle, 60, "slurm nodes idle", fail=dead)
@@ -268,28 +259,11 @@ def _build(sdir: Path, lab, state: dict, save, nodes: dict[str, str]) -> None:
     save()
 
 
-def _spawn_slurmd(sdir: Path, lab, node: str, env) -> Proc:
-    argv = hosts.daemon_argv(lab.netns(node), node,
-                             [_sys.which("slurmd"), "-D", "-N", node, "-f", env["SLURM_CONF"]])
-    return _spawn(sdir, f"slurmd_{node}", argv, env)
-
-
-def _log(*paths: Path) -> str:
-    return " | ".join(t for t in (hosts._tail(p, 8) for p in paths) if t) or "(no log)"
-
-
-def revive_node(sdir: Path, node: str) -> bool:
-    """Restart the slurmd of ``node`` if Slurm is up and it is dead (caller holds the lock)."""
-    state = current_state(sdir)
-    if not state or node not in state.get("slurmd", {}):
-        return False
-    if Proc.from_json(state["slurmd"][node]).alive():
-        return False
-    lab = hosts.current(sdir)
-    env = dict(os.environ, SLURM_CONF=state["conf"])
-    state["slurmd"][node] = _spawn_slurmd(sdir, lab, node, env).to_json()
-    _sys.write_json(_state_file(sdir), state)
-    return True
+def _exited(proc: Proc, what: str, *logs: Path) -> str | None:
+    """None while ``proc`` is alive; else why it failed: WHAT exited and the last lines of its logs."""
+    if proc.alive():
+        return None
+    return f"{what} exited: " + (" | ".join(t for t in (_sys.tail(p, 8) for p in logs) if t) or "(no log)")
 
 
 # --------------------------------------------------------------------------- down
@@ -298,49 +272,5 @@ def down(path: str | Path | None = None) -> bool:
     """Stop the lab's Slurm and remove its files; the lab hosts stay. False if none was up."""
     _sys.require_root()
     sdir = hosts.state_dir(path)
-    with _sys.locked(hosts._lock_path(sdir)):
+    with _sys.locked(_sys.lock_path(sdir)):
         return down_locked(sdir)
-
-
-def down_locked(sdir: Path) -> bool:
-    state = current_state(sdir)
-    if state is None:
-        return False
-    env = dict(os.environ, SLURM_CONF=state["conf"])
-    ctl = Proc.from_json(state["slurmctld"]) if state.get("slurmctld") else None
-    if ctl is not None and ctl.alive():
-        # cancel every job of this cluster so its steps end with it
-        jobs = _sys.run(["squeue", "-h", "-o", "%i"], env=env, check=False, timeout=15).stdout.split()
-        if jobs:
-            _sys.run(["scancel", "--full", "-s", "KILL", *jobs], env=env, check=False, timeout=15)
-    daemons = [Proc.from_json(p) for p in state.get("slurmd", {}).values()]
-    _sys.kill_and_wait(daemons, timeout=5)
-    # job steps (slurmstepd and its children) left on the lab hosts
-    lab_state = _sys.read_json(sdir / "state.json") or {}
-    steps = []
-    for host in lab_state.get("hosts", []):
-        pids = _sys.netns_pids(host["netns"])
-        tree = {p: _sys.proc_ppid(p) for p in pids}
-        roots = {p for p in pids if _sys.proc_comm(p) == "slurmstepd"}
-        for p in pids:
-            q, seen = p, 0
-            while q and seen < 64:
-                if q in roots:
-                    steps.append(Proc.of(p))
-                    break
-                q, seen = tree.get(q), seen + 1
-    _sys.kill_and_wait(steps, timeout=2)
-    _sys.kill_and_wait([p for p in (ctl,) if p is not None], timeout=5)
-    if state.get("munged"):
-        _sys.kill_and_wait([Proc.from_json(state["munged"])], timeout=5)
-    if state.get("etc_link"):
-        link = Path(state["etc_link"])
-        if link.is_symlink() and Path(os.readlink(link)) == Path(state["conf"]):
-            link.unlink()
-    if state.get("pmix_link"):
-        link = Path(state["pmix_link"])
-        if link.is_symlink():
-            link.unlink()
-    shutil.rmtree(sdir / "slurm", ignore_errors=True)
-    _state_file(sdir).unlink()
-    return True

@@ -3,6 +3,8 @@
 Owns building and supervising the ``mpiexec`` command (``launcher``), the
 ``MPIMIG_*`` job configuration that launched processes read (``config``) and
 Slurm allocations, node lists and job scripts' helpers (``slurm``). May import
-:mod:`mpimig.checkpoint`, :mod:`mpimig.events`, :mod:`mpimig.errors`; never
-MPI itself (the launcher runs outside the job).
+:mod:`mpimig.checkpoint`, :mod:`mpimig.events`, :mod:`mpimig.errors`,
+:mod:`mpimig.lab` (lab hosts as ``--hosts``) and :mod:`mpimig.migration.protocol`
+(the strategy names a schedule may use); never MPI itself (the launcher runs
+outside the job).
 """

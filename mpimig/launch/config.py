@@ -8,26 +8,33 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Union
 
 from ..errors import UsageError
+from ..migration.protocol import check_strategy
 
 RESTART_MODES = ("auto", "always", "never")
 
+# (checkpoint point, rank, host) or (point, rank, host, strategy)
+ScheduleEntry = Union[tuple[int, int, str], tuple[int, int, str, str]]
 
-def parse_schedule(items) -> list[tuple[int, int, str]]:
-    """Parse ``STEP:RANK:HOST`` migration schedule entries."""
-    out = []
+
+def parse_schedule(items) -> list[ScheduleEntry]:
+    """Parse ``STEP:RANK:HOST[:STRATEGY]`` migration schedule entries."""
+    out: list[ScheduleEntry] = []
     for item in items or []:
         for part in str(item).replace(",", " ").split():
             bits = part.split(":")
             if len(bits) not in (3, 4) or not bits[0].isdigit() or not bits[1].isdigit() or not bits[2]:
                 raise UsageError(f"bad migration schedule entry {part!r}: expected STEP:RANK:HOST[:STRATEGY]")
-            if len(bits) == 4:
-                from ..migration.protocol import check_strategy
-                err = check_strategy(bits[3])
-                if err:
-                    raise UsageError(f"bad migration schedule entry {part!r}: {err}")
-            out.append((int(bits[0]), int(bits[1]), bits[2]) + ((bits[3],) if len(bits) == 4 else ()))
+            point, rank, host = int(bits[0]), int(bits[1]), bits[2]
+            if len(bits) == 3:
+                out.append((point, rank, host))
+                continue
+            err = check_strategy(bits[3])
+            if err:
+                raise UsageError(f"bad migration schedule entry {part!r}: {err}")
+            out.append((point, rank, host, bits[3]))
     return out
 
 

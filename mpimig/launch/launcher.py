@@ -28,7 +28,8 @@ import time
 import uuid
 from pathlib import Path
 
-from .. import events
+from .. import events, lab
+from . import slurm
 from .config import RESTART_MODES, Config, parse_schedule
 from ..errors import LaunchError, NoCommittedEpoch, UsageError
 
@@ -116,12 +117,17 @@ def host_names(spec: str | None) -> list[str]:
     return [h.split(":")[0] for h in (spec or "").split(",") if h.strip()]
 
 
-def _lab():
-    try:
-        from .. import lab
-    except ImportError:
-        return None
-    return lab.current() if hasattr(lab, "current") else None
+def _lab() -> lab.Lab | None:
+    """The multi-host lab on this machine, if one is up (its hosts are launched over its ssh)."""
+    return lab.current()
+
+
+def _latest_epoch(ckpt_dir: Path) -> int | None:
+    """The latest committed epoch in ``ckpt_dir`` (None if there is none or no directory)."""
+    # imported here: the checkpoint store brings h5py (slow to import), which only
+    # a run that prepares or resumes a job directory needs
+    from ..checkpoint import CheckpointStore
+    return CheckpointStore(ckpt_dir).latest() if ckpt_dir.exists() else None
 
 
 def program_argv(program: str, args: list[str]) -> list[str]:
@@ -137,9 +143,7 @@ def prepare_job_dir(cfg: Config) -> None:
     assert cfg.job_dir is not None and cfg.ckpt_dir is not None
     cfg.job_dir.mkdir(parents=True, exist_ok=True)
     record = cfg.job_dir / "complete.json"
-    from ..checkpoint.store import CheckpointStore
-    store = CheckpointStore(cfg.ckpt_dir, job_id=cfg.run_id, keep=cfg.keep)
-    latest = store.latest() if cfg.ckpt_dir.exists() else None
+    latest = _latest_epoch(cfg.ckpt_dir)
     finished = record.exists()
     if cfg.restart == "always":
         if latest is None:
@@ -165,6 +169,9 @@ def prepare_job_dir(cfg: Config) -> None:
 
 
 def read_record(cfg: Config) -> dict | None:
+    """This run's completion record (``JOB_DIR/complete.json`` with its run id and status ok), or None."""
+    if cfg.job_dir is None:
+        return None
     path = cfg.job_dir / "complete.json"
     try:
         rec = json.loads(path.read_text())
@@ -335,12 +342,12 @@ def launch(cfg: Config, n: int, program: list[str], *, hosts=None, ft=False, tim
     except KeyboardInterrupt:
         _kill_job(proc)
         raise
-    except _Interrupted as sig:
+    except _Interrupted as exc:
         _kill_job(proc)
-        raise SystemExit(128 + sig.args[0]) from None
+        raise SystemExit(128 + exc.args[0]) from None
     finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
     output = "".join(t.text() for t in tees)
     rec = read_record(cfg)
     dt = time.monotonic() - t0
@@ -360,7 +367,6 @@ def launch(cfg: Config, n: int, program: list[str], *, hosts=None, ft=False, tim
 def slurm_hosts() -> str | None:
     """Inside a Slurm allocation: its usable nodes (down and drained ones left
     out), each with the allocation's tasks per node, as a ``--hosts`` spec."""
-    from . import slurm
     if not slurm.SlurmJob.in_job():
         return None
     plan = slurm.SlurmJob.from_env().plan()
@@ -398,6 +404,27 @@ DEFAULT_RELAUNCH = 3     # relaunches when --ft asks for recovery the installed 
 
 
 def cmd_run(args) -> int:
+    cfg = _config(args)
+    if not args.hosts:
+        args.hosts = slurm_hosts()
+        if args.hosts:
+            print(f"mpimig: in Slurm job {os.environ.get('SLURM_JOB_ID')}: hosts {args.hosts}", file=sys.stderr)
+    _check_schedule(cfg, args.n, args.hosts)
+    program = program_argv(args.program, args.args)
+    ft = _online_ft(args, cfg)
+    if args.dry_run:    # a dry run only prints: it must not delete epochs or the record
+        return launch(cfg, args.n, program, hosts=args.hosts, ft=ft, timeout=args.timeout,
+                      extra=args.mpiexec_arg, dry_run=True)
+    if args.relaunch < 0:
+        raise UsageError("--relaunch must be >= 0")
+    prepare_job_dir(cfg)
+    rc = launch(cfg, args.n, program, hosts=args.hosts, ft=ft, timeout=args.timeout,
+                extra=args.mpiexec_arg)
+    return _relaunch(args, cfg, program, ft, rc)
+
+
+def _config(args) -> Config:
+    """The job configuration ``mpimig run`` hands to the ranks, from its options."""
     if args.n < 1:
         raise UsageError("-n must be at least 1")
     job_dir = Path(args.job_dir or Path("mpimig-jobs") / Path(args.program).stem).resolve()
@@ -419,45 +446,47 @@ def cmd_run(args) -> int:
     cfg.coordinator = bool(cfg.schedule) or args.coordinator or args.spares > 0 or args.ft
     if cfg.keep < 1:
         raise UsageError("--keep must be at least 1")
-    if not args.hosts:
-        args.hosts = slurm_hosts()
-        if args.hosts:
-            print(f"mpimig: in Slurm job {os.environ.get('SLURM_JOB_ID')}: hosts {args.hosts}", file=sys.stderr)
-    allowed = host_names(args.hosts)
+    return cfg
+
+
+def _check_schedule(cfg: Config, n: int, hosts: str | None) -> None:
+    """Every ``--migrate`` entry names an existing rank and, with a host list, a host in it."""
+    allowed = host_names(hosts)
     for entry in cfg.schedule:
-        if entry[1] >= args.n:
+        if entry[1] >= n:
             raise UsageError(f"--migrate {':'.join(map(str, entry))}: rank {entry[1]} does not exist "
-                             f"(the job has ranks 0..{args.n - 1})")
+                             f"(the job has ranks 0..{n - 1})")
         if allowed and entry[2] not in allowed:
             raise UsageError(f"--migrate {':'.join(map(str, entry))}: host {entry[2]} is not in --hosts "
                              f"({', '.join(allowed)})")
-    program = program_argv(args.program, args.args)
-    ft = args.ft
-    if ft and mpi_flavour() != "openmpi":
-        # MPICH has no ULFM (PLATFORM.md): a dead rank aborts the job or hangs it
-        if args.relaunch == 0:
-            args.relaunch = DEFAULT_RELAUNCH
-        print(f"mpimig: --ft: the installed MPI ({mpi_flavour()}) has no fault tolerance (ULFM is Open "
-              f"MPI's): online recovery is OFF; a lost job is relaunched from the last committed epoch "
-              f"instead (--relaunch {args.relaunch})", file=sys.stderr, flush=True)
-        ft = cfg.ft = False
-    if args.dry_run:    # a dry run only prints: it must not delete epochs or the record
-        return launch(cfg, args.n, program, hosts=args.hosts, ft=ft, timeout=args.timeout,
-                      extra=args.mpiexec_arg, dry_run=True)
-    if args.relaunch < 0:
-        raise UsageError("--relaunch must be >= 0")
-    prepare_job_dir(cfg)
-    rc = launch(cfg, args.n, program, hosts=args.hosts, ft=ft, timeout=args.timeout,
-                extra=args.mpiexec_arg)
+
+
+def _online_ft(args, cfg: Config) -> bool:
+    """Whether the job runs with online recovery: ``--ft`` on Open MPI. With MPICH
+    (no ULFM) it is turned off and relaunching takes its place."""
+    if not args.ft or mpi_flavour() == "openmpi":
+        return bool(args.ft)
+    # MPICH has no ULFM (PLATFORM.md): a dead rank aborts the job or hangs it
+    if args.relaunch == 0:
+        args.relaunch = DEFAULT_RELAUNCH
+    print(f"mpimig: --ft: the installed MPI ({mpi_flavour()}) has no fault tolerance (ULFM is Open "
+          f"MPI's): online recovery is OFF; a lost job is relaunched from the last committed epoch "
+          f"instead (--relaunch {args.relaunch})", file=sys.stderr, flush=True)
+    cfg.ft = False
+    return False
+
+
+def _relaunch(args, cfg: Config, program: list[str], ft: bool, rc: int) -> int:
+    """Relaunch a job that did not complete, up to ``--relaunch`` times; returns the last result."""
     hosts = args.hosts
+    assert cfg.ckpt_dir is not None
     for attempt in range(1, args.relaunch + 1):
         if rc == 0:
             break
         # Host loss: Open MPI loses the whole job (shared/PLATFORM.md); a killed rank
         # without --ft aborts it too. Relaunch on the hosts that still answer, from the
         # last committed epoch.
-        from ..checkpoint.store import CheckpointStore
-        latest = CheckpointStore(cfg.ckpt_dir).latest() if cfg.ckpt_dir.exists() else None
+        latest = _latest_epoch(cfg.ckpt_dir)
         hosts, lost = surviving_hosts(hosts)
         if hosts == "":
             print("mpimig: relaunch impossible: no host of the job answers", file=sys.stderr)

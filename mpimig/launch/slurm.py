@@ -20,7 +20,9 @@ Typical use in a launcher::
 """
 from __future__ import annotations
 
+import argparse
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -43,7 +45,9 @@ _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 def _split_top(text: str) -> list[str]:
     """Split on commas (and whitespace) that are not inside brackets."""
-    items, depth, cur = [], 0, []
+    items: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in text:
         if ch == "[":
             depth += 1
@@ -65,7 +69,7 @@ def _split_top(text: str) -> list[str]:
 
 
 def _expand_ranges(body: str, whole: str) -> list[str]:
-    out = []
+    out: list[str] = []
     for part in body.split(","):
         m = _RANGE.match(part.strip())
         if not m:
@@ -312,10 +316,9 @@ class SlurmJob:
         states: dict[str, str] = {}
         for line in out.splitlines():
             parts = line.split()
-            if len(parts) == 2:
-                # a node in several partitions is listed once per partition: keep the worst
-                if parts[0] not in states or not state_is_usable(parts[1]):
-                    states[parts[0]] = parts[1]
+            # a node in several partitions is listed once per partition: keep the worst
+            if len(parts) == 2 and (parts[0] not in states or not state_is_usable(parts[1])):
+                states[parts[0]] = parts[1]
         return states
 
     def down_nodes(self) -> list[str]:
@@ -387,8 +390,6 @@ class SlurmJob:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m mpimig.launch.slurm info|hosts K [--nodes M]`` for job scripts."""
-    import argparse
-    import json
     p = argparse.ArgumentParser(prog="python -m mpimig.launch.slurm",
                                 description="What mpimig sees of the Slurm job it runs in.")
     sub = p.add_subparsers(dest="what", required=True)

@@ -508,7 +508,7 @@ class Coordinator:
         epoch = None
         if self.cfg.ckpt_dir is not None and self.cfg.ckpt_dir.exists():
             try:
-                from ..checkpoint.store import CheckpointStore
+                from ..checkpoint import CheckpointStore
                 epoch = CheckpointStore(self.cfg.ckpt_dir).latest()
             except Exception:   # noqa: BLE001 - status must not fail on a store problem
                 epoch = None

@@ -47,7 +47,8 @@ import numpy as np
 from mpi4py import MPI
 
 from ..errors import MigrationError, UsageError
-from ..state import State, dumps, loads
+from ..checkpoint.format import dumps, loads
+from ..state import State
 from . import transport
 from .protocol import (DEFAULT_STRATEGY, STRATEGY_CLASSES, TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND, TAG_PRECOPY,
                        TAG_PRECOPY_DATA, Move, Plan, check_strategy)
@@ -148,7 +149,7 @@ class FileServer(Strategy):
         return Path(base) / "migrations" / f"plan-{plan_id:05d}-rank-{rank:05d}"
 
     def send(self, ctx, tx, arrays, objects, extra, plan, move):
-        from ..checkpoint.store import CheckpointStore
+        from ..checkpoint import CheckpointStore
         t0 = time.perf_counter()
         d = self.directory(ctx.config, plan.id, move.rank)
         store = CheckpointStore(d, job_id=ctx.config.run_id or "job", keep=1)
@@ -163,7 +164,7 @@ class FileServer(Strategy):
         return None
 
     def receive(self, tx, cfg, rx=None):
-        from ..checkpoint.store import CheckpointStore
+        from ..checkpoint import CheckpointStore
         hdr = tx.recv_obj()
         t0 = time.perf_counter()
         store = CheckpointStore(hdr["path"], create=False)

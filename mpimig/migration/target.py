@@ -66,7 +66,7 @@ class Arrival:
 
 def _preload() -> None:
     """Import h5py now, not during the freeze (the file-server strategy and checkpoints need it)."""
-    from ..checkpoint import store  # noqa: F401
+    from ..checkpoint import CheckpointStore  # noqa: F401
 
 
 # -- step 5: create ---------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from mpi4py.util import pkl5
 
 from ..errors import MigrationError
 from ..ft import hooks
-from ..state import dumps, loads
+from ..checkpoint.format import dumps, loads
 from .protocol import TAG_JOIN, TAG_STATE, Move, Plan
 
 
