@@ -233,6 +233,11 @@ class LazyArray(np.ndarray):
             lz = object.__getattribute__(self, "_lz")
             if lz is not None and not lz.complete:
                 lz.ensure(lz._all_of(self))
+            if not name.startswith("__"):
+                # methods and data attributes of the plain array: what they return (a.copy(),
+                # a.T, a.astype(...)) is a plain ndarray, never a LazyArray that would outlive
+                # its session (a copy registered as state would then travel as a pickle)
+                return getattr(np.ndarray.view(self, np.ndarray), name)
         return super().__getattribute__(name)
 
     def _touch(self, lz: LazySession, idx) -> None:
