@@ -9,7 +9,7 @@ calls and collectives go straight to MPI with no translation.
 What mpimig adds is a local queue of *held messages* (step 3, *queueing*): at a
 safe point where state is captured (a checkpoint or a migration), every rank
 sends an end-of-epoch marker to every other rank and drains the old
-communicator until it has seen all markers (:meth:`Comm._flush`). MPI keeps
+communicator until it has seen all markers (:meth:`Comm.hold_in_flight`). MPI keeps
 messages from one sender in order, so after the drain every message that was
 in flight sits in its receiver's queue, in order. The queue travels with the
 rank's state and is matched before anything that arrives later. Nothing is
@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import pickle
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 from mpi4py import MPI
 
@@ -110,7 +110,7 @@ class Request:
         if self._done:
             return True
         if self._kind == "send":
-            if self._mpi.Test():
+            if self._mpi is None or self._mpi.Test():
                 self._done = True
             return self._done
         self._comm._progress()
@@ -120,7 +120,8 @@ class Request:
         if self._done:
             return
         if self._kind == "send":
-            self._mpi.Wait()
+            if self._mpi is not None:
+                self._mpi.Wait()
             self._done = True
             return
         self._comm._wait_recv(self)
@@ -243,6 +244,7 @@ class Comm:
         self._sends: list[Request] = []       # outstanding sends (for the drain)
         self._marker_tag = _tag_ub(mpicomm)   # highest tag: end-of-epoch marker
         self.tag_limit = self._marker_tag - N_RESERVED_TAGS + 1
+        self._guard: Callable[..., None] | None = None   # see set_buffer_guard
         _current_comm = self
 
     # -- identity ------------------------------------------------------------
@@ -279,11 +281,15 @@ class Comm:
 
     # -- point to point: sends go straight to MPI ------------------------------
     def Send(self, buf, dest: int, tag: int = 0) -> None:
+        if self._guard is not None:
+            self._guard(buf)
         if tag >= self.tag_limit:
             self._check_tag(tag)
         self._c.Send(buf, dest, tag)
 
     def Ssend(self, buf, dest: int, tag: int = 0) -> None:
+        if self._guard is not None:
+            self._guard(buf)
         self._check_tag(tag)
         self._c.Ssend(buf, dest, tag)
 
@@ -297,6 +303,8 @@ class Comm:
         self._c.ssend(obj, dest, tag)
 
     def Isend(self, buf, dest: int, tag: int = 0) -> Request:
+        if self._guard is not None:
+            self._guard(buf)
         self._check_tag(tag)
         r = Request(self, "send", dest, tag, mpi_req=self._c.Isend(buf, dest, tag))
         self._track_send(r)
@@ -309,6 +317,8 @@ class Comm:
         return r
 
     def Issend(self, buf, dest: int, tag: int = 0) -> Request:
+        if self._guard is not None:
+            self._guard(buf)
         self._check_tag(tag)
         r = Request(self, "send", dest, tag, mpi_req=self._c.Issend(buf, dest, tag))
         self._track_send(r)
@@ -331,6 +341,8 @@ class Comm:
 
     def Recv(self, buf, source: int = ANY_SOURCE, tag: int = ANY_TAG,
              status: MPI.Status | None = None) -> None:
+        if self._guard is not None:
+            self._guard(buf)
         if not self._queue and not self._pending:
             self._c.Recv(buf, source, tag, status)
             return
@@ -347,6 +359,8 @@ class Comm:
         return r.wait(status)
 
     def Irecv(self, buf, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
+        if self._guard is not None:
+            self._guard(buf)
         r = Request(self, "Recv", source, tag, buf=buf)
         self._pending.append(r)
         return r
@@ -359,6 +373,8 @@ class Comm:
     def Sendrecv(self, sendbuf, dest: int, sendtag: int = 0, recvbuf=None,
                  source: int = ANY_SOURCE, recvtag: int = ANY_TAG,
                  status: MPI.Status | None = None) -> None:
+        if self._guard is not None:
+            self._guard(sendbuf, recvbuf)
         self._check_tag(sendtag)
         if not self._queue and not self._pending:
             self._c.Sendrecv(sendbuf, dest, sendtag, recvbuf, source, recvtag, status)
@@ -462,10 +478,7 @@ class Comm:
         while i < len(pend):
             r = pend[i]
             try:
-                if i == 0:
-                    done = self._match(r)
-                else:
-                    done = self._match_after(r, pend, i)
+                done = self._match(r) if i == 0 else self._match_after(r, pend, i)
             except BaseException:
                 del pend[i]               # a failed receive (e.g. truncation) is not pending any more
                 raise
@@ -511,78 +524,105 @@ class Comm:
         self._c.Barrier()
 
     def Bcast(self, buf, root: int = 0) -> None:
+        if self._guard is not None:
+            self._guard(buf)
         self._c.Bcast(buf, root)
 
     def bcast(self, obj: Any = None, root: int = 0) -> Any:
         return self._c.bcast(obj, root)
 
     def Reduce(self, sendbuf, recvbuf, op=MPI.SUM, root: int = 0) -> None:
+        if self._guard is not None:
+            self._guard(sendbuf, recvbuf)
         self._c.Reduce(sendbuf, recvbuf, op, root)
 
     def reduce(self, sendobj: Any, op=MPI.SUM, root: int = 0) -> Any:
         return self._c.reduce(sendobj, op, root)
 
     def Allreduce(self, sendbuf, recvbuf, op=MPI.SUM) -> None:
+        if self._guard is not None:
+            self._guard(sendbuf, recvbuf)
         self._c.Allreduce(sendbuf, recvbuf, op)
 
     def allreduce(self, sendobj: Any, op=MPI.SUM) -> Any:
         return self._c.allreduce(sendobj, op)
 
     def Gather(self, sendbuf, recvbuf, root: int = 0) -> None:
+        if self._guard is not None:
+            self._guard(sendbuf, recvbuf)
         self._c.Gather(sendbuf, recvbuf, root)
 
     def Gatherv(self, sendbuf, recvbuf, root: int = 0) -> None:
+        if self._guard is not None:
+            self._guard(sendbuf, recvbuf)
         self._c.Gatherv(sendbuf, recvbuf, root)
 
     def gather(self, sendobj: Any, root: int = 0) -> Any:
         return self._c.gather(sendobj, root)
 
     def Scatter(self, sendbuf, recvbuf, root: int = 0) -> None:
+        if self._guard is not None:
+            self._guard(sendbuf, recvbuf)
         self._c.Scatter(sendbuf, recvbuf, root)
 
     def Scatterv(self, sendbuf, recvbuf, root: int = 0) -> None:
+        if self._guard is not None:
+            self._guard(sendbuf, recvbuf)
         self._c.Scatterv(sendbuf, recvbuf, root)
 
     def scatter(self, sendobj: Any, root: int = 0) -> Any:
         return self._c.scatter(sendobj, root)
 
     def Allgather(self, sendbuf, recvbuf) -> None:
+        if self._guard is not None:
+            self._guard(sendbuf, recvbuf)
         self._c.Allgather(sendbuf, recvbuf)
 
     def Allgatherv(self, sendbuf, recvbuf) -> None:
+        if self._guard is not None:
+            self._guard(sendbuf, recvbuf)
         self._c.Allgatherv(sendbuf, recvbuf)
 
     def allgather(self, sendobj: Any) -> Any:
         return self._c.allgather(sendobj)
 
     def Alltoall(self, sendbuf, recvbuf) -> None:
+        if self._guard is not None:
+            self._guard(sendbuf, recvbuf)
         self._c.Alltoall(sendbuf, recvbuf)
 
     def Alltoallv(self, sendbuf, recvbuf) -> None:
+        if self._guard is not None:
+            self._guard(sendbuf, recvbuf)
         self._c.Alltoallv(sendbuf, recvbuf)
 
     def alltoall(self, sendobj: Any) -> Any:
         return self._c.alltoall(sendobj)
 
     def Scan(self, sendbuf, recvbuf, op=MPI.SUM) -> None:
+        if self._guard is not None:
+            self._guard(sendbuf, recvbuf)
         self._c.Scan(sendbuf, recvbuf, op)
 
     def scan(self, sendobj: Any, op=MPI.SUM) -> Any:
         return self._c.scan(sendobj, op)
 
     def Exscan(self, sendbuf, recvbuf, op=MPI.SUM) -> None:
+        if self._guard is not None:
+            self._guard(sendbuf, recvbuf)
         self._c.Exscan(sendbuf, recvbuf, op)
 
     def exscan(self, sendobj: Any, op=MPI.SUM) -> Any:
         return self._c.exscan(sendobj, op)
 
     def Reduce_scatter_block(self, sendbuf, recvbuf, op=MPI.SUM) -> None:
+        if self._guard is not None:
+            self._guard(sendbuf, recvbuf)
         self._c.Reduce_scatter_block(sendbuf, recvbuf, op)
 
-    # -- anything else ----------------------------------------------------------
-    # -- safe points: flush, export, import (used by the runtime) ------------------
-    def _flush(self) -> int:
-        """Collective over the communicator: hold every in-flight message.
+    # -- safe points: the protocol's seams (hold, export, import, re-point) ---------
+    def hold_in_flight(self) -> int:
+        """Collective over the communicator: hold every in-flight message (step 4).
 
         Every rank sends an end-of-epoch marker to every other rank and drains
         until it has all markers. Returns the number of messages newly held.
@@ -614,15 +654,17 @@ class Comm:
         # everything we sent has been drained by its receiver: sends are complete
         for r in self._sends:
             if not r._done:
-                r._mpi.Wait()
+                if r._mpi is not None:
+                    r._mpi.Wait()
                 r._done = True
         self._sends = []
         # lazy receives may now match held messages
         self._progress()
         return held
 
-    def _export(self) -> dict:
-        """The communication state that moves with the rank (after a flush)."""
+    def export_held(self) -> dict:
+        """The communication state that moves with the rank (after :meth:`hold_in_flight`):
+        ``{"queue": [(source, tag, payload bytes), ...]}``, oldest first."""
         pending_buf = [r for r in self._pending if r._kind == "Recv"]
         if pending_buf:
             r = pending_buf[0]
@@ -632,14 +674,48 @@ class Comm:
                 "or use irecv")
         return {"queue": [(m.source, m.tag, bytes(m.payload)) for m in self._queue]}
 
-    def _import(self, data: dict) -> None:
+    def import_held(self, data: dict) -> None:
+        """Take over held messages exported by :meth:`export_held` (replaces the queue):
+        they are matched before anything that arrives later (step 7, forwarding)."""
         self._queue = deque(_Held(s, t, bytearray(p)) for s, t, p in data.get("queue", []))
 
-    def _swap(self, mpicomm: MPI.Intracomm) -> None:
-        """Re-point the channels at a new MPI communicator (after a flush)."""
+    def clear_held(self) -> int:
+        """Drop every held message; returns how many there were (tests, a process that dies)."""
+        n = len(self._queue)
+        self._queue.clear()
+        return n
+
+    @property
+    def pending_count(self) -> int:
+        """How many lazy receives (``Irecv``/``irecv``) are posted and not matched yet."""
+        return len(self._pending)
+
+    def clear_pending(self) -> int:
+        """Forget every lazy receive not matched yet; returns how many (tests, teardown)."""
+        n = len(self._pending)
+        self._pending.clear()
+        return n
+
+    @property
+    def marker_tag(self) -> int:
+        """The reserved tag of the end-of-epoch markers :meth:`hold_in_flight` sends."""
+        return self._marker_tag
+
+    def held(self) -> list[tuple[int, int]]:
+        """(source, tag) of each held message, oldest first."""
+        return [(m.source, m.tag) for m in self._queue]
+
+    def repoint(self, mpicomm: MPI.Intracomm) -> None:
+        """Re-point the channels at a new MPI communicator (step 7, after a hold)."""
         self._c = mpicomm
         self._marker_tag = _tag_ub(mpicomm)
         self.tag_limit = self._marker_tag - N_RESERVED_TAGS + 1
+
+    def set_buffer_guard(self, guard: Callable[..., None] | None) -> None:
+        """Call ``guard(*buffers)`` before every buffer call (``Send``, ``Recv``,
+        collectives); ``None`` removes it. Post-copy uses it to wait for the
+        chunks of arrays that are still arriving (:mod:`mpimig.migration.lazy`)."""
+        self._guard = guard
 
 
 def _unsupported(name: str):
@@ -680,3 +756,8 @@ class FTComm(Comm):
         s = self.Isend(sendbuf, dest, sendtag)
         self.Recv(recvbuf, source, recvtag, status)
         s.Wait()
+
+
+def new_comm(mpicomm: MPI.Intracomm, ft: bool = False) -> Comm:
+    """The logical communicator of a job over ``mpicomm`` (:class:`FTComm` for ``--ft`` jobs)."""
+    return FTComm(mpicomm) if ft else Comm(mpicomm)

@@ -10,6 +10,11 @@ restored state makes the loop carry on from where it stopped.
 
 A checkpoint point is collective, like a barrier: a program must be correct
 with ``comm.Barrier()`` in its place.
+
+This module keeps the user API and the life of each process (initial rank,
+warm spare, spawned target, retired old process, recovery); the migration
+protocol's steps are in :mod:`mpimig.migration.source` (the ranks' side) and
+:mod:`mpimig.migration.target` (the new process's side), called from here.
 """
 from __future__ import annotations
 
@@ -20,20 +25,19 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 from mpi4py import MPI
 
 from . import events
-from .migration import transport as migration
-from .ft import recovery
-from .migration import strategies
-from .comm import Comm, FTComm
-from .launch.config import Config
+from .comm import Comm, new_comm
 from .errors import CheckpointError, MigrationError, MpimigError, NoCommittedEpoch
-from .migration.protocol import (TAG_CANCEL, TAG_DONE, TAG_END, TAG_FINISHING, TAG_GO, TAG_HELLO, TAG_PLAN,
-                       TAG_PRECOPY, TAG_REPLY, TAG_REPORT, TAG_REQUEST, TAG_SPARE, Plan)
+from .ft import hooks, recovery
+from .launch.config import Config
+from .migration import source, target, transport
+from .migration.protocol import DEFAULT_STRATEGY, TAG_DONE, TAG_END, TAG_FINISHING, TAG_HELLO, Link
+from .checkpoint.format import loads
 from .state import State
 
 log = logging.getLogger(__name__)
@@ -42,7 +46,7 @@ ROLES = ("initial", "restarted", "migrated", "survivor", "replacement")
 
 
 def _comm(cfg: Config, mpicomm: MPI.Intracomm) -> Comm:
-    return FTComm(mpicomm) if cfg.ft else Comm(mpicomm)
+    return new_comm(mpicomm, cfg.ft)
 
 
 def hostname() -> str:
@@ -61,19 +65,16 @@ class Context:
         self.host = hostname()
         self._state: State | None = None
         self._restored: tuple | None = None   # (arrays, objects) waiting for ctx.state()
-        self._store = None
+        self._store: Any = None               # CheckpointStore (imported with h5py only when configured)
         self._want_ckpt = False
         self._last_ckpt_time = time.monotonic()
-        self._J: MPI.Intracomm | None = None     # job comm with the coordinator (J rank 0)
-        self._plan: Plan | None = None
-        self._t_point = 0.0
-        self._lazy = None                 # post-copy: chunks still arriving (mpimig.migration.lazy.LazySession)
-        self._precopy = None              # pre-copy: rounds of this rank's move (strategies.PreCopySource)
-        self.stats = {"checkpoints": 0, "ckpt_seconds": 0.0, "ckpt_bytes": 0}
+        self.link = Link()                    # the migration machinery's (mpimig.migration.source/target)
+        self.stats: dict[str, Any] = {"checkpoints": 0, "ckpt_seconds": 0.0, "ckpt_bytes": 0}
         self.recoveries = 0                   # online recoveries of the job so far
         self._own: recovery.Copy | None = None     # --ft: my state at the last epoch, in memory
         self._buddies: list[recovery.Copy] = []       # --ft: other ranks' states, in memory
         self._hosts: list[str] = []           # host of each logical rank (at the last checkpoint)
+        self._procs: list[dict] | None = None   # every rank's host, pid and role (at the end)
         if config.ckpt_dir is not None:
             from .checkpoint import CheckpointStore
             self._store = CheckpointStore(config.ckpt_dir, job_id=config.run_id or "job",
@@ -93,6 +94,23 @@ class Context:
                 f"point {self.point}, epoch {self.epoch}>")
 
     # -- state ---------------------------------------------------------------
+    @property
+    def registered_state(self) -> State | None:
+        """The rank's :class:`State` if ``ctx.state()`` was called, else None."""
+        return self._state
+
+    def restore(self, arrays: dict[str, np.ndarray], objects: dict[str, Any], point: int, epoch: int) -> None:
+        """Values (from an epoch or a migration) that ``ctx.state()`` gives next, and the
+        counters to go on from."""
+        self._restored = (arrays, objects)
+        self.point = point
+        self.epoch = epoch
+
+    def release_state(self) -> None:
+        """Forget the registered state (the old process of a moved rank)."""
+        self._state = None
+        self._restored = None
+
     def state(self, **items: Any) -> State:
         """Register state items (and return the rank's :class:`State`).
 
@@ -122,11 +140,11 @@ class Context:
 
         Collective over ``ctx.comm``.
         """
-        self._t_point = time.perf_counter()
-        self._t_point_wall = time.time()
+        self.link.t_point = time.perf_counter()
+        self.link.t_point_wall = time.time()
         self.point += 1
-        if self._lazy is not None:
-            self._lazy.progress()         # post-copy: note chunks that arrived
+        if self.link.lazy is not None:
+            self.link.lazy.progress()     # post-copy: note chunks that arrived
         cfg = self.config
         due = bool(self._want_ckpt)
         if cfg.ckpt_every and self.point % cfg.ckpt_every == 0:
@@ -140,112 +158,18 @@ class Context:
         self._want_ckpt = False
         if due and self._store is not None:
             self.checkpoint()
-        if self._J is not None:
-            self._migration_point()
+        if self.link.J is not None:
+            source.migration_point(self)
+        hooks.fire("checkpoint-point", ctx=self)
 
     # -- migration (docs/protocol.md) -------------------------------------------------
-    def migrate(self, host: str, strategy: str = strategies.DEFAULT) -> int:
+    def migrate(self, host: str, strategy: str = DEFAULT_STRATEGY) -> int:
         """Self-migration: ask the coordinator to move this rank to ``host``.
 
         Returns the migration id once the request is accepted; the move
         happens at a later checkpoint point. Raises MigrationError if refused.
         """
-        if self._J is None:
-            raise MigrationError("this job has no coordinator: start it with mpimig run "
-                                 "(--coordinator or --migrate) to migrate ranks")
-        err = strategies.check(strategy)
-        if err:
-            raise MigrationError(f"rank {self.rank}: {err}")
-        self._J.send({"op": "migrate", "rank": self.rank, "to": host, "strategy": strategy},
-                     dest=0, tag=TAG_REQUEST)
-        rep = self._J.recv(source=0, tag=TAG_REPLY)
-        if not rep.get("ok"):
-            raise MigrationError(f"rank {self.rank}: migration to {host} refused: {rep.get('error')}")
-        return int(rep["migration"]["id"])
-
-    def _migration_point(self) -> None:
-        """Step 2 (suspension): agree whether a plan is executed at this point.
-
-        One ``Allreduce SUM`` of (ranks voting, sum of their plan ids, pre-copy
-        sources ready): a plan runs when some rank holds it past its point and
-        every pre-copy source of it says its rounds have converged. Only one
-        plan is outstanding at a time, so the voters hold the same plan.
-        """
-        J = self._J
-        if self._plan is None and J.Iprobe(0, TAG_PLAN):
-            self._plan = J.recv(source=0, tag=TAG_PLAN)
-        plan = self._plan
-        ready = 0
-        if plan is not None and plan.kind == "switch":
-            move = plan.move_of(self.rank)
-            if move is not None and move.strategy == "pre-copy" and self.point >= plan.at_point:
-                if self._precopy is None:       # the target is in J: start the rounds
-                    self._precopy = strategies.PreCopySource(
-                        J, migration.target_jrank(plan, move), self, self.rank)
-                ready = 1 if self._precopy.step() else 0
-        votes = plan is not None and self.point >= plan.at_point
-        v = np.array([1 if votes else 0, plan.id if votes else 0, ready], dtype=np.int64)
-        self.comm.mpi.Allreduce(MPI.IN_PLACE, v, op=MPI.SUM)
-        if not v[0]:
-            return
-        pid = int(v[1] // v[0])
-        while self._plan is None or self._plan.id != pid:
-            self._plan = J.recv(source=0, tag=TAG_PLAN)     # already in flight
-        if v[2] < self._plan.precopy_sources():
-            return                          # a pre-copy source is still copying: keep computing
-        plan, self._plan = self._plan, None
-        if self.rank == 0:
-            J.send(plan.id, dest=0, tag=TAG_GO)
-        self._execute(plan)
-
-    def _execute(self, plan: Plan) -> None:
-        """Steps 3-8 on an application rank (the old process of a moving rank leaves)."""
-        if plan.kind == "enlist":           # spawned targets join J; nothing moves yet
-            self._J = migration.join(self._J, plan.nspawned)
-            return
-        comm = self.comm
-        move = plan.move_of(self.rank)
-        if move is not None:
-            self._complete_lazy()           # a rank still receiving post-copy chunks moves again
-        comm._flush()                                              # step 3: queueing
-        Jc = migration.join(self._J, plan.nspawned)                # step 5: targets join
-        if self.config.ft:
-            self._J = Jc        # a failure from here on is recovered over the switch comm
-        A, Jn = migration.split(Jc, logical=self.rank, leaving=move is not None)   # step 7
-        if move is not None:                                       # steps 4 and 6
-            st = self._state if self._state is not None else State()
-            arrays, objects = st.split()
-            extra = {"comm": comm._export(), "point": self.point, "epoch": self.epoch,
-                     "t_suspend": self._t_point_wall, "stats": self.stats, "from": self.host}
-            dest = migration.target_jrank(plan, move)
-            if self.config.ft:
-                recovery.handshake(Jc, dest, source=True)
-            rest = strategies.get(move.strategy).send(self, Jc, dest, arrays, objects, extra, plan, move)
-            del arrays, objects
-            if self.config.ft:
-                recovery.agree(Jc)
-            if rest is not None:     # post-copy: the background push, after the switch
-                try:
-                    rest()
-                except MPI.Exception as exc:
-                    # --ft: the new process died during the push; the job recovers without
-                    # this process (it left the job's communicators at the switch)
-                    if not (self.config.ft and recovery.is_failure(exc)):
-                        raise
-                    log.warning("rank %d: post-copy push stopped: %s", self.rank, exc.Get_error_string())
-            self._state = None
-            raise _Retired(Jc)
-        if self.config.ft:
-            recovery.agree(Jc)
-        comm._swap(A)
-        self._J = Jn
-        Jn.send({"plan": plan.id, "rank": self.rank, "stall": time.perf_counter() - self._t_point,
-                 "pid": os.getpid(), "host": self.host}, dest=0, tag=TAG_REPORT)
-
-    def _complete_lazy(self) -> None:
-        """Post-copy: every chunk must be here before state is captured."""
-        if self._lazy is not None:
-            self._lazy.complete_all()
+        return source.request(self, host, strategy)
 
     def checkpoint(self) -> int:
         """Write a coordinated checkpoint now (collective). Returns the epoch committed."""
@@ -253,8 +177,8 @@ class Context:
             raise CheckpointError("no checkpoint directory configured (set MPIMIG_CKPT_DIR or use mpimig run)")
         t0 = time.perf_counter()
         comm = self.comm
-        self._complete_lazy()
-        comm._flush()                                   # step 3: hold messages in flight
+        source.complete_lazy(self)
+        comm.hold_in_flight()                           # hold messages in flight (as step 4 does)
         epoch = self.epoch + 1
         st = self._state if self._state is not None else State()
         arrays, objects = st.split()
@@ -262,12 +186,13 @@ class Context:
         nbytes = 0
         try:
             # held messages as a native table (docs/checkpoint-format.md), not a pickle
-            held = comm._export()["queue"]
+            held = comm.export_held()["queue"]
             extra = {"queue": [(src, tag, "bytes", bytes(p)) for src, tag, p in held],
                      "point": self.point, "host": self.host}
             nbytes = self._store.write_rank(epoch, self.rank, self.size,
                                             int(getattr(st, "step", self.point)) if "step" in st else self.point,
                                             arrays, objects, extra)
+            hooks.fire("ckpt-write", store=self._store, epoch=epoch, rank=self.rank)
         except MpimigError as exc:
             err = str(exc)
         except OSError as exc:
@@ -307,7 +232,7 @@ class Context:
                         seconds=dt, buddy_bytes=self.stats.get("buddy_bytes", 0))
         return epoch
 
-    def _keep_copies(self, epoch: int, arrays: dict, objects: dict, extra: dict) -> str:
+    def _keep_copies(self, epoch: int, arrays: dict, objects: dict, extra: dict | None) -> str:
         """--ft: keep this epoch's state in my memory and in my buddy's (collective over A).
 
         Returns an error string for the vote ("" when all went well)."""
@@ -350,17 +275,11 @@ class Context:
         if saved_size != self.size:
             raise CheckpointError(f"epoch {latest} in {cfg.ckpt_dir} was written by {saved_size} ranks; "
                                   f"this job has {self.size}")
-        self._restored = (rs.arrays, rs.objects)
-        self.comm._import({"queue": [(m[0], m[1], m[3]) for m in rs.extra.get("queue", [])]})
-        self.point = int(rs.extra.get("point", 0))
-        self.epoch = latest
+        self.restore(rs.arrays, rs.objects, point=int(rs.extra.get("point", 0)), epoch=latest)
+        self.comm.import_held({"queue": [(m[0], m[1], m[3]) for m in rs.extra.get("queue", [])]})
         self.role = "restarted"
         if self.rank == 0:
             log.info("restarted from epoch %d (point %d) in %s", latest, self.point, cfg.ckpt_dir)
-
-
-class _Retired(BaseException):
-    """Unwinds ``main`` in a process whose rank has moved away (step 8)."""
 
 
 def _setup_logging(rank: int) -> None:
@@ -390,7 +309,7 @@ def _write_completion(ctx: Context, result: Any, t_start: float) -> None:
         "wall_seconds": time.time() - t_start,
         "result": res,
         "stats": ctx.stats,
-        "ranks": getattr(ctx, "_procs", None),
+        "ranks": ctx._procs,
     }
     path = cfg.job_dir / "complete.json"
     tmp = path.with_suffix(".json.tmp")
@@ -402,7 +321,7 @@ def _write_completion(ctx: Context, result: Any, t_start: float) -> None:
     os.replace(tmp, path)
 
 
-def _leave(Jc: MPI.Intracomm | None = None) -> None:
+def _leave(Jc: MPI.Intracomm | None = None) -> NoReturn:
     """The old process of a migrated rank (step 8): it holds no state and is in
     no communicator the job uses. Open MPI's MPI_Finalize disconnects
     dynamically connected processes collectively (ompi_dpm_dyn_finalize), so
@@ -419,7 +338,7 @@ def _leave(Jc: MPI.Intracomm | None = None) -> None:
             if not recovery.is_failure(exc):
                 raise
             os._exit(0)             # ULFM: the coordinator that would release us is gone
-    migration.free_all()
+    transport.free_all()
     MPI.Finalize()
     os._exit(0)
 
@@ -427,8 +346,8 @@ def _leave(Jc: MPI.Intracomm | None = None) -> None:
 def _start_initial(cfg: Config) -> Context | None:
     world = MPI.COMM_WORLD
     if not cfg.coordinator:
-        return Context(_comm(cfg, migration.track(world.Dup())), cfg)
-    J = migration.track(world.Dup())             # coordinator is J rank 0
+        return Context(_comm(cfg, transport.track(world.Dup())), cfg)
+    J = transport.track(world.Dup())             # coordinator is J rank 0
     nranks = J.Get_size() - 1 - cfg.spares
     if nranks < 1:
         raise MigrationError(f"{J.Get_size()} processes cannot hold a coordinator, {cfg.spares} "
@@ -438,9 +357,9 @@ def _start_initial(cfg: Config) -> Context | None:
     A = J.Split(0 if is_rank else MPI.UNDEFINED, me - 1)
     if not is_rank:                              # a warm spare (world ranks after the ranks)
         return _serve_spare(J, cfg, nranks)
-    migration.track(A)
+    transport.track(A)
     ctx = Context(_comm(cfg, A), cfg)
-    ctx._J = J
+    ctx.link.J = J
     procs = A.gather((ctx.host, os.getpid()), root=0)
     if ctx.rank == 0:
         J.send({"size": A.Get_size(), "argv": [sys.executable] + sys.argv, "cwd": os.getcwd(),
@@ -448,63 +367,43 @@ def _start_initial(cfg: Config) -> Context | None:
     return ctx
 
 
+def _arrive(arrival: target.Arrival) -> Context:
+    """A new process took a rank over (steps 5-7): its Context, then step 8."""
+    ctx = Context(arrival.comm, arrival.cfg, role="migrated")
+    target.resume(ctx, arrival)
+    return ctx
+
+
+def _switch_failure(exc: BaseException, J: MPI.Intracomm, cfg: Config) -> tuple[MPI.Intracomm, BaseException]:
+    """(comm to recover over, MPI error) of a failure during a switch, or re-raise."""
+    if isinstance(exc, recovery.SwitchFailed):
+        J, exc = exc.comm, exc.exc
+    if not (cfg.ft and recovery.is_failure(exc)):
+        raise exc
+    return J, exc
+
+
 def _serve_spare(J: MPI.Intracomm, cfg: Config, size: int = 0, announce: bool = True) -> Context | None:
-    """A warm spare: a process started with the job that idles (in J, not in A)
-    until a plan gives it a rank, so a migration to its host spawns nothing.
-    A pre-copy target waits here too (it joined J by an *enlist* plan, or was a
-    spare), receiving the rounds of its source. Under ``--ft`` it also takes part
-    in recoveries, where it may become a replacement rank or the new coordinator."""
-    from .checkpoint import store as checkpoint  # noqa: F401 - import h5py now, not during the freeze
-    if announce:
-        J.send({"host": hostname(), "pid": os.getpid()}, dest=0, tag=TAG_SPARE)
-    st = MPI.Status()
-    rx: dict = {}                # pre-copy rounds received, by source J rank
+    """A warm spare (mpimig.migration.target.Spare) until it takes a rank or the job ends.
+    Under ``--ft`` it also takes part in recoveries, where it may become a replacement
+    rank or the new coordinator."""
+    spare = target.Spare(J, cfg, announce)
     while True:
         try:
-            while not J.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, st):
-                time.sleep(0.002)    # idle: a warm process must not steal the cores
-            tag, src = st.Get_tag(), st.Get_source()
-            if src != 0:
-                if tag == TAG_PRECOPY:
-                    rx.setdefault(src, strategies.PreCopyTarget()).on_round(J, src)
-                    continue
-                raise MigrationError(f"warm spare: unexpected message with tag {tag} from J rank {src}")
-            msg = J.recv(source=0, tag=tag)
-            if tag == TAG_END:
-                return None
-            plan = msg["plan"]
-            if plan.kind == "enlist":
-                J = migration.join(J, plan.nspawned)
-                continue
-            me = J.Get_rank()
-            move = next((m for m in plan.moves if m.spare_jrank == me), None)
-            t0 = time.perf_counter()
-            Jc = migration.join(J, plan.nspawned)
-            if cfg.ft:
-                J = Jc          # a failure from here on is recovered over the switch comm
-            A, Jn = migration.split(Jc, logical=move.rank if move else None, leaving=False)
-            if move is None:
-                if cfg.ft:
-                    recovery.agree(Jc)
-                J = Jn
-                continue
-            return _adopt(plan, move, Jc, A, Jn, cfg, t0, rx.get(move.src_jrank))
+            arrival = spare.wait()
+            return None if arrival is None else _arrive(arrival)
         except (MPI.Exception, recovery.SwitchFailed) as exc:
-            if isinstance(exc, recovery.SwitchFailed):
-                J, exc = exc.comm, exc.exc
-            if not (cfg.ft and recovery.is_failure(exc)):
-                raise
-            rx = {}
-            ctx = _spare_recovers(J, exc, cfg, size)
-            if isinstance(ctx, Context):
-                return ctx
-            J = ctx
+            Jr, err = _switch_failure(exc, spare.J, cfg)
+            out = _spare_recovers(Jr, err, cfg, size)
+            if isinstance(out, Context):
+                return out
+            spare = target.Spare(out, cfg, announce=False)
 
 
 def _spare_recovers(J: MPI.Intracomm, exc: BaseException, cfg: Config, size: int = 0):
     """A process without a rank (warm spare, migration target) saw a failure: take part
     in the recovery. Returns a Context if it became a rank, else the new J (still a spare)."""
-    events.emit(cfg.job_dir, "failure", cfg.run_id, by=-2, point=-1, error=exc.Get_error_string())
+    events.emit(cfg.job_dir, "failure", cfg.run_id, by=-2, point=-1, error=_error_string(exc))
     out = recovery.recover(J, recovery.member("spare", size=size), ckpt_dir=cfg.ckpt_dir,
                            config_env=cfg.to_env())
     if out.kind == "spare":
@@ -512,82 +411,35 @@ def _spare_recovers(J: MPI.Intracomm, exc: BaseException, cfg: Config, size: int
     return _after_recovery(out, cfg)
 
 
+def _error_string(exc: BaseException) -> str:
+    return exc.Get_error_string() if isinstance(exc, MPI.Exception) else str(exc)
+
+
 def _start_target(parent: MPI.Intercomm) -> Context | None:
-    """A process spawned as a migration target: join, receive state (steps 5-8)."""
-    migration.track(parent)
-    B = migration.track(parent.Merge(high=True))
-    from .checkpoint import store as checkpoint  # noqa: F401 - import h5py now, not during the freeze
-    st = MPI.Status()
-    while not B.Iprobe(0, MPI.ANY_TAG, st):
-        time.sleep(0.002)        # idle until needed: a warm process must not steal the cores
-    msg = B.recv(source=0, tag=st.Get_tag())
-    if st.Get_tag() == TAG_CANCEL:
+    """A process spawned as a migration target (mpimig.migration.target, from step 5)."""
+    B, tag, msg = target.wait_for_assignment(parent)
+    if target.cancelled(tag):
         return None
+    cfg = Config.from_env({**os.environ, **msg["config"]})
     if "recover" in msg:         # spawned by a recovery: a replacement rank or coordinator
-        cfg = Config.from_env({**os.environ, **msg["config"]})
         return _after_recovery(recovery.join_spawned(B, msg, cfg.ckpt_dir), cfg)
     plan, k, rank = msg["plan"], msg["target"], msg["rank"]
-    cfg = Config.from_env({**os.environ, **msg["config"]})
     t0 = time.perf_counter()
-    Jc = migration.join(None, plan.nspawned, my_target=k, bridge=B)
+    Jc = target.join(None, plan, my_target=k, bridge=B)
     if plan.kind == "enlist":    # joined J ahead of the switch (pre-copy): wait there like a spare
         return _serve_spare(Jc, cfg, announce=False)
     try:
-        A, Jn = migration.split(Jc, logical=rank, leaving=False)
-        return _adopt(plan, plan.move_of(rank), Jc, A, Jn, cfg, t0)
+        A, Jn = transport.split(Jc, logical=rank, leaving=False)
+        return _arrive(target.take_over(plan, plan.move_of(rank), Jc, A, Jn, cfg, t0))
     except (MPI.Exception, recovery.SwitchFailed) as exc:
-        J = Jc
-        if isinstance(exc, recovery.SwitchFailed):
-            J, exc = exc.comm, exc.exc
-        if not (cfg.ft and recovery.is_failure(exc)):
-            raise
-        ctx = _spare_recovers(J, exc, cfg)
+        J, err = _switch_failure(exc, Jc, cfg)
+        ctx = _spare_recovers(J, err, cfg)
         if isinstance(ctx, Context):
             return ctx
         return _serve_spare(ctx, cfg, announce=False)    # a spare of the job now
 
 
-def _adopt(plan: Plan, move, Jc, A, Jn, cfg: Config, t0: float, rx=None) -> Context:
-    """Take over a logical rank: receive its state and resume (steps 6 and 8)."""
-    rank = move.rank
-    comm = _comm(cfg, A)
-    t1 = time.perf_counter()
-    try:
-        if cfg.ft:
-            recovery.handshake(Jc, move.src_jrank, source=False)
-        arrays, objects, extra, lazy = strategies.get(move.strategy).receive(Jc, move.src_jrank, cfg, rx)
-        if cfg.ft:
-            recovery.agree(Jc)
-    except MPI.Exception as exc:
-        if not (cfg.ft and recovery.is_failure(exc)):
-            raise
-        raise recovery.SwitchFailed(Jc, exc) from None
-    t2 = time.perf_counter()
-    comm._import(extra["comm"])
-    ctx = Context(comm, cfg, role="migrated")
-    ctx._J = Jn
-    ctx._restored = (arrays, objects)
-    ctx.point = int(extra["point"])
-    ctx.epoch = int(extra["epoch"])
-    ctx.stats = extra.get("stats", ctx.stats)
-    if lazy is not None:                    # post-copy: arrays still arriving
-        from .migration.lazy import LazyGuardComm
-        lazy.ctx = ctx
-        lazy.plan_id = plan.id
-        ctx._lazy = lazy
-        comm.__class__ = LazyGuardComm
-    nbytes = sum(a.nbytes for a in arrays.values())
-    Jn.send({"plan": plan.id, "rank": rank, "stall": 0.0, "pid": os.getpid(), "host": ctx.host,
-             "downtime": time.time() - extra["t_suspend"], "transfer": t2 - t1,
-             "restore": time.perf_counter() - t2, "join": t1 - t0, "bytes": nbytes,
-             "strategy": move.strategy, "strategy_stats": extra.get("strategy_stats", {})},
-            dest=0, tag=TAG_REPORT)
-    log.info("rank %d resumed on %s after migration from %s (%s)", rank, ctx.host, extra.get("from"),
-             move.strategy)
-    return ctx
-
-
-def _recover(ctx: Context, exc: BaseException) -> Context:
+def _recover(ctx: Context, exc: MPI.Exception) -> Context:
     """A rank saw a failure: take part in the recovery and resume as a survivor."""
     cfg = ctx.config
     detected = time.time()
@@ -597,12 +449,12 @@ def _recover(ctx: Context, exc: BaseException) -> Context:
                 exc.Get_error_string())
     me = recovery.member("rank", ctx.rank, ctx.host, ctx.point, ctx._own, ctx._buddies, detected, ctx._hosts,
                          ctx.recoveries, ctx.size)
-    out = recovery.recover(ctx._J, me, A=ctx.comm.mpi, ckpt_dir=cfg.ckpt_dir,
+    out = recovery.recover(ctx.link.J, me, A=ctx.comm.mpi, ckpt_dir=cfg.ckpt_dir,
                            own=ctx._own, buddies=ctx._buddies, config_env=cfg.to_env())
     return _after_recovery(out, cfg, ctx)
 
 
-def _after_recovery(out, cfg: Config, ctx: Context | None = None) -> Context | None:
+def _after_recovery(out: Any, cfg: Config, ctx: Context | None = None) -> Context:
     """Turn a recovery's outcome into this process's new life: a rank that resumes
     from the rolled-back epoch, the new coordinator (never returns), or a spare."""
     if out.kind == "coordinator":
@@ -610,25 +462,20 @@ def _after_recovery(out, cfg: Config, ctx: Context | None = None) -> Context | N
         serve_recovered(out, cfg)
     if out.kind != "rank":
         raise MigrationError(f"recovery gave this process the role {out.kind!r} outside a spare's loop")
-    from .checkpoint.format import loads
     if ctx is None:
         ctx = Context(_comm(cfg, out.A), cfg)
     else:
         ctx.comm = _comm(cfg, out.A)
-    ctx._J = out.J
-    ctx._plan = None
-    ctx._state = None
-    ctx._lazy = None             # a post-copy in progress is void: the state comes from the epoch
-    ctx._precopy = None
+    ctx.link = Link(J=out.J)     # a plan, a post-copy or pre-copy in progress is void: the state comes
+    ctx._state = None            # from the epoch
     ctx.role = "replacement" if out.replacement else "survivor"
     ctx.recoveries = out.plan["recovery"]     # the job's count: replacements learn it too
     cp = out.restored
     if cp is not None:
-        ctx._restored = ({k: np.array(a, copy=True) for k, a in cp.arrays.items()},
-                         {k: loads(k, v) for k, v in cp.objects.items()})
-        ctx.comm._import({"queue": cp.extra["queue"]})
-        ctx.point = int(cp.extra["point"])
-        ctx.epoch = int(out.epoch)
+        ctx.restore({k: np.array(a, copy=True) for k, a in cp.arrays.items()},
+                    {k: loads(k, v) for k, v in cp.objects.items()}, point=int(cp.extra["point"]),
+                    epoch=int(out.epoch))
+        ctx.comm.import_held({"queue": cp.extra["queue"]})
         ctx._own = cp
     else:                        # no committed epoch: start over
         ctx._restored = None
@@ -653,39 +500,27 @@ def _after_recovery(out, cfg: Config, ctx: Context | None = None) -> Context | N
 
 
 def _finish(ctx: Context, result: Any, t_start: float) -> None:
-    ctx._complete_lazy()
-    if ctx._precopy is not None and ctx._precopy.reqs:
+    source.complete_lazy(ctx)
+    pre = ctx.link.precopy
+    if pre is not None and pre.reqs:
         # a pre-copy that the job outlived: let the target (still in J) take the last round
-        MPI.Request.Waitall(ctx._precopy.reqs)
+        MPI.Request.Waitall(pre.reqs)
     procs = recovery.allgather_obj(ctx.comm.mpi, {"rank": ctx.rank, "host": ctx.host, "pid": os.getpid(),
                                                   "role": ctx.role})
     ctx._procs = procs
-    if ctx._J is not None:
+    J = ctx.link.J
+    if J is not None:
         if ctx.rank == 0:
-            ctx._J.send(None, dest=0, tag=TAG_FINISHING)
-        ctx._J.send({"rank": ctx.rank, "stats": ctx.stats}, dest=0, tag=TAG_DONE)
+            J.send(None, dest=0, tag=TAG_FINISHING)
+        J.send({"rank": ctx.rank, "stats": ctx.stats}, dest=0, tag=TAG_DONE)
     if ctx.rank == 0:
         _write_completion(ctx, result, t_start)
         events.emit(ctx.config.job_dir, "finished", ctx.config.run_id, points=ctx.point, epoch=ctx.epoch,
                     recoveries=ctx.recoveries)
     ctx.comm.mpi.Barrier()              # the completion record is written
     if ctx.config.ft:
-        _finalize_watchdog()
-    migration.free_all()
-
-
-def _finalize_watchdog(seconds: float = 10.0) -> None:
-    """After a failure MPI_Finalize can hang (shared/PLATFORM.md, ompi#11404): the job's
-    result is recorded by now, so a process still finalizing after ``seconds`` exits."""
-    import threading
-
-    def bail() -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    t = threading.Timer(seconds, bail)
-    t.daemon = True
-    t.start()
+        recovery.finalize_watchdog()
+    transport.free_all()
 
 
 def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
@@ -698,7 +533,7 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
     t_start = time.time()
     world = MPI.COMM_WORLD
     _setup_logging(world.Get_rank())
-    abort_comm = world
+    abort_comm: MPI.Comm = world
     try:
         parent = MPI.Comm.Get_parent()
         if parent != MPI.COMM_NULL:
@@ -720,7 +555,7 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
                     events.emit(cfg.job_dir, "started", cfg.run_id, role=ctx.role, epoch=ctx.epoch,
                                 point=ctx.point, size=ctx.size)
         while True:
-            abort_comm = ctx._J or ctx.comm.mpi
+            abort_comm = ctx.link.J or ctx.comm.mpi
             try:
                 result = main(ctx)
                 _finish(ctx, result, t_start)
@@ -729,8 +564,8 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
                 if not (ctx.config.ft and recovery.is_failure(exc)):
                     raise
                 ctx = _recover(ctx, exc)        # roll back and run main again
-    except _Retired as r:
-        retired = r.args[0] if r.args else None
+    except source.Retired as r:
+        retired = r.comm
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - any failure must abort the whole job
@@ -750,6 +585,5 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
     _leave(retired)
 
 
-if os.environ.get("MPIMIG_INJECT"):         # mpimig inject: faults at exact places (inject_hook.py)
-    from .ft import hooks as inject_hook
-    inject_hook.install(sys.modules[__name__])
+if os.environ.get("MPIMIG_INJECT"):         # mpimig inject: faults at exact places (mpimig/ft/hooks.py)
+    hooks.install_inject()

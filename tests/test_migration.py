@@ -192,3 +192,38 @@ def test_openmpi_migrates_across_lab_hosts_with_warm_spares(lab, tmp_path):
     assert [r["host"] for r in ranks] == [h1, h3, h3, h3], ranks
     assert [r["role"] for r in ranks] == ["initial", "migrated", "migrated", "migrated"]
     assert [m["state"] for m in read(job, "status.json")["migrations"]] == ["done"] * 3
+
+
+def test_protocol_table_names_functions_that_exist_in_step_order():
+    """docs/protocol.md links each of the eight steps to its function on each side: every
+    name there exists, the rows follow protocol.Step, and source.py / target.py define
+    their step functions in the order the steps run."""
+    import inspect
+    import re
+
+    from mpimig.comm import Comm
+    from mpimig.migration import coordinator, source, target, transport
+    from mpimig.migration.protocol import Step
+    text = (ROOT / "docs" / "protocol.md").read_text()
+    rows = re.findall(r"^\| (\d)\. (\w+) \|(.*)\|$", text, re.M)
+    rows = [r for r in rows if r[2].count("|") == 2]            # the step -> function table
+    assert [(int(n), name) for n, name, _ in rows] == [(s.value, s.name.lower()) for s in Step]
+    where = {"source": source, "target": target, "transport": transport}
+    for _, _, cells in rows:
+        for mod, name in re.findall(r"`(source|target|transport):([\w.]+)", cells):
+            obj = where[mod]
+            for part in name.split("."):
+                obj = getattr(obj, part)                       # AttributeError names what is missing
+        for cls, name in re.findall(r"`(Coordinator|Comm)\.(\w+)`", cells):
+            getattr(coordinator.Coordinator if cls == "Coordinator" else Comm, name)
+
+    def line(f):
+        return inspect.getsourcelines(f)[1]
+    steps = [source.request, source.suspend, source.hold_in_flight, source.create_target,
+             source.transfer_state, source.repoint, source.resume]
+    assert [line(f) for f in steps] == sorted(line(f) for f in steps)
+    steps = [target.join, target.receive_state, target.adopt, target.resume]
+    assert [line(f) for f in steps] == sorted(line(f) for f in steps)
+    C = coordinator.Coordinator
+    steps = [C.request, C.negotiate, C.create_target, C.suspend, C.join_targets, C.repoint, C.resume]
+    assert [line(f) for f in steps] == sorted(line(f) for f in steps)

@@ -1,23 +1,37 @@
-"""The in-process half of ``mpimig inject``: faults that must hit an exact place.
+"""Hook points: named places in the runtime where a fault can be injected.
 
-``mpimig inject`` starts the job with ``MPIMIG_INJECT`` (a JSON list of
-faults) and ``MPIMIG_INJECT_DIR``. When that variable is set, the runtime
-calls :func:`install` once at import, which wraps four functions of the
-running process:
+The registry is explicit: code that wants to act at a point calls
+:func:`register` (``register("migration-source", fn)``); the runtime, the
+transport and the checkpoint path call :func:`fire` at their points with
+keyword information. With nothing registered, :func:`fire` costs one dict
+lookup. Unknown point names are refused with the list of known ones.
 
-* ``Context.checkpoint_point``: logical rank 0 writes its progress (point,
-  time, run id) to ``INJECT_DIR/progress`` after every point, so that the
-  injector can kill at a point from outside and time the resumption; it emits
-  a ``resumed`` event at its first point after a start, a roll-back or an
-  online recovery. A
-  ``rank`` fault whose rank and point match kills this process (SIGKILL)
-  right after the point.
-* ``CheckpointStore.write_rank``: a ``ckpt-write`` fault kills its rank after
-  its file of epoch E is in ``epoch-E.tmp`` and before the vote, so the epoch
-  is never committed.
-* ``migration.send_state`` / ``migration.recv_state``: ``migration-source`` /
-  ``migration-target`` faults kill the old process of a moving rank before it
-  sends its state, or its new process before it receives it.
+==========================  ============================================================
+``checkpoint-point``        after every ``ctx.checkpoint_point()`` (``ctx``)
+``ckpt-write``              a rank's file of epoch E is written, before the vote
+                            (``store``, ``epoch``, ``rank``)
+``migration-source``        the old process of a moving rank, before it sends its state,
+                            any strategy (``comm``, ``peer``, ``strategy``)
+``migration-target``        the new process, before it receives the state (same keys)
+==========================  ============================================================
+
+The in-process half of ``mpimig inject`` (:func:`install_inject`) is the
+registry's main user: ``mpimig inject`` starts the job with
+``MPIMIG_INJECT`` (a JSON list of faults) and ``MPIMIG_INJECT_DIR``, and the
+runtime calls :func:`install_inject` once at import:
+
+* ``checkpoint-point``: logical rank 0 writes its progress (point, time, run
+  id) to ``INJECT_DIR/progress`` after every point, so that the injector can
+  kill at a point from outside and time the resumption; it emits a
+  ``resumed`` event at its first point after a start, a roll-back or an online
+  recovery. A ``rank`` fault whose rank and point match kills this process
+  (SIGKILL) right after the point.
+* ``ckpt-write``: a ``ckpt-write`` fault kills its rank after its file of
+  epoch E is in ``epoch-E.tmp`` and before the vote, so the epoch is never
+  committed.
+* ``migration-source`` / ``migration-target``: faults of those kinds kill the
+  old process of a moving rank before it sends its state, or its new process
+  before it receives it, whatever the strategy (the transport fires them).
 
 Each fault fires once per job directory: the process that fires it first
 creates ``INJECT_DIR/fired-ID-rR`` (O_EXCL), so a relaunched job that passes
@@ -30,103 +44,124 @@ import json
 import os
 import signal
 import time
+from typing import Any, Callable
 
 from .. import events
 
-_faults: list[dict] = []
-_dir: str | None = None
-_last_point = -1
-_seen_recoveries = [0]
-_progress_fd: int | None = None
+#: The hook points, in the order a job meets them.
+POINTS = ("checkpoint-point", "ckpt-write", "migration-source", "migration-target")
+
+_registry: dict[str, list[Callable[..., Any]]] = {}
 
 
-def _claim(fault: dict, rank: int) -> bool:
-    """True once per (fault, rank) for the whole job directory."""
-    try:
-        fd = os.open(os.path.join(_dir, f"fired-{fault['id']}-r{rank}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
+def register(point: str, fn: Callable[..., Any]) -> None:
+    """Call ``fn(**info)`` each time the job passes ``point``."""
+    if point not in POINTS:
+        raise ValueError(f"unknown hook point {point!r}; known: {', '.join(POINTS)}")
+    _registry.setdefault(point, []).append(fn)
 
 
-def _die(fault: dict, job_dir, run_id: str, rank: int, point: int, **extra) -> None:
+def unregister(point: str, fn: Callable[..., Any]) -> None:
+    """Remove a function registered at ``point`` (no error if it is not there)."""
+    fns = _registry.get(point, [])
+    if fn in fns:
+        fns.remove(fn)
+
+
+def registered(point: str) -> list[Callable[..., Any]]:
+    """The functions registered at ``point``, in registration order."""
+    return list(_registry.get(point, []))
+
+
+def fire(point: str, **info: Any) -> None:
+    """The job passes ``point``: call what is registered there."""
+    fns = _registry.get(point)
+    if fns:
+        for fn in list(fns):
+            fn(**info)
+
+
+# -- mpimig inject: the in-process faults ---------------------------------------------------------
+class _Inject:
+    """The faults of this process (from ``MPIMIG_INJECT``) and what it has seen."""
+
+    def __init__(self) -> None:
+        self.dir = os.environ.get("MPIMIG_INJECT_DIR") or "."
+        self.faults: list[dict] = json.loads(os.environ.get("MPIMIG_INJECT") or "[]")
+        self.last_point = -1
+        self.seen_recoveries = 0
+        self.progress_fd: int | None = None
+
+    def claim(self, fault: dict, rank: int) -> bool:
+        """True once per (fault, rank) for the whole job directory."""
+        try:
+            fd = os.open(os.path.join(self.dir, f"fired-{fault['id']}-r{rank}"),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError:
+            return False
+        os.close(fd)
+        return True
+
+    def write_progress(self, point: int, run_id: str, epoch: int) -> None:
+        if self.progress_fd is None:
+            self.progress_fd = os.open(os.path.join(self.dir, "progress"), os.O_RDWR | os.O_CREAT, 0o644)
+        line = f"{point} {time.time():.6f} {run_id or '-'} {epoch} #".ljust(79) + "\n"
+        os.pwrite(self.progress_fd, line.encode(), 0)
+
+    # -- the hooks -------------------------------------------------------------------------------
+    def at_point(self, ctx: Any) -> None:
+        cfg = ctx.config
+        if ctx.rank == 0:
+            # a start, a roll-back, or an online recovery (which may restore the
+            # point it failed at: the coordinator's death loses no rank state)
+            if ctx.point <= self.last_point or self.last_point < 0 or ctx.recoveries != self.seen_recoveries:
+                self.seen_recoveries = ctx.recoveries
+                events.emit(cfg.job_dir, "resumed", cfg.run_id, point=ctx.point, epoch=ctx.epoch, role=ctx.role)
+            self.last_point = ctx.point
+            self.write_progress(ctx.point, cfg.run_id, ctx.epoch)
+        for f in self.faults:
+            if (f["kind"] == "rank" and f.get("point") == ctx.point and ctx.rank in f["ranks"]
+                    and self.claim(f, ctx.rank)):
+                _die(f, cfg.job_dir, cfg.run_id, ctx.rank, ctx.point, host=ctx.host)
+
+    def at_ckpt_write(self, store: Any, epoch: int, rank: int) -> None:
+        for f in self.faults:
+            if f["kind"] == "ckpt-write" and f.get("epoch") == epoch and rank in f["ranks"] and self.claim(f, rank):
+                tmp = store.tmp_dir(epoch)
+                _die(f, os.environ.get("MPIMIG_JOB_DIR"), os.environ.get("MPIMIG_RUN_ID", ""), rank, -1,
+                     epoch=epoch, tmp_dir=str(tmp), tmp_dir_seen=tmp.is_dir(),
+                     committed=store.epoch_dir(epoch).is_dir())
+
+    def at_migration(self, kind: str, **info: Any) -> None:
+        for f in self.faults:
+            if f["kind"] == kind and self.claim(f, -1):
+                _die(f, os.environ.get("MPIMIG_JOB_DIR"), os.environ.get("MPIMIG_RUN_ID", ""), -1, -1,
+                     strategy=info.get("strategy"))
+
+
+def _die(fault: dict, job_dir: Any, run_id: str, rank: int, point: int, **extra: Any) -> None:
     events.emit(job_dir, "injected", run_id, id=fault["id"], kind=fault["kind"], target=fault.get("target"),
                 rank=rank, pids=[os.getpid()], point=point, by="process", **extra)
     os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(10)      # SIGKILL is delivered at once; never go on
 
 
-def _write_progress(point: int, run_id: str, epoch: int) -> None:
-    global _progress_fd
-    if _progress_fd is None:
-        _progress_fd = os.open(os.path.join(_dir, "progress"), os.O_RDWR | os.O_CREAT, 0o644)
-    line = f"{point} {time.time():.6f} {run_id or '-'} {epoch} #".ljust(79) + "\n"
-    os.pwrite(_progress_fd, line.encode(), 0)
+_inject: _Inject | None = None
 
 
-def install(runtime_module) -> None:
-    """Wrap the runtime's functions (once per process) as the faults ask."""
-    global _faults, _dir
-    if _dir is not None:
+def install_inject() -> None:
+    """Register the faults of ``MPIMIG_INJECT`` at their hook points (once per process)."""
+    global _inject
+    if _inject is not None:
         return
-    _dir = os.environ.get("MPIMIG_INJECT_DIR") or "."
-    _faults = json.loads(os.environ.get("MPIMIG_INJECT") or "[]")
-    from ..checkpoint import store as checkpoint
-    from ..migration import transport as migration
-    Context = runtime_module.Context
-    orig_point = Context.checkpoint_point
-
-    def checkpoint_point(self):
-        global _last_point
-        orig_point(self)
-        cfg = self.config
-        if self.rank == 0:
-            # a start, a roll-back, or an online recovery (which may restore the
-            # point it failed at: the coordinator's death loses no rank state)
-            recoveries = getattr(self, "recoveries", 0)
-            if self.point <= _last_point or _last_point < 0 or recoveries != _seen_recoveries[0]:
-                _seen_recoveries[0] = recoveries
-                events.emit(cfg.job_dir, "resumed", cfg.run_id, point=self.point, epoch=self.epoch,
-                            role=self.role)
-            _last_point = self.point
-            _write_progress(self.point, cfg.run_id, self.epoch)
-        for f in _faults:
-            if (f["kind"] == "rank" and f.get("point") == self.point and self.rank in f["ranks"]
-                    and _claim(f, self.rank)):
-                _die(f, cfg.job_dir, cfg.run_id, self.rank, self.point, host=self.host)
-
-    Context.checkpoint_point = checkpoint_point
-
-    orig_write = checkpoint.CheckpointStore.write_rank
-
-    def write_rank(self, epoch, rank, *args, **kw):
-        n = orig_write(self, epoch, rank, *args, **kw)
-        for f in _faults:
-            if f["kind"] == "ckpt-write" and f.get("epoch") == epoch and rank in f["ranks"] and _claim(f, rank):
-                tmp = self.tmp_dir(epoch)
-                _die(f, os.environ.get("MPIMIG_JOB_DIR"), os.environ.get("MPIMIG_RUN_ID", ""), rank, -1,
-                     epoch=epoch, tmp_dir=str(tmp), tmp_dir_seen=tmp.is_dir(),
-                     committed=self.epoch_dir(epoch).is_dir())
-        return n
-
-    checkpoint.CheckpointStore.write_rank = write_rank
-
-    def wrap_migration(name: str, kind: str):
-        orig = getattr(migration, name)
-
-        def wrapped(*args, **kw):
-            for f in _faults:
-                if f["kind"] == kind and _claim(f, -1):
-                    _die(f, os.environ.get("MPIMIG_JOB_DIR"), os.environ.get("MPIMIG_RUN_ID", ""), -1, -1)
-            return orig(*args, **kw)
-        setattr(migration, name, wrapped)
-
-    wrap_migration("send_state", "migration-source")
-    wrap_migration("recv_state", "migration-target")
+    inj = _inject = _Inject()
+    register("checkpoint-point", inj.at_point)
+    register("ckpt-write", inj.at_ckpt_write)
+    register("migration-source", lambda **info: inj.at_migration("migration-source", **info))
+    register("migration-target", lambda **info: inj.at_migration("migration-target", **info))
 
 
-def read_progress(inject_dir) -> tuple | None:
+def read_progress(inject_dir: Any) -> tuple | None:
     """(point, t, run_id, epoch) last written by rank 0, or None."""
     try:
         with open(os.path.join(str(inject_dir), "progress"), "rb") as f:

@@ -13,6 +13,7 @@ interrupts those reliably (pickle-based lowercase collectives are not used).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -25,7 +26,7 @@ import numpy as np
 from mpi4py import MPI
 from mpi4py.util import pkl5
 
-from ..migration import transport as migration
+from ..migration import transport
 from ..migration.protocol import TAG_ASSIGN
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ def decide(table: list[dict]) -> dict:
     dead = [r for r in range(size) if r not in alive]
     coords = [i for i, m in enumerate(table) if m["kind"] == "coordinator"]
     spares = [i for i, m in enumerate(table) if m["kind"] == "spare"]
-    rank_hosts = next((m["hosts"] for m in table if len(m["hosts"]) == size), [])
+    rank_hosts: list[str] = next((m["hosts"] for m in table if len(m["hosts"]) == size), [])
     failed_hosts = {rank_hosts[r] for r in dead} if rank_hosts else set()
     live_hosts = sorted({m["host"] for m in table})
     load = {h: 0 for h in live_hosts}
@@ -247,8 +248,8 @@ def _spawn(S: MPI.Intracomm, plan: dict, argv: list[str], cwd: str) -> MPI.Intra
         inter = S.Spawn(argv[0], argv[1:], k, info=info, root=0)
     finally:
         info.Free()
-    migration.track(inter)
-    return migration.track(inter.Merge(high=False))
+    transport.track(inter)
+    return transport.track(inter.Merge(high=False))
 
 
 def recover(J: MPI.Intracomm, me: dict, *, A: MPI.Intracomm | None = None, ckpt_dir=None, own: Copy | None = None,
@@ -260,12 +261,10 @@ def recover(J: MPI.Intracomm, me: dict, *, A: MPI.Intracomm | None = None, ckpt_
     for attempt in range(MAX_ATTEMPTS):
         for c in (J, A):
             if c is not None:
-                try:
+                with contextlib.suppress(MPI.Exception):
                     c.Revoke()
-                except MPI.Exception:
-                    pass
         try:
-            S = migration.track(J.Shrink())
+            S = transport.track(J.Shrink())
             t_shrunk = time.time()
             table = allgather_obj(S, me)
             plan = decide(table)
@@ -307,9 +306,9 @@ def _finish(M: MPI.Intracomm, plan: dict, table: list[dict], kind: str, rank: in
             me: dict) -> Outcome:
     size = plan["size"]
     key = 0 if kind == "coordinator" else (1 + rank if kind == "rank" else 1 + size + M.Get_rank())
-    Jn = migration.track(M.Split(0, key))
+    Jn = transport.track(M.Split(0, key))
     A = Jn.Split(0 if kind == "rank" else MPI.UNDEFINED, rank if kind == "rank" else 0)
-    A = None if A == MPI.COMM_NULL else migration.track(A)
+    A = None if A == MPI.COMM_NULL else transport.track(A)
     t_replaced = time.time()
     members = allgather_obj(Jn, {"kind": kind, "rank": rank, "host": MPI.Get_processor_name(),
                                  "pid": os.getpid(), "replacement": replacement})
@@ -328,7 +327,7 @@ def _finish(M: MPI.Intracomm, plan: dict, table: list[dict], kind: str, rank: in
     # buddy copies for replacements: holder -> replacement (J rank 1 + r)
     restored, how = None, "none"
     if epoch is not None:
-        holders = {}
+        holders: dict[int, int] = {}
         for i, m in enumerate(table):
             for q, e in m["buddies"]:
                 if e == epoch and q in plan["dead"]:
@@ -368,3 +367,17 @@ def _read_disk(ckpt_dir, epoch: int, rank: int) -> Copy:
     return Copy(rank, epoch, rs.arrays, {k: dumps(k, v) for k, v in rs.objects.items()},
                 {"queue": [(m[0], m[1], m[3]) for m in rs.extra.get("queue", [])],
                  "point": int(rs.extra.get("point", 0))})
+
+
+def finalize_watchdog(seconds: float = 10.0) -> None:
+    """After a failure MPI_Finalize can hang (shared/PLATFORM.md, ompi#11404): the job's
+    result is recorded by now, so a process still finalizing after ``seconds`` exits."""
+    import threading
+
+    def bail() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    t = threading.Timer(seconds, bail)
+    t.daemon = True
+    t.start()

@@ -1,10 +1,14 @@
 """Live migration of logical ranks: the protocol and who runs it.
 
-Owns the message tags and plans (``protocol``), the coordinator process and
-its operator socket (``coordinator``, ``control``), moving registered state
-between processes (``transport``), the interchangeable strategies
-(stop-and-copy, pre-copy, post-copy, file-server: ``strategies``) and
-post-copy's lazily filled arrays (``lazy``). May import :mod:`mpimig.comm`,
-:mod:`mpimig.state`, :mod:`mpimig.checkpoint`, :mod:`mpimig.events` and
-:mod:`mpimig.errors`.
+Owns the eight steps, message tags and plans (``protocol``); the protocol
+itself, written as functions named after the steps in the order they run:
+the ranks' side (``source``: the rank that moves and its peers) and the new
+process's side (``target``); the coordinator process and its operator socket
+(``coordinator``, ``control``); the one transport every strategy moves its
+bytes through, and the communicators a switch builds (``transport``); the
+interchangeable strategies (stop-and-copy, pre-copy, post-copy, file-server:
+``strategies``) and post-copy's lazily filled arrays (``lazy``). May import :mod:`mpimig.comm`,
+:mod:`mpimig.state`, :mod:`mpimig.checkpoint`, :mod:`mpimig.events`,
+:mod:`mpimig.errors`, :mod:`mpimig.launch.config` and :mod:`mpimig.ft`
+(recovery, hooks); ``mpimig.runtime`` only for type checking (``Context``).
 """

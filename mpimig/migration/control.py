@@ -7,6 +7,7 @@ connection: a JSON line in, a JSON line out.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -90,15 +91,11 @@ class ControlServer:
             self._sock.close()
         finally:
             for p in (self.path, self.job_dir / CONTROL_FILE):
-                try:
+                with contextlib.suppress(OSError):
                     p.unlink()
-                except OSError:
-                    pass
             if self._tmpdir:
-                try:
+                with contextlib.suppress(OSError):
                     os.rmdir(self._tmpdir)
-                except OSError:
-                    pass
 
 
 def _recv_line(conn: socket.socket) -> bytes:
@@ -113,10 +110,8 @@ def _recv_line(conn: socket.socket) -> bytes:
 
 
 def _send(conn: socket.socket, obj: dict) -> None:
-    try:
+    with contextlib.suppress(OSError):
         conn.sendall((json.dumps(obj) + "\n").encode())
-    except OSError:
-        pass
 
 
 def request(job_dir, req: dict, timeout: float | None = 60.0) -> dict:

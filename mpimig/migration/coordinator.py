@@ -3,9 +3,15 @@
 It holds the routing table (logical rank -> process, host, J rank, moves),
 takes requests from the operator (Unix socket), from ranks (self-migration)
 and from the schedule, and drives each migration through the eight steps of
-:class:`mpimig.migration.protocol.Step`. ``mpimig run`` starts it as the first program of
-world rank 0 of ``mpiexec -n N+1 python app.py``: ``mpimig.run`` in
-that process serves as the coordinator instead of calling ``main``. (An MPMD
+:class:`mpimig.migration.protocol.Step`: its methods are named after them
+(``request``, ``negotiate``, ``create_target`` (started early, so the spawn is
+not in the freeze), ``suspend``, ``switch`` -> ``join_targets`` / ``repoint``,
+``resume``, ``retire_source``); the ranks' side is
+:mod:`mpimig.migration.source`, the new process's :mod:`mpimig.migration.target`.
+
+``mpimig run`` starts it as the first program of world rank 0 of ``mpiexec
+-n N+1 python app.py``: ``mpimig.run`` in that process serves as the
+coordinator instead of calling ``main``. (An MPMD
 launch, ``-n 1 python -m mpimig.migration.coordinator : -n N ...``, would be tidier, but
 with Open MPI 5.0 spawning onto another host then fails with "Error code: -1".)
 
@@ -21,14 +27,15 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, NoReturn
 
 from mpi4py import MPI
 
 from .. import events
-from . import transport as migration
+from ..errors import MigrationError
 from ..ft import recovery
 from ..launch.config import Config
+from . import transport
 from .control import STATUS_FILE, ControlServer
 from .protocol import (TAG_ASSIGN, TAG_CANCEL, TAG_DONE, TAG_END, TAG_FINISHING, TAG_GO, TAG_HELLO, TAG_PLAN,
                        TAG_REPLY, TAG_REPORT, TAG_REQUEST, TAG_RESIDUAL, TAG_SPARE, TAG_WAKE, Move,
@@ -47,7 +54,7 @@ class Migration:
         self.at_point = at_point
         self.strategy = strategy
         self.origin = origin             # operator | self | schedule
-        self.state = Step.NEGOTIATION.label
+        self.state = Step.NEGOTIATE.label
         self.src: str | None = None
         self.t: dict[str, float] = {"requested": time.time()}
         self.timings: dict[str, float] = {}
@@ -57,6 +64,7 @@ class Migration:
         self.stalls: dict[int, float] = {}
         self.src_pid: int | None = None   # the old process (post-copy: needed until the push is done)
         self.stats: dict[str, Any] = {}      # the strategy's own figures (rounds, residual, ...)
+        self.plan_id: int | None = None   # the switch plan that moved it (set at the switch)
 
     def as_dict(self) -> dict:
         return {"id": self.id, "rank": self.rank, "from": self.src, "to": self.to,
@@ -117,15 +125,42 @@ class Coordinator:
         for entry in cfg.schedule:
             point, rank, host = entry[0], entry[1], entry[2]
             strategy = entry[3] if len(entry) > 3 else "stop-and-copy"
-            err = self.validate(rank, host, scheduled=True) or check_strategy(strategy)
+            err = self.negotiate(rank, host, strategy, scheduled=True)
             if err:
                 log.error("schedule entry %s:%s:%s ignored: %s", point, rank, host, err)
                 continue
             self.accept(rank, host, point, strategy, "schedule")
         self.write_status()
 
-    # -- step 1: negotiation ------------------------------------------------------
-    def validate(self, rank: Any, host: Any, scheduled: bool = False) -> str | None:
+    # -- step 1: request -------------------------------------------------------------
+    def request(self, req: dict, reply) -> None:
+        """A request from the operator or a rank (status, or migrate a rank)."""
+        op = req.get("op")
+        if op == "status":
+            reply(self.status())
+            return
+        if op != "migrate":
+            reply({"ok": False, "error": f"unknown request {op!r}: expected 'status' or 'migrate'"})
+            return
+        rank, host = req.get("rank"), req.get("to")
+        err = self.negotiate(rank, host, req.get("strategy", "stop-and-copy"))
+        if err or not isinstance(rank, int) or not isinstance(host, str):
+            reply({"ok": False, "error": err})
+            return
+        m = self.accept(rank, host, 0, req.get("strategy", "stop-and-copy"), req.get("origin", "operator"))
+        if req.get("wait", True):
+            m.waiters.append(reply)
+        else:
+            reply({"ok": True, "migration": m.as_dict()})
+        self.write_status()
+
+    # -- step 2: negotiate ---------------------------------------------------------------
+    def negotiate(self, rank: Any, host: Any, strategy: Any = "stop-and-copy", scheduled: bool = False) -> str | None:
+        """Why the request cannot be accepted, or None (then :meth:`accept` records it)."""
+        err = self._refusal(rank, host, scheduled)
+        return err or check_strategy(strategy)
+
+    def _refusal(self, rank: Any, host: Any, scheduled: bool) -> str | None:
         if self.finishing or self.finished:
             return "the job has finished"
         if not isinstance(rank, int) or not 0 <= rank < self.size:
@@ -152,9 +187,10 @@ class Coordinator:
         self.queue.sort(key=lambda x: (x.at_point, x.id))
         return m
 
-    # -- step 5: creation ------------------------------------------------------------
-    def spawn(self, m: Migration) -> str | None:
-        m.state = Step.CREATION.label
+    # -- step 5: create the target (started early: the spawn is off the ranks' freeze) ----
+    def create_target(self, m: Migration) -> str | None:
+        """A process for ``m`` on its host: a warm spare, a refilled one, or a spawn."""
+        m.state = Step.CREATE.label
         if self.spares.get(m.to):
             m.spare = self.spares[m.to].pop(0)     # a warm spare: nothing to start
             m.timings["spawn"] = 0.0
@@ -184,8 +220,8 @@ class Coordinator:
         watchdog.start()
         try:
             inter = MPI.COMM_SELF.Spawn(self.argv[0], self.argv[1:], 1, info=info)
-            migration.track(inter)
-            return migration.track(inter.Merge(high=False))
+            transport.track(inter)
+            return transport.track(inter.Merge(high=False))
         finally:
             watchdog.cancel()
             info.Free()
@@ -230,8 +266,9 @@ class Coordinator:
             sys.stderr.flush()
             MPI.COMM_WORLD.Abort(3)
 
-    # -- plans ---------------------------------------------------------------------------
-    def send_plan(self) -> None:
+    # -- step 3: suspend ------------------------------------------------------------------
+    def suspend(self) -> None:
+        """Send the next plan to every rank: they execute it at a safe point (and are frozen there)."""
         point = self.ready[0].at_point
         group = [m for m in self.ready if m.at_point == point]
         # pre-copy rounds need the target in J: a spawned one joins first (an enlist plan,
@@ -268,22 +305,53 @@ class Coordinator:
             m.src = self.routing[m.rank]["host"]
             m.src_pid = self.routing[m.rank]["pid"]
             m.t["plan_sent"] = time.time()
-            m.state = Step.SUSPENSION.label
+            m.state = Step.SUSPEND.label
             self.routing[m.rank]["state"] = "migrating"
         for r in self.routing:
             self.J.send(plan, dest=r["jrank"], tag=TAG_PLAN)
         self.plan, self.plan_migs = plan, batch
 
-    def execute(self) -> None:
-        """GO arrived: the ranks are at the safe point. Join targets, re-point (steps 5-7)."""
+    # -- step 4: hold (the ranks hold their messages; GO says they are at it) --------------
+    def switch(self) -> None:
+        """GO arrived: the ranks are at the safe point, holding. Join the targets (step 5);
+        the ranks transfer the state (step 6); re-point the routing (step 7)."""
         plan, batch = self.plan, self.plan_migs
+        if plan is None:
+            return
         if plan.kind == "enlist":
             self.enlist(plan, batch)
             return
         t0 = time.perf_counter()
+        Jc = self.join_targets(plan, batch)
+        for m in batch:
+            m.state = Step.TRANSFER.label
+        self.repoint(plan, batch, Jc, t0)
+
+    def enlist(self, plan: Plan, batch: list[Migration]) -> None:
+        """Spawned pre-copy targets join J (as reserved spares); the switch plan follows."""
+        bridges = []
+        for mv, m in zip(plan.moves, batch):
+            if m.bridge is None:
+                raise MigrationError(f"migration {m.id}: an enlist plan for a target without a bridge")
+            m.bridge.send({"plan": plan, "target": mv.target, "rank": mv.rank,
+                           "config": self.cfg.to_env()}, dest=1, tag=TAG_ASSIGN)
+            bridges.append(m.bridge)
+        reserved = [m.spare for m in self.queue + self.ready if m.spare >= 0]
+        for jr in [jr for jrs in self.spares.values() for jr in jrs] + reserved:
+            self.J.send({"plan": plan}, dest=jr, tag=TAG_WAKE)
+        jsize = self.J.Get_size()
+        self.J = transport.join(self.J, plan.nspawned, bridges=bridges)
+        for mv, m in zip(plan.moves, batch):
+            m.spare = jsize + mv.target
+            m.bridge = None
+        self.ready = sorted(batch + self.ready, key=lambda x: (x.at_point, x.id))
+        self.plan, self.plan_migs = None, []
+
+    # -- step 5: create (the join) ---------------------------------------------------------
+    def join_targets(self, plan: Plan, batch: list[Migration]) -> MPI.Intracomm:
+        """Tell each spawned target its move, wake every spare, and join them all into J."""
         for m in batch:
             m.t["go"] = time.time()
-            m.state = Step.TRANSFER.label
         for mv, m in zip(plan.moves, batch):
             if m.bridge is not None:
                 m.bridge.send({"plan": plan, "target": mv.target, "rank": mv.rank,
@@ -292,10 +360,17 @@ class Coordinator:
         reserved = [m.spare for m in self.queue + self.ready + batch if m.spare >= 0]
         for jr in [jr for jrs in self.spares.values() for jr in jrs] + reserved:
             self.J.send({"plan": plan}, dest=jr, tag=TAG_WAKE)
-        Jc = migration.join(self.J, plan.nspawned, bridges=[m.bridge for m in batch if m.bridge is not None])
+        Jc = transport.join(self.J, plan.nspawned, bridges=[m.bridge for m in batch if m.bridge is not None])
         if self.cfg.ft:
             self.J = Jc         # a failure from here on is recovered over the switch comm
-        _, Jn = migration.split(Jc, logical=None, leaving=False)
+        return Jc
+
+    # -- step 7: repoint ----------------------------------------------------------------------
+    def repoint(self, plan: Plan, batch: list[Migration], Jc: MPI.Intracomm, t0: float) -> None:
+        """The new J without the old processes; the routing table points at the new ones."""
+        _, Jn = transport.split(Jc, logical=None, leaving=False)
+        if Jn is None:
+            raise MigrationError(f"plan {plan.id}: the switch left the coordinator outside J")
         if self.cfg.ft:
             recovery.agree(Jc)
         # new J ranks: members of Jc in order, without the processes that left
@@ -311,11 +386,11 @@ class Coordinator:
                 m.spare = newj[m.spare]
         for mv, m in zip(plan.moves, batch):
             r = self.routing[mv.rank]
-            r["jrank"] = newj[migration.target_jrank(plan, mv)]
+            r["jrank"] = newj[transport.target_jrank(plan, mv)]
             r["host"] = mv.host
             r["moves"] += 1
             m.timings["switch"] = time.perf_counter() - t0
-            m.state = Step.RESUMPTION.label
+            m.state = Step.RESUME.label
         self.J = Jn
         self.retired.extend((Jc, mv.src_jrank) for mv in plan.moves)
         self.plan, self.plan_migs = None, []
@@ -324,39 +399,15 @@ class Coordinator:
         for m in batch:
             m.plan_id = plan.id
 
-    def enlist(self, plan: Plan, batch: list[Migration]) -> None:
-        """Spawned pre-copy targets join J (as reserved spares); the switch plan follows."""
-        for mv, m in zip(plan.moves, batch):
-            m.bridge.send({"plan": plan, "target": mv.target, "rank": mv.rank,
-                           "config": self.cfg.to_env()}, dest=1, tag=TAG_ASSIGN)
-        reserved = [m.spare for m in self.queue + self.ready if m.spare >= 0]
-        for jr in [jr for jrs in self.spares.values() for jr in jrs] + reserved:
-            self.J.send({"plan": plan}, dest=jr, tag=TAG_WAKE)
-        jsize = self.J.Get_size()
-        self.J = migration.join(self.J, plan.nspawned, bridges=[m.bridge for m in batch])
-        for mv, m in zip(plan.moves, batch):
-            m.spare = jsize + mv.target
-            m.bridge = None
-        self.ready = sorted(batch + self.ready, key=lambda x: (x.at_point, x.id))
-        self.plan, self.plan_migs = None, []
-
-    def on_residual(self, msg: dict) -> None:
-        """Post-copy: the target has every chunk; the old process may leave."""
-        m = next((x for x in self.migrations if x.rank == msg["rank"]
-                  and getattr(x, "plan_id", None) == msg.get("plan")), None)
-        if m is None:
-            return
-        m.timings["residual"] = msg["residual"]
-        m.stats.update({k: v for k, v in msg.items() if k not in ("rank", "plan")})
-        self.write_status()
-
-    def on_report(self, src: int, rep: dict) -> None:
+    # -- step 8: resume, and the old process retires ------------------------------------
+    def resume(self, src: int, rep: dict) -> None:
+        """A rank's report after a switch; with every rank's, the migrations are done."""
         pid = rep["plan"]
         reps = self.reports.setdefault(pid, {})
         reps[rep["rank"]] = rep
         if len(reps) < self.size:
             return
-        batch = [m for m in self.in_switch if getattr(m, "plan_id", None) == pid]
+        batch = [m for m in self.in_switch if m.plan_id == pid]
         for m in batch:
             tr = reps[m.rank]
             self.routing[m.rank]["pid"] = tr["pid"]
@@ -379,6 +430,16 @@ class Coordinator:
             events.emit(self.cfg.job_dir, "migrated", self.cfg.run_id, id=m.id, rank=m.rank, to=m.to,
                         strategy=m.strategy, downtime=m.timings.get("downtime"))
         del self.reports[pid]
+        self.write_status()
+
+    def retire_source(self, msg: dict) -> None:
+        """Post-copy: the target has every chunk; the old process may leave."""
+        m = next((x for x in self.migrations if x.rank == msg["rank"]
+                  and x.plan_id == msg.get("plan")), None)
+        if m is None:
+            return
+        m.timings["residual"] = msg["residual"]
+        m.stats.update({k: v for k, v in msg.items() if k not in ("rank", "plan")})
         self.write_status()
 
     # -- failures (docs/protocol.md, online recovery) -----------------------------------
@@ -406,15 +467,18 @@ class Coordinator:
         self.in_switch, self.reports = [], {}
         self.cancel_all("failure recovery")
         moves = {r["rank"]: r["moves"] for r in self.routing}
-        self.routing = [None] * self.size
+        table: dict[int, dict[str, Any]] = {}
         self.spares = {}
         for jr, mem in enumerate(out.members):
             if mem["kind"] == "rank":
-                self.routing[mem["rank"]] = {"rank": mem["rank"], "host": mem["host"], "pid": mem["pid"],
-                                             "jrank": jr, "moves": moves.get(mem["rank"], 0),
-                                             "state": "running"}
+                table[mem["rank"]] = {"rank": mem["rank"], "host": mem["host"], "pid": mem["pid"],
+                                      "jrank": jr, "moves": moves.get(mem["rank"], 0), "state": "running"}
             elif mem["kind"] == "spare":
                 self.spares.setdefault(mem["host"], []).append(jr)
+        missing = [r for r in range(self.size) if r not in table]
+        if missing:
+            raise MigrationError(f"recovery {len(self.recoveries) + 1}: no process holds rank(s) {missing}")
+        self.routing = [table[r] for r in range(self.size)]
         rec = {"dead": out.plan["dead"], "coordinator_failed": out.plan["coordinator_failed"],
                "replaced_by": {str(r): a[0] for r, a in out.plan["assign"].items()},
                "epoch": out.epoch, "t": time.time()}
@@ -466,29 +530,6 @@ class Coordinator:
         tmp.write_text(json.dumps(self.status(), indent=1))
         os.replace(tmp, path)
 
-    # -- requests ---------------------------------------------------------------------
-    def on_request(self, req: dict, reply) -> None:
-        op = req.get("op")
-        if op == "status":
-            reply(self.status())
-            return
-        if op != "migrate":
-            reply({"ok": False, "error": f"unknown request {op!r}: expected 'status' or 'migrate'"})
-            return
-        rank, host = req.get("rank"), req.get("to")
-        err = self.validate(rank, host)
-        if err is None:
-            err = check_strategy(req.get("strategy", "stop-and-copy"))
-        if err:
-            reply({"ok": False, "error": err})
-            return
-        m = self.accept(rank, host, 0, req.get("strategy", "stop-and-copy"), req.get("origin", "operator"))
-        if req.get("wait", True):
-            m.waiters.append(reply)
-        else:
-            reply({"ok": True, "migration": m.as_dict()})
-        self.write_status()
-
     # -- the loop ------------------------------------------------------------------------
     def loop(self) -> None:
         st = MPI.Status()
@@ -510,70 +551,84 @@ class Coordinator:
 
     def step(self, st: MPI.Status) -> bool:
         """One round of the loop: requests, messages on J, spawns, plans. True if busy."""
-        busy = False
-        if self.server is not None:
-            try:
-                req, reply = self.server.requests.get_nowait()
-                self.on_request(req, reply)
-                busy = True
-            except queue.Empty:
-                pass
+        busy = self._operator_request()
         while self.J.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, st):
             busy = True
             src, tag = st.Get_source(), st.Get_tag()
-            msg = self.J.recv(source=src, tag=tag)
-            if tag == TAG_GO:
-                if self.plan is not None and msg == self.plan.id:
-                    self.execute()
-                    self.write_status()
-            elif tag == TAG_REPORT:
-                self.on_report(src, msg)
-            elif tag == TAG_RESIDUAL:
-                self.on_residual(msg)
-            elif tag == TAG_REQUEST:
-                box = {}
-                self.on_request(dict(msg, wait=False, origin="self"), box.update)
-                self.J.send(box, dest=src, tag=TAG_REPLY)
-            elif tag == TAG_FINISHING:
-                self.finishing = True
-                self.cancel_all("the job finished first")
-            elif tag == TAG_DONE:
-                self.done[msg["rank"]] = msg
-                if len(self.done) == self.size:
-                    self.finished = True
-            else:
-                log.warning("unexpected message with tag %d from J rank %d", tag, src)
+            self.on_message(src, tag, self.J.recv(source=src, tag=tag))
         if self.finished:
             return True
-        while (self.queue and not self.finishing and self.plan is None
+        return self._advance() or busy
+
+    def _operator_request(self) -> bool:
+        if self.server is None:
+            return False
+        try:
+            req, reply = self.server.requests.get_nowait()
+        except queue.Empty:
+            return False
+        self.request(req, reply)
+        return True
+
+    def on_message(self, src: int, tag: int, msg: Any) -> None:
+        """A message on J, handed to the step it belongs to."""
+        if tag == TAG_GO:
+            if self.plan is not None and msg == self.plan.id:
+                self.switch()
+                self.write_status()
+        elif tag == TAG_REPORT:
+            self.resume(src, msg)
+        elif tag == TAG_RESIDUAL:
+            self.retire_source(msg)
+        elif tag == TAG_REQUEST:
+            box: dict[str, Any] = {}
+            self.request(dict(msg, wait=False, origin="self"), box.update)
+            self.J.send(box, dest=src, tag=TAG_REPLY)
+        elif tag == TAG_FINISHING:
+            self.finishing = True
+            self.cancel_all("the job finished first")
+        elif tag == TAG_DONE:
+            self.done[msg["rank"]] = msg
+            if len(self.done) == self.size:
+                self.finished = True
+        else:
+            log.warning("unexpected message with tag %d from J rank %d", tag, src)
+
+    def _advance(self) -> bool:
+        """Move accepted migrations on: targets (step 5, early), then the next plan (step 3)."""
+        if self.finishing:
+            return False
+        busy = False
+        while (self.queue and self.plan is None
                and (self.spares.get(self.queue[0].to) or self.pool.get(self.queue[0].to))):
             m = self.queue.pop(0)          # a warm spare is there: no waiting
-            self.spawn(m)
-            self.ready.append(m)
-            self.ready.sort(key=lambda x: (x.at_point, x.id))
+            self.create_target(m)
+            self._ready(m)
             busy = True
-        if self.queue and not self.finishing:
+        if self.queue:
             m = self.queue.pop(0)
-            err = self.spawn(m)
+            err = self.create_target(m)
             if err:
                 m.state = f"failed: {err}"
                 for w in m.waiters:
                     w({"ok": False, "error": err, "migration": m.as_dict()})
                 m.waiters = []
             else:
-                self.ready.append(m)
-                self.ready.sort(key=lambda x: (x.at_point, x.id))
+                self._ready(m)
             self.write_status()
             busy = True
-        if self.plan is None and self.ready and not self.finishing:
-            self.send_plan()
+        if self.plan is None and self.ready:
+            self.suspend()
             self.write_status()
             busy = True
-        elif (self.refill != "0" and self.plan is None and not self.queue and not self.ready
-              and not self.finishing and self.refill_pool()):
+        elif self.refill != "0" and self.plan is None and not self.queue and not self.ready and self.refill_pool():
             self.write_status()
             busy = True
         return busy
+
+    def _ready(self, m: Migration) -> None:
+        self.ready.append(m)
+        self.ready.sort(key=lambda x: (x.at_point, x.id))
 
     def wrap_up(self) -> None:
         """The job is over: cancel what is left, release old processes and spares."""
@@ -605,9 +660,8 @@ class Coordinator:
                     break
             self.server.close()
         if self.cfg.ft:
-            from ..runtime import _finalize_watchdog
-            _finalize_watchdog()
-        migration.free_all()
+            recovery.finalize_watchdog()
+        transport.free_all()
 
 
 def _setup_logging() -> None:
@@ -617,15 +671,15 @@ def _setup_logging() -> None:
                             format="mpimig[coordinator]: %(levelname)s: %(message)s")
 
 
-def serve(cfg: Config | None = None) -> None:
+def serve(cfg: Config | None = None) -> NoReturn:
     """Be the coordinator (world rank 0) until the job ends; never returns."""
     _setup_logging()
-    J = migration.track(MPI.COMM_WORLD.Dup())
+    J = transport.track(MPI.COMM_WORLD.Dup())
     J.Split(MPI.UNDEFINED, 0)              # the ranks build A; the coordinator is not in it
     _run(lambda: Coordinator(J, cfg or Config.from_env(), J.recv(source=1, tag=TAG_HELLO)))
 
 
-def serve_recovered(out, cfg: Config) -> None:
+def serve_recovered(out: Any, cfg: Config) -> NoReturn:
     """Be the new coordinator after a recovery in which the old one died; never returns."""
     _setup_logging()
     procs = [(m["host"], m["pid"]) for m in sorted((m for m in out.members if m["kind"] == "rank"),
@@ -635,7 +689,7 @@ def serve_recovered(out, cfg: Config) -> None:
     _run(lambda: Coordinator(out.J, cfg, hello, recovered=out))
 
 
-def _run(make) -> None:
+def _run(make: Callable[[], Coordinator]) -> NoReturn:
     try:
         coord = make()
         coord.loop()

@@ -15,13 +15,16 @@ first. The program gets :class:`LazyArray` objects (an ``ndarray`` subclass):
   ...)``) and every other method or data attribute wait for the whole array.
 * ``mpimig.Comm`` buffer calls with a lazy array (``comm.Send(a, ...)``) wait
   for the chunks of that buffer: while lazy arrays exist, the rank's ``Comm``
-  is switched to :class:`LazyGuardComm` (no cost once they are complete).
+  has :func:`buffer_guard` as its buffer guard (``Comm.set_buffer_guard``;
+  removed once they are complete).
 * At each checkpoint point the session makes progress (``Testsome``); a point
   that captures state (checkpoint, another migration) completes it first.
 
 When every chunk is there, the state's items become plain arrays again, the
-target tells the old process it may leave (``TAG_PC_ACK``) and reports the
-residual dependency to the coordinator.
+target tells the old process it may leave (``TAG_PC_ACK``) and calls the
+session's ``on_complete`` (the target's clean-up, step 8 in
+:mod:`mpimig.migration.target`: plain arrays in the state, the guard removed,
+the residual dependency reported to the coordinator).
 
 Limits (documented in docs/protocol.md): C code that reads the memory of a
 lazy array without going through the hooks above sees chunks that have not
@@ -36,18 +39,18 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any, Callable
 
 import numpy as np
 from mpi4py import MPI
 
-from ..comm import Comm
 from ..errors import MigrationError
-from .protocol import TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND, TAG_RESIDUAL
+from .protocol import TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND
 
 try:
     from numpy.lib.array_utils import byte_bounds
 except ImportError:   # NumPy < 2
-    byte_bounds = np.byte_bounds
+    byte_bounds = np.byte_bounds  # type: ignore[attr-defined]  # NumPy < 2 only; stubs are NumPy 2
 
 _BASIC = (int, np.integer, slice, type(Ellipsis), type(None))
 
@@ -61,8 +64,12 @@ def _is_basic(idx) -> bool:
 class LazySession:
     """The chunks of one post-copy move that have not arrived yet."""
 
-    def __init__(self, Jc: MPI.Intracomm, source: int, hdr: dict) -> None:
+    def __init__(self, Jc: MPI.Intracomm, source: int, hdr: dict, transfer: Any = None) -> None:
+        """Post the chunk receives; ``transfer`` (a ``transport.Transfer`` from ``source``)
+        counts their bytes (default: receive on ``Jc`` directly)."""
         self.Jc, self.source = Jc, source
+        post = transfer.Irecv if transfer is not None else (
+            lambda buf, tag: Jc.Irecv([buf, MPI.BYTE], source, tag))
         self.src_info = hdr.get("source", {})
         self.C = hdr["chunk"]
         self.t_resume = time.perf_counter()
@@ -77,7 +84,7 @@ class LazySession:
             flat = a.reshape(-1).view(np.uint8)
             for i in range(nch):
                 lo, hi = i * self.C, min((i + 1) * self.C, nbytes)
-                self.reqs.append(Jc.Irecv([flat[lo:hi], MPI.BYTE], source, TAG_PC_DATA + base + i))
+                self.reqs.append(post(flat[lo:hi], TAG_PC_DATA + base + i))
             addr = a.ctypes.data
             self.spans.append((addr, addr + nbytes, base))
             la = a.view(LazyArray)
@@ -90,8 +97,9 @@ class LazySession:
         self.fetches = 0
         self.fetch_s: list[float] = []
         self.complete = n == 0
-        self.ctx = None
-        self.plan_id = 0
+        self.rank: int | None = None      # the logical rank it belongs to (for errors)
+        self.residual = 0.0               # seconds the old process was needed after the resume
+        self.on_complete: Callable[[LazySession], None] | None = None
         self.t_complete: float | None = None
 
     # -- which chunks ----------------------------------------------------------
@@ -143,7 +151,7 @@ class LazySession:
             self._finish()
 
     def _give_up(self, missing) -> None:
-        rank = self.ctx.rank if self.ctx is not None else "?"
+        rank = self.rank if self.rank is not None else "?"
         s = self.src_info
         raise MigrationError(
             f"rank {rank}: post-copy: {len(missing)} chunk(s) of its state did not arrive from its old "
@@ -173,23 +181,22 @@ class LazySession:
         self.t_complete = time.perf_counter()
         for a in self.arrays.values():
             a._lz = None
-        ctx = self.ctx
-        if ctx is not None:
-            st = ctx._state
-            if st is not None:
-                for k, v in list(st.items()):
-                    if isinstance(v, LazyArray):
-                        st._items[k] = np.ndarray.view(v, np.ndarray)
-            if type(ctx.comm) is LazyGuardComm:
-                ctx.comm.__class__ = Comm
-            ctx._lazy = None
-        residual = self.t_complete - self.t_resume
-        self.Jc.send({"residual_s": residual}, dest=self.source, tag=TAG_PC_ACK)
-        if ctx is not None and ctx._J is not None:
-            ctx._J.send({"rank": ctx.rank, "plan": self.plan_id, "residual": residual, "demand_fetches": self.fetches,
-                         "fetch_ms_median": (float(np.median(self.fetch_s)) * 1e3) if self.fetch_s else 0.0,
-                         "fetch_ms_max": (max(self.fetch_s) * 1e3) if self.fetch_s else 0.0,
-                         "chunks": self.nchunks}, dest=0, tag=TAG_RESIDUAL)
+        self.residual = self.t_complete - self.t_resume
+        self.Jc.send({"residual_s": self.residual}, dest=self.source, tag=TAG_PC_ACK)
+        if self.on_complete is not None:
+            self.on_complete(self)
+
+    def stats(self) -> dict[str, Any]:
+        """What the coordinator records of this session (residual dependency, demand fetches)."""
+        return {"residual": self.residual, "demand_fetches": self.fetches,
+                "fetch_ms_median": (float(np.median(self.fetch_s)) * 1e3) if self.fetch_s else 0.0,
+                "fetch_ms_max": (max(self.fetch_s) * 1e3) if self.fetch_s else 0.0,
+                "chunks": self.nchunks}
+
+
+def plain(v: Any) -> Any:
+    """A complete :class:`LazyArray` as a plain ``ndarray`` (anything else unchanged)."""
+    return np.ndarray.view(v, np.ndarray) if isinstance(v, LazyArray) else v
 
 
 def _ensure_arr(a) -> None:
@@ -226,6 +233,11 @@ class LazyArray(np.ndarray):
             lz = object.__getattribute__(self, "_lz")
             if lz is not None and not lz.complete:
                 lz.ensure(lz._all_of(self))
+            if not name.startswith("__"):
+                # methods and data attributes of the plain array: what they return (a.copy(),
+                # a.T, a.astype(...)) is a plain ndarray, never a LazyArray that would outlive
+                # its session (a copy registered as state would then travel as a pickle)
+                return getattr(np.ndarray.view(self, np.ndarray), name)
         return super().__getattribute__(name)
 
     def _touch(self, lz: LazySession, idx) -> None:
@@ -289,28 +301,8 @@ def _guard(x) -> None:
         _ensure_arr(x[0])
 
 
-def _guarded(name):
-    base = getattr(Comm, name)
-
-    def method(self, *args, **kwargs):
-        for a in args:
-            _guard(a)
-        for a in kwargs.values():
-            _guard(a)
-        return base(self, *args, **kwargs)
-    method.__name__ = name
-    method.__doc__ = base.__doc__
-    return method
-
-
-class LazyGuardComm(Comm):
-    """``mpimig.Comm`` while lazy arrays exist: buffer calls wait for the chunks of
-    lazy buffers first. The rank's communicator is switched back to ``Comm`` as
-    soon as every chunk arrived, so the hot path costs nothing afterwards."""
-
-
-for _n in ("Send", "Ssend", "Isend", "Issend", "Recv", "Irecv", "Sendrecv", "Bcast", "Reduce",
-           "Allreduce", "Gather", "Gatherv", "Scatter", "Scatterv", "Allgather", "Allgatherv",
-           "Alltoall", "Alltoallv", "Scan", "Exscan", "Reduce_scatter_block"):
-    setattr(LazyGuardComm, _n, _guarded(_n))
-del _n
+def buffer_guard(*bufs: Any) -> None:
+    """The communicator's buffer guard while lazy arrays exist (``Comm.set_buffer_guard``):
+    a buffer call with a lazy array waits for its chunks first."""
+    for b in bufs:
+        _guard(b)

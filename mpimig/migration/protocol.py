@@ -7,32 +7,53 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import Any
 
 
 class Step(enum.Enum):
-    """The eight steps of a migration, as states of the coordinator's state machine."""
-    NEGOTIATION = 1      # request reaches the coordinator and is accepted or refused
-    SUSPENSION = 2       # the rank stops at a safe point, marked migrating
-    QUEUEING = 3         # messages in flight are held (flush) and move with it
-    EXTRACTION = 4       # registered state, held queue, counters, pending requests
-    CREATION = 5         # a new process on the target host (spawn, or a warm spare)
-    TRANSFER = 6         # state sent as raw buffers and imported
-    REPOINTING = 7       # new communicators: channels to the rank lead to the target
-    RESUMPTION = 8       # the target runs on; the old process is removed
+    """The eight steps of a migration (MISSION.md, part 4.2), in the order they run.
+
+    Each step is a function of the same name on each side that acts in it:
+    :mod:`mpimig.migration.source` (the application ranks: the rank that moves
+    and its peers), :mod:`mpimig.migration.target` (the new process) and
+    :class:`mpimig.migration.coordinator.Coordinator`; docs/protocol.md has the
+    table. ``label`` is the noun the coordinator shows in ``status.json``.
+    """
+    REQUEST = 1          # someone asks to move rank r to host h (operator, the rank itself, a schedule)
+    NEGOTIATE = 2        # the coordinator checks the request and accepts or refuses it
+    SUSPEND = 3          # the ranks agree at a safe point to execute the plan: r is frozen, marked migrating
+    HOLD = 4             # messages in flight are held by their receivers (r's move with it)
+    CREATE = 5           # a new process on the target host (spawned, or a warm spare) joins J
+    TRANSFER = 6         # the state (arrays, objects, held queue, counters) goes to the new process
+    REPOINT = 7          # new communicators: channels to r lead to the new process; held messages forwarded
+    RESUME = 8           # the new process runs on; the old one retires
 
     @property
     def label(self) -> str:
-        return self.name.lower()
+        return _LABELS[self]
 
 
-# The migration strategies (the seed's algorithms; classes in mpimig/migration/strategies.py,
-# REGISTRY). Named here, without MPI, so that the launcher can check a schedule.
-STRATEGIES = ("stop-and-copy", "pre-copy", "post-copy", "file-server")
+_LABELS = {Step.REQUEST: "request", Step.NEGOTIATE: "negotiation", Step.SUSPEND: "suspension",
+           Step.HOLD: "queueing", Step.CREATE: "creation", Step.TRANSFER: "transfer",
+           Step.REPOINT: "repointing", Step.RESUME: "resumption"}
 
 
-def check_strategy(name) -> str | None:
+# The migration strategies (the seed's algorithms), the one list of their names: name ->
+# "module:class" of the implementation (mpimig/migration/strategies.py builds its registry
+# from it). Named here, without MPI, so that the launcher can check a schedule.
+STRATEGY_CLASSES: dict[str, str] = {
+    "stop-and-copy": "mpimig.migration.strategies:StopAndCopy",
+    "pre-copy": "mpimig.migration.strategies:PreCopy",
+    "post-copy": "mpimig.migration.strategies:PostCopy",
+    "file-server": "mpimig.migration.strategies:FileServer",
+}
+STRATEGIES = tuple(STRATEGY_CLASSES)
+DEFAULT_STRATEGY = "stop-and-copy"
+
+
+def check_strategy(name: object) -> str | None:
     """An error naming the known strategies, or None if ``name`` is one."""
-    if name in STRATEGIES:
+    if name in STRATEGY_CLASSES:
         return None
     return f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}"
 
@@ -95,3 +116,15 @@ class Plan:
             if m.rank == rank:
                 return m
         return None
+
+
+@dataclasses.dataclass
+class Link:
+    """A rank's side of the migration machinery, owned by its :class:`~mpimig.runtime.Context`
+    (``ctx.link``) and used by :mod:`mpimig.migration.source` and :mod:`~mpimig.migration.target`."""
+    J: Any = None                # the job communicator with the coordinator (J rank 0); None: no coordinator
+    plan: Plan | None = None     # a plan received and not executed yet
+    lazy: Any = None             # post-copy: chunks still arriving (mpimig.migration.lazy.LazySession)
+    precopy: Any = None          # pre-copy: rounds of this rank's move (strategies.PreCopySource)
+    t_point: float = 0.0         # perf_counter at the current safe point (stall measurement)
+    t_point_wall: float = 0.0    # time.time at the current safe point (downtime measurement)

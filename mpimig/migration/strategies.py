@@ -3,8 +3,12 @@
 A strategy decides *when* a moving rank's registered state travels (steps 4
 and 6, *extraction* and *transfer*); everything else of a migration (the
 agreement at a safe point, the flush, the join, the re-pointing split, the
-held queue) is shared (docs/protocol.md, "Strategies"). ``REGISTRY`` maps each
-name to its class; :func:`get` refuses an unknown name and lists the known ones.
+held queue) is shared (docs/protocol.md, "Strategies"). Every strategy moves
+its bytes through one :class:`~mpimig.migration.transport.Transfer`, so fault
+hooks and measurements apply to all of them. ``REGISTRY`` maps each name to
+its class, built from the one list of names (``protocol.STRATEGY_CLASSES``,
+which the launcher reads without MPI); :func:`get` refuses an unknown name and
+lists the known ones.
 
 ==================  ==========================================================
 ``stop-and-copy``   greedy copy: the rank freezes, all state moves, it resumes.
@@ -22,8 +26,8 @@ name to its class; :func:`get` refuses an unknown name and lists the known ones.
                     leaves at once, the target reads it.
 ==================  ==========================================================
 
-Each class has ``send`` (the old process, after the switch) and ``receive``
-(the new process, in ``runtime._adopt``). Pre-copy also has the rounds before
+Each class has ``send`` (the old process, in ``source.transfer_state``) and
+``receive`` (the new process, in ``target.receive_state``). Pre-copy also has the rounds before
 the switch: :class:`PreCopySource` (the rank, at each safe point while its
 plan is held) and :class:`PreCopyTarget` (the idle target in J).
 
@@ -31,22 +35,30 @@ Chunks are ``MPIMIG_CHUNK`` bytes (default 1 MiB) of an array's memory.
 """
 from __future__ import annotations
 
+import abc
 import os
 import shutil
 import time
+from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from mpi4py import MPI
-from mpi4py.util import pkl5
 
-from . import transport as migration
 from ..errors import MigrationError, UsageError
-from .protocol import STRATEGIES, check_strategy, TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND, TAG_PRECOPY, TAG_PRECOPY_DATA, TAG_STATE
 from ..checkpoint.format import dumps, loads
+from ..state import State
+from . import transport
+from .protocol import (DEFAULT_STRATEGY, STRATEGY_CLASSES, TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND, TAG_PRECOPY,
+                       TAG_PRECOPY_DATA, Move, Plan, check_strategy)
+from .transport import Transfer
 
-DEFAULT = "stop-and-copy"
+if TYPE_CHECKING:
+    from ..launch.config import Config
+    from ..runtime import Context
+
+DEFAULT = DEFAULT_STRATEGY
 MAX_MSG = 256 << 20          # largest single chunk-run message (MPI counts are ints)
 
 
@@ -90,23 +102,23 @@ def _split_state(arrays: dict[str, np.ndarray]):
     return chunked, eager
 
 
-class Strategy:
-    """One way to move a rank's state (base class: the interface)."""
+class Strategy(abc.ABC):
+    """One way to move a rank's state (step 6); a subclass per algorithm."""
     name = ""
     summary = ""
 
-    def send(self, ctx, Jc: MPI.Intracomm, dest: int, arrays: dict[str, np.ndarray],
-             objects: dict[str, Any], extra: dict[str, Any], plan, move):
-        """The old process, after the switch: steps 4 and 6 on its side.
+    @abc.abstractmethod
+    def send(self, ctx: Context, tx: Transfer, arrays: dict[str, np.ndarray], objects: dict[str, Any],
+             extra: dict[str, Any], plan: Plan, move: Move) -> Callable[[], object] | None:
+        """The old process, frozen at the switch: send the state through ``tx``.
 
         Returns None, or a function to call once the switch is agreed (``--ft``):
         the part of the transfer that goes on after the new process has resumed
         (post-copy's background push)."""
-        raise NotImplementedError
 
-    def receive(self, Jc: MPI.Intracomm, source: int, cfg, rx=None):
+    @abc.abstractmethod
+    def receive(self, tx: Transfer, cfg: Config, rx: Any = None) -> tuple:
         """The new process: returns (arrays, objects, extra, lazy session or None)."""
-        raise NotImplementedError
 
 
 # ------------------------------------------------------------------------------------------
@@ -114,12 +126,12 @@ class StopAndCopy(Strategy):
     name = "stop-and-copy"
     summary = "freeze, send all state as raw buffers (pkl5), resume"
 
-    def send(self, ctx, Jc, dest, arrays, objects, extra, plan, move):
-        msg = migration.pack_state(arrays, objects, extra)
-        migration.send_state(Jc, dest, msg)
+    def send(self, ctx, tx, arrays, objects, extra, plan, move):
+        tx.send_obj(transport.pack_state(arrays, objects, extra))
+        return None
 
-    def receive(self, Jc, source, cfg, rx=None):
-        arrays, objects, extra = migration.unpack_state(migration.recv_state(Jc, source))
+    def receive(self, tx, cfg, rx=None):
+        arrays, objects, extra = transport.unpack_state(tx.recv_obj())
         return arrays, objects, extra, None
 
 
@@ -129,14 +141,14 @@ class FileServer(Strategy):
     summary = "old process writes the state to shared storage (checkpoint format) and leaves; target reads it"
 
     @staticmethod
-    def directory(cfg, plan_id: int, rank: int) -> Path:
+    def directory(cfg: Config, plan_id: int, rank: int) -> Path:
         base = cfg.job_dir if cfg.job_dir is not None else (cfg.ckpt_dir.parent if cfg.ckpt_dir else None)
         if base is None:
             raise MigrationError("the file-server strategy needs a job directory on shared storage "
                                  "(mpimig run --job-dir, or MPIMIG_JOB_DIR)")
         return Path(base) / "migrations" / f"plan-{plan_id:05d}-rank-{rank:05d}"
 
-    def send(self, ctx, Jc, dest, arrays, objects, extra, plan, move):
+    def send(self, ctx, tx, arrays, objects, extra, plan, move):
         from ..checkpoint import CheckpointStore
         t0 = time.perf_counter()
         d = self.directory(ctx.config, plan.id, move.rank)
@@ -148,11 +160,12 @@ class FileServer(Strategy):
         extra = dict(extra, strategy_stats={"write_s": t_write, "file_bytes": nbytes,
                                             "source_freed_s": time.time() - extra["t_suspend"]})
         # the header is small: it leaves eagerly and the old process is free at once
-        pkl5.Intracomm(Jc).send({"path": str(d), "extra": extra}, dest, TAG_STATE)
+        tx.send_obj({"path": str(d), "extra": extra})
+        return None
 
-    def receive(self, Jc, source, cfg, rx=None):
+    def receive(self, tx, cfg, rx=None):
         from ..checkpoint import CheckpointStore
-        hdr = pkl5.Intracomm(Jc).recv(source=source, tag=TAG_STATE)
+        hdr = tx.recv_obj()
         t0 = time.perf_counter()
         store = CheckpointStore(hdr["path"], create=False)
         rs = store.read_rank(1, 0)
@@ -182,8 +195,9 @@ class PreCopySource:
     digests were 2x slower than the compare and not exact.)
     """
 
-    def __init__(self, J: MPI.Intracomm, dest: int, ctx, rank: int) -> None:
-        self.J, self.dest, self.rank, self.ctx = J, dest, rank, ctx
+    def __init__(self, J: MPI.Intracomm, dest: int, state_of: Callable[[], State | None], rank: int) -> None:
+        self.J, self.dest, self.rank, self.state_of = J, dest, rank, state_of
+        self.tx = Transfer(J, dest, transport.ROUNDS, "pre-copy")
         self.C = chunk_bytes()
         self.live: dict[str, np.ndarray] = {}
         self.shadow: dict[str, np.ndarray] = {}
@@ -197,6 +211,7 @@ class PreCopySource:
         self.reason = ""
         self.small = _precopy_small(self.total, self.C)
         self.max_rounds = int(os.environ.get("MPIMIG_PRECOPY_ROUNDS", "8") or 8)
+        self.pending_dirty = 0
         self.t_start = time.time()
         self.scan_s = 0.0
 
@@ -204,7 +219,7 @@ class PreCopySource:
         """Follow the registered arrays: one the program replaced (``st.a = new``) or
         added starts again as all dirty; one it dropped is forgotten."""
         if arrays is None:
-            st = self.ctx._state if self.ctx is not None else None
+            st = self.state_of()
             arrays = st.split()[0] if st is not None else {}
         cur = {k: v for k, v in arrays.items() if _chunkable(v)}
         for k in list(self.live):
@@ -280,15 +295,16 @@ class PreCopySource:
             for lo, hi in _runs(m, a.nbytes, self.C):
                 runs.append((k, lo, hi))
         meta, self.new_meta = self.new_meta, {}
-        self.J.send({"round": len(self.rounds) + 1, "arrays": meta, "runs": runs}, self.dest, TAG_PRECOPY)
+        self.tx.send_obj({"round": len(self.rounds) + 1, "arrays": meta, "runs": runs}, TAG_PRECOPY)
         for k, lo, hi in runs:
             L, S = flat_bytes(self.live[k]), flat_bytes(self.shadow[k])
             S[lo:hi] = L[lo:hi]            # send from the shadow: later writes cannot tear it
-            self.reqs.append(self.J.Isend([S[lo:hi], MPI.BYTE], self.dest, TAG_PRECOPY_DATA))
+            self.reqs.append(self.tx.Isend(S[lo:hi], TAG_PRECOPY_DATA))
         self.rounds.append(sum(hi - lo for _, lo, hi in runs))
         return False
 
-    def finish(self, Jc: MPI.Intracomm, dest: int, arrays, objects, extra) -> None:
+    def finish(self, tx: Transfer, arrays: dict[str, np.ndarray], objects: dict[str, Any],
+               extra: dict[str, Any]) -> None:
         """At the switch (rank frozen): the chunks still dirty, objects, held queue."""
         if self.reqs:
             MPI.Request.Waitall(self.reqs)
@@ -316,9 +332,9 @@ class PreCopySource:
         hdr = {"final": True, "runs": runs, "eager": eager,
                "meta": {k: (v.shape, v.dtype.str) for k, v in self.live.items()},
                "objects": {k: dumps(k, v) for k, v in objects.items()}, "extra": extra}
-        pkl5.Intracomm(Jc).send(hdr, dest, TAG_STATE)
+        tx.send_obj(hdr)
         for k, lo, hi in runs:
-            Jc.Send([flat_bytes(self.live[k])[lo:hi], MPI.BYTE], dest, TAG_PRECOPY_DATA)
+            tx.Send(flat_bytes(self.live[k])[lo:hi], TAG_PRECOPY_DATA)
         self.shadow.clear()
 
 
@@ -330,11 +346,12 @@ class PreCopyTarget:
         self.rounds = 0
 
     def on_round(self, J: MPI.Intracomm, source: int) -> None:
-        hdr = J.recv(source=source, tag=TAG_PRECOPY)
+        tx = Transfer(J, source, transport.ROUNDS, "pre-copy")
+        hdr = tx.recv_obj(TAG_PRECOPY)
         for k, (shape, dt) in hdr["arrays"].items():      # new (or replaced) arrays
             self.arrays[k] = np.empty(shape, dtype=np.dtype(dt))
         for k, lo, hi in hdr["runs"]:
-            J.Recv([flat_bytes(self.arrays[k])[lo:hi], MPI.BYTE], source, TAG_PRECOPY_DATA)
+            tx.Recv(flat_bytes(self.arrays[k])[lo:hi], TAG_PRECOPY_DATA)
         self.rounds += 1
 
 
@@ -342,23 +359,24 @@ class PreCopy(Strategy):
     name = "pre-copy"
     summary = "copy arrays in rounds while the rank computes (changed chunks only), then freeze for the rest"
 
-    def send(self, ctx, Jc, dest, arrays, objects, extra, plan, move):
-        src = getattr(ctx, "_precopy", None)
+    def send(self, ctx, tx, arrays, objects, extra, plan, move):
+        src = ctx.link.precopy
         if src is None:                      # no rounds were possible: everything now
-            src = PreCopySource(Jc, dest, ctx, move.rank)
+            src = PreCopySource(tx.comm, tx.peer, lambda: None, move.rank)
             src.reason = "no-rounds"
-        src.finish(Jc, dest, arrays, objects, extra)
-        ctx._precopy = None
+        src.finish(tx, arrays, objects, extra)
+        ctx.link.precopy = None
+        return None
 
-    def receive(self, Jc, source, cfg, rx=None):
-        hdr = pkl5.Intracomm(Jc).recv(source=source, tag=TAG_STATE)
+    def receive(self, tx, cfg, rx=None):
+        hdr = tx.recv_obj()
         arrays = rx.arrays if rx is not None else {}
         for k, (shape, dt) in hdr["meta"].items():
             a = arrays.get(k)
             if a is None or a.shape != tuple(shape) or a.dtype != np.dtype(dt):
                 arrays[k] = np.empty(shape, dtype=np.dtype(dt))
         for k, lo, hi in hdr["runs"]:
-            Jc.Recv([flat_bytes(arrays[k])[lo:hi], MPI.BYTE], source, TAG_PRECOPY_DATA)
+            tx.Recv(flat_bytes(arrays[k])[lo:hi], TAG_PRECOPY_DATA)
         arrays.update(hdr["eager"])
         objects = {k: loads(k, v) for k, v in hdr["objects"].items()}
         if rx is not None:
@@ -371,7 +389,7 @@ class PostCopy(Strategy):
     name = "post-copy"
     summary = "resume with objects only; arrays fetched on demand per chunk and pushed in the background"
 
-    def send(self, ctx, Jc, dest, arrays, objects, extra, plan, move):
+    def send(self, ctx, tx, arrays, objects, extra, plan, move):
         C = chunk_bytes()
         chunked, eager = _split_state(arrays)
         layout, base = [], 0
@@ -381,77 +399,105 @@ class PostCopy(Strategy):
             base += n
         hdr = {"layout": layout, "chunk": C, "eager": eager,
                "objects": {k: dumps(k, v) for k, v in objects.items()}, "extra": extra,
-               "source": {"pid": os.getpid(), "host": ctx.host, "jrank": Jc.Get_rank()}}
-        pkl5.Intracomm(Jc).send(hdr, dest, TAG_STATE)
-        return lambda: push(Jc, dest, [(flat_bytes(chunked[k]), b, n) for k, _, _, _, b, n in layout],
-                            C, base)
+               "source": {"pid": os.getpid(), "host": ctx.host, "jrank": tx.comm.Get_rank()}}
+        tx.send_obj(hdr)
+        return lambda: push(tx, [(flat_bytes(chunked[k]), b, n) for k, _, _, _, b, n in layout], C, base)
 
-    def receive(self, Jc, source, cfg, rx=None):
+    def receive(self, tx, cfg, rx=None):
         from .lazy import LazySession
         # the old process is what the rank depends on from now on: do not wait for it forever
         timeout = float(os.environ.get("MPIMIG_FETCH_TIMEOUT", "120") or 120)
         t0 = time.perf_counter()
-        while not Jc.Iprobe(source, TAG_STATE):
+        source = tx.peer
+        while not tx.arrived():
             if time.perf_counter() - t0 > timeout:
                 raise MigrationError(f"post-copy: the old process (J rank {source}) sent no state within "
                                      f"{timeout:g} s (MPIMIG_FETCH_TIMEOUT); it is gone or stuck. The job "
                                      "aborts; mpimig run --relaunch K / --restart brings it back from the "
                                      "last committed epoch")
             time.sleep(0.0002)
-        hdr = pkl5.Intracomm(Jc).recv(source=source, tag=TAG_STATE)
-        sess = LazySession(Jc, source, hdr)
+        hdr = tx.recv_obj()
+        sess = LazySession(tx.comm, source, hdr, transfer=tx)
         arrays = dict(sess.arrays)
         arrays.update(hdr["eager"])
         objects = {k: loads(k, v) for k, v in hdr["objects"].items()}
         return arrays, objects, hdr["extra"], (sess if sess.nchunks else None)
 
 
-def push(Jc: MPI.Intracomm, dest: int, parts, C: int, nchunks: int) -> dict:
+class _Push:
+    """Post-copy's push on the old process: every chunk once, demanded ones first."""
+
+    def __init__(self, tx: Transfer, parts: list[tuple[np.ndarray, int, int]], C: int, nchunks: int) -> None:
+        self.tx = tx
+        self.pace = float(os.environ.get("MPIMIG_POSTCOPY_PACE", "0") or 0)
+        self.window = int(os.environ.get("MPIMIG_POSTCOPY_WINDOW", "4") or 4)
+        self.where = []                   # global chunk -> (flat bytes, lo, hi)
+        for flat, _base, n in parts:
+            for i in range(n):
+                self.where.append((flat, i * C, min((i + 1) * C, flat.size)))
+        self.nchunks = nchunks
+        self.todo = deque(range(nchunks))
+        self.prio: deque = deque()
+        self.sent = bytearray(nchunks)
+        self.inflight: list[MPI.Request] = []
+        self.nsent = 0
+        self.demanded = 0
+        self.st = MPI.Status()
+
+    def take_demands(self) -> bool:
+        """Chunks the target waits for go first."""
+        tx, busy = self.tx, False
+        while tx.comm.Iprobe(tx.peer, TAG_PC_DEMAND, self.st):
+            want = tx.comm.recv(source=tx.peer, tag=TAG_PC_DEMAND)
+            for c in reversed(want):
+                if not self.sent[c]:
+                    self.prio.appendleft(c)
+                    self.demanded += 1
+            busy = True
+        return busy
+
+    def reap(self) -> bool:
+        done = MPI.Request.Testsome(self.inflight) if self.inflight else None
+        if not done:
+            return False
+        for i in sorted(done, reverse=True):
+            del self.inflight[i]
+        return True
+
+    def fill(self) -> bool:
+        """Keep ``window`` sends outstanding."""
+        busy = False
+        while len(self.inflight) < self.window and (self.prio or self.todo):
+            c = self.prio.popleft() if self.prio else self.todo.popleft()
+            if self.sent[c]:
+                continue
+            if self.pace:
+                time.sleep(self.pace)     # MPIMIG_POSTCOPY_PACE: a slow push, for tests
+            flat, lo, hi = self.where[c]
+            self.inflight.append(self.tx.Isend(flat[lo:hi], TAG_PC_DATA + c))
+            self.sent[c] = 1
+            self.nsent += 1
+            busy = True
+        return busy
+
+    def run(self) -> None:
+        while self.nsent < self.nchunks or self.inflight:
+            busy = self.take_demands()
+            busy = self.reap() or busy
+            busy = self.fill() or busy
+            if not busy:
+                time.sleep(0.0002)
+
+
+def push(tx: Transfer, parts: list[tuple[np.ndarray, int, int]], C: int, nchunks: int) -> dict:
     """The old process of a post-copy move: push every chunk once, demanded ones first,
     with a small window of outstanding sends; stay until the target says it has all."""
-    from collections import deque
-    pace = float(os.environ.get("MPIMIG_POSTCOPY_PACE", "0") or 0)
-    window = int(os.environ.get("MPIMIG_POSTCOPY_WINDOW", "4") or 4)
-    where = []                            # global chunk -> (flat bytes, lo, hi)
-    for flat, base, n in parts:
-        for i in range(n):
-            where.append((flat, i * C, min((i + 1) * C, flat.size)))
-    todo = deque(range(nchunks))
-    prio: deque = deque()
-    sent = bytearray(nchunks)
-    inflight: list[MPI.Request] = []
+    Jc, dest = tx.comm, tx.peer
     st = MPI.Status()
-    nsent = 0
-    demanded = 0
     t0 = time.perf_counter()
-    while nsent < nchunks or inflight:
-        busy = False
-        while Jc.Iprobe(dest, TAG_PC_DEMAND, st):
-            want = Jc.recv(source=dest, tag=TAG_PC_DEMAND)
-            for c in reversed(want):
-                if not sent[c]:
-                    prio.appendleft(c)
-                    demanded += 1
-            busy = True
-        if inflight:
-            done = MPI.Request.Testsome(inflight)
-            if done:
-                for i in sorted(done, reverse=True):
-                    del inflight[i]
-                busy = True
-        while len(inflight) < window and (prio or todo):
-            c = prio.popleft() if prio else todo.popleft()
-            if sent[c]:
-                continue
-            if pace:
-                time.sleep(pace)          # MPIMIG_POSTCOPY_PACE: a slow push, for tests
-            flat, lo, hi = where[c]
-            inflight.append(Jc.Isend([flat[lo:hi], MPI.BYTE], dest, TAG_PC_DATA + c))
-            sent[c] = 1
-            nsent += 1
-            busy = True
-        if not busy:
-            time.sleep(0.0002)
+    p = _Push(tx, parts, C, nchunks)
+    p.run()
+    demanded = p.demanded
     t_pushed = time.perf_counter() - t0
     while not Jc.Iprobe(dest, TAG_PC_ACK, st):
         if Jc.Iprobe(dest, TAG_PC_DEMAND, st):
@@ -462,10 +508,18 @@ def push(Jc: MPI.Intracomm, dest: int, parts, C: int, nchunks: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
-REGISTRY: dict[str, type] = {c.name: c for c in (StopAndCopy, PreCopy, PostCopy, FileServer)}
+def _registry() -> dict[str, type[Strategy]]:
+    """name -> class, from the one list of names (protocol.STRATEGY_CLASSES)."""
+    out: dict[str, type[Strategy]] = {}
+    for name, path in STRATEGY_CLASSES.items():
+        module, _, cls = path.partition(":")
+        if module != __name__:
+            raise ImportError(f"strategy {name!r}: {path} is not in {__name__}")
+        out[name] = globals()[cls]
+    return out
 
 
-assert tuple(REGISTRY) == STRATEGIES, "protocol.STRATEGIES must name the registry's strategies"
+REGISTRY = _registry()
 
 
 def known() -> list[str]:

@@ -1,13 +1,18 @@
-"""The rank side of a migration: joining targets, re-pointing, state transfer.
+"""The transport of a migration: the communicators it builds and every byte it moves.
 
 One mechanism serves every role (docs/protocol.md): :func:`join` is the
 collective over the job communicator J and a plan's spawned targets that
-appends the targets to J (step 5, *creation*), and :func:`split` builds the
+appends the targets to J (step 5, *create*), and :func:`split` builds the
 new application communicator A and the new J without the processes that left
-(step 7, *re-pointing channels*). :func:`send_state` / :func:`recv_state` move
-the registered state (steps 4 and 6) as raw buffers through
+(step 7, *re-point*).
+
+:class:`Transfer` is the one way state moves between the old and the new
+process of a rank (step 6), for every strategy: objects go through
 ``mpi4py.util.pkl5`` (pickle protocol 5 with out-of-band buffers: arrays are
-sent as they are, never as in-band pickles).
+sent as they are, never as in-band pickles), chunks of arrays as raw byte
+buffers. Opening a transfer fires the ``migration-source`` /
+``migration-target`` hook (:mod:`mpimig.ft.hooks`: ``mpimig inject`` kills
+there), and a transfer counts the bytes and seconds it moved.
 """
 from __future__ import annotations
 
@@ -18,8 +23,10 @@ import numpy as np
 from mpi4py import MPI
 from mpi4py.util import pkl5
 
-from .protocol import TAG_JOIN, TAG_STATE, Plan
+from ..errors import MigrationError
+from ..ft import hooks
 from ..checkpoint.format import dumps, loads
+from .protocol import TAG_JOIN, TAG_STATE, Move, Plan
 
 
 _comms: list[MPI.Comm] = []
@@ -64,25 +71,35 @@ def join(J: MPI.Intracomm | None, ntargets: int, *, bridges: list[MPI.Intracomm]
         if my_target is not None and k < my_target:
             continue
         if my_target == k:
+            if bridge is None:
+                raise MigrationError(f"join: target {k} has no bridge to the coordinator")
             X = MPI.COMM_SELF.Create_intercomm(0, bridge, 0, tag)
             Jc = track(X.Merge(high=True))
         else:
-            leader = Jc.Get_rank() == 0
-            peer = bridges[k] if leader else Jc
+            if Jc is None:
+                raise MigrationError(f"join: round {k} needs the job communicator")
+            peer = Jc
+            if Jc.Get_rank() == 0:          # the coordinator leads, over the target's bridge
+                if bridges is None:
+                    raise MigrationError(f"join: the coordinator has no bridge to target {k}")
+                peer = bridges[k]
             X = Jc.Create_intercomm(0, peer, 1, tag)
             Jc = track(X.Merge(high=False))
         X.Free()
+    if Jc is None:
+        raise MigrationError("join: no job communicator and no target to join")
     return Jc
 
 
-def split(Jc: MPI.Intracomm, *, logical: int | None, leaving: bool) -> tuple[MPI.Intracomm | None, MPI.Intracomm | None]:
+def split(Jc: MPI.Intracomm, *, logical: int | None,
+          leaving: bool) -> tuple[MPI.Intracomm | None, MPI.Intracomm | None]:
     """Build the new A (app processes, key = logical rank) and the new J (step 7).
 
     ``logical`` is None for the coordinator; ``leaving`` is true for old
     processes whose rank moved away. Returns (A, J), COMM_NULL -> None.
     """
     in_a = logical is not None and not leaving
-    A = Jc.Split(0 if in_a else MPI.UNDEFINED, logical if in_a else 0)
+    A = Jc.Split(0 if in_a else MPI.UNDEFINED, logical if logical is not None and in_a else 0)
     Jn = Jc.Split(MPI.UNDEFINED if leaving else 0, Jc.Get_rank())
     return (None if A == MPI.COMM_NULL else track(A)), (None if Jn == MPI.COMM_NULL else track(Jn))
 
@@ -101,19 +118,90 @@ def unpack_state(msg: dict) -> tuple[dict[str, np.ndarray], dict[str, Any], dict
     return msg["arrays"], objects, msg["extra"]
 
 
-def send_state(Jc: MPI.Intracomm, dest: int, msg: dict) -> tuple[int, float]:
-    """Send the state (step 6); returns (bytes of arrays, seconds)."""
-    t0 = time.perf_counter()
-    pkl5.Intracomm(Jc).send(msg, dest, TAG_STATE)
-    nbytes = sum(a.nbytes for a in msg["arrays"].values())
-    return nbytes, time.perf_counter() - t0
+SOURCE = "source"    # the old process of a moving rank (fires migration-source)
+TARGET = "target"    # the new process (fires migration-target)
+ROUNDS = "rounds"    # pre-copy rounds before the switch (no hook: the rank is not frozen)
 
 
-def recv_state(Jc: MPI.Intracomm, source: int) -> dict:
-    return pkl5.Intracomm(Jc).recv(source=source, tag=TAG_STATE)
+def payload_bytes(obj: Any) -> int:
+    """Bytes of the arrays and byte strings in a message (what dominates its size)."""
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return len(obj)
+    if isinstance(obj, dict):
+        return sum(payload_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v) for v in obj)
+    return 0
 
 
-def target_jrank(plan: Plan, move) -> int:
+class Transfer:
+    """The bytes of one move between two processes over ``comm``, to or from ``peer``.
+
+    Every strategy sends and receives its state through one of these, so the
+    fault hooks and the measurements (``nbytes``, ``seconds``) apply to all of
+    them. Raw buffers are flat ``uint8`` views (``strategies.flat_bytes``).
+    """
+
+    def __init__(self, comm: MPI.Intracomm, peer: int, side: str, strategy: str = "") -> None:
+        self.comm = comm
+        self.peer = peer
+        self.side = side
+        self.strategy = strategy
+        self.nbytes = 0
+        self.seconds = 0.0
+        if side == SOURCE:
+            hooks.fire("migration-source", comm=comm, peer=peer, strategy=strategy)
+        elif side == TARGET:
+            hooks.fire("migration-target", comm=comm, peer=peer, strategy=strategy)
+
+    def _count(self, nbytes: int, t0: float) -> None:
+        self.nbytes += nbytes
+        self.seconds += time.perf_counter() - t0
+
+    # -- objects (pkl5: arrays inside travel as raw buffers) -------------------------------
+    def send_obj(self, obj: Any, tag: int = TAG_STATE) -> None:
+        t0 = time.perf_counter()
+        pkl5.Intracomm(self.comm).send(obj, self.peer, tag)
+        self._count(payload_bytes(obj), t0)
+
+    def arrived(self, tag: int = TAG_STATE) -> bool:
+        """Whether a message with ``tag`` from the peer is there (non-blocking)."""
+        return bool(self.comm.Iprobe(self.peer, tag))
+
+    def recv_obj(self, tag: int = TAG_STATE) -> Any:
+        t0 = time.perf_counter()
+        obj = pkl5.Intracomm(self.comm).recv(source=self.peer, tag=tag)
+        self._count(payload_bytes(obj), t0)
+        return obj
+
+    # -- raw byte buffers --------------------------------------------------------------------
+    def Send(self, buf: np.ndarray, tag: int) -> None:
+        t0 = time.perf_counter()
+        self.comm.Send([buf, MPI.BYTE], self.peer, tag)
+        self._count(buf.nbytes, t0)
+
+    def Recv(self, buf: np.ndarray, tag: int) -> None:
+        t0 = time.perf_counter()
+        self.comm.Recv([buf, MPI.BYTE], self.peer, tag)
+        self._count(buf.nbytes, t0)
+
+    def Isend(self, buf: np.ndarray, tag: int) -> MPI.Request:
+        """A nonblocking send (counted when posted; the time is the caller's wait)."""
+        self.nbytes += buf.nbytes
+        return self.comm.Isend([buf, MPI.BYTE], self.peer, tag)
+
+    def Irecv(self, buf: np.ndarray, tag: int) -> MPI.Request:
+        """A nonblocking receive (counted when posted)."""
+        self.nbytes += buf.nbytes
+        return self.comm.Irecv([buf, MPI.BYTE], self.peer, tag)
+
+    def stats(self) -> dict[str, float]:
+        return {"transport_bytes": self.nbytes, "transport_s": self.seconds}
+
+
+def target_jrank(plan: Plan, move: Move) -> int:
     """J rank of a move's target in the merged communicator: a warm spare keeps
     its J rank; spawned targets are appended after J's members."""
     if move.spare_jrank >= 0:

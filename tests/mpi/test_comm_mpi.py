@@ -38,10 +38,10 @@ def _close(c: Comm) -> tuple:
     ANY_TAG receive) when the markers go out: see
     test_flush_markers_never_reach_user_receives for why that matters."""
     c.mpi.Barrier()
-    stray = c._flush()
-    left = (stray, len(c._queue), len(c._pending))
-    c._queue.clear()
-    c._pending.clear()
+    stray = c.hold_in_flight()
+    left = (stray, c.held_count, c.pending_count)
+    c.clear_held()
+    c.clear_pending()
     c.mpi.Free()
     return left
 
@@ -71,7 +71,7 @@ def test_rank_size_and_underlying_comm(comm):
     assert comm.rank == comm.Get_rank() == world.Get_rank()
     assert comm.size == comm.Get_size() == world.Get_size()
     assert MPI.Comm.Compare(comm.mpi, world) == MPI.CONGRUENT
-    assert comm.tag_limit < comm._marker_tag
+    assert comm.tag_limit < comm.marker_tag
 
 
 # -- point to point --------------------------------------------------------------
@@ -299,15 +299,15 @@ def test_waitall_and_testall(comm):
     flag, values = mpimig.Request.testall(recvs)
     early = (flag, values)                      # nothing was sent yet on this rank's channel
     comm.Barrier()                              # ... by anyone: sends start after this
-    sends = [comm.isend("a%d" % me, dest=right, tag=44), comm.isend("b%d" % me, dest=right, tag=43)]
+    sends = [comm.isend(f"a{me}", dest=right, tag=44), comm.isend(f"b{me}", dest=right, tag=43)]
     deadline = time.monotonic() + 30
     while not mpimig.Request.Testall(sends + recvs):
         assert time.monotonic() < deadline, "Testall never became true"
     flag, values = mpimig.Request.testall(recvs)
     assert mpimig.Request.waitall(sends) == [None, None]
     assert early == (False, None)
-    assert flag is True and values == ["b%d" % left, "a%d" % left]
-    assert mpimig.Request.waitall(recvs) == ["b%d" % left, "a%d" % left]
+    assert flag is True and values == [f"b{left}", f"a{left}"]
+    assert mpimig.Request.waitall(recvs) == [f"b{left}", f"a{left}"]
 
 
 def test_Waitany_and_waitany(comm):
@@ -400,15 +400,15 @@ def test_flush_markers_never_reach_user_receives(comm):
         flag, value = r.test(st)
         if flag:
             stolen = (st.Get_source(), st.Get_tag(), value)
-            if st.Get_tag() == comm._marker_tag:
+            if st.Get_tag() == comm.marker_tag:
                 # give this rank's flush the marker it lost, so the job does not hang
-                comm.mpi.Send([bytearray(0), 0, MPI.BYTE], dest=me, tag=comm._marker_tag)
+                comm.mpi.Send([bytearray(0), 0, MPI.BYTE], dest=me, tag=comm.marker_tag)
         comm.send("go", dest=0, tag=8)
         data = comm.recv(source=0, tag=5) if flag else r.wait()
     elif me == 0:
         comm.recv(source=1, tag=8)
         comm.send("data", dest=1, tag=5)
-    comm._flush()
+    comm.hold_in_flight()
     assert stolen is None, f"rank 1: recv(ANY_SOURCE, ANY_TAG) got (source, tag, value) = {stolen}"
     if me == 1:
         assert data == "data"
@@ -434,18 +434,18 @@ def test_flush_holds_every_message_in_flight(comm):
     me, n, right, left = ring(comm)
     k, big = 3, 4 << 20
     sends = _send_batch(comm, k, big)
-    held = comm._flush()
+    held = comm.hold_in_flight()
     sends_done = [r.Test() for r in sends]            # the drain completed every send
     in_mpi = comm.mpi.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)
-    queue = [(m.source, m.tag) for m in comm._queue]
+    queue = comm.held()
     got_p, got_b, got_big = [], [], []
     for s in range(n):
         if s == me:
             continue
-        for i in range(k):
+        for _ in range(k):
             st = MPI.Status()
             got_p.append((comm.recv(source=s, tag=61, status=st), st.Get_source(), st.Get_tag()))
-        for i in range(k):
+        for _ in range(k):
             buf = np.zeros(7)
             st = MPI.Status()
             comm.Recv(buf, source=s, tag=62, status=st)
@@ -470,8 +470,8 @@ def test_flush_holds_messages_a_rank_sent_to_itself(comm):
     (else a checkpoint taken now loses it)."""
     me = comm.rank
     s = comm.isend(("self", me), dest=me, tag=64)
-    comm._flush()
-    held = [(src, tag) for src, tag, _ in comm._export()["queue"]]
+    comm.hold_in_flight()
+    held = [(src, tag) for src, tag, _ in comm.export_held()["queue"]]
     still_in_mpi = comm.mpi.Iprobe(me, 64)
     value = comm.recv(source=me, tag=64)              # receive it either way: leave nothing behind
     s.wait()
@@ -485,7 +485,7 @@ def test_held_messages_any_source_probe_and_order(comm):
     me, n, right, left = ring(comm)
     comm.send(("before", me), dest=right, tag=65)
     comm.Send(np.array([me, 1], dtype="i4"), dest=right, tag=66)
-    comm._flush()
+    comm.hold_in_flight()
     comm.send(("after", me), dest=right, tag=65)      # sent after the safe point: comes after
     st = MPI.Status()
     probed = comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, st)
@@ -510,7 +510,7 @@ def test_pending_irecv_matches_held_messages_first(comm):
     R = comm.Irecv(buf, source=left, tag=68)
     comm.send("old", dest=right, tag=67)
     comm.Send(np.full(3, me, dtype="i8"), dest=right, tag=68)
-    comm._flush()                 # held, and the pending receives may match them now
+    comm.hold_in_flight()                 # held, and the pending receives may match them now
     comm.send("new", dest=right, tag=67)
     newer = comm.recv(source=left, tag=67)
     assert r.wait() == "old" and newer == "new"
@@ -521,7 +521,7 @@ def test_pending_irecv_matches_held_messages_first(comm):
 def test_held_message_too_big_for_buffer_is_an_error(comm):
     me, n, right, left = ring(comm)
     comm.Send(np.arange(8, dtype="i8"), dest=right, tag=69)
-    comm._flush()
+    comm.hold_in_flight()
     small = np.zeros(2, dtype="i8")
     with pytest.raises(CommError, match="truncated"):
         comm.Recv(small, source=left, tag=69)
@@ -535,9 +535,8 @@ def test_held_message_too_big_for_buffer_is_an_error(comm):
     except Exception as exc:      # noqa: BLE001 - reported below
         err = exc
     finally:
-        stale = len(comm._pending)
-        comm._pending.clear()
-        comm._queue.clear()
+        stale = comm.clear_pending()
+        comm.clear_held()
         comm.mpi.Barrier()
         while comm.mpi.Iprobe(left, 69):   # drain what a failed receive left in MPI
             comm.mpi.recv(source=left, tag=69)
@@ -548,14 +547,14 @@ def test_held_message_too_big_for_buffer_is_an_error(comm):
 def test_sendrecv_with_held_messages_keeps_order(comm):
     me, n, right, left = ring(comm)
     comm.Send(np.array([1, me], dtype="i8"), dest=right, tag=70)
-    comm._flush()
+    comm.hold_in_flight()
     got = np.zeros(2, dtype="i8")
     comm.Sendrecv(np.array([2, me], dtype="i8"), right, 70, got, left, 70)
     later = np.zeros(2, dtype="i8")
     comm.Recv(later, source=left, tag=70)
     obj_first = None
     comm.send("o1", dest=right, tag=71)
-    comm._flush()
+    comm.hold_in_flight()
     obj_first = comm.sendrecv("o2", dest=right, sendtag=71, source=left, recvtag=71)
     obj_later = comm.recv(source=left, tag=71)
     assert got.tolist() == [1, left] and later.tolist() == [2, left]
@@ -568,13 +567,13 @@ def test_export_import_round_trip_into_a_fresh_comm(comm):
     comm.send(("q", me, 0), dest=right, tag=72)
     comm.Send(np.full(5, me, dtype="f4"), dest=right, tag=73)
     comm.send(("q", me, 1), dest=right, tag=72)
-    comm._flush()
-    exported = comm._export()
+    comm.hold_in_flight()
+    exported = comm.export_held()
     blob = pickle.dumps(exported, protocol=5)         # it is stored in a checkpoint
-    comm._queue.clear()                               # this process "dies"
+    comm.clear_held()                               # this process "dies"
     fresh = _new_comm()
     try:
-        fresh._import(pickle.loads(blob))
+        fresh.import_held(pickle.loads(blob))
         fresh.send(("q", me, 2), dest=right, tag=72)  # sent after the restart
         st = [MPI.Status() for _ in range(4)]
         a = fresh.recv(source=left, tag=72, status=st[0])
@@ -596,8 +595,8 @@ def test_pending_buffer_Irecv_cannot_be_exported(comm):
     me, n, right, left = ring(comm)
     buf = np.zeros(1, dtype="i8")
     r = comm.Irecv(buf, source=left, tag=74)
-    with pytest.raises(CommError, match=r"Irecv\(source=%d, tag=74\)" % left):
-        comm._export()
+    with pytest.raises(CommError, match=rf"Irecv\(source={left}, tag=74\)"):
+        comm.export_held()
     comm.Send(np.array([me]), dest=right, tag=74)
     r.Wait()
     assert buf[0] == left
@@ -607,7 +606,7 @@ def test_pending_irecv_survives_pickling_into_a_fresh_comm(comm):
     me, n, right, left = ring(comm)
     r = comm.irecv(source=left, tag=75)
     blob = pickle.dumps(r)
-    comm._pending.remove(r)                           # the old process is gone
+    comm.clear_pending()                              # the old process is gone
     fresh = _new_comm()
     try:
         r2 = pickle.loads(blob)                       # re-posted on the current communicator
@@ -635,7 +634,7 @@ def test_reserved_tags_are_refused(comm):
         "Issend": lambda t: comm.Issend(one, dest=me, tag=t),
     }
     problems = []
-    for tag in (comm.tag_limit, comm._marker_tag):
+    for tag in (comm.tag_limit, comm.marker_tag):
         for name, fn in sends.items():
             try:
                 req = fn(tag)
@@ -662,4 +661,4 @@ def test_unsupported_methods_raise_comm_error_naming_them(comm):
     with pytest.raises(CommError, match="Create_cart"):
         comm.Create_cart([comm.size])
     with pytest.raises(AttributeError):
-        comm.no_such_method
+        comm.no_such_method  # noqa: B018 - the attribute lookup is what is tested

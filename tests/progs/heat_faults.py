@@ -41,18 +41,18 @@ def main(ctx, own, args):
         items["bad_item"] = unstorable(own.bad)
     st = ctx.state(**items)
     if own.block_after_epoch:
-        point = ctx.checkpoint_point
+        from mpimig.ft import hooks
+        blocked = []
 
-        def checkpoint_point():
-            point()
-            if ctx.epoch == own.block_after_epoch and not getattr(ctx, "_blocked", False):
-                ctx._blocked = True
+        def at_point(ctx):             # after every checkpoint point (mpimig/ft/hooks.py)
+            if ctx.epoch == own.block_after_epoch and not blocked:
+                blocked.append(ctx.point)
                 if comm.rank == 0:
                     path = ctx.config.ckpt_dir / f"epoch-{ctx.epoch + 1:06d}.tmp"
                     path.write_text("a regular file in the way of the next checkpoint\n")
                     print(f"blocked {path}", flush=True)
                 comm.Barrier()
-        ctx.checkpoint_point = checkpoint_point
+        hooks.register("checkpoint-point", at_point)
     res = heat2d.main(ctx, args)
     if own.ballast_mb:
         ok = bool((st.ballast == float(comm.rank)).all()) and st.ballast.size == items["ballast"].size

@@ -7,7 +7,7 @@ job's first life (a process that resumed after a recovery does not repeat it):
   --kill R@P[@L]        rank R SIGKILLs itself right after checkpoint point P (repeatable);
                         with L, in the job's life L instead (after L online recoveries)
   --kill-coordinator P  rank 0 SIGKILLs the coordinator (pid from JOB_DIR/status.json) after point P
-  --kill-in-ckpt R@E    rank R SIGKILLs itself when it starts writing its file of epoch E
+  --kill-in-ckpt R@E    rank R SIGKILLs itself when its file of epoch E is written, before the vote
   --kill-migrating WHO  in the first migration, the source (WHO=source) SIGKILLs itself
                         before it sends its state, or the target (WHO=target) before it
                         receives it
@@ -33,14 +33,20 @@ def kill_spec(text):
     return bits[0], bits[1], bits[2] if len(bits) > 2 else 0
 
 
+_current = {}          # the Context of this process now (main runs again after a recovery)
+
+
 def install_faults(ctx, own):
-    """Arm the faults of ``own`` (from add_fault_options) on this process."""
-    first_life = ctx.role in ("initial", "restarted")
-    point = ctx.__dict__.setdefault("_unwrapped_point", ctx.checkpoint_point)   # main runs again after a recovery
+    """Arm the faults of ``own`` (from add_fault_options) on this process, at the
+    runtime's hook points (mpimig/ft/hooks.py), once per process."""
+    from mpimig.ft import hooks
+    first = not _current
+    _current["ctx"] = ctx
+    if not first:
+        return
     rank = ctx.comm.rank
 
-    def checkpoint_point():
-        point()
+    def at_point(ctx):
         for r, p, life in own.kill:
             if r == rank and ctx.point == p and ctx.recoveries == life:
                 print(f"killing rank {r} at point {p}" + (f" in life {life}" if life else ""), flush=True)
@@ -49,18 +55,15 @@ def install_faults(ctx, own):
             pid = json.loads((ctx.config.job_dir / "status.json").read_text())["coordinator"]["pid"]
             print(f"killing the coordinator (pid {pid}) at point {ctx.point}", flush=True)
             os.kill(pid, signal.SIGKILL)
-    ctx.checkpoint_point = checkpoint_point
-    if first_life:
-        for r, e in own.kill_in_ckpt:
-            if r == rank:
-                write = ctx._store.write_rank
 
-                def write_rank(epoch, *a, _e=e, **k):
-                    if epoch == _e and ctx.role in ("initial", "restarted"):
-                        print(f"killing rank {rank} while it writes epoch {epoch}", flush=True)
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    return write(epoch, *a, **k)
-                ctx._store.write_rank = write_rank
+    def at_ckpt_write(store, epoch, rank):
+        # the rank's file of the epoch is written, the vote has not happened
+        if (rank, epoch) in own.kill_in_ckpt and _current["ctx"].role in ("initial", "restarted"):
+            print(f"killing rank {rank} while it writes epoch {epoch}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    hooks.register("checkpoint-point", at_point)
+    hooks.register("ckpt-write", at_ckpt_write)
 
 
 def add_fault_options(p):
@@ -71,15 +74,14 @@ def add_fault_options(p):
 
 
 def arm_migration_kill(own):
-    """--kill-migrating: replace the state transfer's send or receive by a suicide."""
+    """--kill-migrating: a suicide at the migration-source (or -target) hook point."""
     if own.kill_migrating:
-        from mpimig.migration import transport as migration
-        name = "send_state" if own.kill_migrating == "source" else "recv_state"
+        from mpimig.ft import hooks
 
-        def dying(*a, **k):
+        def dying(**info):
             print(f"killing the migration {own.kill_migrating} (pid {os.getpid()})", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        setattr(migration, name, dying)
+        hooks.register(f"migration-{own.kill_migrating}", dying)
 
 
 def main(ctx, own, args):

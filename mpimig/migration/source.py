@@ -1,0 +1,225 @@
+"""The source side of a migration: the application ranks (the rank that moves and its peers).
+
+Read top to bottom, this file is one migration as the ranks live it; the
+functions are named after the steps (:class:`~mpimig.migration.protocol.Step`)
+and defined in the order they run. :func:`migration_point` is the entry, called
+by ``Context.checkpoint_point`` at every safe point of a job with a coordinator.
+The new process's side of the same steps is :mod:`mpimig.migration.target`,
+the coordinator's is :class:`mpimig.migration.coordinator.Coordinator`.
+
+=====================  ==================================================================
+1 request              :func:`request` (``ctx.migrate``: self-migration)
+2 negotiate            the coordinator answers; :func:`request` returns or raises
+3 suspend              :func:`suspend`: the vote at a safe point (pre-copy rounds before it)
+4 hold                 :func:`hold_in_flight`: every message in flight is held by its receiver
+5 create               :func:`create_target`: the plan's new processes join J
+6 transfer             :func:`transfer_state`: the moving rank's old process sends its state
+7 repoint              :func:`repoint`: every other rank swaps in the new A
+8 resume / retire      :func:`resume` (others report) / :func:`retire` (the old process leaves)
+=====================  ==================================================================
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+from mpi4py import MPI
+
+from ..errors import MigrationError
+from ..ft import recovery
+from ..state import State
+from . import strategies
+from . import transport
+from .protocol import DEFAULT_STRATEGY, TAG_GO, TAG_PLAN, TAG_REPLY, TAG_REPORT, TAG_REQUEST, Move, Plan
+
+if TYPE_CHECKING:
+    from ..runtime import Context
+
+log = logging.getLogger(__name__)
+
+
+class Retired(BaseException):
+    """Unwinds ``main`` in the old process of a rank that moved away (step 8).
+
+    ``comm`` is the merged switch communicator on which the coordinator will
+    tell it that the job is over."""
+
+    def __init__(self, comm: MPI.Intracomm | None) -> None:
+        super().__init__(comm)
+        self.comm = comm
+
+
+# -- step 1: request ---------------------------------------------------------------------
+def request(ctx: Context, host: str, strategy: str = DEFAULT_STRATEGY) -> int:
+    """Self-migration: ask the coordinator to move this rank to ``host``.
+
+    Step 2 (negotiate) is the coordinator's: this returns the migration id once
+    it accepted, or raises MigrationError with its reason."""
+    J = ctx.link.J
+    if J is None:
+        raise MigrationError("this job has no coordinator: start it with mpimig run "
+                             "(--coordinator or --migrate) to migrate ranks")
+    err = strategies.check(strategy)
+    if err:
+        raise MigrationError(f"rank {ctx.rank}: {err}")
+    J.send({"op": "migrate", "rank": ctx.rank, "to": host, "strategy": strategy}, dest=0, tag=TAG_REQUEST)
+    rep = J.recv(source=0, tag=TAG_REPLY)
+    if not rep.get("ok"):
+        raise MigrationError(f"rank {ctx.rank}: migration to {host} refused: {rep.get('error')}")
+    return int(rep["migration"]["id"])
+
+
+# -- step 3: suspend ---------------------------------------------------------------------------
+def migration_point(ctx: Context) -> None:
+    """At a safe point: execute the plan if the ranks agree that it runs now (steps 3-8)."""
+    plan = suspend(ctx)
+    if plan is not None:
+        execute(ctx, plan)
+
+
+def precopy_round(ctx: Context, plan: Plan | None) -> int:
+    """Pre-copy, before the suspension: a moving rank past its plan's point sends one
+    more round of changed chunks (step 6 begun early). Returns 1 once its rounds have
+    converged (it is ready to be suspended), else 0."""
+    if plan is None or plan.kind != "switch":
+        return 0
+    move = plan.move_of(ctx.rank)
+    if move is None or move.strategy != "pre-copy" or ctx.point < plan.at_point:
+        return 0
+    link = ctx.link
+    if link.precopy is None:       # the target is in J: start the rounds
+        link.precopy = strategies.PreCopySource(link.J, transport.target_jrank(plan, move),
+                                                lambda: ctx.registered_state, ctx.rank)
+    return 1 if link.precopy.step() else 0
+
+
+def suspend(ctx: Context) -> Plan | None:
+    """Agree whether a plan is executed at this point; returns it, or None.
+
+    One ``Allreduce SUM`` of (ranks voting, sum of their plan ids, pre-copy
+    sources ready): a plan runs when some rank holds it past its point and
+    every pre-copy source of it says its rounds have converged. Only one plan
+    is outstanding at a time, so the voters hold the same plan. Rank 0 tells
+    the coordinator (GO): from here the moving ranks are frozen.
+    """
+    link = ctx.link
+    J = link.J
+    if link.plan is None and J.Iprobe(0, TAG_PLAN):
+        link.plan = J.recv(source=0, tag=TAG_PLAN)
+    plan = link.plan
+    ready = precopy_round(ctx, plan)
+    votes = plan is not None and ctx.point >= plan.at_point
+    v = np.array([1 if votes else 0, plan.id if votes and plan is not None else 0, ready], dtype=np.int64)
+    ctx.comm.mpi.Allreduce(MPI.IN_PLACE, v, op=MPI.SUM)
+    if not v[0]:
+        return None
+    pid = int(v[1] // v[0])
+    while link.plan is None or link.plan.id != pid:
+        link.plan = J.recv(source=0, tag=TAG_PLAN)     # already in flight
+    if v[2] < link.plan.precopy_sources():
+        return None                     # a pre-copy source is still copying: keep computing
+    plan, link.plan = link.plan, None
+    if ctx.rank == 0:
+        J.send(plan.id, dest=0, tag=TAG_GO)
+    return plan
+
+
+def execute(ctx: Context, plan: Plan) -> None:
+    """Steps 4-8 on an application rank, in order (the old process of a moving rank
+    leaves by raising :class:`Retired`)."""
+    if plan.kind == "enlist":           # spawned targets join J; nothing moves yet
+        ctx.link.J = create_target(ctx, plan)
+        return
+    move = plan.move_of(ctx.rank)
+    hold_in_flight(ctx, move)                                      # step 4
+    Jc = create_target(ctx, plan)                                  # step 5
+    if ctx.config.ft:
+        ctx.link.J = Jc     # a failure from here on is recovered over the switch comm
+    A, Jn = transport.split(Jc, logical=ctx.rank, leaving=move is not None)   # the new comms (step 7)
+    if move is not None:
+        rest = transfer_state(ctx, Jc, plan, move)                 # step 6
+        retire(ctx, Jc, rest)                                      # step 8: never returns
+    repoint(ctx, Jc, A, Jn)                                        # step 7
+    resume(ctx, plan)                                              # step 8
+
+
+# -- step 4: hold messages in flight --------------------------------------------------------
+def complete_lazy(ctx: Context) -> None:
+    """Post-copy: every chunk of a rank that is still receiving must be here before its
+    state is captured (a checkpoint, or a move again)."""
+    if ctx.link.lazy is not None:
+        ctx.link.lazy.complete_all()
+
+
+def hold_in_flight(ctx: Context, move: Move | None) -> int:
+    """Every rank: hold each message in flight on A (``Comm.hold_in_flight``); the
+    messages for the moving rank sit in its old process's queue and move with it."""
+    if move is not None:
+        complete_lazy(ctx)
+    return ctx.comm.hold_in_flight()
+
+
+# -- step 5: create the target -----------------------------------------------------------------
+def create_target(ctx: Context, plan: Plan) -> MPI.Intracomm:
+    """Every member of J: the plan's spawned processes join J (collective with the
+    coordinator and the targets); returns the merged switch communicator."""
+    return transport.join(ctx.link.J, plan.nspawned)
+
+
+# -- step 6: transfer the state ------------------------------------------------------------------
+def transfer_state(ctx: Context, Jc: MPI.Intracomm, plan: Plan, move: Move) -> Callable[[], object] | None:
+    """The moving rank's old process: extract its state (registered items, held
+    queue, counters) and send it with the move's strategy through the transport.
+
+    Returns None, or what is left to send after the switch (post-copy's push)."""
+    st = ctx.registered_state if ctx.registered_state is not None else State()
+    arrays, objects = st.split()
+    extra = {"comm": ctx.comm.export_held(), "point": ctx.point, "epoch": ctx.epoch,
+             "t_suspend": ctx.link.t_point_wall, "stats": ctx.stats, "from": ctx.host}
+    dest = transport.target_jrank(plan, move)
+    if ctx.config.ft:
+        recovery.handshake(Jc, dest, source=True)
+    tx = transport.Transfer(Jc, dest, transport.SOURCE, move.strategy)
+    rest = strategies.get(move.strategy).send(ctx, tx, arrays, objects, extra, plan, move)
+    del arrays, objects
+    if ctx.config.ft:
+        recovery.agree(Jc)
+    return rest
+
+
+# -- step 7: re-point the channels ----------------------------------------------------------------
+def repoint(ctx: Context, Jc: MPI.Intracomm, A: MPI.Intracomm | None, Jn: MPI.Intracomm | None) -> None:
+    """Every rank that stays: channels to the moved rank now lead to its new process
+    (the held messages for it travelled with its state)."""
+    if ctx.config.ft:
+        recovery.agree(Jc)
+    if A is None or Jn is None:
+        raise MigrationError(f"rank {ctx.rank}: the switch left this rank without communicators")
+    ctx.comm.repoint(A)
+    ctx.link.J = Jn
+
+
+# -- step 8: resume, and the old process retires -------------------------------------------------
+def resume(ctx: Context, plan: Plan) -> None:
+    """A rank that stays reports its stall to the coordinator and runs on."""
+    ctx.link.J.send({"plan": plan.id, "rank": ctx.rank, "stall": time.perf_counter() - ctx.link.t_point,
+                     "pid": os.getpid(), "host": ctx.host}, dest=0, tag=TAG_REPORT)
+
+
+def retire(ctx: Context, Jc: MPI.Intracomm, rest: Callable[[], object] | None) -> None:
+    """The old process of the moved rank: finish what the strategy sends after the
+    switch (post-copy's push), drop the state, unwind ``main`` (:class:`Retired`)."""
+    if rest is not None:
+        try:
+            rest()
+        except MPI.Exception as exc:
+            # --ft: the new process died during the push; the job recovers without
+            # this process (it left the job's communicators at the switch)
+            if not (ctx.config.ft and recovery.is_failure(exc)):
+                raise
+            log.warning("rank %d: post-copy push stopped: %s", ctx.rank, exc.Get_error_string())
+    ctx.release_state()
+    raise Retired(Jc)
