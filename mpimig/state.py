@@ -5,8 +5,7 @@ returned :class:`State` is an attribute container. NumPy arrays are the bulk
 state: they are written as native HDF5 datasets and moved as raw buffers.
 Everything else is a Python object, encoded by the one object codec of
 :mod:`mpimig.checkpoint.format` (pickle protocol 5, dill as fallback) in
-checkpoints and migrations alike. ``dumps``/``loads`` are re-exported here
-for code that still imports them from this module.
+checkpoints and migrations alike.
 """
 from __future__ import annotations
 
@@ -15,10 +14,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .checkpoint.format import dumps, loads
 from .errors import StateError
 
-__all__ = ["State", "dumps", "loads"]
+__all__ = ["State"]
 
 _RESERVED = {"_items"}
 

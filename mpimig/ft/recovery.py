@@ -116,7 +116,7 @@ class Copy:
     rank: int
     epoch: int
     arrays: dict[str, np.ndarray]
-    objects: dict[str, bytes]        # pickled (state.dumps)
+    objects: dict[str, bytes]        # encoded by checkpoint.format.dumps
     extra: dict[str, Any]            # held queue, point
 
     def nbytes(self) -> int:
