@@ -4,6 +4,10 @@ Each benchmark is a submodule listed in :data:`BENCH_MODULES` with a
 ``register(bench_subparsers)`` function that adds its parser and sets ``func``
 (returning the exit code). A module listed here that cannot be imported makes
 the command line fail, naming it: a benchmark never disappears silently.
+
+May import any part of mpimig (benchmarks sit on top: the launcher to start
+jobs, the checkpoint store, the communicator, ``mpimig inject``); shared
+helpers live in ``_common``, so no benchmark imports another's internals.
 """
 from __future__ import annotations
 

@@ -5,6 +5,10 @@ with its own address on a bridge, its own hostname (a UTS namespace per daemon)
 and its own sshd that accepts the lab's private key. ``mpimig lab slurm up``
 adds slurmctld (root namespace) and one slurmd per host. See docs/lab.md.
 
+May import :mod:`mpimig.errors` only: the lab is a tool under the job, it knows
+nothing of MPI programs (layers, bottom up: ``_sys``, ``_slurmd``, ``hosts``,
+``slurm_cluster``).
+
 How remote processes find Python and the MPI binaries
 ------------------------------------------------------
 The hosts share the machine's filesystem, so every path on the launching side
