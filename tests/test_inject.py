@@ -223,3 +223,14 @@ def test_twenty_seeded_random_kills_are_all_survived(lab, tmp_path):
     assert set(t["by_kind"]) <= {"rank", "host", "coordinator"} and len(t["by_kind"]) >= 2
     assert t["online_recoveries"] > 0          # ranks and the coordinator: recovered online
     assert res.returncode == 0
+
+
+def test_loss_reason_names_a_signal_from_mpiexecs_exit_status():
+    """A job whose process was SIGKILLed is named as such even when mpiexec printed no
+    "exited on signal" line and only exits 128 + 9 (seen with a file-server source killed)."""
+    from mpimig.launch.launcher import loss_reason
+    assert loss_reason("", 137) == ("a process of the job was killed by a signal: mpiexec exit status 137 "
+                                    "(signal 9)")
+    assert loss_reason("", 1) == "no completion record (mpiexec exit status 1)"
+    assert loss_reason("", -9) == "mpiexec killed by signal 9"
+    assert loss_reason("", 137, timed_out=True) == "timeout"

@@ -255,6 +255,11 @@ def loss_reason(output: str, returncode: int | None, timed_out: bool = False) ->
             return reason
     if returncode is not None and returncode < 0:
         return f"mpiexec killed by signal {-returncode}"
+    if returncode is not None and 128 < returncode < 128 + 65:
+        # mpiexec passes on 128 + N when a process of the job died of signal N, also
+        # when it printed no "exited on signal" message before it ended
+        return (f"a process of the job was killed by a signal: mpiexec exit status {returncode} "
+                f"(signal {returncode - 128})")
     return f"no completion record (mpiexec exit status {returncode})"
 
 
