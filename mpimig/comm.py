@@ -244,7 +244,6 @@ class Comm:
         self._sends: list[Request] = []       # outstanding sends (for the drain)
         self._marker_tag = _tag_ub(mpicomm)   # highest tag: end-of-epoch marker
         self.tag_limit = self._marker_tag - N_RESERVED_TAGS + 1
-        self._guard: Callable[..., None] | None = None   # see set_buffer_guard
         _current_comm = self
 
     # -- identity ------------------------------------------------------------
@@ -281,15 +280,11 @@ class Comm:
 
     # -- point to point: sends go straight to MPI ------------------------------
     def Send(self, buf, dest: int, tag: int = 0) -> None:
-        if self._guard is not None:
-            self._guard(buf)
         if tag >= self.tag_limit:
             self._check_tag(tag)
         self._c.Send(buf, dest, tag)
 
     def Ssend(self, buf, dest: int, tag: int = 0) -> None:
-        if self._guard is not None:
-            self._guard(buf)
         self._check_tag(tag)
         self._c.Ssend(buf, dest, tag)
 
@@ -303,8 +298,6 @@ class Comm:
         self._c.ssend(obj, dest, tag)
 
     def Isend(self, buf, dest: int, tag: int = 0) -> Request:
-        if self._guard is not None:
-            self._guard(buf)
         self._check_tag(tag)
         r = Request(self, "send", dest, tag, mpi_req=self._c.Isend(buf, dest, tag))
         self._track_send(r)
@@ -317,8 +310,6 @@ class Comm:
         return r
 
     def Issend(self, buf, dest: int, tag: int = 0) -> Request:
-        if self._guard is not None:
-            self._guard(buf)
         self._check_tag(tag)
         r = Request(self, "send", dest, tag, mpi_req=self._c.Issend(buf, dest, tag))
         self._track_send(r)
@@ -341,8 +332,6 @@ class Comm:
 
     def Recv(self, buf, source: int = ANY_SOURCE, tag: int = ANY_TAG,
              status: MPI.Status | None = None) -> None:
-        if self._guard is not None:
-            self._guard(buf)
         if not self._queue and not self._pending:
             self._c.Recv(buf, source, tag, status)
             return
@@ -359,8 +348,6 @@ class Comm:
         return r.wait(status)
 
     def Irecv(self, buf, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
-        if self._guard is not None:
-            self._guard(buf)
         r = Request(self, "Recv", source, tag, buf=buf)
         self._pending.append(r)
         return r
@@ -373,8 +360,6 @@ class Comm:
     def Sendrecv(self, sendbuf, dest: int, sendtag: int = 0, recvbuf=None,
                  source: int = ANY_SOURCE, recvtag: int = ANY_TAG,
                  status: MPI.Status | None = None) -> None:
-        if self._guard is not None:
-            self._guard(sendbuf, recvbuf)
         self._check_tag(sendtag)
         if not self._queue and not self._pending:
             self._c.Sendrecv(sendbuf, dest, sendtag, recvbuf, source, recvtag, status)
@@ -524,100 +509,72 @@ class Comm:
         self._c.Barrier()
 
     def Bcast(self, buf, root: int = 0) -> None:
-        if self._guard is not None:
-            self._guard(buf)
         self._c.Bcast(buf, root)
 
     def bcast(self, obj: Any = None, root: int = 0) -> Any:
         return self._c.bcast(obj, root)
 
     def Reduce(self, sendbuf, recvbuf, op=MPI.SUM, root: int = 0) -> None:
-        if self._guard is not None:
-            self._guard(sendbuf, recvbuf)
         self._c.Reduce(sendbuf, recvbuf, op, root)
 
     def reduce(self, sendobj: Any, op=MPI.SUM, root: int = 0) -> Any:
         return self._c.reduce(sendobj, op, root)
 
     def Allreduce(self, sendbuf, recvbuf, op=MPI.SUM) -> None:
-        if self._guard is not None:
-            self._guard(sendbuf, recvbuf)
         self._c.Allreduce(sendbuf, recvbuf, op)
 
     def allreduce(self, sendobj: Any, op=MPI.SUM) -> Any:
         return self._c.allreduce(sendobj, op)
 
     def Gather(self, sendbuf, recvbuf, root: int = 0) -> None:
-        if self._guard is not None:
-            self._guard(sendbuf, recvbuf)
         self._c.Gather(sendbuf, recvbuf, root)
 
     def Gatherv(self, sendbuf, recvbuf, root: int = 0) -> None:
-        if self._guard is not None:
-            self._guard(sendbuf, recvbuf)
         self._c.Gatherv(sendbuf, recvbuf, root)
 
     def gather(self, sendobj: Any, root: int = 0) -> Any:
         return self._c.gather(sendobj, root)
 
     def Scatter(self, sendbuf, recvbuf, root: int = 0) -> None:
-        if self._guard is not None:
-            self._guard(sendbuf, recvbuf)
         self._c.Scatter(sendbuf, recvbuf, root)
 
     def Scatterv(self, sendbuf, recvbuf, root: int = 0) -> None:
-        if self._guard is not None:
-            self._guard(sendbuf, recvbuf)
         self._c.Scatterv(sendbuf, recvbuf, root)
 
     def scatter(self, sendobj: Any, root: int = 0) -> Any:
         return self._c.scatter(sendobj, root)
 
     def Allgather(self, sendbuf, recvbuf) -> None:
-        if self._guard is not None:
-            self._guard(sendbuf, recvbuf)
         self._c.Allgather(sendbuf, recvbuf)
 
     def Allgatherv(self, sendbuf, recvbuf) -> None:
-        if self._guard is not None:
-            self._guard(sendbuf, recvbuf)
         self._c.Allgatherv(sendbuf, recvbuf)
 
     def allgather(self, sendobj: Any) -> Any:
         return self._c.allgather(sendobj)
 
     def Alltoall(self, sendbuf, recvbuf) -> None:
-        if self._guard is not None:
-            self._guard(sendbuf, recvbuf)
         self._c.Alltoall(sendbuf, recvbuf)
 
     def Alltoallv(self, sendbuf, recvbuf) -> None:
-        if self._guard is not None:
-            self._guard(sendbuf, recvbuf)
         self._c.Alltoallv(sendbuf, recvbuf)
 
     def alltoall(self, sendobj: Any) -> Any:
         return self._c.alltoall(sendobj)
 
     def Scan(self, sendbuf, recvbuf, op=MPI.SUM) -> None:
-        if self._guard is not None:
-            self._guard(sendbuf, recvbuf)
         self._c.Scan(sendbuf, recvbuf, op)
 
     def scan(self, sendobj: Any, op=MPI.SUM) -> Any:
         return self._c.scan(sendobj, op)
 
     def Exscan(self, sendbuf, recvbuf, op=MPI.SUM) -> None:
-        if self._guard is not None:
-            self._guard(sendbuf, recvbuf)
         self._c.Exscan(sendbuf, recvbuf, op)
 
     def exscan(self, sendobj: Any, op=MPI.SUM) -> Any:
         return self._c.exscan(sendobj, op)
 
     def Reduce_scatter_block(self, sendbuf, recvbuf, op=MPI.SUM) -> None:
-        if self._guard is not None:
-            self._guard(sendbuf, recvbuf)
         self._c.Reduce_scatter_block(sendbuf, recvbuf, op)
 
     # -- safe points: the protocol's seams (hold, export, import, re-point) ---------
@@ -712,10 +669,33 @@ class Comm:
         self.tag_limit = self._marker_tag - N_RESERVED_TAGS + 1
 
     def set_buffer_guard(self, guard: Callable[..., None] | None) -> None:
-        """Call ``guard(*buffers)`` before every buffer call (``Send``, ``Recv``,
-        collectives); ``None`` removes it. Post-copy uses it to wait for the
-        chunks of arrays that are still arriving (:mod:`mpimig.migration.lazy`)."""
-        self._guard = guard
+        """Call ``guard(*arguments)`` before every buffer call (``Send``, ``Recv``,
+        collectives: :data:`BUFFER_METHODS`); ``None`` removes it. Post-copy uses it
+        to wait for the chunks of arrays that are still arriving
+        (:mod:`mpimig.migration.lazy`).
+
+        The guard is installed as wrappers on this instance, over the methods of
+        its class (an ``FTComm`` keeps its own), so a communicator without a guard
+        pays nothing for it on the hot path."""
+        for name in BUFFER_METHODS:
+            self.__dict__.pop(name, None)
+            if guard is not None:
+                setattr(self, name, _guarded(getattr(self, name), guard))
+
+
+# The buffer calls a guard sees (set_buffer_guard): every method that takes a buffer.
+BUFFER_METHODS = ("Send", "Ssend", "Isend", "Issend", "Recv", "Irecv", "Sendrecv", "Bcast", "Reduce",
+                  "Allreduce", "Gather", "Gatherv", "Scatter", "Scatterv", "Allgather", "Allgatherv",
+                  "Alltoall", "Alltoallv", "Scan", "Exscan", "Reduce_scatter_block")
+
+
+def _guarded(method: Callable[..., Any], guard: Callable[..., None]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        guard(*args, *kwargs.values())
+        return method(*args, **kwargs)
+    call.__name__ = call.__qualname__ = method.__name__
+    call.__doc__ = method.__doc__
+    return call
 
 
 def _unsupported(name: str):
