@@ -187,7 +187,7 @@ def test_parse_and_describe():
     p = parse("refine:tol=0.1,max_moves=3")
     assert p.name == "refine" and p.params["tol"] == 0.1 and p.params["max_moves"] == 3
     assert p.spec() == "refine:tol=0.1,max_moves=3"
-    assert parse(" greedy ").params == {"max_moves": 4, "targets": 16}
+    assert parse(" greedy ").params == {"max_moves": 64, "targets": 16}
     assert parse("refine:tol=1").params["tol"] == 1.0                      # an int is a valid number
     assert parse("drain:hosts=h1;h2").host_list() == ("h1", "h2")         # type: ignore[attr-defined]
     names = [d["name"] for d in describe()]
@@ -202,7 +202,7 @@ def test_parse_and_describe():
     ("greedyy", "unknown policy 'greedyy'; known: comm-aware, drain, greedy, multi-factor, none, random, refine"),
     ("", "empty policy"),
     ("refine:tolerance=0.1", "policy refine: unknown parameter 'tolerance'; valid: tol (default 0.05), "
-                             "max_moves (default 8), targets (default 16)"),
+                             "max_moves (default 64), targets (default 16)"),
     ("refine:tol=abc", "policy refine: tol='abc' is not a number"),
     ("greedy:max_moves=1.5", "policy greedy: max_moves=1.5 is not an integer"),
     ("greedy:max_moves", "policy greedy: 'max_moves' is not k=v"),
