@@ -103,7 +103,7 @@ class Balancer:
             if why:
                 out.append(_refuse(d, why))
                 continue
-            plan.append(d)
+            plan.append(d if d.src else _with(d, src=ls.where[d.rank]))
             taken.add(d.rank)
         out.extend(self._cost_benefit(plan, ls, snap, slots))
         return out
