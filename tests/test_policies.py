@@ -514,3 +514,30 @@ def test_observe_migration_feeds_the_cost_model():
     b = Balancer("greedy", cost=cost())
     b.observe_migration("stop-and-copy", GiB, 0.1 + GiB / 5e8, 0.1 + GiB / 5e8, spawn_s=1.0)
     assert b.cost.bw == pytest.approx(8.5e8) and b.cost.spawn_s == pytest.approx(0.65)
+
+
+def test_multi_factor_spares_a_high_priority_rank():
+    # S1 with rank 4 at priority 100: its move by post-copy scores 5 - 100 x 0.0501 - 0.05 x 0.75 - 0.5/1024
+    # = -0.048 (every other strategy costs more); rank 5 (priority 1) scores 4.91: rank 5 moves instead.
+    ranks = list(s1().ranks)
+    ranks[4] = R(4, "c", compute=0.2, weight=100.0)
+    s = Snapshot(t=100.0, ranks=tuple(ranks), hosts=s1().hosts)
+    assert moves(parse("multi-factor").decide(s1(), cost())) == [(4, "a")]     # equal ranks: the lower one
+    assert moves(parse("multi-factor").decide(s, cost())) == [(5, "a")]
+    # with w_down = 0 priority does not count
+    assert moves(parse("multi-factor:w_down=0").decide(s, cost())) == [(4, "a")]
+
+
+def test_drain_leaves_a_dead_hosts_ranks_to_recovery_and_never_targets_dead_hosts():
+    s = snap([R(0, "a"), R(1, "b"), R(2, "c")], [H("a"), H("b", alive=False), H("c"), H("d", alive=False)])
+    out = parse("drain:hosts=a;b").decide(s, cost())
+    assert moves(out) == [(0, "c")]
+    assert "drain: host b is dead; its ranks are recovery's" in [d.reason for d in out]
+
+
+def test_the_margin_counts():
+    # two points left: gain 0.05 x 2 = 0.1 s against the cost 0.0501048576 s: pays with margin 0.9
+    # (0.1 > 0.0952), not with margin 1.0 (0.1 < 0.1002)
+    assert moves(Balancer("greedy", cost=cost(), margin=0.9).decide(s1(remaining_points=2))) == [(4, "a")]
+    out = Balancer("greedy", cost=cost(), margin=1.0).decide(s1(remaining_points=2))
+    assert moves(out) == [] and refused(out)[0].reason.startswith("cost-benefit: gain 0.1 s over 2 remaining points")
