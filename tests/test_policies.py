@@ -6,6 +6,7 @@ working is in the comments. Nothing is computed by the code under test.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -541,3 +542,11 @@ def test_the_margin_counts():
     assert moves(Balancer("greedy", cost=cost(), margin=0.9).decide(s1(remaining_points=2))) == [(4, "a")]
     out = Balancer("greedy", cost=cost(), margin=1.0).decide(s1(remaining_points=2))
     assert moves(out) == [] and refused(out)[0].reason.startswith("cost-benefit: gain 0.1 s over 2 remaining points")
+
+
+def test_peer_numbers_decoded_from_json_count_too():
+    # metrics that travelled as JSON have string keys in ``sent``: the same decision as test_comm_aware...
+    s = comm_snapshot()
+    ranks = [dataclasses.replace(r, sent={str(k): v for k, v in r.sent.items()}) for r in s.ranks]
+    s = Snapshot(t=s.t, ranks=tuple(ranks), hosts=s.hosts)
+    assert moves(parse("comm-aware:max_moves=1").decide(s, cost())) == [(4, "b")]

@@ -69,7 +69,9 @@ MiB = 1 << 20
 #     stop-and-copy 16 MiB 31 ms; post-copy downtime 11 ms (16 MiB) / 26 ms (128 MiB), residual 72 ms for 16
 #     MiB = 4 steps (1 MiB chunks, 4 per step); pre-copy freeze 20 ms (16 MiB) / 240 ms (128 MiB) at 0% dirty
 #     (the final compare of the whole array); file-server 0.52-0.66 s (16 MiB), 1.4-1.9 s (128 MiB); the
-#     hand-over of a warm spare is recorded as 0 s ("spawn": 0.0).
+#     hand-over of a warm spare is recorded as 0 s ("spawn": 0.0). Then `mpimig bench migrate --sizes 16M,128M
+#     --repeat 1 --json` (spawned target, same load): downtime 54 ms / 759 ms, spawn 0.45 s / 2.96 s -- too
+#     loaded to replace PLATFORM.md's quiet-machine figures.
 # - bw 1.0e9: [P] stop-and-copy of 1 GiB in ~1.0 s.          - fixed_s 0.015: [B] 31 ms - 16 MiB / bw.
 # - scan_bw 3e9: [P] pre-copy freeze of 1 GiB 0.34-0.42 s.    - postcopy_s 0.025: [P] 25-33 ms, [B] 11-26 ms.
 # - fs_fixed_s 0.4: [B] intercept of the file-server times.   - storage_bw 0.2e9: [P] 1 GiB in ~5 s.

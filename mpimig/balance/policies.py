@@ -103,8 +103,11 @@ class LoadState:
                 sp = hosts[r.host].speed
                 work[i] = r.compute_s * (min(sp, 1.0) if sp > 0 else 1.0)
             if r.sent:
-                peers[i] = r.sent                  # read only; unknown peers and zeros count nothing
-                for j, b in r.sent.items():
+                sent = r.sent                      # read only; unknown peers and zeros count nothing
+                if not all(type(j) is int for j in sent):
+                    sent = {int(j): float(b) for j, b in sent.items()}     # e.g. keys decoded from JSON
+                peers[i] = sent
+                for j, b in sent.items():
                     rj = recv.get(j)
                     if rj is None:
                         recv[j] = {i: b}
