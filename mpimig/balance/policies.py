@@ -194,7 +194,7 @@ class LoadState:
         return self.hosts[self.where[rank]].alive
 
     # --- moves ---
-    def _touched(self, rank: int) -> set[int]:
+    def touched(self, rank: int) -> set[int]:
         """The ranks whose communication time a move of ``rank`` changes: it and its peers."""
         out = {rank}
         out.update(j for j in self.peers.get(rank, ()) if j in self.where)
@@ -207,7 +207,7 @@ class LoadState:
         self.members[src].discard(rank)
         self.members[dst].add(rank)
         self.where[rank] = dst
-        touched = self._touched(rank)
+        touched = self.touched(rank)
         comm = {i: self._comm(i, self.where) for i in touched if i in self.peers}
         return src, {src, dst} | {self.where[i] for i in touched}, comm
 
@@ -485,7 +485,7 @@ class NoMoves(Policy):
 
 @register
 class Greedy(Policy):
-    """The heaviest rank to the host where it would run soonest, while that lowers the step time."""
+    """The heaviest rank to the host where it would run soonest, while that relieves a most loaded host."""
     name = "greedy"
     PARAMS = dict([_MAX_MOVES, _TARGETS])
 
@@ -500,6 +500,9 @@ class Greedy(Policy):
                 break
             r = found
             src = ls.where[r]
+            if ls.load[src] < ls.step_s * (1 - REL_EPS):
+                out.append(self._no(f"greedy: the heaviest rank not yet moved ({r}) is not on a most loaded host", r))
+                break
             pool = ls.pool(r, self.params["targets"])
             if not pool:
                 out.append(self._no(f"greedy: no host can take rank {r}", r))
@@ -593,7 +596,7 @@ class CommAware(Policy):
                 for r in sorted(ls.members[h]):
                     if r in moved or not ls.movable(r):
                         continue
-                    peers = {ls.where[j] for j in ls._touched(r)} - {h}
+                    peers = {ls.where[j] for j in ls.touched(r)} - {h}
                     for dst in ls.pool(r, self.params["targets"], peers):
                         relief, _ = ls.relief(r, dst)
                         if relief > ls.step_s * REL_EPS:
