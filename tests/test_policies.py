@@ -550,3 +550,22 @@ def test_peer_numbers_decoded_from_json_count_too():
     ranks = [dataclasses.replace(r, sent={str(k): v for k, v in r.sent.items()}) for r in s.ranks]
     s = Snapshot(t=s.t, ranks=tuple(ranks), hosts=s.hosts)
     assert moves(parse("comm-aware:max_moves=1").decide(s, cost())) == [(4, "b")]
+
+
+def test_a_quota_host_that_looks_free_with_one_rank_gets_no_rank_back():
+    # Round 1 (t=100): S1; c shows share 0.5 with 2 ranks: K = 1 core (a quota). Rank 4 goes to a.
+    # Round 2 (t=110): a {0, 1, 4} shares 2 cores (2/3 each, 0.15 s/point); b {2, 3} 0.1; c {5} runs at full
+    # speed (1 core for 1 rank). Seen afresh, c looks like a free 2-slot host: rank 0 to c would make
+    # a 0.1, c {5, 0} 0.1 -- a move back onto the quota. Remembering K = 1: c {5, 0} gets 0.5 each, 0.2:
+    # no move.
+    b = Balancer("greedy", cost=cost())
+    assert moves(b.decide(s1())) == [(4, "a")]
+    ranks = [R(0, "a", compute=0.15), R(1, "a", compute=0.15), R(2, "b"), R(3, "b"), R(4, "a", compute=0.15),
+             R(5, "c")]
+    after = snap(ranks, [H("a", speed=2 / 3), H("b"), H("c")], t=110.0)
+    assert moves(Balancer("greedy", cost=cost()).decide(after)) == [(0, "c")]     # no memory: the wrong move
+    assert moves(b.decide(after)) == []
+    # the memory lasts capacity_memory_s
+    b = Balancer("greedy", cost=cost(), capacity_memory_s=5.0)
+    b.decide(s1())
+    assert moves(b.decide(after)) == [(0, "c")]

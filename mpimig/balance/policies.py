@@ -14,7 +14,10 @@ each safe point):
   ``compute_s x speed`` of its host);
 - a host offers ``K`` core-equivalents: ``speed x (n + E)`` when its ``n``
   ranks observe a CPU share ``speed < 1`` with ``E`` tasks from outside the
-  job, else ``max(slots, n + E)``; an empty host offers ``slots x speed``;
+  job; else its known ``capacity`` (at least ``n + E``), else
+  ``max(slots, n + E)``; an empty host offers ``capacity``, else ``slots x speed``
+  (a host that is not saturated does not show a quota: the balancer remembers
+  the capacity it saw when the host was saturated);
 - with ``n`` ranks there, each gets a CPU share ``min(1, K / (n + E))`` and a
   rank's time per point is ``w / share + comm``, where ``comm`` is the bytes
   per point it sends to each peer over the bandwidth between their hosts
@@ -66,10 +69,12 @@ def _capacity(h: HostMetrics, n: int) -> float:
     """Core-equivalents the host offers (see the module's docstring)."""
     speed = h.speed if h.speed > 0 else 1.0
     E = max(0.0, h.external_load)
+    if n > 0 and speed < 1.0:
+        return max(1e-9, speed * (n + E))             # saturated: the share its ranks get says it
+    if h.capacity > 0:
+        return max(h.capacity, n + E if n > 0 else 0.0)
     if n <= 0:
         return max(1e-9, h.slots * min(speed, 1.0))
-    if speed < 1.0:
-        return max(1e-9, speed * (n + E))
     return float(max(h.slots, n + E))
 
 
