@@ -569,3 +569,11 @@ def test_a_quota_host_that_looks_free_with_one_rank_gets_no_rank_back():
     b = Balancer("greedy", cost=cost(), capacity_memory_s=5.0)
     b.decide(s1())
     assert moves(b.decide(after)) == [(0, "c")]
+
+
+def test_cost_model_from_one_file_server_size():
+    # one size of 64 MiB in 1.0 + 67108864 / 5e7 s: the default fixed part (0.4 s) stays, the bandwidth
+    # is 67108864 / (2.34217728 - 0.4)
+    rows = [{"strategy": "file-server", "size": 1 << 26, "dirty": 0.0, "state": "done", "downtime": 2.34217728}]
+    m = CostModel.from_bench_json({"rows": rows})
+    assert m.fs_fixed_s == 0.4 and m.storage_bw == pytest.approx(67108864 / 1.94217728)

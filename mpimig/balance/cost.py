@@ -98,7 +98,7 @@ class CostModel:
     chunk: int = MiB                # MPIMIG_CHUNK: the granularity of pre-copy's dirty tracking and post-copy
     local_bw: float = 8.0e9         # application messages within a host (load model)
     net_bw: float = 1.0e9           # application messages between hosts (load model)
-    background_weight: float = 0.1  # share of background copying time the job loses
+    background_weight: float = 0.1  # share of the background copying work (core seconds) the job loses
     alpha: float = 0.3              # weight of a new observation in the running estimates
     precopy_factor: float = 1.0     # observed / predicted pre-copy downtime (learned)
     observations: int = 0
@@ -149,9 +149,14 @@ class CostModel:
                  if not r.get("dirty") and r["size"] >= 16 * MiB and r["downtime"] > self.fixed_s]
         if scans:
             self.scan_bw = _median(scans)
-        fs = _line([(r["size"], r["downtime"]) for r in by["file-server"]])
+        fs_pts = [(r["size"], r["downtime"]) for r in by["file-server"]]
+        fs = _line(fs_pts)
         if fs is not None:
             self.fs_fixed_s, self.storage_bw = fs
+        else:       # one size: the bandwidth above the default fixed part, from >= 16 MiB
+            bws = [b / (d - self.fs_fixed_s) for b, d in fs_pts if b >= 16 * MiB and d > self.fs_fixed_s]
+            if bws:
+                self.storage_bw = _median(bws)
         spawns = [r["spawn"] for r in rows if r.get("spawn") is not None]
         if spawns:
             if data.get("spares"):
