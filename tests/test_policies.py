@@ -577,3 +577,12 @@ def test_cost_model_from_one_file_server_size():
     rows = [{"strategy": "file-server", "size": 1 << 26, "dirty": 0.0, "state": "done", "downtime": 2.34217728}]
     m = CostModel.from_bench_json({"rows": rows})
     assert m.fs_fixed_s == 0.4 and m.storage_bw == pytest.approx(67108864 / 1.94217728)
+
+
+def test_moves_after_the_best_paying_prefix_are_refused():
+    # S1: rank 4 to a (T 0.2 -> 0.15, net 5 - 1.2 x 0.0501 = 4.94 s), then rank 0 to b (a 0.1, b 0.15: T stays
+    # 0.15; net 5 - 1.2 x 0.1002 = 4.88 s): the first move alone pays most, the second is refused.
+    out = Balancer(Scripted([(4, "a"), (0, "b")]), cost=cost()).decide(s1())
+    assert moves(out) == [(4, "a")]
+    assert refused(out)[0].rank == 0 and refused(out)[0].reason.startswith(
+        "cost-benefit: the plan's first 1 move(s) pay most (net 4.94 s); up to this one: net 4.88 s")

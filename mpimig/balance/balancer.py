@@ -196,9 +196,12 @@ class Balancer:
                 if T0 - Tk < self.min_gain * T0:
                     why = (f"cost-benefit: the step time would drop {100 * (T0 - Tk) / T0 if T0 else 0:.3g}% "
                            f"(< {100 * self.min_gain:g}%)")
-                else:
+                elif plan_gain <= m * cumk:
                     why = (f"cost-benefit: gain {plan_gain:.4g} s over {R} remaining points does not exceed "
                            f"cost {cumk:.4g} s by the margin {self.margin:g}")
+                else:
+                    why = (f"cost-benefit: the plan's first {best_k} move(s) pay most (net {best_net:.4g} s); "
+                           f"up to this one: net {plan_gain - m * cumk:.4g} s")
                 out.append(_refuse(d, why))
             elif slots <= 0:
                 out.append(_refuse(d, f"in flight: {self.max_in_flight} migration(s) at once; deferred"))

@@ -240,15 +240,15 @@ class LoadState:
         return max(max(new.values()), self.rest_max(set(new)))
 
     def relief(self, rank: int, dst: str) -> tuple[float, float]:
-        """(how much the move lowers the load level of its source host, the step time after it).
+        """(how much the move lowers the load of the rank's host without raising a host it touches
+        to that level, the job's step time after it).
 
-        The level after the move is the largest of the hosts it touches and of the other hosts
-        below the source's present load (hosts tied with it are left to later moves of a plan),
-        so a plan can take load off several equally loaded hosts one move at a time."""
+        The relief ignores the other hosts: when several are (nearly) as loaded, the step time
+        drops only once a plan has relieved them all (the balancer judges the plan's prefixes)."""
         L = self.load[self.where[rank]]
         new = self.after(rank, dst)
         top = max(new.values())
-        return L - max(top, self.rest_max(set(new), below=L)), max(top, self.rest_max(set(new)))
+        return L - top, max(top, self.rest_max(set(new)))
 
     def apply(self, rank: int, dst: str) -> None:
         """Make the move for good (in this model)."""
@@ -627,7 +627,7 @@ class MultiFactor(Policy):
     """The source document's proposal: each (rank, target, strategy) scored on time, space and weight."""
     name = "multi-factor"
     PARAMS = {
-        "w_time": (1.0, "weight of G, the seconds the move saves over the remaining run"),
+        "w_time": (1.0, "weight of G, the seconds the move takes off its host's time over the remaining run"),
         "w_down": (1.0, "weight of p x D: priority times the job's seconds lost to the move"),
         "w_total": (0.05, "weight of X, the seconds from request until the old process is freed"),
         "w_space": (0.5, "seconds per GiB moved (network and memory traffic)"),
