@@ -56,6 +56,9 @@ PROGS = ROOT / "tests" / "progs"
     (b'{"op": "migrate", "rank": 1, "to": "h", "origin": "self"}\n', "unknown key 'origin'"),
     (b'{"op": "status", "rank": 1}\n', "unknown key 'rank'"),
     (b'{"op": "drain", "host": 3}\n', "'host' must be a string"),
+    (b'{"op": "drain", "host": "h1\\nmpimig: forged log line"}\n', "'host' has an unprintable character"),
+    (b'{"op": "migrate", "rank": 1, "to": "\\ud800"}\n', "'to' has an unprintable character"),
+    (b'{"op": "status", "auth": {"t": 1, "nonce": "n"}}\n', "auth: missing 'mac'"),
     (b'{"op": "status", "auth": "x"}\n', "'auth' must be an object"),
     (b'{"op": "status", "auth": {"t": 1, "nonce": "n", "mac": "m", "k": 1}}\n', "unknown key 'k'"),
 ], ids=lambda v: v[:30].decode(errors="replace") if isinstance(v, bytes) else None)

@@ -549,7 +549,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
     p.add_argument("--restart", choices=RESTART_MODES, default="auto", help="restart policy (below)")
     p.add_argument("--migrate", action="append", metavar="STEP:RANK:HOST[:STRATEGY]",
                    help="migrate RANK to HOST at checkpoint point STEP (repeatable); STRATEGY: "
-                        "stop-and-copy (default), pre-copy, post-copy or file-server")
+                        "stop-and-copy (default), pre-copy, post-copy or file-server. HOST must be in "
+                        "--hosts (without it: this host); an entry the job does not carry out is "
+                        "named in a warning at the end")
     p.add_argument("--coordinator", action="store_true",
                    help="start the coordinator even without a schedule (for mpimig migrate)")
     p.add_argument("--spares", type=int, default=0, metavar="K",

@@ -116,8 +116,8 @@ def parse_request(line: bytes) -> dict:
         A new dict with ``op`` and only the keys :data:`SCHEMA` allows for that op,
         each of its exact type (``True`` is never a rank), plus ``auth`` (checked for
         shape only; :class:`Authenticator` checks the MAC) if the request had one.
-        For ``migrate``: ``0 <= rank <= 2**31-1``; strings are non-empty and at most
-        :data:`MAX_STRING` characters. Whether the rank or host exists is the
+        For ``migrate``: ``0 <= rank <= 2**31-1``; strings are non-empty, printable
+        and at most :data:`MAX_STRING` characters. Whether the rank or host exists is the
         coordinator's question (step 2, negotiate).
 
     Raises:
@@ -176,7 +176,10 @@ def validate_request(obj: Any) -> dict:
         extra = [k for k in auth if k not in AUTH_FIELDS]
         if extra:
             raise RequestError(f"auth: unknown key {_show(extra[0])} (allowed: t, nonce, mac)")
-        out[AUTH_KEY] = {k: _field("auth", k, auth.get(k), typ) for k, typ in AUTH_FIELDS.items()}
+        missing = [k for k in AUTH_FIELDS if k not in auth]
+        if missing:
+            raise RequestError(f"auth: missing {missing[0]!r} (auth has t, nonce and mac)")
+        out[AUTH_KEY] = {k: _field("auth", k, auth[k], typ) for k, typ in AUTH_FIELDS.items()}
     return out
 
 
@@ -187,6 +190,8 @@ def _field(op: str, key: str, v: Any, typ: type) -> Any:
         raise RequestError(f"{op}: {key!r} out of range: {_show(v)}")
     if isinstance(v, str) and not 0 < len(v) <= MAX_STRING:
         raise RequestError(f"{op}: {key!r} must be 1..{MAX_STRING} characters, not {len(v)}")
+    if isinstance(v, str) and not v.isprintable():      # no control characters, no lone surrogates
+        raise RequestError(f"{op}: {key!r} has an unprintable character: {_show(v)}")
     return v
 
 
