@@ -347,6 +347,10 @@ def test_status_after_the_coordinator_died(tmp_path):
 def test_bad_requests_leave_the_job_running_and_bit_identical(tmp_path):
     job, out = tmp_path / "job", tmp_path / "out.npy"
     steps = 250
+    job.mkdir()
+    fd = os.open(job / "secret", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)   # the job secret
+    os.write(fd, os.urandom(32).hex().encode())
+    os.close(fd)
     proc = _start(mpimig_cmd("run", "-n", 2, "--job-dir", job, "--coordinator", "--timeout", 240,
                              APPS / "heat2d.py", "--n", 64, "--steps", steps, "--work-ms", 40, "--out", out),
                   env=base_env(MPIMIG_CONTROL_DEADLINE=2))
@@ -358,7 +362,8 @@ def test_bad_requests_leave_the_job_running_and_bit_identical(tmp_path):
                              (b"null\n", "a request is a JSON object such as {\"op\": \"status\"}, not null"),
                              (b'{"op": "migrate", "rank": true, "to": "%s"}\n' % HOST.encode(),
                               "'rank' must be an integer, not a boolean"),
-                             (b'{"op": "status", "bogus": 1}\n', "unknown key 'bogus'")]:
+                             (b'{"op": "status", "bogus": 1}\n', "unknown key 'bogus'"),
+                             (b'{"op": "status"}\n', "authentication required")]:
             rep = ask_raw(path, payload)
             assert rep["ok"] is False and why in rep["error"], (payload, rep)
         rep, err = big_request(path)
@@ -366,17 +371,17 @@ def test_bad_requests_leave_the_job_running_and_bit_identical(tmp_path):
         assert isinstance(err, OSError), err
         rep, _ = slow_request(path)
         assert rep["ok"] is False and "did not arrive whole within 2 s" in rep["error"], rep
-        st = control.request(job, {"op": "status"}, timeout=60)     # still there, still running
+        st = control.request(job, {"op": "status"}, timeout=60)     # signed; still there, still running
         assert st["finished"] is False and len(st["routing"]) == 2, st
         _, stderr = proc.communicate(timeout=240)
     finally:
         kill_session(proc.pid)
     assert "job completed" in stderr, stderr[-3000:]
     # every refusal is logged: on the job's stderr and in its event log
-    assert stderr.count("mpimig: coordinator: control request (unix) refused: ") == 6, stderr[-3000:]
+    assert stderr.count("mpimig: coordinator: control request (unix) refused: ") == 7, stderr[-3000:]
     refused = [e for e in map(json.loads, (job / "events.jsonl").read_text().splitlines())
                if e["event"] == "control_refused"]
-    assert len(refused) == 6 and "longer than 65536 bytes" in refused[4]["error"], refused
+    assert len(refused) == 7 and "longer than 65536 bytes" in refused[5]["error"], refused
     assert read(job, "complete.json")["points"] == steps
     assert np.load(out).tobytes() == heat_ref(tmp_path, 64, steps)
 
@@ -447,10 +452,24 @@ def test_mpi_abort_is_summarised_as_an_abort(tmp_path):
      "host lost: PRRTE lost communication with a remote daemon"),
     ("prterun noticed that process rank 1 with PID 77 on node h2 exited on signal 9 (Killed).",
      "a rank was killed by a signal: world rank 1 (pid 77) on h2 exited on signal 9"),
-], ids=["ompi-abort", "mpich-abort", "coordinator", "host-lost", "signal"])
+    # seen: a migration source killed (SIGKILL); the coordinator's MPI error handler then aborts
+    ("[vm:00000] *** An error occurred in Socket closed\n[vm:00000] *** reported by process [3388932097,0]\n"
+     "[vm:00000] *** on a NULL communicator\n[vm:00000] *** MPI_ERRORS_ARE_FATAL (processes in this "
+     "communicator will now abort,\nprterun has exited due to process rank 0 with PID 0 on node vm calling\n"
+     "\"abort\". This may have caused other processes in the application to be\nterminated by signals",
+     "a process of the job was killed by a signal: mpiexec exit status 137 (signal 9); then process 0 of job "
+     "3388932097 stopped on an MPI error ('Socket closed', MPI_ERRORS_ARE_FATAL)"),
+], ids=["ompi-abort", "mpich-abort", "coordinator", "host-lost", "signal", "killed-then-fatal"])
 def test_loss_reasons_match_what_happened(output, reason):
     from mpimig.launch.launcher import loss_reason
-    assert loss_reason(output, 1).startswith(reason), loss_reason(output, 1)
+    rc = 137 if "Socket closed" in output else 1
+    assert loss_reason(output, rc).startswith(reason), loss_reason(output, rc)
+    if "Socket closed" in output:       # the same seen with mpiexec exit status 1: a peer went away
+        assert loss_reason(output, 1) == ("a process of the job died (killed by a signal, or exited); then "
+                                          "process 0 of job 3388932097 stopped on an MPI error ('Socket "
+                                          "closed', MPI_ERRORS_ARE_FATAL)")
+        assert loss_reason(output.replace("Socket closed", "MPI_ERR_TRUNCATE"), 1).startswith(
+            "an MPI error was fatal: process 0 of job 3388932097 stopped on an MPI error ('MPI_ERR_TRUNCATE'")
 
 
 def test_help_of_status_is_true():

@@ -225,14 +225,15 @@ def _kill_job(proc: subprocess.Popen) -> None:
 
 
 # What mpiexec prints when a job is lost, and the reason recorded in the
-# ``job_lost`` event (first match wins; PLATFORM.md: mpiexec may still exit 0).
-# An abort comes before the signals: after MPI_Abort, Open MPI says the other
-# processes "may have been terminated by signals".
+# ``job_lost`` event (PLATFORM.md: mpiexec may still exit 0). The order of the
+# checks is in :func:`loss_reason`; these generic phrases come last, an abort
+# before the signals: after MPI_Abort, Open MPI says the other processes "may
+# have been terminated by signals".
 LOSS_PATTERNS = [
     ("lost communication with a remote daemon", "host lost: PRRTE lost communication with a remote daemon"),
     ("lost connection to the remote daemon", "host lost: lost connection to a remote daemon"),
     ("MPI_ABORT was invoked", "a rank called MPI_Abort"),
-    ("calling \"abort\"", "a rank called MPI_Abort"),
+    ("calling \"abort\"", "a process aborted the job"),
     ("Abort(", "a rank called MPI_Abort"),
     ("exited on signal", "a rank was killed by a signal"),
     ("killed by signal", "a rank was killed by a signal"),
@@ -248,6 +249,11 @@ _OMPI_ABORT = re.compile(r"MPI_ABORT was invoked on rank (\d+) in communicator (
                          r"(?:.{0,300}?[Ee]rrorcode:? (-?\d+))?")
 # MPICH: "Abort(1) on node 3 (rank 3 in comm 0): application called MPI_Abort(MPI_COMM_WORLD, 1)"
 _MPICH_ABORT = re.compile(r"Abort\((-?\d+)\) on node (\d+)")
+# Open MPI's default error handler: "*** An error occurred in Socket closed [vm:00000] *** reported by
+# process [3388932097,0]" ... "MPI_ERRORS_ARE_FATAL" -- an MPI error in a process, not a call of MPI_Abort
+_FATAL = re.compile(r"An error occurred in (.{1,80}?) (?:\[[^\]]*\] )?\*\*\* reported by process \[(\d+),(\d+)\]")
+# MPI errors that say a peer process went away (its connection closed)
+_PEER_GONE = re.compile(r"socket closed|connection|proc(ess)?[_ ]failed|peer", re.IGNORECASE)
 # mpimig's own line before it aborts (mpimig.runtime.run): names the logical rank
 _MPIMIG_FAILED = re.compile(r"mpimig: (rank \d+|process \d+ of MPI_COMM_WORLD \(before it had a rank\)|"
                             r"a spawned process \(before it had a rank\)): (unhandled exception|error)")
@@ -273,33 +279,52 @@ def _abort_reason(flat: str) -> str | None:
     return f"a rank called MPI_Abort ({code_s}; {where})"
 
 
+def _signal_exit(returncode: int | None) -> int | None:
+    """The signal N when mpiexec exited with 128 + N (a process of the job died of it)."""
+    if returncode is not None and 128 < returncode < 128 + 65:
+        return returncode - 128
+    return None
+
+
 def loss_reason(output: str, returncode: int | None, timed_out: bool = False) -> str:
-    """Why a job left no completion record, from mpiexec's output and exit status:
-    a lost host, an abort (with its error code and the logical rank mpimig named),
-    a signal, a timeout."""
+    """Why a job left no completion record, from mpiexec's output and exit status.
+
+    In this order: a lost host; a process that exited on a signal (Open MPI's line);
+    a call of MPI_Abort (with its error code and the logical rank mpimig named);
+    mpiexec's exit status 128+N (a process died of signal N, also when Open MPI
+    printed only the abort that followed in another process); a fatal MPI error;
+    the generic phrases of :data:`LOSS_PATTERNS`."""
     if timed_out:
         return "timeout"
     flat = " ".join(output.split())         # Open MPI wraps its messages at 72 columns
     for pat, reason in LOSS_PATTERNS[:2]:
         if pat in flat:
             return reason
-    abort = _abort_reason(flat)
-    if abort:
-        return abort
     m = _SIGNALLED.search(flat)
     if m:
         return (f"a rank was killed by a signal: world rank {m.group(1)} (pid {m.group(2)}) on "
                 f"{m.group(3)} exited on signal {m.group(4)}")
+    sig = _signal_exit(returncode)
+    abort = _abort_reason(flat)
+    if abort:
+        return abort + (f"; mpiexec exit status {returncode}: a process died of signal {sig}" if sig else "")
+    fatal = _FATAL.search(flat)
+    then = (f"; then process {fatal.group(3)} of job {fatal.group(2)} stopped on an MPI error "
+            f"({fatal.group(1)!r}, MPI_ERRORS_ARE_FATAL)") if fatal else ""
+    if sig:
+        # mpiexec passes on 128 + N when a process of the job died of signal N, also
+        # when it printed no "exited on signal" message before it ended
+        return (f"a process of the job was killed by a signal: mpiexec exit status {returncode} "
+                f"(signal {sig}){then}")
+    if fatal and _PEER_GONE.search(fatal.group(1)):
+        return f"a process of the job died (killed by a signal, or exited){then}"
+    if fatal:
+        return f"an MPI error was fatal: {then[len('; then '):]}"
     for pat, reason in LOSS_PATTERNS[2:]:
         if pat in flat:
             return reason
     if returncode is not None and returncode < 0:
         return f"mpiexec killed by signal {-returncode}"
-    if returncode is not None and 128 < returncode < 128 + 65:
-        # mpiexec passes on 128 + N when a process of the job died of signal N, also
-        # when it printed no "exited on signal" message before it ended
-        return (f"a process of the job was killed by a signal: mpiexec exit status {returncode} "
-                f"(signal {returncode - 128})")
     return f"no completion record (mpiexec exit status {returncode})"
 
 
@@ -421,7 +446,8 @@ def unhonoured_schedule(cfg: Config, rec: dict) -> list[str]:
                   and m.get("to") == host and m.get("at_point") == point), None)
         if m is not None and m.get("state") == "done":
             continue
-        why = f"{m.get('state')}" if m is not None else "the coordinator did not accept it (see its message above)"
+        why = (f"{m.get('state')}" if m is not None
+               else "the coordinator refused it at the start (MPIMIG_LOG=warning shows why)")
         if points == 0:
             why += ("; the program passed no checkpoint points (it never calls ctx.checkpoint_point()), "
                     "so no migration can happen in it")
