@@ -31,6 +31,14 @@ HOST = socket.gethostname()
 PROGS = ROOT / "tests" / "progs"
 
 
+@pytest.fixture(autouse=True)
+def _no_control_env(monkeypatch):
+    """In-process clients and servers: no secret, address or deadline from the caller's shell."""
+    for k in ("MPIMIG_SECRET_FILE", "MPIMIG_CONTROL_ADDR", "MPIMIG_CONTROL_TCP", "MPIMIG_CONTROL_DEADLINE",
+              "MPIMIG_CONTROL_MAX_CONN"):
+        monkeypatch.delenv(k, raising=False)
+
+
 # -- the schema (pure) -------------------------------------------------------------------
 @pytest.mark.parametrize("line, why", [
     (b"[1,2,3]\n", "a request is a JSON object"),
@@ -475,3 +483,13 @@ def test_loss_reasons_match_what_happened(output, reason):
 def test_help_of_status_is_true():
     res = run_cmd([sys.executable, "-m", "mpimig", "status", "--help"], timeout=60, check_rc=0)
     assert "coordinator is gone" in " ".join(res.stdout.split())
+
+
+def test_secret_file_from_the_environment(serve, tmp_path):
+    key = tmp_path / "elsewhere.key"
+    key.write_bytes(b"a secret kept outside the job directory")
+    srv = serve(MPIMIG_SECRET_FILE=str(key))
+    assert not (srv.job_dir / "secret").exists()
+    rep = ask_raw(srv.path, b'{"op": "status"}\n')
+    assert rep["ok"] is False and "authentication required" in rep["error"]
+    assert control.request(srv.job_dir, {"op": "status"}, timeout=30) == {"ok": True, "got": {"op": "status"}}
