@@ -681,7 +681,10 @@ def cmd_migrate(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("migrate", help="move a rank of a running job to another host",
                        description="Ask a running job's coordinator to move logical rank RANK to HOST. "
-                                   "The move happens at the rank's next checkpoint point.")
+                                   "The move happens at the rank's next checkpoint point. Requests are "
+                                   "signed with the job secret when there is one (MPIMIG_SECRET_FILE, else "
+                                   "JOB_DIR/secret); MPIMIG_CONTROL_ADDR=HOST:PORT reaches a coordinator "
+                                   "that listens on TCP (docs/protocol.md, The control channel).")
     p.add_argument("job", metavar="JOB", help="the job directory (mpimig run --job-dir)")
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--to", required=True, metavar="HOST")
