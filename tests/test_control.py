@@ -493,3 +493,17 @@ def test_secret_file_from_the_environment(serve, tmp_path):
     rep = ask_raw(srv.path, b'{"op": "status"}\n')
     assert rep["ok"] is False and "authentication required" in rep["error"]
     assert control.request(srv.job_dir, {"op": "status"}, timeout=30) == {"ok": True, "got": {"op": "status"}}
+
+
+def test_status_refused_for_a_wrong_secret_is_an_error_not_gone(serve, tmp_path, monkeypatch):
+    job = tmp_path / "job"
+    (job / "secret").write_bytes(b"the job's own secret")
+    srv = serve()
+    (job / "status.json").write_text(json.dumps({"run_id": "r", "finished": False, "size": 2, "routing": []}))
+    assert control.job_status(job, timeout=30)["got"] == {"op": "status"}       # the coordinator answers
+    wrong = tmp_path / "wrong.key"
+    wrong.write_bytes(b"not the job's secret")
+    monkeypatch.setenv("MPIMIG_SECRET_FILE", str(wrong))      # the server read its secret already
+    with pytest.raises(control.MigrationError, match="refused the status request: authentication failed"):
+        control.job_status(job, timeout=30)
+    assert srv.path.exists()

@@ -609,15 +609,16 @@ def job_status(job_dir, timeout: float | None = 30.0) -> dict:
     reason = None
     try:
         st = request(job_dir, {"op": "status"}, timeout=timeout)
-        if st.get("ok") is False:
+    except CoordinatorGone as exc:
+        reason = str(exc)
+    except MigrationError:            # no coordinator to ask: only a finished job has a status to show
+        if not (job_dir / STATUS_FILE).exists() or not _read_json(job_dir / STATUS_FILE).get("finished"):
+            raise
+    else:
+        if st.get("ok") is False:     # it answered: e.g. a request that is not signed with its secret
             raise MigrationError(f"the job in {job_dir} refused the status request: {st.get('error')}")
         st["state"] = "finished" if st.get("finished") else "running"
         return st
-    except CoordinatorGone as exc:
-        reason = str(exc)
-    except MigrationError:
-        if not (job_dir / STATUS_FILE).exists():
-            raise
     st = _read_json(job_dir / STATUS_FILE)
     if st.get("finished"):
         st["state"] = "finished"
