@@ -235,10 +235,9 @@ def cmd_policy_list(args) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     for row in rows:
-        params = row.get("params") or {}
-        ptxt = ", ".join(f"{k}={v}" for k, v in params.items()) if isinstance(params, dict) else str(params)
-        print(f"{row.get('name')}: {' '.join(str(row.get('summary', row.get('doc', ''))).split())}"
-              + (f"\n    parameters: {ptxt}" if ptxt else ""))
+        print(f"{row['name']}: {row.get('doc', '')}")
+        for k, v in (row.get("params") or {}).items():
+            print(f"    {k}={v.get('default')!r}: {v.get('doc', '')}")
     return 0
 
 
