@@ -110,7 +110,7 @@ class BalanceDriver:
         out = {}
         for h in self.hosts:
             reps = [self.reports[r["rank"]] for r in routing if r["host"] == h and r["rank"] in self.reports]
-            shares = [min(1.0, rep["cpu_share"]) for rep in reps if rep.get("points")]
+            shares = [rep["cpu_share"] for rep in reps if rep.get("points") and rep["compute_s"] > 0]
             newest = max(reps, key=lambda rep: rep["t"]) if reps else None
             running = sum(1 for r in routing if r["host"] == h)
             out[h] = HostMetrics(
