@@ -87,6 +87,26 @@ def test_greedy_on_one_host_reports_metrics_and_decides_no_move(tmp_path):
     assert read(job, "status.json")["migrations"] == []
 
 
+def test_a_moved_rank_meters_in_its_new_process(tmp_path):
+    """--policy none with a scheduled migration of rank 1: the report of its old process
+    is dropped, its new process meters and reports, nothing else moves; bit-identical."""
+    job, out = tmp_path / "job", tmp_path / "out.npy"
+    res = run_cmd(mpimig_cmd("run", "-n", 3, "--job-dir", job, "--policy", "none", "--metrics-seconds", 0.2,
+                             "--balance-seconds", 0.5, "--migrate", f"10:1:{HOST}",
+                             APPS / "heat2d.py", "--n", 64, "--steps", 100, "--work-ms", 20, "--out", out),
+                  timeout=240)
+    assert "job completed" in res.stderr, res.stderr[-3000:]
+    assert np.load(out).tobytes() == heat_ref(tmp_path, 64, 100)
+    st = read(job, "status.json")
+    assert [(m["rank"], m["state"], m["origin"]) for m in st["migrations"]] == [(1, "done", "schedule")]
+    moved = st["balance"]["ranks"][1]
+    assert moved["pid"] == st["routing"][1]["pid"] == read(job, "complete.json")["ranks"][1]["pid"]
+    assert moved["points"] > 10 and moved["compute_s"] >= 0.020
+    assert moved["sent"] == {"0": ROW_BYTES, "2": ROW_BYTES}
+    decisions = [e for e in events.read(job) if e["event"] == "decision"]
+    assert decisions and not [e for e in decisions if e["move"]]
+
+
 def _layers(tmp_path, name, *flags):
     job, out = tmp_path / name, tmp_path / f"{name}.json"
     res = run_cmd(mpimig_cmd("run", "-n", 2, "--job-dir", job, *flags, BENCH_APP,

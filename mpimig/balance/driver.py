@@ -188,7 +188,7 @@ class BalanceDriver:
                           "comm_s": rm.comm_wait_s, "cpu_s": rm.cpu_s, "points": rm.points,
                           "state_bytes": rm.state_bytes, "rss_bytes": rm.rss_bytes, "weight": rm.weight,
                           "sent": {str(k): v for k, v in rm.sent.items()},
-                          "report_age_s": round(now - rep["t"], 3) if rep else None})
+                          "pid": rep.get("pid"), "report_age_s": round(now - rep["t"], 3) if rep else None})
         hosts = {}
         for h, hm in self.host_metrics(routing, spares).items():
             on = [rm for rm in (self.rank_metrics(r["rank"], r["host"]) for r in routing) if rm.host == h]
