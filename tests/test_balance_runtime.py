@@ -185,3 +185,19 @@ def test_drain_refuses_an_unknown_host_and_the_job_finishes(tmp_path):
     assert st["migrations"] == [] and st["balance"]["draining"] == [HOST]
     drains = [e for e in events.read(job) if e["event"] == "drain"]
     assert [(e["host"], e["ranks"]) for e in drains] == [(HOST, [0, 1, 2])]
+
+
+def test_bench_metrics_smoke(tmp_path):
+    """`mpimig bench metrics` runs end to end on tiny settings: both modes in one run,
+    the same result everywhere, the layer where it belongs; the 2% goal is not asserted."""
+    out = tmp_path / "m.json"
+    res = run_cmd(mpimig_cmd("bench", "metrics", "--repeat", 1, "--n", 64, "--steps", 70, "--block", 10,
+                             "--dir", tmp_path, "--json", out), timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    assert "overhead" in res.stdout and "us per step" in res.stdout, res.stdout
+    data = json.loads(out.read_text())
+    assert data["ok"] and data["same_result"]
+    assert [(r["mode"], r["layers"]) for r in data["runs"]] == [("alternate", [["metrics"], ["metrics"]]),
+                                                                ("plain", [[], []])]
+    assert data["on_step_s"] > 0 and data["off_step_s"] > 0 and data["metering_cpu_s_per_step"] > 0
+    assert len(data["runs"][0]["ratios"]) == 2      # on blocks 3 and 5 (1 is in the warm-up)
