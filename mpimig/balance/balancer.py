@@ -8,7 +8,7 @@ refusal, with the rule that refused it in ``reason``. The rules, in order:
 1. **Drains are mandatory.** Ranks on hosts to empty (``snap.drain``, hosts
    marked draining, or a ``drain`` policy's hosts) are moved whatever the
    policy, without cost-benefit or cool-down; only the in-flight limit defers
-   them to a later round.
+   them to a later round. While a drain goes on, the policy is not asked.
 2. **Warm-up.** No other move until every rank has passed ``min_points``
    safe points (its metrics mean something).
 3. **Validity.** The rank exists and is on a live host; the target is alive,
@@ -33,8 +33,8 @@ from typing import Any
 
 from ..errors import UsageError
 from .cost import CostModel
-from .policies import Drain, LoadState, Policy, drain_hosts, make, remaining_points
-from .snapshot import Decision, Snapshot, StrategyCost
+from .policies import Drain, LoadState, Policy, drain_hosts, make
+from .snapshot import Decision, HostMetrics, Snapshot, StrategyCost
 
 
 class Balancer:
@@ -67,23 +67,28 @@ class Balancer:
     def decide(self, snap: Snapshot) -> list[Decision]:
         """Every outcome of one decision round (see the module's docstring for the rules)."""
         out: list[Decision] = []
-        ls = LoadState(snap, self.cost)
+        ls = _Lazy(snap, self.cost)
         slots = max(0, self.max_in_flight - snap.in_flight)
         taken: set[int] = set()
         extra = self.policy.host_list() if isinstance(self.policy, Drain) else ()
-        if drain_hosts(snap, extra):
+        to_empty = drain_hosts(snap, extra)
+        if any(r.host in to_empty for r in snap.ranks):
             for d in Drain(hosts=";".join(extra)).decide(snap, self.cost):
                 if not d.move:
                     out.append(d)
                 elif slots > 0:
                     out.append(self._accept(d, snap.t, "mandatory"))
-                    ls.apply(d.rank, d.to)
+                    ls.state.apply(d.rank, d.to)
                     taken.add(d.rank)
                     slots -= 1
                 else:
                     out.append(_refuse(d, f"in flight: {self.max_in_flight} migration(s) at once; the drain "
                                           "goes on in a later round"))
         if isinstance(self.policy, Drain):
+            return out or self.policy.decide(snap, self.cost)
+        if any(d.mandatory for d in out):
+            out.append(Decision(move=False, policy=self.policy.name,
+                                reason="drain first: the policy is asked again once the hosts are empty"))
             return out
         if snap.ranks and min(r.points for r in snap.ranks) < self.min_points:
             out.append(Decision(move=False, policy=self.policy.name,
@@ -103,7 +108,7 @@ class Balancer:
         out.extend(self._cost_benefit(plan, ls, snap, slots))
         return out
 
-    def _invalid(self, d: Decision, ls: LoadState, snap: Snapshot, taken: set[int]) -> str:
+    def _invalid(self, d: Decision, ls: _Lazy, snap: Snapshot, taken: set[int]) -> str:
         """The rule a proposed move breaks, or ''."""
         if d.rank not in ls.ranks:
             return f"invalid: no rank {d.rank}"
@@ -129,8 +134,11 @@ class Balancer:
             return f"cool-down: rank {d.rank} moved {snap.t - when:.3g} s ago (cool-down {self.cooldown_s:g} s)"
         return ""
 
-    def _cost_benefit(self, plan: list[Decision], ls: LoadState, snap: Snapshot, slots: int) -> list[Decision]:
-        R = remaining_points(snap)
+    def _cost_benefit(self, plan: list[Decision], lazy: _Lazy, snap: Snapshot, slots: int) -> list[Decision]:
+        if not plan:
+            return []
+        ls = lazy.state
+        R = ls.remaining
         T0 = ls.step_s
         m = 1 + self.margin
         steps: list[tuple[Decision, float, float, float]] = []    # (decision, cost, T after, cumulative cost)
@@ -172,6 +180,26 @@ class Balancer:
     def _accept(self, d: Decision, t: float, why: str) -> Decision:
         self.history[d.rank] = (d.src, d.to, t)
         return _with(d, reason=f"{d.reason}; {why}")
+
+
+class _Lazy:
+    """The snapshot's facts the rules need, and its load model built only when a plan needs it."""
+
+    def __init__(self, snap: Snapshot, cost: CostModel) -> None:
+        self.snap, self.cost = snap, cost
+        self.ranks = {r.rank: r for r in snap.ranks}
+        self.where = {r.rank: r.host for r in snap.ranks}
+        self.hosts = dict(snap.hosts)
+        for r in snap.ranks:
+            self.hosts.setdefault(r.host, HostMetrics(r.host))
+        self.banned = drain_hosts(snap)
+        self._state: LoadState | None = None
+
+    @property
+    def state(self) -> LoadState:
+        if self._state is None:
+            self._state = LoadState(self.snap, self.cost)
+        return self._state
 
 
 def _with(d: Decision, **changes: Any) -> Decision:
