@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 
 from mpimig import events
+from mpimig.migration.control import ControlServer, request
 from conftest import APPS, ROOT, base_env, heat_ref, kill_session, mpimig_cmd, read, run_cmd
 
 HOST = socket.gethostname()
@@ -47,7 +50,7 @@ def test_greedy_on_one_host_reports_metrics_and_decides_no_move(tmp_path):
     job, out = tmp_path / "job", tmp_path / "out.npy"
     proc = _start(mpimig_cmd("run", "-n", 3, "--job-dir", job, "--policy", "greedy",
                              "--metrics-seconds", 0.2, "--balance-seconds", 0.5,
-                             APPS / "heat2d.py", "--n", 64, "--steps", 150, "--work-ms", 20, "--out", out))
+                             APPS / "heat2d.py", "--n", 64, "--steps", 150, "--work-ms", 40, "--out", out))
     try:
         _wait_for(job / "control.json", proc)
         watch = run_cmd(mpimig_cmd("status", job, "--watch", "--interval", 0.5), timeout=240)
@@ -69,7 +72,7 @@ def test_greedy_on_one_host_reports_metrics_and_decides_no_move(tmp_path):
     assert sorted(ranks) == [0, 1, 2]
     for r in ranks.values():
         assert r["host"] == HOST and r["points"] > 0
-        assert r["compute_s"] >= 0.020          # each step sleeps 20 ms outside communication
+        assert r["compute_s"] >= 0.040          # each step sleeps 40 ms outside communication
         assert r["comm_s"] > 0                  # the halo exchange is timed
     # heat2d on a 3 x 1 grid: each rank sends one row per step to each neighbour above and below
     assert ranks[0]["sent"] == {"1": ROW_BYTES}
@@ -147,40 +150,27 @@ def test_unknown_policy_is_a_one_line_error(tmp_path, how):
 def test_drain_refuses_an_unknown_host_and_the_job_finishes(tmp_path):
     """`mpimig drain` of a host outside the job is refused in one line; a drain of the
     job's only host (a job without a policy: the drain needs none) names its ranks and
-    says why none can move; Ctrl-C stops `status --watch`. Bit-identical result."""
+    says why none can move. Bit-identical result."""
     job, out = tmp_path / "job", tmp_path / "out.npy"
     proc = _start(mpimig_cmd("run", "-n", 3, "--job-dir", job, "--coordinator",
-                             APPS / "heat2d.py", "--n", 64, "--steps", 200, "--work-ms", 30, "--out", out))
+                             APPS / "heat2d.py", "--n", 64, "--steps", 300, "--work-ms", 30, "--out", out))
     try:
         _wait_for(job / "control.json", proc)
         bad = run_cmd(mpimig_cmd("drain", job, "no-such-host"), timeout=60)
         assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
         assert bad.stderr.strip().splitlines() == [
             f"mpimig drain: error: unknown host 'no-such-host': the job's hosts are {HOST}"], bad.stderr
-        ok = run_cmd(mpimig_cmd("drain", job, HOST, "--json"), timeout=60, check_rc=0)
-        rep = json.loads(ok.stdout)
+        rep = request(job, {"op": "drain", "host": HOST})     # what the command sends, without its start-up
         assert rep["ok"] and rep["host"] == HOST and rep["ranks"] == [0, 1, 2] and rep["moves"] == []
         assert not [d for d in rep["decisions"] if d["move"]], rep["decisions"]
         reasons = [d["reason"] for d in rep["decisions"]]
         for r in (0, 1, 2):
             assert f"drain: no host can take rank {r} off {HOST}" in reasons, reasons
-
-        watch = subprocess.Popen([str(c) for c in mpimig_cmd("status", job, "--watch", "--interval", 0.2)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env(),
-                                 cwd=ROOT, start_new_session=True)
-        try:
-            first = watch.stdout.readline()             # the first refresh is on screen
-            assert first.strip(), watch.stderr.read()
-            os.kill(watch.pid, signal.SIGINT)
-            wout, werr = watch.communicate(timeout=30)
-        finally:
-            kill_session(watch.pid)
-        assert watch.returncode == 0 and "Traceback" not in werr, werr
         _, err = proc.communicate(timeout=240)
     finally:
         kill_session(proc.pid)
     assert "job completed" in err, err[-3000:]
-    assert np.load(out).tobytes() == heat_ref(tmp_path, 64, 200)
+    assert np.load(out).tobytes() == heat_ref(tmp_path, 64, 300)
     st = read(job, "status.json")
     assert st["migrations"] == [] and st["balance"]["draining"] == [HOST]
     drains = [e for e in events.read(job) if e["event"] == "drain"]
@@ -201,3 +191,35 @@ def test_bench_metrics_smoke(tmp_path):
                                                                 ("plain", [[], []])]
     assert data["on_step_s"] > 0 and data["off_step_s"] > 0 and data["metering_cpu_s_per_step"] > 0
     assert len(data["runs"][0]["ratios"]) == 2      # on blocks 3 and 5 (1 is in the warm-up)
+
+
+def test_status_watch_stops_cleanly_on_ctrl_c(tmp_path):
+    """Ctrl-C ends `mpimig status --watch` with exit 0 and no traceback. The job is a
+    control server that always answers "running" (the coordinator's own server class),
+    so the watch is still refreshing when the signal comes."""
+    server = ControlServer(tmp_path, "watched")
+    stop = threading.Event()
+
+    def answer():
+        while not stop.is_set():
+            try:
+                _, reply = server.requests.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            reply({"run_id": "watched", "size": 1, "finished": False, "routing": [], "migrations": []})
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    watch = subprocess.Popen([str(c) for c in mpimig_cmd("status", tmp_path, "--watch", "--interval", 0.2)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env(),
+                             cwd=ROOT, start_new_session=True)
+    try:
+        frames = [watch.stdout.readline() for _ in range(5)]     # two refreshes (3 lines each) are on screen
+        os.kill(watch.pid, signal.SIGINT)
+        _, err = watch.communicate(timeout=60)
+    finally:
+        kill_session(watch.pid)
+        stop.set()
+        t.join()
+        server.close()
+    assert sum("job watched: running" in f for f in frames) == 2, frames
+    assert watch.returncode == 0 and "Traceback" not in err, err
