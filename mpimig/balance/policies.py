@@ -14,7 +14,10 @@ each safe point):
   ``compute_s x speed`` of its host);
 - a host offers ``K`` core-equivalents: ``speed x (n + E)`` when its ``n``
   ranks observe a CPU share ``speed < 1`` with ``E`` tasks from outside the
-  job, else ``max(slots, n + E)``; an empty host offers ``slots x speed``;
+  job; else its known ``capacity`` (at least ``n + E``), else
+  ``max(slots, n + E)``; an empty host offers ``capacity``, else ``slots x speed``
+  (a host that is not saturated does not show a quota: the balancer remembers
+  the capacity it saw when the host was saturated);
 - with ``n`` ranks there, each gets a CPU share ``min(1, K / (n + E))`` and a
   rank's time per point is ``w / share + comm``, where ``comm`` is the bytes
   per point it sends to each peer over the bandwidth between their hosts
@@ -66,10 +69,12 @@ def _capacity(h: HostMetrics, n: int) -> float:
     """Core-equivalents the host offers (see the module's docstring)."""
     speed = h.speed if h.speed > 0 else 1.0
     E = max(0.0, h.external_load)
+    if n > 0 and speed < 1.0:
+        return max(1e-9, speed * (n + E))             # saturated: the share its ranks get says it
+    if h.capacity > 0:
+        return max(h.capacity, n + E if n > 0 else 0.0)
     if n <= 0:
         return max(1e-9, h.slots * min(speed, 1.0))
-    if speed < 1.0:
-        return max(1e-9, speed * (n + E))
     return float(max(h.slots, n + E))
 
 
@@ -103,8 +108,11 @@ class LoadState:
                 sp = hosts[r.host].speed
                 work[i] = r.compute_s * (min(sp, 1.0) if sp > 0 else 1.0)
             if r.sent:
-                peers[i] = r.sent                  # read only; unknown peers and zeros count nothing
-                for j, b in r.sent.items():
+                sent = r.sent                      # read only; unknown peers and zeros count nothing
+                if not all(type(j) is int for j in sent):
+                    sent = {int(j): float(b) for j, b in sent.items()}     # e.g. keys decoded from JSON
+                peers[i] = sent
+                for j, b in sent.items():
                     rj = recv.get(j)
                     if rj is None:
                         recv[j] = {i: b}
@@ -191,7 +199,7 @@ class LoadState:
         return self.hosts[self.where[rank]].alive
 
     # --- moves ---
-    def _touched(self, rank: int) -> set[int]:
+    def touched(self, rank: int) -> set[int]:
         """The ranks whose communication time a move of ``rank`` changes: it and its peers."""
         out = {rank}
         out.update(j for j in self.peers.get(rank, ()) if j in self.where)
@@ -204,7 +212,7 @@ class LoadState:
         self.members[src].discard(rank)
         self.members[dst].add(rank)
         self.where[rank] = dst
-        touched = self._touched(rank)
+        touched = self.touched(rank)
         comm = {i: self._comm(i, self.where) for i in touched if i in self.peers}
         return src, {src, dst} | {self.where[i] for i in touched}, comm
 
@@ -232,15 +240,15 @@ class LoadState:
         return max(max(new.values()), self.rest_max(set(new)))
 
     def relief(self, rank: int, dst: str) -> tuple[float, float]:
-        """(how much the move lowers the load level of its source host, the step time after it).
+        """(how much the move lowers the load of the rank's host without raising a host it touches
+        to that level, the job's step time after it).
 
-        The level after the move is the largest of the hosts it touches and of the other hosts
-        below the source's present load (hosts tied with it are left to later moves of a plan),
-        so a plan can take load off several equally loaded hosts one move at a time."""
+        The relief ignores the other hosts: when several are (nearly) as loaded, the step time
+        drops only once a plan has relieved them all (the balancer judges the plan's prefixes)."""
         L = self.load[self.where[rank]]
         new = self.after(rank, dst)
         top = max(new.values())
-        return L - max(top, self.rest_max(set(new), below=L)), max(top, self.rest_max(set(new)))
+        return L - top, max(top, self.rest_max(set(new)))
 
     def apply(self, rank: int, dst: str) -> None:
         """Make the move for good (in this model)."""
@@ -482,7 +490,7 @@ class NoMoves(Policy):
 
 @register
 class Greedy(Policy):
-    """The heaviest rank to the host where it would run soonest, while that lowers the step time."""
+    """The heaviest rank to the host where it would run soonest, while that relieves a most loaded host."""
     name = "greedy"
     PARAMS = dict([_MAX_MOVES, _TARGETS])
 
@@ -497,6 +505,9 @@ class Greedy(Policy):
                 break
             r = found
             src = ls.where[r]
+            if ls.load[src] < ls.step_s * (1 - REL_EPS):
+                out.append(self._no(f"greedy: the heaviest rank not yet moved ({r}) is not on a most loaded host", r))
+                break
             pool = ls.pool(r, self.params["targets"])
             if not pool:
                 out.append(self._no(f"greedy: no host can take rank {r}", r))
@@ -590,7 +601,7 @@ class CommAware(Policy):
                 for r in sorted(ls.members[h]):
                     if r in moved or not ls.movable(r):
                         continue
-                    peers = {ls.where[j] for j in ls._touched(r)} - {h}
+                    peers = {ls.where[j] for j in ls.touched(r)} - {h}
                     for dst in ls.pool(r, self.params["targets"], peers):
                         relief, _ = ls.relief(r, dst)
                         if relief > ls.step_s * REL_EPS:
@@ -616,7 +627,7 @@ class MultiFactor(Policy):
     """The source document's proposal: each (rank, target, strategy) scored on time, space and weight."""
     name = "multi-factor"
     PARAMS = {
-        "w_time": (1.0, "weight of G, the seconds the move saves over the remaining run"),
+        "w_time": (1.0, "weight of G, the seconds the move takes off its host's time over the remaining run"),
         "w_down": (1.0, "weight of p x D: priority times the job's seconds lost to the move"),
         "w_total": (0.05, "weight of X, the seconds from request until the old process is freed"),
         "w_space": (0.5, "seconds per GiB moved (network and memory traffic)"),
