@@ -147,6 +147,17 @@ def test_unknown_policy_is_a_one_line_error(tmp_path, how):
     assert not (job / "events.jsonl").exists()            # nothing was launched
 
 
+def test_a_cost_json_that_is_not_a_benchmark_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "bench.json"
+    bad.write_text('{"sizes_mb": [1, 2]}')
+    for path, why in ((tmp_path / "missing.json", "cannot read migration benchmark JSON"),
+                      (bad, "not the JSON of `mpimig bench migrate`")):
+        res = run_cmd(mpimig_cmd("run", "-n", 2, "--job-dir", tmp_path / "job", "--policy", "greedy",
+                                 "--cost-json", path, APPS / "heat2d.py"), timeout=60)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 1 and len(lines) == 1 and why in lines[0] and str(path.name) in lines[0], res.stderr
+
+
 def test_drain_refuses_an_unknown_host_and_the_job_finishes(tmp_path):
     """`mpimig drain` of a host outside the job is refused in one line; a drain of the
     job's only host (a job without a policy: the drain needs none) names its ranks and

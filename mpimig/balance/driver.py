@@ -57,12 +57,11 @@ class BalanceDriver:
     """The coordinator's balancer: see the module docstring."""
 
     def __init__(self, spec: str, job_dir: Any, run_id: str, hosts: list[str], slots: dict[str, int],
-                 interval: float = 2.0, t0: float | None = None) -> None:
+                 interval: float = 2.0, t0: float | None = None, cost_json: str = "") -> None:
         from . import balancer, cost, policies
         self.spec = spec or "none"
         self.policy = policies.parse(self.spec)
-        seed = os.environ.get("MPIMIG_COST_JSON")
-        model = cost.CostModel.from_bench_json(seed) if seed else cost.CostModel.default()
+        model = cost.CostModel.from_bench_json(cost_json) if cost_json else cost.CostModel.default()
         self.balancer = balancer.Balancer(self.policy, cost=model)
         self.job_dir, self.run_id = job_dir, run_id
         self.hosts = list(hosts)
@@ -196,6 +195,7 @@ class BalanceDriver:
                         "external_load": hm.external_load, "spares": hm.spares, "draining": hm.draining,
                         "load_s": sum(rm.compute_s for rm in on)}
         return {"policy": self.spec, "interval_s": self.interval, "rounds": self.rounds,
+                "cost_model": self.balancer.cost.source,
                 "draining": list(self.draining), "hosts": hosts, "ranks": ranks,
                 "decisions": list(self.decisions)}
 
