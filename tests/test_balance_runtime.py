@@ -234,3 +234,70 @@ def test_status_watch_stops_cleanly_on_ctrl_c(tmp_path):
         server.close()
     assert sum("job watched: running" in f for f in frames) == 2, frames
     assert watch.returncode == 0 and "Traceback" not in err, err
+
+
+# -- the coordinator's side without MPI: reports -> snapshot -> decisions -> events -------------
+
+def _report(rank, pid, **kw):
+    rep = {"rank": rank, "host": "?", "pid": pid, "t": 100.0 + rank, "point": 50, "points": 10,
+           "wall_s": 1.5, "compute_s": 1.0, "comm_s": 0.5, "span_s": 1.6, "cpu_window_s": 1.2,
+           "cpu_s": 1.0, "cpu_share": 1.0, "sent": {}, "state_bytes": 4096, "rss_bytes": 1 << 20,
+           "weight": 1.0, "total_points": None, "mem_available": 8 << 30, "loadavg": 0.0}
+    rep.update(kw)
+    return rep
+
+
+ROUTING = [{"rank": 0, "host": "a", "pid": 10}, {"rank": 1, "host": "a", "pid": 11},
+           {"rank": 2, "host": "b", "pid": 12}]
+
+
+def test_driver_builds_the_snapshot_from_reports(tmp_path):
+    from mpimig.balance.driver import BalanceDriver, host_slots
+    assert host_slots("a:2,b,a:1", ["a", "b"]) == {"a": 3, "b": 1}
+    d = BalanceDriver("none", tmp_path, "r", ["a", "b", "c"], {"a": 2, "b": 4, "c": 2}, t0=0.0)
+    d.on_report(_report(0, 10, cpu_s=0.5, cpu_share=0.5, sent={1: 8000, 2: 2000}, total_points=80,
+                        loadavg=3.5, mem_available=4 << 30), ROUTING)
+    d.on_report(_report(1, 11, loadavg=9.0, t=50.0), ROUTING)     # older: rank 0's host figures win
+    d.on_report(_report(2, 99), ROUTING)                           # not the process holding rank 2
+    snap = d.snapshot(ROUTING, {"c": 1}, in_flight=1)
+    r0, r1, r2 = snap.ranks
+    assert (r0.compute_s, r0.comm_wait_s, r0.cpu_s) == (0.1, 0.05, 0.05)
+    assert r0.sent == {1: 800.0, 2: 200.0} and r0.remaining_points == 30 and r0.points == 50
+    assert r1.remaining_points is None and r1.cpu_s == 0.1
+    assert (r2.compute_s, r2.points) == (0.0, 0)                   # no report from its process yet
+    a, b, c = snap.hosts["a"], snap.hosts["b"], snap.hosts["c"]
+    assert (a.slots, a.speed, a.free_mem, a.external_load) == (2, 0.75, 4 << 30, 1.5)
+    assert (b.slots, b.speed, b.free_mem, b.external_load, b.spares) == (4, 1.0, 0, 0.0, 0)
+    assert c.spares == 1 and snap.in_flight == 1 and snap.drain == ()
+
+
+def test_driver_logs_every_decision_and_hands_moves_to_the_coordinator(tmp_path):
+    from mpimig.balance.driver import BalanceDriver
+    d = BalanceDriver("none", tmp_path, "r", ["a", "b"], {"a": 2, "b": 2}, t0=0.0)
+    asked = []
+
+    def submit(rank, host, strategy):
+        asked.append((rank, host))
+        return (7, None) if rank == 0 else (None, "rank 1 is already migrating")
+    first = d.decide(ROUTING, {}, 0, submit)
+    assert [x["reason"] for x in first] == ["waiting for the first metric report of rank(s) [0, 1, 2]"]
+    d.drain("a")
+    d.drain("a")
+    moves = d.decide(ROUTING, {}, 0, submit)
+    assert d.draining == ["a"] and asked and all(h == "b" for _, h in asked)
+    logged = [e for e in events.read(tmp_path) if e["event"] == "decision"]
+    assert [e["round"] for e in logged] == [1] + [2] * len(moves)
+    for e, m in zip(logged[1:], moves):
+        assert (e["move"], e.get("accepted"), e.get("migration"), e.get("refused")) == \
+            (m["move"], m.get("accepted"), m.get("migration"), m.get("refused"))
+    accepted = [m for m in moves if m.get("accepted")]
+    assert [(m["rank"], m["to"], m["migration"]) for m in accepted] == [(0, "b", 7)]
+    d.migration_done({"rank": 0, "from": "a", "to": "b", "strategy": "stop-and-copy", "origin": "policy",
+                      "timings": {"bytes": 4096, "downtime": 0.05, "total": 0.4, "spawn": 0.3}})
+    assert d.moved_t[0] > 0 and 0 not in d.reports and d.balancer.cost.observations == 1
+    after = [dict(ROUTING[0], host="b"), ROUTING[1], ROUTING[2]]
+    third = [m for m in d.decide(after, {}, 0, submit) if m["move"]]
+    assert [(m["rank"], m["to"], m["accepted"], m["refused"]) for m in third] == \
+        [(1, "b", False, "rank 1 is already migrating")]
+    assert [(e["rank"], e["refused"]) for e in events.read(tmp_path)
+            if e["event"] == "decision" and e["round"] == 3 and e["move"]] == [(1, "rank 1 is already migrating")]
