@@ -301,3 +301,23 @@ def test_driver_logs_every_decision_and_hands_moves_to_the_coordinator(tmp_path)
         [(1, "b", False, "rank 1 is already migrating")]
     assert [(e["rank"], e["refused"]) for e in events.read(tmp_path)
             if e["event"] == "decision" and e["round"] == 3 and e["move"]] == [(1, "rank 1 is already migrating")]
+
+
+def test_a_failing_policy_is_a_no_move_decision_not_a_lost_job(tmp_path):
+    from mpimig.balance.balancer import Balancer
+    from mpimig.balance.driver import BalanceDriver
+    from mpimig.balance.policies import Policy
+
+    class Broken(Policy):
+        name = "broken"
+
+        def decide(self, snap, cost):
+            raise ZeroDivisionError("no load anywhere")
+    d = BalanceDriver("none", tmp_path, "r", ["a", "b"], {"a": 2, "b": 2}, t0=0.0)
+    d.balancer = Balancer(Broken())
+    for r in ROUTING:
+        d.on_report(_report(r["rank"], r["pid"]), ROUTING)
+    out = d.decide(ROUTING, {}, 0, lambda *a: pytest.fail("nothing may be submitted"))
+    assert [(x["move"], x["reason"]) for x in out] == \
+        [(False, "the balancer failed: ZeroDivisionError: no load anywhere")]
+    assert [e["reason"] for e in events.read(tmp_path) if e["event"] == "decision"] == [out[0]["reason"]]

@@ -24,12 +24,15 @@ The command ``mpimig policy list`` is registered here too.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import time
 from typing import Any, Callable
 
 from .. import events
 from .snapshot import Decision, HostMetrics, RankMetrics, Snapshot
+
+log = logging.getLogger(__name__)
 
 #: decisions kept for status.json (the event log has them all)
 KEEP_DECISIONS = 20
@@ -141,7 +144,12 @@ class BalanceDriver:
         else:
             snap = self.snapshot(routing, spares, in_flight)
             self.last = snap
-            decisions = list(self.balancer.decide(snap))
+            try:
+                decisions = list(self.balancer.decide(snap))
+            except Exception as exc:  # noqa: BLE001 - a failing policy must not take the job down
+                log.exception("balancer round %d failed", self.rounds)
+                decisions = [Decision(False, f"the balancer failed: {type(exc).__name__}: {exc}",
+                                      policy=self.spec)]
             if not decisions:
                 decisions = [Decision(False, "the balancer returned no decision", policy=self.spec)]
         return [self._record(d, submit) for d in decisions]
@@ -170,11 +178,13 @@ class BalanceDriver:
         self.reports.pop(m["rank"], None)        # its next report comes from the new process
         tm = m.get("timings", {})
         self.balancer.note_moved(m["rank"], m.get("from") or "", m["to"], t)
-        if m.get("origin") == "policy" or tm.get("downtime") is not None:
-            self.balancer.observe_migration(
-                m["strategy"], int(tm.get("bytes", 0)), float(tm.get("downtime", 0.0)),
-                float(tm.get("total", 0.0)), spawn_s=tm.get("spawn"),
-                spare=tm.get("spawn") == 0.0)
+        if tm.get("downtime") is not None:
+            try:
+                self.balancer.observe_migration(
+                    m["strategy"], int(tm.get("bytes", 0)), float(tm["downtime"]),
+                    float(tm.get("total", 0.0)), spawn_s=tm.get("spawn"), spare=tm.get("spawn") == 0.0)
+            except Exception:  # noqa: BLE001 - the cost model learning must not take the job down
+                log.exception("the cost model could not learn from migration %s", m.get("id"))
 
     # -- status --------------------------------------------------------------------------------
     def status(self, routing: list[dict], spares: dict[str, int]) -> dict:
