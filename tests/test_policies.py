@@ -323,6 +323,17 @@ def test_drain_empties_a_host_onto_the_least_loaded():
     assert moves(parse("drain").decide(s, cost())) == []
 
 
+def test_drain_without_metrics_prefers_warm_spares_then_free_slots():
+    # Before any rank has reported (no work figures), every host predicts the same: the drain's layout of
+    # jobs/drain.sbatch, n1 = the coordinator's node (1 rank, 1 slot left), n2 drained, n3 = 2 warm spares.
+    ranks = [R(0, "n1", cpu=0.0), R(1, "n2", cpu=0.0), R(2, "n2", cpu=0.0)]
+    hosts = [H("n1", slots=1), H("n2"), H("n3", spares=2)]
+    assert moves(parse("drain:hosts=n2").decide(snap(ranks, hosts), cost())) == [(1, "n3"), (2, "n3")]
+    # no spares anywhere: the host with a free slot (n3, empty) before the full one (n1)
+    hosts = [H("n1", slots=1), H("n2"), H("n3")]
+    assert moves(parse("drain:hosts=n2").decide(snap(ranks, hosts), cost())) == [(1, "n3"), (2, "n3")]
+
+
 def test_random_is_seeded_and_moves_only_to_valid_hosts():
     s = s1()
     s = Snapshot(t=s.t, ranks=s.ranks, hosts=dict(s.hosts, d=H("d", alive=False)), drain=("b",))

@@ -715,7 +715,10 @@ class Drain(Policy):
                     out.append(self._no(f"drain: no host can take rank {r} off {h}", r))
                     continue
                 after = {d: max(ls.after(r, d).values()) for d in pool}
-                dst = min(pool, key=lambda d: (after[d], d))
+                # equal predictions (e.g. no metrics yet): a host with a warm spare, then one
+                # with a free slot, before a full one; then by name
+                dst = min(pool, key=lambda d: (after[d], -ls.hosts[d].spares,
+                                               len(ls.members[d]) >= ls.hosts[d].slots, d))
                 out.append(self._move(ls, r, dst, cost, f"drain: rank {r} off {h} to {dst}", mandatory=True))
         if not out:
             empty = ", ".join(sorted(h for h in ls.banned if h in ls.hosts))
