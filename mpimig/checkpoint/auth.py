@@ -16,7 +16,10 @@ Where the secret comes from (the first that applies, :func:`job_key`):
    that cannot share a file.
 3. Plain ``mpiexec python app.py``: ``MPIMIG_JOB_DIR/secret``, else
    ``MPIMIG_CKPT_DIR/secret``, created on first use by whichever process gets
-   there first (atomically: every process reads the same secret).
+   there first (atomically: every process reads the same secret). A store
+   opened on a directory ``D`` from outside a job (tests, ``mpimig inspect``)
+   uses ``D/secret``, or ``D/../secret`` (the job directory's) if only that
+   exists.
 4. None of these: no secret. Tags are then computed with an empty key, which
    detects damage but proves nothing about who wrote the bytes; a checkpoint
    store always has a secret (:func:`key_for_directory` creates
@@ -209,20 +212,31 @@ def job_key(env: Mapping[str, str] | None = None) -> Key:
     key = env_key(env)
     if key is not None:
         return key
-    for var in ("MPIMIG_JOB_DIR", "MPIMIG_CKPT_DIR"):
-        d = env.get(var)
-        if d:
-            return key_for_directory(Path(d), create=True)
+    if env.get("MPIMIG_JOB_DIR"):
+        return _dir_secret(Path(env["MPIMIG_JOB_DIR"]) / SECRET_NAME, create=True)
+    if env.get("MPIMIG_CKPT_DIR"):
+        return key_for_directory(Path(env["MPIMIG_CKPT_DIR"]), create=True)
     return NO_SECRET
 
 
 def key_for_directory(directory: Path, create: bool = True) -> Key:
     """The secret for a checkpoint store in ``directory``: the environment's if
-    it gives one, else ``directory/secret`` (created if missing and ``create``)."""
+    it gives one (a file, the secret, or ``MPIMIG_JOB_DIR/secret``), else
+    ``directory/secret`` or, if only that exists, the job directory's
+    ``directory/../secret`` (a job's ``ckpt`` read from outside the job); else
+    ``directory/secret`` is created (when ``create``)."""
     key = env_key()
     if key is not None:
         return key
-    path = Path(directory) / SECRET_NAME
+    if os.environ.get("MPIMIG_JOB_DIR"):
+        return _dir_secret(Path(os.environ["MPIMIG_JOB_DIR"]) / SECRET_NAME, create=create)
+    own, above = Path(directory) / SECRET_NAME, Path(directory).parent / SECRET_NAME
+    if not own.exists() and above.exists():
+        return _dir_secret(above, create=False)
+    return _dir_secret(own, create=create)
+
+
+def _dir_secret(path: Path, create: bool) -> Key:
     cached = _cache.get(("dir", str(path)))
     if cached is not None:
         return cached
