@@ -195,8 +195,9 @@ def test_fallback_to_the_previous_epoch_is_bit_identical(finished_job, tmp_path)
     assert "damaged epochs moved aside" in res.stdout and quarantined[0] in res.stdout
 
 
-def test_no_epoch_verifies_fails_naming_the_directory(finished_job, tmp_path):
-    """Every epoch damaged: the restart moves each aside and fails naming them, no hang."""
+def test_no_epoch_verifies_then_relaunch_starts_over(finished_job, tmp_path):
+    """Every epoch damaged: the restart moves each aside and fails naming the directory
+    (no hang); --relaunch then starts from scratch instead of failing on the same epoch."""
     job_dir = copy_job(finished_job, tmp_path / "job")
     for e in (1, 2, 3):
         man = job_dir / "ckpt" / f"epoch-{e:06d}" / "MANIFEST.json"
@@ -204,10 +205,14 @@ def test_no_epoch_verifies_fails_naming_the_directory(finished_job, tmp_path):
         data["step"] += 1                           # any change breaks the manifest's HMAC
         man.write_text(json.dumps(data))
     out = tmp_path / "heat.npy"
-    res = heat_run(tmp_path, job_dir, out, restart="always")
-    assert not out.exists()
-    assert "no committed epoch in" in res.stderr and "verifies" in res.stderr, res.stderr[-4000:]
-    assert len([n for n in epochs_on_disk(job_dir / "ckpt") if ".damaged-" in n]) == 3
+    res = heat_run(tmp_path, job_dir, out, "--relaunch", 1, restart="always")
+    err = res.stderr
+    assert "no committed epoch in" in err and "verifies" in err, err[-4000:]
+    assert "relaunch 1/1: no committed epoch: from the start" in err, err[-4000:]
+    assert err.index("verifies") < err.index("relaunch 1/1")
+    assert out.exists(), err[-4000:]
+    assert np.load(out).tobytes() == heat_ref(tmp_path, N, STEPS)
+    assert len([n for n in epochs_on_disk(job_dir / "ckpt") if ".damaged-" in n]) == 3   # kept by the fresh start
 
 
 def test_modes_of_job_files_and_inspect_of_the_job_dir(finished_job, tmp_path):

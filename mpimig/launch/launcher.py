@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .. import events, lab
 from ..checkpoint import auth
+from ..checkpoint.format import QUARANTINE_RE
 from ..ft import relaunch
 from . import slurm
 from .config import RESTART_MODES, Config, parse_schedule
@@ -156,7 +157,7 @@ def prepare_job_dir(cfg: Config) -> None:
             print(f"mpimig: starting fresh; removing old epochs in {cfg.ckpt_dir}", file=sys.stderr)
         if cfg.ckpt_dir.exists():
             for p in cfg.ckpt_dir.iterdir():
-                if p.name.startswith("epoch-"):
+                if p.name.startswith("epoch-") and not QUARANTINE_RE.match(p.name):   # damaged ones stay
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
         cfg.restart = "never"
     else:
