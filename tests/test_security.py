@@ -131,6 +131,9 @@ def test_tampered_pickle_is_refused_by_inspect_and_restart_and_never_runs(finish
     moved = [p for p in ckpt.iterdir() if p.name.startswith("epoch-000003.damaged-")]
     assert len(moved) == 1 and (moved[0] / "rank-00001.h5").exists()      # kept for inspection
     assert json.loads((moved[0] / "QUARANTINE.json").read_text())["epoch"] == 3
+    res = run_cmd(mpimig_cmd("inspect", moved[0]), timeout=120, env=base_env(), cwd=tmp_path)
+    assert res.returncode == 1 and "damaged epoch (moved aside by a restart)" in res.stdout, res.stdout
+    assert "rank 1 dataset /objects/step: HMAC tag does not verify" in res.stderr, res.stderr
 
 
 def test_tampered_blob_with_the_manifest_tags_removed_is_refused(finished_job, tmp_path):

@@ -570,6 +570,11 @@ def collect(path: Path, epoch: int | None = None, verify: bool = True,
         info = describe_file(path, verify, key=key)
         return {"kind": "file", "path": str(path), "files": [info], "epochs": [],
                 "problems": list(info["problems"])}
+    if QUARANTINE_RE.match(path.name) and path.is_dir():
+        # a damaged epoch a restart moved aside: each rank file on its own (its own tags)
+        files = [describe_file(p, verify, key=key) for p in sorted(path.glob("rank-*.h5"))]
+        return {"kind": "damaged epoch (moved aside by a restart)", "path": str(path), "files": files,
+                "epochs": [], "problems": [p for f in files for p in f["problems"]]}
     m = EPOCH_DIR_RE.match(path.name)
     if m and path.is_dir() and (m.group(2) or not (path / MANIFEST).is_file()):
         # an uncommitted epoch: check each rank file on its own
