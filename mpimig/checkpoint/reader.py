@@ -682,7 +682,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "inspect", help="list and verify checkpoints (epochs, ranks, datasets, checksums)",
         description=INSPECT_DESCRIPTION)
     p.add_argument("path", metavar="PATH",
-                   help="checkpoint directory, epoch directory, or rank file")
+                   help="job directory (its ckpt/), checkpoint directory, epoch directory, or rank file")
     p.add_argument("--epoch", type=int, help="only this committed epoch (default: all)")
     p.add_argument("--json", action="store_true", help="print a JSON report")
     p.add_argument("--no-verify", action="store_true",
