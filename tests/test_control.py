@@ -283,7 +283,8 @@ def test_server_listens_on_tcp_only_with_a_secret(serve, tmp_path):
     srv = serve(MPIMIG_CONTROL_TCP="127.0.0.1:0")
     assert srv.tcp is None             # no secret: no TCP
     secret = tmp_path / "job" / "secret"
-    secret.write_bytes(b"s3cret-for-tcp")
+    secret.write_bytes(b"s3cret-for-tcp-requests")
+    secret.chmod(0o600)
     srv2 = serve(MPIMIG_CONTROL_TCP="127.0.0.1:0")
     assert srv2.tcp and srv2.tcp.startswith("127.0.0.1:")
     assert json.loads((tmp_path / "job" / control.CONTROL_FILE).read_text())["tcp"] == srv2.tcp
@@ -488,6 +489,7 @@ def test_help_of_status_is_true():
 def test_secret_file_from_the_environment(serve, tmp_path):
     key = tmp_path / "elsewhere.key"
     key.write_bytes(b"a secret kept outside the job directory")
+    key.chmod(0o600)
     srv = serve(MPIMIG_SECRET_FILE=str(key))
     assert not (srv.job_dir / "secret").exists()
     rep = ask_raw(srv.path, b'{"op": "status"}\n')
@@ -498,11 +500,13 @@ def test_secret_file_from_the_environment(serve, tmp_path):
 def test_status_refused_for_a_wrong_secret_is_an_error_not_gone(serve, tmp_path, monkeypatch):
     job = tmp_path / "job"
     (job / "secret").write_bytes(b"the job's own secret")
+    (job / "secret").chmod(0o600)
     srv = serve()
     (job / "status.json").write_text(json.dumps({"run_id": "r", "finished": False, "size": 2, "routing": []}))
     assert control.job_status(job, timeout=30)["got"] == {"op": "status"}       # the coordinator answers
     wrong = tmp_path / "wrong.key"
     wrong.write_bytes(b"not the job's secret")
+    wrong.chmod(0o600)
     monkeypatch.setenv("MPIMIG_SECRET_FILE", str(wrong))      # the server read its secret already
     with pytest.raises(control.MigrationError, match="refused the status request: authentication failed"):
         control.job_status(job, timeout=30)

@@ -203,17 +203,18 @@ def secret_path(job_dir: str | Path) -> Path:
 
 
 def load_secret(job_dir: str | Path) -> bytes | None:
-    """The job secret's bytes (the file's whole content), or None if there is none."""
+    """The job secret's bytes (the one the checkpoints are signed with:
+    :func:`mpimig.checkpoint.auth.read_secret_file`, which refuses a file that is
+    not private and ours), or None if there is none."""
+    from ..checkpoint import auth
+    from ..errors import SecretError
     path = secret_path(job_dir)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    if not path.exists():
         return None
-    except OSError as exc:
-        raise MigrationError(f"cannot read the job secret {path}: {exc}") from None
-    if not data.strip():
-        raise MigrationError(f"the job secret {path} is empty")
-    return data
+    try:
+        return auth.read_secret_file(path).secret
+    except SecretError as exc:
+        raise MigrationError(str(exc)) from None
 
 
 def canonical(req: dict) -> bytes:
