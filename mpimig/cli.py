@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "mpimig.verify.storm",   # storm
     "mpimig.ft.inject",      # inject
     "mpimig.demo",          # demo
+    "mpimig.sim.cli",       # simulate
 ]
 
 
