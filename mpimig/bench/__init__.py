@@ -20,6 +20,7 @@ BENCH_MODULES = [
     "mpimig.bench.comm",         # comm: facade vs plain mpi4py
     "mpimig.bench.migrate",      # migrate: strategies, freeze time, bytes moved
     "mpimig.bench.recovery",     # recovery: kill -> resumed, online (--ft) vs relaunch
+    "mpimig.bench.simulate",     # simulate: the simulator at 10,000 hosts / 100,000 ranks, growth exponents
 ]
 
 

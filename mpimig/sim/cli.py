@@ -81,7 +81,7 @@ def run_scenario(path: str, seed: int | None = None, progress: Progress | None =
         t0 = time.perf_counter()
         o = sim.run(progress.update if progress is not None else None)
         o.extra["wall_s"] = time.perf_counter() - t0
-        o.extra["events"] = sim.env._eid      # SimPy's event counter: events scheduled
+        o.extra["events"] = next(sim.env._eid)     # SimPy numbers its events: how many were scheduled
         row = summarize(o, cfg.sweep_point)
         rows.append(row)
         pairs.append((row, o))

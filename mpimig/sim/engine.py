@@ -151,8 +151,9 @@ class Simulation:
                        drained=self.drained)
 
     def _finish(self, job: Job) -> None:
-        for r in job.ranks:
-            self.cluster.hosts[r.host].ranks.discard((job.id, r.rank))
+        self.cluster.remove(job)
+        for j in self.cluster.jobs_on({r.host for r in job.ranks}):      # hosts shared with other jobs
+            self.cluster.refresh(self.cluster.jobs[j], self.env.now)
         for name in job.alloc:
             h = self.cluster.hosts[name]
             if h.owner == job.id:
