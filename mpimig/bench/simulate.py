@@ -26,7 +26,7 @@ from typing import Any
 
 
 def scale_raw(hosts: int, ranks: int, per_job: int, hours: float, policy: str, every: float,
-              mttf_h: float, crash_h: float, seed: int) -> dict:
+              mttf_h: float, crash_h: float, seed: int, **_: Any) -> dict:
     """The scenario (as parsed TOML) of a cluster of ``hosts`` running ``ranks`` ranks."""
     jobs = max(1, ranks // per_job)
     hosts_per_job = max(1, hosts // jobs - 1)
@@ -78,18 +78,19 @@ def _line(r: dict) -> str:
 
 
 def main(args) -> int:
-    common = dict(per_job=args.ranks_per_job, hours=args.hours, policy=args.policy, every=args.balance_every,
-                  mttf_h=args.host_mttf_h, crash_h=args.rank_mtbf_h, seed=args.seed)
+    common: dict[str, Any] = dict(per_job=args.ranks_per_job, hours=args.hours, policy=args.policy,
+                                  every=args.balance_every, mttf_h=args.host_mttf_h, crash_h=args.rank_mtbf_h,
+                                  seed=args.seed)
     res: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "series": {}}
     print(f"full size: {args.hosts} hosts, {args.ranks} ranks, {args.hours:g} h, policy {args.policy}", flush=True)
-    full = run_one(scale_raw(args.hosts, args.ranks, **common), args.seed)  # type: ignore[arg-type]
+    full = run_one(scale_raw(args.hosts, args.ranks, **common), args.seed)
     print(_line(full), flush=True)
     res["full"] = full
     fracs = [1 / 16, 1 / 8, 1 / 4, 1 / 2]
     if not args.no_series:
         size = []
         for f in fracs:
-            r = run_one(scale_raw(int(args.hosts * f), int(args.ranks * f), **common), args.seed)  # type: ignore[arg-type]
+            r = run_one(scale_raw(int(args.hosts * f), int(args.ranks * f), **common), args.seed)
             print("size" + _line(r)[4:], flush=True)
             size.append(r)
         size.append(full)
@@ -97,13 +98,13 @@ def main(args) -> int:
         h = int(args.hosts * fracs[1])
         for k in (1, 2, 4, 8):
             c = dict(common, per_job=args.ranks_per_job * k // 4)
-            r = run_one(scale_raw(h, int(args.ranks * fracs[1]) * k // 4, **c), args.seed)  # type: ignore[arg-type]
+            r = run_one(scale_raw(h, int(args.ranks * fracs[1]) * k // 4, **c), args.seed)
             print("rank" + _line(r)[4:], flush=True)
             ranks_s.append(r)
         ev = []
-        for k in (0.25, 1, 4, 16):
-            c = dict(common, mttf_h=args.host_mttf_h / k, crash_h=args.rank_mtbf_h / k)
-            r = run_one(scale_raw(h, int(args.ranks * fracs[1]), **c), args.seed)  # type: ignore[arg-type]
+        for f_ev in (0.25, 1.0, 4.0, 16.0):
+            c = dict(common, mttf_h=args.host_mttf_h / f_ev, crash_h=args.rank_mtbf_h / f_ev)
+            r = run_one(scale_raw(h, int(args.ranks * fracs[1]), **c), args.seed)
             print("evnt" + _line(r)[4:], flush=True)
             ev.append(r)
         res["series"] = {"size": size, "ranks": ranks_s, "events": ev}
@@ -156,9 +157,9 @@ def register(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ranks", type=int, default=100000, help="ranks at full size (default 100000)")
     p.add_argument("--ranks-per-job", type=int, default=250, help="ranks per BSP job (default 250)")
     p.add_argument("--hours", type=float, default=24.0, help="simulated hours (default 24)")
-    p.add_argument("--policy", default="multi-factor", help="policy spec (default multi-factor)")
-    p.add_argument("--balance-every", type=float, default=1800.0,
-                   help="seconds between a job's decision rounds (default 1800)")
+    p.add_argument("--policy", default="refine", help="policy spec (default refine)")
+    p.add_argument("--balance-every", type=float, default=3600.0,
+                   help="seconds between a job's decision rounds (default 3600)")
     p.add_argument("--host-mttf-h", type=float, default=2000.0,
                    help="mean time to failure of a host, hours (default 2000: ~120 host failures a day)")
     p.add_argument("--rank-mtbf-h", type=float, default=200000.0,

@@ -20,13 +20,14 @@ the seed, so that two policies see the same failures (common random numbers).
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 from typing import Any, Callable
 
+import numpy as np
 import simpy
 
 from ..balance.snapshot import Decision
+from ..migration.protocol import STRATEGIES as _RUNTIME_STRATEGIES
 from .failures import FailureParams, FailureRecord
 from .model import Cluster, Host, Job, Rank
 from .strategies import MoveTiming, StrategyParams, move_timing
@@ -48,6 +49,7 @@ class MoveRecord:
     storage_users: int
     timing: MoveTiming
     origin: str             # "policy" | "drain" | "operator"
+    create_s: float = 0.0   # the target process: a spawn, or 0 with a warm spare
     done: bool = False
     aborted: str = ""
 
@@ -102,7 +104,7 @@ class Simulation:
         self.drained: list[str] = []
         self.residual: list[tuple[MoveRecord, float]] = []    # post-copy moves whose source is still needed
         self.balancers: dict[int, Any] = {}
-        self.drainers: dict[int, Any] = {}
+        self._base: dict[int, Any] = {}       # job -> its ranks' base work (numpy), for the drift
         self._policies()
         self.left = len(self.cluster.jobs)
         self.all_done = self.env.event()
@@ -111,11 +113,12 @@ class Simulation:
     def _policies(self) -> None:
         from ..balance.balancer import Balancer
         from ..balance.policies import parse
-        cost = self.cfg.cost_model()
         for j in self.cluster.jobs:
-            random.seed(f"{self.seed}:policy:{j}")      # a policy drawing from `random` is reproducible too
-            self.balancers[j] = Balancer(parse(self.policy_spec), cost=cost)
-            self.drainers[j] = Balancer(parse("drain"), cost=cost)
+            spec = self.policy_spec
+            if spec.split(":")[0] == "random" and "seed=" not in spec:      # each job and seed its own draws
+                spec += ("," if ":" in spec else ":") + f"seed={self.seed * 100003 + j}"
+            # each job its own cost model: the Balancer learns from the job's own migrations
+            self.balancers[j] = Balancer(parse(spec), cost=self.cfg.cost_model(), **self.cfg.balancer_args)
 
     # --- running --------------------------------------------------------------------------
     def run(self, progress: Callable[[float], None] | None = None) -> Outcome:
@@ -185,11 +188,15 @@ class Simulation:
         if not d.amplitude:
             return
         n = len(job.ranks)
+        base = self._base.get(job.id)
+        if base is None:
+            base = self._base[job.id] = np.array([r.base_work for r in job.ranks])
         c = ((self.env.now - job.started) / d.period_s + job.id * 0.37) % 1.0
-        for i, r in enumerate(job.ranks):
-            x = abs(i / n - c)
-            x = min(x, 1 - x)
-            r.work = r.base_work * (1.0 + d.amplitude * math.exp(-x * x / (2 * d.width * d.width)))
+        x = np.abs(np.arange(n) / n - c)
+        x = np.minimum(x, 1 - x)
+        work = base * (1.0 + d.amplitude * np.exp(-x * x / (2 * d.width * d.width)))
+        for r, w in zip(job.ranks, work.tolist()):
+            r.work = w
         self.cluster.refresh(job, self.env.now)
 
     def _decide(self, job: Job) -> None:
@@ -197,18 +204,15 @@ class Simulation:
         now = self.env.now
         imb = cl.imbalance(job)
         self.imbalance.append((now, imb))
-        draining = [r for r in job.ranks if cl.hosts[r.host].draining and not r.moving]
-        if draining:
-            balancer, origin = self.drainers[job.id], "drain"
-        elif imb < self.cfg.decide_above_imbalance:
+        draining = any(cl.hosts[r.host].draining for r in job.ranks)
+        if not draining and imb < self.cfg.decide_above_imbalance:
             return
-        else:
-            balancer, origin = self.balancers[job.id], "policy"
+        balancer = self.balancers[job.id]
         snap = cl.snapshot(job, now, self.in_flight[job.id], tuple(sorted(self.drain)))
         self.decisions += 1
         for d in balancer.decide(snap):
             if d.move:
-                self._start_move(job, d, origin, balancer)
+                self._start_move(job, d, "drain" if draining else "policy", balancer)
             else:
                 self.no_moves[d.reason] = self.no_moves.get(d.reason, 0) + 1
 
@@ -237,7 +241,7 @@ class Simulation:
         rec = MoveRecord(t=self.env.now, job=job.id, rank=r.rank, src=r.host, dst=d.to, strategy=strategy,
                          state_bytes=r.state_bytes, dirty_rate=r.dirty_rate, bw=bw, spare=spare,
                          step_s=job.step_s, storage_users=self.storage_users if fs else 1, timing=timing,
-                         origin=origin)
+                         origin=origin, create_s=0.0 if spare else self.sp.spawn_s)
         self.moves.append(rec)
         r.moving = True
         self.in_flight[job.id] += 1
@@ -437,10 +441,7 @@ class Simulation:
 
 def _tell(balancer, job: Job, r: Rank, rec: MoveRecord, now: float) -> None:
     """Report a completed move to the runtime's Balancer (cool-down, the cost model's learning)."""
-    t = now - job.started
-    note = getattr(balancer, "note_moved", None)
-    if note is not None:
-        note(r.rank, t)
-    obs = getattr(balancer, "observe_migration", None)
-    if obs is not None:
-        obs(rec.strategy, rec.timing.bytes_moved, rec.timing.downtime_s, rec.timing.total_s)
+    balancer.note_moved(r.rank, rec.src, rec.dst, now - job.started)
+    if rec.strategy in _RUNTIME_STRATEGIES:      # demand-paging is the simulator's own (no runtime cost model)
+        balancer.observe_migration(rec.strategy, rec.timing.bytes_moved, rec.timing.downtime_s, rec.timing.total_s,
+                                   rec.create_s, spare=rec.spare)

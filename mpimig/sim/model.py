@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, Callable
 
 from ..balance.snapshot import HostMetrics, RankMetrics, Snapshot
 
@@ -89,6 +90,8 @@ class Job:
     ideal_step_s: float = 1.0   # time per point alone on full-speed hosts, no moves, no failures
     comp: list = dataclasses.field(default_factory=list)   # per rank: compute seconds per point (cached)
     comm: list = dataclasses.field(default_factory=list)   # per rank: communication seconds per point (cached)
+    placed: int = 0             # counts placements of its ranks (invalidates ``comm``)
+    comm_version: int = -1
 
     @property
     def done(self) -> bool:
@@ -178,6 +181,7 @@ class Cluster:
             old.ranks.discard((job.id, rank.rank))
             old.rss -= rank.rss_bytes
         rank.host = host
+        job.placed += 1
         new = self.hosts[host]
         new.ranks.add((job.id, rank.rank))
         new.rss += rank.rss_bytes
@@ -195,9 +199,17 @@ class Cluster:
 
     def compute_times(self, job: Job) -> list[float]:
         hosts = self.hosts
-        return [r.work / max(hosts[r.host].share(), 1e-9) for r in job.ranks]
+        share: dict[str, float] = {}
+        for r in job.ranks:
+            if r.host not in share:
+                share[r.host] = max(hosts[r.host].share(), 1e-9)
+        return [r.work / share[r.host] for r in job.ranks]
 
     def comm_times(self, job: Job) -> list[float]:
+        """Per rank: latency + bytes / bandwidth to each peer (cached until a rank of the job is placed)."""
+        if job.comm_version == job.placed and job.comm:
+            return job.comm
+        job.comm_version = job.placed
         hosts = self.hosts
         ranks = job.ranks
         out = []
@@ -285,7 +297,7 @@ def _maker(cls: type) -> Callable[..., Any]:
         missing = required - kw.keys()
         if missing:
             return cls(**kw)           # let the class say what is missing
-        obj = new(cls)
+        obj: Any = new(cls)
         d = obj.__dict__
         d.update(defaults)
         for k, fac in factories.items():

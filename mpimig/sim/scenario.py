@@ -97,6 +97,13 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "storage_gbps": (float, 3.3, "pos", "the file-server's storage node, Gbit/s each way"),
         "precopy_rounds": (int, 8, "pos", "pre-copy's rounds at most"),
     },
+    "balancer": {          # mpimig/balance/balancer.py's rules, as the runtime's coordinator sets them
+        "margin": (float, 0.2, "nonneg", "a move's predicted gain must exceed (1 + margin) x its cost"),
+        "cooldown_s": (float, 10.0, "nonneg", "no move of a rank again (or back) within this long"),
+        "max_in_flight": (int, 1, "pos", "migrations at once per job"),
+        "min_points": (int, 3, "nonneg", "no move before every rank has passed this many points"),
+        "min_gain": (float, 0.05, "nonneg", "a move must cut the step time by this fraction"),
+    },
     "sweep": {},           # "section.key" = [values]
 }
 EVENT_KEYS: dict[str, tuple] = {
@@ -159,6 +166,10 @@ class Config:
     @property
     def decide_above_imbalance(self) -> float:
         return self.get("scenario.decide_above_imbalance")
+
+    @property
+    def balancer_args(self) -> dict[str, Any]:
+        return dict(self.values["balancer"])
 
     @property
     def drift(self) -> Drift:
