@@ -322,6 +322,7 @@ class Simulation:
         self.generation[job.id] += 1
         if dead in job.alloc:
             job.alloc.remove(dead)
+            cl.hosts[dead].owner = None             # repaired, it returns to the free pool
         free = cl.free_hosts()
         if free:                                     # the resource manager gives a replacement host
             cl.hosts[free[0]].owner = job.id
