@@ -208,3 +208,22 @@ def test_simulate_command_writes_table_json_and_plots(tmp_path):
 def test_scenario_dir_is_packaged():
     import mpimig.sim
     assert (Path(mpimig.sim.__file__).parent / "scenarios" / "lab-small.toml").exists()
+
+
+def test_bench_simulate_runs_the_sizes_asked_and_fits_exponents(tmp_path):
+    out = tmp_path / "scale.json"
+    res = run_cmd([sys.executable, "-m", "mpimig", "bench", "simulate", "--hosts", "320", "--ranks", "1280",
+                   "--ranks-per-job", "16", "--hours", "1", "--balance-every", "1800", "--host-mttf-h", "50",
+                   "--json", str(out)], timeout=600, env=base_env())
+    assert res.returncode == 0, res.stderr
+    d = json.loads(out.read_text())
+    full = d["full"]
+    assert (full["hosts"], full["ranks"], full["jobs"]) == (320, 1280, 80)
+    assert full["sim_s"] == 3600 and full["failures"] > 0 and full["decisions"] > 0
+    assert [r["ranks"] for r in d["series"]["size"]] == [80, 160, 320, 640, 1280]
+    assert [r["hosts"] for r in d["series"]["size"]] == [20, 40, 80, 160, 320]
+    assert [r["ranks"] for r in d["series"]["ranks"]] == [40, 80, 160, 320]
+    ev = [r["events"] for r in d["series"]["events"]]
+    assert ev == sorted(ev) and ev[-1] > ev[0]                   # more failures, more events
+    assert set(d["exponents"]) == {"size (hosts and ranks)", "ranks per host", "events"}
+    assert "the 60 s budget" in res.stdout
