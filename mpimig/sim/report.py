@@ -153,7 +153,7 @@ def plots(outcomes: list[tuple[dict, Outcome]], out: Path, title: str) -> list[P
     ax.set_xlabel("simulated time (h)")
     ax.set_ylabel("load imbalance (max/mean compute per point)")
     ax.set_title(f"{title}: load imbalance over time")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, ncol=2, loc="upper right")
     files.append(_save(fig, out / "imbalance.png", plt))
 
     fig, ax = plt.subplots(figsize=(9, 5))
