@@ -332,9 +332,10 @@ class Simulation:
             if r.host == dead:
                 cl.place(job, r, self._room(job))
         self.in_flight[job.id] = 0
-        rec_s = self.fp.relaunch_s_for(max(r.state_bytes for r in job.ranks))
-        job.pause(now, now + rec_s)
-        self.failures.append(FailureRecord(now, kind, job.id, "relaunch", rec_s, lost, lost * work))
+        if now >= job.started:               # a job not started yet only starts elsewhere: no failure of it
+            rec_s = self.fp.relaunch_s_for(max(r.state_bytes for r in job.ranks))
+            job.pause(now, now + rec_s)
+            self.failures.append(FailureRecord(now, kind, job.id, "relaunch", rec_s, lost, lost * work))
         for j in cl.jobs_on(job.alloc):
             cl.refresh(cl.jobs[j], now)
 
