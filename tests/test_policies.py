@@ -13,6 +13,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mpimig.balance.balancer import Balancer
 from mpimig.balance.cost import CostModel
@@ -586,3 +588,43 @@ def test_moves_after_the_best_paying_prefix_are_refused():
     assert moves(out) == [(4, "a")]
     assert refused(out)[0].rank == 0 and refused(out)[0].reason.startswith(
         "cost-benefit: the plan's first 1 move(s) pay most (net 4.94 s); up to this one: net 4.88 s")
+
+
+# ------------------------------------------------------------------------------------------
+# rules that hold for any snapshot
+
+
+@st.composite
+def snapshots(draw):
+    nh = draw(st.integers(1, 5))
+    hosts = [H(f"h{i}", slots=draw(st.integers(1, 4)), speed=draw(st.sampled_from([0.25, 0.5, 1.0])),
+               external_load=draw(st.sampled_from([0.0, 1.0])), alive=draw(st.booleans()) or i == 0,
+               draining=draw(st.integers(0, 5)) == 0, free_mem=draw(st.sampled_from([0, 2 * MiB, GiB])))
+             for i in range(nh)]
+    n = draw(st.integers(0, 8))
+    ranks = [R(i, f"h{draw(st.integers(0, nh - 1))}", cpu=draw(st.sampled_from([0.05, 0.1, 0.2])),
+               state_bytes=draw(st.sampled_from([MiB, 64 * MiB, GiB])), dirty_rate=draw(st.sampled_from([0, 1e7])),
+               sent={j: 1e6 for j in draw(st.sets(st.integers(0, max(n - 1, 0)), max_size=2))})
+             for i in range(n)]
+    drain = tuple(draw(st.sets(st.sampled_from([h.name for h in hosts]), max_size=1)))
+    return snap(ranks, hosts, in_flight=draw(st.integers(0, 1)), drain=drain)
+
+
+@settings(max_examples=60, deadline=None)
+@given(snapshots(), st.sampled_from(sorted(REGISTRY)), st.integers(1, 3))
+def test_accepted_moves_keep_the_rules_on_any_snapshot(s, name, k):
+    out = Balancer(name, cost=cost(), max_in_flight=k).decide(s)
+    again = Balancer(name, cost=cost(), max_in_flight=k).decide(s)
+    assert out == again                                        # deterministic
+    acc = [d for d in out if d.move]
+    assert len(acc) <= max(0, k - s.in_flight)                 # the in-flight limit
+    assert len({d.rank for d in acc}) == len(acc)              # a rank moves once per round
+    where = {r.rank: r.host for r in s.ranks}
+    to_empty = set(s.drain) | {h.name for h in s.hosts.values() if h.draining}
+    for d in acc:
+        h = s.hosts[d.to]
+        assert h.alive and not h.draining and d.to not in to_empty and d.to != where[d.rank]
+        assert s.hosts[where[d.rank]].alive
+        assert d.mandatory or d.gain_s >= 0 or any(x.move and x.gain_s > 0 for x in acc)
+    if any(where[r] in to_empty and s.hosts[where[r]].alive for r in where) and k > s.in_flight:
+        assert any(d.mandatory for d in acc) or any("no host can take" in d.reason for d in out)
