@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "mpimig.verify.storm",   # storm
     "mpimig.ft.inject",      # inject
     "mpimig.demo",          # demo
+    "mpimig.sim.cli",       # simulate
 ]
 
 
