@@ -17,7 +17,8 @@ from .errors import MpimigError
 # Modules that add subcommands, in the order --help lists them.
 COMMAND_MODULES = [
     "mpimig.launch.launcher",  # run
-    "mpimig.migration.control",  # migrate, status
+    "mpimig.migration.control",  # migrate, status, drain
+    "mpimig.balance.driver",  # policy list
     "mpimig.checkpoint.reader",  # inspect
     "mpimig.bench",         # bench checkpoint|comm|migrate
     "mpimig.lab",           # lab up|status|kill|down, lab slurm up|down

@@ -244,6 +244,7 @@ class Comm:
         self._sends: list[Request] = []       # outstanding sends (for the drain)
         self._marker_tag = _tag_ub(mpicomm)   # highest tag: end-of-epoch marker
         self.tag_limit = self._marker_tag - N_RESERVED_TAGS + 1
+        self._layers: dict[str, tuple[tuple[str, ...], Callable[[str, Callable[..., Any]], Callable[..., Any]]]] = {}
         _current_comm = self
 
     # -- identity ------------------------------------------------------------
@@ -674,13 +675,38 @@ class Comm:
         to wait for the chunks of arrays that are still arriving
         (:mod:`mpimig.migration.lazy`).
 
-        The guard is installed as wrappers on this instance, over the methods of
-        its class (an ``FTComm`` keeps its own), so a communicator without a guard
-        pays nothing for it on the hot path."""
-        for name in BUFFER_METHODS:
-            self.__dict__.pop(name, None)
-            if guard is not None:
-                setattr(self, name, _guarded(getattr(self, name), guard))
+        The guard is a wrapper layer on this instance (:meth:`set_layer`), so a
+        communicator without a guard pays nothing for it on the hot path."""
+        self.set_layer("guard", BUFFER_METHODS,
+                       None if guard is None else (lambda name, method: _guarded(method, guard)))
+
+    def set_layer(self, name: str, methods: tuple[str, ...],
+                  wrap: Callable[[str, Callable[..., Any]], Callable[..., Any]] | None) -> None:
+        """Install the layer ``name``: ``wrap(method_name, method)`` returns the wrapper of
+        each method in ``methods`` on this instance; ``wrap=None`` removes the layer.
+
+        The seam for code that must see calls only while it is needed (the post-copy
+        guard, the balancer's metering in :mod:`mpimig.balance.metrics`): the wrappers
+        sit on the instance, over the methods of its class (an ``FTComm`` keeps its
+        own), and layers stack in the order they were installed, so a communicator
+        without layers runs its class's methods directly."""
+        old = set(self._layers.get(name, ((), None))[0])
+        if wrap is None:
+            self._layers.pop(name, None)
+        else:
+            self._layers[name] = (tuple(methods), wrap)
+        touched = old | set(methods)
+        for meth in touched:
+            self.__dict__.pop(meth, None)
+        for names, w in self._layers.values():
+            for meth in names:
+                if meth in touched:
+                    setattr(self, meth, w(meth, getattr(self, meth)))
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Names of the wrapper layers installed (:meth:`set_layer`), oldest first."""
+        return tuple(self._layers)
 
 
 # The buffer calls a guard sees (set_buffer_guard): every method that takes a buffer.

@@ -34,6 +34,7 @@ from . import events
 from .comm import Comm, new_comm
 from .errors import CheckpointError, MigrationError, MpimigError, NoCommittedEpoch
 from .ft import hooks, recovery
+from .balance.metrics import Meter
 from .launch.config import Config
 from .migration import source, target, transport
 from .migration.protocol import DEFAULT_STRATEGY, TAG_DONE, TAG_END, TAG_FINISHING, TAG_HELLO, Link
@@ -54,7 +55,11 @@ def hostname() -> str:
 
 
 class Context:
-    """What ``main(ctx)`` gets: the communicator, the state and the safe points."""
+    """What ``main(ctx)`` gets: the communicator, the state and the safe points.
+
+    For the balancer (``mpimig run --policy``) a program may set ``ctx.weight``
+    (its priority, default 1.0) and ``ctx.total_points`` (how many safe points
+    the whole run passes, so that the remaining work is known)."""
 
     def __init__(self, comm: Comm, config: Config, role: str = "initial") -> None:
         self.comm = comm
@@ -75,6 +80,9 @@ class Context:
         self._buddies: list[recovery.Copy] = []       # --ft: other ranks' states, in memory
         self._hosts: list[str] = []           # host of each logical rank (at the last checkpoint)
         self._procs: list[dict] | None = None   # every rank's host, pid and role (at the end)
+        self.weight = 1.0                     # priority for the balancer (the program may set it)
+        self.total_points: int | None = None  # safe points the whole run will pass, if the program knows
+        self._meter: Meter | None = Meter(config.metrics_seconds) if config.policy else None
         if config.ckpt_dir is not None:
             from .checkpoint import CheckpointStore
             self._store = CheckpointStore(config.ckpt_dir, job_id=config.run_id or "job",
@@ -143,6 +151,9 @@ class Context:
         self.link.t_point = time.perf_counter()
         self.link.t_point_wall = time.time()
         self.point += 1
+        meter = self._meter
+        if meter is not None:             # a job with a policy: close the interval, report now and then
+            meter.at_point(self)
         if self.link.lazy is not None:
             self.link.lazy.progress()     # post-copy: note chunks that arrived
         cfg = self.config
@@ -161,6 +172,8 @@ class Context:
         if self.link.J is not None:
             source.migration_point(self)
         hooks.fire("checkpoint-point", ctx=self)
+        if meter is not None:
+            meter.resume()
 
     # -- migration (docs/protocol.md) -------------------------------------------------
     def migrate(self, host: str, strategy: str = DEFAULT_STRATEGY) -> int:

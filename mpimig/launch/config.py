@@ -52,6 +52,9 @@ class Config:
     spares: int = 0                # warm spare processes started with the job
     ft: bool = False               # online recovery (ULFM): implies a coordinator
     buddy: bool = True             # with ft: in-memory own + buddy copies at each checkpoint
+    policy: str = ""               # NAME[:k=v,...] (mpimig.balance.policies): implies a coordinator and metering
+    metrics_seconds: float = 1.0   # with a policy: each rank reports its metrics this often
+    balance_seconds: float = 2.0   # with a policy: the coordinator decides this often
 
     @classmethod
     def from_env(cls, env=None) -> Config:
@@ -76,8 +79,11 @@ class Config:
             spares=int(env.get("MPIMIG_SPARES", "0") or 0),
             ft=env.get("MPIMIG_FT", "0") == "1",
             buddy=env.get("MPIMIG_BUDDY", "1") != "0",
+            policy=env.get("MPIMIG_POLICY", ""),
+            metrics_seconds=_seconds(env, "MPIMIG_METRICS_SECONDS", 1.0),
+            balance_seconds=_seconds(env, "MPIMIG_BALANCE_SECONDS", 2.0),
         )
-        if cfg.ft:
+        if cfg.ft or cfg.policy:
             cfg.coordinator = True
         return cfg
 
@@ -98,4 +104,22 @@ class Config:
         env["MPIMIG_SPARES"] = str(self.spares)
         env["MPIMIG_FT"] = "1" if self.ft else "0"
         env["MPIMIG_BUDDY"] = "1" if self.buddy else "0"
+        if self.policy:
+            env["MPIMIG_POLICY"] = self.policy
+            env["MPIMIG_METRICS_SECONDS"] = str(self.metrics_seconds)
+            env["MPIMIG_BALANCE_SECONDS"] = str(self.balance_seconds)
         return env
+
+
+def _seconds(env, name: str, default: float) -> float:
+    """A positive number of seconds from the environment, or a UsageError naming the variable."""
+    text = env.get(name, "")
+    if not text:
+        return default
+    try:
+        val = float(text)
+    except ValueError:
+        raise UsageError(f"{name}={text!r}: expected a number of seconds") from None
+    if not val > 0:
+        raise UsageError(f"{name}={text!r}: must be > 0")
+    return val

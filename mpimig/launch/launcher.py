@@ -32,7 +32,7 @@ from .. import events, lab
 from ..ft import relaunch
 from . import slurm
 from .config import RESTART_MODES, Config, parse_schedule
-from ..errors import LaunchError, NoCommittedEpoch, UsageError
+from ..errors import LaunchError, MpimigError, NoCommittedEpoch, UsageError
 
 
 def find_mpiexec() -> str | None:
@@ -303,6 +303,7 @@ def launch(cfg: Config, n: int, program: list[str], *, hosts=None, ft=False, tim
     env.update(cfg.to_env())
     if hosts:
         env["MPIMIG_HOSTS"] = ",".join(host_names(hosts))
+        env["MPIMIG_HOST_SLOTS"] = hosts        # h1:2,h2:2: the balancer's slots per host
     elif flavour == "openmpi" and "OMPI_MCA_btl_tcp_if_include" not in os.environ:
         # One host: processes of different jobs (spawned targets) talk TCP; keep it on
         # loopback so that interfaces that come and go (bridges) cannot break a run.
@@ -420,10 +421,29 @@ def _config(args) -> Config:
     cfg.spares = args.spares
     cfg.ft = args.ft
     cfg.buddy = not args.no_buddy
-    cfg.coordinator = bool(cfg.schedule) or args.coordinator or args.spares > 0 or args.ft
+    cfg.policy = _check_policy(args.policy or os.environ.get("MPIMIG_POLICY", ""))
+    for name in ("metrics_seconds", "balance_seconds"):
+        if not getattr(args, name) > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0")
+        setattr(cfg, name, getattr(args, name))
+    cfg.coordinator = bool(cfg.schedule) or args.coordinator or args.spares > 0 or args.ft or bool(cfg.policy)
     if cfg.keep < 1:
         raise UsageError("--keep must be at least 1")
     return cfg
+
+
+def _check_policy(spec: str) -> str:
+    """``--policy NAME[:k=v,...]`` checked against the registry (a UsageError in one line), or ""."""
+    spec = spec.strip()
+    if not spec:
+        return ""
+    from ..balance import policies
+    try:
+        policies.parse(spec)
+    except (ValueError, KeyError, TypeError, MpimigError) as exc:
+        msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise UsageError(f"--policy {spec}: {' '.join(msg.split())}") from None
+    return spec
 
 
 def _check_schedule(cfg: Config, n: int, hosts: str | None) -> None:
@@ -483,6 +503,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
     p.add_argument("--no-buddy", action="store_true",
                    help="with --ft: keep no in-memory copies of checkpoints (own and buddy's); "
                         "recovery then reads the disk epoch")
+    p.add_argument("--policy", metavar="NAME[:k=v,...]",
+                   help="let a balancer move ranks by itself with this policy (mpimig policy list; also "
+                        "MPIMIG_POLICY): the ranks report metrics to the coordinator, which decides every "
+                        "--balance-seconds; implies --coordinator; 'none' meters and never moves")
+    p.add_argument("--metrics-seconds", type=float, default=1.0, metavar="S",
+                   help="with --policy: each rank sends its metric report every S seconds (default 1)")
+    p.add_argument("--balance-seconds", type=float, default=2.0, metavar="S",
+                   help="with --policy: the balancer decides every S seconds (default 2)")
     p.add_argument("--relaunch", type=int, default=0, metavar="K",
                    help="if the job does not complete (a host died, a rank was killed), relaunch it up to K times "
                         "on the hosts that still answer, from the last committed epoch")

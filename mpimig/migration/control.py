@@ -1,4 +1,4 @@
-"""The operator's control channel to a running job: ``mpimig migrate`` and ``mpimig status``.
+"""The operator's control channel to a running job: ``mpimig migrate``, ``status`` and ``drain``.
 
 The coordinator listens on a Unix socket created with mode 0600 inside a
 directory of mode 0700, so only the job's owner (and root) can use it. The
@@ -161,22 +161,69 @@ def format_status(st: dict) -> str:
     for h, p in sorted((st.get("spare_pool") or {}).items()):
         lines.append(f"spare pool {h}: {p['in_job']} in the job + {p['spawned']} refilled "
                      f"(size {p['size']})")
+    from ..balance.driver import format_balance
+    lines += format_balance(st.get("balance"))
     return "\n".join(lines)
 
 
-def cmd_status(args) -> int:
-    job_dir = Path(args.job)
+def _read_status(job_dir: Path, timeout: float | None) -> tuple[dict, bool]:
+    """(status, live): from the running coordinator, or the last one recorded (live False)."""
     try:
-        st = request(job_dir, {"op": "status"}, timeout=args.timeout)
+        return request(job_dir, {"op": "status"}, timeout=timeout), True
     except MigrationError:
         f = job_dir / STATUS_FILE
         if not f.exists():
             raise
-        st = json.loads(f.read_text())   # a finished job: its last recorded status
+        return json.loads(f.read_text()), False   # a finished job: its last recorded status
+
+
+def cmd_status(args) -> int:
+    job_dir = Path(args.job)
+    if args.watch:
+        return _watch(job_dir, args)
+    st, _ = _read_status(job_dir, args.timeout)
     if args.json:
         print(json.dumps(st, indent=1))
     else:
         print(format_status(st))
+    return 0
+
+
+def _watch(job_dir: Path, args) -> int:
+    """``mpimig status --watch``: the status again every --interval seconds until the job
+    has ended (its last recorded status is shown then) or Ctrl-C."""
+    import sys
+    import time
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    try:
+        while True:
+            st, live = _read_status(job_dir, args.timeout)
+            text = json.dumps(st) if args.json else format_status(st)
+            print(f"{clear}{time.strftime('%H:%M:%S')} {job_dir}\n{text}", flush=True)
+            if st.get("finished") or not live:
+                return 0
+            time.sleep(args.interval)     # a refresh period, not synchronisation
+    except KeyboardInterrupt:
+        print("", flush=True)
+        return 0
+
+
+def cmd_drain(args) -> int:
+    rep = request(Path(args.job), {"op": "drain", "host": args.host}, timeout=args.timeout)
+    if not rep.get("ok"):
+        raise MigrationError(rep.get("error", "refused"))
+    if args.json:
+        print(json.dumps(rep, indent=1))
+        return 0
+    ranks = rep.get("ranks", [])
+    print(f"draining {rep.get('host')}: rank(s) {', '.join(map(str, ranks)) or 'none'} on it will move")
+    for mv in rep.get("moves", []):
+        print(f"  now: rank {mv['rank']} -> {mv['to']} ({mv['strategy']}, migration {mv['migration']})")
+    for d in rep.get("decisions", []):
+        if not d.get("move"):
+            print(f"  no move yet: {d.get('reason')}")
+        elif not d.get("accepted"):
+            print(f"  rank {d.get('rank')} -> {d.get('to')} refused: {d.get('refused')}")
     return 0
 
 
@@ -218,4 +265,17 @@ def register(sub) -> None:
     s.add_argument("job", metavar="JOB", help="the job directory")
     s.add_argument("--json", action="store_true")
     s.add_argument("--timeout", type=float, default=30.0)
+    s.add_argument("--watch", action="store_true",
+                   help="refresh every --interval seconds (per-host load, moves) until the job ends; Ctrl-C stops")
+    s.add_argument("--interval", type=float, default=2.0, metavar="S", help="with --watch: seconds between refreshes")
     s.set_defaults(func=cmd_status)
+    d = sub.add_parser("drain", help="move every rank off a host of a running job",
+                       description="Ask a running job's coordinator to empty HOST: it is marked draining, "
+                                   "nothing moves there any more, and the balancer moves its ranks to other "
+                                   "hosts (warm spares, free slots) whatever the job's policy, a few at a time. "
+                                   "Prints the ranks that will move and the moves started now.")
+    d.add_argument("job", metavar="JOB", help="the job directory")
+    d.add_argument("host", metavar="HOST", help="a host of the job")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--timeout", type=float, default=60.0)
+    d.set_defaults(func=cmd_drain)

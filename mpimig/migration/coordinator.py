@@ -34,11 +34,12 @@ from mpi4py import MPI
 from .. import events
 from ..errors import MigrationError
 from ..ft import recovery
+from ..balance.driver import BalanceDriver, host_slots
 from ..launch.config import Config
 from . import transport
 from .control import STATUS_FILE, ControlServer
 from .protocol import (TAG_ASSIGN, TAG_CANCEL, TAG_DONE, TAG_END, TAG_FINISHING, TAG_GO, TAG_HELLO, TAG_PLAN,
-                       TAG_REPLY, TAG_REPORT, TAG_REQUEST, TAG_RESIDUAL, TAG_SPARE, TAG_WAKE, Move,
+                       TAG_METRICS, TAG_REPLY, TAG_REPORT, TAG_REQUEST, TAG_RESIDUAL, TAG_SPARE, TAG_WAKE, Move,
                        Plan, Step, check_strategy)
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class Migration:
         self.to = to
         self.at_point = at_point
         self.strategy = strategy
-        self.origin = origin             # operator | self | schedule
+        self.origin = origin             # operator | self | schedule | policy
         self.state = Step.NEGOTIATE.label
         self.src: str | None = None
         self.t: dict[str, float] = {"requested": time.time()}
@@ -119,6 +120,10 @@ class Coordinator:
         self.server: ControlServer | None = None
         if cfg.job_dir is not None:
             self.server = ControlServer(cfg.job_dir, cfg.run_id)
+        self.t_start = time.time()
+        self.balance: BalanceDriver | None = None      # --policy, or the first drain request
+        if cfg.policy:
+            self.balance = self._balancer(cfg.policy)
         if recovered is not None:       # a new coordinator after the old one died
             self.adopt(recovered)
             return
@@ -139,8 +144,11 @@ class Coordinator:
         if op == "status":
             reply(self.status())
             return
+        if op == "drain":
+            reply(self.drain(req.get("host")))
+            return
         if op != "migrate":
-            reply({"ok": False, "error": f"unknown request {op!r}: expected 'status' or 'migrate'"})
+            reply({"ok": False, "error": f"unknown request {op!r}: expected 'status', 'migrate' or 'drain'"})
             return
         rank, host = req.get("rank"), req.get("to")
         err = self.negotiate(rank, host, req.get("strategy", "stop-and-copy"))
@@ -153,6 +161,48 @@ class Coordinator:
         else:
             reply({"ok": True, "migration": m.as_dict()})
         self.write_status()
+
+    # -- the balancer (mpimig.balance.driver): decisions go through steps 1-2 like requests ----
+    def _balancer(self, spec: str) -> BalanceDriver:
+        return BalanceDriver(spec, self.cfg.job_dir, self.cfg.run_id, self.hosts,
+                             host_slots(os.environ.get("MPIMIG_HOST_SLOTS"), self.hosts),
+                             interval=self.cfg.balance_seconds, t0=self.t_start)
+
+    def drain(self, host: Any) -> dict:
+        """``mpimig drain``: mark ``host`` draining; the balancer empties it whatever the policy.
+        The reply names the ranks on it and the moves decided at once (more follow as moves finish)."""
+        if self.finishing or self.finished:
+            return {"ok": False, "error": "the job has finished"}
+        if not isinstance(host, str) or host not in self.hosts:
+            return {"ok": False, "error": f"unknown host {host!r}: the job's hosts are {', '.join(self.hosts)}"}
+        if self.balance is None:
+            self.balance = self._balancer("none")
+        self.balance.drain(host)
+        events.emit(self.cfg.job_dir, "drain", self.cfg.run_id, host=host,
+                    ranks=[r["rank"] for r in self.routing if r["host"] == host])
+        decisions = self.balance_round()
+        return {"ok": True, "host": host, "ranks": [r["rank"] for r in self.routing if r["host"] == host],
+                "moves": [{"rank": d["rank"], "to": d["to"], "strategy": d["strategy"],
+                           "migration": d.get("migration")} for d in decisions if d.get("accepted")],
+                "decisions": decisions}
+
+    def balance_round(self) -> list[dict]:
+        """One decision round of the balancer; its moves are accepted with origin "policy"."""
+        assert self.balance is not None
+
+        def submit(rank: int, host: str, strategy: str) -> tuple[int | None, str | None]:
+            err = self.negotiate(rank, host, strategy)
+            if err:
+                return None, err
+            return self.accept(rank, host, 0, strategy, "policy").id, None
+
+        in_flight = len(self.queue) + len(self.ready) + len(self.plan_migs) + len(self.in_switch)
+        decisions = self.balance.decide(self.routing, self._spares_per_host(), in_flight, submit)
+        self.write_status()
+        return decisions
+
+    def _spares_per_host(self) -> dict[str, int]:
+        return {h: len(self.spares.get(h, [])) + len(self.pool.get(h, [])) for h in self.hosts}
 
     # -- step 2: negotiate ---------------------------------------------------------------
     def negotiate(self, rank: Any, host: Any, strategy: Any = "stop-and-copy", scheduled: bool = False) -> str | None:
@@ -429,6 +479,8 @@ class Coordinator:
                      m.strategy, m.timings.get("downtime", -1))
             events.emit(self.cfg.job_dir, "migrated", self.cfg.run_id, id=m.id, rank=m.rank, to=m.to,
                         strategy=m.strategy, downtime=m.timings.get("downtime"))
+            if self.balance is not None:
+                self.balance.migration_done(m.as_dict())
         del self.reports[pid]
         self.write_status()
 
@@ -520,7 +572,9 @@ class Coordinator:
                 "spare_pool": {h: {"size": n, "in_job": len(self.spares.get(h, [])),
                                    "spawned": len(self.pool.get(h, []))}
                                for h, n in self.pool_size.items()},
-                "coordinator": {"host": MPI.Get_processor_name(), "pid": os.getpid()}}
+                "coordinator": {"host": MPI.Get_processor_name(), "pid": os.getpid()},
+                "balance": (self.balance.status(self.routing, self._spares_per_host())
+                            if self.balance is not None else None)}
 
     def write_status(self) -> None:
         if self.cfg.job_dir is None:
@@ -558,6 +612,9 @@ class Coordinator:
             self.on_message(src, tag, self.J.recv(source=src, tag=tag))
         if self.finished:
             return True
+        if self.balance is not None and not self.finishing and self.balance.due():
+            self.balance_round()
+            busy = True
         return self._advance() or busy
 
     def _operator_request(self) -> bool:
@@ -580,6 +637,9 @@ class Coordinator:
             self.resume(src, msg)
         elif tag == TAG_RESIDUAL:
             self.retire_source(msg)
+        elif tag == TAG_METRICS:
+            if self.balance is not None:
+                self.balance.on_report(msg, self.routing)
         elif tag == TAG_REQUEST:
             box: dict[str, Any] = {}
             self.request(dict(msg, wait=False, origin="self"), box.update)

@@ -71,6 +71,8 @@ TAG_END = 109         # coordinator -> old processes of migrated ranks, spares: 
 TAG_SPARE = 110       # warm spare -> coordinator at start: host, pid
 TAG_WAKE = 111        # coordinator -> warm spares: a plan is executed now, join the switch
 TAG_RESIDUAL = 112    # post-copy target -> coordinator: the source is not needed any more
+TAG_METRICS = 113     # rank -> coordinator, every few seconds with --policy: its metric report
+                      # (mpimig.balance.metrics); a plain send, never a collective
 TAG_JOIN = 200        # + round: Intercomm_create tags
 TAG_STATE = 300       # old -> target: state transfer (pkl5)
 TAG_PRECOPY = 310     # pre-copy source -> target (on J): header of a round

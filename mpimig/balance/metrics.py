@@ -1,0 +1,195 @@
+"""What a rank measures between safe points, for the balancer (runtime side).
+
+Only a job with a policy (``mpimig run --policy``) meters: then ``Context``
+holds a :class:`Meter`, which installs a wrapper layer on the communicator
+*instance* (``Comm.set_layer``) that times every blocking call and counts the
+bytes of buffer sends per peer. Without a policy there is no meter, no layer,
+and a safe point pays one ``is None`` test.
+
+Per safe-point interval (from the end of one ``ctx.checkpoint_point()`` to the
+start of the next, so mpimig's own safe-point work is left out) a rank adds:
+
+- wall time, split into time blocked in communication (the wrapped calls,
+  ``Request.Wait`` of receives included) and the rest: compute;
+- bytes sent with buffer calls (``Send``, ``Isend``, ``Sendrecv``, ...) per
+  destination rank (pickled ``send``/``isend`` are timed but their size is not
+  counted: finding it would cost a second pickle).
+
+Every ``metrics_seconds`` (``--metrics-seconds``, default 1 s) it sends a
+report to the coordinator on J (``TAG_METRICS``): one small pickled send, no
+collective. The report also carries what is read only then: CPU seconds
+(``time.process_time``: a system call of ~9 us on the test machines, so it is
+read per report, not per call; the compute part's CPU is the window's CPU
+share times its compute wall time), registered state bytes, resident memory,
+``ctx.weight``, ``ctx.total_points``, and the host's MemAvailable and load
+average.
+
+Report fields (totals over the window unless said): ``rank``, ``host``,
+``pid``, ``t`` (time.time), ``point`` (safe points passed), ``points``
+(in the window), ``wall_s``, ``compute_s``, ``comm_s``, ``cpu_share``
+(CPU seconds per wall second over the window, safe points included),
+``cpu_s`` (of the compute part), ``sent`` ({peer: bytes}), ``state_bytes``,
+``rss_bytes``, ``weight``, ``total_points`` (or None), ``mem_available``
+(bytes, 0 unknown), ``loadavg`` (1 minute).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from ..comm import Comm
+    from ..runtime import Context
+
+#: the layer's name on the communicator (``Comm.layers``)
+LAYER = "metrics"
+
+#: calls that send a buffer: (buffer, dest, ...) — timed, and their bytes counted per peer
+SEND_METHODS = ("Send", "Ssend", "Isend", "Issend", "Sendrecv")
+#: every other call that may block in communication: timed
+WAIT_METHODS = ("Recv", "send", "ssend", "recv", "sendrecv", "Probe", "probe", "Barrier", "barrier",
+                "Bcast", "bcast", "Reduce", "reduce", "Allreduce", "allreduce", "Gather", "Gatherv",
+                "gather", "Scatter", "Scatterv", "scatter", "Allgather", "Allgatherv", "allgather",
+                "Alltoall", "Alltoallv", "alltoall", "Scan", "scan", "Exscan", "exscan",
+                "Reduce_scatter_block", "_wait_recv")
+METHODS = SEND_METHODS + WAIT_METHODS
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _nbytes(buf: Any) -> int:
+    """Bytes of an mpi4py buffer spec (an array, or [array, count, type] / [array, type])."""
+    n = getattr(buf, "nbytes", None)
+    if n is None and isinstance(buf, (list, tuple)) and buf:
+        n = getattr(buf[0], "nbytes", None)
+    return int(n or 0)
+
+
+class Meter:
+    """One rank's metering (held by ``Context._meter`` when the job has a policy)."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.comm: Comm | None = None     # the communicator that carries the layer
+        self.busy = False                 # inside a timed call (nested calls are not counted twice)
+        now = time.perf_counter()
+        self.t_resume = now               # end of the last safe point (start of the running interval)
+        self.t_report = now               # start of the reporting window
+        self.cpu_report = time.process_time()
+        self.reset()
+
+    def reset(self) -> None:
+        self.wall_s = 0.0
+        self.comm_s = 0.0
+        self.points = 0
+        self.sent: dict[int, int] = {}
+
+    # -- the layer on the communicator -------------------------------------------------
+    def attach(self, comm: Comm) -> None:
+        """Install the timing layer on ``comm`` (a new one after a recovery or a move)."""
+        comm.set_layer(LAYER, METHODS, self._wrap)
+        self.comm = comm
+
+    def detach(self) -> None:
+        if self.comm is not None:
+            self.comm.set_layer(LAYER, METHODS, None)
+            self.comm = None
+
+    def _wrap(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        pc = time.perf_counter
+        meter = self
+
+        if name in SEND_METHODS:
+            def send(*args: Any, **kwargs: Any) -> Any:
+                buf = args[0] if args else kwargs.get("buf", kwargs.get("sendbuf"))
+                dest = args[1] if len(args) > 1 else kwargs.get("dest", -1)
+                if dest >= 0:
+                    sent = meter.sent
+                    sent[dest] = sent.get(dest, 0) + _nbytes(buf)
+                if meter.busy:
+                    return method(*args, **kwargs)
+                meter.busy = True
+                t = pc()
+                try:
+                    return method(*args, **kwargs)
+                finally:
+                    meter.comm_s += pc() - t
+                    meter.busy = False
+            call = send
+        else:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                if meter.busy:
+                    return method(*args, **kwargs)
+                meter.busy = True
+                t = pc()
+                try:
+                    return method(*args, **kwargs)
+                finally:
+                    meter.comm_s += pc() - t
+                    meter.busy = False
+        call.__name__ = call.__qualname__ = name
+        call.__doc__ = method.__doc__
+        return call
+
+    # -- safe points (called by Context.checkpoint_point) -------------------------------
+    def at_point(self, ctx: Context) -> None:
+        """The start of a safe point: close the interval; report if the window is due."""
+        t = ctx.link.t_point
+        if ctx.comm is not self.comm:
+            self.attach(ctx.comm)
+        self.wall_s += t - self.t_resume
+        self.points += 1
+        if t - self.t_report >= self.interval:
+            J = ctx.link.J
+            if J is not None:
+                from ..migration.protocol import TAG_METRICS
+                J.send(self.report(ctx, t), dest=0, tag=TAG_METRICS)
+            self.reset()
+
+    def resume(self) -> None:
+        """The end of a safe point: the program computes again."""
+        self.t_resume = time.perf_counter()
+
+    def report(self, ctx: Context, t: float) -> dict:
+        """This window's report (and the start of the next window)."""
+        cpu = time.process_time()
+        span = max(t - self.t_report, 1e-9)
+        share = max(0.0, (cpu - self.cpu_report) / span)
+        self.t_report, self.cpu_report = t, cpu
+        compute = max(0.0, self.wall_s - self.comm_s)
+        st = ctx.registered_state
+        mem, load = host_memory_and_load()
+        return {"rank": ctx.rank, "host": ctx.host, "pid": os.getpid(), "t": time.time(), "point": ctx.point,
+                "points": self.points, "wall_s": self.wall_s, "compute_s": compute, "comm_s": self.comm_s,
+                "cpu_share": share, "cpu_s": min(share, 1.0) * compute, "sent": dict(self.sent),
+                "state_bytes": st.nbytes() if st is not None else 0, "rss_bytes": rss_bytes(),
+                "weight": float(ctx.weight), "total_points": ctx.total_points,
+                "mem_available": mem, "loadavg": load}
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (0 if unknown)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def host_memory_and_load() -> tuple[int, float]:
+    """(MemAvailable in bytes, 1-minute load average) of this host (0 where unknown)."""
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    mem = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        mem = 0
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return mem, load
