@@ -8,7 +8,6 @@ means per safe point (``ctx.checkpoint_point()``), the job's unit of progress.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +24,8 @@ class RankMetrics:
     dirty_rate: float = 0.0   # bytes of registered state changed per second (pre-copy's enemy)
     weight: float = 1.0       # priority (ctx.weight, or the job's)
     sent: dict[int, float] = dataclasses.field(default_factory=dict)  # bytes per point sent to each peer rank
-    remaining_points: Optional[int] = None   # declared by the program (ctx.total_points), else None
-    last_move_t: Optional[float] = None       # snapshot time of its last completed move, if any
+    remaining_points: int | None = None   # declared by the program (ctx.total_points), else None
+    last_move_t: float | None = None       # snapshot time of its last completed move, if any
 
     @property
     def step_s(self) -> float:
@@ -54,6 +53,13 @@ class StrategyCost:
     downtime_s: float      # the moving rank (and, in a BSP job, every rank) is stopped this long
     total_s: float         # from request to the old process leaving (resources held twice)
     bytes_moved: int
+    cost_s: float = -1.0   # predicted seconds the job loses (downtime + demand stalls + a share of background
+    #                        copying); -1 (not given) = the downtime
+    create_s: float = 0.0  # spawn or warm-spare hand-over (in total_s, not in the downtime)
+
+    def __post_init__(self) -> None:
+        if self.cost_s < 0:
+            object.__setattr__(self, "cost_s", self.downtime_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +93,10 @@ class Decision:
     cost_s: float = 0.0          # predicted cost (downtime of the job, seconds)
     bytes_moved: int = 0
     policy: str = ""
+    src: str = ""                # the host the rank leaves
+    downtime_s: float = 0.0      # the strategy's predicted downtime of the rank
+    total_s: float = 0.0         # the strategy's predicted total time (request to the old process freed)
+    mandatory: bool = False      # a drain: not subject to cost-benefit or cool-down
 
     def as_event(self) -> dict:
         return dataclasses.asdict(self)

@@ -20,13 +20,14 @@ BENCH_MODULES = [
     "mpimig.bench.comm",         # comm: facade vs plain mpi4py
     "mpimig.bench.migrate",      # migrate: strategies, freeze time, bytes moved
     "mpimig.bench.recovery",     # recovery: kill -> resumed, online (--ft) vs relaunch
+    "mpimig.bench.metrics",      # metrics: the balancer's metering overhead on heat2d
     "mpimig.bench.balance",      # balance: each policy vs none on the lab, one host slowed
 ]
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "bench", help="run a benchmark (checkpoint, comm, migrate, recovery, balance)",
+        "bench", help="run a benchmark (checkpoint, comm, migrate, recovery, metrics, balance)",
         description="Benchmarks that measure mpimig against the plain way of doing the same "
                     "thing, in the same run.")
     bench_sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")

@@ -1,0 +1,668 @@
+"""Who moves where: the load model and the policy registry (docs/policies.md). No MPI.
+
+A policy is a plain class with one decision method, ``decide(snap, cost)``,
+over a :class:`Snapshot` of metrics: the runtime's coordinator and the
+simulator call the same code. It returns a plan: moves in the order it would
+make them (:class:`Decision` with ``move=True``) and "no move" records with
+the reason. The :class:`~mpimig.balance.balancer.Balancer` around it decides
+which of the moves pay (cost-benefit, cool-down, in-flight limit).
+
+The load model (bulk-synchronous job: every rank waits for the slowest at
+each safe point):
+
+- a rank's *work* ``w`` is CPU seconds per point (``cpu_s``; when unknown,
+  ``compute_s x speed`` of its host);
+- a host offers ``K`` core-equivalents: ``speed x (n + E)`` when its ``n``
+  ranks observe a CPU share ``speed < 1`` with ``E`` tasks from outside the
+  job, else ``max(slots, n + E)``; an empty host offers ``slots x speed``;
+- with ``n`` ranks there, each gets a CPU share ``min(1, K / (n + E))`` and a
+  rank's time per point is ``w / share + comm``, where ``comm`` is the bytes
+  per point it sends to each peer over the bandwidth between their hosts
+  (``cost.local_bw`` within a host, ``cost.net_bw`` between hosts);
+- a host's load is the time per point of its slowest rank, and the job's
+  step time ``T`` is the largest host load. A move pays back ``(T - T') x R``
+  seconds over the remaining ``R`` points (:func:`remaining_points`).
+
+Measured ``comm_wait_s`` is not used: in a bulk-synchronous job it is mostly
+waiting for the slowest rank, an effect of the imbalance, not a cost of its own.
+"""
+from __future__ import annotations
+
+import abc
+import heapq
+import math
+import random
+from typing import Any, ClassVar, TypeVar
+
+from ..errors import UsageError
+from ..migration.protocol import STRATEGIES
+from .cost import CostModel
+from .snapshot import Decision, HostMetrics, RankMetrics, Snapshot
+
+GiB = float(1 << 30)
+REL_EPS = 1e-9
+
+
+# ------------------------------------------------------------------------------------------
+# The load model
+def remaining_points(snap: Snapshot) -> int:
+    """Points the job still has to run: the largest ``remaining_points`` the ranks declared,
+    else as many as it has run (the job is assumed to run as long again as it has run)."""
+    declared = [r.remaining_points for r in snap.ranks if r.remaining_points is not None]
+    if declared:
+        return max(0, max(declared))
+    return max((r.points for r in snap.ranks), default=0)
+
+
+def drain_hosts(snap: Snapshot, extra: tuple[str, ...] = ()) -> set[str]:
+    """Hosts to empty: the operator's (``snap.drain``), the ones marked draining, ``extra``."""
+    out = set(snap.drain) | set(extra)
+    out.update(h.name for h in snap.hosts.values() if h.draining)
+    return out
+
+
+def _capacity(h: HostMetrics, n: int) -> float:
+    """Core-equivalents the host offers (see the module's docstring)."""
+    speed = h.speed if h.speed > 0 else 1.0
+    E = max(0.0, h.external_load)
+    if n <= 0:
+        return max(1e-9, h.slots * min(speed, 1.0))
+    if speed < 1.0:
+        return max(1e-9, speed * (n + E))
+    return float(max(h.slots, n + E))
+
+
+class LoadState:
+    """The load model over one snapshot, with moves applied hypothetically or for good.
+
+    Hosts not in ``snap.hosts`` but named by a rank are taken as ``HostMetrics(name)``.
+    """
+
+    def __init__(self, snap: Snapshot, cost: CostModel, avoid: tuple[str, ...] = ()) -> None:
+        self.snap, self.cost = snap, cost
+        self.hosts: dict[str, HostMetrics] = dict(snap.hosts)
+        for r in snap.ranks:
+            if r.host not in self.hosts:
+                self.hosts[r.host] = HostMetrics(r.host)
+        self.ranks: dict[int, RankMetrics] = {r.rank: r for r in snap.ranks}
+        self.where: dict[int, str] = {r.rank: r.host for r in snap.ranks}
+        self.members: dict[str, set[int]] = {h: set() for h in self.hosts}
+        for r in snap.ranks:
+            self.members[r.host].add(r.rank)
+        self.work: dict[int, float] = {}
+        for r in snap.ranks:
+            sp = self.hosts[r.host].speed
+            self.work[r.rank] = r.cpu_s if r.cpu_s > 0 else r.compute_s * (min(sp, 1.0) if sp > 0 else 1.0)
+        self.cap = {h: _capacity(hm, len(self.members[h])) for h, hm in self.hosts.items()}
+        self.recv: dict[int, dict[int, float]] = {}       # j -> {i: bytes per point i sends to j}
+        for r in snap.ranks:
+            for j, b in r.sent.items():
+                if b > 0 and j != r.rank:
+                    self.recv.setdefault(j, {})[r.rank] = float(b)
+        self.banned = drain_hosts(snap, avoid)
+        self.mem_in: dict[str, float] = {}               # bytes moved onto a host by applied moves
+        self.load = {h: self._host_load(h, self.members[h]) for h in self.hosts}
+        self._sort()
+
+    # --- the model ---
+    def share(self, host: str, n: int) -> float:
+        """CPU share of each of ``n`` job ranks on ``host``."""
+        E = max(0.0, self.hosts[host].external_load)
+        return min(1.0, self.cap[host] / (max(n, 1) + E))
+
+    def comm(self, rank: int, where: dict[int, str] | None = None) -> float:
+        """Seconds per point ``rank`` spends sending to its peers where they are."""
+        where = where or self.where
+        h = where[rank]
+        r = self.ranks[rank]
+        return sum(self.cost.comm_s(b, where.get(j) == h) for j, b in r.sent.items() if b > 0 and j in where)
+
+    def rank_time(self, rank: int) -> float:
+        h = self.where[rank]
+        return self.work[rank] / self.share(h, len(self.members[h])) + self.comm(rank)
+
+    def _host_load(self, host: str, members: set[int]) -> float:
+        if not members:
+            return 0.0
+        s = self.share(host, len(members))
+        return max(self.work[i] / s + self.comm(i) for i in members)
+
+    def _sort(self) -> None:
+        self.by_load = sorted(self.hosts, key=lambda h: (-self.load[h], h))
+
+    @property
+    def step_s(self) -> float:
+        """The job's predicted step time (seconds per point)."""
+        return self.load[self.by_load[0]] if self.by_load else 0.0
+
+    def mem_need(self, rank: int) -> int:
+        r = self.ranks[rank]
+        return r.rss_bytes or r.state_bytes
+
+    def can_host(self, rank: int, host: str) -> bool:
+        """``host`` is a valid target for ``rank``: alive, not draining, not its host, memory fits."""
+        h = self.hosts.get(host)
+        if h is None or not h.alive or h.draining or host in self.banned or self.where[rank] == host:
+            return False
+        return not (h.free_mem > 0 and self.mem_need(rank) > h.free_mem - self.mem_in.get(host, 0.0))
+
+    def movable(self, rank: int) -> bool:
+        """A rank can move only off a live host (a dead host's ranks are recovery's)."""
+        return self.hosts[self.where[rank]].alive
+
+    # --- moves ---
+    def _affected(self, rank: int, dst: str) -> set[str]:
+        hs = {self.where[rank], dst}
+        hs.update(self.where[j] for j in self.ranks[rank].sent if j in self.where)
+        hs.update(self.where[j] for j in self.recv.get(rank, {}))
+        return hs
+
+    def after(self, rank: int, dst: str) -> dict[str, float]:
+        """Loads of the hosts a move of ``rank`` to ``dst`` changes, as they would be after it."""
+        src = self.where[rank]
+        hs = self._affected(rank, dst)
+        self.members[src].discard(rank)
+        self.members[dst].add(rank)
+        self.where[rank] = dst
+        try:
+            return {h: self._host_load(h, self.members[h]) for h in hs}
+        finally:
+            self.where[rank] = src
+            self.members[dst].discard(rank)
+            self.members[src].add(rank)
+
+    def rest_max(self, exclude: set[str], below: float = math.inf) -> float:
+        """The largest load among hosts not in ``exclude`` and under ``below`` (0 if none)."""
+        lim = below * (1 - REL_EPS)
+        for h in self.by_load:
+            if h in exclude or self.load[h] >= lim:
+                continue
+            return self.load[h]
+        return 0.0
+
+    def T_after(self, rank: int, dst: str) -> float:
+        new = self.after(rank, dst)
+        return max(max(new.values()), self.rest_max(set(new)))
+
+    def relief(self, rank: int, dst: str) -> tuple[float, float]:
+        """(how much the move lowers the load level of its source host, the step time after it).
+
+        The level after the move is the largest of the hosts it touches and of the other hosts
+        below the source's present load (hosts tied with it are left to later moves of a plan),
+        so a plan can take load off several equally loaded hosts one move at a time."""
+        src = self.where[rank]
+        L = self.load[src]
+        new = self.after(rank, dst)
+        level = max(max(new.values()), self.rest_max(set(new), below=L))
+        return L - level, max(max(new.values()), self.rest_max(set(new)))
+
+    def apply(self, rank: int, dst: str) -> None:
+        hs = self._affected(rank, dst)
+        src = self.where[rank]
+        self.members[src].discard(rank)
+        self.members[dst].add(rank)
+        self.where[rank] = dst
+        self.mem_in[dst] = self.mem_in.get(dst, 0.0) + self.mem_need(rank)
+        for h in hs:
+            self.load[h] = self._host_load(h, self.members[h])
+        self._sort()
+
+    def pool(self, rank: int, size: int, extra: set[str] | None = None) -> list[str]:
+        """Up to ``size`` valid targets for ``rank`` where it would run soonest (its predicted
+        compute time there, or the host's present load if larger), plus ``extra`` valid hosts."""
+        w = self.work[rank]
+        cands = []
+        for h in self.hosts:
+            if not self.can_host(rank, h):
+                continue
+            n = len(self.members[h])
+            s_new = self.share(h, n + 1)
+            scaled = self.load[h] * (self.share(h, n) / s_new if n else 1.0)
+            cands.append((max(scaled, w / s_new), h))
+        best = [h for _, h in heapq.nsmallest(size, cands)]
+        for h in sorted(extra or ()):
+            if h not in best and self.can_host(rank, h):
+                best.append(h)
+        return best
+
+    def top_hosts(self) -> list[str]:
+        """The hosts at the job's step time (ties within a relative 1e-9)."""
+        top = self.step_s
+        return [h for h in self.by_load if self.load[h] >= top * (1 - REL_EPS) and top > 0]
+
+    def bytes_with(self, rank: int, host: str) -> float:
+        """Bytes per point ``rank`` exchanges with the ranks on ``host`` (both directions)."""
+        r = self.ranks[rank]
+        out = sum(b for j, b in r.sent.items() if self.where.get(j) == host and j != rank)
+        return out + sum(b for j, b in self.recv.get(rank, {}).items() if self.where.get(j) == host)
+
+
+# ------------------------------------------------------------------------------------------
+# The registry
+class Policy(abc.ABC):
+    """A decision rule: ``decide(snap, cost)`` -> moves in the order to make them, and
+    "no move" records. Parameters are declared in ``PARAMS`` (name -> (default, doc))."""
+    name: ClassVar[str] = ""
+    PARAMS: ClassVar[dict[str, tuple[Any, str]]] = {}
+
+    def __init__(self, **params: Any) -> None:
+        unknown = sorted(set(params) - set(self.PARAMS))
+        if unknown:
+            raise UsageError(f"policy {self.name}: unknown parameter {', '.join(map(repr, unknown))}; "
+                             f"valid: {_valid(self.PARAMS)}")
+        self.params: dict[str, Any] = {}
+        for k, (default, _doc) in self.PARAMS.items():
+            self.params[k] = _coerce(self.name, k, params[k], default) if k in params else default
+        self.check()
+
+    def check(self) -> None:
+        """Validate parameter values (raise UsageError); subclasses extend it."""
+        for key in ("max_moves", "targets"):
+            if key in self.params:
+                _at_least(self, key, 1)
+
+    @abc.abstractmethod
+    def decide(self, snap: Snapshot, cost: CostModel) -> list[Decision]:
+        """The plan for this snapshot: moves (``move=True``) and "no move" records."""
+
+    def spec(self) -> str:
+        """This policy as ``NAME[:k=v,...]`` (only parameters that differ from the defaults)."""
+        kv = [f"{k}={v}" for k, v in self.params.items() if v != self.PARAMS[k][0]]
+        return self.name + (":" + ",".join(kv) if kv else "")
+
+    def __repr__(self) -> str:
+        return f"<policy {self.spec()}>"
+
+    # --- helpers for subclasses ---
+    def _no(self, reason: str, rank: int = -1) -> Decision:
+        return Decision(move=False, reason=reason, rank=rank, policy=self.name)
+
+    def _move(self, ls: LoadState, rank: int, dst: str, cost: CostModel, reason: str,
+              strategy: str | None = None, mandatory: bool = False) -> Decision:
+        """Record the move of ``rank`` to ``dst`` (strategy from the cost model unless given)
+        and apply it to ``ls``; ``gain_s`` is the drop of the step time times the remaining points."""
+        r = ls.ranks[rank]
+        src = ls.where[rank]
+        sh, dh = ls.hosts[src], ls.hosts[dst]
+        c = cost.predict(r, sh, dh, strategy) if strategy else cost.best(r, sh, dh)
+        T0 = ls.step_s
+        ls.apply(rank, dst)
+        gain = (T0 - ls.step_s) * remaining_points(ls.snap)
+        return Decision(move=True, reason=reason, rank=rank, to=dst, strategy=c.strategy, gain_s=gain,
+                        cost_s=c.cost_s, bytes_moved=c.bytes_moved, policy=self.name, src=src,
+                        downtime_s=c.downtime_s, total_s=c.total_s, mandatory=mandatory)
+
+
+REGISTRY: dict[str, type[Policy]] = {}
+P = TypeVar("P", bound=type[Policy])
+
+
+def register(cls: P) -> P:
+    """Class decorator: add a policy to :data:`REGISTRY` under its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"policy {cls.name!r} is already registered by {REGISTRY[cls.name].__name__}")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def parse(spec: str) -> Policy:
+    """A policy from ``NAME[:k=v,...]`` (values: int, float, else string; ``;`` separates the
+    items of a list value such as drain's ``hosts``)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UsageError(f"empty policy; known: {', '.join(sorted(REGISTRY))}")
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip()
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise UsageError(f"unknown policy {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    params: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        k, eq, v = item.partition("=")
+        k = k.strip()
+        if not eq or not k:
+            raise UsageError(f"policy {name}: {item!r} is not k=v (in {spec!r}); valid: {_valid(cls.PARAMS)}")
+        if k in params:
+            raise UsageError(f"policy {name}: parameter {k!r} given twice (in {spec!r})")
+        params[k] = _value(v.strip())
+    return cls(**params)
+
+
+def describe() -> list[dict]:
+    """Every policy: name, one-line doc, params (name -> {default, doc}), for ``mpimig policy list``."""
+    out = []
+    for name in sorted(REGISTRY):
+        cls = REGISTRY[name]
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        out.append({"name": name, "doc": doc,
+                    "params": {k: {"default": d, "doc": t} for k, (d, t) in cls.PARAMS.items()}})
+    return out
+
+
+def _value(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _valid(params: dict[str, tuple[Any, str]]) -> str:
+    return ", ".join(f"{k} (default {d!r})" for k, (d, _) in params.items()) or "none"
+
+
+def _coerce(policy: str, key: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of ``default`` (an int is a valid float); a UsageError otherwise."""
+    want = type(default)
+    if want is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise UsageError(f"policy {policy}: {key}={value!r} is not a finite number")
+        return float(value)
+    if want is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if want is str:
+        return str(value)
+    raise UsageError(f"policy {policy}: {key}={value!r} is not {'an integer' if want is int else 'a number'}"
+                     f" (default {default!r})")
+
+
+def _at_least(policy: Policy, key: str, low: float) -> None:
+    if policy.params[key] < low:
+        raise UsageError(f"policy {policy.name}: {key}={policy.params[key]!r} must be >= {low}")
+
+
+# ------------------------------------------------------------------------------------------
+# The policies
+_MAX_MOVES = ("max_moves", (4, "moves in one plan at most"))
+_TARGETS = ("targets", (16, "candidate target hosts examined per rank (the least loaded)"))
+
+
+@register
+class NoMoves(Policy):
+    """Never moves (the baseline)."""
+    name = "none"
+
+    def decide(self, snap: Snapshot, cost: CostModel) -> list[Decision]:
+        return [self._no("policy none never moves")]
+
+
+@register
+class Greedy(Policy):
+    """The heaviest rank to the host where it would run soonest, while that lowers the step time."""
+    name = "greedy"
+    PARAMS = dict([_MAX_MOVES, _TARGETS])
+
+    def decide(self, snap: Snapshot, cost: CostModel) -> list[Decision]:
+        ls = LoadState(snap, cost)
+        out: list[Decision] = []
+        moved: set[int] = set()
+        for _ in range(self.params["max_moves"]):
+            cands = [i for i in ls.ranks if i not in moved and ls.movable(i)]
+            if not cands or ls.step_s <= 0:
+                out.append(self._no("greedy: no rank has load"))
+                break
+            r = max(cands, key=lambda i: (ls.rank_time(i), -i))
+            src = ls.where[r]
+            pool = ls.pool(r, self.params["targets"])
+            if not pool:
+                out.append(self._no(f"greedy: no host can take rank {r}", r))
+                break
+            after = {h: max(ls.after(r, h).values()) for h in pool}
+            dst = min(pool, key=lambda h: (after[h], h))
+            relief, _ = ls.relief(r, dst)
+            if relief <= ls.step_s * REL_EPS:
+                out.append(self._no(f"greedy: the heaviest rank {r} ({ls.rank_time(r):.4g} s/point on {src}) "
+                                    f"would not run sooner on the least loaded host {dst} "
+                                    f"({after[dst]:.4g} s/point there)", r))
+                break
+            out.append(self._move(ls, r, dst, cost, f"greedy: heaviest rank {r} "
+                                  f"({ls.rank_time(r):.4g} s/point on {src}) to least loaded {dst}"))
+            moved.add(r)
+        return out
+
+
+def _lower_bound(ls: LoadState) -> float:
+    """A lower bound of the step time: all work spread over every usable core, and the
+    heaviest rank alone on the best core."""
+    usable = [h for h, hm in ls.hosts.items() if hm.alive and not hm.draining and h not in ls.banned]
+    total_w = sum(ls.work.values())
+    cap = sum(min(ls.cap[h], max(ls.hosts[h].slots, 1)) for h in usable)
+    best_share = max((ls.share(h, 1) for h in usable), default=1.0)
+    heaviest = max(ls.work.values(), default=0.0)
+    return max(total_w / cap if cap > 0 else 0.0, heaviest / best_share if best_share > 0 else 0.0)
+
+
+@register
+class Refine(Policy):
+    """As Charm++ RefineLB: the fewest moves that bring the step time within (1+tol) of its lower bound."""
+    name = "refine"
+    PARAMS = {"tol": (0.05, "accepted excess of the step time over its lower bound (0.05 = 5%)"),
+              "max_moves": (8, "moves in one plan at most"), _TARGETS[0]: _TARGETS[1]}
+
+    def check(self) -> None:
+        _at_least(self, "tol", 0.0)
+        super().check()
+
+    def decide(self, snap: Snapshot, cost: CostModel) -> list[Decision]:
+        ls = LoadState(snap, cost)
+        goal = (1 + self.params["tol"]) * _lower_bound(ls)
+        out: list[Decision] = []
+        moved: set[int] = set()
+        for _ in range(self.params["max_moves"]):
+            if ls.step_s <= goal:
+                if not out:
+                    out.append(self._no(f"refine: step time {ls.step_s:.4g} s within {self.params['tol']:g} of its "
+                                        f"lower bound {goal / (1 + self.params['tol']):.4g} s"))
+                break
+            best = None
+            for h in ls.top_hosts():
+                for r in sorted(ls.members[h]):
+                    if r in moved or not ls.movable(r):
+                        continue
+                    for dst in ls.pool(r, self.params["targets"]):
+                        relief, _ = ls.relief(r, dst)
+                        key = (-relief, ls.ranks[r].state_bytes, r, dst)
+                        if relief > ls.step_s * REL_EPS and (best is None or key < best):
+                            best = key
+            if best is None:
+                out.append(self._no(f"refine: step time {ls.step_s:.4g} s above the goal {goal:.4g} s but no single "
+                                    "move off the most loaded hosts lowers it"))
+                break
+            _, _, r, dst = best
+            out.append(self._move(ls, r, dst, cost, f"refine: rank {r} off {ls.where[r]} (load "
+                                  f"{ls.load[ls.where[r]]:.4g} s/point, goal {goal:.4g}) to {dst}"))
+            moved.add(r)
+        return out
+
+
+@register
+class CommAware(Policy):
+    """Moves that lower the step time, keeping heavy communicators together (targets where their peers are)."""
+    name = "comm-aware"
+    PARAMS = {_MAX_MOVES[0]: _MAX_MOVES[1], _TARGETS[0]: _TARGETS[1],
+              "slack": (0.1, "moves within this fraction of the best relief are ranked by traffic kept local")}
+
+    def check(self) -> None:
+        super().check()
+        _at_least(self, "slack", 0.0)
+
+    def decide(self, snap: Snapshot, cost: CostModel) -> list[Decision]:
+        ls = LoadState(snap, cost)
+        out: list[Decision] = []
+        moved: set[int] = set()
+        for _ in range(self.params["max_moves"]):
+            cands = []
+            for h in ls.top_hosts():
+                for r in sorted(ls.members[h]):
+                    if r in moved or not ls.movable(r):
+                        continue
+                    peers = {ls.where[j] for j in ls.ranks[r].sent if j in ls.where}
+                    peers |= {ls.where[j] for j in ls.recv.get(r, {})}
+                    for dst in ls.pool(r, self.params["targets"], peers):
+                        relief, _ = ls.relief(r, dst)
+                        if relief > ls.step_s * REL_EPS:
+                            # traffic the move makes local minus traffic it makes remote
+                            kept = ls.bytes_with(r, dst) - ls.bytes_with(r, h)
+                            cands.append((relief, kept, r, dst))
+            if not cands:
+                if not out:
+                    out.append(self._no(f"comm-aware: no move off the most loaded hosts lowers the step time "
+                                        f"{ls.step_s:.4g} s"))
+                break
+            top = max(c[0] for c in cands)
+            near = [c for c in cands if c[0] >= top * (1 - self.params["slack"])]
+            relief, kept, r, dst = min(near, key=lambda c: (-c[1], -c[0], c[2], c[3]))
+            out.append(self._move(ls, r, dst, cost, f"comm-aware: rank {r} to {dst} (relief {relief:.4g} s/point, "
+                                  f"{kept:+.4g} bytes/point kept local)"))
+            moved.add(r)
+        return out
+
+
+@register
+class MultiFactor(Policy):
+    """The source document's proposal: each (rank, target, strategy) scored on time, space and weight."""
+    name = "multi-factor"
+    PARAMS = {
+        "w_time": (1.0, "weight of G, the seconds the move saves over the remaining run"),
+        "w_down": (1.0, "weight of p x D: priority times the job's seconds lost to the move"),
+        "w_total": (0.05, "weight of X, the seconds from request until the old process is freed"),
+        "w_space": (0.5, "seconds per GiB moved (network and memory traffic)"),
+        "w_mem": (1.0, "seconds per unit of U, the share of the target's free memory the rank takes"),
+        _MAX_MOVES[0]: _MAX_MOVES[1], _TARGETS[0]: _TARGETS[1],
+    }
+
+    def check(self) -> None:
+        for k in ("w_time", "w_down", "w_total", "w_space", "w_mem"):
+            _at_least(self, k, 0.0)
+        super().check()
+
+    def score(self, ls: LoadState, rank: int, dst: str, cost: CostModel) -> list[tuple[float, Any, float]]:
+        """[(score, StrategyCost, G)] for every strategy of the move of ``rank`` to ``dst`` (seconds):
+
+        score = w_time*G - w_down*p*D - w_total*X - w_space*M - w_mem*U
+        """
+        p = self.params
+        relief, _ = ls.relief(rank, dst)
+        G = relief * remaining_points(ls.snap)
+        r = ls.ranks[rank]
+        h = ls.hosts[dst]
+        U = ls.mem_need(rank) / h.free_mem if h.free_mem > 0 else 0.0
+        out = []
+        for s in STRATEGIES:
+            c = cost.predict(r, ls.hosts[ls.where[rank]], h, s)
+            sc = (p["w_time"] * G - p["w_down"] * max(r.weight, 0.0) * c.cost_s - p["w_total"] * c.total_s
+                  - p["w_space"] * c.bytes_moved / GiB - p["w_mem"] * U)
+            out.append((sc, c, G))
+        return out
+
+    def decide(self, snap: Snapshot, cost: CostModel) -> list[Decision]:
+        ls = LoadState(snap, cost)
+        out: list[Decision] = []
+        moved: set[int] = set()
+        for _ in range(self.params["max_moves"]):
+            best = None
+            for h in ls.top_hosts():
+                for r in sorted(ls.members[h]):
+                    if r in moved or not ls.movable(r):
+                        continue
+                    for dst in ls.pool(r, self.params["targets"]):
+                        for sc, c, G in self.score(ls, r, dst, cost):
+                            key = (-sc, c.bytes_moved, r, dst, STRATEGIES.index(c.strategy))
+                            if G > 0 and sc > 0 and (best is None or key < best[0]):
+                                best = (key, sc, c, G)
+            if best is None:
+                if not out:
+                    out.append(self._no(f"multi-factor: no (rank, target, strategy) scores above 0 "
+                                        f"(step time {ls.step_s:.4g} s)"))
+                break
+            (_, _, r, dst, _), sc, c, G = best
+            out.append(self._move(ls, r, dst, cost, f"multi-factor: rank {r} to {dst} by {c.strategy}: score "
+                                  f"{sc:.4g} s (G {G:.4g} s, cost {c.cost_s:.4g} s, {c.bytes_moved / GiB:.3g} GiB)",
+                                  strategy=c.strategy))
+            moved.add(r)
+        return out
+
+
+@register
+class Drain(Policy):
+    """Everything off the given hosts (and snap.drain), each rank to the host where it would run soonest."""
+    name = "drain"
+    PARAMS = {"hosts": ("", "hosts to empty, ';'-separated (besides the snapshot's drain requests)")}
+
+    def host_list(self) -> tuple[str, ...]:
+        return tuple(h.strip() for h in str(self.params["hosts"]).split(";") if h.strip())
+
+    def decide(self, snap: Snapshot, cost: CostModel) -> list[Decision]:
+        ls = LoadState(snap, cost, avoid=self.host_list())
+        out: list[Decision] = []
+        for h in sorted(ls.banned):
+            hm = ls.hosts.get(h)
+            if hm is None:
+                out.append(self._no(f"drain: host {h} is not in the allocation"))
+                continue
+            if not hm.alive:
+                if ls.members[h]:
+                    out.append(self._no(f"drain: host {h} is dead; its ranks are recovery's"))
+                continue
+            for r in sorted(ls.members[h]):
+                pool = ls.pool(r, max(16, len(ls.hosts)))
+                if not pool:
+                    out.append(self._no(f"drain: no host can take rank {r} off {h}", r))
+                    continue
+                after = {d: max(ls.after(r, d).values()) for d in pool}
+                dst = min(pool, key=lambda d: (after[d], d))
+                out.append(self._move(ls, r, dst, cost, f"drain: rank {r} off {h} to {dst}", mandatory=True))
+        if not out:
+            out.append(self._no("drain: no host to empty"))
+        return out
+
+
+@register
+class RandomMoves(Policy):
+    """Random ranks to random hosts (seeded): a baseline for the simulator."""
+    name = "random"
+    PARAMS = {"seed": (0, "random seed"), "moves": (1, "moves per decision at most"),
+              "p": (1.0, "probability of each move")}
+
+    def check(self) -> None:
+        _at_least(self, "moves", 0)
+        if not 0.0 <= self.params["p"] <= 1.0:
+            raise UsageError(f"policy random: p={self.params['p']!r} must be within [0, 1]")
+        self.rng = random.Random(self.params["seed"])
+
+    def decide(self, snap: Snapshot, cost: CostModel) -> list[Decision]:
+        ls = LoadState(snap, cost)
+        out: list[Decision] = []
+        for _ in range(self.params["moves"]):
+            if self.rng.random() >= self.params["p"]:
+                out.append(self._no("random: no move drawn"))
+                continue
+            ranks = sorted(i for i in ls.ranks if ls.movable(i))
+            if not ranks:
+                break
+            r = ranks[self.rng.randrange(len(ranks))]
+            hosts = sorted(h for h in ls.hosts if ls.can_host(r, h))
+            if not hosts:
+                out.append(self._no(f"random: no host can take rank {r}", r))
+                continue
+            dst = hosts[self.rng.randrange(len(hosts))]
+            out.append(self._move(ls, r, dst, cost, f"random: rank {r} to {dst}"))
+        return out
+
+
+def make(policy: Policy | str | None) -> Policy:
+    """A policy from a Policy, a spec string or None (``none``)."""
+    if policy is None:
+        return NoMoves()
+    if isinstance(policy, Policy):
+        return policy
+    return parse(policy)
+
+
+__all__ = ["Policy", "REGISTRY", "register", "parse", "describe", "make", "LoadState", "remaining_points",
+           "drain_hosts", "NoMoves", "Greedy", "Refine", "CommAware", "MultiFactor", "Drain", "RandomMoves"]
+
