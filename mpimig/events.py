@@ -33,6 +33,12 @@ Events (fields besides t, event, run_id):
                    the job resumes; time to detect = detected_at - the kill's time.
 ``migrated``       coordinator: ``id``, ``rank``, ``to``, ``strategy``, ``downtime``
 ``spare_refilled`` coordinator: ``host``, ``seconds`` (a used warm spare replaced by a spawn)
+``decision``       coordinator, every outcome of each balancer round (``--policy``, or after a
+                   drain): ``round``, ``policy``, ``move`` (false: "no move"), ``reason``,
+                   ``rank``, ``to``, ``strategy``, ``gain_s``, ``cost_s``, ``bytes_moved`` and
+                   the balancer's other predictions (mpimig.balance.snapshot.Decision); a move
+                   adds ``accepted`` and ``migration`` (its id) or ``refused`` (why)
+``drain``          coordinator: ``host``, ``ranks`` (on it when ``mpimig drain`` asked)
 ``finished``       rank 0: ``points``, ``epoch``, ``recoveries``
 ``injected``       mpimig inject (``by``: injector) or the dying process (``by``: process):
                    ``id``, ``kind``, ``target``, ``pids``, ``point``; a checkpoint-write

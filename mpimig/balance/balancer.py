@@ -8,7 +8,7 @@ refusal, with the rule that refused it in ``reason``. The rules, in order:
 1. **Drains are mandatory.** Ranks on hosts to empty (``snap.drain``, hosts
    marked draining, or a ``drain`` policy's hosts) are moved whatever the
    policy, without cost-benefit or cool-down; only the in-flight limit defers
-   them to a later round.
+   them to a later round. While a drain goes on, the policy is not asked.
 2. **Warm-up.** No other move until every rank has passed ``min_points``
    safe points (its metrics mean something).
 3. **Validity.** The rank exists and is on a live host; the target is alive,
@@ -71,7 +71,8 @@ class Balancer:
         slots = max(0, self.max_in_flight - snap.in_flight)
         taken: set[int] = set()
         extra = self.policy.host_list() if isinstance(self.policy, Drain) else ()
-        if drain_hosts(snap, extra):
+        to_empty = drain_hosts(snap, extra)
+        if any(r.host in to_empty for r in snap.ranks):
             for d in Drain(hosts=";".join(extra)).decide(snap, self.cost):
                 if not d.move:
                     out.append(d)
@@ -84,6 +85,10 @@ class Balancer:
                     out.append(_refuse(d, f"in flight: {self.max_in_flight} migration(s) at once; the drain "
                                           "goes on in a later round"))
         if isinstance(self.policy, Drain):
+            return out or self.policy.decide(snap, self.cost)
+        if any(d.mandatory for d in out):
+            out.append(Decision(move=False, policy=self.policy.name,
+                                reason="drain first: the policy is asked again once the hosts are empty"))
             return out
         if snap.ranks and min(r.points for r in snap.ranks) < self.min_points:
             out.append(Decision(move=False, policy=self.policy.name,

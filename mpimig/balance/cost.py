@@ -20,21 +20,31 @@ bytes/s, T = its step time, bw = the measured migration bandwidth):
   (as :class:`mpimig.migration.strategies.PreCopySource`): round 0 sends B,
   round k sends what was dirtied during round k-1, ``min(B, D * max(x/bw, T))``;
   rounds stop when the dirty set is small (``max(4 chunks, B/32)``), stops
-  shrinking, or after ``precopy_rounds``; the rest is sent frozen:
-  downtime = ``fixed_s`` + last/bw; total adds the rounds.
+  shrinking, or after ``precopy_rounds``; the rest is sent frozen, after a
+  compare of the whole state with its shadow: downtime = (``fixed_s`` +
+  B/``scan_bw`` + last/bw) x ``precopy_factor`` (1 until learned).
 - **post-copy**: downtime = ``postcopy_s`` (objects and the layout only); the
-  arrays follow in the background at ``postcopy_bw`` (the residual
-  dependency, in the total); the rank blocks on demand fetches of what it
-  writes meanwhile: ``min(B, D * residual) / bw`` more seconds of stall
+  arrays follow in the background, ``postcopy_window`` chunks per safe point
+  and at ``postcopy_bw`` at most: residual = max(B/postcopy_bw,
+  ceil(B / (window x chunk)) x T); the rank blocks on demand fetches of what
+  it writes meanwhile: ``min(B, D x residual) / bw`` more seconds of stall
   (nothing for cold state, up to stop-and-copy's transfer for hot state).
 - **file-server**: the source writes B to shared storage, the target reads it:
-  downtime = ``fixed_s`` + B/``storage_bw`` (``storage_bw`` = bytes over the
+  downtime = ``fs_fixed_s`` + B/``storage_bw`` (``storage_bw`` = bytes over the
   write+read time).
 
 Job cost (``cost_s``): in a bulk-synchronous job every rank waits for the
 frozen one, so the job loses the downtime (plus post-copy's demand stalls);
-background copying (pre-copy rounds, post-copy's push) competes with the
-running ranks: ``background_weight`` (an assumption, 0.1) of that time counts too.
+background copying (pre-copy's rounds and compares, post-copy's push: bytes /
+bw seconds of a core) competes with the running ranks: ``background_weight``
+(an assumption, 0.1) of that work counts too. The total (``total_s``, from the
+request until the old process is freed) adds the create time and the
+background phase's wall time (pre-copy's rounds last at least a step each;
+post-copy's push sends ``postcopy_window`` chunks per safe point).
+
+Limits: post-copy's demand stalls are predicted from the dirty rate (what the
+rank writes); a rank that *reads* all its state every step stalls more than
+predicted. ``observe`` does not learn stalls (the runtime does not report them).
 """
 from __future__ import annotations
 
@@ -50,30 +60,40 @@ from .snapshot import HostMetrics, RankMetrics, StrategyCost
 
 MiB = 1 << 20
 
-# Defaults measured on this machine (2 cores, Open MPI 5.0.11 wheel, OMPI_MCA_btl=^ofi), 2026-12-03:
-# - spawn_s 0.30: Spawn(1)+Merge 0.25-0.38 s (/work/shared/PLATFORM.md, "Costs to design around").
-# - bw, fixed_s, postcopy_s, storage_bw, handover_s: `mpimig bench migrate --strategies all --sizes 16M,256M
-#   --dirty 0,10% --repeat 1 --json` (warm spare), see DEFAULTS_SOURCE below for the figures they come from;
-#   they agree with PLATFORM.md's 1 GiB figures (stop-and-copy 0.96-1.12 s, post-copy 25-33 ms,
-#   file-server 4.9-5.6 s).
-# - local_bw 8e9: Send/Recv of numpy buffers within a host, 8-9 GB/s (PLATFORM.md); net_bw 1e9: an assumption
-#   for between hosts (the lab's veth bridge; a cluster's network) until measured.
+# Defaults measured on this machine (2 cores, Open MPI 5.0.11 wheel, OMPI_MCA_btl=^ofi), 2026-12-03. Sources:
+# [P] /work/shared/PLATFORM.md (quiet machine): Spawn(1)+Merge 0.25-0.38 s; `mpimig bench migrate` 1 GiB with a
+#     warm spare: stop-and-copy 0.96-1.12 s, pre-copy freeze 0.34-0.42 s, post-copy 25-33 ms, file-server 4.9-5.6 s;
+#     Send/Recv within a host 8-9 GB/s.
+# [B] `mpimig bench migrate --strategies all --sizes 16M,128M --dirty 0,10% --repeat 1 --json` run by this
+#     module's author (warm spare, 20 ms steps, load average ~11 on 2 cores: the absolute figures are slow):
+#     stop-and-copy 16 MiB 31 ms; post-copy downtime 11 ms (16 MiB) / 26 ms (128 MiB), residual 72 ms for 16
+#     MiB = 4 steps (1 MiB chunks, 4 per step); pre-copy freeze 20 ms (16 MiB) / 240 ms (128 MiB) at 0% dirty
+#     (the final compare of the whole array); file-server 0.52-0.66 s (16 MiB), 1.4-1.9 s (128 MiB); the
+#     hand-over of a warm spare is recorded as 0 s ("spawn": 0.0).
+# - bw 1.0e9: [P] stop-and-copy of 1 GiB in ~1.0 s.          - fixed_s 0.015: [B] 31 ms - 16 MiB / bw.
+# - scan_bw 3e9: [P] pre-copy freeze of 1 GiB 0.34-0.42 s.    - postcopy_s 0.025: [P] 25-33 ms, [B] 11-26 ms.
+# - fs_fixed_s 0.4: [B] intercept of the file-server times.   - storage_bw 0.2e9: [P] 1 GiB in ~5 s.
+# - spawn_s 0.30: [P].   - handover_s 0.0: [B].   - postcopy_window 4: MPIMIG_POSTCOPY_WINDOW's default.
+# - local_bw 8e9: [P]; net_bw 1e9: an assumption for between hosts (the lab's veth bridge) until measured.
 # - background_weight 0.1: an assumption (what background copying takes from the running ranks).
-DEFAULTS_SOURCE = "PLATFORM.md and mpimig bench migrate on this machine (2026-12-03), see mpimig/balance/cost.py"
+DEFAULTS_SOURCE = "measured on this machine 2026-12-03 (PLATFORM.md, mpimig bench migrate; mpimig/balance/cost.py)"
 
 
 @dataclasses.dataclass
 class CostModel:
     """Predicted migration costs per strategy, updated online. Times s, sizes bytes, rates bytes/s."""
     bw: float = 1.0e9               # state transfer between the old and the new process
-    fixed_s: float = 0.030          # per-migration freeze overhead (switch, restore, protocol)
+    fixed_s: float = 0.015          # per-migration freeze overhead (switch, restore, protocol)
     spawn_s: float = 0.30           # spawn + merge of a new process on the target
-    handover_s: float = 0.005       # a warm spare taking the rank over
-    postcopy_s: float = 0.030       # post-copy's downtime (objects, layout)
-    postcopy_bw: float = 1.0e9      # post-copy's background push
+    handover_s: float = 0.0         # a warm spare taking the rank over
+    scan_bw: float = 3.0e9          # pre-copy's final compare of the state with its shadow, frozen
+    postcopy_s: float = 0.025       # post-copy's downtime (objects, layout)
+    postcopy_bw: float = 1.0e9      # post-copy's background push, at most
+    postcopy_window: int = 4        # chunks pushed per safe point (MPIMIG_POSTCOPY_WINDOW)
+    fs_fixed_s: float = 0.4         # file-server: creating, syncing and opening the shared file
     storage_bw: float = 0.2e9       # file-server: bytes / (write + read) through shared storage
     precopy_rounds: int = 8         # MPIMIG_PRECOPY_ROUNDS
-    chunk: int = MiB                # MPIMIG_CHUNK: pre-copy's dirty-tracking granularity
+    chunk: int = MiB                # MPIMIG_CHUNK: the granularity of pre-copy's dirty tracking and post-copy
     local_bw: float = 8.0e9         # application messages within a host (load model)
     net_bw: float = 1.0e9           # application messages between hosts (load model)
     background_weight: float = 0.1  # share of background copying time the job loses
@@ -115,22 +135,22 @@ class CostModel:
         self._fit_linear(pts)
         spawns = [r["spawn"] for r in rows if r.get("done") and r.get("spawn")]
         if spawns:
-            self.spawn_s = sorted(spawns)[len(spawns) // 2]
+            self.spawn_s = _median(spawns)
 
     def _seed_strategies(self, data: dict) -> None:
         rows = [r for r in data["rows"] if r.get("state") == "done" and r.get("downtime") is not None]
         by = {s: [r for r in rows if r.get("strategy") == s] for s in STRATEGIES}
         self._fit_linear([(r["size"], r["downtime"]) for r in by["stop-and-copy"]])
-        post = [r for r in by["post-copy"]]
-        if post:
-            self.postcopy_s = _median([r["downtime"] for r in post])
-            res = [r["size"] / r["residual"] for r in post if r.get("residual") and r["size"] >= 16 * MiB]
-            if res:
-                self.postcopy_bw = _median(res)
-        fs = [r["size"] / max(r["downtime"] - self.fixed_s, 1e-6) for r in by["file-server"] if r["size"] >= 16 * MiB]
-        if fs:
-            self.storage_bw = _median(fs)
-        spawns = [r["spawn"] for r in rows if r.get("spawn")]
+        if by["post-copy"]:
+            self.postcopy_s = _median([r["downtime"] for r in by["post-copy"]])
+        scans = [r["size"] / (r["downtime"] - self.fixed_s) for r in by["pre-copy"]
+                 if not r.get("dirty") and r["size"] >= 16 * MiB and r["downtime"] > self.fixed_s]
+        if scans:
+            self.scan_bw = _median(scans)
+        fs = _line([(r["size"], r["downtime"]) for r in by["file-server"]])
+        if fs is not None:
+            self.fs_fixed_s, self.storage_bw = fs
+        spawns = [r["spawn"] for r in rows if r.get("spawn") is not None]
         if spawns:
             if data.get("spares"):
                 self.handover_s = _median(spawns)
@@ -138,28 +158,18 @@ class CostModel:
                 self.spawn_s = _median(spawns)
 
     def _fit_linear(self, pts: list[tuple[float, float]]) -> None:
-        """downtime = fixed_s + bytes / bw by least squares (fixed_s from the smallest size alone
-        when there is only one size)."""
+        """downtime = fixed_s + bytes / bw by least squares (one size: the larger of the two
+        unknowns it can tell, bw from >= 16 MiB, else fixed_s)."""
         pts = [(float(b), float(d)) for b, d in pts if b > 0 and d > 0]
-        if not pts:
-            return
-        xs = {b for b, _ in pts}
-        if len(xs) == 1:
+        fit = _line(pts)
+        if fit is not None:
+            self.fixed_s, self.bw = fit
+        elif pts:
             b, d = pts[0]
-            if b >= 16 * MiB:
-                self.bw = b / max(d - self.fixed_s, 1e-6)
+            if b >= 16 * MiB and d > self.fixed_s:
+                self.bw = b / (d - self.fixed_s)
             else:
                 self.fixed_s = max(0.0, d - b / self.bw)
-            return
-        n = len(pts)
-        mx = sum(b for b, _ in pts) / n
-        my = sum(d for _, d in pts) / n
-        sxx = sum((b - mx) ** 2 for b, _ in pts)
-        sxy = sum((b - mx) * (d - my) for b, d in pts)
-        slope = sxy / sxx
-        if slope > 0:
-            self.bw = 1.0 / slope
-            self.fixed_s = max(0.0, my - slope * mx)
 
     # --- prediction ----------------------------------------------------------------------
     def create_s(self, dst: HostMetrics) -> float:
@@ -174,29 +184,36 @@ class CostModel:
         B = max(0, int(rank.state_bytes))
         D = max(0.0, float(rank.dirty_rate))
         create = self.create_s(dst)
-        stall = 0.0
+        stall = 0.0          # the rank blocked on demand fetches after resuming (post-copy)
+        wall = 0.0           # background phase: rounds before the freeze, the push after it
+        work = 0.0           # copying (and scanning) done in the background, seconds of a core
         if strategy == "stop-and-copy":
             down = self.fixed_s + B / self.bw
-            background = 0.0
             moved = B
         elif strategy == "pre-copy":
-            rounds, last, moved_rounds, rounds_s = self.precopy_rounds_for(B, D, rank.step_s)
-            down = (self.fixed_s + last / self.bw) * self.precopy_factor
-            background = rounds_s
-            moved = moved_rounds + last
+            rounds, last, sent, wall = self.precopy_rounds_for(B, D, rank.step_s)
+            down = (self.fixed_s + B / self.scan_bw + last / self.bw) * self.precopy_factor
+            work = sent / self.bw + rounds * B / self.scan_bw
+            moved = sent + last
         elif strategy == "post-copy":
             down = self.postcopy_s
-            background = B / self.postcopy_bw
-            stall = min(float(B), D * background) / self.bw
+            wall = self.residual_s(B, rank.step_s)
+            stall = min(float(B), D * wall) / self.bw
+            work = B / self.bw
             moved = B
         else:  # file-server
-            down = self.fixed_s + B / self.storage_bw
-            background = 0.0
+            down = self.fs_fixed_s + B / self.storage_bw
             moved = B
-        total = create + background + down + stall
-        cost = down + stall + self.background_weight * background
+        total = create + wall + down + stall
+        cost = down + stall + self.background_weight * work
         return StrategyCost(strategy=strategy, downtime_s=down, total_s=total, bytes_moved=int(moved),
                             cost_s=cost, create_s=create)
+
+    def residual_s(self, nbytes: int, step_s: float) -> float:
+        """Post-copy's residual dependency: the push sends ``postcopy_window`` chunks per safe point,
+        at ``postcopy_bw`` at most."""
+        per_step = self.chunk * max(1, self.postcopy_window)
+        return max(nbytes / self.postcopy_bw, math.ceil(nbytes / per_step) * max(step_s, 0.0))
 
     def precopy_rounds_for(self, B: int, D: float, step_s: float) -> tuple[int, int, int, float]:
         """Pre-copy's rounds for ``B`` bytes dirtied at ``D`` bytes/s with a step of ``step_s``:
@@ -263,8 +280,8 @@ class CostModel:
             if nbytes >= 16 * MiB and residual > 0:
                 self.postcopy_bw = _ewma(self.postcopy_bw, nbytes / residual, a)
         elif strategy == "file-server":
-            if nbytes >= 16 * MiB and downtime_s > self.fixed_s:
-                self.storage_bw = _ewma(self.storage_bw, nbytes / (downtime_s - self.fixed_s), a)
+            if nbytes >= 16 * MiB and downtime_s > self.fs_fixed_s:
+                self.storage_bw = _ewma(self.storage_bw, nbytes / (downtime_s - self.fs_fixed_s), a)
         elif predicted is not None and predicted.downtime_s > 0:      # pre-copy
             self.precopy_factor = _ewma(self.precopy_factor,
                                         self.precopy_factor * downtime_s / predicted.downtime_s, a)
@@ -277,6 +294,21 @@ class CostModel:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _line(pts: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """(intercept >= 0, bandwidth) of y = intercept + x / bandwidth by least squares over at least
+    two distinct x; None when that cannot be fitted or the slope is not positive."""
+    pts = [(float(x), float(y)) for x, y in pts if x > 0 and y > 0]
+    if len({x for x, _ in pts}) < 2:
+        return None
+    n = len(pts)
+    mx = sum(x for x, _ in pts) / n
+    my = sum(y for _, y in pts) / n
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    if slope <= 0:
+        return None
+    return max(0.0, my - slope * mx), 1.0 / slope
 
 
 def _ewma(old: float, new: float, a: float) -> float:

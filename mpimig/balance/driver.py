@@ -110,7 +110,7 @@ class BalanceDriver:
         out = {}
         for h in self.hosts:
             reps = [self.reports[r["rank"]] for r in routing if r["host"] == h and r["rank"] in self.reports]
-            shares = [min(1.0, rep["cpu_share"]) for rep in reps if rep.get("points")]
+            shares = [rep["cpu_share"] for rep in reps if rep.get("points") and rep["compute_s"] > 0]
             newest = max(reps, key=lambda rep: rep["t"]) if reps else None
             running = sum(1 for r in routing if r["host"] == h)
             out[h] = HostMetrics(
@@ -188,7 +188,7 @@ class BalanceDriver:
                           "comm_s": rm.comm_wait_s, "cpu_s": rm.cpu_s, "points": rm.points,
                           "state_bytes": rm.state_bytes, "rss_bytes": rm.rss_bytes, "weight": rm.weight,
                           "sent": {str(k): v for k, v in rm.sent.items()},
-                          "report_age_s": round(now - rep["t"], 3) if rep else None})
+                          "pid": rep.get("pid"), "report_age_s": round(now - rep["t"], 3) if rep else None})
         hosts = {}
         for h, hm in self.host_metrics(routing, spares).items():
             on = [rm for rm in (self.rank_metrics(r["rank"], r["host"]) for r in routing) if rm.host == h]
@@ -235,10 +235,9 @@ def cmd_policy_list(args) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     for row in rows:
-        params = row.get("params") or {}
-        ptxt = ", ".join(f"{k}={v}" for k, v in params.items()) if isinstance(params, dict) else str(params)
-        print(f"{row.get('name')}: {' '.join(str(row.get('summary', row.get('doc', ''))).split())}"
-              + (f"\n    parameters: {ptxt}" if ptxt else ""))
+        print(f"{row['name']}: {row.get('doc', '')}")
+        for k, v in (row.get("params") or {}).items():
+            print(f"    {k}={v.get('default')!r}: {v.get('doc', '')}")
     return 0
 
 

@@ -19,16 +19,25 @@ Every ``metrics_seconds`` (``--metrics-seconds``, default 1 s) it sends a
 report to the coordinator on J (``TAG_METRICS``): one small pickled send, no
 collective. The report also carries what is read only then: CPU seconds
 (``time.process_time``: a system call of ~9 us on the test machines, so it is
-read per report, not per call; the compute part's CPU is the window's CPU
-share times its compute wall time), registered state bytes, resident memory,
+read per report, not per call), registered state bytes, resident memory,
 ``ctx.weight``, ``ctx.total_points``, and the host's MemAvailable and load
 average.
 
+The compute part's CPU seconds are estimated as ``min(CPU of the window,
+compute wall time)``: whether the MPI library spins while it waits (Open MPI:
+the waiting burns CPU) or sleeps, this is the compute's CPU time when the
+rank computes at full speed (CPU = wall) and when a CPU quota or competing
+load slows it (its CPU is less than its compute wall time, and a slow rank
+hardly waits). Its ratio to the compute wall time is the rank's CPU share,
+the host's observed speed.
+
 Report fields (totals over the window unless said): ``rank``, ``host``,
 ``pid``, ``t`` (time.time), ``point`` (safe points passed), ``points``
-(in the window), ``wall_s``, ``compute_s``, ``comm_s``, ``cpu_share``
-(CPU seconds per wall second over the window, safe points included),
-``cpu_s`` (of the compute part), ``sent`` ({peer: bytes}), ``state_bytes``,
+(in the window), ``wall_s``, ``compute_s``, ``comm_s``, ``span_s`` (the
+window's wall time, safe points included), ``cpu_window_s`` (CPU seconds of
+the whole window), ``cpu_s`` (of the compute part, estimated as above),
+``cpu_share`` (``cpu_s / compute_s``, at most 1; 1 when nothing was computed),
+``sent`` ({peer: bytes}), ``state_bytes``,
 ``rss_bytes``, ``weight``, ``total_points`` (or None), ``mem_available``
 (bytes, 0 unknown), ``loadavg`` (1 minute).
 """
@@ -154,15 +163,17 @@ class Meter:
     def report(self, ctx: Context, t: float) -> dict:
         """This window's report (and the start of the next window)."""
         cpu = time.process_time()
-        span = max(t - self.t_report, 1e-9)
-        share = max(0.0, (cpu - self.cpu_report) / span)
+        span = t - self.t_report
+        used = max(0.0, cpu - self.cpu_report)
         self.t_report, self.cpu_report = t, cpu
         compute = max(0.0, self.wall_s - self.comm_s)
+        cpu_s = min(used, compute)
         st = ctx.registered_state
         mem, load = host_memory_and_load()
         return {"rank": ctx.rank, "host": ctx.host, "pid": os.getpid(), "t": time.time(), "point": ctx.point,
                 "points": self.points, "wall_s": self.wall_s, "compute_s": compute, "comm_s": self.comm_s,
-                "cpu_share": share, "cpu_s": min(share, 1.0) * compute, "sent": dict(self.sent),
+                "span_s": span, "cpu_window_s": used, "cpu_s": cpu_s,
+                "cpu_share": cpu_s / compute if compute > 0 else 1.0, "sent": dict(self.sent),
                 "state_bytes": st.nbytes() if st is not None else 0, "rss_bytes": rss_bytes(),
                 "weight": float(ctx.weight), "total_points": ctx.total_points,
                 "mem_available": mem, "loadavg": load}

@@ -617,7 +617,8 @@ class Drain(Policy):
                 dst = min(pool, key=lambda d: (after[d], d))
                 out.append(self._move(ls, r, dst, cost, f"drain: rank {r} off {h} to {dst}", mandatory=True))
         if not out:
-            out.append(self._no("drain: no host to empty"))
+            empty = ", ".join(sorted(h for h in ls.banned if h in ls.hosts))
+            out.append(self._no(f"drain: {empty} empty" if empty else "drain: no host to empty"))
         return out
 
 
@@ -637,11 +638,12 @@ class RandomMoves(Policy):
     def decide(self, snap: Snapshot, cost: CostModel) -> list[Decision]:
         ls = LoadState(snap, cost)
         out: list[Decision] = []
+        moved: set[int] = set()
         for _ in range(self.params["moves"]):
             if self.rng.random() >= self.params["p"]:
                 out.append(self._no("random: no move drawn"))
                 continue
-            ranks = sorted(i for i in ls.ranks if ls.movable(i))
+            ranks = sorted(i for i in ls.ranks if ls.movable(i) and i not in moved)
             if not ranks:
                 break
             r = ranks[self.rng.randrange(len(ranks))]
@@ -651,6 +653,7 @@ class RandomMoves(Policy):
                 continue
             dst = hosts[self.rng.randrange(len(hosts))]
             out.append(self._move(ls, r, dst, cost, f"random: rank {r} to {dst}"))
+            moved.add(r)
         return out
 
 

@@ -164,8 +164,11 @@ class Coordinator:
 
     # -- the balancer (mpimig.balance.driver): decisions go through steps 1-2 like requests ----
     def _balancer(self, spec: str) -> BalanceDriver:
-        return BalanceDriver(spec, self.cfg.job_dir, self.cfg.run_id, self.hosts,
-                             host_slots(os.environ.get("MPIMIG_HOST_SLOTS"), self.hosts),
+        slots = host_slots(os.environ.get("MPIMIG_HOST_SLOTS"), self.hosts)
+        me = MPI.Get_processor_name()
+        if me in slots:                  # this process holds one of its host's slots
+            slots[me] = max(0, slots[me] - 1)
+        return BalanceDriver(spec, self.cfg.job_dir, self.cfg.run_id, self.hosts, slots,
                              interval=self.cfg.balance_seconds, t0=self.t_start)
 
     def drain(self, host: Any) -> dict:

@@ -1,0 +1,516 @@
+"""Policies, the cost model and the balancer on synthetic snapshots (no MPI; fast).
+
+Every expected move and figure below was worked out by hand from the load model
+(docs/policies.md) and the cost model with the round parameters of ``TC``; the
+working is in the comments. Nothing is computed by the code under test.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from mpimig.balance.balancer import Balancer
+from mpimig.balance.cost import CostModel
+from mpimig.balance.policies import REGISTRY, Policy, describe, parse, remaining_points
+from mpimig.balance.snapshot import Decision, HostMetrics, RankMetrics, Snapshot
+from mpimig.errors import UsageError
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+# A cost model with round figures, so that predictions can be worked out by hand.
+TC = dict(bw=1e9, fixed_s=0.1, spawn_s=0.5, handover_s=0.0, scan_bw=1e10, postcopy_s=0.05, postcopy_bw=1e9,
+          postcopy_window=4, fs_fixed_s=1.0, storage_bw=1e8, precopy_rounds=8, chunk=MiB, local_bw=1e10,
+          net_bw=1e9, background_weight=0.1, alpha=0.3)
+
+
+def cost() -> CostModel:
+    return CostModel(**TC)
+
+
+def R(rank, host, cpu=0.1, compute=None, **kw) -> RankMetrics:
+    kw.setdefault("points", 100)
+    kw.setdefault("state_bytes", MiB)
+    return RankMetrics(rank=rank, host=host, compute_s=cpu if compute is None else compute, cpu_s=cpu, **kw)
+
+
+def H(name, slots=2, **kw) -> HostMetrics:
+    return HostMetrics(name=name, slots=slots, **kw)
+
+
+def snap(ranks, hosts, t=100.0, **kw) -> Snapshot:
+    return Snapshot(t=t, ranks=tuple(ranks), hosts={h.name: h for h in hosts}, **kw)
+
+
+def moves(decisions):
+    return [(d.rank, d.to) for d in decisions if d.move]
+
+
+def refused(decisions):
+    return [d for d in decisions if not d.move and d.rank >= 0 and d.to]
+
+
+# S1: three hosts of 2 slots, host c at half speed (observed CPU share 0.5 with its 2 ranks: it offers
+# K = 0.5 x 2 = 1 core). Six ranks of 0.1 CPU s per point, 1 MiB of state, 100 points run.
+# Loads: a 0.1, b 0.1, c 0.1 / 0.5 = 0.2 s/point: step time T = 0.2.
+# Rank 4 (first of the heaviest, 4 and 5) to a: a has 3 ranks on K = 2 -> share 2/3 -> 0.15; c keeps rank 5
+# alone -> share min(1, 1/1) = 1 -> 0.1; b 0.1: T' = 0.15. The same to b; 'a' wins by name.
+# Gain over R = 100 points: (0.2 - 0.15) x 100 = 5 s.
+# Strategy for 1 MiB, cold, step 0.2 s: stop-and-copy 0.1 + 0.001048576; pre-copy 0.1 + 0.0001048576 +
+# 0.1 x (0.001048576 + 0.0001048576); post-copy 0.05 + 0.1 x 0.001048576 = 0.0501048576 (least);
+# file-server 1 + 0.01048576.
+def s1(**kw):
+    ranks = [R(i, "abc"[i // 2], compute=0.2 if i >= 4 else 0.1, **kw) for i in range(6)]
+    return snap(ranks, [H("a"), H("b"), H("c", speed=0.5)])
+
+
+POST_1MIB = 0.05 + 0.1 * 0.001048576
+
+
+# ------------------------------------------------------------------------------------------
+# the cost model
+def test_stop_and_copy_cost_spawn_versus_warm_spare():
+    r = R(0, "a", state_bytes=GiB)
+    c = cost().predict(r, H("a"), H("b"), "stop-and-copy")
+    assert c.downtime_s == pytest.approx(0.1 + 1.073741824)
+    assert c.total_s == pytest.approx(0.5 + 0.1 + 1.073741824)      # a spawn first
+    assert c.bytes_moved == GiB and c.cost_s == pytest.approx(1.173741824)
+    warm = cost().predict(r, H("a"), H("b", spares=1), "stop-and-copy")
+    assert warm.total_s == pytest.approx(1.173741824) and warm.create_s == 0.0
+
+
+def test_pre_copy_one_round_at_a_low_dirty_rate():
+    # 64 MiB dirtied at 1e7 B/s: round 1 sends 67108864 B in 0.067108864 s (> the 0.01 s step); meanwhile
+    # 671088 B are dirtied, under the "small" threshold max(4 MiB, B/32) = 4 MiB: freeze.
+    r = R(0, "a", state_bytes=64 * MiB, dirty_rate=1e7, compute=0.01)
+    c = cost().predict(r, H("a"), H("b"), "pre-copy")
+    assert c.downtime_s == pytest.approx(0.1 + 0.0067108864 + 0.000671088)
+    assert c.bytes_moved == 67108864 + 671088
+    assert c.cost_s == pytest.approx(0.1073819744 + 0.1 * (0.067108864 + 0.0067108864))
+    assert c.total_s == pytest.approx(0.5 + 0.067108864 + 0.1073819744)
+
+
+def test_pre_copy_rounds_shrink_until_small():
+    # 1 GiB at 2.5e8 B/s: rounds send 2^30, 2^28 (dirtied in 1.073741824 s), 2^26; then 2^24 <= 32 MiB: freeze.
+    r = R(0, "a", state_bytes=GiB, dirty_rate=2.5e8, compute=0.01)
+    c = cost().predict(r, H("a"), H("b", spares=1), "pre-copy")
+    assert c.bytes_moved == pytest.approx((1 << 30) + (1 << 28) + (1 << 26) + (1 << 24), abs=4)
+    assert c.downtime_s == pytest.approx(0.1 + 0.1073741824 + 0.016777216)
+    assert c.total_s == pytest.approx(1.073741824 + 0.268435456 + 0.067108864 + 0.2241513984)
+
+
+def test_best_strategy_post_copy_for_cold_state_pre_copy_for_low_dirty_rate_stop_and_copy_for_hot():
+    m = cost()
+    a, b = H("a"), H("b")
+    # cold 1 GiB, fast steps: post-copy 0.05 + 0.1 x 1.073741824 = 0.157...; pre-copy 0.325...
+    cold = m.best(R(0, "a", state_bytes=GiB, compute=0.001), a, b)
+    assert cold.strategy == "post-copy" and cold.cost_s == pytest.approx(0.1573741824)
+    # 1e7 B/s dirtied, 0.1 s steps: the push takes 256 steps = 25.6 s, the rank stalls on 2.56e8 B = 0.256 s:
+    # post-copy 0.413...; pre-copy one round, freeze 0.2181116004, + 0.1 x 1.1811160064 = 0.336...
+    warm = m.best(R(0, "a", state_bytes=GiB, compute=0.1, dirty_rate=1e7), a, b)
+    assert warm.strategy == "pre-copy" and warm.cost_s == pytest.approx(0.2181116004 + 0.11811160064)
+    # 2e9 B/s (faster than the network): pre-copy does not converge (1.399), post-copy stalls on all of it
+    # (1.231): stop-and-copy 1.1737 is cheapest
+    hot = m.best(R(0, "a", state_bytes=GiB, compute=0.001, dirty_rate=2e9), a, b)
+    assert hot.strategy == "stop-and-copy" and hot.cost_s == pytest.approx(1.173741824)
+
+
+def test_observe_updates_the_estimates():
+    m = cost()
+    m.observe("stop-and-copy", GiB, 0.1 + GiB / 5e8, 0.1 + GiB / 5e8, spawn_s=1.0)   # 5e8 B/s seen
+    assert m.bw == pytest.approx(0.7 * 1e9 + 0.3 * 5e8)
+    assert m.spawn_s == pytest.approx(0.7 * 0.5 + 0.3 * 1.0)
+    m = cost()
+    m.observe("stop-and-copy", MiB, 0.3, 0.3)        # small: the fixed part, 0.3 - 1 MiB / 1e9
+    assert m.fixed_s == pytest.approx(0.7 * 0.1 + 0.3 * (0.3 - 0.001048576))
+    m.observe("post-copy", GiB, 0.15, 30.0, spawn_s=0.2, spare=True)
+    assert m.postcopy_s == pytest.approx(0.7 * 0.05 + 0.3 * 0.15)
+    assert m.handover_s == pytest.approx(0.3 * 0.2) and m.spawn_s == 0.5
+    m.observe("file-server", GiB, 1.0 + GiB / 5e7, 1.0 + GiB / 5e7)
+    assert m.storage_bw == pytest.approx(0.7 * 1e8 + 0.3 * 5e7)
+    pred = cost().predict(R(0, "a", state_bytes=GiB), H("a"), H("b"), "pre-copy")
+    m.observe("pre-copy", GiB, 2 * pred.downtime_s, 5.0, predicted=pred)
+    assert m.precopy_factor == pytest.approx(1.3)
+    assert m.observations == 4
+    with pytest.raises(UsageError, match="unknown strategy 'teleport'"):
+        m.observe("teleport", 1, 0.1, 0.1)
+
+
+def test_cost_model_seeded_from_bench_json(tmp_path):
+    # what `mpimig bench migrate --strategies ... --json` writes (rows) and the plain one (sizes)
+    rows = [
+        {"strategy": "stop-and-copy", "size": 1 << 24, "dirty": 0.0, "state": "done", "downtime": 0.083554432,
+         "spawn": 0.0},
+        {"strategy": "stop-and-copy", "size": 1 << 27, "dirty": 0.0, "state": "done", "downtime": 0.318435456,
+         "spawn": 0.0},
+        {"strategy": "post-copy", "size": 1 << 24, "dirty": 0.0, "state": "done", "downtime": 0.02, "spawn": 0.0},
+        {"strategy": "post-copy", "size": 1 << 27, "dirty": 0.0, "state": "done", "downtime": 0.04, "spawn": 0.0},
+        {"strategy": "pre-copy", "size": 1 << 27, "dirty": 0.0, "state": "done", "downtime": 0.117108864,
+         "spawn": 0.0},
+        {"strategy": "file-server", "size": 1 << 24, "dirty": 0.0, "state": "done", "downtime": 0.66777216,
+         "spawn": 0.0},
+        {"strategy": "file-server", "size": 1 << 27, "dirty": 0.0, "state": "done", "downtime": 1.84217728,
+         "spawn": 0.0},
+        {"strategy": "stop-and-copy", "size": 1 << 30, "dirty": 0.0, "state": "failed: timeout"},
+    ]
+    path = tmp_path / "migrate-strategies.json"
+    path.write_text(json.dumps({"spares": True, "rows": rows}))
+    m = CostModel.from_bench_json(path)
+    assert m.fixed_s == pytest.approx(0.05) and m.bw == pytest.approx(5e8)
+    assert m.postcopy_s == pytest.approx(0.03)
+    assert m.scan_bw == pytest.approx(2e9)                  # 2^27 / (0.117108864 - 0.05)
+    assert m.fs_fixed_s == pytest.approx(0.5) and m.storage_bw == pytest.approx(1e8)
+    assert m.handover_s == 0.0 and m.spawn_s == 0.30        # spares: the spawn default stays
+    plain = {"sizes": [{"size": 1 << 24, "done": 1, "bytes": 1 << 24, "downtime": 0.083554432, "spawn": 0.4},
+                       {"size": 1 << 27, "done": 1, "bytes": 1 << 27, "downtime": 0.318435456, "spawn": 0.6}]}
+    m = CostModel.from_bench_json(plain)
+    assert m.bw == pytest.approx(5e8) and m.spawn_s == pytest.approx(0.5)
+    with pytest.raises(UsageError, match="not the JSON of `mpimig bench migrate`"):
+        CostModel.from_bench_json({"rounds": []})
+    with pytest.raises(UsageError, match="cannot read migration benchmark JSON"):
+        CostModel.from_bench_json(tmp_path / "missing.json")
+
+
+def test_default_cost_model_says_where_its_figures_come_from():
+    m = CostModel.default()
+    assert "measured on this machine" in m.source
+    assert m.bw == 1.0e9 and m.spawn_s == 0.30 and m.postcopy_s == 0.025
+
+
+# ------------------------------------------------------------------------------------------
+# the registry
+def test_parse_and_describe():
+    p = parse("refine:tol=0.1,max_moves=3")
+    assert p.name == "refine" and p.params["tol"] == 0.1 and p.params["max_moves"] == 3
+    assert p.spec() == "refine:tol=0.1,max_moves=3"
+    assert parse(" greedy ").params == {"max_moves": 4, "targets": 16}
+    assert parse("refine:tol=1").params["tol"] == 1.0                      # an int is a valid number
+    assert parse("drain:hosts=h1;h2").host_list() == ("h1", "h2")         # type: ignore[attr-defined]
+    names = [d["name"] for d in describe()]
+    assert names == ["comm-aware", "drain", "greedy", "multi-factor", "none", "random", "refine"]
+    mf = next(d for d in describe() if d["name"] == "multi-factor")
+    assert mf["params"]["w_space"]["default"] == 0.5 and mf["doc"]
+    assert set(REGISTRY) == set(names)
+    json.dumps(describe())
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("greedyy", "unknown policy 'greedyy'; known: comm-aware, drain, greedy, multi-factor, none, random, refine"),
+    ("", "empty policy"),
+    ("refine:tolerance=0.1", "policy refine: unknown parameter 'tolerance'; valid: tol (default 0.05), "
+                             "max_moves (default 8), targets (default 16)"),
+    ("refine:tol=abc", "policy refine: tol='abc' is not a number"),
+    ("greedy:max_moves=1.5", "policy greedy: max_moves=1.5 is not an integer"),
+    ("greedy:max_moves", "policy greedy: 'max_moves' is not k=v"),
+    ("greedy:max_moves=0", "policy greedy: max_moves=0 must be >= 1"),
+    ("refine:tol=-0.1", "policy refine: tol=-0.1 must be >= 0"),
+    ("random:p=2", "policy random: p=2.0 must be within [0, 1]"),
+    ("refine:tol=0.1,tol=0.2", "parameter 'tol' given twice"),
+    ("none:x=1", "policy none: unknown parameter 'x'; valid: none"),
+    ("refine:tol=nan", "tol=nan is not a finite number"),
+])
+def test_parse_errors_name_what_is_wrong(spec, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        parse(spec)
+
+
+def test_policies_import_no_mpi():
+    code = ("import sys, mpimig.balance.balancer, mpimig.balance.policies, mpimig.balance.cost\n"
+            "print('mpi4py' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------------------
+# each policy on synthetic snapshots
+def test_none_never_moves():
+    out = parse("none").decide(s1(), cost())
+    assert moves(out) == [] and out[0].reason == "policy none never moves"
+
+
+def test_greedy_moves_the_heaviest_rank_to_the_least_loaded_host():
+    out = parse("greedy").decide(s1(), cost())
+    # then the heaviest left (rank 0 on a, 0.15) gains nothing: to b it makes 0.15 there (no lower level)
+    assert moves(out) == [(4, "a")]
+    d = out[0]
+    assert d.src == "c" and d.strategy == "post-copy" and d.bytes_moved == MiB and d.policy == "greedy"
+    assert d.gain_s == pytest.approx(5.0) and d.cost_s == pytest.approx(POST_1MIB)
+    assert d.total_s == pytest.approx(0.5 + 0.2 + 0.05)       # spawn + push of 1 chunk (one step) + downtime
+    assert not out[1].move and "would not run sooner" in out[1].reason
+    json.dumps(d.as_event())
+
+
+def test_refine_moves_the_fewest_ranks_within_its_tolerance():
+    # lower bound: 0.6 CPU s over 2 + 2 + 1 cores = 0.12; goal 1.05 x 0.12 = 0.126 < T = 0.2.
+    # One move (rank 4 to a) brings T to 0.15; then no single move off a lowers it.
+    out = parse("refine").decide(s1(), cost())
+    assert moves(out) == [(4, "a")]
+    assert "no single move" in out[-1].reason
+    # with tol 0.7 the goal is 1.7 x 0.12 = 0.204 >= 0.2: balanced enough, no move
+    out = parse("refine:tol=0.7").decide(s1(), cost())
+    assert moves(out) == [] and "within 0.7 of its lower bound" in out[0].reason
+
+
+def comm_snapshot():
+    # a: ranks 0, 1 (0.1 CPU s); b: ranks 2, 3 (0.107); c: 1 slot at half speed (K = 0.5), rank 4 (0.1).
+    # Ranks 3 and 4 exchange 1e7 B per point each way: 0.01 s over the network, 0.001 s within a host.
+    ranks = [R(0, "a"), R(1, "a"), R(2, "b", cpu=0.107), R(3, "b", cpu=0.107, sent={4: 1e7}),
+             R(4, "c", compute=0.2, sent={3: 1e7})]
+    return snap(ranks, [H("a"), H("b"), H("c", slots=1, speed=0.5)])
+
+
+def test_comm_aware_keeps_heavy_communicators_together_where_greedy_splits_them():
+    # T = 0.2 + 0.01 (rank 4 on c). Rank 4 to a: a 0.1 x 1.5 + 0.01 = 0.16; to b: 0.107 x 1.5 + 0.001 = 0.1615.
+    # greedy: least loaded after the move, a. comm-aware: relief to a 0.21 - 0.16 = 0.05, to b 0.21 - 0.1615
+    # = 0.0485, within 10% of the best; b keeps 2e7 B per point local: b.
+    assert moves(parse("greedy:max_moves=1").decide(comm_snapshot(), cost())) == [(4, "a")]
+    out = parse("comm-aware:max_moves=1").decide(comm_snapshot(), cost())
+    assert moves(out) == [(4, "b")] and "+2e+07 bytes/point kept local" in out[0].reason
+    # with no slack it takes the largest relief, like greedy
+    assert moves(parse("comm-aware:max_moves=1,slack=0").decide(comm_snapshot(), cost())) == [(4, "a")]
+
+
+def bytes_snapshot():
+    # S1, but rank 4 holds 8 GiB and is a little heavier (0.1 CPU s) than rank 5 (0.09, 1 MiB).
+    ranks = [R(i, "ab"[i // 2]) for i in range(4)]
+    ranks += [R(4, "c", compute=0.2, state_bytes=8 * GiB), R(5, "c", cpu=0.09, compute=0.18)]
+    return snap(ranks, [H("a"), H("b"), H("c", speed=0.5)])
+
+
+def test_multi_factor_moves_fewer_bytes_where_greedy_moves_the_heavy_state():
+    # greedy: the heaviest rank (4, 0.2 s/point) to a, best by post-copy (0.05 + 0.1 x 8.589934592 = 0.909):
+    # 8 GiB.
+    g = parse("greedy").decide(bytes_snapshot(), cost())
+    assert moves(g) == [(4, "a")] and g[0].bytes_moved == 8 * GiB and g[0].strategy == "post-copy"
+    # multi-factor: both ranks relieve c by 0.05 s/point, G = 5 s. Rank 4's best score is pre-copy's
+    # 5 - 1.904 - 0.05 x 10.049 - 0.5 x 8 < 0; rank 5 by post-copy: 5 - 0.0501 - 0.05 x 0.73 - 0.5/1024 = 4.913.
+    m = parse("multi-factor").decide(bytes_snapshot(), cost())
+    assert moves(m) == [(5, "a")] and m[0].strategy == "post-copy" and m[0].bytes_moved == MiB
+    assert "score 4.913" in m[0].reason
+    # through the balancer both pay; multi-factor moves 8192 times fewer bytes
+    acc_g = [d for d in Balancer("greedy", cost=cost()).decide(bytes_snapshot()) if d.move]
+    acc_m = [d for d in Balancer("multi-factor", cost=cost()).decide(bytes_snapshot()) if d.move]
+    assert [(d.rank, d.bytes_moved) for d in acc_g] == [(4, 8 * GiB)]
+    assert [(d.rank, d.bytes_moved) for d in acc_m] == [(5, MiB)]
+
+
+def test_multi_factor_keeps_off_a_target_without_the_memory():
+    # rank 5 would go to a (a and b tie, a by name) but a has 512 KiB free for a rank of 1 MiB
+    s = bytes_snapshot()
+    hosts = dict(s.hosts, a=H("a", free_mem=512 * 1024))
+    out = parse("multi-factor").decide(Snapshot(t=s.t, ranks=s.ranks, hosts=hosts), cost())
+    assert moves(out) == [(5, "b")]
+
+
+def test_drain_empties_a_host_onto_the_least_loaded():
+    # a: 0, 1; b: 2, 3; c empty. Rank 0 to b would make 0.15 there, to c 0.1 (alone): c; then rank 1 to
+    # c makes 2 ranks on 2 slots (0.1) against b's 0.15: c.
+    s = snap([R(0, "a"), R(1, "a"), R(2, "b"), R(3, "b")], [H("a"), H("b"), H("c")])
+    out = parse("drain:hosts=a").decide(s, cost())
+    assert moves(out) == [(0, "c"), (1, "c")] and all(d.mandatory for d in out)
+    # the same from the snapshot's drain request or the host's draining mark
+    assert moves(parse("drain").decide(snap(s.ranks, s.hosts.values(), drain=("a",)), cost())) == [(0, "c"), (1, "c")]
+    marked = [H("a", draining=True), H("b"), H("c")]
+    assert moves(parse("drain").decide(snap(s.ranks, marked), cost())) == [(0, "c"), (1, "c")]
+    assert moves(parse("drain").decide(s, cost())) == []
+
+
+def test_random_is_seeded_and_moves_only_to_valid_hosts():
+    s = s1()
+    s = Snapshot(t=s.t, ranks=s.ranks, hosts=dict(s.hosts, d=H("d", alive=False)), drain=("b",))
+    runs = []
+    for _ in range(2):
+        p = parse("random:seed=7,moves=3")
+        runs.append([moves(p.decide(s, cost())) for _ in range(5)])
+    assert runs[0] == runs[1]
+    got = [m for rnd in runs[0] for m in rnd]
+    assert len(got) == 15
+    assert all(to in ("a", "c") and s.ranks[r].host != to for r, to in got)
+    assert runs[0] != [moves(parse("random:seed=8,moves=3").decide(s, cost())) for _ in range(5)]
+
+
+def balanced():
+    return snap([R(i, "abc"[i // 2]) for i in range(6)], [H("a"), H("b"), H("c")])
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_a_balanced_job_is_left_alone(name):
+    # every host 0.1 s/point: any move puts 3 ranks on 2 cores (0.15) -- no policy proposes one
+    # (random does, and the balancer refuses it)
+    if name != "random":
+        assert moves(parse(name).decide(balanced(), cost())) == []
+    out = Balancer(name, cost=cost()).decide(balanced())
+    assert moves(out) == []
+    if name == "random":
+        assert "cost-benefit" in refused(out)[0].reason
+
+
+# ------------------------------------------------------------------------------------------
+# the balancer
+def test_balancer_accepts_a_move_that_pays():
+    out = Balancer("greedy", cost=cost()).decide(s1())
+    assert moves(out) == [(4, "a")]
+    d = next(d for d in out if d.move)
+    assert d.gain_s == pytest.approx(5.0) and d.cost_s == pytest.approx(POST_1MIB)
+    assert "pays: plan gain 5 s > 1.2 x cost 0.0501 s" in d.reason
+
+
+@pytest.mark.parametrize("name", ["greedy", "refine", "comm-aware", "multi-factor"])
+def test_cost_benefit_refuses_a_move_that_does_not_pay(name):
+    # one point left: the move saves (0.2 - 0.15) x 1 = 0.05 s, less than 1.2 x 0.0501 = 0.0601 s.
+    # (multi-factor already scores it 0.05 - 0.0501 - ... < 0 and proposes nothing.)
+    out = Balancer(name, cost=cost()).decide(s1(remaining_points=1))
+    assert moves(out) == []
+    if name != "multi-factor":
+        r = refused(out)
+        assert len(r) == 1 and r[0].rank == 4 and r[0].to == "a"
+        assert r[0].reason.startswith("cost-benefit: gain 0.05 s over 1 remaining points does not exceed cost "
+                                      "0.0501 s by the margin 0.2")
+    # ten points left: 0.5 s > 0.0601 s
+    assert moves(Balancer(name, cost=cost()).decide(s1(remaining_points=10))) == [(4, "a")]
+
+
+def test_remaining_points_declared_or_as_long_again():
+    assert remaining_points(s1()) == 100
+    assert remaining_points(s1(remaining_points=7)) == 7
+
+
+def two_slow_hosts(**kw):
+    # a, b normal; c, d at half speed with 2 ranks each (0.2 s/point). Greedy: rank 4 to a (c drops to 0.1,
+    # a rises to 0.15, but d still 0.2: no gain yet), then rank 6 to b: T 0.2 -> 0.15, gain 5 s.
+    ranks = [R(i, "abcd"[i // 2], compute=0.2 if i >= 4 else 0.1) for i in range(8)]
+    return snap(ranks, [H("a"), H("b"), H("c", speed=0.5), H("d", speed=0.5)], **kw)
+
+
+def test_a_plan_pays_as_a_whole_and_the_in_flight_limit_defers_its_rest():
+    plan = parse("greedy").decide(two_slow_hosts(), cost())
+    assert moves(plan) == [(4, "a"), (6, "b")] and plan[0].gain_s == 0.0 and plan[1].gain_s == pytest.approx(5.0)
+    out = Balancer("greedy", cost=cost(), max_in_flight=1).decide(two_slow_hosts())
+    assert moves(out) == [(4, "a")]
+    assert [(d.rank, d.reason.split(";")[0]) for d in refused(out)] == [
+        (6, "in flight: 1 migration(s) at once")]
+    assert moves(Balancer("greedy", cost=cost(), max_in_flight=2).decide(two_slow_hosts())) == [(4, "a"), (6, "b")]
+    # one already in flight: nothing more
+    out = Balancer("greedy", cost=cost(), max_in_flight=1).decide(two_slow_hosts(in_flight=1))
+    assert moves(out) == [] and [d.rank for d in refused(out)] == [4, 6]
+    assert all(d.reason.startswith("in flight") for d in refused(out))
+
+
+class Scripted(Policy):
+    """Proposes the moves it is given (to test the balancer's rules one by one)."""
+    name = "scripted"
+
+    def __init__(self, plan):
+        super().__init__()
+        self.plan = plan
+
+    def decide(self, snap, cost):
+        where = {x.rank: x.host for x in snap.ranks}
+        return [Decision(move=True, reason="scripted", rank=r, to=to, src=where.get(r, ""), strategy="post-copy",
+                         policy=self.name) for r, to in self.plan]
+
+
+def test_cool_down_and_invalid_targets_are_refused_with_the_rule():
+    s = s1()
+    hosts = dict(s.hosts, d=H("d", alive=False), e=H("e", draining=True), f=H("f"))
+    ranks = list(s.ranks)
+    ranks[5] = R(5, "c", compute=0.2, last_move_t=95.0)          # the runtime says: moved 5 s ago
+    s = Snapshot(t=100.0, ranks=tuple(ranks), hosts=hosts)
+    b = Balancer(Scripted([(4, "d"), (4, "e"), (5, "a"), (4, "c"), (9, "a"), (4, "x"), (4, "a"), (4, "b")]),
+                 cost=cost(), cooldown_s=10.0)
+    out = b.decide(s)
+    why = [d.reason.split(" [")[0] for d in out if not d.move]
+    assert why == ["invalid: target d is dead", "invalid: target e is draining",
+                   "cool-down: rank 5 moved 5 s ago (cool-down 10 s)", "invalid: rank 4 is already on c",
+                   "invalid: no rank 9", "invalid: no host 'x' in the allocation",
+                   "invalid: rank 4 already moves in this round"]
+    assert moves(out) == [(4, "a")]
+
+
+def test_warm_up_before_min_points():
+    out = Balancer("greedy", cost=cost(), min_points=3).decide(s1(points=2))
+    assert moves(out) == [] and out[-1].reason.startswith("warm-up")
+
+
+def oscillating(t, placement, slow):
+    """Two hosts of 2 slots; ``slow`` runs 2 tasks from outside the job (E = 2, K = 2): n ranks there get
+    min(1, 2 / (n + 2)) each. Ranks of 0.1 CPU s; points = t."""
+    ranks = []
+    hosts = []
+    for h in "ab":
+        n = sum(1 for x in placement.values() if x == h)
+        share = min(1.0, 2 / (n + 2)) if h == slow else 1.0
+        hosts.append(H(h, speed=share, external_load=2.0 if h == slow else 0.0))
+        for r in sorted(k for k, x in placement.items() if x == h):
+            ranks.append(R(r, h, compute=0.1 / share, points=int(t)))
+    return snap(sorted(ranks, key=lambda r: r.rank), hosts, t=t)
+
+
+def test_oscillating_load_causes_no_ping_pong():
+    # t=10, a slow: a {0, 1} 0.2 each, b {2} 0.1. Rank 0 to b: a {1} 0.1 / (2/3) = 0.15, b {0, 2} 0.1:
+    #   gain (0.2 - 0.15) x 10 points = 0.5 s > 1.2 x 0.0501: moved.
+    # t=20, b slow: b {0, 2} 0.2 each; greedy proposes rank 0 back to a -- it left a 10 s ago: ping-pong.
+    #   (then rank 2 to a would leave rank 0 alone on b at 0.15 and a {1, 2, 0}... the plan moves rank 0
+    #   first, so rank 2's move alone is judged: a {1, 2} 0.1, b {0} 0.15, gain 0.05 x 20 = 1 s -- but greedy
+    #   stops after rank 0: to a, rank 2 makes a {1, 0, 2} 0.15 = b's level, no relief.)
+    # t=30, a slow: a {1} 0.15, b {0, 2} 0.1: moving rank 1 to b makes b 0.15: no relief, no move.
+    # t=40: as t=20, ping-pong again; t=50: as t=30.
+    # t=120, b slow: the cool-down (100 s) is over: rank 0 goes back to a.
+    b = Balancer("greedy", cost=cost(), cooldown_s=100.0)
+    place = {0: "a", 1: "a", 2: "b"}
+    got = []
+    pingpong = []
+    for t, slow in ((10, "a"), (20, "b"), (30, "a"), (40, "b"), (50, "a"), (120, "b")):
+        out = b.decide(oscillating(t, place, slow))
+        got.append(moves(out))
+        pingpong.append([d.rank for d in refused(out) if d.reason.startswith("ping-pong")])
+        for d in out:
+            if d.move:
+                b.note_moved(d.rank, d.src, d.to, t + 1.0)
+                place[d.rank] = d.to
+    assert got == [[(0, "b")], [], [], [], [], [(0, "a")]]
+    assert pingpong == [[], [0], [], [0], [], []]
+
+
+def test_drain_is_mandatory_whatever_the_policy_and_empties_the_host():
+    # as test_drain_empties_a_host_onto_the_least_loaded, one migration at a time, policy none
+    place = {0: "a", 1: "a", 2: "b", 3: "b"}
+    b = Balancer("none", cost=cost(), max_in_flight=1, min_points=1000)    # warm-up would stop any other move
+    rounds = []
+    for t in (10.0, 20.0, 30.0):
+        s = snap([R(r, h) for r, h in sorted(place.items())], [H("a"), H("b"), H("c")], t=t, drain=("a",))
+        out = b.decide(s)
+        rounds.append(moves(out))
+        assert all(d.mandatory for d in out if d.move)
+        for d in out:
+            if d.move:
+                place[d.rank] = d.to
+        if t == 10.0:
+            assert [d.rank for d in refused(out)] == [1] and refused(out)[0].reason.startswith("in flight")
+            assert out[-1].reason.startswith("drain first")
+    # round 2: rank 1 to b would make b 0.15; to c (rank 0 alone there, K = 2) two ranks at 0.1: c
+    assert rounds == [[(0, "c")], [(1, "c")], []]
+    assert "a" not in place.values()
+    # a rank that just moved is drained anyway (no cool-down for drains)
+    b = Balancer("greedy", cost=cost(), cooldown_s=1e9)
+    b.note_moved(0, "b", "a", 9.0)
+    s = snap([R(0, "a"), R(1, "b")], [H("a"), H("b")], t=10.0, drain=("a",))
+    assert moves(b.decide(s)) == [(0, "b")]
+
+
+def test_balancer_rejects_bad_settings():
+    with pytest.raises(UsageError, match="max_in_flight 0 >= 1"):
+        Balancer("none", max_in_flight=0)
+    with pytest.raises(UsageError, match="unknown policy"):
+        Balancer("nope")
+
+
+def test_observe_migration_feeds_the_cost_model():
+    b = Balancer("greedy", cost=cost())
+    b.observe_migration("stop-and-copy", GiB, 0.1 + GiB / 5e8, 0.1 + GiB / 5e8, spawn_s=1.0)
+    assert b.cost.bw == pytest.approx(8.5e8) and b.cost.spawn_s == pytest.approx(0.65)
