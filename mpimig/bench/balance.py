@@ -87,11 +87,21 @@ def layout(hosts: list[str], slow: str) -> str:
 
 
 # -- one job --------------------------------------------------------------------------------
+# Open MPI 5.0.11's PRRTE loses a job now and then when a move spawns a process onto a lab
+# host (PLATFORM.md, "Spawn onto another host"; openpmix/prrte#1243). Such runs are run again
+# (--retries) and counted in the table's "lost" column.
+PRRTE_LOSS = ("lost communication with a remote daemon", "PMIX ERROR", "PMIX_ERR_")
+
+
+def lost_to_prrte(rec: dict) -> bool:
+    return "time_s" not in rec and any(sig in rec.get("error", "") for sig in PRRTE_LOSS)
+
+
 def run_job(app: str, policy: str, scenario: str, i: int, args: argparse.Namespace, hosts_spec: str,
-            root: Path, ref: bytes) -> dict:
+            root: Path, ref: bytes, attempt: int = 0) -> dict:
     """One ``mpimig run`` of ``app`` under ``policy``; its record (see the module docstring)."""
     import numpy as np
-    job = root / f"{scenario}-{app}-{policy}-{i}"
+    job = root / f"{scenario}-{app}-{policy}-{i}-{attempt}"
     out = job / "out.npy"
     n = RANKS_PER_HOST * 3
     cmd = [sys.executable, "-m", "mpimig", "run", "-n", str(n), "--hosts", hosts_spec, "--spares", str(SPARES),
@@ -203,7 +213,13 @@ def run_scenario(scenario: str, lab, args: argparse.Namespace, root: Path, app_l
         for i in range(args.repeat):
             for policy in rotate(args.policies, i):
                 for app in app_list:
-                    r = run_job(app, policy, scenario, i, args, spec, root, refs[app])
+                    for attempt in range(args.retries + 1):
+                        r = run_job(app, policy, scenario, i, args, spec, root, refs[app], attempt)
+                        r["lost"] = attempt
+                        if not lost_to_prrte(r) or attempt == args.retries:
+                            break
+                        print(f"  {scenario:<8} {app:<6} {policy:<12} #{i}: lost to PRRTE's spawn crash "
+                              "(openpmix/prrte#1243); running it again", flush=True)
                     rows.append(r)
                     print("  " + one_line(r), flush=True)
     finally:
@@ -233,6 +249,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             good = [r for r in rs if r["ok"]]
             t = _median([r["time_s"] for r in good])
             out.append({"scenario": scen, "app": app, "policy": pol, "runs": len(rs), "ok": len(good),
+                        "lost": sum(r.get("lost", 0) for r in rs),
                         "time_s": t, "speedup": (base / t) if base and t else None,
                         "moves": _median([r["moves"] for r in good]),
                         "bytes": _median([r["bytes"] for r in good]),
@@ -247,12 +264,12 @@ def _median(xs: list) -> Any:
 
 
 def table(summary: list[dict]) -> str:
-    lines = [f"{'scenario':<9} {'app':<7} {'policy':<13} {'ok':>5} {'time s':>8} {'vs none':>8} {'moves':>6} "
-             f"{'MiB moved':>10} {'downtime s':>11} bit-identical"]
+    lines = [f"{'scenario':<9} {'app':<7} {'policy':<13} {'ok':>5} {'lost':>4} {'time s':>8} {'vs none':>8} "
+             f"{'moves':>6} {'MiB moved':>10} {'downtime s':>11} bit-identical"]
     for s in summary:
         def f(v, fmt):
             return format(v, fmt) if v is not None else "-"
-        lines.append(f"{s['scenario']:<9} {s['app']:<7} {s['policy']:<13} {s['ok']:>2}/{s['runs']:<2} "
+        lines.append(f"{s['scenario']:<9} {s['app']:<7} {s['policy']:<13} {s['ok']:>2}/{s['runs']:<2} {s['lost']:>4} "
                      f"{f(s['time_s'], '8.2f')} {f(s['speedup'], '7.2f')}x {f(s['moves'], '6g')} "
                      f"{f(s['bytes'] and s['bytes'] / 2**20, '10.2f')} {f(s['downtime_s'], '11.2f')} "
                      f"{'yes' if s['bit_identical'] else 'NO'}")
@@ -414,6 +431,8 @@ def register(bench_sub) -> None:
     p.add_argument("--balance-seconds", type=float, default=1.0, help="the balancer's interval (default 1)")
     p.add_argument("--sample", type=float, default=0.5, help="read status.json this often for the plot")
     p.add_argument("--timeout", type=float, default=600, help="per run (default 600 s)")
+    p.add_argument("--retries", type=int, default=2,
+                   help="run a job lost to PRRTE's spawn crash again, at most this often (default 2)")
     p.add_argument("--work-dir", help="keep the job directories here")
     p.add_argument("--keep", action="store_true", help="keep the job directories")
     p.add_argument("--json", metavar="FILE", help="write the runs and the summary as JSON")
