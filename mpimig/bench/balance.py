@@ -148,6 +148,7 @@ def run_job(app: str, policy: str, scenario: str, i: int, args: argparse.Namespa
                          "strategy": m.get("strategy"), "downtime": m["timings"].get("downtime"),
                          "bytes": m["timings"].get("bytes")} for m in done]
     rec["move_times"] = move_times(job, t0)
+    rec["speed"] = measured_speed(rec["load"])
     rec["ok"] = complete.get("status") == "ok" and rec["bit_identical"]
     if not args.keep:
         shutil.rmtree(job, ignore_errors=True)
@@ -171,10 +172,19 @@ def sample_loads(proc: subprocess.Popen, job: Path, every: float, t0: float) -> 
         if bal.get("hosts"):
             samples.append({"t": time.time() - t0,
                             "hosts": {h: x.get("load_s", 0.0) for h, x in bal["hosts"].items()},
-                            "ranks": {h: x.get("ranks", 0) for h, x in bal["hosts"].items()}})
+                            "ranks": {h: x.get("ranks", 0) for h, x in bal["hosts"].items()},
+                            "speed": {h: x.get("speed", 1.0) for h, x in bal["hosts"].items()}})
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=every)
     return samples
+
+
+def measured_speed(samples: list[dict]) -> dict[str, float]:
+    """Median CPU share per rank on each host over the run (the balancer's ``speed``): shows
+    whether the slowed host really was slower (on a loaded machine a quota may not bind)."""
+    hosts = {h for smp in samples for h in smp.get("speed", {})}
+    return {h: statistics.median([smp["speed"][h] for smp in samples if h in smp.get("speed", {})])
+            for h in sorted(hosts)}
 
 
 def move_times(job: Path, t0: float) -> list[dict]:
@@ -232,9 +242,11 @@ def one_line(r: dict) -> str:
     head = f"{r['scenario']:<8} {r['app']:<6} {r['policy']:<12} #{r['i']}"
     if "time_s" not in r:
         return f"{head}: FAILED {r.get('error', '')[:300]}"
+    speed = " ".join(f"{h}={v:.2f}" for h, v in r.get("speed", {}).items())
     return (f"{head}: {r['time_s']:7.2f} s, {r['moves']} moves, {r['bytes'] / 2**20:.2f} MiB, "
             f"downtime {r['downtime_s']:.2f} s, result "
-            f"{'bit-identical' if r['bit_identical'] else 'DIFFERS from the reference'} (load avg {r['loadavg']:.1f})")
+            f"{'bit-identical' if r['bit_identical'] else 'DIFFERS from the reference'} (load avg {r['loadavg']:.1f}; "
+            f"CPU share per rank {speed or '-'})")
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -351,18 +363,24 @@ def parse_policy_args(items: list[str] | None) -> dict[str, str]:
     return out
 
 
-def cmd_balance(args) -> int:
-    from .. import lab as mlab
+def check_args(args) -> list[str]:
+    """Normalise the policies (none first), check the factor; the apps of the slowed scenario."""
     args.policy_args = parse_policy_args(args.policy_arg)
     args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     if "none" not in args.policies:
         args.policies.insert(0, "none")
     app_list = [a.strip() for a in args.apps.split(",") if a.strip()]
-    for a in app_list:
+    for a in app_list + [a for a in args.balanced_apps.split(",") if a]:
         if a not in APPS:
-            raise UsageError(f"--apps: unknown app {a!r} (choose from {', '.join(APPS)})")
+            raise UsageError(f"unknown app {a!r} (choose from {', '.join(APPS)})")
     if not 0 < args.factor < 1:
         raise UsageError("--factor must be in (0, 1)")
+    return app_list
+
+
+def get_lab(args):
+    """The lab that is up, or one brought up now (3 hosts); and whether this command brought it up."""
+    from .. import lab as mlab
     problem = mlab.capability_problem()
     if problem:
         raise UsageError(f"mpimig bench balance runs on the lab: {problem}")
@@ -371,10 +389,22 @@ def cmd_balance(args) -> int:
     if lab is None:
         print("bringing the lab up (3 hosts); it goes down again at the end", flush=True)
         lab = mlab.up(3)
+    problem = None
     if len(lab.hosts) < 3:
-        raise UsageError(f"mpimig bench balance needs 3 lab hosts; the lab has {len(lab.hosts)}")
-    if args.slow_host and args.slow_host not in lab.hosts[:3]:
-        raise UsageError(f"--slow-host {args.slow_host}: not one of {', '.join(lab.hosts[:3])}")
+        problem = f"mpimig bench balance needs 3 lab hosts; the lab has {len(lab.hosts)}"
+    elif args.slow_host and args.slow_host not in lab.hosts[:3]:
+        problem = f"--slow-host {args.slow_host}: not one of {', '.join(lab.hosts[:3])}"
+    if problem:
+        if brought_up:
+            mlab.down()
+        raise UsageError(problem)
+    return lab, brought_up
+
+
+def cmd_balance(args) -> int:
+    from .. import lab as mlab
+    app_list = check_args(args)
+    lab, brought_up = get_lab(args)
     root = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="mpimig-bench-balance-"))
     root.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -382,6 +412,12 @@ def cmd_balance(args) -> int:
         print(f"bench balance: apps {', '.join(app_list)}; policies {', '.join(args.policies)}; "
               f"{args.steps} steps, work x{args.work}; {args.repeat} round(s); load avg {os.getloadavg()[0]:.1f} "
               f"on {os.cpu_count()} cores", flush=True)
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if load > cores:
+            print(f"note: the machine is loaded (load avg {load:.1f} on {cores} cores): every process gets about "
+                  f"{cores / load:.2f} core, so a quota of {args.factor} x the fair share may not bind; the CPU "
+                  "share per rank printed for each run shows whether the slowed host was slower (lower --factor)",
+                  flush=True)
         rows += run_scenario("slowed", lab, args, root, app_list)
         if not args.no_balanced:
             rows += run_scenario("balanced", lab, args, root, [a for a in args.balanced_apps.split(",") if a])
