@@ -39,3 +39,14 @@ def test_summary_speedup_is_none_over_policy_medians_and_goals_are_judged():
     assert "drift, balanced: refine 0.980x vs none (goal >= 0.97x): met" in said
     text = balance.table(balance.summarise(rows))
     assert "slowed    drift   greedy" in text and "1.60x" in text
+
+
+def test_a_run_lost_while_a_move_spawned_is_run_again_and_no_other():
+    spawn = {"error": "job did not complete: ... calling abort",
+             "migrations_at_loss": [{"rank": 3, "to": "h1", "state": "creation"}]}
+    prrte = {"error": "job did not complete: PRTE has lost communication with a remote daemon"}
+    other = {"error": "job did not complete: Traceback ... ValueError",
+             "migrations_at_loss": [{"rank": 3, "to": "h3", "state": "done"}]}
+    assert balance.lost_to_prrte(spawn) and balance.lost_to_prrte(prrte)
+    assert not balance.lost_to_prrte(other)
+    assert not balance.lost_to_prrte({**prrte, "time_s": 3.0})      # a completed run is never rerun

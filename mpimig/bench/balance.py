@@ -94,7 +94,12 @@ PRRTE_LOSS = ("lost communication with a remote daemon", "PMIX ERROR", "PMIX_ERR
 
 
 def lost_to_prrte(rec: dict) -> bool:
-    return "time_s" not in rec and any(sig in rec.get("error", "") for sig in PRRTE_LOSS)
+    """The job was lost with PRRTE's signature, or while a move was starting a process (a spawn)."""
+    if "time_s" in rec:
+        return False
+    spawning = any(m.get("state") == "creation" or "could not start a process" in str(m.get("state"))
+                   for m in rec.get("migrations_at_loss", []))
+    return spawning or any(sig in rec.get("error", "") for sig in PRRTE_LOSS)
 
 
 def run_job(app: str, policy: str, scenario: str, i: int, args: argparse.Namespace, hosts_spec: str,
@@ -136,6 +141,10 @@ def run_job(app: str, policy: str, scenario: str, i: int, args: argparse.Namespa
         status = json.loads((job / "status.json").read_text())
     except (OSError, ValueError) as exc:
         rec["error"] = f"job did not complete ({exc.__class__.__name__}): {(stdout + stderr)[-1500:]}"
+        with contextlib.suppress(OSError, ValueError):
+            rec["migrations_at_loss"] = [
+                {"rank": m["rank"], "to": m["to"], "state": m["state"]}
+                for m in json.loads((job / "status.json").read_text()).get("migrations", [])]
         return rec
     rec["time_s"] = float(complete.get("wall_seconds") or rec["command_s"])
     rec["bit_identical"] = out.exists() and np.load(out).tobytes() == ref
