@@ -38,12 +38,21 @@ RUN = ["run", "-n", 6, "--hosts", HOSTS, "--spares", 2, "--restart", "never", "-
 
 # Open MPI 5.0.11's PRRTE loses a job now and then when a process is spawned onto a lab
 # host (PLATFORM.md, "Spawn onto another host"; openpmix/prrte#1243): a balancer move
-# without a warm spare there spawns. Such a loss (and only such a loss) is retried once.
+# without a warm spare there spawns. Such a loss (and only such a loss: PRRTE's message,
+# or a move still creating its process) is retried once.
 PRRTE_LOSS = ("lost communication with a remote daemon", "PMIX ERROR", "PMIX_ERR_")
 
 
 def lost_to_prrte(job: Path, output: str) -> bool:
-    return not (job / "complete.json").exists() and any(sig in output for sig in PRRTE_LOSS)
+    """The job did not complete, with PRRTE's signature or while a move was starting its process."""
+    if (job / "complete.json").exists():
+        return False
+    try:
+        migs = json.loads((job / "status.json").read_text()).get("migrations", [])
+    except (OSError, ValueError):
+        migs = []
+    spawning = any(m["state"] == "creation" or "could not start a process" in m["state"] for m in migs)
+    return spawning or any(sig in output for sig in PRRTE_LOSS)
 
 
 def serial(module, args: list, path: Path) -> bytes:
