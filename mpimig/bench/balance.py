@@ -275,7 +275,9 @@ def summarise(rows: list[dict]) -> list[dict]:
                         "moves": _median([r["moves"] for r in good]),
                         "bytes": _median([r["bytes"] for r in good]),
                         "downtime_s": _median([r["downtime_s"] for r in good]),
-                        "bit_identical": all(r.get("bit_identical") for r in rs)})
+                        # of the runs that produced a result (a failed run has none to compare)
+                        "bit_identical": (all(r.get("bit_identical") for r in rs if "time_s" in r)
+                                          if any("time_s" in r for r in rs) else None)})
     return out
 
 
@@ -293,7 +295,7 @@ def table(summary: list[dict]) -> str:
         lines.append(f"{s['scenario']:<9} {s['app']:<7} {s['policy']:<13} {s['ok']:>2}/{s['runs']:<2} {s['lost']:>4} "
                      f"{f(s['time_s'], '8.2f')} {f(s['speedup'], '7.2f')}x {f(s['moves'], '6g')} "
                      f"{f(s['bytes'] and s['bytes'] / 2**20, '10.2f')} {f(s['downtime_s'], '11.2f')} "
-                     f"{'yes' if s['bit_identical'] else 'NO'}")
+                     f"{'-' if s['bit_identical'] is None else 'yes' if s['bit_identical'] else 'NO'}")
     return "\n".join(lines)
 
 
@@ -441,8 +443,10 @@ def cmd_balance(args) -> int:
     for g in goals(summary):
         print(g)
     bad = [r for r in rows if not r["ok"]]
-    print(f"results bit-identical to the --serial reference in {sum(1 for r in rows if r.get('bit_identical'))} "
-          f"of {len(rows)} runs" + (f"; {len(bad)} run(s) failed or differed" if bad else ""))
+    done = [r for r in rows if "time_s" in r]
+    print(f"results bit-identical to the --serial reference in {sum(1 for r in done if r['bit_identical'])} "
+          f"of {len(done)} completed runs; {len(rows) - len(done)} of {len(rows)} runs did not complete "
+          f"(after {sum(r.get('lost', 0) for r in rows)} rerun(s) of runs lost to the spawn crash)")
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "runs": rows, "goals": goals(summary),
                                                "argv": sys.argv}, indent=1))
