@@ -32,7 +32,7 @@ def test_summary_speedup_is_none_over_policy_medians_and_goals_are_judged():
     failed = summary[("balanced", "comm-aware")]
     assert failed["ok"] == 0 and failed["time_s"] is None and failed["bit_identical"] is False
     said = balance.goals(balance.summarise(rows))
-    assert "drift, one host at half speed: best multi-factor 1.68x vs none (goal >= 1.3x): met" in said
+    assert "drift, one host slowed: best multi-factor 1.68x vs none (goal >= 1.3x): met" in said
     assert any("multi-factor vs greedy" in g and "as fast or faster" in g and "(fewer)" in g for g in said)
     assert any("multi-factor vs refine" in g and "NOT fewer" in g for g in said)
     assert "drift, balanced: greedy 0.952x vs none (goal >= 0.97x): NOT met" in said

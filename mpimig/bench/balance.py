@@ -290,11 +290,12 @@ def table(summary: list[dict]) -> str:
     lines = [f"{'scenario':<9} {'app':<7} {'policy':<13} {'ok':>5} {'lost':>4} {'time s':>8} {'vs none':>8} "
              f"{'moves':>6} {'MiB moved':>10} {'downtime s':>11} bit-identical"]
     for s in summary:
-        def f(v, fmt):
-            return format(v, fmt) if v is not None else "-"
+        def f(v, fmt, width):
+            return format(v, fmt) if v is not None else "-".rjust(width)
+        mib = None if s["bytes"] is None else s["bytes"] / 2**20
         lines.append(f"{s['scenario']:<9} {s['app']:<7} {s['policy']:<13} {s['ok']:>2}/{s['runs']:<2} {s['lost']:>4} "
-                     f"{f(s['time_s'], '8.2f')} {f(s['speedup'], '7.2f')}x {f(s['moves'], '6g')} "
-                     f"{f(s['bytes'] and s['bytes'] / 2**20, '10.2f')} {f(s['downtime_s'], '11.2f')} "
+                     f"{f(s['time_s'], '8.2f', 8)} {f(s['speedup'], '7.2f', 7)}x {f(s['moves'], '6g', 6)} "
+                     f"{f(mib, '10.2f', 10)} {f(s['downtime_s'], '11.2f', 11)} "
                      f"{'-' if s['bit_identical'] is None else 'yes' if s['bit_identical'] else 'NO'}")
     return "\n".join(lines)
 
@@ -308,7 +309,7 @@ def goals(summary: list[dict]) -> list[str]:
         others = {p: s for p, s in slowed.items() if p != "none" and s["speedup"]}
         if others:
             best = max(others.values(), key=lambda s: s["speedup"])
-            out.append(f"{app}, one host at half speed: best {best['policy']} {best['speedup']:.2f}x vs none "
+            out.append(f"{app}, one host slowed: best {best['policy']} {best['speedup']:.2f}x vs none "
                        f"(goal >= 1.3x): {'met' if best['speedup'] >= 1.3 else 'NOT met'}")
         mf = slowed.get("multi-factor")
         if mf and mf["time_s"]:
@@ -333,6 +334,7 @@ def plot(rows: list[dict], path: Path) -> None:
     from .._plots import import_pyplot
     plt = import_pyplot("mpimig bench balance --png")
     runs = [r for r in rows if r["scenario"] == "slowed" and r.get("load")] or [r for r in rows if r.get("load")]
+    runs.sort(key=lambda r: "time_s" not in r)       # a completed run of each (app, policy) if there is one
     if not runs:
         return
     cols = len(dict.fromkeys(r["policy"] for r in runs))
@@ -353,7 +355,8 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.axvline(m["t"], color="k", lw=0.8, ls="--")
             ax.annotate(f"r{m['rank']}\u2192{m['to']}", (m["t"], ax.get_ylim()[1]), fontsize=6, rotation=90,
                         va="top", ha="right")
-        ax.set_title(f"{r['app']} / {r['policy']}: {r.get('time_s', float('nan')):.1f} s", fontsize=8)
+        took = f"{r['time_s']:.1f} s" if "time_s" in r else "did not complete"
+        ax.set_title(f"{r['app']} / {r['policy']}: {took}", fontsize=8)
         ax.set_xlabel("s since launch", fontsize=7)
         ax.set_ylabel("load (compute s per point)", fontsize=7)
         ax.tick_params(labelsize=6)
