@@ -6,12 +6,15 @@ working is in the comments. Nothing is computed by the code under test.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mpimig.balance.balancer import Balancer
 from mpimig.balance.cost import CostModel
@@ -187,7 +190,7 @@ def test_parse_and_describe():
     p = parse("refine:tol=0.1,max_moves=3")
     assert p.name == "refine" and p.params["tol"] == 0.1 and p.params["max_moves"] == 3
     assert p.spec() == "refine:tol=0.1,max_moves=3"
-    assert parse(" greedy ").params == {"max_moves": 4, "targets": 16}
+    assert parse(" greedy ").params == {"max_moves": 64, "targets": 16}
     assert parse("refine:tol=1").params["tol"] == 1.0                      # an int is a valid number
     assert parse("drain:hosts=h1;h2").host_list() == ("h1", "h2")         # type: ignore[attr-defined]
     names = [d["name"] for d in describe()]
@@ -202,7 +205,7 @@ def test_parse_and_describe():
     ("greedyy", "unknown policy 'greedyy'; known: comm-aware, drain, greedy, multi-factor, none, random, refine"),
     ("", "empty policy"),
     ("refine:tolerance=0.1", "policy refine: unknown parameter 'tolerance'; valid: tol (default 0.05), "
-                             "max_moves (default 8), targets (default 16)"),
+                             "max_moves (default 64), targets (default 16)"),
     ("refine:tol=abc", "policy refine: tol='abc' is not a number"),
     ("greedy:max_moves=1.5", "policy greedy: max_moves=1.5 is not an integer"),
     ("greedy:max_moves", "policy greedy: 'max_moves' is not k=v"),
@@ -514,3 +517,114 @@ def test_observe_migration_feeds_the_cost_model():
     b = Balancer("greedy", cost=cost())
     b.observe_migration("stop-and-copy", GiB, 0.1 + GiB / 5e8, 0.1 + GiB / 5e8, spawn_s=1.0)
     assert b.cost.bw == pytest.approx(8.5e8) and b.cost.spawn_s == pytest.approx(0.65)
+
+
+def test_multi_factor_spares_a_high_priority_rank():
+    # S1 with rank 4 at priority 100: its move by post-copy scores 5 - 100 x 0.0501 - 0.05 x 0.75 - 0.5/1024
+    # = -0.048 (every other strategy costs more); rank 5 (priority 1) scores 4.91: rank 5 moves instead.
+    ranks = list(s1().ranks)
+    ranks[4] = R(4, "c", compute=0.2, weight=100.0)
+    s = Snapshot(t=100.0, ranks=tuple(ranks), hosts=s1().hosts)
+    assert moves(parse("multi-factor").decide(s1(), cost())) == [(4, "a")]     # equal ranks: the lower one
+    assert moves(parse("multi-factor").decide(s, cost())) == [(5, "a")]
+    # with w_down = 0 priority does not count
+    assert moves(parse("multi-factor:w_down=0").decide(s, cost())) == [(4, "a")]
+
+
+def test_drain_leaves_a_dead_hosts_ranks_to_recovery_and_never_targets_dead_hosts():
+    s = snap([R(0, "a"), R(1, "b"), R(2, "c")], [H("a"), H("b", alive=False), H("c"), H("d", alive=False)])
+    out = parse("drain:hosts=a;b").decide(s, cost())
+    assert moves(out) == [(0, "c")]
+    assert "drain: host b is dead; its ranks are recovery's" in [d.reason for d in out]
+
+
+def test_the_margin_counts():
+    # two points left: gain 0.05 x 2 = 0.1 s against the cost 0.0501048576 s: pays with margin 0.9
+    # (0.1 > 0.0952), not with margin 1.0 (0.1 < 0.1002)
+    assert moves(Balancer("greedy", cost=cost(), margin=0.9).decide(s1(remaining_points=2))) == [(4, "a")]
+    out = Balancer("greedy", cost=cost(), margin=1.0).decide(s1(remaining_points=2))
+    assert moves(out) == [] and refused(out)[0].reason.startswith("cost-benefit: gain 0.1 s over 2 remaining points")
+
+
+def test_peer_numbers_decoded_from_json_count_too():
+    # metrics that travelled as JSON have string keys in ``sent``: the same decision as test_comm_aware...
+    s = comm_snapshot()
+    ranks = [dataclasses.replace(r, sent={str(k): v for k, v in r.sent.items()}) for r in s.ranks]
+    s = Snapshot(t=s.t, ranks=tuple(ranks), hosts=s.hosts)
+    assert moves(parse("comm-aware:max_moves=1").decide(s, cost())) == [(4, "b")]
+
+
+def test_a_quota_host_that_looks_free_with_one_rank_gets_no_rank_back():
+    # Round 1 (t=100): S1; c shows share 0.5 with 2 ranks: K = 1 core (a quota). Rank 4 goes to a.
+    # Round 2 (t=110): a {0, 1, 4} shares 2 cores (2/3 each, 0.15 s/point); b {2, 3} 0.1; c {5} runs at full
+    # speed (1 core for 1 rank). Seen afresh, c looks like a free 2-slot host: rank 0 to c would make
+    # a 0.1, c {5, 0} 0.1 -- a move back onto the quota. Remembering K = 1: c {5, 0} gets 0.5 each, 0.2:
+    # no move.
+    b = Balancer("greedy", cost=cost())
+    assert moves(b.decide(s1())) == [(4, "a")]
+    ranks = [R(0, "a", compute=0.15), R(1, "a", compute=0.15), R(2, "b"), R(3, "b"), R(4, "a", compute=0.15),
+             R(5, "c")]
+    after = snap(ranks, [H("a", speed=2 / 3), H("b"), H("c")], t=110.0)
+    assert moves(Balancer("greedy", cost=cost()).decide(after)) == [(0, "c")]     # no memory: the wrong move
+    assert moves(b.decide(after)) == []
+    # the memory lasts capacity_memory_s
+    b = Balancer("greedy", cost=cost(), capacity_memory_s=5.0)
+    b.decide(s1())
+    assert moves(b.decide(after)) == [(0, "c")]
+
+
+def test_cost_model_from_one_file_server_size():
+    # one size of 64 MiB in 1.0 + 67108864 / 5e7 s: the default fixed part (0.4 s) stays, the bandwidth
+    # is 67108864 / (2.34217728 - 0.4)
+    rows = [{"strategy": "file-server", "size": 1 << 26, "dirty": 0.0, "state": "done", "downtime": 2.34217728}]
+    m = CostModel.from_bench_json({"rows": rows})
+    assert m.fs_fixed_s == 0.4 and m.storage_bw == pytest.approx(67108864 / 1.94217728)
+
+
+def test_moves_after_the_best_paying_prefix_are_refused():
+    # S1: rank 4 to a (T 0.2 -> 0.15, net 5 - 1.2 x 0.0501 = 4.94 s), then rank 0 to b (a 0.1, b 0.15: T stays
+    # 0.15; net 5 - 1.2 x 0.1002 = 4.88 s): the first move alone pays most, the second is refused.
+    out = Balancer(Scripted([(4, "a"), (0, "b")]), cost=cost()).decide(s1())
+    assert moves(out) == [(4, "a")]
+    assert refused(out)[0].rank == 0 and refused(out)[0].reason.startswith(
+        "cost-benefit: the plan's first 1 move(s) pay most (net 4.94 s); up to this one: net 4.88 s")
+
+
+# ------------------------------------------------------------------------------------------
+# rules that hold for any snapshot
+
+
+@st.composite
+def snapshots(draw):
+    nh = draw(st.integers(1, 5))
+    hosts = [H(f"h{i}", slots=draw(st.integers(1, 4)), speed=draw(st.sampled_from([0.25, 0.5, 1.0])),
+               external_load=draw(st.sampled_from([0.0, 1.0])), alive=draw(st.booleans()) or i == 0,
+               draining=draw(st.integers(0, 5)) == 0, free_mem=draw(st.sampled_from([0, 2 * MiB, GiB])))
+             for i in range(nh)]
+    n = draw(st.integers(0, 8))
+    ranks = [R(i, f"h{draw(st.integers(0, nh - 1))}", cpu=draw(st.sampled_from([0.05, 0.1, 0.2])),
+               state_bytes=draw(st.sampled_from([MiB, 64 * MiB, GiB])), dirty_rate=draw(st.sampled_from([0, 1e7])),
+               sent={j: 1e6 for j in draw(st.sets(st.integers(0, max(n - 1, 0)), max_size=2))})
+             for i in range(n)]
+    drain = tuple(draw(st.sets(st.sampled_from([h.name for h in hosts]), max_size=1)))
+    return snap(ranks, hosts, in_flight=draw(st.integers(0, 1)), drain=drain)
+
+
+@settings(max_examples=60, deadline=None)
+@given(snapshots(), st.sampled_from(sorted(REGISTRY)), st.integers(1, 3))
+def test_accepted_moves_keep_the_rules_on_any_snapshot(s, name, k):
+    out = Balancer(name, cost=cost(), max_in_flight=k).decide(s)
+    again = Balancer(name, cost=cost(), max_in_flight=k).decide(s)
+    assert out == again                                        # deterministic
+    acc = [d for d in out if d.move]
+    assert len(acc) <= max(0, k - s.in_flight)                 # the in-flight limit
+    assert len({d.rank for d in acc}) == len(acc)              # a rank moves once per round
+    where = {r.rank: r.host for r in s.ranks}
+    to_empty = set(s.drain) | {h.name for h in s.hosts.values() if h.draining}
+    for d in acc:
+        h = s.hosts[d.to]
+        assert h.alive and not h.draining and d.to not in to_empty and d.to != where[d.rank]
+        assert s.hosts[where[d.rank]].alive
+        assert d.mandatory or d.gain_s >= 0 or any(x.move and x.gain_s > 0 for x in acc)
+    if any(where[r] in to_empty and s.hosts[where[r]].alive for r in where) and k > s.in_flight:
+        assert any(d.mandatory for d in acc) or any("no host can take" in d.reason for d in out)

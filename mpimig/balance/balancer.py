@@ -25,6 +25,10 @@ refusal, with the rule that refused it in ``reason``. The rules, in order:
    long again).
 6. **In flight.** At most ``max_in_flight`` migrations at once, counting
    ``snap.in_flight``: the rest of a paying prefix is deferred.
+
+Before all this, hosts get the capacity they showed when last saturated
+(:meth:`Balancer.remember_capacity`): a host under a quota looks free once it
+runs a single rank, and ranks would flow back onto it round after round.
 """
 from __future__ import annotations
 
@@ -33,8 +37,8 @@ from typing import Any
 
 from ..errors import UsageError
 from .cost import CostModel
-from .policies import Drain, LoadState, Policy, drain_hosts, make, remaining_points
-from .snapshot import Decision, Snapshot, StrategyCost
+from .policies import Drain, LoadState, Policy, drain_hosts, make
+from .snapshot import Decision, HostMetrics, Snapshot, StrategyCost
 
 
 class Balancer:
@@ -42,10 +46,14 @@ class Balancer:
 
     def __init__(self, policy: Policy | str | None = None, cost: CostModel | None = None, margin: float = 0.2,
                  cooldown_s: float = 10.0, max_in_flight: int = 1, min_points: int = 3,
-                 min_gain: float = 0.05) -> None:
-        if margin < 0 or cooldown_s < 0 or max_in_flight < 1 or min_points < 0 or not 0 <= min_gain < 1:
-            raise UsageError(f"balancer: margin {margin} and cooldown_s {cooldown_s} must be >= 0, max_in_flight "
-                             f"{max_in_flight} >= 1, min_points {min_points} >= 0, min_gain {min_gain} in [0, 1)")
+                 min_gain: float = 0.05, capacity_memory_s: float = 300.0) -> None:
+        if (margin < 0 or cooldown_s < 0 or max_in_flight < 1 or min_points < 0 or not 0 <= min_gain < 1
+                or capacity_memory_s < 0):
+            raise UsageError(f"balancer: margin {margin}, cooldown_s {cooldown_s} and capacity_memory_s "
+                             f"{capacity_memory_s} must be >= 0, max_in_flight {max_in_flight} >= 1, min_points "
+                             f"{min_points} >= 0, min_gain {min_gain} in [0, 1)")
+        self.capacity_memory_s = capacity_memory_s
+        self.capacity_seen: dict[str, tuple[float, float]] = {}  # host -> (cores it offered when saturated, when)
         self.policy = make(policy)
         self.cost = cost if cost is not None else CostModel.default()
         self.margin, self.cooldown_s, self.max_in_flight = margin, cooldown_s, max_in_flight
@@ -66,8 +74,9 @@ class Balancer:
     # --- the decision ---
     def decide(self, snap: Snapshot) -> list[Decision]:
         """Every outcome of one decision round (see the module's docstring for the rules)."""
+        snap = self.remember_capacity(snap)
         out: list[Decision] = []
-        ls = LoadState(snap, self.cost)
+        ls = _Lazy(snap, self.cost)
         slots = max(0, self.max_in_flight - snap.in_flight)
         taken: set[int] = set()
         extra = self.policy.host_list() if isinstance(self.policy, Drain) else ()
@@ -78,7 +87,7 @@ class Balancer:
                     out.append(d)
                 elif slots > 0:
                     out.append(self._accept(d, snap.t, "mandatory"))
-                    ls.apply(d.rank, d.to)
+                    ls.state.apply(d.rank, d.to)
                     taken.add(d.rank)
                     slots -= 1
                 else:
@@ -103,12 +112,34 @@ class Balancer:
             if why:
                 out.append(_refuse(d, why))
                 continue
-            plan.append(d)
+            plan.append(d if d.src else _with(d, src=ls.where[d.rank]))
             taken.add(d.rank)
         out.extend(self._cost_benefit(plan, ls, snap, slots))
         return out
 
-    def _invalid(self, d: Decision, ls: LoadState, snap: Snapshot, taken: set[int]) -> str:
+    def remember_capacity(self, snap: Snapshot) -> Snapshot:
+        """``snap`` with the capacity each host showed when it was last saturated (its ranks got a
+        CPU share under 1) filled in where the host does not show it now, for ``capacity_memory_s``.
+
+        A host under a CPU quota of one core looks like a free host once a single rank runs
+        there; without this, the policy would move a second rank back onto it the next round."""
+        n: dict[str, int] = {}
+        for r in snap.ranks:
+            n[r.host] = n.get(r.host, 0) + 1
+        changed: dict[str, HostMetrics] = {}
+        for name, h in snap.hosts.items():
+            k = n.get(name, 0)
+            if k > 0 and 0 < h.speed < 1.0:
+                self.capacity_seen[name] = (h.speed * (k + max(0.0, h.external_load)), snap.t)
+            elif h.capacity <= 0 and name in self.capacity_seen:
+                cap, when = self.capacity_seen[name]
+                if snap.t - when <= self.capacity_memory_s:
+                    changed[name] = dataclasses.replace(h, capacity=cap)
+        if not changed:
+            return snap
+        return dataclasses.replace(snap, hosts={**snap.hosts, **changed})
+
+    def _invalid(self, d: Decision, ls: _Lazy, snap: Snapshot, taken: set[int]) -> str:
         """The rule a proposed move breaks, or ''."""
         if d.rank not in ls.ranks:
             return f"invalid: no rank {d.rank}"
@@ -134,8 +165,11 @@ class Balancer:
             return f"cool-down: rank {d.rank} moved {snap.t - when:.3g} s ago (cool-down {self.cooldown_s:g} s)"
         return ""
 
-    def _cost_benefit(self, plan: list[Decision], ls: LoadState, snap: Snapshot, slots: int) -> list[Decision]:
-        R = remaining_points(snap)
+    def _cost_benefit(self, plan: list[Decision], lazy: _Lazy, snap: Snapshot, slots: int) -> list[Decision]:
+        if not plan:
+            return []
+        ls = lazy.state
+        R = ls.remaining
         T0 = ls.step_s
         m = 1 + self.margin
         steps: list[tuple[Decision, float, float, float]] = []    # (decision, cost, T after, cumulative cost)
@@ -162,9 +196,12 @@ class Balancer:
                 if T0 - Tk < self.min_gain * T0:
                     why = (f"cost-benefit: the step time would drop {100 * (T0 - Tk) / T0 if T0 else 0:.3g}% "
                            f"(< {100 * self.min_gain:g}%)")
-                else:
+                elif plan_gain <= m * cumk:
                     why = (f"cost-benefit: gain {plan_gain:.4g} s over {R} remaining points does not exceed "
                            f"cost {cumk:.4g} s by the margin {self.margin:g}")
+                else:
+                    why = (f"cost-benefit: the plan's first {best_k} move(s) pay most (net {best_net:.4g} s); "
+                           f"up to this one: net {plan_gain - m * cumk:.4g} s")
                 out.append(_refuse(d, why))
             elif slots <= 0:
                 out.append(_refuse(d, f"in flight: {self.max_in_flight} migration(s) at once; deferred"))
@@ -177,6 +214,26 @@ class Balancer:
     def _accept(self, d: Decision, t: float, why: str) -> Decision:
         self.history[d.rank] = (d.src, d.to, t)
         return _with(d, reason=f"{d.reason}; {why}")
+
+
+class _Lazy:
+    """The snapshot's facts the rules need, and its load model built only when a plan needs it."""
+
+    def __init__(self, snap: Snapshot, cost: CostModel) -> None:
+        self.snap, self.cost = snap, cost
+        self.ranks = {r.rank: r for r in snap.ranks}
+        self.where = {r.rank: r.host for r in snap.ranks}
+        self.hosts = dict(snap.hosts)
+        for r in snap.ranks:
+            self.hosts.setdefault(r.host, HostMetrics(r.host))
+        self.banned = drain_hosts(snap)
+        self._state: LoadState | None = None
+
+    @property
+    def state(self) -> LoadState:
+        if self._state is None:
+            self._state = LoadState(self.snap, self.cost)
+        return self._state
 
 
 def _with(d: Decision, **changes: Any) -> Decision:

@@ -69,7 +69,9 @@ MiB = 1 << 20
 #     stop-and-copy 16 MiB 31 ms; post-copy downtime 11 ms (16 MiB) / 26 ms (128 MiB), residual 72 ms for 16
 #     MiB = 4 steps (1 MiB chunks, 4 per step); pre-copy freeze 20 ms (16 MiB) / 240 ms (128 MiB) at 0% dirty
 #     (the final compare of the whole array); file-server 0.52-0.66 s (16 MiB), 1.4-1.9 s (128 MiB); the
-#     hand-over of a warm spare is recorded as 0 s ("spawn": 0.0).
+#     hand-over of a warm spare is recorded as 0 s ("spawn": 0.0). Then `mpimig bench migrate --sizes 16M,128M
+#     --repeat 1 --json` (spawned target, same load): downtime 54 ms / 759 ms, spawn 0.45 s / 2.96 s -- too
+#     loaded to replace PLATFORM.md's quiet-machine figures.
 # - bw 1.0e9: [P] stop-and-copy of 1 GiB in ~1.0 s.          - fixed_s 0.015: [B] 31 ms - 16 MiB / bw.
 # - scan_bw 3e9: [P] pre-copy freeze of 1 GiB 0.34-0.42 s.    - postcopy_s 0.025: [P] 25-33 ms, [B] 11-26 ms.
 # - fs_fixed_s 0.4: [B] intercept of the file-server times.   - storage_bw 0.2e9: [P] 1 GiB in ~5 s.
@@ -96,7 +98,7 @@ class CostModel:
     chunk: int = MiB                # MPIMIG_CHUNK: the granularity of pre-copy's dirty tracking and post-copy
     local_bw: float = 8.0e9         # application messages within a host (load model)
     net_bw: float = 1.0e9           # application messages between hosts (load model)
-    background_weight: float = 0.1  # share of background copying time the job loses
+    background_weight: float = 0.1  # share of the background copying work (core seconds) the job loses
     alpha: float = 0.3              # weight of a new observation in the running estimates
     precopy_factor: float = 1.0     # observed / predicted pre-copy downtime (learned)
     observations: int = 0
@@ -147,9 +149,14 @@ class CostModel:
                  if not r.get("dirty") and r["size"] >= 16 * MiB and r["downtime"] > self.fixed_s]
         if scans:
             self.scan_bw = _median(scans)
-        fs = _line([(r["size"], r["downtime"]) for r in by["file-server"]])
+        fs_pts = [(r["size"], r["downtime"]) for r in by["file-server"]]
+        fs = _line(fs_pts)
         if fs is not None:
             self.fs_fixed_s, self.storage_bw = fs
+        else:       # one size: the bandwidth above the default fixed part, from >= 16 MiB
+            bws = [b / (d - self.fs_fixed_s) for b, d in fs_pts if b >= 16 * MiB and d > self.fs_fixed_s]
+            if bws:
+                self.storage_bw = _median(bws)
         spawns = [r["spawn"] for r in rows if r.get("spawn") is not None]
         if spawns:
             if data.get("spares"):

@@ -24,12 +24,15 @@ The command ``mpimig policy list`` is registered here too.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import time
 from typing import Any, Callable
 
 from .. import events
 from .snapshot import Decision, HostMetrics, RankMetrics, Snapshot
+
+log = logging.getLogger(__name__)
 
 #: decisions kept for status.json (the event log has them all)
 KEEP_DECISIONS = 20
@@ -57,12 +60,11 @@ class BalanceDriver:
     """The coordinator's balancer: see the module docstring."""
 
     def __init__(self, spec: str, job_dir: Any, run_id: str, hosts: list[str], slots: dict[str, int],
-                 interval: float = 2.0, t0: float | None = None) -> None:
+                 interval: float = 2.0, t0: float | None = None, cost_json: str = "") -> None:
         from . import balancer, cost, policies
         self.spec = spec or "none"
         self.policy = policies.parse(self.spec)
-        seed = os.environ.get("MPIMIG_COST_JSON")
-        model = cost.CostModel.from_bench_json(seed) if seed else cost.CostModel.default()
+        model = cost.CostModel.from_bench_json(cost_json) if cost_json else cost.CostModel.default()
         self.balancer = balancer.Balancer(self.policy, cost=model)
         self.job_dir, self.run_id = job_dir, run_id
         self.hosts = list(hosts)
@@ -142,7 +144,12 @@ class BalanceDriver:
         else:
             snap = self.snapshot(routing, spares, in_flight)
             self.last = snap
-            decisions = list(self.balancer.decide(snap))
+            try:
+                decisions = list(self.balancer.decide(snap))
+            except Exception as exc:  # noqa: BLE001 - a failing policy must not take the job down
+                log.exception("balancer round %d failed", self.rounds)
+                decisions = [Decision(False, f"the balancer failed: {type(exc).__name__}: {exc}",
+                                      policy=self.spec)]
             if not decisions:
                 decisions = [Decision(False, "the balancer returned no decision", policy=self.spec)]
         return [self._record(d, submit) for d in decisions]
@@ -171,11 +178,13 @@ class BalanceDriver:
         self.reports.pop(m["rank"], None)        # its next report comes from the new process
         tm = m.get("timings", {})
         self.balancer.note_moved(m["rank"], m.get("from") or "", m["to"], t)
-        if m.get("origin") == "policy" or tm.get("downtime") is not None:
-            self.balancer.observe_migration(
-                m["strategy"], int(tm.get("bytes", 0)), float(tm.get("downtime", 0.0)),
-                float(tm.get("total", 0.0)), spawn_s=tm.get("spawn"),
-                spare=tm.get("spawn") == 0.0)
+        if tm.get("downtime") is not None:
+            try:
+                self.balancer.observe_migration(
+                    m["strategy"], int(tm.get("bytes", 0)), float(tm["downtime"]),
+                    float(tm.get("total", 0.0)), spawn_s=tm.get("spawn"), spare=tm.get("spawn") == 0.0)
+            except Exception:  # noqa: BLE001 - the cost model learning must not take the job down
+                log.exception("the cost model could not learn from migration %s", m.get("id"))
 
     # -- status --------------------------------------------------------------------------------
     def status(self, routing: list[dict], spares: dict[str, int]) -> dict:
@@ -196,6 +205,7 @@ class BalanceDriver:
                         "external_load": hm.external_load, "spares": hm.spares, "draining": hm.draining,
                         "load_s": sum(rm.compute_s for rm in on)}
         return {"policy": self.spec, "interval_s": self.interval, "rounds": self.rounds,
+                "cost_model": self.balancer.cost.source,
                 "draining": list(self.draining), "hosts": hosts, "ranks": ranks,
                 "decisions": list(self.decisions)}
 

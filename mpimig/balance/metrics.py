@@ -47,6 +47,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..migration.protocol import TAG_METRICS
+
 if TYPE_CHECKING:
     from ..comm import Comm
     from ..runtime import Context
@@ -152,7 +154,6 @@ class Meter:
         if t - self.t_report >= self.interval:
             J = ctx.link.J
             if J is not None:
-                from ..migration.protocol import TAG_METRICS
                 J.send(self.report(ctx, t), dest=0, tag=TAG_METRICS)
             self.reset()
 

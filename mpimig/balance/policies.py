@@ -14,7 +14,10 @@ each safe point):
   ``compute_s x speed`` of its host);
 - a host offers ``K`` core-equivalents: ``speed x (n + E)`` when its ``n``
   ranks observe a CPU share ``speed < 1`` with ``E`` tasks from outside the
-  job, else ``max(slots, n + E)``; an empty host offers ``slots x speed``;
+  job; else its known ``capacity`` (at least ``n + E``), else
+  ``max(slots, n + E)``; an empty host offers ``capacity``, else ``slots x speed``
+  (a host that is not saturated does not show a quota: the balancer remembers
+  the capacity it saw when the host was saturated);
 - with ``n`` ranks there, each gets a CPU share ``min(1, K / (n + E))`` and a
   rank's time per point is ``w / share + comm``, where ``comm`` is the bytes
   per point it sends to each peer over the bandwidth between their hosts
@@ -29,6 +32,7 @@ waiting for the slowest rank, an effect of the imbalance, not a cost of its own.
 from __future__ import annotations
 
 import abc
+import bisect
 import heapq
 import math
 import random
@@ -65,10 +69,12 @@ def _capacity(h: HostMetrics, n: int) -> float:
     """Core-equivalents the host offers (see the module's docstring)."""
     speed = h.speed if h.speed > 0 else 1.0
     E = max(0.0, h.external_load)
+    if n > 0 and speed < 1.0:
+        return max(1e-9, speed * (n + E))             # saturated: the share its ranks get says it
+    if h.capacity > 0:
+        return max(h.capacity, n + E if n > 0 else 0.0)
     if n <= 0:
         return max(1e-9, h.slots * min(speed, 1.0))
-    if speed < 1.0:
-        return max(1e-9, speed * (n + E))
     return float(max(h.slots, n + E))
 
 
@@ -76,74 +82,116 @@ class LoadState:
     """The load model over one snapshot, with moves applied hypothetically or for good.
 
     Hosts not in ``snap.hosts`` but named by a rank are taken as ``HostMetrics(name)``.
+    Built in O(ranks + peers + hosts log hosts); a move is evaluated in time proportional
+    to the ranks of the hosts it touches, so policies scale to 10^5 ranks.
     """
 
     def __init__(self, snap: Snapshot, cost: CostModel, avoid: tuple[str, ...] = ()) -> None:
         self.snap, self.cost = snap, cost
-        self.hosts: dict[str, HostMetrics] = dict(snap.hosts)
+        hosts: dict[str, HostMetrics] = dict(snap.hosts)
         for r in snap.ranks:
-            if r.host not in self.hosts:
-                self.hosts[r.host] = HostMetrics(r.host)
+            if r.host not in hosts:
+                hosts[r.host] = HostMetrics(r.host)
+        self.hosts = hosts
         self.ranks: dict[int, RankMetrics] = {r.rank: r for r in snap.ranks}
         self.where: dict[int, str] = {r.rank: r.host for r in snap.ranks}
-        self.members: dict[str, set[int]] = {h: set() for h in self.hosts}
+        members: dict[str, set[int]] = {h: set() for h in hosts}
+        work: dict[int, float] = {}
+        peers: dict[int, dict[int, float]] = {}    # i -> {j: bytes per point i sends to j}
+        recv: dict[int, dict[int, float]] = {}     # j -> {i: bytes per point i sends to j}
         for r in snap.ranks:
-            self.members[r.host].add(r.rank)
-        self.work: dict[int, float] = {}
-        for r in snap.ranks:
-            sp = self.hosts[r.host].speed
-            self.work[r.rank] = r.cpu_s if r.cpu_s > 0 else r.compute_s * (min(sp, 1.0) if sp > 0 else 1.0)
-        self.cap = {h: _capacity(hm, len(self.members[h])) for h, hm in self.hosts.items()}
-        self.recv: dict[int, dict[int, float]] = {}       # j -> {i: bytes per point i sends to j}
-        for r in snap.ranks:
-            for j, b in r.sent.items():
-                if b > 0 and j != r.rank:
-                    self.recv.setdefault(j, {})[r.rank] = float(b)
+            i = r.rank
+            members[r.host].add(i)
+            if r.cpu_s > 0:
+                work[i] = r.cpu_s
+            else:
+                sp = hosts[r.host].speed
+                work[i] = r.compute_s * (min(sp, 1.0) if sp > 0 else 1.0)
+            if r.sent:
+                sent = r.sent                      # read only; unknown peers and zeros count nothing
+                if not all(type(j) is int for j in sent):
+                    sent = {int(j): float(b) for j, b in sent.items()}     # e.g. keys decoded from JSON
+                peers[i] = sent
+                for j, b in sent.items():
+                    rj = recv.get(j)
+                    if rj is None:
+                        recv[j] = {i: b}
+                    else:
+                        rj[i] = b
+        self.members, self.work, self.peers, self.recv = members, work, peers, recv
+        self.cap = {h: _capacity(hm, len(members[h])) for h, hm in hosts.items()}
+        self.ext = {h: max(0.0, hm.external_load) for h, hm in hosts.items()}
+        self.comm_s = {i: self._comm(i, self.where) for i in peers}
         self.banned = drain_hosts(snap, avoid)
-        self.mem_in: dict[str, float] = {}               # bytes moved onto a host by applied moves
+        self.remaining = remaining_points(snap)
+        self.mem_in: dict[str, float] = {}                # bytes moved onto a host by applied moves
         self.load = {h: self._host_load(h, self.members[h]) for h in self.hosts}
-        self._sort()
+        self.by_load = sorted((-v, h) for h, v in self.load.items())     # descending load, then name
+        total_w = sum(self.work.values())
+        self.mean_work = total_w / len(self.work) if self.work else 0.0
+        self._heap: list[tuple[float, str]] = []          # (target key, host): lazy, see pool()
+        self._key: dict[str, float] = {}
+        for h in self.hosts:
+            self._push_key(h)
 
     # --- the model ---
     def share(self, host: str, n: int) -> float:
         """CPU share of each of ``n`` job ranks on ``host``."""
-        E = max(0.0, self.hosts[host].external_load)
-        return min(1.0, self.cap[host] / (max(n, 1) + E))
+        return min(1.0, self.cap[host] / (max(n, 1) + self.ext[host]))
 
-    def comm(self, rank: int, where: dict[int, str] | None = None) -> float:
-        """Seconds per point ``rank`` spends sending to its peers where they are."""
-        where = where or self.where
+    def _comm(self, rank: int, where: dict[int, str]) -> float:
+        """Seconds per point ``rank`` spends sending to its peers, placed by ``where``."""
+        p = self.peers.get(rank)
+        if not p:
+            return 0.0
         h = where[rank]
-        r = self.ranks[rank]
-        return sum(self.cost.comm_s(b, where.get(j) == h) for j, b in r.sent.items() if b > 0 and j in where)
+        local, net = self.cost.local_bw, self.cost.net_bw
+        t = 0.0
+        for j, b in p.items():
+            hj = where.get(j)
+            if hj is not None and j != rank and b > 0:
+                t += b / (local if hj == h else net)
+        return t
+
+    def comm(self, rank: int) -> float:
+        return self.comm_s.get(rank, 0.0)
 
     def rank_time(self, rank: int) -> float:
         h = self.where[rank]
-        return self.work[rank] / self.share(h, len(self.members[h])) + self.comm(rank)
+        return self.work[rank] / self.share(h, len(self.members[h])) + self.comm_s.get(rank, 0.0)
 
-    def _host_load(self, host: str, members: set[int]) -> float:
+    def _host_load(self, host: str, members: set[int], comm: dict[int, float] | None = None) -> float:
+        """The time per point of the slowest of ``members`` on ``host`` (``comm``: communication
+        times that differ from ``comm_s``, for a move being evaluated)."""
         if not members:
             return 0.0
         s = self.share(host, len(members))
-        return max(self.work[i] / s + self.comm(i) for i in members)
-
-    def _sort(self) -> None:
-        self.by_load = sorted(self.hosts, key=lambda h: (-self.load[h], h))
+        work, cs = self.work, self.comm_s
+        if not cs and not comm:
+            return max(work[i] for i in members) / s
+        if comm:
+            return max(work[i] / s + (comm[i] if i in comm else cs.get(i, 0.0)) for i in members)
+        return max(work[i] / s + cs.get(i, 0.0) for i in members)
 
     @property
     def step_s(self) -> float:
         """The job's predicted step time (seconds per point)."""
-        return self.load[self.by_load[0]] if self.by_load else 0.0
+        return -self.by_load[0][0] if self.by_load else 0.0
 
     def mem_need(self, rank: int) -> int:
         r = self.ranks[rank]
         return r.rss_bytes or r.state_bytes
 
-    def can_host(self, rank: int, host: str) -> bool:
-        """``host`` is a valid target for ``rank``: alive, not draining, not its host, memory fits."""
+    def usable(self, host: str) -> bool:
+        """A host moves may go to: in the allocation, alive, not draining or to be drained."""
         h = self.hosts.get(host)
-        if h is None or not h.alive or h.draining or host in self.banned or self.where[rank] == host:
+        return h is not None and h.alive and not h.draining and host not in self.banned
+
+    def can_host(self, rank: int, host: str) -> bool:
+        """``host`` is a valid target for ``rank``: usable, not its host, its memory fits there."""
+        if not self.usable(host) or self.where[rank] == host:
             return False
+        h = self.hosts[host]
         return not (h.free_mem > 0 and self.mem_need(rank) > h.free_mem - self.mem_in.get(host, 0.0))
 
     def movable(self, rank: int) -> bool:
@@ -151,21 +199,28 @@ class LoadState:
         return self.hosts[self.where[rank]].alive
 
     # --- moves ---
-    def _affected(self, rank: int, dst: str) -> set[str]:
-        hs = {self.where[rank], dst}
-        hs.update(self.where[j] for j in self.ranks[rank].sent if j in self.where)
-        hs.update(self.where[j] for j in self.recv.get(rank, {}))
-        return hs
+    def touched(self, rank: int) -> set[int]:
+        """The ranks whose communication time a move of ``rank`` changes: it and its peers."""
+        out = {rank}
+        out.update(j for j in self.peers.get(rank, ()) if j in self.where)
+        out.update(self.recv.get(rank, ()))
+        return out
 
-    def after(self, rank: int, dst: str) -> dict[str, float]:
-        """Loads of the hosts a move of ``rank`` to ``dst`` changes, as they would be after it."""
+    def _move_to(self, rank: int, dst: str) -> tuple[str, set[str], dict[int, float]]:
+        """Place ``rank`` on ``dst``: (its old host, the hosts whose load changes, new comm times)."""
         src = self.where[rank]
-        hs = self._affected(rank, dst)
         self.members[src].discard(rank)
         self.members[dst].add(rank)
         self.where[rank] = dst
+        touched = self.touched(rank)
+        comm = {i: self._comm(i, self.where) for i in touched if i in self.peers}
+        return src, {src, dst} | {self.where[i] for i in touched}, comm
+
+    def after(self, rank: int, dst: str) -> dict[str, float]:
+        """Loads of the hosts a move of ``rank`` to ``dst`` changes, as they would be after it."""
+        src, hs, comm = self._move_to(rank, dst)
         try:
-            return {h: self._host_load(h, self.members[h]) for h in hs}
+            return {h: self._host_load(h, self.members[h], comm) for h in hs}
         finally:
             self.where[rank] = src
             self.members[dst].discard(rank)
@@ -174,10 +229,10 @@ class LoadState:
     def rest_max(self, exclude: set[str], below: float = math.inf) -> float:
         """The largest load among hosts not in ``exclude`` and under ``below`` (0 if none)."""
         lim = below * (1 - REL_EPS)
-        for h in self.by_load:
-            if h in exclude or self.load[h] >= lim:
-                continue
-            return self.load[h]
+        by = self.by_load
+        for k in range(bisect.bisect_left(by, (-lim, "")), len(by)):   # from the first host under ``below``
+            if by[k][1] not in exclude:
+                return -by[k][0]
         return 0.0
 
     def T_after(self, rank: int, dst: str) -> float:
@@ -185,56 +240,98 @@ class LoadState:
         return max(max(new.values()), self.rest_max(set(new)))
 
     def relief(self, rank: int, dst: str) -> tuple[float, float]:
-        """(how much the move lowers the load level of its source host, the step time after it).
+        """(how much the move lowers the load of the rank's host without raising a host it touches
+        to that level, the job's step time after it).
 
-        The level after the move is the largest of the hosts it touches and of the other hosts
-        below the source's present load (hosts tied with it are left to later moves of a plan),
-        so a plan can take load off several equally loaded hosts one move at a time."""
-        src = self.where[rank]
-        L = self.load[src]
+        The relief ignores the other hosts: when several are (nearly) as loaded, the step time
+        drops only once a plan has relieved them all (the balancer judges the plan's prefixes)."""
+        L = self.load[self.where[rank]]
         new = self.after(rank, dst)
-        level = max(max(new.values()), self.rest_max(set(new), below=L))
-        return L - level, max(max(new.values()), self.rest_max(set(new)))
+        top = max(new.values())
+        return L - top, max(top, self.rest_max(set(new)))
 
     def apply(self, rank: int, dst: str) -> None:
-        hs = self._affected(rank, dst)
-        src = self.where[rank]
-        self.members[src].discard(rank)
-        self.members[dst].add(rank)
-        self.where[rank] = dst
+        """Make the move for good (in this model)."""
+        src, hs, comm = self._move_to(rank, dst)
+        self.comm_s.update(comm)
         self.mem_in[dst] = self.mem_in.get(dst, 0.0) + self.mem_need(rank)
         for h in hs:
-            self.load[h] = self._host_load(h, self.members[h])
-        self._sort()
+            old = self.load[h]
+            self.load[h] = new = self._host_load(h, self.members[h])
+            if new != old:
+                self.by_load.pop(bisect.bisect_left(self.by_load, (-old, h)))
+                bisect.insort(self.by_load, (-new, h))
+            self._push_key(h)
+
+    def _target_key(self, h: str) -> float:
+        """How soon a rank of mean work would run on ``h`` with one rank more (for pool())."""
+        n = len(self.members[h])
+        s_new = self.share(h, n + 1)
+        scaled = self.load[h] * (self.share(h, n) / s_new) if n else 0.0
+        return max(scaled, self.mean_work / s_new)
+
+    def _push_key(self, h: str) -> None:
+        if not self.usable(h):
+            return
+        k = self._target_key(h)
+        self._key[h] = k
+        heapq.heappush(self._heap, (k, h))
 
     def pool(self, rank: int, size: int, extra: set[str] | None = None) -> list[str]:
-        """Up to ``size`` valid targets for ``rank`` where it would run soonest (its predicted
-        compute time there, or the host's present load if larger), plus ``extra`` valid hosts."""
-        w = self.work[rank]
-        cands = []
-        for h in self.hosts:
-            if not self.can_host(rank, h):
-                continue
-            n = len(self.members[h])
-            s_new = self.share(h, n + 1)
-            scaled = self.load[h] * (self.share(h, n) / s_new if n else 1.0)
-            cands.append((max(scaled, w / s_new), h))
-        best = [h for _, h in heapq.nsmallest(size, cands)]
+        """Up to ``size`` valid targets for ``rank`` among the hosts where a rank of mean work
+        would run soonest, plus the valid hosts of ``extra``. Takes O(size log hosts)."""
+        best: list[str] = []
+        keep: list[tuple[float, str]] = []
+        seen: set[str] = set()
+        while self._heap and len(best) < size:
+            k, h = heapq.heappop(self._heap)
+            if self._key.get(h) != k or h in seen:
+                continue                        # a stale entry: the host's load changed since
+            seen.add(h)
+            keep.append((k, h))
+            if self.can_host(rank, h):
+                best.append(h)
+        for item in keep:
+            heapq.heappush(self._heap, item)
         for h in sorted(extra or ()):
             if h not in best and self.can_host(rank, h):
                 best.append(h)
         return best
 
-    def top_hosts(self) -> list[str]:
-        """The hosts at the job's step time (ties within a relative 1e-9)."""
+    def top_hosts(self, limit: int | None = None) -> list[str]:
+        """The hosts at the job's step time (ties within a relative 1e-9), by name; ``limit``
+        of them at most."""
         top = self.step_s
-        return [h for h in self.by_load if self.load[h] >= top * (1 - REL_EPS) and top > 0]
+        out: list[str] = []
+        if top <= 0:
+            return out
+        for negl, h in self.by_load:
+            if -negl < top * (1 - REL_EPS) or (limit is not None and len(out) >= limit):
+                break
+            out.append(h)
+        return out
 
     def bytes_with(self, rank: int, host: str) -> float:
         """Bytes per point ``rank`` exchanges with the ranks on ``host`` (both directions)."""
-        r = self.ranks[rank]
-        out = sum(b for j, b in r.sent.items() if self.where.get(j) == host and j != rank)
+        out = sum(b for j, b in self.peers.get(rank, {}).items() if self.where.get(j) == host and j != rank)
         return out + sum(b for j, b in self.recv.get(rank, {}).items() if self.where.get(j) == host)
+
+    def heaviest(self, exclude: set[int]) -> int | None:
+        """The movable rank (not in ``exclude``) with the largest time per point (ties: lowest
+        number); looks only at hosts whose load could hold a heavier one."""
+        best: tuple[float, int] | None = None
+        for negl, h in self.by_load:
+            if best is not None and -negl < best[0]:
+                break
+            if not self.hosts[h].alive:
+                continue
+            for i in self.members[h]:
+                if i in exclude:
+                    continue
+                t = self.rank_time(i)
+                if best is None or t > best[0] or (t == best[0] and i < best[1]):
+                    best = (t, i)
+        return None if best is None else best[1]
 
 
 # ------------------------------------------------------------------------------------------
@@ -287,7 +384,7 @@ class Policy(abc.ABC):
         c = cost.predict(r, sh, dh, strategy) if strategy else cost.best(r, sh, dh)
         T0 = ls.step_s
         ls.apply(rank, dst)
-        gain = (T0 - ls.step_s) * remaining_points(ls.snap)
+        gain = (T0 - ls.step_s) * ls.remaining
         return Decision(move=True, reason=reason, rank=rank, to=dst, strategy=c.strategy, gain_s=gain,
                         cost_s=c.cost_s, bytes_moved=c.bytes_moved, policy=self.name, src=src,
                         downtime_s=c.downtime_s, total_s=c.total_s, mandatory=mandatory)
@@ -377,7 +474,8 @@ def _at_least(policy: Policy, key: str, low: float) -> None:
 
 # ------------------------------------------------------------------------------------------
 # The policies
-_MAX_MOVES = ("max_moves", (4, "moves in one plan at most"))
+_MAX_MOVES = ("max_moves", (64, "moves in one plan at most (to lower the step time, a plan must relieve "
+                                 "every host at the top)"))
 _TARGETS = ("targets", (16, "candidate target hosts examined per rank (the least loaded)"))
 
 
@@ -392,7 +490,7 @@ class NoMoves(Policy):
 
 @register
 class Greedy(Policy):
-    """The heaviest rank to the host where it would run soonest, while that lowers the step time."""
+    """The heaviest rank to the host where it would run soonest, while that relieves a most loaded host."""
     name = "greedy"
     PARAMS = dict([_MAX_MOVES, _TARGETS])
 
@@ -401,12 +499,15 @@ class Greedy(Policy):
         out: list[Decision] = []
         moved: set[int] = set()
         for _ in range(self.params["max_moves"]):
-            cands = [i for i in ls.ranks if i not in moved and ls.movable(i)]
-            if not cands or ls.step_s <= 0:
+            found = ls.heaviest(moved) if ls.step_s > 0 else None
+            if found is None:
                 out.append(self._no("greedy: no rank has load"))
                 break
-            r = max(cands, key=lambda i: (ls.rank_time(i), -i))
+            r = found
             src = ls.where[r]
+            if ls.load[src] < ls.step_s * (1 - REL_EPS):
+                out.append(self._no(f"greedy: the heaviest rank not yet moved ({r}) is not on a most loaded host", r))
+                break
             pool = ls.pool(r, self.params["targets"])
             if not pool:
                 out.append(self._no(f"greedy: no host can take rank {r}", r))
@@ -441,7 +542,7 @@ class Refine(Policy):
     """As Charm++ RefineLB: the fewest moves that bring the step time within (1+tol) of its lower bound."""
     name = "refine"
     PARAMS = {"tol": (0.05, "accepted excess of the step time over its lower bound (0.05 = 5%)"),
-              "max_moves": (8, "moves in one plan at most"), _TARGETS[0]: _TARGETS[1]}
+              _MAX_MOVES[0]: _MAX_MOVES[1], _TARGETS[0]: _TARGETS[1]}
 
     def check(self) -> None:
         _at_least(self, "tol", 0.0)
@@ -459,7 +560,7 @@ class Refine(Policy):
                                         f"lower bound {goal / (1 + self.params['tol']):.4g} s"))
                 break
             best = None
-            for h in ls.top_hosts():
+            for h in ls.top_hosts(limit=1):
                 for r in sorted(ls.members[h]):
                     if r in moved or not ls.movable(r):
                         continue
@@ -496,12 +597,11 @@ class CommAware(Policy):
         moved: set[int] = set()
         for _ in range(self.params["max_moves"]):
             cands = []
-            for h in ls.top_hosts():
+            for h in ls.top_hosts(limit=1):
                 for r in sorted(ls.members[h]):
                     if r in moved or not ls.movable(r):
                         continue
-                    peers = {ls.where[j] for j in ls.ranks[r].sent if j in ls.where}
-                    peers |= {ls.where[j] for j in ls.recv.get(r, {})}
+                    peers = {ls.where[j] for j in ls.touched(r)} - {h}
                     for dst in ls.pool(r, self.params["targets"], peers):
                         relief, _ = ls.relief(r, dst)
                         if relief > ls.step_s * REL_EPS:
@@ -527,7 +627,7 @@ class MultiFactor(Policy):
     """The source document's proposal: each (rank, target, strategy) scored on time, space and weight."""
     name = "multi-factor"
     PARAMS = {
-        "w_time": (1.0, "weight of G, the seconds the move saves over the remaining run"),
+        "w_time": (1.0, "weight of G, the seconds the move takes off its host's time over the remaining run"),
         "w_down": (1.0, "weight of p x D: priority times the job's seconds lost to the move"),
         "w_total": (0.05, "weight of X, the seconds from request until the old process is freed"),
         "w_space": (0.5, "seconds per GiB moved (network and memory traffic)"),
@@ -547,7 +647,7 @@ class MultiFactor(Policy):
         """
         p = self.params
         relief, _ = ls.relief(rank, dst)
-        G = relief * remaining_points(ls.snap)
+        G = relief * ls.remaining
         r = ls.ranks[rank]
         h = ls.hosts[dst]
         U = ls.mem_need(rank) / h.free_mem if h.free_mem > 0 else 0.0
@@ -565,7 +665,7 @@ class MultiFactor(Policy):
         moved: set[int] = set()
         for _ in range(self.params["max_moves"]):
             best = None
-            for h in ls.top_hosts():
+            for h in ls.top_hosts(limit=1):
                 for r in sorted(ls.members[h]):
                     if r in moved or not ls.movable(r):
                         continue
@@ -591,7 +691,8 @@ class MultiFactor(Policy):
 class Drain(Policy):
     """Everything off the given hosts (and snap.drain), each rank to the host where it would run soonest."""
     name = "drain"
-    PARAMS = {"hosts": ("", "hosts to empty, ';'-separated (besides the snapshot's drain requests)")}
+    PARAMS = {"hosts": ("", "hosts to empty, ';'-separated (besides the snapshot's drain requests)"),
+              _TARGETS[0]: _TARGETS[1]}
 
     def host_list(self) -> tuple[str, ...]:
         return tuple(h.strip() for h in str(self.params["hosts"]).split(";") if h.strip())
@@ -609,7 +710,7 @@ class Drain(Policy):
                     out.append(self._no(f"drain: host {h} is dead; its ranks are recovery's"))
                 continue
             for r in sorted(ls.members[h]):
-                pool = ls.pool(r, max(16, len(ls.hosts)))
+                pool = ls.pool(r, self.params["targets"])
                 if not pool:
                     out.append(self._no(f"drain: no host can take rank {r} off {h}", r))
                     continue

@@ -44,6 +44,7 @@ class HostMetrics:
     alive: bool = True
     draining: bool = False         # nothing may move there; a drain policy empties it
     spares: int = 0                # warm spare processes ready there (a move there costs no spawn)
+    capacity: float = 0.0          # cores the host offers the job, when known (a quota); 0 = from speed and slots
 
 
 @dataclasses.dataclass(frozen=True)

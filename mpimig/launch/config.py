@@ -55,6 +55,7 @@ class Config:
     policy: str = ""               # NAME[:k=v,...] (mpimig.balance.policies): implies a coordinator and metering
     metrics_seconds: float = 1.0   # with a policy: each rank reports its metrics this often
     balance_seconds: float = 2.0   # with a policy: the coordinator decides this often
+    cost_json: str = ""            # with a policy: `mpimig bench migrate --json` output seeding the cost model
 
     @classmethod
     def from_env(cls, env=None) -> Config:
@@ -82,6 +83,7 @@ class Config:
             policy=env.get("MPIMIG_POLICY", ""),
             metrics_seconds=_seconds(env, "MPIMIG_METRICS_SECONDS", 1.0),
             balance_seconds=_seconds(env, "MPIMIG_BALANCE_SECONDS", 2.0),
+            cost_json=env.get("MPIMIG_COST_JSON", ""),
         )
         if cfg.ft or cfg.policy:
             cfg.coordinator = True
@@ -108,6 +110,8 @@ class Config:
             env["MPIMIG_POLICY"] = self.policy
             env["MPIMIG_METRICS_SECONDS"] = str(self.metrics_seconds)
             env["MPIMIG_BALANCE_SECONDS"] = str(self.balance_seconds)
+            if self.cost_json:
+                env["MPIMIG_COST_JSON"] = self.cost_json
         return env
 
 

@@ -426,6 +426,10 @@ def _config(args) -> Config:
         if not getattr(args, name) > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0")
         setattr(cfg, name, getattr(args, name))
+    if args.cost_json:
+        from ..balance.cost import CostModel
+        CostModel.from_bench_json(args.cost_json)        # a UsageError naming the file if it is not one
+        cfg.cost_json = str(Path(args.cost_json).resolve())
     cfg.coordinator = bool(cfg.schedule) or args.coordinator or args.spares > 0 or args.ft or bool(cfg.policy)
     if cfg.keep < 1:
         raise UsageError("--keep must be at least 1")
@@ -511,6 +515,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
                    help="with --policy: each rank sends its metric report every S seconds (default 1)")
     p.add_argument("--balance-seconds", type=float, default=2.0, metavar="S",
                    help="with --policy: the balancer decides every S seconds (default 2)")
+    p.add_argument("--cost-json", metavar="FILE",
+                   help="with --policy: seed the balancer's migration cost model from `mpimig bench migrate "
+                        "[--strategies ...] --json FILE` output (default: figures measured on the test machines)")
     p.add_argument("--relaunch", type=int, default=0, metavar="K",
                    help="if the job does not complete (a host died, a rank was killed), relaunch it up to K times "
                         "on the hosts that still answer, from the last committed epoch")

@@ -169,7 +169,7 @@ class Coordinator:
         if me in slots:                  # this process holds one of its host's slots
             slots[me] = max(0, slots[me] - 1)
         return BalanceDriver(spec, self.cfg.job_dir, self.cfg.run_id, self.hosts, slots,
-                             interval=self.cfg.balance_seconds, t0=self.t_start)
+                             interval=self.cfg.balance_seconds, t0=self.t_start, cost_json=self.cfg.cost_json)
 
     def drain(self, host: Any) -> dict:
         """``mpimig drain``: mark ``host`` draining; the balancer empties it whatever the policy.
