@@ -50,3 +50,14 @@ def test_a_run_lost_while_a_move_spawned_is_run_again_and_no_other():
     assert balance.lost_to_prrte(spawn) and balance.lost_to_prrte(prrte)
     assert not balance.lost_to_prrte(other)
     assert not balance.lost_to_prrte({**prrte, "time_s": 3.0})      # a completed run is never rerun
+
+
+def test_time_to_solution_is_started_to_finished_in_the_event_log(tmp_path):
+    """Not complete.json's wall_seconds, which restarts when rank 0 moves."""
+    (tmp_path / "events.jsonl").write_text(
+        '{"t": 100.0, "event": "launch"}\n{"t": 112.5, "event": "started"}\n'
+        '{"t": 120.0, "event": "migrated", "rank": 0}\n{"t": 112.9, "event": "started"}\n'
+        '{"t": 150.0, "event": "finished"}\n')
+    assert balance.job_span(tmp_path) == 37.5
+    (tmp_path / "events.jsonl").write_text('{"t": 112.5, "event": "started"}\n')
+    assert balance.job_span(tmp_path) is None

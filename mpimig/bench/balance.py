@@ -17,8 +17,9 @@ Layout: ``--hosts A:3,SLOW:2,B:4 -n 6 --spares 2``: the coordinator and ranks
 to warm spares; elsewhere the runtime spawns). Every run uses ``--policy``
 (``none`` meters and never moves), so the metering cost is the same for all.
 
-Per run, from the job's own records: time to solution (``complete.json``
-``wall_seconds``: from the ranks' start to the result), moves made (completed
+Per run, from the job's own records: time to solution (``events.jsonl``: from
+the ranks' ``started`` to the job's ``finished``; also the whole command's wall
+time, launch included, as ``command_s`` in the JSON), moves made (completed
 migrations with origin ``policy``), bytes moved and total downtime (sum over
 the moves of ``status.json``'s ``timings``), and whether the result is bit
 for bit the app's ``--serial`` reference (printed for every run; a run that
@@ -146,7 +147,11 @@ def run_job(app: str, policy: str, scenario: str, i: int, args: argparse.Namespa
                 {"rank": m["rank"], "to": m["to"], "state": m["state"]}
                 for m in json.loads((job / "status.json").read_text()).get("migrations", [])]
         return rec
-    rec["time_s"] = float(complete.get("wall_seconds") or rec["command_s"])
+    span = job_span(job)
+    if span is None:
+        rec["error"] = f"no 'started'/'finished' events in {job / 'events.jsonl'}"
+        return rec
+    rec["time_s"] = span
     rec["bit_identical"] = out.exists() and np.load(out).tobytes() == ref
     done = [m for m in status.get("migrations", []) if m.get("state") == "done"]
     rec["moves"] = sum(1 for m in done if m.get("origin") == "policy")
@@ -186,6 +191,28 @@ def sample_loads(proc: subprocess.Popen, job: Path, every: float, t0: float) -> 
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=every)
     return samples
+
+
+def job_span(job: Path) -> float | None:
+    """Seconds from the job's first ``started`` event to its ``finished`` event (events.jsonl).
+
+    Not ``complete.json``'s ``wall_seconds``: that is the clock of the process that writes
+    it (rank 0's), which restarts when rank 0 is moved."""
+    started = finished = None
+    try:
+        lines = (job / "events.jsonl").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if ev.get("event") == "started" and started is None:
+            started = ev["t"]
+        elif ev.get("event") == "finished":
+            finished = ev["t"]
+    return finished - started if started is not None and finished is not None else None
 
 
 def measured_speed(samples: list[dict]) -> dict[str, float]:
