@@ -378,6 +378,10 @@ def plot(rows: list[dict], path: Path) -> None:
         hosts = sorted({h for s in r["load"] for h in s["hosts"]})
         for h in hosts:
             ax.plot([s["t"] for s in r["load"]], [s["hosts"].get(h, 0.0) for s in r["load"]], label=h)
+        # the first point of each rank includes its start-up: keep that spike from flattening the rest
+        values = sorted(v for s in r["load"] for v in s["hosts"].values())
+        if values:
+            ax.set_ylim(0, 1.5 * values[int(0.95 * (len(values) - 1))] or None)
         for m in r.get("move_times", []):
             ax.axvline(m["t"], color="k", lw=0.8, ls="--")
             ax.annotate(f"r{m['rank']}\u2192{m['to']}", (m["t"], ax.get_ylim()[1]), fontsize=6, rotation=90,
