@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from mpimig.apps.heat2d import Block, parse, run_serial  # noqa: F401 - parse: for programs that wrap this one
+from mpimig.apps.heat2d import Block, busy, parse, run_serial  # noqa: F401 - parse: for programs that wrap this one
 
 
 def main(ctx, args):                                              # mpimig
@@ -35,6 +35,8 @@ def main(ctx, args):                                              # mpimig
         st.step += 1
         if args.work_ms:
             time.sleep(args.work_ms / 1000.0)   # stand-in for more work per step (experiments)
+        if args.cpu_work:
+            busy(st.u, args.cpu_work)           # more CPU work per step (experiments)
         ctx.checkpoint_point()                                    # mpimig
     res = grid.gather(comm, st.u, args.out)
     return None if res is None else {**res, "steps": args.steps}

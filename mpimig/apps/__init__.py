@@ -1,6 +1,6 @@
 """Example MPI programs that ship with the package.
 
-``mpimig demo``, ``mpimig bench recovery`` and ``mpimig inject`` run these
+``mpimig demo``, ``mpimig bench recovery``, ``mpimig bench balance`` and ``mpimig inject`` run these
 from an installed package (``python -m mpimig.apps.heat2d`` or the module's
 ``__file__``), so they need no source checkout. The scripts in the
 repository's ``apps/`` directory are the same programs written out for users
@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def path(name: str) -> Path:
-    """The installed file of example program ``name`` (``heat2d``, ``ring``), without importing it:
+    """The installed file of example program ``name`` (``heat2d``, ``ring``, ``drift``), without importing it:
     what a command passes to ``mpimig run``, which takes a program as a ``.py`` file."""
     spec = importlib.util.find_spec(f"{__name__}.{name}")
     if spec is None or spec.origin is None:

@@ -42,6 +42,16 @@ def step(u: np.ndarray, out: np.ndarray) -> None:
         u[:-2, 1:-1] + u[2:, 1:-1] + u[1:-1, :-2] + u[1:-1, 2:] - 4.0 * u[1:-1, 1:-1])
 
 
+def busy(u: np.ndarray, rounds: int) -> None:
+    """``rounds`` passes of arithmetic over ``u`` whose result is thrown away: real CPU work
+    per step (``--cpu-work``), which a slowed host slows down, unlike ``--work-ms``'s sleep."""
+    y = u.copy()
+    for _ in range(rounds):
+        np.multiply(y, y, out=y)
+        y += 1.0
+        np.sqrt(y, out=y)
+
+
 def serial(n: int, steps: int) -> np.ndarray:
     u = initial(n)
     v = u.copy()
@@ -142,6 +152,8 @@ def main(ctx, args) -> dict | None:                               # mpimig
         st.step += 1
         if args.work_ms:
             time.sleep(args.work_ms / 1000.0)   # stand-in for more work per step (experiments)
+        if args.cpu_work:
+            busy(st.u, args.cpu_work)           # more CPU work per step (experiments)
         ctx.checkpoint_point()                                    # mpimig
     res = grid.gather(comm, st.u, args.out)
     return None if res is None else {**res, "steps": args.steps}
@@ -154,10 +166,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", help="write the final grid here (.npy), rank 0")
     p.add_argument("--serial", action="store_true", help="compute the reference serially, no MPI")
     p.add_argument("--work-ms", type=float, default=0.0,
-                   help="extra milliseconds per step, to make runs long enough to kill or migrate")
+                   help="extra milliseconds per step (a sleep), to make runs long enough to kill or migrate")
+    p.add_argument("--cpu-work", type=int, default=0, metavar="K",
+                   help="K extra passes of arithmetic over the block per step: real CPU work, "
+                        "so a slowed host is slower (the result does not change)")
     args = p.parse_args(argv)
-    if args.n < 3 or args.steps < 0:
-        p.error("--n must be >= 3 and --steps >= 0")
+    if args.n < 3 or args.steps < 0 or args.cpu_work < 0:
+        p.error("--n must be >= 3, --steps and --cpu-work >= 0")
     return args
 
 

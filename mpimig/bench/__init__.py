@@ -21,13 +21,14 @@ BENCH_MODULES = [
     "mpimig.bench.migrate",      # migrate: strategies, freeze time, bytes moved
     "mpimig.bench.recovery",     # recovery: kill -> resumed, online (--ft) vs relaunch
     "mpimig.bench.metrics",      # metrics: the balancer's metering overhead on heat2d
+    "mpimig.bench.balance",      # balance: each policy vs none on the lab, one host slowed
     "mpimig.bench.simulate",     # simulate: the simulator at 10,000 hosts / 100,000 ranks, growth exponents
 ]
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "bench", help="run a benchmark (checkpoint, comm, migrate, recovery, metrics, simulate, ...)",
+        "bench", help="run a benchmark (checkpoint, comm, migrate, recovery, metrics, balance, simulate)",
         description="Benchmarks that measure mpimig against the plain way of doing the same "
                     "thing, in the same run.")
     bench_sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")

@@ -3,11 +3,12 @@
 ``mpimig lab up --hosts N`` makes hosts h1..hN: each is a network namespace
 with its own address on a bridge, its own hostname (a UTS namespace per daemon)
 and its own sshd that accepts the lab's private key. ``mpimig lab slurm up``
-adds slurmctld (root namespace) and one slurmd per host. See docs/lab.md.
+adds slurmctld (root namespace) and one slurmd per host. ``mpimig lab slow
+HOST FACTOR`` limits one host's CPU (a cgroup quota). See docs/lab.md.
 
 May import :mod:`mpimig.errors` only: the lab is a tool under the job, it knows
 nothing of MPI programs (layers, bottom up: ``_sys``, ``_slurmd``, ``hosts``,
-``slurm_cluster``).
+``slurm_cluster``; ``_cgroup`` under ``hosts``, ``slow`` over it).
 
 How remote processes find Python and the MPI binaries
 ------------------------------------------------------
@@ -47,7 +48,7 @@ from __future__ import annotations
 
 import time
 
-from . import slurm_cluster
+from . import slow as _slow, slurm_cluster
 from ._sys import LabError, capability_problem
 from .hosts import Lab, current, down, revive, state_dir, up
 
@@ -66,13 +67,14 @@ def _print_status(lab: Lab) -> None:
     rows = lab.status()
     slurm = any("slurmd" in r for r in rows)
     print(f"bridge {lab.bridge} {lab.bridge_ip} subnet {lab.subnet}; ssh: {lab.ssh_wrapper} HOST")
-    head = f"{'host':<6} {'ip':<16} {'netns':<12} {'sshd':<6} " + ("slurmd " if slurm else "") + "procs"
+    head = f"{'host':<6} {'ip':<16} {'netns':<12} {'sshd':<6} " + ("slurmd " if slurm else "") + "cpu    procs"
     print(head)
     for r in rows:
         line = f"{r['host']:<6} {r['ip']:<16} {r['netns']:<12} {'up' if r['sshd'] else 'DEAD':<6} "
         if slurm:
             line += f"{'up' if r.get('slurmd') else 'DEAD':<7} "
-        print(line + str(r["procs"]))
+        cpu = "full" if r["slow"] >= 1.0 else f"x{r['slow']:g}"
+        print(line + f"{cpu:<6} " + str(r["procs"]))
 
 
 def _cmd_status(args) -> int:
@@ -103,6 +105,15 @@ def _cmd_revive(args) -> int:
     lab = _need_lab()
     started = revive(lab, args.host)
     print(f"{args.host}: started {', '.join(started) or 'nothing (all daemons alive)'}")
+    return 0
+
+
+def _cmd_slow(args) -> int:
+    lab = _need_lab()
+    if args.off == (args.factor is not None):
+        raise LabError("mpimig lab slow HOST: give a FACTOR in (0, 1] or --off")
+    info = _slow.slow(lab, args.host, 1.0 if args.off else args.factor)
+    print(_slow.describe(args.host, info, lab))
     return 0
 
 
@@ -163,6 +174,15 @@ def register(subparsers) -> None:
     q = sub.add_parser("revive", help="restart the daemons (sshd, slurmd) of a killed host")
     q.add_argument("host")
     q.set_defaults(func=_cmd_revive)
+
+    q = sub.add_parser("slow", help="limit a host's CPU to FACTOR x its fair share (cgroup quota)",
+                       description="Limit a lab host's CPU to FACTOR x its fair share (the machine's cores / lab "
+                       "hosts) with a cgroup v1 CFS quota; FACTOR 1 or --off removes the limit. See docs/lab.md.")
+    q.add_argument("host")
+    q.add_argument("factor", type=float, nargs="?",
+                   help="0 < FACTOR <= 1: share of the host's fair share (cores / hosts); 1 removes the limit")
+    q.add_argument("--off", action="store_true", help="remove the limit (same as FACTOR 1)")
+    q.set_defaults(func=_cmd_slow)
 
     q = sub.add_parser("down", help="remove everything 'up' created (safe to repeat)")
     q.set_defaults(func=_cmd_down)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Union
 from collections.abc import Sequence
 
-from . import _slurmd, _sys
+from . import _cgroup, _slurmd, _sys
 from ._sys import LabError, Proc, say
 
 DEFAULT_DIR = "/run/mpimig-lab"
@@ -222,12 +222,18 @@ class Lab:
         for h in self._state["hosts"]:
             row = {"host": h["name"], "ip": h["ip"], "netns": h["netns"],
                    "sshd": bool(h.get("sshd")) and Proc.from_json(h["sshd"]).alive(),
-                   "procs": len(_sys.netns_pids(h["netns"]))}
+                   "procs": len(_sys.netns_pids(h["netns"])),
+                   "slow": self.slow_factor(h["name"])}
             if slurm is not None:
                 d = slurm.get("slurmd", {}).get(h["name"])
                 row["slurmd"] = bool(d) and Proc.from_json(d).alive()
             rows.append(row)
         return rows
+
+    def slow_factor(self, host: str) -> float:
+        """The CPU factor ``mpimig lab slow`` set on ``host`` (1.0: not slowed)."""
+        entry = self._state.get("slow", {}).get(host)
+        return float(entry["factor"]) if entry else 1.0
 
     def ssh(self, host: str, command: str, timeout: float = 30) -> subprocess.CompletedProcess:
         """Run ``command`` on ``host`` through the lab's ssh."""
@@ -424,6 +430,9 @@ def revive(lab: Lab, host: str) -> list[str]:
             _sys.write_json(lab.state_dir / "state.json", state)
             _wait_sshd(lab.state_dir, entry)
             started.append("sshd")
+            slowed = state.get("slow", {}).get(host)
+            if slowed:      # the new sshd (and so what it starts) keeps the host's CPU limit
+                _cgroup.move(Path(slowed["cgroup"]), _sys.netns_pids(entry["netns"]))
         if _slurmd.revive_node(lab.state_dir, host, entry["netns"]):
             started.append("slurmd")
     return started
@@ -513,6 +522,10 @@ def _down_locked(sdir: Path) -> bool:
                 problems.append(f"ip netns del {ns}: {res.stderr.strip()}")
         if _sys.run(["ip", "link", "show", host["veth"]], check=False).returncode == 0:
             _sys.run(["ip", "link", "del", host["veth"]], check=False)
+    for host, slowed in state.get("slow", {}).items():     # mpimig lab slow's cgroups
+        problem = _cgroup.remove(Path(slowed["cgroup"]))
+        if problem:
+            problems.append(f"cgroup of {host}: {problem}")
     if state.get("bridge_created") and _sys.run(["ip", "link", "show", state["bridge"]], check=False).returncode == 0:
         res = _sys.run(["ip", "link", "del", state["bridge"]], check=False)
         if res.returncode:

@@ -1,0 +1,63 @@
+"""mpimig bench balance's bookkeeping on hand-made run records (the lab runs are in
+tests/test_balance_lab.py; the benchmark itself is a command, not a timed test)."""
+from __future__ import annotations
+
+from mpimig.bench import balance
+
+
+def rec(policy, t, moves=0, nbytes=0, scenario="slowed", app="drift", ok=True):
+    return {"scenario": scenario, "app": app, "policy": policy, "i": 0, "time_s": t, "ok": ok, "moves": moves,
+            "bytes": nbytes, "downtime_s": 0.5 * moves, "bit_identical": ok, "lost": 0}
+
+
+def test_layout_puts_two_ranks_on_the_slowed_host_and_spares_on_another():
+    assert balance.layout(["h1", "h2", "h3"], "h2") == "h1:3,h2:2,h3:4"
+    assert balance.layout(["h1", "h2", "h3"], "h1") == "h2:3,h1:2,h3:4"
+
+
+def test_policies_alternate_between_rounds():
+    pols = ["none", "greedy", "refine"]
+    assert [balance.rotate(pols, i)[0] for i in range(4)] == ["none", "greedy", "refine", "none"]
+
+
+def test_summary_speedup_is_none_over_policy_medians_and_goals_are_judged():
+    rows = [rec("none", 30.0), rec("none", 34.0), rec("greedy", 20.0, 2, 4000), rec("refine", 25.0, 1, 2000),
+            rec("multi-factor", 19.0, 1, 2000),
+            rec("none", 10.0, scenario="balanced"), rec("greedy", 10.5, scenario="balanced"),
+            rec("refine", 10.2, scenario="balanced"), rec("comm-aware", 99.0, scenario="balanced", ok=False)]
+    summary = {(s["scenario"], s["policy"]): s for s in balance.summarise(rows)}
+    assert summary[("slowed", "none")]["time_s"] == 32.0              # median of 30 and 34
+    assert summary[("slowed", "greedy")]["speedup"] == 32.0 / 20.0
+    assert summary[("balanced", "greedy")]["speedup"] == 10.0 / 10.5
+    failed = summary[("balanced", "comm-aware")]
+    assert failed["ok"] == 0 and failed["time_s"] is None and failed["bit_identical"] is False
+    said = balance.goals(balance.summarise(rows))
+    assert "drift, one host slowed: best multi-factor 1.68x vs none (goal >= 1.3x): met" in said
+    assert any("multi-factor vs greedy" in g and "as fast or faster" in g and "(fewer)" in g for g in said)
+    assert any("multi-factor vs refine" in g and "NOT fewer" in g for g in said)
+    assert "drift, balanced: greedy 0.952x vs none (goal >= 0.97x): NOT met" in said
+    assert "drift, balanced: refine 0.980x vs none (goal >= 0.97x): met" in said
+    text = balance.table(balance.summarise(rows))
+    assert "slowed    drift   greedy" in text and "1.60x" in text
+
+
+def test_a_run_lost_while_a_move_spawned_is_run_again_and_no_other():
+    spawn = {"error": "job did not complete: ... calling abort",
+             "migrations_at_loss": [{"rank": 3, "to": "h1", "state": "creation"}]}
+    prrte = {"error": "job did not complete: PRTE has lost communication with a remote daemon"}
+    other = {"error": "job did not complete: Traceback ... ValueError",
+             "migrations_at_loss": [{"rank": 3, "to": "h3", "state": "done"}]}
+    assert balance.lost_to_prrte(spawn) and balance.lost_to_prrte(prrte)
+    assert not balance.lost_to_prrte(other)
+    assert not balance.lost_to_prrte({**prrte, "time_s": 3.0})      # a completed run is never rerun
+
+
+def test_time_to_solution_is_started_to_finished_in_the_event_log(tmp_path):
+    """Not complete.json's wall_seconds, which restarts when rank 0 moves."""
+    (tmp_path / "events.jsonl").write_text(
+        '{"t": 100.0, "event": "launch"}\n{"t": 112.5, "event": "started"}\n'
+        '{"t": 120.0, "event": "migrated", "rank": 0}\n{"t": 112.9, "event": "started"}\n'
+        '{"t": 150.0, "event": "finished"}\n')
+    assert balance.job_span(tmp_path) == 37.5
+    (tmp_path / "events.jsonl").write_text('{"t": 112.5, "event": "started"}\n')
+    assert balance.job_span(tmp_path) is None
