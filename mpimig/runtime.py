@@ -30,7 +30,7 @@ from typing import Any, Callable, NoReturn
 import numpy as np
 from mpi4py import MPI
 
-from . import events
+from . import events, exits
 from .comm import Comm, new_comm
 from .errors import CheckpointError, MigrationError, MpimigError, NoCommittedEpoch
 from .ft import hooks, recovery
@@ -143,6 +143,7 @@ class Context:
         self.link.t_point = time.perf_counter()
         self.link.t_point_wall = time.time()
         self.point += 1
+        exits.at_point(self)              # another rank returned from main: abort, naming it
         if self.link.lazy is not None:
             self.link.lazy.progress()     # post-copy: note chunks that arrived
         cfg = self.config
@@ -338,7 +339,9 @@ def _leave(Jc: MPI.Intracomm | None = None) -> NoReturn:
             if not recovery.is_failure(exc):
                 raise
             os._exit(0)             # ULFM: the coordinator that would release us is gone
+    exits.disarm()
     transport.free_all()
+    exits.finalize_timer()
     MPI.Finalize()
     os._exit(0)
 
@@ -346,7 +349,9 @@ def _leave(Jc: MPI.Intracomm | None = None) -> NoReturn:
 def _start_initial(cfg: Config) -> Context | None:
     world = MPI.COMM_WORLD
     if not cfg.coordinator:
-        return Context(_comm(cfg, transport.track(world.Dup())), cfg)
+        ctx = Context(_comm(cfg, transport.track(world.Dup())), cfg)
+        exits.own_channel(transport.track(world.Dup()))   # news of a rank that returned early
+        return ctx
     J = transport.track(world.Dup())             # coordinator is J rank 0
     nranks = J.Get_size() - 1 - cfg.spares
     if nranks < 1:
@@ -500,6 +505,7 @@ def _after_recovery(out: Any, cfg: Config, ctx: Context | None = None) -> Contex
 
 
 def _finish(ctx: Context, result: Any, t_start: float) -> None:
+    exits.finish_wait(ctx)              # every rank returned from main, at the same point (bounded)
     source.complete_lazy(ctx)
     pre = ctx.link.precopy
     if pre is not None and pre.reqs:
@@ -518,8 +524,7 @@ def _finish(ctx: Context, result: Any, t_start: float) -> None:
         events.emit(ctx.config.job_dir, "finished", ctx.config.run_id, points=ctx.point, epoch=ctx.epoch,
                     recoveries=ctx.recoveries)
     ctx.comm.mpi.Barrier()              # the completion record is written
-    if ctx.config.ft:
-        recovery.finalize_watchdog()
+    exits.bound_finalize()
     transport.free_all()
 
 
@@ -534,6 +539,8 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
     world = MPI.COMM_WORLD
     _setup_logging(world.Get_rank())
     abort_comm: MPI.Comm = world
+    ctx: Context | None = None
+    exits.arm(comm=world)               # a process that exits before the job is over ends it
     try:
         parent = MPI.Comm.Get_parent()
         if parent != MPI.COMM_NULL:
@@ -556,9 +563,11 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
                                 point=ctx.point, size=ctx.size)
         while True:
             abort_comm = ctx.link.J or ctx.comm.mpi
+            exits.arm(f"rank {ctx.rank}", abort_comm)
             try:
                 result = main(ctx)
                 _finish(ctx, result, t_start)
+                exits.disarm()
                 return result
             except MPI.Exception as exc:
                 if not (ctx.config.ft and recovery.is_failure(exc)):
@@ -566,15 +575,14 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
                 ctx = _recover(ctx, exc)        # roll back and run main again
     except source.Retired as r:
         retired = r.comm
-    except SystemExit:
+    except SystemExit as exc:           # sys.exit in main: end the job (--ft: a failure)
+        exits.left(ctx, exc, abort_comm)
         raise
     except BaseException as exc:  # noqa: BLE001 - any failure must abort the whole job
-        rank = world.Get_rank()
-        if isinstance(exc, MpimigError):
-            sys.stderr.write(f"mpimig: rank {rank}: error: {exc}\n")
-        else:
-            sys.stderr.write(f"mpimig: rank {rank}: unhandled exception, aborting the job\n")
+        line = exits.crashed(ctx, exc)
+        if not isinstance(exc, MpimigError):
             traceback.print_exc()
+        sys.stderr.write(f"mpimig: {line}\n")
         sys.stderr.flush()
         abort_comm.Abort(1)
         raise

@@ -31,7 +31,7 @@ from typing import Any, Callable, NoReturn
 
 from mpi4py import MPI
 
-from .. import events
+from .. import events, exits
 from ..errors import MigrationError
 from ..ft import recovery
 from ..launch.config import Config
@@ -96,15 +96,13 @@ class Coordinator:
         self.done: dict[int, dict] = {}
         self.finishing = False
         self.finished = False
-        self.spawn_timeout = float(os.environ.get("MPIMIG_SPAWN_TIMEOUT", "120"))
+        self.spawn_timeout = exits.timeout("spawn")
+        self.leaving = exits.FinishWatch()    # ranks that returned from main; pids on this host
         self.retired: list[tuple] = []        # (merged comm, J rank) of old processes, told at the end
         self.spares: dict[str, list[int]] = {}  # host -> J ranks of idle warm spares
         self.recoveries: list[dict] = []
         if recovered is None:
-            for _ in range(cfg.spares):
-                st = MPI.Status()
-                info = J.recv(source=MPI.ANY_SOURCE, tag=TAG_SPARE, status=st)
-                self.spares.setdefault(info["host"], []).append(st.Get_source())
+            self._gather_spares(cfg.spares)
         # the pool's size per host; used spares are replaced in the background by spawned
         # processes that wait on their bridge (refill), as migration targets do
         self.pool_size = {h: len(j) for h, j in self.spares.items()}
@@ -131,6 +129,14 @@ class Coordinator:
                 continue
             self.accept(rank, host, point, strategy, "schedule")
         self.write_status()
+
+    def _gather_spares(self, n: int) -> None:
+        """The warm spares announce themselves at the start (bounded: MPIMIG_STARTUP_TIMEOUT)."""
+        with exits.bounded("startup", "coordinator", f"waiting for {n} warm spare(s) to start"):
+            for _ in range(n):
+                st = MPI.Status()
+                info = self.J.recv(source=MPI.ANY_SOURCE, tag=TAG_SPARE, status=st)
+                self.spares.setdefault(info["host"], []).append(st.Get_source())
 
     # -- step 1: request -------------------------------------------------------------
     def request(self, req: dict, reply) -> None:
@@ -340,7 +346,7 @@ class Coordinator:
         for jr in [jr for jrs in self.spares.values() for jr in jrs] + reserved:
             self.J.send({"plan": plan}, dest=jr, tag=TAG_WAKE)
         jsize = self.J.Get_size()
-        self.J = transport.join(self.J, plan.nspawned, bridges=bridges)
+        self.J = transport.join(self.J, plan.nspawned, bridges=bridges, who="coordinator")
         for mv, m in zip(plan.moves, batch):
             m.spare = jsize + mv.target
             m.bridge = None
@@ -360,7 +366,8 @@ class Coordinator:
         reserved = [m.spare for m in self.queue + self.ready + batch if m.spare >= 0]
         for jr in [jr for jrs in self.spares.values() for jr in jrs] + reserved:
             self.J.send({"plan": plan}, dest=jr, tag=TAG_WAKE)
-        Jc = transport.join(self.J, plan.nspawned, bridges=[m.bridge for m in batch if m.bridge is not None])
+        Jc = transport.join(self.J, plan.nspawned, bridges=[m.bridge for m in batch if m.bridge is not None],
+                            who="coordinator")
         if self.cfg.ft:
             self.J = Jc         # a failure from here on is recovered over the switch comm
         return Jc
@@ -458,6 +465,7 @@ class Coordinator:
         """Rebuild the routing table and the spare pool from a recovery's census;
         migrations in progress are cancelled (their processes may be gone)."""
         self.J = out.J
+        self.leaving.reset()             # every rank runs main again
         for m in self.in_switch:
             m.state = "cancelled: failure recovery"
             for w in m.waiters:
@@ -552,6 +560,7 @@ class Coordinator:
     def step(self, st: MPI.Status) -> bool:
         """One round of the loop: requests, messages on J, spawns, plans. True if busy."""
         busy = self._operator_request()
+        self.leaving.check(self)          # bounds: ranks that returned early, vanished pids
         while self.J.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, st):
             busy = True
             src, tag = st.Get_source(), st.Get_tag()
@@ -584,6 +593,8 @@ class Coordinator:
             box: dict[str, Any] = {}
             self.request(dict(msg, wait=False, origin="self"), box.update)
             self.J.send(box, dest=src, tag=TAG_REPLY)
+        elif tag == exits.TAG_LEFT:
+            self.leaving.on_left(self, *msg)
         elif tag == TAG_FINISHING:
             self.finishing = True
             self.cancel_all("the job finished first")
@@ -659,8 +670,6 @@ class Coordinator:
                 except queue.Empty:
                     break
             self.server.close()
-        if self.cfg.ft:
-            recovery.finalize_watchdog()
         transport.free_all()
 
 
@@ -676,7 +685,13 @@ def serve(cfg: Config | None = None) -> NoReturn:
     _setup_logging()
     J = transport.track(MPI.COMM_WORLD.Dup())
     J.Split(MPI.UNDEFINED, 0)              # the ranks build A; the coordinator is not in it
-    _run(lambda: Coordinator(J, cfg or Config.from_env(), J.recv(source=1, tag=TAG_HELLO)))
+    _run(lambda: Coordinator(J, cfg or Config.from_env(), _hello(J)))
+
+
+def _hello(J: MPI.Intracomm) -> dict:
+    """Rank 0's hello: the program, its directory, the ranks' hosts and pids (bounded)."""
+    with exits.bounded("startup", "coordinator", "waiting for the ranks' hello (rank 0 at mpimig.run)"):
+        return J.recv(source=1, tag=TAG_HELLO)
 
 
 def serve_recovered(out: Any, cfg: Config) -> NoReturn:
@@ -701,6 +716,7 @@ def _run(make: Callable[[], Coordinator]) -> NoReturn:
         MPI.COMM_WORLD.Abort(1)
     sys.stdout.flush()
     sys.stderr.flush()
+    exits.finalize_timer()
     MPI.Finalize()
     os._exit(0)
 
