@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import events
 from .errors import UsageError
@@ -95,8 +95,12 @@ def _say(msg: str) -> None:
     sys.stderr.flush()
 
 
-def _abort(comm: Any, code: int = 1) -> None:
+def abort(comm: Any = None, code: int = 1) -> NoReturn:
+    """End the job: log an ``abort`` event (``mpimig run`` stops a job that is still
+    there ``ABORT_GRACE`` s later: under ULFM, ``MPI_Abort`` can leave it running),
+    then ``MPI_Abort``; never returns."""
     from mpi4py import MPI
+    events.emit(_job_dir(), "abort", os.environ.get("MPIMIG_RUN_ID", ""), pid=os.getpid(), code=code)
     try:
         (comm or MPI.COMM_WORLD).Abort(code)
     finally:
@@ -116,7 +120,7 @@ def bounded(name: str, who: str, what: str = "", comm: Any = None) -> Iterator[N
              "aborting the job")
         events.emit(_job_dir(), "wait_expired", os.environ.get("MPIMIG_RUN_ID", ""), wait=name, who=who,
                     seconds=seconds)
-        _abort(comm, 3)
+        abort(comm, 3)
     timer = threading.Timer(seconds, expired)
     timer.daemon = True
     timer.start()
@@ -199,7 +203,7 @@ def left(ctx: Context | None, exc: SystemExit, abort_comm: Any) -> None:
     disarm()
     if ft:
         os.kill(os.getpid(), signal.SIGKILL)
-    _abort(abort_comm, exit_code(exc))
+    abort(abort_comm, exit_code(exc))
 
 
 def crashed(ctx: Context | None, exc: BaseException) -> str:
@@ -276,7 +280,7 @@ def _at_exit() -> None:
     _say(f"{who} left the job before it was over ({way}, outside mpimig.run's main); aborting the job")
     events.emit(_job_dir(), "rank_left", os.environ.get("MPIMIG_RUN_ID", ""), who=who, how=way, point=-1,
                 action="abort")
-    _abort(_state["comm"], 1)
+    abort(_state["comm"], 1)
 
 
 # -- an early return: the ranks' side -------------------------------------------------------------
@@ -315,7 +319,7 @@ def _mismatch(ctx: Context, q: int, p: int, other: str) -> None:
     events.emit(ctx.config.job_dir, "rank_left", ctx.config.run_id, rank=q, how="an early return from main",
                 point=p, action="abort")
     disarm()
-    _abort(ctx.link.J or ctx.comm.mpi, 1)
+    abort(ctx.link.J or ctx.comm.mpi, 1)
 
 
 def finish_wait(ctx: Context) -> None:
@@ -362,7 +366,7 @@ def _not_returned(ctx: Context, missing: list[int], limit: float) -> None:
     events.emit(ctx.config.job_dir, "rank_left", ctx.config.run_id, rank=ctx.rank, how="an early return from main",
                 point=ctx.point, missing=missing, action="abort")
     disarm()
-    _abort(ctx.link.J or ctx.comm.mpi, 1)
+    abort(ctx.link.J or ctx.comm.mpi, 1)
 
 
 def _finish_with_coordinator(ctx: Context) -> None:
@@ -377,7 +381,7 @@ def _finish_with_coordinator(ctx: Context) -> None:
             _say(f"rank {ctx.rank} returned from main after checkpoint point {ctx.point}, and the coordinator "
                  f"did not confirm the end of the job within {limit:g} s; aborting the job")
             disarm()
-            _abort(J, 1)
+            abort(J, 1)
         time.sleep(0.002)                 # a polling wait (the others may be computing)
     J.recv(source=0, tag=TAG_RELEASE)
     while J.Iprobe(0, TAG_LEFT):
@@ -410,7 +414,7 @@ class FinishWatch:
         first = min(self.returned.values())
         if point != first:
             q = min(r for r, p in self.returned.items() if p == first)
-            self._abort(coord, f"rank {q} returned from main after checkpoint point {first}, but rank {rank} "
+            self.abort(coord, f"rank {q} returned from main after checkpoint point {first}, but rank {rank} "
                         f"returned after checkpoint point {point}: every rank must pass the same checkpoint "
                         f"points (an early return from main in rank {q}?)", q, first)
         if len(self.returned) == coord.size:
@@ -428,7 +432,7 @@ class FinishWatch:
             missing = [r for r in range(coord.size) if r not in self.returned]
             first = min(self.returned.values())
             q = min(r for r, p in self.returned.items() if p == first)
-            self._abort(coord, f"rank(s) {', '.join(map(str, sorted(self.returned)))} returned from main after "
+            self.abort(coord, f"rank(s) {', '.join(map(str, sorted(self.returned)))} returned from main after "
                         f"checkpoint point {first}, but rank(s) {', '.join(map(str, missing))} did not return "
                         f"within {self.limit:g} s (MPIMIG_FINISH_TIMEOUT): an early return from main in rank "
                         f"{q}? (ranks that finish further apart than that need a larger MPIMIG_FINISH_TIMEOUT)",
@@ -457,16 +461,16 @@ class FinishWatch:
                 msg = (f"rank {r['rank']} (pid {r['pid']} on {here}) is gone without a word and without a "
                        f"failure notice for {GONE_GRACE:g} s (os._exit? under ULFM, PRRTE reports only "
                        "processes killed by a signal)")
-                self._abort(coord, msg, r["rank"], -1, how="gone without a word (os._exit?)")
+                self.abort(coord, msg, r["rank"], -1, how="gone without a word (os._exit?)")
 
-    def _abort(self, coord: Any, msg: str, rank: int, point: int, how: str = "an early return from main") -> None:
+    def abort(self, coord: Any, msg: str, rank: int, point: int, how: str = "an early return from main") -> None:
         from mpi4py import MPI
         _say(f"coordinator: {msg}; aborting the job")
         events.emit(coord.cfg.job_dir, "rank_left", coord.cfg.run_id, rank=rank, how=how, point=point,
                     action="abort")
         with contextlib.suppress(Exception):
             coord.write_status()
-        _abort(MPI.COMM_WORLD, 1)
+        abort(MPI.COMM_WORLD, 1)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -584,7 +584,7 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
             traceback.print_exc()
         sys.stderr.write(f"mpimig: {line}\n")
         sys.stderr.flush()
-        abort_comm.Abort(1)
+        exits.abort(abort_comm, 1)
         raise
     # The old process of a migrated rank: outside the except block, so that no
     # traceback keeps main's frames (and the program's arrays) alive.

@@ -260,7 +260,7 @@ class Coordinator:
                    "(MPIMIG_SPAWN_TIMEOUT); aborting the job")
             sys.stderr.write(f"mpimig: coordinator: {msg}\n")
             sys.stderr.flush()
-            MPI.COMM_WORLD.Abort(3)
+            exits.abort(MPI.COMM_WORLD, 3)
         msg = (f"the target process for rank {m.rank} on {m.to} did not start within "
                f"{self.spawn_timeout:.0f} s (MPIMIG_SPAWN_TIMEOUT; it may have died before MPI_Init: "
                "see its output above); aborting the job")
@@ -270,7 +270,7 @@ class Coordinator:
         finally:
             sys.stderr.write(f"mpimig: coordinator: {msg}\n")
             sys.stderr.flush()
-            MPI.COMM_WORLD.Abort(3)
+            exits.abort(MPI.COMM_WORLD, 3)
 
     # -- step 3: suspend ------------------------------------------------------------------
     def suspend(self) -> None:
@@ -499,7 +499,7 @@ class Coordinator:
     def cancel_all(self, why: str) -> None:
         for m in self.queue + self.ready + self.plan_migs:
             if m.bridge is not None:
-                m.bridge.send({"cancel": why}, dest=1, tag=TAG_CANCEL)
+                self._cancel_target(m, why)
             if m.spare >= 0:
                 self.spares.setdefault(m.to, []).append(m.spare)   # back to the pool
                 m.spare = -1
@@ -510,6 +510,17 @@ class Coordinator:
                    "migration": m.as_dict()})
             m.waiters = []
         self.queue, self.ready, self.plan, self.plan_migs = [], [], None, []
+
+    def _cancel_target(self, m: Migration, why: str) -> None:
+        """Tell a spawned target that it is not needed; under --ft it may be dead already
+        (a failure in the join of a migration), which is no error."""
+        assert m.bridge is not None
+        try:
+            m.bridge.send({"cancel": why}, dest=1, tag=TAG_CANCEL)
+        except MPI.Exception as exc:
+            if not (self.cfg.ft and recovery.is_failure(exc)):
+                raise
+            log.warning("migration %d: its target is gone (%s)", m.id, exc.Get_error_string())
 
     # -- status ----------------------------------------------------------------------
     def status(self) -> dict:
@@ -713,7 +724,7 @@ def _run(make: Callable[[], Coordinator]) -> NoReturn:
         sys.stderr.write("mpimig: coordinator failed, aborting the job\n")
         traceback.print_exc()
         sys.stderr.flush()
-        MPI.COMM_WORLD.Abort(1)
+        exits.abort(MPI.COMM_WORLD, 1)
     sys.stdout.flush()
     sys.stderr.flush()
     exits.finalize_timer()

@@ -15,10 +15,19 @@ others are on their way into the ``Allreduce``:
   --how raise       an uncaught ``RuntimeError``
   --how module-exit ``sys.exit(--code)`` at module level, before ``mpimig.run``,
                     in the process with MPI.COMM_WORLD rank ``--rank``
+  --how module-hang that process never gets to ``mpimig.run`` (it sleeps)
+
+Faults in a migration (``--migrate``), each in the job's first life:
+  --in-join WHO     at the start of the join (step 5) WHO SIGKILLs itself: ``target``
+                    (the spawned process) or ``rank`` (the rank ``--rank``)
+  --stop-source     the moving rank's old process stops (SIGSTOP) before it sends its
+                    state: the new process waits for it
 """
 import argparse
 import os
+import signal
 import sys
+import time
 
 import numpy as np
 from mpi4py import MPI
@@ -26,18 +35,45 @@ from mpi4py import MPI
 import mpimig
 
 p = argparse.ArgumentParser()
-p.add_argument("--how", default="none", choices=["none", "exit", "return", "os_exit", "raise", "module-exit"])
+p.add_argument("--how", default="none",
+               choices=["none", "exit", "return", "os_exit", "raise", "module-exit", "module-hang"])
 p.add_argument("--rank", type=int, default=2)
 p.add_argument("--at", type=int, default=5)
 p.add_argument("--code", type=int, default=3)
 p.add_argument("--steps", type=int, default=20)
 p.add_argument("--out")
+p.add_argument("--work-ms", type=float, default=0.0)
+p.add_argument("--in-join", choices=["target", "rank"])
+p.add_argument("--stop-source", action="store_true")
 args = p.parse_args()
 
 world = MPI.COMM_WORLD                      # module level, as in the mpi4py tutorial
 if args.how == "module-exit" and world.Get_rank() == args.rank:
     print(f"world rank {world.Get_rank()}: sys.exit({args.code}) before mpimig.run", flush=True)
     sys.exit(args.code)
+if args.how == "module-hang" and world.Get_rank() == args.rank:
+    print(f"world rank {world.Get_rank()}: stuck before mpimig.run", flush=True)
+    time.sleep(3600)
+
+
+def arm_migration_faults():
+    from mpimig.ft import hooks
+
+    def in_join(target=None, **info):
+        if (args.in_join == "target") == (target is not None) and not _life.get("later"):
+            print(f"killing the {args.in_join} at the join (pid {os.getpid()})", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def stop(**info):
+        print(f"stopping the old process of the moving rank (pid {os.getpid()})", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+    if args.in_join == "target":
+        hooks.register("migration-join", in_join)
+    if args.stop_source:
+        hooks.register("migration-source", stop)
+
+
+_life = {}
 
 
 def leave(ctx):
@@ -52,6 +88,13 @@ def leave(ctx):
 
 def main(ctx):
     comm = ctx.comm
+    if ctx.recoveries:
+        _life["later"] = True
+    if args.in_join == "rank" and comm.rank == args.rank and not _life.get("armed"):
+        from mpimig.ft import hooks
+        _life["armed"] = True
+        hooks.register("migration-join", lambda target=None, **i: None if _life.get("later") else (
+            print(f"killing rank {args.rank} at the join", flush=True), os.kill(os.getpid(), signal.SIGKILL)))
     st = ctx.state(step=0, x=np.linspace(0.0, 1.0, 8) * (comm.rank + 1))
     while st.step < args.steps:
         if comm.rank == args.rank and st.step == args.at and ctx.recoveries == 0 and args.how != "none":
@@ -63,6 +106,8 @@ def main(ctx):
         comm.Allreduce(st.x, total)
         st.x = np.sin(st.x + total / comm.size)
         st.step += 1
+        if args.work_ms:
+            time.sleep(args.work_ms / 1000)
         ctx.checkpoint_point()
     every = np.empty((comm.size, st.x.size)) if comm.rank == 0 else None
     comm.Gather(st.x, every, root=0)
@@ -72,6 +117,7 @@ def main(ctx):
 
 
 if __name__ == "__main__":
+    arm_migration_faults()
     res = mpimig.run(main)
     if res is not None:
         print(f"rank result: {res}", flush=True)
