@@ -347,6 +347,18 @@ def _leave(Jc: MPI.Intracomm | None = None) -> NoReturn:
 
 
 def _start_initial(cfg: Config) -> Context | None:
+    with exits.bounded("startup", f"world rank {MPI.COMM_WORLD.Get_rank()}",
+                       "waiting for every process of the job to start mpimig.run"):
+        start = _start_comms(cfg)
+    if isinstance(start, Context):
+        return start
+    J, nranks = start                            # a warm spare (world ranks after the ranks)
+    return _serve_spare(J, cfg, nranks)
+
+
+def _start_comms(cfg: Config) -> Context | tuple[MPI.Intracomm, int]:
+    """The job's communicators at the start (collective over the world): a rank's
+    Context, or (J, ranks) for a warm spare."""
     world = MPI.COMM_WORLD
     if not cfg.coordinator:
         ctx = Context(_comm(cfg, transport.track(world.Dup())), cfg)
@@ -360,8 +372,8 @@ def _start_initial(cfg: Config) -> Context | None:
     me = J.Get_rank()
     is_rank = 1 <= me <= nranks
     A = J.Split(0 if is_rank else MPI.UNDEFINED, me - 1)
-    if not is_rank:                              # a warm spare (world ranks after the ranks)
-        return _serve_spare(J, cfg, nranks)
+    if not is_rank:
+        return J, nranks
     transport.track(A)
     ctx = Context(_comm(cfg, A), cfg)
     ctx.link.J = J

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, base_env, mpimig_cmd, run_cmd
+from conftest import ROOT, base_env, kill_session, mpimig_cmd
 
 LEAVE = ROOT / "tests" / "progs" / "leave.py"
 HARD = 60          # seconds: a job that has not ended by then hangs, and the test fails
@@ -25,9 +26,23 @@ STEPS = 12
 
 
 def run_leave(tmp_path, *prog, opts=(), hard=HARD, **env):
+    """``mpimig run -n 4 leave.py``: its output, job directory and events. The job runs in a
+    session of its own, stopped by that recorded id at the end whatever happened (a
+    stopped process, SIGSTOP, survives its job otherwise); past ``hard`` s the test fails."""
     job = tmp_path / "job"
-    cmd = mpimig_cmd("run", "-n", 4, *opts, "--job-dir", job, LEAVE, "--steps", STEPS, *map(str, prog))
-    res = run_cmd(cmd, timeout=hard, env=base_env(**env), cwd=ROOT)
+    cmd = [str(c) for c in mpimig_cmd("run", "-n", 4, *opts, "--job-dir", job, LEAVE, "--steps", STEPS, *prog)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env(**env),
+                            cwd=ROOT, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=hard)
+    except subprocess.TimeoutExpired:
+        kill_session(proc.pid)
+        out, err = proc.communicate()
+        pytest.fail(f"the job did not end within {hard} s: {' '.join(cmd)}\n--- stdout\n{out[-3000:]}\n"
+                    f"--- stderr\n{err[-3000:]}")
+    finally:
+        kill_session(proc.pid)
+    res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     evs = [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines()]
     return res, job, evs
 
@@ -124,8 +139,10 @@ def test_startup_bound_fires_when_a_rank_never_reaches_mpimig_run(tmp_path):
     res, job, evs = run_leave(tmp_path, "--how", "module-hang", "--rank", 1, opts=("--coordinator",),
                               MPIMIG_STARTUP_TIMEOUT=5)
     assert "world rank 1: stuck before mpimig.run" in res.stdout
-    assert_ended(res, job, evs, "mpimig: coordinator: waiting for the ranks' hello (rank 0 at mpimig.run) did not "
-                 "complete within 5 s (MPIMIG_STARTUP_TIMEOUT)", "the wait 'startup' exceeded its bound of 5.0 s")
+    # whoever waits longest says it: the coordinator or any rank in the start's collectives
+    assert_ended(res, job, evs, "waiting for every process of the job to start mpimig.run",
+                 "the wait 'startup' exceeded its bound of 5.0 s")
+    assert "did not complete within 5 s (MPIMIG_STARTUP_TIMEOUT); aborting the job" in res.stderr
 
 
 def test_transfer_bound_fires_when_the_old_process_stops_sending(tmp_path):
@@ -154,6 +171,17 @@ def test_a_failure_in_the_join_of_a_migration_is_recovered_under_ft(tmp_path, pl
     assert np.load(out).tobytes() == plain_result
     status = json.loads((job / "status.json").read_text())
     assert status["migrations"][0]["state"].startswith("cancelled")
+
+
+def test_recovery_bound_fires_when_a_live_process_takes_no_part(tmp_path):
+    # rank 2 crashes and rank 1 stops at step 5: the others start the recovery and wait in
+    # the shrink for rank 1, as they wait for a spawned process that never heard of a
+    # failure (open-mpi/ompi#13325); the recovery bound ends the job
+    res, job, evs = run_leave(tmp_path, "--how", "kill", "--stop", 1, opts=("--ft", "--ckpt-every", 2), hard=90,
+                              MPIMIG_RECOVERY_TIMEOUT=8)
+    assert "rank 1: stopping (SIGSTOP) at step 5" in res.stdout
+    assert_ended(res, job, evs, "did not complete within 8 s (MPIMIG_RECOVERY_TIMEOUT)",
+                 "the wait 'recovery' exceeded its bound of 8.0 s")
 
 
 # -- without MPI -----------------------------------------------------------------------------------

@@ -694,15 +694,12 @@ def _setup_logging() -> None:
 def serve(cfg: Config | None = None) -> NoReturn:
     """Be the coordinator (world rank 0) until the job ends; never returns."""
     _setup_logging()
-    J = transport.track(MPI.COMM_WORLD.Dup())
-    J.Split(MPI.UNDEFINED, 0)              # the ranks build A; the coordinator is not in it
-    _run(lambda: Coordinator(J, cfg or Config.from_env(), _hello(J)))
-
-
-def _hello(J: MPI.Intracomm) -> dict:
-    """Rank 0's hello: the program, its directory, the ranks' hosts and pids (bounded)."""
-    with exits.bounded("startup", "coordinator", "waiting for the ranks' hello (rank 0 at mpimig.run)"):
-        return J.recv(source=1, tag=TAG_HELLO)
+    with exits.bounded("startup", "coordinator", "waiting for every process of the job to start mpimig.run "
+                       "and for rank 0's hello"):
+        J = transport.track(MPI.COMM_WORLD.Dup())
+        J.Split(MPI.UNDEFINED, 0)              # the ranks build A; the coordinator is not in it
+        hello = J.recv(source=1, tag=TAG_HELLO)   # the program, its directory, the ranks' hosts and pids
+    _run(lambda: Coordinator(J, cfg or Config.from_env(), hello))
 
 
 def serve_recovered(out: Any, cfg: Config) -> NoReturn:

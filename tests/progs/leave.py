@@ -13,6 +13,8 @@ others are on their way into the ``Allreduce``:
   --how return      ``return`` from ``main`` early
   --how os_exit     ``os._exit(--code)`` (the process dies without a word)
   --how raise       an uncaught ``RuntimeError``
+  --how kill        SIGKILL (a crash); with ``--stop R`` rank R stops (SIGSTOP) at the same
+                    step: a live process that takes no part in the recovery
   --how module-exit ``sys.exit(--code)`` at module level, before ``mpimig.run``,
                     in the process with MPI.COMM_WORLD rank ``--rank``
   --how module-hang that process never gets to ``mpimig.run`` (it sleeps)
@@ -36,7 +38,8 @@ import mpimig
 
 p = argparse.ArgumentParser()
 p.add_argument("--how", default="none",
-               choices=["none", "exit", "return", "os_exit", "raise", "module-exit", "module-hang"])
+               choices=["none", "exit", "return", "os_exit", "raise", "kill", "module-exit", "module-hang"])
+p.add_argument("--stop", type=int, default=-1)
 p.add_argument("--rank", type=int, default=2)
 p.add_argument("--at", type=int, default=5)
 p.add_argument("--code", type=int, default=3)
@@ -84,6 +87,8 @@ def leave(ctx):
         os._exit(args.code)
     if args.how == "raise":
         raise RuntimeError(f"rank {ctx.rank} gives up at step {args.at}")
+    if args.how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main(ctx):
@@ -102,6 +107,9 @@ def main(ctx):
                 print(f"rank {ctx.rank}: leaving (return) at step {args.at}", flush=True)
                 return None
             leave(ctx)
+        if comm.rank == args.stop and st.step == args.at and ctx.recoveries == 0:
+            print(f"rank {ctx.rank}: stopping (SIGSTOP) at step {args.at}", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
         total = np.empty_like(st.x)
         comm.Allreduce(st.x, total)
         st.x = np.sin(st.x + total / comm.size)
