@@ -422,9 +422,10 @@ class FinishWatch:
                 coord.J.send(None, dest=r["jrank"], tag=TAG_RELEASE)
             self.deadline = None
             return
-        for r in coord.routing:           # the news, for ranks that pass a later checkpoint point
-            if r["rank"] not in self.returned:
-                coord.J.send((rank, point), dest=r["jrank"], tag=TAG_LEFT)
+        if len(self.returned) == 1:       # the news, once, for ranks that pass a later checkpoint point
+            for r in coord.routing:
+                if r["rank"] != rank:
+                    coord.J.send((rank, point), dest=r["jrank"], tag=TAG_LEFT)
 
     def check(self, coord: Any) -> None:
         """From the coordinator's loop: the finish bound, and the pids on this host."""
