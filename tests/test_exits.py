@@ -59,13 +59,13 @@ def assert_ended(res, job, evs, line, summary):
 
 
 WAYS = {   # how rank 2 leaves -> (program options, its message, the launcher's summary)
-    "sys.exit(3)": (("--how", "exit", "--code", 3), "left the job with sys.exit(3) at checkpoint point 5",
+    "sys_exit_3": (("--how", "exit", "--code", 3), "left the job with sys.exit(3) at checkpoint point 5",
                     "rank 2 left the job: sys.exit(3) at checkpoint point 5"),
-    "sys.exit(0)": (("--how", "exit", "--code", 0), "left the job with sys.exit(0) at checkpoint point 5",
+    "sys_exit_0": (("--how", "exit", "--code", 0), "left the job with sys.exit(0) at checkpoint point 5",
                     "rank 2 left the job: sys.exit(0) at checkpoint point 5"),
     "exception": (("--how", "raise"), "left the job with an uncaught RuntimeError: rank 2 gives up at step 5",
                   "rank 2 left the job: an uncaught RuntimeError: rank 2 gives up at step 5"),
-    "os._exit(5)": (("--how", "os_exit", "--code", 5), None, "exited with status 5 without MPI_Finalize"),
+    "os_exit_5": (("--how", "os_exit", "--code", 5), None, "exited with status 5 without MPI_Finalize"),
 }
 
 
