@@ -11,7 +11,12 @@ from .errors import (MpimigError, StateError, CheckpointError, NoCommittedEpoch,
                      CorruptCheckpoint, CommError, MigrationError, LaunchError, UsageError)
 
 import logging as _logging
+import os as _os
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
+if _os.environ.get("MPIMIG_RUN_ID"):      # a process of an ``mpimig run`` job: leaving it ends the job
+    from . import exits as _exits
+    _exits.arm_for_job()
 
 _LAZY = {
     "run": "runtime", "Context": "runtime",

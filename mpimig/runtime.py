@@ -30,7 +30,7 @@ from typing import Any, Callable, NoReturn
 import numpy as np
 from mpi4py import MPI
 
-from . import events
+from . import events, exits
 from .comm import Comm, new_comm
 from .errors import CheckpointError, CorruptCheckpoint, MigrationError, MpimigError, NoCommittedEpoch
 from .ft import hooks, recovery
@@ -154,6 +154,7 @@ class Context:
         meter = self._meter
         if meter is not None:             # a job with a policy: close the interval, report now and then
             meter.at_point(self)
+        exits.at_point(self)              # another rank returned from main: abort, naming it
         if self.link.lazy is not None:
             self.link.lazy.progress()     # post-copy: note chunks that arrived
         cfg = self.config
@@ -373,15 +374,31 @@ def _leave(Jc: MPI.Intracomm | None = None) -> NoReturn:
             if not recovery.is_failure(exc):
                 raise
             os._exit(0)             # ULFM: the coordinator that would release us is gone
+    exits.disarm()
     transport.free_all()
+    exits.finalize_timer()
     MPI.Finalize()
     os._exit(0)
 
 
 def _start_initial(cfg: Config) -> Context | None:
+    with exits.bounded("startup", f"world rank {MPI.COMM_WORLD.Get_rank()}",
+                       "waiting for every process of the job to start mpimig.run"):
+        start = _start_comms(cfg)
+    if isinstance(start, Context):
+        return start
+    J, nranks = start                            # a warm spare (world ranks after the ranks)
+    return _serve_spare(J, cfg, nranks)
+
+
+def _start_comms(cfg: Config) -> Context | tuple[MPI.Intracomm, int]:
+    """The job's communicators at the start (collective over the world): a rank's
+    Context, or (J, ranks) for a warm spare."""
     world = MPI.COMM_WORLD
     if not cfg.coordinator:
-        return Context(_comm(cfg, transport.track(world.Dup())), cfg)
+        ctx = Context(_comm(cfg, transport.track(world.Dup())), cfg)
+        exits.own_channel(transport.track(world.Dup()))   # news of a rank that returned early
+        return ctx
     J = transport.track(world.Dup())             # coordinator is J rank 0
     nranks = J.Get_size() - 1 - cfg.spares
     if nranks < 1:
@@ -390,8 +407,8 @@ def _start_initial(cfg: Config) -> Context | None:
     me = J.Get_rank()
     is_rank = 1 <= me <= nranks
     A = J.Split(0 if is_rank else MPI.UNDEFINED, me - 1)
-    if not is_rank:                              # a warm spare (world ranks after the ranks)
-        return _serve_spare(J, cfg, nranks)
+    if not is_rank:
+        return J, nranks
     transport.track(A)
     ctx = Context(_comm(cfg, A), cfg)
     ctx.link.J = J
@@ -535,6 +552,7 @@ def _after_recovery(out: Any, cfg: Config, ctx: Context | None = None) -> Contex
 
 
 def _finish(ctx: Context, result: Any, t_start: float) -> None:
+    exits.finish_wait(ctx)              # every rank returned from main, at the same point (bounded)
     source.complete_lazy(ctx)
     pre = ctx.link.precopy
     if pre is not None and pre.reqs:
@@ -553,8 +571,7 @@ def _finish(ctx: Context, result: Any, t_start: float) -> None:
         events.emit(ctx.config.job_dir, "finished", ctx.config.run_id, points=ctx.point, epoch=ctx.epoch,
                     recoveries=ctx.recoveries)
     ctx.comm.mpi.Barrier()              # the completion record is written
-    if ctx.config.ft:
-        recovery.finalize_watchdog()
+    exits.bound_finalize()
     transport.free_all()
 
 
@@ -569,12 +586,12 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
     world = MPI.COMM_WORLD
     _setup_logging(world.Get_rank())
     abort_comm: MPI.Comm = world
-    who = f"process {world.Get_rank()} of MPI_COMM_WORLD (before it had a rank)"   # messages name logical ranks
+    ctx: Context | None = None
+    exits.arm(comm=world)               # a process that exits before the job is over ends it
     try:
         parent = MPI.Comm.Get_parent()
         if parent != MPI.COMM_NULL:
             abort_comm = parent
-            who = "a spawned process (before it had a rank)"
             ctx = _start_target(parent)
             if ctx is None:
                 _leave()
@@ -586,7 +603,6 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
             ctx = _start_initial(cfg)
             if ctx is None:                     # a warm spare that was not needed
                 _leave()
-            who = f"rank {ctx.rank}"
             if ctx.role == "initial":
                 ctx._restore_from_store()
                 if ctx.rank == 0:
@@ -594,10 +610,11 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
                                 point=ctx.point, size=ctx.size)
         while True:
             abort_comm = ctx.link.J or ctx.comm.mpi
-            who = f"rank {ctx.rank}"
+            exits.arm(f"rank {ctx.rank}", abort_comm)
             try:
                 result = main(ctx)
                 _finish(ctx, result, t_start)
+                exits.disarm()
                 return result
             except MPI.Exception as exc:
                 if not (ctx.config.ft and recovery.is_failure(exc)):
@@ -605,16 +622,16 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
                 ctx = _recover(ctx, exc)        # roll back and run main again
     except source.Retired as r:
         retired = r.comm
-    except SystemExit:
+    except SystemExit as exc:           # sys.exit in main: end the job (--ft: a failure)
+        exits.left(ctx, exc, abort_comm)
         raise
     except BaseException as exc:  # noqa: BLE001 - any failure must abort the whole job
-        if isinstance(exc, MpimigError):
-            sys.stderr.write(f"mpimig: {who}: error: {exc}\n")
-        else:
-            sys.stderr.write(f"mpimig: {who}: unhandled exception, aborting the job\n")
+        line = exits.crashed(ctx, exc)
+        if not isinstance(exc, MpimigError):
             traceback.print_exc()
+        sys.stderr.write(f"mpimig: {line}\n")
         sys.stderr.flush()
-        abort_comm.Abort(1)
+        exits.abort(abort_comm, 1)
         raise
     # The old process of a migrated rank: outside the except block, so that no
     # traceback keeps main's frames (and the program's arrays) alive.

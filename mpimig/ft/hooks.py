@@ -13,6 +13,8 @@ lookup. Unknown point names are refused with the list of known ones.
 ``migration-source``        the old process of a moving rank, before it sends its state,
                             any strategy (``comm``, ``peer``, ``strategy``)
 ``migration-target``        the new process, before it receives the state (same keys)
+``migration-join``          every process of a switch, as it starts the join (step 5;
+                            ``target``: the new process's place in the plan, None for others)
 ==========================  ============================================================
 
 The in-process half of ``mpimig inject`` (:func:`install_inject`) is the
@@ -49,7 +51,7 @@ from typing import Any, Callable
 from .. import events
 
 #: The hook points, in the order a job meets them.
-POINTS = ("checkpoint-point", "ckpt-write", "migration-source", "migration-target")
+POINTS = ("checkpoint-point", "ckpt-write", "migration-join", "migration-source", "migration-target")
 
 _registry: dict[str, list[Callable[..., Any]]] = {}
 

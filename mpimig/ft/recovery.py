@@ -27,6 +27,7 @@ import numpy as np
 from mpi4py import MPI
 from mpi4py.util import pkl5
 
+from .. import exits
 from ..migration import transport
 from ..migration.protocol import TAG_ASSIGN
 
@@ -72,8 +73,10 @@ def bcast_obj(comm: MPI.Intracomm, obj: Any, root: int = 0) -> Any:
 def agree(comm: MPI.Intracomm) -> None:
     """Uniform agreement that a switch went through (ULFM ``MPI_Comm_agree``): either
     every survivor returns, or every survivor gets a failure error, so no process
-    goes on with the new communicators while another recovers on the old ones."""
-    comm.Agree(1)
+    goes on with the new communicators while another recovers on the old ones.
+    Bounded by ``MPIMIG_AGREE_TIMEOUT``."""
+    with exits.bounded("agree", f"pid {os.getpid()}", "the agreement that ends a migration switch", comm=comm):
+        comm.Agree(1)
 
 
 def handshake(comm: MPI.Intracomm, peer: int, source: bool) -> None:
@@ -287,7 +290,18 @@ def _spawn(S: MPI.Intracomm, plan: dict, argv: list[str], cwd: str) -> MPI.Intra
 def recover(J: MPI.Intracomm, me: dict, *, A: MPI.Intracomm | None = None, ckpt_dir=None, own: Copy | None = None,
             buddies: list[Copy] | None = None,
             config_env: dict | None = None) -> Outcome:
-    """The recovery collective for a process that was in J when the failure happened."""
+    """The recovery collective for a process that was in J when the failure happened.
+
+    Bounded by ``MPIMIG_RECOVERY_TIMEOUT``: a process that does not take part (a spawned
+    one that never heard of the failure, open-mpi/ompi#13325) leaves the others in the
+    shrink; past the bound the job is aborted with a message (``--relaunch`` brings it back)."""
+    who = f"{me['kind']}" + (f" {me['rank']}" if me["kind"] == "rank" else "") + f" (pid {os.getpid()})"
+    with exits.bounded("recovery", who, "an online recovery (revoke, shrink, census, spawn, roll back)", comm=J):
+        return _recover(J, me, A=A, ckpt_dir=ckpt_dir, own=own, buddies=buddies, config_env=config_env)
+
+
+def _recover(J: MPI.Intracomm, me: dict, *, A: MPI.Intracomm | None, ckpt_dir, own: Copy | None,
+             buddies: list[Copy] | None, config_env: dict | None) -> Outcome:
     t_detect = me["detected"]
     S = None
     for attempt in range(MAX_ATTEMPTS):
@@ -330,7 +344,9 @@ def join_spawned(B: MPI.Intracomm, msg: dict, ckpt_dir) -> Outcome:
     plan, table, k = msg["recover"], msg["table"], msg["k"]
     kind, rank = role_in_plan(plan, table, spawn_k=k)
     me = member(kind, rank)
-    return _finish(B, plan, table, kind, rank, True, ckpt_dir, None, None, plan["detected"], time.time(), me)
+    with exits.bounded("recovery", f"the replacement {kind} {rank} (pid {os.getpid()})",
+                       "joining an online recovery", comm=B):
+        return _finish(B, plan, table, kind, rank, True, ckpt_dir, None, None, plan["detected"], time.time(), me)
 
 
 def _finish(M: MPI.Intracomm, plan: dict, table: list[dict], kind: str, rank: int, replacement: bool,
@@ -419,15 +435,9 @@ def _read_disk(ckpt_dir, epoch: int, rank: int) -> Copy:
                  "point": int(rs.extra.get("point", 0))})
 
 
-def finalize_watchdog(seconds: float = 10.0) -> None:
+def finalize_watchdog() -> None:
     """After a failure MPI_Finalize can hang (shared/PLATFORM.md, ompi#11404): the job's
-    result is recorded by now, so a process still finalizing after ``seconds`` exits."""
-    import threading
-
-    def bail() -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    t = threading.Timer(seconds, bail)
-    t.daemon = True
-    t.start()
+    result is recorded by now, so a process still finalizing after
+    ``MPIMIG_FINALIZE_TIMEOUT`` seconds exits (:func:`mpimig.exits.finalize_timer`)."""
+    from .. import exits
+    exits.finalize_timer()

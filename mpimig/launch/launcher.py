@@ -185,6 +185,7 @@ class _Interrupted(Exception):
 
 
 EXIT_GRACE = 15.0     # seconds a job may take to exit after its completion record is written
+ABORT_GRACE = 10.0    # seconds a job may take to end after a process asked to abort it (mpimig.exits)
 
 
 def _wait(proc: subprocess.Popen, cfg: Config, timeout: float | None) -> int | None:
@@ -197,6 +198,8 @@ def _wait(proc: subprocess.Popen, cfg: Config, timeout: float | None) -> int | N
     """
     t0 = time.monotonic()
     done_at = None
+    abort_at = None
+    log_pos = [0]
     while True:
         try:
             return proc.wait(timeout=0.5)
@@ -205,6 +208,14 @@ def _wait(proc: subprocess.Popen, cfg: Config, timeout: float | None) -> int | N
         now = time.monotonic()
         if timeout is not None and now - t0 >= timeout:
             raise subprocess.TimeoutExpired(proc.args, timeout)
+        if abort_at is None and _abort_requested(cfg, log_pos):
+            abort_at = now
+        elif abort_at is not None and now - abort_at >= ABORT_GRACE:
+            # under ULFM (--ft) MPI_Abort can leave the job running (measured: PRRTE 3.0.14)
+            print(f"mpimig: a process asked to abort the job, and it is still running {ABORT_GRACE:.0f} s later; "
+                  "stopping it", file=sys.stderr, flush=True)
+            _kill_job(proc)
+            return proc.returncode
         if done_at is None:
             if read_record(cfg) is not None:
                 done_at = now
@@ -214,6 +225,29 @@ def _wait(proc: subprocess.Popen, cfg: Config, timeout: float | None) -> int | N
                   file=sys.stderr, flush=True)
             _kill_job(proc)
             return proc.returncode
+
+
+def _abort_requested(cfg: Config, pos: list[int]) -> bool:
+    """Whether a process of this run logged that it aborts the job (an ``abort`` event,
+    mpimig.exits); reads the event log from ``pos[0]`` on."""
+    if cfg.job_dir is None:
+        return False
+    try:
+        with open(cfg.job_dir / events.EVENTS_FILE, "rb") as f:
+            f.seek(pos[0])
+            chunk = f.read()
+    except OSError:
+        return False
+    done = chunk.rfind(b"\n") + 1          # whole lines only
+    pos[0] += done
+    for line in chunk[:done].splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("run_id") == cfg.run_id and e.get("event") == "abort":
+            return True
+    return False
 
 
 def _kill_job(proc: subprocess.Popen) -> None:
@@ -332,6 +366,56 @@ def loss_reason(output: str, returncode: int | None, timed_out: bool = False) ->
     return f"no completion record (mpiexec exit status {returncode})"
 
 
+_OMPI_EXIT = re.compile(r"Process name: \[\S+@(\d+),(\d+)\] Exit code: (\d+)")
+_OMPI_IMPROPER = re.compile(r"process rank (\d+) with PID (\d+) on node (\S+) exiting improperly")
+
+
+def exit_report(cfg: Config, n: int, output: str) -> str | None:
+    """How a rank left the job, naming its logical rank: from the job's own ``rank_left``
+    event (mpimig.exits), else from Open MPI's message about a process that exited
+    without ``MPI_Finalize`` (``os._exit``). None if neither is there."""
+    if cfg.job_dir is not None:
+        try:
+            left = [e for e in events.read(cfg.job_dir)
+                    if e.get("event") == "rank_left" and e.get("run_id") in (cfg.run_id, "")]
+        except (OSError, ValueError):
+            left = []
+        if left:
+            e = left[0]
+            who = e.get("who") or f"rank {e.get('rank')}"
+            at = f" at checkpoint point {e['point']}" if e.get("point", -1) >= 0 else ""
+            return f"{who} left the job: {e.get('how')}{at}"
+        expired = [e for e in events.read(cfg.job_dir) if e.get("event") == "wait_expired"
+                   and e.get("run_id") == cfg.run_id]
+        if expired:
+            e = expired[0]
+            return f"{e.get('who')}: the wait '{e.get('wait')}' exceeded its bound of {e.get('seconds')} s"
+    flat = " ".join(output.split())
+    m = _OMPI_EXIT.search(flat)
+    if m:
+        who = _logical(cfg, n, int(m.group(1)), int(m.group(2)))
+        return f"{who} exited with status {m.group(3)} without MPI_Finalize (os._exit?)"
+    m = _OMPI_IMPROPER.search(flat)
+    if m:
+        who = _logical(cfg, n, 1, int(m.group(1)))
+        return f"{who} (pid {m.group(2)} on {m.group(3)}) exited without MPI_Finalize (os._exit?)"
+    return None
+
+
+def _logical(cfg: Config, n: int, job: int, world: int) -> str:
+    """A process of the job named by its logical rank (the launch's layout: with a
+    coordinator, world rank 0 coordinates, ranks follow, spares come last)."""
+    if job != 1:
+        return f"a spawned process (job {job}, rank {world})"
+    if not cfg.coordinator:
+        return f"rank {world}"
+    if world == 0:
+        return "the coordinator (world rank 0)"
+    if world <= n:
+        return f"rank {world - 1} (world rank {world})"
+    return f"a warm spare (world rank {world})"
+
+
 class _Tee:
     """Copy a child's stream to ours line by line, keeping the last lines for
     :func:`loss_reason`."""
@@ -423,7 +507,7 @@ def launch(cfg: Config, n: int, program: list[str], *, hosts=None, ft=False, tim
     rec = read_record(cfg)
     dt = time.monotonic() - t0
     if rec is None:
-        reason = loss_reason(output, rc, timed_out)
+        reason = (None if timed_out else exit_report(cfg, n, output)) or loss_reason(output, rc, timed_out)
         events.emit(cfg.job_dir, "job_lost", cfg.run_id, attempt=attempt, returncode=rc, reason=reason,
                     seconds=round(dt, 3))
         print(f"mpimig: job did not complete: no completion record in {cfg.job_dir} "

@@ -8,7 +8,7 @@ process's side (``target``); the coordinator process and its operator socket
 bytes through, and the communicators a switch builds (``transport``); the
 interchangeable strategies (stop-and-copy, pre-copy, post-copy, file-server:
 ``strategies``) and post-copy's lazily filled arrays (``lazy``). May import :mod:`mpimig.comm`,
-:mod:`mpimig.state`, :mod:`mpimig.checkpoint`, :mod:`mpimig.events`,
+:mod:`mpimig.state`, :mod:`mpimig.checkpoint`, :mod:`mpimig.events`, :mod:`mpimig.exits`,
 :mod:`mpimig.errors`, :mod:`mpimig.launch.config` and :mod:`mpimig.ft`
 (recovery, hooks); ``mpimig.runtime`` only for type checking (``Context``).
 """

@@ -31,7 +31,7 @@ from typing import Any, Callable, NoReturn
 
 from mpi4py import MPI
 
-from .. import events
+from .. import events, exits
 from ..errors import MigrationError
 from ..ft import recovery
 from ..balance.driver import BalanceDriver, host_slots
@@ -97,15 +97,13 @@ class Coordinator:
         self.done: dict[int, dict] = {}
         self.finishing = False
         self.finished = False
-        self.spawn_timeout = float(os.environ.get("MPIMIG_SPAWN_TIMEOUT", "120"))
+        self.spawn_timeout = exits.timeout("spawn")
+        self.leaving = exits.FinishWatch()    # ranks that returned from main; pids on this host
         self.retired: list[tuple] = []        # (merged comm, J rank) of old processes, told at the end
         self.spares: dict[str, list[int]] = {}  # host -> J ranks of idle warm spares
         self.recoveries: list[dict] = []
         if recovered is None:
-            for _ in range(cfg.spares):
-                st = MPI.Status()
-                info = J.recv(source=MPI.ANY_SOURCE, tag=TAG_SPARE, status=st)
-                self.spares.setdefault(info["host"], []).append(st.Get_source())
+            self._gather_spares(cfg.spares)
         # the pool's size per host; used spares are replaced in the background by spawned
         # processes that wait on their bridge (refill), as migration targets do
         self.pool_size = {h: len(j) for h, j in self.spares.items()}
@@ -136,6 +134,14 @@ class Coordinator:
                 continue
             self.accept(rank, host, point, strategy, "schedule")
         self.write_status()
+
+    def _gather_spares(self, n: int) -> None:
+        """The warm spares announce themselves at the start (bounded: MPIMIG_STARTUP_TIMEOUT)."""
+        with exits.bounded("startup", "coordinator", f"waiting for {n} warm spare(s) to start"):
+            for _ in range(n):
+                st = MPI.Status()
+                info = self.J.recv(source=MPI.ANY_SOURCE, tag=TAG_SPARE, status=st)
+                self.spares.setdefault(info["host"], []).append(st.Get_source())
 
     # -- step 1: request -------------------------------------------------------------
     def request(self, req: dict, reply) -> None:
@@ -307,7 +313,7 @@ class Coordinator:
                    "(MPIMIG_SPAWN_TIMEOUT); aborting the job")
             sys.stderr.write(f"mpimig: coordinator: {msg}\n")
             sys.stderr.flush()
-            MPI.COMM_WORLD.Abort(3)
+            exits.abort(MPI.COMM_WORLD, 3)
         msg = (f"the target process for rank {m.rank} on {m.to} did not start within "
                f"{self.spawn_timeout:.0f} s (MPIMIG_SPAWN_TIMEOUT; it may have died before MPI_Init: "
                "see its output above); aborting the job")
@@ -317,7 +323,7 @@ class Coordinator:
         finally:
             sys.stderr.write(f"mpimig: coordinator: {msg}\n")
             sys.stderr.flush()
-            MPI.COMM_WORLD.Abort(3)
+            exits.abort(MPI.COMM_WORLD, 3)
 
     # -- step 3: suspend ------------------------------------------------------------------
     def suspend(self) -> None:
@@ -393,7 +399,7 @@ class Coordinator:
         for jr in [jr for jrs in self.spares.values() for jr in jrs] + reserved:
             self.J.send({"plan": plan}, dest=jr, tag=TAG_WAKE)
         jsize = self.J.Get_size()
-        self.J = transport.join(self.J, plan.nspawned, bridges=bridges)
+        self.J = transport.join(self.J, plan.nspawned, bridges=bridges, who="coordinator")
         for mv, m in zip(plan.moves, batch):
             m.spare = jsize + mv.target
             m.bridge = None
@@ -413,7 +419,8 @@ class Coordinator:
         reserved = [m.spare for m in self.queue + self.ready + batch if m.spare >= 0]
         for jr in [jr for jrs in self.spares.values() for jr in jrs] + reserved:
             self.J.send({"plan": plan}, dest=jr, tag=TAG_WAKE)
-        Jc = transport.join(self.J, plan.nspawned, bridges=[m.bridge for m in batch if m.bridge is not None])
+        Jc = transport.join(self.J, plan.nspawned, bridges=[m.bridge for m in batch if m.bridge is not None],
+                            who="coordinator")
         if self.cfg.ft:
             self.J = Jc         # a failure from here on is recovered over the switch comm
         return Jc
@@ -513,6 +520,7 @@ class Coordinator:
         """Rebuild the routing table and the spare pool from a recovery's census;
         migrations in progress are cancelled (their processes may be gone)."""
         self.J = out.J
+        self.leaving.reset()             # every rank runs main again
         for m in self.in_switch:
             m.state = "cancelled: failure recovery"
             for w in m.waiters:
@@ -546,7 +554,7 @@ class Coordinator:
     def cancel_all(self, why: str) -> None:
         for m in self.queue + self.ready + self.plan_migs:
             if m.bridge is not None:
-                m.bridge.send({"cancel": why}, dest=1, tag=TAG_CANCEL)
+                self._cancel_target(m, why)
             if m.spare >= 0:
                 self.spares.setdefault(m.to, []).append(m.spare)   # back to the pool
                 m.spare = -1
@@ -557,6 +565,17 @@ class Coordinator:
                    "migration": m.as_dict()})
             m.waiters = []
         self.queue, self.ready, self.plan, self.plan_migs = [], [], None, []
+
+    def _cancel_target(self, m: Migration, why: str) -> None:
+        """Tell a spawned target that it is not needed; under --ft it may be dead already
+        (a failure in the join of a migration), which is no error."""
+        assert m.bridge is not None
+        try:
+            m.bridge.send({"cancel": why}, dest=1, tag=TAG_CANCEL)
+        except MPI.Exception as exc:
+            if not (self.cfg.ft and recovery.is_failure(exc)):
+                raise
+            log.warning("migration %d: its target is gone (%s)", m.id, exc.Get_error_string())
 
     # -- status ----------------------------------------------------------------------
     def status(self) -> dict:
@@ -609,6 +628,7 @@ class Coordinator:
     def step(self, st: MPI.Status) -> bool:
         """One round of the loop: requests, messages on J, spawns, plans. True if busy."""
         busy = self._operator_request()
+        self.leaving.check(self)          # bounds: ranks that returned early, vanished pids
         while self.J.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, st):
             busy = True
             src, tag = st.Get_source(), st.Get_tag()
@@ -654,6 +674,8 @@ class Coordinator:
             box: dict[str, Any] = {}
             self.request(dict(msg, wait=False, origin="self"), box.update)
             self.J.send(box, dest=src, tag=TAG_REPLY)
+        elif tag == exits.TAG_LEFT:
+            self.leaving.on_left(self, *msg)
         elif tag == TAG_FINISHING:
             self.finishing = True
             self.cancel_all("the job finished first")
@@ -729,8 +751,6 @@ class Coordinator:
                 except queue.Empty:
                     break
             self.server.close()
-        if self.cfg.ft:
-            recovery.finalize_watchdog()
         transport.free_all()
 
 
@@ -744,9 +764,12 @@ def _setup_logging() -> None:
 def serve(cfg: Config | None = None) -> NoReturn:
     """Be the coordinator (world rank 0) until the job ends; never returns."""
     _setup_logging()
-    J = transport.track(MPI.COMM_WORLD.Dup())
-    J.Split(MPI.UNDEFINED, 0)              # the ranks build A; the coordinator is not in it
-    _run(lambda: Coordinator(J, cfg or Config.from_env(), J.recv(source=1, tag=TAG_HELLO)))
+    with exits.bounded("startup", "coordinator", "waiting for every process of the job to start mpimig.run "
+                       "and for rank 0's hello"):
+        J = transport.track(MPI.COMM_WORLD.Dup())
+        J.Split(MPI.UNDEFINED, 0)              # the ranks build A; the coordinator is not in it
+        hello = J.recv(source=1, tag=TAG_HELLO)   # the program, its directory, the ranks' hosts and pids
+    _run(lambda: Coordinator(J, cfg or Config.from_env(), hello))
 
 
 def serve_recovered(out: Any, cfg: Config) -> NoReturn:
@@ -768,9 +791,10 @@ def _run(make: Callable[[], Coordinator]) -> NoReturn:
         sys.stderr.write("mpimig: coordinator failed, aborting the job\n")
         traceback.print_exc()
         sys.stderr.flush()
-        MPI.COMM_WORLD.Abort(1)
+        exits.abort(MPI.COMM_WORLD, 1)
     sys.stdout.flush()
     sys.stderr.flush()
+    exits.finalize_timer()
     MPI.Finalize()
     os._exit(0)
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 from mpi4py import MPI
 
+from .. import exits
 from ..errors import MigrationError
 from ..ft import recovery
 from ..state import State
@@ -66,7 +67,8 @@ def request(ctx: Context, host: str, strategy: str = DEFAULT_STRATEGY) -> int:
     if err:
         raise MigrationError(f"rank {ctx.rank}: {err}")
     J.send({"op": "migrate", "rank": ctx.rank, "to": host, "strategy": strategy}, dest=0, tag=TAG_REQUEST)
-    rep = J.recv(source=0, tag=TAG_REPLY)
+    with exits.bounded("request", f"rank {ctx.rank}", "the coordinator's answer to ctx.migrate", comm=J):
+        rep = J.recv(source=0, tag=TAG_REPLY)
     if not rep.get("ok"):
         raise MigrationError(f"rank {ctx.rank}: migration to {host} refused: {rep.get('error')}")
     return int(rep["migration"]["id"])
@@ -166,7 +168,7 @@ def hold_in_flight(ctx: Context, move: Move | None) -> int:
 def create_target(ctx: Context, plan: Plan) -> MPI.Intracomm:
     """Every member of J: the plan's spawned processes join J (collective with the
     coordinator and the targets); returns the merged switch communicator."""
-    return transport.join(ctx.link.J, plan.nspawned)
+    return transport.join(ctx.link.J, plan.nspawned, who=f"rank {ctx.rank}")
 
 
 # -- step 6: transfer the state ------------------------------------------------------------------
@@ -183,7 +185,8 @@ def transfer_state(ctx: Context, Jc: MPI.Intracomm, plan: Plan, move: Move) -> C
     if ctx.config.ft:
         recovery.handshake(Jc, dest, source=True)
     tx = transport.Transfer(Jc, dest, transport.SOURCE, move.strategy)
-    rest = strategies.get(move.strategy).send(ctx, tx, arrays, objects, extra, plan, move)
+    with exits.bounded("transfer", f"rank {ctx.rank} (the old process)", "sending the rank's state", comm=Jc):
+        rest = strategies.get(move.strategy).send(ctx, tx, arrays, objects, extra, plan, move)
     del arrays, objects
     if ctx.config.ft:
         recovery.agree(Jc)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from mpi4py import MPI
 
+from .. import exits
 from ..comm import Comm, new_comm
 from ..errors import MigrationError
 from ..ft import recovery
@@ -92,7 +93,8 @@ def join(J: MPI.Intracomm | None, plan: Plan, *, my_target: int | None = None,
          bridge: MPI.Intracomm | None = None) -> MPI.Intracomm:
     """Join J with the plan's other new processes (collective with J; a spawned process
     passes its place in the plan and its bridge). Returns the merged communicator."""
-    return transport.join(J, plan.nspawned, my_target=my_target, bridge=bridge)
+    who = "a warm spare" if my_target is None else f"the new process {my_target} of plan {plan.id}"
+    return transport.join(J, plan.nspawned, my_target=my_target, bridge=bridge, who=who)
 
 
 class Spare:
@@ -174,7 +176,9 @@ def receive_state(Jc: MPI.Intracomm, move: Move, cfg: Config, rx: Any = None) ->
         if cfg.ft:
             recovery.handshake(Jc, move.src_jrank, source=False)
         tx = transport.Transfer(Jc, move.src_jrank, transport.TARGET, move.strategy)
-        got = strategies.get(move.strategy).receive(tx, cfg, rx)
+        with exits.bounded("transfer", f"the new process of rank {move.rank}", "receiving the rank's state",
+                           comm=Jc):
+            got = strategies.get(move.strategy).receive(tx, cfg, rx)
         got[2].setdefault("strategy_stats", {}).update(tx.stats())   # what moved in the freeze
         if cfg.ft:
             recovery.agree(Jc)

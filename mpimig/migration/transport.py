@@ -23,6 +23,7 @@ import numpy as np
 from mpi4py import MPI
 from mpi4py.util import pkl5
 
+from .. import exits
 from ..errors import MigrationError
 from ..ft import hooks
 from ..checkpoint.format import dumps, loads
@@ -57,14 +58,24 @@ def free_all() -> None:
 
 
 def join(J: MPI.Intracomm | None, ntargets: int, *, bridges: list[MPI.Intracomm] | None = None,
-         my_target: int | None = None, bridge: MPI.Intracomm | None = None) -> MPI.Intracomm:
+         my_target: int | None = None, bridge: MPI.Intracomm | None = None, who: str = "a process") -> MPI.Intracomm:
     """Append the plan's targets to J, one per round (step 5, creation).
 
     Called by every member of J (the coordinator, J rank 0, passes the
     bridges to the targets) and by every target (``my_target``, ``bridge``).
     Returns the merged communicator: J's members first in their order, then
-    the targets in plan order.
+    the targets in plan order. Bounded by ``MPIMIG_JOIN_TIMEOUT`` (``who`` is
+    named when it expires): a process that dies in the join leaves the others
+    waiting in ``MPI_Intercomm_create``, also under ULFM.
     """
+    with exits.bounded("join", who, f"the join of {ntargets} new process(es) (migration step 5)",
+                       comm=J if J is not None else bridge):
+        return _join(J, ntargets, bridges, my_target, bridge)
+
+
+def _join(J: MPI.Intracomm | None, ntargets: int, bridges: list[MPI.Intracomm] | None,
+          my_target: int | None, bridge: MPI.Intracomm | None) -> MPI.Intracomm:
+    hooks.fire("migration-join", target=my_target)
     Jc = J
     for k in range(ntargets):
         tag = TAG_JOIN + k

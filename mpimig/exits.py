@@ -1,0 +1,489 @@
+"""No rank may hang the job: how a process leaves, and the bound on every wait of mpimig's own.
+
+**Leaving.** A rank leaves the job before it is over by ``sys.exit`` (any code),
+an uncaught exception, ``os._exit`` or an early ``return`` from ``main``. Each
+ends the job within seconds with a message that names the *logical* rank and
+how it left, and a ``rank_left`` event in the job's log:
+
+* ``sys.exit`` and exceptions inside :func:`mpimig.run`: :func:`left` reports
+  and aborts the job (``MPI_Abort``). Under ``--ft`` a ``sys.exit`` is a
+  failure like a crash: the process kills itself (SIGKILL; ULFM recovers from
+  that, while PRRTE 3.0 neither recovers from nor ends a job whose process
+  exits with a status) and the job recovers without it. An exception is a
+  program error that a roll back would repeat: it aborts also under ``--ft``.
+* before :func:`mpimig.run` (``sys.exit`` at module level) or after it left
+  ``main`` without finishing: the :func:`arm` guard (an ``atexit`` handler, which
+  runs before mpi4py's ``MPI_Finalize``) aborts the job. ``mpimig run`` arms it
+  when ``mpimig`` is imported.
+* an early ``return``: a rank that returns tells the others (:func:`announce`)
+  and waits for theirs (:func:`finish_wait`), for at most ``MPIMIG_FINISH_TIMEOUT``
+  seconds; a rank that reaches a checkpoint point after another returned
+  (:func:`at_point`) aborts at once. Without a coordinator the ranks tell each
+  other on a communicator of their own; with one they tell the coordinator,
+  which waits (:class:`FinishWatch`) and passes the news on.
+* ``os._exit``: Open MPI ends a job whose process exits without ``MPI_Finalize``;
+  ``mpimig run`` names the logical rank from its message (launcher). Under
+  ``--ft`` (where PRRTE does not) the coordinator notices that the pid is gone
+  (:class:`FinishWatch.check_pids`, processes on its host).
+
+**Bounds.** Every blocking wait in mpimig's protocol runs under :func:`bounded`:
+a watchdog thread that, when the wait outlives its bound, prints which wait of
+which process it was and the variable that sets the bound, and aborts the job
+(``mpimig run --relaunch`` then brings it back from the last committed epoch).
+:data:`TIMEOUTS` lists them; docs/protocol.md has the table.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from . import events
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+    from .runtime import Context
+
+#: name -> (environment variable, default seconds, the wait it bounds)
+TIMEOUTS: dict[str, tuple[str, float, str]] = {
+    "startup": ("MPIMIG_STARTUP_TIMEOUT", 600.0,
+                "the coordinator waits for the ranks' hello and the warm spares' announcements"),
+    "request": ("MPIMIG_REQUEST_TIMEOUT", 60.0, "a rank waits for the coordinator's answer to ctx.migrate"),
+    "spawn": ("MPIMIG_SPAWN_TIMEOUT", 120.0, "MPI_Comm_spawn of a target, a refilled spare or a replacement"),
+    "join": ("MPIMIG_JOIN_TIMEOUT", 60.0, "the join of a migration (step 5: new processes enter J)"),
+    "transfer": ("MPIMIG_TRANSFER_TIMEOUT", 600.0, "a migration's state transfer (step 6), either side"),
+    "agree": ("MPIMIG_AGREE_TIMEOUT", 60.0, "--ft: the agreement that ends a switch (MPI_Comm_agree)"),
+    "recovery": ("MPIMIG_RECOVERY_TIMEOUT", 120.0,
+                 "--ft: an online recovery (revoke, shrink, census, spawn, roll back)"),
+    "finish": ("MPIMIG_FINISH_TIMEOUT", 20.0,
+               "a rank that returned from main waits for every other rank to return"),
+    "finalize": ("MPIMIG_FINALIZE_TIMEOUT", 10.0, "MPI_Finalize at the end of a process (its result is recorded)"),
+}
+
+GONE_GRACE = 5.0     # --ft: seconds a rank's pid may be gone before the coordinator ends the job
+
+TAG_LEFT = 430       # a rank returned from main (rank, point); coordinator -> ranks: the news
+TAG_RELEASE = 431    # coordinator -> ranks: every rank returned, the job may finish
+
+
+def timeout(name: str) -> float:
+    """The bound of wait ``name`` in seconds (its environment variable, or the default)."""
+    var, default, _ = TIMEOUTS[name]
+    text = os.environ.get(var, "")
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{var}={text!r}: expected a number of seconds") from None
+    if value <= 0:
+        raise UsageError(f"{var}={text!r}: must be > 0")
+    return value
+
+
+def _say(msg: str) -> None:
+    sys.stdout.flush()
+    sys.stderr.write(f"mpimig: {msg}\n")
+    sys.stderr.flush()
+
+
+def abort(comm: Any = None, code: int = 1) -> NoReturn:
+    """End the job: log an ``abort`` event (``mpimig run`` stops a job that is still
+    there ``ABORT_GRACE`` s later: under ULFM, ``MPI_Abort`` can leave it running),
+    then ``MPI_Abort``; never returns."""
+    from mpi4py import MPI
+    events.emit(_job_dir(), "abort", os.environ.get("MPIMIG_RUN_ID", ""), pid=os.getpid(), code=code)
+    try:
+        (comm or MPI.COMM_WORLD).Abort(code)
+    finally:
+        os._exit(code)
+
+
+# -- bounds ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def bounded(name: str, who: str, what: str = "", comm: Any = None) -> Iterator[None]:
+    """Run the block under the bound of wait ``name``; past it, abort the job with a
+    message naming ``who`` waited for ``what`` and the variable that sets the bound."""
+    seconds = timeout(name)
+    var = TIMEOUTS[name][0]
+
+    def expired() -> None:
+        _say(f"{who}: {what or TIMEOUTS[name][2]} did not complete within {seconds:g} s ({var}); "
+             "aborting the job")
+        events.emit(_job_dir(), "wait_expired", os.environ.get("MPIMIG_RUN_ID", ""), wait=name, who=who,
+                    seconds=seconds)
+        abort(comm, 3)
+    timer = threading.Timer(seconds, expired)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def bound_finalize() -> None:
+    """From now on the process exits by itself ``MPIMIG_FINALIZE_TIMEOUT`` seconds after
+    the interpreter starts to exit: ``MPI_Finalize`` can hang after failures or with
+    spawned processes (ompi#11404, ompi#13127), and the job's result is recorded."""
+    if _state["finalize_bound"]:
+        return
+    _state["finalize_bound"] = True
+    atexit.register(finalize_timer)
+
+
+def finalize_timer() -> None:
+    """Exit by ``os._exit(0)`` ``MPIMIG_FINALIZE_TIMEOUT`` seconds from now (call it right
+    before ``MPI_Finalize``)."""
+    def bail() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    t = threading.Timer(timeout("finalize"), bail)
+    t.daemon = True
+    t.start()
+
+
+def _job_dir():
+    from pathlib import Path
+    d = os.environ.get("MPIMIG_JOB_DIR")
+    return Path(d) if d else None
+
+
+# -- how a rank left -----------------------------------------------------------------------
+def how(exc: BaseException | None) -> str:
+    """How a process left: ``sys.exit(3)``, ``an uncaught RuntimeError: ...``, ``return``."""
+    if exc is None:
+        return "an early return from main"
+    if isinstance(exc, SystemExit):
+        return f"sys.exit({exc.code!r})"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"an uncaught {type(exc).__name__}" + (f": {text}" if text else "")
+
+
+def exit_code(exc: BaseException) -> int:
+    """The status to abort with: a sys.exit code if it is a non-zero int, else 1."""
+    if isinstance(exc, SystemExit) and isinstance(exc.code, int) and exc.code != 0:
+        return exc.code
+    return 1
+
+
+def _world() -> int | None:
+    """This process's MPI.COMM_WORLD rank, None in a spawned process (its own world)."""
+    from mpi4py import MPI
+    return MPI.COMM_WORLD.Get_rank() if MPI.Comm.Get_parent() == MPI.COMM_NULL else None
+
+
+def _rank_name(rank: int, world: int | None = None) -> str:
+    if world is None or world == rank:
+        return f"rank {rank}"
+    return f"rank {rank} (world rank {world})"
+
+
+def left(ctx: Context | None, exc: SystemExit, abort_comm: Any) -> None:
+    """A rank left ``main`` by ``sys.exit``: end the job (or, ``--ft``, die as a failure)."""
+    world = _world()
+    cfg = ctx.config if ctx is not None else None
+    who = _rank_name(ctx.rank, world) if ctx is not None else f"world rank {world}"
+    point = ctx.point if ctx is not None else -1
+    ft = bool(cfg and cfg.ft and ctx is not None and ctx.link.J is not None)
+    action = "treated as a failure (--ft): the job recovers without this process" if ft else "aborting the job"
+    _say(f"{who} left the job with {how(exc)} at checkpoint point {point}; {action}")
+    events.emit(cfg.job_dir if cfg else _job_dir(), "rank_left", cfg.run_id if cfg else "",
+                rank=ctx.rank if ctx is not None else -1, world_rank=world, how=how(exc), point=point,
+                action="failure" if ft else "abort")
+    disarm()
+    if ft:
+        os.kill(os.getpid(), signal.SIGKILL)
+    abort(abort_comm, exit_code(exc))
+
+
+def crashed(ctx: Context | None, exc: BaseException) -> str:
+    """The line that names the rank of an uncaught exception (the caller prints the traceback)."""
+    from .errors import MpimigError
+    world = _world()
+    who = _rank_name(ctx.rank, world) if ctx is not None else f"world rank {world}"
+    cfg = ctx.config if ctx is not None else None
+    point = ctx.point if ctx is not None else -1
+    events.emit(cfg.job_dir if cfg else _job_dir(), "rank_left", cfg.run_id if cfg else "",
+                rank=ctx.rank if ctx is not None else -1, world_rank=world, how=how(exc), point=point,
+                action="abort")
+    disarm()
+    if isinstance(exc, MpimigError):
+        return f"{who}: error at checkpoint point {point}: {exc}; aborting the job"
+    return f"{who} left the job with {how(exc)} at checkpoint point {point}; aborting the job"
+
+
+# -- the exit guard --------------------------------------------------------------------------
+_state: dict[str, Any] = {"armed": False, "who": None, "comm": None, "exc": None, "hooked": False,
+                          "finalize_bound": False}
+
+
+def arm(who: str | None = None, comm: Any = None) -> None:
+    """Until :func:`disarm`, a process that exits aborts the job, naming ``who``."""
+    _state["armed"] = True
+    if who is not None:
+        _state["who"] = who
+    if comm is not None:
+        _state["comm"] = comm
+    if not _state["hooked"]:
+        _state["hooked"] = True
+        atexit.register(_at_exit)
+        prev = sys.excepthook
+
+        def hook(tp, value, tb):
+            _state["exc"] = value
+            prev(tp, value, tb)
+        sys.excepthook = hook
+
+
+def disarm() -> None:
+    _state["armed"] = False
+
+
+def arm_for_job() -> None:
+    """``import mpimig`` in a process started by ``mpimig run``: a process that exits
+    before it ran :func:`mpimig.run` (``sys.exit`` at module level) ends the job."""
+    arm()
+
+
+def _who_before_run() -> str:
+    from mpi4py import MPI
+    world = MPI.COMM_WORLD.Get_rank()
+    if os.environ.get("MPIMIG_COORDINATOR") == "1" or os.environ.get("MPIMIG_FT") == "1":
+        nranks = MPI.COMM_WORLD.Get_size() - 1 - int(os.environ.get("MPIMIG_SPARES", "0") or 0)
+        if world == 0:
+            return "the coordinator (world rank 0)"
+        if world <= nranks:
+            return f"rank {world - 1} (world rank {world})"
+        return f"a warm spare (world rank {world})"
+    return f"rank {world}"
+
+
+def _at_exit() -> None:
+    if not _state["armed"]:
+        return
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+        return
+    who = _state["who"] or _who_before_run()
+    exc = _state["exc"]
+    way = how(exc) if exc is not None else "sys.exit or the end of the program"
+    _say(f"{who} left the job before it was over ({way}, outside mpimig.run's main); aborting the job")
+    events.emit(_job_dir(), "rank_left", os.environ.get("MPIMIG_RUN_ID", ""), who=who, how=way, point=-1,
+                action="abort")
+    abort(_state["comm"], 1)
+
+
+# -- an early return: the ranks' side -------------------------------------------------------------
+_E: dict[str, Any] = {"comm": None, "seen": {}}
+
+
+def own_channel(comm: MPI.Intracomm) -> None:
+    """Without a coordinator: the ranks' communicator for the news that a rank returned
+    (a duplicate of A made at the start; A never changes in such a job)."""
+    _E["comm"] = comm
+    _E["seen"] = {}
+
+
+def at_point(ctx: Context) -> None:
+    """At a checkpoint point: a rank that has passed the point where another rank
+    returned from ``main`` cannot meet it again: abort, naming both."""
+    J = ctx.link.J
+    if J is not None:
+        comm, src = J, 0
+    elif _E["comm"] is not None:
+        from mpi4py import MPI
+        comm, src = _E["comm"], MPI.ANY_SOURCE
+    else:
+        return
+    while comm.Iprobe(src, TAG_LEFT):
+        q, p = comm.recv(source=src, tag=TAG_LEFT)
+        _E["seen"][q] = p
+        if ctx.point > p:
+            _mismatch(ctx, q, p, f"rank {ctx.rank} reached checkpoint point {ctx.point}")
+
+
+def _mismatch(ctx: Context, q: int, p: int, other: str) -> None:
+    msg = (f"rank {q} returned from main after checkpoint point {p}, but {other}: every rank must "
+           f"pass the same checkpoint points (an early return from main in rank {q}?); aborting the job")
+    _say(msg)
+    events.emit(ctx.config.job_dir, "rank_left", ctx.config.run_id, rank=q, how="an early return from main",
+                point=p, action="abort")
+    disarm()
+    abort(ctx.link.J or ctx.comm.mpi, 1)
+
+
+def finish_wait(ctx: Context) -> None:
+    """``main`` returned: tell the others and wait (bounded) until every rank has returned
+    at the same checkpoint point; else abort, naming who returned and who did not."""
+    if ctx.link.J is not None:
+        _finish_with_coordinator(ctx)
+    elif _E["comm"] is not None and ctx.size > 1:
+        _finish_among_ranks(ctx)
+
+
+def _finish_among_ranks(ctx: Context) -> None:
+    from mpi4py import MPI
+    E, me, size = _E["comm"], ctx.rank, ctx.size
+    reqs = [E.isend((me, ctx.point), dest=q, tag=TAG_LEFT) for q in range(size) if q != me]
+    seen: dict[int, int] = _E["seen"]
+    limit = timeout("finish")
+    t0 = time.monotonic()
+    while len(seen) < size - 1:
+        while E.Iprobe(MPI.ANY_SOURCE, TAG_LEFT):
+            q, p = E.recv(source=MPI.ANY_SOURCE, tag=TAG_LEFT)
+            seen[q] = p
+        for q, p in seen.items():
+            if p != ctx.point:
+                lo, hi = sorted([(p, q), (ctx.point, me)])
+                _mismatch(ctx, lo[1], lo[0], f"rank {hi[1]} returned after checkpoint point {hi[0]}")
+        if len(seen) == size - 1:
+            break
+        waited = time.monotonic() - t0
+        missing = sorted(q for q in range(size) if q not in seen and q != me)
+        if waited > limit and (me == min([me, *seen]) or waited > limit + 10):
+            _not_returned(ctx, missing, limit)     # the lowest rank that returned says it; the others later
+        time.sleep(0.002)                 # a polling wait (the others may be computing)
+    MPI.Request.Waitall(reqs)
+    _E["seen"] = {}
+
+
+def _not_returned(ctx: Context, missing: list[int], limit: float) -> None:
+    msg = (f"rank {ctx.rank} returned from main after checkpoint point {ctx.point}, but rank(s) "
+           f"{', '.join(map(str, missing))} did not return within {limit:g} s (MPIMIG_FINISH_TIMEOUT): "
+           f"an early return from main in rank {ctx.rank}? (ranks that finish further apart than that "
+           "need a larger MPIMIG_FINISH_TIMEOUT); aborting the job")
+    _say(msg)
+    events.emit(ctx.config.job_dir, "rank_left", ctx.config.run_id, rank=ctx.rank, how="an early return from main",
+                point=ctx.point, missing=missing, action="abort")
+    disarm()
+    abort(ctx.link.J or ctx.comm.mpi, 1)
+
+
+def _finish_with_coordinator(ctx: Context) -> None:
+    J = ctx.link.J
+    J.send((ctx.rank, ctx.point), dest=0, tag=TAG_LEFT)
+    limit = timeout("finish") + 30.0      # the coordinator applies the bound; this is its back-up
+    t0 = time.monotonic()
+    while not J.Iprobe(0, TAG_RELEASE):
+        while J.Iprobe(0, TAG_LEFT):      # news of other ranks: they returned too
+            J.recv(source=0, tag=TAG_LEFT)
+        if time.monotonic() - t0 > limit:
+            _say(f"rank {ctx.rank} returned from main after checkpoint point {ctx.point}, and the coordinator "
+                 f"did not confirm the end of the job within {limit:g} s; aborting the job")
+            disarm()
+            abort(J, 1)
+        time.sleep(0.002)                 # a polling wait (the others may be computing)
+    J.recv(source=0, tag=TAG_RELEASE)
+    while J.Iprobe(0, TAG_LEFT):
+        J.recv(source=0, tag=TAG_LEFT)
+
+
+# -- an early return and a vanished process: the coordinator's side -----------------------------------
+class FinishWatch:
+    """The coordinator's record of ranks that returned from ``main``; it releases them
+    when all have, and aborts the job when one returned and the others did not within
+    ``MPIMIG_FINISH_TIMEOUT`` or passed a later checkpoint point. It also watches the
+    pids of the ranks on its own host: a rank process that is gone without a word
+    (``os._exit``) ends the job with its logical rank named."""
+
+    def __init__(self) -> None:
+        self.returned: dict[int, int] = {}
+        self.deadline: float | None = None
+        self.limit = timeout("finish")
+        self.next_pid_check = 0.0
+        self.gone: dict[int, float] = {}     # pid -> when it was first seen gone
+
+    def reset(self) -> None:
+        """A recovery: every rank runs main again."""
+        self.returned, self.deadline, self.gone = {}, None, {}
+
+    def on_left(self, coord: Any, rank: int, point: int) -> None:
+        self.returned[rank] = point
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.limit
+        first = min(self.returned.values())
+        if point != first:
+            q = min(r for r, p in self.returned.items() if p == first)
+            self.abort(coord, f"rank {q} returned from main after checkpoint point {first}, but rank {rank} "
+                        f"returned after checkpoint point {point}: every rank must pass the same checkpoint "
+                        f"points (an early return from main in rank {q}?)", q, first)
+        if len(self.returned) == coord.size:
+            for r in coord.routing:
+                coord.J.send(None, dest=r["jrank"], tag=TAG_RELEASE)
+            self.deadline = None
+            return
+        if len(self.returned) == 1:       # the news, once, for ranks that pass a later checkpoint point
+            for r in coord.routing:
+                if r["rank"] != rank:
+                    coord.J.send((rank, point), dest=r["jrank"], tag=TAG_LEFT)
+
+    def check(self, coord: Any) -> None:
+        """From the coordinator's loop: the finish bound, and the pids on this host."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            missing = [r for r in range(coord.size) if r not in self.returned]
+            first = min(self.returned.values())
+            q = min(r for r, p in self.returned.items() if p == first)
+            self.abort(coord, f"rank(s) {', '.join(map(str, sorted(self.returned)))} returned from main after "
+                        f"checkpoint point {first}, but rank(s) {', '.join(map(str, missing))} did not return "
+                        f"within {self.limit:g} s (MPIMIG_FINISH_TIMEOUT): an early return from main in rank "
+                        f"{q}? (ranks that finish further apart than that need a larger MPIMIG_FINISH_TIMEOUT)",
+                        q, first)
+        now = time.monotonic()
+        if now >= self.next_pid_check:
+            self.next_pid_check = now + 0.5
+            self.check_pids(coord)
+
+    def check_pids(self, coord: Any) -> None:
+        """--ft: a rank process on this host that is gone for ``GONE_GRACE`` s without a
+        recovery (ULFM does not see a process that exits with a status) ends the job."""
+        from mpi4py import MPI
+        if not coord.cfg.ft or coord.in_switch or coord.plan is not None:
+            return                        # processes come and go in a switch
+        here = MPI.Get_processor_name()
+        now = time.monotonic()
+        for r in coord.routing:
+            if r["host"] != here or r["rank"] in coord.done or r["rank"] in self.returned:
+                continue
+            if _pid_alive(r["pid"]):
+                self.gone.pop(r["pid"], None)
+                continue
+            since = self.gone.setdefault(r["pid"], now)
+            if now - since > GONE_GRACE:
+                msg = (f"rank {r['rank']} (pid {r['pid']} on {here}) is gone without a word and without a "
+                       f"failure notice for {GONE_GRACE:g} s (os._exit? under ULFM, PRRTE reports only "
+                       "processes killed by a signal)")
+                self.abort(coord, msg, r["rank"], -1, how="gone without a word (os._exit?)")
+
+    def abort(self, coord: Any, msg: str, rank: int, point: int, how: str = "an early return from main") -> None:
+        from mpi4py import MPI
+        _say(f"coordinator: {msg}; aborting the job")
+        events.emit(coord.cfg.job_dir, "rank_left", coord.cfg.run_id, rank=rank, how=how, point=point,
+                    action="abort")
+        with contextlib.suppress(Exception):
+            coord.write_status()
+        abort(MPI.COMM_WORLD, 1)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (exited, not yet reaped by its daemon) counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

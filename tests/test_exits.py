@@ -1,0 +1,208 @@
+"""A rank that leaves the job (issue 14, item 3) ends it within seconds, naming the
+logical rank and how it left, or, under ``--ft``, is recovered; every bounded wait
+of mpimig's protocol fires where a test can make it wait (mpimig/exits.py).
+
+The program is tests/progs/leave.py: four ranks ``Allreduce`` and pass a checkpoint
+point every step; rank 2 leaves at step 5 while the others are on their way into
+the ``Allreduce``. Before the fix every one of these jobs hung (``sys.exit``: all
+ranks spinning until killed from outside). Each job runs under a hard timeout
+(``run_cmd`` fails the test and kills the job's session when it is hit) and is
+judged by its output and its job directory, never by mpiexec's exit status.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, base_env, kill_session, mpimig_cmd
+
+LEAVE = ROOT / "tests" / "progs" / "leave.py"
+HARD = 60          # seconds: a job that has not ended by then hangs, and the test fails
+STEPS = 12
+
+
+def run_leave(tmp_path, *prog, opts=(), hard=HARD, **env):
+    """``mpimig run -n 4 leave.py``: its output, job directory and events. The job runs in a
+    session of its own, stopped by that recorded id at the end whatever happened (a
+    stopped process, SIGSTOP, survives its job otherwise); past ``hard`` s the test fails."""
+    job = tmp_path / "job"
+    cmd = [str(c) for c in mpimig_cmd("run", "-n", 4, *opts, "--job-dir", job, LEAVE, "--steps", STEPS, *prog)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env(**env),
+                            cwd=ROOT, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=hard)
+    except subprocess.TimeoutExpired:
+        kill_session(proc.pid)
+        out, err = proc.communicate()
+        pytest.fail(f"the job did not end within {hard} s: {' '.join(cmd)}\n--- stdout\n{out[-3000:]}\n"
+                    f"--- stderr\n{err[-3000:]}")
+    finally:
+        kill_session(proc.pid)
+    res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    evs = [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines()]
+    return res, job, evs
+
+
+def assert_ended(res, job, evs, line, summary):
+    """The job ended without a completion record, saying ``line`` (a rank's or the
+    coordinator's message) and, in mpimig run's summary, ``summary``."""
+    out = res.stdout + res.stderr
+    assert not (job / "complete.json").exists(), out[-3000:]
+    assert line in res.stderr, out[-3000:]
+    assert "mpimig: job did not complete" in res.stderr, out[-3000:]
+    lost = [e for e in evs if e["event"] == "job_lost"]
+    assert lost and summary in lost[0]["reason"], (lost, out[-3000:])
+
+
+WAYS = {   # how rank 2 leaves -> (program options, its message, the launcher's summary)
+    "sys_exit_3": (("--how", "exit", "--code", 3), "left the job with sys.exit(3) at checkpoint point 5",
+                    "rank 2 left the job: sys.exit(3) at checkpoint point 5"),
+    "sys_exit_0": (("--how", "exit", "--code", 0), "left the job with sys.exit(0) at checkpoint point 5",
+                    "rank 2 left the job: sys.exit(0) at checkpoint point 5"),
+    "exception": (("--how", "raise"), "left the job with an uncaught RuntimeError: rank 2 gives up at step 5",
+                  "rank 2 left the job: an uncaught RuntimeError: rank 2 gives up at step 5"),
+    "os_exit_5": (("--how", "os_exit", "--code", 5), None, "exited with status 5 without MPI_Finalize"),
+}
+
+
+@pytest.mark.parametrize("coordinator", [False, True], ids=["plain", "coordinator"])
+@pytest.mark.parametrize("way", list(WAYS))
+def test_a_rank_that_leaves_ends_the_job_naming_its_logical_rank(tmp_path, way, coordinator):
+    prog, line, summary = WAYS[way]
+    res, job, evs = run_leave(tmp_path, *prog, opts=("--coordinator",) if coordinator else ())
+    assert f"rank 2: leaving ({prog[1]}) at step 5" in res.stdout
+    who = "rank 2 (world rank 3)" if coordinator else "rank 2"     # the coordinator is world rank 0
+    if line is not None:         # a rank that can still speak says it itself
+        assert_ended(res, job, evs, f"mpimig: {who} {line}", summary)
+        (left,) = [e for e in evs if e["event"] == "rank_left"]
+        assert left["rank"] == 2 and left["point"] == 5 and left["action"] == "abort"
+    else:                        # os._exit: Open MPI ends the job, mpimig run names the rank
+        assert_ended(res, job, evs, "mpimig: job did not complete", f"{who} {summary}")
+
+
+@pytest.mark.parametrize("coordinator", [False, True], ids=["plain", "coordinator"])
+def test_an_early_return_from_main_ends_the_job_within_the_finish_bound(tmp_path, coordinator):
+    # rank 2 returns at step 5; the others wait for it in the Allreduce of step 5
+    res, job, evs = run_leave(tmp_path, "--how", "return", opts=("--coordinator",) if coordinator else (),
+                              MPIMIG_FINISH_TIMEOUT=5)
+    where = "coordinator: rank(s) 2" if coordinator else "rank 2"
+    assert_ended(res, job, evs,
+                 f"mpimig: {where} returned from main after checkpoint point 5, but rank(s) 0, 1, 3 did not return "
+                 "within 5 s (MPIMIG_FINISH_TIMEOUT)",
+                 "rank 2 left the job: an early return from main at checkpoint point 5")
+
+
+def test_sys_exit_before_mpimig_run_ends_the_job(tmp_path):
+    # world rank 2 is logical rank 1 (the coordinator is world rank 0)
+    res, job, evs = run_leave(tmp_path, "--how", "module-exit", "--rank", 2, opts=("--coordinator",))
+    assert "world rank 2: sys.exit(3) before mpimig.run" in res.stdout
+    assert_ended(res, job, evs, "mpimig: rank 1 (world rank 2) left the job before it was over",
+                 "rank 1 (world rank 2) left the job")
+
+
+@pytest.fixture(scope="module")
+def plain_result(tmp_path_factory):
+    """leave.py without anyone leaving, plain mpimig run: the reference, bit for bit."""
+    tmp = tmp_path_factory.mktemp("ref")
+    out = tmp / "ref.npy"
+    res, job, _ = run_leave(tmp, "--how", "none", "--out", out)
+    assert (job / "complete.json").exists() and out.exists(), res.stderr[-3000:]
+    return np.load(out).tobytes()
+
+
+def test_sys_exit_under_ft_is_recovered_and_bit_identical(tmp_path, plain_result):
+    out = tmp_path / "x.npy"
+    res, job, evs = run_leave(tmp_path, "--how", "exit", "--code", 3, "--out", out, hard=120,
+                              opts=("--ft", "--ckpt-every", 2))
+    assert "mpimig: rank 2 (world rank 3) left the job with sys.exit(3) at checkpoint point 5; treated as a " \
+           "failure (--ft)" in res.stderr, res.stderr[-3000:]
+    assert (job / "complete.json").exists(), res.stdout[-2000:] + res.stderr[-3000:]
+    (rec,) = [e for e in evs if e["event"] == "recovered"]
+    assert rec["failed"] == [2] and rec["epoch"] == 2          # rolled back to the epoch at point 4
+    assert np.load(out).tobytes() == plain_result
+
+
+def test_os_exit_under_ft_ends_the_job_naming_the_rank(tmp_path):
+    # ULFM does not report a process that exits with a status (PRRTE 3.0.14): the
+    # coordinator sees its pid gone and ends the job, naming the logical rank
+    res, job, evs = run_leave(tmp_path, "--how", "os_exit", "--code", 5, hard=90, opts=("--ft", "--ckpt-every", 2))
+    assert_ended(res, job, evs, "mpimig: coordinator: rank 2 (pid", "rank 2 left the job: gone without a word")
+
+
+# -- the bounds ------------------------------------------------------------------------------------
+def test_startup_bound_fires_when_a_rank_never_reaches_mpimig_run(tmp_path):
+    # world rank 1 (logical rank 0, which says hello to the coordinator) sleeps before mpimig.run
+    res, job, evs = run_leave(tmp_path, "--how", "module-hang", "--rank", 1, opts=("--coordinator",),
+                              MPIMIG_STARTUP_TIMEOUT=5)
+    assert "world rank 1: stuck before mpimig.run" in res.stdout
+    # whoever waits longest says it: the coordinator or any rank in the start's collectives
+    assert_ended(res, job, evs, "waiting for every process of the job to start mpimig.run",
+                 "the wait 'startup' exceeded its bound of 5.0 s")
+    assert "did not complete within 5 s (MPIMIG_STARTUP_TIMEOUT); aborting the job" in res.stderr
+
+
+def test_transfer_bound_fires_when_the_old_process_stops_sending(tmp_path):
+    # rank 1 moves to a warm spare at point 3; its old process stops (SIGSTOP) before it
+    # sends its state, so the new process waits in the transfer
+    res, job, evs = run_leave(tmp_path, "--how", "none", "--stop-source", "--work-ms", 50,
+                              opts=("--spares", 1, "--migrate", f"3:1:{socket.gethostname()}"),
+                              MPIMIG_TRANSFER_TIMEOUT=5)
+    assert "stopping the old process of the moving rank" in res.stdout, res.stdout[-2000:]
+    assert_ended(res, job, evs, "mpimig: the new process of rank 1: receiving the rank's state did not complete "
+                 "within 5 s (MPIMIG_TRANSFER_TIMEOUT)", "the wait 'transfer' exceeded its bound of 5.0 s")
+
+
+def test_a_failure_in_the_join_of_a_migration_is_recovered_under_ft(tmp_path, plain_result):
+    # rank 1 moves at point 6 to a spawned process, which dies as it starts the join;
+    # ULFM interrupts the others' Intercomm_create, the job recovers (the migration is
+    # cancelled) and ends bit-identical. MPIMIG_JOIN_TIMEOUT bounds the join if not.
+    out = tmp_path / "x.npy"
+    res, job, evs = run_leave(tmp_path, "--how", "none", "--in-join", "target", "--work-ms", 100, "--out", out,
+                              opts=("--ft", "--ckpt-every", 2, "--migrate", f"6:1:{socket.gethostname()}"),
+                              hard=120, MPIMIG_JOIN_TIMEOUT=30)
+    assert "killing the target at the join" in res.stdout, res.stdout[-2000:]
+    assert (job / "complete.json").exists(), res.stdout[-2000:] + res.stderr[-3000:]
+    (rec,) = [e for e in evs if e["event"] == "recovered"]
+    assert rec["failed"] == []                                  # no rank was lost, only the target
+    assert np.load(out).tobytes() == plain_result
+    status = json.loads((job / "status.json").read_text())
+    assert status["migrations"][0]["state"].startswith("cancelled")
+
+
+def test_recovery_bound_fires_when_a_live_process_takes_no_part(tmp_path):
+    # rank 2 crashes and rank 1 stops at step 5: the others start the recovery and wait in
+    # the shrink for rank 1, as they wait for a spawned process that never heard of a
+    # failure (open-mpi/ompi#13325); the recovery bound ends the job
+    res, job, evs = run_leave(tmp_path, "--how", "kill", "--stop", 1, opts=("--ft", "--ckpt-every", 2), hard=90,
+                              MPIMIG_RECOVERY_TIMEOUT=8)
+    assert "rank 1: stopping (SIGSTOP) at step 5" in res.stdout
+    assert_ended(res, job, evs, "did not complete within 8 s (MPIMIG_RECOVERY_TIMEOUT)",
+                 "the wait 'recovery' exceeded its bound of 8.0 s")
+
+
+# -- without MPI -----------------------------------------------------------------------------------
+def test_a_bound_must_be_a_positive_number(monkeypatch):
+    from mpimig import exits
+    from mpimig.errors import UsageError
+    monkeypatch.setenv("MPIMIG_JOIN_TIMEOUT", "soon")
+    with pytest.raises(UsageError, match="MPIMIG_JOIN_TIMEOUT='soon': expected a number of seconds"):
+        exits.timeout("join")
+    monkeypatch.setenv("MPIMIG_JOIN_TIMEOUT", "0")
+    with pytest.raises(UsageError, match="must be > 0"):
+        exits.timeout("join")
+    monkeypatch.setenv("MPIMIG_JOIN_TIMEOUT", "7.5")
+    assert exits.timeout("join") == 7.5
+    monkeypatch.delenv("MPIMIG_JOIN_TIMEOUT")
+    assert exits.timeout("join") == exits.TIMEOUTS["join"][1]
+
+
+def test_every_bound_is_in_the_protocol_table():
+    from mpimig import exits
+    text = (ROOT / "docs" / "protocol.md").read_text()
+    table = text.split("## Bounded waits", 1)[1]
+    for var, default, _ in exits.TIMEOUTS.values():
+        assert f"`{var}`" in table and f"{default:g} s" in table, var
