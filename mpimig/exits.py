@@ -63,7 +63,7 @@ TIMEOUTS: dict[str, tuple[str, float, str]] = {
     "agree": ("MPIMIG_AGREE_TIMEOUT", 60.0, "--ft: the agreement that ends a switch (MPI_Comm_agree)"),
     "recovery": ("MPIMIG_RECOVERY_TIMEOUT", 120.0,
                  "--ft: an online recovery (revoke, shrink, census, spawn, roll back)"),
-    "finish": ("MPIMIG_FINISH_TIMEOUT", 20.0,
+    "finish": ("MPIMIG_FINISH_TIMEOUT", 120.0,
                "a rank that returned from main waits for every other rank to return"),
     "finalize": ("MPIMIG_FINALIZE_TIMEOUT", 10.0, "MPI_Finalize at the end of a process (its result is recorded)"),
 }

@@ -430,11 +430,12 @@ def test_an_exception_names_the_logical_rank(tmp_path):
     err = res.stderr
     assert res.returncode == 1 and not (job / "complete.json").exists(), err[-3000:]
     assert "RuntimeError: planned failure in logical rank 2" in err, err[-3000:]
-    assert "mpimig: rank 2: unhandled exception, aborting the job" in err, err[-3000:]
-    assert "mpimig: rank 3:" not in err          # world rank 3 (the coordinator is world rank 0)
-    assert "rank 2 raised an exception and aborted the job (MPI_Abort, error code 1" in err, err[-3000:]
+    # the rank's own line and the launcher's summary name logical rank 2 (world rank 3: the coordinator is 0)
+    assert "mpimig: rank 2 (world rank 3) left the job with an uncaught RuntimeError" in err, err[-3000:]
+    assert "mpimig: rank 3" not in err, err[-3000:]
+    assert "rank 2 left the job: an uncaught RuntimeError: planned failure in logical rank 2" in err, err[-3000:]
     lost = [e for e in map(json.loads, (job / "events.jsonl").read_text().splitlines()) if e["event"] == "job_lost"]
-    assert lost and lost[0]["reason"].startswith("rank 2 raised an exception"), lost
+    assert lost and lost[0]["reason"].startswith("rank 2 left the job: an uncaught RuntimeError"), lost
 
 
 def test_mpi_abort_is_summarised_as_an_abort(tmp_path):
