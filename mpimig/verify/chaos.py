@@ -37,6 +37,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -99,8 +100,11 @@ def draw(seed: int, opts: argparse.Namespace, hosts: list[str], kinds: list[str]
     ft = rnd.random() < opts.ft_share
     strats = strategies()
     k = rnd.randint(1, max(1, opts.migrations))
-    migs = [(p, r, h, strats[(seed + i) % len(strats)] if i == 0 else rnd.choice(strats))
-            for i, (p, r, h) in enumerate(storm.make_schedule(seed, n, steps, k, hosts)[0])]
+    migs: list[tuple[int, int, str, str]] = []
+    for i, (p, r, h) in enumerate(storm.make_schedule(seed, n, steps, k, hosts)[0]):
+        while any(m[0] == p and m[1] == r for m in migs):     # one rank twice: not at one point
+            p += 3
+        migs.append((p, r, h, strats[(seed + i) % len(strats)] if i == 0 else rnd.choice(strats)))
     ballast = 0
     if workload == "storm" and rnd.random() < 0.5:
         ballast = rnd.choice((64 << 10, 1 << 20, 4 << 20))
@@ -125,6 +129,9 @@ def draw(seed: int, opts: argparse.Namespace, hosts: list[str], kinds: list[str]
         elif kind == "host":
             specs.append(f"host:{rnd.choice(hosts)}@point:{p}")
         elif kind == "spare":
+            # before the first move: a move to this host takes the idle spare (and its refill is
+            # a spawned process, which the spare killer does not look for)
+            p = rnd.randint(2, max(2, migs[0][0] - 1))
             extra.append({"spec": f"spare@point:{p}", "kind": "spare", "target": "spare", "at_point": p})
     faults = [parse_fault(s, i + 1) for i, s in enumerate(dict.fromkeys(specs))]
     for f in extra:
@@ -486,8 +493,14 @@ def cmd_chaos(opts: argparse.Namespace) -> int:
             _write_json(Path(opts.json), _totals(done, kinds, opts, final=False), done)
         return rec
 
-    recs = campaign.run_seeds(seeds, one, format_line, name="mpimig chaos", out=sys.stderr,
-                              stop=(lambda r: not r["ok"]) if opts.stop_on_failure else None)
+    # SIGTERM (e.g. a time budget running out) ends the campaign like Ctrl-C: the running job is
+    # stopped (inject's experiment kills its session) and the totals of the seeds run are printed
+    old = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        recs = campaign.run_seeds(seeds, one, format_line, name="mpimig chaos", out=sys.stderr,
+                                  stop=(lambda r: not r["ok"]) if opts.stop_on_failure else None)
+    finally:
+        signal.signal(signal.SIGTERM, old)
     t = _totals(recs, kinds, opts, final=True)
     if opts.json == "-":
         print(json.dumps({"totals": t, "seeds": recs}, indent=1, default=str), flush=True)
@@ -496,6 +509,10 @@ def cmd_chaos(opts: argparse.Namespace) -> int:
         if opts.json:
             _write_json(Path(opts.json), t, recs)
     return 0 if t["ok"] and len(recs) == opts.seeds else 1
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _totals(recs: list[dict], kinds: list[str], opts: argparse.Namespace, final: bool) -> dict:
