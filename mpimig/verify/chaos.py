@@ -113,7 +113,10 @@ def draw(seed: int, opts: argparse.Namespace, hosts: list[str], kinds: list[str]
     extra: list[dict] = []
     used = set()
     for _ in range(nk):
-        kind = rnd.choice([x for x in kinds if x not in used or x in ("rank", "ckpt-write")])
+        left = [x for x in kinds if x not in used or x in ("rank", "ckpt-write")]   # others once a seed
+        if not left:
+            break
+        kind = rnd.choice(left)
         used.add(kind)
         p = rnd.randint(ckpt_every + 1, max(ckpt_every + 2, int(steps * 0.75)))
         if kind == "rank":
@@ -308,8 +311,9 @@ def judge(rec: dict, sc: Scenario, rep: dict, evs: list[dict], res: dict | None)
     moved = [e for e in evs if e["event"] == "migrated"]
     rec["moves_done"] = len(moved)
     rec["moves_by_strategy"] = {s: sum(1 for e in moved if e.get("strategy") == s) for s in strategies()}
-    rec["fault_rows"] = [{k: f.get(k) for k in ("id", "spec", "kind", "fired", "path", "survived")}
-                         for f in rep.get("faults", [])]
+    # the kind as drawn ("ranks" is a "rank" fault with several ranks for inject)
+    rec["fault_rows"] = [{**{k: f.get(k) for k in ("id", "spec", "fired", "path", "survived")},
+                          "kind": kind_of(f["spec"])} for f in rep.get("faults", [])]
     errors: list[str] = []
     if rep.get("error"):
         errors.append(rep["error"])
@@ -337,6 +341,11 @@ def judge(rec: dict, sc: Scenario, rep: dict, evs: list[dict], res: dict | None)
     # recoveries table shows it)
     rec["errors"] = errors
     rec["ok"] = not errors
+
+
+def kind_of(spec: str) -> str:
+    """The kind of kill a fault spec was drawn as (``ranks:1+2@point:9`` -> ``ranks``)."""
+    return spec.split("@")[0].split(":")[0]
 
 
 def format_line(rec: dict) -> str:
