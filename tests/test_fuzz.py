@@ -3,7 +3,8 @@
 The targets live in tests/fuzz/targets.py (shared with the atheris harness
 tests/fuzz/run.py): the checkpoint reader (a committed epoch whose manifest or
 rank file is damaged), the message envelope (the migration codec
-``format.loads`` and the held-message queue decoder ``format.decode_queue``).
+``format.loads`` and the held-message queue decoder ``format.decode_queue``),
+and the control socket's request validator ``control.parse_request``.
 Each input is either accepted, and then decodes to exactly what was written,
 or refused with mpimig's CheckpointError/StateError naming what is wrong;
 nothing else escapes, and no code runs (an audit hook watches for processes,
@@ -192,8 +193,48 @@ def test_audit_hook_sees_a_pickle_that_would_run_code():
         pickle.loads(b"cos\nsystem\n.")
 
 
+# ------------------------------------------------------------------ control requests
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False)
+                    | st.text(max_size=20), lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+REQUEST = st.fixed_dictionaries(
+    {"op": st.sampled_from(["status", "migrate", "drain", "bogus", ""]) | JSON},
+    optional={"rank": st.integers(-3, 2**32) | st.booleans() | JSON, "to": st.text(max_size=10) | JSON,
+              "strategy": st.sampled_from(["pre-copy", "post-copy"]) | JSON, "wait": st.booleans() | JSON,
+              "host": st.text(max_size=10) | JSON, "auth": JSON, "extra": JSON})
+
+
+@FUZZ_SETTINGS
+@given(data=st.binary(max_size=300))
+@example(data=b"[1,2,3]")
+@example(data=b"null")
+@example(data=b'{"op": "migrate", "rank": true, "to": "h1"}')
+@example(data=b'{"op": "migrate", "rank": 1, "rank": 2, "to": "h1"}')
+@example(data=b'{"op": "status", "x": NaN}')
+@example(data=b"[" * 100000)
+@example(data=b'{"op": "status"}' + b" " * 200000)
+def test_control_parser_accepts_or_refuses_any_bytes(data):
+    targets.control(data)
+
+
+@settings(FUZZ_SETTINGS, max_examples=40)
+@given(req=REQUEST)
+def test_control_parser_keeps_to_its_schema(req):
+    """Requests that are JSON objects with nearly the right keys: accepted ones keep to the schema."""
+    import json
+    targets.control(json.dumps(req).encode())
+
+
+def test_control_parser_refuses_the_issue_s_requests():
+    from mpimig.migration.control import RequestError, parse_request
+    for bad in (b"[1,2,3]", b"null", b'{"op": "migrate", "rank": true, "to": "h1"}', b"x" * (100 << 20)):
+        with pytest.raises(RequestError):
+            parse_request(bad)
+    assert parse_request(b'{"op": "migrate", "rank": 1, "to": "h1"}\n') == {"op": "migrate", "rank": 1, "to": "h1"}
+
+
 # ------------------------------------------------------------------ atheris (coverage-guided)
-@pytest.mark.parametrize("target", ["envelope", "checkpoint-manifest"])
+@pytest.mark.parametrize("target", ["envelope", "checkpoint-manifest", "control"])
 def test_atheris_fuzzes_a_target_for_a_few_seconds(target):
     """libFuzzer runs the target for 2 s and finds nothing (a finding exits non-zero, input saved)."""
     res = subprocess.run([sys.executable, str(HERE / "fuzz" / "run.py"), target, "--seconds", "2"],

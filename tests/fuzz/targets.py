@@ -249,17 +249,39 @@ def control_parser() -> Callable[[bytes], object] | None:
 
 
 def control(data: bytes) -> None:
+    """Any bytes: refused with the control module's RequestError, or a request that is
+    exactly what the schema allows (known op, only its keys, each of its exact type)."""
     parse = control_parser()
     if parse is None:
         raise RuntimeError("this checkout's mpimig.migration.control has no parse_request")
+    from mpimig.migration import control as ctl
+    refused = getattr(ctl, "RequestError", ValueError)
     with NoCodeExecution.get():
         try:
             req = parse(data)
-        except MpimigError:
+        except refused:
             return
-        except ValueError:       # a validator may refuse with ValueError naming the problem
-            return
-    assert isinstance(req, dict), req
+    check_request(req, ctl)
+
+
+def check_request(req: object, ctl) -> None:
+    """An accepted request keeps to :data:`SCHEMA` (types exact: a bool is not a rank)."""
+    assert type(req) is dict and req.get("op") in ctl.SCHEMA, req
+    fields = ctl.SCHEMA[req["op"]]
+    for key, value in req.items():
+        if key == "op":
+            continue
+        if key == getattr(ctl, "AUTH_KEY", "auth"):
+            assert type(value) is dict, req
+            continue
+        assert key in fields, (key, req)
+        assert type(value) is fields[key][0], (key, value, req)
+        if type(value) is int:
+            assert 0 <= value <= getattr(ctl, "MAX_RANK", 2**31 - 1), req
+        if type(value) is str:
+            assert value and value.isprintable() and len(value) <= getattr(ctl, "MAX_STRING", 256), req
+    for key, (_typ, required) in fields.items():
+        assert not required or key in req, (key, req)
 
 
 TARGETS = ("checkpoint", "envelope", "control")
