@@ -9,7 +9,9 @@ with every strategy, random kills, a checkpoint interval, online recovery
 (``--ft``) or relaunch, warm spares or none. It prints a line per seed on
 stderr and the invariants' totals on stdout, and exits non-zero when one is
 broken: a message lost, duplicated, reordered or corrupted, a result that is
-not bit-identical, a hang, a job that did not survive its faults.
+not bit-identical, a hang, a job that did not complete. SIGTERM or Ctrl-C
+stops the running job and prints the totals of the seeds run. docs/chaos.md
+has the details.
 
     mpimig chaos --seeds 200
     mpimig chaos --seeds 3 --seed-base 100 --json chaos.json
