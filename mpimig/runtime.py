@@ -534,10 +534,12 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
     world = MPI.COMM_WORLD
     _setup_logging(world.Get_rank())
     abort_comm: MPI.Comm = world
+    who = f"process {world.Get_rank()} of MPI_COMM_WORLD (before it had a rank)"   # messages name logical ranks
     try:
         parent = MPI.Comm.Get_parent()
         if parent != MPI.COMM_NULL:
             abort_comm = parent
+            who = "a spawned process (before it had a rank)"
             ctx = _start_target(parent)
             if ctx is None:
                 _leave()
@@ -549,6 +551,7 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
             ctx = _start_initial(cfg)
             if ctx is None:                     # a warm spare that was not needed
                 _leave()
+            who = f"rank {ctx.rank}"
             if ctx.role == "initial":
                 ctx._restore_from_store()
                 if ctx.rank == 0:
@@ -556,6 +559,7 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
                                 point=ctx.point, size=ctx.size)
         while True:
             abort_comm = ctx.link.J or ctx.comm.mpi
+            who = f"rank {ctx.rank}"
             try:
                 result = main(ctx)
                 _finish(ctx, result, t_start)
@@ -569,11 +573,10 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - any failure must abort the whole job
-        rank = world.Get_rank()
         if isinstance(exc, MpimigError):
-            sys.stderr.write(f"mpimig: rank {rank}: error: {exc}\n")
+            sys.stderr.write(f"mpimig: {who}: error: {exc}\n")
         else:
-            sys.stderr.write(f"mpimig: rank {rank}: unhandled exception, aborting the job\n")
+            sys.stderr.write(f"mpimig: {who}: unhandled exception, aborting the job\n")
             traceback.print_exc()
         sys.stderr.flush()
         abort_comm.Abort(1)

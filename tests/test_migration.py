@@ -77,7 +77,8 @@ def test_operator_migration_and_bad_requests(tmp_path):
                ({"rank": 1, "to": "no-such-host.invalid"}, "unknown host"),
                ({"rank": 1, "to": "localhost"}, "outside the job's allocation"),
                ({"rank": 1, "to": HOST, "strategy": "teleport"}, "unknown strategy"),
-               ({"rank": "x", "to": HOST}, "unknown rank")]
+               ({"rank": "x", "to": HOST}, "'rank' must be an integer, not a string"),
+               ({"rank": True, "to": HOST}, "'rank' must be an integer, not a boolean")]
         for req, why in bad:
             rep = ask(**req)
             assert rep["ok"] is False and why in rep["error"], (req, rep)

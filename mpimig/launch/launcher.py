@@ -21,6 +21,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -224,42 +225,106 @@ def _kill_job(proc: subprocess.Popen) -> None:
 
 
 # What mpiexec prints when a job is lost, and the reason recorded in the
-# ``job_lost`` event (first match wins; PLATFORM.md: mpiexec may still exit 0).
+# ``job_lost`` event (PLATFORM.md: mpiexec may still exit 0). The order of the
+# checks is in :func:`loss_reason`; these generic phrases come last, an abort
+# before the signals: after MPI_Abort, Open MPI says the other processes "may
+# have been terminated by signals".
 LOSS_PATTERNS = [
     ("lost communication with a remote daemon", "host lost: PRRTE lost communication with a remote daemon"),
     ("lost connection to the remote daemon", "host lost: lost connection to a remote daemon"),
+    ("MPI_ABORT was invoked", "a rank called MPI_Abort"),
+    ("calling \"abort\"", "a process aborted the job"),
+    ("Abort(", "a rank called MPI_Abort"),
     ("exited on signal", "a rank was killed by a signal"),
     ("killed by signal", "a rank was killed by a signal"),
     ("terminated by signal", "a rank was killed by a signal"),
     ("BAD TERMINATION", "a rank was killed (MPICH: bad termination)"),
-    ("MPI_ABORT was invoked", "a rank called MPI_Abort"),
-    ("Abort(", "a rank called MPI_Abort"),
     ("proc_failed", "a process failed (ULFM)"),
 ]
 
 
 _SIGNALLED = re.compile(r"process rank (\d+) with PID (\d+) on node (\S+) exited on signal (\d+)")
+# Open MPI 5: "MPI_ABORT was invoked on rank 3 in communicator MPI_COMM_WORLD Proc: ... Errorcode: 1"
+_OMPI_ABORT = re.compile(r"MPI_ABORT was invoked on rank (\d+) in communicator (\S+)"
+                         r"(?:.{0,300}?[Ee]rrorcode:? (-?\d+))?")
+# MPICH: "Abort(1) on node 3 (rank 3 in comm 0): application called MPI_Abort(MPI_COMM_WORLD, 1)"
+_MPICH_ABORT = re.compile(r"Abort\((-?\d+)\) on node (\d+)")
+# Open MPI's default error handler: "*** An error occurred in Socket closed [vm:00000] *** reported by
+# process [3388932097,0]" ... "MPI_ERRORS_ARE_FATAL" -- an MPI error in a process, not a call of MPI_Abort
+_FATAL = re.compile(r"An error occurred in (.{1,80}?) (?:\[[^\]]*\] )?\*\*\* reported by process \[(\d+),(\d+)\]")
+# MPI errors that say a peer process went away (its connection closed)
+_PEER_GONE = re.compile(r"socket closed|connection|proc(ess)?[_ ]failed|peer", re.IGNORECASE)
+# mpimig's own line before it aborts (mpimig.runtime.run): names the logical rank
+_MPIMIG_FAILED = re.compile(r"mpimig: (rank \d+|process \d+ of MPI_COMM_WORLD \(before it had a rank\)|"
+                            r"a spawned process \(before it had a rank\)): (unhandled exception|error)")
+
+
+def _abort_reason(flat: str) -> str | None:
+    """An MPI_Abort, with its error code and, when mpimig said so, the logical rank that failed."""
+    m = _OMPI_ABORT.search(flat)
+    if m:
+        code, where = m.group(3), f"world rank {m.group(1)} in {m.group(2)}"
+    else:
+        m = _MPICH_ABORT.search(flat)
+        if m is None:
+            return None
+        code, where = m.group(1), f"world rank {m.group(2)}"
+    code_s = f"error code {code}" if code is not None else "error code not shown"
+    own = _MPIMIG_FAILED.search(flat)
+    if own:
+        what = "raised an exception" if own.group(2) == "unhandled exception" else "failed with an error"
+        return f"{own.group(1)} {what} and aborted the job (MPI_Abort, {code_s}; {where})"
+    if "mpimig: coordinator failed" in flat:
+        return f"the coordinator failed and aborted the job (MPI_Abort, {code_s}; {where})"
+    return f"a rank called MPI_Abort ({code_s}; {where})"
+
+
+def _signal_exit(returncode: int | None) -> int | None:
+    """The signal N when mpiexec exited with 128 + N (a process of the job died of it)."""
+    if returncode is not None and 128 < returncode < 128 + 65:
+        return returncode - 128
+    return None
 
 
 def loss_reason(output: str, returncode: int | None, timed_out: bool = False) -> str:
-    """Why a job left no completion record, from mpiexec's output and exit status."""
+    """Why a job left no completion record, from mpiexec's output and exit status.
+
+    In this order: a lost host; a process that exited on a signal (Open MPI's line);
+    a call of MPI_Abort (with its error code and the logical rank mpimig named);
+    mpiexec's exit status 128+N (a process died of signal N, also when Open MPI
+    printed only the abort that followed in another process); a fatal MPI error;
+    the generic phrases of :data:`LOSS_PATTERNS`."""
     if timed_out:
         return "timeout"
     flat = " ".join(output.split())         # Open MPI wraps its messages at 72 columns
+    for pat, reason in LOSS_PATTERNS[:2]:
+        if pat in flat:
+            return reason
     m = _SIGNALLED.search(flat)
     if m:
         return (f"a rank was killed by a signal: world rank {m.group(1)} (pid {m.group(2)}) on "
                 f"{m.group(3)} exited on signal {m.group(4)}")
-    for pat, reason in LOSS_PATTERNS:
+    sig = _signal_exit(returncode)
+    abort = _abort_reason(flat)
+    if abort:
+        return abort + (f"; mpiexec exit status {returncode}: a process died of signal {sig}" if sig else "")
+    fatal = _FATAL.search(flat)
+    then = (f"; then process {fatal.group(3)} of job {fatal.group(2)} stopped on an MPI error "
+            f"({fatal.group(1)!r}, MPI_ERRORS_ARE_FATAL)") if fatal else ""
+    if sig:
+        # mpiexec passes on 128 + N when a process of the job died of signal N, also
+        # when it printed no "exited on signal" message before it ended
+        return (f"a process of the job was killed by a signal: mpiexec exit status {returncode} "
+                f"(signal {sig}){then}")
+    if fatal and _PEER_GONE.search(fatal.group(1)):
+        return f"a process of the job died (killed by a signal, or exited){then}"
+    if fatal:
+        return f"an MPI error was fatal: {then[len('; then '):]}"
+    for pat, reason in LOSS_PATTERNS[2:]:
         if pat in flat:
             return reason
     if returncode is not None and returncode < 0:
         return f"mpiexec killed by signal {-returncode}"
-    if returncode is not None and 128 < returncode < 128 + 65:
-        # mpiexec passes on 128 + N when a process of the job died of signal N, also
-        # when it printed no "exited on signal" message before it ended
-        return (f"a process of the job was killed by a signal: mpiexec exit status {returncode} "
-                f"(signal {returncode - 128})")
     return f"no completion record (mpiexec exit status {returncode})"
 
 
@@ -359,7 +424,38 @@ def launch(cfg: Config, n: int, program: list[str], *, hosts=None, ft=False, tim
     if not quiet:
         print(f"mpimig: job completed: {rec['size']} ranks, {rec['points']} checkpoint points, "
               f"epoch {rec['epoch']}, {dt:.1f} s", file=sys.stderr)
+    for line in unhonoured_schedule(cfg, rec):
+        print(f"mpimig: warning: {line}", file=sys.stderr, flush=True)
     return 0
+
+
+def unhonoured_schedule(cfg: Config, rec: dict) -> list[str]:
+    """One line per ``--migrate`` entry that the finished job did not carry out, saying why
+    (from the coordinator's ``status.json``) -- a schedule is never dropped silently."""
+    if not cfg.schedule or cfg.job_dir is None:
+        return []
+    try:
+        migs = json.loads((cfg.job_dir / "status.json").read_text()).get("migrations", [])
+    except (OSError, ValueError, AttributeError):
+        migs = []
+    points = rec.get("points")
+    out = []
+    for entry in cfg.schedule:
+        point, rank, host = entry[0], entry[1], entry[2]
+        m = next((m for m in migs if m.get("origin") == "schedule" and m.get("rank") == rank
+                  and m.get("to") == host and m.get("at_point") == point), None)
+        if m is not None and m.get("state") == "done":
+            continue
+        why = (f"{m.get('state')}" if m is not None
+               else "the coordinator refused it at the start (MPIMIG_LOG=warning shows why)")
+        if points == 0:
+            why += ("; the program passed no checkpoint points (it never calls ctx.checkpoint_point()), "
+                    "so no migration can happen in it")
+        elif isinstance(points, int) and points < point:
+            why += f"; the program passed only {points} checkpoint points, not {point}"
+        out.append(f"scheduled migration --migrate {':'.join(map(str, entry))} (rank {rank} to {host} at "
+                   f"checkpoint point {point}) was not done: {why}")
+    return out
 
 
 def slurm_hosts() -> str | None:
@@ -427,15 +523,24 @@ def _config(args) -> Config:
 
 
 def _check_schedule(cfg: Config, n: int, hosts: str | None) -> None:
-    """Every ``--migrate`` entry names an existing rank and, with a host list, a host in it."""
+    """Every ``--migrate`` entry names an existing rank and one of the job's hosts: one in
+    ``--hosts``, or without it this host (where the whole job runs), and a name that resolves."""
     allowed = host_names(hosts)
+    here = socket.gethostname()
     for entry in cfg.schedule:
+        spec = f"--migrate {':'.join(map(str, entry))}"
+        host = entry[2]
         if entry[1] >= n:
-            raise UsageError(f"--migrate {':'.join(map(str, entry))}: rank {entry[1]} does not exist "
-                             f"(the job has ranks 0..{n - 1})")
-        if allowed and entry[2] not in allowed:
-            raise UsageError(f"--migrate {':'.join(map(str, entry))}: host {entry[2]} is not in --hosts "
-                             f"({', '.join(allowed)})")
+            raise UsageError(f"{spec}: rank {entry[1]} does not exist (the job has ranks 0..{n - 1})")
+        if allowed and host not in allowed:
+            raise UsageError(f"{spec}: host {host} is not in --hosts ({', '.join(allowed)})")
+        if not allowed and host != here:
+            raise UsageError(f"{spec}: host {host} is not one of the job's hosts: without --hosts the "
+                             f"job runs on this host only ({here})")
+        try:
+            socket.getaddrinfo(host, None)
+        except OSError as exc:
+            raise UsageError(f"{spec}: host {host} does not resolve ({exc.strerror or exc})") from None
 
 
 def _online_ft(args, cfg: Config) -> bool:
@@ -470,7 +575,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
     p.add_argument("--restart", choices=RESTART_MODES, default="auto", help="restart policy (below)")
     p.add_argument("--migrate", action="append", metavar="STEP:RANK:HOST[:STRATEGY]",
                    help="migrate RANK to HOST at checkpoint point STEP (repeatable); STRATEGY: "
-                        "stop-and-copy (default), pre-copy, post-copy or file-server")
+                        "stop-and-copy (default), pre-copy, post-copy or file-server. HOST must be in "
+                        "--hosts (without it: this host); an entry the job does not carry out is "
+                        "named in a warning at the end")
     p.add_argument("--coordinator", action="store_true",
                    help="start the coordinator even without a schedule (for mpimig migrate)")
     p.add_argument("--spares", type=int, default=0, metavar="K",

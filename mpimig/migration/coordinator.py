@@ -163,7 +163,7 @@ class Coordinator:
     def _refusal(self, rank: Any, host: Any, scheduled: bool) -> str | None:
         if self.finishing or self.finished:
             return "the job has finished"
-        if not isinstance(rank, int) or not 0 <= rank < self.size:
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < self.size:
             return f"unknown rank {rank!r}: the job has ranks 0..{self.size - 1}"
         if not isinstance(host, str) or not host:
             return f"bad host {host!r}"
@@ -567,7 +567,14 @@ class Coordinator:
             req, reply = self.server.requests.get_nowait()
         except queue.Empty:
             return False
-        self.request(req, reply)
+        try:
+            self.request(req, reply)
+        except MPI.Exception:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a request never ends the job
+            log.warning("control request %r failed: %s: %s", req, type(exc).__name__, exc)
+            reply({"ok": False, "error": f"the coordinator could not serve {req.get('op')!r}: "
+                                         f"{type(exc).__name__}: {exc}"})
         return True
 
     def on_message(self, src: int, tag: int, msg: Any) -> None:
