@@ -36,3 +36,12 @@ class LaunchError(MpimigError):
 
 class UsageError(MpimigError):
     """Wrong command-line arguments; the command line prints a usage message."""
+
+
+class SignatureError(CorruptCheckpoint):
+    """State (a pickled blob, a manifest) whose HMAC tag does not verify under the
+    job secret: it is never unpickled (names the file, blob and rank)."""
+
+
+class SecretError(MpimigError):
+    """The job secret cannot be read or created, or its file is not private (names the file)."""

@@ -32,7 +32,7 @@ from mpi4py import MPI
 
 from . import events
 from .comm import Comm, new_comm
-from .errors import CheckpointError, MigrationError, MpimigError, NoCommittedEpoch
+from .errors import CheckpointError, CorruptCheckpoint, MigrationError, MpimigError, NoCommittedEpoch
 from .ft import hooks, recovery
 from .launch.config import Config
 from .migration import source, target, transport
@@ -256,21 +256,43 @@ class Context:
 
     # -- restart -------------------------------------------------------------------
     def _restore_from_store(self) -> None:
-        """Restart from the latest committed epoch if the config says so (collective)."""
+        """Restart from the newest committed epoch that verifies, if the config says so
+        (collective). A damaged epoch (a checksum, a signature) is moved aside, logged
+        as an ``epoch_damaged`` event, and the one before it is tried."""
         cfg = self.config
         if self._store is None:
             if cfg.restart == "always":
                 raise NoCommittedEpoch("restart asked for, but no checkpoint directory is configured")
             return
-        latest = None
-        if self.rank == 0:
-            latest = self._store.latest() if cfg.restart != "never" else None
-        latest = self.comm.mpi.bcast(latest, root=0)
-        if latest is None:
+        epochs: list[int] = []
+        if self.rank == 0 and cfg.restart != "never":
+            epochs = self._store.committed_epochs()
+        epochs = self.comm.mpi.bcast(epochs, root=0)
+        if not epochs:
             if cfg.restart == "always":
                 raise NoCommittedEpoch(f"restart asked for, but {cfg.ckpt_dir} has no committed epoch")
             return
-        rs = self._store.read_rank(latest, self.rank)
+        for latest in reversed(epochs):
+            try:
+                rs, damage = self._store.read_rank(latest, self.rank), ""
+            except CorruptCheckpoint as exc:        # SignatureError too: nothing was unpickled
+                rs, damage = None, f"rank {self.rank}: {exc}"
+            problems = [d for d in recovery.allgather_obj(self.comm.mpi, damage) if d]
+            if not problems:
+                break
+            if self.rank == 0:
+                moved = self._store.quarantine(latest, problems)
+                older = [e for e in epochs if e < latest]
+                sys.stderr.write(f"mpimig: epoch {latest} in {cfg.ckpt_dir} is damaged ({problems[0]}"
+                                 f"{f' and {len(problems) - 1} more' if len(problems) > 1 else ''}); "
+                                 f"moved aside to {moved.name}; "
+                                 + (f"trying epoch {older[-1]}\n" if older else "no older epoch\n"))
+                events.emit(cfg.job_dir, "epoch_damaged", cfg.run_id, epoch=latest, problems=problems,
+                            quarantined=str(moved))
+        else:
+            raise CorruptCheckpoint(f"no committed epoch in {cfg.ckpt_dir} verifies (tried {epochs[::-1]}; "
+                                    "each was moved aside as epoch-N.damaged-*, see mpimig inspect)")
+        assert rs is not None
         saved_size = int(rs.attrs.get("size", self.size))
         if saved_size != self.size:
             raise CheckpointError(f"epoch {latest} in {cfg.ckpt_dir} was written by {saved_size} ranks; "

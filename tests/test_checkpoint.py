@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from mpimig.checkpoint import (DIRECT_MIN, FORMAT_VERSION, CheckpointStore, crc32_of)
+from mpimig.checkpoint.auth import job_key, open_blob
 from mpimig.checkpoint.format import DILL_TAG, decode_object, dumps, loads
-from mpimig.errors import CheckpointError, CorruptCheckpoint, NoCommittedEpoch, StateError
+from mpimig.errors import CheckpointError, CorruptCheckpoint, NoCommittedEpoch, SignatureError, StateError
 
 from conftest import ROOT, base_env, run_cmd
 
@@ -237,7 +238,8 @@ def test_attributes_and_manifest(tmp_path):
         with h5py.File(path, "r") as f:
             assert entry["write_id"] == f.attrs["write_id"]
             u = f["arrays/u"]
-            assert entry["datasets"]["arrays/u"] == {"crc32": int(u.attrs["crc32"]), "nbytes": 80}
+            assert entry["datasets"]["arrays/u"] == {"crc32": int(u.attrs["crc32"]), "nbytes": 80,
+                                                     "encoding": "native"}
             assert int(u.attrs["crc32"]) == zlib.crc32(u[()].tobytes())
     assert sorted(p.name for p in store.epoch_dir(4).iterdir()) == \
         ["MANIFEST.json", "rank-00000.h5", "rank-00001.h5", "rank-00002.h5"]
@@ -475,7 +477,7 @@ def test_keep_prunes_old_epochs_and_stale_tmp_dirs(tmp_path):
     assert store.uncommitted_epochs() == [9]
     store.wait_pruned()
     assert sorted(p.name for p in tmp_path.iterdir()) == \
-        ["epoch-000004", "epoch-000005", "epoch-000009.tmp"]
+        ["epoch-000004", "epoch-000005", "epoch-000009.tmp", "secret"]
     assert store.read_rank(4, 0).arrays["a"][0] == 4
     with pytest.raises(ValueError, match="keep"):
         CheckpointStore(tmp_path, keep=0)
@@ -487,7 +489,7 @@ def test_discard_uncommitted_at_job_start(tmp_path):
     store.write_rank(2, 0, 1, 0, {}, {})
     store.write_rank(5, 0, 1, 0, {}, {})
     assert store.discard_uncommitted() == [2, 5]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-000001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-000001", "secret"]
     assert store.next_epoch() == 2
 
 
@@ -666,7 +668,9 @@ def test_truncated_or_tampered_files_are_reported(tmp_path):
     data["ranks"][0]["datasets"]["arrays/a"]["crc32"] ^= 1
     man.write_text(json.dumps(data))
     assert any("epoch 1 rank 0 dataset /arrays/a" in p for p in store.verify(1))
-    with pytest.raises(CorruptCheckpoint, match=r"epoch 1 rank 0 dataset /arrays/a.*manifest"):
+    # the manifest is signed: a changed CRC in it is caught before any dataset is read
+    assert any("epoch 1: manifest" in p and "HMAC tag does not verify" in p for p in store.verify(1))
+    with pytest.raises(SignatureError, match=r"epoch 1: manifest .*MANIFEST.json: HMAC tag does not verify"):
         store.read_rank(1, 0)
     man.write_text("{not json")
     with pytest.raises(CorruptCheckpoint, match="manifest"):
@@ -747,7 +751,7 @@ def test_store_under_mpiexec(tmp_path):
     res = run_cmd(["timeout", "90", mpiexec, "--oversubscribe", "-n", "3", sys.executable,
                    script, ck], timeout=120)
     assert "RESULT [2, 3] True True" in res.stdout, res.stdout + res.stderr
-    assert sorted(p.name for p in ck.iterdir()) == ["epoch-000002", "epoch-000003"]
+    assert sorted(p.name for p in ck.iterdir()) == ["epoch-000002", "epoch-000003", "secret"]
 
 
 # ------------------------------------------------------- one object codec
@@ -768,7 +772,8 @@ def test_migration_payload_and_checkpoint_blob_share_one_codec(tmp_path):
     assert blobs["params"][1] == "pickle" and blobs["stepper"][1] == "dill"
     for name, obj in objects.items():
         blob, encoding = blobs[name]
-        assert dumps(name, obj) == (DILL_TAG + blob if encoding == "dill" else blob), name
+        framed = open_blob(job_key(), dumps(name, obj), name)        # signed, then the same codec
+        assert bytes(framed) == (DILL_TAG + blob if encoding == "dill" else blob), name
     from_checkpoint = store.read_rank(1, 0).objects
     from_message = {name: loads(name, dumps(name, obj)) for name, obj in objects.items()}
     from_blob = {name: decode_object(blob, encoding, name) for name, (blob, encoding) in blobs.items()}

@@ -1,14 +1,17 @@
 """Checkpoints: the HDF5 epoch store of registered state, and the object codec.
 
-Owns the on-disk format (docs/checkpoint-format.md) in four modules:
+Owns the on-disk format (docs/checkpoint-format.md) in five modules:
 
 * :mod:`.format` -- names, constants, CRC-32, how arrays and Python objects
   are encoded; the ONE object codec (pickle, dill as fallback) used by
-  checkpoints and by migrations (:func:`~.format.dumps`/:func:`~.format.loads`);
+  checkpoints and by migrations (:func:`~.format.dumps`/:func:`~.format.loads`,
+  which sign and verify);
 * :mod:`.writer` -- writing one rank's file (pwrite fast path, async snapshot);
 * :mod:`.store` -- :class:`CheckpointStore`: epochs, vote, commit, pruning;
 * :mod:`.reader` -- reading, verifying and describing what is on disk, and the
-  ``mpimig inspect`` command.
+  ``mpimig inspect`` command;
+* :mod:`.auth` -- the job secret, HMAC-SHA256 tags (docs/security.md) and the
+  modes of the files and directories written.
 
 May import :mod:`mpimig.errors` and :mod:`mpimig._version` only (and
 numpy, h5py, dill; of mpi4py only the version strings, never ``mpi4py.MPI``):

@@ -11,8 +11,10 @@ the result differs:
   dataset's ``encoding`` attribute and the dataset holds the bytes
   (:func:`encode_object` / :func:`decode_object`);
 * in a migration message (and a buddy copy) the bytes carry their encoding
-  themselves: dill payloads are prefixed with :data:`DILL_TAG`
-  (:func:`dumps` / :func:`loads`).
+  themselves: dill payloads are prefixed with :data:`DILL_TAG`, and the whole
+  is framed with its HMAC-SHA256 tag under the job secret
+  (:func:`dumps` / :func:`loads`, :mod:`.auth`): :func:`loads` never unpickles
+  bytes whose tag does not verify.
 
 The on-disk format is specified in ``docs/checkpoint-format.md``; keep the
 two in step. Importing this module does not import h5py (the migration path
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import pickle
 import re
 import zlib
@@ -38,18 +41,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "CHECKSUM_ALGORITHM", "MANIFEST", "GROUPS", "IO_BLOCK",
-    "NATIVE", "PICKLE", "DILL", "QUEUE", "BYTES", "PICKLE_PROTOCOL", "DILL_TAG",
-    "crc32_of", "bytes_view", "encode_object", "decode_object", "dumps", "loads",
+    "NATIVE", "PICKLE", "DILL", "QUEUE", "BYTES", "PICKLE_PROTOCOL", "DILL_TAG", "QUARANTINE_RE",
+    "crc32_of", "signed", "bytes_view", "encode_object", "decode_object", "dumps", "loads",
     "Item", "Prepared", "prepare", "decode_queue", "h5file",
     "epoch_dir_name", "rank_file_name", "sidecar_name", "list_entries", "committed_epochs", "uncommitted_epochs",
+    "quarantined_epochs", "manifest_bytes",
     "no_epoch_error", "resolve_epoch",
 ]
 
 #: Value of the root attribute and manifest key ``format``.
 FORMAT = "mpimig-checkpoint"
 #: Version of the on-disk layout (root attribute ``format_version``, manifest
-#: key ``format_version``). Readers refuse files with a newer version.
-FORMAT_VERSION = 1
+#: key ``format_version``). Readers refuse files with a newer version; version 2
+#: added HMAC tags (version-1 checkpoints hold unsigned pickles: never loaded).
+FORMAT_VERSION = 2
 #: Name of the checksum algorithm, stored in every rank file and manifest.
 CHECKSUM_ALGORITHM = "crc32"
 MANIFEST = "MANIFEST.json"
@@ -71,6 +76,8 @@ TMP_RE = re.compile(r"^epoch-(\d+)\.tmp$")
 EPOCH_DIR_RE = re.compile(r"^epoch-(\d+)(\.tmp)?$")
 RANK_RE = re.compile(r"^rank-(\d+)\.h5$")
 TRASH_RE = re.compile(r"^epoch-\d+(\.tmp)?\.(deleting|replaced)-[0-9a-f]+$")
+#: A damaged epoch moved aside by a restart (kept for inspection, never pruned).
+QUARANTINE_RE = re.compile(r"^epoch-(\d+)\.damaged-[0-9A-Za-z]+$")
 
 
 def epoch_dir_name(epoch: int) -> str:
@@ -119,6 +126,17 @@ def committed_epochs(directory: Path) -> list[int]:
 def uncommitted_epochs(directory: Path) -> list[int]:
     """Epochs with a .tmp dir (being written, or left by a crash)."""
     return sorted(int(m.group(1)) for p in list_entries(directory) if (m := TMP_RE.match(p.name)))
+
+
+def quarantined_epochs(directory: Path) -> list[str]:
+    """Names of the damaged epochs a restart moved aside (sorted)."""
+    return sorted(p.name for p in list_entries(directory) if QUARANTINE_RE.match(p.name))
+
+
+def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
+    """The bytes a manifest's HMAC covers: canonical JSON of every key but ``auth``."""
+    body = {k: v for k, v in manifest.items() if k != "auth"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def no_epoch_error(directory: Path) -> NoCommittedEpoch:
@@ -216,19 +234,31 @@ def decode_object(payload: bytes | bytearray | memoryview, encoding: str, where:
     raise CorruptCheckpoint(f"{where}: unknown encoding {encoding!r}")
 
 
+def signed(path: str, encoding: str) -> bool:
+    """Whether the dataset at ``path`` carries an HMAC tag: every dataset but the
+    native arrays of the ``arrays`` group (those are checked by CRC-32 only)."""
+    return not (path.startswith("arrays/") and encoding == NATIVE)
+
+
 def dumps(name: str, obj: Any) -> bytes:
-    """:func:`encode_object` framed for a message: dill payloads start with
-    :data:`DILL_TAG`, pickles are plain ``pickle.dumps(obj, protocol=5)``."""
+    """:func:`encode_object` framed for a message or buddy copy: dill payloads
+    start with :data:`DILL_TAG`, and the bytes are signed with the job secret
+    (:func:`mpimig.checkpoint.auth.sign_blob`)."""
+    from . import auth
     payload, encoding = encode_object(obj, name)
-    return DILL_TAG + payload if encoding == DILL else payload
+    return auth.sign_blob(auth.job_key(), DILL_TAG + payload if encoding == DILL else payload)
 
 
-def loads(name: str, data: Buffer) -> Any:
-    """Inverse of :func:`dumps`."""
-    view = bytes_view(data)
+def loads(name: str, data: Buffer, where: str = "") -> Any:
+    """Inverse of :func:`dumps`: raises SignatureError (never unpickles) when
+    the tag does not verify under the job secret. ``where`` (e.g. "buddy copy
+    of rank 3") prefixes the error messages."""
+    from . import auth
+    what = f"{where + ': ' if where else ''}object {name!r}"
+    view = auth.open_blob(auth.job_key(), bytes_view(data), what)
     if view[:len(DILL_TAG)] == DILL_TAG:
-        return decode_object(view[len(DILL_TAG):], DILL, f"object {name!r}")
-    return decode_object(view, PICKLE, f"object {name!r}")
+        return decode_object(view[len(DILL_TAG):], DILL, what)
+    return decode_object(view, PICKLE, what)
 
 
 # ------------------------------------------------------------- array encoding

@@ -22,16 +22,25 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import CheckpointError, CorruptCheckpoint, NoCommittedEpoch, StateError, UsageError
-from .format import (EPOCH_DIR_RE, FORMAT_VERSION, GROUPS, IO_BLOCK, MANIFEST, NATIVE, QUEUE, bytes_view,
-                     committed_epochs, crc32_of, decode_object, decode_queue, epoch_dir_name, h5file,
-                     no_epoch_error, rank_file_name, resolve_epoch, uncommitted_epochs)
+from ..errors import (CheckpointError, CorruptCheckpoint, NoCommittedEpoch, SecretError, SignatureError, StateError,
+                      UsageError)
+from . import auth
+from .format import (EPOCH_DIR_RE, QUARANTINE_RE, FORMAT_VERSION, GROUPS, IO_BLOCK, MANIFEST, NATIVE, QUEUE, bytes_view,
+                     committed_epochs, crc32_of, dataset_link_name, decode_object, decode_queue, epoch_dir_name,
+                     h5file, manifest_bytes, no_epoch_error, quarantined_epochs, rank_file_name, resolve_epoch,
+                     signed, uncommitted_epochs)
 
 INSPECT_DESCRIPTION = """\
-PATH is a checkpoint directory, one epoch directory in it, or a single rank
-file. Lists epochs, ranks, datasets and sizes, recomputes every dataset's
-CRC-32 from the bytes in the file, and exits non-zero naming the epoch, rank
-and dataset of every problem found (exit 1: problems, 0: all fine)."""
+PATH is a job directory (its ckpt/ is inspected), a checkpoint directory, one
+epoch directory in it, or a single rank file. Lists epochs, ranks, datasets
+and sizes, recomputes every dataset's CRC-32 from the bytes in the file,
+verifies the HMAC-SHA256 tags of each manifest and of every pickled blob under
+the job secret, and exits non-zero naming the epoch, rank and dataset of every
+problem found (exit 1: problems, 0: all fine). The secret is taken from
+--secret-file, else MPIMIG_SECRET_FILE / MPIMIG_SECRET, else a file named
+"secret" in the checkpoint directory or the job directory above it; without
+one the tags are not verified and inspect says so. Damaged epochs that a
+restart moved aside (epoch-N.damaged-*) are listed."""
 
 __all__ = ["RankState", "read_manifest", "read_rank", "read_file", "describe_epoch", "describe_file", "register"]
 
@@ -67,8 +76,10 @@ def _dt_str(dtype: np.dtype) -> str:
 
 
 # ------------------------------------------------------------------- epochs
-def read_manifest(directory: Path, epoch: int | None = None) -> dict[str, Any]:
-    """The parsed MANIFEST.json of a committed epoch (latest if None)."""
+def read_manifest(directory: Path, epoch: int | None = None, key: auth.Key | None = None) -> dict[str, Any]:
+    """The parsed MANIFEST.json of a committed epoch (latest if None). With
+    ``key`` its HMAC is verified (SignatureError if it does not verify or is
+    missing) and its epoch must be the directory's."""
     epoch = resolve_epoch(directory, epoch)
     path = directory / epoch_dir_name(epoch) / MANIFEST
     try:
@@ -80,6 +91,11 @@ def read_manifest(directory: Path, epoch: int | None = None) -> dict[str, Any]:
             or not isinstance(man.get("ranks"), list) or len(man["ranks"]) != man["size"]:
         raise CorruptCheckpoint(f"epoch {epoch}: manifest {path} is malformed "
                                 "(needs 'size' and one 'ranks' entry per rank)")
+    if key is not None:
+        check_manifest(man, key, f"epoch {epoch}: manifest {path}")
+        if man.get("epoch") != epoch:
+            raise CorruptCheckpoint(f"epoch {epoch}: manifest {path} is signed for epoch {man.get('epoch')} "
+                                    "(an epoch directory was renamed)")
     _check_entries(man["ranks"], f"epoch {epoch}: manifest {path}")
     return man
 
@@ -99,18 +115,45 @@ def _check_entries(ranks: list[Any], where: str) -> None:
             raise CorruptCheckpoint(f"{where} is malformed: rank {r}'s 'bytes' is not an integer")
 
 
-def read_rank(directory: Path, epoch: int | None, rank: int, verify: bool = True) -> RankState:
-    """One rank's state from a committed epoch (latest if None); with
-    ``verify`` every dataset's CRC-32 is checked against the manifest."""
+def check_manifest(man: dict[str, Any], key: auth.Key, where: str) -> None:
+    """SignatureError unless the manifest carries a valid HMAC under ``key``."""
+    a = man.get("auth")
+    if not isinstance(a, dict) or a.get("algorithm") != auth.ALGORITHM:
+        fv = man.get("format_version")
+        raise SignatureError(f"{where} is not signed (format version {fv}; mpimig signs manifests since "
+                             f"format version 2): its pickles are never loaded")
+    try:
+        auth.check_tag(key, a.get("tag"), where, manifest_bytes(man))
+    except SignatureError as exc:
+        if a.get("key_id") and a.get("key_id") != auth.key_id(key):
+            raise SignatureError(f"{exc} (it was signed with secret id {a.get('key_id')}, this is "
+                                 f"secret id {auth.key_id(key)} from {key.source})") from None
+        raise
+
+
+def read_rank(directory: Path, epoch: int | None, rank: int, verify: bool = True,
+              key: auth.Key | None = None) -> RankState:
+    """One rank's state from a committed epoch (latest if None). The manifest's
+    HMAC and every signed dataset's tag are checked under ``key`` (default: the
+    directory's secret) before anything is unpickled; with ``verify`` every
+    dataset's CRC-32 is checked against the manifest too."""
     epoch = resolve_epoch(directory, epoch)
-    man = read_manifest(directory, epoch)
+    key = auth.key_for_directory(directory, create=False) if key is None else key
+    man = read_manifest(directory, epoch, key)
     if not 0 <= int(rank) < man["size"]:
         raise CheckpointError(f"rank {rank} is not in epoch {epoch} of {directory} (size {man['size']})")
     path = directory / epoch_dir_name(epoch) / rank_file_name(rank)
     where = f"epoch {epoch} rank {rank}"
-    expected = man["ranks"][rank]["datasets"]
+    entry = man["ranks"][rank]
+    expected = entry.get("datasets") if isinstance(entry, dict) else None
+    if not isinstance(expected, dict):
+        raise CorruptCheckpoint(f"{where}: the manifest has no dataset list for rank {rank}")
     try:
-        return read_file(path, where, expected if verify else None)
+        state = read_file(path, where, expected, key, verify)
+        if state.attrs.get("write_id") != entry.get("write_id"):
+            raise CorruptCheckpoint(f"{where}: {path} has write id {state.attrs.get('write_id')}, the manifest "
+                                    f"says {entry.get('write_id')} (a rank file from another write)")
+        return state
     except (CorruptCheckpoint, StateError):
         raise
     except (OSError, KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
@@ -118,10 +161,11 @@ def read_rank(directory: Path, epoch: int | None, rank: int, verify: bool = True
         raise CorruptCheckpoint(f"{where}: cannot read {path}: {type(exc).__name__}: {exc}") from exc
 
 
-def describe_epoch(directory: Path, epoch: int, verify: bool = True) -> dict[str, Any]:
+def describe_epoch(directory: Path, epoch: int, verify: bool = True, key: auth.Key | None = None) -> dict[str, Any]:
     """A JSON-serialisable description of a committed epoch: manifest
     fields, and per rank its file, attributes and datasets (with checksum
-    status when ``verify``), plus a list of problems."""
+    status when ``verify``, and with ``key`` the manifest's signature and
+    every signed dataset's tag), plus a list of problems."""
     epoch = resolve_epoch(directory, epoch)
     problems: list[str] = []
     try:
@@ -130,13 +174,22 @@ def describe_epoch(directory: Path, epoch: int, verify: bool = True) -> dict[str
         return {"epoch": epoch, "ranks": [], "problems": [str(exc)]}
     out = {k: man.get(k) for k in ("epoch", "size", "step", "job_id", "time_iso", "format_version", "meta")}
     out["path"] = str(directory / epoch_dir_name(epoch))
+    if key is None:
+        out["signature"] = "not verified (no secret)"
+    else:
+        try:
+            check_manifest(man, key, f"epoch {epoch}: manifest {directory / epoch_dir_name(epoch) / MANIFEST}")
+            out["signature"] = "ok"
+        except SignatureError as exc:
+            out["signature"] = "BAD"
+            problems.append(str(exc))   # blobs are still checked: a tag only the secret makes names the bad one
     if man.get("epoch") != epoch:
         problems.append(f"epoch {epoch}: manifest says epoch {man.get('epoch')}")
     ranks = []
     for r in range(int(man.get("size", 0))):
         entry = man["ranks"][r] if r < len(man.get("ranks", [])) else {}
         ranks.append(describe_file(directory / epoch_dir_name(epoch) / rank_file_name(r), verify, entry,
-                                   epoch, r, problems))
+                                   epoch, r, problems, key))
     out["ranks"] = ranks
     out["bytes"] = sum(r.get("bytes", 0) for r in ranks)
     out["problems"] = problems
@@ -193,22 +246,36 @@ def _direct_offset(ds: h5py.Dataset) -> int | None:
 
 
 class _FileReader:
-    """Reads a rank file's datasets; with ``expected`` (the manifest's
-    datasets) a thread checksums each block as soon as it is read.
+    """Reads a rank file's datasets as its (signed) manifest entry says.
 
-    Contiguous datasets are read with os.preadv straight into the result
-    array in blocks of IO_BLOCK bytes; others go through h5py."""
+    ``expected`` (the manifest's datasets) drives what may be decoded how: a
+    dataset must be listed there with the encoding its attribute claims, and
+    every signed one (:func:`~.format.signed`: all but native arrays) must
+    match its HMAC tag before it is decoded; nothing is unpickled before
+    every tag and (with ``verify``) every checksum passed. With ``verify`` a
+    thread checksums each block as soon as it is read. Contiguous datasets
+    are read with os.preadv straight into the result array in blocks of
+    IO_BLOCK bytes; others go through h5py."""
 
-    def __init__(self, path: Path, where: str, expected: dict[str, Any] | None):
-        self.path, self.where, self.expected = path, where, expected
+    def __init__(self, path: Path, where: str, expected: dict[str, Any], key: auth.Key, verify: bool = True):
+        self.path, self.where, self.expected, self.key = path, where, expected, key
         self.pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mpimig-crc")
-                     if expected is not None else None)
+                     if verify else None)
         self.checks: list[tuple[str, h5py.Dataset, concurrent.futures.Future[int]]] = []
-        #: (target, name, bytes, encoding, description) unpickled only after every checksum passed
+        self.seen: set[str] = set()
+        #: (target, name, bytes, encoding, description) unpickled only after every check passed
         self.pending: list[tuple[dict[str, Any], str, np.ndarray, str, str]] = []
         self.fd = -1
 
-    def load(self, dpath: str, ds: h5py.Dataset) -> np.ndarray:
+    def load(self, dpath: str, ds: h5py.Dataset, enc: str, what: str) -> np.ndarray:
+        item = f"{self.where} {what}"
+        entry = self.expected.get(dpath)
+        if not isinstance(entry, dict):
+            raise CorruptCheckpoint(f"{item}: dataset /{dpath} in {self.path} is not listed in the manifest")
+        if entry.get("encoding", enc) != enc:
+            raise CorruptCheckpoint(f"{item}: dataset /{dpath} in {self.path} says encoding {enc!r}, the signed "
+                                    f"manifest says {entry.get('encoding')!r}")
+        self.seen.add(dpath)
         data = np.empty(ds.shape, dtype=ds.dtype)
         chain = _CrcChain()
         offset = _direct_offset(ds)
@@ -231,12 +298,19 @@ class _FileReader:
                 self.pool.submit(chain.add, bytes_view(data))
         if self.pool is not None:
             self.checks.append((dpath, ds, self.pool.submit(chain.result)))
+        if signed(dpath, enc):
+            auth.check_tag(self.key, entry.get("hmac"), f"{self.where} dataset /{dpath} ({what} in {self.path})",
+                           bytes_view(data))
         return data
 
     def read_group(self, f: h5py.File, g: str, target: dict[str, Any]) -> None:
         for link, obj in _ordered(f[g]):
             name = _attr_value(obj.attrs.get("name", link))
-            item = f"{self.where} {g[:-1] if g != 'extra' else 'extra'} {name!r}"
+            what = f"{g[:-1] if g != 'extra' else 'extra'} {name!r}"
+            item = f"{self.where} {what}"
+            if not isinstance(name, str) or dataset_link_name(name) != link:
+                raise CorruptCheckpoint(f"{item}: /{g}/{link} in {self.path} is named {name!r}, which does "
+                                        "not match its link name")
             # every dataset and queue group says how to decode it (docs/checkpoint-format.md,
             # section 3): no default, or a pickle whose attribute was damaged would come back
             # as its raw bytes (the CRC covers the data, not the attributes; found by tests/fuzz)
@@ -246,10 +320,12 @@ class _FileReader:
             if isinstance(obj, h5py.Group):
                 if enc != QUEUE:
                     raise CorruptCheckpoint(f"{item}: unexpected group /{g}/{link}")
-                target[name] = decode_queue(self.load(f"{g}/{link}/index", obj["index"]),
-                                            self.load(f"{g}/{link}/payload", obj["payload"]))
+                target[name] = decode_queue(self.load(f"{g}/{link}/index", obj["index"], NATIVE, what),
+                                            self.load(f"{g}/{link}/payload", obj["payload"],
+                                                      _attr_value(obj["payload"].attrs.get("encoding", NATIVE)),
+                                                      what))
                 continue
-            data = self.load(f"{g}/{link}", obj)
+            data = self.load(f"{g}/{link}", obj, enc, what)
             if enc == NATIVE:
                 if _attr_value(obj.attrs.get("order", "C")) == "F":
                     data = np.asfortranarray(data)
@@ -260,11 +336,9 @@ class _FileReader:
 
     def check(self) -> None:
         """Compare every checksum with the file's and the manifest's."""
-        if self.expected is None:
-            return
         for dpath, ds, fut in self.checks:
             _check_crc(self.where, dpath, ds, fut.result(), self.expected)
-        missing = set(self.expected) - {c[0] for c in self.checks}
+        missing = set(self.expected) - self.seen
         if missing:
             raise CorruptCheckpoint(f"{self.where}: dataset(s) {sorted(missing)} listed in "
                                     f"the manifest are missing from {self.path}")
@@ -284,16 +358,17 @@ class _FileReader:
             target[name] = decode_object(data.tobytes(), enc, item)
 
 
-def read_file(path: Path, where: str, expected: dict[str, Any] | None) -> RankState:
-    """Read a rank file; with ``expected`` (manifest datasets) verify CRCs,
-    so verifying costs little more than reading."""
+def read_file(path: Path, where: str, expected: dict[str, Any], key: auth.Key, verify: bool = True) -> RankState:
+    """Read a rank file as its manifest entry ``expected`` says: signed
+    datasets must match their tags under ``key``; with ``verify`` CRCs are
+    checked too, so verifying costs little more than reading."""
     with h5file(path, "r") as f:
         attrs = {_attr_key(k): _attr_value(v) for k, v in f.attrs.items()}
         if int(attrs.get("format_version", 0)) > FORMAT_VERSION:
             raise CorruptCheckpoint(f"{where}: {path} has format version "
                                     f"{attrs['format_version']}, this mpimig reads up to {FORMAT_VERSION}")
         state = RankState({}, {}, {}, attrs)
-        _FileReader(path, where, expected).read(f, state)
+        _FileReader(path, where, expected, key, verify).read(f, state)
         return state
 
 
@@ -347,10 +422,52 @@ def _check_root(where: str, path: Path, a: dict[str, Any], entry: dict[str, Any]
                         f"this mpimig reads up to {FORMAT_VERSION}")
 
 
+def _file_hmac(fd: int, ds: h5py.Dataset, key: auth.Key) -> str:
+    """HMAC-SHA256 of a dataset's bytes (as :func:`_file_crc` reads them)."""
+    import hashlib
+    import hmac
+    mac = hmac.new(key.secret, digestmod=hashlib.sha256)
+    offset = ds.id.get_offset()
+    nbytes = int(ds.id.get_storage_size())
+    if offset is None or nbytes != ds.size * ds.dtype.itemsize:
+        if ds.size:
+            mac.update(bytes_view(np.ascontiguousarray(ds[()])))
+        return mac.hexdigest()
+    pos = 0
+    while pos < nbytes:
+        block = os.pread(fd, min(IO_BLOCK, nbytes - pos), offset + pos)
+        if not block:
+            raise OSError(errno.EIO, f"file ends inside dataset {ds.name}")
+        mac.update(block)
+        pos += len(block)
+    return mac.hexdigest()
+
+
+def _describe_tag(where: str, path: Path, dpath: str, ds: h5py.Dataset, fd: int, enc: str,
+                  want: dict[str, Any] | None, key: auth.Key | None, problems: list[str]) -> str:
+    """The HMAC status of a signed dataset: ok, BAD, missing, or not verified."""
+    tag = (want or {}).get("hmac") if want is not None else _attr_value(ds.attrs.get("hmac"))
+    if not tag:
+        problems.append(f"{where} dataset /{dpath}: {enc} blob without an HMAC tag in "
+                        f"{'the manifest' if want is not None else path}: it would never be loaded")
+        return "missing"
+    if key is None or fd < 0:
+        return "not verified"
+    import hmac
+    if hmac.compare_digest(str(tag), _file_hmac(fd, ds, key)):
+        return "ok"
+    problems.append(f"{where} dataset /{dpath}: HMAC tag does not verify under the job secret "
+                    f"({key.source}) in {path}: the {enc} blob was changed or written with another secret; "
+                    "a restart refuses it")
+    return "BAD"
+
+
 def _describe_dataset(where: str, path: Path, dpath: str, ds: h5py.Dataset, fd: int,
-                      expected: dict[str, Any] | None, problems: list[str]) -> dict[str, Any]:
-    """One dataset's entry; ``fd`` >= 0 recomputes its checksum, ``expected``
-    (the manifest's datasets, None outside a committed epoch) is compared."""
+                      expected: dict[str, Any] | None, problems: list[str],
+                      key: auth.Key | None = None) -> dict[str, Any]:
+    """One dataset's entry; ``fd`` >= 0 recomputes its checksum (and with
+    ``key`` its HMAC), ``expected`` (the manifest's datasets, None outside a
+    committed epoch) is compared."""
     d: dict[str, Any] = {"path": "/" + dpath, "name": _attr_value(ds.attrs.get("name", dpath)),
                          "encoding": _attr_value(ds.attrs.get("encoding", NATIVE)),
                          "dtype": _dt_str(ds.dtype), "shape": list(ds.shape),
@@ -369,9 +486,16 @@ def _describe_dataset(where: str, path: Path, dpath: str, ds: h5py.Dataset, fd: 
         want = expected.get(dpath)
         if want is None:
             problems.append(f"{where} dataset /{dpath}: not listed in the manifest")
-        elif stored is not None and int(want["crc32"]) != int(stored):
-            problems.append(f"{where} dataset /{dpath}: crc32 attribute {int(stored):08x} differs "
-                            f"from the manifest's {int(want['crc32']):08x}")
+        else:
+            if stored is not None and int(want["crc32"]) != int(stored):
+                problems.append(f"{where} dataset /{dpath}: crc32 attribute {int(stored):08x} differs "
+                                f"from the manifest's {int(want['crc32']):08x}")
+            if want.get("encoding", d["encoding"]) != d["encoding"]:
+                problems.append(f"{where} dataset /{dpath}: encoding attribute {d['encoding']!r} differs "
+                                f"from the manifest's {want.get('encoding')!r}")
+    if signed(dpath, d["encoding"]):
+        d["hmac"] = _describe_tag(where, path, dpath, ds, fd, d["encoding"],
+                                  None if expected is None else expected.get(dpath, {}), key, problems)
     if fd >= 0:
         crc = _file_crc(fd, ds)
         ok = stored is not None and crc == int(stored)
@@ -384,7 +508,7 @@ def _describe_dataset(where: str, path: Path, dpath: str, ds: h5py.Dataset, fd: 
 
 def describe_file(path: str | Path, verify: bool = True, entry: dict[str, Any] | None = None,
                   epoch: int | None = None, rank: int | None = None,
-                  problems: list[str] | None = None) -> dict[str, Any]:
+                  problems: list[str] | None = None, key: auth.Key | None = None) -> dict[str, Any]:
     """Describe one rank file: attributes and datasets, and with ``verify``
     the CRC-32 of every dataset's bytes in the file against its ``crc32``
     attribute. ``entry`` is the file's manifest entry when it belongs to a
@@ -417,7 +541,7 @@ def describe_file(path: str | Path, verify: bool = True, entry: dict[str, Any] |
             fd = os.open(path, os.O_RDONLY) if verify else -1
             try:
                 datasets = [_describe_dataset(where, path, dpath, ds, fd, None if entry is None else expected,
-                                              problems) for dpath, ds in _walk_datasets(f)]
+                                              problems, key) for dpath, ds in _walk_datasets(f)]
             finally:
                 if fd >= 0:
                     os.close(fd)
@@ -440,17 +564,51 @@ def human(n: int | None) -> str:
     return f"{n} B"
 
 
-def collect(path: Path, epoch: int | None = None, verify: bool = True) -> dict[str, Any]:
+def checkpoint_dir_of(path: Path) -> Path:
+    """The checkpoint directory ``mpimig inspect PATH`` means: PATH/ckpt for a
+    job directory (one without epochs of its own that has a ckpt/)."""
+    if (path.is_dir() and not EPOCH_DIR_RE.match(path.name) and (path / "ckpt").is_dir()
+            and not any(EPOCH_DIR_RE.match(p.name) for p in path.iterdir())):
+        return path / "ckpt"
+    return path
+
+
+def find_key(path: Path, secret_file: str | None = None) -> auth.Key | None:
+    """The secret to verify ``path`` with: --secret-file, the environment, or a
+    ``secret`` file in the checkpoint directory or the job directory above it."""
+    if secret_file:
+        return auth.read_secret_file(secret_file)
+    key = auth.env_key()
+    if key is not None:
+        return key
+    d = path.parent if path.is_file() else path
+    if EPOCH_DIR_RE.match(d.name) or QUARANTINE_RE.match(d.name):
+        d = d.parent
+    for cand in (d / auth.SECRET_NAME, d.parent / auth.SECRET_NAME):
+        if cand.exists():
+            return auth.read_secret_file(cand)
+    return None
+
+
+def collect(path: Path, epoch: int | None = None, verify: bool = True,
+            key: auth.Key | None = None) -> dict[str, Any]:
     """Everything `mpimig inspect` shows, as a JSON-serialisable dict with a
-    ``problems`` list. Raises NoCommittedEpoch for a directory without epochs."""
+    ``problems`` list; with ``key`` signatures are verified. Raises
+    NoCommittedEpoch for a directory without epochs."""
+    path = checkpoint_dir_of(path)
     if path.is_file():
-        info = describe_file(path, verify)
+        info = describe_file(path, verify, key=key)
         return {"kind": "file", "path": str(path), "files": [info], "epochs": [],
                 "problems": list(info["problems"])}
+    if QUARANTINE_RE.match(path.name) and path.is_dir():
+        # a damaged epoch a restart moved aside: each rank file on its own (its own tags)
+        files = [describe_file(p, verify, key=key) for p in sorted(path.glob("rank-*.h5"))]
+        return {"kind": "damaged epoch (moved aside by a restart)", "path": str(path), "files": files,
+                "epochs": [], "problems": [p for f in files for p in f["problems"]]}
     m = EPOCH_DIR_RE.match(path.name)
     if m and path.is_dir() and (m.group(2) or not (path / MANIFEST).is_file()):
         # an uncommitted epoch: check each rank file on its own
-        files = [describe_file(p, verify) for p in sorted(path.glob("rank-*.h5"))]
+        files = [describe_file(p, verify, key=key) for p in sorted(path.glob("rank-*.h5"))]
         return {"kind": "uncommitted epoch", "path": str(path), "files": files, "epochs": [],
                 "problems": [p for f in files for p in f["problems"]]}
     if m and path.is_dir():
@@ -463,9 +621,10 @@ def collect(path: Path, epoch: int | None = None, verify: bool = True) -> dict[s
         if not committed:
             raise no_epoch_error(directory)
         epochs = committed if epoch is None else [epoch]
-    described = [describe_epoch(directory, e, verify) for e in epochs]
+    described = [describe_epoch(directory, e, verify, key) for e in epochs]
     return {"kind": "directory", "path": str(directory),
             "committed": committed_epochs(directory), "uncommitted": uncommitted_epochs(directory),
+            "quarantined": quarantined_epochs(directory),
             "epochs": described, "problems": [p for d in described for p in d["problems"]]}
 
 
@@ -485,8 +644,9 @@ def _print_file(info: dict[str, Any], indent: str, out: Out) -> None:
         else:
             what = "opaque bytes"
         status = d.get("checksum", "not verified")
+        tag = f"  hmac {d['hmac']}" if "hmac" in d else ""
         out(f"{indent}  {d['path']:<28} {kind:<7} {what:<28} {human(d['nbytes']):>10}  "
-            f"crc32 {d['crc32']} {status}")
+            f"crc32 {d['crc32']} {status}{tag}")
 
 
 def render(report: dict[str, Any], out: Out = print) -> None:
@@ -495,9 +655,12 @@ def render(report: dict[str, Any], out: Out = print) -> None:
         out(f"  committed epochs: {', '.join(map(str, report['committed'])) or 'none'}"
             + (f"; uncommitted (ignored): {', '.join(map(str, report['uncommitted']))}"
                if report["uncommitted"] else ""))
+        if report.get("quarantined"):
+            out(f"  damaged epochs moved aside by a restart (kept, never loaded): {', '.join(report['quarantined'])}")
         for e in report["epochs"]:
             out(f"epoch {e['epoch']}: job {e.get('job_id')}, step {e.get('step')}, "
-                f"{e.get('size')} rank(s), {human(e.get('bytes'))}, committed {e.get('time_iso')}")
+                f"{e.get('size')} rank(s), {human(e.get('bytes'))}, committed {e.get('time_iso')} "
+                f"(manifest signature {e.get('signature', '?')})")
             for info in e["ranks"]:
                 _print_file(info, "  ", out)
     else:
@@ -512,11 +675,19 @@ def main(args: argparse.Namespace) -> int:
     if not path.exists():
         raise NoCommittedEpoch(f"no committed epoch in checkpoint directory {path}: "
                                "the path does not exist")
-    report = collect(path, args.epoch, verify=not args.no_verify)
+    try:
+        key = find_key(path, args.secret_file)
+    except SecretError as exc:
+        raise UsageError(str(exc)) from exc
+    report = collect(path, args.epoch, verify=not args.no_verify, key=key)
+    report["secret"] = key.source if key is not None else None
     report["ok"] = not report["problems"]
     if args.json:
         print(json.dumps(report, indent=1))
     else:
+        print(f"secret: {key.source} (id {auth.key_id(key)})" if key is not None else
+              "no secret found (--secret-file, MPIMIG_SECRET_FILE, or a 'secret' file in the checkpoint or job "
+              "directory): HMAC signatures NOT verified")
         render(report)
         ndata = sum(len(f.get("datasets", [])) for e in report["epochs"] for f in e["ranks"]) + \
             sum(len(f.get("datasets", [])) for f in report.get("files", []))
@@ -526,6 +697,9 @@ def main(args: argparse.Namespace) -> int:
                 print(f"  PROBLEM: {p}")
         else:
             what = "checksums verified" if not args.no_verify else "checksums NOT verified"
+            what += (", signatures NOT verified (no secret)" if key is None else
+                     f", signatures verified ({key.source})" if not args.no_verify else
+                     ", manifest signatures verified")
             print(f"OK: {len(report['epochs']) or len(report['files'])} "
                   f"{'epoch(s)' if report['epochs'] else 'file(s)'}, {ndata} dataset(s), {what}")
     for p in report["problems"]:
@@ -538,10 +712,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "inspect", help="list and verify checkpoints (epochs, ranks, datasets, checksums)",
         description=INSPECT_DESCRIPTION)
     p.add_argument("path", metavar="PATH",
-                   help="checkpoint directory, epoch directory, or rank file")
+                   help="job directory (its ckpt/), checkpoint directory, epoch directory, or rank file")
     p.add_argument("--epoch", type=int, help="only this committed epoch (default: all)")
     p.add_argument("--json", action="store_true", help="print a JSON report")
     p.add_argument("--no-verify", action="store_true",
-                   help="list only; do not read the data to check checksums")
+                   help="list only; do not read the data to check checksums and blob signatures")
+    p.add_argument("--secret-file", metavar="FILE",
+                   help="the job secret to verify signatures with (default: MPIMIG_SECRET_FILE, MPIMIG_SECRET, "
+                        "or a 'secret' file in the checkpoint directory or the job directory above it)")
     p.set_defaults(func=main)
     return p

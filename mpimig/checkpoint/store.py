@@ -31,10 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError, NoCommittedEpoch
+from ..errors import CheckpointError, NoCommittedEpoch, SecretError
+from . import auth
 from .format import (CHECKSUM_ALGORITHM, FORMAT, FORMAT_VERSION, MANIFEST, RANK_RE, TMP_RE, TRASH_RE, Prepared,
-                     committed_epochs, epoch_dir_name, list_entries, no_epoch_error, prepare, rank_file_name,
-                     resolve_epoch, sidecar_name, uncommitted_epochs)
+                     committed_epochs, epoch_dir_name, list_entries, manifest_bytes, no_epoch_error, prepare,
+                     quarantined_epochs, rank_file_name, resolve_epoch, sidecar_name, uncommitted_epochs)
 from .reader import RankState, describe_epoch, read_manifest, read_rank
 from .writer import PendingWrite, SnapshotBuffers, write_rank_file
 
@@ -54,10 +55,13 @@ class CheckpointStore:
             ``commit``); at least 1.
         create: create ``directory`` (with parents) on the first write. If
             False, a missing directory is an error.
+        key: the job secret that signs and verifies (:mod:`.auth`); by
+            default the environment's, else ``directory/secret`` (created
+            on first use when ``create``).
     """
 
     def __init__(self, directory: str | os.PathLike[str], job_id: str = "job", keep: int = 2,
-                 create: bool = True):
+                 create: bool = True, key: auth.Key | None = None):
         if int(keep) < 1:
             raise ValueError(f"keep must be at least 1, not {keep!r}")
         self.directory = Path(directory)
@@ -69,6 +73,14 @@ class CheckpointStore:
         self._deletions: list[concurrent.futures.Future[None]] = []
         self._lock = threading.Lock()
         self._snapshots = SnapshotBuffers()
+        self._key = key
+
+    @property
+    def key(self) -> auth.Key:
+        """The job secret (resolved on first use: reading a store needs it, listing does not)."""
+        if self._key is None:
+            self._key = auth.key_for_directory(self.directory, create=self.create)
+        return self._key
 
     def __repr__(self) -> str:
         return f"CheckpointStore({str(self.directory)!r}, job_id={self.job_id!r}, keep={self.keep})"
@@ -179,17 +191,18 @@ class CheckpointStore:
         where = f"rank {rank} epoch {epoch}"
         try:
             if self.create:
-                # All ranks of a new job get here at once: exist_ok makes the
+                # All ranks of a new job get here at once: make_dir makes the
                 # race harmless (FileExistsError only if it is not a directory).
-                self.directory.mkdir(parents=True, exist_ok=True)
+                auth.make_dir(self.directory, parents=True)
             elif not self.directory.is_dir():
                 raise FileNotFoundError(errno.ENOENT, "checkpoint directory does not exist "
                                         "or is not a directory", str(self.directory))
-            tmp.mkdir(exist_ok=True)
-        except OSError as exc:
+            auth.make_dir(tmp)
+            key = self.key
+        except (OSError, SecretError) as exc:
             raise CheckpointError(f"{where}: cannot create {tmp}: {exc}") from exc
         try:
-            nbytes = write_rank_file(tmp, self.job_id, epoch, rank, size, step, prepared, now)
+            nbytes = write_rank_file(tmp, self.job_id, epoch, rank, size, step, prepared, now, key)
         except (OSError, RuntimeError, ValueError) as exc:
             part = tmp / f"{rank_file_name(rank)}.tmp"
             raise CheckpointError(f"{where}: writing {part} failed: {exc}") from exc
@@ -245,11 +258,13 @@ class CheckpointStore:
             "meta": meta_json,
             "ranks": ranks,
         }
+        manifest["auth"] = {"algorithm": auth.ALGORITHM, "key_id": auth.key_id(self.key),
+                            "tag": auth.tag_hex(self.key, manifest_bytes(manifest))}
         old = None
         try:
             # The manifest needs no rename of its own: the directory it is in
             # becomes visible as committed only by the rename below.
-            with open(tmp / MANIFEST, "w") as fh:
+            with open(auth.open_private(tmp / MANIFEST), "w") as fh:
                 json.dump(manifest, fh, indent=1)
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -283,6 +298,32 @@ class CheckpointStore:
                                   f"expected { {k: want[k] for k in bad} }")
         return {k: entry[k] for k in ("rank", "file", "bytes", "host", "step", "time",
                                       "write_id", "datasets")}
+
+    def quarantine(self, epoch: int, problems: list[str]) -> Path:
+        """Move a damaged committed epoch aside, to ``epoch-N.damaged-<time>``:
+        no longer listed (a restart takes the previous one), never pruned or
+        deleted, kept for ``mpimig inspect``. A ``QUARANTINE.json`` next to its
+        files says why. Returns the new path."""
+        src = self.epoch_dir(int(epoch))
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + uuid.uuid4().hex[:4]
+        dst = self.directory / f"{src.name}.damaged-{stamp}"
+        try:
+            os.replace(src, dst)
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            raise CheckpointError(f"cannot move damaged epoch {epoch} aside ({src} -> {dst}): {exc}") from exc
+        try:
+            with open(auth.open_private(dst / "QUARANTINE.json"), "w") as fh:
+                json.dump({"epoch": int(epoch), "time": time.time(), "problems": list(problems),
+                           "by": {"host": socket.gethostname(), "pid": os.getpid()}}, fh, indent=1)
+        except OSError as exc:
+            log.warning("quarantined %s but cannot record why in it: %s", dst, exc)
+        log.warning("epoch %d is damaged; moved aside to %s: %s", epoch, dst, "; ".join(problems)[:2000])
+        return dst
+
+    def quarantined(self) -> list[str]:
+        """Names of the damaged epochs moved aside (never pruned)."""
+        return quarantined_epochs(self.directory)
 
     def _prune(self, epoch: int) -> None:
         committed = self.committed_epochs()
@@ -363,17 +404,22 @@ class CheckpointStore:
         return no_epoch_error(self.directory)
 
     def manifest(self, epoch: int | None = None) -> dict[str, Any]:
-        """The parsed MANIFEST.json of a committed epoch (latest if None)."""
-        return read_manifest(self.directory, epoch)
+        """The parsed MANIFEST.json of a committed epoch (latest if None), its signature verified."""
+        epoch = resolve_epoch(self.directory, epoch)
+        return read_manifest(self.directory, epoch, self.key)
 
     def read_rank(self, epoch: int | None, rank: int, verify: bool = True) -> RankState:
         """Read one rank's state from a committed epoch (latest if None).
 
-        With ``verify`` every dataset's CRC-32 is checked and CorruptCheckpoint
-        names the epoch, rank and dataset that does not match. Raises
-        NoCommittedEpoch if the directory has no committed epoch.
+        The manifest's HMAC and the tag of every signed dataset (pickles, the
+        held messages) are always checked before anything is unpickled
+        (SignatureError names the epoch, rank and dataset); with ``verify``
+        every dataset's CRC-32 is checked too and CorruptCheckpoint names the
+        epoch, rank and dataset that does not match. Raises NoCommittedEpoch
+        if the directory has no committed epoch.
         """
-        return read_rank(self.directory, epoch, rank, verify)
+        epoch = resolve_epoch(self.directory, epoch)
+        return read_rank(self.directory, epoch, rank, verify, self.key)
 
     def read_latest(self, rank: int, verify: bool = True) -> RankState:
         return self.read_rank(None, rank, verify)
@@ -388,15 +434,16 @@ class CheckpointStore:
         if not epochs:
             raise self.no_epoch_error()
         problems: list[str] = []
+        key = self.key
         for e in epochs:
-            problems.extend(describe_epoch(self.directory, e, verify=True)["problems"])
+            problems.extend(describe_epoch(self.directory, e, verify=True, key=key)["problems"])
         return problems
 
     def describe(self, epoch: int, verify: bool = True) -> dict[str, Any]:
         """A JSON-serialisable description of a committed epoch: manifest
         fields, and per rank its file, attributes and datasets (with checksum
         status when ``verify``), plus a list of problems."""
-        return describe_epoch(self.directory, epoch, verify)
+        return describe_epoch(self.directory, epoch, verify, key=self.key)
 
 
 def _ranges(nums: list[int]) -> str:

@@ -32,8 +32,9 @@ import h5py
 import numpy as np
 
 from .._version import __version__
-from .format import (CHECKSUM_ALGORITHM, FORMAT, FORMAT_VERSION, GROUPS, PICKLE_PROTOCOL, Item, Prepared,
-                     bytes_view, crc32_of, h5file, rank_file_name, sidecar_name)
+from . import auth
+from .format import (CHECKSUM_ALGORITHM, FORMAT, FORMAT_VERSION, GROUPS, NATIVE, PICKLE_PROTOCOL, Item, Prepared,
+                     bytes_view, crc32_of, h5file, rank_file_name, sidecar_name, signed)
 
 log = logging.getLogger(__name__)
 
@@ -298,8 +299,17 @@ def _close_after_failure(f: h5py.File, phase: str) -> None:
         _UNCLOSABLE.append(f)
 
 
+def sign_items(prepared: Prepared, key: auth.Key) -> None:
+    """Give every dataset that is not a native array of the ``arrays`` group
+    (pickles, dill, the held-message queue) an ``hmac`` attribute: HMAC-SHA256
+    of its bytes under the job secret (docs/checkpoint-format.md, section 3.4)."""
+    for item in prepared.items:
+        if signed(item.path, str(item.attrs.get("encoding", NATIVE))):
+            item.attrs["hmac"] = auth.tag_hex(key, bytes_view(item.data))
+
+
 def write_file(path: Path, prepared: Prepared, root_attrs: Mapping[str, Any]) -> None:
-    """Write one rank file and fsync it.
+    """Write one rank file and fsync it (created with ``auth.file_mode()``, 0600 by default).
 
     1. Create the HDF5 file and reserve disk blocks for all of it
        (fallocate), so that running out of space, quota or file size limit
@@ -313,6 +323,7 @@ def write_file(path: Path, prepared: Prepared, root_attrs: Mapping[str, Any]) ->
        writer (both release the GIL).
     4. Store the checksums, close, fsync.
     """
+    os.close(auth.open_private(path))         # private before the first byte (HDF5 keeps the mode)
     with h5file(path, "w"):
         pass                                  # superblock and root group, ~1 KiB
     fd = os.open(path, os.O_RDWR)
@@ -370,7 +381,7 @@ def _remove_stale(path: Path) -> None:
 
 
 def write_rank_file(tmp: Path, job_id: str, epoch: int, rank: int, size: int, step: int,
-                    prepared: Prepared, now: float) -> int:
+                    prepared: Prepared, now: float, key: auth.Key) -> int:
     """Write ``tmp/rank-RRRRR.h5`` (first as ``.h5.tmp``, renamed once
     fsync'd) and then its sidecar ``tmp/rank-RRRRR.json``, the manifest
     entry the committing rank collects. Returns the file's size in bytes.
@@ -382,6 +393,7 @@ def write_rank_file(tmp: Path, job_id: str, epoch: int, rank: int, size: int, st
     part = final.with_name(final.name + ".tmp")
     sidecar = tmp / sidecar_name(rank)
     attrs = root_attributes(job_id, epoch, rank, size, step, now)
+    sign_items(prepared, key)
     try:
         _remove_stale(sidecar)
         write_file(part, prepared, attrs)
@@ -394,12 +406,13 @@ def write_rank_file(tmp: Path, job_id: str, epoch: int, rank: int, size: int, st
                  "format_version": FORMAT_VERSION,
                  "write_id": attrs["write_id"], "host": attrs["host"],
                  "step": int(step), "time": float(now),
-                 "datasets": {it.path: {"crc32": it.crc, "nbytes": it.nbytes}
-                              for it in prepared.items}}
+                 "datasets": {it.path: _dataset_entry(it) for it in prepared.items}}
         # The sidecar only carries this to the committing rank, which
         # copies it into the fsync'd manifest: no fsync needed here.
         side_part = sidecar.with_name(sidecar.name + ".tmp")
-        side_part.write_text(json.dumps(entry))
+        fd = auth.open_private(side_part)
+        with open(fd, "w") as fh:
+            fh.write(json.dumps(entry))
         os.replace(side_part, sidecar)
     except (OSError, RuntimeError, ValueError):
         for p in (part, final, sidecar):
@@ -407,6 +420,15 @@ def write_rank_file(tmp: Path, job_id: str, epoch: int, rank: int, size: int, st
                 p.unlink()
         raise
     return nbytes
+
+
+def _dataset_entry(item: Item) -> dict[str, Any]:
+    """A dataset's manifest entry: what the signed manifest vouches for."""
+    out: dict[str, Any] = {"crc32": item.crc, "nbytes": item.nbytes,
+                           "encoding": str(item.attrs.get("encoding", NATIVE))}
+    if "hmac" in item.attrs:
+        out["hmac"] = item.attrs["hmac"]
+    return out
 
 
 # ------------------------------------------------------------ the async path

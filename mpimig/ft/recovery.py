@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import pickle
@@ -119,8 +120,39 @@ class Copy:
     objects: dict[str, bytes]        # encoded by checkpoint.format.dumps
     extra: dict[str, Any]            # held queue, point
 
+    seal: str = ""                   # HMAC of the whole copy (see _seal), set when it is made
+
+    def __post_init__(self) -> None:
+        if not self.seal:
+            self.seal = self._seal()
+
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values()) + sum(len(b) for b in self.objects.values())
+
+    def _seal(self) -> str:
+        """HMAC-SHA256 under the job secret of what the copy restores: each array's
+        dtype, shape and CRC-32 (a SHA-256 pass over every byte at every checkpoint
+        would cost more than the copy), every object blob (each signed itself, by
+        ``format.dumps``), the held messages and the point."""
+        from ..checkpoint import auth
+        from ..checkpoint.format import crc32_of
+        desc = {"rank": self.rank, "epoch": self.epoch, "point": self.extra.get("point"),
+                "arrays": {k: [a.dtype.str, list(a.shape), crc32_of(np.ascontiguousarray(a))]
+                           for k, a in sorted(self.arrays.items())},
+                "objects": sorted(self.objects), "queue": [[m[0], m[1], len(m[2])] for m in self.extra["queue"]]}
+        parts: list[bytes] = [json.dumps(desc, sort_keys=True).encode()]
+        parts += [self.objects[k] for k in sorted(self.objects)]
+        parts += [bytes(m[2]) for m in self.extra["queue"]]
+        return auth.tag_hex(auth.job_key(), *parts)
+
+    def verify(self, what: str) -> None:
+        """Raise SignatureError naming ``what``, the rank and epoch unless the copy
+        is what was sealed (arrays by CRC-32, the rest by HMAC)."""
+        import hmac
+        from ..errors import SignatureError
+        if not hmac.compare_digest(self.seal, self._seal()):
+            raise SignatureError(f"{what} of rank {self.rank} at epoch {self.epoch} fails its check (an array's "
+                                 "CRC-32, an object blob, a held message or the seal changed); not used")
 
 
 def exchange_buddies(A: MPI.Intracomm, mine: Copy | None, hosts: list[str]) -> list[Copy]:
@@ -343,6 +375,7 @@ def _finish(M: MPI.Intracomm, plan: dict, table: list[dict], kind: str, rank: in
                 restored, how = c.recv(source=MPI.ANY_SOURCE, tag=TAG_RESTORE), "buddy"
             else:
                 restored, how = _read_disk(ckpt_dir, epoch, rank), "disk"
+            restored, how = checked_copy(restored, how, ckpt_dir, epoch, rank)
         for q in reqs:
             q.wait()
     t_restored = time.time()
@@ -358,6 +391,23 @@ def _s_index(table: list[dict], me: dict) -> int:
         if m["pid"] == me["pid"] and m["host"] == me["host"]:
             return i
     return -1
+
+
+def checked_copy(copy: Copy, how: str, ckpt_dir, epoch: int, rank: int) -> tuple[Copy, str]:
+    """An in-memory copy (``how`` "memory" or "buddy") that fails its check is
+    replaced by the epoch on disk; ``how`` then names the damage (it reaches the
+    ``recovered`` event as a restore kind)."""
+    if how == "disk":
+        return copy, how
+    from ..errors import CorruptCheckpoint
+    try:
+        copy.verify(f"the in-memory ({how}) copy")
+    except CorruptCheckpoint as exc:
+        if ckpt_dir is None:
+            raise
+        log.warning("%s; reading epoch %d of rank %d from disk instead", exc, epoch, rank)
+        return _read_disk(ckpt_dir, epoch, rank), f"disk ({how} copy damaged: {exc})"
+    return copy, how
 
 
 def _read_disk(ckpt_dir, epoch: int, rank: int) -> Copy:

@@ -30,6 +30,8 @@ import uuid
 from pathlib import Path
 
 from .. import events, lab
+from ..checkpoint import auth
+from ..checkpoint.format import QUARANTINE_RE
 from ..ft import relaunch
 from . import slurm
 from .config import RESTART_MODES, Config, parse_schedule
@@ -135,7 +137,9 @@ def program_argv(program: str, args: list[str]) -> list[str]:
 def prepare_job_dir(cfg: Config) -> None:
     """Apply the restart policy to the job directory before launching."""
     assert cfg.job_dir is not None and cfg.ckpt_dir is not None
-    cfg.job_dir.mkdir(parents=True, exist_ok=True)
+    auth.make_dir(cfg.job_dir, parents=True)       # 0700 (MPIMIG_UMASK) when we create it
+    if auth.env_key() is None:                      # the job secret, 0600, read by every process
+        auth.create_secret_file(cfg.job_dir / auth.SECRET_NAME)
     record = cfg.job_dir / "complete.json"
     latest = relaunch.latest_epoch(cfg.ckpt_dir)
     finished = record.exists()
@@ -154,7 +158,7 @@ def prepare_job_dir(cfg: Config) -> None:
             print(f"mpimig: starting fresh; removing old epochs in {cfg.ckpt_dir}", file=sys.stderr)
         if cfg.ckpt_dir.exists():
             for p in cfg.ckpt_dir.iterdir():
-                if p.name.startswith("epoch-"):
+                if p.name.startswith("epoch-") and not QUARANTINE_RE.match(p.name):   # damaged ones stay
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
         cfg.restart = "never"
     else:
@@ -366,6 +370,9 @@ def launch(cfg: Config, n: int, program: list[str], *, hosts=None, ft=False, tim
     env = dict(os.environ)
     env.update(mpi_env(flavour, ft))
     env.update(cfg.to_env())
+    if not (env.get(auth.SECRET_FILE_ENV) or env.get(auth.SECRET_ENV)) and cfg.job_dir is not None:
+        # the secret's FILE, never the secret: ranks, spawned targets and spares inherit it
+        env[auth.SECRET_FILE_ENV] = str(cfg.job_dir / auth.SECRET_NAME)
     if hosts:
         env["MPIMIG_HOSTS"] = ",".join(host_names(hosts))
     elif flavour == "openmpi" and "OMPI_MCA_btl_tcp_if_include" not in os.environ:

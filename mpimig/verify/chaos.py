@@ -531,7 +531,7 @@ def _totals(recs: list[dict], kinds: list[str], opts: argparse.Namespace, final:
     t["command"] = ["mpimig", *sys.argv[1:]]
     t["kinds"] = kinds
     t["seeds_asked"] = opts.seeds
-    t["finished"] = final
+    t["finished"] = final and len(recs) == opts.seeds     # every seed asked for ran
     t["seconds_per_seed"] = round(t["seconds"] / max(1, len(recs)), 1)
     return t
 

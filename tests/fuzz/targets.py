@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from mpimig.errors import CheckpointError, MpimigError, StateError
+from mpimig.errors import CheckpointError, StateError
 
 # audit events that mean code ran: a process or shell started (imports are not in the list: the
 # decoders import their own modules lazily; what an unpickler looks up is checked by name)
