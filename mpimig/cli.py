@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "mpimig.lab",           # lab up|status|kill|down, lab slurm up|down
     "mpimig.verify.storm",   # storm
     "mpimig.ft.inject",      # inject
+    "mpimig.verify.chaos",   # chaos
     "mpimig.demo",          # demo
     "mpimig.sim.cli",       # simulate
 ]

@@ -267,6 +267,10 @@ def check_tag(key: Key, want: str | bytes | None, where: str, *buffers: Buffer) 
             want = bytes.fromhex(want)
         except ValueError:
             raise SignatureError(f"{where}: malformed HMAC tag {want[:80]!r}") from None
+    if not isinstance(want, (bytes, bytearray)):
+        # a tag read from a damaged manifest can be any JSON value (found by tests/fuzz:
+        # true made hmac.compare_digest raise TypeError)
+        raise SignatureError(f"{where}: malformed HMAC tag {want!r:.80}")
     if not hmac.compare_digest(want, tag(key, *buffers)):
         raise SignatureError(f"{where}: HMAC tag does not verify under the job secret ({key.source}): "
                              "the bytes were changed or written with another secret; not unpickled")

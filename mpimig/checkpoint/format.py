@@ -402,10 +402,25 @@ def _encode_queue(path: str, queue: list[tuple[int, int, str, bytes]]) -> tuple[
 
 
 def decode_queue(index: np.ndarray, payload: np.ndarray) -> list[tuple[int, int, str, bytes]]:
-    """Inverse of the queue encoding: [(source, tag, kind, payload)]."""
+    """Inverse of the queue encoding: [(source, tag, kind, payload)].
+
+    Raises CorruptCheckpoint when the index does not describe the payload: a
+    message that does not lie inside it in full (a slice would silently come back
+    short), or a kind that is not UTF-8 (found by tests/fuzz).
+    """
     raw = payload.tobytes()
-    return [(int(r["source"]), int(r["tag"]), bytes(r["kind"]).decode("utf-8"),
-             raw[int(r["offset"]):int(r["offset"]) + int(r["nbytes"])]) for r in index]
+    out = []
+    for i, r in enumerate(index):
+        off, n = int(r["offset"]), int(r["nbytes"])
+        if off + n > len(raw):
+            raise CorruptCheckpoint(f"held message {i}: bytes {off}..{off + n} lie outside the queue's "
+                                    f"{len(raw)}-byte payload")
+        try:
+            kind = bytes(r["kind"]).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CorruptCheckpoint(f"held message {i}: its kind is not UTF-8 ({exc})") from None
+        out.append((int(r["source"]), int(r["tag"]), kind, raw[off:off + n]))
+    return out
 
 
 # ------------------------------------------------------------------------ files

@@ -64,6 +64,11 @@ def _attr_value(v: Any) -> Any:
     return v
 
 
+def _attr_key(k: Any) -> str:
+    """An attribute's name as text (a damaged file can hold names that are not UTF-8)."""
+    return k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k)
+
+
 def _dt_str(dtype: np.dtype) -> str:
     if dtype.names is None or dtype.fields is None:
         return str(dtype.str)
@@ -91,7 +96,23 @@ def read_manifest(directory: Path, epoch: int | None = None, key: auth.Key | Non
         if man.get("epoch") != epoch:
             raise CorruptCheckpoint(f"epoch {epoch}: manifest {path} is signed for epoch {man.get('epoch')} "
                                     "(an epoch directory was renamed)")
+    _check_entries(man["ranks"], f"epoch {epoch}: manifest {path}")
     return man
+
+
+def _check_entries(ranks: list[Any], where: str) -> None:
+    """CorruptCheckpoint unless every rank entry has the types the readers use: an object whose
+    ``datasets`` maps names to objects with an integer ``crc32`` (a manifest with a list or a
+    string there made the readers fail with TypeError/AttributeError; found by tests/fuzz)."""
+    for r, entry in enumerate(ranks):
+        ds = entry.get("datasets") if isinstance(entry, dict) else None
+        if not isinstance(ds, dict):
+            raise CorruptCheckpoint(f"{where} is malformed: rank {r}'s entry has no 'datasets' object")
+        for name, d in ds.items():
+            if not isinstance(d, dict) or type(d.get("crc32")) is not int:
+                raise CorruptCheckpoint(f"{where} is malformed: rank {r} dataset {name!r} has no integer 'crc32'")
+        if entry.get("bytes") is not None and type(entry["bytes"]) is not int:
+            raise CorruptCheckpoint(f"{where} is malformed: rank {r}'s 'bytes' is not an integer")
 
 
 def check_manifest(man: dict[str, Any], key: auth.Key, where: str) -> None:
@@ -135,8 +156,9 @@ def read_rank(directory: Path, epoch: int | None, rank: int, verify: bool = True
         return state
     except (CorruptCheckpoint, StateError):
         raise
-    except (OSError, KeyError, RuntimeError, ValueError) as exc:
-        raise CorruptCheckpoint(f"{where}: cannot read {path}: {exc}") from exc
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        # h5py on a damaged file: also TypeError ("Unknown string encoding") and the like
+        raise CorruptCheckpoint(f"{where}: cannot read {path}: {type(exc).__name__}: {exc}") from exc
 
 
 def describe_epoch(directory: Path, epoch: int, verify: bool = True, key: auth.Key | None = None) -> dict[str, Any]:
@@ -190,6 +212,9 @@ def _walk_datasets(f: h5py.File) -> list[tuple[str, h5py.Dataset]]:
 
 def _ordered(group: h5py.Group) -> list[tuple[str, Any]]:
     members = list(group.items())
+    broken = [name for name, obj in members if obj is None]
+    if broken:       # h5py gives None for a link to nothing (a damaged file; found by tests/fuzz)
+        raise CorruptCheckpoint(f"{group.name}/{broken[0]} is a link to nothing")
     return sorted(members, key=lambda m: int(m[1].attrs.get("index", 0)))
 
 
@@ -281,12 +306,17 @@ class _FileReader:
     def read_group(self, f: h5py.File, g: str, target: dict[str, Any]) -> None:
         for link, obj in _ordered(f[g]):
             name = _attr_value(obj.attrs.get("name", link))
-            enc = _attr_value(obj.attrs.get("encoding", NATIVE))
             what = f"{g[:-1] if g != 'extra' else 'extra'} {name!r}"
             item = f"{self.where} {what}"
             if not isinstance(name, str) or dataset_link_name(name) != link:
                 raise CorruptCheckpoint(f"{item}: /{g}/{link} in {self.path} is named {name!r}, which does "
                                         "not match its link name")
+            # every dataset and queue group says how to decode it (docs/checkpoint-format.md,
+            # section 3): no default, or a pickle whose attribute was damaged would come back
+            # as its raw bytes (the CRC covers the data, not the attributes; found by tests/fuzz)
+            if "encoding" not in obj.attrs:
+                raise CorruptCheckpoint(f"{item}: /{g}/{link} has no 'encoding' attribute")
+            enc = _attr_value(obj.attrs["encoding"])
             if isinstance(obj, h5py.Group):
                 if enc != QUEUE:
                     raise CorruptCheckpoint(f"{item}: unexpected group /{g}/{link}")
@@ -333,7 +363,7 @@ def read_file(path: Path, where: str, expected: dict[str, Any], key: auth.Key, v
     datasets must match their tags under ``key``; with ``verify`` CRCs are
     checked too, so verifying costs little more than reading."""
     with h5file(path, "r") as f:
-        attrs = {k: _attr_value(v) for k, v in f.attrs.items()}
+        attrs = {_attr_key(k): _attr_value(v) for k, v in f.attrs.items()}
         if int(attrs.get("format_version", 0)) > FORMAT_VERSION:
             raise CorruptCheckpoint(f"{where}: {path} has format version "
                                     f"{attrs['format_version']}, this mpimig reads up to {FORMAT_VERSION}")
@@ -502,7 +532,7 @@ def describe_file(path: str | Path, verify: bool = True, entry: dict[str, Any] |
     expected = (entry or {}).get("datasets", {})
     try:
         with h5file(path, "r") as f:
-            a = {k: _attr_value(v) for k, v in f.attrs.items()}
+            a = {_attr_key(k): _attr_value(v) for k, v in f.attrs.items()}
             info["attrs"] = a
             if epoch is None:
                 where = f"epoch {a.get('epoch')} rank {a.get('rank')}"
@@ -518,7 +548,7 @@ def describe_file(path: str | Path, verify: bool = True, entry: dict[str, Any] |
             info["datasets"] = datasets
             for dpath in sorted(set(expected) - {d["path"][1:] for d in datasets}):
                 problems.append(f"{where} dataset /{dpath}: listed in the manifest but missing")
-    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, AttributeError, CorruptCheckpoint) as exc:
         problems.append(f"{where}: cannot read {path}: {exc}")
     info["problems"] = problems[first:]
     return info

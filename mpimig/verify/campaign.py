@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, TextIO, Union
 
 from .._plots import import_pyplot
 
@@ -56,8 +56,9 @@ class Campaign:
 
 
 def run_seeds(seeds: Iterable[int], one: Callable[[int], dict], line: Callable[[dict], str], *,
-              name: str, stop: Callable[[dict], bool] | None = None) -> list[dict]:
-    """Run ``one(seed)`` for each seed, printing ``line(record)`` after each.
+              name: str, stop: Callable[[dict], bool] | None = None, out: TextIO | None = None) -> list[dict]:
+    """Run ``one(seed)`` for each seed, printing ``line(record)`` after each (to ``out``,
+    default stdout).
 
     Stops early when ``stop(record)`` is true, or on Ctrl-C (said on stderr as
     ``NAME: interrupted``); returns the records of the seeds that ran.
@@ -67,7 +68,7 @@ def run_seeds(seeds: Iterable[int], one: Callable[[int], dict], line: Callable[[
         for seed in seeds:
             rec = one(seed)
             recs.append(rec)
-            print(line(rec), flush=True)
+            print(line(rec), file=out or sys.stdout, flush=True)
             if stop is not None and stop(rec):
                 break
     except KeyboardInterrupt:
