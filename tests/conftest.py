@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,21 @@ def heat_ref(tmp_path, n, steps) -> bytes:
 def read(job: Path, name: str) -> dict:
     """A JSON record of a job directory (status.json, complete.json)."""
     return json.loads((job / name).read_text())
+
+
+def start_job(cmd, env=None) -> subprocess.Popen:
+    """A job started in its own session (stop it with ``kill_session(proc.pid)``), output captured."""
+    return subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env or base_env(), cwd=ROOT, start_new_session=True)
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Wait until the job ``proc`` writes ``path``; fail the test (stopping the job) if it
+    ends first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            kill_session(proc.pid)
+            out, err = proc.communicate()
+            pytest.fail(f"{path} did not appear\n{out[-3000:]}\n{err[-3000:]}")
+        time.sleep(0.02)   # polling for a file the job writes; not MPI synchronisation

@@ -12,34 +12,18 @@ import signal
 import socket
 import subprocess
 import threading
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mpimig import events
 from mpimig.migration.control import ControlServer, request
-from conftest import APPS, ROOT, base_env, heat_ref, kill_session, mpimig_cmd, read, run_cmd
+from conftest import (APPS, ROOT, base_env, heat_ref, kill_session, mpimig_cmd, read, run_cmd, start_job,
+                      wait_for_file)
 
 HOST = socket.gethostname()
 BENCH_APP = ROOT / "mpimig" / "bench" / "metrics_app.py"
 ROW_BYTES = (64 + 2) * 8      # one halo row of heat2d --n 64 on a 3 x 1 process grid (with its two halo cells)
-
-
-def _start(cmd):
-    return subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=base_env(), cwd=ROOT, start_new_session=True)
-
-
-def _wait_for(path: Path, proc, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            kill_session(proc.pid)
-            out, err = proc.communicate()
-            pytest.fail(f"{path} did not appear\n{out[-3000:]}\n{err[-3000:]}")
-        time.sleep(0.02)   # polling for a file the job writes; not MPI synchronisation
 
 
 def test_greedy_on_one_host_reports_metrics_and_decides_no_move(tmp_path):
@@ -48,11 +32,11 @@ def test_greedy_on_one_host_reports_metrics_and_decides_no_move(tmp_path):
     every decision round is a "no move" event with its reason, and `mpimig status
     --watch` follows the job until it ends. The result is bit-identical."""
     job, out = tmp_path / "job", tmp_path / "out.npy"
-    proc = _start(mpimig_cmd("run", "-n", 3, "--job-dir", job, "--policy", "greedy",
+    proc = start_job(mpimig_cmd("run", "-n", 3, "--job-dir", job, "--policy", "greedy",
                              "--metrics-seconds", 0.2, "--balance-seconds", 0.5,
                              APPS / "heat2d.py", "--n", 64, "--steps", 150, "--work-ms", 40, "--out", out))
     try:
-        _wait_for(job / "control.json", proc)
+        wait_for_file(job / "control.json", proc)
         watch = run_cmd(mpimig_cmd("status", job, "--watch", "--interval", 0.5), timeout=240)
         _, err = proc.communicate(timeout=240)
     finally:
@@ -163,10 +147,10 @@ def test_drain_refuses_an_unknown_host_and_the_job_finishes(tmp_path):
     job's only host (a job without a policy: the drain needs none) names its ranks and
     says why none can move. Bit-identical result."""
     job, out = tmp_path / "job", tmp_path / "out.npy"
-    proc = _start(mpimig_cmd("run", "-n", 3, "--job-dir", job, "--coordinator",
+    proc = start_job(mpimig_cmd("run", "-n", 3, "--job-dir", job, "--coordinator",
                              APPS / "heat2d.py", "--n", 64, "--steps", 300, "--work-ms", 30, "--out", out))
     try:
-        _wait_for(job / "control.json", proc)
+        wait_for_file(job / "control.json", proc)
         bad = run_cmd(mpimig_cmd("drain", job, "no-such-host"), timeout=60)
         assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
         assert bad.stderr.strip().splitlines() == [

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 from mpimig.migration import control
-from conftest import APPS, ROOT, base_env, heat_ref, kill_session, mpimig_cmd, read, run_cmd
+from conftest import (APPS, ROOT, base_env, heat_ref, kill_session, mpimig_cmd, read, run_cmd, start_job,
+                      wait_for_file)
 
 HOST = socket.gethostname()
 PROGS = ROOT / "tests" / "progs"
@@ -315,27 +316,12 @@ def test_status_without_control_file_and_no_final_status_says_gone(tmp_path):
     assert control.job_status(job, timeout=10)["state"] == "finished"
 
 
-def _start(cmd, env=None):
-    return subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env or base_env(), cwd=ROOT, start_new_session=True)
-
-
-def _wait_for(path: Path, proc, timeout=90):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            kill_session(proc.pid)
-            out, err = proc.communicate()
-            pytest.fail(f"{path} did not appear\n{out[-3000:]}\n{err[-3000:]}")
-        time.sleep(0.02)   # polling for a file the job writes; not MPI synchronisation
-
-
 def test_status_after_the_coordinator_died(tmp_path):
     job, out = tmp_path / "job", tmp_path / "out.npy"
-    proc = _start(mpimig_cmd("run", "-n", 2, "--job-dir", job, "--coordinator", "--timeout", 120,
+    proc = start_job(mpimig_cmd("run", "-n", 2, "--job-dir", job, "--coordinator", "--timeout", 120,
                              APPS / "heat2d.py", "--n", 32, "--steps", 400, "--work-ms", 50, "--out", out))
     try:
-        _wait_for(job / "status.json", proc)
+        wait_for_file(job / "status.json", proc, timeout=90)
         pid = json.loads((job / "control.json").read_text())["pid"]
         os.kill(pid, signal.SIGKILL)       # the coordinator, by its recorded pid
         _, err = proc.communicate(timeout=150)
@@ -360,11 +346,11 @@ def test_bad_requests_leave_the_job_running_and_bit_identical(tmp_path):
     fd = os.open(job / "secret", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)   # the job secret
     os.write(fd, os.urandom(32).hex().encode())
     os.close(fd)
-    proc = _start(mpimig_cmd("run", "-n", 2, "--job-dir", job, "--coordinator", "--timeout", 240,
+    proc = start_job(mpimig_cmd("run", "-n", 2, "--job-dir", job, "--coordinator", "--timeout", 240,
                              APPS / "heat2d.py", "--n", 64, "--steps", steps, "--work-ms", 40, "--out", out),
                   env=base_env(MPIMIG_CONTROL_DEADLINE=2))
     try:
-        _wait_for(job / "status.json", proc)
+        wait_for_file(job / "status.json", proc, timeout=90)
         path = json.loads((job / "control.json").read_text())["socket"]
         assert Path(path).parent.stat().st_mode & 0o777 == 0o700
         for payload, why in [(b"[1,2,3]\n", "a request is a JSON object"),

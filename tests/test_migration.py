@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mpimig.migration.control import request
-from conftest import APPS, ROOT, base_env, heat_ref, kill_session, mpimig_cmd, read, run_cmd
+from conftest import (APPS, ROOT, base_env, heat_ref, kill_session, mpimig_cmd, read, run_cmd, start_job,
+                      wait_for_file)
 
 HOST = socket.gethostname()
 
@@ -43,27 +42,12 @@ def test_heat2d_three_migrations_bit_identical(tmp_path):
         assert m["timings"]["downtime"] > 0 and m["timings"]["bytes"] > 0
 
 
-def _start(cmd, env=None):
-    return subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env or base_env(), cwd=ROOT, start_new_session=True)
-
-
-def _wait_for(path: Path, proc, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            kill_session(proc.pid)
-            out, err = proc.communicate()
-            pytest.fail(f"{path} did not appear\n{out[-3000:]}\n{err[-3000:]}")
-        time.sleep(0.02)   # polling for a file the job writes; not MPI synchronisation
-
-
 def test_operator_migration_and_bad_requests(tmp_path):
     job, out = tmp_path / "job", tmp_path / "out.npy"
-    proc = _start(mpimig_cmd("run", "-n", 4, "--job-dir", job, "--coordinator",
+    proc = start_job(mpimig_cmd("run", "-n", 4, "--job-dir", job, "--coordinator",
                              APPS / "heat2d.py", "--n", 64, "--steps", 300, "--work-ms", 30, "--out", out))
     try:
-        _wait_for(job / "control.json", proc)
+        wait_for_file(job / "control.json", proc)
         ctl = json.loads((job / "control.json").read_text())
         assert oct(Path(ctl["socket"]).stat().st_mode & 0o777) == "0o600"
 
