@@ -83,10 +83,11 @@ def test_short_chaos_campaign_holds_its_invariants(tmp_path):
 
 
 def test_a_launch_that_times_out_is_a_counted_hang_not_a_hung_command(tmp_path):
-    """--timeout 3: every launch of the job is killed after 3 s (before it can finish):
-    each is a hang in the totals, and the command ends with a failure."""
+    """--timeout 3: every launch of the job is killed after 3 s, before it can finish
+    (24 steps of at least 1 s each, --work-ms 1000): each is a hang in the totals, and
+    the command ends with a failure."""
     out = tmp_path / "chaos.json"
-    res = run_cmd(mpimig_cmd("chaos", "--seeds", 1, "--seed-base", 3, "--steps", 24, "--kills", 1,
+    res = run_cmd(mpimig_cmd("chaos", "--seeds", 1, "--seed-base", 3, "--steps", 24, "--work-ms", 1000, "--kills", 1,
                              "--timeout", 3, "--kinds", "rank", "--job-root", tmp_path / "jobs", "--json", out),
                   timeout=300, env=chaos_env(), cwd=tmp_path)
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
