@@ -73,6 +73,8 @@ def records(job: Path) -> tuple[dict, dict, list[dict]]:
 def test_greedy_moves_ranks_off_a_slowed_host_by_itself(lab, tmp_path):
     problem = _cgroup.problem()
     if problem:
+        if os.environ.get("CI"):        # CI runs as root with the cgroup v1 cpu controller: must work there
+            pytest.fail(problem)
         pytest.skip(problem)
     args = ["--n", 60000, "--steps", 150, "--hot-cost", 100, "--cold-cost", 20]
     ref = serial(drift, args, tmp_path / "ref.npy")
