@@ -9,43 +9,47 @@ one file system do not interleave.
 
 Events (fields besides t, event, run_id):
 
-=================  ====================================================================
-``launch``         launcher: ``attempt`` (0 = first), ``n``, ``hosts``, ``restart``, ``ft``,
-                   ``mpi`` (openmpi | mpich), ``pid`` (of mpimig run)
-``job_lost``       launcher: ``attempt``, ``returncode``, ``reason`` (from mpiexec's output:
-                   "host lost: ...", "a rank was killed by a signal: ...", "timeout", ...),
-                   ``seconds`` (the attempt's wall time)
-``relaunch``       launcher (old run's id): ``attempt``, ``hosts``, ``lost_hosts``, ``epoch``
-                   (resumed from; None: from the start), ``new_run_id``
-``started``        rank 0: ``role`` (initial | restarted), ``epoch``, ``point``
-``epoch``          rank 0: ``epoch``, ``point``, ``seconds`` (a committed checkpoint),
-                   ``buddy_bytes`` (--ft: memory of rank 0's own + buddy copies)
-``failure``        each process that sees a failure: ``by`` (logical rank; -1: coordinator,
-                   -2: spare), ``point``, ``error``
-``recovered``      rank 0 after an online recovery, when every rank has its state back:
-                   ``failed`` (logical ranks lost), ``coordinator_failed``, ``epoch``
-                   (rolled back to; null: started over), ``point`` (of that epoch),
-                   ``failed_point`` (highest point any survivor reached), ``replaced_by``
-                   ({rank: "spare"|"spawn"}), ``restore_kinds`` (per rank: memory | buddy |
-                   disk | none), ``detected_at`` (wall time of the first detection),
-                   ``t_shrink`` (detection -> shrunk), ``t_replace`` (-> new J and A),
-                   ``t_restore`` (-> slowest rank restored). The event's ``t`` is when
-                   the job resumes; time to detect = detected_at - the kill's time.
-``migrated``       coordinator: ``id``, ``rank``, ``to``, ``strategy``, ``downtime``
-``spare_refilled`` coordinator: ``host``, ``seconds`` (a used warm spare replaced by a spawn)
-``decision``       coordinator, every outcome of each balancer round (``--policy``, or after a
-                   drain): ``round``, ``policy``, ``move`` (false: "no move"), ``reason``,
-                   ``rank``, ``to``, ``strategy``, ``gain_s``, ``cost_s``, ``bytes_moved`` and
-                   the balancer's other predictions (mpimig.balance.snapshot.Decision); a move
-                   adds ``accepted`` and ``migration`` (its id) or ``refused`` (why)
-``drain``          coordinator: ``host``, ``ranks`` (on it when ``mpimig drain`` asked)
-``finished``       rank 0: ``points``, ``epoch``, ``recoveries``
-``injected``       mpimig inject (``by``: injector) or the dying process (``by``: process):
-                   ``id``, ``kind``, ``target``, ``pids``, ``point``; a checkpoint-write
-                   fault adds ``epoch``, ``tmp_dir``, ``tmp_dir_seen``, ``committed``
-``resumed``        rank 0, only under mpimig inject: the first point passed after a start
-                   a roll-back or an online recovery: ``point``, ``epoch``, ``role``
-=================  ====================================================================
+===================  ====================================================================
+``launch``           launcher: ``attempt`` (0 = first), ``n``, ``hosts``, ``restart``, ``ft``,
+                     ``mpi`` (openmpi | mpich), ``pid`` (of mpimig run)
+``job_lost``         launcher: ``attempt``, ``returncode``, ``reason`` (from mpiexec's output:
+                     "host lost: ...", "a rank was killed by a signal: ...", "timeout", ...),
+                     ``seconds`` (the attempt's wall time)
+``launch_retry``     launcher: ``attempt``, ``retry`` (1, 2, ...), ``reason``: mpiexec failed before
+                     it started any process, and the launch is started again
+``relaunch``         launcher (old run's id): ``attempt``, ``hosts``, ``lost_hosts``, ``epoch``
+                     (resumed from; None: from the start), ``new_run_id``
+``started``          rank 0: ``role`` (initial | restarted), ``epoch``, ``point``
+``epoch``            rank 0: ``epoch``, ``point``, ``seconds`` (a committed checkpoint),
+                     ``buddy_bytes`` (--ft: memory of rank 0's own + buddy copies)
+``failure``          each process that sees a failure: ``by`` (logical rank; -1: coordinator,
+                     -2: spare), ``point``, ``error``
+``recovered``        rank 0 after an online recovery, when every rank has its state back:
+                     ``failed`` (logical ranks lost), ``coordinator_failed``, ``epoch``
+                     (rolled back to; null: started over), ``point`` (of that epoch),
+                     ``failed_point`` (highest point any survivor reached), ``replaced_by``
+                     ({rank: "spare"|"spawn"}), ``restore_kinds`` (per rank: memory | buddy |
+                     disk | none), ``detected_at`` (wall time of the first detection),
+                     ``t_shrink`` (detection -> shrunk), ``t_replace`` (-> new J and A),
+                     ``t_restore`` (-> slowest rank restored). The event's ``t`` is when
+                     the job resumes; time to detect = detected_at - the kill's time.
+``migrated``         coordinator: ``id``, ``rank``, ``to``, ``strategy``, ``downtime``
+``spare_refilled``   coordinator: ``host``, ``seconds`` (a used warm spare replaced by a spawn)
+``decision``         coordinator, every outcome of each balancer round (``--policy``, or after a
+                     drain): ``round``, ``policy``, ``move`` (false: "no move"), ``reason``,
+                     ``rank``, ``to``, ``strategy``, ``gain_s``, ``cost_s``, ``bytes_moved`` and
+                     the balancer's other predictions (mpimig.balance.snapshot.Decision); a move
+                     adds ``accepted`` and ``migration`` (its id) or ``refused`` (why)
+``drain``            coordinator: ``host``, ``ranks`` (on it when ``mpimig drain`` asked)
+``finished``         rank 0: ``points``, ``epoch``, ``recoveries``
+``control_refused``  coordinator: ``via`` (unix | tcp), ``error``: a control request refused
+                     (malformed, too big, too slow, unauthenticated: docs/protocol.md)
+``injected``         mpimig inject (``by``: injector) or the dying process (``by``: process):
+                     ``id``, ``kind``, ``target``, ``pids``, ``point``; a checkpoint-write
+                     fault adds ``epoch``, ``tmp_dir``, ``tmp_dir_seen``, ``committed``
+``resumed``          rank 0, only under mpimig inject: the first point passed after a start
+                     a roll-back or an online recovery: ``point``, ``epoch``, ``role``
+===================  ====================================================================
 """
 from __future__ import annotations
 
@@ -54,6 +58,8 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+
+from .errors import MpimigError
 from collections.abc import Iterator
 
 EVENTS_FILE = "events.jsonl"
@@ -70,13 +76,23 @@ def emit(job_dir: str | Path | None, event: str, run_id: str = "", **fields: Any
     rec.update(fields)
     try:
         line = (json.dumps(rec, default=str) + "\n").encode()
-        fd = os.open(os.path.join(str(job_dir), EVENTS_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(os.path.join(str(job_dir), EVENTS_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT, _mode())
         try:
             os.write(fd, line)
         finally:
             os.close(fd)
     except OSError:
         pass
+
+
+def _mode() -> int:
+    """The log's mode when it is created: that of checkpoint files (0600 by default,
+    MPIMIG_UMASK; docs/security.md)."""
+    from .checkpoint import auth
+    try:
+        return auth.file_mode()
+    except MpimigError:         # a bad MPIMIG_UMASK is reported where it is used, not here
+        return 0o600
 
 
 def read(job_dir: str | Path) -> list[dict]:

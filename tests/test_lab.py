@@ -203,10 +203,19 @@ def test_up_twice_is_refused_with_a_reason(lab):
         lab.mpiexec_args("openmpi", "h1:1,h9:1")
 
 
+def _comm_of(pid: int) -> str | None:
+    """The command name of ``pid``, or None when it has ended since it was listed
+    (the ssh session's own short-lived processes are in the namespace too)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
 def test_down_leaves_nothing_and_can_repeat(lab):
     # a stray process on a host: down must find it through the namespace
     lab.ssh("h1", "nohup sleep 300 >/dev/null 2>&1 &")
-    stray = [p for p in lab.pids("h1") if Path(f"/proc/{p}/comm").read_text().strip() == "sleep"]
+    stray = [p for p in lab.pids("h1") if _comm_of(p) == "sleep"]
     assert stray
     assert lab_footprint()["netns"]
     res = run_cmd(mpimig_cmd("lab", "down"), env=lab_env(), timeout=60)

@@ -56,3 +56,58 @@ def test_lost_host_relaunch_resumes_on_the_others(lab, tmp_path):
     assert relaunch[0]["epoch"] >= 2 and restarted[0]["epoch"] == relaunch[0]["epoch"], (relaunch, restarted)
     assert restarted[0]["point"] == 10 * relaunch[0]["epoch"]
     assert [e["event"] for e in evs][-1] == "finished"
+
+
+# What Open MPI's mpiexec printed, exit status 213 after 0.0 s, when it failed to start
+# a relaunch in CI (the same command, started again, ran normally).
+PMIX_LISTENER_FAILURE = """\
+--------------------------------------------------------------------------
+The PMIx server's listener thread failed to start. We cannot
+continue.
+--------------------------------------------------------------------------
+"""
+
+
+def test_mpiexec_that_fails_before_starting_is_started_again(tmp_path):
+    """An mpiexec that gives up before starting any process is started again (nothing
+    ran, so that is safe), with an event and a message; the job completes bit-identical.
+    The failure is a transient of a loaded host, so a wrapper in front of the real
+    mpiexec fails its first start the way mpiexec did."""
+    from mpimig.launch.launcher import find_mpiexec
+    real = find_mpiexec()
+    assert real
+    job, out, failed = tmp_path / "job", tmp_path / "out.npy", tmp_path / "failed-once"
+    wrapper = tmp_path / "mpiexec"
+    (tmp_path / "msg").write_text(PMIX_LISTENER_FAILURE)
+    wrapper.write_text(f"""#!/bin/sh
+if [ "$1" != "--version" ] && [ ! -e {failed} ]; then
+  : > {failed}; cat {tmp_path / 'msg'} >&2; exit 213
+fi
+exec {real} "$@"
+""")
+    wrapper.chmod(0o755)
+    n, steps = 32, 12
+    code = ("import sys, mpimig.launch.launcher as L; from mpimig.cli import main; "
+            f"L.find_mpiexec = lambda: {str(wrapper)!r}; "
+            "sys.exit(main(sys.argv[1:]))")
+    res = run_cmd([sys.executable, "-c", code, "run", "-n", 2, "--job-dir", job, "--ckpt-every", 4,
+                   APPS / "heat2d.py", "--n", n, "--steps", steps, "--out", out],
+                  env=base_env(), cwd=ROOT, timeout=120)
+    assert failed.exists()      # the wrapper did fail the first start
+    assert "mpiexec failed to start (the PMIx server's listener thread failed to start); " \
+           "starting it again (1/2)" in res.stderr, res.stderr[-3000:]
+    assert "job completed" in res.stderr, res.stderr[-3000:]
+    from mpimig import events
+    retries = [e for e in events.read(job) if e["event"] == "launch_retry"]
+    assert [(e["retry"], e["reason"]) for e in retries] == [(1, "the PMIx server's listener thread failed to start")]
+    ref = tmp_path / "ref.npy"
+    run_cmd([sys.executable, APPS / "heat2d.py", "--serial", "--n", n, "--steps", steps, "--out", ref], check_rc=0)
+    assert np.load(out).tobytes() == np.load(ref).tobytes()
+
+
+def test_mpiexec_start_failure_is_told_from_a_job_failure():
+    from mpimig.launch.launcher import _start_failure
+    assert _start_failure("junk\n" + PMIX_LISTENER_FAILURE) == "the PMIx server's listener thread failed to start"
+    # a rank that failed is not a start failure: the job may have done work
+    assert _start_failure("MPI_ABORT was invoked on rank 1 in communicator MPI_COMM_WORLD") is None
+    assert _start_failure("") is None

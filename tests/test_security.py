@@ -219,11 +219,12 @@ def test_no_epoch_verifies_then_relaunch_starts_over(finished_job, tmp_path):
 
 
 def test_modes_of_job_files_and_inspect_of_the_job_dir(finished_job, tmp_path):
-    """Item 1: the secret and checkpoint files are 0600, directories 0700; inspect
+    """Item 1: the secret, the event log and checkpoint files are 0600, directories 0700; inspect
     JOB_DIR finds JOB_DIR/ckpt and verifies with JOB_DIR/secret."""
     job_dir = finished_job
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)      # noqa: E731
     assert mode(job_dir) == 0o700 and mode(job_dir / "secret") == 0o600
+    assert mode(job_dir / "events.jsonl") == 0o600
     ckpt = job_dir / "ckpt"
     assert mode(ckpt) == 0o700
     for d in (ckpt / f"epoch-{e:06d}" for e in (1, 2, 3)):

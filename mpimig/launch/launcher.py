@@ -443,6 +443,63 @@ class _Tee:
         return "".join(self.lines)
 
 
+
+#: How many times a launch is started again when mpiexec failed before it started
+#: any process (:func:`_start_failure`).
+START_RETRIES = 2
+
+# Messages with which Open MPI's mpiexec (prterun) gives up before it starts any
+# process. Seen on a loaded CI machine, 0.0 s after the previous mpiexec of the same
+# job ended (exit status 213); the same command started again runs normally. Compare
+# lfortran/lfortran#8610 (the same message in another project's CI).
+_START_FAILURES = (
+    ("The PMIx server's listener thread failed to start", "the PMIx server's listener thread failed to start"),
+)
+
+
+def _start_failure(output: str) -> str | None:
+    """Why mpiexec failed before starting any process, or None if it did not."""
+    flat = " ".join(output.split())
+    for text, why in _START_FAILURES:
+        if text in flat:
+            return why
+    return None
+
+
+def _run_mpiexec(cmd: list[str], env: dict, cfg: Config, timeout) -> tuple[int | None, str, bool]:
+    """Run ``cmd`` once, copying its output through; return (exit status or None when
+    killed at the timeout, its output, timed out?)."""
+    # mpiexec stays in our process group, so whoever kills our group kills the job too.
+    # Its output is copied through, and kept to tell why a job was lost.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tees = [_Tee(proc.stdout, sys.stdout), _Tee(proc.stderr, sys.stderr)]
+
+    def _terminate(signum, frame):
+        # no waiting here: we may be inside proc.wait(), which holds Popen's lock
+        raise _Interrupted(signum)
+
+    old = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    timed_out = False
+    try:
+        rc = _wait(proc, cfg, timeout)
+    except subprocess.TimeoutExpired:
+        _kill_job(proc)
+        print(f"mpimig: job killed after the --timeout of {timeout} s", file=sys.stderr)
+        rc = None
+        timed_out = True
+    except KeyboardInterrupt:
+        _kill_job(proc)
+        raise
+    except _Interrupted as exc:
+        _kill_job(proc)
+        raise SystemExit(128 + exc.args[0]) from None
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+    output = "".join(t.text() for t in tees)
+    return rc, output, timed_out
+
+
 def launch(cfg: Config, n: int, program: list[str], *, hosts=None, ft=False, timeout=None,
            extra=None, dry_run=False, quiet=False, attempt: int = 0) -> int:
     """Run the job once; return 0 if it left its completion record, 1 if not.
@@ -476,34 +533,17 @@ def launch(cfg: Config, n: int, program: list[str], *, hosts=None, ft=False, tim
     events.emit(cfg.job_dir, "launch", cfg.run_id, attempt=attempt, n=n, hosts=hosts or "",
                 restart=cfg.restart, ft=bool(ft), mpi=flavour, pid=os.getpid())
     t0 = time.monotonic()
-    # mpiexec stays in our process group, so whoever kills our group kills the job too.
-    # Its output is copied through, and kept to tell why a job was lost.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    tees = [_Tee(proc.stdout, sys.stdout), _Tee(proc.stderr, sys.stderr)]
-
-    def _terminate(signum, frame):
-        # no waiting here: we may be inside proc.wait(), which holds Popen's lock
-        raise _Interrupted(signum)
-
-    old = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    timed_out = False
-    try:
-        rc = _wait(proc, cfg, timeout)
-    except subprocess.TimeoutExpired:
-        _kill_job(proc)
-        print(f"mpimig: job killed after the --timeout of {timeout} s", file=sys.stderr)
-        rc = None
-        timed_out = True
-    except KeyboardInterrupt:
-        _kill_job(proc)
-        raise
-    except _Interrupted as exc:
-        _kill_job(proc)
-        raise SystemExit(128 + exc.args[0]) from None
-    finally:
-        for signum, handler in old.items():
-            signal.signal(signum, handler)
-    output = "".join(t.text() for t in tees)
+    for retry in range(START_RETRIES + 1):
+        rc, output, timed_out = _run_mpiexec(cmd, env, cfg, timeout)
+        failed_start = None if timed_out or read_record(cfg) is not None else _start_failure(output)
+        if failed_start is None or retry == START_RETRIES:
+            break
+        # Nothing ran: mpiexec itself failed to start, so starting it again is safe.
+        print(f"mpimig: mpiexec failed to start ({failed_start}); starting it again "
+              f"({retry + 1}/{START_RETRIES})", file=sys.stderr, flush=True)
+        events.emit(cfg.job_dir, "launch_retry", cfg.run_id, attempt=attempt, retry=retry + 1,
+                    reason=failed_start)
+        time.sleep(0.5 * (retry + 1))      # back off: the failure is a transient of the host
     rec = read_record(cfg)
     dt = time.monotonic() - t0
     if rec is None:
