@@ -11,9 +11,12 @@ start of the next, so mpimig's own safe-point work is left out) a rank adds:
 
 - wall time, split into time blocked in communication (the wrapped calls,
   ``Request.Wait`` of receives included) and the rest: compute;
-- bytes sent with buffer calls (``Send``, ``Isend``, ``Sendrecv``, ...) per
-  destination rank (pickled ``send``/``isend`` are timed but their size is not
-  counted: finding it would cost a second pickle).
+- bytes sent per destination rank: with buffer calls (``Send``, ``Isend``,
+  ``Sendrecv``, ...) the buffer's size; with pickled calls (``send``, ``ssend``,
+  ``isend``, ``issend``) the pickle's: the layer pickles the object itself (as
+  mpi4py would, ``MPI.pickle``) and sends the bytes with the buffer call of the
+  same kind, which is what mpi4py puts on the wire, so the receiver's ``recv``
+  is unchanged and the object is pickled once, as without the meter.
 
 Every ``metrics_seconds`` (``--metrics-seconds``, default 1 s) it sends a
 report to the coordinator on J (``TAG_METRICS``): one small pickled send, no
@@ -47,6 +50,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from mpi4py import MPI
+
 from ..migration.protocol import TAG_METRICS
 
 if TYPE_CHECKING:
@@ -58,22 +63,25 @@ LAYER = "metrics"
 
 #: calls that send a buffer: (buffer, dest, ...) — timed, and their bytes counted per peer
 SEND_METHODS = ("Send", "Ssend", "Isend", "Issend", "Sendrecv")
+#: pickled sends: (obj, dest, tag) — sent as their pickle with the buffer call of the same kind
+PICKLED_SENDS = {"send": "Send", "ssend": "Ssend", "isend": "Isend", "issend": "Issend"}
 #: every other call that may block in communication: timed
-WAIT_METHODS = ("Recv", "send", "ssend", "recv", "sendrecv", "Probe", "probe", "Barrier", "barrier",
+WAIT_METHODS = ("Recv", "recv", "sendrecv", "Probe", "probe", "Barrier", "barrier",
                 "Bcast", "bcast", "Reduce", "reduce", "Allreduce", "allreduce", "Gather", "Gatherv",
                 "gather", "Scatter", "Scatterv", "scatter", "Allgather", "Allgatherv", "allgather",
                 "Alltoall", "Alltoallv", "alltoall", "Scan", "scan", "Exscan", "exscan",
                 "Reduce_scatter_block", "_wait_recv")
-METHODS = SEND_METHODS + WAIT_METHODS
+METHODS = SEND_METHODS + tuple(PICKLED_SENDS) + WAIT_METHODS
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _nbytes(buf: Any) -> int:
     """Bytes of an mpi4py buffer spec (an array, or [array, count, type] / [array, type])."""
-    n = getattr(buf, "nbytes", None)
-    if n is None and isinstance(buf, (list, tuple)) and buf:
-        n = getattr(buf[0], "nbytes", None)
+    data = buf[0] if isinstance(buf, (list, tuple)) and buf else buf
+    n = getattr(data, "nbytes", None)
+    if n is None and isinstance(data, (bytes, bytearray)):
+        n = len(data)
     return int(n or 0)
 
 
@@ -99,8 +107,8 @@ class Meter:
     # -- the layer on the communicator -------------------------------------------------
     def attach(self, comm: Comm) -> None:
         """Install the timing layer on ``comm`` (a new one after a recovery or a move)."""
-        comm.set_layer(LAYER, METHODS, self._wrap)
         self.comm = comm
+        comm.set_layer(LAYER, METHODS, self._wrap)
 
     def detach(self) -> None:
         if self.comm is not None:
@@ -128,6 +136,12 @@ class Meter:
                     meter.comm_s += pc() - t
                     meter.busy = False
             call = send
+        elif name in PICKLED_SENDS:
+            comm, buffer_call = self.comm, PICKLED_SENDS[name]
+
+            def call(obj: Any, dest: int, tag: int = 0) -> Any:
+                # the instance's buffer call (with this layer's wrapper: it counts and times)
+                return getattr(comm, buffer_call)([MPI.pickle.dumps(obj), MPI.BYTE], dest, tag)
         else:
             def call(*args: Any, **kwargs: Any) -> Any:
                 if meter.busy:
