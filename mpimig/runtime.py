@@ -82,7 +82,7 @@ class Context:
         self._procs: list[dict] | None = None   # every rank's host, pid and role (at the end)
         self.weight = 1.0                     # priority for the balancer (the program may set it)
         self.total_points: int | None = None  # safe points the whole run will pass, if the program knows
-        self._meter: Meter | None = Meter(config.metrics_seconds) if config.policy else None
+        self._meter: Meter | None = Meter(config.metrics_seconds, seed=comm.rank) if config.policy else None
         if config.ckpt_dir is not None:
             from .checkpoint import CheckpointStore
             self._store = CheckpointStore(config.ckpt_dir, job_id=config.run_id or "job",

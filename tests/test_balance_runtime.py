@@ -59,6 +59,7 @@ def test_greedy_on_one_host_reports_metrics_and_decides_no_move(tmp_path):
         assert r["host"] == HOST and r["points"] > 0
         assert r["compute_s"] >= 0.040          # each step sleeps 40 ms outside communication
         assert r["comm_s"] > 0                  # the halo exchange is timed
+        assert r["dirty_rate"] > 0              # every step rewrites the whole block
     # heat2d on a 3 x 1 grid: each rank sends one row per step to each neighbour above and below
     assert ranks[0]["sent"] == {"1": ROW_BYTES}
     assert ranks[1]["sent"] == {"0": ROW_BYTES, "2": ROW_BYTES}
@@ -112,6 +113,7 @@ def test_pickled_sends_are_counted_per_peer(tmp_path):
     size = len(pickle.dumps({"step": 0, "from": 0, "payload": payload}, protocol=5))
     ranks = {r["rank"]: r for r in read(job, "status.json")["balance"]["ranks"]}
     assert {r: ranks[r]["sent"] for r in range(n)} == {r: {str((r + 1) % n): size} for r in range(n)}
+    assert all(ranks[r]["dirty_rate"] == 0.0 for r in range(n))    # no arrays registered
 
 
 def _layers(tmp_path, name, *flags):

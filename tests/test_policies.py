@@ -639,3 +639,36 @@ def test_accepted_moves_keep_the_rules_on_any_snapshot(s, name, k):
         assert d.mandatory or d.gain_s >= 0 or any(x.move and x.gain_s > 0 for x in acc)
     if any(where[r] in to_empty and s.hosts[where[r]].alive for r in where) and k > s.in_flight:
         assert any(d.mandatory for d in acc) or any("no host can take" in d.reason for d in out)
+
+
+# -- the dirty-rate sampler (mpimig.balance.dirty) ------------------------------------------
+def test_dirty_sampler_counts_changed_chunks_when_it_samples_them_all():
+    import numpy as np
+
+    from mpimig.balance.dirty import DirtySampler
+    chunk = 4096
+    a = np.zeros(10 * chunk // 8 + 100)        # 10 whole chunks and a partial one of 800 bytes
+    ds = DirtySampler(seed=1, chunks=100, chunk=chunk)
+    assert ds.sample({"a": a}, 1.0) is None  # nothing to compare with yet
+    assert ds.sample({"a": a}, 1.0) == 0.0   # nothing written
+    a[0] = 1.0                                 # chunk 0
+    a[3 * chunk // 8 + 5] = 2.0                # chunk 3
+    a[-1] = 3.0                                # the partial chunk
+    assert ds.sample({"a": a}, 2.0) == (2 * chunk + 800) / 2.0
+
+
+def test_dirty_sampler_estimates_from_a_sample_and_rotates_it():
+    import numpy as np
+
+    from mpimig.balance.dirty import DirtySampler
+    chunk = 4096
+    a = np.zeros(64 * chunk // 8)              # 64 chunks, 4 sampled per report
+    ds = DirtySampler(seed=7, chunks=4, chunk=chunk)
+    ds.sample({"a": a}, 1.0)
+    first = [off for _, _, off, _ in ds.kept]
+    a += 1.0                                   # everything written: the estimate is the whole state per second
+    assert ds.sample({"a": a}, 0.5) == a.nbytes / 0.5
+    second = [off for _, _, off, _ in ds.kept]
+    assert len(first) == len(second) == 4 and first != second
+    # an item replaced by one of another size, or gone, is not compared
+    assert ds.sample({"b": np.zeros(8)}, 1.0) is None

@@ -103,6 +103,7 @@ class BalanceDriver:
         return RankMetrics(
             rank=r, host=host, compute_s=rep["compute_s"] / n, comm_wait_s=rep["comm_s"] / n,
             cpu_s=rep["cpu_s"] / n, points=int(rep["point"]), state_bytes=int(rep["state_bytes"]),
+            dirty_rate=float(rep.get("dirty_rate") or 0.0),
             rss_bytes=int(rep["rss_bytes"]), weight=float(rep["weight"]),
             sent={int(k): v / n for k, v in rep["sent"].items()},
             remaining_points=max(0, int(total) - int(rep["point"])) if total else None,
@@ -195,7 +196,8 @@ class BalanceDriver:
             rep = self.reports.get(r["rank"], {})
             ranks.append({"rank": rm.rank, "host": rm.host, "compute_s": rm.compute_s,
                           "comm_s": rm.comm_wait_s, "cpu_s": rm.cpu_s, "points": rm.points,
-                          "state_bytes": rm.state_bytes, "rss_bytes": rm.rss_bytes, "weight": rm.weight,
+                          "state_bytes": rm.state_bytes, "dirty_rate": rm.dirty_rate, "rss_bytes": rm.rss_bytes,
+                          "weight": rm.weight,
                           "sent": {str(k): v for k, v in rm.sent.items()},
                           "pid": rep.get("pid"), "report_age_s": round(now - rep["t"], 3) if rep else None})
         hosts = {}

@@ -40,8 +40,9 @@ Report fields (totals over the window unless said): ``rank``, ``host``,
 window's wall time, safe points included), ``cpu_window_s`` (CPU seconds of
 the whole window), ``cpu_s`` (of the compute part, estimated as above),
 ``cpu_share`` (``cpu_s / compute_s``, at most 1; 1 when nothing was computed),
-``sent`` ({peer: bytes}), ``state_bytes``,
-``rss_bytes``, ``weight``, ``total_points`` (or None), ``mem_available``
+``sent`` ({peer: bytes}), ``state_bytes``, ``dirty_rate`` (bytes/s, estimated
+from a sample of the state's chunks: :mod:`mpimig.balance.dirty`; None in a
+rank's first window), ``rss_bytes``, ``weight``, ``total_points`` (or None), ``mem_available``
 (bytes, 0 unknown), ``loadavg`` (1 minute).
 """
 from __future__ import annotations
@@ -53,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from mpi4py import MPI
 
 from ..migration.protocol import TAG_METRICS
+from .dirty import DirtySampler
 
 if TYPE_CHECKING:
     from ..comm import Comm
@@ -88,8 +90,9 @@ def _nbytes(buf: Any) -> int:
 class Meter:
     """One rank's metering (held by ``Context._meter`` when the job has a policy)."""
 
-    def __init__(self, interval: float = 1.0) -> None:
+    def __init__(self, interval: float = 1.0, seed: int = 0) -> None:
         self.interval = interval
+        self.dirty = DirtySampler(seed)
         self.comm: Comm | None = None     # the communicator that carries the layer
         self.busy = False                 # inside a timed call (nested calls are not counted twice)
         now = time.perf_counter()
@@ -185,11 +188,12 @@ class Meter:
         cpu_s = min(used, compute)
         st = ctx.registered_state
         mem, load = host_memory_and_load()
+        dirty = self.dirty.sample(st.split()[0], span) if st is not None else None
         return {"rank": ctx.rank, "host": ctx.host, "pid": os.getpid(), "t": time.time(), "point": ctx.point,
                 "points": self.points, "wall_s": self.wall_s, "compute_s": compute, "comm_s": self.comm_s,
                 "span_s": span, "cpu_window_s": used, "cpu_s": cpu_s,
                 "cpu_share": cpu_s / compute if compute > 0 else 1.0, "sent": dict(self.sent),
-                "state_bytes": st.nbytes() if st is not None else 0, "rss_bytes": rss_bytes(),
+                "state_bytes": st.nbytes() if st is not None else 0, "dirty_rate": dirty, "rss_bytes": rss_bytes(),
                 "weight": float(ctx.weight), "total_points": ctx.total_points,
                 "mem_available": mem, "loadavg": load}
 
