@@ -161,7 +161,8 @@ def test_a_failure_in_the_join_of_a_migration_is_recovered_under_ft(tmp_path, pl
     # ULFM interrupts the others' Intercomm_create, the job recovers (the migration is
     # cancelled) and ends bit-identical. MPIMIG_JOIN_TIMEOUT bounds the join if not.
     out = tmp_path / "x.npy"
-    res, job, evs = run_leave(tmp_path, "--how", "none", "--in-join", "target", "--work-ms", 100, "--out", out,
+    # (400 ms steps: the spawn must start before the job's last point, also on a loaded machine)
+    res, job, evs = run_leave(tmp_path, "--how", "none", "--in-join", "target", "--work-ms", 400, "--out", out,
                               opts=("--ft", "--ckpt-every", 2, "--migrate", f"6:1:{socket.gethostname()}"),
                               hard=120, MPIMIG_JOIN_TIMEOUT=30)
     assert "killing the target at the join" in res.stdout, res.stdout[-2000:]
