@@ -73,7 +73,7 @@ class Distributed:
                 raise StateError(f"Distributed: start {start} has {len(start)} axes, the array has {nd}")
         if not -nd <= int(axis) < nd:
             raise StateError(f"Distributed: axis {axis} is out of range for a {nd}-dimensional array")
-        self.value = value
+        self.value: np.ndarray | None = value     # ctx.state() takes it (and drops it here)
         self.global_shape = shape
         self.axis = int(axis) % nd if nd else 0
         self.start = start
@@ -81,8 +81,8 @@ class Distributed:
 
     def __repr__(self) -> str:
         how = f"start={self.start}" if self.start is not None else f"axis={self.axis}"
-        return (f"Distributed(<{self.value.dtype}{list(self.value.shape)}>, global_shape={self.global_shape}, "
-                f"{how}, halo={self.halo})")
+        arr = "registered" if self.value is None else f"<{self.value.dtype}{list(self.value.shape)}>"
+        return f"Distributed({arr}, global_shape={self.global_shape}, {how}, halo={self.halo})"
 
     def count(self, arr: np.ndarray) -> tuple[int, ...]:
         """The owned block's shape in ``arr`` (its shape less the halos)."""
@@ -159,6 +159,7 @@ class Resize:
         ``offset``: the block's start along ``decl.axis`` when ``decl.start`` is None."""
         from .checkpoint.layout import read_box
         arr = decl.value
+        assert arr is not None
         item = self.items[name]
         if list(decl.global_shape) != list(item["global_shape"]):
             raise CheckpointError(f"epoch {self.epoch} in {self.directory}: distributed item {name!r} has global "

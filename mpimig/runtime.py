@@ -151,6 +151,8 @@ class Context:
             st.update_from(arrays, objects)
         if self._resize is not None:
             self._fill_resized(st, items, decls)
+        for d in decls.values():
+            d.value = None                # the declaration is kept, not the array it came with
         return st
 
     def _fill_resized(self, st: State, items: dict[str, Any], decls: dict[str, Distributed]) -> None:
@@ -168,10 +170,10 @@ class Context:
                 continue
             offset = None
             if d.start is None:               # split along an axis in rank order: the ranks' lengths
-                lengths = self.comm.mpi.allgather(d.count(d.value)[d.axis])
+                lengths = self.comm.mpi.allgather(d.count(items[k])[d.axis])
                 offset = int(sum(lengths[:self.rank]))
             rs.fill(k, d, offset)
-            st[k] = d.value
+            st[k] = items[k]
 
     # -- safe points -----------------------------------------------------------
     def request_checkpoint(self) -> None:

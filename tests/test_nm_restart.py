@@ -174,3 +174,30 @@ def test_plan_refuses_messages_in_flight_and_items_on_some_ranks():
     man["ranks"] = [entry({"objects/w": {"crc32": 5, "nbytes": 3, "encoding": "pickle"}}), entry({})]
     with pytest.raises(CheckpointError, match=r"object 'w' \(objects/w\) was registered on rank\(s\) \[0\] only"):
         plan(man, 3, "epoch 1")
+
+
+def test_read_box_fills_a_new_block_and_its_halo_from_the_old_ranks_files(tmp_path):
+    """Three ranks store rows 0-2, 3-5, 6-8 of a 9 x 5 array with a one-cell halo (garbage in
+    the halo: it must never be read); new blocks on two ranks are read back with their halos."""
+    from mpimig.checkpoint.layout import read_box
+    g = np.arange(45, dtype=np.float64).reshape(9, 5) * 1.5
+    store = CheckpointStore(tmp_path / "ckpt", job_id="t")
+    per_rank = []
+    for r, (a, b) in enumerate([(0, 3), (3, 6), (6, 9)]):
+        local = np.full((b - a + 2, 7), -1.0)
+        local[1:-1, 1:-1] = g[a:b]
+        store.write_rank(1, r, 3, 0, {"u": local}, {"step": 4})
+        per_rank.append({"u": {"global_shape": [9, 5], "dtype": "<f8", "halo": [1, 1], "axis": None,
+                               "start": [a, 0], "count": [b - a, 5]}})
+    lay, err = build_layout(per_rank)
+    assert err == ""
+    store.commit(1, 3, 0, layout=lay)
+    man = store.manifest(1)
+    assert man["layout"] == lay
+    for a, b in [(0, 5), (5, 9)]:
+        out = np.full((b - a + 2, 7), 7.0)
+        read_box(store.directory, 1, man, "u", out, (a, 0), (1, 1))
+        want = np.full((b - a + 2, 7), 7.0)            # cells outside the global array keep their values
+        lo, hi = max(a - 1, 0), min(b + 1, 9)
+        want[lo - a + 1:hi - a + 1, 1:-1] = g[lo:hi]
+        assert out.tobytes() == want.tobytes()
