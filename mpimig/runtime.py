@@ -166,7 +166,7 @@ class Context:
                                  f"written by {rs.manifest['size']} ranks; this program registers it without "
                                  "a declaration, so this rank's part of it is unknown")
         for k, d in decls.items():
-            if k not in rs.items:
+            if k not in rs.items or k in rs.done:
                 continue
             offset = None
             if d.start is None:               # split along an axis in rank order: the ranks' lengths
