@@ -10,7 +10,10 @@ restarts and migrations) must match it bit for bit.
 
 Porting from plain mpi4py took 6 changed lines (marked ``# mpimig``): the
 ``main(ctx)`` wrapper, ``ctx.comm``, ``ctx.state(...)``, ``st.`` on the state,
-``ctx.checkpoint_point()`` and ``mpimig.run(main)``.
+``ctx.checkpoint_point()`` and ``mpimig.run(main)``. The state line declares
+how the field is split (``mpimig.Distributed``: this rank's block of the n x n
+grid, with a one-cell halo), so that a job restarts on another number of ranks
+(``mpimig run -n M`` on a job directory written by N ranks).
 
 The numerics (the grid's blocks, the halo exchange, one Jacobi step) are
 plain numpy and mpi4py in the installed module ``mpimig.apps.heat2d``, which
@@ -21,13 +24,15 @@ import time
 
 import numpy as np
 
+import mpimig                                                     # mpimig
 from mpimig.apps.heat2d import Block, busy, parse, run_serial  # noqa: F401 - parse: for programs that wrap this one
 
 
 def main(ctx, args):                                              # mpimig
     comm = ctx.comm                                               # mpimig
     grid = Block(args.n, comm.size, comm.rank)
-    st = ctx.state(u=grid.initial(), step=0)                      # mpimig
+    st = ctx.state(u=mpimig.Distributed(grid.initial(), (args.n, args.n), start=(grid.r0, grid.c0), halo=1),
+                   step=0)                                        # mpimig
     v = np.empty_like(st.u)
     while st.step < args.steps:
         grid.exchange_halos(comm, st.u)
@@ -47,7 +52,6 @@ if __name__ == "__main__":
     if args.serial:
         run_serial(args)
     else:
-        import mpimig
         res = mpimig.run(lambda ctx: main(ctx, args))                # mpimig
         if res is not None:
             print(f"heat2d n={args.n} steps={args.steps} checksum={res['checksum']!r}")

@@ -32,13 +32,14 @@ from mpi4py import MPI
 
 from . import events, exits
 from .comm import Comm, new_comm
-from .errors import CheckpointError, CorruptCheckpoint, MigrationError, MpimigError, NoCommittedEpoch
+from .errors import CheckpointError, CorruptCheckpoint, MigrationError, MpimigError, NoCommittedEpoch, StateError
 from .ft import hooks, recovery
 from .balance.metrics import Meter
 from .launch.config import Config
 from .migration import source, target, transport
 from .migration.protocol import DEFAULT_STRATEGY, TAG_DONE, TAG_END, TAG_FINISHING, TAG_HELLO, Link
 from .checkpoint.format import loads
+from .distributed import Distributed, Resize, block_of, build_layout
 from .state import State
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class Context:
         self.host = hostname()
         self._state: State | None = None
         self._restored: tuple | None = None   # (arrays, objects) waiting for ctx.state()
+        self._layout: dict[str, Distributed] = {}   # items declared Distributed (mpimig.distributed)
+        self._resize: Resize | None = None    # a restart on another rank count waiting for ctx.state()
         self._store: Any = None               # CheckpointStore (imported with h5py only when configured)
         self._want_ckpt = False
         self._last_ckpt_time = time.monotonic()
@@ -125,7 +128,17 @@ class Context:
         On a fresh start the given values are used. When the rank was restored
         (restart, migration, recovery), restored values replace them; items
         that were not saved keep the given values.
+
+        An item given as :class:`mpimig.Distributed` (an array and how it is
+        split over the ranks) is registered as its array, and its declaration
+        lets a job restart on another number of ranks (mpimig.distributed); on
+        such a restart, a call with Distributed items split along an axis
+        without ``start`` is collective.
         """
+        decls = {k: v for k, v in items.items() if isinstance(v, Distributed)}
+        for k, d in decls.items():
+            self._layout[k] = d
+            items[k] = d.value
         if self._state is None:
             self._state = State()
         st = self._state
@@ -136,7 +149,31 @@ class Context:
             arrays, objects = self._restored
             self._restored = None
             st.update_from(arrays, objects)
+        if self._resize is not None:
+            self._fill_resized(st, items, decls)
+        for d in decls.values():
+            d.value = None                # the declaration is kept, not the array it came with
         return st
+
+    def _fill_resized(self, st: State, items: dict[str, Any], decls: dict[str, Distributed]) -> None:
+        """A restart on another number of ranks: read the Distributed items' blocks from the epoch."""
+        rs = self._resize
+        assert rs is not None
+        where = f"epoch {rs.epoch} in {rs.directory}"
+        for k in items:
+            if k in rs.items and k not in decls:
+                raise StateError(f"{where}: state item {k!r} was declared mpimig.Distributed when the epoch was "
+                                 f"written by {rs.manifest['size']} ranks; this program registers it without "
+                                 "a declaration, so this rank's part of it is unknown")
+        for k, d in decls.items():
+            if k not in rs.items or k in rs.done:
+                continue
+            offset = None
+            if d.start is None:               # split along an axis in rank order: the ranks' lengths
+                lengths = self.comm.mpi.allgather(d.count(items[k])[d.axis])
+                offset = int(sum(lengths[:self.rank]))
+            rs.fill(k, d, offset)
+            st[k] = items[k]
 
     # -- safe points -----------------------------------------------------------
     def request_checkpoint(self) -> None:
@@ -151,6 +188,7 @@ class Context:
         self.link.t_point = time.perf_counter()
         self.link.t_point_wall = time.time()
         self.point += 1
+        self._resize = None               # items of a resized restart not registered by now stay unread
         meter = self._meter
         if meter is not None:             # a job with a policy: close the interval, report now and then
             meter.at_point(self)
@@ -198,7 +236,9 @@ class Context:
         arrays, objects = st.split()
         err = ""
         nbytes = 0
+        blocks: dict[str, dict] = {}
         try:
+            blocks = {k: block_of(k, d, st[k]) for k, d in self._layout.items() if k in st}
             # held messages as a native table (docs/checkpoint-format.md), not a pickle
             held = comm.export_held()["queue"]
             extra = {"queue": [(src, tag, "bytes", bytes(p)) for src, tag, p in held],
@@ -213,24 +253,28 @@ class Context:
             err = f"{type(exc).__name__}: {exc}"
         if self.config.ft and self.config.buddy:   # collective: every rank, also after a failed write
             err = self._keep_copies(epoch, arrays, objects, None if err else extra) or err
-        # the vote: every rank learns every outcome (buffer collectives: ULFM interrupts them)
-        errors = recovery.allgather_obj(comm.mpi, err)
-        bad = [(r, e) for r, e in enumerate(errors) if e]
+        # the vote: every rank learns every outcome (buffer collectives: ULFM interrupts them),
+        # and every rank's blocks of the Distributed items (the manifest's layout)
+        votes = recovery.allgather_obj(comm.mpi, (err, blocks))
+        bad = [(f"rank {r}", e) for r, (e, _) in enumerate(votes) if e]
+        layout, lerr = (None, "") if bad else build_layout([b for _, b in votes])
+        if lerr:
+            bad = [("layout", lerr)]
         if not bad and self.rank == 0:
             try:
                 self._store.commit(epoch, self.size, self.point,
-                                   {"run_id": self.config.run_id, "host": self.host})
+                                   {"run_id": self.config.run_id, "host": self.host}, layout=layout)
             except (MpimigError, OSError) as exc:
                 err = f"commit failed: {exc}"
         if not bad:
             err0 = recovery.bcast_obj(comm.mpi, err if self.rank == 0 else None, root=0)
             if err0:
-                bad = [(0, err0)]
+                bad = [("rank 0", err0)]
         if bad:
             if self.rank == 0:
                 self._store.abort(epoch)
             comm.mpi.Barrier()
-            detail = "; ".join(f"rank {r}: {e}" for r, e in bad)
+            detail = "; ".join(f"{r}: {e}" for r, e in bad)
             raise CheckpointError(f"checkpoint epoch {epoch} at point {self.point} was not committed "
                                   f"(the previous epoch {self.epoch or 'none'} stays the latest): {detail}")
         self.epoch = epoch
@@ -288,9 +332,9 @@ class Context:
             return
         for latest in reversed(epochs):
             try:
-                rs, damage = self._store.read_rank(latest, self.rank), ""
+                (rs, resize), damage = self._read_epoch(latest), ""
             except CorruptCheckpoint as exc:        # SignatureError too: nothing was unpickled
-                rs, damage = None, f"rank {self.rank}: {exc}"
+                rs, resize, damage = None, None, f"rank {self.rank}: {exc}"
             problems = [d for d in recovery.allgather_obj(self.comm.mpi, damage) if d]
             if not problems:
                 break
@@ -307,15 +351,32 @@ class Context:
             raise CorruptCheckpoint(f"no committed epoch in {cfg.ckpt_dir} verifies (tried {epochs[::-1]}; "
                                     "each was moved aside as epoch-N.damaged-*, see mpimig inspect)")
         assert rs is not None
-        saved_size = int(rs.attrs.get("size", self.size))
-        if saved_size != self.size:
-            raise CheckpointError(f"epoch {latest} in {cfg.ckpt_dir} was written by {saved_size} ranks; "
-                                  f"this job has {self.size}")
         self.restore(rs.arrays, rs.objects, point=int(rs.extra.get("point", 0)), epoch=latest)
+        self._resize = resize
         self.comm.import_held({"queue": [(m[0], m[1], m[3]) for m in rs.extra.get("queue", [])]})
         self.role = "restarted"
         if self.rank == 0:
-            log.info("restarted from epoch %d (point %d) in %s", latest, self.point, cfg.ckpt_dir)
+            log.info("restarted from epoch %d (point %d) in %s%s", latest, self.point, cfg.ckpt_dir,
+                     "" if resize is None else f", written by {resize.manifest['size']} ranks")
+
+    def _read_epoch(self, epoch: int) -> tuple[Any, Resize | None]:
+        """This rank's state from a committed epoch, and the Resize to finish in ``ctx.state()``
+        when the epoch was written by another number of ranks (mpimig.distributed): then this
+        rank reads the replicated items from one old rank and checks the distributed datasets
+        of every old rank ``r`` with ``r % size == rank``. Raises CheckpointError naming what
+        keeps a program from restarting on this number of ranks (CorruptCheckpoint: damage)."""
+        from .checkpoint import layout
+        store = self._store
+        man = store.manifest(epoch)
+        old = int(man["size"])
+        if old == self.size:
+            return store.read_rank(epoch, self.rank), None
+        items = layout.plan(man, self.size, f"epoch {epoch} in {store.directory}")
+        rs = store.read_rank(epoch, self.rank % old, skip=frozenset(i["dataset"] for i in items.values()))
+        problems = layout.verify_ranks(store.directory, epoch, man, list(range(self.rank, old, self.size)))
+        if problems:
+            raise CorruptCheckpoint("; ".join(problems))
+        return rs, Resize(store.directory, epoch, man, items)
 
 
 def _setup_logging(rank: int) -> None:

@@ -10,7 +10,10 @@ restarts and migrations) must match it bit for bit.
 
 Porting from plain mpi4py took 6 changed lines (marked ``# mpimig``): the
 ``main(ctx)`` wrapper, ``ctx.comm``, ``ctx.state(...)``, ``st.`` on the state,
-``ctx.checkpoint_point()`` and ``mpimig.run(main)``. ``apps/heat2d.py`` of the
+``ctx.checkpoint_point()`` and ``mpimig.run(main)``. The state line declares
+how the field is split (``mpimig.Distributed``: this rank's block of the n x n
+grid, with a one-cell halo), so that a job restarts on another number of ranks
+(``mpimig run -n M`` on a job directory written by N ranks). ``apps/heat2d.py`` of the
 source tree is the same program with :func:`main` written out.
 """
 from __future__ import annotations
@@ -21,6 +24,8 @@ import time
 from typing import Any
 
 import numpy as np
+
+import mpimig
 
 ALPHA = 0.1
 
@@ -144,7 +149,8 @@ class Block:
 def main(ctx, args) -> dict | None:                               # mpimig
     comm = ctx.comm                                               # mpimig
     grid = Block(args.n, comm.size, comm.rank)
-    st = ctx.state(u=grid.initial(), step=0)                      # mpimig
+    st = ctx.state(u=mpimig.Distributed(grid.initial(), (args.n, args.n), start=(grid.r0, grid.c0), halo=1),
+                   step=0)                                        # mpimig
     v = np.empty_like(st.u)
     while st.step < args.steps:
         grid.exchange_halos(comm, st.u)
@@ -190,7 +196,6 @@ def cli(argv: list[str]) -> None:
     if args.serial:
         run_serial(args)
         return
-    import mpimig
     res = mpimig.run(lambda ctx: main(ctx, args))
     if res is not None:
         print(f"heat2d n={args.n} steps={args.steps} checksum={res['checksum']!r}")

@@ -132,11 +132,12 @@ def check_manifest(man: dict[str, Any], key: auth.Key, where: str) -> None:
 
 
 def read_rank(directory: Path, epoch: int | None, rank: int, verify: bool = True,
-              key: auth.Key | None = None) -> RankState:
+              key: auth.Key | None = None, skip: frozenset[str] = frozenset()) -> RankState:
     """One rank's state from a committed epoch (latest if None). The manifest's
     HMAC and every signed dataset's tag are checked under ``key`` (default: the
     directory's secret) before anything is unpickled; with ``verify`` every
-    dataset's CRC-32 is checked against the manifest too."""
+    dataset's CRC-32 is checked against the manifest too. Datasets whose paths
+    are in ``skip`` (e.g. ``arrays/u``) are not read."""
     epoch = resolve_epoch(directory, epoch)
     key = auth.key_for_directory(directory, create=False) if key is None else key
     man = read_manifest(directory, epoch, key)
@@ -149,7 +150,7 @@ def read_rank(directory: Path, epoch: int | None, rank: int, verify: bool = True
     if not isinstance(expected, dict):
         raise CorruptCheckpoint(f"{where}: the manifest has no dataset list for rank {rank}")
     try:
-        state = read_file(path, where, expected, key, verify)
+        state = read_file(path, where, expected, key, verify, skip)
         if state.attrs.get("write_id") != entry.get("write_id"):
             raise CorruptCheckpoint(f"{where}: {path} has write id {state.attrs.get('write_id')}, the manifest "
                                     f"says {entry.get('write_id')} (a rank file from another write)")
@@ -257,8 +258,9 @@ class _FileReader:
     are read with os.preadv straight into the result array in blocks of
     IO_BLOCK bytes; others go through h5py."""
 
-    def __init__(self, path: Path, where: str, expected: dict[str, Any], key: auth.Key, verify: bool = True):
-        self.path, self.where, self.expected, self.key = path, where, expected, key
+    def __init__(self, path: Path, where: str, expected: dict[str, Any], key: auth.Key, verify: bool = True,
+                 skip: frozenset[str] = frozenset()):
+        self.path, self.where, self.expected, self.key, self.skip = path, where, expected, key, skip
         self.pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mpimig-crc")
                      if verify else None)
         self.checks: list[tuple[str, h5py.Dataset, concurrent.futures.Future[int]]] = []
@@ -305,6 +307,8 @@ class _FileReader:
 
     def read_group(self, f: h5py.File, g: str, target: dict[str, Any]) -> None:
         for link, obj in _ordered(f[g]):
+            if f"{g}/{link}" in self.skip:
+                continue
             name = _attr_value(obj.attrs.get("name", link))
             what = f"{g[:-1] if g != 'extra' else 'extra'} {name!r}"
             item = f"{self.where} {what}"
@@ -338,7 +342,7 @@ class _FileReader:
         """Compare every checksum with the file's and the manifest's."""
         for dpath, ds, fut in self.checks:
             _check_crc(self.where, dpath, ds, fut.result(), self.expected)
-        missing = set(self.expected) - self.seen
+        missing = set(self.expected) - self.seen - self.skip
         if missing:
             raise CorruptCheckpoint(f"{self.where}: dataset(s) {sorted(missing)} listed in "
                                     f"the manifest are missing from {self.path}")
@@ -358,7 +362,8 @@ class _FileReader:
             target[name] = decode_object(data.tobytes(), enc, item)
 
 
-def read_file(path: Path, where: str, expected: dict[str, Any], key: auth.Key, verify: bool = True) -> RankState:
+def read_file(path: Path, where: str, expected: dict[str, Any], key: auth.Key, verify: bool = True,
+              skip: frozenset[str] = frozenset()) -> RankState:
     """Read a rank file as its manifest entry ``expected`` says: signed
     datasets must match their tags under ``key``; with ``verify`` CRCs are
     checked too, so verifying costs little more than reading."""
@@ -368,7 +373,7 @@ def read_file(path: Path, where: str, expected: dict[str, Any], key: auth.Key, v
             raise CorruptCheckpoint(f"{where}: {path} has format version "
                                     f"{attrs['format_version']}, this mpimig reads up to {FORMAT_VERSION}")
         state = RankState({}, {}, {}, attrs)
-        _FileReader(path, where, expected, key, verify).read(f, state)
+        _FileReader(path, where, expected, key, verify, skip).read(f, state)
         return state
 
 

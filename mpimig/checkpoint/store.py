@@ -36,6 +36,7 @@ from . import auth
 from .format import (CHECKSUM_ALGORITHM, FORMAT, FORMAT_VERSION, MANIFEST, RANK_RE, TMP_RE, TRASH_RE, Prepared,
                      committed_epochs, epoch_dir_name, list_entries, manifest_bytes, no_epoch_error, prepare,
                      quarantined_epochs, rank_file_name, resolve_epoch, sidecar_name, uncommitted_epochs)
+from .layout import LAYOUT_KEY
 from .reader import RankState, describe_epoch, read_manifest, read_rank
 from .writer import PendingWrite, SnapshotBuffers, write_rank_file
 
@@ -211,7 +212,7 @@ class CheckpointStore:
 
     # -- committing
     def commit(self, epoch: int, size: int, step: int,
-               meta: Mapping[str, Any] | None = None) -> None:
+               meta: Mapping[str, Any] | None = None, layout: Mapping[str, Any] | None = None) -> None:
         """Make ``epoch`` the latest committed epoch (called by ONE rank after
         the vote said every rank's write succeeded).
 
@@ -220,7 +221,8 @@ class CheckpointStore:
         ``epoch-N.tmp`` to ``epoch-N`` (fsyncs the parent), prunes committed
         epochs beyond ``keep`` and removes stale ``.tmp`` dirs of epochs <= N.
         Epochs must be committed in increasing order; committing the latest
-        epoch again replaces it.
+        epoch again replaces it. ``layout`` (the distributed arrays'
+        declarations, :mod:`.layout`) goes into the manifest when given.
         """
         epoch, size = int(epoch), int(size)
         tmp, final = self.tmp_dir(epoch), self.epoch_dir(epoch)
@@ -258,6 +260,8 @@ class CheckpointStore:
             "meta": meta_json,
             "ranks": ranks,
         }
+        if layout:
+            manifest[LAYOUT_KEY] = json.loads(json.dumps(dict(layout)))
         manifest["auth"] = {"algorithm": auth.ALGORITHM, "key_id": auth.key_id(self.key),
                             "tag": auth.tag_hex(self.key, manifest_bytes(manifest))}
         old = None
@@ -408,7 +412,8 @@ class CheckpointStore:
         epoch = resolve_epoch(self.directory, epoch)
         return read_manifest(self.directory, epoch, self.key)
 
-    def read_rank(self, epoch: int | None, rank: int, verify: bool = True) -> RankState:
+    def read_rank(self, epoch: int | None, rank: int, verify: bool = True,
+                  skip: frozenset[str] = frozenset()) -> RankState:
         """Read one rank's state from a committed epoch (latest if None).
 
         The manifest's HMAC and the tag of every signed dataset (pickles, the
@@ -416,10 +421,11 @@ class CheckpointStore:
         (SignatureError names the epoch, rank and dataset); with ``verify``
         every dataset's CRC-32 is checked too and CorruptCheckpoint names the
         epoch, rank and dataset that does not match. Raises NoCommittedEpoch
-        if the directory has no committed epoch.
+        if the directory has no committed epoch. Datasets in ``skip`` (paths
+        such as ``arrays/u``) are not read.
         """
         epoch = resolve_epoch(self.directory, epoch)
-        return read_rank(self.directory, epoch, rank, verify, self.key)
+        return read_rank(self.directory, epoch, rank, verify, self.key, skip)
 
     def read_latest(self, rank: int, verify: bool = True) -> RankState:
         return self.read_rank(None, rank, verify)
