@@ -155,6 +155,8 @@ class Context:
         if meter is not None:             # a job with a policy: close the interval, report now and then
             meter.at_point(self)
         exits.at_point(self)              # another rank returned from main: abort, naming it
+        if self.comm._replay:             # a resumed process's setup is over (mpimig.derived)
+            self.comm.end_replay()
         if self.link.lazy is not None:
             self.link.lazy.progress()     # post-copy: note chunks that arrived
         cfg = self.config
@@ -200,9 +202,9 @@ class Context:
         nbytes = 0
         try:
             # held messages as a native table (docs/checkpoint-format.md), not a pickle
-            held = comm.export_held()["queue"]
-            extra = {"queue": [(src, tag, "bytes", bytes(p)) for src, tag, p in held],
-                     "point": self.point, "host": self.host}
+            exported = comm.export_held()
+            extra = {"queue": [(src, tag, "bytes", bytes(p)) for src, tag, p in exported["queue"]],
+                     "point": self.point, "host": self.host, "derived": exported.get("derived")}
             nbytes = self._store.write_rank(epoch, self.rank, self.size,
                                             int(getattr(st, "step", self.point)) if "step" in st else self.point,
                                             arrays, objects, extra)
@@ -257,7 +259,7 @@ class Context:
                 mine = recovery.Copy(self.rank, epoch, {k: np.array(a, copy=True) for k, a in arrays.items()},
                                      {k: dumps(k, v) for k, v in objects.items()},
                                      {"queue": [(m[0], m[1], m[3]) for m in extra["queue"]],
-                                      "point": self.point})
+                                      "point": self.point, "derived": extra.get("derived")})
             except MpimigError as exc:
                 err = str(exc)
         self._hosts = recovery.allgather_obj(self.comm.mpi, self.host)
@@ -312,7 +314,8 @@ class Context:
             raise CheckpointError(f"epoch {latest} in {cfg.ckpt_dir} was written by {saved_size} ranks; "
                                   f"this job has {self.size}")
         self.restore(rs.arrays, rs.objects, point=int(rs.extra.get("point", 0)), epoch=latest)
-        self.comm.import_held({"queue": [(m[0], m[1], m[3]) for m in rs.extra.get("queue", [])]})
+        self.comm.import_held({"queue": [(m[0], m[1], m[3]) for m in rs.extra.get("queue", [])],
+                               "derived": rs.extra.get("derived")})
         self.role = "restarted"
         if self.rank == 0:
             log.info("restarted from epoch %d (point %d) in %s", latest, self.point, cfg.ckpt_dir)
@@ -527,7 +530,7 @@ def _after_recovery(out: Any, cfg: Config, ctx: Context | None = None) -> Contex
         ctx.restore({k: np.array(a, copy=True) for k, a in cp.arrays.items()},
                     {k: loads(k, v) for k, v in cp.objects.items()}, point=int(cp.extra["point"]),
                     epoch=int(out.epoch))
-        ctx.comm.import_held({"queue": cp.extra["queue"]})
+        ctx.comm.import_held({"queue": cp.extra["queue"], "derived": cp.extra.get("derived")})
         ctx._own = cp
     else:                        # no committed epoch: start over
         ctx._restored = None
