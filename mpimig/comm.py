@@ -313,7 +313,14 @@ class Comm:
 
     def Ssend(self, buf, dest: int, tag: int = 0) -> None:
         self._check_tag(tag)
-        self._c.Ssend(buf, dest, tag)
+        if not self._pending:
+            self._c.Ssend(buf, dest, tag)
+            return
+        # a lazy receive of ours may be what the peer's Ssend waits for: keep matching
+        req = self._c.Issend(buf, dest, tag)
+        while not req.Test():
+            if not self._progress():
+                _idle()
 
     def send(self, obj: Any, dest: int, tag: int = 0) -> None:
         if tag >= self.tag_limit:

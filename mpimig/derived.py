@@ -21,9 +21,10 @@ What happens at each seam (docs/protocol.md, "Derived communicators"):
   (a migrated, restarted or recovered process) make each one again over the new
   job communicator, collectively over its members, in creation order:
   ``Create_group`` of its members, then its topology with ``reorder=False``;
-- replay: a resumed process runs ``main`` from the top; the *n*-th derivation call
-  gives back the rebuilt communicator *n* (checked against its recipe) instead
-  of a collective the other ranks finished long ago. Pickled derived comms (in
+- replay: a resumed process runs ``main`` from the top; until its first safe point
+  a derivation call gives back the first rebuilt communicator not given yet that
+  was made by the same call (same kind, parent and arguments) instead of a
+  collective the other ranks finished long ago. Pickled derived comms (in
   registered state) come back as the same objects (:func:`lookup`).
 
 mpimig never reorders ranks (``reorder`` is taken as False): logical ranks stay
@@ -263,17 +264,12 @@ def _derive(parent: Comm, kind: str, args: tuple, make: Callable[[], MPI.Intraco
     """One derivation call: the communicator ``make()`` gives as a derived comm, or
     COMM_NULL; on a resumed process, the rebuilt one of this call (no collective)."""
     root = parent._root
-    call = root._calls
     root._calls += 1
     recipe = (kind, parent._seq, _plain(args))
-    if call in root._replay:
-        saved, obj = root._replay.pop(call)
-        if saved != recipe:
-            raise CommError(f"rank {root.rank}: derivation call {call} is {recipe[0]}{recipe[2]} on "
-                            f"communicator #{recipe[1]}, but the rank derived {saved[0]}{saved[2]} on "
-                            f"#{saved[1]} before it moved: a resumed process must create its derived "
-                            "communicators in the same order")
-        return MPI.COMM_NULL if obj is None else obj
+    for seq, (saved, obj) in root._replay.items():     # resumed: the first rebuilt one made so
+        if saved == recipe:
+            del root._replay[seq]
+            return MPI.COMM_NULL if obj is None else obj
     c = make()
     seq = root._next_seq
     root._next_seq += 1

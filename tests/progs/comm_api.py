@@ -13,6 +13,7 @@ Rank 0 saves every rank's results, concatenated as float64, to ``--out``.
 """
 import argparse
 import sys
+import time
 
 import numpy as np
 from mpi4py import MPI
@@ -76,7 +77,7 @@ def api(comm, out):
     m.Recv(got)
     out += [got, np.array([st.Get_source(), st.Get_tag(), st.Get_count(MPI.DOUBLE)], dtype="f8")]
     comm.send({"v": r * 3}, right, 10)
-    while (m := comm.Improbe(left, 10)) is None:
+    while (m := comm.improbe(left, 10)) is None:
         pass
     out.append(np.array([m.recv()["v"]], dtype="f8"))
     # Ssend / Bsend / Rsend (receiver posted first for the ready send)
@@ -117,7 +118,10 @@ def api(comm, out):
 def run(comm, ctx, args):
     r, n = comm.Get_rank(), comm.Get_size()
     out = []
-    api(comm, out)
+    if ctx is None or ctx.role != "migrated":   # setup collectives: not again on a resumed process
+        api(comm, out)
+    if ctx is not None:
+        out = [ctx.state(api=np.concatenate(out) if out else None).api]
     d = comm.Dup()
     half = comm.Split(r % 2, -r)
     cart = comm.Create_cart([n], [True])
@@ -152,6 +156,7 @@ def run(comm, ctx, args):
         st.step += 1
         sends = [d.Isend(st.u.copy(), hi, 20 + st.step % 4), cart.isend({"s": float(st.u.sum())}, lo, 30)]
         if ctx is not None:
+            time.sleep(args.work_ms / 1000)    # stand-in for work: lets a spawned target arrive in time
             ctx.checkpoint_point()
     got = np.empty(N)
     d.Recv(got, lo, 20 + st.step % 4)
@@ -172,6 +177,7 @@ if __name__ == "__main__":
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--crash-at", type=int, default=0)
+    p.add_argument("--work-ms", type=float, default=0.0)
     args = p.parse_args(sys.argv[1:])
     if args.raw:
         run(MPI.COMM_WORLD, None, args)
