@@ -10,8 +10,11 @@ and received after it (in flight at the hold), and an ``Allreduce`` on a ``Split
 The derived comms are made in setup; the cart is also registered in the state.
 Rank 0 saves every rank's results, concatenated as float64, to ``--out``.
 ``--crash-at K``: a first run (not restarted) fails at step K, after a checkpoint.
+``--kill R@S``: rank R kills itself after step S's safe point (``--ft`` jobs: before any recovery).
 """
 import argparse
+import os
+import signal
 import sys
 import time
 
@@ -158,6 +161,8 @@ def run(comm, ctx, args):
         if ctx is not None:
             time.sleep(args.work_ms / 1000)    # stand-in for work: lets a spawned target arrive in time
             ctx.checkpoint_point()
+            if args.kill and (r, st.step) == args.kill and ctx.recoveries == 0:
+                os.kill(os.getpid(), signal.SIGKILL)      # --ft: a failed rank, once
     got = np.empty(N)
     d.Recv(got, lo, 20 + st.step % 4)
     obj = cart.recv(source=hi, tag=30)
@@ -178,6 +183,8 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--crash-at", type=int, default=0)
     p.add_argument("--work-ms", type=float, default=0.0)
+    p.add_argument("--kill", type=lambda t: tuple(int(x) for x in t.split("@")), default=None,
+                   help="R@S: rank R SIGKILLs itself after the safe point of step S (first life only)")
     args = p.parse_args(sys.argv[1:])
     if args.raw:
         run(MPI.COMM_WORLD, None, args)
