@@ -223,8 +223,7 @@ def _restore_request(kind, source, tag, done, value, st, seq=-1):
     if comm is None:
         raise CommError("a request was restored outside an mpimig job")
     if seq >= 0:
-        from .derived import lookup
-        comm = lookup(seq, None)
+        comm = Comm._family_ops.lookup(seq, None)
     r = Request(comm, kind, source, tag)
     if done:
         r._complete(value, *st)
@@ -247,6 +246,10 @@ def _idle() -> None:
 
 class Comm:
     """mpi4py-compatible communicator over logical ranks."""
+
+    #: The derived communicators' seams (export, rebuild, repoint_family, lookup): the module
+    #: mpimig.derived, which sets this when it is imported (it imports this module, not back).
+    _family_ops: Any = None
 
     def __init__(self, mpicomm: MPI.Intracomm) -> None:
         global _current_comm
@@ -682,9 +685,8 @@ class Comm:
                     "across a checkpoint point: complete buffer receives before ctx.checkpoint_point(), "
                     "or use irecv")
         out: dict[str, Any] = {"queue": [(m.source, m.tag, bytes(m.payload)) for m in self._queue]}
-        if self._root is self:
-            from .derived import export
-            out["derived"] = export(self)
+        if self._root is self and self._family_ops is not None:
+            out["derived"] = self._family_ops.export(self)
         return out
 
     def import_held(self, data: dict) -> None:
@@ -695,8 +697,9 @@ class Comm:
         communicator: they are rebuilt on this communicator (:func:`mpimig.derived.rebuild`)."""
         self._queue = deque(_Held(s, t, bytearray(p)) for s, t, p in data.get("queue", []))
         if data.get("derived"):
-            from .derived import rebuild
-            rebuild(self, data["derived"])
+            if self._family_ops is None:
+                raise CommError("derived communicators to rebuild, but mpimig.derived is not imported")
+            self._family_ops.rebuild(self, data["derived"])
 
     def clear_held(self) -> int:
         """Drop every held message; returns how many there were (tests, a process that dies)."""
@@ -733,8 +736,7 @@ class Comm:
         self._marker_tag = _tag_ub(mpicomm)
         self.tag_limit = self._marker_tag - N_RESERVED_TAGS + 1
         if self._derived:
-            from .derived import repoint_family
-            repoint_family(self)
+            self._family_ops.repoint_family(self)
 
     def end_replay(self) -> None:
         """A resumed process passed its first safe point: derivation calls from now on
@@ -819,15 +821,8 @@ def _unsupported(name: str):
     return stub
 
 
-# The rest of the API (mpimig.commapi) and derived communicators (mpimig.derived) are
-# methods on the class too, installed before the stubs below fill what is left.
-from . import commapi as _commapi, derived as _derived_mod  # noqa: E402
-
-_commapi.install(Comm)
-_derived_mod.install(Comm)
-
-
-# Every other MPI.Intracomm method raises a CommError that names it. Stubs on the
+# Every other MPI.Intracomm method raises a CommError that names it (mpimig.commapi and
+# mpimig.derived, imported by mpimig.runtime and for mpimig.Comm, replace some stubs). Stubs on the
 # class, not __getattr__: a class with __getattr__ loses CPython's fast attribute
 # lookup, which cost ~0.3 us per Send/Recv (mpimig bench comm).
 for _name in dir(MPI.Intracomm):

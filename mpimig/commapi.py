@@ -16,7 +16,8 @@ point (docs/protocol.md, "The rest of the communicator API"):
 - ``Sendrecv_replace``, ``Reduce_scatter``, ``Alltoallw`` and the neighbourhood
   collectives of topology communicators go straight to MPI (blocking).
 
-:func:`install` puts these methods on the class (called once by mpimig.comm).
+Importing this module puts these methods on the class (:func:`install`); mpimig.derived
+imports it, and mpimig.runtime and ``mpimig.Comm`` import that.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 from mpi4py import MPI
 
-from .comm import ANY_SOURCE, ANY_TAG, Request, _fill_status, _Held, _idle
+from .comm import ANY_SOURCE, ANY_TAG, Comm, Request, _fill_status, _Held, _idle
 from .errors import CommError
 
 #: Nonblocking collectives: straight to MPI, completed before any safe point's hold.
@@ -286,3 +287,6 @@ def install(cls: type) -> None:
                                                                   else f"mpimig.Comm #{self._seq}")),
                         ("name", property(lambda self: self.Get_name(), lambda self, v: self.Set_name(v)))):
         setattr(cls, name, value)
+
+
+install(Comm)

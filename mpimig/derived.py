@@ -32,12 +32,14 @@ where they are, so a rebuild gives every process the same rank again.
 """
 from __future__ import annotations
 
+import sys
 from collections import deque
 from typing import Any, Callable
 
 from mpi4py import MPI
 
-from .comm import Comm
+from .comm import Comm, _Held
+from .commapi import _icoll
 from .errors import CommError
 
 #: Shells of derived comms unpickled before their rebuild (number -> object), filled by rebuild().
@@ -188,7 +190,6 @@ class DistGraphComm(DerivedComm):
 
 
 def _install_topology() -> None:
-    from .commapi import _icoll
     for cls, local, props in (
             (CartComm, ("Shift", "Get_coords", "Get_topo", "Get_cart_rank", "Get_dim"),
              ("coords", "dims", "periods", "ndim", "dim", "topo")),
@@ -351,10 +352,12 @@ def Create_from_group(self, group: Any, stringtag: str = "org.mpi4py", info=None
 
 
 def install(cls: type) -> None:
-    """Put the derivation calls on the communicator class ``cls`` (called once by mpimig.comm)."""
+    """Put the derivation calls on the communicator class ``cls`` and make this module its
+    family seams (``Comm._family_ops``); done when this module is imported."""
     for fn in (Dup, Split, Split_type, Create_cart, Create_graph, Create_dist_graph, Create_dist_graph_adjacent,
                Get_group, Create_group, Create, Create_from_group):
         setattr(cls, fn.__name__, fn)
+    cls._family_ops = sys.modules[__name__]  # type: ignore[attr-defined]
     cls.Clone = Dup  # type: ignore[attr-defined]
     cls.group = property(Get_group)  # type: ignore[attr-defined]
 
@@ -377,7 +380,6 @@ def rebuild(root: Comm, data: dict) -> None:
     """A process that takes a rank over (migration, restart, recovery): rebuild the rank's
     derived comms over ``root`` (collective over each one's members, in creation order),
     give them their held queues, and let ``main``'s derivation calls find them again."""
-    from .comm import _Held
     shells = dict(_shells)
     _shells.clear()
     root._derived = {}
@@ -413,7 +415,7 @@ def lookup(seq: int, cls: type | None = None) -> Any:
     """The derived comm number ``seq`` of the current job communicator (unpickling a
     registered derived comm, or a request on one). Before the rebuild (state is
     unpickled first) it is a shell that :func:`rebuild` fills in."""
-    from . import comm as _comm
+    from . import comm as _comm     # the module's global, as it is now
     root = _comm._current_comm
     if root is None:
         raise CommError("a derived communicator was restored outside an mpimig job")
@@ -424,3 +426,6 @@ def lookup(seq: int, cls: type | None = None) -> Any:
     if obj is None:
         obj = _shells[seq] = (cls or DerivedComm)()
     return obj
+
+
+install(Comm)

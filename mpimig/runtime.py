@@ -30,7 +30,7 @@ from typing import Any, Callable, NoReturn
 import numpy as np
 from mpi4py import MPI
 
-from . import events, exits
+from . import derived as _derived, events, exits  # noqa: F401 - derived: the full Comm API
 from .comm import Comm, new_comm
 from .errors import CheckpointError, CorruptCheckpoint, MigrationError, MpimigError, NoCommittedEpoch
 from .ft import hooks, recovery
