@@ -203,16 +203,27 @@ class Request:
         if self._kind == "send" and not self._done:
             # every send completes during the safe point's drain; wait for it
             self._block()
-        return (_restore_request, (self._kind, self.source, self.tag, self._done, self._value, self._st))
+        return (_restore_request, (self._kind, self.source, self.tag, self._done, self._value, self._st,
+                                   self._comm._seq))
+
+    @staticmethod
+    def Startall(requests) -> None:
+        for r in requests:
+            r.Start()
+
+    def Start(self) -> None:
+        raise CommError("Start() needs a persistent request (Send_init/Recv_init)")
 
 
 _current_comm: Comm | None = None
 
 
-def _restore_request(kind, source, tag, done, value, st):
+def _restore_request(kind, source, tag, done, value, st, seq=-1):
     comm = _current_comm
     if comm is None:
         raise CommError("a request was restored outside an mpimig job")
+    if seq >= 0:
+        comm = Comm._family_ops.lookup(seq, None)
     r = Request(comm, kind, source, tag)
     if done:
         r._complete(value, *st)
@@ -236,16 +247,34 @@ def _idle() -> None:
 class Comm:
     """mpi4py-compatible communicator over logical ranks."""
 
+    #: The derived communicators' seams (export, rebuild, repoint_family, lookup): the module
+    #: mpimig.derived, which sets this when it is imported (it imports this module, not back).
+    _family_ops: Any = None
+
     def __init__(self, mpicomm: MPI.Intracomm) -> None:
         global _current_comm
+        self._blank()
         self._c = mpicomm
+        self._marker_tag = _tag_ub(mpicomm)   # highest tag: end-of-epoch marker
+        self.tag_limit = self._marker_tag - N_RESERVED_TAGS + 1
+        # derived communicators (mpimig.derived): this is the root of its family
+        self._root: Comm = self
+        self._seq = -1                        # derived comms: their number in the root's family
+        self._derived: dict[int, Comm] = {}   # root: live derived comms by number (creation order)
+        self._nulls: dict[int, tuple] = {}    # root: derivations that gave COMM_NULL here (recipe)
+        self._replay: dict[int, tuple] = {}   # root, resumed: rebuilt, not yet derived again by main
+        self._next_seq = 0                    # root: number of the next derived comm
+        self._calls = 0                       # root: derivation calls so far (replay matches by it)
+        _current_comm = self
+
+    def _blank(self) -> None:
+        """The containers every communicator has (also a derived comm's shell before its rebuild)."""
         self._queue: deque = deque()          # held messages (_Held), oldest first
         self._pending: list[Request] = []     # lazy receives, in posting order
         self._sends: list[Request] = []       # outstanding sends (for the drain)
-        self._marker_tag = _tag_ub(mpicomm)   # highest tag: end-of-epoch marker
-        self.tag_limit = self._marker_tag - N_RESERVED_TAGS + 1
+        self._colls: list[Request] = []       # outstanding nonblocking collectives (for the drain)
+        self._name = ""
         self._layers: dict[str, tuple[tuple[str, ...], Callable[[str, Callable[..., Any]], Callable[..., Any]]]] = {}
-        _current_comm = self
 
     # -- identity ------------------------------------------------------------
     @property
@@ -287,7 +316,14 @@ class Comm:
 
     def Ssend(self, buf, dest: int, tag: int = 0) -> None:
         self._check_tag(tag)
-        self._c.Ssend(buf, dest, tag)
+        if not self._pending:
+            self._c.Ssend(buf, dest, tag)
+            return
+        # a lazy receive of ours may be what the peer's Ssend waits for: keep matching
+        req = self._c.Issend(buf, dest, tag)
+        while not req.Test():
+            if not self._progress():
+                _idle()
 
     def send(self, obj: Any, dest: int, tag: int = 0) -> None:
         if tag >= self.tag_limit:
@@ -584,7 +620,22 @@ class Comm:
 
         Every rank sends an end-of-epoch marker to every other rank and drains
         until it has all markers. Returns the number of messages newly held.
+        Nonblocking collectives still outstanding are completed first. On the
+        job's communicator, the same is done on each derived communicator this
+        rank is in, in the order they were created (docs/protocol.md, "Derived
+        communicators").
         """
+        family = [self, *self._derived.values()] if self._root is self else [self]
+        for c in family:
+            c._finish_colls()
+        return sum(c._hold_own() for c in family)
+
+    def _finish_colls(self) -> None:
+        for r in self._colls:
+            r.Wait()
+        self._colls = []
+
+    def _hold_own(self) -> int:
         c = self._c
         n = c.Get_size()
         marker = self._marker_tag
@@ -622,20 +673,33 @@ class Comm:
 
     def export_held(self) -> dict:
         """The communication state that moves with the rank (after :meth:`hold_in_flight`):
-        ``{"queue": [(source, tag, payload bytes), ...]}``, oldest first."""
-        pending_buf = [r for r in self._pending if r._kind == "Recv"]
-        if pending_buf:
-            r = pending_buf[0]
-            raise CommError(
-                f"rank {self.rank}: a pending Irecv(source={r.source}, tag={r.tag}) cannot be kept "
-                "across a checkpoint point: complete buffer receives before ctx.checkpoint_point(), "
-                "or use irecv")
-        return {"queue": [(m.source, m.tag, bytes(m.payload)) for m in self._queue]}
+        ``{"queue": [(source, tag, payload bytes), ...], "derived": {...}}``, oldest first;
+        ``derived`` (plain data) says how to rebuild each derived communicator and holds
+        its queue (:func:`mpimig.derived.export`)."""
+        for c in ([self, *self._derived.values()] if self._root is self else [self]):
+            pending_buf = [r for r in c._pending if r._kind == "Recv"]
+            if pending_buf:
+                r = pending_buf[0]
+                raise CommError(
+                    f"rank {self.rank}: a pending Irecv(source={r.source}, tag={r.tag}) cannot be kept "
+                    "across a checkpoint point: complete buffer receives before ctx.checkpoint_point(), "
+                    "or use irecv")
+        out: dict[str, Any] = {"queue": [(m.source, m.tag, bytes(m.payload)) for m in self._queue]}
+        if self._root is self and self._family_ops is not None:
+            out["derived"] = self._family_ops.export(self)
+        return out
 
     def import_held(self, data: dict) -> None:
         """Take over held messages exported by :meth:`export_held` (replaces the queue):
-        they are matched before anything that arrives later (step 7, forwarding)."""
+        they are matched before anything that arrives later (step 7, forwarding).
+
+        With ``data["derived"]`` this is collective over the members of each derived
+        communicator: they are rebuilt on this communicator (:func:`mpimig.derived.rebuild`)."""
         self._queue = deque(_Held(s, t, bytearray(p)) for s, t, p in data.get("queue", []))
+        if data.get("derived"):
+            if self._family_ops is None:
+                raise CommError("derived communicators to rebuild, but mpimig.derived is not imported")
+            self._family_ops.rebuild(self, data["derived"])
 
     def clear_held(self) -> int:
         """Drop every held message; returns how many there were (tests, a process that dies)."""
@@ -664,10 +728,25 @@ class Comm:
         return [(m.source, m.tag) for m in self._queue]
 
     def repoint(self, mpicomm: MPI.Intracomm) -> None:
-        """Re-point the channels at a new MPI communicator (step 7, after a hold)."""
+        """Re-point the channels at a new MPI communicator (step 7, after a hold).
+
+        Collective over the members of each derived communicator: each is rebuilt
+        on ``mpicomm`` behind the same Python object, in creation order."""
         self._c = mpicomm
         self._marker_tag = _tag_ub(mpicomm)
         self.tag_limit = self._marker_tag - N_RESERVED_TAGS + 1
+        if self._derived:
+            self._family_ops.repoint_family(self)
+
+    def end_replay(self) -> None:
+        """A resumed process passed its first safe point: derivation calls from now on
+        are new ones (not the setup's again), see docs/protocol.md."""
+        self._replay.clear()
+
+    @property
+    def derived(self) -> tuple[Comm, ...]:
+        """The live communicators derived from this job communicator, in creation order."""
+        return tuple(self._derived.values())
 
     def set_buffer_guard(self, guard: Callable[..., None] | None) -> None:
         """Call ``guard(*arguments)`` before every buffer call (``Send``, ``Recv``,
@@ -677,8 +756,9 @@ class Comm:
 
         The guard is a wrapper layer on this instance (:meth:`set_layer`), so a
         communicator without a guard pays nothing for it on the hot path."""
-        self.set_layer("guard", BUFFER_METHODS,
-                       None if guard is None else (lambda name, method: _guarded(method, guard)))
+        wrap = None if guard is None else (lambda name, method: _guarded(method, guard))
+        for c in (self, *self._derived.values()):
+            c.set_layer("guard", BUFFER_METHODS, wrap)
 
     def set_layer(self, name: str, methods: tuple[str, ...],
                   wrap: Callable[[str, Callable[..., Any]], Callable[..., Any]] | None) -> None:
@@ -712,7 +792,12 @@ class Comm:
 # The buffer calls a guard sees (set_buffer_guard): every method that takes a buffer.
 BUFFER_METHODS = ("Send", "Ssend", "Isend", "Issend", "Recv", "Irecv", "Sendrecv", "Bcast", "Reduce",
                   "Allreduce", "Gather", "Gatherv", "Scatter", "Scatterv", "Allgather", "Allgatherv",
-                  "Alltoall", "Alltoallv", "Scan", "Exscan", "Reduce_scatter_block")
+                  "Alltoall", "Alltoallv", "Scan", "Exscan", "Reduce_scatter_block",
+                  "Bsend", "Rsend", "Ibsend", "Irsend", "Sendrecv_replace", "Reduce_scatter", "Alltoallw",
+                  "Send_init", "Ssend_init", "Bsend_init", "Rsend_init", "Recv_init",
+                  "Ibcast", "Ireduce", "Iallreduce", "Igather", "Igatherv", "Iscatter", "Iscatterv",
+                  "Iallgather", "Iallgatherv", "Ialltoall", "Ialltoallv", "Ialltoallw", "Iscan", "Iexscan",
+                  "Ireduce_scatter", "Ireduce_scatter_block")
 
 
 def _guarded(method: Callable[..., Any], guard: Callable[..., None]) -> Callable[..., Any]:
@@ -736,7 +821,8 @@ def _unsupported(name: str):
     return stub
 
 
-# Every other MPI.Intracomm method raises a CommError that names it. Stubs on the
+# Every other MPI.Intracomm method raises a CommError that names it (mpimig.commapi and
+# mpimig.derived, imported by mpimig.runtime and for mpimig.Comm, replace some stubs). Stubs on the
 # class, not __getattr__: a class with __getattr__ loses CPython's fast attribute
 # lookup, which cost ~0.3 us per Send/Recv (mpimig bench comm).
 for _name in dir(MPI.Intracomm):

@@ -30,7 +30,7 @@ from typing import Any, Callable, NoReturn
 import numpy as np
 from mpi4py import MPI
 
-from . import events, exits
+from . import derived as _derived, events, exits  # noqa: F401 - derived: the full Comm API
 from .comm import Comm, new_comm
 from .errors import CheckpointError, CorruptCheckpoint, MigrationError, MpimigError, NoCommittedEpoch, StateError
 from .ft import hooks, recovery
@@ -193,6 +193,8 @@ class Context:
         if meter is not None:             # a job with a policy: close the interval, report now and then
             meter.at_point(self)
         exits.at_point(self)              # another rank returned from main: abort, naming it
+        if self.comm._replay:             # a resumed process's setup is over (mpimig.derived)
+            self.comm.end_replay()
         if self.link.lazy is not None:
             self.link.lazy.progress()     # post-copy: note chunks that arrived
         cfg = self.config
@@ -240,9 +242,9 @@ class Context:
         try:
             blocks = {k: block_of(k, d, st[k]) for k, d in self._layout.items() if k in st}
             # held messages as a native table (docs/checkpoint-format.md), not a pickle
-            held = comm.export_held()["queue"]
-            extra = {"queue": [(src, tag, "bytes", bytes(p)) for src, tag, p in held],
-                     "point": self.point, "host": self.host}
+            exported = comm.export_held()
+            extra = {"queue": [(src, tag, "bytes", bytes(p)) for src, tag, p in exported["queue"]],
+                     "point": self.point, "host": self.host, "derived": exported.get("derived")}
             nbytes = self._store.write_rank(epoch, self.rank, self.size,
                                             int(getattr(st, "step", self.point)) if "step" in st else self.point,
                                             arrays, objects, extra)
@@ -301,7 +303,7 @@ class Context:
                 mine = recovery.Copy(self.rank, epoch, {k: np.array(a, copy=True) for k, a in arrays.items()},
                                      {k: dumps(k, v) for k, v in objects.items()},
                                      {"queue": [(m[0], m[1], m[3]) for m in extra["queue"]],
-                                      "point": self.point})
+                                      "point": self.point, "derived": extra.get("derived")})
             except MpimigError as exc:
                 err = str(exc)
         self._hosts = recovery.allgather_obj(self.comm.mpi, self.host)
@@ -353,7 +355,11 @@ class Context:
         assert rs is not None
         self.restore(rs.arrays, rs.objects, point=int(rs.extra.get("point", 0)), epoch=latest)
         self._resize = resize
-        self.comm.import_held({"queue": [(m[0], m[1], m[3]) for m in rs.extra.get("queue", [])]})
+        # Derived communicators are rebuilt from the ranks' records; on another number of
+        # ranks those records do not apply, and every rank runs the program's setup again,
+        # which derives them anew.
+        self.comm.import_held({"queue": [(m[0], m[1], m[3]) for m in rs.extra.get("queue", [])],
+                               "derived": rs.extra.get("derived") if resize is None else None})
         self.role = "restarted"
         if self.rank == 0:
             log.info("restarted from epoch %d (point %d) in %s%s", latest, self.point, cfg.ckpt_dir,
@@ -588,7 +594,7 @@ def _after_recovery(out: Any, cfg: Config, ctx: Context | None = None) -> Contex
         ctx.restore({k: np.array(a, copy=True) for k, a in cp.arrays.items()},
                     {k: loads(k, v) for k, v in cp.objects.items()}, point=int(cp.extra["point"]),
                     epoch=int(out.epoch))
-        ctx.comm.import_held({"queue": cp.extra["queue"]})
+        ctx.comm.import_held({"queue": cp.extra["queue"], "derived": cp.extra.get("derived")})
         ctx._own = cp
     else:                        # no committed epoch: start over
         ctx._restored = None

@@ -167,6 +167,9 @@ class Copy:
         parts: list[bytes] = [json.dumps(desc, sort_keys=True).encode()]
         parts += [self.objects[k] for k in sorted(self.objects)]
         parts += [bytes(m[2]) for m in self.extra["queue"]]
+        if self.extra.get("derived"):     # derived communicators' records and held queues
+            import pickle
+            parts.append(pickle.dumps(self.extra["derived"], protocol=4))
         return auth.tag_hex(auth.job_key(), *parts)
 
     def verify(self, what: str) -> None:
@@ -453,7 +456,7 @@ def _read_disk(ckpt_dir, epoch: int, rank: int) -> Copy:
     rs = CheckpointStore(ckpt_dir, create=False).read_rank(epoch, rank)
     return Copy(rank, epoch, rs.arrays, {k: dumps(k, v) for k, v in rs.objects.items()},
                 {"queue": [(m[0], m[1], m[3]) for m in rs.extra.get("queue", [])],
-                 "point": int(rs.extra.get("point", 0))})
+                 "point": int(rs.extra.get("point", 0)), "derived": rs.extra.get("derived")})
 
 
 def finalize_watchdog() -> None:
