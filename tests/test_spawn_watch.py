@@ -85,3 +85,49 @@ def test_a_real_spawn_is_not_disturbed_by_the_watch(tmp_path):
     assert not any(e["event"] == "spawn_orphaned" for e in evs)
     import numpy as np
     assert np.load(out).tobytes() == heat_ref(tmp_path, 24, 10)
+
+
+def _libmpi_loaded(pid: int) -> bool:
+    try:
+        return "libmpi" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_a_job_aborted_while_its_spawned_process_is_in_mpi_init_ends(tmp_path):
+    """End to end: the coordinator is stopped while a migration's target starts, the target
+    goes into MPI_Init (libmpi mapped), then the coordinator is killed (Open MPI aborts the
+    job). The watch sees the coordinator gone, ends the target naming why, and the job ends
+    long before its --timeout. (Without the watch, on this quiet-enough run, Open MPI failed
+    the target's MPI_Init by itself, "dpm.c ... Not supported", and the job ended too: this
+    test shows the watch firing in a real job; the hang it bounds, a target left waiting in
+    MPI_Init, was seen under load in the chaos runs, not produced on demand.)"""
+    import os
+    import time
+    from conftest import ROOT, kill_session, mpimig_cmd, read, start_job
+    job = tmp_path / "job"
+    cmd = mpimig_cmd("run", "-n", 2, "--job-dir", job, "--coordinator", "--relaunch", 0, "--timeout", 240,
+                     "--migrate", f"3:0:{socket.gethostname()}", ROOT / "tests" / "progs" / "spawn_mark.py",
+                     "--steps", 30, "--dir", tmp_path)
+    proc = start_job(cmd)
+    try:
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "spawned.pid").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no process was spawned"
+            time.sleep(0.01)    # polling for a file the job writes
+        coord = int(read(job, "status.json")["coordinator"]["pid"])
+        os.kill(coord, signal.SIGSTOP)              # it cannot answer the new process now
+        child = int((tmp_path / "spawned.pid").read_text())
+        while not _libmpi_loaded(child):
+            assert time.monotonic() < deadline, "the spawned process never loaded libmpi"
+            time.sleep(0.01)    # polling the process's mappings: it is starting MPI_Init
+        os.kill(coord, signal.SIGKILL)
+        _, err = proc.communicate(timeout=280)
+    finally:
+        kill_session(proc.pid)
+    evs = [json.loads(ln) for ln in (job / "events.jsonl").read_text().splitlines() if ln.strip()]
+    assert "killed after the --timeout" not in err, err[-3000:]
+    assert not (job / "complete.json").exists()
+    orphan = [e for e in evs if e["event"] == "spawn_orphaned"]
+    assert orphan and orphan[0]["pid"] == child, err[-3000:]
+    assert "was still waiting in MPI_Init" in err
