@@ -278,10 +278,11 @@ def watch_spawned_init() -> int | None:
     message (issue 14: the chaos hangs with a warm spare). mpi4py holds the GIL in
     ``MPI_Init``, so no thread of this process can watch: a forked watcher (before MPI is
     initialised, so forking is safe) looks every :data:`INIT_POLL` s; when the job's
-    coordinator (``status.json``, same run, same host) is gone, or after the ``spawn`` bound
-    plus 30 s, it says so, records a ``spawn_orphaned`` event and SIGKILLs the process, so
-    ``mpiexec`` ends. A thread of this process tells the watcher to stop once ``MPI_Init``
-    has returned."""
+    coordinator (``status.json``, same run, same host) is gone (not under ``--ft``, where an
+    online recovery replaces it and spawns while status.json still names the old one), the
+    job was relaunched, or after the ``spawn`` bound plus 30 s, it says so, records a
+    ``spawn_orphaned`` event and SIGKILLs the process, so ``mpiexec`` ends. A thread of
+    this process tells the watcher to stop once ``MPI_Init`` has returned."""
     if not is_spawned() or os.environ.get("MPIMIG_INIT_WATCH", "1") == "0":
         return None
     mpi = sys.modules.get("mpi4py.MPI")
@@ -335,6 +336,10 @@ def _coordinator_gone(job_dir: str, run_id: str) -> str | None:
         return f"the job was relaunched (run {st.get('run_id')}; this process belongs to run {run_id})"
     if st.get("finished"):
         return "the job has finished"
+    if os.environ.get("MPIMIG_FT") == "1":
+        # under --ft a dead coordinator is replaced by an online recovery, whose spawned
+        # replacements start while status.json still names the old one: only the bound applies
+        return None
     if host not in (None, socket.gethostname()) or _pid_alive(pid):
         return None
     return f"the job's coordinator (pid {pid} on {host}) has exited"
