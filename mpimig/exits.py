@@ -41,7 +41,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import events
@@ -251,8 +251,120 @@ def disarm() -> None:
 
 def arm_for_job() -> None:
     """``import mpimig`` in a process started by ``mpimig run``: a process that exits
-    before it ran :func:`mpimig.run` (``sys.exit`` at module level) ends the job."""
+    before it ran :func:`mpimig.run` (``sys.exit`` at module level) ends the job; a
+    spawned process is also watched while it waits in ``MPI_Init`` (:func:`watch_spawned_init`)."""
     arm()
+    watch_spawned_init()
+
+
+# -- a spawned process whose job is gone while it waits in MPI_Init -------------------------
+INIT_POLL = 0.5      # seconds between the init watcher's looks at the job
+
+
+def is_spawned(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process was started by MPI_Comm_spawn (Open MPI: ``OMPI_PARENT_PORT``;
+    MPICH: ``PMI_SPAWNED=1``)."""
+    e = os.environ if env is None else env
+    return bool(e.get("OMPI_PARENT_PORT")) or e.get("PMI_SPAWNED") == "1"
+
+
+def watch_spawned_init() -> int | None:
+    """Bound ``MPI_Init`` in a process started by ``MPI_Comm_spawn`` (a migration target, a
+    refilled warm spare, a replacement); returns the watcher's pid, or None when not spawned.
+
+    A spawned process waits in ``MPI_Init`` until its spawner connects to it. If the job that
+    spawned it is ended meanwhile (e.g. Open MPI aborts the job because a rank died), nobody
+    ever connects, and ``mpiexec`` waits for the process for ever: the job hangs with no
+    message (issue 14: the chaos hangs with a warm spare). mpi4py holds the GIL in
+    ``MPI_Init``, so no thread of this process can watch: a forked watcher (before MPI is
+    initialised, so forking is safe) looks every :data:`INIT_POLL` s; when the job's
+    coordinator (``status.json``, same run, same host) is gone (not under ``--ft``, where an
+    online recovery replaces it and spawns while status.json still names the old one), the
+    job was relaunched, or after the ``spawn`` bound plus 30 s, it says so, records a
+    ``spawn_orphaned`` event and SIGKILLs the process, so ``mpiexec`` ends. A thread of
+    this process tells the watcher to stop once ``MPI_Init`` has returned."""
+    if not is_spawned() or os.environ.get("MPIMIG_INIT_WATCH", "1") == "0":
+        return None
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized():
+        return None
+    bound = timeout("spawn") + 30.0
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                       # the watcher: no MPI, plain Python, leaves by os._exit
+        os.close(w)
+        code = 0
+        try:
+            _init_watcher(os.getppid(), r, bound)
+        except BaseException:          # noqa: BLE001 - never run the parent's atexit handlers here
+            code = 1
+        os._exit(code)
+    os.close(r)
+
+    def done() -> None:
+        # runs only once MPI_Init has returned (mpi4py holds the GIL in it)
+        while True:
+            m = sys.modules.get("mpi4py.MPI")
+            if m is not None and not getattr(getattr(m, "__spec__", None), "_initializing", False):
+                with contextlib.suppress(Exception):
+                    if m.Is_initialized():
+                        break
+            time.sleep(0.1)            # polling the import's progress, not synchronising with a peer
+        with contextlib.suppress(OSError):
+            os.write(w, b"1")
+        with contextlib.suppress(OSError):
+            os.close(w)
+        with contextlib.suppress(OSError):
+            os.waitpid(pid, 0)
+    threading.Thread(target=done, name="mpimig-init-watch", daemon=True).start()
+    return pid
+
+
+def _coordinator_gone(job_dir: str, run_id: str) -> str | None:
+    """Why the job that spawned this process is gone (its coordinator, as status.json records
+    it, no longer runs on this host, or the job was relaunched), or None if it may be there."""
+    import json
+    import socket
+    try:
+        with open(os.path.join(job_dir, "status.json")) as f:
+            st = json.load(f)
+        coord = st["coordinator"]
+        pid, host = int(coord["pid"]), coord.get("host")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if run_id and st.get("run_id") not in (None, run_id):
+        return f"the job was relaunched (run {st.get('run_id')}; this process belongs to run {run_id})"
+    if st.get("finished"):
+        return "the job has finished"
+    if os.environ.get("MPIMIG_FT") == "1":
+        # under --ft a dead coordinator is replaced by an online recovery, whose spawned
+        # replacements start while status.json still names the old one: only the bound applies
+        return None
+    if host not in (None, socket.gethostname()) or _pid_alive(pid):
+        return None
+    return f"the job's coordinator (pid {pid} on {host}) has exited"
+
+
+def _init_watcher(parent: int, r: int, bound: float) -> None:
+    import select
+    job_dir, run_id = os.environ.get("MPIMIG_JOB_DIR", ""), os.environ.get("MPIMIG_RUN_ID", "")
+    end = time.monotonic() + bound
+    while True:
+        ready, _, _ = select.select([r], [], [], INIT_POLL)
+        if ready or not _pid_alive(parent):       # MPI_Init returned (or the process is gone)
+            return
+        why = _coordinator_gone(job_dir, run_id) if job_dir else None
+        if why is None and time.monotonic() > end:
+            why = f"MPI_Init did not return within {bound:g} s (MPIMIG_SPAWN_TIMEOUT + 30 s)"
+        if why is not None:
+            break
+    msg = (f"a process started by MPI_Comm_spawn (pid {parent}) was still waiting in MPI_Init for "
+           f"its spawner, and {why}: nobody will connect to it; ending it so that mpiexec ends")
+    _say(msg)
+    with contextlib.suppress(Exception):
+        events.emit(_job_dir(), "spawn_orphaned", run_id, pid=parent, reason=why)
+    with contextlib.suppress(OSError):
+        os.kill(parent, signal.SIGKILL)
 
 
 def _who_before_run() -> str:

@@ -184,3 +184,14 @@ def test_totals_fail_on_a_broken_invariant_and_show_recoveries_by_kind():
     assert "    rank" in text and "1 fired of 1: 0 online, 1 relaunch, 1 survived" in text
     assert text.endswith("RESULT: OK")
     assert storm.BAD_KEYS == BAD
+
+
+def test_bounds_longer_than_half_the_launch_timeout_are_shortened_for_the_jobs():
+    """A wait past its bound ends the job with a message (then a relaunch) before the launch
+    timeout would cut it and count a hang (the --ft recovery bound was 120 s = the timeout)."""
+    from mpimig.verify.chaos import bounds_within
+    b = bounds_within(120)
+    assert b["MPIMIG_RECOVERY_TIMEOUT"] == "60" and b["MPIMIG_SPAWN_TIMEOUT"] == "60"
+    assert b["MPIMIG_STARTUP_TIMEOUT"] == "60" and b["MPIMIG_TRANSFER_TIMEOUT"] == "60"
+    assert "MPIMIG_JOIN_TIMEOUT" not in b and "MPIMIG_FINALIZE_TIMEOUT" not in b     # 60 s and 10 s: within
+    assert bounds_within(600) == {"MPIMIG_STARTUP_TIMEOUT": "300", "MPIMIG_TRANSFER_TIMEOUT": "300"}

@@ -26,6 +26,7 @@ crashing inputs in a warning.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -41,8 +42,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fuzz import targets
-from mpimig.checkpoint import CheckpointStore
-from mpimig.checkpoint.format import decode_queue
+from mpimig.checkpoint import CheckpointStore, auth
+from mpimig.checkpoint.format import decode_queue, manifest_bytes
 from mpimig.errors import CorruptCheckpoint
 
 HERE = Path(__file__).resolve().parent
@@ -133,6 +134,14 @@ def test_damaged_encoding_attribute_is_refused_not_returned_as_raw_bytes(tmp_pat
     with h5py.File(path, "r+") as f:
         [link] = list(f["objects"])
         del f["objects"][link].attrs["encoding"]
+    with pytest.raises(CorruptCheckpoint, match="is damaged: its sha256"):     # the file digest, first
+        store.read_rank(1, 0)
+    # an epoch without file digests (an older mpimig): the attribute check still refuses it
+    mpath = store.epoch_dir(1) / "MANIFEST.json"
+    man = json.loads(mpath.read_text())
+    del man["file_digest"], man["ranks"][0]["sha256"]
+    man["auth"]["tag"] = auth.tag_hex(store.key, manifest_bytes(man))
+    mpath.write_text(json.dumps(man))
     with pytest.raises(CorruptCheckpoint, match="'meta'.*no 'encoding' attribute"):
         store.read_rank(1, 0)
 

@@ -1,6 +1,6 @@
 """Checkpoints: the HDF5 epoch store of registered state, and the object codec.
 
-Owns the on-disk format (docs/checkpoint-format.md) in five modules:
+Owns the on-disk format (docs/checkpoint-format.md) in six modules:
 
 * :mod:`.format` -- names, constants, CRC-32, how arrays and Python objects
   are encoded; the ONE object codec (pickle, dill as fallback) used by
@@ -11,7 +11,9 @@ Owns the on-disk format (docs/checkpoint-format.md) in five modules:
 * :mod:`.reader` -- reading, verifying and describing what is on disk, and the
   ``mpimig inspect`` command;
 * :mod:`.auth` -- the job secret, HMAC-SHA256 tags (docs/security.md) and the
-  modes of the files and directories written.
+  modes of the files and directories written;
+* :mod:`.guard` -- the whole-file digest checked before HDF5 opens a data file,
+  and reading a damaged file only in a child process (``mpimig inspect``).
 
 May import :mod:`mpimig.errors` and :mod:`mpimig._version` only (and
 numpy, h5py, dill; of mpi4py only the version strings, never ``mpi4py.MPI``):

@@ -49,7 +49,8 @@ from ..errors import SecretError, SignatureError, UsageError
 
 __all__ = ["SECRET_FILE_ENV", "SECRET_ENV", "UMASK_ENV", "SECRET_NAME", "ALGORITHM", "TAG_BYTES", "Key",
            "job_key", "key_for_directory", "read_secret_file", "create_secret_file", "tag", "tag_hex",
-           "check_tag", "sign_blob", "open_blob", "key_id", "file_mode", "dir_mode", "make_dir", "open_private"]
+           "check_tag", "sign_blob", "open_blob", "key_id", "file_mode", "dir_mode", "make_dir", "open_private",
+           "FILE_DIGEST", "file_digest", "is_file_digest"]
 
 SECRET_FILE_ENV = "MPIMIG_SECRET_FILE"
 SECRET_ENV = "MPIMIG_SECRET"
@@ -60,6 +61,9 @@ ALGORITHM = "hmac-sha256"
 TAG_BYTES = 32
 #: A signed blob in a message or buddy copy: MAGIC, the 32-byte tag, the payload.
 BLOB_MAGIC = b"MSIG"
+#: The whole-file digest of every data file, kept in the (signed) manifest and checked before
+#: the file is opened (docs/checkpoint-format.md, section 5; docs/security.md).
+FILE_DIGEST = "sha256"
 MIN_SECRET = 16
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -297,3 +301,28 @@ def key_id(key: Key) -> str:
     apart in messages without revealing either."""
     return hmac.new(key.secret, b"mpimig key id", hashlib.sha256).hexdigest()[:16]
 
+
+# ---------------------------------------------------------------- file digests
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 (hex) of a whole file, read in blocks (hashing releases the GIL).
+
+    A data file's digest goes into the epoch's manifest, whose HMAC tag signs it,
+    and is checked before HDF5 opens the file: a damaged file is refused with a
+    message naming it instead of reaching libhdf5 (which can crash on damaged
+    metadata). Symbolic links are not followed."""
+    h = hashlib.new(FILE_DIGEST)
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb", buffering=0) as fh:
+        while True:
+            n = fh.readinto(buf)
+            if not n:
+                return h.hexdigest()
+            h.update(view[:n])
+
+
+def is_file_digest(value: object) -> bool:
+    """Whether ``value`` has the shape of a :func:`file_digest` (64 lowercase hex digits)."""
+    return (isinstance(value, str) and len(value) == 64
+            and all(c in "0123456789abcdef" for c in value))

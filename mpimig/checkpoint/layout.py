@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import CheckpointError, CorruptCheckpoint
 from .format import epoch_dir_name, h5file, rank_file_name
+from .guard import check_file_digest
 from .reader import _file_crc
 
 __all__ = ["LAYOUT_KEY", "LAYOUT_VERSION", "check_layout", "item_name", "plan", "read_box", "verify_ranks"]
@@ -197,6 +198,7 @@ def verify_ranks(directory: Path, epoch: int, man: dict[str, Any], old_ranks: li
         path = directory / epoch_dir_name(epoch) / rank_file_name(r)
         entry = man["ranks"][r]
         try:
+            check_file_digest(path, entry, f"epoch {epoch} rank {r}")    # before libhdf5 sees the file
             fd = os.open(path, os.O_RDONLY)
             try:
                 with h5file(path, "r") as f:
@@ -212,6 +214,8 @@ def verify_ranks(directory: Path, epoch: int, man: dict[str, Any], old_ranks: li
                                             f"(manifest crc32 {want}, data has {crc})")
             finally:
                 os.close(fd)
+        except CorruptCheckpoint as exc:
+            problems.append(str(exc))
         except (OSError, KeyError, ValueError, TypeError) as exc:
             problems.append(f"epoch {epoch} rank {r}: cannot read {path}: {type(exc).__name__}: {exc}")
     return problems

@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import (CheckpointError, CorruptCheckpoint, NoCommittedEpoch, SecretError, SignatureError, StateError,
                       UsageError)
 from . import auth
+from .guard import check_file_digest, isolated
 from .format import (EPOCH_DIR_RE, QUARANTINE_RE, FORMAT_VERSION, GROUPS, IO_BLOCK, MANIFEST, NATIVE, QUEUE, bytes_view,
                      committed_epochs, crc32_of, dataset_link_name, decode_object, decode_queue, epoch_dir_name,
                      h5file, manifest_bytes, no_epoch_error, quarantined_epochs, rank_file_name, resolve_epoch,
@@ -96,15 +97,23 @@ def read_manifest(directory: Path, epoch: int | None = None, key: auth.Key | Non
         if man.get("epoch") != epoch:
             raise CorruptCheckpoint(f"epoch {epoch}: manifest {path} is signed for epoch {man.get('epoch')} "
                                     "(an epoch directory was renamed)")
-    _check_entries(man["ranks"], f"epoch {epoch}: manifest {path}")
+    _check_entries(man["ranks"], f"epoch {epoch}: manifest {path}", man.get("file_digest"))
     return man
 
 
-def _check_entries(ranks: list[Any], where: str) -> None:
+def _check_entries(ranks: list[Any], where: str, file_digest: Any = None) -> None:
     """CorruptCheckpoint unless every rank entry has the types the readers use: an object whose
     ``datasets`` maps names to objects with an integer ``crc32`` (a manifest with a list or a
-    string there made the readers fail with TypeError/AttributeError; found by tests/fuzz)."""
+    string there made the readers fail with TypeError/AttributeError; found by tests/fuzz), and,
+    when the manifest says it has whole-file digests (``file_digest``), a well-formed one per file."""
+    if file_digest is not None and file_digest != auth.FILE_DIGEST:
+        raise CorruptCheckpoint(f"{where}: unknown file digest {file_digest!r:.40} (this mpimig knows "
+                                f"{auth.FILE_DIGEST})")
     for r, entry in enumerate(ranks):
+        if file_digest is not None and not (isinstance(entry, dict)
+                                            and auth.is_file_digest(entry.get(auth.FILE_DIGEST))):
+            raise CorruptCheckpoint(f"{where} is malformed: rank {r}'s entry has no {auth.FILE_DIGEST} "
+                                    "digest of its file")
         ds = entry.get("datasets") if isinstance(entry, dict) else None
         if not isinstance(ds, dict):
             raise CorruptCheckpoint(f"{where} is malformed: rank {r}'s entry has no 'datasets' object")
@@ -150,6 +159,7 @@ def read_rank(directory: Path, epoch: int | None, rank: int, verify: bool = True
     if not isinstance(expected, dict):
         raise CorruptCheckpoint(f"{where}: the manifest has no dataset list for rank {rank}")
     try:
+        check_file_digest(path, entry, where)     # always: a damaged file never reaches libhdf5
         state = read_file(path, where, expected, key, verify, skip)
         if state.attrs.get("write_id") != entry.get("write_id"):
             raise CorruptCheckpoint(f"{where}: {path} has write id {state.attrs.get('write_id')}, the manifest "
@@ -520,7 +530,13 @@ def describe_file(path: str | Path, verify: bool = True, entry: dict[str, Any] |
     committed epoch (its sizes, write id and checksums are compared too);
     without it the file is checked on its own (e.g. a file of a .tmp dir).
     Problems, each naming epoch, rank and dataset, go to ``problems`` and to
-    the ``problems`` key of the result."""
+    the ``problems`` key of the result.
+
+    With ``verify``, a file whose manifest entry has a whole-file digest is checked
+    against it first (``digest``: ok, BAD, or none for an older epoch). A file that
+    fails it, or that is not checked (``verify`` off), is opened only in a forked
+    child process (:func:`.guard.isolated`): libhdf5 can crash or spin on a damaged file,
+    and then the file is named as damaged instead of taking the caller down."""
     path = Path(path)
     problems = [] if problems is None else problems
     first = len(problems)
@@ -534,6 +550,36 @@ def describe_file(path: str | Path, verify: bool = True, entry: dict[str, Any] |
         return info
     if entry is not None and entry.get("bytes") is not None and entry["bytes"] != info["bytes"]:
         problems.append(f"{where}: {path} has {info['bytes']} bytes, manifest says {entry['bytes']}")
+    damage, isolate = None, False
+    if entry is not None and verify:
+        try:
+            info["digest"] = "ok" if check_file_digest(path, entry, where) else "none (an older epoch)"
+        except CorruptCheckpoint as exc:
+            info["digest"], damage, isolate = "BAD", str(exc), True
+    elif entry is not None and entry.get(auth.FILE_DIGEST) is not None:
+        info["digest"], isolate = "not checked", True
+    if not isolate:
+        info.update(_describe_open(path, verify, entry, epoch, rank, key, where, problems))
+    else:
+        seconds = 60.0 + info["bytes"] / 50e6
+        got = isolated(lambda: _describe_open(path, verify, entry, epoch, rank, key, where, []), seconds)
+        if isinstance(got, str):            # libhdf5 crashed or spun on it
+            problems.append(f"{damage or f'{where}: {path} (not checked against its digest)'}; HDF5 {got}")
+        else:
+            new = got.pop("problems", [])
+            info.update(got)
+            problems.extend(new)
+            if damage and not new:          # damage the CRCs do not see (e.g. HDF5 metadata)
+                problems.append(damage)
+    info["problems"] = problems[first:]
+    return info
+
+
+def _describe_open(path: Path, verify: bool, entry: dict[str, Any] | None, epoch: int | None, rank: int | None,
+                   key: auth.Key | None, where: str, problems: list[str]) -> dict[str, Any]:
+    """Open the rank file with HDF5: its attributes and datasets (and ``problems``, the new ones)."""
+    first = len(problems)
+    info: dict[str, Any] = {}
     expected = (entry or {}).get("datasets", {})
     try:
         with h5file(path, "r") as f:
@@ -638,8 +684,9 @@ Out = Callable[[str], Any]
 
 def _print_file(info: dict[str, Any], indent: str, out: Out) -> None:
     a = info.get("attrs", {})
+    digest = f", {auth.FILE_DIGEST} {info['digest']}" if "digest" in info else ""
     out(f"{indent}rank {info.get('rank')}: {human(info.get('bytes'))}, host {a.get('host', '?')}, "
-        f"step {a.get('step', '?')}, written {a.get('time_iso', '?')}  {info['file']}")
+        f"step {a.get('step', '?')}, written {a.get('time_iso', '?')}{digest}  {info['file']}")
     for d in info.get("datasets", []):
         kind = d["encoding"]
         if "array_dtype" in d:

@@ -257,6 +257,7 @@ class CheckpointStore:
             "time_iso": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
             "committed_by": {"host": socket.gethostname(), "pid": os.getpid()},
             "checksum_algorithm": CHECKSUM_ALGORITHM,
+            "file_digest": auth.FILE_DIGEST,
             "meta": meta_json,
             "ranks": ranks,
         }
@@ -300,7 +301,9 @@ class CheckpointStore:
             bad = {k: got[k] for k in want if got[k] != want[k]}
             raise CheckpointError(f"{where}: rank {rank}: {path} was written with {bad}, "
                                   f"expected { {k: want[k] for k in bad} }")
-        return {k: entry[k] for k in ("rank", "file", "bytes", "host", "step", "time",
+        if not auth.is_file_digest(entry.get(auth.FILE_DIGEST)):
+            raise CheckpointError(f"{where}: rank {rank}: {side} has no {auth.FILE_DIGEST} digest of {path}")
+        return {k: entry[k] for k in ("rank", "file", "bytes", auth.FILE_DIGEST, "host", "step", "time",
                                       "write_id", "datasets")}
 
     def quarantine(self, epoch: int, problems: list[str]) -> Path:

@@ -401,7 +401,10 @@ def write_rank_file(tmp: Path, job_id: str, epoch: int, rank: int, size: int, st
         # before the rename that publishes the epoch.
         os.replace(part, final)
         nbytes = final.stat().st_size
-        entry = {"rank": int(rank), "file": final.name, "bytes": nbytes,
+        # the whole file's digest (read back from the page cache): the reader checks it before
+        # HDF5 opens the file, so a damaged file never reaches libhdf5
+        digest = auth.file_digest(final)
+        entry = {"rank": int(rank), "file": final.name, "bytes": nbytes, auth.FILE_DIGEST: digest,
                  "epoch": int(epoch), "size": int(size), "job_id": job_id,
                  "format_version": FORMAT_VERSION,
                  "write_id": attrs["write_id"], "host": attrs["host"],

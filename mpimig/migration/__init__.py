@@ -3,9 +3,10 @@
 Owns the eight steps, message tags and plans (``protocol``); the protocol
 itself, written as functions named after the steps in the order they run:
 the ranks' side (``source``: the rank that moves and its peers) and the new
-process's side (``target``); the coordinator process and its operator socket
-(``coordinator``, ``control``); the one transport every strategy moves its
-bytes through, and the communicators a switch builds (``transport``); the
+process's side (``target``); the coordinator process (``coordinator``) and its
+operator channel (``control``: the client and commands; ``control_schema``,
+``control_auth``, ``control_server``: the request schema, signing, the socket);
+the one transport every strategy moves its bytes through, and the communicators a switch builds (``transport``); the
 interchangeable strategies (stop-and-copy, pre-copy, post-copy, file-server:
 ``strategies``) and post-copy's lazily filled arrays (``lazy``). May import :mod:`mpimig.comm`,
 :mod:`mpimig.state`, :mod:`mpimig.checkpoint`, :mod:`mpimig.events`, :mod:`mpimig.exits`,

@@ -529,6 +529,7 @@ class Coordinator:
             m.waiters = []
         self.in_switch, self.reports = [], {}
         self.cancel_all("failure recovery")
+        self.close_unfinished("cancelled: failure recovery")
         moves = {r["rank"]: r["moves"] for r in self.routing}
         table: dict[int, dict[str, Any]] = {}
         self.spares = {}
@@ -565,6 +566,19 @@ class Coordinator:
                    "migration": m.as_dict()})
             m.waiters = []
         self.queue, self.ready, self.plan, self.plan_migs = [], [], None, []
+
+    def close_unfinished(self, state: str) -> None:
+        """Give every move that is neither done, failed nor cancelled the end ``state``, naming
+        the step it was in, and answer its waiters: after a recovery or at the end no move is
+        left pending in status.json (issue 14: seen in suspension, resumption, creation)."""
+        for m in self.migrations:
+            if m.state.startswith(("done", "failed", "cancelled")):
+                continue
+            m.state = f"{state} (it was in {m.state})"
+            for w in m.waiters:
+                w({"ok": False, "error": f"migration {m.id} of rank {m.rank}: {m.state}", "migration": m.as_dict()})
+            m.waiters = []
+            events.emit(self.cfg.job_dir, "migration_closed", self.cfg.run_id, id=m.id, rank=m.rank, state=m.state)
 
     def _cancel_target(self, m: Migration, why: str) -> None:
         """Tell a spawned target that it is not needed; under --ft it may be dead already
@@ -728,6 +742,8 @@ class Coordinator:
         for m in self.in_switch:
             for w in m.waiters:
                 w({"ok": False, "error": "the job finished before the migration was confirmed"})
+            m.waiters = []
+        self.close_unfinished("failed: the job finished before the move was confirmed")
         self.write_status()
         ends = [(Jc, jr) for Jc, jr in self.retired] + [(self.J, jr) for jrs in self.spares.values() for jr in jrs]
         for comm, jr in ends:

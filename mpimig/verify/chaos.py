@@ -491,6 +491,8 @@ def cmd_chaos(opts: argparse.Namespace) -> int:
     root.mkdir(parents=True, exist_ok=True)
     if not opts.hosts:      # one machine: Open MPI's TCP on loopback (as mpimig storm does)
         os.environ.setdefault("OMPI_MCA_btl_tcp_if_include", "lo")
+    for var, value in bounds_within(opts.timeout).items():
+        os.environ.setdefault(var, value)
     seeds = range(opts.seed_base, opts.seed_base + opts.seeds)
     print(f"mpimig chaos: {opts.seeds} seeds from {opts.seed_base}, {opts.n} ranks, {opts.steps} steps; "
           f"kills of {', '.join(kinds)}; moves onto {', '.join(hosts)} with {', '.join(strategies())}; "
@@ -520,6 +522,18 @@ def cmd_chaos(opts: argparse.Namespace) -> int:
         if opts.json:
             _write_json(Path(opts.json), t, recs)
     return 0 if t["ok"] and len(recs) == opts.seeds else 1
+
+
+def bounds_within(launch_timeout: float) -> dict[str, str]:
+    """The protocol's bounds (mpimig.exits.TIMEOUTS) that are longer than half a launch's
+    ``--timeout``, shortened to half of it: a wait that outlives its bound then ends the job
+    with a message naming the wait (and the launch is relaunched) instead of being cut by
+    the launch timeout and counted as a hang. (E.g. the --ft recovery that never completes
+    when Open MPI's failure notice does not reach a spawned process, ompi#13325: its 120 s
+    bound equalled chaos's 120 s launch timeout.) Variables already set are kept."""
+    from ..exits import TIMEOUTS
+    half = max(10.0, launch_timeout / 2)
+    return {var: f"{half:g}" for var, default, _ in TIMEOUTS.values() if default > half}
 
 
 def _interrupt(signum: int, frame: Any) -> None:

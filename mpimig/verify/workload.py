@@ -27,6 +27,8 @@ import time
 from typing import Any, Callable, Optional
 
 import numpy as np
+
+import mpimig  # before MPI: in a spawned process its MPI_Init is watched (mpimig.exits)
 from mpi4py import MPI
 
 from mpimig.comm import ANY_SOURCE, ANY_TAG, Request
@@ -614,7 +616,6 @@ def summary(res: dict, notes: int = 10) -> str:
 def run_main(argv: list[str]) -> int:
     """Parse ``argv``, run the storm under :func:`mpimig.run`, print the summary; the exit status."""
     args = parse(argv)
-    import mpimig
     res = mpimig.run(lambda ctx: main(ctx, args))
     if res is None:
         return 0

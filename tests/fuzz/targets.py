@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import struct
 import sys
@@ -38,6 +39,17 @@ from mpimig.errors import CheckpointError, StateError
 # decoders import their own modules lazily; what an unpickler looks up is checked by name)
 FORBIDDEN_EVENTS = ("os.system", "subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
                     "os.startfile", "pty.spawn", "ctypes.dlopen")
+
+
+def _from_guard() -> bool:
+    """Whether the running audit event comes from mpimig.checkpoint.guard.isolated (its
+    child only reads the file with HDF5 and sends back a JSON description)."""
+    f = sys._getframe(2)
+    while f is not None:
+        if f.f_code.co_name == "isolated" and f.f_code.co_filename.endswith(os.path.join("checkpoint", "guard.py")):
+            return True
+        f = f.f_back
+    return False
 
 
 class NoCodeExecution:
@@ -68,6 +80,8 @@ class NoCodeExecution:
                     module == "builtins" and name in ("set", "frozenset", "bytearray", "complex", "slice",
                                                       "range", "object", "list", "dict", "tuple")):
                 self.seen.append((event, f"{module}.{name}"))
+        elif event == "os.fork" and _from_guard():
+            pass      # mpimig inspect reads a file that failed its digest only in a forked child
         elif event in FORBIDDEN_EVENTS or event.startswith(("os.exec", "os.spawn", "os.posix_spawn")):
             self.seen.append((event, repr(args)[:200]))
 
