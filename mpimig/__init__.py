@@ -19,14 +19,14 @@ if _os.environ.get("MPIMIG_RUN_ID"):      # a process of an ``mpimig run`` job: 
     _exits.arm_for_job()
 
 _LAZY = {
-    "run": "runtime", "Context": "runtime",
+    "run": "runtime", "Context": "runtime", "context": "runtime",
     "Comm": "comm", "Request": "comm", "ANY_SOURCE": "comm", "ANY_TAG": "comm", "PROC_NULL": "comm",
     "State": "state", "Config": "launch.config",
     "CheckpointStore": "checkpoint",
 }
 
 __all__ = [
-    "__version__", "run", "Context", "State", "Comm", "Request", "Config", "CheckpointStore",
+    "__version__", "run", "context", "Context", "State", "Comm", "Request", "Config", "CheckpointStore",
     "ANY_SOURCE", "ANY_TAG", "PROC_NULL",
     "MpimigError", "StateError", "CheckpointError", "NoCommittedEpoch", "CorruptCheckpoint",
     "CommError", "MigrationError", "LaunchError", "UsageError",

@@ -272,6 +272,10 @@ class Comm:
         """How many messages are held for delivery (caught in flight at safe points)."""
         return len(self._queue)
 
+    def Abort(self, errorcode: int = 0) -> None:
+        """``MPI_Abort``: ends the whole job."""
+        self._c.Abort(errorcode)
+
     def __repr__(self) -> str:
         return f"<mpimig.Comm rank {self.rank} of {self.size}, {len(self._queue)} held>"
 

@@ -127,10 +127,12 @@ def _lab() -> lab.Lab | None:
 
 
 def program_argv(program: str, args: list[str]) -> list[str]:
+    """A Python program runs through the bootstrap (mpimig.boot: its MPI.COMM_WORLD is the
+    logical world from its first line); an executable runs as it is."""
     if program.endswith(".py"):
         if not Path(program).exists():
             raise UsageError(f"program {program} not found")
-        return [sys.executable, program, *args]
+        return [sys.executable, "-m", "mpimig.boot", program, *args]
     return [program, *args]
 
 
