@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write(f"mpimig.boot: program {path} not found\n")
         raise SystemExit(2)
     from . import runtime, world
+    from .checkpoint import format as codec
     world.BOOT_PREFIX[:] = ["-m", "mpimig.boot"]
+    codec.DEFER_MAIN = True          # the program's own classes exist only once it runs
     sys.argv = args
     sys.path[0] = os.path.dirname(os.path.abspath(path))    # as `python PROGRAM.py` would
     runtime.run(_program(path))

@@ -39,7 +39,7 @@ from .balance.metrics import Meter
 from .launch.config import Config
 from .migration import source, target, transport
 from .migration.protocol import DEFAULT_STRATEGY, TAG_DONE, TAG_END, TAG_FINISHING, TAG_HELLO, Link
-from .checkpoint.format import loads
+from .checkpoint.format import Deferred, loads
 from .state import State
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class Context:
         if self._restored is not None:
             arrays, objects = self._restored
             self._restored = None
-            st.update_from(arrays, objects)
+            st.update_from(arrays, {k: v.resolve() if isinstance(v, Deferred) else v for k, v in objects.items()})
         if self._setup is not None:           # the resume point: the setup's record goes with the state
             st[replay.KEY] = self._setup.finish()
             self._setup = None

@@ -127,6 +127,17 @@ def test_ft_killed_rank_recovered_online_bit_identical(tmp_path, reference):
     assert got == reference
 
 
+def test_resumed_process_replays_setup_and_decodes_the_programs_own_classes(tmp_path):
+    job = tmp_path / "job"
+    res = run_cmd(mpimig_cmd("run", "-n", 3, "--spares", 1, "--job-dir", job, "--timeout", 100,
+                             "--migrate", f"3:1:{HOST}", PROGS / "tut_diverge.py", "--same"), timeout=150)
+    # from mpi4py.MPI import COMM_WORLD is the logical world of 3 ranks; 7 elements of 0, 1, 2 per round;
+    # rank 1's new process got n = 7 from the replayed bcast and its Tally (a class of __main__) back
+    tally = "Tally(total=252.0, rounds=12)"
+    assert f"tut_diverge size=3 [{tally}, {tally}, {tally}]" in res.stdout, (res.stdout + res.stderr)[-3000:]
+    assert [m["state"] for m in read(job, "status.json")["migrations"]] == ["done"]
+
+
 def test_replay_that_diverges_is_an_error_naming_the_call(tmp_path):
     job = tmp_path / "job"
     res = run_cmd(mpimig_cmd("run", "-n", 3, "--spares", 1, "--job-dir", job, "--timeout", 100,
