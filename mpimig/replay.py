@@ -67,6 +67,19 @@ _OPS = {name: getattr(MPI, name) for name in ("SUM", "PROD", "MAX", "MIN", "LAND
         if hasattr(MPI, name)}
 
 
+#: Calls with their own record and replay (:func:`register`): name -> (capture, give).
+HANDLERS: dict[str, tuple[Callable[[dict, Any], Any], Callable[[_comm.Comm, dict, Any], Any]]] = {}
+
+
+def register(name: str, capture: Callable[[dict, Any], Any],
+             give: Callable[[_comm.Comm, dict, Any], Any]) -> None:
+    """Teach the replay a call it does not know (e.g. one that creates a derived communicator):
+    ``capture(params, result)`` returns what to keep (picklable) on the original process,
+    ``give(comm, params, kept)`` returns the call's result on a resumed process without
+    communicating. ``params`` are the call's arguments by name."""
+    HANDLERS[name] = (capture, give)
+
+
 def recorded_calls(comm: _comm.Comm) -> list[str]:
     """The communicator's methods the layer sees: every public call that is not local."""
     cls = type(comm)
@@ -107,7 +120,7 @@ def _signature(name: str, params: dict) -> str:
     for k in _SIGNATURE_ARGS:
         if k in params:
             v = params[k]
-            parts.append(f"{k}={_op_name(v) if k == 'op' else v!r}")
+            parts.append(f"{k}={_op_name(v)}" if k == "op" else f"{k}={v!r}")
     out = _out_name(name, params)
     if out is not None and _is_buffer(params.get(out)):
         try:
@@ -139,6 +152,13 @@ class Recorder:
                 return method(*args, **kwargs)        # mpi4py's own error for wrong arguments
             entry: dict[str, Any] = {"call": _signature(name, params)}
             self.entries.append(entry)
+            if name in HANDLERS:
+                result = method(**params)
+                try:
+                    entry["kept"] = HANDLERS[name][0](params, result)
+                except Exception as exc:  # noqa: BLE001 - the original run goes on; only a replay would fail
+                    entry["unreplayable"] = f"its result could not be recorded ({type(exc).__name__}: {exc})"
+                return result
             if not (name in SENDS or name in VALUES or name in BUFFERS or name in RECEIVES):
                 entry["unreplayable"] = f"{name}() cannot be given back from a record"
                 return method(*args, **kwargs)
@@ -251,6 +271,8 @@ class Replayer:
         return call
 
     def _give(self, name: str, params: dict, entry: dict) -> Any:
+        if name in HANDLERS:
+            return HANDLERS[name][1](self.comm, params, entry.get("kept"))
         if name in SENDS:
             if name.startswith("I"):
                 r = _comm.Request(self.comm, "send", params.get("dest", MPI.PROC_NULL), params.get("tag", 0))
