@@ -724,7 +724,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
     p.add_argument("--timeout", type=float, help="kill the job after this many seconds")
     p.add_argument("--mpiexec-arg", action="append", metavar="ARG", help="extra mpiexec argument")
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
-    p.add_argument("program", help="the program (a .py file calling mpimig.run, or an executable)")
+    p.add_argument("program", help="the program: a .py file (run through python -m mpimig.boot: its "
+                                   "MPI.COMM_WORLD is the logical world; docs/porting.md) or an executable")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the program's arguments")
     return p._actions[before:]
 
