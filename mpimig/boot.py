@@ -27,9 +27,9 @@ def _program(path: str):
         runtime._nested[:] = []
         try:
             runpy.run_path(path, run_name="__main__")
-        except SystemExit as exc:        # sys.exit(0) at the end of a script is a normal end
-            if exc.code not in (None, 0):
-                raise
+        except SystemExit as exc:        # sys.exit(0) at the end of a script is a normal end ...
+            if exc.code not in (None, 0) or runtime._nested[:1] == [runtime._LEFT]:
+                raise                    # ... but not in main(ctx) of mpimig.run: that rank leaves
         return runtime._nested[0] if runtime._nested else None
     return main
 

@@ -615,6 +615,7 @@ def _finish(ctx: Context, result: Any, t_start: float) -> None:
 
 _active: Context | None = None        # the context of the program running in this process
 _nested: list[Any] = []               # the result of mpimig.run(main) called by a booted program
+_LEFT = object()                      # ... or: its main called sys.exit
 
 
 def context() -> Context:
@@ -651,7 +652,11 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
     """
     global _active
     if _active is not None:
-        result = main(_active)
+        try:
+            result = main(_active)
+        except SystemExit:
+            _nested[:] = [_LEFT]          # sys.exit in main, also sys.exit(0): the rank leaves the job
+            raise
         _nested[:] = [result]
         return result
     try:
