@@ -19,14 +19,15 @@ if _os.environ.get("MPIMIG_RUN_ID"):      # a process of an ``mpimig run`` job: 
     _exits.arm_for_job()
 
 _LAZY = {
-    "run": "runtime", "Context": "runtime",
+    "run": "runtime", "Context": "runtime", "context": "runtime",
     "Comm": "derived", "Request": "comm", "ANY_SOURCE": "comm", "ANY_TAG": "comm", "PROC_NULL": "comm",
     "State": "state", "Config": "launch.config", "Distributed": "distributed",
     "CheckpointStore": "checkpoint",
 }
 
 __all__ = [
-    "__version__", "run", "Context", "State", "Distributed", "Comm", "Request", "Config", "CheckpointStore",
+    "__version__", "run", "context", "Context", "State", "Distributed", "Comm", "Request", "Config",
+    "CheckpointStore",
     "ANY_SOURCE", "ANY_TAG", "PROC_NULL",
     "MpimigError", "StateError", "CheckpointError", "NoCommittedEpoch", "CorruptCheckpoint",
     "CommError", "MigrationError", "LaunchError", "UsageError",

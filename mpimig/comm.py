@@ -38,6 +38,9 @@ ANY_SOURCE = MPI.ANY_SOURCE
 ANY_TAG = MPI.ANY_TAG
 PROC_NULL = MPI.PROC_NULL
 
+# the real MPI_COMM_WORLD (mpimig.world may make the module's name the logical world later)
+_WORLD = MPI.COMM_WORLD
+
 #: Tags at or above this value are mpimig's own (markers); user tags must be below.
 N_RESERVED_TAGS = 16
 
@@ -300,6 +303,11 @@ class Comm:
     def held_count(self) -> int:
         """How many messages are held for delivery (caught in flight at safe points)."""
         return len(self._queue)
+
+    def Abort(self, errorcode: int = 0) -> None:
+        """``MPI_Abort``: ends the whole job, as ``MPI_COMM_WORLD``'s does (in a process the
+        job spawned, whose world is itself, over this communicator)."""
+        (_WORLD if MPI.Comm.Get_parent() == MPI.COMM_NULL else self._c).Abort(errorcode)
 
     def __repr__(self) -> str:
         return f"<mpimig.Comm rank {self.rank} of {self.size}, {len(self._queue)} held>"

@@ -429,3 +429,24 @@ def lookup(seq: int, cls: type | None = None) -> Any:
 
 
 install(Comm)
+
+
+# -- setup replay (mpimig.replay) ----------------------------------------------------------------
+# A resumed process replays its rank's setup; a derivation call there is answered by
+# _derive itself (the communicator rebuilt from the rank's records, no collective), so
+# the replay keeps nothing for it and gives the call straight to the method.
+def _register_replay() -> None:
+    from . import replay
+
+    def keep(params: dict, result: Any) -> None:
+        return None
+
+    def give(name: str) -> Callable[[Comm, dict, Any], Any]:
+        return lambda comm, params, kept: getattr(type(comm), name)(comm, **params)
+
+    for name in ("Dup", "Clone", "Split", "Split_type", "Create_cart", "Create_graph", "Create_dist_graph",
+                 "Create_dist_graph_adjacent", "Create_group", "Create", "Create_from_group"):
+        replay.register(name, keep, give(name))
+
+
+_register_replay()

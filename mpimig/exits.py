@@ -99,10 +99,9 @@ def abort(comm: Any = None, code: int = 1) -> NoReturn:
     """End the job: log an ``abort`` event (``mpimig run`` stops a job that is still
     there ``ABORT_GRACE`` s later: under ULFM, ``MPI_Abort`` can leave it running),
     then ``MPI_Abort``; never returns."""
-    from mpi4py import MPI
     events.emit(_job_dir(), "abort", os.environ.get("MPIMIG_RUN_ID", ""), pid=os.getpid(), code=code)
     try:
-        (comm or MPI.COMM_WORLD).Abort(code)
+        (comm or _real_world()).Abort(code)
     finally:
         os._exit(code)
 
@@ -179,7 +178,13 @@ def exit_code(exc: BaseException) -> int:
 def _world() -> int | None:
     """This process's MPI.COMM_WORLD rank, None in a spawned process (its own world)."""
     from mpi4py import MPI
-    return MPI.COMM_WORLD.Get_rank() if MPI.Comm.Get_parent() == MPI.COMM_NULL else None
+    return _real_world().Get_rank() if MPI.Comm.Get_parent() == MPI.COMM_NULL else None
+
+
+def _real_world() -> Any:
+    """The real MPI_COMM_WORLD (``MPI.COMM_WORLD`` may be the program's logical world: mpimig.world)."""
+    from .world import real
+    return real()
 
 
 def _rank_name(rank: int, world: int | None = None) -> str:
@@ -368,10 +373,9 @@ def _init_watcher(parent: int, r: int, bound: float) -> None:
 
 
 def _who_before_run() -> str:
-    from mpi4py import MPI
-    world = MPI.COMM_WORLD.Get_rank()
+    world = _real_world().Get_rank()
     if os.environ.get("MPIMIG_COORDINATOR") == "1" or os.environ.get("MPIMIG_FT") == "1":
-        nranks = MPI.COMM_WORLD.Get_size() - 1 - int(os.environ.get("MPIMIG_SPARES", "0") or 0)
+        nranks = _real_world().Get_size() - 1 - int(os.environ.get("MPIMIG_SPARES", "0") or 0)
         if world == 0:
             return "the coordinator (world rank 0)"
         if world <= nranks:
@@ -577,13 +581,12 @@ class FinishWatch:
                 self.abort(coord, msg, r["rank"], -1, how="gone without a word (os._exit?)")
 
     def abort(self, coord: Any, msg: str, rank: int, point: int, how: str = "an early return from main") -> None:
-        from mpi4py import MPI
         _say(f"coordinator: {msg}; aborting the job")
         events.emit(coord.cfg.job_dir, "rank_left", coord.cfg.run_id, rank=rank, how=how, point=point,
                     action="abort")
         with contextlib.suppress(Exception):
             coord.write_status()
-        abort(MPI.COMM_WORLD, 1)
+        abort(_real_world(), 1)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -25,12 +25,13 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any, Callable, NoReturn
 
 import numpy as np
 from mpi4py import MPI
 
-from . import derived as _derived, events, exits  # noqa: F401 - derived: the full Comm API
+from . import derived as _derived, events, exits, replay, world  # noqa: F401 - derived: the full Comm API
 from .comm import Comm, new_comm
 from .errors import CheckpointError, CorruptCheckpoint, MigrationError, MpimigError, NoCommittedEpoch, StateError
 from .ft import hooks, recovery
@@ -38,7 +39,7 @@ from .balance.metrics import Meter
 from .launch.config import Config
 from .migration import source, target, transport
 from .migration.protocol import DEFAULT_STRATEGY, TAG_DONE, TAG_END, TAG_FINISHING, TAG_HELLO, Link
-from .checkpoint.format import loads
+from .checkpoint.format import Deferred, loads
 from .distributed import Distributed, Resize, block_of, build_layout
 from .state import State
 
@@ -86,6 +87,8 @@ class Context:
         self.weight = 1.0                     # priority for the balancer (the program may set it)
         self.total_points: int | None = None  # safe points the whole run will pass, if the program knows
         self._meter: Meter | None = Meter(config.metrics_seconds, seed=comm.rank) if config.policy else None
+        self._setup: replay.Session | None = None   # recording (or replaying) the setup until the resume point
+        self._loops = 0                       # ctx.range loops entered in this run of the program
         if config.ckpt_dir is not None:
             from .checkpoint import CheckpointStore
             self._store = CheckpointStore(config.ckpt_dir, job_id=config.run_id or "job",
@@ -99,6 +102,19 @@ class Context:
     @property
     def size(self) -> int:
         return self.comm.size
+
+    @property
+    def resumed(self) -> bool:
+        """True when this run of the program carries on a run that began earlier: the rank was
+        restarted from an epoch, migrated here, or recovered (role other than ``initial``).
+        A program tells setup side effects apart with it (docs/porting.md)."""
+        return self.role != "initial"
+
+    @property
+    def replaying(self) -> bool:
+        """True while a migrated rank replays its setup (before its resume point): its
+        communication gives back what its first process received, and sends nothing."""
+        return self._setup is not None and self._setup.replaying
 
     def __repr__(self) -> str:
         return (f"<mpimig.Context rank {self.rank}/{self.size} on {self.host}, role {self.role}, "
@@ -148,11 +164,14 @@ class Context:
         if self._restored is not None:
             arrays, objects = self._restored
             self._restored = None
-            st.update_from(arrays, objects)
+            st.update_from(arrays, {k: v.resolve() if isinstance(v, Deferred) else v for k, v in objects.items()})
         if self._resize is not None:
             self._fill_resized(st, items, decls)
         for d in decls.values():
             d.value = None                # the declaration is kept, not the array it came with
+        if self._setup is not None:           # the resume point: the setup's record goes with the state
+            st[replay.KEY] = self._setup.finish()
+            self._setup = None
         return st
 
     def _fill_resized(self, st: State, items: dict[str, Any], decls: dict[str, Distributed]) -> None:
@@ -175,6 +194,23 @@ class Context:
             rs.fill(k, d, offset)
             st[k] = items[k]
 
+    def range(self, *args: int) -> Iterator[int]:
+        """``range(...)`` for the main loop, with a safe point after every iteration.
+
+        The loop's position is registered state: after a restart, a migration or a
+        recovery the loop carries on with the next iteration. Entering the loop is
+        the resume point (as the first :meth:`state` call is)."""
+        r = range(*args)
+        key = f"_mpimig_range{self._loops}"
+        self._loops += 1
+        st = self.state()
+        if key not in st:
+            st[key] = 0
+        for i in range(st[key], len(r)):
+            yield r[i]
+            st[key] = i + 1
+            self.checkpoint_point()
+
     # -- safe points -----------------------------------------------------------
     def request_checkpoint(self) -> None:
         """Ask for a checkpoint at the next checkpoint point (every rank must ask)."""
@@ -185,6 +221,8 @@ class Context:
 
         Collective over ``ctx.comm``.
         """
+        if self._setup is not None:           # no state registered: the first safe point is the resume point
+            self.state()
         self.link.t_point = time.perf_counter()
         self.link.t_point_wall = time.time()
         self.point += 1
@@ -449,7 +487,7 @@ def _leave(Jc: MPI.Intracomm | None = None) -> NoReturn:
 
 
 def _start_initial(cfg: Config) -> Context | None:
-    with exits.bounded("startup", f"world rank {MPI.COMM_WORLD.Get_rank()}",
+    with exits.bounded("startup", f"world rank {world.real().Get_rank()}",
                        "waiting for every process of the job to start mpimig.run"):
         start = _start_comms(cfg)
     if isinstance(start, Context):
@@ -461,12 +499,12 @@ def _start_initial(cfg: Config) -> Context | None:
 def _start_comms(cfg: Config) -> Context | tuple[MPI.Intracomm, int]:
     """The job's communicators at the start (collective over the world): a rank's
     Context, or (J, ranks) for a warm spare."""
-    world = MPI.COMM_WORLD
+    wcomm = world.real()
     if not cfg.coordinator:
-        ctx = Context(_comm(cfg, transport.track(world.Dup())), cfg)
-        exits.own_channel(transport.track(world.Dup()))   # news of a rank that returned early
+        ctx = Context(_comm(cfg, transport.track(wcomm.Dup())), cfg)
+        exits.own_channel(transport.track(wcomm.Dup()))   # news of a rank that returned early
         return ctx
-    J = transport.track(world.Dup())             # coordinator is J rank 0
+    J = transport.track(wcomm.Dup())             # coordinator is J rank 0
     nranks = J.Get_size() - 1 - cfg.spares
     if nranks < 1:
         raise MigrationError(f"{J.Get_size()} processes cannot hold a coordinator, {cfg.spares} "
@@ -481,7 +519,7 @@ def _start_comms(cfg: Config) -> Context | tuple[MPI.Intracomm, int]:
     ctx.link.J = J
     procs = A.gather((ctx.host, os.getpid()), root=0)
     if ctx.rank == 0:
-        J.send({"size": A.Get_size(), "argv": [sys.executable] + sys.argv, "cwd": os.getcwd(),
+        J.send({"size": A.Get_size(), "argv": world.program_argv(), "cwd": os.getcwd(),
                 "procs": procs}, dest=0, tag=TAG_HELLO)
     return ctx
 
@@ -642,19 +680,66 @@ def _finish(ctx: Context, result: Any, t_start: float) -> None:
     transport.free_all()
 
 
+_active: Context | None = None        # the context of the program running in this process
+_nested: list[Any] = []               # the result of mpimig.run(main) called by a booted program
+_LEFT = object()                      # ... or: its main called sys.exit
+
+
+def context() -> Context:
+    """The running job's :class:`Context` (for programs that do not use ``mpimig.run(main)``:
+    ``ctx = mpimig.context()`` under ``mpimig run prog.py``)."""
+    if _active is None:
+        raise MpimigError("no mpimig job runs in this process: start the program with `mpimig run -n N "
+                          "prog.py` (or `mpiexec -n N python -m mpimig.boot prog.py`), or call mpimig.run(main)")
+    return _active
+
+
+def _run_main(main: Callable[[Context], Any], ctx: Context) -> Any:
+    """One run of the program on ``ctx``: the logical world installed, the setup recorded
+    (or replayed, on a process that took a migrated rank over) until the resume point."""
+    global _active
+    _active = ctx
+    ctx._loops = 0
+    ctx._setup = replay.start(ctx.comm, ctx._restored[1] if ctx._restored else None, ctx.role == "migrated",
+                              ctx.rank)
+    world.install(ctx.comm)
+    return main(ctx)
+
+
 def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
     """Run ``main(ctx)`` as an mpimig job on every rank and return its result.
 
     An unhandled exception on any rank prints the rank's traceback and aborts
     the whole job (as ``python -m mpi4py`` does), so no rank is left hanging.
     A process whose rank migrates away never returns from ``run``.
+
+    While ``main`` runs, ``MPI.COMM_WORLD`` is ``ctx.comm`` (:mod:`mpimig.world`).
+    In a program started by ``mpimig run`` (:mod:`mpimig.boot`) the job is already
+    running: ``run`` calls ``main`` with its context (``config`` is ignored).
     """
+    global _active
+    if _active is not None:
+        try:
+            result = main(_active)
+        except SystemExit:
+            _nested[:] = [_LEFT]          # sys.exit in main, also sys.exit(0): the rank leaves the job
+            raise
+        _nested[:] = [result]
+        return result
+    try:
+        return _run_job(main, config)
+    finally:
+        _active = None
+        world.uninstall()
+
+
+def _run_job(main: Callable[[Context], Any], config: Config | None) -> Any:
     t_start = time.time()
-    world = MPI.COMM_WORLD
-    _setup_logging(world.Get_rank())
-    abort_comm: MPI.Comm = world
+    wcomm = world.real()
+    _setup_logging(wcomm.Get_rank())
+    abort_comm: MPI.Comm = wcomm
     ctx: Context | None = None
-    exits.arm(comm=world)               # a process that exits before the job is over ends it
+    exits.arm(comm=wcomm)               # a process that exits before the job is over ends it
     try:
         parent = MPI.Comm.Get_parent()
         if parent != MPI.COMM_NULL:
@@ -664,7 +749,7 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
                 _leave()
         else:
             cfg = config or Config.from_env()
-            if cfg.coordinator and world.Get_rank() == 0:
+            if cfg.coordinator and wcomm.Get_rank() == 0:
                 from .migration.coordinator import serve
                 serve(cfg)                      # world rank 0 is the coordinator
             ctx = _start_initial(cfg)
@@ -679,7 +764,7 @@ def run(main: Callable[[Context], Any], config: Config | None = None) -> Any:
             abort_comm = ctx.link.J or ctx.comm.mpi
             exits.arm(f"rank {ctx.rank}", abort_comm)
             try:
-                result = main(ctx)
+                result = _run_main(main, ctx)
                 _finish(ctx, result, t_start)
                 exits.disarm()
                 return result

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -25,12 +26,16 @@ HARD = 60          # seconds: a job that has not ended by then hangs, and the te
 STEPS = 12
 
 
-def run_leave(tmp_path, *prog, opts=(), hard=HARD, **env):
+def run_leave(tmp_path, *prog, opts=(), hard=HARD, raw=False, **env):
     """``mpimig run -n 4 leave.py``: its output, job directory and events. The job runs in a
     session of its own, stopped by that recorded id at the end whatever happened (a
-    stopped process, SIGSTOP, survives its job otherwise); past ``hard`` s the test fails."""
+    stopped process, SIGSTOP, survives its job otherwise); past ``hard`` s the test fails.
+    ``raw``: run it as ``mpimig run -n 4 python leave.py`` (an executable, not through the
+    bootstrap mpimig.boot): its module-level code runs before it joins the job, in every
+    process (also a spawned migration target) that starts it."""
     job = tmp_path / "job"
-    cmd = [str(c) for c in mpimig_cmd("run", "-n", 4, *opts, "--job-dir", job, LEAVE, "--steps", STEPS, *prog)]
+    program = [sys.executable, LEAVE] if raw else [LEAVE]
+    cmd = [str(c) for c in mpimig_cmd("run", "-n", 4, *opts, "--job-dir", job, *program, "--steps", STEPS, *prog)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env(**env),
                             cwd=ROOT, start_new_session=True)
     try:
@@ -98,10 +103,19 @@ def test_an_early_return_from_main_ends_the_job_within_the_finish_bound(tmp_path
 
 def test_sys_exit_before_mpimig_run_ends_the_job(tmp_path):
     # world rank 2 is logical rank 1 (the coordinator is world rank 0)
-    res, job, evs = run_leave(tmp_path, "--how", "module-exit", "--rank", 2, opts=("--coordinator",))
+    res, job, evs = run_leave(tmp_path, "--how", "module-exit", "--rank", 2, opts=("--coordinator",), raw=True)
     assert "world rank 2: sys.exit(3) before mpimig.run" in res.stdout
     assert_ended(res, job, evs, "mpimig: rank 1 (world rank 2) left the job before it was over",
                  "rank 1 (world rank 2) left the job")
+
+
+def test_sys_exit_at_module_level_under_the_bootstrap_ends_the_job(tmp_path):
+    # through mpimig.boot the module-level code runs in the job, and its MPI.COMM_WORLD is the
+    # logical world: logical rank 2 (world rank 3) leaves, at checkpoint point 0
+    res, job, evs = run_leave(tmp_path, "--how", "module-exit", "--rank", 2, opts=("--coordinator",))
+    assert "world rank 2: sys.exit(3) before mpimig.run" in res.stdout
+    assert_ended(res, job, evs, "mpimig: rank 2 (world rank 3) left the job with sys.exit(3) at checkpoint point 0",
+                 "rank 2 left the job: sys.exit(3) at checkpoint point 0")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +150,7 @@ def test_os_exit_under_ft_ends_the_job_naming_the_rank(tmp_path):
 # -- the bounds ------------------------------------------------------------------------------------
 def test_startup_bound_fires_when_a_rank_never_reaches_mpimig_run(tmp_path):
     # world rank 1 (logical rank 0, which says hello to the coordinator) sleeps before mpimig.run
-    res, job, evs = run_leave(tmp_path, "--how", "module-hang", "--rank", 1, opts=("--coordinator",),
+    res, job, evs = run_leave(tmp_path, "--how", "module-hang", "--rank", 1, opts=("--coordinator",), raw=True,
                               MPIMIG_STARTUP_TIMEOUT=5)
     assert "world rank 1: stuck before mpimig.run" in res.stdout
     # whoever waits longest says it: the coordinator or any rank in the start's collectives
@@ -164,7 +178,7 @@ def test_a_failure_in_the_join_of_a_migration_is_recovered_under_ft(tmp_path, pl
     # (400 ms steps: the spawn must start before the job's last point, also on a loaded machine)
     res, job, evs = run_leave(tmp_path, "--how", "none", "--in-join", "target", "--work-ms", 400, "--out", out,
                               opts=("--ft", "--ckpt-every", 2, "--migrate", f"6:1:{socket.gethostname()}"),
-                              hard=120, MPIMIG_JOIN_TIMEOUT=30)
+                              hard=120, raw=True, MPIMIG_JOIN_TIMEOUT=30)   # raw: the target arms the fault
     assert "killing the target at the join" in res.stdout, res.stdout[-2000:]
     assert (job / "complete.json").exists(), res.stdout[-2000:] + res.stderr[-3000:]
     (rec,) = [e for e in evs if e["event"] == "recovered"]

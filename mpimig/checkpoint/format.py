@@ -217,6 +217,28 @@ def encode_object(obj: Any, name: str, what: str = "object") -> tuple[bytes, str
             f"dill said {type(exc).__name__}: {exc}") from exc
 
 
+#: Set by :mod:`mpimig.boot`: an object of a class the program defines (in ``__main__``) cannot be
+#: decoded before the program has run in this process; it becomes a :class:`Deferred`, decoded
+#: when the program registers its state (``ctx.state``).
+DEFER_MAIN = False
+
+
+class Deferred:
+    """An object that needs the program's ``__main__`` to decode (:data:`DEFER_MAIN`)."""
+    __slots__ = ("payload", "encoding", "where")
+
+    def __init__(self, payload: bytes, encoding: str, where: str) -> None:
+        self.payload, self.encoding, self.where = payload, encoding, where
+
+    def resolve(self) -> Any:
+        """The object, decoded now (a StateError naming it if ``__main__`` still lacks its class)."""
+        value = decode_object(self.payload, self.encoding, self.where)
+        if isinstance(value, Deferred):
+            raise StateError(f"{self.where}: cannot restore: a class or function it needs is not defined "
+                             "by the program (__main__) nor importable")
+        return value
+
+
 def decode_object(payload: bytes | bytearray | memoryview, encoding: str, where: str) -> Any:
     """Inverse of :func:`encode_object`; errors name ``where``.
 
@@ -230,6 +252,8 @@ def decode_object(payload: bytes | bytearray | memoryview, encoding: str, where:
             import dill
             return dill.loads(bytes(payload))
     except Exception as exc:
+        if DEFER_MAIN and isinstance(exc, (AttributeError, ImportError)):     # a class of the program
+            return Deferred(bytes(payload), encoding, where)
         raise StateError(f"{where}: cannot restore: {type(exc).__name__}: {exc}") from exc
     raise CorruptCheckpoint(f"{where}: unknown encoding {encoding!r}")
 

@@ -38,7 +38,11 @@ __all__ = ["LAYOUT_KEY", "LAYOUT_VERSION", "check_layout", "item_name", "plan", 
 
 LAYOUT_KEY = "layout"
 LAYOUT_VERSION = 1
-_IGNORED = ("extra/host",)                        # differs per rank by nature, not restored
+# Differ per rank by nature and are not carried to a restart on another rank count: the
+# host; the records of derived communicators (every rank derives them again in its setup)
+# and of the setup's communication (mpimig.replay: a restart reruns the setup and records
+# it afresh).
+_IGNORED = ("extra/host", "extra/derived", "objects/_mpimig_setup")
 _QUEUE = ("extra/queue/index", "extra/queue/payload")
 
 

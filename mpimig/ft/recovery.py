@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import pickle
-import sys
 import time
 from typing import Any
 
@@ -27,7 +26,7 @@ import numpy as np
 from mpi4py import MPI
 from mpi4py.util import pkl5
 
-from .. import exits
+from .. import exits, world
 from ..migration import transport
 from ..migration.protocol import TAG_ASSIGN
 
@@ -207,7 +206,7 @@ def member(kind: str, rank: int = -1, host: str = "", point: int = 0, own: Copy 
             "point": point, "own_epoch": own.epoch if own else -1,
             "buddies": [(b.rank, b.epoch) for b in buddies or []],
             "detected": detected or time.time(), "hosts": hosts or [],
-            "argv": [sys.executable] + sys.argv, "cwd": os.getcwd()}
+            "argv": world.program_argv(), "cwd": os.getcwd()}
 
 
 def decide(table: list[dict]) -> dict:

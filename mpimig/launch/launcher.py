@@ -127,10 +127,12 @@ def _lab() -> lab.Lab | None:
 
 
 def program_argv(program: str, args: list[str]) -> list[str]:
+    """A Python program runs through the bootstrap (mpimig.boot: its MPI.COMM_WORLD is the
+    logical world from its first line); an executable runs as it is."""
     if program.endswith(".py"):
         if not Path(program).exists():
             raise UsageError(f"program {program} not found")
-        return [sys.executable, program, *args]
+        return [sys.executable, "-m", "mpimig.boot", program, *args]
     return [program, *args]
 
 
@@ -762,7 +764,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
     p.add_argument("--timeout", type=float, help="kill the job after this many seconds")
     p.add_argument("--mpiexec-arg", action="append", metavar="ARG", help="extra mpiexec argument")
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
-    p.add_argument("program", help="the program (a .py file calling mpimig.run, or an executable)")
+    p.add_argument("program", help="the program: a .py file (run through python -m mpimig.boot: its "
+                                   "MPI.COMM_WORLD is the logical world; docs/porting.md) or an executable")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the program's arguments")
     return p._actions[before:]
 
