@@ -578,6 +578,8 @@ def spares_per_host(cfg: Config, flavour: str, hosts: str | None) -> int:
         return 0
     if cfg.spares_per_host is not None:
         return cfg.spares_per_host
+    if slurm.SlurmJob.in_job():      # the allocation's task counts hold: only when asked for
+        return 0
     return 1 if flavour == "openmpi" and len(set(host_names(hosts))) > 1 and not cfg.ft else 0
 
 
