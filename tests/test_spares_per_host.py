@@ -71,3 +71,13 @@ def test_a_move_that_would_spawn_is_refused_and_the_job_runs_on(tmp_path):
     events = [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines()]
     assert [(e["rank"], e["to"]) for e in events if e["event"] == "migration_refused"] == [(2, HOST)]
     assert {r["rank"]: r["role"] for r in read(job, "complete.json")["ranks"]}[2] == "initial"
+
+
+def test_lost_processes_are_named_by_logical_rank_with_spares_on_every_host():
+    from mpimig.launch.config import Config
+    from mpimig.launch.launcher import _logical
+    cfg = Config(coordinator=True, spare_world=(2, 5, 7))      # h1:3,h2:3,h3:2 of the layout
+    assert [_logical(cfg, 4, 1, w) for w in range(8)] == [
+        "the coordinator (world rank 0)", "rank 0 (world rank 1)", "a warm spare (world rank 2)",
+        "rank 1 (world rank 3)", "rank 2 (world rank 4)", "a warm spare (world rank 5)",
+        "rank 3 (world rank 6)", "a warm spare (world rank 7)"]

@@ -411,6 +411,10 @@ def _logical(cfg: Config, n: int, job: int, world: int) -> str:
         return f"rank {world}"
     if world == 0:
         return "the coordinator (world rank 0)"
+    if cfg.spare_world:             # spares on every host (placement.spares_on_every_host)
+        if world in cfg.spare_world:
+            return f"a warm spare (world rank {world})"
+        return f"rank {world - 1 - sum(1 for w in cfg.spare_world if w < world)} (world rank {world})"
     if world <= n:
         return f"rank {world - 1} (world rank {world})"
     return f"a warm spare (world rank {world})"
@@ -451,6 +455,7 @@ def launch(cfg: Config, n: int, program: list[str], *, hosts=None, ft=False, tim
     reason) when there is no completion record.
     """
     flavour = mpi_flavour()
+    cfg.spare_world = ()                # this launch's layout decides (below)
     env = dict(os.environ)
     env.update(mpi_env(flavour, ft))
     env.update(cfg.to_env())
@@ -472,6 +477,7 @@ def launch(cfg: Config, n: int, program: list[str], *, hosts=None, ft=False, tim
     if per_host and hosts:
         launch_hosts, world = placement.spares_on_every_host(hosts, n + 1, per_host, cfg.spares)
         nspares = len(world)
+        cfg.spare_world = tuple(world)          # for naming lost processes (_logical)
         env["MPIMIG_SPARES"] = str(nspares)
         env["MPIMIG_SPARE_WORLD"] = ",".join(map(str, world))
         if not quiet:
