@@ -735,8 +735,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
     p.add_argument("--spares-per-host", type=int, default=None, metavar="K",
                    help="start K warm spares on EVERY host of --hosts; a moved rank's old process stays as "
                         "its host's spare, so moves between hosts never spawn (default: 1 with Open MPI over "
-                        "several hosts and a coordinator, where spawning onto another host loses the job; "
-                        "0 otherwise; docs/spawn.md)")
+                        "several hosts and a coordinator, where spawning onto another host loses the job; 0 "
+                        "otherwise, under Slurm and with --ft; docs/spawn.md)")
     p.add_argument("--ft", action="store_true",
                    help="online recovery from failed ranks and coordinator (Open MPI ULFM): revoke, "
                         "shrink, replace (warm spare or spawn), roll back to the last committed epoch; "
