@@ -53,10 +53,13 @@ def _job(tmp_path, *args, steps=40):
 
 
 def test_one_spare_serves_five_moves_by_recycling_old_processes(tmp_path):
-    moves = [(6, 1), (10, 1), (14, 2), (18, 1), (22, 3)]
-    job = _job(tmp_path, "--spares-per-host", 1, *[a for p, r in moves for a in ("--migrate", f"{p}:{r}:{HOST}")])
+    # every strategy: post-copy's old process pushes the rest before it becomes the spare
+    moves = [(6, 1, "stop-and-copy"), (10, 1, "pre-copy"), (14, 2, "post-copy"), (18, 1, "file-server"),
+             (22, 3, "post-copy")]
+    job = _job(tmp_path, "--spares-per-host", 1,
+               *[a for p, r, st in moves for a in ("--migrate", f"{p}:{r}:{HOST}:{st}")])
     migs = read(job, "status.json")["migrations"]
-    assert [(m["rank"], m["state"]) for m in migs] == [(r, "done") for _, r in moves], migs
+    assert [(m["rank"], m["strategy"], m["state"]) for m in migs] == [(r, st, "done") for _, r, st in moves], migs
     assert [m["timings"]["spawn"] for m in migs] == [0.0] * 5        # never spawned
     assert all(m["strategy_stats"].get("source_recycled") for m in migs)
     assert read(job, "status.json")["spares"] == {HOST: 1}           # the last old process
