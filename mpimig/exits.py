@@ -378,6 +378,11 @@ def _who_before_run() -> str:
         nranks = _real_world().Get_size() - 1 - int(os.environ.get("MPIMIG_SPARES", "0") or 0)
         if world == 0:
             return "the coordinator (world rank 0)"
+        spread = [int(x) for x in os.environ.get("MPIMIG_SPARE_WORLD", "").split(",") if x.strip()]
+        if spread:          # spares on every host (mpimig.launch.placement)
+            if world in spread:
+                return f"a warm spare (world rank {world})"
+            return f"rank {world - 1 - sum(1 for w in spread if w < world)} (world rank {world})"
         if world <= nranks:
             return f"rank {world - 1} (world rank {world})"
         return f"a warm spare (world rank {world})"

@@ -510,14 +510,15 @@ def _start_comms(cfg: Config) -> Context | tuple[MPI.Intracomm, int]:
         raise MigrationError(f"{J.Get_size()} processes cannot hold a coordinator, {cfg.spares} "
                              "spares and at least one rank")
     me = J.Get_rank()
-    is_rank = 1 <= me <= nranks
+    # spares: the world ranks the launcher placed on every host (launch.placement), else the last ones
+    is_rank = me != 0 and (me not in cfg.spare_world if cfg.spare_world else me <= nranks)
     A = J.Split(0 if is_rank else MPI.UNDEFINED, me - 1)
     if not is_rank:
         return J, nranks
     transport.track(A)
     ctx = Context(_comm(cfg, A), cfg)
     ctx.link.J = J
-    procs = A.gather((ctx.host, os.getpid()), root=0)
+    procs = A.gather((ctx.host, os.getpid(), me), root=0)
     if ctx.rank == 0:
         J.send({"size": A.Get_size(), "argv": world.program_argv(), "cwd": os.getcwd(),
                 "procs": procs}, dest=0, tag=TAG_HELLO)
@@ -538,6 +539,18 @@ def _switch_failure(exc: BaseException, J: MPI.Intracomm, cfg: Config) -> tuple[
     if not (cfg.ft and recovery.is_failure(exc)):
         raise exc
     return J, exc
+
+
+def _serve_recycled(J: MPI.Intracomm, cfg: Config) -> Context:
+    """The old process of a moved rank, kept in J as its host's warm spare: serve as one;
+    a Context when a later move gives it a rank, else it leaves at the end of the job."""
+    import gc
+    gc.collect()                        # main's frames and the rank's state are gone
+    exits.arm("a warm spare (a moved rank's old process)", J)
+    ctx = _serve_spare(J, cfg, announce=False)
+    if ctx is None:                     # the job is over
+        _leave()
+    return ctx
 
 
 def _serve_spare(J: MPI.Intracomm, cfg: Config, size: int = 0, announce: bool = True) -> Context | None:
@@ -772,6 +785,14 @@ def _run_job(main: Callable[[Context], Any], config: Config | None) -> Any:
                 if not (ctx.config.ft and recovery.is_failure(exc)):
                     raise
                 ctx = _recover(ctx, exc)        # roll back and run main again
+                continue
+            except source.Retired as r:
+                spare_J, cfg_now = r.recycled(), ctx.config     # re-raised unless recycled
+            # the old process of a moved rank, recycled as its host's warm spare (docs/spawn.md);
+            # out of the except block, so that no traceback keeps main's frames alive
+            ctx = None
+            abort_comm = spare_J
+            ctx = _serve_recycled(spare_J, cfg_now)
     except source.Retired as r:
         retired = r.comm
     except SystemExit as exc:           # sys.exit in main: end the job (--ft: a failure)

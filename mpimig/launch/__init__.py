@@ -1,7 +1,8 @@
 """Starting jobs: ``mpimig run``, MPI flavours, the job configuration, Slurm.
 
 Owns building and supervising the ``mpiexec`` command (``launcher``), the
-``MPIMIG_*`` job configuration that launched processes read (``config``) and
+``MPIMIG_*`` job configuration that launched processes read (``config``), where
+the processes start (``placement``: warm spares on every host) and
 Slurm allocations, node lists and job scripts' helpers (``slurm``). May import
 :mod:`mpimig.checkpoint`, :mod:`mpimig.events`, :mod:`mpimig.errors`,
 :mod:`mpimig.lab` (lab hosts as ``--hosts``) and :mod:`mpimig.migration.protocol`

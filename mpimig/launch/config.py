@@ -50,6 +50,8 @@ class Config:
     schedule: list = dataclasses.field(default_factory=list)   # [(point, rank, host[, strategy])]
     coordinator: bool = False
     spares: int = 0                # warm spare processes started with the job
+    spares_per_host: int | None = None   # warm spares started on EVERY host (None: the default, docs/spawn.md)
+    spare_world: tuple = ()        # world ranks that are warm spares (empty: the last `spares` ones)
     ft: bool = False               # online recovery (ULFM): implies a coordinator
     buddy: bool = True             # with ft: in-memory own + buddy copies at each checkpoint
     policy: str = ""               # NAME[:k=v,...] (mpimig.balance.policies): implies a coordinator and metering
@@ -78,6 +80,7 @@ class Config:
             coordinator=env.get("MPIMIG_COORDINATOR", "0") == "1" or bool(sched)
             or int(env.get("MPIMIG_SPARES", "0") or 0) > 0,
             spares=int(env.get("MPIMIG_SPARES", "0") or 0),
+            spare_world=tuple(int(x) for x in env.get("MPIMIG_SPARE_WORLD", "").split(",") if x.strip()),
             ft=env.get("MPIMIG_FT", "0") == "1",
             buddy=env.get("MPIMIG_BUDDY", "1") != "0",
             policy=env.get("MPIMIG_POLICY", ""),
@@ -104,6 +107,8 @@ class Config:
             env["MPIMIG_MIGRATE"] = " ".join(":".join(map(str, s)) for s in self.schedule)
         env["MPIMIG_COORDINATOR"] = "1" if self.coordinator else "0"
         env["MPIMIG_SPARES"] = str(self.spares)
+        if self.spare_world:
+            env["MPIMIG_SPARE_WORLD"] = ",".join(map(str, self.spare_world))
         env["MPIMIG_FT"] = "1" if self.ft else "0"
         env["MPIMIG_BUDDY"] = "1" if self.buddy else "0"
         if self.policy:

@@ -33,7 +33,7 @@ from .. import events, lab
 from ..checkpoint import auth
 from ..checkpoint.format import QUARANTINE_RE
 from ..ft import relaunch
-from . import slurm
+from . import placement, slurm
 from .config import RESTART_MODES, Config, parse_schedule
 from ..errors import LaunchError, MpimigError, NoCommittedEpoch, UsageError
 
@@ -413,6 +413,10 @@ def _logical(cfg: Config, n: int, job: int, world: int) -> str:
         return f"rank {world}"
     if world == 0:
         return "the coordinator (world rank 0)"
+    if cfg.spare_world:             # spares on every host (placement.spares_on_every_host)
+        if world in cfg.spare_world:
+            return f"a warm spare (world rank {world})"
+        return f"rank {world - 1 - sum(1 for w in cfg.spare_world if w < world)} (world rank {world})"
     if world <= n:
         return f"rank {world - 1} (world rank {world})"
     return f"a warm spare (world rank {world})"
@@ -510,6 +514,7 @@ def launch(cfg: Config, n: int, program: list[str], *, hosts=None, ft=False, tim
     reason) when there is no completion record.
     """
     flavour = mpi_flavour()
+    cfg.spare_world = ()                # this launch's layout decides (below)
     env = dict(os.environ)
     env.update(mpi_env(flavour, ft))
     env.update(cfg.to_env())
@@ -526,8 +531,20 @@ def launch(cfg: Config, n: int, program: list[str], *, hosts=None, ft=False, tim
     # No -x: remote daemons get MPIMIG_*/OMPI_* through ssh (the lab's SendEnv) or Slurm
     # (--export=ALL), and ranks inherit their daemon's environment. With Open MPI 5.0
     # and the lab, any -x made ~half of the launches lose the first remote daemon.
-    cmd = build_command(flavour, n, program, hosts=hosts, ft=ft, extra=extra,
-                        coordinator=cfg.coordinator, spares=cfg.spares)
+    launch_hosts, nspares = hosts, cfg.spares
+    per_host = spares_per_host(cfg, flavour, hosts)
+    if per_host and hosts:
+        launch_hosts, world = placement.spares_on_every_host(hosts, n + 1, per_host, cfg.spares)
+        nspares = len(world)
+        cfg.spare_world = tuple(world)          # for naming lost processes (_logical)
+        env["MPIMIG_SPARES"] = str(nspares)
+        env["MPIMIG_SPARE_WORLD"] = ",".join(map(str, world))
+        if not quiet:
+            print(f"mpimig: {per_host} warm spare(s) on each of {', '.join(host_names(hosts))}: a move between "
+                  "hosts spawns nothing (docs/spawn.md; --spares-per-host 0 turns this off)",
+                  file=sys.stderr, flush=True)
+    cmd = build_command(flavour, n, program, hosts=launch_hosts, ft=ft, extra=extra,
+                        coordinator=cfg.coordinator, spares=nspares)
     shown = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(mpi_env(flavour, ft).items()))
     print(f"mpimig: running: {shown} {shlex.join(cmd)}", file=sys.stderr, flush=True)
     if dry_run:
@@ -601,6 +618,19 @@ def slurm_hosts() -> str | None:
     return ",".join(f"{h}:{plan.ranks_per_node}" for h in plan.nodes + plan.spares)
 
 
+def spares_per_host(cfg: Config, flavour: str, hosts: str | None) -> int:
+    """Warm spares to start on every host: ``--spares-per-host``, or by default one
+    when a coordinator runs Open MPI over several hosts (there a spawn onto another
+    host loses the job: docs/spawn.md); 0 otherwise."""
+    if not cfg.coordinator or not hosts:
+        return 0
+    if cfg.spares_per_host is not None:
+        return cfg.spares_per_host
+    if slurm.SlurmJob.in_job():      # the allocation's task counts hold: only when asked for
+        return 0
+    return 1 if flavour == "openmpi" and len(set(host_names(hosts))) > 1 and not cfg.ft else 0
+
+
 DEFAULT_RELAUNCH = 3     # relaunches when --ft asks for recovery the installed MPI cannot do online
 
 
@@ -648,6 +678,9 @@ def _config(args) -> Config:
     if args.spares < 0:
         raise UsageError("--spares must be >= 0")
     cfg.spares = args.spares
+    if args.spares_per_host is not None and args.spares_per_host < 0:
+        raise UsageError("--spares-per-host must be >= 0")
+    cfg.spares_per_host = args.spares_per_host
     cfg.ft = args.ft
     cfg.buddy = not args.no_buddy
     cfg.policy = _check_policy(args.policy or os.environ.get("MPIMIG_POLICY", ""))
@@ -659,7 +692,8 @@ def _config(args) -> Config:
         from ..balance.cost import CostModel
         CostModel.from_bench_json(args.cost_json)        # a UsageError naming the file if it is not one
         cfg.cost_json = str(Path(args.cost_json).resolve())
-    cfg.coordinator = bool(cfg.schedule) or args.coordinator or args.spares > 0 or args.ft or bool(cfg.policy)
+    cfg.coordinator = (bool(cfg.schedule) or args.coordinator or args.spares > 0 or bool(args.spares_per_host)
+                       or args.ft or bool(cfg.policy))
     if cfg.keep < 1:
         raise UsageError("--keep must be at least 1")
     return cfg
@@ -740,6 +774,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
     p.add_argument("--spares", type=int, default=0, metavar="K",
                    help="start K warm spare processes with the job (placed after the ranks on the "
                         "host list); a migration to a spare's host uses it instead of spawning")
+    p.add_argument("--spares-per-host", type=int, default=None, metavar="K",
+                   help="start K warm spares on EVERY host of --hosts; a moved rank's old process stays as "
+                        "its host's spare, so moves between hosts never spawn (default: 1 with Open MPI over "
+                        "several hosts and a coordinator, where spawning onto another host loses the job; 0 "
+                        "otherwise, under Slurm and with --ft; docs/spawn.md)")
     p.add_argument("--ft", action="store_true",
                    help="online recovery from failed ranks and coordinator (Open MPI ULFM): revoke, "
                         "shrink, replace (warm spare or spawn), roll back to the last committed epoch; "

@@ -82,8 +82,8 @@ class Coordinator:
         self.size = hello["size"]
         self.argv: list[str] = hello["argv"]
         self.cwd: str = hello["cwd"]
-        self.routing = [{"rank": r, "host": h, "pid": p, "jrank": r + 1, "moves": 0, "state": "running"}
-                        for r, (h, p) in enumerate(hello["procs"])]
+        self.routing = [{"rank": r, "host": p[0], "pid": p[1], "jrank": p[2] if len(p) > 2 else r + 1,
+                         "moves": 0, "state": "running"} for r, p in enumerate(hello["procs"])]
         hosts = [h for h in os.environ.get("MPIMIG_HOSTS", "").split(",") if h]
         self.hosts = hosts or sorted({r["host"] for r in self.routing} | {MPI.Get_processor_name()})
         self.migrations: list[Migration] = []
@@ -115,6 +115,15 @@ class Coordinator:
         if self.refill not in ("local", "all", "0"):
             log.warning("MPIMIG_SPARE_REFILL=%s: expected local, all or 0; using local", self.refill)
             self.refill = "local"
+        # spares on every host (mpimig.launch.placement): a moved rank's old process stays
+        # as its host's spare, so moves between hosts never spawn (docs/spawn.md)
+        self.recycle = bool(cfg.spare_world) and not cfg.ft and os.environ.get("MPIMIG_SPARE_RECYCLE", "1") != "0"
+        # Open MPI (PRRTE 3.0.x) over several hosts: a spawn loses the job (docs/spawn.md), so
+        # a move with no spare on its host waits for one or is refused before the freeze.
+        # MPIMIG_SPAWN: auto (that), always (spawn anyway), never (not even on one host)
+        spawn = os.environ.get("MPIMIG_SPAWN", "auto")
+        self.spawn_unsafe = spawn == "never" or (spawn != "always" and len(set(self.hosts)) > 1
+                                                 and "Open MPI" in MPI.Get_library_version())
         self.server: ControlServer | None = None
         if cfg.job_dir is not None:
             self.server = ControlServer(cfg.job_dir, cfg.run_id)
@@ -259,6 +268,15 @@ class Coordinator:
             m.timings["spawn"] = 0.0
             m.stats["refilled_spare"] = True
             return None
+        if self.spawn_unsafe:
+            err = (f"no warm spare on {m.to}, and spawning a process there would lose the job (Open MPI's "
+                   f"PRRTE 3.0 crashes when a job spawns across hosts: docs/spawn.md); the migration of rank "
+                   f"{m.rank} is refused before any rank stopped. Start the job with --spares-per-host K "
+                   "(a move frees a spare on the host it leaves), or MPIMIG_SPAWN=always to spawn anyway")
+            events.emit(self.cfg.job_dir, "migration_refused", self.cfg.run_id, migration=m.id, rank=m.rank,
+                        to=m.to, reason=err)
+            log.warning("migration %d: %s", m.id, err)
+            return err
         t0 = time.perf_counter()
         try:
             m.bridge = self._spawn_process(m.to, m)
@@ -289,6 +307,8 @@ class Coordinator:
         """Warm spares: replace one used spare (a process for that host that waits on
         its bridge). Only between plans: the spawn blocks the coordinator ~0.3 s."""
         me = MPI.Get_processor_name()
+        if self.spawn_unsafe:           # no spawn at all (docs/spawn.md); recycled old processes refill
+            return False
         for host, size in self.pool_size.items():
             if self.refill == "local" and host != me:
                 continue
@@ -353,9 +373,11 @@ class Coordinator:
         moves, k = [], 0
         for m in batch:
             if m.spare >= 0:
-                moves.append(Move(m.rank, m.to, -1, self.routing[m.rank]["jrank"], m.strategy, m.spare))
+                moves.append(Move(m.rank, m.to, -1, self.routing[m.rank]["jrank"], m.strategy, m.spare,
+                                  recycle=self.recycle))
             else:
-                moves.append(Move(m.rank, m.to, k, self.routing[m.rank]["jrank"], m.strategy))
+                moves.append(Move(m.rank, m.to, k, self.routing[m.rank]["jrank"], m.strategy,
+                                  recycle=self.recycle))
                 k += 1
         plan = Plan(self.next_plan, moves, at_point=point, jsize=self.J.Get_size())
         self.next_plan += 1
@@ -434,13 +456,17 @@ class Coordinator:
         if self.cfg.ft:
             recovery.agree(Jc)
         # new J ranks: members of Jc in order, without the processes that left
-        leaving = {mv.src_jrank for mv in plan.moves}
+        leaving = {mv.src_jrank for mv in plan.moves if not mv.recycle}
         order = [jr for jr in range(Jc.Get_size()) if jr not in leaving]
         newj = {old: new for new, old in enumerate(order)}
         for r in self.routing:
             if r["rank"] not in {mv.rank for mv in plan.moves}:
                 r["jrank"] = newj[r["jrank"]]
         self.spares = {h: [newj[jr] for jr in jrs] for h, jrs in self.spares.items()}
+        for mv, m in zip(plan.moves, batch):
+            if mv.recycle:              # the old process is its host's warm spare now
+                self.spares.setdefault(m.src or self.routing[mv.rank]["host"], []).append(newj[mv.src_jrank])
+                m.stats["source_recycled"] = True
         for m in self.queue + self.ready:
             if m.spare >= 0:
                 m.spare = newj[m.spare]
@@ -452,7 +478,7 @@ class Coordinator:
             m.timings["switch"] = time.perf_counter() - t0
             m.state = Step.RESUME.label
         self.J = Jn
-        self.retired.extend((Jc, mv.src_jrank) for mv in plan.moves)
+        self.retired.extend((Jc, mv.src_jrank) for mv in plan.moves if not mv.recycle)
         self.plan, self.plan_migs = None, []
         self.in_switch.extend(batch)
         self.reports.setdefault(plan.id, {})
@@ -711,7 +737,7 @@ class Coordinator:
             self.create_target(m)
             self._ready(m)
             busy = True
-        if self.queue:
+        if self.queue and not self._await_spare(self.queue[0]):
             m = self.queue.pop(0)
             err = self.create_target(m)
             if err:
@@ -731,6 +757,14 @@ class Coordinator:
             self.write_status()
             busy = True
         return busy
+
+    def _await_spare(self, m: Migration) -> bool:
+        """Nothing may be spawned (Open MPI over several hosts) and ``m``'s host has no spare
+        now, but moves in flight recycle their old processes: ``m`` waits for their switch
+        (the spares are re-counted then) instead of being refused at once."""
+        if not (self.spawn_unsafe and self.recycle) or self.spares.get(m.to) or self.pool.get(m.to):
+            return False
+        return bool(self.ready or self.plan_migs or self.in_switch)
 
     def _ready(self, m: Migration) -> None:
         self.ready.append(m)

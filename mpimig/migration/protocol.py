@@ -94,6 +94,7 @@ class Move:
     src_jrank: int       # J rank of the process that holds the rank now
     strategy: str = "stop-and-copy"
     spare_jrank: int = -1  # J rank of the warm spare that takes the rank (-1: a spawned target)
+    recycle: bool = False  # the old process stays in J as its host's warm spare (docs/spawn.md)
 
 
 @dataclasses.dataclass

@@ -46,11 +46,19 @@ class Retired(BaseException):
     """Unwinds ``main`` in the old process of a rank that moved away (step 8).
 
     ``comm`` is the merged switch communicator on which the coordinator will
-    tell it that the job is over."""
+    tell it that the job is over; ``J`` is the new J when the move recycles the
+    process as its host's warm spare (then it serves as one instead)."""
 
-    def __init__(self, comm: MPI.Intracomm | None) -> None:
+    def __init__(self, comm: MPI.Intracomm | None, J: MPI.Intracomm | None = None) -> None:
         super().__init__(comm)
         self.comm = comm
+        self.J = J
+
+    def recycled(self) -> MPI.Intracomm:
+        """The new J of a process recycled as a warm spare; re-raises if it is not one."""
+        if self.J is None:
+            raise self
+        return self.J
 
 
 # -- step 1: request ---------------------------------------------------------------------
@@ -140,10 +148,11 @@ def execute(ctx: Context, plan: Plan) -> None:
     Jc = create_target(ctx, plan)                                  # step 5
     if ctx.config.ft:
         ctx.link.J = Jc     # a failure from here on is recovered over the switch comm
-    A, Jn = transport.split(Jc, logical=ctx.rank, leaving=move is not None)   # the new comms (step 7)
+    A, Jn = transport.split(Jc, logical=ctx.rank, leaving=move is not None,   # the new comms (step 7)
+                            stays=move is not None and move.recycle)
     if move is not None:
         rest = transfer_state(ctx, Jc, plan, move)                 # step 6
-        retire(ctx, Jc, rest)                                      # step 8: never returns
+        retire(ctx, Jc, rest, Jn if move.recycle else None)        # step 8: never returns
     repoint(ctx, Jc, A, Jn)                                        # step 7
     resume(ctx, plan)                                              # step 8
 
@@ -212,9 +221,11 @@ def resume(ctx: Context, plan: Plan) -> None:
                      "pid": os.getpid(), "host": ctx.host}, dest=0, tag=TAG_REPORT)
 
 
-def retire(ctx: Context, Jc: MPI.Intracomm, rest: Callable[[], object] | None) -> None:
+def retire(ctx: Context, Jc: MPI.Intracomm, rest: Callable[[], object] | None,
+           Jn: MPI.Intracomm | None = None) -> None:
     """The old process of the moved rank: finish what the strategy sends after the
-    switch (post-copy's push), drop the state, unwind ``main`` (:class:`Retired`)."""
+    switch (post-copy's push), drop the state, unwind ``main`` (:class:`Retired`).
+    ``Jn``: the move recycles it, it stays in the new J as its host's warm spare."""
     if rest is not None:
         try:
             rest()
@@ -225,4 +236,4 @@ def retire(ctx: Context, Jc: MPI.Intracomm, rest: Callable[[], object] | None) -
                 raise
             log.warning("rank %d: post-copy push stopped: %s", ctx.rank, exc.Get_error_string())
     ctx.release_state()
-    raise Retired(Jc)
+    raise Retired(Jc, Jn)

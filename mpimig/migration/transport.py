@@ -102,16 +102,17 @@ def _join(J: MPI.Intracomm | None, ntargets: int, bridges: list[MPI.Intracomm] |
     return Jc
 
 
-def split(Jc: MPI.Intracomm, *, logical: int | None,
-          leaving: bool) -> tuple[MPI.Intracomm | None, MPI.Intracomm | None]:
+def split(Jc: MPI.Intracomm, *, logical: int | None, leaving: bool,
+          stays: bool = False) -> tuple[MPI.Intracomm | None, MPI.Intracomm | None]:
     """Build the new A (app processes, key = logical rank) and the new J (step 7).
 
     ``logical`` is None for the coordinator; ``leaving`` is true for old
-    processes whose rank moved away. Returns (A, J), COMM_NULL -> None.
+    processes whose rank moved away; such a process that ``stays`` (recycled as
+    its host's warm spare) is left out of A only. Returns (A, J), COMM_NULL -> None.
     """
     in_a = logical is not None and not leaving
     A = Jc.Split(0 if in_a else MPI.UNDEFINED, logical if logical is not None and in_a else 0)
-    Jn = Jc.Split(MPI.UNDEFINED if leaving else 0, Jc.Get_rank())
+    Jn = Jc.Split(MPI.UNDEFINED if leaving and not stays else 0, Jc.Get_rank())
     return (None if A == MPI.COMM_NULL else track(A)), (None if Jn == MPI.COMM_NULL else track(Jn))
 
 
