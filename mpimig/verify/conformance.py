@@ -29,7 +29,6 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._proc import kill_session
 from ..errors import UsageError
 from . import mpi4py_tests
 
@@ -81,21 +81,30 @@ def job_env() -> dict:
     return env
 
 
-def _size(out: Path) -> int:
-    return sum(p.stat().st_size for p in out.glob("rank-*.jsonl"))
+def _progress(out: Path) -> tuple[int, bool]:
+    """(bytes the ranks wrote so far, whether a rank has recorded a test)."""
+    size = sum(p.stat().st_size for p in out.glob("rank-*.jsonl"))
+    return size, size > 0
 
 
-def watch(cmd: list[str], log: Path, out: Path, test_timeout: float, timeout: float) -> str:
+#: seconds a job may take to start (MPI, imports of the test modules) or to end (finalize,
+#: the completion record) on top of ``--test-timeout``
+GRACE = 90.0
+
+
+def watch(cmd: list[str], log: Path, out: Path, test_timeout: float, timeout: float, n: int) -> str:
     """Run ``cmd`` (a job writing rank files into ``out``) in its own session: ``"done"`` when
-    it exits, ``"hang"`` when the rank files did not grow for ``test_timeout`` seconds or the
-    whole job took longer than ``timeout`` (the session is killed by its pid)."""
+    it exits, ``"hang"`` when the rank files did not grow for ``test_timeout`` seconds (plus
+    :data:`GRACE` before the first test and after the last) or the whole job took longer than
+    ``timeout``. A hung job's session is killed (every process of it, by session id: mpiexec
+    puts each rank in a process group of its own)."""
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=job_env(),
                                 cwd=str(log.parent), start_new_session=True)
         t0 = last = time.monotonic()
-        seen = _size(out)
+        seen = 0
         try:
             while True:
                 try:
@@ -103,15 +112,20 @@ def watch(cmd: list[str], log: Path, out: Path, test_timeout: float, timeout: fl
                     return "done"
                 except subprocess.TimeoutExpired:
                     pass
-                now, size = time.monotonic(), _size(out)
+                now, (size, started) = time.monotonic(), _progress(out)
                 if size != seen:
                     seen, last = size, now
-                if now - last > test_timeout or now - t0 > timeout:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                if now - last > test_timeout:     # quiet: starting, finishing or hung?
+                    ended = started and all(any(x.get("end") for x in rows) for rows in read_ranks(out, n))
+                    quiet = test_timeout + (GRACE if not started or ended else 0.0)
+                else:
+                    quiet = test_timeout
+                if now - last > quiet or now - t0 > timeout:
+                    kill_session(proc.pid)
                     proc.wait()
                     return "hang"
         except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_session(proc.pid)
             proc.wait()
             raise
 
@@ -151,7 +165,7 @@ def list_tests(testdir: Path, modules: list[str], root: Path, timeout: float) ->
     out.mkdir(parents=True, exist_ok=True)
     cmd = run_command(1, jd / "job", adapter_program(), testdir, modules, out, 0, None, [], timeout)
     cmd.insert(cmd.index("--start"), "--list")
-    watch(cmd, jd / "output.log", out, timeout, timeout)
+    watch(cmd, jd / "output.log", out, timeout, timeout, 1)
     try:
         return list(json.loads((out / "tests.json").read_text())["tests"])
     except (OSError, ValueError, KeyError):
@@ -182,7 +196,7 @@ def run_mode(n: int, mode: str, ids: list[str], testdir: Path, modules: list[str
         sched = (max(mid, start), mrank) if mode == "migrate" and not migrated else None
         cmd = run_command(n, jd, adapter_program(), testdir, modules, out, start, sched,
                           list(args.run_arg or []), args.timeout)
-        how = watch(cmd, base / f"launch-{k}" / "output.log", out, args.test_timeout, args.timeout + 30)
+        how = watch(cmd, base / f"launch-{k}" / "output.log", out, args.test_timeout, args.timeout + 30, n)
         recs = read_ranks(out, n)
         ended = all(any(x.get("end") for x in rows) for rows in recs)
         nxt = total
