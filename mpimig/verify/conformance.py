@@ -17,7 +17,9 @@ Nothing hangs the command: a job whose rank files stop growing for
 counted as ``hang``, and the job is launched again from the next test; a job that ends
 without finishing counts its current test as ``crash`` and goes on the same way. With a
 migration, the move is scheduled (``--migrate P:R:HOST``) at the safe point before the
-middle test, rank ``K // 2``; a relaunch before it happened schedules it again.
+middle test, rank ``K // 2``, and the adapter passes safe points there until the rank
+has moved, so the second half of the tests runs with the new process; a relaunch before
+the move schedules it again.
 
     mpimig conformance -n 1 2 4 --migrate --json conformance.json
     mpimig conformance -n 2 --modules test_p2p_obj test_cco_obj
@@ -328,6 +330,10 @@ def cmd_conformance(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser("conformance", help="run mpi4py's own test suite on mpimig's logical communicator",
                        description=__doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[1:]),
+                       epilog="not run unless named in --modules:\n" + "\n".join(
+                           f"  {k:16s} {v}" for k, v in OUT_OF_SCOPE.items())
+                       + f"\n\nthe tests: mpi4py {', '.join(sorted(mpi4py_tests.PINNED))} from PyPI (sha256 pinned), "
+                         f"cached in {mpi4py_tests.cache_root()}",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", type=int, nargs="+", default=[1, 2, 4], metavar="K", help="rank counts (default 1 2 4)")
     p.add_argument("--migrate", action="store_true", help="also run each rank count with a migration half-way")
