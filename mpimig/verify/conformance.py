@@ -31,6 +31,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -290,6 +291,7 @@ def format_table(recs: list[dict]) -> str:
 
 
 def cmd_conformance(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # unwind: the running job's session is killed
     if any(k < 1 for k in args.n):
         raise UsageError("-n: rank counts must be at least 1")
     if args.testdir:

@@ -121,6 +121,7 @@ class Recorder(unittest.TestResult):
         self.file = open(out / f"rank-{ctx.rank}.jsonl", "a")  # noqa: SIM115 - open for the whole run
         self.outcome = "pass"
         self.detail = ""
+        self.t0 = time.monotonic()
 
     def line(self, rec: dict) -> None:
         self.file.write(json.dumps(rec) + "\n")
@@ -137,6 +138,7 @@ class Recorder(unittest.TestResult):
         super().startTest(test)
         self.outcome, self.detail = "pass", ""
         self.probe.used = False
+        self.t0 = time.monotonic()
 
     def addError(self, test: Any, err: Any) -> None:  # noqa: N802
         super().addError(test, err)
@@ -168,7 +170,8 @@ class Recorder(unittest.TestResult):
         super().stopTest(test)
         i = self.index[test.id()]
         self.line({"i": i, "id": test.id(), "outcome": self.outcome, "world": self.probe.used,
-                   "pid": os.getpid(), "role": self.ctx.role, "detail": self.detail})
+                   "seconds": round(time.monotonic() - self.t0, 3), "pid": os.getpid(), "role": self.ctx.role,
+                   "detail": self.detail})
         self.st.next = i + 1
         set_world(self.raw_world)         # the runtime sees mpi4py's world at its safe point
         try:
