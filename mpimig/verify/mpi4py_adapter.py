@@ -93,10 +93,14 @@ def set_world(comm: Any) -> None:
 
 
 class WorldProbe:
-    """Notes whether the logical world's mpi4py methods were called (a layer on the Comm)."""
+    """Tells whether a test used the logical world: it called one of its mpi4py methods (a
+    layer on the Comm notes that), or it holds the world (an attribute of the test, e.g.
+    ``COMM = MPI.COMM_WORLD``) or had it in hand where it failed (e.g. passed it to an mpi4py
+    function that wants an ``MPI.Comm``: ``pkl5.Intracomm(MPI.COMM_WORLD)``)."""
 
     def __init__(self, comm: Any) -> None:
         from mpi4py import MPI
+        self.comm = comm
         self.used = False
         names = tuple(n for n in dir(MPI.Intracomm) if not n.startswith("_") and hasattr(type(comm), n)
                       and callable(getattr(type(comm), n)))
@@ -108,6 +112,27 @@ class WorldProbe:
             return method(*args, **kwargs)
         call.__name__ = call.__qualname__ = name
         return call
+
+    def _holds(self, obj: Any) -> bool:
+        if obj is self.comm:
+            return True
+        try:
+            values = list(vars(obj).values())
+        except TypeError:
+            return False
+        return any(v is self.comm for v in values)
+
+    def held_by(self, test: unittest.TestCase) -> bool:
+        """The test (its instance or one of its classes) has the world as an attribute."""
+        return any(self._holds(o) for o in (test, *type(test).__mro__))
+
+    def in_traceback(self, tb: Any) -> bool:
+        """A frame of the failure had the world (or an object holding it) as a local."""
+        while tb is not None:
+            if any(self._holds(v) for v in tb.tb_frame.f_locals.values()):
+                return True
+            tb = tb.tb_next
+        return False
 
 
 class Recorder(unittest.TestResult):
@@ -132,6 +157,7 @@ class Recorder(unittest.TestResult):
             self.outcome = outcome
             if err is not None:
                 text = "".join(traceback.format_exception_only(err[0], err[1])).strip()
+                self.probe.used = self.probe.used or self.probe.in_traceback(err[2])
             self.detail = text[:600]
 
     def startTest(self, test: unittest.TestCase) -> None:  # noqa: N802 - unittest's name
@@ -169,7 +195,8 @@ class Recorder(unittest.TestResult):
     def stopTest(self, test: unittest.TestCase) -> None:  # noqa: N802
         super().stopTest(test)
         i = self.index[test.id()]
-        self.line({"i": i, "id": test.id(), "outcome": self.outcome, "world": self.probe.used,
+        self.line({"i": i, "id": test.id(), "outcome": self.outcome,
+                   "world": self.probe.used or self.probe.held_by(test),
                    "seconds": round(time.monotonic() - self.t0, 3), "pid": os.getpid(), "role": self.ctx.role,
                    "detail": self.detail})
         self.st.next = i + 1
