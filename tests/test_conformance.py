@@ -12,7 +12,10 @@ import json
 import shutil
 import textwrap
 
+import pytest
+
 from conftest import mpimig_cmd, run_cmd
+from mpimig.errors import UsageError
 from mpimig.verify import mpi4py_tests
 
 # Measured on 2 ranks (mpi4py 4.1.2, Open MPI 5.0.11, 2026-12-03), the same with and
@@ -103,3 +106,13 @@ def test_forced_failure_error_hang_and_crash_are_counted(tmp_path):
     assert (c["pass"], c["fail"], c["error"], c["hang"], c["crash"]) == (2, 1, 1, 1, 1), c
     assert [x["how"] for x in run["launches"]] == ["hang", "done", "done"], run["launches"]
     assert "forced failure on rank 1" in " ".join(run["tests"][1]["detail"])
+
+
+def test_the_sdist_must_match_its_pinned_sha256(tmp_path):
+    bogus = tmp_path / "mpi4py-4.1.2.tar.gz"
+    bogus.write_bytes(b"not mpi4py")
+    with pytest.raises(UsageError, match="sha256 .* but mpi4py 4.1.2's pinned sdist has 56860286"):
+        mpi4py_tests.test_dir("4.1.2", cache=tmp_path / "cache", sdist=bogus)
+    assert not (tmp_path / "cache" / "mpi4py-4.1.2" / "test").exists()
+    with pytest.raises(UsageError, match="no pinned mpi4py source distribution for mpi4py 0.9"):
+        mpi4py_tests.test_dir("0.9", cache=tmp_path / "cache")

@@ -91,7 +91,10 @@ def test_dir(version: str | None = None, cache: Path | None = None, sdist: Path 
         prefix = f"mpi4py-{version}/test/"
         with tarfile.open(tarball) as tf:
             members = [m for m in tf.getmembers() if m.name.startswith(prefix) and (m.isfile() or m.isdir())]
-            tf.extractall(tmp, members=members, filter="data")
+            if hasattr(tarfile, "data_filter"):    # Python >= 3.11.4: refuse links and paths out of tmp
+                tf.extractall(tmp, members=members, filter="data")
+            else:                                  # only regular files and directories under the prefix
+                tf.extractall(tmp, members=[m for m in members if ".." not in Path(m.name).parts])
         if tdir.exists():
             shutil.rmtree(tdir)
         os.replace(Path(tmp) / prefix.rstrip("/"), tdir)
