@@ -68,9 +68,12 @@ def adapter_program() -> Path:
     return Path(spec.origin).resolve()
 
 
-def default_modules(testdir: Path) -> list[str]:
-    """Every ``test_*.py`` of ``testdir`` but :data:`OUT_OF_SCOPE`, sorted (as unittest discovery)."""
-    return sorted(p.stem for p in testdir.glob("test_*.py") if p.stem not in OUT_OF_SCOPE)
+def default_modules(testdir: Path, every: bool = False) -> list[str]:
+    """The ``test_*.py`` modules of ``testdir`` that use ``COMM_WORLD`` (the others cannot
+    exercise mpimig: datatypes, buffers, info objects...), or with ``every`` all of them, but
+    never :data:`OUT_OF_SCOPE`; sorted, as unittest discovery sorts them."""
+    return sorted(p.stem for p in testdir.glob("test_*.py") if p.stem not in OUT_OF_SCOPE
+                  and (every or "COMM_WORLD" in p.read_text(errors="replace")))
 
 
 def job_env() -> dict:
@@ -300,7 +303,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
             raise UsageError(f"--testdir {testdir}: not mpi4py's test directory (no mpiunittest.py)")
     else:
         testdir = mpi4py_tests.test_dir(sdist=Path(args.sdist) if args.sdist else None)
-    modules = args.modules or default_modules(testdir)
+    modules = args.modules or default_modules(testdir, args.all)
     missing = [m for m in modules if not (testdir / f"{m}.py").is_file()]
     if missing:
         raise UsageError(f"no such test module in {testdir}: {', '.join(missing)}")
@@ -332,8 +335,8 @@ def cmd_conformance(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser("conformance", help="run mpi4py's own test suite on mpimig's logical communicator",
                        description=__doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[1:]),
-                       epilog="not run unless named in --modules:\n" + "\n".join(
-                           f"  {k:16s} {v}" for k, v in OUT_OF_SCOPE.items())
+                       epilog="not run unless named in --modules (nor, without --all, modules without COMM_WORLD):\n"
+                       + "\n".join(f"  {k:16s} {v}" for k, v in OUT_OF_SCOPE.items())
                        + f"\n\nthe tests: mpi4py {', '.join(sorted(mpi4py_tests.PINNED))} from PyPI (sha256 pinned), "
                          f"cached in {mpi4py_tests.cache_root()}",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -341,7 +344,10 @@ def register(sub) -> None:
     p.add_argument("--migrate", action="store_true", help="also run each rank count with a migration half-way")
     p.add_argument("--only-migrate", action="store_true", help="run only with a migration")
     p.add_argument("--modules", nargs="+", metavar="MODULE",
-                   help="test modules to run (default: all but the out-of-scope ones listed in the README)")
+                   help="test modules to run (default: those that use COMM_WORLD, but the out-of-scope ones below)")
+    p.add_argument("--all", action="store_true",
+                   help="also the modules that never use COMM_WORLD (datatypes, buffers, info...: they pass or "
+                        "fail whatever mpimig does, and some are long: test_util_dtlib)")
     p.add_argument("--testdir", help="use this mpi4py test/ directory instead of the pinned download")
     p.add_argument("--sdist", help="a local copy of the pinned mpi4py source distribution (checked by sha256)")
     p.add_argument("--per-module", action="store_true", help="print the counts of every test module")
