@@ -60,6 +60,13 @@ OUT_OF_SCOPE = {
 }
 
 
+#: modules not run with a migration, and why
+NOT_WITH_MIGRATION = {
+    "test_p2p_buf_part": "its import probes partitioned send/recv on COMM_SELF (have_feature), which never "
+                         "completes in a job with a coordinator and a spawned process (Open MPI 5.0.11)",
+}
+
+
 def adapter_program() -> Path:
     """The installed adapter's file (found without importing it: that would start MPI here)."""
     spec = importlib.util.find_spec("mpimig.verify.mpi4py_adapter")
@@ -167,7 +174,7 @@ def run_command(n: int, jd: Path, program: Path, testdir: Path, modules: list[st
 
 def list_tests(testdir: Path, modules: list[str], root: Path, timeout: float) -> list[str]:
     """The test ids in the order every rank runs them (one rank, MPI.COMM_WORLD patched as in a run)."""
-    jd, out = root / "list", root / "list" / "out"
+    jd, out = root, root / "out"
     out.mkdir(parents=True, exist_ok=True)
     cmd = run_command(1, jd / "job", adapter_program(), testdir, modules, out, 0, None, [], timeout)
     cmd.insert(cmd.index("--start"), "--list")
@@ -309,24 +316,29 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         raise UsageError(f"no such test module in {testdir}: {', '.join(missing)}")
     root = Path(args.job_root) if args.job_root else Path(tempfile.mkdtemp(prefix="mpimig-conformance-"))
     root.mkdir(parents=True, exist_ok=True)
-    ids = list_tests(testdir, modules, root, args.timeout)
-    print(f"mpimig conformance: mpi4py {mpi4py_tests.installed_version()} tests from {testdir}: "
-          f"{len(modules)} modules, {len(ids)} tests; jobs in {root}", flush=True)
     modes = ["plain", "migrate"] if args.migrate else ["plain"]
     if args.only_migrate:
         modes = ["migrate"]
+    plan = {m: [x for x in modules if m == "plain" or x not in NOT_WITH_MIGRATION] for m in modes}
+    listed: dict[tuple[str, ...], list[str]] = {}
+    for mods in plan.values():
+        if tuple(mods) not in listed:
+            listed[tuple(mods)] = list_tests(testdir, mods, root / f"list-{len(listed)}", args.timeout)
+    print(f"mpimig conformance: mpi4py {mpi4py_tests.installed_version()} tests from {testdir}: "
+          + "; ".join(f"{m}: {len(plan[m])} modules, {len(listed[tuple(plan[m])])} tests" for m in modes)
+          + f"; jobs in {root}", flush=True)
     recs = []
     for n in args.n:
         for mode in modes:
-            rec = run_mode(n, mode, ids, testdir, modules, root, args)
+            rec = run_mode(n, mode, listed[tuple(plan[mode])], testdir, plan[mode], root, args)
             recs.append(rec)
             print(format_run(rec, args.per_module), flush=True)
+            if args.json:                       # after every run: a killed command keeps what it measured
+                Path(args.json).write_text(json.dumps({
+                    "mpi4py": mpi4py_tests.installed_version(), "testdir": str(testdir), "modules": plan,
+                    "out_of_scope": {k: v for k, v in OUT_OF_SCOPE.items() if k not in modules},
+                    "not_with_migration": NOT_WITH_MIGRATION, "runs": recs}, indent=1))
     print(format_table(recs))
-    if args.json:
-        Path(args.json).write_text(json.dumps({
-            "mpi4py": mpi4py_tests.installed_version(), "testdir": str(testdir), "modules": modules,
-            "out_of_scope": {k: v for k, v in OUT_OF_SCOPE.items() if k not in modules},
-            "runs": recs}, indent=1))
     if not args.keep_dirs and not args.job_root:
         shutil.rmtree(root, ignore_errors=True)
     return 0
