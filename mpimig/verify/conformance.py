@@ -19,7 +19,8 @@ without finishing counts its current test as ``crash`` and goes on the same way.
 migration, the move is scheduled (``--migrate P:R:HOST``) at the safe point before the
 middle test, rank ``K // 2``, and the adapter passes safe points there until the rank
 has moved, so the second half of the tests runs with the new process; a relaunch before
-the move schedules it again.
+the move schedules it again. The modules in :data:`NOT_WITH_MIGRATION` are left out of
+the runs with a migration.
 
     mpimig conformance -n 1 2 4 --migrate --json conformance.json
     mpimig conformance -n 2 --modules test_p2p_obj test_cco_obj
@@ -348,7 +349,9 @@ def register(sub) -> None:
     p = sub.add_parser("conformance", help="run mpi4py's own test suite on mpimig's logical communicator",
                        description=__doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[1:]),
                        epilog="not run unless named in --modules (nor, without --all, modules without COMM_WORLD):\n"
-                       + "\n".join(f"  {k:16s} {v}" for k, v in OUT_OF_SCOPE.items())
+                       + "\n".join(f"  {k:17s} {v}" for k, v in OUT_OF_SCOPE.items())
+                       + "\nnot run with a migration:\n"
+                       + "\n".join(f"  {k:17s} {v}" for k, v in NOT_WITH_MIGRATION.items())
                        + f"\n\nthe tests: mpi4py {', '.join(sorted(mpi4py_tests.PINNED))} from PyPI (sha256 pinned), "
                          f"cached in {mpi4py_tests.cache_root()}",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
