@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "mpimig.verify.storm",   # storm
     "mpimig.ft.inject",      # inject
     "mpimig.verify.chaos",   # chaos
+    "mpimig.verify.conformance",  # conformance
     "mpimig.demo",          # demo
     "mpimig.sim.cli",       # simulate
 ]

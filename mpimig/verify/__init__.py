@@ -12,7 +12,10 @@ reorders and corrupts nothing, split by job:
   thin script around it for users to read and copy);
 * ``campaign``: N seeds, a line per seed, the totals table and plot, shared by
   ``mpimig storm`` and ``mpimig inject --seeds``;
-* ``storm``: the ``mpimig storm`` command.
+* ``storm``: the ``mpimig storm`` command;
+* ``conformance``: the ``mpimig conformance`` command, mpi4py's own test suite on the
+  logical communicator, run through ``mpi4py_adapter`` (the thin adapter, a program run
+  by ``mpimig run``) from the pinned source distribution that ``mpi4py_tests`` fetches.
 
 May import any part of mpimig (it sits above the runtime); ``plan``, ``checker``
 and ``campaign`` import no MPI, so commands can use them without starting MPI.
