@@ -65,7 +65,7 @@ class Outcome:
     jobs: list[Job]
     moves: list[MoveRecord]
     failures: list[FailureRecord]
-    imbalance: list[tuple[float, float]]      # (t, mean over running jobs of max/mean compute time)
+    imbalance: list[tuple[float, float]]      # (t, a job's load imbalance across hosts: Cluster.imbalance)
     decisions: int
     no_moves: dict[str, int]
     host_down_s: float
@@ -202,10 +202,9 @@ class Simulation:
     def _decide(self, job: Job) -> None:
         cl = self.cluster
         now = self.env.now
-        imb = cl.imbalance(job)
-        self.imbalance.append((now, imb))
+        self.imbalance.append((now, cl.imbalance(job)))
         draining = any(cl.hosts[r.host].draining for r in job.ranks)
-        if not draining and imb < self.cfg.decide_above_imbalance:
+        if not draining and cl.rank_imbalance(job) < self.cfg.decide_above_imbalance:
             return
         balancer = self.balancers[job.id]
         snap = cl.snapshot(job, now, self.in_flight[job.id], tuple(sorted(self.drain)))

@@ -241,11 +241,29 @@ class Cluster:
     def jobs_on(self, hosts) -> set[int]:
         return {j for h in hosts for j, _ in self.hosts[h].ranks}
 
-    def imbalance(self, job: Job) -> float:
-        """max / mean of the ranks' compute time per point (1 = balanced), as of the last refresh."""
+    def rank_imbalance(self, job: Job) -> float:
+        """max / mean of the ranks' compute time per point (1 = even), as of the last refresh.
+
+        What ``scenario.decide_above_imbalance`` compares: a hot or slowed rank is something a
+        policy might fix, even when its host's total load equals the others'."""
         comp = job.comp
         mean = sum(comp) / len(comp)
         return max(comp) / mean if mean > 0 else 1.0
+
+    def host_loads(self, job: Job) -> dict[str, float]:
+        """Per host holding ranks of ``job``: its load, the runtime's ``load_s`` (the sum of its ranks'
+        compute seconds per point, mpimig/balance/driver.py) per core of the host (as of the last refresh)."""
+        loads: dict[str, float] = {}
+        for r, c in zip(job.ranks, job.comp):
+            loads[r.host] = loads.get(r.host, 0.0) + c
+        return {h: x / max(self.hosts[h].cores, 1) for h, x in loads.items()}
+
+    def imbalance(self, job: Job) -> float:
+        """Load imbalance across hosts: max / mean of :meth:`host_loads` over the hosts that hold
+        ranks of ``job`` (1 = every host equally loaded; empty hosts of the allocation do not count)."""
+        loads = list(self.host_loads(job).values())
+        mean = sum(loads) / len(loads) if loads else 0.0
+        return max(loads) / mean if mean > 0 else 1.0
 
     def snapshot(self, job: Job, now: float, in_flight: int, drain: tuple[str, ...] = ()) -> Snapshot:
         """What the runtime's coordinator would report for ``job`` at ``now``.
