@@ -389,28 +389,49 @@ class Simulation:
     # --- the scenario's timed events ------------------------------------------------------------
     def _timed_events(self):
         env = self.env
-        cl = self.cluster
-        for ev in sorted(self.cfg.events, key=lambda e: e.at_s):
+        for ev in self.cfg.events:
+            if ev.at_point >= 0:
+                env.process(self._at_point(ev))
+        for ev in sorted((e for e in self.cfg.events if e.at_point < 0), key=lambda e: e.at_s):
             yield env.timeout(max(0.0, ev.at_s - env.now))
-            if ev.kind == "slow":
-                for name in ev.hosts:
-                    cl.hosts[name].speed = ev.value
-                for j in cl.jobs_on(ev.hosts):
-                    cl.refresh(cl.jobs[j], env.now)
-            elif ev.kind == "kill-rank":
-                self._rank_failure(cl.jobs[ev.job], ev.rank, "rank")
-            elif ev.kind == "kill-host":
-                for name in ev.hosts:
-                    if cl.hosts[name].alive:
-                        self.host_failure(name, "host")
-            elif ev.kind == "drain":
-                self._start_drain(ev)
-            elif ev.kind == "move":
-                job = cl.jobs[ev.job]
-                if not job.done:
-                    self._start_move(job, Decision(move=True, reason="operator", rank=ev.rank, to=ev.hosts[0],
-                                                   strategy=self.strategy if self.strategy != "auto"
-                                                   else "stop-and-copy"), "operator")
+            self._fire(ev)
+
+    def _at_point(self, ev):
+        """Wait until job ``ev.job`` first reaches point ``ev.at_point`` (its speed may change meanwhile)."""
+        env = self.env
+        job = self.cluster.jobs[ev.job]
+        while True:
+            job.settle(env.now)
+            if job.done:
+                return
+            if job.p >= ev.at_point - 1e-9:
+                break
+            t = job._time_at_run(env.now, (ev.at_point - job.p) * job.step_s) if job.running else env.now + 1.0
+            yield env.timeout(max(t - env.now, 1e-9))
+        self._fire(ev)
+
+    def _fire(self, ev) -> None:
+        env = self.env
+        cl = self.cluster
+        if ev.kind == "slow":
+            for name in ev.hosts:
+                cl.hosts[name].speed = ev.value
+            for j in cl.jobs_on(ev.hosts):
+                cl.refresh(cl.jobs[j], env.now)
+        elif ev.kind == "kill-rank":
+            self._rank_failure(cl.jobs[ev.job], ev.rank, "rank")
+        elif ev.kind == "kill-host":
+            for name in ev.hosts:
+                if cl.hosts[name].alive:
+                    self.host_failure(name, "host")
+        elif ev.kind == "drain":
+            self._start_drain(ev)
+        elif ev.kind == "move":
+            job = cl.jobs[ev.job]
+            if not job.done:
+                self._start_move(job, Decision(move=True, reason="operator", rank=ev.rank, to=ev.hosts[0],
+                                               strategy=self.strategy if self.strategy != "auto"
+                                               else "stop-and-copy"), "operator")
 
     def _start_drain(self, ev) -> None:
         cl = self.cluster

@@ -37,9 +37,14 @@ class Host:
     rss: int = 0                # resident bytes of the ranks placed here
     down_since: float = 0.0
     down_s: float = 0.0         # total time dead, for availability
+    # measured share per rank by the number of ranks placed here (calibrated from a real run, e.g. a
+    # CPU quota shared by the host's ranks); counts not in it use the formula of ``share``
+    speed_by_n: dict = dataclasses.field(default_factory=dict)
 
     def share(self) -> float:
         """CPU seconds per wall second that each rank placed here gets."""
+        if self.speed_by_n and len(self.ranks) in self.speed_by_n:
+            return self.speed_by_n[len(self.ranks)]
         n = len(self.ranks) + self.external_load
         return self.speed * (1.0 if n <= self.cores else self.cores / n)
 
@@ -73,6 +78,8 @@ class Job:
     alloc: list[str]            # hosts of its allocation (ranks may move between them)
     weight: float = 1.0
     comm_latency_s: float = 2e-6
+    overhead_s: float = 0.0     # per point beyond the slowest rank's compute + communication (safe point,
+    #                             metering; calibrated from a real run: mpimig/sim/validate.py)
     mem_bw: float = 8e9         # bytes/s between ranks on one host
     # progress
     p: float = 0.0              # points done (what survives)
@@ -230,7 +237,7 @@ class Cluster:
         (and caches each rank's compute and communication time for the snapshot)."""
         job.comp = comp = self.compute_times(job)
         job.comm = comm = self.comm_times(job)
-        return max(c + m for c, m in zip(comp, comm)) + job.ckpt_s / job.ckpt_every
+        return max(c + m for c, m in zip(comp, comm)) + job.ckpt_s / job.ckpt_every + job.overhead_s
 
     def refresh(self, job: Job, now: float) -> None:
         """Settle ``job`` at its old speed and compute the new one (after anything changed)."""
