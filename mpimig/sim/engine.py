@@ -397,7 +397,9 @@ class Simulation:
             self._fire(ev)
 
     def _at_point(self, ev):
-        """Wait until job ``ev.job`` first reaches point ``ev.at_point`` (its speed may change meanwhile)."""
+        """Wait until job ``ev.job`` first reaches point ``ev.at_point``. Its speed may change meanwhile, so
+        it looks at most one point ahead: the event fires within a point of when it is due (on time
+        when the job only slows down or stops)."""
         env = self.env
         job = self.cluster.jobs[ev.job]
         while True:
@@ -406,7 +408,8 @@ class Simulation:
                 return
             if job.p >= ev.at_point - 1e-9:
                 break
-            t = job._time_at_run(env.now, (ev.at_point - job.p) * job.step_s) if job.running else env.now + 1.0
+            left = ev.at_point - job.p
+            t = job._time_at_run(env.now, min(left, 1.0) * job.step_s) if job.running else env.now + 1.0
             yield env.timeout(max(t - env.now, 1e-9))
         self._fire(ev)
 

@@ -273,7 +273,7 @@ def _events(raw: list, values: dict) -> list[Event]:
             raise ScenarioError(f"{where}.at_point: {v['at_point']} is not a point of the job "
                                 f"(0 .. {values['jobs']['points'] - 1})")
         kinds = [k for k in ("slow", "kill_rank", "kill_host", "drain", "drain_fraction", "move_rank")
-                 if (k in e and e[k] not in (False, -1))]
+                 if k in e and e[k] is not False and not (type(e[k]) is int and e[k] == -1)]   # rank 0 is not False
         if len(kinds) != 1:
             raise ScenarioError(f"{where}: give exactly one of slow, kill_rank, kill_host, drain, drain_fraction, "
                                 f"move_rank (got {', '.join(kinds) or 'none'})")
