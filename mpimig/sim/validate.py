@@ -237,10 +237,15 @@ def step_time(epochs: list[tuple[int, float]], lo: int, hi: int) -> float:
 
 
 def calibrate(cal: dict, pl: dict, ranks: int) -> dict:
-    """The simulator's inputs from the calibration run (see the module docstring; docs/simulator.md)."""
+    """The simulator's inputs from the calibration run (see the module docstring; docs/simulator.md).
+
+    Shares are CPU share per rank relative to a full-speed host with its starting ranks (1): on the lab
+    every host's processes share one machine, each host's as a group (so a host that takes a rank
+    gives each of its ranks less), and the slowed host has a quota."""
     (pm, rm, dst), (pk, _rk) = pl["calib_move"], pl["calib_kill"]
     slow = pl["slow"]
-    start = {r: rank_host(r, pl["per_host"], pl["hosts"]) for r in range(ranks)}
+    per = pl["per_host"]
+    start = {r: rank_host(r, per, pl["hosts"]) for r in range(ranks)}
 
     def comp(r: int, host: str, lo: int, hi: int) -> float:
         return _median([s["compute_s"] for s in cal["samples"] if s["rank"] == r and s["host"] == host
@@ -251,33 +256,64 @@ def calibrate(cal: dict, pl: dict, ranks: int) -> dict:
     before = {r: comp(r, start[r], *a) for r in range(ranks)}
     after = {r: comp(r, dst if r == rm else start[r], *b) for r in range(ranks)}
     work = {r: before[r] for r in range(ranks) if start[r] != slow}
-    work[rm] = after[rm]                           # the moved rank's work, measured on a full-speed host
+    # the destination with one rank more: its ranks' share, from those that were there before
+    s_dst = _median([before[r] / after[r] for r in range(ranks) if start[r] == dst], f"the ranks of {dst}")
+    work[rm] = after[rm] * s_dst                   # the moved rank's work, measured on the destination
     s_full = work[rm] / before[rm]                 # the slowed host's share per rank with all its ranks
     stay = [r for r in range(ranks) if start[r] == slow and r != rm]
     for r in stay:
         work[r] = before[r] * s_full               # its ranks had the same share before the move
     s_less = _median([work[r] / after[r] for r in stay], "the slowed host after the move") if stay else s_full
-    t_a = step_time(cal["epochs"], a[0], pm)
-    t_b = step_time(cal["epochs"], pm + 1, pk)
-    over_a = t_a - max(before.values())
-    over_b = t_b - max(after.values())
+    t_a = step_time(cal["epochs"], a[0], pm - 1)
+    t_b = step_time(cal["epochs"], b[0], pk - 1)
+    share_a = {r: s_full if start[r] == slow else 1.0 for r in range(ranks)}
+    share_b = {r: s_dst if (r == rm or start[r] == dst) else s_less if start[r] == slow else 1.0
+               for r in range(ranks)}
+    over_a = overhead_work(work, share_a, t_a)
+    over_b = overhead_work(work, share_b, t_b)
     state = int(_median([s["state_bytes"] for s in cal["samples"] if s["state_bytes"]], "the state size"))
-    n_slow = pl["per_host"]
+    cap = (per + 1) * s_dst                        # the destination's capacity, in full-speed ranks
     return {
         "work_s": [work[r] for r in range(ranks)],
-        "slow_host": slow, "slow_speed_by_n": {n_slow: s_full, n_slow - 1: s_less},
-        "overhead_s": (over_a + over_b) / 2, "overhead_before_s": over_a, "overhead_after_s": over_b,
+        "slow_host": slow, "slow_speed_by_n": {per: s_full, per - 1: s_less},
+        "dst_host": dst, "dst_speed_by_n": {per: 1.0, **{n: min(1.0, cap / n) for n in range(per + 1, 3 * per + 1)}},
+        "overhead_work_s": (over_a + over_b) / 2, "overhead_work_before_s": over_a, "overhead_work_after_s": over_b,
         "step_before_s": t_a, "step_after_s": t_b, "state_bytes": state,
         "move_downtime_s": cal["moves"][0]["downtime_s"], "recovery_s": cal["recovery_s"],
-        "other_hosts_after_over_before": {
-            h: statistics.median([before[r] / after[r] for r in range(ranks) if start[r] == h])
-            for h in pl["hosts"] if h != slow},
+        "reference_compute_s": reference_compute(cal, pl, ranks),
     }
 
 
+def overhead_work(work: dict, share: dict, step: float) -> float:
+    """The CPU work per point at full speed beyond the compute (safe point, metering, checkpoints, halos)
+    that makes max over ranks of (work + it) / share equal to the measured time per point."""
+    lo, hi = 0.0, step * max(share.values())
+    if max(work[r] / share[r] for r in work) >= step:
+        return 0.0
+    for _ in range(60):                  # bisection: the max is increasing in the overhead
+        mid = (lo + hi) / 2
+        if max((work[r] + mid) / share[r] for r in work) < step:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def reference_compute(run: dict, pl: dict, ranks: int) -> float:
+    """The median compute time per point of the ranks on the reference hosts (neither slowed nor taking
+    moved ranks: their ranks and their share stay the same all run): how fast the machine was."""
+    ref = [h for h in pl["hosts"] if h not in (pl["slow"], pl["hosts"][-1])]
+    xs = [s["compute_s"] for s in run["samples"] if s["host"] in ref and s["points"] >= WARMUP_POINTS
+          and rank_host(s["rank"], pl["per_host"], pl["hosts"]) in ref]
+    return _median(xs, f"the reference hosts {', '.join(ref)}")
+
+
 # -- the simulator's side -------------------------------------------------------------------------
-def simulate(cfg, pl: dict, cal: dict, seed: int) -> dict:
-    """The scenario in the simulator with the calibration applied; its three metrics."""
+def simulate(cfg, pl: dict, cal: dict, seed: int, machine: float = 1.0) -> dict:
+    """The scenario in the simulator with the calibration applied; its three metrics.
+
+    ``machine``: how much slower the machine ran the validation than the calibration (the reference
+    hosts' compute time per point, validation / calibration); every time calibrated is scaled by it."""
     from .engine import Simulation
     sim = Simulation(cfg, pl["policy"], "stop-and-copy", seed)
     cl = sim.cluster
@@ -285,21 +321,24 @@ def simulate(cfg, pl: dict, cal: dict, seed: int) -> dict:
     spares = cfg.values["lab"]["spares"]
     for name, h in cl.hosts.items():
         h.speed = 1.0
-        h.cores = max(h.cores, len(h.ranks) + spares + 2)      # full-speed hosts: no limit of their own
+        h.cores = max(h.cores, len(h.ranks) + spares + 2)      # shares come from speed_by_n and speed
         h.spares = spares if name == pl["hosts"][-1] else 0
     cl.hosts[pl["slow"]].speed_by_n = {int(n): s for n, s in cal["slow_speed_by_n"].items()}
+    cl.hosts[cal["dst_host"]].speed_by_n = {int(n): s for n, s in cal["dst_speed_by_n"].items()}
     for r in job.ranks:
-        r.work = r.base_work = cal["work_s"][r.rank]
+        r.work = r.base_work = machine * (cal["work_s"][r.rank] + cal["overhead_work_s"])
         r.state_bytes = cal["state_bytes"]
-        r.peers = {}                       # halos and safe points are in the overhead
+        r.peers = {}                       # halos are in the overhead
         r.dirty_rate = 0.0
     for r in job.ranks:                    # re-place: rss and caches follow the new sizes
         cl.place(job, r, r.host)
-    job.ckpt_s = 0.0                       # checkpoints are in the overhead too (measured per point)
-    job.overhead_s = cal["overhead_s"]
+    job.ckpt_s = 0.0                       # checkpoints too (measured per point)
     bw = sim.sp.copy_bw or cl.hosts[pl["hosts"][-1]].net_bw
-    sim.sp.freeze_s = max(0.0, cal["move_downtime_s"] - cal["state_bytes"] / bw)
-    sim.fp.online_s = max(0.0, cal["recovery_s"] - cal["state_bytes"] / sim.fp.buddy_bw)
+    # the calibration's move went to a host with its starting ranks (share 1): its downtime is the freeze
+    # at full share; a move to a busier host takes longer (docs/simulator.md, "Validation against the lab")
+    sim.sp.freeze_s = max(0.0, machine * cal["move_downtime_s"] - cal["state_bytes"] / bw)
+    sim.sp.freeze_cpu_bound = True
+    sim.fp.online_s = max(0.0, machine * cal["recovery_s"] - cal["state_bytes"] / sim.fp.buddy_bw)
     cl.refresh(job, 0.0)
     o = sim.run()
     j = o.jobs[0]
@@ -307,7 +346,7 @@ def simulate(cfg, pl: dict, cal: dict, seed: int) -> dict:
     rec = [f.recovery_s for f in o.failures]
     return {"time_to_solution_s": (j.finish_t - j.started) if j.finish_t is not None else None,
             "move_downtimes_s": downs, "move_downtime_s": statistics.median(downs) if downs else None,
-            "recoveries_s": rec, "recovery_s": rec[0] if rec else None,
+            "recoveries_s": rec, "recovery_s": rec[0] if rec else None, "machine": machine,
             "moves": [{"t": m.t, "rank": m.rank, "from": m.src, "to": m.dst} for m in o.moves if m.done],
             "failures": [{"t": f.t, "how": f.how, "lost_points": f.lost_points} for f in o.failures],
             "freeze_s": sim.sp.freeze_s, "online_s": sim.fp.online_s}
@@ -389,10 +428,14 @@ def validate(path: str, seed: int | None = None, work_dir: str | None = None, ca
     downs = [m["downtime_s"] for m in real["moves"] if m["downtime_s"] is not None]
     real_m = {"time_to_solution_s": real["time_s"], "move_downtime_s": statistics.median(downs) if downs else None,
               "move_downtimes_s": downs, "recovery_s": real["recovery_s"]}
-    simd = simulate(cfg, pl, cal, cfg.values["scenario"]["seed"] if seed is None else seed)
+    sd = cfg.values["scenario"]["seed"] if seed is None else seed
+    machine = reference_compute(real, pl, cfg.values["jobs"]["ranks"]) / cal["reference_compute_s"]
+    simd = simulate(cfg, pl, cal, sd, machine)
     rows = compare(real_m, simd, lab_v["bound"])
+    raw = simulate(cfg, pl, cal, sd)                # the same without the machine's change of speed
     out.update({"calibration_run": cal_run, "calibration": cal, "validation_run": real, "real": real_m,
-                "simulated": simd, "metrics": rows, "ok": all(r["within"] for r in rows)})
+                "machine": machine, "simulated": simd, "metrics": rows, "ok": all(r["within"] for r in rows),
+                "simulated_uncorrected": raw, "metrics_uncorrected": compare(real_m, raw, lab_v["bound"])})
     return out
 
 
