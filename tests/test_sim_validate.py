@@ -83,7 +83,7 @@ def test_calibration_from_a_run_record():
     killed at 45. Figures chosen so that the arithmetic can be followed by hand."""
     pl = validate.plan(load("lab-validate")[0])
     before = {0: 0.20, 1: 0.16, 2: 0.50, 3: 0.60, 4: 0.12, 5: 0.13}     # s per point, points 3..19
-    after = {0: 0.21, 1: 0.17, 2: 0.125, 3: 0.30, 4: 0.14, 5: 0.15}    # points 23..44, rank 2 on h3
+    after = {0: 0.21, 1: 0.17, 2: 0.15, 3: 0.30, 4: 0.15, 5: 0.1625}   # points 23..44, rank 2 on h3
     host0 = {0: "h1", 1: "h1", 2: "h2", 3: "h2", 4: "h3", 5: "h3"}
     samples = []
     for p in range(1, 45):
@@ -98,16 +98,29 @@ def test_calibration_from_a_run_record():
     epochs = [(p, 100 + 0.7 * p) for p in (5, 10, 15, 20)] + [(p, 114 + 0.45 * (p - 20)) for p in (25, 30, 35, 40)]
     run = {"samples": samples, "epochs": epochs, "moves": [{"downtime_s": 1.5}], "recovery_s": 0.8}
     cal = validate.calibrate(run, pl, 6)
-    # rank 2's work is its compute on h3 after the move; the slowed host gave it 0.125 / 0.5 of a full host;
-    # rank 3 had that share too (work 0.6 x 0.25 = 0.15), and alone on h2 it computes 0.30 s: share 0.5
-    assert cal["work_s"] == pytest.approx([0.20, 0.16, 0.125, 0.15, 0.12, 0.13])
-    assert cal["slow_speed_by_n"] == pytest.approx({2: 0.25, 1: 0.5})
-    # overhead = step time - the slowest rank's compute: 0.7 - 0.6 before, 0.45 - 0.30 after
-    assert cal["overhead_before_s"] == pytest.approx(0.1) and cal["overhead_after_s"] == pytest.approx(0.15)
-    assert cal["overhead_s"] == pytest.approx(0.125)
+    # h3's ranks computed 0.12 -> 0.15 and 0.13 -> 0.1625 with rank 2 there too: share 0.8 with 3 ranks;
+    # rank 2's work is then 0.15 x 0.8 = 0.12, and the slowed host gave it 0.12 / 0.5 = 0.24 of a full
+    # host; rank 3 had that share too (work 0.6 x 0.24 = 0.144), alone on h2 it computes 0.30 s: share 0.48
+    assert cal["work_s"] == pytest.approx([0.20, 0.16, 0.12, 0.144, 0.12, 0.13])
+    assert cal["slow_speed_by_n"] == pytest.approx({2: 0.24, 1: 0.48})
+    # h3 as a capacity of 3 x 0.8 = 2.4 full-speed ranks
+    assert cal["dst_speed_by_n"] == pytest.approx({2: 1.0, 3: 0.8, 4: 0.6, 5: 0.48, 6: 0.4})
+    # the overhead is CPU work at the rank's share: the slowest before is rank 3, (0.144 + o) / 0.24 = 0.7;
+    # after it is rank 3 alone on h2, (0.144 + o) / 0.48 = 0.45
+    assert cal["overhead_work_before_s"] == pytest.approx(0.024)
+    assert cal["overhead_work_after_s"] == pytest.approx(0.072)
+    assert cal["overhead_work_s"] == pytest.approx(0.048)
     assert cal["move_downtime_s"] == 1.5 and cal["recovery_s"] == 0.8 and cal["state_bytes"] == 1000
-    # the simulator with it: 20 points at 0.6 + 0.125, then ... (just its downtime and recovery here)
+    assert cal["reference_compute_s"] == pytest.approx(0.2)      # h1's ranks, the median of every report
+    # the simulator with it: the first move at 20 points of (0.144 + 0.048) / 0.24 = 0.8 s; it goes to h3
+    # with its 2 ranks (share 1: the calibrated downtime), the second to h3 with 3 (share 0.8: 1.5 / 0.8)
     sim = validate.simulate(load("lab-validate")[0], pl, cal, 1)
-    assert sim["move_downtimes_s"] == pytest.approx([1.5, 1.5], rel=1e-3)
+    assert sim["moves"][0]["t"] == pytest.approx(20 * 0.8)
+    assert sim["move_downtimes_s"] == pytest.approx([1.5, 1.5 / 0.8], rel=1e-3)
     assert sim["recoveries_s"] == pytest.approx([0.8], rel=1e-3)
-    assert sim["moves"][0]["t"] == pytest.approx(20 * (0.6 + 0.125))
+    # a machine 1.25x slower in the validation run: every calibrated time 1.25x
+    slower = validate.simulate(load("lab-validate")[0], pl, cal, 1, machine=1.25)
+    assert slower["moves"][0]["t"] == pytest.approx(1.25 * 20 * 0.8)
+    assert slower["move_downtimes_s"] == pytest.approx([1.25 * 1.5, 1.25 * 1.5 / 0.8], rel=1e-3)
+    assert slower["recoveries_s"] == pytest.approx([1.25 * 0.8], rel=1e-3)
+    assert slower["time_to_solution_s"] == pytest.approx(1.25 * sim["time_to_solution_s"], rel=1e-3)
