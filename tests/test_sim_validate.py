@@ -112,15 +112,15 @@ def test_calibration_from_a_run_record():
     assert cal["overhead_work_s"] == pytest.approx(0.048)
     assert cal["move_downtime_s"] == 1.5 and cal["recovery_s"] == 0.8 and cal["state_bytes"] == 1000
     assert cal["reference_compute_s"] == pytest.approx(0.2)      # h1's ranks, the median of every report
-    # the simulator with it: the first move at 20 points of (0.144 + 0.048) / 0.24 = 0.8 s; it goes to h3
-    # with its 2 ranks (share 1: the calibrated downtime), the second to h3 with 3 (share 0.8: 1.5 / 0.8)
+    # the simulator with it: the first move at 20 points of (0.144 + 0.048) / 0.24 = 0.8 s; each move's
+    # downtime is the calibrated one (a state of 1000 bytes copies in a microsecond)
     sim = validate.simulate(load("lab-validate")[0], pl, cal, 1)
     assert sim["moves"][0]["t"] == pytest.approx(20 * 0.8)
-    assert sim["move_downtimes_s"] == pytest.approx([1.5, 1.5 / 0.8], rel=1e-3)
+    assert sim["move_downtimes_s"] == pytest.approx([1.5, 1.5], rel=1e-3)
     assert sim["recoveries_s"] == pytest.approx([0.8], rel=1e-3)
     # a machine 1.25x slower in the validation run: every calibrated time 1.25x
     slower = validate.simulate(load("lab-validate")[0], pl, cal, 1, machine=1.25)
     assert slower["moves"][0]["t"] == pytest.approx(1.25 * 20 * 0.8)
-    assert slower["move_downtimes_s"] == pytest.approx([1.25 * 1.5, 1.25 * 1.5 / 0.8], rel=1e-3)
+    assert slower["move_downtimes_s"] == pytest.approx([1.25 * 1.5, 1.25 * 1.5], rel=1e-3)
     assert slower["recoveries_s"] == pytest.approx([1.25 * 0.8], rel=1e-3)
     assert slower["time_to_solution_s"] == pytest.approx(1.25 * sim["time_to_solution_s"], rel=1e-3)

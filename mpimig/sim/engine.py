@@ -236,8 +236,7 @@ class Simulation:
             self.storage_users += 1
         bw = min(src.net_bw, dst.net_bw)
         timing = move_timing(strategy, r.state_bytes, r.dirty_rate, bw, spare, self.sp,
-                             step_s=job.step_s, storage_users=self.storage_users if fs else 1,
-                             dst_share=dst.share())
+                             step_s=job.step_s, storage_users=self.storage_users if fs else 1)
         rec = MoveRecord(t=self.env.now, job=job.id, rank=r.rank, src=r.host, dst=d.to, strategy=strategy,
                          state_bytes=r.state_bytes, dirty_rate=r.dirty_rate, bw=bw, spare=spare,
                          step_s=job.step_s, storage_users=self.storage_users if fs else 1, timing=timing,

@@ -54,9 +54,6 @@ class StrategyParams:
     fault_s: float = 50e-6          # one demand fetch of a page (demand-paging: a userfaultfd round trip)
     storage_write_bw: float = 0.41e9    # effective, file-server 1 GiB: 4.9-5.6 s for write + read
     storage_read_bw: float = 0.41e9
-    # the freeze is CPU work on the target's host: it takes freeze_s / the CPU share a rank gets there
-    # (calibrated on the lab, whose hosts share one machine: mpimig/sim/validate.py); False: a constant
-    freeze_cpu_bound: bool = False
 
     @classmethod
     def from_bench_json(cls, path: str) -> StrategyParams:
@@ -110,15 +107,9 @@ def precopy_rounds(state: int, dirty: float, bw: float, step_s: float, p: Strate
 
 
 def move_timing(strategy: str, state: int, dirty: float, bw: float, spare: bool,
-                p: StrategyParams, step_s: float = 0.0, storage_users: int = 1,
-                dst_share: float = 1.0) -> MoveTiming:
-    """The time and bytes of moving one rank with ``strategy`` (see the module's docstring).
-
-    ``dst_share``: the CPU share per rank on the target host when the move starts (used only with
-    ``p.freeze_cpu_bound``)."""
+                p: StrategyParams, step_s: float = 0.0, storage_users: int = 1) -> MoveTiming:
+    """The time and bytes of moving one rank with ``strategy`` (see the module's docstring)."""
     bw = p.copy_bw or bw
-    if p.freeze_cpu_bound:
-        p = dataclasses.replace(p, freeze_s=p.freeze_s / max(dst_share, 1e-9))
     spawn = 0.0 if spare else p.spawn_s
     if strategy == "stop-and-copy":
         down = p.freeze_s + state / bw

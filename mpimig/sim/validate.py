@@ -334,10 +334,7 @@ def simulate(cfg, pl: dict, cal: dict, seed: int, machine: float = 1.0) -> dict:
         cl.place(job, r, r.host)
     job.ckpt_s = 0.0                       # checkpoints too (measured per point)
     bw = sim.sp.copy_bw or cl.hosts[pl["hosts"][-1]].net_bw
-    # the calibration's move went to a host with its starting ranks (share 1): its downtime is the freeze
-    # at full share; a move to a busier host takes longer (docs/simulator.md, "Validation against the lab")
     sim.sp.freeze_s = max(0.0, machine * cal["move_downtime_s"] - cal["state_bytes"] / bw)
-    sim.sp.freeze_cpu_bound = True
     sim.fp.online_s = max(0.0, machine * cal["recovery_s"] - cal["state_bytes"] / sim.fp.buddy_bw)
     cl.refresh(job, 0.0)
     o = sim.run()
