@@ -7,20 +7,22 @@ One command runs a small scenario both ways and compares them:
    points, one operator move off the slowed host (``calib_move``) and one killed rank
    (``calib_kill``, ``--ft``). It gives every figure the simulator is calibrated with:
    each rank's compute time per point on a full-speed host (its *work*), the slowed host's
-   CPU share per rank with two ranks and with one (before and after the move), the time per
-   point beyond the slowest rank's compute (safe points, checkpoints, halos: the *overhead*),
-   that move's downtime and that recovery's time.
+   CPU share per rank with two ranks and with one (before and after the move), the spares'
+   host's share with one rank more, the CPU work per point beyond the compute (safe points,
+   checkpoints, halos: the *overhead*), that move's downtime and that recovery's time.
 2. **Validation run** (real, on the lab): the scenario itself (``jobs.points`` points, its
    ``[[events]]``: operator moves and a killed rank at given points, its first policy).
-3. **The simulator**: the same scenario, calibrated from run 1 only.
+3. **The simulator**: the same scenario, calibrated from run 1, every time scaled by one factor:
+   how much slower the machine (shared) computed in run 2 than in run 1, from the runtime's
+   metering of the ranks on the reference hosts (never slowed, never joined by a moved rank).
 4. **The comparison**, per metric: time to solution (first ``started`` to ``finished`` in
    ``events.jsonl``; the simulator's makespan), per-move downtime (median over the moves;
    the runtime's ``migrated`` events) and recovery time (kill -> the job runs again:
    ``mpimig inject``'s ``recover_s``; the simulator's stop for the recovery): real, simulated,
    relative error |sim - real| / real, and whether within ``[lab] bound`` (the goal: 15%).
 
-Nothing of run 2 feeds the simulator: the figures compared are never the figures calibrated
-from (docs/simulator.md, "Validation against the lab").
+Apart from that factor nothing of run 2 feeds the simulator: the figures compared are never the
+figures calibrated from (docs/simulator.md, "Validation against the lab").
 
 Layout (as ``mpimig bench balance``): hosts h1..hN, ``jobs.ranks / jobs.hosts_per_job`` ranks per
 host in blocks, the coordinator on h1, ``[lab] spares`` warm spares on the last host. Moves and
