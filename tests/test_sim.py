@@ -116,6 +116,41 @@ def test_policy_none_makes_no_moves_where_greedy_does():
     assert greedy["makespan_s"] < none["makespan_s"]          # moving off the slowed host pays here
 
 
+def test_load_imbalance_is_across_hosts_not_ranks():
+    """Issue 13 means imbalance between hosts: a hot rank beside a light one on one host, two medium
+    ranks on the other, is no imbalance (both hosts 2.5 s of compute per point); three even ranks
+    on one host of two cores and one on another is (3 s per core against 1 s)."""
+    from mpimig.sim.model import Cluster, Host, Job, Rank
+
+    def job_of(works: list[float], hosts: list[str]) -> tuple[Cluster, Job]:
+        cl = Cluster([Host(name="h1", cores=2), Host(name="h2", cores=2)])
+        ranks = [Rank(rank=i, host="", work=w, base_work=w, state_bytes=MiB, dirty_rate=0.0)
+                 for i, w in enumerate(works)]
+        job = Job(id=0, ranks=ranks, total=10, ckpt_every=5, ckpt_s=0.0, alloc=["h1", "h2"])
+        cl.jobs[0] = job
+        for r, h in zip(ranks, hosts):
+            cl.place(job, r, h)
+        cl.refresh(job, 0.0)
+        return cl, job
+
+    cl, job = job_of([2.0, 0.5, 1.25, 1.25], ["h1", "h1", "h2", "h2"])
+    assert cl.imbalance(job) == pytest.approx(1.0)
+    assert cl.rank_imbalance(job) == pytest.approx(2.0 / 1.25)        # the ranks are uneven
+    # three ranks share h1's two cores: each computes 1.5 s per point; h1 = 4.5 s / 2 cores, h2 = 1 s / 2
+    cl, job = job_of([1.0, 1.0, 1.0, 1.0], ["h1", "h1", "h1", "h2"])
+    assert cl.host_loads(job) == pytest.approx({"h1": 2.25, "h2": 0.5})
+    assert cl.imbalance(job) == pytest.approx(2.25 / ((2.25 + 0.5) / 2))
+    # a run reports the host figure: 6 even ranks, 2 per host, h2 at half speed: h2's load is twice
+    # the others' (2 x 0.2 s against 2 x 0.1 s per point), max/mean = 0.2 / (0.4 / 3) = 1.5 every round
+    slowed = {"scenario": {"horizon_s": 1000, "policies": ["none"], "balance_every_s": 5},
+              "cluster": {"hosts": 3, "cores": 2, "slow_hosts": ["h2"], "slow_speed": 0.5},
+              "jobs": {"ranks": 6, "hosts_per_job": 3, "points": 200, "work_s": 0.1, "comm": "none"}}
+    o, row = run(slowed, "none")
+    assert len(o.imbalance) >= 5
+    assert [x for _, x in o.imbalance] == pytest.approx([1.5] * len(o.imbalance))
+    assert row["imbalance_mean"] == pytest.approx(1.5)
+
+
 def test_a_drain_empties_the_drained_hosts():
     raw = {
         "scenario": {"name": "d", "horizon_s": 900, "policies": ["none"], "balance_every_s": 10},

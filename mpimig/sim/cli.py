@@ -2,6 +2,15 @@
 
 Prints one table (docs/simulator.md explains the columns), a progress bar on
 stderr, and with ``--out DIR`` writes results.json and PNG plots there.
+
+``mpimig simulate --validate [SCENARIO]`` (default the shipped ``lab-validate``)
+runs a small scenario for real on the lab (root; brought up with its hosts if
+none is up) and in the simulator, calibrated from a separate calibration run on
+the lab, and prints per metric (time to solution, per-move downtime, recovery
+time) the real and simulated figures, the relative error and whether it is
+within the scenario's bound (``[lab] bound``, 15%); exit status 1 if one is not.
+``--json`` prints everything as JSON, ``--out DIR`` writes DIR/validation.json
+(docs/simulator.md, "Validation against the lab"; mpimig/sim/validate.py).
 """
 from __future__ import annotations
 
@@ -91,6 +100,11 @@ def run_scenario(path: str, seed: int | None = None, progress: Progress | None =
 
 
 def main(args) -> int:
+    if args.validate:
+        from .validate import main as validate_main
+        return validate_main(args)
+    if args.work_dir or args.calibration:
+        raise UsageError("--work-dir and --calibration go with --validate")
     from .report import plots, table, write_json
     from .scenario import SCENARIO_DIR, load, shipped_names
     if args.list:
@@ -138,5 +152,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--strategy", action="append", metavar="NAME",
                    help="run this strategy instead of the scenario's (repeatable; auto = the policy's choice)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    v = p.add_argument_group("validation against the lab (root)")
+    v.add_argument("--validate", action="store_true",
+                   help="run SCENARIO (default lab-validate) for real on the lab and in the simulator calibrated "
+                        "from a separate calibration run; print real vs simulated per metric, exit 1 if one is "
+                        "outside the scenario's bound")
+    v.add_argument("--work-dir", metavar="DIR", help="with --validate: keep the real runs' job directories here")
+    v.add_argument("--calibration", metavar="FILE",
+                   help="with --validate: take the calibration run from this validation.json instead of running it")
     p.set_defaults(func=main)
     return p

@@ -65,7 +65,7 @@ class Outcome:
     jobs: list[Job]
     moves: list[MoveRecord]
     failures: list[FailureRecord]
-    imbalance: list[tuple[float, float]]      # (t, mean over running jobs of max/mean compute time)
+    imbalance: list[tuple[float, float]]      # (t, a job's load imbalance across hosts: Cluster.imbalance)
     decisions: int
     no_moves: dict[str, int]
     host_down_s: float
@@ -202,10 +202,9 @@ class Simulation:
     def _decide(self, job: Job) -> None:
         cl = self.cluster
         now = self.env.now
-        imb = cl.imbalance(job)
-        self.imbalance.append((now, imb))
+        self.imbalance.append((now, cl.imbalance(job)))
         draining = any(cl.hosts[r.host].draining for r in job.ranks)
-        if not draining and imb < self.cfg.decide_above_imbalance:
+        if not draining and cl.rank_imbalance(job) < self.cfg.decide_above_imbalance:
             return
         balancer = self.balancers[job.id]
         snap = cl.snapshot(job, now, self.in_flight[job.id], tuple(sorted(self.drain)))
@@ -390,28 +389,52 @@ class Simulation:
     # --- the scenario's timed events ------------------------------------------------------------
     def _timed_events(self):
         env = self.env
-        cl = self.cluster
-        for ev in sorted(self.cfg.events, key=lambda e: e.at_s):
+        for ev in self.cfg.events:
+            if ev.at_point >= 0:
+                env.process(self._at_point(ev))
+        for ev in sorted((e for e in self.cfg.events if e.at_point < 0), key=lambda e: e.at_s):
             yield env.timeout(max(0.0, ev.at_s - env.now))
-            if ev.kind == "slow":
-                for name in ev.hosts:
-                    cl.hosts[name].speed = ev.value
-                for j in cl.jobs_on(ev.hosts):
-                    cl.refresh(cl.jobs[j], env.now)
-            elif ev.kind == "kill-rank":
-                self._rank_failure(cl.jobs[ev.job], ev.rank, "rank")
-            elif ev.kind == "kill-host":
-                for name in ev.hosts:
-                    if cl.hosts[name].alive:
-                        self.host_failure(name, "host")
-            elif ev.kind == "drain":
-                self._start_drain(ev)
-            elif ev.kind == "move":
-                job = cl.jobs[ev.job]
-                if not job.done:
-                    self._start_move(job, Decision(move=True, reason="operator", rank=ev.rank, to=ev.hosts[0],
-                                                   strategy=self.strategy if self.strategy != "auto"
-                                                   else "stop-and-copy"), "operator")
+            self._fire(ev)
+
+    def _at_point(self, ev):
+        """Wait until job ``ev.job`` first reaches point ``ev.at_point``. Its speed may change meanwhile, so
+        it looks at most one point ahead: the event fires within a point of when it is due (on time
+        when the job only slows down or stops)."""
+        env = self.env
+        job = self.cluster.jobs[ev.job]
+        while True:
+            job.settle(env.now)
+            if job.done:
+                return
+            if job.p >= ev.at_point - 1e-9:
+                break
+            left = ev.at_point - job.p
+            t = job._time_at_run(env.now, min(left, 1.0) * job.step_s) if job.running else env.now + 1.0
+            yield env.timeout(max(t - env.now, 1e-9))
+        self._fire(ev)
+
+    def _fire(self, ev) -> None:
+        env = self.env
+        cl = self.cluster
+        if ev.kind == "slow":
+            for name in ev.hosts:
+                cl.hosts[name].speed = ev.value
+            for j in cl.jobs_on(ev.hosts):
+                cl.refresh(cl.jobs[j], env.now)
+        elif ev.kind == "kill-rank":
+            self._rank_failure(cl.jobs[ev.job], ev.rank, "rank")
+        elif ev.kind == "kill-host":
+            for name in ev.hosts:
+                if cl.hosts[name].alive:
+                    self.host_failure(name, "host")
+        elif ev.kind == "drain":
+            self._start_drain(ev)
+        elif ev.kind == "move":
+            job = cl.jobs[ev.job]
+            if not job.done:
+                self._start_move(job, Decision(move=True, reason="operator", rank=ev.rank, to=ev.hosts[0],
+                                               strategy=self.strategy if self.strategy != "auto"
+                                               else "stop-and-copy"), "operator")
 
     def _start_drain(self, ev) -> None:
         cl = self.cluster

@@ -37,9 +37,14 @@ class Host:
     rss: int = 0                # resident bytes of the ranks placed here
     down_since: float = 0.0
     down_s: float = 0.0         # total time dead, for availability
+    # measured share per rank by the number of ranks placed here (calibrated from a real run, e.g. a
+    # CPU quota shared by the host's ranks); counts not in it use the formula of ``share``
+    speed_by_n: dict = dataclasses.field(default_factory=dict)
 
     def share(self) -> float:
         """CPU seconds per wall second that each rank placed here gets."""
+        if self.speed_by_n and len(self.ranks) in self.speed_by_n:
+            return self.speed_by_n[len(self.ranks)]
         n = len(self.ranks) + self.external_load
         return self.speed * (1.0 if n <= self.cores else self.cores / n)
 
@@ -73,6 +78,8 @@ class Job:
     alloc: list[str]            # hosts of its allocation (ranks may move between them)
     weight: float = 1.0
     comm_latency_s: float = 2e-6
+    overhead_s: float = 0.0     # per point beyond the slowest rank's compute + communication (safe point,
+    #                             metering; calibrated from a real run: mpimig/sim/validate.py)
     mem_bw: float = 8e9         # bytes/s between ranks on one host
     # progress
     p: float = 0.0              # points done (what survives)
@@ -230,7 +237,7 @@ class Cluster:
         (and caches each rank's compute and communication time for the snapshot)."""
         job.comp = comp = self.compute_times(job)
         job.comm = comm = self.comm_times(job)
-        return max(c + m for c, m in zip(comp, comm)) + job.ckpt_s / job.ckpt_every
+        return max(c + m for c, m in zip(comp, comm)) + job.ckpt_s / job.ckpt_every + job.overhead_s
 
     def refresh(self, job: Job, now: float) -> None:
         """Settle ``job`` at its old speed and compute the new one (after anything changed)."""
@@ -241,11 +248,29 @@ class Cluster:
     def jobs_on(self, hosts) -> set[int]:
         return {j for h in hosts for j, _ in self.hosts[h].ranks}
 
-    def imbalance(self, job: Job) -> float:
-        """max / mean of the ranks' compute time per point (1 = balanced), as of the last refresh."""
+    def rank_imbalance(self, job: Job) -> float:
+        """max / mean of the ranks' compute time per point (1 = even), as of the last refresh.
+
+        What ``scenario.decide_above_imbalance`` compares: a hot or slowed rank is something a
+        policy might fix, even when its host's total load equals the others'."""
         comp = job.comp
         mean = sum(comp) / len(comp)
         return max(comp) / mean if mean > 0 else 1.0
+
+    def host_loads(self, job: Job) -> dict[str, float]:
+        """Per host holding ranks of ``job``: its load, the runtime's ``load_s`` (the sum of its ranks'
+        compute seconds per point, mpimig/balance/driver.py) per core of the host (as of the last refresh)."""
+        loads: dict[str, float] = {}
+        for r, c in zip(job.ranks, job.comp):
+            loads[r.host] = loads.get(r.host, 0.0) + c
+        return {h: x / max(self.hosts[h].cores, 1) for h, x in loads.items()}
+
+    def imbalance(self, job: Job) -> float:
+        """Load imbalance across hosts: max / mean of :meth:`host_loads` over the hosts that hold
+        ranks of ``job`` (1 = every host equally loaded; empty hosts of the allocation do not count)."""
+        loads = list(self.host_loads(job).values())
+        mean = sum(loads) / len(loads) if loads else 0.0
+        return max(loads) / mean if mean > 0 else 1.0
 
     def snapshot(self, job: Job, now: float, in_flight: int, drain: tuple[str, ...] = ()) -> Snapshot:
         """What the runtime's coordinator would report for ``job`` at ``now``.

@@ -3,8 +3,9 @@
 Per policy x strategy (and sweep point): makespan (the last job's end; the
 horizon if some job is unfinished), mean slowdown (a job's elapsed time over its
 ideal: its points at the time per point it would have alone on full-speed hosts,
-no moves, no failures), load imbalance (max/mean of the ranks' compute time per
-point, averaged over the decision rounds), moves and bytes moved, the downtime
+no moves, no failures), load imbalance across hosts (max/mean over the hosts that
+hold a job's ranks of their load: the sum of their ranks' compute time per point
+per core; averaged over the decision rounds), moves and bytes moved, the downtime
 of moves (median, 95th percentile, max) and of recoveries, the work lost to
 failures (CPU core-hours of the points rolled back), and availability (the
 jobs' time not stopped by moves or recoveries, over their elapsed time; and the
@@ -151,7 +152,7 @@ def plots(outcomes: list[tuple[dict, Outcome]], out: Path, title: str) -> list[P
         ys = [sums[b] / cnt[b] for b in range(nb) if cnt[b]]
         ax.plot(xs, ys, label=lab, lw=1)
     ax.set_xlabel("simulated time (h)")
-    ax.set_ylabel("load imbalance (max/mean compute per point)")
+    ax.set_ylabel("load imbalance across hosts (max/mean host load)")
     ax.set_title(f"{title}: load imbalance over time")
     ax.legend(fontsize=6, ncol=2, loc="upper right")
     files.append(_save(fig, out / "imbalance.png", plt))

@@ -104,10 +104,24 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "min_points": (int, 3, "nonneg", "no move before every rank has passed this many points"),
         "min_gain": (float, 0.05, "nonneg", "a move must cut the step time by this fraction"),
     },
+    "lab": {               # only for mpimig simulate --validate (mpimig/sim/validate.py): the real run
+        "app": (str, "drift", ("drift", "heat2d"), "the program (mpimig.apps), run with --steps jobs.points"),
+        "app_args": (list, [], None, "its arguments besides --steps and --out"),
+        "slow_factor": (float, 0.5, "pos", "mpimig lab slow FACTOR of cluster.slow_hosts"),
+        "spares": (int, 3, "nonneg", "warm spares, on the last host"),
+        "metrics_seconds": (float, 0.5, "pos", "mpimig run --metrics-seconds"),
+        "balance_seconds": (float, 1.0, "pos", "mpimig run --balance-seconds"),
+        "calib_points": (int, 60, "pos", "the calibration run's points"),
+        "calib_move": (str, "20:2:h3", None, "its operator move POINT:RANK:HOST (off a slowed host)"),
+        "calib_kill": (str, "45:5", None, "its killed rank POINT:RANK"),
+        "bound": (float, 0.15, "pos", "the goal: |simulated - real| / real per metric"),
+        "timeout_s": (float, 300.0, "pos", "per real run"),
+    },
     "sweep": {},           # "section.key" = [values]
 }
 EVENT_KEYS: dict[str, tuple] = {
-    "at_s": (float, None, "nonneg", "when"),
+    "at_s": (float, None, "nonneg", "when (seconds; or at_point)"),
+    "at_point": (int, -1, None, "when job's progress first reaches this point (instead of at_s)"),
     "slow": (float, 0.0, "pos", "set the hosts' speed"),
     "hosts": (list, [], None, "host names"),
     "kill_rank": (int, -1, None, "kill this rank (of job)"),
@@ -122,7 +136,7 @@ EVENT_KEYS: dict[str, tuple] = {
 
 @dataclasses.dataclass
 class Event:
-    at_s: float
+    at_s: float          # when, or -1 with at_point
     kind: str            # slow | kill-rank | kill-host | drain | move
     hosts: list = dataclasses.field(default_factory=list)
     value: float = 0.0
@@ -130,6 +144,7 @@ class Event:
     rank: int = -1
     fraction: float = 0.0
     duration_s: float = 0.0
+    at_point: int = -1   # >= 0: when job ``job`` first reaches this point (as mpimig run --migrate STEP:...)
 
 
 @dataclasses.dataclass
@@ -250,12 +265,15 @@ def _events(raw: list, values: dict) -> list[Event]:
         bad = sorted(set(e) - set(EVENT_KEYS))
         if bad:
             raise ScenarioError(f"{where}.{bad[0]}: unknown key (known: {', '.join(EVENT_KEYS)})")
-        if "at_s" not in e:
-            raise ScenarioError(f"{where}.at_s: missing (when the event happens)")
+        if ("at_s" in e) == ("at_point" in e):
+            raise ScenarioError(f"{where}.at_s: give exactly one of at_s, at_point (when the event happens)")
         v: dict[str, Any] = {k: _check(where, k, spec, e[k]) if k in e else copy.copy(spec[1])
                              for k, spec in EVENT_KEYS.items()}
+        if "at_point" in e and not 0 <= v["at_point"] < values["jobs"]["points"]:
+            raise ScenarioError(f"{where}.at_point: {v['at_point']} is not a point of the job "
+                                f"(0 .. {values['jobs']['points'] - 1})")
         kinds = [k for k in ("slow", "kill_rank", "kill_host", "drain", "drain_fraction", "move_rank")
-                 if (k in e and e[k] not in (False, -1))]
+                 if k in e and e[k] is not False and not (type(e[k]) is int and e[k] == -1)]   # rank 0 is not False
         if len(kinds) != 1:
             raise ScenarioError(f"{where}: give exactly one of slow, kill_rank, kill_host, drain, drain_fraction, "
                                 f"move_rank (got {', '.join(kinds) or 'none'})")
@@ -272,7 +290,8 @@ def _events(raw: list, values: dict) -> list[Event]:
             if not 0 <= v[kind] < values["jobs"]["ranks"]:
                 raise ScenarioError(f"{where}.{kind}: {v[kind]} is not a rank (0 .. {values['jobs']['ranks'] - 1})")
         out.append(Event(
-            at_s=v["at_s"], hosts=list(v["hosts"]), value=v["slow"], job=v["job"], duration_s=v["duration_s"],
+            at_s=-1.0 if v["at_s"] is None else v["at_s"], at_point=v["at_point"], hosts=list(v["hosts"]),
+            value=v["slow"], job=v["job"], duration_s=v["duration_s"],
             kind={"slow": "slow", "kill_rank": "kill-rank", "kill_host": "kill-host", "drain": "drain",
                   "drain_fraction": "drain", "move_rank": "move"}[kind],
             rank=v["kill_rank"] if kind == "kill_rank" else v["move_rank"], fraction=v["drain_fraction"]))

@@ -1,0 +1,470 @@
+"""``mpimig simulate --validate SCENARIO``: the simulator against real runs on the lab (issue 13, item 5).
+
+One command runs a small scenario both ways and compares them:
+
+1. **Calibration run** (real, on the lab): ``mpimig inject`` of the scenario's app with policy
+   ``none`` (metering on), the scenario's slowed host (``mpimig lab slow``), ``[lab] calib_points``
+   points, one operator move off the slowed host (``calib_move``) and one killed rank
+   (``calib_kill``, ``--ft``). It gives every figure the simulator is calibrated with:
+   each rank's compute time per point on a full-speed host (its *work*), the slowed host's
+   CPU share per rank with two ranks and with one (before and after the move), the spares'
+   host's share with one rank more, the CPU work per point beyond the compute (safe points,
+   checkpoints, halos: the *overhead*), that move's downtime and that recovery's time.
+2. **Validation run** (real, on the lab): the scenario itself (``jobs.points`` points, its
+   ``[[events]]``: operator moves and a killed rank at given points, its first policy).
+3. **The simulator**: the same scenario, calibrated from run 1 only. (The JSON also has the
+   comparison with every time scaled by how much slower the ranks of the reference hosts, never
+   slowed nor joined by a moved rank, computed in run 2 than in run 1: information, not the verdict.)
+4. **The comparison**, per metric: time to solution (first ``started`` to ``finished`` in
+   ``events.jsonl``; the simulator's makespan), per-move downtime (median over the moves;
+   the runtime's ``migrated`` events) and recovery time (kill -> the job runs again:
+   ``mpimig inject``'s ``recover_s``; the simulator's stop for the recovery): real, simulated,
+   relative error |sim - real| / real, and whether within ``[lab] bound`` (the goal: 15%).
+
+Nothing of run 2 feeds the simulator: the figures compared are never the figures calibrated
+from (docs/simulator.md, "Validation against the lab").
+
+Layout (as ``mpimig bench balance``): hosts h1..hN, ``jobs.ranks / jobs.hosts_per_job`` ranks per
+host in blocks, the coordinator on h1, ``[lab] spares`` warm spares on the last host. Moves and
+recoveries go to those spares: Open MPI's spawn onto another lab host is unreliable (PLATFORM.md,
+"Spawn onto another host"), so the scenario must move ranks only to the last host.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+
+METRICS = ("time_to_solution_s", "move_downtime_s", "recovery_s")
+LABELS = {"time_to_solution_s": "time to solution", "move_downtime_s": "per-move downtime (median)",
+          "recovery_s": "recovery time"}
+WARMUP_POINTS = 3          # a rank's first points include its start-up: not calibrated from
+SETTLE_POINTS = 3          # points after a move before its host's speeds count again
+
+
+class ValidationError(UsageError):
+    """The scenario cannot be validated as written, or a real run did not give what is needed."""
+
+
+# -- the scenario's real side ---------------------------------------------------------------------
+def plan(cfg) -> dict:
+    """What the real runs do, from the scenario: hosts spec, moves, kill, the calibration's events."""
+    c, j, lab = cfg.values["cluster"], cfg.values["jobs"], cfg.values["lab"]
+    hosts = [f"h{i}" for i in range(1, c["hosts"] + 1)]
+    if j["count"] != 1 or j["hosts_per_job"] != c["hosts"] or j["extra_hosts"]:
+        raise ValidationError("a validation scenario has one job on every host (jobs.count = 1, "
+                              "jobs.hosts_per_job = cluster.hosts, jobs.extra_hosts = 0)")
+    if j["ranks"] % c["hosts"]:
+        raise ValidationError(f"jobs.ranks {j['ranks']} must be a multiple of cluster.hosts {c['hosts']}")
+    if len(c["slow_hosts"]) != 1 or c["slow_hosts"][0] in (hosts[0], hosts[-1]):
+        raise ValidationError("a validation scenario slows exactly one host, not the first (the coordinator's) "
+                              f"nor the last (the spares'): cluster.slow_hosts = {c['slow_hosts']}")
+    per = j["ranks"] // c["hosts"]
+    slots = {h: per for h in hosts}
+    slots[hosts[0]] += 1
+    slots[hosts[-1]] += lab["spares"]
+    moves, kills = [], []
+    for i, ev in enumerate(cfg.events):
+        if ev.at_point < 0:
+            raise ValidationError(f"events[{i}]: a validation scenario's events are at_point (the real run's "
+                                  "--migrate STEP and --kill rank:R@point:P)")
+        if ev.kind == "move":
+            if ev.hosts[0] != hosts[-1]:
+                raise ValidationError(f"events[{i}]: moves go to the spares' host {hosts[-1]} (a spawn onto "
+                                      "another lab host is unreliable with Open MPI: PLATFORM.md)")
+            moves.append((ev.at_point, ev.rank, ev.hosts[0]))
+        elif ev.kind == "kill-rank":
+            kills.append((ev.at_point, ev.rank))
+        else:
+            raise ValidationError(f"events[{i}]: a validation scenario has moves and killed ranks only, not {ev.kind}")
+    if len(kills) != 1 or not moves:
+        raise ValidationError("a validation scenario has one killed rank and at least one move "
+                              f"(found {len(kills)} kills, {len(moves)} moves)")
+    if len(moves) + 1 > lab["spares"]:
+        raise ValidationError(f"lab.spares {lab['spares']}: the moves and the recovery need {len(moves) + 1}")
+    cal_move, cal_kill = parse_calib(lab["calib_move"], lab["calib_kill"], lab["calib_points"], j["ranks"])
+    slow = c["slow_hosts"][0]
+    if rank_host(cal_move[1], per, hosts) != slow or cal_move[2] != hosts[-1]:
+        raise ValidationError(f"lab.calib_move {lab['calib_move']!r}: the calibration moves a rank of the slowed host "
+                              f"{slow} to {hosts[-1]}")
+    if not cal_move[0] + 2 * cfg.values["jobs"]["ckpt_every"] <= cal_kill[0]:
+        raise ValidationError("lab.calib_kill: at least two checkpoint intervals after lab.calib_move (the "
+                              "calibration measures the speeds in between)")
+    for r in (kills[0][1], cal_kill[1]):
+        if rank_host(r, per, hosts) != hosts[-1]:
+            raise ValidationError(f"killed rank {r}: kill a rank of {hosts[-1]} (its replacement, a spare there, "
+                                  "runs on the same host)")
+    return {"hosts": hosts, "per_host": per, "slow": slow, "spec": ",".join(f"{h}:{slots[h]}" for h in hosts),
+            "moves": moves, "kill": kills[0], "calib_move": cal_move, "calib_kill": cal_kill,
+            "policy": cfg.values["scenario"]["policies"][0]}
+
+
+def parse_calib(move: str, kill: str, points: int, ranks: int) -> tuple[tuple[int, int, str], tuple[int, int]]:
+    try:
+        mp, mr, mh = move.split(":")
+        kp, kr = kill.split(":")
+        m = (int(mp), int(mr), mh)
+        k = (int(kp), int(kr))
+    except ValueError:
+        raise ValidationError(f"lab.calib_move {move!r} / lab.calib_kill {kill!r}: expected POINT:RANK:HOST and "
+                              "POINT:RANK") from None
+    for p, r in ((m[0], m[1]), k):
+        if not (WARMUP_POINTS + 2 <= p < points and 0 <= r < ranks):
+            raise ValidationError(f"lab.calib_move / calib_kill: point {p} or rank {r} out of range "
+                                  f"(points {WARMUP_POINTS + 2}..{points - 1}, ranks 0..{ranks - 1})")
+    return m, k
+
+
+def rank_host(rank: int, per: int, hosts: list[str]) -> str:
+    """Where rank ``rank`` starts: blocks of ``per`` consecutive ranks per host (as the simulator builds)."""
+    return hosts[rank // per]
+
+
+def app_args(cfg, points: int) -> list[str]:
+    return [str(a) for a in cfg.values["lab"]["app_args"]] + ["--steps", str(points)]
+
+
+def real_run(name: str, cfg, pl: dict, root: Path, points: int, moves: list, kill: tuple, policy: str,
+             say=print) -> dict:
+    """One real run on the lab through ``mpimig inject``; what it measured (see the module docstring)."""
+    from .. import apps, events
+    from ..bench.balance import job_span
+    lab = cfg.values["lab"]
+    job = root / name
+    report = job / "inject"
+    shutil.rmtree(job, ignore_errors=True)
+    cmd = [sys.executable, "-m", "mpimig", "inject", "--kill", f"rank:{kill[1]}@point:{kill[0]}",
+           "--report", str(report), "--reference-dir", str(root / "ref"),
+           "--experiment-timeout", str(lab["timeout_s"]),
+           "-n", str(cfg.values["jobs"]["ranks"]), "--hosts", pl["spec"], "--spares", str(lab["spares"]), "--ft",
+           "--ckpt-every", str(cfg.values["jobs"]["ckpt_every"]), "--policy", policy,
+           "--metrics-seconds", str(lab["metrics_seconds"]), "--balance-seconds", str(lab["balance_seconds"]),
+           *sum((["--migrate", f"{p}:{r}:{h}:stop-and-copy"] for p, r, h in moves), []),
+           "--job-dir", str(job), str(apps.path(lab["app"])), *app_args(cfg, points), "--out", "{job}/out.npy"]
+    env = dict(os.environ)
+    env.setdefault("OMPI_MCA_btl", "^ofi")
+    env.setdefault("OMPI_MCA_coll", "^han")
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    say(f"validate: {name} run: {points} points, moves {moves}, kill rank {kill[1]} at point {kill[0]}, "
+        f"policy {policy} (load avg {os.getloadavg()[0]:.1f})")
+    t0 = time.time()
+    job.mkdir(parents=True, exist_ok=True)
+    with open(job.parent / f"{name}.out", "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            samples = sample_ranks(proc, job, 0.2)
+            proc.wait(timeout=lab["timeout_s"] + 120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+    rec: dict[str, Any] = {"name": name, "command": cmd, "job_dir": str(job), "command_s": time.time() - t0,
+                           "loadavg": os.getloadavg()[0], "points": points, "samples": samples}
+    try:
+        rep = json.loads((report / "report.json").read_text())
+    except (OSError, ValueError) as exc:
+        tail = (job.parent / f"{name}.out").read_text()[-2000:]
+        raise ValidationError(f"the {name} run left no report ({exc}); its output ends:\n{tail}") from None
+    evs = events.read(job)
+    rec["ok"] = bool(rep.get("ok"))
+    rec["verified"] = rep.get("verified")
+    fault = (rep.get("faults") or [{}])[0]
+    rec["recovery_s"] = fault.get("recover_s")
+    rec["recovery"] = {k: fault.get(k) for k in ("path", "detect_s", "recover_s", "resume_s", "failed_point",
+                                                 "restored_point", "restore")}
+    rec["time_s"] = job_span(job)
+    rec["moves"] = [{"t": e["t"], "rank": e.get("rank"), "to": e.get("to"), "downtime_s": e.get("downtime")}
+                    for e in evs if e["event"] == "migrated"]
+    rec["epochs"] = [(e["point"], e["t"]) for e in evs if e["event"] == "epoch" and e.get("run_id")
+                     and isinstance(e.get("point"), int)]
+    rec["started_t"] = next((e["t"] for e in evs if e["event"] == "started"), None)
+    rec["recovered_t"] = next((e["t"] for e in evs if e["event"] == "recovered"), None)
+    if not rec["ok"] or rec["time_s"] is None:
+        raise ValidationError(f"the {name} run did not complete, survive its fault and match its --serial reference "
+                              f"(see {report / 'report.json'} and {job.parent / f'{name}.out'})")
+    if len(rec["moves"]) != len(moves) or rec["recovery_s"] is None:
+        raise ValidationError(f"the {name} run made {len(rec['moves'])} of {len(moves)} moves and recovered "
+                              f"{'no' if rec['recovery_s'] is None else 'one'} killed rank ({job})")
+    return rec
+
+
+def sample_ranks(proc: subprocess.Popen, job: Path, every: float) -> list[dict]:
+    """Every rank's latest metric report (host, points passed, compute and communication per point)
+    from the coordinator's status.json, read every ``every`` seconds while the job runs."""
+    out: list[dict] = []
+    seen: set = set()
+    while proc.poll() is None:
+        try:
+            st = json.loads((job / "status.json").read_text())
+        except (OSError, ValueError):
+            st = None
+        for r in ((st or {}).get("balance") or {}).get("ranks", []):
+            key = (r.get("rank"), r.get("host"), r.get("points"))
+            if r.get("points") and key not in seen and r.get("compute_s") is not None:
+                seen.add(key)
+                out.append({"rank": r["rank"], "host": r["host"], "points": r["points"],
+                            "compute_s": r["compute_s"], "comm_s": r.get("comm_s", 0.0),
+                            "state_bytes": r.get("state_bytes", 0)})
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=every)
+    return out
+
+
+# -- calibration ----------------------------------------------------------------------------------
+def _median(xs: list[float], what: str) -> float:
+    if not xs:
+        raise ValidationError(f"the calibration run has no metric reports for {what} (run longer: lab.calib_points, "
+                              "or report more often: lab.metrics_seconds)")
+    return statistics.median(xs)
+
+
+def step_time(epochs: list[tuple[int, float]], lo: int, hi: int) -> float:
+    """Seconds per point between the first epoch at or after ``lo`` and the last at or before ``hi``."""
+    inside = sorted((p, t) for p, t in epochs if lo <= p <= hi)
+    if len(inside) < 2 or inside[-1][0] == inside[0][0]:
+        raise ValidationError(f"the calibration run has fewer than two epochs between points {lo} and {hi}")
+    return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+
+
+def calibrate(cal: dict, pl: dict, ranks: int) -> dict:
+    """The simulator's inputs from the calibration run (see the module docstring; docs/simulator.md).
+
+    Shares are CPU share per rank relative to a full-speed host with its starting ranks (1): on the lab
+    every host's processes share one machine, each host's as a group (so a host that takes a rank
+    gives each of its ranks less), and the slowed host has a quota."""
+    (pm, rm, dst), (pk, _rk) = pl["calib_move"], pl["calib_kill"]
+    slow = pl["slow"]
+    per = pl["per_host"]
+    start = {r: rank_host(r, per, pl["hosts"]) for r in range(ranks)}
+
+    def comp(r: int, host: str, lo: int, hi: int) -> float:
+        return _median([s["compute_s"] for s in cal["samples"] if s["rank"] == r and s["host"] == host
+                        and lo <= s["points"] <= hi], f"rank {r} on {host}, points {lo}..{hi}")
+
+    a = (WARMUP_POINTS, pm - 1)                    # before the move: the starting placement
+    b = (pm + SETTLE_POINTS, pk - 1)               # after it, before the kill
+    before = {r: comp(r, start[r], *a) for r in range(ranks)}
+    after = {r: comp(r, dst if r == rm else start[r], *b) for r in range(ranks)}
+    work = {r: before[r] for r in range(ranks) if start[r] != slow}
+    # the destination with one rank more: its ranks' share, from those that were there before
+    s_dst = _median([before[r] / after[r] for r in range(ranks) if start[r] == dst], f"the ranks of {dst}")
+    work[rm] = after[rm] * s_dst                   # the moved rank's work, measured on the destination
+    s_full = work[rm] / before[rm]                 # the slowed host's share per rank with all its ranks
+    stay = [r for r in range(ranks) if start[r] == slow and r != rm]
+    for r in stay:
+        work[r] = before[r] * s_full               # its ranks had the same share before the move
+    s_less = _median([work[r] / after[r] for r in stay], "the slowed host after the move") if stay else s_full
+    t_a = step_time(cal["epochs"], a[0], pm - 1)
+    t_b = step_time(cal["epochs"], b[0], pk - 1)
+    share_a = {r: s_full if start[r] == slow else 1.0 for r in range(ranks)}
+    share_b = {r: s_dst if (r == rm or start[r] == dst) else s_less if start[r] == slow else 1.0
+               for r in range(ranks)}
+    over_a = overhead_work(work, share_a, t_a)
+    over_b = overhead_work(work, share_b, t_b)
+    state = int(_median([s["state_bytes"] for s in cal["samples"] if s["state_bytes"]], "the state size"))
+    cap = (per + 1) * s_dst                        # the destination's capacity, in full-speed ranks
+    return {
+        "work_s": [work[r] for r in range(ranks)],
+        "slow_host": slow, "slow_speed_by_n": {per: s_full, per - 1: s_less},
+        "dst_host": dst, "dst_speed_by_n": {per: 1.0, **{n: min(1.0, cap / n) for n in range(per + 1, 3 * per + 1)}},
+        "overhead_work_s": (over_a + over_b) / 2, "overhead_work_before_s": over_a, "overhead_work_after_s": over_b,
+        "step_before_s": t_a, "step_after_s": t_b, "state_bytes": state,
+        "move_downtime_s": cal["moves"][0]["downtime_s"], "recovery_s": cal["recovery_s"],
+        "reference_compute_s": reference_compute(cal, pl, ranks),
+    }
+
+
+def overhead_work(work: dict, share: dict, step: float) -> float:
+    """The CPU work per point at full speed beyond the compute (safe point, metering, checkpoints, halos)
+    that makes max over ranks of (work + it) / share equal to the measured time per point."""
+    lo, hi = 0.0, step * max(share.values())
+    if max(work[r] / share[r] for r in work) >= step:
+        return 0.0
+    for _ in range(60):                  # bisection: the max is increasing in the overhead
+        mid = (lo + hi) / 2
+        if max((work[r] + mid) / share[r] for r in work) < step:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def reference_compute(run: dict, pl: dict, ranks: int) -> float:
+    """The median compute time per point of the ranks on the reference hosts (neither slowed nor taking
+    moved ranks: their ranks and their share stay the same all run): how fast the machine was."""
+    ref = [h for h in pl["hosts"] if h not in (pl["slow"], pl["hosts"][-1])]
+    xs = [s["compute_s"] for s in run["samples"] if s["host"] in ref and s["points"] >= WARMUP_POINTS
+          and rank_host(s["rank"], pl["per_host"], pl["hosts"]) in ref]
+    return _median(xs, f"the reference hosts {', '.join(ref)}")
+
+
+# -- the simulator's side -------------------------------------------------------------------------
+def simulate(cfg, pl: dict, cal: dict, seed: int, machine: float = 1.0) -> dict:
+    """The scenario in the simulator with the calibration applied; its three metrics.
+
+    ``machine``: how much slower the machine ran the validation than the calibration (the reference
+    hosts' compute time per point, validation / calibration); every time calibrated is scaled by it."""
+    from .engine import Simulation
+    sim = Simulation(cfg, pl["policy"], "stop-and-copy", seed)
+    cl = sim.cluster
+    job = cl.jobs[0]
+    spares = cfg.values["lab"]["spares"]
+    for name, h in cl.hosts.items():
+        h.speed = 1.0
+        h.cores = max(h.cores, len(h.ranks) + spares + 2)      # shares come from speed_by_n and speed
+        h.spares = spares if name == pl["hosts"][-1] else 0
+    cl.hosts[pl["slow"]].speed_by_n = {int(n): s for n, s in cal["slow_speed_by_n"].items()}
+    cl.hosts[cal["dst_host"]].speed_by_n = {int(n): s for n, s in cal["dst_speed_by_n"].items()}
+    for r in job.ranks:
+        r.work = r.base_work = machine * (cal["work_s"][r.rank] + cal["overhead_work_s"])
+        r.state_bytes = cal["state_bytes"]
+        r.peers = {}                       # halos are in the overhead
+        r.dirty_rate = 0.0
+    for r in job.ranks:                    # re-place: rss and caches follow the new sizes
+        cl.place(job, r, r.host)
+    job.ckpt_s = 0.0                       # checkpoints too (measured per point)
+    bw = sim.sp.copy_bw or cl.hosts[pl["hosts"][-1]].net_bw
+    sim.sp.freeze_s = max(0.0, machine * cal["move_downtime_s"] - cal["state_bytes"] / bw)
+    sim.fp.online_s = max(0.0, machine * cal["recovery_s"] - cal["state_bytes"] / sim.fp.buddy_bw)
+    cl.refresh(job, 0.0)
+    o = sim.run()
+    j = o.jobs[0]
+    downs = [m.timing.downtime_s for m in o.moves if m.done]
+    rec = [f.recovery_s for f in o.failures]
+    return {"time_to_solution_s": (j.finish_t - j.started) if j.finish_t is not None else None,
+            "move_downtimes_s": downs, "move_downtime_s": statistics.median(downs) if downs else None,
+            "recoveries_s": rec, "recovery_s": rec[0] if rec else None, "machine": machine,
+            "moves": [{"t": m.t, "rank": m.rank, "from": m.src, "to": m.dst} for m in o.moves if m.done],
+            "failures": [{"t": f.t, "how": f.how, "lost_points": f.lost_points} for f in o.failures],
+            "freeze_s": sim.sp.freeze_s, "online_s": sim.fp.online_s}
+
+
+def compare(real: dict, simd: dict, bound: float) -> list[dict]:
+    out = []
+    for m in METRICS:
+        r, s = real.get(m), simd.get(m)
+        err = abs(s - r) / r if (r and s is not None) else None
+        out.append({"metric": m, "label": LABELS[m], "real": r, "simulated": s, "error": err, "bound": bound,
+                    "within": err is not None and err <= bound})
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'metric':<28} {'real':>10} {'simulated':>10} {'error':>8}  within ±{rows[0]['bound']:.0%}"]
+    for r in rows:
+        def f(v):
+            return f"{v:10.3f}" if v is not None else f"{'-':>10}"
+        err = f"{r['error']:8.1%}" if r["error"] is not None else f"{'-':>8}"
+        lines.append(f"{r['label'] + ' (s)':<28} {f(r['real'])} {f(r['simulated'])} {err}  "
+                     f"{'yes' if r['within'] else 'NO'}")
+    return "\n".join(lines)
+
+
+# -- the command ----------------------------------------------------------------------------------
+def get_lab(n: int):
+    """The lab that is up (it stays up), or one brought up now with ``n`` hosts (taken down at the end)."""
+    from .. import lab as mlab
+    problem = mlab.capability_problem()
+    if problem:
+        raise ValidationError(f"mpimig simulate --validate runs on the lab: {problem}")
+    lab = mlab.current()
+    if lab is not None:
+        if len(lab.hosts) < n:
+            raise ValidationError(f"the scenario needs {n} lab hosts; the lab that is up has {len(lab.hosts)}")
+        return lab, False
+    print(f"validate: bringing the lab up ({n} hosts); it goes down again at the end", flush=True)
+    return mlab.up(n), True
+
+
+def validate(path: str, seed: int | None = None, work_dir: str | None = None, calibration: str | None = None,
+             say=print) -> dict:
+    """Run the scenario at ``path`` for real and in the simulator; the comparison (JSON-able)."""
+    from .. import lab as mlab
+    from ..lab import slow as lab_slow
+    from .scenario import load
+    cfgs = load(path)
+    if len(cfgs) != 1:
+        raise ValidationError(f"{path}: a validation scenario has no [sweep]")
+    cfg = cfgs[0]
+    pl = plan(cfg)
+    lab_v = cfg.values["lab"]
+    root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="mpimig-validate-"))
+    root.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {"scenario": cfg.name, "path": cfg.path, "argv": sys.argv, "work_dir": str(root),
+                           "plan": {k: v for k, v in pl.items()}, "bound": lab_v["bound"]}
+    lab, brought_up = get_lab(len(pl["hosts"]))
+    try:
+        info = lab_slow.slow(lab, pl["slow"], lab_v["slow_factor"])
+        say(lab_slow.describe(pl["slow"], info, lab))
+        try:
+            if calibration:
+                cal_run = json.loads(Path(calibration).read_text())["calibration_run"]
+                say(f"validate: calibration run read from {calibration}")
+            else:
+                cal_run = real_run("calibration", cfg, pl, root, lab_v["calib_points"],
+                                   [pl["calib_move"]], pl["calib_kill"], "none", say)
+            cal = calibrate(cal_run, pl, cfg.values["jobs"]["ranks"])
+            say("validate: calibrated: " + ", ".join(f"{k} {_fmt(v)}" for k, v in cal.items()))
+            real = real_run("validation", cfg, pl, root, cfg.values["jobs"]["points"], pl["moves"], pl["kill"],
+                            pl["policy"], say)
+        finally:
+            lab_slow.slow(lab, pl["slow"], 1.0)
+    finally:
+        if brought_up:
+            mlab.down()
+    downs = [m["downtime_s"] for m in real["moves"] if m["downtime_s"] is not None]
+    real_m = {"time_to_solution_s": real["time_s"], "move_downtime_s": statistics.median(downs) if downs else None,
+              "move_downtimes_s": downs, "recovery_s": real["recovery_s"]}
+    sd = cfg.values["scenario"]["seed"] if seed is None else seed
+    simd = simulate(cfg, pl, cal, sd)
+    rows = compare(real_m, simd, lab_v["bound"])
+    # for information, not the verdict: every time scaled by how much slower the reference host's ranks
+    # computed in the validation run (a biased yardstick on the lab: a host's share also changes when
+    # other hosts empty or fill; docs/simulator.md)
+    machine = reference_compute(real, pl, cfg.values["jobs"]["ranks"]) / cal["reference_compute_s"]
+    scaled = simulate(cfg, pl, cal, sd, machine)
+    out.update({"calibration_run": cal_run, "calibration": cal, "validation_run": real, "real": real_m,
+                "simulated": simd, "metrics": rows, "ok": all(r["within"] for r in rows),
+                "machine": machine, "simulated_machine_scaled": scaled,
+                "metrics_machine_scaled": compare(real_m, scaled, lab_v["bound"])})
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def main(args: argparse.Namespace) -> int:
+    """``mpimig simulate --validate``: print the comparison (or JSON); exit 1 if a metric is out of bounds."""
+    res = validate(args.scenario or "lab-validate", args.seed, args.work_dir, args.calibration,
+                   say=(lambda m: print(m, file=sys.stderr, flush=True)))
+    text = json.dumps(res, indent=1, default=str)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "validation.json").write_text(text)
+    if args.json:
+        print(text)
+    else:
+        print(f"scenario {res['scenario']}: real (lab) vs simulated, calibrated from a separate run")
+        print(table(res["metrics"]))
+        print(f"all within ±{res['bound']:.0%}: {'yes' if res['ok'] else 'NO'}")
+    return 0 if res["ok"] else 1

@@ -1,0 +1,126 @@
+"""The parts of ``mpimig simulate --validate`` that need no lab: events at a point, the checks of a
+validation scenario, and the calibration arithmetic on a run record (tests/test_sim_validate_lab.py
+runs the whole validation on the lab)."""
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+
+from mpimig.sim import validate
+from mpimig.sim.engine import Simulation
+from mpimig.sim.scenario import ScenarioError, configs, load
+
+
+def test_an_event_at_a_point_fires_when_the_job_reaches_it_even_after_a_slowdown():
+    raw = {"scenario": {"horizon_s": 100, "policies": ["none"], "strategies": ["stop-and-copy"]},
+           "cluster": {"hosts": 3, "cores": 2, "spares_per_host": 1},
+           "jobs": {"ranks": 4, "hosts_per_job": 2, "extra_hosts": 1, "points": 60, "work_s": 0.1, "state_mb": 0,
+                    "ckpt_every": 10, "comm": "none"},
+           "events": [{"at_s": 1.0, "slow": 0.5, "hosts": ["h1"]},
+                      {"at_point": 30, "move_rank": 0, "hosts": ["h3"]}]}
+    o = Simulation(configs(raw)[0], "none", "stop-and-copy", 1).run()
+    # a point: 0.1 s of work + a checkpoint of 10 ms every 10 points = 0.101 s; from 1 s, 0.201 s on h1
+    # at half speed: 1 / 0.101 points by 1 s, the rest of the 30 at 0.201 s each
+    done_by_1s = 1.0 / 0.101
+    assert [m.t for m in o.moves] == pytest.approx([1.0 + (30 - done_by_1s) * 0.201])
+
+
+@pytest.mark.parametrize("event, words", [
+    ({"at_s": 5, "at_point": 5, "kill_rank": 1}, "events[0].at_s: give exactly one of at_s, at_point"),
+    ({"kill_rank": 1}, "events[0].at_s: give exactly one of at_s, at_point"),
+    ({"at_point": 400, "kill_rank": 1}, "events[0].at_point: 400 is not a point of the job"),
+])
+def test_an_event_says_when_once(event, words):
+    raw = {"jobs": {"points": 100}, "events": [event]}
+    with pytest.raises(ScenarioError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        configs(raw)
+
+
+def lab_validate(**changes) -> dict:
+    """The shipped lab-validate scenario as a dict, with ``changes`` ({"events": [...]} or {"lab.key": v})."""
+    import tomllib
+    from mpimig.sim.scenario import resolve
+    raw = tomllib.loads(resolve("lab-validate").read_text())
+    raw = copy.deepcopy(raw)
+    for k, v in changes.items():
+        if "." in k:
+            sec, key = k.split(".")
+            raw[sec][key] = v
+        else:
+            raw[k] = v
+    return raw
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"events": [{"at_point": 20, "move_rank": 2, "hosts": ["h1"]}, {"at_point": 50, "kill_rank": 4}]},
+     "moves go to the spares' host h3"),
+    ({"events": [{"at_point": 20, "move_rank": 2, "hosts": ["h3"]}, {"at_point": 50, "kill_rank": 0}]},
+     "killed rank 0: kill a rank of h3"),
+    ({"events": [{"at_s": 20, "move_rank": 2, "hosts": ["h3"]}, {"at_point": 50, "kill_rank": 4}]},
+     "events[0]: a validation scenario's events are at_point"),
+    ({"events": [{"at_point": 20, "move_rank": 2, "hosts": ["h3"]}]}, "one killed rank and at least one move"),
+    ({"lab.calib_move": "20:0:h3"}, "the calibration moves a rank of the slowed host h2"),
+    ({"lab.calib_kill": "25:5"}, "at least two checkpoint intervals after lab.calib_move"),
+    ({"lab.spares": 2}, "lab.spares 2: the moves and the recovery need 3"),
+])
+def test_a_scenario_that_cannot_be_validated_says_why(changes, words):
+    with pytest.raises(validate.ValidationError, match=re.escape(words)):
+        validate.plan(configs(lab_validate(**changes))[0])
+
+
+def test_the_shipped_validation_scenario_plans_the_lab_layout():
+    pl = validate.plan(load("lab-validate")[0])
+    # coordinator + 2 ranks on h1, 2 ranks on the slowed h2, 2 ranks + 3 warm spares on h3
+    assert pl["spec"] == "h1:3,h2:2,h3:5"
+    assert pl["moves"] == [(20, 2, "h3"), (40, 3, "h3")] and pl["kill"] == (70, 4)
+    assert pl["calib_move"] == (20, 2, "h3") and pl["calib_kill"] == (45, 5)
+
+
+def test_calibration_from_a_run_record():
+    """Ranks 0, 1 on h1, 2, 3 on the slowed h2, 4, 5 on h3; rank 2 moves to h3 at point 20, rank 5 is
+    killed at 45. Figures chosen so that the arithmetic can be followed by hand."""
+    pl = validate.plan(load("lab-validate")[0])
+    before = {0: 0.20, 1: 0.16, 2: 0.50, 3: 0.60, 4: 0.12, 5: 0.13}     # s per point, points 3..19
+    after = {0: 0.21, 1: 0.17, 2: 0.15, 3: 0.30, 4: 0.15, 5: 0.1625}   # points 23..44, rank 2 on h3
+    host0 = {0: "h1", 1: "h1", 2: "h2", 3: "h2", 4: "h3", 5: "h3"}
+    samples = []
+    for p in range(1, 45):
+        for r in range(6):
+            if p < 20:
+                samples.append({"rank": r, "host": host0[r], "points": p, "compute_s": before[r] if p >= 3 else 9.0,
+                                "state_bytes": 1000})
+            elif p >= 21:
+                samples.append({"rank": r, "host": "h3" if r == 2 else host0[r], "points": p,
+                                "compute_s": after[r] if p >= 23 else 9.0, "state_bytes": 1000})
+    # epochs every 5 points: 0.7 s per point before the move, 0.45 s after
+    epochs = [(p, 100 + 0.7 * p) for p in (5, 10, 15, 20)] + [(p, 114 + 0.45 * (p - 20)) for p in (25, 30, 35, 40)]
+    run = {"samples": samples, "epochs": epochs, "moves": [{"downtime_s": 1.5}], "recovery_s": 0.8}
+    cal = validate.calibrate(run, pl, 6)
+    # h3's ranks computed 0.12 -> 0.15 and 0.13 -> 0.1625 with rank 2 there too: share 0.8 with 3 ranks;
+    # rank 2's work is then 0.15 x 0.8 = 0.12, and the slowed host gave it 0.12 / 0.5 = 0.24 of a full
+    # host; rank 3 had that share too (work 0.6 x 0.24 = 0.144), alone on h2 it computes 0.30 s: share 0.48
+    assert cal["work_s"] == pytest.approx([0.20, 0.16, 0.12, 0.144, 0.12, 0.13])
+    assert cal["slow_speed_by_n"] == pytest.approx({2: 0.24, 1: 0.48})
+    # h3 as a capacity of 3 x 0.8 = 2.4 full-speed ranks
+    assert cal["dst_speed_by_n"] == pytest.approx({2: 1.0, 3: 0.8, 4: 0.6, 5: 0.48, 6: 0.4})
+    # the overhead is CPU work at the rank's share: the slowest before is rank 3, (0.144 + o) / 0.24 = 0.7;
+    # after it is rank 3 alone on h2, (0.144 + o) / 0.48 = 0.45
+    assert cal["overhead_work_before_s"] == pytest.approx(0.024)
+    assert cal["overhead_work_after_s"] == pytest.approx(0.072)
+    assert cal["overhead_work_s"] == pytest.approx(0.048)
+    assert cal["move_downtime_s"] == 1.5 and cal["recovery_s"] == 0.8 and cal["state_bytes"] == 1000
+    assert cal["reference_compute_s"] == pytest.approx(0.2)      # h1's ranks, the median of every report
+    # the simulator with it: the first move at 20 points of (0.144 + 0.048) / 0.24 = 0.8 s; each move's
+    # downtime is the calibrated one (a state of 1000 bytes copies in a microsecond)
+    sim = validate.simulate(load("lab-validate")[0], pl, cal, 1)
+    assert sim["moves"][0]["t"] == pytest.approx(20 * 0.8)
+    assert sim["move_downtimes_s"] == pytest.approx([1.5, 1.5], rel=1e-3)
+    assert sim["recoveries_s"] == pytest.approx([0.8], rel=1e-3)
+    # a machine 1.25x slower in the validation run: every calibrated time 1.25x
+    slower = validate.simulate(load("lab-validate")[0], pl, cal, 1, machine=1.25)
+    assert slower["moves"][0]["t"] == pytest.approx(1.25 * 20 * 0.8)
+    assert slower["move_downtimes_s"] == pytest.approx([1.25 * 1.5, 1.25 * 1.5], rel=1e-3)
+    assert slower["recoveries_s"] == pytest.approx([1.25 * 0.8], rel=1e-3)
+    assert slower["time_to_solution_s"] == pytest.approx(1.25 * sim["time_to_solution_s"], rel=1e-3)
