@@ -1,6 +1,6 @@
 """The parts of ``mpimig simulate --validate`` that need no lab: events at a point, the checks of a
-validation scenario, and the calibration arithmetic on a run record (tests/test_sim_validate_lab.py
-runs the whole validation on the lab)."""
+validation scenario, and the calibration arithmetic on a run record (the whole validation on the lab
+is the command ``mpimig simulate --validate``: docs/simulator.md)."""
 from __future__ import annotations
 
 import copy
