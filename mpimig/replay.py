@@ -27,6 +27,8 @@ The layer sits on the communicator only until the resume point
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import logging
 import pickle
@@ -95,9 +97,20 @@ def _op_name(op: Any) -> str:
     return "user op"
 
 
+@functools.lru_cache(maxsize=None)
+def _method_signature(cls: type, name: str) -> inspect.Signature:
+    """The signature of ``cls.name``; for a method that passes ``*args, **kwargs`` straight to
+    MPI (mpimig.commapi), that of the mpi4py method of the same name, so arguments have names."""
+    sig = inspect.signature(getattr(cls, name))
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+        with contextlib.suppress(AttributeError, TypeError, ValueError):
+            sig = inspect.signature(getattr(MPI.Intracomm, name))
+    return sig
+
+
 def _params(comm: _comm.Comm, name: str, args: tuple, kwargs: dict) -> dict[str, Any]:
     """The call's arguments by name (defaults filled in)."""
-    sig = inspect.signature(getattr(type(comm), name))
+    sig = _method_signature(type(comm), name)
     bound = sig.bind(None, *args, **kwargs)
     bound.apply_defaults()
     out = dict(bound.arguments)
