@@ -18,20 +18,23 @@ from conftest import mpimig_cmd, run_cmd
 from mpimig.errors import UsageError
 from mpimig.verify import mpi4py_tests
 
-# Measured on 2 ranks (mpi4py 4.1.2, Open MPI 5.0.11, 2026-12-03), the same with and
-# without the migration: 132 tests in test_p2p_obj + test_cco_obj; 80 pass (66 of them
-# are COMM_SELF tests), 14 of the 66 tests that use the logical world pass.
-MEASURED = {"tests": 132, "pass": 80, "world": 66, "world_pass": 14}
+# Measured on 2 ranks (mpi4py 4.1.2, Open MPI 5.0.11, 2026-12-03, `mpimig conformance -n 2
+# --migrate --per-module`), the same with and without the migration: 50 tests in
+# test_p2p_obj_matched + test_cco_obj; 46 pass (26 of them COMM_SELF tests), 20 of the 24
+# tests that use the logical world pass. (test_p2p_obj has tests that hang on the logical
+# world, each costing the test timeout and a relaunch: too slow for CI.)
+MODULES = ["test_p2p_obj_matched", "test_cco_obj"]
+MEASURED = {"tests": 50, "pass": 46, "world": 24, "world_pass": 20}
 
 
-def test_p2p_cco_obj_on_two_ranks_with_and_without_a_migration(tmp_path):
+def test_p2p_matched_cco_obj_on_two_ranks_with_and_without_a_migration(tmp_path):
     out = tmp_path / "conf.json"
-    res = run_cmd(mpimig_cmd("conformance", "-n", 2, "--migrate", "--modules", "test_p2p_obj", "test_cco_obj",
+    res = run_cmd(mpimig_cmd("conformance", "-n", 2, "--migrate", "--modules", *MODULES,
                              "--test-timeout", 20, "--json", out, "--job-root", tmp_path / "jobs"), timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     rep = json.loads(out.read_text())
     assert rep["mpi4py"] in mpi4py_tests.PINNED
-    assert rep["modules"] == {m: ["test_p2p_obj", "test_cco_obj"] for m in ("plain", "migrate")}
+    assert {m: sorted(v) for m, v in rep["modules"].items()} == {m: sorted(MODULES) for m in ("plain", "migrate")}
     runs = {r["mode"]: r for r in rep["runs"]}
     assert sorted(runs) == ["migrate", "plain"] and all(r["n"] == 2 for r in runs.values())
     for mode, r in runs.items():
@@ -41,15 +44,18 @@ def test_p2p_cco_obj_on_two_ranks_with_and_without_a_migration(tmp_path):
         assert c["pass"] >= MEASURED["pass"] and c["world_pass"] >= MEASURED["world_pass"], (mode, c)
         assert sum(c[k] for k in ("pass", "skip", "fail", "error", "hang", "crash")) == c["tests"], (mode, c)
         # a world test called the logical Comm (the adapter's probe is a layer on it); the COMM_SELF ones did not
-        assert all(t["world"] == (".TestP2PObjWorld" in t["id"] or ".TestCCOObjWorld" in t["id"])
-                   for t in r["tests"]), mode
+        assert all(t["world"] == ("World" in t["id"].split(".")[1]) for t in r["tests"]), mode
     mig = runs["migrate"]
     assert mig["migrated"] is True
-    # the move happened at the safe point before the middle test: the second half ran on the new process
-    after = [i for i, t in enumerate(mig["tests"]) if t["migrated"]]
-    assert after == list(range(MEASURED["tests"] // 2, MEASURED["tests"])), after[:5]
+    # the move happened at the safe point before the middle test: from there the tests ran on
+    # the new process, up to the end or to a hang or crash (after which the job is launched
+    # again, on fresh processes, from the next test)
+    tests, mid = mig["tests"], MEASURED["tests"] // 2
+    after = [i for i, t in enumerate(tests) if t["migrated"]]
+    assert after and after == list(range(mid, after[-1] + 1)), after[:5]
+    assert after[-1] == len(tests) - 1 or any(t["outcome"] in ("hang", "crash") for t in tests[mid:after[-1] + 2])
     assert runs["plain"]["migrated"] is False and runs["plain"]["ran_after_migration"] == 0
-    assert "n=2 migrate" in res.stdout and "migrated: yes, 66 tests ran on the new process" in res.stdout
+    assert "n=2 migrate" in res.stdout and f"migrated: yes, {len(after)} tests ran on the new process" in res.stdout
 
 
 FORCED = '''

@@ -34,10 +34,14 @@ def reference_long(tmp_path_factory):
     return serial(tmp_path_factory, 60)
 
 
-def run_ft(tmp_path, *faults, spares=0, opts=(), steps=STEPS, work_ms=0):
+def run_ft(tmp_path, *faults, spares=0, opts=(), steps=STEPS, work_ms=0, raw=False):
+    """``raw``: start heat_kill.py as ``python heat_kill.py``, not through mpimig's bootstrap
+    (which joins the job before the program runs): a spawned target then arms its fault
+    at import, before it joins the migration."""
     job, out = tmp_path / "job", tmp_path / "out.npy"
+    prog = [sys.executable, KILL] if raw else [KILL]
     cmd = mpimig_cmd("run", "-n", 4, "--ft", *opts, "--ckpt-every", EVERY, "--spares", spares, "--job-dir", job,
-                     "--timeout", 150, KILL, *faults, "--n", N, "--steps", steps, "--work-ms", work_ms,
+                     "--timeout", 150, *prog, *faults, "--n", N, "--steps", steps, "--work-ms", work_ms,
                      "--out", out)
     res = run_cmd(cmd, timeout=180, env=base_env(), cwd=ROOT)
     events = [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines()]
@@ -142,7 +146,7 @@ def test_kill_during_a_migration(tmp_path, reference_long, who):
     # enough to reach the switch); the source dies before it sends its state, or the
     # target before it receives it. Every process recovers over the switch communicator.
     res, events, result, done = run_ft(tmp_path, "--kill-migrating", who, opts=("--migrate", "12:1:" + _host()),
-                                       steps=60, work_ms=40)
+                                       steps=60, work_ms=40, raw=True)
     assert f"killing the migration {who}" in res.stdout
     (rec,) = recovered(events)
     if who == "source":      # rank 1 is lost: its target (in J by now) takes it over as a spare

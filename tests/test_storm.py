@@ -236,7 +236,9 @@ if not os.environ.get("PMIX_NAMESPACE", "@1").endswith("@1"):
 
 def test_target_dying_before_mpi_init_does_not_hang_the_job(tmp_path):
     """MPI_Comm_spawn never returns when the spawned process exits before MPI_Init:
-    the coordinator's watchdog fails the job loudly instead of hanging."""
+    the coordinator's watchdog fails the job loudly instead of hanging. The program is
+    started as ``python ring_dies.py`` (not through mpimig's bootstrap, which joins the
+    job before the program runs), so that its hook runs before MPI_Init."""
     from mpimig.launch.launcher import mpi_flavour
     if mpi_flavour() != "openmpi":
         pytest.skip("the spawned-process test hook reads Open MPI's PMIx namespace")
@@ -244,7 +246,7 @@ def test_target_dying_before_mpi_init_does_not_hang_the_job(tmp_path):
     prog.write_text(DIES_IF_SPAWNED + (APPS / "ring.py").read_text())
     jd = tmp_path / "job"
     res = run_cmd(mpimig_cmd("run", "-n", 2, "--job-dir", jd, "--timeout", 20,
-                             "--migrate", f"3:1:{HOST}", prog, "--laps", 40, "--work-ms", 25),
+                             "--migrate", f"3:1:{HOST}", sys.executable, prog, "--laps", 40, "--work-ms", 25),
                   timeout=90, env=storm_env(MPIMIG_SPAWN_TIMEOUT=6))
     assert "dies before MPI_Init" in res.stderr          # the hook fired
     assert "did not start within 6 s" in res.stderr, res.stderr[-2000:]
