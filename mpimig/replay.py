@@ -97,7 +97,7 @@ def _op_name(op: Any) -> str:
     return "user op"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _method_signature(cls: type, name: str) -> inspect.Signature:
     """The signature of ``cls.name``; for a method that passes ``*args, **kwargs`` straight to
     MPI (mpimig.commapi), that of the mpi4py method of the same name, so arguments have names."""
