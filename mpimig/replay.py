@@ -28,7 +28,6 @@ The layer sits on the communicator only until the resume point
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import logging
 import pickle
@@ -97,14 +96,19 @@ def _op_name(op: Any) -> str:
     return "user op"
 
 
-@functools.cache
+_SIGNATURES: dict[tuple[type, str], inspect.Signature] = {}
+
+
 def _method_signature(cls: type, name: str) -> inspect.Signature:
     """The signature of ``cls.name``; for a method that passes ``*args, **kwargs`` straight to
     MPI (mpimig.commapi), that of the mpi4py method of the same name, so arguments have names."""
-    sig = inspect.signature(getattr(cls, name))
-    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
-        with contextlib.suppress(AttributeError, TypeError, ValueError):
-            sig = inspect.signature(getattr(MPI.Intracomm, name))
+    sig = _SIGNATURES.get((cls, name))
+    if sig is None:
+        sig = inspect.signature(getattr(cls, name))
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+            with contextlib.suppress(AttributeError, TypeError, ValueError):
+                sig = inspect.signature(getattr(MPI.Intracomm, name))
+        _SIGNATURES[(cls, name)] = sig
     return sig
 
 
