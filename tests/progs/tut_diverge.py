@@ -37,7 +37,7 @@ st = ctx.state(x=np.full(n, float(rank)), tally=Tally())
 for _ in ctx.range(12):
     st.tally.total += comm.allreduce(float(st.x.sum()))
     st.tally.rounds += 1
-    time.sleep(0.05)
+    time.sleep(0.05)   # stand-in for work per step, so the job outlasts a spawn; not synchronisation
 tallies = comm.gather(st.tally, root=0)
 if rank == 0:
     print(f"tut_diverge size={size} {tallies}", flush=True)
