@@ -210,6 +210,14 @@ def test_bench_metrics_smoke(tmp_path):
     assert len(data["runs"][0]["ratios"]) == 2      # on blocks 3 and 5 (1 is in the warm-up)
 
 
+def _sigint_default():
+    """In the child before exec: SIGINT as a terminal gives it. A suite started in the
+    background (``cmd &`` in a script) runs with SIGINT ignored, the child inherits that,
+    and Python then installs no KeyboardInterrupt handler: the watch would never see the
+    Ctrl-C (what failed a fresh-clone CI run started that way)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_status_watch_stops_cleanly_on_ctrl_c(tmp_path):
     """Ctrl-C ends `mpimig status --watch` with exit 0 and no traceback. The job is a
     control server that always answers "running" (the coordinator's own server class),
@@ -228,7 +236,7 @@ def test_status_watch_stops_cleanly_on_ctrl_c(tmp_path):
     t.start()
     watch = subprocess.Popen([str(c) for c in mpimig_cmd("status", tmp_path, "--watch", "--interval", 0.2)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env(),
-                             cwd=ROOT, start_new_session=True)
+                             cwd=ROOT, start_new_session=True, preexec_fn=_sigint_default)
     try:
         frames = [watch.stdout.readline() for _ in range(5)]     # two refreshes (3 lines each) are on screen
         os.kill(watch.pid, signal.SIGINT)
