@@ -66,6 +66,8 @@ TIMEOUTS: dict[str, tuple[str, float, str]] = {
     "finish": ("MPIMIG_FINISH_TIMEOUT", 120.0,
                "a rank that returned from main waits for every other rank to return"),
     "finalize": ("MPIMIG_FINALIZE_TIMEOUT", 10.0, "MPI_Finalize at the end of a process (its result is recorded)"),
+    "lost": ("MPIMIG_LOST_TIMEOUT", 30.0,
+             "mpimig run waits for mpiexec to end a job one of whose processes died (not --ft; launch.stuck)"),
 }
 
 GONE_GRACE = 5.0     # --ft: seconds a rank's pid may be gone before the coordinator ends the job
@@ -592,6 +594,11 @@ class FinishWatch:
         with contextlib.suppress(Exception):
             coord.write_status()
         abort(_real_world(), 1)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` (of this host) runs: not gone, not a zombie."""
+    return _pid_alive(pid)
 
 
 def _pid_alive(pid: int) -> bool:
