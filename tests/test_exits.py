@@ -161,6 +161,7 @@ def test_a_dead_rank_whose_output_another_process_holds_ends_the_job_within_the_
     try:
         res, job, evs = run_leave(tmp_path, "--how", "kill-held", "--held-pid", held, opts=("--coordinator",),
                                   MPIMIG_LOST_TIMEOUT=5)
+        holder = held.read_text()
     finally:
         if held.exists():            # the holder is stopped by its recorded pid, whatever happened
             with contextlib.suppress(ProcessLookupError, ValueError):
@@ -171,6 +172,8 @@ def test_a_dead_rank_whose_output_another_process_holds_ends_the_job_within_the_
     assert "mpiexec has not ended the job 5 s later (MPIMIG_LOST_TIMEOUT" in res.stderr, res.stderr[-3000:]
     stuck = [e for e in evs if e["event"] == "job_stuck"]
     assert stuck and "rank 2 (pid" in stuck[0]["who"] and stuck[0]["seconds"] == 5.0, stuck
+    # the event lists the job's processes still there: the holder among them
+    assert any(line.split()[0] == holder for line in stuck[0]["left"]), stuck
     lost = [e for e in evs if e["event"] == "job_lost"]
     assert "gone, and mpiexec did not end the job within 5.0 s (MPIMIG_LOST_TIMEOUT)" in lost[0]["reason"], lost
 

@@ -6,8 +6,11 @@ from the last committed epoch. But PRRTE (3.0.x, the Open MPI 5.0 wheel) counts 
 process as ended only when it has been reaped *and* its output pipes are closed:
 while anything else holds the dead process's stdout or stderr (a process it
 forked, ...), PRRTE neither reports the death nor stops the other processes, and
-they wait for the dead one for ever (issue 14: three chaos seeds in 183 hung until
-the launch's ``--timeout``; ``tests/test_exits.py`` shows the mechanism).
+they wait for the dead one for ever (``tests/test_exits.py`` shows it). Issue 14:
+three chaos seeds in 183 (53, 85, 128; no ``--ft``) hung after a rank was killed
+until the launch's ``--timeout``; what held them was not seen (not reproduced in
+a dozen runs of those scenarios), so the ``job_stuck`` event lists the run's
+processes still on this host (:func:`survivors`).
 
 :class:`GoneWatch` bounds that wait: ``mpimig run`` looks at the job's
 ``status.json`` (the coordinator's record of its own pid and of every logical
@@ -77,10 +80,31 @@ class GoneWatch:
         # all that are gone (seen in one look, their order is unknown: Open MPI may have
         # stopped the others after the first died)
         names = ", ".join(f"{w} (pid {p})" for p, w in sorted(gone.items(), key=lambda x: self.gone_since[x[0]]))
-        events.emit(self.job_dir, "job_stuck", self.run_id, who=names, pids=sorted(gone), seconds=self.bound)
+        events.emit(self.job_dir, "job_stuck", self.run_id, who=names, pids=sorted(gone), seconds=self.bound,
+                    left=survivors(self.run_id))
         return (f"{names} of this job {'is' if len(gone) == 1 else 'are'} gone, and mpiexec has not ended the "
                 f"job {self.bound:g} s later ({exits.TIMEOUTS['lost'][0]}; Open MPI waits for the dead "
                 f"process's output to close); stopping it")
+
+
+def survivors(run_id: str, limit: int = 40) -> list[str]:
+    """The processes of run ``run_id`` still on this host (``MPIMIG_RUN_ID`` in their
+    environment), as ``pid ppid state command``: what mpiexec is waiting for, e.g. a
+    process that holds a dead one's output. Best effort (only processes we may read)."""
+    want = f"MPIMIG_RUN_ID={run_id}".encode()
+    out: list[str] = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or len(out) >= limit:
+            continue
+        try:
+            if want not in (d / "environ").read_bytes().split(b"\0"):
+                continue
+            stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        out.append(f"{d.name} {stat[1]} {stat[0]} {cmd[:160]}")
+    return out
 
 
 def reason(job_dir: Path | None, run_id: str) -> str | None:
