@@ -196,7 +196,9 @@ def _wait(proc: subprocess.Popen, cfg: Config, timeout: float | None) -> int | N
     After failures, MPI_Finalize can hang and PRRTE can fail to notice that a
     job with spawned processes is over (ompi#11404; "LAUNCHER JOB OBJECT NOT
     FOUND"). The job's result is safe once its completion record is written,
-    so if mpiexec is still there EXIT_GRACE seconds later it is stopped.
+    so if mpiexec is still there EXIT_GRACE seconds later it is stopped. A job one of
+    whose processes died is stopped when mpiexec has not ended it ``MPIMIG_LOST_TIMEOUT``
+    seconds later (:mod:`.stuck`; not under --ft).
     """
     t0 = time.monotonic()
     done_at = None
