@@ -178,6 +178,45 @@ def test_a_dead_rank_whose_output_another_process_holds_ends_the_job_within_the_
     assert "gone, and mpiexec did not end the job within 5.0 s (MPIMIG_LOST_TIMEOUT)" in lost[0]["reason"], lost
 
 
+def test_the_lost_bound_fires_only_for_this_runs_processes_on_this_host(tmp_path, monkeypatch):
+    # mpimig/launch/stuck.py on real files and real pids: a process that has exited (reaped)
+    # and one that runs (this test). It must not stop a job for a pid of another run, of a
+    # finished job, of another host, nor under --ft; and only once the bound has passed.
+    from mpimig.launch.stuck import POLL, GoneWatch
+    monkeypatch.setenv("MPIMIG_LOST_TIMEOUT", "30")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    gone_pid, me, host = int(dead.stdout), os.getpid(), socket.gethostname()
+
+    def status(**kw):
+        st = {"run_id": "r1", "finished": False, "coordinator": {"host": host, "pid": me},
+              "routing": [{"rank": 0, "host": host, "pid": me}, {"rank": 1, "host": host, "pid": gone_pid}]}
+        st.update(kw)
+        (tmp_path / "status.json").write_text(json.dumps(st))
+
+    def fires(ft=False, run_id="r1"):
+        w = GoneWatch(tmp_path, run_id, ft)
+        first = w.stuck(0.0)
+        before = w.stuck(29.0)                  # gone, but not for 30 s yet
+        return first, before, w.stuck(30.0 + POLL)
+
+    status()
+    first, before, after = fires()
+    assert first is None and before is None and after is not None
+    assert after.startswith(f"rank 1 (pid {gone_pid}) of this job is gone, and mpiexec has not ended the job 30 s")
+    from mpimig import events
+    stuck = [e for e in events.read(tmp_path) if e["event"] == "job_stuck"]
+    assert [(e["run_id"], e["pids"], e["seconds"]) for e in stuck] == [("r1", [gone_pid], 30.0)]
+    assert fires(ft=True) == (None, None, None)                     # --ft: the coordinator watches
+    assert fires(run_id="r2") == (None, None, None)                 # status.json of another run
+    status(finished=True)
+    assert fires() == (None, None, None)                            # the job has finished
+    status(routing=[{"rank": 1, "host": host + "-other", "pid": gone_pid}])
+    assert fires() == (None, None, None)                            # a pid of another host
+    status(routing=[{"rank": 1, "host": host, "pid": me}])
+    assert fires() == (None, None, None)                            # everyone runs
+
+
 # -- the bounds ------------------------------------------------------------------------------------
 def test_startup_bound_fires_when_a_rank_never_reaches_mpimig_run(tmp_path):
     # world rank 1 (logical rank 0, which says hello to the coordinator) sleeps before mpimig.run
