@@ -8,9 +8,11 @@ while anything else holds the dead process's stdout or stderr (a process it
 forked, ...), PRRTE neither reports the death nor stops the other processes, and
 they wait for the dead one for ever (``tests/test_exits.py`` shows it). Issue 14:
 three chaos seeds in 183 (53, 85, 128; no ``--ft``) hung after a rank was killed
-until the launch's ``--timeout``; what held them was not seen (not reproduced in
-a dozen runs of those scenarios), so the ``job_stuck`` event lists the run's
-processes still on this host (:func:`survivors`).
+until the launch's ``--timeout``. Seed 85, run again, was stopped by this bound,
+and its ``job_stuck`` event showed what held it: a spawned process on its bridge to
+the dead coordinator (now ended by ``exits.watch_spawned_init``); 53 and 128 did not
+hang again. The event lists the run's processes still on this host
+(:func:`survivors`), so the next such stop says what mpiexec waited for.
 
 :class:`GoneWatch` bounds that wait: ``mpimig run`` looks at the job's
 ``status.json`` (the coordinator's record of its own pid and of every logical
