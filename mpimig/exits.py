@@ -66,6 +66,8 @@ TIMEOUTS: dict[str, tuple[str, float, str]] = {
     "finish": ("MPIMIG_FINISH_TIMEOUT", 120.0,
                "a rank that returned from main waits for every other rank to return"),
     "finalize": ("MPIMIG_FINALIZE_TIMEOUT", 10.0, "MPI_Finalize at the end of a process (its result is recorded)"),
+    "lost": ("MPIMIG_LOST_TIMEOUT", 30.0,
+             "mpimig run waits for mpiexec to end a job one of whose processes died (not --ft; launch.stuck)"),
 }
 
 GONE_GRACE = 5.0     # --ft: seconds a rank's pid may be gone before the coordinator ends the job
@@ -287,7 +289,15 @@ def watch_spawned_init() -> int | None:
     online recovery replaces it and spawns while status.json still names the old one), the
     job was relaunched, or after the ``spawn`` bound plus 30 s, it says so, records a
     ``spawn_orphaned`` event and SIGKILLs the process, so ``mpiexec`` ends. A thread of
-    this process tells the watcher to stop once ``MPI_Init`` has returned."""
+    this process tells the watcher once ``MPI_Init`` has returned (:func:`spawned_initialised`).
+
+    The watcher then goes on until the process gets its first word from the coordinator
+    (:func:`spawned_assigned`, from ``target.wait_for_assignment``): in between, the process
+    merges with the coordinator and idles on that bridge, and a coordinator that died there
+    leaves it waiting for ever too (the long chaos run's seed 85, seen again: the job's
+    processes all gone 30 s after a kill, one spawned process left under prterun, and no
+    watcher with it). In that phase only a coordinator gone for :data:`ORPHAN_GRACE` s or a
+    relaunch end it (no time bound: a refilled spare idles as long as the job runs)."""
     if not is_spawned() or os.environ.get("MPIMIG_INIT_WATCH", "1") == "0":
         return None
     mpi = sys.modules.get("mpi4py.MPI")
@@ -306,6 +316,8 @@ def watch_spawned_init() -> int | None:
         os._exit(code)
     os.close(r)
 
+    _watch.update(pipe=w, pid=pid)
+
     def done() -> None:
         # runs only once MPI_Init has returned (mpi4py holds the GIL in it)
         while True:
@@ -315,14 +327,35 @@ def watch_spawned_init() -> int | None:
                     if m.Is_initialized():
                         break
             time.sleep(0.1)            # polling the import's progress, not synchronising with a peer
-        with contextlib.suppress(OSError):
-            os.write(w, b"1")
-        with contextlib.suppress(OSError):
-            os.close(w)
-        with contextlib.suppress(OSError):
-            os.waitpid(pid, 0)
+        spawned_initialised()
     threading.Thread(target=done, name="mpimig-init-watch", daemon=True).start()
     return pid
+
+
+ORPHAN_GRACE = 10.0  # s a spawned process's coordinator may be gone before it is ended (after MPI_Init)
+_watch: dict[str, Any] = {"pipe": None, "pid": None}
+
+
+def spawned_initialised() -> None:
+    """Tell the watcher of :func:`watch_spawned_init` that ``MPI_Init`` has returned."""
+    if _watch["pipe"] is not None:
+        with contextlib.suppress(OSError):
+            os.write(_watch["pipe"], b"i")
+
+
+def spawned_assigned() -> None:
+    """Tell the watcher that the coordinator has spoken to this spawned process (it has its
+    role, or is cancelled): the watch ends."""
+    w, pid = _watch["pipe"], _watch["pid"]
+    _watch.update(pipe=None, pid=None)
+    if w is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(w, b"a")
+    with contextlib.suppress(OSError):
+        os.close(w)
+    with contextlib.suppress(OSError, ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 def _coordinator_gone(job_dir: str, run_id: str) -> str | None:
@@ -354,20 +387,40 @@ def _init_watcher(parent: int, r: int, bound: float) -> None:
     import select
     job_dir, run_id = os.environ.get("MPIMIG_JOB_DIR", ""), os.environ.get("MPIMIG_RUN_ID", "")
     end = time.monotonic() + bound
+    initialised = False
+    gone_since: float | None = None
     while True:
         ready, _, _ = select.select([r], [], [], INIT_POLL)
-        if ready or not _pid_alive(parent):       # MPI_Init returned (or the process is gone)
+        if ready:
+            data = os.read(r, 16)
+            if not data or b"a" in data:          # assigned (or the process closed its end)
+                return
+            initialised = True                    # MPI_Init returned: now until the assignment
+        if not _pid_alive(parent):                # the process is gone
             return
         why = _coordinator_gone(job_dir, run_id) if job_dir else None
+        if initialised:
+            # a dead coordinator's cancel may still be on its way to a slow process: a grace
+            relaunched = why is not None and why.startswith("the job was relaunched")
+            if why is None or why.startswith("the job has finished"):
+                gone_since = None
+                continue
+            gone_since = time.monotonic() if gone_since is None else gone_since
+            if relaunched or time.monotonic() - gone_since >= ORPHAN_GRACE:
+                break
+            continue
         if why is None and time.monotonic() > end:
             why = f"MPI_Init did not return within {bound:g} s (MPIMIG_SPAWN_TIMEOUT + 30 s)"
         if why is not None:
             break
-    msg = (f"a process started by MPI_Comm_spawn (pid {parent}) was still waiting in MPI_Init for "
-           f"its spawner, and {why}: nobody will connect to it; ending it so that mpiexec ends")
+    where = ("waiting on its bridge for the coordinator's first word" if initialised
+             else "still waiting in MPI_Init for its spawner")
+    msg = (f"a process started by MPI_Comm_spawn (pid {parent}) was {where}, and {why}: nobody will "
+           f"connect to it; ending it so that mpiexec ends")
     _say(msg)
     with contextlib.suppress(Exception):
-        events.emit(_job_dir(), "spawn_orphaned", run_id, pid=parent, reason=why)
+        events.emit(_job_dir(), "spawn_orphaned", run_id, pid=parent, reason=why,
+                    waiting="bridge" if initialised else "MPI_Init")
     with contextlib.suppress(OSError):
         os.kill(parent, signal.SIGKILL)
 
@@ -592,6 +645,11 @@ class FinishWatch:
         with contextlib.suppress(Exception):
             coord.write_status()
         abort(_real_world(), 1)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` (of this host) runs: not gone, not a zombie."""
+    return _pid_alive(pid)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -212,3 +212,37 @@ def test_protocol_table_names_functions_that_exist_in_step_order():
     C = coordinator.Coordinator
     steps = [C.request, C.negotiate, C.create_target, C.suspend, C.join_targets, C.repoint, C.resume]
     assert [line(f) for f in steps] == sorted(line(f) for f in steps)
+
+
+def test_close_unfinished_gives_every_move_in_flight_an_end_naming_its_step(tmp_path):
+    # issue 14: after a recovery or at the end of a job, moves that were still in creation,
+    # suspension or resumption were left pending in status.json. The coordinator's own
+    # method on its own Migration records, with a real event log; no MPI traffic is needed.
+    from mpimig import events
+    from mpimig.launch.config import Config
+    from mpimig.migration.coordinator import Coordinator, Migration
+    from mpimig.migration.protocol import Step
+
+    c = Coordinator.__new__(Coordinator)          # only its records: no J, no spawn
+    c.cfg = Config(job_dir=tmp_path, run_id="r1")
+    states = [Step.CREATE.label, Step.SUSPEND.label, Step.RESUME.label, "done", "failed: refused",
+              "cancelled: the job finished first"]
+    c.migrations = [Migration(i + 1, i % 4, "h1", 10 + i, "pre-copy", "schedule") for i in range(len(states))]
+    answers: list[dict] = []
+    for m, s in zip(c.migrations, states):
+        m.state = s
+        m.waiters = [answers.append]
+    c.close_unfinished("failed: the job finished before the move was confirmed")
+    want = [f"failed: the job finished before the move was confirmed (it was in {s})" for s in states[:3]]
+    assert [m.state for m in c.migrations] == want + states[3:]
+    # the waiters of the closed moves are answered, with the reason; the others are untouched
+    assert [a["ok"] for a in answers] == [False] * 3
+    assert [a["migration"]["id"] for a in answers] == [1, 2, 3]
+    assert all(w in a["error"] for a, w in zip(answers, want))
+    assert [m.waiters for m in c.migrations] == [[], [], [], [answers.append]] + [[answers.append]] * 2
+    closed = [e for e in events.read(tmp_path) if e["event"] == "migration_closed"]
+    assert [(e["id"], e["rank"], e["state"], e["run_id"]) for e in closed] == [
+        (1, 0, want[0], "r1"), (2, 1, want[1], "r1"), (3, 2, want[2], "r1")]
+    c.close_unfinished("cancelled: failure recovery")      # closed moves stay closed
+    assert [m.state for m in c.migrations] == want + states[3:]
+    assert len([e for e in events.read(tmp_path) if e["event"] == "migration_closed"]) == 3

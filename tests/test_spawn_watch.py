@@ -35,14 +35,22 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def _spawned(tmp_path: Path, status: dict, sleep: float) -> tuple[subprocess.CompletedProcess, list[dict]]:
+# after MPI_Init: the process merges with the coordinator and idles on that bridge until the
+# coordinator's first word (mpimig.migration.target.wait_for_assignment)
+ON_BRIDGE = ("import mpimig, time\nfrom mpimig import exits\nexits.spawned_initialised()   # MPI_Init returned\n"
+             "{assigned}time.sleep({sleep})   # stands for the wait on the bridge\n")
+
+
+def _spawned(tmp_path: Path, status: dict, sleep: float, program: str = STUCK,
+             assigned: bool = False) -> tuple[subprocess.CompletedProcess, list[dict]]:
     job = tmp_path / "job"
-    job.mkdir()
+    job.mkdir(parents=True)
     (job / "status.json").write_text(json.dumps(status))
     env = base_env(OMPI_PARENT_PORT="1.0:1234", MPIMIG_RUN_ID="run-1", MPIMIG_JOB_DIR=job)
     if os.environ.get("MPIMIG_FT"):        # base_env drops the caller's MPIMIG_*
         env["MPIMIG_FT"] = os.environ["MPIMIG_FT"]
-    res = subprocess.run([sys.executable, "-c", STUCK.format(sleep=sleep)], env=env, capture_output=True,
+    code = program.format(sleep=sleep, assigned="exits.spawned_assigned()\n" if assigned else "")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=120, cwd=tmp_path)
     log = job / "events.jsonl"
     evs = [json.loads(ln) for ln in log.read_text().splitlines()] if log.exists() else []
@@ -99,3 +107,28 @@ def test_a_real_spawn_is_not_disturbed_by_the_watch(tmp_path):
     assert not any(e["event"] == "spawn_orphaned" for e in evs)
     import numpy as np
     assert np.load(out).tobytes() == heat_ref(tmp_path, 24, 10)
+
+
+def test_a_spawned_process_left_on_its_bridge_by_a_dead_coordinator_is_ended(tmp_path):
+    """The long chaos run's seed 85 (no --ft), run again: ranks killed while the coordinator
+    refilled a spare; 30 s later every process of the job was gone but one, spawned, under
+    prterun, with no init watcher beside it: past MPI_Init, on its bridge to a coordinator
+    that was dead. mpiexec waited for it. Now the watch lasts until the first word."""
+    dead = _dead_pid()
+    res, evs = _spawned(tmp_path, {"run_id": "run-1", "coordinator": {"pid": dead, "host": socket.gethostname()}},
+                        sleep=100, program=ON_BRIDGE)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    assert "was waiting on its bridge for the coordinator's first word" in res.stderr, res.stderr
+    assert f"coordinator (pid {dead}" in res.stderr, res.stderr
+    orphan = [e for e in evs if e["event"] == "spawn_orphaned"]
+    assert len(orphan) == 1 and orphan[0]["waiting"] == "bridge" and "has exited" in orphan[0]["reason"]
+
+
+def test_a_spawned_process_that_got_its_word_or_whose_job_finished_is_left_alone(tmp_path):
+    dead = {"pid": _dead_pid(), "host": socket.gethostname()}
+    res, evs = _spawned(tmp_path, {"run_id": "run-1", "coordinator": dead}, sleep=12, program=ON_BRIDGE,
+                        assigned=True)
+    assert res.returncode == 0 and "bridge" not in res.stderr and evs == [], res.stderr
+    res, evs = _spawned(tmp_path / "b", {"run_id": "run-1", "coordinator": dead, "finished": True}, sleep=12,
+                        program=ON_BRIDGE)
+    assert res.returncode == 0 and "bridge" not in res.stderr and evs == [], res.stderr

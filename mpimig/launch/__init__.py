@@ -2,7 +2,8 @@
 
 Owns building and supervising the ``mpiexec`` command (``launcher``), the
 ``MPIMIG_*`` job configuration that launched processes read (``config``), where
-the processes start (``placement``: warm spares on every host) and
+the processes start (``placement``: warm spares on every host), the bound on a job
+one of whose processes died while mpiexec goes on (``stuck``) and
 Slurm allocations, node lists and job scripts' helpers (``slurm``). May import
 :mod:`mpimig.checkpoint`, :mod:`mpimig.events`, :mod:`mpimig.errors`,
 :mod:`mpimig.lab` (lab hosts as ``--hosts``) and :mod:`mpimig.migration.protocol`

@@ -33,7 +33,7 @@ from .. import events, lab
 from ..checkpoint import auth
 from ..checkpoint.format import QUARANTINE_RE
 from ..ft import relaunch
-from . import placement, slurm
+from . import placement, slurm, stuck
 from .config import RESTART_MODES, Config, parse_schedule
 from ..errors import LaunchError, MpimigError, NoCommittedEpoch, UsageError
 
@@ -196,12 +196,15 @@ def _wait(proc: subprocess.Popen, cfg: Config, timeout: float | None) -> int | N
     After failures, MPI_Finalize can hang and PRRTE can fail to notice that a
     job with spawned processes is over (ompi#11404; "LAUNCHER JOB OBJECT NOT
     FOUND"). The job's result is safe once its completion record is written,
-    so if mpiexec is still there EXIT_GRACE seconds later it is stopped.
+    so if mpiexec is still there EXIT_GRACE seconds later it is stopped. A job one of
+    whose processes died is stopped when mpiexec has not ended it ``MPIMIG_LOST_TIMEOUT``
+    seconds later (:mod:`.stuck`; not under --ft).
     """
     t0 = time.monotonic()
     done_at = None
     abort_at = None
     log_pos = [0]
+    gone = stuck.GoneWatch(cfg.job_dir, cfg.run_id, cfg.ft)    # a dead process that mpiexec ignores
     while True:
         try:
             return proc.wait(timeout=0.5)
@@ -210,6 +213,11 @@ def _wait(proc: subprocess.Popen, cfg: Config, timeout: float | None) -> int | N
         now = time.monotonic()
         if timeout is not None and now - t0 >= timeout:
             raise subprocess.TimeoutExpired(proc.args, timeout)
+        why = gone.stuck(now) if done_at is None and read_record(cfg) is None else None
+        if why is not None:
+            print(f"mpimig: {why}", file=sys.stderr, flush=True)
+            _kill_job(proc)
+            return proc.returncode
         if abort_at is None and _abort_requested(cfg, log_pos):
             abort_at = now
         elif abort_at is not None and now - abort_at >= ABORT_GRACE:
@@ -566,7 +574,8 @@ def launch(cfg: Config, n: int, program: list[str], *, hosts=None, ft=False, tim
     rec = read_record(cfg)
     dt = time.monotonic() - t0
     if rec is None:
-        reason = (None if timed_out else exit_report(cfg, n, output)) or loss_reason(output, rc, timed_out)
+        reason = (None if timed_out else (stuck.reason(cfg.job_dir, cfg.run_id) or exit_report(cfg, n, output))
+                  ) or loss_reason(output, rc, timed_out)
         events.emit(cfg.job_dir, "job_lost", cfg.run_id, attempt=attempt, returncode=rc, reason=reason,
                     seconds=round(dt, 3))
         print(f"mpimig: job did not complete: no completion record in {cfg.job_dir} "

@@ -81,6 +81,7 @@ def wait_for_assignment(parent: MPI.Intercomm) -> tuple[MPI.Intracomm, int, Any]
     while not B.Iprobe(0, MPI.ANY_TAG, st):
         time.sleep(0.002)        # idle until needed: a warm process must not steal the cores
     msg = B.recv(source=0, tag=st.Get_tag())
+    exits.spawned_assigned()     # the coordinator has spoken: the orphan watch ends
     return B, st.Get_tag(), msg
 
 

@@ -308,6 +308,9 @@ def judge(rec: dict, sc: Scenario, rep: dict, evs: list[dict], res: dict | None)
     rec["completed"] = bool(rep.get("completed"))
     rec["hangs"] = int(bool(rep.get("timed_out"))) + sum(
         1 for e in evs if e["event"] == "job_lost" and e.get("reason") == "timeout")
+    # launches whose process died while mpiexec went on, stopped by mpimig run's bound
+    # (MPIMIG_LOST_TIMEOUT, mpimig/launch/stuck.py): not hangs, but shown
+    rec["stuck"] = sum(1 for e in evs if e["event"] == "job_stuck")
     rec["relaunches"] = sum(1 for e in evs if e["event"] == "relaunch")
     rec["online_recoveries"] = sum(1 for e in evs if e["event"] == "recovered")
     moved = [e for e in evs if e["event"] == "migrated"]
@@ -418,7 +421,7 @@ def _ok(t: dict) -> bool:
 #: how ``mpimig chaos`` totals its seeds and what its table shows
 CAMPAIGN = campaign.Campaign(
     count_key="seeds", failures_key="failures",
-    sums=storm.MSG_KEYS + ("expected", "hangs", "relaunches", "online_recoveries", "moves_done"),
+    sums=storm.MSG_KEYS + ("expected", "hangs", "stuck", "relaunches", "online_recoveries", "moves_done"),
     counts=(("completed", lambda r: r["completed"]),),
     extra=_extra, ok=_ok,
     rows=(
@@ -436,6 +439,7 @@ CAMPAIGN = campaign.Campaign(
         ("collective errors", "collective_errors"),
         ("results bit-identical", lambda t: f"{t['bit_identical']} of {t['heat2d_seeds']}"),
         ("hangs (timeouts)", "hangs"),
+        ("  launches stopped: a process dead, mpiexec on", "stuck"),
         ("migrations scheduled", "migrations_scheduled"),
         ("moves done", lambda t: f"{t['moves_done']} ("
                                  + ", ".join(f"{k} {v}" for k, v in t["moves_by_strategy"].items()) + ")"),

@@ -15,6 +15,9 @@ others are on their way into the ``Allreduce``:
   --how raise       an uncaught ``RuntimeError``
   --how kill        SIGKILL (a crash); with ``--stop R`` rank R stops (SIGSTOP) at the same
                     step: a live process that takes no part in the recovery
+  --how kill-held   SIGKILL, after forking a process that keeps the rank's stdout and stderr
+                    open (it sleeps 600 s; its pid goes to ``--held-pid FILE``): Open MPI
+                    does not end such a job (mpimig/launch/stuck.py)
   --how module-exit ``sys.exit(--code)`` at module level, before ``mpimig.run``,
                     in the process with MPI.COMM_WORLD rank ``--rank``
   --how module-hang that process never gets to ``mpimig.run`` (it sleeps)
@@ -38,7 +41,9 @@ import mpimig
 
 p = argparse.ArgumentParser()
 p.add_argument("--how", default="none",
-               choices=["none", "exit", "return", "os_exit", "raise", "kill", "module-exit", "module-hang"])
+               choices=["none", "exit", "return", "os_exit", "raise", "kill", "kill-held", "module-exit",
+                        "module-hang"])
+p.add_argument("--held-pid")
 p.add_argument("--stop", type=int, default=-1)
 p.add_argument("--rank", type=int, default=2)
 p.add_argument("--at", type=int, default=5)
@@ -87,7 +92,15 @@ def leave(ctx):
         os._exit(args.code)
     if args.how == "raise":
         raise RuntimeError(f"rank {ctx.rank} gives up at step {args.at}")
-    if args.how == "kill":
+    if args.how == "kill-held":
+        pid = os.fork()
+        if pid == 0:                # holds the dead rank's output pipes; the test kills it by this pid
+            time.sleep(600)
+            os._exit(0)
+        with open(args.held_pid, "w") as f:
+            f.write(str(pid))
+        print(f"rank {ctx.rank}: pid {pid} holds my output; SIGKILL", flush=True)
+    if args.how in ("kill", "kill-held"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
