@@ -341,7 +341,10 @@ class Comm:
         check = self._check_tag
         sends: dict[str, Callable[..., Any]] = {"Send": _checked_send(c.Send, limit, check),
                                                 "send": _checked_send(c.send, limit, check)}
-        sends.update({name: getattr(c, name) for name in _DIRECT_COLLECTIVES})
+        cls = type(self)
+        # only where the class still has the plain forward (a subclass or a module may replace one)
+        sends.update({name: getattr(c, name) for name in _DIRECT_COLLECTIVES
+                      if getattr(cls, name) is _FORWARDS[name]})
         sends["barrier"] = c.Barrier
         self._direct_fns = {}
         for name, fn in sends.items():
@@ -883,8 +886,13 @@ class Comm:
 # The direct path (Comm.enable_direct): receives straight to MPI while nothing is held or
 # pending; collectives that the facade only forwards.
 _DIRECT_RECV = ("Recv", "recv", "Sendrecv", "sendrecv")
-_DIRECT_COLLECTIVES = ("Barrier", "Bcast", "bcast", "Alltoall", "Alltoallv", "alltoall", "Scan", "scan",
-                       "Exscan", "exscan", "Reduce_scatter_block")
+_DIRECT_COLLECTIVES: tuple[str, ...] = (
+    "Barrier", "Bcast", "bcast", "Reduce", "reduce", "Allreduce", "allreduce", "Gather", "Gatherv", "gather",
+    "Scatter", "Scatterv", "scatter", "Allgather", "Allgatherv", "allgather", "Alltoall", "Alltoallv", "alltoall",
+    "Scan", "scan", "Exscan", "exscan", "Reduce_scatter_block")
+
+
+_FORWARDS = {name: Comm.__dict__[name] for name in _DIRECT_COLLECTIVES}
 
 
 def _checked_send(send: Callable[..., None], limit: int, check: Callable[[int], None]) -> Callable[..., None]:
