@@ -3,7 +3,8 @@
 Two jobs of heat2d (mpimig.apps.heat2d, ``mpimig run --coordinator``) run the
 same program (mpimig/bench/point_app.py): blocks of ``--block`` steps that
 alternate without and with a checkpoint point after every step, then pairs of
-empty loops (``ctx.checkpoint_point()`` alone against nothing). The first job
+empty loops (``ctx.checkpoint_point()`` alone against nothing; 1/100 as many
+iterations in the first job). The first job
 votes at every point (``MPIMIG_POINT_SECONDS=0``: one ``Allreduce`` and an
 ``Iprobe`` per point, as before the free safe point); the second runs as jobs
 run by default (docs/protocol.md, "Free safe points"). Shown for each, from
@@ -33,6 +34,7 @@ APP = Path(__file__).with_name("point_app.py")
 GOAL_US = 1.0           # a free point: at most this much Python, in microseconds
 GOAL_VOTE_SHARE = 0.01  # votes per point in the empty loop, at most (a collective on 1 point in 100)
 MODES = {"every": "0", "free": ""}      # MPIMIG_POINT_SECONDS of each job ("": the default)
+EVERY_LOOP_SHARE = 100  # a vote at every point costs ~100x more: its empty loops are this much shorter
 
 
 def run_one(mode: str, args, root: Path) -> dict:
@@ -46,7 +48,8 @@ def run_one(mode: str, args, root: Path) -> dict:
     cmd = [sys.executable, "-m", "mpimig", "run", "-n", str(args.ranks), "--job-dir", str(job),
            "--restart", "never", "--timeout", str(args.timeout), "--coordinator",
            str(APP), "--n", str(args.n), "--blocks", str(args.blocks), "--block", str(args.block),
-           "--rounds", str(args.rounds), "--loop", str(args.loop), "--out", str(out)]
+           "--rounds", str(args.rounds), "--out", str(out),
+           "--loop", str(args.loop if mode == "free" else max(1000, args.loop // EVERY_LOOP_SHARE))]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout + 60, env=env)
     except subprocess.TimeoutExpired:
