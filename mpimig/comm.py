@@ -232,6 +232,8 @@ def _restore_request(kind, source, tag, done, value, st, seq=-1):
         r._complete(value, *st)
     else:
         comm._pending.append(r)
+        if comm._direct:
+            comm._slow_recv()
     return r
 
 
@@ -269,6 +271,7 @@ class Comm:
         self._next_seq = 0                    # root: number of the next derived comm
         self._calls = 0                       # root: derivation calls so far (replay matches by it)
         _current_comm = self
+        self.enable_direct()
 
     def _blank(self) -> None:
         """The containers every communicator has (also a derived comm's shell before its rebuild)."""
@@ -277,6 +280,8 @@ class Comm:
         self._sends: list[Request] = []       # outstanding sends (for the drain)
         self._colls: list[Request] = []       # outstanding nonblocking collectives (for the drain)
         self._name = ""
+        self._direct = False                  # the direct path is on (enable_direct)
+        self._direct_fns: dict[str, Callable[..., Any]] = {}   # what it installed on the instance
         self._layers: dict[str, tuple[tuple[str, ...], Callable[[str, Callable[..., Any]], Callable[..., Any]]]] = {}
 
     # -- identity ------------------------------------------------------------
@@ -315,6 +320,69 @@ class Comm:
     def _check_tag(self, tag: int) -> None:
         if tag >= self.tag_limit:
             raise CommError(f"tag {tag} is reserved by mpimig (user tags must be < {self.tag_limit})")
+
+    # -- the direct path: calls that need no translation go straight to MPI ---------
+    def enable_direct(self) -> None:
+        """Dispatch calls that need no translation straight to the MPI communicator's
+        methods (docs/protocol.md, "The direct path"): ``Recv``/``recv``/``Sendrecv``/
+        ``sendrecv`` while nothing is held or pending, the sends through a closure that only
+        checks the tag, collectives always. The methods sit on the instance and are
+        swapped when the state changes (a lazy receive posted, messages held, a re-point,
+        a layer). A job's communicator turns it on when it is made; a derived one keeps
+        its class's methods."""
+        self._direct = True
+        self._install_direct()
+
+    def _install_direct(self) -> None:
+        d = self.__dict__
+        layered = {m for names, _ in self._layers.values() for m in names}
+        c = self._c
+        limit = self.tag_limit
+        check = self._check_tag
+        sends: dict[str, Callable[..., Any]] = {"Send": _checked_send(c.Send, limit, check),
+                                                "send": _checked_send(c.send, limit, check)}
+        cls = type(self)
+        # only where the class still has the plain forward (a subclass or a module may replace one)
+        sends.update({name: getattr(c, name) for name in _DIRECT_COLLECTIVES
+                      if getattr(cls, name) is _FORWARDS[name]})
+        sends["barrier"] = c.Barrier
+        self._direct_fns = {}
+        for name, fn in sends.items():
+            if name not in layered:
+                d[name] = self._direct_fns[name] = fn
+        if not self._queue and not self._pending:
+            self._direct_recv(d, layered, c)
+        else:
+            self._slow_recv()
+
+    def _direct_recv(self, d: dict, layered: set, c: MPI.Intracomm) -> None:
+        fns: dict[str, Callable[..., Any]] = {"Recv": c.Recv, "recv": c.recv}
+        if type(self).Sendrecv is Comm.Sendrecv:      # FTComm keeps its own
+            fns["Sendrecv"] = _checked_sendrecv(c.Sendrecv, self.tag_limit, self._check_tag)
+            fns["sendrecv"] = _checked_sendrecv(c.sendrecv, self.tag_limit, self._check_tag)
+        for name, fn in fns.items():
+            if name not in layered:
+                d[name] = self._direct_fns[name] = fn
+
+    def _slow_recv(self) -> None:
+        """Something is held or pending: receives go through the facade's matching."""
+        d = self.__dict__
+        layered = {m for names, _ in self._layers.values() for m in names}
+        for name in _DIRECT_RECV:
+            if name not in layered:
+                d.pop(name, None)
+                self._direct_fns.pop(name, None)
+
+    @property
+    def direct(self) -> tuple[str, ...]:
+        """The calls that go straight to MPI now (the direct path, :meth:`enable_direct`)."""
+        d = self.__dict__
+        return tuple(sorted(n for n, fn in self._direct_fns.items() if d.get(n) is fn))
+
+    def _maybe_direct(self) -> None:
+        """Nothing held or pending any more: receives may go straight to MPI again."""
+        if self._direct and not self._queue and not self._pending and "Recv" not in self.__dict__:
+            self._direct_recv(self.__dict__, {m for names, _ in self._layers.values() for m in names}, self._c)
 
     # -- point to point: sends go straight to MPI ------------------------------
     def Send(self, buf, dest: int, tag: int = 0) -> None:
@@ -372,6 +440,8 @@ class Comm:
         for i, m in enumerate(q):
             if m.matches(source, tag):
                 del q[i]
+                if not q and self._direct:
+                    self._maybe_direct()
                 return m
         return None
 
@@ -395,11 +465,15 @@ class Comm:
     def Irecv(self, buf, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
         r = Request(self, "Recv", source, tag, buf=buf)
         self._pending.append(r)
+        if self._direct:
+            self._slow_recv()
         return r
 
     def irecv(self, buf=None, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
         r = Request(self, "recv", source, tag)
         self._pending.append(r)
+        if self._direct:
+            self._slow_recv()
         return r
 
     def Sendrecv(self, sendbuf, dest: int, sendtag: int = 0, recvbuf=None,
@@ -520,6 +594,8 @@ class Comm:
                 made = True
             else:
                 i += 1
+        if made and not pend and self._direct:
+            self._maybe_direct()
         return made
 
     def _match_after(self, r: Request, pend: list[Request], i: int) -> bool | None:
@@ -667,6 +743,8 @@ class Comm:
             else:
                 self._queue.append(_Held(src, tag, data))
                 held += 1
+                if self._direct:
+                    self._slow_recv()
         MPI.Request.Waitall(reqs)
         # everything we sent has been drained by its receiver: sends are complete
         for r in self._sends:
@@ -704,6 +782,8 @@ class Comm:
         With ``data["derived"]`` this is collective over the members of each derived
         communicator: they are rebuilt on this communicator (:func:`mpimig.derived.rebuild`)."""
         self._queue = deque(_Held(s, t, bytearray(p)) for s, t, p in data.get("queue", []))
+        if self._direct:
+            self._install_direct()
         if data.get("derived"):
             if self._family_ops is None:
                 raise CommError("derived communicators to rebuild, but mpimig.derived is not imported")
@@ -713,6 +793,7 @@ class Comm:
         """Drop every held message; returns how many there were (tests, a process that dies)."""
         n = len(self._queue)
         self._queue.clear()
+        self._maybe_direct()
         return n
 
     @property
@@ -724,6 +805,7 @@ class Comm:
         """Forget every lazy receive not matched yet; returns how many (tests, teardown)."""
         n = len(self._pending)
         self._pending.clear()
+        self._maybe_direct()
         return n
 
     @property
@@ -743,6 +825,8 @@ class Comm:
         self._c = mpicomm
         self._marker_tag = _tag_ub(mpicomm)
         self.tag_limit = self._marker_tag - N_RESERVED_TAGS + 1
+        if self._direct:
+            self._install_direct()        # bound to the new communicator
         if self._derived:
             self._family_ops.repoint_family(self)
 
@@ -790,11 +874,48 @@ class Comm:
             for meth in names:
                 if meth in touched:
                     setattr(self, meth, w(meth, getattr(self, meth)))
+        if self._direct:
+            self._install_direct()        # methods no layer holds any more go straight to MPI again
 
     @property
     def layers(self) -> tuple[str, ...]:
         """Names of the wrapper layers installed (:meth:`set_layer`), oldest first."""
         return tuple(self._layers)
+
+
+# The direct path (Comm.enable_direct): receives straight to MPI while nothing is held or
+# pending; collectives that the facade only forwards.
+_DIRECT_RECV = ("Recv", "recv", "Sendrecv", "sendrecv")
+_DIRECT_COLLECTIVES: tuple[str, ...] = (
+    "Barrier", "Bcast", "bcast", "Reduce", "reduce", "Allreduce", "allreduce", "Gather", "Gatherv", "gather",
+    "Scatter", "Scatterv", "scatter", "Allgather", "Allgatherv", "allgather", "Alltoall", "Alltoallv", "alltoall",
+    "Scan", "scan", "Exscan", "exscan", "Reduce_scatter_block")
+
+
+_FORWARDS = {name: Comm.__dict__[name] for name in _DIRECT_COLLECTIVES}
+
+
+def _checked_send(send: Callable[..., None], limit: int, check: Callable[[int], None]) -> Callable[..., None]:
+    """MPI's ``Send``/``send`` bound to the communicator, with the reserved-tag check only."""
+    def call(buf: Any, dest: int, tag: int = 0) -> None:
+        if tag >= limit:
+            check(tag)
+        send(buf, dest, tag)
+    call.__name__ = call.__qualname__ = send.__name__
+    call.__doc__ = send.__doc__
+    return call
+
+
+def _checked_sendrecv(fn: Callable[..., Any], limit: int, check: Callable[[int], None]) -> Callable[..., Any]:
+    """MPI's ``Sendrecv``/``sendrecv`` bound to the communicator, with the reserved-tag check only."""
+    def call(sendbuf: Any, dest: int, sendtag: int = 0, recvbuf: Any = None, source: int = ANY_SOURCE,
+             recvtag: int = ANY_TAG, status: MPI.Status | None = None) -> Any:
+        if sendtag >= limit:
+            check(sendtag)
+        return fn(sendbuf, dest, sendtag, recvbuf, source, recvtag, status)
+    call.__name__ = call.__qualname__ = fn.__name__
+    call.__doc__ = fn.__doc__
+    return call
 
 
 # The buffer calls a guard sees (set_buffer_guard): every method that takes a buffer.

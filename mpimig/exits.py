@@ -17,8 +17,8 @@ how it left, and a ``rank_left`` event in the job's log:
   when ``mpimig`` is imported.
 * an early ``return``: a rank that returns tells the others (:func:`announce`)
   and waits for theirs (:func:`finish_wait`), for at most ``MPIMIG_FINISH_TIMEOUT``
-  seconds; a rank that reaches a checkpoint point after another returned
-  (:func:`at_point`) aborts at once. Without a coordinator the ranks tell each
+  seconds; a rank that reaches a checkpoint point that checks (:mod:`mpimig.pace`)
+  after another returned (:func:`at_point`) aborts at once. Without a coordinator the ranks tell each
   other on a communicator of their own; with one they tell the coordinator,
   which waits (:class:`FinishWatch`) and passes the news on.
 * ``os._exit``: Open MPI ends a job whose process exits without ``MPI_Finalize``;

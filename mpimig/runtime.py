@@ -31,10 +31,11 @@ from typing import Any, Callable, NoReturn
 import numpy as np
 from mpi4py import MPI
 
-from . import derived as _derived, events, exits, replay, world  # noqa: F401 - derived: the full Comm API
+from . import derived as _derived, events, exits, pace, replay, world  # noqa: F401 - derived: the full Comm API
 from .comm import Comm, new_comm
 from .errors import CheckpointError, CorruptCheckpoint, MigrationError, MpimigError, NoCommittedEpoch, StateError
 from .ft import hooks, recovery
+from .pace import Pace
 from .balance.metrics import Meter
 from .launch.config import Config
 from .migration import source, target, transport
@@ -77,6 +78,8 @@ class Context:
         self._store: Any = None               # CheckpointStore (imported with h5py only when configured)
         self._want_ckpt = False
         self._last_ckpt_time = time.monotonic()
+        self._pace = Pace(pace.seconds_from_env())   # how far apart the safe points check (mpimig.pace)
+        self._free_until = 0                  # points before this one are free (mpimig.pace)
         self.link = Link()                    # the migration machinery's (mpimig.migration.source/target)
         self.stats: dict[str, Any] = {"checkpoints": 0, "ckpt_seconds": 0.0, "ckpt_bytes": 0}
         self.recoveries = 0                   # online recoveries of the job so far
@@ -215,17 +218,26 @@ class Context:
     def request_checkpoint(self) -> None:
         """Ask for a checkpoint at the next checkpoint point (every rank must ask)."""
         self._want_ckpt = True
+        self._free_until = 0
 
     def checkpoint_point(self) -> None:
         """A safe point: a checkpoint, a migration or a recovery may happen here.
 
-        Collective over ``ctx.comm``.
+        Collective over ``ctx.comm``. A point with nothing due costs no collective
+        and no MPI call (docs/protocol.md, "Free safe points").
         """
+        p = self.point = self.point + 1
+        if p < self._free_until:
+            return                        # a free point: the next vote and checks are further on
+        self._full_point()
+
+    def _full_point(self) -> None:
+        """A safe point that checks: local news, then (at the agreed points) the vote."""
         if self._setup is not None:           # no state registered: the first safe point is the resume point
             self.state()
-        self.link.t_point = time.perf_counter()
-        self.link.t_point_wall = time.time()
-        self.point += 1
+        link = self.link
+        link.t_point = time.perf_counter()
+        link.t_point_wall = time.time()
         self._resize = None               # items of a resized restart not registered by now stay unread
         meter = self._meter
         if meter is not None:             # a job with a policy: close the interval, report now and then
@@ -233,26 +245,47 @@ class Context:
         exits.at_point(self)              # another rank returned from main: abort, naming it
         if self.comm._replay:             # a resumed process's setup is over (mpimig.derived)
             self.comm.end_replay()
-        if self.link.lazy is not None:
-            self.link.lazy.progress()     # post-copy: note chunks that arrived
+        if link.lazy is not None:
+            link.lazy.progress()          # post-copy: note chunks that arrived
         cfg = self.config
-        due = bool(self._want_ckpt)
-        if cfg.ckpt_every and self.point % cfg.ckpt_every == 0:
-            due = True
-        if cfg.ckpt_seconds:
-            # rank 0's clock decides, so every rank agrees
-            flag = np.array([1 if time.monotonic() - self._last_ckpt_time >= cfg.ckpt_seconds else 0],
-                            dtype=np.int64)
-            self.comm.mpi.Bcast(flag, root=0)
-            due = due or bool(flag[0])
+        due = bool(self._want_ckpt) or bool(cfg.ckpt_every and self.point % cfg.ckpt_every == 0)
         self._want_ckpt = False
+        gap = self._pace.gap(self.point, cfg.ckpt_seconds or None)
+        v = None
+        if self._voting and self.point >= link.next_vote:
+            # rank 0's clock decides a --ckpt-seconds checkpoint, so every rank agrees
+            v = source.vote(self, gap, bool(cfg.ckpt_seconds)
+                            and time.monotonic() - self._last_ckpt_time >= cfg.ckpt_seconds)
+            due = due or v.ckpt
+            self.stats["votes"] = self.stats.get("votes", 0) + 1
         if due and self._store is not None:
             self.checkpoint()
-        if self.link.J is not None:
-            source.migration_point(self)
+        if v is not None and link.J is not None:
+            source.migration_point(self, v)
         hooks.fire("checkpoint-point", ctx=self)
         if meter is not None:
             meter.resume()
+        self._next_full(gap)
+
+    def _next_full(self, gap: int) -> None:
+        """The next point that is not free: the next vote, the next local check (``gap``
+        points on), the next ``--ckpt-every`` point; the next point itself while something
+        runs at every point (a policy's meter, a post-copy, a hook)."""
+        link, p, cfg = self.link, self.point, self.config
+        if self._meter is not None or link.lazy is not None or hooks.registered("checkpoint-point"):
+            self._free_until = p + 1
+            return
+        nxt = p + gap
+        if self._voting:
+            nxt = min(nxt, link.next_vote)
+        if cfg.ckpt_every and self._store is not None:
+            nxt = min(nxt, (p // cfg.ckpt_every + 1) * cfg.ckpt_every)
+        self._free_until = max(p + 1, nxt)
+
+    @property
+    def _voting(self) -> bool:
+        """Whether safe points vote: a job with a coordinator, or --ckpt-seconds."""
+        return self.link.J is not None or bool(self.config.ckpt_seconds)
 
     # -- migration (docs/protocol.md) -------------------------------------------------
     def migrate(self, host: str, strategy: str = DEFAULT_STRATEGY) -> int:
@@ -638,6 +671,7 @@ def _after_recovery(out: Any, cfg: Config, ctx: Context | None = None) -> Contex
         ctx.comm = _comm(cfg, out.A)
     ctx.link = Link(J=out.J)     # a plan, a post-copy or pre-copy in progress is void: the state comes
     ctx._state = None            # from the epoch
+    ctx._free_until = 0          # the next point checks and votes, on every rank
     ctx.role = "replacement" if out.replacement else "survivor"
     ctx.recoveries = out.plan["recovery"]     # the job's count: replacements learn it too
     cp = out.restored

@@ -18,6 +18,7 @@ import importlib
 BENCH_MODULES = [
     "mpimig.bench.checkpoint",   # checkpoint: store vs raw h5py, stall per checkpoint
     "mpimig.bench.comm",         # comm: facade vs plain mpi4py
+    "mpimig.bench.point",        # point: a checkpoint point with nothing to do, vote every point vs free
     "mpimig.bench.migrate",      # migrate: strategies, freeze time, bytes moved
     "mpimig.bench.recovery",     # recovery: kill -> resumed, online (--ft) vs relaunch
     "mpimig.bench.metrics",      # metrics: the balancer's metering overhead on heat2d
@@ -28,7 +29,7 @@ BENCH_MODULES = [
 
 def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "bench", help="run a benchmark (checkpoint, comm, migrate, recovery, metrics, balance, simulate)",
+        "bench", help="run a benchmark (checkpoint, comm, point, migrate, recovery, metrics, balance, simulate)",
         description="Benchmarks that measure mpimig against the plain way of doing the same "
                     "thing, in the same run.")
     bench_sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")

@@ -131,3 +131,4 @@ class Link:
     precopy: Any = None          # pre-copy: rounds of this rank's move (strategies.PreCopySource)
     t_point: float = 0.0         # perf_counter at the current safe point (stall measurement)
     t_point_wall: float = 0.0    # time.time at the current safe point (downtime measurement)
+    next_vote: int = 0           # the next point that votes (agreed at the last vote; 0: the next one)

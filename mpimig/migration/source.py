@@ -20,6 +20,7 @@ the coordinator's is :class:`mpimig.migration.coordinator.Coordinator`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -83,9 +84,42 @@ def request(ctx: Context, host: str, strategy: str = DEFAULT_STRATEGY) -> int:
 
 
 # -- step 3: suspend ---------------------------------------------------------------------------
-def migration_point(ctx: Context) -> None:
-    """At a safe point: execute the plan if the ranks agree that it runs now (steps 3-8)."""
-    plan = suspend(ctx)
+@dataclasses.dataclass
+class Vote:
+    """What every rank learns at a vote (the same on all of them)."""
+    holders: int         # ranks that hold a plan
+    pid_sum: int         # the sum of their plan ids (one plan is outstanding: id = pid_sum / holders)
+    ready: int           # pre-copy sources whose rounds have converged
+    gap: int             # rank 0's proposal: points until the next vote
+    ckpt: bool           # rank 0's checkpoint clock (--ckpt-seconds) says a checkpoint is due
+
+
+def vote(ctx: Context, gap0: int, ckpt0: bool) -> Vote:
+    """The collective part of a safe point: one ``Allreduce SUM`` over A of (ranks holding
+    a plan, the sum of their plan ids, pre-copy sources ready, rank 0's gap, rank 0's
+    checkpoint clock). Runs at the same point on every rank (``ctx.link.next_vote``, set
+    here from the result, so that it stays the same everywhere)."""
+    link = ctx.link
+    J = link.J
+    holds = pid = ready = 0
+    if J is not None:
+        if link.plan is None and J.Iprobe(0, TAG_PLAN):
+            link.plan = J.recv(source=0, tag=TAG_PLAN)
+        plan = link.plan
+        ready = precopy_round(ctx, plan)
+        if plan is not None:
+            holds, pid = 1, plan.id
+    me0 = ctx.rank == 0
+    v = np.array([holds, pid, ready, gap0 if me0 else 0, 1 if me0 and ckpt0 else 0], dtype=np.int64)
+    ctx.comm.mpi.Allreduce(MPI.IN_PLACE, v, op=MPI.SUM)
+    out = Vote(int(v[0]), int(v[1]), int(v[2]), max(1, int(v[3])), bool(v[4]))
+    link.next_vote = ctx.point + out.gap
+    return out
+
+
+def migration_point(ctx: Context, v: Vote) -> None:
+    """At a safe point that voted: execute the plan if the vote says it runs now (steps 3-8)."""
+    plan = suspend(ctx, v)
     if plan is not None:
         execute(ctx, plan)
 
@@ -106,32 +140,31 @@ def precopy_round(ctx: Context, plan: Plan | None) -> int:
     return 1 if link.precopy.step() else 0
 
 
-def suspend(ctx: Context) -> Plan | None:
+def suspend(ctx: Context, v: Vote) -> Plan | None:
     """Agree whether a plan is executed at this point; returns it, or None.
 
-    One ``Allreduce SUM`` of (ranks voting, sum of their plan ids, pre-copy
-    sources ready): a plan runs when some rank holds it past its point and
-    every pre-copy source of it says its rounds have converged. Only one plan
-    is outstanding at a time, so the voters hold the same plan. Rank 0 tells
-    the coordinator (GO): from here the moving ranks are frozen.
+    From the vote (:func:`vote`): when some rank holds a plan, every rank receives
+    it (it is in flight to all) and the plan runs when the point is at or past its
+    ``at_point`` and every pre-copy source of it says its rounds have converged.
+    While a plan waits, the ranks vote at every point (at its ``at_point`` first, if
+    that is later). Rank 0 tells the coordinator (GO): from here the moving ranks
+    are frozen.
     """
+    if not v.holders:
+        return None
     link = ctx.link
     J = link.J
-    if link.plan is None and J.Iprobe(0, TAG_PLAN):
-        link.plan = J.recv(source=0, tag=TAG_PLAN)
-    plan = link.plan
-    ready = precopy_round(ctx, plan)
-    votes = plan is not None and ctx.point >= plan.at_point
-    v = np.array([1 if votes else 0, plan.id if votes and plan is not None else 0, ready], dtype=np.int64)
-    ctx.comm.mpi.Allreduce(MPI.IN_PLACE, v, op=MPI.SUM)
-    if not v[0]:
-        return None
-    pid = int(v[1] // v[0])
+    pid = v.pid_sum // v.holders
     while link.plan is None or link.plan.id != pid:
         link.plan = J.recv(source=0, tag=TAG_PLAN)     # already in flight
-    if v[2] < link.plan.precopy_sources():
+    plan = link.plan
+    if ctx.point < plan.at_point:
+        link.next_vote = min(link.next_vote, plan.at_point)
+        return None
+    link.next_vote = ctx.point + 1      # a plan waits, or ran: vote again at the next point
+    if v.ready < plan.precopy_sources():
         return None                     # a pre-copy source is still copying: keep computing
-    plan, link.plan = link.plan, None
+    link.plan = None
     if ctx.rank == 0:
         J.send(plan.id, dest=0, tag=TAG_GO)
     return plan

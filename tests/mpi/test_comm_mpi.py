@@ -662,3 +662,66 @@ def test_unsupported_methods_raise_comm_error_naming_them(comm):
         comm.Spawn("python", ["-c", "pass"])
     with pytest.raises(AttributeError):
         comm.no_such_method  # noqa: B018 - the attribute lookup is what is tested
+
+
+# -- the direct path (docs/protocol.md, "The direct path") ----------------------------------
+
+def test_direct_path_steps_aside_while_a_lazy_receive_is_pending(comm):
+    """A blocking Recv while an Irecv is posted must not take the message the Irecv
+    matches first (MPI's order): the direct Recv is off while a receive is pending and
+    back once nothing is pending."""
+    me = comm.rank
+    assert {"Send", "Recv", "send", "recv", "Sendrecv", "Barrier"} <= set(comm.direct)
+    first, second = np.array([1.0]), np.array([2.0])
+    s1 = comm.Isend(first, me, 9)
+    s2 = comm.Isend(second, me, 9)
+    early, late = np.zeros(1), np.zeros(1)
+    r = comm.Irecv(early, me, 9)
+    assert "Recv" not in comm.direct and "recv" not in comm.direct
+    comm.Recv(late, me, 9)
+    r.Wait()
+    s1.Wait()
+    s2.Wait()
+    direct_after = comm.direct
+    comm.mpi.Barrier()
+    assert (early[0], late[0]) == (1.0, 2.0)
+    assert "Recv" in direct_after and "recv" in direct_after
+
+
+def test_direct_path_steps_aside_while_messages_are_held(comm):
+    """Messages held at a flush are received before anything MPI has: the direct Recv is
+    off while the queue holds them and back when it is empty."""
+    me, n, right, left = ring(comm)
+    comm.send(("held", me), right, 4)
+    comm.hold_in_flight()
+    off = "recv" in comm.direct
+    comm.send(("later", me), right, 4)
+    got = [comm.recv(source=left, tag=4), comm.recv(source=left, tag=4)]
+    on = "recv" in comm.direct
+    comm.mpi.Barrier()
+    assert not off and on
+    assert got == [("held", left), ("later", left)]
+
+
+def test_direct_path_yields_to_a_layer_and_comes_back(comm):
+    """A layer (the post-copy guard, the metering) wraps the class's method; removing it
+    puts the call straight to MPI again; re-pointing binds the new communicator."""
+    me, n, right, left = ring(comm)
+    seen = []
+    comm.set_buffer_guard(lambda *args: seen.append(1))
+    guarded = comm.direct
+    a, b = np.ones(4), np.zeros(4)
+    comm.Sendrecv(a, right, 1, b, left, 1)
+    comm.set_buffer_guard(None)
+    unguarded = comm.direct
+    old = comm.mpi
+    new = old.Dup()
+    comm.hold_in_flight()
+    comm.repoint(new)
+    bound = comm.__dict__["Recv"].__self__ == new
+    comm.Sendrecv(a, right, 2, b, left, 2)
+    comm.mpi.Barrier()
+    old.Free()
+    assert "Send" not in guarded and "Recv" not in guarded and "Barrier" in guarded
+    assert {"Send", "Recv", "Sendrecv"} <= set(unguarded)
+    assert bound and len(seen) == 1 and b.tolist() == [1.0] * 4
