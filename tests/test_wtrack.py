@@ -119,3 +119,10 @@ def test_precopy_bit_identical_tracking_on_and_off(tmp_path, mode):
         assert s["wtrack_reason"] == "MPIMIG_WTRACK=off", s
     # the rounds converge on the few written chunks: the freeze moves a small part of the state
     assert s["reason"] == "small" and s["final_bytes"] < s["state_bytes"] // 8, s
+
+
+def test_bench_wtrack_mode_refused(tmp_path):
+    res = run_cmd(mpimig_cmd("bench", "migrate", "--strategies", "pre-copy", "--wtrack", "on,maybe",
+                             "--sizes", "1M", "--dir", tmp_path), timeout=60)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "--wtrack: 'maybe' is not a mode; known: on, off" in res.stderr, res.stderr[-2000:]
