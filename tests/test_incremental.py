@@ -131,3 +131,21 @@ def test_foreign_parent_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"link epoch 2 names parent 1 id \w+, but that epoch holds id \w+: "
                                               r"the chain is broken, restore refused"):
         restore(store, 2, 0)
+
+
+def test_bench_incremental_smoke(tmp_path):
+    """`mpimig bench incremental`: a row per way, each restored bit for bit, deltas smaller than full."""
+    import json
+    import re
+
+    from conftest import mpimig_cmd, run_cmd
+    out = tmp_path / "inc.json"
+    res = run_cmd(mpimig_cmd("bench", "incremental", "--size", "4M", "--epochs", 3, "--full-every", 3,
+                             "--chunk", 65536, "--dir", tmp_path, "--json", out), timeout=120, check_rc=0)
+    for way in ("full", "incr/uffd", "incr/crc"):
+        assert re.search(rf"^{re.escape(way)}\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+ yes$", res.stdout, re.M), \
+            res.stdout
+    rows = {r["way"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["full"]["bytes"] >= 4 << 20
+    assert rows["incr/uffd"]["bytes"] < (4 << 20) // 4 and rows["incr/crc"]["bytes"] < (4 << 20) // 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inc.json"]          # stores removed
