@@ -149,3 +149,25 @@ def test_bench_incremental_smoke(tmp_path):
     assert rows["full"]["bytes"] >= 4 << 20
     assert rows["incr/uffd"]["bytes"] < (4 << 20) // 4 and rows["incr/crc"]["bytes"] < (4 << 20) // 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inc.json"]          # stores removed
+
+
+def test_tracker_lost_falls_back_to_crc(tmp_path):
+    """The kernel stops tracking an array (its range unregistered behind the writer's back): the
+    next link finds the written chunks by CRC, and the chain still restores bit for bit."""
+    t = wtrack.tracker()
+    assert t is not None, wtrack.unavailable_reason()
+    store = CheckpointStore(tmp_path / "ck", job_id="inc", keep=8)
+    w = IncrementalWriter(store, 0, 1, full_every=8, chunk=C, tracker=t)
+    arrays = _state()
+    try:
+        for e in (1, 2, 3):
+            if e == 3:
+                t._unregister(t._arrays[id(arrays["big"])])
+            arrays["big"][e * 10_000:e * 10_000 + 7] = e
+            assert w.write(e, e, arrays, {})["kind"] == ("full" if e == 1 else "delta")
+            store.commit(e, 1, e)
+            w.committed(e)
+    finally:
+        t.close()
+    got, _, _ = restore(store, 3, 0)
+    assert got["big"].tobytes() == arrays["big"].tobytes()

@@ -126,3 +126,13 @@ def test_bench_wtrack_mode_refused(tmp_path):
                              "--sizes", "1M", "--dir", tmp_path), timeout=60)
     assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert "--wtrack: 'maybe' is not a mode; known: on, off" in res.stderr, res.stderr[-2000:]
+
+
+def test_tracker_raises_when_the_kernel_stopped_tracking(tracker):
+    a = np.ones(1 << 20, dtype=np.uint8)
+    assert tracker.track(a)
+    rec = tracker._arrays[id(a)]
+    tracker._unregister(rec)                  # as if the memory had been remapped under the tracker
+    a[100_000] = 3
+    with pytest.raises(OSError, match="PAGEMAP_SCAN"):
+        tracker.written(a, 65536)

@@ -128,9 +128,14 @@ class IncrementalWriter:
     def _dirty(self, k: str, a: np.ndarray) -> np.ndarray:
         """Chunks written since the last write (plus those of writes not committed)."""
         n = -(-a.nbytes // self.chunk)
+        d = None
         if k in self._tracked and self.tracker is not None:
-            d = self.tracker.written(a, self.chunk)
-        else:
+            try:
+                d = self.tracker.written(a, self.chunk)
+            except OSError:               # the kernel stopped tracking it (memory remapped): CRCs from now
+                self.tracker.untrack(a)
+                self._tracked.discard(k)
+        if d is None:
             d = chunk_crcs(a, self.chunk) != self._crcs[k]
         carry = self._carry.get(k)
         if carry is not None and carry.size == n:

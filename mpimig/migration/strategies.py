@@ -280,7 +280,12 @@ class PreCopySource:
             if name not in self.sends:
                 return np.ones(n, dtype=bool)
             t0 = time.perf_counter()
-            out = self.wt.written(a, self.C)
+            try:
+                out = self.wt.written(a, self.C)
+            except OSError as e:          # the kernel stopped tracking it (memory remapped): shadow from now
+                self.why_shadow = f"array {name!r}: {e}"
+                self._forget(name)
+                return np.ones(n, dtype=bool)
             self.scan_s += time.perf_counter() - t0
             return out
         sh = self.shadow.get(name)
