@@ -93,7 +93,8 @@ def parse_wtrack(text: str) -> list[str | None]:
 
 def row_label(r: dict) -> str:
     """The strategy, with pre-copy's write-tracking mode (uffd, shadow, mixed) when known."""
-    return f"{r['strategy']}/{r['wtrack']}" if r.get("wtrack") else r["strategy"]
+    mode = r.get("wtrack") or r.get("wtrack_requested")      # what ran, else what was asked (a failed run)
+    return f"{r['strategy']}/{mode}" if mode else r["strategy"]
 
 
 def mover_slowdown(result: dict, moved: int, after: int = 5) -> float | None:
@@ -126,6 +127,7 @@ def run_one(strategy: str, size: int, dirty: float, at: int, steps: int, args, h
     env = dict(os.environ)
     if wtrack:
         env["MPIMIG_WTRACK"] = wtrack
+        rec["wtrack_requested"] = wtrack
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout + 60, env=env)
     except subprocess.TimeoutExpired:
