@@ -17,6 +17,7 @@ import importlib
 # Submodules that add `mpimig bench NAME`, in the order --help lists them.
 BENCH_MODULES = [
     "mpimig.bench.checkpoint",   # checkpoint: store vs raw h5py, stall per checkpoint
+    "mpimig.bench.incremental",  # incremental: incremental checkpoint epochs vs full ones
     "mpimig.bench.comm",         # comm: facade vs plain mpi4py
     "mpimig.bench.point",        # point: a checkpoint point with nothing to do, vote every point vs free
     "mpimig.bench.migrate",      # migrate: strategies, freeze time, bytes moved
@@ -29,7 +30,8 @@ BENCH_MODULES = [
 
 def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "bench", help="run a benchmark (checkpoint, comm, point, migrate, recovery, metrics, balance, simulate)",
+        "bench", help="run a benchmark (checkpoint, incremental, comm, point, migrate, recovery, metrics, balance, "
+                      "simulate)",
         description="Benchmarks that measure mpimig against the plain way of doing the same "
                     "thing, in the same run.")
     bench_sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")

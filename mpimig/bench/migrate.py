@@ -251,5 +251,9 @@ def register(bench_subparsers) -> argparse.ArgumentParser:
     g.add_argument("--no-spare", dest="spares", action="store_false",
                    help="with --strategies: spawn the target instead of using a warm spare")
     g.add_argument("--png", metavar="FILE", help="with --strategies: the plot (default: the JSON's name, .png)")
+    g.add_argument("--wtrack", metavar="LIST", default="",
+                   help="with --strategies: run pre-copy once per write-tracking mode in LIST, e.g. 'on,off' "
+                        "(MPIMIG_WTRACK: on = the kernel's userfaultfd tracking where it exists, off = the "
+                        "shadow compare); the mode that ran is in the table (default: the environment's)")
     p.set_defaults(func=main)
     return p

@@ -82,6 +82,21 @@ def parse_dirty(text: str) -> list[float]:
     return out
 
 
+def parse_wtrack(text: str) -> list[str | None]:
+    """--wtrack: MPIMIG_WTRACK values for pre-copy's runs ([None]: the environment's)."""
+    out: list[str | None] = [m.strip() for m in (text or "").split(",") if m.strip()]
+    for m in out:
+        if m not in ("on", "off"):
+            raise UsageError(f"--wtrack: {m!r} is not a mode; known: on, off")
+    return out or [None]
+
+
+def row_label(r: dict) -> str:
+    """The strategy, with pre-copy's write-tracking mode (uffd, shadow, mixed) when known."""
+    mode = r.get("wtrack") or r.get("wtrack_requested")      # what ran, else what was asked (a failed run)
+    return f"{r['strategy']}/{mode}" if mode else r["strategy"]
+
+
 def mover_slowdown(result: dict, moved: int, after: int = 5) -> float | None:
     """Seconds above the moved rank's median step (before the move) in the
     ``after`` steps it ran after resuming."""
@@ -99,7 +114,7 @@ def mover_slowdown(result: dict, moved: int, after: int = 5) -> float | None:
 
 
 def run_one(strategy: str, size: int, dirty: float, at: int, steps: int, args, host: str,
-            work: Path, tag: str) -> dict:
+            work: Path, tag: str, wtrack: str | None = None) -> dict:
     job = work / f"job-{tag}"
     cmd = [sys.executable, "-m", "mpimig", "run", "-n", str(RANKS), "--job-dir", str(job),
            "--restart", "never", "--timeout", str(args.timeout),
@@ -110,6 +125,9 @@ def run_one(strategy: str, size: int, dirty: float, at: int, steps: int, args, h
             "--dirty", repr(dirty), "--big-rank", str(MOVING)]
     rec: dict[str, Any] = {"strategy": strategy, "size": size, "dirty": dirty, "at_point": at, "steps": steps}
     env = dict(os.environ)
+    if wtrack:
+        env["MPIMIG_WTRACK"] = wtrack
+        rec["wtrack_requested"] = wtrack
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout + 60, env=env)
     except subprocess.TimeoutExpired:
@@ -131,6 +149,7 @@ def run_one(strategy: str, size: int, dirty: float, at: int, steps: int, args, h
     down = rec["downtime"] or 0.0
     if strategy == "pre-copy":
         rec["bytes_moved"] = s.get("bytes_total")
+        rec["wtrack"] = s.get("wtrack")
         rec["rounds"] = s.get("rounds", 0) + 1
         rec["total"] = s.get("precopy_s", 0.0) + down
         rec["residual"] = 0.0
@@ -187,6 +206,7 @@ def evaluate(results: dict) -> dict:
             if sc:
                 ratio = r["downtime"] / sc[0]["downtime"]
                 goals["pre_copy"].append({"size": r["size"], "dirty": r["dirty"], "ratio": ratio,
+                                          "wtrack": r.get("wtrack"), "moved_ratio": r["bytes_moved"] / r["size"],
                                           "met": ratio <= GOAL_PRE})
     return goals
 
@@ -200,18 +220,18 @@ def _mb(x) -> str:
 
 
 def format_table(results: dict) -> list[str]:
-    head = (f"{'strategy':<14} {'size':>8} {'dirty':>6} {'downtime':>9} {'total':>9} {'moved':>9} "
+    head = (f"{'strategy':<16} {'size':>8} {'dirty':>6} {'downtime':>9} {'total':>9} {'moved':>9} "
             f"{'rounds':>6} {'residual':>9} {'src free':>9} {'slowdown':>9} {'stall':>8} {'others':>8}")
-    unit = (f"{'':<14} {'':>8} {'/step':>6} {'ms':>9} {'ms':>9} {'MiB':>9} {'':>6} {'ms':>9} {'ms':>9} "
+    unit = (f"{'':<16} {'':>8} {'/step':>6} {'ms':>9} {'ms':>9} {'MiB':>9} {'':>6} {'ms':>9} {'ms':>9} "
             f"{'ms':>9} {'max ms':>8} {'wait ms':>8}")
     lines = [head, unit]
     for r in results["rows"]:
         if r.get("state") != "done":
-            lines.append(f"{r['strategy']:<14} {fmt_size(r['size']):>8} {r['dirty'] * 100:>5.1f}% "
+            lines.append(f"{row_label(r):<16} {fmt_size(r['size']):>8} {r['dirty'] * 100:>5.1f}% "
                          f"{r.get('state')}")
             continue
         lines.append(
-            f"{r['strategy']:<14} {fmt_size(r['size']):>8} {r['dirty'] * 100:>5.1f}% {_ms(r['downtime']):>9} "
+            f"{row_label(r):<16} {fmt_size(r['size']):>8} {r['dirty'] * 100:>5.1f}% {_ms(r['downtime']):>9} "
             f"{_ms(r['total']):>9} {_mb(r['bytes_moved']):>9} {r['rounds']:>6} {_ms(r['residual']):>9} "
             f"{_ms(r['source_free']):>9} {_ms(r['slowdown']):>9} {_ms(r['stall_max']):>8} "
             f"{_ms(r['others_wait_max']):>8}")
@@ -229,8 +249,9 @@ def format_table(results: dict) -> list[str]:
                      f"{x['ratio']:.2f}x bytes/Send bandwidth ({x['ratio_cold']:.2f}x fresh-buffer bandwidth), "
                      f"goal <= {GOAL_SC}x: {'met' if x['met'] else 'MISSED'}")
     for x in g["pre_copy"]:
-        lines.append(f"  pre-copy {fmt_size(x['size'])} dirty {x['dirty'] * 100:.0f}%: downtime = "
-                     f"{x['ratio']:.3f}x stop-and-copy, goal <= {GOAL_PRE}x: {'met' if x['met'] else 'MISSED'}")
+        lines.append(f"  pre-copy{'/' + x['wtrack'] if x.get('wtrack') else ''} {fmt_size(x['size'])} dirty "
+                     f"{x['dirty'] * 100:.0f}%: downtime = {x['ratio']:.3f}x stop-and-copy, goal <= {GOAL_PRE}x: "
+                     f"{'met' if x['met'] else 'MISSED'}; bytes moved = {x['moved_ratio']:.2f}x state")
     if not g["pre_copy"]:
         lines.append("  pre-copy: no run at >= 1 GiB with <= 2% dirty: goal not evaluated")
     for x in g["post_copy"]:
@@ -255,10 +276,10 @@ def plot(results: dict, path: Path) -> None:
     styles = ["-", "--", ":", "-."]
     dirties = sorted({r["dirty"] for r in rows})
     for ax, (key, label, scale) in zip(axes, panels):
-        for j, strat in enumerate(results["strategies"]):
+        for j, strat in enumerate(sorted({row_label(r) for r in rows})):
             for i, d in enumerate(dirties):
                 pts = sorted((r["size"], r[key]) for r in rows
-                             if r["strategy"] == strat and r["dirty"] == d and r.get(key) is not None)
+                             if row_label(r) == strat and r["dirty"] == d and r.get(key) is not None)
                 if pts:
                     ax.plot([p[0] / (1 << 20) for p in pts], [p[1] * scale for p in pts],
                             styles[i % len(styles)], marker="o", color=f"C{j}",
@@ -281,6 +302,7 @@ def run(args, out=print) -> dict:
     if not sizes:
         raise UsageError("--sizes needs at least one size")
     dirties = parse_dirty(args.dirty)
+    modes = parse_wtrack(getattr(args, "wtrack", ""))
     if args.repeat is None:
         args.repeat = 1
     if args.repeat < 1:
@@ -291,7 +313,8 @@ def run(args, out=print) -> dict:
     if base:
         base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="mpimig-bench-strategies-", dir=base))
-    combos = [(s, z, d) for z in sizes for d in dirties for s in strategies]
+    combos = [(s, z, d, m) for z in sizes for d in dirties for s in strategies
+              for m in (modes if s == "pre-copy" else [None])]
     total = len(combos) * args.repeat
     out(f"mpimig bench migrate: strategies {', '.join(strategies)}; sizes "
         f"{', '.join(fmt_size(z) for z in sizes)}; dirty {', '.join(f'{d * 100:g}%' for d in dirties)} per step; "
@@ -311,24 +334,23 @@ def run(args, out=print) -> dict:
             results["raw"].append(raw)
             out(f"  baseline {fmt_size(size)}: Send/Recv {raw['warm_gbps']:.2f} GB/s touched, "
                 f"{raw['cold_gbps']:.2f} GB/s fresh buffer")
-            for dirty in dirties:
-                for strat in strategies:
-                    runs = []
-                    for i in range(args.repeat):
-                        k += 1
-                        r = run_one(strat, size, dirty, at, steps, args, host, work,
-                                    f"{strat}-{size}-{dirty}-{i}")
-                        runs.append(r)
-                        el = time.monotonic() - t0
-                        eta = el / k * (total - k)
-                        if r.get("state") == "done":
-                            out(f"  [{k}/{total}] {strat} {fmt_size(size)} {dirty * 100:g}%: downtime "
-                                f"{_ms(r['downtime'])} ms, moved {_mb(r['bytes_moved'])} MiB, total "
-                                f"{_ms(r['total'])} ms  ({el:.0f} s, ~{eta:.0f} s left)")
-                        else:
-                            out(f"  [{k}/{total}] {strat} {fmt_size(size)} {dirty * 100:g}%: {r.get('state')}"
-                                + (f"\n    {r['log'][-1500:]}" if r.get("log") else ""))
-                    results["rows"].append(_combine(runs))
+            for strat, _, dirty, mode in (c for c in combos if c[1] == size):
+                runs = []
+                for i in range(args.repeat):
+                    k += 1
+                    r = run_one(strat, size, dirty, at, steps, args, host, work,
+                                f"{strat}-{size}-{dirty}-{mode}-{i}", wtrack=mode)
+                    runs.append(r)
+                    el = time.monotonic() - t0
+                    eta = el / k * (total - k)
+                    if r.get("state") == "done":
+                        out(f"  [{k}/{total}] {row_label(r)} {fmt_size(size)} {dirty * 100:g}%: downtime "
+                            f"{_ms(r['downtime'])} ms, moved {_mb(r['bytes_moved'])} MiB, total "
+                            f"{_ms(r['total'])} ms  ({el:.0f} s, ~{eta:.0f} s left)")
+                    else:
+                        out(f"  [{k}/{total}] {strat} {fmt_size(size)} {dirty * 100:g}%: {r.get('state')}"
+                            + (f"\n    {r['log'][-1500:]}" if r.get("log") else ""))
+                results["rows"].append(_combine(runs))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["goals"] = evaluate(results)

@@ -8,6 +8,9 @@ Owns the on-disk format (docs/checkpoint-format.md) in six modules:
   which sign and verify);
 * :mod:`.writer` -- writing one rank's file (pwrite fast path, async snapshot);
 * :mod:`.store` -- :class:`CheckpointStore`: epochs, vote, commit, pruning;
+* :mod:`.incremental` -- incremental epochs: only the chunks written since the
+  previous epoch (a write tracker handed in, or chunk CRCs), a full epoch every K,
+  a chain restored and verified link by link;
 * :mod:`.reader` -- reading, verifying and describing what is on disk, and the
   ``mpimig inspect`` command;
 * :mod:`.auth` -- the job secret, HMAC-SHA256 tags (docs/security.md) and the

@@ -49,7 +49,7 @@ from mpi4py import MPI
 from ..errors import MigrationError, UsageError
 from ..checkpoint.format import dumps, loads
 from ..state import State
-from . import transport
+from . import transport, wtrack
 from .protocol import (DEFAULT_STRATEGY, STRATEGY_CLASSES, TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND, TAG_PRECOPY,
                        TAG_PRECOPY_DATA, Move, Plan, check_strategy)
 from .transport import Transfer
@@ -186,17 +186,32 @@ def _precopy_small(total: int, C: int) -> int:
 class PreCopySource:
     """The moving rank's side of pre-copy rounds (before the switch).
 
-    Dirty tracking is exact: each round copies the chunks it sends into a
-    shadow copy and sends *from the shadow*; the next round compares the live
-    array with the shadow chunk by chunk (as integers, so -0.0/NaN changes
-    count). A chunk whose bytes differ is dirty. Memory cost: one shadow byte
-    per registered byte. (Linux soft-dirty page bits would make the scan
-    unnecessary, but this kernel does not have CONFIG_MEM_SOFT_DIRTY; CRC-32
-    digests were 2x slower than the compare and not exact.)
+    Dirty tracking is exact or a superset, in one of two modes (``wtrack`` in the
+    move's ``strategy_stats``):
+
+    ``uffd``    the kernel tracks writes (:mod:`mpimig.migration.wtrack`: userfaultfd
+                async write-protect + ``PAGEMAP_SCAN``): a round asks which pages were
+                written since the previous one, O(pages written), and sends from the
+                live array (a chunk written while it is on its way was written after
+                the scan, so it goes again). No shadow copy.
+    ``shadow``  the fallback (kernel < 6.7, no userfaultfd, ``MPIMIG_WTRACK=off``): each
+                round copies the chunks it sends into a shadow copy and sends *from
+                the shadow*; the next round compares the live array with the shadow
+                chunk by chunk (as integers, so -0.0/NaN changes count). Memory cost:
+                one shadow byte per registered byte.
+
+    An array the kernel cannot track (not anonymous memory, a view sharing pages with
+    another) uses the shadow while the others use the kernel (``mixed``).
     """
 
-    def __init__(self, J: MPI.Intracomm, dest: int, state_of: Callable[[], State | None], rank: int) -> None:
+    def __init__(self, J: MPI.Intracomm, dest: int, state_of: Callable[[], State | None], rank: int,
+                 track: bool = True) -> None:
         self.J, self.dest, self.rank, self.state_of = J, dest, rank, state_of
+        self.wt = wtrack.tracker() if track else None
+        self.tracked: set[str] = set()             # arrays the kernel tracks (the others: shadow)
+        self.pending: dict[str, np.ndarray] = {}   # chunks found dirty by a scan but not sent yet
+        self.why_shadow = ("no rounds: everything moved frozen" if not track else
+                           wtrack.unavailable_reason() if self.wt is None else "no array could be registered")
         self.tx = Transfer(J, dest, transport.ROUNDS, "pre-copy")
         self.C = chunk_bytes()
         self.live: dict[str, np.ndarray] = {}
@@ -224,23 +239,55 @@ class PreCopySource:
         cur = {k: v for k, v in arrays.items() if _chunkable(v)}
         for k in list(self.live):
             if k not in cur:
+                self._forget(k)
                 del self.live[k]
-                self.shadow.pop(k, None)
-                self.sends.pop(k, None)
         for k, a in cur.items():
             if self.live.get(k) is not a:
+                self._forget(k)
                 self.live[k] = a
-                self.shadow.pop(k, None)
-                self.sends.pop(k, None)
                 self.new_meta[k] = (a.shape, a.dtype.str)
+                if self.wt is not None and self.wt.track(a):
+                    self.tracked.add(k)
         self.total = sum(v.nbytes for v in self.live.values())
+
+    def _forget(self, k: str) -> None:
+        if k in self.tracked and self.wt is not None:
+            self.wt.untrack(self.live[k])
+        self.tracked.discard(k)
+        self.pending.pop(k, None)
+        self.shadow.pop(k, None)
+        self.sends.pop(k, None)
+
+    def mode(self) -> str:
+        """``uffd``, ``shadow`` or ``mixed``: how dirty chunks were found (see the class)."""
+        if not self.tracked:
+            return "shadow"
+        return "uffd" if len(self.tracked) == len(self.live) else "mixed"
+
+    def close(self) -> None:
+        if self.wt is not None:
+            self.wt.close()
+            self.wt = None
+        self.tracked.clear()
 
     def _nchunks(self, a: np.ndarray) -> int:
         return -(-a.nbytes // self.C)
 
     def _dirty(self, name: str, a: np.ndarray) -> np.ndarray:
-        """Chunks of ``a`` that differ from the shadow (all when there is none yet)."""
+        """Chunks of ``a`` written since the previous round (all when it was not sent yet)."""
         n = self._nchunks(a)
+        if name in self.tracked and self.wt is not None:
+            if name not in self.sends:
+                return np.ones(n, dtype=bool)
+            t0 = time.perf_counter()
+            try:
+                out = self.wt.written(a, self.C)
+            except OSError as e:          # the kernel stopped tracking it (memory remapped): shadow from now
+                self.why_shadow = f"array {name!r}: {e}"
+                self._forget(name)
+                return np.ones(n, dtype=bool)
+            self.scan_s += time.perf_counter() - t0
+            return out
         sh = self.shadow.get(name)
         if sh is None or sh.shape != a.shape or sh.dtype != a.dtype or not a.flags.c_contiguous:
             return np.ones(n, dtype=bool)
@@ -256,7 +303,14 @@ class PreCopySource:
         return out
 
     def _all_dirty(self) -> dict[str, np.ndarray]:
-        return {k: self._dirty(k, v) for k, v in self.live.items()}
+        """Dirty chunks of every array. A kernel scan forgets what it reported (the pages are
+        protected again), so chunks found but not sent yet (``pending``) are added back."""
+        out = {k: self._dirty(k, v) for k, v in self.live.items()}
+        for k, m in self.pending.items():
+            if k in out and out[k].shape == m.shape:
+                out[k] |= m
+        self.pending = {}
+        return out
 
     def _count(self, dirty: dict[str, np.ndarray]) -> int:
         tot = 0
@@ -284,20 +338,26 @@ class PreCopySource:
             if self.reason:
                 self.ready = True         # the rest goes at the switch, with the rank frozen
                 self.pending_dirty = nbytes
+                self.pending = dirty
                 return True
         runs = []
         for k, m in dirty.items():
             a = self.live[k]
-            if k not in self.shadow:
-                self.shadow[k] = np.empty_like(a)
+            if k not in self.sends:
                 self.sends[k] = np.zeros(self._nchunks(a), dtype=np.int32)
+                if k not in self.tracked:
+                    self.shadow[k] = np.empty_like(a)
             self.sends[k] += m
             for lo, hi in _runs(m, a.nbytes, self.C):
                 runs.append((k, lo, hi))
         meta, self.new_meta = self.new_meta, {}
         self.tx.send_obj({"round": len(self.rounds) + 1, "arrays": meta, "runs": runs}, TAG_PRECOPY)
         for k, lo, hi in runs:
-            L, S = flat_bytes(self.live[k]), flat_bytes(self.shadow[k])
+            L = flat_bytes(self.live[k])
+            if k in self.tracked:          # a write during the send is seen by the next scan
+                self.reqs.append(self.tx.Isend(L[lo:hi], TAG_PRECOPY_DATA))
+                continue
+            S = flat_bytes(self.shadow[k])
             S[lo:hi] = L[lo:hi]            # send from the shadow: later writes cannot tear it
             self.reqs.append(self.tx.Isend(S[lo:hi], TAG_PRECOPY_DATA))
         self.rounds.append(sum(hi - lo for _, lo, hi in runs))
@@ -327,7 +387,9 @@ class PreCopySource:
                  "bytes_total": int(sum(self.rounds) + final), "bytes_resent": resent,
                  "state_bytes": self.total, "reason": self.reason or "switched-early",
                  "final_scan_s": time.perf_counter() - t0, "scan_s": self.scan_s,
-                 "precopy_s": extra["t_suspend"] - self.t_start}
+                 "precopy_s": extra["t_suspend"] - self.t_start, "wtrack": self.mode()}
+        if not self.tracked:
+            stats["wtrack_reason"] = self.why_shadow
         extra = dict(extra, strategy_stats=stats)
         hdr = {"final": True, "runs": runs, "eager": eager,
                "meta": {k: (v.shape, v.dtype.str) for k, v in self.live.items()},
@@ -336,6 +398,7 @@ class PreCopySource:
         for k, lo, hi in runs:
             tx.Send(flat_bytes(self.live[k])[lo:hi], TAG_PRECOPY_DATA)
         self.shadow.clear()
+        self.close()
 
 
 class PreCopyTarget:
@@ -362,7 +425,7 @@ class PreCopy(Strategy):
     def send(self, ctx, tx, arrays, objects, extra, plan, move):
         src = ctx.link.precopy
         if src is None:                      # no rounds were possible: everything now
-            src = PreCopySource(tx.comm, tx.peer, lambda: None, move.rank)
+            src = PreCopySource(tx.comm, tx.peer, lambda: None, move.rank, track=False)
             src.reason = "no-rounds"
         src.finish(tx, arrays, objects, extra)
         ctx.link.precopy = None

@@ -1,0 +1,109 @@
+"""Test program for pre-copy's write tracking: every rank holds a 4 MiB array and writes a
+few scattered places of it each step (its first and last bytes too, which sit on pages
+shared with malloc's header), a small array (< a page), and an array it replaces at step 10;
+the left neighbour's value travels in each step (Sendrecv).
+
+    mpimig run -n 3 --migrate 5:1:HOST:pre-copy wtrack_prog.py --steps 30 --out res.json
+    python wtrack_prog.py --serial -n 3 --steps K --out ref.json      # the reference, no MPI
+
+With ``--wait-move``, after ``--steps`` the ranks keep stepping until the moved rank
+runs in its new process (role "migrated"), and the output says how many steps ran: the
+reference is computed serially for that many. The output holds each rank's state digest.
+"""
+import argparse
+import hashlib
+import json
+import sys
+import time
+
+import numpy as np
+
+NEL = (4 << 20) // 8
+
+
+def initial(rank: int) -> dict:
+    a = np.empty(NEL, dtype=np.float64)
+    a.fill(float(rank))
+    return {"a": a, "b": np.zeros(100, dtype=np.float64), "c": np.arange(3000, dtype=np.int64) * rank}
+
+
+def update(s: dict, step: int, rank: int, from_left: float) -> None:
+    """One step of one rank's state; everything it writes depends on (step, rank, from_left)."""
+    a = s["a"]
+    for k in range(3):
+        lo = (step * 7919 + k * 104729 + rank * 31) * 61 % (NEL - 64)
+        a[lo:lo + 64] += step + k + 0.5
+    a[0] += 1.0
+    a[-1] += 0.5
+    a[8] += from_left
+    s["b"][step % 100] = step * 1.5 + rank
+    if step == 10:
+        s["c"] = np.full(5000, step + rank, dtype=np.int64)      # replaced: a new array
+    else:
+        s["c"][step % s["c"].size] += 1
+
+
+def digest(s: dict) -> str:
+    h = hashlib.sha256()
+    for k in ("a", "b", "c"):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(s[k]).tobytes())
+    return h.hexdigest()
+
+
+def serial(n: int, steps: int) -> list[str]:
+    states = [initial(r) for r in range(n)]
+    for step in range(steps):
+        sent = [float(st["a"][7]) for st in states]
+        for r, st in enumerate(states):
+            update(st, step, r, sent[(r - 1) % n])
+    return [digest(st) for st in states]
+
+
+def main(ctx, args):
+    comm = ctx.comm
+    me, n = comm.rank, comm.size
+    init = initial(me) if ctx.role == "initial" else {"a": None, "b": None, "c": None}
+    st = ctx.state(a=init["a"], b=init["b"], c=init["c"], step=0)
+    got = np.empty(1)
+    while True:
+        if st.step >= args.steps:
+            moved = comm.allreduce(1 if ctx.role == "migrated" else 0) if args.wait_move else 1
+            if moved:
+                break
+            if st.step >= args.steps + args.max_extra:
+                raise RuntimeError(f"rank {me}: no rank was moved within {args.max_extra} extra steps")
+        comm.Sendrecv(np.array([st.a[7]]), (me + 1) % n, 5, got, (me - 1) % n, 5)
+        s = {"a": st.a, "b": st.b, "c": st.c}
+        update(s, st.step, me, float(got[0]))
+        st.c = s["c"]
+        st.step += 1
+        if args.work_ms:
+            time.sleep(args.work_ms / 1000.0)     # stand-in for work, so the rounds overlap steps
+        ctx.checkpoint_point()
+    rec = comm.gather({"rank": me, "role": ctx.role, "digest": digest({"a": st.a, "b": st.b, "c": st.c})}, root=0)
+    if me == 0:
+        with open(args.out, "w") as f:
+            json.dump({"steps": st.step, "ranks": rec}, f)
+
+
+def parse(argv):
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--work-ms", type=float, default=20.0)
+    p.add_argument("--wait-move", action="store_true")
+    p.add_argument("--max-extra", type=int, default=3000)
+    p.add_argument("--serial", action="store_true")
+    p.add_argument("-n", type=int, default=3)
+    p.add_argument("--out", required=True)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse(sys.argv[1:])
+    if args.serial:
+        with open(args.out, "w") as f:
+            json.dump({"steps": args.steps, "digests": serial(args.n, args.steps)}, f)
+        sys.exit(0)
+    import mpimig
+    mpimig.run(lambda ctx: main(ctx, args))
