@@ -32,7 +32,7 @@ from .. import exits
 from ..errors import MigrationError
 from ..ft import recovery
 from ..state import State
-from . import strategies
+from . import handover, strategies
 from . import transport
 from .protocol import DEFAULT_STRATEGY, TAG_GO, TAG_PLAN, TAG_REPLY, TAG_REPORT, TAG_REQUEST, Move, Plan
 
@@ -119,6 +119,7 @@ def suspend(ctx: Context) -> Plan | None:
     J = link.J
     if link.plan is None and J.Iprobe(0, TAG_PLAN):
         link.plan = J.recv(source=0, tag=TAG_PLAN)
+        handover.announce(ctx, link.plan)     # a warm spare target faults its buffers in meanwhile
     plan = link.plan
     ready = precopy_round(ctx, plan)
     votes = plan is not None and ctx.point >= plan.at_point
