@@ -32,19 +32,21 @@ N, STEPS = 256, 40
 STATE_BYTES = (N // 2 + 2) ** 2 * 8          # a 128x128 heat2d block with its halo
 
 
-def _heat2d(tmp_path: Path, *args, **envs) -> tuple[list[dict], list[dict]]:
+MOVES = (f"6:1:{HOST}:stop-and-copy", f"6:2:{HOST}:stop-and-copy", f"14:1:{HOST}:stop-and-copy")
+
+
+def _heat2d(tmp_path: Path, *args, moves=MOVES, steps=STEPS, **envs) -> tuple[list[dict], list[dict]]:
     """heat2d on 4 ranks, ranks 1 and 2 moved in one plan and rank 1 again, by stop-and-copy;
     checks the result bit for bit; returns (migrations, migrated events)."""
     job, out = tmp_path / "job", tmp_path / "out.npy"
-    res = run_cmd(mpimig_cmd("run", "-n", 4, "--job-dir", job, *args,
-                             "--migrate", f"6:1:{HOST}:stop-and-copy", "--migrate", f"6:2:{HOST}:stop-and-copy",
-                             "--migrate", f"14:1:{HOST}:stop-and-copy",
-                             APPS / "heat2d.py", "--n", N, "--steps", STEPS, "--work-ms", 60, "--out", out),
+    res = run_cmd(mpimig_cmd("run", "-n", 4, "--job-dir", job, *args, *[x for m in moves for x in ("--migrate", m)],
+                             APPS / "heat2d.py", "--n", N, "--steps", steps, "--work-ms", 60, "--out", out),
                   timeout=240, env=env(**envs))
     assert "job completed" in res.stderr, res.stderr[-3000:]
-    assert np.load(out).tobytes() == heat_ref(tmp_path, N, STEPS)
+    assert np.load(out).tobytes() == heat_ref(tmp_path, N, steps)
     migs = read(job, "status.json")["migrations"]
-    assert [(m["rank"], m["state"]) for m in migs] == [(1, "done"), (2, "done"), (1, "done")], migs
+    want = [(int(m.split(":")[1]), "done") for m in moves]
+    assert [(m["rank"], m["state"]) for m in migs] == want, migs
     events = [json.loads(x) for x in (job / "events.jsonl").read_text().splitlines()]
     return migs, [e for e in events if e["event"] == "migrated"]
 
@@ -56,8 +58,9 @@ def test_same_host_spare_reads_memory_prefaulted(tmp_path):
         assert s["handover"] == "memory", s
         # the arrays, and the pickled objects (a few bytes) in the header
         assert m["timings"]["bytes"] == STATE_BYTES and STATE_BYTES <= s["transport_bytes"] < STATE_BYTES + 4096
-        # the layout came before the freeze: every byte landed in memory faulted in beforehand
-        assert s["prepared_bytes"] == STATE_BYTES, s
+        # the layout came before the freeze: the bytes landed in the buffers prepared then
+        # (how much of them the thread faulted in before the switch depends on the machine's load)
+        assert s["prepared_bytes"] == STATE_BYTES and 0 <= s["prefaulted_bytes"] <= STATE_BYTES, s
     assert [e["transport"] for e in events] == ["memory"] * 3
 
 
@@ -73,7 +76,7 @@ def test_forced_mpi_pieces_bit_identical(tmp_path):
 def test_spawned_target_reads_memory(tmp_path):
     """A spawned target is not in J before the switch: no layout ahead, the buffers are
     faulted in at the switch, the bytes still come by the memory read."""
-    migs, _ = _heat2d(tmp_path)
+    migs, _ = _heat2d(tmp_path, moves=(f"6:1:{HOST}:stop-and-copy",), steps=120)    # room for a slow spawn
     for m in migs:
         s = m["strategy_stats"]
         assert s["handover"] == "memory" and s["prepared_bytes"] == 0, s

@@ -8,10 +8,11 @@ This module moves the bulk state in three ways that avoid both:
 * **layout before the freeze** (:func:`announce`): when the moving rank first
   sees a plan whose target is a warm spare, it sends the spare its arrays'
   names, shapes and dtypes (``TAG_LAYOUT`` on J). The spare allocates them and
-  faults every page in (:func:`prefault`: transparent huge pages where the
-  kernel gives them) while the rank still computes; the freeze then copies into
-  memory that is already there. A spawned target (not in J before the switch)
-  allocates at the switch, with the same pre-faulting.
+  a thread faults every page in (:class:`Faulting`, ``MADV_POPULATE_WRITE``)
+  while the rank still computes and the spare keeps answering J; the freeze
+  stops it and copies into memory that is already there (pages it did not reach
+  are faulted by the copy). A spawned target (not in J before the switch)
+  allocates at the switch, faulting in before the copy.
 * **same host: a memory read** (``handover="memory"``): the old process is
   frozen and keeps its arrays in place; the new one reads them straight out of
   its address space with ``process_vm_readv`` (one copy, no TCP, no shared
@@ -30,11 +31,11 @@ the old process when it may let go of its arrays. The path taken shows as
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import mmap
 import os
+import threading
 import time
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -83,27 +84,67 @@ def layout(arrays: dict[str, np.ndarray]) -> list[tuple[str, tuple, str]]:
     return [(k, tuple(a.shape), a.dtype.str) for k, a in arrays.items() if movable(a)]
 
 
-def prefault(shape: tuple, dtype: str) -> np.ndarray:
-    """A new array whose every page is already mapped (no fault while data arrives).
+def _populate(addr: int, n: int) -> None:
+    """Fault ``n`` bytes at ``addr`` in for writing (MADV_POPULATE_WRITE; a write per page
+    where the kernel lacks it). ctypes lets other threads run meanwhile."""
+    libc = _libc()
+    if libc.madvise(addr, n, _MADV_POPULATE_WRITE) != 0:
+        np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(addr))[::mmap.PAGESIZE] = 0
 
-    Anonymous page-aligned memory, huge pages asked for, populated by
-    ``MADV_POPULATE_WRITE`` (or a write per page where the kernel lacks it)."""
+
+def fresh(shape: tuple, dtype: str) -> np.ndarray:
+    """A new array in its own page-aligned anonymous mapping, not faulted in yet."""
     dt = np.dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
     if n == 0:
         return np.empty(shape, dtype=dt)
     buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(OSError, AttributeError):
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    try:
-        buf.madvise(_MADV_POPULATE_WRITE)
-    except OSError:
-        np.frombuffer(buf, dtype=np.uint8)[::mmap.PAGESIZE] = 0
     return np.frombuffer(buf, dtype=dt).reshape(shape)
 
 
+def prefault(shape: tuple, dtype: str) -> np.ndarray:
+    """A new array whose every page is already mapped (no fault while data arrives)."""
+    a = fresh(shape, dtype)
+    if a.nbytes:
+        _populate(a.ctypes.data, a.nbytes)
+    return a
+
+
+class Faulting(threading.Thread):
+    """Faults new buffers in, slice by slice, in the background (a warm spare keeps
+    answering J meanwhile); :meth:`finish` stops it at the switch, and whatever is
+    not faulted in yet is faulted by the copy itself."""
+    SLICE = 16 << 20
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        super().__init__(name="mpimig-prefault", daemon=True)
+        self.arrays = arrays
+        self.halt = threading.Event()
+        self.nbytes = 0
+        self.seconds = 0.0
+
+    def run(self) -> None:
+        t0 = time.perf_counter()
+        for a in self.arrays.values():
+            base, n = a.ctypes.data, a.nbytes
+            for lo in range(0, n, self.SLICE):
+                if self.halt.is_set():
+                    self.seconds = time.perf_counter() - t0
+                    return
+                k = min(self.SLICE, n - lo)
+                _populate(base + lo, k)
+                self.nbytes += k
+        self.seconds = time.perf_counter() - t0
+
+    def finish(self) -> Faulting:
+        self.halt.set()
+        self.join()
+        return self
+
+
 def allocate(lay: list, have: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Buffers for a layout: the ones prepared before the freeze where they fit, new ones otherwise."""
+    """Buffers for a layout: the ones prepared before the freeze where they fit, new ones
+    (faulted in now) otherwise."""
     have = have or {}
     out = {}
     for k, shape, dt in lay:
@@ -133,19 +174,21 @@ def announce(ctx: Context, plan: Plan) -> None:
 
 
 class Prepared:
-    """A warm spare's buffers, faulted in from the layouts announced to it (by source J rank)."""
+    """A warm spare's buffers for the layouts announced to it (by source J rank), being
+    faulted in by a :class:`Faulting` thread while the spare waits."""
 
     def __init__(self) -> None:
-        self.buffers: dict[int, tuple[int, dict[str, np.ndarray]]] = {}
-        self.seconds = 0.0
+        self.buffers: dict[int, tuple[int, Faulting]] = {}
 
     def on_layout(self, J: MPI.Intracomm, src: int) -> None:
-        """A layout arrived from J rank ``src``: allocate and fault in (replaces an older one)."""
+        """A layout arrived from J rank ``src``: allocate, start faulting in (replaces an older one)."""
         msg = J.recv(source=src, tag=TAG_LAYOUT)
-        t0 = time.perf_counter()
-        self.buffers.pop(src, None)
-        self.buffers[src] = (int(msg["plan"]), allocate(msg["layout"]))
-        self.seconds = time.perf_counter() - t0
+        old = self.buffers.pop(src, None)
+        if old is not None:
+            old[1].finish()
+        f = Faulting({k: fresh(tuple(shape), dt) for k, shape, dt in msg["layout"]})
+        f.start()
+        self.buffers[src] = (int(msg["plan"]), f)
 
     def ready(self, J: MPI.Intracomm, src: int, plan_id: int) -> Ready:
         """What the switch of a plan moving J rank ``src``'s rank to this spare starts from."""
@@ -153,6 +196,8 @@ class Prepared:
 
     def drop(self) -> None:
         """The switch went elsewhere (or is over): give the memory back."""
+        for _, f in self.buffers.values():
+            f.finish()
         self.buffers.clear()
 
 
@@ -162,18 +207,21 @@ class Ready:
     def __init__(self, prepared: Prepared | None, J: MPI.Intracomm | None, src: int, plan_id: int) -> None:
         self.prepared, self.J, self.src, self.plan_id = prepared, J, src, plan_id
 
-    def take(self, plan_id: int) -> tuple[dict[str, np.ndarray], float]:
+    def take(self, plan_id: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The buffers announced for ``plan_id`` (waiting for the announcement if it is still
-        on its way: the header said it was sent) and the seconds spent faulting them in."""
+        on its way: the header said it was sent), and how much of them was faulted in."""
         p = self.prepared
         if p is None or self.J is None:
-            return {}, 0.0
+            return {}, {}
         got = p.buffers.get(self.src)
         while got is None or got[0] < plan_id:
             p.on_layout(self.J, self.src)
             got = p.buffers.get(self.src)
         p.buffers.pop(self.src, None)
-        return (got[1] if got[0] == plan_id else {}), p.seconds
+        f = got[1].finish()
+        if got[0] != plan_id:
+            return {}, {}
+        return f.arrays, {"prefaulted_bytes": f.nbytes, "prefault_s": f.seconds}
 
 
 # -- the same host: read the frozen process's memory -----------------------------------------
@@ -188,6 +236,8 @@ def _libc() -> Any:
     fn.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.POINTER(_Iovec),
                    ctypes.c_ulong, ctypes.c_ulong]
     fn.restype = ctypes.c_ssize_t
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
     return libc
 
 
@@ -261,9 +311,9 @@ def receive(tx: Transfer, ready: Ready | None, plan_id: int) -> tuple:
     """The new process: (arrays, objects, extra, None), the arrays in pre-faulted memory."""
     hdr = tx.recv_obj()
     have: dict[str, np.ndarray] = {}
-    prefault_s = 0.0
+    before: dict[str, Any] = {}
     if ready is not None and hdr["announced"] == plan_id:
-        have, prefault_s = ready.take(plan_id)
+        have, before = ready.take(plan_id)
     t0 = time.perf_counter()
     prepared = sum(a.nbytes for a in have.values())
     arrays = allocate(hdr["layout"], have)
@@ -288,7 +338,7 @@ def receive(tx: Transfer, ready: Ready | None, plan_id: int) -> tuple:
     objects = {k: loads(k, v) for k, v in hdr["objects"].items()}
     extra = hdr["extra"]
     stats = {"handover": how, "handover_s": time.perf_counter() - t0, "prepared_bytes": prepared,
-             "prefault_s": prefault_s, "alloc_s": t_alloc}
+             "alloc_s": t_alloc, **before}
     if how == VIA_MPI:
         stats["handover_why"] = why
     extra.setdefault("strategy_stats", {}).update(stats)
