@@ -102,6 +102,11 @@ def test_vm_read_copies_exact_bytes_and_names_a_gone_process():
         want[3], want[5] = -0.0, np.nan
         got = handover.prefault((1 << 20,), "<f8")
         assert not got.any()                                        # pre-faulted memory is zeroed
+        here = dict(handover.where(), pid=proc.pid)
+        assert handover.same_host(here)                             # what the target checks first
+        assert not handover.same_host(dict(here, host=here["host"] + "-elsewhere"))
+        assert not handover.same_host(dict(here, boot="another-boot"))
+        assert not handover.same_host(handover.where())             # never from itself
         handover.vm_read(proc.pid, addr, got.view(np.uint8))
         assert got.tobytes() == want.tobytes()
         proc.stdin.write("\n")
