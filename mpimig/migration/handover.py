@@ -315,9 +315,9 @@ def receive(tx: Transfer, ready: Ready | None, plan_id: int) -> tuple:
     if ready is not None and hdr["announced"] == plan_id:
         have, before = ready.take(plan_id)
     t0 = time.perf_counter()
-    prepared = sum(a.nbytes for a in have.values())
     arrays = allocate(hdr["layout"], have)
     t_alloc = time.perf_counter() - t0
+    prepared = sum(a.nbytes for k, a in arrays.items() if have.get(k) is a)
     dst = [arrays[k] for k, _, _ in hdr["layout"]]
     nbytes = sum(a.nbytes for a in dst)
     how, why = VIA_MPI, "forced (MPIMIG_HANDOVER=mpi)" if mode() == "mpi" else "another host"
@@ -329,10 +329,12 @@ def receive(tx: Transfer, ready: Ready | None, plan_id: int) -> tuple:
             how = MEMORY
         except OSError as exc:              # e.g. EPERM (ptrace rules): MPI rewrites every byte
             why = str(exc)
-    tx.comm.send(how, dest=tx.peer, tag=TAG_HANDOVER)
-    if how == VIA_MPI:
-        MPI.Request.Waitall([tx.Irecv(p, TAG_HANDOVER_DATA) for p in _pieces(dst)])
+    if how == VIA_MPI:             # every receive posted before the source starts: no unexpected pieces
+        reqs = [tx.Irecv(p, TAG_HANDOVER_DATA) for p in _pieces(dst)]
+        tx.comm.send(how, dest=tx.peer, tag=TAG_HANDOVER)
+        MPI.Request.Waitall(reqs)
     else:
+        tx.comm.send(how, dest=tx.peer, tag=TAG_HANDOVER)
         tx.record(nbytes, time.perf_counter() - t0)
     arrays.update(hdr["eager"])
     objects = {k: loads(k, v) for k, v in hdr["objects"].items()}
