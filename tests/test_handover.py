@@ -127,3 +127,18 @@ def test_unknown_mode_refused(monkeypatch):
         handover.mode()
     monkeypatch.setenv("MPIMIG_HANDOVER", "MPI")
     assert handover.mode() == "mpi"
+
+
+def test_faulting_thread_runs_to_the_end_or_stops_at_the_switch():
+    from mpimig.migration import handover
+    arrays = {"a": handover.fresh((3 * handover.Faulting.SLICE + 4096,), "u1"), "b": handover.fresh((5, 7), "<f8")}
+    whole = handover.Faulting(arrays)
+    whole.start()
+    whole.join(timeout=120)
+    assert not whole.is_alive() and whole.nbytes == sum(a.nbytes for a in arrays.values())
+    fresh = {"a": handover.fresh((64 * handover.Faulting.SLICE,), "u1")}
+    cut = handover.Faulting(fresh)
+    cut.halt.set()                      # the switch came before it began: it faults nothing more
+    cut.start()
+    assert cut.finish() is cut and not cut.is_alive() and cut.nbytes == 0
+    assert not fresh["a"][:: 1 << 20].any() and not arrays["a"].any()      # new memory reads as zeros
