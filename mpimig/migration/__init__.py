@@ -8,8 +8,9 @@ operator channel (``control``: the client and commands; ``control_schema``,
 ``control_auth``, ``control_server``: the request schema, signing, the socket);
 the one transport every strategy moves its bytes through, and the communicators a switch builds (``transport``); the
 interchangeable strategies (stop-and-copy, pre-copy, post-copy, file-server:
-``strategies``), the kernel's write tracking that pre-copy's rounds ask which chunks were
-written (``wtrack``) and post-copy's lazily filled arrays (``lazy``). May import :mod:`mpimig.comm`,
+``strategies``), stop-and-copy's hand-over at memory speed (``handover``), the kernel's write
+tracking that pre-copy's rounds ask which chunks were written (``wtrack``) and post-copy's
+lazily filled arrays (``lazy``). May import :mod:`mpimig.comm`,
 :mod:`mpimig.state`, :mod:`mpimig.checkpoint`, :mod:`mpimig.events`, :mod:`mpimig.exits`,
 :mod:`mpimig.errors`, :mod:`mpimig.launch.config` and :mod:`mpimig.ft`
 (recovery, hooks); ``mpimig.runtime`` only for type checking (``Context``).

@@ -514,7 +514,7 @@ class Coordinator:
             log.info("migration %d: rank %d -> %s done (%s), downtime %.4f s", m.id, m.rank, m.to,
                      m.strategy, m.timings.get("downtime", -1))
             events.emit(self.cfg.job_dir, "migrated", self.cfg.run_id, id=m.id, rank=m.rank, to=m.to,
-                        strategy=m.strategy, downtime=m.timings.get("downtime"))
+                        strategy=m.strategy, downtime=m.timings.get("downtime"), transport=m.stats.get("handover"))
             if self.balance is not None:
                 self.balance.migration_done(m.as_dict())
         del self.reports[pid]

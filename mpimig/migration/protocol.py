@@ -73,12 +73,16 @@ TAG_WAKE = 111        # coordinator -> warm spares: a plan is executed now, join
 TAG_RESIDUAL = 112    # post-copy target -> coordinator: the source is not needed any more
 TAG_METRICS = 113     # rank -> coordinator, every few seconds with --policy: its metric report
                       # (mpimig.balance.metrics); a plain send, never a collective
+TAG_LAYOUT = 114      # moving rank -> its warm spare target, before the freeze: the state's layout
+                      # (mpimig.migration.handover: the spare faults its buffers in meanwhile)
 TAG_JOIN = 200        # + round: Intercomm_create tags
 TAG_STATE = 300       # old -> target: state transfer (pkl5)
 TAG_PRECOPY = 310     # pre-copy source -> target (on J): header of a round
 TAG_PRECOPY_DATA = 311  # pre-copy source -> target (on J, and on the merged comm at the switch): chunk runs
 TAG_PC_DEMAND = 320   # post-copy target -> old process: chunks wanted now
 TAG_PC_ACK = 321      # post-copy target -> old process: every chunk arrived, you may leave
+TAG_HANDOVER = 322    # stop-and-copy target -> old process: how it takes the arrays (handover)
+TAG_HANDOVER_DATA = 323  # stop-and-copy old process -> target: pieces of the arrays (the MPI path)
 TAG_PC_DATA = 10000   # + global chunk index: post-copy chunks (old process -> target)
 
 # On the bridge B (coordinator <-> one spawned target)
@@ -132,3 +136,4 @@ class Link:
     t_point: float = 0.0         # perf_counter at the current safe point (stall measurement)
     t_point_wall: float = 0.0    # time.time at the current safe point (downtime measurement)
     next_vote: int = 0           # the next point that votes (agreed at the last vote; 0: the next one)
+    announced: int = -1          # plan whose state layout went to its warm spare (migration.handover)

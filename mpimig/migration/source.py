@@ -33,7 +33,7 @@ from .. import exits
 from ..errors import MigrationError
 from ..ft import recovery
 from ..state import State
-from . import strategies
+from . import handover, strategies
 from . import transport
 from .protocol import DEFAULT_STRATEGY, TAG_GO, TAG_PLAN, TAG_REPLY, TAG_REPORT, TAG_REQUEST, Move, Plan
 
@@ -105,6 +105,7 @@ def vote(ctx: Context, gap0: int, ckpt0: bool) -> Vote:
     if J is not None:
         if link.plan is None and J.Iprobe(0, TAG_PLAN):
             link.plan = J.recv(source=0, tag=TAG_PLAN)
+            handover.announce(ctx, link.plan)     # a warm spare target faults its buffers in meanwhile
         plan = link.plan
         ready = precopy_round(ctx, plan)
         if plan is not None:

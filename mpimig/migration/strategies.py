@@ -49,7 +49,7 @@ from mpi4py import MPI
 from ..errors import MigrationError, UsageError
 from ..checkpoint.format import dumps, loads
 from ..state import State
-from . import transport, wtrack
+from . import handover, transport, wtrack
 from .protocol import (DEFAULT_STRATEGY, STRATEGY_CLASSES, TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND, TAG_PRECOPY,
                        TAG_PRECOPY_DATA, Move, Plan, check_strategy)
 from .transport import Transfer
@@ -124,15 +124,15 @@ class Strategy(abc.ABC):
 # ------------------------------------------------------------------------------------------
 class StopAndCopy(Strategy):
     name = "stop-and-copy"
-    summary = "freeze, send all state as raw buffers (pkl5), resume"
+    summary = "freeze, hand all state over (same host: a memory read; else MPI pieces), resume"
 
     def send(self, ctx, tx, arrays, objects, extra, plan, move):
-        tx.send_obj(transport.pack_state(arrays, objects, extra))
+        handover.send(tx, arrays, objects, extra, ctx.link.announced)
         return None
 
     def receive(self, tx, cfg, rx=None):
-        arrays, objects, extra = transport.unpack_state(tx.recv_obj())
-        return arrays, objects, extra, None
+        ready = rx if isinstance(rx, handover.Ready) else None
+        return handover.receive(tx, ready, rx.plan_id if ready is not None else -1)
 
 
 # ------------------------------------------------------------------------------------------

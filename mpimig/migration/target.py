@@ -38,8 +38,8 @@ from ..errors import MigrationError
 from ..ft import recovery
 from ..launch.config import Config
 from . import lazy as lazymod
-from . import strategies, transport
-from .protocol import TAG_CANCEL, TAG_END, TAG_PRECOPY, TAG_REPORT, TAG_RESIDUAL, TAG_SPARE, Move, Plan
+from . import handover, strategies, transport
+from .protocol import TAG_CANCEL, TAG_END, TAG_LAYOUT, TAG_PRECOPY, TAG_REPORT, TAG_RESIDUAL, TAG_SPARE, Move, Plan
 
 if TYPE_CHECKING:
     from ..runtime import Context
@@ -108,6 +108,7 @@ class Spare:
         self.J = J
         self.cfg = cfg
         self.rx: dict[int, strategies.PreCopyTarget] = {}    # pre-copy rounds received, by source J rank
+        self.prepared = handover.Prepared()     # stop-and-copy buffers faulted in before the freeze
         _preload()
         if announce:
             host = MPI.Get_processor_name() or socket.gethostname()
@@ -125,6 +126,9 @@ class Spare:
                 if tag == TAG_PRECOPY:
                     self.rx.setdefault(src, strategies.PreCopyTarget()).on_round(J, src)
                     continue
+                if tag == TAG_LAYOUT:           # a stop-and-copy to this spare is coming
+                    self.prepared.on_layout(J, src)
+                    continue
                 raise MigrationError(f"warm spare: unexpected message with tag {tag} from J rank {src}")
             msg = J.recv(source=0, tag=tag)
             if tag == TAG_END:
@@ -141,18 +145,23 @@ class Spare:
         me = self.J.Get_rank()
         move = next((m for m in plan.moves if m.spare_jrank == me), None)
         t0 = time.perf_counter()
+        J0 = self.J
         Jc = join(self.J, plan)
         if self.cfg.ft:
             self.J = Jc          # a failure from here on is recovered over the switch comm
         A, Jn = transport.split(Jc, logical=move.rank if move else None, leaving=False)
         if move is None:
+            self.prepared.drop()
             if self.cfg.ft:
                 recovery.agree(Jc)
             if Jn is None:
                 raise MigrationError("warm spare: the switch left it outside J")
             self.J = Jn
             return None
-        return take_over(plan, move, Jc, A, Jn, self.cfg, t0, self.rx.get(move.src_jrank))
+        rx: Any = self.rx.get(move.src_jrank)
+        if move.strategy == "stop-and-copy":
+            rx = self.prepared.ready(J0, move.src_jrank, plan.id)
+        return take_over(plan, move, Jc, A, Jn, self.cfg, t0, rx)
 
 
 def take_over(plan: Plan, move: Move | None, Jc: MPI.Intracomm, A: MPI.Intracomm | None,

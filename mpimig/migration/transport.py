@@ -172,6 +172,11 @@ class Transfer:
         self.nbytes += nbytes
         self.seconds += time.perf_counter() - t0
 
+    def record(self, nbytes: int, seconds: float) -> None:
+        """Count bytes that moved outside MPI (the same-host memory read of the hand-over)."""
+        self.nbytes += nbytes
+        self.seconds += seconds
+
     # -- objects (pkl5: arrays inside travel as raw buffers) -------------------------------
     def send_obj(self, obj: Any, tag: int = TAG_STATE) -> None:
         t0 = time.perf_counter()

@@ -1,0 +1,144 @@
+"""Stop-and-copy's hand-over at memory speed (issue 15, item 1; mpimig.migration.handover).
+
+* a move to a warm spare on this host: the spare faulted its buffers in from the
+  layout announced before the freeze, the state moved by a memory read of the
+  frozen process (``handover: memory`` in status.json and in the ``migrated``
+  event), and heat2d is bit-identical to the
+  serial reference;
+* the same moves with ``MPIMIG_HANDOVER=mpi`` (the path other hosts take: many
+  small pieces here) and with a spawned target (no layout before the freeze):
+  bit-identical too, and the path is named;
+* the memory read between two real processes copies the bytes exactly; a read
+  from a process that is gone is an error naming the pid; an unknown mode is
+  refused with the known ones.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import APPS, heat_ref, kill_session, mpimig_cmd, read, run_cmd
+from test_strategies import env
+
+HOST = socket.gethostname()
+N, STEPS = 256, 40
+STATE_BYTES = (N // 2 + 2) ** 2 * 8          # a 128x128 heat2d block with its halo
+
+
+MOVES = (f"6:1:{HOST}:stop-and-copy", f"6:2:{HOST}:stop-and-copy", f"14:1:{HOST}:stop-and-copy")
+
+
+def _heat2d(tmp_path: Path, *args, moves=MOVES, steps=STEPS, **envs) -> tuple[list[dict], list[dict]]:
+    """heat2d on 4 ranks, ranks 1 and 2 moved in one plan and rank 1 again, by stop-and-copy;
+    checks the result bit for bit; returns (migrations, migrated events)."""
+    job, out = tmp_path / "job", tmp_path / "out.npy"
+    res = run_cmd(mpimig_cmd("run", "-n", 4, "--job-dir", job, *args, *[x for m in moves for x in ("--migrate", m)],
+                             APPS / "heat2d.py", "--n", N, "--steps", steps, "--work-ms", 60, "--out", out),
+                  timeout=240, env=env(**envs))
+    assert "job completed" in res.stderr, res.stderr[-3000:]
+    assert np.load(out).tobytes() == heat_ref(tmp_path, N, steps)
+    migs = read(job, "status.json")["migrations"]
+    want = [(int(m.split(":")[1]), "done") for m in moves]
+    assert [(m["rank"], m["state"]) for m in migs] == want, migs
+    events = [json.loads(x) for x in (job / "events.jsonl").read_text().splitlines()]
+    return migs, [e for e in events if e["event"] == "migrated"]
+
+
+def test_same_host_spare_reads_memory_prefaulted(tmp_path):
+    migs, events = _heat2d(tmp_path, "--spares", 3)
+    for m in migs:
+        s = m["strategy_stats"]
+        assert s["handover"] == "memory", s
+        # the arrays, and the pickled objects (a few bytes) in the header
+        assert m["timings"]["bytes"] == STATE_BYTES and STATE_BYTES <= s["transport_bytes"] < STATE_BYTES + 4096
+        # the layout came before the freeze: the bytes landed in the buffers prepared then
+        # (how much of them the thread faulted in before the switch depends on the machine's load)
+        assert s["prepared_bytes"] == STATE_BYTES and 0 <= s["prefaulted_bytes"] <= STATE_BYTES, s
+    assert [e["transport"] for e in events] == ["memory"] * 3
+
+
+def test_forced_mpi_pieces_bit_identical(tmp_path):
+    migs, events = _heat2d(tmp_path, "--spares", 3, MPIMIG_HANDOVER="mpi", MPIMIG_HANDOVER_PIECE=4096)
+    for m in migs:
+        s = m["strategy_stats"]
+        assert s["handover"] == "mpi" and s["handover_why"] == "forced (MPIMIG_HANDOVER=mpi)", s
+        assert STATE_BYTES <= s["transport_bytes"] < STATE_BYTES + 4096 and s["prepared_bytes"] == STATE_BYTES, s
+    assert [e["transport"] for e in events] == ["mpi"] * 3
+
+
+def test_spawned_target_reads_memory(tmp_path):
+    """A spawned target is not in J before the switch: no layout ahead, the buffers are
+    faulted in at the switch, the bytes still come by the memory read."""
+    migs, _ = _heat2d(tmp_path, moves=(f"6:1:{HOST}:stop-and-copy",), steps=120)    # room for a slow spawn
+    for m in migs:
+        s = m["strategy_stats"]
+        assert s["handover"] == "memory" and s["prepared_bytes"] == 0, s
+
+
+HOLDER = """
+import sys, numpy as np
+a = np.arange(1 << 20, dtype=np.float64) * 1.5 - 7.25
+a[3] = -0.0
+a[5] = np.nan
+print(a.ctypes.data, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_vm_read_copies_exact_bytes_and_names_a_gone_process():
+    from mpimig.migration import handover
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        addr = int(proc.stdout.readline())
+        want = np.arange(1 << 20, dtype=np.float64) * 1.5 - 7.25
+        want[3], want[5] = -0.0, np.nan
+        got = handover.prefault((1 << 20,), "<f8")
+        assert not got.any()                                        # pre-faulted memory is zeroed
+        here = dict(handover.where(), pid=proc.pid)
+        assert handover.same_host(here)                             # what the target checks first
+        assert not handover.same_host(dict(here, host=here["host"] + "-elsewhere"))
+        assert not handover.same_host(dict(here, boot="another-boot"))
+        assert not handover.same_host(handover.where())             # never from itself
+        handover.vm_read(proc.pid, addr, got.view(np.uint8))
+        assert got.tobytes() == want.tobytes()
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.wait(timeout=30)
+        with pytest.raises(OSError, match=f"process_vm_readv from pid {proc.pid}") as ei:
+            handover.vm_read(proc.pid, addr, got.view(np.uint8))
+        assert ei.value.errno == errno.ESRCH
+    finally:
+        kill_session(proc.pid)
+
+
+def test_unknown_mode_refused(monkeypatch):
+    from mpimig.errors import UsageError
+    from mpimig.migration import handover
+    monkeypatch.setenv("MPIMIG_HANDOVER", "tcp")
+    with pytest.raises(UsageError, match="MPIMIG_HANDOVER='tcp': known modes are auto, mpi"):
+        handover.mode()
+    monkeypatch.setenv("MPIMIG_HANDOVER", "MPI")
+    assert handover.mode() == "mpi"
+
+
+def test_faulting_thread_runs_to_the_end_or_stops_at_the_switch():
+    from mpimig.migration import handover
+    arrays = {"a": handover.fresh((3 * handover.Faulting.SLICE + 4096,), "u1"), "b": handover.fresh((5, 7), "<f8")}
+    whole = handover.Faulting(arrays)
+    whole.start()
+    whole.join(timeout=120)
+    assert not whole.is_alive() and whole.nbytes == sum(a.nbytes for a in arrays.values())
+    fresh = {"a": handover.fresh((64 * handover.Faulting.SLICE,), "u1")}
+    cut = handover.Faulting(fresh)
+    cut.halt.set()                      # the switch came before it began: it faults nothing more
+    cut.start()
+    assert cut.finish() is cut and not cut.is_alive() and cut.nbytes == 0
+    assert not fresh["a"][:: 1 << 20].any() and not arrays["a"].any()      # new memory reads as zeros
