@@ -584,6 +584,41 @@ def test_a_quota_host_that_looks_free_with_one_rank_gets_no_rank_back():
     assert moves(b.decide(after)) == [(0, "c")]
 
 
+# The lab's bad decision (bench balance, runs 1-2): the policies emptied the slowed host h2, then moved ranks
+# back onto it. Every host reads the machine's load average, so the external load E is large everywhere;
+# h2, once empty, sends no report: its E reads 0 and its speed 1 (driver.host_metrics).
+# Round 1 (t=100): h1 {0, 1}, h2 {2, 3} at CPU share 0.25, h3 {4, 5}; 0.1 CPU s per point each; E = 8
+# everywhere (load average 10, 2 ranks per host); slots 3/2/4 as in the bench.
+#   h1: K = max(3, 2 + 8) = 10, share(2) = 1 -> 0.1;  h2: K = 0.25 x 10 = 2.5, share(2) = 0.25 -> 0.4;
+#   h3: K = 10 -> 0.1.  Greedy: rank 2 (heaviest, lowest number); to h1 or h3 (3 ranks: 10/11 -> 0.11)
+#   leaves rank 3 alone on h2 (2.5/9 -> 0.36): both 0.36, h1 by name. Then rank 3 (0.36): h1 would hold 4
+#   (10/12 -> 0.12), h3 3 (0.11): to h3. T 0.4 -> 0.11; with max_in_flight 2 both are accepted.
+# Round 2 (t=120, cool-downs over): h1 {0, 1, 2}, h2 {} (speed 1, E 0: no report), h3 {3, 4, 5}; h1 and h3
+#   saturated at share 0.8 with E = 7 (load average 10, 3 ranks): K = 0.8 x 10 = 8, 0.1 / 0.8 = 0.125.
+#   Before the fix, h2 got K = 2.5 with E = 0: share(1) = min(1, 2.5 / 1) = 1 -> 0.1, below h1's 0.1125
+#   with rank 0 gone (8/9): every policy moved rank 0 and rank 3 (back) onto h2, a gain of 1.25 s predicted.
+#   With K remembered with its E = 8: share(1) = 2.5 / 9 -> 0.36 on h2; rank 0 to h3 (4 ranks: 8/11 ->
+#   0.1375) is worse than 0.125 too: no move.
+def _emptied_slow_host_rounds():
+    r1 = [R(0, "h1"), R(1, "h1"), R(2, "h2", compute=0.4), R(3, "h2", compute=0.4), R(4, "h3"), R(5, "h3")]
+    h1 = [H("h1", 3, external_load=8.0), H("h2", 2, speed=0.25, external_load=8.0), H("h3", 4, external_load=8.0)]
+    r2 = [R(i, "h1" if i < 3 else "h3", compute=0.125) for i in range(6)]
+    h2 = [H("h1", 3, speed=0.8, external_load=7.0), H("h2", 2), H("h3", 4, speed=0.8, external_load=7.0)]
+    return snap(r1, h1, t=100.0), snap(r2, h2, t=120.0)
+
+
+@pytest.mark.parametrize("name", ["greedy", "refine", "multi-factor", "comm-aware"])
+def test_an_emptied_slow_host_gets_no_rank_back_when_its_report_stops(name):
+    first, second = _emptied_slow_host_rounds()
+    b = Balancer(name, cost=cost(), max_in_flight=2)
+    assert moves(b.decide(first)) == [(2, "h1"), (3, "h3")]
+    out = b.decide(second)
+    assert moves(out) == [], [d.reason for d in out]
+    assert b.capacity_seen["h2"] == (2.5, 8.0, 100.0)
+    seen = b.remember_capacity(second).hosts["h2"]
+    assert (seen.capacity, seen.external_load) == (2.5, 8.0)
+
+
 def test_cost_model_from_one_file_server_size():
     # one size of 64 MiB in 1.0 + 67108864 / 5e7 s: the default fixed part (0.4 s) stays, the bandwidth
     # is 67108864 / (2.34217728 - 0.4)
