@@ -163,6 +163,22 @@ def test_small_moves_teach_one_switch_overhead_common_to_every_strategy():
     assert m.bw == pytest.approx(0.7 * 1e9 + 0.3 * 5e8) and m.switch_s == pytest.approx(1.7)
 
 
+def test_cost_model_seeded_from_bench_balance_moves(tmp_path):
+    # the moves of a `mpimig bench balance --json` run, observed in order: post-copy of 160 kB in 2.05 s
+    # (default postcopy_s 0.025: 2.025 s more, taken as it is), then pre-copy of 160 kB in 3.0 s (own model
+    # (0.015 + 160000 / 3e9) x 1: 2.985 s - 0.0000533 more): switch_s 0.7 x 2.025 + 0.3 x (3.0 - 0.01505333)
+    runs = [{"policy": "none", "move_list": []},
+            {"policy": "greedy", "move_list": [{"strategy": "post-copy", "bytes": 160000, "downtime": 2.05},
+                                               {"strategy": "pre-copy", "bytes": 160000, "downtime": 3.0}]}]
+    path = tmp_path / "balance.json"
+    path.write_text(json.dumps({"summary": [], "runs": runs}))
+    m = CostModel.from_bench_json(path)
+    assert m.switch_s == pytest.approx(0.7 * 2.025 + 0.3 * (3.0 - (0.015 + 160000 / 3e9)))
+    assert m.switch_seen == 2 and "bench balance" in m.source
+    with pytest.raises(UsageError, match="nor of `mpimig bench balance`"):
+        CostModel.from_bench_json({"summary": []})
+
+
 def test_cost_model_seeded_from_bench_json(tmp_path):
     # what `mpimig bench migrate --strategies ... --json` writes (rows) and the plain one (sizes)
     rows = [

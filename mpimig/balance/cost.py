@@ -131,14 +131,31 @@ class CostModel:
                 data = json.loads(Path(data).read_text())
             except (OSError, ValueError) as exc:
                 raise UsageError(f"cannot read migration benchmark JSON {data}: {exc}") from exc
+        if isinstance(data, dict) and isinstance(data.get("runs"), list) and "rows" not in data:
+            return cls._from_balance_runs(data["runs"], src)
         if not isinstance(data, dict) or not ("rows" in data or "sizes" in data):
-            raise UsageError(f"{src}: not the JSON of `mpimig bench migrate` (no 'rows' or 'sizes')")
+            raise UsageError(f"{src}: not the JSON of `mpimig bench migrate` (no 'rows' or 'sizes') "
+                             "nor of `mpimig bench balance` (no 'runs')")
         m = cls.default()
         m.source = f"mpimig bench migrate JSON ({src})"
         if isinstance(data.get("rows"), list):
             m._seed_strategies(data)
         if isinstance(data.get("sizes"), list) and data["sizes"] and isinstance(data["sizes"][0], dict):
             m._seed_plain(data["sizes"])
+        return m
+
+    @classmethod
+    def _from_balance_runs(cls, runs: list, src: str) -> CostModel:
+        """The defaults, then every move of ``mpimig bench balance --json`` runs (``move_list``:
+        strategy, bytes, downtime) observed in order, as a job observes its own moves: the
+        switch overhead of the machine the bench ran on is known before a job's first move."""
+        m = cls.default()
+        m.source = f"mpimig bench balance JSON ({src})"
+        for run in runs:
+            for mv in (run.get("move_list") or []) if isinstance(run, dict) else []:
+                if isinstance(mv, dict) and mv.get("strategy") in STRATEGIES and mv.get("downtime") is not None:
+                    d = float(mv["downtime"])
+                    m.observe(mv["strategy"], int(mv.get("bytes") or 0), d, d)
         return m
 
     def _seed_plain(self, rows: list[dict]) -> None:
