@@ -123,13 +123,12 @@ def test_best_strategy_post_copy_for_cold_state_pre_copy_for_low_dirty_rate_stop
 
 
 def test_observe_updates_the_estimates():
+    # large moves (>= 16 MiB) teach their strategy's own figures (switch_s is 0 here)
     m = cost()
     m.observe("stop-and-copy", GiB, 0.1 + GiB / 5e8, 0.1 + GiB / 5e8, spawn_s=1.0)   # 5e8 B/s seen
     assert m.bw == pytest.approx(0.7 * 1e9 + 0.3 * 5e8)
     assert m.spawn_s == pytest.approx(0.7 * 0.5 + 0.3 * 1.0)
     m = cost()
-    m.observe("stop-and-copy", MiB, 0.3, 0.3)        # small: the fixed part, 0.3 - 1 MiB / 1e9
-    assert m.fixed_s == pytest.approx(0.7 * 0.1 + 0.3 * (0.3 - 0.001048576))
     m.observe("post-copy", GiB, 0.15, 30.0, spawn_s=0.2, spare=True)
     assert m.postcopy_s == pytest.approx(0.7 * 0.05 + 0.3 * 0.15)
     assert m.handover_s == pytest.approx(0.3 * 0.2) and m.spawn_s == 0.5
@@ -138,9 +137,46 @@ def test_observe_updates_the_estimates():
     pred = cost().predict(R(0, "a", state_bytes=GiB), H("a"), H("b"), "pre-copy")
     m.observe("pre-copy", GiB, 2 * pred.downtime_s, 5.0, predicted=pred)
     assert m.precopy_factor == pytest.approx(1.3)
-    assert m.observations == 4
+    assert m.observations == 3 and m.switch_s == 0.0
     with pytest.raises(UsageError, match="unknown strategy 'teleport'"):
         m.observe("teleport", 1, 0.1, 0.1)
+
+
+def test_small_moves_teach_one_switch_overhead_common_to_every_strategy():
+    # On the loaded lab a move of 160 kB stopped the job 1.5-4 s whatever its strategy. Learned per strategy
+    # (before), a post-copy move of 2.05 s made postcopy_s 0.7 x 0.05 + 0.3 x 2.05 = 0.65 and stop-and-copy
+    # (0.101 s) looked cheapest next: multi-factor tried each strategy in turn.
+    m = cost()
+    m.observe("post-copy", 160_000, 2.05, 2.5)                 # own model 0.05: 2.0 s more, taken as it is
+    assert m.switch_s == pytest.approx(2.0) and m.postcopy_s == 0.05 and m.fixed_s == 0.1
+    m.observe("stop-and-copy", MiB, 1.101048576, 1.2)          # own model 0.1 + 1 MiB / 1e9: 1.0 s more
+    assert m.switch_s == pytest.approx(0.7 * 2.0 + 0.3 * 1.0)
+    assert m.fixed_s == 0.1 and m.switch_seen == 2
+    # every strategy's downtime carries it: a cold 1 MiB rank still goes by post-copy,
+    # 0.05 + 1.7 + 0.1 x 1 MiB / 1e9 (background push) against stop-and-copy's 0.101048576 + 1.7
+    best = m.best(R(0, "a"), H("a"), H("b"))
+    assert best.strategy == "post-copy" and best.cost_s == pytest.approx(1.75 + 0.0001048576)
+    sc = m.predict(R(0, "a"), H("a"), H("b"), "stop-and-copy")
+    assert sc.downtime_s == pytest.approx(1.801048576)
+    # a large move is judged net of it: 1 GiB in 1.7 + 0.1 + GiB / 5e8 s is 5e8 B/s
+    m.observe("stop-and-copy", GiB, 1.8 + GiB / 5e8, 5.0)
+    assert m.bw == pytest.approx(0.7 * 1e9 + 0.3 * 5e8) and m.switch_s == pytest.approx(1.7)
+
+
+def test_cost_model_seeded_from_bench_balance_moves(tmp_path):
+    # the moves of a `mpimig bench balance --json` run, observed in order: post-copy of 160 kB in 2.05 s
+    # (default postcopy_s 0.025: 2.025 s more, taken as it is), then pre-copy of 160 kB in 3.0 s (own model
+    # (0.015 + 160000 / 3e9) x 1: 2.985 s - 0.0000533 more): switch_s 0.7 x 2.025 + 0.3 x (3.0 - 0.01505333)
+    runs = [{"policy": "none", "move_list": []},
+            {"policy": "greedy", "move_list": [{"strategy": "post-copy", "bytes": 160000, "downtime": 2.05},
+                                               {"strategy": "pre-copy", "bytes": 160000, "downtime": 3.0}]}]
+    path = tmp_path / "balance.json"
+    path.write_text(json.dumps({"summary": [], "runs": runs}))
+    m = CostModel.from_bench_json(path)
+    assert m.switch_s == pytest.approx(0.7 * 2.025 + 0.3 * (3.0 - (0.015 + 160000 / 3e9)))
+    assert m.switch_seen == 2 and "bench balance" in m.source
+    with pytest.raises(UsageError, match="nor of `mpimig bench balance`"):
+        CostModel.from_bench_json({"summary": []})
 
 
 def test_cost_model_seeded_from_bench_json(tmp_path):
@@ -582,6 +618,41 @@ def test_a_quota_host_that_looks_free_with_one_rank_gets_no_rank_back():
     b = Balancer("greedy", cost=cost(), capacity_memory_s=5.0)
     b.decide(s1())
     assert moves(b.decide(after)) == [(0, "c")]
+
+
+# The lab's bad decision (bench balance, runs 1-2): the policies emptied the slowed host h2, then moved ranks
+# back onto it. Every host reads the machine's load average, so the external load E is large everywhere;
+# h2, once empty, sends no report: its E reads 0 and its speed 1 (driver.host_metrics).
+# Round 1 (t=100): h1 {0, 1}, h2 {2, 3} at CPU share 0.25, h3 {4, 5}; 0.1 CPU s per point each; E = 8
+# everywhere (load average 10, 2 ranks per host); slots 3/2/4 as in the bench.
+#   h1: K = max(3, 2 + 8) = 10, share(2) = 1 -> 0.1;  h2: K = 0.25 x 10 = 2.5, share(2) = 0.25 -> 0.4;
+#   h3: K = 10 -> 0.1.  Greedy: rank 2 (heaviest, lowest number); to h1 or h3 (3 ranks: 10/11 -> 0.11)
+#   leaves rank 3 alone on h2 (2.5/9 -> 0.36): both 0.36, h1 by name. Then rank 3 (0.36): h1 would hold 4
+#   (10/12 -> 0.12), h3 3 (0.11): to h3. T 0.4 -> 0.11; with max_in_flight 2 both are accepted.
+# Round 2 (t=120, cool-downs over): h1 {0, 1, 2}, h2 {} (speed 1, E 0: no report), h3 {3, 4, 5}; h1 and h3
+#   saturated at share 0.8 with E = 7 (load average 10, 3 ranks): K = 0.8 x 10 = 8, 0.1 / 0.8 = 0.125.
+#   Before the fix, h2 got K = 2.5 with E = 0: share(1) = min(1, 2.5 / 1) = 1 -> 0.1, below h1's 0.1125
+#   with rank 0 gone (8/9): every policy moved rank 0 and rank 3 (back) onto h2, a gain of 1.25 s predicted.
+#   With K remembered with its E = 8: share(1) = 2.5 / 9 -> 0.36 on h2; rank 0 to h3 (4 ranks: 8/11 ->
+#   0.1375) is worse than 0.125 too: no move.
+def _emptied_slow_host_rounds():
+    r1 = [R(0, "h1"), R(1, "h1"), R(2, "h2", compute=0.4), R(3, "h2", compute=0.4), R(4, "h3"), R(5, "h3")]
+    h1 = [H("h1", 3, external_load=8.0), H("h2", 2, speed=0.25, external_load=8.0), H("h3", 4, external_load=8.0)]
+    r2 = [R(i, "h1" if i < 3 else "h3", compute=0.125) for i in range(6)]
+    h2 = [H("h1", 3, speed=0.8, external_load=7.0), H("h2", 2), H("h3", 4, speed=0.8, external_load=7.0)]
+    return snap(r1, h1, t=100.0), snap(r2, h2, t=120.0)
+
+
+@pytest.mark.parametrize("name", ["greedy", "refine", "multi-factor", "comm-aware"])
+def test_an_emptied_slow_host_gets_no_rank_back_when_its_report_stops(name):
+    first, second = _emptied_slow_host_rounds()
+    b = Balancer(name, cost=cost(), max_in_flight=2)
+    assert moves(b.decide(first)) == [(2, "h1"), (3, "h3")]
+    out = b.decide(second)
+    assert moves(out) == [], [d.reason for d in out]
+    assert b.capacity_seen["h2"] == (2.5, 8.0, 100.0)
+    seen = b.remember_capacity(second).hosts["h2"]
+    assert (seen.capacity, seen.external_load) == (2.5, 8.0)
 
 
 def test_cost_model_from_one_file_server_size():

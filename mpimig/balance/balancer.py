@@ -53,7 +53,8 @@ class Balancer:
                              f"{capacity_memory_s} must be >= 0, max_in_flight {max_in_flight} >= 1, min_points "
                              f"{min_points} >= 0, min_gain {min_gain} in [0, 1)")
         self.capacity_memory_s = capacity_memory_s
-        self.capacity_seen: dict[str, tuple[float, float]] = {}  # host -> (cores it offered when saturated, when)
+        # host -> (cores it offered when saturated, the external load it had then, when)
+        self.capacity_seen: dict[str, tuple[float, float, float]] = {}
         self.policy = make(policy)
         self.cost = cost if cost is not None else CostModel.default()
         self.margin, self.cooldown_s, self.max_in_flight = margin, cooldown_s, max_in_flight
@@ -122,19 +123,30 @@ class Balancer:
         CPU share under 1) filled in where the host does not show it now, for ``capacity_memory_s``.
 
         A host under a CPU quota of one core looks like a free host once a single rank runs
-        there; without this, the policy would move a second rank back onto it the next round."""
+        there; without this, the policy would move a second rank back onto it the next round.
+
+        The capacity is remembered with the external load seen with it: ``K = speed x (n + E)``
+        means "K cores shared by n ranks and E other tasks", and only with that E does it give
+        the share a rank gets there. A host without ranks sends no report, so its external load
+        is unknown and reads 0 (the driver), and ``K`` over ``1 + 0`` tasks would make a host
+        under a quota look like several free cores (on the lab every host reads the machine's
+        load average: E is 10-20, K several cores): the policies emptied the slowed host and then
+        moved ranks back onto it. So an empty host gets the external load seen with its capacity
+        when it shows less; a host with ranks keeps the external load it reports now.
+        """
         n: dict[str, int] = {}
         for r in snap.ranks:
             n[r.host] = n.get(r.host, 0) + 1
         changed: dict[str, HostMetrics] = {}
         for name, h in snap.hosts.items():
             k = n.get(name, 0)
+            E = max(0.0, h.external_load)
             if k > 0 and 0 < h.speed < 1.0:
-                self.capacity_seen[name] = (h.speed * (k + max(0.0, h.external_load)), snap.t)
+                self.capacity_seen[name] = (h.speed * (k + E), E, snap.t)
             elif h.capacity <= 0 and name in self.capacity_seen:
-                cap, when = self.capacity_seen[name]
+                cap, E_seen, when = self.capacity_seen[name]
                 if snap.t - when <= self.capacity_memory_s:
-                    changed[name] = dataclasses.replace(h, capacity=cap)
+                    changed[name] = dataclasses.replace(h, capacity=cap, external_load=E if k else max(E, E_seen))
         if not changed:
             return snap
         return dataclasses.replace(snap, hosts={**snap.hosts, **changed})

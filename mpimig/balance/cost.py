@@ -33,6 +33,14 @@ bytes/s, T = its step time, bw = the measured migration bandwidth):
   downtime = ``fs_fixed_s`` + B/``storage_bw`` (``storage_bw`` = bytes over the
   write+read time).
 
+Every strategy's downtime also has ``switch_s``: what moves of this job took beyond the
+strategy's own model, learned from the job's small moves (under 16 MiB, where the state
+transfer is negligible) whatever their strategy. It is the part common to all strategies
+(every rank stopping at the switch, the coordinator's protocol); 0 until a move is seen.
+On the loaded lab it is 1.5-4 s against the 15-30 ms measured on a quiet machine: learned
+per strategy instead, each strategy looked cheap until it had been tried once, and
+multi-factor tried them in turn (stop-and-copy, post-copy, file-server in one run).
+
 Job cost (``cost_s``): in a bulk-synchronous job every rank waits for the
 frozen one, so the job loses the downtime (plus post-copy's demand stalls);
 background copying (pre-copy's rounds and compares, post-copy's push: bytes /
@@ -101,6 +109,8 @@ class CostModel:
     background_weight: float = 0.1  # share of the background copying work (core seconds) the job loses
     alpha: float = 0.3              # weight of a new observation in the running estimates
     precopy_factor: float = 1.0     # observed / predicted pre-copy downtime (learned)
+    switch_s: float = 0.0           # every move's downtime beyond its strategy's model (learned; see above)
+    switch_seen: int = 0            # small moves that taught switch_s (the first is taken as it is)
     observations: int = 0
     source: str = "defaults"
 
@@ -121,14 +131,31 @@ class CostModel:
                 data = json.loads(Path(data).read_text())
             except (OSError, ValueError) as exc:
                 raise UsageError(f"cannot read migration benchmark JSON {data}: {exc}") from exc
+        if isinstance(data, dict) and isinstance(data.get("runs"), list) and "rows" not in data:
+            return cls._from_balance_runs(data["runs"], src)
         if not isinstance(data, dict) or not ("rows" in data or "sizes" in data):
-            raise UsageError(f"{src}: not the JSON of `mpimig bench migrate` (no 'rows' or 'sizes')")
+            raise UsageError(f"{src}: not the JSON of `mpimig bench migrate` (no 'rows' or 'sizes') "
+                             "nor of `mpimig bench balance` (no 'runs')")
         m = cls.default()
         m.source = f"mpimig bench migrate JSON ({src})"
         if isinstance(data.get("rows"), list):
             m._seed_strategies(data)
         if isinstance(data.get("sizes"), list) and data["sizes"] and isinstance(data["sizes"][0], dict):
             m._seed_plain(data["sizes"])
+        return m
+
+    @classmethod
+    def _from_balance_runs(cls, runs: list, src: str) -> CostModel:
+        """The defaults, then every move of ``mpimig bench balance --json`` runs (``move_list``:
+        strategy, bytes, downtime) observed in order, as a job observes its own moves: the
+        switch overhead of the machine the bench ran on is known before a job's first move."""
+        m = cls.default()
+        m.source = f"mpimig bench balance JSON ({src})"
+        for run in runs:
+            for mv in (run.get("move_list") or []) if isinstance(run, dict) else []:
+                if isinstance(mv, dict) and mv.get("strategy") in STRATEGIES and mv.get("downtime") is not None:
+                    d = float(mv["downtime"])
+                    m.observe(mv["strategy"], int(mv.get("bytes") or 0), d, d)
         return m
 
     def _seed_plain(self, rows: list[dict]) -> None:
@@ -211,6 +238,7 @@ class CostModel:
         else:  # file-server
             down = self.fs_fixed_s + B / self.storage_bw
             moved = B
+        down += self.switch_s
         total = create + wall + down + stall
         cost = down + stall + self.background_weight * work
         return StrategyCost(strategy=strategy, downtime_s=down, total_s=total, bytes_moved=int(moved),
@@ -263,11 +291,13 @@ class CostModel:
                 predicted: StrategyCost | None = None) -> None:
         """Fold one completed migration into the estimates (weight ``alpha`` each).
 
-        stop-and-copy: large moves (>= 16 MiB) update ``bw`` from bytes / (downtime - fixed_s),
-        small ones ``fixed_s``; post-copy: ``postcopy_s`` from the downtime and ``postcopy_bw``
-        from bytes / residual; file-server: ``storage_bw``; pre-copy: ``precopy_factor`` from
-        observed / ``predicted`` downtime (needs ``predicted``). ``spawn_s``: the create time,
-        a spare's hand-over when ``spare``.
+        A small move (< 16 MiB, any strategy) teaches ``switch_s``: its downtime minus what the
+        strategy's own model predicts for it (the first such move is taken as it is). A large
+        one teaches its strategy, from the downtime minus ``switch_s``: stop-and-copy ``bw`` from
+        bytes / (downtime - fixed_s); post-copy ``postcopy_s`` from the downtime and
+        ``postcopy_bw`` from bytes / residual; file-server ``storage_bw``; pre-copy
+        ``precopy_factor`` from observed / ``predicted`` downtime (needs ``predicted``).
+        ``spawn_s``: the create time, a spare's hand-over when ``spare``.
         """
         err = check_strategy(strategy)
         if err:
@@ -276,28 +306,50 @@ class CostModel:
             raise UsageError(f"observe({strategy}): downtime {downtime_s} and total {total_s} must be >= 0")
         a = self.alpha
         nbytes = max(0, int(bytes_moved))
-        if strategy == "stop-and-copy":
-            if nbytes >= 16 * MiB and downtime_s > self.fixed_s:
-                self.bw = _ewma(self.bw, nbytes / (downtime_s - self.fixed_s), a)
-            else:
-                self.fixed_s = _ewma(self.fixed_s, max(0.0, downtime_s - nbytes / self.bw), a)
-        elif strategy == "post-copy":
-            self.postcopy_s = _ewma(self.postcopy_s, downtime_s, a)
-            residual = total_s - downtime_s - (spawn_s or 0.0)
-            if nbytes >= 16 * MiB and residual > 0:
-                self.postcopy_bw = _ewma(self.postcopy_bw, nbytes / residual, a)
-        elif strategy == "file-server":
-            if nbytes >= 16 * MiB and downtime_s > self.fs_fixed_s:
-                self.storage_bw = _ewma(self.storage_bw, nbytes / (downtime_s - self.fs_fixed_s), a)
-        elif predicted is not None and predicted.downtime_s > 0:      # pre-copy
-            self.precopy_factor = _ewma(self.precopy_factor,
-                                        self.precopy_factor * downtime_s / predicted.downtime_s, a)
+        if nbytes < 16 * MiB:
+            own = self._own_downtime(strategy, nbytes, predicted)
+            excess = max(0.0, downtime_s - own)
+            self.switch_s = excess if self.switch_seen == 0 else _ewma(self.switch_s, excess, a)
+            self.switch_seen += 1
+        else:
+            self._observe_large(strategy, nbytes, max(0.0, downtime_s - self.switch_s), total_s, spawn_s,
+                                predicted)
         if spawn_s is not None and spawn_s >= 0:
             if spare:
                 self.handover_s = _ewma(self.handover_s, spawn_s, a)
             else:
                 self.spawn_s = _ewma(self.spawn_s, spawn_s, a)
         self.observations += 1
+
+    def _own_downtime(self, strategy: str, nbytes: int, predicted: StrategyCost | None) -> float:
+        """The downtime ``strategy``'s own model gives a move of ``nbytes`` (``switch_s`` left out)."""
+        if strategy == "stop-and-copy":
+            return self.fixed_s + nbytes / self.bw
+        if strategy == "post-copy":
+            return self.postcopy_s
+        if strategy == "file-server":
+            return self.fs_fixed_s + nbytes / self.storage_bw
+        if predicted is not None:                                   # pre-copy, as predicted then
+            return max(0.0, predicted.downtime_s - self.switch_s)
+        return (self.fixed_s + nbytes / self.scan_bw) * self.precopy_factor
+
+    def _observe_large(self, strategy: str, nbytes: int, down: float, total_s: float, spawn_s: float | None,
+                       predicted: StrategyCost | None) -> None:
+        a = self.alpha
+        if strategy == "stop-and-copy":
+            if down > self.fixed_s:
+                self.bw = _ewma(self.bw, nbytes / (down - self.fixed_s), a)
+        elif strategy == "post-copy":
+            self.postcopy_s = _ewma(self.postcopy_s, down, a)
+            residual = total_s - down - self.switch_s - (spawn_s or 0.0)
+            if residual > 0:
+                self.postcopy_bw = _ewma(self.postcopy_bw, nbytes / residual, a)
+        elif strategy == "file-server":
+            if down > self.fs_fixed_s:
+                self.storage_bw = _ewma(self.storage_bw, nbytes / (down - self.fs_fixed_s), a)
+        elif predicted is not None and predicted.downtime_s - self.switch_s > 0:      # pre-copy
+            self.precopy_factor = _ewma(self.precopy_factor,
+                                        self.precopy_factor * down / (predicted.downtime_s - self.switch_s), a)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -113,6 +113,7 @@ def run_job(app: str, policy: str, scenario: str, i: int, args: argparse.Namespa
     cmd = [sys.executable, "-m", "mpimig", "run", "-n", str(n), "--hosts", hosts_spec, "--spares", str(SPARES),
            "--policy", policy_spec(policy, args), "--metrics-seconds", str(args.metrics_seconds),
            "--balance-seconds", str(args.balance_seconds), "--restart", "never",
+           *(["--cost-json", str(Path(args.cost_json).resolve())] if args.cost_json else []),
            "--timeout", str(args.timeout), "--job-dir", str(job), str(apps.path(app)),
            *app_args(app, args), "--out", str(out)]
     env = dict(os.environ)
@@ -499,6 +500,9 @@ def register(bench_sub) -> None:
     p.add_argument("--balanced-apps", default="heat2d", help="apps of the balanced scenario (default heat2d)")
     p.add_argument("--policies", default=",".join(POLICIES),
                    help=f"policies, none always included (default {','.join(POLICIES)})")
+    p.add_argument("--cost-json", metavar="FILE", default="",
+                   help="seed every run's cost model (mpimig run --cost-json): `mpimig bench migrate --json` "
+                        "or an earlier `mpimig bench balance --json` (its moves' downtimes)")
     p.add_argument("--policy-arg", action="append", metavar="NAME:k=v[,k=v]",
                    help="parameters for one policy (repeatable), e.g. multi-factor:w_space=2")
     p.add_argument("--slow-host", help="the host to slow (default the lab's second host)")
