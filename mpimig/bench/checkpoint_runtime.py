@@ -9,7 +9,10 @@ For one state size it measures, as medians over the repeats (after one warm-up
 epoch of each mode, whose fresh buffers page-fault):
 
 * ``memcpy_s``: ``np.copyto`` of the state into a preallocated, touched buffer
-  (the baseline: the least a snapshot can cost);
+  (the baseline: the least a snapshot can cost), timed right before every
+  measured checkpoint point; ``async_x_memcpy_paired`` is the median of each
+  async stall over the memcpy timed just before it (robust to a load that
+  changes during the run);
 * ``sync_stall_s``: a checkpoint point with an epoch due, synchronous (write,
   vote, commit);
 * ``async_snapshot_s``: the same point with ``ckpt_async``: the rank is blocked
@@ -36,18 +39,19 @@ import numpy as np
 from .checkpoint import make_arrays
 
 
-def memcpy_seconds(arrays: dict[str, np.ndarray], repeats: int) -> float:
-    """Median time of copying ``arrays`` into touched buffers of the same shapes."""
-    dst = {k: np.empty_like(a) for k, a in arrays.items()}
-    for k, a in arrays.items():
-        np.copyto(dst[k], a)                         # touch: no page faults in the timed copies
-    times = []
-    for _ in range(repeats):
+class Memcpy:
+    """The baseline: copying the state into touched buffers of the same shapes (no page faults)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+        self.dst = {k: np.empty_like(a) for k, a in arrays.items()}
+        self.seconds()                                # touch
+
+    def seconds(self) -> float:
         t0 = time.perf_counter()
-        for k, a in arrays.items():
-            np.copyto(dst[k], a)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for k, a in self.arrays.items():
+            np.copyto(self.dst[k], a)
+        return time.perf_counter() - t0
 
 
 def _context(directory: Path, asynchronous: bool) -> Any:
@@ -63,8 +67,10 @@ def _context(directory: Path, asynchronous: bool) -> Any:
 def measure(size: int, repeats: int, directory: Path, n_arrays: int = 4) -> dict[str, Any]:
     """The figures of the module docstring for ``size`` bytes of state."""
     arrays = make_arrays(size, n_arrays)
-    res: dict[str, Any] = {"size": size, "bytes": sum(a.nbytes for a in arrays.values()), "repeats": repeats,
-                           "memcpy_s": memcpy_seconds(arrays, repeats)}
+    memcpy = Memcpy(arrays)
+    res: dict[str, Any] = {"size": size, "bytes": sum(a.nbytes for a in arrays.values()), "repeats": repeats}
+    copies: list[float] = []
+    paired: list[float] = []         # async stall / the memcpy timed just before it
     for mode in ("sync", "async"):
         ctx = _context(directory / mode, mode == "async")
         ctx.state(**arrays)
@@ -73,6 +79,7 @@ def measure(size: int, repeats: int, directory: Path, n_arrays: int = 4) -> dict
             for a in arrays.values():
                 a[r % a.size] += 1.0             # the program changes its state between epochs
             ctx.request_checkpoint()
+            t_copy = memcpy.seconds()            # the baseline, next to each measurement (a noisy machine)
             t0 = time.perf_counter()
             ctx.checkpoint_point()
             t_snap = time.perf_counter() - t0
@@ -93,6 +100,9 @@ def measure(size: int, repeats: int, directory: Path, n_arrays: int = 4) -> dict
             if r:
                 snap.append(t_snap)
                 commit.append(t_commit)
+                copies.append(t_copy)
+                if mode == "async":
+                    paired.append((t_snap + t_commit) / t_copy)
         ctx._store.close()
         ctx.comm.mpi.Free()
         if mode == "sync":
@@ -102,6 +112,9 @@ def measure(size: int, repeats: int, directory: Path, n_arrays: int = 4) -> dict
             res["async_commit_s"] = statistics.median(commit)
             res["async_stall_s"] = statistics.median([a + b for a, b in zip(snap, commit)])
         res[f"{mode}_epochs"] = ctx.epoch
+    del memcpy
+    res["memcpy_s"] = statistics.median(copies)
+    res["async_x_memcpy_paired"] = statistics.median(paired)
     return res
 
 
