@@ -151,3 +151,29 @@ def test_unstorable_state_fails_the_async_epoch_at_its_vote_on_every_rank(tmp_pa
     assert "Traceback" not in err
     store = CheckpointStore(job / "ckpt")
     assert store.committed_epochs() == [] and store.uncommitted_epochs() == []
+
+
+def test_a_migration_at_the_point_of_a_snapshot_commits_the_epoch_first(tmp_path):
+    """Rank 1 moves (to a warm spare) at point 6, where epoch 2 is snapshotted: the epoch
+    is committed before the move (the moving rank takes no write along), the job goes
+    on checkpointing with the moved rank, and the result is the reference's."""
+    import socket
+    host = socket.gethostname()
+    job, every, steps = tmp_path / "job", 3, 18
+    res = run_cmd(mpimig_cmd("run", "-n", 3, "--spares", 1, "--ckpt-every", every, "--ckpt-async", "--keep", 20,
+                             "--job-dir", job, "--migrate", f"6:1:{host}",
+                             HEAT, "--n", N, "--steps", steps, "--work-ms", 20, "--out", job / "out.npy"),
+                  timeout=240, env=base_env())
+    assert res.returncode == 0 and "job completed" in res.stderr, res.stdout[-3000:] + res.stderr[-3000:]
+    assert np.load(job / "out.npy").tobytes() == _serial(tmp_path, N, steps)
+    status = json.loads((job / "status.json").read_text())
+    assert [m["rank"] for m in status["migrations"] if m["state"] == "done"] == [1]
+    done = json.loads((job / "complete.json").read_text())
+    assert {r["rank"]: r["role"] for r in done["ranks"]}[1] == "migrated"
+    assert done["epoch"] == steps // every
+    epochs = [e for e in events.read(job) if e["event"] == "epoch"]
+    assert [e["point"] for e in epochs] == list(range(every, steps + 1, every))
+    # an epoch commits at its own snapshot point only where it must: the move, the end
+    assert {e["point"] for e in epochs if e["committed_at"] == e["snapshot_point"]} <= {6, steps}
+    store = CheckpointStore(job / "ckpt")
+    assert store.committed_epochs() == list(range(1, steps // every + 1)) and store.verify() == []
