@@ -238,7 +238,9 @@ def run(sizes: list[int], repeat: int, directory: Path, n_arrays: int = 4,
             results["sizes"].append(row)
             del arrays
             if do_runtime:
-                row["runtime"] = rt = runtime_stall(size, repeat, directory / "runtime", n_arrays)
+                rdir = directory / f"runtime-{size}"          # a fresh store: the context starts at epoch 0
+                row["runtime"] = rt = runtime_stall(size, repeat, rdir, n_arrays)
+                shutil.rmtree(rdir, ignore_errors=True)
                 out(_runtime_line(size, rt) + f" [{repeat} repeats]")
     finally:
         store.close()
