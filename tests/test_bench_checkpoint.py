@@ -41,6 +41,7 @@ def test_bench_checkpoint_runs_and_reports(tmp_path, capsys):
         assert rt["memcpy_s"] > 0 and rt["sync_stall_s"] > 0 and rt["async_snapshot_s"] > 0
         assert rt["async_stall_s"] == pytest.approx(rt["async_snapshot_s"] + rt["async_commit_s"])
         assert rt["sync_x_memcpy"] == pytest.approx(rt["sync_stall_s"] / rt["memcpy_s"])
+        assert rt["async_x_memcpy_medians"] == pytest.approx(rt["async_stall_s"] / rt["memcpy_s"])
         assert rt["goal_met"] == (rt["async_x_memcpy"] <= rt["goal_x_memcpy"] == 1.5)
     assert "1 MiB/rank: raw h5py" in err and "ratio mpimig/raw" in err   # progress lines
     assert "1 MiB/rank: runtime stall: memcpy" in err and "--ckpt-async" in err
