@@ -31,7 +31,7 @@ from typing import Any, Callable, NoReturn
 import numpy as np
 from mpi4py import MPI
 
-from . import derived as _derived, events, exits, pace, replay, world  # noqa: F401 - derived: the full Comm API
+from . import ckpt_async, derived as _derived, events, exits, pace, replay, world  # noqa: F401 - derived: the full Comm API
 from .comm import Comm, new_comm
 from .errors import CheckpointError, CorruptCheckpoint, MigrationError, MpimigError, NoCommittedEpoch, StateError
 from .ft import hooks, recovery
@@ -41,7 +41,7 @@ from .launch.config import Config
 from .migration import source, target, transport
 from .migration.protocol import DEFAULT_STRATEGY, TAG_DONE, TAG_END, TAG_FINISHING, TAG_HELLO, Link
 from .checkpoint.format import Deferred, loads
-from .distributed import Distributed, Resize, block_of, build_layout
+from .distributed import Distributed, Resize
 from .state import State
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class Context:
         self._resize: Resize | None = None    # a restart on another rank count waiting for ctx.state()
         self._store: Any = None               # CheckpointStore (imported with h5py only when configured)
         self._want_ckpt = False
+        self._pending: ckpt_async.Pending | None = None   # --ckpt-async: the epoch written in the background
         self._last_ckpt_time = time.monotonic()
         self._pace = Pace(pace.seconds_from_env())   # how far apart the safe points check (mpimig.pace)
         self._free_until = 0                  # points before this one are free (mpimig.pace)
@@ -258,8 +259,14 @@ class Context:
                             and time.monotonic() - self._last_ckpt_time >= cfg.ckpt_seconds)
             due = due or v.ckpt
             self.stats["votes"] = self.stats.get("votes", 0) + 1
+        if self._pending is not None:     # --ckpt-async: commit the epoch written in the background
+            self.settle_checkpoint(wait=due)
         if due and self._store is not None:
-            self.checkpoint()
+            if cfg.ckpt_async and not cfg.ft:
+                self._pending = ckpt_async.snapshot(self)
+                self._last_ckpt_time = time.monotonic()
+            else:
+                self.checkpoint()
         if v is not None and link.J is not None:
             source.migration_point(self, v)
         hooks.fire("checkpoint-point", ctx=self)
@@ -270,9 +277,11 @@ class Context:
     def _next_full(self, gap: int) -> None:
         """The next point that is not free: the next vote, the next local check (``gap``
         points on), the next ``--ckpt-every`` point; the next point itself while something
-        runs at every point (a policy's meter, a post-copy, a hook)."""
+        runs at every point (a policy's meter, a post-copy, an asynchronous epoch not yet committed:
+        its settle is a collective at every point, a hook)."""
         link, p, cfg = self.link, self.point, self.config
-        if self._meter is not None or link.lazy is not None or hooks.registered("checkpoint-point"):
+        if (self._meter is not None or link.lazy is not None or self._pending is not None
+                or hooks.registered("checkpoint-point")):
             self._free_until = p + 1
             return
         nxt = p + gap
@@ -297,71 +306,24 @@ class Context:
         return source.request(self, host, strategy)
 
     def checkpoint(self) -> int:
-        """Write a coordinated checkpoint now (collective). Returns the epoch committed."""
+        """Write a coordinated checkpoint now (collective). Returns the epoch committed.
+
+        Synchronous also under ``--ckpt-async`` (an epoch still pending is committed first)."""
         if self._store is None:
             raise CheckpointError("no checkpoint directory configured (set MPIMIG_CKPT_DIR or use mpimig run)")
-        t0 = time.perf_counter()
-        comm = self.comm
-        source.complete_lazy(self)
-        comm.hold_in_flight()                           # hold messages in flight (as step 4 does)
-        epoch = self.epoch + 1
-        st = self._state if self._state is not None else State()
-        arrays, objects = st.split()
-        err = ""
-        nbytes = 0
-        blocks: dict[str, dict] = {}
-        try:
-            blocks = {k: block_of(k, d, st[k]) for k, d in self._layout.items() if k in st}
-            # held messages as a native table (docs/checkpoint-format.md), not a pickle
-            exported = comm.export_held()
-            extra = {"queue": [(src, tag, "bytes", bytes(p)) for src, tag, p in exported["queue"]],
-                     "point": self.point, "host": self.host, "derived": exported.get("derived")}
-            nbytes = self._store.write_rank(epoch, self.rank, self.size,
-                                            int(getattr(st, "step", self.point)) if "step" in st else self.point,
-                                            arrays, objects, extra)
-            hooks.fire("ckpt-write", store=self._store, epoch=epoch, rank=self.rank)
-        except MpimigError as exc:
-            err = str(exc)
-        except OSError as exc:
-            err = f"{type(exc).__name__}: {exc}"
-        if self.config.ft and self.config.buddy:   # collective: every rank, also after a failed write
-            err = self._keep_copies(epoch, arrays, objects, None if err else extra) or err
-        # the vote: every rank learns every outcome (buffer collectives: ULFM interrupts them),
-        # and every rank's blocks of the Distributed items (the manifest's layout)
-        votes = recovery.allgather_obj(comm.mpi, (err, blocks))
-        bad = [(f"rank {r}", e) for r, (e, _) in enumerate(votes) if e]
-        layout, lerr = (None, "") if bad else build_layout([b for _, b in votes])
-        if lerr:
-            bad = [("layout", lerr)]
-        if not bad and self.rank == 0:
-            try:
-                self._store.commit(epoch, self.size, self.point,
-                                   {"run_id": self.config.run_id, "host": self.host}, layout=layout)
-            except (MpimigError, OSError) as exc:
-                err = f"commit failed: {exc}"
-        if not bad:
-            err0 = recovery.bcast_obj(comm.mpi, err if self.rank == 0 else None, root=0)
-            if err0:
-                bad = [("rank 0", err0)]
-        if bad:
-            if self.rank == 0:
-                self._store.abort(epoch)
-            comm.mpi.Barrier()
-            detail = "; ".join(f"{r}: {e}" for r, e in bad)
-            raise CheckpointError(f"checkpoint epoch {epoch} at point {self.point} was not committed "
-                                  f"(the previous epoch {self.epoch or 'none'} stays the latest): {detail}")
-        self.epoch = epoch
-        dt = time.perf_counter() - t0
-        self.stats["checkpoints"] += 1
-        self.stats["ckpt_seconds"] += dt
-        self.stats["ckpt_bytes"] += nbytes
+        self.settle_checkpoint()
+        epoch = ckpt_async.write_epoch(self)
         self._last_ckpt_time = time.monotonic()
-        if self.rank == 0:
-            log.info("epoch %d committed at point %d (%d ranks, %.1f MB on rank 0, %.3f s)",
-                     epoch, self.point, self.size, nbytes / 1e6, dt)
-            events.emit(self.config.job_dir, "epoch", self.config.run_id, epoch=epoch, point=self.point,
-                        seconds=dt, buddy_bytes=self.stats.get("buddy_bytes", 0))
         return epoch
+
+    def settle_checkpoint(self, wait: bool = True) -> None:
+        """``--ckpt-async``: vote on and commit the epoch whose write runs in the background
+        (collective; without ``wait`` only if every rank's write has finished)."""
+        pending = self._pending
+        if pending is None:
+            return
+        if ckpt_async.settle(self, pending, wait) is not None or wait:
+            self._pending = None
 
     def _keep_copies(self, epoch: int, arrays: dict, objects: dict, extra: dict | None) -> str:
         """--ft: keep this epoch's state in my memory and in my buddy's (collective over A).
@@ -669,6 +631,7 @@ def _after_recovery(out: Any, cfg: Config, ctx: Context | None = None) -> Contex
         ctx = Context(_comm(cfg, out.A), cfg)
     else:
         ctx.comm = _comm(cfg, out.A)
+    ctx._pending = None          # an epoch written in the background is never committed
     ctx.link = Link(J=out.J)     # a plan, a post-copy or pre-copy in progress is void: the state comes
     ctx._state = None            # from the epoch
     ctx._free_until = 0          # the next point checks and votes, on every rank
@@ -705,6 +668,7 @@ def _after_recovery(out: Any, cfg: Config, ctx: Context | None = None) -> Contex
 
 def _finish(ctx: Context, result: Any, t_start: float) -> None:
     exits.finish_wait(ctx)              # every rank returned from main, at the same point (bounded)
+    ctx.settle_checkpoint()             # --ckpt-async: the last epoch is committed before the end
     source.complete_lazy(ctx)
     pre = ctx.link.precopy
     if pre is not None and pre.reqs:

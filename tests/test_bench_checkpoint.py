@@ -34,15 +34,26 @@ def test_bench_checkpoint_runs_and_reports(tmp_path, capsys):
         assert r["raw_gbps"] > 0 and r["mpimig_gbps"] > 0 and r["async_gbps"] > 0
         assert r["ratio"] == pytest.approx(r["mpimig_gbps"] / r["raw_gbps"])
         assert 0 <= r["async_stall_s"] <= r["async_s"]
+        # the runtime's checkpoint point (an MPI singleton child), sync and --ckpt-async, against a memcpy
+        rt = r["runtime"]
+        assert rt["bytes"] == r["bytes"] and rt["repeats"] == 1
+        assert rt["sync_epochs"] == rt["async_epochs"] == 2                # warm-up + 1 repeat, all committed
+        assert rt["memcpy_s"] > 0 and rt["sync_stall_s"] > 0 and rt["async_snapshot_s"] > 0
+        assert rt["async_stall_s"] == pytest.approx(rt["async_snapshot_s"] + rt["async_commit_s"])
+        assert rt["sync_x_memcpy"] == pytest.approx(rt["sync_stall_s"] / rt["memcpy_s"])
+        assert rt["async_x_memcpy_medians"] == pytest.approx(rt["async_stall_s"] / rt["memcpy_s"])
+        assert rt["goal_met"] == (rt["async_x_memcpy"] <= rt["goal_x_memcpy"] == 1.5)
     assert "1 MiB/rank: raw h5py" in err and "ratio mpimig/raw" in err   # progress lines
+    assert "1 MiB/rank: runtime stall: memcpy" in err and "--ckpt-async" in err
     assert list(tmp_path.iterdir()) == []                                  # cleaned up
 
 
 def test_bench_table_and_bad_arguments(tmp_path, capsys):
-    rc = cli.main(["bench", "checkpoint", "--sizes", "1M", "--repeat", "1", "--no-async",
+    rc = cli.main(["bench", "checkpoint", "--sizes", "1M", "--repeat", "1", "--no-async", "--no-runtime",
                    "--dir", str(tmp_path)])
     out, _ = capsys.readouterr()
     assert rc == 0 and "size/rank" in out and "ratio" in out and "async" not in out.split("\n\n")[-1]
+    assert "runtime" not in out
     assert cli.main(["bench", "checkpoint", "--sizes", "1Q"]) == 1
     assert "bad size" in capsys.readouterr().err
     assert cli.main(["bench"]) == 2

@@ -8,9 +8,14 @@ flush + os.fsync). Both fsync. Sizes under 256 MiB are repeated more (up to 4x
 repeats: throughput of each, the ratio mpimig/raw, and the stall (how long the
 caller is blocked per checkpoint). Unless --no-async, the asynchronous mode is
 measured too: the caller is blocked only for the snapshot (a memcpy) while a
-background thread writes.
+background thread writes. Unless --no-runtime, the runtime's own checkpoint
+point is timed too (a child process, one MPI rank: mpimig.bench.checkpoint_runtime):
+its stall with synchronous checkpoints and with --ckpt-async (snapshot, plus the
+later point that votes and commits), against a memcpy of the same state in the
+same run; the goal is an async stall of at most 1.5x the memcpy.
 
-Runs as one process; no MPI needed (the runtime does the collective part).
+The store's part runs in this process, without MPI; the runtime's part in an
+MPI singleton child.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -107,8 +113,50 @@ def crc_speed(nbytes: int = 64 << 20) -> float:
     return nbytes / (time.perf_counter() - t)
 
 
+#: The async stall's goal, as a multiple of a memcpy of the state (issue 15).
+ASYNC_STALL_GOAL = 1.5
+
+
+def runtime_stall(size: int, repeat: int, directory: Path, n_arrays: int, timeout: float = 900.0) -> dict[str, Any]:
+    """The runtime's checkpoint stall (sync, async) and a memcpy, measured by a child process."""
+    directory.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("OMPI_MCA_btl", "^ofi")            # docs: ~1 s less in MPI_Init
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    cmd = [sys.executable, "-m", "mpimig.bench.checkpoint_runtime", "--size", str(size), "--repeat", str(repeat),
+           "--arrays", str(n_arrays), "--dir", str(directory)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"the runtime stall measurement ({' '.join(cmd)}) did not finish in {timeout:.0f} s") \
+            from exc
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode != 0 or not lines:
+        raise RuntimeError(f"the runtime stall measurement failed (exit {res.returncode}): "
+                           f"{' '.join(cmd)}\n{res.stderr[-2000:]}")
+    row: dict[str, Any] = json.loads(lines[-1])
+    row["sync_x_memcpy"] = row["sync_stall_s"] / row["memcpy_s"]
+    row["async_x_memcpy"] = row["async_x_memcpy_paired"]
+    row["async_x_memcpy_medians"] = row["async_stall_s"] / row["memcpy_s"]
+    row["async_snapshot_x_memcpy"] = row["async_snapshot_s"] / row["memcpy_s"]
+    row["goal_x_memcpy"] = ASYNC_STALL_GOAL
+    row["goal_met"] = row["async_x_memcpy"] <= ASYNC_STALL_GOAL
+    return row
+
+
+def _runtime_line(size: int, rt: dict[str, Any]) -> str:
+    return (f"  {fmt_size(size)}/rank: runtime stall: memcpy {rt['memcpy_s'] * 1e3:.0f} ms; "
+            f"sync {rt['sync_stall_s'] * 1e3:.0f} ms ({rt['sync_x_memcpy']:.2f}x memcpy); "
+            f"--ckpt-async {rt['async_stall_s'] * 1e3:.0f} ms = snapshot {rt['async_snapshot_s'] * 1e3:.0f} + "
+            f"commit points {rt['async_commit_s'] * 1e3:.1f} ({rt['async_x_memcpy']:.2f}x memcpy paired, "
+            f"{rt['async_x_memcpy_medians']:.2f}x of the medians; goal "
+            f"<= {rt['goal_x_memcpy']:g}x: {'met' if rt['goal_met'] else 'NOT met'})")
+
+
 def run(sizes: list[int], repeat: int, directory: Path, n_arrays: int = 4,
-        do_async: bool = True, out=print) -> dict:
+        do_async: bool = True, out=print, do_runtime: bool = True) -> dict:
     """Run the benchmark; prints a line per size through ``out``; returns the results."""
     directory.mkdir(parents=True, exist_ok=True)
     fstype = _fs_type(directory)
@@ -191,6 +239,11 @@ def run(sizes: list[int], repeat: int, directory: Path, n_arrays: int = 4,
             out(line + f" [{reps} repeats]")
             results["sizes"].append(row)
             del arrays
+            if do_runtime:
+                rdir = directory / f"runtime-{size}"          # a fresh store: the context starts at epoch 0
+                row["runtime"] = rt = runtime_stall(size, repeat, rdir, n_arrays)
+                shutil.rmtree(rdir, ignore_errors=True)
+                out(_runtime_line(size, rt) + f" [{repeat} repeats]")
     finally:
         store.close()
     return results
@@ -209,6 +262,16 @@ def _print_table(results: dict, out=print) -> None:
         if has_async:
             line += f" {r['async_stall_s'] * 1e3:15.1f} {r['async_gbps']:11.3f}"
         out(line)
+    rows = [r for r in results["sizes"] if "runtime" in r]
+    if rows:
+        out("")
+        out(f"{'size/rank':>10} {'memcpy ms':>10} {'runtime sync ms':>16} {'x memcpy':>9} "
+            f"{'runtime async ms':>17} {'x memcpy':>9} {'goal':>6}")
+        for r in rows:
+            rt = r["runtime"]
+            out(f"{fmt_size(r['size']):>10} {rt['memcpy_s'] * 1e3:10.1f} {rt['sync_stall_s'] * 1e3:16.1f} "
+                f"{rt['sync_x_memcpy']:8.2f}x {rt['async_stall_s'] * 1e3:17.1f} {rt['async_x_memcpy']:8.2f}x "
+                f"{'met' if rt['goal_met'] else 'NOT':>6}")
 
 
 def main(args) -> int:
@@ -228,7 +291,7 @@ def main(args) -> int:
     else:
         work = Path(tempfile.mkdtemp(prefix="mpimig-bench-ckpt-"))
     try:
-        results = run(sizes, args.repeat, work, args.arrays, not args.no_async, out)
+        results = run(sizes, args.repeat, work, args.arrays, not args.no_async, out, not args.no_runtime)
     finally:
         if not args.keep_files:
             shutil.rmtree(work, ignore_errors=True)
@@ -253,6 +316,8 @@ def register(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--arrays", type=int, default=4,
                    help="number of float64 arrays the size is split into (default 4)")
     p.add_argument("--no-async", action="store_true", help="skip the asynchronous mode")
+    p.add_argument("--no-runtime", action="store_true",
+                   help="skip the runtime's checkpoint stall (sync and --ckpt-async against a memcpy)")
     p.add_argument("--json", action="store_true", help="print the results as JSON (progress on stderr)")
     p.add_argument("--keep-files", action="store_true", help="leave the written files in place")
     p.set_defaults(func=main)

@@ -10,6 +10,9 @@ lookup. Unknown point names are refused with the list of known ones.
 ``checkpoint-point``        after every ``ctx.checkpoint_point()`` (``ctx``)
 ``ckpt-write``              a rank's file of epoch E is written, before the vote
                             (``store``, ``epoch``, ``rank``)
+``ckpt-async-pending``      ``--ckpt-async``: a rank's snapshot of epoch E is taken, its
+                            write runs in the background, the vote and commit are to
+                            come at a later point (``store``, ``epoch``, ``rank``)
 ``migration-source``        the old process of a moving rank, before it sends its state,
                             any strategy (``comm``, ``peer``, ``strategy``)
 ``migration-target``        the new process, before it receives the state (same keys)
@@ -31,6 +34,9 @@ runtime calls :func:`install_inject` once at import:
 * ``ckpt-write``: a ``ckpt-write`` fault kills its rank after its file of
   epoch E is in ``epoch-E.tmp`` and before the vote, so the epoch is never
   committed.
+* ``ckpt-async-pending``: a ``ckpt-async-pending`` fault kills its rank right
+  after its snapshot of epoch E (``--ckpt-async``): between snapshot and
+  commit, so E is never committed and E-1 stays the newest epoch.
 * ``migration-source`` / ``migration-target``: faults of those kinds kill the
   old process of a moving rank before it sends its state, or its new process
   before it receives it, whatever the strategy (the transport fires them).
@@ -51,7 +57,8 @@ from typing import Any, Callable
 from .. import events
 
 #: The hook points, in the order a job meets them.
-POINTS = ("checkpoint-point", "ckpt-write", "migration-join", "migration-source", "migration-target")
+POINTS = ("checkpoint-point", "ckpt-async-pending", "ckpt-write", "migration-join", "migration-source",
+          "migration-target")
 
 _registry: dict[str, list[Callable[..., Any]]] = {}
 
@@ -126,9 +133,9 @@ class _Inject:
                     and self.claim(f, ctx.rank)):
                 _die(f, cfg.job_dir, cfg.run_id, ctx.rank, ctx.point, host=ctx.host)
 
-    def at_ckpt_write(self, store: Any, epoch: int, rank: int) -> None:
+    def at_ckpt_write(self, store: Any, epoch: int, rank: int, kind: str = "ckpt-write") -> None:
         for f in self.faults:
-            if f["kind"] == "ckpt-write" and f.get("epoch") == epoch and rank in f["ranks"] and self.claim(f, rank):
+            if f["kind"] == kind and f.get("epoch") == epoch and rank in f["ranks"] and self.claim(f, rank):
                 tmp = store.tmp_dir(epoch)
                 _die(f, os.environ.get("MPIMIG_JOB_DIR"), os.environ.get("MPIMIG_RUN_ID", ""), rank, -1,
                      epoch=epoch, tmp_dir=str(tmp), tmp_dir_seen=tmp.is_dir(),
@@ -159,6 +166,7 @@ def install_inject() -> None:
     inj = _inject = _Inject()
     register("checkpoint-point", inj.at_point)
     register("ckpt-write", inj.at_ckpt_write)
+    register("ckpt-async-pending", lambda **info: inj.at_ckpt_write(kind="ckpt-async-pending", **info))
     register("migration-source", lambda **info: inj.at_migration("migration-source", **info))
     register("migration-target", lambda **info: inj.at_migration("migration-target", **info))
 

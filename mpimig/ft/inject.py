@@ -21,6 +21,9 @@ Faults (``--kill WHAT@WHEN``, repeatable):
   coordinator@point:P  the coordinator process (also @time:S)
   ckpt-write:R@epoch:E rank R dies while epoch E is being written (its file is in
                        epoch-E.tmp, the vote has not happened: E is never committed)
+  ckpt-async-pending:R@epoch:E
+                       with --ckpt-async: rank R dies right after its snapshot of
+                       epoch E, before the vote and commit (E is never committed)
   migration-source     the old process of the first migrating rank dies before it
                        sends its state (the job needs a --migrate schedule)
   migration-target     its new process dies before it receives the state
@@ -79,9 +82,9 @@ from .report import (
 if TYPE_CHECKING:
     from ..lab.hosts import Lab
 
-KINDS = ("rank", "host", "coordinator", "ckpt-write", "migration-source", "migration-target")
+KINDS = ("rank", "host", "coordinator", "ckpt-write", "ckpt-async-pending", "migration-source", "migration-target")
 RANDOM_KINDS = ("rank", "ranks", "host", "coordinator", "ckpt-write")
-IN_PROCESS = ("ckpt-write", "migration-source", "migration-target")
+IN_PROCESS = ("ckpt-write", "ckpt-async-pending", "migration-source", "migration-target")
 
 
 # ----------------------------------------------------------------------- faults
@@ -118,23 +121,23 @@ def _parse_what(f: dict, kind: str, target: str) -> None:
         f["kind"], f["target"] = "host", target
     elif kind == "coordinator":
         f["kind"], f["target"] = "coordinator", "coordinator"
-    elif kind == "ckpt-write":
-        f["kind"], f["ranks"] = "ckpt-write", [int(target or 0)]
+    elif kind in ("ckpt-write", "ckpt-async-pending"):
+        f["kind"], f["ranks"] = kind, [int(target or 0)]
         f["target"] = str(f["ranks"][0])
     elif kind in ("migration-source", "migration-target"):
         f["kind"], f["target"] = kind, kind.split("-")[1]
     else:
         raise UsageError(f"--kill {spec}: unknown fault {kind!r}; one of rank, ranks, host, coordinator, "
-                         "ckpt-write, migration-source, migration-target")
+                         "ckpt-write, ckpt-async-pending, migration-source, migration-target")
 
 
 def _parse_when(f: dict, when: str) -> None:
     """The ``WHEN`` of a fault: ``epoch`` for a checkpoint write, else ``point`` or ``time``."""
     spec = f["spec"]
     wkind, _, wval = when.partition(":")
-    if f["kind"] == "ckpt-write":
+    if f["kind"] in ("ckpt-write", "ckpt-async-pending"):
         if wkind not in ("", "epoch"):
-            raise UsageError(f"--kill {spec}: a checkpoint-write fault takes @epoch:E")
+            raise UsageError(f"--kill {spec}: a checkpoint fault takes @epoch:E")
         f["epoch"] = int(wval or 2)
         f["when"] = f"epoch {f['epoch']}"
         return
@@ -534,6 +537,8 @@ def _schedule(args: argparse.Namespace, kinds: list[str], hosts: list[str]) -> l
                 raise UsageError(f"--kill {f['spec']}: rank {r} does not exist (ranks 0..{args.n - 1})")
         if f["kind"] == "host" and hosts and f["target"] not in hosts:
             raise UsageError(f"--kill {f['spec']}: host {f['target']} is not in --hosts ({', '.join(hosts)})")
+        if f["kind"] == "ckpt-async-pending" and not getattr(args, "ckpt_async", False):
+            raise UsageError(f"--kill {f['spec']}: the job checkpoints synchronously: add --ckpt-async")
         if f["kind"].startswith("migration") and not args.migrate:
             raise UsageError(f"--kill {f['spec']}: the job has no migration: add --migrate STEP:RANK:HOST")
     return faults

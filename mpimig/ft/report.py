@@ -261,7 +261,7 @@ def format_totals(t: dict) -> str:
 
 
 FAULT_COLORS = {"rank": "tab:blue", "host": "tab:red", "coordinator": "tab:green", "ckpt-write": "tab:purple",
-                "migration-source": "tab:orange", "migration-target": "tab:brown"}
+                "ckpt-async-pending": "tab:pink", "migration-source": "tab:orange", "migration-target": "tab:brown"}
 
 
 def totals_png(reports: list[dict], path: Path) -> None:

@@ -45,6 +45,7 @@ class Config:
     ckpt_every: int = 0            # checkpoint every N checkpoint points (0: off)
     ckpt_seconds: float = 0.0      # or every S seconds (rank 0's clock, agreed by all)
     keep: int = 2                  # committed epochs kept
+    ckpt_async: bool = False       # snapshot at the point, write/vote/commit later (mpimig.ckpt_async)
     restart: str = "auto"          # auto | always | never
     run_id: str = ""
     schedule: list = dataclasses.field(default_factory=list)   # [(point, rank, host[, strategy])]
@@ -74,6 +75,7 @@ class Config:
             ckpt_every=int(env.get("MPIMIG_CKPT_EVERY", "0") or 0),
             ckpt_seconds=float(env.get("MPIMIG_CKPT_SECONDS", "0") or 0),
             keep=int(env.get("MPIMIG_KEEP", "2") or 2),
+            ckpt_async=env.get("MPIMIG_CKPT_ASYNC", "0") == "1",
             restart=restart,
             run_id=env.get("MPIMIG_RUN_ID", ""),
             schedule=sched,
@@ -101,6 +103,7 @@ class Config:
         env["MPIMIG_CKPT_EVERY"] = str(self.ckpt_every)
         env["MPIMIG_CKPT_SECONDS"] = str(self.ckpt_seconds)
         env["MPIMIG_KEEP"] = str(self.keep)
+        env["MPIMIG_CKPT_ASYNC"] = "1" if self.ckpt_async else "0"
         env["MPIMIG_RESTART"] = self.restart
         env["MPIMIG_RUN_ID"] = self.run_id
         if self.schedule:

@@ -680,6 +680,7 @@ def _config(args) -> Config:
         ckpt_every=args.ckpt_every,
         ckpt_seconds=args.ckpt_seconds,
         keep=args.keep,
+        ckpt_async=args.ckpt_async,
         restart=args.restart,
         run_id=uuid.uuid4().hex[:12],
         schedule=parse_schedule(args.migrate),
@@ -705,6 +706,9 @@ def _config(args) -> Config:
                        or args.ft or bool(cfg.policy))
     if cfg.keep < 1:
         raise UsageError("--keep must be at least 1")
+    if cfg.ckpt_async and cfg.ft:
+        raise UsageError("--ckpt-async does not combine with --ft (online recovery keeps its in-memory copies "
+                         "of the epoch being written): leave one out")
     return cfg
 
 
@@ -772,6 +776,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
     p.add_argument("--ckpt-seconds", type=float, default=0.0, metavar="S",
                    help="checkpoint every S seconds (default: off)")
     p.add_argument("--keep", type=int, default=2, help="committed epochs to keep (default 2)")
+    p.add_argument("--ckpt-async", action="store_true",
+                   help="asynchronous checkpoints: a rank is blocked only while its state is copied (a "
+                        "snapshot); the file is written in the background and the epoch is voted on and "
+                        "committed at a later checkpoint point. Costs memory for a copy of the state, "
+                        "and an epoch commits some points later (docs/protocol.md, \"Asynchronous "
+                        "checkpoints\"). Not with --ft")
     p.add_argument("--restart", choices=RESTART_MODES, default="auto", help="restart policy (below)")
     p.add_argument("--migrate", action="append", metavar="STEP:RANK:HOST[:STRATEGY]",
                    help="migrate RANK to HOST at checkpoint point STEP (repeatable); STRATEGY: "

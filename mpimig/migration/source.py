@@ -122,6 +122,7 @@ def migration_point(ctx: Context, v: Vote) -> None:
     """At a safe point that voted: execute the plan if the vote says it runs now (steps 3-8)."""
     plan = suspend(ctx, v)
     if plan is not None:
+        ctx.settle_checkpoint()    # --ckpt-async: a moving rank takes no write in progress along
         execute(ctx, plan)
 
 
