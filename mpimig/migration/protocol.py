@@ -130,4 +130,4 @@ class Link:
     lazy: Any = None             # post-copy: chunks still arriving (mpimig.migration.lazy.LazySession)
     precopy: Any = None          # pre-copy: rounds of this rank's move (strategies.PreCopySource)
     t_point: float = 0.0         # perf_counter at the current safe point (stall measurement)
-    t_point_wall: float = 0.0    # time.time at the current safe point (downtime measurement)
+    t_point_wall: float = 0.0    # time.time at the safe point, then at the suspension (the downtime's start)
