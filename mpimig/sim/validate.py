@@ -81,10 +81,6 @@ def plan(cfg) -> dict:
     if len(moves) + 1 > lab["spares"]:
         raise ValidationError(f"lab.spares {lab['spares']}: the moves and the recovery need {len(moves) + 1}")
     cal_move, cal_kill = parse_calib(lab["calib_move"], lab["calib_kill"], lab["calib_points"], j["ranks"])
-    more_moves, more_kills = parse_more(lab, cal_kill[0], j["ranks"], hosts[-1])
-    if 2 + len(more_moves) + len(more_kills) > lab["spares"]:
-        raise ValidationError(f"lab.spares {lab['spares']}: the calibration's moves and recoveries need "
-                              f"{2 + len(more_moves) + len(more_kills)}")
     slow = c["slow_hosts"][0]
     if rank_host(cal_move[1], per, hosts) != slow or cal_move[2] != hosts[-1]:
         raise ValidationError(f"lab.calib_move {lab['calib_move']!r}: the calibration moves a rank of the slowed host "
@@ -92,6 +88,10 @@ def plan(cfg) -> dict:
     if not cal_move[0] + 2 * cfg.values["jobs"]["ckpt_every"] <= cal_kill[0]:
         raise ValidationError("lab.calib_kill: at least two checkpoint intervals after lab.calib_move (the "
                               "calibration measures the speeds in between)")
+    more_moves, more_kills = parse_more(lab, cal_move[0] + 2 * j["ckpt_every"], cal_kill[0], j["ranks"], hosts[-1])
+    if 2 + len(more_moves) + len(more_kills) > lab["spares"]:
+        raise ValidationError(f"lab.spares {lab['spares']}: the calibration's moves and recoveries need "
+                              f"{2 + len(more_moves) + len(more_kills)}")
     for r in (kills[0][1], cal_kill[1], *(k[1] for k in more_kills)):
         if rank_host(r, per, hosts) != hosts[-1]:
             raise ValidationError(f"killed rank {r}: kill a rank of {hosts[-1]} (its replacement, a spare there, "
@@ -137,13 +137,15 @@ def parse_calib(move: str, kill: str, points: int, ranks: int) -> tuple[tuple[in
     return m, k
 
 
-def parse_more(lab: dict, after: int, ranks: int, last: str) -> tuple[list, list]:
-    """``[lab] calib_more_moves`` / ``calib_more_kills``: more moves and kills in the calibration run,
-    after its ``calib_kill`` (the speeds are measured before it), for the medians of the downtime and
-    of the recovery time."""
+def parse_more(lab: dict, speeds_until: int, kill: int, ranks: int, last: str) -> tuple[list, list]:
+    """``[lab] calib_more_moves`` / ``calib_more_kills``: more moves and kills in the calibration run for
+    the medians of the downtime and of the recovery time. The moves come after ``speeds_until`` (the
+    speeds after ``calib_move`` are measured before them) and before ``calib_kill`` (a recovery cancels
+    the migrations still waiting); the kills come after ``calib_kill``."""
     moves, kills = [], []
     for what, items, n in (("calib_more_moves", lab["calib_more_moves"], 3), ("calib_more_kills",
                                                                             lab["calib_more_kills"], 2)):
+        lo, hi = (speeds_until, kill) if n == 3 else (kill + 1, lab["calib_points"])
         for item in items:
             parts = str(item).split(":")
             try:
@@ -153,9 +155,8 @@ def parse_more(lab: dict, after: int, ranks: int, last: str) -> tuple[list, list
             except ValueError:
                 raise ValidationError(f"lab.{what} {item!r}: expected {'POINT:RANK:HOST' if n == 3 else 'POINT:RANK'}"
                                       ) from None
-            if not (after < p < lab["calib_points"] and 0 <= r < ranks):
-                raise ValidationError(f"lab.{what} {item!r}: point after lab.calib_kill's {after} and before "
-                                      f"lab.calib_points {lab['calib_points']}, rank 0..{ranks - 1}")
+            if not (lo <= p < hi and 0 <= r < ranks):
+                raise ValidationError(f"lab.{what} {item!r}: point in {lo}..{hi - 1}, rank 0..{ranks - 1}")
             if n == 3:
                 if parts[2] != last:
                     raise ValidationError(f"lab.{what} {item!r}: moves go to the spares' host {last}")
@@ -299,7 +300,8 @@ def calibrate(cal: dict, pl: dict, ranks: int) -> dict:
                         and lo <= s["points"] <= hi], f"rank {r} on {host}, points {lo}..{hi}")
 
     a = (WARMUP_POINTS, pm - 1)                    # before the move: the starting placement
-    b = (pm + SETTLE_POINTS, pk - 1)               # after it, before the kill
+    end = min([pk] + [p for p, _r, _h in pl["calib_moves"][1:]])
+    b = (pm + SETTLE_POINTS, end - 1)              # after it, before the next move or the kill
     before = {r: comp(r, start[r], *a) for r in range(ranks)}
     after = {r: comp(r, dst if r == rm else start[r], *b) for r in range(ranks)}
     work = {r: before[r] for r in range(ranks) if start[r] != slow}
@@ -312,7 +314,7 @@ def calibrate(cal: dict, pl: dict, ranks: int) -> dict:
         work[r] = before[r] * s_full               # its ranks had the same share before the move
     s_less = _median([work[r] / after[r] for r in stay], "the slowed host after the move") if stay else s_full
     t_a = step_time(cal["epochs"], a[0], pm - 1)
-    t_b = step_time(cal["epochs"], b[0], pk - 1)
+    t_b = step_time(cal["epochs"], b[0], end - 1)
     share_a = {r: s_full if start[r] == slow else 1.0 for r in range(ranks)}
     share_b = {r: s_dst if (r == rm or start[r] == dst) else s_less if start[r] == slow else 1.0
                for r in range(ranks)}
