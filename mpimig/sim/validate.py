@@ -5,11 +5,13 @@ One command runs a small scenario both ways and compares them:
 1. **Calibration run** (real, on the lab): ``mpimig inject`` of the scenario's app with policy
    ``none`` (metering on), the scenario's slowed host (``mpimig lab slow``), ``[lab] calib_points``
    points, one operator move off the slowed host (``calib_move``) and one killed rank
-   (``calib_kill``, ``--ft``). It gives every figure the simulator is calibrated with:
+   (``calib_kill``, ``--ft``), and more moves and kills (``calib_more_moves``, ``calib_more_kills``)
+   for medians. It gives every figure the simulator is calibrated with:
    each rank's compute time per point on a full-speed host (its *work*), the slowed host's
    CPU share per rank with two ranks and with one (before and after the move), the spares'
    host's share with one rank more, the CPU work per point beyond the compute (safe points,
-   checkpoints, halos: the *overhead*), that move's downtime and that recovery's time.
+   checkpoints, halos: the *overhead*), the median of its moves' downtimes (the runtime's ``migrated``
+   events: the suspension -> the new process resumed) and of its recoveries' times.
 2. **Validation run** (real, on the lab): the scenario itself (``jobs.points`` points, its
    ``[[events]]``: operator moves and a killed rank at given points, its first policy).
 3. **The simulator**: the same scenario, calibrated from run 1 only. (The JSON also has the
