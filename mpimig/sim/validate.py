@@ -195,7 +195,6 @@ def real_run(name: str, cfg, pl: dict, root: Path, points: int, moves: list, kil
            *sum((["--migrate", f"{p}:{r}:{h}:stop-and-copy"] for p, r, h in moves), []),
            "--job-dir", str(job), str(apps.path(lab["app"])), *app_args(cfg, points), "--out", "{job}/out.npy"]
     env = dict(os.environ)
-    env["PYTHONHASHSEED"] = "0"   # mpimig inject names its cached --serial reference by hash(): one for both runs
     env.setdefault("OMPI_MCA_btl", "^ofi")
     env.setdefault("OMPI_MCA_coll", "^han")
     if os.geteuid() == 0:
