@@ -64,6 +64,15 @@ def lab_validate(**changes) -> dict:
     ({"lab.calib_move": "20:0:h3"}, "the calibration moves a rank of the slowed host h2"),
     ({"lab.calib_kill": "25:5"}, "at least two checkpoint intervals after lab.calib_move"),
     ({"lab.spares": 2}, "lab.spares 2: the moves and the recovery need 3"),
+    ({"lab.spares": 3}, "lab.spares 3: the calibration's moves and recoveries need 4"),
+    ({"lab.calib_more_kills": ["64:1"]}, "killed rank 1: kill a rank of h3"),
+    ({"lab.calib_more_kills": ["64"]}, "lab.calib_more_kills '64': expected POINT:RANK"),
+    # a second move inside the speeds' window after the first (20 + 2 x 5), or after a kill (a recovery
+    # cancels the migrations waiting), or a second kill before the first
+    ({"lab.calib_more_moves": ["29:3:h3"]}, "lab.calib_more_moves '29:3:h3': point in 30..55"),
+    ({"lab.calib_more_moves": ["60:3:h3"]}, "lab.calib_more_moves '60:3:h3': point in 30..55"),
+    ({"lab.calib_more_kills": ["50:4"]}, "lab.calib_more_kills '50:4': point in 57..69"),
+    ({"lab.calib_more_moves": ["50:3:h1"]}, "lab.calib_more_moves '50:3:h1': moves go to the spares' host h3"),
 ])
 def test_a_scenario_that_cannot_be_validated_says_why(changes, words):
     with pytest.raises(validate.ValidationError, match=re.escape(words)):
@@ -72,10 +81,12 @@ def test_a_scenario_that_cannot_be_validated_says_why(changes, words):
 
 def test_the_shipped_validation_scenario_plans_the_lab_layout():
     pl = validate.plan(load("lab-validate")[0])
-    # coordinator + 2 ranks on h1, 2 ranks on the slowed h2, 2 ranks + 3 warm spares on h3
-    assert pl["spec"] == "h1:3,h2:2,h3:5"
+    # coordinator + 2 ranks on h1, 2 ranks on the slowed h2, 2 ranks + 4 warm spares on h3
+    assert pl["spec"] == "h1:3,h2:2,h3:6"
     assert pl["moves"] == [(20, 2, "h3"), (40, 3, "h3")] and pl["kill"] == (70, 4)
-    assert pl["calib_move"] == (20, 2, "h3") and pl["calib_kill"] == (45, 5)
+    assert pl["calib_move"] == (20, 2, "h3") and pl["calib_kill"] == (56, 5)
+    # the calibration's moves and kills (the downtime and the recovery time are their medians)
+    assert pl["calib_moves"] == [(20, 2, "h3"), (50, 3, "h3")] and pl["calib_kills"] == [(56, 5), (62, 4)]
 
 
 def test_calibration_from_a_run_record():
@@ -96,7 +107,9 @@ def test_calibration_from_a_run_record():
                                 "compute_s": after[r] if p >= 23 else 9.0, "state_bytes": 1000})
     # epochs every 5 points: 0.7 s per point before the move, 0.45 s after
     epochs = [(p, 100 + 0.7 * p) for p in (5, 10, 15, 20)] + [(p, 114 + 0.45 * (p - 20)) for p in (25, 30, 35, 40)]
-    run = {"samples": samples, "epochs": epochs, "moves": [{"downtime_s": 1.5}], "recovery_s": 0.8}
+    # three moves: the downtime calibrated is their median (one slow move does not set it)
+    run = {"samples": samples, "epochs": epochs, "recovery_s": 0.8,
+           "moves": [{"downtime_s": 1.5}, {"downtime_s": 4.0}, {"downtime_s": 1.2}]}
     cal = validate.calibrate(run, pl, 6)
     # h3's ranks computed 0.12 -> 0.15 and 0.13 -> 0.1625 with rank 2 there too: share 0.8 with 3 ranks;
     # rank 2's work is then 0.15 x 0.8 = 0.12, and the slowed host gave it 0.12 / 0.5 = 0.24 of a full

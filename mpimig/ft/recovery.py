@@ -63,7 +63,7 @@ def is_failure(exc: BaseException) -> bool:
 def _known_failures() -> int:
     """How many processes of this process's world it knows to have failed (ULFM)."""
     try:
-        return MPI.COMM_WORLD.Get_failed().Get_size()
+        return world.real().Get_failed().Get_size()     # MPI.COMM_WORLD may be the program's facade
     except (MPI.Exception, NotImplementedError):
         return 0
 

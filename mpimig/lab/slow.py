@@ -39,8 +39,13 @@ def quota_us(lab: Lab, factor: float, period_us: int = _cgroup.PERIOD_US) -> int
     return max(_cgroup.MIN_QUOTA_US, round(factor * fair_share(lab) * period_us))
 
 
-def slow(lab: Lab, host: str, factor: float) -> dict:
+def slow(lab: Lab, host: str, factor: float, period_us: int = _cgroup.PERIOD_US) -> dict:
     """Limit ``host`` to ``factor`` times its fair share of CPU (1: no limit).
+
+    ``period_us``: the CFS period. Within each period the host runs until its quota is used, then
+    waits for the next one, so a message to a throttled process may wait up to a period (minus the
+    quota): a shorter period makes a slowed host slow evenly rather than in bursts (the quota is
+    at least 1 ms, so the period is at least 1 ms / the share).
 
     Returns what was recorded in the lab state for the host: ``cgroup``,
     ``factor``, ``quota_us``, ``period_us``, ``cores`` (the share in cores), and
@@ -63,8 +68,8 @@ def slow(lab: Lab, host: str, factor: float) -> dict:
             return {"factor": 1.0, "cgroup": None, "quota_us": -1, "period_us": _cgroup.PERIOD_US,
                     "cores": None, "moved": 0}
         path = Path(entry["cgroup"]) if entry else _cgroup.path_of(ns)
-        entry = {"cgroup": str(path), "factor": factor, "period_us": _cgroup.PERIOD_US,
-                 "quota_us": -1 if factor >= 1.0 else quota_us(lab, factor)}
+        entry = {"cgroup": str(path), "factor": factor, "period_us": period_us,
+                 "quota_us": -1 if factor >= 1.0 else quota_us(lab, factor, period_us)}
         entry["cores"] = None if factor >= 1.0 else entry["quota_us"] / entry["period_us"]
         table[host] = entry
         _sys.write_json(lab.state_dir / "state.json", state)   # recorded before it exists: down removes it

@@ -134,6 +134,6 @@ class Link:
     lazy: Any = None             # post-copy: chunks still arriving (mpimig.migration.lazy.LazySession)
     precopy: Any = None          # pre-copy: rounds of this rank's move (strategies.PreCopySource)
     t_point: float = 0.0         # perf_counter at the current safe point (stall measurement)
-    t_point_wall: float = 0.0    # time.time at the current safe point (downtime measurement)
+    t_point_wall: float = 0.0    # time.time at the safe point, then at the suspension (the downtime's start)
     next_vote: int = 0           # the next point that votes (agreed at the last vote; 0: the next one)
     announced: int = -1          # plan whose state layout went to its warm spare (migration.handover)

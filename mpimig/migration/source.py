@@ -167,6 +167,7 @@ def suspend(ctx: Context, v: Vote) -> Plan | None:
     if v.ready < plan.precopy_sources():
         return None                     # a pre-copy source is still copying: keep computing
     link.plan = None
+    link.t_point_wall = time.time()     # frozen from here: the downtime starts (not this point's checkpoint)
     if ctx.rank == 0:
         J.send(plan.id, dest=0, tag=TAG_GO)
     return plan

@@ -5,11 +5,13 @@ One command runs a small scenario both ways and compares them:
 1. **Calibration run** (real, on the lab): ``mpimig inject`` of the scenario's app with policy
    ``none`` (metering on), the scenario's slowed host (``mpimig lab slow``), ``[lab] calib_points``
    points, one operator move off the slowed host (``calib_move``) and one killed rank
-   (``calib_kill``, ``--ft``). It gives every figure the simulator is calibrated with:
+   (``calib_kill``, ``--ft``), and more moves and kills (``calib_more_moves``, ``calib_more_kills``)
+   for medians. It gives every figure the simulator is calibrated with:
    each rank's compute time per point on a full-speed host (its *work*), the slowed host's
    CPU share per rank with two ranks and with one (before and after the move), the spares'
    host's share with one rank more, the CPU work per point beyond the compute (safe points,
-   checkpoints, halos: the *overhead*), that move's downtime and that recovery's time.
+   checkpoints, halos: the *overhead*), the median of its moves' downtimes (the runtime's ``migrated``
+   events: the suspension -> the new process resumed) and of its recoveries' times.
 2. **Validation run** (real, on the lab): the scenario itself (``jobs.points`` points, its
    ``[[events]]``: operator moves and a killed rank at given points, its first policy).
 3. **The simulator**: the same scenario, calibrated from run 1 only. (The JSON also has the
@@ -74,20 +76,7 @@ def plan(cfg) -> dict:
     slots = {h: per for h in hosts}
     slots[hosts[0]] += 1
     slots[hosts[-1]] += lab["spares"]
-    moves, kills = [], []
-    for i, ev in enumerate(cfg.events):
-        if ev.at_point < 0:
-            raise ValidationError(f"events[{i}]: a validation scenario's events are at_point (the real run's "
-                                  "--migrate STEP and --kill rank:R@point:P)")
-        if ev.kind == "move":
-            if ev.hosts[0] != hosts[-1]:
-                raise ValidationError(f"events[{i}]: moves go to the spares' host {hosts[-1]} (a spawn onto "
-                                      "another lab host is unreliable with Open MPI: PLATFORM.md)")
-            moves.append((ev.at_point, ev.rank, ev.hosts[0]))
-        elif ev.kind == "kill-rank":
-            kills.append((ev.at_point, ev.rank))
-        else:
-            raise ValidationError(f"events[{i}]: a validation scenario has moves and killed ranks only, not {ev.kind}")
+    moves, kills = scenario_events(cfg, hosts[-1])
     if len(kills) != 1 or not moves:
         raise ValidationError("a validation scenario has one killed rank and at least one move "
                               f"(found {len(kills)} kills, {len(moves)} moves)")
@@ -101,13 +90,37 @@ def plan(cfg) -> dict:
     if not cal_move[0] + 2 * cfg.values["jobs"]["ckpt_every"] <= cal_kill[0]:
         raise ValidationError("lab.calib_kill: at least two checkpoint intervals after lab.calib_move (the "
                               "calibration measures the speeds in between)")
-    for r in (kills[0][1], cal_kill[1]):
+    more_moves, more_kills = parse_more(lab, cal_move[0] + 2 * j["ckpt_every"], cal_kill[0], j["ranks"], hosts[-1])
+    if 2 + len(more_moves) + len(more_kills) > lab["spares"]:
+        raise ValidationError(f"lab.spares {lab['spares']}: the calibration's moves and recoveries need "
+                              f"{2 + len(more_moves) + len(more_kills)}")
+    for r in (kills[0][1], cal_kill[1], *(k[1] for k in more_kills)):
         if rank_host(r, per, hosts) != hosts[-1]:
             raise ValidationError(f"killed rank {r}: kill a rank of {hosts[-1]} (its replacement, a spare there, "
                                   "runs on the same host)")
     return {"hosts": hosts, "per_host": per, "slow": slow, "spec": ",".join(f"{h}:{slots[h]}" for h in hosts),
             "moves": moves, "kill": kills[0], "calib_move": cal_move, "calib_kill": cal_kill,
+            "calib_moves": [cal_move, *more_moves], "calib_kills": [cal_kill, *more_kills],
             "policy": cfg.values["scenario"]["policies"][0]}
+
+
+def scenario_events(cfg, last: str) -> tuple[list, list]:
+    """The scenario's ``[[events]]`` as the real run's moves (point, rank, host) and kills (point, rank)."""
+    moves, kills = [], []
+    for i, ev in enumerate(cfg.events):
+        if ev.at_point < 0:
+            raise ValidationError(f"events[{i}]: a validation scenario's events are at_point (the real run's "
+                                  "--migrate STEP and --kill rank:R@point:P)")
+        if ev.kind == "move":
+            if ev.hosts[0] != last:
+                raise ValidationError(f"events[{i}]: moves go to the spares' host {last} (a spawn onto "
+                                      "another lab host is unreliable with Open MPI: PLATFORM.md)")
+            moves.append((ev.at_point, ev.rank, ev.hosts[0]))
+        elif ev.kind == "kill-rank":
+            kills.append((ev.at_point, ev.rank))
+        else:
+            raise ValidationError(f"events[{i}]: a validation scenario has moves and killed ranks only, not {ev.kind}")
+    return moves, kills
 
 
 def parse_calib(move: str, kill: str, points: int, ranks: int) -> tuple[tuple[int, int, str], tuple[int, int]]:
@@ -126,6 +139,35 @@ def parse_calib(move: str, kill: str, points: int, ranks: int) -> tuple[tuple[in
     return m, k
 
 
+def parse_more(lab: dict, speeds_until: int, kill: int, ranks: int, last: str) -> tuple[list, list]:
+    """``[lab] calib_more_moves`` / ``calib_more_kills``: more moves and kills in the calibration run for
+    the medians of the downtime and of the recovery time. The moves come after ``speeds_until`` (the
+    speeds after ``calib_move`` are measured before them) and before ``calib_kill`` (a recovery cancels
+    the migrations still waiting); the kills come after ``calib_kill``."""
+    moves, kills = [], []
+    for what, items, n in (("calib_more_moves", lab["calib_more_moves"], 3), ("calib_more_kills",
+                                                                            lab["calib_more_kills"], 2)):
+        lo, hi = (speeds_until, kill) if n == 3 else (kill + 1, lab["calib_points"])
+        for item in items:
+            parts = str(item).split(":")
+            try:
+                if len(parts) != n:
+                    raise ValueError
+                p, r = int(parts[0]), int(parts[1])
+            except ValueError:
+                raise ValidationError(f"lab.{what} {item!r}: expected {'POINT:RANK:HOST' if n == 3 else 'POINT:RANK'}"
+                                      ) from None
+            if not (lo <= p < hi and 0 <= r < ranks):
+                raise ValidationError(f"lab.{what} {item!r}: point in {lo}..{hi - 1}, rank 0..{ranks - 1}")
+            if n == 3:
+                if parts[2] != last:
+                    raise ValidationError(f"lab.{what} {item!r}: moves go to the spares' host {last}")
+                moves.append((p, r, parts[2]))
+            else:
+                kills.append((p, r))
+    return moves, kills
+
+
 def rank_host(rank: int, per: int, hosts: list[str]) -> str:
     """Where rank ``rank`` starts: blocks of ``per`` consecutive ranks per host (as the simulator builds)."""
     return hosts[rank // per]
@@ -135,7 +177,7 @@ def app_args(cfg, points: int) -> list[str]:
     return [str(a) for a in cfg.values["lab"]["app_args"]] + ["--steps", str(points)]
 
 
-def real_run(name: str, cfg, pl: dict, root: Path, points: int, moves: list, kill: tuple, policy: str,
+def real_run(name: str, cfg, pl: dict, root: Path, points: int, moves: list, kills: list, policy: str,
              say=print) -> dict:
     """One real run on the lab through ``mpimig inject``; what it measured (see the module docstring)."""
     from .. import apps, events
@@ -144,7 +186,7 @@ def real_run(name: str, cfg, pl: dict, root: Path, points: int, moves: list, kil
     job = root / name
     report = job / "inject"
     shutil.rmtree(job, ignore_errors=True)
-    cmd = [sys.executable, "-m", "mpimig", "inject", "--kill", f"rank:{kill[1]}@point:{kill[0]}",
+    cmd = [sys.executable, "-m", "mpimig", "inject", *sum((["--kill", f"rank:{r}@point:{p}"] for p, r in kills), []),
            "--report", str(report), "--reference-dir", str(root / "ref"),
            "--experiment-timeout", str(lab["timeout_s"]),
            "-n", str(cfg.values["jobs"]["ranks"]), "--hosts", pl["spec"], "--spares", str(lab["spares"]), "--ft",
@@ -157,7 +199,7 @@ def real_run(name: str, cfg, pl: dict, root: Path, points: int, moves: list, kil
     env.setdefault("OMPI_MCA_coll", "^han")
     if os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    say(f"validate: {name} run: {points} points, moves {moves}, kill rank {kill[1]} at point {kill[0]}, "
+    say(f"validate: {name} run: {points} points, moves {moves}, kills (point, rank) {kills}, "
         f"policy {policy} (load avg {os.getloadavg()[0]:.1f})")
     t0 = time.time()
     job.mkdir(parents=True, exist_ok=True)
@@ -180,10 +222,15 @@ def real_run(name: str, cfg, pl: dict, root: Path, points: int, moves: list, kil
     evs = events.read(job)
     rec["ok"] = bool(rep.get("ok"))
     rec["verified"] = rep.get("verified")
-    fault = (rep.get("faults") or [{}])[0]
-    rec["recovery_s"] = fault.get("recover_s")
-    rec["recovery"] = {k: fault.get(k) for k in ("path", "detect_s", "recover_s", "resume_s", "failed_point",
-                                                 "restored_point", "restore")}
+    # recovery time: the kill -> the ``recovered`` event (``mpimig inject``'s recover_s); the median of the kills
+    faults = rep.get("faults") or []
+    rec["recoveries"] = [{k: f.get(k) for k in ("spec", "path", "detect_s", "recover_s", "resume_s", "failed_point",
+                                                "restored_point", "restore", "t_shrink", "t_replace", "t_restore")}
+                         for f in faults]
+    recs = [f["recover_s"] for f in rec["recoveries"] if f.get("path") == "online" and f.get("recover_s") is not None]
+    rec["recoveries_s"] = recs
+    rec["recovery_s"] = statistics.median(recs) if len(recs) == len(kills) else None
+    rec["recovery"] = rec["recoveries"][0] if rec["recoveries"] else {}
     rec["time_s"] = job_span(job)
     rec["moves"] = [{"t": e["t"], "rank": e.get("rank"), "to": e.get("to"), "downtime_s": e.get("downtime")}
                     for e in evs if e["event"] == "migrated"]
@@ -196,7 +243,7 @@ def real_run(name: str, cfg, pl: dict, root: Path, points: int, moves: list, kil
                               f"(see {report / 'report.json'} and {job.parent / f'{name}.out'})")
     if len(rec["moves"]) != len(moves) or rec["recovery_s"] is None:
         raise ValidationError(f"the {name} run made {len(rec['moves'])} of {len(moves)} moves and recovered "
-                              f"{'no' if rec['recovery_s'] is None else 'one'} killed rank ({job})")
+                              f"{len(recs)} of {len(kills)} killed ranks online ({job})")
     return rec
 
 
@@ -254,7 +301,8 @@ def calibrate(cal: dict, pl: dict, ranks: int) -> dict:
                         and lo <= s["points"] <= hi], f"rank {r} on {host}, points {lo}..{hi}")
 
     a = (WARMUP_POINTS, pm - 1)                    # before the move: the starting placement
-    b = (pm + SETTLE_POINTS, pk - 1)               # after it, before the kill
+    end = min([pk] + [p for p, _r, _h in pl["calib_moves"][1:]])
+    b = (pm + SETTLE_POINTS, end - 1)              # after it, before the next move or the kill
     before = {r: comp(r, start[r], *a) for r in range(ranks)}
     after = {r: comp(r, dst if r == rm else start[r], *b) for r in range(ranks)}
     work = {r: before[r] for r in range(ranks) if start[r] != slow}
@@ -267,7 +315,7 @@ def calibrate(cal: dict, pl: dict, ranks: int) -> dict:
         work[r] = before[r] * s_full               # its ranks had the same share before the move
     s_less = _median([work[r] / after[r] for r in stay], "the slowed host after the move") if stay else s_full
     t_a = step_time(cal["epochs"], a[0], pm - 1)
-    t_b = step_time(cal["epochs"], b[0], pk - 1)
+    t_b = step_time(cal["epochs"], b[0], end - 1)
     share_a = {r: s_full if start[r] == slow else 1.0 for r in range(ranks)}
     share_b = {r: s_dst if (r == rm or start[r] == dst) else s_less if start[r] == slow else 1.0
                for r in range(ranks)}
@@ -281,7 +329,10 @@ def calibrate(cal: dict, pl: dict, ranks: int) -> dict:
         "dst_host": dst, "dst_speed_by_n": {per: 1.0, **{n: min(1.0, cap / n) for n in range(per + 1, 3 * per + 1)}},
         "overhead_work_s": (over_a + over_b) / 2, "overhead_work_before_s": over_a, "overhead_work_after_s": over_b,
         "step_before_s": t_a, "step_after_s": t_b, "state_bytes": state,
-        "move_downtime_s": cal["moves"][0]["downtime_s"], "recovery_s": cal["recovery_s"],
+        "move_downtime_s": _median([m["downtime_s"] for m in cal["moves"] if m["downtime_s"] is not None],
+                                   "the moves' downtime"),
+        "move_downtimes_s": [m["downtime_s"] for m in cal["moves"]], "recovery_s": cal["recovery_s"],
+        "recoveries_s": cal.get("recoveries_s", [cal["recovery_s"]]),
         "reference_compute_s": reference_compute(cal, pl, ranks),
     }
 
@@ -406,7 +457,7 @@ def validate(path: str, seed: int | None = None, work_dir: str | None = None, ca
                            "plan": {k: v for k, v in pl.items()}, "bound": lab_v["bound"]}
     lab, brought_up = get_lab(len(pl["hosts"]))
     try:
-        info = lab_slow.slow(lab, pl["slow"], lab_v["slow_factor"])
+        info = lab_slow.slow(lab, pl["slow"], lab_v["slow_factor"], round(lab_v["slow_period_ms"] * 1000))
         say(lab_slow.describe(pl["slow"], info, lab))
         try:
             if calibration:
@@ -414,10 +465,10 @@ def validate(path: str, seed: int | None = None, work_dir: str | None = None, ca
                 say(f"validate: calibration run read from {calibration}")
             else:
                 cal_run = real_run("calibration", cfg, pl, root, lab_v["calib_points"],
-                                   [pl["calib_move"]], pl["calib_kill"], "none", say)
+                                   pl["calib_moves"], pl["calib_kills"], "none", say)
             cal = calibrate(cal_run, pl, cfg.values["jobs"]["ranks"])
             say("validate: calibrated: " + ", ".join(f"{k} {_fmt(v)}" for k, v in cal.items()))
-            real = real_run("validation", cfg, pl, root, cfg.values["jobs"]["points"], pl["moves"], pl["kill"],
+            real = real_run("validation", cfg, pl, root, cfg.values["jobs"]["points"], pl["moves"], [pl["kill"]],
                             pl["policy"], say)
         finally:
             lab_slow.slow(lab, pl["slow"], 1.0)
