@@ -815,7 +815,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
                    help="with --policy: the balancer decides every S seconds (default 2)")
     p.add_argument("--cost-json", metavar="FILE",
                    help="with --policy: seed the balancer's migration cost model from `mpimig bench migrate "
-                        "[--strategies ...] --json FILE` output (default: figures measured on the test machines)")
+                        "[--strategies ...] --json FILE` output, or from an earlier `mpimig bench balance --json "
+                        "FILE` (its moves are replayed) (default: figures measured on the test machines)")
     p.add_argument("--relaunch", type=int, default=0, metavar="K",
                    help="if the job does not complete (a host died, a rank was killed), relaunch it up to K times "
                         "on the hosts that still answer, from the last committed epoch")
