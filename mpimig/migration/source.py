@@ -146,8 +146,9 @@ def suspend(ctx: Context, v: Vote) -> Plan | None:
     """Agree whether a plan is executed at this point; returns it, or None.
 
     From the vote (:func:`vote`): when some rank holds a plan, every rank receives
-    it (it is in flight to all) and the plan runs when the point is at or past its
-    ``at_point`` and every pre-copy source of it says its rounds have converged.
+    it (it is in flight to all) and the plan runs when every rank held it at the vote,
+    the point is at or past its ``at_point`` and every pre-copy source of it says its
+    rounds have converged.
     While a plan waits, the ranks vote at every point (at its ``at_point`` first, if
     that is later). Rank 0 tells the coordinator (GO): from here the moving ranks
     are frozen.
@@ -159,11 +160,17 @@ def suspend(ctx: Context, v: Vote) -> Plan | None:
     pid = v.pid_sum // v.holders
     while link.plan is None or link.plan.id != pid:
         link.plan = J.recv(source=0, tag=TAG_PLAN)     # already in flight
+        handover.announce(ctx, link.plan)
     plan = link.plan
     if ctx.point < plan.at_point:
         link.next_vote = min(link.next_vote, plan.at_point)
         return None
     link.next_vote = ctx.point + 1      # a plan waits, or ran: vote again at the next point
+    if v.holders < ctx.comm.mpi.Get_size():
+        # some rank had not seen the plan at this vote (it took it just now): it runs at the
+        # next point, once every rank has held it at a vote, so a warm spare target always
+        # has its layout before the freeze (migration.handover)
+        return None
     if v.ready < plan.precopy_sources():
         return None                     # a pre-copy source is still copying: keep computing
     link.plan = None
