@@ -82,13 +82,13 @@ def analyse(evs: list[dict], faults: list[dict], samples: list[list], t0: float,
         rec = first("recovered", ti)
         if rec is not None and (lost is None or rec["t"] < lost["t"]):
             row["path"] = "online"
-            # detection: the first process that saw the failure (the recovery's
-            # detected_at, else the first ``failure`` event)
+            # detection: the first process that saw the failure: the earlier of the
+            # recovery's detected_at (the census's first) and the first ``failure``
+            # event (the coordinator may log its own before the census takes its time)
             fail = first("failure", ti)
-            if rec.get("detected_at"):
-                row["detect_s"] = round(rec["detected_at"] - ti, 3)
-            else:
-                row["detect_s"] = round(fail["t"] - ti, 3) if fail is not None and fail["t"] <= rec["t"] else None
+            seen = [t for t in (rec.get("detected_at"),
+                                fail["t"] if fail is not None and fail["t"] <= rec["t"] else None) if t]
+            row["detect_s"] = round(min(seen) - ti, 3) if seen else None
             row["recover_s"] = round(rec["t"] - ti, 3)
             row["restored_point"] = rec.get("point")
             row["epoch"] = rec.get("epoch")
