@@ -155,7 +155,7 @@ def test_a_dead_rank_whose_output_another_process_holds_ends_the_job_within_the_
     # PRRTE counts a dead process as ended only once its stdout/stderr pipes close; while
     # another process holds them, mpiexec neither reports the death nor stops the others,
     # which wait for it for ever. Here rank 2 forks a process that keeps its output open
-    # (sleeping 600 s), then dies of SIGKILL: before the bound, mpimig run waited for
+    # (blocked in signal.pause until killed), then dies of SIGKILL: before the bound, mpimig run waited for
     # mpiexec until the test's hard timeout.
     held = tmp_path / "held.pid"
     try:

@@ -94,9 +94,10 @@ def leave(ctx):
         raise RuntimeError(f"rank {ctx.rank} gives up at step {args.at}")
     if args.how == "kill-held":
         pid = os.fork()
-        if pid == 0:                # holds the dead rank's output pipes; the test kills it by this pid
-            time.sleep(600)
-            os._exit(0)
+        if pid == 0:                # holds the dead rank's output pipes until the test kills it by this pid
+            while True:
+                signal.pause()
+
         with open(args.held_pid, "w") as f:
             f.write(str(pid))
         print(f"rank {ctx.rank}: pid {pid} holds my output; SIGKILL", flush=True)
