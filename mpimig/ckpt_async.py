@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Pending", "settle", "snapshot", "vote", "write_epoch"]
+__all__ = ["Pending", "drop_incremental", "incremental", "settle", "snapshot", "vote", "write_epoch"]
 
 
 @dataclasses.dataclass
@@ -91,6 +91,36 @@ def _error(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, MpimigError) else f"{type(exc).__name__}: {exc}"
 
 
+def incremental(ctx: Context) -> Any:
+    """``--ckpt-incremental K``: the rank's IncrementalWriter (made on first use, with the kernel's
+    write tracker, or the chunk-CRC fallback when the kernel lacks it or MPIMIG_WTRACK=off);
+    None for full epochs."""
+    k = ctx.config.ckpt_incremental
+    if not k or ctx._store is None:
+        return None
+    if ctx._incr is None:
+        from .checkpoint.incremental import IncrementalWriter
+        from .migration import wtrack
+        tracker = wtrack.tracker()
+        w = IncrementalWriter(ctx._store, ctx.rank, ctx.size, full_every=k, tracker=tracker)
+        if tracker is None:
+            w.fallback_reason = wtrack.unavailable_reason()
+            log.info("rank %d: incremental checkpoints find written chunks by CRC: no kernel write tracking "
+                     "(%s)", ctx.rank, w.fallback_reason)
+        ctx._incr = w
+    return ctx._incr
+
+
+def drop_incremental(ctx: Context) -> None:
+    """Forget the incremental writer (its tracker too): the next epoch is a full link. After a
+    rollback (recovery), whose restored state the tracker has not seen as a whole."""
+    w, ctx._incr = ctx._incr, None
+    if w is not None:
+        w.close()
+        if w.tracker is not None:
+            w.tracker.close()
+
+
 def write_epoch(ctx: Context) -> int:
     """A synchronous coordinated checkpoint (collective): write, vote, commit. Returns the epoch."""
     t0 = time.perf_counter()
@@ -100,23 +130,36 @@ def write_epoch(ctx: Context) -> int:
     objects: dict[str, Any] = {}
     extra: dict[str, Any] | None = None
     blocks: dict[str, dict] = {}
+    incr = incremental(ctx)
+    link: dict[str, Any] | None = None
     try:
         epoch, arrays, objects, extra, blocks, step = _capture(ctx)
-        nbytes = ctx._store.write_rank(epoch, ctx.rank, ctx.size, step, arrays, objects, extra)
+        if incr is not None:
+            link = incr.write(epoch, step, arrays, objects, extra)
+            nbytes = link["file_bytes"]
+        else:
+            nbytes = ctx._store.write_rank(epoch, ctx.rank, ctx.size, step, arrays, objects, extra)
         hooks.fire("ckpt-write", store=ctx._store, epoch=epoch, rank=ctx.rank)
     except (MpimigError, OSError) as exc:
         err = _error(exc)
-    if ctx.config.ft and ctx.config.buddy:   # collective: every rank, also after a failed write
-        err = ctx._keep_copies(epoch, arrays, objects, None if err else extra) or err
-    layout = vote(ctx, epoch, err, blocks)
-    err = ""
-    if ctx.rank == 0:
-        err = _commit(ctx, epoch, ctx.point, layout)
-    err0 = recovery.bcast_obj(ctx.comm.mpi, err if ctx.rank == 0 else None, root=0)
-    if err0:
-        _fail(ctx, epoch, [("rank 0", err0)])
+    try:
+        if ctx.config.ft and ctx.config.buddy:   # collective: every rank, also after a failed write
+            err = ctx._keep_copies(epoch, arrays, objects, None if err else extra) or err
+        layout = vote(ctx, epoch, err, blocks)
+        err = ""
+        if ctx.rank == 0:
+            err = _commit(ctx, epoch, ctx.point, layout)
+        err0 = recovery.bcast_obj(ctx.comm.mpi, err if ctx.rank == 0 else None, root=0)
+        if err0:
+            _fail(ctx, epoch, [("rank 0", err0)])
+    except BaseException:
+        if incr is not None:
+            incr.aborted(epoch)         # the next link covers this one's chunks too
+        raise
+    if incr is not None and link is not None:
+        incr.committed(epoch)
     dt = time.perf_counter() - t0
-    _committed(ctx, epoch, ctx.point, nbytes, seconds=dt, stall=dt)
+    _committed(ctx, epoch, ctx.point, nbytes, seconds=dt, stall=dt, link=link)
     return epoch
 
 
@@ -243,7 +286,7 @@ def _fail(ctx: Context, epoch: int, bad: list[tuple[str, str]], snapshot_point: 
 
 
 def _committed(ctx: Context, epoch: int, point: int, nbytes: int, seconds: float, stall: float,
-               snapshot_point: int | None = None) -> None:
+               snapshot_point: int | None = None, link: dict[str, Any] | None = None) -> None:
     """Every rank: ``epoch`` (the state at ``point``) is the newest committed one."""
     ctx.epoch = epoch
     stats = ctx.stats
@@ -256,5 +299,10 @@ def _committed(ctx: Context, epoch: int, point: int, nbytes: int, seconds: float
                  epoch, ctx.point, ctx.size, nbytes / 1e6, seconds)
         extra: dict[str, Any] = {} if snapshot_point is None else {"snapshot_point": snapshot_point,
                                                                    "committed_at": ctx.point}
+        if link is not None:       # --ckpt-incremental: rank 0's link (each rank's is in its file)
+            extra["incremental"] = {"kind": link["kind"], "mode": link["mode"], "chunk_bytes": link["chunk_bytes"],
+                                    "file_bytes": link["file_bytes"], "full_every": ctx.config.ckpt_incremental}
+            if link["mode"] != "tracker":
+                extra["incremental"]["wtrack_off"] = getattr(ctx._incr, "fallback_reason", "")
         events.emit(ctx.config.job_dir, "epoch", ctx.config.run_id, epoch=epoch, point=point,
                     seconds=seconds, buddy_bytes=stats.get("buddy_bytes", 0), **extra)

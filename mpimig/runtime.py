@@ -96,7 +96,8 @@ class Context:
         if config.ckpt_dir is not None:
             from .checkpoint import CheckpointStore
             self._store = CheckpointStore(config.ckpt_dir, job_id=config.run_id or "job",
-                                          keep=config.keep)
+                                          keep=config.store_keep())
+        self._incr: Any = None                # --ckpt-incremental: IncrementalWriter (ckpt_async.incremental)
 
     # -- identity ----------------------------------------------------------
     @property
@@ -367,12 +368,21 @@ class Context:
             if cfg.restart == "always":
                 raise NoCommittedEpoch(f"restart asked for, but {cfg.ckpt_dir} has no committed epoch")
             return
+        from .checkpoint.incremental import BrokenChain
         for latest in reversed(epochs):
+            broken = ""
             try:
                 (rs, resize), damage = self._read_epoch(latest), ""
             except CorruptCheckpoint as exc:        # SignatureError too: nothing was unpickled
                 rs, resize, damage = None, None, f"rank {self.rank}: {exc}"
-            problems = [d for d in recovery.allgather_obj(self.comm.mpi, damage) if d]
+            except BrokenChain as exc:              # an incremental chain broken before this epoch
+                rs, resize, damage, broken = None, None, "", f"rank {self.rank}: {exc}"
+            votes = recovery.allgather_obj(self.comm.mpi, (damage, broken))
+            chain = [b for _, b in votes if b]
+            if chain:    # every rank refuses alike: the epoch itself is sound, moving it aside would not help
+                raise CheckpointError(f"restart from epoch {latest} in {cfg.ckpt_dir} refused: {chain[0]}"
+                                      + (f" (and {len(chain) - 1} more rank(s))" if len(chain) > 1 else ""))
+            problems = [d for d, _ in votes if d]
             if not problems:
                 break
             if self.rank == 0:
@@ -411,13 +421,28 @@ class Context:
         man = store.manifest(epoch)
         old = int(man["size"])
         if old == self.size:
+            if self.config.ckpt_incremental or _has_deltas(man):
+                from .checkpoint.incremental import read_state
+                return read_state(store, epoch, self.rank), None
             return store.read_rank(epoch, self.rank), None
+        if _has_deltas(man):
+            raise CheckpointError(f"epoch {epoch} in {store.directory} was written by {old} ranks as incremental "
+                                  f"deltas (--ckpt-incremental): a restart on {self.size} ranks needs a full "
+                                  f"epoch; restart on {old} ranks, or from a full epoch (mpimig inspect lists "
+                                  "each rank's link kind)")
         items = layout.plan(man, self.size, f"epoch {epoch} in {store.directory}")
         rs = store.read_rank(epoch, self.rank % old, skip=frozenset(i["dataset"] for i in items.values()))
         problems = layout.verify_ranks(store.directory, epoch, man, list(range(self.rank, old, self.size)))
         if problems:
             raise CorruptCheckpoint("; ".join(problems))
         return rs, Resize(store.directory, epoch, man, items)
+
+
+def _has_deltas(man: dict) -> bool:
+    """Whether some rank file of an epoch (its manifest) is an incremental delta link."""
+    from .checkpoint.incremental import SUFFIX_CHUNKS
+    return any(isinstance(r, dict) and any(str(d).endswith(SUFFIX_CHUNKS) for d in r.get("datasets") or ())
+               for r in man.get("ranks", ()))
 
 
 def _setup_logging(rank: int) -> None:
@@ -634,6 +659,7 @@ def _after_recovery(out: Any, cfg: Config, ctx: Context | None = None) -> Contex
     else:
         ctx.comm = _comm(cfg, out.A)
     ctx._pending = None          # an epoch written in the background is never committed
+    ckpt_async.drop_incremental(ctx)   # the state is rolled back: the next epoch is a full one
     ctx.link = Link(J=out.J)     # a plan, a post-copy or pre-copy in progress is void: the state comes
     ctx._state = None            # from the epoch
     ctx._free_until = 0          # the next point checks and votes, on every rank

@@ -35,7 +35,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CorruptCheckpoint
+from .reader import RankState
 from .store import CheckpointStore
 
 KEY = "incremental"
@@ -91,6 +92,7 @@ class IncrementalWriter:
         self.store, self.rank, self.size = store, int(rank), int(size)
         self.full_every, self.chunk, self.tracker = int(full_every), int(chunk), tracker
         self.mode = "tracker" if tracker is not None else "crc"
+        self.fallback_reason = ""        # the caller's note of why no tracker was handed in
         self._arrays: dict[str, np.ndarray] = {}
         self._tracked: set[str] = set()
         self._crcs: dict[str, np.ndarray] = {}        # per-chunk CRCs as of the last write
@@ -171,18 +173,34 @@ class IncrementalWriter:
                 chunk_crcs(a, self.chunk, idx, self._crcs[k])
                 data_bytes += int(out_arrays[k + SUFFIX_DATA].nbytes)
             digests[k] = state_digest(self._crcs[k])
+        mode = self._mode()
         desc = {"kind": "full" if full else "delta", "epoch": int(epoch), "id": uuid.uuid4().hex,
                 "parent_epoch": None if full or self._parent is None else self._parent["epoch"],
                 "parent_id": None if full or self._parent is None else self._parent["id"],
-                "chunk": self.chunk, "arrays": meta, "digests": digests, "mode": self.mode}
+                "chunk": self.chunk, "arrays": meta, "digests": digests, "mode": mode}
         ext = dict(extra or {})
         ext[KEY] = desc
-        nbytes = self.store.write_rank(epoch, self.rank, self.size, step, out_arrays, objects, ext)
+        try:
+            nbytes = self.store.write_rank(epoch, self.rank, self.size, step, out_arrays, objects, ext)
+        except BaseException:
+            # the tracker's written bits (and the chunk CRCs) were consumed by this write:
+            # only a full link is sure to cover them
+            self._parent, self._pending, self._carry = None, None, {}
+            raise
         # until this link is committed, the next one (relative to the same parent) must cover its chunks
         # too: a delta's dirty set already includes the carry of writes not committed before it
         self._carry = {} if full else dirty_now
         self._pending = {"desc": desc, "full": full}
-        return {"kind": desc["kind"], "chunk_bytes": data_bytes, "file_bytes": nbytes, "mode": self.mode}
+        return {"kind": desc["kind"], "chunk_bytes": data_bytes, "file_bytes": nbytes, "mode": mode}
+
+    def _mode(self) -> str:
+        """How the chunks written were found for this link: "tracker" (every array tracked
+        by the kernel), "crc" (none: chunk CRCs compared), or "tracker+crc" (some of each)."""
+        sized = [k for k, a in self._arrays.items() if a.nbytes]
+        n = sum(1 for k in sized if k in self._tracked)
+        if self.tracker is None or not sized or n == 0:
+            return "crc" if self.tracker is None or sized else self.mode
+        return "tracker" if n == len(sized) else "tracker+crc"
 
     def committed(self, epoch: int) -> None:
         """``epoch`` (the last write) is committed: it is the parent of the next link."""
@@ -207,36 +225,79 @@ class IncrementalWriter:
 
 
 # -- reading
-def _link(store: CheckpointStore, epoch: int, rank: int) -> Any:
+class BrokenChain(CheckpointError):
+    """A link *before* the asked epoch is damaged, missing or foreign: the asked epoch's own
+    file may be sound, but its state cannot be assembled (nor can any later one of the rank's)."""
+
+
+ADVICE = ("the epochs from that link on cannot be restored for this rank; restart from an epoch "
+          "before it: move the later epoch directories out of the checkpoint directory (mpimig inspect "
+          "lists every link), or start over with --restart never")
+
+
+def _link(store: CheckpointStore, epoch: int, rank: int, asked: int, rs: Any = None) -> Any:
+    """(rank state, descriptor) of one link. Damage to the asked epoch's own file is a
+    CorruptCheckpoint (a restart moves that epoch aside and tries the one before); damage to
+    a link before it is a :class:`BrokenChain` naming that link."""
     where = f"incremental checkpoint of rank {rank}: link epoch {epoch} in {store.directory}"
-    if epoch not in store.committed_epochs():
-        raise CheckpointError(f"{where} is missing (not a committed epoch): restore refused")
-    try:
-        rs = store.read_rank(epoch, rank, verify=True)
-    except CheckpointError as e:
-        raise CheckpointError(f"{where} is damaged ({e}): restore refused") from e
+    if rs is None:
+        if epoch not in store.committed_epochs():
+            raise BrokenChain(f"{where} is missing (not a committed epoch): restore of epoch {asked} "
+                              f"refused; {ADVICE}")
+        try:
+            rs = store.read_rank(epoch, rank, verify=True)
+        except CorruptCheckpoint as e:
+            if epoch == asked:
+                raise CorruptCheckpoint(f"{where} is damaged ({e}): restore refused") from e
+            raise BrokenChain(f"{where} is damaged ({e}): restore of epoch {asked} refused; {ADVICE}") from e
+        except CheckpointError as e:
+            raise BrokenChain(f"{where} cannot be read ({e}): restore of epoch {asked} refused; {ADVICE}") from e
     desc = rs.extra.get(KEY)
     if not isinstance(desc, dict) or desc.get("kind") not in ("full", "delta"):
-        raise CheckpointError(f"{where} is not an incremental link: restore refused")
+        raise BrokenChain(f"{where} is not an incremental link: restore of epoch {asked} refused; {ADVICE}")
     return rs, desc
 
 
-def restore(store: CheckpointStore, epoch: int | None, rank: int) -> tuple[dict[str, np.ndarray], dict[str, Any],
-                                                                          dict[str, Any]]:
+def describe_link(rs: Any) -> dict[str, Any] | None:
+    """The descriptor of an incremental link (None for an ordinary epoch's rank file)."""
+    desc = rs.extra.get(KEY) if hasattr(rs, "extra") else None
+    return desc if isinstance(desc, dict) else None
+
+
+def read_state(store: CheckpointStore, epoch: int | None, rank: int) -> RankState:
+    """``store.read_rank(epoch, rank)`` for any epoch: an ordinary one as it is, an incremental
+    link assembled from its chain and verified (:func:`restore`). The descriptor is removed from
+    ``extra``; ``attrs`` are the asked link's."""
+    rs = store.read_rank(epoch, rank, verify=True)
+    desc = describe_link(rs)
+    if desc is None:
+        return rs
+    extra = {k: v for k, v in rs.extra.items() if k != KEY}
+    if desc.get("kind") == "full":
+        return RankState(rs.arrays, rs.objects, extra, rs.attrs)
+    arrays, objects, extra = restore(store, int(desc.get("epoch", -1)), rank, first=rs)
+    return RankState(arrays, objects, extra, rs.attrs)
+
+
+def restore(store: CheckpointStore, epoch: int | None, rank: int, first: Any = None
+            ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
     """(arrays, objects, extra) of ``rank`` at ``epoch`` (the latest if None), assembled from its
-    chain and verified link by link; CheckpointError naming the link if the chain is broken."""
+    chain and verified link by link; CheckpointError naming the link if the chain is broken
+    (:class:`BrokenChain` for a link before ``epoch``, CorruptCheckpoint for ``epoch``'s own
+    file). ``first``: ``epoch``'s rank state when the caller has read it already."""
     if epoch is None:
         latest = store.latest()
         if latest is None:
             raise store.no_epoch_error()
         epoch = latest
+    asked = int(epoch)
     chain = []
-    e: int | None = int(epoch)
+    e: int | None = asked
     while e is not None:
-        rs, desc = _link(store, e, rank)
+        rs, desc = _link(store, e, rank, asked, first if e == asked else None)
         if desc["epoch"] != e:
-            raise CheckpointError(f"incremental checkpoint of rank {rank}: the file of epoch {e} says it is "
-                                  f"epoch {desc['epoch']}: restore refused")
+            raise BrokenChain(f"incremental checkpoint of rank {rank}: the file of epoch {e} says it is "
+                              f"epoch {desc['epoch']}: restore of epoch {asked} refused; {ADVICE}")
         chain.append((rs, desc))
         e = desc["parent_epoch"] if desc["kind"] == "delta" else None
         if len(chain) > 100000:
@@ -245,32 +306,64 @@ def restore(store: CheckpointStore, epoch: int | None, rank: int) -> tuple[dict[
     arrays: dict[str, np.ndarray] = {}
     prev_id = None
     for rs, desc in chain:
-        C = int(desc["chunk"])
         if desc["kind"] == "full":
             arrays = {k: np.array(v, copy=True) for k, v in rs.arrays.items()}
         else:
             if desc["parent_id"] != prev_id:
-                raise CheckpointError(f"incremental checkpoint of rank {rank}: link epoch {desc['epoch']} names "
-                                      f"parent {desc['parent_epoch']} id {desc['parent_id']}, but that epoch holds "
-                                      f"id {prev_id}: the chain is broken, restore refused")
-            for k, (shape, dt) in desc["arrays"].items():
-                a = arrays.get(k)
-                if a is None or list(a.shape) != list(shape) or a.dtype != np.dtype(dt):
-                    raise CheckpointError(f"incremental checkpoint of rank {rank}: link epoch {desc['epoch']} "
-                                          f"changes array {k!r} that its parent does not hold as {shape} {dt}")
-                f = _flat(a)
-                idx, data = rs.arrays[k + SUFFIX_CHUNKS], rs.arrays[k + SUFFIX_DATA]
-                off = 0
-                for i in idx.tolist():
-                    n = min(C, f.size - i * C)
-                    f[i * C:i * C + n] = data[off:off + n]
-                    off += n
+                raise BrokenChain(f"incremental checkpoint of rank {rank}: link epoch {desc['epoch']} names "
+                                  f"parent {desc['parent_epoch']} id {desc['parent_id']}, but that epoch holds "
+                                  f"id {prev_id}: the chain is broken, restore refused; {ADVICE}")
+            _apply(arrays, rs, desc, rank)
         prev_id = desc["id"]
     last = chain[-1][1]
     for k, want in last["digests"].items():
         if k not in arrays or state_digest(chunk_crcs(arrays[k], int(last["chunk"]))) != int(want):
-            raise CheckpointError(f"incremental checkpoint of rank {rank}: array {k!r} assembled from the chain "
-                                  f"ending at epoch {last['epoch']} does not match its digest: restore refused")
+            raise BrokenChain(f"incremental checkpoint of rank {rank}: array {k!r} assembled from the chain "
+                              f"ending at epoch {last['epoch']} does not match its digest: restore refused; "
+                              f"{ADVICE}")
     rs = chain[-1][0]
     extra = {k: v for k, v in rs.extra.items() if k != KEY}
     return arrays, dict(rs.objects), extra
+
+
+def _apply(arrays: dict[str, np.ndarray], rs: Any, desc: dict[str, Any], rank: int) -> None:
+    """Copy a delta link's chunks into the arrays assembled so far."""
+    C = int(desc["chunk"])
+    for k, (shape, dt) in desc["arrays"].items():
+        a = arrays.get(k)
+        if a is None or list(a.shape) != list(shape) or a.dtype != np.dtype(dt):
+            raise BrokenChain(f"incremental checkpoint of rank {rank}: link epoch {desc['epoch']} "
+                              f"changes array {k!r} that its parent does not hold as {shape} {dt}")
+        f = _flat(a)
+        idx, data = rs.arrays[k + SUFFIX_CHUNKS], rs.arrays[k + SUFFIX_DATA]
+        off = 0
+        for i in idx.tolist():
+            n = min(C, f.size - i * C)
+            f[i * C:i * C + n] = data[off:off + n]
+            off += n
+
+
+def check_chains(store: CheckpointStore, epochs: list[int], size_of: Mapping[int, int]
+                 ) -> tuple[dict[int, list[dict[str, Any] | None]], list[str]]:
+    """For ``mpimig inspect``: every rank's link descriptor per epoch (None: an ordinary rank
+    file or one that cannot be read) and the problems of assembling each incremental epoch
+    from its chain (each names the link that breaks it)."""
+    links: dict[int, list[dict[str, Any] | None]] = {}
+    problems: list[str] = []
+    for e in epochs:
+        row: list[dict[str, Any] | None] = []
+        for r in range(int(size_of.get(e, 0))):
+            try:
+                rs = store.read_rank(e, r, verify=True)
+            except CheckpointError:
+                row.append(None)              # its own damage is reported by the file checks
+                continue
+            desc = describe_link(rs)
+            row.append(None if desc is None else {k: desc.get(k) for k in ("kind", "parent_epoch", "mode")})
+            if desc is not None and desc.get("kind") == "delta":
+                try:
+                    restore(store, e, r, first=rs)
+                except CheckpointError as exc:
+                    problems.append(f"epoch {e} rank {r}: {exc}")
+        links[e] = row
+    return links, problems

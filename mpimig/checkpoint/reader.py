@@ -41,7 +41,10 @@ problem found (exit 1: problems, 0: all fine). The secret is taken from
 --secret-file, else MPIMIG_SECRET_FILE / MPIMIG_SECRET, else a file named
 "secret" in the checkpoint directory or the job directory above it; without
 one the tags are not verified and inspect says so. Damaged epochs that a
-restart moved aside (epoch-N.damaged-*) are listed."""
+restart moved aside (epoch-N.damaged-*) are listed. Incremental epochs
+(mpimig run --ckpt-incremental): each rank's link is shown (full, or delta of
+epoch P, and how its chunks were found), and every delta is assembled from its
+chain and checked against its digest; a broken chain is a problem naming the link."""
 
 __all__ = ["RankState", "read_manifest", "read_rank", "read_file", "describe_epoch", "describe_file", "register"]
 
@@ -673,10 +676,20 @@ def collect(path: Path, epoch: int | None = None, verify: bool = True,
             raise no_epoch_error(directory)
         epochs = committed if epoch is None else [epoch]
     described = [describe_epoch(directory, e, verify, key) for e in epochs]
+    problems = [p for d in described for p in d["problems"]]
+    if verify and key is not None:      # incremental epochs: each rank's link, and its chain assembled
+        from .incremental import check_chains
+        from .store import CheckpointStore
+        links, broken = check_chains(CheckpointStore(directory, create=False, key=key), epochs,
+                                     {d["epoch"]: len(d.get("ranks", [])) for d in described})
+        for d in described:
+            if any(links.get(d["epoch"], [])):
+                d["links"] = links[d["epoch"]]
+        problems += broken
     return {"kind": "directory", "path": str(directory),
             "committed": committed_epochs(directory), "uncommitted": uncommitted_epochs(directory),
             "quarantined": quarantined_epochs(directory),
-            "epochs": described, "problems": [p for d in described for p in d["problems"]]}
+            "epochs": described, "problems": problems}
 
 
 Out = Callable[[str], Any]
@@ -713,6 +726,11 @@ def render(report: dict[str, Any], out: Out = print) -> None:
             out(f"epoch {e['epoch']}: job {e.get('job_id')}, step {e.get('step')}, "
                 f"{e.get('size')} rank(s), {human(e.get('bytes'))}, committed {e.get('time_iso')} "
                 f"(manifest signature {e.get('signature', '?')})")
+            if e.get("links"):
+                out("  incremental links: " + "; ".join(
+                    f"rank {r} " + ("-" if ln is None else ln["kind"] if ln["kind"] == "full" else
+                                    f"delta of epoch {ln['parent_epoch']}") + ("" if ln is None else f" ({ln['mode']})")
+                    for r, ln in enumerate(e["links"])))
             for info in e["ranks"]:
                 _print_file(info, "  ", out)
     else:

@@ -452,7 +452,8 @@ def checked_copy(copy: Copy, how: str, ckpt_dir, epoch: int, rank: int) -> tuple
 def _read_disk(ckpt_dir, epoch: int, rank: int) -> Copy:
     from ..checkpoint import CheckpointStore
     from ..checkpoint.format import dumps
-    rs = CheckpointStore(ckpt_dir, create=False).read_rank(epoch, rank)
+    from ..checkpoint.incremental import read_state
+    rs = read_state(CheckpointStore(ckpt_dir, create=False), epoch, rank)     # an incremental link: its chain
     return Copy(rank, epoch, rs.arrays, {k: dumps(k, v) for k, v in rs.objects.items()},
                 {"queue": [(m[0], m[1], m[3]) for m in rs.extra.get("queue", [])],
                  "point": int(rs.extra.get("point", 0)), "derived": rs.extra.get("derived")})

@@ -46,6 +46,7 @@ class Config:
     ckpt_seconds: float = 0.0      # or every S seconds (rank 0's clock, agreed by all)
     keep: int = 2                  # committed epochs kept
     ckpt_async: bool = False       # snapshot at the point, write/vote/commit later (mpimig.ckpt_async)
+    ckpt_incremental: int = 0      # incremental epochs, a full one every K (0: off; mpimig.checkpoint.incremental)
     restart: str = "auto"          # auto | always | never
     run_id: str = ""
     schedule: list = dataclasses.field(default_factory=list)   # [(point, rank, host[, strategy])]
@@ -76,6 +77,7 @@ class Config:
             ckpt_seconds=float(env.get("MPIMIG_CKPT_SECONDS", "0") or 0),
             keep=int(env.get("MPIMIG_KEEP", "2") or 2),
             ckpt_async=env.get("MPIMIG_CKPT_ASYNC", "0") == "1",
+            ckpt_incremental=_count(env, "MPIMIG_CKPT_INCREMENTAL"),
             restart=restart,
             run_id=env.get("MPIMIG_RUN_ID", ""),
             schedule=sched,
@@ -94,6 +96,12 @@ class Config:
             cfg.coordinator = True
         return cfg
 
+    def store_keep(self) -> int:
+        """Committed epochs the store keeps on disk: ``keep``, and with incremental epochs
+        (a chain is at most ``ckpt_incremental`` links) the links back to the full one of the
+        oldest of those, so that each of the last ``keep`` epochs can be restored."""
+        return self.keep + max(0, self.ckpt_incremental - 1)
+
     def to_env(self) -> dict:
         env = {}
         if self.job_dir:
@@ -104,6 +112,7 @@ class Config:
         env["MPIMIG_CKPT_SECONDS"] = str(self.ckpt_seconds)
         env["MPIMIG_KEEP"] = str(self.keep)
         env["MPIMIG_CKPT_ASYNC"] = "1" if self.ckpt_async else "0"
+        env["MPIMIG_CKPT_INCREMENTAL"] = str(self.ckpt_incremental)
         env["MPIMIG_RESTART"] = self.restart
         env["MPIMIG_RUN_ID"] = self.run_id
         if self.schedule:
@@ -135,3 +144,13 @@ def _seconds(env, name: str, default: float) -> float:
     if not val > 0:
         raise UsageError(f"{name}={text!r}: must be > 0")
     return val
+
+
+def _count(env, name: str) -> int:
+    """A count >= 0 from the environment (empty: 0), or a UsageError naming the variable."""
+    text = env.get(name, "").strip()
+    if not text:
+        return 0
+    if not text.isdigit():
+        raise UsageError(f"{name}={text!r}: expected a whole number >= 0")
+    return int(text)

@@ -681,6 +681,7 @@ def _config(args) -> Config:
         ckpt_seconds=args.ckpt_seconds,
         keep=args.keep,
         ckpt_async=args.ckpt_async,
+        ckpt_incremental=args.ckpt_incremental,
         restart=args.restart,
         run_id=uuid.uuid4().hex[:12],
         schedule=parse_schedule(args.migrate),
@@ -709,7 +710,17 @@ def _config(args) -> Config:
     if cfg.ckpt_async and cfg.ft:
         raise UsageError("--ckpt-async does not combine with --ft (online recovery keeps its in-memory copies "
                          "of the epoch being written): leave one out")
+    _check_incremental(cfg)
     return cfg
+
+
+def _check_incremental(cfg: Config) -> None:
+    """``--ckpt-incremental K``: a whole number, and not with what it cannot serve."""
+    if cfg.ckpt_incremental < 0:
+        raise UsageError(f"--ckpt-incremental {cfg.ckpt_incremental}: K must be >= 1 (or 0: off)")
+    if cfg.ckpt_incremental and cfg.ckpt_async:
+        raise UsageError("--ckpt-incremental does not combine with --ckpt-async (the background write takes a "
+                         "copy of the whole state, which is what an incremental epoch avoids): leave one out")
 
 
 def _check_policy(spec: str) -> str:
@@ -782,6 +793,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
                         "committed at a later checkpoint point. Costs memory for a copy of the state, "
                         "and an epoch commits some points later (docs/protocol.md, \"Asynchronous "
                         "checkpoints\"). Not with --ft")
+    p.add_argument("--ckpt-incremental", type=int, default=0, metavar="K",
+                   help="incremental checkpoints: an epoch writes only the chunks written since the previous one "
+                        "(found by the kernel's write tracking, userfaultfd; by chunk CRCs where that is "
+                        "unavailable or MPIMIG_WTRACK=off), and every K-th epoch is full; a restart assembles an "
+                        "epoch from its chain and refuses a broken one, naming the link. The store then keeps "
+                        "--keep + K - 1 epochs. Not with --ckpt-async; a restart on another number of ranks "
+                        "needs a full epoch (docs/checkpoint-format.md)")
     p.add_argument("--restart", choices=RESTART_MODES, default="auto", help="restart policy (below)")
     p.add_argument("--migrate", action="append", metavar="STEP:RANK:HOST[:STRATEGY]",
                    help="migrate RANK to HOST at checkpoint point STEP (repeatable); STRATEGY: "
