@@ -21,7 +21,10 @@ Events (fields besides t, event, run_id):
                      (resumed from; None: from the start), ``new_run_id``
 ``started``          rank 0: ``role`` (initial | restarted), ``epoch``, ``point``
 ``epoch``            rank 0: ``epoch``, ``point``, ``seconds`` (a committed checkpoint),
-                     ``buddy_bytes`` (--ft: memory of rank 0's own + buddy copies)
+                     ``buddy_bytes`` (--ft: memory of rank 0's own + buddy copies),
+                     ``incremental`` (--ckpt-incremental: rank 0's link: ``kind`` full |
+                     delta, ``mode`` tracker | crc | tracker+crc, ``chunk_bytes``,
+                     ``file_bytes``, ``full_every``, ``wtrack_off`` (why not the tracker))
 ``failure``          each process that sees a failure: ``by`` (logical rank; -1: coordinator,
                      -2: spare), ``point``, ``error``
 ``recovered``        rank 0 after an online recovery, when every rank has its state back:

@@ -96,7 +96,7 @@ class Context:
         if config.ckpt_dir is not None:
             from .checkpoint import CheckpointStore
             self._store = CheckpointStore(config.ckpt_dir, job_id=config.run_id or "job",
-                                          keep=config.store_keep())
+                                          keep=config.keep)
         self._incr: Any = None                # --ckpt-incremental: IncrementalWriter (ckpt_async.incremental)
 
     # -- identity ----------------------------------------------------------

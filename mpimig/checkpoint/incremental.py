@@ -23,8 +23,10 @@ the assembled arrays against the last link's. A damaged, missing or foreign link
 is refused with a :class:`~mpimig.errors.CheckpointError` that names it: the
 restore never returns a state assembled from a broken chain.
 
-The store prunes old epochs by count: its ``keep`` must be at least
-``full_every`` so that the latest chain's full link survives.
+The store prunes old epochs by count, but never a link that a kept delta is
+assembled from (:meth:`CheckpointStore._prune`: a delta's parent is the committed
+epoch just before it, and a delta is recognised by its ``#chunks`` datasets in
+the manifest), so every kept epoch can be restored.
 """
 from __future__ import annotations
 
@@ -84,9 +86,6 @@ class IncrementalWriter:
                  chunk: int = 1 << 20, tracker: Tracker | None = None) -> None:
         if full_every < 1:
             raise ValueError(f"full_every must be at least 1, not {full_every!r}")
-        if store.keep < full_every:
-            raise ValueError(f"the store keeps {store.keep} epochs, fewer than full_every={full_every}: "
-                             "pruning would remove the full link of the latest chain")
         if chunk < 4096:
             raise ValueError(f"chunk={chunk}: chunks must be at least 4096 bytes")
         self.store, self.rank, self.size = store, int(rank), int(size)
@@ -230,9 +229,11 @@ class BrokenChain(CheckpointError):
     file may be sound, but its state cannot be assembled (nor can any later one of the rank's)."""
 
 
-ADVICE = ("the epochs from that link on cannot be restored for this rank; restart from an epoch "
-          "before it: move the later epoch directories out of the checkpoint directory (mpimig inspect "
-          "lists every link), or start over with --restart never")
+def advice(store: CheckpointStore, epoch: int) -> str:
+    """What the user does when link ``epoch`` is broken."""
+    return (f"no epoch from {epoch} on can be restored for this rank; to restart from the epoch before it, "
+            f"move the directories epoch-{epoch:06d} and later out of {store.directory} (mpimig inspect "
+            "lists each rank's links), or start over with --restart never")
 
 
 def _link(store: CheckpointStore, epoch: int, rank: int, asked: int, rs: Any = None) -> Any:
@@ -242,19 +243,22 @@ def _link(store: CheckpointStore, epoch: int, rank: int, asked: int, rs: Any = N
     where = f"incremental checkpoint of rank {rank}: link epoch {epoch} in {store.directory}"
     if rs is None:
         if epoch not in store.committed_epochs():
-            raise BrokenChain(f"{where} is missing (not a committed epoch): restore of epoch {asked} "
-                              f"refused; {ADVICE}")
+            raise BrokenChain(f"{where} is missing (not a committed epoch): restore refused "
+                              f"(of epoch {asked}); {advice(store, epoch)}")
         try:
             rs = store.read_rank(epoch, rank, verify=True)
         except CorruptCheckpoint as e:
             if epoch == asked:
                 raise CorruptCheckpoint(f"{where} is damaged ({e}): restore refused") from e
-            raise BrokenChain(f"{where} is damaged ({e}): restore of epoch {asked} refused; {ADVICE}") from e
+            raise BrokenChain(f"{where} is damaged ({e}): restore refused (of epoch {asked}); "
+                              f"{advice(store, epoch)}") from e
         except CheckpointError as e:
-            raise BrokenChain(f"{where} cannot be read ({e}): restore of epoch {asked} refused; {ADVICE}") from e
+            raise BrokenChain(f"{where} cannot be read ({e}): restore refused (of epoch {asked}); "
+                              f"{advice(store, epoch)}") from e
     desc = rs.extra.get(KEY)
     if not isinstance(desc, dict) or desc.get("kind") not in ("full", "delta"):
-        raise BrokenChain(f"{where} is not an incremental link: restore of epoch {asked} refused; {ADVICE}")
+        raise BrokenChain(f"{where} is not an incremental link: restore refused (of epoch {asked}); "
+                          f"{advice(store, epoch)}")
     return rs, desc
 
 
@@ -297,7 +301,7 @@ def restore(store: CheckpointStore, epoch: int | None, rank: int, first: Any = N
         rs, desc = _link(store, e, rank, asked, first if e == asked else None)
         if desc["epoch"] != e:
             raise BrokenChain(f"incremental checkpoint of rank {rank}: the file of epoch {e} says it is "
-                              f"epoch {desc['epoch']}: restore of epoch {asked} refused; {ADVICE}")
+                              f"epoch {desc['epoch']}: restore refused (of epoch {asked}); {advice(store, e)}")
         chain.append((rs, desc))
         e = desc["parent_epoch"] if desc["kind"] == "delta" else None
         if len(chain) > 100000:
@@ -312,7 +316,8 @@ def restore(store: CheckpointStore, epoch: int | None, rank: int, first: Any = N
             if desc["parent_id"] != prev_id:
                 raise BrokenChain(f"incremental checkpoint of rank {rank}: link epoch {desc['epoch']} names "
                                   f"parent {desc['parent_epoch']} id {desc['parent_id']}, but that epoch holds "
-                                  f"id {prev_id}: the chain is broken, restore refused; {ADVICE}")
+                                  f"id {prev_id}: the chain is broken, restore refused; "
+                                  f"{advice(store, desc['epoch'])}")
             _apply(arrays, rs, desc, rank)
         prev_id = desc["id"]
     last = chain[-1][1]
@@ -320,7 +325,7 @@ def restore(store: CheckpointStore, epoch: int | None, rank: int, first: Any = N
         if k not in arrays or state_digest(chunk_crcs(arrays[k], int(last["chunk"]))) != int(want):
             raise BrokenChain(f"incremental checkpoint of rank {rank}: array {k!r} assembled from the chain "
                               f"ending at epoch {last['epoch']} does not match its digest: restore refused; "
-                              f"{ADVICE}")
+                              f"{advice(store, chain[0][1]['epoch'])}")
     rs = chain[-1][0]
     extra = {k: v for k, v in rs.extra.items() if k != KEY}
     return arrays, dict(rs.objects), extra

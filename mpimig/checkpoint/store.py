@@ -53,7 +53,8 @@ class CheckpointStore:
         job_id: stored in every file and manifest; ``commit`` refuses rank
             files of another job.
         keep: number of committed epochs to keep (older ones are pruned by
-            ``commit``); at least 1.
+            ``commit``, except the links an incremental delta among the kept
+            ones is assembled from); at least 1.
         create: create ``directory`` (with parents) on the first write. If
             False, a missing directory is an error.
         key: the job secret that signs and verifies (:mod:`.auth`); by
@@ -334,7 +335,12 @@ class CheckpointStore:
 
     def _prune(self, epoch: int) -> None:
         committed = self.committed_epochs()
-        for old in committed[:-self.keep]:
+        cut = max(0, len(committed) - self.keep)
+        # an incremental delta (mpimig.checkpoint.incremental) needs the committed epoch before it
+        # (its parent): the chains of the kept epochs are kept whole, back to their full links
+        while cut > 0 and self._has_delta(committed[cut]):
+            cut -= 1
+        for old in committed[:cut]:
             self._discard(self.epoch_dir(old))
         for p in list_entries(self.directory):
             m = TMP_RE.match(p.name)
@@ -342,6 +348,15 @@ class CheckpointStore:
                 self._discard(p)
             elif TRASH_RE.match(p.name):  # left by a process that died while deleting
                 self._delete_later(p)
+
+    def _has_delta(self, epoch: int) -> bool:
+        """Whether some rank file of committed ``epoch`` is an incremental delta (its manifest's
+        dataset list names ``arrays/<name>#chunks``); False if the manifest cannot be read."""
+        try:
+            man = json.loads((self.epoch_dir(epoch) / MANIFEST).read_text())
+            return any(str(d).endswith("#chunks") for r in man["ranks"] for d in r.get("datasets") or ())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
 
     def _discard(self, path: Path, wait: bool = False) -> None:
         """Rename (atomic: stops being listed), then delete in the background

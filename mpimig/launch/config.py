@@ -96,12 +96,6 @@ class Config:
             cfg.coordinator = True
         return cfg
 
-    def store_keep(self) -> int:
-        """Committed epochs the store keeps on disk: ``keep``, and with incremental epochs
-        (a chain is at most ``ckpt_incremental`` links) the links back to the full one of the
-        oldest of those, so that each of the last ``keep`` epochs can be restored."""
-        return self.keep + max(0, self.ckpt_incremental - 1)
-
     def to_env(self) -> dict:
         env = {}
         if self.job_dir:

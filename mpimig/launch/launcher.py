@@ -797,9 +797,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
                    help="incremental checkpoints: an epoch writes only the chunks written since the previous one "
                         "(found by the kernel's write tracking, userfaultfd; by chunk CRCs where that is "
                         "unavailable or MPIMIG_WTRACK=off), and every K-th epoch is full; a restart assembles an "
-                        "epoch from its chain and refuses a broken one, naming the link. The store then keeps "
-                        "--keep + K - 1 epochs. Not with --ckpt-async; a restart on another number of ranks "
-                        "needs a full epoch (docs/checkpoint-format.md)")
+                        "epoch from its chain and refuses a broken one, naming the link. --keep then keeps the "
+                        "last epochs and the links they are assembled from. Not with --ckpt-async; a restart on "
+                        "another number of ranks needs a full epoch (docs/checkpoint-format.md)")
     p.add_argument("--restart", choices=RESTART_MODES, default="auto", help="restart policy (below)")
     p.add_argument("--migrate", action="append", metavar="STEP:RANK:HOST[:STRATEGY]",
                    help="migrate RANK to HOST at checkpoint point STEP (repeatable); STRATEGY: "
