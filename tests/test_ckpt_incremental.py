@@ -96,6 +96,13 @@ def test_killed_job_restarts_from_a_delta_epoch_bit_identical(tmp_path, mode):
         _damaged_middle_link(tmp_path, bad, env, ref)
     else:
         _inspect_chains(tmp_path, job, mode)
+        # a restart on another number of ranks reads whole arrays: refused for an epoch of deltas
+        one = list(cmd)
+        one[one.index("-n") + 1] = "1"
+        one[one.index("run") + 1:one.index("run") + 1] = ["--restart", "always"]
+        res = run_cmd(one, timeout=120, env=env, cwd=tmp_path)
+        assert res.returncode == 1 and "epoch 12 in" in res.stderr and "was written by 2 ranks as incremental " \
+            "deltas (--ckpt-incremental): a restart on 1 ranks needs a full epoch" in res.stderr, res.stderr[-3000:]
 
 
 def _damaged_middle_link(tmp_path: Path, job: Path, env: dict, ref: bytes) -> None:
