@@ -151,6 +151,28 @@ def _inspect_chains(tmp_path: Path, job: Path, mode: str) -> None:
         assert f"PROBLEM: epoch {e} rank {r}: incremental checkpoint of rank {r}: link epoch 10 in " in ins.stdout
 
 
+def test_ft_recovery_from_disk_assembles_the_chain(tmp_path):
+    """--ft --no-buddy: every rank rolls back from the disk epoch, here a delta (5 = 4 full + a delta),
+    read through its chain; after the recovery the writers start a new chain with a full link, and a
+    second failure rolls back to a delta of that chain (10 = 9 full + a delta). Bit for bit."""
+    n, steps = 32, 24
+    ref = heat_ref(tmp_path, n, steps)
+    job, out = tmp_path / "job", tmp_path / "out.npy"
+    res = run_cmd(mpimig_cmd("run", "-n", 3, "--ft", "--no-buddy", "--ckpt-every", 2, "--ckpt-incremental", 3,
+                             "--job-dir", job, "--timeout", 150, ROOT / "tests" / "progs" / "heat_kill.py",
+                             "--kill", "1@10", "--kill", "2@20@1", "--n", n, "--steps", steps, "--out", out),
+                  timeout=180, env=base_env(), cwd=tmp_path)
+    assert (job / "complete.json").exists(), res.stdout[-3000:] + res.stderr[-3000:]
+    assert np.load(out).tobytes() == ref
+    recs = _events(job, "recovered")
+    assert [(r["failed"], r["epoch"]) for r in recs] == [([1], 5), ([2], 10)]
+    assert all(r["restore_kinds"] == ["disk"] * 3 for r in recs)
+    kinds = {e["epoch"]: e["incremental"]["kind"] for e in _events(job, "epoch")}
+    # a chain begins at 1, and again after each recovery (6, 11)
+    assert [kinds[e] for e in range(1, 13)] == (["full", "delta", "delta", "full", "delta"] * 2
+                                                + ["full", "delta"]), kinds
+
+
 def test_incremental_options_checked_at_launch(tmp_path):
     res = run_cmd(mpimig_cmd("run", "-n", 2, "--ckpt-every", 2, "--ckpt-incremental", 3, "--ckpt-async",
                              "--job-dir", tmp_path / "j", "--dry-run", PROG), timeout=60, cwd=tmp_path)
