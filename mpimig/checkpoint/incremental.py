@@ -21,7 +21,11 @@ verifies each link: every file's own checks (HMAC, CRC-32 per dataset), the
 parent id each link names against the link read before it, and the digest of
 the assembled arrays against the last link's. A damaged, missing or foreign link
 is refused with a :class:`~mpimig.errors.CheckpointError` that names it: the
-restore never returns a state assembled from a broken chain.
+restore never returns a state assembled from a broken chain (a
+:class:`BrokenChain` for a link before the asked epoch, a CorruptCheckpoint for
+the asked epoch's own file). :func:`read_state` is ``store.read_rank`` for any
+epoch, plain or incremental (the runtime's restart and its --ft disk recovery
+read through it); :func:`check_chains` is ``mpimig inspect``'s check.
 
 The store prunes old epochs by count, but never a link that a kept delta is
 assembled from (:meth:`CheckpointStore._prune`: a delta's parent is the committed
