@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 from mpi4py import MPI
 
-from .comm import Comm, _Held
+from .comm import Comm, FTComm, _Held
 from .commapi import _icoll
 from .errors import CommError
 
@@ -207,6 +207,37 @@ def _install_topology() -> None:
 _install_topology()
 
 
+class FTDerivedComm(DerivedComm):
+    """A derived communicator of an ``--ft`` job: ``Sendrecv`` as :class:`mpimig.comm.FTComm`'s
+    (an Isend and a Recv, which fail cleanly when the peer died)."""
+    Sendrecv = FTComm.Sendrecv
+
+
+class FTCartComm(CartComm):
+    __doc__ = CartComm.__doc__
+    Sendrecv = FTComm.Sendrecv
+
+
+class FTGraphComm(GraphComm):
+    __doc__ = GraphComm.__doc__
+    Sendrecv = FTComm.Sendrecv
+
+
+class FTDistGraphComm(DistGraphComm):
+    __doc__ = DistGraphComm.__doc__
+    Sendrecv = FTComm.Sendrecv
+
+
+_FT_CLASSES: dict[type[DerivedComm], type[DerivedComm]] = {
+    DerivedComm: FTDerivedComm, CartComm: FTCartComm, GraphComm: FTGraphComm, DistGraphComm: FTDistGraphComm}
+
+
+def _class_for(c: MPI.Intracomm, root: Comm) -> tuple[type[DerivedComm], tuple | None]:
+    """The class of a derived comm over ``c`` in ``root``'s family, and its topology."""
+    cls, topo = _topology(c)
+    return (_FT_CLASSES[cls] if isinstance(root, FTComm) else cls), topo
+
+
 def _topology(c: MPI.Intracomm) -> tuple[type[DerivedComm], tuple | None]:
     kind = c.Get_topology()
     if kind == MPI.CART:
@@ -277,7 +308,7 @@ def _derive(parent: Comm, kind: str, args: tuple, make: Callable[[], MPI.Intraco
     if c == MPI.COMM_NULL:
         root._nulls[seq] = recipe
         return MPI.COMM_NULL
-    cls, topo = _topology(c)
+    cls, topo = _class_for(c, root)
     obj = cls()
     obj._setup(c, root, seq, recipe, _members(c, root), topo)
     root._derived[seq] = obj
@@ -386,7 +417,7 @@ def rebuild(root: Comm, data: dict) -> None:
     root._replay = {}
     for rec in sorted(data.get("comms", ()), key=lambda r: r["seq"]):
         c = _build(root._c, list(rec["members"]), rec["topo"])
-        cls, _ = _topology(c)
+        cls, _ = _class_for(c, root)
         obj = shells.pop(rec["seq"], None)
         if obj is None or type(obj) is not cls:
             obj = cls()

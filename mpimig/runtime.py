@@ -252,7 +252,7 @@ class Context:
         cfg = self.config
         due = bool(self._want_ckpt) or bool(cfg.ckpt_every and self.point % cfg.ckpt_every == 0)
         self._want_ckpt = False
-        gap = 1 if cfg.ft else self._pace.gap(self.point, cfg.ckpt_seconds or None)  # --ft: vote every point
+        gap = self._pace.gap(self.point, cfg.ckpt_seconds or None)
         v = None
         if self._voting and self.point >= link.next_vote:
             # rank 0's clock decides a --ckpt-seconds checkpoint, so every rank agrees
@@ -278,12 +278,12 @@ class Context:
     def _next_full(self, gap: int) -> None:
         """The next point that is not free: the next vote, the next local check (``gap``
         points on), the next ``--ckpt-every`` point; the next point itself while something
-        runs at every point (an ``--ft`` job: the vote over the ranks' communicator is how a rank
-        whose program waits on a derived communicator, which a recovery does not revoke, learns
-        of a failure; a policy's meter, a post-copy, an asynchronous epoch not yet committed:
-        its settle is a collective at every point, a hook)."""
+        runs at every point (a policy's meter, a post-copy, an asynchronous epoch not yet committed:
+        its settle is a collective at every point, a hook). An ``--ft`` job's points are free too:
+        a recovery revokes the program's derived communicators with J and A, so a rank blocked on
+        one learns of a failure there (mpimig.ft.recovery.recover)."""
         link, p, cfg = self.link, self.point, self.config
-        if (cfg.ft or self._meter is not None or link.lazy is not None or self._pending is not None
+        if (self._meter is not None or link.lazy is not None or self._pending is not None
                 or hooks.registered("checkpoint-point")):
             self._free_until = p + 1
             return
@@ -641,8 +641,10 @@ def _recover(ctx: Context, exc: MPI.Exception) -> Context:
                 exc.Get_error_string())
     me = recovery.member("rank", ctx.rank, ctx.host, ctx.point, ctx._own, ctx._buddies, detected, ctx._hosts,
                          ctx.recoveries, ctx.size)
+    # the program's derived communicators are revoked too: a rank blocked on one learns of the failure
     out = recovery.recover(ctx.link.J, me, A=ctx.comm.mpi, ckpt_dir=cfg.ckpt_dir,
-                           own=ctx._own, buddies=ctx._buddies, config_env=cfg.to_env())
+                           own=ctx._own, buddies=ctx._buddies, config_env=cfg.to_env(),
+                           derived=[d.mpi for d in ctx.comm.derived])
     return _after_recovery(out, cfg, ctx)
 
 

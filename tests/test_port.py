@@ -127,6 +127,27 @@ def test_ft_killed_rank_recovered_online_bit_identical(tmp_path, reference):
     assert got == reference
 
 
+def test_ft_points_are_free_and_a_rank_blocked_on_the_cart_learns_of_the_failure(tmp_path, reference):
+    """--ft with votes so far apart that only the doubling of the gap sets them (points 1, 3,
+    7, 15, ...). Rank 2 dies after point 12; rank 1 is told by its receive from rank 2 and
+    enters the recovery; rank 0 waits in the cart ``Sendrecv`` on rank 1, which is alive and
+    no vote comes to tell it: the recovery revokes the cart communicator, rank 0's
+    ``Sendrecv`` fails with MPI_ERR_REVOKED and it joins. Bit-identical to the reference."""
+    env = inject(tmp_path, 2, 12)
+    env["MPIMIG_POINT_SECONDS"] = "1e9"
+    res, got, rec, job = run_port(tmp_path, "--ft", "--ckpt-every", 5, env=env, work_ms=20)
+    recs = [e for e in events(job) if e["event"] == "recovered"]
+    assert len(recs) == 1 and recs[0]["failed"] == [2] and recs[0]["epoch"] == 2, recs
+    fails = [e for e in events(job) if e["event"] == "failure"]
+    assert any(e["by"] == 0 and "revoked" in e["error"].lower() for e in fails), fails
+    roles = {r["rank"]: r["role"] for r in rec["ranks"]}
+    assert roles == {0: "survivor", 1: "survivor", 2: "replacement", 3: "survivor"}
+    assert got == reference
+    # rank 0 runs 12 points, then 30 again from epoch 2 (point 10): votes at 1, 3, 7, then from the
+    # roll back at gaps 1, 2, 4, 8, ... (about 8 votes in 42 points; an every-point vote makes 42)
+    assert rec["points"] == STEPS and rec["stats"]["votes"] <= 10, rec["stats"]
+
+
 def test_resumed_process_replays_setup_and_decodes_the_programs_own_classes(tmp_path):
     job = tmp_path / "job"
     res = run_cmd(mpimig_cmd("run", "-n", 3, "--spares", 1, "--job-dir", job, "--timeout", 100,

@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -312,26 +313,42 @@ def _spawn(S: MPI.Intracomm, plan: dict, argv: list[str], cwd: str) -> MPI.Intra
 
 def recover(J: MPI.Intracomm, me: dict, *, A: MPI.Intracomm | None = None, ckpt_dir=None, own: Copy | None = None,
             buddies: list[Copy] | None = None,
-            config_env: dict | None = None) -> Outcome:
+            config_env: dict | None = None, derived: Sequence[MPI.Comm] = ()) -> Outcome:
     """The recovery collective for a process that was in J when the failure happened.
+
+    It first revokes J, A and ``derived`` (a rank's live derived communicators, from
+    :attr:`mpimig.comm.Comm.derived`): a live process blocked in a call on any of them
+    (a halo exchange on a ``Create_cart`` communicator with a neighbour that is here
+    already) gets ``MPI_ERR_REVOKED`` and enters the recovery too, so the job's safe
+    points need not vote at every point to learn of a failure (docs/protocol.md).
 
     Bounded by ``MPIMIG_RECOVERY_TIMEOUT``: a process that does not take part (a spawned
     one that never heard of the failure, open-mpi/ompi#13325) leaves the others in the
     shrink; past the bound the job is aborted with a message (``--relaunch`` brings it back)."""
     who = f"{me['kind']}" + (f" {me['rank']}" if me["kind"] == "rank" else "") + f" (pid {os.getpid()})"
     with exits.bounded("recovery", who, "an online recovery (revoke, shrink, census, spawn, roll back)", comm=J):
-        return _recover(J, me, A=A, ckpt_dir=ckpt_dir, own=own, buddies=buddies, config_env=config_env)
+        return _recover(J, me, A=A, ckpt_dir=ckpt_dir, own=own, buddies=buddies, config_env=config_env,
+                        derived=derived)
+
+
+def revoke(comms: Iterable[MPI.Comm | None]) -> None:
+    """ULFM ``MPI_Comm_revoke`` on each communicator (None, COMM_NULL, freed or already
+    revoked ones are passed over): every pending and later call on it, on every member,
+    fails with ``MPI_ERR_REVOKED``."""
+    for c in comms:
+        if c is None or c == MPI.COMM_NULL:
+            continue
+        with contextlib.suppress(MPI.Exception):
+            c.Revoke()
 
 
 def _recover(J: MPI.Intracomm, me: dict, *, A: MPI.Intracomm | None, ckpt_dir, own: Copy | None,
-             buddies: list[Copy] | None, config_env: dict | None) -> Outcome:
+             buddies: list[Copy] | None, config_env: dict | None, derived: Sequence[MPI.Comm] = ()) -> Outcome:
     t_detect = me["detected"]
     S = None
+    revoke(derived)          # once: the retries below run over S, which holds no derived communicator
     for attempt in range(MAX_ATTEMPTS):
-        for c in (J, A):
-            if c is not None:
-                with contextlib.suppress(MPI.Exception):
-                    c.Revoke()
+        revoke((J, A))
         try:
             S = transport.track(J.Shrink())
             t_shrunk = time.time()

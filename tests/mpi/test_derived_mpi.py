@@ -103,3 +103,30 @@ def test_nonblocking_collectives_and_persistent_requests():
     _free(c)
     assert done == (True, True) and tot[0] == n * (n + 1) / 2
     assert seen == [10 * left + k for k in range(3)]
+
+
+def test_derived_comms_of_an_ft_job_use_its_sendrecv_and_keep_their_class_through_a_rebuild():
+    """An --ft job's communicator (FTComm) derives comms whose Sendrecv is FTComm's (an Isend
+    and a Recv, which fail cleanly when the peer died); a rebuild and pickling keep that class."""
+    from mpimig.comm import FTComm, new_comm
+    from mpimig.derived import FTCartComm, FTDerivedComm
+    c = new_comm(MPI.COMM_WORLD.Dup(), ft=True)
+    me, n = c.rank, c.size
+    right, left = (me + 1) % n, (me - 1) % n
+    d, cart = c.Dup(), c.Create_cart([n], [True])
+    got = np.empty(2)
+    cart.Sendrecv(np.array([me, me + 0.5]), right, 7, got, left, 7)
+    c.hold_in_flight()
+    c2 = new_comm(MPI.COMM_WORLD.Dup(), ft=True)
+    c2.import_held(c.export_held())
+    d2, cart2 = c2.derived
+    again = pickle.loads(pickle.dumps(cart2)) is cart2
+    got2 = np.empty(2)
+    d2.Sendrecv(np.array([me + 1.0, me + 1.5]), left, 8, got2, right, 8)
+    for x in (d, cart, d2, cart2):
+        x.Free()
+    _free(c, c2)
+    assert isinstance(c, FTComm)
+    assert (type(d), type(cart), type(d2), type(cart2)) == (FTDerivedComm, FTCartComm, FTDerivedComm, FTCartComm)
+    assert FTCartComm.Sendrecv is FTComm.Sendrecv and isinstance(cart2, CartComm) and again
+    assert got.tolist() == [left, left + 0.5] and got2.tolist() == [right + 1.0, right + 1.5]
