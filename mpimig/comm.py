@@ -44,6 +44,10 @@ _WORLD = MPI.COMM_WORLD
 #: Tags at or above this value are mpimig's own (markers); user tags must be below.
 N_RESERVED_TAGS = 16
 
+# The payload of an end-of-epoch marker: with its tag, what tells it from a user message
+# (the direct path's sends do not check tags; see Comm._hold_own).
+_MARKER = b"mpimig end-of-epoch marker\x00"
+
 
 def _tag_ub(comm) -> int:
     ub = comm.Get_attr(MPI.TAG_UB)
@@ -321,15 +325,25 @@ class Comm:
         if tag >= self.tag_limit:
             raise CommError(f"tag {tag} is reserved by mpimig (user tags must be < {self.tag_limit})")
 
+    def _reserved_tag_error(self, source: int, tag: int, where: str) -> CommError:
+        """A user message that carries a reserved tag, found where mpimig receives (the direct
+        path's Send/send/Sendrecv/sendrecv are MPI's own methods and do not check tags)."""
+        return CommError(
+            f"rank {self.rank}: a message from rank {source} carries tag {tag}, which is reserved by "
+            f"mpimig (user tags must be < {self.tag_limit}); found {where}. It was sent with "
+            "Send/send/Sendrecv/sendrecv, which go straight to MPI without checking the tag "
+            "(docs/protocol.md, \"The direct path\")")
+
     # -- the direct path: calls that need no translation go straight to MPI ---------
     def enable_direct(self) -> None:
         """Dispatch calls that need no translation straight to the MPI communicator's
         methods (docs/protocol.md, "The direct path"): ``Recv``/``recv``/``Sendrecv``/
-        ``sendrecv`` while nothing is held or pending, the sends through a closure that only
-        checks the tag, collectives always. The methods sit on the instance and are
-        swapped when the state changes (a lazy receive posted, messages held, a re-point,
-        a layer). A job's communicator turns it on when it is made; a derived one keeps
-        its class's methods."""
+        ``sendrecv`` while nothing is held or pending, ``Send``/``send`` and collectives
+        always. The methods sit on the instance and are swapped when the state changes (a
+        lazy receive posted, messages held, a re-point, a layer). On this path a reserved
+        tag is not refused at the send: the receiver's next safe point (or a facade
+        receive that meets the message) raises a CommError naming it. A job's
+        communicator turns it on when it is made; a derived one keeps its class's methods."""
         self._direct = True
         self._install_direct()
 
@@ -337,10 +351,9 @@ class Comm:
         d = self.__dict__
         layered = {m for names, _ in self._layers.values() for m in names}
         c = self._c
-        limit = self.tag_limit
-        check = self._check_tag
-        sends: dict[str, Callable[..., Any]] = {"Send": _checked_send(c.Send, limit, check),
-                                                "send": _checked_send(c.send, limit, check)}
+        # MPI's own bound methods, no frame of ours: the reserved tags are checked where
+        # mpimig receives, not here (_reserved_tag_error, docs/protocol.md "The direct path")
+        sends: dict[str, Callable[..., Any]] = {"Send": c.Send, "send": c.send}
         cls = type(self)
         # only where the class still has the plain forward (a subclass or a module may replace one)
         sends.update({name: getattr(c, name) for name in _DIRECT_COLLECTIVES
@@ -358,8 +371,8 @@ class Comm:
     def _direct_recv(self, d: dict, layered: set, c: MPI.Intracomm) -> None:
         fns: dict[str, Callable[..., Any]] = {"Recv": c.Recv, "recv": c.recv}
         if type(self).Sendrecv is Comm.Sendrecv:      # FTComm keeps its own
-            fns["Sendrecv"] = _checked_sendrecv(c.Sendrecv, self.tag_limit, self._check_tag)
-            fns["sendrecv"] = _checked_sendrecv(c.sendrecv, self.tag_limit, self._check_tag)
+            fns["Sendrecv"] = c.Sendrecv
+            fns["sendrecv"] = c.sendrecv
         for name, fn in fns.items():
             if name not in layered:
                 d[name] = self._direct_fns[name] = fn
@@ -544,6 +557,9 @@ class Comm:
         r._complete(value, m.source, m.tag, n)
 
     def _complete_mpi(self, r: Request, msg: MPI.Message, st: MPI.Status) -> None:
+        if st.Get_tag() >= self.tag_limit:       # taken off MPI, so it does not linger
+            msg.Recv([bytearray(st.Get_count(MPI.BYTE)), MPI.BYTE])
+            raise self._reserved_tag_error(st.Get_source(), st.Get_tag(), "by a receive of the facade")
         if r._kind == "recv":
             value = msg.recv()
         else:
@@ -723,14 +739,16 @@ class Comm:
         c = self._c
         n = c.Get_size()
         marker = self._marker_tag
-        empty = bytearray(0)
+        limit = self.tag_limit
         # Everyone must be here before any marker flies: a rank still in a
         # receive with ANY_TAG would take a marker for a message.
         c.Barrier()
-        # A marker to self too: messages a rank sent to itself are held as well.
-        reqs = [c.Isend([empty, 0, MPI.BYTE], d, marker) for d in range(n)]
+        # A marker to self too: messages a rank sent to itself are held as well. Its payload
+        # tells it from a user message sent (unchecked, on the direct path) with the marker's tag.
+        reqs = [c.Isend([_MARKER, len(_MARKER), MPI.BYTE], d, marker) for d in range(n)]
         seen = 0
         held = 0
+        misused: list[tuple[int, int]] = []
         st = MPI.Status()
         while seen < n:
             msg = c.mprobe(ANY_SOURCE, ANY_TAG, st)
@@ -738,8 +756,10 @@ class Comm:
             nbytes = st.Get_count(MPI.BYTE)
             data = bytearray(nbytes)
             msg.Recv([data, nbytes, MPI.BYTE])
-            if tag == marker:
+            if tag == marker and data == _MARKER:
                 seen += 1
+            elif tag >= limit:
+                misused.append((src, tag))      # a user message with a reserved tag: dropped
             else:
                 self._queue.append(_Held(src, tag, data))
                 held += 1
@@ -755,6 +775,9 @@ class Comm:
         self._sends = []
         # lazy receives may now match held messages
         self._progress()
+        if misused:       # the drain is complete (every marker taken): the communicator stays usable
+            src, tag = misused[0]
+            raise self._reserved_tag_error(src, tag, f"at the safe point's drain ({len(misused)} such message(s))")
         return held
 
     def export_held(self) -> dict:
@@ -893,29 +916,6 @@ _DIRECT_COLLECTIVES: tuple[str, ...] = (
 
 
 _FORWARDS = {name: Comm.__dict__[name] for name in _DIRECT_COLLECTIVES}
-
-
-def _checked_send(send: Callable[..., None], limit: int, check: Callable[[int], None]) -> Callable[..., None]:
-    """MPI's ``Send``/``send`` bound to the communicator, with the reserved-tag check only."""
-    def call(buf: Any, dest: int, tag: int = 0) -> None:
-        if tag >= limit:
-            check(tag)
-        send(buf, dest, tag)
-    call.__name__ = call.__qualname__ = send.__name__
-    call.__doc__ = send.__doc__
-    return call
-
-
-def _checked_sendrecv(fn: Callable[..., Any], limit: int, check: Callable[[int], None]) -> Callable[..., Any]:
-    """MPI's ``Sendrecv``/``sendrecv`` bound to the communicator, with the reserved-tag check only."""
-    def call(sendbuf: Any, dest: int, sendtag: int = 0, recvbuf: Any = None, source: int = ANY_SOURCE,
-             recvtag: int = ANY_TAG, status: MPI.Status | None = None) -> Any:
-        if sendtag >= limit:
-            check(sendtag)
-        return fn(sendbuf, dest, sendtag, recvbuf, source, recvtag, status)
-    call.__name__ = call.__qualname__ = fn.__name__
-    call.__doc__ = fn.__doc__
-    return call
 
 
 # The buffer calls a guard sees (set_buffer_guard): every method that takes a buffer.

@@ -621,15 +621,13 @@ def test_pending_irecv_survives_pickling_into_a_fresh_comm(comm):
 
 # -- misuse -----------------------------------------------------------------------------
 
-def test_reserved_tags_are_refused(comm):
-    """Tags >= comm.tag_limit are mpimig's (the flush marker is the highest):
-    a user message with such a tag would be taken for a marker."""
+def test_reserved_tags_are_refused_by_the_facade_sends(comm):
+    """Tags >= comm.tag_limit are mpimig's (the flush marker is the highest): the sends that
+    go through the facade (nonblocking, synchronous) refuse them at the call."""
     me = comm.rank
     one = np.zeros(1, dtype="u1")
     sends = {
-        "send": lambda t: comm.send("x", dest=me, tag=t),
         "isend": lambda t: comm.isend("x", dest=me, tag=t),
-        "Send": lambda t: comm.Send(one, dest=me, tag=t),
         "Isend": lambda t: comm.Isend(one, dest=me, tag=t),
         "Issend": lambda t: comm.Issend(one, dest=me, tag=t),
     }
@@ -652,6 +650,49 @@ def test_reserved_tags_are_refused(comm):
     ok = comm.recv(source=me, tag=comm.tag_limit - 1)
     assert ok == "ok"
     assert not problems, "; ".join(problems)
+
+
+def test_reserved_tag_on_the_direct_path_is_an_error_at_the_next_flush(comm):
+    """Send/send/Sendrecv/sendrecv are MPI's own methods on the direct path and do not check
+    the tag: the receiver's next flush (where mpimig takes its markers) raises a CommError
+    naming the sender and the tag, after a complete drain, so the communicator stays usable.
+    A message with the marker's tag (even empty, as markers once were) is not taken for a
+    marker. Messages with user tags in flight at the same time are held as usual."""
+    me = comm.rank
+    one = np.zeros(1, dtype="u1")
+    got = np.zeros(1, dtype="u1")
+    ok = np.full(1, 7, dtype="u1")
+    assert comm.direct and {"Send", "send", "Sendrecv", "sendrecv"} <= set(comm.direct)
+    comm.Send(one, me, comm.tag_limit)                            # accepted: no check on the send
+    comm.send("x", me, comm.marker_tag)
+    comm.Send([bytearray(0), 0, MPI.BYTE], me, comm.marker_tag)   # shaped like an old marker
+    comm.Send(ok, me, 5)
+    comm.Sendrecv(one, me, comm.tag_limit + 1, got, me, 5)        # takes the tag-5 message
+    comm.send("u2", me, 6)
+    pickled = comm.sendrecv("y", me, comm.tag_limit + 2, None, me, 6)    # takes "u2"
+    comm.send("user", me, 3)                                      # a user message, in flight
+    with pytest.raises(CommError) as err:
+        comm.hold_in_flight()
+    text = str(err.value)
+    # the drain completed: the user message is held, the reserved ones are gone
+    held = comm.held()
+    after = comm.recv(source=me, tag=3)
+    assert got[0] == 7 and pickled == "u2"
+    assert f"rank {me}" in text and f"tag {comm.tag_limit}" in text and "reserved" in text, text
+    assert "5 such message" in text, text
+    assert held == [(me, 3)] and after == "user"
+
+
+def test_reserved_tag_met_by_a_facade_receive_is_an_error(comm):
+    """A lazy receive that meets a message with a reserved tag (sent unchecked on the direct
+    path) raises a CommError naming it, and the message is not left in MPI."""
+    me = comm.rank
+    comm.Send(np.zeros(2), me, comm.tag_limit + 3)
+    r = comm.irecv(source=me)
+    with pytest.raises(CommError, match=f"tag {comm.tag_limit + 3}.*reserved"):
+        r.wait()
+    left = comm.pending_count
+    assert left == 0
 
 
 def test_unsupported_methods_raise_comm_error_naming_them(comm):
@@ -701,6 +742,38 @@ def test_direct_path_steps_aside_while_messages_are_held(comm):
     comm.mpi.Barrier()
     assert not off and on
     assert got == [("held", left), ("later", left)]
+
+
+def test_direct_path_calls_are_the_mpi_communicators_bound_methods(comm):
+    """On the direct path ``comm.Send`` is MPI's own bound method of the communicator (no
+    Python frame of mpimig's): the same for send, Recv, recv, Sendrecv and sendrecv. While
+    messages are held the receives are the facade's again (the sends need no translation
+    and stay MPI's); a layer takes the methods it wraps off the path."""
+    me, n, right, left = ring(comm)
+    names = ("Send", "send", "Recv", "recv", "Sendrecv", "sendrecv")
+
+    def mpi_own(name):
+        fn = getattr(comm, name)
+        return type(fn) is type(comm.mpi.Send) and fn.__self__ is comm.mpi and fn == getattr(comm.mpi, name)
+
+    direct = {name: mpi_own(name) for name in names}
+    comm.send(("held", me), right, 4)
+    comm.hold_in_flight()
+    while_held = {name: mpi_own(name) for name in names}
+    facade_recv = comm.Recv.__func__ is Comm.Recv and comm.recv.__func__ is Comm.recv
+    got = comm.recv(source=left, tag=4)
+    again = {name: mpi_own(name) for name in names}
+    comm.set_buffer_guard(lambda *args: None)
+    guarded = mpi_own("Send"), mpi_own("send")
+    comm.set_buffer_guard(None)
+    back = mpi_own("Send")
+    comm.mpi.Barrier()
+    assert all(direct.values()), direct
+    assert while_held == {"Send": True, "send": True, "Recv": False, "recv": False,
+                          "Sendrecv": False, "sendrecv": False}, while_held
+    assert facade_recv and got == ("held", left)
+    assert all(again.values()), again
+    assert guarded == (False, True) and back
 
 
 def test_direct_path_yields_to_a_layer_and_comes_back(comm):
