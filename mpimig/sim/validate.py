@@ -197,6 +197,11 @@ def real_run(name: str, cfg, pl: dict, root: Path, points: int, moves: list, kil
     env = dict(os.environ)
     env.setdefault("OMPI_MCA_btl", "^ofi")
     env.setdefault("OMPI_MCA_coll", "^han")
+    # processes waiting in MPI (the switch's and the recovery's collectives, a rank held at a safe
+    # point) give the core up instead of spinning, so the processes with work get it: the lab's
+    # 11 processes share 2 cores with the machine's other jobs (docs/simulator.md, "Validation")
+    env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+    env.setdefault("OMPI_MCA_threads_pthreads_yield_strategy", "nanosleep")
     if os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     say(f"validate: {name} run: {points} points, moves {moves}, kills (point, rank) {kills}, "
