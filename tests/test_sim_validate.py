@@ -4,7 +4,11 @@ is the command ``mpimig simulate --validate``: docs/simulator.md)."""
 from __future__ import annotations
 
 import copy
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -137,3 +141,20 @@ def test_calibration_from_a_run_record():
     assert slower["move_downtimes_s"] == pytest.approx([1.25 * 1.5, 1.25 * 1.5], rel=1e-3)
     assert slower["recoveries_s"] == pytest.approx([1.25 * 0.8], rel=1e-3)
     assert slower["time_to_solution_s"] == pytest.approx(1.25 * sim["time_to_solution_s"], rel=1e-3)
+
+
+def test_the_real_runs_wait_in_mpi_without_spinning_and_a_set_value_wins():
+    """The lab runs' processes yield when idle (docs/simulator.md, "Validation", item 5): Open MPI
+    itself (its ompi_info, with the runs' environment) must read the two settings as set."""
+    ompi_info = Path(sys.executable).parent / "ompi_info"
+    if not ompi_info.exists():
+        pytest.skip(f"no Open MPI next to this python ({ompi_info})")
+    env = validate.run_env({"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/")})
+    out = subprocess.run([str(ompi_info), "--all", "--parsable"], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    for param, value in (("mpi:base:param:mpi_yield_when_idle", "true"),
+                         ("threads:pthreads:param:threads_pthreads_yield_strategy", "nanosleep")):
+        assert f"mca:{param}:value:{value}" in out, param
+        assert f"mca:{param}:source:environment" in out, param
+    # an environment that already says otherwise is kept (e.g. to measure with spinning processes)
+    assert validate.run_env({"OMPI_MCA_mpi_yield_when_idle": "0"})["OMPI_MCA_mpi_yield_when_idle"] == "0"
