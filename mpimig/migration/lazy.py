@@ -204,10 +204,8 @@ class LazySession:
         self.mode_why = why
         self.thread: _Progress | None = None
         self.polls = 0
-        if n and ok:
+        if n and ok:                      # started by start(): after the resume, off the downtime's path
             self.thread = _Progress(self)
-            _LIVE.add(self)
-            self.thread.start()
 
     # -- which chunks ----------------------------------------------------------
     def _chunks(self, lo: int, hi: int) -> range:
@@ -229,12 +227,21 @@ class LazySession:
         self.arrived_by = by
         self.arrived.set()
 
+    def start(self) -> None:
+        """Start the progress thread (the target calls it once it has resumed and reported;
+        a wait for chunks before that starts it too). Nothing in calls mode or once started."""
+        t = self.thread
+        if t is not None and t.ident is None:
+            _LIVE.add(self)
+            t.start()
+
     def _threaded(self) -> bool:
         """Whether the progress thread drives the requests now (it raises what the thread hit).
         Once it has stopped (all in, or stopped after a timeout) the main thread owns them."""
         t = self.thread
         if t is None:
             return False
+        self.start()
         if self.error is not None:
             self._failed()
         if t.is_alive():
@@ -248,7 +255,7 @@ class LazySession:
         if t is None:
             return
         t.halt.set()
-        if t is not threading.current_thread():
+        if t.ident is not None and t is not threading.current_thread():
             t.join()
         self.polls = t.polls
         self.thread = None

@@ -69,6 +69,7 @@ MPI.Request.Waitall(sends)
 # a second session: every chunk is sent at once, then this process calls no MPI until it
 # has waited on the session's "arrived" event (no sleep: the event, with a bound)
 sess2 = lazy.LazySession(comm, 0, hdr)
+sess2.start()                                      # what the target does once it has resumed
 sends = [comm.Isend([flat[c * C:(c + 1) * C], MPI.BYTE], 0, TAG_PC_DATA + c) for c in range(8)]
 res["arrived_without_calls"] = sess2.arrived.wait(10 if sess2.mode == "thread" else 0)
 res["arrived_by"] = sess2.arrived_by
