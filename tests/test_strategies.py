@@ -249,13 +249,17 @@ def test_spare_pool_refills(tmp_path):
     assert [r["role"] for r in ranks] == ["initial", "migrated", "migrated", "initial"]
 
 
-def test_lazy_array_waits_only_for_touched_chunks():
+@pytest.mark.parametrize("thread", ["on", "off"])
+def test_lazy_array_waits_only_for_touched_chunks(thread):
     """mpimig.migration.lazy in one process: an access waits for the chunks of its byte range
     only; a chunk that never comes ends in a named error after MPIMIG_FETCH_TIMEOUT
     (never in a read of memory that did not arrive); a Comm buffer call with a lazy
-    array waits for it; completed arrays index to plain ndarrays."""
+    array waits for it; completed arrays index to plain ndarrays. With the progress
+    thread (on) every chunk arrives while the process makes no MPI call, and the
+    completion waits for the main thread (a checkpoint point); forced off, nothing
+    arrives without a call (the old behaviour, named in the stats)."""
     res = run_cmd(["mpiexec", "-n", 1, sys.executable, ROOT / "tests" / "progs" / "lazy_unit.py"],
-                  timeout=60, env=env())
+                  timeout=60, env=env(MPIMIG_POSTCOPY_THREAD=thread))
     line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
     assert line, res.stdout + res.stderr
     r = json.loads(line[0][7:])
@@ -266,11 +270,26 @@ def test_lazy_array_waits_only_for_touched_chunks():
     assert r["u60"] == [3840.0, -1.0, 3842.0]                  # ... and the push did not overwrite it
     assert r["timeout"].startswith("rank ?: post-copy: 1 chunk(s) of its state did not arrive from its old "
                                    "process (pid 1 on h) within 0.5 s (MPIMIG_FETCH_TIMEOUT)")
-    assert r["demanded_timeout"] == [0]                        # it asked the old process for chunk 0
+    if thread == "off":
+        assert r["demanded_timeout"] == [0]                    # it asked the old process for chunk 0
+    else:   # the thread may not have flagged chunk 7 before the write: then it was demanded too
+        assert r["demanded_timeout"] in ([0], [7, 0]), r["demanded_timeout"]
     assert r["guard_equal"] and r["complete"] and r["plain_after"] == "ndarray"
+    assert r["thread_after_complete"] is False                 # stopped at the timeout, joined
     # what a method returns is plain: storm's st.bal = st.bal.copy() right after a post-copy
     # resume registered a LazyArray, which the next move sent as a pickle (a flaky residual)
     assert r["copy_type"] == r["T_type"] == "ndarray"
+    assert r["equal2"]                                         # bit-identical to what was sent
+    if thread == "on":
+        assert (r["mode"], r["mode_why"]) == ("thread", "")
+        assert r["arrived_without_calls"] is True and r["left_before_point"] == 0
+        assert r["complete_before_point"] is False and r["complete_after_point"] is True
+        assert r["thread_after_point"] is False
+        assert r["stats2"] == {"progress": "thread", "arrived_by": "thread", "chunks": 8}
+    else:
+        assert (r["mode"], r["mode_why"]) == ("calls", "MPIMIG_POSTCOPY_THREAD=off")
+        assert r["arrived_without_calls"] is False and r["left_before_point"] == 8
+        assert r["stats2"] == {"progress": "calls", "arrived_by": "main", "chunks": 8}
 
 
 @pytest.mark.parametrize("fault, strategy", [("migration-source", "pre-copy"), ("migration-target", "post-copy"),

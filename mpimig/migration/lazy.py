@@ -17,12 +17,28 @@ first. The program gets :class:`LazyArray` objects (an ``ndarray`` subclass):
   for the chunks of that buffer: while lazy arrays exist, the rank's ``Comm``
   has :func:`buffer_guard` as its buffer guard (``Comm.set_buffer_guard``;
   removed once they are complete).
-* At each checkpoint point the session makes progress (``Testsome``); a point
-  that captures state (checkpoint, another migration) completes it first.
+* The chunk receives progress in the background: a progress thread
+  (:class:`_Progress`) owns the pre-posted requests and drives them
+  (``Testsome`` with a short back-off) until every chunk is in, whether or not
+  the program calls MPI; a wait for chunks waits on the session's condition
+  for their flags. Without ``MPI_THREAD_MULTIPLE`` (or with
+  ``MPIMIG_POSTCOPY_THREAD=off``) the session falls back to the old way: the
+  chunks progress only in waits and at checkpoint points (``Testsome``).
+  ``stats()["progress"]`` says which mode ran (and why, for the fallback).
+* At each checkpoint point the session notes progress; a point that captures
+  state (checkpoint, another migration) completes it first.
 
 When every chunk is there, the state's items become plain arrays again, the
 target tells the old process it may leave (``TAG_PC_ACK``) and calls the
-session's ``on_complete`` (the target's clean-up, step 8 in
+session's ``on_complete``. That completion always runs on the main thread, at
+a checkpoint point or in a wait, never in the progress thread (the rule, in
+docs/protocol.md "Post-copy": the progress thread makes no call but
+``Testsome`` on its own requests; every message the target *sends* on the
+switch communicator or J comes from the main thread, so a demand is never
+ordered after the acknowledgement and the coordinator's messages keep their
+order). The residual dependency ends when the last chunk arrived
+(``t_arrived``, set by whichever thread saw it, ``arrived_by``), not when the
+acknowledgement went (the target's clean-up, step 8 in
 :mod:`mpimig.migration.target`: plain arrays in the state, the guard removed,
 the residual dependency reported to the coordinator).
 
@@ -37,8 +53,11 @@ from the last committed epoch.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import threading
 import time
+import weakref
 from typing import Any, Callable
 
 import numpy as np
@@ -61,12 +80,85 @@ def _is_basic(idx) -> bool:
     return isinstance(idx, _BASIC) and not isinstance(idx, bool)
 
 
+def thread_mode() -> tuple[bool, str]:
+    """Whether a progress thread may drive the chunk receives: ``(True, "")``, or
+    ``(False, why not)`` (``MPIMIG_POSTCOPY_THREAD=off``, or MPI below ``MPI_THREAD_MULTIPLE``)."""
+    env = os.environ.get("MPIMIG_POSTCOPY_THREAD", "on").strip().lower()
+    if env in ("off", "0", "no", "false"):
+        return False, "MPIMIG_POSTCOPY_THREAD=off"
+    level = MPI.Query_thread()
+    if level != MPI.THREAD_MULTIPLE:
+        names = {MPI.THREAD_SINGLE: "MPI_THREAD_SINGLE", MPI.THREAD_FUNNELED: "MPI_THREAD_FUNNELED",
+                 MPI.THREAD_SERIALIZED: "MPI_THREAD_SERIALIZED"}
+        return False, f"MPI runs at {names.get(level, level)}, not MPI_THREAD_MULTIPLE"
+    return True, ""
+
+
+_NAP_MIN, _NAP_MAX = 10e-6, 500e-6     # the progress thread's back-off between empty polls
+
+
+class _Progress(threading.Thread):
+    """The session's progress thread: it owns the pre-posted chunk requests and calls
+    nothing but ``Testsome`` on them (plus a short sleep when none completed) until
+    every chunk is in or it is told to stop. Arrivals set the chunk flags under the
+    session's condition and wake the waiters. It never sends: demands, the
+    acknowledgement and the report stay on the main thread (docs/protocol.md)."""
+
+    def __init__(self, sess: LazySession) -> None:
+        super().__init__(name="mpimig-postcopy-progress", daemon=True)
+        self.sess = sess
+        self.halt = threading.Event()
+        self.polls = 0
+
+    def run(self) -> None:
+        sess = self.sess
+        idx = [c for c in range(sess.nchunks) if not sess.done[c]]
+        reqs = [sess.reqs[c] for c in idx]
+        nap = 0.0
+        try:
+            while idx and not self.halt.is_set():
+                self.polls += 1
+                got = MPI.Request.Testsome(reqs)
+                if not got:
+                    nap = min(nap * 2 or _NAP_MIN, _NAP_MAX)
+                    time.sleep(nap)
+                    continue
+                nap = 0.0
+                with sess.cv:
+                    for i in got:
+                        sess.done[idx[i]] = 1
+                    sess.left -= len(got)
+                    if sess.left == 0:
+                        sess._arrived("thread")
+                    sess.cv.notify_all()
+                gone = set(got)
+                idx = [c for i, c in enumerate(idx) if i not in gone]
+                reqs = [r for i, r in enumerate(reqs) if i not in gone]
+        except BaseException as exc:      # an MPI error on a chunk: the main thread raises it in its next wait
+            with sess.cv:
+                sess.error = exc
+                sess.cv.notify_all()
+
+
+_LIVE: weakref.WeakSet[LazySession] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """The process exits with chunks still arriving (the program failed): stop the
+    progress threads before MPI is finalized (mpi4py's exit hook runs after this one)."""
+    for sess in list(_LIVE):
+        sess.stop()
+
+
 class LazySession:
     """The chunks of one post-copy move that have not arrived yet."""
 
-    def __init__(self, Jc: MPI.Intracomm, source: int, hdr: dict, transfer: Any = None) -> None:
+    def __init__(self, Jc: MPI.Intracomm, source: int, hdr: dict, transfer: Any = None,
+                 thread: bool | None = None) -> None:
         """Post the chunk receives; ``transfer`` (a ``transport.Transfer`` from ``source``)
-        counts their bytes (default: receive on ``Jc`` directly)."""
+        counts their bytes (default: receive on ``Jc`` directly). ``thread`` forces the
+        progress thread on or off (default: :func:`thread_mode`)."""
         self.Jc, self.source = Jc, source
         post = transfer.Irecv if transfer is not None else (
             lambda buf, tag: Jc.Irecv([buf, MPI.BYTE], source, tag))
@@ -101,6 +193,19 @@ class LazySession:
         self.residual = 0.0               # seconds the old process was needed after the resume
         self.on_complete: Callable[[LazySession], None] | None = None
         self.t_complete: float | None = None
+        # background progress (the module docstring): the thread and what it shares with the main thread
+        self.cv = threading.Condition()
+        self.arrived = threading.Event()  # every chunk is in (set by whichever thread saw the last one)
+        self.t_arrived: float | None = None
+        self.arrived_by = ""              # "thread" or "main"
+        self.error: BaseException | None = None
+        ok, why = thread_mode() if thread is None else (thread, "" if thread else "forced off")
+        self.mode = "thread" if ok else "calls"
+        self.mode_why = why
+        self.thread: _Progress | None = None
+        self.polls = 0
+        if n and ok:                      # started by start(): after the resume, off the downtime's path
+            self.thread = _Progress(self)
 
     # -- which chunks ----------------------------------------------------------
     def _chunks(self, lo: int, hi: int) -> range:
@@ -114,6 +219,58 @@ class LazySession:
         lo, hi = byte_bounds(np.ndarray.view(arr, np.ndarray))
         return self._chunks(lo, hi) if hi > lo else range(0)
 
+    # -- the progress thread -------------------------------------------------------
+    def _arrived(self, by: str) -> None:
+        """The last chunk is in: the residual dependency ends here (the acknowledgement follows
+        on the main thread, at the next wait or checkpoint point)."""
+        self.t_arrived = time.perf_counter()
+        self.arrived_by = by
+        self.arrived.set()
+
+    def start(self) -> None:
+        """Start the progress thread (the target calls it once it has resumed and reported;
+        a wait for chunks before that starts it too). Nothing in calls mode or once started."""
+        t = self.thread
+        if t is not None and t.ident is None:
+            _LIVE.add(self)
+            t.start()
+
+    def _threaded(self) -> bool:
+        """Whether the progress thread drives the requests now (it raises what the thread hit).
+        Once it has stopped (all in, or stopped after a timeout) the main thread owns them."""
+        t = self.thread
+        if t is None:
+            return False
+        self.start()
+        if self.error is not None:
+            self._failed()
+        if t.is_alive():
+            return True
+        self.stop()
+        return False
+
+    def stop(self) -> None:
+        """Stop and join the progress thread (idempotent; main thread only)."""
+        t = self.thread
+        if t is None:
+            return
+        t.halt.set()
+        if t.ident is not None and t is not threading.current_thread():
+            t.join()
+        self.polls = t.polls
+        self.thread = None
+        _LIVE.discard(self)
+
+    def _failed(self) -> None:
+        exc = self.error
+        self.stop()
+        rank = self.rank if self.rank is not None else "?"
+        s = self.src_info
+        raise MigrationError(
+            f"rank {rank}: post-copy: receiving the chunks of its state from its old process (pid "
+            f"{s.get('pid')} on {s.get('host')}) failed: {exc}. The job cannot go on with missing state: it "
+            "aborts; mpimig run --relaunch K / --restart brings it back from the last committed epoch") from exc
+
     # -- waiting -----------------------------------------------------------------
     def ensure_bytes(self, lo: int, hi: int) -> None:
         if self.complete or hi <= lo:
@@ -122,8 +279,40 @@ class LazySession:
 
     def ensure(self, chunks) -> None:
         missing = [c for c in chunks if not self.done[c]]
-        if not missing:
+        if missing:
+            if self._threaded():
+                self._wait_thread(missing)
+            else:
+                self._wait_calls(missing, chunks)
+        if self.left == 0 and not self.complete:
+            self._finish()                # in a wait, on the main thread: the acknowledgement may go
+
+    def _wait_thread(self, missing: list[int]) -> None:
+        """Demand the chunks (they come next) and wait for the thread to flag them."""
+        t0 = time.perf_counter()
+        self.Jc.send(missing, dest=self.source, tag=TAG_PC_DEMAND)
+        t = self.thread
+        with self.cv:
+            while True:
+                missing = [c for c in missing if not self.done[c]]
+                if not missing or self.error is not None or t is None or not t.is_alive():
+                    break
+                rest = self.timeout - (time.perf_counter() - t0)
+                if rest <= 0:
+                    break
+                self.cv.wait(min(rest, 0.05))
+        if self.error is not None:
+            self._failed()
+        if missing:
+            if t is not None and t.is_alive():
+                self._give_up(missing)
+            self._wait_calls(missing, missing)    # stopped meanwhile: the main thread takes over
             return
+        self.fetches += 1
+        self.fetch_s.append(time.perf_counter() - t0)
+
+    def _wait_calls(self, missing: list[int], chunks) -> None:
+        """Without the thread: make progress on the requests here until the chunks are in."""
         if MPI.Request.Testall([self.reqs[c] for c in missing]):   # arrived meanwhile: no fetch
             self._mark(missing)
             return
@@ -147,10 +336,13 @@ class LazySession:
             if not self.done[c] and self.reqs[c].Test():
                 self.done[c] = 1
                 self.left -= 1
+        if self.left == 0 and self.t_arrived is None:
+            self._arrived("main")
         if self.left == 0 and not self.complete:
             self._finish()
 
     def _give_up(self, missing) -> None:
+        self.stop()
         rank = self.rank if self.rank is not None else "?"
         s = self.src_info
         raise MigrationError(
@@ -161,14 +353,18 @@ class LazySession:
             "committed epoch")
 
     def progress(self) -> None:
-        """Non-blocking: note chunks that arrived (at checkpoint points)."""
+        """Non-blocking, at checkpoint points: complete the session if every chunk is in
+        (with the thread: it flagged them; without: note arrivals with ``Testsome``)."""
         if self.complete:
             return
-        idx = [c for c in range(self.nchunks) if not self.done[c]]
-        got = MPI.Request.Testsome([self.reqs[c] for c in idx]) or []
-        for i in got:
-            self.done[idx[i]] = 1
-            self.left -= 1
+        if not self._threaded():
+            idx = [c for c in range(self.nchunks) if not self.done[c]]
+            got = (MPI.Request.Testsome([self.reqs[c] for c in idx]) or []) if idx else []
+            for i in got:
+                self.done[idx[i]] = 1
+                self.left -= 1
+            if self.left == 0 and self.t_arrived is None:
+                self._arrived("main")
         if self.left == 0:
             self._finish()
 
@@ -177,21 +373,32 @@ class LazySession:
             self.ensure(range(self.nchunks))
 
     def _finish(self) -> None:
+        self.stop()                       # all in: the thread has ended (or ends at its next poll)
         self.complete = True
         self.t_complete = time.perf_counter()
+        if self.t_arrived is None:
+            self._arrived("main")
         for a in self.arrays.values():
             a._lz = None
-        self.residual = self.t_complete - self.t_resume
+        self.residual = (self.t_arrived or self.t_complete) - self.t_resume
         self.Jc.send({"residual_s": self.residual}, dest=self.source, tag=TAG_PC_ACK)
         if self.on_complete is not None:
             self.on_complete(self)
 
     def stats(self) -> dict[str, Any]:
-        """What the coordinator records of this session (residual dependency, demand fetches)."""
-        return {"residual": self.residual, "demand_fetches": self.fetches,
-                "fetch_ms_median": (float(np.median(self.fetch_s)) * 1e3) if self.fetch_s else 0.0,
-                "fetch_ms_max": (max(self.fetch_s) * 1e3) if self.fetch_s else 0.0,
-                "chunks": self.nchunks}
+        """What the coordinator records of this session (residual dependency, demand fetches,
+        how the chunks progressed and who saw the last one)."""
+        out = {"residual": self.residual, "demand_fetches": self.fetches,
+               "fetch_ms_median": (float(np.median(self.fetch_s)) * 1e3) if self.fetch_s else 0.0,
+               "fetch_ms_max": (max(self.fetch_s) * 1e3) if self.fetch_s else 0.0,
+               "chunks": self.nchunks, "progress": self.mode, "arrived_by": self.arrived_by,
+               "ack_after_arrival_s": ((self.t_complete - self.t_arrived)
+                                       if self.t_complete is not None and self.t_arrived is not None else 0.0)}
+        if self.mode_why:
+            out["progress_why"] = self.mode_why
+        if self.mode == "thread":
+            out["progress_polls"] = self.polls
+        return out
 
 
 def plain(v: Any) -> Any:

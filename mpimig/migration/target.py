@@ -224,6 +224,8 @@ def resume(ctx: Context, arrival: Arrival) -> None:
                     dest=0, tag=TAG_REPORT)
     log.info("rank %d resumed on %s after migration from %s (%s)", move.rank, ctx.host, extra.get("from"),
              move.strategy)
+    if arrival.lazy is not None:
+        arrival.lazy.start()                        # post-copy: background progress from now on
 
 
 def _follow_lazy(ctx: Context, sess: lazymod.LazySession, plan_id: int) -> None:
