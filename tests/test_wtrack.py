@@ -180,7 +180,7 @@ def test_precopy_rounds_real_target_bit_identical(tmp_path, mode, sender):
     assert s["wtrack"] == mode and s["sender"] == sender, s
     if sender == "safe-points":
         assert s["sender_reason"] == "MPIMIG_SEND_THREAD=off", s
-    assert s["rounds_sent"] == s["rounds"] == got["target_rounds"] >= 2, s
+    assert s["rounds_sent"] == s["rounds"] == got["target_rounds"] >= 1, s
     assert s["bytes_total"] == sum(s["round_bytes"]) + s["final_bytes"], s
     assert got["target_skipped"] == s["skipped_bytes"], (got, s)
     if mode == "uffd" and sender == "thread":

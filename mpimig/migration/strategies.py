@@ -214,8 +214,9 @@ class PreCopySource:
                      re-protecting) whether a piece was written since the scan and then
                      sends an empty message instead: it goes in a later round or at the
                      freeze (``skipped_bytes``; ``MPIMIG_PRECOPY_SKIP=off`` sends it anyway).
-                     A piece is not skipped twice in a row (a program that writes everywhere
-                     all the time would otherwise starve the rounds).
+                     A piece is not skipped twice in a row, and a round skips no more bytes
+                     than it has sent (a program that writes everywhere faster than a round
+                     moves would otherwise carry the state over to the freeze).
                      In ``shadow`` mode the thread copies each piece into the shadow just
                      before it sends it.
     ``safe-points``  the fallback (no ``MPI_THREAD_MULTIPLE``, ``MPIMIG_SEND_THREAD=off``):
@@ -400,16 +401,20 @@ class PreCopySource:
         wt, C = self.wt, self.C
         empty = np.empty(0, np.uint8)
         before = self.prev_skipped
+        sent = 0
         for k, lo, hi in pieces:
             again = k in before and bool(before[k][lo // C:-(-hi // C)].any())   # skipped once: goes now
-            if (self.skip and not again and wt is not None and k in self.tracked
-                    and wt.written_in(self.live[k], lo, hi)):
+            # skip no more than was sent: when the program writes faster than the round moves,
+            # skipping would only carry the state over to the freeze
+            if (self.skip and not again and self.round_skipped + (hi - lo) <= sent and wt is not None
+                    and k in self.tracked and wt.written_in(self.live[k], lo, hi)):
                 self.tx.Send(empty, TAG_PRECOPY_DATA)
                 m = self.skipped.setdefault(k, np.zeros(self._nchunks(self.live[k]), dtype=bool))
                 m[lo // C:-(-hi // C)] = True
                 self.round_skipped += hi - lo
                 continue
             self.tx.Send(self._source_bytes(k, lo, hi), TAG_PRECOPY_DATA)
+            sent += hi - lo
 
     def step(self) -> bool:
         """At a safe point while the plan is held: maybe one more round. Returns ready."""
@@ -509,7 +514,9 @@ class PreCopyTarget:
         tx = Transfer(J, source, transport.ROUNDS, "pre-copy")
         hdr = tx.recv_obj(TAG_PRECOPY)
         for k, (shape, dt) in hdr["arrays"].items():      # new (or replaced) arrays
-            self.arrays[k] = np.empty(shape, dtype=np.dtype(dt))
+            a = np.empty(shape, dtype=np.dtype(dt))
+            flat_bytes(a).fill(0)     # faulted in now, while idle: a skipped piece is received at the freeze
+            self.arrays[k] = a
         P = int(hdr["piece"])
         st = MPI.Status()
         for k, lo0, hi in hdr["runs"]:
