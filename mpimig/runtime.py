@@ -701,9 +701,9 @@ def _finish(ctx: Context, result: Any, t_start: float) -> None:
     ctx.settle_checkpoint()             # --ckpt-async: the last epoch is committed before the end
     source.complete_lazy(ctx)
     pre = ctx.link.precopy
-    if pre is not None and pre.reqs:
+    if pre is not None:
         # a pre-copy that the job outlived: let the target (still in J) take the last round
-        MPI.Request.Waitall(pre.reqs)
+        pre.drain()
     procs = recovery.allgather_obj(ctx.comm.mpi, {"rank": ctx.rank, "host": ctx.host, "pid": os.getpid(),
                                                   "role": ctx.role})
     ctx._procs = procs

@@ -9,6 +9,18 @@
   MPI job whose moving rank writes a few scattered places per step ends bit-identical
   to a serial reference run of the same number of steps, and the move's figures say
   which mode ran (``wtrack``: ``uffd`` / ``shadow``).
+
+Pre-copy rounds sent by a thread (issue 15: rounds that converge):
+
+* ``written_in`` looks at a range without protecting it again (the next scan still sees it);
+* a real source and target (2 ranks, ``progs/precopy_pieces.py``) with the sender thread on
+  and forced off, ``uffd`` and ``shadow``: the target assembles exactly the source's final
+  bytes; with ``uffd`` and the thread, a piece written after the round's scan and before it
+  left is skipped (an empty message) and still arrives later;
+* a round completes while the program makes no MPI call between safe points: the moving
+  rank, after a point that left a round on its way, sleeps without MPI calls until the
+  round's counter says it left (the thread's counter; with sends posted at safe points it
+  could not move), and the job ends bit-identical to the serial reference.
 """
 from __future__ import annotations
 
@@ -20,10 +32,13 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, base_env, mpimig_cmd, read, run_cmd
+from pathlib import Path
 from mpimig.migration import wtrack
 
 HOST = socket.gethostname()
 PROG = ROOT / "tests" / "progs" / "wtrack_prog.py"
+PIECES = ROOT / "tests" / "progs" / "precopy_pieces.py"
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
 PAGE = wtrack.PAGE
 
 
@@ -136,3 +151,61 @@ def test_tracker_raises_when_the_kernel_stopped_tracking(tracker):
     a[100_000] = 3
     with pytest.raises(OSError, match="PAGEMAP_SCAN"):
         tracker.written(a, 65536)
+
+
+def test_written_in_looks_without_protecting(tracker):
+    C = 1 << 20
+    a = np.full(4 * C // 8, 1.0)
+    assert tracker.track(a)
+    assert not any(tracker.written_in(a, i * C, (i + 1) * C) for i in range(4))
+    a[2 * C // 8 + 1000] = 5.0                                  # well inside the third MiB
+    got = [tracker.written_in(a, i * C, (i + 1) * C) for i in range(4)]
+    assert got[2] and not got[0] and not got[3], got
+    assert tracker.written_in(a, 2 * C + 8000, 2 * C + 8008)     # the very page
+    assert tracker.written(a, C)[2]                             # still there for the scan...
+    assert not tracker.written_in(a, 2 * C, 3 * C)             # ... which protects it again
+
+
+@pytest.mark.parametrize("sender", ["thread", "safe-points"])
+@pytest.mark.parametrize("mode", ["uffd", "shadow"])
+def test_precopy_rounds_real_target_bit_identical(tmp_path, mode, sender):
+    out = tmp_path / "out.json"
+    env = base_env(MPIMIG_CHUNK=16384, MPIMIG_WTRACK="off" if mode == "shadow" else "on",
+                   MPIMIG_SEND_THREAD="off" if sender == "safe-points" else "on")
+    res = run_cmd([MPIEXEC, "-n", 2, sys.executable, PIECES, out], timeout=120, env=env)
+    assert out.exists(), res.stderr[-3000:]
+    got = json.loads(out.read_text())
+    s = got["stats"]
+    assert got["same"], s
+    assert s["wtrack"] == mode and s["sender"] == sender, s
+    if sender == "safe-points":
+        assert s["sender_reason"] == "MPIMIG_SEND_THREAD=off", s
+    assert s["rounds_sent"] == s["rounds"] == got["target_rounds"] >= 1, s
+    assert s["bytes_total"] == sum(s["round_bytes"]) + s["final_bytes"], s
+    assert got["target_skipped"] == s["skipped_bytes"], (got, s)
+    if mode == "uffd" and sender == "thread":
+        assert s["skipped_bytes"] >= 8 << 20, s     # at least the piece written before it left
+    else:
+        assert s["skipped_bytes"] == 0, s
+
+
+def test_precopy_round_completes_between_points(tmp_path):
+    """Steps without MPI calls; after a point that left a round on its way, the moving rank
+    sleeps (no MPI call) until the round has left: it must, for every such point."""
+    job, out, ref = tmp_path / "job", tmp_path / "res.json", tmp_path / "ref.json"
+    args = ["--quiet", "--mib", 64]
+    env = base_env(OMPI_MCA_btl_tcp_if_include="lo")
+    res = run_cmd(mpimig_cmd("run", "-n", 3, "--job-dir", job, "--timeout", 150,
+                             "--migrate", f"5:1:{HOST}:pre-copy", PROG, "--steps", 30, "--work-ms", 10,
+                             "--wait-move", "--wait-rounds", 60, "--out", out, *args),
+                  timeout=200, env=env)
+    assert "job completed" in res.stderr and out.exists(), res.stderr[-3000:]
+    got = json.loads(out.read_text())
+    run_cmd([sys.executable, PROG, "--serial", "-n", 3, "--steps", got["steps"], "--out", ref, *args], check_rc=0)
+    assert [r["digest"] for r in got["ranks"]] == json.loads(ref.read_text())["digests"]
+    (m,) = read(job, "status.json")["migrations"]
+    s = m["strategy_stats"]
+    assert m["state"] == "done" and s["sender"] == "thread" and s["wtrack"] == "uffd", s
+    waited = got["ranks"][1]["waited"]
+    assert waited and all(waited), waited     # every round seen on its way left between points
+    assert s["rounds_sent"] == s["rounds"] >= 1, s

@@ -9,7 +9,8 @@ operator channel (``control``: the client and commands; ``control_schema``,
 the one transport every strategy moves its bytes through, and the communicators a switch builds (``transport``); the
 interchangeable strategies (stop-and-copy, pre-copy, post-copy, file-server:
 ``strategies``), stop-and-copy's hand-over at memory speed (``handover``), the kernel's write
-tracking that pre-copy's rounds ask which chunks were written (``wtrack``) and post-copy's
+tracking that pre-copy's rounds ask which chunks were written (``wtrack``), the thread that
+sends the rounds while the rank computes (``background``) and post-copy's
 lazily filled arrays (``lazy``). May import :mod:`mpimig.comm`,
 :mod:`mpimig.state`, :mod:`mpimig.checkpoint`, :mod:`mpimig.events`, :mod:`mpimig.exits`,
 :mod:`mpimig.errors`, :mod:`mpimig.launch.config` and :mod:`mpimig.ft`

@@ -49,7 +49,7 @@ from mpi4py import MPI
 from ..errors import MigrationError, UsageError
 from ..checkpoint.format import dumps, loads
 from ..state import State
-from . import handover, transport, wtrack
+from . import background, handover, transport, wtrack
 from .protocol import (DEFAULT_STRATEGY, STRATEGY_CLASSES, TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND, TAG_PRECOPY,
                        TAG_PRECOPY_DATA, Move, Plan, check_strategy)
 from .transport import Transfer
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 
 DEFAULT = DEFAULT_STRATEGY
 MAX_MSG = 256 << 20          # largest single chunk-run message (MPI counts are ints)
+PIECE = 8 << 20              # pre-copy rounds send runs in pieces of about this many bytes
 
 
 def chunk_bytes() -> int:
@@ -202,6 +203,28 @@ class PreCopySource:
 
     An array the kernel cannot track (not anonymous memory, a view sharing pages with
     another) uses the shadow while the others use the kernel (``mixed``).
+
+    A round's runs go in pieces of about ``PIECE`` bytes (whole chunks), one message each.
+    Who sends them (``sender`` in ``strategy_stats``):
+
+    ``thread``       a thread of the rank (:mod:`mpimig.migration.background`, needs
+                     ``MPI_THREAD_MULTIPLE``) sends the pieces with blocking sends while the
+                     program computes; the safe point only scans and starts the next round
+                     once the thread is done. With ``uffd`` the thread looks (without
+                     re-protecting) whether a piece was written since the scan and then
+                     sends an empty message instead: it goes in a later round or at the
+                     freeze (``skipped_bytes``; ``MPIMIG_PRECOPY_SKIP=off`` sends it anyway).
+                     A piece is not skipped twice in a row, and a round skips no more bytes
+                     than it has sent (a program that writes everywhere faster than a round
+                     moves would otherwise carry the state over to the freeze).
+                     In ``shadow`` mode the thread copies each piece into the shadow just
+                     before it sends it.
+    ``safe-points``  the fallback (no ``MPI_THREAD_MULTIPLE``, ``MPIMIG_SEND_THREAD=off``):
+                     nonblocking sends posted at the safe point that moves only while the
+                     rank is inside MPI calls; ``sender_reason`` says why.
+
+    The race between the program's writes and a round is written down in
+    docs/protocol.md, "Pre-copy".
     """
 
     def __init__(self, J: MPI.Intracomm, dest: int, state_of: Callable[[], State | None], rank: int,
@@ -229,6 +252,16 @@ class PreCopySource:
         self.pending_dirty = 0
         self.t_start = time.time()
         self.scan_s = 0.0
+        self.planned: list[int] = []              # dirty bytes per round (what convergence compares)
+        self.piece = self.C * max(1, PIECE // self.C)
+        threaded, self.why_no_thread = background.thread_ok()
+        self.bg = background.Background(f"pre-copy rounds of rank {rank}") if threaded and track else None
+        self.skip = os.environ.get("MPIMIG_PRECOPY_SKIP", "").strip().lower() not in ("off", "0", "no", "false")
+        self.skipped: dict[str, np.ndarray] = {}   # chunks the thread left out (written again since the scan)
+        self.prev_skipped: dict[str, np.ndarray] = {}   # ... in the previous round: not skipped twice in a row
+        self.round_skipped = 0
+        self.skipped_bytes = 0
+        self.sent_rounds = 0                      # rounds whose every piece has left
 
     def _refresh(self, arrays: dict[str, np.ndarray] | None = None) -> None:
         """Follow the registered arrays: one the program replaced (``st.a = new``) or
@@ -318,20 +351,84 @@ class PreCopySource:
             tot += sum(hi - lo for lo, hi in _runs(m, self.live[k].nbytes, self.C))
         return tot
 
+    def rounds_sent(self) -> int:
+        """Rounds whose pieces have all left (with the thread: counted by the thread itself)."""
+        return self.bg.completed if self.bg is not None else self.sent_rounds
+
+    def _reap(self) -> bool:
+        """Whether the previous round has left; then what its thread skipped is due again."""
+        if self.bg is not None:
+            if not self.bg.done():
+                return False
+        elif self.reqs:
+            if not MPI.Request.Testall(self.reqs):
+                return False
+            self.reqs = []
+            self.sent_rounds += 1
+        for k, m in self.skipped.items():
+            if k in self.sends and self.sends[k].shape == m.shape:
+                self.sends[k] -= m
+            prev = self.pending.get(k)
+            self.pending[k] = m if prev is None or prev.shape != m.shape else prev | m
+        self.prev_skipped, self.skipped = self.skipped, {}
+        if self.round_skipped:
+            self.rounds[-1] -= self.round_skipped
+            self.skipped_bytes += self.round_skipped
+            self.round_skipped = 0
+        return True
+
+    def drain(self) -> None:
+        """Until the round on its way has left (the switch, or the end of the job)."""
+        if self.bg is not None:
+            self.bg.wait()
+        elif self.reqs:
+            MPI.Request.Waitall(self.reqs)
+            self.reqs = []
+            self.sent_rounds += 1
+        self._reap()
+
+    def _source_bytes(self, k: str, lo: int, hi: int) -> np.ndarray:
+        """What a piece sends: the live bytes (``uffd``), or a copy taken into the shadow now."""
+        L = flat_bytes(self.live[k])
+        if k in self.tracked:              # a write during the send is seen by the next scan
+            return L[lo:hi]
+        S = flat_bytes(self.shadow[k])
+        S[lo:hi] = L[lo:hi]                # send from the shadow: later writes cannot tear it
+        return S[lo:hi]
+
+    def _send_pieces(self, pieces: list[tuple[str, int, int]]) -> None:
+        """The sender thread: every piece of a round, a blocking send each (empty: skipped)."""
+        wt, C = self.wt, self.C
+        empty = np.empty(0, np.uint8)
+        before = self.prev_skipped
+        sent = 0
+        for k, lo, hi in pieces:
+            again = k in before and bool(before[k][lo // C:-(-hi // C)].any())   # skipped once: goes now
+            # skip no more than was sent: when the program writes faster than the round moves,
+            # skipping would only carry the state over to the freeze
+            if (self.skip and not again and self.round_skipped + (hi - lo) <= sent and wt is not None
+                    and k in self.tracked and wt.written_in(self.live[k], lo, hi)):
+                self.tx.Send(empty, TAG_PRECOPY_DATA)
+                m = self.skipped.setdefault(k, np.zeros(self._nchunks(self.live[k]), dtype=bool))
+                m[lo // C:-(-hi // C)] = True
+                self.round_skipped += hi - lo
+                continue
+            self.tx.Send(self._source_bytes(k, lo, hi), TAG_PRECOPY_DATA)
+            sent += hi - lo
+
     def step(self) -> bool:
         """At a safe point while the plan is held: maybe one more round. Returns ready."""
         if self.ready:
             return True
-        if self.reqs and not MPI.Request.Testall(self.reqs):
+        if not self._reap():
             return False                  # the previous round is still on its way
-        self.reqs = []
         self._refresh()
         dirty = self._all_dirty()
         nbytes = self._count(dirty)
         if self.rounds and not self.new_meta:
             if nbytes <= self.small:
                 self.reason = "small"
-            elif nbytes >= self.rounds[-1]:
+            elif nbytes >= self.planned[-1]:
                 self.reason = "not-shrinking"
             elif len(self.rounds) >= self.max_rounds:
                 self.reason = "max-rounds"
@@ -351,23 +448,22 @@ class PreCopySource:
             for lo, hi in _runs(m, a.nbytes, self.C):
                 runs.append((k, lo, hi))
         meta, self.new_meta = self.new_meta, {}
-        self.tx.send_obj({"round": len(self.rounds) + 1, "arrays": meta, "runs": runs}, TAG_PRECOPY)
-        for k, lo, hi in runs:
-            L = flat_bytes(self.live[k])
-            if k in self.tracked:          # a write during the send is seen by the next scan
-                self.reqs.append(self.tx.Isend(L[lo:hi], TAG_PRECOPY_DATA))
-                continue
-            S = flat_bytes(self.shadow[k])
-            S[lo:hi] = L[lo:hi]            # send from the shadow: later writes cannot tear it
-            self.reqs.append(self.tx.Isend(S[lo:hi], TAG_PRECOPY_DATA))
+        P = self.piece
+        self.tx.send_obj({"round": len(self.rounds) + 1, "arrays": meta, "runs": runs, "piece": P}, TAG_PRECOPY)
+        pieces = [(k, lo, min(hi, lo + P)) for k, lo0, hi in runs for lo in range(lo0, hi, P)]
         self.rounds.append(sum(hi - lo for _, lo, hi in runs))
+        self.planned.append(nbytes)
+        if self.bg is not None:
+            self.bg.start(lambda: self._send_pieces(pieces))
+        else:
+            for k, lo, hi in pieces:
+                self.reqs.append(self.tx.Isend(self._source_bytes(k, lo, hi), TAG_PRECOPY_DATA))
         return False
 
     def finish(self, tx: Transfer, arrays: dict[str, np.ndarray], objects: dict[str, Any],
                extra: dict[str, Any]) -> None:
         """At the switch (rank frozen): the chunks still dirty, objects, held queue."""
-        if self.reqs:
-            MPI.Request.Waitall(self.reqs)
+        self.drain()
         t0 = time.perf_counter()
         self._refresh(arrays)            # the state at the switch is what counts
         dirty = self._all_dirty()
@@ -387,9 +483,14 @@ class PreCopySource:
                  "bytes_total": int(sum(self.rounds) + final), "bytes_resent": resent,
                  "state_bytes": self.total, "reason": self.reason or "switched-early",
                  "final_scan_s": time.perf_counter() - t0, "scan_s": self.scan_s,
-                 "precopy_s": extra["t_suspend"] - self.t_start, "wtrack": self.mode()}
+                 "precopy_s": extra["t_suspend"] - self.t_start, "wtrack": self.mode(),
+                 "sender": "thread" if self.bg is not None else "safe-points", "skipped_bytes": self.skipped_bytes,
+                 "rounds_sent": self.rounds_sent(),
+                 "round_send_s": list(self.bg.seconds) if self.bg is not None else []}
         if not self.tracked:
             stats["wtrack_reason"] = self.why_shadow
+        if self.bg is None:
+            stats["sender_reason"] = self.why_no_thread or "no rounds"
         extra = dict(extra, strategy_stats=stats)
         hdr = {"final": True, "runs": runs, "eager": eager,
                "meta": {k: (v.shape, v.dtype.str) for k, v in self.live.items()},
@@ -407,14 +508,30 @@ class PreCopyTarget:
     def __init__(self) -> None:
         self.arrays: dict[str, np.ndarray] = {}
         self.rounds = 0
+        self.skipped = 0          # bytes of pieces the source left out (they came in a later round)
 
     def on_round(self, J: MPI.Intracomm, source: int) -> None:
         tx = Transfer(J, source, transport.ROUNDS, "pre-copy")
         hdr = tx.recv_obj(TAG_PRECOPY)
         for k, (shape, dt) in hdr["arrays"].items():      # new (or replaced) arrays
-            self.arrays[k] = np.empty(shape, dtype=np.dtype(dt))
-        for k, lo, hi in hdr["runs"]:
-            tx.Recv(flat_bytes(self.arrays[k])[lo:hi], TAG_PRECOPY_DATA)
+            a = np.empty(shape, dtype=np.dtype(dt))
+            flat_bytes(a).fill(0)     # faulted in now, while idle: a skipped piece is received at the freeze
+            self.arrays[k] = a
+        P = int(hdr["piece"])
+        st = MPI.Status()
+        for k, lo0, hi in hdr["runs"]:
+            flat = flat_bytes(self.arrays[k])
+            for lo in range(lo0, hi, P):
+                e = min(hi, lo + P)
+                t0 = time.perf_counter()
+                J.Recv([flat[lo:e], MPI.BYTE], source, TAG_PRECOPY_DATA, st)
+                n = st.Get_count(MPI.BYTE)
+                tx.record(n, time.perf_counter() - t0)
+                if n == 0:               # written again since the source's scan: it comes later
+                    self.skipped += e - lo
+                elif n != e - lo:
+                    raise MigrationError(f"pre-copy round {hdr['round']}: piece [{lo}, {e}) of {k!r} "
+                                         f"came with {n} bytes")
         self.rounds += 1
 
 

@@ -265,6 +265,26 @@ class WriteTracker:
             start = int(arg.walk_end)
         return out
 
+    def written_in(self, a: np.ndarray, lo: int, hi: int) -> bool:
+        """Whether a registered page of bytes [lo, hi) of ``a`` was written since the previous
+        :meth:`written`, *without* protecting it again (the next ``written`` still reports it).
+        The unregistered edge pages are not looked at. Safe on another thread than the one
+        calling :meth:`written`, as long as the two do not run at once on the same array."""
+        t = self._arrays[id(a)]
+        s, e = max(t.lo, t.addr + lo), min(t.hi, t.addr + hi)
+        s, e = s // PAGE * PAGE, -(-e // PAGE) * PAGE
+        s, e = max(s, t.lo), min(e, t.hi)
+        if e <= s:
+            return False
+        vec = (_PageRegion * 1)()
+        arg = _ScanArg()
+        arg.size = ctypes.sizeof(_ScanArg)
+        arg.flags = 0                              # look only: no PM_SCAN_WP_MATCHING
+        arg.start, arg.end, arg.walk_end = s, e, 0
+        arg.vec, arg.vec_len, arg.max_pages = ctypes.addressof(vec), 1, 1
+        arg.category_mask = arg.return_mask = PAGE_IS_WRITTEN
+        return _ioctl(self.pagemap, PAGEMAP_SCAN, arg, "PAGEMAP_SCAN") > 0
+
     def written(self, a: np.ndarray, chunk: int) -> np.ndarray:
         """One bool per ``chunk`` bytes of ``a``: written since the previous call (or ``track``)."""
         t = self._arrays[id(a)]

@@ -9,6 +9,12 @@ the left neighbour's value travels in each step (Sendrecv).
 With ``--wait-move``, after ``--steps`` the ranks keep stepping until the moved rank
 runs in its new process (role "migrated"), and the output says how many steps ran: the
 reference is computed serially for that many. The output holds each rank's state digest.
+
+``--quiet`` steps make no MPI call (no neighbour value: 0.0 instead; ``--serial --quiet``
+for the reference) and ``--mib`` sizes the big array. With ``--wait-rounds S``, after a
+safe point that left a pre-copy round on its way, the moving rank waits (sleeping, no MPI
+call, at most S seconds) until the round has left; it records 1 when it did, 0 when the
+wait ran out ("waited", one entry per such point, kept in its state).
 """
 import argparse
 import hashlib
@@ -19,6 +25,11 @@ import time
 import numpy as np
 
 NEL = (4 << 20) // 8
+
+
+def set_size(mib: int) -> None:
+    global NEL
+    NEL = (mib << 20) // 8
 
 
 def initial(rank: int) -> dict:
@@ -51,10 +62,10 @@ def digest(s: dict) -> str:
     return h.hexdigest()
 
 
-def serial(n: int, steps: int) -> list[str]:
+def serial(n: int, steps: int, quiet: bool = False) -> list[str]:
     states = [initial(r) for r in range(n)]
     for step in range(steps):
-        sent = [float(st["a"][7]) for st in states]
+        sent = [0.0 if quiet else float(st["a"][7]) for st in states]
         for r, st in enumerate(states):
             update(st, step, r, sent[(r - 1) % n])
     return [digest(st) for st in states]
@@ -64,8 +75,8 @@ def main(ctx, args):
     comm = ctx.comm
     me, n = comm.rank, comm.size
     init = initial(me) if ctx.role == "initial" else {"a": None, "b": None, "c": None}
-    st = ctx.state(a=init["a"], b=init["b"], c=init["c"], step=0)
-    got = np.empty(1)
+    st = ctx.state(a=init["a"], b=init["b"], c=init["c"], step=0, waited=[])
+    got = np.zeros(1)
     while True:
         if st.step >= args.steps:
             moved = comm.allreduce(1 if ctx.role == "migrated" else 0) if args.wait_move else 1
@@ -73,7 +84,8 @@ def main(ctx, args):
                 break
             if st.step >= args.steps + args.max_extra:
                 raise RuntimeError(f"rank {me}: no rank was moved within {args.max_extra} extra steps")
-        comm.Sendrecv(np.array([st.a[7]]), (me + 1) % n, 5, got, (me - 1) % n, 5)
+        if not args.quiet:
+            comm.Sendrecv(np.array([st.a[7]]), (me + 1) % n, 5, got, (me - 1) % n, 5)
         s = {"a": st.a, "b": st.b, "c": st.c}
         update(s, st.step, me, float(got[0]))
         st.c = s["c"]
@@ -81,10 +93,25 @@ def main(ctx, args):
         if args.work_ms:
             time.sleep(args.work_ms / 1000.0)     # stand-in for work, so the rounds overlap steps
         ctx.checkpoint_point()
-    rec = comm.gather({"rank": me, "role": ctx.role, "digest": digest({"a": st.a, "b": st.b, "c": st.c})}, root=0)
+        if args.wait_rounds:
+            wait_round(ctx, st, args.wait_rounds)
+    rec = comm.gather({"rank": me, "role": ctx.role, "digest": digest({"a": st.a, "b": st.b, "c": st.c}),
+                       "waited": st.waited}, root=0)
     if me == 0:
         with open(args.out, "w") as f:
             json.dump({"steps": st.step, "ranks": rec}, f)
+
+
+def wait_round(ctx, st, seconds: float) -> None:
+    """Between safe points, with no MPI call: does a pre-copy round on its way leave?"""
+    pre = ctx.link.precopy
+    if pre is None or len(pre.rounds) <= pre.rounds_sent():
+        return
+    n0 = pre.rounds_sent()
+    t_end = time.monotonic() + seconds
+    while pre.rounds_sent() == n0 and time.monotonic() < t_end:
+        time.sleep(0.001)
+    st.waited = st.waited + [1 if pre.rounds_sent() > n0 else 0]
 
 
 def parse(argv):
@@ -94,6 +121,9 @@ def parse(argv):
     p.add_argument("--wait-move", action="store_true")
     p.add_argument("--max-extra", type=int, default=3000)
     p.add_argument("--serial", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--mib", type=int, default=4)
+    p.add_argument("--wait-rounds", type=float, default=0.0)
     p.add_argument("-n", type=int, default=3)
     p.add_argument("--out", required=True)
     return p.parse_args(argv)
@@ -101,9 +131,10 @@ def parse(argv):
 
 if __name__ == "__main__":
     args = parse(sys.argv[1:])
+    set_size(args.mib)
     if args.serial:
         with open(args.out, "w") as f:
-            json.dump({"steps": args.steps, "digests": serial(args.n, args.steps)}, f)
+            json.dump({"steps": args.steps, "digests": serial(args.n, args.steps, args.quiet)}, f)
         sys.exit(0)
     import mpimig
     mpimig.run(lambda ctx: main(ctx, args))
