@@ -27,8 +27,9 @@ def row(strategy, size, dirty, downtime, **kw):
 RESULTS = {
     "raw": [{"bytes": G, "warm_gbps": G / 0.2 / 1e9, "cold_gbps": G / 0.4 / 1e9},
             {"bytes": M16, "warm_gbps": M16 / 0.004 / 1e9, "cold_gbps": M16 / 0.008 / 1e9}],
-    "disk": [{"bytes": G, "seconds": 2.0}],
-    "memcpy": [{"bytes": G, "seconds": 0.1}],
+    "disk": [{"bytes": G, "seconds": 2.0, "write_s": 1.2, "read_s": 0.8, "write_gbps": G / 1.2e9,
+              "read_gbps": G / 0.8e9, "dropped": True}],
+    "memcpy": [{"bytes": G, "seconds": 0.1, "gbps": G / 0.1e9}],
     "rows": [
         row("stop-and-copy", G, 0.0, 0.25),         # 1.25x: met
         row("stop-and-copy", G, 0.01, 0.30),        # 1.5x: missed
@@ -155,3 +156,22 @@ def test_a_point_that_does_not_fit_is_skipped_with_its_reason(tmp_path):
     assert set(data["stopped"]) == {"stop-and-copy", "file-server"} and data["raw"] == [] and data["disk"] == []
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
+
+
+def test_from_json_evaluates_a_written_run_again(tmp_path):
+    """--from-json runs no job: the table and goals of a JSON (here the hand-made run, cut short)."""
+    src, png = tmp_path / "run.json", tmp_path / "again.png"
+    src.write_text(json.dumps(dict(RESULTS, partial=True, rows=[dict(r, rounds=1, total=r.get("downtime"),
+                                                                      source_free=None, slowdown=None,
+                                                                      stall_max=None, others_wait_max=None)
+                                                                 for r in RESULTS["rows"]])))
+    res = run_cmd(mpimig_cmd("bench", "migrate", "--from-json", src, "--png", png), timeout=120, check_rc=0)
+    assert "(a run cut short: the 20 rows it finished)" in res.stdout
+    assert "pre-copy/shadow 1 GiB dirty 1%: bytes moved = 1.05x state, goal <= 1.1x: met" in res.stdout
+    assert "file-server 1 GiB dirty 1%: downtime = 1.60x" in res.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["again.png", "run.json"]
+    (tmp_path / "bad.json").write_text(json.dumps({"rounds": []}))
+    bad = run_cmd(mpimig_cmd("bench", "migrate", "--from-json", tmp_path / "bad.json"), timeout=60)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert "is not the JSON of `mpimig bench migrate --strategies`" in bad.stderr

@@ -396,15 +396,31 @@ def _combine(runs: list[dict]) -> dict:
     return row
 
 
+def load(path: Path) -> dict:
+    """A JSON this command wrote (also one cut short: ``partial``), its goals evaluated anew."""
+    try:
+        res = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--from-json: cannot read {path}: {exc}") from None
+    if not isinstance(res, dict) or not isinstance(res.get("rows"), list) or "raw" not in res:
+        raise UsageError(f"--from-json: {path} is not the JSON of `mpimig bench migrate --strategies`")
+    res["goals"] = evaluate(res)
+    return res
+
+
 def main(args) -> int:
     import_pyplot(PLOT_NEEDS)      # before the jobs, not after an hour of them
-    res = run(args)
+    src = getattr(args, "from_json", None)
+    res = load(Path(src)) if src else run(args)
     print("")
+    if res.get("partial"):
+        print(f"(a run cut short: the {len(res['rows'])} rows it finished)")
     for line in format_table(res):
         print(line)
-    js = Path(args.json) if args.json else Path("migrate-strategies.json")
-    js.write_text(json.dumps(res, indent=1))
-    print(f"results written to {js}")
+    js = Path(args.json) if args.json else Path(src) if src else Path("migrate-strategies.json")
+    if not src or args.json:
+        js.write_text(json.dumps(res, indent=1))
+        print(f"results written to {js}")
     png = Path(args.png) if args.png else js.with_suffix(".png")
     plot(res, png)
     print(f"plot written to {png}")
