@@ -115,6 +115,12 @@ def test_goals_without_their_runs_say_not_evaluated():
     assert "pre-copy: no run at 1% dirty: bytes-moved goal not evaluated" in text
     assert "file-server: no run with a disk baseline: goal not evaluated" in text
     assert flat([0.010, 0.016])["met"] is False and flat([0.001, 0.0055])["met"] is True
+    small = {"rows": [row("stop-and-copy", M16, 0.0, 0.008), row("pre-copy", M16, 0.0, 0.004)],
+             "raw": RESULTS["raw"]}
+    text = "\n".join(format_goals(evaluate(small)))
+    assert "stop-and-copy downtime: no run at the goal's sizes (>= 1 GiB): not judged" in text
+    assert "pre-copy downtime: no run at the goal's sizes (>= 1 GiB): not judged" in text
+    assert "post-copy" in text and "post-copy downtime: no run at" not in text      # no entry at all
 
 
 def test_room_for_names_what_is_short(tmp_path):

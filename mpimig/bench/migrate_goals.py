@@ -180,6 +180,17 @@ def _v(x: dict) -> str:
     return x["verdict"] if x["judged"] else f"info (the goal is set from {fmt_size(x['from'])})"
 
 
+NAMES = {"stop_and_copy": "stop-and-copy downtime", "pre_copy": "pre-copy downtime",
+         "pre_copy_bytes": "pre-copy bytes moved", "post_copy": "post-copy downtime",
+         "post_copy_residual": "post-copy residual dependency", "file_server": "file-server downtime"}
+
+
+def not_judged(goals: dict) -> list[str]:
+    """A line per goal with entries but none at the sizes it is set for."""
+    return [f"  {NAMES[k]}: no run at the goal's sizes (>= {fmt_size(goals[k][0]['from'])}): not judged"
+            for k in NAMES if goals.get(k) and not any(x["judged"] for x in goals[k])]
+
+
 def format_goals(goals: dict) -> list[str]:
     """The goal lines, in issue 15's table order; a goal with no entry says why."""
     L: list[str] = []
@@ -222,4 +233,4 @@ def format_goals(goals: dict) -> list[str]:
                  f"({x['baseline_s'] * 1e3:.0f} ms), goal <= {GOAL_FS}x: {_v(x)}")
     if not goals["file_server"]:
         L.append("  file-server: no run with a disk baseline: goal not evaluated")
-    return L
+    return L + not_judged(goals)
