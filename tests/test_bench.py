@@ -117,7 +117,7 @@ def test_bench_migrate_strategies_smoke(tmp_path):
         for dirty in ("0.0%", "25.0%"):
             row = rf"^{strat}(/\w+)?\s+2 MiB\s+{re.escape(dirty)}" + rf"\s+{NUM}" * 3 + r"\s+\d+"
             assert re.search(row, text, re.M), (strat, dirty, text)
-    assert "goal <= 50 ms" in text and "bytes/Send bandwidth" in text
+    assert "goal <= 15 ms" in text and "bytes/Send bandwidth" in text and "write+fsync+cold read" in text
     data = json.loads(out.read_text())
     rows = {(r["strategy"], r["dirty"]): r for r in data["rows"]}
     assert len(rows) == 8 and all(r["state"] == "done" for r in rows.values())

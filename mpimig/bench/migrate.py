@@ -210,7 +210,7 @@ def run(args, out=print) -> dict:
 
 
 def main(args) -> int:
-    if args.strategies:
+    if args.strategies or getattr(args, "from_json", None):
         return migrate_strategies.main(args)
     res = run(args)
     print("")
@@ -255,5 +255,8 @@ def register(bench_subparsers) -> argparse.ArgumentParser:
                    help="with --strategies: run pre-copy once per write-tracking mode in LIST, e.g. 'on,off' "
                         "(MPIMIG_WTRACK: on = the kernel's userfaultfd tracking where it exists, off = the "
                         "shadow compare); the mode that ran is in the table (default: the environment's)")
+    g.add_argument("--from-json", metavar="FILE",
+                   help="run no job: print the table and issue 15's goals of a JSON --strategies wrote "
+                        "(also one cut short), and draw its plot (--png, default the JSON's name, .png)")
     p.set_defaults(func=main)
     return p
