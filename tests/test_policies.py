@@ -338,6 +338,52 @@ def test_multi_factor_moves_fewer_bytes_where_greedy_moves_the_heavy_state():
     assert [(d.rank, d.bytes_moved) for d in acc_m] == [(5, MiB)]
 
 
+# Two ranks on a slow host that also runs outside work (the lab: every host reads the machine's load
+# average): host c, 2 slots, observed share 0.25 with its 2 ranks and 6 outside tasks: K = 0.25 x 8 = 2.
+# a, b: 2 slots, full speed, no outside load: K = 2. Six ranks of 0.1 CPU s, 1 MiB, 100 points run (R = 100).
+# Loads: a 0.1, b 0.1, c 0.1 / 0.25 = 0.4: T0 = 0.4. One rank off c leaves the other at share 2 / (1 + 6),
+# 0.35 s/point: alone a move relieves c by 0.05 s/point only; both off: T = 0.15 (a and b at 3 ranks, 2/3).
+# Every move costs 6 s more than its strategy's model (switch_s, as the lab's moves taught: ~3 s).
+def slow_pair(switch_s=6.0):
+    ranks = [R(i, "abc"[i // 2], compute=0.4 if i >= 4 else 0.1) for i in range(6)]
+    return snap(ranks, [H("a"), H("b"), H("c", speed=0.25, external_load=6.0)]), CostModel(**TC, switch_s=switch_s)
+
+
+def test_multi_factor_plans_the_moves_that_pay_only_together():
+    # Per move (1 MiB, cold, step 0.4 s): post-copy is the cheapest, cost_s = 0.05 + 6 + 0.1 x 0.001048576
+    # = 6.0501; X = spawn 0.5 + push ceil(1 MiB / 4 MiB) x 0.4 + downtime 6.05 = 6.95; M = 1/1024 GiB.
+    # Penalty = 6.0501 + 0.05 x 6.95 + 0.5 / 1024 = 6.3980.
+    # Move 1: rank 4 to a (4 or 5, to a or b: all alike; rank 4 then a by the ties): a at 3 ranks 0.15,
+    #   c 0.35: relief 0.05, G = 5: score 5 - 6.398 = -1.398 (below 0 alone).
+    # Move 2: c (0.35) is still on top; rank 5 to b: b 0.15, c empty: relief 0.35 - 0.15 = 0.2, G = 20
+    #   (to a: a at 4 ranks, 0.2: relief 0.15): score 20 - 6.398 = 13.602.
+    # Plan: after move 1, (0.4 - 0.35) x 100 - 6.398 = -1.398; after move 2, (0.4 - 0.15) x 100 - 12.796
+    #   = 12.204: the plan is both moves. Then a and b are at 0.15 and nothing lowers them.
+    s, cm = slow_pair()
+    out = parse("multi-factor").decide(s, cm)
+    assert moves(out) == [(4, "a"), (5, "b")] and {d.strategy for d in out} == {"post-copy"}
+    assert "score -1.398 s" in out[0].reason and "score 13.6 s" in out[1].reason
+    assert all("plan of 2 move(s) scores 12.2 s" in d.reason for d in out)
+    # Before, multi-factor proposed a move only when it paid alone: here nothing, while greedy and refine
+    # proposed the same two moves (their first move gains nothing alone either).
+    assert moves(parse("greedy").decide(*slow_pair())) == [(4, "a"), (5, "b")]
+    # The balancer: prefix 1 gains 5 s < 1.2 x 6.05; prefix 2 gains 25 s > 1.2 x 12.10 = 14.52: it pays,
+    # and the in-flight limit (1) takes its first move now, the second next round.
+    acc = Balancer("multi-factor", cost=slow_pair()[1]).decide(s)
+    assert moves(acc) == [(4, "a")]
+    assert [(d.rank, d.reason.split(";")[0]) for d in refused(acc)] == [(5, "in flight: 1 migration(s) at once")]
+
+
+def test_multi_factor_plan_that_does_not_pay_is_not_proposed():
+    # As above with switch_s = 15: penalty per move 15.0501 + 0.05 x (0.5 + 0.4 + 15.05) + 0.5 / 1024
+    # = 15.8480; the first alone 5 - 15.848 = -10.848, the plan of both 25 - 31.696 = -6.696 (the best,
+    # still below 0): no move.
+    out = parse("multi-factor").decide(*slow_pair(15.0))
+    assert moves(out) == []
+    assert out[0].reason == ("multi-factor: no plan scores above 0: the best plan (2 move(s)) scores -6.696 s "
+                             "(step time 0.4 s)")
+
+
 def test_multi_factor_keeps_off_a_target_without_the_memory():
     # rank 5 would go to a (a and b tie, a by name) but a has 512 KiB free for a rank of 1 MiB
     s = bytes_snapshot()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import abc
 import bisect
+import dataclasses
 import heapq
 import math
 import random
@@ -660,31 +661,45 @@ class MultiFactor(Policy):
         return out
 
     def decide(self, snap: Snapshot, cost: CostModel) -> list[Decision]:
+        """A plan, built one move at a time (each the best-scoring candidate off a most loaded
+        host whose ``G`` > 0, even when its score alone is not above 0), cut after its best
+        prefix: the one whose plan score ``w_time x (T0 - Tk) x R - sum of the moves' penalties``
+        is largest and above 0. When several ranks share the slowest host, no single move
+        lowers the step time much; only moving them all does (docs/policies.md)."""
+        p = self.params
         ls = LoadState(snap, cost)
-        out: list[Decision] = []
+        T0, R = ls.step_s, ls.remaining
+        plan: list[tuple[Decision, float]] = []          # (move, the plan's score up to it)
+        penalties = 0.0
         moved: set[int] = set()
-        for _ in range(self.params["max_moves"]):
+        for _ in range(p["max_moves"]):
             best = None
             for h in ls.top_hosts(limit=1):
                 for r in sorted(ls.members[h]):
                     if r in moved or not ls.movable(r):
                         continue
-                    for dst in ls.pool(r, self.params["targets"]):
+                    for dst in ls.pool(r, p["targets"]):
                         for sc, c, G in self.score(ls, r, dst, cost):
                             key = (-sc, c.bytes_moved, r, dst, STRATEGIES.index(c.strategy))
-                            if G > 0 and sc > 0 and (best is None or key < best[0]):
+                            if G > 0 and (best is None or key < best[0]):
                                 best = (key, sc, c, G)
             if best is None:
-                if not out:
-                    out.append(self._no(f"multi-factor: no (rank, target, strategy) scores above 0 "
-                                        f"(step time {ls.step_s:.4g} s)"))
                 break
             (_, _, r, dst, _), sc, c, G = best
-            out.append(self._move(ls, r, dst, cost, f"multi-factor: rank {r} to {dst} by {c.strategy}: score "
-                                  f"{sc:.4g} s (G {G:.4g} s, cost {c.cost_s:.4g} s, {c.bytes_moved / GiB:.3g} GiB)",
-                                  strategy=c.strategy))
+            penalties += p["w_time"] * G - sc
+            d = self._move(ls, r, dst, cost, f"multi-factor: rank {r} to {dst} by {c.strategy}: score "
+                           f"{sc:.4g} s (G {G:.4g} s, cost {c.cost_s:.4g} s, {c.bytes_moved / GiB:.3g} GiB)",
+                           strategy=c.strategy)
+            plan.append((d, p["w_time"] * (T0 - ls.step_s) * R - penalties))
             moved.add(r)
-        return out
+        scores = [s for _, s in plan]
+        k = max(range(len(plan)), key=lambda i: (scores[i], -i), default=-1)
+        if k < 0 or scores[k] <= 0:
+            why = (f"the best plan ({k + 1} move(s)) scores {scores[k]:.4g} s" if k >= 0
+                   else "no move off the most loaded hosts relieves them")
+            return [self._no(f"multi-factor: no plan scores above 0: {why} (step time {T0:.4g} s)")]
+        return [dataclasses.replace(d, reason=f"{d.reason}; plan of {k + 1} move(s) scores {scores[k]:.4g} s")
+                for d, _ in plan[:k + 1]]
 
 
 @register

@@ -62,8 +62,8 @@ def app_args(app: str, args: argparse.Namespace) -> list[str]:
     """The program's arguments (without --out): sized by --steps and --work."""
     w = args.work
     if app == "drift":
-        return ["--n", str(args.drift_n), "--steps", str(args.steps), "--hot-cost", str(round(60 * w)),
-                "--cold-cost", str(round(15 * w))]
+        return ["--n", str(args.drift_n), "--steps", str(args.steps), "--hot-cost", str(round(args.drift_hot * w)),
+                "--cold-cost", str(round(args.drift_cold * w))]
     if app == "heat2d":
         return ["--n", str(args.heat_n), "--steps", str(args.steps), "--cpu-work", str(round(60 * w))]
     raise UsageError(f"unknown app {app!r}: choose from {', '.join(APPS)}")
@@ -511,6 +511,10 @@ def register(bench_sub) -> None:
     p.add_argument("--work", type=float, default=1.0,
                    help="scales the CPU work per step (drift --hot-cost/--cold-cost, heat2d --cpu-work)")
     p.add_argument("--drift-n", type=int, default=120000, help="drift's cells (default 120000)")
+    p.add_argument("--drift-hot", type=int, default=40,
+                   help="drift's --hot-cost before --work (default 40; runs 1-4 used 60 with --drift-cold 15)")
+    p.add_argument("--drift-cold", type=int, default=20,
+                   help="drift's --cold-cost before --work (default 20: the hot region costs 2x per cell)")
     p.add_argument("--heat-n", type=int, default=384, help="heat2d's grid side (default 384)")
     p.add_argument("--repeat", type=int, default=1, help="rounds of all policies (default 1)")
     p.add_argument("--no-balanced", action="store_true", help="skip the balanced scenario")
