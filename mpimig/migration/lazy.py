@@ -261,15 +261,19 @@ class LazySession:
         self.thread = None
         _LIVE.discard(self)
 
-    def _failed(self) -> None:
-        exc = self.error
+    def _fatal(self, what: str) -> MigrationError:
+        """The error that ends the job when chunks cannot come (the thread stopped first);
+        ``what`` names the failure, with ``{src}`` for the old process."""
         self.stop()
         rank = self.rank if self.rank is not None else "?"
-        s = self.src_info
-        raise MigrationError(
-            f"rank {rank}: post-copy: receiving the chunks of its state from its old process (pid "
-            f"{s.get('pid')} on {s.get('host')}) failed: {exc}. The job cannot go on with missing state: it "
-            "aborts; mpimig run --relaunch K / --restart brings it back from the last committed epoch") from exc
+        src = f"its old process (pid {self.src_info.get('pid')} on {self.src_info.get('host')})"
+        return MigrationError(
+            f"rank {rank}: post-copy: {what.format(src=src)}. The job cannot go on with missing state: it "
+            "aborts; mpimig run --relaunch K / --restart brings it back from the last committed epoch")
+
+    def _failed(self) -> None:
+        exc = self.error
+        raise self._fatal(f"receiving the chunks of its state from {{src}} failed: {exc}") from exc
 
     # -- waiting -----------------------------------------------------------------
     def ensure_bytes(self, lo: int, hi: int) -> None:
@@ -342,15 +346,8 @@ class LazySession:
             self._finish()
 
     def _give_up(self, missing) -> None:
-        self.stop()
-        rank = self.rank if self.rank is not None else "?"
-        s = self.src_info
-        raise MigrationError(
-            f"rank {rank}: post-copy: {len(missing)} chunk(s) of its state did not arrive from its old "
-            f"process (pid {s.get('pid')} on {s.get('host')}) within {self.timeout:g} s "
-            "(MPIMIG_FETCH_TIMEOUT); the old process is gone or stuck. The job cannot go on with missing "
-            "state: it aborts; mpimig run --relaunch K / --restart brings it back from the last "
-            "committed epoch")
+        raise self._fatal(f"{len(missing)} chunk(s) of its state did not arrive from {{src}} within "
+                          f"{self.timeout:g} s (MPIMIG_FETCH_TIMEOUT); the old process is gone or stuck")
 
     def progress(self) -> None:
         """Non-blocking, at checkpoint points: complete the session if every chunk is in
