@@ -49,11 +49,15 @@ def test_bench_checkpoint_runs_and_reports(tmp_path, capsys):
 
 
 def test_bench_table_and_bad_arguments(tmp_path, capsys):
+    work, saved = tmp_path / "work", tmp_path / "ckpt.json"
     rc = cli.main(["bench", "checkpoint", "--sizes", "1M", "--repeat", "1", "--no-async", "--no-runtime",
-                   "--dir", str(tmp_path)])
+                   "--dir", str(work), "--json", str(saved)])
     out, _ = capsys.readouterr()
-    assert rc == 0 and "size/rank" in out and "ratio" in out and "async" not in out.split("\n\n")[-1]
+    assert rc == 0 and "size/rank" in out and "ratio" in out and "async" not in out.split("\n\n")[-2]
     assert "runtime" not in out
+    # --json FILE, as the other benches: the table printed and the same results in the file
+    assert out.rstrip().endswith(f"results written to {saved}")
+    assert [r["size"] for r in json.loads(saved.read_text())["sizes"]] == [1 << 20]
     assert cli.main(["bench", "checkpoint", "--sizes", "1Q"]) == 1
     assert "bad size" in capsys.readouterr().err
     assert cli.main(["bench"]) == 2

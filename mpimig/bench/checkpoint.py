@@ -282,7 +282,8 @@ def main(args) -> int:
         raise UsageError("--repeat must be at least 1")
     if args.arrays < 1:
         raise UsageError("--arrays must be at least 1")
-    out = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else \
+    to_stdout = args.json == "-"
+    out = (lambda s: print(s, file=sys.stderr, flush=True)) if to_stdout else \
         (lambda s: print(s, flush=True))
     if args.dir:
         base = Path(args.dir)
@@ -295,10 +296,13 @@ def main(args) -> int:
     finally:
         if not args.keep_files:
             shutil.rmtree(work, ignore_errors=True)
-    if args.json:
+    if to_stdout:
         print(json.dumps(results, indent=1))
-    else:
-        _print_table(results)
+        return 0
+    _print_table(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        print(f"results written to {args.json}")
     return 0
 
 
@@ -318,7 +322,9 @@ def register(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-async", action="store_true", help="skip the asynchronous mode")
     p.add_argument("--no-runtime", action="store_true",
                    help="skip the runtime's checkpoint stall (sync and --ckpt-async against a memcpy)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON (progress on stderr)")
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="write the results as JSON to FILE (and print the table), as the other benches do; "
+                        "without FILE: print only the JSON, progress on stderr")
     p.add_argument("--keep-files", action="store_true", help="leave the written files in place")
     p.set_defaults(func=main)
     return p
