@@ -19,7 +19,7 @@ COMMAND_MODULES = [
     "mpimig.launch.launcher",  # run
     "mpimig.migration.control",  # migrate, status, drain
     "mpimig.balance.driver",  # policy list
-    "mpimig.checkpoint.reader",  # inspect
+    "mpimig.checkpoint.inspect",  # inspect
     "mpimig.bench",         # bench checkpoint|comm|migrate
     "mpimig.lab",           # lab up|status|kill|down, lab slurm up|down
     "mpimig.verify.storm",   # storm

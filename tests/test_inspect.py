@@ -1,4 +1,4 @@
-"""Tests of `mpimig inspect` (mpimig/checkpoint/reader.py)."""
+"""Tests of `mpimig inspect` (mpimig/checkpoint/inspect.py)."""
 from __future__ import annotations
 
 import json

@@ -11,8 +11,8 @@ Owns the on-disk format (docs/checkpoint-format.md) in six modules:
 * :mod:`.incremental` -- incremental epochs: only the chunks written since the
   previous epoch (a write tracker handed in, or chunk CRCs), a full epoch every K,
   a chain restored and verified link by link;
-* :mod:`.reader` -- reading, verifying and describing what is on disk, and the
-  ``mpimig inspect`` command;
+* :mod:`.reader` -- reading, verifying and describing what is on disk;
+* :mod:`.inspect` -- the ``mpimig inspect`` command (epochs, files, incremental chains);
 * :mod:`.auth` -- the job secret, HMAC-SHA256 tags (docs/security.md) and the
   modes of the files and directories written;
 * :mod:`.guard` -- the whole-file digest checked before HDF5 opens a data file,
