@@ -718,8 +718,10 @@ class Comm:
     def hold_in_flight(self) -> int:
         """Collective over the communicator: hold every in-flight message (step 4).
 
-        Every rank sends an end-of-epoch marker to every other rank and drains
-        until it has all markers. Returns the number of messages newly held.
+        Every rank sends an end-of-epoch marker to every rank and, source by
+        source, holds what that source sent before its marker (a consistent cut:
+        nothing sent after it, by a rank that has already left the drain).
+        Returns the number of messages newly held.
         Nonblocking collectives still outstanding are completed first. On the
         job's communicator, the same is done on each derived communicator this
         rank is in, in the order they were created (docs/protocol.md, "Derived
@@ -735,6 +737,11 @@ class Comm:
             r.Wait()
         self._colls = []
 
+    @staticmethod
+    def _send_markers(c: MPI.Intracomm, n: int, marker: int) -> list[MPI.Request]:
+        """The drain's end-of-epoch markers, one to every rank (self included)."""
+        return [c.Isend([_MARKER, len(_MARKER), MPI.BYTE], d, marker) for d in range(n)]
+
     def _hold_own(self) -> int:
         c = self._c
         n = c.Get_size()
@@ -745,26 +752,33 @@ class Comm:
         c.Barrier()
         # A marker to self too: messages a rank sent to itself are held as well. Its payload
         # tells it from a user message sent (unchecked, on the direct path) with the marker's tag.
-        reqs = [c.Isend([_MARKER, len(_MARKER), MPI.BYTE], d, marker) for d in range(n)]
-        seen = 0
+        reqs = self._send_markers(c, n, marker)
         held = 0
         misused: list[tuple[int, int]] = []
         st = MPI.Status()
-        while seen < n:
-            msg = c.mprobe(ANY_SOURCE, ANY_TAG, st)
-            src, tag = st.Get_source(), st.Get_tag()
-            nbytes = st.Get_count(MPI.BYTE)
-            data = bytearray(nbytes)
-            msg.Recv([data, nbytes, MPI.BYTE])
-            if tag == marker and data == _MARKER:
-                seen += 1
-            elif tag >= limit:
-                misused.append((src, tag))      # a user message with a reserved tag: dropped
-            else:
-                self._queue.append(_Held(src, tag, data))
-                held += 1
-                if self._direct:
-                    self._slow_recv()
+        # A consistent cut (Chandy-Lamport): from each source, hold exactly the messages it
+        # sent before its marker, and none after. A source that has left the drain may
+        # already be sending its next step's messages (the asynchronous checkpoint's snapshot
+        # has no collective after the drain); such a message belongs to the state after the
+        # cut, and the source sends it again after a restart: holding it too delivered it
+        # twice (a wrong result after a relaunch). So drain source by source: everything up
+        # to its marker (messages from one source arrive in order, the marker among them).
+        for src in range(n):
+            while True:
+                msg = c.mprobe(src, ANY_TAG, st)
+                tag = st.Get_tag()
+                nbytes = st.Get_count(MPI.BYTE)
+                data = bytearray(nbytes)
+                msg.Recv([data, nbytes, MPI.BYTE])
+                if tag == marker and data == _MARKER:
+                    break
+                if tag >= limit:
+                    misused.append((src, tag))      # a user message with a reserved tag: dropped
+                else:
+                    self._queue.append(_Held(src, tag, data))
+                    held += 1
+                    if self._direct:
+                        self._slow_recv()
         MPI.Request.Waitall(reqs)
         # everything we sent has been drained by its receiver: sends are complete
         for r in self._sends:

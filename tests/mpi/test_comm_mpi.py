@@ -21,6 +21,7 @@ import pytest
 from mpi4py import MPI
 
 import mpimig
+from mpimig import comm as comm_mod
 from mpimig.comm import Comm
 from mpimig.errors import CommError
 
@@ -412,6 +413,41 @@ def test_flush_markers_never_reach_user_receives(comm):
     assert stolen is None, f"rank 1: recv(ANY_SOURCE, ANY_TAG) got (source, tag, value) = {stolen}"
     if me == 1:
         assert data == "data"
+
+
+def test_flush_holds_nothing_a_rank_sent_after_its_marker(comm):
+    """A consistent cut. The last rank leaves its drain (it has every marker) and at once
+    sends rank 1 its next message, while rank 1 is still draining: rank 0's marker to
+    rank 1 goes out only after that message has arrived. The message was sent after
+    its sender's cut, so it must not be held (a restart from the cut would have the
+    sender send it again: it would arrive twice); it stays in MPI for the next receive.
+    Needs three ranks (with two, the only other marker is the victim's own)."""
+    me, n = comm.rank, comm.size
+    side = comm.mpi.Dup()
+    late, victim, sender = 0, 1, n - 1
+    three = n >= 3
+    if three and me == late:
+        def markers_after_go(c, size, marker):
+            mark = [comm_mod._MARKER, len(comm_mod._MARKER), MPI.BYTE]
+            reqs = [c.Isend(mark, d, marker) for d in range(size) if d != victim]
+            side.recv(source=sender, tag=9)                   # the sender's post-cut message is there
+            return reqs + [c.Isend(mark, victim, marker)]
+        comm._send_markers = markers_after_go
+    comm.hold_in_flight()
+    held = comm.held()
+    got = None
+    if three and me == sender:
+        r = comm.isend(("after the cut", me), dest=victim, tag=11)
+        side.send("go", dest=late, tag=9)
+        r.wait()
+    elif three and me == victim:
+        got = comm.recv(source=sender, tag=11)
+    if three and me == late:
+        del comm._send_markers
+    side.Free()
+    assert held == [], f"rank {me} held {held}: a message sent after its sender's marker"
+    if three and me == victim:
+        assert got == ("after the cut", sender)
 
 
 def _send_batch(c: Comm, k: int, big: int = 0) -> list:
