@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import APPS, mpimig_cmd, run_cmd
+from conftest import APPS, base_env, mpimig_cmd, run_cmd
 
 from mpimig import events
 from mpimig.errors import UsageError
@@ -234,3 +234,37 @@ def test_loss_reason_names_a_signal_from_mpiexecs_exit_status():
     assert loss_reason("", 1) == "no completion record (mpiexec exit status 1)"
     assert loss_reason("", -9) == "mpiexec killed by signal 9"
     assert loss_reason("", 137, timed_out=True) == "timeout"
+
+
+def test_a_program_without_serial_is_checked_against_a_fault_free_run(tmp_path):
+    """A tutorial-style program (module-level COMM_WORLD, no --serial mode): the reference
+    is a fault-free run on the same ranks, made before the faults; a kill under
+    --ckpt-async is survived by relaunch and the result is bit-identical to a plain
+    mpiexec run of the unported program, checked here independently."""
+    progs = APPS.parent / "tests" / "progs"
+    job = tmp_path / "job"
+    res = run_cmd(mpimig_cmd("inject", "--kill", "rank:2@point:17", "-n", 4, "--ckpt-every", EVERY, "--ckpt-async",
+                             "--job-dir", job, progs / "tut_heat_ported.py", "--n", 64, "--steps", STEPS,
+                             "--work-ms", 10, "--out", "{job}/out.npy"), timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "fault-free run on 4 ranks" in res.stdout and "--serial failed" in res.stdout
+    rep = json.loads((job / "inject" / "report.json").read_text())
+    assert rep["verified"] is True and rep["faults"][0]["survived"] is True and rep["relaunches"] == 1
+    ref = tmp_path / "ref.npy"
+    plain = run_cmd(["mpiexec", "--oversubscribe", "-n", 4, sys.executable, progs / "tut_heat.py",
+                     "--n", 64, "--steps", STEPS, "--out", ref], timeout=120, env=base_env())
+    assert ref.exists(), plain.stdout[-2000:] + plain.stderr[-2000:]
+    assert np.load(job / "out.npy").tobytes() == np.load(ref).tobytes()
+
+
+def test_no_reference_is_told_before_any_fault(tmp_path):
+    """A program whose --serial run and fault-free run both fail: inject says so and
+    starts no job (no fault is spent on a run that could not be verified)."""
+    prog = tmp_path / "broken.py"
+    prog.write_text("import sys\nsys.exit('broken.py: this program always fails')\n")
+    job = tmp_path / "job"
+    res = run_cmd(mpimig_cmd("inject", "--kill", "rank:1@point:3", "-n", 2, "--ckpt-every", 2, "--job-dir", job,
+                             prog, "--out", "{job}/out.npy"), timeout=200)
+    assert res.returncode != 0
+    assert "no reference for" in res.stderr and "this program always fails" in res.stderr, res.stderr[-2000:]
+    assert not (job / "events.jsonl").exists()

@@ -37,10 +37,13 @@ coordinator's ``status.json`` (logical rank -> pid, the coordinator's pid),
 the lab's namespaces for hosts; exact-place faults are fired inside the
 process (mpimig/ft/hooks.py). The job always runs with a coordinator.
 
-``{job}`` in the program's arguments becomes the job directory. With
-``--verify serial`` (the default when the program has ``--out FILE``) the
-program is run once more with ``--serial`` (apps/heat2d.py has it) and the
-two ``.npy`` results must be equal bit for bit.
+``{job}`` in the program's arguments becomes the job directory. When the
+program has ``--out FILE``, a reference is made before the job (and cached by
+the arguments): the program's ``--serial`` run (apps/heat2d.py has one), or,
+for a program without ``--serial`` (``--verify auto``, the default), a
+fault-free ``mpimig run`` on the same number of ranks; the two ``.npy``
+results must be equal bit for bit. A program that can give no reference is
+told so before any fault is spent.
 
 Without ``--ft`` (online recovery), a killed rank or coordinator makes Open
 MPI end the whole job, and ``--relaunch`` brings it back from the last
@@ -206,18 +209,40 @@ def _replace_opt(args: list[str], name: str, value: str) -> list[str]:
     return out + [name, value]
 
 
-def reference(program: str, prog_args: list[str], cache_dir: Path) -> Path:
-    """The ``--serial`` result of ``program`` with the same arguments (cached)."""
-    key = "_".join(a.replace("/", "_") for a in prog_args if "{job}" not in a)[:150]
-    path = cache_dir / f"reference-{Path(program).stem}-{abs(hash(tuple(prog_args))) % 10**8}.npy"
+def reference(program: str, prog_args: list[str], cache_dir: Path, mode: str = "serial", n: int = 0
+              ) -> tuple[Path, str]:
+    """The reference result of ``program`` with the same arguments (cached by the arguments):
+    its ``--serial`` run; with ``mode="auto"``, when that fails (a program without
+    ``--serial``), a fault-free ``mpimig run -n n`` of it. Returns (path, how it was made)."""
+    import hashlib
+    args = [a for a in prog_args]
+    ident = json.dumps([program, _replace_opt(list(args), "--out", "")])
+    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    path = cache_dir / f"reference-{Path(program).stem}-{key}.npy"
+    how_file = path.with_suffix(".how")
     if path.exists():
-        return path
+        return path, how_file.read_text() if how_file.exists() else "serial"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    args = _replace_opt([a for a in prog_args], "--out", str(path))
+    args = _replace_opt(args, "--out", str(path))
     res = subprocess.run([sys.executable, program, "--serial", *args], capture_output=True, text=True, timeout=600)
+    how = "serial"
     if res.returncode != 0 or not path.exists():
-        raise UsageError(f"--verify serial: {program} --serial failed ({key}): {res.stderr[-500:]}")
-    return path
+        why = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1][-300:]
+        if mode != "auto":
+            raise UsageError(f"--verify serial: {program} --serial failed: {why}")
+        # no serial mode: the same program, the same ranks, no faults
+        run_dir = cache_dir / f"reference-{Path(program).stem}-{key}.job"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        res2 = subprocess.run([sys.executable, "-m", "mpimig", "run", "-n", str(n), "--job-dir", str(run_dir),
+                               program, *args], capture_output=True, text=True, timeout=1200)
+        if res2.returncode != 0 or not path.exists():
+            raise UsageError(f"--verify auto: no reference for {program}: its --serial run failed ({why}), and "
+                             f"so did a fault-free 'mpimig run -n {n}' of it: "
+                             f"{(res2.stderr.strip().splitlines() or ['no output'])[-1][-300:]}")
+        how = f"a fault-free run on {n} ranks ({program} --serial failed: {why})"
+        shutil.rmtree(run_dir, ignore_errors=True)
+    how_file.write_text(how)
+    return path, how
 
 
 def same_bits(a: Path, b: Path) -> bool:
@@ -415,12 +440,16 @@ def _completed(job_dir: Path, proc: subprocess.Popen) -> bool:
 def _verify(args: argparse.Namespace, completed: bool, program: str, prog_args: list[str], out_path: str | None,
             report_dir: Path) -> tuple[bool | None, Path | None]:
     """With ``--verify serial``: is the job's ``--out`` bit-identical to the reference (and where that is)."""
-    if args.verify != "serial" or not out_path:
+    if args.verify == "none" or not out_path:
         return None, None
     if not completed:
         return False, None
-    ref_path = reference(program, list(prog_args), Path(args.reference_dir or report_dir.parent))
+    ref_path, _ = _reference(args, program, prog_args, report_dir)
     return Path(out_path).exists() and same_bits(Path(out_path), ref_path), ref_path
+
+
+def _reference(args: argparse.Namespace, program: str, prog_args: list[str], report_dir: Path) -> tuple[Path, str]:
+    return reference(program, list(prog_args), Path(args.reference_dir or report_dir.parent), args.verify, args.n)
 
 
 def _write_report(report: dict, evs: list[dict], w: _Watch) -> None:
@@ -494,8 +523,8 @@ def cmd_inject(args: argparse.Namespace) -> int:
     program = str(Path(args.program).resolve()) if args.program.endswith(".py") else args.program
     args.coordinator = True             # status.json: the pids of ranks and coordinator
     base_job = Path(args.job_dir or Path("mpimig-jobs") / f"inject-{Path(args.program).stem}").resolve()
-    if args.verify == "auto":
-        args.verify = "serial" if _opt_value(args.args, "--out") else "none"
+    if args.verify == "auto" and not _opt_value(args.args, "--out"):
+        args.verify = "none"
     one = functools.partial(_one_job, args, program)
     if args.seeds:
         return _cmd_seeds(args, one, kinds, hosts, base_job)
@@ -558,6 +587,10 @@ def _one_job(args: argparse.Namespace, program: str, seed: int | None, faults: l
         ns.relaunch = len(faults) + 1
     if ns.timeout is None:
         ns.timeout = args.experiment_timeout / 2
+    if args.verify != "none" and _opt_value(prog_args, "--out"):
+        ref, how = _reference(args, program, prog_args, report_dir)
+        if not quiet:
+            print(f"mpimig inject: reference {ref} ({how})", flush=True)
     rep = run_experiment(args, run_argv(ns, args._run_actions), faults, job_dir, report_dir, program, prog_args,
                          quiet=quiet)
     rep["seed"] = seed
@@ -618,8 +651,9 @@ def register(sub) -> None:
     g.add_argument("--span", type=int, metavar="P",
                    help="checkpoint points the job runs, for random schedules (default: the program's --steps)")
     g.add_argument("--verify", choices=("auto", "serial", "none"), default="auto",
-                   help="serial: compare the program's --out with its --serial run, bit for bit "
-                        "(auto: serial when the program has --out)")
+                   help="compare the program's --out, bit for bit, with a reference made before the job "
+                        "(cached): serial: the program's --serial run; auto (default, when the program has --out): "
+                        "that, or a fault-free 'mpimig run -n N' of the program when it has no --serial")
     g.add_argument("--reference-dir", help="where --serial references are kept (default: next to the reports)")
     g.add_argument("--report", metavar="DIR", help="report directory (default JOB_DIR/inject; with --seeds "
                                                    "the root of one job directory per seed)")
