@@ -556,8 +556,6 @@ def _arrive(arrival: target.Arrival) -> Context:
 
 def _switch_failure(exc: BaseException, J: MPI.Intracomm, cfg: Config) -> tuple[MPI.Intracomm, BaseException]:
     """(comm to recover over, MPI error) of a failure during a switch, or re-raise."""
-    if isinstance(exc, recovery.SwitchFailed):
-        J, exc = exc.comm, exc.exc
     if not (cfg.ft and recovery.is_failure(exc)):
         raise exc
     return J, exc
@@ -584,7 +582,7 @@ def _serve_spare(J: MPI.Intracomm, cfg: Config, size: int = 0, announce: bool = 
         try:
             arrival = spare.wait()
             return None if arrival is None else _arrive(arrival)
-        except (MPI.Exception, recovery.SwitchFailed) as exc:
+        except MPI.Exception as exc:
             Jr, err = _switch_failure(exc, spare.J, cfg)
             out = _spare_recovers(Jr, err, cfg, size)
             if isinstance(out, Context):
@@ -621,14 +619,16 @@ def _start_target(parent: MPI.Intercomm) -> Context | None:
     if plan.kind == "enlist":    # joined J ahead of the switch (pre-copy): wait there like a spare
         return _serve_spare(Jc, cfg, announce=False)
     try:
-        A, Jn = transport.split(Jc, logical=rank, leaving=False)
-        return _arrive(target.take_over(plan, plan.move_of(rank), Jc, A, Jn, cfg, t0))
-    except (MPI.Exception, recovery.SwitchFailed) as exc:
+        with recovery.switch_part(Jc, cfg.ft):                   # ends in the agreement (--ft)
+            A, Jn = transport.split(Jc, logical=rank, leaving=False)
+            arrival = target.take_over(plan, plan.move_of(rank), Jc, A, Jn, cfg, t0)
+    except MPI.Exception as exc:
         J, err = _switch_failure(exc, Jc, cfg)
         ctx = _spare_recovers(J, err, cfg)
         if isinstance(ctx, Context):
             return ctx
         return _serve_spare(ctx, cfg, announce=False)    # a spare of the job now
+    return _arrive(arrival)     # agreed: a failure from here on is recovered over the new J
 
 
 def _recover(ctx: Context, exc: MPI.Exception) -> Context:

@@ -151,9 +151,19 @@ def test_kill_during_a_migration(tmp_path, reference_long, who):
     (rec,) = recovered(events)
     if who == "source":      # rank 1 is lost: its target (in J by now) takes it over as a spare
         assert rec["failed"] == [1] and rec["replaced_by"] == {"1": "spare"}
+    elif OMPI_ACTIVATE_CRASH in res.stderr:
+        # Open MPI 5.0.11's ULFM crashes a process that learns of the failure while it
+        # activates a communicator (the switch's split): SIGSEGV in ompi_comm_revoke_local,
+        # called from ompi_comm_activate (no upstream report found; about 1 run in 30 here
+        # under load). That process is lost too, and is replaced like any lost rank.
+        assert len(rec["failed"]) == 1 and rec["replaced_by"] == {str(rec["failed"][0]): "spawn"}, rec
     else:                    # no rank is lost: rank 1 stays where it was
-        assert rec["failed"] == [] and rec["replaced_by"] == {}
+        assert rec["failed"] == [] and rec["replaced_by"] == {}, (rec, res.stderr[-3000:])
     assert result == reference_long
+
+
+# the signature of the Open MPI crash in test_kill_during_a_migration (in mpiexec's stderr)
+OMPI_ACTIVATE_CRASH = "ompi_comm_activate"
 
 
 def _host():

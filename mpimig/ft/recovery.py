@@ -20,7 +20,7 @@ import logging
 import os
 import pickle
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -91,13 +91,43 @@ def bcast_obj(comm: MPI.Intracomm, obj: Any, root: int = 0) -> Any:
     return obj if me else pickle.loads(buf)
 
 
-def agree(comm: MPI.Intracomm) -> None:
-    """Uniform agreement that a switch went through (ULFM ``MPI_Comm_agree``): either
-    every survivor returns, or every survivor gets a failure error, so no process
-    goes on with the new communicators while another recovers on the old ones.
-    Bounded by ``MPIMIG_AGREE_TIMEOUT``."""
+def agree(comm: MPI.Intracomm, ok: bool = True) -> None:
+    """Uniform agreement that a switch went through (ULFM ``MPI_Comm_agree``) on the
+    AND of every process's ``ok``: either every survivor returns, or every survivor
+    raises a failure error, so no process goes on with the new communicators while
+    another recovers. Bounded by ``MPIMIG_AGREE_TIMEOUT``.
+
+    The flag matters: a process whose part of the switch failed (the source whose
+    target died) recovers, and recovery's ``Shrink`` runs an agreement on the same
+    communicator; had it not agreed first, the others' ``Agree`` would have matched
+    that one and returned as if the switch had gone through, leaving the job split
+    in two (see :func:`switch_part`)."""
     with exits.bounded("agree", f"pid {os.getpid()}", "the agreement that ends a migration switch", comm=comm):
-        comm.Agree(1)
+        flag = comm.Agree(1 if ok else 0)
+    if not flag:
+        raise MPI.Exception(MPI.ERR_PROC_FAILED)
+
+
+@contextlib.contextmanager
+def switch_part(comm: MPI.Intracomm, ft: bool) -> Iterator[None]:
+    """A process's part of a migration switch, from the join to the agreement (``--ft``).
+
+    Every process of the switch communicator ends its part with exactly one
+    :func:`agree`: with ok=True after the block, or, when a failure interrupts the
+    block, with ok=False before the failure is raised (and recovered). So every
+    process makes the same sequence of agreements on ``comm`` (one, then the
+    recovery's shrink), whichever of them saw the failure."""
+    if not ft:
+        yield
+        return
+    try:
+        yield
+    except MPI.Exception as exc:
+        if is_failure(exc):
+            with contextlib.suppress(MPI.Exception):
+                agree(comm, ok=False)
+        raise
+    agree(comm)
 
 
 def handshake(comm: MPI.Intracomm, peer: int, source: bool) -> None:
@@ -112,15 +142,6 @@ def handshake(comm: MPI.Intracomm, peer: int, source: bool) -> None:
         comm.Recv([bytearray(0), 0, MPI.BYTE], source=peer, tag=TAG_HANDSHAKE)
     else:
         comm.Send([bytearray(0), 0, MPI.BYTE], dest=peer, tag=TAG_HANDSHAKE)
-
-
-class SwitchFailed(Exception):
-    """A failure during a migration switch: recover over the switch communicator."""
-
-    def __init__(self, comm: MPI.Intracomm, exc: BaseException) -> None:
-        super().__init__(str(exc))
-        self.comm = comm
-        self.exc = exc
 
 
 # -- buddy copies ---------------------------------------------------------------------

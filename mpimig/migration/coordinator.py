@@ -450,11 +450,10 @@ class Coordinator:
     # -- step 7: repoint ----------------------------------------------------------------------
     def repoint(self, plan: Plan, batch: list[Migration], Jc: MPI.Intracomm, t0: float) -> None:
         """The new J without the old processes; the routing table points at the new ones."""
-        _, Jn = transport.split(Jc, logical=None, leaving=False)
+        with recovery.switch_part(Jc, self.cfg.ft):             # ends in the agreement (--ft)
+            _, Jn = transport.split(Jc, logical=None, leaving=False)
         if Jn is None:
             raise MigrationError(f"plan {plan.id}: the switch left the coordinator outside J")
-        if self.cfg.ft:
-            recovery.agree(Jc)
         # new J ranks: members of Jc in order, without the processes that left
         leaving = {mv.src_jrank for mv in plan.moves if not mv.recycle}
         order = [jr for jr in range(Jc.Get_size()) if jr not in leaving]

@@ -191,10 +191,13 @@ def execute(ctx: Context, plan: Plan) -> None:
     Jc = create_target(ctx, plan)                                  # step 5
     if ctx.config.ft:
         ctx.link.J = Jc     # a failure from here on is recovered over the switch comm
-    A, Jn = transport.split(Jc, logical=ctx.rank, leaving=move is not None,   # the new comms (step 7)
-                            stays=move is not None and move.recycle)
+    rest = None
+    with recovery.switch_part(Jc, ctx.config.ft):                  # ends in the agreement (--ft)
+        A, Jn = transport.split(Jc, logical=ctx.rank, leaving=move is not None,   # the new comms (step 7)
+                                stays=move is not None and move.recycle)
+        if move is not None:
+            rest = transfer_state(ctx, Jc, plan, move)             # step 6
     if move is not None:
-        rest = transfer_state(ctx, Jc, plan, move)                 # step 6
         retire(ctx, Jc, rest, Jn if move.recycle else None)        # step 8: never returns
     repoint(ctx, Jc, A, Jn)                                        # step 7
     resume(ctx, plan)                                              # step 8
@@ -240,17 +243,14 @@ def transfer_state(ctx: Context, Jc: MPI.Intracomm, plan: Plan, move: Move) -> C
     with exits.bounded("transfer", f"rank {ctx.rank} (the old process)", "sending the rank's state", comm=Jc):
         rest = strategies.get(move.strategy).send(ctx, tx, arrays, objects, extra, plan, move)
     del arrays, objects
-    if ctx.config.ft:
-        recovery.agree(Jc)
     return rest
 
 
 # -- step 7: re-point the channels ----------------------------------------------------------------
 def repoint(ctx: Context, Jc: MPI.Intracomm, A: MPI.Intracomm | None, Jn: MPI.Intracomm | None) -> None:
     """Every rank that stays: channels to the moved rank now lead to its new process
-    (the held messages for it travelled with its state)."""
-    if ctx.config.ft:
-        recovery.agree(Jc)
+    (the held messages for it travelled with its state). Under ``--ft`` the switch
+    was agreed first (:func:`recovery.switch_part` in :func:`execute`)."""
     if A is None or Jn is None:
         raise MigrationError(f"rank {ctx.rank}: the switch left this rank without communicators")
     ctx.comm.repoint(A)

@@ -149,19 +149,22 @@ class Spare:
         Jc = join(self.J, plan)
         if self.cfg.ft:
             self.J = Jc          # a failure from here on is recovered over the switch comm
-        A, Jn = transport.split(Jc, logical=move.rank if move else None, leaving=False)
-        if move is None:
-            self.prepared.drop()
-            if self.cfg.ft:
-                recovery.agree(Jc)
-            if Jn is None:
-                raise MigrationError("warm spare: the switch left it outside J")
-            self.J = Jn
-            return None
-        rx: Any = self.rx.get(move.src_jrank)
-        if move.strategy == "stop-and-copy":
-            rx = self.prepared.ready(J0, move.src_jrank, plan.id)
-        return take_over(plan, move, Jc, A, Jn, self.cfg, t0, rx)
+        arrival = None
+        with recovery.switch_part(Jc, self.cfg.ft):             # ends in the agreement (--ft)
+            A, Jn = transport.split(Jc, logical=move.rank if move else None, leaving=False)
+            if move is None:
+                self.prepared.drop()
+            else:
+                rx: Any = self.rx.get(move.src_jrank)
+                if move.strategy == "stop-and-copy":
+                    rx = self.prepared.ready(J0, move.src_jrank, plan.id)
+                arrival = take_over(plan, move, Jc, A, Jn, self.cfg, t0, rx)
+        if arrival is not None:
+            return arrival
+        if Jn is None:
+            raise MigrationError("warm spare: the switch left it outside J")
+        self.J = Jn
+        return None
 
 
 def take_over(plan: Plan, move: Move | None, Jc: MPI.Intracomm, A: MPI.Intracomm | None,
@@ -181,21 +184,15 @@ def take_over(plan: Plan, move: Move | None, Jc: MPI.Intracomm, A: MPI.Intracomm
 # -- step 6: transfer -------------------------------------------------------------------------------
 def receive_state(Jc: MPI.Intracomm, move: Move, cfg: Config, rx: Any = None) -> tuple:
     """Receive the rank's state with the move's strategy through the transport:
-    (arrays, objects, extra, post-copy session or None)."""
-    try:
-        if cfg.ft:
-            recovery.handshake(Jc, move.src_jrank, source=False)
-        tx = transport.Transfer(Jc, move.src_jrank, transport.TARGET, move.strategy)
-        with exits.bounded("transfer", f"the new process of rank {move.rank}", "receiving the rank's state",
-                           comm=Jc):
-            got = strategies.get(move.strategy).receive(tx, cfg, rx)
-        got[2].setdefault("strategy_stats", {}).update(tx.stats())   # what moved in the freeze
-        if cfg.ft:
-            recovery.agree(Jc)
-    except MPI.Exception as exc:
-        if not (cfg.ft and recovery.is_failure(exc)):
-            raise
-        raise recovery.SwitchFailed(Jc, exc) from None
+    (arrays, objects, extra, post-copy session or None). Under ``--ft`` the caller's
+    :func:`recovery.switch_part` ends this with the switch's agreement."""
+    if cfg.ft:
+        recovery.handshake(Jc, move.src_jrank, source=False)
+    tx = transport.Transfer(Jc, move.src_jrank, transport.TARGET, move.strategy)
+    with exits.bounded("transfer", f"the new process of rank {move.rank}", "receiving the rank's state",
+                       comm=Jc):
+        got = strategies.get(move.strategy).receive(tx, cfg, rx)
+    got[2].setdefault("strategy_stats", {}).update(tx.stats())   # what moved in the freeze
     return got
 
 
