@@ -449,7 +449,8 @@ def _verify(args: argparse.Namespace, completed: bool, program: str, prog_args: 
 
 
 def _reference(args: argparse.Namespace, program: str, prog_args: list[str], report_dir: Path) -> tuple[Path, str]:
-    return reference(program, list(prog_args), Path(args.reference_dir or report_dir.parent), args.verify, args.n)
+    return reference(program, list(prog_args), Path(getattr(args, "reference_dir", None) or report_dir.parent),
+                     args.verify, getattr(args, "n", 0))
 
 
 def _write_report(report: dict, evs: list[dict], w: _Watch) -> None:
