@@ -20,7 +20,7 @@ if _os.environ.get("MPIMIG_RUN_ID"):      # a process of an ``mpimig run`` job: 
 
 _LAZY = {
     "run": "runtime", "Context": "runtime", "context": "runtime",
-    "Comm": "derived", "Request": "comm", "ANY_SOURCE": "comm", "ANY_TAG": "comm", "PROC_NULL": "comm",
+    "Comm": "derived", "Request": "comm_requests", "ANY_SOURCE": "comm", "ANY_TAG": "comm", "PROC_NULL": "comm",
     "State": "state", "Config": "launch.config", "Distributed": "distributed",
     "CheckpointStore": "checkpoint",
 }
