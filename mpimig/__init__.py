@@ -19,8 +19,8 @@ if _os.environ.get("MPIMIG_RUN_ID"):      # a process of an ``mpimig run`` job: 
     _exits.arm_for_job()
 
 _LAZY = {
-    "run": "runtime", "Context": "runtime", "context": "runtime",
-    "Comm": "derived", "Request": "comm", "ANY_SOURCE": "comm", "ANY_TAG": "comm", "PROC_NULL": "comm",
+    "run": "runtime", "Context": "rank_context", "context": "runtime",
+    "Comm": "derived", "Request": "comm_requests", "ANY_SOURCE": "comm", "ANY_TAG": "comm", "PROC_NULL": "comm",
     "State": "state", "Config": "launch.config", "Distributed": "distributed",
     "CheckpointStore": "checkpoint",
 }

@@ -1,37 +1,38 @@
-"""The logical communicator programs use instead of ``MPI.COMM_WORLD``.
+"""The logical communicator programs use instead of ``MPI.COMM_WORLD``: the facade.
 
 Logical ranks stay the same across migrations and restarts. Underneath, the
 communicator wraps an ordinary MPI intracommunicator (``self._c``) whose rank
 *i* is the process that currently hosts logical rank *i*; a migration builds a
 new one and swaps it in (step 7, *re-pointing channels*). So point-to-point
-calls and collectives go straight to MPI with no translation.
+calls and collectives go straight to MPI with no translation; on the *direct
+path* (:meth:`Comm.enable_direct`) the MPI communicator's own bound methods sit
+on the instance and are swapped in and out as the state changes.
 
-What mpimig adds is a local queue of *held messages* (step 3, *queueing*): at a
-safe point where state is captured (a checkpoint or a migration), every rank
-sends an end-of-epoch marker to every other rank and drains the old
-communicator until it has seen all markers (:meth:`Comm.hold_in_flight`). MPI keeps
-messages from one sender in order, so after the drain every message that was
-in flight sits in its receiver's queue, in order. The queue travels with the
-rank's state and is matched before anything that arrives later. Nothing is
-lost, duplicated or reordered.
+What mpimig adds is a local queue of *held messages* (step 3, *queueing*), filled
+by the safe point's drain (step 4, :meth:`Comm.hold_in_flight`): the drain and the
+held queue are in :mod:`mpimig.comm_flush`. Receives posted with ``Irecv``/``irecv``
+are *lazy* (:mod:`mpimig.comm_requests`: the requests and the progress engine that
+matches them). Nothing is lost, duplicated or reordered.
 
-Receives posted with ``Irecv``/``irecv`` are *lazy*: they are matched (queue
-first, then ``Improbe``/``Mrecv``) in posting order when a request is tested or
-waited, which keeps MPI's ordering rule and means that no MPI-level receive is
-ever posted across a safe point.
+This module has the communicator itself: identity, the direct path, sends and
+receives, collectives, the seams a migration uses (re-point, layers). The methods
+whose code lives in those two modules are class attributes here, under their names.
 
 The names and semantics are mpi4py's: capitalised methods take buffers,
 lowercase methods take pickled objects.
 """
 from __future__ import annotations
 
-import os
-import pickle
 from collections import deque
 from typing import Any, Callable
 
 from mpi4py import MPI
 
+from . import comm_flush, comm_requests
+from .comm_flush import _MARKER  # noqa: F401 - tests/mpi/test_comm_mpi.py takes it from here
+from .comm_requests import Request, _fill_status, _idle
+# a request kept in a checkpoint written before the split pickles as mpimig.comm._restore_request
+from .comm_requests import _restore_request  # noqa: F401
 from .errors import CommError
 
 ANY_SOURCE = MPI.ANY_SOURCE
@@ -44,213 +45,10 @@ _WORLD = MPI.COMM_WORLD
 #: Tags at or above this value are mpimig's own (markers); user tags must be below.
 N_RESERVED_TAGS = 16
 
-# The payload of an end-of-epoch marker: with its tag, what tells it from a user message
-# (the direct path's sends do not check tags; see Comm._hold_own).
-_MARKER = b"mpimig end-of-epoch marker\x00"
-
 
 def _tag_ub(comm) -> int:
     ub = comm.Get_attr(MPI.TAG_UB)
     return int(ub) if ub else 32767
-
-
-def _as_bytes_view(buf) -> memoryview:
-    """Writable byte view of the data part of an mpi4py buffer spec."""
-    data = buf[0] if isinstance(buf, (list, tuple)) else buf
-    mv = memoryview(data)
-    if not mv.contiguous:
-        raise CommError("receive buffer must be contiguous")
-    return mv.cast("B")
-
-
-class _Held:
-    """A message held in the local queue: (source, tag, payload bytes)."""
-    __slots__ = ("source", "tag", "payload")
-
-    def __init__(self, source: int, tag: int, payload) -> None:
-        self.source = source
-        self.tag = tag
-        self.payload = payload
-
-    def matches(self, source: int, tag: int) -> bool:
-        return ((source == ANY_SOURCE or source == self.source)
-                and (tag == ANY_TAG or tag == self.tag))
-
-
-def _fill_status(status: MPI.Status | None, source: int, tag: int, nbytes: int) -> None:
-    if status is not None:
-        status.Set_source(source)
-        status.Set_tag(tag)
-        status.Set_elements(MPI.BYTE, nbytes)
-        status.Set_error(MPI.SUCCESS)
-
-
-class Request:
-    """A request of the logical communicator (mpi4py's ``Request`` API).
-
-    Sends wrap an MPI request. Receives are lazy and are matched in posting
-    order by the communicator's progress engine. A pickled-object receive
-    (``irecv``) can be kept in registered state across a checkpoint point.
-    """
-
-    __slots__ = ("_comm", "_kind", "_mpi", "_buf", "source", "tag", "_done", "_value", "_st")
-
-    def __init__(self, comm: Comm, kind: str, source: int = ANY_SOURCE, tag: int = ANY_TAG,
-                 buf=None, mpi_req: MPI.Request | None = None) -> None:
-        self._comm = comm
-        self._kind = kind            # 'send', 'Recv', 'recv'
-        self._mpi = mpi_req
-        self._buf = buf
-        self.source = source
-        self.tag = tag
-        self._done = False
-        self._value = None
-        self._st = (MPI.PROC_NULL, MPI.ANY_TAG, 0)
-
-    # -- completion --------------------------------------------------------
-    def _complete(self, value, source, tag, nbytes) -> None:
-        self._done = True
-        self._value = value
-        self._st = (source, tag, nbytes)
-
-    def _poll(self) -> bool:
-        if self._done:
-            return True
-        if self._kind == "send":
-            if self._mpi is None or self._mpi.Test():
-                self._done = True
-            return self._done
-        self._comm._progress()
-        return self._done
-
-    def _block(self) -> None:
-        if self._done:
-            return
-        if self._kind == "send":
-            if self._mpi is not None:
-                self._mpi.Wait()
-            self._done = True
-            return
-        self._comm._wait_recv(self)
-
-    def _status(self, status) -> None:
-        if status is not None and self._kind != "send":
-            _fill_status(status, *self._st)
-
-    def Wait(self, status: MPI.Status | None = None) -> bool:
-        self._block()
-        self._status(status)
-        return True
-
-    def wait(self, status: MPI.Status | None = None) -> Any:
-        self._block()
-        self._status(status)
-        return self._value
-
-    def Test(self, status: MPI.Status | None = None) -> bool:
-        flag = self._poll()
-        if flag:
-            self._status(status)
-        return flag
-
-    def test(self, status: MPI.Status | None = None):
-        flag = self._poll()
-        if flag:
-            self._status(status)
-        return flag, (self._value if flag else None)
-
-    def Get_status(self, status: MPI.Status | None = None) -> bool:
-        return self.Test(status)
-
-    def __bool__(self) -> bool:  # like MPI.Request: true while not REQUEST_NULL
-        return True
-
-    # -- many requests ---------------------------------------------------
-    @staticmethod
-    def Waitall(requests, statuses=None) -> bool:
-        for i, r in enumerate(requests):
-            r.Wait(statuses[i] if statuses is not None else None)
-        return True
-
-    @staticmethod
-    def waitall(requests, statuses=None) -> list[Any]:
-        return [r.wait(statuses[i] if statuses is not None else None) for i, r in enumerate(requests)]
-
-    @staticmethod
-    def Testall(requests, statuses=None) -> bool:
-        return all([r.Test(statuses[i] if statuses is not None else None)
-                    for i, r in enumerate(requests)])
-
-    @staticmethod
-    def testall(requests, statuses=None):
-        flags = [r.Test() for r in requests]
-        if all(flags):
-            return True, [r.wait() for r in requests]
-        return False, None
-
-    @staticmethod
-    def Waitany(requests, status=None) -> int:
-        while True:
-            for i, r in enumerate(requests):
-                if r.Test(status):
-                    return i
-            _idle()
-
-    @staticmethod
-    def waitany(requests, status=None):
-        i = Request.Waitany(requests, status)
-        return i, requests[i].wait()
-
-    # -- kept in registered state -----------------------------------------
-    def __reduce__(self):
-        if self._kind == "Recv" and not self._done:
-            raise pickle.PicklingError(
-                f"a pending Irecv(source={self.source}, tag={self.tag}) cannot be kept across a "
-                "checkpoint point: complete buffer receives before ctx.checkpoint_point(), or use irecv")
-        if self._kind == "send" and not self._done:
-            # every send completes during the safe point's drain; wait for it
-            self._block()
-        return (_restore_request, (self._kind, self.source, self.tag, self._done, self._value, self._st,
-                                   self._comm._seq))
-
-    @staticmethod
-    def Startall(requests) -> None:
-        for r in requests:
-            r.Start()
-
-    def Start(self) -> None:
-        raise CommError("Start() needs a persistent request (Send_init/Recv_init)")
-
-
-_current_comm: Comm | None = None
-
-
-def _restore_request(kind, source, tag, done, value, st, seq=-1):
-    comm = _current_comm
-    if comm is None:
-        raise CommError("a request was restored outside an mpimig job")
-    if seq >= 0:
-        comm = Comm._family_ops.lookup(seq, None)
-    r = Request(comm, kind, source, tag)
-    if done:
-        r._complete(value, *st)
-    else:
-        comm._pending.append(r)
-        if comm._direct:
-            comm._slow_recv()
-    return r
-
-
-_spins = 0
-
-
-def _idle() -> None:
-    """Back-off in polling loops: stay hot briefly, then yield the core
-    (2 cores, often oversubscribed: spinning would slow the ranks we wait for)."""
-    global _spins
-    _spins += 1
-    if _spins > 64:
-        os.sched_yield()
 
 
 class Comm:
@@ -261,7 +59,6 @@ class Comm:
     _family_ops: Any = None
 
     def __init__(self, mpicomm: MPI.Intracomm) -> None:
-        global _current_comm
         self._blank()
         self._c = mpicomm
         self._marker_tag = _tag_ub(mpicomm)   # highest tag: end-of-epoch marker
@@ -274,7 +71,7 @@ class Comm:
         self._replay: dict[int, tuple] = {}   # root, resumed: rebuilt, not yet derived again by main
         self._next_seq = 0                    # root: number of the next derived comm
         self._calls = 0                       # root: derivation calls so far (replay matches by it)
-        _current_comm = self
+        comm_requests._current_comm = self     # what restored requests and derived comms attach to
         self.enable_direct()
 
     def _blank(self) -> None:
@@ -448,16 +245,6 @@ class Comm:
         s.append(r)
 
     # -- point to point: receives ------------------------------------------------
-    def _take_held(self, source: int, tag: int) -> _Held | None:
-        q = self._queue
-        for i, m in enumerate(q):
-            if m.matches(source, tag):
-                del q[i]
-                if not q and self._direct:
-                    self._maybe_direct()
-                return m
-        return None
-
     def Recv(self, buf, source: int = ANY_SOURCE, tag: int = ANY_TAG,
              status: MPI.Status | None = None) -> None:
         if not self._queue and not self._pending:
@@ -542,101 +329,14 @@ class Comm:
 
     iprobe = Iprobe
 
-    # -- the progress engine for lazy receives -----------------------------------
-    def _complete_held(self, r: Request, m: _Held) -> None:
-        n = len(m.payload)
-        if r._kind == "recv":
-            value = pickle.loads(m.payload)
-        else:
-            view = _as_bytes_view(r._buf)
-            if n > len(view):
-                raise CommError(f"message of {n} bytes from rank {m.source} (tag {m.tag}) "
-                                f"truncated: receive buffer holds {len(view)} bytes")
-            view[:n] = m.payload
-            value = None
-        r._complete(value, m.source, m.tag, n)
-
-    def _complete_mpi(self, r: Request, msg: MPI.Message, st: MPI.Status) -> None:
-        if st.Get_tag() >= self.tag_limit:       # taken off MPI, so it does not linger
-            msg.Recv([bytearray(st.Get_count(MPI.BYTE)), MPI.BYTE])
-            raise self._reserved_tag_error(st.Get_source(), st.Get_tag(), "by a receive of the facade")
-        if r._kind == "recv":
-            value = msg.recv()
-        else:
-            msg.Recv(r._buf)
-            value = None
-        r._complete(value, st.Get_source(), st.Get_tag(), st.Get_count(MPI.BYTE))
-
-    def _match(self, r: Request) -> bool:
-        """Try to complete one receive: held messages first, then MPI.
-
-        Only for a receive with no earlier pending receive (see _progress)."""
-        m = self._take_held(r.source, r.tag) if self._queue else None
-        if m is not None:
-            self._complete_held(r, m)
-            return True
-        st = MPI.Status()
-        msg = self._c.improbe(r.source, r.tag, st)
-        if msg is None:
-            return False
-        self._complete_mpi(r, msg, st)
-        return True
-
-    def _progress(self) -> bool:
-        """Match pending receives in posting order; returns whether any completed.
-
-        MPI's rule: a message goes to the *earliest posted* pending receive that
-        matches it. A receive that found nothing may be passed by a later one
-        only with a message it does not match: a message can arrive between the
-        two probes, so a later receive looks (``iprobe``) before it takes
-        (``improbe`` of exactly that source and tag), and if an earlier pending
-        receive matches what it saw, the scan starts again from the front.
-        """
-        made = False
-        pend = self._pending
-        i = 0
-        while i < len(pend):
-            r = pend[i]
-            try:
-                done = self._match(r) if i == 0 else self._match_after(r, pend, i)
-            except BaseException:
-                del pend[i]               # a failed receive (e.g. truncation) is not pending any more
-                raise
-            if done is None:              # an earlier receive owns that message: rescan
-                i = 0
-                continue
-            if done:
-                del pend[i]
-                made = True
-            else:
-                i += 1
-        if made and not pend and self._direct:
-            self._maybe_direct()
-        return made
-
-    def _match_after(self, r: Request, pend: list[Request], i: int) -> bool | None:
-        """_match for pend[i] when pend[:i] found nothing; None: rescan from the front."""
-        m = self._take_held(r.source, r.tag) if self._queue else None
-        if m is not None:      # earlier receives found no held message they match
-            self._complete_held(r, m)
-            return True
-        st = MPI.Status()
-        if not self._c.iprobe(r.source, r.tag, st):
-            return False
-        src, tag = st.Get_source(), st.Get_tag()
-        for e in pend[:i]:
-            if (e.source == ANY_SOURCE or e.source == src) and (e.tag == ANY_TAG or e.tag == tag):
-                return None
-        msg = self._c.improbe(src, tag, st)     # the first from src with tag: the one seen
-        if msg is None:                         # cannot happen (single-threaded); be safe
-            return False
-        self._complete_mpi(r, msg, st)
-        return True
-
-    def _wait_recv(self, r: Request) -> None:
-        while not r._done:
-            if not self._progress():
-                _idle()
+    # -- the progress engine for lazy receives: mpimig.comm_requests --------------
+    _take_held = comm_requests.take_held
+    _complete_held = comm_requests.complete_held
+    _complete_mpi = comm_requests.complete_mpi
+    _match = comm_requests.match
+    _progress = comm_requests.progress
+    _match_after = comm_requests.match_after
+    _wait_recv = comm_requests.wait_recv
 
     # -- collectives: straight to MPI ----------------------------------------------
     def Barrier(self) -> None:
@@ -715,116 +415,13 @@ class Comm:
         self._c.Reduce_scatter_block(sendbuf, recvbuf, op)
 
     # -- safe points: the protocol's seams (hold, export, import, re-point) ---------
-    def hold_in_flight(self) -> int:
-        """Collective over the communicator: hold every in-flight message (step 4).
-
-        Every rank sends an end-of-epoch marker to every rank and, source by
-        source, holds what that source sent before its marker (a consistent cut:
-        nothing sent after it, by a rank that has already left the drain).
-        Returns the number of messages newly held.
-        Nonblocking collectives still outstanding are completed first. On the
-        job's communicator, the same is done on each derived communicator this
-        rank is in, in the order they were created (docs/protocol.md, "Derived
-        communicators").
-        """
-        family = [self, *self._derived.values()] if self._root is self else [self]
-        for c in family:
-            c._finish_colls()
-        return sum(c._hold_own() for c in family)
-
-    def _finish_colls(self) -> None:
-        for r in self._colls:
-            r.Wait()
-        self._colls = []
-
-    @staticmethod
-    def _send_markers(c: MPI.Intracomm, n: int, marker: int) -> list[MPI.Request]:
-        """The drain's end-of-epoch markers, one to every rank (self included)."""
-        return [c.Isend([_MARKER, len(_MARKER), MPI.BYTE], d, marker) for d in range(n)]
-
-    def _hold_own(self) -> int:
-        c = self._c
-        n = c.Get_size()
-        marker = self._marker_tag
-        limit = self.tag_limit
-        # Everyone must be here before any marker flies: a rank still in a
-        # receive with ANY_TAG would take a marker for a message.
-        c.Barrier()
-        # A marker to self too: messages a rank sent to itself are held as well. Its payload
-        # tells it from a user message sent (unchecked, on the direct path) with the marker's tag.
-        reqs = self._send_markers(c, n, marker)
-        held = 0
-        misused: list[tuple[int, int]] = []
-        st = MPI.Status()
-        # A consistent cut (Chandy-Lamport): from each source, hold exactly the messages it
-        # sent before its marker, and none after. A source that has left the drain may
-        # already be sending its next step's messages (the asynchronous checkpoint's snapshot
-        # has no collective after the drain); such a message belongs to the state after the
-        # cut, and the source sends it again after a restart: holding it too delivered it
-        # twice (a wrong result after a relaunch). So drain source by source: everything up
-        # to its marker (messages from one source arrive in order, the marker among them).
-        for src in range(n):
-            while True:
-                msg = c.mprobe(src, ANY_TAG, st)
-                tag = st.Get_tag()
-                nbytes = st.Get_count(MPI.BYTE)
-                data = bytearray(nbytes)
-                msg.Recv([data, nbytes, MPI.BYTE])
-                if tag == marker and data == _MARKER:
-                    break
-                if tag >= limit:
-                    misused.append((src, tag))      # a user message with a reserved tag: dropped
-                else:
-                    self._queue.append(_Held(src, tag, data))
-                    held += 1
-                    if self._direct:
-                        self._slow_recv()
-        MPI.Request.Waitall(reqs)
-        # everything we sent has been drained by its receiver: sends are complete
-        for r in self._sends:
-            if not r._done:
-                if r._mpi is not None:
-                    r._mpi.Wait()
-                r._done = True
-        self._sends = []
-        # lazy receives may now match held messages
-        self._progress()
-        if misused:       # the drain is complete (every marker taken): the communicator stays usable
-            src, tag = misused[0]
-            raise self._reserved_tag_error(src, tag, f"at the safe point's drain ({len(misused)} such message(s))")
-        return held
-
-    def export_held(self) -> dict:
-        """The communication state that moves with the rank (after :meth:`hold_in_flight`):
-        ``{"queue": [(source, tag, payload bytes), ...], "derived": {...}}``, oldest first;
-        ``derived`` (plain data) says how to rebuild each derived communicator and holds
-        its queue (:func:`mpimig.derived.export`)."""
-        for c in ([self, *self._derived.values()] if self._root is self else [self]):
-            pending_buf = [r for r in c._pending if r._kind == "Recv"]
-            if pending_buf:
-                r = pending_buf[0]
-                raise CommError(
-                    f"rank {self.rank}: a pending Irecv(source={r.source}, tag={r.tag}) cannot be kept "
-                    "across a checkpoint point: complete buffer receives before ctx.checkpoint_point(), "
-                    "or use irecv")
-        out: dict[str, Any] = {"queue": [(m.source, m.tag, bytes(m.payload)) for m in self._queue]}
-        if self._root is self and self._family_ops is not None:
-            out["derived"] = self._family_ops.export(self)
-        return out
-
-    def import_held(self, data: dict) -> None:
-        """Take over held messages exported by :meth:`export_held` (replaces the queue):
-        they are matched before anything that arrives later (step 7, forwarding).
-
-        With ``data["derived"]`` this is collective over the members of each derived
-        communicator: they are rebuilt on this communicator (:func:`mpimig.derived.rebuild`)."""
-        self._queue = deque(_Held(s, t, bytearray(p)) for s, t, p in data.get("queue", []))
-        if self._direct:
-            self._install_direct()
-        if data.get("derived"):
-            if self._family_ops is None:
-                raise CommError("derived communicators to rebuild, but mpimig.derived is not imported")
-            self._family_ops.rebuild(self, data["derived"])
+    # step 4, the drain, and the held queue's export/import: mpimig.comm_flush
+    hold_in_flight = comm_flush.hold_in_flight
+    export_held = comm_flush.export_held
+    import_held = comm_flush.import_held
+    _finish_colls = comm_flush.finish_colls
+    _send_markers = staticmethod(comm_flush.send_markers)
+    _hold_own = comm_flush.hold_own
 
     def clear_held(self) -> int:
         """Drop every held message; returns how many there were (tests, a process that dies)."""

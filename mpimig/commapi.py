@@ -27,7 +27,9 @@ from typing import Any, Callable
 import numpy as np
 from mpi4py import MPI
 
-from .comm import ANY_SOURCE, ANY_TAG, Comm, Request, _fill_status, _Held, _idle
+from .comm import ANY_SOURCE, ANY_TAG, Comm
+from .comm_flush import _Held
+from .comm_requests import Request, _fill_status, _idle
 from .errors import CommError
 
 #: Nonblocking collectives: straight to MPI, completed before any safe point's hold.

@@ -38,7 +38,8 @@ from typing import Any, Callable
 
 from mpi4py import MPI
 
-from .comm import Comm, FTComm, _Held
+from .comm import Comm, FTComm
+from .comm_flush import _Held
 from .commapi import _icoll
 from .errors import CommError
 
@@ -446,8 +447,8 @@ def lookup(seq: int, cls: type | None = None) -> Any:
     """The derived comm number ``seq`` of the current job communicator (unpickling a
     registered derived comm, or a request on one). Before the rebuild (state is
     unpickled first) it is a shell that :func:`rebuild` fills in."""
-    from . import comm as _comm     # the module's global, as it is now
-    root = _comm._current_comm
+    from . import comm_requests as _requests     # the module's global, as it is now
+    root = _requests._current_comm
     if root is None:
         raise CommError("a derived communicator was restored outside an mpimig job")
     obj = root._derived.get(seq)

@@ -50,7 +50,7 @@ from .errors import UsageError
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-    from .runtime import Context
+    from .rank_context import Context
 
 #: name -> (environment variable, default seconds, the wait it bounds)
 TIMEOUTS: dict[str, tuple[str, float, str]] = {

@@ -4,7 +4,7 @@ A checkpoint point has two kinds of work. The *vote* (one ``Allreduce`` over A:
 a migration plan, rank 0's checkpoint clock) must run at the same point on every
 rank. The *local checks* (news on J or on the ranks' own channel, a hook, a
 post-copy's progress) need no agreement. Neither is needed at every point: a
-point in between costs an integer compare (:meth:`mpimig.runtime.Context.checkpoint_point`).
+point in between costs an integer compare (:meth:`mpimig.rank_context.Context.checkpoint_point`).
 
 :class:`Pace` measures this rank's time per point and proposes a gap of points
 that lasts about ``MPIMIG_POINT_SECONDS`` (default 0.1 s). Rank 0's proposal

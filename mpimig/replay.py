@@ -36,6 +36,7 @@ from typing import Any, Callable
 from mpi4py import MPI
 
 from . import comm as _comm
+from . import comm_requests as _requests
 from .errors import CommError
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def _signature(name: str, params: dict) -> str:
     out = _out_name(name, params)
     if out is not None and _is_buffer(params.get(out)):
         try:
-            parts.append(f"{out}={len(_comm._as_bytes_view(params[out]))} bytes")
+            parts.append(f"{out}={len(_requests._as_bytes_view(params[out]))} bytes")
         except (TypeError, ValueError, BufferError, _comm.CommError):
             parts.append(f"{out}=?")
     return f"{name}({', '.join(parts)})"
@@ -200,7 +201,7 @@ class Recorder:
             _watch(result, entry, params.get("buf") if name == "Irecv" else None)
             return
         if out is not None and _is_buffer(params.get(out)):
-            entry["buf"] = bytes(_comm._as_bytes_view(params[out]))
+            entry["buf"] = bytes(_requests._as_bytes_view(params[out]))
         if isinstance(params.get("status"), MPI.Status):
             entry["status"] = _status_of(params["status"])
 
@@ -213,7 +214,7 @@ class Recorder:
         return self.entries
 
 
-class _RecordedRecv(_comm.Request):
+class _RecordedRecv(_requests.Request):
     """An ``Irecv``/``irecv`` request of the setup: its completion is recorded."""
     __slots__ = ()
 
@@ -228,7 +229,7 @@ class _RecordedRecv(_comm.Request):
             if self._kind == "recv":
                 entry["value"] = pickle.dumps(value, protocol=5)
             else:
-                entry["buf"] = bytes(_comm._as_bytes_view(buf))
+                entry["buf"] = bytes(_requests._as_bytes_view(buf))
         except Exception as exc:  # noqa: BLE001 - the original run goes on; only a replay would fail
             entry["unreplayable"] = f"its result could not be recorded ({type(exc).__name__}: {exc})"
 
@@ -237,7 +238,7 @@ _watched: dict[int, tuple[dict, Any]] = {}
 
 
 def _watch(req: Any, entry: dict, buf: Any) -> None:
-    if type(req) is not _comm.Request:
+    if type(req) is not _requests.Request:
         entry["unreplayable"] = "its request is not an mpimig.Request"
         return
     entry["_pending"] = True
@@ -292,14 +293,14 @@ class Replayer:
             return HANDLERS[name][1](self.comm, params, entry.get("kept"))
         if name in SENDS:
             if name.startswith("I"):
-                r = _comm.Request(self.comm, "send", params.get("dest", MPI.PROC_NULL), params.get("tag", 0))
+                r = _requests.Request(self.comm, "send", params.get("dest", MPI.PROC_NULL), params.get("tag", 0))
                 r._done = True
                 return r
             return None
         if name in RECEIVES:
             kind = "recv" if name == "irecv" else "Recv"
             buf = params.get("buf") if kind == "Recv" else None
-            r = _comm.Request(self.comm, kind, params.get("source", MPI.ANY_SOURCE), params.get("tag", MPI.ANY_TAG),
+            r = _requests.Request(self.comm, kind, params.get("source", MPI.ANY_SOURCE), params.get("tag", MPI.ANY_TAG),
                               buf=buf)
             value = None
             if kind == "recv":
@@ -312,7 +313,7 @@ class Replayer:
         if "buf" in entry and out is not None:
             _put(params[out], entry["buf"])
         if "status" in entry and isinstance(params.get("status"), MPI.Status):
-            _comm._fill_status(params["status"], *entry["status"])
+            _requests._fill_status(params["status"], *entry["status"])
         if "value" in entry:
             return pickle.loads(entry["value"])
         return None
@@ -326,7 +327,7 @@ class Replayer:
 
 
 def _put(buf: Any, data: bytes) -> None:
-    view = _comm._as_bytes_view(buf)
+    view = _requests._as_bytes_view(buf)
     if len(view) != len(data):
         raise CommError(f"setup replay: a receive buffer of {len(view)} bytes for a recorded {len(data)} bytes")
     view[:] = data

@@ -1,19 +1,18 @@
-"""Running a program under mpimig: :func:`run`, :class:`Context`, checkpoint points.
+"""Running a program under mpimig: :func:`run`, :func:`context`, and the life of each process.
 
-A program is a function ``main(ctx)``. It registers its state with
-``ctx.state(...)``, calls ``ctx.checkpoint_point()`` at safe points in its main
-loop and uses ``ctx.comm`` instead of ``MPI.COMM_WORLD``. At a checkpoint point
-mpimig may write a coordinated checkpoint, move this rank to another host, or
-(after a failure) roll back. A process that starts in the middle of a job
-(restart, migration target, replacement) runs ``main`` from the top: the
-restored state makes the loop carry on from where it stopped.
+A program is a function ``main(ctx)`` (:class:`~mpimig.rank_context.Context`, in
+:mod:`mpimig.rank_context`: the communicator, the state, the checkpoint points). A
+process that starts in the middle of a job (restart, migration target,
+replacement) runs ``main`` from the top: the restored state makes the loop carry
+on from where it stopped.
 
 A checkpoint point is collective, like a barrier: a program must be correct
 with ``comm.Barrier()`` in its place.
 
-This module keeps the user API and the life of each process (initial rank,
-warm spare, spawned target, retired old process, recovery); the migration
-protocol's steps are in :mod:`mpimig.migration.source` (the ranks' side) and
+This module keeps the life of each process (initial rank, warm spare, spawned
+target, retired old process, recovery) and the job's completion record; reading a
+restart's epoch back is in :mod:`mpimig.restart`; the migration protocol's steps
+are in :mod:`mpimig.migration.source` (the ranks' side) and
 :mod:`mpimig.migration.target` (the new process's side), called from here.
 """
 from __future__ import annotations
@@ -21,428 +20,29 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import sys
 import time
 import traceback
-from collections.abc import Iterator
 from typing import Any, Callable, NoReturn
 
 import numpy as np
 from mpi4py import MPI
 
-from . import ckpt_async, derived as _derived, events, exits, pace, replay, world  # noqa: F401 - derived: the full Comm API
+from . import ckpt_async, derived as _derived, events, exits, replay, world  # noqa: F401 - derived: the full Comm API
 from .comm import Comm, new_comm
-from .errors import CheckpointError, CorruptCheckpoint, MigrationError, MpimigError, NoCommittedEpoch, StateError
+from .errors import MigrationError, MpimigError
 from .ft import hooks, recovery
-from .pace import Pace
-from .balance.metrics import Meter
 from .launch.config import Config
 from .migration import source, target, transport
-from .migration.protocol import DEFAULT_STRATEGY, TAG_DONE, TAG_END, TAG_FINISHING, TAG_HELLO, Link
-from .checkpoint.format import Deferred, loads
-from .distributed import Distributed, Resize
-from .state import State
+from .migration.protocol import TAG_DONE, TAG_END, TAG_FINISHING, TAG_HELLO, Link
+from .checkpoint.format import loads
+from .rank_context import Context
 
 log = logging.getLogger(__name__)
-
-ROLES = ("initial", "restarted", "migrated", "survivor", "replacement")
 
 
 def _comm(cfg: Config, mpicomm: MPI.Intracomm) -> Comm:
     return new_comm(mpicomm, cfg.ft)
-
-
-def hostname() -> str:
-    return MPI.Get_processor_name() or socket.gethostname()
-
-
-class Context:
-    """What ``main(ctx)`` gets: the communicator, the state and the safe points.
-
-    For the balancer (``mpimig run --policy``) a program may set ``ctx.weight``
-    (its priority, default 1.0) and ``ctx.total_points`` (how many safe points
-    the whole run passes, so that the remaining work is known)."""
-
-    def __init__(self, comm: Comm, config: Config, role: str = "initial") -> None:
-        self.comm = comm
-        self.config = config
-        self.role = role                  # initial | restarted | migrated | replacement
-        self.point = 0                    # checkpoint points passed so far
-        self.epoch = 0                    # last committed checkpoint epoch (0: none)
-        self.host = hostname()
-        self._state: State | None = None
-        self._restored: tuple | None = None   # (arrays, objects) waiting for ctx.state()
-        self._layout: dict[str, Distributed] = {}   # items declared Distributed (mpimig.distributed)
-        self._resize: Resize | None = None    # a restart on another rank count waiting for ctx.state()
-        self._store: Any = None               # CheckpointStore (imported with h5py only when configured)
-        self._want_ckpt = False
-        self._pending: ckpt_async.Pending | None = None   # --ckpt-async: the epoch written in the background
-        self._last_ckpt_time = time.monotonic()
-        self._pace = Pace(pace.seconds_from_env())   # how far apart the safe points check (mpimig.pace)
-        self._free_until = 0                  # points before this one are free (mpimig.pace)
-        self.link = Link()                    # the migration machinery's (mpimig.migration.source/target)
-        self.stats: dict[str, Any] = {"checkpoints": 0, "ckpt_seconds": 0.0, "ckpt_bytes": 0}
-        self.recoveries = 0                   # online recoveries of the job so far
-        self._own: recovery.Copy | None = None     # --ft: my state at the last epoch, in memory
-        self._buddies: list[recovery.Copy] = []       # --ft: other ranks' states, in memory
-        self._hosts: list[str] = []           # host of each logical rank (at the last checkpoint)
-        self._procs: list[dict] | None = None   # every rank's host, pid and role (at the end)
-        self.weight = 1.0                     # priority for the balancer (the program may set it)
-        self.total_points: int | None = None  # safe points the whole run will pass, if the program knows
-        self._meter: Meter | None = Meter(config.metrics_seconds, seed=comm.rank) if config.policy else None
-        self._setup: replay.Session | None = None   # recording (or replaying) the setup until the resume point
-        self._loops = 0                       # ctx.range loops entered in this run of the program
-        if config.ckpt_dir is not None:
-            from .checkpoint import CheckpointStore
-            self._store = CheckpointStore(config.ckpt_dir, job_id=config.run_id or "job",
-                                          keep=config.keep)
-        self._incr: Any = None                # --ckpt-incremental: IncrementalWriter (ckpt_async.incremental)
-
-    # -- identity ----------------------------------------------------------
-    @property
-    def rank(self) -> int:
-        return self.comm.rank
-
-    @property
-    def size(self) -> int:
-        return self.comm.size
-
-    @property
-    def resumed(self) -> bool:
-        """True when this run of the program carries on a run that began earlier: the rank was
-        restarted from an epoch, migrated here, or recovered (role other than ``initial``).
-        A program tells setup side effects apart with it (docs/porting.md)."""
-        return self.role != "initial"
-
-    @property
-    def replaying(self) -> bool:
-        """True while a migrated rank replays its setup (before its resume point): its
-        communication gives back what its first process received, and sends nothing."""
-        return self._setup is not None and self._setup.replaying
-
-    def __repr__(self) -> str:
-        return (f"<mpimig.Context rank {self.rank}/{self.size} on {self.host}, role {self.role}, "
-                f"point {self.point}, epoch {self.epoch}>")
-
-    # -- state ---------------------------------------------------------------
-    @property
-    def registered_state(self) -> State | None:
-        """The rank's :class:`State` if ``ctx.state()`` was called, else None."""
-        return self._state
-
-    def restore(self, arrays: dict[str, np.ndarray], objects: dict[str, Any], point: int, epoch: int) -> None:
-        """Values (from an epoch or a migration) that ``ctx.state()`` gives next, and the
-        counters to go on from."""
-        self._restored = (arrays, objects)
-        self.point = point
-        self.epoch = epoch
-
-    def release_state(self) -> None:
-        """Forget the registered state (the old process of a moved rank)."""
-        self._state = None
-        self._restored = None
-
-    def state(self, **items: Any) -> State:
-        """Register state items (and return the rank's :class:`State`).
-
-        On a fresh start the given values are used. When the rank was restored
-        (restart, migration, recovery), restored values replace them; items
-        that were not saved keep the given values.
-
-        An item given as :class:`mpimig.Distributed` (an array and how it is
-        split over the ranks) is registered as its array, and its declaration
-        lets a job restart on another number of ranks (mpimig.distributed); on
-        such a restart, a call with Distributed items split along an axis
-        without ``start`` is collective.
-        """
-        decls = {k: v for k, v in items.items() if isinstance(v, Distributed)}
-        for k, d in decls.items():
-            self._layout[k] = d
-            items[k] = d.value
-        if self._state is None:
-            self._state = State()
-        st = self._state
-        for k, v in items.items():
-            if k not in st:
-                st[k] = v
-        if self._restored is not None:
-            arrays, objects = self._restored
-            self._restored = None
-            st.update_from(arrays, {k: v.resolve() if isinstance(v, Deferred) else v for k, v in objects.items()})
-        if self._resize is not None:
-            self._fill_resized(st, items, decls)
-        for d in decls.values():
-            d.value = None                # the declaration is kept, not the array it came with
-        if self._setup is not None:           # the resume point: the setup's record goes with the state
-            st[replay.KEY] = self._setup.finish()
-            self._setup = None
-        return st
-
-    def _fill_resized(self, st: State, items: dict[str, Any], decls: dict[str, Distributed]) -> None:
-        """A restart on another number of ranks: read the Distributed items' blocks from the epoch."""
-        rs = self._resize
-        assert rs is not None
-        where = f"epoch {rs.epoch} in {rs.directory}"
-        for k in items:
-            if k in rs.items and k not in decls:
-                raise StateError(f"{where}: state item {k!r} was declared mpimig.Distributed when the epoch was "
-                                 f"written by {rs.manifest['size']} ranks; this program registers it without "
-                                 "a declaration, so this rank's part of it is unknown")
-        for k, d in decls.items():
-            if k not in rs.items or k in rs.done:
-                continue
-            offset = None
-            if d.start is None:               # split along an axis in rank order: the ranks' lengths
-                lengths = self.comm.mpi.allgather(d.count(items[k])[d.axis])
-                offset = int(sum(lengths[:self.rank]))
-            rs.fill(k, d, offset)
-            st[k] = items[k]
-
-    def range(self, *args: int) -> Iterator[int]:
-        """``range(...)`` for the main loop, with a safe point after every iteration.
-
-        The loop's position is registered state: after a restart, a migration or a
-        recovery the loop carries on with the next iteration. Entering the loop is
-        the resume point (as the first :meth:`state` call is)."""
-        r = range(*args)
-        key = f"_mpimig_range{self._loops}"
-        self._loops += 1
-        st = self.state()
-        if key not in st:
-            st[key] = 0
-        for i in range(st[key], len(r)):
-            yield r[i]
-            st[key] = i + 1
-            self.checkpoint_point()
-
-    # -- safe points -----------------------------------------------------------
-    def request_checkpoint(self) -> None:
-        """Ask for a checkpoint at the next checkpoint point (every rank must ask)."""
-        self._want_ckpt = True
-        self._free_until = 0
-
-    def checkpoint_point(self) -> None:
-        """A safe point: a checkpoint, a migration or a recovery may happen here.
-
-        Collective over ``ctx.comm``. A point with nothing due costs no collective
-        and no MPI call (docs/protocol.md, "Free safe points").
-        """
-        p = self.point = self.point + 1
-        if p < self._free_until:
-            return                        # a free point: the next vote and checks are further on
-        self._full_point()
-
-    def _full_point(self) -> None:
-        """A safe point that checks: local news, then (at the agreed points) the vote."""
-        if self._setup is not None:           # no state registered: the first safe point is the resume point
-            self.state()
-        link = self.link
-        link.t_point = time.perf_counter()
-        link.t_point_wall = time.time()
-        self._resize = None               # items of a resized restart not registered by now stay unread
-        meter = self._meter
-        if meter is not None:             # a job with a policy: close the interval, report now and then
-            meter.at_point(self)
-        exits.at_point(self)              # another rank returned from main: abort, naming it
-        if self.comm._replay:             # a resumed process's setup is over (mpimig.derived)
-            self.comm.end_replay()
-        if link.lazy is not None:
-            link.lazy.progress()          # post-copy: note chunks that arrived
-        cfg = self.config
-        due = bool(self._want_ckpt) or bool(cfg.ckpt_every and self.point % cfg.ckpt_every == 0)
-        self._want_ckpt = False
-        gap = self._pace.gap(self.point, cfg.ckpt_seconds or None)
-        v = None
-        if self._voting and self.point >= link.next_vote:
-            # rank 0's clock decides a --ckpt-seconds checkpoint, so every rank agrees
-            v = source.vote(self, gap, bool(cfg.ckpt_seconds)
-                            and time.monotonic() - self._last_ckpt_time >= cfg.ckpt_seconds)
-            due = due or v.ckpt
-            self.stats["votes"] = self.stats.get("votes", 0) + 1
-        if self._pending is not None:     # --ckpt-async: commit the epoch written in the background
-            self.settle_checkpoint(wait=due)
-        if due and self._store is not None:
-            if cfg.ckpt_async and not cfg.ft:
-                self._pending = ckpt_async.snapshot(self)
-                self._last_ckpt_time = time.monotonic()
-            else:
-                self.checkpoint()
-        if v is not None and link.J is not None:
-            source.migration_point(self, v)
-        hooks.fire("checkpoint-point", ctx=self)
-        if meter is not None:
-            meter.resume()
-        self._next_full(gap)
-
-    def _next_full(self, gap: int) -> None:
-        """The next point that is not free: the next vote, the next local check (``gap``
-        points on), the next ``--ckpt-every`` point; the next point itself while something
-        runs at every point (a policy's meter, a post-copy, an asynchronous epoch not yet committed:
-        its settle is a collective at every point, a hook). An ``--ft`` job's points are free too:
-        a recovery revokes the program's derived communicators with J and A, so a rank blocked on
-        one learns of a failure there (mpimig.ft.recovery.recover)."""
-        link, p, cfg = self.link, self.point, self.config
-        if (self._meter is not None or link.lazy is not None or self._pending is not None
-                or hooks.registered("checkpoint-point")):
-            self._free_until = p + 1
-            return
-        nxt = p + gap
-        if self._voting:
-            nxt = min(nxt, link.next_vote)
-        if cfg.ckpt_every and self._store is not None:
-            nxt = min(nxt, (p // cfg.ckpt_every + 1) * cfg.ckpt_every)
-        self._free_until = max(p + 1, nxt)
-
-    @property
-    def _voting(self) -> bool:
-        """Whether safe points vote: a job with a coordinator, or --ckpt-seconds."""
-        return self.link.J is not None or bool(self.config.ckpt_seconds)
-
-    # -- migration (docs/protocol.md) -------------------------------------------------
-    def migrate(self, host: str, strategy: str = DEFAULT_STRATEGY) -> int:
-        """Self-migration: ask the coordinator to move this rank to ``host``.
-
-        Returns the migration id once the request is accepted; the move
-        happens at a later checkpoint point. Raises MigrationError if refused.
-        """
-        return source.request(self, host, strategy)
-
-    def checkpoint(self) -> int:
-        """Write a coordinated checkpoint now (collective). Returns the epoch committed.
-
-        Synchronous also under ``--ckpt-async`` (an epoch still pending is committed first)."""
-        if self._store is None:
-            raise CheckpointError("no checkpoint directory configured (set MPIMIG_CKPT_DIR or use mpimig run)")
-        self.settle_checkpoint()
-        epoch = ckpt_async.write_epoch(self)
-        self._last_ckpt_time = time.monotonic()
-        return epoch
-
-    def settle_checkpoint(self, wait: bool = True) -> None:
-        """``--ckpt-async``: vote on and commit the epoch whose write runs in the background
-        (collective; without ``wait`` only if every rank's write has finished)."""
-        pending = self._pending
-        if pending is None:
-            return
-        if ckpt_async.settle(self, pending, wait) is not None or wait:
-            self._pending = None
-
-    def _keep_copies(self, epoch: int, arrays: dict, objects: dict, extra: dict | None) -> str:
-        """--ft: keep this epoch's state in my memory and in my buddy's (collective over A).
-
-        Returns an error string for the vote ("" when all went well)."""
-        from .checkpoint.format import dumps
-        mine, err = None, ""
-        if extra is not None:
-            try:
-                mine = recovery.Copy(self.rank, epoch, {k: np.array(a, copy=True) for k, a in arrays.items()},
-                                     {k: dumps(k, v) for k, v in objects.items()},
-                                     {"queue": [(m[0], m[1], m[3]) for m in extra["queue"]],
-                                      "point": self.point, "derived": extra.get("derived")})
-            except MpimigError as exc:
-                err = str(exc)
-        self._hosts = recovery.allgather_obj(self.comm.mpi, self.host)
-        self._buddies = []                # the old copies go before the new ones arrive
-        self._own = None
-        self._buddies = recovery.exchange_buddies(self.comm.mpi, mine, self._hosts)
-        self._own = mine
-        self.stats["buddy_bytes"] = (mine.nbytes() if mine else 0) + sum(b.nbytes() for b in self._buddies)
-        return err
-
-    # -- restart -------------------------------------------------------------------
-    def _restore_from_store(self) -> None:
-        """Restart from the newest committed epoch that verifies, if the config says so
-        (collective). A damaged epoch (a checksum, a signature) is moved aside, logged
-        as an ``epoch_damaged`` event, and the one before it is tried."""
-        cfg = self.config
-        if self._store is None:
-            if cfg.restart == "always":
-                raise NoCommittedEpoch("restart asked for, but no checkpoint directory is configured")
-            return
-        epochs: list[int] = []
-        if self.rank == 0 and cfg.restart != "never":
-            epochs = self._store.committed_epochs()
-        epochs = self.comm.mpi.bcast(epochs, root=0)
-        if not epochs:
-            if cfg.restart == "always":
-                raise NoCommittedEpoch(f"restart asked for, but {cfg.ckpt_dir} has no committed epoch")
-            return
-        from .checkpoint.incremental import BrokenChain
-        for latest in reversed(epochs):
-            broken = ""
-            try:
-                (rs, resize), damage = self._read_epoch(latest), ""
-            except CorruptCheckpoint as exc:        # SignatureError too: nothing was unpickled
-                rs, resize, damage = None, None, f"rank {self.rank}: {exc}"
-            except BrokenChain as exc:              # an incremental chain broken before this epoch
-                rs, resize, damage, broken = None, None, "", f"rank {self.rank}: {exc}"
-            votes = recovery.allgather_obj(self.comm.mpi, (damage, broken))
-            chain = [b for _, b in votes if b]
-            if chain:    # every rank refuses alike: the epoch itself is sound, moving it aside would not help
-                raise CheckpointError(f"restart from epoch {latest} in {cfg.ckpt_dir} refused: {chain[0]}"
-                                      + (f" (and {len(chain) - 1} more rank(s))" if len(chain) > 1 else ""))
-            problems = [d for d, _ in votes if d]
-            if not problems:
-                break
-            if self.rank == 0:
-                moved = self._store.quarantine(latest, problems)
-                older = [e for e in epochs if e < latest]
-                sys.stderr.write(f"mpimig: epoch {latest} in {cfg.ckpt_dir} is damaged ({problems[0]}"
-                                 f"{f' and {len(problems) - 1} more' if len(problems) > 1 else ''}); "
-                                 f"moved aside to {moved.name}; "
-                                 + (f"trying epoch {older[-1]}\n" if older else "no older epoch\n"))
-                events.emit(cfg.job_dir, "epoch_damaged", cfg.run_id, epoch=latest, problems=problems,
-                            quarantined=str(moved))
-        else:
-            raise CorruptCheckpoint(f"no committed epoch in {cfg.ckpt_dir} verifies (tried {epochs[::-1]}; "
-                                    "each was moved aside as epoch-N.damaged-*, see mpimig inspect)")
-        assert rs is not None
-        self.restore(rs.arrays, rs.objects, point=int(rs.extra.get("point", 0)), epoch=latest)
-        self._resize = resize
-        # Derived communicators are rebuilt from the ranks' records; on another number of
-        # ranks those records do not apply, and every rank runs the program's setup again,
-        # which derives them anew.
-        self.comm.import_held({"queue": [(m[0], m[1], m[3]) for m in rs.extra.get("queue", [])],
-                               "derived": rs.extra.get("derived") if resize is None else None})
-        self.role = "restarted"
-        if self.rank == 0:
-            log.info("restarted from epoch %d (point %d) in %s%s", latest, self.point, cfg.ckpt_dir,
-                     "" if resize is None else f", written by {resize.manifest['size']} ranks")
-
-    def _read_epoch(self, epoch: int) -> tuple[Any, Resize | None]:
-        """This rank's state from a committed epoch, and the Resize to finish in ``ctx.state()``
-        when the epoch was written by another number of ranks (mpimig.distributed): then this
-        rank reads the replicated items from one old rank and checks the distributed datasets
-        of every old rank ``r`` with ``r % size == rank``. Raises CheckpointError naming what
-        keeps a program from restarting on this number of ranks (CorruptCheckpoint: damage)."""
-        from .checkpoint import layout
-        store = self._store
-        man = store.manifest(epoch)
-        old = int(man["size"])
-        if old == self.size:
-            if self.config.ckpt_incremental or _has_deltas(man):
-                from .checkpoint.incremental import read_state
-                return read_state(store, epoch, self.rank), None
-            return store.read_rank(epoch, self.rank), None
-        if _has_deltas(man):
-            raise CheckpointError(f"epoch {epoch} in {store.directory} was written by {old} ranks as incremental "
-                                  f"deltas (--ckpt-incremental): a restart on {self.size} ranks needs a full "
-                                  f"epoch; restart on {old} ranks, or from a full epoch (mpimig inspect lists "
-                                  "each rank's link kind)")
-        items = layout.plan(man, self.size, f"epoch {epoch} in {store.directory}")
-        rs = store.read_rank(epoch, self.rank % old, skip=frozenset(i["dataset"] for i in items.values()))
-        problems = layout.verify_ranks(store.directory, epoch, man, list(range(self.rank, old, self.size)))
-        if problems:
-            raise CorruptCheckpoint("; ".join(problems))
-        return rs, Resize(store.directory, epoch, man, items)
-
-
-def _has_deltas(man: dict) -> bool:
-    """Whether some rank file of an epoch (its manifest) is an incremental delta link."""
-    from .checkpoint.incremental import SUFFIX_CHUNKS
-    return any(isinstance(r, dict) and any(str(d).endswith(SUFFIX_CHUNKS) for d in r.get("datasets") or ())
-               for r in man.get("ranks", ()))
 
 
 def _setup_logging(rank: int) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from mpi4py import MPI
 
-from . import comm as _comm
+from . import comm_requests as _requests
 
 _REAL_WORLD: MPI.Intracomm = MPI.COMM_WORLD
 _REAL_REQUEST = MPI.Request
@@ -67,7 +67,7 @@ def installed() -> Any:
 
 
 def _any_mpimig(requests) -> bool:
-    return any(isinstance(r, _comm.Request) for r in requests)
+    return any(isinstance(r, _requests.Request) for r in requests)
 
 
 def _st(statuses, i):

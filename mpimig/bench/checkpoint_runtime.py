@@ -59,7 +59,7 @@ def _context(directory: Path, asynchronous: bool) -> Any:
 
     from ..comm import new_comm
     from ..launch.config import Config
-    from ..runtime import Context
+    from ..rank_context import Context
     cfg = Config(ckpt_dir=directory, ckpt_every=0, keep=1, ckpt_async=asynchronous, run_id="bench")
     return Context(new_comm(MPI.COMM_SELF.Dup(), False), cfg)
 

@@ -577,7 +577,7 @@ def _schedule(args: argparse.Namespace, kinds: list[str], hosts: list[str]) -> l
 def _one_job(args: argparse.Namespace, program: str, seed: int | None, faults: list[dict], job_dir: Path,
              report_dir: Path, quiet: bool) -> dict:
     """Run one job with ``faults`` (``mpimig run`` with the command's options) and write its report."""
-    from ..launch.launcher import run_argv
+    from ..launch.options import run_argv
     prog_args = [a.replace("{job}", str(job_dir)) for a in args.args]
     ns = argparse.Namespace(**vars(args))
     ns.args = prog_args
@@ -633,7 +633,7 @@ def _cmd_seeds(args: argparse.Namespace, one: Callable[..., dict], kinds: list[s
 
 
 def register(sub) -> None:
-    from ..launch.launcher import add_run_arguments
+    from ..launch.options import add_run_arguments
     p = sub.add_parser(
         "inject", help="fault-injection experiment: run a job, kill parts of it, report recovery",
         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -5,6 +5,11 @@ completion record (``JOB_DIR/complete.json`` with this run's id), never by
 ``mpiexec``'s exit status, which is 0 even when Open MPI lost a host
 (shared/PLATFORM.md).
 
+This module runs the job: the MPI flavour and the mpiexec command, the job
+directory, one launch supervised to its end (``launch``) and the relaunches of
+``cmd_run``. The options and their checks are in :mod:`.options`; why a launch was
+lost, read from mpiexec's output, in :mod:`.diagnosis`.
+
 Restart policy (``--restart``):
   auto    resume from the latest committed epoch if the job directory holds one
           from a run that did not complete; otherwise start fresh (default)
@@ -17,16 +22,13 @@ import argparse
 import functools
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 from .. import events, lab
@@ -34,8 +36,10 @@ from ..checkpoint import auth
 from ..checkpoint.format import QUARANTINE_RE
 from ..ft import relaunch
 from . import placement, slurm, stuck
-from .config import RESTART_MODES, Config, parse_schedule
-from ..errors import LaunchError, MpimigError, NoCommittedEpoch, UsageError
+from .config import Config
+from .diagnosis import _logical, exit_report, loss_reason  # noqa: F401 - _logical: tests/test_spares_per_host.py
+from .options import add_run_arguments, check_schedule, host_names, job_config
+from ..errors import LaunchError, NoCommittedEpoch, UsageError
 
 
 def find_mpiexec() -> str | None:
@@ -114,11 +118,6 @@ def build_command(flavour: str, n: int, program: list[str], *, hosts: str | None
     cmd += ["-n", str(n + 1 + spares if coordinator else n)]
     cmd += program
     return cmd
-
-
-def host_names(spec: str | None) -> list[str]:
-    """Host names of a ``h1:2,h2:2`` spec."""
-    return [h.split(":")[0] for h in (spec or "").split(",") if h.strip()]
 
 
 def _lab() -> lab.Lab | None:
@@ -270,164 +269,6 @@ def _kill_job(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-# What mpiexec prints when a job is lost, and the reason recorded in the
-# ``job_lost`` event (PLATFORM.md: mpiexec may still exit 0). The order of the
-# checks is in :func:`loss_reason`; these generic phrases come last, an abort
-# before the signals: after MPI_Abort, Open MPI says the other processes "may
-# have been terminated by signals".
-LOSS_PATTERNS = [
-    ("lost communication with a remote daemon", "host lost: PRRTE lost communication with a remote daemon"),
-    ("lost connection to the remote daemon", "host lost: lost connection to a remote daemon"),
-    ("MPI_ABORT was invoked", "a rank called MPI_Abort"),
-    ("calling \"abort\"", "a process aborted the job"),
-    ("Abort(", "a rank called MPI_Abort"),
-    ("exited on signal", "a rank was killed by a signal"),
-    ("killed by signal", "a rank was killed by a signal"),
-    ("terminated by signal", "a rank was killed by a signal"),
-    ("BAD TERMINATION", "a rank was killed (MPICH: bad termination)"),
-    ("proc_failed", "a process failed (ULFM)"),
-]
-
-
-_SIGNALLED = re.compile(r"process rank (\d+) with PID (\d+) on node (\S+) exited on signal (\d+)")
-# Open MPI 5: "MPI_ABORT was invoked on rank 3 in communicator MPI_COMM_WORLD Proc: ... Errorcode: 1"
-_OMPI_ABORT = re.compile(r"MPI_ABORT was invoked on rank (\d+) in communicator (\S+)"
-                         r"(?:.{0,300}?[Ee]rrorcode:? (-?\d+))?")
-# MPICH: "Abort(1) on node 3 (rank 3 in comm 0): application called MPI_Abort(MPI_COMM_WORLD, 1)"
-_MPICH_ABORT = re.compile(r"Abort\((-?\d+)\) on node (\d+)")
-# Open MPI's default error handler: "*** An error occurred in Socket closed [vm:00000] *** reported by
-# process [3388932097,0]" ... "MPI_ERRORS_ARE_FATAL" -- an MPI error in a process, not a call of MPI_Abort
-_FATAL = re.compile(r"An error occurred in (.{1,80}?) (?:\[[^\]]*\] )?\*\*\* reported by process \[(\d+),(\d+)\]")
-# MPI errors that say a peer process went away (its connection closed)
-_PEER_GONE = re.compile(r"socket closed|connection|proc(ess)?[_ ]failed|peer", re.IGNORECASE)
-# mpimig's own line before it aborts (mpimig.runtime.run): names the logical rank
-_MPIMIG_FAILED = re.compile(r"mpimig: (rank \d+|process \d+ of MPI_COMM_WORLD \(before it had a rank\)|"
-                            r"a spawned process \(before it had a rank\)): (unhandled exception|error)")
-
-
-def _abort_reason(flat: str) -> str | None:
-    """An MPI_Abort, with its error code and, when mpimig said so, the logical rank that failed."""
-    m = _OMPI_ABORT.search(flat)
-    if m:
-        code, where = m.group(3), f"world rank {m.group(1)} in {m.group(2)}"
-    else:
-        m = _MPICH_ABORT.search(flat)
-        if m is None:
-            return None
-        code, where = m.group(1), f"world rank {m.group(2)}"
-    code_s = f"error code {code}" if code is not None else "error code not shown"
-    own = _MPIMIG_FAILED.search(flat)
-    if own:
-        what = "raised an exception" if own.group(2) == "unhandled exception" else "failed with an error"
-        return f"{own.group(1)} {what} and aborted the job (MPI_Abort, {code_s}; {where})"
-    if "mpimig: coordinator failed" in flat:
-        return f"the coordinator failed and aborted the job (MPI_Abort, {code_s}; {where})"
-    return f"a rank called MPI_Abort ({code_s}; {where})"
-
-
-def _signal_exit(returncode: int | None) -> int | None:
-    """The signal N when mpiexec exited with 128 + N (a process of the job died of it)."""
-    if returncode is not None and 128 < returncode < 128 + 65:
-        return returncode - 128
-    return None
-
-
-def loss_reason(output: str, returncode: int | None, timed_out: bool = False) -> str:
-    """Why a job left no completion record, from mpiexec's output and exit status.
-
-    In this order: a lost host; a process that exited on a signal (Open MPI's line);
-    a call of MPI_Abort (with its error code and the logical rank mpimig named);
-    mpiexec's exit status 128+N (a process died of signal N, also when Open MPI
-    printed only the abort that followed in another process); a fatal MPI error;
-    the generic phrases of :data:`LOSS_PATTERNS`."""
-    if timed_out:
-        return "timeout"
-    flat = " ".join(output.split())         # Open MPI wraps its messages at 72 columns
-    for pat, reason in LOSS_PATTERNS[:2]:
-        if pat in flat:
-            return reason
-    m = _SIGNALLED.search(flat)
-    if m:
-        return (f"a rank was killed by a signal: world rank {m.group(1)} (pid {m.group(2)}) on "
-                f"{m.group(3)} exited on signal {m.group(4)}")
-    sig = _signal_exit(returncode)
-    abort = _abort_reason(flat)
-    if abort:
-        return abort + (f"; mpiexec exit status {returncode}: a process died of signal {sig}" if sig else "")
-    fatal = _FATAL.search(flat)
-    then = (f"; then process {fatal.group(3)} of job {fatal.group(2)} stopped on an MPI error "
-            f"({fatal.group(1)!r}, MPI_ERRORS_ARE_FATAL)") if fatal else ""
-    if sig:
-        # mpiexec passes on 128 + N when a process of the job died of signal N, also
-        # when it printed no "exited on signal" message before it ended
-        return (f"a process of the job was killed by a signal: mpiexec exit status {returncode} "
-                f"(signal {sig}){then}")
-    if fatal and _PEER_GONE.search(fatal.group(1)):
-        return f"a process of the job died (killed by a signal, or exited){then}"
-    if fatal:
-        return f"an MPI error was fatal: {then[len('; then '):]}"
-    for pat, reason in LOSS_PATTERNS[2:]:
-        if pat in flat:
-            return reason
-    if returncode is not None and returncode < 0:
-        return f"mpiexec killed by signal {-returncode}"
-    return f"no completion record (mpiexec exit status {returncode})"
-
-
-_OMPI_EXIT = re.compile(r"Process name: \[\S+@(\d+),(\d+)\] Exit code: (\d+)")
-_OMPI_IMPROPER = re.compile(r"process rank (\d+) with PID (\d+) on node (\S+) exiting improperly")
-
-
-def exit_report(cfg: Config, n: int, output: str) -> str | None:
-    """How a rank left the job, naming its logical rank: from the job's own ``rank_left``
-    event (mpimig.exits), else from Open MPI's message about a process that exited
-    without ``MPI_Finalize`` (``os._exit``). None if neither is there."""
-    if cfg.job_dir is not None:
-        try:
-            left = [e for e in events.read(cfg.job_dir)
-                    if e.get("event") == "rank_left" and e.get("run_id") in (cfg.run_id, "")]
-        except (OSError, ValueError):
-            left = []
-        if left:
-            e = left[0]
-            who = e.get("who") or f"rank {e.get('rank')}"
-            at = f" at checkpoint point {e['point']}" if e.get("point", -1) >= 0 else ""
-            return f"{who} left the job: {e.get('how')}{at}"
-        expired = [e for e in events.read(cfg.job_dir) if e.get("event") == "wait_expired"
-                   and e.get("run_id") == cfg.run_id]
-        if expired:
-            e = expired[0]
-            return f"{e.get('who')}: the wait '{e.get('wait')}' exceeded its bound of {e.get('seconds')} s"
-    flat = " ".join(output.split())
-    m = _OMPI_EXIT.search(flat)
-    if m:
-        who = _logical(cfg, n, int(m.group(1)), int(m.group(2)))
-        return f"{who} exited with status {m.group(3)} without MPI_Finalize (os._exit?)"
-    m = _OMPI_IMPROPER.search(flat)
-    if m:
-        who = _logical(cfg, n, 1, int(m.group(1)))
-        return f"{who} (pid {m.group(2)} on {m.group(3)}) exited without MPI_Finalize (os._exit?)"
-    return None
-
-
-def _logical(cfg: Config, n: int, job: int, world: int) -> str:
-    """A process of the job named by its logical rank (the launch's layout: with a
-    coordinator, world rank 0 coordinates, ranks follow, spares come last)."""
-    if job != 1:
-        return f"a spawned process (job {job}, rank {world})"
-    if not cfg.coordinator:
-        return f"rank {world}"
-    if world == 0:
-        return "the coordinator (world rank 0)"
-    if cfg.spare_world:             # spares on every host (placement.spares_on_every_host)
-        if world in cfg.spare_world:
-            return f"a warm spare (world rank {world})"
-        return f"rank {world - 1 - sum(1 for w in cfg.spare_world if w < world)} (world rank {world})"
-    if world <= n:
-        return f"rank {world - 1} (world rank {world})"
-    return f"a warm spare (world rank {world})"
 
 
 class _Tee:
@@ -644,12 +485,12 @@ DEFAULT_RELAUNCH = 3     # relaunches when --ft asks for recovery the installed 
 
 
 def cmd_run(args) -> int:
-    cfg = _config(args)
+    cfg = job_config(args)
     if not args.hosts:
         args.hosts = slurm_hosts()
         if args.hosts:
             print(f"mpimig: in Slurm job {os.environ.get('SLURM_JOB_ID')}: hosts {args.hosts}", file=sys.stderr)
-    _check_schedule(cfg, args.n, args.hosts)
+    check_schedule(cfg, args.n, args.hosts)
     program = program_argv(args.program, args.args)
     ft = _online_ft(args, cfg)
     if args.dry_run:    # a dry run only prints: it must not delete epochs or the record
@@ -669,95 +510,6 @@ def cmd_run(args) -> int:
         start_fresh=prepare_job_dir)
 
 
-def _config(args) -> Config:
-    """The job configuration ``mpimig run`` hands to the ranks, from its options."""
-    if args.n < 1:
-        raise UsageError("-n must be at least 1")
-    job_dir = Path(args.job_dir or Path("mpimig-jobs") / Path(args.program).stem).resolve()
-    cfg = Config(
-        job_dir=job_dir,
-        ckpt_dir=Path(args.ckpt_dir).resolve() if args.ckpt_dir else job_dir / "ckpt",
-        ckpt_every=args.ckpt_every,
-        ckpt_seconds=args.ckpt_seconds,
-        keep=args.keep,
-        ckpt_async=args.ckpt_async,
-        ckpt_incremental=args.ckpt_incremental,
-        restart=args.restart,
-        run_id=uuid.uuid4().hex[:12],
-        schedule=parse_schedule(args.migrate),
-    )
-    if args.spares < 0:
-        raise UsageError("--spares must be >= 0")
-    cfg.spares = args.spares
-    if args.spares_per_host is not None and args.spares_per_host < 0:
-        raise UsageError("--spares-per-host must be >= 0")
-    cfg.spares_per_host = args.spares_per_host
-    cfg.ft = args.ft
-    cfg.buddy = not args.no_buddy
-    cfg.policy = _check_policy(args.policy or os.environ.get("MPIMIG_POLICY", ""))
-    for name in ("metrics_seconds", "balance_seconds"):
-        if not getattr(args, name) > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be > 0")
-        setattr(cfg, name, getattr(args, name))
-    if args.cost_json:
-        from ..balance.cost import CostModel
-        CostModel.from_bench_json(args.cost_json)        # a UsageError naming the file if it is not one
-        cfg.cost_json = str(Path(args.cost_json).resolve())
-    cfg.coordinator = (bool(cfg.schedule) or args.coordinator or args.spares > 0 or bool(args.spares_per_host)
-                       or args.ft or bool(cfg.policy))
-    if cfg.keep < 1:
-        raise UsageError("--keep must be at least 1")
-    if cfg.ckpt_async and cfg.ft:
-        raise UsageError("--ckpt-async does not combine with --ft (online recovery keeps its in-memory copies "
-                         "of the epoch being written): leave one out")
-    _check_incremental(cfg)
-    return cfg
-
-
-def _check_incremental(cfg: Config) -> None:
-    """``--ckpt-incremental K``: a whole number, and not with what it cannot serve."""
-    if cfg.ckpt_incremental < 0:
-        raise UsageError(f"--ckpt-incremental {cfg.ckpt_incremental}: K must be >= 1 (or 0: off)")
-    if cfg.ckpt_incremental and cfg.ckpt_async:
-        raise UsageError("--ckpt-incremental does not combine with --ckpt-async (the background write takes a "
-                         "copy of the whole state, which is what an incremental epoch avoids): leave one out")
-
-
-def _check_policy(spec: str) -> str:
-    """``--policy NAME[:k=v,...]`` checked against the registry (a UsageError in one line), or ""."""
-    spec = spec.strip()
-    if not spec:
-        return ""
-    from ..balance import policies
-    try:
-        policies.parse(spec)
-    except (ValueError, KeyError, TypeError, MpimigError) as exc:
-        msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-        raise UsageError(f"--policy {spec}: {' '.join(msg.split())}") from None
-    return spec
-
-
-def _check_schedule(cfg: Config, n: int, hosts: str | None) -> None:
-    """Every ``--migrate`` entry names an existing rank and one of the job's hosts: one in
-    ``--hosts``, or without it this host (where the whole job runs), and a name that resolves."""
-    allowed = host_names(hosts)
-    here = socket.gethostname()
-    for entry in cfg.schedule:
-        spec = f"--migrate {':'.join(map(str, entry))}"
-        host = entry[2]
-        if entry[1] >= n:
-            raise UsageError(f"{spec}: rank {entry[1]} does not exist (the job has ranks 0..{n - 1})")
-        if allowed and host not in allowed:
-            raise UsageError(f"{spec}: host {host} is not in --hosts ({', '.join(allowed)})")
-        if not allowed and host != here:
-            raise UsageError(f"{spec}: host {host} is not one of the job's hosts: without --hosts the "
-                             f"job runs on this host only ({here})")
-        try:
-            socket.getaddrinfo(host, None)
-        except OSError as exc:
-            raise UsageError(f"{spec}: host {host} does not resolve ({exc.strerror or exc})") from None
-
-
 def _online_ft(args, cfg: Config) -> bool:
     """Whether the job runs with online recovery: ``--ft`` on Open MPI. With MPICH
     (no ULFM) it is turned off and relaunching takes its place."""
@@ -771,100 +523,6 @@ def _online_ft(args, cfg: Config) -> bool:
           f"instead (--relaunch {args.relaunch})", file=sys.stderr, flush=True)
     cfg.ft = False
     return False
-
-
-def add_run_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
-    """The options of ``mpimig run`` (also taken by ``mpimig inject``); returns
-    the actions added, for :func:`run_argv`. Parsers that take them need
-    ``allow_abbrev=False``: the program's own options (--n 64) must never match ours."""
-    before = len(p._actions)
-    p.add_argument("-n", "--np", dest="n", type=int, required=True, help="number of ranks")
-    p.add_argument("--hosts", help="host list, e.g. h1:2,h2:2 (lab hosts or cluster nodes)")
-    p.add_argument("--job-dir", help="job directory (default mpimig-jobs/<program name>)")
-    p.add_argument("--ckpt-dir", help="checkpoint directory (default JOB_DIR/ckpt)")
-    p.add_argument("--ckpt-every", type=int, default=0, metavar="N",
-                   help="checkpoint every N checkpoint points (default: off)")
-    p.add_argument("--ckpt-seconds", type=float, default=0.0, metavar="S",
-                   help="checkpoint every S seconds (default: off)")
-    p.add_argument("--keep", type=int, default=2, help="committed epochs to keep (default 2)")
-    p.add_argument("--ckpt-async", action="store_true",
-                   help="asynchronous checkpoints: a rank is blocked only while its state is copied (a "
-                        "snapshot); the file is written in the background and the epoch is voted on and "
-                        "committed at a later checkpoint point. Costs memory for a copy of the state, "
-                        "and an epoch commits some points later (docs/protocol.md, \"Asynchronous "
-                        "checkpoints\"). Not with --ft")
-    p.add_argument("--ckpt-incremental", type=int, default=0, metavar="K",
-                   help="incremental checkpoints: an epoch writes only the chunks written since the previous one "
-                        "(found by the kernel's write tracking, userfaultfd; by chunk CRCs where that is "
-                        "unavailable or MPIMIG_WTRACK=off), and every K-th epoch is full; a restart assembles an "
-                        "epoch from its chain and refuses a broken one, naming the link. --keep then keeps the "
-                        "last epochs and the links they are assembled from. Not with --ckpt-async; a restart on "
-                        "another number of ranks needs a full epoch (docs/checkpoint-format.md)")
-    p.add_argument("--restart", choices=RESTART_MODES, default="auto", help="restart policy (below)")
-    p.add_argument("--migrate", action="append", metavar="STEP:RANK:HOST[:STRATEGY]",
-                   help="migrate RANK to HOST at checkpoint point STEP (repeatable); STRATEGY: "
-                        "stop-and-copy (default), pre-copy, post-copy or file-server. HOST must be in "
-                        "--hosts (without it: this host); an entry the job does not carry out is "
-                        "named in a warning at the end")
-    p.add_argument("--coordinator", action="store_true",
-                   help="start the coordinator even without a schedule (for mpimig migrate)")
-    p.add_argument("--spares", type=int, default=0, metavar="K",
-                   help="start K warm spare processes with the job (placed after the ranks on the "
-                        "host list); a migration to a spare's host uses it instead of spawning")
-    p.add_argument("--spares-per-host", type=int, default=None, metavar="K",
-                   help="start K warm spares on EVERY host of --hosts; a moved rank's old process stays as "
-                        "its host's spare, so moves between hosts never spawn (default: 1 with Open MPI over "
-                        "several hosts and a coordinator, where spawning onto another host loses the job; 0 "
-                        "otherwise, under Slurm and with --ft; docs/spawn.md)")
-    p.add_argument("--ft", action="store_true",
-                   help="online recovery from failed ranks and coordinator (Open MPI ULFM): revoke, "
-                        "shrink, replace (warm spare or spawn), roll back to the last committed epoch; "
-                        "with MPICH, which has none, relaunch is used instead (--relaunch, default 3)")
-    p.add_argument("--no-buddy", action="store_true",
-                   help="with --ft: keep no in-memory copies of checkpoints (own and buddy's); "
-                        "recovery then reads the disk epoch")
-    p.add_argument("--policy", metavar="NAME[:k=v,...]",
-                   help="let a balancer move ranks by itself with this policy (mpimig policy list; also "
-                        "MPIMIG_POLICY): the ranks report metrics to the coordinator, which decides every "
-                        "--balance-seconds; implies --coordinator; 'none' meters and never moves")
-    p.add_argument("--metrics-seconds", type=float, default=1.0, metavar="S",
-                   help="with --policy: each rank sends its metric report every S seconds (default 1)")
-    p.add_argument("--balance-seconds", type=float, default=2.0, metavar="S",
-                   help="with --policy: the balancer decides every S seconds (default 2)")
-    p.add_argument("--cost-json", metavar="FILE",
-                   help="with --policy: seed the balancer's migration cost model from `mpimig bench migrate "
-                        "[--strategies ...] --json FILE` output, or from an earlier `mpimig bench balance --json "
-                        "FILE` (its moves are replayed) (default: figures measured on the test machines)")
-    p.add_argument("--relaunch", type=int, default=0, metavar="K",
-                   help="if the job does not complete (a host died, a rank was killed), relaunch it up to K times "
-                        "on the hosts that still answer, from the last committed epoch")
-    p.add_argument("--timeout", type=float, help="kill the job after this many seconds")
-    p.add_argument("--mpiexec-arg", action="append", metavar="ARG", help="extra mpiexec argument")
-    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
-    p.add_argument("program", help="the program: a .py file (run through python -m mpimig.boot: its "
-                                   "MPI.COMM_WORLD is the logical world; docs/porting.md) or an executable")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="the program's arguments")
-    return p._actions[before:]
-
-
-def run_argv(args: argparse.Namespace, actions: list[argparse.Action]) -> list[str]:
-    """The ``mpimig run`` arguments that give ``args`` (the values of ``actions``)."""
-    out: list[str] = []
-    positional: list[str] = []
-    for a in actions:
-        v = getattr(args, a.dest)
-        if not a.option_strings:
-            positional += [v] if isinstance(v, str) else list(v or [])
-            continue
-        opt = a.option_strings[-1] if a.option_strings[-1].startswith("--") else a.option_strings[0]
-        if isinstance(a, argparse._StoreTrueAction):
-            out += [opt] if v else []
-        elif isinstance(a, argparse._AppendAction):
-            for item in v or []:
-                out += [opt, str(item)]
-        elif v is not None and v != a.default or a.required:
-            out += [opt, str(v)]
-    return out + [str(x) for x in positional]
 
 
 def register(sub) -> None:

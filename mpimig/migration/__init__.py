@@ -14,5 +14,6 @@ sends the rounds while the rank computes (``background``) and post-copy's
 lazily filled arrays (``lazy``). May import :mod:`mpimig.comm`,
 :mod:`mpimig.state`, :mod:`mpimig.checkpoint`, :mod:`mpimig.events`, :mod:`mpimig.exits`,
 :mod:`mpimig.errors`, :mod:`mpimig.launch.config` and :mod:`mpimig.ft`
-(recovery, hooks); ``mpimig.runtime`` only for type checking (``Context``).
+(recovery, hooks); ``mpimig.runtime`` and :mod:`mpimig.rank_context` only for type checking
+(``Context``).
 """

@@ -48,7 +48,7 @@ from ..errors import UsageError
 from .protocol import TAG_HANDOVER, TAG_HANDOVER_DATA, TAG_LAYOUT, Plan
 
 if TYPE_CHECKING:
-    from ..runtime import Context
+    from ..rank_context import Context
     from .transport import Transfer
 
 ENV = "MPIMIG_HANDOVER"

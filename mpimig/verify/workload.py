@@ -31,7 +31,8 @@ import numpy as np
 import mpimig  # before MPI: in a spawned process its MPI_Init is watched (mpimig.exits)
 from mpi4py import MPI
 
-from mpimig.comm import ANY_SOURCE, ANY_TAG, Request
+from mpimig.comm import ANY_SOURCE, ANY_TAG
+from mpimig.comm_requests import Request
 from mpimig.verify.checker import Checker
 from mpimig.verify.plan import MAXBUF, Coll, Msg, buf_message, coll_value, kind_of_tag, make_plan, obj_message
 
