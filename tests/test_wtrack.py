@@ -169,9 +169,10 @@ def test_written_in_looks_without_protecting(tracker):
 @pytest.mark.parametrize("sender", ["thread", "safe-points"])
 @pytest.mark.parametrize("mode", ["uffd", "shadow"])
 def test_precopy_rounds_real_target_bit_identical(tmp_path, mode, sender):
+    """Rounds by MPI (forced: on one host the target reads tracked arrays in place)."""
     out = tmp_path / "out.json"
     env = base_env(MPIMIG_CHUNK=16384, MPIMIG_WTRACK="off" if mode == "shadow" else "on",
-                   MPIMIG_SEND_THREAD="off" if sender == "safe-points" else "on")
+                   MPIMIG_SEND_THREAD="off" if sender == "safe-points" else "on", MPIMIG_HANDOVER="mpi")
     res = run_cmd([MPIEXEC, "-n", 2, sys.executable, PIECES, out], timeout=120, env=env)
     assert out.exists(), res.stderr[-3000:]
     got = json.loads(out.read_text())
@@ -187,14 +188,55 @@ def test_precopy_rounds_real_target_bit_identical(tmp_path, mode, sender):
         assert s["skipped_bytes"] >= 8 << 20, s     # at least the piece written before it left
     else:
         assert s["skipped_bytes"] == 0, s
+    assert s["round_read_bytes"] == [0] * s["rounds"] and s["final_how"] == "mpi", s
+    assert s["read_reason"] == "forced (MPIMIG_HANDOVER=mpi)", s
 
 
-def test_precopy_round_completes_between_points(tmp_path):
+def test_precopy_rounds_read_in_place_move_exactly_what_the_program_wrote(tmp_path):
+    """On one host the target reads each round's runs out of the running source's memory
+    (and the rest at the freeze): every byte of every round is read, nothing goes by MPI, and
+    each round after the first, and the freeze, move exactly the chunks the program itself
+    counted as written since the previous round's scan (plus the small array, written every
+    step) — not a piece more (the MPI path resends whole skipped pieces)."""
+    out = tmp_path / "out.json"
+    env = base_env(MPIMIG_CHUNK=16384, MPIMIG_WTRACK="on")
+    res = run_cmd([MPIEXEC, "-n", 2, sys.executable, PIECES, out], timeout=120, env=env)
+    assert out.exists(), res.stderr[-3000:]
+    got = json.loads(out.read_text())
+    s = got["stats"]
+    assert got["same"], s
+    assert s["wtrack"] == "uffd" and "read_reason" not in s, s
+    assert s["round_read_bytes"] == s["round_bytes"] and got["target_read"] == sum(s["round_bytes"]), (got, s)
+    assert s["round_bytes"][0] == s["state_bytes"] and s["final_how"] == "memory", s
+    assert s["rounds_sent"] == s["rounds"] == got["target_rounds"] >= 1 and s["skipped_bytes"] == 0, s
+    small = 100 * 8                                  # the array "b", written at every step
+    assert s["round_bytes"][1:] + [s["final_bytes"]] == [w + small for w in got["written"]], (got["written"], s)
+    assert s["bytes_total"] == s["state_bytes"] + sum(got["written"]) + small * len(got["written"]), s
+
+
+def test_precopy_rounds_by_mpi_when_the_target_cannot_read(tmp_path):
+    """A target that cannot read the source's memory (here: as if on another host) says so
+    after the round; the source sends what it missed by MPI from then on, bit-identical."""
+    out = tmp_path / "out.json"
+    env = base_env(MPIMIG_CHUNK=16384, MPIMIG_WTRACK="on")
+    res = run_cmd([MPIEXEC, "-n", 2, sys.executable, PIECES, out, "--no-read"], timeout=120, env=env)
+    assert out.exists(), res.stderr[-3000:]
+    got = json.loads(out.read_text())
+    s = got["stats"]
+    assert got["same"], s
+    assert s["read_reason"] == "another host" and s["read_missed"] == s["state_bytes"], s
+    assert s["round_bytes"][0] == 0 and got["target_read"] == 0 and s["final_how"] == "mpi", s
+    assert sum(s["round_bytes"][1:]) >= s["state_bytes"] and s["rounds"] == got["target_rounds"] >= 2, s
+
+
+@pytest.mark.parametrize("how", ["memory", "mpi"])
+def test_precopy_round_completes_between_points(tmp_path, how):
     """Steps without MPI calls; after a point that left a round on its way, the moving rank
-    sleeps (no MPI call) until the round has left: it must, for every such point."""
+    sleeps (no MPI call) until the round is in at the target: it must, for every such point,
+    whether the target reads the rounds in place or the sender thread sends them."""
     job, out, ref = tmp_path / "job", tmp_path / "res.json", tmp_path / "ref.json"
     args = ["--quiet", "--mib", 64]
-    env = base_env(OMPI_MCA_btl_tcp_if_include="lo")
+    env = base_env(OMPI_MCA_btl_tcp_if_include="lo", MPIMIG_HANDOVER="auto" if how == "memory" else "mpi")
     res = run_cmd(mpimig_cmd("run", "-n", 3, "--job-dir", job, "--timeout", 150,
                              "--migrate", f"5:1:{HOST}:pre-copy", PROG, "--steps", 30, "--work-ms", 10,
                              "--wait-move", "--wait-rounds", 60, "--out", out, *args),
@@ -209,3 +251,5 @@ def test_precopy_round_completes_between_points(tmp_path):
     waited = got["ranks"][1]["waited"]
     assert waited and all(waited), waited     # every round seen on its way left between points
     assert s["rounds_sent"] == s["rounds"] >= 1, s
+    in_place = s["round_bytes"] if how == "memory" else [0] * s["rounds"]
+    assert s["round_read_bytes"] == in_place and s["final_how"] == how, s
