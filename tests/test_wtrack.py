@@ -253,3 +253,65 @@ def test_precopy_round_completes_between_points(tmp_path, how):
     assert s["rounds_sent"] == s["rounds"] >= 1, s
     in_place = s["round_bytes"] if how == "memory" else [0] * s["rounds"]
     assert s["round_read_bytes"] == in_place and s["final_how"] == how, s
+
+
+def test_two_trackers_share_the_process_userfaultfd_and_each_sees_every_write():
+    """Pre-copy and incremental checkpoints each hold a tracker of the same arrays: both are
+    registered on the process's one userfaultfd (a second userfaultfd on the same range is
+    refused by the kernel), and a scan by one does not hide a write from the other."""
+    C = 1 << 16
+    t1, t2 = wtrack.tracker(), wtrack.tracker()
+    assert t1 is not None and t2 is not None
+    try:
+        a = np.ones(64 * C // 8)
+        assert t1.track(a) and t2.track(a)
+        assert t1.fd == t2.fd
+        assert not t1.written(a, C).any() and not t2.written(a, C).any()
+        a[3 * C // 8 + C // 16] = 2.0               # mid-chunk: its page is in no other chunk
+        assert np.flatnonzero(t1.written(a, C)).tolist() == [3]
+        assert not t1.written(a, C).any()                          # t1 saw it once...
+        assert t2.written_in(a, 3 * C, 4 * C)                      # ... t2 still sees it, looking
+        a[40 * C // 8 + C // 16] = 5.0
+        assert np.flatnonzero(t2.written(a, C)).tolist() == [3, 40]  # ... and scanning
+        assert np.flatnonzero(t1.written(a, C)).tolist() == [40]
+        assert not t2.written(a, C).any() and not t1.written(a, C).any()
+        t1.untrack(a)                                              # t2 keeps tracking it
+        a[10 * C // 8 + C // 16] = 9.0
+        assert np.flatnonzero(t2.written(a, C)).tolist() == [10]
+        t1.close()
+        a[11 * C // 8 + C // 16] = 9.0
+        assert np.flatnonzero(t2.written(a, C)).tolist() == [11]
+        assert not t2.track(a[8:])                                 # a view of tracked memory: refused
+    finally:
+        t1.close()
+        t2.close()
+    t3 = wtrack.tracker()                                          # all closed: a new userfaultfd
+    assert t3 is not None
+    b = np.ones(8 * C // 8)
+    assert t3.track(b) and not t3.written(b, C).any()
+    t3.close()
+
+
+def test_precopy_keeps_kernel_tracking_beside_incremental_checkpoints(tmp_path):
+    """--ckpt-incremental tracks the rank's arrays with the kernel; a pre-copy move of that
+    rank used to find them registered on another userfaultfd and fall back to its shadow
+    compare. Both now use the process's one tracker: the move says uffd, every epoch says
+    tracker, and the result is bit-identical to the serial reference."""
+    job, out, ref = tmp_path / "job", tmp_path / "res.json", tmp_path / "ref.json"
+    env = base_env(OMPI_MCA_btl_tcp_if_include="lo", MPIMIG_CHUNK=16384)
+    res = run_cmd(mpimig_cmd("run", "-n", 3, "--job-dir", job, "--timeout", 150, "--ckpt-every", 2,
+                             "--ckpt-incremental", 3, "--migrate", f"9:1:{HOST}:pre-copy",
+                             PROG, "--steps", 30, "--work-ms", 20, "--wait-move", "--out", out),
+                  timeout=200, env=env)
+    assert "job completed" in res.stderr and out.exists(), res.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert [r["role"] for r in got["ranks"]] == ["initial", "migrated", "initial"], got
+    run_cmd([sys.executable, PROG, "--serial", "-n", 3, "--steps", got["steps"], "--out", ref], check_rc=0)
+    assert [r["digest"] for r in got["ranks"]] == json.loads(ref.read_text())["digests"]
+    (m,) = read(job, "status.json")["migrations"]
+    s = m["strategy_stats"]
+    assert m["state"] == "done" and s["wtrack"] == "uffd" and "wtrack_reason" not in s, s
+    evs = [e for e in map(json.loads, (job / "events.jsonl").read_text().splitlines()) if e["event"] == "epoch"]
+    kinds = [e["incremental"]["kind"] for e in evs]
+    assert len(evs) >= 3 and "delta" in kinds, kinds
+    assert {e["incremental"]["mode"] for e in evs} == {"tracker"}, evs

@@ -205,8 +205,14 @@ class PreCopySource:
     An array the kernel cannot track (not anonymous memory, a view sharing pages with
     another) uses the shadow while the others use the kernel (``mixed``).
 
-    A round's runs go in pieces of about ``PIECE`` bytes (whole chunks), one message each.
-    Who sends them (``sender`` in ``strategy_stats``):
+    On one host (``handover.same_host``) the target reads the runs of kernel-tracked arrays
+    straight out of this running process (``handover.vm_read``) and answers when done
+    (``TAG_PRECOPY_DONE``, with the runs it could not read: those go by MPI from then on);
+    the freeze's runs are read the same way. Before round 1 the layout goes alone (round 0)
+    so that the target faults its arrays in first. ``MPIMIG_HANDOVER=mpi`` forces MPI.
+
+    The rest (shadow-tracked arrays, another host) goes in pieces of about ``PIECE`` bytes
+    (whole chunks), one message each. Who sends them (``sender`` in ``strategy_stats``):
 
     ``thread``       a thread of the rank (:mod:`mpimig.migration.background`, needs
                      ``MPI_THREAD_MULTIPLE``) sends the pieces with blocking sends while the
