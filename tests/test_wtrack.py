@@ -133,7 +133,8 @@ def test_precopy_bit_identical_tracking_on_and_off(tmp_path, mode):
     if mode == "shadow":
         assert s["wtrack_reason"] == "MPIMIG_WTRACK=off", s
     # the rounds converge on the few written chunks: the freeze moves a small part of the state
-    assert s["reason"] == "small" and s["final_bytes"] < s["state_bytes"] // 8, s
+    # (rounds read in place go on until they stop shrinking, at about a step's writes)
+    assert s["reason"] in ("small", "not-shrinking") and s["final_bytes"] < s["state_bytes"] // 8, s
 
 
 def test_bench_wtrack_mode_refused(tmp_path):
@@ -197,7 +198,9 @@ def test_precopy_rounds_read_in_place_move_exactly_what_the_program_wrote(tmp_pa
     (and the rest at the freeze): every byte of every round is read, nothing goes by MPI, and
     each round after the first, and the freeze, move exactly the chunks the program itself
     counted as written since the previous round's scan (plus the small array, written every
-    step) — not a piece more (the MPI path resends whole skipped pieces)."""
+    step) — not a piece more (the MPI path resends whole skipped pieces). Pages the program
+    wrote after a scan and before the target read them are left out of that round (the
+    next one has their chunks anyway), so round 1 is the state less those."""
     out = tmp_path / "out.json"
     env = base_env(MPIMIG_CHUNK=16384, MPIMIG_WTRACK="on")
     res = run_cmd([MPIEXEC, "-n", 2, sys.executable, PIECES, out], timeout=120, env=env)
@@ -207,11 +210,13 @@ def test_precopy_rounds_read_in_place_move_exactly_what_the_program_wrote(tmp_pa
     assert got["same"], s
     assert s["wtrack"] == "uffd" and "read_reason" not in s, s
     assert s["round_read_bytes"] == s["round_bytes"] and got["target_read"] == sum(s["round_bytes"]), (got, s)
-    assert s["round_bytes"][0] == s["state_bytes"] and s["final_how"] == "memory", s
-    assert s["rounds_sent"] == s["rounds"] == got["target_rounds"] >= 1 and s["skipped_bytes"] == 0, s
+    assert s["round_bytes"][0] <= s["state_bytes"] and s["final_how"] == "memory", s
+    assert s["rounds_sent"] == s["rounds"] == got["target_rounds"] >= 1, s
+    assert s["skipped_bytes"] == got["target_skipped"] and s["skipped_bytes"] % PAGE == 0, (got, s)
     small = 100 * 8                                  # the array "b", written at every step
     assert s["round_bytes"][1:] + [s["final_bytes"]] == [w + small for w in got["written"]], (got["written"], s)
-    assert s["bytes_total"] == s["state_bytes"] + sum(got["written"]) + small * len(got["written"]), s
+    assert s["bytes_total"] + s["skipped_bytes"] == (s["state_bytes"] + sum(got["written"])
+                                                     + small * len(got["written"])), s
 
 
 def test_precopy_rounds_by_mpi_when_the_target_cannot_read(tmp_path):

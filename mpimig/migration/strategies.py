@@ -178,11 +178,14 @@ class FileServer(Strategy):
 
 
 # ------------------------------------------------------------------------------------------
-def _precopy_small(total: int, C: int) -> int:
+def _precopy_small(total: int, C: int, in_place: bool = False) -> int:
+    """Dirty bytes at which the rounds stop and the rest goes frozen. Rounds the target reads in
+    place cost a memory copy each, far less than the freeze's fixed costs, so they go on down to
+    a few chunks (or until they stop shrinking); rounds by MPI stop at 1/32 of the state."""
     env = os.environ.get("MPIMIG_PRECOPY_SMALL")
     if env:
         return int(env)
-    return max(4 * C, total // 32)
+    return max(4 * C, total // (1024 if in_place else 32))
 
 
 class PreCopySource:
@@ -408,6 +411,10 @@ class PreCopySource:
             else:
                 self.round_s.append(time.perf_counter() - self._t_round)
                 self.round_target.append((reply["alloc_s"], reply["move_s"]))
+                skipped = int(reply.get("skipped", 0))   # pages written since the scan: the next scan has them
+                self.rounds[-1] -= skipped
+                self.round_read[-1] -= skipped
+                self.skipped_bytes += skipped
             self._missed(reply["missed"], reply["why"])
         for k, m in self.skipped.items():
             if k in self.sends and self.sends[k].shape == m.shape:
@@ -496,7 +503,7 @@ class PreCopySource:
         self._p_scan = self.points
         retry, self.retry = self.retry, False
         if self.rounds and not self.new_meta and not retry:
-            if nbytes <= self.small:
+            if nbytes <= (_precopy_small(self.total, self.C, True) if self.read and self.tracked else self.small):
                 self.reason = "small"
             elif nbytes >= self.planned[-1]:
                 self.reason = "not-shrinking"
@@ -523,7 +530,10 @@ class PreCopySource:
         # is in the next scan, and the target reads round after round in order (docs/protocol.md)
         addrs = {k: int(self.live[k].ctypes.data) for k in {k for k, _, _ in runs}
                  if self.read and k in self.tracked}
-        read = {"where": self.where, "addrs": addrs} if addrs else None
+        # the registered pages: the target looks there for pages written since the scan and leaves
+        # them for the next round (outside them a page has no protection and would look written)
+        inner = {k: self.wt.interior(self.live[k]) for k in addrs} if self.wt is not None else {}
+        read = {"where": self.where, "addrs": addrs, "interior": inner} if addrs else None
         self._t_round = time.perf_counter()
         self.tx.send_obj({"round": len(self.rounds) + 1, "arrays": meta, "runs": runs, "piece": P, "read": read},
                          TAG_PRECOPY)
@@ -601,6 +611,50 @@ class PreCopyTarget:
         self.rounds = 0
         self.skipped = 0          # bytes of pieces the source left out (they came in a later round)
         self.read = 0             # bytes read out of the source's memory (the same host)
+        self.pagemaps: dict[int, int] = {}    # source pid -> its /proc/PID/pagemap (-1: cannot look)
+
+    def _pagemap(self, pid: int) -> int:
+        fd = self.pagemaps.get(pid)
+        if fd is None:
+            try:
+                fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                fd = -1
+            self.pagemaps[pid] = fd
+        return fd
+
+    def _read(self, pid: int, addr: int, lo: int, hi: int, flat: np.ndarray, inner: tuple[int, int] | None,
+              P: int) -> int:
+        """Read bytes [lo, hi) of the source's array at ``addr`` into ``flat``, piece by piece,
+        leaving out the registered pages written since the source's scan (the next scan reports
+        them: they would only come again). Returns the bytes left out."""
+        fd = self._pagemap(pid) if inner is not None else -1
+        left = 0
+        for s in range(lo, hi, P):
+            e = min(hi, s + P)
+            holes: list[tuple[int, int]] = []
+            if fd >= 0 and inner is not None:
+                a0, a1 = max(addr + s, inner[0]) // wtrack.PAGE * wtrack.PAGE, min(addr + e, inner[1])
+                a0 = max(a0, inner[0])
+                if a1 > a0:
+                    try:
+                        holes = [(max(x - addr, s), min(y - addr, e)) for x, y in wtrack.look_written(fd, a0, a1)]
+                    except OSError:            # the kernel cannot look (another kernel, rules): read it all
+                        os.close(fd)
+                        self.pagemaps[pid] = fd = -1
+            at = s
+            for x, y in holes + [(e, e)]:
+                if x > at:
+                    handover.vm_read(pid, addr + at, flat[at:x])
+                left += max(0, y - max(x, at))
+                at = max(at, y)
+        return left
+
+    def close(self) -> None:
+        for fd in self.pagemaps.values():
+            if fd >= 0:
+                os.close(fd)
+        self.pagemaps.clear()
 
     def on_round(self, J: MPI.Intracomm, source: int) -> None:
         tx = Transfer(J, source, transport.ROUNDS, "pre-copy")
@@ -617,15 +671,18 @@ class PreCopyTarget:
         addrs = rd["addrs"]
         can, why = (True, "") if not addrs or handover.same_host(rd["where"]) else (False, "another host")
         missed: list[tuple[str, int, int]] = []
+        skipped = 0
         for k, lo0, hi in hdr["runs"]:
             flat = flat_bytes(self.arrays[k])
             if k in addrs:                # the source's memory, read in place (it keeps computing)
                 if can:
                     t0 = time.perf_counter()
                     try:
-                        handover.vm_read(int(rd["where"]["pid"]), int(addrs[k]) + lo0, flat[lo0:hi])
-                        tx.record(hi - lo0, time.perf_counter() - t0)
-                        self.read += hi - lo0
+                        inner = rd.get("interior", {}).get(k)
+                        left = self._read(int(rd["where"]["pid"]), int(addrs[k]), lo0, hi, flat, inner, P)
+                        tx.record(hi - lo0 - left, time.perf_counter() - t0)
+                        self.read += hi - lo0 - left
+                        skipped += left
                         continue
                     except OSError as exc:    # e.g. EPERM (ptrace rules): MPI from the next round on
                         can, why = False, str(exc)
@@ -643,8 +700,9 @@ class PreCopyTarget:
                     raise MigrationError(f"pre-copy round {hdr['round']}: piece [{lo}, {e}) of {k!r} "
                                          f"came with {n} bytes")
         self.rounds += 1 if hdr["round"] else 0          # round 0: the layout only
-        J.send({"missed": missed, "why": why, "alloc_s": t_alloc, "move_s": time.perf_counter() - t_move},
-               dest=source, tag=TAG_PRECOPY_DONE)
+        self.skipped += skipped
+        J.send({"missed": missed, "why": why, "skipped": skipped, "alloc_s": t_alloc,
+                "move_s": time.perf_counter() - t_move}, dest=source, tag=TAG_PRECOPY_DONE)
 
 
 class PreCopy(Strategy):
@@ -695,6 +753,7 @@ class PreCopy(Strategy):
             ss["final_why"] = why
         if rx is not None:
             ss["target_rounds"], ss["target_read_bytes"] = rx.rounds, rx.read
+            rx.close()
         return arrays, objects, hdr["extra"], None
 
 

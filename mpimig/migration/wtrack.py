@@ -290,6 +290,29 @@ class _Kernel:
         return _ioctl(self.pagemap, PAGEMAP_SCAN, arg, "PAGEMAP_SCAN") > 0
 
 
+def look_written(pagemap: int, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Page ranges in [lo, hi) written since their last protection, *without* protecting them,
+    from an open /proc/PID/pagemap (this process's or another's: pre-copy's target looks at its
+    running source's). [lo, hi) must be registered memory: a page that is not registered has no
+    protection and counts as written."""
+    out: list[tuple[int, int]] = []
+    vec = (_PageRegion * 64)()
+    arg = _ScanArg()
+    arg.size = ctypes.sizeof(_ScanArg)
+    arg.flags = 0                                  # look only: no PM_SCAN_WP_MATCHING
+    arg.vec, arg.vec_len = ctypes.addressof(vec), len(vec)
+    arg.category_mask = arg.return_mask = PAGE_IS_WRITTEN
+    start = lo
+    while start < hi:
+        arg.start, arg.end, arg.walk_end = start, hi, 0
+        n = _ioctl(pagemap, PAGEMAP_SCAN, arg, "PAGEMAP_SCAN")
+        out.extend((int(vec[i].start), int(vec[i].end)) for i in range(n))
+        if arg.walk_end <= start:
+            raise OSError(errno.EIO, f"PAGEMAP_SCAN made no progress at {start:#x}")
+        start = int(arg.walk_end)
+    return out
+
+
 _kernel: _Kernel | None = None
 _kernel_lock = threading.Lock()
 
@@ -376,6 +399,11 @@ class WriteTracker:
 
     def tracks(self, a: np.ndarray) -> bool:
         return id(a) in self._arrays
+
+    def interior(self, a: np.ndarray) -> tuple[int, int]:
+        """The registered pages of ``a`` (absolute addresses [lo, hi)); its edges are compared."""
+        t = self._arrays[id(a)]
+        return t.lo, t.hi
 
     def written_in(self, a: np.ndarray, lo: int, hi: int) -> bool:
         """Whether a registered page of bytes [lo, hi) of ``a`` was written since the previous
