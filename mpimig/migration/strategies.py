@@ -212,7 +212,9 @@ class PreCopySource:
     straight out of this running process (``handover.vm_read``) and answers when done
     (``TAG_PRECOPY_DONE``, with the runs it could not read: those go by MPI from then on);
     the freeze's runs are read the same way. Before round 1 the layout goes alone (round 0)
-    so that the target faults its arrays in first. ``MPIMIG_HANDOVER=mpi`` forces MPI.
+    so that the target faults its arrays in first. While it reads, the target leaves out the
+    registered pages the kernel says were written since the scan (the next scan has them;
+    ``skipped_bytes``). ``MPIMIG_HANDOVER=mpi`` forces MPI.
 
     The rest (shadow-tracked arrays, another host) goes in pieces of about ``PIECE`` bytes
     (whole chunks), one message each. Who sends them (``sender`` in ``strategy_stats``):
