@@ -111,10 +111,14 @@ def test_heat2d_bit_identical(tmp_path, strategy):
         elif strategy == "pre-copy":
             # heat2d changes every byte every step: the rounds cannot converge, the
             # final copy at the switch is a full stop-and-copy of the (all dirty) state
+            # (on one host the target reads the rounds in place and leaves out the pages written
+            # since the round's scan: with heat2d, often most of them)
             assert s["reason"] == "not-shrinking", s
-            assert s["rounds"] >= 1 and s["round_bytes"][0] == state_bytes
-            assert s["final_bytes"] == state_bytes
-            assert s["bytes_total"] == (s["rounds"] + 1) * state_bytes
+            assert s["rounds"] >= 1 and s["round_dirty"] == [state_bytes] * s["rounds"], s
+            assert s["round_read_bytes"] == s["round_bytes"] and s["round_bytes"][0] <= state_bytes, s
+            assert sum(s["round_bytes"]) + s["skipped_bytes"] == s["rounds"] * state_bytes, s
+            assert s["final_bytes"] == state_bytes and s["final_how"] == "memory", s
+            assert s["bytes_total"] == sum(s["round_bytes"]) + state_bytes, s
             assert s["bytes_resent"] == s["rounds"] * state_bytes
         elif strategy == "post-copy":
             assert s["chunks"] == -(-state_bytes // CHUNK)

@@ -79,6 +79,7 @@ TAG_JOIN = 200        # + round: Intercomm_create tags
 TAG_STATE = 300       # old -> target: state transfer (pkl5)
 TAG_PRECOPY = 310     # pre-copy source -> target (on J): header of a round
 TAG_PRECOPY_DATA = 311  # pre-copy source -> target (on J, and on the merged comm at the switch): chunk runs
+TAG_PRECOPY_DONE = 312  # pre-copy target -> source (on J): a round is in (and the runs it could not read)
 TAG_PC_DEMAND = 320   # post-copy target -> old process: chunks wanted now
 TAG_PC_ACK = 321      # post-copy target -> old process: every chunk arrived, you may leave
 TAG_HANDOVER = 322    # stop-and-copy target -> old process: how it takes the arrays (handover)

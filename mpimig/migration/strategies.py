@@ -36,6 +36,7 @@ Chunks are ``MPIMIG_CHUNK`` bytes (default 1 MiB) of an array's memory.
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import shutil
 import time
@@ -50,8 +51,8 @@ from ..errors import MigrationError, UsageError
 from ..checkpoint.format import dumps, loads
 from ..state import State
 from . import background, handover, transport, wtrack
-from .protocol import (DEFAULT_STRATEGY, STRATEGY_CLASSES, TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND, TAG_PRECOPY,
-                       TAG_PRECOPY_DATA, Move, Plan, check_strategy)
+from .protocol import (DEFAULT_STRATEGY, STRATEGY_CLASSES, TAG_HANDOVER, TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND,
+                       TAG_PRECOPY, TAG_PRECOPY_DATA, TAG_PRECOPY_DONE, Move, Plan, check_strategy)
 from .transport import Transfer
 
 if TYPE_CHECKING:
@@ -177,11 +178,14 @@ class FileServer(Strategy):
 
 
 # ------------------------------------------------------------------------------------------
-def _precopy_small(total: int, C: int) -> int:
+def _precopy_small(total: int, C: int, in_place: bool = False) -> int:
+    """Dirty bytes at which the rounds stop and the rest goes frozen. Rounds the target reads in
+    place cost a memory copy each, far less than the freeze's fixed costs, so they go on down to
+    a few chunks (or until they stop shrinking); rounds by MPI stop at 1/32 of the state."""
     env = os.environ.get("MPIMIG_PRECOPY_SMALL")
     if env:
         return int(env)
-    return max(4 * C, total // 32)
+    return max(4 * C, total // (1024 if in_place else 32))
 
 
 class PreCopySource:
@@ -204,8 +208,16 @@ class PreCopySource:
     An array the kernel cannot track (not anonymous memory, a view sharing pages with
     another) uses the shadow while the others use the kernel (``mixed``).
 
-    A round's runs go in pieces of about ``PIECE`` bytes (whole chunks), one message each.
-    Who sends them (``sender`` in ``strategy_stats``):
+    On one host (``handover.same_host``) the target reads the runs of kernel-tracked arrays
+    straight out of this running process (``handover.vm_read``) and answers when done
+    (``TAG_PRECOPY_DONE``, with the runs it could not read: those go by MPI from then on);
+    the freeze's runs are read the same way. Before round 1 the layout goes alone (round 0)
+    so that the target faults its arrays in first. While it reads, the target leaves out the
+    registered pages the kernel says were written since the scan (the next scan has them;
+    ``skipped_bytes``). ``MPIMIG_HANDOVER=mpi`` forces MPI.
+
+    The rest (shadow-tracked arrays, another host) goes in pieces of about ``PIECE`` bytes
+    (whole chunks), one message each. Who sends them (``sender`` in ``strategy_stats``):
 
     ``thread``       a thread of the rank (:mod:`mpimig.migration.background`, needs
                      ``MPI_THREAD_MULTIPLE``) sends the pieces with blocking sends while the
@@ -261,7 +273,23 @@ class PreCopySource:
         self.prev_skipped: dict[str, np.ndarray] = {}   # ... in the previous round: not skipped twice in a row
         self.round_skipped = 0
         self.skipped_bytes = 0
-        self.sent_rounds = 0                      # rounds whose every piece has left
+        # the same host: the target reads the runs of kernel-tracked arrays out of our memory
+        # (handover.vm_read), as stop-and-copy's hand-over does; MPI moves the rest
+        self.read = handover.mode() != "mpi"
+        self.why_no_read = "" if self.read else "forced (MPIMIG_HANDOVER=mpi)"
+        self.where = handover.where()
+        self.awaiting = False                     # a round's header left, the target's reply is not in
+        self.layout = False                       # ... and it was the layout before round 1
+        self.layout_s = 0.0                       # the layout's header to the target's reply
+        self.retry = False                        # the target could not read a round: do not judge it
+        self.points = 0                           # safe points seen (calls of step)
+        self._p_scan = 0
+        self._t_round = 0.0
+        self.round_points: list[int] = []         # safe points (program steps) from one scan to the next
+        self.round_s: list[float] = []            # a round's scan to the target's reply
+        self.round_read: list[int] = []           # bytes of each round the target read from our memory
+        self.read_missed = 0
+        self.round_target: list[tuple[float, float]] = []   # the target's (allocation, move) seconds per round
 
     def _refresh(self, arrays: dict[str, np.ndarray] | None = None) -> None:
         """Follow the registered arrays: one the program replaced (``st.a = new``) or
@@ -310,7 +338,9 @@ class PreCopySource:
         """Chunks of ``a`` written since the previous round (all when it was not sent yet)."""
         n = self._nchunks(a)
         if name in self.tracked and self.wt is not None:
-            if name not in self.sends:
+            if name not in self.sends:       # all of it goes; its writes count from this scan on
+                with contextlib.suppress(OSError):
+                    self.wt.written(a, self.C)
                 return np.ones(n, dtype=bool)
             t0 = time.perf_counter()
             try:
@@ -352,19 +382,42 @@ class PreCopySource:
         return tot
 
     def rounds_sent(self) -> int:
-        """Rounds whose pieces have all left (with the thread: counted by the thread itself)."""
-        return self.bg.completed if self.bg is not None else self.sent_rounds
+        """Rounds that are in at the target: its reply came (or is there to take; looking for it
+        is a probe, it does not move anything)."""
+        n = len(self.round_s)
+        if self.awaiting and not self.layout and self.J.Iprobe(self.dest, TAG_PRECOPY_DONE):
+            n += 1
+        return n
 
-    def _reap(self) -> bool:
-        """Whether the previous round has left; then what its thread skipped is due again."""
+    def _reap(self, block: bool = False) -> bool:
+        """Whether the previous round is in (its pieces left, and the target said it has every
+        run); then what its thread skipped, or the target could not read, is due again."""
         if self.bg is not None:
-            if not self.bg.done():
+            if block:
+                self.bg.wait()
+            elif not self.bg.done():
                 return False
         elif self.reqs:
-            if not MPI.Request.Testall(self.reqs):
+            if block:
+                MPI.Request.Waitall(self.reqs)
+            elif not MPI.Request.Testall(self.reqs):
                 return False
             self.reqs = []
-            self.sent_rounds += 1
+        if self.awaiting:
+            if not block and not self.J.Iprobe(self.dest, TAG_PRECOPY_DONE):
+                return False
+            reply = self.J.recv(source=self.dest, tag=TAG_PRECOPY_DONE)
+            self.awaiting = False
+            if self.layout:
+                self.layout, self.layout_s = False, time.perf_counter() - self._t_round
+            else:
+                self.round_s.append(time.perf_counter() - self._t_round)
+                self.round_target.append((reply["alloc_s"], reply["move_s"]))
+                skipped = int(reply.get("skipped", 0))   # pages written since the scan: the next scan has them
+                self.rounds[-1] -= skipped
+                self.round_read[-1] -= skipped
+                self.skipped_bytes += skipped
+            self._missed(reply["missed"], reply["why"])
         for k, m in self.skipped.items():
             if k in self.sends and self.sends[k].shape == m.shape:
                 self.sends[k] -= m
@@ -377,15 +430,28 @@ class PreCopySource:
             self.round_skipped = 0
         return True
 
+    def _missed(self, runs: list, why: str) -> None:
+        """Runs the target could not read from our memory (another host, ptrace rules): they
+        are due again, by MPI from now on, and the round that did not move them is not judged."""
+        if not runs:
+            return
+        self.read, self.why_no_read, self.retry = False, why, True
+        C = self.C
+        for k, lo, hi in runs:
+            self.rounds[-1] -= hi - lo
+            self.round_read[-1] -= hi - lo
+            self.read_missed += hi - lo
+            if k not in self.live or k not in self.sends:
+                continue
+            m = np.zeros(self._nchunks(self.live[k]), dtype=bool)
+            m[lo // C:-(-hi // C)] = True
+            self.sends[k] -= m
+            prev = self.pending.get(k)
+            self.pending[k] = m if prev is None or prev.shape != m.shape else prev | m
+
     def drain(self) -> None:
-        """Until the round on its way has left (the switch, or the end of the job)."""
-        if self.bg is not None:
-            self.bg.wait()
-        elif self.reqs:
-            MPI.Request.Waitall(self.reqs)
-            self.reqs = []
-            self.sent_rounds += 1
-        self._reap()
+        """Until the round on its way is in (the switch, or the end of the job)."""
+        self._reap(block=True)
 
     def _source_bytes(self, k: str, lo: int, hi: int) -> np.ndarray:
         """What a piece sends: the live bytes (``uffd``), or a copy taken into the shadow now."""
@@ -420,13 +486,26 @@ class PreCopySource:
         """At a safe point while the plan is held: maybe one more round. Returns ready."""
         if self.ready:
             return True
+        self.points += 1
         if not self._reap():
             return False                  # the previous round is still on its way
         self._refresh()
+        if self.new_meta and not self.rounds:
+            # before the first round the target allocates and faults its arrays in (it replies when
+            # done), so that round 1 moves at memory speed and the program writes less meanwhile
+            meta, self.new_meta = self.new_meta, {}
+            self._t_round = time.perf_counter()
+            self.tx.send_obj({"round": 0, "arrays": meta, "runs": [], "piece": self.piece, "read": None},
+                             TAG_PRECOPY)
+            self.awaiting = self.layout = True
+            return False
         dirty = self._all_dirty()
         nbytes = self._count(dirty)
-        if self.rounds and not self.new_meta:
-            if nbytes <= self.small:
+        self.round_points.append(self.points - self._p_scan)
+        self._p_scan = self.points
+        retry, self.retry = self.retry, False
+        if self.rounds and not self.new_meta and not retry:
+            if nbytes <= (_precopy_small(self.total, self.C, True) if self.read and self.tracked else self.small):
                 self.reason = "small"
             elif nbytes >= self.planned[-1]:
                 self.reason = "not-shrinking"
@@ -449,11 +528,23 @@ class PreCopySource:
                 runs.append((k, lo, hi))
         meta, self.new_meta = self.new_meta, {}
         P = self.piece
-        self.tx.send_obj({"round": len(self.rounds) + 1, "arrays": meta, "runs": runs, "piece": P}, TAG_PRECOPY)
-        pieces = [(k, lo, min(hi, lo + P)) for k, lo0, hi in runs for lo in range(lo0, hi, P)]
+        # a kernel-tracked array may be read while the program writes it: a write after the scan
+        # is in the next scan, and the target reads round after round in order (docs/protocol.md)
+        addrs = {k: int(self.live[k].ctypes.data) for k in {k for k, _, _ in runs}
+                 if self.read and k in self.tracked}
+        # the registered pages: the target looks there for pages written since the scan and leaves
+        # them for the next round (outside them a page has no protection and would look written)
+        inner = {k: self.wt.interior(self.live[k]) for k in addrs} if self.wt is not None else {}
+        read = {"where": self.where, "addrs": addrs, "interior": inner} if addrs else None
+        self._t_round = time.perf_counter()
+        self.tx.send_obj({"round": len(self.rounds) + 1, "arrays": meta, "runs": runs, "piece": P, "read": read},
+                         TAG_PRECOPY)
+        self.awaiting = True
+        pieces = [(k, lo, min(hi, lo + P)) for k, lo0, hi in runs if k not in addrs for lo in range(lo0, hi, P)]
         self.rounds.append(sum(hi - lo for _, lo, hi in runs))
+        self.round_read.append(sum(hi - lo for k, lo, hi in runs if k in addrs))
         self.planned.append(nbytes)
-        if self.bg is not None:
+        if self.bg is not None and pieces:
             self.bg.start(lambda: self._send_pieces(pieces))
         else:
             for k, lo, hi in pieces:
@@ -467,6 +558,7 @@ class PreCopySource:
         t0 = time.perf_counter()
         self._refresh(arrays)            # the state at the switch is what counts
         dirty = self._all_dirty()
+        self.round_points.append(self.points - self._p_scan)
         for k, m in dirty.items():
             if k in self.sends:
                 self.sends[k] += m
@@ -486,18 +578,29 @@ class PreCopySource:
                  "precopy_s": extra["t_suspend"] - self.t_start, "wtrack": self.mode(),
                  "sender": "thread" if self.bg is not None else "safe-points", "skipped_bytes": self.skipped_bytes,
                  "rounds_sent": self.rounds_sent(),
-                 "round_send_s": list(self.bg.seconds) if self.bg is not None else []}
+                 "round_send_s": list(self.bg.seconds) if self.bg is not None else [],
+                 "round_s": self.round_s, "round_points": self.round_points, "round_read_bytes": self.round_read,
+                 "round_target_s": self.round_target, "layout_s": self.layout_s,
+                 "round_dirty": list(self.planned)}
+        if self.read_missed or not self.read:
+            stats["read_missed"], stats["read_reason"] = self.read_missed, self.why_no_read
         if not self.tracked:
             stats["wtrack_reason"] = self.why_shadow
         if self.bg is None:
             stats["sender_reason"] = self.why_no_thread or "no rounds"
         extra = dict(extra, strategy_stats=stats)
+        # frozen: every array may be read out of our memory (shadow-tracked ones too), as the hand-over does
+        read = ({"where": self.where, "addrs": {k: int(v.ctypes.data) for k, v in self.live.items()}}
+                if runs and self.read else None)
         hdr = {"final": True, "runs": runs, "eager": eager,
                "meta": {k: (v.shape, v.dtype.str) for k, v in self.live.items()},
-               "objects": {k: dumps(k, v) for k, v in objects.items()}, "extra": extra}
+               "objects": {k: dumps(k, v) for k, v in objects.items()}, "extra": extra, "read": read}
         tx.send_obj(hdr)
-        for k, lo, hi in runs:
-            tx.Send(flat_bytes(self.live[k])[lo:hi], TAG_PRECOPY_DATA)
+        how = tx.comm.recv(source=tx.peer, tag=TAG_HANDOVER) if read is not None else handover.VIA_MPI
+        if how != handover.MEMORY:
+            for k, lo, hi in runs:
+                tx.Send(flat_bytes(self.live[k])[lo:hi], TAG_PRECOPY_DATA)
+        # MEMORY: the target has read the runs (its reply came after); only now may our arrays go
         self.shadow.clear()
         self.close()
 
@@ -509,18 +612,84 @@ class PreCopyTarget:
         self.arrays: dict[str, np.ndarray] = {}
         self.rounds = 0
         self.skipped = 0          # bytes of pieces the source left out (they came in a later round)
+        self.read = 0             # bytes read out of the source's memory (the same host)
+        self.pagemaps: dict[int, int] = {}    # source pid -> its /proc/PID/pagemap (-1: cannot look)
+
+    def _pagemap(self, pid: int) -> int:
+        fd = self.pagemaps.get(pid)
+        if fd is None:
+            try:
+                fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                fd = -1
+            self.pagemaps[pid] = fd
+        return fd
+
+    def _read(self, pid: int, addr: int, lo: int, hi: int, flat: np.ndarray, inner: tuple[int, int] | None,
+              P: int) -> int:
+        """Read bytes [lo, hi) of the source's array at ``addr`` into ``flat``, piece by piece,
+        leaving out the registered pages written since the source's scan (the next scan reports
+        them: they would only come again). Returns the bytes left out."""
+        fd = self._pagemap(pid) if inner is not None else -1
+        left = 0
+        for s in range(lo, hi, P):
+            e = min(hi, s + P)
+            holes: list[tuple[int, int]] = []
+            if fd >= 0 and inner is not None:
+                a0, a1 = max(addr + s, inner[0]) // wtrack.PAGE * wtrack.PAGE, min(addr + e, inner[1])
+                a0 = max(a0, inner[0])
+                if a1 > a0:
+                    try:
+                        holes = [(max(x - addr, s), min(y - addr, e)) for x, y in wtrack.look_written(fd, a0, a1)]
+                    except OSError:            # the kernel cannot look (another kernel, rules): read it all
+                        os.close(fd)
+                        self.pagemaps[pid] = fd = -1
+            at = s
+            for x, y in holes + [(e, e)]:
+                if x > at:
+                    handover.vm_read(pid, addr + at, flat[at:x])
+                left += max(0, y - max(x, at))
+                at = max(at, y)
+        return left
+
+    def close(self) -> None:
+        for fd in self.pagemaps.values():
+            if fd >= 0:
+                os.close(fd)
+        self.pagemaps.clear()
 
     def on_round(self, J: MPI.Intracomm, source: int) -> None:
         tx = Transfer(J, source, transport.ROUNDS, "pre-copy")
         hdr = tx.recv_obj(TAG_PRECOPY)
+        t_alloc = time.perf_counter()
         for k, (shape, dt) in hdr["arrays"].items():      # new (or replaced) arrays
-            a = np.empty(shape, dtype=np.dtype(dt))
-            flat_bytes(a).fill(0)     # faulted in now, while idle: a skipped piece is received at the freeze
-            self.arrays[k] = a
+            # faulted in now, while idle: rounds (and a skipped piece at the freeze) land in memory that is there
+            self.arrays[k] = handover.prefault(tuple(shape), dt)
         P = int(hdr["piece"])
         st = MPI.Status()
+        t_move = time.perf_counter()
+        t_alloc = t_move - t_alloc
+        rd = hdr.get("read") or {"addrs": {}}
+        addrs = rd["addrs"]
+        can, why = (True, "") if not addrs or handover.same_host(rd["where"]) else (False, "another host")
+        missed: list[tuple[str, int, int]] = []
+        skipped = 0
         for k, lo0, hi in hdr["runs"]:
             flat = flat_bytes(self.arrays[k])
+            if k in addrs:                # the source's memory, read in place (it keeps computing)
+                if can:
+                    t0 = time.perf_counter()
+                    try:
+                        inner = rd.get("interior", {}).get(k)
+                        left = self._read(int(rd["where"]["pid"]), int(addrs[k]), lo0, hi, flat, inner, P)
+                        tx.record(hi - lo0 - left, time.perf_counter() - t0)
+                        self.read += hi - lo0 - left
+                        skipped += left
+                        continue
+                    except OSError as exc:    # e.g. EPERM (ptrace rules): MPI from the next round on
+                        can, why = False, str(exc)
+                missed.append((k, lo0, hi))
+                continue
             for lo in range(lo0, hi, P):
                 e = min(hi, lo + P)
                 t0 = time.perf_counter()
@@ -532,7 +701,10 @@ class PreCopyTarget:
                 elif n != e - lo:
                     raise MigrationError(f"pre-copy round {hdr['round']}: piece [{lo}, {e}) of {k!r} "
                                          f"came with {n} bytes")
-        self.rounds += 1
+        self.rounds += 1 if hdr["round"] else 0          # round 0: the layout only
+        self.skipped += skipped
+        J.send({"missed": missed, "why": why, "skipped": skipped, "alloc_s": t_alloc,
+                "move_s": time.perf_counter() - t_move}, dest=source, tag=TAG_PRECOPY_DONE)
 
 
 class PreCopy(Strategy):
@@ -555,12 +727,35 @@ class PreCopy(Strategy):
             a = arrays.get(k)
             if a is None or a.shape != tuple(shape) or a.dtype != np.dtype(dt):
                 arrays[k] = np.empty(shape, dtype=np.dtype(dt))
-        for k, lo, hi in hdr["runs"]:
-            tx.Recv(flat_bytes(arrays[k])[lo:hi], TAG_PRECOPY_DATA)
+        rd = hdr.get("read")
+        how = handover.VIA_MPI
+        why = "no runs" if not hdr["runs"] else "not offered (MPIMIG_HANDOVER=mpi, or a round could not read)"
+        t0 = time.perf_counter()
+        if rd is not None:           # the old process is frozen: read its runs in place (the same host)
+            why = "another host"
+            if handover.same_host(rd["where"]):
+                try:
+                    for k, lo, hi in hdr["runs"]:
+                        handover.vm_read(int(rd["where"]["pid"]), int(rd["addrs"][k]) + lo,
+                                         flat_bytes(arrays[k])[lo:hi])
+                    how = handover.MEMORY
+                except OSError as e:     # MPI rewrites every run
+                    why = str(e)
+            tx.comm.send(how, dest=tx.peer, tag=TAG_HANDOVER)
+            if how == handover.MEMORY:
+                tx.record(sum(hi - lo for _, lo, hi in hdr["runs"]), time.perf_counter() - t0)
+        if how != handover.MEMORY:
+            for k, lo, hi in hdr["runs"]:
+                tx.Recv(flat_bytes(arrays[k])[lo:hi], TAG_PRECOPY_DATA)
         arrays.update(hdr["eager"])
         objects = {k: loads(k, v) for k, v in hdr["objects"].items()}
+        ss = hdr["extra"].setdefault("strategy_stats", {})
+        ss["final_how"], ss["final_s"] = how, time.perf_counter() - t0
+        if how != handover.MEMORY:
+            ss["final_why"] = why
         if rx is not None:
-            hdr["extra"]["strategy_stats"]["target_rounds"] = rx.rounds
+            ss["target_rounds"], ss["target_read_bytes"] = rx.rounds, rx.read
+            rx.close()
         return arrays, objects, hdr["extra"], None
 
 

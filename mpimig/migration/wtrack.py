@@ -32,6 +32,7 @@ import errno
 import mmap
 import os
 import platform
+import threading
 import time
 from typing import Any
 
@@ -156,7 +157,9 @@ def disabled_by_env() -> bool:
 
 
 class _Tracked:
-    """One array: its registered interior [lo, hi) (absolute addresses) and the edge copies."""
+    """One array of one tracker: its registered interior [lo, hi) (absolute addresses), the
+    edge copies, and the pages other trackers' scans found written that this one has not
+    been told about yet (``pages``, one bool per page of the interior, made when first needed)."""
 
     def __init__(self, a: np.ndarray) -> None:
         self.array = a
@@ -170,25 +173,36 @@ class _Tracked:
         self.lo, self.hi = lo, hi
         self.head = self.flat[:lo - self.addr].copy()          # bytes before the interior
         self.tail = self.flat[hi - self.addr:].copy()          # bytes after it
+        self.pages: np.ndarray | None = None
+
+    def key(self) -> tuple[int, int]:
+        return (self.addr, self.nbytes)
+
+    def note(self, ranges: list[tuple[int, int]]) -> None:
+        """Another tracker's scan found (and protected again) these written page ranges."""
+        if not ranges:
+            return
+        if self.pages is None:
+            self.pages = np.zeros((self.hi - self.lo) // PAGE, dtype=bool)
+        for s, e in ranges:
+            self.pages[(s - self.lo) // PAGE:(e - self.lo) // PAGE] = True
 
 
-class WriteTracker:
-    """Kernel write tracking of whole arrays; one per process (one userfaultfd).
-
-    ``track(a)`` registers an array (it must stay alive, and C-contiguous, while
-    tracked) and starts with *all* of it unwritten; ``written(a, chunk)`` returns
-    one bool per chunk: written since ``track`` or the previous ``written``.
-    """
-
-    mode = "uffd"
+class _Kernel:
+    """The process's one userfaultfd and its registrations, shared by every :class:`WriteTracker`
+    (a range can be registered with one userfaultfd only: a second one gets EBUSY, which is
+    why pre-copy fell back to its shadow compare while incremental checkpoints tracked the
+    same arrays). A registration lives while some tracker tracks the array; a scan by one
+    tracker tells the others what it found (:meth:`_Tracked.note`), so none loses a write."""
 
     def __init__(self) -> None:
         self.fd = -1
         self.fd, self.features = _new_wp_async_uffd()
         self.pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         self._vec = (_PageRegion * 512)()
-        self._arrays: dict[int, _Tracked] = {}       # id(array) -> record
-        self.scan_s = 0.0
+        self.regs: dict[tuple[int, int], list[_Tracked]] = {}    # (addr, nbytes) -> every tracker's record
+        self.users: set[int] = set()                              # id() of the open trackers
+        self.lock = threading.Lock()
 
     def close(self) -> None:
         """Closing the userfaultfd unregisters every range (the kernel drops the protection)."""
@@ -196,28 +210,18 @@ class WriteTracker:
             os.close(self.fd)
             os.close(self.pagemap)
             self.fd = -1
-        self._arrays.clear()
+        self.regs.clear()
 
-    def __del__(self) -> None:
-        self.close()
+    def overlaps(self, t: _Tracked) -> bool:
+        return any(r[0].lo < t.hi and t.lo < r[0].hi for k, r in self.regs.items() if k != t.key() and r)
 
-    def __enter__(self) -> WriteTracker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _overlaps(self, lo: int, hi: int) -> bool:
-        return any(t.lo < hi and lo < t.hi for t in self._arrays.values())
-
-    def track(self, a: np.ndarray) -> bool:
-        """Register ``a``; False if it cannot be tracked (not contiguous, its pages shared with an
-        array already tracked — a view —, or memory the kernel will not protect, e.g. a file mapping)."""
-        if not a.flags.c_contiguous or a.nbytes == 0 or id(a) in self._arrays:
-            return id(a) in self._arrays
-        t = _Tracked(a)
+    def register(self, t: _Tracked) -> bool:
+        recs = self.regs.get(t.key())
+        if recs:                       # the same memory, tracked by another tracker: share it
+            recs.append(t)
+            return True
         if t.hi > t.lo:
-            if self._overlaps(t.lo, t.hi):
+            if self.overlaps(t):
                 return False          # a scan of one would re-protect (and hide) the other's writes
             rng = _Range(t.lo, t.hi - t.lo)
             try:
@@ -230,24 +234,33 @@ class WriteTracker:
             except OSError:
                 self._unregister(t)
                 return False
-        self._arrays[id(a)] = t
+        self.regs[t.key()] = [t]
         return True
+
+    def release(self, t: _Tracked) -> None:
+        recs = self.regs.get(t.key(), [])
+        if t in recs:
+            recs.remove(t)
+        if not recs:
+            self.regs.pop(t.key(), None)
+            self._unregister(t)
 
     def _unregister(self, t: _Tracked) -> None:
         if t.hi > t.lo and self.fd >= 0:
             with contextlib.suppress(OSError):      # already unmapped: nothing is registered there any more
                 _ioctl(self.fd, UFFDIO_UNREGISTER, _Range(t.lo, t.hi - t.lo), "UFFDIO_UNREGISTER")
 
-    def untrack(self, a: np.ndarray) -> None:
-        t = self._arrays.pop(id(a), None)
-        if t is not None:
-            self._unregister(t)
-
-    def tracks(self, a: np.ndarray) -> bool:
-        return id(a) in self._arrays
+    def scan(self, t: _Tracked) -> list[tuple[int, int]]:
+        """Written page ranges of ``t``'s interior, protected again by the same call; the other
+        trackers of the same memory are told."""
+        with self.lock:
+            out = self._scan(t.lo, t.hi)
+            for other in self.regs.get(t.key(), []):
+                if other is not t:
+                    other.note(out)
+        return out
 
     def _scan(self, lo: int, hi: int) -> list[tuple[int, int]]:
-        """Written page ranges in [lo, hi), protected again by the same call."""
         out: list[tuple[int, int]] = []
         vec = self._vec
         arg = _ScanArg()
@@ -265,6 +278,133 @@ class WriteTracker:
             start = int(arg.walk_end)
         return out
 
+    def look(self, s: int, e: int) -> bool:
+        """Whether a page in [s, e) was written since its last protection, without protecting it."""
+        vec = (_PageRegion * 1)()
+        arg = _ScanArg()
+        arg.size = ctypes.sizeof(_ScanArg)
+        arg.flags = 0                              # look only: no PM_SCAN_WP_MATCHING
+        arg.start, arg.end, arg.walk_end = s, e, 0
+        arg.vec, arg.vec_len, arg.max_pages = ctypes.addressof(vec), 1, 1
+        arg.category_mask = arg.return_mask = PAGE_IS_WRITTEN
+        return _ioctl(self.pagemap, PAGEMAP_SCAN, arg, "PAGEMAP_SCAN") > 0
+
+
+def look_written(pagemap: int, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Page ranges in [lo, hi) written since their last protection, *without* protecting them,
+    from an open /proc/PID/pagemap (this process's or another's: pre-copy's target looks at its
+    running source's). [lo, hi) must be registered memory: a page that is not registered has no
+    protection and counts as written."""
+    out: list[tuple[int, int]] = []
+    vec = (_PageRegion * 64)()
+    arg = _ScanArg()
+    arg.size = ctypes.sizeof(_ScanArg)
+    arg.flags = 0                                  # look only: no PM_SCAN_WP_MATCHING
+    arg.vec, arg.vec_len = ctypes.addressof(vec), len(vec)
+    arg.category_mask = arg.return_mask = PAGE_IS_WRITTEN
+    start = lo
+    while start < hi:
+        arg.start, arg.end, arg.walk_end = start, hi, 0
+        n = _ioctl(pagemap, PAGEMAP_SCAN, arg, "PAGEMAP_SCAN")
+        out.extend((int(vec[i].start), int(vec[i].end)) for i in range(n))
+        if arg.walk_end <= start:
+            raise OSError(errno.EIO, f"PAGEMAP_SCAN made no progress at {start:#x}")
+        start = int(arg.walk_end)
+    return out
+
+
+_kernel: _Kernel | None = None
+_kernel_lock = threading.Lock()
+
+
+class WriteTracker:
+    """Kernel write tracking of whole arrays, for one user (pre-copy's rounds, incremental
+    checkpoints). Every tracker of the process shares one userfaultfd (:class:`_Kernel`), so
+    two users may track the same array, each with its own idea of "since the last look".
+
+    ``track(a)`` registers an array (it must stay alive, and C-contiguous, while
+    tracked) and starts with *all* of it unwritten (or, when another tracker already
+    tracks it, with what that one has not looked at yet: a superset, never fewer);
+    ``written(a, chunk)`` returns one bool per chunk: written since ``track`` or this
+    tracker's previous ``written``.
+    """
+
+    mode = "uffd"
+
+    def __init__(self) -> None:
+        global _kernel
+        with _kernel_lock:
+            if _kernel is None or _kernel.fd < 0:
+                _kernel = _Kernel()
+            self.k: _Kernel | None = _kernel
+            _kernel.users.add(id(self))
+        self.fd, self.features = self.k.fd, self.k.features
+        self._arrays: dict[int, _Tracked] = {}       # id(array) -> record
+        self.scan_s = 0.0
+
+    def close(self) -> None:
+        """Stop tracking this tracker's arrays; the last tracker closes the userfaultfd."""
+        global _kernel
+        k, self.k = self.k, None
+        if k is None:
+            return
+        with _kernel_lock:
+            for t in self._arrays.values():
+                k.release(t)
+            self._arrays.clear()
+            k.users.discard(id(self))
+            if not k.users:
+                k.close()
+                if _kernel is k:
+                    _kernel = None
+        self.fd = -1
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):      # at interpreter exit the module may be half gone
+            self.close()
+
+    def __enter__(self) -> WriteTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _kern(self) -> _Kernel:
+        if self.k is None:
+            raise OSError(errno.EBADF, "the write tracker is closed")
+        return self.k
+
+    def track(self, a: np.ndarray) -> bool:
+        """Register ``a``; False if it cannot be tracked (not contiguous, its pages shared with an
+        array already tracked — a view —, or memory the kernel will not protect, e.g. a file mapping)."""
+        if not a.flags.c_contiguous or a.nbytes == 0 or id(a) in self._arrays:
+            return id(a) in self._arrays
+        t = _Tracked(a)
+        k = self._kern()
+        with _kernel_lock:
+            if any(o.lo < t.hi and t.lo < o.hi for o in self._arrays.values()) or not k.register(t):
+                return False
+        self._arrays[id(a)] = t
+        return True
+
+    def _unregister(self, t: _Tracked) -> None:
+        """Drop the kernel's registration under ``t`` (tests: as if the memory were remapped)."""
+        self._kern()._unregister(t)
+
+    def untrack(self, a: np.ndarray) -> None:
+        t = self._arrays.pop(id(a), None)
+        if t is not None and self.k is not None:
+            with _kernel_lock:
+                self.k.release(t)
+
+    def tracks(self, a: np.ndarray) -> bool:
+        return id(a) in self._arrays
+
+    def interior(self, a: np.ndarray) -> tuple[int, int]:
+        """The registered pages of ``a`` (absolute addresses [lo, hi)); its edges are compared."""
+        t = self._arrays[id(a)]
+        return t.lo, t.hi
+
     def written_in(self, a: np.ndarray, lo: int, hi: int) -> bool:
         """Whether a registered page of bytes [lo, hi) of ``a`` was written since the previous
         :meth:`written`, *without* protecting it again (the next ``written`` still reports it).
@@ -276,14 +416,10 @@ class WriteTracker:
         s, e = max(s, t.lo), min(e, t.hi)
         if e <= s:
             return False
-        vec = (_PageRegion * 1)()
-        arg = _ScanArg()
-        arg.size = ctypes.sizeof(_ScanArg)
-        arg.flags = 0                              # look only: no PM_SCAN_WP_MATCHING
-        arg.start, arg.end, arg.walk_end = s, e, 0
-        arg.vec, arg.vec_len, arg.max_pages = ctypes.addressof(vec), 1, 1
-        arg.category_mask = arg.return_mask = PAGE_IS_WRITTEN
-        return _ioctl(self.pagemap, PAGEMAP_SCAN, arg, "PAGEMAP_SCAN") > 0
+        pages = t.pages
+        if pages is not None and pages[(s - t.lo) // PAGE:(e - t.lo) // PAGE].any():
+            return True
+        return self._kern().look(s, e)
 
     def written(self, a: np.ndarray, chunk: int) -> np.ndarray:
         """One bool per ``chunk`` bytes of ``a``: written since the previous call (or ``track``)."""
@@ -292,8 +428,14 @@ class WriteTracker:
         n = -(-t.nbytes // chunk)
         out = np.zeros(n, dtype=bool)
         if t.hi > t.lo:
-            for s, e in self._scan(t.lo, t.hi):
+            for s, e in self._kern().scan(t):
                 out[(s - t.addr) // chunk:(e - 1 - t.addr) // chunk + 1] = True
+            pages = t.pages
+            if pages is not None:                        # what other trackers' scans found
+                t.pages = None
+                first = t.lo - t.addr + np.flatnonzero(pages) * PAGE
+                out[first // chunk] = True
+                out[(first + PAGE - 1) // chunk] = True      # a page spans at most two chunks
         nh = t.head.size
         if nh and not np.array_equal(t.flat[:nh], t.head):
             out[:(nh - 1) // chunk + 1] = True
@@ -310,7 +452,8 @@ _reason = ""
 
 
 def tracker() -> WriteTracker | None:
-    """A new :class:`WriteTracker`, or None (then :func:`unavailable_reason` says why)."""
+    """A new :class:`WriteTracker` (on the process's one userfaultfd), or None (then
+    :func:`unavailable_reason` says why)."""
     global _reason
     if disabled_by_env():
         _reason = "MPIMIG_WTRACK=off"

@@ -1,29 +1,41 @@
 """Test program (2 ranks, plain mpiexec): pre-copy's rounds between a real source and target.
 
 Rank 0 is a moving rank's old process (``PreCopySource`` over a 32 MiB array and a small
-one), rank 1 the target (``PreCopyTarget``, then ``PreCopy.receive`` at the switch). Round 1
-starts while the target does not receive yet, so its first piece cannot leave; meanwhile the
-source writes into its third piece (after the round's scan). Then the target receives,
-and the source keeps writing a little and stepping until its rounds are ready, then
-finishes (the switch). The target compares what it assembled with the source's final
-bytes (digests) and writes a JSON report: {"same", "stats", "target_rounds", "target_skipped"}.
+one), rank 1 the target (``PreCopyTarget``, then ``PreCopy.receive`` at the switch). The
+first step sends the layout (round 0), which the target takes at once. Round 1 then starts
+while the target does not receive yet, so its first piece cannot leave (when rounds go by
+MPI); meanwhile the source writes into its third piece (after the round's scan). Then the
+target receives, and the source keeps writing a little and stepping until its rounds are
+ready, then finishes (the switch). The target compares what it assembled with the source's
+final bytes (digests) and writes a JSON report: {"same", "stats", "target_rounds",
+"target_skipped", "target_read", "written"}.
 
-    MPIMIG_CHUNK=16384 mpiexec -n 2 python precopy_pieces.py OUT.json
+``written`` is the program's own count of what it wrote, per round: element i is the bytes
+of the chunks (``MPIMIG_CHUNK``) of ``a`` written between the scan of round i+1 and the next
+scan (the last element: up to the freeze). The writes after round 1 stay in the middle of
+a chunk, away from its pages shared with a neighbour, so a page-exact tracker reports
+exactly these chunks. ``b`` is small (its chunks are counted as written whenever it is).
+
+``--no-read``: the target behaves as on another host (it cannot read the source's memory).
+
+    MPIMIG_CHUNK=16384 mpiexec -n 2 python precopy_pieces.py OUT.json [--no-read]
 """
 import hashlib
 import json
+import os
 import sys
 import time
 
 import numpy as np
 from mpi4py import MPI
 
-from mpimig.migration import strategies, transport
+from mpimig.migration import handover, strategies, transport
 from mpimig.migration.protocol import TAG_PRECOPY
 from mpimig.state import State
 
 TAG_GO, TAG_DIGEST = 99, 98
 NEL = (32 << 20) // 8
+C = int(os.environ.get("MPIMIG_CHUNK", str(1 << 20)))
 
 
 def digest(arrays: dict) -> str:
@@ -34,34 +46,67 @@ def digest(arrays: dict) -> str:
     return h.hexdigest()
 
 
-def source(comm: MPI.Intracomm) -> None:
+class Counter:
+    """The chunks of ``a`` the program wrote since the latest scan of a round."""
+
+    def __init__(self, src: strategies.PreCopySource) -> None:
+        self.src, self.rounds, self.chunks = src, 0, set()
+        self.per_round: list[int] = []
+
+    def write(self, a: np.ndarray, chunk: int, value: float) -> None:
+        e0 = (chunk * C + C // 4) // 8                 # the middle of the chunk
+        a[e0:e0 + C // 32] += value
+        self.chunks.add(chunk)
+
+    def step(self) -> bool:
+        ready = self.src.step()
+        if len(self.src.rounds) != self.rounds:       # this step scanned and started a round
+            if self.rounds:
+                self.per_round.append(len(self.chunks) * C)
+            self.rounds, self.chunks = len(self.src.rounds), set()
+        return ready
+
+    def last(self) -> list[int]:
+        return self.per_round + [len(self.chunks) * C]
+
+
+def source(comm: MPI.Intracomm) -> dict:
     a = np.arange(NEL, dtype=np.float64)
     st = State(a=a, b=np.zeros(100), k=0)
     src = strategies.PreCopySource(comm, 1, lambda: st, 0)
+    cnt = Counter(src)
     piece = src.piece // 8
-    assert not src.step()                    # round 1 is on its way (the thread waits on piece 0)
-    a[2 * piece + 5:2 * piece + 900] += 1.5  # written after the round's scan, before its piece left
+    assert not cnt.step() and not src.rounds     # round 0: the layout, taken by the target at once
+    while not src.rounds:
+        assert not cnt.step()                    # round 1 is on its way (MPI: the thread waits on piece 0)
+    cnt.write(a, 2 * piece * 8 // C, 1.5)    # third piece: written after the round's scan, before it left
     comm.send("go", dest=1, tag=TAG_GO)
     k = 0
-    while not src.step():
-        a[(k * 7919 * 61) % (NEL - 64):][:64] += k + 0.25
+    nchunks = NEL * 8 // C
+    while not cnt.step():
+        cnt.write(a, (k * 7919 * 61) % nchunks, k + 0.25)
         st.b[k % 100] += 1.0
         k += 1
         if k > 200000:
             raise RuntimeError("pre-copy rounds never became ready")
         time.sleep(0.002)
-    a[3] = -0.0
-    a[NEL - 1] += 7.0
+    cnt.write(a, 0, -1.0)
+    a[3] = -0.0                              # the first page's edge (compared, not tracked): chunk 0
+    cnt.write(a, nchunks - 1, 7.0)
+    a[NEL - 1] += 7.0                        # the last page's edge: the last chunk
     arrays, objects = st.split()
     tx = transport.Transfer(comm, 1, transport.ROUNDS, "pre-copy")
     src.finish(tx, arrays, objects, {"t_suspend": time.time()})
     comm.send(digest(arrays), dest=1, tag=TAG_DIGEST)
+    return {"written": cnt.last()}
 
 
 def target(comm: MPI.Intracomm, out: str) -> None:
     rx = strategies.PreCopyTarget()
-    comm.recv(source=0, tag=TAG_GO)
     status = MPI.Status()
+    comm.Probe(0, TAG_PRECOPY, status)
+    rx.on_round(comm, 0)                     # the layout
+    comm.recv(source=0, tag=TAG_GO)
     while True:
         comm.Probe(0, MPI.ANY_TAG, status)
         if status.Get_tag() != TAG_PRECOPY:
@@ -70,14 +115,18 @@ def target(comm: MPI.Intracomm, out: str) -> None:
     tx = transport.Transfer(comm, 0, transport.ROUNDS, "pre-copy")
     arrays, objects, extra, _ = strategies.PreCopy().receive(tx, None, rx)
     want = comm.recv(source=0, tag=TAG_DIGEST)
+    mine = comm.recv(source=0, tag=TAG_DIGEST + 1)
     with open(out, "w") as f:
         json.dump({"same": digest(arrays) == want, "objects": objects, "stats": extra["strategy_stats"],
-                   "target_rounds": rx.rounds, "target_skipped": rx.skipped}, f)
+                   "target_rounds": rx.rounds, "target_skipped": rx.skipped, "target_read": rx.read,
+                   **mine}, f)
 
 
 if __name__ == "__main__":
     world = MPI.COMM_WORLD
     if world.Get_rank() == 0:
-        source(world)
+        world.send(source(world), dest=1, tag=TAG_DIGEST + 1)
     else:
+        if "--no-read" in sys.argv[2:]:
+            handover.same_host = lambda w: False       # as if the source were on another host
         target(world, sys.argv[1])
