@@ -789,3 +789,88 @@ def test_dirty_sampler_estimates_from_a_sample_and_rotates_it():
     assert len(first) == len(second) == 4 and first != second
     # an item replaced by one of another size, or gone, is not compared
     assert ds.sample({"b": np.zeros(8)}, 1.0) is None
+
+
+# ------------------------------------------------------------------------------------------
+# the host's cgroup limit (cpu_limit: the cores its CPU quota and cpuset allow, as its ranks report it)
+#
+# Q1: three hosts of 2 slots; every host reads the machine's load average 10, so E = 8 (2 ranks each).
+# a, b: no quota (cpu_limit 2, the machine's cores), their ranks get a CPU share 0.5: K = 0.5 x 10 = 5.
+# c: a quota of 0.2 core (cpu_limit 0.2); its 2 ranks get 0.1 core each: speed 0.1, and 0.1 x 2 = 0.2 >= 0.9 x 0.2:
+# quota-bound, so K is not 0.1 x 10 = 1 but max(2 slots, 2 + 8) = 10 and the limit sets the share.
+# Ranks: 0.1 CPU s per point, 100 points (R = 100), 1 MiB.
+#   a, b: share min(1, 5 / 10, 2 / 2) = 0.5 -> 0.2 s/point; c: min(1, 10 / 10, 0.2 / 2) = 0.1 -> 1.0: T0 = 1.0.
+#   Rank 4 off c to a: a at 3 ranks, min(1, 5 / 11, 2 / 3) = 0.4545 -> 0.22; c keeps rank 5 alone:
+#   min(1, 10 / 9, 0.2 / 1) = 0.2 -> 0.5 s/point: T = 0.5, gain (1.0 - 0.5) x 100 = 50 s.
+#   Without the limit (cpu_limit 0, as before): K_c = 0.1 x 10 = 1, rank 5 alone gets 1 / 9 -> 0.9 s/point:
+#   gain 10 s only, the load average taken for the slowed host's own load.
+# A move costs 15.05 s (post-copy 0.05 + 0.1 x 1 MiB / 1 GB/s ~ 0.0501, plus switch_s 15): one move pays
+# when its gain exceeds 1.2 x 15.0501 = 18.06 s: with the limit (50 s) it does; without (10 s) it does not.
+def quota_snapshot(limit):
+    ranks = [R(i, "abc"[i // 2], compute=1.0 if i >= 4 else 0.2) for i in range(6)]
+    hosts = [H("a", speed=0.5, external_load=8.0, cpu_limit=2.0), H("b", speed=0.5, external_load=8.0, cpu_limit=2.0),
+             H("c", speed=0.1, external_load=8.0, cpu_limit=limit)]
+    return snap(ranks, hosts)
+
+
+def test_the_load_model_takes_a_quota_bound_hosts_share_from_its_cgroup_limit():
+    from mpimig.balance.policies import LoadState, quota_bound
+    s = quota_snapshot(0.2)
+    assert quota_bound(s.hosts["c"], 2) and not quota_bound(s.hosts["a"], 2)
+    ls = LoadState(s, cost())
+    assert ls.step_s == pytest.approx(1.0)
+    assert ls.T_after(4, "a") == pytest.approx(0.5)
+    assert ls.share("c", 1) == pytest.approx(0.2) and ls.share("a", 3) == pytest.approx(5 / 11)
+    # unknown limit: the old model, the slowed host under-rated
+    assert LoadState(quota_snapshot(0.0), cost()).T_after(4, "a") == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("name", ["greedy", "refine", "multi-factor"])
+def test_one_move_off_a_quota_host_pays_once_the_limit_is_known(name):
+    cm = CostModel(**TC, switch_s=15.0)
+    out = Balancer(f"{name}:max_moves=1", cost=cm).decide(quota_snapshot(0.2))
+    acc = [d for d in out if d.move]
+    assert [(d.rank, d.to) for d in acc] == [(4, "a")]
+    assert acc[0].gain_s == pytest.approx(50.0)
+    out = Balancer(f"{name}:max_moves=1", cost=cm).decide(quota_snapshot(0.0))
+    assert moves(out) == []
+    if name == "multi-factor":
+        # it does not propose it: score 10 - (15.0501 + 0.05 x X + 0.5 / 1024) with X = spawn 0.5 + push
+        # 1 x step 1.0 + downtime 15.0501 = 16.5501: 10 - 15.878 = -5.878
+        assert any("no plan scores above 0: the best plan (1 move(s)) scores -5.878 s" in d.reason for d in out)
+    else:
+        assert [(d.rank, d.gain_s) for d in refused(out)] == [(4, pytest.approx(10.0))]
+
+
+# Q2: the slowed host c was emptied (its ranks are on a and b: 3 each, share 0.5 with E = 7, K = 5), so it
+# sends no report: speed 1, E 0 (driver.host_metrics), and this balancer never saw it saturated (nothing
+# remembered: a new coordinator, or its ranks left before the load showed). Its ranks reported cpu_limit 0.2.
+#   a, b: 0.1 / 0.5 = 0.2 s/point: T0 = 0.2. Rank 0 to c: c offers slots x speed = 2 cores against the load,
+#   but the limit gives one rank min(1, 2 / 1, 0.2 / 1) = 0.2 -> 0.5 s/point, worse than 0.2: no policy
+#   moves. Rank 0 to b: b at 4 ranks, 5 / 11 -> 0.22: no relief either.
+#   Without the limit: c's rank runs at share 1 -> 0.1, a drops to 2 ranks (5 / 9 -> 0.18): relief 0.02, and
+#   every policy moves rank 0 onto the slowed host (the run-7 move of multi-factor on drift).
+def emptied_quota_host(limit):
+    ranks = [R(i, "a" if i < 3 else "b", compute=0.2) for i in range(6)]
+    hosts = [H("a", 3, speed=0.5, external_load=7.0, cpu_limit=2.0),
+             H("b", 3, speed=0.5, external_load=7.0, cpu_limit=2.0), H("c", 2, cpu_limit=limit)]
+    return snap(ranks, hosts)
+
+
+@pytest.mark.parametrize("name", ["greedy", "refine", "multi-factor", "comm-aware"])
+def test_an_empty_host_under_a_quota_gets_no_rank(name):
+    assert moves(parse(name).decide(emptied_quota_host(0.2), cost())) == []
+    assert moves(Balancer(name, cost=cost()).decide(emptied_quota_host(0.2))) == []
+    # the same snapshot without the limit: the move onto the slowed host
+    assert moves(Balancer(name, cost=cost()).decide(emptied_quota_host(0.0))) == [(0, "c")]
+
+
+def test_a_quota_bound_host_is_not_remembered_as_a_load_capacity():
+    # Q1's c is held by its quota: K = speed x (n + E) = 1 would be the quota mistaken for the load's share;
+    # only a and b (not quota-bound) are remembered.
+    b = Balancer("none", cost=cost())
+    b.decide(quota_snapshot(0.2))
+    assert sorted(b.capacity_seen) == ["a", "b"]
+    b = Balancer("none", cost=cost())
+    b.decide(quota_snapshot(0.0))
+    assert sorted(b.capacity_seen) == ["a", "b", "c"]
