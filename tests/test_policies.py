@@ -796,7 +796,7 @@ def test_dirty_sampler_estimates_from_a_sample_and_rotates_it():
 #
 # Q1: three hosts of 2 slots; every host reads the machine's load average 10, so E = 8 (2 ranks each).
 # a, b: no quota (cpu_limit 2, the machine's cores), their ranks get a CPU share 0.5: K = 0.5 x 10 = 5.
-# c: a quota of 0.2 core (cpu_limit 0.2); its 2 ranks get 0.1 core each: speed 0.1, and 0.1 x 2 = 0.2 >= 0.9 x 0.2:
+# c: a quota of 0.2 core (cpu_limit 0.2); its 2 ranks get 0.1 core each: speed 0.1, and 0.1 x 2 = 0.2 >= 0.75 x 0.2:
 # quota-bound, so K is not 0.1 x 10 = 1 but max(2 slots, 2 + 8) = 10 and the limit sets the share.
 # Ranks: 0.1 CPU s per point, 100 points (R = 100), 1 MiB.
 #   a, b: share min(1, 5 / 10, 2 / 2) = 0.5 -> 0.2 s/point; c: min(1, 10 / 10, 0.2 / 2) = 0.1 -> 1.0: T0 = 1.0.
@@ -817,6 +817,9 @@ def test_the_load_model_takes_a_quota_bound_hosts_share_from_its_cgroup_limit():
     from mpimig.balance.policies import LoadState, quota_bound
     s = quota_snapshot(0.2)
     assert quota_bound(s.hosts["c"], 2) and not quota_bound(s.hosts["a"], 2)
+    # the threshold: ranks using 0.75 of the limit or more are held by it (measured shares are noisy)
+    assert quota_bound(H("c", speed=0.08, cpu_limit=0.2), 2) and not quota_bound(H("c", speed=0.07, cpu_limit=0.2), 2)
+    assert not quota_bound(H("c", speed=0.1), 2) and not quota_bound(H("c", cpu_limit=0.2), 2)
     ls = LoadState(s, cost())
     assert ls.step_s == pytest.approx(1.0)
     assert ls.T_after(4, "a") == pytest.approx(0.5)

@@ -21,7 +21,7 @@ each safe point):
 - a host whose ranks report a cgroup limit ``L`` (cores its CPU quota and
   cpuset allow, ``cpu_limit``; :mod:`.cpulimit`) never gives its ``n`` ranks
   more than ``L / n`` each; when its ranks together use (nearly) all of it
-  (``speed x n >= 0.9 L``: *quota-bound*) their low share says the quota, not
+  (``speed x n >= 0.75 L``: *quota-bound*) their low share says the quota, not
   the machine's load, so ``K`` is not taken from their speed (the rules after
   the first one apply); an empty host keeps the limit its ranks reported;
 - with ``n`` ranks there, each gets a CPU share ``min(1, K / (n + E), L / n)`` and a
@@ -73,7 +73,7 @@ def drain_hosts(snap: Snapshot, extra: tuple[str, ...] = ()) -> set[str]:
 
 
 #: ranks using this fraction of their host's cgroup limit are held by the quota (quota-bound)
-QUOTA_BOUND = 0.9
+QUOTA_BOUND = 0.75
 
 
 def quota_bound(h: HostMetrics, n: int) -> bool:
