@@ -28,7 +28,7 @@ GiB = 1 << 30
 # A cost model with round figures, so that predictions can be worked out by hand.
 TC = dict(bw=1e9, fixed_s=0.1, spawn_s=0.5, handover_s=0.0, scan_bw=1e10, postcopy_s=0.05, postcopy_bw=1e9,
           postcopy_window=4, fs_fixed_s=1.0, storage_bw=1e8, precopy_rounds=8, chunk=MiB, local_bw=1e10,
-          net_bw=1e9, background_weight=0.1, alpha=0.3)
+          net_bw=1e9, background_weight=0.1, alpha=0.3, cpu_scaled=False)   # scaling: its own test below
 
 
 def cost() -> CostModel:
@@ -877,3 +877,51 @@ def test_a_quota_bound_host_is_not_remembered_as_a_load_capacity():
     b = Balancer("none", cost=cost())
     b.decide(quota_snapshot(0.0))
     assert sorted(b.capacity_seen) == ["a", "b", "c"]
+
+
+# The CPU factor of a transfer (cost.cpu_factor): copying state is CPU work, so every byte rate is scaled by
+# the smaller observed CPU share per rank of the two hosts. TC with scaling on: bw 1e9, 256 MiB = 268435456 B.
+# Off a host whose ranks get 0.05 core to a full-speed one: f = 0.05, stop-and-copy downtime 0.1 +
+# 268435456 / (1e9 x 0.05) = 0.1 + 5.36870912 = 5.46870912 s (unscaled: 0.1 + 0.268435456). A 160 kB rank: 0.1 +
+# 160000 / 5e7 = 0.1032. Between full-speed hosts nothing changes; a share reading 0 counts as unknown (1),
+# and a share near 0 as MIN_CPU_FACTOR (0.02).
+def test_a_transfer_off_a_slowed_host_is_predicted_at_its_cpu_share():
+    from mpimig.balance.cost import cpu_factor
+    cm = CostModel(**dict(TC, cpu_scaled=True))
+    slow, fast = H("c", speed=0.05), H("a")
+    heavy, light = R(0, "c", state_bytes=256 * MiB), R(1, "c", state_bytes=160000)
+    assert cpu_factor(slow, fast) == 0.05 and cpu_factor(fast, slow) == 0.05 and cpu_factor(fast, fast) == 1.0
+    assert cpu_factor(H("c", speed=0.0), fast) == 1.0 and cpu_factor(H("c", speed=0.001), fast) == 0.02
+    assert cm.predict(heavy, slow, fast, "stop-and-copy").downtime_s == pytest.approx(5.46870912)
+    assert cm.predict(light, slow, fast, "stop-and-copy").downtime_s == pytest.approx(0.1032)
+    assert cm.predict(heavy, fast, fast, "stop-and-copy").downtime_s == pytest.approx(0.368435456)
+    assert CostModel(**TC).predict(heavy, slow, fast, "stop-and-copy").downtime_s == pytest.approx(0.368435456)
+    assert CostModel.default().cpu_scaled
+
+
+# Uneven state on the slowed host (the bench's --drift-ballast): host c (quota-bound, 0.2 core for its two
+# ranks, 0.1 each: f = 0.1 for a move off it) holds rank 4 with 256 MiB and rank 5 with 160 kB, equal work
+# 0.1 CPU s per point; a, b as Q1 (share 0.5 with E = 8, cpu_limit 2). T0 = 0.1 / 0.1 = 1.0 s/point; R = 100.
+# Either rank off c to a: a at 3 ranks 5/11 -> 0.22; the other alone on c: min(1, 10/9, 0.2) -> 0.5: relief
+# 0.5, G = 50 s for both. Post-copy is the cheapest strategy for both (no dirtying): the light rank's
+# cost_s = 0.05 + 0.1 x 160000 / 1e8 = 0.05016 s; the heavy one's 0.05 + 0.1 x 268435456 / 1e8 = 0.3184 s,
+# and X (its push: max(B / (1e9 x 0.1), ceil(256 MiB / 4 MiB) x 1.0) = 64 s) 64 + 0.5 + 0.05 = 64.55 s.
+# greedy takes the heaviest by time, ties by number: rank 4 (256 MiB) first; multi-factor scores the light
+# rank higher: 50 - 0.05016 - 0.05 x 1.5502 (X: spawn 0.5 + push 1 x 1.0 + 0.05) - 0.5 x 160000 / 2^30 = 49.87 s,
+# against at best 50 - 0.3184 - 0.05 x 64.55 - 0.5 x 0.25 = 46.33 s for the heavy one, and moves it first.
+def ballast_on_slowed_host():
+    ranks = [R(i, "abc"[i // 2], compute=1.0 if i >= 4 else 0.2) for i in range(6)]
+    ranks[4] = dataclasses.replace(ranks[4], state_bytes=256 * MiB)
+    ranks[5] = dataclasses.replace(ranks[5], state_bytes=160000)
+    hosts = [H("a", speed=0.5, external_load=8.0, cpu_limit=2.0), H("b", speed=0.5, external_load=8.0, cpu_limit=2.0),
+             H("c", speed=0.1, external_load=8.0, cpu_limit=0.2)]
+    return snap(ranks, hosts)
+
+
+def test_multi_factor_moves_the_light_rank_off_a_slowed_host_first():
+    cm = CostModel(**dict(TC, cpu_scaled=True))
+    g = parse("greedy").decide(ballast_on_slowed_host(), cm)
+    m = parse("multi-factor").decide(ballast_on_slowed_host(), cm)
+    assert moves(g)[0] == (4, "a")
+    assert moves(m)[0] == (5, "a") and "score 49.87 s" in m[0].reason
+    assert m[0].bytes_moved == 160000 and g[0].bytes_moved == 256 * MiB
