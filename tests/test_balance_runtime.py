@@ -305,6 +305,24 @@ def test_driver_keeps_a_hosts_cgroup_limit_after_its_ranks_leave(tmp_path):
     assert d2.snapshot(ROUTING, {}, 0).hosts["a"].cpu_limit == 0.0
 
 
+def test_a_moved_ranks_first_report_is_dropped(tmp_path):
+    # its new process's first window counts the restore as compute: only the second report counts
+    from mpimig.balance.driver import BalanceDriver
+    d = BalanceDriver("none", tmp_path, "r", ["a", "b"], {"a": 2, "b": 2}, t0=0.0)
+    for r in ROUTING:
+        d.on_report(_report(r["rank"], r["pid"]), ROUTING)
+    d.migration_done({"rank": 2, "from": "b", "to": "a", "strategy": "stop-and-copy", "timings": {}})
+    moved = [ROUTING[0], ROUTING[1], {"rank": 2, "host": "a", "pid": 13}]
+    d.on_report(_report(2, 13, compute_s=40.0), moved)           # the restore: 4 s per point
+    assert 2 not in d.reports
+    out = d.decide(moved, {}, 0, lambda *a: pytest.fail("nothing may be submitted"))
+    assert [x["reason"] for x in out] == ["waiting for the first metric report of rank(s) [2]"]
+    d.on_report(_report(2, 13, compute_s=1.0), moved)
+    assert d.snapshot(moved, {}, 0).ranks[2].compute_s == 0.1
+    d.on_report(_report(2, 13, compute_s=2.0), moved)            # later reports replace it as before
+    assert d.snapshot(moved, {}, 0).ranks[2].compute_s == 0.2
+
+
 def test_a_ranks_report_carries_its_cgroups_cpu_limit():
     from mpimig.balance.cpulimit import cpu_limit
     from mpimig.balance.metrics import Meter

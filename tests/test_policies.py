@@ -892,6 +892,9 @@ def test_a_transfer_off_a_slowed_host_is_predicted_at_its_cpu_share():
     heavy, light = R(0, "c", state_bytes=256 * MiB), R(1, "c", state_bytes=160000)
     assert cpu_factor(slow, fast) == 0.05 and cpu_factor(fast, slow) == 0.05 and cpu_factor(fast, fast) == 1.0
     assert cpu_factor(H("c", speed=0.0), fast) == 1.0 and cpu_factor(H("c", speed=0.001), fast) == 0.02
+    # a host's cgroup limit bounds it even when its ranks' share reads high (e.g. their first windows)
+    assert cpu_factor(H("c", speed=1.0, cpu_limit=0.0667), fast) == 0.0667
+    assert cpu_factor(H("c", speed=0.05, cpu_limit=0.0667), H("a", cpu_limit=2.0)) == 0.05
     assert cm.predict(heavy, slow, fast, "stop-and-copy").downtime_s == pytest.approx(5.46870912)
     assert cm.predict(light, slow, fast, "stop-and-copy").downtime_s == pytest.approx(0.1032)
     assert cm.predict(heavy, fast, fast, "stop-and-copy").downtime_s == pytest.approx(0.368435456)

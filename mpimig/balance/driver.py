@@ -82,12 +82,20 @@ class BalanceDriver:
         # host -> the cores its cgroup allows (the latest report from it): kept when its ranks leave,
         # so an emptied host under a CPU quota is not taken for a free one
         self.cpu_limits: dict[str, float] = {}
+        self.arrived: set[int] = set()               # moved ranks whose first report is still to be dropped
 
     # -- reports ---------------------------------------------------------------------
     def on_report(self, rep: dict, routing: list[dict]) -> None:
         """A rank's metric report; one from a process that no longer holds the rank is dropped."""
         r = rep.get("rank")
         if not isinstance(r, int) or not 0 <= r < len(routing) or routing[r]["pid"] != rep.get("pid"):
+            return
+        if r in self.arrived:
+            # the first window of a moved rank's new process counts its restore as compute (the state
+            # arriving, a 256 MiB ballast unpacked at 0.07 core): its step looks many times longer
+            # than it is, and a policy relieved its host (run 8, drift: multi-factor moved rank 1 onto
+            # the slowed host to make room for it). Its second report is the first to count.
+            self.arrived.discard(r)
             return
         self.reports[r] = rep
 
@@ -183,6 +191,7 @@ class BalanceDriver:
         t = time.time() - self.t0
         self.moved_t[m["rank"]] = t
         self.reports.pop(m["rank"], None)        # its next report comes from the new process
+        self.arrived.add(m["rank"])              # ... and is dropped (on_report)
         tm = m.get("timings", {})
         self.balancer.note_moved(m["rank"], m.get("from") or "", m["to"], t)
         if tm.get("downtime") is not None:
