@@ -101,11 +101,11 @@ MIN_CPU_FACTOR = 0.02
 def cpu_factor(src: HostMetrics, dst: HostMetrics) -> float:
     """The share of a core the copying gets: the smaller observed CPU share per rank (``speed``, at
     most the host's cgroup limit ``cpu_limit`` when known) of the two hosts, at most 1. Sending and
-    receiving state is CPU work (copies, pickling, the library's progress): off a host under a quota of 0.067 core (``mpimig lab slow h2 0.1``) a
-    move of 256 MiB took 12.6 s from request to done where the quiet bandwidth says 0.3 s (run 8),
-    so every byte rate of the model (``bw``, ``scan_bw``, ``postcopy_bw``, ``storage_bw``) is
-    scaled by it. Light ranks hardly notice; a rank with a big state costs what it really does
-    to move off a slowed host."""
+    receiving state is CPU work (copies, pickling, the library's progress): off a host under a
+    quota of 0.067 core (``mpimig lab slow h2 0.1``) a move of 256 MiB took 12.6 s from request to
+    done where the quiet bandwidth says 0.3 s (run 8), so every byte rate of the model (``bw``,
+    ``scan_bw``, ``postcopy_bw``, ``storage_bw``) is scaled by it. Light ranks hardly notice; a
+    rank with a big state costs what it really does to move off a slowed host."""
     def share(h: HostMetrics) -> float:
         s = min(1.0, h.speed) if h.speed > 0 else 1.0
         return min(s, h.cpu_limit) if h.cpu_limit > 0 else s      # a quota bounds the copying too
