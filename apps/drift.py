@@ -19,19 +19,20 @@ are plain numpy and mpi4py in the installed module ``mpimig.apps.drift``
 """
 import sys
 
-from mpimig.apps.drift import Strip, declare_points, parse, report, run_serial
+from mpimig.apps.drift import Strip, ballast, check_ballast, declare_points, parse, report, run_serial
 
 
 def main(ctx, args):                                              # mpimig
     comm = ctx.comm                                               # mpimig
     declare_points(ctx, args.steps)                               # mpimig
     strip = Strip(args.n, comm.size, comm.rank)
-    st = ctx.state(u=strip.initial(), step=0)                     # mpimig
+    st = ctx.state(u=strip.initial(), step=0, **ballast(args.ballast, comm.rank))  # mpimig
     while st.step < args.steps:
         strip.exchange_halos(comm, st.u)
         strip.step(st.u, st.step, args)
         st.step += 1
         ctx.checkpoint_point()                                    # mpimig
+    check_ballast(st, args.ballast, comm.rank)
     res = strip.gather(comm, st.u, args.out)
     return None if res is None else {**res, "steps": args.steps}
 

@@ -285,6 +285,54 @@ def test_driver_builds_the_snapshot_from_reports(tmp_path):
     assert c.spares == 1 and snap.in_flight == 1 and snap.drain == ()
 
 
+def test_driver_keeps_a_hosts_cgroup_limit_after_its_ranks_leave(tmp_path):
+    # b's rank reports the 0.2 core its cgroup allows; once rank 2 moved to a, b sends no report, and the
+    # snapshot still says b allows 0.2 core (the policies must not take the emptied b for a free host).
+    from mpimig.balance.driver import BalanceDriver
+    d = BalanceDriver("none", tmp_path, "r", ["a", "b"], {"a": 2, "b": 2}, t0=0.0)
+    for r in ROUTING:
+        d.on_report(_report(r["rank"], r["pid"], cpu_limit=0.2 if r["host"] == "b" else 2.0), ROUTING)
+    s = d.snapshot(ROUTING, {}, 0)
+    assert (s.hosts["a"].cpu_limit, s.hosts["b"].cpu_limit) == (2.0, 0.2)
+    moved = [ROUTING[0], ROUTING[1], dict(ROUTING[2], host="a")]
+    d.migration_done({"rank": 2, "from": "b", "to": "a", "strategy": "stop-and-copy", "timings": {}})
+    s = d.snapshot(moved, {}, 0)
+    assert s.hosts["b"].cpu_limit == 0.2 and s.hosts["b"].speed == 1.0 and s.on("b") == []
+    assert d.status(moved, {})["hosts"]["b"]["cpu_limit"] == 0.2
+    # a report without the field (an older rank) leaves the limit unknown
+    d2 = BalanceDriver("none", tmp_path, "r", ["a", "b"], {"a": 2, "b": 2}, t0=0.0)
+    d2.on_report(_report(0, 10), ROUTING)
+    assert d2.snapshot(ROUTING, {}, 0).hosts["a"].cpu_limit == 0.0
+
+
+def test_a_moved_ranks_first_report_is_dropped(tmp_path):
+    # its new process's first window counts the restore as compute: only the second report counts
+    from mpimig.balance.driver import BalanceDriver
+    d = BalanceDriver("none", tmp_path, "r", ["a", "b"], {"a": 2, "b": 2}, t0=0.0)
+    for r in ROUTING:
+        d.on_report(_report(r["rank"], r["pid"]), ROUTING)
+    d.migration_done({"rank": 2, "from": "b", "to": "a", "strategy": "stop-and-copy", "timings": {}})
+    moved = [ROUTING[0], ROUTING[1], {"rank": 2, "host": "a", "pid": 13}]
+    d.on_report(_report(2, 13, compute_s=40.0), moved)           # the restore: 4 s per point
+    assert 2 not in d.reports
+    out = d.decide(moved, {}, 0, lambda *a: pytest.fail("nothing may be submitted"))
+    assert [x["reason"] for x in out] == ["waiting for the first metric report of rank(s) [2]"]
+    d.on_report(_report(2, 13, compute_s=1.0), moved)
+    assert d.snapshot(moved, {}, 0).ranks[2].compute_s == 0.1
+    d.on_report(_report(2, 13, compute_s=2.0), moved)            # later reports replace it as before
+    assert d.snapshot(moved, {}, 0).ranks[2].compute_s == 0.2
+
+
+def test_a_ranks_report_carries_its_cgroups_cpu_limit():
+    from mpimig.balance.cpulimit import cpu_limit
+    from mpimig.balance.metrics import Meter
+
+    class Ctx:
+        rank, host, point, weight, total_points, registered_state = 0, "a", 3, 1.0, None, None
+    rep = Meter().report(Ctx(), 0.0)
+    assert rep["cpu_limit"] == cpu_limit().cores > 0
+
+
 def test_driver_logs_every_decision_and_hands_moves_to_the_coordinator(tmp_path):
     from mpimig.balance.driver import BalanceDriver
     d = BalanceDriver("none", tmp_path, "r", ["a", "b"], {"a": 2, "b": 2}, t0=0.0)

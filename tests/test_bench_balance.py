@@ -61,3 +61,62 @@ def test_time_to_solution_is_started_to_finished_in_the_event_log(tmp_path):
     assert balance.job_span(tmp_path) == 37.5
     (tmp_path / "events.jsonl").write_text('{"t": 112.5, "event": "started"}\n')
     assert balance.job_span(tmp_path) is None
+
+
+# -- uneven state: drift's --ballast (bench balance --drift-ballast) -------------------------------------
+def test_drift_ballast_is_passed_to_drift_only():
+    import argparse
+    args = argparse.Namespace(work=1.0, drift_n=1200, steps=10, drift_hot=40, drift_cold=20, heat_n=64,
+                              drift_ballast="0:64,2:64")
+    assert balance.app_args("drift", args)[-2:] == ["--ballast", "0:64,2:64"]
+    assert "--ballast" not in balance.app_args("heat2d", args)
+    args.drift_ballast = ""
+    assert "--ballast" not in balance.app_args("drift", args)
+
+
+def test_drift_ballast_sizes_and_its_check():
+    import numpy as np
+    import pytest
+    from mpimig.apps import drift
+    assert drift.ballast("", 0) == {}
+    assert drift.ballast_sizes("0:3, 2:1,0:1") == {0: 4, 2: 1}
+    heavy, light = drift.ballast("1:2", 1)["ballast"], drift.ballast("1:2", 0)["ballast"]
+    assert heavy.nbytes == 2 << 20 and light.nbytes == 0 and heavy.dtype == np.uint8 and len(set(heavy[:300])) == 251
+
+    class St:
+        ballast = heavy.copy()
+    drift.check_ballast(St, "1:2", 1)
+    St.ballast[12345] ^= 1
+    with pytest.raises(RuntimeError, match="rank 1's ballast changed"):
+        drift.check_ballast(St, "1:2", 1)
+    with pytest.raises(ValueError, match="not RANK:MIB"):
+        drift.ballast_sizes("1-2")
+
+
+def test_drift_with_ballast_moves_the_heavy_state_and_matches_serial(tmp_path):
+    # rank 1 carries 24 MiB of ballast, rank 2 none: a scheduled move of each; the result is bit for bit
+    # the serial one (the ballast does not enter it), the ballast came through its move byte for byte
+    # (drift checks it at the end, else the job fails), and the moves' bytes differ by the ballast.
+    import json
+    import socket
+    import sys
+
+    import numpy as np
+    from conftest import base_env, mpimig_cmd, run_cmd
+    from mpimig.apps import drift
+    host = socket.gethostname()
+    args = ["--n", "1001", "--steps", "30", "--hot-cost", "6", "--cold-cost", "1", "--drift", "45.5"]
+    ref, out, job = tmp_path / "ref.npy", tmp_path / "out.npy", tmp_path / "job"
+    run_cmd([sys.executable, drift.__file__, "--serial", *args, "--ballast", "1:24", "--out", ref], timeout=60,
+            env=base_env())
+    env = base_env(MPIMIG_LAB_DIR=tmp_path / "no-lab")
+    res = run_cmd(mpimig_cmd("run", "-n", 3, "--hosts", f"{host}:5", "--spares", 2, "--job-dir", job,
+                             "--migrate", f"8:1:{host}:stop-and-copy", "--migrate", f"16:2:{host}:stop-and-copy",
+                             drift.__file__, *args, "--ballast", "1:24", "--out", out), timeout=240, env=env)
+    assert out.exists() and ref.exists(), (res.stdout + res.stderr)[-3000:]
+    assert np.load(out).tobytes() == np.load(ref).tobytes()
+    assert json.loads((job / "complete.json").read_text())["status"] == "ok"
+    migs = {m["rank"]: m for m in json.loads((job / "status.json").read_text())["migrations"]}
+    assert migs[1]["state"] == migs[2]["state"] == "done", migs
+    b1, b2 = migs[1]["timings"]["bytes"], migs[2]["timings"]["bytes"]
+    assert b1 - b2 >= 24 << 20 and b2 < 1 << 20, (b1, b2)

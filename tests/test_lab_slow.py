@@ -112,6 +112,25 @@ def test_a_slowed_host_gets_less_cpu_than_a_normal_one(lab, unslow, tmp_path):
     assert s["cpu"] < 0.7 * n["cpu"], (s, n)
 
 
+def test_a_process_on_a_slowed_host_reads_its_quota_as_its_cpu_limit(lab, unslow):
+    # what a rank puts in its metric report (cpu_limit): the slowed host's quota / period in cores, and the
+    # cores available on a host without a limit
+    slow_host, normal = lab.hosts[-1], lab.hosts[0]
+    unslow.append(slow_host)
+    slow(slow_host, "0.3")
+    quota, period = _cgroup.quota(_cgroup.path_of(lab.netns(slow_host)))
+    code = "from mpimig.balance.cpulimit import cpu_limit; print('LIMIT', repr(cpu_limit().cores))"
+    got = {}
+    for h in (slow_host, normal):
+        res = subprocess.run([str(lab.ssh_wrapper), h, f"{sys.executable} -c \"{code}\""], capture_output=True,
+                             text=True, timeout=60, env=lab_env())
+        m = re.search(r"LIMIT (\S+)", res.stdout)
+        assert m, (h, res.stdout, res.stderr)
+        got[h] = float(m[1])
+    assert got[slow_host] == quota / period
+    assert got[normal] == float(len(os.sched_getaffinity(0)))
+
+
 def test_slow_moves_the_hosts_processes_and_off_removes_the_limit(lab, unslow):
     host = lab.hosts[1]
     unslow.append(host)

@@ -28,7 +28,7 @@ GiB = 1 << 30
 # A cost model with round figures, so that predictions can be worked out by hand.
 TC = dict(bw=1e9, fixed_s=0.1, spawn_s=0.5, handover_s=0.0, scan_bw=1e10, postcopy_s=0.05, postcopy_bw=1e9,
           postcopy_window=4, fs_fixed_s=1.0, storage_bw=1e8, precopy_rounds=8, chunk=MiB, local_bw=1e10,
-          net_bw=1e9, background_weight=0.1, alpha=0.3)
+          net_bw=1e9, background_weight=0.1, alpha=0.3, cpu_scaled=False)   # scaling: its own test below
 
 
 def cost() -> CostModel:
@@ -789,3 +789,142 @@ def test_dirty_sampler_estimates_from_a_sample_and_rotates_it():
     assert len(first) == len(second) == 4 and first != second
     # an item replaced by one of another size, or gone, is not compared
     assert ds.sample({"b": np.zeros(8)}, 1.0) is None
+
+
+# ------------------------------------------------------------------------------------------
+# the host's cgroup limit (cpu_limit: the cores its CPU quota and cpuset allow, as its ranks report it)
+#
+# Q1: three hosts of 2 slots; every host reads the machine's load average 10, so E = 8 (2 ranks each).
+# a, b: no quota (cpu_limit 2, the machine's cores), their ranks get a CPU share 0.5: K = 0.5 x 10 = 5.
+# c: a quota of 0.2 core (cpu_limit 0.2); its 2 ranks get 0.1 core each: speed 0.1, and 0.1 x 2 = 0.2 >= 0.75 x 0.2:
+# quota-bound, so K is not 0.1 x 10 = 1 but max(2 slots, 2 + 8) = 10 and the limit sets the share.
+# Ranks: 0.1 CPU s per point, 100 points (R = 100), 1 MiB.
+#   a, b: share min(1, 5 / 10, 2 / 2) = 0.5 -> 0.2 s/point; c: min(1, 10 / 10, 0.2 / 2) = 0.1 -> 1.0: T0 = 1.0.
+#   Rank 4 off c to a: a at 3 ranks, min(1, 5 / 11, 2 / 3) = 0.4545 -> 0.22; c keeps rank 5 alone:
+#   min(1, 10 / 9, 0.2 / 1) = 0.2 -> 0.5 s/point: T = 0.5, gain (1.0 - 0.5) x 100 = 50 s.
+#   Without the limit (cpu_limit 0, as before): K_c = 0.1 x 10 = 1, rank 5 alone gets 1 / 9 -> 0.9 s/point:
+#   gain 10 s only, the load average taken for the slowed host's own load.
+# A move costs 15.05 s (post-copy 0.05 + 0.1 x 1 MiB / 1 GB/s ~ 0.0501, plus switch_s 15): one move pays
+# when its gain exceeds 1.2 x 15.0501 = 18.06 s: with the limit (50 s) it does; without (10 s) it does not.
+def quota_snapshot(limit):
+    ranks = [R(i, "abc"[i // 2], compute=1.0 if i >= 4 else 0.2) for i in range(6)]
+    hosts = [H("a", speed=0.5, external_load=8.0, cpu_limit=2.0), H("b", speed=0.5, external_load=8.0, cpu_limit=2.0),
+             H("c", speed=0.1, external_load=8.0, cpu_limit=limit)]
+    return snap(ranks, hosts)
+
+
+def test_the_load_model_takes_a_quota_bound_hosts_share_from_its_cgroup_limit():
+    from mpimig.balance.policies import LoadState, quota_bound
+    s = quota_snapshot(0.2)
+    assert quota_bound(s.hosts["c"], 2) and not quota_bound(s.hosts["a"], 2)
+    # the threshold: ranks using 0.75 of the limit or more are held by it (measured shares are noisy)
+    assert quota_bound(H("c", speed=0.08, cpu_limit=0.2), 2) and not quota_bound(H("c", speed=0.07, cpu_limit=0.2), 2)
+    assert not quota_bound(H("c", speed=0.1), 2) and not quota_bound(H("c", cpu_limit=0.2), 2)
+    ls = LoadState(s, cost())
+    assert ls.step_s == pytest.approx(1.0)
+    assert ls.T_after(4, "a") == pytest.approx(0.5)
+    assert ls.share("c", 1) == pytest.approx(0.2) and ls.share("a", 3) == pytest.approx(5 / 11)
+    # unknown limit: the old model, the slowed host under-rated
+    assert LoadState(quota_snapshot(0.0), cost()).T_after(4, "a") == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("name", ["greedy", "refine", "multi-factor"])
+def test_one_move_off_a_quota_host_pays_once_the_limit_is_known(name):
+    cm = CostModel(**TC, switch_s=15.0)
+    out = Balancer(f"{name}:max_moves=1", cost=cm).decide(quota_snapshot(0.2))
+    acc = [d for d in out if d.move]
+    assert [(d.rank, d.to) for d in acc] == [(4, "a")]
+    assert acc[0].gain_s == pytest.approx(50.0)
+    out = Balancer(f"{name}:max_moves=1", cost=cm).decide(quota_snapshot(0.0))
+    assert moves(out) == []
+    if name == "multi-factor":
+        # it does not propose it: score 10 - (15.0501 + 0.05 x X + 0.5 / 1024) with X = spawn 0.5 + push
+        # 1 x step 1.0 + downtime 15.0501 = 16.5501: 10 - 15.878 = -5.878
+        assert any("no plan scores above 0: the best plan (1 move(s)) scores -5.878 s" in d.reason for d in out)
+    else:
+        assert [(d.rank, d.gain_s) for d in refused(out)] == [(4, pytest.approx(10.0))]
+
+
+# Q2: the slowed host c was emptied (its ranks are on a and b: 3 each, share 0.5 with E = 7, K = 5), so it
+# sends no report: speed 1, E 0 (driver.host_metrics), and this balancer never saw it saturated (nothing
+# remembered: a new coordinator, or its ranks left before the load showed). Its ranks reported cpu_limit 0.2.
+#   a, b: 0.1 / 0.5 = 0.2 s/point: T0 = 0.2. Rank 0 to c: c offers slots x speed = 2 cores against the load,
+#   but the limit gives one rank min(1, 2 / 1, 0.2 / 1) = 0.2 -> 0.5 s/point, worse than 0.2: no policy
+#   moves. Rank 0 to b: b at 4 ranks, 5 / 11 -> 0.22: no relief either.
+#   Without the limit: c's rank runs at share 1 -> 0.1, a drops to 2 ranks (5 / 9 -> 0.18): relief 0.02, and
+#   every policy moves rank 0 onto the slowed host (the run-7 move of multi-factor on drift).
+def emptied_quota_host(limit):
+    ranks = [R(i, "a" if i < 3 else "b", compute=0.2) for i in range(6)]
+    hosts = [H("a", 3, speed=0.5, external_load=7.0, cpu_limit=2.0),
+             H("b", 3, speed=0.5, external_load=7.0, cpu_limit=2.0), H("c", 2, cpu_limit=limit)]
+    return snap(ranks, hosts)
+
+
+@pytest.mark.parametrize("name", ["greedy", "refine", "multi-factor", "comm-aware"])
+def test_an_empty_host_under_a_quota_gets_no_rank(name):
+    assert moves(parse(name).decide(emptied_quota_host(0.2), cost())) == []
+    assert moves(Balancer(name, cost=cost()).decide(emptied_quota_host(0.2))) == []
+    # the same snapshot without the limit: the move onto the slowed host
+    assert moves(Balancer(name, cost=cost()).decide(emptied_quota_host(0.0))) == [(0, "c")]
+
+
+def test_a_quota_bound_host_is_not_remembered_as_a_load_capacity():
+    # Q1's c is held by its quota: K = speed x (n + E) = 1 would be the quota mistaken for the load's share;
+    # only a and b (not quota-bound) are remembered.
+    b = Balancer("none", cost=cost())
+    b.decide(quota_snapshot(0.2))
+    assert sorted(b.capacity_seen) == ["a", "b"]
+    b = Balancer("none", cost=cost())
+    b.decide(quota_snapshot(0.0))
+    assert sorted(b.capacity_seen) == ["a", "b", "c"]
+
+
+# The CPU factor of a transfer (cost.cpu_factor): copying state is CPU work, so every byte rate is scaled by
+# the smaller observed CPU share per rank of the two hosts. TC with scaling on: bw 1e9, 256 MiB = 268435456 B.
+# Off a host whose ranks get 0.05 core to a full-speed one: f = 0.05, stop-and-copy downtime 0.1 +
+# 268435456 / (1e9 x 0.05) = 0.1 + 5.36870912 = 5.46870912 s (unscaled: 0.1 + 0.268435456). A 160 kB rank: 0.1 +
+# 160000 / 5e7 = 0.1032. Between full-speed hosts nothing changes; a share reading 0 counts as unknown (1),
+# and a share near 0 as MIN_CPU_FACTOR (0.02).
+def test_a_transfer_off_a_slowed_host_is_predicted_at_its_cpu_share():
+    from mpimig.balance.cost import cpu_factor
+    cm = CostModel(**dict(TC, cpu_scaled=True))
+    slow, fast = H("c", speed=0.05), H("a")
+    heavy, light = R(0, "c", state_bytes=256 * MiB), R(1, "c", state_bytes=160000)
+    assert cpu_factor(slow, fast) == 0.05 and cpu_factor(fast, slow) == 0.05 and cpu_factor(fast, fast) == 1.0
+    assert cpu_factor(H("c", speed=0.0), fast) == 1.0 and cpu_factor(H("c", speed=0.001), fast) == 0.02
+    # a host's cgroup limit bounds it even when its ranks' share reads high (e.g. their first windows)
+    assert cpu_factor(H("c", speed=1.0, cpu_limit=0.0667), fast) == 0.0667
+    assert cpu_factor(H("c", speed=0.05, cpu_limit=0.0667), H("a", cpu_limit=2.0)) == 0.05
+    assert cm.predict(heavy, slow, fast, "stop-and-copy").downtime_s == pytest.approx(5.46870912)
+    assert cm.predict(light, slow, fast, "stop-and-copy").downtime_s == pytest.approx(0.1032)
+    assert cm.predict(heavy, fast, fast, "stop-and-copy").downtime_s == pytest.approx(0.368435456)
+    assert CostModel(**TC).predict(heavy, slow, fast, "stop-and-copy").downtime_s == pytest.approx(0.368435456)
+    assert CostModel.default().cpu_scaled
+
+
+# Uneven state on the slowed host (the bench's --drift-ballast): host c (quota-bound, 0.2 core for its two
+# ranks, 0.1 each: f = 0.1 for a move off it) holds rank 4 with 256 MiB and rank 5 with 160 kB, equal work
+# 0.1 CPU s per point; a, b as Q1 (share 0.5 with E = 8, cpu_limit 2). T0 = 0.1 / 0.1 = 1.0 s/point; R = 100.
+# Either rank off c to a: a at 3 ranks 5/11 -> 0.22; the other alone on c: min(1, 10/9, 0.2) -> 0.5: relief
+# 0.5, G = 50 s for both. Post-copy is the cheapest strategy for both (no dirtying): the light rank's
+# cost_s = 0.05 + 0.1 x 160000 / 1e8 = 0.05016 s; the heavy one's 0.05 + 0.1 x 268435456 / 1e8 = 0.3184 s,
+# and X (its push: max(B / (1e9 x 0.1), ceil(256 MiB / 4 MiB) x 1.0) = 64 s) 64 + 0.5 + 0.05 = 64.55 s.
+# greedy takes the heaviest by time, ties by number: rank 4 (256 MiB) first; multi-factor scores the light
+# rank higher: 50 - 0.05016 - 0.05 x 1.5502 (X: spawn 0.5 + push 1 x 1.0 + 0.05) - 0.5 x 160000 / 2^30 = 49.87 s,
+# against at best 50 - 0.3184 - 0.05 x 64.55 - 0.5 x 0.25 = 46.33 s for the heavy one, and moves it first.
+def ballast_on_slowed_host():
+    ranks = [R(i, "abc"[i // 2], compute=1.0 if i >= 4 else 0.2) for i in range(6)]
+    ranks[4] = dataclasses.replace(ranks[4], state_bytes=256 * MiB)
+    ranks[5] = dataclasses.replace(ranks[5], state_bytes=160000)
+    hosts = [H("a", speed=0.5, external_load=8.0, cpu_limit=2.0), H("b", speed=0.5, external_load=8.0, cpu_limit=2.0),
+             H("c", speed=0.1, external_load=8.0, cpu_limit=0.2)]
+    return snap(ranks, hosts)
+
+
+def test_multi_factor_moves_the_light_rank_off_a_slowed_host_first():
+    cm = CostModel(**dict(TC, cpu_scaled=True))
+    g = parse("greedy").decide(ballast_on_slowed_host(), cm)
+    m = parse("multi-factor").decide(ballast_on_slowed_host(), cm)
+    assert moves(g)[0] == (4, "a")
+    assert moves(m)[0] == (5, "a") and "score 49.87 s" in m[0].reason
+    assert m[0].bytes_moved == 160000 and g[0].bytes_moved == 256 * MiB

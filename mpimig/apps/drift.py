@@ -150,6 +150,38 @@ class Strip:
         return {"checksum": float(full.sum())}
 
 
+def ballast(spec: str, rank: int) -> dict:
+    """Extra registered state from ``--ballast RANK:MIB[,RANK:MIB...]``: ``{"ballast": array}`` with
+    MIB MiB for a named rank and an empty array for the others (every rank registers the same items);
+    ``{}`` without a spec. The ballast is never computed on: it stands for state a rank carries
+    without touching it every step (a particle history, tables), so that ranks' state sizes differ
+    while their work does not. Its bytes are a pattern of the rank (:func:`check_ballast`)."""
+    if not spec:
+        return {}
+    return {"ballast": _pattern(ballast_sizes(spec).get(rank, 0) << 20, rank)}
+
+
+def ballast_sizes(spec: str) -> dict[int, int]:
+    """``RANK:MIB[,RANK:MIB...]`` as {rank: MiB}."""
+    out: dict[int, int] = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        r, sep, mib = item.partition(":")
+        if not sep or not r.strip().isdigit() or not mib.strip().isdigit():
+            raise ValueError(f"drift: --ballast item {item!r} is not RANK:MIB")
+        out[int(r)] = out.get(int(r), 0) + int(mib)
+    return out
+
+
+def _pattern(nbytes: int, rank: int) -> np.ndarray:
+    return np.resize((np.arange(251, dtype=np.uint16) + rank) % 251, nbytes).astype(np.uint8)
+
+
+def check_ballast(st: Any, spec: str, rank: int) -> None:
+    """The ballast came through the run (moves included) byte for byte, or a RuntimeError."""
+    if spec and not np.array_equal(st.ballast, _pattern(ballast_sizes(spec).get(rank, 0) << 20, rank)):
+        raise RuntimeError(f"drift: rank {rank}'s ballast changed during the run")
+
+
 def declare_points(ctx: Any, steps: int) -> None:
     """Tell the runtime how many safe points the run has, if it asks (``ctx.total_points``)."""
     if hasattr(ctx, "total_points"):
@@ -160,12 +192,13 @@ def main(ctx, args) -> dict | None:                               # mpimig
     comm = ctx.comm                                               # mpimig
     declare_points(ctx, args.steps)                               # mpimig
     strip = Strip(args.n, comm.size, comm.rank)
-    st = ctx.state(u=strip.initial(), step=0)                     # mpimig
+    st = ctx.state(u=strip.initial(), step=0, **ballast(args.ballast, comm.rank))  # mpimig
     while st.step < args.steps:
         strip.exchange_halos(comm, st.u)
         strip.step(st.u, st.step, args)
         st.step += 1
         ctx.checkpoint_point()                                    # mpimig
+    check_ballast(st, args.ballast, comm.rank)
     res = strip.gather(comm, st.u, args.out)
     return None if res is None else {**res, "steps": args.steps}
 
@@ -182,11 +215,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="fraction of the domain that is hot (default 0.2)")
     p.add_argument("--drift", type=float, default=None,
                    help="cells the hot region moves per step (default: once across the domain per run)")
+    p.add_argument("--ballast", default="", metavar="RANK:MIB[,...]",
+                   help="extra registered state on these ranks, never computed on (uneven state sizes for "
+                        "balancing experiments; the result does not depend on it)")
     p.add_argument("--out", help="write the final field here (.npy), rank 0")
     p.add_argument("--serial", action="store_true", help="compute the reference serially, no MPI")
     args = p.parse_args(argv)
     if args.n < 3 or args.steps < 0 or args.hot_cost < 0 or args.cold_cost < 0:
         p.error("--n must be >= 3, --steps, --hot-cost and --cold-cost >= 0")
+    try:
+        ballast_sizes(args.ballast)
+    except ValueError as exc:
+        p.error(str(exc))
     if not 0.0 < args.hot_frac <= 1.0:
         p.error("--hot-frac must be in (0, 1]")
     if args.drift is None:

@@ -37,7 +37,7 @@ from typing import Any
 
 from ..errors import UsageError
 from .cost import CostModel
-from .policies import Drain, LoadState, Policy, drain_hosts, make
+from .policies import Drain, LoadState, Policy, drain_hosts, make, quota_bound
 from .snapshot import Decision, HostMetrics, Snapshot, StrategyCost
 
 
@@ -141,7 +141,8 @@ class Balancer:
         for name, h in snap.hosts.items():
             k = n.get(name, 0)
             E = max(0.0, h.external_load)
-            if k > 0 and 0 < h.speed < 1.0:
+            if k > 0 and 0 < h.speed < 1.0 and not quota_bound(h, k):
+                # (a quota-bound host's speed is its cgroup limit's, which the snapshot carries)
                 self.capacity_seen[name] = (h.speed * (k + E), E, snap.t)
             elif h.capacity <= 0 and name in self.capacity_seen:
                 cap, E_seen, when = self.capacity_seen[name]

@@ -33,6 +33,11 @@ bytes/s, T = its step time, bw = the measured migration bandwidth):
   downtime = ``fs_fixed_s`` + B/``storage_bw`` (``storage_bw`` = bytes over the
   write+read time).
 
+Every byte rate (bw, scan_bw, postcopy_bw, storage_bw) is scaled by
+:func:`cpu_factor`: the smaller observed CPU share per rank of the source and
+target hosts (copying is CPU work; a move off a host under a small CPU quota is
+slow), unless ``cpu_scaled`` is False.
+
 Every strategy's downtime also has ``switch_s``: what moves of this job took beyond the
 strategy's own model, learned from the job's small moves (under 16 MiB, where the state
 transfer is negligible) whatever their strategy. It is the part common to all strategies
@@ -89,6 +94,24 @@ MiB = 1 << 20
 DEFAULTS_SOURCE = "measured on this machine 2026-12-03 (PLATFORM.md, mpimig bench migrate; mpimig/balance/cost.py)"
 
 
+#: the least CPU factor a transfer is predicted at (a host's observed share can read near 0)
+MIN_CPU_FACTOR = 0.02
+
+
+def cpu_factor(src: HostMetrics, dst: HostMetrics) -> float:
+    """The share of a core the copying gets: the smaller observed CPU share per rank (``speed``, at
+    most the host's cgroup limit ``cpu_limit`` when known) of the two hosts, at most 1. Sending and
+    receiving state is CPU work (copies, pickling, the library's progress): off a host under a
+    quota of 0.067 core (``mpimig lab slow h2 0.1``) a move of 256 MiB took 12.6 s from request to
+    done where the quiet bandwidth says 0.3 s (run 8), so every byte rate of the model (``bw``,
+    ``scan_bw``, ``postcopy_bw``, ``storage_bw``) is scaled by it. Light ranks hardly notice; a
+    rank with a big state costs what it really does to move off a slowed host."""
+    def share(h: HostMetrics) -> float:
+        s = min(1.0, h.speed) if h.speed > 0 else 1.0
+        return min(s, h.cpu_limit) if h.cpu_limit > 0 else s      # a quota bounds the copying too
+    return max(MIN_CPU_FACTOR, min(share(src), share(dst)))
+
+
 @dataclasses.dataclass
 class CostModel:
     """Predicted migration costs per strategy, updated online. Times s, sizes bytes, rates bytes/s."""
@@ -111,6 +134,7 @@ class CostModel:
     precopy_factor: float = 1.0     # observed / predicted pre-copy downtime (learned)
     switch_s: float = 0.0           # every move's downtime beyond its strategy's model (learned; see above)
     switch_seen: int = 0            # small moves that taught switch_s (the first is taken as it is)
+    cpu_scaled: bool = True         # byte rates scaled by the hosts' CPU share (cpu_factor)
     observations: int = 0
     source: str = "defaults"
 
@@ -218,25 +242,27 @@ class CostModel:
         B = max(0, int(rank.state_bytes))
         D = max(0.0, float(rank.dirty_rate))
         create = self.create_s(dst)
+        f = cpu_factor(src, dst) if self.cpu_scaled else 1.0
+        bw, scan_bw, post_bw, storage_bw = self.bw * f, self.scan_bw * f, self.postcopy_bw * f, self.storage_bw * f
         stall = 0.0          # the rank blocked on demand fetches after resuming (post-copy)
         wall = 0.0           # background phase: rounds before the freeze, the push after it
         work = 0.0           # copying (and scanning) done in the background, seconds of a core
         if strategy == "stop-and-copy":
-            down = self.fixed_s + B / self.bw
+            down = self.fixed_s + B / bw
             moved = B
         elif strategy == "pre-copy":
-            rounds, last, sent, wall = self.precopy_rounds_for(B, D, rank.step_s)
-            down = (self.fixed_s + B / self.scan_bw + last / self.bw) * self.precopy_factor
-            work = sent / self.bw + rounds * B / self.scan_bw
+            rounds, last, sent, wall = self.precopy_rounds_for(B, D, rank.step_s, bw)
+            down = (self.fixed_s + B / scan_bw + last / bw) * self.precopy_factor
+            work = sent / bw + rounds * B / scan_bw
             moved = sent + last
         elif strategy == "post-copy":
             down = self.postcopy_s
-            wall = self.residual_s(B, rank.step_s)
-            stall = min(float(B), D * wall) / self.bw
-            work = B / self.bw
+            wall = self.residual_s(B, rank.step_s, post_bw)
+            stall = min(float(B), D * wall) / bw
+            work = B / bw
             moved = B
         else:  # file-server
-            down = self.fs_fixed_s + B / self.storage_bw
+            down = self.fs_fixed_s + B / storage_bw
             moved = B
         down += self.switch_s
         total = create + wall + down + stall
@@ -244,20 +270,24 @@ class CostModel:
         return StrategyCost(strategy=strategy, downtime_s=down, total_s=total, bytes_moved=int(moved),
                             cost_s=cost, create_s=create)
 
-    def residual_s(self, nbytes: int, step_s: float) -> float:
+    def residual_s(self, nbytes: int, step_s: float, post_bw: float | None = None) -> float:
         """Post-copy's residual dependency: the push sends ``postcopy_window`` chunks per safe point,
-        at ``postcopy_bw`` at most."""
+        at ``postcopy_bw`` at most (``post_bw``: that rate scaled by :func:`cpu_factor`)."""
         per_step = self.chunk * max(1, self.postcopy_window)
-        return max(nbytes / self.postcopy_bw, math.ceil(nbytes / per_step) * max(step_s, 0.0))
+        bw = self.postcopy_bw if post_bw is None else post_bw
+        return max(nbytes / bw, math.ceil(nbytes / per_step) * max(step_s, 0.0))
 
-    def precopy_rounds_for(self, B: int, D: float, step_s: float) -> tuple[int, int, int, float]:
-        """Pre-copy's rounds for ``B`` bytes dirtied at ``D`` bytes/s with a step of ``step_s``:
+    def precopy_rounds_for(self, B: int, D: float, step_s: float,
+                           bw: float | None = None) -> tuple[int, int, int, float]:
+        """Pre-copy's rounds for ``B`` bytes dirtied at ``D`` bytes/s with a step of ``step_s``
+        (``bw``: the bandwidth, scaled by :func:`cpu_factor`; default ``self.bw``):
         (rounds, bytes left for the freeze, bytes sent in rounds, seconds of rounds)."""
+        bw = self.bw if bw is None else bw
         small = max(4 * self.chunk, B // 32)
         x = B                    # what the next round sends
         sent, secs, rounds = 0, 0.0, 0
         while True:
-            dur = max(x / self.bw, step_s)
+            dur = max(x / bw, step_s)
             sent += x
             secs += dur
             rounds += 1

@@ -8,7 +8,8 @@ carried out whatever the policy). The driver
 - keeps the latest metric report of each rank (:mod:`.metrics`, ``TAG_METRICS``);
 - every ``balance_seconds`` builds a :class:`~.snapshot.Snapshot` (per-point
   figures of each rank; per host: slots from the host list, speed = CPU share
-  of its ranks, free memory, load from outside the job, warm spares, draining)
+  of its ranks, free memory, load from outside the job, the cores its cgroup allows
+  (remembered when its ranks leave), warm spares, draining)
   and asks the :class:`~.balancer.Balancer` (policy + cost-benefit + cool-down +
   in-flight limit) for decisions;
 - hands each move to the coordinator's own request path (negotiate, accept,
@@ -78,12 +79,23 @@ class BalanceDriver:
         self.decisions: collections.deque = collections.deque(maxlen=KEEP_DECISIONS)
         self.rounds = 0
         self.last: Snapshot | None = None
+        # host -> the cores its cgroup allows (the latest report from it): kept when its ranks leave,
+        # so an emptied host under a CPU quota is not taken for a free one
+        self.cpu_limits: dict[str, float] = {}
+        self.arrived: set[int] = set()               # moved ranks whose first report is still to be dropped
 
     # -- reports ---------------------------------------------------------------------
     def on_report(self, rep: dict, routing: list[dict]) -> None:
         """A rank's metric report; one from a process that no longer holds the rank is dropped."""
         r = rep.get("rank")
         if not isinstance(r, int) or not 0 <= r < len(routing) or routing[r]["pid"] != rep.get("pid"):
+            return
+        if r in self.arrived:
+            # the first window of a moved rank's new process counts its restore as compute (the state
+            # arriving, a 256 MiB ballast unpacked at 0.07 core): its step looks many times longer
+            # than it is, and a policy relieved its host (run 8, drift: multi-factor moved rank 1 onto
+            # the slowed host to make room for it). Its second report is the first to count.
+            self.arrived.discard(r)
             return
         self.reports[r] = rep
 
@@ -116,12 +128,14 @@ class BalanceDriver:
             shares = [rep["cpu_share"] for rep in reps if rep.get("points") and rep["compute_s"] > 0]
             newest = max(reps, key=lambda rep: rep["t"]) if reps else None
             running = sum(1 for r in routing if r["host"] == h)
+            if newest is not None and newest.get("cpu_limit"):
+                self.cpu_limits[h] = float(newest["cpu_limit"])
             out[h] = HostMetrics(
                 name=h, slots=self.slots.get(h, 1),
                 speed=sum(shares) / len(shares) if shares else 1.0,
                 free_mem=int(newest["mem_available"]) if newest else 0,
                 external_load=max(0.0, newest["loadavg"] - running) if newest else 0.0,
-                draining=h in self.draining, spares=spares.get(h, 0))
+                draining=h in self.draining, spares=spares.get(h, 0), cpu_limit=self.cpu_limits.get(h, 0.0))
         return out
 
     def snapshot(self, routing: list[dict], spares: dict[str, int], in_flight: int) -> Snapshot:
@@ -177,6 +191,7 @@ class BalanceDriver:
         t = time.time() - self.t0
         self.moved_t[m["rank"]] = t
         self.reports.pop(m["rank"], None)        # its next report comes from the new process
+        self.arrived.add(m["rank"])              # ... and is dropped (on_report)
         tm = m.get("timings", {})
         self.balancer.note_moved(m["rank"], m.get("from") or "", m["to"], t)
         if tm.get("downtime") is not None:
@@ -204,6 +219,7 @@ class BalanceDriver:
         for h, hm in self.host_metrics(routing, spares).items():
             on = [rm for rm in (self.rank_metrics(r["rank"], r["host"]) for r in routing) if rm.host == h]
             hosts[h] = {"slots": hm.slots, "ranks": len(on), "speed": hm.speed, "free_mem": hm.free_mem,
+                        "cpu_limit": hm.cpu_limit,
                         "external_load": hm.external_load, "spares": hm.spares, "draining": hm.draining,
                         "load_s": sum(rm.compute_s for rm in on)}
         return {"policy": self.spec, "interval_s": self.interval, "rounds": self.rounds,

@@ -43,7 +43,9 @@ the whole window), ``cpu_s`` (of the compute part, estimated as above),
 ``sent`` ({peer: bytes}), ``state_bytes``, ``dirty_rate`` (bytes/s, estimated
 from a sample of the state's chunks: :mod:`mpimig.balance.dirty`; None in a
 rank's first window), ``rss_bytes``, ``weight``, ``total_points`` (or None), ``mem_available``
-(bytes, 0 unknown), ``loadavg`` (1 minute).
+(bytes, 0 unknown), ``loadavg`` (1 minute), ``cpu_limit`` (cores the rank's cgroup allows: its CPU
+quota, at most the CPUs it may run on; the cores available when there is no quota:
+:mod:`mpimig.balance.cpulimit`; a lab host slowed by ``mpimig lab slow`` is such a cgroup).
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from mpi4py import MPI
 
 from ..migration.protocol import TAG_METRICS
+from .cpulimit import cpu_limit
 from .dirty import DirtySampler
 
 if TYPE_CHECKING:
@@ -195,7 +198,7 @@ class Meter:
                 "cpu_share": cpu_s / compute if compute > 0 else 1.0, "sent": dict(self.sent),
                 "state_bytes": st.nbytes() if st is not None else 0, "dirty_rate": dirty, "rss_bytes": rss_bytes(),
                 "weight": float(ctx.weight), "total_points": ctx.total_points,
-                "mem_available": mem, "loadavg": load}
+                "mem_available": mem, "loadavg": load, "cpu_limit": cpu_limit().cores}
 
 
 def rss_bytes() -> int:

@@ -18,7 +18,13 @@ each safe point):
   ``max(slots, n + E)``; an empty host offers ``capacity``, else ``slots x speed``
   (a host that is not saturated does not show a quota: the balancer remembers
   the capacity it saw when the host was saturated);
-- with ``n`` ranks there, each gets a CPU share ``min(1, K / (n + E))`` and a
+- a host whose ranks report a cgroup limit ``L`` (cores its CPU quota and
+  cpuset allow, ``cpu_limit``; :mod:`.cpulimit`) never gives its ``n`` ranks
+  more than ``L / n`` each; when its ranks together use (nearly) all of it
+  (``speed x n >= 0.75 L``: *quota-bound*) their low share says the quota, not
+  the machine's load, so ``K`` is not taken from their speed (the rules after
+  the first one apply); an empty host keeps the limit its ranks reported;
+- with ``n`` ranks there, each gets a CPU share ``min(1, K / (n + E), L / n)`` and a
   rank's time per point is ``w / share + comm``, where ``comm`` is the bytes
   per point it sends to each peer over the bandwidth between their hosts
   (``cost.local_bw`` within a host, ``cost.net_bw`` between hosts);
@@ -66,11 +72,22 @@ def drain_hosts(snap: Snapshot, extra: tuple[str, ...] = ()) -> set[str]:
     return out
 
 
+#: ranks using this fraction of their host's cgroup limit are held by the quota (quota-bound)
+QUOTA_BOUND = 0.75
+
+
+def quota_bound(h: HostMetrics, n: int) -> bool:
+    """``n`` ranks on ``h`` use (nearly) all the CPU its cgroup allows: their observed share is
+    the quota's, and says nothing about the machine's load."""
+    return h.cpu_limit > 0 and n > 0 and 0 < h.speed < 1.0 and h.speed * n >= QUOTA_BOUND * h.cpu_limit
+
+
 def _capacity(h: HostMetrics, n: int) -> float:
-    """Core-equivalents the host offers (see the module's docstring)."""
+    """Core-equivalents the host offers against the machine's load (see the module's docstring;
+    the cgroup limit is applied by :meth:`LoadState.share`)."""
     speed = h.speed if h.speed > 0 else 1.0
     E = max(0.0, h.external_load)
-    if n > 0 and speed < 1.0:
+    if n > 0 and speed < 1.0 and not quota_bound(h, n):
         return max(1e-9, speed * (n + E))             # saturated: the share its ranks get says it
     if h.capacity > 0:
         return max(h.capacity, n + E if n > 0 else 0.0)
@@ -122,6 +139,7 @@ class LoadState:
         self.members, self.work, self.peers, self.recv = members, work, peers, recv
         self.cap = {h: _capacity(hm, len(members[h])) for h, hm in hosts.items()}
         self.ext = {h: max(0.0, hm.external_load) for h, hm in hosts.items()}
+        self.limit = {h: hm.cpu_limit if hm.cpu_limit > 0 else math.inf for h, hm in hosts.items()}
         self.comm_s = {i: self._comm(i, self.where) for i in peers}
         self.banned = drain_hosts(snap, avoid)
         self.remaining = remaining_points(snap)
@@ -137,8 +155,10 @@ class LoadState:
 
     # --- the model ---
     def share(self, host: str, n: int) -> float:
-        """CPU share of each of ``n`` job ranks on ``host``."""
-        return min(1.0, self.cap[host] / (max(n, 1) + self.ext[host]))
+        """CPU share of each of ``n`` job ranks on ``host``: at most a core, the share of the
+        host's capacity against the machine's load, and the share of its cgroup limit."""
+        n = max(n, 1)
+        return min(1.0, self.cap[host] / (n + self.ext[host]), self.limit[host] / n)
 
     def _comm(self, rank: int, where: dict[int, str]) -> float:
         """Seconds per point ``rank`` spends sending to its peers, placed by ``where``."""
@@ -532,7 +552,7 @@ def _lower_bound(ls: LoadState) -> float:
     heaviest rank alone on the best core."""
     usable = [h for h, hm in ls.hosts.items() if hm.alive and not hm.draining and h not in ls.banned]
     total_w = sum(ls.work.values())
-    cap = sum(min(ls.cap[h], max(ls.hosts[h].slots, 1)) for h in usable)
+    cap = sum(min(ls.cap[h], max(ls.hosts[h].slots, 1), ls.limit[h]) for h in usable)
     best_share = max((ls.share(h, 1) for h in usable), default=1.0)
     heaviest = max(ls.work.values(), default=0.0)
     return max(total_w / cap if cap > 0 else 0.0, heaviest / best_share if best_share > 0 else 0.0)
@@ -786,5 +806,6 @@ def make(policy: Policy | str | None) -> Policy:
 
 
 __all__ = ["Policy", "REGISTRY", "register", "parse", "describe", "make", "LoadState", "remaining_points",
+           "quota_bound", "QUOTA_BOUND",
            "drain_hosts", "NoMoves", "Greedy", "Refine", "CommAware", "MultiFactor", "Drain", "RandomMoves"]
 

@@ -45,6 +45,8 @@ class HostMetrics:
     draining: bool = False         # nothing may move there; a drain policy empties it
     spares: int = 0                # warm spare processes ready there (a move there costs no spawn)
     capacity: float = 0.0          # cores the host offers the job, when known (a quota); 0 = from speed and slots
+    cpu_limit: float = 0.0         # cores its cgroup allows its processes together (CPU quota, cpuset; the cores
+    #                                available when unlimited), as its ranks report it; 0 = unknown
 
 
 @dataclasses.dataclass(frozen=True)

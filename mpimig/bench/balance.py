@@ -28,6 +28,14 @@ every ``--sample`` seconds for the load per host (the balancer's ``load_s``:
 seconds of compute per safe point of the ranks on the host), drawn in the PNG
 with the moves marked.
 
+Uneven state (``--drift-ballast RANK:MIB[,...]``, drift only): the named ranks
+register that much extra state (drift's ``--ballast``: a byte pattern of the
+rank, never computed on, checked byte for byte at the end of the run), so a
+policy's bytes moved depend on which ranks it moves, not only on how many: the
+setting in which multi-factor's space term can show. Without it every rank's
+state is its block of the field (``8 x drift-n / 6`` bytes) and bytes moved are
+moves x state for every policy.
+
 Ratios: speedup = median time of ``none`` / median time of the policy, in the
 same scenario and app. Goals (issue 12): the best policy >= 1.3x with one of
 three hosts at half speed; multi-factor at least as fast as greedy and refine
@@ -63,7 +71,8 @@ def app_args(app: str, args: argparse.Namespace) -> list[str]:
     w = args.work
     if app == "drift":
         return ["--n", str(args.drift_n), "--steps", str(args.steps), "--hot-cost", str(round(args.drift_hot * w)),
-                "--cold-cost", str(round(args.drift_cold * w))]
+                "--cold-cost", str(round(args.drift_cold * w)),
+                *(["--ballast", args.drift_ballast] if getattr(args, "drift_ballast", "") else [])]
     if app == "heat2d":
         return ["--n", str(args.heat_n), "--steps", str(args.steps), "--cpu-work", str(round(60 * w))]
     raise UsageError(f"unknown app {app!r}: choose from {', '.join(APPS)}")
@@ -515,6 +524,9 @@ def register(bench_sub) -> None:
                    help="drift's --hot-cost before --work (default 40; runs 1-4 used 60 with --drift-cold 15)")
     p.add_argument("--drift-cold", type=int, default=20,
                    help="drift's --cold-cost before --work (default 20: the hot region costs 2x per cell)")
+    p.add_argument("--drift-ballast", default="", metavar="RANK:MIB[,...]",
+                   help="drift's --ballast: extra registered state on these ranks, never computed on, so that "
+                        "ranks' state sizes differ and bytes moved depend on which rank moves (default none)")
     p.add_argument("--heat-n", type=int, default=384, help="heat2d's grid side (default 384)")
     p.add_argument("--repeat", type=int, default=1, help="rounds of all policies (default 1)")
     p.add_argument("--no-balanced", action="store_true", help="skip the balanced scenario")
