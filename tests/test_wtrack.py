@@ -111,15 +111,14 @@ def test_tracker_off_by_env(monkeypatch):
     assert wtrack.unavailable_reason() == "MPIMIG_WTRACK=off"
 
 
-@pytest.mark.parametrize("mode", ["uffd", "shadow"])
-def test_precopy_bit_identical_tracking_on_and_off(tmp_path, mode):
-    """Rank 1 moves with pre-copy while its 4 MiB state takes scattered writes; the job runs
-    until the move is done, then the result is compared with a serial run of as many steps."""
+def _move_rank_1(tmp_path, at_point, *run_opts, **env_extra):
+    """A 3-rank job of PROG whose rank 1 moves with pre-copy at ``at_point`` and that runs until
+    the move is done; its result is checked against a serial run of as many steps, bit for bit.
+    Returns (job directory, the migration's status record)."""
     job, out, ref = tmp_path / "job", tmp_path / "res.json", tmp_path / "ref.json"
-    env = base_env(OMPI_MCA_btl_tcp_if_include="lo", MPIMIG_CHUNK=16384,
-                   MPIMIG_WTRACK="off" if mode == "shadow" else "on")
-    res = run_cmd(mpimig_cmd("run", "-n", 3, "--job-dir", job, "--timeout", 150,
-                             "--migrate", f"5:1:{HOST}:pre-copy",
+    env = base_env(OMPI_MCA_btl_tcp_if_include="lo", MPIMIG_CHUNK=16384, **env_extra)
+    res = run_cmd(mpimig_cmd("run", "-n", 3, "--job-dir", job, "--timeout", 150, *run_opts,
+                             "--migrate", f"{at_point}:1:{HOST}:pre-copy",
                              PROG, "--steps", 30, "--work-ms", 20, "--wait-move", "--out", out),
                   timeout=200, env=env)
     assert "job completed" in res.stderr and out.exists(), res.stderr[-3000:]
@@ -128,6 +127,14 @@ def test_precopy_bit_identical_tracking_on_and_off(tmp_path, mode):
     run_cmd([sys.executable, PROG, "--serial", "-n", 3, "--steps", got["steps"], "--out", ref], check_rc=0)
     assert [r["digest"] for r in got["ranks"]] == json.loads(ref.read_text())["digests"]
     (m,) = read(job, "status.json")["migrations"]
+    return job, m
+
+
+@pytest.mark.parametrize("mode", ["uffd", "shadow"])
+def test_precopy_bit_identical_tracking_on_and_off(tmp_path, mode):
+    """Rank 1 moves with pre-copy while its 4 MiB state takes scattered writes; the job runs
+    until the move is done, then the result is compared with a serial run of as many steps."""
+    job, m = _move_rank_1(tmp_path, 5, MPIMIG_WTRACK="off" if mode == "shadow" else "on")
     s = m["strategy_stats"]
     assert m["state"] == "done" and s["wtrack"] == mode, s
     if mode == "shadow":
@@ -303,18 +310,7 @@ def test_precopy_keeps_kernel_tracking_beside_incremental_checkpoints(tmp_path):
     rank used to find them registered on another userfaultfd and fall back to its shadow
     compare. Both now use the process's one tracker: the move says uffd, every epoch says
     tracker, and the result is bit-identical to the serial reference."""
-    job, out, ref = tmp_path / "job", tmp_path / "res.json", tmp_path / "ref.json"
-    env = base_env(OMPI_MCA_btl_tcp_if_include="lo", MPIMIG_CHUNK=16384)
-    res = run_cmd(mpimig_cmd("run", "-n", 3, "--job-dir", job, "--timeout", 150, "--ckpt-every", 2,
-                             "--ckpt-incremental", 3, "--migrate", f"9:1:{HOST}:pre-copy",
-                             PROG, "--steps", 30, "--work-ms", 20, "--wait-move", "--out", out),
-                  timeout=200, env=env)
-    assert "job completed" in res.stderr and out.exists(), res.stderr[-3000:]
-    got = json.loads(out.read_text())
-    assert [r["role"] for r in got["ranks"]] == ["initial", "migrated", "initial"], got
-    run_cmd([sys.executable, PROG, "--serial", "-n", 3, "--steps", got["steps"], "--out", ref], check_rc=0)
-    assert [r["digest"] for r in got["ranks"]] == json.loads(ref.read_text())["digests"]
-    (m,) = read(job, "status.json")["migrations"]
+    job, m = _move_rank_1(tmp_path, 9, "--ckpt-every", 2, "--ckpt-incremental", 3)
     s = m["strategy_stats"]
     assert m["state"] == "done" and s["wtrack"] == "uffd" and "wtrack_reason" not in s, s
     evs = [e for e in map(json.loads, (job / "events.jsonl").read_text().splitlines()) if e["event"] == "epoch"]

@@ -118,16 +118,22 @@ def _levels(d: Path, mount_point: str) -> list[Path]:
     return out
 
 
+def _memberships(cgroup: str) -> list[tuple[str, str, str]]:
+    """The lines of /proc/PID/cgroup as (hierarchy id, controllers, path)."""
+    out = []
+    for line in cgroup.splitlines():
+        parts = line.strip().split(":", 2)
+        if len(parts) == 3:
+            out.append((parts[0], parts[1], parts[2]))
+    return out
+
+
 def _cgroup_dirs(cgroup: str, mountinfo: str) -> list[tuple[str, Path, str]]:
     """(version 'v1'/'v2', the cgroup's cpu directory, its mount point): v1's cpu controller first."""
     v1: list[tuple[str, Path, str]] = []
     v2: list[tuple[str, Path, str]] = []
     mounts = _mounts(mountinfo)
-    for line in cgroup.splitlines():
-        parts = line.strip().split(":", 2)
-        if len(parts) != 3:
-            continue
-        hid, ctrls, path = parts
+    for hid, ctrls, path in _memberships(cgroup):
         if hid == "0" and ctrls == "":
             for fs, root, point, _ in mounts:
                 if fs == "cgroup2":
@@ -142,11 +148,7 @@ def _cgroup_dirs(cgroup: str, mountinfo: str) -> list[tuple[str, Path, str]]:
 def _cpuset_dirs(cgroup: str, mountinfo: str) -> list[Path]:
     out = []
     mounts = _mounts(mountinfo)
-    for line in cgroup.splitlines():
-        parts = line.strip().split(":", 2)
-        if len(parts) != 3:
-            continue
-        hid, ctrls, path = parts
+    for hid, ctrls, path in _memberships(cgroup):
         for fs, root, point, opts in mounts:
             if (fs == "cgroup" and "cpuset" in ctrls.split(",") and "cpuset" in opts) or \
                     (fs == "cgroup2" and hid == "0" and ctrls == ""):
