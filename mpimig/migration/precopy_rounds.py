@@ -1,0 +1,558 @@
+"""Pre-copy's rounds before the switch (the ``pre-copy`` strategy, :mod:`.strategies`).
+
+:class:`PreCopySource` runs on the moving rank at each safe point while its plan is held:
+it scans what the program wrote since the previous round (kernel write tracking or a
+shadow compare, :mod:`.wtrack`) and sends or lets the target read those chunks.
+:class:`PreCopyTarget` is the idle target's side in J. The freeze that follows (the rest of
+the state) is :class:`.strategies.PreCopy`'s ``send``/``receive``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+from mpi4py import MPI
+
+from ..checkpoint.format import dumps
+from ..errors import MigrationError
+from ..state import State
+from . import background, handover, transport, wtrack
+from .chunks import PIECE, chunk_bytes, flat_bytes
+from .chunks import chunkable as _chunkable
+from .chunks import runs as _runs
+from .protocol import TAG_HANDOVER, TAG_PRECOPY, TAG_PRECOPY_DATA, TAG_PRECOPY_DONE
+from .transport import Transfer
+
+__all__ = ["PreCopySource", "PreCopyTarget"]
+
+
+def _precopy_small(total: int, C: int, in_place: bool = False) -> int:
+    """Dirty bytes at which the rounds stop and the rest goes frozen. Rounds the target reads in
+    place cost a memory copy each, far less than the freeze's fixed costs, so they go on down to
+    a few chunks (or until they stop shrinking); rounds by MPI stop at 1/32 of the state."""
+    env = os.environ.get("MPIMIG_PRECOPY_SMALL")
+    if env:
+        return int(env)
+    return max(4 * C, total // (1024 if in_place else 32))
+
+
+class PreCopySource:
+    """The moving rank's side of pre-copy rounds (before the switch).
+
+    Dirty tracking is exact or a superset, in one of two modes (``wtrack`` in the
+    move's ``strategy_stats``):
+
+    ``uffd``    the kernel tracks writes (:mod:`mpimig.migration.wtrack`: userfaultfd
+                async write-protect + ``PAGEMAP_SCAN``): a round asks which pages were
+                written since the previous one, O(pages written), and sends from the
+                live array (a chunk written while it is on its way was written after
+                the scan, so it goes again). No shadow copy.
+    ``shadow``  the fallback (kernel < 6.7, no userfaultfd, ``MPIMIG_WTRACK=off``): each
+                round copies the chunks it sends into a shadow copy and sends *from
+                the shadow*; the next round compares the live array with the shadow
+                chunk by chunk (as integers, so -0.0/NaN changes count). Memory cost:
+                one shadow byte per registered byte.
+
+    An array the kernel cannot track (not anonymous memory, a view sharing pages with
+    another) uses the shadow while the others use the kernel (``mixed``).
+
+    On one host (``handover.same_host``) the target reads the runs of kernel-tracked arrays
+    straight out of this running process (``handover.vm_read``) and answers when done
+    (``TAG_PRECOPY_DONE``, with the runs it could not read: those go by MPI from then on);
+    the freeze's runs are read the same way. Before round 1 the layout goes alone (round 0)
+    so that the target faults its arrays in first. While it reads, the target leaves out the
+    registered pages the kernel says were written since the scan (the next scan has them;
+    ``skipped_bytes``). ``MPIMIG_HANDOVER=mpi`` forces MPI.
+
+    The rest (shadow-tracked arrays, another host) goes in pieces of about ``PIECE`` bytes
+    (whole chunks), one message each. Who sends them (``sender`` in ``strategy_stats``):
+
+    ``thread``       a thread of the rank (:mod:`mpimig.migration.background`, needs
+                     ``MPI_THREAD_MULTIPLE``) sends the pieces with blocking sends while the
+                     program computes; the safe point only scans and starts the next round
+                     once the thread is done. With ``uffd`` the thread looks (without
+                     re-protecting) whether a piece was written since the scan and then
+                     sends an empty message instead: it goes in a later round or at the
+                     freeze (``skipped_bytes``; ``MPIMIG_PRECOPY_SKIP=off`` sends it anyway).
+                     A piece is not skipped twice in a row, and a round skips no more bytes
+                     than it has sent (a program that writes everywhere faster than a round
+                     moves would otherwise carry the state over to the freeze).
+                     In ``shadow`` mode the thread copies each piece into the shadow just
+                     before it sends it.
+    ``safe-points``  the fallback (no ``MPI_THREAD_MULTIPLE``, ``MPIMIG_SEND_THREAD=off``):
+                     nonblocking sends posted at the safe point that moves only while the
+                     rank is inside MPI calls; ``sender_reason`` says why.
+
+    The race between the program's writes and a round is written down in
+    docs/protocol.md, "Pre-copy".
+    """
+
+    def __init__(self, J: MPI.Intracomm, dest: int, state_of: Callable[[], State | None], rank: int,
+                 track: bool = True) -> None:
+        self.J, self.dest, self.rank, self.state_of = J, dest, rank, state_of
+        self.wt = wtrack.tracker() if track else None
+        self.tracked: set[str] = set()             # arrays the kernel tracks (the others: shadow)
+        self.pending: dict[str, np.ndarray] = {}   # chunks found dirty by a scan but not sent yet
+        self.why_shadow = ("no rounds: everything moved frozen" if not track else
+                           wtrack.unavailable_reason() if self.wt is None else "no array could be registered")
+        self.tx = Transfer(J, dest, transport.ROUNDS, "pre-copy")
+        self.C = chunk_bytes()
+        self.live: dict[str, np.ndarray] = {}
+        self.shadow: dict[str, np.ndarray] = {}
+        self.sends: dict[str, np.ndarray] = {}     # chunk send counts
+        self.new_meta: dict[str, tuple] = {}
+        self._refresh()
+        self.total = sum(v.nbytes for v in self.live.values())
+        self.reqs: list[MPI.Request] = []
+        self.rounds: list[int] = []               # bytes per round
+        self.ready = False
+        self.reason = ""
+        self.small = _precopy_small(self.total, self.C)
+        self.max_rounds = int(os.environ.get("MPIMIG_PRECOPY_ROUNDS", "8") or 8)
+        self.pending_dirty = 0
+        self.t_start = time.time()
+        self.scan_s = 0.0
+        self.planned: list[int] = []              # dirty bytes per round (what convergence compares)
+        self.piece = self.C * max(1, PIECE // self.C)
+        threaded, self.why_no_thread = background.thread_ok()
+        self.bg = background.Background(f"pre-copy rounds of rank {rank}") if threaded and track else None
+        self.skip = os.environ.get("MPIMIG_PRECOPY_SKIP", "").strip().lower() not in ("off", "0", "no", "false")
+        self.skipped: dict[str, np.ndarray] = {}   # chunks the thread left out (written again since the scan)
+        self.prev_skipped: dict[str, np.ndarray] = {}   # ... in the previous round: not skipped twice in a row
+        self.round_skipped = 0
+        self.skipped_bytes = 0
+        # the same host: the target reads the runs of kernel-tracked arrays out of our memory
+        # (handover.vm_read), as stop-and-copy's hand-over does; MPI moves the rest
+        self.read = handover.mode() != "mpi"
+        self.why_no_read = "" if self.read else "forced (MPIMIG_HANDOVER=mpi)"
+        self.where = handover.where()
+        self.awaiting = False                     # a round's header left, the target's reply is not in
+        self.layout = False                       # ... and it was the layout before round 1
+        self.layout_s = 0.0                       # the layout's header to the target's reply
+        self.retry = False                        # the target could not read a round: do not judge it
+        self.points = 0                           # safe points seen (calls of step)
+        self._p_scan = 0
+        self._t_round = 0.0
+        self.round_points: list[int] = []         # safe points (program steps) from one scan to the next
+        self.round_s: list[float] = []            # a round's scan to the target's reply
+        self.round_read: list[int] = []           # bytes of each round the target read from our memory
+        self.read_missed = 0
+        self.round_target: list[tuple[float, float]] = []   # the target's (allocation, move) seconds per round
+
+    def _refresh(self, arrays: dict[str, np.ndarray] | None = None) -> None:
+        """Follow the registered arrays: one the program replaced (``st.a = new``) or
+        added starts again as all dirty; one it dropped is forgotten."""
+        if arrays is None:
+            st = self.state_of()
+            arrays = st.split()[0] if st is not None else {}
+        cur = {k: v for k, v in arrays.items() if _chunkable(v)}
+        for k in list(self.live):
+            if k not in cur:
+                self._forget(k)
+                del self.live[k]
+        for k, a in cur.items():
+            if self.live.get(k) is not a:
+                self._forget(k)
+                self.live[k] = a
+                self.new_meta[k] = (a.shape, a.dtype.str)
+                if self.wt is not None and self.wt.track(a):
+                    self.tracked.add(k)
+        self.total = sum(v.nbytes for v in self.live.values())
+
+    def _forget(self, k: str) -> None:
+        if k in self.tracked and self.wt is not None:
+            self.wt.untrack(self.live[k])
+        self.tracked.discard(k)
+        self.pending.pop(k, None)
+        self.shadow.pop(k, None)
+        self.sends.pop(k, None)
+
+    def mode(self) -> str:
+        """``uffd``, ``shadow`` or ``mixed``: how dirty chunks were found (see the class)."""
+        if not self.tracked:
+            return "shadow"
+        return "uffd" if len(self.tracked) == len(self.live) else "mixed"
+
+    def close(self) -> None:
+        if self.wt is not None:
+            self.wt.close()
+            self.wt = None
+        self.tracked.clear()
+
+    def _nchunks(self, a: np.ndarray) -> int:
+        return -(-a.nbytes // self.C)
+
+    def _dirty(self, name: str, a: np.ndarray) -> np.ndarray:
+        """Chunks of ``a`` written since the previous round (all when it was not sent yet)."""
+        n = self._nchunks(a)
+        if name in self.tracked and self.wt is not None:
+            if name not in self.sends:       # all of it goes; its writes count from this scan on
+                with contextlib.suppress(OSError):
+                    self.wt.written(a, self.C)
+                return np.ones(n, dtype=bool)
+            t0 = time.perf_counter()
+            try:
+                out = self.wt.written(a, self.C)
+            except OSError as e:          # the kernel stopped tracking it (memory remapped): shadow from now
+                self.why_shadow = f"array {name!r}: {e}"
+                self._forget(name)
+                return np.ones(n, dtype=bool)
+            self.scan_s += time.perf_counter() - t0
+            return out
+        sh = self.shadow.get(name)
+        if sh is None or sh.shape != a.shape or sh.dtype != a.dtype or not a.flags.c_contiguous:
+            return np.ones(n, dtype=bool)
+        t0 = time.perf_counter()
+        L, S = flat_bytes(a), flat_bytes(sh)
+        C = self.C
+        if C % 8 == 0 and a.nbytes % 8 == 0 and L.ctypes.data % 8 == 0 and S.ctypes.data % 8 == 0:
+            L, S, C = L.view(np.uint64), S.view(np.uint64), C // 8
+        out = np.empty(n, dtype=bool)
+        for i in range(n):
+            out[i] = not np.array_equal(L[i * C:(i + 1) * C], S[i * C:(i + 1) * C])
+        self.scan_s += time.perf_counter() - t0
+        return out
+
+    def _all_dirty(self) -> dict[str, np.ndarray]:
+        """Dirty chunks of every array. A kernel scan forgets what it reported (the pages are
+        protected again), so chunks found but not sent yet (``pending``) are added back."""
+        out = {k: self._dirty(k, v) for k, v in self.live.items()}
+        for k, m in self.pending.items():
+            if k in out and out[k].shape == m.shape:
+                out[k] |= m
+        self.pending = {}
+        return out
+
+    def _count(self, dirty: dict[str, np.ndarray]) -> int:
+        tot = 0
+        for k, m in dirty.items():
+            tot += sum(hi - lo for lo, hi in _runs(m, self.live[k].nbytes, self.C))
+        return tot
+
+    def rounds_sent(self) -> int:
+        """Rounds that are in at the target: its reply came (or is there to take; looking for it
+        is a probe, it does not move anything)."""
+        n = len(self.round_s)
+        if self.awaiting and not self.layout and self.J.Iprobe(self.dest, TAG_PRECOPY_DONE):
+            n += 1
+        return n
+
+    def _reap(self, block: bool = False) -> bool:
+        """Whether the previous round is in (its pieces left, and the target said it has every
+        run); then what its thread skipped, or the target could not read, is due again."""
+        if self.bg is not None:
+            if block:
+                self.bg.wait()
+            elif not self.bg.done():
+                return False
+        elif self.reqs:
+            if block:
+                MPI.Request.Waitall(self.reqs)
+            elif not MPI.Request.Testall(self.reqs):
+                return False
+            self.reqs = []
+        if self.awaiting:
+            if not block and not self.J.Iprobe(self.dest, TAG_PRECOPY_DONE):
+                return False
+            reply = self.J.recv(source=self.dest, tag=TAG_PRECOPY_DONE)
+            self.awaiting = False
+            if self.layout:
+                self.layout, self.layout_s = False, time.perf_counter() - self._t_round
+            else:
+                self.round_s.append(time.perf_counter() - self._t_round)
+                self.round_target.append((reply["alloc_s"], reply["move_s"]))
+                skipped = int(reply.get("skipped", 0))   # pages written since the scan: the next scan has them
+                self.rounds[-1] -= skipped
+                self.round_read[-1] -= skipped
+                self.skipped_bytes += skipped
+            self._missed(reply["missed"], reply["why"])
+        for k, m in self.skipped.items():
+            if k in self.sends and self.sends[k].shape == m.shape:
+                self.sends[k] -= m
+            prev = self.pending.get(k)
+            self.pending[k] = m if prev is None or prev.shape != m.shape else prev | m
+        self.prev_skipped, self.skipped = self.skipped, {}
+        if self.round_skipped:
+            self.rounds[-1] -= self.round_skipped
+            self.skipped_bytes += self.round_skipped
+            self.round_skipped = 0
+        return True
+
+    def _missed(self, runs: list, why: str) -> None:
+        """Runs the target could not read from our memory (another host, ptrace rules): they
+        are due again, by MPI from now on, and the round that did not move them is not judged."""
+        if not runs:
+            return
+        self.read, self.why_no_read, self.retry = False, why, True
+        C = self.C
+        for k, lo, hi in runs:
+            self.rounds[-1] -= hi - lo
+            self.round_read[-1] -= hi - lo
+            self.read_missed += hi - lo
+            if k not in self.live or k not in self.sends:
+                continue
+            m = np.zeros(self._nchunks(self.live[k]), dtype=bool)
+            m[lo // C:-(-hi // C)] = True
+            self.sends[k] -= m
+            prev = self.pending.get(k)
+            self.pending[k] = m if prev is None or prev.shape != m.shape else prev | m
+
+    def drain(self) -> None:
+        """Until the round on its way is in (the switch, or the end of the job)."""
+        self._reap(block=True)
+
+    def _source_bytes(self, k: str, lo: int, hi: int) -> np.ndarray:
+        """What a piece sends: the live bytes (``uffd``), or a copy taken into the shadow now."""
+        L = flat_bytes(self.live[k])
+        if k in self.tracked:              # a write during the send is seen by the next scan
+            return L[lo:hi]
+        S = flat_bytes(self.shadow[k])
+        S[lo:hi] = L[lo:hi]                # send from the shadow: later writes cannot tear it
+        return S[lo:hi]
+
+    def _send_pieces(self, pieces: list[tuple[str, int, int]]) -> None:
+        """The sender thread: every piece of a round, a blocking send each (empty: skipped)."""
+        wt, C = self.wt, self.C
+        empty = np.empty(0, np.uint8)
+        before = self.prev_skipped
+        sent = 0
+        for k, lo, hi in pieces:
+            again = k in before and bool(before[k][lo // C:-(-hi // C)].any())   # skipped once: goes now
+            # skip no more than was sent: when the program writes faster than the round moves,
+            # skipping would only carry the state over to the freeze
+            if (self.skip and not again and self.round_skipped + (hi - lo) <= sent and wt is not None
+                    and k in self.tracked and wt.written_in(self.live[k], lo, hi)):
+                self.tx.Send(empty, TAG_PRECOPY_DATA)
+                m = self.skipped.setdefault(k, np.zeros(self._nchunks(self.live[k]), dtype=bool))
+                m[lo // C:-(-hi // C)] = True
+                self.round_skipped += hi - lo
+                continue
+            self.tx.Send(self._source_bytes(k, lo, hi), TAG_PRECOPY_DATA)
+            sent += hi - lo
+
+    def step(self) -> bool:
+        """At a safe point while the plan is held: maybe one more round. Returns ready."""
+        if self.ready:
+            return True
+        self.points += 1
+        if not self._reap():
+            return False                  # the previous round is still on its way
+        self._refresh()
+        if self.new_meta and not self.rounds:
+            # before the first round the target allocates and faults its arrays in (it replies when
+            # done), so that round 1 moves at memory speed and the program writes less meanwhile
+            meta, self.new_meta = self.new_meta, {}
+            self._t_round = time.perf_counter()
+            self.tx.send_obj({"round": 0, "arrays": meta, "runs": [], "piece": self.piece, "read": None},
+                             TAG_PRECOPY)
+            self.awaiting = self.layout = True
+            return False
+        dirty = self._all_dirty()
+        nbytes = self._count(dirty)
+        self.round_points.append(self.points - self._p_scan)
+        self._p_scan = self.points
+        retry, self.retry = self.retry, False
+        if self.rounds and not self.new_meta and not retry:
+            if nbytes <= (_precopy_small(self.total, self.C, True) if self.read and self.tracked else self.small):
+                self.reason = "small"
+            elif nbytes >= self.planned[-1]:
+                self.reason = "not-shrinking"
+            elif len(self.rounds) >= self.max_rounds:
+                self.reason = "max-rounds"
+            if self.reason:
+                self.ready = True         # the rest goes at the switch, with the rank frozen
+                self.pending_dirty = nbytes
+                self.pending = dirty
+                return True
+        runs = []
+        for k, m in dirty.items():
+            a = self.live[k]
+            if k not in self.sends:
+                self.sends[k] = np.zeros(self._nchunks(a), dtype=np.int32)
+                if k not in self.tracked:
+                    self.shadow[k] = np.empty_like(a)
+            self.sends[k] += m
+            for lo, hi in _runs(m, a.nbytes, self.C):
+                runs.append((k, lo, hi))
+        meta, self.new_meta = self.new_meta, {}
+        P = self.piece
+        # a kernel-tracked array may be read while the program writes it: a write after the scan
+        # is in the next scan, and the target reads round after round in order (docs/protocol.md)
+        addrs = {k: int(self.live[k].ctypes.data) for k in {k for k, _, _ in runs}
+                 if self.read and k in self.tracked}
+        # the registered pages: the target looks there for pages written since the scan and leaves
+        # them for the next round (outside them a page has no protection and would look written)
+        inner = {k: self.wt.interior(self.live[k]) for k in addrs} if self.wt is not None else {}
+        read = {"where": self.where, "addrs": addrs, "interior": inner} if addrs else None
+        self._t_round = time.perf_counter()
+        self.tx.send_obj({"round": len(self.rounds) + 1, "arrays": meta, "runs": runs, "piece": P, "read": read},
+                         TAG_PRECOPY)
+        self.awaiting = True
+        pieces = [(k, lo, min(hi, lo + P)) for k, lo0, hi in runs if k not in addrs for lo in range(lo0, hi, P)]
+        self.rounds.append(sum(hi - lo for _, lo, hi in runs))
+        self.round_read.append(sum(hi - lo for k, lo, hi in runs if k in addrs))
+        self.planned.append(nbytes)
+        if self.bg is not None and pieces:
+            self.bg.start(lambda: self._send_pieces(pieces))
+        else:
+            for k, lo, hi in pieces:
+                self.reqs.append(self.tx.Isend(self._source_bytes(k, lo, hi), TAG_PRECOPY_DATA))
+        return False
+
+    def finish(self, tx: Transfer, arrays: dict[str, np.ndarray], objects: dict[str, Any],
+               extra: dict[str, Any]) -> None:
+        """At the switch (rank frozen): the chunks still dirty, objects, held queue."""
+        self.drain()
+        t0 = time.perf_counter()
+        self._refresh(arrays)            # the state at the switch is what counts
+        dirty = self._all_dirty()
+        self.round_points.append(self.points - self._p_scan)
+        for k, m in dirty.items():
+            if k in self.sends:
+                self.sends[k] += m
+        runs = [(k, lo, hi) for k, m in dirty.items() for lo, hi in _runs(m, self.live[k].nbytes, self.C)]
+        final = sum(hi - lo for _, lo, hi in runs)
+        resent = 0
+        for k, cnt in self.sends.items():
+            a = self.live[k]
+            sizes = np.full(cnt.size, self.C, dtype=np.int64)
+            sizes[-1] = a.nbytes - self.C * (cnt.size - 1)
+            resent += int(((np.maximum(cnt, 1) - 1) * sizes).sum())
+        eager = {k: np.ascontiguousarray(v) for k, v in arrays.items() if k not in self.live}
+        stats = {"rounds": len(self.rounds), "round_bytes": list(self.rounds), "final_bytes": final,
+                 "bytes_total": int(sum(self.rounds) + final), "bytes_resent": resent,
+                 "state_bytes": self.total, "reason": self.reason or "switched-early",
+                 "final_scan_s": time.perf_counter() - t0, "scan_s": self.scan_s,
+                 "precopy_s": extra["t_suspend"] - self.t_start, "wtrack": self.mode(),
+                 "sender": "thread" if self.bg is not None else "safe-points", "skipped_bytes": self.skipped_bytes,
+                 "rounds_sent": self.rounds_sent(),
+                 "round_send_s": list(self.bg.seconds) if self.bg is not None else [],
+                 "round_s": self.round_s, "round_points": self.round_points, "round_read_bytes": self.round_read,
+                 "round_target_s": self.round_target, "layout_s": self.layout_s,
+                 "round_dirty": list(self.planned)}
+        if self.read_missed or not self.read:
+            stats["read_missed"], stats["read_reason"] = self.read_missed, self.why_no_read
+        if not self.tracked:
+            stats["wtrack_reason"] = self.why_shadow
+        if self.bg is None:
+            stats["sender_reason"] = self.why_no_thread or "no rounds"
+        extra = dict(extra, strategy_stats=stats)
+        # frozen: every array may be read out of our memory (shadow-tracked ones too), as the hand-over does
+        read = ({"where": self.where, "addrs": {k: int(v.ctypes.data) for k, v in self.live.items()}}
+                if runs and self.read else None)
+        hdr = {"final": True, "runs": runs, "eager": eager,
+               "meta": {k: (v.shape, v.dtype.str) for k, v in self.live.items()},
+               "objects": {k: dumps(k, v) for k, v in objects.items()}, "extra": extra, "read": read}
+        tx.send_obj(hdr)
+        how = tx.comm.recv(source=tx.peer, tag=TAG_HANDOVER) if read is not None else handover.VIA_MPI
+        if how != handover.MEMORY:
+            for k, lo, hi in runs:
+                tx.Send(flat_bytes(self.live[k])[lo:hi], TAG_PRECOPY_DATA)
+        # MEMORY: the target has read the runs (its reply came after); only now may our arrays go
+        self.shadow.clear()
+        self.close()
+
+
+class PreCopyTarget:
+    """The target's side of pre-copy rounds: preallocated arrays filled round by round."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+        self.rounds = 0
+        self.skipped = 0          # bytes of pieces the source left out (they came in a later round)
+        self.read = 0             # bytes read out of the source's memory (the same host)
+        self.pagemaps: dict[int, int] = {}    # source pid -> its /proc/PID/pagemap (-1: cannot look)
+
+    def _pagemap(self, pid: int) -> int:
+        fd = self.pagemaps.get(pid)
+        if fd is None:
+            try:
+                fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                fd = -1
+            self.pagemaps[pid] = fd
+        return fd
+
+    def _read(self, pid: int, addr: int, lo: int, hi: int, flat: np.ndarray, inner: tuple[int, int] | None,
+              P: int) -> int:
+        """Read bytes [lo, hi) of the source's array at ``addr`` into ``flat``, piece by piece,
+        leaving out the registered pages written since the source's scan (the next scan reports
+        them: they would only come again). Returns the bytes left out."""
+        fd = self._pagemap(pid) if inner is not None else -1
+        left = 0
+        for s in range(lo, hi, P):
+            e = min(hi, s + P)
+            holes: list[tuple[int, int]] = []
+            if fd >= 0 and inner is not None:
+                a0, a1 = max(addr + s, inner[0]) // wtrack.PAGE * wtrack.PAGE, min(addr + e, inner[1])
+                a0 = max(a0, inner[0])
+                if a1 > a0:
+                    try:
+                        holes = [(max(x - addr, s), min(y - addr, e)) for x, y in wtrack.look_written(fd, a0, a1)]
+                    except OSError:            # the kernel cannot look (another kernel, rules): read it all
+                        os.close(fd)
+                        self.pagemaps[pid] = fd = -1
+            at = s
+            for x, y in holes + [(e, e)]:
+                if x > at:
+                    handover.vm_read(pid, addr + at, flat[at:x])
+                left += max(0, y - max(x, at))
+                at = max(at, y)
+        return left
+
+    def close(self) -> None:
+        for fd in self.pagemaps.values():
+            if fd >= 0:
+                os.close(fd)
+        self.pagemaps.clear()
+
+    def on_round(self, J: MPI.Intracomm, source: int) -> None:
+        tx = Transfer(J, source, transport.ROUNDS, "pre-copy")
+        hdr = tx.recv_obj(TAG_PRECOPY)
+        t_alloc = time.perf_counter()
+        for k, (shape, dt) in hdr["arrays"].items():      # new (or replaced) arrays
+            # faulted in now, while idle: rounds (and a skipped piece at the freeze) land in memory that is there
+            self.arrays[k] = handover.prefault(tuple(shape), dt)
+        P = int(hdr["piece"])
+        st = MPI.Status()
+        t_move = time.perf_counter()
+        t_alloc = t_move - t_alloc
+        rd = hdr.get("read") or {"addrs": {}}
+        addrs = rd["addrs"]
+        can, why = (True, "") if not addrs or handover.same_host(rd["where"]) else (False, "another host")
+        missed: list[tuple[str, int, int]] = []
+        skipped = 0
+        for k, lo0, hi in hdr["runs"]:
+            flat = flat_bytes(self.arrays[k])
+            if k in addrs:                # the source's memory, read in place (it keeps computing)
+                if can:
+                    t0 = time.perf_counter()
+                    try:
+                        inner = rd.get("interior", {}).get(k)
+                        left = self._read(int(rd["where"]["pid"]), int(addrs[k]), lo0, hi, flat, inner, P)
+                        tx.record(hi - lo0 - left, time.perf_counter() - t0)
+                        self.read += hi - lo0 - left
+                        skipped += left
+                        continue
+                    except OSError as exc:    # e.g. EPERM (ptrace rules): MPI from the next round on
+                        can, why = False, str(exc)
+                missed.append((k, lo0, hi))
+                continue
+            for lo in range(lo0, hi, P):
+                e = min(hi, lo + P)
+                t0 = time.perf_counter()
+                J.Recv([flat[lo:e], MPI.BYTE], source, TAG_PRECOPY_DATA, st)
+                n = st.Get_count(MPI.BYTE)
+                tx.record(n, time.perf_counter() - t0)
+                if n == 0:               # written again since the source's scan: it comes later
+                    self.skipped += e - lo
+                elif n != e - lo:
+                    raise MigrationError(f"pre-copy round {hdr['round']}: piece [{lo}, {e}) of {k!r} "
+                                         f"came with {n} bytes")
+        self.rounds += 1 if hdr["round"] else 0          # round 0: the layout only
+        self.skipped += skipped
+        J.send({"missed": missed, "why": why, "skipped": skipped, "alloc_s": t_alloc,
+                "move_s": time.perf_counter() - t_move}, dest=source, tag=TAG_PRECOPY_DONE)
