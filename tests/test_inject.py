@@ -24,7 +24,7 @@ from conftest import APPS, base_env, mpimig_cmd, run_cmd
 
 from mpimig import events
 from mpimig.errors import UsageError
-from mpimig.ft.inject import parse_fault, random_schedule
+from mpimig.ft.faults import parse_fault, random_schedule
 from mpimig.ft.report import analyse, format_table
 
 pytest_plugins = ["lab_fixtures"]      # mpich_bin: a venv with the MPICH wheel (no lab needed)

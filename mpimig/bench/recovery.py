@@ -42,7 +42,8 @@ def run_one(mode: str, i: int, args, root: Path) -> dict:
     """One job of ``mode``: online (rank 1 killed, --ft), relaunch (rank 1, no --ft),
     or disk (ranks 1 and 2 killed under --ft: rank 1's buddy copy is in rank 2,
     so its replacement reads the disk epoch)."""
-    from ..ft.inject import parse_fault, run_experiment
+    from ..ft.faults import parse_fault
+    from ..ft.inject import run_experiment
     job = root / f"{mode}-{i}"
     prog_args = ["--n", str(args.n), "--steps", str(args.steps), "--work-ms", str(args.work_ms),
                  "--out", str(job / "out.npy")]

@@ -57,7 +57,6 @@ import contextlib
 import functools
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -82,174 +81,14 @@ from .report import (
     totals_png,
 )
 
+from .faults import IN_PROCESS, RANDOM_KINDS, parse_fault, random_schedule
+from .reference import for_args, opt_value, verify
+
 if TYPE_CHECKING:
     from ..lab.hosts import Lab
 
-KINDS = ("rank", "host", "coordinator", "ckpt-write", "ckpt-async-pending", "migration-source", "migration-target")
-RANDOM_KINDS = ("rank", "ranks", "host", "coordinator", "ckpt-write")
-IN_PROCESS = ("ckpt-write", "ckpt-async-pending", "migration-source", "migration-target")
-
-
-# ----------------------------------------------------------------------- faults
-
-def parse_fault(spec: str, fid: int) -> dict:
-    """``WHAT@WHEN`` -> a fault dict (see the module docstring)."""
-    what, _, when = spec.partition("@")
-    kind, _, target = what.partition(":")
-    f: dict = {"id": fid, "spec": spec}
-    _parse_what(f, kind, target)
-    if kind in ("migration-source", "migration-target"):
-        if when:
-            raise UsageError(f"--kill {spec}: a migration fault happens at the migration (no @WHEN)")
-        return f
-    _parse_when(f, when)
-    return f
-
-
-def _parse_what(f: dict, kind: str, target: str) -> None:
-    """The ``WHAT`` of a fault: its kind and target (``ranks`` for rank faults)."""
-    spec = f["spec"]
-    if kind in ("rank", "ranks"):
-        try:
-            f["ranks"] = [int(x) for x in target.replace(",", "+").split("+") if x != ""]
-        except ValueError:
-            raise UsageError(f"--kill {spec}: rank must be a number (e.g. rank:1@point:20)") from None
-        if not f["ranks"]:
-            raise UsageError(f"--kill {spec}: which rank? (e.g. rank:1@point:20)")
-        f["kind"] = "rank"
-        f["target"] = "+".join(map(str, f["ranks"]))
-    elif kind == "host":
-        if not target:
-            raise UsageError(f"--kill {spec}: which host? (e.g. host:h2@point:20)")
-        f["kind"], f["target"] = "host", target
-    elif kind == "coordinator":
-        f["kind"], f["target"] = "coordinator", "coordinator"
-    elif kind in ("ckpt-write", "ckpt-async-pending"):
-        f["kind"], f["ranks"] = kind, [int(target or 0)]
-        f["target"] = str(f["ranks"][0])
-    elif kind in ("migration-source", "migration-target"):
-        f["kind"], f["target"] = kind, kind.split("-")[1]
-    else:
-        raise UsageError(f"--kill {spec}: unknown fault {kind!r}; one of rank, ranks, host, coordinator, "
-                         "ckpt-write, ckpt-async-pending, migration-source, migration-target")
-
-
-def _parse_when(f: dict, when: str) -> None:
-    """The ``WHEN`` of a fault: ``epoch`` for a checkpoint write, else ``point`` or ``time``."""
-    spec = f["spec"]
-    wkind, _, wval = when.partition(":")
-    if f["kind"] in ("ckpt-write", "ckpt-async-pending"):
-        if wkind not in ("", "epoch"):
-            raise UsageError(f"--kill {spec}: a checkpoint fault takes @epoch:E")
-        f["epoch"] = int(wval or 2)
-        f["when"] = f"epoch {f['epoch']}"
-        return
-    try:
-        if wkind in ("point", "step"):
-            f["point"] = int(wval)
-            f["when"] = f"point {f['point']}"
-        elif wkind == "time":
-            f["time"] = float(wval)
-            f["when"] = f"{f['time']:g} s"
-        else:
-            raise ValueError
-    except ValueError:
-        raise UsageError(f"--kill {spec}: say when: @point:P (or @step:P) or @time:S") from None
-
-
-def random_schedule(seed: int, k: int, kinds: list[str], n: int, span: int, ckpt_every: int,
-                    hosts: list[str]) -> list[dict]:
-    """K faults drawn from ``kinds`` at distinct random points (seeded)."""
-    rnd = random.Random(f"mpimig-inject-{seed}")
-    lo = max(2, ckpt_every + 1)
-    hi = max(lo + k, int(span * 0.75))
-    points = sorted(rnd.sample(range(lo, hi), k))
-    out = []
-    used_host = False
-    for i, p in enumerate(points):
-        kind = rnd.choice([x for x in kinds if not (x == "host" and (used_host or len(hosts) < 2))] or ["rank"])
-        if kind == "rank":
-            spec = f"rank:{rnd.randrange(n)}@point:{p}"
-        elif kind == "ranks":
-            rs = sorted(rnd.sample(range(n), min(n, 2)))
-            spec = f"ranks:{'+'.join(map(str, rs))}@point:{p}"
-        elif kind == "host":
-            used_host = True
-            spec = f"host:{rnd.choice(hosts)}@point:{p}"
-        elif kind == "coordinator":
-            spec = f"coordinator@point:{p}"
-        elif kind == "ckpt-write":
-            spec = f"ckpt-write:{rnd.randrange(n)}@epoch:{max(1, p // max(1, ckpt_every))}"
-        else:
-            raise UsageError(f"--kinds: {kind!r} cannot be drawn at random; use {', '.join(RANDOM_KINDS)}")
-        out.append(parse_fault(spec, i + 1))
-    return out
-
 
 # ------------------------------------------------------------------- the job
-
-def _opt_value(args: list[str], name: str) -> str | None:
-    for i, a in enumerate(args):
-        if a == name and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1]
-    return None
-
-
-def _replace_opt(args: list[str], name: str, value: str) -> list[str]:
-    out = list(args)
-    for i, a in enumerate(out):
-        if a == name and i + 1 < len(out):
-            out[i + 1] = value
-            return out
-        if a.startswith(name + "="):
-            out[i] = f"{name}={value}"
-            return out
-    return out + [name, value]
-
-
-def reference(program: str, prog_args: list[str], cache_dir: Path, mode: str = "serial", n: int = 0
-              ) -> tuple[Path, str]:
-    """The reference result of ``program`` with the same arguments (cached by the arguments):
-    its ``--serial`` run; with ``mode="auto"``, when that fails (a program without
-    ``--serial``), a fault-free ``mpimig run -n n`` of it. Returns (path, how it was made)."""
-    import hashlib
-    args = [a for a in prog_args]
-    ident = json.dumps([program, _replace_opt(list(args), "--out", "")])
-    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
-    path = cache_dir / f"reference-{Path(program).stem}-{key}.npy"
-    how_file = path.with_suffix(".how")
-    if path.exists():
-        return path, how_file.read_text() if how_file.exists() else "serial"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    args = _replace_opt(args, "--out", str(path))
-    res = subprocess.run([sys.executable, program, "--serial", *args], capture_output=True, text=True, timeout=600)
-    how = "serial"
-    if res.returncode != 0 or not path.exists():
-        why = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1][-300:]
-        if mode != "auto":
-            raise UsageError(f"--verify serial: {program} --serial failed: {why}")
-        # no serial mode: the same program, the same ranks, no faults
-        run_dir = cache_dir / f"reference-{Path(program).stem}-{key}.job"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        res2 = subprocess.run([sys.executable, "-m", "mpimig", "run", "-n", str(n), "--job-dir", str(run_dir),
-                               program, *args], capture_output=True, text=True, timeout=1200)
-        if res2.returncode != 0 or not path.exists():
-            raise UsageError(f"--verify auto: no reference for {program}: its --serial run failed ({why}), and "
-                             f"so did a fault-free 'mpimig run -n {n}' of it: "
-                             f"{(res2.stderr.strip().splitlines() or ['no output'])[-1][-300:]}")
-        how = f"a fault-free run on {n} ranks ({program} --serial failed: {why})"
-        shutil.rmtree(run_dir, ignore_errors=True)
-    how_file.write_text(how)
-    return path, how
-
-
-def same_bits(a: Path, b: Path) -> bool:
-    import numpy as np
-    x, y = np.load(a), np.load(b)
-    return x.shape == y.shape and x.dtype == y.dtype and x.tobytes() == y.tobytes()
-
 
 class _Status:
     """The coordinator's status.json of the job's current run."""
@@ -321,8 +160,8 @@ def run_experiment(args: argparse.Namespace, run_args: list[str], faults: list[d
     t_end = time.time()
     evs = events.read(job_dir)
     completed = _completed(job_dir, proc)
-    out_path = _opt_value(prog_args, "--out")
-    verified, ref_path = _verify(args, completed, program, prog_args, out_path, report_dir)
+    out_path = opt_value(prog_args, "--out")
+    verified, ref_path = verify(args, completed, program, prog_args, out_path, report_dir)
     report = analyse(evs, faults, w.samples, t_launch, t_end, completed, verified)
     report.update({"command": cmd, "job_dir": str(job_dir), "report_dir": str(report_dir),
                    "result": out_path, "reference": str(ref_path) if ref_path else None,
@@ -437,22 +276,6 @@ def _completed(job_dir: Path, proc: subprocess.Popen) -> bool:
     return bool(rec and rec.get("status") == "ok" and proc.returncode == 0)
 
 
-def _verify(args: argparse.Namespace, completed: bool, program: str, prog_args: list[str], out_path: str | None,
-            report_dir: Path) -> tuple[bool | None, Path | None]:
-    """With ``--verify serial``: is the job's ``--out`` bit-identical to the reference (and where that is)."""
-    if args.verify == "none" or not out_path:
-        return None, None
-    if not completed:
-        return False, None
-    ref_path, _ = _reference(args, program, prog_args, report_dir)
-    return Path(out_path).exists() and same_bits(Path(out_path), ref_path), ref_path
-
-
-def _reference(args: argparse.Namespace, program: str, prog_args: list[str], report_dir: Path) -> tuple[Path, str]:
-    return reference(program, list(prog_args), Path(getattr(args, "reference_dir", None) or report_dir.parent),
-                     args.verify, getattr(args, "n", 0))
-
-
 def _write_report(report: dict, evs: list[dict], w: _Watch) -> None:
     """report.json, then the timeline PNG (or why there is none) and report.json again."""
     (w.report_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
@@ -507,7 +330,7 @@ def _fire(f: dict, status: _Status, run_id: str | None, pr: tuple | None) -> dic
 def _span(prog_args: list[str], given: int | None) -> int:
     if given:
         return given
-    v = _opt_value(prog_args, "--steps")
+    v = opt_value(prog_args, "--steps")
     if v is None or not v.isdigit():
         raise UsageError("a random schedule needs to know how many checkpoint points the job runs: "
                          "give --span P (the program has no --steps)")
@@ -524,7 +347,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
     program = str(Path(args.program).resolve()) if args.program.endswith(".py") else args.program
     args.coordinator = True             # status.json: the pids of ranks and coordinator
     base_job = Path(args.job_dir or Path("mpimig-jobs") / f"inject-{Path(args.program).stem}").resolve()
-    if args.verify == "auto" and not _opt_value(args.args, "--out"):
+    if args.verify == "auto" and not opt_value(args.args, "--out"):
         args.verify = "none"
     one = functools.partial(_one_job, args, program)
     if args.seeds:
@@ -588,8 +411,8 @@ def _one_job(args: argparse.Namespace, program: str, seed: int | None, faults: l
         ns.relaunch = len(faults) + 1
     if ns.timeout is None:
         ns.timeout = args.experiment_timeout / 2
-    if args.verify != "none" and _opt_value(prog_args, "--out"):
-        ref, how = _reference(args, program, prog_args, report_dir)
+    if args.verify != "none" and opt_value(prog_args, "--out"):
+        ref, how = for_args(args, program, prog_args, report_dir)
         if not quiet:
             print(f"mpimig inject: reference {ref} ({how})", flush=True)
     rep = run_experiment(args, run_argv(ns, args._run_actions), faults, job_dir, report_dir, program, prog_args,

@@ -94,7 +94,7 @@ def draw(seed: int, opts: argparse.Namespace, hosts: list[str], kinds: list[str]
     strategies (the first move of seed s uses strategy s mod 4), so a few
     seeds cover them all; the rest is drawn at random.
     """
-    from ..ft.inject import parse_fault
+    from ..ft.faults import parse_fault
     rnd = random.Random(f"mpimig-chaos-{seed}")
     workload = "heat2d" if seed % 3 == 2 else "storm"
     n, steps = opts.n, opts.steps
