@@ -248,7 +248,9 @@ def test_precopy_round_completes_between_points(tmp_path, how):
     sleeps (no MPI call) until the round is in at the target: it must, for every such point,
     whether the target reads the rounds in place or the sender thread sends them."""
     job, out, ref = tmp_path / "job", tmp_path / "res.json", tmp_path / "ref.json"
-    args = ["--quiet", "--mib", 64]
+    # read in place, a 64 MiB round could be in before the rank looked at every point under load
+    # (waited == [], 1 of 16 runs at load 8): 256 MiB makes each round's read last long enough
+    args = ["--quiet", "--mib", 256 if how == "memory" else 64]
     env = base_env(OMPI_MCA_btl_tcp_if_include="lo", MPIMIG_HANDOVER="auto" if how == "memory" else "mpi")
     res = run_cmd(mpimig_cmd("run", "-n", 3, "--job-dir", job, "--timeout", 150,
                              "--migrate", f"5:1:{HOST}:pre-copy", PROG, "--steps", 30, "--work-ms", 10,
