@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from mpi4py import MPI
 
-from . import comm_flush, comm_requests
+from . import comm_flush, comm_reduce, comm_requests
 from .comm_flush import _MARKER  # noqa: F401 - tests/mpi/test_comm_mpi.py takes it from here
 from .comm_requests import Request, _fill_status, _idle
 # a request kept in a checkpoint written before the split pickles as mpimig.comm._restore_request
@@ -578,7 +578,8 @@ class FTComm(Comm):
     peer has died (PMPI_Sendrecv+0x64a, address 0x81, about 1 run in 6 of
     tests/test_ft.py's heat2d kill): a survivor would turn into a second failure.
     Here Sendrecv is an Isend and a Recv, which fail cleanly with
-    MPI_ERR_PROC_FAILED.
+    MPI_ERR_PROC_FAILED. The object reductions (``reduce``, ``allreduce``, ``scan``,
+    ``exscan``) run over a duplicate that a recovery revokes (:mod:`mpimig.comm_reduce`).
     """
 
     def Sendrecv(self, sendbuf, dest: int, sendtag: int = 0, recvbuf=None,
@@ -588,6 +589,12 @@ class FTComm(Comm):
         s = self.Isend(sendbuf, dest, sendtag)
         self.Recv(recvbuf, source, recvtag, status)
         s.Wait()
+
+    # object reductions over a duplicate the recovery revokes, not mpi4py's hidden one
+    reduce = comm_reduce.reduce
+    allreduce = comm_reduce.allreduce
+    scan = comm_reduce.scan
+    exscan = comm_reduce.exscan
 
 
 def new_comm(mpicomm: MPI.Intracomm, ft: bool = False) -> Comm:

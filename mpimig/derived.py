@@ -209,24 +209,29 @@ _install_topology()
 
 
 class FTDerivedComm(DerivedComm):
-    """A derived communicator of an ``--ft`` job: ``Sendrecv`` as :class:`mpimig.comm.FTComm`'s
-    (an Isend and a Recv, which fail cleanly when the peer died)."""
+    """A derived communicator of an ``--ft`` job: ``Sendrecv`` and the object reductions as
+    :class:`mpimig.comm.FTComm`'s (an Isend and a Recv, which fail cleanly when the peer died;
+    reductions over a duplicate the recovery revokes)."""
     Sendrecv = FTComm.Sendrecv
+    reduce, allreduce, scan, exscan = FTComm.reduce, FTComm.allreduce, FTComm.scan, FTComm.exscan
 
 
 class FTCartComm(CartComm):
     __doc__ = CartComm.__doc__
     Sendrecv = FTComm.Sendrecv
+    reduce, allreduce, scan, exscan = FTComm.reduce, FTComm.allreduce, FTComm.scan, FTComm.exscan
 
 
 class FTGraphComm(GraphComm):
     __doc__ = GraphComm.__doc__
     Sendrecv = FTComm.Sendrecv
+    reduce, allreduce, scan, exscan = FTComm.reduce, FTComm.allreduce, FTComm.scan, FTComm.exscan
 
 
 class FTDistGraphComm(DistGraphComm):
     __doc__ = DistGraphComm.__doc__
     Sendrecv = FTComm.Sendrecv
+    reduce, allreduce, scan, exscan = FTComm.reduce, FTComm.allreduce, FTComm.scan, FTComm.exscan
 
 
 _FT_CLASSES: dict[type[DerivedComm], type[DerivedComm]] = {

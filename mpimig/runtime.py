@@ -28,7 +28,7 @@ from typing import Any, Callable, NoReturn
 import numpy as np
 from mpi4py import MPI
 
-from . import ckpt_async, derived as _derived, events, exits, replay, world  # noqa: F401 - derived: the full Comm API
+from . import ckpt_async, comm_reduce, derived as _derived, events, exits, replay, world  # noqa: F401 - derived: the full Comm API
 from .comm import Comm, new_comm
 from .errors import MigrationError, MpimigError
 from .ft import hooks, recovery
@@ -244,7 +244,8 @@ def _recover(ctx: Context, exc: MPI.Exception) -> Context:
     # the program's derived communicators are revoked too: a rank blocked on one learns of the failure
     out = recovery.recover(ctx.link.J, me, A=ctx.comm.mpi, ckpt_dir=cfg.ckpt_dir,
                            own=ctx._own, buddies=ctx._buddies, config_env=cfg.to_env(),
-                           derived=[d.mpi for d in ctx.comm.derived])
+                           derived=[d.mpi for d in ctx.comm.derived]
+                           + comm_reduce.companions((ctx.comm, *ctx.comm.derived)))
     return _after_recovery(out, cfg, ctx)
 
 

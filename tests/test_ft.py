@@ -205,3 +205,30 @@ def test_every_strategy_under_ft_then_a_kill(tmp_path, reference_long, strategy)
     (rec,) = recovered(events)
     assert rec["failed"] == [2]
     assert result == reference_long
+
+
+WALK = ROOT / "tests" / "progs" / "tut_walk.py"
+
+
+def test_a_survivor_waiting_in_an_object_allreduce_learns_of_the_failure(tmp_path):
+    """A tutorial-style program (tut_walk.py: pickled isend/recv on a ring, then an object
+    ``allreduce``) with rank 2 killed right after point 8 of 4 ranks: rank 3 fails on its
+    receive from 2 and enters the recovery; rank 1 is then inside mpi4py's reduction tree,
+    waiting for rank 3, which is alive. mpi4py runs that tree over its own hidden duplicate of
+    the communicator, which the recovery's revoke of A cannot reach: rank 1 waited there until
+    the recovery's bound and the job was lost (relaunched by inject). Under --ft the facade's
+    reductions run over a duplicate the recovery revokes (mpimig.comm_reduce): recovered
+    online, no relaunch, and the result is the plain mpiexec run's, bit for bit."""
+    ref, job = tmp_path / "ref.npy", tmp_path / "job"
+    run_cmd(["mpiexec", "--oversubscribe", "-n", 4, sys.executable, WALK, "--steps", 24, "--out", ref],
+            timeout=120, env=base_env(), check_rc=0)
+    assert ref.exists()
+    res = run_cmd(mpimig_cmd("inject", "--kill", "rank:2@point:8", "--relaunch", 0, "-n", 4, "--ft",
+                             "--spares", 1, "--ckpt-every", 4, "--job-dir", job, "--timeout", 150,
+                             WALK, "--steps", 24, "--out", "{job}/out.npy"),
+                  timeout=240, env=base_env(MPIMIG_RECOVERY_TIMEOUT=40), cwd=ROOT)
+    rep = json.loads((job / "inject" / "report.json").read_text())
+    (f,) = rep["faults"]
+    assert f["fired"] and f["path"] == "online" and f["survived"], (f, res.stderr[-3000:])
+    assert rep["relaunches"] == 0 and rep["online_recoveries"] == 1 and rep["completed"], rep
+    assert np.load(job / "out.npy").tobytes() == np.load(ref).tobytes()

@@ -834,3 +834,44 @@ def test_direct_path_yields_to_a_layer_and_comes_back(comm):
     assert "Send" not in guarded and "Recv" not in guarded and "Barrier" in guarded
     assert {"Send", "Recv", "Sendrecv"} <= set(unguarded)
     assert bound and len(seen) == 1 and b.tolist() == [1.0] * 4
+
+
+def test_ft_object_reductions_give_mpi4pys_results_bit_for_bit():
+    """An --ft job's object reductions (mpimig.comm_reduce: mpi4py's trees over a duplicate a
+    recovery can revoke) give what mpi4py's own give on every communicator size up to the
+    job's: the same order of ``op`` calls (string concatenation shows it) and the same float
+    bits (sums whose rounding depends on the order), for reduce (every root), allreduce, scan
+    and exscan."""
+    import mpi4py
+    from mpimig import comm_reduce
+    world = MPI.COMM_WORLD
+    assert mpi4py.rc.fast_reduce          # mpi4py's own default: the trees, not allgather
+    got = []
+    for k in range(1, world.size + 1):
+        sub = world.Split(0 if world.rank < k else MPI.UNDEFINED, world.rank)
+        if sub == MPI.COMM_NULL:
+            continue
+        ft = comm_mod.FTComm(sub)
+        me = sub.rank
+        vals = [f"<{me}>", [me, -me], (1e16 if me % 2 else 1.0) * (-1) ** (me // 2) + 0.1 * me]
+
+        def cat(a, b):
+            return a + b
+
+        for v in vals:
+            for op in ([cat, MPI.SUM] if isinstance(v, float) else [cat]):
+                calls = [("allreduce", (v, op)), ("scan", (v, op)), ("exscan", (v, op))]
+                calls += [("reduce", (v, op, root)) for root in range(k)]
+                for name, a in calls:
+                    mine, theirs = getattr(ft, name)(*a), getattr(sub, name)(*a)
+                    got.append((k, me, name, repr(mine), repr(theirs),
+                                mine.hex() if isinstance(mine, float) else None,
+                                theirs.hex() if isinstance(theirs, float) else None))
+        (dup,) = comm_reduce.companions([ft])
+        assert dup != sub and dup.Get_size() == k
+        dup.Free()
+        ft.__dict__.pop("_reduce_dup")
+        sub.Free()
+    world.Barrier()
+    wrong = [g for g in got if g[3] != g[4] or g[5] != g[6]]
+    assert got and not wrong, wrong[:5]
