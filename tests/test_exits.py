@@ -143,6 +143,19 @@ def test_sys_exit_under_ft_is_recovered_and_bit_identical(tmp_path, plain_result
     assert np.load(out).tobytes() == plain_result
 
 
+def test_a_sys_exit_that_every_roll_back_repeats_ends_the_job_after_three_recoveries(tmp_path):
+    """Rank 2 calls sys.exit(3) at step 5 in every life, also as the replacement that resumes
+    from the epoch at point 4: each online recovery brings the same failure back at the same
+    point. Before, the job recovered again and again (150 recoveries in 157 s in a run by hand,
+    until a rank crashed); now the third repeat ends it, naming the rank and the point."""
+    res, job, evs = run_leave(tmp_path, "--how", "exit", "--code", 3, "--every-time", hard=150,
+                              opts=("--ft", "--ckpt-every", 2, "--spares", 1))
+    assert_ended(res, job, evs, "rank 2 failed at checkpoint point 5 again after 3 online recoveries in a row",
+                 "rank 2 left the job: sys.exit(3) at checkpoint point 5")
+    recs = [e for e in evs if e["event"] == "recovered"]
+    assert [(r["failed"], r["failed_point"], r["epoch"]) for r in recs] == [([2], 5, 2)] * 3, recs
+
+
 def test_os_exit_under_ft_ends_the_job_naming_the_rank(tmp_path):
     # ULFM does not report a process that exits with a status (PRRTE 3.0.14): the
     # coordinator sees its pid gone and ends the job, naming the logical rank

@@ -28,6 +28,7 @@ from mpi4py import MPI
 from mpi4py.util import pkl5
 
 from .. import exits, world
+from ..errors import MpimigError
 from ..migration import transport
 from ..migration.protocol import TAG_ASSIGN
 
@@ -41,6 +42,24 @@ _FAILURE_CLASSES = {getattr(MPI, n) for n in ("ERR_PROC_FAILED", "ERR_PROC_FAILE
                     if hasattr(MPI, n)}
 
 MAX_ATTEMPTS = 5
+
+# The same failure again and again: a rank that fails at the same checkpoint point after every
+# roll back (its own sys.exit, os._exit or crash there) would be recovered for ever. Each process
+# keeps its last recovery's (dead ranks, coordinator lost, failed point, recoveries in a row) and
+# tells it in the census; past MPIMIG_RECOVERY_REPEATS in a row the job ends instead.
+_streak: list = [[], False, -1, 0]
+
+
+def repeat_limit() -> int:
+    """Recoveries in a row from the same failure at the same point before the job ends (default 3)."""
+    try:
+        return max(1, int(os.environ.get("MPIMIG_RECOVERY_REPEATS", "3")))
+    except ValueError:
+        return 3
+
+
+class RepeatedFailure(MpimigError):
+    """The same ranks failed at the same checkpoint point after every recovery's roll back."""
 
 
 def is_failure(exc: BaseException) -> bool:
@@ -245,7 +264,7 @@ def member(kind: str, rank: int = -1, host: str = "", point: int = 0, own: Copy 
             "point": point, "own_epoch": own.epoch if own else -1,
             "buddies": [(b.rank, b.epoch) for b in buddies or []],
             "detected": detected or time.time(), "hosts": hosts or [],
-            "argv": world.program_argv(), "cwd": os.getcwd()}
+            "argv": world.program_argv(), "cwd": os.getcwd(), "streak": list(_streak)}
 
 
 def decide(table: list[dict]) -> dict:
@@ -292,9 +311,13 @@ def decide(table: list[dict]) -> dict:
     else:
         coord = ("spawn", len(spawn_hosts))
         spawn_hosts.append(spawn_host())
+    failed_point = max([m["point"] for m in table] or [0])
+    # the best-informed survivor's streak (a replacement spawned since knows none)
+    prev = max((m.get("streak") or [[], False, -1, 0] for m in table), key=lambda st: st[3])
+    same = (dead or not coords) and [prev[0], prev[1]] == [dead, not coords] and failed_point <= prev[2]
     return {"dead": dead, "coordinator_failed": not coords, "assign": assign, "coord": coord,
             "spawn_hosts": spawn_hosts, "size": size,
-            "failed_point": max([m["point"] for m in table] or [0]),
+            "failed_point": failed_point, "repeats": prev[3] + 1 if same else 1,
             "recovery": 1 + max(m["recoveries"] for m in table),     # the job's count, this one included
             "detected": min(m["detected"] for m in table)}
 
@@ -402,6 +425,13 @@ def _recover(J: MPI.Intracomm, me: dict, *, A: MPI.Intracomm | None, ckpt_dir, o
         break
     else:
         raise RuntimeError(f"recovery failed {MAX_ATTEMPTS} times in a row")
+    if plan["repeats"] > repeat_limit():
+        who = ", ".join(f"rank {r}" for r in plan["dead"]) or "the coordinator"
+        raise RepeatedFailure(
+            f"{who} failed at checkpoint point {plan['failed_point']} again after {plan['repeats'] - 1} online "
+            f"recoveries in a row, each of which rolled the job back before that point: the roll back repeats "
+            f"this failure (the program's own sys.exit, os._exit or crash there?), so the job ends instead of "
+            f"recovering again (MPIMIG_RECOVERY_REPEATS={repeat_limit()})")
     s_rank = S.Get_rank()
     M = S
     if plan["spawn_hosts"]:
@@ -430,6 +460,7 @@ def join_spawned(B: MPI.Intracomm, msg: dict, ckpt_dir) -> Outcome:
 def _finish(M: MPI.Intracomm, plan: dict, table: list[dict], kind: str, rank: int, replacement: bool,
             ckpt_dir, own: Copy | None, buddies: list[Copy] | None, t_detect: float, t_shrunk: float,
             me: dict) -> Outcome:
+    _streak[:] = [plan["dead"], plan["coordinator_failed"], plan["failed_point"], plan.get("repeats", 1)]
     size = plan["size"]
     key = 0 if kind == "coordinator" else (1 + rank if kind == "rank" else 1 + size + M.Get_rank())
     Jn = transport.track(M.Split(0, key))

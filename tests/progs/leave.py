@@ -53,6 +53,8 @@ p.add_argument("--out")
 p.add_argument("--work-ms", type=float, default=0.0)
 p.add_argument("--in-join", choices=["target", "rank"])
 p.add_argument("--stop-source", action="store_true")
+p.add_argument("--every-time", action="store_true",
+               help="leave at --at in every life of the rank, also after a recovery's roll back")
 args = p.parse_args()
 
 world = MPI.COMM_WORLD                      # module level, as in the mpi4py tutorial
@@ -116,7 +118,8 @@ def main(ctx):
             print(f"killing rank {args.rank} at the join", flush=True), os.kill(os.getpid(), signal.SIGKILL)))
     st = ctx.state(step=0, x=np.linspace(0.0, 1.0, 8) * (comm.rank + 1))
     while st.step < args.steps:
-        if comm.rank == args.rank and st.step == args.at and ctx.recoveries == 0 and args.how != "none":
+        if comm.rank == args.rank and st.step == args.at and (ctx.recoveries == 0 or args.every_time) \
+                and args.how != "none":
             if args.how == "return":
                 print(f"rank {ctx.rank}: leaving (return) at step {args.at}", flush=True)
                 return None
