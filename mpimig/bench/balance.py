@@ -197,7 +197,12 @@ def sample_loads(proc: subprocess.Popen, job: Path, every: float, t0: float) -> 
             samples.append({"t": time.time() - t0,
                             "hosts": {h: x.get("load_s", 0.0) for h, x in bal["hosts"].items()},
                             "ranks": {h: x.get("ranks", 0) for h, x in bal["hosts"].items()},
-                            "speed": {h: x.get("speed", 1.0) for h, x in bal["hosts"].items()}})
+                            "speed": {h: x.get("speed", 1.0) for h, x in bal["hosts"].items()},
+                            # how far the ranks are, as the balancer last heard (a snapshot that does not move
+                            # while the job runs shows reports not arriving)
+                            "points": {str(r["rank"]): r.get("points", 0) for r in bal.get("ranks", [])},
+                            "report_age_s": {str(r["rank"]): r.get("report_age_s") for r in bal.get("ranks", [])},
+                            "rounds": bal.get("rounds")})
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=every)
     return samples
