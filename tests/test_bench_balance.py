@@ -2,6 +2,8 @@
 tests/test_balance_lab.py; the benchmark itself is a command, not a timed test)."""
 from __future__ import annotations
 
+import pytest
+
 from mpimig.bench import balance
 
 
@@ -120,3 +122,29 @@ def test_drift_with_ballast_moves_the_heavy_state_and_matches_serial(tmp_path):
     assert migs[1]["state"] == migs[2]["state"] == "done", migs
     b1, b2 = migs[1]["timings"]["bytes"], migs[2]["timings"]["bytes"]
     assert b1 - b2 >= 24 << 20 and b2 < 1 << 20, (b1, b2)
+
+
+def test_the_bench_waits_for_a_test_session_holding_the_lab(tmp_path):
+    """A test session holds the lab lock for its whole session and takes its lab down at the end: the
+    benchmark must not run on that lab (run 8b's balanced command lost all its jobs so). Another open
+    file description holding the flock stands for the test session."""
+    import fcntl
+    import os
+
+    from mpimig.bench.balance import no_test_session
+    from mpimig.errors import UsageError
+    lock = tmp_path / "tests.lock"
+    other = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(UsageError, match="has held"), no_test_session(wait_s=0.0, lock=lock):
+            pytest.fail("entered while a test session held the lock")
+    finally:
+        os.close(other)
+    with no_test_session(wait_s=0.0, lock=lock):
+        probe = os.open(lock, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):        # held by the benchmark now
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(probe)

@@ -928,3 +928,67 @@ def test_multi_factor_moves_the_light_rank_off_a_slowed_host_first():
     assert moves(g)[0] == (4, "a")
     assert moves(m)[0] == (5, "a") and "score 49.87 s" in m[0].reason
     assert m[0].bytes_moved == 160000 and g[0].bytes_moved == 256 * MiB
+
+
+# Goal (c)'s setting, the issue's own: one of three hosts at half speed, uneven state. Hosts a, b as Q1 (speed
+# 0.5 with E = 8 and cpu_limit 2: not quota-bound, K = 0.5 x 10 = 5; share(2) = 0.5, share(3) = 5/11 = 0.4545);
+# host c at half their per-rank share: speed 0.25, cpu_limit 0.5 (quota-bound: 0.25 x 2 >= 0.75 x 0.5; K =
+# max(2, 2 + 8) = 10; share(2) = min(1, 1, 0.25) = 0.25, share(1) = min(1, 10/9, 0.5) = 0.5). Ranks 0-3: 0.1 CPU s
+# per point (a, b: 0.2 s/point). On c a hot rank (0.12) and a cool one (0.1); one of them holds 256 MiB, the
+# other 160 kB. T0 = 0.12 / 0.25 = 0.48.
+#   hot to a:  a 0.12 / 0.4545 = 0.264, c (cool alone) 0.1 / 0.5 = 0.2 -> T' 0.264, relief 0.216 s/point;
+#   cool to a: a 0.1 / 0.4545 = 0.22, c (hot alone) 0.12 / 0.5 = 0.24 -> T' 0.24, relief 0.24 s/point.
+# At half speed a rank alone on c runs as fast as a rank on a: one move off c is enough, and which rank moves
+# decides the bytes. greedy takes the heaviest by time (the hot rank); refine the largest relief (the cool one),
+# then stops (c at 0.24 is above its goal 1.05 x 0.216 but the hot rank would run at 0.264 on a or b).
+# multi-factor (TC with the CPU factor f = min(0.25, 0.5) = 0.25): the 256 MiB rank's best strategy is
+# pre-copy, D = 0.1 + B / 2.5e9 + 0.1 x (B / 2.5e8 + B / 2.5e9) = 0.1 + 0.107374 + 0.118112 = 0.325486 s,
+# X = 0.5 + 1.073742 + 0.107374 + 0.1 = 1.781116 s; its penalty 0.325486 + 0.05 x 1.781116 + 0.5 x 0.25
+# = 0.539542 s. The 160 kB rank's: post-copy, D = 0.05 + 0.1 x 160000 / 2.5e8 = 0.050064 s, X = 0.5 + 0.05 +
+# one push round of its compute (0.1 s cool, 0.12 s hot); penalty 0.050064 + 0.05 X + 0.5 x 160000 / 2^30 =
+# 0.082639 s (cool) / 0.083639 s (hot).
+#   A, the hot rank heavy (R 100): greedy moves 256 MiB; multi-factor, as refine, the cool light rank:
+#     24 - 0.082639 = 23.92 s against 21.6 - 0.539542.
+#   B, the cool rank heavy (R 100): refine moves 256 MiB, greedy the hot light rank; multi-factor the heavy
+#     one: its extra relief (0.24 - 0.216) x 100 = 2.4 s outweighs its extra cost 0.46 s: 24 - 0.539542 =
+#     23.46 s against 21.6 - 0.083639 = 21.52 s.
+#   C, as B with 10 points left: the extra relief is 0.24 s, less than the extra cost: multi-factor moves the
+#     hot light rank (2.16 - 0.083639 = 2.076 s against 2.4 - 0.539542 = 1.860 s) and leaves the 256 MiB rank
+#     on the slowed host, where refine moves it. Its plan goes on: a is now at 0.264 (the hot rank there);
+#     rank 0 (1 MiB) to b: a 0.12 / 0.5 = 0.24, b 0.1 / 0.4545 = 0.22, c 0.2: relief 0.024 x 10 = 0.24 s;
+#     post-copy between a and b (f 0.5): D = 0.05 + 0.1 x 2^20 / 5e8 = 0.050210 s, X = 0.65 s, penalty
+#     0.050210 + 0.0325 + 0.5 / 1024 = 0.083198 s, score 0.1568 s; the plan of both: (0.48 - 0.24) x 10 -
+#     0.083639 - 0.083198 = 2.233 s > 2.076 s: the step time refine reaches by moving 256 MiB, for 1.15 MB.
+def half_speed_uneven_state(hot_heavy: bool, left: int):
+    ranks = [R(i, "abc"[i // 2], remaining_points=left) for i in range(6)]
+    hot, cool = (4, 5) if hot_heavy else (5, 4)
+    ranks[hot] = dataclasses.replace(ranks[hot], cpu_s=0.12, compute_s=0.12)
+    ranks[4] = dataclasses.replace(ranks[4], state_bytes=256 * MiB)
+    ranks[5] = dataclasses.replace(ranks[5], state_bytes=160000)
+    hosts = [H("a", speed=0.5, external_load=8.0, cpu_limit=2.0), H("b", speed=0.5, external_load=8.0, cpu_limit=2.0),
+             H("c", speed=0.25, external_load=8.0, cpu_limit=0.5)]
+    return snap(ranks, hosts)
+
+
+@pytest.mark.parametrize("case, hot_heavy, left, greedy, refine, mf, score", [
+    ("A", True, 100, (4, "a"), (5, "a"), (5, "a"), "score 23.92 s"),
+    ("B", False, 100, (5, "a"), (4, "a"), (4, "a"), "score 23.46 s"),
+    ("C", False, 10, (5, "a"), (4, "a"), [(5, "a"), (0, "b")], "plan of 2 move(s) scores 2.233 s"),
+])
+def test_multi_factor_weighs_bytes_against_relief_on_a_half_speed_host(case, hot_heavy, left, greedy, refine, mf,
+                                                                        score):
+    cm = CostModel(**dict(TC, cpu_scaled=True))
+    s = half_speed_uneven_state(hot_heavy, left)
+    g, r, m = (parse(p).decide(s, cm) for p in ("greedy", "refine", "multi-factor"))
+    assert moves(g)[0] == greedy
+    assert moves(r) == [refine]                       # one move: the other rank stays on the slowed host
+    assert moves(m) == (mf if isinstance(mf, list) else [mf]) and score in m[0].reason
+    size = {0: MiB, 4: 256 * MiB, 5: 160000}
+    mf_bytes = sum(d.bytes_moved for d in m if d.move)
+    assert mf_bytes == sum(size[i] for i, _ in moves(m))
+    if case == "A":                                   # fewer bytes than greedy, as few as refine
+        assert mf_bytes < g[0].bytes_moved and mf_bytes == r[0].bytes_moved
+    if case == "B":                                   # the relief pays for the bytes: as refine
+        assert mf_bytes == r[0].bytes_moved
+    if case == "C":                                   # fewer bytes than refine, the heavy rank stays on c
+        assert mf_bytes == 160000 + MiB < r[0].bytes_moved and all(d.rank != 4 for d in m)

@@ -197,7 +197,12 @@ def sample_loads(proc: subprocess.Popen, job: Path, every: float, t0: float) -> 
             samples.append({"t": time.time() - t0,
                             "hosts": {h: x.get("load_s", 0.0) for h, x in bal["hosts"].items()},
                             "ranks": {h: x.get("ranks", 0) for h, x in bal["hosts"].items()},
-                            "speed": {h: x.get("speed", 1.0) for h, x in bal["hosts"].items()}})
+                            "speed": {h: x.get("speed", 1.0) for h, x in bal["hosts"].items()},
+                            # how far the ranks are, as the balancer last heard (a snapshot that does not move
+                            # while the job runs shows reports not arriving)
+                            "points": {str(r["rank"]): r.get("points", 0) for r in bal.get("ranks", [])},
+                            "report_age_s": {str(r["rank"]): r.get("report_age_s") for r in bal.get("ranks", [])},
+                            "rounds": bal.get("rounds")})
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=every)
     return samples
@@ -456,9 +461,45 @@ def get_lab(args):
     return lab, brought_up
 
 
+#: the lock a test session's lab fixtures hold for the whole session (tests/lab_fixtures.py SESSION_LOCK)
+TEST_SESSION_LOCK = Path("/run/mpimig-lab.tests.lock")
+
+
+@contextlib.contextmanager
+def no_test_session(wait_s: float = 900.0, lock: Path = TEST_SESSION_LOCK):
+    """Hold the test sessions' lab lock while the benchmark runs: a test session brings its own lab
+    up and takes it down at its end, so a benchmark that used it would lose its hosts mid-run (the
+    run 8b balanced command did). Waits up to ``wait_s`` for a test session to end."""
+    import fcntl
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_s
+        said = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise UsageError(f"a test session has held {lock} (its lab) for {wait_s:.0f} s; "
+                                     "try later") from None
+                if not said:
+                    print(f"waiting for the test session that holds {lock} (it uses the lab)", flush=True)
+                    said = True
+                time.sleep(2.0)       # polling a lock held by another process (no event to wait on)
+        yield
+    finally:
+        os.close(fd)
+
+
 def cmd_balance(args) -> int:
-    from .. import lab as mlab
     app_list = check_args(args)
+    with no_test_session():
+        return _cmd_balance(args, app_list)
+
+
+def _cmd_balance(args, app_list: list[str]) -> int:
+    from .. import lab as mlab
     lab, brought_up = get_lab(args)
     root = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="mpimig-bench-balance-"))
     root.mkdir(parents=True, exist_ok=True)
