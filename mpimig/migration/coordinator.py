@@ -77,6 +77,7 @@ class Coordinator(Steps, Serving, Spares):
         self.retired: list[tuple] = []        # (merged comm, J rank) of old processes, told at the end
         self.spares: dict[str, list[int]] = {}  # host -> J ranks of idle warm spares
         self.recoveries: list[dict] = []
+        self.marks: dict[str, float] = {}
         if recovered is None:
             self._gather_spares(cfg.spares)
         # the pool's size per host; used spares are replaced in the background by spawned

@@ -32,7 +32,7 @@ class Migration:
         self.state = Step.NEGOTIATE.label
         self.src: str | None = None
         self.t: dict[str, float] = {"requested": time.time()}
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, Any] = {}    # seconds; switch_steps: ms per participant
         self.bridge: MPI.Intracomm | None = None
         self.spare: int = -1             # J rank of the warm spare that takes the rank
         self.waiters: list = []          # reply functions waiting for completion
@@ -40,6 +40,7 @@ class Migration:
         self.src_pid: int | None = None   # the old process (post-copy: needed until the push is done)
         self.stats: dict[str, Any] = {}      # the strategy's own figures (rounds, residual, ...)
         self.plan_id: int | None = None   # the switch plan that moved it (set at the switch)
+        self.marks: dict[str, float] = {}    # the coordinator's part of its switch (protocol.mark)
 
     def as_dict(self) -> dict:
         return {"id": self.id, "rank": self.rank, "from": self.src, "to": self.to,
@@ -81,6 +82,7 @@ class CoordinatorState:
     server: ControlServer | None
     t_start: float
     balance: BalanceDriver | None
+    marks: dict[str, float]              # the switch under way, step by step (protocol.mark)
 
     if TYPE_CHECKING:                   # defined by one part, called by another
         def write_status(self) -> None: ...

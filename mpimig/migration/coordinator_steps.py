@@ -17,7 +17,7 @@ from ..errors import MigrationError
 from ..ft import recovery
 from . import transport
 from .coordinator_state import CoordinatorState, Migration
-from .protocol import TAG_ASSIGN, TAG_PLAN, TAG_WAKE, Move, Plan, Step, check_strategy
+from .protocol import TAG_ASSIGN, TAG_PLAN, TAG_WAKE, Move, Plan, Step, check_strategy, mark
 
 log = logging.getLogger("mpimig.migration.coordinator")
 
@@ -166,6 +166,8 @@ class Steps(CoordinatorState):
             self.enlist(plan, batch)
             return
         t0 = time.perf_counter()
+        self.marks = {}
+        mark(self.marks, "go")
         Jc = self.join_targets(plan, batch)
         for m in batch:
             m.state = Step.TRANSFER.label
@@ -204,8 +206,10 @@ class Steps(CoordinatorState):
         reserved = [m.spare for m in self.queue + self.ready + batch if m.spare >= 0]
         for jr in [jr for jrs in self.spares.values() for jr in jrs] + reserved:
             self.J.send({"plan": plan}, dest=jr, tag=TAG_WAKE)
+        mark(self.marks, "woken")
         Jc = transport.join(self.J, plan.nspawned, bridges=[m.bridge for m in batch if m.bridge is not None],
                             who="coordinator")
+        mark(self.marks, "join")
         if self.cfg.ft:
             self.J = Jc         # a failure from here on is recovered over the switch comm
         return Jc
@@ -215,6 +219,8 @@ class Steps(CoordinatorState):
         """The new J without the old processes; the routing table points at the new ones."""
         with recovery.switch_part(Jc, self.cfg.ft):             # ends in the agreement (--ft)
             _, Jn = transport.split(Jc, logical=None, leaving=False)
+            mark(self.marks, "split")
+        mark(self.marks, "agreed")
         if Jn is None:
             raise MigrationError(f"plan {plan.id}: the switch left the coordinator outside J")
         # new J ranks: members of Jc in order, without the processes that left
@@ -246,6 +252,7 @@ class Steps(CoordinatorState):
         self.reports.setdefault(plan.id, {})
         for m in batch:
             m.plan_id = plan.id
+            m.marks = dict(self.marks)
 
     # -- step 8: resume, and the old process retires ------------------------------------
     def resume(self, src: int, rep: dict) -> None:
@@ -264,6 +271,7 @@ class Steps(CoordinatorState):
             m.timings.update({k: v for k, v in tr.items() if k in ("downtime", "transfer", "restore")})
             m.timings["bytes"] = tr.get("bytes", 0)
             m.stats.update(tr.get("strategy_stats") or {})
+            m.timings["switch_steps"] = switch_steps(tr, m.marks, reps, {x.rank for x in batch})
             m.stalls = {r: v["stall"] for r, v in reps.items() if r not in {x.rank for x in batch}}
             if m.stalls:
                 m.timings["others_stall_max"] = max(m.stalls.values())
@@ -291,3 +299,22 @@ class Steps(CoordinatorState):
         m.timings["residual"] = msg["residual"]
         m.stats.update({k: v for k, v in msg.items() if k not in ("rank", "plan")})
         self.write_status()
+
+
+def switch_steps(target: dict, coord: dict[str, float], reps: dict[int, dict], moved: set[int]) -> dict:
+    """Where a switch's milliseconds went (docs/protocol.md, "The switch's cost"): each
+    participant's marks (:func:`mpimig.migration.protocol.mark`) in ms after the moving rank's
+    suspension; for the ranks that stayed, the latest of them at each mark."""
+    t0 = target.get("t_suspend")
+    if t0 is None:
+        return {}
+
+    def rel(marks: dict[str, float]) -> dict[str, float]:
+        return {k: round((v - t0) * 1e3, 3) for k, v in marks.items()}
+    ranks: dict[str, float] = {}
+    for r, rep in reps.items():
+        if r not in moved:
+            for k, v in rel(rep.get("marks") or {}).items():
+                ranks[k] = max(ranks.get(k, v), v)
+    return {"source": rel(target.get("source_marks") or {}), "ranks": ranks, "coordinator": rel(coord),
+            "target": rel(target.get("marks") or {})}

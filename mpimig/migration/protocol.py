@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import time
 from typing import Any
 
 
@@ -138,3 +139,10 @@ class Link:
     t_point_wall: float = 0.0    # time.time at the safe point, then at the suspension (the downtime's start)
     next_vote: int = 0           # the next point that votes (agreed at the last vote; 0: the next one)
     announced: int = -1          # plan whose state layout went to its warm spare (migration.handover)
+    marks: dict[str, float] = dataclasses.field(default_factory=dict)   # this rank's switch, step by step
+
+
+def mark(marks: dict[str, float], name: str) -> None:
+    """Note the wall-clock time a participant finished ``name`` of a switch (docs/protocol.md,
+    "The switch's cost"): the coordinator files every participant's marks in status.json."""
+    marks[name] = time.time()
