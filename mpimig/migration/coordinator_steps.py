@@ -142,7 +142,7 @@ class Steps(CoordinatorState):
                 moves.append(Move(m.rank, m.to, k, self.routing[m.rank]["jrank"], m.strategy,
                                   recycle=self.recycle))
                 k += 1
-        plan = Plan(self.next_plan, moves, at_point=point, jsize=self.J.Get_size())
+        plan = Plan(self.next_plan, moves, at_point=point, jsize=self.J.Get_size(), wake=self._spares_in_j())
         self.next_plan += 1
         for m in batch:
             self.ready.remove(m)
@@ -193,20 +193,24 @@ class Steps(CoordinatorState):
         self.ready = sorted(batch + self.ready, key=lambda x: (x.at_point, x.id))
         self.plan, self.plan_migs = None, []
 
+    def _spares_in_j(self) -> list[int]:
+        """Every warm spare in J, idle or promised to a move (in the queue, ready, or in the plan
+        being made): all take part in a switch, and rank 0 wakes them (``Plan.wake``). The set
+        does not change while a plan is out: spares move between the pool and the moves
+        (``create_target``) but stay in J, and only a switch or a recovery changes J."""
+        reserved = [m.spare for m in self.queue + self.ready + self.plan_migs if m.spare >= 0]
+        return sorted({jr for jrs in self.spares.values() for jr in jrs} | set(reserved))
+
     # -- step 5: create (the join) ---------------------------------------------------------
     def join_targets(self, plan: Plan, batch: list[Migration]) -> MPI.Intracomm:
-        """Tell each spawned target its move, wake every spare, and join them all into J."""
+        """Tell each spawned target its move and join them all into J (rank 0 woke the spares
+        in J with its GO: :func:`mpimig.migration.source.wake`)."""
         for m in batch:
             m.t["go"] = time.time()
         for mv, m in zip(plan.moves, batch):
             if m.bridge is not None:
                 m.bridge.send({"plan": plan, "target": mv.target, "rank": mv.rank,
                                "config": self.cfg.to_env()}, dest=1, tag=TAG_ASSIGN)
-        # every warm spare is in J, idle or promised to a later plan: all join the switch
-        reserved = [m.spare for m in self.queue + self.ready + batch if m.spare >= 0]
-        for jr in [jr for jrs in self.spares.values() for jr in jrs] + reserved:
-            self.J.send({"plan": plan}, dest=jr, tag=TAG_WAKE)
-        mark(self.marks, "woken")
         Jc = transport.join(self.J, plan.nspawned, bridges=[m.bridge for m in batch if m.bridge is not None],
                             who="coordinator")
         mark(self.marks, "join")

@@ -70,7 +70,7 @@ TAG_HELLO = 107       # rank 0 -> coordinator at start: program argv, cwd, host 
 TAG_FINISHING = 108   # rank 0 -> coordinator: ranks are finishing; drop any plan
 TAG_END = 109         # coordinator -> old processes of migrated ranks, spares: the job is over
 TAG_SPARE = 110       # warm spare -> coordinator at start: host, pid
-TAG_WAKE = 111        # coordinator -> warm spares: a plan is executed now, join the switch
+TAG_WAKE = 111        # rank 0 (enlist: the coordinator) -> warm spares: a plan is executed now, join the switch
 TAG_RESIDUAL = 112    # post-copy target -> coordinator: the source is not needed any more
 TAG_METRICS = 113     # rank -> coordinator, every few seconds with --policy: its metric report
                       # (mpimig.balance.metrics); a plain send, never a collective
@@ -110,6 +110,7 @@ class Plan:
     at_point: int = 0    # execute at the first safe point >= this
     jsize: int = 0       # size of J before the targets join
     kind: str = "switch"  # switch: ranks move; enlist: spawned targets only join J (pre-copy needs them there)
+    wake: list[int] = dataclasses.field(default_factory=list)   # J ranks of the warm spares rank 0 wakes at GO
 
     def precopy_sources(self) -> int:
         """Moves whose source must report its pre-copy rounds converged before the switch."""

@@ -35,7 +35,8 @@ from ..ft import recovery
 from ..state import State
 from . import handover, strategies
 from . import transport
-from .protocol import DEFAULT_STRATEGY, TAG_GO, TAG_PLAN, TAG_REPLY, TAG_REPORT, TAG_REQUEST, Move, Plan, mark
+from .protocol import DEFAULT_STRATEGY, TAG_GO, TAG_PLAN, TAG_REPLY, TAG_REPORT, TAG_REQUEST, TAG_WAKE, Move, Plan, \
+    mark
 
 if TYPE_CHECKING:
     from ..runtime import Context
@@ -176,8 +177,18 @@ def suspend(ctx: Context, v: Vote) -> Plan | None:
     link.plan = None
     link.t_point_wall = time.time()     # frozen from here: the downtime starts (not this point's checkpoint)
     if ctx.rank == 0:
-        J.send(plan.id, dest=0, tag=TAG_GO)
+        wake(J, plan)
     return plan
+
+
+def wake(J: MPI.Intracomm, plan: Plan) -> None:
+    """Rank 0, when the ranks agreed to run ``plan``: GO to the coordinator and, at the same
+    time, the wake-up to every warm spare in J (``plan.wake``): the spares' wait and the
+    coordinator's run side by side, not one after the other (docs/protocol.md, "The
+    switch's cost"). Small messages: both are sent eagerly."""
+    reqs = [J.isend(plan.id, dest=0, tag=TAG_GO)]
+    reqs += [J.isend({"plan": plan}, dest=jr, tag=TAG_WAKE) for jr in plan.wake]
+    MPI.Request.waitall(reqs)
 
 
 def execute(ctx: Context, plan: Plan) -> None:

@@ -39,8 +39,8 @@ from ..ft import recovery
 from ..launch.config import Config
 from . import lazy as lazymod
 from . import handover, strategies, transport
-from .protocol import TAG_CANCEL, TAG_END, TAG_LAYOUT, TAG_PRECOPY, TAG_REPORT, TAG_RESIDUAL, TAG_SPARE, Move, Plan, \
-    mark
+from .protocol import TAG_CANCEL, TAG_END, TAG_LAYOUT, TAG_PRECOPY, TAG_REPORT, TAG_RESIDUAL, TAG_SPARE, TAG_WAKE, \
+    Move, Plan, mark
 
 if TYPE_CHECKING:
     from ..runtime import Context
@@ -112,6 +112,7 @@ class Spare:
         self.rx: dict[int, strategies.PreCopyTarget] = {}    # pre-copy rounds received, by source J rank
         self.prepared = handover.Prepared()     # stop-and-copy buffers faulted in before the freeze
         self.marks: dict[str, float] = {}       # the last switch, step by step (mark)
+        self.t_news = -1e9                      # monotonic time of the last round or layout from a source
         _preload()
         if announce:
             host = MPI.Get_processor_name() or socket.gethostname()
@@ -123,24 +124,36 @@ class Spare:
         while True:
             J = self.J
             while not J.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, st):
-                time.sleep(0.002)    # idle: a warm process must not steal the cores
+                time.sleep(self.nap())
             self.marks = {}
             mark(self.marks, "woken")
             tag, src = st.Get_tag(), st.Get_source()
-            if src != 0:
-                if tag == TAG_PRECOPY:
-                    self.rx.setdefault(src, strategies.PreCopyTarget()).on_round(J, src)
-                    continue
-                if tag == TAG_LAYOUT:           # a stop-and-copy to this spare is coming
-                    self.prepared.on_layout(J, src)
-                    continue
+            if tag == TAG_PRECOPY and src != 0:
+                self.rx.setdefault(src, strategies.PreCopyTarget()).on_round(J, src)
+                self.t_news = time.monotonic()
+                continue
+            if tag == TAG_LAYOUT and src != 0:  # a stop-and-copy to this spare is coming
+                self.prepared.on_layout(J, src)
+                self.t_news = time.monotonic()
+                continue
+            if src != 0 and tag != TAG_WAKE:    # rank 0 wakes the spares for a switch (source.wake)
                 raise MigrationError(f"warm spare: unexpected message with tag {tag} from J rank {src}")
-            msg = J.recv(source=0, tag=tag)
+            msg = J.recv(source=src, tag=tag)
             if tag == TAG_END:
                 return None
             arrival = self._switch(msg["plan"])
             if arrival is not None:
                 return arrival
+
+    NAP, NAP_EXPECTING, EXPECTING_S = 0.002, 0.0002, 30.0
+
+    def nap(self) -> float:
+        """Seconds between two looks at J: 2 ms idle (a warm process must not steal the cores);
+        0.2 ms while a move to this spare is under way (its pre-copy rounds or its stop-and-copy
+        layout came in the last 30 s): the switch waits for the target to see its wake-up."""
+        if (self.rx or self.prepared.buffers) and time.monotonic() - self.t_news < self.EXPECTING_S:
+            return self.NAP_EXPECTING
+        return self.NAP
 
     def _switch(self, plan: Plan) -> Arrival | None:
         """Take part in a plan's switch; an Arrival if the plan gives this spare a rank."""
@@ -162,7 +175,7 @@ class Spare:
             if move is None:
                 self.prepared.drop()
             else:
-                rx: Any = self.rx.get(move.src_jrank)
+                rx: Any = self.rx.pop(move.src_jrank, None)
                 if move.strategy == "stop-and-copy":
                     rx = self.prepared.ready(J0, move.src_jrank, plan.id)
                 arrival = take_over(plan, move, Jc, A, Jn, self.cfg, t0, rx)
@@ -178,7 +191,10 @@ class Spare:
 
 def take_over(plan: Plan, move: Move | None, Jc: MPI.Intracomm, A: MPI.Intracomm | None,
               Jn: MPI.Intracomm | None, cfg: Config, t0: float, rx: Any = None) -> Arrival:
-    """Steps 6 and 7 for the new process of ``move`` (joined at ``t0``)."""
+    """Steps 6 and 7 for the new process of ``move`` (joined at ``t0``). The new A comes first:
+    unpickling the state attaches restored requests and derived communicators to the job's
+    communicator (``comm_requests._current_comm``, set by ``new_comm``), so the state cannot be
+    received before the Split (docs/protocol.md, "The switch's cost")."""
     if move is None or A is None or Jn is None:
         raise MigrationError(f"plan {plan.id}: this process has no move of its own or no place in the new "
                              "communicators")
