@@ -122,13 +122,62 @@ def bounded(name: str, who: str, what: str = "", comm: Any = None) -> Iterator[N
         events.emit(_job_dir(), "wait_expired", os.environ.get("MPIMIG_RUN_ID", ""), wait=name, who=who,
                     seconds=seconds)
         abort(comm, 3)
-    timer = threading.Timer(seconds, expired)
-    timer.daemon = True
-    timer.start()
+    key = _WATCH.add(seconds, expired)
     try:
         yield
     finally:
-        timer.cancel()
+        _WATCH.cancel(key)
+
+
+class _Watch:
+    """The deadlines of the bounded waits under way, kept by one daemon thread per process.
+
+    A ``threading.Timer`` per wait started a thread at every bounded block, and
+    ``Thread.start`` returns only once the new thread ran: 0.2 ms at the median, 1 ms at the
+    90th percentile on this machine under load, twice on a migration's critical path
+    (the transfer's two sides; docs/protocol.md, "The switch's cost"). Here adding and
+    cancelling a wait is a dict operation; the thread sleeps until the nearest deadline."""
+
+    def __init__(self) -> None:
+        self.cv = threading.Condition()
+        self.waits: dict[int, tuple[float, Any]] = {}
+        self.next_key = 0
+        self.thread: threading.Thread | None = None
+
+    def add(self, seconds: float, fire: Any) -> int:
+        with self.cv:
+            self.next_key += 1
+            self.waits[self.next_key] = (time.monotonic() + seconds, fire)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="mpimig bounded waits", daemon=True)
+                self.thread.start()
+            else:
+                self.cv.notify()
+            return self.next_key
+
+    def cancel(self, key: int) -> None:
+        with self.cv:
+            self.waits.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                now = time.monotonic()
+                due = [k for k, (d, _) in self.waits.items() if d <= now]
+                fires = [self.waits.pop(k)[1] for k in due]
+                if not fires:
+                    nearest = min((d for d, _ in self.waits.values()), default=None)
+                    self.cv.wait(None if nearest is None else nearest - now)
+                    continue
+            for fire in fires:
+                fire()
+
+    def after_fork(self) -> None:
+        self.cv, self.waits, self.thread = threading.Condition(), {}, None
+
+
+_WATCH = _Watch()
+os.register_at_fork(after_in_child=_WATCH.after_fork)
 
 
 def bound_finalize() -> None:

@@ -23,7 +23,7 @@ from . import background, handover, transport, wtrack
 from .chunks import PIECE, chunk_bytes, flat_bytes
 from .chunks import chunkable as _chunkable
 from .chunks import runs as _runs
-from .protocol import TAG_HANDOVER, TAG_PRECOPY, TAG_PRECOPY_DATA, TAG_PRECOPY_DONE
+from .protocol import TAG_HANDOVER, TAG_PRECOPY, TAG_PRECOPY_DATA, TAG_PRECOPY_DONE, mark
 from .transport import Transfer
 
 __all__ = ["PreCopySource", "PreCopyTarget"]
@@ -405,10 +405,13 @@ class PreCopySource:
     def finish(self, tx: Transfer, arrays: dict[str, np.ndarray], objects: dict[str, Any],
                extra: dict[str, Any]) -> None:
         """At the switch (rank frozen): the chunks still dirty, objects, held queue."""
+        marks = extra.get("marks", {})
         self.drain()
+        mark(marks, "drained")
         t0 = time.perf_counter()
         self._refresh(arrays)            # the state at the switch is what counts
         dirty = self._all_dirty()
+        mark(marks, "scanned")
         self.round_points.append(self.points - self._p_scan)
         for k, m in dirty.items():
             if k in self.sends:
@@ -446,6 +449,7 @@ class PreCopySource:
         hdr = {"final": True, "runs": runs, "eager": eager,
                "meta": {k: (v.shape, v.dtype.str) for k, v in self.live.items()},
                "objects": {k: dumps(k, v) for k, v in objects.items()}, "extra": extra, "read": read}
+        mark(marks, "header")
         tx.send_obj(hdr)
         how = tx.comm.recv(source=tx.peer, tag=TAG_HANDOVER) if read is not None else handover.VIA_MPI
         if how != handover.MEMORY:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import time
 from typing import Any
 
 
@@ -69,7 +70,7 @@ TAG_HELLO = 107       # rank 0 -> coordinator at start: program argv, cwd, host 
 TAG_FINISHING = 108   # rank 0 -> coordinator: ranks are finishing; drop any plan
 TAG_END = 109         # coordinator -> old processes of migrated ranks, spares: the job is over
 TAG_SPARE = 110       # warm spare -> coordinator at start: host, pid
-TAG_WAKE = 111        # coordinator -> warm spares: a plan is executed now, join the switch
+TAG_WAKE = 111        # rank 0 (enlist: the coordinator) -> warm spares: a plan is executed now, join the switch
 TAG_RESIDUAL = 112    # post-copy target -> coordinator: the source is not needed any more
 TAG_METRICS = 113     # rank -> coordinator, every few seconds with --policy: its metric report
                       # (mpimig.balance.metrics); a plain send, never a collective
@@ -109,6 +110,7 @@ class Plan:
     at_point: int = 0    # execute at the first safe point >= this
     jsize: int = 0       # size of J before the targets join
     kind: str = "switch"  # switch: ranks move; enlist: spawned targets only join J (pre-copy needs them there)
+    wake: list[int] = dataclasses.field(default_factory=list)   # J ranks of the warm spares rank 0 wakes at GO
 
     def precopy_sources(self) -> int:
         """Moves whose source must report its pre-copy rounds converged before the switch."""
@@ -138,3 +140,10 @@ class Link:
     t_point_wall: float = 0.0    # time.time at the safe point, then at the suspension (the downtime's start)
     next_vote: int = 0           # the next point that votes (agreed at the last vote; 0: the next one)
     announced: int = -1          # plan whose state layout went to its warm spare (migration.handover)
+    marks: dict[str, float] = dataclasses.field(default_factory=dict)   # this rank's switch, step by step
+
+
+def mark(marks: dict[str, float], name: str) -> None:
+    """Note the wall-clock time a participant finished ``name`` of a switch (docs/protocol.md,
+    "The switch's cost"): the coordinator files every participant's marks in status.json."""
+    marks[name] = time.time()

@@ -35,7 +35,8 @@ from ..ft import recovery
 from ..state import State
 from . import handover, strategies
 from . import transport
-from .protocol import DEFAULT_STRATEGY, TAG_GO, TAG_PLAN, TAG_REPLY, TAG_REPORT, TAG_REQUEST, Move, Plan
+from .protocol import DEFAULT_STRATEGY, TAG_GO, TAG_PLAN, TAG_REPLY, TAG_REPORT, TAG_REQUEST, TAG_WAKE, Move, Plan, \
+    mark
 
 if TYPE_CHECKING:
     from ..runtime import Context
@@ -176,8 +177,18 @@ def suspend(ctx: Context, v: Vote) -> Plan | None:
     link.plan = None
     link.t_point_wall = time.time()     # frozen from here: the downtime starts (not this point's checkpoint)
     if ctx.rank == 0:
-        J.send(plan.id, dest=0, tag=TAG_GO)
+        wake(J, plan)
     return plan
+
+
+def wake(J: MPI.Intracomm, plan: Plan) -> None:
+    """Rank 0, when the ranks agreed to run ``plan``: GO to the coordinator and, at the same
+    time, the wake-up to every warm spare in J (``plan.wake``): the spares' wait and the
+    coordinator's run side by side, not one after the other (docs/protocol.md, "The
+    switch's cost"). Small messages: both are sent eagerly."""
+    reqs = [J.isend(plan.id, dest=0, tag=TAG_GO)]
+    reqs += [J.isend({"plan": plan}, dest=jr, tag=TAG_WAKE) for jr in plan.wake]
+    MPI.Request.waitall(reqs)
 
 
 def execute(ctx: Context, plan: Plan) -> None:
@@ -187,16 +198,21 @@ def execute(ctx: Context, plan: Plan) -> None:
         ctx.link.J = create_target(ctx, plan)
         return
     move = plan.move_of(ctx.rank)
+    marks = ctx.link.marks = {"suspend": ctx.link.t_point_wall}
     hold_in_flight(ctx, move)                                      # step 4
+    mark(marks, "hold")
     Jc = create_target(ctx, plan)                                  # step 5
+    mark(marks, "join")
     if ctx.config.ft:
         ctx.link.J = Jc     # a failure from here on is recovered over the switch comm
     rest = None
     with recovery.switch_part(Jc, ctx.config.ft):                  # ends in the agreement (--ft)
         A, Jn = transport.split(Jc, logical=ctx.rank, leaving=move is not None,   # the new comms (step 7)
                                 stays=move is not None and move.recycle)
+        mark(marks, "split")
         if move is not None:
             rest = transfer_state(ctx, Jc, plan, move)             # step 6
+    mark(marks, "agreed")
     if move is not None:
         retire(ctx, Jc, rest, Jn if move.recycle else None)        # step 8: never returns
     repoint(ctx, Jc, A, Jn)                                        # step 7
@@ -235,7 +251,9 @@ def transfer_state(ctx: Context, Jc: MPI.Intracomm, plan: Plan, move: Move) -> C
     st = ctx.registered_state if ctx.registered_state is not None else State()
     arrays, objects = st.split()
     extra = {"comm": ctx.comm.export_held(), "point": ctx.point, "epoch": ctx.epoch,
-             "t_suspend": ctx.link.t_point_wall, "stats": ctx.stats, "from": ctx.host}
+             "t_suspend": ctx.link.t_point_wall, "stats": ctx.stats, "from": ctx.host,
+             "marks": ctx.link.marks}
+    mark(ctx.link.marks, "extracted")
     dest = transport.target_jrank(plan, move)
     if ctx.config.ft:
         recovery.handshake(Jc, dest, source=True)
@@ -261,7 +279,7 @@ def repoint(ctx: Context, Jc: MPI.Intracomm, A: MPI.Intracomm | None, Jn: MPI.In
 def resume(ctx: Context, plan: Plan) -> None:
     """A rank that stays reports its stall to the coordinator and runs on."""
     ctx.link.J.send({"plan": plan.id, "rank": ctx.rank, "stall": time.perf_counter() - ctx.link.t_point,
-                     "pid": os.getpid(), "host": ctx.host}, dest=0, tag=TAG_REPORT)
+                     "pid": os.getpid(), "host": ctx.host, "marks": ctx.link.marks}, dest=0, tag=TAG_REPORT)
 
 
 def retire(ctx: Context, Jc: MPI.Intracomm, rest: Callable[[], object] | None,

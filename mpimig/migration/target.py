@@ -39,7 +39,8 @@ from ..ft import recovery
 from ..launch.config import Config
 from . import lazy as lazymod
 from . import handover, strategies, transport
-from .protocol import TAG_CANCEL, TAG_END, TAG_LAYOUT, TAG_PRECOPY, TAG_REPORT, TAG_RESIDUAL, TAG_SPARE, Move, Plan
+from .protocol import TAG_CANCEL, TAG_END, TAG_LAYOUT, TAG_PRECOPY, TAG_REPORT, TAG_RESIDUAL, TAG_SPARE, TAG_WAKE, \
+    Move, Plan, mark
 
 if TYPE_CHECKING:
     from ..runtime import Context
@@ -63,6 +64,7 @@ class Arrival:
     t_join: float                # seconds to join (step 5)
     t_transfer: float            # seconds to receive the state (step 6)
     t_adopted: float             # perf_counter when the state was in (restore time from here)
+    marks: dict[str, float] = dataclasses.field(default_factory=dict)   # its switch, step by step
 
 
 def _preload() -> None:
@@ -109,6 +111,8 @@ class Spare:
         self.cfg = cfg
         self.rx: dict[int, strategies.PreCopyTarget] = {}    # pre-copy rounds received, by source J rank
         self.prepared = handover.Prepared()     # stop-and-copy buffers faulted in before the freeze
+        self.marks: dict[str, float] = {}       # the last switch, step by step (mark)
+        self.t_news = -1e9                      # monotonic time of the last round or layout from a source
         _preload()
         if announce:
             host = MPI.Get_processor_name() or socket.gethostname()
@@ -120,22 +124,36 @@ class Spare:
         while True:
             J = self.J
             while not J.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, st):
-                time.sleep(0.002)    # idle: a warm process must not steal the cores
+                time.sleep(self.nap())
+            self.marks = {}
+            mark(self.marks, "woken")
             tag, src = st.Get_tag(), st.Get_source()
-            if src != 0:
-                if tag == TAG_PRECOPY:
-                    self.rx.setdefault(src, strategies.PreCopyTarget()).on_round(J, src)
-                    continue
-                if tag == TAG_LAYOUT:           # a stop-and-copy to this spare is coming
-                    self.prepared.on_layout(J, src)
-                    continue
+            if tag == TAG_PRECOPY and src != 0:
+                self.rx.setdefault(src, strategies.PreCopyTarget()).on_round(J, src)
+                self.t_news = time.monotonic()
+                continue
+            if tag == TAG_LAYOUT and src != 0:  # a stop-and-copy to this spare is coming
+                self.prepared.on_layout(J, src)
+                self.t_news = time.monotonic()
+                continue
+            if src != 0 and tag != TAG_WAKE:    # rank 0 wakes the spares for a switch (source.wake)
                 raise MigrationError(f"warm spare: unexpected message with tag {tag} from J rank {src}")
-            msg = J.recv(source=0, tag=tag)
+            msg = J.recv(source=src, tag=tag)
             if tag == TAG_END:
                 return None
             arrival = self._switch(msg["plan"])
             if arrival is not None:
                 return arrival
+
+    NAP, NAP_EXPECTING, EXPECTING_S = 0.002, 0.0002, 30.0
+
+    def nap(self) -> float:
+        """Seconds between two looks at J: 2 ms idle (a warm process must not steal the cores);
+        0.2 ms while a move to this spare is under way (its pre-copy rounds or its stop-and-copy
+        layout came in the last 30 s): the switch waits for the target to see its wake-up."""
+        if (self.rx or self.prepared.buffers) and time.monotonic() - self.t_news < self.EXPECTING_S:
+            return self.NAP_EXPECTING
+        return self.NAP
 
     def _switch(self, plan: Plan) -> Arrival | None:
         """Take part in a plan's switch; an Arrival if the plan gives this spare a rank."""
@@ -147,19 +165,23 @@ class Spare:
         t0 = time.perf_counter()
         J0 = self.J
         Jc = join(self.J, plan)
+        mark(self.marks, "join")
         if self.cfg.ft:
             self.J = Jc          # a failure from here on is recovered over the switch comm
         arrival = None
         with recovery.switch_part(Jc, self.cfg.ft):             # ends in the agreement (--ft)
             A, Jn = transport.split(Jc, logical=move.rank if move else None, leaving=False)
+            mark(self.marks, "split")
             if move is None:
                 self.prepared.drop()
             else:
-                rx: Any = self.rx.get(move.src_jrank)
+                rx: Any = self.rx.pop(move.src_jrank, None)
                 if move.strategy == "stop-and-copy":
                     rx = self.prepared.ready(J0, move.src_jrank, plan.id)
                 arrival = take_over(plan, move, Jc, A, Jn, self.cfg, t0, rx)
         if arrival is not None:
+            arrival.marks = dict(self.marks, **arrival.marks)
+            mark(arrival.marks, "agreed")
             return arrival
         if Jn is None:
             raise MigrationError("warm spare: the switch left it outside J")
@@ -169,7 +191,10 @@ class Spare:
 
 def take_over(plan: Plan, move: Move | None, Jc: MPI.Intracomm, A: MPI.Intracomm | None,
               Jn: MPI.Intracomm | None, cfg: Config, t0: float, rx: Any = None) -> Arrival:
-    """Steps 6 and 7 for the new process of ``move`` (joined at ``t0``)."""
+    """Steps 6 and 7 for the new process of ``move`` (joined at ``t0``). The new A comes first:
+    unpickling the state attaches restored requests and derived communicators to the job's
+    communicator (``comm_requests._current_comm``, set by ``new_comm``), so the state cannot be
+    received before the Split (docs/protocol.md, "The switch's cost")."""
     if move is None or A is None or Jn is None:
         raise MigrationError(f"plan {plan.id}: this process has no move of its own or no place in the new "
                              "communicators")
@@ -177,8 +202,11 @@ def take_over(plan: Plan, move: Move | None, Jc: MPI.Intracomm, A: MPI.Intracomm
     t1 = time.perf_counter()
     arrays, objects, extra, lazy = receive_state(Jc, move, cfg, rx)
     t2 = time.perf_counter()
+    marks: dict[str, float] = {}
+    mark(marks, "received")
     adopt(comm, extra)
-    return Arrival(plan, move, cfg, comm, Jc, Jn, arrays, objects, extra, lazy, t1 - t0, t2 - t1, t2)
+    mark(marks, "adopted")
+    return Arrival(plan, move, cfg, comm, Jc, Jn, arrays, objects, extra, lazy, t1 - t0, t2 - t1, t2, marks)
 
 
 # -- step 6: transfer -------------------------------------------------------------------------------
@@ -214,10 +242,12 @@ def resume(ctx: Context, arrival: Arrival) -> None:
     if arrival.lazy is not None:                    # post-copy: arrays still arriving
         _follow_lazy(ctx, arrival.lazy, plan.id)
     nbytes = sum(a.nbytes for a in arrival.arrays.values())
+    mark(arrival.marks, "restored")
     arrival.Jn.send({"plan": plan.id, "rank": move.rank, "stall": 0.0, "pid": os.getpid(), "host": ctx.host,
                      "downtime": time.time() - extra["t_suspend"], "transfer": arrival.t_transfer,
                      "restore": time.perf_counter() - arrival.t_adopted, "join": arrival.t_join, "bytes": nbytes,
-                     "strategy": move.strategy, "strategy_stats": extra.get("strategy_stats", {})},
+                     "strategy": move.strategy, "strategy_stats": extra.get("strategy_stats", {}),
+                     "marks": arrival.marks, "source_marks": extra.get("marks", {}), "t_suspend": extra["t_suspend"]},
                     dest=0, tag=TAG_REPORT)
     log.info("rank %d resumed on %s after migration from %s (%s)", move.rank, ctx.host, extra.get("from"),
              move.strategy)

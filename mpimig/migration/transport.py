@@ -68,6 +68,9 @@ def join(J: MPI.Intracomm | None, ntargets: int, *, bridges: list[MPI.Intracomm]
     named when it expires): a process that dies in the join leaves the others
     waiting in ``MPI_Intercomm_create``, also under ULFM.
     """
+    if ntargets == 0 and J is not None:      # only warm spares: they are in J already
+        hooks.fire("migration-join", target=my_target)
+        return J
     with exits.bounded("join", who, f"the join of {ntargets} new process(es) (migration step 5)",
                        comm=J if J is not None else bridge):
         return _join(J, ntargets, bridges, my_target, bridge)

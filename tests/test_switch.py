@@ -1,0 +1,110 @@
+"""The switch's fixed cost (issue 15): who takes part in a switch, in which order, and what
+each participant's marks say. docs/protocol.md, "The switch's cost".
+
+- rank 0 wakes every warm spare in J with its GO (``Plan.wake``), not the coordinator after
+  the GO: with two spares (one the target, one idle) and moves one after another, a spare
+  woken twice or not at all hangs the job;
+- a plan of warm spares only joins nothing; spawned targets still join: the results are
+  bit-identical to the run without moves, on every strategy;
+- every participant's marks are in status.json (``timings.switch_steps``), in the order
+  the protocol fixes (the Split waits for every member of J: the coordinator's GO and the
+  target's wake-up come before anyone's Split ends; the target reads after the Split);
+- the bounded waits share one watchdog thread (``exits._Watch``): a bound still fires, a
+  cancelled one does not, and a block under a bound starts no thread.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import APPS, heat_ref, mpimig_cmd, read, run_cmd
+
+HOST = socket.gethostname()
+
+
+def _job(tmp_path, name, *opts, steps=40):
+    job, out = tmp_path / name, tmp_path / f"{name}.npy"
+    res = run_cmd(mpimig_cmd("run", "-n", 4, "--job-dir", job, *opts, APPS / "heat2d.py", "--n", 64,
+                             "--steps", steps, "--work-ms", 20, "--out", out), timeout=240)
+    assert "job completed" in res.stderr, res.stderr[-4000:]
+    return job, out
+
+
+@pytest.mark.parametrize("strategy", ["stop-and-copy", "pre-copy", "post-copy", "file-server"])
+def test_moves_to_warm_spares_with_an_idle_spare_bit_identical_and_marked(tmp_path, strategy):
+    # two spares: each move takes one and leaves the other idle; the second move takes the
+    # second spare (rank 0 woke both at each GO: plan.wake names every spare in J)
+    job, out = _job(tmp_path, "job", "--spares", 2, "--migrate", f"8:1:{HOST}:{strategy}",
+                    "--migrate", f"20:2:{HOST}:{strategy}")
+    assert np.load(out).tobytes() == heat_ref(tmp_path, 64, 40)
+    status = read(job, "status.json")
+    done = [m for m in status["migrations"] if m["state"] == "done"]
+    assert [m["rank"] for m in done] == [1, 2], status["migrations"]
+    for m in done:
+        steps = m["timings"]["switch_steps"]
+        src, tgt, coord, ranks = steps["source"], steps["target"], steps["coordinator"], steps["ranks"]
+        assert src["suspend"] == 0.0
+        # the source: hold, join, the new comms, the state extracted, in that order (then it retires)
+        assert src["hold"] <= src["join"] <= src["split"] <= src["extracted"], steps
+        # the target: woken, joined, the new A and J, the state in, then restored
+        assert tgt["woken"] <= tgt["join"] <= tgt["split"] <= tgt["received"] <= tgt["adopted"] <= tgt["restored"]
+        assert src["extracted"] <= tgt["received"], steps
+        # no Split ends before every member of J is in it: the coordinator saw the GO and
+        # the target spare its wake-up (from rank 0) before any of them
+        first_split = min(src["split"], tgt["split"], coord["split"], ranks["split"])
+        assert coord["go"] <= first_split and tgt["woken"] <= first_split, steps
+        assert "woken" not in coord, steps     # the coordinator wakes no spare (rank 0 does)
+        assert tgt["restored"] <= m["timings"]["downtime"] * 1e3      # the downtime ends at the report
+        assert not m["strategy_stats"].get("refilled_spare")            # a spare in J took each rank
+
+
+def test_moves_to_spawned_targets_bit_identical(tmp_path):
+    # a spawned target (no spare) still joins J (runtime's path, then target.take_over), for
+    # stop-and-copy and pre-copy (whose target enlists first and waits as a spare)
+    job, out = _job(tmp_path, "job", "--migrate", f"8:1:{HOST}:stop-and-copy", "--migrate", f"20:2:{HOST}:pre-copy")
+    assert np.load(out).tobytes() == heat_ref(tmp_path, 64, 40)
+    status = read(job, "status.json")
+    assert [(m["rank"], m["state"]) for m in status["migrations"]] == [(1, "done"), (2, "done")]
+    for m in status["migrations"]:
+        tgt = m["timings"]["switch_steps"]["target"]
+        src = m["timings"]["switch_steps"]["source"]
+        assert src["split"] <= src["extracted"] <= tgt["received"] <= tgt["adopted"] <= tgt["restored"]
+
+
+def test_the_plan_wakes_every_spare_in_j_idle_or_promised():
+    from mpimig.migration.coordinator import Coordinator, Migration
+
+    c = Coordinator.__new__(Coordinator)          # only its records: no J
+    c.spares = {"h1": [5, 7], "h2": [6]}
+    waiting, ready, planned = (Migration(i, i, "h1", 0, "pre-copy", "schedule") for i in (1, 2, 3))
+    waiting.spare, ready.spare = 9, 8
+    c.queue, c.ready, c.plan_migs = [waiting, Migration(4, 0, "h2", 0, "stop-and-copy", "operator")], [ready], [planned]
+    assert c._spares_in_j() == [5, 6, 7, 8, 9]
+
+
+def test_bounded_waits_share_one_thread_fire_in_order_and_cancel():
+    from mpimig.exits import _Watch
+
+    w = _Watch()
+    fired: list[str] = []
+    done = threading.Event()
+
+    def fire(name):
+        def f():
+            fired.append(name)
+            if name == "last":
+                done.set()
+        return f
+    far = w.add(3600.0, fire("never"))           # the thread now sleeps until this one
+    threads = threading.active_count()
+    keys = [w.add(s, fire(n)) for s, n in ((0.2, "second"), (0.05, "first"), (0.1, "cancelled"))]
+    w.cancel(keys[2])
+    w.add(0.3, fire("last"))
+    assert threading.active_count() == threads   # adding a wait starts no thread
+    assert done.wait(30), fired                  # a nearer deadline than the one it slept for woke it
+    assert fired == ["first", "second", "last"]
+    w.cancel(far)
+    assert w.waits == {}
