@@ -56,6 +56,9 @@ MODES = ("auto", "mpi")
 MEMORY = "memory"        # the target read the old process's memory (process_vm_readv)
 VIA_MPI = "mpi"          # pieces over the switch communicator
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14 (not in Python's mmap module before 3.13)
+# the strategies whose warm spare target gets the layout before the freeze (:func:`announce`):
+# stop-and-copy copies into the buffers at the switch, post-copy reads into them after the resume
+ANNOUNCED = ("stop-and-copy", "post-copy")
 
 
 def mode() -> str:
@@ -159,13 +162,14 @@ def announce(ctx: Context, plan: Plan) -> None:
     """The moving rank, at its first sight of ``plan`` (before the freeze): a warm
     spare target learns the state's layout and faults its buffers in meanwhile.
 
-    Only for stop-and-copy to a warm spare (a spawned target is not in J yet), and
+    Only for stop-and-copy and post-copy (:data:`ANNOUNCED`) to a warm spare (a spawned
+    target is not in J yet), and
     not with ``--ft`` (a recovery would replace the J the announcement went on)."""
     link = ctx.link
     if plan.kind != "switch" or link.announced == plan.id or ctx.config.ft or link.J is None:
         return
     move = plan.move_of(ctx.rank)
-    if move is None or move.strategy != "stop-and-copy" or move.spare_jrank < 0:
+    if move is None or move.strategy not in ANNOUNCED or move.spare_jrank < 0:
         return
     st = ctx.registered_state
     arrays = st.split()[0] if st is not None else {}
@@ -262,8 +266,14 @@ def same_host(w: dict[str, Any]) -> bool:
 
 def vm_read(pid: int, addr: int, dst: np.ndarray) -> None:
     """Copy ``dst.nbytes`` bytes at ``addr`` in process ``pid`` into ``dst`` (flat uint8)."""
+    read_at(pid, addr, dst.ctypes.data, dst.nbytes)
+
+
+def read_at(pid: int, addr: int, base: int, n: int) -> None:
+    """Copy ``n`` bytes at ``addr`` in process ``pid`` to ``base`` in this process
+    (``process_vm_readv``; ctypes releases the GIL for the copy)."""
     fn = _libc().process_vm_readv
-    base, n, off = dst.ctypes.data, dst.nbytes, 0
+    off = 0
     while off < n:
         step = min(n - off, 1 << 30)
         local, remote = _Iovec(base + off, step), _Iovec(addr + off, step)

@@ -108,7 +108,7 @@ class Spare:
         self.J = J
         self.cfg = cfg
         self.rx: dict[int, strategies.PreCopyTarget] = {}    # pre-copy rounds received, by source J rank
-        self.prepared = handover.Prepared()     # stop-and-copy buffers faulted in before the freeze
+        self.prepared = handover.Prepared()     # stop-/post-copy buffers faulted in before the freeze
         _preload()
         if announce:
             host = MPI.Get_processor_name() or socket.gethostname()
@@ -126,7 +126,7 @@ class Spare:
                 if tag == TAG_PRECOPY:
                     self.rx.setdefault(src, strategies.PreCopyTarget()).on_round(J, src)
                     continue
-                if tag == TAG_LAYOUT:           # a stop-and-copy to this spare is coming
+                if tag == TAG_LAYOUT:           # a stop-and-copy or post-copy to this spare is coming
                     self.prepared.on_layout(J, src)
                     continue
                 raise MigrationError(f"warm spare: unexpected message with tag {tag} from J rank {src}")
@@ -156,7 +156,7 @@ class Spare:
                 self.prepared.drop()
             else:
                 rx: Any = self.rx.get(move.src_jrank)
-                if move.strategy == "stop-and-copy":
+                if move.strategy in handover.ANNOUNCED:    # buffers faulted in before the freeze
                     rx = self.prepared.ready(J0, move.src_jrank, plan.id)
                 arrival = take_over(plan, move, Jc, A, Jn, self.cfg, t0, rx)
         if arrival is not None:
