@@ -1,11 +1,20 @@
 """Post-copy on the target: arrays that arrive while the program already runs.
 
 After a post-copy switch the new process has its objects, counters and held
-messages, but its arrays are still in the old process. :class:`LazySession`
-allocates each array (``np.empty``) and pre-posts one ``Irecv`` per chunk
-(tag ``TAG_PC_DATA`` + global chunk index) straight into the array's memory;
-the old process pushes every chunk once (``strategies.push``), demanded ones
-first. The program gets :class:`LazyArray` objects (an ``ndarray`` subclass):
+messages, but its arrays are still in the old process. The chunks come one of
+two ways (``via``, named ``handover`` in the stats):
+
+* ``memory`` (the old process is on this host): nothing is posted; a reader
+  thread (:class:`_Reader`) copies the chunks out of the frozen old process with
+  ``process_vm_readv``, in order, and a wait for chunks reads the ones nobody is
+  reading yet on the main thread at once. A chunk is claimed before it is copied,
+  so it is copied exactly once (a second copy could undo a write of the program).
+* ``mpi``: :class:`LazySession` allocates each array (``np.empty``, or a warm
+  spare's pre-faulted buffer) and pre-posts one ``Irecv`` per chunk (tag
+  ``TAG_PC_DATA`` + global chunk index) straight into the array's memory; the
+  old process pushes every chunk once (``strategies.push``), demanded ones first.
+
+The program gets :class:`LazyArray` objects (an ``ndarray`` subclass):
 
 * ``a[idx]`` / ``a[idx] = v`` with basic indexing: the byte range of the view
   (``byte_bounds``) names the chunks touched; only those are waited for
