@@ -95,6 +95,25 @@ def _populate(addr: int, n: int) -> None:
         np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(addr))[::mmap.PAGESIZE] = 0
 
 
+def populate(addr: int, n: int) -> bool:
+    """Fault ``n`` bytes at ``addr`` in for writing with MADV_POPULATE_WRITE (nothing for pages
+    already there). Never writes: where the kernel lacks it, nothing happens (False)."""
+    return n <= 0 or _libc().madvise(addr, n, _MADV_POPULATE_WRITE) == 0
+
+
+@cache
+def populate_ok() -> bool:
+    """Whether this kernel has MADV_POPULATE_WRITE (:func:`_populate` does not fall back to writes)."""
+    m = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        a = np.frombuffer(m, dtype=np.uint8)
+        ok = populate(a.ctypes.data, mmap.PAGESIZE)
+        del a
+        return ok
+    finally:
+        m.close()
+
+
 def fresh(shape: tuple, dtype: str) -> np.ndarray:
     """A new array in its own page-aligned anonymous mapping, not faulted in yet."""
     dt = np.dtype(dtype)
@@ -211,9 +230,11 @@ class Ready:
     def __init__(self, prepared: Prepared | None, J: MPI.Intracomm | None, src: int, plan_id: int) -> None:
         self.prepared, self.J, self.src, self.plan_id = prepared, J, src, plan_id
 
-    def take(self, plan_id: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def take(self, plan_id: int, wait: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The buffers announced for ``plan_id`` (waiting for the announcement if it is still
-        on its way: the header said it was sent), and how much of them was faulted in."""
+        on its way: the header said it was sent), and how much of them was faulted in.
+        ``wait=False``: the faulting thread is told to stop but not waited for (it ends after
+        its current slice; post-copy's reader faults in the rest itself, after the resume)."""
         p = self.prepared
         if p is None or self.J is None:
             return {}, {}
@@ -222,7 +243,11 @@ class Ready:
             p.on_layout(self.J, self.src)
             got = p.buffers.get(self.src)
         p.buffers.pop(self.src, None)
-        f = got[1].finish()
+        f = got[1]
+        if wait or not populate_ok():     # its fallback writes zeros: it must be over before data comes
+            f.finish()
+        else:
+            f.halt.set()
         if got[0] != plan_id:
             return {}, {}
         return f.arrays, {"prefaulted_bytes": f.nbytes, "prefault_s": f.seconds}

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import threading
 import time
 import weakref
@@ -106,6 +107,11 @@ def thread_mode() -> tuple[bool, str]:
 
 _NAP_MIN, _NAP_MAX = 10e-6, 500e-6     # the progress thread's back-off between empty polls
 _POINT_CHUNKS = 16                     # memory without the reader: chunks read at each checkpoint point
+_BATCH = 16 << 20                      # memory: bytes the reader copies per call (MPIMIG_POSTCOPY_BATCH)
+# memory: the GIL switch interval while the reader runs. Each copy releases the GIL (ctypes) and
+# needs it back to flag its chunks; a program that computes in Python holds it for up to the
+# interval (5 ms by default), which would add that much per copy to the residual dependency.
+_SWITCH_S = 0.0005
 
 
 class _Progress(threading.Thread):
@@ -154,18 +160,20 @@ class _Progress(threading.Thread):
 class _Reader(threading.Thread):
     """The session's reader on one host (``via == "memory"``): it copies the chunks out of the
     frozen old process with ``process_vm_readv`` (:func:`handover.read_at`; ctypes releases
-    the GIL), a batch of up to ``MPIMIG_POSTCOPY_BATCH`` consecutive chunks at a time, in
-    order. A chunk is *claimed* under the session's condition before it is read and flagged
-    done after, so that a demand read on the main thread and this thread never copy the same
-    chunk (a copy after the program wrote the chunk would undo the write). It makes no MPI
-    call: it needs no ``MPI_THREAD_MULTIPLE``."""
+    the GIL), ``MPIMIG_POSTCOPY_BATCH`` bytes (default 16 MiB) of consecutive chunks at a
+    time, in order (the GIL switch interval is short meanwhile: ``_SWITCH_S``). A chunk is
+    *claimed* under the session's condition before it is read and flagged done after, so
+    that a demand read on the main thread and this thread never copy the same chunk (a copy
+    after the program wrote the chunk would undo the write). It makes no MPI call: it needs
+    no ``MPI_THREAD_MULTIPLE``."""
 
     def __init__(self, sess: LazySession) -> None:
         super().__init__(name="mpimig-postcopy-reader", daemon=True)
         self.sess = sess
         self.halt = threading.Event()
         self.polls = 0
-        self.batch = max(1, int(os.environ.get("MPIMIG_POSTCOPY_BATCH", "4") or 4))
+        nbytes = int(os.environ.get("MPIMIG_POSTCOPY_BATCH", str(_BATCH)) or _BATCH)
+        self.batch = max(1, nbytes // sess.C)
 
     def run(self) -> None:
         sess = self.sess
@@ -231,7 +239,7 @@ class LazySession:
             if a is not None and a.shape == tuple(shape) and a.dtype == np.dtype(dt):
                 self.prepared_bytes += a.nbytes
             elif memory is not None:
-                a = handover.fresh(tuple(shape), dt)          # no fault now: the reads fault it in
+                a = handover.fresh(tuple(shape), dt)          # no fault now: the reads fault it in first
             else:
                 a = np.empty(shape, dtype=np.dtype(dt))
             flat = a.reshape(-1).view(np.uint8)
@@ -277,6 +285,7 @@ class LazySession:
         self.mode = "thread" if ok else "calls"
         self.mode_why = why
         self.thread: _Progress | _Reader | None = None
+        self.switch_was: float | None = None      # memory: the switch interval before the reader
         self.polls = 0
         if n and ok:                      # started by start(): after the resume, off the downtime's path
             self.thread = _Reader(self) if memory is not None else _Progress(self)
@@ -330,6 +339,7 @@ class LazySession:
             while j < len(chunks) and w[chunks[j]][0] == r0 + k and w[chunks[j]][1] == l0 + k:
                 k += w[chunks[j]][2]
                 j += 1
+            handover.populate(l0, k)      # faulting in first is faster than faults in the copy
             handover.read_at(self.pid, r0, l0, k)
             nbytes += k
             i = j
@@ -379,6 +389,9 @@ class LazySession:
         t = self.thread
         if t is not None and t.ident is None:
             _LIVE.add(self)
+            if isinstance(t, _Reader) and sys.getswitchinterval() > _SWITCH_S:
+                self.switch_was = sys.getswitchinterval()
+                sys.setswitchinterval(_SWITCH_S)
             t.start()
 
     def _threaded(self) -> bool:
@@ -406,6 +419,9 @@ class LazySession:
         self.polls = t.polls
         self.thread = None
         _LIVE.discard(self)
+        if self.switch_was is not None:   # the reader is done: the program's own switch interval again
+            sys.setswitchinterval(self.switch_was)
+            self.switch_was = None
 
     def _fatal(self, what: str) -> MigrationError:
         """The error that ends the job when chunks cannot come (the thread stopped first);

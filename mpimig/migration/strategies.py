@@ -233,7 +233,7 @@ class PostCopy(Strategy):
         have: dict[str, np.ndarray] = {}
         before: dict[str, Any] = {}
         if ready is not None and hdr.get("announced") == ready.plan_id:   # a warm spare's buffers
-            have, before = ready.take(ready.plan_id)
+            have, before = ready.take(ready.plan_id, wait=False)   # not in the downtime: the reads fault
         # memory: the arrays are read out of the frozen old process after the resume (lazy.py);
         # mpi: every chunk receive is posted before the old process pushes
         mem = (int(hdr["where"]["pid"]), hdr["addrs"]) if how == handover.MEMORY else None
