@@ -54,8 +54,9 @@ def _ref(tmp_path, *extra) -> list[bytes]:
 
 def _run(tmp_path, path, *extra, **env_extra):
     job, out = tmp_path / "job", tmp_path / "out"
+    # the reader copies 4 chunks per call (a paced call of 16 MiB would take every chunk at once)
     env = base_env(OMPI_MCA_btl_tcp_if_include="lo", MPIMIG_CHUNK=CHUNK, MPIMIG_POSTCOPY_PACE=0.004,
-                   MPIMIG_HANDOVER=PATHS[path], **env_extra)
+                   MPIMIG_POSTCOPY_BATCH=4 * CHUNK, MPIMIG_HANDOVER=PATHS[path], **env_extra)
     res = run_cmd(mpimig_cmd("run", "-n", N, "--job-dir", job, "--migrate", f"8:1:{HOST}:post-copy",
                              PROG, "--steps", STEPS, "--work-ms", 20, "--mib", MIB, "--out", out, *extra),
                   timeout=240, env=env)

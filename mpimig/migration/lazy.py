@@ -243,13 +243,14 @@ class LazySession:
             else:
                 a = np.empty(shape, dtype=np.dtype(dt))
             flat = a.reshape(-1).view(np.uint8)
+            addr = a.ctypes.data
+            there = int(memory[1][j]) if memory is not None else 0
             for i in range(nch):
                 lo, hi = i * self.C, min((i + 1) * self.C, nbytes)
                 if memory is not None:
-                    self.where.append((int(memory[1][j]) + lo, flat.ctypes.data + lo, hi - lo))
+                    self.where.append((there + lo, addr + lo, hi - lo))
                 else:
                     self.reqs.append(post(flat[lo:hi], TAG_PC_DATA + base + i))
-            addr = a.ctypes.data
             self.spans.append((addr, addr + nbytes, base))
             la = a.view(LazyArray)
             la._lz = self
