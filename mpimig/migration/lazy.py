@@ -287,6 +287,7 @@ class LazySession:
         self.mode_why = why
         self.thread: _Progress | _Reader | None = None
         self.switch_was: float | None = None      # memory: the switch interval before the reader
+        self.t_started: float | None = None       # when the thread started (after the resume's report)
         self.polls = 0
         if n and ok:                      # started by start(): after the resume, off the downtime's path
             self.thread = _Reader(self) if memory is not None else _Progress(self)
@@ -390,6 +391,7 @@ class LazySession:
         t = self.thread
         if t is not None and t.ident is None:
             _LIVE.add(self)
+            self.t_started = time.perf_counter()
             if isinstance(t, _Reader) and sys.getswitchinterval() > _SWITCH_S:
                 self.switch_was = sys.getswitchinterval()
                 sys.setswitchinterval(_SWITCH_S)
@@ -578,6 +580,8 @@ class LazySession:
             out.update(read_bytes_thread=self.read_bytes["thread"], read_bytes_demand=self.read_bytes["main"],
                        read_s_thread=self.read_s["thread"], read_s_demand=self.read_s["main"])
         out["prepared_bytes"] = self.prepared_bytes
+        if self.t_started is not None:
+            out["thread_start_s"] = self.t_started - self.t_resume
         return out
 
 
