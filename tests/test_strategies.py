@@ -179,14 +179,14 @@ def _wait_status(job: Path, proc, cond, timeout=120):
     pytest.fail(f"condition not reached in {job}/status.json\n{out[-3000:]}\n{err[-3000:]}")
 
 
-def _postcopy_source_lost(tmp_path, sig):
+def _postcopy_source_lost(tmp_path, sig, **extra):
     job, out = tmp_path / "job", tmp_path / "out.npy"
     n, steps = 512, 40
     cmd = mpimig_cmd("run", "-n", 4, "--job-dir", job, "--ckpt-every", 4, "--relaunch", 1, "--timeout", 200,
                      "--migrate", f"10:1:{HOST}:post-copy",
                      APPS / "heat2d.py", "--n", n, "--steps", steps, "--work-ms", 30, "--out", out)
     proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env(MPIMIG_POSTCOPY_PACE=0.1, MPIMIG_FETCH_TIMEOUT=4), cwd=ROOT,
+                            env=env(MPIMIG_POSTCOPY_PACE=0.1, MPIMIG_FETCH_TIMEOUT=4, **extra), cwd=ROOT,
                             start_new_session=True)
     try:
         # the new process has resumed (its report is in) and the push is not finished
@@ -207,18 +207,24 @@ def _postcopy_source_lost(tmp_path, sig):
     return victim, err
 
 
-def test_postcopy_source_killed_mid_push_recovers(tmp_path):
-    """The push is slowed down (MPIMIG_POSTCOPY_PACE) so that the old process is
-    still needed when it is SIGKILLed. The job cannot go on with missing chunks:
-    it is lost, relaunched from the last committed epoch, and bit-identical."""
-    _postcopy_source_lost(tmp_path, signal.SIGKILL)
+@pytest.mark.parametrize("path", ["read", "pushed"])       # (an id with 'mpi' would be skipped by pytest-mpi)
+def test_postcopy_source_killed_mid_push_recovers(tmp_path, path):
+    """The copy is slowed down (MPIMIG_POSTCOPY_PACE) so that the old process is
+    still needed when it is SIGKILLed, whether the new process reads its memory
+    (one host, the default) or it pushes by MPI (MPIMIG_HANDOVER=mpi). The job cannot
+    go on with missing chunks: it is lost, relaunched from the last committed epoch,
+    and bit-identical."""
+    _, err = _postcopy_source_lost(tmp_path, signal.SIGKILL, MPIMIG_HANDOVER="auto" if path == "read" else "mpi")
+    if path == "read":
+        assert "post-copy: reading the chunks of its state out of its old process (pid" in err, err[-3000:]
 
 
 def test_postcopy_source_stuck_times_out(tmp_path):
     """An old process that stops answering (SIGSTOP) is not noticed by MPI: the
-    target's wait for its chunks gives up after MPIMIG_FETCH_TIMEOUT with an error
-    naming the rank and the old process, the job aborts and is relaunched."""
-    victim, err = _postcopy_source_lost(tmp_path, signal.SIGSTOP)
+    target's wait for its pushed chunks gives up after MPIMIG_FETCH_TIMEOUT with an
+    error naming the rank and the old process, the job aborts and is relaunched.
+    (MPI path: on one host the new process reads a stopped process's memory all the same.)"""
+    victim, err = _postcopy_source_lost(tmp_path, signal.SIGSTOP, MPIMIG_HANDOVER="mpi")
     assert f"did not arrive from its old process (pid {victim} on" in err, err[-3000:]
     assert "MPIMIG_FETCH_TIMEOUT" in err
 

@@ -56,6 +56,9 @@ MODES = ("auto", "mpi")
 MEMORY = "memory"        # the target read the old process's memory (process_vm_readv)
 VIA_MPI = "mpi"          # pieces over the switch communicator
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14 (not in Python's mmap module before 3.13)
+# the strategies whose warm spare target gets the layout before the freeze (:func:`announce`):
+# stop-and-copy copies into the buffers at the switch, post-copy reads into them after the resume
+ANNOUNCED = ("stop-and-copy", "post-copy")
 
 
 def mode() -> str:
@@ -90,6 +93,25 @@ def _populate(addr: int, n: int) -> None:
     libc = _libc()
     if libc.madvise(addr, n, _MADV_POPULATE_WRITE) != 0:
         np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(addr))[::mmap.PAGESIZE] = 0
+
+
+def populate(addr: int, n: int) -> bool:
+    """Fault ``n`` bytes at ``addr`` in for writing with MADV_POPULATE_WRITE (nothing for pages
+    already there). Never writes: where the kernel lacks it, nothing happens (False)."""
+    return n <= 0 or _libc().madvise(addr, n, _MADV_POPULATE_WRITE) == 0
+
+
+@cache
+def populate_ok() -> bool:
+    """Whether this kernel has MADV_POPULATE_WRITE (:func:`_populate` does not fall back to writes)."""
+    m = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        a = np.frombuffer(m, dtype=np.uint8)
+        ok = populate(a.ctypes.data, mmap.PAGESIZE)
+        del a
+        return ok
+    finally:
+        m.close()
 
 
 def fresh(shape: tuple, dtype: str) -> np.ndarray:
@@ -159,13 +181,14 @@ def announce(ctx: Context, plan: Plan) -> None:
     """The moving rank, at its first sight of ``plan`` (before the freeze): a warm
     spare target learns the state's layout and faults its buffers in meanwhile.
 
-    Only for stop-and-copy to a warm spare (a spawned target is not in J yet), and
+    Only for stop-and-copy and post-copy (:data:`ANNOUNCED`) to a warm spare (a spawned
+    target is not in J yet), and
     not with ``--ft`` (a recovery would replace the J the announcement went on)."""
     link = ctx.link
     if plan.kind != "switch" or link.announced == plan.id or ctx.config.ft or link.J is None:
         return
     move = plan.move_of(ctx.rank)
-    if move is None or move.strategy != "stop-and-copy" or move.spare_jrank < 0:
+    if move is None or move.strategy not in ANNOUNCED or move.spare_jrank < 0:
         return
     st = ctx.registered_state
     arrays = st.split()[0] if st is not None else {}
@@ -207,9 +230,11 @@ class Ready:
     def __init__(self, prepared: Prepared | None, J: MPI.Intracomm | None, src: int, plan_id: int) -> None:
         self.prepared, self.J, self.src, self.plan_id = prepared, J, src, plan_id
 
-    def take(self, plan_id: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def take(self, plan_id: int, wait: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The buffers announced for ``plan_id`` (waiting for the announcement if it is still
-        on its way: the header said it was sent), and how much of them was faulted in."""
+        on its way: the header said it was sent), and how much of them was faulted in.
+        ``wait=False``: the faulting thread is told to stop but not waited for (it ends after
+        its current slice; post-copy's reader faults in the rest itself, after the resume)."""
         p = self.prepared
         if p is None or self.J is None:
             return {}, {}
@@ -218,7 +243,11 @@ class Ready:
             p.on_layout(self.J, self.src)
             got = p.buffers.get(self.src)
         p.buffers.pop(self.src, None)
-        f = got[1].finish()
+        f = got[1]
+        if wait or not populate_ok():     # its fallback writes zeros: it must be over before data comes
+            f.finish()
+        else:
+            f.halt.set()
         if got[0] != plan_id:
             return {}, {}
         return f.arrays, {"prefaulted_bytes": f.nbytes, "prefault_s": f.seconds}
@@ -262,8 +291,14 @@ def same_host(w: dict[str, Any]) -> bool:
 
 def vm_read(pid: int, addr: int, dst: np.ndarray) -> None:
     """Copy ``dst.nbytes`` bytes at ``addr`` in process ``pid`` into ``dst`` (flat uint8)."""
+    read_at(pid, addr, dst.ctypes.data, dst.nbytes)
+
+
+def read_at(pid: int, addr: int, base: int, n: int) -> None:
+    """Copy ``n`` bytes at ``addr`` in process ``pid`` to ``base`` in this process
+    (``process_vm_readv``; ctypes releases the GIL for the copy)."""
     fn = _libc().process_vm_readv
-    base, n, off = dst.ctypes.data, dst.nbytes, 0
+    off = 0
     while off < n:
         step = min(n - off, 1 << 30)
         local, remote = _Iovec(base + off, step), _Iovec(addr + off, step)

@@ -1,11 +1,20 @@
 """Post-copy on the target: arrays that arrive while the program already runs.
 
 After a post-copy switch the new process has its objects, counters and held
-messages, but its arrays are still in the old process. :class:`LazySession`
-allocates each array (``np.empty``) and pre-posts one ``Irecv`` per chunk
-(tag ``TAG_PC_DATA`` + global chunk index) straight into the array's memory;
-the old process pushes every chunk once (``strategies.push``), demanded ones
-first. The program gets :class:`LazyArray` objects (an ``ndarray`` subclass):
+messages, but its arrays are still in the old process. The chunks come one of
+two ways (``via``, named ``handover`` in the stats):
+
+* ``memory`` (the old process is on this host): nothing is posted; a reader
+  thread (:class:`_Reader`) copies the chunks out of the frozen old process with
+  ``process_vm_readv``, in order, and a wait for chunks reads the ones nobody is
+  reading yet on the main thread at once. A chunk is claimed before it is copied,
+  so it is copied exactly once (a second copy could undo a write of the program).
+* ``mpi``: :class:`LazySession` allocates each array (``np.empty``, or a warm
+  spare's pre-faulted buffer) and pre-posts one ``Irecv`` per chunk (tag
+  ``TAG_PC_DATA`` + global chunk index) straight into the array's memory; the
+  old process pushes every chunk once (``strategies.push``), demanded ones first.
+
+The program gets :class:`LazyArray` objects (an ``ndarray`` subclass):
 
 * ``a[idx]`` / ``a[idx] = v`` with basic indexing: the byte range of the view
   (``byte_bounds``) names the chunks touched; only those are waited for
@@ -55,6 +64,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import threading
 import time
 import weakref
@@ -64,6 +74,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..errors import MigrationError
+from . import handover
 from .protocol import TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND
 
 try:
@@ -95,6 +106,12 @@ def thread_mode() -> tuple[bool, str]:
 
 
 _NAP_MIN, _NAP_MAX = 10e-6, 500e-6     # the progress thread's back-off between empty polls
+_POINT_CHUNKS = 16                     # memory without the reader: chunks read at each checkpoint point
+_BATCH = 16 << 20                      # memory: bytes the reader copies per call (MPIMIG_POSTCOPY_BATCH)
+# memory: the GIL switch interval while the reader runs. Each copy releases the GIL (ctypes) and
+# needs it back to flag its chunks; a program that computes in Python holds it for up to the
+# interval (5 ms by default), which would add that much per copy to the residual dependency.
+_SWITCH_S = 0.0005
 
 
 class _Progress(threading.Thread):
@@ -140,6 +157,41 @@ class _Progress(threading.Thread):
                 sess.cv.notify_all()
 
 
+class _Reader(threading.Thread):
+    """The session's reader on one host (``via == "memory"``): it copies the chunks out of the
+    frozen old process with ``process_vm_readv`` (:func:`handover.read_at`; ctypes releases
+    the GIL), ``MPIMIG_POSTCOPY_BATCH`` bytes (default 16 MiB) of consecutive chunks at a
+    time, in order (the GIL switch interval is short meanwhile: ``_SWITCH_S``). A chunk is
+    *claimed* under the session's condition before it is read and flagged done after, so
+    that a demand read on the main thread and this thread never copy the same chunk (a copy
+    after the program wrote the chunk would undo the write). It makes no MPI call: it needs
+    no ``MPI_THREAD_MULTIPLE``."""
+
+    def __init__(self, sess: LazySession) -> None:
+        super().__init__(name="mpimig-postcopy-reader", daemon=True)
+        self.sess = sess
+        self.halt = threading.Event()
+        self.polls = 0
+        nbytes = int(os.environ.get("MPIMIG_POSTCOPY_BATCH", str(_BATCH)) or _BATCH)
+        self.batch = max(1, nbytes // sess.C)
+
+    def run(self) -> None:
+        sess = self.sess
+        at = 0
+        try:
+            while not self.halt.is_set():
+                with sess.cv:
+                    got, at = sess._claim_from(at, self.batch)
+                if not got:
+                    return
+                self.polls += 1
+                sess._read(got, "thread")
+        except BaseException as exc:      # the old process is gone: the main thread raises it in its next wait
+            with sess.cv:
+                sess.error = exc
+                sess.cv.notify_all()
+
+
 _LIVE: weakref.WeakSet[LazySession] = weakref.WeakSet()
 
 
@@ -155,10 +207,16 @@ class LazySession:
     """The chunks of one post-copy move that have not arrived yet."""
 
     def __init__(self, Jc: MPI.Intracomm, source: int, hdr: dict, transfer: Any = None,
-                 thread: bool | None = None) -> None:
+                 thread: bool | None = None, memory: tuple[int, list[int]] | None = None,
+                 buffers: dict[str, np.ndarray] | None = None) -> None:
         """Post the chunk receives; ``transfer`` (a ``transport.Transfer`` from ``source``)
         counts their bytes (default: receive on ``Jc`` directly). ``thread`` forces the
-        progress thread on or off (default: :func:`thread_mode`)."""
+        progress thread on or off (default: :func:`thread_mode`).
+
+        ``memory=(pid, addresses)``: the old process is on this host; the chunks are read
+        out of its memory (the arrays of ``hdr["layout"]`` at those addresses, in order)
+        by a reader thread and by demand reads, not received (no ``Irecv``). ``buffers``:
+        arrays faulted in before the freeze (a warm spare's), used where they fit the layout."""
         self.Jc, self.source = Jc, source
         post = transfer.Irecv if transfer is not None else (
             lambda buf, tag: Jc.Irecv([buf, MPI.BYTE], source, tag))
@@ -170,14 +228,29 @@ class LazySession:
         self.reqs: list[MPI.Request] = []
         self.done = bytearray()
         self.spans = []                  # (start address, end address, first global chunk)
+        self.via = "memory" if memory is not None else "mpi"
+        self.pace = float(os.environ.get("MPIMIG_POSTCOPY_PACE", "0") or 0) if memory is not None else 0.0
+        self.pid = memory[0] if memory is not None else 0
+        self.where: list[tuple[int, int, int]] = []   # memory: per chunk (its address there, here, bytes)
+        self.prepared_bytes = 0
         n = 0
-        for name, shape, dt, nbytes, base, nch in hdr["layout"]:
-            a = np.empty(shape, dtype=np.dtype(dt))
+        for j, (name, shape, dt, nbytes, base, nch) in enumerate(hdr["layout"]):
+            a = (buffers or {}).get(name)
+            if a is not None and a.shape == tuple(shape) and a.dtype == np.dtype(dt):
+                self.prepared_bytes += a.nbytes
+            elif memory is not None:
+                a = handover.fresh(tuple(shape), dt)          # no fault now: the reads fault it in first
+            else:
+                a = np.empty(shape, dtype=np.dtype(dt))
             flat = a.reshape(-1).view(np.uint8)
+            addr = a.ctypes.data
+            there = int(memory[1][j]) if memory is not None else 0
             for i in range(nch):
                 lo, hi = i * self.C, min((i + 1) * self.C, nbytes)
-                self.reqs.append(post(flat[lo:hi], TAG_PC_DATA + base + i))
-            addr = a.ctypes.data
+                if memory is not None:
+                    self.where.append((there + lo, addr + lo, hi - lo))
+                else:
+                    self.reqs.append(post(flat[lo:hi], TAG_PC_DATA + base + i))
             self.spans.append((addr, addr + nbytes, base))
             la = a.view(LazyArray)
             la._lz = self
@@ -185,6 +258,9 @@ class LazySession:
             n = max(n, base + nch)
         self.nchunks = n
         self.done = bytearray(n)
+        self.claimed = bytearray(n)       # memory: being read or read (under cv)
+        self.read_bytes = {"thread": 0, "main": 0}
+        self.read_s = {"thread": 0.0, "main": 0.0}
         self.left = n
         self.fetches = 0
         self.fetch_s: list[float] = []
@@ -199,13 +275,22 @@ class LazySession:
         self.t_arrived: float | None = None
         self.arrived_by = ""              # "thread" or "main"
         self.error: BaseException | None = None
-        ok, why = thread_mode() if thread is None else (thread, "" if thread else "forced off")
+        if thread is not None:
+            ok, why = thread, "" if thread else "forced off"
+        elif memory is not None:          # the reader makes no MPI call: only the switch turns it off
+            ok, why = thread_mode()
+            if not ok and why != "MPIMIG_POSTCOPY_THREAD=off":
+                ok, why = True, ""
+        else:
+            ok, why = thread_mode()
         self.mode = "thread" if ok else "calls"
         self.mode_why = why
-        self.thread: _Progress | None = None
+        self.thread: _Progress | _Reader | None = None
+        self.switch_was: float | None = None      # memory: the switch interval before the reader
+        self.t_started: float | None = None       # when the thread started (after the resume's report)
         self.polls = 0
         if n and ok:                      # started by start(): after the resume, off the downtime's path
-            self.thread = _Progress(self)
+            self.thread = _Reader(self) if memory is not None else _Progress(self)
 
     # -- which chunks ----------------------------------------------------------
     def _chunks(self, lo: int, hi: int) -> range:
@@ -227,12 +312,89 @@ class LazySession:
         self.arrived_by = by
         self.arrived.set()
 
+    # -- memory: reads out of the old process ------------------------------------------
+    def _claim_from(self, at: int, most: int) -> tuple[list[int], int]:
+        """(Under cv.) The first unclaimed chunks from ``at`` on, at most ``most`` consecutive
+        ones, now claimed; and where the next search starts."""
+        n, claimed = self.nchunks, self.claimed
+        while at < n and claimed[at]:
+            at += 1
+        got: list[int] = []
+        while at < n and not claimed[at] and len(got) < most:
+            claimed[at] = 1
+            got.append(at)
+            at += 1
+        return got, at
+
+    def _read(self, chunks: list[int], by: str) -> None:
+        """Copy claimed ``chunks`` out of the old process (no lock held meanwhile), then flag
+        them; runs of chunks contiguous there and here go in one call."""
+        if self.pace:
+            time.sleep(self.pace * len(chunks))     # MPIMIG_POSTCOPY_PACE: a slow copy, for tests
+        t0 = time.perf_counter()
+        nbytes = 0
+        w = self.where
+        i = 0
+        while i < len(chunks):
+            r0, l0, k = w[chunks[i]]
+            j = i + 1
+            while j < len(chunks) and w[chunks[j]][0] == r0 + k and w[chunks[j]][1] == l0 + k:
+                k += w[chunks[j]][2]
+                j += 1
+            handover.populate(l0, k)      # faulting in first is faster than faults in the copy
+            handover.read_at(self.pid, r0, l0, k)
+            nbytes += k
+            i = j
+        with self.cv:
+            for c in chunks:
+                self.done[c] = 1
+            self.left -= len(chunks)
+            self.read_bytes[by] += nbytes
+            self.read_s[by] += time.perf_counter() - t0
+            if self.left == 0 and self.t_arrived is None:
+                self._arrived(by)
+            self.cv.notify_all()
+
+    def _read_now(self, missing: list[int]) -> None:
+        """Main thread, memory: read the missing chunks nobody reads yet at once; wait for
+        the ones the reader is copying (it flags them within one batch)."""
+        t0 = time.perf_counter()
+        with self.cv:
+            mine = [c for c in missing if not self.claimed[c]]
+            for c in mine:
+                self.claimed[c] = 1
+        if mine:
+            try:
+                self._read(mine, "main")
+            except OSError as exc:
+                self.error = exc
+                self._failed()
+        with self.cv:
+            while True:
+                missing = [c for c in missing if not self.done[c]]
+                if not missing or self.error is not None:
+                    break
+                rest = self.timeout - (time.perf_counter() - t0)
+                if rest <= 0:
+                    break
+                self.cv.wait(min(rest, 0.05))
+        if self.error is not None:
+            self._failed()
+        if missing:
+            self._give_up(missing)
+        self.fetches += 1
+        self.fetch_s.append(time.perf_counter() - t0)
+
     def start(self) -> None:
         """Start the progress thread (the target calls it once it has resumed and reported;
         a wait for chunks before that starts it too). Nothing in calls mode or once started."""
         t = self.thread
         if t is not None and t.ident is None:
             _LIVE.add(self)
+            self.t_started = time.perf_counter()
+            if isinstance(t, _Reader) and sys.getswitchinterval() > _SWITCH_S:
+                self.switch_was = sys.getswitchinterval()
+                sys.setswitchinterval(_SWITCH_S)
             t.start()
 
     def _threaded(self) -> bool:
@@ -260,6 +422,9 @@ class LazySession:
         self.polls = t.polls
         self.thread = None
         _LIVE.discard(self)
+        if self.switch_was is not None:   # the reader is done: the program's own switch interval again
+            sys.setswitchinterval(self.switch_was)
+            self.switch_was = None
 
     def _fatal(self, what: str) -> MigrationError:
         """The error that ends the job when chunks cannot come (the thread stopped first);
@@ -273,7 +438,9 @@ class LazySession:
 
     def _failed(self) -> None:
         exc = self.error
-        raise self._fatal(f"receiving the chunks of its state from {{src}} failed: {exc}") from exc
+        how = "reading the chunks of its state out of" if self.via == "memory" else \
+            "receiving the chunks of its state from"
+        raise self._fatal(f"{how} {{src}} failed: {exc}") from exc
 
     # -- waiting -----------------------------------------------------------------
     def ensure_bytes(self, lo: int, hi: int) -> None:
@@ -284,7 +451,10 @@ class LazySession:
     def ensure(self, chunks) -> None:
         missing = [c for c in chunks if not self.done[c]]
         if missing:
-            if self._threaded():
+            if self.via == "memory":
+                self._threaded()          # raises what the reader hit; starts it if not yet
+                self._read_now(missing)
+            elif self._threaded():
                 self._wait_thread(missing)
             else:
                 self._wait_calls(missing, chunks)
@@ -354,7 +524,17 @@ class LazySession:
         (with the thread: it flagged them; without: note arrivals with ``Testsome``)."""
         if self.complete:
             return
-        if not self._threaded():
+        if self.via == "memory":
+            if not self._threaded():      # no reader (MPIMIG_POSTCOPY_THREAD=off): a batch per point
+                with self.cv:
+                    got, _ = self._claim_from(0, _POINT_CHUNKS)
+                if got:
+                    try:
+                        self._read(got, "main")
+                    except OSError as exc:
+                        self.error = exc
+                        self._failed()
+        elif not self._threaded():
             idx = [c for c in range(self.nchunks) if not self.done[c]]
             got = (MPI.Request.Testsome([self.reqs[c] for c in idx]) or []) if idx else []
             for i in got:
@@ -389,12 +569,19 @@ class LazySession:
                "fetch_ms_median": (float(np.median(self.fetch_s)) * 1e3) if self.fetch_s else 0.0,
                "fetch_ms_max": (max(self.fetch_s) * 1e3) if self.fetch_s else 0.0,
                "chunks": self.nchunks, "progress": self.mode, "arrived_by": self.arrived_by,
+               "handover": self.via,
                "ack_after_arrival_s": ((self.t_complete - self.t_arrived)
                                        if self.t_complete is not None and self.t_arrived is not None else 0.0)}
         if self.mode_why:
             out["progress_why"] = self.mode_why
         if self.mode == "thread":
             out["progress_polls"] = self.polls
+        if self.via == "memory":
+            out.update(read_bytes_thread=self.read_bytes["thread"], read_bytes_demand=self.read_bytes["main"],
+                       read_s_thread=self.read_s["thread"], read_s_demand=self.read_s["main"])
+        out["prepared_bytes"] = self.prepared_bytes
+        if self.t_started is not None:
+            out["thread_start_s"] = self.t_started - self.t_resume
         return out
 
 

@@ -18,7 +18,8 @@ lists the known ones.
                     round limit is reached, and the rest moves at the switch.
 ``post-copy``       lazy copy with demand fetching: the rank resumes with its
                     objects and held messages only; arrays arrive chunk by chunk,
-                    on first access (demand) and pushed in the background. The
+                    on first access (demand) and in the background (same host:
+                    read out of the frozen old process; else pushed by MPI). The
                     old process stays until every chunk arrived (residual
                     dependency). See :mod:`mpimig.migration.lazy`.
 ``file-server``     the state goes to shared storage in the checkpoint format
@@ -205,7 +206,11 @@ class PostCopy(Strategy):
             base += n
         hdr = {"layout": layout, "chunk": C, "eager": eager,
                "objects": {k: dumps(k, v) for k, v in objects.items()}, "extra": extra,
-               "source": {"pid": os.getpid(), "host": ctx.host, "jrank": tx.comm.Get_rank()}}
+               "source": {"pid": os.getpid(), "host": ctx.host, "jrank": tx.comm.Get_rank()},
+               "announced": ctx.link.announced}
+        if handover.mode() != "mpi":      # on one host the new process may read the arrays in place
+            hdr["where"] = handover.where()
+            hdr["addrs"] = [flat_bytes(chunked[k]).ctypes.data for k, *_ in layout]
         tx.send_obj(hdr)
         return lambda: push(tx, [(flat_bytes(chunked[k]), b, n) for k, _, _, _, b, n in layout], C, base)
 
@@ -223,11 +228,44 @@ class PostCopy(Strategy):
                                      "last committed epoch")
             time.sleep(0.0002)
         hdr = tx.recv_obj()
-        sess = LazySession(tx.comm, source, hdr, transfer=tx)
+        ready = rx if isinstance(rx, handover.Ready) else None
+        how, why = self.path(hdr)
+        have: dict[str, np.ndarray] = {}
+        before: dict[str, Any] = {}
+        if ready is not None and hdr.get("announced") == ready.plan_id:   # a warm spare's buffers
+            have, before = ready.take(ready.plan_id, wait=False)   # not in the downtime: the reads fault
+        # memory: the arrays are read out of the frozen old process after the resume (lazy.py);
+        # mpi: every chunk receive is posted before the old process pushes
+        mem = (int(hdr["where"]["pid"]), hdr["addrs"]) if how == handover.MEMORY else None
+        sess = LazySession(tx.comm, source, hdr, transfer=tx, memory=mem, buffers=have)
+        tx.comm.send(how, dest=tx.peer, tag=TAG_HANDOVER)
         arrays = dict(sess.arrays)
         arrays.update(hdr["eager"])
         objects = {k: loads(k, v) for k, v in hdr["objects"].items()}
+        ss = hdr["extra"].setdefault("strategy_stats", {})
+        ss["handover"] = how
+        ss.update(before)
+        if how != handover.MEMORY:
+            ss["handover_why"] = why
         return arrays, objects, hdr["extra"], (sess if sess.nchunks else None)
+
+    @staticmethod
+    def path(hdr: dict) -> tuple[str, str]:
+        """How the chunks come: (``memory``, "") when the old process is on this host and its
+        memory can be read (an 8-byte probe), else (``mpi``, why)."""
+        if handover.mode() == "mpi" or hdr.get("addrs") is None:
+            return handover.VIA_MPI, "forced (MPIMIG_HANDOVER=mpi)"
+        if not handover.same_host(hdr["where"]):
+            return handover.VIA_MPI, "another host"
+        if not hdr["addrs"]:
+            return handover.MEMORY, ""
+        probe = np.empty(8, np.uint8)
+        n = min(8, int(hdr["layout"][0][3]))
+        try:
+            handover.read_at(int(hdr["where"]["pid"]), int(hdr["addrs"][0]), probe.ctypes.data, n)
+        except OSError as exc:            # e.g. EPERM (ptrace rules): the chunks come by MPI
+            return handover.VIA_MPI, str(exc)
+        return handover.MEMORY, ""
 
 
 class _Push:
@@ -296,21 +334,29 @@ class _Push:
 
 
 def push(tx: Transfer, parts: list[tuple[np.ndarray, int, int]], C: int, nchunks: int) -> dict:
-    """The old process of a post-copy move: push every chunk once, demanded ones first,
-    with a small window of outstanding sends; stay until the target says it has all."""
+    """The old process of a post-copy move: the target says how the chunks go
+    (``TAG_HANDOVER``). ``memory``: it reads them out of this process, which stays frozen,
+    its arrays unchanged, until the acknowledgement. ``mpi``: push every chunk once,
+    demanded ones first, with a small window of outstanding sends; stay until the target
+    says it has all."""
     Jc, dest = tx.comm, tx.peer
     st = MPI.Status()
+    while not Jc.Iprobe(dest, TAG_HANDOVER, st):
+        time.sleep(0.0005)        # polled: a blocking receive would spin on a core the readers need
+    how = Jc.recv(source=dest, tag=TAG_HANDOVER)
     t0 = time.perf_counter()
-    p = _Push(tx, parts, C, nchunks)
-    p.run()
-    demanded = p.demanded
+    demanded = 0
+    if how != handover.MEMORY:
+        p = _Push(tx, parts, C, nchunks)
+        p.run()
+        demanded = p.demanded
     t_pushed = time.perf_counter() - t0
     while not Jc.Iprobe(dest, TAG_PC_ACK, st):
         if Jc.Iprobe(dest, TAG_PC_DEMAND, st):
             Jc.recv(source=dest, tag=TAG_PC_DEMAND)     # everything is sent already
         time.sleep(0.001)
     Jc.recv(source=dest, tag=TAG_PC_ACK)
-    return {"pushed_s": t_pushed, "demanded_chunks": demanded}
+    return {"handover": how, "pushed_s": t_pushed, "demanded_chunks": demanded}
 
 
 # ------------------------------------------------------------------------------------------

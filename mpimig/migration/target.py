@@ -110,7 +110,7 @@ class Spare:
         self.J = J
         self.cfg = cfg
         self.rx: dict[int, strategies.PreCopyTarget] = {}    # pre-copy rounds received, by source J rank
-        self.prepared = handover.Prepared()     # stop-and-copy buffers faulted in before the freeze
+        self.prepared = handover.Prepared()     # stop-/post-copy buffers faulted in before the freeze
         self.marks: dict[str, float] = {}       # the last switch, step by step (mark)
         self.t_news = -1e9                      # monotonic time of the last round or layout from a source
         _preload()
@@ -132,7 +132,7 @@ class Spare:
                 self.rx.setdefault(src, strategies.PreCopyTarget()).on_round(J, src)
                 self.t_news = time.monotonic()
                 continue
-            if tag == TAG_LAYOUT and src != 0:  # a stop-and-copy to this spare is coming
+            if tag == TAG_LAYOUT and src != 0:  # a stop-and-copy or post-copy to this spare is coming
                 self.prepared.on_layout(J, src)
                 self.t_news = time.monotonic()
                 continue

@@ -9,6 +9,11 @@ point, no access to the lazy state) until its session's ``arrived`` event is set
 iterations without it (then nothing can set the event), and records what it
 saw in OUT-quiet.json. Each rank saves its final ``x`` to OUT-R.npy.
 
+With --touch (and --touch-at P for --serial): the new process, first thing after its
+resume, reads and writes its array's last element (x[-1] *= 2) and adds 1 to its middle
+element, before the chunks holding them can have arrived (a slowed-down copy), and
+records in OUT-quiet.json whether those chunks were there before and after.
+
 With --serial: the same arithmetic in one process, the reference (OUT-R.npy).
 """
 import argparse
@@ -25,6 +30,25 @@ def initial(rank: int, nel: int) -> np.ndarray:
 def update(x: np.ndarray, left_first: float) -> None:
     x *= 0.999
     x += left_first
+
+
+def touch(x) -> None:
+    """The accesses right after the resume (the same in the serial reference)."""
+    x[x.size - 1] = x[x.size - 1] * 2.0
+    x[x.size // 2] += 1.0
+
+
+def touch_lazy(ctx, st) -> dict:
+    """touch() on the lazy array, with the chunk flags of the two elements around it."""
+    sess = ctx.link.lazy
+    if sess is None:
+        return {"session": False}
+    nel = st.x.size
+    last, mid = sess.nchunks - 1, (nel // 2) * 8 // sess.C
+    rec = {"session": True, "step": st.step, "last_before": sess.done[last], "mid_before": sess.done[mid]}
+    touch(st.x)
+    rec.update(last_after=sess.done[last], mid_after=sess.done[mid])
+    return rec
 
 
 def quiet(ctx, args) -> dict:
@@ -57,7 +81,9 @@ def main(ctx, args) -> None:
     me, n = comm.rank, comm.size
     st = ctx.state(x=initial(me, nel) if ctx.role == "initial" else None, step=0)
     if ctx.role == "migrated":
+        t = touch_lazy(ctx, st) if args.touch else None
         rec = quiet(ctx, args)
+        rec["touch"] = t
         with open(f"{args.out}-quiet.json", "w") as f:
             json.dump(rec, f)
     got = np.empty(1, dtype=np.float64)
@@ -73,7 +99,9 @@ def main(ctx, args) -> None:
 def serial(args) -> None:
     nel = args.mib * (1 << 20) // 8
     xs = [initial(r, nel) for r in range(args.n)]
-    for _ in range(args.steps):
+    for step in range(args.steps):
+        if step == args.touch_at:
+            touch(xs[1])
         firsts = [float(x[0]) for x in xs]
         for r, x in enumerate(xs):
             update(x, firsts[(r - 1) % args.n])
@@ -89,6 +117,8 @@ if __name__ == "__main__":
     ap.add_argument("--quiet-s", type=float, default=120)
     ap.add_argument("--quiet-iters", type=int, default=200)
     ap.add_argument("--serial", action="store_true")
+    ap.add_argument("--touch", action="store_true")
+    ap.add_argument("--touch-at", type=int, default=-1)
     ap.add_argument("-n", type=int, default=3)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
