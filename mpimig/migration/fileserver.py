@@ -89,7 +89,7 @@ def _sha256(path: Path) -> str:
 # -- the old process --------------------------------------------------------------------------
 def send(tx: Transfer, directory: Path, job_id: str, point: int, arrays: dict[str, np.ndarray],
          objects: dict[str, Any], extra: dict[str, Any], file_extra: dict[str, Any],
-         after_block: AfterBlock | None = None) -> dict[str, Any]:
+         after_block: AfterBlock | None = None, announced: int = -1) -> dict[str, Any]:
     """Write the state to ``directory`` as committed epoch 1, telling the target (``tx``)
     what is on the file as it goes; returns the source's figures. Every message goes on
     the transfer's state tag, in order: ``header``, ``block``..., then ``done`` or
@@ -131,7 +131,8 @@ def send(tx: Transfer, directory: Path, job_id: str, point: int, arrays: dict[st
                               "big": id(it) in big})
             st["create_s"] = time.perf_counter() - t0
             tx.send_obj({"kind": "header", "file": str(part), "dir": str(directory), "items": items,
-                         "groups": prepared.groups, "write_id": attrs["write_id"]})
+                         "groups": prepared.groups, "write_id": attrs["write_id"],
+                         "announced": announced})
             phase = "data"
             t1 = time.perf_counter()
             _write_blocks(tx, fd, direct, after_block)
@@ -278,14 +279,23 @@ def _pipelined(tx: Transfer, hdr: dict, fd: int, rx: Any, st: dict) -> tuple:
     items = {it["path"]: it for it in hdr["items"]}
     data: dict[str, np.ndarray] = {}
     big: dict[str, np.ndarray] = {}
+    have: dict[str, np.ndarray] = {}
+    if isinstance(rx, handover.Ready) and hdr.get("announced", -1) == rx.plan_id >= 0:
+        have, before = rx.take(rx.plan_id)      # a warm spare: faulted in before the freeze
+        st.update(before)
     for p, it in items.items():
-        if it["big"]:      # the big arrays: fresh memory, faulted in by a thread while the blocks come
-            big[p] = handover.fresh(tuple(it["shape"]), it["dtype"])
+        if it["big"]:
+            a = have.get(str(it["attrs"].get("name"))) if p.startswith("arrays/") else None
+            if a is not None and a.shape == tuple(it["shape"]) and a.dtype == np.dtype(it["dtype"]):
+                big[p] = a
+                st["prepared_bytes"] = st.get("prepared_bytes", 0) + a.nbytes
+            else:   # fresh memory, faulted in by a thread while the blocks come
+                big[p] = handover.fresh(tuple(it["shape"]), it["dtype"])
         else:              # small datasets are on the file already
             data[p] = np.empty(it["shape"], dtype=np.dtype(it["dtype"]))
             if it["nbytes"]:
                 _pread(fd, bytes_view(data[p]), int(it["offset"]), path, p)
-    faulting = handover.Faulting(big)
+    faulting = handover.Faulting({p: a for p, a in big.items() if not any(a is b for b in have.values())})
     faulting.start()
     crcs = {p: 0 for p in big}
     try:

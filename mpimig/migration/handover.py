@@ -155,17 +155,21 @@ def allocate(lay: list, have: dict[str, np.ndarray] | None = None) -> dict[str, 
     return out
 
 
+#: the strategies whose warm spare target receives into buffers prepared before the freeze
+PREPARED_FOR = ("stop-and-copy", "file-server")
+
+
 def announce(ctx: Context, plan: Plan) -> None:
     """The moving rank, at its first sight of ``plan`` (before the freeze): a warm
     spare target learns the state's layout and faults its buffers in meanwhile.
 
-    Only for stop-and-copy to a warm spare (a spawned target is not in J yet), and
+    Only for stop-and-copy and file-server to a warm spare (a spawned target is not in J yet), and
     not with ``--ft`` (a recovery would replace the J the announcement went on)."""
     link = ctx.link
     if plan.kind != "switch" or link.announced == plan.id or ctx.config.ft or link.J is None:
         return
     move = plan.move_of(ctx.rank)
-    if move is None or move.strategy != "stop-and-copy" or move.spare_jrank < 0:
+    if move is None or move.strategy not in PREPARED_FOR or move.spare_jrank < 0:
         return
     st = ctx.registered_state
     arrays = st.split()[0] if st is not None else {}

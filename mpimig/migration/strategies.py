@@ -113,7 +113,8 @@ class FileServer(Strategy):
     def send(self, ctx, tx, arrays, objects, extra, plan, move):
         point = int(extra.get("point", 0))
         fileserver.send(tx, self.directory(ctx.config, plan.id, move.rank), ctx.config.run_id or "job", point,
-                        arrays, objects, extra, {"point": point, "rank": move.rank, "migration_plan": plan.id})
+                        arrays, objects, extra, {"point": point, "rank": move.rank, "migration_plan": plan.id},
+                        announced=ctx.link.announced)
         return None
 
     def receive(self, tx, cfg, rx=None):

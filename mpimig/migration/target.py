@@ -156,7 +156,7 @@ class Spare:
                 self.prepared.drop()
             else:
                 rx: Any = self.rx.get(move.src_jrank)
-                if move.strategy == "stop-and-copy":
+                if move.strategy in handover.PREPARED_FOR:
                     rx = self.prepared.ready(J0, move.src_jrank, plan.id)
                 arrival = take_over(plan, move, Jc, A, Jn, self.cfg, t0, rx)
         if arrival is not None:
