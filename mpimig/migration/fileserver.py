@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 ENV = "MPIMIG_FILESERVER"
 MODES = ("pipelined", "whole")
 EPOCH = 1
+POLL = 0.0005            # seconds between looks for the source's next message
 #: called by the source after each block is written (tests damage the file here):
 #: (fd, dataset path, file offset, nbytes)
 AfterBlock = Callable[[int, str, int, int], None]
@@ -219,6 +220,8 @@ class _Damaged(MigrationError):
 
 def receive(tx: Transfer, rx: Any = None) -> tuple[dict, dict, dict, dict[str, Any]]:
     """The new process: (arrays, objects, extra, figures), read from the file the source writes."""
+    while not tx.arrived():
+        time.sleep(POLL)
     hdr = tx.recv_obj()
     if hdr["kind"] == "failed":
         raise MigrationError(f"file-server: the old process could not write the state: {hdr['error']}")
@@ -242,6 +245,10 @@ def receive(tx: Transfer, rx: Any = None) -> tuple[dict, dict, dict, dict[str, A
 
 
 def _next(tx: Transfer, hdr: dict) -> dict:
+    """The source's next message. Waited for by polling with short sleeps: a blocking MPI
+    receive spins a core, which the source's writing and checksums need (2 cores here)."""
+    while not tx.arrived():
+        time.sleep(POLL)
     msg = tx.recv_obj()
     if msg["kind"] == "failed":
         raise MigrationError(f"file-server: the old process could not write {hdr['file']}: {msg['error']}")
