@@ -126,6 +126,8 @@ def test_heat2d_bit_identical(tmp_path, strategy):
         else:
             assert s["write_s"] > 0 and s["read_s"] > 0
             assert 0 < s["source_freed_s"] < t["downtime"]    # the source left before the target resumed
+            # the target read the file while the source wrote it, and checked it against the manifest
+            assert s["fs_read"] == "pipelined" and s["fs_mode"] == "pipelined" and s["verify_s"] >= 0, s
     if strategy == "file-server":
         assert list((job / "migrations").iterdir()) == []     # read, then removed
 

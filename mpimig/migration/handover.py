@@ -57,8 +57,9 @@ MEMORY = "memory"        # the target read the old process's memory (process_vm_
 VIA_MPI = "mpi"          # pieces over the switch communicator
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14 (not in Python's mmap module before 3.13)
 # the strategies whose warm spare target gets the layout before the freeze (:func:`announce`):
-# stop-and-copy copies into the buffers at the switch, post-copy reads into them after the resume
-ANNOUNCED = ("stop-and-copy", "post-copy")
+# stop-and-copy copies into the buffers at the switch, post-copy reads into them after the resume,
+# file-server reads the storage's blocks into them
+ANNOUNCED = ("stop-and-copy", "post-copy", "file-server")
 
 
 def mode() -> str:
@@ -181,8 +182,8 @@ def announce(ctx: Context, plan: Plan) -> None:
     """The moving rank, at its first sight of ``plan`` (before the freeze): a warm
     spare target learns the state's layout and faults its buffers in meanwhile.
 
-    Only for stop-and-copy and post-copy (:data:`ANNOUNCED`) to a warm spare (a spawned
-    target is not in J yet), and
+    Only for stop-and-copy, post-copy and file-server (:data:`ANNOUNCED`) to a warm spare (a
+    spawned target is not in J yet), and
     not with ``--ft`` (a recovery would replace the J the announcement went on)."""
     link = ctx.link
     if plan.kind != "switch" or link.announced == plan.id or ctx.config.ft or link.J is None:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import abc
 import os
-import shutil
 import time
 from collections import deque
 from pathlib import Path
@@ -50,7 +49,7 @@ from mpi4py import MPI
 
 from ..errors import MigrationError, UsageError
 from ..checkpoint.format import dumps, loads
-from . import handover
+from . import fileserver, handover
 from .protocol import (DEFAULT_STRATEGY, STRATEGY_CLASSES, TAG_HANDOVER, TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND,
                        TAG_PRECOPY_DATA, Move, Plan, check_strategy)
 from .transport import Transfer
@@ -113,30 +112,16 @@ class FileServer(Strategy):
         return Path(base) / "migrations" / f"plan-{plan_id:05d}-rank-{rank:05d}"
 
     def send(self, ctx, tx, arrays, objects, extra, plan, move):
-        from ..checkpoint import CheckpointStore
-        t0 = time.perf_counter()
-        d = self.directory(ctx.config, plan.id, move.rank)
-        store = CheckpointStore(d, job_id=ctx.config.run_id or "job", keep=1)
-        nbytes = store.write_rank(1, 0, 1, int(extra.get("point", 0)), arrays, objects,
-                                  {"point": extra.get("point", 0), "rank": move.rank})
-        store.commit(1, 1, int(extra.get("point", 0)), {"migration_plan": plan.id, "rank": move.rank})
-        t_write = time.perf_counter() - t0
-        extra = dict(extra, strategy_stats={"write_s": t_write, "file_bytes": nbytes,
-                                            "source_freed_s": time.time() - extra["t_suspend"]})
-        # the header is small: it leaves eagerly and the old process is free at once
-        tx.send_obj({"path": str(d), "extra": extra})
+        point = int(extra.get("point", 0))
+        fileserver.send(tx, self.directory(ctx.config, plan.id, move.rank), ctx.config.run_id or "job", point,
+                        arrays, objects, extra, {"point": point, "rank": move.rank, "migration_plan": plan.id},
+                        announced=ctx.link.announced)
         return None
 
     def receive(self, tx, cfg, rx=None):
-        from ..checkpoint import CheckpointStore
-        hdr = tx.recv_obj()
-        t0 = time.perf_counter()
-        store = CheckpointStore(hdr["path"], create=False)
-        rs = store.read_rank(1, 0)
-        extra = hdr["extra"]
-        extra["strategy_stats"]["read_s"] = time.perf_counter() - t0
-        shutil.rmtree(hdr["path"], ignore_errors=True)      # read: the storage is free again
-        return dict(rs.arrays), dict(rs.objects), extra, None
+        arrays, objects, extra, st = fileserver.receive(tx, rx)
+        extra.setdefault("strategy_stats", {}).update(st)
+        return arrays, objects, extra, None
 
 
 class PreCopy(Strategy):

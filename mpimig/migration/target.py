@@ -110,7 +110,7 @@ class Spare:
         self.J = J
         self.cfg = cfg
         self.rx: dict[int, strategies.PreCopyTarget] = {}    # pre-copy rounds received, by source J rank
-        self.prepared = handover.Prepared()     # stop-/post-copy buffers faulted in before the freeze
+        self.prepared = handover.Prepared()     # buffers faulted in before the freeze (ANNOUNCED)
         self.marks: dict[str, float] = {}       # the last switch, step by step (mark)
         self.t_news = -1e9                      # monotonic time of the last round or layout from a source
         _preload()
@@ -132,7 +132,7 @@ class Spare:
                 self.rx.setdefault(src, strategies.PreCopyTarget()).on_round(J, src)
                 self.t_news = time.monotonic()
                 continue
-            if tag == TAG_LAYOUT and src != 0:  # a stop-and-copy or post-copy to this spare is coming
+            if tag == TAG_LAYOUT and src != 0:  # a move to this spare is coming (handover.ANNOUNCED)
                 self.prepared.on_layout(J, src)
                 self.t_news = time.monotonic()
                 continue
@@ -176,7 +176,7 @@ class Spare:
                 self.prepared.drop()
             else:
                 rx: Any = self.rx.pop(move.src_jrank, None)
-                if move.strategy == "stop-and-copy":
+                if move.strategy in handover.ANNOUNCED:    # buffers faulted in before the freeze
                     rx = self.prepared.ready(J0, move.src_jrank, plan.id)
                 arrival = take_over(plan, move, Jc, A, Jn, self.cfg, t0, rx)
         if arrival is not None:

@@ -1,0 +1,374 @@
+"""The file-server strategy's two sides: the state goes through a file on shared storage.
+
+The old process (frozen) writes its state as a committed checkpoint epoch (the
+checkpoint format, one rank file, ``MANIFEST.json`` signed and fsync'd) under
+``JOB_DIR/migrations/plan-P-rank-R/``; the new process reads the state from that
+file. The file stays the whole, verifiable copy it was (a later ``mpimig ckpt
+verify`` checks its SHA-256, the manifest's HMAC and every dataset's CRC-32);
+what changed (issue 15) is *when* and *how* the target reads it:
+
+* **pipelined** (the default): once the file and its datasets exist (their
+  offsets fixed, the small datasets written), the source sends the target the
+  list of datasets and their file offsets, then writes the big arrays in blocks
+  of 16 MiB and sends a notice after each block; the target reads each block
+  from the file (``preadv``) as soon as it is written, into buffers it faults in
+  meanwhile (a thread), and chains each dataset's CRC-32 as it reads. Writing,
+  the disk's writeback and reading overlap; the source's own CRC thread runs
+  beside its writes, and the whole-file SHA-256 (for the manifest) beside the
+  final fsync. The target resumes only after the source committed the epoch
+  (the copy on storage is complete and durable) and every byte it read matched
+  the signed manifest: each dataset's CRC-32 (and, for pickles, its HMAC tag),
+  read from the file, never from the source's memory. A damaged or truncated
+  file is refused: ``MigrationError`` naming the file and the dataset.
+* **whole** (``MPIMIG_FILESERVER=whole``, or when the target cannot open the
+  file while it is being written): the target waits for the commit, then reads
+  the epoch like a restart does (``CheckpointStore.read_rank``: SHA-256 of the
+  file before libhdf5 opens it, then every CRC). ``fs_read`` / ``fs_why`` in the
+  move's ``strategy_stats`` say which ran and why.
+
+Figures in ``strategy_stats``: source ``create_s`` (file, datasets, small data),
+``data_s`` (big arrays written), ``close_s`` (CRC attributes, fsync ∥ SHA-256),
+``commit_s``, ``write_s`` (all of it); target ``read_s`` (header to the commit
+notice: reading overlaps the source's writing), ``verify_s`` (the manifest and
+every checksum), ``fault_s``/``faulted_bytes`` (the faulting thread).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import h5py
+import numpy as np
+
+from ..checkpoint import auth
+from ..checkpoint.format import (IO_BLOCK, NATIVE, QUEUE, bytes_view, decode_object, decode_queue, h5file,
+                                 prepare, rank_file_name, sidecar_name, signed)
+from ..checkpoint.reader import read_manifest
+from ..checkpoint.writer import (WRITEBACK_BLOCK, _close_after_failure, _create_datasets, _dataset_entry,
+                                 _fallocate, _Flusher, _size_estimate, _write_attrs, root_attributes,
+                                 sign_items)
+from ..errors import CheckpointError, MigrationError, UsageError
+from . import handover
+
+if TYPE_CHECKING:
+    from .transport import Transfer
+
+ENV = "MPIMIG_FILESERVER"
+MODES = ("pipelined", "whole")
+EPOCH = 1
+POLL = 0.0005            # seconds between looks for the source's next message
+#: called by the source after each block is written (tests damage the file here):
+#: (fd, dataset path, file offset, nbytes)
+AfterBlock = Callable[[int, str, int, int], None]
+
+
+def mode() -> str:
+    m = (os.environ.get(ENV) or "pipelined").strip().lower()
+    if m not in MODES:
+        raise UsageError(f"{ENV}={m!r}: known modes are {', '.join(MODES)}")
+    return m
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.new(auth.FILE_DIGEST)
+    buf = bytearray(IO_BLOCK)
+    mv = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(mv):
+            h.update(mv[:n])
+    return h.hexdigest()
+
+
+# -- the old process --------------------------------------------------------------------------
+def send(tx: Transfer, directory: Path, job_id: str, point: int, arrays: dict[str, np.ndarray],
+         objects: dict[str, Any], extra: dict[str, Any], file_extra: dict[str, Any],
+         after_block: AfterBlock | None = None, announced: int = -1) -> dict[str, Any]:
+    """Write the state to ``directory`` as committed epoch 1, telling the target (``tx``)
+    what is on the file as it goes; returns the source's figures. Every message goes on
+    the transfer's state tag, in order: ``header``, ``block``..., then ``done`` or
+    ``failed`` (the target never waits for a source that gave up)."""
+    from ..checkpoint import CheckpointStore
+    t0 = time.perf_counter()
+    st: dict[str, Any] = {"fs_mode": mode()}
+    try:
+        store = CheckpointStore(directory, job_id=job_id, keep=1)
+        tmp = store.tmp_dir(EPOCH)
+        auth.make_dir(directory, parents=True)
+        auth.make_dir(tmp)
+        key = store.key
+        prepared = prepare(arrays, objects, file_extra)
+        sign_items(prepared, key)
+        now = time.time()
+        attrs = root_attributes(job_id, EPOCH, 0, 1, point, now)
+        final = tmp / rank_file_name(0)
+        part = final.with_name(final.name + ".tmp")
+        os.close(auth.open_private(part))
+        with h5file(part, "w"):
+            pass
+        fd = os.open(part, os.O_RDWR)
+        f = None
+        phase = "reserve"
+        try:
+            _fallocate(fd, _size_estimate(prepared))
+            phase = "hdf5"
+            f = h5file(part, "r+")
+            _write_attrs(f.id, attrs)
+            dsids, direct = _create_datasets(f.id, prepared)
+            f.flush()
+            big = {id(it) for it, _ in direct}
+            items = []
+            for it, dsid in zip(prepared.items, dsids):
+                items.append({"path": it.path, "offset": dsid.get_offset() if it.nbytes else None,
+                              "nbytes": it.nbytes, "dtype": it.data.dtype.str, "shape": list(it.data.shape),
+                              "attrs": {k: v for k, v in it.attrs.items() if k != "hmac"},
+                              "big": id(it) in big})
+            st["create_s"] = time.perf_counter() - t0
+            tx.send_obj({"kind": "header", "file": str(part), "dir": str(directory), "items": items,
+                         "groups": prepared.groups, "write_id": attrs["write_id"],
+                         "announced": announced})
+            phase = "data"
+            t1 = time.perf_counter()
+            _write_blocks(tx, fd, direct, after_block)
+            st["data_s"] = time.perf_counter() - t1
+            phase = "hdf5"
+            t1 = time.perf_counter()
+            for it, dsid in zip(prepared.items, dsids):
+                h5py.h5a.open(dsid, b"crc32").write(np.array(it.crc, dtype=np.uint32))
+            del dsids
+            f.close()
+            phase = "closed"
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mpimig-sha") as pool:
+                digest = pool.submit(_sha256, part)      # from the page cache, while the disk syncs
+                os.fsync(fd)
+                st["file_digest"] = digest.result()
+            st["close_s"] = time.perf_counter() - t1
+        finally:
+            if f is not None:
+                _close_after_failure(f, phase)
+            os.close(fd)
+        t1 = time.perf_counter()
+        os.replace(part, final)
+        nbytes = final.stat().st_size
+        entry = {"rank": 0, "file": final.name, "bytes": nbytes, auth.FILE_DIGEST: st.pop("file_digest"),
+                 "epoch": EPOCH, "size": 1, "job_id": job_id, "format_version": attrs["format_version"],
+                 "write_id": attrs["write_id"], "host": attrs["host"], "step": int(point), "time": float(now),
+                 "datasets": {it.path: _dataset_entry(it) for it in prepared.items}}
+        side = tmp / sidecar_name(0)
+        with open(auth.open_private(side), "w") as fh:
+            fh.write(json.dumps(entry))
+        store.commit(EPOCH, 1, point, {"migration": file_extra})
+        st["commit_s"] = time.perf_counter() - t1
+    except (OSError, RuntimeError, ValueError, CheckpointError, MigrationError) as exc:
+        tx.send_obj({"kind": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        raise MigrationError(f"file-server: writing the state to {directory} failed: {exc}") from exc
+    st["write_s"] = time.perf_counter() - t0
+    st["file_bytes"] = nbytes
+    st["source_freed_s"] = time.time() - extra["t_suspend"]
+    out = dict(extra)
+    out["strategy_stats"] = dict(extra.get("strategy_stats") or {}, **st)
+    tx.send_obj({"kind": "done", "extra": out})
+    return st
+
+
+def _write_blocks(tx: Transfer, fd: int, direct: list, after_block: AfterBlock | None) -> None:
+    """pwrite the big datasets block by block (a CRC thread beside, writeback started
+    behind each block), a ``block`` notice to the target after each."""
+    flusher = _Flusher(fd)
+    flusher.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mpimig-crc") as crc_pool:
+            crcs = [crc_pool.submit(_crc, it.data) for it, _ in direct]
+            for it, offset in direct:
+                mv = bytes_view(it.data)
+                pos = 0
+                while pos < len(mv):
+                    start, end = pos, min(pos + WRITEBACK_BLOCK, len(mv))
+                    while pos < end:
+                        pos += os.pwrite(fd, mv[pos:end], offset + pos)
+                    flusher.kick(offset + start, end - start)
+                    if after_block is not None:
+                        after_block(fd, it.path, offset + start, end - start)
+                    tx.send_obj({"kind": "block", "item": it.path, "lo": start, "hi": end})
+            for (it, _), fut in zip(direct, crcs):
+                it.crc = fut.result()
+    except BaseException:
+        with contextlib.suppress(OSError):
+            flusher.finish()
+        raise
+    flusher.finish()
+
+
+def _crc(data: np.ndarray) -> int:
+    mv, value = bytes_view(data), 0
+    for lo in range(0, len(mv), IO_BLOCK):
+        value = zlib.crc32(mv[lo:lo + IO_BLOCK], value)
+    return value & 0xFFFFFFFF
+
+
+# -- the new process --------------------------------------------------------------------------
+class _Damaged(MigrationError):
+    pass
+
+
+def receive(tx: Transfer, rx: Any = None) -> tuple[dict, dict, dict, dict[str, Any]]:
+    """The new process: (arrays, objects, extra, figures), read from the file the source writes."""
+    while not tx.arrived():
+        time.sleep(POLL)
+    hdr = tx.recv_obj()
+    if hdr["kind"] == "failed":
+        raise MigrationError(f"file-server: the old process could not write the state: {hdr['error']}")
+    st: dict[str, Any] = {}
+    why = "forced (MPIMIG_FILESERVER=whole)" if mode() == "whole" else ""
+    fd = -1
+    if not why:
+        try:
+            fd = os.open(hdr["file"], os.O_RDONLY)
+        except OSError as exc:
+            why = f"cannot open {hdr['file']} while it is written: {exc}"
+    if fd < 0:
+        out = _whole(tx, hdr, why, st)
+    else:
+        try:
+            out = _pipelined(tx, hdr, fd, rx, st)
+        finally:
+            os.close(fd)
+    shutil.rmtree(hdr["dir"], ignore_errors=True)      # read: the storage is free again
+    return out
+
+
+def _next(tx: Transfer, hdr: dict) -> dict:
+    """The source's next message. Waited for by polling with short sleeps: a blocking MPI
+    receive spins a core, which the source's writing and checksums need (2 cores here)."""
+    while not tx.arrived():
+        time.sleep(POLL)
+    msg = tx.recv_obj()
+    if msg["kind"] == "failed":
+        raise MigrationError(f"file-server: the old process could not write {hdr['file']}: {msg['error']}")
+    return msg
+
+
+def _whole(tx: Transfer, hdr: dict, why: str, st: dict) -> tuple:
+    from ..checkpoint import CheckpointStore
+    t0 = time.perf_counter()
+    while (msg := _next(tx, hdr))["kind"] != "done":
+        pass
+    st["wait_commit_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    try:
+        rs = CheckpointStore(hdr["dir"], create=False).read_rank(EPOCH, 0)
+    except CheckpointError as exc:
+        raise MigrationError(f"file-server: the state's file in {hdr['dir']} is refused: {exc}") from exc
+    st.update(fs_read="whole", fs_why=why, read_s=time.perf_counter() - t0)
+    return dict(rs.arrays), dict(rs.objects), msg["extra"], st
+
+
+def _pread(fd: int, mv: memoryview, offset: int, path: str, dpath: str) -> None:
+    pos = 0
+    while pos < len(mv):
+        n = os.preadv(fd, [mv[pos:]], offset + pos)
+        if n <= 0:
+            raise _Damaged(f"file-server: {path} ends inside dataset /{dpath} (byte {offset + pos} of the "
+                           f"file, {len(mv) - pos} bytes missing): the file is truncated; the state is refused")
+        pos += n
+
+
+def _pipelined(tx: Transfer, hdr: dict, fd: int, rx: Any, st: dict) -> tuple:
+    t0 = time.perf_counter()
+    path = hdr["file"]
+    items = {it["path"]: it for it in hdr["items"]}
+    data: dict[str, np.ndarray] = {}
+    big: dict[str, np.ndarray] = {}
+    have: dict[str, np.ndarray] = {}
+    if isinstance(rx, handover.Ready) and hdr.get("announced", -1) == rx.plan_id >= 0:
+        have, before = rx.take(rx.plan_id)      # a warm spare: faulted in before the freeze
+        st.update(before)
+    for p, it in items.items():
+        if it["big"]:
+            a = have.get(str(it["attrs"].get("name"))) if p.startswith("arrays/") else None
+            if a is not None and a.shape == tuple(it["shape"]) and a.dtype == np.dtype(it["dtype"]):
+                big[p] = a
+                st["prepared_bytes"] = st.get("prepared_bytes", 0) + a.nbytes
+            else:   # fresh memory, faulted in by a thread while the blocks come
+                big[p] = handover.fresh(tuple(it["shape"]), it["dtype"])
+        else:              # small datasets are on the file already
+            data[p] = np.empty(it["shape"], dtype=np.dtype(it["dtype"]))
+            if it["nbytes"]:
+                _pread(fd, bytes_view(data[p]), int(it["offset"]), path, p)
+    faulting = handover.Faulting({p: a for p, a in big.items() if not any(a is b for b in have.values())})
+    faulting.start()
+    crcs = {p: 0 for p in big}
+    try:
+        while (msg := _next(tx, hdr))["kind"] == "block":
+            p, lo, hi = msg["item"], msg["lo"], msg["hi"]
+            mv = bytes_view(big[p])[lo:hi]
+            _pread(fd, mv, int(items[p]["offset"]) + lo, path, p)
+            crcs[p] = zlib.crc32(mv, crcs[p])
+    finally:
+        faulting.finish()
+    t_read = time.perf_counter()
+    st.update(fs_read="pipelined", read_s=t_read - t0, faulted_bytes=faulting.nbytes,
+              fault_s=faulting.seconds)
+    data.update(big)
+    arrays, objects, file_extra = _verify_decode(hdr, items, data, crcs)
+    st["verify_s"] = time.perf_counter() - t_read
+    return arrays, objects, msg["extra"], st
+
+
+def _verify_decode(hdr: dict, items: dict, data: dict[str, np.ndarray], crcs: dict[str, int]) -> tuple:
+    """Every dataset read against the signed manifest of the committed epoch, then decoded."""
+    directory = Path(hdr["dir"])
+    path = directory / f"epoch-{EPOCH:06d}" / rank_file_name(0)
+    key = auth.key_for_directory(directory, create=False)
+    try:
+        man = read_manifest(directory, EPOCH, key)     # its HMAC checked
+    except CheckpointError as exc:
+        raise MigrationError(f"file-server: the manifest of {directory} is refused: {exc}") from exc
+    entry = man["ranks"][0]
+    if entry.get("write_id") != hdr["write_id"]:
+        raise _Damaged(f"file-server: {path} is another write ({entry.get('write_id')}, the source wrote "
+                       f"{hdr['write_id']}); the state is refused")
+    expected = entry["datasets"]
+    if set(expected) != set(items):
+        raise _Damaged(f"file-server: {path}: datasets {sorted(set(expected) ^ set(items))} differ between "
+                       "the manifest and what the source announced; the state is refused")
+    key_job = key
+    for p, it in items.items():
+        want = expected[p]
+        got = crcs[p] if p in crcs else _crc(data[p])
+        got &= 0xFFFFFFFF
+        if int(want["crc32"]) != got or int(want["nbytes"]) != it["nbytes"]:
+            raise _Damaged(f"file-server: {path} dataset /{p}: checksum mismatch (the signed manifest says "
+                           f"crc32 {int(want['crc32']):08x}, the file has {got:08x}): the file is damaged; "
+                           "the state is refused")
+        enc = str(it["attrs"].get("encoding", NATIVE))
+        if want.get("encoding", enc) != enc:
+            raise _Damaged(f"file-server: {path} dataset /{p}: encoding {enc!r}, the manifest says "
+                           f"{want.get('encoding')!r}; the state is refused")
+        if signed(p, enc):
+            auth.check_tag(key_job, want.get("hmac"), f"file-server: {path} dataset /{p}", bytes_view(data[p]))
+    out: dict[str, dict[str, Any]] = {"arrays": {}, "objects": {}, "extra": {}}
+    for gpath, gattrs in hdr["groups"].items():
+        if gattrs.get("encoding") != QUEUE:
+            raise _Damaged(f"file-server: {path}: unexpected group /{gpath}")
+        g = gpath.split("/", 1)[0]
+        out[g][gattrs["name"]] = decode_queue(data[f"{gpath}/index"], data[f"{gpath}/payload"])
+    for p, it in items.items():
+        g = p.split("/", 1)[0]
+        a = it["attrs"]
+        if "name" not in a or p.count("/") != 1:
+            continue                  # a part of a queue group
+        enc = str(a.get("encoding", NATIVE))
+        if enc == NATIVE:
+            v = data[p]
+            out[g][a["name"]] = np.asfortranarray(v) if a.get("order") == "F" else v
+        else:
+            out[g][a["name"]] = decode_object(data[p].tobytes(), enc, f"file-server {g[:-1]} {a['name']!r}")
+    return out["arrays"], out["objects"], out["extra"]
