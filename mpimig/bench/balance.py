@@ -470,26 +470,10 @@ def no_test_session(wait_s: float = 900.0, lock: Path = TEST_SESSION_LOCK):
     """Hold the test sessions' lab lock while the benchmark runs: a test session brings its own lab
     up and takes it down at its end, so a benchmark that used it would lose its hosts mid-run (the
     run 8b balanced command did). Waits up to ``wait_s`` for a test session to end."""
-    import fcntl
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = time.monotonic() + wait_s
-        said = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise UsageError(f"a test session has held {lock} (its lab) for {wait_s:.0f} s; "
-                                     "try later") from None
-                if not said:
-                    print(f"waiting for the test session that holds {lock} (it uses the lab)", flush=True)
-                    said = True
-                time.sleep(2.0)       # polling a lock held by another process (no event to wait on)
+    from ..lab._sys import locked
+    with locked(lock, wait_s, nap=2.0, waiting=f"waiting for the test session that holds {lock} (it uses the lab)",
+                too_long=lambda: UsageError(f"a test session has held {lock} (its lab) for {wait_s:.0f} s; try later")):
         yield
-    finally:
-        os.close(fd)
 
 
 def cmd_balance(args) -> int:

@@ -374,21 +374,30 @@ def lock_path(sdir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def locked(path: Path, timeout: float = 300, what: str = "lab") -> Iterator[None]:
-    """Exclusive lock on ``path`` (created if missing) so two ``up``/``down`` never interleave."""
+def locked(path: Path, timeout: float = 300, what: str = "lab", *, nap: float = 0.2,
+           too_long: Callable[[], Exception] | None = None, waiting: str = "") -> Iterator[None]:
+    """Exclusive lock on ``path`` (created if missing) so two ``up``/``down`` never interleave.
+
+    Polls every ``nap`` s (a lock held by another process gives no event to wait on); past
+    ``timeout`` raises ``too_long()`` (default: a LabError naming the lock); ``waiting`` is
+    printed once when the lock is busy."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + timeout
+        said = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise LabError(f"{what}: {path} is locked by another mpimig lab command "
-                                   f"for more than {timeout:g}s") from None
-                time.sleep(0.2)
+                    raise (too_long() if too_long else LabError(
+                        f"{what}: {path} is locked by another mpimig lab command for more than {timeout:g}s")) from None
+                if waiting and not said:
+                    print(waiting, flush=True)
+                    said = True
+                time.sleep(nap)
         yield
     finally:
         os.close(fd)
