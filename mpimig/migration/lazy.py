@@ -369,15 +369,7 @@ class LazySession:
             except OSError as exc:
                 self.error = exc
                 self._failed()
-        with self.cv:
-            while True:
-                missing = [c for c in missing if not self.done[c]]
-                if not missing or self.error is not None:
-                    break
-                rest = self.timeout - (time.perf_counter() - t0)
-                if rest <= 0:
-                    break
-                self.cv.wait(min(rest, 0.05))
+        missing = self._await_done(missing, t0)
         if self.error is not None:
             self._failed()
         if missing:
@@ -461,20 +453,25 @@ class LazySession:
         if self.left == 0 and not self.complete:
             self._finish()                # in a wait, on the main thread: the acknowledgement may go
 
+    def _await_done(self, missing: list[int], t0: float, going: Callable[[], bool] = lambda: True) -> list[int]:
+        """Wait (on the condition, at most ``timeout`` from ``t0``) until the chunks are flagged,
+        an error is seen or ``going()`` turns false; the chunks still missing."""
+        with self.cv:
+            while True:
+                missing = [c for c in missing if not self.done[c]]
+                if not missing or self.error is not None or not going():
+                    return missing
+                rest = self.timeout - (time.perf_counter() - t0)
+                if rest <= 0:
+                    return missing
+                self.cv.wait(min(rest, 0.05))
+
     def _wait_thread(self, missing: list[int]) -> None:
         """Demand the chunks (they come next) and wait for the thread to flag them."""
         t0 = time.perf_counter()
         self.Jc.send(missing, dest=self.source, tag=TAG_PC_DEMAND)
         t = self.thread
-        with self.cv:
-            while True:
-                missing = [c for c in missing if not self.done[c]]
-                if not missing or self.error is not None or t is None or not t.is_alive():
-                    break
-                rest = self.timeout - (time.perf_counter() - t0)
-                if rest <= 0:
-                    break
-                self.cv.wait(min(rest, 0.05))
+        missing = self._await_done(missing, t0, lambda: t is not None and t.is_alive())
         if self.error is not None:
             self._failed()
         if missing:
