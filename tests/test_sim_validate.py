@@ -112,7 +112,8 @@ def test_calibration_from_a_run_record():
     # epochs every 5 points: 0.7 s per point before the move, 0.45 s after
     epochs = [(p, 100 + 0.7 * p) for p in (5, 10, 15, 20)] + [(p, 114 + 0.45 * (p - 20)) for p in (25, 30, 35, 40)]
     # three moves: the downtime calibrated is their median (one slow move does not set it)
-    run = {"samples": samples, "epochs": epochs, "recovery_s": 0.8,
+    # the job started at 99 s: its first epoch (point 5) at 103.5 s is 1 s later than 5 points at 0.7 s
+    run = {"samples": samples, "epochs": epochs, "recovery_s": 0.8, "started_t": 99.0,
            "moves": [{"downtime_s": 1.5}, {"downtime_s": 4.0}, {"downtime_s": 1.2}]}
     cal = validate.calibrate(run, pl, 6)
     # h3's ranks computed 0.12 -> 0.15 and 0.13 -> 0.1625 with rank 2 there too: share 0.8 with 3 ranks;
@@ -128,17 +129,22 @@ def test_calibration_from_a_run_record():
     assert cal["overhead_work_after_s"] == pytest.approx(0.072)
     assert cal["overhead_work_s"] == pytest.approx(0.048)
     assert cal["move_downtime_s"] == 1.5 and cal["recovery_s"] == 0.8 and cal["state_bytes"] == 1000
+    # the calibration's moves off h2 (rank 2 at 20 with 2 ranks there, rank 3 at 50 alone there): each
+    # one's downtime is the simulator's for a move off the slowed host with as many ranks
+    assert cal["move_downtime_by_src_n"] == {2: 1.5, 1: 4.0}
+    assert cal["startup_s"] == pytest.approx(1.0)
     assert cal["reference_compute_s"] == pytest.approx(0.2)      # h1's ranks, the median of every report
-    # the simulator with it: the first move at 20 points of (0.144 + 0.048) / 0.24 = 0.8 s; each move's
-    # downtime is the calibrated one (a state of 1000 bytes copies in a microsecond)
+    # the simulator with it: the first move after the start-up (1 s) and 20 points of (0.144 + 0.048) /
+    # 0.24 = 0.8 s; each move's downtime is the calibrated one for its source's rank count (the state
+    # of 1000 bytes copies in a microsecond)
     sim = validate.simulate(load("lab-validate")[0], pl, cal, 1)
-    assert sim["moves"][0]["t"] == pytest.approx(20 * 0.8)
-    assert sim["move_downtimes_s"] == pytest.approx([1.5, 1.5], rel=1e-3)
+    assert sim["moves"][0]["t"] == pytest.approx(1.0 + 20 * 0.8)
+    assert sim["move_downtimes_s"] == pytest.approx([1.5, 4.0], rel=1e-3)
     assert sim["recoveries_s"] == pytest.approx([0.8], rel=1e-3)
     # a machine 1.25x slower in the validation run: every calibrated time 1.25x
     slower = validate.simulate(load("lab-validate")[0], pl, cal, 1, machine=1.25)
-    assert slower["moves"][0]["t"] == pytest.approx(1.25 * 20 * 0.8)
-    assert slower["move_downtimes_s"] == pytest.approx([1.25 * 1.5, 1.25 * 1.5], rel=1e-3)
+    assert slower["moves"][0]["t"] == pytest.approx(1.25 * (1.0 + 20 * 0.8))
+    assert slower["move_downtimes_s"] == pytest.approx([1.25 * 1.5, 1.25 * 4.0], rel=1e-3)
     assert slower["recoveries_s"] == pytest.approx([1.25 * 0.8], rel=1e-3)
     assert slower["time_to_solution_s"] == pytest.approx(1.25 * sim["time_to_solution_s"], rel=1e-3)
 

@@ -103,6 +103,9 @@ class Simulation:
         self.drain: set[str] = set()
         self.drained: list[str] = []
         self.residual: list[tuple[MoveRecord, float]] = []    # post-copy moves whose source is still needed
+        # the freeze of a move off a host, from the host and its ranks then (the moving one included);
+        # None: the strategy parameters' freeze_s (the validation's per-source calibration sets it)
+        self.freeze_for: Callable[[Host, int], float | None] | None = None
         self.balancers: dict[int, Any] = {}
         self._base: dict[int, Any] = {}       # job -> its ranks' base work (numpy), for the drift
         self._policies()
@@ -235,7 +238,12 @@ class Simulation:
         if fs:
             self.storage_users += 1
         bw = min(src.net_bw, dst.net_bw)
-        timing = move_timing(strategy, r.state_bytes, r.dirty_rate, bw, spare, self.sp,
+        sp = self.sp
+        if self.freeze_for is not None:
+            f = self.freeze_for(src, len(src.ranks))
+            if f is not None:
+                sp = dataclasses.replace(sp, freeze_s=f)
+        timing = move_timing(strategy, r.state_bytes, r.dirty_rate, bw, spare, sp,
                              step_s=job.step_s, storage_users=self.storage_users if fs else 1)
         rec = MoveRecord(t=self.env.now, job=job.id, rank=r.rank, src=r.host, dst=d.to, strategy=strategy,
                          state_bytes=r.state_bytes, dirty_rate=r.dirty_rate, bw=bw, spare=spare,

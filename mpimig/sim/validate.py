@@ -251,6 +251,7 @@ def real_run(name: str, cfg, pl: dict, root: Path, points: int, moves: list, kil
                      and isinstance(e.get("point"), int)]
     rec["started_t"] = next((e["t"] for e in evs if e["event"] == "started"), None)
     rec["recovered_t"] = next((e["t"] for e in evs if e["event"] == "recovered"), None)
+    rec["move_steps"] = move_steps(job)
     if not rec["ok"] or rec["time_s"] is None:
         raise ValidationError(f"the {name} run did not complete, survive its fault and match its --serial reference "
                               f"(see {report / 'report.json'} and {job.parent / f'{name}.out'})")
@@ -258,6 +259,17 @@ def real_run(name: str, cfg, pl: dict, root: Path, points: int, moves: list, kil
         raise ValidationError(f"the {name} run made {len(rec['moves'])} of {len(moves)} moves and recovered "
                               f"{len(recs)} of {len(kills)} killed ranks online ({job})")
     return rec
+
+
+def move_steps(job: Path) -> list[dict]:
+    """Each move's timings from the coordinator's last status.json (its ``switch_steps``: where the
+    milliseconds of the switch went, per participant): which step of a move varies between runs."""
+    try:
+        st = json.loads((job / "status.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [{"rank": m.get("rank"), "to": m.get("to"), "timings": m.get("timings") or {}}
+            for m in st.get("migrations") or []]
 
 
 def sample_ranks(proc: subprocess.Popen, job: Path, every: float) -> list[dict]:
@@ -336,6 +348,7 @@ def calibrate(cal: dict, pl: dict, ranks: int) -> dict:
     over_b = overhead_work(work, share_b, t_b)
     state = int(_median([s["state_bytes"] for s in cal["samples"] if s["state_bytes"]], "the state size"))
     cap = (per + 1) * s_dst                        # the destination's capacity, in full-speed ranks
+    downs = [m["downtime_s"] for m in cal["moves"]]
     return {
         "work_s": [work[r] for r in range(ranks)],
         "slow_host": slow, "slow_speed_by_n": {per: s_full, per - 1: s_less},
@@ -344,10 +357,37 @@ def calibrate(cal: dict, pl: dict, ranks: int) -> dict:
         "step_before_s": t_a, "step_after_s": t_b, "state_bytes": state,
         "move_downtime_s": _median([m["downtime_s"] for m in cal["moves"] if m["downtime_s"] is not None],
                                    "the moves' downtime"),
-        "move_downtimes_s": [m["downtime_s"] for m in cal["moves"]], "recovery_s": cal["recovery_s"],
+        "move_downtimes_s": downs, "move_downtime_by_src_n": downtime_by_src_n(pl, ranks, downs),
+        "startup_s": startup(cal, a[0], t_a), "recovery_s": cal["recovery_s"],
         "recoveries_s": cal.get("recoveries_s", [cal["recovery_s"]]),
         "reference_compute_s": reference_compute(cal, pl, ranks),
     }
+
+
+def downtime_by_src_n(pl: dict, ranks: int, downs: list) -> dict[int, float]:
+    """The calibration's moves off the slowed host, by how many ranks it had then (the moving one
+    included): their downtime (the median of those with the same count). The part of a switch that
+    runs on the slowed host (its MPI steps: join, split, the source's send) shares the host's CPU
+    quota with the host's other ranks, which poll in the same collectives: the first move off it (2
+    ranks) took 0.12-0.47 s, the second (1 rank) 0.06 s in every quiet run (docs/simulator.md)."""
+    per, slow = pl["per_host"], pl["slow"]
+    on = {r: rank_host(r, per, pl["hosts"]) for r in range(ranks)}
+    by: dict[int, list[float]] = {}
+    for (_p, r, h), d in zip(sorted(pl["calib_moves"]), downs):
+        if on[r] == slow and d is not None:
+            by.setdefault(sum(1 for x in on.values() if x == slow), []).append(d)
+        on[r] = h
+    return {n: statistics.median(xs) for n, xs in sorted(by.items())}
+
+
+def startup(cal: dict, lo: int, step: float) -> float:
+    """Seconds from the job's ``started`` event to its first point's compute beyond what the points
+    before the first epoch at or after ``lo`` took at ``step`` per point: the ranks' start-up (the
+    imports and MPI set-up of the slowed host's ranks run on its quota)."""
+    first = min(((p, t) for p, t in cal["epochs"] if p >= lo), default=None)
+    if first is None or cal.get("started_t") is None:
+        return 0.0
+    return max(0.0, first[1] - cal["started_t"] - first[0] * step)
 
 
 def overhead_work(work: dict, share: dict, step: float) -> float:
@@ -402,6 +442,19 @@ def simulate(cfg, pl: dict, cal: dict, seed: int, machine: float = 1.0) -> dict:
     bw = sim.sp.copy_bw or cl.hosts[pl["hosts"][-1]].net_bw
     sim.sp.freeze_s = max(0.0, machine * cal["move_downtime_s"] - cal["state_bytes"] / bw)
     sim.fp.online_s = max(0.0, machine * cal["recovery_s"] - cal["state_bytes"] / sim.fp.buddy_bw)
+    by_n = {int(n): d for n, d in (cal.get("move_downtime_by_src_n") or {}).items()}
+    slow = cl.hosts[pl["slow"]]
+
+    def freeze_for(src, n: int) -> float | None:
+        # a move off the slowed host: the calibration's downtime with as many ranks there; with a
+        # count not calibrated, the nearest one's scaled by the host's share per rank (its quota)
+        if src is not slow or not by_n:
+            return None
+        k = min(by_n, key=lambda m: (abs(m - n), m))
+        d = by_n[k] * slow.speed_by_n.get(k, 1.0) / slow.speed_by_n.get(n, slow.speed_by_n.get(k, 1.0))
+        return max(0.0, machine * d - cal["state_bytes"] / bw)
+    sim.freeze_for = freeze_for
+    job.pause(job.started, job.started + machine * cal.get("startup_s", 0.0))
     cl.refresh(job, 0.0)
     o = sim.run()
     j = o.jobs[0]
