@@ -5,6 +5,7 @@ Scenarios are small (a few hosts, seconds of simulated time per run): the whole 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from conftest import base_env, run_cmd
 from mpimig.sim.engine import Simulation
 from mpimig.sim.report import summarize
 from mpimig.sim.scenario import ScenarioError, configs, load, shipped_names
+from mpimig.sim.strategies import StrategyParams, move_timing
 
 MiB = 1 << 20
 
@@ -262,3 +264,57 @@ def test_bench_simulate_runs_the_sizes_asked_and_fits_exponents(tmp_path):
     assert ev == sorted(ev) and ev[-1] > ev[0]                   # more failures, more events
     assert set(d["exponents"]) == {"size (hosts and ranks)", "ranks per host", "events"}
     assert "the 60 s budget" in res.stdout
+
+
+BENCH_S6 = Path(__file__).resolve().parents[1] / "docs" / "bench" / "migrate-quiet-s6.json"
+
+
+def _rows(strategy: str, size: int) -> list[dict]:
+    return [r for r in json.loads(BENCH_S6.read_text())["rows"] if r["strategy"] == strategy and r["size"] == size]
+
+
+def test_the_post_copy_and_file_server_models_are_the_runtimes_measured_by_bench_migrate():
+    """``costs.bench_json``: the models of docs/bench/migrate-quiet-s6.json (64 MiB and 1 GiB moves on
+    this machine): post-copy's downtime is its switch only and its residual the reader thread's start
+    plus the bytes at its in-place rate; file-server's downtime a pipelined write and read."""
+    p = StrategyParams.from_bench_json(str(BENCH_S6))
+    assert p.one_machine                        # the bench's hosts are one machine: post-copy reads in place
+    for size in (64 * MiB, 1024 * MiB):
+        pc = _rows("post-copy", size)
+        t = move_timing("post-copy", size, 0.0, 1.25e9, True, p)
+        assert t.bytes_moved == size and t.switch_s == t.downtime_s == pytest.approx(p.postcopy_switch_s)
+        assert t.residual_s == pytest.approx(p.postcopy_start_s + size / p.inplace_bw)
+        assert t.total_s == pytest.approx(t.downtime_s + t.residual_s)
+        # the figures measured: downtime 5-12 ms, residual 0.25-0.62 s
+        assert max(r["downtime"] for r in pc) < 3 * t.downtime_s
+        assert min(r["residual"] for r in pc) * 0.8 < t.residual_s < max(r["residual"] for r in pc) * 1.5
+        fs = _rows("file-server", size)
+        t = move_timing("file-server", size, 0.0, 1.25e9, True, p)
+        assert t.bytes_moved == 2 * size and t.residual_s == 0
+        assert t.downtime_s == pytest.approx(p.freeze_s + p.fs_fixed_s + size / min(p.storage_write_bw,
+                                                                                     p.storage_read_bw))
+        real = sorted(r["downtime"] for r in fs)
+        assert t.downtime_s == pytest.approx(sum(real) / len(real), rel=0.15)
+        # the write and the read overlap: less than one after the other at the same rates
+        assert t.downtime_s < p.freeze_s + p.fs_fixed_s + size / p.storage_write_bw + size / p.storage_read_bw
+    # stop-and-copy: freeze + S / bw through both sizes at 0 dirty, exactly
+    for size in (64 * MiB, 1024 * MiB):
+        t = move_timing("stop-and-copy", size, 0.0, 1.25e9, True, p)
+        assert t.downtime_s == pytest.approx(_rows("stop-and-copy", size)[0]["downtime"], rel=1e-6)
+    # between machines post-copy's arrays are pushed over MPI at the link's rate instead
+    apart = dataclasses.replace(p, one_machine=False, copy_bw=None)
+    t = move_timing("post-copy", 1024 * MiB, 0.0, 1.25e9, True, apart)
+    assert t.residual_s == pytest.approx(apart.postcopy_start_s + 1024 * MiB / 1.25e9)
+    # what the rank writes before its arrays arrived it reads on demand: the stall is in the downtime
+    t2 = move_timing("post-copy", 1024 * MiB, 100 * MiB, 1.25e9, True, apart)
+    assert t2.downtime_s == pytest.approx(apart.postcopy_switch_s + 100 * MiB * (1024 * MiB / 1.25e9) / 1.25e9)
+
+
+def test_file_server_moves_share_the_storage_node():
+    """Two moves at once through the storage node each get half its rates."""
+    p = StrategyParams(fs_fixed_s=0.1)
+    one = move_timing("file-server", 512 * MiB, 0.0, 1.25e9, True, p, storage_users=1)
+    two = move_timing("file-server", 512 * MiB, 0.0, 1.25e9, True, p, storage_users=2)
+    fixed = p.freeze_s + p.fs_fixed_s
+    assert two.downtime_s - fixed == pytest.approx(2 * (one.downtime_s - fixed))
+    assert one.bytes_moved == two.bytes_moved == 1024 * MiB

@@ -94,7 +94,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "bench_json": (str, "", None, "mpimig bench migrate --json output to calibrate from"),
         "spawn_s": (float, 0.30, "nonneg", "spawn of a new process"),
         "freeze_s": (float, 0.025, "nonneg", "fixed stop of every move"),
-        "storage_gbps": (float, 3.3, "pos", "the file-server's storage node, Gbit/s each way"),
+        "storage_gbps": (float, 2.4, "pos", "the file-server's storage node, Gbit/s each way (pipelined)"),
         "precopy_rounds": (int, 8, "pos", "pre-copy's rounds at most"),
     },
     "balancer": {          # mpimig/balance/balancer.py's rules, as the runtime's coordinator sets them

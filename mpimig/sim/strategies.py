@@ -13,20 +13,25 @@ of ``S`` state bytes dirtying ``D`` bytes/s over a link of ``B`` bytes/s:
   stop when the next is small (at most max(4 chunks, S/32)), stops shrinking, or
   after ``precopy_max_rounds``; then a stop-and-copy of the last dirty set.
   downtime = freeze + last/B; bytes = the rounds + last.
-- ``post-copy``: the rank stops for the freeze, resumes at the target and fetches
-  its arrays: pushed in the background at B; what it writes before the push
-  brings it is fetched on demand, stalling it: min(S, D * S/B) / B. Residual
-  dependency: until all S has arrived (S/B) the source must stay alive; if it
-  dies, the rank is lost. downtime = freeze + demand stalls; bytes = S.
+- ``post-copy``: as the runtime's ``PostCopy`` (docs/protocol.md, post-copy): the rank stops
+  for the switch only (``postcopy_switch_s``), resumes at the target at once and its arrays
+  arrive behind it: on one machine (``one_machine``: the lab's hosts are namespaces of one
+  machine, as in ``mpimig bench migrate``) a reader thread of the target copies them in place
+  from the source's memory (process_vm_readv) at ``inplace_bw`` after ``postcopy_start_s``;
+  between machines the source pushes them over MPI at B. What the rank writes before it has
+  arrived is read on demand, stalling it: min(S, D * R) / rate (R: the residual's copy time).
+  Residual dependency: until all S has arrived (start + S / rate) the source must stay alive;
+  if it dies, the rank is lost. downtime = switch + demand stalls; bytes = S.
 - ``demand-paging``: post-copy without the push: pages move only when touched,
   at the rank's touch rate (its dirty rate, at least 1% of S per second), every
   page a fault stalling it for S/B plus ``fault_s`` per 4 KiB page in all.
   Residual = S / touch rate.
-- ``file-server``: the state goes through a storage node: written by the source,
-  read by the target, the storage node's bandwidth shared by the moves using it
-  at the time. downtime = freeze + S/w + S/r (w, r: the shares); bytes = 2 S
-  (through the storage node's link).
-
+- ``file-server``: as the runtime's pipelined ``FileServer`` (docs/protocol.md, file-server):
+  the source writes the state to the storage node (an epoch file with CRCs) while the target
+  reads each block as soon as it is written, so the two overlap: downtime = freeze +
+  max(S/w, S/r) (w, r: the write and read rates, each shared by the moves using the storage
+  node at the time), plus ``fs_fixed_s`` (the file's create, close and fsync, from the bench's
+  two sizes); bytes = 2 S (through the storage node's link: written, then read).
 All moves also need a process on the target: a warm spare there (free) or a spawn
 (``spawn_s``, before the freeze, so it adds to the total, not to the downtime).
 Defaults are this machine's measurements (/work/shared/PLATFORM.md, docs/simulator.md).
@@ -52,32 +57,73 @@ class StrategyParams:
     precopy_max_rounds: int = 8     # MPIMIG_PRECOPY_ROUNDS
     chunk: int = 1 << 20            # MPIMIG_CHUNK: pre-copy's dirty-tracking granularity
     fault_s: float = 50e-6          # one demand fetch of a page (demand-paging: a userfaultfd round trip)
-    storage_write_bw: float = 0.41e9    # effective, file-server 1 GiB: 4.9-5.6 s for write + read
-    storage_read_bw: float = 0.41e9
+    storage_write_bw: float = 0.31e9    # pipelined file-server, 1 GiB: write 3.42-3.46 s (migrate-quiet-s6)
+    storage_read_bw: float = 0.31e9     # and the overlapping read 3.37-3.44 s
+    fs_fixed_s: float = 0.0             # file-server's per-move cost beyond the bytes (create, close, fsync)
+    postcopy_switch_s: float = 0.006    # post-copy's whole downtime at 0 dirty: 5-6 ms (migrate-quiet-s6)
+    postcopy_start_s: float = 0.22      # the target's reader thread starts this long after the resume
+    inplace_bw: float = 2.7e9           # its process_vm_readv copy in place: 1 GiB in 0.39 s
+    one_machine: bool = False           # the hosts are one machine's namespaces (the lab, bench migrate)
 
     @classmethod
     def from_bench_json(cls, path: str) -> StrategyParams:
-        """Calibrate from ``mpimig bench migrate --strategies --json`` output: the effective
-        bandwidth of stop-and-copy (bytes / freeze) and file-server, post-copy's freeze."""
+        """Calibrate from ``mpimig bench migrate --json`` output (its ``rows``, one per strategy, size
+        and dirty rate; docs/bench/migrate-quiet-s6.json): stop-and-copy's freeze and copy rate from
+        its downtime at the smallest and largest size (downtime = freeze + S / bw); post-copy's switch
+        (its downtime at 0 dirty), its reader thread's start and in-place rate; file-server's write
+        and read rates (pipelined). The bench runs on one machine: ``one_machine`` is set."""
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
             raise UsageError(f"costs.bench_json: cannot read {path}: {exc}") from exc
-        p = cls()
-        rows = data.get("rows") or data.get("results") or []
+        p = cls(one_machine=True)
+        rows = data.get("rows") if isinstance(data, dict) else None
         by: dict[str, list] = {}
         for row in rows if isinstance(rows, list) else []:
-            if isinstance(row, dict) and row.get("strategy") and row.get("freeze_s") and row.get("bytes"):
+            if isinstance(row, dict) and row.get("strategy") and row.get("state", "done") == "done" \
+                    and row.get("size") and row.get("downtime") is not None:
                 by.setdefault(row["strategy"], []).append(row)
-        if "stop-and-copy" in by:
-            r = by["stop-and-copy"]
-            p.copy_bw = sum(x["bytes"] / x["freeze_s"] for x in r) / len(r)
-        if "post-copy" in by:
-            p.freeze_s = min(x["freeze_s"] for x in by["post-copy"])
-        if "file-server" in by:
-            r = by["file-server"]
-            bw = sum(2 * x["bytes"] / x["freeze_s"] for x in r) / len(r)
-            p.storage_write_bw = p.storage_read_bw = bw
+        if not by:
+            raise UsageError(f"costs.bench_json: {path} has no rows of mpimig bench migrate --json")
+
+        def med(xs: list[float]) -> float:
+            xs = sorted(xs)
+            return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+        sc = [r for r in by.get("stop-and-copy", []) if not r.get("dirty")]
+        if len({r["size"] for r in sc}) >= 2:
+            lo = min(sc, key=lambda r: r["size"])
+            hi = max(sc, key=lambda r: r["size"])
+            if hi["downtime"] > lo["downtime"]:
+                p.copy_bw = (hi["size"] - lo["size"]) / (hi["downtime"] - lo["downtime"])
+                p.freeze_s = max(0.0, lo["downtime"] - lo["size"] / p.copy_bw)
+        pc = by.get("post-copy", [])
+        if pc:
+            p.postcopy_switch_s = med([r["downtime"] for r in pc if not r.get("dirty")] or [r["downtime"] for r in pc])
+            st = [r.get("stats") or {} for r in pc]
+            rates = [x["read_bytes_thread"] / x["read_s_thread"] for x in st
+                     if x.get("read_bytes_thread") and x.get("read_s_thread")]
+            if rates:
+                p.inplace_bw = med(rates)
+            starts = [x["thread_start_s"] for x in st if x.get("thread_start_s") is not None]
+            if starts:
+                p.postcopy_start_s = med(starts)
+        fs = [r for r in by.get("file-server", []) if (r.get("stats") or {}).get("write_s")
+              and r["stats"].get("read_s")]
+        if len({r["size"] for r in fs}) >= 2:
+            # from the smallest and largest size (the medians of their rows): the downtime per byte
+            # more (the slower of the overlapping write and read sets it), shared between the write
+            # and the read as their own seconds per byte more are; the rest (the file's create, close
+            # and fsync) fixed
+            lo, hi = min(r["size"] for r in fs), max(r["size"] for r in fs)
+
+            def at(size: int, key: str) -> float:
+                return med([r["stats"][key] if key != "downtime" else r["downtime"] for r in fs if r["size"] == size])
+            dw, dr = at(hi, "write_s") - at(lo, "write_s"), at(hi, "read_s") - at(lo, "read_s")
+            dd = at(hi, "downtime") - at(lo, "downtime")
+            if dw > 0 and dr > 0 and dd > 0:
+                scale = dd / max(dw, dr)
+                p.storage_write_bw, p.storage_read_bw = (hi - lo) / (dw * scale), (hi - lo) / (dr * scale)
+                p.fs_fixed_s = max(0.0, at(lo, "downtime") - p.freeze_s - lo * dd / (hi - lo))
         return p
 
 
@@ -121,9 +167,11 @@ def move_timing(strategy: str, state: int, dirty: float, bw: float, spare: bool,
         return MoveTiming(strategy, int(round(sum(rounds) + last)), down, spawn + live + down,
                           spawn + live + down, rounds=len(rounds))
     if strategy == "post-copy":
-        down = p.freeze_s + min(float(state), dirty * state / bw) / bw
-        return MoveTiming(strategy, state, down, spawn + down + state / bw, spawn + down,
-                          residual_s=state / bw)
+        rate = p.inplace_bw if p.one_machine else bw      # in place on one machine, an MPI push between
+        copy = state / rate
+        down = p.postcopy_switch_s + min(float(state), dirty * copy) / rate
+        residual = p.postcopy_start_s + copy
+        return MoveTiming(strategy, state, down, spawn + down + residual, spawn + down, residual_s=residual)
     if strategy == "demand-paging":
         touch = max(dirty, 0.01 * state, 1.0)
         down = p.freeze_s + state / bw + (state / PAGE) * p.fault_s
@@ -131,6 +179,6 @@ def move_timing(strategy: str, state: int, dirty: float, bw: float, spare: bool,
                           residual_s=state / touch)
     if strategy == "file-server":
         n = max(1, storage_users)
-        down = p.freeze_s + state / (p.storage_write_bw / n) + state / (p.storage_read_bw / n)
+        down = p.freeze_s + p.fs_fixed_s + max(state / (p.storage_write_bw / n), state / (p.storage_read_bw / n))
         return MoveTiming(strategy, 2 * state, down, spawn + down, spawn + down)
     raise UsageError(f"unknown migration strategy {strategy!r} (known: {', '.join(NAMES)})")
