@@ -383,3 +383,74 @@ def test_a_failing_policy_is_a_no_move_decision_not_a_lost_job(tmp_path):
     assert [(x["move"], x["reason"]) for x in out] == \
         [(False, "the balancer failed: ZeroDivisionError: no load anywhere")]
     assert [e["reason"] for e in events.read(tmp_path) if e["event"] == "decision"] == [out[0]["reason"]]
+
+
+RANGE_PROG = '''
+import json, sys, time
+import mpimig
+
+def main(ctx):
+    seen = {}
+    ctx.state(x=0)
+    ctx.checkpoint_point()
+    ctx.checkpoint_point()                      # two safe points before the loops
+    for i in ctx.range(10):                     # 2 + 10 = 12 points in all (so far)
+        seen.setdefault("first", (ctx.point, ctx.total_points))
+        time.sleep(0.02)
+    for i in ctx.range(5):                      # a second loop after the first: 12 + 5 = 17
+        seen.setdefault("second", (ctx.point, ctx.total_points))
+        time.sleep(0.02)
+    seen["after"] = (ctx.point, ctx.total_points)
+    for i in ctx.range(2):                      # nested loops: the total is no longer known
+        for j in ctx.range(3):
+            seen.setdefault("nested", (ctx.point, ctx.total_points))
+    seen["end"] = (ctx.point, ctx.total_points)
+    if ctx.rank == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump(seen, f)
+    return None
+
+def declared(ctx):
+    ctx.total_points = 99                       # the program's own figure wins
+    for i in ctx.range(4):
+        pass
+    if ctx.rank == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump({"end": (ctx.point, ctx.total_points)}, f)
+
+mpimig.run(declared if sys.argv[2:] == ["declared"] else main)
+'''
+
+
+def test_ctx_range_declares_the_total_points_when_the_program_does_not(tmp_path):
+    """ctx.range(n) sets ctx.total_points (points so far + iterations left) when the program set none,
+    so the balancer knows the remaining run (issue 12: heat2d-like loops undervalued every move early).
+    A later loop extends it; a nested loop makes it unknown; a program's own figure is kept. The figure
+    reaches the balancer: the rank's report carries it and the snapshot's remaining points follow."""
+    prog = tmp_path / "ranges.py"
+    prog.write_text(RANGE_PROG)
+    for extra, job in (([], tmp_path / "job"), (["declared"], tmp_path / "job2")):
+        out = tmp_path / f"seen{len(extra)}.json"
+        res = run_cmd(mpimig_cmd("run", "-n", 2, "--job-dir", job, "--policy", "none", "--metrics-seconds", 0.05,
+                                 "--balance-seconds", 0.2, prog, out, *extra), timeout=180)
+        assert "job completed" in res.stderr, res.stderr[-3000:]
+        seen = json.loads(out.read_text())
+        if extra:
+            assert seen == {"end": [4, 99]}
+            continue
+        # ctx.point inside a loop's body counts the safe points passed before this iteration
+        assert seen["first"] == [2, 12] and seen["second"] == [12, 17] and seen["after"] == [17, 17]
+        assert seen["nested"] == [17, None] and seen["end"] == [25, None]   # 2 x (3 + 1) points
+        reps = [e for e in events.read(job) if e["event"] == "decision"]
+        assert reps, "the balancer made no round"
+
+
+def test_the_snapshot_uses_a_ranks_declared_total_from_ctx_range(tmp_path):
+    # what the driver makes of a report carrying the total ctx.range set: remaining = total - point
+    from mpimig.balance.driver import BalanceDriver
+    from mpimig.balance.policies import remaining_points
+    d = BalanceDriver("none", tmp_path, "r", ["a", "b"], {"a": 2, "b": 2}, t0=0.0)
+    for r in ROUTING:
+        d.on_report(_report(r["rank"], r["pid"], point=15, total_points=120), ROUTING)
+    snap = d.snapshot(ROUTING, {}, 0)
+    assert remaining_points(snap) == 105       # without a total: 15 (as many as it has run)
