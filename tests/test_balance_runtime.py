@@ -261,6 +261,13 @@ def _report(rank, pid, **kw):
     return rep
 
 
+def _setup_reports(d, routing):
+    """Each process's first report, which the driver drops (its window counts the program's setup)."""
+    for r in routing:
+        d.on_report(_report(r["rank"], r["pid"], t=0.0, compute_s=30.0), routing)
+    assert not d.reports
+
+
 ROUTING = [{"rank": 0, "host": "a", "pid": 10}, {"rank": 1, "host": "a", "pid": 11},
            {"rank": 2, "host": "b", "pid": 12}]
 
@@ -269,6 +276,7 @@ def test_driver_builds_the_snapshot_from_reports(tmp_path):
     from mpimig.balance.driver import BalanceDriver, host_slots
     assert host_slots("a:2,b,a:1", ["a", "b"]) == {"a": 3, "b": 1}
     d = BalanceDriver("none", tmp_path, "r", ["a", "b", "c"], {"a": 2, "b": 4, "c": 2}, t0=0.0)
+    _setup_reports(d, ROUTING)
     d.on_report(_report(0, 10, cpu_s=0.5, cpu_share=0.5, sent={1: 8000, 2: 2000}, total_points=80,
                         loadavg=3.5, mem_available=4 << 30), ROUTING)
     d.on_report(_report(1, 11, loadavg=9.0, t=50.0), ROUTING)     # older: rank 0's host figures win
@@ -290,6 +298,7 @@ def test_driver_keeps_a_hosts_cgroup_limit_after_its_ranks_leave(tmp_path):
     # snapshot still says b allows 0.2 core (the policies must not take the emptied b for a free host).
     from mpimig.balance.driver import BalanceDriver
     d = BalanceDriver("none", tmp_path, "r", ["a", "b"], {"a": 2, "b": 2}, t0=0.0)
+    _setup_reports(d, ROUTING)
     for r in ROUTING:
         d.on_report(_report(r["rank"], r["pid"], cpu_limit=0.2 if r["host"] == "b" else 2.0), ROUTING)
     s = d.snapshot(ROUTING, {}, 0)
@@ -301,6 +310,7 @@ def test_driver_keeps_a_hosts_cgroup_limit_after_its_ranks_leave(tmp_path):
     assert d.status(moved, {})["hosts"]["b"]["cpu_limit"] == 0.2
     # a report without the field (an older rank) leaves the limit unknown
     d2 = BalanceDriver("none", tmp_path, "r", ["a", "b"], {"a": 2, "b": 2}, t0=0.0)
+    _setup_reports(d2, ROUTING)
     d2.on_report(_report(0, 10), ROUTING)
     assert d2.snapshot(ROUTING, {}, 0).hosts["a"].cpu_limit == 0.0
 
@@ -309,6 +319,7 @@ def test_a_moved_ranks_first_report_is_dropped(tmp_path):
     # its new process's first window counts the restore as compute: only the second report counts
     from mpimig.balance.driver import BalanceDriver
     d = BalanceDriver("none", tmp_path, "r", ["a", "b"], {"a": 2, "b": 2}, t0=0.0)
+    _setup_reports(d, ROUTING)
     for r in ROUTING:
         d.on_report(_report(r["rank"], r["pid"]), ROUTING)
     d.migration_done({"rank": 2, "from": "b", "to": "a", "strategy": "stop-and-copy", "timings": {}})
@@ -378,6 +389,7 @@ def test_a_failing_policy_is_a_no_move_decision_not_a_lost_job(tmp_path):
         def decide(self, snap, cost):
             raise ZeroDivisionError("no load anywhere")
     d = BalanceDriver("none", tmp_path, "r", ["a", "b"], {"a": 2, "b": 2}, t0=0.0)
+    _setup_reports(d, ROUTING)
     d.balancer = Balancer(Broken())
     for r in ROUTING:
         d.on_report(_report(r["rank"], r["pid"]), ROUTING)
@@ -452,6 +464,7 @@ def test_the_snapshot_uses_a_ranks_declared_total_from_ctx_range(tmp_path):
     from mpimig.balance.driver import BalanceDriver
     from mpimig.balance.policies import remaining_points
     d = BalanceDriver("none", tmp_path, "r", ["a", "b"], {"a": 2, "b": 2}, t0=0.0)
+    _setup_reports(d, ROUTING)
     for r in ROUTING:
         d.on_report(_report(r["rank"], r["pid"], point=15, total_points=120), ROUTING)
     snap = d.snapshot(ROUTING, {}, 0)
@@ -471,6 +484,7 @@ def test_the_balancer_decides_on_several_report_windows_not_one_noisy_window(tmp
     def decide(window_s, shares):
         d = BalanceDriver("refine", tmp_path, "r", ["a", "b", "c", "d"], {"a": 1, "b": 1, "c": 1, "d": 1},
                           t0=0.0, window_s=window_s)
+        _setup_reports(d, routing)
         for k, t in enumerate((100.0, 100.5, 101.0, 101.5)):
             for r in routing:
                 share = shares[k] if r["rank"] == 0 else 1.0
@@ -490,3 +504,16 @@ def test_the_balancer_decides_on_several_report_windows_not_one_noisy_window(tmp
     assert moves == []
     assert decide(0.0, noisy)[1] == [(0, "d")]              # one window: the noise moves rank 0
     assert decide(2.0, (0.5, 0.5, 0.5, 0.5))[1] == [(0, "d")]   # slow in every window: it moves
+
+
+def test_a_new_jobs_first_report_of_each_process_is_dropped(tmp_path):
+    # run 11: the first window of each rank counts the program's setup (from the process's start to its
+    # first safe point) as compute; a balanced run moved a rank 1.2 s after the start on such windows
+    from mpimig.balance.driver import BalanceDriver
+    d = BalanceDriver("greedy", tmp_path, "r", ["a", "b"], {"a": 2, "b": 2}, t0=0.0)
+    d.on_report(_report(0, 10, compute_s=30.0), ROUTING)          # setup counted as compute: 3 s per point
+    assert 0 not in d.reports
+    d.on_report(_report(0, 10, compute_s=1.0, t=101.0), ROUTING)
+    assert d.reports[0]["compute_s"] == 1.0
+    d.on_report(_report(0, 99, compute_s=30.0), ROUTING)          # not the process holding rank 0
+    assert d.reports[0]["compute_s"] == 1.0

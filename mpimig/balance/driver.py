@@ -95,6 +95,7 @@ class BalanceDriver:
         # so an emptied host under a CPU quota is not taken for a free one
         self.cpu_limits: dict[str, float] = {}
         self.arrived: set[int] = set()               # moved ranks whose first report is still to be dropped
+        self.seen: set[tuple[int, int]] = set()      # (rank, pid) pairs whose first report was dropped
 
     # -- reports ---------------------------------------------------------------------
     def on_report(self, rep: dict, routing: list[dict]) -> None:
@@ -102,12 +103,16 @@ class BalanceDriver:
         r = rep.get("rank")
         if not isinstance(r, int) or not 0 <= r < len(routing) or routing[r]["pid"] != rep.get("pid"):
             return
-        if r in self.arrived:
+        pair = (r, int(rep.get("pid") or 0))
+        if r in self.arrived or pair not in self.seen:
             # the first window of a moved rank's new process counts its restore as compute (the state
             # arriving, a 256 MiB ballast unpacked at 0.07 core): its step looks many times longer
             # than it is, and a policy relieved its host (run 8, drift: multi-factor moved rank 1 onto
-            # the slowed host to make room for it). Its second report is the first to count.
+            # the slowed host to make room for it). Its second report is the first to count. So with
+            # a new job's first window, which counts the program's setup (run 11: in a balanced run
+            # multi-factor moved a rank 1.2 s after the start on such windows, and moved it back later).
             self.arrived.discard(r)
+            self.seen.add(pair)
             return
         self.reports[r] = rep
         win = self.windows.setdefault(r, [])
