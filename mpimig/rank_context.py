@@ -74,6 +74,9 @@ class Context:
         self._procs: list[dict] | None = None   # every rank's host, pid and role (at the end)
         self.weight = 1.0                     # priority for the balancer (the program may set it)
         self.total_points: int | None = None  # safe points the whole run will pass, if the program knows
+        self._auto_total: int | None = None   # the total_points a ctx.range loop set (the program set none)
+        self._auto_nested = False             # a ctx.range loop ran inside another: no automatic total
+        self._ranges_open = 0                 # ctx.range loops being iterated now
         self._meter: Meter | None = Meter(config.metrics_seconds, seed=comm.rank) if config.policy else None
         self._setup: replay.Session | None = None   # recording (or replaying) the setup until the resume point
         self._loops = 0                       # ctx.range loops entered in this run of the program
@@ -170,17 +173,39 @@ class Context:
 
         The loop's position is registered state: after a restart, a migration or a
         recovery the loop carries on with the next iteration. Entering the loop is
-        the resume point (as the first :meth:`state` call is)."""
+        the resume point (as the first :meth:`state` call is).
+
+        If the program has not set ``ctx.total_points``, the loop sets it: the points
+        passed so far plus the iterations left, so the balancer knows the remaining
+        run (``remaining_points``) without the program saying it. A loop entered after
+        another one ended extends it; a loop inside another one makes it unknown again
+        (its points multiply the outer loop's, which this loop cannot see)."""
         r = range(*args)
         key = f"_mpimig_range{self._loops}"
         self._loops += 1
         st = self.state()
         if key not in st:
             st[key] = 0
-        for i in range(st[key], len(r)):
-            yield r[i]
-            st[key] = i + 1
-            self.checkpoint_point()
+        self._enter_range(len(r) - st[key])
+        try:
+            for i in range(st[key], len(r)):
+                yield r[i]
+                st[key] = i + 1
+                self.checkpoint_point()
+        finally:
+            self._ranges_open -= 1
+
+    def _enter_range(self, left: int) -> None:
+        """``ctx.total_points`` from a :meth:`range` loop with ``left`` iterations to go,
+        unless the program set it (see :meth:`range`)."""
+        self._ranges_open += 1
+        if self.total_points is not None and self.total_points != self._auto_total:
+            return                            # the program's own figure
+        if self._ranges_open > 1:
+            self.total_points = self._auto_total = None   # nested: the total is not known
+            self._auto_nested = True
+        elif not self._auto_nested:
+            self.total_points = self._auto_total = self.point + left
 
     # -- safe points -----------------------------------------------------------
     def request_checkpoint(self) -> None:

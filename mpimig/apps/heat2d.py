@@ -148,6 +148,7 @@ class Block:
 
 def main(ctx, args) -> dict | None:                               # mpimig
     comm = ctx.comm                                               # mpimig
+    ctx.total_points = args.steps   # one safe point per step: the balancer knows the remaining run
     grid = Block(args.n, comm.size, comm.rank)
     st = ctx.state(u=mpimig.Distributed(grid.initial(), (args.n, args.n), start=(grid.r0, grid.c0), halo=1),
                    step=0)                                        # mpimig

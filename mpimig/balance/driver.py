@@ -5,7 +5,11 @@ The coordinator (:mod:`mpimig.migration.coordinator`) owns one
 from the first ``mpimig drain`` (then with the policy ``none``: a drain is
 carried out whatever the policy). The driver
 
-- keeps the latest metric report of each rank (:mod:`.metrics`, ``TAG_METRICS``);
+- keeps the metric reports of each rank (:mod:`.metrics`, ``TAG_METRICS``) of the
+  last ``window_s`` seconds and decides on their sum (:meth:`BalanceDriver.merged`): one
+  report window (0.5 s, a few safe points) is noisy on a loaded machine, and a policy
+  acted on a host that looked slow for one window (issue 12, run 9: multi-factor emptied
+  a host on a single window's figures, and the next rounds found it was not slow);
 - every ``balance_seconds`` builds a :class:`~.snapshot.Snapshot` (per-point
   figures of each rank; per host: slots from the host list, speed = CPU share
   of its ranks, free memory, load from outside the job, the cores its cgroup allows
@@ -35,6 +39,11 @@ from .snapshot import Decision, HostMetrics, RankMetrics, Snapshot
 
 log = logging.getLogger(__name__)
 
+#: seconds of each rank's reports the snapshot sums (BalanceDriver.merged)
+WINDOW_S = 2.0
+#: the counted figures of a report, summed over the window
+SUMMED = ("wall_s", "compute_s", "comm_s", "cpu_s", "span_s", "cpu_window_s")
+
 #: decisions kept for status.json (the event log has them all)
 KEEP_DECISIONS = 20
 
@@ -61,7 +70,8 @@ class BalanceDriver:
     """The coordinator's balancer: see the module docstring."""
 
     def __init__(self, spec: str, job_dir: Any, run_id: str, hosts: list[str], slots: dict[str, int],
-                 interval: float = 2.0, t0: float | None = None, cost_json: str = "") -> None:
+                 interval: float = 2.0, t0: float | None = None, cost_json: str = "",
+                 window_s: float = WINDOW_S) -> None:
         from . import balancer, cost, policies
         self.spec = spec or "none"
         self.policy = policies.parse(self.spec)
@@ -73,7 +83,9 @@ class BalanceDriver:
         self.interval = interval
         self.t0 = time.time() if t0 is None else t0
         self.next_t = time.monotonic() + interval
-        self.reports: dict[int, dict] = {}
+        self.reports: dict[int, dict] = {}           # rank -> its latest report
+        self.window_s = window_s
+        self.windows: dict[int, list[dict]] = {}     # rank -> its reports of the last window_s seconds
         self.draining: list[str] = []
         self.moved_t: dict[int, float] = {}          # rank -> snapshot time of its last completed move
         self.decisions: collections.deque = collections.deque(maxlen=KEEP_DECISIONS)
@@ -83,6 +95,7 @@ class BalanceDriver:
         # so an emptied host under a CPU quota is not taken for a free one
         self.cpu_limits: dict[str, float] = {}
         self.arrived: set[int] = set()               # moved ranks whose first report is still to be dropped
+        self.seen: set[tuple[int, int]] = set()      # (rank, pid) pairs whose first report was dropped
 
     # -- reports ---------------------------------------------------------------------
     def on_report(self, rep: dict, routing: list[dict]) -> None:
@@ -90,14 +103,43 @@ class BalanceDriver:
         r = rep.get("rank")
         if not isinstance(r, int) or not 0 <= r < len(routing) or routing[r]["pid"] != rep.get("pid"):
             return
-        if r in self.arrived:
+        pair = (r, int(rep.get("pid") or 0))
+        if r in self.arrived or pair not in self.seen:
             # the first window of a moved rank's new process counts its restore as compute (the state
             # arriving, a 256 MiB ballast unpacked at 0.07 core): its step looks many times longer
             # than it is, and a policy relieved its host (run 8, drift: multi-factor moved rank 1 onto
-            # the slowed host to make room for it). Its second report is the first to count.
+            # the slowed host to make room for it). Its second report is the first to count. So with
+            # a new job's first window, which counts the program's setup (run 11: in a balanced run
+            # multi-factor moved a rank 1.2 s after the start on such windows, and moved it back later).
             self.arrived.discard(r)
+            self.seen.add(pair)
             return
         self.reports[r] = rep
+        win = self.windows.setdefault(r, [])
+        win.append(rep)
+        t = float(rep.get("t", 0.0))
+        while len(win) > 1 and t - float(win[0].get("t", 0.0)) > self.window_s:
+            win.pop(0)
+
+    def merged(self, r: int) -> dict | None:
+        """Rank ``r``'s reports of the last ``window_s`` seconds as one report: the counted
+        figures (points, compute, comm, CPU seconds, bytes sent) summed, the CPU share over
+        the sum, the rest from the latest report."""
+        rep = self.reports.get(r)
+        win = self.windows.get(r) or ([rep] if rep is not None else [])
+        if rep is None or len(win) <= 1:
+            return rep
+        out = dict(rep)
+        for k in SUMMED:
+            out[k] = sum(float(w.get(k) or 0.0) for w in win)
+        out["points"] = sum(int(w.get("points") or 0) for w in win)
+        sent: dict = {}
+        for w in win:
+            for j, b in (w.get("sent") or {}).items():
+                sent[j] = sent.get(j, 0) + b
+        out["sent"] = sent
+        out["cpu_share"] = min(1.0, out["cpu_s"] / out["compute_s"]) if out["compute_s"] > 0 else 1.0
+        return out
 
     # -- drain -------------------------------------------------------------------------
     def drain(self, host: str) -> None:
@@ -107,7 +149,7 @@ class BalanceDriver:
 
     # -- the snapshot ------------------------------------------------------------------
     def rank_metrics(self, r: int, host: str) -> RankMetrics:
-        rep = self.reports.get(r)
+        rep = self.merged(r)
         if rep is None or not rep.get("points"):
             return RankMetrics(rank=r, host=host, compute_s=0.0, last_move_t=self.moved_t.get(r))
         n = rep["points"]
@@ -124,7 +166,7 @@ class BalanceDriver:
     def host_metrics(self, routing: list[dict], spares: dict[str, int]) -> dict[str, HostMetrics]:
         out = {}
         for h in self.hosts:
-            reps = [self.reports[r["rank"]] for r in routing if r["host"] == h and r["rank"] in self.reports]
+            reps = [m for m in (self.merged(r["rank"]) for r in routing if r["host"] == h) if m is not None]
             shares = [rep["cpu_share"] for rep in reps if rep.get("points") and rep["compute_s"] > 0]
             newest = max(reps, key=lambda rep: rep["t"]) if reps else None
             running = sum(1 for r in routing if r["host"] == h)
@@ -191,6 +233,9 @@ class BalanceDriver:
         t = time.time() - self.t0
         self.moved_t[m["rank"]] = t
         self.reports.pop(m["rank"], None)        # its next report comes from the new process
+        self.windows.pop(m["rank"], None)
+        for win in self.windows.values():        # the other ranks' shares change with the move:
+            del win[:-1]                         # their windows from before it are not summed
         self.arrived.add(m["rank"])              # ... and is dropped (on_report)
         tm = m.get("timings", {})
         self.balancer.note_moved(m["rank"], m.get("from") or "", m["to"], t)
