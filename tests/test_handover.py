@@ -249,15 +249,14 @@ def _vma_flags(addr: int) -> list[str]:
     raise AssertionError(f"no mapping holds {addr:#x}")
 
 
-def test_new_buffers_advised_huge_pages_as_numpy_does(monkeypatch):
-    """Buffers of 4 MiB and more get MADV_HUGEPAGE (``hg`` in smaps), as numpy's arrays do: a
-    later move reads them at memcpy speed (4 KiB pages: about half); NUMPY_MADVISE_HUGEPAGE=0
-    turns it off for both."""
+def test_new_buffers_advised_huge_pages_only_when_asked(monkeypatch):
+    """MPIMIG_HANDOVER_HUGEPAGES=1: buffers of 4 MiB and more get MADV_HUGEPAGE (``hg`` in
+    smaps), as numpy's arrays do; smaller ones, and every buffer by default, do not."""
     from mpimig.migration import handover
-    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+    monkeypatch.setenv("MPIMIG_HANDOVER_HUGEPAGES", "1")
     big, small = handover.prefault((handover.HUGE_MIN // 8,), "<f8"), handover.fresh((handover.HUGE_MIN - 4096,), "u1")
     assert "hg" in _vma_flags(big.ctypes.data) and "hg" not in _vma_flags(small.ctypes.data)
     assert not big.any()
-    monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "0")
+    monkeypatch.delenv("MPIMIG_HANDOVER_HUGEPAGES")
     off = handover.fresh((handover.HUGE_MIN,), "u1")
     assert "hg" not in _vma_flags(off.ctypes.data)

@@ -136,21 +136,24 @@ def populate_ok() -> bool:
         m.close()
 
 
-#: arrays from this size on are advised to use transparent huge pages, as numpy's own are
+#: from this size on, with MPIMIG_HANDOVER_HUGEPAGES=1, new buffers are advised transparent huge pages
 HUGE_MIN = 4 << 20
 _MADV_HUGEPAGE = 14
 
 
 def huge_ok() -> bool:
-    """Whether new buffers get MADV_HUGEPAGE: numpy's rule (it advises its arrays of 4 MiB and
-    more unless ``NUMPY_MADVISE_HUGEPAGE=0``). A read out of huge pages runs at memcpy speed;
-    out of 4 KiB pages at about half (the old process's arrays are what the next move reads)."""
-    return (os.environ.get("NUMPY_MADVISE_HUGEPAGE") or "1").strip() != "0"
+    """``MPIMIG_HANDOVER_HUGEPAGES=1``: new buffers of :data:`HUGE_MIN` bytes and more get
+    MADV_HUGEPAGE (as numpy's arrays do). Off by default: a read out of huge pages ran at memcpy
+    speed, out of 4 KiB pages at about half (docs/bench/migrate-sc-vmread.txt), but where memory is
+    fragmented the kernel compacts at each fault: a warm spare's faulting thread took 4 s for
+    1 GiB (0.3 s in 4 KiB pages) and had not finished at the switch, and the copy faulted the rest
+    in the downtime (docs/bench/migrate-sc-after2-hugepages.*)."""
+    return (os.environ.get("MPIMIG_HANDOVER_HUGEPAGES") or "0").strip() == "1"
 
 
 def fresh(shape: tuple, dtype: str) -> np.ndarray:
-    """A new array in its own page-aligned anonymous mapping, not faulted in yet; from
-    :data:`HUGE_MIN` bytes on advised to use transparent huge pages (:func:`huge_ok`)."""
+    """A new array in its own page-aligned anonymous mapping, not faulted in yet (advised
+    transparent huge pages from :data:`HUGE_MIN` bytes on if :func:`huge_ok`)."""
     dt = np.dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
     if n == 0:
