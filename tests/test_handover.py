@@ -10,12 +10,19 @@
   bit-identical too, and the path is named;
 * the memory read between two real processes copies the bytes exactly; a read
   from a process that is gone is an error naming the pid; an unknown mode is
-  refused with the known ones.
+  refused with the known ones;
+* the read split over threads (``MPIMIG_HANDOVER_THREADS``): the shares cover every
+  byte once, in order, cut at page multiples; the hand-over alone between two ranks
+  (tests/progs/handover_pair.py) is bit-identical with 1 and 3 threads, names the
+  threads it used, and the old process, waiting for the target's reply, naps: it uses
+  well under the CPU time a spinning process gets meanwhile (a blocking receive
+  spun: 3-4x that time under load).
 """
 from __future__ import annotations
 
 import errno
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -24,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import APPS, heat_ref, kill_session, mpimig_cmd, read, run_cmd
+from conftest import APPS, ROOT, base_env, heat_ref, kill_session, mpimig_cmd, read, run_cmd
 from test_strategies import env
 
 HOST = socket.gethostname()
@@ -142,3 +149,114 @@ def test_faulting_thread_runs_to_the_end_or_stops_at_the_switch():
     cut.start()
     assert cut.finish() is cut and not cut.is_alive() and cut.nbytes == 0
     assert not fresh["a"][:: 1 << 20].any() and not arrays["a"].any()      # new memory reads as zeros
+
+
+def test_shares_cover_every_byte_once_in_order_at_page_multiples():
+    from mpimig.migration.handover import shares
+    P = 4096
+    runs = [(1 << 40, 1 << 30, 10 * P + 5), (2 << 40, 2 << 30, 3), (3 << 40, 3 << 30, 7 * P)]
+    total = sum(n for _, _, n in runs)
+    for k in (1, 2, 3, 4, 64):
+        got = shares(runs, k, P)
+        assert 1 <= len(got) <= k
+        flat = [r for part in got for r in part]
+        pos = 0                          # the pieces, in order, are exactly the runs cut up
+        for r0, l0, n in runs:
+            off = 0
+            while off < n:
+                r, lo, m = flat[pos]
+                assert (r, lo) == (r0 + off, l0 + off) and m > 0
+                off, pos = off + m, pos + 1
+            assert off == n
+        assert pos == len(flat)
+        sizes = [sum(m for _, _, m in part) for part in got]
+        assert sum(sizes) == total
+        assert all(x % P == 0 for x in sizes[:-1])               # every cut at a page multiple
+        if k <= 3:
+            assert len(got) == k and max(sizes) - min(sizes) <= 2 * P      # nearly equal
+    assert shares([], 2) == [] and shares(runs, 1) == [runs]
+
+
+def test_threaded_read_exact_and_a_gone_process_fails_the_whole_read(monkeypatch):
+    from mpimig.migration import handover
+    monkeypatch.setattr(handover, "SPLIT_MIN", 0)           # the holder's 8 MiB in 3 shares
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        addr = int(proc.stdout.readline())
+        want = np.arange(1 << 20, dtype=np.float64) * 1.5 - 7.25
+        want[3], want[5] = -0.0, np.nan
+        got = handover.prefault((1 << 20,), "<f8")
+        half = got.nbytes // 2 + 24         # two runs, the second starting off a page boundary
+        runs = [(addr, got.ctypes.data, half), (addr + half, got.ctypes.data + half, got.nbytes - half)]
+        assert handover.read_runs(proc.pid, runs, 3) == 3
+        assert got.tobytes() == want.tobytes()
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.wait(timeout=30)
+        with pytest.raises(OSError, match=f"process_vm_readv from pid {proc.pid}") as ei:
+            handover.read_runs(proc.pid, runs, 3)
+        assert ei.value.errno == errno.ESRCH
+    finally:
+        kill_session(proc.pid)
+
+
+def test_read_threads_setting(monkeypatch):
+    from mpimig.errors import UsageError
+    from mpimig.migration import handover
+    monkeypatch.delenv("MPIMIG_HANDOVER_THREADS", raising=False)
+    assert handover.read_threads() == min(2, len(os.sched_getaffinity(0)))
+    monkeypatch.setenv("MPIMIG_HANDOVER_THREADS", "3")
+    assert handover.read_threads() == 3
+    for bad in ("0", "two"):
+        monkeypatch.setenv("MPIMIG_HANDOVER_THREADS", bad)
+        with pytest.raises(UsageError, match=f"MPIMIG_HANDOVER_THREADS='{bad}': a number of threads"):
+            handover.read_threads()
+
+
+PAIR = ROOT / "tests" / "progs" / "handover_pair.py"
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+
+@pytest.mark.parametrize("threads,delay", [(1, 0.0), (3, 1.0)])
+def test_handover_pair_bit_identical_threads_and_the_old_process_naps(tmp_path, threads, delay):
+    out = tmp_path / "out.json"
+    res = run_cmd([MPIEXEC, "--allow-run-as-root", "--oversubscribe", "-n", 2, sys.executable, PAIR,
+                   "--out", out, "--mib", 40, "--delay", delay], timeout=180,
+                  env=base_env(MPIMIG_HANDOVER_THREADS=threads))
+    assert out.exists(), res.stdout[-2000:] + res.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["same"] == {k: True for k in ("u", "odd", "m", "f", "one")} and r["objects"] is True, r
+    st = r["stats"]
+    assert st["handover"] == "memory" and st["read_threads"] == threads, st    # 40 MiB >= SPLIT_MIN
+    if delay:
+        # the old process waited >= 1 s for the reply: polled with naps it uses a small part of
+        # what a spinning process got meanwhile (the old blocking receive: 3-4x as much)
+        src = r["source"]
+        assert src["wall"] >= delay and src["cpu"] < 0.5 * r["spin_cpu"], r
+
+
+def _vma_flags(addr: int) -> list[str]:
+    """VmFlags of this process's mapping that holds ``addr`` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+def test_new_buffers_advised_huge_pages_only_when_asked(monkeypatch):
+    """MPIMIG_HANDOVER_HUGEPAGES=1: buffers of 4 MiB and more get MADV_HUGEPAGE (``hg`` in
+    smaps), as numpy's arrays do; smaller ones, and every buffer by default, do not."""
+    from mpimig.migration import handover
+    monkeypatch.setenv("MPIMIG_HANDOVER_HUGEPAGES", "1")
+    big, small = handover.prefault((handover.HUGE_MIN // 8,), "<f8"), handover.fresh((handover.HUGE_MIN - 4096,), "u1")
+    assert "hg" in _vma_flags(big.ctypes.data) and "hg" not in _vma_flags(small.ctypes.data)
+    assert not big.any()
+    monkeypatch.delenv("MPIMIG_HANDOVER_HUGEPAGES")
+    off = handover.fresh((handover.HUGE_MIN,), "u1")
+    assert "hg" not in _vma_flags(off.ctypes.data)

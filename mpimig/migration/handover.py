@@ -18,6 +18,12 @@ This module moves the bulk state in three ways that avoid both:
   its address space with ``process_vm_readv`` (one copy, no TCP, no shared
   segment: nothing is left in /dev/shm on any path, also when a process is
   killed). Same host means the same host name and the same kernel boot id.
+  From :data:`SPLIT_MIN` bytes on the read is cut into page-aligned shares read by
+  ``MPIMIG_HANDOVER_THREADS`` threads at once (default 2, at most the cores the
+  process may run on; ctypes releases the GIL): one thread's copy reaches about
+  half of what the memory gives (:func:`read_runs`). The old process waits for the
+  target's reply by polling with short naps (:func:`await_reply`): a blocking MPI
+  receive busy-polls a core, the one the reading threads need.
 * **otherwise, or forced** (``handover="mpi"``): the target pre-posts one
   ``Irecv`` per piece (``MPIMIG_HANDOVER_PIECE`` bytes, default 16 MiB) into its
   pre-faulted buffers and the source posts every ``Isend``: the pieces stream
@@ -70,6 +76,21 @@ def mode() -> str:
     return m
 
 
+def read_threads() -> int:
+    """``MPIMIG_HANDOVER_THREADS``: threads reading the frozen process's memory at once
+    (default 2, at most the cores this process may run on)."""
+    v = (os.environ.get("MPIMIG_HANDOVER_THREADS") or "").strip()
+    if not v:
+        return max(1, min(2, len(os.sched_getaffinity(0))))
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UsageError(f"MPIMIG_HANDOVER_THREADS={v!r}: a number of threads, at least 1")
+    return n
+
+
 def piece_bytes() -> int:
     p = int(os.environ.get("MPIMIG_HANDOVER_PIECE", str(16 << 20)) or (16 << 20))
     if p < 4096:
@@ -115,14 +136,33 @@ def populate_ok() -> bool:
         m.close()
 
 
+#: from this size on, with MPIMIG_HANDOVER_HUGEPAGES=1, new buffers are advised transparent huge pages
+HUGE_MIN = 4 << 20
+_MADV_HUGEPAGE = 14
+
+
+def huge_ok() -> bool:
+    """``MPIMIG_HANDOVER_HUGEPAGES=1``: new buffers of :data:`HUGE_MIN` bytes and more get
+    MADV_HUGEPAGE (as numpy's arrays do). Off by default: a read out of huge pages ran at memcpy
+    speed, out of 4 KiB pages at about half (docs/bench/migrate-sc-vmread.txt), but where memory is
+    fragmented the kernel compacts at each fault: a warm spare's faulting thread took 4 s for
+    1 GiB (0.3 s in 4 KiB pages) and had not finished at the switch, and the copy faulted the rest
+    in the downtime (docs/bench/migrate-sc-after2-hugepages.*)."""
+    return (os.environ.get("MPIMIG_HANDOVER_HUGEPAGES") or "0").strip() == "1"
+
+
 def fresh(shape: tuple, dtype: str) -> np.ndarray:
-    """A new array in its own page-aligned anonymous mapping, not faulted in yet."""
+    """A new array in its own page-aligned anonymous mapping, not faulted in yet (advised
+    transparent huge pages from :data:`HUGE_MIN` bytes on if :func:`huge_ok`)."""
     dt = np.dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
     if n == 0:
         return np.empty(shape, dtype=dt)
     buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return np.frombuffer(buf, dtype=dt).reshape(shape)
+    a = np.frombuffer(buf, dtype=dt).reshape(shape)
+    if n >= HUGE_MIN and huge_ok():
+        _libc().madvise(a.ctypes.data, n, _MADV_HUGEPAGE)     # a hint: nothing to do where it fails
+    return a
 
 
 def prefault(shape: tuple, dtype: str) -> np.ndarray:
@@ -312,6 +352,74 @@ def read_at(pid: int, addr: int, base: int, n: int) -> None:
         off += got
 
 
+#: below this many bytes one thread reads (starting a thread costs 0.1-1 ms under load)
+SPLIT_MIN = 32 << 20
+
+
+def shares(runs: list[tuple[int, int, int]], k: int, align: int = mmap.PAGESIZE) -> list[list[tuple[int, int, int]]]:
+    """Cut ``runs`` ((remote address, local address, bytes), in order) into at most ``k``
+    shares of nearly equal bytes, each a list of runs, cut at multiples of ``align`` bytes
+    from the start of the whole."""
+    total = sum(n for _, _, n in runs)
+    if k <= 1 or total == 0:
+        return [list(runs)] if runs else []
+    per = -(-total // k)                      # bytes per share, rounded up
+    per = -(-per // align) * align            # to whole multiples of align
+    out: list[list[tuple[int, int, int]]] = [[]]
+    room = per
+    for r, lo, n in runs:
+        off = 0
+        while off < n:
+            if room == 0:
+                out.append([])
+                room = per if len(out) < k else total
+            take = min(n - off, room)
+            out[-1].append((r + off, lo + off, take))
+            off += take
+            room -= take
+    return out
+
+
+def read_runs(pid: int, runs: list[tuple[int, int, int]], threads: int = 1) -> int:
+    """Copy every (remote address, local address, bytes) run out of process ``pid``: from
+    :data:`SPLIT_MIN` bytes on in ``threads`` shares at once (this thread reads the first).
+    Returns the number of shares; raises the first OSError of any share."""
+    total = sum(n for _, _, n in runs)
+    parts = shares(runs, threads if total >= SPLIT_MIN else 1)
+    errors: list[OSError] = []
+
+    def work(part: list[tuple[int, int, int]]) -> None:
+        try:
+            for r, lo, n in part:
+                read_at(pid, r, lo, n)
+        except OSError as exc:
+            errors.append(exc)
+
+    helpers = [threading.Thread(target=work, args=(p,), name="mpimig-read", daemon=True) for p in parts[1:]]
+    for t in helpers:
+        t.start()
+    if parts:
+        work(parts[0])
+    for t in helpers:
+        t.join()
+    if errors:
+        raise errors[0]
+    return len(parts)
+
+
+def await_reply(comm: MPI.Intracomm, peer: int, tag: int = TAG_HANDOVER) -> Any:
+    """Receive ``peer``'s reply, polling with naps: a blocking MPI receive busy-polls a core
+    (Open MPI), the one the target's reading threads need while this process waits. The
+    first 0.2 ms are polled hot (a reply by MPI comes at once); a failed peer (``--ft``)
+    raises from the probe as it would from the receive."""
+    st = MPI.Status()
+    t0 = time.perf_counter()
+    while not comm.Iprobe(peer, tag, st):
+        if time.perf_counter() - t0 > 0.0002:
+            time.sleep(0.0002)
+    return comm.recv(source=peer, tag=tag)
+
+
 def _flat(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1).view(np.uint8)
 
@@ -336,7 +444,7 @@ def send(tx: Transfer, arrays: dict[str, np.ndarray], objects: dict[str, Any], e
            "extra": extra, "announced": announced, "where": where(),
            "addrs": [a.ctypes.data for a in moving]}
     tx.send_obj(hdr)
-    how = tx.comm.recv(source=tx.peer, tag=TAG_HANDOVER)
+    how = await_reply(tx.comm, tx.peer)
     if how == VIA_MPI:
         reqs = [tx.Isend(p, TAG_HANDOVER_DATA) for p in _pieces(moving)]
         MPI.Request.Waitall(reqs)
@@ -357,11 +465,12 @@ def receive(tx: Transfer, ready: Ready | None, plan_id: int) -> tuple:
     dst = [arrays[k] for k, _, _ in hdr["layout"]]
     nbytes = sum(a.nbytes for a in dst)
     how, why = VIA_MPI, "forced (MPIMIG_HANDOVER=mpi)" if mode() == "mpi" else "another host"
+    nthreads = 0
     t0 = time.perf_counter()
     if mode() != "mpi" and same_host(hdr["where"]):
         try:
-            for a, addr in zip(dst, hdr["addrs"]):
-                vm_read(int(hdr["where"]["pid"]), int(addr), _flat(a))
+            runs = [(int(addr), a.ctypes.data, a.nbytes) for a, addr in zip(dst, hdr["addrs"])]
+            nthreads = read_runs(int(hdr["where"]["pid"]), runs, read_threads())
             how = MEMORY
         except OSError as exc:              # e.g. EPERM (ptrace rules): MPI rewrites every byte
             why = str(exc)
@@ -377,6 +486,8 @@ def receive(tx: Transfer, ready: Ready | None, plan_id: int) -> tuple:
     extra = hdr["extra"]
     stats = {"handover": how, "handover_s": time.perf_counter() - t0, "prepared_bytes": prepared,
              "alloc_s": t_alloc, **before}
+    if how == MEMORY:
+        stats["read_threads"] = nthreads
     if how == VIA_MPI:
         stats["handover_why"] = why
     extra.setdefault("strategy_stats", {}).update(stats)

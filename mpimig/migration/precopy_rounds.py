@@ -23,7 +23,7 @@ from . import background, handover, transport, wtrack
 from .chunks import PIECE, chunk_bytes, flat_bytes
 from .chunks import chunkable as _chunkable
 from .chunks import runs as _runs
-from .protocol import TAG_HANDOVER, TAG_PRECOPY, TAG_PRECOPY_DATA, TAG_PRECOPY_DONE, mark
+from .protocol import TAG_PRECOPY, TAG_PRECOPY_DATA, TAG_PRECOPY_DONE, mark
 from .transport import Transfer
 
 __all__ = ["PreCopySource", "PreCopyTarget"]
@@ -257,7 +257,7 @@ class PreCopySource:
         if self.awaiting:
             if not block and not self.J.Iprobe(self.dest, TAG_PRECOPY_DONE):
                 return False
-            reply = self.J.recv(source=self.dest, tag=TAG_PRECOPY_DONE)
+            reply = handover.await_reply(self.J, self.dest, TAG_PRECOPY_DONE)   # the target reads meanwhile
             self.awaiting = False
             if self.layout:
                 self.layout, self.layout_s = False, time.perf_counter() - self._t_round
@@ -451,7 +451,8 @@ class PreCopySource:
                "objects": {k: dumps(k, v) for k, v in objects.items()}, "extra": extra, "read": read}
         mark(marks, "header")
         tx.send_obj(hdr)
-        how = tx.comm.recv(source=tx.peer, tag=TAG_HANDOVER) if read is not None else handover.VIA_MPI
+        # polled (handover.await_reply): a blocking receive would spin on a core the target's read needs
+        how = handover.await_reply(tx.comm, tx.peer) if read is not None else handover.VIA_MPI
         if how != handover.MEMORY:
             for k, lo, hi in runs:
                 tx.Send(flat_bytes(self.live[k])[lo:hi], TAG_PRECOPY_DATA)
