@@ -41,8 +41,8 @@ process (mpimig/ft/hooks.py). The job always runs with a coordinator.
 program has ``--out FILE``, a reference is made before the job (and cached by
 the arguments): the program's ``--serial`` run (apps/heat2d.py has one), or,
 for a program without ``--serial`` (``--verify auto``, the default), a
-fault-free ``mpimig run`` on the same number of ranks; the two ``.npy``
-results must be equal bit for bit. A program that can give no reference is
+fault-free ``mpimig run`` on the same number of ranks; the two results (``.npy``,
+``.npz``: each array; another file: its bytes) must be equal bit for bit. A program that can give no reference is
 told so before any fault is spent.
 
 Without ``--ft`` (online recovery), a killed rank or coordinator makes Open
