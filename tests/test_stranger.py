@@ -38,3 +38,27 @@ def test_inject_reference_of_a_program_that_writes_an_npz_archive(tmp_path, monk
     changed = tmp_path / "changed.npz"
     np.savez(changed, x=x, steps=steps)
     assert not same_bits(changed, path)
+
+
+def test_incremental_links_of_a_rank_without_arrays_survive_pruning(tmp_path):
+    """``--ckpt-incremental`` of a program whose state is only Python objects (a dict of arrays,
+    a dataclass, a random generator, all pickled): its links were deltas with no ``#chunks``
+    datasets, so the store's pruning (``keep``) took them for ordinary epochs and removed the
+    parent of a kept delta; the restart after a kill then refused 'link epoch 4 ... is missing'."""
+    from mpimig.checkpoint import CheckpointStore
+    from mpimig.checkpoint.incremental import IncrementalWriter, read_state
+
+    store = CheckpointStore(tmp_path / "ck", job_id="objs", keep=2)
+    w = IncrementalWriter(store, rank=0, size=1, full_every=3, chunk=16384)
+    rng = np.random.default_rng(5)
+    for e in range(1, 8):
+        objects = {"arrs": {"a": np.full(3, float(e))}, "rng": rng, "step": e}
+        w.write(e, e, {}, objects)
+        store.commit(e, 1, e)
+        w.committed(e)
+        store.wait_pruned()
+        latest = store.latest()
+        rs = read_state(store, latest, 0)
+        assert latest == e and rs.objects["step"] == e
+        assert rs.objects["arrs"]["a"].tobytes() == np.full(3, float(e)).tobytes()
+        assert len(store.committed_epochs()) <= 3       # keep=2 (+ the parent a kept delta needs)
