@@ -62,3 +62,45 @@ def test_incremental_links_of_a_rank_without_arrays_survive_pruning(tmp_path):
         assert latest == e and rs.objects["step"] == e
         assert rs.objects["arrs"]["a"].tobytes() == np.full(3, float(e)).tobytes()
         assert len(store.committed_epochs()) <= 3       # keep=2 (+ the parent a kept delta needs)
+
+
+_WRITE_WITH_MAIN_CLASS = '''
+import dataclasses, sys
+import numpy as np
+from mpimig.checkpoint import CheckpointStore
+from mpimig.checkpoint.incremental import IncrementalWriter
+
+@dataclasses.dataclass
+class Stats:                     # a class of the program: __main__.Stats in the checkpoint
+    total: float = 0.0
+
+store = CheckpointStore(sys.argv[1], job_id="main-class", keep=4)
+w = IncrementalWriter(store, rank=0, size=1, full_every=3, chunk=16384)
+u = np.zeros(5000)
+for e in range(1, 5):
+    u[e] = e
+    w.write(e, e, {"u": u}, {"stats": Stats(float(e))})
+    store.commit(e, 1, e)
+    w.committed(e)
+store.wait_pruned()
+'''
+
+
+def test_inspect_of_an_incremental_checkpoint_holding_a_class_of_the_program(tmp_path):
+    """``mpimig inspect`` of an ``--ckpt-incremental`` checkpoint whose state holds an object
+    of a class the program defines (a dataclass in its ``__main__``): assembling the chains
+    decoded every object and stopped with 'mpimig inspect: error: ... cannot restore:
+    AttributeError: Can't get attribute 'Stats' on <module '__main__' ...>'."""
+    import subprocess
+    import sys
+
+    ck = tmp_path / "ck"
+    script = tmp_path / "write.py"
+    script.write_text(_WRITE_WITH_MAIN_CLASS)
+    res = subprocess.run([sys.executable, str(script), str(ck)], capture_output=True, text=True, timeout=120,
+                         env=base_env())
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = subprocess.run([sys.executable, "-m", "mpimig", "inspect", str(ck)], capture_output=True, text=True,
+                         timeout=120, env=base_env(), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "OK: 4 epoch(s)" in res.stdout and "signatures verified" in res.stdout, res.stdout
