@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
+
 from conftest import base_env
 
 from mpimig.ft.reference import reference, same_bits
@@ -104,3 +106,21 @@ def test_inspect_of_an_incremental_checkpoint_holding_a_class_of_the_program(tmp
                          timeout=120, env=base_env(), cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "OK: 4 epoch(s)" in res.stdout and "signatures verified" in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("opt, value, said", [
+    ("--ckpt-every", "-3", "--ckpt-every -3: N must be >= 1 (or 0: off)"),
+    ("--ckpt-seconds", "-1", "--ckpt-seconds -1: S must be > 0 (or 0: off)"),
+    ("--timeout", "-1", "--timeout -1: must be > 0 seconds"),
+    ("--timeout", "0", "--timeout 0: must be > 0 seconds"),
+])
+def test_run_refuses_a_negative_interval_or_timeout(tmp_path, opt, value, said):
+    """``mpimig run --ckpt-every -3`` ran and checkpointed every 3 points (Python's modulo),
+    ``--timeout -1`` killed the job at once ('job killed after the --timeout of -1.0 s'):
+    both are now refused before anything starts, naming the option."""
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-m", "mpimig", "run", "--dry-run", "-n", "2", "--job-dir",
+                          str(tmp_path / "job"), opt, value, str(PROGS / "tut_savez.py"), "--out", "x.npz"],
+                         capture_output=True, text=True, timeout=60, env=base_env())
+    assert res.returncode == 1 and f"mpimig run: error: {said}" in res.stderr, res.stdout + res.stderr
