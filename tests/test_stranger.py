@@ -124,3 +124,20 @@ def test_run_refuses_a_negative_interval_or_timeout(tmp_path, opt, value, said):
                           str(tmp_path / "job"), opt, value, str(PROGS / "tut_savez.py"), "--out", "x.npz"],
                          capture_output=True, text=True, timeout=60, env=base_env())
     assert res.returncode == 1 and f"mpimig run: error: {said}" in res.stderr, res.stdout + res.stderr
+
+
+def test_inject_checks_the_run_options_before_anything_runs(tmp_path):
+    """``mpimig inject ... --ckpt-async --ft`` made its reference (a whole fault-free run),
+    started the job, which ``mpimig run`` refused, and printed 'job DID NOT COMPLETE, result
+    DIFFERENT from the reference', the reason only in JOB_DIR/inject/run.err. It now refuses
+    at once with mpimig run's message, before any reference or job."""
+    import subprocess
+    import sys
+    job = tmp_path / "job"
+    res = subprocess.run([sys.executable, "-m", "mpimig", "inject", "--kill", "rank:0@point:2", "-n", "2",
+                          "--ckpt-every", "2", "--ckpt-async", "--ft", "--job-dir", str(job),
+                          str(PROGS / "tut_savez.py"), "--out", "{job}/out.npz"],
+                         capture_output=True, text=True, timeout=300, env=base_env())
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "mpimig inject: error: --ckpt-async does not combine with --ft" in res.stderr, res.stdout + res.stderr
+    assert not job.exists() and "DID NOT COMPLETE" not in res.stdout

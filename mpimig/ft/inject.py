@@ -342,6 +342,9 @@ def cmd_inject(args: argparse.Namespace) -> int:
         raise UsageError("--seeds draws random faults: do not combine it with --kill")
     if args.n < 1:
         raise UsageError("-n must be at least 1")
+    from ..launch.options import check_schedule, job_config
+    # mpimig run's own checks of its options, before a reference is made or a fault is spent
+    check_schedule(job_config(argparse.Namespace(**vars(args))), args.n, args.hosts)
     hosts = [h.split(":")[0] for h in (args.hosts or "").split(",") if h.strip()]
     kinds = _kinds(args, hosts)
     program = str(Path(args.program).resolve()) if args.program.endswith(".py") else args.program
