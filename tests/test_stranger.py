@@ -141,3 +141,20 @@ def test_inject_checks_the_run_options_before_anything_runs(tmp_path):
     assert res.returncode == 1, res.stdout + res.stderr
     assert "mpimig inject: error: --ckpt-async does not combine with --ft" in res.stderr, res.stdout + res.stderr
     assert not job.exists() and "DID NOT COMPLETE" not in res.stdout
+
+
+def test_status_of_a_finished_job_says_finished_and_bytes_are_not_seconds():
+    """``mpimig status`` of a finished job printed 'finished' in its header and every rank as
+    'running' below it, and a migration's byte count as seconds ('bytes=0.0000s')."""
+    from mpimig.migration.control import format_status
+    st = {"run_id": "r", "size": 2, "epoch": 3, "finished": True,
+          "routing": [{"rank": 0, "host": "vm", "pid": 10, "moves": 0, "state": "running"},
+                      {"rank": 1, "host": "vm", "pid": 11, "moves": 1, "state": "running"}],
+          "migrations": [{"id": 1, "rank": 1, "from": "vm", "to": "vm", "state": "done",
+                          "timings": {"bytes": 2261, "downtime": 0.25}}]}
+    text = format_status(st)
+    assert text.splitlines()[0].startswith("job r: finished")
+    assert [line.split()[-1] for line in text.splitlines()[2:4]] == ["finished", "finished"], text
+    assert "bytes=2261 " in text and "downtime=0.2500s" in text, text
+    st["finished"] = False
+    assert [line.split()[-1] for line in format_status(st).splitlines()[2:4]] == ["running", "running"]
