@@ -158,3 +158,47 @@ def test_status_of_a_finished_job_says_finished_and_bytes_are_not_seconds():
     assert "bytes=2261 " in text and "downtime=0.2500s" in text, text
     st["finished"] = False
     assert [line.split()[-1] for line in format_status(st).splitlines()[2:4]] == ["running", "running"]
+
+
+_LONG = '''
+import signal, sys, time
+from pathlib import Path
+from mpi4py import MPI
+comm = MPI.COMM_WORLD
+rank = comm.Get_rank()
+# mpiexec passes a SIGTERM on to the ranks: rank 0 notes it and lets mpiexec stop the job its way
+signal.signal(signal.SIGTERM, lambda *a: Path(sys.argv[1] + ".term").write_text("term") if rank == 0 else None)
+for step in range(100000):
+    comm.allreduce(step)
+    if step == 2 and rank == 0:
+        Path(sys.argv[1]).write_text("computing")
+    time.sleep(0.01)              # the work of a step
+'''
+
+
+def test_run_stopped_by_timeout_signals_twice_ends_without_a_traceback(tmp_path):
+    """``timeout 200 mpimig run ...`` (the way a newcomer bounds a job): timeout(1) sends
+    SIGTERM to mpimig run, then to its process group; the second signal arrived while mpimig
+    run stopped mpiexec and ended it with two tracebacks ('_Interrupted: 15'). The second
+    signal is now ignored while the job is being stopped."""
+    import os
+    import signal
+
+    from conftest import kill_session, mpimig_cmd, start_job, wait_for_file
+
+    prog = tmp_path / "long.py"
+    prog.write_text(_LONG)
+    marker = tmp_path / "computing"
+    proc = start_job(mpimig_cmd("run", "-n", 2, "--job-dir", tmp_path / "job", prog, marker))
+    try:
+        wait_for_file(marker, proc, timeout=120)
+        os.kill(proc.pid, signal.SIGTERM)           # timeout(1): the process ...
+        # ... then its group, which reaches mpimig run while it stops mpiexec (mpiexec has passed
+        # the first SIGTERM on to the ranks)
+        wait_for_file(Path(str(marker) + ".term"), proc, timeout=60)
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        kill_session(proc.pid)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "_Interrupted" not in err, err[-3000:]
