@@ -202,3 +202,19 @@ def test_run_stopped_by_timeout_signals_twice_ends_without_a_traceback(tmp_path)
         kill_session(proc.pid)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "Traceback" not in err and "_Interrupted" not in err, err[-3000:]
+
+
+def test_setup_communication_on_a_derived_comm_stops_a_migrated_rank_instead_of_hanging(tmp_path):
+    """A tutorial program that broadcasts on a ``comm.Split`` row communicator before its resume
+    point, with a rank migrated: the new process replayed its setup, ran that ``bcast`` live on the
+    rebuilt communicator (not recorded: docs/porting.md), and the job hung with no message. The
+    call now raises a CommError naming it, and the job ends."""
+    import socket
+
+    from conftest import mpimig_cmd, run_cmd
+    res = run_cmd(mpimig_cmd("run", "-n", 4, "--job-dir", tmp_path / "job", "--migrate", f"3:1:{socket.gethostname()}",
+                             PROGS / "tut_rowsetup.py", "--steps", 2000, "--work-ms", 10,
+                             "--out", tmp_path / "out.npy"), timeout=240, env=base_env())
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "called bcast on a derived communicator before its resume point" in res.stderr, res.stderr[-3000:]
+    assert "mpimig: job did not complete" in res.stderr and not (tmp_path / "out.npy").exists()
