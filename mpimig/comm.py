@@ -84,6 +84,7 @@ class Comm:
         self._direct = False                  # the direct path is on (enable_direct)
         self._direct_fns: dict[str, Callable[..., Any]] = {}   # what it installed on the instance
         self._layers: dict[str, tuple[tuple[str, ...], Callable[[str, Callable[..., Any]], Callable[..., Any]]]] = {}
+        self._replayer: Any = None     # mpimig.replay.Replayer while a migrated process replays its setup
 
     # -- identity ------------------------------------------------------------
     @property

@@ -307,6 +307,8 @@ def _derive(parent: Comm, kind: str, args: tuple, make: Callable[[], MPI.Intraco
     for seq, (saved, obj) in root._replay.items():     # resumed: the first rebuilt one made so
         if saved == recipe:
             del root._replay[seq]
+            if obj is not None and getattr(root, "_replayer", None) is not None:
+                root._replayer.guard(obj)      # a migrated process's setup: its communication cannot be replayed
             return MPI.COMM_NULL if obj is None else obj
     c = make()
     seq = root._next_seq

@@ -258,7 +258,9 @@ class Replayer:
         self.record = record
         self.rank = rank
         self.pos = 0
+        self.guarded: list[_comm.Comm] = []
         comm.set_layer(LAYER, tuple(recorded_calls(comm)), self._wrap)
+        comm._root._replayer = self       # derived communicators given back until the resume point are guarded
 
     def _diverged(self, what: str) -> CommError:
         return CommError(
@@ -318,9 +320,28 @@ class Replayer:
             return pickle.loads(entry["value"])
         return None
 
+    def guard(self, derived: _comm.Comm) -> None:
+        """A derived communicator given back during the replay: its communication was not recorded
+        (the other ranks finished it long ago, it would hang), so until the resume point it raises."""
+        def wrap(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                raise CommError(
+                    f"rank {self.rank} resumed after a migration replays the communication of its setup, and the "
+                    f"program called {name} on a derived communicator before its resume point (ctx.state(...)): "
+                    "communication on derived communicators is not recorded, so it cannot be replayed (the other "
+                    "ranks did it long ago); move it after the resume point (docs/porting.md, What is refused)")
+            call.__name__ = call.__qualname__ = name
+            return call
+        derived.set_layer(LAYER, tuple(n for n in recorded_calls(derived) if n not in HANDLERS), wrap)
+        self.guarded.append(derived)
+
     def finish(self) -> list[dict[str, Any]]:
         """The record, unchanged (it goes on with the state); the layer is removed."""
         self.comm.set_layer(LAYER, (), None)
+        self.comm._root._replayer = None
+        for d in self.guarded:
+            d.set_layer(LAYER, (), None)
+        self.guarded = []
         if self.pos < len(self.record):
             log.debug("rank %d: setup replay used %d of %d recorded calls", self.rank, self.pos, len(self.record))
         return self.record

@@ -152,7 +152,9 @@ class IncrementalWriter:
               extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Write this rank's link for ``epoch``; returns its figures (kind, bytes of chunks written)."""
         changed = self._follow(arrays)
-        full = changed or self._parent is None or self._since_full + 1 >= self.full_every
+        # a rank without arrays has nothing to diff: its link is full (the store's pruning tells a delta
+        # by its '#chunks' datasets, and would remove the parent of one that has none)
+        full = changed or self._parent is None or self._since_full + 1 >= self.full_every or not self._arrays
         out_arrays: dict[str, np.ndarray] = {}
         digests: dict[str, int] = {}
         meta = {k: [list(a.shape), a.dtype.str] for k, a in self._arrays.items()}

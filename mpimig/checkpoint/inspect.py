@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import NoCommittedEpoch, SecretError, UsageError
 from . import auth
+from . import format as _format
 from .format import (EPOCH_DIR_RE, MANIFEST, QUARANTINE_RE, committed_epochs, no_epoch_error, quarantined_epochs,
                      uncommitted_epochs)
 from .incremental import check_chains
@@ -108,8 +109,13 @@ def collect(path: Path, epoch: int | None = None, verify: bool = True,
     described = [describe_epoch(directory, e, verify, key) for e in epochs]
     problems = [p for d in described for p in d["problems"]]
     if verify and key is not None:      # incremental epochs: each rank's link, and its chain assembled
-        links, broken = check_chains(CheckpointStore(directory, create=False, key=key), epochs,
-                                     {d["epoch"]: len(d.get("ranks", [])) for d in described})
+        # objects of the program's own classes (its __main__) cannot be decoded here: they stay bytes
+        defer, _format.DEFER_MAIN = _format.DEFER_MAIN, True
+        try:
+            links, broken = check_chains(CheckpointStore(directory, create=False, key=key), epochs,
+                                         {d["epoch"]: len(d.get("ranks", [])) for d in described})
+        finally:
+            _format.DEFER_MAIN = defer
         for d in described:
             if any(links.get(d["epoch"], [])):
                 d["links"] = links[d["epoch"]]

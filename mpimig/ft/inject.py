@@ -41,8 +41,8 @@ process (mpimig/ft/hooks.py). The job always runs with a coordinator.
 program has ``--out FILE``, a reference is made before the job (and cached by
 the arguments): the program's ``--serial`` run (apps/heat2d.py has one), or,
 for a program without ``--serial`` (``--verify auto``, the default), a
-fault-free ``mpimig run`` on the same number of ranks; the two ``.npy``
-results must be equal bit for bit. A program that can give no reference is
+fault-free ``mpimig run`` on the same number of ranks; the two results (``.npy``,
+``.npz``: each array; another file: its bytes) must be equal bit for bit. A program that can give no reference is
 told so before any fault is spent.
 
 Without ``--ft`` (online recovery), a killed rank or coordinator makes Open
@@ -342,6 +342,9 @@ def cmd_inject(args: argparse.Namespace) -> int:
         raise UsageError("--seeds draws random faults: do not combine it with --kill")
     if args.n < 1:
         raise UsageError("-n must be at least 1")
+    from ..launch.options import check_schedule, job_config
+    # mpimig run's own checks of its options, before a reference is made or a fault is spent
+    check_schedule(job_config(argparse.Namespace(**vars(args))), args.n, args.hosts)
     hosts = [h.split(":")[0] for h in (args.hosts or "").split(",") if h.strip()]
     kinds = _kinds(args, hosts)
     program = str(Path(args.program).resolve()) if args.program.endswith(".py") else args.program

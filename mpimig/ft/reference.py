@@ -47,7 +47,8 @@ def reference(program: str, prog_args: list[str], cache_dir: Path, mode: str = "
     args = list(prog_args)
     ident = json.dumps([program, replace_opt(list(args), "--out", "")])
     key = hashlib.sha256(ident.encode()).hexdigest()[:12]
-    path = cache_dir / f"reference-{Path(program).stem}-{key}.npy"
+    suffix = Path(opt_value(args, "--out") or "out.npy").suffix or ".npy"   # np.savez appends .npz to another name
+    path = cache_dir / f"reference-{Path(program).stem}-{key}{suffix}"
     how_file = path.with_suffix(".how")
     if path.exists():
         return path, how_file.read_text() if how_file.exists() else "serial"
@@ -65,9 +66,11 @@ def reference(program: str, prog_args: list[str], cache_dir: Path, mode: str = "
         res2 = subprocess.run([sys.executable, "-m", "mpimig", "run", "-n", str(n), "--job-dir", str(run_dir),
                                program, *args], capture_output=True, text=True, timeout=1200)
         if res2.returncode != 0 or not path.exists():
+            what = (f"its fault-free 'mpimig run -n {n}' completed but wrote no --out file {path}" if
+                    res2.returncode == 0 else f"so did a fault-free 'mpimig run -n {n}' of it: "
+                    f"{(res2.stderr.strip().splitlines() or ['no output'])[-1][-300:]}")
             raise UsageError(f"--verify auto: no reference for {program}: its --serial run failed ({why}), and "
-                             f"so did a fault-free 'mpimig run -n {n}' of it: "
-                             f"{(res2.stderr.strip().splitlines() or ['no output'])[-1][-300:]}")
+                             f"{what}")
         how = f"a fault-free run on {n} ranks ({program} --serial failed: {why})"
         shutil.rmtree(run_dir, ignore_errors=True)
     how_file.write_text(how)
@@ -75,8 +78,18 @@ def reference(program: str, prog_args: list[str], cache_dir: Path, mode: str = "
 
 
 def same_bits(a: Path, b: Path) -> bool:
+    """Whether two results hold the same arrays bit for bit: ``.npy``, ``.npz`` (each array;
+    the archive's own bytes carry time stamps), any other file byte for byte."""
     import numpy as np
-    x, y = np.load(a), np.load(b)
+    if a.suffix not in (".npy", ".npz"):
+        return a.read_bytes() == b.read_bytes()
+    if a.suffix == ".npy":
+        return _same_array(np.load(a), np.load(b))
+    with np.load(a) as x, np.load(b) as y:
+        return sorted(x.files) == sorted(y.files) and all(_same_array(x[k], y[k]) for k in x.files)
+
+
+def _same_array(x, y) -> bool:
     return x.shape == y.shape and x.dtype == y.dtype and x.tobytes() == y.tobytes()
 
 

@@ -329,8 +329,13 @@ def _run_mpiexec(cmd: list[str], env: dict, cfg: Config, timeout) -> tuple[int |
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     tees = [_Tee(proc.stdout, sys.stdout), _Tee(proc.stderr, sys.stderr)]
 
+    stopping: list[int] = []
+
     def _terminate(signum, frame):
         # no waiting here: we may be inside proc.wait(), which holds Popen's lock
+        if stopping:      # a second signal (timeout(1) signals us, then our group): the job is being stopped
+            return
+        stopping.append(signum)
         raise _Interrupted(signum)
 
     old = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}

@@ -28,6 +28,12 @@ def job_config(args) -> Config:
     """The job configuration ``mpimig run`` hands to the ranks, from its options."""
     if args.n < 1:
         raise UsageError("-n must be at least 1")
+    if args.ckpt_every < 0:
+        raise UsageError(f"--ckpt-every {args.ckpt_every}: N must be >= 1 (or 0: off)")
+    if not args.ckpt_seconds >= 0:
+        raise UsageError(f"--ckpt-seconds {args.ckpt_seconds:g}: S must be > 0 (or 0: off)")
+    if getattr(args, "timeout", None) is not None and not args.timeout > 0:
+        raise UsageError(f"--timeout {args.timeout:g}: must be > 0 seconds")
     job_dir = Path(args.job_dir or Path("mpimig-jobs") / Path(args.program).stem).resolve()
     cfg = Config(
         job_dir=job_dir,

@@ -192,12 +192,15 @@ def format_status(st: dict) -> str:
              f"{len(st.get('migrations', []))} migrations"]
     lines.append(f"{'rank':>4}  {'host':<12} {'pid':>8}  {'moves':>5}  state")
     for r in st.get("routing", []):
-        lines.append(f"{r['rank']:>4}  {r['host']:<12} {r['pid']:>8}  {r['moves']:>5}  {r.get('state', 'running')}")
+        rstate = r.get('state', 'running')
+        if state == "finished" and rstate == "running":     # the coordinator's last record of a rank
+            rstate = "finished"
+        lines.append(f"{r['rank']:>4}  {r['host']:<12} {r['pid']:>8}  {r['moves']:>5}  {rstate}")
     for m in st.get("migrations", []):
         t = m.get("timings", {})
         lines.append(f"migration {m['id']}: rank {m['rank']} {m.get('from', '?')} -> {m['to']} "
-                     f"[{m.get('state')}] " + " ".join(f"{k}={v:.4f}s" for k, v in sorted(t.items())
-                                                      if isinstance(v, (int, float))))
+                     f"[{m.get('state')}] " + " ".join(f"{k}={v}" if k.endswith("bytes") else f"{k}={v:.4f}s"
+                                                      for k, v in sorted(t.items()) if isinstance(v, (int, float))))
     if st.get("spares"):
         lines.append("warm spares: " + ", ".join(f"{h}:{n}" for h, n in st["spares"].items()))
     for h, p in sorted((st.get("spare_pool") or {}).items()):
