@@ -82,6 +82,13 @@ def test_parse_request_refuses_an_oversized_line_by_its_length():
         control.parse_request(b'{"op": "status"}' + b" " * control.MAX_REQUEST_BYTES)
 
 
+@pytest.mark.parametrize("req", [[1, 2, 3], "migrate", None])
+def test_the_python_client_refuses_a_request_that_is_not_a_dict_by_its_type(req, tmp_path):
+    # before: an AttributeError from deep inside the signing code
+    with pytest.raises(TypeError, match="a control request is a dict"):
+        control.request(tmp_path, req)
+
+
 def test_parse_request_keeps_exactly_the_schema():
     assert control.parse_request(b' {"op": "status"} \n') == {"op": "status"}
     got = control.parse_request(b'{"op": "migrate", "rank": 2, "to": "h3", "strategy": "pre-copy", "wait": false}')

@@ -230,7 +230,8 @@ def _wait(proc: subprocess.Popen, cfg: Config, timeout: float | None) -> int | N
                 done_at = now
         elif now - done_at >= EXIT_GRACE:
             print(f"mpimig: the job completed but its processes did not all exit within "
-                  f"{EXIT_GRACE:.0f} s (an MPI_Finalize hang after failures); stopping them",
+                  f"{EXIT_GRACE:.0f} s (Open MPI's MPI_Finalize can hang after failures or spawns; the result is "
+                  "complete); stopping them",
                   file=sys.stderr, flush=True)
             _kill_job(proc)
             return proc.returncode

@@ -78,6 +78,11 @@ def _gone(job_dir: Path, info: dict, what: str) -> CoordinatorGone:
                            "is not running")
 
 
+def _check_is_dict(req: object) -> None:
+    if not isinstance(req, dict):
+        raise TypeError(f"a control request is a dict (a JSON object), not {type(req).__name__}: {req!r:.80}")
+
+
 def request(job_dir, req: dict, timeout: float | None = 60.0, address: str | None = None) -> dict:
     """Send one request to a running job's coordinator and return its reply.
 
@@ -86,6 +91,7 @@ def request(job_dir, req: dict, timeout: float | None = 60.0, address: str | Non
     ``$MPIMIG_CONTROL_ADDR``, else the job's TCP address when its coordinator runs on
     another host). Raises CoordinatorGone when the coordinator is not there any more,
     MigrationError for a finished job or no answer."""
+    _check_is_dict(req)
     job_dir = Path(job_dir)
     ctl = job_dir / CONTROL_FILE
     address = address or os.environ.get("MPIMIG_CONTROL_ADDR")
