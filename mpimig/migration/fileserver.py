@@ -13,9 +13,10 @@ what changed (issue 15) is *when* and *how* the target reads it:
   of 16 MiB and sends a notice after each block; the target reads each block
   from the file (``preadv``) as soon as it is written, into buffers it faults in
   meanwhile (a thread), and chains each dataset's CRC-32 as it reads. Writing,
-  the disk's writeback and reading overlap; the source's own CRC thread runs
-  beside its writes, and the whole-file SHA-256 (for the manifest) beside the
-  final fsync. The target resumes only after the source committed the epoch
+  the disk's writeback and reading overlap. The source computes the CRCs first
+  (ISA-L, fast) so that the header is final before the data, and the
+  whole-file SHA-256 (for the manifest) runs in file order beside the writes
+  (:class:`_StreamSha`), not after them. The target resumes only after the source committed the epoch
   (the copy on storage is complete and durable) and every byte it read matched
   the signed manifest: each dataset's CRC-32 (and, for pickles, its HMAC tag),
   read from the file, never from the source's memory. A damaged or truncated
@@ -26,11 +27,14 @@ what changed (issue 15) is *when* and *how* the target reads it:
   file before libhdf5 opens it, then every CRC). ``fs_read`` / ``fs_why`` in the
   move's ``strategy_stats`` say which ran and why.
 
-Figures in ``strategy_stats``: source ``create_s`` (file, datasets, small data),
-``data_s`` (big arrays written), ``close_s`` (CRC attributes, fsync ∥ SHA-256),
-``commit_s``, ``write_s`` (all of it); target ``read_s`` (header to the commit
-notice: reading overlaps the source's writing), ``verify_s`` (the manifest and
-every checksum), ``fault_s``/``faulted_bytes`` (the faulting thread).
+Figures in ``strategy_stats``: source ``crc_s`` (the CRCs, before the data),
+``create_s`` (file, datasets, small data, CRCs), ``data_s`` (big arrays
+written), ``close_s`` = ``hdf5_close_s`` + ``fsync_s`` + ``sha_wait_s`` (the
+SHA thread still behind), ``sha_s``/``sha_how``, ``commit_s``, ``write_s`` (all
+of it); target ``read_s`` (header to the commit notice: reading overlaps the
+source's writing) = ``wait_s`` + ``pread_s`` + ``crc_s`` + the rest,
+``verify_s`` (the manifest and every checksum), ``fault_s``/``faulted_bytes``
+(the faulting thread).
 """
 from __future__ import annotations
 
