@@ -32,7 +32,7 @@ Figures in ``strategy_stats``: source ``crc_s`` (the CRCs, before the data),
 written), ``close_s`` = ``hdf5_close_s`` + ``fsync_s`` + ``sha_wait_s`` (the
 SHA thread still behind), ``sha_s``/``sha_how``, ``commit_s``, ``write_s`` (all
 of it); target ``read_s`` (header to the commit notice: reading overlaps the
-source's writing) = ``wait_s`` + ``pread_s`` + ``crc_s`` + the rest,
+source's writing) = ``wait_s`` + ``pread_s`` + ``read_crc_s`` + the rest,
 ``verify_s`` (the manifest and every checksum), ``fault_s``/``faulted_bytes``
 (the faulting thread).
 """
@@ -431,7 +431,7 @@ def _pipelined(tx: Transfer, hdr: dict, fd: int, rx: Any, st: dict) -> tuple:
         faulting.finish()
     t_read = time.perf_counter()
     st.update(fs_read="pipelined", read_s=t_read - t0, faulted_bytes=faulting.nbytes,
-              fault_s=faulting.seconds, wait_s=wait, pread_s=pread, crc_s=crc)
+              fault_s=faulting.seconds, wait_s=wait, pread_s=pread, read_crc_s=crc)
     data.update(big)
     arrays, objects, file_extra = _verify_decode(hdr, items, data, crcs)
     st["verify_s"] = time.perf_counter() - t_read
