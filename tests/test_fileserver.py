@@ -26,10 +26,10 @@ PROG = ROOT / "tests" / "progs" / "fileserver_pair.py"
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
 
-def run_pair(tmp_path: Path, damage: str = "none", mode: str = "pipelined") -> tuple[dict, Path]:
+def run_pair(tmp_path: Path, damage: str = "none", mode: str = "pipelined", *extra) -> tuple[dict, Path]:
     d, out = tmp_path / "migrations" / "plan-00001-rank-00001", tmp_path / "out.json"
     res = run_cmd([MPIEXEC, "--allow-run-as-root", "--oversubscribe", "-n", 2, sys.executable, PROG,
-                   "--dir", d, "--out", out, "--damage", damage], timeout=120,
+                   "--dir", d, "--out", out, "--damage", damage, *extra], timeout=120,
                   env=base_env(MPIMIG_FILESERVER=mode))
     assert out.exists(), res.stdout[-2000:] + res.stderr[-3000:]
     return json.loads(out.read_text()), d
@@ -56,6 +56,16 @@ def test_fileserver_state_bit_identical(tmp_path, mode):
     if mode == "pipelined":      # the target's phases
         assert st["pread_s"] > 0 and st["read_crc_s"] > 0 and st["wait_s"] >= 0, st
         assert not set(st) & {"crc_s", "data_s", "close_s"}, st   # merged into the move's stats: no clash
+
+
+def test_fileserver_target_after_the_commit_still_pipelined(tmp_path):
+    # a small state is written and committed before the target looks (a Barrier after the source's
+    # send): the target opens the committed file (the same file, renamed), not the whole path
+    res, d = run_pair(tmp_path, "none", "pipelined", "--late", "--mib", "2")
+    assert "error" not in res, res
+    assert res["same_arrays"] == {k: True for k in ("u", "f", "small", "scalar", "words")}, res
+    assert res["stats"]["fs_read"] == "pipelined" and "fs_why" not in res["stats"], res["stats"]
+    assert res["dir_left"] is False, res
 
 
 @pytest.mark.parametrize("mode", ["pipelined", "whole"])

@@ -335,10 +335,7 @@ def receive(tx: Transfer, rx: Any = None) -> tuple[dict, dict, dict, dict[str, A
     why = "forced (MPIMIG_FILESERVER=whole)" if mode() == "whole" else ""
     fd = -1
     if not why:
-        try:
-            fd = os.open(hdr["file"], os.O_RDONLY)
-        except OSError as exc:
-            why = f"cannot open {hdr['file']} while it is written: {exc}"
+        fd, why = _open(hdr)
     if fd < 0:
         out = _whole(tx, hdr, why, st)
     else:
@@ -348,6 +345,27 @@ def receive(tx: Transfer, rx: Any = None) -> tuple[dict, dict, dict, dict[str, A
             os.close(fd)
     shutil.rmtree(hdr["dir"], ignore_errors=True)      # read: the storage is free again
     return out
+
+
+def _open(hdr: dict) -> tuple[int, str]:
+    """The source's file, read-only: where it is written, or, when the source was quicker than
+    us (a small state), where its renames took it (the same file: ``rank-R.h5`` in the epoch's
+    temporary directory, then the committed epoch). ``hdr["file"]`` is set to the path opened."""
+    part = Path(hdr["file"])
+    where = [part, part.with_name(part.name[:-len(".tmp")]) if part.name.endswith(".tmp") else part,
+             Path(hdr["dir"]) / f"epoch-{EPOCH:06d}" / rank_file_name(0)]
+    err: OSError | None = None
+    for path in where + where:       # twice: a rename may fall between two looks
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as exc:
+            err = exc
+            continue
+        except OSError as exc:
+            return -1, f"cannot open {path} while it is written: {exc}"
+        hdr["file"] = str(path)
+        return fd, ""
+    return -1, f"cannot open {part} while it is written: {err}"
 
 
 def _next(tx: Transfer, hdr: dict) -> dict:
