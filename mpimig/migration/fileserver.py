@@ -13,9 +13,10 @@ what changed (issue 15) is *when* and *how* the target reads it:
   of 16 MiB and sends a notice after each block; the target reads each block
   from the file (``preadv``) as soon as it is written, into buffers it faults in
   meanwhile (a thread), and chains each dataset's CRC-32 as it reads. Writing,
-  the disk's writeback and reading overlap; the source's own CRC thread runs
-  beside its writes, and the whole-file SHA-256 (for the manifest) beside the
-  final fsync. The target resumes only after the source committed the epoch
+  the disk's writeback and reading overlap. The source computes the CRCs first
+  (ISA-L, fast) so that the header is final before the data, and the
+  whole-file SHA-256 (for the manifest) runs in file order beside the writes
+  (:class:`_StreamSha`), not after them. The target resumes only after the source committed the epoch
   (the copy on storage is complete and durable) and every byte it read matched
   the signed manifest: each dataset's CRC-32 (and, for pickles, its HMAC tag),
   read from the file, never from the source's memory. A damaged or truncated
@@ -26,22 +27,25 @@ what changed (issue 15) is *when* and *how* the target reads it:
   file before libhdf5 opens it, then every CRC). ``fs_read`` / ``fs_why`` in the
   move's ``strategy_stats`` say which ran and why.
 
-Figures in ``strategy_stats``: source ``create_s`` (file, datasets, small data),
-``data_s`` (big arrays written), ``close_s`` (CRC attributes, fsync ∥ SHA-256),
-``commit_s``, ``write_s`` (all of it); target ``read_s`` (header to the commit
-notice: reading overlaps the source's writing), ``verify_s`` (the manifest and
-every checksum), ``fault_s``/``faulted_bytes`` (the faulting thread).
+Figures in ``strategy_stats``: source ``crc_s`` (the CRCs, before the data),
+``create_s`` (file, datasets, small data, CRCs), ``data_s`` (big arrays
+written), ``close_s`` = ``hdf5_close_s`` + ``fsync_s`` + ``sha_wait_s`` (the
+SHA thread still behind), ``sha_s``/``sha_how``, ``commit_s``, ``write_s`` (all
+of it); target ``read_s`` (header to the commit notice: reading overlaps the
+source's writing) = ``wait_s`` + ``pread_s`` + ``read_crc_s`` + the rest,
+``verify_s`` (the manifest and every checksum), ``fault_s``/``faulted_bytes``
+(the faulting thread).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import hashlib
 import json
 import os
+import queue
 import shutil
+import threading
 import time
-import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -60,6 +64,13 @@ from . import handover
 
 if TYPE_CHECKING:
     from .transport import Transfer
+
+try:        # ISA-L's CRC-32 (the zlib polynomial, the same values), ~8 GB/s here against zlib's ~1-2
+    from isal.isal_zlib import crc32 as _crc32
+    CRC_IMPL = "isal"
+except ImportError:  # pragma: no cover - isal is a dependency; a build without it still works
+    from zlib import crc32 as _crc32
+    CRC_IMPL = "zlib"
 
 ENV = "MPIMIG_FILESERVER"
 MODES = ("pipelined", "whole")
@@ -122,7 +133,14 @@ def send(tx: Transfer, directory: Path, job_id: str, point: int, arrays: dict[st
             f = h5file(part, "r+")
             _write_attrs(f.id, attrs)
             dsids, direct = _create_datasets(f.id, prepared)
+            direct = sorted(direct, key=lambda d: d[1])         # written (and hashed) in file order
+            t1 = time.perf_counter()
+            for it, _ in direct:       # before the data: the header is final, so the file's SHA-256
+                it.crc = _crc(it.data)  # can run in file order beside the writes
+            for it, dsid in zip(prepared.items, dsids):
+                h5py.h5a.open(dsid, b"crc32").write(np.array(it.crc, dtype=np.uint32))
             f.flush()
+            st["crc_s"] = time.perf_counter() - t1
             big = {id(it) for it, _ in direct}
             items = []
             for it, dsid in zip(prepared.items, dsids):
@@ -131,25 +149,30 @@ def send(tx: Transfer, directory: Path, job_id: str, point: int, arrays: dict[st
                               "attrs": {k: v for k, v in it.attrs.items() if k != "hmac"},
                               "big": id(it) in big})
             st["create_s"] = time.perf_counter() - t0
+            sha = _StreamSha(fd)
+            sha.start()
             tx.send_obj({"kind": "header", "file": str(part), "dir": str(directory), "items": items,
                          "groups": prepared.groups, "write_id": attrs["write_id"],
                          "announced": announced})
             phase = "data"
             t1 = time.perf_counter()
-            _write_blocks(tx, fd, direct, after_block)
+            try:
+                _write_blocks(tx, fd, direct, after_block, sha)
+            finally:
+                sha.end()
             st["data_s"] = time.perf_counter() - t1
             phase = "hdf5"
             t1 = time.perf_counter()
-            for it, dsid in zip(prepared.items, dsids):
-                h5py.h5a.open(dsid, b"crc32").write(np.array(it.crc, dtype=np.uint32))
             del dsids
             f.close()
             phase = "closed"
-            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mpimig-sha") as pool:
-                digest = pool.submit(_sha256, part)      # from the page cache, while the disk syncs
-                os.fsync(fd)
-                st["file_digest"] = digest.result()
-            st["close_s"] = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            os.fsync(fd)
+            t3 = time.perf_counter()
+            st["file_digest"], st["sha_how"] = sha.finish(part)
+            t4 = time.perf_counter()
+            st.update(close_s=t4 - t1, hdf5_close_s=t2 - t1, fsync_s=t3 - t2, sha_wait_s=t4 - t3,
+                      sha_s=sha.seconds, crc_impl=CRC_IMPL)
         finally:
             if f is not None:
                 _close_after_failure(f, phase)
@@ -178,27 +201,25 @@ def send(tx: Transfer, directory: Path, job_id: str, point: int, arrays: dict[st
     return st
 
 
-def _write_blocks(tx: Transfer, fd: int, direct: list, after_block: AfterBlock | None) -> None:
-    """pwrite the big datasets block by block (a CRC thread beside, writeback started
-    behind each block), a ``block`` notice to the target after each."""
+def _write_blocks(tx: Transfer, fd: int, direct: list, after_block: AfterBlock | None,
+                  sha: _StreamSha) -> None:
+    """pwrite the big datasets block by block in file order (writeback started behind each
+    block, the block handed to the SHA-256 thread), a ``block`` notice to the target after each."""
     flusher = _Flusher(fd)
     flusher.start()
     try:
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mpimig-crc") as crc_pool:
-            crcs = [crc_pool.submit(_crc, it.data) for it, _ in direct]
-            for it, offset in direct:
-                mv = bytes_view(it.data)
-                pos = 0
-                while pos < len(mv):
-                    start, end = pos, min(pos + WRITEBACK_BLOCK, len(mv))
-                    while pos < end:
-                        pos += os.pwrite(fd, mv[pos:end], offset + pos)
-                    flusher.kick(offset + start, end - start)
-                    if after_block is not None:
-                        after_block(fd, it.path, offset + start, end - start)
-                    tx.send_obj({"kind": "block", "item": it.path, "lo": start, "hi": end})
-            for (it, _), fut in zip(direct, crcs):
-                it.crc = fut.result()
+        for it, offset in direct:
+            mv = bytes_view(it.data)
+            pos = 0
+            while pos < len(mv):
+                start, end = pos, min(pos + WRITEBACK_BLOCK, len(mv))
+                while pos < end:
+                    pos += os.pwrite(fd, mv[pos:end], offset + pos)
+                flusher.kick(offset + start, end - start)
+                sha.block(offset + start, mv[start:end])
+                if after_block is not None:
+                    after_block(fd, it.path, offset + start, end - start)
+                tx.send_obj({"kind": "block", "item": it.path, "lo": start, "hi": end})
     except BaseException:
         with contextlib.suppress(OSError):
             flusher.finish()
@@ -209,8 +230,93 @@ def _write_blocks(tx: Transfer, fd: int, direct: list, after_block: AfterBlock |
 def _crc(data: np.ndarray) -> int:
     mv, value = bytes_view(data), 0
     for lo in range(0, len(mv), IO_BLOCK):
-        value = zlib.crc32(mv[lo:lo + IO_BLOCK], value)
+        value = _crc32(mv[lo:lo + IO_BLOCK], value)
     return value & 0xFFFFFFFF
+
+
+def _pread_full(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset``; past the end of the file they read as zeros (a hole)."""
+    out = bytearray()
+    while len(out) < n:
+        b = os.pread(fd, n - len(out), offset + len(out))
+        if not b:
+            break
+        out += b
+    return bytes(out) + bytes(n - len(out))
+
+
+#: a superblock of version 0 or 1 holds at bytes 20..23 the file consistency flags, which
+#: libhdf5 sets while the file is open for writing and clears when it closes it
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+class _StreamSha(threading.Thread):
+    """The whole file's SHA-256 (the manifest's digest), computed in file order beside the
+    writes: each big block is hashed from the memory just written to the file (hashlib
+    releases the GIL), the bytes between blocks (HDF5's metadata, the small datasets: final
+    before the first block, as the CRCs are) read from the file. :meth:`finish`, after the
+    close and fsync, hashes the tail and reads every in-between region again: if the close
+    changed any of them (or the file is shorter than what was hashed), the digest is
+    recomputed from the file (``sha_how`` says so), so it is always the file's."""
+
+    def __init__(self, fd: int):
+        super().__init__(name="mpimig-sha", daemon=True)
+        self.fd = fd
+        self.q: queue.SimpleQueue[tuple[int, memoryview] | None] = queue.SimpleQueue()
+        self.h = hashlib.new(auth.FILE_DIGEST)
+        self.pos = 0
+        self.gaps: list[tuple[int, bytes]] = []
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.ended = False
+
+    def block(self, offset: int, mv: memoryview) -> None:
+        self.q.put((offset, mv))
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.q.put(None)
+
+    def _gap(self, end: int) -> None:
+        if end > self.pos:
+            b = _pread_full(self.fd, end - self.pos, self.pos)
+            if self.pos == 0 and b[:8] == _HDF5_SIGNATURE and len(b) >= 24 and b[8] in (0, 1):
+                b = b[:20] + bytes(4) + b[24:]    # as HDF5's close leaves them (checked in finish)
+            self.gaps.append((self.pos, b))
+            self.h.update(b)
+            self.pos = end
+
+    def run(self) -> None:
+        try:
+            while (x := self.q.get()) is not None:
+                t0 = time.perf_counter()
+                offset, mv = x
+                if offset < self.pos:
+                    raise ValueError(f"block at {offset} before the hashed end {self.pos}")
+                self._gap(offset)
+                self.h.update(mv)
+                self.pos = offset + len(mv)
+                self.seconds += time.perf_counter() - t0
+        except BaseException as exc:    # reported by finish(): the digest is then recomputed
+            self.error = exc
+
+    def finish(self, path: Path) -> tuple[str, str]:
+        self.end()
+        self.join()
+        t0 = time.perf_counter()
+        try:
+            size = os.fstat(self.fd).st_size
+            why = (f"the thread failed: {self.error}" if self.error is not None
+                   else f"the file ({size} bytes) is shorter than the hashed {self.pos}" if size < self.pos
+                   else next((f"bytes {off}..{off + len(b)} changed after they were hashed"
+                              for off, b in self.gaps if _pread_full(self.fd, len(b), off) != b), ""))
+            if not why:
+                self._gap(size)
+                return self.h.hexdigest(), "streamed"
+            return _sha256(path), f"rehash: {why}"
+        finally:
+            self.seconds += time.perf_counter() - t0
 
 
 # -- the new process --------------------------------------------------------------------------
@@ -229,10 +335,7 @@ def receive(tx: Transfer, rx: Any = None) -> tuple[dict, dict, dict, dict[str, A
     why = "forced (MPIMIG_FILESERVER=whole)" if mode() == "whole" else ""
     fd = -1
     if not why:
-        try:
-            fd = os.open(hdr["file"], os.O_RDONLY)
-        except OSError as exc:
-            why = f"cannot open {hdr['file']} while it is written: {exc}"
+        fd, why = _open(hdr)
     if fd < 0:
         out = _whole(tx, hdr, why, st)
     else:
@@ -242,6 +345,27 @@ def receive(tx: Transfer, rx: Any = None) -> tuple[dict, dict, dict, dict[str, A
             os.close(fd)
     shutil.rmtree(hdr["dir"], ignore_errors=True)      # read: the storage is free again
     return out
+
+
+def _open(hdr: dict) -> tuple[int, str]:
+    """The source's file, read-only: where it is written, or, when the source was quicker than
+    us (a small state), where its renames took it (the same file: ``rank-R.h5`` in the epoch's
+    temporary directory, then the committed epoch). ``hdr["file"]`` is set to the path opened."""
+    part = Path(hdr["file"])
+    where = [part, part.with_name(part.name[:-len(".tmp")]) if part.name.endswith(".tmp") else part,
+             Path(hdr["dir"]) / f"epoch-{EPOCH:06d}" / rank_file_name(0)]
+    err: OSError | None = None
+    for path in where + where:       # twice: a rename may fall between two looks
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as exc:
+            err = exc
+            continue
+        except OSError as exc:
+            return -1, f"cannot open {path} while it is written: {exc}"
+        hdr["file"] = str(path)
+        return fd, ""
+    return -1, f"cannot open {part} while it is written: {err}"
 
 
 def _next(tx: Transfer, hdr: dict) -> dict:
@@ -305,17 +429,27 @@ def _pipelined(tx: Transfer, hdr: dict, fd: int, rx: Any, st: dict) -> tuple:
     faulting = handover.Faulting({p: a for p, a in big.items() if not any(a is b for b in have.values())})
     faulting.start()
     crcs = {p: 0 for p in big}
+    wait = pread = crc = 0.0
     try:
-        while (msg := _next(tx, hdr))["kind"] == "block":
+        while True:
+            t1 = time.perf_counter()
+            msg = _next(tx, hdr)
+            t2 = time.perf_counter()
+            wait += t2 - t1
+            if msg["kind"] != "block":
+                break
             p, lo, hi = msg["item"], msg["lo"], msg["hi"]
             mv = bytes_view(big[p])[lo:hi]
             _pread(fd, mv, int(items[p]["offset"]) + lo, path, p)
-            crcs[p] = zlib.crc32(mv, crcs[p])
+            t3 = time.perf_counter()
+            crcs[p] = _crc32(mv, crcs[p])
+            pread += t3 - t2
+            crc += time.perf_counter() - t3
     finally:
         faulting.finish()
     t_read = time.perf_counter()
     st.update(fs_read="pipelined", read_s=t_read - t0, faulted_bytes=faulting.nbytes,
-              fault_s=faulting.seconds)
+              fault_s=faulting.seconds, wait_s=wait, pread_s=pread, read_crc_s=crc)
     data.update(big)
     arrays, objects, file_extra = _verify_decode(hdr, items, data, crcs)
     st["verify_s"] = time.perf_counter() - t_read

@@ -23,6 +23,7 @@ ap.add_argument("--dir", required=True)
 ap.add_argument("--out", required=True)
 ap.add_argument("--damage", choices=["none", "flip", "truncate"], default="none")
 ap.add_argument("--mib", type=int, default=40)
+ap.add_argument("--late", action="store_true", help="the target looks only after the source committed")
 a = ap.parse_args()
 comm = MPI.COMM_WORLD
 
@@ -58,9 +59,13 @@ if comm.rank == 0:
     tx = Transfer(comm, 1, SOURCE, "file-server")
     fileserver.send(tx, Path(a.dir), "job", 5, arrays, objects,
                     {"t_suspend": time.time(), "point": 5}, {"point": 5, "rank": 1}, after_block=damage)
+    if a.late:
+        comm.Barrier()
 else:
     tx = Transfer(comm, 0, TARGET, "file-server")
     res: dict = {}
+    if a.late:
+        comm.Barrier()
     try:
         got_a, got_o, extra, st = fileserver.receive(tx)
         res["stats"] = {k: v for k, v in st.items() if isinstance(v, (int, float, str))}
