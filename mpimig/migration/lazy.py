@@ -59,6 +59,10 @@ arrived: ``plain[...] = lazy`` (NumPy reads the right-hand side directly),
 seconds (default 120) with an error naming the rank and its old process; the
 job then aborts and ``mpimig run --relaunch K`` / ``--restart`` brings it back
 from the last committed epoch.
+
+The module is split by job: :mod:`.lazy_array` (``LazyArray``, ``buffer_guard``,
+``plain``), :mod:`.lazy_progress` (the MPI path's progress thread, ``thread_mode``) and
+:mod:`.lazy_reader` (the memory path's reader thread); every name stays importable from here.
 """
 from __future__ import annotations
 
@@ -75,122 +79,14 @@ from mpi4py import MPI
 
 from ..errors import MigrationError
 from . import handover
+from .lazy_array import LazyArray, buffer_guard, byte_bounds, plain
+from .lazy_progress import _Progress, thread_mode
+from .lazy_reader import _SWITCH_S, _Reader
 from .protocol import TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND
 
-try:
-    from numpy.lib.array_utils import byte_bounds
-except ImportError:   # NumPy < 2
-    byte_bounds = np.byte_bounds  # type: ignore[attr-defined]  # NumPy < 2 only; stubs are NumPy 2
+__all__ = ["LazyArray", "LazySession", "buffer_guard", "plain", "thread_mode"]
 
-_BASIC = (int, np.integer, slice, type(Ellipsis), type(None))
-
-
-def _is_basic(idx) -> bool:
-    if isinstance(idx, tuple):
-        return all(isinstance(i, _BASIC) and not isinstance(i, bool) for i in idx)
-    return isinstance(idx, _BASIC) and not isinstance(idx, bool)
-
-
-def thread_mode() -> tuple[bool, str]:
-    """Whether a progress thread may drive the chunk receives: ``(True, "")``, or
-    ``(False, why not)`` (``MPIMIG_POSTCOPY_THREAD=off``, or MPI below ``MPI_THREAD_MULTIPLE``)."""
-    env = os.environ.get("MPIMIG_POSTCOPY_THREAD", "on").strip().lower()
-    if env in ("off", "0", "no", "false"):
-        return False, "MPIMIG_POSTCOPY_THREAD=off"
-    level = MPI.Query_thread()
-    if level != MPI.THREAD_MULTIPLE:
-        names = {MPI.THREAD_SINGLE: "MPI_THREAD_SINGLE", MPI.THREAD_FUNNELED: "MPI_THREAD_FUNNELED",
-                 MPI.THREAD_SERIALIZED: "MPI_THREAD_SERIALIZED"}
-        return False, f"MPI runs at {names.get(level, level)}, not MPI_THREAD_MULTIPLE"
-    return True, ""
-
-
-_NAP_MIN, _NAP_MAX = 10e-6, 500e-6     # the progress thread's back-off between empty polls
 _POINT_CHUNKS = 16                     # memory without the reader: chunks read at each checkpoint point
-_BATCH = 16 << 20                      # memory: bytes the reader copies per call (MPIMIG_POSTCOPY_BATCH)
-# memory: the GIL switch interval while the reader runs. Each copy releases the GIL (ctypes) and
-# needs it back to flag its chunks; a program that computes in Python holds it for up to the
-# interval (5 ms by default), which would add that much per copy to the residual dependency.
-_SWITCH_S = 0.0005
-
-
-class _Progress(threading.Thread):
-    """The session's progress thread: it owns the pre-posted chunk requests and calls
-    nothing but ``Testsome`` on them (plus a short sleep when none completed) until
-    every chunk is in or it is told to stop. Arrivals set the chunk flags under the
-    session's condition and wake the waiters. It never sends: demands, the
-    acknowledgement and the report stay on the main thread (docs/protocol.md)."""
-
-    def __init__(self, sess: LazySession) -> None:
-        super().__init__(name="mpimig-postcopy-progress", daemon=True)
-        self.sess = sess
-        self.halt = threading.Event()
-        self.polls = 0
-
-    def run(self) -> None:
-        sess = self.sess
-        idx = [c for c in range(sess.nchunks) if not sess.done[c]]
-        reqs = [sess.reqs[c] for c in idx]
-        nap = 0.0
-        try:
-            while idx and not self.halt.is_set():
-                self.polls += 1
-                got = MPI.Request.Testsome(reqs)
-                if not got:
-                    nap = min(nap * 2 or _NAP_MIN, _NAP_MAX)
-                    time.sleep(nap)
-                    continue
-                nap = 0.0
-                with sess.cv:
-                    for i in got:
-                        sess.done[idx[i]] = 1
-                    sess.left -= len(got)
-                    if sess.left == 0:
-                        sess._arrived("thread")
-                    sess.cv.notify_all()
-                gone = set(got)
-                idx = [c for i, c in enumerate(idx) if i not in gone]
-                reqs = [r for i, r in enumerate(reqs) if i not in gone]
-        except BaseException as exc:      # an MPI error on a chunk: the main thread raises it in its next wait
-            with sess.cv:
-                sess.error = exc
-                sess.cv.notify_all()
-
-
-class _Reader(threading.Thread):
-    """The session's reader on one host (``via == "memory"``): it copies the chunks out of the
-    frozen old process with ``process_vm_readv`` (:func:`handover.read_at`; ctypes releases
-    the GIL), ``MPIMIG_POSTCOPY_BATCH`` bytes (default 16 MiB) of consecutive chunks at a
-    time, in order (the GIL switch interval is short meanwhile: ``_SWITCH_S``). A chunk is
-    *claimed* under the session's condition before it is read and flagged done after, so
-    that a demand read on the main thread and this thread never copy the same chunk (a copy
-    after the program wrote the chunk would undo the write). It makes no MPI call: it needs
-    no ``MPI_THREAD_MULTIPLE``."""
-
-    def __init__(self, sess: LazySession) -> None:
-        super().__init__(name="mpimig-postcopy-reader", daemon=True)
-        self.sess = sess
-        self.halt = threading.Event()
-        self.polls = 0
-        nbytes = int(os.environ.get("MPIMIG_POSTCOPY_BATCH", str(_BATCH)) or _BATCH)
-        self.batch = max(1, nbytes // sess.C)
-
-    def run(self) -> None:
-        sess = self.sess
-        at = 0
-        try:
-            while not self.halt.is_set():
-                with sess.cv:
-                    got, at = sess._claim_from(at, self.batch)
-                if not got:
-                    return
-                self.polls += 1
-                sess._read(got, "thread")
-        except BaseException as exc:      # the old process is gone: the main thread raises it in its next wait
-            with sess.cv:
-                sess.error = exc
-                sess.cv.notify_all()
-
 
 _LIVE: weakref.WeakSet[LazySession] = weakref.WeakSet()
 
@@ -580,117 +476,3 @@ class LazySession:
         if self.t_started is not None:
             out["thread_start_s"] = self.t_started - self.t_resume
         return out
-
-
-def plain(v: Any) -> Any:
-    """A complete :class:`LazyArray` as a plain ``ndarray`` (anything else unchanged)."""
-    return np.ndarray.view(v, np.ndarray) if isinstance(v, LazyArray) else v
-
-
-def _ensure_arr(a) -> None:
-    lz = a._lz if isinstance(a, LazyArray) else None
-    if lz is not None and not lz.complete:
-        lz.ensure(lz._all_of(a))
-
-
-def _plain(x):
-    if isinstance(x, LazyArray):
-        _ensure_arr(x)
-        return np.ndarray.view(x, np.ndarray)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_plain(i) for i in x)
-    return x
-
-
-# attributes that read no data (and this class's own helpers): no wait
-_META = frozenset({"shape", "dtype", "ndim", "size", "itemsize", "nbytes", "strides", "flags", "_lz", "_touch",
-                   "__class__", "__array_finalize__", "__array_ufunc__", "__array_function__",
-                   "__array_priority__", "__getitem__", "__setitem__", "__len__", "base", "__dict__"})
-
-
-class LazyArray(np.ndarray):
-    """An array whose chunks may still be on their way (see the module docstring)."""
-
-    _lz: LazySession | None = None
-
-    def __array_finalize__(self, obj):
-        self._lz = getattr(obj, "_lz", None)
-
-    def __getattribute__(self, name):
-        if name not in _META:
-            lz = object.__getattribute__(self, "_lz")
-            if lz is not None and not lz.complete:
-                lz.ensure(lz._all_of(self))
-            if not name.startswith("__"):
-                # methods and data attributes of the plain array: what they return (a.copy(),
-                # a.T, a.astype(...)) is a plain ndarray, never a LazyArray that would outlive
-                # its session (a copy registered as state would then travel as a pickle)
-                return getattr(np.ndarray.view(self, np.ndarray), name)
-        return super().__getattribute__(name)
-
-    def _touch(self, lz: LazySession, idx) -> None:
-        """Wait for the chunks that ``self[idx]`` reads or writes."""
-        plain = np.ndarray.view(self, np.ndarray)
-        if _is_basic(idx):
-            t = idx if isinstance(idx, tuple) else (idx,)
-            if not any(i is Ellipsis for i in t):
-                t = t + (Ellipsis,)           # a 0-d view even for a single element
-            v = plain[t]
-            lo, hi = byte_bounds(v)
-            lz.ensure_bytes(lo, hi)
-        else:
-            lz.ensure(lz._all_of(self))
-
-    def __getitem__(self, idx):
-        lz = self._lz
-        if lz is not None and not lz.complete:
-            self._touch(lz, idx)
-        return np.ndarray.view(self, np.ndarray)[idx]
-
-    def __setitem__(self, idx, value):
-        lz = self._lz
-        if lz is not None and not lz.complete:
-            self._touch(lz, idx)
-        np.ndarray.view(self, np.ndarray)[idx] = _plain(value)
-
-    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        inputs = tuple(_plain(x) for x in inputs)
-        if "out" in kwargs:
-            kwargs["out"] = tuple(_plain(x) for x in kwargs["out"])
-        return getattr(ufunc, method)(*inputs, **kwargs)
-
-    def __array_function__(self, func, types, args, kwargs):
-        if func in (np.empty_like, np.shape, np.ndim, np.size):   # no data read
-            args = tuple(np.ndarray.view(a, np.ndarray) if isinstance(a, LazyArray) else a for a in args)
-        else:
-            args = tuple(_plain(a) for a in args)
-            kwargs = {k: _plain(v) for k, v in kwargs.items()}
-        return func(*args, **kwargs)
-
-    def __iter__(self):
-        _ensure_arr(self)
-        return iter(np.ndarray.view(self, np.ndarray))
-
-    def __repr__(self):
-        _ensure_arr(self)
-        return repr(np.ndarray.view(self, np.ndarray))
-
-    __str__ = __repr__
-
-    def __reduce_ex__(self, protocol):
-        _ensure_arr(self)
-        return np.ndarray.view(self, np.ndarray).__reduce_ex__(protocol)
-
-
-def _guard(x) -> None:
-    if isinstance(x, LazyArray):
-        _ensure_arr(x)
-    elif isinstance(x, (list, tuple)) and x and isinstance(x[0], LazyArray):
-        _ensure_arr(x[0])
-
-
-def buffer_guard(*bufs: Any) -> None:
-    """The communicator's buffer guard while lazy arrays exist (``Comm.set_buffer_guard``):
-    a buffer call with a lazy array waits for its chunks first."""
-    for b in bufs:
-        _guard(b)
