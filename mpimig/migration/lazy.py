@@ -104,7 +104,7 @@ class LazySession:
 
     def __init__(self, Jc: MPI.Intracomm, source: int, hdr: dict, transfer: Any = None,
                  thread: bool | None = None, memory: tuple[int, list[int]] | None = None,
-                 buffers: dict[str, np.ndarray] | None = None) -> None:
+                 buffers: dict[str, np.ndarray] | None = None, faulted: int = 0) -> None:
         """Post the chunk receives; ``transfer`` (a ``transport.Transfer`` from ``source``)
         counts their bytes (default: receive on ``Jc`` directly). ``thread`` forces the
         progress thread on or off (default: :func:`thread_mode`).
@@ -112,7 +112,10 @@ class LazySession:
         ``memory=(pid, addresses)``: the old process is on this host; the chunks are read
         out of its memory (the arrays of ``hdr["layout"]`` at those addresses, in order)
         by a reader thread and by demand reads, not received (no ``Irecv``). ``buffers``:
-        arrays faulted in before the freeze (a warm spare's), used where they fit the layout."""
+        arrays faulted in before the freeze (a warm spare's), used where they fit the layout;
+        ``faulted``: how many of their bytes, in their order, are faulted in for sure (the
+        warm spare's faulting thread got that far): the reads do not fault those in again
+        (``MADV_POPULATE_WRITE`` walks every page, present or not: 0.1-0.4 s per GiB)."""
         self.Jc, self.source = Jc, source
         post = transfer.Irecv if transfer is not None else (
             lambda buf, tag: Jc.Irecv([buf, MPI.BYTE], source, tag))
@@ -129,11 +132,18 @@ class LazySession:
         self.pid = memory[0] if memory is not None else 0
         self.where: list[tuple[int, int, int]] = []   # memory: per chunk (its address there, here, bytes)
         self.prepared_bytes = 0
+        present: dict[str, int] = {}      # memory: per prepared array, the bytes faulted in for sure
+        for k, b in (buffers or {}).items():
+            present[k] = min(b.nbytes, max(0, faulted))
+            faulted -= b.nbytes
+        self.present: list[bool] = []     # memory: per chunk, faulted in already (no populate)
         n = 0
         for j, (name, shape, dt, nbytes, base, nch) in enumerate(hdr["layout"]):
             a = (buffers or {}).get(name)
+            ok = 0
             if a is not None and a.shape == tuple(shape) and a.dtype == np.dtype(dt):
                 self.prepared_bytes += a.nbytes
+                ok = present.get(name, 0)
             elif memory is not None:
                 a = handover.fresh(tuple(shape), dt)          # no fault now: the reads fault it in first
             else:
@@ -145,6 +155,7 @@ class LazySession:
                 lo, hi = i * self.C, min((i + 1) * self.C, nbytes)
                 if memory is not None:
                     self.where.append((there + lo, addr + lo, hi - lo))
+                    self.present.append(hi <= ok)
                 else:
                     self.reqs.append(post(flat[lo:hi], TAG_PC_DATA + base + i))
             self.spans.append((addr, addr + nbytes, base))
@@ -157,6 +168,7 @@ class LazySession:
         self.claimed = bytearray(n)       # memory: being read or read (under cv)
         self.read_bytes = {"thread": 0, "main": 0}
         self.read_s = {"thread": 0.0, "main": 0.0}
+        self.populated = 0                # memory: bytes faulted in by the reads (MADV_POPULATE_WRITE)
         self.left = n
         self.fetches = 0
         self.fetch_s: list[float] = []
@@ -183,7 +195,11 @@ class LazySession:
         self.mode_why = why
         self.thread: _Progress | _Reader | None = None
         self.switch_was: float | None = None      # memory: the switch interval before the reader
-        self.t_started: float | None = None       # when the thread started (after the resume's report)
+        self.t_started: float | None = None       # when the thread started (memory: at the switch; mpi: after
+        #                                           the resume's report)
+        self.started_in = ""
+        self.t_point: float | None = None         # the program's first checkpoint point after the resume
+        self.reader_t: tuple[float | None, float | None, int] = (None, None, 0)   # memory: first copy, end, threads
         self.polls = 0
         if n and ok:                      # started by start(): after the resume, off the downtime's path
             self.thread = _Reader(self) if memory is not None else _Progress(self)
@@ -228,8 +244,8 @@ class LazySession:
         if self.pace:
             time.sleep(self.pace * len(chunks))     # MPIMIG_POSTCOPY_PACE: a slow copy, for tests
         t0 = time.perf_counter()
-        nbytes = 0
-        w = self.where
+        nbytes = pop = 0
+        w, present = self.where, self.present
         i = 0
         while i < len(chunks):
             r0, l0, k = w[chunks[i]]
@@ -237,7 +253,9 @@ class LazySession:
             while j < len(chunks) and w[chunks[j]][0] == r0 + k and w[chunks[j]][1] == l0 + k:
                 k += w[chunks[j]][2]
                 j += 1
-            handover.populate(l0, k)      # faulting in first is faster than faults in the copy
+            if not all(present[c] for c in chunks[i:j]):
+                handover.populate(l0, k)  # faulting in first is faster than faults in the copy
+                pop += k
             handover.read_at(self.pid, r0, l0, k)
             nbytes += k
             i = j
@@ -246,6 +264,7 @@ class LazySession:
                 self.done[c] = 1
             self.left -= len(chunks)
             self.read_bytes[by] += nbytes
+            self.populated += pop
             self.read_s[by] += time.perf_counter() - t0
             if self.left == 0 and self.t_arrived is None:
                 self._arrived(by)
@@ -280,6 +299,7 @@ class LazySession:
         if t is not None and t.ident is None:
             _LIVE.add(self)
             self.t_started = time.perf_counter()
+            self.started_in = "switch" if self.rank is None else "resume"   # rank: set at the resume
             if isinstance(t, _Reader) and sys.getswitchinterval() > _SWITCH_S:
                 self.switch_was = sys.getswitchinterval()
                 sys.setswitchinterval(_SWITCH_S)
@@ -308,6 +328,8 @@ class LazySession:
         if t.ident is not None and t is not threading.current_thread():
             t.join()
         self.polls = t.polls
+        if isinstance(t, _Reader):
+            self.reader_t = (t.t_first, t.t_end, t.nthreads)
         self.thread = None
         _LIVE.discard(self)
         if self.switch_was is not None:   # the reader is done: the program's own switch interval again
@@ -415,6 +437,8 @@ class LazySession:
     def progress(self) -> None:
         """Non-blocking, at checkpoint points: complete the session if every chunk is in
         (with the thread: it flagged them; without: note arrivals with ``Testsome``)."""
+        if self.t_point is None:
+            self.t_point = time.perf_counter()
         if self.complete:
             return
         if self.via == "memory":
@@ -471,8 +495,17 @@ class LazySession:
             out["progress_polls"] = self.polls
         if self.via == "memory":
             out.update(read_bytes_thread=self.read_bytes["thread"], read_bytes_demand=self.read_bytes["main"],
-                       read_s_thread=self.read_s["thread"], read_s_demand=self.read_s["main"])
+                       read_s_thread=self.read_s["thread"], read_s_demand=self.read_s["main"],
+                       populated_bytes=self.populated)
         out["prepared_bytes"] = self.prepared_bytes
         if self.t_started is not None:
             out["thread_start_s"] = self.t_started - self.t_resume
+            out["thread_started_in"] = self.started_in
+        if self.t_point is not None:      # how long the main thread took to reach the program again
+            out["first_point_s"] = self.t_point - self.t_resume
+        first, end, k = self.reader_t
+        if first is not None:             # memory: when the first copy began, how long the copying lasted
+            out.update(reader_first_s=first - self.t_resume, readers=k)
+            if end is not None:
+                out["reader_wall_s"] = end - first
         return out

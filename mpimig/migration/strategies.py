@@ -222,8 +222,11 @@ class PostCopy(Strategy):
         # memory: the arrays are read out of the frozen old process after the resume (lazy.py);
         # mpi: every chunk receive is posted before the old process pushes
         mem = (int(hdr["where"]["pid"]), hdr["addrs"]) if how == handover.MEMORY else None
-        sess = LazySession(tx.comm, source, hdr, transfer=tx, memory=mem, buffers=have)
+        sess = LazySession(tx.comm, source, hdr, transfer=tx, memory=mem, buffers=have,
+                           faulted=int(before.get("prefaulted_bytes", 0)))
         tx.comm.send(how, dest=tx.peer, tag=TAG_HANDOVER)
+        if mem is not None:               # the reader copies while the switch ends and the program resumes
+            sess.start()
         arrays = dict(sess.arrays)
         arrays.update(hdr["eager"])
         objects = {k: loads(k, v) for k, v in hdr["objects"].items()}
