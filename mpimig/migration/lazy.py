@@ -201,7 +201,7 @@ class LazySession:
         self.t_point: float | None = None         # the program's first checkpoint point after the resume
         self.reader_t: tuple[float | None, float | None, int] = (None, None, 0)   # memory: first copy, end, threads
         self.polls = 0
-        if n and ok:                      # started by start(): after the resume, off the downtime's path
+        if n and ok:                      # started by start(): memory at the switch, mpi after the resume
             self.thread = _Reader(self) if memory is not None else _Progress(self)
 
     # -- which chunks ----------------------------------------------------------

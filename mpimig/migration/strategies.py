@@ -219,7 +219,7 @@ class PostCopy(Strategy):
         before: dict[str, Any] = {}
         if ready is not None and hdr.get("announced") == ready.plan_id:   # a warm spare's buffers
             have, before = ready.take(ready.plan_id, wait=False)   # not in the downtime: the reads fault
-        # memory: the arrays are read out of the frozen old process after the resume (lazy.py);
+        # memory: the arrays are read out of the frozen old process from here on (lazy.py);
         # mpi: every chunk receive is posted before the old process pushes
         mem = (int(hdr["where"]["pid"]), hdr["addrs"]) if how == handover.MEMORY else None
         sess = LazySession(tx.comm, source, hdr, transfer=tx, memory=mem, buffers=have,
