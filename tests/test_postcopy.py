@@ -98,8 +98,11 @@ def test_postcopy_arrives_without_mpi_calls(tmp_path, thread, path):
             assert s["readers"] == 2 and s["reader_wall_s"] > 0, s
             # the reader starts at the switch, before the program resumes (not after the report)
             assert s["thread_started_in"] == "switch" and s["reader_first_s"] >= s["thread_start_s"], s
+            # the reader that copied the last chunk let the old process go (the program made no call)
+            assert s["acked_by"] == q["acked_by"] == "thread", (s, q)   # before the program's next call
         else:                                      # the MPI path's progress thread: after the resume
             assert s["thread_started_in"] == "resume" and "readers" not in s, s
+            assert s["acked_by"] == "main", s      # the MPI path: every send from the main thread
     else:
         assert q["mode"] == "calls"
         # without the thread nothing arrives while the program makes no call
@@ -108,6 +111,7 @@ def test_postcopy_arrives_without_mpi_calls(tmp_path, thread, path):
             ("calls", "main", "MPIMIG_POSTCOPY_THREAD=off"), s
         if path == "read":                         # read at checkpoint points and in waits, once each
             assert s["read_bytes_thread"] == 0 and s["read_bytes_demand"] == nchunks * CHUNK, s
+        assert s["acked_by"] == "main", s          # no reader: the main thread acknowledges
     assert s["residual"] > 0
 
 

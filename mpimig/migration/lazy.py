@@ -45,7 +45,11 @@ docs/protocol.md "Post-copy": the progress thread makes no call but
 ``Testsome`` on its own requests; every message the target *sends* on the
 switch communicator or J comes from the main thread, so a demand is never
 ordered after the acknowledgement and the coordinator's messages keep their
-order). The residual dependency ends when the last chunk arrived
+order). One exception: on the memory path, which has no demand messages, the
+reader that copies the last chunk sends the acknowledgement itself where MPI
+allows a thread's call (``MPI_THREAD_MULTIPLE``; ``acked_by`` in the stats), so
+the old process leaves without waiting for the program's next point or wait;
+the rest of the completion still runs on the main thread. The residual dependency ends when the last chunk arrived
 (``t_arrived``, set by whichever thread saw it, ``arrived_by``), not when the
 acknowledgement went (the target's clean-up, step 8 in
 :mod:`mpimig.migration.target`: plain arrays in the state, the guard removed,
@@ -140,10 +144,10 @@ class LazySession:
         n = 0
         for j, (name, shape, dt, nbytes, base, nch) in enumerate(hdr["layout"]):
             a = (buffers or {}).get(name)
-            ok = 0
+            sure = 0
             if a is not None and a.shape == tuple(shape) and a.dtype == np.dtype(dt):
                 self.prepared_bytes += a.nbytes
-                ok = present.get(name, 0)
+                sure = present.get(name, 0)
             elif memory is not None:
                 a = handover.fresh(tuple(shape), dt)          # no fault now: the reads fault it in first
             else:
@@ -155,7 +159,7 @@ class LazySession:
                 lo, hi = i * self.C, min((i + 1) * self.C, nbytes)
                 if memory is not None:
                     self.where.append((there + lo, addr + lo, hi - lo))
-                    self.present.append(hi <= ok)
+                    self.present.append(hi <= sure)
                 else:
                     self.reqs.append(post(flat[lo:hi], TAG_PC_DATA + base + i))
             self.spans.append((addr, addr + nbytes, base))
@@ -181,6 +185,7 @@ class LazySession:
         self.cv = threading.Condition()
         self.arrived = threading.Event()  # every chunk is in (set by whichever thread saw the last one)
         self.t_arrived: float | None = None
+        self.t_acked: float | None = None
         self.arrived_by = ""              # "thread" or "main"
         self.error: BaseException | None = None
         if thread is not None:
@@ -192,6 +197,11 @@ class LazySession:
         else:
             ok, why = thread_mode()
         self.mode = "thread" if ok else "calls"
+        # memory: the reader that copies the last chunk tells the old process at once that it may
+        # leave, where MPI allows a thread's call (no demand message exists on that path, so
+        # nothing the target sends the old process can come after the acknowledgement)
+        self.ack_early = memory is not None and ok and thread_mode()[0]
+        self.acked_by = ""
         self.mode_why = why
         self.thread: _Progress | _Reader | None = None
         self.switch_was: float | None = None      # memory: the switch interval before the reader
@@ -219,7 +229,8 @@ class LazySession:
     # -- the progress thread -------------------------------------------------------
     def _arrived(self, by: str) -> None:
         """The last chunk is in: the residual dependency ends here (the acknowledgement follows
-        on the main thread, at the next wait or checkpoint point)."""
+        on the main thread, at the next wait or checkpoint point; memory: from the reader that
+        copied it, where MPI allows a thread's call, ``ack_early``)."""
         self.t_arrived = time.perf_counter()
         self.arrived_by = by
         self.arrived.set()
@@ -266,9 +277,12 @@ class LazySession:
             self.read_bytes[by] += nbytes
             self.populated += pop
             self.read_s[by] += time.perf_counter() - t0
-            if self.left == 0 and self.t_arrived is None:
+            last = self.left == 0 and self.t_arrived is None
+            if last:
                 self._arrived(by)
             self.cv.notify_all()
+        if last and by == "thread" and self.ack_early:
+            self._ack("thread")
 
     def _read_now(self, missing: list[int]) -> None:
         """Main thread, memory: read the missing chunks nobody reads yet at once; wait for
@@ -474,10 +488,17 @@ class LazySession:
             self._arrived("main")
         for a in self.arrays.values():
             a._lz = None
-        self.residual = (self.t_arrived or self.t_complete) - self.t_resume
-        self.Jc.send({"residual_s": self.residual}, dest=self.source, tag=TAG_PC_ACK)
+        if not self.acked_by:             # (a reader that sent it has been joined by stop())
+            self._ack("main")
         if self.on_complete is not None:
             self.on_complete(self)
+
+    def _ack(self, by: str) -> None:
+        """Tell the old process that every chunk is in: it may leave (``TAG_PC_ACK``)."""
+        self.residual = (self.t_arrived or time.perf_counter()) - self.t_resume
+        self.Jc.send({"residual_s": self.residual}, dest=self.source, tag=TAG_PC_ACK)
+        self.t_acked = time.perf_counter()
+        self.acked_by = by
 
     def stats(self) -> dict[str, Any]:
         """What the coordinator records of this session (residual dependency, demand fetches,
@@ -487,8 +508,9 @@ class LazySession:
                "fetch_ms_max": (max(self.fetch_s) * 1e3) if self.fetch_s else 0.0,
                "chunks": self.nchunks, "progress": self.mode, "arrived_by": self.arrived_by,
                "handover": self.via,
-               "ack_after_arrival_s": ((self.t_complete - self.t_arrived)
-                                       if self.t_complete is not None and self.t_arrived is not None else 0.0)}
+               "ack_after_arrival_s": (((self.t_acked or self.t_complete) - self.t_arrived)
+                                       if self.t_complete is not None and self.t_arrived is not None else 0.0),
+               "acked_by": self.acked_by}
         if self.mode_why:
             out["progress_why"] = self.mode_why
         if self.mode == "thread":
