@@ -225,8 +225,6 @@ class PostCopy(Strategy):
         sess = LazySession(tx.comm, source, hdr, transfer=tx, memory=mem, buffers=have,
                            faulted=int(before.get("prefaulted_bytes", 0)))
         tx.comm.send(how, dest=tx.peer, tag=TAG_HANDOVER)
-        if mem is not None:               # the reader copies while the switch ends and the program resumes
-            sess.start()
         arrays = dict(sess.arrays)
         arrays.update(hdr["eager"])
         objects = {k: loads(k, v) for k, v in hdr["objects"].items()}
@@ -235,6 +233,8 @@ class PostCopy(Strategy):
         ss.update(before)
         if how != handover.MEMORY:
             ss["handover_why"] = why
+        if mem is not None:               # the reader copies while the switch ends and the program resumes
+            sess.start()                  # (last: its 2 threads compete with the switch for the cores)
         return arrays, objects, hdr["extra"], (sess if sess.nchunks else None)
 
     @staticmethod
