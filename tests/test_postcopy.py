@@ -81,7 +81,7 @@ def _run(tmp_path, path, *extra, **env_extra):
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("thread", ["on", "off"])
 def test_postcopy_arrives_without_mpi_calls(tmp_path, thread, path):
-    s, q, outs = _run(tmp_path, path, MPIMIG_POSTCOPY_THREAD=thread)
+    s, q, outs = _run(tmp_path, path, MPIMIG_POSTCOPY_THREAD=thread, MPIMIG_POSTCOPY_READERS=2)
     assert outs == _ref(tmp_path)
     nchunks = s["chunks"]
     assert q["left_at_start"] > 0, f"precondition: chunks still on their way at the resume: {q}"
@@ -93,8 +93,16 @@ def test_postcopy_arrives_without_mpi_calls(tmp_path, thread, path):
         assert q["thread_alive"] is False
         assert (s["progress"], s["arrived_by"]) == ("thread", "thread"), s
         assert s["demand_fetches"] == 0            # nothing was accessed before it arrived
-        if path == "read":                         # every byte read once, by the reader
+        if path == "read":                         # every byte read once, by the reader's 2 threads
             assert (s["read_bytes_thread"], s["read_bytes_demand"]) == (nchunks * CHUNK, 0), s
+            assert s["readers"] == 2 and s["reader_wall_s"] > 0, s
+            # the reader starts at the switch, before the program resumes (not after the report)
+            assert s["thread_started_in"] == "switch" and s["reader_first_s"] >= s["thread_start_s"], s
+            # the reader that copied the last chunk let the old process go (the program made no call)
+            assert s["acked_by"] == q["acked_by"] == "thread", (s, q)   # before the program's next call
+        else:                                      # the MPI path's progress thread: after the resume
+            assert s["thread_started_in"] == "resume" and "readers" not in s, s
+            assert s["acked_by"] == "main", s      # the MPI path: every send from the main thread
     else:
         assert q["mode"] == "calls"
         # without the thread nothing arrives while the program makes no call
@@ -103,6 +111,7 @@ def test_postcopy_arrives_without_mpi_calls(tmp_path, thread, path):
             ("calls", "main", "MPIMIG_POSTCOPY_THREAD=off"), s
         if path == "read":                         # read at checkpoint points and in waits, once each
             assert s["read_bytes_thread"] == 0 and s["read_bytes_demand"] == nchunks * CHUNK, s
+        assert s["acked_by"] == "main", s          # no reader: the main thread acknowledges
     assert s["residual"] > 0
 
 
@@ -126,3 +135,39 @@ def test_postcopy_access_right_after_resume(tmp_path, path):
         assert s["read_bytes_demand"] == 2 * CHUNK, s
         assert s["read_bytes_thread"] == (s["chunks"] - 2) * CHUNK, s
         assert s["arrived_by"] == "thread", s
+
+
+def test_postcopy_readers_setting(monkeypatch):
+    """MPIMIG_POSTCOPY_READERS: threads copying at once (default 2, at most the usable cores);
+    anything but a positive number is refused by name."""
+    import os
+
+    from mpimig.errors import UsageError
+    from mpimig.migration.lazy_reader import readers
+    monkeypatch.delenv("MPIMIG_POSTCOPY_READERS", raising=False)
+    assert readers() == max(1, min(2, len(os.sched_getaffinity(0))))
+    monkeypatch.setenv("MPIMIG_POSTCOPY_READERS", "3")
+    assert readers() == 3
+    for bad in ("0", "-1", "two"):
+        monkeypatch.setenv("MPIMIG_POSTCOPY_READERS", bad)
+        with pytest.raises(UsageError, match="MPIMIG_POSTCOPY_READERS"):
+            readers()
+
+
+def test_postcopy_reads_skip_faulting_prepared_buffers_again(tmp_path):
+    """The memory path in one process (tests/progs/lazy_read_self.py reads out of itself): the
+    reads fault in (MADV_POPULATE_WRITE) only what the warm spare's faulting thread had not
+    reached (all of it faulted: nothing; half of the first array: the rest; no prepared
+    buffers: everything), 2 threads read every byte once, and the arrays are the source's bits."""
+    res = run_cmd(["mpiexec", "--allow-run-as-root", "-n", 1, sys.executable, ROOT / "tests" / "progs" /
+                   "lazy_read_self.py", "all", "half", "none"],
+                  timeout=120, env=base_env(MPIMIG_POSTCOPY_READERS=2, MPIMIG_POSTCOPY_BATCH=4 << 16))
+    rows = {r["case"]: r for r in (json.loads(x[7:]) for x in res.stdout.splitlines() if x.startswith("RESULT "))}
+    assert set(rows) == {"all", "half", "none"}, res.stdout + res.stderr[-3000:]
+    total = rows["all"]["total"]
+    for r in rows.values():
+        assert r["same"] and r["ack"] and r["readers"] == 2 and r["started_in"] == "switch", r
+        assert r["read_thread"] + r["read_demand"] == total, r
+    assert rows["all"]["populated"] == 0, rows["all"]
+    assert rows["half"]["populated"] == total - 24 * (1 << 16), rows["half"]
+    assert rows["none"]["populated"] == total, rows["none"]

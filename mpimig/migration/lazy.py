@@ -45,7 +45,11 @@ docs/protocol.md "Post-copy": the progress thread makes no call but
 ``Testsome`` on its own requests; every message the target *sends* on the
 switch communicator or J comes from the main thread, so a demand is never
 ordered after the acknowledgement and the coordinator's messages keep their
-order). The residual dependency ends when the last chunk arrived
+order). One exception: on the memory path, which has no demand messages, the
+reader that copies the last chunk sends the acknowledgement itself where MPI
+allows a thread's call (``MPI_THREAD_MULTIPLE``; ``acked_by`` in the stats), so
+the old process leaves without waiting for the program's next point or wait;
+the rest of the completion still runs on the main thread. The residual dependency ends when the last chunk arrived
 (``t_arrived``, set by whichever thread saw it, ``arrived_by``), not when the
 acknowledgement went (the target's clean-up, step 8 in
 :mod:`mpimig.migration.target`: plain arrays in the state, the guard removed,
@@ -59,6 +63,10 @@ arrived: ``plain[...] = lazy`` (NumPy reads the right-hand side directly),
 seconds (default 120) with an error naming the rank and its old process; the
 job then aborts and ``mpimig run --relaunch K`` / ``--restart`` brings it back
 from the last committed epoch.
+
+The module is split by job: :mod:`.lazy_array` (``LazyArray``, ``buffer_guard``,
+``plain``), :mod:`.lazy_progress` (the MPI path's progress thread, ``thread_mode``) and
+:mod:`.lazy_reader` (the memory path's reader thread); every name stays importable from here.
 """
 from __future__ import annotations
 
@@ -75,122 +83,14 @@ from mpi4py import MPI
 
 from ..errors import MigrationError
 from . import handover
+from .lazy_array import LazyArray, buffer_guard, byte_bounds, plain
+from .lazy_progress import _Progress, thread_mode
+from .lazy_reader import _SWITCH_S, _Reader
 from .protocol import TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND
 
-try:
-    from numpy.lib.array_utils import byte_bounds
-except ImportError:   # NumPy < 2
-    byte_bounds = np.byte_bounds  # type: ignore[attr-defined]  # NumPy < 2 only; stubs are NumPy 2
+__all__ = ["LazyArray", "LazySession", "buffer_guard", "plain", "thread_mode"]
 
-_BASIC = (int, np.integer, slice, type(Ellipsis), type(None))
-
-
-def _is_basic(idx) -> bool:
-    if isinstance(idx, tuple):
-        return all(isinstance(i, _BASIC) and not isinstance(i, bool) for i in idx)
-    return isinstance(idx, _BASIC) and not isinstance(idx, bool)
-
-
-def thread_mode() -> tuple[bool, str]:
-    """Whether a progress thread may drive the chunk receives: ``(True, "")``, or
-    ``(False, why not)`` (``MPIMIG_POSTCOPY_THREAD=off``, or MPI below ``MPI_THREAD_MULTIPLE``)."""
-    env = os.environ.get("MPIMIG_POSTCOPY_THREAD", "on").strip().lower()
-    if env in ("off", "0", "no", "false"):
-        return False, "MPIMIG_POSTCOPY_THREAD=off"
-    level = MPI.Query_thread()
-    if level != MPI.THREAD_MULTIPLE:
-        names = {MPI.THREAD_SINGLE: "MPI_THREAD_SINGLE", MPI.THREAD_FUNNELED: "MPI_THREAD_FUNNELED",
-                 MPI.THREAD_SERIALIZED: "MPI_THREAD_SERIALIZED"}
-        return False, f"MPI runs at {names.get(level, level)}, not MPI_THREAD_MULTIPLE"
-    return True, ""
-
-
-_NAP_MIN, _NAP_MAX = 10e-6, 500e-6     # the progress thread's back-off between empty polls
 _POINT_CHUNKS = 16                     # memory without the reader: chunks read at each checkpoint point
-_BATCH = 16 << 20                      # memory: bytes the reader copies per call (MPIMIG_POSTCOPY_BATCH)
-# memory: the GIL switch interval while the reader runs. Each copy releases the GIL (ctypes) and
-# needs it back to flag its chunks; a program that computes in Python holds it for up to the
-# interval (5 ms by default), which would add that much per copy to the residual dependency.
-_SWITCH_S = 0.0005
-
-
-class _Progress(threading.Thread):
-    """The session's progress thread: it owns the pre-posted chunk requests and calls
-    nothing but ``Testsome`` on them (plus a short sleep when none completed) until
-    every chunk is in or it is told to stop. Arrivals set the chunk flags under the
-    session's condition and wake the waiters. It never sends: demands, the
-    acknowledgement and the report stay on the main thread (docs/protocol.md)."""
-
-    def __init__(self, sess: LazySession) -> None:
-        super().__init__(name="mpimig-postcopy-progress", daemon=True)
-        self.sess = sess
-        self.halt = threading.Event()
-        self.polls = 0
-
-    def run(self) -> None:
-        sess = self.sess
-        idx = [c for c in range(sess.nchunks) if not sess.done[c]]
-        reqs = [sess.reqs[c] for c in idx]
-        nap = 0.0
-        try:
-            while idx and not self.halt.is_set():
-                self.polls += 1
-                got = MPI.Request.Testsome(reqs)
-                if not got:
-                    nap = min(nap * 2 or _NAP_MIN, _NAP_MAX)
-                    time.sleep(nap)
-                    continue
-                nap = 0.0
-                with sess.cv:
-                    for i in got:
-                        sess.done[idx[i]] = 1
-                    sess.left -= len(got)
-                    if sess.left == 0:
-                        sess._arrived("thread")
-                    sess.cv.notify_all()
-                gone = set(got)
-                idx = [c for i, c in enumerate(idx) if i not in gone]
-                reqs = [r for i, r in enumerate(reqs) if i not in gone]
-        except BaseException as exc:      # an MPI error on a chunk: the main thread raises it in its next wait
-            with sess.cv:
-                sess.error = exc
-                sess.cv.notify_all()
-
-
-class _Reader(threading.Thread):
-    """The session's reader on one host (``via == "memory"``): it copies the chunks out of the
-    frozen old process with ``process_vm_readv`` (:func:`handover.read_at`; ctypes releases
-    the GIL), ``MPIMIG_POSTCOPY_BATCH`` bytes (default 16 MiB) of consecutive chunks at a
-    time, in order (the GIL switch interval is short meanwhile: ``_SWITCH_S``). A chunk is
-    *claimed* under the session's condition before it is read and flagged done after, so
-    that a demand read on the main thread and this thread never copy the same chunk (a copy
-    after the program wrote the chunk would undo the write). It makes no MPI call: it needs
-    no ``MPI_THREAD_MULTIPLE``."""
-
-    def __init__(self, sess: LazySession) -> None:
-        super().__init__(name="mpimig-postcopy-reader", daemon=True)
-        self.sess = sess
-        self.halt = threading.Event()
-        self.polls = 0
-        nbytes = int(os.environ.get("MPIMIG_POSTCOPY_BATCH", str(_BATCH)) or _BATCH)
-        self.batch = max(1, nbytes // sess.C)
-
-    def run(self) -> None:
-        sess = self.sess
-        at = 0
-        try:
-            while not self.halt.is_set():
-                with sess.cv:
-                    got, at = sess._claim_from(at, self.batch)
-                if not got:
-                    return
-                self.polls += 1
-                sess._read(got, "thread")
-        except BaseException as exc:      # the old process is gone: the main thread raises it in its next wait
-            with sess.cv:
-                sess.error = exc
-                sess.cv.notify_all()
-
 
 _LIVE: weakref.WeakSet[LazySession] = weakref.WeakSet()
 
@@ -208,7 +108,7 @@ class LazySession:
 
     def __init__(self, Jc: MPI.Intracomm, source: int, hdr: dict, transfer: Any = None,
                  thread: bool | None = None, memory: tuple[int, list[int]] | None = None,
-                 buffers: dict[str, np.ndarray] | None = None) -> None:
+                 buffers: dict[str, np.ndarray] | None = None, faulted: int = 0) -> None:
         """Post the chunk receives; ``transfer`` (a ``transport.Transfer`` from ``source``)
         counts their bytes (default: receive on ``Jc`` directly). ``thread`` forces the
         progress thread on or off (default: :func:`thread_mode`).
@@ -216,7 +116,10 @@ class LazySession:
         ``memory=(pid, addresses)``: the old process is on this host; the chunks are read
         out of its memory (the arrays of ``hdr["layout"]`` at those addresses, in order)
         by a reader thread and by demand reads, not received (no ``Irecv``). ``buffers``:
-        arrays faulted in before the freeze (a warm spare's), used where they fit the layout."""
+        arrays faulted in before the freeze (a warm spare's), used where they fit the layout;
+        ``faulted``: how many of their bytes, in their order, are faulted in for sure (the
+        warm spare's faulting thread got that far): the reads do not fault those in again
+        (``MADV_POPULATE_WRITE`` walks every page, present or not: 0.1-0.4 s per GiB)."""
         self.Jc, self.source = Jc, source
         post = transfer.Irecv if transfer is not None else (
             lambda buf, tag: Jc.Irecv([buf, MPI.BYTE], source, tag))
@@ -233,11 +136,18 @@ class LazySession:
         self.pid = memory[0] if memory is not None else 0
         self.where: list[tuple[int, int, int]] = []   # memory: per chunk (its address there, here, bytes)
         self.prepared_bytes = 0
+        present: dict[str, int] = {}      # memory: per prepared array, the bytes faulted in for sure
+        for k, b in (buffers or {}).items():
+            present[k] = min(b.nbytes, max(0, faulted))
+            faulted -= b.nbytes
+        self.present: list[bool] = []     # memory: per chunk, faulted in already (no populate)
         n = 0
         for j, (name, shape, dt, nbytes, base, nch) in enumerate(hdr["layout"]):
             a = (buffers or {}).get(name)
+            sure = 0
             if a is not None and a.shape == tuple(shape) and a.dtype == np.dtype(dt):
                 self.prepared_bytes += a.nbytes
+                sure = present.get(name, 0)
             elif memory is not None:
                 a = handover.fresh(tuple(shape), dt)          # no fault now: the reads fault it in first
             else:
@@ -249,6 +159,7 @@ class LazySession:
                 lo, hi = i * self.C, min((i + 1) * self.C, nbytes)
                 if memory is not None:
                     self.where.append((there + lo, addr + lo, hi - lo))
+                    self.present.append(hi <= sure)
                 else:
                     self.reqs.append(post(flat[lo:hi], TAG_PC_DATA + base + i))
             self.spans.append((addr, addr + nbytes, base))
@@ -261,6 +172,7 @@ class LazySession:
         self.claimed = bytearray(n)       # memory: being read or read (under cv)
         self.read_bytes = {"thread": 0, "main": 0}
         self.read_s = {"thread": 0.0, "main": 0.0}
+        self.populated = 0                # memory: bytes faulted in by the reads (MADV_POPULATE_WRITE)
         self.left = n
         self.fetches = 0
         self.fetch_s: list[float] = []
@@ -273,6 +185,7 @@ class LazySession:
         self.cv = threading.Condition()
         self.arrived = threading.Event()  # every chunk is in (set by whichever thread saw the last one)
         self.t_arrived: float | None = None
+        self.t_acked: float | None = None
         self.arrived_by = ""              # "thread" or "main"
         self.error: BaseException | None = None
         if thread is not None:
@@ -284,12 +197,21 @@ class LazySession:
         else:
             ok, why = thread_mode()
         self.mode = "thread" if ok else "calls"
+        # memory: the reader that copies the last chunk tells the old process at once that it may
+        # leave, where MPI allows a thread's call (no demand message exists on that path, so
+        # nothing the target sends the old process can come after the acknowledgement)
+        self.ack_early = memory is not None and ok and thread_mode()[0]
+        self.acked_by = ""
         self.mode_why = why
         self.thread: _Progress | _Reader | None = None
         self.switch_was: float | None = None      # memory: the switch interval before the reader
-        self.t_started: float | None = None       # when the thread started (after the resume's report)
+        self.t_started: float | None = None       # when the thread started (memory: at the switch; mpi: after
+        #                                           the resume's report)
+        self.started_in = ""
+        self.t_point: float | None = None         # the program's first checkpoint point after the resume
+        self.reader_t: tuple[float | None, float | None, int] = (None, None, 0)   # memory: first copy, end, threads
         self.polls = 0
-        if n and ok:                      # started by start(): after the resume, off the downtime's path
+        if n and ok:                      # started by start(): memory at the switch, mpi after the resume
             self.thread = _Reader(self) if memory is not None else _Progress(self)
 
     # -- which chunks ----------------------------------------------------------
@@ -307,7 +229,8 @@ class LazySession:
     # -- the progress thread -------------------------------------------------------
     def _arrived(self, by: str) -> None:
         """The last chunk is in: the residual dependency ends here (the acknowledgement follows
-        on the main thread, at the next wait or checkpoint point)."""
+        on the main thread, at the next wait or checkpoint point; memory: from the reader that
+        copied it, where MPI allows a thread's call, ``ack_early``)."""
         self.t_arrived = time.perf_counter()
         self.arrived_by = by
         self.arrived.set()
@@ -332,8 +255,8 @@ class LazySession:
         if self.pace:
             time.sleep(self.pace * len(chunks))     # MPIMIG_POSTCOPY_PACE: a slow copy, for tests
         t0 = time.perf_counter()
-        nbytes = 0
-        w = self.where
+        nbytes = pop = 0
+        w, present = self.where, self.present
         i = 0
         while i < len(chunks):
             r0, l0, k = w[chunks[i]]
@@ -341,7 +264,9 @@ class LazySession:
             while j < len(chunks) and w[chunks[j]][0] == r0 + k and w[chunks[j]][1] == l0 + k:
                 k += w[chunks[j]][2]
                 j += 1
-            handover.populate(l0, k)      # faulting in first is faster than faults in the copy
+            if not all(present[c] for c in chunks[i:j]):
+                handover.populate(l0, k)  # faulting in first is faster than faults in the copy
+                pop += k
             handover.read_at(self.pid, r0, l0, k)
             nbytes += k
             i = j
@@ -350,10 +275,14 @@ class LazySession:
                 self.done[c] = 1
             self.left -= len(chunks)
             self.read_bytes[by] += nbytes
+            self.populated += pop
             self.read_s[by] += time.perf_counter() - t0
-            if self.left == 0 and self.t_arrived is None:
+            last = self.left == 0 and self.t_arrived is None
+            if last:
                 self._arrived(by)
             self.cv.notify_all()
+        if last and by == "thread" and self.ack_early:
+            self._ack("thread")
 
     def _read_now(self, missing: list[int]) -> None:
         """Main thread, memory: read the missing chunks nobody reads yet at once; wait for
@@ -384,6 +313,7 @@ class LazySession:
         if t is not None and t.ident is None:
             _LIVE.add(self)
             self.t_started = time.perf_counter()
+            self.started_in = "switch" if self.rank is None else "resume"   # rank: set at the resume
             if isinstance(t, _Reader) and sys.getswitchinterval() > _SWITCH_S:
                 self.switch_was = sys.getswitchinterval()
                 sys.setswitchinterval(_SWITCH_S)
@@ -412,6 +342,8 @@ class LazySession:
         if t.ident is not None and t is not threading.current_thread():
             t.join()
         self.polls = t.polls
+        if isinstance(t, _Reader):
+            self.reader_t = (t.t_first, t.t_end, t.nthreads)
         self.thread = None
         _LIVE.discard(self)
         if self.switch_was is not None:   # the reader is done: the program's own switch interval again
@@ -519,6 +451,8 @@ class LazySession:
     def progress(self) -> None:
         """Non-blocking, at checkpoint points: complete the session if every chunk is in
         (with the thread: it flagged them; without: note arrivals with ``Testsome``)."""
+        if self.t_point is None:
+            self.t_point = time.perf_counter()
         if self.complete:
             return
         if self.via == "memory":
@@ -554,10 +488,17 @@ class LazySession:
             self._arrived("main")
         for a in self.arrays.values():
             a._lz = None
-        self.residual = (self.t_arrived or self.t_complete) - self.t_resume
-        self.Jc.send({"residual_s": self.residual}, dest=self.source, tag=TAG_PC_ACK)
+        if not self.acked_by:             # (a reader that sent it has been joined by stop())
+            self._ack("main")
         if self.on_complete is not None:
             self.on_complete(self)
+
+    def _ack(self, by: str) -> None:
+        """Tell the old process that every chunk is in: it may leave (``TAG_PC_ACK``)."""
+        self.residual = (self.t_arrived or time.perf_counter()) - self.t_resume
+        self.Jc.send({"residual_s": self.residual}, dest=self.source, tag=TAG_PC_ACK)
+        self.t_acked = time.perf_counter()
+        self.acked_by = by
 
     def stats(self) -> dict[str, Any]:
         """What the coordinator records of this session (residual dependency, demand fetches,
@@ -567,130 +508,26 @@ class LazySession:
                "fetch_ms_max": (max(self.fetch_s) * 1e3) if self.fetch_s else 0.0,
                "chunks": self.nchunks, "progress": self.mode, "arrived_by": self.arrived_by,
                "handover": self.via,
-               "ack_after_arrival_s": ((self.t_complete - self.t_arrived)
-                                       if self.t_complete is not None and self.t_arrived is not None else 0.0)}
+               "ack_after_arrival_s": (((self.t_acked or self.t_complete) - self.t_arrived)
+                                       if self.t_complete is not None and self.t_arrived is not None else 0.0),
+               "acked_by": self.acked_by}
         if self.mode_why:
             out["progress_why"] = self.mode_why
         if self.mode == "thread":
             out["progress_polls"] = self.polls
         if self.via == "memory":
             out.update(read_bytes_thread=self.read_bytes["thread"], read_bytes_demand=self.read_bytes["main"],
-                       read_s_thread=self.read_s["thread"], read_s_demand=self.read_s["main"])
+                       read_s_thread=self.read_s["thread"], read_s_demand=self.read_s["main"],
+                       populated_bytes=self.populated)
         out["prepared_bytes"] = self.prepared_bytes
         if self.t_started is not None:
             out["thread_start_s"] = self.t_started - self.t_resume
+            out["thread_started_in"] = self.started_in
+        if self.t_point is not None:      # how long the main thread took to reach the program again
+            out["first_point_s"] = self.t_point - self.t_resume
+        first, end, k = self.reader_t
+        if first is not None:             # memory: when the first copy began, how long the copying lasted
+            out.update(reader_first_s=first - self.t_resume, readers=k)
+            if end is not None:
+                out["reader_wall_s"] = end - first
         return out
-
-
-def plain(v: Any) -> Any:
-    """A complete :class:`LazyArray` as a plain ``ndarray`` (anything else unchanged)."""
-    return np.ndarray.view(v, np.ndarray) if isinstance(v, LazyArray) else v
-
-
-def _ensure_arr(a) -> None:
-    lz = a._lz if isinstance(a, LazyArray) else None
-    if lz is not None and not lz.complete:
-        lz.ensure(lz._all_of(a))
-
-
-def _plain(x):
-    if isinstance(x, LazyArray):
-        _ensure_arr(x)
-        return np.ndarray.view(x, np.ndarray)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_plain(i) for i in x)
-    return x
-
-
-# attributes that read no data (and this class's own helpers): no wait
-_META = frozenset({"shape", "dtype", "ndim", "size", "itemsize", "nbytes", "strides", "flags", "_lz", "_touch",
-                   "__class__", "__array_finalize__", "__array_ufunc__", "__array_function__",
-                   "__array_priority__", "__getitem__", "__setitem__", "__len__", "base", "__dict__"})
-
-
-class LazyArray(np.ndarray):
-    """An array whose chunks may still be on their way (see the module docstring)."""
-
-    _lz: LazySession | None = None
-
-    def __array_finalize__(self, obj):
-        self._lz = getattr(obj, "_lz", None)
-
-    def __getattribute__(self, name):
-        if name not in _META:
-            lz = object.__getattribute__(self, "_lz")
-            if lz is not None and not lz.complete:
-                lz.ensure(lz._all_of(self))
-            if not name.startswith("__"):
-                # methods and data attributes of the plain array: what they return (a.copy(),
-                # a.T, a.astype(...)) is a plain ndarray, never a LazyArray that would outlive
-                # its session (a copy registered as state would then travel as a pickle)
-                return getattr(np.ndarray.view(self, np.ndarray), name)
-        return super().__getattribute__(name)
-
-    def _touch(self, lz: LazySession, idx) -> None:
-        """Wait for the chunks that ``self[idx]`` reads or writes."""
-        plain = np.ndarray.view(self, np.ndarray)
-        if _is_basic(idx):
-            t = idx if isinstance(idx, tuple) else (idx,)
-            if not any(i is Ellipsis for i in t):
-                t = t + (Ellipsis,)           # a 0-d view even for a single element
-            v = plain[t]
-            lo, hi = byte_bounds(v)
-            lz.ensure_bytes(lo, hi)
-        else:
-            lz.ensure(lz._all_of(self))
-
-    def __getitem__(self, idx):
-        lz = self._lz
-        if lz is not None and not lz.complete:
-            self._touch(lz, idx)
-        return np.ndarray.view(self, np.ndarray)[idx]
-
-    def __setitem__(self, idx, value):
-        lz = self._lz
-        if lz is not None and not lz.complete:
-            self._touch(lz, idx)
-        np.ndarray.view(self, np.ndarray)[idx] = _plain(value)
-
-    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        inputs = tuple(_plain(x) for x in inputs)
-        if "out" in kwargs:
-            kwargs["out"] = tuple(_plain(x) for x in kwargs["out"])
-        return getattr(ufunc, method)(*inputs, **kwargs)
-
-    def __array_function__(self, func, types, args, kwargs):
-        if func in (np.empty_like, np.shape, np.ndim, np.size):   # no data read
-            args = tuple(np.ndarray.view(a, np.ndarray) if isinstance(a, LazyArray) else a for a in args)
-        else:
-            args = tuple(_plain(a) for a in args)
-            kwargs = {k: _plain(v) for k, v in kwargs.items()}
-        return func(*args, **kwargs)
-
-    def __iter__(self):
-        _ensure_arr(self)
-        return iter(np.ndarray.view(self, np.ndarray))
-
-    def __repr__(self):
-        _ensure_arr(self)
-        return repr(np.ndarray.view(self, np.ndarray))
-
-    __str__ = __repr__
-
-    def __reduce_ex__(self, protocol):
-        _ensure_arr(self)
-        return np.ndarray.view(self, np.ndarray).__reduce_ex__(protocol)
-
-
-def _guard(x) -> None:
-    if isinstance(x, LazyArray):
-        _ensure_arr(x)
-    elif isinstance(x, (list, tuple)) and x and isinstance(x[0], LazyArray):
-        _ensure_arr(x[0])
-
-
-def buffer_guard(*bufs: Any) -> None:
-    """The communicator's buffer guard while lazy arrays exist (``Comm.set_buffer_guard``):
-    a buffer call with a lazy array waits for its chunks first."""
-    for b in bufs:
-        _guard(b)

@@ -219,10 +219,11 @@ class PostCopy(Strategy):
         before: dict[str, Any] = {}
         if ready is not None and hdr.get("announced") == ready.plan_id:   # a warm spare's buffers
             have, before = ready.take(ready.plan_id, wait=False)   # not in the downtime: the reads fault
-        # memory: the arrays are read out of the frozen old process after the resume (lazy.py);
+        # memory: the arrays are read out of the frozen old process from here on (lazy.py);
         # mpi: every chunk receive is posted before the old process pushes
         mem = (int(hdr["where"]["pid"]), hdr["addrs"]) if how == handover.MEMORY else None
-        sess = LazySession(tx.comm, source, hdr, transfer=tx, memory=mem, buffers=have)
+        sess = LazySession(tx.comm, source, hdr, transfer=tx, memory=mem, buffers=have,
+                           faulted=int(before.get("prefaulted_bytes", 0)))
         tx.comm.send(how, dest=tx.peer, tag=TAG_HANDOVER)
         arrays = dict(sess.arrays)
         arrays.update(hdr["eager"])
@@ -232,6 +233,8 @@ class PostCopy(Strategy):
         ss.update(before)
         if how != handover.MEMORY:
             ss["handover_why"] = why
+        if mem is not None:               # the reader copies while the switch ends and the program resumes
+            sess.start()                  # (last: its 2 threads compete with the switch for the cores)
         return arrays, objects, hdr["extra"], (sess if sess.nchunks else None)
 
     @staticmethod

@@ -69,9 +69,12 @@ def quiet(ctx, args) -> dict:
         for _ in range(args.quiet_iters):
             w = np.sin(w) + 0.5
             iters += 1
+    t = sess.thread
+    if t is not None and sess.arrived.is_set():
+        t.join(30)                 # it ends once all is in (the reader after its acknowledgement)
     rec.update(arrived=sess.arrived.is_set(), arrived_by=sess.arrived_by, left_at_end=sess.left,
-               complete_at_end=sess.complete, iters=iters, thread_alive=sess.thread is not None
-               and sess.thread.is_alive())
+               complete_at_end=sess.complete, iters=iters, thread_alive=t is not None and t.is_alive(),
+               acked_by=sess.acked_by)
     return rec
 
 
