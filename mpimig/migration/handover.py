@@ -79,7 +79,13 @@ def mode() -> str:
 def read_threads() -> int:
     """``MPIMIG_HANDOVER_THREADS``: threads reading the frozen process's memory at once
     (default 2, at most the cores this process may run on)."""
-    v = (os.environ.get("MPIMIG_HANDOVER_THREADS") or "").strip()
+    return threads_setting("MPIMIG_HANDOVER_THREADS")
+
+
+def threads_setting(name: str) -> int:
+    """A number of reader threads from the environment variable ``name``: default 2, at most
+    the cores this process may run on; anything but a number >= 1 is refused by name."""
+    v = (os.environ.get(name) or "").strip()
     if not v:
         return max(1, min(2, len(os.sched_getaffinity(0))))
     try:
@@ -87,7 +93,7 @@ def read_threads() -> int:
     except ValueError:
         n = 0
     if n < 1:
-        raise UsageError(f"MPIMIG_HANDOVER_THREADS={v!r}: a number of threads, at least 1")
+        raise UsageError(f"{name}={v!r}: a number of threads, at least 1")
     return n
 
 

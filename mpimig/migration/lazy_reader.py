@@ -9,7 +9,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from ..errors import UsageError
+from . import handover
 
 if TYPE_CHECKING:
     from .lazy import LazySession
@@ -24,16 +24,7 @@ _SWITCH_S = 0.0005
 def readers() -> int:
     """``MPIMIG_POSTCOPY_READERS``: threads copying at once (default 2, at most the cores this
     process may run on). One ``process_vm_readv`` thread reaches about half the memory's speed."""
-    v = (os.environ.get("MPIMIG_POSTCOPY_READERS") or "").strip()
-    if not v:
-        return max(1, min(2, len(os.sched_getaffinity(0))))
-    try:
-        n = int(v)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise UsageError(f"MPIMIG_POSTCOPY_READERS={v!r}: a number of threads, at least 1")
-    return n
+    return handover.threads_setting("MPIMIG_POSTCOPY_READERS")
 
 
 class _Reader(threading.Thread):
