@@ -14,6 +14,7 @@ each participant's marks say. docs/protocol.md, "The switch's cost".
 """
 from __future__ import annotations
 
+import json
 import socket
 import threading
 
@@ -59,6 +60,17 @@ def test_moves_to_warm_spares_with_an_idle_spare_bit_identical_and_marked(tmp_pa
         assert "woken" not in coord, steps     # the coordinator wakes no spare (rank 0 does)
         assert tgt["restored"] <= m["timings"]["downtime"] * 1e3      # the downtime ends at the report
         assert not m["strategy_stats"].get("refilled_spare")            # a spare in J took each rank
+
+
+def test_the_spare_pool_refills_only_after_the_switchs_reports(tmp_path):
+    # the refill's spawn blocks the coordinator ~0.3 s; started right after the switch it
+    # blocked the moved rank's report to it, i.e. the program after its resume (0.2-0.25 s
+    # after every move on a quiet machine, pc's measurement). The refill waits for the reports.
+    job, out = _job(tmp_path, "job", "--spares", 1, "--migrate", f"8:1:{HOST}:stop-and-copy")
+    assert np.load(out).tobytes() == heat_ref(tmp_path, 64, 40)
+    names = [json.loads(line)["event"] for line in (job / "events.jsonl").read_text().splitlines()]
+    assert "migrated" in names and "spare_refilled" in names, names
+    assert names.index("migrated") < names.index("spare_refilled"), names
 
 
 def test_moves_to_spawned_targets_bit_identical(tmp_path):

@@ -303,7 +303,11 @@ class Coordinator(Steps, Serving, Spares):
             self.suspend()
             self.write_status()
             busy = True
-        elif self.refill != "0" and self.plan is None and not self.queue and not self.ready and self.refill_pool():
+        elif self.refill != "0" and self.plan is None and not self.queue and not self.ready and not self.in_switch \
+                and self.refill_pool():
+            # not while a switch's reports are out: the spawn blocks this loop ~0.3 s, and the
+            # moved rank's report to it (a send larger than the eager limit) would block the program
+            # that long after its resume
             self.write_status()
             busy = True
         return busy

@@ -49,7 +49,8 @@ class Spares(CoordinatorState):
 
     def refill_pool(self) -> bool:
         """Warm spares: replace one used spare (a process for that host that waits on
-        its bridge). Only between plans: the spawn blocks the coordinator ~0.3 s."""
+        its bridge). Only between plans, after every report of the last switch: the spawn blocks
+        the coordinator ~0.3 s."""
         me = MPI.Get_processor_name()
         if self.spawn_unsafe:           # no spawn at all (docs/spawn.md); recycled old processes refill
             return False
