@@ -304,13 +304,23 @@ class Coordinator(Steps, Serving, Spares):
             self.write_status()
             busy = True
         elif self.refill != "0" and self.plan is None and not self.queue and not self.ready and not self.in_switch \
-                and self.refill_pool():
-            # not while a switch's reports are out: the spawn blocks this loop ~0.3 s, and the
-            # moved rank's report to it (a send larger than the eager limit) would block the program
-            # that long after its resume
+                and not self.residual_pending() and self.refill_pool():
+            # not while a switch's reports or a post-copy's residual report are out: the spawn
+            # blocks this loop ~0.3 s, and the moved rank's report to it (a send larger than the
+            # eager limit) would block the program that long after its resume
             self.write_status()
             busy = True
         return busy
+
+    RESIDUAL_WAIT_S = 10.0
+
+    def residual_pending(self) -> bool:
+        """A post-copy move done less than ``RESIDUAL_WAIT_S`` ago whose new process has not yet
+        reported its residual dependency (TAG_RESIDUAL: its last chunk is in)."""
+        now = time.time()
+        return any(m.strategy == "post-copy" and m.state == "done" and "residual" not in m.timings
+                   and now - m.t.get("requested", now) - m.timings.get("total", 0.0) < self.RESIDUAL_WAIT_S
+                   for m in self.migrations)
 
     def _await_spare(self, m: Migration) -> bool:
         """Nothing may be spawned (Open MPI over several hosts) and ``m``'s host has no spare

@@ -302,6 +302,8 @@ class Steps(CoordinatorState):
             return
         m.timings["residual"] = msg["residual"]
         m.stats.update({k: v for k, v in msg.items() if k not in ("rank", "plan")})
+        events.emit(self.cfg.job_dir, "postcopy_complete", self.cfg.run_id, id=m.id, rank=m.rank,
+                    residual=msg["residual"])
         self.write_status()
 
 
