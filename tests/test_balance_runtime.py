@@ -400,7 +400,7 @@ def test_a_failing_policy_is_a_no_move_decision_not_a_lost_job(tmp_path):
 
 
 RANGE_PROG = '''
-import json, sys, time
+import json, os, sys, time
 import mpimig
 
 def main(ctx):
@@ -410,15 +410,20 @@ def main(ctx):
     ctx.checkpoint_point()                      # two safe points before the loops
     for i in ctx.range(10):                     # 2 + 10 = 12 points in all (so far)
         seen.setdefault("first", (ctx.point, ctx.total_points))
-        time.sleep(0.02)
     for i in ctx.range(5):                      # a second loop after the first: 12 + 5 = 17
         seen.setdefault("second", (ctx.point, ctx.total_points))
-        time.sleep(0.02)
     seen["after"] = (ctx.point, ctx.total_points)
     for i in ctx.range(2):                      # nested loops: the total is no longer known
         for j in ctx.range(3):
             seen.setdefault("nested", (ctx.point, ctx.total_points))
     seen["end"] = (ctx.point, ctx.total_points)
+    # every rank waits (60 s at most) until the balancer has made a round, as the test checks
+    events = os.path.join(sys.argv[2], "events.jsonl")
+    t_end = time.monotonic() + 60
+    while time.monotonic() < t_end:
+        if os.path.exists(events) and '"decision"' in open(events).read():
+            break
+        time.sleep(0.01)
     if ctx.rank == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(seen, f)
@@ -443,13 +448,13 @@ def test_ctx_range_declares_the_total_points_when_the_program_does_not(tmp_path)
     reaches the balancer: the rank's report carries it and the snapshot's remaining points follow."""
     prog = tmp_path / "ranges.py"
     prog.write_text(RANGE_PROG)
-    for extra, job in (([], tmp_path / "job"), (["declared"], tmp_path / "job2")):
-        out = tmp_path / f"seen{len(extra)}.json"
+    for extra, job in (([tmp_path / "job"], tmp_path / "job"), (["declared"], tmp_path / "job2")):
+        out = tmp_path / f"seen-{job.name}.json"
         res = run_cmd(mpimig_cmd("run", "-n", 2, "--job-dir", job, "--policy", "none", "--metrics-seconds", 0.05,
                                  "--balance-seconds", 0.2, prog, out, *extra), timeout=180)
         assert "job completed" in res.stderr, res.stderr[-3000:]
         seen = json.loads(out.read_text())
-        if extra:
+        if extra == ["declared"]:
             assert seen == {"end": [4, 99]}
             continue
         # ctx.point inside a loop's body counts the safe points passed before this iteration
