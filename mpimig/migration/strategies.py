@@ -329,9 +329,7 @@ def push(tx: Transfer, parts: list[tuple[np.ndarray, int, int]], C: int, nchunks
     says it has all."""
     Jc, dest = tx.comm, tx.peer
     st = MPI.Status()
-    while not Jc.Iprobe(dest, TAG_HANDOVER, st):
-        time.sleep(0.0005)        # polled: a blocking receive would spin on a core the readers need
-    how = Jc.recv(source=dest, tag=TAG_HANDOVER)
+    how = handover.await_reply(Jc, dest)     # polled: a blocking receive would spin on a core the readers need
     t0 = time.perf_counter()
     demanded = 0
     if how != handover.MEMORY:
