@@ -318,3 +318,25 @@ def test_file_server_moves_share_the_storage_node():
     fixed = p.freeze_s + p.fs_fixed_s
     assert two.downtime_s - fixed == pytest.approx(2 * (one.downtime_s - fixed))
     assert one.bytes_moved == two.bytes_moved == 1024 * MiB
+
+
+def test_a_point_event_fires_at_its_point_after_a_move_sped_the_job_up():
+    """An event at a point waits at the job's time per point then; a move that makes the job 50 times
+    faster must not leave it waiting past the point (it used to wake a slow point later, when this job
+    had finished, and the kill never happened: the CI validation's "0 == 1" recoveries)."""
+    raw = {
+        "scenario": {"name": "sped", "horizon_s": 5000, "policies": ["none"], "balance_every_s": 1000},
+        "cluster": {"hosts": 3, "cores": 2, "slow_hosts": ["h1"], "slow_speed": 0.02},
+        "jobs": {"count": 1, "ranks": 2, "hosts_per_job": 2, "extra_hosts": 1, "points": 40, "work_s": 0.1,
+                 "state_mb": 1, "ckpt_every": 4},
+        "failures": {"online": True, "online_s": 0.1},
+        "events": [{"at_point": 2, "move_rank": 0, "hosts": ["h3"]},
+                   {"at_point": 10, "kill_rank": 1}],
+    }
+    o, _row = run(raw, "none", "stop-and-copy")
+    j = o.jobs[0]
+    assert [(m.rank, m.src, m.dst) for m in o.moves if m.done] == [(0, "h1", "h3")]
+    assert j.step_s < 0.2                    # the move did speed it up (from 5 s per point)
+    (f,) = o.failures
+    assert f.kind == "rank" and f.lost_points == pytest.approx(2.0)      # point 10, back to epoch 8
+    assert j.done and j.executed - j.lost == pytest.approx(j.p, abs=1e-6)

@@ -111,6 +111,8 @@ class Simulation:
         self._policies()
         self.left = len(self.cluster.jobs)
         self.all_done = self.env.event()
+        self._refreshed: dict[int, simpy.Event] = {}     # job -> fires at its next refresh
+        self.cluster.on_refresh = self._on_refresh
 
     # --- the runtime's decision code, unchanged ------------------------------------------
     def _policies(self) -> None:
@@ -168,14 +170,27 @@ class Simulation:
         if self.left == 0 and not self.all_done.triggered:
             self.all_done.succeed()
 
+    def _on_refresh(self, job: Job) -> None:
+        ev = self._refreshed.pop(job.id, None)
+        if ev is not None:
+            ev.succeed()
+
+    def _until(self, job: Job, t: float):
+        """An event at time ``t`` or at ``job``'s next refresh, whichever is first: a wait computed at
+        the job's time per point now, cut short when that changes (a job sped up by a move reaches its
+        points, and its end, sooner than the wait assumed)."""
+        ev = self._refreshed.get(job.id)
+        if ev is None:
+            ev = self._refreshed[job.id] = self.env.event()
+        return self.env.any_of([ev, self.env.timeout(max(0.0, t - self.env.now))])
+
     def _job(self, job: Job):
         env = self.env
         cl = self.cluster
         every = self.cfg.balance_every_s
         nxt = job.started + every
         while True:
-            wake = min(nxt, job.eta(env.now) + 1e-9)
-            yield env.timeout(max(0.0, wake - env.now))
+            yield self._until(job, min(nxt, job.eta(env.now) + 1e-9))
             cl.refresh(job, env.now)
             if job.done:
                 self._finish(job)
@@ -405,9 +420,9 @@ class Simulation:
             self._fire(ev)
 
     def _at_point(self, ev):
-        """Wait until job ``ev.job`` first reaches point ``ev.at_point``. Its speed may change meanwhile, so
-        it looks at most one point ahead: the event fires within a point of when it is due (on time
-        when the job only slows down or stops)."""
+        """Wait until job ``ev.job`` first reaches point ``ev.at_point``: at its time per point now, woken
+        again whenever that changes (a refresh). Pauses and rollbacks only make the point later, and the
+        loop checks again when the wait ends."""
         env = self.env
         job = self.cluster.jobs[ev.job]
         while True:
@@ -416,9 +431,8 @@ class Simulation:
                 return
             if job.p >= ev.at_point - 1e-9:
                 break
-            left = ev.at_point - job.p
-            t = job._time_at_run(env.now, min(left, 1.0) * job.step_s) if job.running else env.now + 1.0
-            yield env.timeout(max(t - env.now, 1e-9))
+            t = job._time_at_run(env.now, (ev.at_point - job.p) * job.step_s) if job.running else env.now + 1.0
+            yield self._until(job, max(t, env.now + 1e-9))
         self._fire(ev)
 
     def _fire(self, ev) -> None:

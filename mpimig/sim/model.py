@@ -181,6 +181,9 @@ class Cluster:
     def __init__(self, hosts: list[Host]):
         self.hosts: dict[str, Host] = {h.name: h for h in hosts}
         self.jobs: dict[int, Job] = {}
+        # called with the job after every refresh (its time per point may have changed): the engine
+        # wakes whatever waits for the job to reach a point or to finish
+        self.on_refresh: Callable[[Job], None] | None = None
 
     def place(self, job: Job, rank: Rank, host: str) -> None:
         old = self.hosts.get(rank.host)
@@ -244,6 +247,8 @@ class Cluster:
         job.settle(now)
         if not job.done:
             job.step_s = self.step_time(job)
+        if self.on_refresh is not None:
+            self.on_refresh(job)
 
     def jobs_on(self, hosts) -> set[int]:
         return {j for h in hosts for j, _ in self.hosts[h].ranks}
