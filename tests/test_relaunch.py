@@ -105,9 +105,31 @@ exec {real} "$@"
     assert np.load(out).tobytes() == np.load(ref).tobytes()
 
 
+# What it printed, exit status 213 after 0.5 s, when one lab host's daemon did not come up (fresh-clone CI)
+DAEMON_FAILURE = """\
+------------------------------------------------------------
+A daemon failed to report back after being spawned. This could
+be due to several factors, including inability to find the
+daemon executable, or the executable was unable to find its
+required supporting libraries. In some cases, the daemon was
+able to execute, but was unable to complete a TCP connection
+back to prterun:
+
+  Local host:    vm
+  Remote host:   h2
+  Daemon exit status: 213
+
+This may also be caused by a firewall on the remote host. Please
+check that any firewall (e.g., iptables) has been disabled and
+try again.
+------------------------------------------------------------
+"""
+
+
 def test_mpiexec_start_failure_is_told_from_a_job_failure():
     from mpimig.launch.launcher import _start_failure
     assert _start_failure("junk\n" + PMIX_LISTENER_FAILURE) == "the PMIx server's listener thread failed to start"
+    assert _start_failure(DAEMON_FAILURE) == "a daemon failed to report back after being spawned"
     # a rank that failed is not a start failure: the job may have done work
     assert _start_failure("MPI_ABORT was invoked on rank 1 in communicator MPI_COMM_WORLD") is None
     assert _start_failure("") is None
