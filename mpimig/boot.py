@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     if not os.path.isfile(path):
         sys.stderr.write(f"mpimig.boot: program {path} not found\n")
         raise SystemExit(2)
-    from . import runtime, world
+    from . import pycmd, runtime, world
     from .checkpoint import format as codec
-    world.BOOT_PREFIX[:] = ["-m", "mpimig.boot"]
+    world.BOOT_PREFIX[:] = pycmd.module("mpimig.boot")[1:]      # what a spawned target runs
     codec.DEFER_MAIN = True          # the program's own classes exist only once it runs
     sys.argv = args
     sys.path[0] = os.path.dirname(os.path.abspath(path))    # as `python PROGRAM.py` would

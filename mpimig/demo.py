@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import apps
 from ._proc import kill_session
+from . import pycmd
 
 
 def _say(msg: str) -> None:
@@ -32,7 +33,7 @@ def cmd_demo(args) -> int:
     _say(f"1/4 serial reference: heat2d {args.n}x{args.n}, {args.steps} steps")
     subprocess.run([sys.executable, str(app), "--serial", *size, "--out", str(ref)], check=True,
                    stdout=subprocess.DEVNULL)
-    run = [sys.executable, "-m", "mpimig", "run", "-n", str(args.ranks), "--job-dir", str(job),
+    run = [*pycmd.module("mpimig"), "run", "-n", str(args.ranks), "--job-dir", str(job),
            "--ckpt-every", "10", str(app), *size, "--work-ms", str(args.work_ms), "--out", str(out)]
     _say(f"2/4 start on {args.ranks} ranks with a checkpoint every 10 steps; kill it after 2 epochs")
     proc = subprocess.Popen(run, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

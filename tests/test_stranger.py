@@ -218,3 +218,48 @@ def test_setup_communication_on_a_derived_comm_stops_a_migrated_rank_instead_of_
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
     assert "called bcast on a derived communicator before its resume point" in res.stderr, res.stderr[-3000:]
     assert "mpimig: job did not complete" in res.stderr and not (tmp_path / "out.npy").exists()
+
+
+def test_a_job_started_beside_another_mpimig_package_runs_this_mpimig(tmp_path):
+    """``mpimig run`` (the console script) in a directory that holds an ``mpimig/`` package, e.g.
+    a checkout of another version: the ranks and a migration's target are this mpimig's. They are
+    started with ``python -m mpimig.boot``, which put the current directory first on sys.path and
+    imported the other package (the job failed; a benchmark run from a checkout silently ran the
+    checkout's code)."""
+    import socket
+    import sys
+
+    from conftest import APPS, heat_ref, run_cmd
+    other = tmp_path / "mpimig"
+    other.mkdir()
+    (other / "__init__.py").write_text("raise SystemExit('the other mpimig package was imported')\n")
+    (other / "boot.py").write_text("")
+    script = Path(sys.executable).parent / "mpimig"
+    assert script.exists(), f"no console script {script}: mpimig is not installed in this environment"
+    job, out = tmp_path / "job", tmp_path / "out.npy"
+    n, steps = 32, 12
+    res = run_cmd([script, "run", "-n", 2, "--job-dir", job, "--migrate", f"4:1:{socket.gethostname()}",
+                   "--ckpt-every", 3, APPS / "heat2d.py", "--n", n, "--steps", steps, "--work-ms", 100,
+                   "--out", out], cwd=tmp_path, timeout=180, env=base_env())
+    assert "the other mpimig package was imported" not in res.stdout + res.stderr, res.stderr[-3000:]
+    assert "job completed" in res.stderr, res.stderr[-3000:]
+    from mpimig import events
+    assert [e for e in events.read(job) if e["event"] == "migrated"], "the scheduled move did not happen"
+    assert np.load(out).tobytes() == heat_ref(tmp_path, n, steps)
+
+
+def test_a_checkout_run_with_python_m_passes_itself_to_the_processes_it_starts(tmp_path, monkeypatch):
+    """``python -m mpimig`` inside a checkout imports the checkout (the current directory): the
+    processes it starts (without the current directory on sys.path) get it through PYTHONPATH;
+    started anywhere else, the environment is left alone."""
+    from mpimig import pycmd
+    monkeypatch.chdir(pycmd.root())
+    env = {"PYTHONPATH": "/opt/x"}
+    pycmd.pin(env)
+    assert env["PYTHONPATH"].split(":") == [pycmd.root(), "/opt/x"]
+    pycmd.pin(env)                                   # once only
+    assert env["PYTHONPATH"].split(":") == [pycmd.root(), "/opt/x"]
+    monkeypatch.chdir(tmp_path)
+    env = {}
+    pycmd.pin(env)
+    assert env == {}

@@ -58,6 +58,7 @@ from typing import Any
 
 from .. import apps
 from ..errors import UsageError
+from .. import pycmd
 
 POLICIES = ["none", "greedy", "refine", "comm-aware", "multi-factor"]
 APPS = ["drift", "heat2d"]
@@ -83,7 +84,7 @@ def reference(app: str, args: argparse.Namespace, root: Path) -> bytes:
     import numpy as np
     out = root / f"ref-{app}.npy"
     if not out.exists():
-        cmd = [sys.executable, "-m", f"mpimig.apps.{app}", "--serial", *app_args(app, args), "--out", str(out)]
+        cmd = [*pycmd.module(f"mpimig.apps.{app}"), "--serial", *app_args(app, args), "--out", str(out)]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         if not out.exists():
             raise UsageError(f"the serial reference of {app} failed: {res.stderr[-1500:]}")
@@ -119,7 +120,7 @@ def run_job(app: str, policy: str, scenario: str, i: int, args: argparse.Namespa
     job = root / f"{scenario}-{app}-{policy}-{i}-{attempt}"
     out = job / "out.npy"
     n = RANKS_PER_HOST * 3
-    cmd = [sys.executable, "-m", "mpimig", "run", "-n", str(n), "--hosts", hosts_spec, "--spares", str(SPARES),
+    cmd = [*pycmd.module("mpimig"), "run", "-n", str(n), "--hosts", hosts_spec, "--spares", str(SPARES),
            "--policy", policy_spec(policy, args), "--metrics-seconds", str(args.metrics_seconds),
            "--balance-seconds", str(args.balance_seconds), "--restart", "never",
            *(["--cost-json", str(Path(args.cost_json).resolve())] if args.cost_json else []),

@@ -38,6 +38,7 @@ import numpy as np
 
 from ..checkpoint import CheckpointStore
 from ..errors import UsageError
+from .. import pycmd
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -125,7 +126,7 @@ def runtime_stall(size: int, repeat: int, directory: Path, n_arrays: int, timeou
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    cmd = [sys.executable, "-m", "mpimig.bench.checkpoint_runtime", "--size", str(size), "--repeat", str(repeat),
+    cmd = [*pycmd.module("mpimig.bench.checkpoint_runtime"), "--size", str(size), "--repeat", str(repeat),
            "--arrays", str(n_arrays), "--dir", str(directory)]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

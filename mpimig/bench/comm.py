@@ -33,6 +33,7 @@ import numpy as np
 from ..errors import LaunchError, UsageError
 from ..launch.launcher import build_command, mpi_env, mpi_flavour
 from .checkpoint import fmt_size, parse_size
+from .. import pycmd
 
 LATENCY_GOAL = 1.05      # mpimig/raw half round trip, at most (issue 15 item 6)
 BANDWIDTH_GOAL = 0.95    # mpimig/raw bandwidth, at least
@@ -272,7 +273,7 @@ def run(args, out=print) -> dict:
     fd, tmp = tempfile.mkstemp(prefix="mpimig-bench-comm-", suffix=".json")
     os.close(fd)
     try:
-        prog = [sys.executable, "-m", "mpimig.bench.comm", "--worker", "--out", tmp,
+        prog = [*pycmd.module("mpimig.bench.comm"), "--worker", "--out", tmp,
                 "--sizes", ",".join(map(str, sizes)), "--iters", str(args.iters),
                 "--rounds", str(args.rounds), "--bw-rounds", str(args.bw_rounds)]
         # 2 ranks on 2 cores: not oversubscribed (Open MPI then yields when idle and

@@ -31,12 +31,12 @@ import json
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..errors import LaunchError, UsageError
+from .. import pycmd
 
 APP = Path(__file__).with_name("metrics_app.py")
 GOAL = 0.02
@@ -50,7 +50,7 @@ def run_one(mode: str, i: int, args, root: Path) -> dict:
     job.mkdir(parents=True, exist_ok=True)
     flags = (["--policy", "none", "--metrics-seconds", str(args.metrics_seconds)] if mode == "alternate"
              else ["--coordinator"])
-    cmd = [sys.executable, "-m", "mpimig", "run", "-n", str(args.ranks), "--job-dir", str(job),
+    cmd = [*pycmd.module("mpimig"), "run", "-n", str(args.ranks), "--job-dir", str(job),
            "--restart", "never", "--timeout", str(args.timeout), *flags,
            str(APP), "--n", str(args.n), "--steps", str(args.steps), "--out", str(out),
            "--block", str(args.block if mode == "alternate" else 0)]

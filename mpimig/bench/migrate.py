@@ -34,7 +34,6 @@ import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,13 +43,14 @@ from ..errors import UsageError
 from . import migrate_strategies
 from ._common import APP, MOVING, RANKS, job_records, median, others_wait, plan_steps, run_raw
 from .checkpoint import fmt_size, parse_size
+from .. import pycmd
 
 
 def run_migration(size: int, at: int, steps: int, work_ms: float, host: str, work: Path,
                   tag: str, timeout: float) -> dict:
     """One job with one scheduled migration; the numbers from status.json and the program."""
     job = work / f"job-{tag}"
-    cmd = [sys.executable, "-m", "mpimig", "run", "-n", str(RANKS), "--job-dir", str(job),
+    cmd = [*pycmd.module("mpimig"), "run", "-n", str(RANKS), "--job-dir", str(job),
            "--restart", "never", "--timeout", str(timeout), "--migrate", f"{at}:{MOVING}:{host}",
            str(APP), "--bytes", str(size), "--steps", str(steps), "--work-ms", str(work_ms)]
     t0 = time.monotonic()

@@ -39,7 +39,6 @@ import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ from . import baselines
 from .checkpoint import fmt_size, parse_size
 from ._common import APP, MOVING, RANKS, job_records, median, others_wait, plan_steps, run_raw
 from .migrate_goals import evaluate, format_goals
+from .. import pycmd
 
 PLOT_NEEDS = "mpimig bench migrate --strategies (it draws its results)"
 
@@ -121,7 +121,7 @@ def mover_slowdown(result: dict, moved: int, after: int = 5) -> float | None:
 def run_one(strategy: str, size: int, dirty: float, at: int, steps: int, args, host: str,
             work: Path, tag: str, wtrack: str | None = None) -> dict:
     job = work / f"job-{tag}"
-    cmd = [sys.executable, "-m", "mpimig", "run", "-n", str(RANKS), "--job-dir", str(job),
+    cmd = [*pycmd.module("mpimig"), "run", "-n", str(RANKS), "--job-dir", str(job),
            "--restart", "never", "--timeout", str(args.timeout),
            "--migrate", f"{at}:{MOVING}:{host}:{strategy}"]
     if args.spares:

@@ -25,12 +25,12 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..errors import LaunchError, UsageError
+from .. import pycmd
 
 APP = Path(__file__).with_name("point_app.py")
 GOAL_US = 1.0           # a free point: at most this much Python, in microseconds
@@ -48,7 +48,7 @@ def run_one(mode: str, args, root: Path) -> dict:
     env.pop("MPIMIG_POINT_SECONDS", None)
     if MODES[mode]:
         env["MPIMIG_POINT_SECONDS"] = MODES[mode]
-    cmd = [sys.executable, "-m", "mpimig", "run", "-n", str(args.ranks), "--job-dir", str(job),
+    cmd = [*pycmd.module("mpimig"), "run", "-n", str(args.ranks), "--job-dir", str(job),
            "--restart", "never", "--timeout", str(args.timeout), FLAGS[mode],
            str(APP), "--n", str(args.n), "--blocks", str(args.blocks), "--block", str(args.block),
            "--rounds", str(args.rounds), "--out", str(out),

@@ -83,6 +83,7 @@ from .report import (
 
 from .faults import IN_PROCESS, RANDOM_KINDS, parse_fault, random_schedule
 from .reference import for_args, opt_value, verify
+from .. import pycmd
 
 if TYPE_CHECKING:
     from ..lab.hosts import Lab
@@ -143,7 +144,7 @@ def run_experiment(args: argparse.Namespace, run_args: list[str], faults: list[d
                    report_dir: Path, program: str, prog_args: list[str], quiet: bool = False) -> dict:
     """Start the job, inject ``faults``, wait for the end, verify; return the report."""
     _fresh_dirs(job_dir, report_dir)
-    cmd = [sys.executable, "-m", "mpimig", "run", *run_args]
+    cmd = [*pycmd.module("mpimig"), "run", *run_args]
     say: Callable[[str], None] = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     say(f"mpimig inject: {len(faults)} fault(s): {', '.join(f['spec'] for f in faults) or 'none'}")
     say(f"mpimig inject: job {job_dir}; run output in {report_dir}/run.err")

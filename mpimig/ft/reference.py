@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
+from .. import pycmd
 
 
 def opt_value(args: list[str], name: str) -> str | None:
@@ -63,7 +64,7 @@ def reference(program: str, prog_args: list[str], cache_dir: Path, mode: str = "
         # no serial mode: the same program, the same ranks, no faults
         run_dir = cache_dir / f"reference-{Path(program).stem}-{key}.job"
         shutil.rmtree(run_dir, ignore_errors=True)
-        res2 = subprocess.run([sys.executable, "-m", "mpimig", "run", "-n", str(n), "--job-dir", str(run_dir),
+        res2 = subprocess.run([*pycmd.module("mpimig"), "run", "-n", str(n), "--job-dir", str(run_dir),
                                program, *args], capture_output=True, text=True, timeout=1200)
         if res2.returncode != 0 or not path.exists():
             what = (f"its fault-free 'mpimig run -n {n}' completed but wrote no --out file {path}" if

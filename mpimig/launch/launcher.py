@@ -40,6 +40,7 @@ from .config import Config
 from .diagnosis import _logical, exit_report, loss_reason  # noqa: F401 - _logical: tests/test_spares_per_host.py
 from .options import add_run_arguments, check_schedule, host_names, job_config
 from ..errors import LaunchError, NoCommittedEpoch, UsageError
+from .. import pycmd
 
 
 def find_mpiexec() -> str | None:
@@ -131,7 +132,7 @@ def program_argv(program: str, args: list[str]) -> list[str]:
     if program.endswith(".py"):
         if not Path(program).exists():
             raise UsageError(f"program {program} not found")
-        return [sys.executable, "-m", "mpimig.boot", program, *args]
+        return [*pycmd.module("mpimig.boot"), program, *args]
     return [program, *args]
 
 

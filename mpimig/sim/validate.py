@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from .. import pycmd
 
 METRICS = ("time_to_solution_s", "move_downtime_s", "recovery_s")
 LABELS = {"time_to_solution_s": "time to solution", "move_downtime_s": "per-move downtime (median)",
@@ -203,7 +204,7 @@ def real_run(name: str, cfg, pl: dict, root: Path, points: int, moves: list, kil
     job = root / name
     report = job / "inject"
     shutil.rmtree(job, ignore_errors=True)
-    cmd = [sys.executable, "-m", "mpimig", "inject", *sum((["--kill", f"rank:{r}@point:{p}"] for p, r in kills), []),
+    cmd = [*pycmd.module("mpimig"), "inject", *sum((["--kill", f"rank:{r}@point:{p}"] for p, r in kills), []),
            "--report", str(report), "--reference-dir", str(root / "ref"),
            "--experiment-timeout", str(lab["timeout_s"]),
            "-n", str(cfg.values["jobs"]["ranks"]), "--hosts", pl["spec"], "--spares", str(lab["spares"]), "--ft",

@@ -44,6 +44,7 @@ from typing import Any
 from .._proc import kill_session
 from ..errors import UsageError
 from . import mpi4py_tests
+from .. import pycmd
 
 OUTCOMES = ("hang", "crash", "error", "fail", "pass", "skip")   # the worst first (as the adapter's)
 
@@ -163,7 +164,7 @@ def run_command(n: int, jd: Path, program: Path, testdir: Path, modules: list[st
                 move: tuple[int, int] | None, extra: list[str], timeout: float) -> list[str]:
     """``mpimig run`` of the adapter from test ``start``; ``move``: (test index, rank) moved to a new
     process on this host at the safe point before that test (the adapter waits there for it)."""
-    cmd = [sys.executable, "-m", "mpimig", "run", "-n", str(n), "--job-dir", str(jd), "--restart", "never",
+    cmd = [*pycmd.module("mpimig"), "run", "-n", str(n), "--job-dir", str(jd), "--restart", "never",
            "--timeout", str(timeout), *extra]
     adapter = [str(program), "--testdir", str(testdir), "--out", str(out), "--start", str(start)]
     if move:

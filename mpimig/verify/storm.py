@@ -25,13 +25,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
 from . import campaign
+from .. import pycmd
 
 MSG_KEYS = ("sent", "received", "lost", "duplicated", "out_of_order", "corrupted", "unexpected",
             "collective_errors")
@@ -105,7 +105,7 @@ def job_env(local_only: bool) -> dict:
 
 def seed_command(seed: int, args, program: Path, migs: list[tuple], ckpt: int | None, jd: Path) -> list[str]:
     """The ``mpimig run`` command line of one seed."""
-    cmd = [sys.executable, "-m", "mpimig", "run", "-n", str(args.n), "--job-dir", str(jd),
+    cmd = [*pycmd.module("mpimig"), "run", "-n", str(args.n), "--job-dir", str(jd),
            "--restart", "never", "--timeout", str(args.timeout)]
     if args.hosts:
         cmd += ["--hosts", args.hosts]
