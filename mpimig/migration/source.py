@@ -232,6 +232,7 @@ def hold_in_flight(ctx: Context, move: Move | None) -> int:
     messages for the moving rank sit in its old process's queue and move with it."""
     if move is not None:
         complete_lazy(ctx)
+    transport.assemble(ctx.comm.mpi)    # the ranks wait for each other napping, not in the drain's Barrier
     return ctx.comm.hold_in_flight()
 
 
