@@ -158,7 +158,6 @@ def switch_part(comm: MPI.Intracomm, ft: bool) -> Iterator[None]:
         return
     try:
         yield
-        transport.assemble(comm)    # napping until all are here: the Agree's rounds then find everyone awake
     except MPI.Exception as exc:
         if is_failure(exc):
             with contextlib.suppress(MPI.Exception):

@@ -4,9 +4,7 @@ One mechanism serves every role (docs/protocol.md): :func:`join` is the
 collective over the job communicator J and a plan's spawned targets that
 appends the targets to J (step 5, *create*), and :func:`split` builds the
 new application communicator A and the new J without the processes that left
-(step 7, *re-point*). Before each, :func:`assemble` lets every participant wait
-for the others with naps, not in a busy-polling collective (docs/protocol.md,
-"The switch's cost").
+(step 7, *re-point*).
 
 :class:`Transfer` is the one way state moves between the old and the new
 process of a rank (step 6), for every strategy: objects go through
@@ -29,7 +27,7 @@ from .. import exits
 from ..errors import MigrationError
 from ..ft import hooks
 from ..checkpoint.format import dumps, loads
-from .protocol import TAG_JOIN, TAG_STATE, Move, Plan
+from .protocol import TAG_JOIN, TAG_NEW_J, TAG_STATE, Move, Plan
 
 
 _comms: list[MPI.Comm] = []
@@ -57,34 +55,6 @@ def free_all() -> None:
                 c.Free()
         except MPI.Exception:
             pass
-
-
-#: assemble's polling: hot for the first HOT seconds (everyone is usually there by then), then
-#: naps of NAP seconds growing with the wait (a SLACK part of it, NAP_MAX at most): a
-#: process on a host capped at a tenth of a core (the lab's ``slow h2 0.1``) must not spend
-#: its quota on the naps either (0.2 ms naps cost ~6% of a core, 1 ms ones ~1.5%)
-HOT, NAP, NAP_MAX, SLACK = 0.0002, 0.0002, 0.001, 0.05
-
-
-def assemble(comm: MPI.Intracomm) -> None:
-    """Return once every member of ``comm`` has called this: an ``Ibarrier`` polled with naps.
-
-    A blocking collective busy-polls (Open MPI) until the last member comes. On a host whose
-    CPU is capped (a cgroup quota, the lab's ``slow``), a member that came early spins its
-    quota away and is then descheduled until the next period while the others need it for
-    the collective's next round: a ``Split`` has several (the allgather of colour and key,
-    the context id's allreduces), each one a period's wait (docs/protocol.md, "The switch's
-    cost"). Here the early members sleep while they wait, so every member enters the
-    collective that follows with its quota and the cores left to the late ones; the last
-    to come is seen at most a nap (5% of the wait, 1 ms at most) after it came. A failed
-    member (``--ft``) raises from the test as it would from the collective
-    (``MPI_ERR_PROC_FAILED``: tests/test_switch.py)."""
-    req = comm.Ibarrier()
-    t0 = time.perf_counter()
-    while not req.Test():
-        waited = time.perf_counter() - t0
-        if waited > HOT:
-            time.sleep(min(NAP_MAX, max(NAP, SLACK * waited)))
 
 
 def join(J: MPI.Intracomm | None, ntargets: int, *, bridges: list[MPI.Intracomm] | None = None,
@@ -135,19 +105,35 @@ def _join(J: MPI.Intracomm | None, ntargets: int, bridges: list[MPI.Intracomm] |
     return Jc
 
 
-def split(Jc: MPI.Intracomm, *, logical: int | None, leaving: bool,
+def split(Jc: MPI.Intracomm, plan: Plan, *, logical: int | None, leaving: bool,
           stays: bool = False) -> tuple[MPI.Intracomm | None, MPI.Intracomm | None]:
-    """Build the new A (app processes, key = logical rank) and the new J (step 7).
+    """Build the new J, then the new A from it (app processes, key = logical rank) (step 7).
 
     ``logical`` is None for the coordinator; ``leaving`` is true for old
     processes whose rank moved away; such a process that ``stays`` (recycled as
     its host's warm spare) is left out of A only. Returns (A, J), COMM_NULL -> None.
-    """
+
+    The new J is ``MPI_Comm_create_group`` over the members that stay (Jc's order
+    without the plan's old processes that leave; every participant knows them from the
+    plan), so those old processes take part in no collective here and go straight on to
+    their transfer; A is a ``Split`` of the new J. On a throttled host (the lab's ``slow``)
+    every round of a collective that needs a process there can cost it a CFS period, and
+    the process that leaves is on the host being left: two ``Split`` over Jc had it in
+    both (docs/protocol.md, "The switch's cost")."""
+    if leaving and not stays:
+        return None, None
+    out = [mv.src_jrank for mv in plan.moves if not mv.recycle]
+    if out:
+        everyone = Jc.Get_group()
+        stay = everyone.Excl(out)
+        Jn = Jc.Create_group(stay, TAG_NEW_J)
+        stay.Free()
+        everyone.Free()
+    else:
+        Jn = Jc.Dup()
     in_a = logical is not None and not leaving
-    assemble(Jc)
-    A = Jc.Split(0 if in_a else MPI.UNDEFINED, logical if logical is not None and in_a else 0)
-    Jn = Jc.Split(MPI.UNDEFINED if leaving and not stays else 0, Jc.Get_rank())
-    return (None if A == MPI.COMM_NULL else track(A)), (None if Jn == MPI.COMM_NULL else track(Jn))
+    A = Jn.Split(0 if in_a else MPI.UNDEFINED, logical if logical is not None and in_a else 0)
+    return (None if A == MPI.COMM_NULL else track(A)), track(Jn)
 
 
 def pack_state(arrays: dict[str, np.ndarray], objects: dict[str, Any], extra: dict[str, Any]) -> dict:
