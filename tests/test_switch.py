@@ -7,8 +7,8 @@ each participant's marks say. docs/protocol.md, "The switch's cost".
 - a plan of warm spares only joins nothing; spawned targets still join: the results are
   bit-identical to the run without moves, on every strategy;
 - every participant's marks are in status.json (``timings.switch_steps``), in the order
-  the protocol fixes (the Split waits for every member of J: the coordinator's GO and the
-  target's wake-up come before anyone's Split ends; the target reads after the Split);
+  the protocol fixes (the new comms wait for every member of the new J: the coordinator's GO
+  and the target's wake-up come before their ``split`` marks; the target reads after it);
 - step 7 (``transport.split``): the new J is a ``Comm_create_group`` of the members that stay,
   A a ``Split`` of it, so an old process that leaves (on the host being left, maybe a throttled
   one) takes part in no collective there; the new comms hold the right members in the right order;
@@ -60,9 +60,10 @@ def test_moves_to_warm_spares_with_an_idle_spare_bit_identical_and_marked(tmp_pa
         # the target: woken, joined, the new A and J, the state in, then restored
         assert tgt["woken"] <= tgt["join"] <= tgt["split"] <= tgt["received"] <= tgt["adopted"] <= tgt["restored"]
         assert src["extracted"] <= tgt["received"], steps
-        # no Split ends before every member of J is in it: the coordinator saw the GO and
-        # the target spare its wake-up (from rank 0) before any of them
-        first_split = min(src["split"], tgt["split"], coord["split"], ranks["split"])
+        # no new comm is made before every member of the new J is in it: the coordinator saw the
+        # GO and the target spare its wake-up (from rank 0) before any of them; the source is
+        # not in the new J and takes no part (transport.split): it goes on without them
+        first_split = min(tgt["split"], coord["split"], ranks["split"])
         assert coord["go"] <= first_split and tgt["woken"] <= first_split, steps
         assert "woken" not in coord, steps     # the coordinator wakes no spare (rank 0 does)
         assert tgt["restored"] <= m["timings"]["downtime"] * 1e3      # the downtime ends at the report
