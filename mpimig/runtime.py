@@ -220,7 +220,7 @@ def _start_target(parent: MPI.Intercomm) -> Context | None:
         return _serve_spare(Jc, cfg, announce=False)
     try:
         with recovery.switch_part(Jc, cfg.ft):                   # ends in the agreement (--ft)
-            A, Jn = transport.split(Jc, logical=rank, leaving=False)
+            A, Jn = transport.split(Jc, plan, logical=rank, leaving=False)
             arrival = target.take_over(plan, plan.move_of(rank), Jc, A, Jn, cfg, t0)
     except MPI.Exception as exc:
         J, err = _switch_failure(exc, Jc, cfg)

@@ -7,8 +7,11 @@ each participant's marks say. docs/protocol.md, "The switch's cost".
 - a plan of warm spares only joins nothing; spawned targets still join: the results are
   bit-identical to the run without moves, on every strategy;
 - every participant's marks are in status.json (``timings.switch_steps``), in the order
-  the protocol fixes (the Split waits for every member of J: the coordinator's GO and the
-  target's wake-up come before anyone's Split ends; the target reads after the Split);
+  the protocol fixes (the new comms wait for every member of the new J: the coordinator's GO
+  and the target's wake-up come before their ``split`` marks; the target reads after it);
+- step 7 (``transport.split``): the new J is a ``Comm_create_group`` of the members that stay,
+  A a ``Split`` of it, so an old process that leaves (on the host being left, maybe a throttled
+  one) takes part in no collective there; the new comms hold the right members in the right order;
 - the bounded waits share one watchdog thread (``exits._Watch``): a bound still fires, a
   cancelled one does not, and a block under a bound starts no thread.
 """
@@ -16,14 +19,18 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import APPS, heat_ref, mpimig_cmd, read, run_cmd
+from conftest import APPS, ROOT, base_env, heat_ref, mpimig_cmd, read, run_cmd
 
 HOST = socket.gethostname()
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+SPLIT = ROOT / "tests" / "progs" / "switch_split.py"
 
 
 def _job(tmp_path, name, *opts, steps=40):
@@ -53,9 +60,10 @@ def test_moves_to_warm_spares_with_an_idle_spare_bit_identical_and_marked(tmp_pa
         # the target: woken, joined, the new A and J, the state in, then restored
         assert tgt["woken"] <= tgt["join"] <= tgt["split"] <= tgt["received"] <= tgt["adopted"] <= tgt["restored"]
         assert src["extracted"] <= tgt["received"], steps
-        # no Split ends before every member of J is in it: the coordinator saw the GO and
-        # the target spare its wake-up (from rank 0) before any of them
-        first_split = min(src["split"], tgt["split"], coord["split"], ranks["split"])
+        # no new comm is made before every member of the new J is in it: the coordinator saw the
+        # GO and the target spare its wake-up (from rank 0) before any of them; the source is
+        # not in the new J and takes no part (transport.split): it goes on without them
+        first_split = min(tgt["split"], coord["split"], ranks["split"])
         assert coord["go"] <= first_split and tgt["woken"] <= first_split, steps
         assert "woken" not in coord, steps     # the coordinator wakes no spare (rank 0 does)
         assert tgt["restored"] <= m["timings"]["downtime"] * 1e3      # the downtime ends at the report
@@ -124,3 +132,20 @@ def test_bounded_waits_share_one_thread_fire_in_order_and_cancel():
     assert fired == ["first", "second", "last"]
     w.cancel(far)
     assert w.waits == {}
+
+
+def test_the_old_process_that_leaves_takes_no_part_in_the_new_comms_and_they_are_right(tmp_path):
+    # step 7 on its own (a Jc of 6: coordinator, 3 old processes, 2 spares; one old process
+    # leaves, one is recycled): the one that leaves must return from transport.split while the
+    # others have not begun theirs (they wait for its message first). Before, it took part in
+    # both Splits over Jc, so this run hung (mpiexec's timeout, no --out); on a throttled host
+    # each round of those collectives could cost it a CFS period (docs/protocol.md)
+    out = tmp_path / "split.json"
+    res = run_cmd([MPIEXEC, "--allow-run-as-root", "--oversubscribe", "-n", 6, sys.executable, SPLIT,
+                   "--out", out], timeout=120, env=base_env())
+    assert out.exists(), res.stdout[-2000:] + res.stderr[-3000:]
+    got = json.loads(out.read_text())
+    new_j = [0, 1, 3, 4, 5]          # Jc without J rank 2, in Jc's order; the recycled 3 stays
+    new_a = [1, 5, 4]                # by logical rank: 0 stayed on J rank 1, 1 went to 5, 2 to 4
+    assert got == [{"a": None, "j": new_j}, {"a": new_a, "j": new_j}, {"a": None, "j": None},
+                   {"a": None, "j": new_j}, {"a": new_a, "j": new_j}, {"a": new_a, "j": new_j}], got

@@ -222,7 +222,7 @@ class Steps(CoordinatorState):
     def repoint(self, plan: Plan, batch: list[Migration], Jc: MPI.Intracomm, t0: float) -> None:
         """The new J without the old processes; the routing table points at the new ones."""
         with recovery.switch_part(Jc, self.cfg.ft):             # ends in the agreement (--ft)
-            _, Jn = transport.split(Jc, logical=None, leaving=False)
+            _, Jn = transport.split(Jc, plan, logical=None, leaving=False)
             mark(self.marks, "split")
         mark(self.marks, "agreed")
         if Jn is None:

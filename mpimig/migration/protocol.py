@@ -76,6 +76,7 @@ TAG_METRICS = 113     # rank -> coordinator, every few seconds with --policy: it
                       # (mpimig.balance.metrics); a plain send, never a collective
 TAG_LAYOUT = 114      # moving rank -> its warm spare target, before the freeze: the state's layout
                       # (mpimig.migration.handover: the spare faults its buffers in meanwhile)
+TAG_NEW_J = 115       # the switch's MPI_Comm_create_group of the new J over the merged comm (step 7)
 TAG_JOIN = 200        # + round: Intercomm_create tags
 TAG_STATE = 300       # old -> target: state transfer (pkl5)
 TAG_PRECOPY = 310     # pre-copy source -> target (on J): header of a round

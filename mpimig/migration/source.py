@@ -207,7 +207,7 @@ def execute(ctx: Context, plan: Plan) -> None:
         ctx.link.J = Jc     # a failure from here on is recovered over the switch comm
     rest = None
     with recovery.switch_part(Jc, ctx.config.ft):                  # ends in the agreement (--ft)
-        A, Jn = transport.split(Jc, logical=ctx.rank, leaving=move is not None,   # the new comms (step 7)
+        A, Jn = transport.split(Jc, plan, logical=ctx.rank, leaving=move is not None,   # the new comms (step 7)
                                 stays=move is not None and move.recycle)
         mark(marks, "split")
         if move is not None:

@@ -170,7 +170,7 @@ class Spare:
             self.J = Jc          # a failure from here on is recovered over the switch comm
         arrival = None
         with recovery.switch_part(Jc, self.cfg.ft):             # ends in the agreement (--ft)
-            A, Jn = transport.split(Jc, logical=move.rank if move else None, leaving=False)
+            A, Jn = transport.split(Jc, plan, logical=move.rank if move else None, leaving=False)
             mark(self.marks, "split")
             if move is None:
                 self.prepared.drop()

@@ -27,7 +27,7 @@ from .. import exits
 from ..errors import MigrationError
 from ..ft import hooks
 from ..checkpoint.format import dumps, loads
-from .protocol import TAG_JOIN, TAG_STATE, Move, Plan
+from .protocol import TAG_JOIN, TAG_NEW_J, TAG_STATE, Move, Plan
 
 
 _comms: list[MPI.Comm] = []
@@ -105,18 +105,35 @@ def _join(J: MPI.Intracomm | None, ntargets: int, bridges: list[MPI.Intracomm] |
     return Jc
 
 
-def split(Jc: MPI.Intracomm, *, logical: int | None, leaving: bool,
+def split(Jc: MPI.Intracomm, plan: Plan, *, logical: int | None, leaving: bool,
           stays: bool = False) -> tuple[MPI.Intracomm | None, MPI.Intracomm | None]:
-    """Build the new A (app processes, key = logical rank) and the new J (step 7).
+    """Build the new J, then the new A from it (app processes, key = logical rank) (step 7).
 
     ``logical`` is None for the coordinator; ``leaving`` is true for old
     processes whose rank moved away; such a process that ``stays`` (recycled as
     its host's warm spare) is left out of A only. Returns (A, J), COMM_NULL -> None.
-    """
+
+    The new J is ``MPI_Comm_create_group`` over the members that stay (Jc's order
+    without the plan's old processes that leave; every participant knows them from the
+    plan), so those old processes take part in no collective here and go straight on to
+    their transfer; A is a ``Split`` of the new J. On a throttled host (the lab's ``slow``)
+    every round of a collective that needs a process there can cost it a CFS period, and
+    the process that leaves is on the host being left: two ``Split`` over Jc had it in
+    both (docs/protocol.md, "The switch's cost")."""
+    if leaving and not stays:
+        return None, None
+    out = [mv.src_jrank for mv in plan.moves if not mv.recycle]
+    if out:
+        everyone = Jc.Get_group()
+        stay = everyone.Excl(out)
+        Jn = Jc.Create_group(stay, TAG_NEW_J)
+        stay.Free()
+        everyone.Free()
+    else:
+        Jn = Jc.Dup()
     in_a = logical is not None and not leaving
-    A = Jc.Split(0 if in_a else MPI.UNDEFINED, logical if logical is not None and in_a else 0)
-    Jn = Jc.Split(MPI.UNDEFINED if leaving and not stays else 0, Jc.Get_rank())
-    return (None if A == MPI.COMM_NULL else track(A)), (None if Jn == MPI.COMM_NULL else track(Jn))
+    A = Jn.Split(0 if in_a else MPI.UNDEFINED, logical if logical is not None and in_a else 0)
+    return (None if A == MPI.COMM_NULL else track(A)), track(Jn)
 
 
 def pack_state(arrays: dict[str, np.ndarray], objects: dict[str, Any], extra: dict[str, Any]) -> dict:
