@@ -233,6 +233,24 @@ def test_precopy_rounds_read_in_place_move_exactly_what_the_program_wrote(tmp_pa
     assert s["bytes_total"] + s["skipped_bytes"] == s["state_bytes"] + sum(want), s
 
 
+def test_precopy_early_last_round_still_on_its_way_at_the_switch(tmp_path):
+    """The last round goes with the step that finds the rounds converged; here the target has
+    not taken it when the freeze begins (as when the switch's wake-up comes first): the freeze
+    tells it to (``rounds_sent``), it reads that round, then the final runs; bit-identical, and
+    no deadlock (the source used to wait for the round's answer before sending anything)."""
+    out = tmp_path / "out.json"
+    env = base_env(MPIMIG_CHUNK=16384, MPIMIG_WTRACK="on")
+    res = run_cmd([MPIEXEC, "-n", 2, sys.executable, PIECES, out, "--late-last"], timeout=120, env=env)
+    assert out.exists(), res.stderr[-3000:]
+    got = json.loads(out.read_text())
+    s = got["stats"]
+    assert got["same"], s
+    assert s["last_round"] == "early" and s["final_how"] == "memory", s
+    assert s["rounds"] == got["target_rounds"] == got["rounds_before_switch"] + 1, (got, s)
+    w, small = got["written"], 100 * 8
+    assert s["round_bytes"][1:] + [s["final_bytes"]] == [x + small for x in w[:-1]] + [w[-1]], (w, s)
+
+
 def test_precopy_rounds_by_mpi_when_the_target_cannot_read(tmp_path):
     """A target that cannot read the source's memory (here: as if on another host) says so
     after the round; the source sends what it missed by MPI from then on, bit-identical."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from typing import Any, Callable
 
@@ -503,12 +504,16 @@ class PreCopyTarget:
         self.pagemaps: dict[int, int] = {}    # source pid -> its /proc/PID/pagemap (-1: cannot look)
         self.J: MPI.Intracomm | None = None
         self.source = -1
+        self.reading: threading.Thread | None = None      # a round read in place by a thread
+        self.error: BaseException | None = None
 
     def catch_up(self, sent: int) -> None:
         """The switch began with a round still on its way (``rounds_sent`` rounds left the
         source): take it from J now and answer it, as the idle loop would have."""
+        self.settle()
         while self.rounds < sent and self.J is not None:
             self.on_round(self.J, self.source)
+            self.settle()
 
     def _pagemap(self, pid: int) -> int:
         fd = self.pagemaps.get(pid)
@@ -554,6 +559,13 @@ class PreCopyTarget:
         self.pagemaps.clear()
 
     def on_round(self, J: MPI.Intracomm, source: int) -> None:
+        """A round's header is on J from ``source``: take it and move its runs, then answer.
+        A round read wholly in place (no piece by MPI) is read by a thread when MPI allows a
+        thread's call (``MPI_THREAD_MULTIPLE``), which also answers: the warm spare keeps
+        answering J meanwhile, so a switch that begins while it reads (pre-copy's early last
+        round) does not wait for the read to see its wake-up. Rounds are taken in order: the
+        next one, :meth:`catch_up` and the switch (:meth:`settle`) wait for that thread first."""
+        self.settle()
         self.J, self.source = J, source       # where a round still on its way at the switch comes from
         tx = Transfer(J, source, transport.ROUNDS, "pre-copy")
         hdr = tx.recv_obj(TAG_PRECOPY)
@@ -561,10 +573,37 @@ class PreCopyTarget:
         for k, (shape, dt) in hdr["arrays"].items():      # new (or replaced) arrays
             # faulted in now, while idle: rounds (and a skipped piece at the freeze) land in memory that is there
             self.arrays[k] = handover.prefault(tuple(shape), dt)
+        t_alloc = time.perf_counter() - t_alloc
+        rd = hdr.get("read") or {"addrs": {}}
+        in_place = all(k in rd["addrs"] for k, _, _ in hdr["runs"])
+        if hdr["runs"] and in_place and background.thread_ok()[0]:
+            t = threading.Thread(target=self._guarded, args=(J, source, tx, hdr, t_alloc),
+                                 name="mpimig-precopy-read", daemon=True)
+            self.reading = t
+            t.start()
+        else:
+            self._move(J, source, tx, hdr, t_alloc)
+
+    def _guarded(self, J: MPI.Intracomm, source: int, tx: Transfer, hdr: dict, t_alloc: float) -> None:
+        try:
+            self._move(J, source, tx, hdr, t_alloc)
+        except BaseException as exc:          # raised on the main thread by settle()
+            self.error = exc
+
+    def settle(self) -> None:
+        """Wait for the round a thread is reading (if any); raise what it hit."""
+        t, self.reading = self.reading, None
+        if t is not None:
+            t.join()
+        if self.error is not None:
+            exc, self.error = self.error, None
+            raise exc
+
+    def _move(self, J: MPI.Intracomm, source: int, tx: Transfer, hdr: dict, t_alloc: float) -> None:
+        """Read (or receive) a round's runs, then answer it (``TAG_PRECOPY_DONE``)."""
         P = int(hdr["piece"])
         st = MPI.Status()
         t_move = time.perf_counter()
-        t_alloc = t_move - t_alloc
         rd = hdr.get("read") or {"addrs": {}}
         addrs = rd["addrs"]
         can, why = (True, "") if not addrs or handover.same_host(rd["where"]) else (False, "another host")

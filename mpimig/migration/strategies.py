@@ -139,6 +139,8 @@ class PreCopy(Strategy):
 
     def receive(self, tx, cfg, rx=None):
         hdr = tx.recv_obj()
+        if rx is not None:                   # a round read by a thread is in before the freeze's runs
+            rx.settle()
         if "rounds_sent" in hdr:             # the last round was still on its way: take it first
             if rx is not None:
                 rx.catch_up(int(hdr["rounds_sent"]))
