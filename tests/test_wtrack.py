@@ -210,12 +210,12 @@ def test_precopy_rounds_read_in_place_move_exactly_what_the_program_wrote(tmp_pa
     wrote after a scan and before the target read them are left out of that round (the
     next one has their chunks anyway), so round 1 is the state less those.
 
-    ``early`` (the default): the scan that finds the rounds converged starts one more round
-    at once (the target reads it while the ranks vote), so the freeze moves only what the
-    program wrote after that scan (here not the small array). ``freeze``
-    (``MPIMIG_PRECOPY_LAST=freeze``): that scan's chunks wait for the freeze."""
+    ``early`` (``MPIMIG_PRECOPY_LAST=early``): the scan that finds the rounds converged starts
+    one more round at once (the target reads it while the ranks vote), so the freeze moves only
+    what the program wrote after that scan (here not the small array). ``freeze`` (the
+    default): that scan's chunks wait for the freeze."""
     out = tmp_path / "out.json"
-    env = base_env(MPIMIG_CHUNK=16384, MPIMIG_WTRACK="on", MPIMIG_PRECOPY_LAST="" if last == "early" else last)
+    env = base_env(MPIMIG_CHUNK=16384, MPIMIG_WTRACK="on", MPIMIG_PRECOPY_LAST="" if last == "freeze" else last)
     res = run_cmd([MPIEXEC, "-n", 2, sys.executable, PIECES, out], timeout=120, env=env)
     assert out.exists(), res.stderr[-3000:]
     got = json.loads(out.read_text())
@@ -239,7 +239,7 @@ def test_precopy_early_last_round_still_on_its_way_at_the_switch(tmp_path):
     tells it to (``rounds_sent``), it reads that round, then the final runs; bit-identical, and
     no deadlock (the source used to wait for the round's answer before sending anything)."""
     out = tmp_path / "out.json"
-    env = base_env(MPIMIG_CHUNK=16384, MPIMIG_WTRACK="on")
+    env = base_env(MPIMIG_CHUNK=16384, MPIMIG_WTRACK="on", MPIMIG_PRECOPY_LAST="early")
     res = run_cmd([MPIEXEC, "-n", 2, sys.executable, PIECES, out, "--late-last"], timeout=120, env=env)
     assert out.exists(), res.stderr[-3000:]
     got = json.loads(out.read_text())

@@ -421,8 +421,11 @@ class PreCopySource:
         """Whether the rounds' last dirty set goes at once (:meth:`step`): it is small (at most
         1/32 of the state: when the program rewrites everything the freeze copies it all, as
         before) and the target reads all of it in place (no piece by MPI: the freeze may come
-        before a sender would finish). ``MPIMIG_PRECOPY_LAST=freeze`` keeps it for the freeze."""
-        if (os.environ.get("MPIMIG_PRECOPY_LAST") or "").strip().lower() == "freeze":
+        before a sender would finish), and ``MPIMIG_PRECOPY_LAST=early`` asks for it. The default
+        (``freeze``) keeps it for the freeze: on 2 shared cores the target's read of that round
+        competes with the ranks' vote and hold, and the freeze was not shorter in the runs
+        measured (docs/bench/migrate-hp-after*: 5.6-14.0 ms against 6.9 ms before)."""
+        if (os.environ.get("MPIMIG_PRECOPY_LAST") or "freeze").strip().lower() != "early":
             return False
         return (0 < nbytes <= self.total // 32 and self.read
                 and all(k in self.tracked for k, m in dirty.items() if m.any()))
