@@ -200,16 +200,22 @@ def test_precopy_rounds_real_target_bit_identical(tmp_path, mode, sender):
     assert s["read_reason"] == "forced (MPIMIG_HANDOVER=mpi)", s
 
 
-def test_precopy_rounds_read_in_place_move_exactly_what_the_program_wrote(tmp_path):
+@pytest.mark.parametrize("last", ["early", "freeze"])
+def test_precopy_rounds_read_in_place_move_exactly_what_the_program_wrote(tmp_path, last):
     """On one host the target reads each round's runs out of the running source's memory
     (and the rest at the freeze): every byte of every round is read, nothing goes by MPI, and
     each round after the first, and the freeze, move exactly the chunks the program itself
     counted as written since the previous round's scan (plus the small array, written every
     step) — not a piece more (the MPI path resends whole skipped pieces). Pages the program
     wrote after a scan and before the target read them are left out of that round (the
-    next one has their chunks anyway), so round 1 is the state less those."""
+    next one has their chunks anyway), so round 1 is the state less those.
+
+    ``early`` (``MPIMIG_PRECOPY_LAST=early``): the scan that finds the rounds converged starts
+    one more round at once (the target reads it while the ranks vote), so the freeze moves only
+    what the program wrote after that scan (here not the small array). ``freeze`` (the
+    default): that scan's chunks wait for the freeze."""
     out = tmp_path / "out.json"
-    env = base_env(MPIMIG_CHUNK=16384, MPIMIG_WTRACK="on")
+    env = base_env(MPIMIG_CHUNK=16384, MPIMIG_WTRACK="on", MPIMIG_PRECOPY_LAST="" if last == "freeze" else last)
     res = run_cmd([MPIEXEC, "-n", 2, sys.executable, PIECES, out], timeout=120, env=env)
     assert out.exists(), res.stderr[-3000:]
     got = json.loads(out.read_text())
@@ -221,9 +227,28 @@ def test_precopy_rounds_read_in_place_move_exactly_what_the_program_wrote(tmp_pa
     assert s["rounds_sent"] == s["rounds"] == got["target_rounds"] >= 1, s
     assert s["skipped_bytes"] == got["target_skipped"] and s["skipped_bytes"] % PAGE == 0, (got, s)
     small = 100 * 8                                  # the array "b", written at every step
-    assert s["round_bytes"][1:] + [s["final_bytes"]] == [w + small for w in got["written"]], (got["written"], s)
-    assert s["bytes_total"] + s["skipped_bytes"] == (s["state_bytes"] + sum(got["written"])
-                                                     + small * len(got["written"])), s
+    w = got["written"]
+    want = [x + small for x in w] if last == "freeze" else [x + small for x in w[:-1]] + [w[-1]]
+    assert s["last_round"] == last and s["round_bytes"][1:] + [s["final_bytes"]] == want, (w, s)
+    assert s["bytes_total"] + s["skipped_bytes"] == s["state_bytes"] + sum(want), s
+
+
+def test_precopy_early_last_round_still_on_its_way_at_the_switch(tmp_path):
+    """The last round goes with the step that finds the rounds converged; here the target has
+    not taken it when the freeze begins (as when the switch's wake-up comes first): the freeze
+    tells it to (``rounds_sent``), it reads that round, then the final runs; bit-identical, and
+    no deadlock (the source used to wait for the round's answer before sending anything)."""
+    out = tmp_path / "out.json"
+    env = base_env(MPIMIG_CHUNK=16384, MPIMIG_WTRACK="on", MPIMIG_PRECOPY_LAST="early")
+    res = run_cmd([MPIEXEC, "-n", 2, sys.executable, PIECES, out, "--late-last"], timeout=120, env=env)
+    assert out.exists(), res.stderr[-3000:]
+    got = json.loads(out.read_text())
+    s = got["stats"]
+    assert got["same"], s
+    assert s["last_round"] == "early" and s["final_how"] == "memory", s
+    assert s["rounds"] == got["target_rounds"] == got["rounds_before_switch"] + 1, (got, s)
+    w, small = got["written"], 100 * 8
+    assert s["round_bytes"][1:] + [s["final_bytes"]] == [x + small for x in w[:-1]] + [w[-1]], (w, s)
 
 
 def test_precopy_rounds_by_mpi_when_the_target_cannot_read(tmp_path):
@@ -267,7 +292,10 @@ def test_precopy_round_completes_between_points(tmp_path, how):
     assert waited and all(waited), waited     # every round seen on its way left between points
     assert s["rounds_sent"] == s["rounds"] >= 1, s
     in_place = s["round_bytes"] if how == "memory" else [0] * s["rounds"]
-    assert s["round_read_bytes"] == in_place and s["final_how"] == how, s
+    assert s["round_read_bytes"] == in_place, s
+    # read in place, the last round goes from the point that found the rounds converged, and the
+    # freeze has nothing left to read when the program wrote nothing since ("no runs")
+    assert s["final_how"] == how or (how == "memory" and s["last_round"] == "early" and s["final_bytes"] == 0), s
 
 
 def test_two_trackers_share_the_process_userfaultfd_and_each_sees_every_write():

@@ -51,6 +51,7 @@ from mpi4py import MPI
 
 from ..checkpoint.format import dumps, loads
 from ..errors import UsageError
+from . import pages
 from .protocol import TAG_HANDOVER, TAG_HANDOVER_DATA, TAG_LAYOUT, Plan
 
 if TYPE_CHECKING:
@@ -230,15 +231,22 @@ def announce(ctx: Context, plan: Plan) -> None:
 
     Only for stop-and-copy, post-copy and file-server (:data:`ANNOUNCED`) to a warm spare (a
     spawned target is not in J yet), and
-    not with ``--ft`` (a recovery would replace the J the announcement went on)."""
+    not with ``--ft`` (a recovery would replace the J the announcement went on).
+    For every strategy whose target reads this process's memory (stop-and-copy, post-copy,
+    pre-copy), whatever the target, the arrays' 4 KiB-page parts start to become huge pages
+    in a background thread (:mod:`.pages`): the freeze stops it."""
     link = ctx.link
-    if plan.kind != "switch" or link.announced == plan.id or ctx.config.ft or link.J is None:
+    if plan.kind != "switch" or link.announced == plan.id:
         return
     move = plan.move_of(ctx.rank)
-    if move is None or move.strategy not in ANNOUNCED or move.spare_jrank < 0:
+    if move is None:
         return
     st = ctx.registered_state
     arrays = st.split()[0] if st is not None else {}
+    if move.strategy in pages.READ_BY_TARGET:     # huge pages before the freeze: the target reads faster
+        pages.start(arrays, plan.id)
+    if ctx.config.ft or link.J is None or move.strategy not in ANNOUNCED or move.spare_jrank < 0:
+        return
     link.J.send({"plan": plan.id, "layout": layout(arrays)}, dest=move.spare_jrank, tag=TAG_LAYOUT)
     link.announced = plan.id
 
@@ -426,6 +434,14 @@ def await_reply(comm: MPI.Intracomm, peer: int, tag: int = TAG_HANDOVER) -> Any:
     return comm.recv(source=peer, tag=tag)
 
 
+def frozen(extra: dict[str, Any]) -> None:
+    """The old process at the freeze: stop turning its arrays into huge pages (:mod:`.pages`)
+    and tell the move's ``strategy_stats`` what was done (``src_pages``)."""
+    st = pages.stop()
+    if st is not None:
+        extra.setdefault("strategy_stats", {})["src_pages"] = st
+
+
 def _flat(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1).view(np.uint8)
 
@@ -445,6 +461,7 @@ def send(tx: Transfer, arrays: dict[str, np.ndarray], objects: dict[str, Any], e
     """The old process (frozen): the header, then the arrays the way the target asks for."""
     lay = layout(arrays)
     moving = [arrays[k] for k, _, _ in lay]
+    frozen(extra)
     eager = {k: np.ascontiguousarray(v) for k, v in arrays.items() if not movable(v)}
     hdr = {"layout": lay, "eager": eager, "objects": {k: dumps(k, v) for k, v in objects.items()},
            "extra": extra, "announced": announced, "where": where(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from typing import Any, Callable
 
@@ -19,7 +20,7 @@ from mpi4py import MPI
 from ..checkpoint.format import dumps
 from ..errors import MigrationError
 from ..state import State
-from . import background, handover, transport, wtrack
+from . import background, handover, pages, transport, wtrack
 from .chunks import PIECE, chunk_bytes, flat_bytes
 from .chunks import chunkable as _chunkable
 from .chunks import runs as _runs
@@ -93,6 +94,9 @@ class PreCopySource:
     def __init__(self, J: MPI.Intracomm, dest: int, state_of: Callable[[], State | None], rank: int,
                  track: bool = True) -> None:
         self.J, self.dest, self.rank, self.state_of = J, dest, rank, state_of
+        # huge pages made since the plan came (pages.py) end before the kernel write-protects the
+        # arrays: it does not collapse protected pages, and a huge page made after would hide writes
+        self.src_pages = pages.stop(wait=track)
         self.wt = wtrack.tracker() if track else None
         self.tracked: set[str] = set()             # arrays the kernel tracks (the others: shadow)
         self.pending: dict[str, np.ndarray] = {}   # chunks found dirty by a scan but not sent yet
@@ -141,6 +145,7 @@ class PreCopySource:
         self.round_read: list[int] = []           # bytes of each round the target read from our memory
         self.read_missed = 0
         self.round_target: list[tuple[float, float]] = []   # the target's (allocation, move) seconds per round
+        self.last_early = False                   # the last round went at the point that found the rank ready
 
     def _refresh(self, arrays: dict[str, np.ndarray] | None = None) -> None:
         """Follow the registered arrays: one the program replaced (``st.a = new``) or
@@ -356,17 +361,17 @@ class PreCopySource:
         self._p_scan = self.points
         retry, self.retry = self.retry, False
         if self.rounds and not self.new_meta and not retry:
-            if nbytes <= (_precopy_small(self.total, self.C, True) if self.read and self.tracked else self.small):
-                self.reason = "small"
-            elif nbytes >= self.planned[-1]:
-                self.reason = "not-shrinking"
-            elif len(self.rounds) >= self.max_rounds:
-                self.reason = "max-rounds"
+            self.reason = self._converged(nbytes)
             if self.reason:
                 self.ready = True         # the rest goes at the switch, with the rank frozen
                 self.pending_dirty = nbytes
-                self.pending = dirty
-                return True
+                if not self._last_now(dirty, nbytes):
+                    self.pending = dirty
+                    return True
+                # the last round goes now, from this safe point: the program writes nothing more
+                # before the vote that may freeze it, so the target reads it while the ranks vote
+                # and the switch begins, and the freeze finds (almost) nothing left to read
+                self.last_early = True
         runs = []
         for k, m in dirty.items():
             a = self.live[k]
@@ -400,12 +405,40 @@ class PreCopySource:
         else:
             for k, lo, hi in pieces:
                 self.reqs.append(self.tx.Isend(self._source_bytes(k, lo, hi), TAG_PRECOPY_DATA))
-        return False
+        return self.ready
+
+    def _converged(self, nbytes: int) -> str:
+        """Why the rounds stop with ``nbytes`` dirty ("" if they go on)."""
+        if nbytes <= (_precopy_small(self.total, self.C, True) if self.read and self.tracked else self.small):
+            return "small"
+        if nbytes >= self.planned[-1]:
+            return "not-shrinking"
+        if len(self.rounds) >= self.max_rounds:
+            return "max-rounds"
+        return ""
+
+    def _last_now(self, dirty: dict[str, np.ndarray], nbytes: int) -> bool:
+        """Whether the rounds' last dirty set goes at once (:meth:`step`): it is small (at most
+        1/32 of the state: when the program rewrites everything the freeze copies it all, as
+        before) and the target reads all of it in place (no piece by MPI: the freeze may come
+        before a sender would finish), and ``MPIMIG_PRECOPY_LAST=early`` asks for it. The default
+        (``freeze``) keeps it for the freeze: on 2 shared cores the target's read of that round
+        competes with the ranks' vote and hold, and the freeze was not shorter in the runs
+        measured (docs/bench/migrate-hp-after*: 5.6-14.0 ms against 6.9 ms before)."""
+        if (os.environ.get("MPIMIG_PRECOPY_LAST") or "freeze").strip().lower() != "early":
+            return False
+        return (0 < nbytes <= self.total // 32 and self.read
+                and all(k in self.tracked for k, m in dirty.items() if m.any()))
 
     def finish(self, tx: Transfer, arrays: dict[str, np.ndarray], objects: dict[str, Any],
                extra: dict[str, Any]) -> None:
         """At the switch (rank frozen): the chunks still dirty, objects, held queue."""
         marks = extra.get("marks", {})
+        if self.awaiting and not self.layout:
+            # the last round is on its way (step sent it at the point that found us ready): the
+            # target may have joined the switch before it took it from J, so it is told to take
+            # it now (its answer is what drain waits for)
+            tx.send_obj({"rounds_sent": len(self.rounds)})
         self.drain()
         mark(marks, "drained")
         t0 = time.perf_counter()
@@ -435,7 +468,9 @@ class PreCopySource:
                  "round_send_s": list(self.bg.seconds) if self.bg is not None else [],
                  "round_s": self.round_s, "round_points": self.round_points, "round_read_bytes": self.round_read,
                  "round_target_s": self.round_target, "layout_s": self.layout_s,
-                 "round_dirty": list(self.planned)}
+                 "round_dirty": list(self.planned), "last_round": "early" if self.last_early else "freeze"}
+        if self.src_pages is not None:
+            stats["src_pages"] = self.src_pages
         if self.read_missed or not self.read:
             stats["read_missed"], stats["read_reason"] = self.read_missed, self.why_no_read
         if not self.tracked:
@@ -470,6 +505,18 @@ class PreCopyTarget:
         self.skipped = 0          # bytes of pieces the source left out (they came in a later round)
         self.read = 0             # bytes read out of the source's memory (the same host)
         self.pagemaps: dict[int, int] = {}    # source pid -> its /proc/PID/pagemap (-1: cannot look)
+        self.J: MPI.Intracomm | None = None
+        self.source = -1
+        self.reading: threading.Thread | None = None      # a round read in place by a thread
+        self.error: BaseException | None = None
+
+    def catch_up(self, sent: int) -> None:
+        """The switch began with a round still on its way (``rounds_sent`` rounds left the
+        source): take it from J now and answer it, as the idle loop would have."""
+        self.settle()
+        while self.rounds < sent and self.J is not None:
+            self.on_round(self.J, self.source)
+            self.settle()
 
     def _pagemap(self, pid: int) -> int:
         fd = self.pagemaps.get(pid)
@@ -515,16 +562,51 @@ class PreCopyTarget:
         self.pagemaps.clear()
 
     def on_round(self, J: MPI.Intracomm, source: int) -> None:
+        """A round's header is on J from ``source``: take it and move its runs, then answer.
+        A round read wholly in place (no piece by MPI) is read by a thread when MPI allows a
+        thread's call (``MPI_THREAD_MULTIPLE``), which also answers: the warm spare keeps
+        answering J meanwhile, so a switch that begins while it reads (pre-copy's early last
+        round) does not wait for the read to see its wake-up. Rounds are taken in order: the
+        next one, :meth:`catch_up` and the switch (:meth:`settle`) wait for that thread first."""
+        self.settle()
+        self.J, self.source = J, source       # where a round still on its way at the switch comes from
         tx = Transfer(J, source, transport.ROUNDS, "pre-copy")
         hdr = tx.recv_obj(TAG_PRECOPY)
         t_alloc = time.perf_counter()
         for k, (shape, dt) in hdr["arrays"].items():      # new (or replaced) arrays
             # faulted in now, while idle: rounds (and a skipped piece at the freeze) land in memory that is there
             self.arrays[k] = handover.prefault(tuple(shape), dt)
+        t_alloc = time.perf_counter() - t_alloc
+        rd = hdr.get("read") or {"addrs": {}}
+        in_place = all(k in rd["addrs"] for k, _, _ in hdr["runs"])
+        if hdr["runs"] and in_place and background.thread_ok()[0]:
+            t = threading.Thread(target=self._guarded, args=(J, source, tx, hdr, t_alloc),
+                                 name="mpimig-precopy-read", daemon=True)
+            self.reading = t
+            t.start()
+        else:
+            self._move(J, source, tx, hdr, t_alloc)
+
+    def _guarded(self, J: MPI.Intracomm, source: int, tx: Transfer, hdr: dict, t_alloc: float) -> None:
+        try:
+            self._move(J, source, tx, hdr, t_alloc)
+        except BaseException as exc:          # raised on the main thread by settle()
+            self.error = exc
+
+    def settle(self) -> None:
+        """Wait for the round a thread is reading (if any); raise what it hit."""
+        t, self.reading = self.reading, None
+        if t is not None:
+            t.join()
+        if self.error is not None:
+            exc, self.error = self.error, None
+            raise exc
+
+    def _move(self, J: MPI.Intracomm, source: int, tx: Transfer, hdr: dict, t_alloc: float) -> None:
+        """Read (or receive) a round's runs, then answer it (``TAG_PRECOPY_DONE``)."""
         P = int(hdr["piece"])
         st = MPI.Status()
         t_move = time.perf_counter()
-        t_alloc = t_move - t_alloc
         rd = hdr.get("read") or {"addrs": {}}
         addrs = rd["addrs"]
         can, why = (True, "") if not addrs or handover.same_host(rd["where"]) else (False, "another host")

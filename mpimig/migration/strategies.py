@@ -139,6 +139,12 @@ class PreCopy(Strategy):
 
     def receive(self, tx, cfg, rx=None):
         hdr = tx.recv_obj()
+        if rx is not None:                   # a round read by a thread is in before the freeze's runs
+            rx.settle()
+        if "rounds_sent" in hdr:             # the last round was still on its way: take it first
+            if rx is not None:
+                rx.catch_up(int(hdr["rounds_sent"]))
+            hdr = tx.recv_obj()
         arrays = rx.arrays if rx is not None else {}
         for k, (shape, dt) in hdr["meta"].items():
             a = arrays.get(k)
@@ -151,10 +157,10 @@ class PreCopy(Strategy):
         if rd is not None:           # the old process is frozen: read its runs in place (the same host)
             why = "another host"
             if handover.same_host(rd["where"]):
-                try:
-                    for k, lo, hi in hdr["runs"]:
-                        handover.vm_read(int(rd["where"]["pid"]), int(rd["addrs"][k]) + lo,
-                                         flat_bytes(arrays[k])[lo:hi])
+                try:                     # one reader for every run (threads from handover.SPLIT_MIN bytes on)
+                    runs = [(int(rd["addrs"][k]) + lo, flat_bytes(arrays[k])[lo:hi].ctypes.data, hi - lo)
+                            for k, lo, hi in hdr["runs"]]
+                    handover.read_runs(int(rd["where"]["pid"]), runs, handover.read_threads())
                     how = handover.MEMORY
                 except OSError as e:     # MPI rewrites every run
                     why = str(e)
@@ -183,6 +189,7 @@ class PostCopy(Strategy):
 
     def send(self, ctx, tx, arrays, objects, extra, plan, move):
         C = chunk_bytes()
+        handover.frozen(extra)            # huge pages for the reads: no more from here (pages.py)
         chunked, eager = _split_state(arrays)
         layout, base = [], 0
         for k, a in chunked.items():

@@ -18,6 +18,11 @@ exactly these chunks. ``b`` is small (its chunks are counted as written whenever
 
 ``--no-read``: the target behaves as on another host (it cannot read the source's memory).
 
+``--late-last``: after round 1 the target takes a round only when the source says so (a
+message after each step that started one); the round that goes with the ready step (pre-copy's
+early last round) is left on its way, as when a target sees the switch's wake-up first: the
+freeze must tell the target to take it (``rounds_sent``) before it waits for its answer.
+
     MPIMIG_CHUNK=16384 mpiexec -n 2 python precopy_pieces.py OUT.json [--no-read]
 """
 import hashlib
@@ -33,7 +38,8 @@ from mpimig.migration import handover, strategies, transport
 from mpimig.migration.protocol import TAG_PRECOPY
 from mpimig.state import State
 
-TAG_GO, TAG_DIGEST = 99, 98
+TAG_GO, TAG_DIGEST, TAG_CTL = 99, 98, 97
+LATE = "--late-last" in sys.argv[2:]
 NEL = (32 << 20) // 8
 C = int(os.environ.get("MPIMIG_CHUNK", str(1 << 20)))
 
@@ -83,7 +89,13 @@ def source(comm: MPI.Intracomm) -> dict:
     comm.send("go", dest=1, tag=TAG_GO)
     k = 0
     nchunks = NEL * 8 // C
-    while not cnt.step():
+    while True:
+        n0 = len(src.rounds)
+        ready = cnt.step()
+        if LATE and (ready or len(src.rounds) != n0):
+            comm.send("ready" if ready else "take", dest=1, tag=TAG_CTL)
+        if ready:
+            break
         cnt.write(a, (k * 7919 * 61) % nchunks, k + 0.25)
         st.b[k % 100] += 1.0
         k += 1
@@ -107,18 +119,25 @@ def target(comm: MPI.Intracomm, out: str) -> None:
     comm.Probe(0, TAG_PRECOPY, status)
     rx.on_round(comm, 0)                     # the layout
     comm.recv(source=0, tag=TAG_GO)
-    while True:
+    if LATE:
+        rx.on_round(comm, 0)                 # round 1
+        while comm.recv(source=0, tag=TAG_CTL) == "take":
+            rx.on_round(comm, 0)
+    while not LATE:
         comm.Probe(0, MPI.ANY_TAG, status)
         if status.Get_tag() != TAG_PRECOPY:
             break                            # the switch's header
         rx.on_round(comm, 0)
     tx = transport.Transfer(comm, 0, transport.ROUNDS, "pre-copy")
+    rx.settle()                              # a round read by a thread is counted once it is in
+    before = rx.rounds
     arrays, objects, extra, _ = strategies.PreCopy().receive(tx, None, rx)
     want = comm.recv(source=0, tag=TAG_DIGEST)
     mine = comm.recv(source=0, tag=TAG_DIGEST + 1)
     with open(out, "w") as f:
         json.dump({"same": digest(arrays) == want, "objects": objects, "stats": extra["strategy_stats"],
                    "target_rounds": rx.rounds, "target_skipped": rx.skipped, "target_read": rx.read,
+                   "rounds_before_switch": before,
                    **mine}, f)
 
 
