@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from mpi4py import MPI
 
-from .. import exits
+from .. import comm_polite, exits
 from ..comm import Comm, new_comm
 from ..errors import MigrationError
 from ..ft import recovery
@@ -229,6 +229,7 @@ def adopt(comm: Comm, extra: dict[str, Any]) -> None:
     """The messages that were in flight to the rank (held by its old process) are
     matched first by the new one: nothing lost, duplicated or reordered."""
     comm.import_held(extra["comm"])
+    comm_polite.begin(comm)     # as the ranks that stay, until the first vote (mpimig.comm_polite)
 
 
 # -- step 8: resume ---------------------------------------------------------------------------------
