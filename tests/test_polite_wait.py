@@ -58,7 +58,8 @@ def test_ranks_that_stay_nap_while_the_moving_rank_is_slow(tmp_path, strategy):
         recs = parts[r]["rec"]
         step, wall, cpu, polite, _ = max(recs, key=lambda x: x[1])
         assert step == MOVE_AT and wall >= 0.8 * DELAY, recs       # they waited for the moving rank there
-        assert polite is True and cpu < 0.1 * wall, (r, wall, cpu, recs)
+        assert cpu < 0.1 * wall, (r, wall, cpu, recs)                # a spinner's CPU ~ its share of a core
+        assert polite is True, recs
         assert not any(x[3] for x in recs if x[0] != MOVE_AT), recs   # the window: that step only
     moved = [x for x in parts[1]["rec"] if x[4] == "migrated"]
     assert moved[0][0] == MOVE_AT and moved[0][3] is True, moved    # the new process's first step naps too
