@@ -4,7 +4,7 @@
 the ranks that stay wait that long at their next call that needs it.
 
 Each step: a halo ``Sendrecv`` with both neighbours, an ``Allreduce`` (``MAX``) of the
-array's sum, then a point. Every rank records, for the communication part of each step, its
+array's sum, a ``Bcast`` of it on a derived communicator (``Split``), then a point. Every rank records, for the communication part of each step, its
 wall time, its CPU time (``time.process_time``: every thread of the process) and
 whether its communicator waited politely (``comm.polite``). Rank 0 writes every rank's
 records and final array (``--out``, JSON).
@@ -33,6 +33,7 @@ def main(ctx):
     comm = ctx.comm
     me, size = comm.rank, comm.size
     left, right = (me - 1) % size, (me + 1) % size
+    sub = comm.Split(0, me)           # a derived communicator: its collectives are in the window too
     x0 = np.arange(args.n, dtype=np.float64) * (me + 1) if ctx.role == "initial" else None
     st = ctx.state(x=x0, step=0, rec=[])
     x = st.x
@@ -44,6 +45,7 @@ def main(ctx):
         comm.Sendrecv(x[:8], left, 1, from_right, right, 1)
         comm.Sendrecv(x[-8:], right, 2, from_left, left, 2)
         comm.Allreduce(np.array([x.sum()]), total, op=MPI.MAX)   # MAX: one result whatever the order
+        sub.Bcast(total, root=0)
         st.rec = st.rec + [[st.step, time.perf_counter() - t0, time.process_time() - c0, polite, ctx.role]]
         x *= 0.5
         x += from_left.mean() + from_right.mean() + total[0] * 1e-9
