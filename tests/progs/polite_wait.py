@@ -4,7 +4,7 @@
 the ranks that stay wait that long at their next call that needs it.
 
 Each step: a halo ``Sendrecv`` with both neighbours, an ``Allreduce`` (``MAX``) of the
-array's sum, a ``Bcast`` of it on a derived communicator (``Split``), then a point. Every rank records, for the communication part of each step, its
+array's sum, a ``Bcast`` of it on a derived communicator (``Split``) of the ranks that stay, then a point. Every rank records, for the communication part of each step, its
 wall time, its CPU time (``time.process_time``: every thread of the process) and
 whether its communicator waited politely (``comm.polite``). Rank 0 writes every rank's
 records and final array (``--out``, JSON).
@@ -33,7 +33,10 @@ def main(ctx):
     comm = ctx.comm
     me, size = comm.rank, comm.size
     left, right = (me - 1) % size, (me + 1) % size
-    sub = comm.Split(0, me)           # a derived communicator: its collectives are in the window too
+    # a derived communicator without the moving rank (its members rebuild it among themselves at
+    # the switch): its collectives are in the window too. (One with the moving rank is rebuilt with
+    # the new process, in the switch: its members would wait there, in MPI_Comm_create_group.)
+    sub = comm.Split(0 if me != 1 else MPI.UNDEFINED, me)
     x0 = np.arange(args.n, dtype=np.float64) * (me + 1) if ctx.role == "initial" else None
     st = ctx.state(x=x0, step=0, rec=[])
     x = st.x
@@ -41,11 +44,14 @@ def main(ctx):
     total = np.empty(1)
     while st.step < args.steps:
         polite = getattr(comm, "polite", None)    # (None: a mpimig without polite waits)
+        if polite is not None and me != 1:
+            polite = polite and sub.polite           # the derived communicator's with the job's
         t0, c0 = time.perf_counter(), time.process_time()
         comm.Sendrecv(x[:8], left, 1, from_right, right, 1)
         comm.Sendrecv(x[-8:], right, 2, from_left, left, 2)
         comm.Allreduce(np.array([x.sum()]), total, op=MPI.MAX)   # MAX: one result whatever the order
-        sub.Bcast(total, root=0)
+        if me != 1:
+            sub.Bcast(total, root=0)
         st.rec = st.rec + [[st.step, time.perf_counter() - t0, time.process_time() - c0, polite, ctx.role]]
         x *= 0.5
         x += from_left.mean() + from_right.mean() + total[0] * 1e-9
