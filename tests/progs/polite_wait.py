@@ -4,7 +4,8 @@
 the ranks that stay wait that long at their next call that needs it.
 
 Each step: a halo ``Sendrecv`` with both neighbours, an ``Allreduce`` (``MAX``) of the
-array's sum, a ``Bcast`` of it on a derived communicator (``Split``) of the ranks that stay, then a point. Every rank records, for the communication part of each step, its
+array's sum, a ``Bcast`` of it on a derived communicator (``Split``) of the ranks that
+stay, then a point. Every rank records, for the communication part of each step, its
 wall time, its CPU time (``time.process_time``: every thread of the process) and
 whether its communicator waited politely (``comm.polite``). Rank 0 writes every rank's
 records and final array (``--out``, JSON).
