@@ -467,12 +467,15 @@ class Comm:
         on ``mpicomm`` behind the same Python object, in creation order."""
         if type(self._c) is comm_polite.Polite:
             comm_polite.end(self)
+        old = self._c
         self._c = mpicomm
         self._marker_tag = _tag_ub(mpicomm)
         self.tag_limit = self._marker_tag - N_RESERVED_TAGS + 1
         if self._direct:
             self._install_direct()        # bound to the new communicator
         if self._derived:
+            # a derived comm with a moved rank is rebuilt with its new process: wait for it napping
+            comm_polite.await_ready(self, comm_polite.moved_ranks(old, mpicomm))
             self._family_ops.repoint_family(self)
 
     def end_replay(self) -> None:

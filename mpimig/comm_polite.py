@@ -221,3 +221,52 @@ def vote_allreduce(comm: Any, v: Any) -> None:
         end(comm)
     else:
         c.Allreduce(MPI.IN_PLACE, v, op=MPI.SUM)
+
+
+# -- the rebuild of derived communicators with a moved rank -------------------------------
+def _ready_tag(comm: Any) -> int:
+    return comm._marker_tag - 1          # one of mpimig's reserved tags, below the markers'
+
+
+def moved_ranks(old: MPI.Intracomm, new: MPI.Intracomm) -> set[int]:
+    """The ranks whose process differs between ``old`` and ``new`` (local: group arithmetic)."""
+    og, ng = old.Get_group(), new.Get_group()
+    try:
+        n = ng.Get_size()
+        same = MPI.Group.Translate_ranks(ng, list(range(n)), og)
+        return {i for i, j in enumerate(same) if j != i}
+    finally:
+        og.Free()
+        ng.Free()
+
+
+def await_ready(comm: Any, moved: set[int]) -> None:
+    """A rank that stays, at step 7, before its derived communicators are rebuilt on the new
+    job communicator: each one with a moved rank is rebuilt together with the new process
+    (``MPI_Comm_create_group``, no nonblocking form), which joins only once it has the state.
+    Wait for the new process's word (:func:`send_ready`) by napping, not in the rebuild."""
+    me = comm._c.Get_rank()
+    peers = sorted({r for d in comm._derived.values() if me in getattr(d, "_members", ())
+                    for r in d._members if r in moved and r != me})
+    if not peers:
+        return
+    c, tag = comm._c, _ready_tag(comm)
+    for r in peers:
+        _nap_probe(c, r, tag)
+        c.Recv([bytearray(0), 0, MPI.BYTE], r, tag)
+
+
+def _nap_probe(c: MPI.Intracomm, source: int, tag: int) -> None:
+    nap(lambda: c.Iprobe(source, tag))
+
+
+def send_ready(comm: Any, data: dict, moving: set[int]) -> None:
+    """The new process of a moved rank, before it rebuilds its derived communicators: the word
+    each member that stays waits for (:func:`await_ready`), one per peer."""
+    me = comm._c.Get_rank()
+    peers = sorted({r for rec in data.get("comms", ()) if me in rec["members"]
+                    for r in rec["members"] if r != me and r not in moving})
+    tag = _ready_tag(comm)
+    reqs = [comm._c.Isend([bytearray(0), 0, MPI.BYTE], r, tag) for r in peers]
+    if reqs:
+        MPI.Request.Waitall(reqs)

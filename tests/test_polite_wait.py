@@ -66,6 +66,27 @@ def test_ranks_that_stay_nap_while_the_moving_rank_is_slow(tmp_path, strategy):
     assert not any(x[3] for x in moved[1:]), moved                 # and not after the vote
 
 
+@pytest.mark.parametrize("strategy", ["stop-and-copy"])
+def test_a_derived_comm_with_the_moving_rank_is_rebuilt_after_a_nap(tmp_path, strategy):
+    """The derived communicator has the moving rank: its members that stay rebuild it with the
+    new process at the switch, so they wait there (in the point), napping until the new
+    process's word (comm_polite.await_ready), not in MPI_Comm_create_group."""
+    job, out = tmp_path / "job", tmp_path / "out.json"
+    res = run_cmd(mpimig_cmd("run", "-n", RANKS, "--spares", 1, "--job-dir", job,
+                             "--migrate", f"{MOVE_AT}:1:{HOST}:{strategy}", PROG, "--steps", STEPS, "--n", N,
+                             "--delay", DELAY, "--sub", "all", "--out", out), timeout=240, env=env())
+    assert "job completed" in res.stderr and out.exists(), res.stderr[-3000:]
+    parts = {p["rank"]: p for p in json.loads(out.read_text())}
+    ref = _reference()
+    for r in range(RANKS):
+        assert np.array(parts[r]["x"]).tobytes() == ref[r].tobytes(), f"rank {r} differs from the reference"
+    for r in (0, 2):
+        pts = parts[r]["pts"]
+        step, wall, cpu = max(pts, key=lambda x: x[1])
+        assert step == MOVE_AT - 1 and wall >= 0.8 * DELAY, pts    # they waited in the switch (the point)
+        assert cpu < 0.1 * wall, (r, wall, cpu, pts)
+
+
 def test_the_proxy_gives_what_mpi_gives_and_the_direct_path_comes_back():
     from mpimig import comm_polite, comm_requests
     from mpimig.comm import Comm
