@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from mpi4py import MPI
 
-from . import comm_flush, comm_reduce, comm_requests
+from . import comm_flush, comm_polite, comm_reduce, comm_requests
 from .comm_flush import _MARKER  # noqa: F401 - tests/mpi/test_comm_mpi.py takes it from here
 from .comm_requests import Request, _fill_status, _idle
 # a request kept in a checkpoint written before the split pickles as mpimig.comm._restore_request
@@ -72,6 +72,7 @@ class Comm:
         self._next_seq = 0                    # root: number of the next derived comm
         self._calls = 0                       # root: derivation calls so far (replay matches by it)
         comm_requests._current_comm = self     # what restored requests and derived comms attach to
+        comm_requests._napping = False        # a new job communicator (a start, a recovery): no move in progress
         self.enable_direct()
 
     def _blank(self) -> None:
@@ -104,7 +105,14 @@ class Comm:
     @property
     def mpi(self) -> MPI.Intracomm:
         """The MPI communicator behind this one right now (changes on migration)."""
-        return self._c
+        c = self._c
+        return c._real if type(c) is comm_polite.Polite else c
+
+    @property
+    def polite(self) -> bool:
+        """Whether blocking calls wait by napping now: a rank of the job is moving
+        (:mod:`mpimig.comm_polite`; docs/protocol.md, "Polite waits")."""
+        return type(self._c) is comm_polite.Polite
 
     @property
     def held_count(self) -> int:
@@ -457,12 +465,17 @@ class Comm:
 
         Collective over the members of each derived communicator: each is rebuilt
         on ``mpicomm`` behind the same Python object, in creation order."""
+        if type(self._c) is comm_polite.Polite:
+            comm_polite.end(self)
+        old = self._c
         self._c = mpicomm
         self._marker_tag = _tag_ub(mpicomm)
         self.tag_limit = self._marker_tag - N_RESERVED_TAGS + 1
         if self._direct:
             self._install_direct()        # bound to the new communicator
         if self._derived:
+            # a derived comm with a moved rank is rebuilt with its new process: wait for it napping
+            comm_polite.await_ready(self, comm_polite.moved_ranks(old, mpicomm))
             self._family_ops.repoint_family(self)
 
     def end_replay(self) -> None:

@@ -148,16 +148,21 @@ def export_held(comm: Comm) -> dict:
     return out
 
 
-def import_held(comm: Comm, data: dict) -> None:
+def import_held(comm: Comm, data: dict, moving: set[int] | None = None) -> None:
     """Take over held messages exported by :meth:`export_held` (replaces the queue):
     they are matched before anything that arrives later (step 7, forwarding).
 
     With ``data["derived"]`` this is collective over the members of each derived
-    communicator: they are rebuilt on this communicator (:func:`mpimig.derived.rebuild`)."""
+    communicator: they are rebuilt on this communicator (:func:`mpimig.derived.rebuild`).
+    ``moving``: the ranks of the migration this process takes a rank over in (the members
+    that stay wait for its word before the rebuild: :func:`mpimig.comm_polite.send_ready`)."""
     comm._queue = deque(_Held(s, t, bytearray(p)) for s, t, p in data.get("queue", []))
     if comm._direct:
         comm._install_direct()
     if data.get("derived"):
         if comm._family_ops is None:
             raise CommError("derived communicators to rebuild, but mpimig.derived is not imported")
+        if moving is not None:
+            from .comm_polite import send_ready
+            send_ready(comm, data["derived"], moving)
         comm._family_ops.rebuild(comm, data["derived"])

@@ -31,7 +31,7 @@ _TAG = 1        # the duplicate carries nothing else
 
 def _dup(comm: Any) -> MPI.Intracomm:
     """The reduction duplicate of ``comm``'s current MPI communicator (made on first use)."""
-    c = comm._c
+    c = comm.mpi
     have = comm.__dict__.get("_reduce_dup")
     if have is not None and have[0] is c:
         return have[1]
@@ -49,7 +49,7 @@ def companions(comms: Any) -> list[MPI.Intracomm]:
     out = []
     for comm in comms:
         have = comm.__dict__.get("_reduce_dup")
-        if have is not None and have[0] is comm._c:
+        if have is not None and have[0] is comm.mpi:
             out.append(have[1])
     return out
 

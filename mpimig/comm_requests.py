@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 from typing import TYPE_CHECKING, Any
 
 from mpi4py import MPI
@@ -90,7 +91,10 @@ class Request:
             return
         if self._kind == "send":
             if self._mpi is not None:
-                self._mpi.Wait()
+                if _napping:            # a rank is moving: wait without spinning (mpimig.comm_polite)
+                    _nap_request(self._mpi)
+                else:
+                    self._mpi.Wait()
             self._done = True
             return
         self._comm._wait_recv(self)
@@ -206,15 +210,25 @@ def _restore_request(kind, source, tag, done, value, st, seq=-1):
 
 
 _spins = 0
+_napping = False     # a rank of the job is moving: polling loops sleep (mpimig.comm_polite)
 
 
 def _idle() -> None:
     """Back-off in polling loops: stay hot briefly, then yield the core
-    (2 cores, often oversubscribed: spinning would slow the ranks we wait for)."""
+    (2 cores, often oversubscribed: spinning would slow the ranks we wait for).
+    While a rank of the job is moving (:mod:`mpimig.comm_polite`) it sleeps instead."""
     global _spins
     _spins += 1
     if _spins > 64:
-        os.sched_yield()
+        if _napping:
+            time.sleep(0.0002)
+        else:
+            os.sched_yield()
+
+
+def _nap_request(req: MPI.Request) -> None:
+    from .comm_polite import wait
+    wait(req)
 
 
 # -- the progress engine for lazy receives (Comm's methods) ---------------------------

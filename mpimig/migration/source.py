@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 from mpi4py import MPI
 
-from .. import exits
+from .. import comm_polite, exits
 from ..errors import MigrationError
 from ..ft import recovery
 from ..state import State
@@ -113,7 +113,7 @@ def vote(ctx: Context, gap0: int, ckpt0: bool) -> Vote:
             holds, pid = 1, plan.id
     me0 = ctx.rank == 0
     v = np.array([holds, pid, ready, gap0 if me0 else 0, 1 if me0 and ckpt0 else 0], dtype=np.int64)
-    ctx.comm.mpi.Allreduce(MPI.IN_PLACE, v, op=MPI.SUM)
+    comm_polite.vote_allreduce(ctx.comm, v)   # after a switch: napping, and the polite window ends
     out = Vote(int(v[0]), int(v[1]), int(v[2]), max(1, int(v[3])), bool(v[4]))
     link.next_vote = ctx.point + out.gap
     return out
@@ -272,6 +272,7 @@ def repoint(ctx: Context, Jc: MPI.Intracomm, A: MPI.Intracomm | None, Jn: MPI.In
     if A is None or Jn is None:
         raise MigrationError(f"rank {ctx.rank}: the switch left this rank without communicators")
     ctx.comm.repoint(A)
+    comm_polite.begin(ctx.comm)     # until the next vote: blocking calls nap (the moved rank is not back yet)
     ctx.link.J = Jn
 
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from mpi4py import MPI
 
-from .. import exits
+from .. import comm_polite, exits
 from ..comm import Comm, new_comm
 from ..errors import MigrationError
 from ..ft import recovery
@@ -204,7 +204,7 @@ def take_over(plan: Plan, move: Move | None, Jc: MPI.Intracomm, A: MPI.Intracomm
     t2 = time.perf_counter()
     marks: dict[str, float] = {}
     mark(marks, "received")
-    adopt(comm, extra)
+    adopt(comm, extra, {m.rank for m in plan.moves})
     mark(marks, "adopted")
     return Arrival(plan, move, cfg, comm, Jc, Jn, arrays, objects, extra, lazy, t1 - t0, t2 - t1, t2, marks)
 
@@ -225,10 +225,13 @@ def receive_state(Jc: MPI.Intracomm, move: Move, cfg: Config, rx: Any = None) ->
 
 
 # -- step 7: repoint --------------------------------------------------------------------------------
-def adopt(comm: Comm, extra: dict[str, Any]) -> None:
+def adopt(comm: Comm, extra: dict[str, Any], moving: set[int] | None = None) -> None:
     """The messages that were in flight to the rank (held by its old process) are
-    matched first by the new one: nothing lost, duplicated or reordered."""
-    comm.import_held(extra["comm"])
+    matched first by the new one: nothing lost, duplicated or reordered. ``moving``: the
+    plan's moved ranks (the members of derived comms that stay wait for this process's word
+    before the rebuild, napping: mpimig.comm_polite)."""
+    comm.import_held(extra["comm"], moving)
+    comm_polite.begin(comm)     # as the ranks that stay, until the first vote (mpimig.comm_polite)
 
 
 # -- step 8: resume ---------------------------------------------------------------------------------
