@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mpimig.sim import validate
+from mpimig.lab.slow import job_env
 from mpimig.sim.engine import Simulation
 from mpimig.sim.scenario import ScenarioError, configs, load
 
@@ -156,12 +157,13 @@ def test_calibration_from_a_run_record():
 
 
 def test_the_real_runs_wait_in_mpi_without_spinning_and_a_set_value_wins():
-    """The lab runs' processes yield when idle (docs/simulator.md, "Validation", item 5): Open MPI
+    """The lab runs' processes (the validation's and `bench balance`'s: lab.slow.job_env) yield when idle
+    (docs/simulator.md, "Validation", item 5): Open MPI
     itself (its ompi_info, with the runs' environment) must read the two settings as set."""
     ompi_info = Path(sys.executable).parent / "ompi_info"
     if not ompi_info.exists():
         pytest.skip(f"no Open MPI next to this python ({ompi_info})")
-    env = validate.run_env({"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/")})
+    env = job_env({"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/")})
     out = subprocess.run([str(ompi_info), "--all", "--parsable"], env=env, capture_output=True, text=True,
                          timeout=120, check=True).stdout
     for param, value in (("mpi:base:param:mpi_yield_when_idle", "true"),
@@ -169,7 +171,7 @@ def test_the_real_runs_wait_in_mpi_without_spinning_and_a_set_value_wins():
         assert f"mca:{param}:value:{value}" in out, param
         assert f"mca:{param}:source:environment" in out, param
     # an environment that already says otherwise is kept (e.g. to measure with spinning processes)
-    assert validate.run_env({"OMPI_MCA_mpi_yield_when_idle": "0"})["OMPI_MCA_mpi_yield_when_idle"] == "0"
+    assert job_env({"OMPI_MCA_mpi_yield_when_idle": "0"})["OMPI_MCA_mpi_yield_when_idle"] == "0"
 
 
 @pytest.mark.lab

@@ -126,11 +126,8 @@ def run_job(app: str, policy: str, scenario: str, i: int, args: argparse.Namespa
            *(["--cost-json", str(Path(args.cost_json).resolve())] if args.cost_json else []),
            "--timeout", str(args.timeout), "--job-dir", str(job), str(apps.path(app)),
            *app_args(app, args), "--out", str(out)]
-    env = dict(os.environ)
-    env.setdefault("OMPI_MCA_btl", "^ofi")
-    env.setdefault("OMPI_MCA_coll", "^han")
-    if os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    from ..lab.slow import job_env
+    env = job_env(os.environ)
     rec: dict[str, Any] = {"scenario": scenario, "app": app, "policy": policy, "i": i, "hosts": hosts_spec,
                            "job_dir": str(job), "load": [], "ok": False}
     t0 = time.time()

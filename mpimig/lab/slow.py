@@ -19,9 +19,33 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from collections.abc import Mapping
+
 from . import _cgroup, _sys
 from ._sys import LabError
 from .hosts import Lab
+
+
+def job_env(base: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the lab's benchmark and validation jobs (``mpimig bench balance``,
+    ``mpimig simulate --validate``): ``base`` with Open MPI's settings for the lab (a value ``base``
+    already holds wins).
+
+    Processes waiting in MPI give the core up instead of spinning (``mpi_yield_when_idle`` with the
+    nanosleep strategy): the lab's hosts share the machine's 2 cores, so a spinning process on one
+    host takes CPU from the others' work, and a slowed host is a CPU quota, which a process burns
+    spinning and then waits out a quota period while the others wait on it in a collective (on a
+    host at 0.1 with a 20 ms period the switch's collectives took ~0.7 s spinning, ~0.06 s napping:
+    docs/protocol.md, "The switch's cost"). A real host that is slower, or busy, has neither. Every
+    policy, ``none`` included, runs with the same settings."""
+    env = dict(base)
+    env.setdefault("OMPI_MCA_btl", "^ofi")
+    env.setdefault("OMPI_MCA_coll", "^han")
+    env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+    env.setdefault("OMPI_MCA_threads_pthreads_yield_strategy", "nanosleep")
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return env
 
 
 def cores() -> int:

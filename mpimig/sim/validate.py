@@ -43,7 +43,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -179,22 +178,6 @@ def app_args(cfg, points: int) -> list[str]:
     return [str(a) for a in cfg.values["lab"]["app_args"]] + ["--steps", str(points)]
 
 
-def run_env(base: Mapping[str, str]) -> dict[str, str]:
-    """The environment of a real run: ``base`` with Open MPI's settings for the lab (a value ``base``
-    already holds wins)."""
-    env = dict(base)
-    env.setdefault("OMPI_MCA_btl", "^ofi")
-    env.setdefault("OMPI_MCA_coll", "^han")
-    # processes waiting in MPI (the switch's and the recovery's collectives, a rank held at a safe
-    # point) give the core up instead of spinning, so the processes with work get it: the lab's
-    # 11 processes share 2 cores with the machine's other jobs (docs/simulator.md, "Validation", item 5)
-    env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
-    env.setdefault("OMPI_MCA_threads_pthreads_yield_strategy", "nanosleep")
-    if os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    return env
-
-
 def real_run(name: str, cfg, pl: dict, root: Path, points: int, moves: list, kills: list, policy: str,
              say=print) -> dict:
     """One real run on the lab through ``mpimig inject``; what it measured (see the module docstring)."""
@@ -212,7 +195,8 @@ def real_run(name: str, cfg, pl: dict, root: Path, points: int, moves: list, kil
            "--metrics-seconds", str(lab["metrics_seconds"]), "--balance-seconds", str(lab["balance_seconds"]),
            *sum((["--migrate", f"{p}:{r}:{h}:stop-and-copy"] for p, r, h in moves), []),
            "--job-dir", str(job), str(apps.path(lab["app"])), *app_args(cfg, points), "--out", "{job}/out.npy"]
-    env = run_env(os.environ)
+    from ..lab.slow import job_env
+    env = job_env(os.environ)
     say(f"validate: {name} run: {points} points, moves {moves}, kills (point, rank) {kills}, "
         f"policy {policy} (load avg {os.getloadavg()[0]:.1f})")
     t0 = time.time()
