@@ -54,6 +54,9 @@ def _tag_ub(comm) -> int:
 class Comm:
     """mpi4py-compatible communicator over logical ranks."""
 
+    #: a ``--ft`` job's (ULFM): :class:`FTComm` (read where importing this module would be a cycle)
+    ULFM = False
+
     #: The derived communicators' seams (export, rebuild, repoint_family, lookup): the module
     #: mpimig.derived, which sets this when it is imported (it imports this module, not back).
     _family_ops: Any = None
@@ -595,6 +598,8 @@ class FTComm(Comm):
     MPI_ERR_PROC_FAILED. The object reductions (``reduce``, ``allreduce``, ``scan``,
     ``exscan``) run over a duplicate that a recovery revokes (:mod:`mpimig.comm_reduce`).
     """
+
+    ULFM = True
 
     def Sendrecv(self, sendbuf, dest: int, sendtag: int = 0, recvbuf=None,
                  source: int = ANY_SOURCE, recvtag: int = ANY_TAG,

@@ -31,43 +31,15 @@ point-to-point calls nap there too: a request with a dead peer completes in erro
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 from mpi4py import MPI
 
 from . import comm_requests
 
-#: How long a wait polls hot before it naps (s), and the naps' first and longest step.
-HOT = 0.0002
-NAP0 = 0.0001
-NAP_MAX = 0.0005
-
-_perf = time.perf_counter
-_sleep = time.sleep
-
-
-def nap(test: Callable[[], Any]) -> Any:
-    """Poll ``test()`` until it returns something true; returns it. Hot for :data:`HOT`
-    seconds, then sleeps between polls, from :data:`NAP0` up to :data:`NAP_MAX`."""
-    got = test()
-    if got:
-        return got
-    t0 = _perf()
-    while True:
-        got = test()
-        if got:
-            return got
-        if _perf() - t0 > HOT:
-            break
-    step = NAP0
-    while True:
-        _sleep(step)
-        got = test()
-        if got:
-            return got
-        if step < NAP_MAX:
-            step = min(NAP_MAX, step * 1.5)
+# the napping poll itself lives with the facade's other polling loops (comm_requests imports
+# nothing of this module: no import cycle)
+from .comm_requests import HOT, NAP0, NAP_MAX, nap  # noqa: E402,F401
 
 
 def wait(req: MPI.Request, status: MPI.Status | None = None) -> None:
@@ -191,8 +163,7 @@ def active(comm: Any) -> bool:
 def begin(comm: Any) -> None:
     """A rank of ``comm``'s job is moving (or this process is its new one): the job
     communicator and its derived ones wait politely until :func:`end`."""
-    from .comm import FTComm
-    ft = isinstance(comm, FTComm)
+    ft = bool(getattr(comm, "ULFM", False))
     for c in (comm, *comm._derived.values()):
         if not isinstance(c._c, Polite):
             c._c = Polite(c._c, ft)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from mpi4py import MPI
 
@@ -227,8 +227,36 @@ def _idle() -> None:
 
 
 def _nap_request(req: MPI.Request) -> None:
-    from .comm_polite import wait
-    wait(req)
+    nap(lambda: req.Test())
+
+
+#: How long a wait polls hot before it naps (s), and the naps' first and longest step.
+HOT = 0.0002
+NAP0 = 0.0001
+NAP_MAX = 0.0005
+
+
+def nap(test: Callable[[], Any]) -> Any:
+    """Poll ``test()`` until it returns something true; returns it. Hot for :data:`HOT`
+    seconds, then sleeps between polls, from :data:`NAP0` up to :data:`NAP_MAX`."""
+    got = test()
+    if got:
+        return got
+    t0 = time.perf_counter()
+    while True:
+        got = test()
+        if got:
+            return got
+        if time.perf_counter() - t0 > HOT:
+            break
+    step = NAP0
+    while True:
+        time.sleep(step)
+        got = test()
+        if got:
+            return got
+        if step < NAP_MAX:
+            step = min(NAP_MAX, step * 1.5)
 
 
 # -- the progress engine for lazy receives (Comm's methods) ---------------------------
