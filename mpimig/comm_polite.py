@@ -31,6 +31,7 @@ point-to-point calls nap there too: a request with a dead peer completes in erro
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 from mpi4py import MPI
@@ -155,11 +156,6 @@ del _n
 
 
 # -- the window --------------------------------------------------------------------------
-def active(comm: Any) -> bool:
-    """Whether ``comm`` (a job communicator) waits politely now."""
-    return isinstance(comm._c, Polite)
-
-
 def begin(comm: Any) -> None:
     """A rank of ``comm``'s job is moving (or this process is its new one): the job
     communicator and its derived ones wait politely until :func:`end`."""
@@ -187,11 +183,9 @@ def vote_allreduce(comm: Any, v: Any) -> None:
     window an ``Iallreduce`` (every rank of A is in it at that vote), after which the
     window ends."""
     c = comm._c
+    c.Allreduce(MPI.IN_PLACE, v, op=MPI.SUM)
     if isinstance(c, Polite):
-        c.Allreduce(MPI.IN_PLACE, v, op=MPI.SUM)
         end(comm)
-    else:
-        c.Allreduce(MPI.IN_PLACE, v, op=MPI.SUM)
 
 
 # -- the rebuild of derived communicators with a moved rank -------------------------------
@@ -223,12 +217,8 @@ def await_ready(comm: Any, moved: set[int]) -> None:
         return
     c, tag = comm._c, _ready_tag(comm)
     for r in peers:
-        _nap_probe(c, r, tag)
+        nap(functools.partial(c.Iprobe, r, tag))
         c.Recv([bytearray(0), 0, MPI.BYTE], r, tag)
-
-
-def _nap_probe(c: MPI.Intracomm, source: int, tag: int) -> None:
-    nap(lambda: c.Iprobe(source, tag))
 
 
 def send_ready(comm: Any, data: dict, moving: set[int]) -> None:

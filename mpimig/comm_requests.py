@@ -92,7 +92,7 @@ class Request:
         if self._kind == "send":
             if self._mpi is not None:
                 if _napping:            # a rank is moving: wait without spinning (mpimig.comm_polite)
-                    _nap_request(self._mpi)
+                    nap(self._mpi.Test)
                 else:
                     self._mpi.Wait()
             self._done = True
@@ -224,10 +224,6 @@ def _idle() -> None:
             time.sleep(0.0002)
         else:
             os.sched_yield()
-
-
-def _nap_request(req: MPI.Request) -> None:
-    nap(lambda: req.Test())
 
 
 #: How long a wait polls hot before it naps (s), and the naps' first and longest step.
