@@ -7,8 +7,10 @@
 * whole (MPIMIG_FILESERVER=whole): the target reads the committed epoch like a restart;
 * a file damaged (a byte flipped) or truncated while it is written is refused, on both
   paths, with an error naming the file (and, pipelined, the dataset); the state is not used;
-* the source's SHA-256 of the file, computed in file order beside the writes, is the file's
-  (or recomputed from the file when a hashed region changed at the close).
+* the manifest's digest of the file is of its bytes outside the big arrays' data
+  (``sha256-meta``, kilobytes to hash), the arrays' bytes being covered by their signed CRC-32s:
+  a byte changed outside them is refused by the digest before libhdf5 opens the file, one inside
+  them by the CRC, also when the reader was told not to verify.
 
 The whole move with file-server (heat2d, bit-identical) is tests/test_strategies.py.
 """
@@ -51,8 +53,9 @@ def test_fileserver_state_bit_identical(tmp_path, mode):
     # the source wrote a complete file: every byte of state, in the checkpoint format
     assert src["file_bytes"] > (40 << 20) + 600_000 and src["fs_mode"] == mode, src
     assert src["write_s"] >= src["data_s"] > 0 and src["commit_s"] > 0, src
-    # the file's SHA-256 was computed beside the writes (a whole-mode read checks it against the file)
-    assert src["sha_how"] == "streamed" and src["sha_s"] > 0 and src["fsync_s"] >= 0, src
+    # the file's digest leaves out the big arrays' data (test_the_manifest_digest_..., below): hashing
+    # the rest is a small part of the write
+    assert src["sha_s"] < src["data_s"] and src["fsync_s"] >= 0, src
     if mode == "pipelined":      # the target's phases
         assert st["pread_s"] > 0 and st["read_crc_s"] > 0 and st["wait_s"] >= 0, st
         assert not set(st) & {"crc_s", "data_s", "close_s"}, st   # merged into the move's stats: no clash
@@ -66,6 +69,32 @@ def test_fileserver_target_after_the_commit_still_pipelined(tmp_path):
     assert res["same_arrays"] == {k: True for k in ("u", "f", "small", "scalar", "words")}, res
     assert res["stats"]["fs_read"] == "pipelined" and "fs_why" not in res["stats"], res["stats"]
     assert res["dir_left"] is False, res
+
+
+def test_the_manifest_digest_covers_the_file_but_the_arrays_data(tmp_path):
+    """The committed manifest's digest, recomputed here by hand: SHA-256 of the file's bytes
+    outside the listed extents, then its size (8 bytes, little-endian); the extents are the
+    big arrays' data (u's bytes sit there in the file; f: 600 KB) and nothing else."""
+    import hashlib
+
+    import numpy as np
+    res, d = run_pair(tmp_path, "none", "pipelined", "--late", "--mib", "8")
+    assert "error" not in res, res
+    epoch = tmp_path / "out.json.dir" / "epoch-000001"
+    man = json.loads((epoch / "MANIFEST.json").read_text())
+    data = (epoch / "rank-00000.h5").read_bytes()
+    assert man["file_digest"] == "sha256-meta", man
+    entry = man["ranks"][0]
+    assert "sha256" not in entry and entry["bytes"] == len(data), entry
+    ext = entry["data_extents"]
+    assert [n for _, n in ext] == [8 << 20, 600_000] and ext[0][0] + ext[0][1] <= ext[1][0], ext
+    u = (np.arange((8 << 20) // 8, dtype=np.uint64) * 0x9E3779B97F4A7C15).view(np.float64)
+    assert data[ext[0][0]:ext[0][0] + (8 << 20)] == u.tobytes()
+    (a, m), (b, n) = ext
+    outside = data[:a] + data[a + m:b] + data[b + n:]
+    assert len(outside) < 64 << 10                              # HDF5's metadata and the small data
+    h = hashlib.sha256(outside + len(data).to_bytes(8, "little"))
+    assert entry["sha256-meta"] == h.hexdigest()
 
 
 @pytest.mark.parametrize("mode", ["pipelined", "whole"])
@@ -82,64 +111,18 @@ def test_fileserver_damaged_file_refused(tmp_path, damage, mode):
         # length back (the cut bytes read as zeros), as a checksum mismatch: refused either way
         assert "checksum mismatch" in err or (damage == "truncate" and "truncated" in err), err
     else:
-        assert str(d) in err and "refused" in err, err
-        # the manifest's SHA-256 is of the bytes the source wrote (hashed beside the writes), so the
-        # damaged file is refused by its digest, before libhdf5 opens it
-        assert "rank 0" in err and "rank-00000.h5 is damaged: its sha256" in err, err
+        assert str(d) in err and "refused" in err and "rank 0" in err, err
+        if damage == "truncate":
+            # the cut falls inside u's data and the blocks after it extend the file again: the source
+            # digests the file it closed (u's data is left to its CRC-32), so what refuses it is
+            # libhdf5's own length check when the cut took metadata written before it ("truncated
+            # file: eof = ..."), the source when the file ends inside its data, or u's CRC-32 when
+            # the cut bytes read as zeros
+            assert ("truncated file" in err or "could not write the state" in err and "it was cut" in err
+                    or "dataset /arrays/u: checksum mismatch" in err), err
+        else:                        # a byte of the array's data: its CRC-32, checked on every read
+            assert "dataset /arrays/u: checksum mismatch" in err, err
     assert d.exists()                              # left for a look: nothing removed it
-
-
-# -- the source's SHA-256 in file order beside the writes (no MPI: real files, the thread itself) -----
-def _stream(tmp_path: Path, change=None) -> tuple[str, str, str]:
-    """A file laid out as the source lays it: a header region (a version-0 HDF5 superblock with
-    the 'open for writing' flag set), two big regions written block by block and hashed from
-    memory, a gap between them, a tail written last; the flag cleared at the "close". ``change``
-    (fd) runs after the blocks, before the close. Returns (streamed digest, how, the file's)."""
-    import hashlib
-    import os
-
-    import numpy as np
-
-    from mpimig.migration import fileserver as fs
-    path = tmp_path / "f.bin"
-    rng = np.random.default_rng(7)
-    header = bytearray(fs._HDF5_SIGNATURE + bytes(12) + b"\x01\x00\x00\x00" + bytes(1000))
-    header[8] = 0                                       # superblock version 0
-    big = [(4096, rng.integers(0, 256, 3 << 20, dtype=np.uint8)),
-           ((4 << 20) + 512, rng.integers(0, 256, (1 << 20) + 3, dtype=np.uint8))]
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.pwrite(fd, bytes(header), 0)
-        os.pwrite(fd, b"between" * 100, (3 << 20) + 4096 + 10)     # a small dataset between
-        sha = fs._StreamSha(fd)
-        sha.start()
-        for off, a in big:
-            mv = memoryview(a.data)
-            for lo in range(0, len(mv), 1 << 20):
-                os.pwrite(fd, mv[lo:lo + (1 << 20)], off + lo)
-                sha.block(off + lo, mv[lo:lo + (1 << 20)])
-        sha.end()
-        if change is not None:
-            sha.join()                                      # every region hashed: now change one
-            change(fd)
-        os.pwrite(fd, b"\x00\x00\x00\x00", 20)              # the close clears the flag
-        os.pwrite(fd, b"tail" * 50, (5 << 20) + 1000)
-        digest, how = sha.finish(path)
-    finally:
-        os.close(fd)
-    return digest, how, hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def test_streamed_sha_is_the_files_digest(tmp_path):
-    digest, how, real = _stream(tmp_path)
-    assert how == "streamed" and digest == real
-
-
-def test_streamed_sha_recomputed_when_a_hashed_region_changed(tmp_path):
-    import os
-    digest, how, real = _stream(tmp_path, change=lambda fd: os.pwrite(fd, b"X", (3 << 20) + 4096 + 50))
-    assert how.startswith("rehash: bytes ") and "changed after they were hashed" in how, how
-    assert digest == real
 
 
 def test_crc_is_zlibs_crc32():
@@ -151,3 +134,73 @@ def test_crc_is_zlibs_crc32():
     a = np.random.default_rng(3).integers(0, 256, (5 << 20) + 7, dtype=np.uint8)
     assert fs._crc(a) == zlib.crc32(a.tobytes())
     assert fs._crc32(memoryview(a.data)[5:], 99) == zlib.crc32(a.tobytes()[5:], 99)
+
+
+def _committed(tmp_path: Path) -> tuple[Path, Path, list]:
+    """A committed file-server epoch kept aside (the pair's --late copy): (directory, rank file, extents)."""
+    res, _ = run_pair(tmp_path, "none", "pipelined", "--late", "--mib", "8")
+    assert "error" not in res, res
+    d = tmp_path / "out.json.dir"
+    entry = json.loads((d / "epoch-000001" / "MANIFEST.json").read_text())["ranks"][0]
+    return d, d / "epoch-000001" / "rank-00000.h5", entry["data_extents"]
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_a_file_server_epoch_reads_like_a_checkpoint_and_a_metadata_byte_is_refused_before_hdf5(tmp_path):
+    """Read as a restart reads (CheckpointStore.read_rank, what the target's whole path does):
+    bit-identical; with one byte of HDF5's part of the file changed (the superblock's end-of-file
+    address), refused by the digest, naming the file, before libhdf5 sees it."""
+    import numpy as np
+
+    from mpimig.checkpoint import CheckpointStore
+    from mpimig.errors import CorruptCheckpoint
+    d, path, ext = _committed(tmp_path)
+    rs = CheckpointStore(d, create=False).read_rank(1, 0)
+    u = (np.arange((8 << 20) // 8, dtype=np.uint64) * 0x9E3779B97F4A7C15).view(np.float64)
+    assert rs.arrays["u"].tobytes() == u.tobytes() and rs.objects["it"] == 7
+    assert ext[0][0] > 40
+    _flip(path, 40)                                   # inside the superblock: not data
+    with pytest.raises(CorruptCheckpoint, match=r"rank-00000\.h5 is damaged: its sha256-meta .* refused before"):
+        CheckpointStore(d, create=False).read_rank(1, 0)
+
+
+def test_a_data_byte_of_a_file_server_epoch_is_refused_by_its_crc_even_unverified(tmp_path):
+    """The digest leaves the arrays' data to their CRC-32s, so a reader that was told not to
+    verify checks them anyway for such a file: a flipped data byte is refused, naming the dataset."""
+    from mpimig.checkpoint import CheckpointStore
+    from mpimig.errors import CorruptCheckpoint
+    d, path, ext = _committed(tmp_path)
+    _flip(path, ext[0][0] + 12345)                    # inside u's data
+    with pytest.raises(CorruptCheckpoint, match=r"dataset /arrays/u: checksum mismatch"):
+        CheckpointStore(d, create=False).read_rank(1, 0, verify=False)
+
+
+@pytest.mark.parametrize("extents, words", [
+    ("overlapping", r"data_extents are not sorted, non-overlapping"),
+    ("strings", r"data_extents are not sorted, non-overlapping"),
+    ("fewer", r"is damaged: its sha256-meta"),       # a signed manifest leaving out less: digest differs
+])
+def test_a_file_server_manifest_with_other_extents_is_refused(tmp_path, extents, words):
+    """Extents are signed with the manifest; re-signed ones that are malformed, or that claim
+    other data than the digest was computed with, are refused before HDF5 opens the file."""
+    from mpimig.checkpoint import CheckpointStore, auth
+    from mpimig.checkpoint.format import manifest_bytes
+    from mpimig.errors import CorruptCheckpoint
+    d, path, ext = _committed(tmp_path)
+    store = CheckpointStore(d, create=False)
+    mpath = d / "epoch-000001" / "MANIFEST.json"
+    man = json.loads(mpath.read_text())
+    man["ranks"][0]["data_extents"] = {"overlapping": [ext[0], [ext[0][0] + 1, 10]],
+                                       "strings": [[str(ext[0][0]), ext[0][1]]],
+                                       "fewer": ext[:1]}[extents]
+    man["auth"]["tag"] = auth.tag_hex(store.key, manifest_bytes(man))
+    mpath.write_text(json.dumps(man))
+    with pytest.raises(CorruptCheckpoint, match=words):
+        store.read_rank(1, 0)

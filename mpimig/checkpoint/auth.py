@@ -41,7 +41,7 @@ import hmac
 import os
 import secrets
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -50,7 +50,8 @@ from ..errors import SecretError, SignatureError, UsageError
 __all__ = ["SECRET_FILE_ENV", "SECRET_ENV", "UMASK_ENV", "SECRET_NAME", "ALGORITHM", "TAG_BYTES", "Key",
            "job_key", "key_for_directory", "read_secret_file", "create_secret_file", "tag", "tag_hex",
            "check_tag", "sign_blob", "open_blob", "key_id", "file_mode", "dir_mode", "make_dir", "open_private",
-           "FILE_DIGEST", "file_digest", "is_file_digest"]
+           "FILE_DIGEST", "META_DIGEST", "DIGESTS", "EXTENTS", "file_digest", "is_file_digest",
+           "entry_digest", "check_extents"]
 
 SECRET_FILE_ENV = "MPIMIG_SECRET_FILE"
 SECRET_ENV = "MPIMIG_SECRET"
@@ -64,6 +65,16 @@ BLOB_MAGIC = b"MSIG"
 #: The whole-file digest of every data file, kept in the (signed) manifest and checked before
 #: the file is opened (docs/checkpoint-format.md, section 5; docs/security.md).
 FILE_DIGEST = "sha256"
+#: The other kind (docs/checkpoint-format.md, 8.2): the SHA-256 of a data file's bytes outside the raw
+#: data of its big contiguous datasets (listed, with their offsets, under :data:`EXTENTS` in the
+#: manifest entry), then of the file's size; those datasets' bytes are covered by their signed
+#: CRC-32s instead, which a reader then always checks. libhdf5 interprets only the bytes the digest
+#: covers (its metadata; a dataset's raw data is copied, never parsed), so a file that matches
+#: is as safe to open as one whose whole-file digest matched, and the writer hashes kilobytes, not
+#: the state (the file-server migration writes these).
+META_DIGEST = "sha256-meta"
+DIGESTS = (FILE_DIGEST, META_DIGEST)
+EXTENTS = "data_extents"
 MIN_SECRET = 16
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -303,8 +314,12 @@ def key_id(key: Key) -> str:
 
 
 # ---------------------------------------------------------------- file digests
-def file_digest(path: str | os.PathLike[str]) -> str:
-    """SHA-256 (hex) of a whole file, read in blocks (hashing releases the GIL).
+def file_digest(path: str | os.PathLike[str], skip: Sequence[Sequence[int]] | None = None) -> str:
+    """SHA-256 (hex) of a whole file, read in blocks (hashing releases the GIL); with ``skip``
+    (``[offset, nbytes]`` extents, sorted, not overlapping: :func:`check_extents`), the
+    :data:`META_DIGEST` kind: the bytes outside those extents in file order, then the file's
+    size as 8 bytes little-endian (a truncated file never matches); ValueError if the file ends
+    before the last extent does.
 
     A data file's digest goes into the epoch's manifest, whose HMAC tag signs it,
     and is checked before HDF5 opens the file: a damaged file is refused with a
@@ -315,11 +330,55 @@ def file_digest(path: str | os.PathLike[str]) -> str:
     view = memoryview(buf)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     with os.fdopen(fd, "rb", buffering=0) as fh:
-        while True:
-            n = fh.readinto(buf)
-            if not n:
-                return h.hexdigest()
-            h.update(view[:n])
+        if skip is None:
+            while True:
+                n = fh.readinto(buf)
+                if not n:
+                    return h.hexdigest()
+                h.update(view[:n])
+        size = os.fstat(fd).st_size
+        if skip and int(skip[-1][0]) + int(skip[-1][1]) > size:
+            raise ValueError(f"{path} ends at byte {size}, inside the data it should hold (bytes "
+                             f"{int(skip[-1][0])}..{int(skip[-1][0]) + int(skip[-1][1])}): it was cut")
+        pos = 0
+        for off, nbytes in [*skip, (size, 0)]:
+            end = min(int(off), size)
+            while pos < end:
+                n = os.preadv(fd, [view[:min(len(buf), end - pos)]], pos)
+                if not n:
+                    break
+                h.update(view[:n])
+                pos += n
+            pos = max(pos, int(off) + int(nbytes))
+        h.update(size.to_bytes(8, "little"))
+        return h.hexdigest()
+
+
+def check_extents(value: object) -> list[tuple[int, int]] | None:
+    """``value`` as a list of ``(offset, nbytes)`` if it is a well-formed :data:`EXTENTS` list
+    (pairs of non-negative integers, sorted by offset, not overlapping), else None."""
+    if not isinstance(value, list):
+        return None
+    out: list[tuple[int, int]] = []
+    end = 0
+    for x in value:
+        if not (isinstance(x, (list, tuple)) and len(x) == 2
+                and all(type(v) is int and v >= 0 for v in x) and x[0] >= end):
+            return None
+        out.append((x[0], x[1]))
+        end = x[0] + x[1]
+    return out
+
+
+def entry_digest(entry: Mapping[str, object]) -> tuple[str, str, list[tuple[int, int]] | None] | None:
+    """The digest a manifest entry holds: (kind, hex digest, extents or None for the whole file);
+    None if it holds none (an epoch written before digests). Malformed values are returned as they
+    are for the caller to refuse (:func:`is_file_digest`, :func:`check_extents`)."""
+    for kind in DIGESTS:
+        if entry.get(kind) is not None:
+            ext = check_extents(entry.get(EXTENTS)) if kind == META_DIGEST else None
+            return kind, str(entry[kind]), ext
+    return None
 
 
 def is_file_digest(value: object) -> bool:

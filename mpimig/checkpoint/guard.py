@@ -5,7 +5,8 @@ and some make it spin for ever (tests/test_file_digest.py finds one of each kind
 damaged file could kill or hang a restart or ``mpimig inspect`` instead of being named.
 Two guards:
 
-* :func:`check_file_digest` -- every data file's SHA-256 is in the epoch's manifest
+* :func:`check_file_digest` -- every data file's SHA-256 (of the whole file, or of all but
+  its datasets' raw data, which their CRC-32s cover) is in the epoch's manifest
   (signed by its HMAC tag, :mod:`.auth`); it is checked before HDF5 opens the file, and
   a file that does not match is refused naming it (the restart then falls back to an
   older epoch like for any damage);
@@ -24,25 +25,39 @@ from typing import Any
 from ..errors import CorruptCheckpoint
 from . import auth
 
-__all__ = ["check_file_digest", "isolated"]
+__all__ = ["check_file_digest", "data_unchecked", "isolated"]
 
 
 def check_file_digest(path: Path, entry: dict[str, Any], where: str) -> bool:
-    """Check a data file against the whole-file digest its manifest entry holds, BEFORE anything
-    opens it with HDF5 (libhdf5 can crash on a damaged file). False if the entry has no digest
-    (an epoch written before mpimig kept them: the file is read unchecked, as then); raises
-    CorruptCheckpoint naming the file if it is missing or its bytes do not match."""
-    want = entry.get(auth.FILE_DIGEST)
-    if want is None:
+    """Check a data file against the digest its manifest entry holds (the whole file's, or
+    :data:`.auth.META_DIGEST`: the bytes outside its datasets' raw data, whose CRC-32s the reader
+    must then check: :func:`data_unchecked`), BEFORE anything opens it with HDF5 (libhdf5 can crash
+    on a damaged file). False if the entry has no digest (an epoch written before mpimig kept
+    them: the file is read unchecked, as then); raises CorruptCheckpoint naming the file if it is
+    missing or its bytes do not match."""
+    got_entry = auth.entry_digest(entry)
+    if got_entry is None:
         return False
+    kind, want, extents = got_entry
+    if kind == auth.META_DIGEST and extents is None:
+        raise CorruptCheckpoint(f"{where}: the manifest's {auth.EXTENTS} for {path} is malformed "
+                                "(needs sorted, non-overlapping [offset, nbytes] pairs of integers)")
     try:
-        got = auth.file_digest(path)
+        got = auth.file_digest(path, extents)
     except OSError as exc:
         raise CorruptCheckpoint(f"{where}: cannot read {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:                  # cut inside its data
+        raise CorruptCheckpoint(f"{where}: {exc}; refused before opening it") from exc
     if got != want:
-        raise CorruptCheckpoint(f"{where}: {path} is damaged: its {auth.FILE_DIGEST} is {got[:16]}..., the "
+        raise CorruptCheckpoint(f"{where}: {path} is damaged: its {kind} is {got[:16]}..., the "
                                 f"signed manifest says {str(want)[:16]}...; refused before opening it")
     return True
+
+
+def data_unchecked(entry: dict[str, Any]) -> bool:
+    """Whether the entry's digest leaves datasets' raw data to their CRC-32s (:data:`.auth.META_DIGEST`):
+    a reader of such a file checks every CRC it reads, whatever it was asked."""
+    return isinstance(entry, dict) and entry.get(auth.META_DIGEST) is not None
 
 
 def isolated(fn: Callable[[], dict[str, Any]], seconds: float) -> dict[str, Any] | str:

@@ -131,7 +131,7 @@ Out = Callable[[str], Any]
 
 def _print_file(info: dict[str, Any], indent: str, out: Out) -> None:
     a = info.get("attrs", {})
-    digest = f", {auth.FILE_DIGEST} {info['digest']}" if "digest" in info else ""
+    digest = f", {info.get('digest_kind', auth.FILE_DIGEST)} {info['digest']}" if "digest" in info else ""
     out(f"{indent}rank {info.get('rank')}: {human(info.get('bytes'))}, host {a.get('host', '?')}, "
         f"step {a.get('step', '?')}, written {a.get('time_iso', '?')}{digest}  {info['file']}")
     for d in info.get("datasets", []):

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import (CheckpointError, CorruptCheckpoint, SignatureError, StateError)
 from . import auth
-from .guard import check_file_digest, isolated
+from .guard import check_file_digest, data_unchecked, isolated
 from .format import (FORMAT_VERSION, GROUPS, IO_BLOCK, MANIFEST, NATIVE, QUEUE, bytes_view,
                      crc32_of, dataset_link_name, decode_object, decode_queue, epoch_dir_name,
                      h5file, manifest_bytes, rank_file_name, resolve_epoch,
@@ -88,15 +88,19 @@ def _check_entries(ranks: list[Any], where: str, file_digest: Any = None) -> Non
     """CorruptCheckpoint unless every rank entry has the types the readers use: an object whose
     ``datasets`` maps names to objects with an integer ``crc32`` (a manifest with a list or a
     string there made the readers fail with TypeError/AttributeError; found by tests/fuzz), and,
-    when the manifest says it has whole-file digests (``file_digest``), a well-formed one per file."""
-    if file_digest is not None and file_digest != auth.FILE_DIGEST:
+    when the manifest says it has file digests (``file_digest``: their kind), a well-formed one
+    per file (and, for :data:`.auth.META_DIGEST`, well-formed extents)."""
+    if file_digest is not None and file_digest not in auth.DIGESTS:
         raise CorruptCheckpoint(f"{where}: unknown file digest {file_digest!r:.40} (this mpimig knows "
-                                f"{auth.FILE_DIGEST})")
+                                f"{', '.join(auth.DIGESTS)})")
     for r, entry in enumerate(ranks):
         if file_digest is not None and not (isinstance(entry, dict)
-                                            and auth.is_file_digest(entry.get(auth.FILE_DIGEST))):
-            raise CorruptCheckpoint(f"{where} is malformed: rank {r}'s entry has no {auth.FILE_DIGEST} "
+                                            and auth.is_file_digest(entry.get(file_digest))):
+            raise CorruptCheckpoint(f"{where} is malformed: rank {r}'s entry has no {file_digest} "
                                     "digest of its file")
+        if file_digest == auth.META_DIGEST and auth.check_extents(entry.get(auth.EXTENTS)) is None:
+            raise CorruptCheckpoint(f"{where} is malformed: rank {r}'s {auth.EXTENTS} are not sorted, "
+                                    "non-overlapping [offset, nbytes] pairs of integers")
         ds = entry.get("datasets") if isinstance(entry, dict) else None
         if not isinstance(ds, dict):
             raise CorruptCheckpoint(f"{where} is malformed: rank {r}'s entry has no 'datasets' object")
@@ -143,6 +147,7 @@ def read_rank(directory: Path, epoch: int | None, rank: int, verify: bool = True
         raise CorruptCheckpoint(f"{where}: the manifest has no dataset list for rank {rank}")
     try:
         check_file_digest(path, entry, where)     # always: a damaged file never reaches libhdf5
+        verify = verify or data_unchecked(entry)   # the digest left the raw data to the CRCs
         state = read_file(path, where, expected, key, verify, skip)
         if state.attrs.get("write_id") != entry.get("write_id"):
             raise CorruptCheckpoint(f"{where}: {path} has write id {state.attrs.get('write_id')}, the manifest "
@@ -534,12 +539,15 @@ def describe_file(path: str | Path, verify: bool = True, entry: dict[str, Any] |
     if entry is not None and entry.get("bytes") is not None and entry["bytes"] != info["bytes"]:
         problems.append(f"{where}: {path} has {info['bytes']} bytes, manifest says {entry['bytes']}")
     damage, isolate = None, False
+    kind = auth.entry_digest(entry) if isinstance(entry, dict) else None
+    if kind is not None:
+        info["digest_kind"] = kind[0]
     if entry is not None and verify:
         try:
             info["digest"] = "ok" if check_file_digest(path, entry, where) else "none (an older epoch)"
         except CorruptCheckpoint as exc:
             info["digest"], damage, isolate = "BAD", str(exc), True
-    elif entry is not None and entry.get(auth.FILE_DIGEST) is not None:
+    elif kind is not None:
         info["digest"], isolate = "not checked", True
     if not isolate:
         info.update(_describe_open(path, verify, entry, epoch, rank, key, where, problems))

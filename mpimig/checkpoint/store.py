@@ -240,6 +240,9 @@ class CheckpointStore:
             raise CheckpointError(f"{where}: rank file(s) missing or incomplete for rank(s) "
                                   f"{_ranges(missing)} in {tmp}")
         ranks = [self._manifest_entry(tmp, epoch, r, size, where) for r in range(size)]
+        kinds = {k for e in ranks for k in auth.DIGESTS if k in e}
+        if len(kinds) != 1:
+            raise CheckpointError(f"{where}: the rank files' digests are of different kinds ({sorted(kinds)})")
         for p in tmp.iterdir():  # sidecars, leftovers of failed attempts, ranks >= size
             m = RANK_RE.match(p.name)
             if not (m and int(m.group(1)) < size):
@@ -258,7 +261,7 @@ class CheckpointStore:
             "time_iso": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
             "committed_by": {"host": socket.gethostname(), "pid": os.getpid()},
             "checksum_algorithm": CHECKSUM_ALGORITHM,
-            "file_digest": auth.FILE_DIGEST,
+            "file_digest": kinds.pop(),
             "meta": meta_json,
             "ranks": ranks,
         }
@@ -302,10 +305,12 @@ class CheckpointStore:
             bad = {k: got[k] for k in want if got[k] != want[k]}
             raise CheckpointError(f"{where}: rank {rank}: {path} was written with {bad}, "
                                   f"expected { {k: want[k] for k in bad} }")
-        if not auth.is_file_digest(entry.get(auth.FILE_DIGEST)):
-            raise CheckpointError(f"{where}: rank {rank}: {side} has no {auth.FILE_DIGEST} digest of {path}")
-        return {k: entry[k] for k in ("rank", "file", "bytes", auth.FILE_DIGEST, "host", "step", "time",
-                                      "write_id", "datasets")}
+        kind = next((k for k in auth.DIGESTS if k in entry), auth.FILE_DIGEST)
+        if not auth.is_file_digest(entry.get(kind)) or (
+                kind == auth.META_DIGEST and auth.check_extents(entry.get(auth.EXTENTS)) is None):
+            raise CheckpointError(f"{where}: rank {rank}: {side} has no {kind} digest of {path}")
+        keys = ("rank", "file", "bytes", kind, "host", "step", "time", "write_id", "datasets")
+        return {k: entry[k] for k in keys + ((auth.EXTENTS,) if kind == auth.META_DIGEST else ())}
 
     def quarantine(self, epoch: int, problems: list[str]) -> Path:
         """Move a damaged committed epoch aside, to ``epoch-N.damaged-<time>``:

@@ -2,7 +2,8 @@
 through mpimig.migration.fileserver.send (as the old process of a move does), rank 1 reads
 it with fileserver.receive. --damage flips a byte of the big array's file data after its
 first block is written (``flip``) or cuts the file inside the big array's last block
-(``truncate``), before the target is told about the block. Rank 1 prints one JSON line
+(``truncate``), before the target is told about the block. With --late rank 0 copies the
+committed directory to OUT.dir. Rank 1 prints one JSON line
 (--out): what it read against the state rank 0 had, its figures, or the error it raised.
 tests/test_fileserver.py judges it."""
 import argparse
@@ -59,7 +60,9 @@ if comm.rank == 0:
     tx = Transfer(comm, 1, SOURCE, "file-server")
     fileserver.send(tx, Path(a.dir), "job", 5, arrays, objects,
                     {"t_suspend": time.time(), "point": 5}, {"point": 5, "rank": 1}, after_block=damage)
-    if a.late:
+    if a.late:      # committed, not yet read: keep a copy of the file and its manifest for the test
+        import shutil
+        shutil.copytree(a.dir, a.out + ".dir")
         comm.Barrier()
 else:
     tx = Transfer(comm, 0, TARGET, "file-server")
