@@ -37,8 +37,8 @@ Figures in ``strategy_stats``: source ``crc_s`` (the CRCs, before the data),
 written), ``close_s`` = ``hdf5_close_s`` + ``fsync_s`` + ``sha_s`` (the digest
 outside the arrays' data), ``commit_s``, ``write_s`` (all of it); target
 ``read_s`` (header to the commit notice: reading overlaps the source's writing)
-= ``wait_s`` + ``pread_s`` + ``read_crc_s`` + the rest, ``verify_s`` (the manifest and every checksum), ``fault_s``/``faulted_bytes``
-(the faulting thread).
+= ``wait_s`` + ``pread_s`` + ``read_crc_s`` + the rest, ``verify_s`` (the
+manifest and every checksum), ``fault_s``/``faulted_bytes`` (the faulting thread).
 """
 from __future__ import annotations
 
