@@ -1005,3 +1005,58 @@ def test_multi_factor_weighs_bytes_against_relief_on_a_half_speed_host(case, hot
         assert mf_bytes == r[0].bytes_moved
     if case == "C":                                   # fewer bytes than refine, the heavy rank stays on c
         assert mf_bytes == 160000 + MiB < r[0].bytes_moved and all(d.rank != 4 for d in m)
+
+
+# Goal (c)'s lab case (`mpimig bench balance --apps drift --drift-ballast 0:256,2:256,4:256 --factor 0.5`, run 13):
+# the slowed host h2 holds rank 2 (256 MiB of ballast, a little hotter) and rank 3 (160 kB); greedy moved rank 2
+# by post-copy, refine rank 3, multi-factor rank 2 by post-copy (15.40 s against refine's 12.81 s). Lab-like
+# figures: steps of ~0.04 s, 300 points left (declared), switch_s 2.5 s (what the loaded lab's moves taught).
+# h2: 2 slots, quota-bound (speed 0.25 x 2 >= 0.75 x cpu_limit 0.5): share(2) = 0.25, share(1) = 0.5.
+# h1, h3: 3 slots, full speed, K = 3: share(3) = 1, share(4) = 0.75. Ranks 0, 1 (h1), 4, 5 (h3): 0.008 CPU s.
+# Rank 2: 0.011 CPU s (0.044 s/point), rank 3: 0.010 (0.04 s/point). T0 = 0.044.
+#   rank 2 to h1: h1 0.011, h2 (rank 3 alone) 0.02: relief 0.024 s/point, G = 7.2 s;
+#   rank 3 to h1: h1 0.010, h2 (rank 2 alone) 0.022: relief 0.022 s/point, G = 6.6 s (h3 ties; h1 by name).
+# Similar gains (0.6 s apart over the run). Costs (TC, CPU factor f = min(0.25, 1) = 0.25, so bw 2.5e8):
+#   rank 2 by post-copy: D = 0.05 + 2.5 + 0.1 x 2^28 / 2.5e8 = 2.657374 s; X = spawn 0.5 + push max(1.073742,
+#     64 x 0.044) = 2.816 + downtime 2.55 = 5.866 s; M = 0.25 GiB: penalty 2.657374 + 0.2933 + 0.125 = 3.075674 s
+#     (pre-copy 3.164542, stop-and-copy 4.007429: post-copy is its best); old score 7.2 - 3.075674 = 4.124 s.
+#   rank 3 by post-copy: D = 0.05 + 2.5 + 0.1 x 160000 / 2.5e8 = 2.550064 s; X = 0.5 + 0.04 + 2.55 = 3.09 s;
+#     M = 0.000149 GiB: penalty 2.550064 + 0.1545 + 0.0000745 = 2.704639 s; old score 6.6 - 2.704639 = 3.895 s.
+# Before the delay term rank 2's extra relief (0.6 s) outweighed its extra penalty (0.371 s): the heavy rank moved,
+# as on the lab. The relief forgone while a move is under way, relief x delay / T0:
+#   rank 2: delay = spawn 0.5 + post-copy's push busy on h2, 2^28 / 2.5e8 = 1.573742 s (35.77 points):
+#     0.024 x 35.766860 = 0.858405 s -> 3.266 s (pre-copy, same delay: 3.177 s);
+#   rank 3: delay = 0.5 + 160000 / 2.5e8 = 0.50064 s (11.38 points): 0.022 x 11.378182 = 0.25032 s -> 3.645 s
+#     (stop-and-copy 3.594, pre-copy 3.573): multi-factor moves the light rank.
+# Its plan stops there: rank 2 then to h3 (relief 0.022 - 0.011 = 0.011, G 3.3, lost relief 0.011 x 1.573742 /
+# 0.022 = 0.786871) scores 3.3 - 3.075674 - 0.786871 = -0.563, and the plan of both (0.044 - 0.011) x 300 -
+# 2.704639 - 0.25032 - 3.075674 - 0.786871 = 3.082 s is below the plan of one, 3.645 s.
+def drift_ballast_lab_case():
+    ranks = [R(i, "h1" if i < 2 else "h3", cpu=0.008, remaining_points=300) for i in (0, 1, 4, 5)]
+    ranks += [R(2, "h2", cpu=0.011, compute=0.044, remaining_points=300, state_bytes=256 * MiB),
+              R(3, "h2", cpu=0.010, compute=0.040, remaining_points=300, state_bytes=160000)]
+    ranks = sorted(ranks, key=lambda r: r.rank)
+    ranks[0] = dataclasses.replace(ranks[0], state_bytes=256 * MiB)
+    ranks[4] = dataclasses.replace(ranks[4], state_bytes=256 * MiB)
+    return snap(ranks, [H("h1", 3), H("h2", 2, speed=0.25, cpu_limit=0.5), H("h3", 3)])
+
+
+def test_multi_factor_prices_post_copys_delay_and_moves_the_light_rank_off_the_slowed_host():
+    cm = CostModel(**dict(TC, cpu_scaled=True, switch_s=2.5))
+    s = drift_ballast_lab_case()
+    g, r = parse("greedy").decide(s, cm), parse("refine").decide(s, cm)
+    assert moves(g)[0] == (2, "h1") and g[0].bytes_moved == 256 * MiB and g[0].strategy == "post-copy"
+    assert moves(r)[0] == (2, "h1") and r[0].bytes_moved == 256 * MiB
+    m = parse("multi-factor").decide(s, cm)
+    assert moves(m) == [(3, "h1")] and m[0].strategy == "post-copy" and m[0].bytes_moved == 160000
+    assert "score 3.645 s" in m[0].reason and "delay 0.5006 s" in m[0].reason
+    # without the delay term (w_delay = 0: the score before it), the heavy rank, by post-copy, as on the lab
+    old = parse("multi-factor:w_delay=0").decide(s, cm)
+    assert moves(old)[0] == (2, "h1") and old[0].strategy == "post-copy" and "score 4.124 s" in old[0].reason
+    # the cost model's delay: create + post-copy's push busy on the source; pre-copy's rounds; create alone else
+    src, dst = s.hosts["h2"], s.hosts["h1"]
+    heavy = s.ranks[2]
+    assert cm.predict(heavy, src, dst, "post-copy").delay_s == pytest.approx(0.5 + 2 ** 28 / 2.5e8)
+    assert cm.predict(heavy, src, dst, "pre-copy").delay_s == pytest.approx(0.5 + 2 ** 28 / 2.5e8)
+    assert cm.predict(heavy, src, dst, "stop-and-copy").delay_s == pytest.approx(0.5)
+    assert cm.predict(heavy, src, dst, "file-server").delay_s == pytest.approx(0.5)
