@@ -53,7 +53,15 @@ bw seconds of a core) competes with the running ranks: ``background_weight``
 (an assumption, 0.1) of that work counts too. The total (``total_s``, from the
 request until the old process is freed) adds the create time and the
 background phase's wall time (pre-copy's rounds last at least a step each;
-post-copy's push sends ``postcopy_window`` chunks per safe point).
+post-copy's push sends ``postcopy_window`` chunks per safe point). The create
+time plus the unrelieved part of the background phase is ``delay_s``: while
+it lasts the job runs on without the move's relief, so a policy weighing gains
+over the remaining run counts the relief from its end (multi-factor,
+docs/policies.md). Pre-copy: all its rounds (the rank computes on its old host
+until the freeze). Post-copy: ``B / postcopy_bw`` (CPU-scaled), the seconds
+the old process is busy sending on the source, whose remaining ranks share
+their CPU with it (the push is paced over more steps; between its chunks the
+source is relieved). Stop-and-copy, file-server: the create time only.
 
 Limits: post-copy's demand stalls are predicted from the dirty rate (what the
 rank writes); a rank that *reads* all its state every step stalls more than
@@ -246,18 +254,21 @@ class CostModel:
         bw, scan_bw, post_bw, storage_bw = self.bw * f, self.scan_bw * f, self.postcopy_bw * f, self.storage_bw * f
         stall = 0.0          # the rank blocked on demand fetches after resuming (post-copy)
         wall = 0.0           # background phase: rounds before the freeze, the push after it
+        unrelieved = 0.0     # of it, the seconds the source is not relieved (delay_s, beyond the create time)
         work = 0.0           # copying (and scanning) done in the background, seconds of a core
         if strategy == "stop-and-copy":
             down = self.fixed_s + B / bw
             moved = B
         elif strategy == "pre-copy":
             rounds, last, sent, wall = self.precopy_rounds_for(B, D, rank.step_s, bw)
+            unrelieved = wall                # the rank computes on its old host until the freeze
             down = (self.fixed_s + B / scan_bw + last / bw) * self.precopy_factor
             work = sent / bw + rounds * B / scan_bw
             moved = sent + last
         elif strategy == "post-copy":
             down = self.postcopy_s
             wall = self.residual_s(B, rank.step_s, post_bw)
+            unrelieved = B / post_bw         # the old process busy sending on the source (the rest: paced)
             stall = min(float(B), D * wall) / bw
             work = B / bw
             moved = B
@@ -268,7 +279,7 @@ class CostModel:
         total = create + wall + down + stall
         cost = down + stall + self.background_weight * work
         return StrategyCost(strategy=strategy, downtime_s=down, total_s=total, bytes_moved=int(moved),
-                            cost_s=cost, create_s=create)
+                            cost_s=cost, create_s=create, delay_s=create + unrelieved)
 
     def residual_s(self, nbytes: int, step_s: float, post_bw: float | None = None) -> float:
         """Post-copy's residual dependency: the push sends ``postcopy_window`` chunks per safe point,

@@ -59,6 +59,9 @@ class StrategyCost:
     cost_s: float = -1.0   # predicted seconds the job loses (downtime + demand stalls + a share of background
     #                        copying); -1 (not given) = the downtime
     create_s: float = 0.0  # spawn or warm-spare hand-over (in total_s, not in the downtime)
+    delay_s: float = 0.0   # seconds the job runs on, unrelieved, while the move is under way: the create time and
+    #                        the background phase (pre-copy's rounds before the freeze; post-copy's push after it,
+    #                        the old process busy on the source); the move's relief counts from its end
 
     def __post_init__(self) -> None:
         if self.cost_s < 0:

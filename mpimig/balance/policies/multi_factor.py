@@ -17,6 +17,8 @@ class MultiFactor(Policy):
     name = "multi-factor"
     PARAMS = {
         "w_time": (1.0, "weight of G, the seconds the move takes off its host's time over the remaining run"),
+        "w_delay": (1.0, "weight of the relief lost while the move is under way: relief x delay_s / step time "
+                         "(create, pre-copy's rounds, post-copy's push)"),
         "w_down": (1.0, "weight of p x D: priority times the job's seconds lost to the move"),
         "w_total": (0.05, "weight of X, the seconds from request until the old process is freed"),
         "w_space": (0.5, "seconds per GiB moved (network and memory traffic)"),
@@ -25,26 +27,31 @@ class MultiFactor(Policy):
     }
 
     def check(self) -> None:
-        for k in ("w_time", "w_down", "w_total", "w_space", "w_mem"):
+        for k in ("w_time", "w_delay", "w_down", "w_total", "w_space", "w_mem"):
             _at_least(self, k, 0.0)
         super().check()
 
     def score(self, ls: LoadState, rank: int, dst: str, cost: CostModel) -> list[tuple[float, Any, float]]:
         """[(score, StrategyCost, G)] for every strategy of the move of ``rank`` to ``dst`` (seconds):
 
-        score = w_time*G - w_down*p*D - w_total*X - w_space*M - w_mem*U
+        score = w_time*G - w_delay*L - w_down*p*D - w_total*X - w_space*M - w_mem*U
+
+        with ``L = relief x min(R, delay_s / T)``: the relief the job goes without while the
+        move is under way (its ``delay_s`` at the current step time ``T``).
         """
         p = self.params
         relief, _ = ls.relief(rank, dst)
-        G = relief * ls.remaining
+        R, T = ls.remaining, ls.step_s
+        G = relief * R
         r = ls.ranks[rank]
         h = ls.hosts[dst]
         U = ls.mem_need(rank) / h.free_mem if h.free_mem > 0 else 0.0
         out = []
         for s in STRATEGIES:
             c = cost.predict(r, ls.hosts[ls.where[rank]], h, s)
-            sc = (p["w_time"] * G - p["w_down"] * max(r.weight, 0.0) * c.cost_s - p["w_total"] * c.total_s
-                  - p["w_space"] * c.bytes_moved / GiB - p["w_mem"] * U)
+            L = relief * min(float(R), c.delay_s / T) if T > 0 else 0.0
+            sc = (p["w_time"] * G - p["w_delay"] * L - p["w_down"] * max(r.weight, 0.0) * c.cost_s
+                  - p["w_total"] * c.total_s - p["w_space"] * c.bytes_moved / GiB - p["w_mem"] * U)
             out.append((sc, c, G))
         return out
 
@@ -76,7 +83,8 @@ class MultiFactor(Policy):
             (_, _, r, dst, _), sc, c, G = best
             penalties += p["w_time"] * G - sc
             d = self._move(ls, r, dst, cost, f"multi-factor: rank {r} to {dst} by {c.strategy}: score "
-                           f"{sc:.4g} s (G {G:.4g} s, cost {c.cost_s:.4g} s, {c.bytes_moved / GiB:.3g} GiB)",
+                           f"{sc:.4g} s (G {G:.4g} s, cost {c.cost_s:.4g} s, delay {c.delay_s:.4g} s, "
+                           f"{c.bytes_moved / GiB:.3g} GiB)",
                            strategy=c.strategy)
             plan.append((d, p["w_time"] * (T0 - ls.step_s) * R - penalties))
             moved.add(r)
