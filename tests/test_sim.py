@@ -340,3 +340,38 @@ def test_a_point_event_fires_at_its_point_after_a_move_sped_the_job_up():
     (f,) = o.failures
     assert f.kind == "rank" and f.lost_points == pytest.approx(2.0)      # point 10, back to epoch 8
     assert j.done and j.executed - j.lost == pytest.approx(j.p, abs=1e-6)
+
+
+def test_a_moves_cost_follows_its_bytes_and_its_source_hosts_send_rate():
+    """``Simulation.move_cost_for`` (the validation's per-source calibration): a move off a host whose
+    hook gives (protocol 0.05 s, 10 MB/s) takes 0.05 s + state / 10 MB/s — twice the state, twice the
+    send — and a move off another host keeps the strategy's freeze + state / link. Without the hook's
+    rate the slowed host's send would run at the link's rate and the bytes would not show."""
+    raw = {
+        "scenario": {"name": "cost", "horizon_s": 5000, "policies": ["none"], "balance_every_s": 1000},
+        "cluster": {"hosts": 3, "cores": 2, "slow_hosts": ["h1"], "slow_speed": 0.1},
+        "jobs": {"count": 1, "ranks": 2, "hosts_per_job": 2, "extra_hosts": 1, "points": 40, "work_s": 0.1,
+                 "state_mb": 4, "ckpt_every": 4},
+        "events": [{"at_point": 2, "move_rank": 0, "hosts": ["h3"]},
+                   {"at_point": 10, "move_rank": 1, "hosts": ["h3"]}],
+    }
+    cfg = configs(raw)[0]
+    downs = {}
+    for mib in (4, 8):
+        sim = Simulation(cfg, "none", "stop-and-copy", 1)
+        for r in sim.cluster.jobs[0].ranks:
+            r.state_bytes = mib * MiB
+        seen = []
+
+        def cost(src, n, sim=sim, seen=seen):
+            seen.append((src.name, n))
+            return (0.05, 10e6) if src is sim.cluster.hosts["h1"] else None
+        sim.move_cost_for = cost
+        o = sim.run()
+        downs[mib] = {m.src: m.timing.downtime_s for m in o.moves if m.done}
+        link = {m.src: m.bw for m in o.moves}
+        assert seen == [("h1", 1), ("h2", 1)]            # the source and its ranks then (the moving one)
+    assert downs[4]["h1"] == pytest.approx(0.05 + 4 * MiB / 10e6)
+    assert downs[8]["h1"] == pytest.approx(0.05 + 8 * MiB / 10e6)
+    assert link["h2"] == sim.cluster.hosts["h2"].net_bw
+    assert downs[8]["h2"] == pytest.approx(StrategyParams().freeze_s + 8 * MiB / link["h2"])

@@ -103,9 +103,11 @@ class Simulation:
         self.drain: set[str] = set()
         self.drained: list[str] = []
         self.residual: list[tuple[MoveRecord, float]] = []    # post-copy moves whose source is still needed
-        # the freeze of a move off a host, from the host and its ranks then (the moving one included);
-        # None: the strategy parameters' freeze_s (the validation's per-source calibration sets it)
-        self.freeze_for: Callable[[Host, int], float | None] | None = None
+        # a move's cost off a host, from the host and its ranks then (the moving one included): its
+        # freeze (s) and the rate (bytes/s) its state is sent at, the source's send running at that
+        # host's speed (a throttled host sends slowly); None: the strategy parameters' freeze_s and
+        # copy rate (the validation's per-source calibration sets it: mpimig/sim/validate.py)
+        self.move_cost_for: Callable[[Host, int], tuple[float, float] | None] | None = None
         self.balancers: dict[int, Any] = {}
         self._base: dict[int, Any] = {}       # job -> its ranks' base work (numpy), for the drift
         self._policies()
@@ -254,10 +256,11 @@ class Simulation:
             self.storage_users += 1
         bw = min(src.net_bw, dst.net_bw)
         sp = self.sp
-        if self.freeze_for is not None:
-            f = self.freeze_for(src, len(src.ranks))
-            if f is not None:
-                sp = dataclasses.replace(sp, freeze_s=f)
+        if self.move_cost_for is not None:
+            cost = self.move_cost_for(src, len(src.ranks))
+            if cost is not None:
+                sp = dataclasses.replace(sp, freeze_s=cost[0], copy_bw=None)
+                bw = cost[1]
         timing = move_timing(strategy, r.state_bytes, r.dirty_rate, bw, spare, sp,
                              step_s=job.step_s, storage_users=self.storage_users if fs else 1)
         rec = MoveRecord(t=self.env.now, job=job.id, rank=r.rank, src=r.host, dst=d.to, strategy=strategy,

@@ -332,6 +332,9 @@ def calibrate(cal: dict, pl: dict, ranks: int) -> dict:
     over_a = overhead_work(work, share_a, t_a)
     over_b = overhead_work(work, share_b, t_b)
     state = int(_median([s["state_bytes"] for s in cal["samples"] if s["state_bytes"]], "the state size"))
+    # each rank's own state (the app may give some ranks more: drift's --ballast): its largest report
+    by_rank = [max((s["state_bytes"] for s in cal["samples"] if s["rank"] == r and s["state_bytes"]), default=state)
+               for r in range(ranks)]
     cap = (per + 1) * s_dst                        # the destination's capacity, in full-speed ranks
     downs = [m["downtime_s"] for m in cal["moves"]]
     return {
@@ -339,10 +342,11 @@ def calibrate(cal: dict, pl: dict, ranks: int) -> dict:
         "slow_host": slow, "slow_speed_by_n": {per: s_full, per - 1: s_less},
         "dst_host": dst, "dst_speed_by_n": {per: 1.0, **{n: min(1.0, cap / n) for n in range(per + 1, 3 * per + 1)}},
         "overhead_work_s": (over_a + over_b) / 2, "overhead_work_before_s": over_a, "overhead_work_after_s": over_b,
-        "step_before_s": t_a, "step_after_s": t_b, "state_bytes": state,
+        "step_before_s": t_a, "step_after_s": t_b, "state_bytes": state, "state_bytes_by_rank": by_rank,
         "move_downtime_s": _median([m["downtime_s"] for m in cal["moves"] if m["downtime_s"] is not None],
                                    "the moves' downtime"),
         "move_downtimes_s": downs, "move_downtime_by_src_n": downtime_by_src_n(pl, ranks, downs),
+        "move_cost_by_src_n": move_cost_by_src_n(pl, ranks, cal),
         "startup_s": startup(cal, a[0], t_a), "recovery_s": cal["recovery_s"],
         "recoveries_s": cal.get("recoveries_s", [cal["recovery_s"]]),
         "reference_compute_s": reference_compute(cal, pl, ranks),
@@ -363,6 +367,29 @@ def downtime_by_src_n(pl: dict, ranks: int, downs: list) -> dict[int, float]:
             by.setdefault(sum(1 for x in on.values() if x == slow), []).append(d)
         on[r] = h
     return {n: statistics.median(xs) for n, xs in sorted(by.items())}
+
+
+def move_cost_by_src_n(pl: dict, ranks: int, cal: dict) -> dict[int, dict]:
+    """The calibration's moves off the slowed host, by how many ranks it had then (the moving one
+    included), each split into its two parts: the *send* (the runtime's ``transfer`` timing of the
+    move: the state's bytes arriving at the target, sent by the old process on the source host's CPU
+    share) as a rate in bytes/s, and the rest of the downtime (the suspension, the hold, the switch's
+    collectives, the restore: the *protocol*), in seconds. The simulator's move of S bytes off that
+    host with as many ranks takes protocol + S / rate: a move's cost follows its bytes and the source
+    host's speed, not one figure for every move (docs/simulator.md, "Per-move downtime"). The median
+    of the moves with the same count; moves without a ``transfer`` timing or bytes are left out."""
+    per, slow = pl["per_host"], pl["slow"]
+    on = {r: rank_host(r, per, pl["hosts"]) for r in range(ranks)}
+    steps = {m.get("rank"): m.get("timings") or {} for m in cal.get("move_steps") or []}
+    by: dict[int, list[tuple[float, float]]] = {}
+    for (_p, r, h), mv in zip(sorted(pl["calib_moves"]), cal["moves"]):
+        t = steps.get(r, {})
+        d, send, nbytes = mv.get("downtime_s"), t.get("transfer"), t.get("bytes")
+        if on[r] == slow and d is not None and send and nbytes:
+            by.setdefault(sum(1 for x in on.values() if x == slow), []).append((max(0.0, d - send), nbytes / send))
+        on[r] = h
+    return {n: {"protocol_s": statistics.median(p for p, _b in xs), "send_bw": statistics.median(b for _p, b in xs)}
+            for n, xs in sorted(by.items())}
 
 
 def startup(cal: dict, lo: int, step: float) -> float:
@@ -416,9 +443,10 @@ def simulate(cfg, pl: dict, cal: dict, seed: int, machine: float = 1.0) -> dict:
         h.spares = spares if name == pl["hosts"][-1] else 0
     cl.hosts[pl["slow"]].speed_by_n = {int(n): s for n, s in cal["slow_speed_by_n"].items()}
     cl.hosts[cal["dst_host"]].speed_by_n = {int(n): s for n, s in cal["dst_speed_by_n"].items()}
+    states = cal.get("state_bytes_by_rank") or [cal["state_bytes"]] * len(job.ranks)
     for r in job.ranks:
         r.work = r.base_work = machine * (cal["work_s"][r.rank] + cal["overhead_work_s"])
-        r.state_bytes = cal["state_bytes"]
+        r.state_bytes = int(states[r.rank])
         r.peers = {}                       # halos are in the overhead
         r.dirty_rate = 0.0
     for r in job.ranks:                    # re-place: rss and caches follow the new sizes
@@ -430,15 +458,21 @@ def simulate(cfg, pl: dict, cal: dict, seed: int, machine: float = 1.0) -> dict:
     by_n = {int(n): d for n, d in (cal.get("move_downtime_by_src_n") or {}).items()}
     slow = cl.hosts[pl["slow"]]
 
-    def freeze_for(src, n: int) -> float | None:
-        # a move off the slowed host: the calibration's downtime with as many ranks there; with a
-        # count not calibrated, the nearest one's scaled by the host's share per rank (its quota)
-        if src is not slow or not by_n:
+    cost_n = {int(n): c for n, c in (cal.get("move_cost_by_src_n") or {}).items()}
+
+    def move_cost_for(src, n: int) -> tuple[float, float] | None:
+        # a move off the slowed host: the calibration's protocol time and send rate with as many ranks
+        # there (the state's bytes / that rate: a move's cost follows its bytes and the source's speed);
+        # with a count not calibrated, the nearest one's, both scaled by the host's share per rank (its
+        # quota). A calibration without the send's timing: its downtime less the state at the link.
+        if src is not slow or not (by_n or cost_n):
             return None
-        k = min(by_n, key=lambda m: (abs(m - n), m))
-        d = by_n[k] * slow.speed_by_n.get(k, 1.0) / slow.speed_by_n.get(n, slow.speed_by_n.get(k, 1.0))
-        return max(0.0, machine * d - cal["state_bytes"] / bw)
-    sim.freeze_for = freeze_for
+        k = min(cost_n or by_n, key=lambda m: (abs(m - n), m))
+        f = slow.speed_by_n.get(k, 1.0) / slow.speed_by_n.get(n, slow.speed_by_n.get(k, 1.0))
+        if k in cost_n:
+            return machine * cost_n[k]["protocol_s"] * f, cost_n[k]["send_bw"] / (machine * f)
+        return max(0.0, machine * by_n[k] * f - cal["state_bytes"] / bw), bw
+    sim.move_cost_for = move_cost_for
     job.pause(job.started, job.started + machine * cal.get("startup_s", 0.0))
     cl.refresh(job, 0.0)
     o = sim.run()
