@@ -146,6 +146,10 @@ class PreCopySource:
         self.read_missed = 0
         self.round_target: list[tuple[float, float]] = []   # the target's (allocation, move) seconds per round
         self.last_early = False                   # the last round went at the point that found the rank ready
+        self.dest_at: dict[str, tuple[int, int]] = {}   # the target's arrays: name -> (address, bytes)
+        self.dest_where: dict[str, Any] = {}      # ... in this process (handover.where() of the target)
+        self.push_s = 0.0
+        self.why_no_push = ""
 
     def _refresh(self, arrays: dict[str, np.ndarray] | None = None) -> None:
         """Follow the registered arrays: one the program replaced (``st.a = new``) or
@@ -264,6 +268,8 @@ class PreCopySource:
                 return False
             reply = handover.await_reply(self.J, self.dest, TAG_PRECOPY_DONE)   # the target reads meanwhile
             self.awaiting = False
+            self.dest_at.update(reply.get("at", {}))
+            self.dest_where = reply.get("where", self.dest_where)
             if self.layout:
                 self.layout, self.layout_s = False, time.perf_counter() - self._t_round
             else:
@@ -430,6 +436,36 @@ class PreCopySource:
         return (0 < nbytes <= self.total // 32 and self.read
                 and all(k in self.tracked for k, m in dirty.items() if m.any()))
 
+    def _push(self, runs: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+        """At the freeze, on one host: write the final runs straight into the target's arrays
+        (``handover.write_at``) while the target takes part in the switch's ``Split``, which
+        waits for the other ranks; it used to read them only after it (the freeze's longest
+        part at 1 % dirty). The target's arrays are where its round replies said (``at``), every
+        round is in (drained), and the header that lets it use them goes after the writes.
+        Returns the runs left for the target to read or receive (all of them when it cannot)."""
+        if not runs or not self.read or not self.dest_at:
+            return runs
+        if (os.environ.get("MPIMIG_PRECOPY_PUSH") or "on").strip().lower() in ("off", "0", "no", "false"):
+            self.why_no_push = "MPIMIG_PRECOPY_PUSH=off"
+            return runs
+        if not handover.same_host(self.dest_where):
+            self.why_no_push = "another host"
+            return runs
+        pid, left, failed = int(self.dest_where["pid"]), [], False
+        t0 = time.perf_counter()
+        for k, lo, hi in runs:
+            addr, n = self.dest_at.get(k, (0, -1))
+            if k in self.new_meta or n != self.live[k].nbytes or failed:   # new at the freeze: the target makes it
+                left.append((k, lo, hi))
+                continue
+            try:
+                handover.write_at(pid, addr + lo, int(self.live[k].ctypes.data) + lo, hi - lo)
+            except OSError as exc:        # e.g. EPERM (ptrace rules): the target reads or receives the rest
+                self.why_no_push, failed = str(exc), True
+                left.append((k, lo, hi))
+        self.push_s = time.perf_counter() - t0
+        return left
+
     def finish(self, tx: Transfer, arrays: dict[str, np.ndarray], objects: dict[str, Any],
                extra: dict[str, Any]) -> None:
         """At the switch (rank frozen): the chunks still dirty, objects, held queue."""
@@ -451,6 +487,9 @@ class PreCopySource:
                 self.sends[k] += m
         runs = [(k, lo, hi) for k, m in dirty.items() for lo, hi in _runs(m, self.live[k].nbytes, self.C)]
         final = sum(hi - lo for _, lo, hi in runs)
+        scan_s = time.perf_counter() - t0
+        runs = self._push(runs)          # while the target is still in the switch's Split
+        mark(marks, "pushed")
         resent = 0
         for k, cnt in self.sends.items():
             a = self.live[k]
@@ -461,7 +500,8 @@ class PreCopySource:
         stats = {"rounds": len(self.rounds), "round_bytes": list(self.rounds), "final_bytes": final,
                  "bytes_total": int(sum(self.rounds) + final), "bytes_resent": resent,
                  "state_bytes": self.total, "reason": self.reason or "switched-early",
-                 "final_scan_s": time.perf_counter() - t0, "scan_s": self.scan_s,
+                 "final_scan_s": scan_s, "scan_s": self.scan_s,
+                 "final_pushed_bytes": final - sum(hi - lo for _, lo, hi in runs), "push_s": self.push_s,
                  "precopy_s": extra["t_suspend"] - self.t_start, "wtrack": self.mode(),
                  "sender": "thread" if self.bg is not None else "safe-points", "skipped_bytes": self.skipped_bytes,
                  "rounds_sent": self.rounds_sent(),
@@ -473,6 +513,8 @@ class PreCopySource:
             stats["src_pages"] = self.src_pages
         if self.read_missed or not self.read:
             stats["read_missed"], stats["read_reason"] = self.read_missed, self.why_no_read
+        if self.why_no_push:
+            stats["push_reason"] = self.why_no_push
         if not self.tracked:
             stats["wtrack_reason"] = self.why_shadow
         if self.bg is None:
@@ -641,5 +683,8 @@ class PreCopyTarget:
                                          f"came with {n} bytes")
         self.rounds += 1 if hdr["round"] else 0          # round 0: the layout only
         self.skipped += skipped
+        # where this round's new arrays are (the frozen source may write its last runs there)
+        at = {k: (int(self.arrays[k].ctypes.data), int(self.arrays[k].nbytes)) for k in hdr["arrays"]}
         J.send({"missed": missed, "why": why, "skipped": skipped, "alloc_s": t_alloc,
-                "move_s": time.perf_counter() - t_move}, dest=source, tag=TAG_PRECOPY_DONE)
+                "move_s": time.perf_counter() - t_move, "at": at, "where": handover.where()},
+               dest=source, tag=TAG_PRECOPY_DONE)

@@ -173,6 +173,8 @@ class PreCopy(Strategy):
         arrays.update(hdr["eager"])
         objects = {k: loads(k, v) for k, v in hdr["objects"].items()}
         ss = hdr["extra"].setdefault("strategy_stats", {})
+        if not hdr["runs"] and ss.get("final_pushed_bytes"):    # the source wrote them all into our arrays
+            how = handover.MEMORY
         ss["final_how"], ss["final_s"] = how, time.perf_counter() - t0
         if how != handover.MEMORY:
             ss["final_why"] = why
