@@ -488,8 +488,6 @@ class PreCopySource:
         runs = [(k, lo, hi) for k, m in dirty.items() for lo, hi in _runs(m, self.live[k].nbytes, self.C)]
         final = sum(hi - lo for _, lo, hi in runs)
         scan_s = time.perf_counter() - t0
-        runs = self._push(runs)          # while the target is still in the switch's Split
-        mark(marks, "pushed")
         resent = 0
         for k, cnt in self.sends.items():
             a = self.live[k]
@@ -501,7 +499,6 @@ class PreCopySource:
                  "bytes_total": int(sum(self.rounds) + final), "bytes_resent": resent,
                  "state_bytes": self.total, "reason": self.reason or "switched-early",
                  "final_scan_s": scan_s, "scan_s": self.scan_s,
-                 "final_pushed_bytes": final - sum(hi - lo for _, lo, hi in runs), "push_s": self.push_s,
                  "precopy_s": extra["t_suspend"] - self.t_start, "wtrack": self.mode(),
                  "sender": "thread" if self.bg is not None else "safe-points", "skipped_bytes": self.skipped_bytes,
                  "rounds_sent": self.rounds_sent(),
@@ -513,19 +510,23 @@ class PreCopySource:
             stats["src_pages"] = self.src_pages
         if self.read_missed or not self.read:
             stats["read_missed"], stats["read_reason"] = self.read_missed, self.why_no_read
-        if self.why_no_push:
-            stats["push_reason"] = self.why_no_push
         if not self.tracked:
             stats["wtrack_reason"] = self.why_shadow
         if self.bg is None:
             stats["sender_reason"] = self.why_no_thread or "no rounds"
         extra = dict(extra, strategy_stats=stats)
+        hdr = {"final": True, "eager": eager, "meta": {k: (v.shape, v.dtype.str) for k, v in self.live.items()},
+               "objects": {k: dumps(k, v) for k, v in objects.items()}, "extra": extra}
+        # the header is ready: the runs go last, then it (the target is still in the switch's Split)
+        runs = self._push(runs)
+        mark(marks, "pushed")
+        stats["final_pushed_bytes"], stats["push_s"] = final - sum(hi - lo for _, lo, hi in runs), self.push_s
+        if self.why_no_push:
+            stats["push_reason"] = self.why_no_push
         # frozen: every array may be read out of our memory (shadow-tracked ones too), as the hand-over does
         read = ({"where": self.where, "addrs": {k: int(v.ctypes.data) for k, v in self.live.items()}}
                 if runs and self.read else None)
-        hdr = {"final": True, "runs": runs, "eager": eager,
-               "meta": {k: (v.shape, v.dtype.str) for k, v in self.live.items()},
-               "objects": {k: dumps(k, v) for k, v in objects.items()}, "extra": extra, "read": read}
+        hdr["runs"], hdr["read"] = runs, read
         mark(marks, "header")
         tx.send_obj(hdr)
         # polled (handover.await_reply): a blocking receive would spin on a core the target's read needs
