@@ -61,7 +61,9 @@ class PreCopySource:
     On one host (``handover.same_host``) the target reads the runs of kernel-tracked arrays
     straight out of this running process (``handover.vm_read``) and answers when done
     (``TAG_PRECOPY_DONE``, with the runs it could not read: those go by MPI from then on);
-    the freeze's runs are read the same way. Before round 1 the layout goes alone (round 0)
+    the freeze's runs this (frozen) process writes into the target's arrays (:meth:`_push`,
+    where the rounds' answers said they are) while the target is in the switch's Split, or
+    the target reads them the same way when that cannot be. Before round 1 the layout goes alone (round 0)
     so that the target faults its arrays in first. While it reads, the target leaves out the
     registered pages the kernel says were written since the scan (the next scan has them;
     ``skipped_bytes``). ``MPIMIG_HANDOVER=mpi`` forces MPI.
