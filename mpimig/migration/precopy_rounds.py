@@ -61,12 +61,11 @@ class PreCopySource:
     On one host (``handover.same_host``) the target reads the runs of kernel-tracked arrays
     straight out of this running process (``handover.vm_read``) and answers when done
     (``TAG_PRECOPY_DONE``, with the runs it could not read: those go by MPI from then on);
-    the freeze's runs this (frozen) process writes into the target's arrays (:meth:`_push`,
-    where the rounds' answers said they are) while the target is in the switch's Split, or
-    the target reads them the same way when that cannot be. Before round 1 the layout goes alone (round 0)
-    so that the target faults its arrays in first. While it reads, the target leaves out the
-    registered pages the kernel says were written since the scan (the next scan has them;
-    ``skipped_bytes``). ``MPIMIG_HANDOVER=mpi`` forces MPI.
+    the freeze's runs are read the same way (or, opt-in, this frozen process writes them into
+    the target's arrays while the target is in the switch's Split: :meth:`_push`). Before
+    round 1 the layout goes alone (round 0) so that the target faults its arrays in first.
+    While it reads, the target leaves out the registered pages the kernel says were written
+    since the scan (the next scan has them; ``skipped_bytes``). ``MPIMIG_HANDOVER=mpi`` forces MPI.
 
     The rest (shadow-tracked arrays, another host) goes in pieces of about ``PIECE`` bytes
     (whole chunks), one message each. Who sends them (``sender`` in ``strategy_stats``):
@@ -442,11 +441,16 @@ class PreCopySource:
         waits for the other ranks; it used to read them only after it (the freeze's longest
         part at 1 % dirty). The target's arrays are where its round replies said (``at``), every
         round is in (drained), and the header that lets it use them goes after the writes.
-        Returns the runs left for the target to read or receive (all of them when it cannot)."""
+        Returns the runs left for the target to read or receive (all of them when it cannot).
+
+        Opt-in (``MPIMIG_PRECOPY_PUSH=on``): at 1 GiB, 1 % dirty on the 2 shared cores, it cut the
+        freeze under load (the target's read after the Split took 3-32 ms there) but lengthened it
+        by 1.5-2 ms when the machine was quiet: the push takes a core while the ranks, the
+        coordinator and the target need both for the Split (docs/bench/migrate-pc-push-ab*)."""
         if not runs or not self.read or not self.dest_at:
             return runs
-        if (os.environ.get("MPIMIG_PRECOPY_PUSH") or "on").strip().lower() in ("off", "0", "no", "false"):
-            self.why_no_push = "MPIMIG_PRECOPY_PUSH=off"
+        if (os.environ.get("MPIMIG_PRECOPY_PUSH") or "off").strip().lower() not in ("on", "1", "yes", "true"):
+            self.why_no_push = "not asked (MPIMIG_PRECOPY_PUSH=on)"
             return runs
         if not handover.same_host(self.dest_where):
             self.why_no_push = "another host"
