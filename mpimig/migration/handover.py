@@ -320,6 +320,8 @@ def _libc() -> Any:
     fn.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.POINTER(_Iovec),
                    ctypes.c_ulong, ctypes.c_ulong]
     fn.restype = ctypes.c_ssize_t
+    fw = libc.process_vm_writev
+    fw.argtypes, fw.restype = fn.argtypes, fn.restype
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     libc.madvise.restype = ctypes.c_int
     return libc
@@ -352,7 +354,17 @@ def vm_read(pid: int, addr: int, dst: np.ndarray) -> None:
 def read_at(pid: int, addr: int, base: int, n: int) -> None:
     """Copy ``n`` bytes at ``addr`` in process ``pid`` to ``base`` in this process
     (``process_vm_readv``; ctypes releases the GIL for the copy)."""
-    fn = _libc().process_vm_readv
+    _copy(_libc().process_vm_readv, "process_vm_readv from", pid, addr, base, n)
+
+
+def write_at(pid: int, addr: int, base: int, n: int) -> None:
+    """Copy ``n`` bytes at ``base`` in this process to ``addr`` in process ``pid``
+    (``process_vm_writev``: the same rules as a read; pre-copy's frozen source pushes its
+    last dirty runs into the target's arrays this way)."""
+    _copy(_libc().process_vm_writev, "process_vm_writev to", pid, addr, base, n)
+
+
+def _copy(fn: Any, what: str, pid: int, addr: int, base: int, n: int) -> None:
     off = 0
     while off < n:
         step = min(n - off, 1 << 30)
@@ -360,9 +372,9 @@ def read_at(pid: int, addr: int, base: int, n: int) -> None:
         got = fn(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
         if got < 0:
             e = ctypes.get_errno()
-            raise OSError(e, f"process_vm_readv from pid {pid}: {os.strerror(e)}")
+            raise OSError(e, f"{what} pid {pid}: {os.strerror(e)}")
         if got == 0:
-            raise OSError(errno.EIO, f"process_vm_readv from pid {pid}: no progress at byte {off} of {n}")
+            raise OSError(errno.EIO, f"{what} pid {pid}: no progress at byte {off} of {n}")
         off += got
 
 

@@ -3,14 +3,13 @@
 :class:`PreCopySource` runs on the moving rank at each safe point while its plan is held:
 it scans what the program wrote since the previous round (kernel write tracking or a
 shadow compare, :mod:`.wtrack`) and sends or lets the target read those chunks.
-:class:`PreCopyTarget` is the idle target's side in J. The freeze that follows (the rest of
-the state) is :class:`.strategies.PreCopy`'s ``send``/``receive``.
+:class:`.precopy_target.PreCopyTarget` is the idle target's side in J. The freeze that follows
+(the rest of the state) is :class:`.strategies.PreCopy`'s ``send``/``receive``.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 from typing import Any, Callable
 
@@ -18,7 +17,6 @@ import numpy as np
 from mpi4py import MPI
 
 from ..checkpoint.format import dumps
-from ..errors import MigrationError
 from ..state import State
 from . import background, handover, pages, transport, wtrack
 from .chunks import PIECE, chunk_bytes, flat_bytes
@@ -27,7 +25,7 @@ from .chunks import runs as _runs
 from .protocol import TAG_PRECOPY, TAG_PRECOPY_DATA, TAG_PRECOPY_DONE, mark
 from .transport import Transfer
 
-__all__ = ["PreCopySource", "PreCopyTarget"]
+__all__ = ["PreCopySource"]
 
 
 def _precopy_small(total: int, C: int, in_place: bool = False) -> int:
@@ -63,10 +61,11 @@ class PreCopySource:
     On one host (``handover.same_host``) the target reads the runs of kernel-tracked arrays
     straight out of this running process (``handover.vm_read``) and answers when done
     (``TAG_PRECOPY_DONE``, with the runs it could not read: those go by MPI from then on);
-    the freeze's runs are read the same way. Before round 1 the layout goes alone (round 0)
-    so that the target faults its arrays in first. While it reads, the target leaves out the
-    registered pages the kernel says were written since the scan (the next scan has them;
-    ``skipped_bytes``). ``MPIMIG_HANDOVER=mpi`` forces MPI.
+    the freeze's runs are read the same way (or, opt-in, this frozen process writes them into
+    the target's arrays while the target is in the switch's Split: :meth:`_push`). Before
+    round 1 the layout goes alone (round 0) so that the target faults its arrays in first.
+    While it reads, the target leaves out the registered pages the kernel says were written
+    since the scan (the next scan has them; ``skipped_bytes``). ``MPIMIG_HANDOVER=mpi`` forces MPI.
 
     The rest (shadow-tracked arrays, another host) goes in pieces of about ``PIECE`` bytes
     (whole chunks), one message each. Who sends them (``sender`` in ``strategy_stats``):
@@ -146,6 +145,10 @@ class PreCopySource:
         self.read_missed = 0
         self.round_target: list[tuple[float, float]] = []   # the target's (allocation, move) seconds per round
         self.last_early = False                   # the last round went at the point that found the rank ready
+        self.dest_at: dict[str, tuple[int, int]] = {}   # the target's arrays: name -> (address, bytes)
+        self.dest_where: dict[str, Any] = {}      # ... in this process (handover.where() of the target)
+        self.push_s = 0.0
+        self.why_no_push = ""
 
     def _refresh(self, arrays: dict[str, np.ndarray] | None = None) -> None:
         """Follow the registered arrays: one the program replaced (``st.a = new``) or
@@ -264,6 +267,8 @@ class PreCopySource:
                 return False
             reply = handover.await_reply(self.J, self.dest, TAG_PRECOPY_DONE)   # the target reads meanwhile
             self.awaiting = False
+            self.dest_at.update(reply.get("at", {}))
+            self.dest_where = reply.get("where", self.dest_where)
             if self.layout:
                 self.layout, self.layout_s = False, time.perf_counter() - self._t_round
             else:
@@ -430,6 +435,41 @@ class PreCopySource:
         return (0 < nbytes <= self.total // 32 and self.read
                 and all(k in self.tracked for k, m in dirty.items() if m.any()))
 
+    def _push(self, runs: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+        """At the freeze, on one host: write the final runs straight into the target's arrays
+        (``handover.write_at``) while the target takes part in the switch's ``Split``, which
+        waits for the other ranks; it used to read them only after it (the freeze's longest
+        part at 1 % dirty). The target's arrays are where its round replies said (``at``), every
+        round is in (drained), and the header that lets it use them goes after the writes.
+        Returns the runs left for the target to read or receive (all of them when it cannot).
+
+        Opt-in (``MPIMIG_PRECOPY_PUSH=on``): at 1 GiB, 1 % dirty on the 2 shared cores, it cut the
+        freeze under load (the target's read after the Split took 3-32 ms there) but lengthened it
+        by 1.5-2 ms when the machine was quiet: the push takes a core while the ranks, the
+        coordinator and the target need both for the Split (docs/bench/migrate-pc-push-ab*)."""
+        if not runs or not self.read or not self.dest_at:
+            return runs
+        if (os.environ.get("MPIMIG_PRECOPY_PUSH") or "off").strip().lower() not in ("on", "1", "yes", "true"):
+            self.why_no_push = "not asked (MPIMIG_PRECOPY_PUSH=on)"
+            return runs
+        if not handover.same_host(self.dest_where):
+            self.why_no_push = "another host"
+            return runs
+        pid, left, failed = int(self.dest_where["pid"]), [], False
+        t0 = time.perf_counter()
+        for k, lo, hi in runs:
+            addr, n = self.dest_at.get(k, (0, -1))
+            if k in self.new_meta or n != self.live[k].nbytes or failed:   # new at the freeze: the target makes it
+                left.append((k, lo, hi))
+                continue
+            try:
+                handover.write_at(pid, addr + lo, int(self.live[k].ctypes.data) + lo, hi - lo)
+            except OSError as exc:        # e.g. EPERM (ptrace rules): the target reads or receives the rest
+                self.why_no_push, failed = str(exc), True
+                left.append((k, lo, hi))
+        self.push_s = time.perf_counter() - t0
+        return left
+
     def finish(self, tx: Transfer, arrays: dict[str, np.ndarray], objects: dict[str, Any],
                extra: dict[str, Any]) -> None:
         """At the switch (rank frozen): the chunks still dirty, objects, held queue."""
@@ -451,6 +491,7 @@ class PreCopySource:
                 self.sends[k] += m
         runs = [(k, lo, hi) for k, m in dirty.items() for lo, hi in _runs(m, self.live[k].nbytes, self.C)]
         final = sum(hi - lo for _, lo, hi in runs)
+        scan_s = time.perf_counter() - t0
         resent = 0
         for k, cnt in self.sends.items():
             a = self.live[k]
@@ -461,7 +502,7 @@ class PreCopySource:
         stats = {"rounds": len(self.rounds), "round_bytes": list(self.rounds), "final_bytes": final,
                  "bytes_total": int(sum(self.rounds) + final), "bytes_resent": resent,
                  "state_bytes": self.total, "reason": self.reason or "switched-early",
-                 "final_scan_s": time.perf_counter() - t0, "scan_s": self.scan_s,
+                 "final_scan_s": scan_s, "scan_s": self.scan_s,
                  "precopy_s": extra["t_suspend"] - self.t_start, "wtrack": self.mode(),
                  "sender": "thread" if self.bg is not None else "safe-points", "skipped_bytes": self.skipped_bytes,
                  "rounds_sent": self.rounds_sent(),
@@ -478,12 +519,18 @@ class PreCopySource:
         if self.bg is None:
             stats["sender_reason"] = self.why_no_thread or "no rounds"
         extra = dict(extra, strategy_stats=stats)
+        hdr = {"final": True, "eager": eager, "meta": {k: (v.shape, v.dtype.str) for k, v in self.live.items()},
+               "objects": {k: dumps(k, v) for k, v in objects.items()}, "extra": extra}
+        # the header is ready: the runs go last, then it (the target is still in the switch's Split)
+        runs = self._push(runs)
+        mark(marks, "pushed")
+        stats["final_pushed_bytes"], stats["push_s"] = final - sum(hi - lo for _, lo, hi in runs), self.push_s
+        if self.why_no_push:
+            stats["push_reason"] = self.why_no_push
         # frozen: every array may be read out of our memory (shadow-tracked ones too), as the hand-over does
         read = ({"where": self.where, "addrs": {k: int(v.ctypes.data) for k, v in self.live.items()}}
                 if runs and self.read else None)
-        hdr = {"final": True, "runs": runs, "eager": eager,
-               "meta": {k: (v.shape, v.dtype.str) for k, v in self.live.items()},
-               "objects": {k: dumps(k, v) for k, v in objects.items()}, "extra": extra, "read": read}
+        hdr["runs"], hdr["read"] = runs, read
         mark(marks, "header")
         tx.send_obj(hdr)
         # polled (handover.await_reply): a blocking receive would spin on a core the target's read needs
@@ -494,152 +541,3 @@ class PreCopySource:
         # MEMORY: the target has read the runs (its reply came after); only now may our arrays go
         self.shadow.clear()
         self.close()
-
-
-class PreCopyTarget:
-    """The target's side of pre-copy rounds: preallocated arrays filled round by round."""
-
-    def __init__(self) -> None:
-        self.arrays: dict[str, np.ndarray] = {}
-        self.rounds = 0
-        self.skipped = 0          # bytes of pieces the source left out (they came in a later round)
-        self.read = 0             # bytes read out of the source's memory (the same host)
-        self.pagemaps: dict[int, int] = {}    # source pid -> its /proc/PID/pagemap (-1: cannot look)
-        self.J: MPI.Intracomm | None = None
-        self.source = -1
-        self.reading: threading.Thread | None = None      # a round read in place by a thread
-        self.error: BaseException | None = None
-
-    def catch_up(self, sent: int) -> None:
-        """The switch began with a round still on its way (``rounds_sent`` rounds left the
-        source): take it from J now and answer it, as the idle loop would have."""
-        self.settle()
-        while self.rounds < sent and self.J is not None:
-            self.on_round(self.J, self.source)
-            self.settle()
-
-    def _pagemap(self, pid: int) -> int:
-        fd = self.pagemaps.get(pid)
-        if fd is None:
-            try:
-                fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                fd = -1
-            self.pagemaps[pid] = fd
-        return fd
-
-    def _read(self, pid: int, addr: int, lo: int, hi: int, flat: np.ndarray, inner: tuple[int, int] | None,
-              P: int) -> int:
-        """Read bytes [lo, hi) of the source's array at ``addr`` into ``flat``, piece by piece,
-        leaving out the registered pages written since the source's scan (the next scan reports
-        them: they would only come again). Returns the bytes left out."""
-        fd = self._pagemap(pid) if inner is not None else -1
-        left = 0
-        for s in range(lo, hi, P):
-            e = min(hi, s + P)
-            holes: list[tuple[int, int]] = []
-            if fd >= 0 and inner is not None:
-                a0, a1 = max(addr + s, inner[0]) // wtrack.PAGE * wtrack.PAGE, min(addr + e, inner[1])
-                a0 = max(a0, inner[0])
-                if a1 > a0:
-                    try:
-                        holes = [(max(x - addr, s), min(y - addr, e)) for x, y in wtrack.look_written(fd, a0, a1)]
-                    except OSError:            # the kernel cannot look (another kernel, rules): read it all
-                        os.close(fd)
-                        self.pagemaps[pid] = fd = -1
-            at = s
-            for x, y in holes + [(e, e)]:
-                if x > at:
-                    handover.vm_read(pid, addr + at, flat[at:x])
-                left += max(0, y - max(x, at))
-                at = max(at, y)
-        return left
-
-    def close(self) -> None:
-        for fd in self.pagemaps.values():
-            if fd >= 0:
-                os.close(fd)
-        self.pagemaps.clear()
-
-    def on_round(self, J: MPI.Intracomm, source: int) -> None:
-        """A round's header is on J from ``source``: take it and move its runs, then answer.
-        A round read wholly in place (no piece by MPI) is read by a thread when MPI allows a
-        thread's call (``MPI_THREAD_MULTIPLE``), which also answers: the warm spare keeps
-        answering J meanwhile, so a switch that begins while it reads (pre-copy's early last
-        round) does not wait for the read to see its wake-up. Rounds are taken in order: the
-        next one, :meth:`catch_up` and the switch (:meth:`settle`) wait for that thread first."""
-        self.settle()
-        self.J, self.source = J, source       # where a round still on its way at the switch comes from
-        tx = Transfer(J, source, transport.ROUNDS, "pre-copy")
-        hdr = tx.recv_obj(TAG_PRECOPY)
-        t_alloc = time.perf_counter()
-        for k, (shape, dt) in hdr["arrays"].items():      # new (or replaced) arrays
-            # faulted in now, while idle: rounds (and a skipped piece at the freeze) land in memory that is there
-            self.arrays[k] = handover.prefault(tuple(shape), dt)
-        t_alloc = time.perf_counter() - t_alloc
-        rd = hdr.get("read") or {"addrs": {}}
-        in_place = all(k in rd["addrs"] for k, _, _ in hdr["runs"])
-        if hdr["runs"] and in_place and background.thread_ok()[0]:
-            t = threading.Thread(target=self._guarded, args=(J, source, tx, hdr, t_alloc),
-                                 name="mpimig-precopy-read", daemon=True)
-            self.reading = t
-            t.start()
-        else:
-            self._move(J, source, tx, hdr, t_alloc)
-
-    def _guarded(self, J: MPI.Intracomm, source: int, tx: Transfer, hdr: dict, t_alloc: float) -> None:
-        try:
-            self._move(J, source, tx, hdr, t_alloc)
-        except BaseException as exc:          # raised on the main thread by settle()
-            self.error = exc
-
-    def settle(self) -> None:
-        """Wait for the round a thread is reading (if any); raise what it hit."""
-        t, self.reading = self.reading, None
-        if t is not None:
-            t.join()
-        if self.error is not None:
-            exc, self.error = self.error, None
-            raise exc
-
-    def _move(self, J: MPI.Intracomm, source: int, tx: Transfer, hdr: dict, t_alloc: float) -> None:
-        """Read (or receive) a round's runs, then answer it (``TAG_PRECOPY_DONE``)."""
-        P = int(hdr["piece"])
-        st = MPI.Status()
-        t_move = time.perf_counter()
-        rd = hdr.get("read") or {"addrs": {}}
-        addrs = rd["addrs"]
-        can, why = (True, "") if not addrs or handover.same_host(rd["where"]) else (False, "another host")
-        missed: list[tuple[str, int, int]] = []
-        skipped = 0
-        for k, lo0, hi in hdr["runs"]:
-            flat = flat_bytes(self.arrays[k])
-            if k in addrs:                # the source's memory, read in place (it keeps computing)
-                if can:
-                    t0 = time.perf_counter()
-                    try:
-                        inner = rd.get("interior", {}).get(k)
-                        left = self._read(int(rd["where"]["pid"]), int(addrs[k]), lo0, hi, flat, inner, P)
-                        tx.record(hi - lo0 - left, time.perf_counter() - t0)
-                        self.read += hi - lo0 - left
-                        skipped += left
-                        continue
-                    except OSError as exc:    # e.g. EPERM (ptrace rules): MPI from the next round on
-                        can, why = False, str(exc)
-                missed.append((k, lo0, hi))
-                continue
-            for lo in range(lo0, hi, P):
-                e = min(hi, lo + P)
-                t0 = time.perf_counter()
-                J.Recv([flat[lo:e], MPI.BYTE], source, TAG_PRECOPY_DATA, st)
-                n = st.Get_count(MPI.BYTE)
-                tx.record(n, time.perf_counter() - t0)
-                if n == 0:               # written again since the source's scan: it comes later
-                    self.skipped += e - lo
-                elif n != e - lo:
-                    raise MigrationError(f"pre-copy round {hdr['round']}: piece [{lo}, {e}) of {k!r} "
-                                         f"came with {n} bytes")
-        self.rounds += 1 if hdr["round"] else 0          # round 0: the layout only
-        self.skipped += skipped
-        J.send({"missed": missed, "why": why, "skipped": skipped, "alloc_s": t_alloc,
-                "move_s": time.perf_counter() - t_move}, dest=source, tag=TAG_PRECOPY_DONE)

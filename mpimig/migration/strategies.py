@@ -33,7 +33,7 @@ the switch: :class:`PreCopySource` (the rank, at each safe point while its
 plan is held) and :class:`PreCopyTarget` (the idle target in J).
 
 Chunks are ``MPIMIG_CHUNK`` bytes (default 1 MiB) of an array's memory (:mod:`.chunks`).
-The rounds before pre-copy's switch are in :mod:`.precopy_rounds`.
+The rounds before pre-copy's switch are in :mod:`.precopy_rounds` (source) and :mod:`.precopy_target`.
 """
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ from .transport import Transfer
 from .chunks import chunk_bytes, flat_bytes
 from .chunks import split_state as _split_state
 # pre-copy's rounds live in their own module; strategies.PreCopySource/PreCopyTarget stay the names used
-from .precopy_rounds import PreCopySource, PreCopyTarget  # noqa: F401
+from .precopy_rounds import PreCopySource  # noqa: F401
+from .precopy_target import PreCopyTarget  # noqa: F401
 
 if TYPE_CHECKING:
     from ..launch.config import Config
@@ -173,6 +174,8 @@ class PreCopy(Strategy):
         arrays.update(hdr["eager"])
         objects = {k: loads(k, v) for k, v in hdr["objects"].items()}
         ss = hdr["extra"].setdefault("strategy_stats", {})
+        if not hdr["runs"] and ss.get("final_pushed_bytes"):    # the source wrote them all into our arrays
+            how = handover.MEMORY
         ss["final_how"], ss["final_s"] = how, time.perf_counter() - t0
         if how != handover.MEMORY:
             ss["final_why"] = why

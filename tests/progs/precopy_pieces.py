@@ -8,7 +8,8 @@ MPI); meanwhile the source writes into its third piece (after the round's scan).
 target receives, and the source keeps writing a little and stepping until its rounds are
 ready, then finishes (the switch). The target compares what it assembled with the source's
 final bytes (digests) and writes a JSON report: {"same", "stats", "target_rounds",
-"target_skipped", "target_read", "written"}.
+"target_skipped", "target_read", "written", "final_at_header"}; the last: the target's arrays
+already held the final bytes when the switch's header came (the source wrote them there).
 
 ``written`` is the program's own count of what it wrote, per round: element i is the bytes
 of the chunks (``MPIMIG_CHUNK``) of ``a`` written between the scan of round i+1 and the next
@@ -131,6 +132,7 @@ def target(comm: MPI.Intracomm, out: str) -> None:
     tx = transport.Transfer(comm, 0, transport.ROUNDS, "pre-copy")
     rx.settle()                              # a round read by a thread is counted once it is in
     before = rx.rounds
+    at_header = digest(rx.arrays)            # the header is here: what the arrays hold before we read
     arrays, objects, extra, _ = strategies.PreCopy().receive(tx, None, rx)
     want = comm.recv(source=0, tag=TAG_DIGEST)
     mine = comm.recv(source=0, tag=TAG_DIGEST + 1)
@@ -138,6 +140,7 @@ def target(comm: MPI.Intracomm, out: str) -> None:
         json.dump({"same": digest(arrays) == want, "objects": objects, "stats": extra["strategy_stats"],
                    "target_rounds": rx.rounds, "target_skipped": rx.skipped, "target_read": rx.read,
                    "rounds_before_switch": before,
+                   "final_at_header": at_header == digest({k: arrays[k] for k in rx.arrays}),
                    **mine}, f)
 
 
