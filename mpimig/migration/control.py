@@ -15,6 +15,7 @@ docs/protocol.md ("The control channel").
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -53,6 +54,16 @@ def _recv_line(conn: socket.socket) -> bytes:
 # -- the operator's side: the client --------------------------------------------------
 class CoordinatorGone(MigrationError):
     """The job's coordinator does not answer any more (its socket refuses, its pid is gone)."""
+
+
+def _exchange(s: socket.socket, target: Any, payload: bytes) -> bytes:
+    """Connect, send the request, read the answer line. A server that answers and closes before
+    reading the whole request (a refusal: too many connections) leaves us a broken pipe and its
+    answer, which is read (a broken pipe was reported instead, tests/test_control.py)."""
+    s.connect(target)
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        s.sendall(payload)
+    return _recv_line(s)
 
 
 def _alive(pid: Any) -> bool | None:
@@ -131,9 +142,7 @@ def request(job_dir, req: dict, timeout: float | None = 60.0, address: str | Non
         where = f"its control socket {target}"
     s.settimeout(timeout)
     try:
-        s.connect(target)
-        s.sendall((json.dumps(req) + "\n").encode())
-        data = _recv_line(s)
+        data = _exchange(s, target, (json.dumps(req) + "\n").encode())
     except FileNotFoundError:
         raise _gone(job_dir, info, f"{where} does not exist") from None
     except ConnectionRefusedError:
