@@ -221,6 +221,9 @@ class Context:
         """
         p = self.point = self.point + 1
         if p < self._free_until:
+            meter = self._meter
+            if meter is not None:         # a policy's meter: close the interval, report when due
+                meter.free_point(self)
             return                        # a free point: the next vote and checks are further on
         self._full_point()
 
@@ -231,6 +234,7 @@ class Context:
         link = self.link
         link.t_point = time.perf_counter()
         link.t_point_wall = time.time()
+        self.stats["full_points"] = self.stats.get("full_points", 0) + 1
         self._resize = None               # items of a resized restart not registered by now stay unread
         meter = self._meter
         if meter is not None:             # a job with a policy: close the interval, report now and then
@@ -269,13 +273,13 @@ class Context:
     def _next_full(self, gap: int) -> None:
         """The next point that is not free: the next vote, the next local check (``gap``
         points on), the next ``--ckpt-every`` point; the next point itself while something
-        runs at every point (a policy's meter, a post-copy, an asynchronous epoch not yet committed:
-        its settle is a collective at every point, a hook). An ``--ft`` job's points are free too:
+        runs at every point (a post-copy, an asynchronous epoch not yet committed:
+        its settle is a collective at every point, a hook; a policy's meter is served by the free
+        points themselves, :meth:`Meter.free_point`). An ``--ft`` job's points are free too:
         a recovery revokes the program's derived communicators with J and A, so a rank blocked on
         one learns of a failure there (mpimig.ft.recovery.recover)."""
         link, p, cfg = self.link, self.point, self.config
-        if (self._meter is not None or link.lazy is not None or self._pending is not None
-                or hooks.registered("checkpoint-point")):
+        if link.lazy is not None or self._pending is not None or hooks.registered("checkpoint-point"):
             self._free_until = p + 1
             return
         nxt = p + gap

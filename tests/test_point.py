@@ -62,6 +62,27 @@ def test_free_points_vote_rarely_and_a_scheduled_migration_still_runs(tmp_path):
     assert 2 <= rec["stats"]["votes"] <= 16, rec["stats"]
 
 
+def test_a_policys_meter_keeps_the_points_free_and_its_reports_still_come(tmp_path):
+    """With a policy (`none`: it meters and never moves) the ranks report their metrics, but a
+    point with nothing due stays free: the meter closes its interval and sends a due report there
+    (Meter.free_point). Every point was a full one before (+3.4-4.5% of heat2d's 0.5 ms step,
+    docs/bench/metrics-s9-*). 120 points, votes far apart: a handful of full points, the reports
+    of both ranks at the coordinator, counting the free points too; the grid bit for bit."""
+    job, out = tmp_path / "job", tmp_path / "out.npy"
+    res = run_cmd(mpimig_cmd("run", "-n", 2, "--policy", "none", "--metrics-seconds", 0.1, "--balance-seconds",
+                             0.2, "--job-dir", job, APPS / "heat2d.py", "--n", 48, "--steps", 120,
+                             "--work-ms", 10, "--out", out),
+                  timeout=180, env=base_env(MPIMIG_POINT_SECONDS=1e9))
+    assert "job completed" in res.stderr, res.stderr
+    assert np.load(out).tobytes() == heat_ref(tmp_path, 48, 120)
+    rec = read(job, "complete.json")
+    assert rec["points"] == 120
+    assert rec["stats"]["full_points"] <= 20, rec["stats"]          # was 120: every point
+    ranks = read(job, "status.json")["balance"]["ranks"]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    assert all(r["points"] > 0 and r["compute_s"] > 0 for r in ranks), ranks
+
+
 def test_ckpt_seconds_checkpoints_at_agreed_points_between_free_points(tmp_path):
     """--ckpt-seconds: rank 0's clock travels in the vote, so every rank writes the same
     epochs (a disagreement would hang the job) while most points are free; a restart
