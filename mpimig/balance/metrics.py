@@ -166,9 +166,12 @@ class Meter:
     # -- safe points (called by Context.checkpoint_point) -------------------------------
     def at_point(self, ctx: Context) -> None:
         """The start of a safe point: close the interval; report if the window is due."""
-        t = ctx.link.t_point
         if ctx.comm is not self.comm:
             self.attach(ctx.comm)
+        self._close(ctx, ctx.link.t_point)
+
+    def _close(self, ctx: Context, t: float) -> None:
+        """Close the running interval at ``t``; send the window's report to the coordinator if due."""
         self.wall_s += t - self.t_resume
         self.points += 1
         if t - self.t_report >= self.interval:
@@ -185,14 +188,7 @@ class Meter:
         """A free safe point (no vote, nothing due: ``Context.checkpoint_point``): the interval
         closes and the next one starts here, and a due report is sent, as at a full point, without
         making the point a full one (that cost 17-22 us per point on heat2d: docs/bench/metrics-s9-*)."""
-        t = time.perf_counter()
-        self.wall_s += t - self.t_resume
-        self.points += 1
-        if t - self.t_report >= self.interval:
-            J = ctx.link.J
-            if J is not None:
-                J.send(self.report(ctx, t), dest=0, tag=TAG_METRICS)
-            self.reset()
+        self._close(ctx, time.perf_counter())
         self.t_resume = time.perf_counter()
 
     def report(self, ctx: Context, t: float) -> dict:
