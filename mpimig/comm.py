@@ -14,9 +14,10 @@ held queue are in :mod:`mpimig.comm_flush`. Receives posted with ``Irecv``/``ire
 are *lazy* (:mod:`mpimig.comm_requests`: the requests and the progress engine that
 matches them). Nothing is lost, duplicated or reordered.
 
-This module has the communicator itself: identity, the direct path, sends and
-receives, collectives, the seams a migration uses (re-point, layers). The methods
-whose code lives in those two modules are class attributes here, under their names.
+This module has the communicator itself: identity, sends and receives,
+collectives, the seams a migration uses (re-point). The direct path and the wrapper
+layers are in :mod:`mpimig.comm_direct`. The methods whose code lives in those
+modules are class attributes here, under their names.
 
 The names and semantics are mpi4py's: capitalised methods take buffers,
 lowercase methods take pickled objects.
@@ -28,7 +29,7 @@ from typing import Any, Callable
 
 from mpi4py import MPI
 
-from . import comm_flush, comm_polite, comm_reduce, comm_requests
+from . import comm_direct, comm_flush, comm_polite, comm_reduce, comm_requests
 from .comm_flush import _MARKER  # noqa: F401 - tests/mpi/test_comm_mpi.py takes it from here
 from .comm_requests import Request, _fill_status, _idle
 # a request kept in a checkpoint written before the split pickles as mpimig.comm._restore_request
@@ -36,6 +37,7 @@ from .comm_requests import _restore_request  # noqa: F401
 from .errors import CommError
 
 ANY_SOURCE = MPI.ANY_SOURCE
+_Wrap = Callable[[str, Callable[..., Any]], Callable[..., Any]]   # a layer's wrap(method_name, method)
 ANY_TAG = MPI.ANY_TAG
 PROC_NULL = MPI.PROC_NULL
 
@@ -87,7 +89,10 @@ class Comm:
         self._name = ""
         self._direct = False                  # the direct path is on (enable_direct)
         self._direct_fns: dict[str, Callable[..., Any]] = {}   # what it installed on the instance
-        self._layers: dict[str, tuple[tuple[str, ...], Callable[[str, Callable[..., Any]], Callable[..., Any]]]] = {}
+        # wrapper layers (set_layer): name -> (methods, wrap, may sit on the direct path)
+        self._layers: dict[str, tuple[tuple[str, ...], _Wrap, bool]] = {}
+        self._composed: dict[tuple[str, bool], Callable[..., Any]] = {}   # layers over a path (_compose)
+        self._recv_direct = False             # receives are on the direct path now
         self._replayer: Any = None     # mpimig.replay.Replayer while a migrated process replays its setup
 
     # -- identity ------------------------------------------------------------
@@ -143,68 +148,13 @@ class Comm:
             "Send/send/Sendrecv/sendrecv, which go straight to MPI without checking the tag "
             "(docs/protocol.md, \"The direct path\")")
 
-    # -- the direct path: calls that need no translation go straight to MPI ---------
-    def enable_direct(self) -> None:
-        """Dispatch calls that need no translation straight to the MPI communicator's
-        methods (docs/protocol.md, "The direct path"): ``Recv``/``recv``/``Sendrecv``/
-        ``sendrecv`` while nothing is held or pending, ``Send``/``send`` and collectives
-        always. The methods sit on the instance and are swapped when the state changes (a
-        lazy receive posted, messages held, a re-point, a layer). On this path a reserved
-        tag is not refused at the send: the receiver's next safe point (or a facade
-        receive that meets the message) raises a CommError naming it. A job's
-        communicator turns it on when it is made; a derived one keeps its class's methods."""
-        self._direct = True
-        self._install_direct()
-
-    def _install_direct(self) -> None:
-        d = self.__dict__
-        layered = {m for names, _ in self._layers.values() for m in names}
-        c = self._c
-        # MPI's own bound methods, no frame of ours: the reserved tags are checked where
-        # mpimig receives, not here (_reserved_tag_error, docs/protocol.md "The direct path")
-        sends: dict[str, Callable[..., Any]] = {"Send": c.Send, "send": c.send}
-        cls = type(self)
-        # only where the class still has the plain forward (a subclass or a module may replace one)
-        sends.update({name: getattr(c, name) for name in _DIRECT_COLLECTIVES
-                      if getattr(cls, name) is _FORWARDS[name]})
-        sends["barrier"] = c.Barrier
-        self._direct_fns = {}
-        for name, fn in sends.items():
-            if name not in layered:
-                d[name] = self._direct_fns[name] = fn
-        if not self._queue and not self._pending:
-            self._direct_recv(d, layered, c)
-        else:
-            self._slow_recv()
-
-    def _direct_recv(self, d: dict, layered: set, c: MPI.Intracomm) -> None:
-        fns: dict[str, Callable[..., Any]] = {"Recv": c.Recv, "recv": c.recv}
-        if type(self).Sendrecv is Comm.Sendrecv:      # FTComm keeps its own
-            fns["Sendrecv"] = c.Sendrecv
-            fns["sendrecv"] = c.sendrecv
-        for name, fn in fns.items():
-            if name not in layered:
-                d[name] = self._direct_fns[name] = fn
-
-    def _slow_recv(self) -> None:
-        """Something is held or pending: receives go through the facade's matching."""
-        d = self.__dict__
-        layered = {m for names, _ in self._layers.values() for m in names}
-        for name in _DIRECT_RECV:
-            if name not in layered:
-                d.pop(name, None)
-                self._direct_fns.pop(name, None)
-
-    @property
-    def direct(self) -> tuple[str, ...]:
-        """The calls that go straight to MPI now (the direct path, :meth:`enable_direct`)."""
-        d = self.__dict__
-        return tuple(sorted(n for n, fn in self._direct_fns.items() if d.get(n) is fn))
-
-    def _maybe_direct(self) -> None:
-        """Nothing held or pending any more: receives may go straight to MPI again."""
-        if self._direct and not self._queue and not self._pending and "Recv" not in self.__dict__:
-            self._direct_recv(self.__dict__, {m for names, _ in self._layers.values() for m in names}, self._c)
+    # -- the direct path: calls that need no translation go straight to MPI (mpimig.comm_direct)
+    enable_direct = comm_direct.enable_direct
+    _install_direct = comm_direct.install_direct
+    _direct_recv = comm_direct.direct_recv
+    _slow_recv = comm_direct.slow_recv
+    _maybe_direct = comm_direct.maybe_direct
+    direct = property(comm_direct.direct)
 
     # -- point to point: sends go straight to MPI ------------------------------
     def Send(self, buf, dest: int, tag: int = 0) -> None:
@@ -503,47 +453,11 @@ class Comm:
         for c in (self, *self._derived.values()):
             c.set_layer("guard", BUFFER_METHODS, wrap)
 
-    def set_layer(self, name: str, methods: tuple[str, ...],
-                  wrap: Callable[[str, Callable[..., Any]], Callable[..., Any]] | None) -> None:
-        """Install the layer ``name``: ``wrap(method_name, method)`` returns the wrapper of
-        each method in ``methods`` on this instance; ``wrap=None`` removes the layer.
-
-        The seam for code that must see calls only while it is needed (the post-copy
-        guard, the balancer's metering in :mod:`mpimig.balance.metrics`): the wrappers
-        sit on the instance, over the methods of its class (an ``FTComm`` keeps its
-        own), and layers stack in the order they were installed, so a communicator
-        without layers runs its class's methods directly."""
-        old = set(self._layers.get(name, ((), None))[0])
-        if wrap is None:
-            self._layers.pop(name, None)
-        else:
-            self._layers[name] = (tuple(methods), wrap)
-        touched = old | set(methods)
-        for meth in touched:
-            self.__dict__.pop(meth, None)
-        for names, w in self._layers.values():
-            for meth in names:
-                if meth in touched:
-                    setattr(self, meth, w(meth, getattr(self, meth)))
-        if self._direct:
-            self._install_direct()        # methods no layer holds any more go straight to MPI again
-
-    @property
-    def layers(self) -> tuple[str, ...]:
-        """Names of the wrapper layers installed (:meth:`set_layer`), oldest first."""
-        return tuple(self._layers)
+    set_layer = comm_direct.set_layer
+    layers = property(comm_direct.layers)
 
 
-# The direct path (Comm.enable_direct): receives straight to MPI while nothing is held or
-# pending; collectives that the facade only forwards.
-_DIRECT_RECV = ("Recv", "recv", "Sendrecv", "sendrecv")
-_DIRECT_COLLECTIVES: tuple[str, ...] = (
-    "Barrier", "Bcast", "bcast", "Reduce", "reduce", "Allreduce", "allreduce", "Gather", "Gatherv", "gather",
-    "Scatter", "Scatterv", "scatter", "Allgather", "Allgatherv", "allgather", "Alltoall", "Alltoallv", "alltoall",
-    "Scan", "scan", "Exscan", "exscan", "Reduce_scatter_block")
-
-
-_FORWARDS = {name: Comm.__dict__[name] for name in _DIRECT_COLLECTIVES}
+comm_direct.PLAIN.update({name: Comm.__dict__[name] for name in (*comm_direct.DIRECT_COLLECTIVES, "Sendrecv")})
 
 
 # The buffer calls a guard sees (set_buffer_guard): every method that takes a buffer.

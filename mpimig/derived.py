@@ -135,7 +135,7 @@ class DerivedComm(Comm):
         self.tag_limit = root.tag_limit
         self._derived = {}
         if "guard" in root._layers:       # post-copy: derived buffer calls wait for chunks too
-            names, wrap = root._layers["guard"]
+            names, wrap, _ = root._layers["guard"]
             self.set_layer("guard", names, wrap)
 
     def __repr__(self) -> str:

@@ -97,7 +97,7 @@ class Meter:
         self.interval = interval
         self.dirty = DirtySampler(seed)
         self.comm: Comm | None = None     # the communicator that carries the layer
-        self.busy = False                 # inside a timed call (nested calls are not counted twice)
+        self.busy = False                 # inside a metered call (nested calls are neither timed nor counted again)
         now = time.perf_counter()
         self.t_resume = now               # end of the last safe point (start of the running interval)
         self.t_report = now               # start of the reporting window
@@ -114,7 +114,7 @@ class Meter:
     def attach(self, comm: Comm) -> None:
         """Install the timing layer on ``comm`` (a new one after a recovery or a move)."""
         self.comm = comm
-        comm.set_layer(LAYER, METHODS, self._wrap)
+        comm.set_layer(LAYER, METHODS, self._wrap, over_direct=True)
 
     def detach(self) -> None:
         if self.comm is not None:
@@ -127,13 +127,21 @@ class Meter:
 
         if name in SEND_METHODS:
             def send(*args: Any, **kwargs: Any) -> Any:
-                buf = args[0] if args else kwargs.get("buf", kwargs.get("sendbuf"))
-                dest = args[1] if len(args) > 1 else kwargs.get("dest", -1)
-                if dest >= 0:
-                    sent = meter.sent
-                    sent[dest] = sent.get(dest, 0) + _nbytes(buf)
-                if meter.busy:
+                if meter.busy:            # inside a metered call (the facade's Sendrecv sends by Isend)
                     return method(*args, **kwargs)
+                buf: Any
+                if kwargs or len(args) < 2:
+                    buf = args[0] if args else kwargs.get("buf", kwargs.get("sendbuf"))
+                    dest = args[1] if len(args) > 1 else kwargs.get("dest", -1)
+                else:                     # the usual call: (buf, dest, ...) by position
+                    buf, dest = args[0], args[1]
+                if dest >= 0:
+                    try:
+                        n = buf.nbytes    # an array: the usual buffer
+                    except AttributeError:
+                        n = _nbytes(buf)
+                    sent = meter.sent
+                    sent[dest] = sent.get(dest, 0) + n
                 meter.busy = True
                 t = pc()
                 try:
@@ -170,15 +178,18 @@ class Meter:
             self.attach(ctx.comm)
         self._close(ctx, ctx.link.t_point)
 
-    def _close(self, ctx: Context, t: float) -> None:
-        """Close the running interval at ``t``; send the window's report to the coordinator if due."""
+    def _close(self, ctx: Context, t: float) -> bool:
+        """Close the running interval at ``t``; send the window's report to the coordinator if
+        due (returns whether it was)."""
         self.wall_s += t - self.t_resume
         self.points += 1
-        if t - self.t_report >= self.interval:
-            J = ctx.link.J
-            if J is not None:
-                J.send(self.report(ctx, t), dest=0, tag=TAG_METRICS)
-            self.reset()
+        if t - self.t_report < self.interval:
+            return False
+        J = ctx.link.J
+        if J is not None:
+            J.send(self.report(ctx, t), dest=0, tag=TAG_METRICS)
+        self.reset()
+        return True
 
     def resume(self) -> None:
         """The end of a safe point: the program computes again."""
@@ -188,8 +199,10 @@ class Meter:
         """A free safe point (no vote, nothing due: ``Context.checkpoint_point``): the interval
         closes and the next one starts here, and a due report is sent, as at a full point, without
         making the point a full one (that cost 17-22 us per point on heat2d: docs/bench/metrics-s9-*)."""
-        self._close(ctx, time.perf_counter())
-        self.t_resume = time.perf_counter()
+        t = time.perf_counter()
+        if self._close(ctx, t):           # a report was sent: its time is not the program's
+            t = time.perf_counter()
+        self.t_resume = t
 
     def report(self, ctx: Context, t: float) -> dict:
         """This window's report (and the start of the next window)."""

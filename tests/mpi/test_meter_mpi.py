@@ -13,6 +13,7 @@ import pytest
 from mpi4py import MPI
 
 import mpimig
+from mpimig import comm_direct
 from mpimig.balance.metrics import LAYER, METHODS, Meter
 
 pytestmark = pytest.mark.mpi
@@ -71,3 +72,36 @@ def test_metering_layer_stacks_with_the_buffer_guard(comm):
     assert meter.sent == {right: 128}               # the meter saw both
     assert not [m for m in METHODS if m in vars(comm) and m not in comm.direct]
     assert {"Send", "Recv", "send", "recv"} <= set(comm.direct)
+
+
+def test_metering_sits_on_the_direct_path_and_leaves_it_while_a_receive_is_pending(comm, monkeypatch):
+    """The metered Sendrecv goes straight to MPI's while nothing is held or pending (no
+    facade frame: the layer is ``over_direct``), through the facade's matching while a
+    lazy receive is posted (so a message for it is not taken by the Sendrecv), and
+    straight again once that receive completed; every call is metered."""
+    me, n = comm.rank, comm.size
+    right, left = (me + 1) % n, (me - 1) % n
+    facade = []
+    real = mpimig.Comm.Sendrecv
+
+    def counted(self, *args, **kwargs):
+        facade.append(args[2])                      # the send tag
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(mpimig.Comm, "Sendrecv", counted)
+    monkeypatch.setitem(comm_direct.PLAIN, "Sendrecv", counted)    # still the plain one, counted
+    comm.enable_direct()                            # bind the direct path to the patched class
+    meter = Meter()
+    meter.attach(comm)
+    a, b, c = np.full(4, float(me)), np.empty(4), np.empty(4)
+    comm.Sendrecv(a, right, 1, b, left, 1)          # direct
+    r = comm.Irecv(c, left, 7)                      # pending: receives match in the facade
+    comm.Sendrecv(a, right, 2, b, left, 2)          # the facade (tag 2 is not the Irecv's)
+    s = comm.Isend(a + 1, right, 7)
+    r.Wait()
+    s.Wait()
+    comm.Sendrecv(a, right, 3, b, left, 3)          # direct again
+    meter.detach()
+    assert facade == [2]
+    assert b.tolist() == [float(left)] * 4 and c.tolist() == [float(left) + 1] * 4
+    assert meter.sent == {right: 3 * 32 + 32}
