@@ -294,9 +294,9 @@ def test_a_move_completes_the_file_made_at_its_plans_sight(tmp_path):
     it saw the plan, the freeze completed it; the result is bit-identical and the directory is gone."""
     import numpy as np
     job, out = tmp_path / "job", tmp_path / "out.npy"
-    n, steps = 512, 24
-    res = run_cmd(mpimig_cmd("run", "-n", 4, "--job-dir", job, "--migrate", f"8:1:{HOST}:file-server",
-                             APPS / "heat2d.py", "--n", n, "--steps", steps, "--work-ms", 40, "--out", out),
+    n, steps = 512, 40
+    res = run_cmd(mpimig_cmd("run", "-n", 4, "--job-dir", job, "--migrate", f"6:1:{HOST}:file-server",
+                             APPS / "heat2d.py", "--n", n, "--steps", steps, "--work-ms", 60, "--out", out),
                   timeout=240, env=job_env())
     assert "job completed" in res.stderr, res.stderr[-3000:]
     assert np.load(out).tobytes() == heat_ref(tmp_path, n, steps)
