@@ -32,13 +32,24 @@ is *when* and *how* the target reads it:
   the file's metadata before libhdf5 opens it, then every CRC). ``fs_read`` /
   ``fs_why`` in the move's ``strategy_stats`` say which ran and why.
 
+* **made before the freeze** (:class:`Preparer`, ``MPIMIG_FS_PREPARE=off`` turns it off): at its
+  plan's first sight (``handover.announce`` -> :func:`on_plan`) the moving rank creates the file
+  with its big arrays' datasets at their offsets, fallocates and reads those extents once in a
+  thread, so the freeze's pwrite lands in resident page cache (the first touch of memory that sat
+  free is slow on this VM: ~0.45 GB/s). The freeze stops the thread and completes that file (the
+  same format, checks and manifest), or writes a new one when the big arrays changed since the
+  plan (``fs_prepared`` says why); a plan that does not run removes it (:func:`cancel`).
+
 Figures in ``strategy_stats``: source ``crc_s`` (the CRCs, before the data),
 ``create_s`` (file, datasets, small data, CRCs), ``data_s`` (big arrays
 written), ``close_s`` = ``hdf5_close_s`` + ``fsync_s`` + ``sha_s`` (the digest
 outside the arrays' data), ``commit_s``, ``write_s`` (all of it); target
 ``read_s`` (header to the commit notice: reading overlaps the source's writing)
 = ``wait_s`` + ``pread_s`` + ``read_crc_s`` + the rest, ``verify_s`` (the
-manifest and every checksum), ``fault_s``/``faulted_bytes`` (the faulting thread).
+manifest and every checksum), ``fault_s``/``faulted_bytes`` (the faulting thread); the file made
+before the freeze: ``fs_prepared`` (used, none, or ``not used: why``), ``prep_wait_s`` (the freeze
+stopping its thread), ``prep_state``, ``prep_bytes``, ``prep_read_bytes``, ``prep_create_s``,
+``prep_read_s``, ``prep_age_s``.
 """
 from __future__ import annotations
 
