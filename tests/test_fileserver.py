@@ -280,6 +280,12 @@ def test_a_preparation_cancelled_leaves_no_file(tmp_path):
     assert q is not None and q.made.wait(30) and q.state.startswith("failed"), q.state
     fs.cancel("the plan did not run")
     assert (d / "keep").read_text() == "x" and not q.part.exists()
+    d7, d8 = tmp_path / "migrations" / "plan-00007-rank-00001", tmp_path / "migrations" / "plan-00008-rank-00001"
+    r = fs.begin(d7, 7, arrays)
+    assert r is not None and r.made.wait(30) and r.part.is_file(), r.state
+    s = fs.begin(d8, 8, arrays)             # another plan: the one before cannot run any more
+    assert s is not None and not r.is_alive() and not d7.exists()
+    assert fs.take(d7) is None and not d8.exists()       # a freeze of another plan: not that file
 
 
 HOST = socket.gethostname()

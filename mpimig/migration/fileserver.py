@@ -173,7 +173,7 @@ class Preparer(threading.Thread):
         t0 = time.perf_counter()
         try:
             self._create()
-        except (OSError, RuntimeError, ValueError, CheckpointError) as exc:
+        except Exception as exc:       # whatever went wrong, the freeze writes a new file (and says why)
             self.state = f"failed: {type(exc).__name__}: {exc}"
             self.made.set()
             return
