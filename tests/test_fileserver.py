@@ -310,7 +310,7 @@ def test_a_move_completes_the_file_made_at_its_plans_sight(tmp_path):
     s = m["strategy_stats"]
     assert m["state"] == "done" and s["fs_prepared"] == "used", s
     assert s["prep_bytes"] == 258 * 258 * 8 and s["prep_state"] in ("read", "halted"), s
-    assert "before the freeze (1 arrays, 532512 bytes)" in res.stderr, res.stderr[-3000:]
+    assert "before the freeze: 532512 bytes of 1 big array(s)" in res.stderr, res.stderr[-3000:]
     assert list((job / "migrations").iterdir()) == []
 
 

@@ -276,8 +276,8 @@ def begin(directory: Path, plan_id: int, arrays: dict[str, Any]) -> Preparer | N
             _hooked = True
             atexit.register(cancel, "the process ended before the plan ran")
     p.start()
-    log.info("file-server: making %s for plan %d before the freeze (%d arrays, %d bytes)", p.part, plan_id,
-             len(lay), p.extent_bytes)
+    log.info("file-server: making %s for plan %d before the freeze: %d bytes of %d big array(s)", p.part,
+             plan_id, p.extent_bytes, len(lay))
     return p
 
 
