@@ -315,10 +315,12 @@ def test_a_move_completes_the_file_made_at_its_plans_sight(tmp_path):
 
 
 def test_a_plan_that_does_not_run_leaves_no_file(tmp_path):
-    """The plan (for a point the job never reaches) is seen, the moving rank makes its file (seen here
-    while the job runs), the job finishes first: the file and its directory are gone at the end."""
+    """The plan (for a point the job never reaches; a warm spare: it is sent at once) is seen, the moving
+    rank makes its file (seen here while the job runs), the job finishes first: the file and its
+    directory are gone at the end."""
     job, out = tmp_path / "job", tmp_path / "out.npy"
-    proc = start_job(mpimig_cmd("run", "-n", 4, "--job-dir", job, "--migrate", f"100000:1:{HOST}:file-server",
+    proc = start_job(mpimig_cmd("run", "-n", 4, "--job-dir", job, "--spares-per-host", 1,
+                                "--migrate", f"100000:1:{HOST}:file-server",
                                 APPS / "heat2d.py", "--n", 512, "--steps", 200, "--work-ms", 20, "--out", out),
                      env=job_env())
     seen: list[Path] = []
