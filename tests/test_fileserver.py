@@ -17,12 +17,14 @@ The whole move with file-server (heat2d, bit-identical) is tests/test_strategies
 from __future__ import annotations
 
 import json
+import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, base_env, run_cmd
+from conftest import APPS, ROOT, base_env, heat_ref, kill_session, mpimig_cmd, read, run_cmd, start_job
 
 PROG = ROOT / "tests" / "progs" / "fileserver_pair.py"
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -204,3 +206,135 @@ def test_a_file_server_manifest_with_other_extents_is_refused(tmp_path, extents,
     mpath.write_text(json.dumps(man))
     with pytest.raises(CorruptCheckpoint, match=words):
         store.read_rank(1, 0)
+
+
+# -- the file made before the freeze (issue 15: the page cache filled while the rank computes) --------
+FS_NAMES = ("u", "f", "small", "scalar", "words")
+
+
+@pytest.mark.parametrize("mode", ["pipelined", "whole"])
+def test_a_file_made_before_the_freeze_gives_the_same_state_and_a_checkpoint_like_file(tmp_path, mode):
+    """fileserver.begin made the file (the big arrays' datasets at their offsets, fallocated, read
+    once) before send: the freeze completes that file; the state comes back bit-identical, and the
+    committed file reads like any checkpoint (CheckpointStore.read_rank: digest, every CRC)."""
+    import numpy as np
+
+    from mpimig.checkpoint import CheckpointStore
+    res, d = run_pair(tmp_path, "none", mode, "--prepare", "same", "--late", "--mib", "8")
+    assert "error" not in res, res
+    assert res["same_arrays"] == {k: True for k in FS_NAMES}, res
+    assert res["same_objects"] is True and res["dir_left"] is False, res
+    src = res["source_stats"]
+    assert src["fs_prepared"] == "used", src
+    # u (8 MiB) and f (600 KB, written in C order) were made and read before the freeze
+    assert src["prep_state"] == "read" and src["prep_bytes"] == (8 << 20) + 600_000, src
+    assert src["prep_read_bytes"] == src["prep_bytes"] and src["prep_create_s"] > 0, src
+    rs = CheckpointStore(tmp_path / "out.json.dir", create=False).read_rank(1, 0)
+    u = (np.arange((8 << 20) // 8, dtype=np.uint64) * 0x9E3779B97F4A7C15).view(np.float64)
+    assert rs.arrays["u"].tobytes() == u.tobytes() and rs.arrays["u"].dtype == np.float64
+    assert rs.arrays["f"].flags.f_contiguous and rs.arrays["f"].tobytes() == \
+        np.asfortranarray(np.arange(300 * 500, dtype=np.int32).reshape(300, 500)).tobytes()
+    assert rs.objects["it"] == 7
+
+
+@pytest.mark.parametrize("change", ["changed", "added"])
+@pytest.mark.parametrize("mode", ["pipelined", "whole"])
+def test_a_state_changed_after_the_plan_writes_a_new_file(tmp_path, mode, change):
+    """The file was made for the state at the plan's sight; by the freeze u has another dtype and
+    shape with the same bytes (or there is one more big array): that file is not used, a new one is
+    written as without preparation, the figures say why, and what the target gets is the state at
+    the freeze (the whole path reads the dtype and shape from the file: a file completed from the
+    old layout would give u as float64 of the old shape)."""
+    res, d = run_pair(tmp_path, "none", mode, "--prepare", change, "--mib", "8")
+    assert "error" not in res, res
+    names = FS_NAMES + (("more",) if change == "added" else ())
+    assert res["same_arrays"] == {k: True for k in names}, res
+    assert res["same_objects"] is True and res["dir_left"] is False, res
+    src = res["source_stats"]
+    why = src["fs_prepared"]
+    assert why.startswith("not used: the arrays changed between the plan and the freeze: "), src
+    if change == "changed":
+        assert f"/arrays/u [{(8 << 20) // 8}] <f8 -> [{(8 << 20) // 16}, 2] <i8" in why, why
+    else:
+        assert "/arrays/more none -> [100000] <f4" in why, why
+
+
+def test_a_preparation_cancelled_leaves_no_file(tmp_path):
+    """begin() makes the directory and the file; cancel() (a plan that does not run) stops the thread
+    and removes both; a directory that existed before is never made or removed."""
+    import numpy as np
+
+    from mpimig.migration import fileserver as fs
+    d = tmp_path / "migrations" / "plan-00003-rank-00001"
+    arrays = {"u": np.ones(1 << 20), "tiny": np.zeros(3)}
+    p = fs.begin(d, 3, arrays)
+    assert p is not None and [x[0] for x in p.layout] == ["arrays/u"]
+    assert p.made.wait(30) and p.part.is_file() and p.state != "new", p.state
+    assert fs.begin(d, 3, arrays) is p                  # once per plan
+    fs.cancel("the plan did not run")
+    assert not p.is_alive() and not d.exists() and (tmp_path / "migrations").is_dir()
+    assert fs.begin(d, 4, {"tiny": np.zeros(3)}) is None and not d.exists()    # nothing big: nothing made
+    d.mkdir(parents=True)
+    (d / "keep").write_text("x")
+    q = fs.begin(d, 5, arrays)
+    assert q is not None and q.made.wait(30) and q.state.startswith("failed"), q.state
+    fs.cancel("the plan did not run")
+    assert (d / "keep").read_text() == "x" and not q.part.exists()
+    d7, d8 = tmp_path / "migrations" / "plan-00007-rank-00001", tmp_path / "migrations" / "plan-00008-rank-00001"
+    r = fs.begin(d7, 7, arrays)
+    assert r is not None and r.made.wait(30) and r.part.is_file(), r.state
+    s = fs.begin(d8, 8, arrays)             # another plan: the one before cannot run any more
+    assert s is not None and not r.is_alive() and not d7.exists()
+    assert fs.take(d7) is None and not d8.exists()       # a freeze of another plan: not that file
+
+
+HOST = socket.gethostname()
+
+
+def job_env(**extra) -> dict:
+    return base_env(OMPI_MCA_btl_tcp_if_include="lo", MPIMIG_LOG="info", **extra)
+
+
+def test_a_move_completes_the_file_made_at_its_plans_sight(tmp_path):
+    """A real move (heat2d, its 258x258 block: 532 KB, written by pwrite): the rank made the file when
+    it saw the plan, the freeze completed it; the result is bit-identical and the directory is gone."""
+    import numpy as np
+    job, out = tmp_path / "job", tmp_path / "out.npy"
+    n, steps = 512, 40
+    res = run_cmd(mpimig_cmd("run", "-n", 4, "--job-dir", job, "--migrate", f"6:1:{HOST}:file-server",
+                             APPS / "heat2d.py", "--n", n, "--steps", steps, "--work-ms", 60, "--out", out),
+                  timeout=240, env=job_env())
+    assert "job completed" in res.stderr, res.stderr[-3000:]
+    assert np.load(out).tobytes() == heat_ref(tmp_path, n, steps)
+    (m,) = read(job, "status.json")["migrations"]
+    s = m["strategy_stats"]
+    assert m["state"] == "done" and s["fs_prepared"] == "used", s
+    assert s["prep_bytes"] == 258 * 258 * 8 and s["prep_state"] in ("read", "halted"), s
+    assert "before the freeze: 532512 bytes of 1 big array(s)" in res.stderr, res.stderr[-3000:]
+    assert list((job / "migrations").iterdir()) == []
+
+
+def test_a_plan_that_does_not_run_leaves_no_file(tmp_path):
+    """The plan (for a point the job never reaches; a warm spare: it is sent at once) is seen, the moving
+    rank makes its file (seen here while the job runs), the job finishes first: the file and its
+    directory are gone at the end."""
+    job, out = tmp_path / "job", tmp_path / "out.npy"
+    proc = start_job(mpimig_cmd("run", "-n", 4, "--job-dir", job, "--spares-per-host", 1,
+                                "--migrate", f"100000:1:{HOST}:file-server",
+                                APPS / "heat2d.py", "--n", 512, "--steps", 200, "--work-ms", 20, "--out", out),
+                     env=job_env())
+    seen: list[Path] = []
+    deadline = time.monotonic() + 120
+    try:
+        while not seen and proc.poll() is None and time.monotonic() < deadline:
+            seen = list((job / "migrations").glob("plan-*-rank-00001/epoch-000001.tmp/rank-00000.h5.tmp"))
+            time.sleep(0.02)        # polling the job's directory, not MPI synchronisation
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        kill_session(proc.pid)
+    assert seen, "the file was never made\n" + stderr[-3000:]
+    assert "job completed" in stderr, stderr[-3000:]
+    (m,) = read(job, "status.json")["migrations"]
+    assert m["state"].startswith("cancelled"), m
+    assert not seen[0].exists() and list((job / "migrations").iterdir()) == [], seen
+    assert "removed (the process ended before the plan ran)" in stderr, stderr[-3000:]

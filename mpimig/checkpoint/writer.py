@@ -234,21 +234,29 @@ def _size_estimate(prepared: Prepared) -> int:
 _Direct = list[tuple[Item, int]]     # (item, file offset) of the datasets written with pwrite
 
 
-def _create_datasets(fid: h5py.h5f.FileID, prepared: Prepared) -> tuple[list[Any], _Direct]:
+def _create_datasets(fid: h5py.h5f.FileID, prepared: Prepared,
+                     made: frozenset[str] = frozenset()) -> tuple[list[Any], _Direct]:
     """Create groups and every dataset (contiguous, allocated, no fill, a
     crc32 placeholder attribute); write the small ones through h5py and
-    checksum them. Returns the dataset ids and the big datasets to pwrite."""
-    for g in GROUPS:
-        h5py.h5g.create(fid, g.encode())
+    checksum them. Returns the dataset ids and the big datasets to pwrite.
+    ``made``: the paths of datasets that exist already, without attributes, with
+    the top groups (the file-server's file made before the freeze: :func:`create_layout`):
+    opened, not created."""
+    if not made:
+        for g in GROUPS:
+            h5py.h5g.create(fid, g.encode())
     for gpath, gattrs in prepared.groups.items():
         _write_attrs(h5py.h5g.create(fid, gpath.encode("utf-8")), gattrs)
     direct: _Direct = []
     dsids = []
     for item in prepared.items:
         data = item.data
-        space = (h5py.h5s.create(h5py.h5s.SCALAR) if data.ndim == 0
-                 else h5py.h5s.create_simple(data.shape))
-        dsid = h5py.h5d.create(fid, item.path.encode("utf-8"), _h5type(data.dtype), space, dcpl=_dcpl())
+        if item.path in made:
+            dsid = h5py.h5d.open(fid, item.path.encode("utf-8"))
+        else:
+            space = (h5py.h5s.create(h5py.h5s.SCALAR) if data.ndim == 0
+                     else h5py.h5s.create_simple(data.shape))
+            dsid = h5py.h5d.create(fid, item.path.encode("utf-8"), _h5type(data.dtype), space, dcpl=_dcpl())
         dsids.append(dsid)
         _write_attrs(dsid, {**item.attrs, "nbytes": np.uint64(item.nbytes),
                             "crc32": np.uint32(0)})   # placeholder, rewritten in place
@@ -261,6 +269,24 @@ def _create_datasets(fid: h5py.h5f.FileID, prepared: Prepared) -> tuple[list[Any
                 dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, data)
             item.crc = crc32_of(data)
     return dsids, direct
+
+
+def create_layout(fid: h5py.h5f.FileID, layout: list[tuple[str, tuple[int, ...], str]]) -> dict[str, int]:
+    """The top groups and, for each (path, shape, dtype), a dataset as :func:`_create_datasets`
+    makes a big one (contiguous, allocated, no fill), without attributes: the file-server's
+    file made before the freeze, completed by ``_create_datasets(..., made=...)``. Returns
+    each dataset's file offset."""
+    for g in GROUPS:
+        h5py.h5g.create(fid, g.encode())
+    out = {}
+    for path, shape, dtype in layout:
+        space = h5py.h5s.create(h5py.h5s.SCALAR) if not shape else h5py.h5s.create_simple(shape)
+        dsid = h5py.h5d.create(fid, path.encode("utf-8"), _h5type(np.dtype(dtype)), space, dcpl=_dcpl())
+        offset = dsid.get_offset()
+        if offset is None:
+            raise ValueError(f"dataset /{path} has no file offset")
+        out[path] = int(offset)
+    return out
 
 
 def _write_direct(fd: int, direct: _Direct) -> None:

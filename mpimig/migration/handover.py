@@ -239,6 +239,8 @@ def announce(ctx: Context, plan: Plan) -> None:
     if plan.kind != "switch" or link.announced == plan.id:
         return
     move = plan.move_of(ctx.rank)
+    from . import fileserver           # a file-server move: its file made before the freeze
+    fileserver.on_plan(ctx, plan, move)
     if move is None:
         return
     st = ctx.registered_state

@@ -3,7 +3,10 @@ through mpimig.migration.fileserver.send (as the old process of a move does), ra
 it with fileserver.receive. --damage flips a byte of the big array's file data after its
 first block is written (``flip``) or cuts the file inside the big array's last block
 (``truncate``), before the target is told about the block. With --late rank 0 copies the
-committed directory to OUT.dir. Rank 1 prints one JSON line
+committed directory to OUT.dir. --prepare makes the file before the "freeze" as a file-server
+move's rank does at its plan's first sight (fileserver.begin: its thread run to its end), for
+the state as it is (``same``), or then changes the state before send: u another dtype and
+shape with the same bytes (``changed``), or one more big array (``added``). Rank 1 prints one JSON line
 (--out): what it read against the state rank 0 had, its figures, or the error it raised.
 tests/test_fileserver.py judges it."""
 import argparse
@@ -25,6 +28,7 @@ ap.add_argument("--out", required=True)
 ap.add_argument("--damage", choices=["none", "flip", "truncate"], default="none")
 ap.add_argument("--mib", type=int, default=40)
 ap.add_argument("--late", action="store_true", help="the target looks only after the source committed")
+ap.add_argument("--prepare", choices=["none", "same", "changed", "added"], default="none")
 a = ap.parse_args()
 comm = MPI.COMM_WORLD
 
@@ -42,7 +46,16 @@ def state():
 
 
 arrays, objects = state()
+if a.prepare != "none":            # both sides: the state at the freeze
+    before = dict(arrays)
+    if a.prepare == "changed":
+        arrays["u"] = arrays["u"].view(np.int64).reshape(-1, 2)
+    elif a.prepare == "added":
+        arrays["more"] = np.arange(100_000, dtype=np.float32)
 if comm.rank == 0:
+    if a.prepare != "none":
+        prep = fileserver.begin(Path(a.dir), 1, before)
+        prep.join()                # read to its end (a move's freeze stops it wherever it is)
     u_path = "arrays/u"
     seen: list[int] = []
 
