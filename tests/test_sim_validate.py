@@ -182,6 +182,23 @@ def test_calibration_from_a_run_record():
     assert slower["time_to_solution_s"] == pytest.approx(1.25 * sim["time_to_solution_s"], rel=1e-3)
 
 
+def test_the_simulator_replays_the_calibration_run_with_its_own_points_moves_and_kills():
+    """For information beside the verdict: the simulator replaying the calibration run (55 points,
+    rank 2 moved at 20 and rank 3 at 50, ranks 5 and 4 killed at 56 and 62), not the scenario's
+    events (100 points, moves at 20 and 40, one kill at 70)."""
+    cfg = load("lab-validate")[0]
+    pl = validate.plan(cfg)
+    cal = validate.calibrate(run_record(), pl, 6)
+    rep = validate.replay_calibration(cfg, pl, cal, 1)
+    sim = validate.simulate(cfg, pl, cal, 1)
+    assert [(m["rank"], m["from"]) for m in rep["moves"]] == [(2, "h2"), (3, "h2")]
+    assert len(rep["failures"]) == 2 and len(sim["failures"]) == 1
+    assert rep["moves"][0]["t"] == pytest.approx(sim["moves"][0]["t"])        # point 20 in both
+    assert rep["moves"][1]["t"] > sim["moves"][1]["t"]                          # point 50, not 40
+    assert rep["time_to_solution_s"] < sim["time_to_solution_s"]                # 55 points, not 100
+    assert cfg.values["jobs"]["points"] == 100 and len(cfg.events) == 3         # the scenario is left as it was
+
+
 def test_a_move_off_the_slowed_host_costs_its_protocol_and_its_bytes_at_that_hosts_send_rate():
     """The calibration splits each move off the slowed host into the send (the runtime's ``transfer``
     timing: the state's bytes at the source's send rate) and the rest (the protocol), by the host's rank

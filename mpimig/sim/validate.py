@@ -512,6 +512,20 @@ def simulate(cfg, pl: dict, cal: dict, seed: int, machine: float = 1.0) -> dict:
             "freeze_s": sim.sp.freeze_s, "online_s": sim.fp.online_s}
 
 
+def replay_calibration(cfg, pl: dict, cal: dict, seed: int) -> dict:
+    """The simulator replaying the calibration run itself (its points, moves and kills), calibrated
+    from it: its time to solution against that run's shows the model's own error, apart from how
+    much two real runs differ (information, not the verdict: docs/simulator.md, "Runs val10")."""
+    import copy
+    import dataclasses
+    from .scenario import Event
+    values = copy.deepcopy(cfg.values)
+    values["jobs"]["points"] = values["lab"]["calib_points"]
+    events = ([Event(at_s=-1.0, kind="move", hosts=[h], rank=r, at_point=p) for p, r, h in pl["calib_moves"]]
+              + [Event(at_s=-1.0, kind="kill-rank", rank=r, at_point=p) for p, r in pl["calib_kills"]])
+    return simulate(dataclasses.replace(cfg, values=values, events=events), pl, cal, seed)
+
+
 def compare(real: dict, simd: dict, bound: float) -> list[dict]:
     out = []
     for m in METRICS:
@@ -596,6 +610,13 @@ def validate(path: str, seed: int | None = None, work_dir: str | None = None, ca
     # other hosts empty or fill; docs/simulator.md)
     machine = reference_compute(real, pl, cfg.values["jobs"]["ranks"]) / cal["reference_compute_s"]
     scaled = simulate(cfg, pl, cal, sd, machine)
+    replay = replay_calibration(cfg, pl, cal, sd)
+    r_real, r_sim = cal_run["time_s"], replay["time_to_solution_s"]
+    out["calibration_replay"] = {"real_time_to_solution_s": r_real, "simulated_time_to_solution_s": r_sim,
+                                 "error": abs(r_sim - r_real) / r_real if (r_real and r_sim) else None,
+                                 "simulated": replay}
+    say(f"validate: the simulator replaying the calibration run: time to solution {r_real:.3f} s real, "
+        f"{r_sim:.3f} s simulated (the model's own error, for information)")
     out.update({"calibration_run": cal_run, "calibration": cal, "validation_run": real, "real": real_m,
                 "simulated": simd, "metrics": rows, "ok": all(r["within"] for r in rows),
                 "machine": machine, "simulated_machine_scaled": scaled,
