@@ -279,14 +279,13 @@ def test_the_real_runs_wait_in_mpi_without_spinning_and_a_set_value_wins():
 def test_the_lab_ci_scenario_runs_both_ways_and_reports_each_metrics_error(lab, tmp_path):
     """Issue 13: the validation comparison on a small scenario runs in CI.
     ``mpimig simulate --validate lab-ci``: a calibration run and the scenario's run on the lab (3 hosts,
-    6 ranks, h2 slowed, 2 moves, 1 killed rank), the simulator calibrated from the first only; time
-    to solution, per-move downtime and recovery time are compared, each with its error, and the
-    command's exit status says whether all were within 15%. The bound itself is not held here: on
-    this shared 2-core machine two real runs of the scenario differ by more than 15% (start-up 0.6-2.0 s,
-    the first move 0.12-0.38 s, quantised by the slowed host's 20 ms CFS periods; docs/simulator.md,
-    "Runs s7"; with 48 MiB moves instead, the send's rate varied 250-840 MB/s between runs and time to
-    solution and recovery erred more: "Per-move downtime: bytes at the source's speed"). The issue's
-    goal stays open. 1-2 min."""
+    6 ranks, h2 slowed with a 5 ms CFS period, 3 moves, 3 killed ranks), the simulator calibrated from
+    the first only; time to solution, per-move downtime and recovery time (medians of three) are
+    compared, each with its error, and the command's exit status says whether all were within 15%.
+    The bound itself is not held here: it held in every metric in only some of the runs of this
+    scenario on this shared 2-core machine (docs/simulator.md, "Runs val10": each metric's spread
+    and why: the per-move and recovery figures are 20-100 ms of protocol, and a few milliseconds of
+    scheduling between two runs is 15%). The issue's goal stays open. About a minute."""
     out, runs = tmp_path / "out", tmp_path / "runs"
     res = run_cmd(mpimig_cmd("simulate", "--validate", "lab-ci", "--out", out, "--work-dir", runs),
                   timeout=300, env=lab_env())
@@ -299,6 +298,11 @@ def test_the_lab_ci_scenario_runs_both_ways_and_reports_each_metrics_error(lab, 
     assert len(pl["moves"]) == 3 and len(pl["kills"]) == 3
     assert len(data["validation_run"]["moves"]) == 3 and len(data["validation_run"]["recoveries_s"]) == 3
     assert len(data["simulated"]["move_downtimes_s"]) == 3 and len(data["simulated"]["recoveries_s"]) == 3
+    # beside the verdict: the simulator replaying the calibration run, against that run's own time
+    rep = data["calibration_replay"]
+    assert rep["real_time_to_solution_s"] == data["calibration_run"]["time_s"]
+    assert rep["simulated_time_to_solution_s"] > 0
+    assert len(rep["simulated"]["move_downtimes_s"]) == 3 and len(rep["simulated"]["recoveries_s"]) == 3
     table = validate.table(data["metrics"]) + f"\nload average {os.getloadavg()}\n" + res.stderr[-1500:]
     assert [m["metric"] for m in data["metrics"]] == list(validate.METRICS), table
     assert data["bound"] == 0.15
