@@ -71,10 +71,10 @@ def lab_validate(**changes) -> dict:
      "killed rank 0: kill a rank of h3"),
     ({"events": [{"at_s": 20, "move_rank": 2, "hosts": ["h3"]}, {"at_point": 50, "kill_rank": 4}]},
      "events[0]: a validation scenario's events are at_point"),
-    ({"events": [{"at_point": 20, "move_rank": 2, "hosts": ["h3"]}]}, "one killed rank and at least one move"),
+    ({"events": [{"at_point": 20, "move_rank": 2, "hosts": ["h3"]}]}, "at least one killed rank and at least one move"),
     ({"lab.calib_move": "20:0:h3"}, "the calibration moves a rank of the slowed host h2"),
     ({"lab.calib_kill": "25:5"}, "at least two checkpoint intervals after lab.calib_move"),
-    ({"lab.spares": 2}, "lab.spares 2: the moves and the recovery need 3"),
+    ({"lab.spares": 2}, "lab.spares 2: the moves and the recoveries need 3"),
     ({"lab.spares": 3}, "lab.spares 3: the calibration's moves and recoveries need 4"),
     ({"lab.calib_more_kills": ["64:1"]}, "killed rank 1: kill a rank of h3"),
     ({"lab.calib_more_kills": ["64"]}, "lab.calib_more_kills '64': expected POINT:RANK"),
@@ -88,6 +88,26 @@ def lab_validate(**changes) -> dict:
 def test_a_scenario_that_cannot_be_validated_says_why(changes, words):
     with pytest.raises(validate.ValidationError, match=re.escape(words)):
         validate.plan(configs(lab_validate(**changes))[0])
+
+
+def test_a_validation_scenario_with_several_kills_plans_them_all_and_the_simulator_reports_their_median():
+    """Several killed ranks in the validation run (the recovery time compared is the median over them,
+    as the calibration's is over its kills): the plan keeps every kill, each takes a spare, and the
+    simulator's recovery figure is the median of its recoveries, not the first one's. Rank 5 holds
+    200 MB more than the others: its buddy restore (2 GB/s) takes 0.1 s more, so the first recovery
+    (rank 5) is 0.9 s and the median of [0.9, 0.8, 0.8] is 0.8 s."""
+    events = [{"at_point": 20, "move_rank": 2, "hosts": ["h3"]}, {"at_point": 50, "kill_rank": 5},
+              {"at_point": 60, "kill_rank": 4}, {"at_point": 66, "kill_rank": 4}]
+    with pytest.raises(validate.ValidationError, match=re.escape("lab.spares 3: the moves and the recoveries need 4")):
+        validate.plan(configs(lab_validate(events=events, **{"lab.spares": 3}))[0])
+    cfg = configs(lab_validate(events=events))[0]
+    pl = validate.plan(cfg)
+    assert pl["kills"] == [(50, 5), (60, 4), (66, 4)] and pl["kill"] == (50, 5)
+    cal = validate.calibrate(run_record(), pl, 6)
+    cal["state_bytes_by_rank"][5] = 1000 + 200_000_000
+    sim = validate.simulate(cfg, pl, cal, 1)
+    assert sim["recoveries_s"] == pytest.approx([0.9, 0.8, 0.8], rel=1e-6)
+    assert sim["recovery_s"] == pytest.approx(0.8, rel=1e-6)
 
 
 def test_the_shipped_validation_scenario_plans_the_lab_layout():
@@ -162,6 +182,23 @@ def test_calibration_from_a_run_record():
     assert slower["time_to_solution_s"] == pytest.approx(1.25 * sim["time_to_solution_s"], rel=1e-3)
 
 
+def test_the_simulator_replays_the_calibration_run_with_its_own_points_moves_and_kills():
+    """For information beside the verdict: the simulator replaying the calibration run (55 points,
+    rank 2 moved at 20 and rank 3 at 50, ranks 5 and 4 killed at 56 and 62), not the scenario's
+    events (100 points, moves at 20 and 40, one kill at 70)."""
+    cfg = load("lab-validate")[0]
+    pl = validate.plan(cfg)
+    cal = validate.calibrate(run_record(), pl, 6)
+    rep = validate.replay_calibration(cfg, pl, cal, 1)
+    sim = validate.simulate(cfg, pl, cal, 1)
+    assert [(m["rank"], m["from"]) for m in rep["moves"]] == [(2, "h2"), (3, "h2")]
+    assert len(rep["failures"]) == 2 and len(sim["failures"]) == 1
+    assert rep["moves"][0]["t"] == pytest.approx(sim["moves"][0]["t"])        # point 20 in both
+    assert rep["moves"][1]["t"] > sim["moves"][1]["t"]                          # point 50, not 40
+    assert rep["time_to_solution_s"] < sim["time_to_solution_s"]                # 55 points, not 100
+    assert cfg.values["jobs"]["points"] == 100 and len(cfg.events) == 3         # the scenario is left as it was
+
+
 def test_a_move_off_the_slowed_host_costs_its_protocol_and_its_bytes_at_that_hosts_send_rate():
     """The calibration splits each move off the slowed host into the send (the runtime's ``transfer``
     timing: the state's bytes at the source's send rate) and the rest (the protocol), by the host's rank
@@ -191,6 +228,35 @@ def test_a_move_off_the_slowed_host_costs_its_protocol_and_its_bytes_at_that_hos
     assert slower["move_downtimes_s"] == pytest.approx([1.25 * 2.5, 1.25 * 7.0], rel=1e-6)
 
 
+def test_a_move_off_a_full_speed_host_costs_what_the_calibrations_moves_off_such_a_host_cost():
+    """A move off a full-speed host (h1: no quota) is priced by the calibration's own moves off such
+    hosts (``move_cost_full``: protocol 0.2 s, 1 MB in 0.1 s = 10 MB/s), not by the slowed host's
+    moves nor by the median of all moves (1.5 s here: the model before, which mixed the two kinds).
+    Rank 1 (1 MB) moves off h1 at point 60: 0.2 + 0.1 = 0.3 s; with twice the bytes, 0.2 + 0.2 s."""
+    mb = 1_000_000
+    events = [{"at_point": 20, "move_rank": 2, "hosts": ["h3"]}, {"at_point": 40, "move_rank": 3, "hosts": ["h3"]},
+              {"at_point": 60, "move_rank": 1, "hosts": ["h3"]}, {"at_point": 70, "kill_rank": 4}]
+    cfg = configs(lab_validate(events=events, **{"lab.spares": 5, "lab.calib_more_moves": ["50:3:h3", "53:1:h3"]}))[0]
+    pl = validate.plan(cfg)
+    assert pl["calib_moves"] == [(20, 2, "h3"), (50, 3, "h3"), (53, 1, "h3")]
+    run = run_record({1: mb, 2: 8 * mb, 3: 8 * mb})
+    run["moves"] = [{"downtime_s": 1.5}, {"downtime_s": 4.0}, {"downtime_s": 0.3}]
+    run["move_steps"] = [{"rank": 2, "timings": {"transfer": 1.0, "bytes": 8 * mb}},
+                         {"rank": 3, "timings": {"transfer": 3.0, "bytes": 8 * mb}},
+                         {"rank": 1, "timings": {"transfer": 0.1, "bytes": mb}}]
+    cal = validate.calibrate(run, pl, 6)
+    assert cal["move_cost_full"] == pytest.approx({"protocol_s": 0.2, "send_bw": 1e7})
+    assert sorted(cal["move_cost_by_src_n"]) == [1, 2]       # the slowed host's moves, as before
+    sim = validate.simulate(cfg, pl, cal, 1)
+    assert [m["from"] for m in sim["moves"]] == ["h2", "h2", "h1"]
+    assert sim["move_downtimes_s"] == pytest.approx([1.5, 4.0, 0.3], rel=1e-6)
+    cal["state_bytes_by_rank"][1] = 2 * mb
+    assert validate.simulate(cfg, pl, cal, 1)["move_downtimes_s"][2] == pytest.approx(0.4, rel=1e-6)
+    # a calibration without a move off a full-speed host: such a move falls back to the median of all
+    cal["move_cost_full"] = None
+    assert validate.simulate(cfg, pl, cal, 1)["move_downtimes_s"][2] == pytest.approx(1.5, rel=1e-3)
+
+
 def test_the_real_runs_wait_in_mpi_without_spinning_and_a_set_value_wins():
     """The lab runs' processes (the validation's and `bench balance`'s: lab.slow.job_env) yield when idle
     (docs/simulator.md, "Validation", item 5): Open MPI
@@ -213,14 +279,13 @@ def test_the_real_runs_wait_in_mpi_without_spinning_and_a_set_value_wins():
 def test_the_lab_ci_scenario_runs_both_ways_and_reports_each_metrics_error(lab, tmp_path):
     """Issue 13: the validation comparison on a small scenario runs in CI.
     ``mpimig simulate --validate lab-ci``: a calibration run and the scenario's run on the lab (3 hosts,
-    6 ranks, h2 slowed, 2 moves, 1 killed rank), the simulator calibrated from the first only; time
-    to solution, per-move downtime and recovery time are compared, each with its error, and the
-    command's exit status says whether all were within 15%. The bound itself is not held here: on
-    this shared 2-core machine two real runs of the scenario differ by more than 15% (start-up 0.6-2.0 s,
-    the first move 0.12-0.38 s, quantised by the slowed host's 20 ms CFS periods; docs/simulator.md,
-    "Runs s7"; with 48 MiB moves instead, the send's rate varied 250-840 MB/s between runs and time to
-    solution and recovery erred more: "Per-move downtime: bytes at the source's speed"). The issue's
-    goal stays open. 1-2 min."""
+    6 ranks, h2 slowed with a 5 ms CFS period, 3 moves, 3 killed ranks), the simulator calibrated from
+    the first only; time to solution, per-move downtime and recovery time (medians of three) are
+    compared, each with its error, and the command's exit status says whether all were within 15%.
+    The bound itself is not held here: it held in every metric in only some of the runs of this
+    scenario on this shared 2-core machine (docs/simulator.md, "Runs val10": each metric's spread
+    and why: the per-move and recovery figures are 20-100 ms of protocol, and a few milliseconds of
+    scheduling between two runs is 15%). The issue's goal stays open. About a minute."""
     out, runs = tmp_path / "out", tmp_path / "runs"
     res = run_cmd(mpimig_cmd("simulate", "--validate", "lab-ci", "--out", out, "--work-dir", runs),
                   timeout=300, env=lab_env())
@@ -229,8 +294,15 @@ def test_the_lab_ci_scenario_runs_both_ways_and_reports_each_metrics_error(lab, 
     # their moves and recovered their killed ranks online
     for run in ("calibration_run", "validation_run"):
         assert data[run]["ok"] and data[run]["verified"], (run, data[run].get("verified"))
-    assert len(data["validation_run"]["moves"]) == 2 and len(data["validation_run"]["recoveries_s"]) == 1
-    assert len(data["simulated"]["move_downtimes_s"]) == 2 and len(data["simulated"]["recoveries_s"]) == 1
+    pl = validate.plan(load("lab-ci")[0])           # 3 moves, 3 killed ranks
+    assert len(pl["moves"]) == 3 and len(pl["kills"]) == 3
+    assert len(data["validation_run"]["moves"]) == 3 and len(data["validation_run"]["recoveries_s"]) == 3
+    assert len(data["simulated"]["move_downtimes_s"]) == 3 and len(data["simulated"]["recoveries_s"]) == 3
+    # beside the verdict: the simulator replaying the calibration run, against that run's own time
+    rep = data["calibration_replay"]
+    assert rep["real_time_to_solution_s"] == data["calibration_run"]["time_s"]
+    assert rep["simulated_time_to_solution_s"] > 0
+    assert len(rep["simulated"]["move_downtimes_s"]) == 3 and len(rep["simulated"]["recoveries_s"]) == 3
     table = validate.table(data["metrics"]) + f"\nload average {os.getloadavg()}\n" + res.stderr[-1500:]
     assert [m["metric"] for m in data["metrics"]] == list(validate.METRICS), table
     assert data["bound"] == 0.15
