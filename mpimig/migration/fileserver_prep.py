@@ -244,13 +244,21 @@ def on_plan(ctx: Context, plan: Plan, move: Move | None) -> None:
         if cur is not None and cur.plan_id != plan.id:
             cancel(f"plan {plan.id} came instead of plan {cur.plan_id}")
         return
-    from .strategies import FileServer
     try:
-        directory = FileServer.directory(ctx.config, plan.id, move.rank)
+        where = directory(ctx.config, plan.id, move.rank)
     except MigrationError:         # no job directory: the freeze says so
         return
     st = ctx.registered_state
-    begin(directory, plan.id, st.split()[0] if st is not None else {})
+    begin(where, plan.id, st.split()[0] if st is not None else {})
+
+
+def directory(cfg: Any, plan_id: int, rank: int) -> Path:
+    """Where plan ``plan_id``'s move of ``rank`` writes its epoch (the job directory's ``migrations/``)."""
+    base = cfg.job_dir if cfg.job_dir is not None else (cfg.ckpt_dir.parent if cfg.ckpt_dir else None)
+    if base is None:
+        raise MigrationError("the file-server strategy needs a job directory on shared storage "
+                             "(mpimig run --job-dir, or MPIMIG_JOB_DIR)")
+    return Path(base) / "migrations" / f"plan-{plan_id:05d}-rank-{rank:05d}"
 
 
 def fits(prep: Preparer | None, prepared: Any, part: Path, st: dict[str, Any]) -> frozenset[str]:

@@ -51,7 +51,7 @@ from mpi4py import MPI
 
 from ..checkpoint.format import dumps, loads
 from ..errors import UsageError
-from . import pages
+from . import fileserver_prep, pages
 from .protocol import TAG_HANDOVER, TAG_HANDOVER_DATA, TAG_LAYOUT, Plan
 
 if TYPE_CHECKING:
@@ -239,8 +239,7 @@ def announce(ctx: Context, plan: Plan) -> None:
     if plan.kind != "switch" or link.announced == plan.id:
         return
     move = plan.move_of(ctx.rank)
-    from . import fileserver           # a file-server move: its file made before the freeze
-    fileserver.on_plan(ctx, plan, move)
+    fileserver_prep.on_plan(ctx, plan, move)    # a file-server move: its file made before the freeze
     if move is None:
         return
     st = ctx.registered_state

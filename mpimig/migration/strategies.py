@@ -49,7 +49,7 @@ from mpi4py import MPI
 
 from ..errors import MigrationError, UsageError
 from ..checkpoint.format import dumps, loads
-from . import fileserver, handover
+from . import fileserver, fileserver_prep, handover
 from .protocol import (DEFAULT_STRATEGY, STRATEGY_CLASSES, TAG_HANDOVER, TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND,
                        TAG_PRECOPY_DATA, Move, Plan, check_strategy)
 from .transport import Transfer
@@ -106,11 +106,7 @@ class FileServer(Strategy):
 
     @staticmethod
     def directory(cfg: Config, plan_id: int, rank: int) -> Path:
-        base = cfg.job_dir if cfg.job_dir is not None else (cfg.ckpt_dir.parent if cfg.ckpt_dir else None)
-        if base is None:
-            raise MigrationError("the file-server strategy needs a job directory on shared storage "
-                                 "(mpimig run --job-dir, or MPIMIG_JOB_DIR)")
-        return Path(base) / "migrations" / f"plan-{plan_id:05d}-rank-{rank:05d}"
+        return fileserver_prep.directory(cfg, plan_id, rank)
 
     def send(self, ctx, tx, arrays, objects, extra, plan, move):
         point = int(extra.get("point", 0))
