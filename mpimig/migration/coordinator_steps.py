@@ -222,7 +222,8 @@ class Steps(CoordinatorState):
     def repoint(self, plan: Plan, batch: list[Migration], Jc: MPI.Intracomm, t0: float) -> None:
         """The new J without the old processes; the routing table points at the new ones."""
         with recovery.switch_part(Jc, self.cfg.ft):             # ends in the agreement (--ft)
-            _, Jn = transport.split(Jc, plan, logical=None, leaving=False)
+            pre, self.prebuilt = self.prebuilt, None
+            _, Jn = transport.switch_comms(pre, Jc, plan, logical=None, leaving=False)   # built early: pre-copy
             mark(self.marks, "split")
         mark(self.marks, "agreed")
         if Jn is None:
@@ -257,6 +258,8 @@ class Steps(CoordinatorState):
         for m in batch:
             m.plan_id = plan.id
             m.marks = dict(self.marks)
+            if pre is not None and pre.plan == plan.id:     # step 7 ran before the freeze (its time then)
+                m.stats.update(prebuilt=True, prebuild_s=pre.seconds)
 
     # -- step 8: resume, and the old process retires ------------------------------------
     def resume(self, src: int, rep: dict) -> None:

@@ -35,8 +35,8 @@ from ..ft import recovery
 from ..state import State
 from . import handover, strategies
 from . import transport
-from .protocol import DEFAULT_STRATEGY, TAG_GO, TAG_PLAN, TAG_REPLY, TAG_REPORT, TAG_REQUEST, TAG_WAKE, Move, Plan, \
-    mark
+from .protocol import DEFAULT_STRATEGY, TAG_GO, TAG_PLAN, TAG_PREBUILD, TAG_REPLY, TAG_REPORT, TAG_REQUEST, TAG_WAKE, \
+    Move, Plan, mark
 
 if TYPE_CHECKING:
     from ..runtime import Context
@@ -172,6 +172,8 @@ def suspend(ctx: Context, v: Vote) -> Plan | None:
         # next point, once every rank has held it at a vote, so a warm spare target always
         # has its layout before the freeze (migration.handover)
         return None
+    if link.prebuilt is None and transport.prebuildable(plan, ctx.config.ft):
+        prebuild(ctx, plan)             # every rank holds the plan: its new comms now, not in its freeze
     if v.ready < plan.precopy_sources():
         return None                     # a pre-copy source is still copying: keep computing
     link.plan = None
@@ -179,6 +181,22 @@ def suspend(ctx: Context, v: Vote) -> Plan | None:
     if ctx.rank == 0:
         wake(J, plan)
     return plan
+
+
+def prebuild(ctx: Context, plan: Plan) -> None:
+    """Pre-copy to warm spares (``transport.prebuildable``): at the first vote where every rank
+    holds the plan, every participant of its switch builds the plan's new J and A (step 7's
+    ``transport.split``) before the freeze, so the freeze is the vote, the hold, the last copy
+    and the adoption. Rank 0 calls the coordinator and the spares in J (``plan.wake``) to it;
+    the old process of a moving rank that leaves J takes no part (it keeps computing and
+    copying). docs/protocol.md, "Pre-copy": the switch's communicators, built early."""
+    J = ctx.link.J
+    if ctx.rank == 0:
+        reqs = [J.isend({"plan": plan}, dest=jr, tag=TAG_PREBUILD) for jr in [0] + list(plan.wake)]
+        MPI.Request.waitall(reqs)
+    move = plan.move_of(ctx.rank)
+    ctx.link.prebuilt = transport.prebuild(J, plan, logical=ctx.rank, leaving=move is not None,
+                                           stays=move is not None and move.recycle)
 
 
 def wake(J: MPI.Intracomm, plan: Plan) -> None:
@@ -206,9 +224,10 @@ def execute(ctx: Context, plan: Plan) -> None:
     if ctx.config.ft:
         ctx.link.J = Jc     # a failure from here on is recovered over the switch comm
     rest = None
+    pre, ctx.link.prebuilt = ctx.link.prebuilt, None
     with recovery.switch_part(Jc, ctx.config.ft):                  # ends in the agreement (--ft)
-        A, Jn = transport.split(Jc, plan, logical=ctx.rank, leaving=move is not None,   # the new comms (step 7)
-                                stays=move is not None and move.recycle)
+        A, Jn = transport.switch_comms(pre, Jc, plan, logical=ctx.rank, leaving=move is not None,  # step 7
+                                       stays=move is not None and move.recycle)   # (built early: pre-copy)
         mark(marks, "split")
         if move is not None:
             rest = transfer_state(ctx, Jc, plan, move)             # step 6
