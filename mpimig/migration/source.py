@@ -93,28 +93,30 @@ class Vote:
     ready: int           # pre-copy sources whose rounds have converged
     gap: int             # rank 0's proposal: points until the next vote
     ckpt: bool           # rank 0's checkpoint clock (--ckpt-seconds) says a checkpoint is due
+    primed: int = 0      # pre-copy sources whose target is past the layout (PreCopySource.primed)
 
 
 def vote(ctx: Context, gap0: int, ckpt0: bool) -> Vote:
     """The collective part of a safe point: one ``Allreduce SUM`` over A of (ranks holding
     a plan, the sum of their plan ids, pre-copy sources ready, rank 0's gap, rank 0's
-    checkpoint clock). Runs at the same point on every rank (``ctx.link.next_vote``, set
-    here from the result, so that it stays the same everywhere)."""
+    checkpoint clock, pre-copy sources primed). Runs at the same point on every rank
+    (``ctx.link.next_vote``, set here from the result, so that it stays the same everywhere)."""
     link = ctx.link
     J = link.J
-    holds = pid = ready = 0
+    holds = pid = ready = primed = 0
     if J is not None:
         if link.plan is None and J.Iprobe(0, TAG_PLAN):
             link.plan = J.recv(source=0, tag=TAG_PLAN)
             handover.announce(ctx, link.plan)     # a warm spare target faults its buffers in meanwhile
         plan = link.plan
         ready = precopy_round(ctx, plan)
+        primed = 1 if ready or (plan is not None and link.precopy is not None and link.precopy.primed()) else 0
         if plan is not None:
             holds, pid = 1, plan.id
     me0 = ctx.rank == 0
-    v = np.array([holds, pid, ready, gap0 if me0 else 0, 1 if me0 and ckpt0 else 0], dtype=np.int64)
+    v = np.array([holds, pid, ready, gap0 if me0 else 0, 1 if me0 and ckpt0 else 0, primed], dtype=np.int64)
     comm_polite.vote_allreduce(ctx.comm, v)   # after a switch: napping, and the polite window ends
-    out = Vote(int(v[0]), int(v[1]), int(v[2]), max(1, int(v[3])), bool(v[4]))
+    out = Vote(int(v[0]), int(v[1]), int(v[2]), max(1, int(v[3])), bool(v[4]), int(v[5]))
     link.next_vote = ctx.point + out.gap
     return out
 
@@ -172,8 +174,8 @@ def suspend(ctx: Context, v: Vote) -> Plan | None:
         # next point, once every rank has held it at a vote, so a warm spare target always
         # has its layout before the freeze (migration.handover)
         return None
-    if link.prebuilt is None and transport.prebuildable(plan, ctx.config.ft):
-        prebuild(ctx, plan)             # every rank holds the plan: its new comms now, not in its freeze
+    if link.prebuilt is None and v.primed >= plan.precopy_sources() and transport.prebuildable(plan, ctx.config.ft):
+        prebuild(ctx, plan)             # every rank holds it, every target has its arrays: the new comms now
     if v.ready < plan.precopy_sources():
         return None                     # a pre-copy source is still copying: keep computing
     link.plan = None
