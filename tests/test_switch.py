@@ -12,6 +12,9 @@ each participant's marks say. docs/protocol.md, "The switch's cost".
 - step 7 (``transport.split``): the new J is a ``Comm_create_group`` of the members that stay,
   A a ``Split`` of it, so an old process that leaves (on the host being left, maybe a throttled
   one) takes part in no collective there; the new comms hold the right members in the right order;
+- pre-copy to warm spares: the plan's new J and A are built before its freeze by every
+  participant (``transport.prebuild``), also for a plan of two pre-copy moves; the ranks that
+  stay and the moved ones compute with them right after the move as raw mpi4py does;
 - the bounded waits share one watchdog thread (``exits._Watch``): a bound still fires, a
   cancelled one does not, and a block under a bound starts no thread.
 """
