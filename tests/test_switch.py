@@ -73,6 +73,7 @@ def test_moves_to_warm_spares_with_an_idle_spare_bit_identical_and_marked(tmp_pa
             # waits for no one: each takes its split right after its join
             assert m["strategy_stats"].get("prebuilt") is True, m["strategy_stats"]
             assert m["strategy_stats"]["prebuild_s"] > 0, m["strategy_stats"]
+            assert m["timings"]["others_prebuild_max"] > 0, m["timings"]    # the ranks' stall moved there
             assert tgt["split"] <= tgt["received"] and coord["split"] <= coord["agreed"], steps
         else:
             first_split = min(tgt["split"], coord["split"], ranks["split"])

@@ -282,6 +282,9 @@ class Steps(CoordinatorState):
             m.stalls = {r: v["stall"] for r, v in reps.items() if r not in {x.rank for x in batch}}
             if m.stalls:
                 m.timings["others_stall_max"] = max(m.stalls.values())
+            pb = [v.get("prebuild", 0.0) for r, v in reps.items() if r not in {x.rank for x in batch}]
+            if any(pb):                 # pre-copy: the others' time in the prebuild, before the freeze
+                m.timings["others_prebuild_max"] = max(pb)
             m.timings["total"] = time.time() - m.t["requested"]
             m.state = "done"
             self.in_switch.remove(m)

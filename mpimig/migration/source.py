@@ -237,7 +237,7 @@ def execute(ctx: Context, plan: Plan) -> None:
     if move is not None:
         retire(ctx, Jc, rest, Jn if move.recycle else None)        # step 8: never returns
     repoint(ctx, Jc, A, Jn)                                        # step 7
-    resume(ctx, plan)                                              # step 8
+    resume(ctx, plan, pre.seconds if pre is not None and pre.plan == plan.id else 0.0)   # step 8
 
 
 # -- step 4: hold messages in flight --------------------------------------------------------
@@ -298,9 +298,11 @@ def repoint(ctx: Context, Jc: MPI.Intracomm, A: MPI.Intracomm | None, Jn: MPI.In
 
 
 # -- step 8: resume, and the old process retires -------------------------------------------------
-def resume(ctx: Context, plan: Plan) -> None:
-    """A rank that stays reports its stall to the coordinator and runs on."""
+def resume(ctx: Context, plan: Plan, prebuild_s: float = 0.0) -> None:
+    """A rank that stays reports its stall to the coordinator and runs on (``prebuild_s``: its
+    time in the plan's prebuild, before the freeze: :func:`prebuild`)."""
     ctx.link.J.send({"plan": plan.id, "rank": ctx.rank, "stall": time.perf_counter() - ctx.link.t_point,
+                     "prebuild": prebuild_s,
                      "pid": os.getpid(), "host": ctx.host, "marks": ctx.link.marks}, dest=0, tag=TAG_REPORT)
 
 
