@@ -111,6 +111,9 @@ def vote(ctx: Context, gap0: int, ckpt0: bool) -> Vote:
         plan = link.plan
         ready = precopy_round(ctx, plan)
         primed = 1 if ready or (plan is not None and link.precopy is not None and link.precopy.primed()) else 0
+        if ready and plan is not None and transport.prebuildable(plan, ctx.config.ft) \
+                and (link.prebuilt is None or link.prebuilt.plan != plan.id):
+            ready = 0       # the plan's new comms first (at this vote: prebuild), the freeze at the next one
         if plan is not None:
             holds, pid = 1, plan.id
     me0 = ctx.rank == 0
