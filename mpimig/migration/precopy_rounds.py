@@ -345,13 +345,6 @@ class PreCopySource:
             self.tx.Send(self._source_bytes(k, lo, hi), TAG_PRECOPY_DATA)
             sent += hi - lo
 
-    def primed(self) -> bool:
-        """Ready, or the target has answered round 1 (the whole state: what comes after is the
-        dirty sets, small) and reads the rounds out of our memory (every array kernel-tracked: in a
-        thread of its own, its idle loop answers J at once): the plan's switch communicators may be
-        built now (``source.prebuild``; docs/protocol.md, "Pre-copy")."""
-        return self.ready or (bool(self.round_s) and self.read and self.mode() == "uffd")
-
     def step(self) -> bool:
         """At a safe point while the plan is held: maybe one more round. Returns ready."""
         if self.ready:

@@ -93,7 +93,7 @@ class Vote:
     ready: int           # pre-copy sources whose rounds have converged
     gap: int             # rank 0's proposal: points until the next vote
     ckpt: bool           # rank 0's checkpoint clock (--ckpt-seconds) says a checkpoint is due
-    primed: int = 0      # pre-copy sources whose target is past the layout (PreCopySource.primed)
+    primed: int = 0      # pre-copy sources ready, before a ready held back for the prebuild (source.vote)
 
 
 def vote(ctx: Context, gap0: int, ckpt0: bool) -> Vote:
@@ -110,7 +110,7 @@ def vote(ctx: Context, gap0: int, ckpt0: bool) -> Vote:
             handover.announce(ctx, link.plan)     # a warm spare target faults its buffers in meanwhile
         plan = link.plan
         ready = precopy_round(ctx, plan)
-        primed = 1 if ready or (plan is not None and link.precopy is not None and link.precopy.primed()) else 0
+        primed = ready      # its rounds converged: the target has answered every round, it is idle
         if ready and plan is not None and transport.prebuildable(plan, ctx.config.ft) \
                 and (link.prebuilt is None or link.prebuilt.plan != plan.id):
             ready = 0       # the plan's new comms first (at this vote: prebuild), the freeze at the next one
