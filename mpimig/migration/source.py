@@ -145,6 +145,8 @@ def precopy_round(ctx: Context, plan: Plan | None) -> int:
     if link.precopy is None:       # the target is in J: start the rounds
         link.precopy = strategies.PreCopySource(link.J, transport.target_jrank(plan, move),
                                                 lambda: ctx.registered_state, ctx.rank)
+    # its ready will wait a vote for the prebuild (vote): the last round goes at once, read meanwhile
+    link.precopy.held = transport.prebuildable(plan, ctx.config.ft) and link.prebuilt is None
     return 1 if link.precopy.step() else 0
 
 
