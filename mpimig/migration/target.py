@@ -39,8 +39,8 @@ from ..ft import recovery
 from ..launch.config import Config
 from . import lazy as lazymod
 from . import handover, strategies, transport
-from .protocol import TAG_CANCEL, TAG_END, TAG_LAYOUT, TAG_PRECOPY, TAG_REPORT, TAG_RESIDUAL, TAG_SPARE, TAG_WAKE, \
-    Move, Plan, mark
+from .protocol import TAG_CANCEL, TAG_END, TAG_LAYOUT, TAG_PRECOPY, TAG_REPORT, TAG_RESIDUAL, TAG_SPARE, TAG_STATE, \
+    TAG_WAKE, Move, Plan, mark
 
 if TYPE_CHECKING:
     from ..runtime import Context
@@ -142,7 +142,12 @@ class Spare:
                 self.prebuilt = transport.prebuild(J, call["plan"], logical=self._logical(call["plan"]),
                                                    leaving=False)
                 continue
-            if src != 0 and tag != TAG_WAKE:    # rank 0 wakes the spares for a switch (source.wake)
+            if tag == TAG_STATE and src != 0:
+                # the frozen source's header came in before rank 0's wake-up (they come from two
+                # processes: no order between them): the switch is under way and the wake-up with
+                # the plan is in flight; the header waits for the transfer (receive_state)
+                src, tag = MPI.ANY_SOURCE, TAG_WAKE
+            elif src != 0 and tag != TAG_WAKE:  # rank 0 wakes the spares for a switch (source.wake)
                 raise MigrationError(f"warm spare: unexpected message with tag {tag} from J rank {src}")
             msg = J.recv(source=src, tag=tag)
             if tag == TAG_END:
