@@ -57,17 +57,3 @@ def test_no_push_when_the_target_cannot_read(tmp_path):
     s = got["stats"]
     assert s["read_reason"] == "another host" and s["final_how"] == "mpi", s
     assert s["final_pushed_bytes"] == 0 and not got["final_at_header"], s
-
-
-@pytest.mark.parametrize("huge", ["1", "default"])
-def test_target_arrays_in_huge_pages(tmp_path, huge):
-    # the freeze's read of the last runs (11-12 MiB at 1 GiB, 1% dirty) ran at 2-4 GB/s into the
-    # target's 4 KiB pages; advised huge pages before the layout round's faults, the 32 MiB array
-    # lands in 2 MiB pages (what the kernel gave is reported), and the result is bit-identical
-    got = _run(tmp_path, **({"MPIMIG_PRECOPY_HUGEPAGES": huge} if huge != "default" else {}))
-    s = got["stats"]
-    if huge == "1":
-        assert s["target_huge_bytes"] >= 16 << 20, s     # most of the 32 MiB (the unaligned ends stay small)
-    else:
-        assert "target_huge_bytes" in s, s
-    assert s["final_bytes"] > 0 and s["final_how"] == "memory", s

@@ -158,23 +158,23 @@ def huge_ok() -> bool:
     return (os.environ.get("MPIMIG_HANDOVER_HUGEPAGES") or "0").strip() == "1"
 
 
-def fresh(shape: tuple, dtype: str, huge: bool | None = None) -> np.ndarray:
+def fresh(shape: tuple, dtype: str) -> np.ndarray:
     """A new array in its own page-aligned anonymous mapping, not faulted in yet (advised
-    transparent huge pages from :data:`HUGE_MIN` bytes on if ``huge``, by default :func:`huge_ok`)."""
+    transparent huge pages from :data:`HUGE_MIN` bytes on if :func:`huge_ok`)."""
     dt = np.dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
     if n == 0:
         return np.empty(shape, dtype=dt)
     buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     a = np.frombuffer(buf, dtype=dt).reshape(shape)
-    if n >= HUGE_MIN and (huge_ok() if huge is None else huge):
+    if n >= HUGE_MIN and huge_ok():
         _libc().madvise(a.ctypes.data, n, _MADV_HUGEPAGE)     # a hint: nothing to do where it fails
     return a
 
 
-def prefault(shape: tuple, dtype: str, huge: bool | None = None) -> np.ndarray:
+def prefault(shape: tuple, dtype: str) -> np.ndarray:
     """A new array whose every page is already mapped (no fault while data arrives)."""
-    a = fresh(shape, dtype, huge)
+    a = fresh(shape, dtype)
     if a.nbytes:
         _populate(a.ctypes.data, a.nbytes)
     return a

@@ -148,7 +148,6 @@ class PreCopySource:
         self.held = False                         # its ready will be held back one vote (source.vote: prebuild)
         self.dest_at: dict[str, tuple[int, int]] = {}   # the target's arrays: name -> (address, bytes)
         self.dest_where: dict[str, Any] = {}      # ... in this process (handover.where() of the target)
-        self.dest_huge = 0                        # bytes of the target's arrays in huge pages (its answer)
         self.push_s = 0.0
         self.why_no_push = ""
 
@@ -271,7 +270,6 @@ class PreCopySource:
             self.awaiting = False
             self.dest_at.update(reply.get("at", {}))
             self.dest_where = reply.get("where", self.dest_where)
-            self.dest_huge = int(reply.get("huge", 0))
             if self.layout:
                 self.layout, self.layout_s = False, time.perf_counter() - self._t_round
             else:
@@ -514,8 +512,7 @@ class PreCopySource:
                  "round_send_s": list(self.bg.seconds) if self.bg is not None else [],
                  "round_s": self.round_s, "round_points": self.round_points, "round_read_bytes": self.round_read,
                  "round_target_s": self.round_target, "layout_s": self.layout_s,
-                 "round_dirty": list(self.planned), "last_round": "early" if self.last_early else "freeze",
-                 "target_huge_bytes": self.dest_huge}
+                 "round_dirty": list(self.planned), "last_round": "early" if self.last_early else "freeze"}
         if self.src_pages is not None:
             stats["src_pages"] = self.src_pages
         if self.read_missed or not self.read:

@@ -16,20 +16,12 @@ import numpy as np
 from mpi4py import MPI
 
 from ..errors import MigrationError
-from . import background, handover, pages, transport, wtrack
+from . import background, handover, transport, wtrack
 from .chunks import flat_bytes
 from .protocol import TAG_PRECOPY, TAG_PRECOPY_DATA, TAG_PRECOPY_DONE
 from .transport import Transfer
 
-__all__ = ["PreCopyTarget", "huge_ok"]
-
-
-def huge_ok() -> bool:
-    """``MPIMIG_PRECOPY_HUGEPAGES=1``: the target's arrays are advised transparent huge pages
-    (``MADV_HUGEPAGE``) before they are faulted in at the layout round, so the freeze's read of
-    the last runs lands in 2 MiB pages (docs/protocol.md, "Pre-copy": the target's pages). The
-    kernel may compact memory at those faults; they happen before round 1, not in the freeze."""
-    return (os.environ.get("MPIMIG_PRECOPY_HUGEPAGES") or "0").strip() == "1"
+__all__ = ["PreCopyTarget"]
 
 
 class PreCopyTarget:
@@ -45,7 +37,6 @@ class PreCopyTarget:
         self.source = -1
         self.reading: threading.Thread | None = None      # a round read in place by a thread
         self.error: BaseException | None = None
-        self.huge = 0             # bytes of the arrays (made at the last layout) in huge pages
 
     def catch_up(self, sent: int) -> None:
         """The switch began with a round still on its way (``rounds_sent`` rounds left the
@@ -112,10 +103,8 @@ class PreCopyTarget:
         t_alloc = time.perf_counter()
         for k, (shape, dt) in hdr["arrays"].items():      # new (or replaced) arrays
             # faulted in now, while idle: rounds (and a skipped piece at the freeze) land in memory that is there
-            self.arrays[k] = handover.prefault(tuple(shape), dt, huge=huge_ok())
+            self.arrays[k] = handover.prefault(tuple(shape), dt)
         t_alloc = time.perf_counter() - t_alloc
-        if hdr["arrays"]:               # how much of them the kernel gave in huge pages
-            self.huge = pages.huge_bytes([self.arrays[k] for k in hdr["arrays"]])
         rd = hdr.get("read") or {"addrs": {}}
         in_place = all(k in rd["addrs"] for k, _, _ in hdr["runs"])
         if hdr["runs"] and in_place and background.thread_ok()[0]:
@@ -182,6 +171,6 @@ class PreCopyTarget:
         self.skipped += skipped
         # where this round's new arrays are (the frozen source may write its last runs there)
         at = {k: (int(self.arrays[k].ctypes.data), int(self.arrays[k].nbytes)) for k in hdr["arrays"]}
-        J.send({"missed": missed, "why": why, "skipped": skipped, "alloc_s": t_alloc, "huge": self.huge,
+        J.send({"missed": missed, "why": why, "skipped": skipped, "alloc_s": t_alloc,
                 "move_s": time.perf_counter() - t_move, "at": at, "where": handover.where()},
                dest=source, tag=TAG_PRECOPY_DONE)
