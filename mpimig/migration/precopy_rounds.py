@@ -146,6 +146,7 @@ class PreCopySource:
         self.round_target: list[tuple[float, float]] = []   # the target's (allocation, move) seconds per round
         self.last_early = False                   # the last round went at the point that found the rank ready
         self.held = False                         # its ready will be held back one vote (source.vote: prebuild)
+        self.held_ready = False                   # ... and it was: the program runs one more point before the freeze
         self.dest_at: dict[str, tuple[int, int]] = {}   # the target's arrays: name -> (address, bytes)
         self.dest_where: dict[str, Any] = {}      # ... in this process (handover.where() of the target)
         self.push_s = 0.0
@@ -347,7 +348,14 @@ class PreCopySource:
     def step(self) -> bool:
         """At a safe point while the plan is held: maybe one more round. Returns ready."""
         if self.ready:
-            return True
+            if not self.held_ready:
+                return True
+            # a ready held back a vote for the switch's prebuild (source.vote): an array the program
+            # replaced meanwhile would go whole in the freeze, so the rounds go on for it instead
+            self._refresh()
+            if not self.new_meta:
+                return True
+            self.ready = self.held_ready = False
         self.points += 1
         if not self._reap():
             return False                  # the previous round is still on its way
@@ -370,6 +378,7 @@ class PreCopySource:
             self.reason = self._converged(nbytes)
             if self.reason:
                 self.ready = True         # the rest goes at the switch, with the rank frozen
+                self.held_ready = self.held
                 self.pending_dirty = nbytes
                 if not self._last_now(dirty, nbytes):
                     self.pending = dirty
