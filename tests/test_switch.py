@@ -12,6 +12,9 @@ each participant's marks say. docs/protocol.md, "The switch's cost".
 - step 7 (``transport.split``): the new J is a ``Comm_create_group`` of the members that stay,
   A a ``Split`` of it, so an old process that leaves (on the host being left, maybe a throttled
   one) takes part in no collective there; the new comms hold the right members in the right order;
+- pre-copy to warm spares: the plan's new J and A are built before its freeze by every
+  participant (``transport.prebuild``), also for a plan of two pre-copy moves; the ranks that
+  stay and the moved ones compute with them right after the move as raw mpi4py does;
 - the bounded waits share one watchdog thread (``exits._Watch``): a bound still fires, a
   cancelled one does not, and a block under a bound starts no thread.
 """
@@ -31,6 +34,7 @@ from conftest import APPS, ROOT, base_env, heat_ref, mpimig_cmd, read, run_cmd
 HOST = socket.gethostname()
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 SPLIT = ROOT / "tests" / "progs" / "switch_split.py"
+COMM_API = ROOT / "tests" / "progs" / "comm_api.py"
 
 
 def _job(tmp_path, name, *opts, steps=40):
@@ -63,8 +67,18 @@ def test_moves_to_warm_spares_with_an_idle_spare_bit_identical_and_marked(tmp_pa
         # no new comm is made before every member of the new J is in it: the coordinator saw the
         # GO and the target spare its wake-up (from rank 0) before any of them; the source is
         # not in the new J and takes no part (transport.split): it goes on without them
-        first_split = min(tgt["split"], coord["split"], ranks["split"])
-        assert coord["go"] <= first_split and tgt["woken"] <= first_split, steps
+        if strategy == "pre-copy":
+            # pre-copy to a warm spare: every participant built the plan's new J and A before the
+            # freeze (transport.prebuild, at the vote where every rank held the plan), so step 7
+            # waits for no one: each takes its split right after its join
+            assert m["strategy_stats"].get("prebuilt") is True, m["strategy_stats"]
+            assert m["strategy_stats"]["prebuild_s"] > 0, m["strategy_stats"]
+            assert m["timings"]["others_prebuild_max"] > 0, m["timings"]    # the ranks' stall moved there
+            assert tgt["split"] <= tgt["received"] and coord["split"] <= coord["agreed"], steps
+        else:
+            first_split = min(tgt["split"], coord["split"], ranks["split"])
+            assert coord["go"] <= first_split and tgt["woken"] <= first_split, steps
+            assert not m["strategy_stats"].get("prebuilt"), m["strategy_stats"]
         assert "woken" not in coord, steps     # the coordinator wakes no spare (rank 0 does)
         assert tgt["restored"] <= m["timings"]["downtime"] * 1e3      # the downtime ends at the report
         assert not m["strategy_stats"].get("refilled_spare")            # a spare in J took each rank
@@ -149,3 +163,29 @@ def test_the_old_process_that_leaves_takes_no_part_in_the_new_comms_and_they_are
     new_a = [1, 5, 4]                # by logical rank: 0 stayed on J rank 1, 1 went to 5, 2 to 4
     assert got == [{"a": None, "j": new_j}, {"a": new_a, "j": new_j}, {"a": None, "j": None},
                    {"a": None, "j": new_j}, {"a": new_a, "j": new_j}, {"a": new_a, "j": new_j}], got
+
+
+def test_two_precopy_moves_in_one_plan_prebuilt_the_others_comms_right_after_the_move(tmp_path):
+    # two pre-copy moves in one plan (ranks 1 and 2 at point 4, two warm spares): the plan's new
+    # J and A are built before its freeze by every participant (transport.prebuild; the
+    # coordinator and both spares called by rank 0). The program (tests/progs/comm_api.py) has
+    # messages in flight at the hold on a Dup and a cart, and Allreduces on a Split: every
+    # result after the move, on the ranks that stayed and the moved ones, equals raw mpi4py's
+    job, out, ref = tmp_path / "job", tmp_path / "got.npy", tmp_path / "raw.npy"
+    res = run_cmd(mpimig_cmd("run", "-n", 4, "--job-dir", job, "--spares", 2, "--migrate", f"4:1:{HOST}:pre-copy",
+                             "--migrate", f"4:2:{HOST}:pre-copy", COMM_API, "--steps", 30, "--work-ms", 100,
+                             "--out", out), timeout=240)
+    assert "job completed" in res.stderr, res.stderr[-4000:]
+    status = read(job, "status.json")
+    done = [m for m in status["migrations"] if m["state"] == "done"]
+    assert sorted(m["rank"] for m in done) == [1, 2], status["migrations"]
+    for m in done:
+        assert m["strategy_stats"].get("prebuilt") is True, m["strategy_stats"]
+    # one plan: the coordinator filed one prebuild's time for both moves
+    assert len({m["strategy_stats"]["prebuild_s"] for m in done}) == 1, done
+    roles = {r["rank"]: r["role"] for r in read(job, "complete.json")["ranks"]}
+    assert roles == {0: "initial", 1: "migrated", 2: "migrated", 3: "initial"}
+    raw = run_cmd([MPIEXEC, "--allow-run-as-root", "--oversubscribe", "-n", 4, sys.executable, COMM_API, "--raw",
+                   "--steps", 30, "--out", ref], timeout=120, env=base_env())
+    assert ref.exists(), raw.stderr[-3000:]
+    assert np.load(out).tobytes() == np.load(ref).tobytes()

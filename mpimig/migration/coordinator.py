@@ -78,6 +78,7 @@ class Coordinator(Steps, Serving, Spares):
         self.spares: dict[str, list[int]] = {}  # host -> J ranks of idle warm spares
         self.recoveries: list[dict] = []
         self.marks: dict[str, float] = {}
+        self.prebuilt: transport.Prebuilt | None = None   # the plan's new J, built before its freeze (pre-copy)
         if recovered is None:
             self._gather_spares(cfg.spares)
         # the pool's size per host; used spares are replaced in the background by spawned
@@ -240,6 +241,10 @@ class Coordinator(Steps, Serving, Spares):
         while self.J.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, st):
             busy = True
             src, tag = st.Get_source(), st.Get_tag()
+            call = transport.prebuild_call(self.J, tag)
+            if call is not None:        # rank 0: every rank holds a pre-copy plan; its new J now
+                self.prebuilt = transport.prebuild(self.J, call["plan"], logical=None, leaving=False)
+                continue
             self.on_message(src, tag, self.J.recv(source=src, tag=tag))
         if self.finished:
             return True

@@ -83,6 +83,7 @@ class CoordinatorState:
     t_start: float
     balance: BalanceDriver | None
     marks: dict[str, float]              # the switch under way, step by step (protocol.mark)
+    prebuilt: Any                        # a pre-copy plan's new J built before its freeze (transport.Prebuilt)
 
     if TYPE_CHECKING:                   # defined by one part, called by another
         def write_status(self) -> None: ...

@@ -222,7 +222,8 @@ class Steps(CoordinatorState):
     def repoint(self, plan: Plan, batch: list[Migration], Jc: MPI.Intracomm, t0: float) -> None:
         """The new J without the old processes; the routing table points at the new ones."""
         with recovery.switch_part(Jc, self.cfg.ft):             # ends in the agreement (--ft)
-            _, Jn = transport.split(Jc, plan, logical=None, leaving=False)
+            pre, self.prebuilt = self.prebuilt, None
+            _, Jn = transport.switch_comms(pre, Jc, plan, logical=None, leaving=False)   # built early: pre-copy
             mark(self.marks, "split")
         mark(self.marks, "agreed")
         if Jn is None:
@@ -257,6 +258,8 @@ class Steps(CoordinatorState):
         for m in batch:
             m.plan_id = plan.id
             m.marks = dict(self.marks)
+            if pre is not None and pre.plan == plan.id:     # step 7 ran before the freeze (its time then)
+                m.stats.update(prebuilt=True, prebuild_s=pre.seconds)
 
     # -- step 8: resume, and the old process retires ------------------------------------
     def resume(self, src: int, rep: dict) -> None:
@@ -279,6 +282,9 @@ class Steps(CoordinatorState):
             m.stalls = {r: v["stall"] for r, v in reps.items() if r not in {x.rank for x in batch}}
             if m.stalls:
                 m.timings["others_stall_max"] = max(m.stalls.values())
+            pb = [v.get("prebuild", 0.0) for r, v in reps.items() if r not in {x.rank for x in batch}]
+            if any(pb):                 # pre-copy: the others' time in the prebuild, before the freeze
+                m.timings["others_prebuild_max"] = max(pb)
             m.timings["total"] = time.time() - m.t["requested"]
             m.state = "done"
             self.in_switch.remove(m)

@@ -77,6 +77,7 @@ TAG_METRICS = 113     # rank -> coordinator, every few seconds with --policy: it
 TAG_LAYOUT = 114      # moving rank -> its warm spare target, before the freeze: the state's layout
                       # (mpimig.migration.handover: the spare faults its buffers in meanwhile)
 TAG_NEW_J = 115       # the switch's MPI_Comm_create_group of the new J over the merged comm (step 7)
+TAG_PREBUILD = 116    # rank 0 -> coordinator, warm spares: build plan k's new J and A now, before its freeze
 TAG_JOIN = 200        # + round: Intercomm_create tags
 TAG_STATE = 300       # old -> target: state transfer (pkl5)
 TAG_PRECOPY = 310     # pre-copy source -> target (on J): header of a round
@@ -141,6 +142,7 @@ class Link:
     t_point_wall: float = 0.0    # time.time at the safe point, then at the suspension (the downtime's start)
     next_vote: int = 0           # the next point that votes (agreed at the last vote; 0: the next one)
     announced: int = -1          # plan whose state layout went to its warm spare (migration.handover)
+    prebuilt: Any = None         # pre-copy: the plan's new A and J, built before its freeze (transport.Prebuilt)
     marks: dict[str, float] = dataclasses.field(default_factory=dict)   # this rank's switch, step by step
 
 

@@ -35,8 +35,8 @@ from ..ft import recovery
 from ..state import State
 from . import handover, strategies
 from . import transport
-from .protocol import DEFAULT_STRATEGY, TAG_GO, TAG_PLAN, TAG_REPLY, TAG_REPORT, TAG_REQUEST, TAG_WAKE, Move, Plan, \
-    mark
+from .protocol import DEFAULT_STRATEGY, TAG_GO, TAG_PLAN, TAG_PREBUILD, TAG_REPLY, TAG_REPORT, TAG_REQUEST, TAG_WAKE, \
+    Move, Plan, mark
 
 if TYPE_CHECKING:
     from ..runtime import Context
@@ -93,28 +93,33 @@ class Vote:
     ready: int           # pre-copy sources whose rounds have converged
     gap: int             # rank 0's proposal: points until the next vote
     ckpt: bool           # rank 0's checkpoint clock (--ckpt-seconds) says a checkpoint is due
+    primed: int = 0      # pre-copy sources ready, before a ready held back for the prebuild (source.vote)
 
 
 def vote(ctx: Context, gap0: int, ckpt0: bool) -> Vote:
     """The collective part of a safe point: one ``Allreduce SUM`` over A of (ranks holding
     a plan, the sum of their plan ids, pre-copy sources ready, rank 0's gap, rank 0's
-    checkpoint clock). Runs at the same point on every rank (``ctx.link.next_vote``, set
-    here from the result, so that it stays the same everywhere)."""
+    checkpoint clock, pre-copy sources primed). Runs at the same point on every rank
+    (``ctx.link.next_vote``, set here from the result, so that it stays the same everywhere)."""
     link = ctx.link
     J = link.J
-    holds = pid = ready = 0
+    holds = pid = ready = primed = 0
     if J is not None:
         if link.plan is None and J.Iprobe(0, TAG_PLAN):
             link.plan = J.recv(source=0, tag=TAG_PLAN)
             handover.announce(ctx, link.plan)     # a warm spare target faults its buffers in meanwhile
         plan = link.plan
         ready = precopy_round(ctx, plan)
+        primed = ready      # its rounds converged: the target has answered every round, it is idle
+        if ready and plan is not None and transport.prebuildable(plan, ctx.config.ft) \
+                and (link.prebuilt is None or link.prebuilt.plan != plan.id):
+            ready = 0       # the plan's new comms first (at this vote: prebuild), the freeze at the next one
         if plan is not None:
             holds, pid = 1, plan.id
     me0 = ctx.rank == 0
-    v = np.array([holds, pid, ready, gap0 if me0 else 0, 1 if me0 and ckpt0 else 0], dtype=np.int64)
+    v = np.array([holds, pid, ready, gap0 if me0 else 0, 1 if me0 and ckpt0 else 0, primed], dtype=np.int64)
     comm_polite.vote_allreduce(ctx.comm, v)   # after a switch: napping, and the polite window ends
-    out = Vote(int(v[0]), int(v[1]), int(v[2]), max(1, int(v[3])), bool(v[4]))
+    out = Vote(int(v[0]), int(v[1]), int(v[2]), max(1, int(v[3])), bool(v[4]), int(v[5]))
     link.next_vote = ctx.point + out.gap
     return out
 
@@ -140,6 +145,8 @@ def precopy_round(ctx: Context, plan: Plan | None) -> int:
     if link.precopy is None:       # the target is in J: start the rounds
         link.precopy = strategies.PreCopySource(link.J, transport.target_jrank(plan, move),
                                                 lambda: ctx.registered_state, ctx.rank)
+    # its ready will wait a vote for the prebuild (vote): the last round goes at once, read meanwhile
+    link.precopy.held = transport.prebuildable(plan, ctx.config.ft) and link.prebuilt is None
     return 1 if link.precopy.step() else 0
 
 
@@ -172,6 +179,8 @@ def suspend(ctx: Context, v: Vote) -> Plan | None:
         # next point, once every rank has held it at a vote, so a warm spare target always
         # has its layout before the freeze (migration.handover)
         return None
+    if link.prebuilt is None and v.primed >= plan.precopy_sources() and transport.prebuildable(plan, ctx.config.ft):
+        prebuild(ctx, plan)             # every rank holds it, every target has its arrays: the new comms now
     if v.ready < plan.precopy_sources():
         return None                     # a pre-copy source is still copying: keep computing
     link.plan = None
@@ -179,6 +188,22 @@ def suspend(ctx: Context, v: Vote) -> Plan | None:
     if ctx.rank == 0:
         wake(J, plan)
     return plan
+
+
+def prebuild(ctx: Context, plan: Plan) -> None:
+    """Pre-copy to warm spares (``transport.prebuildable``): at the first vote where every rank
+    holds the plan, every participant of its switch builds the plan's new J and A (step 7's
+    ``transport.split``) before the freeze, so the freeze is the vote, the hold, the last copy
+    and the adoption. Rank 0 calls the coordinator and the spares in J (``plan.wake``) to it;
+    the old process of a moving rank that leaves J takes no part (it keeps computing and
+    copying). docs/protocol.md, "Pre-copy": the switch's communicators, built early."""
+    J = ctx.link.J
+    if ctx.rank == 0:
+        reqs = [J.isend({"plan": plan}, dest=jr, tag=TAG_PREBUILD) for jr in [0] + list(plan.wake)]
+        MPI.Request.waitall(reqs)
+    move = plan.move_of(ctx.rank)
+    ctx.link.prebuilt = transport.prebuild(J, plan, logical=ctx.rank, leaving=move is not None,
+                                           stays=move is not None and move.recycle)
 
 
 def wake(J: MPI.Intracomm, plan: Plan) -> None:
@@ -206,9 +231,10 @@ def execute(ctx: Context, plan: Plan) -> None:
     if ctx.config.ft:
         ctx.link.J = Jc     # a failure from here on is recovered over the switch comm
     rest = None
+    pre, ctx.link.prebuilt = ctx.link.prebuilt, None
     with recovery.switch_part(Jc, ctx.config.ft):                  # ends in the agreement (--ft)
-        A, Jn = transport.split(Jc, plan, logical=ctx.rank, leaving=move is not None,   # the new comms (step 7)
-                                stays=move is not None and move.recycle)
+        A, Jn = transport.switch_comms(pre, Jc, plan, logical=ctx.rank, leaving=move is not None,  # step 7
+                                       stays=move is not None and move.recycle)   # (built early: pre-copy)
         mark(marks, "split")
         if move is not None:
             rest = transfer_state(ctx, Jc, plan, move)             # step 6
@@ -216,7 +242,7 @@ def execute(ctx: Context, plan: Plan) -> None:
     if move is not None:
         retire(ctx, Jc, rest, Jn if move.recycle else None)        # step 8: never returns
     repoint(ctx, Jc, A, Jn)                                        # step 7
-    resume(ctx, plan)                                              # step 8
+    resume(ctx, plan, pre.seconds if pre is not None and pre.plan == plan.id else 0.0)   # step 8
 
 
 # -- step 4: hold messages in flight --------------------------------------------------------
@@ -277,9 +303,11 @@ def repoint(ctx: Context, Jc: MPI.Intracomm, A: MPI.Intracomm | None, Jn: MPI.In
 
 
 # -- step 8: resume, and the old process retires -------------------------------------------------
-def resume(ctx: Context, plan: Plan) -> None:
-    """A rank that stays reports its stall to the coordinator and runs on."""
+def resume(ctx: Context, plan: Plan, prebuild_s: float = 0.0) -> None:
+    """A rank that stays reports its stall to the coordinator and runs on (``prebuild_s``: its
+    time in the plan's prebuild, before the freeze: :func:`prebuild`)."""
     ctx.link.J.send({"plan": plan.id, "rank": ctx.rank, "stall": time.perf_counter() - ctx.link.t_point,
+                     "prebuild": prebuild_s,
                      "pid": os.getpid(), "host": ctx.host, "marks": ctx.link.marks}, dest=0, tag=TAG_REPORT)
 
 

@@ -39,8 +39,8 @@ from ..ft import recovery
 from ..launch.config import Config
 from . import lazy as lazymod
 from . import handover, strategies, transport
-from .protocol import TAG_CANCEL, TAG_END, TAG_LAYOUT, TAG_PRECOPY, TAG_REPORT, TAG_RESIDUAL, TAG_SPARE, TAG_WAKE, \
-    Move, Plan, mark
+from .protocol import TAG_CANCEL, TAG_END, TAG_LAYOUT, TAG_PRECOPY, TAG_REPORT, TAG_RESIDUAL, TAG_SPARE, TAG_STATE, \
+    TAG_WAKE, Move, Plan, mark
 
 if TYPE_CHECKING:
     from ..runtime import Context
@@ -113,6 +113,7 @@ class Spare:
         self.prepared = handover.Prepared()     # buffers faulted in before the freeze (ANNOUNCED)
         self.marks: dict[str, float] = {}       # the last switch, step by step (mark)
         self.t_news = -1e9                      # monotonic time of the last round or layout from a source
+        self.prebuilt: transport.Prebuilt | None = None   # a pre-copy plan's new A and J, built before its freeze
         _preload()
         if announce:
             host = MPI.Get_processor_name() or socket.gethostname()
@@ -136,7 +137,17 @@ class Spare:
                 self.prepared.on_layout(J, src)
                 self.t_news = time.monotonic()
                 continue
-            if src != 0 and tag != TAG_WAKE:    # rank 0 wakes the spares for a switch (source.wake)
+            call = transport.prebuild_call(J, tag)
+            if call is not None:                # a pre-copy plan's new comms, before its freeze (source.prebuild)
+                self.prebuilt = transport.prebuild(J, call["plan"], logical=self._logical(call["plan"]),
+                                                   leaving=False)
+                continue
+            if tag == TAG_STATE and src != 0:
+                # the frozen source's header came in before rank 0's wake-up (they come from two
+                # processes: no order between them): the switch is under way and the wake-up with
+                # the plan is in flight; the header waits for the transfer (receive_state)
+                src, tag = MPI.ANY_SOURCE, TAG_WAKE
+            elif src != 0 and tag != TAG_WAKE:  # rank 0 wakes the spares for a switch (source.wake)
                 raise MigrationError(f"warm spare: unexpected message with tag {tag} from J rank {src}")
             msg = J.recv(source=src, tag=tag)
             if tag == TAG_END:
@@ -155,13 +166,22 @@ class Spare:
             return self.NAP_EXPECTING
         return self.NAP
 
+    def _move(self, plan: Plan) -> Move | None:
+        """The plan's move to this spare, if any."""
+        me = self.J.Get_rank()
+        return next((m for m in plan.moves if m.spare_jrank == me), None)
+
+    def _logical(self, plan: Plan) -> int | None:
+        """This spare's logical rank in the plan's new A (None: it stays a spare)."""
+        move = self._move(plan)
+        return move.rank if move else None
+
     def _switch(self, plan: Plan) -> Arrival | None:
         """Take part in a plan's switch; an Arrival if the plan gives this spare a rank."""
         if plan.kind == "enlist":
             self.J = join(self.J, plan)
             return None
-        me = self.J.Get_rank()
-        move = next((m for m in plan.moves if m.spare_jrank == me), None)
+        move = self._move(plan)
         t0 = time.perf_counter()
         J0 = self.J
         Jc = join(self.J, plan)
@@ -170,7 +190,8 @@ class Spare:
             self.J = Jc          # a failure from here on is recovered over the switch comm
         arrival = None
         with recovery.switch_part(Jc, self.cfg.ft):             # ends in the agreement (--ft)
-            A, Jn = transport.split(Jc, plan, logical=move.rank if move else None, leaving=False)
+            pre, self.prebuilt = self.prebuilt, None
+            A, Jn = transport.switch_comms(pre, Jc, plan, logical=move.rank if move else None, leaving=False)
             mark(self.marks, "split")
             if move is None:
                 self.prepared.drop()

@@ -16,6 +16,7 @@ there), and a transfer counts the bytes and seconds it moved.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -27,7 +28,7 @@ from .. import exits
 from ..errors import MigrationError
 from ..ft import hooks
 from ..checkpoint.format import dumps, loads
-from .protocol import TAG_JOIN, TAG_NEW_J, TAG_STATE, Move, Plan
+from .protocol import TAG_JOIN, TAG_NEW_J, TAG_PREBUILD, TAG_STATE, Move, Plan
 
 
 _comms: list[MPI.Comm] = []
@@ -134,6 +135,66 @@ def split(Jc: MPI.Intracomm, plan: Plan, *, logical: int | None, leaving: bool,
     in_a = logical is not None and not leaving
     A = Jn.Split(0 if in_a else MPI.UNDEFINED, logical if logical is not None and in_a else 0)
     return (None if A == MPI.COMM_NULL else track(A)), track(Jn)
+
+
+def prebuildable(plan: Plan, ft: bool) -> bool:
+    """Whether ``plan``'s new J and A may be built before its freeze (docs/protocol.md, "Pre-copy":
+    the switch's communicators, built early): every move is pre-copy to a warm spare (then the
+    merged communicator is J itself, and every participant is in J while the rounds run), and
+    not under ``--ft`` (whose switch is one agreed part, from the join to the agreement)."""
+    return (not ft and plan.kind == "switch" and bool(plan.moves)
+            and all(mv.strategy == "pre-copy" and mv.spare_jrank >= 0 for mv in plan.moves))
+
+
+@dataclasses.dataclass
+class Prebuilt:
+    """A plan's new A and J (:func:`split` over J), built by every participant at the same vote
+    before the plan's freeze; the switch then takes them instead of building them (:func:`switch_comms`)."""
+    plan: int
+    A: MPI.Intracomm | None
+    J: MPI.Intracomm | None
+    seconds: float = 0.0
+
+    def free(self) -> None:
+        """Free both (a prebuilt set whose plan did not run: the job ended first)."""
+        for c in (self.A, self.J):
+            if c is not None and c != MPI.COMM_NULL:
+                if c in _comms:
+                    _comms.remove(c)
+                c.Free()
+        self.A = self.J = None
+
+
+def prebuild(J: MPI.Intracomm, plan: Plan, *, logical: int | None, leaving: bool,
+             stays: bool = False) -> Prebuilt:
+    """Every participant of ``plan``'s switch, at the same time (the ranks after the vote that
+    showed every rank holds the plan, the coordinator and the spares on rank 0's ``TAG_PREBUILD``):
+    step 7's :func:`split` over J, before the freeze. Same arguments as at the switch."""
+    t0 = time.perf_counter()
+    A, Jn = split(J, plan, logical=logical, leaving=leaving, stays=stays)
+    return Prebuilt(plan.id, A, Jn, time.perf_counter() - t0)
+
+
+def prebuild_call(J: MPI.Intracomm, tag: int) -> dict | None:
+    """For a loop that probes J with ``ANY_TAG`` (the coordinator's, a spare's): rank 0's call to
+    :func:`prebuild` when the probed ``tag`` says one is under way, else None. Open MPI's
+    ``MPI_Comm_create_group`` sends point-to-point messages on J with its tag (``TAG_NEW_J``), and a
+    rank that entered the prebuild may reach the loop's probe before rank 0's call does: such a
+    message is left to the collective, and the call (sent before rank 0 entered it) is received."""
+    if tag not in (TAG_PREBUILD, TAG_NEW_J):
+        return None
+    return J.recv(source=MPI.ANY_SOURCE, tag=TAG_PREBUILD)
+
+
+def switch_comms(pre: Prebuilt | None, Jc: MPI.Intracomm, plan: Plan, *, logical: int | None, leaving: bool,
+                 stays: bool = False) -> tuple[MPI.Intracomm | None, MPI.Intracomm | None]:
+    """Step 7 at the switch: ``plan``'s prebuilt A and J if every participant built them
+    (:func:`prebuild`), else :func:`split` now. A prebuilt set of another plan is freed."""
+    if pre is not None:
+        if pre.plan == plan.id:
+            return pre.A, pre.J
+        pre.free()
+    return split(Jc, plan, logical=logical, leaving=leaving, stays=stays)
 
 
 def pack_state(arrays: dict[str, np.ndarray], objects: dict[str, Any], extra: dict[str, Any]) -> dict:
