@@ -314,3 +314,17 @@ def test_the_lab_ci_scenario_runs_both_ways_and_reports_each_metrics_error(lab, 
     assert data["ok"] == all(m["within"] for m in data["metrics"]), table
     assert res.returncode == (0 if data["ok"] else 1), table
     print(table)
+
+
+def test_bringing_the_lab_up_is_said_on_stderr_so_that_json_on_stdout_parses(monkeypatch, capsys):
+    """``mpimig simulate --validate --json`` prints the JSON on stdout; the line saying the lab is
+    being brought up went there too (before it), so the output did not parse. It goes through
+    ``say`` (stderr with --json) now. The lab itself is replaced here: only the message's way is tested."""
+    from mpimig import lab as mlab
+    monkeypatch.setattr(mlab, "capability_problem", lambda: None)
+    monkeypatch.setattr(mlab, "current", lambda: None)
+    monkeypatch.setattr(mlab, "up", lambda n: f"lab of {n}")
+    said = []
+    assert validate.get_lab(3, said.append) == ("lab of 3", True)
+    assert capsys.readouterr().out == ""
+    assert said == ["validate: bringing the lab up (3 hosts); it goes down again at the end"]

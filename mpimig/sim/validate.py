@@ -317,7 +317,7 @@ def table(rows: list[dict]) -> str:
 
 
 # -- the command ----------------------------------------------------------------------------------
-def get_lab(n: int):
+def get_lab(n: int, say=print):
     """The lab that is up (it stays up), or one brought up now with ``n`` hosts (taken down at the end)."""
     from .. import lab as mlab
     problem = mlab.capability_problem()
@@ -328,7 +328,7 @@ def get_lab(n: int):
         if len(lab.hosts) < n:
             raise ValidationError(f"the scenario needs {n} lab hosts; the lab that is up has {len(lab.hosts)}")
         return lab, False
-    print(f"validate: bringing the lab up ({n} hosts); it goes down again at the end", flush=True)
+    say(f"validate: bringing the lab up ({n} hosts); it goes down again at the end")
     return mlab.up(n), True
 
 
@@ -348,7 +348,7 @@ def validate(path: str, seed: int | None = None, work_dir: str | None = None, ca
     root.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"scenario": cfg.name, "path": cfg.path, "argv": sys.argv, "work_dir": str(root),
                            "plan": {k: v for k, v in pl.items()}, "bound": lab_v["bound"]}
-    lab, brought_up = get_lab(len(pl["hosts"]))
+    lab, brought_up = get_lab(len(pl["hosts"]), say)
     try:
         info = lab_slow.slow(lab, pl["slow"], lab_v["slow_factor"], round(lab_v["slow_period_ms"] * 1000))
         say(lab_slow.describe(pl["slow"], info, lab))
