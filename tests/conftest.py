@@ -109,13 +109,20 @@ def start_job(cmd, env=None) -> subprocess.Popen:
                             text=True, env=env or base_env(), cwd=ROOT, start_new_session=True)
 
 
-def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
-    """Wait until the job ``proc`` writes ``path``; fail the test (stopping the job) if it
-    ends first or ``timeout`` seconds pass."""
+def wait_until(cond, proc: subprocess.Popen, timeout: float, what: str):
+    """Wait until ``cond()`` gives something true while the job ``proc`` runs, and return it; fail
+    the test (stopping the job) if the job ends first or ``timeout`` seconds pass. A condition
+    on what the job writes, looked at every 20 ms: not MPI synchronisation."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not (got := cond()):
         if proc.poll() is not None or time.monotonic() > deadline:
             kill_session(proc.pid)
             out, err = proc.communicate()
-            pytest.fail(f"{path} did not appear\n{out[-3000:]}\n{err[-3000:]}")
-        time.sleep(0.02)   # polling for a file the job writes; not MPI synchronisation
+            pytest.fail(f"{what} did not appear\n{out[-3000:]}\n{err[-3000:]}")
+        time.sleep(0.02)
+    return got
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Wait until the job ``proc`` writes ``path`` (:func:`wait_until`)."""
+    wait_until(path.exists, proc, timeout, str(path))

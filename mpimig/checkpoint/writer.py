@@ -243,8 +243,7 @@ def _create_datasets(fid: h5py.h5f.FileID, prepared: Prepared,
     the top groups (the file-server's file made before the freeze: :func:`create_layout`):
     opened, not created."""
     if not made:
-        for g in GROUPS:
-            h5py.h5g.create(fid, g.encode())
+        _create_groups(fid)
     for gpath, gattrs in prepared.groups.items():
         _write_attrs(h5py.h5g.create(fid, gpath.encode("utf-8")), gattrs)
     direct: _Direct = []
@@ -254,9 +253,7 @@ def _create_datasets(fid: h5py.h5f.FileID, prepared: Prepared,
         if item.path in made:
             dsid = h5py.h5d.open(fid, item.path.encode("utf-8"))
         else:
-            space = (h5py.h5s.create(h5py.h5s.SCALAR) if data.ndim == 0
-                     else h5py.h5s.create_simple(data.shape))
-            dsid = h5py.h5d.create(fid, item.path.encode("utf-8"), _h5type(data.dtype), space, dcpl=_dcpl())
+            dsid = _new_dataset(fid, item.path, data.shape, data.dtype)
         dsids.append(dsid)
         _write_attrs(dsid, {**item.attrs, "nbytes": np.uint64(item.nbytes),
                             "crc32": np.uint32(0)})   # placeholder, rewritten in place
@@ -271,18 +268,26 @@ def _create_datasets(fid: h5py.h5f.FileID, prepared: Prepared,
     return dsids, direct
 
 
+def _create_groups(fid: h5py.h5f.FileID) -> None:
+    for g in GROUPS:
+        h5py.h5g.create(fid, g.encode())
+
+
+def _new_dataset(fid: h5py.h5f.FileID, path: str, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+    """A dataset as every one is made: contiguous, allocated, no fill (a scalar for shape ``()``)."""
+    space = h5py.h5s.create(h5py.h5s.SCALAR) if not shape else h5py.h5s.create_simple(shape)
+    return h5py.h5d.create(fid, path.encode("utf-8"), _h5type(dtype), space, dcpl=_dcpl())
+
+
 def create_layout(fid: h5py.h5f.FileID, layout: list[tuple[str, tuple[int, ...], str]]) -> dict[str, int]:
     """The top groups and, for each (path, shape, dtype), a dataset as :func:`_create_datasets`
     makes a big one (contiguous, allocated, no fill), without attributes: the file-server's
     file made before the freeze, completed by ``_create_datasets(..., made=...)``. Returns
     each dataset's file offset."""
-    for g in GROUPS:
-        h5py.h5g.create(fid, g.encode())
+    _create_groups(fid)
     out = {}
     for path, shape, dtype in layout:
-        space = h5py.h5s.create(h5py.h5s.SCALAR) if not shape else h5py.h5s.create_simple(shape)
-        dsid = h5py.h5d.create(fid, path.encode("utf-8"), _h5type(np.dtype(dtype)), space, dcpl=_dcpl())
-        offset = dsid.get_offset()
+        offset = _new_dataset(fid, path, shape, np.dtype(dtype)).get_offset()
         if offset is None:
             raise ValueError(f"dataset /{path} has no file offset")
         out[path] = int(offset)

@@ -270,6 +270,8 @@ class Steps(CoordinatorState):
         if len(reps) < self.size:
             return
         batch = [m for m in self.in_switch if m.plan_id == pid]
+        moved = {x.rank for x in batch}
+        others = {r: v for r, v in reps.items() if r not in moved}
         for m in batch:
             tr = reps[m.rank]
             self.routing[m.rank]["pid"] = tr["pid"]
@@ -278,11 +280,11 @@ class Steps(CoordinatorState):
             m.timings.update({k: v for k, v in tr.items() if k in ("downtime", "transfer", "restore")})
             m.timings["bytes"] = tr.get("bytes", 0)
             m.stats.update(tr.get("strategy_stats") or {})
-            m.timings["switch_steps"] = switch_steps(tr, m.marks, reps, {x.rank for x in batch})
-            m.stalls = {r: v["stall"] for r, v in reps.items() if r not in {x.rank for x in batch}}
+            m.timings["switch_steps"] = switch_steps(tr, m.marks, reps, moved)
+            m.stalls = {r: v["stall"] for r, v in others.items()}
             if m.stalls:
                 m.timings["others_stall_max"] = max(m.stalls.values())
-            pb = [v.get("prebuild", 0.0) for r, v in reps.items() if r not in {x.rank for x in batch}]
+            pb = [v.get("prebuild", 0.0) for v in others.values()]
             if any(pb):                 # pre-copy: the others' time in the prebuild, before the freeze
                 m.timings["others_prebuild_max"] = max(pb)
             m.timings["total"] = time.time() - m.t["requested"]

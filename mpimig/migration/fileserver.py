@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import time
@@ -79,8 +78,6 @@ from .fileserver_prep import Preparer, begin, cancel, on_plan  # noqa: F401
 
 if TYPE_CHECKING:
     from .transport import Transfer
-
-log = logging.getLogger(__name__)
 
 try:        # ISA-L's CRC-32 (the zlib polynomial, the same values), ~8 GB/s here against zlib's ~1-2
     from isal.isal_zlib import crc32 as _crc32

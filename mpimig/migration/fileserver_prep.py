@@ -91,8 +91,8 @@ class Preparer(threading.Thread):
         self.t_start = time.perf_counter()
         self.create_s = self.read_s = 0.0
         self.read_bytes = 0
-        self.extent_bytes = sum(int(np.prod(sh, dtype=np.int64)) * np.dtype(dt).itemsize
-                                for _, sh, dt in layout)
+        self.sizes = {path: int(np.prod(sh, dtype=np.int64)) * np.dtype(dt).itemsize for path, sh, dt in layout}
+        self.extent_bytes = sum(self.sizes.values())
 
     def run(self) -> None:
         t0 = time.perf_counter()
@@ -136,8 +136,7 @@ class Preparer(threading.Thread):
         fd = os.open(self.part, os.O_RDONLY)
         try:
             for path, off in sorted(self.offsets.items(), key=lambda kv: kv[1]):
-                n = next(int(np.prod(sh, dtype=np.int64)) * np.dtype(dt).itemsize
-                         for p, sh, dt in self.layout if p == path)
+                n = self.sizes[path]
                 pos = 0
                 while pos < n:
                     if self.halted.is_set():

@@ -111,8 +111,7 @@ def vote(ctx: Context, gap0: int, ckpt0: bool) -> Vote:
         plan = link.plan
         ready = precopy_round(ctx, plan)
         primed = ready      # its rounds converged: the target has answered every round, it is idle
-        if ready and plan is not None and transport.prebuildable(plan, ctx.config.ft) \
-                and (link.prebuilt is None or link.prebuilt.plan != plan.id):
+        if ready and plan is not None and prebuild_due(ctx, plan):
             ready = 0       # the plan's new comms first (at this vote: prebuild), the freeze at the next one
         if plan is not None:
             holds, pid = 1, plan.id
@@ -146,7 +145,7 @@ def precopy_round(ctx: Context, plan: Plan | None) -> int:
         link.precopy = strategies.PreCopySource(link.J, transport.target_jrank(plan, move),
                                                 lambda: ctx.registered_state, ctx.rank)
     # its ready will wait a vote for the prebuild (vote): the last round goes at once, read meanwhile
-    link.precopy.held = transport.prebuildable(plan, ctx.config.ft) and link.prebuilt is None
+    link.precopy.held = prebuild_due(ctx, plan)
     return 1 if link.precopy.step() else 0
 
 
@@ -179,7 +178,7 @@ def suspend(ctx: Context, v: Vote) -> Plan | None:
         # next point, once every rank has held it at a vote, so a warm spare target always
         # has its layout before the freeze (migration.handover)
         return None
-    if link.prebuilt is None and v.primed >= plan.precopy_sources() and transport.prebuildable(plan, ctx.config.ft):
+    if v.primed >= plan.precopy_sources() and prebuild_due(ctx, plan):
         prebuild(ctx, plan)             # every rank holds it, every target has its arrays: the new comms now
     if v.ready < plan.precopy_sources():
         return None                     # a pre-copy source is still copying: keep computing
@@ -188,6 +187,17 @@ def suspend(ctx: Context, v: Vote) -> Plan | None:
     if ctx.rank == 0:
         wake(J, plan)
     return plan
+
+
+def prebuild_due(ctx: Context, plan: Plan) -> bool:
+    """Whether ``plan``'s new comms are to be built before its freeze and are not yet: the one test
+    the vote (a ready held back), the rounds (the last one sent at once) and :func:`suspend` (the
+    prebuild) share, so they cannot disagree: a set left from a plan that did not run is not this
+    plan's, so this one's is built (the old set stays tracked and is freed with the others,
+    ``transport.free_all``), where each of the three tested it differently before and the vote
+    could hold a ready back for a prebuild that the suspension would never run."""
+    pre = ctx.link.prebuilt
+    return transport.prebuildable(plan, ctx.config.ft) and (pre is None or pre.plan != plan.id)
 
 
 def prebuild(ctx: Context, plan: Plan) -> None:

@@ -139,6 +139,27 @@ def downtime_by_src_n(pl: dict, ranks: int, downs: list) -> dict[int, float]:
     return {n: statistics.median(xs) for n, xs in sorted(by.items())}
 
 
+def _calib_moves(pl: dict, ranks: int, cal: dict) -> list[tuple[bool, int, float, float]]:
+    """Each calibration move with a ``transfer`` timing and bytes, split into its two parts:
+    (off the slowed host, ranks on the slowed host then (the moving one included), the protocol's
+    seconds: the downtime but the send, the send's rate in bytes/s)."""
+    per, slow = pl["per_host"], pl["slow"]
+    on = {r: rank_host(r, per, pl["hosts"]) for r in range(ranks)}
+    steps = {m.get("rank"): m.get("timings") or {} for m in cal.get("move_steps") or []}
+    out = []
+    for (_p, r, h), mv in zip(sorted(pl["calib_moves"]), cal["moves"]):
+        t = steps.get(r, {})
+        d, send, nbytes = mv.get("downtime_s"), t.get("transfer"), t.get("bytes")
+        if d is not None and send and nbytes:
+            out.append((on[r] == slow, sum(1 for x in on.values() if x == slow), max(0.0, d - send), nbytes / send))
+        on[r] = h
+    return out
+
+
+def _median_cost(xs: list[tuple[float, float]]) -> dict:
+    return {"protocol_s": statistics.median(p for p, _b in xs), "send_bw": statistics.median(b for _p, b in xs)}
+
+
 def move_cost_by_src_n(pl: dict, ranks: int, cal: dict) -> dict[int, dict]:
     """The calibration's moves off the slowed host, by how many ranks it had then (the moving one
     included), each split into its two parts: the *send* (the runtime's ``transfer`` timing of the
@@ -148,18 +169,11 @@ def move_cost_by_src_n(pl: dict, ranks: int, cal: dict) -> dict[int, dict]:
     host with as many ranks takes protocol + S / rate: a move's cost follows its bytes and the source
     host's speed, not one figure for every move (docs/simulator.md, "Per-move downtime"). The median
     of the moves with the same count; moves without a ``transfer`` timing or bytes are left out."""
-    per, slow = pl["per_host"], pl["slow"]
-    on = {r: rank_host(r, per, pl["hosts"]) for r in range(ranks)}
-    steps = {m.get("rank"): m.get("timings") or {} for m in cal.get("move_steps") or []}
     by: dict[int, list[tuple[float, float]]] = {}
-    for (_p, r, h), mv in zip(sorted(pl["calib_moves"]), cal["moves"]):
-        t = steps.get(r, {})
-        d, send, nbytes = mv.get("downtime_s"), t.get("transfer"), t.get("bytes")
-        if on[r] == slow and d is not None and send and nbytes:
-            by.setdefault(sum(1 for x in on.values() if x == slow), []).append((max(0.0, d - send), nbytes / send))
-        on[r] = h
-    return {n: {"protocol_s": statistics.median(p for p, _b in xs), "send_bw": statistics.median(b for _p, b in xs)}
-            for n, xs in sorted(by.items())}
+    for off_slow, n, proto, bw in _calib_moves(pl, ranks, cal):
+        if off_slow:
+            by.setdefault(n, []).append((proto, bw))
+    return {n: _median_cost(xs) for n, xs in sorted(by.items())}
 
 
 def move_cost_full(pl: dict, ranks: int, cal: dict) -> dict | None:
@@ -167,19 +181,8 @@ def move_cost_full(pl: dict, ranks: int, cal: dict) -> dict | None:
     ``move_cost_by_src_n``: the median protocol time and send rate, or None without such a move. A
     move off a full-speed host is not throttled by a quota: the simulator prices it with these, not
     with the slowed host's moves (nor with the median of all moves, which mixes the two)."""
-    per, slow = pl["per_host"], pl["slow"]
-    on = {r: rank_host(r, per, pl["hosts"]) for r in range(ranks)}
-    steps = {m.get("rank"): m.get("timings") or {} for m in cal.get("move_steps") or []}
-    xs = []
-    for (_p, r, h), mv in zip(sorted(pl["calib_moves"]), cal["moves"]):
-        t = steps.get(r, {})
-        d, send, nbytes = mv.get("downtime_s"), t.get("transfer"), t.get("bytes")
-        if on[r] != slow and d is not None and send and nbytes:
-            xs.append((max(0.0, d - send), nbytes / send))
-        on[r] = h
-    if not xs:
-        return None
-    return {"protocol_s": statistics.median(p for p, _b in xs), "send_bw": statistics.median(b for _p, b in xs)}
+    xs = [(proto, bw) for off_slow, _n, proto, bw in _calib_moves(pl, ranks, cal) if not off_slow]
+    return _median_cost(xs) if xs else None
 
 
 def startup(cal: dict, lo: int, step: float) -> float:
