@@ -94,6 +94,9 @@ class BalanceDriver:
         # host -> the cores its cgroup allows (the latest report from it): kept when its ranks leave,
         # so an emptied host under a CPU quota is not taken for a free one
         self.cpu_limits: dict[str, float] = {}
+        # host -> (its machine's id, cores) from the latest report: kept when its ranks leave, so an
+        # emptied lab host is not taken for a machine of its own
+        self.machines: dict[str, tuple[str, float]] = {}
         self.arrived: set[int] = set()               # moved ranks whose first report is still to be dropped
         self.seen: set[tuple[int, int]] = set()      # (rank, pid) pairs whose first report was dropped
 
@@ -172,12 +175,16 @@ class BalanceDriver:
             running = sum(1 for r in routing if r["host"] == h)
             if newest is not None and newest.get("cpu_limit"):
                 self.cpu_limits[h] = float(newest["cpu_limit"])
+            if newest is not None and newest.get("machine"):
+                self.machines[h] = (str(newest["machine"]), float(newest.get("machine_cores") or 0.0))
+            machine, cores = self.machines.get(h, ("", 0.0))
             out[h] = HostMetrics(
                 name=h, slots=self.slots.get(h, 1),
                 speed=sum(shares) / len(shares) if shares else 1.0,
                 free_mem=int(newest["mem_available"]) if newest else 0,
                 external_load=max(0.0, newest["loadavg"] - running) if newest else 0.0,
-                draining=h in self.draining, spares=spares.get(h, 0), cpu_limit=self.cpu_limits.get(h, 0.0))
+                draining=h in self.draining, spares=spares.get(h, 0), cpu_limit=self.cpu_limits.get(h, 0.0),
+                machine=machine, machine_cores=cores)
         return out
 
     def snapshot(self, routing: list[dict], spares: dict[str, int], in_flight: int) -> Snapshot:

@@ -45,7 +45,9 @@ from a sample of the state's chunks: :mod:`mpimig.balance.dirty`; None in a
 rank's first window), ``rss_bytes``, ``weight``, ``total_points`` (or None), ``mem_available``
 (bytes, 0 unknown), ``loadavg`` (1 minute), ``cpu_limit`` (cores the rank's cgroup allows: its CPU
 quota, at most the CPUs it may run on; the cores available when there is no quota:
-:mod:`mpimig.balance.cpulimit`; a lab host slowed by ``mpimig lab slow`` is such a cgroup).
+:mod:`mpimig.balance.cpulimit`; a lab host slowed by ``mpimig lab slow`` is such a cgroup),
+``machine`` (the kernel's boot id: hosts reporting the same one share a machine's cores, as the
+lab's namespaces do) and ``machine_cores``.
 """
 from __future__ import annotations
 
@@ -221,7 +223,22 @@ class Meter:
                 "cpu_share": cpu_s / compute if compute > 0 else 1.0, "sent": dict(self.sent),
                 "state_bytes": st.nbytes() if st is not None else 0, "dirty_rate": dirty, "rss_bytes": rss_bytes(),
                 "weight": float(ctx.weight), "total_points": ctx.total_points,
-                "mem_available": mem, "loadavg": load, "cpu_limit": cpu_limit().cores}
+                "mem_available": mem, "loadavg": load, "cpu_limit": cpu_limit().cores,
+                "machine": MACHINE, "machine_cores": os.cpu_count() or 0}
+
+
+def _machine_id() -> str:
+    """This machine's identity: the kernel's boot id, the same in every network namespace (the lab's
+    hosts) and container of one machine, different on every other machine ("" if unreadable)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+#: the machine's identity, read once (a report's ``machine``)
+MACHINE = _machine_id()
 
 
 def rss_bytes() -> int:

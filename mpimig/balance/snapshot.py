@@ -47,6 +47,9 @@ class HostMetrics:
     capacity: float = 0.0          # cores the host offers the job, when known (a quota); 0 = from speed and slots
     cpu_limit: float = 0.0         # cores its cgroup allows its processes together (CPU quota, cpuset; the cores
     #                                available when unlimited), as its ranks report it; 0 = unknown
+    machine: str = ""              # the machine it runs on (its kernel's boot id): hosts that name the same one
+    #                                share its cores (the lab's namespaces; containers of one node); "" = its own
+    machine_cores: float = 0.0     # that machine's cores (0 = unknown: no shared-machine bound)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,9 @@ class Greedy(Policy):
     def decide(self, snap: Snapshot, cost: CostModel) -> list[Decision]:
         ls = LoadState(snap, cost)
         out: list[Decision] = []
+        bound = ls.machine_bound()
+        if bound:
+            return [self._no(f"greedy: {bound}")]
         moved: set[int] = set()
         for _ in range(self.params["max_moves"]):
             found = ls.heaviest(moved) if ls.step_s > 0 else None

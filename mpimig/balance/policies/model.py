@@ -21,9 +21,20 @@ each safe point):
   rank's time per point is ``w / share + comm``, where ``comm`` is the bytes
   per point it sends to each peer over the bandwidth between their hosts
   (``cost.local_bw`` within a host, ``cost.net_bw`` between hosts);
-- a host's load is the time per point of its slowest rank, and the job's
-  step time ``T`` is the largest host load. A move pays back ``(T - T') x R``
-  seconds over the remaining ``R`` points (:func:`remaining_points`).
+- a host's load is the time per point of its slowest rank;
+- hosts on one machine (the same ``machine`` id, reported by their ranks: the
+  lab's network namespaces, containers of one node) share its ``C`` cores:
+  the machine's load is ``W x (N + E) / (C x N)``, the CPU seconds per point
+  ``W`` of its ``N`` job ranks over the cores they get against ``E`` tasks from
+  outside the job (a bound: no placement of those ranks on those hosts runs a
+  point faster). A move between two hosts of one machine does not change it.
+  Without it, the lab's hosts looked like independent machines: once a rank had
+  left the slowed host, moving another off it, or one from h1 to h3, looked like
+  a gain of 0.3-2 s, and with a cost model seeded from a quiet run the policies
+  made 2-4 moves where one paid (``docs/bench/balance-s11-*``);
+- the job's step time ``T`` is the largest host or machine load. A move pays
+  back ``(T - T') x R`` seconds over the remaining ``R`` points
+  (:func:`remaining_points`).
 
 Measured ``comm_wait_s`` is not used: in a bulk-synchronous job it is mostly
 waiting for the slowest rank, an effect of the imbalance, not a cost of its own.
@@ -131,6 +142,24 @@ class LoadState:
         self.mem_in: dict[str, float] = {}                # bytes moved onto a host by applied moves
         self.load = {h: self._host_load(h, self.members[h]) for h in self.hosts}
         self.by_load = sorted((-v, h) for h, v in self.load.items())     # descending load, then name
+        # machines shared by two hosts or more: machine -> its hosts; their cores; (work, ranks) on it
+        groups: dict[str, list[str]] = {}
+        for h, hm in hosts.items():
+            if hm.machine and hm.machine_cores > 0:
+                groups.setdefault(hm.machine, []).append(h)
+        self.machine_of = {h: m for m, hs in groups.items() if len(hs) > 1 for h in hs}
+        self.mcores: dict[str, float] = {}
+        self.mext: dict[str, float] = {}
+        self.mwork: dict[str, tuple[float, int]] = {}
+        for m, hs in groups.items():
+            if len(hs) < 2:
+                continue
+            n = sum(len(members[h]) for h in hs)
+            self.mcores[m] = max(hosts[h].machine_cores for h in hs)
+            # a host's external load is the load average less its own ranks: less the machine's
+            self.mext[m] = max(0.0, max(self.ext[h] + len(members[h]) for h in hs) - n) if n else 0.0
+            self.mwork[m] = (sum(work[i] for h in hs for i in members[h]), n)
+        self.mload = {m: self._machine_load(m, *wn) for m, wn in self.mwork.items()}
         total_w = sum(self.work.values())
         self.mean_work = total_w / len(self.work) if self.work else 0.0
         self._heap: list[tuple[float, str]] = []          # (target key, host): lazy, see pool()
@@ -179,10 +208,47 @@ class LoadState:
             return max(work[i] / s + (comm[i] if i in comm else cs.get(i, 0.0)) for i in members)
         return max(work[i] / s + cs.get(i, 0.0) for i in members)
 
+    def _machine_load(self, m: str, work: float, n: int) -> float:
+        """The least time per point of ``n`` ranks of ``work`` CPU seconds per point in all on machine ``m``."""
+        if n <= 0:
+            return 0.0
+        return work * (n + self.mext[m]) / (self.mcores[m] * n)
+
+    def _machines_after(self, rank: int, dst: str) -> float:
+        """The largest machine load with ``rank`` moved to ``dst`` (0 without shared machines)."""
+        if not self.mload:
+            return 0.0
+        ms, md = self.machine_of.get(self.where[rank]), self.machine_of.get(dst)
+        if ms == md:
+            return max(self.mload.values())
+        w = self.work[rank]
+        new = dict(self.mload)
+        for m, dw, dn in ((ms, -w, -1), (md, w, 1)):
+            if m is not None:
+                W, n = self.mwork[m]
+                new[m] = self._machine_load(m, W + dw, n + dn)
+        return max(new.values())
+
     @property
     def step_s(self) -> float:
         """The job's predicted step time (seconds per point)."""
-        return -self.by_load[0][0] if self.by_load else 0.0
+        top = -self.by_load[0][0] if self.by_load else 0.0
+        return max(top, max(self.mload.values())) if self.mload else top
+
+    def machine_bound(self) -> str:
+        """Why no move can lower the step time, when it is a shared machine's bound (above every
+        host's load) and every usable host is on that machine; else ""."""
+        if not self.mload:
+            return ""
+        m, top = max(self.mload.items(), key=lambda kv: (kv[1], kv[0]))
+        if top <= (-self.by_load[0][0] if self.by_load else 0.0):
+            return ""
+        if any(self.machine_of.get(h) != m for h in self.hosts if self.usable(h)):
+            return ""
+        hs = sorted(h for h, mm in self.machine_of.items() if mm == m)
+        return (f"the step time {top:.4g} s is the bound of the machine its hosts {', '.join(hs)} share "
+                f"({self.mcores[m]:g} cores, {self.mext[m]:.2g} tasks from outside the job): no move between "
+                "them lowers it")
 
     def mem_need(self, rank: int) -> int:
         r = self.ranks[rank]
@@ -243,7 +309,7 @@ class LoadState:
 
     def T_after(self, rank: int, dst: str) -> float:
         new = self.after(rank, dst)
-        return max(max(new.values()), self.rest_max(set(new)))
+        return max(max(new.values()), self.rest_max(set(new)), self._machines_after(rank, dst))
 
     def relief(self, rank: int, dst: str) -> tuple[float, float]:
         """(how much the move lowers the load of the rank's host without raising a host it touches
@@ -252,12 +318,21 @@ class LoadState:
         The relief ignores the other hosts: when several are (nearly) as loaded, the step time
         drops only once a plan has relieved them all (the balancer judges the plan's prefixes)."""
         L = self.load[self.where[rank]]
+        mach = self._machines_after(rank, dst)
         new = self.after(rank, dst)
         top = max(new.values())
-        return L - top, max(top, self.rest_max(set(new)))
+        return L - max(top, mach), max(top, self.rest_max(set(new)), mach)
 
     def apply(self, rank: int, dst: str) -> None:
         """Make the move for good (in this model)."""
+        ms, md = self.machine_of.get(self.where[rank]), self.machine_of.get(dst)
+        if ms != md:
+            w = self.work[rank]
+            for m, dw, dn in ((ms, -w, -1), (md, w, 1)):
+                if m is not None:
+                    W, n = self.mwork[m]
+                    self.mwork[m] = (W + dw, n + dn)
+                    self.mload[m] = self._machine_load(m, W + dw, n + dn)
         src, hs, comm = self._move_to(rank, dst)
         self.comm_s.update(comm)
         self.mem_in[dst] = self.mem_in.get(dst, 0.0) + self.mem_need(rank)
@@ -345,7 +420,18 @@ def _lower_bound(ls: LoadState) -> float:
     heaviest rank alone on the best core."""
     usable = [h for h, hm in ls.hosts.items() if hm.alive and not hm.draining and h not in ls.banned]
     total_w = sum(ls.work.values())
-    cap = sum(min(ls.cap[h], max(ls.hosts[h].slots, 1), ls.limit[h]) for h in usable)
+    per_machine: dict[str, float] = {}
+    cap = 0.0
+    for h in usable:
+        c = min(ls.cap[h], max(ls.hosts[h].slots, 1), ls.limit[h])
+        m = ls.machine_of.get(h)
+        if m is None:
+            cap += c
+        else:
+            per_machine[m] = per_machine.get(m, 0.0) + c
+    # the hosts of one machine offer at most the cores its job ranks get there
+    N = len(ls.work)
+    cap += sum(min(c, ls.mcores[m] * N / (N + ls.mext[m]) if N else ls.mcores[m]) for m, c in per_machine.items())
     best_share = max((ls.share(h, 1) for h in usable), default=1.0)
     heaviest = max(ls.work.values(), default=0.0)
     return max(total_w / cap if cap > 0 else 0.0, heaviest / best_share if best_share > 0 else 0.0)

@@ -64,6 +64,9 @@ class MultiFactor(Policy):
         p = self.params
         ls = LoadState(snap, cost)
         T0, R = ls.step_s, ls.remaining
+        bound = ls.machine_bound()
+        if bound:
+            return [self._no(f"multi-factor: {bound}")]
         plan: list[tuple[Decision, float]] = []          # (move, the plan's score up to it)
         penalties = 0.0
         moved: set[int] = set()

@@ -21,6 +21,9 @@ class Refine(Policy):
     def decide(self, snap: Snapshot, cost: CostModel) -> list[Decision]:
         ls = LoadState(snap, cost)
         goal = (1 + self.params["tol"]) * _lower_bound(ls)
+        bound = ls.machine_bound()
+        if bound:
+            return [self._no(f"refine: {bound}")]
         out: list[Decision] = []
         moved: set[int] = set()
         for _ in range(self.params["max_moves"]):
