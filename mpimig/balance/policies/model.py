@@ -214,20 +214,20 @@ class LoadState:
             return 0.0
         return work * (n + self.mext[m]) / (self.mcores[m] * n)
 
-    def _machines_after(self, rank: int, dst: str) -> float:
-        """The largest machine load with ``rank`` moved to ``dst`` (0 without shared machines)."""
+    def _machines_after(self, rank: int, dst: str, touched: bool = False) -> float:
+        """The largest machine load with ``rank`` moved to ``dst`` (0 without shared machines);
+        ``touched``: of the machines of its two hosts only."""
         if not self.mload:
             return 0.0
         ms, md = self.machine_of.get(self.where[rank]), self.machine_of.get(dst)
-        if ms == md:
-            return max(self.mload.values())
-        w = self.work[rank]
-        new = dict(self.mload)
-        for m, dw, dn in ((ms, -w, -1), (md, w, 1)):
-            if m is not None:
-                W, n = self.mwork[m]
-                new[m] = self._machine_load(m, W + dw, n + dn)
-        return max(new.values())
+        new = {m: self.mload[m] for m in (ms, md) if m is not None} if touched else dict(self.mload)
+        if ms != md:
+            w = self.work[rank]
+            for m, dw, dn in ((ms, -w, -1), (md, w, 1)):
+                if m is not None:
+                    W, n = self.mwork[m]
+                    new[m] = self._machine_load(m, W + dw, n + dn)
+        return max(new.values(), default=0.0)
 
     @property
     def step_s(self) -> float:
@@ -315,13 +315,15 @@ class LoadState:
         """(how much the move lowers the load of the rank's host without raising a host it touches
         to that level, the job's step time after it).
 
-        The relief ignores the other hosts: when several are (nearly) as loaded, the step time
-        drops only once a plan has relieved them all (the balancer judges the plan's prefixes)."""
+        The relief counts the machines of the two hosts (a host on a shared machine is relieved
+        at most down to that machine's bound) and ignores the other hosts: when several are
+        (nearly) as loaded, the step time drops only once a plan has relieved them all (the
+        balancer judges the plan's prefixes)."""
         L = self.load[self.where[rank]]
-        mach = self._machines_after(rank, dst)
         new = self.after(rank, dst)
         top = max(new.values())
-        return L - max(top, mach), max(top, self.rest_max(set(new)), mach)
+        return (L - max(top, self._machines_after(rank, dst, touched=True)),
+                max(top, self.rest_max(set(new)), self._machines_after(rank, dst)))
 
     def apply(self, rank: int, dst: str) -> None:
         """Make the move for good (in this model)."""
