@@ -344,6 +344,31 @@ def test_a_ranks_report_carries_its_cgroups_cpu_limit():
         rank, host, point, weight, total_points, registered_state = 0, "a", 3, 1.0, None, None
     rep = Meter().report(Ctx(), 0.0)
     assert rep["cpu_limit"] == cpu_limit().cores > 0
+    # and the machine it runs on: the kernel's boot id (the same in every lab namespace) and its cores
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        assert rep["machine"] == f.read().strip() != ""
+    assert rep["machine_cores"] == os.cpu_count()
+
+
+def test_driver_keeps_a_hosts_machine_after_its_ranks_leave(tmp_path):
+    # a and b report one machine of 2 cores; once rank 2 left b, the snapshot still puts b on it (an emptied lab
+    # host taken for a machine of its own would look like free cores); a report without the fields: unknown
+    from mpimig.balance.driver import BalanceDriver
+    d = BalanceDriver("none", tmp_path, "r", ["a", "b"], {"a": 2, "b": 2}, t0=0.0)
+    _setup_reports(d, ROUTING)
+    for r in ROUTING:
+        d.on_report(_report(r["rank"], r["pid"], machine="m1", machine_cores=2), ROUTING)
+    s = d.snapshot(ROUTING, {}, 0)
+    assert [(s.hosts[h].machine, s.hosts[h].machine_cores) for h in "ab"] == [("m1", 2.0), ("m1", 2.0)]
+    moved = [ROUTING[0], ROUTING[1], dict(ROUTING[2], host="a")]
+    d.migration_done({"rank": 2, "from": "b", "to": "a", "strategy": "stop-and-copy", "timings": {}})
+    s = d.snapshot(moved, {}, 0)
+    assert s.on("b") == [] and (s.hosts["b"].machine, s.hosts["b"].machine_cores) == ("m1", 2.0)
+    d2 = BalanceDriver("none", tmp_path, "r", ["a", "b"], {"a": 2, "b": 2}, t0=0.0)
+    _setup_reports(d2, ROUTING)
+    d2.on_report(_report(0, 10), ROUTING)
+    assert (d2.snapshot(ROUTING, {}, 0).hosts["a"].machine, d2.snapshot(ROUTING, {}, 0).hosts["a"].machine_cores) \
+        == ("", 0.0)
 
 
 def test_driver_logs_every_decision_and_hands_moves_to_the_coordinator(tmp_path):
