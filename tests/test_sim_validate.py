@@ -299,6 +299,29 @@ def test_a_recoverys_parts_are_read_from_the_events_between_the_kill_and_the_rec
     assert [p["recover_s"] for p in parts] == pytest.approx([0.050, 0.030])
 
 
+def test_the_simulated_recovery_is_the_sum_of_the_calibrations_per_part_medians():
+    """Three calibration kills: a plain one (notice 10 ms, all members in at 20 ms, repair 20 ms: 40
+    ms), one whose notice came late (50 ms; 75 ms in all) and one whose repair waited (60 ms; 78 ms in
+    all). The median of the totals is the late-notice kill's 75 ms; per part the medians are notice 12
+    ms, gather (all in - notice) 6 ms, repair 20 ms: the simulator's recovery is their sum, 38 ms (plus
+    1000 bytes at the buddy copy's 2 GB/s, 0.5 us). A record without parts keeps the median of the totals."""
+    cfg = load("lab-validate")[0]
+    pl = validate.plan(cfg)
+    rec = run_record()
+    rec["recovery_parts"] = [{"notice_s": 0.010, "all_in_s": 0.020, "repair_s": 0.020, "recover_s": 0.040},
+                             {"notice_s": 0.050, "all_in_s": 0.055, "repair_s": 0.020, "recover_s": 0.075},
+                             {"notice_s": 0.012, "all_in_s": 0.018, "repair_s": 0.060, "recover_s": 0.078}]
+    rec["recovery_s"], rec["recoveries_s"] = 0.075, [0.040, 0.075, 0.078]
+    cal = validate.calibrate(rec, pl, 6)
+    assert cal["recovery_s"] == 0.075
+    assert cal["recovery_parts_s"] == pytest.approx({"notice_s": 0.012, "gather_s": 0.006, "repair_s": 0.020,
+                                                     "recovery_s": 0.038, "kills": 3})
+    sim = validate.simulate(cfg, pl, cal, 1)
+    assert sim["recoveries_s"] == pytest.approx([0.038], abs=1e-6)
+    assert validate.simulate(cfg, pl, validate.calibrate(run_record(), pl, 6), 1)["recoveries_s"] == \
+        pytest.approx([0.8], rel=1e-3)
+
+
 def test_the_ci_scenario_kills_six_ranks_per_run_each_right_after_an_epoch():
     """lab-ci's recovery figures are medians of six kills per run, every one at a checkpoint point
     (the kill comes after that point's epoch is committed: no point is lost and each recovery starts
