@@ -11,7 +11,9 @@ One command runs a small scenario both ways and compares them:
    CPU share per rank with two ranks and with one (before and after the move), the spares'
    host's share with one rank more, the CPU work per point beyond the compute (safe points,
    checkpoints, halos: the *overhead*), the median of its moves' downtimes (the runtime's ``migrated``
-   events: the suspension -> the new process resumed) and of its recoveries' times.
+   events: the suspension -> the new process resumed) and its recoveries, part by part (the runtime's
+   notice, the gather of the job's members, the repair: the simulator's recovery is the sum of each
+   part's median, ``recovery_parts_median``).
 2. **Validation run** (real, on the lab): the scenario itself (``jobs.points`` points, its
    ``[[events]]``: operator moves and killed ranks at given points, its first policy).
 3. **The simulator**: the same scenario, calibrated from run 1 only. (The JSON also has the
