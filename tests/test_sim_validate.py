@@ -345,9 +345,9 @@ def test_the_lab_ci_scenario_runs_both_ways_and_reports_each_metrics_error(lab, 
     six) are
     compared, each with its error, and the command's exit status says whether all were within 15%.
     The bound itself is not held here: it held in every metric in only some of the runs of this
-    scenario on this shared 2-core machine (docs/simulator.md, "Runs val10": each metric's spread
-    and why: the per-move and recovery figures are 20-100 ms of protocol, and a few milliseconds of
-    scheduling between two runs is 15%). The issue's goal stays open. About a minute."""
+    scenario on this shared 2-core machine (docs/simulator.md, "Runs rec" and "Runs val10": each
+    metric's spread and why: the per-move and recovery figures are 20-100 ms of protocol, and a few
+    milliseconds of scheduling between two runs is 15%). The issue's goal stays open. About a minute."""
     out, runs = tmp_path / "out", tmp_path / "runs"
     res = run_cmd(mpimig_cmd("simulate", "--validate", "lab-ci", "--out", out, "--work-dir", runs),
                   timeout=300, env=lab_env())
