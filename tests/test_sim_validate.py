@@ -275,17 +275,79 @@ def test_the_real_runs_wait_in_mpi_without_spinning_and_a_set_value_wins():
     assert job_env({"OMPI_MCA_mpi_yield_when_idle": "0"})["OMPI_MCA_mpi_yield_when_idle"] == "0"
 
 
+def test_a_recoverys_parts_are_read_from_the_events_between_the_kill_and_the_recovered_event():
+    """Each recovery of a real run split at its events: the kill (``injected``) -> the first member's
+    ``failure`` (the runtime's notice) -> the last member's (every member takes part in the shrink) ->
+    ``recovered`` (the repair). A failure before the kill or after the recovery is not this one's; a
+    kill without an online recovery is left out. Times chosen to be followed by hand."""
+    from mpimig.sim.labrun import recovery_parts
+    evs = [{"event": "failure", "t": 99.9, "by": 3},                        # an earlier one: not this kill's
+           {"event": "injected", "t": 100.0, "point": 30, "rank": 4},
+           {"event": "failure", "t": 100.012, "by": 5}, {"event": "failure", "t": 100.015, "by": -2},
+           {"event": "epoch", "t": 100.020},
+           {"event": "failure", "t": 100.031, "by": 0},                     # rank 0 was computing
+           {"event": "recovered", "t": 100.050},
+           {"event": "failure", "t": 100.9, "by": 1},        # between the recovery and the next kill
+           {"event": "injected", "t": 101.0, "point": 36, "rank": 5},
+           {"event": "failure", "t": 101.010, "by": 4}, {"event": "recovered", "t": 101.030},
+           {"event": "injected", "t": 102.0, "point": 42, "rank": 4}]       # relaunched: no online recovery
+    parts = recovery_parts(evs)
+    assert [(p["point"], p["rank"], p["members"]) for p in parts] == [(30, 4, 3), (36, 5, 1)]
+    assert [p["notice_s"] for p in parts] == pytest.approx([0.012, 0.010])
+    assert [p["all_in_s"] for p in parts] == pytest.approx([0.031, 0.010])
+    assert [p["repair_s"] for p in parts] == pytest.approx([0.019, 0.020])
+    assert [p["recover_s"] for p in parts] == pytest.approx([0.050, 0.030])
+
+
+def test_the_simulated_recovery_is_the_sum_of_the_calibrations_per_part_medians():
+    """Three calibration kills: a plain one (notice 10 ms, all members in at 20 ms, repair 20 ms: 40
+    ms), one whose notice came late (50 ms; 75 ms in all) and one whose repair waited (60 ms; 78 ms in
+    all). The median of the totals is the late-notice kill's 75 ms; per part the medians are notice 12
+    ms, gather (all in - notice) 6 ms, repair 20 ms: the simulator's recovery is their sum, 38 ms (plus
+    1000 bytes at the buddy copy's 2 GB/s, 0.5 us). A record without parts keeps the median of the totals."""
+    cfg = load("lab-validate")[0]
+    pl = validate.plan(cfg)
+    rec = run_record()
+    rec["recovery_parts"] = [{"notice_s": 0.010, "all_in_s": 0.020, "repair_s": 0.020, "recover_s": 0.040},
+                             {"notice_s": 0.050, "all_in_s": 0.055, "repair_s": 0.020, "recover_s": 0.075},
+                             {"notice_s": 0.012, "all_in_s": 0.018, "repair_s": 0.060, "recover_s": 0.078}]
+    rec["recovery_s"], rec["recoveries_s"] = 0.075, [0.040, 0.075, 0.078]
+    cal = validate.calibrate(rec, pl, 6)
+    assert cal["recovery_s"] == 0.075
+    assert cal["recovery_parts_s"] == pytest.approx({"notice_s": 0.012, "gather_s": 0.006, "repair_s": 0.020,
+                                                     "recovery_s": 0.038, "kills": 3})
+    sim = validate.simulate(cfg, pl, cal, 1)
+    assert sim["recoveries_s"] == pytest.approx([0.038], abs=1e-6)
+    assert validate.simulate(cfg, pl, validate.calibrate(run_record(), pl, 6), 1)["recoveries_s"] == \
+        pytest.approx([0.8], rel=1e-3)
+
+
+def test_the_ci_scenario_kills_six_ranks_per_run_each_right_after_an_epoch():
+    """lab-ci's recovery figures are medians of six kills per run, every one at a checkpoint point
+    (the kill comes after that point's epoch is committed: no point is lost and each recovery starts
+    at the same phase of the job), the same ranks as often in the calibration run as in the
+    validation run, each taking a warm spare (docs/simulator.md, "Runs rec")."""
+    cfg = load("lab-ci")[0]
+    pl = validate.plan(cfg)
+    every = cfg.values["jobs"]["ckpt_every"]
+    for kills in (pl["kills"], pl["calib_kills"]):
+        assert len(kills) == 6 and all(p % every == 0 for p, _r in kills), kills
+    assert sorted(r for _p, r in pl["kills"]) == sorted(r for _p, r in pl["calib_kills"])
+    assert cfg.values["lab"]["spares"] == len(pl["moves"]) + len(pl["kills"])
+
+
 @pytest.mark.lab
 def test_the_lab_ci_scenario_runs_both_ways_and_reports_each_metrics_error(lab, tmp_path):
     """Issue 13: the validation comparison on a small scenario runs in CI.
     ``mpimig simulate --validate lab-ci``: a calibration run and the scenario's run on the lab (3 hosts,
-    6 ranks, h2 slowed with a 5 ms CFS period, 3 moves, 3 killed ranks), the simulator calibrated from
-    the first only; time to solution, per-move downtime and recovery time (medians of three) are
+    6 ranks, h2 slowed with a 5 ms CFS period, 3 moves, 6 killed ranks), the simulator calibrated from
+    the first only; time to solution, per-move downtime (median of three) and recovery time (median of
+    six) are
     compared, each with its error, and the command's exit status says whether all were within 15%.
     The bound itself is not held here: it held in every metric in only some of the runs of this
-    scenario on this shared 2-core machine (docs/simulator.md, "Runs val10": each metric's spread
-    and why: the per-move and recovery figures are 20-100 ms of protocol, and a few milliseconds of
-    scheduling between two runs is 15%). The issue's goal stays open. About a minute."""
+    scenario on this shared 2-core machine (docs/simulator.md, "Runs rec" and "Runs val10": each
+    metric's spread and why: the per-move and recovery figures are 20-100 ms of protocol, and a few
+    milliseconds of scheduling between two runs is 15%). The issue's goal stays open. About a minute."""
     out, runs = tmp_path / "out", tmp_path / "runs"
     res = run_cmd(mpimig_cmd("simulate", "--validate", "lab-ci", "--out", out, "--work-dir", runs),
                   timeout=300, env=lab_env())
@@ -294,15 +356,25 @@ def test_the_lab_ci_scenario_runs_both_ways_and_reports_each_metrics_error(lab, 
     # their moves and recovered their killed ranks online
     for run in ("calibration_run", "validation_run"):
         assert data[run]["ok"] and data[run]["verified"], (run, data[run].get("verified"))
-    pl = validate.plan(load("lab-ci")[0])           # 3 moves, 3 killed ranks
-    assert len(pl["moves"]) == 3 and len(pl["kills"]) == 3
-    assert len(data["validation_run"]["moves"]) == 3 and len(data["validation_run"]["recoveries_s"]) == 3
-    assert len(data["simulated"]["move_downtimes_s"]) == 3 and len(data["simulated"]["recoveries_s"]) == 3
+    pl = validate.plan(load("lab-ci")[0])           # 3 moves, 6 killed ranks
+    assert len(pl["moves"]) == 3 and len(pl["kills"]) == 6
+    assert len(data["validation_run"]["moves"]) == 3 and len(data["validation_run"]["recoveries_s"]) == 6
+    assert len(data["simulated"]["move_downtimes_s"]) == 3 and len(data["simulated"]["recoveries_s"]) == 6
+    for run in ("calibration_run", "validation_run"):
+        # each recovery's parts, read from the run's events, add up to its recover_s (mpimig inject's,
+        # in whole milliseconds), and the recovery restored the epoch of the point it was killed at
+        parts, recs = data[run]["recovery_parts"], data[run]["recoveries"]
+        assert len(parts) == 6, parts
+        for part, rec in zip(parts, recs):
+            assert 0 < part["notice_s"] <= part["all_in_s"] < part["recover_s"], part
+            assert part["all_in_s"] + part["repair_s"] == pytest.approx(part["recover_s"])
+            assert part["recover_s"] == pytest.approx(rec["recover_s"], abs=0.0011), (part, rec)
+            assert rec["restored_point"] == part["point"], (part, rec)
     # beside the verdict: the simulator replaying the calibration run, against that run's own time
     rep = data["calibration_replay"]
     assert rep["real_time_to_solution_s"] == data["calibration_run"]["time_s"]
     assert rep["simulated_time_to_solution_s"] > 0
-    assert len(rep["simulated"]["move_downtimes_s"]) == 3 and len(rep["simulated"]["recoveries_s"]) == 3
+    assert len(rep["simulated"]["move_downtimes_s"]) == 3 and len(rep["simulated"]["recoveries_s"]) == 6
     table = validate.table(data["metrics"]) + f"\nload average {os.getloadavg()}\n" + res.stderr[-1500:]
     assert [m["metric"] for m in data["metrics"]] == list(validate.METRICS), table
     assert data["bound"] == 0.15

@@ -194,6 +194,7 @@ def real_run(name: str, cfg, pl: dict, root: Path, points: int, moves: list, kil
     rec["recoveries_s"] = recs
     rec["recovery_s"] = statistics.median(recs) if len(recs) == len(kills) else None
     rec["recovery"] = rec["recoveries"][0] if rec["recoveries"] else {}
+    rec["recovery_parts"] = recovery_parts(evs)
     rec["time_s"] = job_span(job)
     rec["moves"] = [{"t": e["t"], "rank": e.get("rank"), "to": e.get("to"), "downtime_s": e.get("downtime")}
                     for e in evs if e["event"] == "migrated"]
@@ -209,6 +210,29 @@ def real_run(name: str, cfg, pl: dict, root: Path, points: int, moves: list, kil
         raise ValidationError(f"the {name} run made {len(rec['moves'])} of {len(moves)} moves and recovered "
                               f"{len(recs)} of {len(kills)} killed ranks online ({job})")
     return rec
+
+
+def recovery_parts(evs: list[dict]) -> list[dict]:
+    """Each online recovery of a run split at its events (docs/simulator.md, "Recovery time"): from
+    the kill (the ``injected`` event, just before the SIGKILL) to the first ``failure`` event of a
+    member of the job (a rank, the coordinator or a spare: the runtime's notice reached it), from there
+    to the last member's (every member takes part in the shrink: the last is one that was computing
+    when the notice came, and saw it only at its next MPI call), and from there to the ``recovered``
+    event (the shrink, the new communicators, the restore: the *repair*). Seconds; kills whose
+    recovery did not follow online are left out."""
+    out = []
+    for inj in sorted((e for e in evs if e["event"] == "injected"), key=lambda e: e["t"]):
+        t0 = inj["t"]
+        rec = next((e for e in evs if e["event"] == "recovered" and e["t"] >= t0), None)
+        if rec is None:
+            continue
+        fails = sorted(e["t"] for e in evs if e["event"] == "failure" and t0 <= e["t"] <= rec["t"])
+        if not fails:
+            continue
+        out.append({"point": inj.get("point"), "rank": inj.get("rank"), "notice_s": fails[0] - t0,
+                    "all_in_s": fails[-1] - t0, "repair_s": rec["t"] - fails[-1], "recover_s": rec["t"] - t0,
+                    "members": len(fails)})
+    return out
 
 
 def move_steps(job: Path) -> list[dict]:
