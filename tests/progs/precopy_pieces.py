@@ -19,6 +19,15 @@ exactly these chunks. ``b`` is small (its chunks are counted as written whenever
 
 ``--no-read``: the target behaves as on another host (it cannot read the source's memory).
 
+``--held``: the source's ready is held back one point, as ``source.vote`` does for the switch's
+prebuild: after the point that found the rounds converged the program writes once more (16
+chunks of ``a`` and its two edge pages: ``last_step_bytes``), then steps once more (ready) and
+freezes, as the benchmark's program dirties its state at the start of the step before the
+freeze. Where background rounds run (``sender``: a thread may scan and start a round between
+two safe points) the program waits, between those writes and that point, until the thread has
+made two scans after the writes and no round of its is on its way (a bounded condition wait):
+the freeze then has nothing of that step left to move.
+
 ``--late-last``: after round 1 the target takes a round only when the source says so (a
 message after each step that started one); the round that goes with the ready step (pre-copy's
 early last round) is left on its way, as when a target sees the switch's wake-up first: the
@@ -41,6 +50,7 @@ from mpimig.state import State
 
 TAG_GO, TAG_DIGEST, TAG_CTL = 99, 98, 97
 LATE = "--late-last" in sys.argv[2:]
+HELD = "--held" in sys.argv[2:]
 NEL = (32 << 20) // 8
 C = int(os.environ.get("MPIMIG_CHUNK", str(1 << 20)))
 
@@ -81,6 +91,7 @@ def source(comm: MPI.Intracomm) -> dict:
     a = np.arange(NEL, dtype=np.float64)
     st = State(a=a, b=np.zeros(100), k=0)
     src = strategies.PreCopySource(comm, 1, lambda: st, 0)
+    src.held = HELD
     cnt = Counter(src)
     piece = src.piece // 8
     assert not cnt.step() and not src.rounds     # round 0: the layout, taken by the target at once
@@ -107,11 +118,23 @@ def source(comm: MPI.Intracomm) -> dict:
     a[3] = -0.0                              # the first page's edge (compared, not tracked): chunk 0
     cnt.write(a, nchunks - 1, 7.0)
     a[NEL - 1] += 7.0                        # the last page's edge: the last chunk
+    last = 2 * C
+    if HELD:                                 # the step after the held-back ready: its writes, then its point
+        for i in range(16):
+            cnt.write(a, 1 + i * (nchunks - 2) // 16, 0.5 + i)
+        last += 16 * C
+        if src.bgr is not None and not src._bg_why():
+            s0, t0 = src.bg_scans, time.monotonic()
+            while src.bg_scans < s0 + 2 or src.awaiting:      # the thread's scans after the writes
+                if time.monotonic() - t0 > 60:
+                    raise RuntimeError(f"no background scan after the writes: {src.bg_stops}")
+                time.sleep(0.0005)
+        assert src.step(), "a held-back ready stays ready at the next point"
     arrays, objects = st.split()
     tx = transport.Transfer(comm, 1, transport.ROUNDS, "pre-copy")
     src.finish(tx, arrays, objects, {"t_suspend": time.time()})
     comm.send(digest(arrays), dest=1, tag=TAG_DIGEST)
-    return {"written": cnt.last()}
+    return {"written": cnt.last(), "last_step_bytes": last}
 
 
 def target(comm: MPI.Intracomm, out: str) -> None:
