@@ -81,3 +81,13 @@ def test_background_rounds_leave_the_freeze_nothing_of_the_last_step(tmp_path, b
         assert s["bg_rounds"] == 0 and set(s["round_by"]) == {"point"}, s
         assert s["bg_reason"] == "MPIMIG_PRECOPY_BG=off", s
         assert s["final_bytes"] >= got["last_step_bytes"], s
+
+
+def test_a_failure_in_the_background_thread_is_raised_at_the_next_safe_point(tmp_path):
+    """The thread's scan raises once: the safe point that stops the thread raises it as a
+    ``MigrationError`` naming the thread (not swallowed); the program here goes on stepping, the
+    rounds resume from the safe points and the thread, and the result is bit-identical."""
+    got = _run(tmp_path, "--bg-fail")
+    assert "pre-copy background rounds of rank 0: injected scan failure" in got["bg_error"], got
+    s = got["stats"]
+    assert s["bytes_total"] == sum(s["round_bytes"]) + s["final_bytes"], s

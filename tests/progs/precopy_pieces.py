@@ -19,6 +19,10 @@ exactly these chunks. ``b`` is small (its chunks are counted as written whenever
 
 ``--no-read``: the target behaves as on another host (it cannot read the source's memory).
 
+``--bg-fail``: the background thread's next scan after round 1 raises (once); the safe point
+that stops the thread must raise it (``MigrationError``, reported in ``bg_error``), and the
+rounds then go on (the scan did not run, so no write is lost): bit-identical.
+
 ``--held``: the source's ready is held back one point, as ``source.vote`` does for the switch's
 prebuild: after the point that found the rounds converged the program writes once more (16
 chunks of ``a`` and its two edge pages: ``last_step_bytes``), then steps once more (ready) and
@@ -39,11 +43,13 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 
 import numpy as np
 from mpi4py import MPI
 
+from mpimig.errors import MigrationError
 from mpimig.migration import handover, strategies, transport
 from mpimig.migration.protocol import TAG_PRECOPY
 from mpimig.state import State
@@ -51,6 +57,7 @@ from mpimig.state import State
 TAG_GO, TAG_DIGEST, TAG_CTL = 99, 98, 97
 LATE = "--late-last" in sys.argv[2:]
 HELD = "--held" in sys.argv[2:]
+BG_FAIL = "--bg-fail" in sys.argv[2:]
 NEL = (32 << 20) // 8
 C = int(os.environ.get("MPIMIG_CHUNK", str(1 << 20)))
 
@@ -99,11 +106,24 @@ def source(comm: MPI.Intracomm) -> dict:
         assert not cnt.step()                    # round 1 is on its way (MPI: the thread waits on piece 0)
     cnt.write(a, 2 * piece * 8 // C, 1.5)    # third piece: written after the round's scan, before it left
     comm.send("go", dest=1, tag=TAG_GO)
+    bg_error = ""
+    if BG_FAIL:
+        scan = src._all_dirty
+
+        def boom():
+            if threading.current_thread() is threading.main_thread():
+                return scan()
+            src._all_dirty = scan                 # once: before the scan, so nothing is lost
+            raise RuntimeError("injected scan failure")
+        src._all_dirty = boom
     k = 0
     nchunks = NEL * 8 // C
     while True:
         n0 = len(src.rounds)
-        ready = cnt.step()
+        try:
+            ready = cnt.step()
+        except MigrationError as e:               # the thread's failure, at the safe point that joined it
+            bg_error, ready = str(e), False
         if LATE and (ready or len(src.rounds) != n0):
             comm.send("ready" if ready else "take", dest=1, tag=TAG_CTL)
         if ready:
@@ -134,7 +154,7 @@ def source(comm: MPI.Intracomm) -> dict:
     tx = transport.Transfer(comm, 1, transport.ROUNDS, "pre-copy")
     src.finish(tx, arrays, objects, {"t_suspend": time.time()})
     comm.send(digest(arrays), dest=1, tag=TAG_DIGEST)
-    return {"written": cnt.last(), "last_step_bytes": last}
+    return {"written": cnt.last(), "last_step_bytes": last, "bg_error": bg_error}
 
 
 def target(comm: MPI.Intracomm, out: str) -> None:
