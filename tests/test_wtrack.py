@@ -305,6 +305,30 @@ def test_precopy_round_completes_between_points(tmp_path, how):
     assert s["bg_rounds"] == 0 if how == "mpi" else True, s
 
 
+def test_background_rounds_in_a_job_to_a_warm_spare_leave_the_freeze_nothing(tmp_path):
+    """The whole runtime: rank 1 moves by pre-copy to a warm spare (its ready held back a point
+    for the prebuild), the program writes scattered places, its edge pages and a small array each
+    step and replaces an array at step 10 (that one goes from a safe point). Before each safe point
+    the moving rank lets the background thread catch up with the step's writes (``--wait-bg``, a
+    bounded condition wait): its rounds ran between points, the freeze moved none of the step's
+    bytes, and every rank's state is bit-identical to the serial reference."""
+    job, out, ref = tmp_path / "job", tmp_path / "res.json", tmp_path / "ref.json"
+    res = run_cmd(mpimig_cmd("run", "-n", 3, "--spares", 1, "--job-dir", job, "--timeout", 150,
+                             "--migrate", f"5:1:{HOST}:pre-copy", PROG, "--steps", 30, "--work-ms", 10,
+                             "--wait-move", "--wait-bg", 30, "--out", out),
+                  timeout=200, env=base_env(OMPI_MCA_btl_tcp_if_include="lo"))
+    assert "job completed" in res.stderr and out.exists(), res.stderr[-3000:]
+    got = json.loads(out.read_text())
+    run_cmd([sys.executable, PROG, "--serial", "-n", 3, "--steps", got["steps"], "--out", ref], check_rc=0)
+    assert [r["digest"] for r in got["ranks"]] == json.loads(ref.read_text())["digests"]
+    (m,) = read(job, "status.json")["migrations"]
+    s = m["strategy_stats"]
+    assert m["state"] == "done" and s["wtrack"] == "uffd" and s.get("prebuilt"), s
+    assert s["bg_rounds"] >= 1 and s["round_by"].count("thread") == s["bg_rounds"], s
+    assert len(s["round_by"]) == s["rounds"] and "bg_reason" not in s, s
+    assert s["final_bytes"] == 0, s
+
+
 def test_two_trackers_share_the_process_userfaultfd_and_each_sees_every_write():
     """Pre-copy and incremental checkpoints each hold a tracker of the same arrays: both are
     registered on the process's one userfaultfd (a second userfaultfd on the same range is
