@@ -38,7 +38,10 @@ for i in range(n):
                    step_during_mean_ms=statistics.mean(during) * 1e3 if during else None, n_during=len(during),
                    precopy_s=pts, step_last4_ms=statistics.median(times[res - 5:res - 1]) * 1e3,
                    round1_s=(s.get("layout_s", 0) + (s.get("round_s") or [0])[0]),
-                   steps=t.get("switch_steps"), others_stall_ms=max((m.get("stalls") or {"x": 0}).values()) * 1e3)
+                   steps=t.get("switch_steps"), mover_times_ms=[round(x * 1e3, 1) for x in times[at - 3:res + 2]],
+                   rank0_times_ms=[round(x * 1e3, 1) for x in
+                                   {x["rank"]: x for x in complete["result"]["ranks"]}[0]["times"][at - 3:res + 2]],
+                   round_points=s.get("round_points"), round_by=s.get("round_by"), round_s=s.get("round_s"), others_stall_ms=max((m.get("stalls") or {"x": 0}).values()) * 1e3)
         rows.append(rec)
         print(json.dumps(rec), flush=True)
         shutil.rmtree(job.parent, ignore_errors=True)
