@@ -475,7 +475,10 @@ class PreCopySource:
         self._stop_bg()
         p0 = self.points
         ready = self._step()
-        if not ready or (self.held_ready and self.points != p0):   # the point whose ready is held back
+        # the program computes on: not ready, or a ready held back at this vote (``held``: the
+        # plan's comms are not built yet, e.g. another source of the plan is not primed), or the
+        # point that found it ready while held. Not at a point whose vote may freeze the rank.
+        if not ready or (self.held_ready and (self.points != p0 or self.held)):
             self._start_bg()
         return ready
 

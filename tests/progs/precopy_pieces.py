@@ -94,6 +94,38 @@ class Counter:
         return self.per_round + [len(self.chunks) * C]
 
 
+def fail_once(src: strategies.PreCopySource) -> None:
+    """--bg-fail: the thread's next scan raises (once, before scanning: nothing is lost); wait
+    (bounded) until the thread has got there."""
+    scan = src._all_dirty
+    fired = threading.Event()
+
+    def boom():
+        if threading.current_thread() is threading.main_thread():
+            return scan()
+        src._all_dirty = scan                 # once: before the scan, so nothing is lost
+        fired.set()
+        raise RuntimeError("injected scan failure")
+    src._all_dirty = boom
+    t0 = time.monotonic()                     # the thread (started by round 1's point) gets there
+    while src.bgr is not None and src.bgr.running() and not fired.is_set():
+        if time.monotonic() - t0 > 60:
+            raise RuntimeError("the background thread never scanned")
+        fired.wait(0.001)
+
+
+def catch_up(src: strategies.PreCopySource) -> None:
+    """--held: while the background thread runs, until it has scanned twice since the writes
+    and has no round on its way (a bounded condition wait)."""
+    if src.bgr is None or src._bg_why():
+        return
+    s0, t0 = src.bg_scans, time.monotonic()
+    while src.bgr.running() and (src.bg_scans < s0 + 2 or src.awaiting):   # its scans after the writes
+        if time.monotonic() - t0 > 60:
+            raise RuntimeError(f"no background scan after the writes: {src.bg_stops}")
+        time.sleep(0.0005)
+
+
 def source(comm: MPI.Intracomm) -> dict:
     a = np.arange(NEL, dtype=np.float64)
     st = State(a=a, b=np.zeros(100), k=0)
@@ -108,14 +140,7 @@ def source(comm: MPI.Intracomm) -> dict:
     comm.send("go", dest=1, tag=TAG_GO)
     bg_error = ""
     if BG_FAIL:
-        scan = src._all_dirty
-
-        def boom():
-            if threading.current_thread() is threading.main_thread():
-                return scan()
-            src._all_dirty = scan                 # once: before the scan, so nothing is lost
-            raise RuntimeError("injected scan failure")
-        src._all_dirty = boom
+        fail_once(src)
     k = 0
     nchunks = NEL * 8 // C
     while True:
@@ -143,12 +168,7 @@ def source(comm: MPI.Intracomm) -> dict:
         for i in range(16):
             cnt.write(a, 1 + i * (nchunks - 2) // 16, 0.5 + i)
         last += 16 * C
-        if src.bgr is not None and not src._bg_why():
-            s0, t0 = src.bg_scans, time.monotonic()
-            while src.bg_scans < s0 + 2 or src.awaiting:      # the thread's scans after the writes
-                if time.monotonic() - t0 > 60:
-                    raise RuntimeError(f"no background scan after the writes: {src.bg_stops}")
-                time.sleep(0.0005)
+        catch_up(src)
         assert src.step(), "a held-back ready stays ready at the next point"
     arrays, objects = st.split()
     tx = transport.Transfer(comm, 1, transport.ROUNDS, "pre-copy")
