@@ -263,6 +263,8 @@ def _after_recovery(out: Any, cfg: Config, ctx: Context | None = None) -> Contex
         ctx.comm = _comm(cfg, out.A)
     ctx._pending = None          # an epoch written in the background is never committed
     ckpt_async.drop_incremental(ctx)   # the state is rolled back: the next epoch is a full one
+    if ctx.link.precopy is not None:
+        ctx.link.precopy.abandon()   # its background rounds' thread stops (it probed the old J)
     ctx.link = Link(J=out.J)     # a plan, a post-copy or pre-copy in progress is void: the state comes
     ctx._state = None            # from the epoch
     ctx._free_until = 0          # the next point checks and votes, on every rank

@@ -215,7 +215,10 @@ def test_precopy_rounds_read_in_place_move_exactly_what_the_program_wrote(tmp_pa
     what the program wrote after that scan (here not the small array). ``freeze`` (the
     default): that scan's chunks wait for the freeze."""
     out = tmp_path / "out.json"
-    env = base_env(MPIMIG_CHUNK=16384, MPIMIG_WTRACK="on", MPIMIG_PRECOPY_LAST="" if last == "freeze" else last)
+    # the safe points' rounds only: a round of the background thread (between points) would split the
+    # program's per-round count (its own test: test_precopy_push.py::test_background_rounds_...)
+    env = base_env(MPIMIG_CHUNK=16384, MPIMIG_WTRACK="on", MPIMIG_PRECOPY_LAST="" if last == "freeze" else last,
+                   MPIMIG_PRECOPY_BG="off")
     res = run_cmd([MPIEXEC, "-n", 2, sys.executable, PIECES, out], timeout=120, env=env)
     assert out.exists(), res.stderr[-3000:]
     got = json.loads(out.read_text())
@@ -239,7 +242,8 @@ def test_precopy_early_last_round_still_on_its_way_at_the_switch(tmp_path):
     tells it to (``rounds_sent``), it reads that round, then the final runs; bit-identical, and
     no deadlock (the source used to wait for the round's answer before sending anything)."""
     out = tmp_path / "out.json"
-    env = base_env(MPIMIG_CHUNK=16384, MPIMIG_WTRACK="on", MPIMIG_PRECOPY_LAST="early")
+    # the target takes a round only when the program says so, after a point: no background rounds
+    env = base_env(MPIMIG_CHUNK=16384, MPIMIG_WTRACK="on", MPIMIG_PRECOPY_LAST="early", MPIMIG_PRECOPY_BG="off")
     res = run_cmd([MPIEXEC, "-n", 2, sys.executable, PIECES, out, "--late-last"], timeout=120, env=env)
     assert out.exists(), res.stderr[-3000:]
     got = json.loads(out.read_text())
@@ -293,9 +297,36 @@ def test_precopy_round_completes_between_points(tmp_path, how):
     assert s["rounds_sent"] == s["rounds"] >= 1, s
     in_place = s["round_bytes"] if how == "memory" else [0] * s["rounds"]
     assert s["round_read_bytes"] == in_place, s
-    # read in place, the last round goes from the point that found the rounds converged, and the
-    # freeze has nothing left to read when the program wrote nothing since ("no runs")
-    assert s["final_how"] == how or (how == "memory" and s["last_round"] == "early" and s["final_bytes"] == 0), s
+    # read in place, the last round goes from the point that found the rounds converged, or from the
+    # background thread between points, and the freeze has nothing left to read when the program wrote
+    # nothing since ("no runs")
+    assert s["final_how"] == how or (how == "memory" and s["final_bytes"] == 0
+                                     and (s["last_round"] == "early" or s["bg_rounds"] > 0)), s
+    assert s["bg_rounds"] == 0 if how == "mpi" else True, s
+
+
+def test_background_rounds_in_a_job_to_a_warm_spare_leave_the_freeze_nothing(tmp_path):
+    """The whole runtime: rank 1 moves by pre-copy to a warm spare (its ready held back a point
+    for the prebuild), the program writes scattered places, its edge pages and a small array each
+    step and replaces an array at step 10 (that one goes from a safe point). Before each safe point
+    the moving rank lets the background thread catch up with the step's writes (``--wait-bg``, a
+    bounded condition wait): its rounds ran between points, the freeze moved none of the step's
+    bytes, and every rank's state is bit-identical to the serial reference."""
+    job, out, ref = tmp_path / "job", tmp_path / "res.json", tmp_path / "ref.json"
+    res = run_cmd(mpimig_cmd("run", "-n", 3, "--spares", 1, "--job-dir", job, "--timeout", 150,
+                             "--migrate", f"5:1:{HOST}:pre-copy", PROG, "--steps", 30, "--work-ms", 10,
+                             "--wait-move", "--wait-bg", 30, "--out", out),
+                  timeout=200, env=base_env(OMPI_MCA_btl_tcp_if_include="lo"))
+    assert "job completed" in res.stderr and out.exists(), res.stderr[-3000:]
+    got = json.loads(out.read_text())
+    run_cmd([sys.executable, PROG, "--serial", "-n", 3, "--steps", got["steps"], "--out", ref], check_rc=0)
+    assert [r["digest"] for r in got["ranks"]] == json.loads(ref.read_text())["digests"]
+    (m,) = read(job, "status.json")["migrations"]
+    s = m["strategy_stats"]
+    assert m["state"] == "done" and s["wtrack"] == "uffd" and s.get("prebuilt"), s
+    assert s["bg_rounds"] >= 1 and s["round_by"].count("thread") == s["bg_rounds"], s
+    assert len(s["round_by"]) == s["rounds"] and "bg_reason" not in s, s
+    assert s["final_bytes"] == 0, s
 
 
 def test_two_trackers_share_the_process_userfaultfd_and_each_sees_every_write():

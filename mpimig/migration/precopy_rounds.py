@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from typing import Any, Callable
 
@@ -26,6 +27,10 @@ from .protocol import TAG_PRECOPY, TAG_PRECOPY_DATA, TAG_PRECOPY_DONE, mark
 from .transport import Transfer
 
 __all__ = ["PreCopySource"]
+
+
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("off", "0", "no", "false")
 
 
 def _precopy_small(total: int, C: int, in_place: bool = False) -> int:
@@ -85,6 +90,13 @@ class PreCopySource:
     ``safe-points``  the fallback (no ``MPI_THREAD_MULTIPLE``, ``MPIMIG_SEND_THREAD=off``):
                      nonblocking sends posted at the safe point that moves only while the
                      rank is inside MPI calls; ``sender_reason`` says why.
+
+    Rounds between safe points (``bg_rounds``, ``round_by``): on one host, with every array
+    kernel-tracked and read in place, a thread of the rank (:meth:`_bg_loop`) scans and starts
+    the next round once the target has answered the previous one, while the program computes;
+    the safe point stops and joins it before it scans (one owner of the dirty bits at a time).
+    The freeze then finds only what was written since the thread's last scan, not a whole step.
+    ``MPIMIG_PRECOPY_BG=off`` keeps the safe points' rounds only (``bg_reason`` says why none ran).
 
     The race between the program's writes and a round is written down in
     docs/protocol.md, "Pre-copy".
@@ -151,6 +163,19 @@ class PreCopySource:
         self.dest_where: dict[str, Any] = {}      # ... in this process (handover.where() of the target)
         self.push_s = 0.0
         self.why_no_push = ""
+        # rounds between safe points (one host, kernel tracking, rounds read in place): a thread
+        # scans and starts the next round once the target has answered, while the program computes
+        self.bgr = (background.Background(f"pre-copy background rounds of rank {rank}")
+                    if threaded and track and _env_on("MPIMIG_PRECOPY_BG") else None)
+        self.why_no_bgr = ("MPIMIG_PRECOPY_BG=off" if not _env_on("MPIMIG_PRECOPY_BG") else
+                           self.why_no_thread or "no rounds" if self.bgr is None else "")
+        self.halt = threading.Event()             # set: the background thread stops (the owner is the safe point)
+        self.bg_gap = float(os.environ.get("MPIMIG_PRECOPY_BG_MS", "") or 2.0) / 1000
+        self.bg_max = int(os.environ.get("MPIMIG_PRECOPY_BG_ROUNDS", "") or 4)
+        self.bg_rounds = 0                        # rounds the thread started
+        self.bg_scans = 0                         # scans the thread made (with or without a round)
+        self.bg_stops: dict[str, int] = {}        # why the thread stopped between two safe points
+        self.round_by: list[str] = []             # per round: "point" (a safe point) or "thread"
 
     def _refresh(self, arrays: dict[str, np.ndarray] | None = None) -> None:
         """Follow the registered arrays: one the program replaced (``st.a = new``) or
@@ -187,6 +212,7 @@ class PreCopySource:
         return "uffd" if len(self.tracked) == len(self.live) else "mixed"
 
     def close(self) -> None:
+        self.abandon()
         if self.wt is not None:
             self.wt.close()
             self.wt = None
@@ -313,8 +339,105 @@ class PreCopySource:
             self.pending[k] = m if prev is None or prev.shape != m.shape else prev | m
 
     def drain(self) -> None:
-        """Until the round on its way is in (the switch, or the end of the job)."""
+        """Until the round on its way is in (the switch, or the end of the job); the background
+        thread first stops (a failure in it is raised here)."""
+        self._stop_bg()
         self._reap(block=True)
+
+    # -- rounds between safe points (the background thread) --------------------------------
+    def _bg_why(self) -> str:
+        """Why the thread may not start rounds now ("" when it may): it needs a thread
+        (``MPI_THREAD_MULTIPLE``), round 1 sent, every array kernel-tracked (a scan is then
+        O(pages written) and needs no copy) and read in place by a target on this host (a round
+        is then one small header; no piece can still be on its way at the freeze)."""
+        if self.bgr is None:
+            return self.why_no_bgr
+        if not self.read:
+            return "the target does not read in place (" + (self.why_no_read or "?") + ")"
+        if not self.tracked or self.mode() != "uffd":
+            return "an array is not kernel-tracked (wtrack " + self.mode() + ")"
+        if self.layout or not self.rounds or self.new_meta:
+            return "before round 1"
+        if not self.dest_where or not handover.same_host(self.dest_where):
+            return "the target is on another host"
+        return ""
+
+    def _start_bg(self) -> None:
+        """End of a safe point: the thread owns the dirty bits (and the rounds) until the next."""
+        why = self._bg_why()
+        if why:
+            if not self.bg_rounds:
+                self.why_no_bgr = why
+            return
+        assert self.bgr is not None
+        self.halt.clear()
+        self.bgr.start(self._bg_loop)
+
+    def _stop_bg(self) -> None:
+        """Start of a safe point (or the freeze, the end of the job): the thread stops and is
+        joined, so one owner scans at a time; its error, if any, is raised here."""
+        if self.bgr is not None:
+            self.halt.set()
+            self.bgr.wait()
+
+    def abandon(self) -> None:
+        """Stop the thread without raising (a recovery voids the pre-copy, or closing)."""
+        with contextlib.suppress(Exception):
+            self._stop_bg()
+
+    def _bg_loop(self) -> None:
+        """The thread, between two safe points: once the target has answered the round on its way
+        and ``MPIMIG_PRECOPY_BG_MS`` (2 ms) have passed since that round's scan, scan; a dirty set
+        goes as a round (the target reads it in place while the program computes). Paced so that it
+        does not take the program's core: an empty scan doubles the wait (up to 16 ms), at most
+        ``MPIMIG_PRECOPY_BG_ROUNDS`` (4) rounds until the next safe point, none when two rounds in a
+        row did not shrink (a program that rewrites everything), and it ends after ~1 s of empty
+        scans (a plan that no safe point follows any more). What a scan found and did not send
+        stays due (``pending``) for the next safe point or the freeze."""
+        halt, gap = self.halt, self.bg_gap
+        wait, empty = gap, 0
+        here: list[int] = []                  # bytes of the rounds started since the safe point
+        t_scan = self._t_round                # the latest scan (the safe point's round, or ours)
+        why = "safe-point"
+        while not halt.is_set():
+            if self.awaiting:
+                if not self.J.Iprobe(self.dest, TAG_PRECOPY_DONE):
+                    # polled: 0.5 ms at first (a step's writes are read in ~3 ms), up to 4 ms for
+                    # a long read (round 1: the whole state), so the polls cost the program little
+                    halt.wait(min(0.004, max(0.0005, (time.perf_counter() - self._t_round) / 8)))
+                    continue
+                self._reap(block=True)
+                if self._bg_why():            # e.g. the target could not read: safe-point rounds now
+                    self.why_no_bgr, why = self._bg_why(), "cannot"
+                    break
+            left = t_scan + wait - time.perf_counter()
+            if left > 0:
+                halt.wait(left)
+                continue
+            if len(here) >= self.bg_max:
+                why = "max-rounds"
+                break
+            dirty = self._all_dirty()
+            nbytes = self._count(dirty)
+            t_scan = time.perf_counter()
+            self.bg_scans += 1
+            if nbytes == 0:
+                empty += 1
+                wait = min(2 * wait, 0.016)
+                if empty >= 64:
+                    why = "idle"
+                    break
+                continue
+            if len(here) >= 2 and nbytes >= here[-1] >= here[-2]:
+                self.pending = dirty          # two rounds did not shrink: the rest waits for the safe point
+                why = "not-shrinking"
+                break
+            here.append(nbytes)
+            empty, wait = 0, gap
+            self.planned.append(nbytes)
+            self.bg_rounds += 1
+            self._send_round(dirty, "thread")
+        self.bg_stops[why] = self.bg_stops.get(why, 0) + 1
 
     def _source_bytes(self, k: str, lo: int, hi: int) -> np.ndarray:
         """What a piece sends: the live bytes (``uffd``), or a copy taken into the shadow now."""
@@ -346,7 +469,20 @@ class PreCopySource:
             sent += hi - lo
 
     def step(self) -> bool:
-        """At a safe point while the plan is held: maybe one more round. Returns ready."""
+        """At a safe point while the plan is held: maybe one more round. Returns ready.
+        The background thread (if it ran) is stopped first and started again at the end when
+        the program computes on (not ready, or a ready held back a vote)."""
+        self._stop_bg()
+        p0 = self.points
+        ready = self._step()
+        # the program computes on: not ready, or a ready held back at this vote (``held``: the
+        # plan's comms are not built yet, e.g. another source of the plan is not primed), or the
+        # point that found it ready while held. Not at a point whose vote may freeze the rank.
+        if not ready or (self.held_ready and (self.points != p0 or self.held)):
+            self._start_bg()
+        return ready
+
+    def _step(self) -> bool:
         if self.ready:
             if not self.held_ready:
                 return True
@@ -387,6 +523,12 @@ class PreCopySource:
                 # before the vote that may freeze it, so the target reads it while the ranks vote
                 # and the switch begins, and the freeze finds (almost) nothing left to read
                 self.last_early = True
+        self.planned.append(nbytes)
+        self._send_round(dirty, "point")
+        return self.ready
+
+    def _send_round(self, dirty: dict[str, np.ndarray], by: str) -> None:
+        """Start a round of ``dirty`` (header on J; pieces by MPI for what is not read in place)."""
         runs = []
         for k, m in dirty.items():
             a = self.live[k]
@@ -414,13 +556,12 @@ class PreCopySource:
         pieces = [(k, lo, min(hi, lo + P)) for k, lo0, hi in runs if k not in addrs for lo in range(lo0, hi, P)]
         self.rounds.append(sum(hi - lo for _, lo, hi in runs))
         self.round_read.append(sum(hi - lo for k, lo, hi in runs if k in addrs))
-        self.planned.append(nbytes)
+        self.round_by.append(by)
         if self.bg is not None and pieces:
             self.bg.start(lambda: self._send_pieces(pieces))
         else:
             for k, lo, hi in pieces:
                 self.reqs.append(self.tx.Isend(self._source_bytes(k, lo, hi), TAG_PRECOPY_DATA))
-        return self.ready
 
     def _converged(self, nbytes: int) -> str:
         """Why the rounds stop with ``nbytes`` dirty ("" if they go on)."""
@@ -486,6 +627,7 @@ class PreCopySource:
                extra: dict[str, Any]) -> None:
         """At the switch (rank frozen): the chunks still dirty, objects, held queue."""
         marks = extra.get("marks", {})
+        self._stop_bg()                  # normally stopped by the point that voted ready already
         if self.awaiting and not self.layout:
             # the last round is on its way (step sent it at the point that found us ready): the
             # target may have joined the switch before it took it from J, so it is told to take
@@ -521,7 +663,11 @@ class PreCopySource:
                  "round_send_s": list(self.bg.seconds) if self.bg is not None else [],
                  "round_s": self.round_s, "round_points": self.round_points, "round_read_bytes": self.round_read,
                  "round_target_s": self.round_target, "layout_s": self.layout_s,
-                 "round_dirty": list(self.planned), "last_round": "early" if self.last_early else "freeze"}
+                 "round_dirty": list(self.planned), "last_round": "early" if self.last_early else "freeze",
+                 "round_by": list(self.round_by), "bg_rounds": self.bg_rounds, "bg_scans": self.bg_scans,
+                 "bg_stops": dict(self.bg_stops)}
+        if not self.bg_rounds:
+            stats["bg_reason"] = self.why_no_bgr or self._bg_why() or "no round was due between safe points"
         if self.src_pages is not None:
             stats["src_pages"] = self.src_pages
         if self.read_missed or not self.read:

@@ -430,9 +430,10 @@ class WriteTracker:
         if t.hi > t.lo:
             for s, e in self._kern().scan(t):
                 out[(s - t.addr) // chunk:(e - 1 - t.addr) // chunk + 1] = True
-            pages = t.pages
+            k = self._kern()
+            with k.lock:                                 # another tracker's scan (another thread) may note
+                pages, t.pages = t.pages, None
             if pages is not None:                        # what other trackers' scans found
-                t.pages = None
                 first = t.lo - t.addr + np.flatnonzero(pages) * PAGE
                 out[first // chunk] = True
                 out[(first + PAGE - 1) // chunk] = True      # a page spans at most two chunks

@@ -19,6 +19,19 @@ exactly these chunks. ``b`` is small (its chunks are counted as written whenever
 
 ``--no-read``: the target behaves as on another host (it cannot read the source's memory).
 
+``--bg-fail``: the background thread's next scan after round 1 raises (once); the safe point
+that stops the thread must raise it (``MigrationError``, reported in ``bg_error``), and the
+rounds then go on (the scan did not run, so no write is lost): bit-identical.
+
+``--held``: the source's ready is held back one point, as ``source.vote`` does for the switch's
+prebuild: after the point that found the rounds converged the program writes once more (16
+chunks of ``a`` and its two edge pages: ``last_step_bytes``), then steps once more (ready) and
+freezes, as the benchmark's program dirties its state at the start of the step before the
+freeze. Where background rounds run (``sender``: a thread may scan and start a round between
+two safe points) the program waits, between those writes and that point, until the thread has
+made two scans after the writes and no round of its is on its way (a bounded condition wait):
+the freeze then has nothing of that step left to move.
+
 ``--late-last``: after round 1 the target takes a round only when the source says so (a
 message after each step that started one); the round that goes with the ready step (pre-copy's
 early last round) is left on its way, as when a target sees the switch's wake-up first: the
@@ -30,17 +43,21 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 
 import numpy as np
 from mpi4py import MPI
 
+from mpimig.errors import MigrationError
 from mpimig.migration import handover, strategies, transport
 from mpimig.migration.protocol import TAG_PRECOPY
 from mpimig.state import State
 
 TAG_GO, TAG_DIGEST, TAG_CTL = 99, 98, 97
 LATE = "--late-last" in sys.argv[2:]
+HELD = "--held" in sys.argv[2:]
+BG_FAIL = "--bg-fail" in sys.argv[2:]
 NEL = (32 << 20) // 8
 C = int(os.environ.get("MPIMIG_CHUNK", str(1 << 20)))
 
@@ -77,10 +94,43 @@ class Counter:
         return self.per_round + [len(self.chunks) * C]
 
 
+def fail_once(src: strategies.PreCopySource) -> None:
+    """--bg-fail: the thread's next scan raises (once, before scanning: nothing is lost); wait
+    (bounded) until the thread has got there."""
+    scan = src._all_dirty
+    fired = threading.Event()
+
+    def boom():
+        if threading.current_thread() is threading.main_thread():
+            return scan()
+        src._all_dirty = scan                 # once: before the scan, so nothing is lost
+        fired.set()
+        raise RuntimeError("injected scan failure")
+    src._all_dirty = boom
+    t0 = time.monotonic()                     # the thread (started by round 1's point) gets there
+    while src.bgr is not None and src.bgr.running() and not fired.is_set():
+        if time.monotonic() - t0 > 60:
+            raise RuntimeError("the background thread never scanned")
+        fired.wait(0.001)
+
+
+def catch_up(src: strategies.PreCopySource) -> None:
+    """--held: while the background thread runs, until it has scanned twice since the writes
+    and has no round on its way (a bounded condition wait)."""
+    if src.bgr is None or src._bg_why():
+        return
+    s0, t0 = src.bg_scans, time.monotonic()
+    while src.bgr.running() and (src.bg_scans < s0 + 2 or src.awaiting):   # its scans after the writes
+        if time.monotonic() - t0 > 60:
+            raise RuntimeError(f"no background scan after the writes: {src.bg_stops}")
+        time.sleep(0.0005)
+
+
 def source(comm: MPI.Intracomm) -> dict:
     a = np.arange(NEL, dtype=np.float64)
     st = State(a=a, b=np.zeros(100), k=0)
     src = strategies.PreCopySource(comm, 1, lambda: st, 0)
+    src.held = HELD
     cnt = Counter(src)
     piece = src.piece // 8
     assert not cnt.step() and not src.rounds     # round 0: the layout, taken by the target at once
@@ -88,11 +138,17 @@ def source(comm: MPI.Intracomm) -> dict:
         assert not cnt.step()                    # round 1 is on its way (MPI: the thread waits on piece 0)
     cnt.write(a, 2 * piece * 8 // C, 1.5)    # third piece: written after the round's scan, before it left
     comm.send("go", dest=1, tag=TAG_GO)
+    bg_error = ""
+    if BG_FAIL:
+        fail_once(src)
     k = 0
     nchunks = NEL * 8 // C
     while True:
         n0 = len(src.rounds)
-        ready = cnt.step()
+        try:
+            ready = cnt.step()
+        except MigrationError as e:               # the thread's failure, at the safe point that joined it
+            bg_error, ready = str(e), False
         if LATE and (ready or len(src.rounds) != n0):
             comm.send("ready" if ready else "take", dest=1, tag=TAG_CTL)
         if ready:
@@ -107,11 +163,18 @@ def source(comm: MPI.Intracomm) -> dict:
     a[3] = -0.0                              # the first page's edge (compared, not tracked): chunk 0
     cnt.write(a, nchunks - 1, 7.0)
     a[NEL - 1] += 7.0                        # the last page's edge: the last chunk
+    last = 2 * C
+    if HELD:                                 # the step after the held-back ready: its writes, then its point
+        for i in range(16):
+            cnt.write(a, 1 + i * (nchunks - 2) // 16, 0.5 + i)
+        last += 16 * C
+        catch_up(src)
+        assert src.step(), "a held-back ready stays ready at the next point"
     arrays, objects = st.split()
     tx = transport.Transfer(comm, 1, transport.ROUNDS, "pre-copy")
     src.finish(tx, arrays, objects, {"t_suspend": time.time()})
     comm.send(digest(arrays), dest=1, tag=TAG_DIGEST)
-    return {"written": cnt.last()}
+    return {"written": cnt.last(), "last_step_bytes": last, "bg_error": bg_error}
 
 
 def target(comm: MPI.Intracomm, out: str) -> None:

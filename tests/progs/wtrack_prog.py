@@ -15,6 +15,11 @@ for the reference) and ``--mib`` sizes the big array. With ``--wait-rounds S``, 
 safe point that left a pre-copy round on its way, the moving rank waits (sleeping, no MPI
 call, at most S seconds) until the round has left; it records 1 when it did, 0 when the
 wait ran out ("waited", one entry per such point, kept in its state).
+
+With ``--wait-bg S``, before each safe point (after the step's writes) the moving rank waits
+(at most S seconds) while pre-copy's background thread runs, until it has scanned twice since
+the writes and has no round on its way: every write of the step is then at the target before
+the point, so the freeze finds none (a bounded condition wait, not a sleep).
 """
 import argparse
 import hashlib
@@ -92,6 +97,8 @@ def main(ctx, args):
         st.step += 1
         if args.work_ms:
             time.sleep(args.work_ms / 1000.0)     # stand-in for work, so the rounds overlap steps
+        if args.wait_bg:
+            wait_bg(ctx, args.wait_bg)
         ctx.checkpoint_point()
         if args.wait_rounds:
             wait_round(ctx, st, args.wait_rounds)
@@ -114,6 +121,16 @@ def wait_round(ctx, st, seconds: float) -> None:
     st.waited = st.waited + [1 if pre.rounds_sent() > n0 else 0]
 
 
+def wait_bg(ctx, seconds: float) -> None:
+    """Before a safe point: the background thread's rounds have the step's writes."""
+    pre = ctx.link.precopy
+    if pre is None or pre.bgr is None or not pre.bgr.running():
+        return
+    s0, t_end = pre.bg_scans, time.monotonic() + seconds
+    while pre.bgr.running() and (pre.bg_scans < s0 + 2 or pre.awaiting) and time.monotonic() < t_end:
+        time.sleep(0.0005)
+
+
 def parse(argv):
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=30)
@@ -124,6 +141,7 @@ def parse(argv):
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--mib", type=int, default=4)
     p.add_argument("--wait-rounds", type=float, default=0.0)
+    p.add_argument("--wait-bg", type=float, default=0.0)
     p.add_argument("-n", type=int, default=3)
     p.add_argument("--out", required=True)
     return p.parse_args(argv)
