@@ -43,13 +43,13 @@ def test_frozen_source_writes_the_last_runs_into_the_target(tmp_path, push):
     s = got["stats"]
     assert s["wtrack"] == "uffd" and s["final_bytes"] > 0 and s["final_how"] == "memory", s
     if push == "on":
-        assert s["final_pushed_bytes"] == s["final_bytes"] and s["push_s"] > 0, s
+        assert s["final_pushed_bytes"] == s["final_bytes"] + s["edge_bytes"] and s["push_s"] > 0, s
         assert "push_reason" not in s, s
         assert got["final_at_header"], s          # in place before the target read anything
     else:
         assert s["final_pushed_bytes"] == 0 and s["push_reason"] == "not asked (MPIMIG_PRECOPY_PUSH=on)", s
         assert not got["final_at_header"], s      # the target read them after the header
-    assert s["bytes_total"] == sum(s["round_bytes"]) + s["final_bytes"], s
+    assert s["bytes_total"] == sum(s["round_bytes"]) + s["final_bytes"] + s["edge_bytes"], s
 
 
 def test_no_push_when_the_target_cannot_read(tmp_path):
@@ -71,7 +71,7 @@ def test_background_rounds_leave_the_freeze_nothing_of_the_last_step(tmp_path, b
     got = _run(tmp_path, "--held", **({"MPIMIG_PRECOPY_BG": "off"} if bg == "off" else {}))
     s = got["stats"]
     assert s["wtrack"] == "uffd" and s["final_how"] in ("memory", "mpi"), s
-    assert s["bytes_total"] == sum(s["round_bytes"]) + s["final_bytes"], s
+    assert s["bytes_total"] == sum(s["round_bytes"]) + s["final_bytes"] + s["edge_bytes"], s
     assert len(s["round_by"]) == s["rounds"] == got["target_rounds"], (got, s)
     if bg == "on":
         assert s["bg_rounds"] >= 1 and s["round_by"].count("thread") == s["bg_rounds"], s
@@ -90,4 +90,17 @@ def test_a_failure_in_the_background_thread_is_raised_at_the_next_safe_point(tmp
     got = _run(tmp_path, "--bg-fail")
     assert "pre-copy background rounds of rank 0: injected scan failure" in got["bg_error"], got
     s = got["stats"]
-    assert s["bytes_total"] == sum(s["round_bytes"]) + s["final_bytes"], s
+    assert s["bytes_total"] == sum(s["round_bytes"]) + s["final_bytes"] + s["edge_bytes"], s
+
+
+def test_an_edge_written_during_a_rounds_read_and_reverted_is_read_again_at_the_freeze(tmp_path):
+    """An array's first partial page is compared with a copy at each scan (the kernel tracks whole
+    pages only). A round's in-place read took ``a[0]`` while the program had written X there; the
+    program then wrote back the value the scan had copied (V), so the next scan found the edge
+    unchanged and did not send chunk 0 again: the target held X. The freeze now reads every
+    round-sent array's edge bytes again (``edge_bytes``), so the result is bit-identical (``_run``
+    asserts it: the source's final digest against the target's)."""
+    got = _run(tmp_path, "--late-last", "--revert-edge", MPIMIG_PRECOPY_BG="off")
+    s = got["stats"]
+    assert got["reverted"] and got["edge_head"] >= 8, got      # the race happened, in a's first partial page
+    assert s["wtrack"] == "uffd" and s["final_how"] == "memory" and s["edge_bytes"] >= got["edge_head"], s

@@ -563,6 +563,26 @@ class PreCopySource:
             for k, lo, hi in pieces:
                 self.reqs.append(self.tx.Isend(self._source_bytes(k, lo, hi), TAG_PRECOPY_DATA))
 
+    def _edges(self, dirty: dict[str, np.ndarray]) -> list[tuple[str, int, int]]:
+        """The freeze's copy of the edge bytes of every kernel-tracked array sent in a round, unless
+        its final runs hold them. A round's edge bytes went from the live array (read in place, or
+        a piece sent by the thread) while the program ran, and the next scan compares them with the
+        copy taken at the scan: a write during the read that the program then reverted to the
+        scanned bytes would leave the target with the intermediate ones. At most two partial pages
+        per array (``edge_bytes`` in the stats)."""
+        if self.wt is None:
+            return []
+        out = []
+        C = self.C
+        for k in sorted(self.tracked):
+            if k not in self.sends or k not in self.live:
+                continue
+            m = dirty.get(k)
+            for lo, hi in self.wt.edges(self.live[k]):
+                if m is None or not m[lo // C] or not m[(hi - 1) // C]:
+                    out.append((k, lo, hi))
+        return out
+
     def _converged(self, nbytes: int) -> str:
         """Why the rounds stop with ``nbytes`` dirty ("" if they go on)."""
         if nbytes <= (_precopy_small(self.total, self.C, True) if self.read and self.tracked else self.small):
@@ -645,6 +665,8 @@ class PreCopySource:
                 self.sends[k] += m
         runs = [(k, lo, hi) for k, m in dirty.items() for lo, hi in _runs(m, self.live[k].nbytes, self.C)]
         final = sum(hi - lo for _, lo, hi in runs)
+        edges = self._edges(dirty)
+        runs += edges
         scan_s = time.perf_counter() - t0
         resent = 0
         for k, cnt in self.sends.items():
@@ -653,8 +675,9 @@ class PreCopySource:
             sizes[-1] = a.nbytes - self.C * (cnt.size - 1)
             resent += int(((np.maximum(cnt, 1) - 1) * sizes).sum())
         eager = {k: np.ascontiguousarray(v) for k, v in arrays.items() if k not in self.live}
+        edge = sum(hi - lo for _, lo, hi in edges)
         stats = {"rounds": len(self.rounds), "round_bytes": list(self.rounds), "final_bytes": final,
-                 "bytes_total": int(sum(self.rounds) + final), "bytes_resent": resent,
+                 "edge_bytes": edge, "bytes_total": int(sum(self.rounds) + final + edge), "bytes_resent": resent,
                  "state_bytes": self.total, "reason": self.reason or "switched-early",
                  "final_scan_s": scan_s, "scan_s": self.scan_s,
                  "precopy_s": extra["t_suspend"] - self.t_start, "wtrack": self.mode(),
@@ -682,7 +705,7 @@ class PreCopySource:
         # the header is ready: the runs go last, then it (the target is still in the switch's Split)
         runs = self._push(runs)
         mark(marks, "pushed")
-        stats["final_pushed_bytes"], stats["push_s"] = final - sum(hi - lo for _, lo, hi in runs), self.push_s
+        stats["final_pushed_bytes"], stats["push_s"] = final + edge - sum(hi - lo for _, lo, hi in runs), self.push_s
         if self.why_no_push:
             stats["push_reason"] = self.why_no_push
         # frozen: every array may be read out of our memory (shadow-tracked ones too), as the hand-over does

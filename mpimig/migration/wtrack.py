@@ -405,6 +405,15 @@ class WriteTracker:
         t = self._arrays[id(a)]
         return t.lo, t.hi
 
+    def edges(self, a: np.ndarray) -> list[tuple[int, int]]:
+        """The byte ranges of ``a`` outside its registered pages (its first and last partial
+        pages, compared with a copy at each scan, not tracked by the kernel): [(lo, hi), ...]."""
+        t = self._arrays[id(a)]
+        out = [(0, t.head.size)] if t.head.size else []
+        if t.tail.size:
+            out.append((t.nbytes - t.tail.size, t.nbytes))
+        return out
+
     def written_in(self, a: np.ndarray, lo: int, hi: int) -> bool:
         """Whether a registered page of bytes [lo, hi) of ``a`` was written since the previous
         :meth:`written`, *without* protecting it again (the next ``written`` still reports it).

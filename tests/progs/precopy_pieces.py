@@ -32,6 +32,15 @@ two safe points) the program waits, between those writes and that point, until t
 made two scans after the writes and no round of its is on its way (a bounded condition wait):
 the freeze then has nothing of that step left to move.
 
+``--revert-edge`` (with ``--late-last`` and ``MPIMIG_PRECOPY_BG=off``): the race of an array's
+edge bytes (its first partial page, compared with a copy at each scan, not tracked by the
+kernel): the program changes ``a[0]`` (value V) before a step, whose scan sends chunk 0 in its
+round; it writes X there before the target reads that round in place, waits for the target's
+answer, and writes V back. The next scan finds the edge as it copied it (V): chunk 0 is not
+sent again, and the target holds X unless the freeze re-reads the edges. The program writes
+nothing else into chunk 0 or the last chunk afterwards. ``edge_head``: bytes of ``a`` before its
+first page boundary (where ``a[0]`` is; must be at least 8).
+
 ``--late-last``: after round 1 the target takes a round only when the source says so (a
 message after each step that started one); the round that goes with the ready step (pre-copy's
 early last round) is left on its way, as when a target sees the switch's wake-up first: the
@@ -58,6 +67,7 @@ TAG_GO, TAG_DIGEST, TAG_CTL = 99, 98, 97
 LATE = "--late-last" in sys.argv[2:]
 HELD = "--held" in sys.argv[2:]
 BG_FAIL = "--bg-fail" in sys.argv[2:]
+REVERT = "--revert-edge" in sys.argv[2:]
 NEL = (32 << 20) // 8
 C = int(os.environ.get("MPIMIG_CHUNK", str(1 << 20)))
 
@@ -143,27 +153,43 @@ def source(comm: MPI.Intracomm) -> dict:
         fail_once(src)
     k = 0
     nchunks = NEL * 8 // C
+    head = (-a.ctypes.data) % 4096
+    reverted = not REVERT
     while True:
         n0 = len(src.rounds)
+        if not reverted:
+            a[0] = 12345.0                        # V: the edge changed, the step's scan sends chunk 0
         try:
             ready = cnt.step()
         except MigrationError as e:               # the thread's failure, at the safe point that joined it
             bg_error, ready = str(e), False
-        if LATE and (ready or len(src.rounds) != n0):
+        started = len(src.rounds) != n0
+        if not reverted and started and not ready:
+            a[0] = -777.0                         # X, before the target reads the round in place
+        if LATE and (ready or started):
             comm.send("ready" if ready else "take", dest=1, tag=TAG_CTL)
+        if not reverted and started and not ready:
+            src.drain()                           # the target has read the round (its answer is in)
+            a[0] = 12345.0                        # V again: the next scan finds the edge as it copied it
+            reverted = True
         if ready:
             break
-        cnt.write(a, (k * 7919 * 61) % nchunks, k + 0.25)
+        w = (k * 7919 * 61) % nchunks
+        if REVERT and w in (0, nchunks - 1):
+            w = 1
+        cnt.write(a, w, k + 0.25)
         st.b[k % 100] += 1.0
         k += 1
         if k > 200000:
             raise RuntimeError("pre-copy rounds never became ready")
         time.sleep(0.002)
-    cnt.write(a, 0, -1.0)
-    a[3] = -0.0                              # the first page's edge (compared, not tracked): chunk 0
-    cnt.write(a, nchunks - 1, 7.0)
-    a[NEL - 1] += 7.0                        # the last page's edge: the last chunk
-    last = 2 * C
+    last = 0
+    if not REVERT:
+        cnt.write(a, 0, -1.0)
+        a[3] = -0.0                          # the first page's edge (compared, not tracked): chunk 0
+        cnt.write(a, nchunks - 1, 7.0)
+        a[NEL - 1] += 7.0                    # the last page's edge: the last chunk
+        last = 2 * C
     if HELD:                                 # the step after the held-back ready: its writes, then its point
         for i in range(16):
             cnt.write(a, 1 + i * (nchunks - 2) // 16, 0.5 + i)
@@ -174,7 +200,8 @@ def source(comm: MPI.Intracomm) -> dict:
     tx = transport.Transfer(comm, 1, transport.ROUNDS, "pre-copy")
     src.finish(tx, arrays, objects, {"t_suspend": time.time()})
     comm.send(digest(arrays), dest=1, tag=TAG_DIGEST)
-    return {"written": cnt.last(), "last_step_bytes": last, "bg_error": bg_error}
+    return {"written": cnt.last(), "last_step_bytes": last, "bg_error": bg_error, "edge_head": head,
+            "reverted": reverted}
 
 
 def target(comm: MPI.Intracomm, out: str) -> None:
