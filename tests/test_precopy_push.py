@@ -1,7 +1,7 @@
 """Pre-copy's freeze on one host (issue 15: pre-copy downtime at 1 % dirty per step).
 
 With ``MPIMIG_PRECOPY_PUSH=on`` the frozen source writes the last dirty runs straight into the target's arrays
-(``process_vm_writev``, :meth:`PreCopySource._push`) before it sends the switch's header, so
+(``process_vm_writev``, :func:`mpimig.migration.precopy_freeze.push`) before it sends the switch's header, so
 the target, which takes part in the switch's ``Split`` meanwhile, has nothing left to read
 after it (it used to read them only then: the freeze's longest part at 1 % dirty,
 docs/bench/migrate-pc-push-*). A real source and target (2 ranks, ``progs/precopy_pieces.py``):

@@ -17,13 +17,12 @@ from typing import Any, Callable
 import numpy as np
 from mpi4py import MPI
 
-from ..checkpoint.format import dumps
 from ..state import State
-from . import background, handover, pages, transport, wtrack
+from . import background, handover, pages, precopy_freeze, transport, wtrack
 from .chunks import PIECE, chunk_bytes, flat_bytes
 from .chunks import chunkable as _chunkable
 from .chunks import runs as _runs
-from .protocol import TAG_PRECOPY, TAG_PRECOPY_DATA, TAG_PRECOPY_DONE, mark
+from .protocol import TAG_PRECOPY, TAG_PRECOPY_DATA, TAG_PRECOPY_DONE
 from .transport import Transfer
 
 __all__ = ["PreCopySource"]
@@ -67,7 +66,7 @@ class PreCopySource:
     straight out of this running process (``handover.vm_read``) and answers when done
     (``TAG_PRECOPY_DONE``, with the runs it could not read: those go by MPI from then on);
     the freeze's runs are read the same way (or, opt-in, this frozen process writes them into
-    the target's arrays while the target is in the switch's Split: :meth:`_push`). Before
+    the target's arrays while the target is in the switch's Split: :func:`.precopy_freeze.push`). Before
     round 1 the layout goes alone (round 0) so that the target faults its arrays in first.
     While it reads, the target leaves out the registered pages the kernel says were written
     since the scan (the next scan has them; ``skipped_bytes``). ``MPIMIG_HANDOVER=mpi`` forces MPI.
@@ -563,26 +562,6 @@ class PreCopySource:
             for k, lo, hi in pieces:
                 self.reqs.append(self.tx.Isend(self._source_bytes(k, lo, hi), TAG_PRECOPY_DATA))
 
-    def _edges(self, dirty: dict[str, np.ndarray]) -> list[tuple[str, int, int]]:
-        """The freeze's copy of the edge bytes of every kernel-tracked array sent in a round, unless
-        its final runs hold them. A round's edge bytes went from the live array (read in place, or
-        a piece sent by the thread) while the program ran, and the next scan compares them with the
-        copy taken at the scan: a write during the read that the program then reverted to the
-        scanned bytes would leave the target with the intermediate ones. At most two partial pages
-        per array (``edge_bytes`` in the stats)."""
-        if self.wt is None:
-            return []
-        out = []
-        C = self.C
-        for k in sorted(self.tracked):
-            if k not in self.sends or k not in self.live:
-                continue
-            m = dirty.get(k)
-            for lo, hi in self.wt.edges(self.live[k]):
-                if m is None or not m[lo // C] or not m[(hi - 1) // C]:
-                    out.append((k, lo, hi))
-        return out
-
     def _converged(self, nbytes: int) -> str:
         """Why the rounds stop with ``nbytes`` dirty ("" if they go on)."""
         if nbytes <= (_precopy_small(self.total, self.C, True) if self.read and self.tracked else self.small):
@@ -608,117 +587,8 @@ class PreCopySource:
         return (0 < nbytes <= self.total // 32 and self.read
                 and all(k in self.tracked for k, m in dirty.items() if m.any()))
 
-    def _push(self, runs: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
-        """At the freeze, on one host: write the final runs straight into the target's arrays
-        (``handover.write_at``) while the target takes part in the switch's ``Split``, which
-        waits for the other ranks; it used to read them only after it (the freeze's longest
-        part at 1 % dirty). The target's arrays are where its round replies said (``at``), every
-        round is in (drained), and the header that lets it use them goes after the writes.
-        Returns the runs left for the target to read or receive (all of them when it cannot).
-
-        Opt-in (``MPIMIG_PRECOPY_PUSH=on``): at 1 GiB, 1 % dirty on the 2 shared cores, it cut the
-        freeze under load (the target's read after the Split took 3-32 ms there) but lengthened it
-        by 1.5-2 ms when the machine was quiet: the push takes a core while the ranks, the
-        coordinator and the target need both for the Split (docs/bench/migrate-pc-push-ab*)."""
-        if not runs or not self.read or not self.dest_at:
-            return runs
-        if (os.environ.get("MPIMIG_PRECOPY_PUSH") or "off").strip().lower() not in ("on", "1", "yes", "true"):
-            self.why_no_push = "not asked (MPIMIG_PRECOPY_PUSH=on)"
-            return runs
-        if not handover.same_host(self.dest_where):
-            self.why_no_push = "another host"
-            return runs
-        pid, left, failed = int(self.dest_where["pid"]), [], False
-        t0 = time.perf_counter()
-        for k, lo, hi in runs:
-            addr, n = self.dest_at.get(k, (0, -1))
-            if k in self.new_meta or n != self.live[k].nbytes or failed:   # new at the freeze: the target makes it
-                left.append((k, lo, hi))
-                continue
-            try:
-                handover.write_at(pid, addr + lo, int(self.live[k].ctypes.data) + lo, hi - lo)
-            except OSError as exc:        # e.g. EPERM (ptrace rules): the target reads or receives the rest
-                self.why_no_push, failed = str(exc), True
-                left.append((k, lo, hi))
-        self.push_s = time.perf_counter() - t0
-        return left
-
     def finish(self, tx: Transfer, arrays: dict[str, np.ndarray], objects: dict[str, Any],
                extra: dict[str, Any]) -> None:
-        """At the switch (rank frozen): the chunks still dirty, objects, held queue."""
-        marks = extra.get("marks", {})
-        self._stop_bg()                  # normally stopped by the point that voted ready already
-        if self.awaiting and not self.layout:
-            # the last round is on its way (step sent it at the point that found us ready): the
-            # target may have joined the switch before it took it from J, so it is told to take
-            # it now (its answer is what drain waits for)
-            tx.send_obj({"rounds_sent": len(self.rounds)})
-        self.drain()
-        mark(marks, "drained")
-        t0 = time.perf_counter()
-        self._refresh(arrays)            # the state at the switch is what counts
-        dirty = self._all_dirty()
-        mark(marks, "scanned")
-        self.round_points.append(self.points - self._p_scan)
-        for k, m in dirty.items():
-            if k in self.sends:
-                self.sends[k] += m
-        runs = [(k, lo, hi) for k, m in dirty.items() for lo, hi in _runs(m, self.live[k].nbytes, self.C)]
-        final = sum(hi - lo for _, lo, hi in runs)
-        edges = self._edges(dirty)
-        runs += edges
-        scan_s = time.perf_counter() - t0
-        resent = 0
-        for k, cnt in self.sends.items():
-            a = self.live[k]
-            sizes = np.full(cnt.size, self.C, dtype=np.int64)
-            sizes[-1] = a.nbytes - self.C * (cnt.size - 1)
-            resent += int(((np.maximum(cnt, 1) - 1) * sizes).sum())
-        eager = {k: np.ascontiguousarray(v) for k, v in arrays.items() if k not in self.live}
-        edge = sum(hi - lo for _, lo, hi in edges)
-        stats = {"rounds": len(self.rounds), "round_bytes": list(self.rounds), "final_bytes": final,
-                 "edge_bytes": edge, "bytes_total": int(sum(self.rounds) + final + edge), "bytes_resent": resent,
-                 "state_bytes": self.total, "reason": self.reason or "switched-early",
-                 "final_scan_s": scan_s, "scan_s": self.scan_s,
-                 "precopy_s": extra["t_suspend"] - self.t_start, "wtrack": self.mode(),
-                 "sender": "thread" if self.bg is not None else "safe-points", "skipped_bytes": self.skipped_bytes,
-                 "rounds_sent": self.rounds_sent(),
-                 "round_send_s": list(self.bg.seconds) if self.bg is not None else [],
-                 "round_s": self.round_s, "round_points": self.round_points, "round_read_bytes": self.round_read,
-                 "round_target_s": self.round_target, "layout_s": self.layout_s,
-                 "round_dirty": list(self.planned), "last_round": "early" if self.last_early else "freeze",
-                 "round_by": list(self.round_by), "bg_rounds": self.bg_rounds, "bg_scans": self.bg_scans,
-                 "bg_stops": dict(self.bg_stops)}
-        if not self.bg_rounds:
-            stats["bg_reason"] = self.why_no_bgr or self._bg_why() or "no round was due between safe points"
-        if self.src_pages is not None:
-            stats["src_pages"] = self.src_pages
-        if self.read_missed or not self.read:
-            stats["read_missed"], stats["read_reason"] = self.read_missed, self.why_no_read
-        if not self.tracked:
-            stats["wtrack_reason"] = self.why_shadow
-        if self.bg is None:
-            stats["sender_reason"] = self.why_no_thread or "no rounds"
-        extra = dict(extra, strategy_stats=stats)
-        hdr = {"final": True, "eager": eager, "meta": {k: (v.shape, v.dtype.str) for k, v in self.live.items()},
-               "objects": {k: dumps(k, v) for k, v in objects.items()}, "extra": extra}
-        # the header is ready: the runs go last, then it (the target is still in the switch's Split)
-        runs = self._push(runs)
-        mark(marks, "pushed")
-        stats["final_pushed_bytes"], stats["push_s"] = final + edge - sum(hi - lo for _, lo, hi in runs), self.push_s
-        if self.why_no_push:
-            stats["push_reason"] = self.why_no_push
-        # frozen: every array may be read out of our memory (shadow-tracked ones too), as the hand-over does
-        read = ({"where": self.where, "addrs": {k: int(v.ctypes.data) for k, v in self.live.items()}}
-                if runs and self.read else None)
-        hdr["runs"], hdr["read"] = runs, read
-        mark(marks, "header")
-        tx.send_obj(hdr)
-        # polled (handover.await_reply): a blocking receive would spin on a core the target's read needs
-        how = handover.await_reply(tx.comm, tx.peer) if read is not None else handover.VIA_MPI
-        if how != handover.MEMORY:
-            for k, lo, hi in runs:
-                tx.Send(flat_bytes(self.live[k])[lo:hi], TAG_PRECOPY_DATA)
-        # MEMORY: the target has read the runs (its reply came after); only now may our arrays go
-        self.shadow.clear()
-        self.close()
+        """At the switch (rank frozen): the chunks still dirty, objects, held queue
+        (:func:`.precopy_freeze.finish`)."""
+        precopy_freeze.finish(self, tx, arrays, objects, extra)
