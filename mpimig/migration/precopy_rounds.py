@@ -173,6 +173,10 @@ class PreCopySource:
         self.bg_max = int(os.environ.get("MPIMIG_PRECOPY_BG_ROUNDS", "") or 4)
         self.bg_rounds = 0                        # rounds the thread started
         self.bg_scans = 0                         # scans the thread made (with or without a round)
+        self.bg_live = False                      # the thread is in its loop
+        # notified after each of the thread's scans, each answer it takes in, and when it ends: who
+        # watches its progress (a test program) waits on it (wait_for with a timeout), not polls
+        self.bg_progress = threading.Condition()
         self.bg_stops: dict[str, int] = {}        # why the thread stopped between two safe points
         self.round_by: list[str] = []             # per round: "point" (a safe point) or "thread"
 
@@ -370,7 +374,12 @@ class PreCopySource:
             return
         assert self.bgr is not None
         self.halt.clear()
+        self.bg_live = True
         self.bgr.start(self._bg_loop)
+
+    def _bg_notify(self) -> None:
+        with self.bg_progress:
+            self.bg_progress.notify_all()
 
     def _stop_bg(self) -> None:
         """Start of a safe point (or the freeze, the end of the job): the thread stops and is
@@ -385,6 +394,14 @@ class PreCopySource:
             self._stop_bg()
 
     def _bg_loop(self) -> None:
+        """The thread's body (:meth:`_bg_rounds`); when it ends, it says so (``bg_live``, ``bg_progress``)."""
+        try:
+            self._bg_rounds()
+        finally:
+            self.bg_live = False
+            self._bg_notify()
+
+    def _bg_rounds(self) -> None:
         """The thread, between two safe points: once the target has answered the round on its way
         and ``MPIMIG_PRECOPY_BG_MS`` (2 ms) have passed since that round's scan, scan; a dirty set
         goes as a round (the target reads it in place while the program computes). Paced so that it
@@ -406,6 +423,7 @@ class PreCopySource:
                     halt.wait(min(0.004, max(0.0005, (time.perf_counter() - self._t_round) / 8)))
                     continue
                 self._reap(block=True)
+                self._bg_notify()
                 if self._bg_why():            # e.g. the target could not read: safe-point rounds now
                     self.why_no_bgr, why = self._bg_why(), "cannot"
                     break
@@ -420,6 +438,7 @@ class PreCopySource:
             nbytes = self._count(dirty)
             t_scan = time.perf_counter()
             self.bg_scans += 1
+            self._bg_notify()
             if nbytes == 0:
                 empty += 1
                 wait = min(2 * wait, 0.016)

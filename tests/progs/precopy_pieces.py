@@ -129,11 +129,11 @@ def catch_up(src: strategies.PreCopySource) -> None:
     and has no round on its way (a bounded condition wait)."""
     if src.bgr is None or src._bg_why():
         return
-    s0, t0 = src.bg_scans, time.monotonic()
-    while src.bgr.running() and (src.bg_scans < s0 + 2 or src.awaiting):   # its scans after the writes
-        if time.monotonic() - t0 > 60:
+    s0 = src.bg_scans
+    with src.bg_progress:                    # notified at each scan, answer and the thread's end
+        if not src.bg_progress.wait_for(lambda: not src.bg_live or (src.bg_scans >= s0 + 2 and not src.awaiting),
+                                        timeout=60):
             raise RuntimeError(f"no background scan after the writes: {src.bg_stops}")
-        time.sleep(0.0005)
 
 
 def source(comm: MPI.Intracomm) -> dict:

@@ -126,9 +126,10 @@ def wait_bg(ctx, seconds: float) -> None:
     pre = ctx.link.precopy
     if pre is None or pre.bgr is None or not pre.bgr.running():
         return
-    s0, t_end = pre.bg_scans, time.monotonic() + seconds
-    while pre.bgr.running() and (pre.bg_scans < s0 + 2 or pre.awaiting) and time.monotonic() < t_end:
-        time.sleep(0.0005)
+    s0 = pre.bg_scans
+    with pre.bg_progress:                    # notified at each scan, answer and the thread's end
+        pre.bg_progress.wait_for(lambda: not pre.bg_live or (pre.bg_scans >= s0 + 2 and not pre.awaiting),
+                                 timeout=seconds)
 
 
 def parse(argv):

@@ -221,13 +221,21 @@ class LoadState:
             return 0.0
         ms, md = self.machine_of.get(self.where[rank]), self.machine_of.get(dst)
         new = {m: self.mload[m] for m in (ms, md) if m is not None} if touched else dict(self.mload)
-        if ms != md:
-            w = self.work[rank]
-            for m, dw, dn in ((ms, -w, -1), (md, w, 1)):
-                if m is not None:
-                    W, n = self.mwork[m]
-                    new[m] = self._machine_load(m, W + dw, n + dn)
+        new.update((m, self._machine_load(m, *wn)) for m, wn in self._shifted(rank, dst).items())
         return max(new.values(), default=0.0)
+
+    def _shifted(self, rank: int, dst: str) -> dict[str, tuple[float, int]]:
+        """(work, ranks) of the shared machines a move of ``rank`` to ``dst`` changes, after it
+        (none when it stays on its machine)."""
+        ms, md = self.machine_of.get(self.where[rank]), self.machine_of.get(dst)
+        if ms == md:
+            return {}
+        w, out = self.work[rank], {}
+        for m, dw, dn in ((ms, -w, -1), (md, w, 1)):
+            if m is not None:
+                W, n = self.mwork[m]
+                out[m] = (W + dw, n + dn)
+        return out
 
     @property
     def step_s(self) -> float:
@@ -327,14 +335,9 @@ class LoadState:
 
     def apply(self, rank: int, dst: str) -> None:
         """Make the move for good (in this model)."""
-        ms, md = self.machine_of.get(self.where[rank]), self.machine_of.get(dst)
-        if ms != md:
-            w = self.work[rank]
-            for m, dw, dn in ((ms, -w, -1), (md, w, 1)):
-                if m is not None:
-                    W, n = self.mwork[m]
-                    self.mwork[m] = (W + dw, n + dn)
-                    self.mload[m] = self._machine_load(m, W + dw, n + dn)
+        for m, wn in self._shifted(rank, dst).items():
+            self.mwork[m] = wn
+            self.mload[m] = self._machine_load(m, *wn)
         src, hs, comm = self._move_to(rank, dst)
         self.comm_s.update(comm)
         self.mem_in[dst] = self.mem_in.get(dst, 0.0) + self.mem_need(rank)
