@@ -10,6 +10,8 @@ reorders and corrupts nothing, split by job:
 * ``workload``: the MPI driver (``python -m mpimig.verify.workload``, or by its
   file: ``mpimig storm`` runs the installed one; ``apps/storm.py`` is the
   thin script around it for users to read and copy);
+* ``result``: rank 0's totals from every rank's counts, and the summary line (no MPI);
+* ``watchdog``: names what a rank of the storm is stuck in;
 * ``campaign``: N seeds, a line per seed, the totals table and plot, shared by
   ``mpimig storm`` and ``mpimig inject --seeds``;
 * ``storm``: the ``mpimig storm`` command;
@@ -17,6 +19,6 @@ reorders and corrupts nothing, split by job:
   logical communicator, run through ``mpi4py_adapter`` (the thin adapter, a program run
   by ``mpimig run``) from the pinned source distribution that ``mpi4py_tests`` fetches.
 
-May import any part of mpimig (it sits above the runtime); ``plan``, ``checker``
-and ``campaign`` import no MPI, so commands can use them without starting MPI.
+May import any part of mpimig (it sits above the runtime); ``plan``, ``checker``,
+``result`` and ``campaign`` import no MPI, so commands can use them without starting MPI.
 """

@@ -22,7 +22,6 @@ import json
 import os
 import pickle
 import sys
-import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -35,16 +34,11 @@ from mpimig.comm import ANY_SOURCE, ANY_TAG
 from mpimig.comm_requests import Request
 from mpimig.verify.checker import Checker
 from mpimig.verify.plan import MAXBUF, Coll, Msg, buf_message, coll_value, kind_of_tag, make_plan, obj_message
+from mpimig.verify.result import combine, summary
+from mpimig.verify.watchdog import Watchdog
 
 #: completion modes of a batch of nonblocking receives
 MODES = ["waitall", "Waitall", "testall", "Testall", "Waitany", "each"]
-#: the short summary the runnable scripts print
-SHORT_KEYS = ("sent", "received", "lost", "duplicated", "out_of_order", "corrupted", "unexpected",
-              "collective_errors")
-#: counters summed over ranks into the result
-SUM_KEYS = ["sent", "received", "expected", "lost", "duplicated", "out_of_order", "corrupted",
-            "unexpected", "collective_errors", "pickled", "buffer", "wildcard", "kept_requests",
-            "deferred", "probe", "stray", "held_total", "held_restored", "to_self"]
 #: the driver's own counters (the checker keeps the receive-side ones)
 DRIVER_COUNTS = ("sent", "collective_errors", "wildcard", "kept_requests", "deferred", "probe",
                  "held_max", "held_total", "held_restored", "to_self")
@@ -53,36 +47,6 @@ DRIVER_COUNTS = ("sent", "collective_errors", "wildcard", "kept_requests", "defe
 Allowed = set[tuple[str, int]]
 #: a posted nonblocking receive: (posting index, request, its buffer or None for a pickled one)
 Posted = tuple[int, Request, Optional[np.ndarray]]
-
-
-class Watchdog:
-    """Names what a rank is stuck in: a lost message shows up as a receive that
-    never completes. If :attr:`phase` does not change for ``stall`` seconds, one
-    line goes to stderr. ``stop()`` ends the watch (done, or the rank moved away)."""
-
-    def __init__(self, rank: int, stall: float) -> None:
-        self.rank, self.stall = rank, stall
-        self.phase: str | None = "start"
-        if stall > 0:
-            threading.Thread(target=self._watch, name="storm-watchdog", daemon=True).start()
-
-    def stop(self) -> None:
-        self.phase = None
-
-    def _watch(self) -> None:
-        last, since, told = None, time.monotonic(), False
-        while True:
-            time.sleep(min(1.0, self.stall / 4))     # a watchdog's tick, not synchronisation
-            cur = self.phase
-            if cur is None:
-                return
-            if cur is not last:
-                last, since, told = cur, time.monotonic(), False
-            elif not told and time.monotonic() - since > self.stall:
-                sys.stderr.write(f"storm: rank {self.rank} (pid {os.getpid()}) stuck for {self.stall:.0f} s "
-                                 f"in {cur}\n")
-                sys.stderr.flush()
-                told = True
 
 
 def ballast_initial(me: int, nbytes: int) -> np.ndarray:
@@ -561,23 +525,6 @@ class Storm:
         return stray
 
 
-def combine(every: list[dict], **run: Any) -> dict:
-    """Rank 0's result from every rank's counts (``run``: seed, steps, size, msgs)."""
-    res: dict[str, Any] = {k: sum(int(e[k]) for e in every) for k in SUM_KEYS}
-    res.update(run,
-               held_max=max(e["held_max"] for e in every),
-               held_at_start=sum(e["held_at_start"] for e in every),
-               restarted=any(e["pid_role"] == "restarted" for e in every),
-               start_step=min(e["start_step"] for e in every),
-               migrated_ranks=sorted(r for r, e in enumerate(every) if e["pid_role"] == "migrated"),
-               moves={str(r): e["moves"] for r, e in enumerate(every) if e["moves"]},
-               notes=[n for e in every for n in e["notes"]][:40])
-    res["errors"] = (res["lost"] + res["duplicated"] + res["out_of_order"] + res["corrupted"]
-                     + res["unexpected"] + res["collective_errors"] + abs(res["sent"] - res["expected"]))
-    res["ok"] = res["errors"] == 0
-    return res
-
-
 def main(ctx: Any, args: argparse.Namespace) -> dict | None:
     """The storm on ``ctx`` (a :class:`mpimig.Context`); rank 0 returns the totals."""
     watch = Watchdog(ctx.comm.rank, args.stall_seconds)
@@ -604,14 +551,6 @@ def parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     return parser().parse_args(argv)
-
-
-def summary(res: dict, notes: int = 10) -> str:
-    """The lines a runnable storm prints: the short totals, OK or ERRORS, the first notes."""
-    short = {k: res[k] for k in SHORT_KEYS}
-    lines = ["storm " + json.dumps(short) + " " + ("OK" if res["ok"] else "ERRORS")]
-    lines += [f"   {n}" for n in res["notes"][:notes]]
-    return "\n".join(lines)
 
 
 def run_main(argv: list[str]) -> int:
