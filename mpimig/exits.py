@@ -55,6 +55,7 @@ from .bounds import (  # noqa: F401 - the bounds' names stay importable from exi
     finalize_timer,
     timeout,
 )
+from .envflag import env_flag
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -198,7 +199,7 @@ def watch_spawned_init() -> int | None:
     processes all gone 30 s after a kill, one spawned process left under prterun, and no
     watcher with it). In that phase only a coordinator gone for :data:`ORPHAN_GRACE` s or a
     relaunch end it (no time bound: a refilled spare idles as long as the job runs)."""
-    if not is_spawned() or os.environ.get("MPIMIG_INIT_WATCH", "1") == "0":
+    if not is_spawned() or not env_flag("MPIMIG_INIT_WATCH", True):
         return None
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized():

@@ -15,13 +15,13 @@ its error, if any, is raised in the caller's thread by :meth:`Background.done` o
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Callable
 
 from mpi4py import MPI
 
+from ..envflag import env_flag
 from ..errors import MigrationError
 
 _LEVELS = {MPI.THREAD_SINGLE: "MPI_THREAD_SINGLE", MPI.THREAD_FUNNELED: "MPI_THREAD_FUNNELED",
@@ -30,7 +30,7 @@ _LEVELS = {MPI.THREAD_SINGLE: "MPI_THREAD_SINGLE", MPI.THREAD_FUNNELED: "MPI_THR
 
 def thread_ok() -> tuple[bool, str]:
     """(True, "") when a thread may send while the program makes MPI calls; else (False, why)."""
-    if os.environ.get("MPIMIG_SEND_THREAD", "").strip().lower() in ("off", "0", "no", "false"):
+    if not env_flag("MPIMIG_SEND_THREAD", True):
         return False, "MPIMIG_SEND_THREAD=off"
     level = MPI.Query_thread()
     if level != MPI.THREAD_MULTIPLE:

@@ -29,6 +29,7 @@ from typing import Any, Callable, NoReturn
 from mpi4py import MPI
 
 from .. import events, exits
+from ..envflag import env_flag
 from ..errors import MigrationError
 from ..ft import recovery
 from ..balance.driver import BalanceDriver
@@ -94,7 +95,7 @@ class Coordinator(Steps, Serving, Spares):
             self.refill = "local"
         # spares on every host (mpimig.launch.placement): a moved rank's old process stays
         # as its host's spare, so moves between hosts never spawn (docs/spawn.md)
-        self.recycle = bool(cfg.spare_world) and not cfg.ft and os.environ.get("MPIMIG_SPARE_RECYCLE", "1") != "0"
+        self.recycle = bool(cfg.spare_world) and not cfg.ft and env_flag("MPIMIG_SPARE_RECYCLE", True)
         # Open MPI (PRRTE 3.0.x) over several hosts: a spawn loses the job (docs/spawn.md), so
         # a move with no spare on its host waits for one or is refused before the freeze.
         # MPIMIG_SPAWN: auto (that), always (spawn anyway), never (not even on one host)

@@ -50,6 +50,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..checkpoint.format import dumps, loads
+from ..envflag import env_flag
 from ..errors import UsageError
 from . import fileserver_prep, pages
 from .protocol import TAG_HANDOVER, TAG_HANDOVER_DATA, TAG_LAYOUT, Plan
@@ -155,7 +156,7 @@ def huge_ok() -> bool:
     fragmented the kernel compacts at each fault: a warm spare's faulting thread took 4 s for
     1 GiB (0.3 s in 4 KiB pages) and had not finished at the switch, and the copy faulted the rest
     in the downtime (docs/bench/migrate-sc-after2-hugepages.*)."""
-    return (os.environ.get("MPIMIG_HANDOVER_HUGEPAGES") or "0").strip() == "1"
+    return env_flag("MPIMIG_HANDOVER_HUGEPAGES", False)
 
 
 def fresh(shape: tuple, dtype: str) -> np.ndarray:

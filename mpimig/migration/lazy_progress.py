@@ -5,12 +5,13 @@ in :mod:`mpimig.migration.lazy`'s docstring and docs/protocol.md "Post-copy".
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import TYPE_CHECKING
 
 from mpi4py import MPI
+
+from ..envflag import env_flag
 
 if TYPE_CHECKING:
     from .lazy import LazySession
@@ -19,8 +20,7 @@ if TYPE_CHECKING:
 def thread_mode() -> tuple[bool, str]:
     """Whether a progress thread may drive the chunk receives: ``(True, "")``, or
     ``(False, why not)`` (``MPIMIG_POSTCOPY_THREAD=off``, or MPI below ``MPI_THREAD_MULTIPLE``)."""
-    env = os.environ.get("MPIMIG_POSTCOPY_THREAD", "on").strip().lower()
-    if env in ("off", "0", "no", "false"):
+    if not env_flag("MPIMIG_POSTCOPY_THREAD", True):
         return False, "MPIMIG_POSTCOPY_THREAD=off"
     level = MPI.Query_thread()
     if level != MPI.THREAD_MULTIPLE:

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from ..envflag import env_flag
 from . import wtrack
 
 ENV = "MPIMIG_COLLAPSE"
@@ -63,7 +64,7 @@ def huge_size() -> int:
 
 
 def enabled() -> bool:
-    return (os.environ.get(ENV) or "on").strip().lower() not in ("off", "0", "no", "false")
+    return env_flag(ENV, True)
 
 
 @cache

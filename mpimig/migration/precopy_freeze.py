@@ -7,13 +7,13 @@ target's arrays itself (:func:`push`). The target's side is :class:`.strategies.
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..checkpoint.format import dumps
+from ..envflag import env_flag
 from . import handover
 from .chunks import flat_bytes
 from .chunks import runs as _runs
@@ -59,7 +59,7 @@ def push(src: PreCopySource, runs: list[tuple[str, int, int]]) -> list[tuple[str
     coordinator and the target need both for the Split (docs/bench/migrate-pc-push-ab*)."""
     if not runs or not src.read or not src.dest_at:
         return runs
-    if (os.environ.get("MPIMIG_PRECOPY_PUSH") or "off").strip().lower() not in ("on", "1", "yes", "true"):
+    if not env_flag("MPIMIG_PRECOPY_PUSH", False):
         src.why_no_push = "not asked (MPIMIG_PRECOPY_PUSH=on)"
         return runs
     if not handover.same_host(src.dest_where):

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 from mpi4py import MPI
 
+from ..envflag import env_flag
 from ..state import State
 from . import background, handover, pages, precopy_freeze, transport, wtrack
 from .chunks import PIECE, chunk_bytes, flat_bytes
@@ -26,10 +27,6 @@ from .protocol import TAG_PRECOPY, TAG_PRECOPY_DATA, TAG_PRECOPY_DONE
 from .transport import Transfer
 
 __all__ = ["PreCopySource"]
-
-
-def _env_on(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in ("off", "0", "no", "false")
 
 
 def _precopy_small(total: int, C: int, in_place: bool = False) -> int:
@@ -133,7 +130,7 @@ class PreCopySource:
         self.piece = self.C * max(1, PIECE // self.C)
         threaded, self.why_no_thread = background.thread_ok()
         self.bg = background.Background(f"pre-copy rounds of rank {rank}") if threaded and track else None
-        self.skip = os.environ.get("MPIMIG_PRECOPY_SKIP", "").strip().lower() not in ("off", "0", "no", "false")
+        self.skip = env_flag("MPIMIG_PRECOPY_SKIP", True)
         self.skipped: dict[str, np.ndarray] = {}   # chunks the thread left out (written again since the scan)
         self.prev_skipped: dict[str, np.ndarray] = {}   # ... in the previous round: not skipped twice in a row
         self.round_skipped = 0
@@ -165,8 +162,8 @@ class PreCopySource:
         # rounds between safe points (one host, kernel tracking, rounds read in place): a thread
         # scans and starts the next round once the target has answered, while the program computes
         self.bgr = (background.Background(f"pre-copy background rounds of rank {rank}")
-                    if threaded and track and _env_on("MPIMIG_PRECOPY_BG") else None)
-        self.why_no_bgr = ("MPIMIG_PRECOPY_BG=off" if not _env_on("MPIMIG_PRECOPY_BG") else
+                    if threaded and track and env_flag("MPIMIG_PRECOPY_BG", True) else None)
+        self.why_no_bgr = ("MPIMIG_PRECOPY_BG=off" if not env_flag("MPIMIG_PRECOPY_BG", True) else
                            self.why_no_thread or "no rounds" if self.bgr is None else "")
         self.halt = threading.Event()             # set: the background thread stops (the owner is the safe point)
         self.bg_gap = float(os.environ.get("MPIMIG_PRECOPY_BG_MS", "") or 2.0) / 1000

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from ..envflag import env_flag
+
 PAGE = mmap.PAGESIZE
 
 # linux/userfaultfd.h
@@ -153,7 +155,8 @@ def _new_wp_async_uffd() -> tuple[int, int]:
 
 
 def disabled_by_env() -> bool:
-    return os.environ.get("MPIMIG_WTRACK", "").strip().lower() in ("off", "0", "no", "false", "shadow")
+    return (os.environ.get("MPIMIG_WTRACK", "").strip().lower() == "shadow"
+            or not env_flag("MPIMIG_WTRACK", True))
 
 
 class _Tracked:
