@@ -27,6 +27,8 @@ TIMEOUTS: dict[str, tuple[str, float, str]] = {
     "request": ("MPIMIG_REQUEST_TIMEOUT", 60.0, "a rank waits for the coordinator's answer to ctx.migrate"),
     "spawn": ("MPIMIG_SPAWN_TIMEOUT", 120.0, "MPI_Comm_spawn of a target, a refilled spare or a replacement"),
     "join": ("MPIMIG_JOIN_TIMEOUT", 60.0, "the join of a migration (step 5: new processes enter J)"),
+    "split": ("MPIMIG_SPLIT_TIMEOUT", 60.0,
+              "the switch's new communicators (migration step 7: Create_group and Split over J)"),
     "transfer": ("MPIMIG_TRANSFER_TIMEOUT", 600.0, "a migration's state transfer (step 6), either side"),
     "agree": ("MPIMIG_AGREE_TIMEOUT", 60.0, "--ft: the agreement that ends a switch (MPI_Comm_agree)"),
     "recovery": ("MPIMIG_RECOVERY_TIMEOUT", 120.0,

@@ -253,6 +253,17 @@ def test_transfer_bound_fires_when_the_old_process_stops_sending(tmp_path):
                  "within 5 s (MPIMIG_TRANSFER_TIMEOUT)", "the wait 'transfer' exceeded its bound of 5.0 s")
 
 
+def test_split_bound_fires_when_a_staying_rank_never_enters_the_switchs_new_communicators(tmp_path):
+    # rank 1 moves to a warm spare at point 3; rank 2, which stays, stops (SIGSTOP) as the switch's
+    # new communicators are built: the others wait for it in Create_group, which had no bound
+    res, job, evs = run_leave(tmp_path, "--how", "none", "--stop-in-split", "--rank", 2, "--work-ms", 50,
+                              opts=("--spares", 1, "--migrate", f"3:1:{socket.gethostname()}"),
+                              MPIMIG_SPLIT_TIMEOUT=5)
+    assert "stopping rank 2 in the switch's split" in res.stdout, res.stdout[-2000:]
+    assert_ended(res, job, evs, "new communicators (migration step 7) did not complete within 5 s "
+                 "(MPIMIG_SPLIT_TIMEOUT)", "the wait 'split' exceeded its bound of 5.0 s")
+
+
 def test_a_failure_in_the_join_of_a_migration_is_recovered_under_ft(tmp_path, plain_result):
     # rank 1 moves at point 6 to a spawned process, which dies as it starts the join;
     # ULFM interrupts the others' Intercomm_create, the job recovers (the migration is

@@ -18,6 +18,9 @@ lookup. Unknown point names are refused with the list of known ones.
 ``migration-target``        the new process, before it receives the state (same keys)
 ``migration-join``          every process of a switch, as it starts the join (step 5;
                             ``target``: the new process's place in the plan, None for others)
+``migration-split``         every process of a switch that stays in J, as it starts building the
+                            new communicators (step 7; ``logical``: its rank, None for the
+                            coordinator and warm spares)
 ==========================  ============================================================
 
 The in-process half of ``mpimig inject`` (:func:`install_inject`) is the
@@ -57,8 +60,8 @@ from typing import Any, Callable
 from .. import events
 
 #: The hook points, in the order a job meets them.
-POINTS = ("checkpoint-point", "ckpt-async-pending", "ckpt-write", "migration-join", "migration-source",
-          "migration-target")
+POINTS = ("checkpoint-point", "ckpt-async-pending", "ckpt-write", "migration-join", "migration-split",
+          "migration-source", "migration-target")
 
 _registry: dict[str, list[Callable[..., Any]]] = {}
 

@@ -17,6 +17,7 @@ there), and a transfer counts the bytes and seconds it moved.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -120,9 +121,18 @@ def split(Jc: MPI.Intracomm, plan: Plan, *, logical: int | None, leaving: bool,
     their transfer; A is a ``Split`` of the new J. On a throttled host (the lab's ``slow``)
     every round of a collective that needs a process there can cost it a CFS period, and
     the process that leaves is on the host being left: two ``Split`` over Jc had it in
-    both (docs/protocol.md, "The switch's cost")."""
+    both (docs/protocol.md, "The switch's cost"). Bounded by ``MPIMIG_SPLIT_TIMEOUT``: a member
+    that never enters (stopped, or stuck elsewhere) left the others waiting for ever."""
     if leaving and not stays:
         return None, None
+    who = (f"rank {logical}" if logical is not None else "the coordinator or a warm spare") + f" (pid {os.getpid()})"
+    with exits.bounded("split", who, f"plan {plan.id}'s new communicators (migration step 7)", comm=Jc):
+        hooks.fire("migration-split", logical=logical)
+        return _split(Jc, plan, logical, leaving)
+
+
+def _split(Jc: MPI.Intracomm, plan: Plan, logical: int | None, leaving: bool
+           ) -> tuple[MPI.Intracomm | None, MPI.Intracomm | None]:
     out = [mv.src_jrank for mv in plan.moves if not mv.recycle]
     if out:
         everyone = Jc.Get_group()

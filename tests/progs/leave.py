@@ -27,6 +27,8 @@ Faults in a migration (``--migrate``), each in the job's first life:
                     (the spawned process) or ``rank`` (the rank ``--rank``)
   --stop-source     the moving rank's old process stops (SIGSTOP) before it sends its
                     state: the new process waits for it
+  --stop-in-split   rank ``--rank`` (one that stays) stops (SIGSTOP) as the switch's new
+                    communicators are built (step 7): the others wait for it there
 """
 import argparse
 import os
@@ -53,6 +55,7 @@ p.add_argument("--out")
 p.add_argument("--work-ms", type=float, default=0.0)
 p.add_argument("--in-join", choices=["target", "rank"])
 p.add_argument("--stop-source", action="store_true")
+p.add_argument("--stop-in-split", action="store_true")
 p.add_argument("--every-time", action="store_true",
                help="leave at --at in every life of the rank, also after a recovery's roll back")
 args = p.parse_args()
@@ -81,6 +84,13 @@ def arm_migration_faults():
         hooks.register("migration-join", in_join)
     if args.stop_source:
         hooks.register("migration-source", stop)
+
+    def stop_in_split(logical=None, **info):
+        if logical == args.rank:
+            print(f"stopping rank {logical} in the switch's split (pid {os.getpid()})", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+    if args.stop_in_split:
+        hooks.register("migration-split", stop_in_split)
 
 
 _life = {}
