@@ -65,22 +65,24 @@ class RepeatedFailure(MpimigError):
 def is_failure(exc: BaseException) -> bool:
     """True for the errors ULFM raises when a process died or a comm was revoked.
 
-    Also for MPI_ERR_OTHER while this process knows of a dead process in its world:
+    Also for MPI_ERR_OTHER and MPI_ERR_INTERN while this process knows of a dead process in its world:
     Open MPI 5.0 with ULFM sometimes reports a collective on a communicator that
     does not hold the dead process as MPI_ERR_OTHER (rank 0's checkpoint Barrier
     over the ranks' communicator, three checkpoint points after the coordinator was
-    killed, in about 1 of 8 runs of tests/test_ft.py::test_killed_coordinator_is_replaced).
+    killed, in about 1 of 8 runs of tests/test_ft.py::test_killed_coordinator_is_replaced),
+    and a migration's ``Intercomm_create`` whose member died in the join as MPI_ERR_INTERN
+    (tests/test_exits.py::test_a_rank_killed_in_the_join_of_a_migration_is_recovered_under_ft).
     Recovery then agrees with the others on what failed; a process that is not
     dead is not replaced. The notice of the failure can reach this process after the
     error does (a CI run saw the job end on that Barrier's MPI_ERR_OTHER with no failure
-    known yet), so for MPI_ERR_OTHER it waits up to ``NOTICE_WAIT`` seconds for one,
+    known yet), so for these two it waits up to ``NOTICE_WAIT`` seconds for one,
     driving MPI's progress meanwhile."""
     if not isinstance(exc, MPI.Exception):
         return False
     cls = exc.Get_error_class()
     if cls in _FAILURE_CLASSES:
         return True
-    if cls != MPI.ERR_OTHER:
+    if cls not in (MPI.ERR_OTHER, MPI.ERR_INTERN):
         return False
     deadline = time.monotonic() + NOTICE_WAIT
     while True:
