@@ -64,7 +64,7 @@ def test_same_host_spare_reads_memory_prefaulted(tmp_path):
         s = m["strategy_stats"]
         assert s["handover"] == "memory", s
         # the arrays, and the pickled objects (a few bytes) in the header
-        assert m["timings"]["bytes"] == STATE_BYTES and STATE_BYTES <= s["transport_bytes"] < STATE_BYTES + 4096
+        assert STATE_BYTES < m["timings"]["bytes"] <= s["transport_bytes"] < STATE_BYTES + 4096
         # the layout came before the freeze: the bytes landed in the buffers prepared then
         # (how much of them the thread faulted in before the switch depends on the machine's load)
         assert s["prepared_bytes"] == STATE_BYTES and 0 <= s["prefaulted_bytes"] <= STATE_BYTES, s

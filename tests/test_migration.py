@@ -246,3 +246,24 @@ def test_close_unfinished_gives_every_move_in_flight_an_end_naming_its_step(tmp_
     c.close_unfinished("cancelled: failure recovery")      # closed moves stay closed
     assert [m.state for m in c.migrations] == want + states[3:]
     assert len([e for e in events.read(tmp_path) if e["event"] == "migration_closed"]) == 3
+
+
+def test_a_rank_whose_state_is_objects_only_moves_by_every_strategy_and_its_bytes_count_them(tmp_path):
+    """pickled_ring.py registers two ints and no array: each strategy moves rank 1 once (warm spares),
+    the ring's totals are what its messages add up to, and every move's ``bytes`` counts the pickled
+    objects (they were 0: only arrays were counted, and the balancer's cost model took the move for free)."""
+    job, out, steps = tmp_path / "job", tmp_path / "out.json", 24
+    moves = [f"{4 * (k + 1)}:1:{HOST}:{s}" for k, s in enumerate(("stop-and-copy", "pre-copy", "post-copy",
+                                                                   "file-server"))]
+    res = run_cmd(mpimig_cmd("run", "-n", 4, "--spares", 4, "--job-dir", job,
+                             *[a for m in moves for a in ("--migrate", m)],
+                             ROOT / "tests" / "progs" / "pickled_ring.py", steps, out), timeout=240)
+    assert out.exists(), (res.stdout + res.stderr)[-3000:]
+    payload = sum(range(256)) * 4
+    want = [sum(s * 1000 + (r - 1) % 4 + payload for s in range(steps)) for r in range(4)]
+    assert json.loads(out.read_text()) == want
+    migs = read(job, "status.json")["migrations"]
+    assert [(m["rank"], m["state"], m["strategy"]) for m in migs] == [
+        (1, "done", s) for s in ("stop-and-copy", "pre-copy", "post-copy", "file-server")], migs
+    for m in migs:
+        assert 0 < m["timings"]["bytes"] < 4096, m

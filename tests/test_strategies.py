@@ -109,7 +109,7 @@ def test_heat2d_bit_identical(tmp_path, strategy):
         s, t = m["strategy_stats"], m["timings"]
         assert t["downtime"] > 0
         if strategy == "stop-and-copy":
-            assert t["bytes"] == state_bytes
+            assert state_bytes < t["bytes"] < state_bytes + 4096    # the block, and its pickled step counter
         elif strategy == "pre-copy":
             # heat2d changes every byte every step: the rounds cannot converge, the
             # final copy at the switch is a full stop-and-copy of the (all dirty) state

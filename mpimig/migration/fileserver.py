@@ -264,6 +264,8 @@ def receive(tx: Transfer, rx: Any = None) -> tuple[dict, dict, dict, dict[str, A
         finally:
             os.close(fd)
     shutil.rmtree(hdr["dir"], ignore_errors=True)      # read: the storage is free again
+    # the objects' datasets count in the move's bytes with the arrays (as transport.load_objects)
+    out[2]["object_bytes"] = sum(int(it["nbytes"]) for it in hdr["items"] if it["path"].startswith("objects/"))
     return out
 
 

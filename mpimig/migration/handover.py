@@ -49,10 +49,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from mpi4py import MPI
 
-from ..checkpoint.format import dumps, loads
 from ..envflag import env_flag
 from ..errors import UsageError
-from . import fileserver_prep, pages
+from . import fileserver_prep, pages, transport
 from .protocol import TAG_HANDOVER, TAG_HANDOVER_DATA, TAG_LAYOUT, Plan
 
 if TYPE_CHECKING:
@@ -477,7 +476,7 @@ def send(tx: Transfer, arrays: dict[str, np.ndarray], objects: dict[str, Any], e
     moving = [arrays[k] for k, _, _ in lay]
     frozen(extra)
     eager = {k: np.ascontiguousarray(v) for k, v in arrays.items() if not movable(v)}
-    hdr = {"layout": lay, "eager": eager, "objects": {k: dumps(k, v) for k, v in objects.items()},
+    hdr = {"layout": lay, "eager": eager, "objects": transport.dump_objects(objects),
            "extra": extra, "announced": announced, "where": where(),
            "addrs": [a.ctypes.data for a in moving]}
     tx.send_obj(hdr)
@@ -519,7 +518,7 @@ def receive(tx: Transfer, ready: Ready | None, plan_id: int) -> tuple:
         tx.comm.send(how, dest=tx.peer, tag=TAG_HANDOVER)
         tx.record(nbytes, time.perf_counter() - t0)
     arrays.update(hdr["eager"])
-    objects = {k: loads(k, v) for k, v in hdr["objects"].items()}
+    objects = transport.load_objects(hdr)
     extra = hdr["extra"]
     stats = {"handover": how, "handover_s": time.perf_counter() - t0, "prepared_bytes": prepared,
              "alloc_s": t_alloc, **before}

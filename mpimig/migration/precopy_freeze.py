@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..checkpoint.format import dumps
 from ..envflag import env_flag
-from . import handover
+from . import handover, transport
 from .chunks import flat_bytes
 from .chunks import runs as _runs
 from .protocol import TAG_PRECOPY_DATA, mark
@@ -139,7 +138,7 @@ def finish(src: PreCopySource, tx: Transfer, arrays: dict[str, np.ndarray], obje
         stats["sender_reason"] = src.why_no_thread or "no rounds"
     extra = dict(extra, strategy_stats=stats)
     hdr = {"final": True, "eager": eager, "meta": {k: (v.shape, v.dtype.str) for k, v in src.live.items()},
-           "objects": {k: dumps(k, v) for k, v in objects.items()}, "extra": extra}
+           "objects": transport.dump_objects(objects), "extra": extra}
     # the header is ready: the runs go last, then it (the target is still in the switch's Split)
     runs = push(src, runs)
     mark(marks, "pushed")

@@ -48,8 +48,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..errors import MigrationError, UsageError
-from ..checkpoint.format import dumps, loads
-from . import fileserver, fileserver_prep, handover
+from . import fileserver, fileserver_prep, handover, transport
 from .protocol import (DEFAULT_STRATEGY, STRATEGY_CLASSES, TAG_HANDOVER, TAG_PC_ACK, TAG_PC_DATA, TAG_PC_DEMAND,
                        TAG_PRECOPY_DATA, Move, Plan, check_strategy)
 from .transport import Transfer
@@ -168,7 +167,7 @@ class PreCopy(Strategy):
             for k, lo, hi in hdr["runs"]:
                 tx.Recv(flat_bytes(arrays[k])[lo:hi], TAG_PRECOPY_DATA)
         arrays.update(hdr["eager"])
-        objects = {k: loads(k, v) for k, v in hdr["objects"].items()}
+        objects = transport.load_objects(hdr)
         ss = hdr["extra"].setdefault("strategy_stats", {})
         if not hdr["runs"] and ss.get("final_pushed_bytes"):    # the source wrote them all into our arrays
             how = handover.MEMORY
@@ -196,7 +195,7 @@ class PostCopy(Strategy):
             layout.append((k, a.shape, a.dtype.str, a.nbytes, base, n))
             base += n
         hdr = {"layout": layout, "chunk": C, "eager": eager,
-               "objects": {k: dumps(k, v) for k, v in objects.items()}, "extra": extra,
+               "objects": transport.dump_objects(objects), "extra": extra,
                "source": {"pid": os.getpid(), "host": ctx.host, "jrank": tx.comm.Get_rank()},
                "announced": ctx.link.announced}
         if handover.mode() != "mpi":      # on one host the new process may read the arrays in place
@@ -233,7 +232,7 @@ class PostCopy(Strategy):
         tx.comm.send(how, dest=tx.peer, tag=TAG_HANDOVER)
         arrays = dict(sess.arrays)
         arrays.update(hdr["eager"])
-        objects = {k: loads(k, v) for k, v in hdr["objects"].items()}
+        objects = transport.load_objects(hdr)
         ss = hdr["extra"].setdefault("strategy_stats", {})
         ss["handover"] = how
         ss.update(before)

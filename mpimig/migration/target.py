@@ -265,7 +265,7 @@ def resume(ctx: Context, arrival: Arrival) -> None:
     ctx.stats = extra.get("stats", ctx.stats)
     if arrival.lazy is not None:                    # post-copy: arrays still arriving
         _follow_lazy(ctx, arrival.lazy, plan.id)
-    nbytes = sum(a.nbytes for a in arrival.arrays.values())
+    nbytes = sum(a.nbytes for a in arrival.arrays.values()) + int(extra.get("object_bytes", 0))
     mark(arrival.marks, "restored")
     arrival.Jn.send({"plan": plan.id, "rank": move.rank, "stall": 0.0, "pid": os.getpid(), "host": ctx.host,
                      "downtime": time.time() - extra["t_suspend"], "transfer": arrival.t_transfer,

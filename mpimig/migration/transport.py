@@ -207,18 +207,18 @@ def switch_comms(pre: Prebuilt | None, Jc: MPI.Intracomm, plan: Plan, *, logical
     return split(Jc, plan, logical=logical, leaving=leaving, stays=stays)
 
 
-def pack_state(arrays: dict[str, np.ndarray], objects: dict[str, Any], extra: dict[str, Any]) -> dict:
-    """The message that carries a rank's state (objects pre-pickled, dill as fallback)."""
-    return {
-        "arrays": {k: np.ascontiguousarray(v) for k, v in arrays.items()},
-        "objects": {k: dumps(k, v) for k, v in objects.items()},
-        "extra": extra,
-    }
+def dump_objects(objects: dict[str, Any]) -> dict[str, bytes]:
+    """The source's side: each registered object pickled and signed (``checkpoint.format.dumps``)."""
+    return {k: dumps(k, v) for k, v in objects.items()}
 
 
-def unpack_state(msg: dict) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
-    objects = {k: loads(k, v) for k, v in msg["objects"].items()}
-    return msg["arrays"], objects, msg["extra"]
+def load_objects(hdr: dict) -> dict[str, Any]:
+    """The target's side of :func:`dump_objects` (``hdr``: the move's header, with ``objects`` and
+    ``extra``): the objects loaded; their pickled size goes to ``extra["object_bytes"]``, which a
+    move's ``bytes`` counts with its arrays' (an object-only state moved 0 bytes)."""
+    pickled = hdr["objects"]
+    hdr["extra"]["object_bytes"] = sum(len(v) for v in pickled.values())
+    return {k: loads(k, v) for k, v in pickled.items()}
 
 
 SOURCE = "source"    # the old process of a moving rank (fires migration-source)
