@@ -208,6 +208,7 @@ class BalanceDriver:
         else:
             snap = self.snapshot(routing, spares, in_flight)
             self.last = snap
+            events.emit(self.job_dir, "balance_snapshot", self.run_id, round=self.rounds, **snapshot_record(snap))
             try:
                 decisions = list(self.balancer.decide(snap))
             except Exception as exc:  # noqa: BLE001 - a failing policy must not take the job down
@@ -334,3 +335,16 @@ def register(sub) -> None:
         p.print_help()
         return 2
     p.set_defaults(func=no_command)
+
+
+def snapshot_record(snap: Snapshot) -> dict:
+    """What a decision round saw, compact, for ``events.jsonl`` (event ``balance_snapshot``): per rank
+    its host, work, step, state bytes and points to go; per host what the load model reads. A policy's
+    choice on the lab can be replayed from it (``Snapshot`` rebuilt with these fields)."""
+    ranks = [{"rank": r.rank, "host": r.host, "cpu_s": r.cpu_s, "compute_s": r.compute_s, "points": r.points,
+              "remaining_points": r.remaining_points, "state_bytes": r.state_bytes, "rss_bytes": r.rss_bytes,
+              "dirty_rate": r.dirty_rate, "weight": r.weight} for r in snap.ranks]
+    hosts = {h.name: {"slots": h.slots, "speed": h.speed, "external_load": h.external_load, "free_mem": h.free_mem,
+                      "spares": h.spares, "capacity": h.capacity, "cpu_limit": h.cpu_limit, "machine": h.machine,
+                      "machine_cores": h.machine_cores} for h in snap.hosts.values()}
+    return {"snap_t": snap.t, "ranks": ranks, "hosts": hosts}
