@@ -29,6 +29,7 @@ The command ``mpimig policy list`` is registered here too.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import time
@@ -338,13 +339,9 @@ def register(sub) -> None:
 
 
 def snapshot_record(snap: Snapshot) -> dict:
-    """What a decision round saw, compact, for ``events.jsonl`` (event ``balance_snapshot``): per rank
-    its host, work, step, state bytes and points to go; per host what the load model reads. A policy's
-    choice on the lab can be replayed from it (``Snapshot`` rebuilt with these fields)."""
-    ranks = [{"rank": r.rank, "host": r.host, "cpu_s": r.cpu_s, "compute_s": r.compute_s, "points": r.points,
-              "remaining_points": r.remaining_points, "state_bytes": r.state_bytes, "rss_bytes": r.rss_bytes,
-              "dirty_rate": r.dirty_rate, "weight": r.weight} for r in snap.ranks]
-    hosts = {h.name: {"slots": h.slots, "speed": h.speed, "external_load": h.external_load, "free_mem": h.free_mem,
-                      "spares": h.spares, "capacity": h.capacity, "cpu_limit": h.cpu_limit, "machine": h.machine,
-                      "machine_cores": h.machine_cores} for h in snap.hosts.values()}
+    """What a decision round saw, for ``events.jsonl`` (event ``balance_snapshot``): every field of its
+    ranks and hosts. A policy's choice on the lab can be replayed from it: ``Snapshot`` rebuilt with these
+    fields (``sent``'s peer numbers come back as strings, which the load model reads)."""
+    ranks = [dataclasses.asdict(r) for r in snap.ranks]
+    hosts = {h.name: {k: v for k, v in dataclasses.asdict(h).items() if k != "name"} for h in snap.hosts.values()}
     return {"snap_t": snap.t, "ranks": ranks, "hosts": hosts}
