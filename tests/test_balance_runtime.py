@@ -547,3 +547,28 @@ def test_a_new_jobs_first_report_of_each_process_is_dropped(tmp_path):
     assert d.reports[0]["compute_s"] == 1.0
     d.on_report(_report(0, 99, compute_s=30.0), ROUTING)          # not the process holding rank 0
     assert d.reports[0]["compute_s"] == 1.0
+
+
+def test_each_decision_round_logs_its_snapshot_and_a_policy_replays_it(tmp_path):
+    # the lab's choices (docs/policies.md, "Where the choice of rank decides the bytes") are read back from
+    # events.jsonl: the snapshot logged in a round rebuilds the Snapshot the policy decided on, field for field
+    from mpimig.balance.driver import BalanceDriver
+    from mpimig.balance.snapshot import HostMetrics, RankMetrics, Snapshot
+    d = BalanceDriver("greedy", tmp_path, "r", ["a", "b"], {"a": 2, "b": 2}, t0=0.0)
+    _setup_reports(d, ROUTING)
+    for r in ROUTING:
+        d.on_report(_report(r["rank"], r["pid"], cpu_s=0.9 if r["host"] == "a" else 0.5, sent={2: 800.0},
+                            cpu_share=0.5 if r["host"] == "a" else 1.0, cpu_limit=2.0), ROUTING)
+    submitted = []
+    out = d.decide(ROUTING, {"b": 1}, 0, lambda rank, to, strategy: (submitted.append((rank, to)) or 1, ""))
+    evs = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    logged = [e for e in evs if e["event"] == "balance_snapshot"]
+    assert len(logged) == 1 and logged[0]["round"] == 1 and [e["event"] for e in evs][-1] == "decision"
+    rec = logged[0]
+    ranks = [dict(r, sent={int(j): b for j, b in r["sent"].items()}) for r in rec["ranks"]]
+    snap = Snapshot(t=rec["snap_t"], ranks=tuple(RankMetrics(**r) for r in ranks),
+                    hosts={h: HostMetrics(name=h, **v) for h, v in rec["hosts"].items()})
+    assert d.last is not None and snap == d.last
+    from mpimig.balance.balancer import Balancer
+    replay = [(x.rank, x.to) for x in Balancer("greedy").decide(snap) if x.move]
+    assert replay == submitted == [(x["rank"], x["to"]) for x in out if x["move"]] == [(0, "b")]

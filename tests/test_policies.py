@@ -1116,3 +1116,73 @@ def test_a_job_at_its_machines_bound_is_left_alone_and_says_why(name):
     out = Balancer(name, cost=cost()).decide(s)
     assert moves(out) == []
     assert any("is the bound of the machine its hosts h1, h2, h3 share" in d.reason for d in out)
+
+
+# D1: goal (c)'s scenario on the lab (`mpimig bench balance --apps drift --drift-ballast 1:256,3:256,5:256
+# --drift-hot-start 0.5833 --drift-speed 40`; docs/policies.md, "Where the choice of rank decides the bytes"):
+# the hot region lies on rank 4 (h3) with its tail on rank 3 (256 MiB of ballast, on the slowed h2) and drifts
+# right, off rank 3. Figures as the lab's snapshots: a cold rank 0.005 CPU s per point, rank 4 0.0088, rank 3
+# 0.0072 (0.44 of its block hot); rank 2 0.005 (160 kB); 300 points to go. The hosts are one machine of 2
+# cores (no outside load); h2 under a quota of 1/3 core (speed 0.25); warm spares on h1 and h3 (create 0).
+# A quiet lab's cost model (LAB: bw 10 GB/s, 5 ms fixed, 0.3 s spawn), CPU-scaled as on the lab.
+#   h2 (quota-bound: 0.25 x 2 >= 0.75 x 1/3): K = max(2 slots, 2 ranks) = 2, share(2) = min(1, 2/2, (1/3)/2)
+#     = 1/6: rank 3 0.0072 x 6 = 0.0432, rank 2 0.03; h1: K 3, share(2) = 1: 0.005; h3: 0.0088.
+#   The machine: W = 4 x 0.005 + 0.0072 + 0.0088 = 0.036, E = 0: 0.036 x 6 / (2 x 6) = 0.018. T0 = 0.0432.
+#   Rank 3 off h2: rank 2 alone there, share min(1, 2, 1/3) = 1/3: 0.015; on h1 (3 ranks, share min(1, 3/3,
+#     2/3) = 2/3) 0.0108, on h3 rank 4 0.0132: relief 0.0432 - max(0.015, 0.0108 or 0.0132, 0.018) = 0.0252
+#     s/point, G = 7.56 s, T' = 0.018 (the machine's bound).
+#   Rank 2 off h2: rank 3 alone there, 0.0072 x 3 = 0.0216 > 0.018: relief 0.0216, G = 6.48 s: 1.08 s less
+#     over the run (rank 3, above the mean work 0.006, keeps h2 3.6 ms above the machine's bound).
+#   greedy: the heaviest rank, 3 (0.0432 s/point); both targets leave h2 at 0.015: h1 by name (post-copy,
+#     its least job cost). refine: the largest relief, rank 3 (h1 by name); then 0.018 is within 5% of the
+#     lower bound (all the work on the 2 cores the machine gives the job: 0.018): one move.
+#   multi-factor (CPU factor min(0.25, 1) = 0.25: bw 2.5e9; create 0; stop-and-copy is both ranks' best):
+#     rank 3: D = X = 0.005 + 2^28 / 2.5e9 = 0.112374 s, M = 0.25 GiB: 7.56 - 0.112374 - 0.05 x 0.112374 -
+#       w_space x 0.25 = 7.442 s (w_space 0), 7.317 s (0.5), 5.442 s (8); post-copy: L = 0.0252 x 0.107374 /
+#       0.0432 = 0.062634, D = 0.005 + 0.1 x 0.107374, X = 64 chunks x 0.0432 + 0.005: 7.343 - 0.25 w_space;
+#     rank 2: D = X = 0.005 + 160000 / 2.5e9 = 0.005064 s, M = 160000 / 2^30 = 0.000149 GiB:
+#       6.48 - 0.005064 - 0.000253 - w_space x 0.000149 = 6.4747 s (0), 6.4735 s (8).
+#   Break-even: w_space = (7.442007 - 6.474683) / (0.25 - 0.000149) = 3.87 s/GiB. Below it (the default 0.5)
+#   multi-factor moves 256 MiB as greedy and refine do; at w_space = 8 (2 s per 256 MiB: about what a 256
+#   MiB move off the slowed host cost the job on the lab, docs/policies.md) it moves rank 2, 160 kB, for a
+#   step time 20% above theirs in the snapshot; on the lab the drift takes the heat off rank 3.
+#   Its plan stops there: rank 3 next (relief 0.0216 - 0.018 = 0.0036, G 1.08 s) scores 1.08 - 0.117993 - 2
+#   < 0, and the plan of both, 7.56 - 0.006509 - 2.117993 = 5.436 s, is below the plan of one, 6.4735 s.
+LAB = dict(TC, bw=1e10, fixed_s=0.005, postcopy_s=0.005, postcopy_bw=1e10, scan_bw=1e10, spawn_s=0.3,
+           cpu_scaled=True)
+
+
+def drift_tail_on_the_heavy_rank(w3=0.0072):
+    work = {0: 0.005, 1: 0.005, 2: 0.005, 3: w3, 4: 0.0088, 5: 0.005}
+    host = {0: "h1", 1: "h1", 2: "h2", 3: "h2", 4: "h3", 5: "h3"}
+    kw = dict(machine="m", machine_cores=2.0)
+    ranks = [R(i, host[i], cpu=work[i], compute=work[i] * (6 if host[i] == "h2" else 1), remaining_points=300,
+               state_bytes=256 * MiB if i % 2 == 1 else 160000) for i in range(6)]
+    return snap(ranks, [H("h1", 3, cpu_limit=2.0, spares=1, **kw), H("h2", 2, speed=0.25, cpu_limit=1 / 3, **kw),
+                        H("h3", 4, cpu_limit=2.0, spares=2, **kw)])
+
+
+def test_multi_factor_weighing_space_moves_the_light_rank_where_greedy_and_refine_move_256_mib():
+    cm = CostModel(**LAB)
+    s = drift_tail_on_the_heavy_rank()
+    g, r = parse("greedy").decide(s, cm), parse("refine").decide(s, cm)
+    assert moves(g) == [(3, "h1")] and g[0].bytes_moved == 256 * MiB and g[0].strategy == "post-copy"
+    assert moves(r) == [(3, "h1")] and r[0].bytes_moved == 256 * MiB
+    assert g[0].gain_s == pytest.approx(7.56) and r[0].gain_s == pytest.approx(7.56)
+    m = parse("multi-factor:w_space=8").decide(s, cm)
+    assert moves(m) == [(2, "h1")] and m[0].bytes_moved == 160000 and m[0].strategy == "stop-and-copy"
+    assert "score 6.473 s" in m[0].reason and m[0].gain_s == pytest.approx(6.48)
+    bal = Balancer("multi-factor:w_space=8", cost=CostModel(**LAB)).decide(s)     # and the balancer takes it
+    assert moves(bal) == [(2, "h1")]
+    # space is what decides: without it (w_space 0), or at the default 0.5, the heavy rank moves
+    for spec, score in (("multi-factor:w_space=0", "score 7.442 s"), ("multi-factor", "score 7.317 s")):
+        heavy = parse(spec).decide(s, cm)
+        assert moves(heavy) == [(3, "h1")] and heavy[0].bytes_moved == 256 * MiB and score in heavy[0].reason
+    # the break-even weight, 3.87 s/GiB
+    assert moves(parse("multi-factor:w_space=3.8").decide(s, cm)) == [(3, "h1")]
+    assert moves(parse("multi-factor:w_space=3.95").decide(s, cm)) == [(2, "h1")]
+    # rank 3 hotter (0.01 CPU s: T0 0.06, the machine W = 0.0388 -> 0.0194): its relief 0.06 - 0.0194 = 0.0406
+    # (G 12.18 s) against rank 2's 0.06 - 0.03 = 0.03 (G 9 s) pays for its bytes at w_space 8 too:
+    # 12.18 - 0.117993 - 2.0 = 10.06 s against 9 - 0.005317 - 0.001192 = 8.994 s
+    hot = parse("multi-factor:w_space=8").decide(drift_tail_on_the_heavy_rank(0.01), cm)
+    assert moves(hot) == [(3, "h1")] and "score 10.06 s" in hot[0].reason

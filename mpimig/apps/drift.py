@@ -9,8 +9,9 @@ every rank exchanges one halo cell with its left and right neighbours, takes
 one explicit diffusion step and adds a source term. The source costs real CPU
 time: ``--cold-cost`` rounds of arithmetic per cell, ``--hot-cost`` rounds per
 cell inside the hot region. The hot region (``--hot-frac`` of the domain)
-starts at cell 0 and moves ``--drift`` cells per step, wrapping around, so the
-rank that carries most of the work changes during the run.
+starts at cell 0 (or ``--hot-start`` x n) and moves ``--drift`` cells per step
+(to the left when negative), wrapping around, so the rank that carries most of
+the work changes during the run.
 
 The serial mode evaluates the same element-wise expressions (``+ - * /`` and
 ``sqrt``, all correctly rounded, no reductions) on the whole domain, so a
@@ -41,15 +42,16 @@ def initial(n: int) -> np.ndarray:
     return u
 
 
-def hot_start(t: int, n: int, drift: float) -> int:
-    """First cell of the hot region at step ``t`` (the region wraps around the domain)."""
-    return int(math.floor(t * drift)) % n
+def hot_start(t: int, n: int, drift: float, start: int = 0) -> int:
+    """First cell of the hot region at step ``t``: cell ``start`` at step 0, then ``drift`` cells
+    per step (the region wraps around the domain)."""
+    return (start + int(math.floor(t * drift))) % n
 
 
-def hot_mask(lo: int, hi: int, t: int, n: int, width: int, drift: float) -> np.ndarray:
+def hot_mask(lo: int, hi: int, t: int, n: int, width: int, drift: float, start: int = 0) -> np.ndarray:
     """Which of the global cells ``lo..hi-1`` are hot at step ``t``."""
     i = np.arange(lo, hi)
-    return (i - hot_start(t, n, drift)) % n < width
+    return (i - hot_start(t, n, drift, start)) % n < width
 
 
 def burn(x: np.ndarray, rounds: int) -> np.ndarray:
@@ -77,7 +79,7 @@ def advance(u: np.ndarray, lo: int, t: int, args: argparse.Namespace, n: int) ->
     """
     mid = u[1:-1]
     new = mid + ALPHA * (u[:-2] + u[2:] - 2.0 * mid)
-    hot = hot_mask(lo, lo + mid.size, t, n, width(args), args.drift)
+    hot = hot_mask(lo, lo + mid.size, t, n, width(args), args.drift, first_hot(args))
     if args.cold_cost:
         cold = ~hot
         new[cold] += BETA * burn(mid[cold], args.cold_cost)
@@ -93,6 +95,11 @@ def advance(u: np.ndarray, lo: int, t: int, args: argparse.Namespace, n: int) ->
 def width(args: argparse.Namespace) -> int:
     """Cells in the hot region."""
     return max(1, int(args.n * args.hot_frac))
+
+
+def first_hot(args: argparse.Namespace) -> int:
+    """The hot region's first cell at step 0 (``--hot-start`` x n)."""
+    return int(math.floor(getattr(args, "hot_start", 0.0) * args.n)) % args.n
 
 
 def serial(args: argparse.Namespace) -> np.ndarray:
@@ -213,8 +220,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="rounds of arithmetic per other cell per step (default 4)")
     p.add_argument("--hot-frac", type=float, default=0.2,
                    help="fraction of the domain that is hot (default 0.2)")
+    p.add_argument("--hot-start", type=float, default=0.0, metavar="FRAC",
+                   help="where the hot region starts at step 0, as a fraction of the domain (default 0)")
     p.add_argument("--drift", type=float, default=None,
-                   help="cells the hot region moves per step (default: once across the domain per run)")
+                   help="cells the hot region moves per step, to the left when negative "
+                        "(default: once across the domain per run, to the right)")
     p.add_argument("--ballast", default="", metavar="RANK:MIB[,...]",
                    help="extra registered state on these ranks, never computed on (uneven state sizes for "
                         "balancing experiments; the result does not depend on it)")
@@ -229,6 +239,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error(str(exc))
     if not 0.0 < args.hot_frac <= 1.0:
         p.error("--hot-frac must be in (0, 1]")
+    if not 0.0 <= args.hot_start < 1.0:
+        p.error("--hot-start must be in [0, 1)")
     if args.drift is None:
         args.drift = args.n / max(args.steps, 1)
     return args

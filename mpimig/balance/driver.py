@@ -29,6 +29,7 @@ The command ``mpimig policy list`` is registered here too.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import time
@@ -208,6 +209,7 @@ class BalanceDriver:
         else:
             snap = self.snapshot(routing, spares, in_flight)
             self.last = snap
+            events.emit(self.job_dir, "balance_snapshot", self.run_id, round=self.rounds, **snapshot_record(snap))
             try:
                 decisions = list(self.balancer.decide(snap))
             except Exception as exc:  # noqa: BLE001 - a failing policy must not take the job down
@@ -334,3 +336,12 @@ def register(sub) -> None:
         p.print_help()
         return 2
     p.set_defaults(func=no_command)
+
+
+def snapshot_record(snap: Snapshot) -> dict:
+    """What a decision round saw, for ``events.jsonl`` (event ``balance_snapshot``): every field of its
+    ranks and hosts. A policy's choice on the lab can be replayed from it: ``Snapshot`` rebuilt with these
+    fields (``sent``'s peer numbers come back as strings, which the load model reads)."""
+    ranks = [dataclasses.asdict(r) for r in snap.ranks]
+    hosts = {h.name: {k: v for k, v in dataclasses.asdict(h).items() if k != "name"} for h in snap.hosts.values()}
+    return {"snap_t": snap.t, "ranks": ranks, "hosts": hosts}

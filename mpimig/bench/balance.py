@@ -73,7 +73,9 @@ def app_args(app: str, args: argparse.Namespace) -> list[str]:
     if app == "drift":
         return ["--n", str(args.drift_n), "--steps", str(args.steps), "--hot-cost", str(round(args.drift_hot * w)),
                 "--cold-cost", str(round(args.drift_cold * w)),
-                *(["--ballast", args.drift_ballast] if getattr(args, "drift_ballast", "") else [])]
+                *(["--ballast", args.drift_ballast] if getattr(args, "drift_ballast", "") else []),
+                *(["--hot-start", repr(args.drift_hot_start)] if getattr(args, "drift_hot_start", 0.0) else []),
+                *(["--drift", repr(args.drift_speed)] if getattr(args, "drift_speed", None) is not None else [])]
     if app == "heat2d":
         return ["--n", str(args.heat_n), "--steps", str(args.steps), "--cpu-work", str(round(60 * w))]
     raise UsageError(f"unknown app {app!r}: choose from {', '.join(APPS)}")
@@ -554,6 +556,11 @@ def register(bench_sub) -> None:
                    help="drift's --hot-cost before --work (default 40; runs 1-4 used 60 with --drift-cold 15)")
     p.add_argument("--drift-cold", type=int, default=20,
                    help="drift's --cold-cost before --work (default 20: the hot region costs 2x per cell)")
+    p.add_argument("--drift-hot-start", type=float, default=0.0, metavar="FRAC",
+                   help="drift's --hot-start: where its hot region starts, as a fraction of the domain (default 0)")
+    p.add_argument("--drift-speed", type=float, default=None, metavar="CELLS",
+                   help="drift's --drift: cells its hot region moves per step, to the left when negative "
+                        "(default: once across the domain per run)")
     p.add_argument("--drift-ballast", default="", metavar="RANK:MIB[,...]",
                    help="drift's --ballast: extra registered state on these ranks, never computed on, so that "
                         "ranks' state sizes differ and bytes moved depend on which rank moves (default none)")
