@@ -399,9 +399,13 @@ def test_the_lab_ci_scenario_runs_both_ways_and_reports_each_metrics_error(lab, 
     six) are
     compared, each with its error, and the command's exit status says whether all were within 15%.
     The bound itself is not held here: it held in every metric in only some of the runs of this
-    scenario on this shared 2-core machine (docs/simulator.md, "Runs rec" and "Runs val10": each
-    metric's spread and why: the per-move and recovery figures are 20-100 ms of protocol, and a few
-    milliseconds of scheduling between two runs is 15%). The issue's goal stays open. About a minute."""
+    scenario on this shared 2-core machine (docs/simulator.md, "Runs s12", "Runs rec" and "Runs
+    val10": each metric's spread and why). Since s12 the time to solution is predicted from each
+    placement's time per point measured in the calibration run (within 4.5% in the four quiet
+    records, but 14-27% when the machine's other load changed between the two runs); the per-move
+    downtime is 20-40 ms of protocol whose split, transfer and agreement each take ~10 ms longer now
+    and then (within 15% in 7 of 14 runs); a test asserting either would fail at random. The issue's
+    goal stays open. About a minute."""
     out, runs = tmp_path / "out", tmp_path / "runs"
     res = run_cmd(mpimig_cmd("simulate", "--validate", "lab-ci", "--out", out, "--work-dir", runs),
                   timeout=300, env=lab_env())
@@ -424,6 +428,12 @@ def test_the_lab_ci_scenario_runs_both_ways_and_reports_each_metrics_error(lab, 
             assert part["all_in_s"] + part["repair_s"] == pytest.approx(part["recover_s"])
             assert part["recover_s"] == pytest.approx(rec["recover_s"], abs=0.0011), (part, rec)
             assert rec["restored_point"] == part["point"], (part, rec)
+    # the calibration measured the time per point of every placement the validation run goes through
+    # (the start, then after each of its three moves: the simulator runs those, not its model's)
+    steps = data["calibration"]["step_by_placement"]
+    assert len(steps) == 4 and all(p["step_s"] > 0 for p in steps), steps
+    assert steps[-1]["hosts"] == ["h1", "h3", "h3", "h3", "h3", "h3"] and steps[-1]["recoveries_s"] > 0, steps
+    assert data["calibration"]["move_settle_s"] >= 0
     # beside the verdict: the simulator replaying the calibration run, against that run's own time
     rep = data["calibration_replay"]
     assert rep["real_time_to_solution_s"] == data["calibration_run"]["time_s"]
