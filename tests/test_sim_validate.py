@@ -329,6 +329,26 @@ def test_the_real_runs_wait_in_mpi_without_spinning_and_a_set_value_wins():
     assert job_env({"OMPI_MCA_mpi_yield_when_idle": "0"})["OMPI_MCA_mpi_yield_when_idle"] == "0"
 
 
+def test_the_validations_runs_connect_every_pair_of_processes_at_start_up():
+    """The validation's real runs (labrun.run_env): the lab's settings and Open MPI's preconnect, read
+    by Open MPI itself (its ompi_info, with the runs' environment) as set; a value already set wins
+    (docs/simulator.md, "Runs s12": the switch's first messages between spares and ranks no longer
+    make the connections)."""
+    from mpimig.sim.labrun import run_env
+    ompi_info = Path(sys.executable).parent / "ompi_info"
+    if not ompi_info.exists():
+        pytest.skip(f"no Open MPI next to this python ({ompi_info})")
+    env = run_env({"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/")})
+    out = subprocess.run([str(ompi_info), "--all", "--parsable"], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    # ompi_info (Open MPI 5.0) prints mpi_preconnect_mpi under its synonym mpi_preconnect_all
+    for param, value in (("mpi:base:param:mpi_preconnect_all", "true"),
+                         ("mpi:base:param:mpi_yield_when_idle", "true")):
+        assert f"mca:{param}:value:{value}" in out, param
+        assert f"mca:{param}:source:environment" in out, param
+    assert run_env({"OMPI_MCA_mpi_preconnect_mpi": "0"})["OMPI_MCA_mpi_preconnect_mpi"] == "0"
+
+
 def test_a_recoverys_parts_are_read_from_the_events_between_the_kill_and_the_recovered_event():
     """Each recovery of a real run split at its events: the kill (``injected``) -> the first member's
     ``failure`` (the runtime's notice) -> the last member's (every member takes part in the shrink) ->
