@@ -13,7 +13,9 @@ One command runs a small scenario both ways and compares them:
    checkpoints, halos: the *overhead*), the median of its moves' downtimes (the runtime's ``migrated``
    events: the suspension -> the new process resumed) and its recoveries, part by part (the runtime's
    notice, the gather of the job's members, the repair: the simulator's recovery is the sum of each
-   part's median, ``recovery_parts_median``).
+   part's median, ``recovery_parts_median``), and the time per point of each placement it ran in
+   (``step_by_placement``: the simulator runs a placement the calibration measured at that time, not at
+   its model's) and what each move cost beyond its downtime (``move_settle``).
 2. **Validation run** (real, on the lab): the scenario itself (``jobs.points`` points, its
    ``[[events]]``: operator moves and killed ranks at given points, its first policy).
 3. **The simulator**: the same scenario, calibrated from run 1 only. (The JSON also has the
