@@ -147,8 +147,9 @@ def run_env(base) -> dict[str, str]:
     warm spares and the ranks: on the lab each such connection cost the slowed host's processes
     CFS periods and the agreement's decision waited in a rank that had gone back to computing — the
     first move off h2 took 40-97 ms and one light move in five 33-43 ms; connected at start-up, every
-    move took 14.7-47.3 ms in 18 runs (docs/simulator.md, "Runs s12"). The job's processes are one world (the warm spares
-    included), so every connection a switch or a recovery uses is made before the first point."""
+    move took 14.7-47.3 ms in 18 runs (docs/simulator.md, "Runs s12"). The job's processes are one
+    world (the warm spares included), so every connection a switch or a recovery uses is made before
+    the first point."""
     from ..lab.slow import job_env
     env = job_env(base)
     env.setdefault("OMPI_MCA_mpi_preconnect_mpi", "1")
