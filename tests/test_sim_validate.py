@@ -167,9 +167,15 @@ def test_calibration_from_a_run_record():
     assert cal["move_downtime_by_src_n"] == {2: 1.5, 1: 4.0}
     assert cal["startup_s"] == pytest.approx(1.0)
     assert cal["reference_compute_s"] == pytest.approx(0.2)      # h1's ranks, the median of every report
-    # the simulator with it: the first move after the start-up (1 s) and 20 points of (0.144 + 0.048) /
-    # 0.24 = 0.8 s; each move's downtime is the calibrated one for its source's rank count (the state
-    # of 1000 bytes copies in a microsecond)
+    # the placements it ran in, measured between its epochs: 0.7 s per point before the move, 0.45 s after
+    assert [(p["hosts"], p["points"]) for p in cal["step_by_placement"]] == [
+        (["h1", "h1", "h2", "h2", "h3", "h3"], [5, 15]), (["h1", "h1", "h3", "h2", "h3", "h3"], [25, 40])]
+    assert [p["step_s"] for p in cal["step_by_placement"]] == pytest.approx([0.7, 0.45])
+    assert validate.simulate(load("lab-validate")[0], pl, cal, 1)["moves"][0]["t"] == pytest.approx(1.0 + 20 * 0.7)
+    # the model's own arithmetic (a placement the calibration did not measure): the first move after
+    # the start-up (1 s) and 20 points of (0.144 + 0.048) / 0.24 = 0.8 s; each move's downtime is the
+    # calibrated one for its source's rank count (the state of 1000 bytes copies in a microsecond)
+    cal["step_by_placement"] = []
     sim = validate.simulate(load("lab-validate")[0], pl, cal, 1)
     assert sim["moves"][0]["t"] == pytest.approx(1.0 + 20 * 0.8)
     assert sim["move_downtimes_s"] == pytest.approx([1.5, 4.0], rel=1e-3)
@@ -180,6 +186,54 @@ def test_calibration_from_a_run_record():
     assert slower["move_downtimes_s"] == pytest.approx([1.25 * 1.5, 1.25 * 4.0], rel=1e-3)
     assert slower["recoveries_s"] == pytest.approx([1.25 * 0.8], rel=1e-3)
     assert slower["time_to_solution_s"] == pytest.approx(1.25 * sim["time_to_solution_s"], rel=1e-3)
+
+
+def placement_record() -> dict:
+    """A calibration run of lab-validate (rank 2 moved off h2 at point 20, rank 3 at 50, ranks 5 and 4
+    killed at 56 and 62) told by its epochs (every 5 points): 0.7 s per point at the start, 0.45 s
+    with rank 2 on h3, 0.3 s with both; each move stops the job for its downtime (1.5 s, 4.0 s) and
+    then costs 0.6 s and 0.2 s more (the new process's first points); the kills' recoveries take 0.8
+    s and 1.0 s. The job started at 99 s, 1 s before its first point's compute."""
+    t, epochs = 99.0 + 1.0, []
+    step = {0: 0.7, 20: 0.45, 50: 0.3}
+    stop = {25: 1.5 + 0.6, 55: 4.0 + 0.2, 60: 0.8, 65: 1.0}       # in the 5 points before that epoch
+    for p in range(5, 75, 5):
+        t += 5 * step[max(k for k in step if k < p)] + stop.get(p, 0.0)
+        epochs.append((p, t))
+    rec = run_record()
+    rec.update(epochs=epochs, points=72, started_t=99.0, moves=[{"downtime_s": 1.5}, {"downtime_s": 4.0}],
+               recovery_parts=[{"point": 56, "rank": 5, "notice_s": 0.1, "all_in_s": 0.2, "repair_s": 0.6,
+                                "recover_s": 0.8},
+                               {"point": 62, "rank": 4, "notice_s": 0.1, "all_in_s": 0.2, "repair_s": 0.8,
+                                "recover_s": 1.0}])
+    return rec
+
+
+def test_the_simulator_runs_each_placement_the_calibration_measured_at_its_measured_time_per_point():
+    """The calibration's time per point in each placement it ran in, from its epochs: the kills'
+    recoveries in a placement's epochs are taken out (the simulator stops the job for each on its
+    own), and what each move cost beyond its downtime (the new process's first points) is calibrated
+    apart, as the median over the moves: (0.6 + 0.2) / 2 = 0.4 s. The simulator's lab-validate (moves
+    at points 20 and 40, 100 points) then reaches point 20 after the start-up and 20 x 0.7 s, point 40
+    after the move (1.5 s), 0.4 s and 20 x 0.45 s. The model this replaces gave 0.8 s per point at the
+    start (the slowest rank's work at its host's extrapolated share: the test above): a placement's
+    measured time wins over the model's where the calibration measured it."""
+    cfg = load("lab-validate")[0]
+    pl = validate.plan(cfg)
+    cal = validate.calibrate(placement_record(), pl, 6)
+    by = [(p["points"], p["step_s"], p["recoveries_s"]) for p in cal["step_by_placement"]]
+    assert by == [([5, 15], pytest.approx(0.7), 0.0), ([25, 45], pytest.approx(0.45), 0.0),
+                  ([55, 70], pytest.approx(0.3), pytest.approx(1.8))]
+    assert cal["step_by_placement"][2]["hosts"] == ["h1", "h1", "h3", "h3", "h3", "h3"]
+    assert cal["move_settle_s"] == pytest.approx(0.4)
+    sim = validate.simulate(cfg, pl, cal, 1)
+    assert [m["t"] for m in sim["moves"]] == pytest.approx([1.0 + 20 * 0.7, 1.0 + 14.0 + 1.5 + 0.4 + 20 * 0.45])
+    assert sim["move_downtimes_s"] == pytest.approx([1.5, 4.0], rel=1e-6)    # the settling is not downtime
+    # 60 points more at 0.3 s, the move, its settling and the recovery (the kill at 70 is right after an
+    # epoch: nothing to recompute)
+    assert sim["time_to_solution_s"] == pytest.approx(25.9 + 4.0 + 0.4 + 60 * 0.3 + sim["recoveries_s"][0], rel=1e-6)
+    slower = validate.simulate(cfg, pl, cal, 1, machine=1.25)
+    assert slower["time_to_solution_s"] == pytest.approx(1.25 * sim["time_to_solution_s"], rel=1e-6)
 
 
 def test_the_simulator_replays_the_calibration_run_with_its_own_points_moves_and_kills():
@@ -275,6 +329,26 @@ def test_the_real_runs_wait_in_mpi_without_spinning_and_a_set_value_wins():
     assert job_env({"OMPI_MCA_mpi_yield_when_idle": "0"})["OMPI_MCA_mpi_yield_when_idle"] == "0"
 
 
+def test_the_validations_runs_connect_every_pair_of_processes_at_start_up():
+    """The validation's real runs (labrun.run_env): the lab's settings and Open MPI's preconnect, read
+    by Open MPI itself (its ompi_info, with the runs' environment) as set; a value already set wins
+    (docs/simulator.md, "Runs s12": the switch's first messages between spares and ranks no longer
+    make the connections)."""
+    from mpimig.sim.labrun import run_env
+    ompi_info = Path(sys.executable).parent / "ompi_info"
+    if not ompi_info.exists():
+        pytest.skip(f"no Open MPI next to this python ({ompi_info})")
+    env = run_env({"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/")})
+    out = subprocess.run([str(ompi_info), "--all", "--parsable"], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    # ompi_info (Open MPI 5.0) prints mpi_preconnect_mpi under its synonym mpi_preconnect_all
+    for param, value in (("mpi:base:param:mpi_preconnect_all", "true"),
+                         ("mpi:base:param:mpi_yield_when_idle", "true")):
+        assert f"mca:{param}:value:{value}" in out, param
+        assert f"mca:{param}:source:environment" in out, param
+    assert run_env({"OMPI_MCA_mpi_preconnect_mpi": "0"})["OMPI_MCA_mpi_preconnect_mpi"] == "0"
+
+
 def test_a_recoverys_parts_are_read_from_the_events_between_the_kill_and_the_recovered_event():
     """Each recovery of a real run split at its events: the kill (``injected``) -> the first member's
     ``failure`` (the runtime's notice) -> the last member's (every member takes part in the shrink) ->
@@ -342,12 +416,14 @@ def test_the_lab_ci_scenario_runs_both_ways_and_reports_each_metrics_error(lab, 
     ``mpimig simulate --validate lab-ci``: a calibration run and the scenario's run on the lab (3 hosts,
     6 ranks, h2 slowed with a 5 ms CFS period, 3 moves, 6 killed ranks), the simulator calibrated from
     the first only; time to solution, per-move downtime (median of three) and recovery time (median of
-    six) are
-    compared, each with its error, and the command's exit status says whether all were within 15%.
-    The bound itself is not held here: it held in every metric in only some of the runs of this
-    scenario on this shared 2-core machine (docs/simulator.md, "Runs rec" and "Runs val10": each
-    metric's spread and why: the per-move and recovery figures are 20-100 ms of protocol, and a few
-    milliseconds of scheduling between two runs is 15%). The issue's goal stays open. About a minute."""
+    six) are compared, each with its error, and the command's exit status says whether all were within
+    15%. The bound itself is not asserted: with the simulator running each placement at the time per
+    point the calibration measured and the real runs' processes connected at start-up, the three were
+    within 15% in 11 of 19 runs on this shared machine (time to solution 17 of 19, per-move 12 of 19,
+    recovery 19 of 19; docs/simulator.md, "Runs s12"): time to solution misses when the machine's other
+    load changes between the two ~10 s runs, and the per-move median is one ~20 ms move against one of
+    the calibration's, and single moves repeat to about +-20%. A test asserting it would fail at random;
+    the issue's goal stays open. About half a minute."""
     out, runs = tmp_path / "out", tmp_path / "runs"
     res = run_cmd(mpimig_cmd("simulate", "--validate", "lab-ci", "--out", out, "--work-dir", runs),
                   timeout=300, env=lab_env())
@@ -370,6 +446,12 @@ def test_the_lab_ci_scenario_runs_both_ways_and_reports_each_metrics_error(lab, 
             assert part["all_in_s"] + part["repair_s"] == pytest.approx(part["recover_s"])
             assert part["recover_s"] == pytest.approx(rec["recover_s"], abs=0.0011), (part, rec)
             assert rec["restored_point"] == part["point"], (part, rec)
+    # the calibration measured the time per point of every placement the validation run goes through
+    # (the start, then after each of its three moves: the simulator runs those, not its model's)
+    steps = data["calibration"]["step_by_placement"]
+    assert len(steps) == 4 and all(p["step_s"] > 0 for p in steps), steps
+    assert steps[-1]["hosts"] == ["h1", "h3", "h3", "h3", "h3", "h3"] and steps[-1]["recoveries_s"] > 0, steps
+    assert data["calibration"]["move_settle_s"] >= 0
     # beside the verdict: the simulator replaying the calibration run, against that run's own time
     rep = data["calibration_replay"]
     assert rep["real_time_to_solution_s"] == data["calibration_run"]["time_s"]

@@ -108,6 +108,10 @@ class Simulation:
         # host's speed (a throttled host sends slowly); None: the strategy parameters' freeze_s and
         # copy rate (the validation's per-source calibration sets it: mpimig/sim/validate.py)
         self.move_cost_for: Callable[[Host, int], tuple[float, float] | None] | None = None
+        # seconds a job loses after each move beyond its downtime: the new process's first points run
+        # slower (its caches and pages warm up) — not the move's downtime (the runtime's ``migrated``
+        # figure ends at the resume); calibrated from a real run (mpimig.sim.validate: move_settle_s)
+        self.after_move_s = 0.0
         self.balancers: dict[int, Any] = {}
         self._base: dict[int, Any] = {}       # job -> its ranks' base work (numpy), for the drift
         self._policies()
@@ -291,6 +295,9 @@ class Simulation:
             return
         self.cluster.place(job, r, rec.dst)
         r.last_move_t = env.now - job.started
+        if self.after_move_s > 0:
+            job.settle(env.now)
+            job.pause(env.now, env.now + self.after_move_s)
         for j in self.cluster.jobs_on((rec.src, rec.dst)):
             self.cluster.refresh(self.cluster.jobs[j], env.now)
         rec.done = True

@@ -184,6 +184,10 @@ class Cluster:
         # called with the job after every refresh (its time per point may have changed): the engine
         # wakes whatever waits for the job to reach a point or to finish
         self.on_refresh: Callable[[Job], None] | None = None
+        # a measured time per point for the job's placement (each rank's host), or None: the model's
+        # (the slowest rank's compute + communication + checkpoints + overhead). Set by a calibration
+        # that measured the job in that placement (mpimig.sim.validate: ``step_by_placement``)
+        self.measured_step: Callable[[Job], float | None] | None = None
 
     def place(self, job: Job, rank: Rank, host: str) -> None:
         old = self.hosts.get(rank.host)
@@ -240,6 +244,10 @@ class Cluster:
         (and caches each rank's compute and communication time for the snapshot)."""
         job.comp = comp = self.compute_times(job)
         job.comm = comm = self.comm_times(job)
+        if self.measured_step is not None:
+            step = self.measured_step(job)
+            if step is not None:
+                return step
         return max(c + m for c, m in zip(comp, comm)) + job.ckpt_s / job.ckpt_every + job.overhead_s
 
     def refresh(self, job: Job, now: float) -> None:

@@ -13,7 +13,9 @@ One command runs a small scenario both ways and compares them:
    checkpoints, halos: the *overhead*), the median of its moves' downtimes (the runtime's ``migrated``
    events: the suspension -> the new process resumed) and its recoveries, part by part (the runtime's
    notice, the gather of the job's members, the repair: the simulator's recovery is the sum of each
-   part's median, ``recovery_parts_median``).
+   part's median, ``recovery_parts_median``), and the time per point of each placement it ran in
+   (``step_by_placement``: the simulator runs a placement the calibration measured at that time, not at
+   its model's) and what each move cost beyond its downtime (``move_settle``).
 2. **Validation run** (real, on the lab): the scenario itself (``jobs.points`` points, its
    ``[[events]]``: operator moves and killed ranks at given points, its first policy).
 3. **The simulator**: the same scenario, calibrated from run 1 only. (The JSON also has the
@@ -123,7 +125,67 @@ def calibrate(cal: dict, pl: dict, ranks: int) -> dict:
         "recoveries_s": cal.get("recoveries_s", [cal["recovery_s"]]),
         "recovery_parts_s": recovery_parts_median(cal.get("recovery_parts") or []),
         "reference_compute_s": reference_compute(cal, pl, ranks),
+        "step_by_placement": (steps := step_by_placement(cal, pl, ranks)),
+        "move_settle_s": move_settle(cal, pl, steps),
     }
+
+
+def step_by_placement(cal: dict, pl: dict, ranks: int) -> list[dict]:
+    """The calibration run's time per point in each placement it ran in (each rank's host: the
+    start, then after each of its moves), measured between its epochs (``events.jsonl``): from the
+    first epoch at or after the placement's first point (``SETTLE_POINTS`` after the move that made
+    it) to the last before the next move (or the run's end), less the recoveries of the kills in
+    between (kill -> ``recovered``, ``recovery_parts``: the simulator stops the job for each recovery
+    on its own), per point. The simulator takes these for a job in the same placement instead of its
+    model's (the slowest rank's work at its host's share, plus the overhead): on the lab a host's
+    ranks share its CPU as CFS does — a rank that finished its point gives its share to those still
+    computing — and the model's shares, measured at one placement and extrapolated, missed the
+    other placements' time per point by 10-60% (docs/simulator.md, "Runs s12"). Kills replace a rank
+    on its host (the spares' host): they do not change the placement. Placements with fewer than two
+    epochs are left out (the model prices them)."""
+    on = [rank_host(r, pl["per_host"], pl["hosts"]) for r in range(ranks)]
+    moves = sorted(pl["calib_moves"])
+    bounds = [(WARMUP_POINTS, list(on))]
+    for p, r, h in moves:
+        on[r] = h
+        bounds.append((p + SETTLE_POINTS, list(on)))
+    ends = [p for p, _r, _h in moves] + [cal.get("points") or max((q for q, _t in cal["epochs"]), default=0) + 1]
+    kills = [(k["point"], k["recover_s"]) for k in cal.get("recovery_parts") or [] if k.get("point") is not None]
+    out = []
+    for (lo, hosts), end in zip(bounds, ends):
+        inside = sorted((q, t) for q, t in cal["epochs"] if lo <= q <= end - 1)
+        if len(inside) < 2 or inside[-1][0] == inside[0][0]:
+            continue
+        (q0, t0), (q1, t1) = inside[0], inside[-1]
+        rec = sum(d for q, d in kills if q0 <= q < q1)
+        out.append({"hosts": hosts, "points": [q0, q1], "recoveries_s": rec,
+                    "step_s": (t1 - t0 - rec) / (q1 - q0)})
+    return out
+
+
+def move_settle(cal: dict, pl: dict, steps: list[dict]) -> float:
+    """The time a move costs the calibration run beyond its downtime (the median over its moves): the
+    run's time from the last epoch before the move to the first of the new placement's measured
+    epochs (``step_by_placement``), less the move's downtime, less those points at the measured time
+    per point of the placement before the move (up to its point) and after it: the new process's first
+    points run slower (0.02-0.2 s in all on the lab: its pages and caches warm up). The simulator stops
+    the job that long after each move (``Simulation.after_move_s``); not part of the per-move
+    downtime, which ends at the resume. 0 when no move has both placements measured."""
+    epochs = sorted(cal["epochs"])
+    extra = []
+    for i, ((p, _r, _h), mv) in enumerate(zip(sorted(pl["calib_moves"]), cal["moves"])):
+        if i + 1 >= len(steps) or mv.get("downtime_s") is None:
+            continue
+        old, new = steps[i], steps[i + 1]
+        if old["points"][1] > p or new["points"][0] < p:
+            continue
+        before = max(((q, t) for q, t in epochs if q <= p), default=None)
+        after = next(((q, t) for q, t in epochs if q == new["points"][0]), None)
+        if before is None or after is None:
+            continue
+        pts_old, pts_new = p - before[0], after[0] - p
+        extra.append(after[1] - before[1] - mv["downtime_s"] - pts_old * old["step_s"] - pts_new * new["step_s"])
+    return max(0.0, statistics.median(extra)) if extra else 0.0
 
 
 def downtime_by_src_n(pl: dict, ranks: int, downs: list) -> dict[int, float]:
@@ -292,6 +354,10 @@ def simulate(cfg, pl: dict, cal: dict, seed: int, machine: float = 1.0) -> dict:
             return machine * cost_n[k]["protocol_s"] * f, cost_n[k]["send_bw"] / (machine * f)
         return max(0.0, machine * by_n[k] * f - cal["state_bytes"] / bw), bw
     sim.move_cost_for = move_cost_for
+    steps = {tuple(p["hosts"]): machine * p["step_s"] for p in cal.get("step_by_placement") or []}
+    sim.after_move_s = machine * cal.get("move_settle_s", 0.0)
+    if steps:
+        cl.measured_step = lambda jb: steps.get(tuple(r.host for r in jb.ranks))
     job.pause(job.started, job.started + machine * cal.get("startup_s", 0.0))
     cl.refresh(job, 0.0)
     o = sim.run()
