@@ -150,6 +150,24 @@ def test_dry_run_prints_the_mpiexec_command(in_tmp, capsys, monkeypatch):
     assert not (in_tmp / "job" / "complete.json").exists()
 
 
+@pytest.mark.parametrize("args, preconnect", [
+    (["-n", "4", "--hosts", "a:3,b:3", "--spares", "2"], True),       # hosts, warm spares: connected at start-up
+    (["-n", "4", "--spares", "2"], False),                            # one host: shared memory
+    (["-n", "4", "--hosts", "a:3,b:3", "--spares-per-host", "0"], False),   # no warm spare
+    (["-n", "70", "--hosts", "a:40,b:40", "--spares", "2"], False),   # above PRECONNECT_MAX processes
+])
+def test_a_job_over_hosts_with_warm_spares_is_connected_at_start_up(in_tmp, capsys, monkeypatch, args, preconnect):
+    for k in [k for k in os.environ if k.startswith("OMPI_MCA_")]:
+        monkeypatch.delenv(k)
+    rc, out, err = run_main(["run", *args, "--dry-run", "--job-dir", in_tmp / "job", RING], capsys)
+    assert rc == 0, err
+    (cmd,) = [ln for ln in err.splitlines() if "mpiexec" in ln]
+    assert ("OMPI_MCA_mpi_preconnect_mpi=1" in cmd) is preconnect, cmd
+    monkeypatch.setenv("OMPI_MCA_mpi_preconnect_mpi", "0")             # the user's setting wins
+    rc, out, err = run_main(["run", *args, "--dry-run", "--job-dir", in_tmp / "job", RING], capsys)
+    assert "mpi_preconnect" not in [ln for ln in err.splitlines() if "mpiexec" in ln][0]
+
+
 def _finished_job(job: Path) -> None:
     """A job directory as a completed run leaves it: committed epochs and a record."""
     store = CheckpointStore(job / "ckpt", job_id="old")
