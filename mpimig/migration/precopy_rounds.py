@@ -69,33 +69,18 @@ class PreCopySource:
     since the scan (the next scan has them; ``skipped_bytes``). ``MPIMIG_HANDOVER=mpi`` forces MPI.
 
     The rest (shadow-tracked arrays, another host) goes in pieces of about ``PIECE`` bytes
-    (whole chunks), one message each. Who sends them (``sender`` in ``strategy_stats``):
-
-    ``thread``       a thread of the rank (:mod:`mpimig.migration.background`, needs
-                     ``MPI_THREAD_MULTIPLE``) sends the pieces with blocking sends while the
-                     program computes; the safe point only scans and starts the next round
-                     once the thread is done. With ``uffd`` the thread looks (without
-                     re-protecting) whether a piece was written since the scan and then
-                     sends an empty message instead: it goes in a later round or at the
-                     freeze (``skipped_bytes``; ``MPIMIG_PRECOPY_SKIP=off`` sends it anyway).
-                     A piece is not skipped twice in a row, and a round skips no more bytes
-                     than it has sent (a program that writes everywhere faster than a round
-                     moves would otherwise carry the state over to the freeze).
-                     In ``shadow`` mode the thread copies each piece into the shadow just
-                     before it sends it.
-    ``safe-points``  the fallback (no ``MPI_THREAD_MULTIPLE``, ``MPIMIG_SEND_THREAD=off``):
-                     nonblocking sends posted at the safe point that moves only while the
-                     rank is inside MPI calls; ``sender_reason`` says why.
+    (whole chunks), one message each, sent by a thread of the rank while the program computes
+    (``sender`` ``thread``; with ``uffd`` it sends an empty message for a piece written since the
+    scan, ``skipped_bytes``) or, without ``MPI_THREAD_MULTIPLE`` or with ``MPIMIG_SEND_THREAD=off``,
+    by nonblocking sends posted at the safe point (``safe-points``, ``sender_reason``).
 
     Rounds between safe points (``bg_rounds``, ``round_by``): on one host, with every array
-    kernel-tracked and read in place, a thread of the rank (:meth:`_bg_loop`) scans and starts
-    the next round once the target has answered the previous one, while the program computes;
-    the safe point stops and joins it before it scans (one owner of the dirty bits at a time).
-    The freeze then finds only what was written since the thread's last scan, not a whole step.
-    ``MPIMIG_PRECOPY_BG=off`` keeps the safe points' rounds only (``bg_reason`` says why none ran).
+    kernel-tracked and read in place, a thread (:meth:`_bg_loop`) scans and starts the next round
+    once the target has answered the previous one; the safe point stops and joins it before it
+    scans (one owner of the dirty bits at a time). ``MPIMIG_PRECOPY_BG=off`` turns it off.
 
-    The race between the program's writes and a round is written down in
-    docs/protocol.md, "Pre-copy".
+    docs/protocol.md, "Pre-copy", has the senders' rules in full and the race between the
+    program's writes and a round.
     """
 
     def __init__(self, J: MPI.Intracomm, dest: int, state_of: Callable[[], State | None], rank: int,
