@@ -47,8 +47,9 @@ class MultiFactor(Policy):
         h = ls.hosts[dst]
         U = ls.mem_need(rank) / h.free_mem if h.free_mem > 0 else 0.0
         out = []
+        left = len(ls.members[ls.where[rank]]) - 1          # the job's ranks that stay on the source
         for s in STRATEGIES:
-            c = cost.predict(r, ls.hosts[ls.where[rank]], h, s)
+            c = cost.predict(r, ls.hosts[ls.where[rank]], h, s, src_left=left)
             L = relief * min(float(R), c.delay_s / T) if T > 0 else 0.0
             sc = (p["w_time"] * G - p["w_delay"] * L - p["w_down"] * max(r.weight, 0.0) * c.cost_s
                   - p["w_total"] * c.total_s - p["w_space"] * c.bytes_moved / GiB - p["w_mem"] * U)
