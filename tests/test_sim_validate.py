@@ -311,20 +311,26 @@ def test_a_move_off_a_full_speed_host_costs_what_the_calibrations_moves_off_such
     assert validate.simulate(cfg, pl, cal, 1)["move_downtimes_s"][2] == pytest.approx(1.5, rel=1e-3)
 
 
+def assert_set_in_the_environment(make_env, params) -> None:
+    """Open MPI itself (its ompi_info, run with ``make_env``'s environment) reads each (param, value) as set
+    there."""
+    ompi_info = Path(sys.executable).parent / "ompi_info"
+    if not ompi_info.exists():
+        pytest.skip(f"no Open MPI next to this python ({ompi_info})")
+    env = make_env({"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/")})
+    out = subprocess.run([str(ompi_info), "--all", "--parsable"], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    for param, value in params:
+        assert f"mca:{param}:value:{value}" in out, param
+        assert f"mca:{param}:source:environment" in out, param
+
+
 def test_the_real_runs_wait_in_mpi_without_spinning_and_a_set_value_wins():
     """The lab runs' processes (the validation's and `bench balance`'s: lab.slow.job_env) yield when idle
     (docs/simulator.md, "Validation", item 5): Open MPI
     itself (its ompi_info, with the runs' environment) must read the two settings as set."""
-    ompi_info = Path(sys.executable).parent / "ompi_info"
-    if not ompi_info.exists():
-        pytest.skip(f"no Open MPI next to this python ({ompi_info})")
-    env = job_env({"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/")})
-    out = subprocess.run([str(ompi_info), "--all", "--parsable"], env=env, capture_output=True, text=True,
-                         timeout=120, check=True).stdout
-    for param, value in (("mpi:base:param:mpi_yield_when_idle", "true"),
-                         ("threads:pthreads:param:threads_pthreads_yield_strategy", "nanosleep")):
-        assert f"mca:{param}:value:{value}" in out, param
-        assert f"mca:{param}:source:environment" in out, param
+    assert_set_in_the_environment(job_env, (("mpi:base:param:mpi_yield_when_idle", "true"),
+                                            ("threads:pthreads:param:threads_pthreads_yield_strategy", "nanosleep")))
     # an environment that already says otherwise is kept (e.g. to measure with spinning processes)
     assert job_env({"OMPI_MCA_mpi_yield_when_idle": "0"})["OMPI_MCA_mpi_yield_when_idle"] == "0"
 
@@ -335,17 +341,9 @@ def test_the_validations_runs_connect_every_pair_of_processes_at_start_up():
     (docs/simulator.md, "Runs s12": the switch's first messages between spares and ranks no longer
     make the connections)."""
     from mpimig.sim.labrun import run_env
-    ompi_info = Path(sys.executable).parent / "ompi_info"
-    if not ompi_info.exists():
-        pytest.skip(f"no Open MPI next to this python ({ompi_info})")
-    env = run_env({"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/")})
-    out = subprocess.run([str(ompi_info), "--all", "--parsable"], env=env, capture_output=True, text=True,
-                         timeout=120, check=True).stdout
     # ompi_info (Open MPI 5.0) prints mpi_preconnect_mpi under its synonym mpi_preconnect_all
-    for param, value in (("mpi:base:param:mpi_preconnect_all", "true"),
-                         ("mpi:base:param:mpi_yield_when_idle", "true")):
-        assert f"mca:{param}:value:{value}" in out, param
-        assert f"mca:{param}:source:environment" in out, param
+    assert_set_in_the_environment(run_env, (("mpi:base:param:mpi_preconnect_all", "true"),
+                                            ("mpi:base:param:mpi_yield_when_idle", "true")))
     assert run_env({"OMPI_MCA_mpi_preconnect_mpi": "0"})["OMPI_MCA_mpi_preconnect_mpi"] == "0"
 
 
