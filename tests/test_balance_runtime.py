@@ -572,3 +572,18 @@ def test_each_decision_round_logs_its_snapshot_and_a_policy_replays_it(tmp_path)
     from mpimig.balance.balancer import Balancer
     replay = [(x.rank, x.to) for x in Balancer("greedy").decide(snap) if x.move]
     assert replay == submitted == [(x["rank"], x["to"]) for x in out if x["move"]] == [(0, "b")]
+
+
+@pytest.mark.parametrize("env, logged", [("", 0), ("on", 1)])
+def test_a_round_that_moves_nothing_logs_its_snapshot_only_when_asked(tmp_path, monkeypatch, env, logged):
+    # a snapshot is a few KB per 6 ranks: every round of a long job with many ranks would fill the disk
+    from mpimig.balance.driver import BalanceDriver
+    monkeypatch.setenv("MPIMIG_BALANCE_SNAPSHOTS", env)
+    d = BalanceDriver("none", tmp_path, "r", ["a", "b"], {"a": 2, "b": 2}, t0=0.0)
+    _setup_reports(d, ROUTING)
+    for r in ROUTING:
+        d.on_report(_report(r["rank"], r["pid"]), ROUTING)
+    out = d.decide(ROUTING, {}, 0, lambda rank, to, strategy: (None, "not asked"))
+    assert out and not any(x["move"] for x in out)
+    evs = [json.loads(line)["event"] for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert evs.count("balance_snapshot") == logged and "decision" in evs

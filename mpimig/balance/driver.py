@@ -36,6 +36,7 @@ import time
 from typing import Any, Callable
 
 from .. import events
+from ..envflag import env_flag
 from .snapshot import Decision, HostMetrics, RankMetrics, Snapshot
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,6 @@ class BalanceDriver:
         else:
             snap = self.snapshot(routing, spares, in_flight)
             self.last = snap
-            events.emit(self.job_dir, "balance_snapshot", self.run_id, round=self.rounds, **snapshot_record(snap))
             try:
                 decisions = list(self.balancer.decide(snap))
             except Exception as exc:  # noqa: BLE001 - a failing policy must not take the job down
@@ -218,6 +218,11 @@ class BalanceDriver:
                                       policy=self.spec)]
             if not decisions:
                 decisions = [Decision(False, "the balancer returned no decision", policy=self.spec)]
+            # what the round saw, before its decisions: for the rounds that move (a few KB per 6 ranks: every
+            # round of a long job with many ranks would fill the disk), every round with MPIMIG_BALANCE_SNAPSHOTS=on
+            if any(d.move for d in decisions) or env_flag("MPIMIG_BALANCE_SNAPSHOTS", False):
+                events.emit(self.job_dir, "balance_snapshot", self.run_id, round=self.rounds,
+                            **snapshot_record(snap))
         return [self._record(d, submit) for d in decisions]
 
     def _record(self, d: Decision, submit: Submit) -> dict:
