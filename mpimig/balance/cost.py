@@ -63,8 +63,7 @@ the old process is busy sending on the source, whose remaining ranks share
 their CPU with it (the push is paced over more steps; between its chunks the
 source is relieved); nothing when no rank of the job stays there (``src_left``
 0: the moved rank computes on its new host from the resume, and the push slows
-no one: on the lab multi-factor took stop-and-copy for a 256 MiB rank leaving
-the emptied slowed host, 0.24-0.49 s of downtime, where post-copy's was 0.02-0.07 s).
+no one).
 Stop-and-copy, file-server: the create time only.
 
 Limits: post-copy's demand stalls are predicted from the dirty rate (what the
