@@ -125,7 +125,7 @@ def test_bench_migrate_strategies_smoke(tmp_path):
     # (chunks sent twice), post-copy leaves a residual dependency, file-server frees the source
     # before the target resumes
     size = 2 << 20
-    assert rows[("stop-and-copy", 0.25)]["bytes_moved"] == size
+    assert size < rows[("stop-and-copy", 0.25)]["bytes_moved"] < size + 4096     # and the pickled loop position
     assert rows[("pre-copy", 0.25)]["bytes_moved"] > size
     assert rows[("pre-copy", 0.25)]["stats"]["bytes_resent"] > 0
     assert rows[("post-copy", 0.25)]["residual"] > 0
