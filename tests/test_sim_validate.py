@@ -335,16 +335,25 @@ def test_the_real_runs_wait_in_mpi_without_spinning_and_a_set_value_wins():
     assert job_env({"OMPI_MCA_mpi_yield_when_idle": "0"})["OMPI_MCA_mpi_yield_when_idle"] == "0"
 
 
-def test_the_validations_runs_connect_every_pair_of_processes_at_start_up():
-    """The validation's real runs (labrun.run_env): the lab's settings and Open MPI's preconnect, read
-    by Open MPI itself (its ompi_info, with the runs' environment) as set; a value already set wins
-    (docs/simulator.md, "Runs s12": the switch's first messages between spares and ranks no longer
-    make the connections)."""
-    from mpimig.sim.labrun import run_env
+def test_the_validations_runs_connect_every_pair_of_processes_at_start_up(monkeypatch):
+    """The validation's real runs (lab.slow.job_env, then mpimig run's launcher.preconnect_env for lab-ci's
+    layout: hosts, warm spares, 16 processes): the lab's settings and Open MPI's preconnect, read by Open MPI
+    itself (its ompi_info, with the runs' environment) as set; a value already set wins (docs/simulator.md,
+    "Runs s12": the switch's first messages between spares and ranks no longer make the connections)."""
+    from mpimig.launch.launcher import preconnect_env
+    monkeypatch.delenv("OMPI_MCA_mpi_preconnect_mpi", raising=False)
+    cfg = load("lab-ci")[0]
+    pl = validate.plan(cfg)
+    spares = cfg.values["lab"]["spares"]
+    nprocs = cfg.values["jobs"]["ranks"] + 1 + spares
+
+    def runs_env(base):
+        return {**job_env(base), **preconnect_env("openmpi", pl["spec"], nprocs, spares)}
     # ompi_info (Open MPI 5.0) prints mpi_preconnect_mpi under its synonym mpi_preconnect_all
-    assert_set_in_the_environment(run_env, (("mpi:base:param:mpi_preconnect_all", "true"),
-                                            ("mpi:base:param:mpi_yield_when_idle", "true")))
-    assert run_env({"OMPI_MCA_mpi_preconnect_mpi": "0"})["OMPI_MCA_mpi_preconnect_mpi"] == "0"
+    assert_set_in_the_environment(runs_env, (("mpi:base:param:mpi_preconnect_all", "true"),
+                                             ("mpi:base:param:mpi_yield_when_idle", "true")))
+    monkeypatch.setenv("OMPI_MCA_mpi_preconnect_mpi", "0")
+    assert preconnect_env("openmpi", pl["spec"], nprocs, spares) == {}
 
 
 def test_a_recoverys_parts_are_read_from_the_events_between_the_kill_and_the_recovered_event():

@@ -23,7 +23,8 @@ import numpy as np
 from ..checkpoint import auth
 from ..checkpoint.format import NATIVE, dataset_link_name, h5file, native_ok, rank_file_name
 from ..checkpoint.writer import DIRECT_MIN, _fallocate, create_layout
-from ..errors import MigrationError, UsageError
+from ..envflag import env_flag
+from ..errors import MigrationError
 
 if TYPE_CHECKING:
     from ..rank_context import Context
@@ -41,11 +42,8 @@ Layout = list[tuple[str, tuple[int, ...], str]]
 
 
 def prepare_enabled() -> bool:
-    """``MPIMIG_FS_PREPARE``: ``on`` (the default) or ``off``."""
-    v = (os.environ.get(PREPARE_ENV) or "on").strip().lower()
-    if v not in ("on", "off", "1", "0"):
-        raise UsageError(f"{PREPARE_ENV}={v!r}: on or off")
-    return v in ("on", "1")
+    """``MPIMIG_FS_PREPARE``: on (the default) or off (:func:`mpimig.envflag.env_flag`)."""
+    return env_flag(PREPARE_ENV, True)
 
 
 def big_layout(arrays: dict[str, Any]) -> Layout:

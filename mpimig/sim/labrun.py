@@ -139,23 +139,6 @@ def rank_host(rank: int, per: int, hosts: list[str]) -> str:
     return hosts[rank // per]
 
 
-def run_env(base) -> dict[str, str]:
-    """The environment of the validation's real runs: the lab's (``lab.slow.job_env``) and every pair
-    of the job's processes connected at start-up (Open MPI's ``mpi_preconnect_mpi``; a value ``base``
-    already holds wins). Open MPI connects two processes at their first message, and a switch's
-    communicators (``Create_group``, ``Split``, the agreement) are the first messages between the
-    warm spares and the ranks: on the lab each such connection cost the slowed host's processes
-    CFS periods and the agreement's decision waited in a rank that had gone back to computing — the
-    first move off h2 took 40-97 ms and one light move in five 33-43 ms; connected at start-up, every
-    move took 14.7-47.3 ms in 18 runs (docs/simulator.md, "Runs s12"). The job's processes are one
-    world (the warm spares included), so every connection a switch or a recovery uses is made before
-    the first point."""
-    from ..lab.slow import job_env
-    env = job_env(base)
-    env.setdefault("OMPI_MCA_mpi_preconnect_mpi", "1")
-    return env
-
-
 def app_args(cfg, points: int) -> list[str]:
     return [str(a) for a in cfg.values["lab"]["app_args"]] + ["--steps", str(points)]
 
@@ -177,7 +160,10 @@ def real_run(name: str, cfg, pl: dict, root: Path, points: int, moves: list, kil
            "--metrics-seconds", str(lab["metrics_seconds"]), "--balance-seconds", str(lab["balance_seconds"]),
            *sum((["--migrate", f"{p}:{r}:{h}:stop-and-copy"] for p, r, h in moves), []),
            "--job-dir", str(job), str(apps.path(lab["app"])), *app_args(cfg, points), "--out", "{job}/out.npy"]
-    env = run_env(os.environ)
+    # lab.slow.job_env: the lab's settings; mpimig run connects the job at start-up (launcher.preconnect_env: the
+    # switch's collectives were the first traffic between spares and ranks; docs/simulator.md, "Runs s12")
+    from ..lab.slow import job_env
+    env = job_env(os.environ)
     say(f"validate: {name} run: {points} points, moves {moves}, kills (point, rank) {kills}, "
         f"policy {policy} (load avg {os.getloadavg()[0]:.1f})")
     t0 = time.time()

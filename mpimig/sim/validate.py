@@ -61,12 +61,23 @@ def _median(xs: list[float], what: str) -> float:
     return statistics.median(xs)
 
 
-def step_time(epochs: list[tuple[int, float]], lo: int, hi: int) -> float:
-    """Seconds per point between the first epoch at or after ``lo`` and the last at or before ``hi``."""
+def epoch_span(epochs: list[tuple[int, float]], lo: int, hi: int
+               ) -> tuple[tuple[int, float], tuple[int, float]] | None:
+    """The first epoch (point, time) at or after ``lo`` and the last at or before ``hi``; None without two
+    epochs at different points between them."""
     inside = sorted((p, t) for p, t in epochs if lo <= p <= hi)
     if len(inside) < 2 or inside[-1][0] == inside[0][0]:
+        return None
+    return inside[0], inside[-1]
+
+
+def step_time(epochs: list[tuple[int, float]], lo: int, hi: int) -> float:
+    """Seconds per point between the first epoch at or after ``lo`` and the last at or before ``hi``."""
+    span = epoch_span(epochs, lo, hi)
+    if span is None:
         raise ValidationError(f"the calibration run has fewer than two epochs between points {lo} and {hi}")
-    return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+    (p0, t0), (p1, t1) = span
+    return (t1 - t0) / (p1 - p0)
 
 
 def calibrate(cal: dict, pl: dict, ranks: int) -> dict:
@@ -142,7 +153,8 @@ def step_by_placement(cal: dict, pl: dict, ranks: int) -> list[dict]:
     computing — and the model's shares, measured at one placement and extrapolated, missed the
     other placements' time per point by 10-60% (docs/simulator.md, "Runs s12"). Kills replace a rank
     on its host (the spares' host): they do not change the placement. Placements with fewer than two
-    epochs are left out (the model prices them)."""
+    epochs are left out (the model prices them); ``placement`` numbers them (0: the start, k: after the
+    k-th move)."""
     on = [rank_host(r, pl["per_host"], pl["hosts"]) for r in range(ranks)]
     moves = sorted(pl["calib_moves"])
     bounds = [(WARMUP_POINTS, list(on))]
@@ -152,13 +164,13 @@ def step_by_placement(cal: dict, pl: dict, ranks: int) -> list[dict]:
     ends = [p for p, _r, _h in moves] + [cal.get("points") or max((q for q, _t in cal["epochs"]), default=0) + 1]
     kills = [(k["point"], k["recover_s"]) for k in cal.get("recovery_parts") or [] if k.get("point") is not None]
     out = []
-    for (lo, hosts), end in zip(bounds, ends):
-        inside = sorted((q, t) for q, t in cal["epochs"] if lo <= q <= end - 1)
-        if len(inside) < 2 or inside[-1][0] == inside[0][0]:
+    for k, ((lo, hosts), end) in enumerate(zip(bounds, ends)):
+        span = epoch_span(cal["epochs"], lo, end - 1)
+        if span is None:
             continue
-        (q0, t0), (q1, t1) = inside[0], inside[-1]
+        (q0, t0), (q1, t1) = span
         rec = sum(d for q, d in kills if q0 <= q < q1)
-        out.append({"hosts": hosts, "points": [q0, q1], "recoveries_s": rec,
+        out.append({"placement": k, "hosts": hosts, "points": [q0, q1], "recoveries_s": rec,
                     "step_s": (t1 - t0 - rec) / (q1 - q0)})
     return out
 
@@ -172,11 +184,12 @@ def move_settle(cal: dict, pl: dict, steps: list[dict]) -> float:
     the job that long after each move (``Simulation.after_move_s``); not part of the per-move
     downtime, which ends at the resume. 0 when no move has both placements measured."""
     epochs = sorted(cal["epochs"])
+    measured = {st.get("placement", k): st for k, st in enumerate(steps)}
     extra = []
     for i, ((p, _r, _h), mv) in enumerate(zip(sorted(pl["calib_moves"]), cal["moves"])):
-        if i + 1 >= len(steps) or mv.get("downtime_s") is None:
+        old, new = measured.get(i), measured.get(i + 1)     # the placements before and after move i
+        if old is None or new is None or mv.get("downtime_s") is None:
             continue
-        old, new = steps[i], steps[i + 1]
         if old["points"][1] > p or new["points"][0] < p:
             continue
         before = max(((q, t) for q, t in epochs if q <= p), default=None)
