@@ -394,7 +394,8 @@ def launch(cfg: Config, n: int, program: list[str], *, hosts=None, ft=False, tim
     flavour = mpi_flavour()
     cfg.spare_world = ()                # this launch's layout decides (below)
     env = dict(os.environ)
-    env.update(mpi_env(flavour, ft))
+    base_env = mpi_env(flavour, ft)
+    env.update(base_env)
     env.update(cfg.to_env())
     if not (env.get(auth.SECRET_FILE_ENV) or env.get(auth.SECRET_ENV)) and cfg.job_dir is not None:
         # the secret's FILE, never the secret: ranks, spawned targets and spares inherit it
@@ -421,11 +422,11 @@ def launch(cfg: Config, n: int, program: list[str], *, hosts=None, ft=False, tim
             print(f"mpimig: {per_host} warm spare(s) on each of {', '.join(host_names(hosts))}: a move between "
                   "hosts spawns nothing (docs/spawn.md; --spares-per-host 0 turns this off)",
                   file=sys.stderr, flush=True)
-    layout_env = preconnect_env(flavour, hosts, n + 1 + nspares if cfg.coordinator or nspares else n, nspares)
+    layout_env = preconnect_env(flavour, hosts, n + 1 + nspares, nspares)    # ranks, coordinator, spares
     env.update(layout_env)
     cmd = build_command(flavour, n, program, hosts=launch_hosts, ft=ft, extra=extra,
                         coordinator=cfg.coordinator, spares=nspares)
-    shown = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted({**mpi_env(flavour, ft), **layout_env}.items()))
+    shown = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted({**base_env, **layout_env}.items()))
     print(f"mpimig: running: {shown} {shlex.join(cmd)}", file=sys.stderr, flush=True)
     if dry_run:
         return 0
