@@ -103,6 +103,17 @@ def test_comm_goals_and_table():
     assert "latency goal missed for Send/Recv: +600 ns" in text and "+400 ns per pair" in text
 
 
+def test_bench_migrate_between_hosts_names_its_target_and_knows_where_the_moving_rank_starts(tmp_path):
+    from mpimig.bench import migrate_strategies as bms
+    # mpimig run fills the host list in order: rank 1 (the moving one) starts on h1 with h1:4, on h2 with h1:1
+    assert bms._cross_host("h1:4,h2:1", "h2") and not bms._cross_host("h1:1,h2:4", "h2")
+    assert not bms._cross_host("", "h2")
+    res = run_cmd(mpimig_cmd("bench", "migrate", "--strategies", "stop-and-copy", "--sizes", "1M",
+                             "--hosts", "h1:4,h2:1", "--host", "h3", "--dir", tmp_path), timeout=120)
+    assert res.returncode != 0 and "--host h3 is not in --hosts h1:4,h2:1" in res.stderr, res.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []          # no job started
+
+
 def test_bench_migrate_strategies_smoke(tmp_path):
     """Every strategy at one small size and two dirty fractions: a table row each,
     the baseline, the goals, a JSON and a PNG file, progress lines."""

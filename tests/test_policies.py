@@ -26,7 +26,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 # A cost model with round figures, so that predictions can be worked out by hand.
-TC = dict(bw=1e9, fixed_s=0.1, spawn_s=0.5, handover_s=0.0, scan_bw=1e10, postcopy_s=0.05, postcopy_bw=1e9,
+TC = dict(bw=1e9, xbw=1e9, fixed_s=0.1, spawn_s=0.5, handover_s=0.0, scan_bw=1e10, postcopy_s=0.05, postcopy_bw=1e9,
           postcopy_window=4, fs_fixed_s=1.0, storage_bw=1e8, precopy_rounds=8, chunk=MiB, local_bw=1e10,
           net_bw=1e9, background_weight=0.1, alpha=0.3, cpu_scaled=False)   # scaling: its own test below
 
@@ -140,6 +140,46 @@ def test_observe_updates_the_estimates():
     assert m.observations == 3 and m.switch_s == 0.0
     with pytest.raises(UsageError, match="unknown strategy 'teleport'"):
         m.observe("teleport", 1, 0.1, 0.1)
+
+
+def test_a_move_between_hosts_is_priced_and_learned_at_the_network_rate():
+    # bw 10 GB/s within a host (the new process reads the old one's memory), xbw 0.5 GB/s between hosts
+    m = CostModel(**dict(TC, bw=1e10, xbw=5e8))
+    r = R(0, "a", state_bytes=GiB, compute=0.001)
+    same = m.predict(r, H("a"), H("a"), "stop-and-copy")
+    cross = m.predict(r, H("a"), H("b"), "stop-and-copy")
+    assert same.downtime_s == pytest.approx(0.1 + 0.1073741824)
+    assert cross.downtime_s == pytest.approx(0.1 + 2.147483648)
+    # post-copy's push between hosts: at most xbw (postcopy_bw 1e9 > 5e8): 2^30 / 5e8 = 2.147483648 s of push,
+    # above 256 chunks x 0.001 s; within a host postcopy_bw's 1.073741824 s
+    assert m.predict(r, H("a"), H("b"), "post-copy").total_s == pytest.approx(0.5 + 2.147483648 + 0.05)
+    assert m.predict(r, H("a"), H("a"), "post-copy").total_s == pytest.approx(0.5 + 1.073741824 + 0.05)
+    # a large stop-and-copy between hosts teaches xbw, one within a host bw
+    m.observe("stop-and-copy", GiB, 0.1 + GiB / 2.5e8, 5.0, cross_host=True)
+    assert m.xbw == pytest.approx(0.7 * 5e8 + 0.3 * 2.5e8) and m.bw == 1e10
+    m.observe("stop-and-copy", GiB, 0.1 + GiB / 5e9, 5.0)
+    assert m.bw == pytest.approx(0.7 * 1e10 + 0.3 * 5e9) and m.xbw == pytest.approx(4.25e8)
+    # a small one between hosts: its own model is at xbw, the rest is the switch
+    m.observe("stop-and-copy", MiB, 0.1 + MiB / 4.25e8 + 0.5, 1.0, cross_host=True)
+    assert m.switch_s == pytest.approx(0.5) and m.xbw == pytest.approx(4.25e8)
+    # xbw never above bw: a fast network does not make a move faster than one within a host
+    fast = CostModel(**dict(TC, bw=1e9, xbw=1e10))
+    assert fast.predict(r, H("a"), H("b"), "stop-and-copy").downtime_s == pytest.approx(0.1 + 1.073741824)
+
+
+def test_cost_model_seeded_from_a_bench_between_hosts_and_from_moves_between_hosts(tmp_path):
+    # `mpimig bench migrate --strategies stop-and-copy --hosts h1:4,h2:1 --host h2`: downtime 0.3 + size / 1.6e9
+    # (0.3 s: that layout's switch); seeds xbw alone, the same-host figures keep their defaults
+    rows = [{"strategy": "stop-and-copy", "size": z, "dirty": 0.0, "state": "done", "downtime": 0.3 + z / 1.6e9,
+             "spawn": 0.0} for z in (1 << 24, 1 << 28)]
+    m = CostModel.from_bench_json({"spares": True, "cross_host": True, "rows": rows})
+    d = CostModel.default()
+    assert m.xbw == pytest.approx(1.6e9) and (m.bw, m.fixed_s) == (d.bw, d.fixed_s)
+    # `mpimig bench balance` moves with their hosts: a 1 GiB stop-and-copy from h2 to h1 in 0.015 + 2^30 / 5e8
+    runs = [{"policy": "multi-factor", "move_list": [
+        {"strategy": "stop-and-copy", "bytes": GiB, "downtime": 0.015 + GiB / 5e8, "from": "h2", "to": "h1"}]}]
+    m = CostModel.from_bench_json({"summary": [], "runs": runs})
+    assert m.xbw == pytest.approx(0.7 * 1e9 + 0.3 * 5e8) and m.bw == d.bw
 
 
 def test_small_moves_teach_one_switch_overhead_common_to_every_strategy():
@@ -1124,7 +1164,8 @@ def test_a_job_at_its_machines_bound_is_left_alone_and_says_why(name):
 # right, off rank 3. Figures as the lab's snapshots: a cold rank 0.005 CPU s per point, rank 4 0.0088, rank 3
 # 0.0072 (0.44 of its block hot); rank 2 0.005 (160 kB); 300 points to go. The hosts are one machine of 2
 # cores (no outside load); h2 under a quota of 1/3 core (speed 0.25); warm spares on h1 and h3 (create 0).
-# A quiet lab's cost model (LAB: bw 10 GB/s, 5 ms fixed, 0.3 s spawn), CPU-scaled as on the lab.
+# A quiet lab's cost model (LAB: bw 10 GB/s within a host, xbw 1 GB/s between hosts, 5 ms fixed, 0.3 s
+# spawn), CPU-scaled as on the lab.
 #   h2 (quota-bound: 0.25 x 2 >= 0.75 x 1/3): K = max(2 slots, 2 ranks) = 2, share(2) = min(1, 2/2, (1/3)/2)
 #     = 1/6: rank 3 0.0072 x 6 = 0.0432, rank 2 0.03; h1: K 3, share(2) = 1: 0.005; h3: 0.0088.
 #   The machine: W = 4 x 0.005 + 0.0072 + 0.0088 = 0.036, E = 0: 0.036 x 6 / (2 x 6) = 0.018. T0 = 0.0432.
@@ -1136,19 +1177,23 @@ def test_a_job_at_its_machines_bound_is_left_alone_and_says_why(name):
 #   greedy: the heaviest rank, 3 (0.0432 s/point); both targets leave h2 at 0.015: h1 by name (post-copy,
 #     its least job cost). refine: the largest relief, rank 3 (h1 by name); then 0.018 is within 5% of the
 #     lower bound (all the work on the 2 cores the machine gives the job: 0.018): one move.
-#   multi-factor (CPU factor min(0.25, 1) = 0.25: bw 2.5e9; create 0; stop-and-copy is both ranks' best):
-#     rank 3: D = X = 0.005 + 2^28 / 2.5e9 = 0.112374 s, M = 0.25 GiB: 7.56 - 0.112374 - 0.05 x 0.112374 -
-#       w_space x 0.25 = 7.442 s (w_space 0), 7.317 s (0.5), 5.442 s (8); post-copy: L = 0.0252 x 0.107374 /
-#       0.0432 = 0.062634, D = 0.005 + 0.1 x 0.107374, X = 64 chunks x 0.0432 + 0.005: 7.343 - 0.25 w_space;
-#     rank 2: D = X = 0.005 + 160000 / 2.5e9 = 0.005064 s, M = 160000 / 2^30 = 0.000149 GiB:
-#       6.48 - 0.005064 - 0.000253 - w_space x 0.000149 = 6.4747 s (0), 6.4735 s (8).
-#   Break-even: w_space = (7.442007 - 6.474683) / (0.25 - 0.000149) = 3.87 s/GiB. Below it (the default 0.5)
-#   multi-factor moves 256 MiB as greedy and refine do; at w_space = 8 (2 s per 256 MiB: about what a 256
-#   MiB move off the slowed host cost the job on the lab, docs/policies.md) it moves rank 2, 160 kB, for a
-#   step time 20% above theirs in the snapshot; on the lab the drift takes the heat off rank 3.
-#   Its plan stops there: rank 3 next (relief 0.0216 - 0.018 = 0.0036, G 1.08 s) scores 1.08 - 0.117993 - 2
-#   < 0, and the plan of both, 7.56 - 0.006509 - 2.117993 = 5.436 s, is below the plan of one, 6.4735 s.
-LAB = dict(TC, bw=1e10, fixed_s=0.005, postcopy_s=0.005, postcopy_bw=1e10, scan_bw=1e10, spawn_s=0.3,
+#   multi-factor (CPU factor min(0.25, 1) = 0.25; h2 -> h1 is between hosts: bw = xbw x 0.25 = 2.5e8; create 0):
+#     rank 3, stop-and-copy: D = X = 0.005 + 2^28 / 2.5e8 = 1.078742 s: 7.56 - 1.078742 - 0.05 x 1.078742 =
+#       6.4273 - 0.25 w_space; post-copy (its best): push B / 2.5e8 = 1.073742 s, L = 0.0252 x 1.073742 / 0.0432
+#       = 0.626349, D = 0.005 + 0.1 x 1.073742 = 0.112374, X = max(1.073742, 64 chunks x 0.0432) + 0.005 =
+#       2.7698: 7.56 - 0.112374 - 0.13849 - 0.626349 = 6.682787 - 0.25 w_space: 6.683 s (w_space 0), 6.558 s
+#       (the default 0.5);
+#     rank 2, stop-and-copy: D = X = 0.005 + 160000 / 2.5e8 = 0.00564 s, M = 160000 / 2^30 = 0.000149 GiB:
+#       6.48 - 0.00564 - 0.000282 = 6.474078 - 0.000149 w_space: 6.473 s (8).
+#   Break-even: w_space = (6.682787 - 6.474078) / (0.25 - 0.000149) = 0.835 s/GiB. Below it (the default 0.5)
+#   multi-factor moves 256 MiB by post-copy as greedy does; above it rank 2 first, and rank 3 after it too while
+#   its second move pays: relief 0.0216 - 0.018 = 0.0036, G 1.08 s, by post-copy with no rank left on h2 (L 0):
+#   1.08 - 0.112374 - 0.13849 - 0.25 w_space > 0 below w_space 3.317. At w_space = 8 (2 s per 256 MiB) it moves
+#   rank 2, 160 kB, alone, for a step time 20% above theirs in the snapshot; on the lab the drift takes the heat
+#   off rank 3.
+#   (Before the cross-host rate, the 256 MiB stop-and-copy was priced at 10 GB/s x 0.25: 0.112 s, and chosen over
+#   post-copy; the lab measured 0.24-0.50 s: docs/policies.md, "Known mispricing".)
+LAB = dict(TC, bw=1e10, xbw=1e9, fixed_s=0.005, postcopy_s=0.005, postcopy_bw=1e10, scan_bw=1e10, spawn_s=0.3,
            cpu_scaled=True)
 
 
@@ -1175,30 +1220,37 @@ def test_multi_factor_weighing_space_moves_the_light_rank_where_greedy_and_refin
     bal = Balancer("multi-factor:w_space=8", cost=CostModel(**LAB)).decide(s)     # and the balancer takes it
     assert moves(bal) == [(2, "h1")]
     # space is what decides: without it (w_space 0), or at the default 0.5, the heavy rank moves
-    for spec, score in (("multi-factor:w_space=0", "score 7.442 s"), ("multi-factor", "score 7.317 s")):
+    for spec, score in (("multi-factor:w_space=0", "score 6.683 s"), ("multi-factor", "score 6.558 s")):
         heavy = parse(spec).decide(s, cm)
         assert moves(heavy) == [(3, "h1")] and heavy[0].bytes_moved == 256 * MiB and score in heavy[0].reason
-    # the break-even weight, 3.87 s/GiB
-    assert moves(parse("multi-factor:w_space=3.8").decide(s, cm)) == [(3, "h1")]
-    assert moves(parse("multi-factor:w_space=3.95").decide(s, cm)) == [(2, "h1")]
+        assert heavy[0].strategy == "post-copy", heavy     # priced between hosts: not stop-and-copy (1.08 s)
+    # the break-even weight, 0.835 s/GiB; up to 3.317 s/GiB rank 3 follows rank 2
+    assert moves(parse("multi-factor:w_space=0.8").decide(s, cm)) == [(3, "h1")]
+    assert moves(parse("multi-factor:w_space=0.87").decide(s, cm)) == [(2, "h1"), (3, "h1")]
+    assert moves(parse("multi-factor:w_space=3.25").decide(s, cm)) == [(2, "h1"), (3, "h1")]
+    assert moves(parse("multi-factor:w_space=3.4").decide(s, cm)) == [(2, "h1")]
     # rank 3 hotter (0.01 CPU s: T0 0.06, the machine W = 0.0388 -> 0.0194): its relief 0.06 - 0.0194 = 0.0406
-    # (G 12.18 s) against rank 2's 0.06 - 0.03 = 0.03 (G 9 s) pays for its bytes at w_space 8 too:
-    # 12.18 - 0.117993 - 2.0 = 10.06 s against 9 - 0.005317 - 0.001192 = 8.994 s
+    # (G 12.18 s) against rank 2's 0.06 - 0.03 = 0.03 (G 9 s) pays for its bytes at w_space 8 too, by pre-copy
+    # (no dirty state: one round of B / 2.5e8 = 1.073742 s while rank 3 computes on h2, L = 0.0406 x 1.073742 /
+    # 0.06 = 0.726565; freeze D = 0.005 + 2^28 / 2.5e9 (the compare) = 0.112374; cost 0.112374 + 0.1 x (1.073742
+    # + 0.107374) = 0.230486; X = 1.186116): 12.18 - 0.230486 - 0.059306 - 0.726565 - 2.0 = 9.164 s against
+    # 9 - 0.00564 - 0.000282 - 0.001192 = 8.993 s
     hot = parse("multi-factor:w_space=8").decide(drift_tail_on_the_heavy_rank(0.01), cm)
-    assert moves(hot) == [(3, "h1")] and "score 10.06 s" in hot[0].reason
+    assert moves(hot) == [(3, "h1")] and "score 9.164 s" in hot[0].reason and hot[0].strategy == "pre-copy"
 
 
 # D2: the last rank leaves a slowed host (the drift scenario of record's second move on the lab, where
 # multi-factor took stop-and-copy for 256 MiB: 0.24-0.49 s of downtime, where greedy's post-copy moves had
 # 0.02-0.07 s; docs/bench/balance-s12-drift-quiet.*). Host c (speed 0.25) holds rank 1 alone (0.005 CPU s,
 # 0.02 s/point, 256 MiB); host a (2 slots, a warm spare) rank 0 (0.005). 300 points to go; LAB's costs.
-#   Rank 1 to a: both at 0.005: relief 0.015, G = 4.5 s. CPU factor 0.25: bw 2.5e9.
-#   stop-and-copy: D = X = 0.005 + 2^28 / 2.5e9 = 0.112374: 4.5 - 0.112374 - 0.05 x 0.112374 - 0.5 x 0.25
-#     = 4.2570 s.
-#   post-copy: D = 0.005 + 0.1 x 0.107374 = 0.015737; X = 64 chunks x 0.02 + 0.005 = 1.285; no rank stays on c,
-#     so the push delays nothing (L = 0): 4.5 - 0.015737 - 0.05 x 1.285 - 0.125 = 4.2950 s: post-copy.
-#     Had a rank stayed on c the push would slow it: L = 0.015 x 0.107374 / 0.02 = 0.080531, 4.2145 s < 4.2570:
-#     stop-and-copy (what multi-factor chose for the last rank too, before).
+#   Rank 1 to a: both at 0.005: relief 0.015, G = 4.5 s. CPU factor 0.25, between hosts: bw 1e9 x 0.25 = 2.5e8.
+#   stop-and-copy: D = X = 0.005 + 2^28 / 2.5e8 = 1.078742: 4.5 - 1.078742 - 0.05 x 1.078742 - 0.5 x 0.25
+#     = 3.2423 s.
+#   post-copy: push 2^28 / 2.5e8 = 1.073742 s; D = 0.005 + 0.1 x 1.073742 = 0.112374; X = max(1.073742, 64 chunks
+#     x 0.02) + 0.005 = 1.285; no rank stays on c, so the push delays nothing (L = 0): 4.5 - 0.112374 - 0.05 x
+#     1.285 - 0.125 = 4.1984 s: post-copy. Had a rank stayed on c the push would slow it: L = 0.015 x 1.073742 /
+#     0.02 = 0.805306, 3.3931 s, still above stop-and-copy's 3.2423. (Priced at the same-host rate, as before the
+#     cross-host rate, stop-and-copy cost 0.112 s and won there.)
 def last_rank_on_a_slowed_host(with_partner=False):
     ranks = [R(0, "a", cpu=0.005, remaining_points=300, state_bytes=160000),
              R(1, "c", cpu=0.005, compute=0.02, remaining_points=300, state_bytes=256 * MiB)]
@@ -1211,12 +1263,12 @@ def test_multi_factor_moves_the_last_rank_off_a_slowed_host_by_post_copy_whose_p
     cm = CostModel(**LAB)
     s = last_rank_on_a_slowed_host()
     c = parse("multi-factor:max_moves=1").decide(s, cm)
-    assert moves(c) == [(1, "a")] and c[0].strategy == "post-copy" and "score 4.295 s" in c[0].reason, c
+    assert moves(c) == [(1, "a")] and c[0].strategy == "post-copy" and "score 4.198 s" in c[0].reason, c
     r = s.ranks[1]
     left0 = cm.predict(r, s.hosts["c"], s.hosts["a"], "post-copy", src_left=0)
     left1 = cm.predict(r, s.hosts["c"], s.hosts["a"], "post-copy", src_left=1)
-    assert left0.delay_s == 0.0 and left1.delay_s == pytest.approx(2**28 / 2.5e9)
+    assert left0.delay_s == 0.0 and left1.delay_s == pytest.approx(2**28 / 2.5e8)
     assert cm.predict(r, s.hosts["c"], s.hosts["a"], "post-copy").delay_s == left1.delay_s   # unknown: some
-    # a rank that stays on c (a light one) keeps the push's delay: stop-and-copy, as before
+    # a rank that stays on c (a light one) keeps the push's delay: the score drops by L, post-copy still
     p = parse("multi-factor:max_moves=1").decide(last_rank_on_a_slowed_host(with_partner=True), cm)
-    assert moves(p) == [(1, "a")] and p[0].strategy == "stop-and-copy", p
+    assert moves(p) == [(1, "a")] and p[0].strategy == "post-copy" and "score 3.393 s" in p[0].reason, p

@@ -68,9 +68,10 @@ class Balancer:
 
     def observe_migration(self, strategy: str, bytes_moved: int, downtime_s: float, total_s: float,
                           spawn_s: float | None = None, *, spare: bool = False,
-                          predicted: StrategyCost | None = None) -> None:
+                          predicted: StrategyCost | None = None, cross_host: bool = False) -> None:
         """A finished migration's measurements, for the cost model (:meth:`CostModel.observe`)."""
-        self.cost.observe(strategy, bytes_moved, downtime_s, total_s, spawn_s, spare=spare, predicted=predicted)
+        self.cost.observe(strategy, bytes_moved, downtime_s, total_s, spawn_s, spare=spare, predicted=predicted,
+                          cross_host=cross_host)
 
     # --- the decision ---
     def decide(self, snap: Snapshot) -> list[Decision]:

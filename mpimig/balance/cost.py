@@ -11,6 +11,15 @@ on this machine) or from ``mpimig bench migrate --json`` output
 The model, per strategy (B = the rank's state bytes, D = its dirty rate in
 bytes/s, T = its step time, bw = the measured migration bandwidth):
 
+- *bw* depends on where the move goes. Within a host (``src.name == dst.name``)
+  it is ``bw``, what ``mpimig bench migrate`` measures on one machine (the new
+  process reads the old one's memory: 12 GB/s here). Between two hosts the
+  state goes over the network: ``xbw`` (``mpimig bench migrate --hosts``, or
+  the job's own moves between hosts). Priced at the same-host rate, a 256 MiB
+  stop-and-copy between two lab hosts was predicted at 0.07 s and took
+  0.24-0.50 s, and multi-factor chose it over post-copy (docs/policies.md,
+  "Known mispricing", fixed). Post-copy's push between hosts is at most ``xbw`` too.
+
 - *create*: a warm spare on the target (``dst.spares > 0``) costs
   ``handover_s``; otherwise a new process is spawned (``spawn_s``). Either
   happens while the program computes (before the safe point): it adds to
@@ -101,6 +110,10 @@ MiB = 1 << 20
 # - fs_fixed_s 0.4: [B] intercept of the file-server times.   - storage_bw 0.2e9: [P] 1 GiB in ~5 s.
 # - spawn_s 0.30: [P].   - handover_s 0.0: [B].   - postcopy_window 4: MPIMIG_POSTCOPY_WINDOW's default.
 # - local_bw 8e9: [P]; net_bw 1e9: an assumption for between hosts (the lab's veth bridge) until measured.
+# - xbw 1.0e9: [X] `mpimig bench migrate --strategies stop-and-copy,post-copy --sizes 16M,256M --dirty 0
+#   --repeat 2 --hosts h1:4,h2:1 --host h2` on the lab (2026-12-06, load 0.6-2.8): 256 MiB sent from h1 to h2
+#   in 0.14-0.27 s (0.98-1.9 GB/s; the fit of downtime over the two sizes: 1.7 GB/s); the lower end, as
+#   moves off a host under a quota are slower still (and cpu_factor's scaling is a guess at how much).
 # - background_weight 0.1: an assumption (what background copying takes from the running ranks).
 DEFAULTS_SOURCE = "measured on this machine 2026-12-03 (PLATFORM.md, mpimig bench migrate; mpimig/balance/cost.py)"
 
@@ -126,7 +139,8 @@ def cpu_factor(src: HostMetrics, dst: HostMetrics) -> float:
 @dataclasses.dataclass
 class CostModel:
     """Predicted migration costs per strategy, updated online. Times s, sizes bytes, rates bytes/s."""
-    bw: float = 1.0e9               # state transfer between the old and the new process
+    bw: float = 1.0e9               # state transfer between the old and the new process, on one host
+    xbw: float = 1.0e9              # the same between two hosts (over the network)
     fixed_s: float = 0.015          # per-migration freeze overhead (switch, restore, protocol)
     spawn_s: float = 0.30           # spawn + merge of a new process on the target
     handover_s: float = 0.0         # a warm spare taking the rank over
@@ -174,7 +188,7 @@ class CostModel:
         m = cls.default()
         m.source = f"mpimig bench migrate JSON ({src})"
         if isinstance(data.get("rows"), list):
-            m._seed_strategies(data)
+            m._seed_strategies(data, cross=bool(data.get("cross_host")))
         if isinstance(data.get("sizes"), list) and data["sizes"] and isinstance(data["sizes"][0], dict):
             m._seed_plain(data["sizes"])
         return m
@@ -190,7 +204,8 @@ class CostModel:
             for mv in (run.get("move_list") or []) if isinstance(run, dict) else []:
                 if isinstance(mv, dict) and mv.get("strategy") in STRATEGIES and mv.get("downtime") is not None:
                     d = float(mv["downtime"])
-                    m.observe(mv["strategy"], int(mv.get("bytes") or 0), d, d)
+                    m.observe(mv["strategy"], int(mv.get("bytes") or 0), d, d,
+                              cross_host=bool(mv.get("from")) and mv.get("from") != mv.get("to"))
         return m
 
     def _seed_plain(self, rows: list[dict]) -> None:
@@ -201,10 +216,18 @@ class CostModel:
         if spawns:
             self.spawn_s = _median(spawns)
 
-    def _seed_strategies(self, data: dict) -> None:
+    def _seed_strategies(self, data: dict, cross: bool = False) -> None:
+        """From ``--strategies`` rows; ``cross``: the moves went between two hosts (``--hosts``): their
+        stop-and-copy seeds ``xbw`` only (its intercept is that layout's switch, learned as ``switch_s``)."""
         rows = [r for r in data["rows"] if r.get("state") == "done" and r.get("downtime") is not None]
         by = {s: [r for r in rows if r.get("strategy") == s] for s in STRATEGIES}
-        self._fit_linear([(r["size"], r["downtime"]) for r in by["stop-and-copy"]])
+        pts = [(r["size"], r["downtime"]) for r in by["stop-and-copy"]]
+        if cross:
+            fit = _line(pts)
+            if fit is not None:
+                self.xbw = fit[1]
+            return
+        self._fit_linear(pts)
         if by["post-copy"]:
             self.postcopy_s = _median([r["downtime"] for r in by["post-copy"]])
         scans = [r["size"] / (r["downtime"] - self.fixed_s) for r in by["pre-copy"]
@@ -257,7 +280,9 @@ class CostModel:
         D = max(0.0, float(rank.dirty_rate))
         create = self.create_s(dst)
         f = cpu_factor(src, dst) if self.cpu_scaled else 1.0
-        bw, scan_bw, post_bw, storage_bw = self.bw * f, self.scan_bw * f, self.postcopy_bw * f, self.storage_bw * f
+        link = self.link_bw(src.name != dst.name)
+        bw, scan_bw, storage_bw = link * f, self.scan_bw * f, self.storage_bw * f
+        post_bw = min(self.postcopy_bw, link) * f
         stall = 0.0          # the rank blocked on demand fetches after resuming (post-copy)
         wall = 0.0           # background phase: rounds before the freeze, the push after it
         unrelieved = 0.0     # of it, the seconds the source is not relieved (delay_s, beyond the create time)
@@ -287,6 +312,10 @@ class CostModel:
         cost = down + stall + self.background_weight * work
         return StrategyCost(strategy=strategy, downtime_s=down, total_s=total, bytes_moved=int(moved),
                             cost_s=cost, create_s=create, delay_s=create + unrelieved)
+
+    def link_bw(self, cross_host: bool) -> float:
+        """The state's transfer rate, unscaled: ``xbw`` between two hosts (at most ``bw``), else ``bw``."""
+        return min(self.bw, self.xbw) if cross_host else self.bw
 
     def residual_s(self, nbytes: int, step_s: float, post_bw: float | None = None) -> float:
         """Post-copy's residual dependency: the push sends ``postcopy_window`` chunks per safe point,
@@ -336,8 +365,9 @@ class CostModel:
     # --- learning ------------------------------------------------------------------------
     def observe(self, strategy: str, bytes_moved: int, downtime_s: float, total_s: float,
                 spawn_s: float | None = None, *, spare: bool = False,
-                predicted: StrategyCost | None = None) -> None:
+                predicted: StrategyCost | None = None, cross_host: bool = False) -> None:
         """Fold one completed migration into the estimates (weight ``alpha`` each).
+        ``cross_host``: it went between two hosts (a large stop-and-copy teaches ``xbw``, not ``bw``).
 
         A small move (< 16 MiB, any strategy) teaches ``switch_s``: its downtime minus what the
         strategy's own model predicts for it (the first such move is taken as it is). A large
@@ -355,13 +385,13 @@ class CostModel:
         a = self.alpha
         nbytes = max(0, int(bytes_moved))
         if nbytes < 16 * MiB:
-            own = self._own_downtime(strategy, nbytes, predicted)
+            own = self._own_downtime(strategy, nbytes, predicted, cross_host)
             excess = max(0.0, downtime_s - own)
             self.switch_s = excess if self.switch_seen == 0 else _ewma(self.switch_s, excess, a)
             self.switch_seen += 1
         else:
             self._observe_large(strategy, nbytes, max(0.0, downtime_s - self.switch_s), total_s, spawn_s,
-                                predicted)
+                                predicted, cross_host)
         if spawn_s is not None and spawn_s >= 0:
             if spare:
                 self.handover_s = _ewma(self.handover_s, spawn_s, a)
@@ -369,10 +399,11 @@ class CostModel:
                 self.spawn_s = _ewma(self.spawn_s, spawn_s, a)
         self.observations += 1
 
-    def _own_downtime(self, strategy: str, nbytes: int, predicted: StrategyCost | None) -> float:
+    def _own_downtime(self, strategy: str, nbytes: int, predicted: StrategyCost | None,
+                      cross_host: bool = False) -> float:
         """The downtime ``strategy``'s own model gives a move of ``nbytes`` (``switch_s`` left out)."""
         if strategy == "stop-and-copy":
-            return self.fixed_s + nbytes / self.bw
+            return self.fixed_s + nbytes / self.link_bw(cross_host)
         if strategy == "post-copy":
             return self.postcopy_s
         if strategy == "file-server":
@@ -382,11 +413,15 @@ class CostModel:
         return (self.fixed_s + nbytes / self.scan_bw) * self.precopy_factor
 
     def _observe_large(self, strategy: str, nbytes: int, down: float, total_s: float, spawn_s: float | None,
-                       predicted: StrategyCost | None) -> None:
+                       predicted: StrategyCost | None, cross_host: bool = False) -> None:
         a = self.alpha
         if strategy == "stop-and-copy":
             if down > self.fixed_s:
-                self.bw = _ewma(self.bw, nbytes / (down - self.fixed_s), a)
+                rate = nbytes / (down - self.fixed_s)
+                if cross_host:
+                    self.xbw = _ewma(self.xbw, rate, a)
+                else:
+                    self.bw = _ewma(self.bw, rate, a)
         elif strategy == "post-copy":
             self.postcopy_s = _ewma(self.postcopy_s, down, a)
             residual = total_s - down - self.switch_s - (spawn_s or 0.0)

@@ -257,7 +257,8 @@ class BalanceDriver:
             try:
                 self.balancer.observe_migration(
                     m["strategy"], int(tm.get("bytes", 0)), float(tm["downtime"]),
-                    float(tm.get("total", 0.0)), spawn_s=tm.get("spawn"), spare=tm.get("spawn") == 0.0)
+                    float(tm.get("total", 0.0)), spawn_s=tm.get("spawn"), spare=tm.get("spawn") == 0.0,
+                    cross_host=bool(m.get("from")) and m.get("from") != m["to"])
             except Exception:  # noqa: BLE001 - the cost model learning must not take the job down
                 log.exception("the cost model could not learn from migration %s", m.get("id"))
 

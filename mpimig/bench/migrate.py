@@ -248,6 +248,11 @@ def register(bench_subparsers) -> argparse.ArgumentParser:
     g.add_argument("--dirty", default="0,1%,10%",
                    help="with --strategies: fractions of the array the program changes per step "
                         "(default 0,1%%,10%%)")
+    g.add_argument("--hosts", metavar="LIST",
+                   help="with --strategies: the job's host list for `mpimig run --hosts` (lab hosts or cluster "
+                        "nodes), e.g. h1:4,h2:1 -- the 4 ranks on h1, the warm spare on h2; --host (the "
+                        "target) must be in it. Measures moves between hosts (the cost model's xbw); "
+                        "the raw Send/Recv baselines still run on this machine")
     g.add_argument("--no-spare", dest="spares", action="store_false",
                    help="with --strategies: spawn the target instead of using a warm spare")
     g.add_argument("--png", metavar="FILE", help="with --strategies: the plot (default: the JSON's name, .png)")

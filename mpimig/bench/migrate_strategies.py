@@ -124,6 +124,8 @@ def run_one(strategy: str, size: int, dirty: float, at: int, steps: int, args, h
     cmd = [*pycmd.module("mpimig"), "run", "-n", str(RANKS), "--job-dir", str(job),
            "--restart", "never", "--timeout", str(args.timeout),
            "--migrate", f"{at}:{MOVING}:{host}:{strategy}"]
+    if getattr(args, "hosts", None):
+        cmd += ["--hosts", args.hosts]
     if args.spares:
         cmd += ["--spares", "1"]
     cmd += [str(APP), "--bytes", str(size), "--steps", str(steps), "--work-ms", str(args.work_ms),
@@ -331,7 +333,11 @@ def run(args, out=print) -> dict:
         args.repeat = 1
     if args.repeat < 1:
         raise UsageError("--repeat must be at least 1")
+    hosts = getattr(args, "hosts", None) or ""
     host = args.host or socket.gethostname()
+    if hosts and host not in {h.split(":")[0] for h in hosts.split(",")}:
+        raise UsageError(f"--host {host} is not in --hosts {hosts}: name the target host of the move "
+                         "(e.g. --hosts h1:4,h2:1 --host h2)")
     at, steps = plan_steps(args.before, args.after, args.work_ms)
     base = Path(args.dir) if args.dir else None
     if base:
@@ -346,7 +352,8 @@ def run(args, out=print) -> dict:
         f"{' (a warm spare)' if args.spares else ''}; {total} jobs + baselines")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     results: dict[str, Any] = {
-        "host": host, "ranks": RANKS, "moving_rank": MOVING, "at_point": at, "steps": steps,
+        "host": host, "hosts": hosts, "cross_host": _cross_host(hosts, host),
+        "ranks": RANKS, "moving_rank": MOVING, "at_point": at, "steps": steps,
         "work_ms": args.work_ms, "repeat": args.repeat, "spares": bool(args.spares),
         "strategies": strategies, "sizes": sizes, "dirty": dirties, "loadavg_start": load,
         "cores": os.cpu_count(), "chunk": int(os.environ.get("MPIMIG_CHUNK", 1 << 20)),
@@ -380,6 +387,21 @@ def run(args, out=print) -> dict:
     results["goals"] = evaluate(results)
     results["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return results
+
+
+def _cross_host(hosts: str, target: str) -> bool:
+    """Whether the moving rank starts on another host than ``target``: ranks fill ``hosts``
+    (``name:slots,...``) in order, as ``mpimig run --hosts`` places them; no list: this machine."""
+    if not hosts:
+        return False
+    left = MOVING
+    for item in hosts.split(","):
+        name, _, slots = item.partition(":")
+        n = int(slots) if slots.strip() else 1
+        if left < n:
+            return name.strip() != target
+        left -= n
+    return False
 
 
 def _combine(runs: list[dict]) -> dict:

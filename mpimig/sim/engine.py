@@ -501,4 +501,4 @@ def _tell(balancer, job: Job, r: Rank, rec: MoveRecord, now: float) -> None:
     balancer.note_moved(r.rank, rec.src, rec.dst, now - job.started)
     if rec.strategy in _RUNTIME_STRATEGIES:      # demand-paging is the simulator's own (no runtime cost model)
         balancer.observe_migration(rec.strategy, rec.timing.bytes_moved, rec.timing.downtime_s, rec.timing.total_s,
-                                   rec.create_s, spare=rec.spare)
+                                   rec.create_s, spare=rec.spare, cross_host=rec.src != rec.dst)
