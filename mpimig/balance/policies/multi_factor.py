@@ -21,7 +21,7 @@ class MultiFactor(Policy):
                          "(create, pre-copy's rounds, post-copy's push)"),
         "w_down": (1.0, "weight of p x D: priority times the job's seconds lost to the move"),
         "w_total": (0.05, "weight of X, the seconds from request until the old process is freed"),
-        "w_space": (0.5, "seconds per GiB moved (network and memory traffic)"),
+        "w_space": (4.0, "seconds per GiB moved (network and memory traffic; near-ties go to fewer bytes)"),
         "w_mem": (1.0, "seconds per unit of U, the share of the target's free memory the rank takes"),
         _MAX_MOVES[0]: _MAX_MOVES[1], _TARGETS[0]: _TARGETS[1],
     }
