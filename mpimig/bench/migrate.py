@@ -252,7 +252,8 @@ def register(bench_subparsers) -> argparse.ArgumentParser:
                    help="with --strategies: the job's host list for `mpimig run --hosts` (lab hosts or cluster "
                         "nodes), e.g. h1:4,h2:1 -- the 4 ranks on h1, the warm spare on h2; --host (the "
                         "target) must be in it. Measures moves between hosts (the cost model's xbw); "
-                        "the raw Send/Recv baselines still run on this machine")
+                        "the jobs run with the lab's settings (processes waiting in MPI nap, "
+                        "lab.slow.job_env); the raw Send/Recv baselines still run on this machine")
     g.add_argument("--no-spare", dest="spares", action="store_false",
                    help="with --strategies: spawn the target instead of using a warm spare")
     g.add_argument("--png", metavar="FILE", help="with --strategies: the plot (default: the JSON's name, .png)")

@@ -132,6 +132,13 @@ def run_one(strategy: str, size: int, dirty: float, at: int, steps: int, args, h
             "--dirty", repr(dirty), "--big-rank", str(MOVING)]
     rec: dict[str, Any] = {"strategy": strategy, "size": size, "dirty": dirty, "at_point": at, "steps": steps}
     env = dict(os.environ)
+    if getattr(args, "hosts", None):
+        # over lab hosts (which share this machine's cores) with the lab's settings, as `bench balance` and
+        # `simulate --validate` run: processes waiting in MPI nap instead of spinning. Spinning, the switch's
+        # Create_group/Split took 0.09-0.36 s of every move (8 processes on 2 cores; docs/protocol.md, "The
+        # switch's cost")
+        from ..lab.slow import job_env
+        env = job_env(env)
     if wtrack:
         env["MPIMIG_WTRACK"] = wtrack
         rec["wtrack_requested"] = wtrack
