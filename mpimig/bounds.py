@@ -85,7 +85,7 @@ def bounded(name: str, who: str, what: str = "", comm: Any = None) -> Iterator[N
         _say(f"{who}: {what or TIMEOUTS[name][2]} did not complete within {seconds:g} s ({var}); "
              "aborting the job")
         events.emit(_job_dir(), "wait_expired", os.environ.get("MPIMIG_RUN_ID", ""), wait=name, who=who,
-                    seconds=seconds)
+                    what=what, seconds=seconds)
         abort(comm, 3)
     key = _WATCH.add(seconds, expired)
     try:

@@ -126,14 +126,23 @@ def split(Jc: MPI.Intracomm, plan: Plan, *, logical: int | None, leaving: bool,
     if leaving and not stays:
         return None, None
     who = (f"rank {logical}" if logical is not None else "the coordinator or a warm spare") + f" (pid {os.getpid()})"
-    with exits.bounded("split", who, f"plan {plan.id}'s new communicators (migration step 7)", comm=Jc):
+    # each member names its place: a member of the new J that is absent from the expired waits' messages
+    # never entered (2 hangs of 62 lab runs in session 13 had two such members, unnamed; docs/simulator.md)
+    n = Jc.Get_size()
+    place = f"J rank {Jc.Get_rank()} of {n} for a new J of {n - len(_leaving(plan))}"
+    with exits.bounded("split", who, f"plan {plan.id}'s new communicators (migration step 7, {place})", comm=Jc):
         hooks.fire("migration-split", logical=logical)
         return _split(Jc, plan, logical, leaving)
 
 
+def _leaving(plan: Plan) -> list[int]:
+    """The J ranks of ``plan``'s old processes that leave J (not recycled as their host's spare)."""
+    return [mv.src_jrank for mv in plan.moves if not mv.recycle]
+
+
 def _split(Jc: MPI.Intracomm, plan: Plan, logical: int | None, leaving: bool
            ) -> tuple[MPI.Intracomm | None, MPI.Intracomm | None]:
-    out = [mv.src_jrank for mv in plan.moves if not mv.recycle]
+    out = _leaving(plan)
     if out:
         everyone = Jc.Get_group()
         stay = everyone.Excl(out)
