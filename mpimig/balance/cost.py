@@ -112,8 +112,11 @@ MiB = 1 << 20
 # - local_bw 8e9: [P]; net_bw 1e9: an assumption for between hosts (the lab's veth bridge) until measured.
 # - xbw 1.0e9: [X] `mpimig bench migrate --strategies stop-and-copy,post-copy --sizes 16M,256M --dirty 0
 #   --repeat 2 --hosts h1:4,h2:1 --host h2` on the lab (2026-12-06, load 0.6-2.8): 256 MiB sent from h1 to h2
-#   in 0.14-0.27 s (0.98-1.9 GB/s; the fit of downtime over the two sizes: 1.7 GB/s); the lower end, as
-#   moves off a host under a quota are slower still (and cpu_factor's scaling is a guess at how much).
+#   in 0.14-0.27 s (0.98-1.9 GB/s; the fit of downtime over the two sizes: 1.7 GB/s), its processes spinning
+#   in MPI; again with the lab's settings (yield when idle, as the lab's jobs run; load 0.5-1.2,
+#   docs/bench/migrate-xhost-s13-yield.*): 0.12-0.13 s (2.0-2.3 GB/s; fit 2.3 GB/s). The default is the lower
+#   end: moves off a host under a quota are slower still (cpu_factor's scaling is a guess at how much),
+#   and session 13's balance runs used it.
 # - background_weight 0.1: an assumption (what background copying takes from the running ranks).
 DEFAULTS_SOURCE = "measured on this machine 2026-12-03 (PLATFORM.md, mpimig bench migrate; mpimig/balance/cost.py)"
 
