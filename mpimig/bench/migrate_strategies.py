@@ -342,7 +342,7 @@ def run(args, out=print) -> dict:
         raise UsageError("--repeat must be at least 1")
     hosts = getattr(args, "hosts", None) or ""
     host = args.host or socket.gethostname()
-    if hosts and host not in {h.split(":")[0] for h in hosts.split(",")}:
+    if hosts and host not in {name for name, _ in _host_list(hosts)}:
         raise UsageError(f"--host {host} is not in --hosts {hosts}: name the target host of the move "
                          "(e.g. --hosts h1:4,h2:1 --host h2)")
     at, steps = plan_steps(args.before, args.after, args.work_ms)
@@ -399,16 +399,27 @@ def run(args, out=print) -> dict:
 def _cross_host(hosts: str, target: str) -> bool:
     """Whether the moving rank starts on another host than ``target``: ranks fill ``hosts``
     (``name:slots,...``) in order, as ``mpimig run --hosts`` places them; no list: this machine."""
-    if not hosts:
-        return False
     left = MOVING
-    for item in hosts.split(","):
-        name, _, slots = item.partition(":")
-        n = int(slots) if slots.strip() else 1
+    for name, n in _host_list(hosts):
         if left < n:
-            return name.strip() != target
+            return name != target
         left -= n
     return False
+
+
+def _host_list(hosts: str) -> list[tuple[str, int]]:
+    """``name[:slots],...`` as [(name, slots)] (slots 1 when left out); a bad entry is a UsageError."""
+    out = []
+    for item in (x.strip() for x in hosts.split(",") if x.strip()):
+        name, _, slots = item.partition(":")
+        try:
+            n = int(slots) if slots.strip() else 1
+        except ValueError:
+            n = 0
+        if not name.strip() or n < 1:
+            raise UsageError(f"--hosts {hosts}: {item!r} is not NAME or NAME:SLOTS with SLOTS >= 1")
+        out.append((name.strip(), n))
+    return out
 
 
 def _combine(runs: list[dict]) -> dict:
