@@ -317,8 +317,10 @@ class CostModel:
                             cost_s=cost, create_s=create, delay_s=create + unrelieved)
 
     def link_bw(self, cross_host: bool) -> float:
-        """The state's transfer rate, unscaled: ``xbw`` between two hosts (at most ``bw``), else ``bw``."""
-        return min(self.bw, self.xbw) if cross_host else self.bw
+        """The state's transfer rate, unscaled: ``xbw`` between two hosts, else ``bw``. Each is measured
+        apart (not capped by the other: a seed of ``xbw`` from ``bench migrate --hosts`` above the default
+        ``bw`` would have changed nothing)."""
+        return self.xbw if cross_host else self.bw
 
     def residual_s(self, nbytes: int, step_s: float, post_bw: float | None = None) -> float:
         """Post-copy's residual dependency: the push sends ``postcopy_window`` chunks per safe point,
