@@ -263,13 +263,15 @@ def test_split_bound_fires_when_a_staying_rank_never_enters_the_switchs_new_comm
     assert "stopping rank 2 in the switch's split" in res.stdout, res.stdout[-2000:]
     assert_ended(res, job, evs, "did not complete within 5 s (MPIMIG_SPLIT_TIMEOUT)",
                  "the wait 'split' exceeded its bound of 5.0 s")
-    # J: the coordinator, the 4 ranks' processes and the spare; the new J leaves out rank 1's old process.
-    # Every member that waited names its J rank: the stopped rank 2 is the one of the new J's 5 that does not
+    # J: the coordinator, the 4 ranks' processes and the spare; the new J leaves out rank 1's old process,
+    # which returns before the bound. A member whose bound fires says its place; the first to fire aborts the
+    # job, and mpiexec's SIGCONT lets even the stopped rank 2 print: the places are distinct J ranks of J,
+    # never the one that left (J rank 2)
     places = re.findall(r"new communicators \(migration step 7, J rank (\d+) of 6 for a new J of 5\) did not "
                         r"complete", res.stderr)
-    assert len(places) == len(set(places)) == 4, res.stderr[-3000:]
+    assert places and len(places) == len(set(places)) and set(places) <= {"0", "1", "3", "4", "5"}, res.stderr[-3000:]
     expired = [e for e in evs if e["event"] == "wait_expired"]
-    assert sorted(e["what"].split("J rank ")[1].split(" ")[0] for e in expired) == sorted(places), expired
+    assert expired and {e["what"].split("J rank ")[1].split(" ")[0] for e in expired} <= set(places), expired
 
 
 def test_a_failure_in_the_join_of_a_migration_is_recovered_under_ft(tmp_path, plain_result):
