@@ -126,8 +126,9 @@ def split(Jc: MPI.Intracomm, plan: Plan, *, logical: int | None, leaving: bool,
     if leaving and not stays:
         return None, None
     who = (f"rank {logical}" if logical is not None else "the coordinator or a warm spare") + f" (pid {os.getpid()})"
-    # each member names its place: a member of the new J that is absent from the expired waits' messages
-    # never entered (2 hangs of 62 lab runs in session 13 had two such members, unnamed; docs/simulator.md)
+    # each member names its place in its expired wait's message (the lab's two 60 s hangs of session 13 showed
+    # 18 of 20 members' waits, unplaced; docs/simulator.md "Runs s13"); the first to fire aborts the job, so a
+    # place missing from the messages is not proof of absence
     n = Jc.Get_size()
     place = f"J rank {Jc.Get_rank()} of {n} for a new J of {n - len(_leaving(plan))}"
     with exits.bounded("split", who, f"plan {plan.id}'s new communicators (migration step 7, {place})", comm=Jc):
