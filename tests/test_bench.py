@@ -14,7 +14,6 @@ import pytest
 from conftest import mpimig_cmd, run_cmd
 from mpimig.bench import comm as bcomm
 from mpimig.bench import migrate as bmig
-from mpimig.errors import UsageError
 
 NUM = r"(\d+(?:\.\d+)?)"
 
@@ -106,11 +105,14 @@ def test_comm_goals_and_table():
 
 def test_bench_migrate_between_hosts_names_its_target_and_knows_where_the_moving_rank_starts(tmp_path):
     from mpimig.bench import migrate_strategies as bms
-    # mpimig run fills the host list in order: rank 1 (the moving one) starts on h1 with h1:4, on h2 with h1:1
-    assert bms._cross_host("h1:4,h2:1", "h2") and not bms._cross_host("h1:1,h2:4", "h2")
-    assert not bms._cross_host("", "h2") and bms._cross_host("h1:4, h2:1", "h2")
-    with pytest.raises(UsageError, match="'h1:x' is not NAME or NAME:SLOTS"):
-        bms._cross_host("h1:x,h2:1", "h2")
+    # where the moving rank started is read from the jobs' status (from, to), not predicted from the list
+    row = {"runs": [{"state": "done", "from": "h1", "to": "h2"}, {"state": "failed: timeout"}]}
+    assert bms.cross_host({"rows": [row]})
+    assert not bms.cross_host({"rows": [row, {"state": "done", "from": "h2", "to": "h2"}]})
+    assert not bms.cross_host({"rows": []})
+    res = run_cmd(mpimig_cmd("bench", "migrate", "--strategies", "stop-and-copy", "--hosts", "h1:x", "--host", "h1",
+                             "--dir", tmp_path), timeout=120)
+    assert res.returncode != 0 and "--hosts h1:x: bad slot count in 'h1:x'" in res.stderr, res.stderr[-2000:]
     res = run_cmd(mpimig_cmd("bench", "migrate", "--strategies", "stop-and-copy", "--sizes", "1M",
                              "--hosts", "h1:4,h2:1", "--host", "h3", "--dir", tmp_path), timeout=120)
     assert res.returncode != 0 and "--host h3 is not in --hosts h1:4,h2:1" in res.stderr, res.stderr[-2000:]

@@ -46,6 +46,7 @@ from typing import Any
 
 from .._plots import import_pyplot
 from ..errors import UsageError
+from ..launch.placement import parse_hosts
 from ..migration.protocol import STRATEGIES, check_strategy
 from . import baselines
 from .checkpoint import fmt_size, parse_size
@@ -156,6 +157,7 @@ def run_one(strategy: str, size: int, dirty: float, at: int, steps: int, args, h
     m: dict[str, Any] = migs[0] if migs else {"state": "missing", "timings": {}, "strategy_stats": {}}
     t, s = m.get("timings", {}), m.get("strategy_stats", {}) or {}
     rec["state"] = m.get("state", "?")
+    rec["from"], rec["to"] = m.get("from"), m.get("to")
     rec["downtime"] = t.get("downtime")
     rec["spawn"] = t.get("spawn")
     rec["stats"] = s
@@ -342,7 +344,7 @@ def run(args, out=print) -> dict:
         raise UsageError("--repeat must be at least 1")
     hosts = getattr(args, "hosts", None) or ""
     host = args.host or socket.gethostname()
-    if hosts and host not in {name for name, _ in _host_list(hosts)}:
+    if hosts and host not in {name for name, _ in parse_hosts(hosts)}:
         raise UsageError(f"--host {host} is not in --hosts {hosts}: name the target host of the move "
                          "(e.g. --hosts h1:4,h2:1 --host h2)")
     at, steps = plan_steps(args.before, args.after, args.work_ms)
@@ -359,7 +361,7 @@ def run(args, out=print) -> dict:
         f"{' (a warm spare)' if args.spares else ''}; {total} jobs + baselines")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     results: dict[str, Any] = {
-        "host": host, "hosts": hosts, "cross_host": _cross_host(hosts, host),
+        "host": host, "hosts": hosts,
         "ranks": RANKS, "moving_rank": MOVING, "at_point": at, "steps": steps,
         "work_ms": args.work_ms, "repeat": args.repeat, "spares": bool(args.spares),
         "strategies": strategies, "sizes": sizes, "dirty": dirties, "loadavg_start": load,
@@ -391,35 +393,18 @@ def run(args, out=print) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["stopped"] = stopped
+    results["cross_host"] = cross_host(results)
     results["goals"] = evaluate(results)
     results["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return results
 
 
-def _cross_host(hosts: str, target: str) -> bool:
-    """Whether the moving rank starts on another host than ``target``: ranks fill ``hosts``
-    (``name:slots,...``) in order, as ``mpimig run --hosts`` places them; no list: this machine."""
-    left = MOVING
-    for name, n in _host_list(hosts):
-        if left < n:
-            return name != target
-        left -= n
-    return False
-
-
-def _host_list(hosts: str) -> list[tuple[str, int]]:
-    """``name[:slots],...`` as [(name, slots)] (slots 1 when left out); a bad entry is a UsageError."""
-    out = []
-    for item in (x.strip() for x in hosts.split(",") if x.strip()):
-        name, _, slots = item.partition(":")
-        try:
-            n = int(slots) if slots.strip() else 1
-        except ValueError:
-            n = 0
-        if not name.strip() or n < 1:
-            raise UsageError(f"--hosts {hosts}: {item!r} is not NAME or NAME:SLOTS with SLOTS >= 1")
-        out.append((name.strip(), n))
-    return out
+def cross_host(results: dict) -> bool:
+    """Whether the moves went between two hosts: every finished one's ``from`` is not its ``to``
+    (read from the jobs' status, not predicted from the host list: the coordinator and the spares
+    take slots of it too)."""
+    runs = [r for row in results.get("rows", []) for r in row.get("runs", [row]) if r.get("state") == "done"]
+    return bool(runs) and all(r.get("from") and r.get("from") != r.get("to") for r in runs)
 
 
 def _combine(runs: list[dict]) -> dict:
