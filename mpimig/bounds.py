@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from . import events
@@ -75,17 +75,20 @@ def abort(comm: Any = None, code: int = 1) -> NoReturn:
 
 # -- bounds ---------------------------------------------------------------------------
 @contextlib.contextmanager
-def bounded(name: str, who: str, what: str = "", comm: Any = None) -> Iterator[None]:
+def bounded(name: str, who: str, what: str | Callable[[], str] = "", comm: Any = None) -> Iterator[None]:
     """Run the block under the bound of wait ``name``; past it, abort the job with a
-    message naming ``who`` waited for ``what`` and the variable that sets the bound."""
+    message naming ``who`` waited for ``what`` and the variable that sets the bound.
+    ``what`` may be a function, called when the bound fires: a wait of several steps
+    (a recovery) then names the step it was in."""
     seconds = timeout(name)
     var = TIMEOUTS[name][0]
 
     def expired() -> None:
-        _say(f"{who}: {what or TIMEOUTS[name][2]} did not complete within {seconds:g} s ({var}); "
+        text = what() if callable(what) else what
+        _say(f"{who}: {text or TIMEOUTS[name][2]} did not complete within {seconds:g} s ({var}); "
              "aborting the job")
         events.emit(_job_dir(), "wait_expired", os.environ.get("MPIMIG_RUN_ID", ""), wait=name, who=who,
-                    what=what, seconds=seconds)
+                    what=text, seconds=seconds)
         abort(comm, 3)
     key = _WATCH.add(seconds, expired)
     try:

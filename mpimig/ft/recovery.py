@@ -48,6 +48,16 @@ MAX_ATTEMPTS = 5
 # keeps its last recovery's (dead ranks, coordinator lost, failed point, recoveries in a row) and
 # tells it in the census; past MPIMIG_RECOVERY_REPEATS in a row the job ends instead.
 _streak: list = [[], False, -1, 0]
+#: the step of the recovery under way in this process, named by the recovery bound's message
+_step = {"now": ""}
+
+
+def _at(step: str) -> None:
+    _step["now"] = step
+
+
+def _what(base: str) -> str:
+    return f"{base} [in its step: {_step['now']}]" if _step["now"] else base
 
 
 def repeat_limit() -> int:
@@ -389,7 +399,9 @@ def recover(J: MPI.Intracomm, me: dict, *, A: MPI.Intracomm | None = None, ckpt_
     one that never heard of the failure, open-mpi/ompi#13325) leaves the others in the
     shrink; past the bound the job is aborted with a message (``--relaunch`` brings it back)."""
     who = f"{me['kind']}" + (f" {me['rank']}" if me["kind"] == "rank" else "") + f" (pid {os.getpid()})"
-    with exits.bounded("recovery", who, "an online recovery (revoke, shrink, census, spawn, roll back)", comm=J):
+    what = "an online recovery (revoke, shrink, census, spawn, roll back)"
+    _at("")
+    with exits.bounded("recovery", who, lambda: _what(what), comm=J):
         return _recover(J, me, A=A, ckpt_dir=ckpt_dir, own=own, buddies=buddies, config_env=config_env,
                         derived=derived)
 
@@ -411,10 +423,12 @@ def _recover(J: MPI.Intracomm, me: dict, *, A: MPI.Intracomm | None, ckpt_dir, o
     S = None
     revoke(derived)          # once: the retries below run over S, which holds no derived communicator
     for attempt in range(MAX_ATTEMPTS):
+        _at(f"revoke and shrink (attempt {attempt + 1})")
         revoke((J, A))
         try:
             S = transport.track(J.Shrink())
             t_shrunk = time.time()
+            _at(f"the census of the {S.Get_size()} survivors (attempt {attempt + 1})")
             table = allgather_obj(S, me)
             plan = decide(table)
         except MPI.Exception as exc:
@@ -438,6 +452,8 @@ def _recover(J: MPI.Intracomm, me: dict, *, A: MPI.Intracomm | None, ckpt_dir, o
     M = S
     if plan["spawn_hosts"]:
         argv = table[0]["argv"]
+        _at(f"MPI_Comm_spawn of {len(plan['spawn_hosts'])} replacement(s) on {','.join(plan['spawn_hosts'])} "
+            "and the merge with them")
         M = _spawn(S, plan, argv, table[0]["cwd"])
         if s_rank == 0:
             for k in range(len(plan["spawn_hosts"])):
@@ -454,8 +470,9 @@ def join_spawned(B: MPI.Intracomm, msg: dict, ckpt_dir) -> Outcome:
     plan, table, k = msg["recover"], msg["table"], msg["k"]
     kind, rank = role_in_plan(plan, table, spawn_k=k)
     me = member(kind, rank)
+    _at("")
     with exits.bounded("recovery", f"the replacement {kind} {rank} (pid {os.getpid()})",
-                       "joining an online recovery", comm=B):
+                       lambda: _what("joining an online recovery"), comm=B):
         return _finish(B, plan, table, kind, rank, True, ckpt_dir, None, None, plan["detected"], time.time(), me)
 
 
@@ -465,6 +482,7 @@ def _finish(M: MPI.Intracomm, plan: dict, table: list[dict], kind: str, rank: in
     _streak[:] = [plan["dead"], plan["coordinator_failed"], plan["failed_point"], plan.get("repeats", 1)]
     size = plan["size"]
     key = 0 if kind == "coordinator" else (1 + rank if kind == "rank" else 1 + size + M.Get_rank())
+    _at(f"the new job communicator and the ranks' (Split over the {M.Get_size()} processes)")
     Jn = transport.track(M.Split(0, key))
     A = Jn.Split(0 if kind == "rank" else MPI.UNDEFINED, rank if kind == "rank" else 0)
     A = None if A == MPI.COMM_NULL else transport.track(A)
@@ -472,6 +490,7 @@ def _finish(M: MPI.Intracomm, plan: dict, table: list[dict], kind: str, rank: in
     members = allgather_obj(Jn, {"kind": kind, "rank": rank, "host": MPI.Get_processor_name(),
                                  "pid": os.getpid(), "replacement": replacement})
     # roll back: the latest committed epoch, decided by the coordinator (new J rank 0)
+    _at("the roll back: the coordinator names the latest committed epoch")
     epoch = None
     if Jn.Get_rank() == 0 and ckpt_dir is not None:
         from ..checkpoint import CheckpointStore
@@ -491,6 +510,7 @@ def _finish(M: MPI.Intracomm, plan: dict, table: list[dict], kind: str, rank: in
             for q, e in m["buddies"]:
                 if e == epoch and q in plan["dead"]:
                     holders.setdefault(q, i)
+        _at(f"the roll back to epoch {epoch}: buddy copies sent to the replacements, states read")
         c = pkl5.Intracomm(Jn)
         mine = _s_index(table, me)
         reqs = [c.isend(b, 1 + b.rank, TAG_RESTORE) for b in buddies or []
