@@ -74,6 +74,12 @@ def abort(comm: Any = None, code: int = 1) -> NoReturn:
 
 
 # -- bounds ---------------------------------------------------------------------------
+#: seconds a process whose bound fired waits before it aborts the job: the other members of the same
+#: collective, whose bounds fire milliseconds later, then name their places too (an abort ends every
+#: process at once; in the lab's split hangs of session 13, 18 or 19 of 20 members had said so)
+REPORT_GRACE = 2.0
+
+
 @contextlib.contextmanager
 def bounded(name: str, who: str, what: str | Callable[[], str] = "", comm: Any = None) -> Iterator[None]:
     """Run the block under the bound of wait ``name``; past it, abort the job with a
@@ -89,6 +95,7 @@ def bounded(name: str, who: str, what: str | Callable[[], str] = "", comm: Any =
              "aborting the job")
         events.emit(_job_dir(), "wait_expired", os.environ.get("MPIMIG_RUN_ID", ""), wait=name, who=who,
                     what=text, seconds=seconds)
+        time.sleep(REPORT_GRACE)
         abort(comm, 3)
     key = _WATCH.add(seconds, expired)
     try:

@@ -125,10 +125,12 @@ def split(Jc: MPI.Intracomm, plan: Plan, *, logical: int | None, leaving: bool,
     that never enters (stopped, or stuck elsewhere) left the others waiting for ever."""
     if leaving and not stays:
         return None, None
-    who = (f"rank {logical}" if logical is not None else "the coordinator or a warm spare") + f" (pid {os.getpid()})"
+    # J rank 0 is the coordinator; the other processes without a logical rank are warm spares
+    name = f"rank {logical}" if logical is not None else ("the coordinator" if Jc.Get_rank() == 0 else "a warm spare")
+    who = f"{name} (pid {os.getpid()})"
     # each member names its place in its expired wait's message (the lab's two 60 s hangs of session 13 showed
-    # 18 of 20 members' waits, unplaced; docs/simulator.md "Runs s13"); the first to fire aborts the job, so a
-    # place missing from the messages is not proof of absence
+    # 18 of 20 members' waits, unplaced; docs/simulator.md "Runs s13"); every member whose bound fires has
+    # bounds.REPORT_GRACE to say so before the first abort ends the job
     n = Jc.Get_size()
     place = f"J rank {Jc.Get_rank()} of {n} for a new J of {n - len(_leaving(plan))}"
     with exits.bounded("split", who, f"plan {plan.id}'s new communicators (migration step 7, {place})", comm=Jc):
