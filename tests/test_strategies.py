@@ -71,8 +71,8 @@ def test_hook_registry():
     def fn(**info):
         seen.append(info)
     with pytest.raises(ValueError, match="unknown hook point 'migration-middle'; known: checkpoint-point, "
-                                         "ckpt-async-pending, ckpt-write, migration-join, migration-split, "
-                                         "migration-source, migration-target"):
+                                         "ckpt-async-pending, ckpt-write, migration-wake, migration-join, "
+                                         "migration-split, migration-source, migration-target"):
         hooks.register("migration-middle", fn)
     hooks.register("migration-source", fn)
     try:

@@ -16,6 +16,8 @@ lookup. Unknown point names are refused with the list of known ones.
 ``migration-source``        the old process of a moving rank, before it sends its state,
                             any strategy (``comm``, ``peer``, ``strategy``)
 ``migration-target``        the new process, before it receives the state (same keys)
+``migration-wake``          logical rank 0, frozen with the others at a switch's safe point, before
+                            it sends its GO to the coordinator and wakes the warm spares (``plan``)
 ``migration-join``          every process of a switch, as it starts the join (step 5;
                             ``target``: the new process's place in the plan, None for others)
 ``migration-split``         every process of a switch that stays in J, as it starts building the
@@ -60,8 +62,8 @@ from typing import Any, Callable
 from .. import events
 
 #: The hook points, in the order a job meets them.
-POINTS = ("checkpoint-point", "ckpt-async-pending", "ckpt-write", "migration-join", "migration-split",
-          "migration-source", "migration-target")
+POINTS = ("checkpoint-point", "ckpt-async-pending", "ckpt-write", "migration-wake", "migration-join",
+          "migration-split", "migration-source", "migration-target")
 
 _registry: dict[str, list[Callable[..., Any]]] = {}
 

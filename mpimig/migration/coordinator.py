@@ -41,7 +41,7 @@ from .coordinator_state import Migration
 from .coordinator_status import Serving
 from .coordinator_steps import Steps
 from .protocol import TAG_CANCEL, TAG_DONE, TAG_END, TAG_FINISHING, TAG_GO, TAG_HELLO, TAG_METRICS, TAG_REPLY, \
-    TAG_REPORT, TAG_REQUEST, TAG_RESIDUAL, Plan
+    TAG_NEW_J, TAG_REPORT, TAG_REQUEST, TAG_RESIDUAL, Plan
 
 __all__ = ["Coordinator", "Migration", "serve", "serve_recovered"]
 
@@ -241,6 +241,8 @@ class Coordinator(Steps, Serving, Spares):
         self.leaving.check(self)          # bounds: ranks that returned early, vanished pids
         while self.J.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, st):
             busy = True
+            if st.Get_tag() == TAG_NEW_J:          # a switch's split is under way: its GO is on its way
+                transport.await_rank0(self.J, st, TAG_GO)
             src, tag = st.Get_source(), st.Get_tag()
             call = transport.prebuild_call(self.J, tag)
             if call is not None:        # rank 0: every rank holds a pre-copy plan; its new J now

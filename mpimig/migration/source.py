@@ -31,7 +31,7 @@ from mpi4py import MPI
 
 from .. import comm_polite, exits
 from ..errors import MigrationError
-from ..ft import recovery
+from ..ft import hooks, recovery
 from ..state import State
 from . import handover, strategies
 from . import transport
@@ -185,6 +185,7 @@ def suspend(ctx: Context, v: Vote) -> Plan | None:
     link.plan = None
     link.t_point_wall = time.time()     # frozen from here: the downtime starts (not this point's checkpoint)
     if ctx.rank == 0:
+        hooks.fire("migration-wake", plan=plan)
         wake(J, plan)
     return plan
 

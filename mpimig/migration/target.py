@@ -39,8 +39,8 @@ from ..ft import recovery
 from ..launch.config import Config
 from . import lazy as lazymod
 from . import handover, strategies, transport
-from .protocol import TAG_CANCEL, TAG_END, TAG_LAYOUT, TAG_PRECOPY, TAG_REPORT, TAG_RESIDUAL, TAG_SPARE, TAG_STATE, \
-    TAG_WAKE, Move, Plan, mark
+from .protocol import TAG_CANCEL, TAG_END, TAG_LAYOUT, TAG_NEW_J, TAG_PRECOPY, TAG_REPORT, TAG_RESIDUAL, TAG_SPARE, \
+    TAG_STATE, TAG_WAKE, Move, Plan, mark
 
 if TYPE_CHECKING:
     from ..runtime import Context
@@ -128,6 +128,8 @@ class Spare:
                 time.sleep(self.nap())
             self.marks = {}
             mark(self.marks, "woken")
+            if st.Get_tag() == TAG_NEW_J:       # a switch's split is under way: rank 0's wake-up is on its way
+                transport.await_rank0(J, st, TAG_WAKE)
             tag, src = st.Get_tag(), st.Get_source()
             if tag == TAG_PRECOPY and src != 0:
                 self.rx.setdefault(src, strategies.PreCopyTarget()).on_round(J, src)

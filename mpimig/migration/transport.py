@@ -199,13 +199,26 @@ def prebuild(J: MPI.Intracomm, plan: Plan, *, logical: int | None, leaving: bool
 
 def prebuild_call(J: MPI.Intracomm, tag: int) -> dict | None:
     """For a loop that probes J with ``ANY_TAG`` (the coordinator's, a spare's): rank 0's call to
-    :func:`prebuild` when the probed ``tag`` says one is under way, else None. Open MPI's
-    ``MPI_Comm_create_group`` sends point-to-point messages on J with its tag (``TAG_NEW_J``), and a
-    rank that entered the prebuild may reach the loop's probe before rank 0's call does: such a
-    message is left to the collective, and the call (sent before rank 0 entered it) is received."""
-    if tag not in (TAG_PREBUILD, TAG_NEW_J):
+    :func:`prebuild` when the probed ``tag`` is that call, else None (a probed ``TAG_NEW_J`` goes to
+    :func:`await_rank0` first)."""
+    if tag != TAG_PREBUILD:
         return None
     return J.recv(source=MPI.ANY_SOURCE, tag=TAG_PREBUILD)
+
+
+def await_rank0(J: MPI.Intracomm, st: MPI.Status, switch_tag: int) -> None:
+    """For a loop that probes J with ``ANY_TAG`` and found, in ``st``, a message of a switch's or a
+    prebuild's ``MPI_Comm_create_group`` (Open MPI sends them point-to-point on J with its tag,
+    ``TAG_NEW_J``): members already in that collective reach this process before rank 0's word to it
+    does (they come from different processes: no order between them). The message is the collective's,
+    which this process enters on rank 0's word: wait for that word -- ``TAG_PREBUILD`` (a pre-copy
+    plan's prebuild) or ``switch_tag`` (the coordinator's ``TAG_GO``, a spare's ``TAG_WAKE``) -- and
+    leave its status in ``st``. Until session 14 the loops took every such message for a prebuild and
+    waited for a ``TAG_PREBUILD`` that a switch never sends: the job hung in the switch's split until
+    ``MPIMIG_SPLIT_TIMEOUT`` with every member there but the coordinator (the lab's hangs of sessions 12
+    and 13: about 1 plan in 300; docs/protocol.md, "The warm spares")."""
+    while not (J.Iprobe(MPI.ANY_SOURCE, TAG_PREBUILD, st) or J.Iprobe(MPI.ANY_SOURCE, switch_tag, st)):
+        time.sleep(0.0002)      # a polling loop: the word is on its way
 
 
 def switch_comms(pre: Prebuilt | None, Jc: MPI.Intracomm, plan: Plan, *, logical: int | None, leaving: bool,

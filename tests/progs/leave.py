@@ -29,12 +29,19 @@ Faults in a migration (``--migrate``), each in the job's first life:
                     state: the new process waits for it
   --stop-in-split   rank ``--rank`` (one that stays) stops (SIGSTOP) as the switch's new
                     communicators are built (step 7): the others wait for it there
+  --stop-coordinator PLAN:S
+                    at plan PLAN's switch, rank 0 stops the coordinator (SIGSTOP; its pid from the
+                    job's status.json) for S seconds right before it sends it the GO: the others go
+                    on into the switch's new communicators meanwhile, and the coordinator
+                    finds their messages beside the GO when it looks again (a coordinator
+                    descheduled on a loaded machine)
 """
 import argparse
 import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from mpi4py import MPI
@@ -56,6 +63,7 @@ p.add_argument("--work-ms", type=float, default=0.0)
 p.add_argument("--in-join", choices=["target", "rank"])
 p.add_argument("--stop-source", action="store_true")
 p.add_argument("--stop-in-split", action="store_true")
+p.add_argument("--stop-coordinator", default="")
 p.add_argument("--every-time", action="store_true",
                help="leave at --at in every life of the rank, also after a recovery's roll back")
 args = p.parse_args()
@@ -91,6 +99,20 @@ def arm_migration_faults():
             os.kill(os.getpid(), signal.SIGSTOP)
     if args.stop_in_split:
         hooks.register("migration-split", stop_in_split)
+
+    def stop_coordinator(plan=None, **info):
+        import json
+        import subprocess
+        at, seconds = args.stop_coordinator.split(":")
+        if plan.id != int(at):
+            return
+        status = Path(os.environ["MPIMIG_JOB_DIR"]) / "status.json"
+        pid = json.loads(status.read_text())["coordinator"]["pid"]
+        print(f"stopping the coordinator (pid {pid}) for {seconds} s at plan {plan.id}'s GO", flush=True)
+        os.kill(pid, signal.SIGSTOP)
+        subprocess.Popen(["sh", "-c", f"sleep {seconds}; kill -CONT {pid}"])
+    if args.stop_coordinator:
+        hooks.register("migration-wake", stop_coordinator)
 
 
 _life = {}
