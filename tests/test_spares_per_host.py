@@ -67,6 +67,31 @@ def test_one_spare_serves_five_moves_by_recycling_old_processes(tmp_path):
     assert roles == {0: "initial", 1: "migrated", 2: "migrated", 3: "migrated"}
 
 
+def test_under_ft_recycled_old_processes_serve_the_moves_and_then_a_recovery(tmp_path):
+    # --ft kept no old process before session 14 (each move used up a spare: a job with one spare per
+    # host could move once per host). Now the five moves take turns with the one spare as without --ft,
+    # and rank 2, killed at point 30 by mpimig inject, is replaced online by the last old process
+    moves = [(6, 1, "stop-and-copy"), (10, 1, "pre-copy"), (14, 2, "post-copy"), (18, 1, "file-server"),
+             (22, 3, "stop-and-copy")]
+    job, out = tmp_path / "job", tmp_path / "out.npy"
+    env = base_env(MPIMIG_SPAWN="never", MPIMIG_LAB_DIR=tmp_path / "no-lab")
+    res = run_cmd(mpimig_cmd("inject", "--kill", "rank:2@point:30", "--verify", "none", "-n", 4, "--hosts", f"{HOST}:4",
+                             "--spares-per-host", 1, "--ft", "--ckpt-every", 4, "--job-dir", job,
+                             *[a for p, r, st in moves for a in ("--migrate", f"{p}:{r}:{HOST}:{st}")],
+                             APPS / "heat2d.py", "--n", 64, "--steps", 40, "--work-ms", 60, "--out", out),
+                  env=env, timeout=240)
+    assert (job / "complete.json").exists(), (res.stdout + res.stderr)[-3000:]
+    assert np.load(out).tobytes() == heat_ref(tmp_path, 64, 40)
+    migs = read(job, "status.json")["migrations"]
+    assert [(m["rank"], m["strategy"], m["state"]) for m in migs] == [(r, st, "done") for _, r, st in moves], migs
+    assert all(m["strategy_stats"].get("source_recycled") for m in migs)
+    assert [m["timings"]["spawn"] for m in migs] == [0.0] * 5        # never spawned
+    events = [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines()]
+    (rec,) = [e for e in events if e["event"] == "recovered"]
+    assert rec["failed"] == [2] and rec["replaced_by"] == {"2": "spare"}, rec
+    assert not [e for e in events if e["event"] == "relaunch"]
+
+
 def test_a_move_that_would_spawn_is_refused_and_the_job_runs_on(tmp_path):
     job = _job(tmp_path, "--spares-per-host", 0, "--coordinator", "--migrate", f"6:2:{HOST}", steps=24)
     (m,) = read(job, "status.json")["migrations"]

@@ -94,8 +94,9 @@ class Coordinator(Steps, Serving, Spares):
             log.warning("MPIMIG_SPARE_REFILL=%s: expected local, all or 0; using local", self.refill)
             self.refill = "local"
         # spares on every host (mpimig.launch.placement): a moved rank's old process stays
-        # as its host's spare, so moves between hosts never spawn (docs/spawn.md)
-        self.recycle = bool(cfg.spare_world) and not cfg.ft and env_flag("MPIMIG_SPARE_RECYCLE", True)
+        # as its host's spare, so moves between hosts never spawn (docs/spawn.md); under --ft
+        # too (since session 14), where it takes part in recoveries like any spare
+        self.recycle = bool(cfg.spare_world) and env_flag("MPIMIG_SPARE_RECYCLE", True)
         # Open MPI (PRRTE 3.0.x) over several hosts: a spawn loses the job (docs/spawn.md), so
         # a move with no spare on its host waits for one or is refused before the freeze.
         # MPIMIG_SPAWN: auto (that), always (spawn anyway), never (not even on one host)
