@@ -215,8 +215,8 @@ def await_rank0(J: MPI.Intracomm, st: MPI.Status, switch_tag: int) -> None:
     plan's prebuild) or ``switch_tag`` (the coordinator's ``TAG_GO``, a spare's ``TAG_WAKE``) -- and
     leave its status in ``st``. Until session 14 the loops took every such message for a prebuild and
     waited for a ``TAG_PREBUILD`` that a switch never sends: the job hung in the switch's split until
-    ``MPIMIG_SPLIT_TIMEOUT`` with every member there but the coordinator (the lab's hangs of sessions 12
-    and 13: about 1 plan in 300; docs/protocol.md, "The warm spares")."""
+    ``MPIMIG_SPLIT_TIMEOUT`` with every member there but the coordinator (the lab's hangs of sessions
+    12-14: about 1 plan in 300; docs/protocol.md, "Warm spares")."""
     while not (J.Iprobe(MPI.ANY_SOURCE, TAG_PREBUILD, st) or J.Iprobe(MPI.ANY_SOURCE, switch_tag, st)):
         time.sleep(0.0002)      # a polling loop: the word is on its way
 
