@@ -427,7 +427,8 @@ def test_the_lab_ci_scenario_runs_both_ways_and_reports_each_metrics_error(lab, 
     15%. The bound itself is not asserted: with the simulator running each placement at the time per
     point the calibration measured and the real runs' processes connected at start-up, the three were
     within 15% in 11 of 19 runs on this shared machine (time to solution 17 of 19, per-move 12 of 19,
-    recovery 19 of 19; docs/simulator.md, "Runs s12"): time to solution misses when the machine's other
+    recovery 19 of 19; docs/simulator.md, "Runs s12"; quiet in session 14: 9, 2, 9 and 2 of 10, "Runs
+    s14"): time to solution misses when the machine's other
     load changes between the two ~10 s runs, and the per-move median is one ~20 ms move against one of
     the calibration's, and single moves repeat to about +-20%. A test asserting it would fail at random;
     the issue's goal stays open. About half a minute."""
