@@ -27,6 +27,16 @@ if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
     os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 
 
+def dies_if_spawned(who: str) -> str:
+    """Python lines that end a process started by MPI_Comm_spawn (a migration target, a recovery's
+    replacement) before MPI_Init, saying ``who`` dies: Open MPI's processes of the job have PMIx
+    namespace ...@1, spawned ones ...@2, @3, ..."""
+    return ("import os, sys\n"
+            "if not os.environ.get('PMIX_NAMESPACE', '@1').endswith('@1'):\n"
+            f"    sys.stderr.write({who + ': dies before MPI_Init' + chr(10)!r})\n"
+            "    sys.exit(3)\n")
+
+
 def base_env(**extra) -> dict:
     """This environment for a test's job: Open MPI settings, no MPIMIG_* from the caller's shell."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MPIMIG_")}

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import APPS, ROOT, base_env, mpimig_cmd, run_cmd
+from conftest import APPS, ROOT, base_env, dies_if_spawned, mpimig_cmd, run_cmd
 
 KILL = ROOT / "tests" / "progs" / "heat_kill.py"
 N, STEPS, EVERY = 64, 30, 5
@@ -238,20 +238,12 @@ def test_a_survivor_waiting_in_an_object_allreduce_learns_of_the_failure(tmp_pat
 # (tests/test_storm.py). Seen once in CI without this hook: both replacements of
 # test_two_ranks_killed_at_once failed in MPI_Init ("OPAL ERROR: Not supported in file
 # ompi/dpm/dpm.c at line 406"), 0 times in 160 runs of that test here (docs/protocol.md).
-DIES_IF_SPAWNED = '''import os, sys
-# Open MPI: processes of the job have PMIx namespace ...@1, spawned ones ...@2, @3, ...
-if not os.environ.get("PMIX_NAMESPACE", "@1").endswith("@1"):
-    sys.stderr.write("replacement: dies before MPI_Init\\n")
-    sys.exit(3)
 # heat_kill.py run as this file (runpy would set sys.argv[0], which replacements are started with)
-exec(compile(open({kill!r}).read(), {kill!r}, "exec"), {{"__name__": "__main__", "__file__": {kill!r}}})
-'''
+DIES_IF_SPAWNED = dies_if_spawned("replacement") + \
+    'exec(compile(open({kill!r}).read(), {kill!r}, "exec"), {{"__name__": "__main__", "__file__": {kill!r}}})\n'
 
 
 def test_a_recovery_whose_replacement_never_starts_ends_within_its_bound_naming_the_spawn(tmp_path):
-    from mpimig.launch.launcher import mpi_flavour
-    if mpi_flavour() != "openmpi":
-        pytest.skip("the spawned-process test hook reads Open MPI's PMIx namespace")
     prog = tmp_path / "heat_kill_no_replacement.py"
     prog.write_text(DIES_IF_SPAWNED.format(kill=str(KILL)))
     job = tmp_path / "job"

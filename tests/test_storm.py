@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import APPS, ROOT, base_env, mpimig_cmd, run_cmd
+from conftest import APPS, ROOT, base_env, dies_if_spawned, mpimig_cmd, run_cmd
 
 from mpimig.errors import UsageError
 from mpimig.ft import inject
@@ -226,12 +226,7 @@ def test_storm_kill_and_restart(tmp_path):
 # ------------------------------------------------------------------------------------------
 # found while running the storm (a spawned target crashed while importing the program)
 # ------------------------------------------------------------------------------------------
-DIES_IF_SPAWNED = '''import os, sys
-# Open MPI: processes of the job have PMIx namespace ...@1, spawned ones ...@2, @3, ...
-if not os.environ.get("PMIX_NAMESPACE", "@1").endswith("@1"):
-    sys.stderr.write("migration target: dies before MPI_Init\\n")
-    sys.exit(3)
-'''
+DIES_IF_SPAWNED = dies_if_spawned("migration target")
 
 
 def test_target_dying_before_mpi_init_does_not_hang_the_job(tmp_path):
