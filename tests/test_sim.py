@@ -363,7 +363,7 @@ def test_a_moves_cost_follows_its_bytes_and_its_source_hosts_send_rate():
             r.state_bytes = mib * MiB
         seen = []
 
-        def cost(src, n, sim=sim, seen=seen):
+        def cost(src, n, dst, sim=sim, seen=seen):
             seen.append((src.name, n))
             return (0.05, 10e6) if src is sim.cluster.hosts["h1"] else None
         sim.move_cost_for = cost

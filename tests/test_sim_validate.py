@@ -308,6 +308,7 @@ def test_a_move_off_a_full_speed_host_costs_what_the_calibrations_moves_off_such
     assert validate.simulate(cfg, pl, cal, 1)["move_downtimes_s"][2] == pytest.approx(0.4, rel=1e-6)
     # a calibration without a move off a full-speed host: such a move falls back to the median of all
     cal["move_cost_full"] = None
+    cal["move_costs_by_kind"].pop("full")
     assert validate.simulate(cfg, pl, cal, 1)["move_downtimes_s"][2] == pytest.approx(1.5, rel=1e-3)
 
 
@@ -420,18 +421,20 @@ def test_the_ci_scenario_kills_six_ranks_per_run_each_right_after_an_epoch():
 @pytest.mark.lab
 def test_the_lab_ci_scenario_runs_both_ways_and_reports_each_metrics_error(lab, tmp_path):
     """Issue 13: the validation comparison on a small scenario runs in CI.
-    ``mpimig simulate --validate lab-ci``: a calibration run and the scenario's run on the lab (3 hosts,
-    6 ranks, h2 slowed with a 5 ms CFS period, 3 moves, 6 killed ranks), the simulator calibrated from
-    the first only; time to solution, per-move downtime (median of three) and recovery time (median of
-    six) are compared, each with its error, and the command's exit status says whether all were within
-    15%. The bound itself is not asserted: with the simulator running each placement at the time per
-    point the calibration measured and the real runs' processes connected at start-up, the three were
-    within 15% in 11 of 19 runs on this shared machine (time to solution 17 of 19, per-move 12 of 19,
-    recovery 19 of 19; docs/simulator.md, "Runs s12"; quiet in session 14: 9, 2, 9 and 2 of 10, "Runs
-    s14"): time to solution misses when the machine's other
-    load changes between the two ~10 s runs, and the per-move median is one ~20 ms move against one of
-    the calibration's, and single moves repeat to about +-20%. A test asserting it would fail at random;
-    the issue's goal stays open. About half a minute."""
+    ``mpimig simulate --validate lab-ci``: two calibration runs, before and after the scenario's run,
+    on the lab (3 hosts, 6 ranks, h2 slowed with a 5 ms CFS period; 3 moves between hosts and 8
+    handovers to spares on h3, 6 killed ranks), the simulator run once per calibration and its figures
+    pooled; time to solution, per-move downtime (median of 11 moves, the simulator's over its 22) and
+    recovery time (median of six; the simulator's from the recovery parts' medians over 12 kills) are
+    compared, each with its error, and the command's exit status says whether all were within 15%.
+    The bound itself is not asserted: it does not hold reliably on this shared machine. With the code
+    committed (docs/simulator.md, "Runs s13") all three were within 15% in 11 of 21 runs (time to
+    solution 17 of 21, per-move 14 of 21, recovery 15 of 21), at load 4-13 from the other jobs; a burst of
+    that load in one run and not the other moves a run's moves or kills as a whole by 20-40%, which no
+    statistic over ~10 events of one run averages out. A test asserting it would fail at random; the
+    issue's goal stays open. 2 of those 21 commands stopped (and this test fails then): a switch's Split
+    hung 60 s, the job was relaunched and replayed its moves (docs/simulator.md, "Runs s13"). About a
+    minute."""
     out, runs = tmp_path / "out", tmp_path / "runs"
     res = run_cmd(mpimig_cmd("simulate", "--validate", "lab-ci", "--out", out, "--work-dir", runs),
                   timeout=300, env=lab_env())
@@ -440,10 +443,20 @@ def test_the_lab_ci_scenario_runs_both_ways_and_reports_each_metrics_error(lab, 
     # their moves and recovered their killed ranks online
     for run in ("calibration_run", "validation_run"):
         assert data[run]["ok"] and data[run]["verified"], (run, data[run].get("verified"))
-    pl = validate.plan(load("lab-ci")[0])           # 3 moves, 6 killed ranks
-    assert len(pl["moves"]) == 3 and len(pl["kills"]) == 6
-    assert len(data["validation_run"]["moves"]) == 3 and len(data["validation_run"]["recoveries_s"]) == 6
-    assert len(data["simulated"]["move_downtimes_s"]) == 3 and len(data["simulated"]["recoveries_s"]) == 6
+    # two calibration runs, before and after the validation run: the simulator takes their mean
+    assert len(data["calibration_runs"]) == 2 and all(r["ok"] and r["verified"] for r in data["calibration_runs"])
+    assert data["calibration"]["calibrations"] == 2 and data["calibration"]["recovery_parts_s"]["kills"] == 12
+    pl = validate.plan(load("lab-ci")[0])           # 3 moves between hosts, 8 handovers on h3, 6 killed ranks
+    assert len(pl["moves"]) == 11 and len(pl["kills"]) == 6
+    assert len(data["validation_run"]["moves"]) == 11 and len(data["validation_run"]["recoveries_s"]) == 6
+    # the simulator ran once per calibration run, its moves and recoveries pooled
+    assert data["simulated"]["pooled"] == 2
+    assert len(data["simulated"]["move_downtimes_s"]) == 22 and len(data["simulated"]["recoveries_s"]) == 12
+    # the simulator's moves of each kind are the calibration's of that kind (in turn), so its per-move
+    # figure is the same order statistic of the same mixture as the validation's
+    kinds = data["calibration"]["move_costs_by_kind"]
+    assert len(kinds["same"]) == 8 and len(kinds["full"]) == 1, kinds
+    assert sorted(kinds) == ["full", "same", "slow:1", "slow:2"], kinds
     for run in ("calibration_run", "validation_run"):
         # each recovery's parts, read from the run's events, add up to its recover_s (mpimig inject's,
         # in whole milliseconds), and the recovery restored the epoch of the point it was killed at
@@ -455,7 +468,8 @@ def test_the_lab_ci_scenario_runs_both_ways_and_reports_each_metrics_error(lab, 
             assert part["recover_s"] == pytest.approx(rec["recover_s"], abs=0.0011), (part, rec)
             assert rec["restored_point"] == part["point"], (part, rec)
     # the calibration measured the time per point of every placement the validation run goes through
-    # (the start, then after each of its three moves: the simulator runs those, not its model's)
+    # (the start, then after each of its three moves between hosts — a handover keeps the placement: the
+    # simulator runs those, not its model's)
     steps = data["calibration"]["step_by_placement"]
     assert len(steps) == 4 and all(p["step_s"] > 0 for p in steps), steps
     assert steps[-1]["hosts"] == ["h1", "h3", "h3", "h3", "h3", "h3"] and steps[-1]["recoveries_s"] > 0, steps
@@ -464,7 +478,7 @@ def test_the_lab_ci_scenario_runs_both_ways_and_reports_each_metrics_error(lab, 
     rep = data["calibration_replay"]
     assert rep["real_time_to_solution_s"] == data["calibration_run"]["time_s"]
     assert rep["simulated_time_to_solution_s"] > 0
-    assert len(rep["simulated"]["move_downtimes_s"]) == 3 and len(rep["simulated"]["recoveries_s"]) == 6
+    assert len(rep["simulated"]["move_downtimes_s"]) == 11 and len(rep["simulated"]["recoveries_s"]) == 6
     table = validate.table(data["metrics"]) + f"\nload average {os.getloadavg()}\n" + res.stderr[-1500:]
     assert [m["metric"] for m in data["metrics"]] == list(validate.METRICS), table
     assert data["bound"] == 0.15

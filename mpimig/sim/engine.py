@@ -103,11 +103,12 @@ class Simulation:
         self.drain: set[str] = set()
         self.drained: list[str] = []
         self.residual: list[tuple[MoveRecord, float]] = []    # post-copy moves whose source is still needed
-        # a move's cost off a host, from the host and its ranks then (the moving one included): its
-        # freeze (s) and the rate (bytes/s) its state is sent at, the source's send running at that
-        # host's speed (a throttled host sends slowly); None: the strategy parameters' freeze_s and
-        # copy rate (the validation's per-source calibration sets it: mpimig/sim/validate.py)
-        self.move_cost_for: Callable[[Host, int], tuple[float, float] | None] | None = None
+        # a move's cost off a host, from the host, its ranks then (the moving one included) and the
+        # target host (the source itself: a handover to a spare there): its freeze (s) and the rate
+        # (bytes/s) its state is sent at, the source's send running at that host's speed (a throttled
+        # host sends slowly); None: the strategy parameters' freeze_s and copy rate (the validation's
+        # per-source calibration sets it: mpimig/sim/validate.py)
+        self.move_cost_for: Callable[[Host, int, Host], tuple[float, float] | None] | None = None
         # seconds a job loses after each move beyond its downtime: the new process's first points run
         # slower (its caches and pages warm up) — not the move's downtime (the runtime's ``migrated``
         # figure ends at the resume); calibrated from a real run (mpimig.sim.validate: move_settle_s)
@@ -247,7 +248,10 @@ class Simulation:
             return None
         r = job.ranks[d.rank]
         dst = cl.hosts[d.to]
-        if r.moving or r.host == d.to or not dst.alive:
+        # a move to the rank's own host: only an operator's, to a warm spare there (the runtime hands the
+        # rank over to it: the lab validation's handovers, docs/simulator.md "Runs s13")
+        same = r.host == d.to and not (origin == "operator" and dst.spares > 0)
+        if r.moving or same or not dst.alive:
             self.no_moves["refused by the simulator"] = self.no_moves.get("refused by the simulator", 0) + 1
             return None
         src = cl.hosts[r.host]
@@ -261,7 +265,7 @@ class Simulation:
         bw = min(src.net_bw, dst.net_bw)
         sp = self.sp
         if self.move_cost_for is not None:
-            cost = self.move_cost_for(src, len(src.ranks))
+            cost = self.move_cost_for(src, len(src.ranks), dst)
             if cost is not None:
                 sp = dataclasses.replace(sp, freeze_s=cost[0], copy_bw=None)
                 bw = cost[1]

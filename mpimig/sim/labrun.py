@@ -41,13 +41,15 @@ def plan(cfg) -> dict:
     slots = {h: per for h in hosts}
     slots[hosts[0]] += 1
     slots[hosts[-1]] += lab["spares"]
-    moves, kills = scenario_events(cfg, hosts[-1])
+    k = lab["spares_per_host"]
+    if lab["calib_runs"] not in (1, 2):
+        raise ValidationError(f"lab.calib_runs {lab['calib_runs']}: 1, or 2 (one before and one after the "
+                              "validation run)")
+    moves, kills = scenario_events(cfg, hosts, per, k)
     if not kills or not moves:
         raise ValidationError("a validation scenario has at least one killed rank and at least one move "
                               f"(found {len(kills)} kills, {len(moves)} moves)")
-    if len(moves) + len(kills) > lab["spares"]:
-        raise ValidationError(f"lab.spares {lab['spares']}: the moves and the recoveries need "
-                              f"{len(moves) + len(kills)}")
+    check_spares(moves, kills, hosts, lab, "")
     cal_move, cal_kill = parse_calib(lab["calib_move"], lab["calib_kill"], lab["calib_points"], j["ranks"])
     slow = c["slow_hosts"][0]
     if rank_host(cal_move[1], per, hosts) != slow or cal_move[2] != hosts[-1]:
@@ -56,10 +58,11 @@ def plan(cfg) -> dict:
     if not cal_move[0] + 2 * cfg.values["jobs"]["ckpt_every"] <= cal_kill[0]:
         raise ValidationError("lab.calib_kill: at least two checkpoint intervals after lab.calib_move (the "
                               "calibration measures the speeds in between)")
-    more_moves, more_kills = parse_more(lab, cal_move[0] + 2 * j["ckpt_every"], cal_kill[0], j["ranks"], hosts[-1])
-    if 2 + len(more_moves) + len(more_kills) > lab["spares"]:
-        raise ValidationError(f"lab.spares {lab['spares']}: the calibration's moves and recoveries need "
-                              f"{2 + len(more_moves) + len(more_kills)}")
+    more_moves, more_kills = parse_more(lab, cal_move[0] + 2 * j["ckpt_every"], cal_kill[0], j["ranks"])
+    on = {r: rank_host(r, per, hosts) for r in range(j["ranks"])}
+    for p, r, h in sorted([cal_move, *more_moves]):
+        move_target(f"lab.calib_more_moves '{p}:{r}:{h}'", r, h, on, hosts, k)
+    check_spares([cal_move, *more_moves], [cal_kill, *more_kills], hosts, lab, "the calibration's ")
     for r in (*(k[1] for k in kills), cal_kill[1], *(k[1] for k in more_kills)):
         if rank_host(r, per, hosts) != hosts[-1]:
             raise ValidationError(f"killed rank {r}: kill a rank of {hosts[-1]} (its replacement, a spare there, "
@@ -70,17 +73,44 @@ def plan(cfg) -> dict:
             "policy": cfg.values["scenario"]["policies"][0]}
 
 
-def scenario_events(cfg, last: str) -> tuple[list, list]:
+def check_spares(moves: list, kills: list, hosts: list[str], lab: dict, whose: str) -> None:
+    """Every move and recovery has a warm spare on its host: the last host has ``lab.spares`` +
+    ``lab.spares_per_host`` (the recoveries take theirs there: the killed ranks are the last host's),
+    every other host ``lab.spares_per_host``. With ``--ft`` a moved rank's old process does not stay as
+    its host's spare (the coordinator's ``recycle``), so each move takes one of the spares started
+    with the job."""
+    k, last = lab["spares_per_host"], hosts[-1]
+    need = {h: sum(1 for _p, _r, to in moves if to == h) for h in hosts}
+    need[last] += len(kills)
+    if need[last] > lab["spares"] + k:
+        have = f"lab.spares {lab['spares']}" + (f" + lab.spares_per_host {k}" if k else "")
+        what = f"{whose}moves and recoveries" if whose else "the moves and the recoveries"
+        raise ValidationError(f"{have}: {what} need {need[last]}")
+    for h in hosts[:-1]:
+        if need[h] > k:
+            raise ValidationError(f"lab.spares_per_host {k}: {whose}moves onto {h} need {need[h]}")
+
+
+def move_target(what: str, rank: int, to: str, on: dict, hosts: list[str], k: int) -> None:
+    """A move goes to the spares' host (``hosts[-1]``), or with ``lab.spares_per_host`` to any host
+    but the rank's own (``on``: where each rank is, updated)."""
+    if to not in hosts or (to != hosts[-1] and not k):
+        raise ValidationError(f"{what}: moves go to the spares' host {hosts[-1]} (a spawn onto "
+                              "another lab host is unreliable with Open MPI: PLATFORM.md; lab.spares_per_host "
+                              "puts spares on every host)")
+    on[rank] = to
+
+
+def scenario_events(cfg, hosts: list[str], per: int, k: int) -> tuple[list, list]:
     """The scenario's ``[[events]]`` as the real run's moves (point, rank, host) and kills (point, rank)."""
     moves, kills = [], []
+    on = {r: rank_host(r, per, hosts) for r in range(cfg.values["jobs"]["ranks"])}
     for i, ev in enumerate(cfg.events):
         if ev.at_point < 0:
             raise ValidationError(f"events[{i}]: a validation scenario's events are at_point (the real run's "
                                   "--migrate STEP and --kill rank:R@point:P)")
         if ev.kind == "move":
-            if ev.hosts[0] != last:
-                raise ValidationError(f"events[{i}]: moves go to the spares' host {last} (a spawn onto "
-                                      "another lab host is unreliable with Open MPI: PLATFORM.md)")
+            move_target(f"events[{i}]", ev.rank, ev.hosts[0], on, hosts, k)
             moves.append((ev.at_point, ev.rank, ev.hosts[0]))
         elif ev.kind == "kill-rank":
             kills.append((ev.at_point, ev.rank))
@@ -105,7 +135,7 @@ def parse_calib(move: str, kill: str, points: int, ranks: int) -> tuple[tuple[in
     return m, k
 
 
-def parse_more(lab: dict, speeds_until: int, kill: int, ranks: int, last: str) -> tuple[list, list]:
+def parse_more(lab: dict, speeds_until: int, kill: int, ranks: int) -> tuple[list, list]:
     """``[lab] calib_more_moves`` / ``calib_more_kills``: more moves and kills in the calibration run for
     the medians of the downtime and of the recovery time. The moves come after ``speeds_until`` (the
     speeds after ``calib_move`` are measured before them) and before ``calib_kill`` (a recovery cancels
@@ -126,8 +156,6 @@ def parse_more(lab: dict, speeds_until: int, kill: int, ranks: int, last: str) -
             if not (lo <= p < hi and 0 <= r < ranks):
                 raise ValidationError(f"lab.{what} {item!r}: point in {lo}..{hi - 1}, rank 0..{ranks - 1}")
             if n == 3:
-                if parts[2] != last:
-                    raise ValidationError(f"lab.{what} {item!r}: moves go to the spares' host {last}")
                 moves.append((p, r, parts[2]))
             else:
                 kills.append((p, r))
@@ -156,6 +184,7 @@ def real_run(name: str, cfg, pl: dict, root: Path, points: int, moves: list, kil
            "--report", str(report), "--reference-dir", str(root / "ref"),
            "--experiment-timeout", str(lab["timeout_s"]),
            "-n", str(cfg.values["jobs"]["ranks"]), "--hosts", pl["spec"], "--spares", str(lab["spares"]), "--ft",
+           *(["--spares-per-host", str(lab["spares_per_host"])] if lab["spares_per_host"] else []),
            "--ckpt-every", str(cfg.values["jobs"]["ckpt_every"]), "--policy", policy,
            "--metrics-seconds", str(lab["metrics_seconds"]), "--balance-seconds", str(lab["balance_seconds"]),
            *sum((["--migrate", f"{p}:{r}:{h}:stop-and-copy"] for p, r, h in moves), []),

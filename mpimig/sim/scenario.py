@@ -109,9 +109,13 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "app_args": (list, [], None, "its arguments besides --steps and --out"),
         "slow_factor": (float, 0.5, "pos", "mpimig lab slow FACTOR of cluster.slow_hosts"),
         "spares": (int, 3, "nonneg", "warm spares, on the last host"),
+        "spares_per_host": (int, 0, "nonneg", "warm spares on every host (mpimig run --spares-per-host): moves "
+                            "to any host then, each a spare of its target's"),
         "metrics_seconds": (float, 0.5, "pos", "mpimig run --metrics-seconds"),
         "balance_seconds": (float, 1.0, "pos", "mpimig run --balance-seconds"),
         "calib_points": (int, 60, "pos", "the calibration run's points"),
+        "calib_runs": (int, 1, "pos", "calibration runs: 1, or 2, one before and one after the validation run, "
+                       "the simulator calibrated from their mean"),
         "calib_move": (str, "20:2:h3", None, "its operator move POINT:RANK:HOST (off a slowed host)"),
         "calib_kill": (str, "45:5", None, "its killed rank POINT:RANK"),
         "calib_more_moves": (list, [], None, "more moves POINT:RANK:HOST after calib_kill (downtime: the median)"),

@@ -18,7 +18,12 @@ One command runs a small scenario both ways and compares them:
    its model's) and what each move cost beyond its downtime (``move_settle``).
 2. **Validation run** (real, on the lab): the scenario itself (``jobs.points`` points, its
    ``[[events]]``: operator moves and killed ranks at given points, its first policy).
-3. **The simulator**: the same scenario, calibrated from run 1 only. (The JSON also has the
+   With ``[lab] calib_runs = 2`` (lab-ci) a second calibration run follows the validation run (the
+   two bracket it in time: the machine's other load changes within seconds) and the simulator runs
+   once per calibration, its figures pooled (``calib_merge.simulate_pooled``). Each move is priced by
+   its kind, the k-th of a kind by the calibration's k-th of that kind (``move_costs_by_kind``: moves
+   off the slowed host, off a full-speed host, handovers to a spare on the rank's own host).
+3. **The simulator**: the same scenario, calibrated from the calibration run(s) only. (The JSON also has the
    comparison with every time scaled by how much slower the ranks of the reference hosts, never
    slowed nor joined by a moved rank, computed in run 2 than in run 1: information, not the verdict.)
 4. **The comparison**, per metric: time to solution (first ``started`` to ``finished`` in
@@ -46,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 # the real side (the lab's runs): mpimig.sim.labrun
+from .calib_merge import merge_calibrations, simulate_pooled
 from .labrun import (SETTLE_POINTS, WARMUP_POINTS, ValidationError, plan, rank_host, real_run)
 
 METRICS = ("time_to_solution_s", "move_downtime_s", "recovery_s")
@@ -132,6 +138,7 @@ def calibrate(cal: dict, pl: dict, ranks: int) -> dict:
                                    "the moves' downtime"),
         "move_downtimes_s": downs, "move_downtime_by_src_n": downtime_by_src_n(pl, ranks, downs),
         "move_cost_by_src_n": move_cost_by_src_n(pl, ranks, cal), "move_cost_full": move_cost_full(pl, ranks, cal),
+        "move_costs_by_kind": move_costs_by_kind(pl, ranks, cal),
         "startup_s": startup(cal, a[0], t_a), "recovery_s": cal["recovery_s"],
         "recoveries_s": cal.get("recoveries_s", [cal["recovery_s"]]),
         "recovery_parts_s": recovery_parts_median(cal.get("recovery_parts") or []),
@@ -177,24 +184,36 @@ def step_by_placement(cal: dict, pl: dict, ranks: int) -> list[dict]:
 
 def move_settle(cal: dict, pl: dict, steps: list[dict]) -> float:
     """The time a move costs the calibration run beyond its downtime (the median over its moves): the
-    run's time from the last epoch before the move to the first of the new placement's measured
-    epochs (``step_by_placement``), less the move's downtime, less those points at the measured time
-    per point of the placement before the move (up to its point) and after it: the new process's first
-    points run slower (0.02-0.2 s in all on the lab: its pages and caches warm up). The simulator stops
-    the job that long after each move (``Simulation.after_move_s``); not part of the per-move
-    downtime, which ends at the resume. 0 when no move has both placements measured."""
+    run's time from the last epoch at or before the move's point to the first epoch ``SETTLE_POINTS``
+    or more after it, less the move's downtime, less those points at the measured time per point of
+    the placement before the move (up to its point) and of the one after it (``step_by_placement``:
+    the placement with these hosts, measured where the run stayed in it longest — a handover on one
+    host leaves the placement as it was): the new process's first points run slower (0.02-0.2 s in
+    all on the lab: its pages and caches warm up). Moves whose window holds another move or a kill,
+    or whose placements were not measured, are left out. The simulator stops the job that long after
+    each move (``Simulation.after_move_s``); not part of the per-move downtime, which ends at the
+    resume. 0 when no move qualifies."""
     epochs = sorted(cal["epochs"])
-    measured = {st.get("placement", k): st for k, st in enumerate(steps)}
+    by_hosts: dict[tuple, dict] = {}
+    for st in steps:
+        key, now = tuple(st["hosts"]), by_hosts.get(tuple(st["hosts"]))
+        if now is None or st["points"][1] - st["points"][0] > now["points"][1] - now["points"][0]:
+            by_hosts[key] = st
+    moves = sorted(pl["calib_moves"])
+    kills = [k["point"] for k in cal.get("recovery_parts") or [] if k.get("point") is not None]
+    on = [rank_host(r, pl["per_host"], pl["hosts"]) for r in range(len(pl["hosts"]) * pl["per_host"])]
     extra = []
-    for i, ((p, _r, _h), mv) in enumerate(zip(sorted(pl["calib_moves"]), cal["moves"])):
-        old, new = measured.get(i), measured.get(i + 1)     # the placements before and after move i
+    for i, ((p, r, h), mv) in enumerate(zip(moves, cal["moves"])):
+        old = by_hosts.get(tuple(on))
+        on[r] = h
+        new = by_hosts.get(tuple(on))
         if old is None or new is None or mv.get("downtime_s") is None:
             continue
-        if old["points"][1] > p or new["points"][0] < p:
-            continue
         before = max(((q, t) for q, t in epochs if q <= p), default=None)
-        after = next(((q, t) for q, t in epochs if q == new["points"][0]), None)
+        after = next(((q, t) for q, t in epochs if q >= p + SETTLE_POINTS), None)
         if before is None or after is None:
+            continue
+        if (i + 1 < len(moves) and moves[i + 1][0] < after[0]) or any(before[0] <= q < after[0] for q in kills):
             continue
         pts_old, pts_new = p - before[0], after[0] - p
         extra.append(after[1] - before[1] - mv["downtime_s"] - pts_old * old["step_s"] - pts_new * new["step_s"])
@@ -217,19 +236,29 @@ def downtime_by_src_n(pl: dict, ranks: int, downs: list) -> dict[int, float]:
     return {n: statistics.median(xs) for n, xs in sorted(by.items())}
 
 
-def _calib_moves(pl: dict, ranks: int, cal: dict) -> list[tuple[bool, int, float, float]]:
-    """Each calibration move with a ``transfer`` timing and bytes, split into its two parts:
-    (off the slowed host, ranks on the slowed host then (the moving one included), the protocol's
-    seconds: the downtime but the send, the send's rate in bytes/s)."""
+def move_kind(src: str, dst: str, slow: str, n_slow: int) -> str:
+    """A move's kind, priced on its own: ``slow:N`` off the slowed host with N ranks there (the moving
+    one included), ``same`` a handover to a spare on the rank's own host (no network), ``full`` off a
+    full-speed host to another."""
+    return "same" if src == dst else f"slow:{n_slow}" if src == slow else "full"
+
+
+def _calib_moves(pl: dict, ranks: int, cal: dict) -> list[tuple[str, int, float, float]]:
+    """Each calibration move with a ``transfer`` timing and bytes, in the run's order, split into its
+    two parts: (its kind (``move_kind``), ranks on the slowed host then (the moving one included), the
+    protocol's seconds: the downtime but the send, the send's rate in bytes/s)."""
     per, slow = pl["per_host"], pl["slow"]
     on = {r: rank_host(r, per, pl["hosts"]) for r in range(ranks)}
-    steps = {m.get("rank"): m.get("timings") or {} for m in cal.get("move_steps") or []}
+    steps: dict[Any, list[dict]] = {}
+    for m in cal.get("move_steps") or []:          # a rank moved more than once: its moves in order
+        steps.setdefault(m.get("rank"), []).append(m.get("timings") or {})
     out = []
     for (_p, r, h), mv in zip(sorted(pl["calib_moves"]), cal["moves"]):
-        t = steps.get(r, {})
+        t = (steps.get(r) or [{}]).pop(0)
         d, send, nbytes = mv.get("downtime_s"), t.get("transfer"), t.get("bytes")
+        n = sum(1 for x in on.values() if x == slow)
         if d is not None and send and nbytes:
-            out.append((on[r] == slow, sum(1 for x in on.values() if x == slow), max(0.0, d - send), nbytes / send))
+            out.append((move_kind(on[r], h, slow, n), n, max(0.0, d - send), nbytes / send))
         on[r] = h
     return out
 
@@ -248,19 +277,34 @@ def move_cost_by_src_n(pl: dict, ranks: int, cal: dict) -> dict[int, dict]:
     host's speed, not one figure for every move (docs/simulator.md, "Per-move downtime"). The median
     of the moves with the same count; moves without a ``transfer`` timing or bytes are left out."""
     by: dict[int, list[tuple[float, float]]] = {}
-    for off_slow, n, proto, bw in _calib_moves(pl, ranks, cal):
-        if off_slow:
+    for kind, n, proto, bw in _calib_moves(pl, ranks, cal):
+        if kind.startswith("slow:"):
             by.setdefault(n, []).append((proto, bw))
     return {n: _median_cost(xs) for n, xs in sorted(by.items())}
 
 
 def move_cost_full(pl: dict, ranks: int, cal: dict) -> dict | None:
-    """The calibration's moves off a full-speed host (not the slowed one), split as in
-    ``move_cost_by_src_n``: the median protocol time and send rate, or None without such a move. A
-    move off a full-speed host is not throttled by a quota: the simulator prices it with these, not
-    with the slowed host's moves (nor with the median of all moves, which mixes the two)."""
-    xs = [(proto, bw) for off_slow, _n, proto, bw in _calib_moves(pl, ranks, cal) if not off_slow]
+    """The calibration's moves off a full-speed host to another (not the slowed one, not a handover on
+    one host), split as in ``move_cost_by_src_n``: the median protocol time and send rate, or None
+    without such a move. A move off a full-speed host is not throttled by a quota: the simulator
+    prices it with these, not with the slowed host's moves (nor with the median of all moves, which
+    mixes the two)."""
+    xs = [(proto, bw) for kind, _n, proto, bw in _calib_moves(pl, ranks, cal) if kind == "full"]
     return _median_cost(xs) if xs else None
+
+
+def move_costs_by_kind(pl: dict, ranks: int, cal: dict) -> dict[str, list[dict]]:
+    """Every calibration move by kind (``move_kind``), in the run's order, split as in
+    ``move_cost_by_src_n`` (protocol seconds, send rate). The simulator gives its k-th move of a kind
+    the calibration's k-th of that kind (again from the first when it makes more): its moves of a kind
+    then have the calibration's spread, not one figure — the validation's median over moves of
+    several kinds is an order statistic of the mixture (its handovers lie below the moves between
+    hosts: the median of 3 moves and 8 handovers is the 6th of the 8 handovers), and so is the
+    simulator's, from the same kinds in the same numbers (docs/simulator.md, "Runs s13")."""
+    by: dict[str, list[dict]] = {}
+    for kind, _n, proto, bw in _calib_moves(pl, ranks, cal):
+        by.setdefault(kind, []).append({"protocol_s": proto, "send_bw": bw})
+    return by
 
 
 def recovery_parts_median(parts: list[dict]) -> dict | None:
@@ -328,7 +372,7 @@ def simulate(cfg, pl: dict, cal: dict, seed: int, machine: float = 1.0) -> dict:
     for name, h in cl.hosts.items():
         h.speed = 1.0
         h.cores = max(h.cores, len(h.ranks) + spares + 2)      # shares come from speed_by_n and speed
-        h.spares = spares if name == pl["hosts"][-1] else 0
+        h.spares = (spares if name == pl["hosts"][-1] else 0) + cfg.values["lab"]["spares_per_host"]
     cl.hosts[pl["slow"]].speed_by_n = {int(n): s for n, s in cal["slow_speed_by_n"].items()}
     cl.hosts[cal["dst_host"]].speed_by_n = {int(n): s for n, s in cal["dst_speed_by_n"].items()}
     states = cal.get("state_bytes_by_rank") or [cal["state_bytes"]] * len(job.ranks)
@@ -350,7 +394,18 @@ def simulate(cfg, pl: dict, cal: dict, seed: int, machine: float = 1.0) -> dict:
 
     cost_n = {int(n): c for n, c in (cal.get("move_cost_by_src_n") or {}).items()}
 
-    def move_cost_for(src, n: int) -> tuple[float, float] | None:
+    kinds = cal.get("move_costs_by_kind") or {}
+    taken: dict[str, int] = {}
+
+    def move_cost_for(src, n: int, dst=None) -> tuple[float, float] | None:
+        # the calibration's moves of the kind, in turn (move_costs_by_kind); a record without them (or a
+        # kind the calibration did not make): the medians below
+        kind = move_kind(src.name, dst.name if dst is not None else "", slow.name, n)
+        if kinds.get(kind):
+            k = taken.get(kind, 0)
+            taken[kind] = k + 1
+            c = kinds[kind][k % len(kinds[kind])]
+            return machine * c["protocol_s"], c["send_bw"] / machine
         # a move off the slowed host: the calibration's protocol time and send rate with as many ranks
         # there (the state's bytes / that rate: a move's cost follows its bytes and the source's speed);
         # with a count not calibrated, the nearest one's, both scaled by the host's share per rank (its
@@ -457,26 +512,33 @@ def validate(path: str, seed: int | None = None, work_dir: str | None = None, ca
         info = lab_slow.slow(lab, pl["slow"], lab_v["slow_factor"], round(lab_v["slow_period_ms"] * 1000))
         say(lab_slow.describe(pl["slow"], info, lab))
         try:
+            def calib(name: str) -> dict:
+                return real_run(name, cfg, pl, root, lab_v["calib_points"], pl["calib_moves"], pl["calib_kills"],
+                                "none", say)
             if calibration:
-                cal_run = json.loads(Path(calibration).read_text())["calibration_run"]
-                say(f"validate: calibration run read from {calibration}")
+                old = json.loads(Path(calibration).read_text())
+                cal_runs = old.get("calibration_runs") or [old["calibration_run"]]
+                say(f"validate: calibration run(s) read from {calibration}")
             else:
-                cal_run = real_run("calibration", cfg, pl, root, lab_v["calib_points"],
-                                   pl["calib_moves"], pl["calib_kills"], "none", say)
-            cal = calibrate(cal_run, pl, cfg.values["jobs"]["ranks"])
-            say("validate: calibrated: " + ", ".join(f"{k} {_fmt(v)}" for k, v in cal.items()))
+                cal_runs = [calib("calibration")]
             real = real_run("validation", cfg, pl, root, cfg.values["jobs"]["points"], pl["moves"], pl["kills"],
                             pl["policy"], say)
+            if not calibration and lab_v["calib_runs"] > 1:   # the second brackets the validation run in time
+                cal_runs.append(calib("calibration2"))
         finally:
             lab_slow.slow(lab, pl["slow"], 1.0)
     finally:
         if brought_up:
             mlab.down()
+    cals = [calibrate(r, pl, cfg.values["jobs"]["ranks"]) for r in cal_runs]
+    cal = cals[0] if len(cals) == 1 else merge_calibrations(cals, cal_runs, recovery_parts_median)
+    cal_run = cal_runs[0]
+    say("validate: calibrated: " + ", ".join(f"{k} {_fmt(v)}" for k, v in cal.items()))
     downs = [m["downtime_s"] for m in real["moves"] if m["downtime_s"] is not None]
     real_m = {"time_to_solution_s": real["time_s"], "move_downtime_s": statistics.median(downs) if downs else None,
               "move_downtimes_s": downs, "recovery_s": real["recovery_s"]}
     sd = cfg.values["scenario"]["seed"] if seed is None else seed
-    simd = simulate(cfg, pl, cal, sd)
+    simd = simulate_pooled(lambda c: simulate(cfg, pl, c, sd), cals, cal_runs, recovery_parts_median)
     rows = compare(real_m, simd, lab_v["bound"])
     # for information, not the verdict: every time scaled by how much slower the reference host's ranks
     # computed in the validation run (a biased yardstick on the lab: a host's share also changes when
@@ -493,7 +555,8 @@ def validate(path: str, seed: int | None = None, work_dir: str | None = None, ca
     # for information: the simulator's recovery had it been the median of the calibration's totals
     out["recovery_from_median_of_totals"] = compare(real_m, {**simd, "recovery_s": cal["recovery_s"]},
                                                     lab_v["bound"])[2]
-    out.update({"calibration_run": cal_run, "calibration": cal, "validation_run": real, "real": real_m,
+    out.update({"calibration_run": cal_run, "calibration_runs": cal_runs, "calibrations": cals,
+                "calibration": cal, "validation_run": real, "real": real_m,
                 "simulated": simd, "metrics": rows, "ok": all(r["within"] for r in rows),
                 "machine": machine, "simulated_machine_scaled": scaled,
                 "metrics_machine_scaled": compare(real_m, scaled, lab_v["bound"])})
