@@ -92,6 +92,38 @@ def test_under_ft_recycled_old_processes_serve_the_moves_and_then_a_recovery(tmp
     assert not [e for e in events if e["event"] == "relaunch"]
 
 
+@pytest.mark.parametrize("recycle", ["1", "0"])
+def test_with_spares_on_one_host_an_old_process_refills_its_hosts_pool_when_no_spawn_can(tmp_path, recycle):
+    # --spares 1 (not per host) and no spawn allowed: each move takes the one spare and its old process
+    # takes its place (the host's pool back to the size asked for, never beyond), so four handovers
+    # and then an online recovery of rank 2 from the last old process need no more than that spare.
+    # Before session 15 (and with MPIMIG_SPARE_RECYCLE=0) the old process left: moves 2-4 were
+    # refused, and the recovery had no spare (replaced by a spawn)
+    moves = [(6, 1), (10, 2), (14, 1), (18, 3)]
+    job, out = tmp_path / "job", tmp_path / "out.npy"
+    env = base_env(MPIMIG_SPAWN="never", MPIMIG_SPARE_RECYCLE=recycle, MPIMIG_LAB_DIR=tmp_path / "no-lab")
+    res = run_cmd(mpimig_cmd("inject", "--kill", "rank:2@point:30", "--verify", "none", "-n", 4, "--spares", 1,
+                             "--ft", "--ckpt-every", 4, "--job-dir", job,
+                             *[a for p, r in moves for a in ("--migrate", f"{p}:{r}:{HOST}")],
+                             APPS / "heat2d.py", "--n", 64, "--steps", 40, "--work-ms", 60, "--out", out),
+                  env=env, timeout=240)
+    assert (job / "complete.json").exists(), (res.stdout + res.stderr)[-3000:]
+    assert np.load(out).tobytes() == heat_ref(tmp_path, 64, 40)
+    migs = read(job, "status.json")["migrations"]
+    events = [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines()]
+    (rec,) = [e for e in events if e["event"] == "recovered"]
+    assert rec["failed"] == [2], rec
+    if recycle == "0":
+        assert [m["state"][:21] for m in migs] == ["done"] + ["failed: no warm spare"] * 3, migs
+        assert rec["replaced_by"] != {"2": "spare"}, rec
+        return
+    assert [(m["rank"], m["state"]) for m in migs] == [(r, "done") for _, r in moves], migs
+    assert all(m["strategy_stats"].get("source_recycled") for m in migs)
+    assert [m["timings"]["spawn"] for m in migs] == [0.0] * 4        # never spawned
+    assert rec["replaced_by"] == {"2": "spare"}, rec
+    assert not [e for e in events if e["event"] == "relaunch"]
+
+
 def test_a_move_that_would_spawn_is_refused_and_the_job_runs_on(tmp_path):
     job = _job(tmp_path, "--spares-per-host", 0, "--coordinator", "--migrate", f"6:2:{HOST}", steps=24)
     (m,) = read(job, "status.json")["migrations"]

@@ -95,8 +95,10 @@ class Coordinator(Steps, Serving, Spares):
             self.refill = "local"
         # spares on every host (mpimig.launch.placement): a moved rank's old process stays
         # as its host's spare, so moves between hosts never spawn (docs/spawn.md); under --ft
-        # too (since session 14), where it takes part in recoveries like any spare
-        self.recycle = bool(cfg.spare_world) and env_flag("MPIMIG_SPARE_RECYCLE", True)
+        # too (since session 14), where it takes part in recoveries like any spare; with spares on
+        # one host, an old process refills its host's pool when no spawn can (coordinator_steps._recycles)
+        self.recycle_allowed = env_flag("MPIMIG_SPARE_RECYCLE", True)
+        self.recycle = bool(cfg.spare_world) and self.recycle_allowed
         # Open MPI (PRRTE 3.0.x) over several hosts: a spawn loses the job (docs/spawn.md), so
         # a move with no spare on its host waits for one or is refused before the freeze.
         # MPIMIG_SPAWN: auto (that), always (spawn anyway), never (not even on one host)
@@ -333,11 +335,14 @@ class Coordinator(Steps, Serving, Spares):
 
     def _await_spare(self, m: Migration) -> bool:
         """Nothing may be spawned (Open MPI over several hosts) and ``m``'s host has no spare
-        now, but moves in flight recycle their old processes: ``m`` waits for their switch
-        (the spares are re-counted then) instead of being refused at once."""
-        if not (self.spawn_unsafe and self.recycle) or self.spares.get(m.to) or self.pool.get(m.to):
+        now, but moves in flight may recycle their old processes there (every move with spares
+        on every host; a move off ``m``'s host otherwise: coordinator_steps._recycles): ``m``
+        waits for their switch (the spares are re-counted then) instead of being refused at once."""
+        if not (self.spawn_unsafe and self.recycle_allowed) or self.spares.get(m.to) or self.pool.get(m.to):
             return False
-        return bool(self.ready or self.plan_migs or self.in_switch)
+        if self.recycle:
+            return bool(self.ready or self.plan_migs or self.in_switch)
+        return any((x.src or self.routing[x.rank]["host"]) == m.to for x in self.ready + self.plan_migs)
 
     def _ready(self, m: Migration) -> None:
         self.ready.append(m)

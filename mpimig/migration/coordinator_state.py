@@ -77,7 +77,8 @@ class CoordinatorState:
     pool_size: dict[str, int]
     pool: dict[str, list[MPI.Intracomm]]
     refill: str
-    recycle: bool
+    recycle: bool                        # every move keeps its old process (spares on every host)
+    recycle_allowed: bool                # MPIMIG_SPARE_RECYCLE (default on)
     spawn_unsafe: bool
     server: ControlServer | None
     t_start: float

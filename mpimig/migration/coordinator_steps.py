@@ -108,6 +108,22 @@ class Steps(CoordinatorState):
             return f"could not start a process on {m.to}: {exc}"
         m.timings["spawn"] = time.perf_counter() - t0
         return None
+    def _recycles(self, src: str, topped: dict[str, int]) -> bool:
+        """Whether a move off host ``src`` keeps its old process as that host's warm spare.
+        Always with spares on every host (``--spares-per-host``). Otherwise when no spare can be
+        spawned (Open MPI across hosts: docs/spawn.md) and ``src`` has fewer spares than it started
+        with: the old process refills its host's pool up to the size the user asked for, never
+        beyond, as a spawned refill would on one host — so a handover to a spare on the rank's own
+        host costs no spare. ``topped`` counts this plan's refills per host."""
+        if self.recycle:
+            return True
+        if not (self.spawn_unsafe and self.recycle_allowed):
+            return False
+        have = len(self.spares.get(src, [])) + len(self.pool.get(src, [])) + topped.get(src, 0)
+        if have >= self.pool_size.get(src, 0):
+            return False
+        topped[src] = topped.get(src, 0) + 1
+        return True
     # -- step 3: suspend ------------------------------------------------------------------
     def suspend(self) -> None:
         """Send the next plan to every rank: they execute it at a safe point (and are frozen there)."""
@@ -133,14 +149,15 @@ class Steps(CoordinatorState):
             if m.rank not in seen:
                 seen.add(m.rank)
                 batch.append(m)
-        moves, k = [], 0
+        moves, k, topped = [], 0, {}
         for m in batch:
+            recycle = self._recycles(self.routing[m.rank]["host"], topped)
             if m.spare >= 0:
                 moves.append(Move(m.rank, m.to, -1, self.routing[m.rank]["jrank"], m.strategy, m.spare,
-                                  recycle=self.recycle))
+                                  recycle=recycle))
             else:
                 moves.append(Move(m.rank, m.to, k, self.routing[m.rank]["jrank"], m.strategy,
-                                  recycle=self.recycle))
+                                  recycle=recycle))
                 k += 1
         plan = Plan(self.next_plan, moves, at_point=point, jsize=self.J.Get_size(), wake=self._spares_in_j())
         self.next_plan += 1
