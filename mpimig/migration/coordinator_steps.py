@@ -149,7 +149,8 @@ class Steps(CoordinatorState):
             if m.rank not in seen:
                 seen.add(m.rank)
                 batch.append(m)
-        moves, k, topped = [], 0, {}
+        moves, k = [], 0
+        topped: dict[str, int] = {}        # this plan's refills per host (_recycles)
         for m in batch:
             recycle = self._recycles(self.routing[m.rank]["host"], topped)
             if m.spare >= 0:
