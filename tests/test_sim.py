@@ -375,3 +375,36 @@ def test_a_moves_cost_follows_its_bytes_and_its_source_hosts_send_rate():
     assert downs[8]["h1"] == pytest.approx(0.05 + 8 * MiB / 10e6)
     assert link["h2"] == sim.cluster.hosts["h2"].net_bw
     assert downs[8]["h2"] == pytest.approx(StrategyParams().freeze_s + 8 * MiB / link["h2"])
+
+
+@pytest.mark.parametrize("refill", [True, False])
+def test_a_handovers_old_process_refills_its_hosts_spares_as_the_labs_coordinator_does(refill):
+    """With ``refill_pool`` (the lab's coordinator when nothing can be spawned: a moved rank's old
+    process stays as its host's spare while the host has fewer than it started with) three handovers
+    to h2's one spare all happen and the kill then finds the spare: a recovery without a spawn. Without
+    it the first handover uses the spare up, the other two are refused (a handover needs a spare) and
+    the recovery pays for a spawn."""
+    raw = {
+        "scenario": {"name": "refill", "horizon_s": 5000, "policies": ["none"], "balance_every_s": 1000},
+        "cluster": {"hosts": 2, "cores": 2},
+        "jobs": {"count": 1, "ranks": 2, "hosts_per_job": 2, "points": 40, "work_s": 0.1, "state_mb": 1,
+                 "ckpt_every": 4},
+        "failures": {"online": True},
+        "events": [{"at_point": 4, "move_rank": 1, "hosts": ["h2"]}, {"at_point": 8, "move_rank": 1, "hosts": ["h2"]},
+                   {"at_point": 12, "move_rank": 1, "hosts": ["h2"]}, {"at_point": 20, "kill_rank": 1}],
+    }
+    sim = Simulation(configs(raw)[0], "none", "stop-and-copy", 1)
+    sim.cluster.hosts["h2"].spares = 1
+    if refill:
+        sim.refill_pool = {"h1": 0, "h2": 1}
+    o = sim.run()
+    done = [(m.rank, m.src, m.dst) for m in o.moves if m.done]
+    (f,) = o.failures
+    if refill:
+        assert done == [(1, "h2", "h2")] * 3
+        assert sim.cluster.hosts["h2"].spares == 0          # the last old process replaced rank 1
+        assert f.recovery_s == pytest.approx(sim.fp.online_recovery_s(1 * MiB, True))
+    else:
+        assert done == [(1, "h2", "h2")] and sim.no_moves["refused by the simulator"] == 2
+        assert f.recovery_s == pytest.approx(sim.fp.online_recovery_s(1 * MiB, False))
+        assert sim.fp.online_recovery_s(1 * MiB, False) > sim.fp.online_recovery_s(1 * MiB, True)

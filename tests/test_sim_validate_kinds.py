@@ -104,11 +104,11 @@ def test_a_moves_settling_is_measured_for_every_move_whose_placements_were_measu
     ({"lab.spares_per_host": 1, "events": [{"at_point": 20, "move_rank": 4, "hosts": ["h1"]},
                                            {"at_point": 30, "move_rank": 5, "hosts": ["h1"]},
                                            {"at_point": 50, "kill_rank": 5}]},
-     "lab.spares_per_host 1: moves onto h1 need 2"),
+     "lab.spares 4 + lab.spares_per_host 1: no warm spare left on h1 for the move of rank 5 to h1 at point 30"),
     ({"lab.spares": 1, "lab.spares_per_host": 1, "events": [{"at_point": 20, "move_rank": 2, "hosts": ["h3"]},
                                                             {"at_point": 30, "move_rank": 3, "hosts": ["h3"]},
                                                             {"at_point": 50, "kill_rank": 5}]},
-     "lab.spares 1 + lab.spares_per_host 1: the moves and the recoveries need 3"),
+     "lab.spares 1 + lab.spares_per_host 1: no warm spare left on h3 for the kill of rank 5 at point 50"),
     ({"lab.calib_more_moves": ["50:3:h1"]}, "lab.calib_more_moves '50:3:h1': moves go to the spares' host h3"),
 ])
 def test_moves_go_where_a_spare_waits(changes, words):

@@ -113,6 +113,11 @@ class Simulation:
         # slower (its caches and pages warm up) — not the move's downtime (the runtime's ``migrated``
         # figure ends at the resume); calibrated from a real run (mpimig.sim.validate: move_settle_s)
         self.after_move_s = 0.0
+        # spares per host a moved rank's old process refills up to (None: it never stays): the
+        # runtime's coordinator when no process can be spawned, as on the lab (Open MPI across hosts:
+        # coordinator_steps._recycles) — a handover to a spare on the rank's own host then costs
+        # no spare; the validation sets it to the lab's spares (mpimig/sim/validate.py)
+        self.refill_pool: dict[str, int] | None = None
         self.balancers: dict[int, Any] = {}
         self._base: dict[int, Any] = {}       # job -> its ranks' base work (numpy), for the drift
         self._policies()
@@ -299,6 +304,9 @@ class Simulation:
             return
         self.cluster.place(job, r, rec.dst)
         r.last_move_t = env.now - job.started
+        src = self.cluster.hosts[rec.src]
+        if self.refill_pool is not None and src.spares < self.refill_pool.get(rec.src, 0):
+            src.spares += 1                 # the old process stays as its host's spare
         if self.after_move_s > 0:
             job.settle(env.now)
             job.pause(env.now, env.now + self.after_move_s)

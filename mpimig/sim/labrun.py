@@ -49,7 +49,7 @@ def plan(cfg) -> dict:
     if not kills or not moves:
         raise ValidationError("a validation scenario has at least one killed rank and at least one move "
                               f"(found {len(kills)} kills, {len(moves)} moves)")
-    check_spares(moves, kills, hosts, lab, "")
+    check_spares(moves, kills, hosts, lab, "", per)
     cal_move, cal_kill = parse_calib(lab["calib_move"], lab["calib_kill"], lab["calib_points"], j["ranks"])
     slow = c["slow_hosts"][0]
     if rank_host(cal_move[1], per, hosts) != slow or cal_move[2] != hosts[-1]:
@@ -62,7 +62,7 @@ def plan(cfg) -> dict:
     on = {r: rank_host(r, per, hosts) for r in range(j["ranks"])}
     for p, r, h in sorted([cal_move, *more_moves]):
         move_target(f"lab.calib_more_moves '{p}:{r}:{h}'", r, h, on, hosts, k)
-    check_spares([cal_move, *more_moves], [cal_kill, *more_kills], hosts, lab, "the calibration's ")
+    check_spares([cal_move, *more_moves], [cal_kill, *more_kills], hosts, lab, "the calibration's ", per)
     for r in (*(k[1] for k in kills), cal_kill[1], *(k[1] for k in more_kills)):
         if rank_host(r, per, hosts) != hosts[-1]:
             raise ValidationError(f"killed rank {r}: kill a rank of {hosts[-1]} (its replacement, a spare there, "
@@ -73,22 +73,29 @@ def plan(cfg) -> dict:
             "policy": cfg.values["scenario"]["policies"][0]}
 
 
-def check_spares(moves: list, kills: list, hosts: list[str], lab: dict, whose: str) -> None:
-    """Every move and recovery has a warm spare on its host: the last host has ``lab.spares`` +
-    ``lab.spares_per_host`` (the recoveries take theirs there: the killed ranks are the last host's),
-    every other host ``lab.spares_per_host``. With ``--ft`` a moved rank's old process does not stay as
-    its host's spare (the coordinator's ``recycle``), so each move takes one of the spares started
-    with the job."""
+def check_spares(moves: list, kills: list, hosts: list[str], lab: dict, whose: str, per: int) -> None:
+    """Every move and recovery finds a warm spare on its host, counted event by event in point
+    order as the runtime's coordinator counts them: the last host starts with ``lab.spares`` +
+    ``lab.spares_per_host`` (the recoveries take theirs there: the killed ranks are the last
+    host's), every other host with ``lab.spares_per_host``; a move takes one of its target's, a
+    recovery one of the last host's; a moved rank's old process stays as its host's spare always
+    with ``lab.spares_per_host``, and otherwise while that host has fewer than it started with
+    (a handover on the spares' host refills it: coordinator_steps._recycles)."""
     k, last = lab["spares_per_host"], hosts[-1]
-    need = {h: sum(1 for _p, _r, to in moves if to == h) for h in hosts}
-    need[last] += len(kills)
-    if need[last] > lab["spares"] + k:
-        have = f"lab.spares {lab['spares']}" + (f" + lab.spares_per_host {k}" if k else "")
-        what = f"{whose}moves and recoveries" if whose else "the moves and the recoveries"
-        raise ValidationError(f"{have}: {what} need {need[last]}")
-    for h in hosts[:-1]:
-        if need[h] > k:
-            raise ValidationError(f"lab.spares_per_host {k}: {whose}moves onto {h} need {need[h]}")
+    start = {h: k + (lab["spares"] if h == last else 0) for h in hosts}
+    have, on = dict(start), {r: rank_host(r, per, hosts) for r in range(per * len(hosts))}
+    events = sorted([(p, 0, r, to) for p, r, to in moves] + [(p, 1, r, last) for p, r in kills])
+    for p, kill, r, to in events:
+        if have[to] == 0:
+            what = (f"{whose or 'the '}kill of rank {r} at point {p}" if kill else
+                    f"{whose or 'the '}move of rank {r} to {to} at point {p}")
+            spares = f"lab.spares {lab['spares']}" + (f" + lab.spares_per_host {k}" if k else "")
+            raise ValidationError(f"{spares}: no warm spare left on {to} for {what}")
+        have[to] -= 1
+        if not kill:
+            src, on[r] = on[r], to
+            if k or have[src] < start[src]:
+                have[src] += 1
 
 
 def move_target(what: str, rank: int, to: str, on: dict, hosts: list[str], k: int) -> None:

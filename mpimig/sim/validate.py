@@ -373,6 +373,10 @@ def simulate(cfg, pl: dict, cal: dict, seed: int, machine: float = 1.0) -> dict:
         h.speed = 1.0
         h.cores = max(h.cores, len(h.ranks) + spares + 2)      # shares come from speed_by_n and speed
         h.spares = (spares if name == pl["hosts"][-1] else 0) + cfg.values["lab"]["spares_per_host"]
+    # as the lab's coordinator does: with spares on every host an old process always stays, else it
+    # refills its host up to the spares it started with
+    sim.refill_pool = {name: 1 << 30 if cfg.values["lab"]["spares_per_host"] else h.spares
+                       for name, h in cl.hosts.items()}
     cl.hosts[pl["slow"]].speed_by_n = {int(n): s for n, s in cal["slow_speed_by_n"].items()}
     cl.hosts[cal["dst_host"]].speed_by_n = {int(n): s for n, s in cal["dst_speed_by_n"].items()}
     states = cal.get("state_bytes_by_rank") or [cal["state_bytes"]] * len(job.ranks)
