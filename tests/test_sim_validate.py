@@ -453,16 +453,16 @@ def test_the_lab_ci_scenario_runs_both_ways_and_reports_each_metrics_error(lab, 
     # two calibration runs, before and after the validation run: the simulator takes their mean
     assert len(data["calibration_runs"]) == 2 and all(r["ok"] and r["verified"] for r in data["calibration_runs"])
     assert data["calibration"]["calibrations"] == 2 and data["calibration"]["recovery_parts_s"]["kills"] == 12
-    pl = validate.plan(load("lab-ci")[0])           # 3 moves between hosts, 8 handovers on h3, 6 killed ranks
-    assert len(pl["moves"]) == 11 and len(pl["kills"]) == 6
-    assert len(data["validation_run"]["moves"]) == 11 and len(data["validation_run"]["recoveries_s"]) == 6
+    pl = validate.plan(load("lab-ci")[0])           # 3 moves between hosts, 16 handovers on h3, 6 killed ranks
+    assert len(pl["moves"]) == 19 and len(pl["kills"]) == 6
+    assert len(data["validation_run"]["moves"]) == 19 and len(data["validation_run"]["recoveries_s"]) == 6
     # the simulator ran once per calibration run, its moves and recoveries pooled
     assert data["simulated"]["pooled"] == 2
-    assert len(data["simulated"]["move_downtimes_s"]) == 22 and len(data["simulated"]["recoveries_s"]) == 12
+    assert len(data["simulated"]["move_downtimes_s"]) == 38 and len(data["simulated"]["recoveries_s"]) == 12
     # the simulator's moves of each kind are the calibration's of that kind (in turn), so its per-move
     # figure is the same order statistic of the same mixture as the validation's
     kinds = data["calibration"]["move_costs_by_kind"]
-    assert len(kinds["same"]) == 8 and len(kinds["full"]) == 1, kinds
+    assert len(kinds["same"]) == 16 and len(kinds["full"]) == 1, kinds
     assert sorted(kinds) == ["full", "same", "slow:1", "slow:2"], kinds
     for run in ("calibration_run", "validation_run"):
         # each recovery's parts, read from the run's events, add up to its recover_s (mpimig inject's,
@@ -485,7 +485,7 @@ def test_the_lab_ci_scenario_runs_both_ways_and_reports_each_metrics_error(lab, 
     rep = data["calibration_replay"]
     assert rep["real_time_to_solution_s"] == data["calibration_run"]["time_s"]
     assert rep["simulated_time_to_solution_s"] > 0
-    assert len(rep["simulated"]["move_downtimes_s"]) == 11 and len(rep["simulated"]["recoveries_s"]) == 6
+    assert len(rep["simulated"]["move_downtimes_s"]) == 19 and len(rep["simulated"]["recoveries_s"]) == 6
     table = validate.table(data["metrics"]) + f"\nload average {os.getloadavg()}\n" + res.stderr[-1500:]
     assert [m["metric"] for m in data["metrics"]] == list(validate.METRICS), table
     assert data["bound"] == 0.15

@@ -84,17 +84,19 @@ def settle_record() -> dict:
 def test_a_moves_settling_is_measured_for_every_move_whose_placements_were_measured_anywhere():
     """The placement after rank 3's move (50) is left at once by the handover at 53 and measured only
     after it (56..69, the same hosts): looked up by its hosts, each move's settling is measured —
-    rank 2's 0.6 s (points 20..23 at 0.45 s), rank 3's 0.2 s (50..53 at 0.3 s), the handover's 0.1 s
-    (53..56 at 0.3 s) — and the median is 0.2 s. Looked up by the order of the placements (before),
-    only rank 2's move had both measured: 0.6 s, which the simulator would have added after every
-    handover of lab-ci."""
+    rank 2's 0.6 s (points 20..23 at 0.45 s), rank 3's 0.2 s (50..53 at 0.3 s): the median of the moves
+    between hosts is 0.4 s — and the handover's 0.1 s (53..56 at 0.3 s) is the handovers' own
+    (``handover_settle``, since session 15; before, it was one more move in the median, 0.2 s). Looked up by the
+    order of the placements (before session 13), only rank 2's move had both measured: 0.6 s, which the
+    simulator would have added after every handover of lab-ci."""
     cfg = configs(lab_validate(**{"lab.spares": 5, "lab.calib_more_moves": ["50:3:h3", "53:4:h3"]}))[0]
     pl = validate.plan(cfg)
     cal = validate.calibrate(settle_record(), pl, 6)
     by = [(p["placement"], p["points"], p["step_s"]) for p in cal["step_by_placement"]]
     assert by == [(0, [3, 19], pytest.approx(0.7)), (1, [23, 49], pytest.approx(0.45)),
                   (3, [56, 69], pytest.approx(0.3))]
-    assert cal["move_settle_s"] == pytest.approx(0.2)
+    assert cal["move_settle_s"] == pytest.approx(0.4)
+    assert cal["handover_settle_s"] == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("changes, words", [
@@ -187,3 +189,55 @@ def test_with_two_calibrations_the_simulator_runs_once_per_calibration_and_pools
     # one calibration: its simulation as it is
     assert simulate_pooled(sim_one, [{"id": "a", "recovery_parts_s": {"recovery_s": 0.7}}], runs[:1],
                            validate.recovery_parts_median)["move_downtimes_s"] == moves["a"]
+
+
+def handover_block_record(kill_at: int | None = None) -> dict:
+    """settle_record with a block of four handovers (ranks 4, 5, 4, 5 at points 53, 55, 57, 59, every 2
+    points: none has a window of its own) after rank 3's move at 50: each costs 0.05 s of downtime and
+    0.1 s of settling in the next point; a kill (recovered in 0.4 s) at ``kill_at``."""
+    step = {20: 0.7, 50: 0.45, 80: 0.3}
+    stop = {21: 1.5 + 0.6, 51: 4.0 + 0.2, 54: 0.15, 56: 0.15, 58: 0.15, 60: 0.15}
+    if kill_at is not None:
+        stop[kill_at + 1] = stop.get(kill_at + 1, 0.0) + 0.4
+    t, epochs = 100.0, []
+    for p in range(1, 80):
+        t += step[min(k for k in step if k >= p)] + stop.get(p, 0.0)
+        epochs.append((p, t))
+    rec = run_record()
+    rec.update(epochs=epochs, points=80, started_t=99.0,
+               moves=[{"downtime_s": 1.5}, {"downtime_s": 4.0}] + [{"downtime_s": 0.05}] * 4)
+    if kill_at is not None:
+        rec["recovery_parts"] = [{"point": kill_at, "notice_s": 0.1, "all_in_s": 0.2, "repair_s": 0.2,
+                                  "recover_s": 0.4}]
+    return rec
+
+
+@pytest.mark.parametrize("kill_at", [None, 56])
+def test_a_block_of_handovers_is_settled_as_a_whole_and_the_simulator_charges_it_after_each_handover(kill_at):
+    """``handover_settle``: handovers every 2 points have no clean window each; over the block (the
+    epoch at 53 to the first one 3 points after 59, 62) the run took 9 points at 0.3 s, 4 downtimes of
+    0.05 s and 4 settlings of 0.1 s: 0.1 s per handover, which the simulator adds after each of its
+    handovers (``Simulation.after_handover_s``) and not after the moves between hosts (their own median,
+    0.4 s). A kill inside the block leaves it out (its recovery is not a handover's): None, and the
+    simulator's handovers settle like any move."""
+    more = ["50:3:h3", "53:4:h3", "55:5:h3", "57:4:h3", "59:5:h3"]
+    cfg = configs(lab_validate(**{"lab.spares": 7, "lab.calib_more_moves": more,
+                                  "lab.calib_kill": "70:5", "lab.calib_more_kills": [], "lab.calib_points": 80}))[0]
+    pl = validate.plan(cfg)
+    cal = validate.calibrate(handover_block_record(kill_at), pl, 6)
+    assert cal["move_settle_s"] == pytest.approx(0.4)
+    if kill_at is not None:
+        assert cal["handover_settle_s"] is None
+        return
+    assert cal["handover_settle_s"] == pytest.approx(0.1)
+    # the simulator: 0.3 s more per handover settling, 0.3 s more per handover in the time to solution
+    events = [{"at_point": 20, "move_rank": 2, "hosts": ["h3"]}, {"at_point": 40, "move_rank": 4, "hosts": ["h3"]},
+              {"at_point": 44, "move_rank": 5, "hosts": ["h3"]}, {"at_point": 60, "kill_rank": 4}]
+    cfg2 = configs(lab_validate(events=events, **{"lab.spares": 7}))[0]
+    pl2 = validate.plan(cfg2)
+    t = {}
+    for s in (0.1, 0.4):
+        t[s] = validate.simulate(cfg2, pl2, {**cal, "handover_settle_s": s}, 1)["time_to_solution_s"]
+    assert t[0.4] - t[0.1] == pytest.approx(2 * 0.3, rel=1e-6)
+    none = validate.simulate(cfg2, pl2, {**cal, "handover_settle_s": None}, 1)["time_to_solution_s"]
+    assert none - t[0.1] == pytest.approx(2 * (0.4 - 0.1), rel=1e-6)

@@ -113,6 +113,7 @@ class Simulation:
         # slower (its caches and pages warm up) — not the move's downtime (the runtime's ``migrated``
         # figure ends at the resume); calibrated from a real run (mpimig.sim.validate: move_settle_s)
         self.after_move_s = 0.0
+        self.after_handover_s: float | None = None      # the same after a handover (None: after_move_s)
         # spares per host a moved rank's old process refills up to (None: it never stays): the
         # runtime's coordinator when no process can be spawned, as on the lab (Open MPI across hosts:
         # coordinator_steps._recycles) — a handover to a spare on the rank's own host then costs
@@ -307,9 +308,11 @@ class Simulation:
         src = self.cluster.hosts[rec.src]
         if self.refill_pool is not None and src.spares < self.refill_pool.get(rec.src, 0):
             src.spares += 1                 # the old process stays as its host's spare
-        if self.after_move_s > 0:
+        after = self.after_handover_s if rec.src == rec.dst and self.after_handover_s is not None \
+            else self.after_move_s
+        if after > 0:
             job.settle(env.now)
-            job.pause(env.now, env.now + self.after_move_s)
+            job.pause(env.now, env.now + after)
         for j in self.cluster.jobs_on((rec.src, rec.dst)):
             self.cluster.refresh(self.cluster.jobs[j], env.now)
         rec.done = True

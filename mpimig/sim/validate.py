@@ -145,6 +145,7 @@ def calibrate(cal: dict, pl: dict, ranks: int) -> dict:
         "reference_compute_s": reference_compute(cal, pl, ranks),
         "step_by_placement": (steps := step_by_placement(cal, pl, ranks)),
         "move_settle_s": move_settle(cal, pl, steps),
+        "handover_settle_s": handover_settle(cal, pl, steps),
     }
 
 
@@ -204,6 +205,8 @@ def move_settle(cal: dict, pl: dict, steps: list[dict]) -> float:
     on = [rank_host(r, pl["per_host"], pl["hosts"]) for r in range(len(pl["hosts"]) * pl["per_host"])]
     extra = []
     for i, ((p, r, h), mv) in enumerate(zip(moves, cal["moves"])):
+        if on[r] == h:                  # a handover: handover_settle
+            continue
         old = by_hosts.get(tuple(on))
         on[r] = h
         new = by_hosts.get(tuple(on))
@@ -218,6 +221,58 @@ def move_settle(cal: dict, pl: dict, steps: list[dict]) -> float:
         pts_old, pts_new = p - before[0], after[0] - p
         extra.append(after[1] - before[1] - mv["downtime_s"] - pts_old * old["step_s"] - pts_new * new["step_s"])
     return max(0.0, statistics.median(extra)) if extra else 0.0
+
+
+def handover_settle(cal: dict, pl: dict, steps: list[dict]) -> float | None:
+    """What a handover (a move to a spare on the rank's own host) costs the calibration run beyond its
+    downtime, measured over each block of consecutive handovers at once (lab-ci hands ranks over
+    every 2 points: no single handover has a window of its own, ``move_settle``): the run's time from
+    the last epoch at or before the block's first move to the first epoch ``SETTLE_POINTS`` or more
+    after its last, less those points at the placement's measured time per point (a handover keeps
+    the placement: ``step_by_placement``, where the run stayed in it longest), less the block's
+    downtimes, per handover; the median over the blocks. A block whose window holds another move or
+    a kill, or whose placement was not measured, is left out; None when none qualifies (the simulator
+    then charges a handover ``move_settle_s`` like any move). Over 16 handovers the per-move figure is
+    an average, where ``move_settle``'s median over 3 moves between hosts varied 0.025-0.071 s from
+    run to run (docs/simulator.md, "Runs s15")."""
+    epochs = sorted(cal["epochs"])
+    by_hosts: dict[tuple, dict] = {}
+    for st in steps:
+        key, now = tuple(st["hosts"]), by_hosts.get(tuple(st["hosts"]))
+        if now is None or st["points"][1] - st["points"][0] > now["points"][1] - now["points"][0]:
+            by_hosts[key] = st
+    moves = sorted(pl["calib_moves"])
+    kills = [k["point"] for k in cal.get("recovery_parts") or [] if k.get("point") is not None]
+    on = [rank_host(r, pl["per_host"], pl["hosts"]) for r in range(len(pl["hosts"]) * pl["per_host"])]
+    blocks: list[list[int]] = []            # indices of consecutive handovers
+    for i, (_p, r, h) in enumerate(moves):
+        if on[r] == h:
+            if blocks and blocks[-1][-1] == i - 1:
+                blocks[-1].append(i)
+            else:
+                blocks.append([i])
+        on[r] = h
+    on = [rank_host(r, pl["per_host"], pl["hosts"]) for r in range(len(pl["hosts"]) * pl["per_host"])]
+    placement = []
+    for _p, r, h in moves:
+        on[r] = h
+        placement.append(tuple(on))
+    extra = []
+    for blk in blocks:
+        first, last = moves[blk[0]][0], moves[blk[-1]][0]
+        st = by_hosts.get(placement[blk[0]])
+        downs = [cal["moves"][i].get("downtime_s") for i in blk if i < len(cal["moves"])]
+        if st is None or len(downs) < len(blk) or None in downs:
+            continue
+        before = max(((q, t) for q, t in epochs if q <= first), default=None)
+        after = next(((q, t) for q, t in epochs if q >= last + SETTLE_POINTS), None)
+        if before is None or after is None:
+            continue
+        others = [p for j, (p, _r, _h) in enumerate(moves) if j not in blk]
+        if any(before[0] <= q < after[0] for q in others + kills):
+            continue
+        extra.append((after[1] - before[1] - (after[0] - before[0]) * st["step_s"] - sum(downs)) / len(blk))
+    return max(0.0, statistics.median(extra)) if extra else None
 
 
 def downtime_by_src_n(pl: dict, ranks: int, downs: list) -> dict[int, float]:
@@ -428,6 +483,8 @@ def simulate(cfg, pl: dict, cal: dict, seed: int, machine: float = 1.0) -> dict:
     sim.move_cost_for = move_cost_for
     steps = {tuple(p["hosts"]): machine * p["step_s"] for p in cal.get("step_by_placement") or []}
     sim.after_move_s = machine * cal.get("move_settle_s", 0.0)
+    if cal.get("handover_settle_s") is not None:
+        sim.after_handover_s = machine * cal["handover_settle_s"]
     if steps:
         cl.measured_step = lambda jb: steps.get(tuple(r.host for r in jb.ranks))
     job.pause(job.started, job.started + machine * cal.get("startup_s", 0.0))
