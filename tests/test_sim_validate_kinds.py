@@ -241,3 +241,24 @@ def test_a_block_of_handovers_is_settled_as_a_whole_and_the_simulator_charges_it
     assert t[0.4] - t[0.1] == pytest.approx(2 * 0.3, rel=1e-6)
     none = validate.simulate(cfg2, pl2, {**cal, "handover_settle_s": None}, 1)["time_to_solution_s"]
     assert none - t[0.1] == pytest.approx(2 * (0.4 - 0.1), rel=1e-6)
+
+
+def test_two_validation_runs_are_pooled_as_the_simulators_figures_are():
+    """``[lab] valid_runs = 2`` (lab-ci): the real figures over both validation runs — the time to
+    solution their mean, the per-move downtime the median over all their moves, the recovery the median
+    over all their kills (worked by hand: moves 0.01, 0.02, 0.03 and 0.04, 0.05, 0.06 -> 0.035; kills
+    0.1, 0.2 and 0.3, 0.9 -> 0.25), so that a run whose events went faster as a whole weighs half, as
+    in the simulator's pooled figures. One run: its own figures."""
+    from mpimig.sim.calib_merge import real_pooled
+    a = {"time_s": 5.0, "moves": [{"downtime_s": 0.01}, {"downtime_s": 0.02}, {"downtime_s": 0.03}],
+         "recoveries_s": [0.1, 0.2], "recovery_s": 0.15}
+    b = {"time_s": 6.0, "moves": [{"downtime_s": 0.04}, {"downtime_s": 0.05}, {"downtime_s": 0.06}],
+         "recoveries_s": [0.3, 0.9], "recovery_s": 0.6}
+    both = real_pooled([a, b])
+    assert both["time_to_solution_s"] == pytest.approx(5.5)
+    assert both["move_downtime_s"] == pytest.approx(0.035) and len(both["move_downtimes_s"]) == 6
+    assert both["recovery_s"] == pytest.approx(0.25) and both["runs"] == 2
+    one = real_pooled([a])
+    assert (one["time_to_solution_s"], one["move_downtime_s"], one["recovery_s"]) == pytest.approx((5.0, 0.02, 0.15))
+    with pytest.raises(validate.ValidationError, match=re.escape("lab.valid_runs 3: 1, or 2")):
+        validate.plan(configs(lab_validate(**{"lab.valid_runs": 3}))[0])

@@ -47,6 +47,20 @@ def merge_calibrations(cals: list[dict], runs: list[dict], parts_median: Callabl
     return out
 
 
+def real_pooled(runs: list[dict]) -> dict:
+    """The real figures of one or more validation runs of the same scenario (``[lab] valid_runs``):
+    the time to solution their mean, the per-move downtime the median over all their moves, the
+    recovery time the median over all their kills — the same statistics over as many events as the
+    simulator's pooled figures have (``simulate_pooled``: the median of its 2 x 19 moves, the
+    recovery from 12 kills): a run whose switches went faster or slower as a whole (up to ~10% in
+    one command's runs, docs/simulator.md "Runs s15") then weighs half."""
+    downs = [m["downtime_s"] for r in runs for m in r["moves"] if m["downtime_s"] is not None]
+    recs = [x for r in runs for x in r.get("recoveries_s") or [r["recovery_s"]]]
+    return {"time_to_solution_s": statistics.fmean(r["time_s"] for r in runs),
+            "move_downtime_s": statistics.median(downs) if downs else None, "move_downtimes_s": downs,
+            "recovery_s": statistics.median(recs), "recoveries_s": recs, "runs": len(runs)}
+
+
 def simulate_pooled(simulate_one: Callable[[dict], dict], cals: list[dict], runs: list[dict],
                     parts_median: Callable[[list[dict]], Any]) -> dict:
     """The simulator once per calibration (``simulate_one(cal)``), its figures pooled: the time to

@@ -42,6 +42,8 @@ def plan(cfg) -> dict:
     slots[hosts[0]] += 1
     slots[hosts[-1]] += lab["spares"]
     k = lab["spares_per_host"]
+    if lab["valid_runs"] not in (1, 2):
+        raise ValidationError(f"lab.valid_runs {lab['valid_runs']}: 1, or 2 (one after the other)")
     if lab["calib_runs"] not in (1, 2):
         raise ValidationError(f"lab.calib_runs {lab['calib_runs']}: 1, or 2 (one before and one after the "
                               "validation run)")

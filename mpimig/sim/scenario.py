@@ -114,6 +114,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "metrics_seconds": (float, 0.5, "pos", "mpimig run --metrics-seconds"),
         "balance_seconds": (float, 1.0, "pos", "mpimig run --balance-seconds"),
         "calib_points": (int, 60, "pos", "the calibration run's points"),
+        "valid_runs": (int, 1, "pos", "validation runs: 1, or 2 one after the other (between the calibration runs), "
+                       "the real figures pooled over both"),
         "calib_runs": (int, 1, "pos", "calibration runs: 1, or 2, one before and one after the validation run, "
                        "the simulator calibrated from their mean"),
         "calib_move": (str, "20:2:h3", None, "its operator move POINT:RANK:HOST (off a slowed host)"),

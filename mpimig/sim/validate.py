@@ -22,7 +22,9 @@ One command runs a small scenario both ways and compares them:
    two bracket it in time: the machine's other load changes within seconds) and the simulator runs
    once per calibration, its figures pooled (``calib_merge.simulate_pooled``). Each move is priced by
    its kind, the k-th of a kind by the calibration's k-th of that kind (``move_costs_by_kind``: moves
-   off the slowed host, off a full-speed host, handovers to a spare on the rank's own host).
+   off the slowed host, off a full-speed host, handovers to a spare on the rank's own host). With
+   ``[lab] valid_runs = 2`` (lab-ci, since session 15) two validation runs follow each other between
+   the calibration runs and the real figures are pooled over both (``calib_merge.real_pooled``).
 3. **The simulator**: the same scenario, calibrated from the calibration run(s) only. (The JSON also has the
    comparison with every time scaled by how much slower the ranks of the reference hosts, never
    slowed nor joined by a moved rank, computed in run 2 than in run 1: information, not the verdict.)
@@ -51,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 # the real side (the lab's runs): mpimig.sim.labrun
-from .calib_merge import merge_calibrations, simulate_pooled
+from .calib_merge import merge_calibrations, real_pooled, simulate_pooled
 from .calib_steps import handover_settle, move_settle, step_by_placement, step_time
 from .labrun import (SETTLE_POINTS, WARMUP_POINTS, ValidationError, plan, rank_host, real_run)
 
@@ -438,8 +440,9 @@ def validate(path: str, seed: int | None = None, work_dir: str | None = None, ca
                 say(f"validate: calibration run(s) read from {calibration}")
             else:
                 cal_runs = [calib("calibration")]
-            real = real_run("validation", cfg, pl, root, cfg.values["jobs"]["points"], pl["moves"], pl["kills"],
-                            pl["policy"], say)
+            reals = [real_run(name, cfg, pl, root, cfg.values["jobs"]["points"], pl["moves"], pl["kills"],
+                              pl["policy"], say)
+                     for name in ("validation", "validation2")[:lab_v["valid_runs"]]]
             if not calibration and lab_v["calib_runs"] > 1:   # the second brackets the validation run in time
                 cal_runs.append(calib("calibration2"))
         finally:
@@ -451,9 +454,7 @@ def validate(path: str, seed: int | None = None, work_dir: str | None = None, ca
     cal = cals[0] if len(cals) == 1 else merge_calibrations(cals, cal_runs, recovery_parts_median)
     cal_run = cal_runs[0]
     say("validate: calibrated: " + ", ".join(f"{k} {_fmt(v)}" for k, v in cal.items()))
-    downs = [m["downtime_s"] for m in real["moves"] if m["downtime_s"] is not None]
-    real_m = {"time_to_solution_s": real["time_s"], "move_downtime_s": statistics.median(downs) if downs else None,
-              "move_downtimes_s": downs, "recovery_s": real["recovery_s"]}
+    real, real_m = reals[0], real_pooled(reals)
     sd = cfg.values["scenario"]["seed"] if seed is None else seed
     simd = simulate_pooled(lambda c: simulate(cfg, pl, c, sd), cals, cal_runs, recovery_parts_median)
     rows = compare(real_m, simd, lab_v["bound"])
@@ -473,7 +474,7 @@ def validate(path: str, seed: int | None = None, work_dir: str | None = None, ca
     out["recovery_from_median_of_totals"] = compare(real_m, {**simd, "recovery_s": cal["recovery_s"]},
                                                     lab_v["bound"])[2]
     out.update({"calibration_run": cal_run, "calibration_runs": cal_runs, "calibrations": cals,
-                "calibration": cal, "validation_run": real, "real": real_m,
+                "calibration": cal, "validation_run": real, "validation_runs": reals, "real": real_m,
                 "simulated": simd, "metrics": rows, "ok": all(r["within"] for r in rows),
                 "machine": machine, "simulated_machine_scaled": scaled,
                 "metrics_machine_scaled": compare(real_m, scaled, lab_v["bound"])})
