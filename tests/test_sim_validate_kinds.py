@@ -69,15 +69,19 @@ def settle_record() -> dict:
     move of rank 2 at point 20, 0.45 s up to rank 3's at 50, 0.3 s after; each move happens after its
     point's epoch and costs its downtime and a settling in the next point: 1.5 + 0.6 s (rank 2), 4.0 +
     0.2 s (rank 3), and the handover of rank 4 at 53 (on h3: the placement stays) 0.5 + 0.1 s."""
-    step = {20: 0.7, 50: 0.45, 70: 0.3}
-    stop = {21: 1.5 + 0.6, 51: 4.0 + 0.2, 54: 0.5 + 0.1}
+    return _epochs_record({20: 0.7, 50: 0.45, 70: 0.3}, {21: 1.5 + 0.6, 51: 4.0 + 0.2, 54: 0.5 + 0.1}, 70,
+                          [1.5, 4.0, 0.5])
+
+
+def _epochs_record(step: dict, stop: dict, points: int, downtimes: list[float]) -> dict:
+    """run_record with an epoch at every point: ``step[k]`` s per point up to point k, ``stop[p]`` s
+    more in point p; the moves' downtimes."""
     t, epochs = 100.0, []
-    for p in range(1, 70):
+    for p in range(1, points):
         t += step[min(k for k in step if k >= p)] + stop.get(p, 0.0)
         epochs.append((p, t))
     rec = run_record()
-    rec.update(epochs=epochs, points=70, started_t=99.0,
-               moves=[{"downtime_s": 1.5}, {"downtime_s": 4.0}, {"downtime_s": 0.5}])
+    rec.update(epochs=epochs, points=points, started_t=99.0, moves=[{"downtime_s": d} for d in downtimes])
     return rec
 
 
@@ -195,17 +199,10 @@ def handover_block_record(kill_at: int | None = None) -> dict:
     """settle_record with a block of four handovers (ranks 4, 5, 4, 5 at points 53, 55, 57, 59, every 2
     points: none has a window of its own) after rank 3's move at 50: each costs 0.05 s of downtime and
     0.1 s of settling in the next point; a kill (recovered in 0.4 s) at ``kill_at``."""
-    step = {20: 0.7, 50: 0.45, 80: 0.3}
     stop = {21: 1.5 + 0.6, 51: 4.0 + 0.2, 54: 0.15, 56: 0.15, 58: 0.15, 60: 0.15}
     if kill_at is not None:
         stop[kill_at + 1] = stop.get(kill_at + 1, 0.0) + 0.4
-    t, epochs = 100.0, []
-    for p in range(1, 80):
-        t += step[min(k for k in step if k >= p)] + stop.get(p, 0.0)
-        epochs.append((p, t))
-    rec = run_record()
-    rec.update(epochs=epochs, points=80, started_t=99.0,
-               moves=[{"downtime_s": 1.5}, {"downtime_s": 4.0}] + [{"downtime_s": 0.05}] * 4)
+    rec = _epochs_record({20: 0.7, 50: 0.45, 80: 0.3}, stop, 80, [1.5, 4.0] + [0.05] * 4)
     if kill_at is not None:
         rec["recovery_parts"] = [{"point": kill_at, "notice_s": 0.1, "all_in_s": 0.2, "repair_s": 0.2,
                                   "recover_s": 0.4}]
