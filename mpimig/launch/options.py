@@ -156,7 +156,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
                    help="start the coordinator even without a schedule (for mpimig migrate)")
     p.add_argument("--spares", type=int, default=0, metavar="K",
                    help="start K warm spare processes with the job (placed after the ranks on the "
-                        "host list); a migration to a spare's host uses it instead of spawning")
+                        "host list); a migration to a spare's host uses it instead of spawning; where no "
+                        "spawn is allowed (Open MPI over several hosts), a moved rank's old process refills "
+                        "its host's spares up to the number it started with")
     p.add_argument("--spares-per-host", type=int, default=None, metavar="K",
                    help="start K warm spares on EVERY host of --hosts; a moved rank's old process stays as "
                         "its host's spare, so moves between hosts never spawn (default: 1 with Open MPI over "
