@@ -207,9 +207,13 @@ class Lab:
         if ranks_only:
             # a rank's own children (e.g. a subprocess) go too
             pids = pids + [p for p in self.pids(host) if _sys.proc_ppid(p) in pids and p not in pids]
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+        # a host dies at once: with SIGKILL every process is stopped first, so that none of them runs
+        # on between the others' deaths and its own (CI, session 15: of a host's two ranks killed one
+        # after the other, the second saw the first's failure and reported it before it died)
+        for s in ((signal.SIGSTOP, sig) if sig == signal.SIGKILL and len(pids) > 1 else (sig,)):
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, s)
         return pids
 
     def sshd(self, host: str) -> Proc:
