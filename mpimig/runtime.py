@@ -228,7 +228,7 @@ def _start_target(parent: MPI.Intercomm) -> Context | None:
         if isinstance(ctx, Context):
             return ctx
         return _serve_spare(ctx, cfg, announce=False)    # a spare of the job now
-    return _arrive(arrival)     # agreed: a failure from here on is recovered over the new J
+    return _arrive(target.adopt_arrival(arrival))   # agreed: a failure from here on is recovered over the new J
 
 
 def _recover(ctx: Context, exc: MPI.Exception) -> Context:

@@ -10,8 +10,9 @@ import socket
 import sys
 
 import numpy as np
+import pytest
 
-from conftest import ROOT, mpimig_cmd, read, run_cmd
+from conftest import ROOT, base_env, mpimig_cmd, read, run_cmd
 
 PROG = ROOT / "tests" / "progs" / "comm_api.py"
 HOST = socket.gethostname()
@@ -50,6 +51,23 @@ def test_derived_comms_survive_migrations(tmp_path):
     roles = {r["rank"]: r["role"] for r in read(job, "complete.json")["ranks"]}
     assert roles == {0: "initial", 1: "migrated", 2: "migrated", 3: "initial"}
     assert np.load(out).tobytes() == raw_reference(tmp_path, 4, 40)
+
+
+@pytest.mark.parametrize("spares", [1, 0])
+def test_derived_comms_survive_migrations_under_ft(tmp_path, spares):
+    """--ft: rank 1 moves to a warm spare (spares=1) or to a spawned process (0), and again (pre-copy).
+    Until session 15 the new process rebuilt the derived comms inside the switch's agreement block,
+    while the ranks that stay rebuild them after the agreement: each waited for the other until the
+    agreement's bound (MPIMIG_AGREE_TIMEOUT, 30 s here) aborted the job."""
+    job, out = tmp_path / "job", tmp_path / "got.npy"
+    res = run_cmd(mpimig_cmd("run", "-n", 4, "--job-dir", job, "--ft", "--ckpt-every", 5, "--spares", spares,
+                             "--migrate", f"4:1:{HOST}", "--migrate", f"8:1:{HOST}:pre-copy",
+                             PROG, "--steps", 16, "--work-ms", 50, "--out", out),
+                  env=base_env(MPIMIG_AGREE_TIMEOUT=30), timeout=240)
+    assert "job completed" in res.stderr, res.stderr[-3000:]
+    moves = [(m["rank"], m["state"]) for m in read(job, "status.json")["migrations"]]
+    assert moves == [(1, "done"), (1, "done")], moves
+    assert np.load(out).tobytes() == raw_reference(tmp_path, 4, 16)
 
 
 def test_derived_comms_restart_from_checkpoint(tmp_path):

@@ -17,7 +17,8 @@ ranks' and the coordinator's); the new process's life starts at step 5.
                        :func:`clean_up` when the last chunk arrived (the old process retires)
 =====================  ==================================================================
 
-:func:`take_over` runs steps 6 and 7; ``mpimig.runtime`` builds the
+:func:`take_over` runs step 6 and the new communicators of step 7, :func:`adopt_arrival`
+the rest of step 7 after the switch (after its agreement under ``--ft``); ``mpimig.runtime`` builds the
 :class:`~mpimig.runtime.Context` from its :class:`Arrival` and calls :func:`resume`.
 """
 from __future__ import annotations
@@ -205,7 +206,7 @@ class Spare:
         if arrival is not None:
             arrival.marks = dict(self.marks, **arrival.marks)
             mark(arrival.marks, "agreed")
-            return arrival
+            return adopt_arrival(arrival)
         if Jn is None:
             raise MigrationError("warm spare: the switch left it outside J")
         self.J = Jn
@@ -214,7 +215,8 @@ class Spare:
 
 def take_over(plan: Plan, move: Move | None, Jc: MPI.Intracomm, A: MPI.Intracomm | None,
               Jn: MPI.Intracomm | None, cfg: Config, t0: float, rx: Any = None) -> Arrival:
-    """Steps 6 and 7 for the new process of ``move`` (joined at ``t0``). The new A comes first:
+    """Step 6 and step 7's communicators for the new process of ``move`` (joined at ``t0``; the
+    caller ends step 7 with :func:`adopt_arrival` after the switch's agreement). The new A comes first:
     unpickling the state attaches restored requests and derived communicators to the job's
     communicator (``comm_requests._current_comm``, set by ``new_comm``), so the state cannot be
     received before the Split (docs/protocol.md, "The switch's cost")."""
@@ -227,9 +229,19 @@ def take_over(plan: Plan, move: Move | None, Jc: MPI.Intracomm, A: MPI.Intracomm
     t2 = time.perf_counter()
     marks: dict[str, float] = {}
     mark(marks, "received")
-    adopt(comm, extra, {m.rank for m in plan.moves})
-    mark(marks, "adopted")
     return Arrival(plan, move, cfg, comm, Jc, Jn, arrays, objects, extra, lazy, t1 - t0, t2 - t1, t2, marks)
+
+
+def adopt_arrival(arrival: Arrival) -> Arrival:
+    """Step 7's end for the new process, after the switch (after its agreement under ``--ft``):
+    :func:`adopt` the held messages and rebuild the derived communicators — collective with
+    their members that stay, which rebuild them in their ``repoint``, after their agreement
+    (``source.execute``). Inside the agreement's block (before session 15) the new process
+    waited in the rebuild for them while they waited in the agreement for it: a move under
+    ``--ft`` of a program with a derived communicator hung until MPIMIG_AGREE_TIMEOUT."""
+    adopt(arrival.comm, arrival.extra, {m.rank for m in arrival.plan.moves})
+    mark(arrival.marks, "adopted")
+    return arrival
 
 
 # -- step 6: transfer -------------------------------------------------------------------------------
