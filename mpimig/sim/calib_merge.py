@@ -66,7 +66,7 @@ def simulate_pooled(simulate_one: Callable[[dict], dict], cals: list[dict], runs
     """The simulator once per calibration (``simulate_one(cal)``), its figures pooled: the time to
     solution the mean of the runs', the per-move downtime the median over all their moves (each run's
     k-th move of a kind priced by its calibration's k-th: the pool holds both calibrations' moves, so
-    a burst of the machine's load in one calibration run moves the median by a few of its 22 moves,
+    a burst of the machine's load in one calibration run moves the median by a few of its moves (lab-ci: 38),
     where a figure-for-figure mean carries half of each burst into every move it hit), the recovery
     from each part's median over all the runs' kills (the same in every run). One calibration: its
     simulation as it is."""

@@ -101,8 +101,8 @@ def check_spares(moves: list, kills: list, hosts: list[str], lab: dict, whose: s
 
 
 def move_target(what: str, rank: int, to: str, on: dict, hosts: list[str], k: int) -> None:
-    """A move goes to the spares' host (``hosts[-1]``), or with ``lab.spares_per_host`` to any host
-    but the rank's own (``on``: where each rank is, updated)."""
+    """A move goes to the spares' host (``hosts[-1]``; from a rank there, a handover to a spare on its own
+    host), or with ``lab.spares_per_host`` to any host (``on``: where each rank is, updated)."""
     if to not in hosts or (to != hosts[-1] and not k):
         raise ValidationError(f"{what}: moves go to the spares' host {hosts[-1]} (a spawn onto "
                               "another lab host is unreliable with Open MPI: PLATFORM.md; lab.spares_per_host "
